@@ -1,0 +1,229 @@
+"""mergekit 0.1.x YAML configs: parsing and whole-config validation (every problem reported at once).
+
+A `models:` config is normalised the way mergekit does it: one slice spanning every layer, with the
+base model appended as an input when it is not listed.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import yaml
+
+from merge_engine.errors import ConfigError
+from merge_engine.methods import REGISTRY, MergeMethod
+from merge_engine.parameters import ParamSpec, setting_leaves, setting_shape_problem
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+_KNOWN_KEYS = {"merge_method", "base_model", "models", "slices", "modules", "dtype", "out_dtype",
+               "tokenizer_source", "tokenizer", "chat_template", "parameters"}
+
+
+@dataclass
+class Source:
+    model: str
+    layer_range: tuple[int, int] | None  # None: every layer of the model (a `models:` entry)
+    parameters: dict[str, Any] | None = None
+
+
+@dataclass
+class Slice:
+    sources: list[Source]
+    base_model: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+@dataclass
+class MergeConfig:
+    method: MergeMethod
+    slices: list[Slice]
+    base_model: str | None = None
+    dtype: torch.dtype | None = None
+    out_dtype: torch.dtype | None = None
+    tokenizer_source: str | None = None
+    parameters: dict[str, Any] | None = None
+    raw: dict = field(default_factory=dict)  # the config as the user wrote it (saved beside the output)
+
+    def slice_base(self, s: Slice) -> str | None:
+        return s.base_model or self.base_model
+
+    def referenced_models(self) -> list[str]:
+        seen = dict.fromkeys([self.base_model] if self.base_model else [])
+        for s in self.slices:
+            seen.update(dict.fromkeys(src.model for src in s.sources))
+            if s.base_model:
+                seen[s.base_model] = None
+        return list(seen)
+
+
+def load_config(path: str) -> MergeConfig:
+    """Read and validate a YAML config file."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError([f"cannot read config: {e}"], path) from e
+    except yaml.YAMLError as e:
+        raise ConfigError([f"invalid YAML: {e}"], path) from e
+    return parse_config(raw, source=path)
+
+
+def parse_config(raw: Any, source: str | None = None) -> MergeConfig:
+    """Validate a config given as a dict; raise ConfigError listing every problem found."""
+    if not isinstance(raw, dict):
+        raise ConfigError(["the config must be a mapping of keys (merge_method, models or slices, ...)"], source)
+    problems: list[str] = []
+    unknown = sorted(set(raw) - _KNOWN_KEYS)
+    if unknown:
+        warnings.warn(f"{source or 'config'}: ignoring unknown key(s) {unknown} (mergekit ignores them too)")
+    method = _method(raw, problems)
+    cfg = MergeConfig(method=method, slices=[], raw=raw, parameters=raw.get("parameters"))
+    cfg.base_model = _model_ref(raw.get("base_model"), "base_model", problems, optional=True)
+    cfg.dtype = _dtype(raw, "dtype", problems)
+    cfg.out_dtype = _dtype(raw, "out_dtype", problems)
+    cfg.tokenizer_source = _tokenizer_source(raw, problems)
+    for key in ("tokenizer", "chat_template", "modules"):
+        if raw.get(key) is not None:
+            problems.append(f"'{key}' is not supported by merge_engine yet (remove it, or use mergekit for "
+                            "this config)")
+    forms = [k for k in ("models", "slices", "modules") if raw.get(k)]
+    if len(forms) != 1:
+        problems.append("exactly one of 'models' or 'slices' must be given"
+                        + (f" (found {forms})" if forms else ""))
+    elif forms[0] == "models":
+        cfg.slices = [_models_slice(raw["models"], cfg.base_model, problems)]
+    elif forms[0] == "slices":
+        cfg.slices = _slices(raw["slices"], problems)
+    _check_parameters(cfg, problems)
+    if method:
+        for i, s in enumerate(cfg.slices):
+            where = "models" if "models" in raw else f"slices[{i}]"
+            problems += method.input_problems([src.model for src in s.sources], cfg.slice_base(s), where)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def _method(raw: dict, problems: list[str]) -> MergeMethod | None:
+    name = raw.get("merge_method")
+    if name is None:
+        problems.append("'merge_method' is missing")
+    elif name not in REGISTRY:
+        problems.append(f"unknown merge_method '{name}' (supported: {', '.join(sorted(REGISTRY))})")
+    return REGISTRY.get(name)
+
+
+def _model_ref(ref: Any, where: str, problems: list[str], optional: bool = False) -> str | None:
+    if ref is None and optional:
+        return None
+    if isinstance(ref, dict) and "model" in ref:  # mergekit also accepts {model: path}
+        ref = ref["model"]
+    if not isinstance(ref, str) or not ref:
+        problems.append(f"{where}: expected a model path, got {ref!r}")
+        return None
+    if "+" in ref:
+        problems.append(f"{where}: '{ref}': LoRA references (model+lora) are not supported; merge the adapter "
+                        "into its base first")
+    elif "@" in ref:
+        problems.append(f"{where}: '{ref}': revisions (model@rev) are not supported; pass a local folder")
+    return ref
+
+
+def _dtype(raw: dict, key: str, problems: list[str]) -> torch.dtype | None:
+    name = raw.get(key)
+    if name is None:
+        return None
+    name = str(name).removeprefix("torch.")
+    if name not in DTYPES:
+        problems.append(f"{key}: unknown dtype '{raw[key]}' (use one of {', '.join(DTYPES)})")
+    return DTYPES.get(name)
+
+
+def _tokenizer_source(raw: dict, problems: list[str]) -> str | None:
+    src = raw.get("tokenizer_source")
+    if src == "union":
+        problems.append("tokenizer_source: 'union' (vocabulary merging) is not supported; use 'base' or a model")
+        return None
+    return _model_ref(src, "tokenizer_source", problems, optional=True)
+
+
+def _models_slice(models: Any, base: str | None, problems: list[str]) -> Slice:
+    sources = []
+    for i, entry in enumerate(models if isinstance(models, list) else []):
+        if not isinstance(entry, dict) or "model" not in entry:
+            problems.append(f"models[{i}]: expected {{model: PATH, parameters: {{...}}}}, got {entry!r}")
+            continue
+        model = _model_ref(entry["model"], f"models[{i}].model", problems)
+        if model:
+            sources.append(Source(model, None, _params_dict(entry, f"models[{i}]", problems)))
+    if not isinstance(models, list):
+        problems.append(f"models: expected a list, got {models!r}")
+    if base and base not in [s.model for s in sources]:
+        sources.append(Source(base, None, None))
+    return Slice(sources)
+
+
+def _slices(slices: Any, problems: list[str]) -> list[Slice]:
+    if not isinstance(slices, list):
+        problems.append(f"slices: expected a list, got {slices!r}")
+        return []
+    out = []
+    for i, s in enumerate(slices):
+        where = f"slices[{i}]"
+        if not isinstance(s, dict) or not isinstance(s.get("sources"), list) or not s["sources"]:
+            problems.append(f"{where}: expected {{sources: [{{model, layer_range}}, ...]}}")
+            continue
+        sources = []
+        for j, src in enumerate(s["sources"]):
+            swhere = f"{where}.sources[{j}]"
+            model = _model_ref(src.get("model") if isinstance(src, dict) else None, f"{swhere}.model", problems)
+            lr = src.get("layer_range") if isinstance(src, dict) else None
+            if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and x >= 0 for x in lr)
+                    and lr[0] < lr[1]):
+                problems.append(f"{swhere}.layer_range: expected [start, end) with 0 <= start < end, got {lr!r}")
+                lr = None
+            if model:
+                sources.append(Source(model, tuple(lr) if lr else None, _params_dict(src, swhere, problems)))
+        lengths = {src.layer_range[1] - src.layer_range[0] for src in sources if src.layer_range}
+        if len(lengths) > 1:
+            problems.append(f"{where}: all sources of a slice must span the same number of layers, got {sorted(lengths)}")
+        base = _model_ref(s.get("base_model"), f"{where}.base_model", problems, optional=True)
+        out.append(Slice(sources, base, _params_dict(s, where, problems)))
+    return out
+
+
+def _params_dict(entry: dict, where: str, problems: list[str]) -> dict | None:
+    params = entry.get("parameters")
+    if params is not None and not isinstance(params, dict):
+        problems.append(f"{where}.parameters: expected a mapping, got {params!r}")
+        return None
+    return params
+
+
+def _check_parameters(cfg: MergeConfig, problems: list[str]) -> None:
+    """Check every parameter setting's structure, and each value against the method's spec."""
+    specs: dict[str, ParamSpec] = {p.name: p for p in cfg.method.params} if cfg.method else {}
+    scopes = [("parameters", cfg.parameters)]
+    for i, s in enumerate(cfg.slices):
+        prefix = "models" if "models" in cfg.raw else f"slices[{i}]"
+        scopes.append((f"{prefix}.parameters", s.parameters))
+        scopes += [(f"{prefix}[{src.model}].parameters", src.parameters) for src in s.sources]
+    ignored = set()
+    for where, params in scopes:
+        for name, setting in (params or {}).items():
+            shape = setting_shape_problem(setting)
+            if shape:
+                problems.append(f"{where}.{name}: {shape}")
+            elif name not in specs:
+                ignored.add(name)
+            else:
+                for leaf in setting_leaves(setting):
+                    try:
+                        specs[name].validate(leaf)
+                    except ValueError as e:
+                        problems.append(f"{where}.{name}: {e}")
+    if ignored and cfg.method:
+        warnings.warn(f"parameter(s) {sorted(ignored)} are not used by merge method '{cfg.method.name}' "
+                      "and are ignored (as mergekit does)")

@@ -1,0 +1,215 @@
+"""The merge engine, top-down: plan -> read -> compute -> write.
+
+    merge(config, out_dir)                      validate, plan, run, move into place
+      build_plan(config)                        per-tensor jobs from the config and input headers
+      ShardedWriter(out_dir, plan.entries())    output layout fixed before any compute
+      _Pipeline.run(plan.jobs)
+        read:    prefetch threads read the next jobs' inputs (pinned host buffers on CUDA)
+        stage:   (CUDA) host-to-device copies on a side stream, one job ahead of compute
+        compute: the method's merge on the device, cast to the output dtype
+        write:   a writer thread puts each result at its final offset in its shard
+      write_side_files + commit                 config.json, tokenizer, merge config; rename
+
+Memory stays bounded by (prefetch depth + 2) tensor groups, whatever the number of layers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from merge_engine.config import MergeConfig, load_config
+from merge_engine.errors import MergeEngineError
+from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.writer import ShardedWriter, check_output_dir
+from merge_engine.methods import MergeMethod, TensorGroup
+from merge_engine.plan import MergePlan, TensorJob, build_plan
+
+log = logging.getLogger("merge_engine")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt", "chat_template.jinja")
+SIDE_FILES_FROM_BASE = ("generation_config.json",)
+CONFIG_COPY_NAME = "mergekit_config.yml"  # the name model cards and hubs look for
+
+
+@dataclass
+class MergeOptions:
+    device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto"
+    out_shard_size: int = 5 * 10**9  # bytes
+    random_seed: int = 0
+    copy_tokenizer: bool = True
+    overwrite: bool = False
+    prefetch: int = 2  # tensor groups read ahead of compute
+    quiet: bool = False
+    allow_crimes: bool = False  # merge models whose architectures differ
+
+
+@dataclass
+class MergeReport:
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    out_dir: str
+
+    def summary(self) -> str:
+        gbps = (self.bytes_read + self.bytes_written) / max(self.seconds, 1e-9) / 1e9
+        return (f"merged {self.tensors} tensors: read {self.bytes_read / 1e9:.3f} GB, wrote "
+                f"{self.bytes_written / 1e9:.3f} GB in {self.seconds:.2f} s ({gbps:.2f} GB/s) -> {self.out_dir}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MergeEngineError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def merge(config: MergeConfig | str, out_dir: str, options: MergeOptions | None = None) -> MergeReport:
+    """Run a merge config (a parsed MergeConfig or a YAML path) into out_dir."""
+    options = options or MergeOptions()
+    cfg = load_config(config) if isinstance(config, str) else config
+    start = time.perf_counter()
+    check_output_dir(out_dir, options.overwrite)
+    device = resolve_device(options.device)
+    plan = build_plan(cfg, options.allow_crimes)
+    writer = ShardedWriter(out_dir, plan.entries(), options.out_shard_size, options.overwrite)
+    try:
+        bytes_read = _Pipeline(plan, writer, device, options).run()
+        write_side_files(plan, writer, options)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    report = MergeReport(len(plan.jobs), bytes_read, writer.bytes_written, time.perf_counter() - start,
+                         writer.out_dir)
+    if not options.quiet:
+        log.info(report.summary())
+    return report
+
+
+class _Pipeline:
+    def __init__(self, plan: MergePlan, writer: ShardedWriter, device: torch.device, options: MergeOptions):
+        self.plan, self.writer, self.device, self.options = plan, writer, device, options
+        self.cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def run(self) -> int:
+        jobs = self.plan.jobs
+        total = sum(j.bytes_in for j in jobs)
+        depth = max(1, self.options.prefetch)
+        with ThreadPoolExecutor(depth, thread_name_prefix="me-read") as readers, \
+                ThreadPoolExecutor(1, thread_name_prefix="me-write") as write_pool, \
+                tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=self.options.quiet) as bar:
+            reads: deque[Future] = deque(readers.submit(self.read, j) for j in jobs[:depth])
+            writes: deque[Future] = deque()
+            staged = None
+            for i, job in enumerate(jobs):
+                host = reads.popleft().result()
+                if i + depth < len(jobs):
+                    reads.append(readers.submit(self.read, jobs[i + depth]))
+                current = (job, self.stage(host))
+                if staged:
+                    self.compute_and_write(*staged, write_pool, writes)
+                staged = current
+                bar.update(job.bytes_in)
+            if staged:
+                self.compute_and_write(*staged, write_pool, writes)
+            for w in writes:
+                w.result()
+        return total
+
+    def read(self, job: TensorJob) -> list[torch.Tensor]:
+        """Read a job's inputs from disk (in a prefetch thread)."""
+        out = []
+        for ckpt, name in job.inputs:
+            info = ckpt.tensors[name]
+            buf = torch.empty(info.shape, dtype=info.dtype, pin_memory=self.cuda)
+            out.append(ckpt.read(name, buf))
+        return out
+
+    def stage(self, host: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Start the host-to-device copies (on the side stream, so they overlap the previous compute)."""
+        if not self.cuda:
+            return host
+        with torch.cuda.stream(self.copy_stream):
+            return [t.to(self.device, non_blocking=True) for t in host]
+
+    def compute_and_write(self, job: TensorJob, tensors: list[torch.Tensor], write_pool: ThreadPoolExecutor,
+                          writes: deque[Future]) -> None:
+        if self.cuda:
+            compute_stream = torch.cuda.current_stream(self.device)
+            compute_stream.wait_stream(self.copy_stream)
+            for t in tensors:
+                t.record_stream(compute_stream)
+        result = compute(job, tensors, self.plan.config.method, self.options.random_seed)
+        if self.cuda:
+            host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+            host.copy_(result, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(compute_stream)
+            result = (host, done)
+        while len(writes) > 2:  # bound the results waiting for the disk
+            writes.popleft().result()
+        writes.append(write_pool.submit(self._write, job.out_name, result))
+
+    def _write(self, name: str, result) -> None:
+        if isinstance(result, tuple):
+            result[1].synchronize()
+            result = result[0]
+        self.writer.write(name, result)
+
+
+def compute(job: TensorJob, tensors: list[torch.Tensor], method: MergeMethod, seed: int = 0) -> torch.Tensor:
+    """Merge one tensor group on the tensors' device."""
+    if job.copy_only:
+        return tensors[0]
+    group = TensorGroup(job.out_name, [t.to(job.compute_dtype) for t in tensors], job.base_index,
+                        job.shared, job.per_model, seed)
+    try:
+        result = method.merge(group)
+    except (ValueError, RuntimeError) as e:
+        raise MergeEngineError(f"merging tensor '{job.out_name}' failed: {e}") from e
+    return result.to(job.out_dtype).contiguous()
+
+
+def write_side_files(plan: MergePlan, writer: ShardedWriter, options: MergeOptions) -> None:
+    """config.json (dtype and layer count updated), tokenizer, generation config, and the merge config."""
+    cfg = plan.config
+    donor = plan.donor
+    model_config = dict(donor.config)
+    if model_config:
+        out_dtype = plan.jobs[0].out_dtype if plan.jobs else None
+        if out_dtype is not None:
+            name = str(out_dtype).removeprefix("torch.")
+            for key in ("torch_dtype", "dtype"):
+                if key in model_config or key == "torch_dtype":
+                    model_config[key] = name
+        for key in ("num_hidden_layers", "n_layer"):
+            if key in model_config:
+                model_config[key] = plan.num_layers
+        writer.add_file("config.json", json.dumps(model_config, indent=2) + "\n")
+    for f in SIDE_FILES_FROM_BASE:
+        _copy_if_present(donor, f, writer)
+    if options.copy_tokenizer:
+        source = donor if cfg.tokenizer_source in (None, "base") else Checkpoint(cfg.tokenizer_source)
+        for f in TOKENIZER_FILES:
+            _copy_if_present(source, f, writer)
+    writer.add_file(CONFIG_COPY_NAME, yaml.safe_dump(cfg.raw, sort_keys=False))
+
+
+def _copy_if_present(ckpt: Checkpoint, filename: str, writer: ShardedWriter) -> None:
+    path = os.path.join(ckpt.path, filename)
+    if os.path.exists(path):
+        writer.copy_file(path)

@@ -1,0 +1,24 @@
+"""Errors the engine reports to users. Each names the file and tensor at fault."""
+
+
+class MergeEngineError(Exception):
+    """Base class: a problem with the user's input, reported without a traceback by the CLI."""
+
+
+class ConfigError(MergeEngineError):
+    """One or more problems in a merge config; all of them are listed at once."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s){where}:\n{lines}")
+
+
+class CheckpointError(MergeEngineError):
+    """A checkpoint folder or file that cannot be read as asked."""
+
+
+class OutputError(MergeEngineError):
+    """The output location cannot be written as asked."""

@@ -1,0 +1,149 @@
+"""Read-only access to a Hugging Face model folder of safetensors files.
+
+Opening a checkpoint reads only headers (validated, see safetensors_format); tensor bytes are read
+one tensor at a time with positional reads straight into a caller-chosen buffer (pinned host memory
+when the merge runs on CUDA), so a model is never held in RAM and the engine's prefetch threads, not
+the compute thread, wait on the disk.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from functools import cached_property
+
+import torch
+
+from merge_engine.errors import CheckpointError
+from merge_engine.io.safetensors_format import TensorInfo, read_header
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+# "model.layers.12.mlp.up_proj.weight" -> ("model.layers", 12, "mlp.up_proj.weight"); GPT-2 uses "h", others "blocks".
+_LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_READ_CHUNK = 1 << 30  # Linux caps one pread at ~2 GiB
+
+
+def split_layer_name(name: str) -> tuple[str, int, str] | None:
+    """Split a per-layer tensor name into (prefix, layer index, suffix); None for embeddings, norms, heads."""
+    m = _LAYER_RE.match(name)
+    return (m["prefix"], int(m["index"]), m["rest"]) if m else None
+
+
+class Checkpoint:
+    """A model folder: its config.json and the headers of its safetensors files."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        self._check_folder()
+        self.tensors: dict[str, TensorInfo] = self._read_headers()
+        self._fds: dict[str, int] = {}
+
+    def _check_folder(self) -> None:
+        p = self.path
+        if not os.path.exists(p):
+            raise CheckpointError(f"{p}: model path does not exist (only local folders can be merged; "
+                                  "nothing is downloaded)")
+        if not os.path.isdir(p):
+            raise CheckpointError(f"{p}: expected a model folder (config.json + *.safetensors), got a file")
+        if any(os.path.exists(os.path.join(p, f)) for f in ADAPTER_FILES):
+            raise CheckpointError(f"{p}: this is a LoRA/PEFT adapter folder; merge it into its base model first "
+                                  "(peft's merge_and_unload) and pass the merged folder")
+
+    def _read_headers(self) -> dict[str, TensorInfo]:
+        index_path = os.path.join(self.path, INDEX_FILE)
+        if os.path.exists(index_path):
+            return self._read_sharded(index_path)
+        files = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
+        if not files:
+            pickled = [f for f in PICKLE_FILES if os.path.exists(os.path.join(self.path, f))]
+            hint = (f" It holds {pickled[0]}, a pickle checkpoint, which is not read because unpickling can run "
+                    "arbitrary code; convert it once with transformers (from_pretrained(...)."
+                    "save_pretrained(..., safe_serialization=True)).") if pickled else ""
+            raise CheckpointError(f"{self.path}: no .safetensors weights found.{hint}")
+        tensors: dict[str, TensorInfo] = {}
+        for f in files:
+            for name, info in read_header(os.path.join(self.path, f)).items():
+                if name in tensors:
+                    raise CheckpointError(f"{info.file}: tensor '{name}' also appears in {tensors[name].file}")
+                tensors[name] = info
+        return tensors
+
+    def _read_sharded(self, index_path: str) -> dict[str, TensorInfo]:
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: unreadable shard index ({e})") from e
+        headers: dict[str, dict[str, TensorInfo]] = {}
+        tensors: dict[str, TensorInfo] = {}
+        for name, shard in weight_map.items():
+            shard_path = os.path.join(self.path, shard)
+            if shard not in headers:
+                if not os.path.exists(shard_path):
+                    raise CheckpointError(f"{index_path}: shard '{shard}' (holding '{name}') is missing")
+                headers[shard] = read_header(shard_path)
+            if name not in headers[shard]:
+                raise CheckpointError(f"{shard_path}: tensor '{name}' is listed in {INDEX_FILE} but absent "
+                                      "from the shard")
+            tensors[name] = headers[shard][name]
+        return tensors
+
+    @cached_property
+    def config(self) -> dict:
+        """config.json as a dict ({} when the folder has none)."""
+        path = os.path.join(self.path, "config.json")
+        if not os.path.exists(path):
+            return {}
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: unreadable config.json ({e})") from e
+
+    @cached_property
+    def num_layers(self) -> int:
+        """Layer count from config.json, else from the tensor names."""
+        cfg = self.config.get("text_config", self.config)
+        for key in _LAYER_COUNT_KEYS:
+            if isinstance(cfg.get(key), int):
+                return cfg[key]
+        indices = [s[1] for s in map(split_layer_name, self.tensors) if s]
+        return max(indices) + 1 if indices else 0
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor's bytes from disk into `out` (allocated if None) and return it."""
+        info = self.tensors[name]
+        if out is None:
+            out = torch.empty(info.shape, dtype=info.dtype)
+        elif out.dtype != info.dtype or tuple(out.shape) != info.shape or not out.is_contiguous():
+            raise ValueError(f"buffer for '{name}' must be a contiguous {info.dtype} {list(info.shape)} tensor")
+        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if info.nbytes else memoryview(b"")
+        fd = self._fd(info.file)
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [view[done:done + _READ_CHUNK]], info.data_start + done)
+            if n <= 0:
+                raise CheckpointError(f"{info.file}: tensor '{name}': file ended early (truncated while reading?)")
+            done += n
+        return out
+
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:  # pread on one shared descriptor is thread-safe
+            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.path!r}, {len(self.tensors)} tensors)"

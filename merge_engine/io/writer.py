@@ -1,0 +1,149 @@
+"""Streaming, crash-safe writer for sharded safetensors output.
+
+The whole output layout (tensor order, shard boundaries, headers) is fixed from the merge plan
+before any tensor is computed, so each merged tensor is written straight to its final offset and
+dropped: memory never holds more than the tensor in hand, whatever the shard size. Everything is
+written into a hidden temporary folder beside the output and renamed into place only when every
+shard, the index and the side files are complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+
+from merge_engine.errors import OutputError
+from merge_engine.io.safetensors_format import build_header
+
+_WRITE_CHUNK = 1 << 30
+
+
+@dataclass
+class _Shard:
+    filename: str
+    names: list[str]
+    fd: int = -1
+
+
+def check_output_dir(out_dir: str, overwrite: bool) -> None:
+    """Refuse an existing non-empty output folder unless overwriting was asked for."""
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise OutputError(f"{out_dir}: output path exists and is not a folder")
+        if os.listdir(out_dir) and not overwrite:
+            raise OutputError(f"{out_dir}: output folder exists and is not empty; pass --overwrite to replace it")
+
+
+def plan_shards(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_size: int) -> list[list[int]]:
+    """Group entries (in order) into shards of at most shard_size bytes (a larger tensor gets its own)."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, (_, dtype, shape) in enumerate(entries):
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if shards[-1] and size + nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += nbytes
+    return shards
+
+
+class ShardedWriter:
+    """Writes a planned set of tensors into shards in a temporary folder, then moves it into place."""
+
+    def __init__(self, out_dir: str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 shard_size: int, overwrite: bool = False):
+        self.out_dir = os.path.abspath(out_dir)
+        self.overwrite = overwrite
+        check_output_dir(self.out_dir, overwrite)
+        parent, base = os.path.split(self.out_dir)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp_dir = os.path.join(parent, f".{base}.partial-{os.getpid()}")
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        os.makedirs(self.tmp_dir)
+        self._entries = {name: (dtype, tuple(shape)) for name, dtype, shape in entries}
+        groups = plan_shards(entries, shard_size)
+        n = len(groups)
+        self._shards = [
+            _Shard("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors",
+                   [entries[j][0] for j in g]) for i, g in enumerate(groups)]
+        self._where: dict[str, tuple[_Shard, int]] = {}
+        self.total_size = 0
+        for shard in self._shards:
+            self._open_shard(shard)
+        self._pending = set(self._entries)
+        self.bytes_written = 0
+
+    def _open_shard(self, shard: _Shard) -> None:
+        header, offsets = build_header([(name, *self._entries[name]) for name in shard.names])
+        data_bytes = sum(torch.Size(self._entries[n][1]).numel() * self._entries[n][0].itemsize for n in shard.names)
+        self.total_size += data_bytes
+        shard.fd = os.open(os.path.join(self.tmp_dir, shard.filename), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(shard.fd, header, 0)
+        os.ftruncate(shard.fd, len(header) + data_bytes)
+        for name, off in offsets.items():
+            self._where[name] = (shard, off)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one planned tensor at its place (thread-safe: distinct tensors never overlap)."""
+        dtype, shape = self._entries[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"'{name}': planned {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
+        shard, offset = self._where[name]
+        data = memoryview(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < len(data):
+            done += os.pwrite(shard.fd, data[done:done + _WRITE_CHUNK], offset + done)
+        self._pending.discard(name)
+        self.bytes_written += len(data)
+
+    def add_file(self, filename: str, content: str | bytes) -> None:
+        """Add a side file (config.json, the merge config...) to the output."""
+        mode = "wb" if isinstance(content, bytes) else "w"
+        with open(os.path.join(self.tmp_dir, filename), mode) as f:
+            f.write(content)
+
+    def copy_file(self, src: str, filename: str | None = None) -> None:
+        shutil.copyfile(src, os.path.join(self.tmp_dir, filename or os.path.basename(src)))
+
+    def commit(self) -> None:
+        """Check completeness, write the index, flush to disk and move the folder into place."""
+        if self._pending:
+            missing = sorted(self._pending)
+            raise RuntimeError(f"{len(missing)} planned tensor(s) were never written, e.g. {missing[:3]}")
+        if len(self._shards) > 1:
+            weight_map = {name: s.filename for s in self._shards for name in s.names}
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+            self.add_file("model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+        for shard in self._shards:
+            os.fsync(shard.fd)
+        self._close()
+        self._move_into_place()
+
+    def _move_into_place(self) -> None:
+        check_output_dir(self.out_dir, self.overwrite)  # it may have appeared while we merged
+        old = None
+        if os.path.exists(self.out_dir):
+            old = f"{self.tmp_dir}.old"
+            os.rename(self.out_dir, old)
+        os.rename(self.tmp_dir, self.out_dir)
+        if old:
+            shutil.rmtree(old)
+
+    def abort(self) -> None:
+        """Remove the temporary folder; the output path is left as it was."""
+        self._close()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def _close(self) -> None:
+        for shard in self._shards:
+            if shard.fd >= 0:
+                os.close(shard.fd)
+                shard.fd = -1
+
+    @property
+    def shard_files(self) -> list[str]:
+        return [s.filename for s in self._shards]

@@ -1,0 +1,71 @@
+"""What a merge method is: its parameters, the inputs it accepts, and its per-tensor function."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from merge_engine.parameters import ParamSpec, Scope
+
+
+@dataclass
+class TensorGroup:
+    """The inputs of one output tensor, in config model order, with resolved parameters."""
+
+    name: str  # output tensor name (random methods key their generator on it)
+    tensors: list[torch.Tensor]
+    base_index: int | None
+    shared: dict[str, Any]
+    per_model: list[dict[str, Any]]  # aligned with tensors; the base has only INPUT-scope values
+    seed: int = 0
+
+    @property
+    def base(self) -> torch.Tensor | None:
+        return None if self.base_index is None else self.tensors[self.base_index]
+
+    @property
+    def non_base(self) -> list[int]:
+        return [i for i in range(len(self.tensors)) if i != self.base_index]
+
+    def values(self, param: str) -> list[Any]:
+        """A per-model parameter's values for the non-base inputs, in order."""
+        return [self.per_model[i][param] for i in self.non_base]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    merge: Callable[[TensorGroup], torch.Tensor]
+    params: tuple[ParamSpec, ...] = ()
+    base: str = "ignored"  # "required", "optional" or "ignored" (a listed base is just another input)
+    min_inputs: int = 1
+    max_inputs: int | None = None
+    min_non_base: int = 0
+    max_non_base: int | None = None
+    reference: str = ""
+    notes: str = field(default="", compare=False)
+
+    @property
+    def shared_params(self) -> list[ParamSpec]:
+        return [p for p in self.params if p.scope == Scope.SHARED]
+
+    @property
+    def model_params(self) -> list[ParamSpec]:
+        return [p for p in self.params if p.scope != Scope.SHARED]
+
+    def input_problems(self, models: list[str], base: str | None, where: str) -> list[str]:
+        """Structural problems with the inputs of one tensor group (mergekit's input contract)."""
+        problems = []
+        if self.base == "required" and base is None:
+            problems.append(f"{where}: merge method '{self.name}' requires a base_model")
+        has_base = self.base != "ignored" and base is not None and base in models
+        if self.base != "ignored" and base is not None and base not in models:
+            problems.append(f"{where}: base model {base} is not among the inputs")
+        count, non_base = len(models), len(models) - int(has_base)
+        for what, n, lo, hi in (("inputs", count, self.min_inputs, self.max_inputs),
+                                ("non-base inputs", non_base, self.min_non_base, self.max_non_base)):
+            if n < lo or (hi is not None and n > hi):
+                want = f"exactly {lo}" if lo == hi else (f"{lo} to {hi}" if hi is not None else f"at least {lo}")
+                problems.append(f"{where}: merge method '{self.name}' needs {want} {what}, got {n}")
+        return problems

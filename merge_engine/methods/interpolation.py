@@ -1,0 +1,76 @@
+"""Weighted averages and spherical interpolations: linear, slerp, nuslerp, model_stock."""
+from __future__ import annotations
+
+import torch
+
+from merge_engine import ops
+from merge_engine.methods.base import MergeMethod, TensorGroup
+from merge_engine.parameters import ParamSpec, Scope
+
+
+def _linear(group: TensorGroup) -> torch.Tensor:
+    return ops.weighted_sum(group.tensors, [m["weight"] for m in group.per_model], group.shared["normalize"])
+
+
+def _slerp(group: TensorGroup) -> torch.Tensor:
+    other = 1 - group.base_index
+    return ops.slerp(group.shared["t"], group.base, group.tensors[other])
+
+
+def _nuslerp(group: TensorGroup) -> torch.Tensor:
+    a, b = (group.tensors[i] for i in group.non_base)
+    w = group.values("weight")
+    t = 0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w)
+    row_wise, flatten = group.shared["nuslerp_row_wise"], group.shared["nuslerp_flatten"]
+    if group.base is None:
+        return ops.nuslerp(t, a, b, row_wise, flatten)
+    return group.base + ops.nuslerp(t, a - group.base, b - group.base, row_wise, flatten)
+
+
+def _model_stock(group: TensorGroup) -> torch.Tensor:
+    """Model Stock: interpolate between the base and the experts' mean by t = N cos / (1 + (N-1) cos),
+    cos the mean pairwise cosine of the task vectors (per row if filter_wise); t = 0 where singular."""
+    w0 = group.base
+    ws = [group.tensors[i] for i in group.non_base]
+    shape = w0.shape
+    if group.shared["filter_wise"]:
+        if w0.dim() == 1:
+            w0, ws = w0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
+    else:
+        w0, ws = w0.reshape(-1), [w.reshape(-1) for w in ws]
+    offsets = [w - w0 for w in ws]
+    cosines = []
+    for i, a in enumerate(offsets):
+        for b in offsets[i + 1:]:
+            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
+            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    n = len(ws)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos), (n * cos) / torch.where(singular, 1, denominator))
+    return (t * (sum(ws) / n) + (1 - t) * w0).reshape(shape)
+
+
+METHODS = [
+    MergeMethod("linear", _linear, (ParamSpec("weight", float, Scope.INPUT),
+                                    ParamSpec("normalize", bool, Scope.SHARED, True)),
+                reference="https://arxiv.org/abs/2203.05482"),
+    MergeMethod("slerp", _slerp, (ParamSpec("t", float, Scope.SHARED),), base="required",
+                min_inputs=2, max_inputs=2, reference="https://en.wikipedia.org/wiki/Slerp"),
+    MergeMethod("nuslerp", _nuslerp, (ParamSpec("weight", float, Scope.NON_BASE),
+                                      ParamSpec("nuslerp_row_wise", bool, Scope.SHARED, False),
+                                      ParamSpec("nuslerp_flatten", bool, Scope.SHARED, True)),
+                base="optional", min_non_base=2, max_non_base=2),
+    MergeMethod("model_stock", _model_stock, (ParamSpec("filter_wise", bool, Scope.SHARED, False),),
+                base="required", min_inputs=3, reference="https://arxiv.org/abs/2403.19522"),
+]
+
+
+def _passthrough(group: TensorGroup) -> torch.Tensor:
+    x, scale = group.tensors[0], group.per_model[0]["scale"]
+    return x.clone() if scale is None else x * scale
+
+
+METHODS.append(MergeMethod("passthrough", _passthrough, (ParamSpec("scale", float, Scope.INPUT, None),),
+                           min_inputs=1, max_inputs=1))

@@ -1,0 +1,52 @@
+"""The generalized task-arithmetic family: sparsify each task vector, weight, optionally elect signs
+and take the disjoint mean, scale by lambda, add to the base (mergekit's GTA methods)."""
+from __future__ import annotations
+
+import torch
+
+from merge_engine import ops
+from merge_engine.methods.base import MergeMethod, TensorGroup
+from merge_engine.parameters import ParamSpec, Scope, in_unit_interval
+
+# name: (sparsification, sign consensus, normalize default, rescale default, reference)
+FAMILY = {
+    "task_arithmetic": ("", False, False, False, "https://arxiv.org/abs/2212.04089"),
+    "ties": ("magnitude", True, True, False, "https://arxiv.org/abs/2306.01708"),
+    "dare_ties": ("random", True, False, True, "https://arxiv.org/abs/2311.03099"),
+    "dare_linear": ("random", False, False, True, "https://arxiv.org/abs/2311.03099"),
+    "breadcrumbs": ("outliers", False, False, False, "https://arxiv.org/abs/2312.06795"),
+    "breadcrumbs_ties": ("outliers", True, False, False, "https://arxiv.org/abs/2312.06795"),
+    "della": ("rank", True, True, True, "https://arxiv.org/abs/2406.11617"),
+    "della_linear": ("rank", False, False, True, "https://arxiv.org/abs/2406.11617"),
+}
+
+
+def _merge(sparsify: str, consensus: bool, group: TensorGroup) -> torch.Tensor:
+    p = group.shared
+    return ops.merge_task_vectors(
+        group.base, [group.tensors[i] for i in group.non_base], group.values("weight"),
+        group.values("density"), sparsify, consensus, p["normalize"], p["rescale"], p["lambda"],
+        group.values("gamma") if sparsify == "outliers" else None,
+        group.values("epsilon") if sparsify == "rank" else None,
+        group.seed, group.name)
+
+
+def _method(name: str) -> MergeMethod:
+    sparsify, consensus, normalize, rescale, ref = FAMILY[name]
+    params = [
+        ParamSpec("int8_mask", bool, Scope.SHARED, False),  # memory-only in mergekit; accepted, no effect
+        ParamSpec("normalize", bool, Scope.SHARED, normalize),
+        ParamSpec("rescale", bool, Scope.SHARED, rescale),
+        ParamSpec("lambda", float, Scope.SHARED, 1.0),
+        ParamSpec("weight", float, Scope.NON_BASE),
+        ParamSpec("density", float, Scope.NON_BASE, 1.0, check=in_unit_interval),
+    ]
+    if sparsify == "outliers":
+        params.append(ParamSpec("gamma", float, Scope.NON_BASE, 0.01, check=in_unit_interval))
+    if sparsify == "rank":
+        params.append(ParamSpec("epsilon", float, Scope.NON_BASE, 0.15, check=in_unit_interval))
+    return MergeMethod(name, lambda g: _merge(sparsify, consensus, g), tuple(params), base="required",
+                       reference=ref)
+
+
+METHODS = [_method(name) for name in FAMILY]

@@ -1,0 +1,111 @@
+"""Per-tensor sparsification of task vectors: magnitude trim (TIES), random drop (DARE), outlier
+window (breadcrumbs) and rank-dependent drop (DELLA). Pure-PyTorch references; their outputs are
+the specification for the compiled kernels.
+
+Tie rule for every magnitude ordering: among equal |x|, the element with the lower flat index ranks
+higher in a descending order (and lower in an ascending one); i.e. a stable sort. mergekit calls an
+unstable argsort, so at exact ties on the cut-off its choice is arbitrary; ours is documented and
+reproducible on every backend.
+"""
+from __future__ import annotations
+
+import torch
+
+from merge_engine.ops.random import philox_key, uniform
+
+RESCALE_EPS = 1e-7
+
+
+def rescale_l1(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """mergekit's rescale: scale the kept part so its L1 norm matches the original's."""
+    before, after = x.abs().sum(), kept.abs().sum()
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return kept
+    return kept * (before / after)
+
+
+def _apply(x: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
+    kept = x * keep.to(x.dtype)  # multiply (not where) to keep mergekit's signed zeros
+    return rescale_l1(x, kept) if rescale else kept
+
+
+def topk_count(numel: int, density: float) -> int:
+    """How many elements TIES keeps: max(1, int(density * numel)) for 0 < density < 1."""
+    return max(1, int(density * numel))
+
+
+@torch.library.custom_op("merge_engine::magnitude_topk_mask", mutates_args=())
+def magnitude_topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest |x| over the whole tensor (ties: lower index first)."""
+    flat = x.detach().abs().reshape(-1)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=x.device)
+    mask[torch.argsort(flat, descending=True, stable=True)[:k]] = True
+    return mask.reshape(x.shape)
+
+
+@torch.library.custom_op("merge_engine::trim_by_magnitude", mutates_args=())
+def trim_by_magnitude(x: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    """TIES trim: keep the top max(1, int(density*numel)) magnitudes of the whole tensor, zero the rest."""
+    if density >= 1:
+        return x.clone()
+    if density <= 0 or x.numel() == 0:
+        return torch.zeros_like(x)
+    return _apply(x, magnitude_topk_mask(x, topk_count(x.numel(), density)), rescale)
+
+
+@torch.library.custom_op("merge_engine::drop_random", mutates_args=())
+def drop_random(x: torch.Tensor, density: float, seed: int, tensor_name: str, stream: int,
+                rescale: bool = True) -> torch.Tensor:
+    """DARE: keep each element with probability density (Philox keyed by seed, tensor name, stream)."""
+    if density >= 1:
+        return x.clone()
+    u = uniform(x.numel(), philox_key(seed, tensor_name), stream, x.device).reshape(x.shape)
+    return _apply(x, u < torch.tensor(density, dtype=torch.float32), rescale)
+
+
+@torch.library.custom_op("merge_engine::trim_outliers", mutates_args=())
+def trim_outliers(x: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
+    """Breadcrumbs: drop the int(gamma*N) largest magnitudes, then the smallest, keeping int(density*N)."""
+    if density >= 1:
+        return x.clone()
+    n = x.numel()
+    target = int(density * n)
+    n_bot = max(0, n - target - int(gamma * n))
+    order = torch.argsort(x.detach().abs().reshape(-1), stable=True)
+    keep = torch.zeros(n, dtype=torch.bool, device=x.device)
+    keep[order[n_bot:n_bot + target]] = True
+    return _apply(x, keep.reshape(x.shape), rescale)
+
+
+def della_keep_probability(x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's per-element keep probability from the rank of |x| within its row (fp32).
+
+    p = (density - eps) + 2 eps (rank - 1) / (ncols - 1), rank 1 being the smallest magnitude;
+    a 1-D tensor is one row; a one-column row gets density - eps (mergekit's clamp of 0/0).
+    """
+    rows = x.detach().reshape(1, -1) if x.dim() < 2 else x.detach().reshape(x.shape[0], -1)
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(rows.shape[1], device=x.device).expand_as(order))
+    ncols = rows.shape[1]
+    rank_norm = rank.to(torch.float32) / max(ncols - 1, 1)
+    return ((density - epsilon) + rank_norm * (2 * epsilon)).reshape(x.shape)
+
+
+@torch.library.custom_op("merge_engine::drop_by_rank", mutates_args=())
+def drop_by_rank(x: torch.Tensor, density: float, epsilon: float, seed: int, tensor_name: str,
+                 stream: int, rescale: bool = True) -> torch.Tensor:
+    """DELLA MagPrune: keep each element with its rank-dependent probability (Philox-driven)."""
+    if density >= 1:
+        return x.clone()
+    if density <= 0:
+        return torch.zeros_like(x)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(f"della needs 0 < density - epsilon and density + epsilon < 1 "
+                         f"(density={density}, epsilon={epsilon})")
+    p = della_keep_probability(x, density, epsilon)
+    u = uniform(x.numel(), philox_key(seed, tensor_name), stream, x.device).reshape(x.shape)
+    return _apply(x, u < p, rescale)
+
+
+SPARSIFIERS = ("magnitude", "random", "outliers", "rank")

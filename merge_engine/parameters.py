@@ -1,0 +1,134 @@
+"""Merge-method parameters: specs, value checks, and mergekit's resolution rules.
+
+A setting is a scalar, a gradient list (piecewise-linear over the layer position t in [0, 1];
+non-numeric lists index instead), a {filter, value} condition, or a list of conditions (substring
+match on the tensor name, first match wins, filter absent or "*" matches everything). Settings are
+looked up from the most specific scope to the least: slice source (per model) > slice > global;
+a setting that resolves to nothing (no filter matched) falls through to the next scope.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable, Iterable, Mapping
+
+Setting = Any  # scalar | list[scalar] | {"filter", "value"} | list[{"filter", "value"}]
+_MISSING = object()
+
+
+class Scope(str, Enum):
+    SHARED = "shared"  # one value for the whole tensor group
+    INPUT = "input"  # one value per input model, the base included
+    NON_BASE = "non_base"  # one value per input model other than the base
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    kind: type  # float, bool, int or str
+    scope: Scope
+    default: Any = _MISSING
+    check: Callable[[Any], str | None] | None = None  # returns a complaint, or None when fine
+
+    @property
+    def required(self) -> bool:
+        return self.default is _MISSING
+
+    def coerce(self, value: Any) -> Any:
+        """Convert a scalar from YAML to this parameter's type, or raise ValueError."""
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+        elif self.kind in (float, int):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return self.kind(value)
+            if isinstance(value, str):
+                try:
+                    return self.kind(float(value)) if self.kind is float else int(value)
+                except ValueError:
+                    pass
+        elif self.kind is str and isinstance(value, str):
+            return value
+        raise ValueError(f"'{self.name}' must be {self.kind.__name__}, got {value!r}")
+
+    def validate(self, value: Any) -> Any:
+        value = self.coerce(value)
+        complaint = self.check(value) if self.check else None
+        if complaint:
+            raise ValueError(f"'{self.name}' {complaint}, got {value!r}")
+        return value
+
+
+def in_unit_interval(value: float) -> str | None:
+    return None if 0.0 <= value <= 1.0 else "must be in [0, 1]"
+
+
+def is_scalar(x: Any) -> bool:
+    return isinstance(x, (bool, int, float, str))
+
+
+def is_condition(x: Any) -> bool:
+    return isinstance(x, Mapping) and "value" in x and set(x) <= {"filter", "value"}
+
+
+def setting_shape_problem(setting: Setting) -> str | None:
+    """Say what is wrong with a setting's structure, or None when it is well-formed."""
+    if is_scalar(setting):
+        return None
+    if is_condition(setting):
+        return setting_shape_problem(setting["value"])
+    if isinstance(setting, list):
+        if not setting:
+            return "an empty list"
+        if all(is_scalar(e) for e in setting) or all(is_condition(e) for e in setting):
+            return next((p for e in setting if is_condition(e) for p in [setting_shape_problem(e)] if p), None)
+        return "a list mixing scalars and {filter, value} entries"
+    return f"not a scalar, gradient list or {{filter, value}} entry: {setting!r}"
+
+
+def setting_leaves(setting: Setting) -> Iterable[Any]:
+    """Every scalar a setting can produce (gradient endpoints, condition values)."""
+    if is_scalar(setting):
+        yield setting
+    elif is_condition(setting):
+        yield from setting_leaves(setting["value"])
+    elif isinstance(setting, list):
+        for e in setting:
+            yield from setting_leaves(e)
+
+
+def evaluate_setting(tensor_name: str, setting: Setting, t: float, spec: ParamSpec) -> Any:
+    """The value a setting takes for one tensor at layer position t; None when no filter matched."""
+    if is_condition(setting):
+        setting = [setting]
+    if is_scalar(setting):
+        return spec.validate(setting)
+    if all(is_scalar(e) for e in setting):
+        values = [spec.validate(e) for e in setting]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return values[int(t * (len(values) - 1))]
+        scaled = t * (len(values) - 1)
+        i0 = int(scaled)
+        i1 = min(len(values) - 1, i0 + 1)
+        frac = scaled - i0
+        return spec.validate((1 - frac) * values[i0] + frac * values[i1])
+    for cond in setting:
+        flt = cond.get("filter")
+        if flt is None or flt == "*" or (tensor_name and flt in tensor_name):
+            return evaluate_setting(tensor_name, cond["value"], t, spec)
+    return None
+
+
+def resolve(spec: ParamSpec, scopes: Iterable[Mapping[str, Setting] | None], tensor_name: str, t: float,
+            where: str) -> Any:
+    """First non-None value of spec over scopes (most specific first), else its default."""
+    for scope in scopes:
+        if scope is not None and spec.name in scope:
+            value = evaluate_setting(tensor_name, scope[spec.name], t, spec)
+            if value is not None:
+                return value
+    if spec.required:
+        raise ValueError(f"missing required parameter '{spec.name}' for {where}")
+    return spec.default

@@ -1,0 +1,184 @@
+"""Planning: from a validated config and the inputs' headers to a list of per-tensor jobs.
+
+Everything that can be checked without tensor data is checked here, and all problems are reported
+together: model folders and safetensors headers, layer ranges, tensors missing from an input,
+shape mismatches, and every parameter resolved for every tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from merge_engine.config import MergeConfig, Slice
+from merge_engine.errors import CheckpointError, ConfigError
+from merge_engine.io.checkpoint import Checkpoint, split_layer_name
+from merge_engine.parameters import Scope, resolve
+
+_PRE_LAYER_MARKERS = ("embed", "wte", "wpe")  # embeddings come before the layers, norms and heads after
+_MAX_LISTED_PROBLEMS = 50
+
+
+@dataclass
+class TensorJob:
+    """One output tensor: where its inputs are, and the resolved parameters of its merge."""
+
+    out_name: str
+    inputs: list[tuple[Checkpoint, str]]  # (model, tensor name in that model), in config order
+    base_index: int | None
+    shared: dict[str, Any]
+    per_model: list[dict[str, Any]]
+    compute_dtype: torch.dtype
+    out_dtype: torch.dtype
+    shape: tuple[int, ...]
+    copy_only: bool = False  # non-floating buffers are copied from the first input unchanged
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(ckpt.tensors[name].nbytes for ckpt, name in self.inputs)
+
+
+@dataclass
+class MergePlan:
+    config: MergeConfig
+    models: dict[str, Checkpoint]
+    jobs: list[TensorJob] = field(default_factory=list)
+    num_layers: int = 0  # layers of the output model
+
+    @property
+    def donor(self) -> Checkpoint:
+        """The model whose config.json and side files the output starts from."""
+        first = self.config.slice_base(self.config.slices[0]) or self.config.slices[0].sources[0].model
+        return self.models[self.config.base_model or first]
+
+    def entries(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        return [(j.out_name, j.out_dtype, j.shape) for j in self.jobs]
+
+
+def open_models(cfg: MergeConfig) -> dict[str, Checkpoint]:
+    """Open every referenced model (headers only); report all unreadable ones together."""
+    models, problems = {}, []
+    for ref in cfg.referenced_models():
+        try:
+            models[ref] = Checkpoint(ref)
+        except CheckpointError as e:
+            problems.append(str(e))
+    if cfg.tokenizer_source not in (None, "base") and cfg.tokenizer_source not in models:
+        try:
+            Checkpoint(cfg.tokenizer_source)
+        except CheckpointError as e:
+            problems.append(f"tokenizer_source: {e}")
+    if problems:
+        raise ConfigError(problems, "inputs")
+    return models
+
+
+def build_plan(cfg: MergeConfig, allow_crimes: bool = False) -> MergePlan:
+    plan = MergePlan(cfg, open_models(cfg))
+    problems: list[str] = []
+    architectures = {ref: tuple(m.config.get("architectures") or ()) for ref, m in plan.models.items()}
+    if len(set(architectures.values())) > 1 and not allow_crimes:
+        problems.append("inputs have different architectures (" + ", ".join(
+            f"{ref}: {'/'.join(a) or '?'}" for ref, a in architectures.items()) + "); pass --allow-crimes to merge anyway")
+    layer_index = {ref: _layer_index(ckpt) for ref, ckpt in plan.models.items()}
+    ranges = [_layer_ranges(s, plan.models, problems) for s in cfg.slices]
+    if problems:
+        raise ConfigError(problems, "inputs")
+    first, last = cfg.slices[0], cfg.slices[-1]
+    template = plan.models[first.sources[0].model]
+    outside = [n for n in template.tensors if split_layer_name(n) is None]
+    pre = [n for n in outside if any(m in n for m in _PRE_LAYER_MARKERS)]
+    post = [n for n in outside if n not in pre]
+    out_prefix = next((s[0] for s in map(split_layer_name, template.tensors) if s), "model.layers")
+    for name in pre:
+        _plan_tensor(plan, first, name, [name] * len(first.sources), 0.0, problems)
+    for s, lr in zip(cfg.slices, ranges):
+        n = lr[0][1] - lr[0][0]
+        for offset in range(n):
+            t = offset / (n - 1) if n > 1 else 1.0
+            src_layers = [a + offset for a, _ in lr]
+            suffixes = layer_index[s.sources[0].model].get(src_layers[0], {})
+            for suffix in suffixes:
+                names = [layer_index[src.model].get(layer, {}).get(suffix, f"<layer {layer}>.{suffix}")
+                         for src, layer in zip(s.sources, src_layers)]
+                _plan_tensor(plan, s, f"{out_prefix}.{plan.num_layers}.{suffix}", names, t, problems)
+            plan.num_layers += 1
+    for name in post:
+        _plan_tensor(plan, last, name, [name] * len(last.sources), 0.0, problems)
+    if problems:
+        shown = problems[:_MAX_LISTED_PROBLEMS]
+        if len(problems) > len(shown):
+            shown.append(f"... and {len(problems) - len(shown)} more")
+        raise ConfigError(shown, "inputs")
+    return plan
+
+
+def _layer_index(ckpt: Checkpoint) -> dict[int, dict[str, str]]:
+    """layer -> {suffix after the layer number: full tensor name}."""
+    index: dict[int, dict[str, str]] = {}
+    for name in ckpt.tensors:
+        parts = split_layer_name(name)
+        if parts:
+            index.setdefault(parts[1], {})[parts[2]] = name
+    return index
+
+
+def _layer_ranges(s: Slice, models: dict[str, Checkpoint], problems: list[str]) -> list[tuple[int, int]]:
+    ranges = []
+    for src in s.sources:
+        n = models[src.model].num_layers
+        a, b = src.layer_range or (0, n)
+        if b > n:
+            problems.append(f"{src.model}: layer_range [{a}, {b}) is outside the model's {n} layers")
+        ranges.append((a, b))
+    if len({b - a for a, b in ranges}) > 1:
+        problems.append("models with different layer counts cannot be merged layer by layer: "
+                        + ", ".join(f"{src.model} ({b - a})" for src, (a, b) in zip(s.sources, ranges)))
+    return ranges
+
+
+def _plan_tensor(plan: MergePlan, s: Slice, out_name: str, names: list[str], t: float, problems: list[str]) -> None:
+    cfg = plan.config
+    models = [src.model for src in s.sources]
+    base = cfg.slice_base(s)
+    infos = []
+    for model, name in zip(models, names):
+        info = plan.models[model].tensors.get(name)
+        if info is None:
+            problems.append(f"{plan.models[model].path}: tensor '{name}' is missing (needed for '{out_name}')")
+        infos.append(info)
+    if None in infos:
+        return
+    ref = infos[models.index(base)] if base in models else infos[0]
+    for model, info in zip(models, infos):
+        if info.shape != ref.shape:
+            problems.append(f"{info.file}: tensor '{info.name}' has shape {list(info.shape)} but "
+                            f"{ref.file} has {list(ref.shape)}")
+    method = cfg.method
+    shared, per_model = {}, []
+    try:
+        shared = {p.name: resolve(p, [s.parameters, cfg.parameters], out_name, t, out_name)
+                  for p in method.shared_params}
+        for model, name in zip(models, names):
+            scopes = [src.parameters for src in s.sources if src.model == model] + [s.parameters, cfg.parameters]
+            per_model.append({p.name: resolve(p, scopes, name, t, f"{model}: '{name}'")
+                              for p in method.model_params if model != base or p.scope == Scope.INPUT})
+    except ValueError as e:
+        problems.append(f"{e} (tensor '{out_name}')")
+        return
+    dtypes = [i.dtype for i in infos]
+    floating = all(d.is_floating_point for d in dtypes)
+    compute = cfg.dtype or _promote(dtypes)
+    plan.jobs.append(TensorJob(
+        out_name, [(plan.models[m], n) for m, n in zip(models, names)],
+        models.index(base) if base in models else None, shared, per_model,
+        compute if floating else dtypes[0], (cfg.out_dtype or compute) if floating else dtypes[0],
+        ref.shape, copy_only=not floating))
+
+
+def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
