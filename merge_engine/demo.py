@@ -1,0 +1,88 @@
+"""Tiny random checkpoints made with transformers, and a demo merge on them.
+
+Nothing can be downloaded in our environments, so demos and tests build their own models: a base
+with random weights (fixed seed) and "fine-tunes" that add seeded noise to it, saved as Hugging Face
+folders (optionally sharded, in fp32 or bf16).
+
+    python -m merge_engine.demo OUT_DIR     # makes models, runs a TIES merge, loads the result
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+ARCHS = ("llama", "qwen2", "gpt2")
+
+
+def tiny_config(arch: str, layers: int = 4):
+    import transformers as tf
+    if arch == "llama":
+        return tf.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=layers,
+                              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                              tie_word_embeddings=False)
+    if arch == "qwen2":  # grouped-query attention, tied embeddings
+        return tf.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                              tie_word_embeddings=True)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=256, n_embd=64, n_layer=layers, n_head=4, n_positions=128)
+    raise ValueError(f"unknown arch {arch!r} (one of {ARCHS})")
+
+
+def make_models(root: str, arch: str = "llama", n_experts: int = 3, dtype: torch.dtype = torch.float32,
+                shard_size: str | None = None, layers: int = 4, seed: int = 0, noise: float = 0.02) -> list[str]:
+    """Save a base and n_experts fine-tune-like variants under root; return their folders (base first)."""
+    import transformers as tf
+    cfg = tiny_config(arch, layers)
+    torch.manual_seed(seed)
+    base = tf.AutoModelForCausalLM.from_config(cfg).to(dtype)
+    paths = []
+    for i in range(n_experts + 1):
+        path = os.path.join(root, f"{arch}-{'base' if i == 0 else f'expert{i}'}")
+        model = base
+        if i:
+            model = tf.AutoModelForCausalLM.from_config(cfg).to(dtype)
+            gen = torch.Generator().manual_seed(seed * 1000 + i)
+            with torch.no_grad():
+                for (_, p), (_, q) in zip(model.named_parameters(), base.named_parameters()):
+                    p.copy_(q + noise * torch.randn(q.shape, generator=gen).to(dtype))
+        kwargs = {"max_shard_size": shard_size} if shard_size else {}
+        model.save_pretrained(path, **kwargs)
+        paths.append(path)
+    return paths
+
+
+def demo(out_dir: str) -> None:
+    import tempfile
+
+    import transformers as tf
+    import yaml
+
+    from merge_engine import MergeOptions, merge, parse_config
+    work = tempfile.mkdtemp(prefix="merge_engine_demo_")
+    base, *experts = make_models(work, "llama", 3, torch.bfloat16, shard_size="100KB")
+    config = {"merge_method": "ties", "base_model": base, "dtype": "bfloat16",
+              "parameters": {"normalize": True},
+              "models": [{"model": e, "parameters": {"weight": w, "density": d}}
+                         for e, w, d in zip(experts, (0.5, 0.3, [0.1, 0.4]), (0.5, 0.6, 0.7))]}
+    print(yaml.safe_dump(config, sort_keys=False))
+    report = merge(parse_config(config), out_dir, MergeOptions(out_shard_size=200_000, overwrite=True))
+    print(report.summary())
+    model = tf.AutoModelForCausalLM.from_pretrained(out_dir)
+    logits = model(torch.arange(16)[None]).logits
+    print(f"loaded the merged model with transformers: logits {tuple(logits.shape)}, "
+          f"finite={bool(torch.isfinite(logits).all())}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out_dir", nargs="?", default="demo_out")
+    demo(p.parse_args(argv).out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
