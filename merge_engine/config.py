@@ -14,7 +14,7 @@ import yaml
 
 from merge_engine.errors import ConfigError
 from merge_engine.methods import REGISTRY, MergeMethod
-from merge_engine.parameters import ParamSpec, setting_leaves, setting_shape_problem
+from merge_engine.parameters import ParamSpec, Scope, setting_leaves, setting_shape_problem
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 _KNOWN_KEYS = {"merge_method", "base_model", "models", "slices", "modules", "dtype", "out_dtype",
@@ -224,6 +224,27 @@ def _check_parameters(cfg: MergeConfig, problems: list[str]) -> None:
                         specs[name].validate(leaf)
                     except ValueError as e:
                         problems.append(f"{where}.{name}: {e}")
+    _check_required(cfg, problems)
     if ignored and cfg.method:
         warnings.warn(f"parameter(s) {sorted(ignored)} are not used by merge method '{cfg.method.name}' "
                       "and are ignored (as mergekit does)")
+
+
+def _check_required(cfg: MergeConfig, problems: list[str]) -> None:
+    """Required parameters given nowhere in a tensor's scope chain (filters are checked per tensor later)."""
+    if not cfg.method:
+        return
+    for i, s in enumerate(cfg.slices):
+        where = "models" if "models" in cfg.raw else f"slices[{i}]"
+        chain = [s.parameters or {}, cfg.parameters or {}]
+        for spec in (p for p in cfg.method.params if p.required):
+            if spec.scope == Scope.SHARED:
+                if not any(spec.name in scope for scope in chain):
+                    problems.append(f"{where}: merge method '{cfg.method.name}' needs parameter '{spec.name}'")
+                continue
+            for src in s.sources:
+                if spec.scope == Scope.NON_BASE and src.model == cfg.slice_base(s):
+                    continue
+                if not any(spec.name in scope for scope in [src.parameters or {}, *chain]):
+                    problems.append(f"{where}[{src.model}]: merge method '{cfg.method.name}' needs "
+                                    f"parameter '{spec.name}' for this model")

@@ -55,6 +55,61 @@ def make_models(root: str, arch: str = "llama", n_experts: int = 3, dtype: torch
     return paths
 
 
+def llama_tensor_shapes(layers: int, hidden: int, intermediate: int, vocab: int, kv_heads_ratio: int = 1):
+    """Hugging Face Llama tensor names and shapes, in checkpoint order."""
+    kv = hidden // kv_heads_ratio
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
+                       p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                       p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden),
+                       p + "mlp.down_proj.weight": (hidden, intermediate), p + "input_layernorm.weight": (hidden,),
+                       p + "post_attention_layernorm.weight": (hidden,)})
+    shapes.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
+    return shapes
+
+
+def make_synthetic_llama(path: str, layers: int, hidden: int, intermediate: int, vocab: int,
+                         dtype: torch.dtype = torch.bfloat16, seed: int = 0, base: str | None = None,
+                         noise: float = 0.01, heads: int = 8, kv_heads: int = 8) -> str:
+    """Write a Llama-shaped checkpoint of any size tensor by tensor (memory: one tensor), without
+    instantiating a model; with base, the weights are base + seeded noise (a fake fine-tune)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
+              "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 2048,
+              "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": str(dtype).split(".")[1]}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    gen = torch.Generator().manual_seed(seed)
+    base_map = json.load(open(os.path.join(base, "model.safetensors.index.json")))["weight_map"] if base else {}
+    weight_map, total, shard_tensors = {}, 0, {}
+    shapes = llama_tensor_shapes(layers, hidden, intermediate, vocab, heads // kv_heads)
+    for n, (name, shape) in enumerate(shapes.items()):
+        if base:
+            with safe_open(os.path.join(base, base_map[name]), "pt") as f:
+                t = (f.get_tensor(name).float() + noise * torch.randn(shape, generator=gen)).to(dtype)
+        else:
+            t = (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+        shard_tensors[name] = t
+        # one shard for the embeddings, one per layer, one for the final norm and head
+        if ".layers." not in name or name.endswith("post_attention_layernorm.weight") or n == len(shapes) - 1:
+            filename = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+            save_file(shard_tensors, os.path.join(path, filename), metadata={"format": "pt"})
+            for k, v in shard_tensors.items():
+                weight_map[k] = filename
+                total += v.numel() * v.element_size()
+            shard_tensors = {}
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return path
+
+
 def demo(out_dir: str) -> None:
     import tempfile
 

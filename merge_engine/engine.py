@@ -28,15 +28,12 @@ from tqdm.auto import tqdm
 
 from merge_engine.config import MergeConfig, load_config
 from merge_engine.errors import MergeEngineError
-from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.methods import MergeMethod, TensorGroup
-from merge_engine.plan import MergePlan, TensorJob, build_plan
+from merge_engine.plan import TOKENIZER_FILES, MergePlan, TensorJob, build_plan
 
 log = logging.getLogger("merge_engine")
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt", "chat_template.jinja")
 SIDE_FILES_FROM_BASE = ("generation_config.json",)
 CONFIG_COPY_NAME = "mergekit_config.yml"  # the name model cards and hubs look for
 
@@ -201,15 +198,14 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, options: MergeOptio
                 model_config[key] = plan.num_layers
         writer.add_file("config.json", json.dumps(model_config, indent=2) + "\n")
     for f in SIDE_FILES_FROM_BASE:
-        _copy_if_present(donor, f, writer)
+        _copy_if_present(donor.path, f, writer)
     if options.copy_tokenizer:
-        source = donor if cfg.tokenizer_source in (None, "base") else Checkpoint(cfg.tokenizer_source)
         for f in TOKENIZER_FILES:
-            _copy_if_present(source, f, writer)
+            _copy_if_present(plan.tokenizer_dir, f, writer)
     writer.add_file(CONFIG_COPY_NAME, yaml.safe_dump(cfg.raw, sort_keys=False))
 
 
-def _copy_if_present(ckpt: Checkpoint, filename: str, writer: ShardedWriter) -> None:
-    path = os.path.join(ckpt.path, filename)
+def _copy_if_present(folder: str, filename: str, writer: ShardedWriter) -> None:
+    path = os.path.join(folder, filename)
     if os.path.exists(path):
         writer.copy_file(path)

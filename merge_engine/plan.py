@@ -6,6 +6,7 @@ shape mismatches, and every parameter resolved for every tensor.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,8 @@ from merge_engine.parameters import Scope, resolve
 
 _PRE_LAYER_MARKERS = ("embed", "wte", "wpe")  # embeddings come before the layers, norms and heads after
 _MAX_LISTED_PROBLEMS = 50
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt", "chat_template.jinja")
 
 
 @dataclass
@@ -52,6 +55,11 @@ class MergePlan:
         first = self.config.slice_base(self.config.slices[0]) or self.config.slices[0].sources[0].model
         return self.models[self.config.base_model or first]
 
+    @property
+    def tokenizer_dir(self) -> str:
+        source = self.config.tokenizer_source
+        return self.donor.path if source in (None, "base") else os.path.abspath(source)
+
     def entries(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         return [(j.out_name, j.out_dtype, j.shape) for j in self.jobs]
 
@@ -64,11 +72,9 @@ def open_models(cfg: MergeConfig) -> dict[str, Checkpoint]:
             models[ref] = Checkpoint(ref)
         except CheckpointError as e:
             problems.append(str(e))
-    if cfg.tokenizer_source not in (None, "base") and cfg.tokenizer_source not in models:
-        try:
-            Checkpoint(cfg.tokenizer_source)
-        except CheckpointError as e:
-            problems.append(f"tokenizer_source: {e}")
+    source = cfg.tokenizer_source
+    if source not in (None, "base") and not any(os.path.exists(os.path.join(source, f)) for f in TOKENIZER_FILES):
+        problems.append(f"tokenizer_source: {source}: no tokenizer files found (looked for {', '.join(TOKENIZER_FILES)})")
     if problems:
         raise ConfigError(problems, "inputs")
     return models

@@ -38,9 +38,9 @@ class Checkpoint:
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
+        self._fds: dict[str, int] = {}
         self._check_folder()
         self.tensors: dict[str, TensorInfo] = self._read_headers()
-        self._fds: dict[str, int] = {}
 
     def _check_folder(self) -> None:
         p = self.path

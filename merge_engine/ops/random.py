@@ -1,5 +1,8 @@
 """Counter-based random numbers: Philox4x32-10 keyed by (seed, tensor name), counted by element index.
 
+Element i of stream s (the expert index) takes word i % 4 of Philox4x32-10 applied to the counter
+(i // 4 low 32 bits, i // 4 high 32 bits, s, 0): one Philox call yields four elements' bits.
+
 Every random decision of DARE and DELLA is a pure function of (seed, tensor name, expert index,
 element index), so a merge gives the same bits whatever the execution order, thread count or device,
 and every backend (this reference, C++, Triton, CUDA) can reproduce it exactly.
@@ -53,9 +56,11 @@ def philox4x32(counter: tuple[torch.Tensor, ...], key: tuple[int, int],
 
 def random_bits(numel: int, key: tuple[int, int], stream: int, device=None, start: int = 0) -> torch.Tensor:
     """uint32 words (as int64) for elements start..start+numel-1 of one stream (expert index)."""
-    idx = torch.arange(start, start + numel, dtype=torch.int64, device=device)
-    counter = (idx & _U32, idx >> 32, torch.full_like(idx, stream & _U32), torch.zeros_like(idx))
-    return philox4x32(counter, key)[0]
+    first, last = start // 4, (start + numel + 3) // 4
+    block = torch.arange(first, last, dtype=torch.int64, device=device)
+    counter = (block & _U32, block >> 32, torch.full_like(block, stream & _U32), torch.zeros_like(block))
+    words = torch.stack(philox4x32(counter, key), dim=1).reshape(-1)  # element 4b + j <- word j of block b
+    return words[start - 4 * first:start - 4 * first + numel]
 
 
 def uniform(numel: int, key: tuple[int, int], stream: int, device=None, start: int = 0) -> torch.Tensor:

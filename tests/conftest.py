@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny Hugging Face checkpoints generated with transformers (random init, fixed
+seeds), a YAML writer, and the location of a mergekit install for the parity tests."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from merge_engine.demo import make_models
+
+# (arch, dtype, shard size): Llama (MHA), Qwen2 (GQA, tied embeddings), GPT-2; sharded and unsharded.
+MODEL_SETS = {
+    "llama": ("llama", torch.float32, None),
+    "llama_bf16_sharded": ("llama", torch.bfloat16, "60KB"),
+    "qwen2": ("qwen2", torch.float32, "100KB"),
+    "gpt2": ("gpt2", torch.float32, None),
+}
+
+
+@pytest.fixture(scope="session")
+def model_sets(tmp_path_factory):
+    """Lazily built model sets: model_sets(key) -> [base, expert1, expert2, expert3] folders."""
+    root = tmp_path_factory.mktemp("models")
+    cache: dict[str, list[str]] = {}
+
+    def get(key: str) -> list[str]:
+        if key not in cache:
+            arch, dtype, shard = MODEL_SETS[key]
+            cache[key] = make_models(str(root / key), arch, 3, dtype, shard, seed=len(cache) + 1)
+        return cache[key]
+    return get
+
+
+@pytest.fixture
+def write_yaml(tmp_path):
+    def write(config: dict, name: str = "merge.yml") -> str:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return str(path)
+    return write
+
+
+def find_mergekit() -> str | None:
+    """mergekit-yaml from $MERGEKIT_YAML, a .venv-mergekit beside the repo, /opt/mkvenv or PATH."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for candidate in (os.environ.get("MERGEKIT_YAML"), os.path.join(repo, ".venv-mergekit", "bin", "mergekit-yaml"),
+                      "/opt/mkvenv/bin/mergekit-yaml", shutil.which("mergekit-yaml")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="session")
+def mergekit_yaml():
+    path = find_mergekit()
+    if path is None:
+        pytest.skip("mergekit is not installed (set MERGEKIT_YAML or run tools/test.sh with MERGEKIT=1)")
+    return path

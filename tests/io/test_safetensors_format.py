@@ -1,0 +1,75 @@
+"""Header parsing and validation: round trips with the safetensors library, and corrupt files."""
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from merge_engine.errors import CheckpointError
+from merge_engine.io.safetensors_format import build_header, read_header
+
+
+def test_reads_what_safetensors_writes(tmp_path):
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).bfloat16(), "c": torch.arange(4, dtype=torch.int64),
+               "d": torch.randn(2, 2).half(), "e": torch.zeros(0)}
+    path = str(tmp_path / "x.safetensors")
+    save_file(tensors, path)
+    infos = read_header(path)
+    assert set(infos) == set(tensors)
+    for name, t in tensors.items():
+        assert infos[name].dtype == t.dtype and tuple(infos[name].shape) == tuple(t.shape)
+        assert infos[name].numel == t.numel()
+
+
+def test_build_header_is_readable_by_safetensors(tmp_path):
+    entries = [("w", torch.float32, (2, 3)), ("v", torch.bfloat16, (5,))]
+    header, offsets = build_header(entries)
+    assert len(header) % 8 == 0
+    w, v = torch.randn(2, 3), torch.randn(5).bfloat16()
+    path = tmp_path / "y.safetensors"
+    with open(path, "wb") as f:
+        f.write(header)
+        f.write(w.numpy().tobytes())
+        f.write(v.view(torch.int16).numpy().tobytes())
+    assert offsets["v"] == len(header) + 24
+    loaded = load_file(str(path))
+    assert torch.equal(loaded["w"], w) and torch.equal(loaded["v"], v)
+
+
+def write_raw(path, header_obj, data=b"", length=None):
+    raw = json.dumps(header_obj).encode() if not isinstance(header_obj, bytes) else header_obj
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+    return str(path)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("empty", "truncated"),
+    ("huge_length", "header"),
+    ("bad_json", "invalid JSON"),
+    ("not_object", "not a JSON object"),
+    ("bad_dtype", "'w'"),
+    ("shape_vs_bytes", "'w'"),
+    ("past_end", "'w'"),
+])
+def test_corrupt_headers_name_file_and_tensor(tmp_path, case, match):
+    path = tmp_path / "bad.safetensors"
+    good = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    if case == "empty":
+        path.write_bytes(b"\x01\x02")
+    elif case == "huge_length":
+        write_raw(path, good, b"\0" * 8, length=10**12)
+    elif case == "bad_json":
+        write_raw(path, b'{"w": {"dtype": ', b"\0" * 8)
+    elif case == "not_object":
+        write_raw(path, [1, 2], b"")
+    elif case == "bad_dtype":
+        write_raw(path, {"w": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8)
+    elif case == "shape_vs_bytes":
+        write_raw(path, {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8)
+    elif case == "past_end":
+        write_raw(path, good, b"\0" * 4)
+    with pytest.raises(CheckpointError, match=match) as err:
+        read_header(str(path))
+    assert str(path) in str(err.value)

@@ -1,0 +1,111 @@
+"""Sparsification references: exact kept-set properties, the tie rule, edge cases, determinism."""
+import pytest
+import torch
+
+from merge_engine import ops
+from merge_engine.ops.sparsify import topk_count
+
+SIZES = [(1,), (7,), (1023,), (13, 17), (4, 5, 3)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def rand(shape, dtype, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SIZES)
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 0.999, 1.0])
+def test_trim_keeps_exactly_the_k_largest(shape, dtype, density):
+    x = rand(shape, dtype, seed=hash((shape, density)) % 1000)
+    y = ops.trim_by_magnitude(x, density)
+    kept = y != 0
+    n = x.numel()
+    expected = n if density >= 1 else 0 if density <= 0 else topk_count(n, density)
+    assert int(kept.sum()) == expected
+    assert torch.equal(y[kept], x[kept])  # kept values untouched
+    if 0 < expected < n:
+        assert x.abs()[kept].min() >= x.abs()[~kept].max()
+
+
+def test_tie_rule_lower_index_wins():
+    x = torch.tensor([1.0, -2.0, 2.0, 2.0, -2.0, 0.5])
+    mask = ops.magnitude_topk_mask(x, 3)
+    assert mask.tolist() == [False, True, True, True, False, False]
+    assert ops.magnitude_topk_mask(torch.zeros(5), 2).tolist() == [True, True, False, False, False]
+
+
+def test_trim_keeps_at_least_one_and_handles_zero_tensor():
+    x = torch.zeros(10)
+    assert torch.equal(ops.trim_by_magnitude(x, 0.01), x)
+    y = ops.trim_by_magnitude(torch.arange(10.0), 0.01)  # int(0.1) = 0 -> max(1, 0) = 1 kept
+    assert y.nonzero().flatten().tolist() == [9]
+
+
+def test_rescale_l1_preserves_norm():
+    x = rand((50,), torch.float64, 1)
+    y = ops.trim_by_magnitude(x, 0.3, rescale=True)
+    assert torch.allclose(y.abs().sum(), x.abs().sum())
+    assert torch.equal(y != 0, ops.trim_by_magnitude(x, 0.3) != 0)
+
+
+@pytest.mark.parametrize("shape", [(1,), (100,), (31, 7)])
+@pytest.mark.parametrize("density,gamma", [(0.5, 0.01), (0.9, 0.05), (0.2, 0.3), (0.1, 0.0)])
+def test_outlier_window(shape, density, gamma):
+    x = rand(shape, torch.float32, 3)
+    y = ops.trim_outliers(x, density, gamma)
+    n = x.numel()
+    target = int(density * n)
+    n_top = n - max(0, n - target - int(gamma * n)) - target  # elements above the window
+    kept = y != 0
+    assert int(kept.sum()) == target
+    mags = x.abs().flatten()
+    order = mags.argsort(descending=True)
+    assert not kept.flatten()[order[:n_top]].any()  # the largest n_top were dropped
+    if target:
+        assert torch.equal(y[kept], x[kept])
+
+
+def test_outliers_density_one_is_identity():
+    x = rand((9,), torch.float32, 4)
+    assert torch.equal(ops.trim_outliers(x, 1.0, 0.1), x)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
+def test_drop_random_rate_and_determinism(density):
+    x = torch.ones(20000)
+    y = ops.drop_random(x, density, 0, "t", 0, rescale=False)
+    # 20000 Bernoulli(p) draws: std of the rate <= 0.0036; 0.02 is > 5 sigma.
+    assert abs(float((y != 0).float().mean()) - density) < 0.02
+    assert torch.equal(y, ops.drop_random(x, density, 0, "t", 0, rescale=False))
+    assert not torch.equal(y, ops.drop_random(x, density, 0, "t", 1, rescale=False))
+    assert not torch.equal(y, ops.drop_random(x, density, 1, "t", 0, rescale=False))
+
+
+def test_drop_random_mask_does_not_depend_on_dtype_or_values():
+    a = rand((333,), torch.float32, 5)
+    masks = [ops.drop_random(a.to(dt), 0.4, 9, "w", 2, rescale=False) != 0 for dt in DTYPES]
+    assert all(torch.equal(m, masks[0]) for m in masks)
+
+
+def test_drop_random_rescale_matches_l1():
+    x = rand((1000,), torch.float64, 6)
+    y = ops.drop_random(x, 0.3, 0, "w", 0, rescale=True)
+    assert torch.allclose(y.abs().sum(), x.abs().sum())
+
+
+def test_della_keep_probability_by_row_rank():
+    x = torch.tensor([[3.0, -1.0, 2.0], [0.0, 5.0, -4.0]])
+    p = ops.della_keep_probability(x, 0.5, 0.1)
+    expected = torch.tensor([[0.6, 0.4, 0.5], [0.4, 0.6, 0.5]])
+    assert torch.allclose(p, expected)
+    assert torch.allclose(ops.della_keep_probability(torch.ones(3, 1), 0.5, 0.1), torch.full((3, 1), 0.4))
+
+
+def test_drop_by_rank_keeps_large_magnitudes_more_often():
+    x = torch.arange(1, 1001, dtype=torch.float32).repeat(40, 1)  # every row ranks the same way
+    kept = (ops.drop_by_rank(x, 0.5, 0.4, 0, "w", 0, rescale=False) != 0).float().mean(dim=0)
+    # keep probabilities 0.1 (smallest) .. 0.9 (largest), 40 draws each
+    assert float(kept[:100].mean()) < 0.3 and float(kept[-100:].mean()) > 0.7
+    with pytest.raises(ValueError, match="della"):
+        ops.drop_by_rank(x, 0.5, 0.6, 0, "w", 0)

@@ -1,0 +1,90 @@
+"""Config schema: mergekit 0.1.x forms, parameter precedence, gradients, filters, and validation
+that reports every problem at once."""
+import pytest
+
+from merge_engine import parse_config
+from merge_engine.errors import ConfigError
+from merge_engine.parameters import ParamSpec, Scope, evaluate_setting, resolve
+
+W = ParamSpec("weight", float, Scope.INPUT)
+
+
+@pytest.mark.parametrize("setting,t,want", [
+    (0.3, 0.7, 0.3),
+    ([0.0, 1.0], 0.25, 0.25),
+    ([0.0, 1.0, 0.0], 0.75, 0.5),
+    ([0.2, 0.4, 0.6, 0.8], 1.0, 0.8),
+    ([1.0, 2.0], 0.0, 1.0),
+])
+def test_gradients_are_piecewise_linear(setting, t, want):
+    assert evaluate_setting("x", setting, t, W) == pytest.approx(want, abs=1e-12)
+
+
+def test_filters_first_match_wins_and_fall_through():
+    setting = [{"filter": "self_attn", "value": 0.1}, {"filter": "proj", "value": [0.0, 1.0]}, {"value": 0.9}]
+    assert evaluate_setting("model.layers.0.self_attn.q_proj.weight", setting, 0.5, W) == 0.1
+    assert evaluate_setting("model.layers.0.mlp.up_proj.weight", setting, 0.5, W) == 0.5
+    assert evaluate_setting("model.norm.weight", setting, 0.5, W) == 0.9
+    assert evaluate_setting("model.norm.weight", [{"filter": "mlp", "value": 1.0}], 0.5, W) is None
+
+
+def test_precedence_most_specific_first():
+    scopes = [{"weight": 0.1}, {"weight": 0.2}, {"weight": 0.3}]  # model, slice, global
+    assert resolve(W, scopes, "x", 0, "m") == 0.1
+    assert resolve(W, [None, {"weight": 0.2}, {"weight": 0.3}], "x", 0, "m") == 0.2
+    # a filter that does not match defers to the next scope
+    assert resolve(W, [{"weight": [{"filter": "mlp", "value": 0.5}]}, None, {"weight": 0.3}], "attn", 0, "m") == 0.3
+    with pytest.raises(ValueError, match="weight"):
+        resolve(W, [None, None], "x", 0, "model a")
+
+
+def ties_config(**over):
+    cfg = {"merge_method": "ties", "base_model": "/b", "parameters": {"normalize": True},
+           "models": [{"model": "/e1", "parameters": {"weight": 0.5, "density": 0.5}},
+                      {"model": "/e2", "parameters": {"weight": 0.5, "density": [0.1, 0.9]}}]}
+    cfg.update(over)
+    return cfg
+
+
+def test_models_form_becomes_one_slice_with_base_appended():
+    cfg = parse_config(ties_config())
+    (s,) = cfg.slices
+    assert [src.model for src in s.sources] == ["/e1", "/e2", "/b"]
+    assert cfg.method.name == "ties" and cfg.base_model == "/b"
+
+
+def test_every_problem_reported_at_once():
+    raw = ties_config(merge_method="tie", dtype="float8")
+    raw["models"][0]["parameters"]["density"] = 1.5
+    raw["models"][1]["parameters"]["weight"] = "heavy"
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    text = str(err.value)
+    for needle in ("tie", "float8"):
+        assert needle in text
+    raw = ties_config()
+    raw["models"][0]["parameters"]["density"] = 1.5
+    raw["models"][1]["parameters"]["weight"] = "heavy"
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert "1.5" in str(err.value) and "heavy" in str(err.value) and len(err.value.problems) >= 2
+
+
+@pytest.mark.parametrize("raw,match", [
+    ({"merge_method": "ties", "models": [{"model": "/a"}]}, "base_model"),
+    ({"merge_method": "slerp", "base_model": "/a", "models": [{"model": "/a"}, {"model": "/b"}]}, "'t'"),
+    ({"merge_method": "linear"}, "models"),
+    ({"merge_method": "linear", "models": [{"model": "/a+/lora"}]}, "LoRA"),
+    ({"merge_method": "linear", "tokenizer": {"source": "union"}, "models": [{"model": "/a"}]}, "tokenizer"),
+    ({"merge_method": "model_stock", "base_model": "/a", "models": [{"model": "/b"}]}, "model_stock"),
+])
+def test_invalid_configs(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config(raw)
+
+
+def test_slices_form():
+    cfg = parse_config({"merge_method": "slerp", "base_model": "/a", "parameters": {"t": [0, 1]},
+                        "slices": [{"sources": [{"model": "/a", "layer_range": [0, 2]},
+                                                {"model": "/b", "layer_range": [2, 4]}]}]})
+    assert [src.layer_range for src in cfg.slices[0].sources] == [(0, 2), (2, 4)]

@@ -1,0 +1,118 @@
+"""End-to-end merges on generated checkpoints: loadable output, side files, sharding, slices,
+and peak memory that does not grow with the number of layers."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers
+import yaml
+from safetensors.torch import load_file
+
+from merge_engine import MergeOptions, merge, parse_config
+from merge_engine.io.checkpoint import Checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def ties(base, experts, dtype="float32"):
+    return {"merge_method": "ties", "base_model": base, "dtype": dtype, "parameters": {"normalize": True},
+            "models": [{"model": e, "parameters": {"weight": [0.2, 0.8], "density": 0.4}} for e in experts]}
+
+
+def load_output(folder):
+    out = {}
+    for f in os.listdir(folder):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, f)))
+    return out
+
+
+@pytest.mark.parametrize("key,dtype", [("llama", "float32"), ("llama_bf16_sharded", "bfloat16"),
+                                       ("qwen2", "float32"), ("gpt2", "float32")])
+def test_output_loads_with_transformers(model_sets, tmp_path, key, dtype):
+    base, *experts = model_sets(key)
+    out = tmp_path / "merged"
+    report = merge(parse_config(ties(base, experts, dtype)), str(out), MergeOptions(quiet=True, out_shard_size=150_000))
+    tensors = load_output(out)
+    assert report.tensors == len(tensors) == len(Checkpoint(base).tensors)
+    assert all(t.dtype == getattr(torch, dtype) for t in tensors.values() if t.is_floating_point())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg.get("torch_dtype", cfg.get("dtype")) == dtype
+    assert (out / "mergekit_config.yml").exists() and (out / "generation_config.json").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    logits = model(torch.arange(12)[None]).logits
+    assert logits.shape == (1, 12, 256) and torch.isfinite(logits).all()
+
+
+def test_merge_is_deterministic_and_not_trivial(model_sets, tmp_path):
+    base, *experts = model_sets("llama")
+    a, b = tmp_path / "a", tmp_path / "b"
+    cfg = {"merge_method": "dare_ties", "base_model": base,
+           "models": [{"model": e, "parameters": {"weight": 0.5, "density": 0.5}} for e in experts]}
+    merge(parse_config(cfg), str(a), MergeOptions(quiet=True, prefetch=1))
+    merge(parse_config(cfg), str(b), MergeOptions(quiet=True, prefetch=4))
+    ta, tb = load_output(a), load_output(b)
+    assert all(torch.equal(ta[n], tb[n]) for n in ta)
+    base_t = Checkpoint(base).read("model.layers.0.mlp.up_proj.weight")
+    assert not torch.equal(ta["model.layers.0.mlp.up_proj.weight"], base_t)
+
+
+def test_slices_renumber_layers(model_sets, tmp_path):
+    base, e1, _, _ = model_sets("llama")
+    cfg = {"merge_method": "passthrough", "dtype": "float32",
+           "slices": [{"sources": [{"model": base, "layer_range": [0, 3]}]},
+                      {"sources": [{"model": e1, "layer_range": [2, 4]}]}]}
+    out = tmp_path / "frankenmerge"
+    merge(parse_config(cfg), str(out), MergeOptions(quiet=True))
+    t = load_output(out)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 5
+    e1c = Checkpoint(e1)
+    assert torch.equal(t["model.layers.3.self_attn.q_proj.weight"], e1c.read("model.layers.2.self_attn.q_proj.weight"))
+    assert torch.equal(t["model.layers.4.mlp.up_proj.weight"], e1c.read("model.layers.3.mlp.up_proj.weight"))
+    assert transformers.AutoModelForCausalLM.from_pretrained(str(out)) is not None
+
+
+def test_tokenizer_files_are_copied_from_tokenizer_source(model_sets, tmp_path):
+    base, e1, _, _ = model_sets("llama")
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    cfg = ties(base, [e1])
+    cfg["tokenizer_source"] = str(tok)
+    merge(parse_config(cfg), str(tmp_path / "out"), MergeOptions(quiet=True))
+    assert (tmp_path / "out" / "tokenizer_config.json").read_text() == '{"model_max_length": 64}'
+
+
+PEAK_RSS = textwrap.dedent("""
+    import resource, sys
+    from merge_engine import MergeOptions, load_config, merge
+    merge(load_config(sys.argv[1]), sys.argv[2], MergeOptions(quiet=True, device="cpu"))
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+""")
+
+
+def peak_rss_of_merge(root, layers, tmp_path):
+    from merge_engine.demo import make_synthetic_llama
+    shape = dict(layers=layers, hidden=256, intermediate=1024, vocab=512, dtype=torch.float32)
+    base = make_synthetic_llama(str(root / f"b{layers}"), seed=0, **shape)
+    experts = [make_synthetic_llama(str(root / f"e{layers}_{i}"), seed=i, base=base, **shape) for i in (1, 2)]
+    config = tmp_path / f"ties{layers}.yml"
+    config.write_text(yaml.safe_dump(ties(base, experts)))
+    res = subprocess.run([sys.executable, "-c", PEAK_RSS, str(config), str(tmp_path / f"out{layers}")],
+                         capture_output=True, text=True, check=True)
+    return int(res.stdout.strip().splitlines()[-1])
+
+
+def test_peak_memory_does_not_grow_with_layers(tmp_path):
+    # Per layer the three inputs hold 3 x 4 MB (fp32: 4 x 256^2 + 3 x 256 x 1024 values), so 24 more
+    # layers are 288 MB more input (plus 96 MB more output). A bounded engine holds a few tensor groups
+    # (< 10 MB each), whatever the layer count: allow 64 MB of difference for allocator noise.
+    small = peak_rss_of_merge(tmp_path, 2, tmp_path)
+    large = peak_rss_of_merge(tmp_path, 26, tmp_path)
+    assert large - small < 64 * 2**20, (small, large)
