@@ -6,7 +6,6 @@ import subprocess
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from merge_engine import MergeOptions, merge, parse_config

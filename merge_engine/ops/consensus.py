@@ -8,7 +8,10 @@ from typing import Optional
 
 import torch
 
+from merge_engine.ops import backends
 from merge_engine.ops import sparsify as sp
+from merge_engine.ops.random import philox_key
+from merge_engine.ops.select import check_finite
 
 
 @torch.library.custom_op("merge_engine::elect_sign", mutates_args=())
@@ -50,8 +53,7 @@ def _sparsify(delta: torch.Tensor, method: str, density: float, gamma: float, ep
     raise ValueError(f"unknown sparsification '{method}' (expected one of {sp.SPARSIFIERS} or '')")
 
 
-@torch.library.custom_op("merge_engine::merge_task_vectors", mutates_args=())
-def merge_task_vectors(base: torch.Tensor, experts: list[torch.Tensor], weights: list[float],
+def merge_task_vectors_reference(base: torch.Tensor, experts: list[torch.Tensor], weights: list[float],
                        densities: list[float], sparsify: str = "", consensus: bool = False,
                        normalize: bool = False, rescale: bool = False, lambda_: float = 1.0,
                        gammas: Optional[list[float]] = None, epsilons: Optional[list[float]] = None, seed: int = 0,
@@ -62,9 +64,13 @@ def merge_task_vectors(base: torch.Tensor, experts: list[torch.Tensor], weights:
     each expert is sparsified on its own, before weighting. consensus: TIES sum-sign election and the
     disjoint mean; without it the plain weighted sum, divided by sum(w) if normalize (|sum(w)| < 1e-8 -> 1).
     Random sparsifiers draw from Philox keyed by (seed, tensor_name, expert index).
+    NaN or Inf in any input raise ValueError.
     """
     if not experts:
         return base.clone()
+    check_finite(base, "the base")
+    for i, expert in enumerate(experts):
+        check_finite(expert, f"expert {i}")
     deltas = base.new_empty((len(experts), *base.shape))
     for i, expert in enumerate(experts):
         delta = expert - base
@@ -85,3 +91,48 @@ def merge_task_vectors(base: torch.Tensor, experts: list[torch.Tensor], weights:
     if lambda_ != 1:
         mixed *= lambda_
     return (base + mixed).to(base.dtype)
+
+
+@torch.library.custom_op("merge_engine::merge_task_vectors", mutates_args=())
+def merge_task_vectors(base: torch.Tensor, experts: list[torch.Tensor], weights: list[float],
+                       densities: list[float], sparsify: str = "", consensus: bool = False,
+                       normalize: bool = False, rescale: bool = False, lambda_: float = 1.0,
+                       gammas: Optional[list[float]] = None, epsilons: Optional[list[float]] = None, seed: int = 0,
+                       tensor_name: str = "") -> torch.Tensor:
+    """TIES, DARE, breadcrumbs, DELLA and task arithmetic in one call: see merge_task_vectors_reference."""
+    return merge_task_vectors_reference(base, experts, weights, densities, sparsify, consensus, normalize, rescale,
+                                        lambda_, gammas, epsilons, seed, tensor_name)
+
+
+MODES = {"": 0, "magnitude": 1, "random": 2, "outliers": 3, "rank": 4}  # as in csrc/task_vectors.h
+
+
+def selection_counts(numel: int, sparsify: str, density: float, gamma: float) -> tuple[int, int]:
+    """(lo, hi): a magnitude/outliers expert keeps the first hi minus the first lo elements of its
+    stable magnitude order (descending for magnitude, ascending for outliers), as the references do."""
+    if density >= 1:
+        return 0, numel
+    if sparsify == "magnitude":
+        return 0, 0 if density <= 0 or numel == 0 else sp.topk_count(numel, density)
+    target = int(density * numel)
+    n_bot = max(0, numel - target - int(gamma * numel))
+    return n_bot, n_bot + target
+
+
+@merge_task_vectors.register_kernel("cpu")
+def _merge_task_vectors_cpu(base, experts, weights, densities, sparsify="", consensus=False, normalize=False,
+                            rescale=False, lambda_=1.0, gammas=None, epsilons=None, seed=0, tensor_name=""):
+    args = (base, experts, weights, densities, sparsify, consensus, normalize, rescale, lambda_, gammas, epsilons,
+            seed, tensor_name)
+    ext = backends.cpu_extension() if experts and backends.served_by_kernels(base, *experts) else None
+    if ext is None or sparsify not in MODES:
+        return merge_task_vectors_reference(*args)
+    n = base.numel()
+    counts = [selection_counts(n, sparsify, d, gammas[i] if gammas else 0.0) for i, d in enumerate(densities)]
+    if sparsify == "rank":
+        for d, e in zip(densities, epsilons):
+            sp.check_della(d, e)
+    key0, key1 = philox_key(seed, tensor_name)
+    return ext.merge_task_vectors(base, list(experts), list(weights), MODES[sparsify], [c[0] for c in counts],
+                                  [c[1] for c in counts], list(densities), list(epsilons or []), consensus,
+                                  normalize, rescale, lambda_, key0, key1)

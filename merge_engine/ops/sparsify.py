@@ -2,16 +2,17 @@
 window (breadcrumbs) and rank-dependent drop (DELLA). Pure-PyTorch references; their outputs are
 the specification for the compiled kernels.
 
-Tie rule for every magnitude ordering: among equal |x|, the element with the lower flat index ranks
-higher in a descending order (and lower in an ascending one); i.e. a stable sort. mergekit calls an
-unstable argsort, so at exact ties on the cut-off its choice is arbitrary; ours is documented and
-reproducible on every backend.
+Tie rule for every magnitude ordering: a stable sort, i.e. among equal |x| the lower flat index comes
+first, in descending (TIES top-k) and ascending (breadcrumbs window) orders alike; see ops/select.py.
+mergekit calls an unstable argsort, so at exact ties on the cut-off its choice is arbitrary; ours is
+documented and reproducible on every backend.
 """
 from __future__ import annotations
 
 import torch
 
 from merge_engine.ops.random import philox_key, uniform
+from merge_engine.ops.select import cutoff_mask, magnitude_cutoff
 
 RESCALE_EPS = 1e-7
 
@@ -37,10 +38,7 @@ def topk_count(numel: int, density: float) -> int:
 @torch.library.custom_op("merge_engine::magnitude_topk_mask", mutates_args=())
 def magnitude_topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k largest |x| over the whole tensor (ties: lower index first)."""
-    flat = x.detach().abs().reshape(-1)
-    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=x.device)
-    mask[torch.argsort(flat, descending=True, stable=True)[:k]] = True
-    return mask.reshape(x.shape)
+    return cutoff_mask(x, magnitude_cutoff(x, k, True), True)
 
 
 @torch.library.custom_op("merge_engine::trim_by_magnitude", mutates_args=())
@@ -71,10 +69,10 @@ def trim_outliers(x: torch.Tensor, density: float, gamma: float, rescale: bool =
     n = x.numel()
     target = int(density * n)
     n_bot = max(0, n - target - int(gamma * n))
-    order = torch.argsort(x.detach().abs().reshape(-1), stable=True)
-    keep = torch.zeros(n, dtype=torch.bool, device=x.device)
-    keep[order[n_bot:n_bot + target]] = True
-    return _apply(x, keep.reshape(x.shape), rescale)
+    # positions [n_bot, n_bot + target) of the ascending order: the first n_bot + target minus the first n_bot
+    keep = cutoff_mask(x, magnitude_cutoff(x, n_bot + target, False), False)
+    keep &= ~cutoff_mask(x, magnitude_cutoff(x, n_bot, False), False)
+    return _apply(x, keep, rescale)
 
 
 def della_keep_probability(x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -92,6 +90,13 @@ def della_keep_probability(x: torch.Tensor, density: float, epsilon: float) -> t
     return ((density - epsilon) + rank_norm * (2 * epsilon)).reshape(x.shape)
 
 
+def check_della(density: float, epsilon: float) -> None:
+    """DELLA's probabilities must stay inside (0, 1) (checked only when 0 < density < 1)."""
+    if 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
+        raise ValueError(f"della needs 0 < density - epsilon and density + epsilon < 1 "
+                         f"(density={density}, epsilon={epsilon})")
+
+
 @torch.library.custom_op("merge_engine::drop_by_rank", mutates_args=())
 def drop_by_rank(x: torch.Tensor, density: float, epsilon: float, seed: int, tensor_name: str,
                  stream: int, rescale: bool = True) -> torch.Tensor:
@@ -100,9 +105,7 @@ def drop_by_rank(x: torch.Tensor, density: float, epsilon: float, seed: int, ten
         return x.clone()
     if density <= 0:
         return torch.zeros_like(x)
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ValueError(f"della needs 0 < density - epsilon and density + epsilon < 1 "
-                         f"(density={density}, epsilon={epsilon})")
+    check_della(density, epsilon)
     p = della_keep_probability(x, density, epsilon)
     u = uniform(x.numel(), philox_key(seed, tensor_name), stream, x.device).reshape(x.shape)
     return _apply(x, u < p, rescale)

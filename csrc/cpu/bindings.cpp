@@ -1,0 +1,21 @@
+// Python bindings of the CPU kernels (module merge_engine_cpu, built by merge_engine/ops/backends.py).
+#include <torch/extension.h>
+
+namespace merge_engine {
+torch::Tensor delta_cutoffs_cpu(const torch::Tensor& base, const torch::Tensor& expert,
+                                const std::vector<int64_t>& counts, bool largest);
+torch::Tensor merge_task_vectors_cpu(const torch::Tensor& base, const std::vector<torch::Tensor>& experts,
+                                     const std::vector<double>& weights, int64_t mode,
+                                     const std::vector<int64_t>& counts_lo, const std::vector<int64_t>& counts_hi,
+                                     const std::vector<double>& densities, const std::vector<double>& epsilons,
+                                     bool consensus, bool normalize, bool rescale, double lambda,
+                                     int64_t key0, int64_t key1);
+}  // namespace merge_engine
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "merge_engine CPU kernels";
+  m.def("delta_cutoffs", &merge_engine::delta_cutoffs_cpu,
+        "Cut-offs (key, index) of the first counts[j] elements of the stable order of |expert - base|");
+  m.def("merge_task_vectors", &merge_engine::merge_task_vectors_cpu,
+        "Fused sparsify + weight + (sign election, disjoint mean) + lambda + base, one pass");
+}

@@ -1,0 +1,391 @@
+// CPU kernels of the task-vector family: exact magnitude cut-offs by radix select, and the fused
+// merge of K task vectors (TIES, DARE, breadcrumbs, DELLA, task arithmetic) in one pass.
+//
+// Every arithmetic step rounds to the compute dtype T exactly where the PyTorch reference
+// (merge_engine/ops/consensus.py: merge_task_vectors) rounds, and sums over experts run in float
+// in expert order as torch's dim-0 reductions do; so outputs are bit-identical to the reference
+// except for the L1 rescale factor, whose whole-tensor sums are taken in a different order.
+// Built with -ffp-contract=off: a fused multiply-add would round differently from torch.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "../task_vectors.h"
+
+namespace merge_engine {
+namespace {
+
+constexpr int64_t kBlock = 2048;  // elements per work item of the fused pass
+
+template <typename T> float to_f(T x) { return static_cast<float>(x); }
+template <typename T> T round_to(float x) { return static_cast<T>(x); }  // round to nearest even
+
+template <typename T> int64_t key_of(T x);
+template <> int64_t key_of<float>(float x) { return key_of_float(x); }
+template <> int64_t key_of<c10::BFloat16>(c10::BFloat16 x) { return key_of_bits16(x.x); }
+template <> int64_t key_of<c10::Half>(c10::Half x) { return key_of_bits16(x.x); }
+
+template <typename T> int64_t inf_key();
+template <> int64_t inf_key<float>() { return kInfKey32; }
+template <> int64_t inf_key<c10::BFloat16>() { return kInfKey16BFloat; }
+template <> int64_t inf_key<c10::Half>() { return kInfKey16Half; }
+
+// The delta as the reference forms it: expert - base in T (computed in float, rounded once).
+template <typename T> T delta_of(T e, T b) { return round_to<T>(to_f(e) - to_f(b)); }
+template <> float delta_of<float>(float e, float b) { return e - b; }
+
+// ---------------------------------------------------------------------------------------------
+// Radix select: the cut-off (T, c) of the first `count` elements of the stable order of the keys
+// of |expert - base| (ops/select.py). Keys have 15 (16-bit types) or 31 (fp32) significant bits:
+// one histogram pass per 16 bits, then, only if the cut-off key is shared by more elements than
+// the selection needs, one pass counting equal keys in index order.
+// ---------------------------------------------------------------------------------------------
+template <typename T, typename KeyFn>
+std::vector<int64_t> histogram(int64_t n, int bins, KeyFn bin_of) {
+  int threads = at::get_num_threads();
+  std::vector<std::vector<int64_t>> local(threads, std::vector<int64_t>(bins, 0));
+  at::parallel_for(0, n, 1 << 16, [&](int64_t lo, int64_t hi) {
+    auto& h = local[at::get_thread_num()];
+    for (int64_t i = lo; i < hi; ++i) {
+      int b = bin_of(i);
+      if (b >= 0) ++h[b];
+    }
+  });
+  std::vector<int64_t> total(bins, 0);
+  for (auto& h : local)
+    for (int b = 0; b < bins; ++b) total[b] += h[b];
+  return total;
+}
+
+// Find the bin holding ascending rank r (0-based) and the number of elements below that bin.
+std::pair<int, int64_t> bin_of_rank(const std::vector<int64_t>& hist, int64_t r) {
+  int64_t below = 0;
+  for (size_t b = 0; b < hist.size(); ++b) {
+    if (below + hist[b] > r) return {static_cast<int>(b), below};
+    below += hist[b];
+  }
+  TORCH_CHECK(false, "radix select: rank out of range");
+}
+
+template <typename T>
+std::array<int64_t, 2> delta_cutoff(const T* e, const T* b, int64_t n, int64_t count, bool largest) {
+  count = std::min(std::max<int64_t>(count, 0), n);
+  if (count == 0) return {largest ? kNothingLargest : kNothingSmallest, 0};
+  if (count == n) return {largest ? kNothingSmallest : kNothingLargest, 0};  // every key is beyond it
+  auto key = [&](int64_t i) { return key_of<T>(delta_of<T>(e[i], b[i])); };
+  const int64_t r = largest ? n - count : count - 1;  // ascending rank of the cut-off element
+  int64_t t, below;
+  if (sizeof(T) == 2) {
+    auto hist = histogram<T>(n, 1 << 15, [&](int64_t i) { return static_cast<int>(key(i)); });
+    auto [bin, lower] = bin_of_rank(hist, r);
+    t = bin;
+    below = lower;
+  } else {
+    auto high = histogram<T>(n, 1 << 16, [&](int64_t i) { return static_cast<int>(key(i) >> 15); });
+    auto [hbin, hbelow] = bin_of_rank(high, r);
+    auto low = histogram<T>(n, 1 << 15, [&](int64_t i) {
+      int64_t k = key(i);
+      return (k >> 15) == hbin ? static_cast<int>(k & 0x7FFF) : -1;
+    });
+    auto [lbin, lbelow] = bin_of_rank(low, r - hbelow);
+    t = (static_cast<int64_t>(hbin) << 15) | lbin;
+    below = hbelow + lbelow;
+  }
+  // Elements with key == t fill ascending ranks [below, below + equal); the selection takes the
+  // first `need` of them in index order.
+  int64_t equal = 0;
+  {
+    // equal count comes from a cheap recount of the chosen bin (avoids keeping the last histogram)
+    std::vector<int64_t> per(at::get_num_threads(), 0);
+    at::parallel_for(0, n, 1 << 16, [&](int64_t lo, int64_t hi) {
+      int64_t c = 0;
+      for (int64_t i = lo; i < hi; ++i) c += key(i) == t;
+      per[at::get_thread_num()] += c;
+    });
+    equal = std::accumulate(per.begin(), per.end(), int64_t{0});
+  }
+  const int64_t need = largest ? count - (n - below - equal) : count - below;
+  if (need == equal) return {t, n};
+  int64_t seen = 0;  // need < equal: the cut falls inside the run of equal keys
+  for (int64_t i = 0; i < n; ++i) {
+    if (key(i) == t && ++seen == need) return {t, i + 1};
+  }
+  TORCH_CHECK(false, "radix select: tie count mismatch");
+}
+
+template <typename T> void check_finite(const T* x, int64_t n, const char* what) {
+  std::vector<int64_t> bad(at::get_num_threads(), 0);
+  at::parallel_for(0, n, 1 << 16, [&](int64_t lo, int64_t hi) {
+    int64_t c = 0;
+    for (int64_t i = lo; i < hi; ++i) c += key_of<T>(x[i]) >= inf_key<T>();
+    bad[at::get_thread_num()] += c;
+  });
+  int64_t total = std::accumulate(bad.begin(), bad.end(), int64_t{0});
+  TORCH_CHECK_VALUE(total == 0, what, " has ", total,
+                    " NaN or Inf value(s); a magnitude ordering is undefined");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fused merge.
+// ---------------------------------------------------------------------------------------------
+struct Params {
+  int mode;
+  bool consensus, normalize, rescale;
+  float lambda;
+  uint32_t key0, key1;
+  std::vector<float> weights;           // already rounded to T, as torch.tensor(weights, dtype=T)
+  std::vector<std::array<int64_t, 4>> cuts;  // magnitude / outliers
+  std::vector<float> probs;             // random: density; rank: density
+  std::vector<float> epsilons;          // rank
+  std::vector<float> factors;           // L1 rescale per expert (NaN: none)
+};
+
+// DELLA keep probabilities of one row of |delta| (ops/sparsify.py: della_keep_probability).
+template <typename T>
+void rank_probabilities(const T* d, int64_t cols, float density, float epsilon, float* p, int64_t* order) {
+  std::iota(order, order + cols, int64_t{0});
+  std::stable_sort(order, order + cols, [&](int64_t a, int64_t b) { return key_of<T>(d[a]) < key_of<T>(d[b]); });
+  const float denom = static_cast<float>(std::max<int64_t>(cols - 1, 1));
+  const float base = static_cast<float>(static_cast<double>(density) - epsilon);
+  const float scale = static_cast<float>(2.0 * static_cast<double>(epsilon));
+  for (int64_t r = 0; r < cols; ++r) p[order[r]] = (static_cast<float>(r) / denom) * scale + base;
+}
+
+// Which elements of [start, start + len) of expert i survive its sparsification.
+template <typename T>
+void keep_flags(const Params& P, int i, const T* d, int64_t start, int64_t len, int64_t row_cols,
+                uint8_t* keep, float* scratch_p, int64_t* scratch_order) {
+  switch (P.mode) {
+    case kNone:
+      std::fill(keep, keep + len, 1);
+      return;
+    case kMagnitude:
+    case kOutliers: {
+      const bool largest = P.mode == kMagnitude;
+      for (int64_t j = 0; j < len; ++j) keep[j] = keep_by_cutoffs(key_of<T>(d[j]), start + j, P.cuts[i].data(), largest);
+      return;
+    }
+    case kRandom:
+    case kRank: {
+      const float density = P.probs[i];
+      if (density >= 1.f) { std::fill(keep, keep + len, 1); return; }
+      if (P.mode == kRank && density <= 0.f) { std::fill(keep, keep + len, 0); return; }
+      if (P.mode == kRank) rank_probabilities<T>(d, row_cols, density, P.epsilons[i], scratch_p, scratch_order);
+      float u[4];
+      int64_t block = -1;
+      for (int64_t j = 0; j < len; ++j) {
+        const int64_t g = start + j;
+        if ((g >> 2) != block) { block = g >> 2; uniform4(block, i, P.key0, P.key1, u); }
+        keep[j] = u[g & 3] < (P.mode == kRank ? scratch_p[j] : density);
+      }
+      return;
+    }
+  }
+}
+
+// One work item: elements [start, start + len) (a whole row in rank mode).
+template <typename T>
+void merge_block(const Params& P, const T* base, const std::vector<const T*>& experts, T* out,
+                 int64_t start, int64_t len, int64_t row_cols, std::vector<float>& w_scratch,
+                 std::vector<T>& d_scratch, std::vector<uint8_t>& keep, std::vector<float>& p_scratch,
+                 std::vector<int64_t>& order_scratch) {
+  const int K = static_cast<int>(experts.size());
+  // weighted (sparsified, rescaled, weighted) deltas, in T, laid out [K][len]
+  for (int i = 0; i < K; ++i) {
+    T* d = d_scratch.data();
+    for (int64_t j = 0; j < len; ++j) d[j] = delta_of<T>(experts[i][start + j], base[start + j]);
+    keep_flags<T>(P, i, d, start, len, row_cols, keep.data(), p_scratch.data(), order_scratch.data());
+    const float f = P.factors[i], w = P.weights[i];
+    float* wd = w_scratch.data() + static_cast<int64_t>(i) * len;
+    for (int64_t j = 0; j < len; ++j) {
+      T kept = keep[j] ? d[j] : round_to<T>(to_f(d[j]) * 0.f);  // x * 0 keeps the sign of zero
+      if (!std::isnan(f)) kept = round_to<T>(to_f(kept) * f);
+      wd[j] = to_f(round_to<T>(to_f(kept) * w));
+    }
+  }
+  float weight_sum = 0.f;
+  for (int i = 0; i < K; ++i) weight_sum += P.weights[i];
+  const float all_divisor = to_f(round_to<T>(weight_sum));
+  for (int64_t j = 0; j < len; ++j) {
+    float sum = 0.f;
+    for (int i = 0; i < K; ++i) sum += w_scratch[static_cast<int64_t>(i) * len + j];
+    float mixed;
+    if (P.consensus) {
+      const bool positive = to_f(round_to<T>(sum)) >= 0.f;  // a zero sum elects +
+      float agree_sum = 0.f, agree_w = 0.f;
+      for (int i = 0; i < K; ++i) {
+        const float v = w_scratch[static_cast<int64_t>(i) * len + j];
+        if (positive ? v > 0.f : v < 0.f) { agree_sum += v; agree_w += P.weights[i]; }
+      }
+      mixed = to_f(round_to<T>(agree_sum));
+      if (P.normalize) {
+        float divisor = to_f(round_to<T>(agree_w));
+        if (divisor == 0.f) divisor = 1.f;
+        mixed = to_f(round_to<T>(mixed / divisor));
+      }
+    } else {
+      mixed = to_f(round_to<T>(sum));
+      if (P.normalize) {
+        const float divisor = std::fabs(all_divisor) < 1e-8f ? 1.f : all_divisor;
+        mixed = to_f(round_to<T>(mixed / divisor));
+      }
+    }
+    if (P.lambda != 1.f) mixed = to_f(round_to<T>(mixed * P.lambda));
+    out[start + j] = round_to<T>(to_f(base[start + j]) + mixed);
+  }
+}
+
+// mergekit's L1 rescale factor per expert: |delta|_1 / |kept|_1 in T, none when either is < 1e-7.
+template <typename T>
+std::vector<float> rescale_factors(const Params& P, const T* base, const std::vector<const T*>& experts,
+                                   int64_t n, int64_t rows, int64_t cols) {
+  const int K = static_cast<int>(experts.size());
+  std::vector<float> factors(K, NAN);
+  if (!P.rescale || P.mode == kNone) return factors;
+  for (int i = 0; i < K; ++i) {
+    int threads = at::get_num_threads();
+    std::vector<double> before(threads, 0.0), after(threads, 0.0);
+    const int64_t span = P.mode == kRank ? cols : kBlock;
+    const int64_t items = P.mode == kRank ? rows : (n + kBlock - 1) / kBlock;
+    at::parallel_for(0, items, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<T> d(span);
+      std::vector<uint8_t> keep(span);
+      std::vector<float> p(span);
+      std::vector<int64_t> order(span);
+      double b = 0, a = 0;
+      for (int64_t item = lo; item < hi; ++item) {
+        const int64_t start = item * span, len = std::min(span, n - start);
+        for (int64_t j = 0; j < len; ++j) d[j] = delta_of<T>(experts[i][start + j], base[start + j]);
+        keep_flags<T>(P, i, d.data(), start, len, cols, keep.data(), p.data(), order.data());
+        for (int64_t j = 0; j < len; ++j) {
+          const double v = std::fabs(static_cast<double>(to_f(d[j])));
+          b += v;
+          if (keep[j]) a += v;
+        }
+      }
+      before[at::get_thread_num()] += b;
+      after[at::get_thread_num()] += a;
+    });
+    const float bt = to_f(round_to<T>(static_cast<float>(std::accumulate(before.begin(), before.end(), 0.0))));
+    const float at_ = to_f(round_to<T>(static_cast<float>(std::accumulate(after.begin(), after.end(), 0.0))));
+    if (bt >= 1e-7f && at_ >= 1e-7f) factors[i] = to_f(round_to<T>(bt / at_));
+  }
+  return factors;
+}
+
+template <typename T>
+void merge_typed(Params& P, const torch::Tensor& base, const std::vector<torch::Tensor>& experts, torch::Tensor& out) {
+  const int64_t n = base.numel();
+  const T* b = base.data_ptr<T>();
+  std::vector<const T*> e;
+  for (auto& x : experts) e.push_back(x.data_ptr<T>());
+  // DELLA ranks within rows: a 1-D tensor is one row
+  const int64_t rows = base.dim() < 2 ? 1 : base.size(0);
+  const int64_t cols = rows ? n / std::max<int64_t>(rows, 1) : 0;
+  P.factors = rescale_factors<T>(P, b, e, n, rows, cols);
+  T* o = out.data_ptr<T>();
+  const int K = static_cast<int>(experts.size());
+  const int64_t span = P.mode == kRank ? cols : kBlock;
+  const int64_t items = P.mode == kRank ? rows : (n + kBlock - 1) / kBlock;
+  at::parallel_for(0, items, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> w(static_cast<size_t>(K) * span);
+    std::vector<T> d(span);
+    std::vector<uint8_t> keep(span);
+    std::vector<float> p(span);
+    std::vector<int64_t> order(span);
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t start = item * span;
+      merge_block<T>(P, b, e, o, start, std::min(span, n - start), cols, w, d, keep, p, order);
+    }
+  });
+}
+
+// Calls f(T{}) for the tensor's dtype T among the kernel dtypes (float64 stays with the reference).
+template <typename F> void dispatch_dtype(at::ScalarType dt, F&& f) {
+  switch (dt) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    case at::kHalf: return f(c10::Half{});
+    default: TORCH_CHECK(false, "merge_engine CPU kernel: dtype must be float32, bfloat16 or float16, got ", dt);
+  }
+}
+
+void check_inputs(const torch::Tensor& base, const std::vector<torch::Tensor>& experts) {
+  TORCH_CHECK(base.device().is_cpu(), "merge_engine CPU kernel: base must be a CPU tensor");
+  TORCH_CHECK(base.is_contiguous(), "merge_engine CPU kernel: base must be contiguous");
+  auto dt = base.scalar_type();
+  for (const auto& x : experts) {
+    TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "merge_engine CPU kernel: experts must be contiguous CPU tensors");
+    TORCH_CHECK(x.scalar_type() == dt, "merge_engine CPU kernel: experts must have the base's dtype");
+    TORCH_CHECK(x.sizes() == base.sizes(), "merge_engine CPU kernel: experts must have the base's shape");
+  }
+}
+
+}  // namespace
+
+torch::Tensor delta_cutoffs_cpu(const torch::Tensor& base, const torch::Tensor& expert,
+                                const std::vector<int64_t>& counts, bool largest) {
+  check_inputs(base, {expert});
+  auto result = torch::empty({static_cast<int64_t>(counts.size()), 2}, torch::kInt64);
+  auto r = result.accessor<int64_t, 2>();
+  dispatch_dtype(base.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    check_finite<scalar_t>(base.data_ptr<scalar_t>(), base.numel(), "the base");
+    check_finite<scalar_t>(expert.data_ptr<scalar_t>(), base.numel(), "the expert");
+    for (size_t j = 0; j < counts.size(); ++j) {
+      auto cut = delta_cutoff<scalar_t>(expert.data_ptr<scalar_t>(), base.data_ptr<scalar_t>(), base.numel(),
+                                        counts[j], largest);
+      r[j][0] = cut[0];
+      r[j][1] = cut[1];
+    }
+  });
+  return result;
+}
+
+torch::Tensor merge_task_vectors_cpu(const torch::Tensor& base, const std::vector<torch::Tensor>& experts,
+                                     const std::vector<double>& weights, int64_t mode,
+                                     const std::vector<int64_t>& counts_lo, const std::vector<int64_t>& counts_hi,
+                                     const std::vector<double>& densities, const std::vector<double>& epsilons,
+                                     bool consensus, bool normalize, bool rescale, double lambda,
+                                     int64_t key0, int64_t key1) {
+  check_inputs(base, experts);
+  const size_t K = experts.size();
+  TORCH_CHECK(weights.size() == K && densities.size() == K, "merge_engine: one weight and density per expert");
+  TORCH_CHECK(mode >= kNone && mode <= kRank, "merge_engine: unknown sparsification mode ", mode);
+  Params P{static_cast<int>(mode), consensus, normalize, rescale, static_cast<float>(lambda),
+           static_cast<uint32_t>(key0), static_cast<uint32_t>(key1)};
+  auto out = torch::empty_like(base);
+  dispatch_dtype(base.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    {
+      const int64_t n = base.numel();
+      check_finite<scalar_t>(base.data_ptr<scalar_t>(), n, "the base");
+      for (size_t i = 0; i < K; ++i) {
+        std::string what = "expert " + std::to_string(i);
+        check_finite<scalar_t>(experts[i].data_ptr<scalar_t>(), n, what.c_str());
+        P.weights.push_back(to_f(round_to<scalar_t>(static_cast<float>(weights[i]))));
+        P.probs.push_back(static_cast<float>(densities[i]));
+        P.epsilons.push_back(epsilons.empty() ? 0.f : static_cast<float>(epsilons[i]));
+        std::array<int64_t, 4> cut{kNothingLargest, 0, kNothingLargest, 0};
+        if (mode == kMagnitude || mode == kOutliers) {
+          const bool largest = mode == kMagnitude;
+          auto lo = delta_cutoff<scalar_t>(experts[i].data_ptr<scalar_t>(), base.data_ptr<scalar_t>(), n, counts_lo[i], largest);
+          auto hi = delta_cutoff<scalar_t>(experts[i].data_ptr<scalar_t>(), base.data_ptr<scalar_t>(), n, counts_hi[i], largest);
+          cut = {lo[0], lo[1], hi[0], hi[1]};
+        }
+        P.cuts.push_back(cut);
+      }
+      merge_typed<scalar_t>(P, base, experts, out);
+    }
+  });
+  return out;
+}
+
+}  // namespace merge_engine

@@ -1,0 +1,60 @@
+"""Compiled backends of the ops: the C++ CPU extension (csrc/cpu), built with ninja on first use and
+cached by torch.utils.cpp_extension (TORCH_EXTENSIONS_DIR); later issues add CUDA and Triton.
+
+Device kernels are registered for the torch.library ops at import; each one calls its compiled
+backend when that backend loads and the inputs are ones it serves, and the PyTorch reference
+otherwise. A backend that fails to build or load gives one warning and the references take over.
+MERGE_ENGINE_KERNELS=0 turns the compiled backends off.
+
+    python -m merge_engine.build_kernels    # build (or check) the extension ahead of time
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+
+import torch
+
+log = logging.getLogger("merge_engine")
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def kernels_enabled() -> bool:
+    return os.environ.get("MERGE_ENGINE_KERNELS", "1") not in ("0", "false", "no")
+
+
+def csrc_dir() -> str:
+    """csrc/ beside the package (source checkout, editable install) or inside it (wheel)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for candidate in (os.path.join(os.path.dirname(here), "csrc"), os.path.join(here, "csrc")):
+        if os.path.isdir(candidate):
+            return candidate
+    raise FileNotFoundError("merge_engine's csrc/ sources are not installed")
+
+
+@functools.cache
+def cpu_extension():
+    """The compiled CPU module, or None (with one warning) when it cannot be built or loaded."""
+    if not kernels_enabled():
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+        src = csrc_dir()
+        log.info("loading merge_engine CPU kernels (the first build takes about a minute)")
+        return load(name="merge_engine_cpu",
+                    sources=[os.path.join(src, "cpu", f) for f in ("bindings.cpp", "task_vectors.cpp")],
+                    extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                    verbose=False)
+    except Exception as e:  # any build or load failure: fall back, loudly but once
+        warnings.warn(f"merge_engine: compiled CPU kernels unavailable ({type(e).__name__}: {e}); "
+                      "using the PyTorch reference ops", RuntimeWarning, stacklevel=2)
+        return None
+
+
+def served_by_kernels(*tensors: torch.Tensor) -> bool:
+    first = tensors[0]
+    return all(t.dtype == first.dtype and t.dtype in KERNEL_DTYPES and t.is_contiguous() for t in tensors)
+

@@ -1,0 +1,64 @@
+"""Exact magnitude selection as a cut-off: which elements a stable sort of |x| puts first.
+
+key(x) is the bit pattern of |x| read as an integer; for IEEE floats it orders magnitudes exactly as
+the values do (+0 lowest, +Inf highest, NaN above Inf). A cut-off (key T, index c) describes the
+first `count` elements of the stable order of the keys, in which equal keys keep index order:
+
+    largest=True  (descending): {key > T} | {key == T and index < c}
+    largest=False (ascending):  {key < T} | {key == T and index < c}
+
+This is the tie rule of every magnitude ordering in merge_engine (TIES top-k, breadcrumbs window):
+among equal magnitudes the lower flat index comes first. Kernels find (T, c) without sorting (radix
+select over the keys, then a count of equal keys in index order) and must return the same pair as
+this reference, which sorts. count = 0 gives a cut-off that selects nothing.
+"""
+from __future__ import annotations
+
+import torch
+
+_KEY_VIEW = {torch.float16: (torch.int16, 0x7FFF), torch.bfloat16: (torch.int16, 0x7FFF),
+             torch.float32: (torch.int32, 0x7FFFFFFF), torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF)}
+_INF_KEY = {dt: int(torch.tensor(float("inf"), dtype=dt).view(v).item()) & m for dt, (v, m) in _KEY_VIEW.items()}
+NOTHING_LARGEST = (1 << 63) - 1  # key no magnitude reaches: the descending cut-off that selects nothing
+
+
+def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
+    """int64 keys of |x| (see the module docstring)."""
+    view, mask = _KEY_VIEW[x.dtype]
+    return x.detach().reshape(-1).view(view).to(torch.int64) & mask
+
+
+def check_finite(x: torch.Tensor, what: str = "input") -> None:
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{what} has {bad} NaN or Inf value(s); a magnitude ordering is undefined")
+
+
+@torch.library.custom_op("merge_engine::magnitude_cutoff", mutates_args=())
+def magnitude_cutoff(x: torch.Tensor, count: int, largest: bool = True) -> torch.Tensor:
+    """int64 [T, c] selecting the first `count` elements of the stable order of |x| (module docstring).
+
+    NaN or Inf in x raise ValueError; count is clamped to [0, numel]."""
+    check_finite(x)
+    keys = magnitude_keys(x)
+    n = keys.numel()
+    count = min(max(count, 0), n)
+    if count == 0:
+        return torch.tensor([NOTHING_LARGEST if largest else -1, 0], dtype=torch.int64)
+    order = torch.argsort(keys, descending=largest, stable=True)
+    last = int(order[count - 1])
+    return torch.tensor([int(keys[last]), last + 1], dtype=torch.int64)
+
+
+@magnitude_cutoff.register_fake
+def _(x, count, largest=True):
+    return x.new_empty(2, dtype=torch.int64)
+
+
+def cutoff_mask(x: torch.Tensor, cutoff: torch.Tensor, largest: bool = True) -> torch.Tensor:
+    """Boolean mask (shape of x) of the elements a cut-off selects."""
+    keys = magnitude_keys(x)
+    t, c = (int(v) for v in cutoff.tolist())
+    index = torch.arange(keys.numel(), device=keys.device)
+    beyond = keys > t if largest else keys < t
+    return (beyond | ((keys == t) & (index < c))).reshape(x.shape)

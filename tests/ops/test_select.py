@@ -1,0 +1,50 @@
+"""Magnitude cut-offs: the (key, index) pair reproduces the stable order's first `count` elements."""
+import pytest
+import torch
+
+from merge_engine.ops.select import NOTHING_LARGEST, cutoff_mask, magnitude_cutoff, magnitude_keys
+
+
+def first_in_stable_order(x, count, largest):
+    order = torch.argsort(x.abs().double().reshape(-1), descending=largest, stable=True)
+    mask = torch.zeros(x.numel(), dtype=torch.bool)
+    mask[order[:count]] = True
+    return mask.reshape(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_keys_order_like_magnitudes(dtype):
+    x = torch.tensor([0.0, -0.0, 1e-3, -2.0, 2.0, float("inf"), 5e-8], dtype=torch.float32).to(dtype)
+    keys = magnitude_keys(x)
+    mags = x.abs().double()
+    for i in range(len(x)):
+        for j in range(len(x)):
+            assert (keys[i] < keys[j]) == (mags[i] < mags[j])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("n", [1, 7, 100, 1023])
+def test_cutoff_matches_stable_sort(dtype, largest, n):
+    g = torch.Generator().manual_seed(n)
+    # few distinct magnitudes, both signs, zeros: many ties everywhere
+    x = (torch.randint(-4, 5, (n,), generator=g).float() * 0.25).to(dtype)
+    for count in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+        cut = magnitude_cutoff(x, count, largest)
+        mask = cutoff_mask(x, cut, largest)
+        assert int(mask.sum()) == count
+        assert torch.equal(mask, first_in_stable_order(x, count, largest))
+
+
+def test_nothing_selected_sentinels():
+    x = torch.randn(5)
+    assert magnitude_cutoff(x, 0, True).tolist() == [NOTHING_LARGEST, 0]
+    assert magnitude_cutoff(x, 0, False).tolist() == [-1, 0]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_is_an_error(bad):
+    x = torch.randn(10)
+    x[3] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        magnitude_cutoff(x, 4)
