@@ -54,6 +54,23 @@ def cpu_extension():
         return None
 
 
+def gpu_backend():
+    """The GPU backend for CUDA tensors: the CUDA extension if it loads, else the Triton kernels, else None."""
+    return cuda_extension() or triton_backend()
+
+
+@functools.cache
+def cuda_extension():
+    """The compiled CUDA module (csrc/cuda), or None with one warning."""
+    return None  # filled in with csrc/cuda
+
+
+@functools.cache
+def triton_backend():
+    """merge_engine.triton_kernels (same functions as the compiled modules), or None with one warning."""
+    return None  # filled in with triton_kernels/
+
+
 def served_by_kernels(*tensors: torch.Tensor) -> bool:
     first = tensors[0]
     return all(t.dtype == first.dtype and t.dtype in KERNEL_DTYPES and t.is_contiguous() for t in tensors)

@@ -119,13 +119,13 @@ def selection_counts(numel: int, sparsify: str, density: float, gamma: float) ->
     return n_bot, n_bot + target
 
 
-@merge_task_vectors.register_kernel("cpu")
-def _merge_task_vectors_cpu(base, experts, weights, densities, sparsify="", consensus=False, normalize=False,
-                            rescale=False, lambda_=1.0, gammas=None, epsilons=None, seed=0, tensor_name=""):
+def _merge_with(backend, base, experts, weights, densities, sparsify="", consensus=False, normalize=False,
+                rescale=False, lambda_=1.0, gammas=None, epsilons=None, seed=0, tensor_name=""):
+    """Run merge_task_vectors on a compiled backend (a module with the csrc/cpu/bindings.cpp functions),
+    or on the reference when there is none or the inputs are not ones it serves."""
     args = (base, experts, weights, densities, sparsify, consensus, normalize, rescale, lambda_, gammas, epsilons,
             seed, tensor_name)
-    ext = backends.cpu_extension() if experts and backends.served_by_kernels(base, *experts) else None
-    if ext is None or sparsify not in MODES:
+    if backend is None or not experts or not backends.served_by_kernels(base, *experts) or sparsify not in MODES:
         return merge_task_vectors_reference(*args)
     n = base.numel()
     counts = [selection_counts(n, sparsify, d, gammas[i] if gammas else 0.0) for i, d in enumerate(densities)]
@@ -133,6 +133,16 @@ def _merge_task_vectors_cpu(base, experts, weights, densities, sparsify="", cons
         for d, e in zip(densities, epsilons):
             sp.check_della(d, e)
     key0, key1 = philox_key(seed, tensor_name)
-    return ext.merge_task_vectors(base, list(experts), list(weights), MODES[sparsify], [c[0] for c in counts],
-                                  [c[1] for c in counts], list(densities), list(epsilons or []), consensus,
-                                  normalize, rescale, lambda_, key0, key1)
+    return backend.merge_task_vectors(base, list(experts), list(weights), MODES[sparsify], [c[0] for c in counts],
+                                      [c[1] for c in counts], list(densities), list(epsilons or []), consensus,
+                                      normalize, rescale, lambda_, key0, key1)
+
+
+@merge_task_vectors.register_kernel("cpu")
+def _merge_task_vectors_cpu(base, experts, *args, **kwargs):
+    return _merge_with(backends.cpu_extension(), base, experts, *args, **kwargs)
+
+
+@merge_task_vectors.register_kernel("cuda")
+def _merge_task_vectors_cuda(base, experts, *args, **kwargs):
+    return _merge_with(backends.gpu_backend(), base, experts, *args, **kwargs)
