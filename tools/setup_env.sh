@@ -9,3 +9,5 @@ VENV=${VENV:-.venv}
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[$1]"
+# the C++ CPU kernels (ninja, ~1 min the first time); without them the PyTorch references run
+python -m merge_engine.build_kernels || echo "warning: compiled CPU kernels unavailable; using the references"

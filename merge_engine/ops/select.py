@@ -10,7 +10,9 @@ first `count` elements of the stable order of the keys, in which equal keys keep
 This is the tie rule of every magnitude ordering in merge_engine (TIES top-k, breadcrumbs window):
 among equal magnitudes the lower flat index comes first. Kernels find (T, c) without sorting (radix
 select over the keys, then a count of equal keys in index order) and must return the same pair as
-this reference, which sorts. count = 0 gives a cut-off that selects nothing.
+this reference, which sorts. count = 0 and count = numel give the fixed cut-offs that select nothing
+and everything: (NOTHING_LARGEST, 0) and (-1, 0) for largest, the reverse for ascending; and
+c = numel whenever every element with key T is selected, so a kernel needs no index scan then.
 """
 from __future__ import annotations
 
@@ -43,11 +45,15 @@ def magnitude_cutoff(x: torch.Tensor, count: int, largest: bool = True) -> torch
     keys = magnitude_keys(x)
     n = keys.numel()
     count = min(max(count, 0), n)
-    if count == 0:
-        return torch.tensor([NOTHING_LARGEST if largest else -1, 0], dtype=torch.int64)
+    if count in (0, n):
+        nothing, everything = (NOTHING_LARGEST, -1) if largest else (-1, NOTHING_LARGEST)
+        return torch.tensor([nothing if count == 0 else everything, 0], dtype=torch.int64)
     order = torch.argsort(keys, descending=largest, stable=True)
     last = int(order[count - 1])
-    return torch.tensor([int(keys[last]), last + 1], dtype=torch.int64)
+    t = int(keys[last])
+    beyond = int((keys > t).sum()) if largest else int((keys < t).sum())
+    all_equal_selected = int((keys == t).sum()) == count - beyond
+    return torch.tensor([t, n if all_equal_selected else last + 1], dtype=torch.int64)
 
 
 @magnitude_cutoff.register_fake

@@ -36,10 +36,12 @@ def test_cutoff_matches_stable_sort(dtype, largest, n):
         assert torch.equal(mask, first_in_stable_order(x, count, largest))
 
 
-def test_nothing_selected_sentinels():
+def test_nothing_and_everything_sentinels():
     x = torch.randn(5)
     assert magnitude_cutoff(x, 0, True).tolist() == [NOTHING_LARGEST, 0]
     assert magnitude_cutoff(x, 0, False).tolist() == [-1, 0]
+    assert magnitude_cutoff(x, 5, True).tolist() == [-1, 0]
+    assert magnitude_cutoff(x, 5, False).tolist() == [NOTHING_LARGEST, 0]
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

@@ -1,0 +1,207 @@
+"""The C++ CPU kernels (csrc/cpu) against the PyTorch references, on fresh random inputs.
+
+Cut-offs, masks and DARE/DELLA draws must match exactly. Merged values: the kernel rounds to the
+compute dtype wherever torch does and sums over the K experts in float, in expert order. torch's
+dim-0 sums follow the same order for most elements, but its vectorised reduction may re-associate
+a K-term sum for some elements (the scalar tail of a row); and the L1 rescale factor is a ratio
+of two whole-tensor sums taken in a different order. So values are compared:
+- exactly where the order cannot matter: K <= 2 (two-term sums commute) and no rescale;
+- otherwise within  2 ulp_D(|ref|) + lambda * (2^-(p-3) + 2K * 2^-24) * S / w_min,  where D is the
+  dtype with p mantissa bits, S = sum_i |w_i * sparsified delta_i| (fp64), w_min the smallest weight
+  (the smallest possible divisor; 1 without normalisation): one rounding of the mixed value and of
+  the output, up to 2 ulps of rescale factor error, and the re-association error of K-term fp32 sums;
+- an elected sign may differ only where the fp64 sum of the weighted deltas is within that
+  re-association error of zero (the election is numerically arbitrary there), and such elements are
+  excluded from the value check.
+"""
+import pytest
+import torch
+
+from merge_engine.ops import backends
+from merge_engine.ops.consensus import _merge_with, _sparsify, merge_task_vectors_reference, selection_counts
+from merge_engine.ops.select import magnitude_cutoff
+
+if not backends.kernels_enabled():
+    pytest.skip("compiled kernels disabled by MERGE_ENGINE_KERNELS=0", allow_module_level=True)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SIZES = [(1,), (7,), (1023,), (4097,), (37, 53)]
+MANTISSA = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = backends.cpu_extension()
+    assert module is not None, "the CPU extension failed to build (see the warning above)"
+    return module
+
+
+def make_inputs(shape, dtype, k, seed, ties=False, zero_delta=False):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    experts = []
+    for _ in range(k):
+        noise = torch.randn(shape, generator=g) * 0.1
+        if ties:  # a few magnitude levels: long runs of equal |delta|
+            noise = torch.randint(-3, 4, shape, generator=g).float() * 0.125
+            base = base.round()
+        experts.append(base.clone() if zero_delta else base + noise)
+    return base.to(dtype), [e.to(dtype) for e in experts]
+
+
+def weighted_contributions(base, experts, kw):
+    """(sum_i w_i * kept_i, sum_i |w_i * kept_i|) in fp64, kept_i from the reference sparsifiers."""
+    signed = torch.zeros(base.shape, dtype=torch.float64)
+    total = torch.zeros(base.shape, dtype=torch.float64)
+    k = len(experts)
+    for i, e in enumerate(experts):
+        delta = e - base
+        if kw.get("sparsify"):
+            delta = _sparsify(delta, kw["sparsify"], kw["densities"][i], (kw.get("gammas") or [0] * k)[i],
+                              (kw.get("epsilons") or [0] * k)[i], kw.get("rescale", False), kw.get("seed", 0),
+                              kw.get("tensor_name", ""), i)
+        signed += kw["weights"][i] * delta.double()
+        total += abs(kw["weights"][i]) * delta.double().abs()
+    return signed, total
+
+
+def assert_merged_close(got, want, base, experts, kw, context):
+    dtype, k = base.dtype, len(experts)
+    if k <= 2 and not kw.get("rescale"):
+        assert torch.equal(got, want), f"{context}: {(got != want).sum()} elements differ"
+        return
+    p = MANTISSA[dtype]
+    signed, s = weighted_contributions(base, experts, kw)
+    w_min = min(kw["weights"]) if kw.get("normalize") else 1.0
+    reassociation = 2 * k * 2.0 ** -24 * s + (2.0 ** -(p - 2) * s if kw.get("rescale") else 0)
+    undecided = signed.abs() <= reassociation  # the elected sign may legitimately differ here
+    g, w = got.double(), want.double()
+    ulp = 2.0 ** -(p - 1) * w.abs().clamp(min=float(torch.finfo(dtype).tiny))
+    bound = 2 * ulp + abs(kw.get("lambda_", 1.0)) * (2.0 ** -(p - 3) + 2 * k * 2.0 ** -24) * s / w_min
+    excess = torch.where(undecided, 0, (g - w).abs() - bound)
+    assert (excess <= 0).all(), f"{context}: error exceeds the bound by {float(excess.max())}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SIZES)
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("ties", [False, True])
+def test_delta_cutoffs_match_reference(ext, dtype, shape, largest, ties):
+    seed = hash((shape, largest, ties, str(dtype))) % 10**6
+    base, (expert,) = make_inputs(shape, dtype, 1, seed, ties=ties)
+    delta = expert - base
+    n = delta.numel()
+    counts = sorted({0, 1, max(1, n // 100), n // 3, n // 2, n - 1, n})
+    got = ext.delta_cutoffs(base, expert, counts, largest)
+    for j, count in enumerate(counts):
+        want = magnitude_cutoff(delta, count, largest)
+        assert got[j].tolist() == want.tolist(), f"seed {seed}, count {count}"
+
+
+CASES = [  # (sparsify, consensus, normalize, rescale)
+    ("", False, True, False), ("", False, False, False),
+    ("magnitude", True, True, False), ("magnitude", True, True, True),
+    ("random", True, False, False), ("random", False, False, True),
+    ("outliers", False, False, False), ("outliers", True, False, False),
+    ("rank", True, True, False), ("rank", False, False, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SIZES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c))
+def test_merge_matches_reference(ext, dtype, shape, case):
+    sparsify, consensus, normalize, rescale = case
+    k = 1 + (len(shape) * 3 + shape[0]) % 4
+    seed = hash((shape, case, str(dtype))) % 10**6
+    base, experts = make_inputs(shape, dtype, k, seed)
+    kw = dict(weights=[0.3 + 0.4 * i for i in range(k)], densities=[0.2 + 0.2 * i for i in range(k)],
+              sparsify=sparsify, consensus=consensus, normalize=normalize, rescale=rescale, lambda_=0.9,
+              gammas=[0.05] * k if sparsify == "outliers" else None,
+              epsilons=[0.1] * k if sparsify == "rank" else None, seed=seed, tensor_name="t")
+    got = _merge_with(ext, base, experts, **kw)
+    want = merge_task_vectors_reference(base, experts, **kw)
+    assert_merged_close(got, want, base, experts, kw, f"seed {seed}, k {k}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 2, 5, 8])
+@pytest.mark.parametrize("density", [0.0, 1e-4, 0.5, 1.0])
+def test_ties_many_experts_densities_and_ties(ext, dtype, k, density):
+    seed = k * 100 + int(density * 1000)
+    base, experts = make_inputs((4097,), dtype, k, seed, ties=True)
+    kw = dict(weights=[1.0 - 0.1 * i for i in range(k)], densities=[density] * k, sparsify="magnitude",
+              consensus=True, normalize=True)
+    got, want = _merge_with(ext, base, experts, **kw), merge_task_vectors_reference(base, experts, **kw)
+    assert_merged_close(got, want, base, experts, kw, f"seed {seed}")
+
+
+@pytest.mark.parametrize("sparsify", ["magnitude", "random", "outliers", "rank"])
+def test_all_zero_deltas_give_the_base(ext, sparsify):
+    base, experts = make_inputs((1023,), torch.bfloat16, 3, 7, zero_delta=True)
+    kw = dict(weights=[1.0] * 3, densities=[0.5] * 3, sparsify=sparsify, consensus=True, normalize=True,
+              rescale=True, gammas=[0.01] * 3, epsilons=[0.1] * 3)
+    got = _merge_with(ext, base, experts, **kw)
+    assert torch.equal(got, base)
+    assert torch.equal(got, merge_task_vectors_reference(base, experts, **kw))
+
+
+def test_dare_masks_identical_to_reference(ext):
+    base = torch.zeros(4097)
+    experts = [torch.ones(4097), torch.ones(4097)]
+    for seed in (0, 1, 12345):
+        kw = dict(weights=[1.0, 2.0], densities=[0.3, 0.6], sparsify="random", seed=seed, tensor_name="x")
+        got = _merge_with(ext, base, experts, **kw)
+        assert torch.equal(got, merge_task_vectors_reference(base, experts, **kw)), f"seed {seed}"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_are_errors(ext, bad):
+    base, experts = make_inputs((100,), torch.float32, 2, 3)
+    experts[1][17] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        _merge_with(ext, base, experts, [1.0, 1.0], [0.5, 0.5], "magnitude", True, True)
+
+
+def test_op_dispatches_to_the_extension(ext, monkeypatch):
+    calls = []
+
+    class Spy:
+        def merge_task_vectors(self, *args):
+            calls.append(args[3])
+            return ext.merge_task_vectors(*args)
+    monkeypatch.setattr(backends, "cpu_extension", lambda: Spy())
+    from merge_engine import ops
+    base, experts = make_inputs((50,), torch.bfloat16, 2, 1)
+    ops.merge_task_vectors(base, experts, [1.0, 1.0], [0.5, 0.5], "magnitude", True, True)
+    ops.merge_task_vectors(base.double(), [e.double() for e in experts], [1.0, 1.0], [0.5, 0.5])  # reference
+    assert calls == [1]
+
+
+def test_selection_counts_follow_the_references():
+    assert selection_counts(10, "magnitude", 0.25, 0) == (0, 2)
+    assert selection_counts(10, "magnitude", 0.01, 0) == (0, 1)
+    assert selection_counts(10, "magnitude", 0.0, 0) == (0, 0)
+    assert selection_counts(10, "outliers", 0.5, 0.2) == (3, 8)
+    assert selection_counts(10, "outliers", 1.0, 0.2) == (0, 10)
+
+
+def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path):
+    broken = tmp_path / "csrc"
+    (broken / "cpu").mkdir(parents=True)
+    for name in ("bindings.cpp", "task_vectors.cpp"):
+        (broken / "cpu" / name).write_text("#error deliberately broken\n")
+    monkeypatch.setattr(backends, "csrc_dir", lambda: str(broken))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
+    backends.cpu_extension.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="compiled CPU kernels unavailable") as record:
+            assert backends.cpu_extension() is None
+            assert backends.cpu_extension() is None
+        assert len(record) == 1
+        from merge_engine import ops
+        base, experts = make_inputs((20,), torch.float32, 2, 0)
+        kw = dict(weights=[1.0, 1.0], densities=[0.5, 0.5], sparsify="magnitude", consensus=True, normalize=True)
+        assert torch.equal(ops.merge_task_vectors(base, experts, **kw), merge_task_vectors_reference(base, experts, **kw))
+    finally:
+        backends.cpu_extension.cache_clear()
