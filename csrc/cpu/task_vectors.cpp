@@ -26,6 +26,14 @@ constexpr int64_t kBlock = 2048;  // elements per work item of the fused pass
 
 template <typename T> float to_f(T x) { return static_cast<float>(x); }
 template <typename T> T round_to(float x) { return static_cast<T>(x); }  // round to nearest even
+// bf16: the same round-to-nearest-even as c10, without its NaN branch so loops vectorise (a NaN
+// input is reported by the merge pass, whose result is then discarded).
+template <> c10::BFloat16 round_to<c10::BFloat16>(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
+}
 
 template <typename T> int64_t key_of(T x);
 template <> int64_t key_of<float>(float x) { return key_of_float(x); }
@@ -45,7 +53,8 @@ template <> float delta_of<float>(float e, float b) { return e - b; }
 // Radix select: the cut-off (T, c) of the first `count` elements of the stable order of the keys
 // of |expert - base| (ops/select.py). Keys have 15 (16-bit types) or 31 (fp32) significant bits:
 // one histogram pass per 16 bits, then, only if the cut-off key is shared by more elements than
-// the selection needs, one pass counting equal keys in index order.
+// the selection needs, one parallel pass counting equal keys per chunk and a scan of one chunk.
+// NaN/Inf are not checked here (their keys stay in range); the fused merge pass reports them.
 // ---------------------------------------------------------------------------------------------
 template <typename T, typename KeyFn>
 std::vector<int64_t> histogram(int64_t n, int bins, KeyFn bin_of) {
@@ -64,14 +73,36 @@ std::vector<int64_t> histogram(int64_t n, int bins, KeyFn bin_of) {
   return total;
 }
 
-// Find the bin holding ascending rank r (0-based) and the number of elements below that bin.
-std::pair<int, int64_t> bin_of_rank(const std::vector<int64_t>& hist, int64_t r) {
+// The bin holding ascending rank r (0-based): (bin, elements below it, elements in it).
+std::array<int64_t, 3> bin_of_rank(const std::vector<int64_t>& hist, int64_t r) {
   int64_t below = 0;
   for (size_t b = 0; b < hist.size(); ++b) {
-    if (below + hist[b] > r) return {static_cast<int>(b), below};
+    if (below + hist[b] > r) return {static_cast<int64_t>(b), below, hist[b]};
     below += hist[b];
   }
   TORCH_CHECK(false, "radix select: rank out of range");
+}
+
+// Index just past the need-th element (in index order) whose key is t: per-chunk counts in
+// parallel, then a scan of the one chunk where the count is reached.
+template <typename KeyFn> int64_t index_after_nth_equal(int64_t n, int64_t t, int64_t need, KeyFn key) {
+  constexpr int64_t kChunk = 1 << 16;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<int64_t> per(chunks, 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      int64_t count = 0;
+      for (int64_t i = c * kChunk, end = std::min(n, i + kChunk); i < end; ++i) count += key(i) == t;
+      per[c] = count;
+    }
+  });
+  int64_t seen = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    if (seen + per[c] < need) { seen += per[c]; continue; }
+    for (int64_t i = c * kChunk; i < n; ++i)
+      if (key(i) == t && ++seen == need) return i + 1;
+  }
+  TORCH_CHECK(false, "radix select: tie count mismatch");
 }
 
 template <typename T>
@@ -81,43 +112,26 @@ std::array<int64_t, 2> delta_cutoff(const T* e, const T* b, int64_t n, int64_t c
   if (count == n) return {largest ? kNothingSmallest : kNothingLargest, 0};  // every key is beyond it
   auto key = [&](int64_t i) { return key_of<T>(delta_of<T>(e[i], b[i])); };
   const int64_t r = largest ? n - count : count - 1;  // ascending rank of the cut-off element
-  int64_t t, below;
+  int64_t t, below, equal;
   if (sizeof(T) == 2) {
     auto hist = histogram<T>(n, 1 << 15, [&](int64_t i) { return static_cast<int>(key(i)); });
-    auto [bin, lower] = bin_of_rank(hist, r);
-    t = bin;
-    below = lower;
+    auto [bin, lower, in_bin] = bin_of_rank(hist, r);
+    t = bin, below = lower, equal = in_bin;
   } else {
     auto high = histogram<T>(n, 1 << 16, [&](int64_t i) { return static_cast<int>(key(i) >> 15); });
-    auto [hbin, hbelow] = bin_of_rank(high, r);
+    auto [hbin, hbelow, hcount] = bin_of_rank(high, r);
     auto low = histogram<T>(n, 1 << 15, [&](int64_t i) {
       int64_t k = key(i);
       return (k >> 15) == hbin ? static_cast<int>(k & 0x7FFF) : -1;
     });
-    auto [lbin, lbelow] = bin_of_rank(low, r - hbelow);
-    t = (static_cast<int64_t>(hbin) << 15) | lbin;
-    below = hbelow + lbelow;
+    auto [lbin, lbelow, lcount] = bin_of_rank(low, r - hbelow);
+    t = (hbin << 15) | lbin, below = hbelow + lbelow, equal = lcount;
   }
-  // Elements with key == t fill ascending ranks [below, below + equal); the selection takes the
-  // first `need` of them in index order.
-  int64_t equal = 0;
-  {
-    // equal count comes from a cheap recount of the chosen bin (avoids keeping the last histogram)
-    std::vector<int64_t> per(at::get_num_threads(), 0);
-    at::parallel_for(0, n, 1 << 16, [&](int64_t lo, int64_t hi) {
-      int64_t c = 0;
-      for (int64_t i = lo; i < hi; ++i) c += key(i) == t;
-      per[at::get_thread_num()] += c;
-    });
-    equal = std::accumulate(per.begin(), per.end(), int64_t{0});
-  }
+  // Keys equal to t fill ascending ranks [below, below + equal); the selection takes `need` of them,
+  // the first in index order.
   const int64_t need = largest ? count - (n - below - equal) : count - below;
   if (need == equal) return {t, n};
-  int64_t seen = 0;  // need < equal: the cut falls inside the run of equal keys
-  for (int64_t i = 0; i < n; ++i) {
-    if (key(i) == t && ++seen == need) return {t, i + 1};
-  }
-  TORCH_CHECK(false, "radix select: tie count mismatch");
+  return {t, index_after_nth_equal(n, t, need, key)};
 }
 
 template <typename T> void check_finite(const T* x, int64_t n, const char* what) {
@@ -195,8 +209,12 @@ template <typename T>
 void merge_block(const Params& P, const T* base, const std::vector<const T*>& experts, T* out,
                  int64_t start, int64_t len, int64_t row_cols, std::vector<float>& w_scratch,
                  std::vector<T>& d_scratch, std::vector<uint8_t>& keep, std::vector<float>& p_scratch,
-                 std::vector<int64_t>& order_scratch) {
+                 std::vector<int64_t>& order_scratch, std::vector<float>& acc, int64_t* non_finite) {
   const int K = static_cast<int>(experts.size());
+  // NaN/Inf are counted here, in the pass that reads every input anyway (base first, then experts)
+  for (int64_t j = 0; j < len; ++j) non_finite[0] += key_of<T>(base[start + j]) >= inf_key<T>();
+  for (int i = 0; i < K; ++i)
+    for (int64_t j = 0; j < len; ++j) non_finite[i + 1] += key_of<T>(experts[i][start + j]) >= inf_key<T>();
   // weighted (sparsified, rescaled, weighted) deltas, in T, laid out [K][len]
   for (int i = 0; i < K; ++i) {
     T* d = d_scratch.data();
@@ -205,41 +223,54 @@ void merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
     const float f = P.factors[i], w = P.weights[i];
     float* wd = w_scratch.data() + static_cast<int64_t>(i) * len;
     for (int64_t j = 0; j < len; ++j) {
-      T kept = keep[j] ? d[j] : round_to<T>(to_f(d[j]) * 0.f);  // x * 0 keeps the sign of zero
-      if (!std::isnan(f)) kept = round_to<T>(to_f(kept) * f);
-      wd[j] = to_f(round_to<T>(to_f(kept) * w));
+      float kept = to_f(d[j]) * (keep[j] ? 1.f : 0.f);  // exact; x * 0 keeps the sign of zero
+      if (!std::isnan(f)) kept = to_f(round_to<T>(kept * f));
+      wd[j] = to_f(round_to<T>(kept * w));
     }
   }
-  float weight_sum = 0.f;
-  for (int i = 0; i < K; ++i) weight_sum += P.weights[i];
-  const float all_divisor = to_f(round_to<T>(weight_sum));
-  for (int64_t j = 0; j < len; ++j) {
-    float sum = 0.f;
-    for (int i = 0; i < K; ++i) sum += w_scratch[static_cast<int64_t>(i) * len + j];
-    float mixed;
-    if (P.consensus) {
-      const bool positive = to_f(round_to<T>(sum)) >= 0.f;  // a zero sum elects +
-      float agree_sum = 0.f, agree_w = 0.f;
-      for (int i = 0; i < K; ++i) {
-        const float v = w_scratch[static_cast<int64_t>(i) * len + j];
-        if (positive ? v > 0.f : v < 0.f) { agree_sum += v; agree_w += P.weights[i]; }
-      }
-      mixed = to_f(round_to<T>(agree_sum));
-      if (P.normalize) {
-        float divisor = to_f(round_to<T>(agree_w));
-        if (divisor == 0.f) divisor = 1.f;
-        mixed = to_f(round_to<T>(mixed / divisor));
-      }
-    } else {
-      mixed = to_f(round_to<T>(sum));
-      if (P.normalize) {
-        const float divisor = std::fabs(all_divisor) < 1e-8f ? 1.f : all_divisor;
-        mixed = to_f(round_to<T>(mixed / divisor));
+  // Combine, in vectorisable passes over the block: sums over experts run in expert order.
+  float* sum = acc.data();
+  float* agree_sum = sum + len;
+  float* agree_w = agree_sum + len;
+  std::fill(sum, sum + 3 * len, 0.f);
+  for (int i = 0; i < K; ++i) {
+    const float* wd = w_scratch.data() + static_cast<int64_t>(i) * len;
+    for (int64_t j = 0; j < len; ++j) sum[j] += wd[j];
+  }
+  float* mixed = sum;  // reused in place
+  if (P.consensus) {
+    // elected sign: +1 where the sum rounded to T is >= 0 (a zero sum elects +), else -1
+    for (int64_t j = 0; j < len; ++j) sum[j] = to_f(round_to<T>(sum[j])) >= 0.f ? 1.f : -1.f;
+    for (int i = 0; i < K; ++i) {
+      const float* wd = w_scratch.data() + static_cast<int64_t>(i) * len;
+      const float wi = P.weights[i];
+      for (int64_t j = 0; j < len; ++j) {
+        const bool agree = wd[j] * sum[j] > 0.f;  // exact sign test; zeros never agree
+        agree_sum[j] += agree ? wd[j] : 0.f;
+        agree_w[j] += agree ? wi : 0.f;
       }
     }
-    if (P.lambda != 1.f) mixed = to_f(round_to<T>(mixed * P.lambda));
-    out[start + j] = round_to<T>(to_f(base[start + j]) + mixed);
+    for (int64_t j = 0; j < len; ++j) {
+      float m = to_f(round_to<T>(agree_sum[j]));
+      if (P.normalize) {
+        const float divisor = to_f(round_to<T>(agree_w[j]));
+        m = to_f(round_to<T>(m / (divisor == 0.f ? 1.f : divisor)));
+      }
+      mixed[j] = m;
+    }
+  } else {
+    float weight_sum = 0.f;
+    for (int i = 0; i < K; ++i) weight_sum += P.weights[i];
+    float divisor = to_f(round_to<T>(weight_sum));
+    divisor = std::fabs(divisor) < 1e-8f ? 1.f : divisor;
+    for (int64_t j = 0; j < len; ++j) {
+      const float m = to_f(round_to<T>(sum[j]));
+      mixed[j] = P.normalize ? to_f(round_to<T>(m / divisor)) : m;
+    }
   }
+  if (P.lambda != 1.f)
+    for (int64_t j = 0; j < len; ++j) mixed[j] = to_f(round_to<T>(mixed[j] * P.lambda));
+  for (int64_t j = 0; j < len; ++j) out[start + j] = round_to<T>(to_f(base[start + j]) + mixed[j]);
 }
 
 // mergekit's L1 rescale factor per expert: |delta|_1 / |kept|_1 in T, none when either is < 1e-7.
@@ -294,17 +325,25 @@ void merge_typed(Params& P, const torch::Tensor& base, const std::vector<torch::
   const int K = static_cast<int>(experts.size());
   const int64_t span = P.mode == kRank ? cols : kBlock;
   const int64_t items = P.mode == kRank ? rows : (n + kBlock - 1) / kBlock;
+  std::vector<std::vector<int64_t>> non_finite(at::get_num_threads(), std::vector<int64_t>(K + 1, 0));
   at::parallel_for(0, items, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> w(static_cast<size_t>(K) * span);
+    std::vector<float> w(static_cast<size_t>(K) * span), acc(3 * span);
     std::vector<T> d(span);
     std::vector<uint8_t> keep(span);
     std::vector<float> p(span);
     std::vector<int64_t> order(span);
+    int64_t* bad = non_finite[at::get_thread_num()].data();
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t start = item * span;
-      merge_block<T>(P, b, e, o, start, std::min(span, n - start), cols, w, d, keep, p, order);
+      merge_block<T>(P, b, e, o, start, std::min(span, n - start), cols, w, d, keep, p, order, acc, bad);
     }
   });
+  for (int i = 0; i <= K; ++i) {
+    int64_t total = 0;
+    for (auto& t : non_finite) total += t[i];
+    TORCH_CHECK_VALUE(total == 0, i == 0 ? std::string("the base") : "expert " + std::to_string(i - 1), " has ",
+                      total, " NaN or Inf value(s); a magnitude ordering is undefined");
+  }
 }
 
 // Calls f(T{}) for the tensor's dtype T among the kernel dtypes (float64 stays with the reference).
@@ -366,10 +405,7 @@ torch::Tensor merge_task_vectors_cpu(const torch::Tensor& base, const std::vecto
     using scalar_t = decltype(tag);
     {
       const int64_t n = base.numel();
-      check_finite<scalar_t>(base.data_ptr<scalar_t>(), n, "the base");
       for (size_t i = 0; i < K; ++i) {
-        std::string what = "expert " + std::to_string(i);
-        check_finite<scalar_t>(experts[i].data_ptr<scalar_t>(), n, what.c_str());
         P.weights.push_back(to_f(round_to<scalar_t>(static_cast<float>(weights[i]))));
         P.probs.push_back(static_cast<float>(densities[i]));
         P.epsilons.push_back(epsilons.empty() ? 0.f : static_cast<float>(epsilons[i]));
