@@ -156,19 +156,19 @@ struct Params {
   uint32_t key0, key1;
   std::vector<float> weights;           // already rounded to T, as torch.tensor(weights, dtype=T)
   std::vector<std::array<int64_t, 4>> cuts;  // magnitude / outliers
-  std::vector<float> probs;             // random: density; rank: density
-  std::vector<float> epsilons;          // rank
+  std::vector<double> densities;        // random, rank (kept in double: DELLA offsets round once)
+  std::vector<double> epsilons;         // rank
   std::vector<float> factors;           // L1 rescale per expert (NaN: none)
 };
 
 // DELLA keep probabilities of one row of |delta| (ops/sparsify.py: della_keep_probability).
 template <typename T>
-void rank_probabilities(const T* d, int64_t cols, float density, float epsilon, float* p, int64_t* order) {
+void rank_probabilities(const T* d, int64_t cols, double density, double epsilon, float* p, int64_t* order) {
   std::iota(order, order + cols, int64_t{0});
   std::stable_sort(order, order + cols, [&](int64_t a, int64_t b) { return key_of<T>(d[a]) < key_of<T>(d[b]); });
   const float denom = static_cast<float>(std::max<int64_t>(cols - 1, 1));
-  const float base = static_cast<float>(static_cast<double>(density) - epsilon);
-  const float scale = static_cast<float>(2.0 * static_cast<double>(epsilon));
+  const float base = static_cast<float>(density - epsilon);  // as the reference: python floats, rounded once
+  const float scale = static_cast<float>(2.0 * epsilon);
   for (int64_t r = 0; r < cols; ++r) p[order[r]] = (static_cast<float>(r) / denom) * scale + base;
 }
 
@@ -188,16 +188,17 @@ void keep_flags(const Params& P, int i, const T* d, int64_t start, int64_t len, 
     }
     case kRandom:
     case kRank: {
-      const float density = P.probs[i];
-      if (density >= 1.f) { std::fill(keep, keep + len, 1); return; }
-      if (P.mode == kRank && density <= 0.f) { std::fill(keep, keep + len, 0); return; }
+      const double density = P.densities[i];
+      const float p = static_cast<float>(density);  // DARE: u < density in fp32
+      if (density >= 1) { std::fill(keep, keep + len, 1); return; }
+      if (P.mode == kRank && density <= 0) { std::fill(keep, keep + len, 0); return; }
       if (P.mode == kRank) rank_probabilities<T>(d, row_cols, density, P.epsilons[i], scratch_p, scratch_order);
       float u[4];
       int64_t block = -1;
       for (int64_t j = 0; j < len; ++j) {
         const int64_t g = start + j;
         if ((g >> 2) != block) { block = g >> 2; uniform4(block, i, P.key0, P.key1, u); }
-        keep[j] = u[g & 3] < (P.mode == kRank ? scratch_p[j] : density);
+        keep[j] = u[g & 3] < (P.mode == kRank ? scratch_p[j] : p);
       }
       return;
     }
@@ -217,32 +218,34 @@ void merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
     for (int64_t j = 0; j < len; ++j) non_finite[i + 1] += key_of<T>(experts[i][start + j]) >= inf_key<T>();
   // weighted (sparsified, rescaled, weighted) deltas, in T, laid out [K][len]
   for (int i = 0; i < K; ++i) {
-    T* d = d_scratch.data();
-    for (int64_t j = 0; j < len; ++j) d[j] = delta_of<T>(experts[i][start + j], base[start + j]);
+    T* __restrict__ d = d_scratch.data();
+    const T* __restrict__ e = experts[i] + start;
+    const T* __restrict__ b = base + start;
+    for (int64_t j = 0; j < len; ++j) d[j] = delta_of<T>(e[j], b[j]);
     keep_flags<T>(P, i, d, start, len, row_cols, keep.data(), p_scratch.data(), order_scratch.data());
     const float f = P.factors[i], w = P.weights[i];
-    float* wd = w_scratch.data() + static_cast<int64_t>(i) * len;
-    for (int64_t j = 0; j < len; ++j) {
-      float kept = to_f(d[j]) * (keep[j] ? 1.f : 0.f);  // exact; x * 0 keeps the sign of zero
-      if (!std::isnan(f)) kept = to_f(round_to<T>(kept * f));
-      wd[j] = to_f(round_to<T>(kept * w));
-    }
+    float* __restrict__ wd = w_scratch.data() + static_cast<int64_t>(i) * len;
+    const uint8_t* __restrict__ kp = keep.data();
+    for (int64_t j = 0; j < len; ++j) wd[j] = to_f(d[j]) * (kp[j] ? 1.f : 0.f);  // exact; x * 0 keeps the sign of zero
+    if (!std::isnan(f))
+      for (int64_t j = 0; j < len; ++j) wd[j] = to_f(round_to<T>(wd[j] * f));
+    for (int64_t j = 0; j < len; ++j) wd[j] = to_f(round_to<T>(wd[j] * w));
   }
   // Combine, in vectorisable passes over the block: sums over experts run in expert order.
-  float* sum = acc.data();
-  float* agree_sum = sum + len;
-  float* agree_w = agree_sum + len;
+  float* __restrict__ sum = acc.data();
+  float* __restrict__ agree_sum = sum + len;
+  float* __restrict__ agree_w = agree_sum + len;
   std::fill(sum, sum + 3 * len, 0.f);
   for (int i = 0; i < K; ++i) {
-    const float* wd = w_scratch.data() + static_cast<int64_t>(i) * len;
+    const float* __restrict__ wd = w_scratch.data() + static_cast<int64_t>(i) * len;
     for (int64_t j = 0; j < len; ++j) sum[j] += wd[j];
   }
-  float* mixed = sum;  // reused in place
+  float* __restrict__ mixed = sum;  // reused in place
   if (P.consensus) {
     // elected sign: +1 where the sum rounded to T is >= 0 (a zero sum elects +), else -1
     for (int64_t j = 0; j < len; ++j) sum[j] = to_f(round_to<T>(sum[j])) >= 0.f ? 1.f : -1.f;
     for (int i = 0; i < K; ++i) {
-      const float* wd = w_scratch.data() + static_cast<int64_t>(i) * len;
+      const float* __restrict__ wd = w_scratch.data() + static_cast<int64_t>(i) * len;
       const float wi = P.weights[i];
       for (int64_t j = 0; j < len; ++j) {
         const bool agree = wd[j] * sum[j] > 0.f;  // exact sign test; zeros never agree
@@ -270,7 +273,9 @@ void merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
   }
   if (P.lambda != 1.f)
     for (int64_t j = 0; j < len; ++j) mixed[j] = to_f(round_to<T>(mixed[j] * P.lambda));
-  for (int64_t j = 0; j < len; ++j) out[start + j] = round_to<T>(to_f(base[start + j]) + mixed[j]);
+  const T* __restrict__ b = base + start;
+  T* __restrict__ o = out + start;
+  for (int64_t j = 0; j < len; ++j) o[j] = round_to<T>(to_f(b[j]) + mixed[j]);
 }
 
 // mergekit's L1 rescale factor per expert: |delta|_1 / |kept|_1 in T, none when either is < 1e-7.
@@ -398,6 +403,9 @@ torch::Tensor merge_task_vectors_cpu(const torch::Tensor& base, const std::vecto
   const size_t K = experts.size();
   TORCH_CHECK(weights.size() == K && densities.size() == K, "merge_engine: one weight and density per expert");
   TORCH_CHECK(mode >= kNone && mode <= kRank, "merge_engine: unknown sparsification mode ", mode);
+  TORCH_CHECK((mode != kMagnitude && mode != kOutliers) || (counts_lo.size() == K && counts_hi.size() == K),
+              "merge_engine: one (lo, hi) selection count per expert");
+  TORCH_CHECK(mode != kRank || epsilons.size() == K, "merge_engine: one epsilon per expert");
   Params P{static_cast<int>(mode), consensus, normalize, rescale, static_cast<float>(lambda),
            static_cast<uint32_t>(key0), static_cast<uint32_t>(key1)};
   auto out = torch::empty_like(base);
@@ -407,8 +415,8 @@ torch::Tensor merge_task_vectors_cpu(const torch::Tensor& base, const std::vecto
       const int64_t n = base.numel();
       for (size_t i = 0; i < K; ++i) {
         P.weights.push_back(to_f(round_to<scalar_t>(static_cast<float>(weights[i]))));
-        P.probs.push_back(static_cast<float>(densities[i]));
-        P.epsilons.push_back(epsilons.empty() ? 0.f : static_cast<float>(epsilons[i]));
+        P.densities.push_back(densities[i]);
+        P.epsilons.push_back(epsilons.empty() ? 0.0 : epsilons[i]);
         std::array<int64_t, 4> cut{kNothingLargest, 0, kNothingLargest, 0};
         if (mode == kMagnitude || mode == kOutliers) {
           const bool largest = mode == kMagnitude;

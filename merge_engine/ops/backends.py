@@ -61,14 +61,37 @@ def gpu_backend():
 
 @functools.cache
 def cuda_extension():
-    """The compiled CUDA module (csrc/cuda), or None with one warning."""
-    return None  # filled in with csrc/cuda
+    """The compiled CUDA module (csrc/cuda), or None with one warning (None, silently, without a GPU)."""
+    if not kernels_enabled() or not torch.cuda.is_available():
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+        src = csrc_dir()
+        log.info("loading merge_engine CUDA kernels (the first build takes a few minutes)")
+        # -fmad=false: no fused multiply-add, which would round differently from torch (like
+        # -ffp-contract=off on the CPU); never --use_fast_math (IEEE division and rounding needed).
+        return load(name="merge_engine_cuda",
+                    sources=[os.path.join(src, "cuda", f) for f in ("bindings.cpp", "task_vectors.cu")],
+                    extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-fmad=false"], verbose=False)
+    except Exception as e:  # any build or load failure: fall back, loudly but once
+        warnings.warn(f"merge_engine: compiled CUDA kernels unavailable ({type(e).__name__}: {e}); "
+                      "using the next GPU backend or the PyTorch reference ops", RuntimeWarning, stacklevel=2)
+        return None
 
 
 @functools.cache
 def triton_backend():
-    """merge_engine.triton_kernels (same functions as the compiled modules), or None with one warning."""
-    return None  # filled in with triton_kernels/
+    """merge_engine.triton_kernels.task_vectors (the compiled modules' functions; DELLA excepted, which
+    it leaves to the reference), or None: kernels turned off, or Triton unavailable (one warning)."""
+    if not kernels_enabled():
+        return None
+    try:
+        from merge_engine.triton_kernels import task_vectors  # imports triton
+        return task_vectors
+    except Exception as e:  # triton missing or broken: fall back, loudly but once
+        warnings.warn(f"merge_engine: Triton kernels unavailable ({type(e).__name__}: {e}); "
+                      "using the PyTorch reference ops", RuntimeWarning, stacklevel=2)
+        return None
 
 
 def served_by_kernels(*tensors: torch.Tensor) -> bool:

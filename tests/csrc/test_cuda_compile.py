@@ -1,0 +1,138 @@
+"""The CUDA kernels (csrc/cuda) compile for sm_80 and sm_90, on machines without a GPU.
+
+What is compiled, and why it is a real check:
+- The sources and extra flags are the ones merge_engine.ops.backends.cuda_extension() passes to
+  torch.utils.cpp_extension.load (captured by calling the loader with load() replaced), plus the
+  flags load() itself adds (-DTORCH_EXTENSION_NAME, torch's COMMON_NVCC_FLAGS such as
+  -D__CUDA_NO_HALF_OPERATORS__, -fPIC), so a stale source list or flag breaks this test too.
+- task_vectors.cu goes through nvcc for both architectures in one call (-gencode
+  arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90, -std=c++17): the device code is
+  compiled down to SASS by ptxas for each architecture, and the host half by the host compiler.
+  C++17 is the oldest standard the sources support; load() uses torch's default (C++20 for torch
+  2.13), which they also compile with.
+  bindings.cpp goes through the host compiler (c++, or $CXX), concurrently.
+- Headers are torch's own (torch.utils.cpp_extension.include_paths()) and the CUDA toolkit's; no
+  stubs. The kernels use only c10/cuda headers (c10::cuda::getCurrentCUDAStream, CUDAGuard,
+  C10_CUDA_KERNEL_LAUNCH_CHECK), which CPU wheels of torch ship too; ATen/cuda/CUDAContext.h is
+  avoided because it includes cuBLAS/cuSPARSE/cuSOLVER headers that a bare toolkit may lack.
+  A CPU wheel lacks one generated header, c10/cuda/impl/cuda_cmake_macros.h, whose only content is
+  `#define C10_CUDA_BUILD_SHARED_LIBS` (used for Windows dllexport only); when it is missing we
+  define C10_CUDA_NO_CMAKE_CONFIGURE_FILE, torch's own switch for skipping it. Nothing else differs
+  from a build against a CUDA wheel.
+- Then: every merge_engine:: function bindings.o needs is defined by task_vectors.o (nm), so the
+  declarations in bindings.cpp match the definitions; and the PTX nvcc kept has no fma instruction
+  (a contracted multiply-add would round differently from torch; see -fmad=false).
+Nothing is linked against libtorch_cuda (absent from CPU wheels), and nothing runs.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+import torch
+import torch.utils.cpp_extension as cpp_extension
+
+from merge_engine.ops import backends
+
+ARCHS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
+TIMEOUT_S = 1200
+
+
+def loader_arguments(monkeypatch):
+    """The keyword arguments cuda_extension() gives torch.utils.cpp_extension.load."""
+    captured = {}
+
+    def fake_load(*args, **kwargs):
+        captured.update(zip(("name", "sources", "extra_cflags", "extra_cuda_cflags"), args), **kwargs)
+        return object()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.delenv("MERGE_ENGINE_KERNELS", raising=False)
+    assert backends.cuda_extension.__wrapped__() is not None, "cuda_extension() did not call load()"
+    return captured
+
+
+def torch_include_flags():
+    """torch's include paths and Python's (nvcc adds the toolkit's own include directory)."""
+    incs = list(cpp_extension.include_paths()) + [sysconfig.get_path("include")]
+    flags = []
+    for inc in incs:
+        flags += ["-isystem", inc]
+    return flags
+
+
+@pytest.mark.slow
+def test_cuda_sources_compile_for_sm80_and_sm90(monkeypatch, tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH: the CUDA sources cannot be compiled here")
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"no host C++ compiler ({cxx})")
+    torch_include = cpp_extension.include_paths()[0]
+    if not os.path.exists(os.path.join(torch_include, "c10", "cuda", "CUDAGuard.h")):
+        pytest.skip("this torch install ships no c10/cuda headers")
+
+    kwargs = loader_arguments(monkeypatch)
+    sources = kwargs["sources"]
+    cu = [s for s in sources if s.endswith(".cu")]
+    cpp = [s for s in sources if s.endswith(".cpp")]
+    assert len(cu) == 1 and len(cpp) == 1 and all(os.path.exists(s) for s in sources), sources
+    assert "--use_fast_math" not in kwargs.get("extra_cuda_cflags", []) and "-fmad=false" in kwargs["extra_cuda_cflags"]
+
+    name = kwargs["name"]
+    defines = [f"-DTORCH_EXTENSION_NAME={name}", "-DTORCH_API_INCLUDE_EXTENSION_H"]
+    if not os.path.exists(os.path.join(torch_include, "c10", "cuda", "impl", "cuda_cmake_macros.h")):
+        defines.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")  # CPU wheel: see the module docstring
+    includes = torch_include_flags()
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    cu_obj, cpp_obj = tmp_path / "task_vectors.o", tmp_path / "bindings.o"
+    nvcc_cmd = ([nvcc, "-c", cu[0], "-o", str(cu_obj), "-std=c++17", "--compiler-options", "-fPIC",
+                 f"--threads={max(2, min(4, os.cpu_count() or 2))}", "--keep", f"--keep-dir={keep}"]
+                + ARCHS + defines + cpp_extension.COMMON_NVCC_FLAGS + kwargs.get("extra_cuda_cflags", []) + includes)
+    cxx_cmd = ([cxx, "-c", cpp[0], "-o", str(cpp_obj), "-std=c++17", "-fPIC"]
+               + defines + kwargs.get("extra_cflags", []) + includes)
+    print("nvcc command:", " ".join(nvcc_cmd))
+    print("c++ command:", " ".join(cxx_cmd))
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+             for cmd in (nvcc_cmd, cxx_cmd)]
+    results = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"compilation took longer than {TIMEOUT_S} s")
+        results.append((proc.returncode, out, err))
+    for (rc, out, err), what in zip(results, ("nvcc task_vectors.cu", "c++ bindings.cpp")):
+        if rc != 0:
+            sys.stderr.write(err)
+        assert rc == 0, f"{what} failed (rc {rc}):\n{out}\n{err}"
+
+    # the bindings' declarations match the kernels' definitions
+    nm = shutil.which("nm")
+    if nm is not None:
+        def symbols(obj, *flags):
+            text = subprocess.run([nm, "-C", *flags, str(obj)], capture_output=True, text=True, check=True).stdout
+            names = (re.match(r"\s*(?:[0-9a-fA-F]+\s+)?[A-Za-z]\s+(.*)$", line) for line in text.splitlines())
+            return {m.group(1) for m in names if m and m.group(1).startswith("merge_engine::")}
+        needed = symbols(cpp_obj, "-u")
+        defined = symbols(cu_obj, "--defined-only")
+        assert needed, "bindings.o references no merge_engine:: function"
+        assert needed <= defined, f"declared in bindings.cpp but not defined in task_vectors.cu: {needed - defined}"
+
+    # SASS for both architectures, and no fused multiply-add anywhere in the device code
+    for arch in ("80", "90"):
+        cubins = [c for pattern in (f"*compute_{arch}*.cubin", f"*sm_{arch}*.cubin") for c in keep.glob(pattern)]
+        assert any(c.stat().st_size > 0 for c in cubins), f"no sm_{arch} cubin among {sorted(os.listdir(keep))}"
+    ptx = sorted(keep.glob("*.ptx"))
+    assert {re.search(r"compute_(\d+)", p.name).group(1) for p in ptx if re.search(r"compute_(\d+)", p.name)} >= {"80", "90"}, \
+        [p.name for p in ptx]
+    for p in ptx:
+        fma = [line.strip() for line in p.read_text().splitlines() if re.match(r"\s*fma\.", line)]
+        assert not fma, f"{p.name} contains fused multiply-adds, e.g. {fma[:3]}"

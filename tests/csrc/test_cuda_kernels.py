@@ -1,0 +1,276 @@
+"""The CUDA kernels (csrc/cuda) against the PyTorch references and the C++ CPU kernels (needs a GPU).
+
+Cut-offs must equal merge_engine.ops.select.magnitude_cutoff exactly. Merged values:
+- against the C++ CPU kernels (the same arithmetic: the same roundings to the dtype, fp32 sums over
+  the experts in expert order): bit-identical (torch.equal) for every K, mode, dtype and shape,
+  except with rescale (below);
+- against the reference, run on the GPU: bit-identical for K <= 2 without rescale. For K > 2 torch's
+  CUDA reductions pick their association order by shape (ATen/native/cuda/Reduce.cuh: vt0 = 4
+  accumulators per thread, and lanes of a warp for reductions over the fastest dimension, e.g. the
+  weight sum of normalize, or the expert sum of a one-element tensor), so an fp32 sum may differ in
+  its last bit from the expert-order sum, a rounding to the dtype may flip, and an elected sign may
+  flip where the sum is ~0 (such elements are not compared). Only two-term sums are order-free.
+- With rescale the L1 factor is a ratio of two whole-tensor sums taken in a different order (here:
+  fp64 per-block partials in a fixed tree; the reference: a torch sum in the dtype), so the factor
+  may differ by a few ulps of the dtype (each sum rounds to the dtype, then their ratio does; in fp32
+  the reference's own sum carries up to ~log2(n) ulps of re-association error). Each weighted term
+  w_i * kept_i * f_i moves by that relative error.
+The bound (assert_close_merge), with p the dtype's mantissa bits:
+    |got - want| <= 4 ulp(|want|) + (2^-(p-3) + 2K 2^-24 + F) * S / w_min,
+    F = 2^-(p-3) + 4 log2(n) 2^-24 with rescale, else 0,
+2^-(p-3): up to four flipped roundings of the mixed value (sum, divide, lambda, + base); 2K 2^-24:
+re-association of K-term fp32 sums; S = |lambda| * sum_i |w_i * sparsified delta_i| (fp64, reference
+sparsifiers) bounds every intermediate; w_min, the smallest weight when normalising (else 1), is the
+smallest possible divisor. S replaces a relative |want - base| bound because without consensus the
+terms may cancel.
+"""
+import math
+import zlib
+
+import pytest
+import torch
+
+from merge_engine.ops import backends
+from merge_engine.ops.consensus import _merge_with, _sparsify, merge_task_vectors_reference
+from merge_engine.ops.select import magnitude_cutoff
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device: the CUDA kernels cannot run here (tests/csrc/test_cuda_compile.py "
+                "checks that they compile)", allow_module_level=True)
+if not backends.kernels_enabled():
+    pytest.skip("compiled kernels disabled by MERGE_ENGINE_KERNELS=0", allow_module_level=True)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SIZES = [(1,), (7,), (1023,), (4097,), (37, 53)]
+MANTISSA = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
+MODES = ["", "magnitude", "random", "outliers", "rank"]
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = backends.cuda_extension()
+    assert module is not None, "the CUDA extension failed to build (see the warning above)"
+    return module
+
+
+@pytest.fixture(scope="module")
+def cpu_ext():
+    return backends.cpu_extension()  # None: the CPU-parity checks are skipped
+
+
+def stable_seed(*parts):
+    return zlib.crc32(repr(parts).encode()) % 10**6
+
+
+def make_inputs(shape, dtype, k, seed, ties=False, zero_delta=False):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    experts = []
+    for _ in range(k):
+        noise = torch.randn(shape, generator=g) * 0.1
+        if ties:  # a few magnitude levels: long runs of equal |delta|
+            noise = torch.randint(-3, 4, shape, generator=g).float() * 0.125
+            base = base.round()
+        experts.append(base.clone() if zero_delta else base + noise)
+    return base.to(dtype).cuda(), [e.to(dtype).cuda() for e in experts]
+
+
+def merge_kwargs(k, sparsify, consensus, normalize, rescale, seed, lambda_=0.9):
+    return dict(weights=[0.3 + 0.4 * i for i in range(k)], densities=[0.2 + 0.08 * i for i in range(k)],
+                sparsify=sparsify, consensus=consensus, normalize=normalize, rescale=rescale, lambda_=lambda_,
+                gammas=[0.05] * k if sparsify == "outliers" else None,
+                epsilons=[0.1] * k if sparsify == "rank" else None, seed=seed, tensor_name="t")
+
+
+def contributions(base, experts, kw):
+    """(sum_i w_i kept_i, sum_i |w_i kept_i|) in fp64 on the CPU, kept_i from the reference sparsifiers."""
+    base, experts = base.cpu(), [e.cpu() for e in experts]
+    signed = torch.zeros(base.shape, dtype=torch.float64)
+    total = torch.zeros(base.shape, dtype=torch.float64)
+    k = len(experts)
+    for i, e in enumerate(experts):
+        delta = e - base
+        if kw.get("sparsify"):
+            delta = _sparsify(delta, kw["sparsify"], kw["densities"][i], (kw.get("gammas") or [0] * k)[i],
+                              (kw.get("epsilons") or [0] * k)[i], kw.get("rescale", False), kw.get("seed", 0),
+                              kw.get("tensor_name", ""), i)
+        signed += kw["weights"][i] * delta.double()
+        total += abs(kw["weights"][i]) * delta.double().abs()
+    return signed, total
+
+
+def assert_close_merge(got, want, base, experts, kw, context):
+    """The bound of the module docstring; elements whose elected sign is numerically undecided
+    (|fp64 sum| within the re-association and factor errors) are not compared."""
+    got, want = got.cpu(), want.cpu()
+    dtype, k, n = base.dtype, len(experts), base.numel()
+    p = MANTISSA[dtype]
+    lam = abs(kw.get("lambda_", 1.0))
+    signed, s = contributions(base, experts, kw)
+    s = s * lam
+    reassociation = 2 * k * 2.0 ** -24
+    factor = (2.0 ** -(p - 3) + 4 * math.log2(max(n, 2)) * 2.0 ** -24) if kw.get("rescale") else 0.0
+    if kw.get("consensus"):
+        undecided = signed.abs() * lam <= (reassociation + factor) * s
+    else:
+        undecided = torch.zeros(signed.shape, dtype=torch.bool)
+    w_min = min(kw["weights"]) if kw.get("normalize") else 1.0
+    g, w = got.double(), want.double()
+    ulp = 2.0 ** -(p - 1) * w.abs().clamp(min=float(torch.finfo(dtype).tiny))
+    bound = 4 * ulp + (2.0 ** -(p - 3) + reassociation + factor) * s / w_min
+    excess = torch.where(undecided, 0, (g - w).abs() - bound)
+    assert (excess <= 0).all(), f"{context}: error exceeds the bound by {float(excess.max())}"
+
+
+# ---- delta_cutoffs ----
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SIZES + [(300_007,)])
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("ties", [False, True])
+def test_delta_cutoffs_match_reference(ext, dtype, shape, largest, ties):
+    seed = stable_seed(shape, largest, ties, dtype)
+    base, (expert,) = make_inputs(shape, dtype, 1, seed, ties=ties)
+    delta = (expert - base).cpu()
+    n = delta.numel()
+    counts = sorted({0, 1, 2, max(1, n // 100), n // 3, n // 2, n - 1, n, n + 5, -3})
+    got = ext.delta_cutoffs(base, expert, counts, largest)
+    assert got.shape == (len(counts), 2) and got.dtype == torch.int64
+    for j, count in enumerate(counts):
+        want = magnitude_cutoff(delta, count, largest)
+        assert got[j].tolist() == want.tolist(), f"seed {seed}, count {count}"
+
+
+def test_delta_cutoffs_on_a_side_stream(ext):
+    base, (expert,) = make_inputs((4097,), torch.bfloat16, 1, 5, ties=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = ext.delta_cutoffs(base, expert, [100, 2000], True)
+    delta = (expert - base).cpu()
+    assert got.tolist() == [magnitude_cutoff(delta, c, True).tolist() for c in (100, 2000)]
+
+
+# ---- merge_task_vectors ----
+
+def check_merge(ext, cpu_ext, base, experts, kw, context):
+    got = _merge_with(ext, base, experts, **kw)
+    assert got.device == base.device and got.dtype == base.dtype and got.shape == base.shape
+    k = len(experts)
+    if cpu_ext is not None:
+        on_cpu = _merge_with(cpu_ext, base.cpu(), [e.cpu() for e in experts], **kw)
+        if kw.get("rescale"):
+            assert_close_merge(got, on_cpu, base, experts, kw, context + " (vs the CPU kernels)")
+        else:
+            assert torch.equal(got.cpu(), on_cpu), f"{context}: {(got.cpu() != on_cpu).sum()} elements differ from the CPU kernels"
+    want = merge_task_vectors_reference(base, experts, **kw)
+    if k <= 2 and not kw.get("rescale"):
+        assert torch.equal(got, want), f"{context}: {(got != want).sum()} elements differ from the reference"
+    else:
+        assert_close_merge(got, want, base, experts, kw, context)
+    return got
+
+
+CASES = [  # (consensus, normalize, rescale)
+    (False, True, False), (False, False, False), (True, True, False), (True, False, False),
+    (True, True, True), (False, False, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SIZES)
+@pytest.mark.parametrize("sparsify", MODES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c))
+def test_merge_matches_reference(ext, cpu_ext, dtype, shape, sparsify, case):
+    consensus, normalize, rescale = case
+    seed = stable_seed(shape, case, sparsify, dtype)
+    k = 1 + seed % 8
+    base, experts = make_inputs(shape, dtype, k, seed)
+    kw = merge_kwargs(k, sparsify, consensus, normalize, rescale, seed)
+    check_merge(ext, cpu_ext, base, experts, kw, f"seed {seed}, k {k}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", range(1, 9))
+@pytest.mark.parametrize("sparsify", ["", "magnitude", "random", "outliers"])
+def test_every_expert_count(ext, cpu_ext, dtype, k, sparsify):
+    seed = 1000 * k + MODES.index(sparsify)
+    base, experts = make_inputs((4097,), dtype, k, seed, ties=sparsify == "magnitude")
+    kw = merge_kwargs(k, sparsify, True, True, False, seed, lambda_=1.0)
+    check_merge(ext, cpu_ext, base, experts, kw, f"seed {seed}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("density", [0.0, 1e-4, 0.5, 1.0])
+def test_ties_densities_and_a_larger_tensor(ext, cpu_ext, dtype, density):
+    k = 3
+    base, experts = make_inputs((257, 1031), dtype, k, int(density * 1000), ties=True)
+    kw = dict(weights=[1.0, 0.5, 0.25], densities=[density] * k, sparsify="magnitude", consensus=True, normalize=True)
+    check_merge(ext, cpu_ext, base, experts, kw, f"density {density}")
+
+
+@pytest.mark.parametrize("sparsify", ["magnitude", "random", "outliers", "rank"])
+def test_all_zero_deltas_give_the_base(ext, sparsify):
+    base, experts = make_inputs((1023,), torch.bfloat16, 3, 7, zero_delta=True)
+    kw = dict(weights=[1.0] * 3, densities=[0.5] * 3, sparsify=sparsify, consensus=True, normalize=True,
+              rescale=True, gammas=[0.01] * 3, epsilons=[0.1] * 3)
+    got = _merge_with(ext, base, experts, **kw)
+    assert torch.equal(got, base)
+    assert torch.equal(got, merge_task_vectors_reference(base, experts, **kw))
+
+
+def test_dare_masks_identical_to_reference(ext):
+    base = torch.zeros(4097, device="cuda")
+    experts = [torch.ones(4097, device="cuda"), torch.ones(4097, device="cuda")]
+    for seed in (0, 1, 12345):
+        kw = dict(weights=[1.0, 2.0], densities=[0.3, 0.6], sparsify="random", seed=seed, tensor_name="x")
+        got = _merge_with(ext, base, experts, **kw)
+        assert torch.equal(got, merge_task_vectors_reference(base, experts, **kw)), f"seed {seed}"
+
+
+def test_rescale_is_deterministic_and_stream_ordered(ext):
+    base, experts = make_inputs((37, 53), torch.float32, 5, 11)
+    kw = merge_kwargs(5, "random", True, True, True, 11)
+    first = _merge_with(ext, base, experts, **kw)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        second = _merge_with(ext, base, experts, **kw)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_are_errors(ext, bad):
+    base, experts = make_inputs((100,), torch.float32, 2, 3)
+    experts[1][17] = bad
+    with pytest.raises(ValueError, match="expert 1 has 1 NaN or Inf"):
+        _merge_with(ext, base, experts, [1.0, 1.0], [0.5, 0.5], "magnitude", True, True)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ext.delta_cutoffs(base, experts[1], [10], True)
+
+
+def test_bad_inputs_are_rejected(ext):
+    base, experts = make_inputs((64,), torch.float32, 17, 1)
+    with pytest.raises(RuntimeError, match="at most 16 experts"):
+        ext.merge_task_vectors(base, experts, [1.0] * 17, 0, [], [], [1.0] * 17, [], False, False, False, 1.0, 0, 0)
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        ext.delta_cutoffs(base.cpu(), experts[0].cpu(), [1], True)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ext.delta_cutoffs(base.double(), experts[0].double(), [1], True)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ext.delta_cutoffs(base.reshape(8, 8).t(), experts[0].reshape(8, 8).t(), [1], True)
+
+
+def test_op_dispatches_to_the_cuda_extension(ext, monkeypatch):
+    calls = []
+
+    class Spy:
+        def merge_task_vectors(self, *args):
+            calls.append(args[3])
+            return ext.merge_task_vectors(*args)
+    monkeypatch.setattr(backends, "gpu_backend", lambda: Spy())
+    from merge_engine import ops
+    base, experts = make_inputs((50,), torch.bfloat16, 2, 1)
+    ops.merge_task_vectors(base, experts, [1.0, 1.0], [0.5, 0.5], "magnitude", True, True)
+    assert calls == [1]
