@@ -81,8 +81,8 @@ def cuda_extension():
 
 @functools.cache
 def triton_backend():
-    """merge_engine.triton_kernels.task_vectors (the compiled modules' functions; DELLA excepted, which
-    it leaves to the reference), or None: kernels turned off, or Triton unavailable (one warning)."""
+    """merge_engine.triton_kernels.task_vectors (the compiled modules' functions, DELLA excepted: it
+    raises NotImplementedError for mode 4), or None: kernels turned off, or Triton unavailable (one warning)."""
     if not kernels_enabled():
         return None
     try:

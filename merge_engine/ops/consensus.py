@@ -126,7 +126,8 @@ def _merge_with(backend, base, experts, weights, densities, sparsify="", consens
     args = (base, experts, weights, densities, sparsify, consensus, normalize, rescale, lambda_, gammas, epsilons,
             seed, tensor_name)
     if (backend is None or not experts or not backends.served_by_kernels(base, *experts) or sparsify not in MODES
-            or len(experts) > getattr(backend, "max_experts", len(experts))):
+            or len(experts) > getattr(backend, "max_experts", len(experts))
+            or MODES[sparsify] not in getattr(backend, "modes", MODES.values())):
         return merge_task_vectors_reference(*args)
     n = base.numel()
     counts = [selection_counts(n, sparsify, d, gammas[i] if gammas else 0.0) for i, d in enumerate(densities)]

@@ -1,0 +1,230 @@
+"""The Triton kernels (triton_kernels/task_vectors.py) against the PyTorch references: through the
+Triton interpreter on CPU tensors (TRITON_INTERPRET=1, as tools/test.sh sets), or on a GPU.
+
+Cut-offs, DARE masks and merged values must match exactly. The kernel sums over experts in fp32 in
+expert order; torch's dim-0 sums do the same for K <= 4, and for bf16/fp16 at any K (fp32 sums of
+more than 4 rows are re-associated, measured on torch 2.13 CPU), so the K = 8 case runs in bf16.
+Only the L1 rescale factor may differ (see assert_rescaled_close). The interpreter is slow: inputs
+stay small, a few thousand elements, which still spans several 1024-element blocks.
+
+Inputs are seeded from the test parameters (zlib.crc32 of their repr, stable across runs); every
+assertion message names the seed.
+"""
+import os
+import sys
+import zlib
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("Triton kernels need a GPU or the interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
+pytest.importorskip("triton")
+
+from merge_engine.ops import backends  # noqa: E402
+from merge_engine.ops.consensus import _merge_with, merge_task_vectors_reference  # noqa: E402
+from merge_engine.ops.random import philox_key, uniform  # noqa: E402
+from merge_engine.ops.select import magnitude_cutoff  # noqa: E402
+from merge_engine.triton_kernels import task_vectors as tv  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SIZES = [(1,), (7,), (1023,), (4097,), (37, 53)]
+MANTISSA = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}  # stored bits: an ulp is <= 2^-m |x|
+
+
+def seed_of(*params) -> int:
+    return zlib.crc32(repr(params).encode()) % 10**6
+
+
+def make_inputs(shape, dtype, k, seed, ties=False, zero_delta=False):
+    """Base and k experts; ties: deltas from a few levels (long runs of equal magnitudes)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    if ties:
+        base = base.round()
+    experts = []
+    for _ in range(k):
+        if ties:
+            noise = torch.randint(-3, 4, shape, generator=g).float() * 0.125
+        else:
+            noise = torch.randn(shape, generator=g) * 0.1
+        experts.append(base.clone() if zero_delta else base + noise)
+    return base.to(DEVICE, dtype), [e.to(DEVICE, dtype) for e in experts]
+
+
+def merge_kwargs(k, sparsify, consensus, normalize, rescale=False, density=None, seed=0):
+    return dict(weights=[0.3 + 0.4 * i for i in range(k)],
+                densities=[density if density is not None else 0.2 + 0.2 * i for i in range(k)],
+                sparsify=sparsify, consensus=consensus, normalize=normalize, rescale=rescale, lambda_=0.9,
+                gammas=[0.05] * k if sparsify == "outliers" else None, seed=seed, tensor_name="t")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SIZES)
+@pytest.mark.parametrize("ties", [False, True])
+def test_delta_cutoffs_match_reference(dtype, shape, ties):
+    seed = seed_of(shape, ties, dtype)
+    base, (expert,) = make_inputs(shape, dtype, 1, seed, ties=ties)
+    delta = (expert - base).cpu()
+    n = delta.numel()
+    counts = sorted({0, 1, max(1, n // 100), n // 3, n // 2, n - 1, n})
+    for largest in (True, False):
+        got = tv.delta_cutoffs(base, expert, counts, largest)
+        want = torch.stack([magnitude_cutoff(delta, c, largest) for c in counts])
+        assert torch.equal(got, want), f"seed {seed}, largest {largest}, counts {counts}:\n{got}\n{want}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_delta_cutoffs_of_all_zero_deltas(dtype):
+    base, (expert,) = make_inputs((4097,), dtype, 1, 0, zero_delta=True)
+    counts = [0, 1, 1024, 1025, 4096, 4097]
+    for largest in (True, False):
+        want = torch.stack([magnitude_cutoff((expert - base).cpu(), c, largest) for c in counts])
+        assert torch.equal(tv.delta_cutoffs(base, expert, counts, largest), want)
+
+
+def test_empty_tensors():
+    base = torch.empty(0, device=DEVICE)
+    for largest in (True, False):
+        want = torch.stack([magnitude_cutoff(base.cpu(), c, largest) for c in (0, 3)])
+        assert torch.equal(tv.delta_cutoffs(base, base, [0, 3], largest), want)
+    kw = merge_kwargs(1, "magnitude", True, True)
+    assert _merge_with(tv, base, [base], **kw).shape == (0,)
+
+
+CASES = [  # (sparsify, consensus, normalize)
+    ("", False, True), ("", True, False),
+    ("magnitude", True, True), ("magnitude", False, False),
+    ("random", True, False), ("random", False, True),
+    ("outliers", False, False), ("outliers", True, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SIZES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c))
+def test_merge_matches_reference_exactly(dtype, shape, case):
+    k = 1 + (SIZES.index(shape) + CASES.index(case)) % 4
+    seed = seed_of(shape, case, dtype)
+    base, experts = make_inputs(shape, dtype, k, seed)
+    kw = merge_kwargs(k, *case, seed=seed)
+    got, want = _merge_with(tv, base, experts, **kw), merge_task_vectors_reference(base, experts, **kw)
+    assert torch.equal(got, want), f"seed {seed}, k {k}: {int((got != want).sum())} elements differ"
+
+
+def assert_rescaled_close(got, want, base, context):
+    """|got - want| <= 4 ulp(|want|) + 2^-(m-2) |want - base| (m mantissa bits).
+
+    The L1 rescale factor is a ratio of two whole-tensor sums, which the kernel takes in another
+    order than torch (fp32 block sums added in fp64, against torch's fp32 cascade), so after rounding
+    to the dtype it may differ by an ulp or two (<= 2^-m relative each). That relative error carries
+    through the products and the mean to the mixed value, want - base up to lambda and the last
+    rounding, and may flip the roundings on the way by an ulp: 2^-(m-2) |want - base| holds four such
+    ulps, and 4 ulp(|want|) the final roundings where base and the mixed value cancel. The bound is
+    relative to the mixed value, so it needs consensus: the agreeing deltas share a sign and cannot
+    cancel, while a plain weighted sum can, leaving an error relative to its terms, not to it. (An
+    elected sign could still flip where the sum is within that error of zero; these inputs have none.)"""
+    m = MANTISSA[want.dtype]
+    g, w, b = got.double(), want.double(), base.double()
+    ulp = 2.0 ** -m * w.abs().clamp(min=float(torch.finfo(want.dtype).tiny))
+    excess = (g - w).abs() - (4 * ulp + 2.0 ** -(m - 2) * (w - b).abs())
+    assert (excess <= 0).all(), f"{context}: error exceeds the bound by {float(excess.max())}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7,), (4097,), (37, 53)])
+@pytest.mark.parametrize("sparsify", ["magnitude", "random", "outliers"])
+def test_rescaled_merge_within_bound(dtype, shape, sparsify):
+    k = 1 + [(7,), (4097,), (37, 53)].index(shape)
+    seed = seed_of(shape, sparsify, dtype, "rescale")
+    base, experts = make_inputs(shape, dtype, k, seed)
+    kw = merge_kwargs(k, sparsify, True, True, rescale=True, seed=seed)
+    got, want = _merge_with(tv, base, experts, **kw), merge_task_vectors_reference(base, experts, **kw)
+    assert_rescaled_close(got, want, base, f"seed {seed}, k {k}")
+
+
+@pytest.mark.parametrize("density", [0.0, 1e-4, 1.0])
+@pytest.mark.parametrize("sparsify", ["magnitude", "random", "outliers"])
+def test_densities_with_many_equal_magnitudes(density, sparsify):
+    seed = seed_of(density, sparsify)
+    base, experts = make_inputs((4097,), torch.bfloat16, 3, seed, ties=True)
+    kw = merge_kwargs(3, sparsify, True, True, density=density, seed=seed)
+    got, want = _merge_with(tv, base, experts, **kw), merge_task_vectors_reference(base, experts, **kw)
+    assert torch.equal(got, want), f"seed {seed}: {int((got != want).sum())} elements differ"
+
+
+def test_eight_experts():
+    seed = seed_of("eight experts")
+    base, experts = make_inputs((4097,), torch.bfloat16, 8, seed, ties=True)
+    kw = merge_kwargs(8, "magnitude", True, True, density=0.3, seed=seed)
+    got, want = _merge_with(tv, base, experts, **kw), merge_task_vectors_reference(base, experts, **kw)
+    assert torch.equal(got, want), f"seed {seed}: {int((got != want).sum())} elements differ"
+
+
+@pytest.mark.parametrize("sparsify", ["", "magnitude", "random", "outliers"])
+def test_all_zero_deltas_give_the_base(sparsify):
+    base, experts = make_inputs((1023,), torch.bfloat16, 3, 7, zero_delta=True)
+    kw = merge_kwargs(3, sparsify, True, True, rescale=True, density=0.5)
+    got = _merge_with(tv, base, experts, **kw)
+    assert torch.equal(got, base)
+    assert torch.equal(got, merge_task_vectors_reference(base, experts, **kw))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345])
+def test_dare_masks_identical_to_reference(seed):
+    # weights 1, 2, 4 on all-one deltas: bit i of the (exact) sum is expert i's keep flag
+    n, densities = 4097, [0.3, 0.6, 0.9]
+    base = torch.zeros(n, device=DEVICE)
+    experts = [torch.ones(n, device=DEVICE)] * 3
+    kw = dict(weights=[1.0, 2.0, 4.0], densities=densities, sparsify="random", seed=seed, tensor_name="x")
+    merged = _merge_with(tv, base, experts, **kw)
+    assert torch.equal(merged, merge_task_vectors_reference(base, experts, **kw)), f"seed {seed}"
+    got = merged.cpu().to(torch.int64)
+    key = philox_key(seed, "x")
+    for i, density in enumerate(densities):
+        want = uniform(n, key, i) < torch.tensor(density, dtype=torch.float32)
+        assert torch.equal((got >> i & 1).bool(), want), f"seed {seed}, expert {i}"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_are_errors(bad):
+    base, experts = make_inputs((100,), torch.float32, 2, 3)
+    experts[1][17] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        _merge_with(tv, base, experts, [1.0, 1.0], [0.5, 0.5], "magnitude", True, True)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        tv.delta_cutoffs(base, experts[1], [10], True)
+
+
+def test_rank_mode_is_left_to_the_reference():
+    base, experts = make_inputs((10,), torch.float32, 1, 0)
+    with pytest.raises(NotImplementedError):
+        tv.merge_task_vectors(base, experts, [1.0], 4, [0], [10], [0.5], [0.1], True, True, False, 1.0, 0, 0)
+
+
+def test_backend_is_the_triton_module(monkeypatch):
+    monkeypatch.setenv("MERGE_ENGINE_KERNELS", "1")
+    backends.triton_backend.cache_clear()
+    try:
+        assert backends.triton_backend() is tv
+    finally:
+        backends.triton_backend.cache_clear()
+
+
+def test_missing_triton_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setenv("MERGE_ENGINE_KERNELS", "1")
+    # a fresh import of the kernels module, with `import triton` raising ImportError
+    monkeypatch.delattr(sys.modules["merge_engine.triton_kernels"], "task_vectors")
+    monkeypatch.delitem(sys.modules, "merge_engine.triton_kernels.task_vectors")
+    monkeypatch.setitem(sys.modules, "triton", None)
+    backends.triton_backend.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="Triton kernels unavailable") as record:
+            assert backends.triton_backend() is None
+            assert backends.triton_backend() is None
+        assert len(record) == 1
+    finally:
+        backends.triton_backend.cache_clear()
