@@ -1,0 +1,284 @@
+"""Benchmark: merge_engine vs mergekit on a ~1.1B-parameter Llama-shaped TIES merge (bf16, CPU).
+
+Generates a random bf16 base model and three experts (base + seeded noise) as Hugging Face
+safetensors folders (reused when already present in --work), writes a mergekit TIES config, measures
+the I/O floor (read every input byte; write + fsync the output size) and the memory-copy bandwidth,
+then runs in subprocesses, measuring wall time and peak RSS: `python -m merge_engine` (compiled kernels
+when they load), the same with MERGE_ENGINE_KERNELS=0 (PyTorch reference ops) and mergekit-yaml;
+"other load" is the CPU time other processes used meanwhile, in cores (the machine may be shared).
+Prints a markdown table and a tensor-by-tensor comparison of the outputs. The page cache is dropped
+before each timed run when /proc/sys/vm/drop_caches is writable (root).
+
+    python bench/bench_merge.py                                  # TinyLlama-1.1B shape, with mergekit
+    python bench/bench_merge.py --layers 2 --hidden 256 --intermediate 704 --vocab 4096   # quick check
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+import transformers
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+EXPERTS = 3
+LAYERS_PER_SHARD = 4
+NOISE = 0.002  # expert = base + NOISE * N(0, 1); base weights ~ N(0, 0.02)
+TIES = {"weight": (0.5, 0.3, 0.2), "density": (0.5, 0.6, 0.7)}
+SHAPE = {"layers": 22, "hidden": 2048, "intermediate": 5632, "vocab": 32000, "heads": 32, "kv_heads": 4}  # TinyLlama
+MERGEKIT = "/opt/mkvenv/bin/mergekit-yaml"
+CHUNK = 64 << 20
+
+
+def tensor_shapes(a, layers: range, first: bool, last: bool) -> dict[str, tuple[int, ...]]:
+    """HF Llama tensor names and shapes of one shard (embeddings in the first, norm and head in the last)."""
+    h, i, kv = a.hidden, a.intermediate, a.kv_heads * (a.hidden // a.heads)
+    shapes = {"model.embed_tokens.weight": (a.vocab, h)} if first else {}
+    for n in layers:
+        p = f"model.layers.{n}."
+        shapes.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                       p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
+                       p + "post_attention_layernorm.weight": (h,)})
+    if last:
+        shapes.update({"model.norm.weight": (h,), "lm_head.weight": (a.vocab, h)})
+    return shapes
+
+
+def generate_models(a, root: str) -> list[str]:
+    """Write base + experts shard by shard (memory: two shards); reuse folders whose index exists."""
+    paths = [os.path.join(root, "base")] + [os.path.join(root, f"expert{e}") for e in range(1, EXPERTS + 1)]
+    index = "model.safetensors.index.json"
+    if all(os.path.exists(os.path.join(p, index)) for p in paths):
+        return paths
+    config = transformers.LlamaConfig(
+        vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.layers,
+        num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, tie_word_embeddings=False, dtype="bfloat16",
+        architectures=["LlamaForCausalLM"])
+    for p in paths:
+        config.save_pretrained(p)
+    starts, weight_maps, total, gen = range(0, a.layers, LAYERS_PER_SHARD), [{} for _ in paths], 0, torch.Generator()
+    for s, start in enumerate(starts):
+        shapes = tensor_shapes(a, range(start, min(start + LAYERS_PER_SHARD, a.layers)), s == 0, s == len(starts) - 1)
+        fname = f"model-{s + 1:05d}-of-{len(starts):05d}.safetensors"
+        gen.manual_seed(s)
+        base = {n: (torch.ones(sh) if len(sh) == 1 else 0.02 * torch.randn(sh, generator=gen)).bfloat16()
+                for n, sh in shapes.items()}
+        total += sum(t.nbytes for t in base.values())
+        for m, path in enumerate(paths):
+            gen.manual_seed(1000 * m + s)
+            tensors = base if m == 0 else {
+                n: (t.float() + NOISE * torch.randn(t.shape, generator=gen)).bfloat16() for n, t in base.items()}
+            save_file(tensors, os.path.join(path, fname), metadata={"format": "pt"})
+            weight_maps[m].update(dict.fromkeys(tensors, fname))
+    for path, weight_map in zip(paths, weight_maps):  # written last: marks a complete folder
+        with open(os.path.join(path, index), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return paths
+
+
+def write_config(paths: list[str], path: str) -> str:
+    models = [{"model": p, "parameters": {"weight": w, "density": d}}
+              for p, w, d in zip(paths[1:], TIES["weight"], TIES["density"])]
+    config = {"merge_method": "ties", "base_model": paths[0], "models": models,
+              "parameters": {"normalize": True}, "dtype": "bfloat16"}
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    return path
+
+
+def drop_caches() -> bool:
+    """Flush dirty pages and drop the page cache; False when not permitted."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def safetensors_files(folder: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+
+
+def folder_bytes(folder: str) -> int:
+    return sum(map(os.path.getsize, safetensors_files(folder)))
+
+
+def io_floor(inputs: list[str], out_bytes: int, scratch: str) -> float:
+    """Seconds to read every input file sequentially plus write + fsync out_bytes (then delete)."""
+    buf = bytearray(CHUNK)
+    start = time.perf_counter()
+    for path in inputs:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    data = memoryview(os.urandom(CHUNK))
+    with open(scratch, "wb", buffering=0) as f:
+        for off in range(0, out_bytes, CHUNK):
+            f.write(data[:min(CHUNK, out_bytes - off)])
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - start
+    os.remove(scratch)
+    return seconds
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Best memory-copy rate of a large torch tensor, in GB/s counting bytes read + bytes written."""
+    src, dst = torch.ones(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best / 1e9
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time used by every process on the machine since boot (/proc/stat, all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:8]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def run_merge(cmd: list[str], out_dir: str, log: str, **env: str) -> tuple[float, int, float, float]:
+    """Run a merge command on a cold page cache; return wall seconds, the child's peak RSS bytes and
+    CPU seconds, and the average number of cores other processes kept busy meanwhile."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    drop_caches()
+    with open(log, "w") as f:
+        start, busy = time.perf_counter(), busy_cpu_seconds()
+        env = dict(os.environ, HF_HUB_OFFLINE="1", **env)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall, busy = time.perf_counter() - start, busy_cpu_seconds() - busy
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd)} failed with exit code {proc.returncode}; see {log}")
+    cpu = usage.ru_utime + usage.ru_stime
+    return wall, usage.ru_maxrss * 1024, cpu, max(0.0, busy - cpu) / wall
+
+
+def open_tensors(folder: str) -> dict:
+    """Tensor name -> open safetensors handle holding it."""
+    return {n: f for path in safetensors_files(folder) for f in [safe_open(path, "pt")] for n in f.keys()}
+
+
+def compare_outputs(label: str, ours: str, theirs: str, paths: list[str]) -> str:
+    """Bit-identical tensors, differing elements, max |difference|, and how many of the differing
+    elements sit where some expert's |delta| equals its TIES cut-off exactly (a magnitude tie)."""
+    a, b = open_tensors(ours), open_tensors(theirs)
+    base, *experts = map(open_tensors, paths)
+    names = sorted(a.keys() & b.keys())
+    same = n_diff = n_tie = elems = 0
+    max_diff = 0.0
+    for name in names:
+        x, y = a[name].get_tensor(name), b[name].get_tensor(name)
+        differ = x.view(torch.int16) != y.view(torch.int16)
+        elems += x.numel()
+        if not differ.any():
+            same += 1
+            continue
+        n_diff += int(differ.sum())
+        max_diff = max(max_diff, float((x.float() - y.float()).abs().max()))
+        w, at_tie = base[name].get_tensor(name), torch.zeros_like(differ)
+        for e, density in zip(experts, TIES["density"]):
+            mag = (e[name].get_tensor(name) - w).abs().float()
+            k = max(1, int(density * mag.numel()))
+            at_tie |= mag == mag.reshape(-1).kthvalue(mag.numel() - k + 1).values
+        n_tie += int((differ & at_tie).sum())
+    only_one = len(a.keys() ^ b.keys())
+    return (f"- {label}: {same}/{len(names)} tensors bit-identical; {n_diff} of {elems} elements "
+            f"differ ({n_tie} of them at an exact magnitude tie on a TIES cut-off), max |difference| {max_diff:.3g}"
+            + (f"; {only_one} tensor names in only one output" if only_one else "") + "\n")
+
+
+def machine(dropped: bool) -> str:
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
+    with open("/proc/meminfo") as f:
+        ram = int(next(line.split()[1] for line in f if line.startswith("MemTotal"))) / 2**20
+    cache = "dropped before each timed run" if dropped else "NOT dropped (no permission): inputs may be warm"
+    return (f"- CPU: {cpu}, {os.cpu_count()} cores, {ram:.1f} GiB RAM\n"
+            f"- torch {torch.__version__}, Python {platform.python_version()}\n- page cache: {cache}")
+
+
+def engine_info() -> str:
+    """merge_engine's git commit and whether its compiled CPU kernels load (built here, untimed)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    commit = subprocess.run(["git", "-C", repo, "describe", "--always", "--dirty"], capture_output=True, text=True)
+    kernels = subprocess.run([sys.executable, "-m", "merge_engine.build_kernels"], capture_output=True, text=True)
+    return f"- merge_engine: commit {commit.stdout.strip() or '?'}; {kernels.stdout.strip() or kernels.stderr.strip()}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", default="/tmp/merge_engine_bench", help="folder for models and outputs")
+    for name, default in SHAPE.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    p.add_argument("--mergekit", default=MERGEKIT, help="mergekit-yaml executable")
+    p.add_argument("--skip-mergekit", action="store_true")
+    a = p.parse_args()
+    root = os.path.join(os.path.abspath(a.work), f"llama-L{a.layers}-H{a.hidden}-I{a.intermediate}-V{a.vocab}")
+    t0 = time.perf_counter()
+    paths = generate_models(a, root)
+    print(f"models ready in {root} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    config = write_config(paths, os.path.join(root, "ties.yml"))
+    inputs = [f for path in paths for f in safetensors_files(path)]
+    in_bytes, out_bytes = sum(map(folder_bytes, paths)), folder_bytes(paths[0])  # output: the base's layout
+    params = sum(math.prod(s) for s in tensor_shapes(a, range(a.layers), True, True).values())
+
+    engine = engine_info()
+    dropped = drop_caches()
+    rows = [("I/O floor", io_floor(inputs, out_bytes, os.path.join(root, "scratch.bin")), out_bytes, None)]
+    outs = {}
+    for label, name, env in (("merge_engine", "merge_engine", {}),
+                             ("merge_engine, reference ops", "merge_engine_ref", {"MERGE_ENGINE_KERNELS": "0"})):
+        outs[label] = out = os.path.join(root, f"out_{name}")
+        wall, *stats = run_merge([sys.executable, "-m", "merge_engine", config, out, "--overwrite", "-q"], out,
+                                 os.path.join(root, f"{name}.log"), **env)
+        rows.append((label, wall, folder_bytes(out), stats))
+    run_mergekit = not a.skip_mergekit and os.path.exists(a.mergekit)
+    if not a.skip_mergekit and not run_mergekit:
+        print(f"{a.mergekit} not found: mergekit skipped", file=sys.stderr)
+    if run_mergekit:
+        outs["mergekit"] = out = os.path.join(root, "out_mergekit")
+        wall, *stats = run_merge([a.mergekit, config, out, "--out-shard-size", "5B"], out,
+                                 os.path.join(root, "mergekit.log"))
+        rows.append(("mergekit", wall, folder_bytes(out), stats))
+    first, *others = outs
+    comparison = "".join(compare_outputs(f"{first} vs {o}", outs[first], outs[o], paths) for o in others)
+
+    print(f"## TIES merge of a {params / 1e6:,.0f}M-parameter Llama (bf16) base + {EXPERTS} experts\n")
+    print(machine(dropped))
+    print(f"- memory copy bandwidth (torch, 1 GiB, read + write): {copy_bandwidth():.1f} GB/s")
+    print(engine)
+    if run_mergekit:
+        print(f"- mergekit: {a.mergekit}")
+    print(f"- per merge: read {in_bytes / 1e9:.2f} GB ({len(paths)} models), write {out_bytes / 1e9:.2f} GB; "
+          "I/O floor = one-thread sequential read of every input file, then write + fsync of the output size\n")
+    print("| | wall s | peak RSS GB | GB/s | x I/O floor | CPU s | other load, cores |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    floor = rows[0][1]
+    for label, wall, nbytes, stats in rows:
+        rss, cpu, other = (f"{stats[0] / 1e9:.2f}", f"{stats[1]:.0f}", f"{stats[2]:.2f}") if stats else ("-",) * 3
+        gbps = (in_bytes + nbytes) / wall / 1e9
+        print(f"| {label} | {wall:.1f} | {rss} | {gbps:.2f} | {wall / floor:.2f} | {cpu} | {other} |")
+    print(f"\nOutputs compared tensor by tensor (bf16 bit patterns):\n\n{comparison}", end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Benchmark of the fused task-vector kernels (TIES, DARE-TIES) against the machine's copy bandwidth
+and the PyTorch reference (argsort-based, as common merge tools do it), measured in the same run.
+
+    python bench/bench_task_vectors.py [--sizes 16M,64M] [--experts 2,4,8] [--device cpu|cuda]
+
+Effective bandwidth = bytes of the minimal algorithm (read the base and K experts once, write the
+output once) / time. Times are the best of --repeat runs after one warm-up run.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from merge_engine.ops import backends
+from merge_engine.ops.consensus import _merge_with, merge_task_vectors_reference
+
+METHODS = {"ties": dict(sparsify="magnitude", consensus=True, normalize=True),
+           "dare_ties": dict(sparsify="random", consensus=True, normalize=False, rescale=True)}
+
+
+def parse_count(text: str) -> int:
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
+def best_time(fn, device: torch.device, repeat: int) -> float:
+    def timed():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+    timed()
+    return min(timed() for _ in range(repeat))
+
+
+def copy_bandwidth(device: torch.device, repeat: int) -> float:
+    """GB/s of a large buffer copy (bytes read + bytes written)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / best_time(lambda: dst.copy_(src), device, repeat) / 1e9
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor())
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="16M,64M")
+    p.add_argument("--experts", default="2,4,8")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--reference-max", default="16M",
+                   help="largest size at which the (slow) reference is also timed (all K); above it, K=2 only")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    backend = backends.cpu_extension() if device.type == "cpu" else backends.gpu_backend()
+    name = getattr(backend, "__name__", "none")
+    ceiling = copy_bandwidth(device, args.repeat)
+    print(f"device: {machine(device)}; torch {torch.__version__}; backend: {name}")
+    print(f"measured copy bandwidth: {ceiling:.2f} GB/s\n")
+    print("| method | elements | K | kernel s | kernel GB/s | % of copy | reference s | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    gen = torch.Generator().manual_seed(0)
+    for n in map(parse_count, args.sizes.split(",")):
+        for k in map(int, args.experts.split(",")):
+            base = torch.randn(n, generator=gen).to(torch.bfloat16)
+            experts = [(base.float() + 0.01 * torch.randn(n, generator=gen)).to(torch.bfloat16) for _ in range(k)]
+            base, experts = base.to(device), [e.to(device) for e in experts]
+            nbytes = (k + 2) * n * base.element_size()
+            for method, kw in METHODS.items():
+                call = dict(weights=[1.0 / k] * k, densities=[0.2] * k, tensor_name="w", **kw)
+                t = best_time(lambda: _merge_with(backend, base, experts, **call), device, args.repeat)
+                gbps = nbytes / t / 1e9
+                ref = "-"
+                speedup = "-"
+                if n <= parse_count(args.reference_max) or k == 2:
+                    tr = best_time(lambda: merge_task_vectors_reference(base, experts, **call), device, 1)
+                    ref, speedup = f"{tr:.3f}", f"{tr / t:.1f}x"
+                print(f"| {method} | {n // 2**20}M | {k} | {t:.3f} | {gbps:.2f} | {100 * gbps / ceiling:.0f}% "
+                      f"| {ref} | {speedup} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
