@@ -45,6 +45,17 @@ template <> int64_t inf_key<float>() { return kInfKey32; }
 template <> int64_t inf_key<c10::BFloat16>() { return kInfKey16BFloat; }
 template <> int64_t inf_key<c10::Half>() { return kInfKey16Half; }
 
+// x rounded to T and back to float, in a form the compiler vectorises (bf16: integer ops only).
+template <typename T> float rnd(float x) { return to_f(round_to<T>(x)); }
+template <> float rnd<float>(float x) { return x; }
+template <> float rnd<c10::BFloat16>(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+  std::memcpy(&x, &bits, 4);
+  return x;
+}
+
 // The delta as the reference forms it: expert - base in T (computed in float, rounded once).
 template <typename T> T delta_of(T e, T b) { return round_to<T>(to_f(e) - to_f(b)); }
 template <> float delta_of<float>(float e, float b) { return e - b; }
@@ -228,8 +239,8 @@ void merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
     const uint8_t* __restrict__ kp = keep.data();
     for (int64_t j = 0; j < len; ++j) wd[j] = to_f(d[j]) * (kp[j] ? 1.f : 0.f);  // exact; x * 0 keeps the sign of zero
     if (!std::isnan(f))
-      for (int64_t j = 0; j < len; ++j) wd[j] = to_f(round_to<T>(wd[j] * f));
-    for (int64_t j = 0; j < len; ++j) wd[j] = to_f(round_to<T>(wd[j] * w));
+      for (int64_t j = 0; j < len; ++j) wd[j] = rnd<T>(wd[j] * f);
+    for (int64_t j = 0; j < len; ++j) wd[j] = rnd<T>(wd[j] * w);
   }
   // Combine, in vectorisable passes over the block: sums over experts run in expert order.
   float* __restrict__ sum = acc.data();
@@ -243,36 +254,37 @@ void merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
   float* __restrict__ mixed = sum;  // reused in place
   if (P.consensus) {
     // elected sign: +1 where the sum rounded to T is >= 0 (a zero sum elects +), else -1
-    for (int64_t j = 0; j < len; ++j) sum[j] = to_f(round_to<T>(sum[j])) >= 0.f ? 1.f : -1.f;
+    for (int64_t j = 0; j < len; ++j) sum[j] = rnd<T>(sum[j]) >= 0.f ? 1.f : -1.f;
     for (int i = 0; i < K; ++i) {
       const float* __restrict__ wd = w_scratch.data() + static_cast<int64_t>(i) * len;
       const float wi = P.weights[i];
       for (int64_t j = 0; j < len; ++j) {
-        const bool agree = wd[j] * sum[j] > 0.f;  // exact sign test; zeros never agree
-        agree_sum[j] += agree ? wd[j] : 0.f;
-        agree_w[j] += agree ? wi : 0.f;
+        // branch-free so it vectorises: a disagreeing (or zero) delta adds v * 0 = +-0, as in torch
+        const float agree = static_cast<float>(wd[j] * sum[j] > 0.f);  // exact sign test
+        agree_sum[j] += wd[j] * agree;
+        agree_w[j] += wi * agree;
       }
     }
     for (int64_t j = 0; j < len; ++j) {
-      float m = to_f(round_to<T>(agree_sum[j]));
+      float m = rnd<T>(agree_sum[j]);
       if (P.normalize) {
-        const float divisor = to_f(round_to<T>(agree_w[j]));
-        m = to_f(round_to<T>(m / (divisor == 0.f ? 1.f : divisor)));
+        const float divisor = rnd<T>(agree_w[j]);
+        m = rnd<T>(m / (divisor + static_cast<float>(divisor == 0.f)));  // a zero divisor becomes 1
       }
       mixed[j] = m;
     }
   } else {
     float weight_sum = 0.f;
     for (int i = 0; i < K; ++i) weight_sum += P.weights[i];
-    float divisor = to_f(round_to<T>(weight_sum));
+    float divisor = rnd<T>(weight_sum);
     divisor = std::fabs(divisor) < 1e-8f ? 1.f : divisor;
     for (int64_t j = 0; j < len; ++j) {
-      const float m = to_f(round_to<T>(sum[j]));
-      mixed[j] = P.normalize ? to_f(round_to<T>(m / divisor)) : m;
+      const float m = rnd<T>(sum[j]);
+      mixed[j] = P.normalize ? rnd<T>(m / divisor) : m;
     }
   }
   if (P.lambda != 1.f)
-    for (int64_t j = 0; j < len; ++j) mixed[j] = to_f(round_to<T>(mixed[j] * P.lambda));
+    for (int64_t j = 0; j < len; ++j) mixed[j] = rnd<T>(mixed[j] * P.lambda);
   const T* __restrict__ b = base + start;
   T* __restrict__ o = out + start;
   for (int64_t j = 0; j < len; ++j) o[j] = round_to<T>(to_f(b[j]) + mixed[j]);
@@ -309,9 +321,9 @@ std::vector<float> rescale_factors(const Params& P, const T* base, const std::ve
       before[at::get_thread_num()] += b;
       after[at::get_thread_num()] += a;
     });
-    const float bt = to_f(round_to<T>(static_cast<float>(std::accumulate(before.begin(), before.end(), 0.0))));
-    const float at_ = to_f(round_to<T>(static_cast<float>(std::accumulate(after.begin(), after.end(), 0.0))));
-    if (bt >= 1e-7f && at_ >= 1e-7f) factors[i] = to_f(round_to<T>(bt / at_));
+    const float bt = rnd<T>(static_cast<float>(std::accumulate(before.begin(), before.end(), 0.0)));
+    const float at_ = rnd<T>(static_cast<float>(std::accumulate(after.begin(), after.end(), 0.0)));
+    if (bt >= 1e-7f && at_ >= 1e-7f) factors[i] = rnd<T>(bt / at_);
   }
   return factors;
 }
