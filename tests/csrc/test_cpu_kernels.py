@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from merge_engine.ops import backends
-from merge_engine.ops.consensus import _merge_with, _sparsify, merge_task_vectors_reference, selection_counts
+from merge_engine.ops.consensus import _merge_with, merge_task_vectors_reference, selection_counts
 from merge_engine.ops.select import magnitude_cutoff
+from kernel_checks import make_inputs, weighted_contributions
 
 if not backends.kernels_enabled():
     pytest.skip("compiled kernels disabled by MERGE_ENGINE_KERNELS=0", allow_module_level=True)
@@ -36,35 +37,6 @@ def ext():
     module = backends.cpu_extension()
     assert module is not None, "the CPU extension failed to build (see the warning above)"
     return module
-
-
-def make_inputs(shape, dtype, k, seed, ties=False, zero_delta=False):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(shape, generator=g)
-    experts = []
-    for _ in range(k):
-        noise = torch.randn(shape, generator=g) * 0.1
-        if ties:  # a few magnitude levels: long runs of equal |delta|
-            noise = torch.randint(-3, 4, shape, generator=g).float() * 0.125
-            base = base.round()
-        experts.append(base.clone() if zero_delta else base + noise)
-    return base.to(dtype), [e.to(dtype) for e in experts]
-
-
-def weighted_contributions(base, experts, kw):
-    """(sum_i w_i * kept_i, sum_i |w_i * kept_i|) in fp64, kept_i from the reference sparsifiers."""
-    signed = torch.zeros(base.shape, dtype=torch.float64)
-    total = torch.zeros(base.shape, dtype=torch.float64)
-    k = len(experts)
-    for i, e in enumerate(experts):
-        delta = e - base
-        if kw.get("sparsify"):
-            delta = _sparsify(delta, kw["sparsify"], kw["densities"][i], (kw.get("gammas") or [0] * k)[i],
-                              (kw.get("epsilons") or [0] * k)[i], kw.get("rescale", False), kw.get("seed", 0),
-                              kw.get("tensor_name", ""), i)
-        signed += kw["weights"][i] * delta.double()
-        total += abs(kw["weights"][i]) * delta.double().abs()
-    return signed, total
 
 
 def assert_merged_close(got, want, base, experts, kw, context):

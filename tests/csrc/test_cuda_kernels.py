@@ -31,8 +31,10 @@ import pytest
 import torch
 
 from merge_engine.ops import backends
-from merge_engine.ops.consensus import _merge_with, _sparsify, merge_task_vectors_reference
+from merge_engine.ops.consensus import _merge_with, merge_task_vectors_reference
 from merge_engine.ops.select import magnitude_cutoff
+import kernel_checks
+from kernel_checks import weighted_contributions
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device: the CUDA kernels cannot run here (tests/csrc/test_cuda_compile.py "
@@ -62,17 +64,8 @@ def stable_seed(*parts):
     return zlib.crc32(repr(parts).encode()) % 10**6
 
 
-def make_inputs(shape, dtype, k, seed, ties=False, zero_delta=False):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(shape, generator=g)
-    experts = []
-    for _ in range(k):
-        noise = torch.randn(shape, generator=g) * 0.1
-        if ties:  # a few magnitude levels: long runs of equal |delta|
-            noise = torch.randint(-3, 4, shape, generator=g).float() * 0.125
-            base = base.round()
-        experts.append(base.clone() if zero_delta else base + noise)
-    return base.to(dtype).cuda(), [e.to(dtype).cuda() for e in experts]
+def make_inputs(*args, **kwargs):
+    return kernel_checks.make_inputs(*args, device="cuda", **kwargs)
 
 
 def merge_kwargs(k, sparsify, consensus, normalize, rescale, seed, lambda_=0.9):
@@ -82,23 +75,6 @@ def merge_kwargs(k, sparsify, consensus, normalize, rescale, seed, lambda_=0.9):
                 epsilons=[0.1] * k if sparsify == "rank" else None, seed=seed, tensor_name="t")
 
 
-def contributions(base, experts, kw):
-    """(sum_i w_i kept_i, sum_i |w_i kept_i|) in fp64 on the CPU, kept_i from the reference sparsifiers."""
-    base, experts = base.cpu(), [e.cpu() for e in experts]
-    signed = torch.zeros(base.shape, dtype=torch.float64)
-    total = torch.zeros(base.shape, dtype=torch.float64)
-    k = len(experts)
-    for i, e in enumerate(experts):
-        delta = e - base
-        if kw.get("sparsify"):
-            delta = _sparsify(delta, kw["sparsify"], kw["densities"][i], (kw.get("gammas") or [0] * k)[i],
-                              (kw.get("epsilons") or [0] * k)[i], kw.get("rescale", False), kw.get("seed", 0),
-                              kw.get("tensor_name", ""), i)
-        signed += kw["weights"][i] * delta.double()
-        total += abs(kw["weights"][i]) * delta.double().abs()
-    return signed, total
-
-
 def assert_close_merge(got, want, base, experts, kw, context):
     """The bound of the module docstring; elements whose elected sign is numerically undecided
     (|fp64 sum| within the re-association and factor errors) are not compared."""
@@ -106,7 +82,7 @@ def assert_close_merge(got, want, base, experts, kw, context):
     dtype, k, n = base.dtype, len(experts), base.numel()
     p = MANTISSA[dtype]
     lam = abs(kw.get("lambda_", 1.0))
-    signed, s = contributions(base, experts, kw)
+    signed, s = weighted_contributions(base, experts, kw)
     s = s * lam
     reassociation = 2 * k * 2.0 ** -24
     factor = (2.0 ** -(p - 3) + 4 * math.log2(max(n, 2)) * 2.0 ** -24) if kw.get("rescale") else 0.0

@@ -1,0 +1,34 @@
+"""Inputs and error terms shared by the kernel tests of every backend (CPU, CUDA, Triton)."""
+import torch
+
+from merge_engine.ops.consensus import _sparsify
+
+
+def make_inputs(shape, dtype, k, seed, ties=False, zero_delta=False, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    experts = []
+    for _ in range(k):
+        noise = torch.randn(shape, generator=g) * 0.1
+        if ties:  # a few magnitude levels: long runs of equal |delta|
+            noise = torch.randint(-3, 4, shape, generator=g).float() * 0.125
+            base = base.round()
+        experts.append(base.clone() if zero_delta else base + noise)
+    return base.to(dtype).to(device), [e.to(dtype).to(device) for e in experts]
+
+
+def weighted_contributions(base, experts, kw):
+    """(sum_i w_i * kept_i, sum_i |w_i * kept_i|) in fp64, kept_i from the reference sparsifiers."""
+    base, experts = base.cpu(), [e.cpu() for e in experts]
+    signed = torch.zeros(base.shape, dtype=torch.float64)
+    total = torch.zeros(base.shape, dtype=torch.float64)
+    k = len(experts)
+    for i, e in enumerate(experts):
+        delta = e - base
+        if kw.get("sparsify"):
+            delta = _sparsify(delta, kw["sparsify"], kw["densities"][i], (kw.get("gammas") or [0] * k)[i],
+                              (kw.get("epsilons") or [0] * k)[i], kw.get("rescale", False), kw.get("seed", 0),
+                              kw.get("tensor_name", ""), i)
+        signed += kw["weights"][i] * delta.double()
+        total += abs(kw["weights"][i]) * delta.double().abs()
+    return signed, total
