@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from merge_engine.demo import make_models
 
@@ -32,6 +33,20 @@ def model_sets(tmp_path_factory):
             cache[key] = make_models(str(root / key), arch, 3, dtype, shard, seed=len(cache) + 1)
         return cache[key]
     return get
+
+
+def _folder_tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of every .safetensors file in a folder, read with the safetensors library."""
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, f)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def folder_tensors():
+    return _folder_tensors
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """End-to-end merges on generated checkpoints: loadable output, side files, sharding, slices,
 and peak memory that does not grow with the number of layers."""
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -10,7 +9,6 @@ import pytest
 import torch
 import transformers
 import yaml
-from safetensors.torch import load_file
 
 from merge_engine import MergeOptions, merge, parse_config
 from merge_engine.io.checkpoint import Checkpoint
@@ -23,21 +21,13 @@ def ties(base, experts, dtype="float32"):
             "models": [{"model": e, "parameters": {"weight": [0.2, 0.8], "density": 0.4}} for e in experts]}
 
 
-def load_output(folder):
-    out = {}
-    for f in os.listdir(folder):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(folder, f)))
-    return out
-
-
 @pytest.mark.parametrize("key,dtype", [("llama", "float32"), ("llama_bf16_sharded", "bfloat16"),
                                        ("qwen2", "float32"), ("gpt2", "float32")])
-def test_output_loads_with_transformers(model_sets, tmp_path, key, dtype):
+def test_output_loads_with_transformers(folder_tensors, model_sets, tmp_path, key, dtype):
     base, *experts = model_sets(key)
     out = tmp_path / "merged"
     report = merge(parse_config(ties(base, experts, dtype)), str(out), MergeOptions(quiet=True, out_shard_size=150_000))
-    tensors = load_output(out)
+    tensors = folder_tensors(out)
     assert report.tensors == len(tensors) == len(Checkpoint(base).tensors)
     assert all(t.dtype == getattr(torch, dtype) for t in tensors.values() if t.is_floating_point())
     cfg = json.loads((out / "config.json").read_text())
@@ -50,27 +40,27 @@ def test_output_loads_with_transformers(model_sets, tmp_path, key, dtype):
     assert logits.shape == (1, 12, 256) and torch.isfinite(logits).all()
 
 
-def test_merge_is_deterministic_and_not_trivial(model_sets, tmp_path):
+def test_merge_is_deterministic_and_not_trivial(folder_tensors, model_sets, tmp_path):
     base, *experts = model_sets("llama")
     a, b = tmp_path / "a", tmp_path / "b"
     cfg = {"merge_method": "dare_ties", "base_model": base,
            "models": [{"model": e, "parameters": {"weight": 0.5, "density": 0.5}} for e in experts]}
     merge(parse_config(cfg), str(a), MergeOptions(quiet=True, prefetch=1))
     merge(parse_config(cfg), str(b), MergeOptions(quiet=True, prefetch=4))
-    ta, tb = load_output(a), load_output(b)
+    ta, tb = folder_tensors(a), folder_tensors(b)
     assert all(torch.equal(ta[n], tb[n]) for n in ta)
     base_t = Checkpoint(base).read("model.layers.0.mlp.up_proj.weight")
     assert not torch.equal(ta["model.layers.0.mlp.up_proj.weight"], base_t)
 
 
-def test_slices_renumber_layers(model_sets, tmp_path):
+def test_slices_renumber_layers(folder_tensors, model_sets, tmp_path):
     base, e1, _, _ = model_sets("llama")
     cfg = {"merge_method": "passthrough", "dtype": "float32",
            "slices": [{"sources": [{"model": base, "layer_range": [0, 3]}]},
                       {"sources": [{"model": e1, "layer_range": [2, 4]}]}]}
     out = tmp_path / "frankenmerge"
     merge(parse_config(cfg), str(out), MergeOptions(quiet=True))
-    t = load_output(out)
+    t = folder_tensors(out)
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 5
     e1c = Checkpoint(e1)
     assert torch.equal(t["model.layers.3.self_attn.q_proj.weight"], e1c.read("model.layers.2.self_attn.q_proj.weight"))

@@ -6,7 +6,6 @@ import subprocess
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from merge_engine import MergeOptions, merge, parse_config
 
@@ -71,14 +70,6 @@ CASES = {
 }
 
 
-def read_all(folder):
-    out = {}
-    for f in os.listdir(folder):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(folder, f)))
-    return out
-
-
 def run_mergekit(mergekit_yaml, config_path, out):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
     res = subprocess.run([mergekit_yaml, config_path, out, "--no-copy-tokenizer"], capture_output=True,
@@ -87,7 +78,7 @@ def run_mergekit(mergekit_yaml, config_path, out):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_identical_to_mergekit(case, model_sets, mergekit_yaml, write_yaml, tmp_path):
+def test_identical_to_mergekit(case, model_sets, mergekit_yaml, write_yaml, folder_tensors, tmp_path):
     key, build = CASES[case]
     base, *experts = model_sets(key)
     config = build(base, experts)
@@ -95,14 +86,15 @@ def test_identical_to_mergekit(case, model_sets, mergekit_yaml, write_yaml, tmp_
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     merge(parse_config(config), str(ours), MergeOptions(quiet=True, copy_tokenizer=False))
     run_mergekit(mergekit_yaml, path, str(theirs))
-    a, b = read_all(ours), read_all(theirs)
+    a, b = folder_tensors(ours), folder_tensors(theirs)
     assert set(a) == set(b)
     different = [n for n in a if a[n].dtype != b[n].dtype or not torch.equal(a[n], b[n])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}: max abs diff " \
         f"{max(float((a[n].double() - b[n].double()).abs().max()) for n in different[:3])}"
 
 
-def test_bf16_ties_identical_except_at_magnitude_ties(model_sets, mergekit_yaml, write_yaml, tmp_path):
+def test_bf16_ties_identical_except_at_magnitude_ties(model_sets, mergekit_yaml, write_yaml, folder_tensors,
+                                                     tmp_path):
     # In bf16 many deltas share a magnitude; where the k-th largest is tied, mergekit's unstable argsort
     # picks an arbitrary member and we pick the lowest index (documented). Everything else is identical:
     # each differing element must sit in a tensor whose trim cut-off is tied.
@@ -111,9 +103,9 @@ def test_bf16_ties_identical_except_at_magnitude_ties(model_sets, mergekit_yaml,
               **models(base, experts, [{"weight": 0.5, "density": 0.4}] * 3)}
     merge(parse_config(config), str(tmp_path / "ours"), MergeOptions(quiet=True, copy_tokenizer=False))
     run_mergekit(mergekit_yaml, write_yaml(config), str(tmp_path / "theirs"))
-    a, b = read_all(tmp_path / "ours"), read_all(tmp_path / "theirs")
-    base_t = read_all(base)
-    expert_t = [read_all(e) for e in experts]
+    a, b = folder_tensors(tmp_path / "ours"), folder_tensors(tmp_path / "theirs")
+    base_t = folder_tensors(base)
+    expert_t = [folder_tensors(e) for e in experts]
     for name in a:
         if torch.equal(a[name], b[name]):
             continue

@@ -4,25 +4,16 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint, split_layer_name
 
 
-def all_tensors(folder):
-    out = {}
-    for f in sorted(os.listdir(folder)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(folder, f)))
-    return out
-
-
 @pytest.mark.parametrize("key", ["llama", "llama_bf16_sharded", "qwen2", "gpt2"])
-def test_reads_every_tensor_exactly(model_sets, key):
+def test_reads_every_tensor_exactly(folder_tensors, model_sets, key):
     folder = model_sets(key)[1]
     ckpt = Checkpoint(folder)
-    want = all_tensors(folder)
+    want = folder_tensors(folder)
     assert set(ckpt.tensors) == set(want)
     for name, t in want.items():
         assert torch.equal(ckpt.read(name), t), name
