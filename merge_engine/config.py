@@ -21,11 +21,16 @@ _KNOWN_KEYS = {"merge_method", "base_model", "models", "slices", "modules", "dty
                "tokenizer_source", "tokenizer", "chat_template", "parameters"}
 
 
+# Per-model statistics a method reads beside the weights, named by a key next to `model:`.
+SIDE_INPUT_KEYS = ("fisher",)
+
+
 @dataclass
 class Source:
     model: str
     layer_range: tuple[int, int] | None  # None: every layer of the model (a `models:` entry)
     parameters: dict[str, Any] | None = None
+    side: dict[str, str] = field(default_factory=dict)  # side-input kind -> folder (e.g. fisher: PATH)
 
 
 @dataclass
@@ -97,6 +102,7 @@ def parse_config(raw: Any, source: str | None = None) -> MergeConfig:
     elif forms[0] == "slices":
         cfg.slices = _slices(raw["slices"], problems)
     _check_parameters(cfg, problems)
+    _check_side_inputs(cfg, problems)
     if method:
         for i, s in enumerate(cfg.slices):
             where = "models" if "models" in raw else f"slices[{i}]"
@@ -157,7 +163,8 @@ def _models_slice(models: Any, base: str | None, problems: list[str]) -> Slice:
             continue
         model = _model_ref(entry["model"], f"models[{i}].model", problems)
         if model:
-            sources.append(Source(model, None, _params_dict(entry, f"models[{i}]", problems)))
+            sources.append(Source(model, None, _params_dict(entry, f"models[{i}]", problems),
+                                  _side_paths(entry, f"models[{i}]", problems)))
     if not isinstance(models, list):
         problems.append(f"models: expected a list, got {models!r}")
     if base and base not in [s.model for s in sources]:
@@ -185,7 +192,8 @@ def _slices(slices: Any, problems: list[str]) -> list[Slice]:
                 problems.append(f"{swhere}.layer_range: expected [start, end) with 0 <= start < end, got {lr!r}")
                 lr = None
             if model:
-                sources.append(Source(model, tuple(lr) if lr else None, _params_dict(src, swhere, problems)))
+                sources.append(Source(model, tuple(lr) if lr else None, _params_dict(src, swhere, problems),
+                                      _side_paths(src, swhere, problems)))
         lengths = {src.layer_range[1] - src.layer_range[0] for src in sources if src.layer_range}
         if len(lengths) > 1:
             problems.append(f"{where}: all sources of a slice must span the same number of layers, got {sorted(lengths)}")
@@ -200,6 +208,38 @@ def _params_dict(entry: dict, where: str, problems: list[str]) -> dict | None:
         problems.append(f"{where}.parameters: expected a mapping, got {params!r}")
         return None
     return params
+
+
+def _side_paths(entry: dict, where: str, problems: list[str]) -> dict[str, str]:
+    paths = {}
+    for key in SIDE_INPUT_KEYS:
+        value = entry.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str) and value:
+            paths[key] = value
+        else:
+            problems.append(f"{where}.{key}: expected a folder path, got {value!r}")
+    return paths
+
+
+def _check_side_inputs(cfg: MergeConfig, problems: list[str]) -> None:
+    """Every model a method weights must name the side inputs it needs; unused ones are ignored."""
+    if not cfg.method:
+        return
+    needed, unused = cfg.method.side_inputs, set()
+    for i, s in enumerate(cfg.slices):
+        where = "models" if "models" in cfg.raw else f"slices[{i}]"
+        for src in s.sources:
+            unused.update(k for k in src.side if k not in needed)
+            if cfg.method.base != "ignored" and src.model == cfg.slice_base(s):
+                continue
+            for kind in needed:
+                if kind not in src.side:
+                    problems.append(f"{where}[{src.model}]: merge method '{cfg.method.name}' needs '{kind}: PATH' "
+                                    f"for this model (the folder written by `merge-engine {kind}`)")
+    if unused:
+        warnings.warn(f"{sorted(unused)} given but not used by merge method '{cfg.method.name}'; ignored")
 
 
 def _check_parameters(cfg: MergeConfig, problems: list[str]) -> None:

@@ -128,13 +128,12 @@ class _Pipeline:
         return total
 
     def read(self, job: TensorJob) -> list[torch.Tensor]:
-        """Read a job's inputs from disk (in a prefetch thread)."""
-        out = []
-        for ckpt, name in job.inputs:
-            info = ckpt.tensors[name]
-            buf = torch.empty(info.shape, dtype=info.dtype, pin_memory=self.cuda)
-            out.append(ckpt.read(name, buf))
-        return out
+        """Read a job's inputs, then its side inputs, from disk (in a prefetch thread)."""
+        return [self._read_one(ckpt, name) for ckpt, name in job.inputs + job.side_reads()]
+
+    def _read_one(self, ckpt, name: str) -> torch.Tensor:
+        info = ckpt.tensors[name]
+        return ckpt.read(name, torch.empty(info.shape, dtype=info.dtype, pin_memory=self.cuda))
 
     def stage(self, host: list[torch.Tensor]) -> list[torch.Tensor]:
         """Start the host-to-device copies (on the side stream, so they overlap the previous compute)."""
@@ -172,8 +171,11 @@ def compute(job: TensorJob, tensors: list[torch.Tensor], method: MergeMethod, se
     """Merge one tensor group on the tensors' device."""
     if job.copy_only:
         return tensors[0]
-    group = TensorGroup(job.out_name, [t.to(job.compute_dtype) for t in tensors], job.base_index,
-                        job.shared, job.per_model, seed)
+    inputs, side_tensors = tensors[:len(job.inputs)], iter(tensors[len(job.inputs):])
+    side = {kind: [None if ref is None else next(side_tensors) for ref in refs] for kind, refs in job.side.items()}
+    group = TensorGroup(job.out_name, [t.to(job.compute_dtype) for t in inputs], job.base_index,
+                        job.shared, job.per_model, seed, side,
+                        {kind: [None if ref is None else ref[0].path for ref in refs] for kind, refs in job.side.items()})
     try:
         result = method.merge(group)
     except (ValueError, RuntimeError) as e:

@@ -6,6 +6,7 @@ shape mismatches, and every parameter resolved for every tensor.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from merge_engine.errors import CheckpointError, ConfigError
 from merge_engine.io.checkpoint import Checkpoint, split_layer_name
 from merge_engine.parameters import Scope, resolve
 
+log = logging.getLogger("merge_engine")
 _PRE_LAYER_MARKERS = ("embed", "wte", "wpe")  # embeddings come before the layers, norms and heads after
 _MAX_LISTED_PROBLEMS = 50
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -36,18 +38,25 @@ class TensorJob:
     out_dtype: torch.dtype
     shape: tuple[int, ...]
     copy_only: bool = False  # non-floating buffers are copied from the first input unchanged
+    # side-input kind -> per input, where its statistics tensor is (None: that input has none)
+    side: dict[str, list[tuple[Checkpoint, str] | None]] = field(default_factory=dict)
+
+    def side_reads(self) -> list[tuple[Checkpoint, str]]:
+        return [ref for refs in self.side.values() for ref in refs if ref is not None]
 
     @property
     def bytes_in(self) -> int:
-        return sum(ckpt.tensors[name].nbytes for ckpt, name in self.inputs)
+        return sum(ckpt.tensors[name].nbytes for ckpt, name in self.inputs + self.side_reads())
 
 
 @dataclass
 class MergePlan:
     config: MergeConfig
     models: dict[str, Checkpoint]
+    side: dict[str, Checkpoint] = field(default_factory=dict)  # side-input folders (Fishers...) by path
     jobs: list[TensorJob] = field(default_factory=list)
     num_layers: int = 0  # layers of the output model
+    missing_side: dict[str, list[str]] = field(default_factory=dict)  # side folder -> tensors it lacks
 
     @property
     def donor(self) -> Checkpoint:
@@ -64,12 +73,15 @@ class MergePlan:
         return [(j.out_name, j.out_dtype, j.shape) for j in self.jobs]
 
 
-def open_models(cfg: MergeConfig) -> dict[str, Checkpoint]:
-    """Open every referenced model (headers only); report all unreadable ones together."""
-    models, problems = {}, []
-    for ref in cfg.referenced_models():
+def open_models(cfg: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, Checkpoint]]:
+    """Open every referenced model and side-input folder (headers only); report all unreadable ones together."""
+    models, side, problems = {}, {}, []
+    needed = cfg.method.side_inputs if cfg.method else ()
+    side_paths = dict.fromkeys(path for s in cfg.slices for src in s.sources
+                               for kind, path in src.side.items() if kind in needed)
+    for ref, table in [(ref, models) for ref in cfg.referenced_models()] + [(p, side) for p in side_paths]:
         try:
-            models[ref] = Checkpoint(ref)
+            table[ref] = Checkpoint(ref)
         except CheckpointError as e:
             problems.append(str(e))
     source = cfg.tokenizer_source
@@ -77,11 +89,11 @@ def open_models(cfg: MergeConfig) -> dict[str, Checkpoint]:
         problems.append(f"tokenizer_source: {source}: no tokenizer files found (looked for {', '.join(TOKENIZER_FILES)})")
     if problems:
         raise ConfigError(problems, "inputs")
-    return models
+    return models, side
 
 
 def build_plan(cfg: MergeConfig, allow_crimes: bool = False) -> MergePlan:
-    plan = MergePlan(cfg, open_models(cfg))
+    plan = MergePlan(cfg, *open_models(cfg))
     problems: list[str] = []
     architectures = {ref: tuple(m.config.get("architectures") or ()) for ref, m in plan.models.items()}
     if len(set(architectures.values())) > 1 and not allow_crimes:
@@ -112,6 +124,9 @@ def build_plan(cfg: MergeConfig, allow_crimes: bool = False) -> MergePlan:
             plan.num_layers += 1
     for name in post:
         _plan_tensor(plan, last, name, [name] * len(last.sources), 0.0, problems)
+    for folder, names in plan.missing_side.items():
+        log.warning("%s lacks %d tensor(s) (%s%s); they are merged without it (see the method's missing_* "
+                    "parameter)", folder, len(names), ", ".join(names[:3]), ", ..." if len(names) > 3 else "")
     if problems:
         shown = problems[:_MAX_LISTED_PROBLEMS]
         if len(problems) > len(shown):
@@ -176,11 +191,32 @@ def _plan_tensor(plan: MergePlan, s: Slice, out_name: str, names: list[str], t: 
     dtypes = [i.dtype for i in infos]
     floating = all(d.is_floating_point for d in dtypes)
     compute = cfg.dtype or _promote(dtypes)
+    side = {kind: _side_refs(plan, kind, s, names, ref.shape, shared, problems)
+            for kind in method.side_inputs} if floating else {}
     plan.jobs.append(TensorJob(
         out_name, [(plan.models[m], n) for m, n in zip(models, names)],
         models.index(base) if base in models else None, shared, per_model,
         compute if floating else dtypes[0], (cfg.out_dtype or compute) if floating else dtypes[0],
-        ref.shape, copy_only=not floating))
+        ref.shape, copy_only=not floating, side=side))
+
+
+def _side_refs(plan: MergePlan, kind: str, s: Slice, names: list[str], shape: tuple[int, ...],
+               shared: dict[str, Any], problems: list[str]) -> list[tuple[Checkpoint, str] | None]:
+    """Where each input's `kind` statistics for one tensor are: same tensor name in the input's side folder.
+    A missing one is None, or a problem when the method's `missing_<kind>` parameter is 'error'."""
+    refs = []
+    for src, name in zip(s.sources, names):
+        folder = plan.side.get(src.side.get(kind, ""))
+        info = folder.tensors.get(name) if folder else None
+        if folder and info is None:
+            if shared.get(f"missing_{kind}") == "error":
+                problems.append(f"{folder.path}: no {kind} tensor '{name}' (missing_{kind}: error)")
+            plan.missing_side.setdefault(folder.path, []).append(name)
+        elif info is not None and info.shape != shape:
+            problems.append(f"{info.file}: {kind} tensor '{name}' has shape {list(info.shape)} but the weight "
+                            f"has {list(shape)}")
+        refs.append((folder, name) if info is not None else None)
+    return refs
 
 
 def _promote(dtypes: list[torch.dtype]) -> torch.dtype:

@@ -18,22 +18,12 @@
 #include <vector>
 
 #include "../task_vectors.h"
+#include "dtypes.h"
 
 namespace merge_engine {
 namespace {
 
 constexpr int64_t kBlock = 2048;  // elements per work item of the fused pass
-
-template <typename T> float to_f(T x) { return static_cast<float>(x); }
-template <typename T> T round_to(float x) { return static_cast<T>(x); }  // round to nearest even
-// bf16: the same round-to-nearest-even as c10, without its NaN branch so loops vectorise (a NaN
-// input is reported by the merge pass, whose result is then discarded).
-template <> c10::BFloat16 round_to<c10::BFloat16>(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, 4);
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
-}
 
 template <typename T> int64_t key_of(T x);
 template <> int64_t key_of<float>(float x) { return key_of_float(x); }
@@ -44,17 +34,6 @@ template <typename T> int64_t inf_key();
 template <> int64_t inf_key<float>() { return kInfKey32; }
 template <> int64_t inf_key<c10::BFloat16>() { return kInfKey16BFloat; }
 template <> int64_t inf_key<c10::Half>() { return kInfKey16Half; }
-
-// x rounded to T and back to float, in a form the compiler vectorises (bf16: integer ops only).
-template <typename T> float rnd(float x) { return to_f(round_to<T>(x)); }
-template <> float rnd<float>(float x) { return x; }
-template <> float rnd<c10::BFloat16>(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, 4);
-  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
-  std::memcpy(&x, &bits, 4);
-  return x;
-}
 
 // The delta as the reference forms it: expert - base in T (computed in float, rounded once).
 template <typename T> T delta_of(T e, T b) { return round_to<T>(to_f(e) - to_f(b)); }
@@ -360,16 +339,6 @@ void merge_typed(Params& P, const torch::Tensor& base, const std::vector<torch::
     for (auto& t : non_finite) total += t[i];
     TORCH_CHECK_VALUE(total == 0, i == 0 ? std::string("the base") : "expert " + std::to_string(i - 1), " has ",
                       total, " NaN or Inf value(s); a magnitude ordering is undefined");
-  }
-}
-
-// Calls f(T{}) for the tensor's dtype T among the kernel dtypes (float64 stays with the reference).
-template <typename F> void dispatch_dtype(at::ScalarType dt, F&& f) {
-  switch (dt) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    case at::kHalf: return f(c10::Half{});
-    default: TORCH_CHECK(false, "merge_engine CPU kernel: dtype must be float32, bfloat16 or float16, got ", dt);
   }
 }
 

@@ -1,7 +1,7 @@
-"""Registry of merge methods by their mergekit names."""
-from merge_engine.methods import interpolation, task_arithmetic
+"""Registry of merge methods by name (mergekit's names, plus merge_engine's own)."""
+from merge_engine.methods import fisher, interpolation, task_arithmetic
 from merge_engine.methods.base import MergeMethod, TensorGroup
 
-REGISTRY: dict[str, MergeMethod] = {m.name: m for m in interpolation.METHODS + task_arithmetic.METHODS}
+REGISTRY: dict[str, MergeMethod] = {m.name: m for m in interpolation.METHODS + task_arithmetic.METHODS + fisher.METHODS}
 
 __all__ = ["MergeMethod", "REGISTRY", "TensorGroup"]

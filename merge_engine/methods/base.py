@@ -19,6 +19,9 @@ class TensorGroup:
     shared: dict[str, Any]
     per_model: list[dict[str, Any]]  # aligned with tensors; the base has only INPUT-scope values
     seed: int = 0
+    # side-input kind -> one tensor per input (None where that input has none), in its stored dtype
+    side: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
+    side_folders: dict[str, list[str | None]] = field(default_factory=dict)  # where each came from
 
     @property
     def base(self) -> torch.Tensor | None:
@@ -43,6 +46,7 @@ class MergeMethod:
     max_inputs: int | None = None
     min_non_base: int = 0
     max_non_base: int | None = None
+    side_inputs: tuple[str, ...] = ()  # per-model statistics the method reads (config.SIDE_INPUT_KEYS)
     reference: str = ""
     notes: str = field(default="", compare=False)
 

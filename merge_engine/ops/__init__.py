@@ -5,6 +5,7 @@ Each op is declared once with torch.library (namespace ``merge_engine``, visible
 kernel on every device. Compiled backends register device-specific kernels for the same op when
 they load, so callers never change.
 """
+from merge_engine.ops.fisher import accumulate_fisher, fisher_merge
 from merge_engine.ops.consensus import disjoint_mean, elect_sign, merge_task_vectors, merge_task_vectors_reference
 from merge_engine.ops.interpolate import nuslerp, slerp, weighted_sum
 from merge_engine.ops.sparsify import (
@@ -19,7 +20,7 @@ from merge_engine.ops.sparsify import (
 )
 
 __all__ = [
-    "della_keep_probability", "disjoint_mean", "drop_by_rank", "drop_random", "elect_sign",
+    "accumulate_fisher", "fisher_merge", "della_keep_probability", "disjoint_mean", "drop_by_rank", "drop_random", "elect_sign",
     "magnitude_topk_mask", "merge_task_vectors", "merge_task_vectors_reference", "nuslerp", "rescale_l1", "slerp", "topk_count",
     "trim_by_magnitude", "trim_outliers", "weighted_sum",
 ]

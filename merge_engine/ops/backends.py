@@ -11,6 +11,7 @@ MERGE_ENGINE_KERNELS=0 turns the compiled backends off.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 import warnings
@@ -45,7 +46,7 @@ def cpu_extension():
         src = csrc_dir()
         log.info("loading merge_engine CPU kernels (the first build takes about a minute)")
         return load(name="merge_engine_cpu",
-                    sources=[os.path.join(src, "cpu", f) for f in ("bindings.cpp", "task_vectors.cpp")],
+                    sources=[os.path.join(src, "cpu", f) for f in ("bindings.cpp", "task_vectors.cpp", "fisher.cpp")],
                     extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"],
                     verbose=False)
     except Exception as e:  # any build or load failure: fall back, loudly but once
@@ -54,9 +55,10 @@ def cpu_extension():
         return None
 
 
-def gpu_backend():
-    """The GPU backend for CUDA tensors: the CUDA extension if it loads, else the Triton kernels, else None."""
-    return cuda_extension() or triton_backend()
+def gpu_backend(family: str = "task_vectors"):
+    """The GPU backend of an op family for CUDA tensors: the CUDA extension if it loads, else the
+    family's Triton module (merge_engine.triton_kernels.<family>), else None."""
+    return cuda_extension() or triton_backend(family)
 
 
 @functools.cache
@@ -71,7 +73,7 @@ def cuda_extension():
         # -fmad=false: no fused multiply-add, which would round differently from torch (like
         # -ffp-contract=off on the CPU); never --use_fast_math (IEEE division and rounding needed).
         return load(name="merge_engine_cuda",
-                    sources=[os.path.join(src, "cuda", f) for f in ("bindings.cpp", "task_vectors.cu")],
+                    sources=[os.path.join(src, "cuda", f) for f in ("bindings.cpp", "task_vectors.cu", "fisher.cu")],
                     extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-fmad=false"], verbose=False)
     except Exception as e:  # any build or load failure: fall back, loudly but once
         warnings.warn(f"merge_engine: compiled CUDA kernels unavailable ({type(e).__name__}: {e}); "
@@ -80,14 +82,14 @@ def cuda_extension():
 
 
 @functools.cache
-def triton_backend():
-    """merge_engine.triton_kernels.task_vectors (the compiled modules' functions, DELLA excepted: it
-    raises NotImplementedError for mode 4), or None: kernels turned off, or Triton unavailable (one warning)."""
+def triton_backend(family: str = "task_vectors"):
+    """The Triton module of an op family (merge_engine.triton_kernels.<family>: the compiled modules'
+    functions of that family, with its declared limits), or None: kernels turned off, or Triton
+    unavailable (one warning)."""
     if not kernels_enabled():
         return None
     try:
-        from merge_engine.triton_kernels import task_vectors  # imports triton
-        return task_vectors
+        return importlib.import_module(f"merge_engine.triton_kernels.{family}")  # imports triton
     except Exception as e:  # triton missing or broken: fall back, loudly but once
         warnings.warn(f"merge_engine: Triton kernels unavailable ({type(e).__name__}: {e}); "
                       "using the PyTorch reference ops", RuntimeWarning, stacklevel=2)

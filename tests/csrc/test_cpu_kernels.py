@@ -22,7 +22,7 @@ import torch
 from merge_engine.ops import backends
 from merge_engine.ops.consensus import _merge_with, merge_task_vectors_reference, selection_counts
 from merge_engine.ops.select import magnitude_cutoff
-from kernel_checks import make_inputs, weighted_contributions
+from tests.csrc.kernel_checks import make_inputs, weighted_contributions
 
 if not backends.kernels_enabled():
     pytest.skip("compiled kernels disabled by MERGE_ENGINE_KERNELS=0", allow_module_level=True)

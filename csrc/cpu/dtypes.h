@@ -1,0 +1,46 @@
+// Storage dtypes of the CPU kernels: float <-> T conversions that round exactly as torch does, and
+// a dispatch over the kernel dtypes (float32, bfloat16, float16).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace merge_engine {
+
+template <typename T> inline float to_f(T x) { return static_cast<float>(x); }
+template <typename T> inline T round_to(float x) { return static_cast<T>(x); }  // round to nearest even
+// bf16: the same round-to-nearest-even as c10, without its NaN branch so loops vectorise (a NaN
+// input is reported by the merge pass, whose result is then discarded).
+template <> inline c10::BFloat16 round_to<c10::BFloat16>(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
+}
+
+// x rounded to T and back to float, in a form the compiler vectorises (bf16: integer ops only).
+template <typename T> inline float rnd(float x) { return to_f(round_to<T>(x)); }
+template <> inline float rnd<float>(float x) { return x; }
+template <> inline float rnd<c10::BFloat16>(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+  std::memcpy(&x, &bits, 4);
+  return x;
+}
+
+// Calls f(T{}) for the tensor's dtype T among the kernel dtypes (float64 stays with the reference).
+template <typename F> inline void dispatch_dtype(at::ScalarType dt, F&& f) {
+  switch (dt) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    case at::kHalf: return f(c10::Half{});
+    default: TORCH_CHECK(false, "merge_engine CPU kernel: dtype must be float32, bfloat16 or float16, got ", dt);
+  }
+}
+
+}  // namespace merge_engine

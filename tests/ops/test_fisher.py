@@ -1,0 +1,148 @@
+"""The Fisher op references (merge_engine/ops/fisher.py): the properties of Fisher-weighted averaging
+and of the accumulation, against fp64 computations of the same formulas.
+
+Error bound of fisher_merge against the fp64 formula (fp32 accumulation, unit roundoff u = 2^-24):
+each term d_j = max(F_j, floor_j) c_j and d_j theta_j is rounded once, and the K-term sums of num and
+den add at most K - 1 roundings each, so num is within (K + 1) u sum_j |d_j theta_j| and den within
+K u sum_j d_j of their exact values; the quotient then differs from the exact mean by at most
+(2K + 2) u M with M = sum_j d_j |theta_j| / sum_j d_j, plus its own rounding (u M) and the rounding
+to the output dtype (half an ulp there). Tests use (2K + 3) u M + 1 ulp of the output dtype.
+"""
+import pytest
+import torch
+
+from merge_engine.ops.fisher import accumulate_fisher_reference, fisher_merge_reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+U = 2.0 ** -24
+MANTISSA = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
+
+
+def make_models(k, shape, dtype, fisher_dtype, seed, zero_fraction=0.0):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(shape, generator=g).to(dtype) for _ in range(k)]
+    fishers = []
+    for _ in range(k):
+        f = torch.rand(shape, generator=g) ** 4 * 10.0 ** torch.randint(-6, 2, (), generator=g).item()
+        f[torch.rand(shape, generator=g) < zero_fraction] = 0
+        fishers.append(f.to(fisher_dtype))
+    return params, fishers
+
+
+def exact_merge(params, fishers, coefficients, floors):
+    """The formula in fp64 on the same (already rounded) inputs, and M = sum d |theta| / sum d."""
+    d = [torch.clamp_min(f.double(), fl) * c for f, c, fl in zip(fishers, coefficients, floors)]
+    den = sum(d)
+    num = sum(dj * p.double() for dj, p in zip(d, params))
+    scale = sum(dj * p.double().abs() for dj, p in zip(d, params)) / den
+    return num / den, scale
+
+
+def assert_within_bound(got, exact, scale, k):
+    p = MANTISSA[got.dtype]
+    ulp = 2.0 ** -(p - 1) * exact.abs().clamp(min=float(torch.finfo(got.dtype).tiny))
+    bound = (2 * k + 3) * U * scale + ulp
+    excess = (got.double() - exact).abs() - bound
+    assert (excess <= 0).all(), f"error exceeds the bound by {float(excess.max())}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_merge_matches_fp64_formula(dtype, k):
+    seed = 100 + k
+    params, fishers = make_models(k, (37, 53), dtype, torch.float32, seed)
+    coefficients = [0.5 + j for j in range(k)]
+    floors = [1e-6] + [0.0] * (k - 1)
+    got = fisher_merge_reference(params, fishers, coefficients, floors)
+    exact, scale = exact_merge(params, fishers, coefficients, floors)
+    assert got.dtype == dtype
+    assert_within_bound(got, exact, scale, k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_equal_fishers_give_the_weighted_average(dtype):
+    params, _ = make_models(3, (1023,), dtype, torch.float32, seed=7)
+    f = torch.rand(1023, generator=torch.Generator().manual_seed(8)) + 0.1
+    weights = [0.2, 0.3, 0.5]
+    got = fisher_merge_reference(params, [f, f, f], weights, [0.0, 0.0, 0.0])
+    average = sum(w * p.double() for w, p in zip(weights, params)) / sum(weights)
+    scale = sum(w * p.double().abs() for w, p in zip(weights, params)) / sum(weights)
+    assert_within_bound(got, average, scale, 3)
+
+
+def test_a_donor_with_zero_fisher_is_ignored_exactly():
+    params, fishers = make_models(3, (4097,), torch.float32, torch.float32, seed=11)
+    fishers[2] = torch.zeros_like(fishers[2])
+    floors = [1e-6, 0.0, 0.0]
+    with_donor = fisher_merge_reference(params, fishers, [1.0, 2.0, 3.0], floors)
+    without = fisher_merge_reference(params[:2], fishers[:2], [1.0, 2.0], floors[:2])
+    assert torch.equal(with_donor, without)
+
+
+def test_one_model_returns_its_own_values():
+    params, fishers = make_models(1, (4097,), torch.float32, torch.float32, seed=12)
+    got = fisher_merge_reference(params, fishers, [0.7], [1e-6])
+    assert_within_bound(got, params[0].double(), params[0].double().abs(), 1)
+
+
+def test_no_fisher_information_and_no_floor_gives_the_first_model():
+    params, fishers = make_models(3, (1023,), torch.bfloat16, torch.float32, seed=13, zero_fraction=0.5)
+    for f in fishers:
+        f[:100] = 0  # no model has information on the first 100 elements
+    got = fisher_merge_reference(params, fishers, [1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
+    assert torch.equal(got[:100], params[0][:100])
+    assert torch.isfinite(got).all()
+
+
+def test_the_floor_favours_the_target_model():
+    params, fishers = make_models(2, (1023,), torch.float32, torch.float32, seed=14)
+    zero = [torch.zeros_like(f) for f in fishers]
+    got = fisher_merge_reference(params, zero, [1.0, 1.0], [1e-6, 0.0])
+    assert_within_bound(got, params[0].double(), params[0].double().abs(), 1)  # only model 0 has weight
+    both = fisher_merge_reference(params, zero, [1.0, 1.0], [1e-6, 1e-6])
+    exact = (params[0].double() + params[1].double()) / 2
+    assert_within_bound(both, exact, (params[0].double().abs() + params[1].double().abs()) / 2, 2)
+
+
+@pytest.mark.parametrize("bad", [-1e-3, float("nan"), float("inf")])
+def test_invalid_fisher_values_are_rejected(bad):
+    params, fishers = make_models(3, (7,), torch.float32, torch.float32, seed=15)
+    fishers[1][3] = bad
+    with pytest.raises(ValueError, match="Fisher of model 1 has 1 negative, NaN or Inf"):
+        fisher_merge_reference(params, fishers, [1.0] * 3, [1e-6, 0, 0])
+
+
+@pytest.mark.parametrize("change", ["shape", "count", "coefficient", "floor"])
+def test_bad_arguments_are_rejected(change):
+    params, fishers = make_models(2, (7,), torch.float32, torch.float32, seed=16)
+    coefficients, floors = [1.0, 1.0], [1e-6, 0.0]
+    if change == "shape":
+        fishers[1] = torch.ones(8)
+    elif change == "count":
+        fishers = fishers[:1]
+    elif change == "coefficient":
+        coefficients[1] = -1.0
+    else:
+        floors[0] = float("nan")
+    with pytest.raises(ValueError):
+        fisher_merge_reference(params, fishers, coefficients, floors)
+
+
+@pytest.mark.parametrize("fisher_dtype", DTYPES)
+@pytest.mark.parametrize("grad_dtype", DTYPES)
+def test_accumulate_adds_scaled_squares(fisher_dtype, grad_dtype):
+    g = torch.Generator().manual_seed(17)
+    grads = [torch.randn(37, 53, generator=g).to(grad_dtype) for _ in range(4)]
+    fisher = torch.zeros(37, 53, dtype=fisher_dtype)
+    for grad in grads:
+        accumulate_fisher_reference(fisher, grad, 0.25)
+    exact = sum(0.25 * grad.double() ** 2 for grad in grads)
+    # fp32: 3 roundings per step (square, scale, sum) over 4 steps; a 16-bit Fisher also rounds its
+    # running sum to its own precision at every step.
+    rel = 12 * U if fisher_dtype == torch.float32 else 4 * 2.0 ** -MANTISSA[fisher_dtype] + 12 * U
+    assert ((fisher.double() - exact).abs() <= rel * exact).all()
+
+
+def test_accumulate_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="shape"):
+        accumulate_fisher_reference(torch.zeros(3), torch.ones(4), 1.0)
