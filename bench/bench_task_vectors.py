@@ -9,49 +9,15 @@ output once) / time. Times are the best of --repeat runs after one warm-up run.
 from __future__ import annotations
 
 import argparse
-import platform
-import time
 
 import torch
+from common import best_time, copy_bandwidth, machine, parse_count
 
 from merge_engine.ops import backends
 from merge_engine.ops.consensus import _merge_with, merge_task_vectors_reference
 
 METHODS = {"ties": dict(sparsify="magnitude", consensus=True, normalize=True),
            "dare_ties": dict(sparsify="random", consensus=True, normalize=False, rescale=True)}
-
-
-def parse_count(text: str) -> int:
-    units = {"K": 2**10, "M": 2**20, "G": 2**30}
-    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
-
-
-def best_time(fn, device: torch.device, repeat: int) -> float:
-    def timed():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-    timed()
-    return min(timed() for _ in range(repeat))
-
-
-def copy_bandwidth(device: torch.device, repeat: int) -> float:
-    """GB/s of a large buffer copy (bytes read + bytes written)."""
-    src = torch.empty(2**30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / best_time(lambda: dst.copy_(src), device, repeat) / 1e9
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor())
-    return f"{model}, {torch.get_num_threads()} threads"
 
 
 def main() -> None:

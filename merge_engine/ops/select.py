@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from merge_engine.ops import backends
+
 _KEY_VIEW = {torch.float16: (torch.int16, 0x7FFF), torch.bfloat16: (torch.int16, 0x7FFF),
              torch.float32: (torch.int32, 0x7FFFFFFF), torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF)}
 _INF_KEY = {dt: int(torch.tensor(float("inf"), dtype=dt).view(v).item()) & m for dt, (v, m) in _KEY_VIEW.items()}
@@ -36,8 +38,7 @@ def check_finite(x: torch.Tensor, what: str = "input") -> None:
         raise ValueError(f"{what} has {bad} NaN or Inf value(s); a magnitude ordering is undefined")
 
 
-@torch.library.custom_op("merge_engine::magnitude_cutoff", mutates_args=())
-def magnitude_cutoff(x: torch.Tensor, count: int, largest: bool = True) -> torch.Tensor:
+def magnitude_cutoff_reference(x: torch.Tensor, count: int, largest: bool = True) -> torch.Tensor:
     """int64 [T, c] selecting the first `count` elements of the stable order of |x| (module docstring).
 
     NaN or Inf in x raise ValueError; count is clamped to [0, numel]."""
@@ -54,6 +55,21 @@ def magnitude_cutoff(x: torch.Tensor, count: int, largest: bool = True) -> torch
     beyond = int((keys > t).sum()) if largest else int((keys < t).sum())
     all_equal_selected = int((keys == t).sum()) == count - beyond
     return torch.tensor([t, n if all_equal_selected else last + 1], dtype=torch.int64)
+
+
+@torch.library.custom_op("merge_engine::magnitude_cutoff", mutates_args=())
+def magnitude_cutoff(x: torch.Tensor, count: int, largest: bool = True) -> torch.Tensor:
+    """The cut-off of the first `count` elements of the stable order of |x|: see magnitude_cutoff_reference."""
+    return magnitude_cutoff_reference(x, count, largest)
+
+
+@magnitude_cutoff.register_kernel("cpu")
+def _magnitude_cutoff_cpu(x, count, largest=True):
+    """The radix select of the CPU extension, on |x - 0| (the same keys as |x|)."""
+    ext = backends.cpu_extension()
+    if ext is None or not backends.served_by_kernels(x):
+        return magnitude_cutoff_reference(x, count, largest)
+    return ext.delta_cutoffs(torch.zeros_like(x), x, [min(max(count, 0), x.numel())], largest)[0]
 
 
 @magnitude_cutoff.register_fake

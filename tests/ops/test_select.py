@@ -1,8 +1,13 @@
-"""Magnitude cut-offs: the (key, index) pair reproduces the stable order's first `count` elements."""
+"""Magnitude cut-offs: the (key, index) pair reproduces the stable order's first `count` elements.
+Each property is checked on the reference and on the op (on CPU tensors, the C++ radix select when
+the extension is built)."""
 import pytest
 import torch
 
-from merge_engine.ops.select import NOTHING_LARGEST, cutoff_mask, magnitude_cutoff, magnitude_keys
+from merge_engine.ops.select import (NOTHING_LARGEST, cutoff_mask, magnitude_cutoff, magnitude_cutoff_reference,
+                                     magnitude_keys)
+
+CUTOFFS = pytest.mark.parametrize("cutoff", [magnitude_cutoff_reference, magnitude_cutoff], ids=["reference", "op"])
 
 
 def first_in_stable_order(x, count, largest):
@@ -25,28 +30,31 @@ def test_keys_order_like_magnitudes(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("largest", [True, False])
 @pytest.mark.parametrize("n", [1, 7, 100, 1023])
-def test_cutoff_matches_stable_sort(dtype, largest, n):
+@CUTOFFS
+def test_cutoff_matches_stable_sort(cutoff, dtype, largest, n):
     g = torch.Generator().manual_seed(n)
     # few distinct magnitudes, both signs, zeros: many ties everywhere
     x = (torch.randint(-4, 5, (n,), generator=g).float() * 0.25).to(dtype)
     for count in sorted({0, 1, n // 3, n // 2, n - 1, n}):
-        cut = magnitude_cutoff(x, count, largest)
+        cut = cutoff(x, count, largest)
         mask = cutoff_mask(x, cut, largest)
         assert int(mask.sum()) == count
         assert torch.equal(mask, first_in_stable_order(x, count, largest))
 
 
-def test_nothing_and_everything_sentinels():
+@CUTOFFS
+def test_nothing_and_everything_sentinels(cutoff):
     x = torch.randn(5)
-    assert magnitude_cutoff(x, 0, True).tolist() == [NOTHING_LARGEST, 0]
-    assert magnitude_cutoff(x, 0, False).tolist() == [-1, 0]
-    assert magnitude_cutoff(x, 5, True).tolist() == [-1, 0]
-    assert magnitude_cutoff(x, 5, False).tolist() == [NOTHING_LARGEST, 0]
+    assert cutoff(x, 0, True).tolist() == [NOTHING_LARGEST, 0]
+    assert cutoff(x, 0, False).tolist() == [-1, 0]
+    assert cutoff(x, 5, True).tolist() == [-1, 0]
+    assert cutoff(x, 5, False).tolist() == [NOTHING_LARGEST, 0]
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_is_an_error(bad):
+@CUTOFFS
+def test_non_finite_is_an_error(cutoff, bad):
     x = torch.randn(10)
     x[3] = bad
     with pytest.raises(ValueError, match="NaN or Inf"):
-        magnitude_cutoff(x, 4)
+        cutoff(x, 4)

@@ -24,7 +24,7 @@ pytest.importorskip("triton")
 from merge_engine.ops import backends  # noqa: E402
 from merge_engine.ops.consensus import _merge_with, merge_task_vectors_reference  # noqa: E402
 from merge_engine.ops.random import philox_key, uniform  # noqa: E402
-from merge_engine.ops.select import magnitude_cutoff  # noqa: E402
+from merge_engine.ops.select import magnitude_cutoff_reference  # noqa: E402
 from merge_engine.triton_kernels import task_vectors as tv  # noqa: E402
 
 pytestmark = pytest.mark.triton
@@ -73,7 +73,7 @@ def test_delta_cutoffs_match_reference(dtype, shape, ties):
     counts = sorted({0, 1, max(1, n // 100), n // 3, n // 2, n - 1, n})
     for largest in (True, False):
         got = tv.delta_cutoffs(base, expert, counts, largest)
-        want = torch.stack([magnitude_cutoff(delta, c, largest) for c in counts])
+        want = torch.stack([magnitude_cutoff_reference(delta, c, largest) for c in counts])
         assert torch.equal(got, want), f"seed {seed}, largest {largest}, counts {counts}:\n{got}\n{want}"
 
 
@@ -82,14 +82,14 @@ def test_delta_cutoffs_of_all_zero_deltas(dtype):
     base, (expert,) = make_inputs((4097,), dtype, 1, 0, zero_delta=True)
     counts = [0, 1, 1024, 1025, 4096, 4097]
     for largest in (True, False):
-        want = torch.stack([magnitude_cutoff((expert - base).cpu(), c, largest) for c in counts])
+        want = torch.stack([magnitude_cutoff_reference((expert - base).cpu(), c, largest) for c in counts])
         assert torch.equal(tv.delta_cutoffs(base, expert, counts, largest), want)
 
 
 def test_empty_tensors():
     base = torch.empty(0, device=DEVICE)
     for largest in (True, False):
-        want = torch.stack([magnitude_cutoff(base.cpu(), c, largest) for c in (0, 3)])
+        want = torch.stack([magnitude_cutoff_reference(base.cpu(), c, largest) for c in (0, 3)])
         assert torch.equal(tv.delta_cutoffs(base, base, [0, 3], largest), want)
     kw = merge_kwargs(1, "magnitude", True, True)
     assert _merge_with(tv, base, [base], **kw).shape == (0,)
