@@ -1,10 +1,18 @@
-"""Command line: `merge-engine CONFIG.yml OUTPUT_DIR [options]` (mergekit-yaml compatible)."""
+"""Command line.
+
+    merge-engine CONFIG.yml OUTPUT_DIR [options]         merge (mergekit-yaml compatible)
+    merge-engine fisher MODEL DATA OUT [options]         diagonal Fisher of a model over a data set
+
+A first argument naming a subcommand selects it; anything else is a merge (a config file named like a
+subcommand can be passed as ./NAME).
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import re
 import sys
+import time
 import warnings
 
 import torch
@@ -31,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="merge-engine",
         description="Merge model checkpoints described by a mergekit YAML config, streaming tensor by tensor.",
         epilog="Methods: linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, "
-               "della, della_linear, slerp, nuslerp, model_stock, passthrough. See README.md.")
+               "della, della_linear, slerp, nuslerp, model_stock, passthrough, fisher, fisher_task_arithmetic, "
+               "fisher_ties. See README.md. "
+               "Other commands: merge-engine fisher --help.")
     p.add_argument("config", help="merge config (mergekit YAML schema)")
     p.add_argument("out_dir", help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--device", default="auto", help="where the math runs: cpu, cuda, cuda:N or auto (default)")
@@ -55,12 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    if args.quiet:
+def setup_logging(quiet: bool, verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    if quiet:
         logging.getLogger("merge_engine").setLevel(logging.WARNING)
     warnings.simplefilter("default")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
+    return merge_main(argv)
+
+
+def merge_main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.quiet, args.verbose)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     from merge_engine.config import load_config
@@ -77,6 +98,74 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(report.summary())
     return 0
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def build_fisher_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="merge-engine fisher",
+        description="Diagonal Fisher information of a causal LM over a data set, saved as safetensors plus "
+                    "fisher.json, for Fisher merging. See merge_engine/stats/fisher.py for the definitions.")
+    p.add_argument("model", help="local Hugging Face model folder (safetensors weights, config.json, tokenizer)")
+    p.add_argument("data", help="plain text (one example per non-blank line) or .jsonl ({\"text\": ...} per line)")
+    p.add_argument("out_dir", help="output folder (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--variant", choices=("empirical", "sampled"), default="empirical",
+                   help="targets: the observed next tokens (empirical, default) or draws from the model (sampled)")
+    p.add_argument("--per-example", action="store_true",
+                   help="one backward per example (exact); default: one per batch, F += |B| g_B^2")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="examples per batch (default 8)")
+    p.add_argument("--max-length", type=positive_int, default=512, help="tokens per example, truncated (default 512)")
+    p.add_argument("--max-examples", type=positive_int, default=None, help="use only the first N examples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the label draws of --variant sampled (default 0)")
+    p.add_argument("--device", default="auto", help="where the model runs: cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--dtype", choices=tuple(_DTYPES), default=None,
+                   help="dtype the model is loaded and run in (default: as stored in the checkpoint)")
+    p.add_argument("--fisher-dtype", choices=tuple(_DTYPES), default="float32",
+                   help="storage of the Fisher (math is fp32); bfloat16 halves its memory, less precisely")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute layer activations in the backward pass to save memory")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    return p
+
+
+def fisher_main(argv: list[str]) -> int:
+    args = build_fisher_parser().parse_args(argv)
+    setup_logging(args.quiet)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()  # its "Loading weights" bar
+    from merge_engine.stats.fisher import FisherOptions, collect_fisher
+    options = FisherOptions(variant=args.variant, per_example=args.per_example, batch_size=args.batch_size,
+                            max_length=args.max_length, max_examples=args.max_examples, seed=args.seed,
+                            device=args.device, dtype=_DTYPES.get(args.dtype),
+                            fisher_dtype=_DTYPES[args.fisher_dtype],
+                            gradient_checkpointing=args.gradient_checkpointing, overwrite=args.overwrite,
+                            quiet=args.quiet)
+    start = time.perf_counter()
+    try:
+        manifest = collect_fisher(args.model, args.data, args.out_dir, options)
+    except MergeEngineError as e:
+        print(f"merge-engine: error: {e}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(f"{manifest['variant']} Fisher ({manifest['granularity']}) of {manifest['tensors']} tensors over "
+              f"{manifest['examples']} examples, {manifest['tokens']} tokens in {time.perf_counter() - start:.2f} s "
+              f"-> {args.out_dir}")
+    return 0
+
+
+# first argument -> handler of the remaining arguments; anything else is a merge
+SUBCOMMANDS = {"fisher": fisher_main}
 
 
 if __name__ == "__main__":

@@ -131,3 +131,13 @@ def test_help_documents_options():
     for flag in ("--device", "--out-shard-size", "--random-seed", "--copy-tokenizer", "--allow-crimes",
                  "--overwrite"):
         assert flag in out
+
+
+def test_subcommand_dispatch_from_the_command_line():
+    """`python -m merge_engine fisher ...` reaches the fisher parser; the merge help names the subcommand."""
+    out = subprocess.run([sys.executable, "-m", "merge_engine", "fisher", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.startswith("usage: merge-engine fisher") and "--fisher-dtype" in out
+    merge_help = subprocess.run([sys.executable, "-m", "merge_engine", "--help"], capture_output=True, text=True,
+                                check=True).stdout
+    assert "merge-engine fisher --help" in merge_help

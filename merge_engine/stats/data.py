@@ -1,0 +1,117 @@
+"""Text examples for statistics runs (Fisher information, activation statistics).
+
+A DATA file is either plain text, one example per non-blank line, or `.jsonl`, one JSON object per
+line with a string "text" field (blank lines are skipped in both). Examples are tokenized with the
+model folder's tokenizer (or a tokenizer object), truncated to max_length tokens, and grouped in
+file order into right-padded batches: {"input_ids", "attention_mask"} (LongTensor, batch x length),
+padded with the pad token, else the end-of-sequence token.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from merge_engine.errors import MergeEngineError
+
+
+class DataError(MergeEngineError):
+    """A data file or tokenizer that cannot be used as asked; the message names the file."""
+
+
+def read_texts(path: str, max_examples: int | None = None) -> list[str]:
+    """The examples of a .txt or .jsonl file, in file order, at most max_examples of them."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: data file does not exist")
+    parse = _jsonl_text if path.endswith(".jsonl") else _plain_text
+    texts: list[str] = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if max_examples is not None and len(texts) >= max_examples:
+                    break
+                if line.strip():
+                    texts.append(parse(line, path, lineno))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from e
+    if not texts:
+        raise DataError(f"{path}: no examples (the file holds only blank lines)")
+    return texts
+
+
+def _plain_text(line: str, path: str, lineno: int) -> str:
+    return line.rstrip("\r\n")
+
+
+def _jsonl_text(line: str, path: str, lineno: int) -> str:
+    try:
+        record = json.loads(line)
+    except ValueError as e:
+        raise DataError(f"{path}:{lineno}: not a JSON object ({e})") from e
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise DataError(f'{path}:{lineno}: expected a JSON object with a string "text" field')
+    return record["text"]
+
+
+def load_tokenizer(model_dir: str):
+    """The tokenizer saved in a model folder (local files only)."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{model_dir}: cannot load a tokenizer from the model folder ({' '.join(str(e).split())})") from e
+
+
+def pad_token_id(tokenizer) -> int:
+    """The pad token, else end-of-sequence; 0 when neither exists (padding is masked out, so any id works)."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
+
+
+@dataclass
+class TokenizedData:
+    """Tokenized examples of one data file, in file order."""
+
+    path: str
+    sequences: list[list[int]]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def tokens(self) -> int:
+        return sum(map(len, self.sequences))
+
+    def batches(self, batch_size: int) -> list[dict[str, torch.Tensor]]:
+        return [make_batch(self.sequences[i:i + batch_size], self.pad_id)
+                for i in range(0, len(self.sequences), batch_size)]
+
+
+def make_batch(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids and the attention_mask marking the real tokens."""
+    length = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, :len(seq)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def load_data(path: str, tokenizer, max_length: int, max_examples: int | None = None) -> TokenizedData:
+    """Read and tokenize a data file; tokenizer is a tokenizer object or a model folder holding one."""
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    texts = read_texts(path, max_examples)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(str(tokenizer))
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise DataError(f"{path}: example {empty[0] + 1} tokenizes to no tokens")
+    return TokenizedData(path, [list(ids) for ids in encoded], pad_token_id(tokenizer))
