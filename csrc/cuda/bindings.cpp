@@ -12,13 +12,21 @@ at::Tensor merge_task_vectors_cuda(const at::Tensor& base, const std::vector<at:
                                    const std::vector<double>& densities, const std::vector<double>& epsilons,
                                    bool consensus, bool normalize, bool rescale, double lambda, int64_t key0,
                                    int64_t key1);
+void accumulate_fisher_cuda(const at::Tensor& fisher, const at::Tensor& grad, double scale);
+at::Tensor fisher_merge_cuda(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& fishers,
+                             const std::vector<double>& coefficients, const std::vector<double>& floors);
 }  // namespace merge_engine
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "merge_engine CUDA kernels";
-  m.attr("max_experts") = 16;  // kMaxExperts in task_vectors.cu: larger groups go to the reference
+  // kMaxExperts in task_vectors.cu: larger merge_task_vectors groups go to the reference (fisher_merge
+  // takes any number of models).
+  m.attr("max_experts") = 16;
   m.def("delta_cutoffs", &merge_engine::delta_cutoffs_cuda,
         "Cut-offs (key, index) of the first counts[j] elements of the stable order of |expert - base|");
   m.def("merge_task_vectors", &merge_engine::merge_task_vectors_cuda,
         "Fused sparsify + weight + (sign election, disjoint mean) + lambda + base, one pass");
+  m.def("accumulate_fisher", &merge_engine::accumulate_fisher_cuda, "In place: fisher += scale * grad^2 (fp32 math)");
+  m.def("fisher_merge", &merge_engine::fisher_merge_cuda,
+        "Fisher-weighted average sum_j c_j max(F_j, floor_j) theta_j / sum_j c_j max(F_j, floor_j), one pass");
 }

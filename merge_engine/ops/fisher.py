@@ -137,8 +137,7 @@ def _(params, fishers, coefficients, floors):
 
 
 def _merge_with(backend, params, fishers, coefficients, floors):
-    if (backend is None or not backends.served_by_kernels(*params) or not backends.served_by_kernels(*fishers)
-            or len(params) > getattr(backend, "max_experts", len(params))):
+    if backend is None or not backends.served_by_kernels(*params) or not backends.served_by_kernels(*fishers):
         return fisher_merge_reference(params, fishers, coefficients, floors)
     check_merge_args(params, fishers, coefficients, floors)
     return backend.fisher_merge(list(params), list(fishers), list(coefficients), list(floors))

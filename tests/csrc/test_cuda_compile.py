@@ -5,12 +5,12 @@ What is compiled, and why it is a real check:
   torch.utils.cpp_extension.load (captured by calling the loader with load() replaced), plus the
   flags load() itself adds (-DTORCH_EXTENSION_NAME, torch's COMMON_NVCC_FLAGS such as
   -D__CUDA_NO_HALF_OPERATORS__, -fPIC), so a stale source list or flag breaks this test too.
-- task_vectors.cu goes through nvcc for both architectures in one call (-gencode
-  arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90, -std=c++17): the device code is
-  compiled down to SASS by ptxas for each architecture, and the host half by the host compiler.
+- each .cu source (task_vectors.cu, fisher.cu) goes through nvcc for both architectures in one call
+  (-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90, -std=c++17): the device
+  code is compiled down to SASS by ptxas for each architecture, and the host half by the host compiler.
   C++17 is the oldest standard the sources support; load() uses torch's default (C++20 for torch
   2.13), which they also compile with.
-  bindings.cpp goes through the host compiler (c++, or $CXX), concurrently.
+  bindings.cpp goes through the host compiler (c++, or $CXX); all three compile concurrently.
 - Headers are torch's own (torch.utils.cpp_extension.include_paths()) and the CUDA toolkit's; no
   stubs. The kernels use only c10/cuda headers (c10::cuda::getCurrentCUDAStream, CUDAGuard,
   C10_CUDA_KERNEL_LAUNCH_CHECK), which CPU wheels of torch ship too; ATen/cuda/CUDAContext.h is
@@ -19,9 +19,11 @@ What is compiled, and why it is a real check:
   `#define C10_CUDA_BUILD_SHARED_LIBS` (used for Windows dllexport only); when it is missing we
   define C10_CUDA_NO_CMAKE_CONFIGURE_FILE, torch's own switch for skipping it. Nothing else differs
   from a build against a CUDA wheel.
-- Then: every merge_engine:: function bindings.o needs is defined by task_vectors.o (nm), so the
-  declarations in bindings.cpp match the definitions; and the PTX nvcc kept has no fma instruction
-  (a contracted multiply-add would round differently from torch; see -fmad=false).
+- Then: every merge_engine:: function bindings.o needs is defined by the .cu objects, and each of
+  them defines some (nm), so the declarations in bindings.cpp match the definitions and every source
+  is bound; and the PTX nvcc kept for each source has no fma instruction (a contracted multiply-add
+  would round differently from torch; see -fmad=false) and no .ftz one (flushing subnormals to zero
+  would too; Fisher values reach them).
 Nothing is linked against libtorch_cuda (absent from CPU wheels), and nothing runs.
 """
 import os
@@ -64,6 +66,56 @@ def torch_include_flags():
     return flags
 
 
+def run_concurrently(jobs, cwd):
+    """Runs {what: command} at once; fails with the output of the first that fails or times out."""
+    procs = {what: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+             for what, cmd in jobs.items()}
+    for what, proc in procs.items():
+        try:
+            out, err = proc.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for p in procs.values():
+                p.kill()
+            pytest.fail(f"compilation took longer than {TIMEOUT_S} s")
+        if proc.returncode != 0:
+            sys.stderr.write(err)
+        assert proc.returncode == 0, f"{what} failed (rc {proc.returncode}):\n{out}\n{err}"
+
+
+def merge_engine_symbols(nm, obj, *flags):
+    text = subprocess.run([nm, "-C", *flags, str(obj)], capture_output=True, text=True, check=True).stdout
+    names = (re.match(r"\s*(?:[0-9a-fA-F]+\s+)?[A-Za-z]\s+(.*)$", line) for line in text.splitlines())
+    return {m.group(1) for m in names if m and m.group(1).startswith("merge_engine::")}
+
+
+def check_bindings(nm, bindings_obj, cu_objs):
+    """Every merge_engine:: function bindings.o needs is defined, and each .cu object defines some."""
+    needed = merge_engine_symbols(nm, bindings_obj, "-u")
+    defined = {obj.name: merge_engine_symbols(nm, obj, "--defined-only") for obj in cu_objs}
+    assert needed, "bindings.o references no merge_engine:: function"
+    missing = needed - set().union(*defined.values())
+    assert not missing, f"declared in bindings.cpp but not defined in {sorted(defined)}: {missing}"
+    for name, symbols in defined.items():
+        assert needed & symbols, f"bindings.cpp binds no function of {name}"
+
+
+def check_device_code(keep):
+    """SASS for both architectures, and no fused multiply-add (-fmad=false) nor flush to zero (Fisher
+    values reach subnormals) anywhere in the PTX nvcc kept in this folder."""
+    for arch in ("80", "90"):
+        cubins = [c for pattern in (f"*compute_{arch}*.cubin", f"*sm_{arch}*.cubin") for c in keep.glob(pattern)]
+        assert any(c.stat().st_size > 0 for c in cubins), f"no sm_{arch} cubin among {sorted(os.listdir(keep))}"
+    ptx = sorted(keep.glob("*.ptx"))
+    archs = {m.group(1) for m in (re.search(r"compute_(\d+)", p.name) for p in ptx) if m}
+    assert archs >= {"80", "90"}, [p.name for p in ptx]
+    for p in ptx:
+        lines = [line.strip() for line in p.read_text().splitlines()]
+        fma = [line for line in lines if re.match(r"fma\.", line)]
+        assert not fma, f"{p.name} contains fused multiply-adds, e.g. {fma[:3]}"
+        ftz = [line for line in lines if re.search(r"\.ftz\b", line)]
+        assert not ftz, f"{p.name} flushes subnormals to zero, e.g. {ftz[:3]}"
+
+
 @pytest.mark.slow
 def test_cuda_sources_compile_for_sm80_and_sm90(monkeypatch, tmp_path):
     nvcc = shutil.which("nvcc")
@@ -80,7 +132,8 @@ def test_cuda_sources_compile_for_sm80_and_sm90(monkeypatch, tmp_path):
     sources = kwargs["sources"]
     cu = [s for s in sources if s.endswith(".cu")]
     cpp = [s for s in sources if s.endswith(".cpp")]
-    assert len(cu) == 1 and len(cpp) == 1 and all(os.path.exists(s) for s in sources), sources
+    assert sorted(os.path.basename(s) for s in cu) == ["fisher.cu", "task_vectors.cu"], sources
+    assert len(cpp) == 1 and all(os.path.exists(s) for s in sources), sources
     assert "--use_fast_math" not in kwargs.get("extra_cuda_cflags", []) and "-fmad=false" in kwargs["extra_cuda_cflags"]
 
     name = kwargs["name"]
@@ -88,51 +141,23 @@ def test_cuda_sources_compile_for_sm80_and_sm90(monkeypatch, tmp_path):
     if not os.path.exists(os.path.join(torch_include, "c10", "cuda", "impl", "cuda_cmake_macros.h")):
         defines.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")  # CPU wheel: see the module docstring
     includes = torch_include_flags()
-    keep = tmp_path / "keep"
-    keep.mkdir()
-    cu_obj, cpp_obj = tmp_path / "task_vectors.o", tmp_path / "bindings.o"
-    nvcc_cmd = ([nvcc, "-c", cu[0], "-o", str(cu_obj), "-std=c++17", "--compiler-options", "-fPIC",
-                 f"--threads={max(2, min(4, os.cpu_count() or 2))}", "--keep", f"--keep-dir={keep}"]
-                + ARCHS + defines + cpp_extension.COMMON_NVCC_FLAGS + kwargs.get("extra_cuda_cflags", []) + includes)
-    cxx_cmd = ([cxx, "-c", cpp[0], "-o", str(cpp_obj), "-std=c++17", "-fPIC"]
-               + defines + kwargs.get("extra_cflags", []) + includes)
-    print("nvcc command:", " ".join(nvcc_cmd))
-    print("c++ command:", " ".join(cxx_cmd))
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-             for cmd in (nvcc_cmd, cxx_cmd)]
-    results = []
-    for proc in procs:
-        try:
-            out, err = proc.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail(f"compilation took longer than {TIMEOUT_S} s")
-        results.append((proc.returncode, out, err))
-    for (rc, out, err), what in zip(results, ("nvcc task_vectors.cu", "c++ bindings.cpp")):
-        if rc != 0:
-            sys.stderr.write(err)
-        assert rc == 0, f"{what} failed (rc {rc}):\n{out}\n{err}"
+    stems = [os.path.splitext(os.path.basename(s))[0] for s in cu]
+    keep = {stem: tmp_path / "keep" / stem for stem in stems}  # one folder each: no clash of kept files
+    jobs = {}
+    for src, stem in zip(cu, stems):
+        keep[stem].mkdir(parents=True)
+        jobs[f"nvcc {stem}.cu"] = (
+            [nvcc, "-c", src, "-o", str(tmp_path / f"{stem}.o"), "-std=c++17", "--compiler-options", "-fPIC",
+             f"--threads={max(2, min(4, os.cpu_count() or 2))}", "--keep", f"--keep-dir={keep[stem]}"]
+            + ARCHS + defines + cpp_extension.COMMON_NVCC_FLAGS + kwargs.get("extra_cuda_cflags", []) + includes)
+    jobs["c++ bindings.cpp"] = ([cxx, "-c", cpp[0], "-o", str(tmp_path / "bindings.o"), "-std=c++17", "-fPIC"]
+                                + defines + kwargs.get("extra_cflags", []) + includes)
+    for what, cmd in jobs.items():
+        print(f"{what} command:", " ".join(cmd))
+    run_concurrently(jobs, tmp_path)
 
-    # the bindings' declarations match the kernels' definitions
     nm = shutil.which("nm")
     if nm is not None:
-        def symbols(obj, *flags):
-            text = subprocess.run([nm, "-C", *flags, str(obj)], capture_output=True, text=True, check=True).stdout
-            names = (re.match(r"\s*(?:[0-9a-fA-F]+\s+)?[A-Za-z]\s+(.*)$", line) for line in text.splitlines())
-            return {m.group(1) for m in names if m and m.group(1).startswith("merge_engine::")}
-        needed = symbols(cpp_obj, "-u")
-        defined = symbols(cu_obj, "--defined-only")
-        assert needed, "bindings.o references no merge_engine:: function"
-        assert needed <= defined, f"declared in bindings.cpp but not defined in task_vectors.cu: {needed - defined}"
-
-    # SASS for both architectures, and no fused multiply-add anywhere in the device code
-    for arch in ("80", "90"):
-        cubins = [c for pattern in (f"*compute_{arch}*.cubin", f"*sm_{arch}*.cubin") for c in keep.glob(pattern)]
-        assert any(c.stat().st_size > 0 for c in cubins), f"no sm_{arch} cubin among {sorted(os.listdir(keep))}"
-    ptx = sorted(keep.glob("*.ptx"))
-    assert {re.search(r"compute_(\d+)", p.name).group(1) for p in ptx if re.search(r"compute_(\d+)", p.name)} >= {"80", "90"}, \
-        [p.name for p in ptx]
-    for p in ptx:
-        fma = [line.strip() for line in p.read_text().splitlines() if re.match(r"\s*fma\.", line)]
-        assert not fma, f"{p.name} contains fused multiply-adds, e.g. {fma[:3]}"
+        check_bindings(nm, tmp_path / "bindings.o", [tmp_path / f"{stem}.o" for stem in stems])
+    for stem in stems:
+        check_device_code(keep[stem])
