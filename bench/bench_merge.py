@@ -231,6 +231,7 @@ def main() -> None:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     p.add_argument("--mergekit", default=MERGEKIT, help="mergekit-yaml executable")
     p.add_argument("--skip-mergekit", action="store_true")
+    p.add_argument("--skip-reference", action="store_true", help="skip the (slow) reference-ops run")
     a = p.parse_args()
     root = os.path.join(os.path.abspath(a.work), f"llama-L{a.layers}-H{a.hidden}-I{a.intermediate}-V{a.vocab}")
     t0 = time.perf_counter()
@@ -245,8 +246,9 @@ def main() -> None:
     dropped = drop_caches()
     rows = [("I/O floor", io_floor(inputs, out_bytes, os.path.join(root, "scratch.bin")), out_bytes, None)]
     outs = {}
-    for label, name, env in (("merge_engine", "merge_engine", {}),
-                             ("merge_engine, reference ops", "merge_engine_ref", {"MERGE_ENGINE_KERNELS": "0"})):
+    runs = [("merge_engine", "merge_engine", {}),
+            ("merge_engine, reference ops", "merge_engine_ref", {"MERGE_ENGINE_KERNELS": "0"})]
+    for label, name, env in runs[:1] if a.skip_reference else runs:
         outs[label] = out = os.path.join(root, f"out_{name}")
         wall, *stats = run_merge([sys.executable, "-m", "merge_engine", config, out, "--overwrite", "-q"], out,
                                  os.path.join(root, f"{name}.log"), **env)
