@@ -16,7 +16,7 @@ dropping the element causes) instead of by |delta|. Same tie rule as TIES (ops/s
 
 A tensor whose Fisher is absent from some model's folder (missing_fisher: fallback, the default) is
 merged without Fishers: the weighted average for fisher, magnitude trimming for that model's task
-vector in the keyed variants; missing_fisher: error refuses such a config before reading any data.
+vector in the importance variants; missing_fisher: error refuses such a config before reading any data.
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def keep_most_important(expert: torch.Tensor, base: torch.Tensor, importance: to
     return torch.where(keep, expert, base)
 
 
-def _keyed_by_fisher(consensus: bool, group: TensorGroup) -> torch.Tensor:
+def _ranked_by_fisher(consensus: bool, group: TensorGroup) -> torch.Tensor:
     p, base = group.shared, group.base
     kept = []
     for i, density in zip(group.non_base, group.values("density")):
@@ -133,7 +133,7 @@ FISHER = MergeMethod(
     base="ignored", side_inputs=("fisher",), reference=REFERENCE)
 
 
-def _keyed_method(name: str, consensus: bool, normalize: bool) -> MergeMethod:
+def _importance_method(name: str, consensus: bool, normalize: bool) -> MergeMethod:
     params = (
         ParamSpec("normalize", bool, Scope.SHARED, normalize),
         ParamSpec("lambda", float, Scope.SHARED, 1.0),
@@ -142,8 +142,8 @@ def _keyed_method(name: str, consensus: bool, normalize: bool) -> MergeMethod:
         ParamSpec("density", float, Scope.NON_BASE, 1.0, check=in_unit_interval),
         MISSING,
     )
-    return MergeMethod(name, functools.partial(_keyed_by_fisher, consensus), params, base="required",
+    return MergeMethod(name, functools.partial(_ranked_by_fisher, consensus), params, base="required",
                        side_inputs=("fisher",), reference=REFERENCE)
 
 
-METHODS = [FISHER, _keyed_method("fisher_task_arithmetic", False, False), _keyed_method("fisher_ties", True, True)]
+METHODS = [FISHER, _importance_method("fisher_task_arithmetic", False, False), _importance_method("fisher_ties", True, True)]
