@@ -2,6 +2,7 @@
 
     merge-engine CONFIG.yml OUTPUT_DIR [options]         merge (mergekit-yaml compatible)
     merge-engine fisher MODEL DATA OUT [options]         diagonal Fisher of a model over a data set
+    merge-engine key generate|apply|remove|recover|report ...   tier keys (merge_engine.tiers.cli)
 
 A first argument naming a subcommand selects it; anything else is a merge (a config file named like a
 subcommand can be passed as ./NAME).
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Methods: linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, "
                "della, della_linear, slerp, nuslerp, model_stock, passthrough, fisher, fisher_task_arithmetic, "
                "fisher_ties. See README.md. "
-               "Other commands: merge-engine fisher --help.")
+               "Other commands: merge-engine fisher --help, merge-engine key --help.")
     p.add_argument("config", help="merge config (mergekit YAML schema)")
     p.add_argument("out_dir", help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--device", default="auto", help="where the math runs: cpu, cuda, cuda:N or auto (default)")
@@ -165,7 +166,12 @@ def fisher_main(argv: list[str]) -> int:
 
 
 # first argument -> handler of the remaining arguments; anything else is a merge
-SUBCOMMANDS = {"fisher": fisher_main}
+def key_main(argv: list[str]) -> int:
+    from merge_engine.tiers.cli import main as tiers_main
+    return tiers_main(argv)
+
+
+SUBCOMMANDS = {"fisher": fisher_main, "key": key_main}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,17 @@
+"""Tiered models: keys that swap attention heads and MLP columns across layers (arXiv 2606.21638).
+
+blocks: which tensors each block kind spans, per architecture; key: the key file format and checks;
+generate: keys from a secret; permutation: the general form of keys and tiers; apply / inplace: keying and
+unkeying checkpoints (streamed into a new folder, or rewritten in place under a journal); report: what a key moves.
+"""
+from merge_engine.tiers.apply import KeyedRun, apply_key, remove_key
+from merge_engine.tiers.blocks import ATTN_HEADS, BLOCK_KINDS, MLP_COLS, ModelBlocks, model_blocks
+from merge_engine.tiers.generate import generate_key
+from merge_engine.tiers.inplace import apply_key_in_place, recover, remove_key_in_place
+from merge_engine.tiers.key import TierKey, TierKeyError, validate_key
+from merge_engine.tiers.permutation import BlockPermutation, compose
+from merge_engine.tiers.report import KeyReport, key_report
+
+__all__ = ["ATTN_HEADS", "BLOCK_KINDS", "MLP_COLS", "BlockPermutation", "KeyReport", "KeyedRun", "ModelBlocks",
+           "TierKey", "TierKeyError", "apply_key", "apply_key_in_place", "compose", "generate_key", "key_report",
+           "model_blocks", "recover", "remove_key", "remove_key_in_place", "validate_key"]

@@ -1,0 +1,154 @@
+"""Applying and removing tier keys by streaming a checkpoint into a new folder.
+
+Each tensor is read whole with Checkpoint.read; its moved rows or columns are replaced by their sources, taken from
+the tensor itself for moves within a layer, else read from the source layer's tensor with positional reads of just
+those rows or columns; it is then written at its input offset (layout.py). Memory holds one tensor and its incoming
+blocks. The output appears only when complete; the input is never modified.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from merge_engine.errors import CheckpointError, OutputError
+from merge_engine.io.checkpoint import INDEX_FILE, Checkpoint
+from merge_engine.tiers.blocks import BLOCK_KINDS, ModelBlocks, model_blocks
+from merge_engine.tiers.journal import JOURNAL_FILE
+from merge_engine.tiers.key import TierKey, TierKeyError, validate_key
+from merge_engine.tiers.layout import LayoutWriter
+from merge_engine.tiers.moves import TensorMove, plan_moves, stored
+from merge_engine.tiers.permutation import BlockPermutation, compose
+from merge_engine.tiers.slices import OpenFiles, as_bits, read_indices
+
+log = logging.getLogger("merge_engine.tiers")
+
+Keys = TierKey | BlockPermutation | Sequence[TierKey | BlockPermutation]
+# Weights in other formats would carry the unkeyed values into the keyed folder; they are not copied.
+_OTHER_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz", ".onnx",
+                  ".index.json")
+
+
+@dataclass
+class KeyedRun:
+    """What one apply or remove did."""
+
+    model: str
+    output: str
+    tensors_changed: int
+    params_moved: int
+    seconds: float
+
+    def summary(self) -> str:
+        where = "in place" if self.output == self.model else f"-> {self.output}"
+        return (f"{self.model} {where}: {self.params_moved:,} parameters moved in {self.tensors_changed} tensors "
+                f"in {self.seconds:.2f} s")
+
+
+def resolve(keys: Keys, ckpt: Checkpoint) -> tuple[ModelBlocks, BlockPermutation]:
+    """Check each key against the checkpoint's config and compose them (key 1 first)."""
+    keys = [keys] if isinstance(keys, (TierKey, BlockPermutation)) else list(keys)
+    if not keys:
+        raise TierKeyError("no key given")
+    blocks = model_blocks(ckpt.config, os.path.join(ckpt.path, "config.json"))
+    for key in keys:
+        if isinstance(key, TierKey):
+            validate_key(key, blocks, ckpt.path)
+        else:
+            check_bounds(key, blocks, ckpt.path)
+    return blocks, compose(*keys)
+
+
+def check_bounds(perm: BlockPermutation, blocks: ModelBlocks, model: str) -> None:
+    for kind in BLOCK_KINDS:
+        count = blocks.kinds[kind].count
+        for block in (b for pair in perm.moved(kind).items() for b in pair):
+            if not (0 <= block[0] < blocks.num_layers and 0 <= block[1] < count):
+                raise TierKeyError(f"permutation moves {kind} block {list(block)}, outside {model} "
+                                   f"({blocks.num_layers} layers of {count})")
+
+
+def refuse_pending_journal(model_dir: str) -> None:
+    if os.path.exists(os.path.join(model_dir, JOURNAL_FILE)):
+        raise CheckpointError(f"{model_dir}: an in-place key operation was interrupted here ({JOURNAL_FILE}); run "
+                              "`merge-engine key recover` on it first")
+
+
+def apply_key(model_dir: str, keys: Keys, out_dir: str, overwrite: bool = False) -> KeyedRun:
+    """Write the keyed model (keys applied in order) to out_dir."""
+    return _stream(model_dir, keys, out_dir, overwrite, invert=False)
+
+
+def remove_key(model_dir: str, keys: Keys, out_dir: str, overwrite: bool = False) -> KeyedRun:
+    """Write the public model of a model keyed with these keys (given in the order they were applied)."""
+    return _stream(model_dir, keys, out_dir, overwrite, invert=True)
+
+
+def _stream(model_dir: str, keys: Keys, out_dir: str, overwrite: bool, invert: bool) -> KeyedRun:
+    start = time.perf_counter()
+    ckpt = Checkpoint(model_dir)
+    try:
+        refuse_pending_journal(ckpt.path)
+        if os.path.realpath(out_dir) == os.path.realpath(ckpt.path):
+            raise OutputError(f"{out_dir}: the output folder is the model folder; use --in-place to rewrite it")
+        blocks, perm = resolve(keys, ckpt)
+        moves = plan_moves(ckpt, blocks, perm.inverse() if invert else perm)
+        writer = LayoutWriter(out_dir, ckpt, overwrite)
+        try:
+            _write_tensors(ckpt, moves, writer)
+            copy_side_files(ckpt.path, writer)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+    finally:
+        ckpt.close()
+    return KeyedRun(ckpt.path, writer.out_dir, len(moves), params_moved(ckpt, moves), time.perf_counter() - start)
+
+
+def _write_tensors(ckpt: Checkpoint, moves: dict[str, TensorMove], writer: LayoutWriter) -> None:
+    names = {(m.layer, m.suffix): name for name, m in moves.items()}
+    with OpenFiles() as files:
+        def read_partner(layer: int, suffix: str, dim: int, index: torch.Tensor) -> torch.Tensor:
+            info = ckpt.tensors[names[layer, suffix]]
+            return read_indices(files.fd(info.file), stored(info), dim, index)
+
+        for name in sorted(ckpt.tensors, key=lambda n: (ckpt.tensors[n].file, ckpt.tensors[n].data_start)):
+            tensor = ckpt.read(name)
+            if name in moves:
+                patch(as_bits(tensor), moves[name], read_partner)
+            writer.write(name, tensor)
+
+
+def patch(bits: torch.Tensor, move: TensorMove, read_partner) -> None:
+    """Give the moved elements of one tensor (as bit patterns) their sources' values, in place."""
+    shape = list(bits.shape)
+    shape[move.dim] = len(move.dst)
+    incoming = torch.empty(shape, dtype=bits.dtype)
+    for layer in move.src_layer.unique().tolist():
+        sel = (move.src_layer == layer).nonzero().squeeze(1)
+        src = move.src[sel]
+        part = bits.index_select(move.dim, src) if layer == move.layer else \
+            read_partner(layer, move.suffix, move.dim, src)
+        incoming.index_copy_(move.dim, sel, part)
+    bits.index_copy_(move.dim, move.dst, incoming)
+
+
+def params_moved(ckpt: Checkpoint, moves: dict[str, TensorMove]) -> int:
+    return sum(len(m.dst) * ckpt.tensors[name].numel // ckpt.tensors[name].shape[m.dim] for name, m in moves.items())
+
+
+def copy_side_files(model_dir: str, writer: LayoutWriter) -> None:
+    """Copy config, tokenizer and other top-level files; leave out weights in other formats and subfolders."""
+    for entry in sorted(os.scandir(model_dir), key=lambda e: e.name):
+        if entry.name.startswith(".") or entry.name == INDEX_FILE or entry.name.endswith(".safetensors"):
+            continue
+        if entry.is_dir() or entry.name.endswith(_OTHER_WEIGHTS):
+            log.warning("%s: not copied (%s); only the safetensors weights are keyed", entry.path,
+                        "a folder" if entry.is_dir() else "weights in another format would stay unkeyed")
+            continue
+        writer.copy_file(entry.path)

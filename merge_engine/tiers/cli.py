@@ -1,0 +1,138 @@
+"""Command line for tier keys: main(argv) handles the arguments after `merge-engine key`.
+
+    key generate CONFIG_OR_MODEL OUT.json (--secret-file F | --passphrase-env VAR) [--fraction 0.05]
+                 [--attention-share 0.25]
+    key apply MODEL KEY [KEY2 ...] (OUT | --in-place)      keys applied in the order given (tiers)
+    key remove MODEL KEY [KEY2 ...] (OUT | --in-place)     the same keys, in the order they were applied
+    key recover MODEL                                      roll back an interrupted --in-place command
+    key report MODEL KEY [KEY2 ...]                        parameters moved, per layer
+
+Errors exit with status 2 and one line `merge-engine: error: ...` naming the file at fault; nothing is left behind.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from merge_engine.errors import CheckpointError, MergeEngineError
+from merge_engine.tiers.apply import apply_key, remove_key
+from merge_engine.tiers.blocks import BLOCK_KINDS, model_blocks
+from merge_engine.tiers.generate import generate_key
+from merge_engine.tiers.inplace import apply_key_in_place, recover, remove_key_in_place
+from merge_engine.tiers.key import TierKey, TierKeyError
+from merge_engine.tiers.report import key_report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="merge-engine key", description="Tier keys: swaps of attention heads and MLP "
+                                "columns across layers that turn a public model into a keyed one and back.")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="derive a key from a secret for a model")
+    g.add_argument("config", metavar="CONFIG_OR_MODEL", help="config.json, or a model folder holding one")
+    g.add_argument("out", metavar="OUT.json", help="key file to write (owner-readable only)")
+    secret = g.add_mutually_exclusive_group(required=True)
+    secret.add_argument("--secret-file", metavar="F", help="secret: every byte of F (a trailing newline included)")
+    secret.add_argument("--passphrase-env", metavar="VAR", help="secret: the environment variable VAR (UTF-8)")
+    g.add_argument("--fraction", type=float, default=0.05, help="share of swappable parameters to key (0.05)")
+    g.add_argument("--attention-share", type=float, default=0.25, help="share of the keyed parameters in attention "
+                   "heads (0.25); the rest are MLP columns")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing key file")
+    g.add_argument("-q", "--quiet", action="store_true")
+    for name, what in (("apply", "key a model"), ("remove", "unkey a model")):
+        a = sub.add_parser(name, help=what)
+        a.add_argument("paths", nargs="+", metavar="MODEL KEY [KEY2 ...] OUT")
+        a.add_argument("--in-place", action="store_true", help="rewrite MODEL's files (crash-safe journal) "
+                       "instead of writing OUT")
+        a.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+        a.add_argument("-q", "--quiet", action="store_true")
+    r = sub.add_parser("recover", help="roll back an interrupted --in-place apply or remove")
+    r.add_argument("model")
+    rep = sub.add_parser("report", help="parameters a key moves, per layer")
+    rep.add_argument("model")
+    rep.add_argument("keys", nargs="+", metavar="KEY")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return COMMANDS[args.command](args, parser)
+    except (MergeEngineError, OSError) as e:
+        print(f"merge-engine: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _generate(args, parser) -> int:
+    path = os.path.join(args.config, "config.json") if os.path.isdir(args.config) else args.config
+    config = _read_config(path)
+    key = generate_key(config, _secret(args), args.fraction, args.attention_share, source=path)
+    key.save(args.out, overwrite=args.overwrite)
+    if not args.quiet:
+        blocks = model_blocks(config, path)
+        moved = sum(2 * len(key.swaps(k)) * blocks.kinds[k].params_per_block for k in BLOCK_KINDS)
+        print(f"wrote {args.out}: {len(key.attn_heads)} head swaps, {len(key.mlp_cols)} MLP-column swaps, "
+              f"{moved:,} parameters ({100 * moved / blocks.swappable_params:.2f}% of the swappable)")
+    return 0
+
+
+def _read_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the model config ({e})") from e
+
+
+def _secret(args) -> bytes:
+    if args.secret_file:
+        try:
+            with open(args.secret_file, "rb") as f:
+                secret = f.read()
+        except OSError as e:
+            raise TierKeyError(f"{args.secret_file}: cannot read the secret file ({e.strerror})") from e
+        where = args.secret_file
+    else:
+        secret = os.environ.get(args.passphrase_env, "").encode()
+        where = f"environment variable {args.passphrase_env}"
+    if not secret:
+        raise TierKeyError(f"{where}: the secret is empty or missing")
+    return secret
+
+
+def _apply_or_remove(args, parser) -> int:
+    minimum = 2 if args.in_place else 3
+    if len(args.paths) < minimum:
+        parser.error(f"key {args.command} needs MODEL KEY [KEY2 ...] {'' if args.in_place else 'OUT'}".rstrip())
+    model, *key_paths = args.paths if args.in_place else args.paths[:-1]
+    keys = [TierKey.load(p) for p in key_paths]
+    if args.in_place:
+        run = (apply_key_in_place if args.command == "apply" else remove_key_in_place)(model, keys)
+    else:
+        run = (apply_key if args.command == "apply" else remove_key)(model, keys, args.paths[-1], args.overwrite)
+    if not args.quiet:
+        print(run.summary())
+    return 0
+
+
+def _recover(args, parser) -> int:
+    print(f"{args.model}: " + ("rolled back an interrupted in-place key operation" if recover(args.model)
+                               else "nothing to recover"))
+    return 0
+
+
+def _report(args, parser) -> int:
+    print(key_report(args.model, [TierKey.load(p) for p in args.keys]).table())
+    return 0
+
+
+COMMANDS = {"generate": _generate, "apply": _apply_or_remove, "remove": _apply_or_remove, "recover": _recover,
+            "report": _report}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

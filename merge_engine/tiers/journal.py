@@ -1,0 +1,154 @@
+"""The journal of an in-place key operation: the original bytes of every range it will overwrite.
+
+It is durable before the first weight byte is written, so a crash at any point can be rolled back exactly.
+
+File `.merge_engine-key-journal` in the model folder: MAGIC, an 8-byte little-endian header length, a JSON header,
+then the payload. Header: {"payload_bytes": N, "entries": [{"file": shard file name, "tensor": name,
+"data_start": int, "shape": [...], "itemsize": int, "dim": int, "runs": [[start, stop], ...], "offset": int}]}.
+An entry's payload, `offset` bytes after the header, holds the original values of its selection in buffer order,
+shaped like the tensor with `dim` cut down to the selected indices (see slices.py).
+
+Protocol: the journal is written as `<name>.partial`, fsynced, renamed to its name and the folder fsynced, so it
+exists under its name only when complete; a leftover .partial means no weight was touched yet and is deleted.
+Rolling back writes every entry back, fsyncs the files, deletes the journal and fsyncs the folder.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from merge_engine.errors import CheckpointError
+from merge_engine.tiers.slices import (OpenFiles, Runs, Stored, pwrite_all, read_indices, read_runs, selected_shape,
+                                       tensor_bytes, write_runs)
+
+JOURNAL_FILE = ".merge_engine-key-journal"
+PARTIAL_SUFFIX = ".partial"
+MAGIC = b"MERGE_ENGINE_KEY_JOURNAL_V1\n"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor's overwritten selection and where its original values lie in the payload."""
+
+    tensor: str
+    target: Stored  # the tensor in the model folder
+    dim: int
+    runs: Runs
+    offset: int  # in the payload
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return selected_shape(self.target.shape, self.dim, self.runs)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.target.itemsize
+
+    def to_json(self) -> dict:
+        t = self.target
+        return {"file": os.path.basename(t.path), "tensor": self.tensor, "data_start": t.data_start,
+                "shape": list(t.shape), "itemsize": t.itemsize, "dim": self.dim, "runs": [list(r) for r in self.runs],
+                "offset": self.offset}
+
+    @classmethod
+    def from_json(cls, model_dir: str, e: dict) -> Entry:
+        name = e["file"]
+        if os.path.basename(name) != name or name in ("", ".", ".."):
+            raise ValueError(f"an entry names a file outside the folder: {name!r}")
+        target = Stored(os.path.join(model_dir, name), int(e["data_start"]), tuple(map(int, e["shape"])),
+                        int(e["itemsize"]))
+        if target.data_start + math.prod(target.shape) * target.itemsize > os.path.getsize(target.path):
+            raise ValueError(f"the entry for '{e['tensor']}' runs past the end of {name}")
+        return cls(e["tensor"], target, int(e["dim"]), [(int(a), int(b)) for a, b in e["runs"]], int(e["offset"]))
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Journal:
+    """A journal in a model folder: its entries by tensor name, and where its payload starts."""
+
+    def __init__(self, model_dir: str, entries: list[Entry], payload_start: int):
+        self.model_dir = model_dir
+        self.path = os.path.join(model_dir, JOURNAL_FILE)
+        self.entries = {e.tensor: e for e in entries}
+        self.payload_start = payload_start
+
+    @classmethod
+    def write(cls, model_dir: str, selections: list[tuple[str, Stored, int, Runs]], files: OpenFiles) -> Journal:
+        """Save the current values of each (tensor, where, dim, runs) selection; durable when this returns."""
+        entries, pos = [], 0
+        for tensor, target, dim, runs in selections:
+            entries.append(Entry(tensor, target, dim, runs, pos))
+            pos += entries[-1].nbytes
+        header = json.dumps({"payload_bytes": pos, "entries": [e.to_json() for e in entries]}).encode()
+        journal = cls(model_dir, entries, len(MAGIC) + 8 + len(header))
+        partial = journal.path + PARTIAL_SUFFIX
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            pwrite_all(fd, memoryview(MAGIC + struct.pack("<Q", len(header)) + header), 0)
+            for e in entries:
+                values = read_runs(files.fd(e.target.path), e.target, e.dim, e.runs)
+                pwrite_all(fd, tensor_bytes(values), journal.payload_start + e.offset)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(partial)
+            raise
+        os.close(fd)
+        os.replace(partial, journal.path)
+        _fsync_dir(model_dir)
+        return journal
+
+    @classmethod
+    def load(cls, model_dir: str) -> Journal | None:
+        """The complete journal in model_dir, or None."""
+        path = os.path.join(model_dir, JOURNAL_FILE)
+        if not os.path.exists(path):
+            return None
+        try:
+            with open(path, "rb") as f:
+                if f.read(len(MAGIC)) != MAGIC:
+                    raise ValueError("not a merge_engine key journal")
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            payload_start = len(MAGIC) + 8 + size
+            if os.path.getsize(path) != payload_start + header["payload_bytes"]:
+                raise ValueError("its size does not match its header")
+            entries = [Entry.from_json(model_dir, e) for e in header["entries"]]
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+            raise CheckpointError(f"{path}: damaged key journal ({e}); the weights may be half-keyed: restore the "
+                                  "folder from a copy") from e
+        return cls(model_dir, entries, payload_start)
+
+    def _saved(self, e: Entry) -> Stored:
+        return Stored(self.path, self.payload_start + e.offset, e.shape, e.target.itemsize)
+
+    def original(self, tensor: str, positions: torch.Tensor) -> torch.Tensor:
+        """Original values of a journaled tensor at these positions of its selection (along its dim)."""
+        e = self.entries[tensor]
+        with OpenFiles() as files:
+            return read_indices(files.fd(self.path), self._saved(e), e.dim, positions)
+
+    def roll_back(self) -> None:
+        """Write every original value back, make it durable, then delete the journal."""
+        with OpenFiles() as journal, OpenFiles(os.O_RDWR) as targets:
+            for e in self.entries.values():
+                values = read_runs(journal.fd(self.path), self._saved(e), e.dim, [(0, e.shape[e.dim])])
+                write_runs(targets.fd(e.target.path), e.target, e.dim, e.runs, values)
+            targets.sync()
+        self.discard()
+
+    def discard(self) -> None:
+        os.unlink(self.path)
+        _fsync_dir(self.model_dir)

@@ -1,0 +1,179 @@
+"""Tier keys: the JSON file format and the checks of a key against a model.
+
+The format is the published reference's (McGill-NLP/tiered-language-models, PermutationKey.from_dict): a JSON
+object with two lists of swaps, each swap two blocks [layer, index]:
+
+    {"attn_heads": [[[0, 3], [2, 1]], ...], "mlp_cols": [[[0, 1359], [1, 5026]], ...]}
+
+Keys written here add optional metadata, so that a key used on the wrong model is refused rather than silently
+scrambling it: "format": "merge_engine.tier_key", "version": 1, "model_type", "architecture", "num_layers",
+"num_heads", "num_kv_heads", "intermediate_size". Readers of either side ignore fields they do not know (the
+reference reads with dict.get), so keys travel both ways unchanged. On grouped-query models an attn_heads index is
+a KV group (see blocks.py); on multi-head models, the reference's models included, it is a head.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from merge_engine.errors import MergeEngineError
+from merge_engine.tiers.blocks import ATTN_HEADS, BLOCK_KINDS, ModelBlocks
+from merge_engine.tiers.permutation import Block, BlockPermutation
+
+FORMAT = "merge_engine.tier_key"
+VERSION = 1
+META_FIELDS = ("model_type", "architecture", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+# Not "architecture": a ...ForCausalLM and a ...ForSequenceClassification share their layers.
+_CHECKED_META = ("model_type", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+# Lists of partial swaps some versions of the reference code know; refused rather than silently ignored.
+_UNSUPPORTED_LISTS = ("attn_out_heads", "mlp_up_cols", "mlp_down_cols")
+
+Swap = tuple[Block, Block]
+
+
+class TierKeyError(MergeEngineError):
+    """A key file that cannot be read, or a key that does not fit the model it is used with."""
+
+
+@dataclass(frozen=True)
+class TierKey:
+    """Disjoint swaps of attention-head and MLP-column blocks, with optional metadata about the model."""
+
+    attn_heads: tuple[Swap, ...] = ()
+    mlp_cols: tuple[Swap, ...] = ()
+    meta: dict = field(default_factory=dict)  # META_FIELDS present in the file or set at generation
+    source: str = field(default="<key>", compare=False)  # the file it was read from, for messages
+
+    def __post_init__(self):
+        seen: set[tuple[str, Block]] = set()
+        for kind in BLOCK_KINDS:  # lists (as in JSON) become tuples
+            object.__setattr__(self, kind, tuple((tuple(a), tuple(b)) for a, b in getattr(self, kind)))
+            for swap in self.swaps(kind):
+                for block in swap:
+                    if (kind, block) in seen:
+                        raise TierKeyError(f"{self.source}: {kind} block {list(block)} appears in more than one "
+                                           "swap (a key's swaps must be disjoint)")
+                    seen.add((kind, block))
+
+    def swaps(self, kind: str) -> tuple[Swap, ...]:
+        return getattr(self, kind)
+
+    def permutation(self) -> BlockPermutation:
+        return BlockPermutation.from_swaps({kind: self.swaps(kind) for kind in BLOCK_KINDS})
+
+    def inverse(self) -> TierKey:
+        """Disjoint swaps undo themselves."""
+        return self
+
+    def to_json(self) -> str:
+        """The published format plus our metadata; one swap per line."""
+        head = {"format": FORMAT, "version": VERSION, **{k: self.meta[k] for k in META_FIELDS if k in self.meta}}
+        lines = [f"  {json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()]
+        for i, kind in enumerate(BLOCK_KINDS):
+            swaps = ",\n".join(f"    {json.dumps([list(a), list(b)])}" for a, b in self.swaps(kind))
+            body = f"[\n{swaps}\n  ]" if swaps else "[]"
+            lines.append(f"  {json.dumps(kind)}: {body}" + ("," if i < len(BLOCK_KINDS) - 1 else ""))
+        return "{\n" + "\n".join(lines) + "\n}\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<key>") -> TierKey:
+        """Read our format or the published one (no metadata); extra fields are ignored."""
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise TierKeyError(f"{source}: not a tier key (invalid JSON: {e})") from e
+        if not isinstance(data, dict) or not any(k in data for k in (*BLOCK_KINDS, "format")):
+            raise TierKeyError(f"{source}: not a tier key (expected a JSON object with lists "
+                               f"{' and '.join(BLOCK_KINDS)})")
+        _check_format(data, source)
+        meta = {k: data[k] for k in META_FIELDS if data.get(k) is not None}
+        return cls(*(_read_swaps(data.get(kind, []), kind, source) for kind in BLOCK_KINDS), meta, source)
+
+    @classmethod
+    def load(cls, path: str) -> TierKey:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise TierKeyError(f"{path}: cannot read key file ({e})") from e
+        return cls.from_json(text, source=path)
+
+    def save(self, path: str, overwrite: bool = False) -> None:
+        """Write atomically, readable by the owner only: the key is the secret."""
+        if os.path.exists(path) and not overwrite:
+            raise TierKeyError(f"{path}: key file exists; pass --overwrite to replace it")
+        tmp = f"{path}.partial-{os.getpid()}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            raise TierKeyError(f"{path}: cannot write key file ({e})") from e
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _check_format(data: dict, source: str) -> None:
+    if "format" in data and data["format"] != FORMAT:
+        raise TierKeyError(f"{source}: unknown key format {data['format']!r} (expected {FORMAT!r})")
+    version = data.get("version", VERSION)
+    if not isinstance(version, int) or version > VERSION:
+        raise TierKeyError(f"{source}: key format version {version!r} is newer than this merge_engine reads "
+                           f"({VERSION}); upgrade merge_engine")
+    partial = [k for k in _UNSUPPORTED_LISTS if data.get(k)]
+    if partial:
+        raise TierKeyError(f"{source}: partial swaps ({', '.join(partial)}) are not supported; only whole "
+                           f"{' and '.join(BLOCK_KINDS)} swaps are")
+
+
+def _read_swaps(raw, kind: str, source: str) -> tuple[Swap, ...]:
+    if not isinstance(raw, list):
+        raise TierKeyError(f"{source}: {kind} must be a list of swaps [[layer, index], [layer, index]]")
+    swaps = []
+    for i, swap in enumerate(raw):
+        try:
+            (la, ia), (lb, ib) = swap
+            if not all(type(v) is int and v >= 0 for v in (la, ia, lb, ib)):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise TierKeyError(f"{source}: {kind}[{i}] = {json.dumps(swap)} is not a swap "
+                               "[[layer, index], [layer, index]] of non-negative integers") from None
+        if (la, ia) == (lb, ib):
+            raise TierKeyError(f"{source}: {kind}[{i}] swaps block {[la, ia]} with itself")
+        swaps.append(((la, ia), (lb, ib)))
+    return tuple(swaps)
+
+
+def key_meta(blocks: ModelBlocks) -> dict:
+    """The metadata a key made for this model carries."""
+    meta = {"model_type": blocks.model_type, "architecture": blocks.architecture, "num_layers": blocks.num_layers,
+            "num_heads": blocks.num_heads, "num_kv_heads": blocks.num_kv_heads,
+            "intermediate_size": blocks.intermediate_size}
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def validate_key(key: TierKey, blocks: ModelBlocks, model: str) -> None:
+    """Refuse a key made for another model (metadata) or whose blocks fall outside this one (indices)."""
+    expected = key_meta(blocks)
+    for name in _CHECKED_META:
+        if name in key.meta and name in expected and key.meta[name] != expected[name]:
+            raise TierKeyError(f"{key.source}: key is for a model with {name} {key.meta[name]!r}, but {model} has "
+                               f"{name} {expected[name]!r}")
+    for kind in BLOCK_KINDS:
+        count = blocks.kinds[kind].count
+        gqa = kind == ATTN_HEADS and blocks.num_kv_heads < blocks.num_heads
+        what = "KV group" if gqa else "head" if kind == ATTN_HEADS else "MLP column"
+        note = " (on grouped-query models a head block is a whole KV group)" if gqa else ""
+        for i, swap in enumerate(key.swaps(kind)):
+            for layer, index in swap:
+                if layer >= blocks.num_layers:
+                    raise TierKeyError(f"{key.source}: {kind}[{i}] names layer {layer}, but {model} has "
+                                       f"{blocks.num_layers} layers")
+                if index >= count:
+                    raise TierKeyError(f"{key.source}: {kind}[{i}] names {what} {index}, but {model} has {count} "
+                                       f"per layer{note}")

@@ -1,0 +1,121 @@
+"""Key generation, the key file format, and block permutations (no checkpoints needed)."""
+import json
+
+import pytest
+import torch
+
+from merge_engine.demo import tiny_config
+from merge_engine.tiers import BlockPermutation, TierKey, TierKeyError, compose, generate_key, model_blocks
+from merge_engine.tiers.generate import ByteStream
+
+
+@pytest.fixture(scope="module")
+def configs():
+    return {arch: tiny_config(arch).to_dict() for arch in ("llama", "qwen2", "gpt2")}
+
+
+def all_blocks(key):
+    return [(kind, block) for kind in ("attn_heads", "mlp_cols") for swap in key.swaps(kind) for block in swap]
+
+
+def test_same_secret_same_key_and_different_secret_different_key(configs):
+    cfg = configs["qwen2"]
+    a = generate_key(cfg, "correct horse", 0.4, 0.5)
+    assert a == generate_key(cfg, b"correct horse", 0.4, 0.5)
+    b = generate_key(cfg, "correct horse!", 0.4, 0.5)
+    assert a.mlp_cols != b.mlp_cols
+    assert len(a.attn_heads) == len(b.attn_heads) > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("fraction,share", [(0.05, 0.25), (0.3, 0.6)])
+def test_budget_split_and_disjointness(configs, arch, fraction, share):
+    cfg = configs[arch]
+    blocks = model_blocks(cfg)
+    key = generate_key(cfg, f"secret-{arch}", fraction, share)
+    used = all_blocks(key)
+    assert len(used) == len(set(used))  # no block twice
+    target = int(blocks.swappable_params * fraction)
+    targets = {"attn_heads": int(target * share)}
+    targets["mlp_cols"] = target - targets["attn_heads"]
+    for kind, kt in targets.items():
+        swap_params = 2 * blocks.kinds[kind].params_per_block
+        keyed = len(key.swaps(kind)) * swap_params
+        assert keyed <= kt < keyed + swap_params, (kind, keyed, kt)
+        for (la, ia), (lb, ib) in key.swaps(kind):
+            assert la != lb  # within-layer swaps would key nothing
+            assert 0 <= ia < blocks.kinds[kind].count and 0 <= ib < blocks.kinds[kind].count
+    assert key.meta["model_type"] == arch and key.meta["num_layers"] == 4
+
+
+def test_gqa_head_blocks_are_kv_groups(configs):
+    blocks = model_blocks(configs["qwen2"])
+    attn = blocks.kinds["attn_heads"]
+    assert (blocks.num_heads, blocks.num_kv_heads, attn.count) == (4, 2, 2)
+    q = next(m for m in attn.members if m.suffix == "self_attn.q_proj.weight")
+    k = next(m for m in attn.members if m.suffix == "self_attn.k_proj.weight")
+    assert q.indices(torch.tensor([1])).tolist() == list(range(32, 64))  # query heads 2 and 3
+    assert k.indices(torch.tensor([1])).tolist() == list(range(16, 32))  # their kv head 1
+    # q, k, v rows (+ biases) and o columns: (2 * group + 2) * head_dim * (hidden + bias)
+    assert attn.params_per_block == (2 * 2 + 2) * 16 * 64 + (2 + 1 + 1) * 16
+
+
+def test_unbiased_draws_cover_the_range():
+    stream = ByteStream(b"\0" * 32, "test")
+    counts = torch.bincount(torch.tensor([stream.below(3) for _ in range(3000)]), minlength=3)
+    assert counts.min() > 900
+
+
+def test_json_round_trip(configs):
+    key = generate_key(configs["gpt2"], "s", 0.3, 0.5)
+    text = key.to_json()
+    data = json.loads(text)
+    assert data["format"] == "merge_engine.tier_key" and data["version"] == 1
+    assert data["attn_heads"] == [[list(a), list(b)] for a, b in key.attn_heads]
+    back = TierKey.from_json(text)
+    assert (back.attn_heads, back.mlp_cols, back.meta) == (key.attn_heads, key.mlp_cols, key.meta)
+
+
+def test_published_format_is_read():
+    published = {"attn_heads": [[[1, 0], [2, 2]]], "mlp_cols": [[[0, 5], [3, 10]], [[0, 6], [0, 7]]]}
+    key = TierKey.from_json(json.dumps(published))
+    assert key.attn_heads == (((1, 0), (2, 2)),)
+    assert key.mlp_cols[1] == ((0, 6), (0, 7)) and key.meta == {}
+    assert TierKey.from_json('{"mlp_cols": [[[0, 1], [1, 1]]]}').attn_heads == ()  # the reference's .get default
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('{"mlp_cols": [[[0, 1], [1, 2]], [[1, 2], [3, 4]]]}', "more than one swap"),
+    ('{"mlp_cols": [[[0, 1], [0, 1]]]}', "with itself"),
+    ('{"mlp_cols": [[[0, -1], [1, 2]]]}', "not a swap"),
+    ('{"mlp_cols": [[0, 1]]}', "not a swap"),
+    ('{"attn_heads": [], "mlp_cols": [], "version": 2}', "newer"),
+    ('{"attn_heads": [], "mlp_cols": [], "format": "other"}', "unknown key format"),
+    ('{"attn_heads": [], "mlp_cols": [], "mlp_up_cols": [[[0, 1], [1, 1]]]}', "mlp_up_cols"),
+    ('{"model_type": "llama", "num_hidden_layers": 4}', "not a tier key"),
+    ("[1, 2", "invalid JSON"),
+])
+def test_malformed_keys_are_refused(text, needle):
+    with pytest.raises(TierKeyError, match=needle) as e:
+        TierKey.from_json(text, source="bad.json")
+    assert "bad.json" in str(e.value)
+
+
+def test_compose_and_inverse():
+    k1 = TierKey(attn_heads=(((0, 0), (1, 1)),), mlp_cols=(((0, 5), (2, 7)), ((1, 3), (3, 3))))
+    k2 = TierKey(mlp_cols=(((2, 7), (1, 3)),))
+    assert k1.inverse() is k1 and compose(k1, k1).is_identity()
+    tier = compose(k1, k2)
+    # apply k1 then k2: block (2, 7) receives what k1 put at (1, 3), i.e. the original (3, 3)
+    assert tier.source("mlp_cols", (2, 7)) == (3, 3)
+    assert tier.source("mlp_cols", (1, 3)) == (0, 5)
+    assert tier.source("mlp_cols", (0, 5)) == (2, 7)
+    assert compose(tier, tier.inverse()).is_identity() and compose(tier.inverse(), tier).is_identity()
+    assert compose(k1, k2).inverse() == compose(k2, k1)  # keys are involutions
+    src_layer, src_index = tier.index_tables("mlp_cols", 4, 8)
+    assert (src_layer[2, 7].item(), src_index[2, 7].item()) == (3, 3)
+    assert (src_layer[0, 0].item(), src_index[0, 0].item()) == (0, 0)
+    dst, layer, index = tier.layer_moves("mlp_cols")[2]
+    assert (dst.tolist(), layer.tolist(), index.tolist()) == ([7], [3], [3])
+    with pytest.raises(ValueError, match="not a permutation"):
+        BlockPermutation({"mlp_cols": {(0, 1): (0, 2)}})
