@@ -2,7 +2,7 @@
 
     merge-engine CONFIG.yml OUTPUT_DIR [options]         merge (mergekit-yaml compatible)
     merge-engine fisher MODEL DATA OUT [options]         diagonal Fisher of a model over a data set
-    merge-engine key generate|apply|remove|recover|report ...   tier keys (merge_engine.tiers.cli)
+    merge-engine key generate|apply|remove|recover|report|compare ...   tier keys (merge_engine.tiers.cli)
 
 A first argument naming a subcommand selects it; anything else is a merge (a config file named like a
 subcommand can be passed as ./NAME).

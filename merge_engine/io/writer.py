@@ -22,9 +22,13 @@ _WRITE_CHUNK = 1 << 30
 
 
 @dataclass
-class _Shard:
+class ShardLayout:
+    """One output file: its name, its header bytes, its total size, and where each tensor's data starts."""
+
     filename: str
-    names: list[str]
+    header: bytes
+    size: int
+    offsets: dict[str, int]  # tensor name -> byte offset of its data in the file
     fd: int = -1
 
 
@@ -51,11 +55,28 @@ def plan_shards(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_s
     return shards
 
 
+def planned_layout(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_size: int) -> list[ShardLayout]:
+    """Shards of at most shard_size bytes, in entry order, named as transformers names them."""
+    groups = plan_shards(entries, shard_size)
+    layout = []
+    for i, group in enumerate(groups):
+        items = [entries[j] for j in group]
+        header, offsets = build_header(items)
+        data = sum(torch.Size(shape).numel() * dtype.itemsize for _, dtype, shape in items)
+        name = "model.safetensors" if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        layout.append(ShardLayout(name, header, len(header) + data, offsets))
+    return layout
+
+
 class ShardedWriter:
-    """Writes a planned set of tensors into shards in a temporary folder, then moves it into place."""
+    """Writes a set of tensors into shards in a temporary folder, then moves it into place.
+
+    The shards are planned from the entries and shard_size, or given as `layout` (for example an input
+    checkpoint's own files, with `index_file` its index copied verbatim)."""
 
     def __init__(self, out_dir: str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 shard_size: int, overwrite: bool = False):
+                 shard_size: int = 5 * 10**9, overwrite: bool = False, layout: list[ShardLayout] | None = None,
+                 index_file: str | None = None):
         self.out_dir = os.path.abspath(out_dir)
         self.overwrite = overwrite
         check_output_dir(self.out_dir, overwrite)
@@ -65,27 +86,16 @@ class ShardedWriter:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         os.makedirs(self.tmp_dir)
         self._entries = {name: (dtype, tuple(shape)) for name, dtype, shape in entries}
-        groups = plan_shards(entries, shard_size)
-        n = len(groups)
-        self._shards = [
-            _Shard("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors",
-                   [entries[j][0] for j in g]) for i, g in enumerate(groups)]
-        self._where: dict[str, tuple[_Shard, int]] = {}
-        self.total_size = 0
+        self._shards = layout if layout is not None else planned_layout(entries, shard_size)
+        self._index_file = index_file
+        self._where = {name: (shard, off) for shard in self._shards for name, off in shard.offsets.items()}
+        self.total_size = sum(torch.Size(shape).numel() * dtype.itemsize for dtype, shape in self._entries.values())
         for shard in self._shards:
-            self._open_shard(shard)
+            shard.fd = os.open(os.path.join(self.tmp_dir, shard.filename), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.pwrite(shard.fd, shard.header, 0)
+            os.ftruncate(shard.fd, shard.size)
         self._pending = set(self._entries)
         self.bytes_written = 0
-
-    def _open_shard(self, shard: _Shard) -> None:
-        header, offsets = build_header([(name, *self._entries[name]) for name in shard.names])
-        data_bytes = sum(torch.Size(self._entries[n][1]).numel() * self._entries[n][0].itemsize for n in shard.names)
-        self.total_size += data_bytes
-        shard.fd = os.open(os.path.join(self.tmp_dir, shard.filename), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.pwrite(shard.fd, header, 0)
-        os.ftruncate(shard.fd, len(header) + data_bytes)
-        for name, off in offsets.items():
-            self._where[name] = (shard, off)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one planned tensor at its place (thread-safe: distinct tensors never overlap)."""
@@ -114,8 +124,10 @@ class ShardedWriter:
         if self._pending:
             missing = sorted(self._pending)
             raise RuntimeError(f"{len(missing)} planned tensor(s) were never written, e.g. {missing[:3]}")
-        if len(self._shards) > 1:
-            weight_map = {name: s.filename for s in self._shards for name in s.names}
+        if self._index_file:
+            self.copy_file(self._index_file)
+        elif len(self._shards) > 1:
+            weight_map = {name: s.filename for s in self._shards for name in s.offsets}
             index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
             self.add_file("model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
         for shard in self._shards:

@@ -20,7 +20,8 @@ from merge_engine.io.checkpoint import INDEX_FILE, Checkpoint
 from merge_engine.tiers.blocks import BLOCK_KINDS, ModelBlocks, model_blocks
 from merge_engine.tiers.journal import JOURNAL_FILE
 from merge_engine.tiers.key import TierKey, TierKeyError, validate_key
-from merge_engine.tiers.layout import LayoutWriter
+from merge_engine.io.writer import ShardedWriter
+from merge_engine.tiers.layout import layout_writer
 from merge_engine.tiers.moves import TensorMove, plan_moves, stored
 from merge_engine.tiers.permutation import BlockPermutation, compose
 from merge_engine.tiers.slices import OpenFiles, as_bits, read_indices
@@ -97,7 +98,7 @@ def _stream(model_dir: str, keys: Keys, out_dir: str, overwrite: bool, invert: b
             raise OutputError(f"{out_dir}: the output folder is the model folder; use --in-place to rewrite it")
         blocks, perm = resolve(keys, ckpt)
         moves = plan_moves(ckpt, blocks, perm.inverse() if invert else perm)
-        writer = LayoutWriter(out_dir, ckpt, overwrite)
+        writer = layout_writer(out_dir, ckpt, overwrite)
         try:
             _write_tensors(ckpt, moves, writer)
             copy_side_files(ckpt.path, writer)
@@ -110,7 +111,7 @@ def _stream(model_dir: str, keys: Keys, out_dir: str, overwrite: bool, invert: b
     return KeyedRun(ckpt.path, writer.out_dir, len(moves), params_moved(ckpt, moves), time.perf_counter() - start)
 
 
-def _write_tensors(ckpt: Checkpoint, moves: dict[str, TensorMove], writer: LayoutWriter) -> None:
+def _write_tensors(ckpt: Checkpoint, moves: dict[str, TensorMove], writer: ShardedWriter) -> None:
     names = {(m.layer, m.suffix): name for name, m in moves.items()}
     with OpenFiles() as files:
         def read_partner(layer: int, suffix: str, dim: int, index: torch.Tensor) -> torch.Tensor:
@@ -142,7 +143,7 @@ def params_moved(ckpt: Checkpoint, moves: dict[str, TensorMove]) -> int:
     return sum(len(m.dst) * ckpt.tensors[name].numel // ckpt.tensors[name].shape[m.dim] for name, m in moves.items())
 
 
-def copy_side_files(model_dir: str, writer: LayoutWriter) -> None:
+def copy_side_files(model_dir: str, writer: ShardedWriter) -> None:
     """Copy config, tokenizer and other top-level files; leave out weights in other formats and subfolders."""
     for entry in sorted(os.scandir(model_dir), key=lambda e: e.name):
         if entry.name.startswith(".") or entry.name == INDEX_FILE or entry.name.endswith(".safetensors"):

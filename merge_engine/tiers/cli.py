@@ -6,6 +6,7 @@
     key remove MODEL KEY [KEY2 ...] (OUT | --in-place)     the same keys, in the order they were applied
     key recover MODEL                                      roll back an interrupted --in-place command
     key report MODEL KEY [KEY2 ...]                        parameters moved, per layer
+    key compare MODEL KEY [KEY2 ...] PROMPTS               KL(keyed || public) and top-1 agreement per prompt
 
 Errors exit with status 2 and one line `merge-engine: error: ...` naming the file at fault; nothing is left behind.
 """
@@ -17,13 +18,19 @@ import logging
 import os
 import sys
 
+import torch
+
+from merge_engine.cli import positive_int
 from merge_engine.errors import CheckpointError, MergeEngineError
 from merge_engine.tiers.apply import apply_key, remove_key
 from merge_engine.tiers.blocks import BLOCK_KINDS, model_blocks
+from merge_engine.tiers.compare import compare_prompts
 from merge_engine.tiers.generate import generate_key
 from merge_engine.tiers.inplace import apply_key_in_place, recover, remove_key_in_place
 from merge_engine.tiers.key import TierKey, TierKeyError
 from merge_engine.tiers.report import key_report
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="parameters a key moves, per layer")
     rep.add_argument("model")
     rep.add_argument("keys", nargs="+", metavar="KEY")
+    c = sub.add_parser("compare", help="public vs keyed next-token distributions on prompts (KL, top-1 agreement)")
+    c.add_argument("paths", nargs="+", metavar="MODEL KEY [KEY2 ...] PROMPTS",
+                   help="model folder (with a tokenizer), keys in the order applied, prompts file: plain text (one "
+                   "prompt per line) or .jsonl with a \"text\" field")
+    c.add_argument("--max-length", type=positive_int, default=128, help="tokens per prompt, truncated (128)")
+    c.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward (8)")
+    c.add_argument("--max-examples", type=positive_int, default=None, help="use only the first N prompts")
+    c.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    c.add_argument("--dtype", choices=tuple(_DTYPES), default=None,
+                   help="dtype the model runs in (default: as stored)")
     return p
 
 
@@ -130,8 +147,18 @@ def _report(args, parser) -> int:
     return 0
 
 
+def _compare(args, parser) -> int:
+    if len(args.paths) < 3:
+        parser.error("key compare needs MODEL KEY [KEY2 ...] PROMPTS")
+    model, *key_paths, prompts = args.paths
+    comparison = compare_prompts(model, [TierKey.load(p) for p in key_paths], prompts, args.max_length,
+                                 args.batch_size, args.max_examples, args.device, _DTYPES.get(args.dtype))
+    print(comparison.table())
+    return 0
+
+
 COMMANDS = {"generate": _generate, "apply": _apply_or_remove, "remove": _apply_or_remove, "recover": _recover,
-            "report": _report}
+            "report": _report, "compare": _compare}
 
 
 if __name__ == "__main__":

@@ -3,8 +3,7 @@
 Only blocks that land in another layer key anything: reordering blocks within a layer is a symmetry of that layer
 (heads and MLP neurons are summed), so such moves are counted apart. The report reads headers and config only.
 
-The comparison of the public and keyed models' outputs (KL divergence, top-1 agreement) is meant to be a further
-section of KeyReport, computed by running both models; it is not part of this module yet.
+The comparison of the public and keyed models' outputs (KL divergence, top-1 agreement) is in compare.py.
 """
 from __future__ import annotations
 
