@@ -13,6 +13,14 @@ torch::Tensor merge_task_vectors_cpu(const torch::Tensor& base, const std::vecto
 void accumulate_fisher_cpu(torch::Tensor& fisher, const torch::Tensor& grad, double scale);
 torch::Tensor fisher_merge_cpu(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& fishers,
                                const std::vector<double>& coefficients, const std::vector<double>& floors);
+torch::Tensor gather_blocks_cpu(const std::vector<torch::Tensor>& tensors, int64_t layer,
+                                const torch::Tensor& src_layer, const torch::Tensor& src_block, int64_t dim,
+                                int64_t block_size);
+void scatter_add_blocks_cpu(const std::vector<torch::Tensor>& targets, int64_t layer, const torch::Tensor& values,
+                            const torch::Tensor& src_layer, const torch::Tensor& src_block, int64_t dim,
+                            int64_t block_size);
+void swap_blocks_cpu(const std::vector<torch::Tensor>& tensors, const torch::Tensor& pairs, int64_t dim,
+                     int64_t block_size);
 }  // namespace merge_engine
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -24,4 +32,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("accumulate_fisher", &merge_engine::accumulate_fisher_cpu, "In place: fisher += scale * grad^2 (fp32 math)");
   m.def("fisher_merge", &merge_engine::fisher_merge_cpu,
         "sum_j c_j max(F_j, floor_j) theta_j / sum_j c_j max(F_j, floor_j), one pass");
+  m.def("gather_blocks", &merge_engine::gather_blocks_cpu,
+        "A layer's tensor whose block b is block src_block[b] of tensors[src_layer[b]]");
+  m.def("scatter_add_blocks", &merge_engine::scatter_add_blocks_cpu,
+        "In place: block src_block[b] of targets[src_layer[b]] += block b of values (the adjoint of gather_blocks)");
+  m.def("swap_blocks", &merge_engine::swap_blocks_cpu,
+        "In place: swaps the blocks (layer_a, block_a) and (layer_b, block_b) of each row of pairs");
 }

@@ -15,6 +15,13 @@ at::Tensor merge_task_vectors_cuda(const at::Tensor& base, const std::vector<at:
 void accumulate_fisher_cuda(const at::Tensor& fisher, const at::Tensor& grad, double scale);
 at::Tensor fisher_merge_cuda(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& fishers,
                              const std::vector<double>& coefficients, const std::vector<double>& floors);
+at::Tensor gather_blocks_cuda(const std::vector<at::Tensor>& tensors, int64_t layer, const at::Tensor& src_layer,
+                              const at::Tensor& src_block, int64_t dim, int64_t block_size);
+void scatter_add_blocks_cuda(const std::vector<at::Tensor>& targets, int64_t layer, const at::Tensor& values,
+                             const at::Tensor& src_layer, const at::Tensor& src_block, int64_t dim,
+                             int64_t block_size);
+void swap_blocks_cuda(const std::vector<at::Tensor>& tensors, const at::Tensor& pairs, int64_t dim,
+                      int64_t block_size);
 }  // namespace merge_engine
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -29,4 +36,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("accumulate_fisher", &merge_engine::accumulate_fisher_cuda, "In place: fisher += scale * grad^2 (fp32 math)");
   m.def("fisher_merge", &merge_engine::fisher_merge_cuda,
         "Fisher-weighted average sum_j c_j max(F_j, floor_j) theta_j / sum_j c_j max(F_j, floor_j), one pass");
+  m.def("gather_blocks", &merge_engine::gather_blocks_cuda,
+        "A layer's tensor whose block b is block src_block[b] of tensors[src_layer[b]]");
+  m.def("scatter_add_blocks", &merge_engine::scatter_add_blocks_cuda,
+        "In place: block src_block[b] of targets[src_layer[b]] += block b of values (the adjoint of gather_blocks)");
+  m.def("swap_blocks", &merge_engine::swap_blocks_cuda,
+        "In place: swaps the blocks (layer_a, block_a) and (layer_b, block_b) of each row of pairs");
 }

@@ -8,6 +8,7 @@ they load, so callers never change.
 from merge_engine.ops.fisher import accumulate_fisher, fisher_merge
 from merge_engine.ops.consensus import disjoint_mean, elect_sign, merge_task_vectors, merge_task_vectors_reference
 from merge_engine.ops.interpolate import nuslerp, slerp, weighted_sum
+from merge_engine.ops.permute import gather_blocks, scatter_add_blocks_, swap_blocks_
 from merge_engine.ops.sparsify import (
     della_keep_probability,
     drop_by_rank,
@@ -21,6 +22,6 @@ from merge_engine.ops.sparsify import (
 
 __all__ = [
     "accumulate_fisher", "fisher_merge", "della_keep_probability", "disjoint_mean", "drop_by_rank", "drop_random", "elect_sign",
-    "magnitude_topk_mask", "merge_task_vectors", "merge_task_vectors_reference", "nuslerp", "rescale_l1", "slerp", "topk_count",
-    "trim_by_magnitude", "trim_outliers", "weighted_sum",
+    "gather_blocks", "magnitude_topk_mask", "merge_task_vectors", "merge_task_vectors_reference", "nuslerp", "rescale_l1",
+    "scatter_add_blocks_", "slerp", "swap_blocks_", "topk_count", "trim_by_magnitude", "trim_outliers", "weighted_sum",
 ]

@@ -48,7 +48,8 @@ def cpu_extension():
         # -ffp-contract=off: no fused multiply-add, which would round differently from torch;
         # -fno-trapping-math: lets loops with a guarded division vectorise (results are unchanged).
         return load(name="merge_engine_cpu",
-                    sources=[os.path.join(src, "cpu", f) for f in ("bindings.cpp", "task_vectors.cpp", "fisher.cpp")],
+                    sources=[os.path.join(src, "cpu", f)
+                             for f in ("bindings.cpp", "task_vectors.cpp", "fisher.cpp", "permute.cpp")],
                     extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],
                     verbose=False)
@@ -76,7 +77,8 @@ def cuda_extension():
         # -fmad=false: no fused multiply-add, which would round differently from torch (like
         # -ffp-contract=off on the CPU); never --use_fast_math (IEEE division and rounding needed).
         return load(name="merge_engine_cuda",
-                    sources=[os.path.join(src, "cuda", f) for f in ("bindings.cpp", "task_vectors.cu", "fisher.cu")],
+                    sources=[os.path.join(src, "cuda", f)
+                             for f in ("bindings.cpp", "task_vectors.cu", "fisher.cu", "permute.cu")],
                     extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-fmad=false"], verbose=False)
     except Exception as e:  # any build or load failure: fall back, loudly but once
         warnings.warn(f"merge_engine: compiled CUDA kernels unavailable ({type(e).__name__}: {e}); "

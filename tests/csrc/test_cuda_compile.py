@@ -5,12 +5,12 @@ What is compiled, and why it is a real check:
   torch.utils.cpp_extension.load (captured by calling the loader with load() replaced), plus the
   flags load() itself adds (-DTORCH_EXTENSION_NAME, torch's COMMON_NVCC_FLAGS such as
   -D__CUDA_NO_HALF_OPERATORS__, -fPIC), so a stale source list or flag breaks this test too.
-- each .cu source (task_vectors.cu, fisher.cu) goes through nvcc for both architectures in one call
+- each .cu source (task_vectors.cu, fisher.cu, permute.cu) goes through nvcc for both architectures in one call
   (-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90, -std=c++17): the device
   code is compiled down to SASS by ptxas for each architecture, and the host half by the host compiler.
   C++17 is the oldest standard the sources support; load() uses torch's default (C++20 for torch
   2.13), which they also compile with.
-  bindings.cpp goes through the host compiler (c++, or $CXX); all three compile concurrently.
+  bindings.cpp goes through the host compiler (c++, or $CXX); all four compile concurrently.
 - Headers are torch's own (torch.utils.cpp_extension.include_paths()) and the CUDA toolkit's; no
   stubs. The kernels use only c10/cuda headers (c10::cuda::getCurrentCUDAStream, CUDAGuard,
   C10_CUDA_KERNEL_LAUNCH_CHECK), which CPU wheels of torch ship too; ATen/cuda/CUDAContext.h is
@@ -132,7 +132,7 @@ def test_cuda_sources_compile_for_sm80_and_sm90(monkeypatch, tmp_path):
     sources = kwargs["sources"]
     cu = [s for s in sources if s.endswith(".cu")]
     cpp = [s for s in sources if s.endswith(".cpp")]
-    assert sorted(os.path.basename(s) for s in cu) == ["fisher.cu", "task_vectors.cu"], sources
+    assert sorted(os.path.basename(s) for s in cu) == ["fisher.cu", "permute.cu", "task_vectors.cu"], sources
     assert len(cpp) == 1 and all(os.path.exists(s) for s in sources), sources
     assert "--use_fast_math" not in kwargs.get("extra_cuda_cflags", []) and "-fmad=false" in kwargs["extra_cuda_cflags"]
 

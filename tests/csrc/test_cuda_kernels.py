@@ -28,6 +28,11 @@ Fisher ops (fisher.cu): elementwise chains of correctly rounded fp32 steps in th
 so merged values and accumulated Fishers must have the references' exact bits (against the
 references run on CPU copies of the inputs; a NaN matches any NaN), for every dtype pair, K = 1..5
 and 40, and inputs down to fp32 subnormals.
+
+Permute ops (permute.cu): gather and swap move bits, so on random bit patterns they must give the
+references' exact bits; scatter-add (one fp32 add rounded once) the references' exact sums; each
+against the references run on CPU copies, with 16-byte, narrower (misaligned views) and one-element
+units, and more outer rows than one grid dimension holds.
 """
 import math
 import zlib
@@ -37,8 +42,10 @@ import torch
 
 from merge_engine.ops import backends
 from merge_engine.ops import fisher as fisher_ops
+from merge_engine.ops import permute as permute_ops
 from merge_engine.ops.consensus import _merge_with, merge_task_vectors_reference
 from merge_engine.ops.fisher import accumulate_fisher_reference, fisher_merge_reference, invalid_fisher_message
+from merge_engine.ops.permute import gather_blocks_reference, scatter_add_blocks_reference, swap_blocks_reference
 from merge_engine.ops.select import magnitude_cutoff
 from tests.csrc import kernel_checks
 from tests.csrc.kernel_checks import weighted_contributions
@@ -399,3 +406,127 @@ def test_fisher_ops_dispatch_to_the_cuda_extension(ext, monkeypatch):
     fisher_ops.fisher_merge(params, fishers, coefficients, floors)
     fisher_ops.accumulate_fisher(fishers[0], params[0], 1.0)
     assert calls == ["fisher_merge", "accumulate_fisher"]
+
+
+# ---- permute ops (csrc/cuda/permute.cu): bit for bit against the references, run on CPU copies ----
+
+PERMUTE_CASES = [((7, 13), 0, 1), ((7, 13), 1, 13), ((1023, 5), 0, 3), ((1023, 5), 1, 1), ((4097,), 0, 17),
+                 ((3, 8, 5), 1, 2), ((688, 256), 0, 1), ((256, 688), 1, 1), ((64, 512), 1, 128),
+                 ((70_000, 3), 1, 1)]  # the last: more outer rows than gridDim.y (grid-stride loop)
+PERMUTE_BITS = {2: torch.int16, 4: torch.int32}
+
+
+def random_bits(shape, dtype, g):
+    """Every bit pattern of the dtype as likely: NaN payloads, infinities, subnormals, signed zeros."""
+    width = PERMUTE_BITS[dtype.itemsize]
+    info = torch.iinfo(width)
+    return torch.randint(info.min, info.max + 1, shape, generator=g, dtype=torch.int64).to(width).view(dtype)
+
+
+def spread_values(shape, dtype, g):
+    low, high = {torch.float32: (-140, 60), torch.bfloat16: (-130, 60), torch.float16: (-24, 10)}[dtype]
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 2.0 ** torch.randint(low, high, shape, generator=g)
+    x[torch.rand(shape, generator=g) < 0.05] = -0.0
+    return x.to(dtype)
+
+
+def misaligned(t):
+    """A CUDA copy of t whose data starts one element past an allocation: units narrower than 16 bytes."""
+    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
+    out = storage[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def assert_same_bits(got, want, context):
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        width = PERMUTE_BITS[b.element_size()]
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{context}, tensor {i}: {a.dtype} {list(a.shape)}"
+        differ = a.cpu().view(width) != b.view(width)
+        assert not differ.any(), f"{context}, tensor {i}: {int(differ.sum())} of {b.numel()} elements differ"
+
+
+def distinct_blocks(count, num_layers, n_blocks, g):
+    chosen = torch.randperm(num_layers * n_blocks, generator=g)[:count]
+    return chosen // n_blocks, chosen % n_blocks
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", PERMUTE_CASES)
+def test_permute_ops_match_reference_exactly(ext, case, dtype, aligned):
+    shape, dim, block_size = case
+    seed = stable_seed("permute", case, dtype, aligned)
+    g = torch.Generator().manual_seed(seed)
+    to_cuda = (lambda t: t.cuda()) if aligned else misaligned
+    num_layers, n_blocks = 4, shape[dim] // block_size
+    tensors = [random_bits(shape, dtype, g) for _ in range(num_layers)]
+    src_layer, src_block = distinct_blocks(n_blocks, num_layers, n_blocks, g)
+    got = ext.gather_blocks([to_cuda(t) for t in tensors], 2, src_layer.cuda(), src_block.cuda(), dim, block_size)
+    want = gather_blocks_reference(tensors, 2, src_layer, src_block, dim, block_size)
+    assert_same_bits([got], [want], f"seed {seed}, gather")
+
+    count = num_layers * n_blocks // 3
+    a_layer, a_block = distinct_blocks(2 * count, num_layers, n_blocks, g)
+    pairs = torch.stack([a_layer[:count], a_block[:count], a_layer[count:], a_block[count:]], 1)
+    swapped = [to_cuda(t) for t in tensors]
+    ext.swap_blocks(swapped, pairs.cuda(), dim, block_size)
+    swap_blocks_reference(tensors, pairs, dim, block_size)
+    assert_same_bits(swapped, tensors, f"seed {seed}, {count} swaps")
+
+    targets = [spread_values(shape, dtype, g) for _ in range(num_layers)]
+    values = spread_values(shape, dtype, g)
+    summed = [to_cuda(t) for t in targets]
+    ext.scatter_add_blocks(summed, 2, to_cuda(values), src_layer.cuda(), src_block.cuda(), dim, block_size)
+    scatter_add_blocks_reference(targets, 2, values, src_layer, src_block, dim, block_size)
+    assert_same_bits(summed, targets, f"seed {seed}, scatter-add")
+
+
+def test_permute_edges_and_streams(ext):
+    none = torch.empty(0, dtype=torch.int64, device="cuda")
+    empty = [torch.empty(0, 5, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    assert ext.gather_blocks(empty, 1, none, none, 0, 1).shape == (0, 5)
+    ext.scatter_add_blocks(empty, 0, empty[0], none, none, 0, 1)
+    ext.swap_blocks(empty, none.view(0, 4), 0, 1)
+    g = torch.Generator().manual_seed(stable_seed("permute streams"))
+    tensors = [random_bits((300, 64), torch.bfloat16, g) for _ in range(3)]
+    pairs = torch.tensor([[0, 1, 2, 7], [1, 0, 1, 9]])
+    on_gpu = [t.cuda() for t in tensors]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ext.swap_blocks(on_gpu, pairs.cuda(), 1, 4)
+    torch.cuda.current_stream().wait_stream(stream)
+    swap_blocks_reference(tensors, pairs, 1, 4)
+    assert_same_bits(on_gpu, tensors, "swapped on a side stream")
+
+
+def test_permute_bad_inputs_are_rejected(ext):
+    x = torch.ones(4, 6, device="cuda")
+    tables = (torch.zeros(3, dtype=torch.int64, device="cuda"), torch.arange(3, device="cuda"))
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        ext.gather_blocks([x.cpu()], 0, *tables, 1, 2)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ext.gather_blocks([x.double()], 0, *tables, 1, 2)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ext.swap_blocks([x, torch.ones(6, 4, device="cuda").t()], torch.tensor([[0, 0, 1, 1]], device="cuda"), 1, 2)
+    with pytest.raises(RuntimeError, match="int64 tensor of 3 entries"):
+        ext.scatter_add_blocks([x], 0, x, tables[0].cpu(), tables[1], 1, 2)
+
+
+def test_permute_ops_dispatch_to_the_cuda_extension(ext, monkeypatch):
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            def call(*args):
+                calls.append(name)
+                return getattr(ext, name)(*args)
+            return call
+    monkeypatch.setattr(backends, "gpu_backend", lambda family: Spy() if family == "permute" else None)
+    tensors = [torch.randn(4, 6, device="cuda", dtype=torch.float16) for _ in range(2)]
+    src_layer, src_block = torch.tensor([1, 0, 1], device="cuda"), torch.tensor([0, 1, 2], device="cuda")
+    out = permute_ops.gather_blocks(tensors, 0, src_layer, src_block, 1, 2)
+    permute_ops.scatter_add_blocks_(tensors, 0, out, src_layer, src_block, 1, 2)
+    permute_ops.swap_blocks_(tensors, torch.tensor([[0, 0, 1, 1]], device="cuda"), 1, 2)
+    assert calls == ["gather_blocks", "scatter_add_blocks", "swap_blocks"]
