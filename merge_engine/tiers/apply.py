@@ -2,12 +2,13 @@
 
 Each tensor is read whole with Checkpoint.read; its moved rows or columns are replaced by their sources, taken from
 the tensor itself for moves within a layer, else read from the source layer's tensor with positional reads of just
-those rows or columns; it is then written at its input offset (layout.py). Memory holds one tensor and its incoming
-blocks. The output appears only when complete; the input is never modified.
+those rows or columns (read once, up front: read_outgoing); it is then written at its input offset (layout.py). Memory
+holds one tensor and the key's moved blocks. The output appears only when complete; the input is never modified.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -17,14 +18,14 @@ import torch
 
 from merge_engine.errors import CheckpointError, OutputError
 from merge_engine.io.checkpoint import INDEX_FILE, Checkpoint
+from merge_engine.io.writer import ShardedWriter
 from merge_engine.tiers.blocks import BLOCK_KINDS, ModelBlocks, model_blocks
 from merge_engine.tiers.journal import JOURNAL_FILE
 from merge_engine.tiers.key import TierKey, TierKeyError, validate_key
-from merge_engine.io.writer import ShardedWriter
 from merge_engine.tiers.layout import layout_writer
 from merge_engine.tiers.moves import TensorMove, plan_moves, stored
 from merge_engine.tiers.permutation import BlockPermutation, compose
-from merge_engine.tiers.slices import OpenFiles, as_bits, read_indices
+from merge_engine.tiers.slices import OpenFiles, as_bits, read_runs, to_runs
 
 log = logging.getLogger("merge_engine.tiers")
 
@@ -32,6 +33,7 @@ Keys = TierKey | BlockPermutation | Sequence[TierKey | BlockPermutation]
 # Weights in other formats would carry the unkeyed values into the keyed folder; they are not copied.
 _OTHER_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz", ".onnx",
                   ".index.json")
+_MAX_SEGMENTS = 256  # more positional reads than this for one selection: read the whole tensor instead
 
 
 @dataclass
@@ -112,17 +114,46 @@ def _stream(model_dir: str, keys: Keys, out_dir: str, overwrite: bool, invert: b
 
 
 def _write_tensors(ckpt: Checkpoint, moves: dict[str, TensorMove], writer: ShardedWriter) -> None:
-    names = {(m.layer, m.suffix): name for name, m in moves.items()}
     with OpenFiles() as files:
+        outgoing = read_outgoing(ckpt, moves, files)
+
         def read_partner(layer: int, suffix: str, dim: int, index: torch.Tensor) -> torch.Tensor:
-            info = ckpt.tensors[names[layer, suffix]]
-            return read_indices(files.fd(info.file), stored(info), dim, index)
+            held, values = outgoing[layer, suffix]
+            return values.index_select(dim, torch.searchsorted(held, index))
 
         for name in sorted(ckpt.tensors, key=lambda n: (ckpt.tensors[n].file, ckpt.tensors[n].data_start)):
             tensor = ckpt.read(name)
             if name in moves:
                 patch(as_bits(tensor), moves[name], read_partner)
             writer.write(name, tensor)
+
+
+def read_outgoing(ckpt: Checkpoint, moves: dict[str, TensorMove], files: OpenFiles):
+    """(layer, suffix) -> (sorted indices other layers take from that tensor, their values as bit patterns).
+
+    Read up front, once per source tensor: a moved column touches every row of its tensor, so reading it per
+    destination would cost one positional read per row and partner. Memory: the key's share of the touched kinds."""
+    names = {(m.layer, m.suffix): name for name, m in moves.items()}
+    wanted: dict[tuple[int, str], list[torch.Tensor]] = {}
+    for m in moves.values():
+        for layer in m.src_layer.unique().tolist():
+            if layer != m.layer:
+                wanted.setdefault((layer, m.suffix), []).append(m.src[m.src_layer == layer])
+    outgoing = {}
+    for (layer, suffix), parts in wanted.items():
+        name = names[layer, suffix]
+        index = torch.cat(parts).unique(sorted=True)
+        outgoing[layer, suffix] = (index, read_selection(ckpt, name, moves[name].dim, index, files))
+    return outgoing
+
+
+def read_selection(ckpt: Checkpoint, name: str, dim: int, index: torch.Tensor, files: OpenFiles) -> torch.Tensor:
+    """Elements of one tensor along dim: by positional reads of the runs when they are few segments in the
+    file, else by one read of the whole tensor (columns of a matrix are one segment per row)."""
+    info = ckpt.tensors[name]
+    if math.prod(info.shape[:dim]) * len(to_runs(index)) <= _MAX_SEGMENTS:
+        return read_runs(files.fd(info.file), stored(info), dim, to_runs(index))
+    return as_bits(ckpt.read(name)).index_select(dim, index)
 
 
 def patch(bits: torch.Tensor, move: TensorMove, read_partner) -> None:
