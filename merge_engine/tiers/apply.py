@@ -8,7 +8,6 @@ holds one tensor and the key's moved blocks. The output appears only when comple
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -33,7 +32,6 @@ Keys = TierKey | BlockPermutation | Sequence[TierKey | BlockPermutation]
 # Weights in other formats would carry the unkeyed values into the keyed folder; they are not copied.
 _OTHER_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz", ".onnx",
                   ".index.json")
-_MAX_SEGMENTS = 256  # more positional reads than this for one selection: read the whole tensor instead
 
 
 @dataclass
@@ -131,8 +129,8 @@ def _write_tensors(ckpt: Checkpoint, moves: dict[str, TensorMove], writer: Shard
 def read_outgoing(ckpt: Checkpoint, moves: dict[str, TensorMove], files: OpenFiles):
     """(layer, suffix) -> (sorted indices other layers take from that tensor, their values as bit patterns).
 
-    Read up front, once per source tensor: a moved column touches every row of its tensor, so reading it per
-    destination would cost one positional read per row and partner. Memory: the key's share of the touched kinds."""
+    Read up front, once per source tensor (a moved column touches every row of its tensor: slices.read_runs then
+    reads the tensor whole), not once per destination. Memory: the key's share of the touched kinds."""
     names = {(m.layer, m.suffix): name for name, m in moves.items()}
     wanted: dict[tuple[int, str], list[torch.Tensor]] = {}
     for m in moves.values():
@@ -143,17 +141,9 @@ def read_outgoing(ckpt: Checkpoint, moves: dict[str, TensorMove], files: OpenFil
     for (layer, suffix), parts in wanted.items():
         name = names[layer, suffix]
         index = torch.cat(parts).unique(sorted=True)
-        outgoing[layer, suffix] = (index, read_selection(ckpt, name, moves[name].dim, index, files))
+        info = ckpt.tensors[name]
+        outgoing[layer, suffix] = (index, read_runs(files.fd(info.file), stored(info), moves[name].dim, to_runs(index)))
     return outgoing
-
-
-def read_selection(ckpt: Checkpoint, name: str, dim: int, index: torch.Tensor, files: OpenFiles) -> torch.Tensor:
-    """Elements of one tensor along dim: by positional reads of the runs when they are few segments in the
-    file, else by one read of the whole tensor (columns of a matrix are one segment per row)."""
-    info = ckpt.tensors[name]
-    if math.prod(info.shape[:dim]) * len(to_runs(index)) <= _MAX_SEGMENTS:
-        return read_runs(files.fd(info.file), stored(info), dim, to_runs(index))
-    return as_bits(ckpt.read(name)).index_select(dim, index)
 
 
 def patch(bits: torch.Tensor, move: TensorMove, read_partner) -> None:

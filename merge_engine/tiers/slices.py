@@ -2,9 +2,11 @@
 
 A selection along dim of a tensor [outer..., n, inner...] is a list of runs of consecutive indices. In the file each
 run is one contiguous segment per outer index: a run of rows is one segment; a run of columns of a matrix is one
-segment per row. A selection is read or written with one positional read or write per segment, from or into a
-buffer that holds the selected values contiguously, shaped [outer..., n_selected, inner...]. Values are handled as
-integers of the same width (bit patterns), so every dtype is copied exactly.
+segment per row; segments that touch are merged. A selection is read or written with one positional read or write
+per segment, from or into a buffer that holds the selected values contiguously, shaped [outer..., n_selected,
+inner...]; past MAX_SEGMENTS segments (a few columns of a tall matrix), the whole tensor is read once instead and a
+write becomes read, patch in memory, write back whole (the bytes outside the selection are written unchanged).
+Values are handled as integers of the same width (bit patterns), so every dtype is copied exactly.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from merge_engine.errors import CheckpointError
 BITS_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 Runs = list[tuple[int, int]]
+MAX_SEGMENTS = 256  # beyond this many positional reads or writes for one selection, move the whole tensor
 
 
 @dataclass(frozen=True)
@@ -48,17 +51,43 @@ def selected_shape(shape: tuple[int, ...], dim: int, runs: Runs) -> tuple[int, .
 
 
 def segments(stored: Stored, dim: int, runs: Runs) -> Iterator[tuple[int, int]]:
-    """(file offset, byte count) of each segment of a selection, in buffer order."""
+    """(file offset, byte count) of each segment of a selection, in buffer order, touching ones merged."""
     outer = math.prod(stored.shape[:dim])
     inner = math.prod(stored.shape[dim + 1:]) * stored.itemsize
     stride = stored.shape[dim] * inner
+    start, size = -1, 0
     for o in range(outer):
         base = stored.data_start + o * stride
         for a, b in runs:
-            yield base + a * inner, (b - a) * inner
+            offset = base + a * inner
+            if offset == start + size:
+                size += (b - a) * inner
+                continue
+            if size:
+                yield start, size
+            start, size = offset, (b - a) * inner
+    if size:
+        yield start, size
+
+
+def many_segments(stored: Stored, dim: int, runs: Runs) -> bool:
+    return math.prod(stored.shape[:dim]) * len(runs) > MAX_SEGMENTS
+
+
+def run_indices(runs: Runs) -> torch.Tensor:
+    return torch.cat([torch.arange(a, b) for a, b in runs]) if runs else torch.empty(0, dtype=torch.int64)
+
+
+def read_whole(fd: int, stored: Stored) -> torch.Tensor:
+    """The whole tensor as bit patterns, in one positional read."""
+    out = torch.empty(stored.shape, dtype=BITS_DTYPES[stored.itemsize])
+    _pread_exact(fd, tensor_bytes(out), stored.data_start, stored.path)
+    return out
 
 
 def read_runs(fd: int, stored: Stored, dim: int, runs: Runs) -> torch.Tensor:
+    if many_segments(stored, dim, runs):
+        return read_whole(fd, stored).index_select(dim, run_indices(runs))
     out = torch.empty(selected_shape(stored.shape, dim, runs), dtype=BITS_DTYPES[stored.itemsize])
     view = tensor_bytes(out)
     pos = 0
@@ -70,6 +99,11 @@ def read_runs(fd: int, stored: Stored, dim: int, runs: Runs) -> torch.Tensor:
 
 
 def write_runs(fd: int, stored: Stored, dim: int, runs: Runs, values: torch.Tensor) -> None:
+    if many_segments(stored, dim, runs):
+        whole = read_whole(fd, stored)
+        whole.index_copy_(dim, run_indices(runs), values.view(whole.dtype))
+        pwrite_all(fd, tensor_bytes(whole), stored.data_start)
+        return
     view = tensor_bytes(values.contiguous())
     pos = 0
     for offset, n in segments(stored, dim, runs):
