@@ -7,20 +7,18 @@ NaN (whose bits the add does not specify). Every dtype, dims 0 and 1 (and the mi
 tensor), block sizes 1 and > 1, odd shapes, 1-D tensors, one to five layers, random and key-shaped
 index tables, and empty ones.
 """
-import zlib
-
 import pytest
 import torch
 
 from merge_engine.ops import backends
 from merge_engine.ops import permute as permute_ops
 from merge_engine.ops.permute import gather_blocks_reference, scatter_add_blocks_reference, swap_blocks_reference
+from tests.csrc.kernel_checks import BITS, random_bits, seed_of, spread_values
 
 if not backends.kernels_enabled():
     pytest.skip("compiled kernels disabled by MERGE_ENGINE_KERNELS=0", allow_module_level=True)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-BITS = {2: torch.int16, 4: torch.int32}
 # (shape, dim, block_size)
 CASES = [((7, 13), 0, 1), ((7, 13), 1, 1), ((7, 13), 0, 7), ((7, 13), 1, 13), ((1023, 5), 0, 1), ((1023, 5), 0, 3),
          ((1023, 5), 1, 1), ((5, 1023), 1, 3), ((1,), 0, 1), ((12,), 0, 4), ((4097,), 0, 17), ((3, 8, 5), 1, 2),
@@ -35,30 +33,11 @@ def ext():
     return module
 
 
-def seed_of(*parts) -> int:
-    seed = zlib.crc32(repr(parts).encode())
-    print(f"seed {seed} for {parts}")
-    return seed
-
 
 def bits(x: torch.Tensor) -> torch.Tensor:
     return x.view(BITS[x.element_size()])
 
 
-def random_bits(shape, dtype, g):
-    """Every bit pattern of the dtype is as likely: NaNs, infinities, subnormals and signed zeros too."""
-    width = BITS[dtype.itemsize]
-    info = torch.iinfo(width)
-    return torch.randint(info.min, info.max + 1, shape, generator=g, dtype=torch.int64).to(width).view(dtype)
-
-
-def spread_values(shape, dtype, g):
-    """Values from subnormal to large magnitudes (per dtype), with a few signed zeros; no NaN or Inf."""
-    low, high = {torch.float32: (-140, 60), torch.bfloat16: (-130, 60), torch.float16: (-24, 10)}[dtype]
-    x = torch.randn(shape, generator=g, dtype=torch.float64) * 2.0 ** torch.randint(low, high, shape, generator=g)
-    x[torch.rand(shape, generator=g) < 0.05] = 0.0
-    x[torch.rand(shape, generator=g) < 0.05] = -0.0
-    return x.to(dtype)
 
 
 def distinct_sources(num_layers, n_blocks, g):

@@ -48,7 +48,7 @@ from merge_engine.ops.fisher import accumulate_fisher_reference, fisher_merge_re
 from merge_engine.ops.permute import gather_blocks_reference, scatter_add_blocks_reference, swap_blocks_reference
 from merge_engine.ops.select import magnitude_cutoff
 from tests.csrc import kernel_checks
-from tests.csrc.kernel_checks import weighted_contributions
+from tests.csrc.kernel_checks import BITS, random_bits, spread_values, weighted_contributions
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device: the CUDA kernels cannot run here (tests/csrc/test_cuda_compile.py "
@@ -413,21 +413,8 @@ def test_fisher_ops_dispatch_to_the_cuda_extension(ext, monkeypatch):
 PERMUTE_CASES = [((7, 13), 0, 1), ((7, 13), 1, 13), ((1023, 5), 0, 3), ((1023, 5), 1, 1), ((4097,), 0, 17),
                  ((3, 8, 5), 1, 2), ((688, 256), 0, 1), ((256, 688), 1, 1), ((64, 512), 1, 128),
                  ((70_000, 3), 1, 1)]  # the last: more outer rows than gridDim.y (grid-stride loop)
-PERMUTE_BITS = {2: torch.int16, 4: torch.int32}
 
 
-def random_bits(shape, dtype, g):
-    """Every bit pattern of the dtype as likely: NaN payloads, infinities, subnormals, signed zeros."""
-    width = PERMUTE_BITS[dtype.itemsize]
-    info = torch.iinfo(width)
-    return torch.randint(info.min, info.max + 1, shape, generator=g, dtype=torch.int64).to(width).view(dtype)
-
-
-def spread_values(shape, dtype, g):
-    low, high = {torch.float32: (-140, 60), torch.bfloat16: (-130, 60), torch.float16: (-24, 10)}[dtype]
-    x = torch.randn(shape, generator=g, dtype=torch.float64) * 2.0 ** torch.randint(low, high, shape, generator=g)
-    x[torch.rand(shape, generator=g) < 0.05] = -0.0
-    return x.to(dtype)
 
 
 def misaligned(t):
@@ -440,7 +427,7 @@ def misaligned(t):
 
 def assert_same_bits(got, want, context):
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
-        width = PERMUTE_BITS[b.element_size()]
+        width = BITS[b.element_size()]
         assert a.dtype == b.dtype and a.shape == b.shape, f"{context}, tensor {i}: {a.dtype} {list(a.shape)}"
         differ = a.cpu().view(width) != b.view(width)
         assert not differ.any(), f"{context}, tensor {i}: {int(differ.sum())} of {b.numel()} elements differ"

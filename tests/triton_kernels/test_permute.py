@@ -18,7 +18,6 @@ import os
 import re
 import subprocess
 import sys
-import zlib
 
 import pytest
 import torch
@@ -37,37 +36,22 @@ from merge_engine.ops.permute import (  # noqa: E402
     swap_blocks_reference,
 )
 from merge_engine.triton_kernels import permute as tp  # noqa: E402
+from tests.csrc.kernel_checks import BITS, random_bits, seed_of, spread_values  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-BITS = {2: torch.int16, 4: torch.int32}
 # (shape, dim, block_size): rows and columns, one-element and longer blocks, odd sizes, 1-D, 3-D
 CASES = [((7, 13), 0, 1), ((7, 13), 1, 13), ((9, 300), 0, 3), ((5, 2100), 1, 1), ((30, 70), 1, 7), ((2500,), 0, 5),
          ((3, 8, 5), 1, 2)]
 
-
-def seed_of(*params) -> int:
-    return zlib.crc32(repr(params).encode()) % 10**6
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:
     return x.cpu().view(BITS[x.element_size()])
 
 
-def random_bits(shape, dtype, g):
-    width = BITS[dtype.itemsize]
-    info = torch.iinfo(width)
-    return torch.randint(info.min, info.max + 1, shape, generator=g, dtype=torch.int64).to(width).view(dtype)
-
-
-def spread_values(shape, dtype, g):
-    low, high = {torch.float32: (-140, 60), torch.bfloat16: (-130, 60), torch.float16: (-24, 10)}[dtype]
-    x = torch.randn(shape, generator=g, dtype=torch.float64) * 2.0 ** torch.randint(low, high, shape, generator=g)
-    x[torch.rand(shape, generator=g) < 0.05] = 0.0
-    x[torch.rand(shape, generator=g) < 0.05] = -0.0
-    return x.to(dtype)
 
 
 def on_device(tensors):
