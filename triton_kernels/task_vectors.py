@@ -21,6 +21,8 @@ On CUDA tensors in production; the Triton interpreter (TRITON_INTERPRET=1) runs 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -240,6 +242,16 @@ def _check_inputs(base: torch.Tensor, tensors: list[torch.Tensor]) -> None:
                              "of one device, dtype and shape")
 
 
+def _on_tensor_device(fn):
+    """Run fn on its first argument's CUDA device: Triton launches on the current device (no-op on CPU)."""
+    @functools.wraps(fn)
+    def on_device(base, *args, **kwargs):
+        with torch.cuda.device_of(base):
+            return fn(base, *args, **kwargs)
+    return on_device
+
+
+@_on_tensor_device
 def delta_cutoffs(base: torch.Tensor, expert: torch.Tensor, counts: list[int], largest: bool) -> torch.Tensor:
     """int64 [len(counts), 2]: the cut-off (key, index) of the first counts[j] elements of the stable
     order of |expert - base| (ops/select.py). NaN or Inf in an input raise ValueError."""
@@ -320,6 +332,7 @@ def _rescale_factors(base, pointers, cuts, probs, mode, key0, key1) -> torch.Ten
 
 modes = (0, 1, 2, 3)  # none, magnitude, random, outliers: DELLA (4) stays with the reference
 
+@_on_tensor_device
 def merge_task_vectors(base: torch.Tensor, experts: list[torch.Tensor], weights: list[float], mode: int,
                        counts_lo: list[int], counts_hi: list[int], densities: list[float], epsilons: list[float],
                        consensus: bool, normalize: bool, rescale: bool, lambda_: float, key0: int,
