@@ -29,24 +29,14 @@
 #include <cstdint>
 #include <vector>
 
+#include "dtypes.cuh"
+
 namespace merge_engine {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kPerThread = 4;  // elements per thread and tile: each model's table entry is read once a tile
 constexpr int64_t kTile = int64_t{kThreads} * kPerThread;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Device: values are carried as floats; from_f rounds a float to the storage type (nearest even).
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-
-template <typename D> __device__ __forceinline__ D from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
 
 // Grid-stride launches: enough blocks to fill the device, no more than the work needs.
 int grid_for(int64_t blocks_of_work) {
@@ -125,16 +115,6 @@ void check_tensors(const std::vector<at::Tensor>& tensors, const at::Tensor& lik
                 " must be contiguous CUDA tensors on one device");
     TORCH_CHECK(x.sizes() == like.sizes(), "merge_engine CUDA kernel: ", what, " must have one shape, got ",
                 x.sizes(), " and ", like.sizes());
-  }
-}
-
-// Calls f(D{}) for the tensor's dtype (float64 stays with the reference).
-template <typename Fn> void dispatch_dtype(at::ScalarType dt, Fn&& f) {
-  switch (dt) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(__nv_bfloat16{});
-    case at::kHalf: return f(__half{});
-    default: TORCH_CHECK(false, "merge_engine CUDA kernel: dtype must be float32, bfloat16 or float16, got ", dt);
   }
 }
 

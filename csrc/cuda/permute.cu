@@ -28,20 +28,13 @@
 #include <cstdint>
 #include <vector>
 
+#include "dtypes.cuh"
+
 namespace merge_engine {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxGridY = 65535;
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-
-template <typename D> __device__ __forceinline__ D from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
 
 // Calls f(o, r) for every outer row o < outer and position r < width in it.
 template <typename F> __device__ __forceinline__ void for_each_position(int64_t outer, int64_t width, F f) {
@@ -156,14 +149,6 @@ template <typename F> void dispatch_unit(int bytes, F&& f) {
     case 8: return f(uint2{});
     case 4: return f(uint32_t{});
     default: return f(uint16_t{});
-  }
-}
-
-template <typename D> void dispatch_dtype(at::ScalarType dt, D&& f) {
-  switch (dt) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(__nv_bfloat16{});
-    default: return f(__half{});  // check_stack admits the kernel dtypes only
   }
 }
 

@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "../task_vectors.h"
+#include "dtypes.cuh"
 
 namespace merge_engine {
 namespace {
@@ -56,7 +57,6 @@ constexpr int kHistThreads = 512;
 constexpr int kL1Blocks = 1024;  // fixed partial count of the L1 sums: deterministic on every GPU
 constexpr int64_t kSortChunk = int64_t{1} << 24;  // elements per segmented sort of DELLA rows
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- dtype traits: D is the device storage type, H the c10 type used on the host ----
 template <typename D> struct Traits;
@@ -83,23 +83,6 @@ template <> struct Traits<__half> {
 template <typename D> float host_round(float x) {
   return static_cast<float>(static_cast<typename Traits<D>::H>(x));
 }
-
-// Device: values of T are carried as floats; round_f rounds a float to T (nearest even) and back.
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-
-template <typename D> __device__ __forceinline__ float round_f(float x);
-template <> __device__ __forceinline__ float round_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ float round_f<__nv_bfloat16>(float x) {
-  return __bfloat162float(__float2bfloat16_rn(x));
-}
-template <> __device__ __forceinline__ float round_f<__half>(float x) { return __half2float(__float2half_rn(x)); }
-
-template <typename D> __device__ __forceinline__ D from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
 
 // Magnitude key of a value already exact in T (the conversion back to T is exact).
 template <typename D> __device__ __forceinline__ int64_t key_f(float x);
@@ -598,16 +581,6 @@ void check_inputs(const at::Tensor& base, const std::vector<at::Tensor>& experts
                 "merge_engine CUDA kernel: experts must be contiguous CUDA tensors on the base's device");
     TORCH_CHECK(x.scalar_type() == dt, "merge_engine CUDA kernel: experts must have the base's dtype");
     TORCH_CHECK(x.sizes() == base.sizes(), "merge_engine CUDA kernel: experts must have the base's shape");
-  }
-}
-
-// Calls f(D{}) for the tensor's dtype (float64 stays with the reference).
-template <typename F> void dispatch_dtype(at::ScalarType dt, F&& f) {
-  switch (dt) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(__nv_bfloat16{});
-    case at::kHalf: return f(__half{});
-    default: TORCH_CHECK(false, "merge_engine CUDA kernel: dtype must be float32, bfloat16 or float16, got ", dt);
   }
 }
 
