@@ -14,11 +14,8 @@ ptxas fuses no such pair into an fma, and the division is IEEE) and never flush 
 Inputs are seeded from the test parameters (zlib.crc32 of their repr, stable across runs); every
 assertion message names the seed.
 """
-import json
 import os
 import re
-import subprocess
-import sys
 import zlib
 
 import pytest
@@ -37,6 +34,7 @@ from merge_engine.ops.fisher import (  # noqa: E402
     invalid_fisher_message,
 )
 from merge_engine.triton_kernels import fisher as tf  # noqa: E402
+from tests.triton_kernels.gpu_lowering import ptx_float_ops  # noqa: E402
 
 pytestmark = [
     pytest.mark.triton,
@@ -217,15 +215,10 @@ def test_backend_is_the_triton_module(monkeypatch):
         backends.triton_backend.cache_clear()
 
 
-# The kernels compiled for NVIDIA GPUs in a fresh interpreter without TRITON_INTERPRET (under it,
-# triton.jit gives interpreted functions): per (arch, dtypes, kernel), its PTX floating-point and
-# conversion instructions.
+# Per (arch, dtypes, kernel): its PTX floating-point and conversion instructions (gpu_lowering.py).
 COMPILE_FOR_GPUS = r"""
-import json, re, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from merge_engine.triton_kernels import fisher as tf
-dtypes, found = ["fp32", "bf16", "fp16"], {}
+dtypes = ["fp32", "bf16", "fp16"]
 for arch in (80, 90):
     for a in dtypes:
         for b in dtypes:
@@ -234,19 +227,12 @@ for arch in (80, 90):
                          K="i32", BLOCK="constexpr")
             accumulate = dict(fisher_ptr=f"*{a}", grad_ptr=f"*{b}", n="i64", scale="fp32", BLOCK="constexpr")
             for kernel, signature in ((tf._merge_kernel, merge), (tf._accumulate_kernel, accumulate)):
-                source = ASTSource(kernel, signature=signature, constexprs={"BLOCK": tf.BLOCK})
-                ptx = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=tf._IEEE).asm["ptx"]
-                ops = re.findall(r"^\s*((?:fma|add|sub|mul|div|cvt|max|min)\.[\w.]*f\d+[\w.]*)", ptx, re.M)
-                found[f"sm_{arch} {a} {b} {kernel.__name__}"] = sorted(set(ops))
-print(json.dumps(found))
+                found[f"sm_{arch} {a} {b} {kernel.__name__}"] = float_ops(kernel, signature, tf.BLOCK, tf._IEEE, arch)
 """
 
 
 def test_kernels_lower_to_ieee_ptx_for_sm80_and_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPUS], env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-4000:]
-    found = json.loads(run.stdout.splitlines()[-1])
+    found = ptx_float_ops(COMPILE_FOR_GPUS)
     assert len(found) == 36
     for kernel, ops in found.items():
         arithmetic = [op for op in ops if re.match(r"(fma|add|sub|mul|div|max|min)\.", op)]

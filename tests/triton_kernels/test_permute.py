@@ -13,11 +13,8 @@ gather and swap must do no floating-point arithmetic at all.
 Inputs are seeded from the test parameters (zlib.crc32 of their repr, stable across runs); every
 assertion message names the seed.
 """
-import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -36,6 +33,7 @@ from merge_engine.ops.permute import (  # noqa: E402
     swap_blocks_reference,
 )
 from merge_engine.triton_kernels import permute as tp  # noqa: E402
+from tests.triton_kernels.gpu_lowering import ptx_float_ops  # noqa: E402
 from tests.csrc.kernel_checks import BITS, random_bits, seed_of, spread_values  # noqa: E402
 
 pytestmark = pytest.mark.triton
@@ -145,15 +143,9 @@ def test_backend_is_the_triton_module(monkeypatch):
         backends.triton_backend.cache_clear()
 
 
-# The kernels compiled for NVIDIA GPUs in a fresh interpreter without TRITON_INTERPRET (under it,
-# triton.jit gives interpreted functions): per (arch, dtype, kernel), its PTX floating-point and
-# conversion instructions.
+# Per (arch, dtype, kernel): its PTX floating-point and conversion instructions (gpu_lowering.py).
 COMPILE_FOR_GPUS = r"""
-import json, re, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from merge_engine.triton_kernels import permute as tp
-found = {}
 tables = dict(pointers_ptr="*i64", src_layer_ptr="*i64", src_block_ptr="*i64")
 sizes = dict(row="i64", span="i64", tiles="i64", BLOCK="constexpr")
 for arch in (80, 90):
@@ -163,19 +155,12 @@ for arch in (80, 90):
                    (tp._swap_kernel, dict(first_ptr=f"*{bits}", pointers_ptr="*i64", pairs_ptr="*i64", n_pairs="i64",
                                           **sizes)))
         for kernel, signature in kernels:
-            source = ASTSource(kernel, signature=signature, constexprs={"BLOCK": tp.BLOCK})
-            ptx = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=tp._IEEE).asm["ptx"]
-            ops = re.findall(r"^\s*((?:fma|add|sub|mul|div|cvt|max|min)\.[\w.]*f\d+[\w.]*)", ptx, re.M)
-            found[f"sm_{arch} {dtype} {kernel.__name__}"] = sorted(set(ops))
-print(json.dumps(found))
+            found[f"sm_{arch} {dtype} {kernel.__name__}"] = float_ops(kernel, signature, tp.BLOCK, tp._IEEE, arch)
 """
 
 
 def test_kernels_lower_for_sm80_and_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPUS], env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-4000:]
-    found = json.loads(run.stdout.splitlines()[-1])
+    found = ptx_float_ops(COMPILE_FOR_GPUS)
     assert len(found) == 18
     for kernel, ops in found.items():
         if "scatter_add" not in kernel:
