@@ -2,6 +2,7 @@
 
     merge-engine CONFIG.yml OUTPUT_DIR [options]         merge (mergekit-yaml compatible)
     merge-engine fisher MODEL DATA OUT [options]         diagonal Fisher of a model over a data set
+    merge-engine stats MODEL DATA OUT [options]          input Gram matrices of its linear layers (RegMean, BMM)
     merge-engine key generate|apply|remove|recover|report|compare ...   tier keys (merge_engine.tiers.cli)
 
 A first argument naming a subcommand selects it; anything else is a merge (a config file named like a
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Methods: linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, "
                "della, della_linear, slerp, nuslerp, model_stock, passthrough, fisher, fisher_task_arithmetic, "
                "fisher_ties. See README.md. "
-               "Other commands: merge-engine fisher --help, merge-engine key --help.")
+               "Other commands: merge-engine fisher --help, merge-engine stats --help, merge-engine key --help.")
     p.add_argument("config", help="merge config (mergekit YAML schema)")
     p.add_argument("out_dir", help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--device", default="auto", help="where the math runs: cpu, cuda, cuda:N or auto (default)")
@@ -165,13 +166,60 @@ def fisher_main(argv: list[str]) -> int:
     return 0
 
 
+def build_stats_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="merge-engine stats",
+        description="Input Gram matrices X^T X of every linear layer of a model over a data set, saved as "
+                    "safetensors plus grams.json, for RegMean and Bayesian Model Merging. See "
+                    "merge_engine/stats/gram.py.")
+    p.add_argument("model", help="local Hugging Face model folder (safetensors weights, config.json, tokenizer)")
+    p.add_argument("data", help="plain text (one example per non-blank line) or .jsonl ({\"text\": ...} per line)")
+    p.add_argument("out_dir", help="output folder (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="examples per batch (default 8)")
+    p.add_argument("--max-length", type=positive_int, default=512, help="tokens per example, truncated (default 512)")
+    p.add_argument("--max-examples", type=positive_int, default=None, help="use only the first N examples")
+    p.add_argument("--device", default="auto", help="where the model runs: cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--dtype", choices=tuple(_DTYPES), default=None,
+                   help="dtype the model is loaded and run in (default: as stored in the checkpoint)")
+    p.add_argument("--gram-dtype", choices=tuple(_DTYPES), default="float32",
+                   help="storage of the Grams (accumulation is fp32); bfloat16 halves the files")
+    p.add_argument("--packed", action="store_true", help="store each Gram's upper triangle only (about half)")
+    p.add_argument("--max-gram-memory", type=parse_size, default=8 * 10**9,
+                   help="fp32 Grams held at once (default 8B bytes); more Grams take more passes over the data")
+    p.add_argument("--exclude", default=None, help="regex of module names to leave out (e.g. 'lm_head')")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    return p
+
+
+def stats_main(argv: list[str]) -> int:
+    args = build_stats_parser().parse_args(argv)
+    setup_logging(args.quiet)
+    from merge_engine.stats.gram import GramOptions, collect_grams
+    options = GramOptions(batch_size=args.batch_size, max_length=args.max_length, max_examples=args.max_examples,
+                          device=args.device, dtype=_DTYPES.get(args.dtype), gram_dtype=args.gram_dtype,
+                          packed=args.packed, max_gram_bytes=args.max_gram_memory, exclude=args.exclude,
+                          overwrite=args.overwrite, quiet=args.quiet)
+    start = time.perf_counter()
+    try:
+        manifest = collect_grams(args.model, args.data, args.out_dir, options)
+    except MergeEngineError as e:
+        print(f"merge-engine: error: {e}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        grams = len({m["gram"] for m in manifest["modules"].values()})
+        print(f"{grams} Grams for {len(manifest['modules'])} linear modules over {manifest['examples']} examples, "
+              f"{manifest['tokens']} tokens in {time.perf_counter() - start:.2f} s -> {args.out_dir}")
+    return 0
+
+
 # first argument -> handler of the remaining arguments; anything else is a merge
 def key_main(argv: list[str]) -> int:
     from merge_engine.tiers.cli import main as tiers_main
     return tiers_main(argv)
 
 
-SUBCOMMANDS = {"fisher": fisher_main, "key": key_main}
+SUBCOMMANDS = {"fisher": fisher_main, "key": key_main, "stats": stats_main}
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ _KNOWN_KEYS = {"merge_method", "base_model", "models", "slices", "modules", "dty
 
 
 # Per-model statistics a method reads beside the weights, named by a key next to `model:`.
-SIDE_INPUT_KEYS = ("fisher",)
+SIDE_INPUT_KEYS = ("fisher", "grams")
 
 
 @dataclass
@@ -118,7 +118,15 @@ def _method(raw: dict, problems: list[str]) -> MergeMethod | None:
         problems.append("'merge_method' is missing")
     elif name not in REGISTRY:
         problems.append(f"unknown merge_method '{name}' (supported: {', '.join(sorted(REGISTRY))})")
-    return REGISTRY.get(name)
+    method = REGISTRY.get(name)
+    if method is not None and method.specialize is not None:
+        params = raw.get("parameters")
+        try:
+            return method.specialize(params if isinstance(params, dict) else {}, REGISTRY)
+        except ValueError as e:
+            problems.append(str(e))
+            return None
+    return method
 
 
 def _model_ref(ref: Any, where: str, problems: list[str], optional: bool = False) -> str | None:

@@ -17,6 +17,7 @@ from merge_engine.config import MergeConfig, Slice
 from merge_engine.errors import CheckpointError, ConfigError
 from merge_engine.io.checkpoint import Checkpoint, split_layer_name
 from merge_engine.parameters import Scope, resolve
+from merge_engine.stats.gram import gram_folder
 
 log = logging.getLogger("merge_engine")
 _PRE_LAYER_MARKERS = ("embed", "wte", "wpe")  # embeddings come before the layers, norms and heads after
@@ -79,9 +80,12 @@ def open_models(cfg: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, Chec
     needed = cfg.method.side_inputs if cfg.method else ()
     side_paths = dict.fromkeys(path for s in cfg.slices for src in s.sources
                                for kind, path in src.side.items() if kind in needed)
+    gram_paths = {path for s in cfg.slices for src in s.sources for kind, path in src.side.items() if kind == "grams"}
     for ref, table in [(ref, models) for ref in cfg.referenced_models()] + [(p, side) for p in side_paths]:
         try:
             table[ref] = Checkpoint(ref)
+            if table is side and ref in gram_paths:
+                gram_folder(ref)  # its manifest, checked against the stored Grams
         except CheckpointError as e:
             problems.append(str(e))
     source = cfg.tokenizer_source
@@ -207,6 +211,9 @@ def _side_refs(plan: MergePlan, kind: str, s: Slice, names: list[str], shape: tu
     refs = []
     for src, name in zip(s.sources, names):
         folder = plan.side.get(src.side.get(kind, ""))
+        if kind == "grams":
+            refs.append(_gram_ref(folder, name, shape, problems) if folder else None)
+            continue
         info = folder.tensors.get(name) if folder else None
         if folder and info is None:
             if shared.get(f"missing_{kind}") == "error":
@@ -217,6 +224,19 @@ def _side_refs(plan: MergePlan, kind: str, s: Slice, names: list[str], shape: tu
                             f"has {list(shape)}")
         refs.append((folder, name) if info is not None else None)
     return refs
+
+
+def _gram_ref(folder: Checkpoint, name: str, shape: tuple[int, ...], problems: list[str]) -> tuple[Checkpoint, str] | None:
+    """Where a linear weight's input Gram is (grams.json maps modules to Gram tensors); None for any other tensor."""
+    entry = gram_folder(folder.path).module_of(name)
+    if entry is None:
+        return None
+    in_features = shape[0] if entry["transposed"] else shape[-1]
+    if len(shape) != 2 or in_features != entry["in_features"]:
+        problems.append(f"{folder.path}: the Gram of '{name}' is for {entry['in_features']} input features but the "
+                        f"weight has shape {list(shape)}")
+        return None
+    return folder, entry["gram"]
 
 
 def _promote(dtypes: list[torch.dtype]) -> torch.dtype:

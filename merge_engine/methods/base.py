@@ -49,6 +49,8 @@ class MergeMethod:
     side_inputs: tuple[str, ...] = ()  # per-model statistics the method reads (config.SIDE_INPUT_KEYS)
     reference: str = ""
     notes: str = field(default="", compare=False)
+    # methods that wrap another one: (global parameters, registry) -> the bound method (ValueError if unusable)
+    specialize: Callable[[dict, dict], MergeMethod] | None = field(default=None, compare=False)
 
     @property
     def shared_params(self) -> list[ParamSpec]:

@@ -353,11 +353,13 @@ def check_model_folder(model_dir: str) -> None:
         raise CheckpointError(f"{model_dir}: config.json is missing (needed to build the model)")
 
 
-def load_model(model_dir: str, dtype: torch.dtype | None, device: torch.device) -> torch.nn.Module:
-    """The causal LM of a local folder, refusing one whose checkpoint misses weights (they would be random)."""
-    from transformers import AutoModelForCausalLM
+def load_model(model_dir: str, dtype: torch.dtype | None, device: torch.device,
+               auto_class: str = "AutoModelForCausalLM") -> torch.nn.Module:
+    """The model of a local folder (a causal LM by default), refusing one whose checkpoint misses weights
+    (they would be random)."""
+    import transformers
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or "auto", local_files_only=True,
+        model, info = getattr(transformers, auto_class).from_pretrained(model_dir, dtype=dtype or "auto", local_files_only=True,
                                                            output_loading_info=True)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{model_dir}: cannot load the model ({e})") from e

@@ -1,0 +1,185 @@
+"""RegMean and Bayesian Model Merging: linear layers merged by least squares on their input Grams
+(closed forms in merge_engine/ops/regression.py; Grams written by `merge-engine stats`, named per model
+with `grams: PATH` beside `model:`).
+
+Each method wraps a weight-only method of the engine, named in the global parameters:
+- regmean, `fallback:` (default linear, i.e. the simple average): merges every tensor that is not a
+  linear weight with a Gram for every regressed model (biases, norms, embeddings).
+- bmm, `anchor:` (default task_arithmetic): the prior mean W_anchor of every linear layer, and the
+  output for every other tensor.
+The wrapped method's parameters are accepted as usual (per model, per slice, with filters); `weight`
+defaults to 1, and one whose name collides with the outer method's (task arithmetic's `lambda`) is
+renamed with the prefix `anchor_` / `fallback_`.
+
+The regression runs over the non-base models (all inputs when there is no base). Their Grams are scaled
+by `gram_scale` before the solve: `tokens` divides each by its token count (the mean x x^T, so every
+model weighs by its activations, not by its data size; RegMean's default), `trace` to a mean eigenvalue
+of 1 (BMM's default, so lambda is in units of the average activation energy per input direction and one
+lambda suits every layer). bmm with `data_free: true` needs no Grams: it estimates each expert's from its
+task vector (ops.regression.task_vector_gram, trace-scaled).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+
+from merge_engine.methods.base import MergeMethod, TensorGroup
+from merge_engine.ops import regression
+from merge_engine.parameters import ParamSpec, Scope
+from merge_engine.stats.gram import as_matrix, gram_folder
+
+SOLVE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def _one_of(*choices: str):
+    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 and math.isfinite(value) else "must be a finite number >= 0"
+
+
+# ---- Grams of one tensor group ----
+
+def _scaled_gram(group: TensorGroup, i: int) -> tuple[torch.Tensor, bool] | None:
+    """Model i's Gram for this tensor as an fp32 [in, in] matrix scaled by gram_scale, and whether its
+    weight is stored transposed; None when it has none."""
+    stored = group.side["grams"][i]
+    if stored is None:
+        return None
+    folder = gram_folder(group.side_folders["grams"][i])
+    entry = folder.module_of(group.name)
+    gram = as_matrix(stored, entry["in_features"])
+    if group.shared["gram_scale"] == "tokens":
+        gram = gram / folder.manifest["tokens"]
+    else:
+        trace = float(torch.trace(gram))
+        gram = gram * (gram.shape[0] / trace) if trace > 0 else gram
+    return gram, entry["transposed"]
+
+
+def _regression_inputs(group: TensorGroup) -> tuple[list[torch.Tensor], list[torch.Tensor], bool] | None:
+    """(weights as [out, in], Grams, transposed) of the regressed models, or None when the tensor is not a
+    linear weight with a Gram in every one of them."""
+    models = group.non_base
+    if "grams" not in group.side:  # data-free
+        return None
+    grams = [_scaled_gram(group, i) for i in models]
+    if any(g is None for g in grams):
+        return None
+    transposed = grams[0][1]
+    weights = [group.tensors[i].T if transposed else group.tensors[i] for i in models]
+    return weights, [g for g, _ in grams], transposed
+
+
+# ---- the wrapped (anchor / fallback) method ----
+
+def wrap(outer: MergeMethod, inner: MergeMethod, prefix: str, merge) -> MergeMethod:
+    """outer's parameters plus inner's (colliding names prefixed, `weight` defaulting to 1); the merge
+    function gets the group and a callable computing inner's merge of the same group."""
+    own = {p.name for p in outer.params}
+    renamed = {}
+    params = list(outer.params)
+    for p in inner.params:
+        name = prefix + p.name if p.name in own else p.name
+        renamed[name] = p.name
+        if p.name == "weight" and p.required:
+            p = dataclasses.replace(p, default=1.0)
+        params.append(dataclasses.replace(p, name=name))
+
+    def inner_merge(group: TensorGroup) -> torch.Tensor:
+        def back(values: dict) -> dict:
+            return {renamed[k]: v for k, v in values.items() if k in renamed}
+        return inner.merge(dataclasses.replace(group, shared=back(group.shared),
+                                               per_model=[back(m) for m in group.per_model]))
+
+    return dataclasses.replace(outer, params=tuple(params), merge=lambda group: merge(group, inner_merge),
+                               side_inputs=tuple(dict.fromkeys(outer.side_inputs + inner.side_inputs)),
+                               notes=f"{outer.name} wrapping {inner.name}")
+
+
+def specialize(outer: MergeMethod, prefix: str, default: str, merge, global_params: dict, registry: dict) -> MergeMethod:
+    """The outer method bound to the inner method its global parameter names (ValueError if unusable)."""
+    name = global_params.get(prefix.rstrip("_"), default)
+    inner = registry.get(name) if isinstance(name, str) else None
+    if inner is None or inner.specialize is not None or inner.side_inputs:
+        usable = sorted(n for n, m in registry.items() if m.specialize is None and not m.side_inputs)
+        raise ValueError(f"parameters.{prefix.rstrip('_')}: {name!r} is not a weight-only merge method of this "
+                         f"engine (one of {', '.join(usable)})")
+    method = wrap(outer, inner, prefix, merge)
+    if outer.name == "bmm" and str(global_params.get("data_free", False)).lower() == "true":
+        method = dataclasses.replace(method, side_inputs=())
+    return method
+
+
+# ---- RegMean ----
+
+def _regmean(group: TensorGroup, fallback) -> torch.Tensor:
+    inputs = _regression_inputs(group)
+    if inputs is None:
+        return fallback(group)
+    weights, grams, transposed = inputs
+    merged = regression.regmean(weights, grams, group.shared["alpha"], SOLVE_DTYPES[group.shared["solve_dtype"]])
+    return merged.T if transposed else merged
+
+
+def _unit_interval(value: float) -> str | None:
+    return None if 0 <= value <= 1 else "must be in [0, 1]"
+
+
+SOLVE = ParamSpec("solve_dtype", str, Scope.SHARED, "float64", check=_one_of(*SOLVE_DTYPES))
+
+
+REGMEAN = MergeMethod(
+    "regmean", lambda group: _regmean(group, None),
+    (ParamSpec("alpha", float, Scope.SHARED, 0.9, check=_unit_interval),
+     ParamSpec("gram_scale", str, Scope.SHARED, "tokens", check=_one_of("tokens", "trace")),
+     ParamSpec("fallback", str, Scope.SHARED, "linear"),
+     SOLVE),
+    base="optional", side_inputs=("grams",), reference="https://arxiv.org/abs/2212.09849")
+
+
+# ---- Bayesian Model Merging ----
+
+NOT_LINEAR = ("embed", "wte", "wpe", "lm_head", "shared")  # 2-D weights that are lookups or the output head
+
+
+def is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
+    """What data-free BMM treats as an nn.Linear weight [out, in]: a 2-D `.weight` that is no embedding or head."""
+    return tensor.dim() == 2 and name.endswith(".weight") and not any(k in name for k in NOT_LINEAR)
+
+
+def _bmm(group: TensorGroup, anchor) -> torch.Tensor:
+    prior = anchor(group)
+    p = group.shared
+    dtype = SOLVE_DTYPES[p["solve_dtype"]]
+    if p["data_free"]:
+        if not is_linear_weight(group.name, group.base):
+            return prior
+        weights = [group.tensors[i] for i in group.non_base]
+        grams = [regression.task_vector_gram(w, group.base, dtype) for w in weights]
+        return regression.bmm(weights, grams, prior, p["lambda"], dtype)
+    inputs = _regression_inputs(group)
+    if inputs is None:
+        return prior
+    weights, grams, transposed = inputs
+    merged = regression.bmm(weights, grams, prior.T if transposed else prior, p["lambda"], dtype)
+    return merged.T if transposed else merged
+
+
+BMM = MergeMethod(
+    "bmm", lambda group: _bmm(group, None),
+    (ParamSpec("lambda", float, Scope.SHARED, 1.0, check=_non_negative),
+     ParamSpec("gram_scale", str, Scope.SHARED, "trace", check=_one_of("tokens", "trace")),
+     ParamSpec("anchor", str, Scope.SHARED, "task_arithmetic"),
+     ParamSpec("data_free", bool, Scope.SHARED, False),
+     SOLVE),
+    base="required", min_non_base=1, side_inputs=("grams",), reference="https://arxiv.org/abs/2605.12843")
+
+
+REGMEAN = dataclasses.replace(REGMEAN, specialize=functools.partial(specialize, REGMEAN, "fallback_", "linear", _regmean))
+BMM = dataclasses.replace(BMM, specialize=functools.partial(specialize, BMM, "anchor_", "task_arithmetic", _bmm))
+METHODS = [REGMEAN, BMM]

@@ -1,0 +1,349 @@
+"""Input Gram matrices of a model's linear layers, for RegMean and Bayesian Model Merging
+(merge_engine/methods/regression.py).
+
+For a linear module y = x W^T (+ b) with input features d, its Gram is G = sum_t x_t^T x_t [d, d], over
+every real token t of the data (padding excluded through the attention mask), accumulated in fp32 by
+`ops.accumulate_gram`. Modules that read the very same input tensor (a Llama layer's q/k/v
+projections; its gate/up projections) share one Gram, stored once; sharing is found by running the
+first example once and grouping the modules whose forward received the same tensor object.
+
+Memory stays bounded by `max_gram_bytes`: modules are split, in execution order, into passes whose
+fp32 Grams fit the budget; each pass runs the whole data set, accumulating only its own modules' Grams
+(the forward stops after its last module), writes them to the output's shards and frees them. A 7B
+Llama's fp32 Grams (~22 GB) with an 8 GB budget take three passes, i.e. about 1.5 forwards of the
+data on average, and never more than 8 GB of Grams in memory.
+
+Output: a folder of safetensors shards, one tensor per Gram named `<module>.gram` after the first
+module that reads it ([d, d] in fp32 or bf16, or its upper triangle packed row by row, d (d + 1) / 2
+entries, when `packed`), and `grams.json`:
+    {"format": "merge_engine.grams", "version": 1, "model": ..., "examples": N, "tokens": T,
+     "dtype": "float32" | "bfloat16", "packed": bool, "max_length": L,
+     "modules": {module: {"gram": tensor name, "in_features": d, "transposed": bool}}}
+`tokens` counts every token each Gram summed over (the same for every module); `transposed` marks
+modules whose weight is stored [in, out] (GPT-2's Conv1D) rather than [out, in] (nn.Linear).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from merge_engine.errors import CheckpointError, MergeEngineError
+from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.writer import ShardedWriter, check_output_dir
+from merge_engine.ops.gram import accumulate_gram, mirror_upper_, pack_upper, unpack_upper
+
+MANIFEST_FILE = "grams.json"
+MANIFEST_FORMAT = "merge_engine.grams"
+MANIFEST_VERSION = 1
+GRAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class GramModule:
+    """A linear module whose input Gram is collected: (name, module, weight layout)."""
+
+    name: str
+    module: torch.nn.Module
+    in_features: int
+    transposed: bool  # weight stored [in, out] (transformers' Conv1D)
+
+
+@dataclass
+class GramGroup:
+    """Modules reading one input; `name` (of the Gram) is the first one's."""
+
+    modules: list[GramModule]
+
+    @property
+    def name(self) -> str:
+        return self.modules[0].name
+
+    @property
+    def d(self) -> int:
+        return self.modules[0].in_features
+
+
+def linear_modules(model: torch.nn.Module, exclude: str | None = None) -> list[GramModule]:
+    """Every nn.Linear (and transformers Conv1D) of the model, minus names matching the `exclude` regex."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            found.append(GramModule(name, module, module.in_features, False))
+        elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+            found.append(GramModule(name, module, module.weight.shape[0], True))
+    if exclude:
+        found = [m for m in found if not re.search(exclude, m.name)]
+    if not found:
+        raise MergeEngineError("the model has no linear module to collect Grams for")
+    return found
+
+
+# ---- sharing ----
+
+def group_by_input(model: torch.nn.Module, modules: list[GramModule], batch: dict[str, torch.Tensor]) -> list[GramGroup]:
+    """Groups of modules whose forward received the same input tensor, in execution order (one forward)."""
+    seen: dict[int, tuple[torch.Tensor, GramGroup]] = {}  # id -> (tensor kept alive, so ids stay unique)
+    order: list[GramGroup] = []
+
+    def hook(m: GramModule):
+        def record(module, args):
+            x = args[0]
+            if id(x) not in seen:
+                seen[id(x)] = (x, GramGroup([]))
+                order.append(seen[id(x)][1])
+            seen[id(x)][1].modules.append(m)
+        return record
+
+    handles = [m.module.register_forward_pre_hook(hook(m)) for m in modules]
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    repeated = sorted({m.name for g in order for m in g.modules if sum(m in h.modules for h in order) > 1})
+    if repeated:
+        raise MergeEngineError(f"linear module(s) {repeated[:3]} run more than once per forward (shared "
+                               "weights); their Grams are not defined per input; exclude them")
+    unreached = sorted({m.name for m in modules} - {m.name for g in order for m in g.modules})
+    if unreached:
+        raise MergeEngineError(f"linear module(s) {unreached[:3]} never ran in a forward pass; exclude them")
+    return order
+
+
+def split_into_passes(groups: list[GramGroup], max_gram_bytes: int) -> list[list[GramGroup]]:
+    """Consecutive groups whose fp32 Grams fit max_gram_bytes (a larger Gram gets a pass of its own)."""
+    passes: list[list[GramGroup]] = [[]]
+    used = 0
+    for g in groups:
+        size = g.d * g.d * 4
+        if passes[-1] and used + size > max_gram_bytes:
+            passes.append([])
+            used = 0
+        passes[-1].append(g)
+        used += size
+    return passes
+
+
+# ---- accumulation ----
+
+class _StopForward(Exception):
+    """Raised after the last hooked module of a pass: the rest of the forward is not needed."""
+
+
+def token_mask(x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The attention mask laid out like the activations' leading dims (some models flatten tokens)."""
+    if x.shape[:-1] == attention_mask.shape:
+        return attention_mask
+    if x.dim() == 2 and x.shape[0] == attention_mask.numel():
+        return attention_mask.reshape(-1)
+    raise MergeEngineError(f"a linear input of shape {list(x.shape)} does not line up with the batch's tokens "
+                           f"{list(attention_mask.shape)}")
+
+
+def accumulate_pass(model: torch.nn.Module, groups: list[GramGroup], batches, progress) -> dict[str, torch.Tensor]:
+    """fp32 Grams (upper triangle mirrored) of one pass's groups over every batch."""
+    device = next(model.parameters()).device
+    grams = {g.name: torch.zeros(g.d, g.d, dtype=torch.float32, device=device) for g in groups}
+    state = {}
+    last = groups[-1].name
+
+    def hook(name: str):
+        def add(module, args):
+            x = args[0].detach()
+            accumulate_gram(grams[name], x, token_mask(x, state["mask"]))
+            if name == last:
+                raise _StopForward
+        return add
+
+    handles = [g.modules[0].module.register_forward_pre_hook(hook(g.name)) for g in groups]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                state["mask"] = batch["attention_mask"].bool()
+                try:
+                    model(**batch)
+                except _StopForward:
+                    pass
+                progress.update(len(batch["input_ids"]))
+    finally:
+        for h in handles:
+            h.remove()
+    for gram in grams.values():
+        mirror_upper_(gram)
+    return grams
+
+
+# ---- the whole run ----
+
+@dataclass
+class GramOptions:
+    batch_size: int = 8
+    max_length: int = 512
+    max_examples: int | None = None
+    device: str = "auto"
+    dtype: torch.dtype | None = None  # the model's compute dtype; None: as stored
+    gram_dtype: str = "float32"  # storage: float32 or bfloat16 (accumulation is always fp32)
+    packed: bool = False  # store the upper triangle only
+    max_gram_bytes: int = 8 * 10**9  # fp32 Grams held in memory at once
+    exclude: str | None = None  # regex of module names to leave out
+    overwrite: bool = False
+    quiet: bool = False
+    shard_size: int = 5 * 10**9
+    tokenizer: object = field(default=None, repr=False)
+
+
+def compute_grams(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], writer_factory,
+                  options: GramOptions) -> dict:
+    """Collect every Gram pass by pass, handing each to the writer from writer_factory(groups)."""
+    device = next(model.parameters()).device
+    first = {k: v[:1].to(device) for k, v in batches[0].items()}
+    model.eval()
+    groups = group_by_input(model, linear_modules(model, options.exclude), first)
+    passes = split_into_passes(groups, options.max_gram_bytes)
+    writer = writer_factory(groups)
+    examples = sum(len(b["input_ids"]) for b in batches)
+    with tqdm(total=examples * len(passes), unit="ex", desc=f"grams ({len(passes)} pass(es))",
+              disable=options.quiet) as bar:
+        for groups_of_pass in passes:
+            for name, gram in accumulate_pass(model, groups_of_pass, batches, bar).items():
+                writer(name, gram)
+    return {"examples": examples, "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches)),
+            "modules": {m.name: {"gram": gram_tensor_name(g), "in_features": m.in_features, "transposed": m.transposed}
+                        for g in groups for m in g.modules}}
+
+
+def gram_tensor_name(group: GramGroup) -> str:
+    return f"{group.name}.gram"
+
+
+def stored_gram(gram: torch.Tensor, options: GramOptions) -> torch.Tensor:
+    out = pack_upper(gram) if options.packed else gram
+    return out.to(GRAM_DTYPES[options.gram_dtype]).cpu()
+
+
+def collect_grams(model_dir: str, data_path: str, out_dir: str, options: GramOptions | None = None) -> dict:
+    """Validate the inputs, load model and data, collect the Grams and save them; return the manifest.
+    Nothing is written unless the whole run succeeds."""
+    from merge_engine.engine import resolve_device
+    from merge_engine.stats.data import load_data
+    from merge_engine.stats.fisher import check_model_folder, load_model
+    options = options or GramOptions()
+    if options.gram_dtype not in GRAM_DTYPES:
+        raise ValueError(f"gram_dtype must be one of {list(GRAM_DTYPES)}, got {options.gram_dtype!r}")
+    check_output_dir(out_dir, options.overwrite)
+    device = resolve_device(options.device)
+    check_model_folder(model_dir)
+    data = load_data(data_path, model_dir if options.tokenizer is None else options.tokenizer,
+                     options.max_length, options.max_examples)
+    model = load_model(model_dir, options.dtype, device, auto_class_of(model_dir))
+    state = {}
+
+    def open_writer(groups: list[GramGroup]):
+        dtype = GRAM_DTYPES[options.gram_dtype]
+        shapes = [((g.d * (g.d + 1) // 2,) if options.packed else (g.d, g.d)) for g in groups]
+        state["writer"] = ShardedWriter(out_dir, [(gram_tensor_name(g), dtype, s) for g, s in zip(groups, shapes)],
+                                        options.shard_size, options.overwrite)
+        by_name = {g.name: gram_tensor_name(g) for g in groups}
+        return lambda name, gram: state["writer"].write(by_name[name], stored_gram(gram, options))
+
+    try:
+        summary = compute_grams(model, data.batches(options.batch_size), open_writer, options)
+        manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "model": os.path.abspath(model_dir),
+                    "examples": summary["examples"], "tokens": summary["tokens"], "dtype": options.gram_dtype,
+                    "packed": options.packed, "max_length": options.max_length, "modules": summary["modules"]}
+        state["writer"].add_file(MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+        state["writer"].commit()
+    except BaseException:
+        if "writer" in state:
+            state["writer"].abort()
+        raise
+    return manifest
+
+
+def auto_class_of(model_dir: str) -> str:
+    """Causal LMs load with their head (its input Gram is collected too); anything else as a bare encoder."""
+    architectures = Checkpoint(model_dir).config.get("architectures") or []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    return "AutoModelForCausalLM" if causal else "AutoModel"
+
+
+# ---- reading ----
+
+@dataclass
+class GramFolder:
+    """A Grams folder: its manifest, and each weight's Gram."""
+
+    path: str
+    manifest: dict
+
+    def module_of(self, weight_name: str) -> dict | None:
+        """The manifest entry of the module owning a `<module>.weight` tensor, or None."""
+        if not weight_name.endswith(".weight"):
+            return None
+        return self.manifest["modules"].get(weight_name.removesuffix(".weight"))
+
+    def gram_shape(self, d: int) -> tuple[int, ...]:
+        return (d * (d + 1) // 2,) if self.manifest["packed"] else (d, d)
+
+
+def as_matrix(stored: torch.Tensor, d: int) -> torch.Tensor:
+    """A stored Gram (full or packed, any dtype) as an fp32 [d, d] matrix."""
+    return stored.float() if stored.dim() == 2 else unpack_upper(stored, d, torch.float32)
+
+
+@functools.cache
+def gram_folder(path: str) -> GramFolder:
+    """load_gram_folder, once per path and process (plans and merges look up every tensor's Gram)."""
+    return load_gram_folder(path)
+
+
+_MANIFEST_TYPES = {"format": str, "version": int, "model": str, "examples": int, "tokens": int, "dtype": str,
+                   "packed": bool, "max_length": (int, type(None)), "modules": dict}
+
+
+def load_gram_folder(path: str) -> GramFolder:
+    """The validated manifest of a Grams folder; CheckpointError naming the file otherwise."""
+    file = os.path.join(path, MANIFEST_FILE)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{path}: not a Grams folder ({MANIFEST_FILE} is missing; write one with "
+                              "`merge-engine stats`)")
+    try:
+        with open(file) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: unreadable Grams manifest ({e})") from e
+    problem = _manifest_problem(manifest, Checkpoint(path).tensors)
+    if problem:
+        raise CheckpointError(f"{file}: {problem}")
+    return GramFolder(path, manifest)
+
+
+def _manifest_problem(manifest, stored: dict) -> str | None:
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        return f'not a Grams manifest (expected "format": "{MANIFEST_FORMAT}")'
+    if manifest.get("version") != MANIFEST_VERSION:
+        return f"unsupported version {manifest.get('version')!r} (this merge_engine reads {MANIFEST_VERSION})"
+    for key, types in _MANIFEST_TYPES.items():
+        if not isinstance(manifest.get(key), types) or (isinstance(manifest.get(key), bool) and types is not bool):
+            return f'field "{key}" is missing or has the wrong type'
+    if manifest["dtype"] not in GRAM_DTYPES or manifest["tokens"] < 1:
+        return f'"dtype" must be one of {list(GRAM_DTYPES)} and "tokens" >= 1'
+    for module, entry in manifest["modules"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("gram"), str) and isinstance(entry.get("in_features"), int)
+                and isinstance(entry.get("transposed"), bool)):
+            return f'module "{module}": expected {{"gram": name, "in_features": int, "transposed": bool}}'
+        d = entry["in_features"]
+        want = (d * (d + 1) // 2,) if manifest["packed"] else (d, d)
+        info = stored.get(entry["gram"])
+        if info is None or tuple(info.shape) != want:
+            return (f'module "{module}": Gram tensor "{entry["gram"]}" is '
+                    f"{'missing' if info is None else list(info.shape)}, expected {list(want)}")
+    return None
