@@ -167,17 +167,21 @@ class _Pipeline:
         self.writer.write(name, result)
 
 
+def tensor_group(job: TensorJob, tensors: list[torch.Tensor], seed: int = 0) -> TensorGroup:
+    """A job's inputs (read in job.inputs + job.side_reads() order) as the group its method merges."""
+    inputs, side_tensors = tensors[:len(job.inputs)], iter(tensors[len(job.inputs):])
+    side = {kind: [None if ref is None else next(side_tensors) for ref in refs] for kind, refs in job.side.items()}
+    return TensorGroup(job.out_name, [t.to(job.compute_dtype) for t in inputs], job.base_index,
+                       job.shared, job.per_model, seed, side,
+                       {kind: [None if ref is None else ref[0].path for ref in refs] for kind, refs in job.side.items()})
+
+
 def compute(job: TensorJob, tensors: list[torch.Tensor], method: MergeMethod, seed: int = 0) -> torch.Tensor:
     """Merge one tensor group on the tensors' device."""
     if job.copy_only:
         return tensors[0]
-    inputs, side_tensors = tensors[:len(job.inputs)], iter(tensors[len(job.inputs):])
-    side = {kind: [None if ref is None else next(side_tensors) for ref in refs] for kind, refs in job.side.items()}
-    group = TensorGroup(job.out_name, [t.to(job.compute_dtype) for t in inputs], job.base_index,
-                        job.shared, job.per_model, seed, side,
-                        {kind: [None if ref is None else ref[0].path for ref in refs] for kind, refs in job.side.items()})
     try:
-        result = method.merge(group)
+        result = method.merge(tensor_group(job, tensors, seed))
     except (ValueError, RuntimeError) as e:
         raise MergeEngineError(f"merging tensor '{job.out_name}' failed: {e}") from e
     return result.to(job.out_dtype).contiguous()

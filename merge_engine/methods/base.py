@@ -51,6 +51,7 @@ class MergeMethod:
     notes: str = field(default="", compare=False)
     # methods that wrap another one: (global parameters, registry) -> the bound method (ValueError if unusable)
     specialize: Callable[[dict, dict], MergeMethod] | None = field(default=None, compare=False)
+    wrapped: Callable[[TensorGroup], torch.Tensor] | None = field(default=None, compare=False)  # its inner merge
 
     @property
     def shared_params(self) -> list[ParamSpec]:

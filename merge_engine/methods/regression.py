@@ -12,7 +12,7 @@ defaults to 1, and one whose name collides with the outer method's (task arithme
 renamed with the prefix `anchor_` / `fallback_`.
 
 The regression runs over the non-base models (all inputs when there is no base). Their Grams are scaled
-by `gram_scale` before the solve: `tokens` divides each by its token count (the mean x x^T, so every
+by `gram_scale` before the solve: `tokens` divides each by the number of input rows it summed (the mean x x^T, so every
 model weighs by its activations, not by its data size; RegMean's default), `trace` to a mean eigenvalue
 of 1 (BMM's default, so lambda is in units of the average activation energy per input direction and one
 lambda suits every layer). bmm with `data_free: true` needs no Grams: it estimates each expert's from its
@@ -54,7 +54,7 @@ def _scaled_gram(group: TensorGroup, i: int) -> tuple[torch.Tensor, bool] | None
     entry = folder.module_of(group.name)
     gram = as_matrix(stored, entry["in_features"])
     if group.shared["gram_scale"] == "tokens":
-        gram = gram / folder.manifest["tokens"]
+        gram = gram / entry["rows"]
     else:
         trace = float(torch.trace(gram))
         gram = gram * (gram.shape[0] / trace) if trace > 0 else gram
@@ -97,6 +97,7 @@ def wrap(outer: MergeMethod, inner: MergeMethod, prefix: str, merge) -> MergeMet
                                                per_model=[back(m) for m in group.per_model]))
 
     return dataclasses.replace(outer, params=tuple(params), merge=lambda group: merge(group, inner_merge),
+                               wrapped=inner_merge,
                                side_inputs=tuple(dict.fromkeys(outer.side_inputs + inner.side_inputs)),
                                notes=f"{outer.name} wrapping {inner.name}")
 
@@ -152,22 +153,40 @@ def is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
     return tensor.dim() == 2 and name.endswith(".weight") and not any(k in name for k in NOT_LINEAR)
 
 
-def _bmm(group: TensorGroup, anchor) -> torch.Tensor:
+@dataclasses.dataclass
+class BMMTerms:
+    """One tensor's BMM inputs: the anchor's value, and for a regressed linear weight its experts' weights
+    ([out, in]) and scaled Grams (weights and grams None for any other tensor)."""
+
+    prior: torch.Tensor
+    weights: list[torch.Tensor] | None = None
+    grams: list[torch.Tensor] | None = None
+    transposed: bool = False
+
+
+def bmm_terms(group: TensorGroup, anchor) -> BMMTerms:
     prior = anchor(group)
-    p = group.shared
-    dtype = SOLVE_DTYPES[p["solve_dtype"]]
-    if p["data_free"]:
+    if group.shared["data_free"]:
         if not is_linear_weight(group.name, group.base):
-            return prior
+            return BMMTerms(prior)
         weights = [group.tensors[i] for i in group.non_base]
-        grams = [regression.task_vector_gram(w, group.base, dtype) for w in weights]
-        return regression.bmm(weights, grams, prior, p["lambda"], dtype)
+        dtype = SOLVE_DTYPES[group.shared["solve_dtype"]]
+        return BMMTerms(prior, weights, [regression.task_vector_gram(w, group.base, dtype) for w in weights])
     inputs = _regression_inputs(group)
     if inputs is None:
-        return prior
+        return BMMTerms(prior)
     weights, grams, transposed = inputs
-    merged = regression.bmm(weights, grams, prior.T if transposed else prior, p["lambda"], dtype)
-    return merged.T if transposed else merged
+    return BMMTerms(prior, weights, grams, transposed)
+
+
+def _bmm(group: TensorGroup, anchor) -> torch.Tensor:
+    terms = bmm_terms(group, anchor)
+    if terms.weights is None:
+        return terms.prior
+    prior = terms.prior.T if terms.transposed else terms.prior
+    merged = regression.bmm(terms.weights, terms.grams, prior, group.shared["lambda"],
+                            SOLVE_DTYPES[group.shared["solve_dtype"]])
+    return merged.T if terms.transposed else merged
 
 
 BMM = MergeMethod(

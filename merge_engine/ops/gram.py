@@ -71,12 +71,12 @@ def _accumulate_with(backend, gram, x, mask):
 
 
 @accumulate_gram.register_kernel("cpu")
-def _accumulate_gram_cpu(gram, x, mask):
+def _accumulate_gram_cpu(gram, x, mask=None):
     _accumulate_with(backends.cpu_extension(), gram, x, mask)
 
 
 @accumulate_gram.register_kernel("cuda")
-def _accumulate_gram_cuda(gram, x, mask):
+def _accumulate_gram_cuda(gram, x, mask=None):
     _accumulate_with(backends.gpu_backend("gram"), gram, x, mask)
 
 

@@ -18,9 +18,10 @@ module that reads it ([d, d] in fp32 or bf16, or its upper triangle packed row b
 entries, when `packed`), and `grams.json`:
     {"format": "merge_engine.grams", "version": 1, "model": ..., "examples": N, "tokens": T,
      "dtype": "float32" | "bfloat16", "packed": bool, "max_length": L,
-     "modules": {module: {"gram": tensor name, "in_features": d, "transposed": bool}}}
-`tokens` counts every token each Gram summed over (the same for every module); `transposed` marks
-modules whose weight is stored [in, out] (GPT-2's Conv1D) rather than [out, in] (nn.Linear).
+     "modules": {module: {"gram": tensor name, "in_features": d, "transposed": bool, "rows": n}}}
+`tokens` counts the real tokens of the data; a module's `rows` the input rows its Gram summed (its
+tokens, or one per example for a pooler or classification head, which reads one vector per example);
+`transposed` marks modules whose weight is stored [in, out] (GPT-2's Conv1D), not [out, in] (nn.Linear).
 """
 from __future__ import annotations
 
@@ -70,9 +71,14 @@ class GramGroup:
 
 
 def linear_modules(model: torch.nn.Module, exclude: str | None = None) -> list[GramModule]:
-    """Every nn.Linear (and transformers Conv1D) of the model, minus names matching the `exclude` regex."""
+    """Every nn.Linear (and transformers Conv1D) of the model, minus names matching the `exclude` regex and
+    modules whose weight is tied to an earlier parameter (GPT-2's lm_head: the checkpoint holds no weight
+    of its own for a merge to regress)."""
     found = []
+    owned = {name for name, _ in model.named_parameters()}  # tied parameters appear once, under their first owner
     for name, module in model.named_modules():
+        if f"{name}.weight" not in owned:
+            continue
         if isinstance(module, torch.nn.Linear):
             found.append(GramModule(name, module, module.in_features, False))
         elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
@@ -137,18 +143,23 @@ class _StopForward(Exception):
     """Raised after the last hooked module of a pass: the rest of the forward is not needed."""
 
 
-def token_mask(x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The attention mask laid out like the activations' leading dims (some models flatten tokens)."""
+def token_mask(x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask laid out like the activations' leading dims: per token (some models flatten the
+    tokens), or None for one row per example (a pooler or classification head reads every example)."""
     if x.shape[:-1] == attention_mask.shape:
         return attention_mask
     if x.dim() == 2 and x.shape[0] == attention_mask.numel():
         return attention_mask.reshape(-1)
+    if x.dim() == 2 and x.shape[0] == attention_mask.shape[0]:
+        return None
     raise MergeEngineError(f"a linear input of shape {list(x.shape)} does not line up with the batch's tokens "
                            f"{list(attention_mask.shape)}")
 
 
-def accumulate_pass(model: torch.nn.Module, groups: list[GramGroup], batches, progress) -> dict[str, torch.Tensor]:
-    """fp32 Grams (upper triangle mirrored) of one pass's groups over every batch."""
+def accumulate_pass(model: torch.nn.Module, groups: list[GramGroup], batches, progress,
+                    rows: dict[str, int]) -> dict[str, torch.Tensor]:
+    """fp32 Grams (upper triangle mirrored) of one pass's groups over every batch; rows[name] counts the
+    input rows each summed."""
     device = next(model.parameters()).device
     grams = {g.name: torch.zeros(g.d, g.d, dtype=torch.float32, device=device) for g in groups}
     state = {}
@@ -157,7 +168,9 @@ def accumulate_pass(model: torch.nn.Module, groups: list[GramGroup], batches, pr
     def hook(name: str):
         def add(module, args):
             x = args[0].detach()
-            accumulate_gram(grams[name], x, token_mask(x, state["mask"]))
+            mask = token_mask(x, state["mask"])
+            accumulate_gram(grams[name], x, mask)
+            rows[name] = rows.get(name, 0) + (x.shape[0] if mask is None else int(mask.sum()))
             if name == last:
                 raise _StopForward
         return add
@@ -210,13 +223,15 @@ def compute_grams(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]
     passes = split_into_passes(groups, options.max_gram_bytes)
     writer = writer_factory(groups)
     examples = sum(len(b["input_ids"]) for b in batches)
+    rows: dict[str, int] = {}
     with tqdm(total=examples * len(passes), unit="ex", desc=f"grams ({len(passes)} pass(es))",
               disable=options.quiet) as bar:
         for groups_of_pass in passes:
-            for name, gram in accumulate_pass(model, groups_of_pass, batches, bar).items():
+            for name, gram in accumulate_pass(model, groups_of_pass, batches, bar, rows).items():
                 writer(name, gram)
     return {"examples": examples, "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches)),
-            "modules": {m.name: {"gram": gram_tensor_name(g), "in_features": m.in_features, "transposed": m.transposed}
+            "modules": {m.name: {"gram": gram_tensor_name(g), "in_features": m.in_features, "transposed": m.transposed,
+                                 "rows": rows[g.name]}
                         for g in groups for m in g.modules}}
 
 
@@ -338,8 +353,8 @@ def _manifest_problem(manifest, stored: dict) -> str | None:
         return f'"dtype" must be one of {list(GRAM_DTYPES)} and "tokens" >= 1'
     for module, entry in manifest["modules"].items():
         if not (isinstance(entry, dict) and isinstance(entry.get("gram"), str) and isinstance(entry.get("in_features"), int)
-                and isinstance(entry.get("transposed"), bool)):
-            return f'module "{module}": expected {{"gram": name, "in_features": int, "transposed": bool}}'
+                and isinstance(entry.get("transposed"), bool) and isinstance(entry.get("rows"), int) and entry["rows"] > 0):
+            return f'module "{module}": expected {{"gram": name, "in_features": int, "transposed": bool, "rows": int > 0}}'
         d = entry["in_features"]
         want = (d * (d + 1) // 2,) if manifest["packed"] else (d, d)
         info = stored.get(entry["gram"])
