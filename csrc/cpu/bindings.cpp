@@ -1,6 +1,8 @@
 // Python bindings of the CPU kernels (module merge_engine_cpu, built by merge_engine/ops/backends.py).
 #include <torch/extension.h>
 
+#include <optional>
+
 namespace merge_engine {
 torch::Tensor delta_cutoffs_cpu(const torch::Tensor& base, const torch::Tensor& expert,
                                 const std::vector<int64_t>& counts, bool largest);
@@ -13,6 +15,7 @@ torch::Tensor merge_task_vectors_cpu(const torch::Tensor& base, const std::vecto
 void accumulate_fisher_cpu(torch::Tensor& fisher, const torch::Tensor& grad, double scale);
 torch::Tensor fisher_merge_cpu(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& fishers,
                                const std::vector<double>& coefficients, const std::vector<double>& floors);
+void accumulate_gram_cpu(torch::Tensor& gram, const torch::Tensor& x, const std::optional<torch::Tensor>& mask);
 torch::Tensor gather_blocks_cpu(const std::vector<torch::Tensor>& tensors, int64_t layer,
                                 const torch::Tensor& src_layer, const torch::Tensor& src_block, int64_t dim,
                                 int64_t block_size);
@@ -32,6 +35,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("accumulate_fisher", &merge_engine::accumulate_fisher_cpu, "In place: fisher += scale * grad^2 (fp32 math)");
   m.def("fisher_merge", &merge_engine::fisher_merge_cpu,
         "sum_j c_j max(F_j, floor_j) theta_j / sum_j c_j max(F_j, floor_j), one pass");
+  m.def("accumulate_gram", &merge_engine::accumulate_gram_cpu,
+        "In place: the upper triangle of gram += x^T x over the rows where mask is True (fp32 sums)",
+        py::arg("gram"), py::arg("x"), py::arg("mask") = py::none());
   m.def("gather_blocks", &merge_engine::gather_blocks_cpu,
         "A layer's tensor whose block b is block src_block[b] of tensors[src_layer[b]]");
   m.def("scatter_add_blocks", &merge_engine::scatter_add_blocks_cpu,

@@ -49,7 +49,7 @@ def cpu_extension():
         # -fno-trapping-math: lets loops with a guarded division vectorise (results are unchanged).
         return load(name="merge_engine_cpu",
                     sources=[os.path.join(src, "cpu", f)
-                             for f in ("bindings.cpp", "task_vectors.cpp", "fisher.cpp", "permute.cpp")],
+                             for f in ("bindings.cpp", "task_vectors.cpp", "fisher.cpp", "gram.cpp", "permute.cpp")],
                     extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],
                     verbose=False)

@@ -60,3 +60,73 @@ def spread_values(shape, dtype, g):
     x[torch.rand(shape, generator=g) < 0.05] = 0.0
     x[torch.rand(shape, generator=g) < 0.05] = -0.0
     return x.to(dtype)
+
+
+# ---- Gram accumulation (merge_engine/ops/gram.py) ----
+
+GRAM_MASKS = [None, "random", "none kept", "all kept"]
+UNIT_ROUNDOFF = 2.0 ** -24  # fp32
+
+
+def gram_activations(shape, dtype, g, device="cpu"):
+    """Activations [..., d] of the dtype: normal values times a power of two per column (2^-6 .. 2^6,
+    so the Gram's entries span many magnitudes), 5% exact zeros."""
+    scale = 2.0 ** torch.randint(-6, 7, shape[-1:], generator=g)
+    x = torch.randn(shape, generator=g) * scale
+    x[torch.rand(shape, generator=g) < 0.05] = 0.0
+    return x.to(dtype).to(device)
+
+
+def gram_mask(kind, lead_shape, g, device="cpu"):
+    """None, or a bool mask over the leading dims: random (70% kept), none kept or all kept."""
+    if kind is None:
+        return None
+    keep = {"random": torch.rand(lead_shape, generator=g) < 0.7, "none kept": torch.zeros(lead_shape, dtype=torch.bool),
+            "all kept": torch.ones(lead_shape, dtype=torch.bool)}[kind]
+    return keep.to(device)
+
+
+def gram_start(d, g, device="cpu"):
+    """A non-zero fp32 start for the accumulation: normal values in the upper triangle, random bit
+    patterns (NaNs with payloads, infinities, signed zeros) in the strictly lower one, so that any
+    write there, even of an unchanged value plus 0, shows in its bits."""
+    start = torch.randn(d, d, generator=g) * 4
+    lower = torch.ones(d, d, dtype=torch.bool).tril_(-1)
+    start[lower] = random_bits((d, d), torch.float32, g)[lower]
+    return start.to(device)
+
+
+def gram_expected(start, batches):
+    """(want, bound), fp64 on the CPU, for start accumulated with the Gram of every (x, mask) batch.
+
+    want = start + sum over batches of X^T X over the kept rows X (exact in fp64: products of fp32
+    values have 48 significant bits, and the sums are far from fp64's rounding at these sizes).
+    bound, the bound of ops/gram.py with the start as one more term: each entry is an fp32 sum of
+    n = T + 1 terms (T kept tokens over all batches), the start exact and each product exact (bf16,
+    fp16) or rounded once (fp32), added in any order by n - 1 roundings, so
+        |got - want| <= gamma(T + 1) (|start| + sum_t |x_ti| |x_tj|),  gamma(n) = n u / (1 - n u).
+    Entries of the strictly lower triangle are not compared (the start's are not finite)."""
+    upper = torch.ones(start.shape, dtype=torch.bool).triu_()
+    base = torch.where(upper, start.cpu().double(), 0.0)
+    want, magnitude, tokens = base.clone(), base.abs(), 0
+    for x, mask in batches:
+        rows = x.cpu().reshape(-1, x.shape[-1]).double()
+        if mask is not None:
+            rows = rows[mask.cpu().reshape(-1)]
+        want += rows.T @ rows
+        magnitude += rows.abs().T @ rows.abs()
+        tokens += rows.shape[0]
+    n = tokens + 1
+    return want, n * UNIT_ROUNDOFF / (1 - n * UNIT_ROUNDOFF) * magnitude
+
+
+def assert_gram(got, start, want, bound, context):
+    """The upper triangle within the bound of want; the strictly lower triangle start's exact bits."""
+    got, start = got.cpu(), start.cpu()
+    assert got.dtype == torch.float32 and got.shape == start.shape, f"{context}: {got.dtype} {list(got.shape)}"
+    upper = torch.ones(got.shape, dtype=torch.bool).triu_()
+    excess = ((got.double() - want).abs() - bound)[upper]
+    assert not (excess > 0).any() and not got[upper].isnan().any(), (
+        f"{context}: {int((excess > 0).sum())} upper entries exceed the bound, by up to {float(excess.max())}")
+    changed = (got.view(torch.int32) != start.view(torch.int32)) & ~upper
+    assert not changed.any(), f"{context}: {int(changed.sum())} entries of the strictly lower triangle changed"
