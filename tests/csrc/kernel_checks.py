@@ -66,6 +66,12 @@ def spread_values(shape, dtype, g):
 
 GRAM_MASKS = [None, "random", "none kept", "all kept"]
 UNIT_ROUNDOFF = 2.0 ** -24  # fp32
+# NVIDIA tensor cores (bf16/fp16 products, fp32 accumulation) align the addends of each k-term block
+# multiply-add to the largest exponent and truncate them (Fasi, Higham, Mikaitis, Pranesh, "Numerical
+# behavior of NVIDIA tensor cores", PeerJ CS 2021): each loses under one ulp of the largest (2u
+# relative to it), where round to nearest loses half an ulp of the sum; about 2u (1 + 1/k) per term
+# over a whole sum instead of u. Their bound is taken with u = 2^-22.
+TENSOR_CORE_UNIT = 2.0 ** -22
 
 
 def gram_activations(shape, dtype, g, device="cpu"):
@@ -96,7 +102,7 @@ def gram_start(d, g, device="cpu"):
     return start.to(device)
 
 
-def gram_expected(start, batches):
+def gram_expected(start, batches, unit=UNIT_ROUNDOFF):
     """(want, bound), fp64 on the CPU, for start accumulated with the Gram of every (x, mask) batch.
 
     want = start + sum over batches of X^T X over the kept rows X (exact in fp64: products of fp32
@@ -104,7 +110,8 @@ def gram_expected(start, batches):
     bound, the bound of ops/gram.py with the start as one more term: each entry is an fp32 sum of
     n = T + 1 terms (T kept tokens over all batches), the start exact and each product exact (bf16,
     fp16) or rounded once (fp32), added in any order by n - 1 roundings, so
-        |got - want| <= gamma(T + 1) (|start| + sum_t |x_ti| |x_tj|),  gamma(n) = n u / (1 - n u).
+        |got - want| <= gamma(T + 1) (|start| + sum_t |x_ti| |x_tj|),  gamma(n) = n u / (1 - n u),
+    u = unit: fp32's 2^-24, or TENSOR_CORE_UNIT for sums on tensor cores.
     Entries of the strictly lower triangle are not compared (the start's are not finite)."""
     upper = torch.ones(start.shape, dtype=torch.bool).triu_()
     base = torch.where(upper, start.cpu().double(), 0.0)
@@ -117,7 +124,7 @@ def gram_expected(start, batches):
         magnitude += rows.abs().T @ rows.abs()
         tokens += rows.shape[0]
     n = tokens + 1
-    return want, n * UNIT_ROUNDOFF / (1 - n * UNIT_ROUNDOFF) * magnitude
+    return want, n * unit / (1 - n * unit) * magnitude
 
 
 def assert_gram(got, start, want, bound, context):

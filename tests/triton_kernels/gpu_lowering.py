@@ -1,7 +1,8 @@
 """The Triton kernels compiled for NVIDIA GPUs without a GPU: a fresh interpreter without TRITON_INTERPRET
 (under it, triton.jit gives interpreted functions) runs a test's script, which calls
 `float_ops(kernel, signature, block, options, arch)` for each case and stores the sorted PTX
-floating-point and conversion instructions in `found[name]`."""
+floating-point and conversion instructions in `found[name]`; `ptx_ops(kernel, signature, constexprs,
+options, arch, pattern)` takes any constexprs and lists the instructions a pattern matches."""
 import json
 import os
 import subprocess
@@ -12,10 +13,15 @@ import json, re, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-def float_ops(kernel, signature, block, options, arch):
-    source = ASTSource(kernel, signature=signature, constexprs={"BLOCK": block})
+FLOAT_OPS = r"^\s*((?:fma|add|sub|mul|div|cvt|max|min)\.[\w.]*f\d+[\w.]*)"
+
+def ptx_ops(kernel, signature, constexprs, options, arch, pattern):
+    source = ASTSource(kernel, signature=signature, constexprs=constexprs)
     ptx = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
-    return sorted(set(re.findall(r"^\s*((?:fma|add|sub|mul|div|cvt|max|min)\.[\w.]*f\d+[\w.]*)", ptx, re.M)))
+    return sorted(set(re.findall(pattern, ptx, re.M)))
+
+def float_ops(kernel, signature, block, options, arch):
+    return ptx_ops(kernel, signature, {"BLOCK": block}, options, arch, FLOAT_OPS)
 
 found = {}
 """

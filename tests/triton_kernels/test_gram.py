@@ -1,0 +1,160 @@
+"""The Triton Gram kernel (triton_kernels/gram.py) against an fp64 reference of the kept rows: through
+the Triton interpreter on CPU tensors (TRITON_INTERPRET=1, as tools/test.sh sets), or on a GPU.
+
+The properties and bound are those of tests/csrc/test_cpu_gram.py (kernel_checks.gram_expected):
+after two accumulations onto a non-zero start, the upper triangle within gamma(T + 1) (|start| +
+sum_t |x_ti| |x_tj|) of the exact sum, the strictly lower triangle's bits (random patterns, NaNs
+included) untouched, exact symmetry after mirror_upper_. On a GPU, bf16 and fp16 sums run on tensor
+cores, which truncate: their bound is taken with kernel_checks.TENSOR_CORE_UNIT instead of 2^-24.
+Sizes (the interpreter is slow): d = 1, 7, 33, 70 and 130 (one 64 x 64 tile; 2 x 2 and 3 x 3 tiles,
+the last partial, so diagonal and off-diagonal tiles of the triangle), 1, 5 and 130 tokens (steps of
+BLOCK_T = 32, the last partial).
+
+The GPU lowering is checked without a GPU too: compiled for sm_80 and sm_90, fp32 must multiply with
+fp32 fma (input_precision="ieee": no TF32 conversion or tensor-core instruction), bf16 and fp16 on
+tensor cores with fp32 accumulators (mma.sync on sm_80, wgmma on sm_90), and nothing flushes
+subnormals to zero.
+"""
+import os
+import re
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("Triton kernels need a GPU or the interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
+pytest.importorskip("triton")
+
+from merge_engine.ops import backends  # noqa: E402
+from merge_engine.ops.gram import _accumulate_with, mirror_upper_  # noqa: E402
+from merge_engine.triton_kernels import gram as tg  # noqa: E402
+from tests.csrc.kernel_checks import (  # noqa: E402
+    GRAM_MASKS,
+    TENSOR_CORE_UNIT,
+    UNIT_ROUNDOFF,
+    assert_gram,
+    gram_activations,
+    gram_expected,
+    gram_mask,
+    gram_start,
+    seed_of,
+)
+from tests.triton_kernels.gpu_lowering import ptx_float_ops  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def unit_of(dtype):
+    return TENSOR_CORE_UNIT if DEVICE == "cuda" and dtype != torch.float32 else UNIT_ROUNDOFF
+
+
+@pytest.mark.parametrize("mask_kind", GRAM_MASKS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d, tokens", [(1, 1), (1, 130), (7, 5), (33, 130), (70, 1), (70, 130), (130, 5)])
+def test_accumulate_within_bound(d, tokens, dtype, mask_kind):
+    seed = seed_of("triton gram", d, tokens, dtype, mask_kind)
+    g = torch.Generator().manual_seed(seed)
+    start = gram_start(d, g, DEVICE)
+    gram = start.clone()
+    batches = [(gram_activations((tokens, d), dtype, g, DEVICE), gram_mask(mask_kind, (tokens,), g, DEVICE))
+               for _ in range(2)]
+    for x, mask in batches:
+        _accumulate_with(tg, gram, x, mask)
+    want, bound = gram_expected(start, batches, unit_of(dtype))
+    assert_gram(gram, start, want, bound, f"seed {seed}")
+    if mask_kind == "none kept":
+        assert torch.equal(gram.view(torch.int32), start.view(torch.int32)), f"seed {seed}: no token kept, gram changed"
+    upper = gram.triu()
+    mirror_upper_(gram)
+    assert torch.equal(gram, gram.T) and torch.equal(gram.triu(), upper), f"seed {seed}: mirror_upper_"
+
+
+def test_leading_dims_through_the_dispatch():
+    """_accumulate_with flattens [..., d] activations and their mask for the kernel."""
+    seed = seed_of("triton gram leading dims")
+    g = torch.Generator().manual_seed(seed)
+    x, mask = gram_activations((3, 40, 70), torch.float16, g, DEVICE), gram_mask("random", (3, 40), g, DEVICE)
+    start = gram_start(70, g, DEVICE)
+    gram = start.clone()
+    _accumulate_with(tg, gram, x, mask)
+    assert_gram(gram, start, *gram_expected(start, [(x, mask)], unit_of(torch.float16)), f"seed {seed}")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="a property of the Triton interpreter")
+def test_the_interpreter_needs_bf16_widened():
+    """Why the kernel widens bf16 tiles under the interpreter: its tl.dot multiplies their uint16
+    storage. When this fails, Triton has fixed that and WIDEN_BF16 can go."""
+    x = torch.full((32, 2), 2.0, dtype=torch.bfloat16)
+    results = {}
+    for widen in (False, True):
+        gram = torch.zeros(2, 2)
+        tg._gram_kernel[(1,)](gram, x, None, 32, 2, HAS_MASK=False, WIDEN_BF16=widen, BLOCK=tg.BLOCK,
+                              BLOCK_T=tg.BLOCK_T)
+        results[widen] = float(gram[0, 0])
+    assert results == {True: 128.0, False: 32 * float(0x4000) ** 2}
+
+
+def test_empty_inputs_leave_gram_unchanged():
+    gram = torch.ones(5, 5, device=DEVICE)
+    tg.accumulate_gram(gram, torch.empty(0, 5, device=DEVICE, dtype=torch.bfloat16))
+    tg.accumulate_gram(torch.empty(0, 0, device=DEVICE), torch.empty(3, 0, device=DEVICE))
+    assert torch.equal(gram, torch.ones(5, 5, device=DEVICE))
+
+
+def test_bad_arguments_are_rejected():
+    x, gram = torch.ones(4, 7, device=DEVICE), torch.zeros(7, 7, device=DEVICE)
+    for args, message in [
+        ((torch.zeros(7, 7, device=DEVICE).t(), x, None), "gram must be a contiguous float32 \\[d, d\\]"),
+        ((gram.double(), x, None), "gram must be a contiguous float32"),
+        ((gram, x.double(), None), "float32, bfloat16 or float16 \\[T, d\\]"),
+        ((gram, x.reshape(2, 2, 7), None), "\\[T, d\\] tensor"),
+        ((gram, torch.ones(4, 6, device=DEVICE), None), "does not match activations"),
+        ((gram, x.to("meta"), None), "does not match activations"),
+        ((gram, x, torch.ones(4, 1, dtype=torch.bool, device=DEVICE)), "mask must be a bool \\[T\\] tensor"),
+        ((gram, x, torch.ones(4, device=DEVICE)), "mask must be a bool \\[T\\] tensor"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            tg.accumulate_gram(*args)
+
+
+def test_backend_is_the_triton_module(monkeypatch):
+    monkeypatch.setenv("MERGE_ENGINE_KERNELS", "1")
+    backends.triton_backend.cache_clear()
+    try:
+        assert backends.triton_backend("gram") is tg
+    finally:
+        backends.triton_backend.cache_clear()
+
+
+# Per (arch, dtype): the PTX multiply-add, conversion and matrix instructions (gpu_lowering.py).
+COMPILE_FOR_GPUS = r"""
+from merge_engine.triton_kernels import gram as tg
+pattern = r"^\s*((?:wgmma|mma|fma|add|sub|mul|cvt)\.[\w.]*f\d+[\w.]*)"
+for arch in (80, 90):
+    for dtype in ("fp32", "bf16", "fp16"):
+        signature = dict(gram_ptr="*fp32", x_ptr=f"*{dtype}", mask_ptr="*u8", T="i32", d="i32", HAS_MASK="constexpr",
+                         WIDEN_BF16="constexpr", BLOCK="constexpr", BLOCK_T="constexpr")
+        constexprs = dict(HAS_MASK=True, WIDEN_BF16=False, BLOCK=tg.BLOCK, BLOCK_T=tg.BLOCK_T)
+        found[f"sm_{arch} {dtype}"] = ptx_ops(tg._gram_kernel, signature, constexprs, tg._OPTIONS, arch, pattern)
+"""
+
+
+def test_kernel_lowers_to_fp32_fma_and_tensor_cores_for_sm80_and_sm90():
+    found = ptx_float_ops(COMPILE_FOR_GPUS)
+    assert len(found) == 6
+    for case, ops in found.items():
+        assert not [op for op in ops if ".ftz" in op], (case, ops)
+        matrix = [op for op in ops if re.match(r"w?g?mma\.", op)]
+        if case.endswith("fp32"):
+            assert "fma.rn.f32" in ops and not matrix and not [op for op in ops if "tf32" in op], (case, ops)
+            continue
+        dtype = case.split()[1].replace("fp16", "f16")
+        if case.startswith("sm_80"):
+            want = rf"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.{dtype}\.{dtype}\.f32"
+        else:
+            want = rf"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\.{dtype}\.{dtype}"
+        assert matrix and all(re.fullmatch(want, op) for op in matrix), (case, ops)
+        assert not [op for op in ops if op.startswith("fma.")], (case, ops)
