@@ -58,6 +58,7 @@ class MergePlan:
     jobs: list[TensorJob] = field(default_factory=list)
     num_layers: int = 0  # layers of the output model
     missing_side: dict[str, list[str]] = field(default_factory=dict)  # side folder -> tensors it lacks
+    grams_used: set[str] = field(default_factory=set)  # Gram folders that hold some weight's Gram
 
     @property
     def donor(self) -> Checkpoint:
@@ -77,14 +78,11 @@ class MergePlan:
 def open_models(cfg: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, Checkpoint]]:
     """Open every referenced model and side-input folder (headers only); report all unreadable ones together."""
     models, side, problems = {}, {}, []
-    needed = cfg.method.side_inputs if cfg.method else ()
-    side_paths = dict.fromkeys(path for s in cfg.slices for src in s.sources
-                               for kind, path in src.side.items() if kind in needed)
-    gram_paths = {path for s in cfg.slices for src in s.sources for kind, path in src.side.items() if kind == "grams"}
-    for ref, table in [(ref, models) for ref in cfg.referenced_models()] + [(p, side) for p in side_paths]:
+    side_kinds = _side_kinds(cfg)
+    for ref, table in [(ref, models) for ref in cfg.referenced_models()] + [(p, side) for p in side_kinds]:
         try:
             table[ref] = Checkpoint(ref)
-            if table is side and ref in gram_paths:
+            if table is side and "grams" in side_kinds[ref]:
                 gram_folder(ref)  # its manifest, checked against the stored Grams
         except CheckpointError as e:
             problems.append(str(e))
@@ -94,6 +92,18 @@ def open_models(cfg: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, Chec
     if problems:
         raise ConfigError(problems, "inputs")
     return models, side
+
+
+def _side_kinds(cfg: MergeConfig) -> dict[str, set[str]]:
+    """Side-input folder -> the kinds of statistics the config reads from it."""
+    needed = cfg.method.side_inputs if cfg.method else ()
+    out: dict[str, set[str]] = {}
+    for s in cfg.slices:
+        for src in s.sources:
+            for kind, path in src.side.items():
+                if kind in needed:
+                    out.setdefault(path, set()).add(kind)
+    return out
 
 
 def build_plan(cfg: MergeConfig, allow_crimes: bool = False) -> MergePlan:
@@ -128,6 +138,8 @@ def build_plan(cfg: MergeConfig, allow_crimes: bool = False) -> MergePlan:
             plan.num_layers += 1
     for name in post:
         _plan_tensor(plan, last, name, [name] * len(last.sources), 0.0, problems)
+    for path in (p for p, kinds in _side_kinds(cfg).items() if "grams" in kinds and p not in plan.grams_used):
+        problems.append(f"{path}: holds the Gram of no weight of this merge (collected from another model?)")
     for folder, names in plan.missing_side.items():
         log.warning("%s lacks %d tensor(s) (%s%s); they are merged without it (see the method's missing_* "
                     "parameter)", folder, len(names), ", ".join(names[:3]), ", ..." if len(names) > 3 else "")
@@ -213,6 +225,7 @@ def _side_refs(plan: MergePlan, kind: str, s: Slice, names: list[str], shape: tu
         folder = plan.side.get(src.side.get(kind, ""))
         if kind == "grams":
             refs.append(_gram_ref(folder, name, shape, problems) if folder else None)
+            plan.grams_used.update([folder.path] if refs[-1] else [])
             continue
         info = folder.tensors.get(name) if folder else None
         if folder and info is None:

@@ -11,7 +11,8 @@ The wrapped method's parameters are accepted as usual (per model, per slice, wit
 defaults to 1, and one whose name collides with the outer method's (task arithmetic's `lambda`) is
 renamed with the prefix `anchor_` / `fallback_`.
 
-The regression runs over the non-base models (all inputs when there is no base). Their Grams are scaled
+The regression runs over the non-base models (all inputs when there is no base), and so does a wrapped
+method that takes no base (linear: the average of the experts); one that takes a base gets it. Their Grams are scaled
 by `gram_scale` before the solve: `tokens` divides each by the number of input rows it summed (the mean x x^T, so every
 model weighs by its activations, not by its data size; RegMean's default), `trace` to a mean eigenvalue
 of 1 (BMM's default, so lambda is in units of the average activation energy per input direction and one
@@ -45,14 +46,14 @@ def _non_negative(value: float) -> str | None:
 # ---- Grams of one tensor group ----
 
 def _scaled_gram(group: TensorGroup, i: int) -> tuple[torch.Tensor, bool] | None:
-    """Model i's Gram for this tensor as an fp32 [in, in] matrix scaled by gram_scale, and whether its
+    """Model i's Gram for this tensor as an [in, in] matrix in the solve dtype, scaled by gram_scale, and whether its
     weight is stored transposed; None when it has none."""
     stored = group.side["grams"][i]
     if stored is None:
         return None
     folder = gram_folder(group.side_folders["grams"][i])
     entry = folder.module_of(group.name)
-    gram = as_matrix(stored, entry["in_features"])
+    gram = as_matrix(stored, entry["in_features"]).to(SOLVE_DTYPES[group.shared["solve_dtype"]])
     if group.shared["gram_scale"] == "tokens":
         gram = gram / entry["rows"]
     else:
@@ -77,6 +78,16 @@ def _regression_inputs(group: TensorGroup) -> tuple[list[torch.Tensor], list[tor
 
 # ---- the wrapped (anchor / fallback) method ----
 
+def without_base(group: TensorGroup) -> TensorGroup:
+    if group.base_index is None:
+        return group
+    keep = group.non_base
+    return dataclasses.replace(group, tensors=[group.tensors[i] for i in keep], base_index=None,
+                               per_model=[group.per_model[i] for i in keep],
+                               side={k: [v[i] for i in keep] for k, v in group.side.items()},
+                               side_folders={k: [v[i] for i in keep] for k, v in group.side_folders.items()})
+
+
 def wrap(outer: MergeMethod, inner: MergeMethod, prefix: str, merge) -> MergeMethod:
     """outer's parameters plus inner's (colliding names prefixed, `weight` defaulting to 1); the merge
     function gets the group and a callable computing inner's merge of the same group."""
@@ -93,6 +104,8 @@ def wrap(outer: MergeMethod, inner: MergeMethod, prefix: str, merge) -> MergeMet
     def inner_merge(group: TensorGroup) -> torch.Tensor:
         def back(values: dict) -> dict:
             return {renamed[k]: v for k, v in values.items() if k in renamed}
+        if inner.base == "ignored":
+            group = without_base(group)  # a base-less method (linear...) merges the regressed models only
         return inner.merge(dataclasses.replace(group, shared=back(group.shared),
                                                per_model=[back(m) for m in group.per_model]))
 

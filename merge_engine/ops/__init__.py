@@ -7,6 +7,7 @@ they load, so callers never change.
 """
 from merge_engine.ops.fisher import accumulate_fisher, fisher_merge
 from merge_engine.ops.consensus import disjoint_mean, elect_sign, merge_task_vectors, merge_task_vectors_reference
+from merge_engine.ops.gram import accumulate_gram, mirror_upper_
 from merge_engine.ops.interpolate import nuslerp, slerp, weighted_sum
 from merge_engine.ops.permute import gather_blocks, scatter_add_blocks_, swap_blocks_
 from merge_engine.ops.spectral import iso_c, tsv_merge
@@ -22,7 +23,7 @@ from merge_engine.ops.sparsify import (
 )
 
 __all__ = [
-    "accumulate_fisher", "fisher_merge", "della_keep_probability", "disjoint_mean", "drop_by_rank", "drop_random", "elect_sign",
+    "accumulate_fisher", "accumulate_gram", "fisher_merge", "mirror_upper_", "della_keep_probability", "disjoint_mean", "drop_by_rank", "drop_random", "elect_sign",
     "gather_blocks", "magnitude_topk_mask", "merge_task_vectors", "merge_task_vectors_reference", "nuslerp", "rescale_l1",
     "scatter_add_blocks_", "slerp", "swap_blocks_", "topk_count", "trim_by_magnitude", "trim_outliers", "weighted_sum",
     "iso_c", "tsv_merge",

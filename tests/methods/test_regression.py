@@ -1,0 +1,195 @@
+"""RegMean and Bayesian Model Merging through the engine (merge_engine/methods/regression.py), on tiny
+Llama and GPT-2 checkpoints with Grams collected from text by merge_engine.stats.gram.
+
+Each merged linear weight must equal the closed form (ops/regression.py) applied to that tensor's
+inputs, and every other tensor the wrapped method's output. Both sides compute in float64 from the same
+fp32 inputs and round to fp32 at the end, so they agree to within an fp32 rounding or two: compared
+with rtol 1e-5, atol 1e-7 (the weights are ~1e-2). The limits (lambda -> inf gives the anchor merge,
+alpha = 1 with one shared Gram gives the average) hold to a few fp32 ulps as well.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merge_engine.config import parse_config
+from merge_engine.engine import MergeOptions, merge
+from merge_engine.errors import ConfigError
+from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.ops import regression
+from merge_engine.stats.gram import GramOptions, as_matrix, collect_grams, load_gram_folder
+from tests.stats.tiny_text import SENTENCES, tiny_tokenizer
+
+OPTIONS = MergeOptions(device="cpu", quiet=True)
+
+
+@pytest.fixture(scope="module")
+def setup(model_sets, tmp_path_factory):
+    """arch -> (model folders [base, e1, e2, e3], Gram folders of e1..e3 from different sentences)."""
+    root = tmp_path_factory.mktemp("regression")
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            paths = model_sets(arch)
+            grams = []
+            for i, path in enumerate(paths[1:]):
+                data = root / f"{arch}-data{i}.txt"
+                data.write_text("\n".join(SENTENCES[i::2] + SENTENCES[:2]) + "\n")
+                out = str(root / f"{arch}-grams{i}")
+                collect_grams(path, str(data), out, GramOptions(batch_size=2, max_length=16, quiet=True, device="cpu",
+                                                                tokenizer=tiny_tokenizer()))
+                grams.append(out)
+            cache[arch] = (paths, grams)
+        return cache[arch]
+    return get
+
+
+def config(method, paths, grams, **params):
+    return {"merge_method": method, "base_model": paths[0], "dtype": "float32",
+            "models": [{"model": p, "grams": g} for p, g in zip(paths[1:], grams)], "parameters": params}
+
+
+def run(cfg, out) -> Checkpoint:
+    merge(parse_config(cfg), str(out), OPTIONS)
+    return Checkpoint(str(out))
+
+
+def gram(folder, weight_name, scale):
+    f = load_gram_folder(folder)
+    entry = f.module_of(weight_name)
+    g = as_matrix(Checkpoint(folder).read(entry["gram"]), entry["in_features"]).double()
+    if scale == "tokens":
+        return g / entry["rows"], entry["transposed"]
+    return g * (g.shape[0] / torch.trace(g)), entry["transposed"]
+
+
+def close(a, b):
+    return torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_regmean_equals_the_closed_form_on_every_linear_weight(setup, tmp_path, arch):
+    paths, grams = setup(arch)
+    out = run(config("regmean", paths, grams), tmp_path / "out")
+    models = [Checkpoint(p) for p in paths[1:]]
+    folder = load_gram_folder(grams[0])
+    regressed = 0
+    for name in out.tensors:
+        inputs = [m.read(name) for m in models]
+        if folder.module_of(name) is None:  # fallback: the simple average
+            assert close(out.read(name), sum(inputs) / len(inputs)), name
+            continue
+        gs = [gram(g, name, "tokens") for g in grams]
+        transposed = gs[0][1]
+        ws = [w.T if transposed else w for w in inputs]
+        expected = regression.regmean(ws, [g for g, _ in gs], 0.9)
+        assert close(out.read(name), expected.T if transposed else expected), name
+        regressed += 1
+    assert regressed == len(folder.manifest["modules"])
+
+
+def test_regmean_with_one_shared_gram_is_the_average(setup, tmp_path):
+    """(sum_t W_t G)(3 G)^-1 = mean(W) for an invertible G. With these few tokens the raw Grams are
+    singular (alpha = 1 is checked on invertible ones in tests/ops/test_regression.py); the shrunk
+    G~ = 0.9 G + 0.1 diag(G) is invertible as no input feature is constant zero."""
+    paths, grams = setup("llama")
+    out = run(config("regmean", paths, [grams[0]] * 3), tmp_path / "out")
+    models = [Checkpoint(p) for p in paths[1:]]
+    for name in out.tensors:
+        assert close(out.read(name), sum(m.read(name) for m in models) / 3), name
+
+
+def test_regmean_fallback_method_and_its_parameters(setup, tmp_path):
+    paths, grams = setup("llama")
+    cfg = config("regmean", paths, grams, fallback="linear")
+    cfg["models"][0]["parameters"] = {"weight": 2.0}
+    out = run(cfg, tmp_path / "out")
+    models = [Checkpoint(p) for p in paths[1:]]
+    name = "model.norm.weight"
+    expected = (2 * models[0].read(name) + models[1].read(name) + models[2].read(name)) / 4
+    assert close(out.read(name), expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bmm_equals_the_closed_form_around_the_anchor(setup, tmp_path, arch):
+    paths, grams = setup(arch)
+    anchor = run({"merge_method": "task_arithmetic", "base_model": paths[0], "dtype": "float32",
+                  "models": [{"model": p, "parameters": {"weight": 0.5}} for p in paths[1:]]}, tmp_path / "ta")
+    cfg = config("bmm", paths, grams, **{"lambda": 0.3, "weight": 0.5})
+    out = run(cfg, tmp_path / "bmm")
+    models = [Checkpoint(p) for p in paths[1:]]
+    folder = load_gram_folder(grams[0])
+    for name in out.tensors:
+        if folder.module_of(name) is None:
+            assert torch.equal(out.read(name), anchor.read(name)), name
+            continue
+        gs = [gram(g, name, "trace") for g in grams]
+        transposed = gs[0][1]
+        ws = [m.read(name).T if transposed else m.read(name) for m in models]
+        prior = anchor.read(name).T if transposed else anchor.read(name)
+        expected = regression.bmm(ws, [g for g, _ in gs], prior, 0.3)
+        assert close(out.read(name), expected.T if transposed else expected), name
+    huge = run(config("bmm", paths, grams, **{"lambda": 1e12, "weight": 0.5}), tmp_path / "huge")
+    for name in huge.tensors:
+        assert close(huge.read(name), anchor.read(name)), name
+
+
+def test_bmm_with_a_ties_anchor_takes_its_parameters(setup, tmp_path):
+    paths, grams = setup("llama")
+    ties = run({"merge_method": "ties", "base_model": paths[0], "dtype": "float32",
+                "models": [{"model": p} for p in paths[1:]], "parameters": {"weight": 1.0, "density": 0.4, "lambda": 0.8}},
+               tmp_path / "ties")
+    out = run(config("bmm", paths, grams, anchor="ties", density=0.4, anchor_lambda=0.8, **{"lambda": 1e12}),
+              tmp_path / "bmm")
+    for name in out.tensors:
+        assert close(out.read(name), ties.read(name)), name
+
+
+def test_bmm_data_free_estimates_grams_from_task_vectors(setup, tmp_path):
+    paths, _ = setup("llama")
+    cfg = {"merge_method": "bmm", "base_model": paths[0], "dtype": "float32",
+           "models": [{"model": p} for p in paths[1:]], "parameters": {"data_free": True, "lambda": 2.0}}
+    out = run(cfg, tmp_path / "bmm")
+    base, models = Checkpoint(paths[0]), [Checkpoint(p) for p in paths[1:]]
+    linear = 0
+    for name in out.tensors:
+        b = base.read(name)
+        task_vectors = [m.read(name) - b for m in models]
+        anchor = b + sum(task_vectors)  # task arithmetic, weight 1, lambda 1
+        if b.dim() != 2 or "embed" in name or "lm_head" in name:
+            assert close(out.read(name), anchor), name
+            continue
+        ws = [m.read(name) for m in models]
+        expected = regression.bmm(ws, [regression.task_vector_gram(w, b) for w in ws], anchor, 2.0)
+        assert close(out.read(name), expected), name
+        linear += 1
+    assert linear == 7 * base.num_layers  # q, k, v, o, gate, up, down per layer
+
+
+@pytest.mark.parametrize("method, params, message", [
+    ("bmm", {"anchor": "fisher"}, "not a weight-only merge method"),
+    ("bmm", {"anchor": "nope"}, "not a weight-only merge method"),
+    ("regmean", {"fallback": "bmm"}, "not a weight-only merge method"),
+    ("regmean", {"alpha": 1.5}, "'alpha' must be in"),
+    ("bmm", {"lambda": -1}, "'lambda' must be"),
+    ("bmm", {"gram_scale": "sum"}, "'gram_scale' must be one of"),
+    ("bmm", {"density": 2.0}, "'density' must be"),  # the anchor's parameters are checked too
+])
+def test_bad_parameters_are_refused(setup, method, params, message):
+    paths, grams = setup("llama")
+    with pytest.raises(ConfigError, match=message):
+        parse_config(config(method, paths, grams, **{"anchor": "ties", **params}))
+
+
+def test_missing_or_mismatched_grams_are_refused_before_any_output(setup, tmp_path):
+    paths, grams = setup("llama")
+    cfg = config("regmean", paths, grams)
+    del cfg["models"][1]["grams"]
+    with pytest.raises(ConfigError, match="needs 'grams: PATH'"):
+        parse_config(cfg)
+    _, gpt2_grams = setup("gpt2")
+    cfg = config("regmean", paths, [grams[0], gpt2_grams[0], grams[2]])
+    with pytest.raises(ConfigError, match=f"{gpt2_grams[0]}: holds the Gram of no weight of this merge"):
+        merge(parse_config(cfg), str(tmp_path / "out"), OPTIONS)
+    assert not (tmp_path / "out").exists()

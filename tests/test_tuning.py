@@ -1,0 +1,103 @@
+"""BMM's outer level (merge_engine/tuning.py): the factorised per-layer solve against the closed form,
+the search never ending below the config's own lambda, and the tuned config reproducing the tuned merge
+through the engine.
+
+Tolerances: the factorised solve (eigh of S in fp64, factors stored in fp32) and the engine's Cholesky
+solve in fp64 differ by the fp32 storage of Q, e, RQ and AQ: a few fp32 ulps of the result amplified by
+at most cond(S + lambda I) <= (|S| + lambda) / lambda, which for the trace-scaled Grams (mean eigenvalue 1,
+d <= 256) and lambda >= 0.1 is below ~3e3; rtol 1e-3 / atol 1e-5 on weights of size ~1e-2 allows it and
+still catches any wrong term (O(1) relative).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merge_engine.config import parse_config
+from merge_engine.engine import MergeOptions, merge
+from merge_engine.errors import ConfigError
+from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.stats.gram import GramOptions, collect_grams
+from merge_engine.tuning import BMMProblem, tune_bmm
+from tests.stats.tiny_text import SENTENCES, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def bmm_config(model_sets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tuning")
+    paths = model_sets("llama")[:3]
+    grams = []
+    for i, path in enumerate(paths[1:]):
+        data = root / f"data{i}.txt"
+        data.write_text("\n".join(SENTENCES[i::2]) + "\n")
+        grams.append(str(root / f"grams{i}"))
+        collect_grams(path, str(data), grams[-1], GramOptions(batch_size=3, max_length=16, quiet=True, device="cpu",
+                                                               tokenizer=tiny_tokenizer()))
+    return {"merge_method": "bmm", "base_model": paths[0], "dtype": "float32",
+            "models": [{"model": p, "grams": g, "parameters": {"weight": 0.5}} for p, g in zip(paths[1:], grams)],
+            "parameters": {"lambda": 0.5}}
+
+
+@pytest.fixture(scope="module")
+def problem(bmm_config):
+    return BMMProblem(bmm_config, device="cpu", progress=False)
+
+
+def engine_merge(cfg, out) -> Checkpoint:
+    merge(parse_config(cfg), str(out), MergeOptions(device="cpu", quiet=True))
+    return Checkpoint(str(out))
+
+
+def close(a, b):
+    return torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("lam", [0.1, 0.5, 7.0])
+def test_factorised_solve_equals_the_engine_merge(problem, bmm_config, tmp_path, lam):
+    cfg = {**bmm_config, "parameters": {"lambda": lam}}
+    out = engine_merge(cfg, tmp_path / "out")
+    state = problem.merged({name: lam for name in problem.systems})
+    assert set(state) == set(out.tensors)
+    for name in out.tensors:
+        if name in problem.systems:
+            assert close(state[name], out.read(name)), name
+        else:
+            assert torch.equal(state[name], out.read(name)), name  # the anchor, computed the same way
+
+
+def test_groups_by_granularity(problem):
+    assert list(problem.groups("model")) == ["model"]
+    blocks = problem.groups("block")
+    assert set(blocks) == {f"layer {i}" for i in range(4)} | {"lm_head.weight"}
+    assert all(len(names) == 7 for key, names in blocks.items() if key.startswith("layer"))
+    assert sum(map(len, problem.groups("module").values())) == len(problem.systems) == 29
+    with pytest.raises(ValueError, match="granularity"):
+        problem.groups("head")
+
+
+def test_tuning_improves_on_the_default_and_its_config_reproduces_it(problem, bmm_config, tmp_path):
+    # a score the tuner can move: closeness of the merged layers to expert 1 (any lambda trade-off would do)
+    target = Checkpoint(bmm_config["models"][0]["model"])
+    wanted = {name: target.read(name) for name in problem.systems}
+
+    def evaluate(state):
+        return -sum(float((state[n] - w).square().sum()) for n, w in wanted.items())
+    result = tune_bmm(problem, evaluate, n_trials=12, granularity="model", seed=3, progress=False)
+    assert result.trials == 12
+    assert result.default_score == evaluate(problem.merged({}))  # trial 0 is the config's own lambda
+    assert result.score >= result.default_score
+    assert result.score > result.default_score  # lambda 0.5 is not this score's optimum
+    out = engine_merge(result.config, tmp_path / "tuned")
+    tuned = problem.merged(result.lambdas)
+    for name in out.tensors:
+        assert close(tuned[name], out.read(name)), name
+    assert set(result.lambdas) == set(problem.systems)
+
+
+def test_timeout_and_bad_arguments(problem, bmm_config):
+    result = tune_bmm(problem, lambda state: 0.0, n_trials=1000, timeout=1.0, granularity="block", progress=False)
+    assert 1 <= result.trials < 1000
+    with pytest.raises(ValueError, match="lambda_range"):
+        tune_bmm(problem, lambda state: 0.0, lambda_range=(0.0, 1.0))
+    with pytest.raises(ConfigError, match="merge_method: bmm"):
+        BMMProblem({**bmm_config, "merge_method": "regmean"}, device="cpu")
