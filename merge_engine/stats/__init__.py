@@ -1,7 +1,9 @@
-"""Statistics of a model over a data set, for merges that weigh parameters by them (Fisher merging).
+"""Statistics of a model over a data set, for merges that weigh parameters by them: diagonal Fishers
+(Fisher merging) and linear layers' input Grams (RegMean, BMM).
 
-    from merge_engine.stats import collect_fisher, FisherOptions
+    from merge_engine.stats import collect_fisher, collect_grams, FisherOptions, GramOptions
     collect_fisher("model/", "data.jsonl", "model-fisher/", FisherOptions(variant="sampled"))
+    collect_grams("model/", "data.jsonl", "model-grams/", GramOptions(packed=True))
 """
 from merge_engine.stats.data import DataError, TokenizedData, load_data, load_tokenizer, make_batch, read_texts
 from merge_engine.stats.fisher import (
@@ -12,6 +14,8 @@ from merge_engine.stats.fisher import (
     load_manifest,
     save_fisher,
 )
+from merge_engine.stats.gram import GramOptions, collect_grams, load_gram_folder
 
-__all__ = ["DataError", "FisherOptions", "FisherResult", "TokenizedData", "collect_fisher", "compute_fisher",
-           "load_data", "load_manifest", "load_tokenizer", "make_batch", "read_texts", "save_fisher"]
+__all__ = ["DataError", "FisherOptions", "FisherResult", "GramOptions", "TokenizedData", "collect_fisher",
+           "collect_grams", "compute_fisher", "load_data", "load_gram_folder", "load_manifest", "load_tokenizer",
+           "make_batch", "read_texts", "save_fisher"]
