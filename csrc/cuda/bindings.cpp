@@ -3,6 +3,8 @@
 // returns its int64 [len(counts), 2] cut-offs as a CPU tensor (they are found on the host).
 #include <torch/extension.h>
 
+#include <optional>
+
 namespace merge_engine {
 at::Tensor delta_cutoffs_cuda(const at::Tensor& base, const at::Tensor& expert, const std::vector<int64_t>& counts,
                               bool largest);
@@ -15,6 +17,7 @@ at::Tensor merge_task_vectors_cuda(const at::Tensor& base, const std::vector<at:
 void accumulate_fisher_cuda(const at::Tensor& fisher, const at::Tensor& grad, double scale);
 at::Tensor fisher_merge_cuda(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& fishers,
                              const std::vector<double>& coefficients, const std::vector<double>& floors);
+void accumulate_gram_cuda(const at::Tensor& gram, const at::Tensor& x, const std::optional<at::Tensor>& mask);
 at::Tensor gather_blocks_cuda(const std::vector<at::Tensor>& tensors, int64_t layer, const at::Tensor& src_layer,
                               const at::Tensor& src_block, int64_t dim, int64_t block_size);
 void scatter_add_blocks_cuda(const std::vector<at::Tensor>& targets, int64_t layer, const at::Tensor& values,
@@ -36,6 +39,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("accumulate_fisher", &merge_engine::accumulate_fisher_cuda, "In place: fisher += scale * grad^2 (fp32 math)");
   m.def("fisher_merge", &merge_engine::fisher_merge_cuda,
         "Fisher-weighted average sum_j c_j max(F_j, floor_j) theta_j / sum_j c_j max(F_j, floor_j), one pass");
+  m.def("accumulate_gram", &merge_engine::accumulate_gram_cuda,
+        "In place: the upper triangle of gram += x^T x over the rows where mask is True (fp32 sums)",
+        py::arg("gram"), py::arg("x"), py::arg("mask") = py::none());
   m.def("gather_blocks", &merge_engine::gather_blocks_cuda,
         "A layer's tensor whose block b is block src_block[b] of tensors[src_layer[b]]");
   m.def("scatter_add_blocks", &merge_engine::scatter_add_blocks_cuda,

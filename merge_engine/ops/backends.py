@@ -78,7 +78,7 @@ def cuda_extension():
         # -ffp-contract=off on the CPU); never --use_fast_math (IEEE division and rounding needed).
         return load(name="merge_engine_cuda",
                     sources=[os.path.join(src, "cuda", f)
-                             for f in ("bindings.cpp", "task_vectors.cu", "fisher.cu", "permute.cu")],
+                             for f in ("bindings.cpp", "task_vectors.cu", "fisher.cu", "gram.cu", "permute.cu")],
                     extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-fmad=false"], verbose=False)
     except Exception as e:  # any build or load failure: fall back, loudly but once
         warnings.warn(f"merge_engine: compiled CUDA kernels unavailable ({type(e).__name__}: {e}); "

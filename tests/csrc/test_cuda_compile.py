@@ -5,12 +5,12 @@ What is compiled, and why it is a real check:
   torch.utils.cpp_extension.load (captured by calling the loader with load() replaced), plus the
   flags load() itself adds (-DTORCH_EXTENSION_NAME, torch's COMMON_NVCC_FLAGS such as
   -D__CUDA_NO_HALF_OPERATORS__, -fPIC), so a stale source list or flag breaks this test too.
-- each .cu source (task_vectors.cu, fisher.cu, permute.cu) goes through nvcc for both architectures in one call
+- each .cu source (task_vectors.cu, fisher.cu, gram.cu, permute.cu) goes through nvcc for both architectures in one call
   (-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90, -std=c++17): the device
   code is compiled down to SASS by ptxas for each architecture, and the host half by the host compiler.
   C++17 is the oldest standard the sources support; load() uses torch's default (C++20 for torch
   2.13), which they also compile with.
-  bindings.cpp goes through the host compiler (c++, or $CXX); all four compile concurrently.
+  bindings.cpp goes through the host compiler (c++, or $CXX); all five compile concurrently.
 - Headers are torch's own (torch.utils.cpp_extension.include_paths()) and the CUDA toolkit's; no
   stubs. The kernels use only c10/cuda headers (c10::cuda::getCurrentCUDAStream, CUDAGuard,
   C10_CUDA_KERNEL_LAUNCH_CHECK), which CPU wheels of torch ship too; ATen/cuda/CUDAContext.h is
@@ -23,7 +23,8 @@ What is compiled, and why it is a real check:
   them defines some (nm), so the declarations in bindings.cpp match the definitions and every source
   is bound; and the PTX nvcc kept for each source has no fma instruction (a contracted multiply-add
   would round differently from torch; see -fmad=false) and no .ftz one (flushing subnormals to zero
-  would too; Fisher values reach them).
+  would too; Fisher values reach them); and gram.cu's PTX sums bf16 and fp16 products on tensor
+  cores with fp32 accumulators (wmma.mma; its fp32 path is the fma-free multiply and add above).
 Nothing is linked against libtorch_cuda (absent from CPU wheels), and nothing runs.
 """
 import os
@@ -116,6 +117,17 @@ def check_device_code(keep):
         assert not ftz, f"{p.name} flushes subnormals to zero, e.g. {ftz[:3]}"
 
 
+def check_gram_tensor_cores(keep):
+    """gram.cu's bf16 and fp16 kernels multiply on tensor cores, fp32 accumulators, for both
+    architectures (PTX names no input type for f16: .f32.f32 is f16 inputs, f32 output and addend)."""
+    ptx = sorted(keep.glob("*.ptx"))
+    assert ptx, "no PTX kept for gram.cu"
+    for p in ptx:
+        mma = set(re.findall(r"^\s*(wmma\.mma\.[\w.]+)", p.read_text(), re.M))
+        assert mma == {"wmma.mma.sync.aligned.col.row.m16n16k16.f32.bf16.bf16.f32",
+                       "wmma.mma.sync.aligned.col.row.m16n16k16.f32.f32"}, (p.name, mma)
+
+
 @pytest.mark.slow
 def test_cuda_sources_compile_for_sm80_and_sm90(monkeypatch, tmp_path):
     nvcc = shutil.which("nvcc")
@@ -132,7 +144,7 @@ def test_cuda_sources_compile_for_sm80_and_sm90(monkeypatch, tmp_path):
     sources = kwargs["sources"]
     cu = [s for s in sources if s.endswith(".cu")]
     cpp = [s for s in sources if s.endswith(".cpp")]
-    assert sorted(os.path.basename(s) for s in cu) == ["fisher.cu", "permute.cu", "task_vectors.cu"], sources
+    assert sorted(os.path.basename(s) for s in cu) == ["fisher.cu", "gram.cu", "permute.cu", "task_vectors.cu"], sources
     assert len(cpp) == 1 and all(os.path.exists(s) for s in sources), sources
     assert "--use_fast_math" not in kwargs.get("extra_cuda_cflags", []) and "-fmad=false" in kwargs["extra_cuda_cflags"]
 
@@ -161,3 +173,4 @@ def test_cuda_sources_compile_for_sm80_and_sm90(monkeypatch, tmp_path):
         check_bindings(nm, tmp_path / "bindings.o", [tmp_path / f"{stem}.o" for stem in stems])
     for stem in stems:
         check_device_code(keep[stem])
+    check_gram_tensor_cores(keep["gram"])

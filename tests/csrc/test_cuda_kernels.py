@@ -29,6 +29,11 @@ so merged values and accumulated Fishers must have the references' exact bits (a
 references run on CPU copies of the inputs; a NaN matches any NaN), for every dtype pair, K = 1..5
 and 40, and inputs down to fp32 subnormals.
 
+Gram (gram.cu): fp32 sums in the kernel's own order, so against an fp64 reference of the kept rows
+within the bound of ops/gram.py (kernel_checks.gram_expected), with u = 2^-24 for the fp32 kernel
+and kernel_checks.TENSOR_CORE_UNIT for bf16/fp16 on tensor cores (they truncate); the strictly lower
+triangle's bits untouched; exact symmetry after mirror_upper_.
+
 Permute ops (permute.cu): gather and swap move bits, so on random bit patterns they must give the
 references' exact bits; scatter-add (one fp32 add rounded once) the references' exact sums; each
 against the references run on CPU copies, with 16-byte, narrower (misaligned views) and one-element
@@ -42,13 +47,27 @@ import torch
 
 from merge_engine.ops import backends
 from merge_engine.ops import fisher as fisher_ops
+from merge_engine.ops import gram as gram_ops
 from merge_engine.ops import permute as permute_ops
 from merge_engine.ops.consensus import _merge_with, merge_task_vectors_reference
 from merge_engine.ops.fisher import accumulate_fisher_reference, fisher_merge_reference, invalid_fisher_message
 from merge_engine.ops.permute import gather_blocks_reference, scatter_add_blocks_reference, swap_blocks_reference
 from merge_engine.ops.select import magnitude_cutoff
 from tests.csrc import kernel_checks
-from tests.csrc.kernel_checks import BITS, random_bits, spread_values, weighted_contributions
+from tests.csrc.kernel_checks import (
+    BITS,
+    GRAM_MASKS,
+    TENSOR_CORE_UNIT,
+    UNIT_ROUNDOFF,
+    assert_gram,
+    gram_activations,
+    gram_expected,
+    gram_mask,
+    gram_start,
+    random_bits,
+    spread_values,
+    weighted_contributions,
+)
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device: the CUDA kernels cannot run here (tests/csrc/test_cuda_compile.py "
@@ -517,3 +536,72 @@ def test_permute_ops_dispatch_to_the_cuda_extension(ext, monkeypatch):
     permute_ops.scatter_add_blocks_(tensors, 0, out, src_layer, src_block, 1, 2)
     permute_ops.swap_blocks_(tensors, torch.tensor([[0, 0, 1, 1]], device="cuda"), 1, 2)
     assert calls == ["gather_blocks", "scatter_add_blocks", "swap_blocks"]
+
+
+# ---- Gram (csrc/cuda/gram.cu): within the bound of ops/gram.py against an fp64 reference ----
+
+# (d, tokens, mask kind): one 64 x 64 tile, tiles whose edge cuts the triangle, many tiles; token
+# counts around the 16- and 32-token steps
+GRAM_CASES = [(d, tokens, mask_kind) for d in (1, 7, 64, 65, 513, 1100) for tokens in (1, 5, 33, 4097)
+              for mask_kind in GRAM_MASKS]
+
+
+def gram_unit(dtype):
+    tensor_cores = dtype != torch.float32 and torch.cuda.get_device_capability()[0] >= 8
+    return TENSOR_CORE_UNIT if tensor_cores else UNIT_ROUNDOFF
+
+
+def check_gram(accumulate, d, tokens, dtype, mask_kind, seed, lead_shape=None):
+    """Two accumulations onto a random start on the GPU, against the fp64 reference; mirror_upper_."""
+    g = torch.Generator().manual_seed(seed)
+    lead_shape = lead_shape or (tokens,)
+    start = gram_start(d, g, "cuda")
+    gram = start.clone()
+    batches = [(gram_activations((*lead_shape, d), dtype, g, "cuda"), gram_mask(mask_kind, lead_shape, g, "cuda"))
+               for _ in range(2)]
+    for x, mask in batches:
+        accumulate(gram, x, mask)
+    assert_gram(gram, start, *gram_expected(start, batches, gram_unit(dtype)), f"seed {seed}")
+    if mask_kind == "none kept":
+        assert torch.equal(gram.view(torch.int32), start.view(torch.int32)), f"seed {seed}: no token kept, gram changed"
+    upper = gram.triu()
+    gram_ops.mirror_upper_(gram)
+    assert torch.equal(gram, gram.T) and torch.equal(gram.triu(), upper), f"seed {seed}: mirror_upper_"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d, tokens, mask_kind", GRAM_CASES)
+def test_accumulate_gram_within_bound(ext, d, tokens, dtype, mask_kind):
+    seed = stable_seed("gram", d, tokens, dtype, mask_kind)
+    check_gram(lambda *args: gram_ops._accumulate_with(ext, *args), d, tokens, dtype, mask_kind, seed)
+
+
+def test_accumulate_gram_on_a_side_stream_through_the_op(ext, monkeypatch):
+    calls = []
+
+    class Spy:
+        def accumulate_gram(self, *args):
+            calls.append(tuple(args[1].shape))
+            return ext.accumulate_gram(*args)
+    monkeypatch.setattr(backends, "gpu_backend", lambda family: Spy() if family == "gram" else None)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        check_gram(gram_ops.accumulate_gram, 130, None, torch.bfloat16, "random", stable_seed("gram op"),
+                   lead_shape=(3, 50))
+    assert calls == [(150, 130)] * 2
+
+
+def test_accumulate_gram_bad_inputs_are_rejected(ext):
+    x, gram = torch.ones(4, 7, device="cuda"), torch.zeros(7, 7, device="cuda")
+    for args, message in [
+        ((gram.cpu(), x, None), "float32 \\[d, d\\] CUDA tensor"),
+        ((torch.zeros(7, 7, device="cuda").t(), x, None), "contiguous float32 \\[d, d\\]"),
+        ((gram, x.double(), None), "float32, bfloat16 or float16 \\[T, d\\]"),
+        ((gram, x.cpu(), None), "activations on cpu"),
+        ((gram, torch.ones(4, 6, device="cuda"), None), "does not match activations"),
+        ((gram, x, torch.ones(4, device="cuda")), "mask must be a contiguous bool \\[T\\] tensor"),
+        ((gram, x, torch.ones(4, dtype=torch.bool)), "mask must be a contiguous bool \\[T\\] tensor"),
+    ]:
+        with pytest.raises(RuntimeError, match=message):
+            ext.accumulate_gram(*args)
