@@ -7,8 +7,9 @@ gamma(T + 1) (|start| + sum_t |x_ti| |x_tj|) of the exact fp64 sum of the kept r
 strictly lower entry keeps the start's exact bits (random bit patterns: NaNs, infinities, signed
 zeros); mirror_upper_ then makes the matrix exactly symmetric. Masked-out rows carry as much weight
 as kept ones, so a kernel that read them would exceed the bound by orders of magnitude.
-Sizes: d = 1, 7, 33, 513, 1100 (odd splits of the recursion, leaves of 64-129 columns), 1, 5 and
-4097 tokens (4097: two chunks of kChunk = 4096 rows), and 10000 masked tokens (more than a chunk kept).
+Sizes: d = 1, 7 and 33 (one narrow leaf), 256 (two leaves of kLeaf = 128 columns), 513 (four and a
+one-column one: five leaves, split 2 + 3) and 1100 (eight and a 76-column one); 1, 5 and 4097 tokens
+(4097: two chunks of kChunk = 4096 rows), and 10000 masked tokens (more than a chunk kept).
 """
 import pytest
 import torch
@@ -58,7 +59,7 @@ def check_two_accumulations(ext, lead_shape, d, dtype, mask_kind, context):
 
 
 # (d, tokens, mask kind); d = 1100 with 4097 tokens (its fp64 reference takes seconds) with two masks
-CASES = [(d, tokens, mask_kind) for d in (1, 7, 33, 513, 1100) for tokens in (1, 5, 4097) for mask_kind in GRAM_MASKS
+CASES = [(d, tokens, mask_kind) for d in (1, 7, 33, 256, 513, 1100) for tokens in (1, 5, 4097) for mask_kind in GRAM_MASKS
          if (d, tokens) != (1100, 4097) or mask_kind in (None, "random")]
 
 
