@@ -284,10 +284,11 @@ def collect_grams(model_dir: str, data_path: str, out_dir: str, options: GramOpt
 
 
 def auto_class_of(model_dir: str) -> str:
-    """Causal LMs load with their head (its input Gram is collected too); anything else as a bare encoder."""
+    """The class config.json names (BertForSequenceClassification...), so modules are named as the
+    checkpoint's weights are (bert.encoder..., with the head); AutoModel when it names none transformers has."""
+    import transformers
     architectures = Checkpoint(model_dir).config.get("architectures") or []
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
-    return "AutoModelForCausalLM" if causal else "AutoModel"
+    return next((a for a in architectures if hasattr(transformers, a)), "AutoModel")
 
 
 # ---- reading ----

@@ -74,6 +74,7 @@ def test_saved_grams_equal_the_captured_inputs_gram(tiny_lm, text_file, tmp_path
         assert entry["in_features"] == (w[0] if entry["transposed"] else w[1])
         assert entry["transposed"] == (arch == "gpt2")
         assert folder.module_of(f"{module}.weight") == entry
+        assert f"{module}.weight" in weights  # named as the checkpoint's weights, so a merge finds it
 
 
 def test_modules_reading_one_input_share_one_gram(tiny_lm, text_file, tmp_path):
@@ -125,19 +126,27 @@ def test_exclude_and_padding(tiny_lm, text_file, tmp_path):
     assert small["tokens"] == big["tokens"]
 
 
-def test_encoder_model(tmp_path, text_file):
-    from transformers import BertConfig, BertModel
+@pytest.mark.parametrize("architecture", ["BertModel", "BertForSequenceClassification"])
+def test_encoder_model(tmp_path, text_file, architecture):
+    """A bare encoder and one with a classification head: modules are named as the checkpoint's weights
+    (bert.encoder... under the head class), the head's Gram is over examples."""
+    import transformers
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=256, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=32)
+    config = transformers.BertConfig(vocab_size=256, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=48, max_position_embeddings=32, num_labels=3)
     path = str(tmp_path / "bert")
-    BertModel(config).save_pretrained(path)
+    getattr(transformers, architecture)(config).save_pretrained(path)
     manifest = collect(path, text_file, tmp_path / "grams")
-    expected, magnitude, _ = captured_grams(path, text_file, "AutoModel")
+    expected, magnitude, _ = captured_grams(path, text_file, architecture)
     ckpt = Checkpoint(str(tmp_path / "grams"))
     modules = manifest["modules"]
-    assert modules["encoder.layer.0.attention.self.query"]["rows"] == manifest["tokens"]
-    assert modules["pooler.dense"]["rows"] == manifest["examples"]  # one [CLS] vector per example
+    prefix = "bert." if architecture != "BertModel" else ""
+    assert modules[prefix + "encoder.layer.0.attention.self.query"]["rows"] == manifest["tokens"]
+    assert modules[prefix + "pooler.dense"]["rows"] == manifest["examples"]  # one [CLS] vector per example
+    if prefix:
+        assert modules["classifier"]["rows"] == manifest["examples"]
+    weights = Checkpoint(path).tensors
+    assert all(f"{m}.weight" in weights for m in modules)
     for module, entry in manifest["modules"].items():
         assert float(((ckpt.read(entry["gram"]).double() - expected[module]).abs() - 1e-5 * magnitude[module]).max()) <= 0
 
