@@ -5,12 +5,14 @@ the same run (the solves are matrix products and a Cholesky factorisation).
 
 A module is W [out, d] with one Gram [d, d] per expert. RegMean forms S = sum_t G~_t and R = sum_t W_t G~_t
 (K products of 2 out d^2 flops), factorises S (d^3 / 3) and solves (2 out d^2): the flop count below.
-BMM adds lambda I and lambda W_anchor (same count). A BMM tuning trial (merge_engine/tuning.py) costs one
-[out, d] x [d, d] product per module instead: shown as "trial". Times are the best of --repeat runs.
+BMM adds lambda I and lambda W_anchor (same count). BMM tuning (merge_engine/tuning.py) factorises each
+module once ("factorise": an fp64 eigendecomposition of S and two products), after which a trial costs
+one [out, d] x [d, d] product per module ("trial"). Times are the best of --repeat runs.
 """
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from common import best_time, machine
@@ -46,13 +48,15 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     print(f"device: {machine(device)}; torch {torch.__version__}; W [{args.out}, d], {args.experts} experts\n")
-    print("| d | solve dtype | matmul GFLOP/s | regmean s | regmean GFLOP/s | % of matmul | bmm s | trial s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| d | solve dtype | matmul GFLOP/s | regmean s | regmean GFLOP/s | % of matmul | bmm s | factorise s | trial s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for d in map(int, args.dims.split(",")):
         weights, grams = problem(args.out, d, args.experts, device)
         anchor = sum(weights) / len(weights)
         flops = args.experts * 2 * args.out * d * d + d ** 3 / 3 + 2 * args.out * d * d
+        began = time.perf_counter()
         system = factorise(weights, grams, anchor, False, torch.float32, torch.float32)
+        factorised = time.perf_counter() - began
         trial = best_time(lambda: system.solve(0.5), device, args.repeat)
         for name, dtype in DTYPES.items():
             rate = matmul_rate(d, dtype, device, args.repeat)
@@ -60,7 +64,7 @@ def main() -> None:
             tb = best_time(lambda: regression.bmm(weights, grams, anchor, 0.5, dtype), device, args.repeat)
             gflops = flops / t / 1e9
             print(f"| {d} | {name} | {rate:.0f} | {t:.2f} | {gflops:.0f} | {100 * gflops / rate:.0f}% | {tb:.2f} | "
-                  f"{trial:.3f} |", flush=True)
+                  f"{factorised:.1f} | {trial:.3f} |", flush=True)
         del weights, grams, system
 
 
