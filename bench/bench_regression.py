@@ -65,7 +65,6 @@ def main() -> None:
             gflops = flops / t / 1e9
             print(f"| {d} | {name} | {rate:.0f} | {t:.2f} | {gflops:.0f} | {100 * gflops / rate:.0f}% | {tb:.2f} | "
                   f"{factorised:.1f} | {trial:.3f} |", flush=True)
-        del weights, grams, system
 
 
 if __name__ == "__main__":
