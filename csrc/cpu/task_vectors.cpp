@@ -74,17 +74,16 @@ std::array<int64_t, 3> bin_of_rank(const std::vector<int64_t>& hist, int64_t r) 
 }
 
 // Index just past the need-th element (in index order) whose key is t: per-chunk counts in
-// parallel, then a scan of the one chunk where the count is reached.
-template <typename KeyFn> int64_t index_after_nth_equal(int64_t n, int64_t t, int64_t need, KeyFn key) {
+// parallel (count_equal(lo, hi): elements of [lo, hi) whose key is t), then a scan of the one chunk
+// where the count is reached. Bf16 deltas tie at the cut-off key almost always (128 mantissas per
+// binade), so this pass is as hot as the histogram.
+template <typename CountFn, typename KeyFn>
+int64_t index_after_nth_equal(int64_t n, int64_t t, int64_t need, CountFn count_equal, KeyFn key) {
   constexpr int64_t kChunk = 1 << 16;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<int64_t> per(chunks, 0);
   at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; ++c) {
-      int64_t count = 0;
-      for (int64_t i = c * kChunk, end = std::min(n, i + kChunk); i < end; ++i) count += key(i) == t;
-      per[c] = count;
-    }
+    for (int64_t c = lo; c < hi; ++c) per[c] = count_equal(c * kChunk, std::min(n, (c + 1) * kChunk));
   });
   int64_t seen = 0;
   for (int64_t c = 0; c < chunks; ++c) {
@@ -93,6 +92,42 @@ template <typename KeyFn> int64_t index_after_nth_equal(int64_t n, int64_t t, in
       if (key(i) == t && ++seen == need) return i + 1;
   }
   TORCH_CHECK(false, "radix select: tie count mismatch");
+}
+
+// The 2^15-bin histogram of the keys of |expert - base| for 16-bit types, the hot loop of TIES: keys
+// are formed a chunk at a time (a loop the compiler vectorises), then counted into four interleaved
+// uint32 histograms per thread, so runs of equal keys (common: deltas cluster in a few binades) do
+// not serialise on one counter's store-to-load latency.
+template <typename T> std::vector<int64_t> delta_key_histogram16(const T* e, const T* b, int64_t n) {
+  constexpr int64_t kBins = 1 << 15, kWays = 4, kChunk = 4096;
+  const int threads = at::get_num_threads();
+  std::vector<std::vector<uint32_t>> local(threads);
+  at::parallel_for(0, n, 1 << 16, [&](int64_t lo, int64_t hi) {
+    auto& mine = local[at::get_thread_num()];
+    if (mine.empty()) mine.assign(kWays * kBins, 0);
+    uint32_t* h = mine.data();
+    uint16_t keys[kChunk];
+    for (int64_t s = lo; s < hi; s += kChunk) {
+      const int64_t len = std::min(kChunk, hi - s);
+      const T* __restrict__ es = e + s;
+      const T* __restrict__ bs = b + s;
+      for (int64_t j = 0; j < len; ++j) keys[j] = static_cast<uint16_t>(key_of<T>(delta_of<T>(es[j], bs[j])));
+      int64_t j = 0;
+      for (; j + kWays <= len; j += kWays) {
+        ++h[keys[j]];
+        ++h[kBins + keys[j + 1]];
+        ++h[2 * kBins + keys[j + 2]];
+        ++h[3 * kBins + keys[j + 3]];
+      }
+      for (; j < len; ++j) ++h[keys[j]];
+    }
+  });
+  std::vector<int64_t> total(kBins, 0);
+  for (auto& h : local)
+    if (!h.empty())
+      for (int64_t w = 0; w < kWays; ++w)
+        for (int64_t k = 0; k < kBins; ++k) total[k] += h[w * kBins + k];
+  return total;
 }
 
 template <typename T>
@@ -104,7 +139,9 @@ std::array<int64_t, 2> delta_cutoff(const T* e, const T* b, int64_t n, int64_t c
   const int64_t r = largest ? n - count : count - 1;  // ascending rank of the cut-off element
   int64_t t, below, equal;
   if (sizeof(T) == 2) {
-    auto hist = histogram<T>(n, 1 << 15, [&](int64_t i) { return static_cast<int>(key(i)); });
+    // uint32 counters: a thread counts at most n elements
+    auto hist = n < (int64_t{1} << 32) ? delta_key_histogram16<T>(e, b, n)
+                                       : histogram<T>(n, 1 << 15, [&](int64_t i) { return static_cast<int>(key(i)); });
     auto [bin, lower, in_bin] = bin_of_rank(hist, r);
     t = bin, below = lower, equal = in_bin;
   } else {
@@ -121,7 +158,21 @@ std::array<int64_t, 2> delta_cutoff(const T* e, const T* b, int64_t n, int64_t c
   // the first in index order.
   const int64_t need = largest ? count - (n - below - equal) : count - below;
   if (need == equal) return {t, n};
-  return {t, index_after_nth_equal(n, t, need, key)};
+  auto count_equal = [&](int64_t lo, int64_t hi) {
+    int64_t c = 0;
+    if (sizeof(T) == 2) {  // keys a block at a time, then a compare-and-add: both loops vectorise
+      uint16_t keys[4096];
+      for (int64_t s = lo; s < hi; s += 4096) {
+        const int64_t len = std::min<int64_t>(4096, hi - s);
+        for (int64_t j = 0; j < len; ++j) keys[j] = static_cast<uint16_t>(key_of<T>(delta_of<T>(e[s + j], b[s + j])));
+        for (int64_t j = 0; j < len; ++j) c += keys[j] == t;
+      }
+    } else {
+      for (int64_t i = lo; i < hi; ++i) c += key(i) == t;
+    }
+    return c;
+  };
+  return {t, index_after_nth_equal(n, t, need, count_equal, key)};
 }
 
 template <typename T> void check_finite(const T* x, int64_t n, const char* what) {
@@ -162,6 +213,21 @@ void rank_probabilities(const T* d, int64_t cols, double density, double epsilon
   for (int64_t r = 0; r < cols; ++r) p[order[r]] = (static_cast<float>(r) / denom) * scale + base;
 }
 
+// keep_by_cutoffs over a block, with the cut-offs in locals and the order fixed at compile time: the
+// uint8_t stores may alias anything, so a loop reading cut[] through a pointer reloads it every
+// element and does not vectorise.
+template <typename T, bool kLargest>
+void keep_between_cutoffs(const std::array<int64_t, 4>& cut, const T* __restrict__ d, int64_t start, int64_t len,
+                          uint8_t* __restrict__ keep) {
+  const int64_t lo_t = cut[0], lo_c = cut[1], hi_t = cut[2], hi_c = cut[3];
+  for (int64_t j = 0; j < len; ++j) {
+    const int64_t key = key_of<T>(d[j]), index = start + j;
+    const bool in_hi = (kLargest ? key > hi_t : key < hi_t) | ((key == hi_t) & (index < hi_c));
+    const bool in_lo = (kLargest ? key > lo_t : key < lo_t) | ((key == lo_t) & (index < lo_c));
+    keep[j] = in_hi & !in_lo;
+  }
+}
+
 // Which elements of [start, start + len) of expert i survive its sparsification.
 template <typename T>
 void keep_flags(const Params& P, int i, const T* d, int64_t start, int64_t len, int64_t row_cols,
@@ -171,11 +237,9 @@ void keep_flags(const Params& P, int i, const T* d, int64_t start, int64_t len, 
       std::fill(keep, keep + len, 1);
       return;
     case kMagnitude:
-    case kOutliers: {
-      const bool largest = P.mode == kMagnitude;
-      for (int64_t j = 0; j < len; ++j) keep[j] = keep_by_cutoffs(key_of<T>(d[j]), start + j, P.cuts[i].data(), largest);
-      return;
-    }
+      return keep_between_cutoffs<T, true>(P.cuts[i], d, start, len, keep);
+    case kOutliers:
+      return keep_between_cutoffs<T, false>(P.cuts[i], d, start, len, keep);
     case kRandom:
     case kRank: {
       const double density = P.densities[i];
