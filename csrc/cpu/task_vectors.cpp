@@ -216,16 +216,29 @@ void rank_probabilities(const T* d, int64_t cols, double density, double epsilon
 // keep_by_cutoffs over a block, with the cut-offs in locals and the order fixed at compile time: the
 // uint8_t stores may alias anything, so a loop reading cut[] through a pointer reloads it every
 // element and does not vectorise.
+// Keys (< 2^31) and in-block indices fit 32-bit lanes, twice as many per vector as int64: the cut-off
+// keys are clamped to [-1, 2^31 - 1] (same comparisons against any key: a "nothing" cut-off keeps its
+// meaning, and one equal to a NaN key has count 0) and index < c becomes j < c - start, clamped to [0, len].
 template <typename T, bool kLargest>
 void keep_between_cutoffs(const std::array<int64_t, 4>& cut, const T* __restrict__ d, int64_t start, int64_t len,
                           uint8_t* __restrict__ keep) {
-  const int64_t lo_t = cut[0], lo_c = cut[1], hi_t = cut[2], hi_c = cut[3];
-  for (int64_t j = 0; j < len; ++j) {
-    const int64_t key = key_of<T>(d[j]), index = start + j;
-    const bool in_hi = (kLargest ? key > hi_t : key < hi_t) | ((key == hi_t) & (index < hi_c));
-    const bool in_lo = (kLargest ? key > lo_t : key < lo_t) | ((key == lo_t) & (index < lo_c));
+  auto key32 = [](int64_t t) { return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(t, -1), INT32_MAX)); };
+  auto rel32 = [&](int64_t c) { return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(c - start, 0), len)); };
+  const int32_t lo_t = key32(cut[0]), lo_c = rel32(cut[1]), hi_t = key32(cut[2]), hi_c = rel32(cut[3]);
+  for (int32_t j = 0; j < static_cast<int32_t>(len); ++j) {
+    const int32_t key = static_cast<int32_t>(key_of<T>(d[j]));
+    const bool in_hi = (kLargest ? key > hi_t : key < hi_t) | ((key == hi_t) & (j < hi_c));
+    const bool in_lo = (kLargest ? key > lo_t : key < lo_t) | ((key == lo_t) & (j < lo_c));
     keep[j] = in_hi & !in_lo;
   }
+}
+
+// Elements of x[0, len) that are NaN or Inf, by their magnitude keys in 32-bit lanes.
+template <typename T> int64_t count_non_finite(const T* __restrict__ x, int64_t len) {
+  const int32_t inf = static_cast<int32_t>(inf_key<T>());
+  int32_t c = 0;
+  for (int64_t j = 0; j < len; ++j) c += static_cast<int32_t>(key_of<T>(x[j])) >= inf;
+  return c;
 }
 
 // Which elements of [start, start + len) of expert i survive its sparsification.
@@ -267,9 +280,8 @@ void merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
                  std::vector<int64_t>& order_scratch, std::vector<float>& acc, int64_t* non_finite) {
   const int K = static_cast<int>(experts.size());
   // NaN/Inf are counted here, in the pass that reads every input anyway (base first, then experts)
-  for (int64_t j = 0; j < len; ++j) non_finite[0] += key_of<T>(base[start + j]) >= inf_key<T>();
-  for (int i = 0; i < K; ++i)
-    for (int64_t j = 0; j < len; ++j) non_finite[i + 1] += key_of<T>(experts[i][start + j]) >= inf_key<T>();
+  non_finite[0] += count_non_finite<T>(base + start, len);
+  for (int i = 0; i < K; ++i) non_finite[i + 1] += count_non_finite<T>(experts[i] + start, len);
   // weighted (sparsified, rescaled, weighted) deltas, in T, laid out [K][len]
   for (int i = 0; i < K; ++i) {
     T* __restrict__ d = d_scratch.data();
