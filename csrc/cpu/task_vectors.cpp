@@ -260,13 +260,15 @@ void keep_flags(const Params& P, int i, const T* d, int64_t start, int64_t len, 
       if (density >= 1) { std::fill(keep, keep + len, 1); return; }
       if (P.mode == kRank && density <= 0) { std::fill(keep, keep + len, 0); return; }
       if (P.mode == kRank) rank_probabilities<T>(d, row_cols, density, P.epsilons[i], scratch_p, scratch_order);
-      float u[4];
-      int64_t block = -1;
-      for (int64_t j = 0; j < len; ++j) {
-        const int64_t g = start + j;
-        if ((g >> 2) != block) { block = g >> 2; uniform4(block, i, P.key0, P.key1, u); }
-        keep[j] = u[g & 3] < (P.mode == kRank ? scratch_p[j] : p);
-      }
+      // the Philox draws of every 4-element group overlapping the block first (a loop over groups the
+      // compiler vectorises), then the comparisons
+      const int64_t first = start >> 2, groups = ((start + len + 3) >> 2) - first;
+      thread_local std::vector<float> draws;
+      draws.resize(static_cast<size_t>(groups) * 4);
+      float* __restrict__ u = draws.data();
+      for (int64_t q = 0; q < groups; ++q) uniform4(first + q, i, P.key0, P.key1, u + 4 * q);
+      const float* __restrict__ uj = u + (start & 3);
+      for (int64_t j = 0; j < len; ++j) keep[j] = uj[j] < (P.mode == kRank ? scratch_p[j] : p);
       return;
     }
   }
