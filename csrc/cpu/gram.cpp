@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <optional>
 
+#include "../gram.h"
+
 namespace merge_engine {
 namespace {
 
@@ -21,27 +23,6 @@ constexpr int64_t kChunk = 4096;  // rows per fp32 chunk: bounds the scratch cop
 constexpr int64_t kLeaf = 128;    // diagonal blocks computed whole (scratch products): d kLeaf / 2 extra work
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-void check_args(const torch::Tensor& gram, const torch::Tensor& x, const std::optional<torch::Tensor>& mask) {
-  TORCH_CHECK(gram.device().is_cpu() && gram.scalar_type() == at::kFloat && gram.is_contiguous() && gram.dim() == 2 &&
-                  gram.size(0) == gram.size(1),
-              "accumulate_gram: gram must be a contiguous float32 [d, d] CPU tensor, got ", gram.scalar_type(), " ",
-              gram.sizes(), " on ", gram.device());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf),
-              "accumulate_gram: activations must be a contiguous float32, bfloat16 or float16 [T, d] tensor, got ",
-              dt, " ", x.sizes());
-  TORCH_CHECK(x.device() == gram.device(), "accumulate_gram: gram is on ", gram.device(), " but the activations on ",
-              x.device());
-  TORCH_CHECK(x.size(1) == gram.size(0), "accumulate_gram: gram ", gram.sizes(), " does not match activations ",
-              x.sizes());
-  if (mask) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 1 && mask->size(0) == x.size(0) &&
-                    mask->device() == x.device(),
-                "accumulate_gram: mask must be a bool [T] tensor on ", x.device(), " for activations ", x.sizes(),
-                ", got ", mask->scalar_type(), " ", mask->sizes(), " on ", mask->device());
-  }
-}
 
 // gram[i0 + r, i0 + c] += product[r, c] for c >= r: the upper triangle of a diagonal block.
 void add_upper_of(torch::Tensor& gram, const torch::Tensor& product, int64_t i0) {
@@ -81,7 +62,7 @@ void add_corners(torch::Tensor& gram, const torch::Tensor& xc, int64_t l0, int64
 }  // namespace
 
 void accumulate_gram_cpu(torch::Tensor& gram, const torch::Tensor& x, const std::optional<torch::Tensor>& mask) {
-  check_args(gram, x, mask);
+  check_gram_args(gram, x, mask, c10::DeviceType::CPU);
   if (gram.numel() == 0) return;
   // Kept row indices (masked-out rows are never read), or none to take every row in place.
   const std::optional<torch::Tensor> kept = mask ? std::optional<torch::Tensor>(mask->nonzero().flatten())

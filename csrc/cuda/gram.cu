@@ -28,6 +28,8 @@
 
 #include "dtypes.cuh"
 
+#include "../gram.h"
+
 namespace merge_engine {
 namespace {
 
@@ -160,27 +162,6 @@ __global__ void __launch_bounds__(kWmmaThreads)
 
 // ---- host ----
 
-void check_args(const at::Tensor& gram, const at::Tensor& x, const std::optional<at::Tensor>& mask) {
-  TORCH_CHECK(gram.is_cuda() && gram.scalar_type() == at::kFloat && gram.is_contiguous() && gram.dim() == 2 &&
-                  gram.size(0) == gram.size(1),
-              "accumulate_gram: gram must be a contiguous float32 [d, d] CUDA tensor, got ", gram.scalar_type(), " ",
-              gram.sizes(), " on ", gram.device());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf),
-              "accumulate_gram: activations must be a contiguous float32, bfloat16 or float16 [T, d] tensor, got ",
-              dt, " ", x.sizes());
-  TORCH_CHECK(x.device() == gram.device(), "accumulate_gram: gram is on ", gram.device(), " but the activations on ",
-              x.device());
-  TORCH_CHECK(x.size(1) == gram.size(0), "accumulate_gram: gram ", gram.sizes(), " does not match activations ",
-              x.sizes());
-  if (mask) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 1 && mask->size(0) == x.size(0) &&
-                    mask->device() == x.device() && mask->is_contiguous(),
-                "accumulate_gram: mask must be a contiguous bool [T] tensor on ", x.device(), " for activations ",
-                x.sizes(), ", got ", mask->scalar_type(), " ", mask->sizes(), " on ", mask->device());
-  }
-}
-
 bool has_tensor_cores(const at::Tensor& t) {
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.get_device()));
@@ -190,7 +171,7 @@ bool has_tensor_cores(const at::Tensor& t) {
 }  // namespace
 
 void accumulate_gram_cuda(const at::Tensor& gram, const at::Tensor& x, const std::optional<at::Tensor>& mask) {
-  check_args(gram, x, mask);
+  check_gram_args(gram, x, mask, c10::DeviceType::CUDA);
   const int64_t d = gram.size(0), tokens = x.size(0);
   if (d == 0 || tokens == 0) return;
   c10::cuda::CUDAGuard guard(gram.device());

@@ -118,8 +118,8 @@ def test_kernel_rejects_bad_arguments(ext):
         ((gram, x.reshape(2, 2, 7), None), "\\[T, d\\] tensor"),
         ((gram, torch.ones(7, 4).t(), None), "contiguous float32, bfloat16 or float16"),
         ((gram, torch.ones(4, 6), None), "does not match activations"),
-        ((gram, x, torch.ones(4, 1, dtype=torch.bool)), "mask must be a bool \\[T\\] tensor"),
-        ((gram, x, torch.ones(4)), "mask must be a bool \\[T\\] tensor"),
+        ((gram, x, torch.ones(4, 1, dtype=torch.bool)), "mask must be a contiguous bool \\[T\\] tensor"),
+        ((gram, x, torch.ones(4)), "mask must be a contiguous bool \\[T\\] tensor"),
     ]:
         with pytest.raises(RuntimeError, match=message):
             ext.accumulate_gram(*args)
