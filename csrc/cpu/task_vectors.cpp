@@ -284,7 +284,12 @@ void merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
   // NaN/Inf are counted here, in the pass that reads every input anyway (base first, then experts)
   non_finite[0] += count_non_finite<T>(base + start, len);
   for (int i = 0; i < K; ++i) non_finite[i + 1] += count_non_finite<T>(experts[i] + start, len);
-  // weighted (sparsified, rescaled, weighted) deltas, in T, laid out [K][len]
+  // weighted (sparsified, rescaled, weighted) deltas, in T, laid out [K][len], and their sum over
+  // experts (in expert order, from +0 as torch's sum starts) in the same loop
+  float* __restrict__ sum = acc.data();
+  float* __restrict__ agree_sum = sum + len;
+  float* __restrict__ agree_w = agree_sum + len;
+  std::fill(sum, sum + 3 * len, 0.f);
   for (int i = 0; i < K; ++i) {
     T* __restrict__ d = d_scratch.data();
     const T* __restrict__ e = experts[i] + start;
@@ -294,19 +299,19 @@ void merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
     const float f = P.factors[i], w = P.weights[i];
     float* __restrict__ wd = w_scratch.data() + static_cast<int64_t>(i) * len;
     const uint8_t* __restrict__ kp = keep.data();
-    for (int64_t j = 0; j < len; ++j) wd[j] = to_f(d[j]) * (kp[j] ? 1.f : 0.f);  // exact; x * 0 keeps the sign of zero
-    if (!std::isnan(f))
-      for (int64_t j = 0; j < len; ++j) wd[j] = rnd<T>(wd[j] * f);
-    for (int64_t j = 0; j < len; ++j) wd[j] = rnd<T>(wd[j] * w);
-  }
-  // Combine, in vectorisable passes over the block: sums over experts run in expert order.
-  float* __restrict__ sum = acc.data();
-  float* __restrict__ agree_sum = sum + len;
-  float* __restrict__ agree_w = agree_sum + len;
-  std::fill(sum, sum + 3 * len, 0.f);
-  for (int i = 0; i < K; ++i) {
-    const float* __restrict__ wd = w_scratch.data() + static_cast<int64_t>(i) * len;
-    for (int64_t j = 0; j < len; ++j) sum[j] += wd[j];
+    // to_f(d) * keep is exact (x * 0 keeps the sign of zero); then the rescale (if any) and the weight,
+    // each rounded to T
+    if (std::isnan(f)) {
+      for (int64_t j = 0; j < len; ++j) {
+        wd[j] = rnd<T>((to_f(d[j]) * (kp[j] ? 1.f : 0.f)) * w);
+        sum[j] += wd[j];
+      }
+    } else {
+      for (int64_t j = 0; j < len; ++j) {
+        wd[j] = rnd<T>(rnd<T>((to_f(d[j]) * (kp[j] ? 1.f : 0.f)) * f) * w);
+        sum[j] += wd[j];
+      }
+    }
   }
   float* __restrict__ mixed = sum;  // reused in place
   if (P.consensus) {
