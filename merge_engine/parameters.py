@@ -8,6 +8,7 @@ a setting that resolves to nothing (no filter matched) falls through to the next
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable, Iterable, Mapping
@@ -63,6 +64,14 @@ class ParamSpec:
 
 def in_unit_interval(value: float) -> str | None:
     return None if 0.0 <= value <= 1.0 else "must be in [0, 1]"
+
+
+def non_negative(value: float) -> str | None:
+    return None if value >= 0 and math.isfinite(value) else "must be a finite number >= 0"
+
+
+def one_of(*choices: str) -> Callable[[Any], str | None]:
+    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
 
 
 def is_scalar(x: Any) -> bool:

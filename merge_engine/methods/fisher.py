@@ -34,7 +34,7 @@ from merge_engine.methods.base import MergeMethod, TensorGroup
 from merge_engine.ops.fisher import check_fisher_values
 from merge_engine.ops.select import cutoff_mask, magnitude_cutoff
 from merge_engine.ops.sparsify import topk_count
-from merge_engine.parameters import ParamSpec, Scope, in_unit_interval
+from merge_engine.parameters import ParamSpec, Scope, in_unit_interval, non_negative, one_of
 
 log = logging.getLogger("merge_engine")
 
@@ -42,15 +42,9 @@ MANIFEST = "fisher.json"  # written beside the tensors by merge-engine fisher
 REFERENCE = "https://arxiv.org/abs/2111.09832"
 
 
-def _non_negative(value: float) -> str | None:
-    return None if value >= 0 and math.isfinite(value) else "must be a finite number >= 0"
 
 
-def _one_of(*choices: str):
-    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
-
-
-MISSING = ParamSpec("missing_fisher", str, Scope.SHARED, "fallback", check=_one_of("fallback", "error"))
+MISSING = ParamSpec("missing_fisher", str, Scope.SHARED, "fallback", check=one_of("fallback", "error"))
 
 
 @functools.cache
@@ -125,8 +119,8 @@ def _ranked_by_fisher(consensus: bool, group: TensorGroup) -> torch.Tensor:
 
 FISHER = MergeMethod(
     "fisher", _fisher,
-    (ParamSpec("weight", float, Scope.INPUT, 1.0, check=_non_negative),
-     ParamSpec("fisher_floor", float, Scope.SHARED, 1e-6, check=_non_negative),
+    (ParamSpec("weight", float, Scope.INPUT, 1.0, check=non_negative),
+     ParamSpec("fisher_floor", float, Scope.SHARED, 1e-6, check=non_negative),
      ParamSpec("favor_target_model", bool, Scope.SHARED, True),
      ParamSpec("normalize_fisher", bool, Scope.SHARED, False),
      MISSING),
@@ -137,7 +131,7 @@ def _importance_method(name: str, consensus: bool, normalize: bool) -> MergeMeth
     params = (
         ParamSpec("normalize", bool, Scope.SHARED, normalize),
         ParamSpec("lambda", float, Scope.SHARED, 1.0),
-        ParamSpec("importance", str, Scope.SHARED, "fisher", check=_one_of("fisher", "saliency")),
+        ParamSpec("importance", str, Scope.SHARED, "fisher", check=one_of("fisher", "saliency")),
         ParamSpec("weight", float, Scope.NON_BASE),
         ParamSpec("density", float, Scope.NON_BASE, 1.0, check=in_unit_interval),
         MISSING,

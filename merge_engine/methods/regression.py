@@ -23,24 +23,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import torch
 
 from merge_engine.methods.base import MergeMethod, TensorGroup
 from merge_engine.ops import regression
-from merge_engine.parameters import ParamSpec, Scope
+from merge_engine.parameters import ParamSpec, Scope, in_unit_interval, non_negative, one_of
 from merge_engine.stats.gram import as_matrix, gram_folder
 
 SOLVE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
-
-
-def _one_of(*choices: str):
-    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
-
-
-def _non_negative(value: float) -> str | None:
-    return None if value >= 0 and math.isfinite(value) else "must be a finite number >= 0"
 
 
 # ---- Grams of one tensor group ----
@@ -57,8 +48,7 @@ def _scaled_gram(group: TensorGroup, i: int) -> tuple[torch.Tensor, bool] | None
     if group.shared["gram_scale"] == "tokens":
         gram = gram / entry["rows"]
     else:
-        trace = float(torch.trace(gram))
-        gram = gram * (gram.shape[0] / trace) if trace > 0 else gram
+        gram = regression.unit_mean_eigenvalue(gram)
     return gram, entry["transposed"]
 
 
@@ -115,8 +105,10 @@ def wrap(outer: MergeMethod, inner: MergeMethod, prefix: str, merge) -> MergeMet
                                notes=f"{outer.name} wrapping {inner.name}")
 
 
-def specialize(outer: MergeMethod, prefix: str, default: str, merge, global_params: dict, registry: dict) -> MergeMethod:
-    """The outer method bound to the inner method its global parameter names (ValueError if unusable)."""
+def specialize(outer: MergeMethod, prefix: str, default: str, merge, global_params: dict, registry: dict,
+               side_inputs=None) -> MergeMethod:
+    """The outer method bound to the inner method its global parameter names (ValueError if unusable);
+    side_inputs(global_params), when given, says which side inputs the bound method reads."""
     name = global_params.get(prefix.rstrip("_"), default)
     inner = registry.get(name) if isinstance(name, str) else None
     if inner is None or inner.specialize is not None or inner.side_inputs:
@@ -124,9 +116,7 @@ def specialize(outer: MergeMethod, prefix: str, default: str, merge, global_para
         raise ValueError(f"parameters.{prefix.rstrip('_')}: {name!r} is not a weight-only merge method of this "
                          f"engine (one of {', '.join(usable)})")
     method = wrap(outer, inner, prefix, merge)
-    if outer.name == "bmm" and str(global_params.get("data_free", False)).lower() == "true":
-        method = dataclasses.replace(method, side_inputs=())
-    return method
+    return dataclasses.replace(method, side_inputs=side_inputs(global_params)) if side_inputs else method
 
 
 # ---- RegMean ----
@@ -140,17 +130,14 @@ def _regmean(group: TensorGroup, fallback) -> torch.Tensor:
     return merged.T if transposed else merged
 
 
-def _unit_interval(value: float) -> str | None:
-    return None if 0 <= value <= 1 else "must be in [0, 1]"
 
-
-SOLVE = ParamSpec("solve_dtype", str, Scope.SHARED, "float64", check=_one_of(*SOLVE_DTYPES))
+SOLVE = ParamSpec("solve_dtype", str, Scope.SHARED, "float64", check=one_of(*SOLVE_DTYPES))
 
 
 REGMEAN = MergeMethod(
     "regmean", lambda group: _regmean(group, None),
-    (ParamSpec("alpha", float, Scope.SHARED, 0.9, check=_unit_interval),
-     ParamSpec("gram_scale", str, Scope.SHARED, "tokens", check=_one_of("tokens", "trace")),
+    (ParamSpec("alpha", float, Scope.SHARED, 0.9, check=in_unit_interval),
+     ParamSpec("gram_scale", str, Scope.SHARED, "tokens", check=one_of("tokens", "trace")),
      ParamSpec("fallback", str, Scope.SHARED, "linear"),
      SOLVE),
     base="optional", side_inputs=("grams",), reference="https://arxiv.org/abs/2212.09849")
@@ -204,8 +191,8 @@ def _bmm(group: TensorGroup, anchor) -> torch.Tensor:
 
 BMM = MergeMethod(
     "bmm", lambda group: _bmm(group, None),
-    (ParamSpec("lambda", float, Scope.SHARED, 1.0, check=_non_negative),
-     ParamSpec("gram_scale", str, Scope.SHARED, "trace", check=_one_of("tokens", "trace")),
+    (ParamSpec("lambda", float, Scope.SHARED, 1.0, check=non_negative),
+     ParamSpec("gram_scale", str, Scope.SHARED, "trace", check=one_of("tokens", "trace")),
      ParamSpec("anchor", str, Scope.SHARED, "task_arithmetic"),
      ParamSpec("data_free", bool, Scope.SHARED, False),
      SOLVE),
@@ -213,5 +200,11 @@ BMM = MergeMethod(
 
 
 REGMEAN = dataclasses.replace(REGMEAN, specialize=functools.partial(specialize, REGMEAN, "fallback_", "linear", _regmean))
-BMM = dataclasses.replace(BMM, specialize=functools.partial(specialize, BMM, "anchor_", "task_arithmetic", _bmm))
+def _bmm_side_inputs(global_params: dict) -> tuple[str, ...]:
+    """Data-free BMM reads no Grams."""
+    return () if str(global_params.get("data_free", False)).lower() == "true" else ("grams",)
+
+
+BMM = dataclasses.replace(BMM, specialize=functools.partial(specialize, BMM, "anchor_", "task_arithmetic", _bmm,
+                                                            side_inputs=_bmm_side_inputs))
 METHODS = [REGMEAN, BMM]

@@ -100,6 +100,10 @@ def task_vector_gram(expert: torch.Tensor, base: torch.Tensor, dtype: torch.dtyp
     directions the fine-tuning moved the layer along, which are the directions its inputs occupy (the
     paper's alignment of activation statistics and task vectors). A zero task vector gives zero."""
     u = expert.to(dtype) - base.to(dtype)
-    gram = u.T @ u
+    return unit_mean_eigenvalue(u.T @ u)
+
+
+def unit_mean_eigenvalue(gram: torch.Tensor) -> torch.Tensor:
+    """gram scaled to trace d (mean eigenvalue 1); a zero Gram stays zero."""
     trace = float(torch.trace(gram))
     return gram * (gram.shape[0] / trace) if trace > 0 else gram
