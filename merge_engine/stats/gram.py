@@ -170,7 +170,7 @@ def accumulate_pass(model: torch.nn.Module, groups: list[GramGroup], batches, pr
             x = args[0].detach()
             mask = token_mask(x, state["mask"])
             accumulate_gram(grams[name], x, mask)
-            rows[name] = rows.get(name, 0) + (x.shape[0] if mask is None else int(mask.sum()))
+            rows[name] = rows.get(name, 0) + (x.shape[0] if mask is None else state["tokens"])
             if name == last:
                 raise _StopForward
         return add
@@ -181,6 +181,7 @@ def accumulate_pass(model: torch.nn.Module, groups: list[GramGroup], batches, pr
             for batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 state["mask"] = batch["attention_mask"].bool()
+                state["tokens"] = int(state["mask"].sum())  # once per batch, not a device sync per module
                 try:
                     model(**batch)
                 except _StopForward:
