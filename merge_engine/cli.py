@@ -112,31 +112,44 @@ def positive_int(text: str) -> int:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """MODEL DATA OUT and how DATA is batched: the statistics commands (fisher, stats) share them."""
+    p.add_argument("model", help="local Hugging Face model folder (safetensors weights, config.json, tokenizer)")
+    p.add_argument("data", help="plain text (one example per non-blank line) or .jsonl ({\"text\": ...} per line)")
+    p.add_argument("out_dir", help="output folder (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="examples per batch (default 8)")
+    p.add_argument("--max-length", type=positive_int, default=512, help="tokens per example, truncated (default 512)")
+    p.add_argument("--max-examples", type=positive_int, default=None, help="use only the first N examples")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="where the model runs: cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--dtype", choices=tuple(_DTYPES), default=None,
+                   help="dtype the model is loaded and run in (default: as stored in the checkpoint)")
+
+
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+
+
 def build_fisher_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="merge-engine fisher",
         description="Diagonal Fisher information of a causal LM over a data set, saved as safetensors plus "
                     "fisher.json, for Fisher merging. See merge_engine/stats/fisher.py for the definitions.")
-    p.add_argument("model", help="local Hugging Face model folder (safetensors weights, config.json, tokenizer)")
-    p.add_argument("data", help="plain text (one example per non-blank line) or .jsonl ({\"text\": ...} per line)")
-    p.add_argument("out_dir", help="output folder (must not exist or be empty, unless --overwrite)")
+    add_data_arguments(p)
     p.add_argument("--variant", choices=("empirical", "sampled"), default="empirical",
                    help="targets: the observed next tokens (empirical, default) or draws from the model (sampled)")
     p.add_argument("--per-example", action="store_true",
                    help="one backward per example (exact); default: one per batch, F += |B| g_B^2")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="examples per batch (default 8)")
-    p.add_argument("--max-length", type=positive_int, default=512, help="tokens per example, truncated (default 512)")
-    p.add_argument("--max-examples", type=positive_int, default=None, help="use only the first N examples")
     p.add_argument("--seed", type=int, default=0, help="seed of the label draws of --variant sampled (default 0)")
-    p.add_argument("--device", default="auto", help="where the model runs: cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--dtype", choices=tuple(_DTYPES), default=None,
-                   help="dtype the model is loaded and run in (default: as stored in the checkpoint)")
+    add_model_arguments(p)
     p.add_argument("--fisher-dtype", choices=tuple(_DTYPES), default="float32",
                    help="storage of the Fisher (math is fp32); bfloat16 halves its memory, less precisely")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute layer activations in the backward pass to save memory")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    add_output_arguments(p)
     return p
 
 
@@ -172,23 +185,15 @@ def build_stats_parser() -> argparse.ArgumentParser:
         description="Input Gram matrices X^T X of every linear layer of a model over a data set, saved as "
                     "safetensors plus grams.json, for RegMean and Bayesian Model Merging. See "
                     "merge_engine/stats/gram.py.")
-    p.add_argument("model", help="local Hugging Face model folder (safetensors weights, config.json, tokenizer)")
-    p.add_argument("data", help="plain text (one example per non-blank line) or .jsonl ({\"text\": ...} per line)")
-    p.add_argument("out_dir", help="output folder (must not exist or be empty, unless --overwrite)")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="examples per batch (default 8)")
-    p.add_argument("--max-length", type=positive_int, default=512, help="tokens per example, truncated (default 512)")
-    p.add_argument("--max-examples", type=positive_int, default=None, help="use only the first N examples")
-    p.add_argument("--device", default="auto", help="where the model runs: cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--dtype", choices=tuple(_DTYPES), default=None,
-                   help="dtype the model is loaded and run in (default: as stored in the checkpoint)")
+    add_data_arguments(p)
+    add_model_arguments(p)
     p.add_argument("--gram-dtype", choices=tuple(_DTYPES), default="float32",
                    help="storage of the Grams (accumulation is fp32); bfloat16 halves the files")
     p.add_argument("--packed", action="store_true", help="store each Gram's upper triangle only (about half)")
     p.add_argument("--max-gram-memory", type=parse_size, default=8 * 10**9,
                    help="fp32 Grams held at once (default 8B bytes); more Grams take more passes over the data")
     p.add_argument("--exclude", default=None, help="regex of module names to leave out (e.g. 'lm_head')")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    add_output_arguments(p)
     return p
 
 
