@@ -13,12 +13,15 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "../task_vectors.h"
 #include "dtypes.h"
+#include "simd.h"
 
 namespace merge_engine {
 namespace {
@@ -40,8 +43,8 @@ template <typename T> T delta_of(T e, T b) { return round_to<T>(to_f(e) - to_f(b
 template <> float delta_of<float>(float e, float b) { return e - b; }
 
 // ---------------------------------------------------------------------------------------------
-// Radix select: the cut-off (T, c) of the first `count` elements of the stable order of the keys
-// of |expert - base| (ops/select.py). Keys have 15 (16-bit types) or 31 (fp32) significant bits:
+// Radix select, the fallback of the bracketed select below: the cut-off (T, c) of the first `count`
+// elements of the stable order of the keys of |expert - base| (ops/select.py). Keys have 15 (16-bit types) or 31 (fp32) significant bits:
 // one histogram pass per 16 bits, then, only if the cut-off key is shared by more elements than
 // the selection needs, one parallel pass counting equal keys per chunk and a scan of one chunk.
 // NaN/Inf are not checked here (their keys stay in range); the fused merge pass reports them.
@@ -131,7 +134,7 @@ template <typename T> std::vector<int64_t> delta_key_histogram16(const T* e, con
 }
 
 template <typename T>
-std::array<int64_t, 2> delta_cutoff(const T* e, const T* b, int64_t n, int64_t count, bool largest) {
+std::array<int64_t, 2> cutoff_by_histogram(const T* e, const T* b, int64_t n, int64_t count, bool largest) {
   count = std::min(std::max<int64_t>(count, 0), n);
   if (count == 0) return {largest ? kNothingLargest : kNothingSmallest, 0};
   if (count == n) return {largest ? kNothingSmallest : kNothingLargest, 0};  // every key is beyond it
@@ -188,6 +191,247 @@ template <typename T> void check_finite(const T* x, int64_t n, const char* what)
 }
 
 // ---------------------------------------------------------------------------------------------
+// Bracketed select, the fast path for every cut-off of every expert: a sample of each expert's keys
+// brackets its cut-off rank between two keys lo <= hi; one vectorised pass (a chunk of all experts at
+// a time, so the base chunk is read from memory once) then counts, per chunk, the keys below lo, equal
+// to lo and equal to hi, and lists the few keys strictly between them with their indices. The cut-off
+// (T, c) follows from these alone; a tie at lo or hi rescans the one chunk where the tie index falls.
+// When the sample misled (the rank is outside the bracket, or the list outgrew its budget) the radix
+// select above finds that cut-off instead. Both give the reference's (T, c): the bracket only decides
+// how fast.
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kSelectChunk = 1 << 16;
+
+struct CutoffQuery {  // the first `count` elements of expert i's stable order
+  int expert;
+  int64_t count, rank;  // rank: ascending rank of the cut-off element
+  int32_t lo, hi;       // the bracket (keys)
+  std::array<int64_t, 2> cutoff;
+  bool found;
+};
+
+struct ChunkTally {  // one query over one chunk
+  int64_t below = 0, at_lo = 0, at_hi = 0, inside = 0;
+  std::vector<uint64_t> listed;  // key << 32 | index, for lo < key < hi, in index order
+  bool complete = false;         // listed holds every such element of the chunk
+};
+
+template <typename T> int32_t delta_key(const T* e, const T* b, int64_t i) {
+  return static_cast<int32_t>(key_of<T>(delta_of<T>(e[i], b[i])));
+}
+
+// Keys of 512 runs of 32 consecutive elements spread over the tensor (whole cache lines), or of every
+// element of a small tensor; then the bracket of each query: the sample keys 8 standard deviations of
+// a binomial sample rank (plus 16) either side of the rank's position in the sample, or no bound on a
+// side where that passes the sample's end.
+template <typename T>
+void bracket_queries(const T* e, const T* b, int64_t n, std::vector<CutoffQuery*>& queries) {
+  constexpr int64_t kRuns = 512, kRun = 32;
+  std::vector<int32_t> sample;
+  if (n <= kRuns * kRun) {
+    for (int64_t i = 0; i < n; ++i) sample.push_back(delta_key(e, b, i));
+  } else {
+    for (int64_t r = 0; r < kRuns; ++r)
+      for (int64_t i = r * (n - kRun) / (kRuns - 1), j = 0; j < kRun; ++j) sample.push_back(delta_key(e, b, i + j));
+  }
+  const int64_t s = static_cast<int64_t>(sample.size());
+  for (auto* q : queries) {
+    const double p = (q->rank + 0.5) / n, at = p * s, spread = 8 * std::sqrt(s * p * (1 - p)) + 16;
+    const int64_t lo = std::clamp<int64_t>(static_cast<int64_t>(at - spread), 0, s - 1);
+    const int64_t hi = std::clamp<int64_t>(static_cast<int64_t>(at + spread) + 1, 0, s - 1);
+    // a bracket reaching the end of the sample stays open on that side (keys are >= 0 and < key_end)
+    const int32_t key_end = sizeof(T) == 2 ? 0x8000 : INT32_MAX;
+    std::nth_element(sample.begin(), sample.begin() + lo, sample.end());
+    q->lo = lo == 0 ? -1 : sample[lo];
+    std::nth_element(sample.begin() + lo, sample.begin() + hi, sample.end());
+    q->hi = hi == s - 1 ? key_end : sample[hi];
+  }
+}
+
+// One chunk of one expert against NQ of its queries (two: breadcrumbs' window), counts in lanes.
+template <typename T, int NQ>
+void tally_chunk(const T* e, const T* b, int64_t start, int64_t len, CutoffQuery* const* qs,
+                 ChunkTally* const* tallies, bool list) {
+  using namespace simd;
+  using L = Lanes<T>;
+  I lo[NQ], hi[NQ], below[NQ], at_lo[NQ], at_hi[NQ], inside[NQ];
+  for (int q = 0; q < NQ; ++q) {
+    lo[q] = iset(qs[q]->lo), hi[q] = iset(qs[q]->hi);
+    below[q] = at_lo[q] = at_hi[q] = inside[q] = iset(0);
+  }
+  alignas(32) int32_t keys[kWidth];
+  int64_t j = 0;
+  for (; j + kWidth <= len; j += kWidth) {
+    I eb, bb;
+    const I key = L::key(L::round(sub(L::load(e + start + j, eb), L::load(b + start + j, bb))));
+    for (int q = 0; q < NQ; ++q) {
+      const I above_lo = gt(key, lo[q]), in = above_lo & gt(hi[q], key);
+      below[q] = sub(below[q], gt(lo[q], key));
+      at_lo[q] = sub(at_lo[q], eq(key, lo[q]));
+      at_hi[q] = sub(at_hi[q], eq(key, hi[q]) & above_lo);
+      inside[q] = sub(inside[q], in);
+      int lanes = lanes_set(in);
+      if (lanes && list) {
+        store(keys, key);
+        for (; lanes; lanes &= lanes - 1) {
+          const int l = __builtin_ctz(lanes);
+          tallies[q]->listed.push_back(static_cast<uint64_t>(keys[l]) << 32 | static_cast<uint64_t>(start + j + l));
+        }
+      }
+    }
+  }
+  for (int q = 0; q < NQ; ++q) {
+    ChunkTally& t = *tallies[q];
+    t.below = sum(below[q]), t.at_lo = sum(at_lo[q]), t.at_hi = sum(at_hi[q]), t.inside = sum(inside[q]);
+    for (int64_t i = start + j; i < start + len; ++i) {  // the last < kWidth elements
+      const int32_t key = delta_key(e, b, i), l = qs[q]->lo, h = qs[q]->hi;
+      t.below += key < l, t.at_lo += key == l, t.at_hi += key == h && key > l;
+      if (key > l && key < h) {
+        ++t.inside;
+        if (list) t.listed.push_back(static_cast<uint64_t>(key) << 32 | static_cast<uint64_t>(i));
+      }
+    }
+    t.complete = list;
+  }
+}
+
+// Index just past the need-th element (index order) with key t, given each chunk's count of them.
+template <typename T>
+int64_t tie_index_from_counts(const T* e, const T* b, int64_t n, int32_t t, int64_t need,
+                              const std::vector<ChunkTally>& tally, int64_t ChunkTally::*count) {
+  for (size_t c = 0; c < tally.size(); ++c) {
+    if (need > tally[c].*count) { need -= tally[c].*count; continue; }
+    for (int64_t i = c * kSelectChunk, end = std::min(n, i + kSelectChunk); i < end; ++i)
+      if (delta_key(e, b, i) == t && --need == 0) return i + 1;
+  }
+  TORCH_CHECK(false, "bracketed select: tie count mismatch");
+}
+
+// The cut-off from one query's tallies, or false when the bracket missed its rank.
+template <typename T>
+bool resolve_query(const T* e, const T* b, int64_t n, CutoffQuery& q, const std::vector<ChunkTally>& tally,
+                   bool largest) {
+  int64_t below = 0, at_lo = 0, at_hi = 0, inside = 0;
+  bool listed_all = true;
+  for (const auto& t : tally)
+    below += t.below, at_lo += t.at_lo, at_hi += t.at_hi, inside += t.inside, listed_all &= t.complete;
+  const int64_t r = q.rank;
+  // (cut-off key, keys below it, keys equal to it), and how the tie index is found
+  int64_t key, less, equal;
+  int64_t ChunkTally::*tie_count = nullptr;
+  if (r >= below && r < below + at_lo) {
+    key = q.lo, less = below, equal = at_lo, tie_count = &ChunkTally::at_lo;
+  } else if (r >= below + at_lo + inside && r < below + at_lo + inside + at_hi) {
+    key = q.hi, less = below + at_lo + inside, equal = at_hi, tie_count = &ChunkTally::at_hi;
+  } else if (r >= below + at_lo && r < below + at_lo + inside && listed_all) {
+    // the listed keys lie strictly between lo and hi: count them per key (16-bit keys span at most
+    // 2^15 values), or, for wider float32 brackets, find the key by nth_element over a copy
+    int64_t rank = r - below - at_lo;
+    if (static_cast<int64_t>(q.hi) - q.lo <= (1 << 16)) {
+      std::vector<int64_t> per_key(q.hi - q.lo, 0);
+      for (const auto& t : tally)
+        for (uint64_t v : t.listed) ++per_key[(v >> 32) - q.lo];
+      int64_t k = 0;
+      while (rank >= per_key[k]) rank -= per_key[k++];
+      key = q.lo + k;
+      less = below + at_lo + std::accumulate(per_key.begin(), per_key.begin() + k, int64_t{0});
+      equal = per_key[k];
+    } else {
+      std::vector<uint64_t> keys;
+      keys.reserve(inside);
+      for (const auto& t : tally) keys.insert(keys.end(), t.listed.begin(), t.listed.end());
+      std::nth_element(keys.begin(), keys.begin() + rank, keys.end());
+      key = static_cast<int64_t>(keys[rank] >> 32);
+      less = below + at_lo, equal = 0;
+      for (uint64_t v : keys) less += static_cast<int64_t>(v >> 32) < key, equal += static_cast<int64_t>(v >> 32) == key;
+    }
+  } else {
+    return false;
+  }
+  const int64_t need = largest ? q.count - (n - less - equal) : q.count - less;
+  int64_t c = n;
+  if (need < equal) {
+    if (tie_count) {
+      c = tie_index_from_counts(e, b, n, static_cast<int32_t>(key), need, tally, tie_count);
+    } else {  // the lists, chunk after chunk, are in index order
+      int64_t seen = 0;
+      for (const auto& t : tally)
+        for (uint64_t v : t.listed)
+          if (static_cast<int64_t>(v >> 32) == key && ++seen == need) c = static_cast<int64_t>(v & 0xFFFFFFFFu) + 1;
+    }
+  }
+  q.cutoff = {key, c};
+  return true;
+}
+
+// cutoffs[i][j]: the cut-off of the first counts[i][j] elements of expert i's stable order.
+template <typename T>
+std::vector<std::vector<std::array<int64_t, 2>>> delta_cutoffs(const T* b, const std::vector<const T*>& experts,
+                                                               int64_t n, const std::vector<std::vector<int64_t>>& counts,
+                                                               bool largest) {
+  const int K = static_cast<int>(experts.size());
+  std::vector<std::vector<std::array<int64_t, 2>>> result(K);
+  std::vector<CutoffQuery> queries;
+  for (int i = 0; i < K; ++i) {
+    result[i].resize(counts[i].size());
+    for (int64_t count : counts[i]) {
+      count = std::min(std::max<int64_t>(count, 0), n);
+      CutoffQuery q{i, count, largest ? n - count : count - 1, 0, 0, {0, 0}, false};
+      if (count == 0) q.cutoff = {largest ? kNothingLargest : kNothingSmallest, 0}, q.found = true;
+      if (count == n) q.cutoff = {largest ? kNothingSmallest : kNothingLargest, 0}, q.found = true;
+      queries.push_back(q);
+    }
+  }
+  std::vector<std::vector<CutoffQuery*>> open(K);  // per expert, the queries the pass answers
+  for (auto& q : queries)
+    if (!q.found) open[q.expert].push_back(&q);
+  if (n < (int64_t{1} << 32)) {  // list entries hold 32-bit indices
+    at::parallel_for(0, K, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        if (!open[i].empty()) bracket_queries<T>(experts[i], b, n, open[i]);
+    });
+    const int64_t chunks = (n + kSelectChunk - 1) / kSelectChunk;
+    std::vector<std::vector<ChunkTally>> tally(queries.size(), std::vector<ChunkTally>(chunks));
+    // a query stops listing once it has listed n / 16 + 64K entries, so lists stay below ~n / 2 bytes
+    const int64_t budget = n / 16 + kSelectChunk;
+    std::vector<std::atomic<int64_t>> listed(queries.size());
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t start = c * kSelectChunk, len = std::min(kSelectChunk, n - start);
+        for (int i = 0; i < K; ++i)
+          for (size_t g = 0; g < open[i].size(); g += 2) {  // two cut-offs (breadcrumbs' window) per read
+            const int nq = static_cast<int>(std::min<size_t>(2, open[i].size() - g));
+            ChunkTally* t[2];
+            bool list = true;
+            for (int q = 0; q < nq; ++q) {
+              const size_t id = open[i][g + q] - queries.data();
+              t[q] = &tally[id][c];
+              list &= listed[id].load(std::memory_order_relaxed) < budget;
+            }
+            if (nq == 2)
+              tally_chunk<T, 2>(experts[i], b, start, len, open[i].data() + g, t, list);
+            else
+              tally_chunk<T, 1>(experts[i], b, start, len, open[i].data() + g, t, list);
+            for (int q = 0; q < nq; ++q) listed[open[i][g + q] - queries.data()] += t[q]->inside;
+          }
+      }
+    });
+    at::parallel_for(0, static_cast<int64_t>(queries.size()), 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t id = q0; id < q1; ++id)
+        if (!queries[id].found)
+          queries[id].found = resolve_query<T>(experts[queries[id].expert], b, n, queries[id], tally[id], largest);
+    });
+  }
+  size_t id = 0;
+  for (int i = 0; i < K; ++i)
+    for (size_t j = 0; j < counts[i].size(); ++j, ++id) {
+      auto& q = queries[id];
+      result[i][j] = q.found ? q.cutoff : cutoff_by_histogram<T>(experts[i], b, n, q.count, largest);
+    }
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------------
 // The fused merge.
 // ---------------------------------------------------------------------------------------------
 struct Params {
@@ -200,6 +444,7 @@ struct Params {
   std::vector<double> densities;        // random, rank (kept in double: DELLA offsets round once)
   std::vector<double> epsilons;         // rank
   std::vector<float> factors;           // L1 rescale per expert (NaN: none)
+  float divisor;                        // normalize without consensus: sum of weights in T (tiny -> 1)
 };
 
 // DELLA keep probabilities of one row of |delta| (ops/sparsify.py: della_keep_probability).
@@ -274,82 +519,137 @@ void keep_flags(const Params& P, int i, const T* d, int64_t start, int64_t len, 
   }
 }
 
-// One work item: elements [start, start + len) (a whole row in rank mode).
+// One work item of the fused merge, elements [start, start + len), kWidth lanes at a time: each
+// expert's delta, keep rule, rescale and weight, the running sum, then the sign election and the
+// disjoint mean over the weighted deltas kept in wd, lambda and the base. Every lane operation is the
+// scalar step of the reference in the same order (see the file comment). keeps, for the random and
+// rank modes, holds each expert's keep flags for the block ([K][len]); the magnitude and outliers
+// modes test the cut-offs inline. Returns whether any input of the block is NaN or Inf.
 template <typename T>
-void merge_block(const Params& P, const T* base, const std::vector<const T*>& experts, T* out,
-                 int64_t start, int64_t len, int64_t row_cols, std::vector<float>& w_scratch,
-                 std::vector<T>& d_scratch, std::vector<uint8_t>& keep, std::vector<float>& p_scratch,
-                 std::vector<int64_t>& order_scratch, std::vector<float>& acc, int64_t* non_finite) {
+bool merge_block(const Params& P, const T* base, const std::vector<const T*>& experts, T* out, int64_t start,
+                 int64_t len, const uint8_t* keeps, std::vector<simd::F>& wd) {
+  using namespace simd;
+  using L = Lanes<T>;
   const int K = static_cast<int>(experts.size());
-  // NaN/Inf are counted here, in the pass that reads every input anyway (base first, then experts)
-  non_finite[0] += count_non_finite<T>(base + start, len);
-  for (int i = 0; i < K; ++i) non_finite[i + 1] += count_non_finite<T>(experts[i] + start, len);
-  // weighted (sparsified, rescaled, weighted) deltas, in T, laid out [K][len], and their sum over
-  // experts (in expert order, from +0 as torch's sum starts) in the same loop
-  float* __restrict__ sum = acc.data();
-  float* __restrict__ agree_sum = sum + len;
-  float* __restrict__ agree_w = agree_sum + len;
-  std::fill(sum, sum + 3 * len, 0.f);
+  const bool by_cutoffs = P.mode == kMagnitude || P.mode == kOutliers, largest = P.mode == kMagnitude;
+  // each expert's constants as lanes. keep_by_cutoffs in 32-bit lanes: keys are below 2^31, and
+  // index < c becomes j < c - start, both clamped so that a "nothing" cut-off keeps its meaning. In a
+  // block that no tie index c falls inside, each cut-off is one key comparison against a threshold th:
+  // largest, key > t or key >= t (= key > t - 1); ascending, key < t or key <= t (= key < t + 1).
+  struct ExpertLanes { I lo_t, lo_c, hi_t, hi_c, lo_th, hi_th; F factor, weight; bool rescale; };
+  auto key32 = [](int64_t t) { return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(t, -1), INT32_MAX)); };
+  auto rel32 = [&](int64_t c) { return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(c - start, 0), len)); };
+  bool tie_inside = false;  // some cut-off's tie index falls inside this block: compare indices
+  auto threshold = [&](int64_t t, int64_t c) {
+    const int32_t t32 = key32(t), c32 = rel32(c);
+    tie_inside |= c32 > 0 && c32 < len;
+    return iset(c32 == 0 ? t32 : largest ? t32 - 1 : t32 + 1);  // c32 == len: the equal keys count
+  };
+  std::vector<ExpertLanes> x(K);
   for (int i = 0; i < K; ++i) {
-    T* __restrict__ d = d_scratch.data();
-    const T* __restrict__ e = experts[i] + start;
-    const T* __restrict__ b = base + start;
-    for (int64_t j = 0; j < len; ++j) d[j] = delta_of<T>(e[j], b[j]);
-    keep_flags<T>(P, i, d, start, len, row_cols, keep.data(), p_scratch.data(), order_scratch.data());
-    const float f = P.factors[i], w = P.weights[i];
-    float* __restrict__ wd = w_scratch.data() + static_cast<int64_t>(i) * len;
-    const uint8_t* __restrict__ kp = keep.data();
-    // to_f(d) * keep is exact (x * 0 keeps the sign of zero); then the rescale (if any) and the weight,
-    // each rounded to T
-    if (std::isnan(f)) {
-      for (int64_t j = 0; j < len; ++j) {
-        wd[j] = rnd<T>((to_f(d[j]) * (kp[j] ? 1.f : 0.f)) * w);
-        sum[j] += wd[j];
+    const auto& c = P.cuts[i];
+    x[i] = {iset(key32(c[0])), iset(rel32(c[1])), iset(key32(c[2])), iset(rel32(c[3])), threshold(c[0], c[1]),
+            threshold(c[2], c[3]), fset(P.factors[i]), fset(P.weights[i]), !std::isnan(P.factors[i])};
+  }
+  const I not_finite_key = iset(static_cast<int32_t>(inf_key<T>() - 1));  // key > this: NaN or Inf
+
+  // kWidth elements: bs[off..], es[i][off..] (and ks[i][off..]) -> os[off..]; j is their offset in the
+  // block (tie indices); returns the lanes where an input is NaN or Inf. The keep rule and the
+  // consensus are template constants, so that the loop holds no branch on them and keeps its
+  // constants in registers.
+  enum KeepRule { kKeepAll, kKeepFlags, kKeepAboveThresholds, kKeepByCutoffs };
+  auto step = [&](auto rule, auto consensus, const T* bs, const T* const* es, const uint8_t* const* ks,
+                  int64_t off, int32_t j, T* os) ME_ALWAYS_INLINE {
+    constexpr int kRule = decltype(rule)::value;
+    I bits;
+    const F bv = L::load(bs + off, bits);
+    I bad = gt(L::key_of_bits(bits), not_finite_key);
+    F sum = fset(0.f);
+    for (int i = 0; i < K; ++i) {
+      const F d = L::round(sub(L::load(es[i] + off, bits), bv));
+      bad = bad | gt(L::key_of_bits(bits), not_finite_key);
+      const ExpertLanes& c = x[i];
+      I keep;
+      if constexpr (kRule == kKeepAboveThresholds) {
+        const I key = L::key(d);
+        keep = largest ? andnot(gt(key, c.hi_th), gt(key, c.lo_th)) : andnot(gt(c.hi_th, key), gt(c.lo_th, key));
+      } else if constexpr (kRule == kKeepByCutoffs) {
+        const I key = L::key(d), index = add(iota(), iset(j));
+        const I in_hi = (largest ? gt(key, c.hi_t) : gt(c.hi_t, key)) | (eq(key, c.hi_t) & gt(c.hi_c, index));
+        const I in_lo = (largest ? gt(key, c.lo_t) : gt(c.lo_t, key)) | (eq(key, c.lo_t) & gt(c.lo_c, index));
+        keep = andnot(in_hi, in_lo);
+      } else if constexpr (kRule == kKeepFlags) {
+        keep = gt(load_u8(ks[i] + off), iset(0));
+      } else {
+        keep = iset(-1);
+      }
+      F v = mul(d, one_where(keep));  // d * 0 or d * 1, exactly as the reference multiplies
+      if (c.rescale) v = L::round(mul(v, c.factor));
+      v = L::round(mul(v, c.weight));
+      sum = add(sum, v);
+      wd[i] = v;
+    }
+    F mixed;
+    if constexpr (decltype(consensus)::value) {
+      // elected sign: +1 where the sum rounded to T is >= 0, else -1; a delta agrees where wd * sign > 0
+      const F sign = select(ge(L::round(sum), fset(0.f)), fset(1.f), fset(-1.f));
+      F agree_sum = fset(0.f), agree_w = fset(0.f);
+      for (int i = 0; i < K; ++i) {
+        const F agree = one_where(gt(mul(wd[i], sign), fset(0.f)));
+        agree_sum = add(agree_sum, mul(wd[i], agree));
+        agree_w = add(agree_w, mul(x[i].weight, agree));
+      }
+      mixed = L::round(agree_sum);
+      if (P.normalize) {
+        const F divisor = L::round(agree_w);  // a zero divisor becomes 1
+        mixed = L::round(div(mixed, add(divisor, one_where(eq(divisor, fset(0.f))))));
       }
     } else {
-      for (int64_t j = 0; j < len; ++j) {
-        wd[j] = rnd<T>(rnd<T>((to_f(d[j]) * (kp[j] ? 1.f : 0.f)) * f) * w);
-        sum[j] += wd[j];
-      }
+      mixed = L::round(sum);
+      if (P.normalize) mixed = L::round(div(mixed, fset(P.divisor)));
     }
+    if (P.lambda != 1.f) mixed = L::round(mul(mixed, fset(P.lambda)));
+    L::store(os + off, L::round(add(bv, mixed)));
+    return bad;
+  };
+
+  std::vector<const T*> es(K);
+  std::vector<const uint8_t*> ks(K, keeps);
+  for (int i = 0; i < K; ++i) {
+    es[i] = experts[i] + start;
+    if (keeps) ks[i] = keeps + i * len;
   }
-  float* __restrict__ mixed = sum;  // reused in place
-  if (P.consensus) {
-    // elected sign: +1 where the sum rounded to T is >= 0 (a zero sum elects +), else -1
-    for (int64_t j = 0; j < len; ++j) sum[j] = rnd<T>(sum[j]) >= 0.f ? 1.f : -1.f;
+  const int32_t whole = static_cast<int32_t>(len - len % kWidth);
+  auto run = [&](auto rule, auto consensus) {
+    I bad = iset(0);  // a local: an accumulator behind a reference would go through memory every step
+    for (int32_t j = 0; j < whole; j += kWidth)
+      bad = bad | step(rule, consensus, base + start, es.data(), ks.data(), j, j, out + start);
+    if (whole == len) return lanes_set(bad) != 0;
+    // the last < kWidth elements, through zero-padded copies
+    std::vector<T> pad(static_cast<size_t>(K + 2) * kWidth, T(0.f));
+    std::vector<uint8_t> kpad(static_cast<size_t>(K) * kWidth, 0);
+    std::vector<const T*> ep(K);
+    std::vector<const uint8_t*> kp(K);
+    std::copy(base + start + whole, base + start + len, pad.data());
     for (int i = 0; i < K; ++i) {
-      const float* __restrict__ wd = w_scratch.data() + static_cast<int64_t>(i) * len;
-      const float wi = P.weights[i];
-      for (int64_t j = 0; j < len; ++j) {
-        // branch-free so it vectorises: a disagreeing (or zero) delta adds v * 0 = +-0, as in torch
-        const float agree = static_cast<float>(wd[j] * sum[j] > 0.f);  // exact sign test
-        agree_sum[j] += wd[j] * agree;
-        agree_w[j] += wi * agree;
-      }
+      std::copy(es[i] + whole, es[i] + len, pad.data() + kWidth * (i + 1));
+      ep[i] = pad.data() + kWidth * (i + 1);
+      if (keeps) std::copy(ks[i] + whole, ks[i] + len, kpad.data() + kWidth * i);
+      kp[i] = kpad.data() + kWidth * i;
     }
-    for (int64_t j = 0; j < len; ++j) {
-      float m = rnd<T>(agree_sum[j]);
-      if (P.normalize) {
-        const float divisor = rnd<T>(agree_w[j]);
-        m = rnd<T>(m / (divisor + static_cast<float>(divisor == 0.f)));  // a zero divisor becomes 1
-      }
-      mixed[j] = m;
-    }
-  } else {
-    float weight_sum = 0.f;
-    for (int i = 0; i < K; ++i) weight_sum += P.weights[i];
-    float divisor = rnd<T>(weight_sum);
-    divisor = std::fabs(divisor) < 1e-8f ? 1.f : divisor;
-    for (int64_t j = 0; j < len; ++j) {
-      const float m = rnd<T>(sum[j]);
-      mixed[j] = P.normalize ? rnd<T>(m / divisor) : m;
-    }
-  }
-  if (P.lambda != 1.f)
-    for (int64_t j = 0; j < len; ++j) mixed[j] = rnd<T>(mixed[j] * P.lambda);
-  const T* __restrict__ b = base + start;
-  T* __restrict__ o = out + start;
-  for (int64_t j = 0; j < len; ++j) o[j] = round_to<T>(to_f(b[j]) + mixed[j]);
+    T* os = pad.data() + kWidth * (K + 1);
+    bad = bad | step(rule, consensus, pad.data(), ep.data(), kp.data(), 0, whole, os);
+    std::copy(os, os + (len - whole), out + start + whole);
+    return lanes_set(bad) != 0;
+  };
+  auto with_rule = [&](auto consensus) {
+    using R = std::integral_constant<int, kKeepAll>;
+    if (by_cutoffs && tie_inside) return run(std::integral_constant<int, kKeepByCutoffs>{}, consensus);
+    if (by_cutoffs) return run(std::integral_constant<int, kKeepAboveThresholds>{}, consensus);
+    if (keeps) return run(std::integral_constant<int, kKeepFlags>{}, consensus);
+    return run(R{}, consensus);
+  };
+  return P.consensus ? with_rule(std::true_type{}) : with_rule(std::false_type{});
 }
 
 // mergekit's L1 rescale factor per expert: |delta|_1 / |kept|_1 in T, none when either is < 1e-7.
@@ -400,28 +700,39 @@ void merge_typed(Params& P, const torch::Tensor& base, const std::vector<torch::
   const int64_t rows = base.dim() < 2 ? 1 : base.size(0);
   const int64_t cols = rows ? n / std::max<int64_t>(rows, 1) : 0;
   P.factors = rescale_factors<T>(P, b, e, n, rows, cols);
+  float weight_sum = 0.f;
+  for (float w : P.weights) weight_sum += w;
+  P.divisor = rnd<T>(weight_sum);
+  if (std::fabs(P.divisor) < 1e-8f) P.divisor = 1.f;
   T* o = out.data_ptr<T>();
   const int K = static_cast<int>(experts.size());
+  const bool drawn = P.mode == kRandom || P.mode == kRank;  // keep flags drawn per block before the merge
   const int64_t span = P.mode == kRank ? cols : kBlock;
   const int64_t items = P.mode == kRank ? rows : (n + kBlock - 1) / kBlock;
-  std::vector<std::vector<int64_t>> non_finite(at::get_num_threads(), std::vector<int64_t>(K + 1, 0));
+  std::atomic<bool> non_finite{false};
   at::parallel_for(0, items, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> w(static_cast<size_t>(K) * span), acc(3 * span);
-    std::vector<T> d(span);
-    std::vector<uint8_t> keep(span);
-    std::vector<float> p(span);
-    std::vector<int64_t> order(span);
-    int64_t* bad = non_finite[at::get_thread_num()].data();
+    std::vector<simd::F> wd(K);
+    std::vector<uint8_t> keeps(drawn ? static_cast<size_t>(K) * span : 0);
+    std::vector<T> d(P.mode == kRank ? span : 0);
+    std::vector<float> p(P.mode == kRank ? span : 0);
+    std::vector<int64_t> order(P.mode == kRank ? span : 0);
     for (int64_t item = lo; item < hi; ++item) {
-      const int64_t start = item * span;
-      merge_block<T>(P, b, e, o, start, std::min(span, n - start), cols, w, d, keep, p, order, acc, bad);
+      const int64_t start = item * span, len = std::min(span, n - start);
+      for (int i = 0; drawn && i < K; ++i) {
+        if (P.mode == kRank)
+          for (int64_t j = 0; j < len; ++j) d[j] = delta_of<T>(e[i][start + j], b[start + j]);
+        keep_flags<T>(P, i, d.data(), start, len, cols, keeps.data() + i * len, p.data(), order.data());
+      }
+      if (merge_block<T>(P, b, e, o, start, len, drawn ? keeps.data() : nullptr, wd)) non_finite = true;
     }
   });
-  for (int i = 0; i <= K; ++i) {
-    int64_t total = 0;
-    for (auto& t : non_finite) total += t[i];
-    TORCH_CHECK_VALUE(total == 0, i == 0 ? std::string("the base") : "expert " + std::to_string(i - 1), " has ",
-                      total, " NaN or Inf value(s); a magnitude ordering is undefined");
+  if (non_finite) {  // name the first input at fault and count its NaN/Inf values
+    for (int i = 0; i <= K; ++i) {
+      const T* x = i == 0 ? b : e[i - 1];
+      const int64_t total = count_non_finite<T>(x, n);
+      TORCH_CHECK_VALUE(total == 0, i == 0 ? std::string("the base") : "expert " + std::to_string(i - 1), " has ",
+                        total, " NaN or Inf value(s); a magnitude ordering is undefined");
+    }
   }
 }
 
@@ -447,12 +758,9 @@ torch::Tensor delta_cutoffs_cpu(const torch::Tensor& base, const torch::Tensor& 
     using scalar_t = decltype(tag);
     check_finite<scalar_t>(base.data_ptr<scalar_t>(), base.numel(), "the base");
     check_finite<scalar_t>(expert.data_ptr<scalar_t>(), base.numel(), "the expert");
-    for (size_t j = 0; j < counts.size(); ++j) {
-      auto cut = delta_cutoff<scalar_t>(expert.data_ptr<scalar_t>(), base.data_ptr<scalar_t>(), base.numel(),
-                                        counts[j], largest);
-      r[j][0] = cut[0];
-      r[j][1] = cut[1];
-    }
+    const scalar_t* e = expert.data_ptr<scalar_t>();
+    auto cuts = delta_cutoffs<scalar_t>(base.data_ptr<scalar_t>(), {e}, base.numel(), {counts}, largest)[0];
+    for (size_t j = 0; j < counts.size(); ++j) r[j][0] = cuts[j][0], r[j][1] = cuts[j][1];
   });
   return result;
 }
@@ -475,23 +783,21 @@ torch::Tensor merge_task_vectors_cpu(const torch::Tensor& base, const std::vecto
   auto out = torch::empty_like(base);
   dispatch_dtype(base.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    {
-      const int64_t n = base.numel();
-      for (size_t i = 0; i < K; ++i) {
-        P.weights.push_back(to_f(round_to<scalar_t>(static_cast<float>(weights[i]))));
-        P.densities.push_back(densities[i]);
-        P.epsilons.push_back(epsilons.empty() ? 0.0 : epsilons[i]);
-        std::array<int64_t, 4> cut{kNothingLargest, 0, kNothingLargest, 0};
-        if (mode == kMagnitude || mode == kOutliers) {
-          const bool largest = mode == kMagnitude;
-          auto lo = delta_cutoff<scalar_t>(experts[i].data_ptr<scalar_t>(), base.data_ptr<scalar_t>(), n, counts_lo[i], largest);
-          auto hi = delta_cutoff<scalar_t>(experts[i].data_ptr<scalar_t>(), base.data_ptr<scalar_t>(), n, counts_hi[i], largest);
-          cut = {lo[0], lo[1], hi[0], hi[1]};
-        }
-        P.cuts.push_back(cut);
-      }
-      merge_typed<scalar_t>(P, base, experts, out);
+    const bool by_cutoffs = mode == kMagnitude || mode == kOutliers;
+    std::vector<const scalar_t*> e;
+    std::vector<std::vector<int64_t>> counts(K);
+    for (size_t i = 0; i < K; ++i) {
+      P.weights.push_back(to_f(round_to<scalar_t>(static_cast<float>(weights[i]))));
+      P.densities.push_back(densities[i]);
+      P.epsilons.push_back(epsilons.empty() ? 0.0 : epsilons[i]);
+      e.push_back(experts[i].data_ptr<scalar_t>());
+      if (by_cutoffs) counts[i] = {counts_lo[i], counts_hi[i]};
     }
+    auto cuts = delta_cutoffs<scalar_t>(base.data_ptr<scalar_t>(), e, base.numel(), counts, mode == kMagnitude);
+    for (size_t i = 0; i < K; ++i)
+      P.cuts.push_back(by_cutoffs ? std::array<int64_t, 4>{cuts[i][0][0], cuts[i][0][1], cuts[i][1][0], cuts[i][1][1]}
+                                  : std::array<int64_t, 4>{kNothingLargest, 0, kNothingLargest, 0});
+    merge_typed<scalar_t>(P, base, experts, out);
   });
   return out;
 }

@@ -72,6 +72,67 @@ def test_delta_cutoffs_match_reference(ext, dtype, shape, largest, ties):
         assert got[j].tolist() == want.tolist(), f"seed {seed}, count {count}"
 
 
+# The select's fast path (csrc/cpu/task_vectors.cpp: bracketed select) samples 512 runs of 32 elements
+# at these offsets to bracket each cut-off; it counts the tensor in chunks of 2^16 elements and lists
+# the keys strictly inside the bracket, up to n / 16 + 2^16 of them. Sizes above 512 * 32 sample.
+SAMPLE_RUNS, SAMPLE_RUN, SELECT_CHUNK = 512, 32, 1 << 16
+
+
+def sampled_positions(n):
+    starts = torch.arange(SAMPLE_RUNS) * (n - SAMPLE_RUN) // (SAMPLE_RUNS - 1)
+    return (starts[:, None] + torch.arange(SAMPLE_RUN)).reshape(-1)
+
+
+def bracket_inputs(case, n, dtype, seed):
+    """(base, expert) whose deltas exercise one path of the bracketed select:
+    smooth: distinct magnitudes, the cut-off falls among the listed keys;
+    levels: a few magnitude levels, the cut-off key is a bracket end shared by ~1/7 of the elements;
+    misleading: the sampled elements have zero deltas, the others not: every cut-off is outside the bracket;
+    crowded: the sample spreads over [0, 1], the rest crowds into [0.49, 0.51]: the list outgrows its budget."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g, dtype=torch.float64)
+    if case == "smooth":
+        delta = torch.randn(n, generator=g, dtype=torch.float64) * 0.1
+    elif case == "levels":
+        base = base.round()
+        delta = torch.randint(-3, 4, (n,), generator=g).double() * 0.125
+    elif case == "misleading":
+        delta = torch.randn(n, generator=g, dtype=torch.float64) + 0.5
+        delta[sampled_positions(n)] = 0
+    else:
+        base = torch.zeros(n, dtype=torch.float64)
+        delta = 0.49 + 0.02 * torch.rand(n, generator=g, dtype=torch.float64)
+        delta[sampled_positions(n)] = torch.rand(SAMPLE_RUNS * SAMPLE_RUN, generator=g, dtype=torch.float64)
+    base = base.to(dtype)
+    return base, (base.double() + delta).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["smooth", "levels", "misleading", "crowded"])
+@pytest.mark.parametrize("largest", [True, False])
+def test_bracketed_select_matches_reference(ext, dtype, case, largest):
+    n = 3 * SELECT_CHUNK + 4099  # four chunks, the last one partial; sampled
+    seed = zlib.crc32(repr((case, largest, dtype)).encode()) % 10**6
+    base, expert = bracket_inputs(case, n, dtype, seed)
+    delta = expert - base
+    keys = delta.view(torch.int16 if dtype.itemsize == 2 else torch.int32).long() & (0x7FFF if dtype.itemsize == 2 else 0x7FFFFFFF)
+    if case == "misleading":  # the construction defeats the sample: it sees only zero keys
+        assert (keys[sampled_positions(n)] == 0).all() and (keys > 0).float().mean() > 0.9
+    if case == "crowded":  # more keys fall inside any bracket around the middle than the list may hold
+        inside = ((delta.double().abs() > 0.48) & (delta.double().abs() < 0.52)).sum()
+        assert inside > n // 16 + SELECT_CHUNK
+    counts = [1, n // 1000, n // 10, n // 3, n // 2, (4 * n) // 5, n - 7]
+    got = ext.delta_cutoffs(base, expert, counts, largest)
+    for j, count in enumerate(counts):
+        want = magnitude_cutoff_reference(delta, count, largest)
+        assert got[j].tolist() == want.tolist(), f"seed {seed}, count {count}"
+    # the fused merge applies these cut-offs: TIES of two experts is bit-identical to the reference
+    kw = dict(weights=[0.6, 0.4], densities=[0.3, 0.7], sparsify="magnitude" if largest else "outliers",
+              consensus=True, normalize=True, gammas=[0.01, 0.01] if not largest else None)
+    merged = _merge_with(ext, base, [expert, base + (expert - base) * -0.5], **kw)
+    assert torch.equal(merged, merge_task_vectors_reference(base, [expert, base + (expert - base) * -0.5], **kw))
+
+
 CASES = [  # (sparsify, consensus, normalize, rescale)
     ("", False, True, False), ("", False, False, False),
     ("magnitude", True, True, False), ("magnitude", True, True, True),

@@ -1,0 +1,213 @@
+// Sixteen 32-bit lanes for the CPU kernels' fused loops: two AVX2 registers per value (with F16C for
+// float16) when the build targets them (-march=native on x86-64), else plain arrays of sixteen. Two
+// registers per value give the out-of-order core two independent dependency chains in every step,
+// which the long, latency-bound chains of the fused merge need (a division and several roundings per
+// element). Every float operation is one IEEE operation, as in scalar code (the build uses
+// -ffp-contract=off), and the dtype helpers round exactly as dtypes.h does, so a kernel written on
+// these lanes matches the scalar loops and the PyTorch references bit for bit.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+#define MERGE_ENGINE_AVX2 1
+#endif
+
+// for the per-step lambdas of the fused loops: a call per step would cost as much as the step
+// (every constant re-broadcast, every accumulator through memory)
+#if defined(__GNUC__)
+#define ME_ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define ME_ALWAYS_INLINE
+#endif
+
+namespace merge_engine {
+namespace simd {
+
+constexpr int kWidth = 16;  // lanes per value
+
+#if MERGE_ENGINE_AVX2
+struct F { __m256 h[2]; };   // 16 floats
+struct I { __m256i h[2]; };  // 16 int32; comparisons give all-ones / zero lanes
+
+#define ME_F(expr) F{{[&](int k) { return expr; }(0), [&](int k) { return expr; }(1)}}
+#define ME_I(expr) I{{[&](int k) { return expr; }(0), [&](int k) { return expr; }(1)}}
+inline F fset(float x) { return ME_F(_mm256_set1_ps(x)); }
+inline I iset(int32_t x) { return ME_I(_mm256_set1_epi32(x)); }
+inline I iota() { return I{{_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15)}}; }
+inline F add(F a, F b) { return ME_F(_mm256_add_ps(a.h[k], b.h[k])); }
+inline F sub(F a, F b) { return ME_F(_mm256_sub_ps(a.h[k], b.h[k])); }
+inline F mul(F a, F b) { return ME_F(_mm256_mul_ps(a.h[k], b.h[k])); }
+inline F div(F a, F b) { return ME_F(_mm256_div_ps(a.h[k], b.h[k])); }
+inline I gt(F a, F b) { return ME_I(_mm256_castps_si256(_mm256_cmp_ps(a.h[k], b.h[k], _CMP_GT_OQ))); }
+inline I ge(F a, F b) { return ME_I(_mm256_castps_si256(_mm256_cmp_ps(a.h[k], b.h[k], _CMP_GE_OQ))); }
+inline I eq(F a, F b) { return ME_I(_mm256_castps_si256(_mm256_cmp_ps(a.h[k], b.h[k], _CMP_EQ_OQ))); }
+inline F select(I m, F yes, F no) { return ME_F(_mm256_blendv_ps(no.h[k], yes.h[k], _mm256_castsi256_ps(m.h[k]))); }
+inline F bits_to_f(I x) { return ME_F(_mm256_castsi256_ps(x.h[k])); }
+inline I f_to_bits(F x) { return ME_I(_mm256_castps_si256(x.h[k])); }
+
+inline I add(I a, I b) { return ME_I(_mm256_add_epi32(a.h[k], b.h[k])); }
+inline I sub(I a, I b) { return ME_I(_mm256_sub_epi32(a.h[k], b.h[k])); }
+inline I gt(I a, I b) { return ME_I(_mm256_cmpgt_epi32(a.h[k], b.h[k])); }
+inline I eq(I a, I b) { return ME_I(_mm256_cmpeq_epi32(a.h[k], b.h[k])); }
+inline I operator&(I a, I b) { return ME_I(_mm256_and_si256(a.h[k], b.h[k])); }
+inline I operator|(I a, I b) { return ME_I(_mm256_or_si256(a.h[k], b.h[k])); }
+inline I andnot(I a, I b) { return ME_I(_mm256_andnot_si256(b.h[k], a.h[k])); }  // a & ~b
+inline I shr(I a, int s) { return ME_I(_mm256_srli_epi32(a.h[k], s)); }
+inline I shl(I a, int s) { return ME_I(_mm256_slli_epi32(a.h[k], s)); }
+inline int lanes_set(I m) {  // bit l: lane l
+  return _mm256_movemask_ps(_mm256_castsi256_ps(m.h[0])) | _mm256_movemask_ps(_mm256_castsi256_ps(m.h[1])) << 8;
+}
+inline void store(int32_t* p, I x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), x.h[0]);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 8), x.h[1]);
+}
+inline int64_t sum(I x) {
+  alignas(32) int32_t a[kWidth];
+  store(a, x);
+  int64_t s = 0;
+  for (int l = 0; l < kWidth; ++l) s += a[l];
+  return s;
+}
+// 16 uint8 / uint16 lanes widened to int32
+inline I load_u8(const uint8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return I{{_mm256_cvtepu8_epi32(b), _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))}};
+}
+inline I load_u16(const void* p) {
+  const __m128i* q = static_cast<const __m128i*>(p);
+  return ME_I(_mm256_cvtepu16_epi32(_mm_loadu_si128(q + k)));
+}
+inline void store_u16(void* p, I x) {  // low 16 bits of each lane
+  for (int k = 0; k < 2; ++k) {
+    const __m256i lo16 = _mm256_and_si256(x.h[k], _mm256_set1_epi32(0xFFFF));
+    _mm_storeu_si128(static_cast<__m128i*>(p) + k,
+                     _mm_packus_epi32(_mm256_castsi256_si128(lo16), _mm256_extracti128_si256(lo16, 1)));
+  }
+}
+#undef ME_F
+#undef ME_I
+#else
+struct F { float v[kWidth]; };
+struct I { int32_t v[kWidth]; };
+
+#define ME_LANES(expr) for (int l = 0; l < kWidth; ++l) r.v[l] = (expr)
+inline F fset(float x) { F r; ME_LANES(x); return r; }
+inline I iset(int32_t x) { I r; ME_LANES(x); return r; }
+inline I iota() { I r; ME_LANES(l); return r; }
+inline F add(F a, F b) { F r; ME_LANES(a.v[l] + b.v[l]); return r; }
+inline F sub(F a, F b) { F r; ME_LANES(a.v[l] - b.v[l]); return r; }
+inline F mul(F a, F b) { F r; ME_LANES(a.v[l] * b.v[l]); return r; }
+inline F div(F a, F b) { F r; ME_LANES(a.v[l] / b.v[l]); return r; }
+inline I gt(F a, F b) { I r; ME_LANES(a.v[l] > b.v[l] ? -1 : 0); return r; }
+inline I ge(F a, F b) { I r; ME_LANES(a.v[l] >= b.v[l] ? -1 : 0); return r; }
+inline I eq(F a, F b) { I r; ME_LANES(a.v[l] == b.v[l] ? -1 : 0); return r; }
+inline F select(I m, F yes, F no) { F r; ME_LANES(m.v[l] ? yes.v[l] : no.v[l]); return r; }
+inline F bits_to_f(I x) { F r; std::memcpy(r.v, x.v, sizeof r.v); return r; }
+inline I f_to_bits(F x) { I r; std::memcpy(r.v, x.v, sizeof r.v); return r; }
+
+inline I add(I a, I b) { I r; ME_LANES(static_cast<int32_t>(static_cast<uint32_t>(a.v[l]) + static_cast<uint32_t>(b.v[l]))); return r; }
+inline I sub(I a, I b) { I r; ME_LANES(static_cast<int32_t>(static_cast<uint32_t>(a.v[l]) - static_cast<uint32_t>(b.v[l]))); return r; }
+inline I gt(I a, I b) { I r; ME_LANES(a.v[l] > b.v[l] ? -1 : 0); return r; }
+inline I eq(I a, I b) { I r; ME_LANES(a.v[l] == b.v[l] ? -1 : 0); return r; }
+inline I operator&(I a, I b) { I r; ME_LANES(a.v[l] & b.v[l]); return r; }
+inline I operator|(I a, I b) { I r; ME_LANES(a.v[l] | b.v[l]); return r; }
+inline I andnot(I a, I b) { I r; ME_LANES(a.v[l] & ~b.v[l]); return r; }
+inline I shr(I a, int s) { I r; ME_LANES(static_cast<int32_t>(static_cast<uint32_t>(a.v[l]) >> s)); return r; }
+inline I shl(I a, int s) { I r; ME_LANES(static_cast<int32_t>(static_cast<uint32_t>(a.v[l]) << s)); return r; }
+inline int lanes_set(I m) { int r = 0; for (int l = 0; l < kWidth; ++l) r |= (m.v[l] < 0) << l; return r; }
+inline void store(int32_t* p, I x) { std::memcpy(p, x.v, sizeof x.v); }
+inline int64_t sum(I x) { int64_t s = 0; for (int l = 0; l < kWidth; ++l) s += x.v[l]; return s; }
+inline I load_u8(const uint8_t* p) { I r; ME_LANES(p[l]); return r; }
+inline I load_u16(const void* p) { uint16_t a[kWidth]; std::memcpy(a, p, sizeof a); I r; ME_LANES(a[l]); return r; }
+inline void store_u16(void* p, I x) {
+  uint16_t a[kWidth];
+  for (int l = 0; l < kWidth; ++l) a[l] = static_cast<uint16_t>(x.v[l]);
+  std::memcpy(p, a, sizeof a);
+}
+#undef ME_LANES
+#endif
+
+inline F one_where(I m) { return bits_to_f(m & f_to_bits(fset(1.f))); }  // 1.0f where m, else +0.0f
+
+// Storage dtype T on the lanes: load (value and raw bits), round a float result to T (as dtypes.h's
+// rnd<T>), store a value already rounded to T, and the magnitude key of such a value (ops/select.py).
+template <typename T> struct Lanes;
+
+template <> struct Lanes<float> {
+  static F load(const float* p, I& bits) {
+    F x;
+#if MERGE_ENGINE_AVX2
+    x.h[0] = _mm256_loadu_ps(p), x.h[1] = _mm256_loadu_ps(p + 8);
+#else
+    std::memcpy(x.v, p, sizeof x.v);
+#endif
+    bits = f_to_bits(x);
+    return x;
+  }
+  static F round(F x) { return x; }
+  static void store(float* p, F x) {
+#if MERGE_ENGINE_AVX2
+    _mm256_storeu_ps(p, x.h[0]), _mm256_storeu_ps(p + 8, x.h[1]);
+#else
+    std::memcpy(p, x.v, sizeof x.v);
+#endif
+  }
+  static I key_of_bits(I bits) { return bits & iset(0x7FFFFFFF); }
+  static I key(F rounded) { return key_of_bits(f_to_bits(rounded)); }
+};
+
+template <> struct Lanes<c10::BFloat16> {
+  static F load(const c10::BFloat16* p, I& bits) {
+    bits = load_u16(p);
+    return bits_to_f(shl(bits, 16));
+  }
+  static F round(F x) {  // round to nearest even on the bits, no NaN branch (as dtypes.h)
+    I b = f_to_bits(x);
+    b = add(b, add(iset(0x7FFF), shr(b, 16) & iset(1)));
+    return bits_to_f(b & iset(static_cast<int32_t>(0xFFFF0000u)));
+  }
+  static void store(c10::BFloat16* p, F rounded) { store_u16(p, shr(f_to_bits(rounded), 16)); }
+  static I key_of_bits(I bits) { return bits & iset(0x7FFF); }
+  static I key(F rounded) { return shr(f_to_bits(rounded), 16) & iset(0x7FFF); }
+};
+
+template <> struct Lanes<c10::Half> {
+#if MERGE_ENGINE_AVX2
+  static __m128i to_half(__m256 x) { return _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static F load(const c10::Half* p, I& bits) {
+    F x;
+    for (int k = 0; k < 2; ++k) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p) + k);
+      bits.h[k] = _mm256_cvtepu16_epi32(h);
+      x.h[k] = _mm256_cvtph_ps(h);
+    }
+    return x;
+  }
+  static F round(F x) { return F{{_mm256_cvtph_ps(to_half(x.h[0])), _mm256_cvtph_ps(to_half(x.h[1]))}}; }
+  static void store(c10::Half* p, F rounded) {
+    for (int k = 0; k < 2; ++k) _mm_storeu_si128(reinterpret_cast<__m128i*>(p) + k, to_half(rounded.h[k]));
+  }
+  static I key(F rounded) {
+    return key_of_bits(I{{_mm256_cvtepu16_epi32(to_half(rounded.h[0])), _mm256_cvtepu16_epi32(to_half(rounded.h[1]))}});
+  }
+#else
+  static F load(const c10::Half* p, I& bits) {
+    F x;
+    for (int l = 0; l < kWidth; ++l) bits.v[l] = p[l].x, x.v[l] = static_cast<float>(p[l]);
+    return x;
+  }
+  static F round(F x) { for (int l = 0; l < kWidth; ++l) x.v[l] = static_cast<float>(c10::Half(x.v[l])); return x; }
+  static void store(c10::Half* p, F rounded) { for (int l = 0; l < kWidth; ++l) p[l] = c10::Half(rounded.v[l]); }
+  static I key(F rounded) { I k; for (int l = 0; l < kWidth; ++l) k.v[l] = c10::Half(rounded.v[l]).x & 0x7FFF; return k; }
+#endif
+  static I key_of_bits(I bits) { return bits & iset(0x7FFF); }
+};
+
+}  // namespace simd
+}  // namespace merge_engine
