@@ -1,5 +1,7 @@
-// CPU kernels of the task-vector family: exact magnitude cut-offs by radix select, and the fused
-// merge of K task vectors (TIES, DARE, breadcrumbs, DELLA, task arithmetic) in one pass.
+// CPU kernels of the task-vector family: exact magnitude cut-offs, and the fused merge of K task
+// vectors (TIES, DARE, breadcrumbs, DELLA, task arithmetic) in one pass. A TIES merge reads its
+// inputs twice: one vectorised pass finds every expert's cut-off (bracketed select; radix select when
+// the bracket misses), then the fused pass merges, 16 lanes at a time (simd.h).
 //
 // Every arithmetic step rounds to the compute dtype T exactly where the PyTorch reference
 // (merge_engine/ops/consensus.py: merge_task_vectors) rounds, and sums over experts run in float
@@ -248,18 +250,26 @@ void bracket_queries(const T* e, const T* b, int64_t n, std::vector<CutoffQuery*
   }
 }
 
-// One chunk of one expert against NQ of its queries (two: breadcrumbs' window), counts in lanes.
+// One chunk of one expert against NQ of its queries (two: breadcrumbs' window), counts in lanes;
+// the listed keys and indices are compacted into the thread's scratch, then copied to the tally.
 template <typename T, int NQ>
 void tally_chunk(const T* e, const T* b, int64_t start, int64_t len, CutoffQuery* const* qs,
                  ChunkTally* const* tallies, bool list) {
   using namespace simd;
   using L = Lanes<T>;
+  thread_local std::vector<int32_t> scratch;
+  scratch.resize(static_cast<size_t>(NQ) * 2 * (kSelectChunk + kWidth));
+  int32_t* keys[NQ];
+  int32_t* indices[NQ];
+  int64_t kept[NQ];
   I lo[NQ], hi[NQ], below[NQ], at_lo[NQ], at_hi[NQ], inside[NQ];
   for (int q = 0; q < NQ; ++q) {
     lo[q] = iset(qs[q]->lo), hi[q] = iset(qs[q]->hi);
     below[q] = at_lo[q] = at_hi[q] = inside[q] = iset(0);
+    keys[q] = scratch.data() + (2 * q) * (kSelectChunk + kWidth);
+    indices[q] = keys[q] + kSelectChunk + kWidth;
+    kept[q] = 0;
   }
-  alignas(32) int32_t keys[kWidth];
   int64_t j = 0;
   for (; j + kWidth <= len; j += kWidth) {
     I eb, bb;
@@ -270,14 +280,7 @@ void tally_chunk(const T* e, const T* b, int64_t start, int64_t len, CutoffQuery
       at_lo[q] = sub(at_lo[q], eq(key, lo[q]));
       at_hi[q] = sub(at_hi[q], eq(key, hi[q]) & above_lo);
       inside[q] = sub(inside[q], in);
-      int lanes = lanes_set(in);
-      if (lanes && list) {
-        store(keys, key);
-        for (; lanes; lanes &= lanes - 1) {
-          const int l = __builtin_ctz(lanes);
-          tallies[q]->listed.push_back(static_cast<uint64_t>(keys[l]) << 32 | static_cast<uint64_t>(start + j + l));
-        }
-      }
+      if (list) kept[q] += compress_store(in, key, add(iota(), iset(static_cast<int32_t>(j))), keys[q] + kept[q], indices[q] + kept[q]);
     }
   }
   for (int q = 0; q < NQ; ++q) {
@@ -288,9 +291,12 @@ void tally_chunk(const T* e, const T* b, int64_t start, int64_t len, CutoffQuery
       t.below += key < l, t.at_lo += key == l, t.at_hi += key == h && key > l;
       if (key > l && key < h) {
         ++t.inside;
-        if (list) t.listed.push_back(static_cast<uint64_t>(key) << 32 | static_cast<uint64_t>(i));
+        if (list) keys[q][kept[q]] = key, indices[q][kept[q]++] = static_cast<int32_t>(i - start);
       }
     }
+    t.listed.resize(kept[q]);
+    for (int64_t m = 0; m < kept[q]; ++m)
+      t.listed[m] = static_cast<uint64_t>(keys[q][m]) << 32 | static_cast<uint64_t>(start + indices[q][m]);
     t.complete = list;
   }
 }
