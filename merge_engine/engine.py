@@ -4,10 +4,12 @@
       build_plan(config)                        per-tensor jobs from the config and input headers
       ShardedWriter(out_dir, plan.entries())    output layout fixed before any compute
       _Pipeline.run(plan.jobs)
-        read:    prefetch threads read the next jobs' inputs (pinned host buffers on CUDA)
+        read:    prefetch threads read the next jobs' inputs into reused host buffers (io/buffers.py;
+                 pinned on CUDA)
         stage:   (CUDA) host-to-device copies on a side stream, one job ahead of compute
         compute: the method's merge on the device, cast to the output dtype
-        write:   a writer thread puts each result at its final offset in its shard
+        write:   a writer thread puts each result at its final offset in its shard, then hands the
+                 job's host buffers back to the read threads
       write_side_files + commit                 config.json, tokenizer, merge config; rename
 
 Memory stays bounded by (prefetch depth + 2) tensor groups, whatever the number of layers.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -28,6 +31,7 @@ from tqdm.auto import tqdm
 
 from merge_engine.config import MergeConfig, load_config
 from merge_engine.errors import MergeEngineError
+from merge_engine.io.buffers import BufferPool
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.methods import MergeMethod, TensorGroup
 from merge_engine.plan import TOKENIZER_FILES, MergePlan, TensorJob, build_plan
@@ -46,6 +50,7 @@ class MergeOptions:
     copy_tokenizer: bool = True
     overwrite: bool = False
     prefetch: int = 2  # tensor groups read ahead of compute
+    direct_io: bool = True  # read inputs with O_DIRECT where the filesystem allows (io/checkpoint.py)
     quiet: bool = False
     allow_crimes: bool = False  # merge models whose architectures differ
 
@@ -101,6 +106,9 @@ class _Pipeline:
         self.plan, self.writer, self.device, self.options = plan, writer, device, options
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        # room for two of the largest jobs' buffers (inputs and result) waiting to be reused
+        largest = max((j.bytes_in + math.prod(j.shape) * j.out_dtype.itemsize for j in plan.jobs), default=0)
+        self.buffers = BufferPool(2 * largest, pin_memory=self.cuda)
 
     def run(self) -> int:
         jobs = self.plan.jobs
@@ -116,7 +124,7 @@ class _Pipeline:
                 host = reads.popleft().result()
                 if i + depth < len(jobs):
                     reads.append(readers.submit(self.read, jobs[i + depth]))
-                current = (job, self.stage(host))
+                current = (job, self.stage(host), host)
                 if staged:
                     self.compute_and_write(*staged, write_pool, writes)
                 staged = current
@@ -132,8 +140,10 @@ class _Pipeline:
         return [self._read_one(ckpt, name) for ckpt, name in job.inputs + job.side_reads()]
 
     def _read_one(self, ckpt, name: str) -> torch.Tensor:
+        if self.options.direct_io:
+            return ckpt.read_direct(name, self.buffers.take_bytes)
         info = ckpt.tensors[name]
-        return ckpt.read(name, torch.empty(info.shape, dtype=info.dtype, pin_memory=self.cuda))
+        return ckpt.read(name, self.buffers.take(info.shape, info.dtype))
 
     def stage(self, host: list[torch.Tensor]) -> list[torch.Tensor]:
         """Start the host-to-device copies (on the side stream, so they overlap the previous compute)."""
@@ -142,8 +152,9 @@ class _Pipeline:
         with torch.cuda.stream(self.copy_stream):
             return [t.to(self.device, non_blocking=True) for t in host]
 
-    def compute_and_write(self, job: TensorJob, tensors: list[torch.Tensor], write_pool: ThreadPoolExecutor,
-                          writes: deque[Future]) -> None:
+    def compute_and_write(self, job: TensorJob, tensors: list[torch.Tensor], host: list[torch.Tensor],
+                          write_pool: ThreadPoolExecutor, writes: deque[Future]) -> None:
+        """Merge one job (tensors: its inputs on the device; host: their host buffers) and queue the write."""
         if self.cuda:
             compute_stream = torch.cuda.current_stream(self.device)
             compute_stream.wait_stream(self.copy_stream)
@@ -151,20 +162,21 @@ class _Pipeline:
                 t.record_stream(compute_stream)
         result = compute(job, tensors, self.plan.config.method, self.options.random_seed)
         if self.cuda:
-            host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
-            host.copy_(result, non_blocking=True)
+            on_host = self.buffers.take(tuple(result.shape), result.dtype)
+            on_host.copy_(result, non_blocking=True)
             done = torch.cuda.Event()
             done.record(compute_stream)
-            result = (host, done)
+            result = (on_host, done)
         while len(writes) > 2:  # bound the results waiting for the disk
             writes.popleft().result()
-        writes.append(write_pool.submit(self._write, job.out_name, result))
+        writes.append(write_pool.submit(self._write, job.out_name, result, host))
 
-    def _write(self, name: str, result) -> None:
-        if isinstance(result, tuple):
+    def _write(self, name: str, result, host: list[torch.Tensor]) -> None:
+        if isinstance(result, tuple):  # CUDA: the copy to host (and so the job's compute) is done after this
             result[1].synchronize()
             result = result[0]
         self.writer.write(name, result)
+        self.buffers.give(host + [result])  # nothing reads the inputs or the result any more
 
 
 def tensor_group(job: TensorJob, tensors: list[torch.Tensor], seed: int = 0) -> TensorGroup:

@@ -11,6 +11,7 @@ import transformers
 import yaml
 
 from merge_engine import MergeOptions, merge, parse_config
+from merge_engine.io.buffers import BufferPool
 from merge_engine.io.checkpoint import Checkpoint
 
 pytestmark = pytest.mark.slow
@@ -51,6 +52,23 @@ def test_merge_is_deterministic_and_not_trivial(folder_tensors, model_sets, tmp_
     assert all(torch.equal(ta[n], tb[n]) for n in ta)
     base_t = Checkpoint(base).read("model.layers.0.mlp.up_proj.weight")
     assert not torch.equal(ta["model.layers.0.mlp.up_proj.weight"], base_t)
+
+
+def test_direct_io_and_reused_buffers_change_no_byte(model_sets, tmp_path, monkeypatch):
+    """O_DIRECT reads into recycled buffers give the same output files as plain reads into fresh
+    buffers, and the buffers really are recycled (a wrong hand-back would corrupt later tensors)."""
+    from merge_engine import engine
+    base, *experts = model_sets("llama_bf16_sharded")
+    cfg = ties(base, experts, "bfloat16")
+    pools = []
+    monkeypatch.setattr(engine, "BufferPool", lambda *a, **k: pools.append(BufferPool(*a, **k)) or pools[-1])
+    merge(parse_config(cfg), str(tmp_path / "direct"), MergeOptions(quiet=True, prefetch=1))
+    merge(parse_config(cfg), str(tmp_path / "plain"), MergeOptions(quiet=True, direct_io=False, prefetch=3))
+    files = sorted(p.name for p in (tmp_path / "plain").iterdir() if p.suffix == ".safetensors")
+    assert files and files == sorted(p.name for p in (tmp_path / "direct").iterdir() if p.suffix == ".safetensors")
+    for f in files:
+        assert (tmp_path / "direct" / f).read_bytes() == (tmp_path / "plain" / f).read_bytes(), f
+    assert all(pool.reused > pool.fresh for pool in pools)
 
 
 def test_slices_renumber_layers(folder_tensors, model_sets, tmp_path):

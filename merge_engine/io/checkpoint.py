@@ -3,7 +3,9 @@
 Opening a checkpoint reads only headers (validated, see safetensors_format); tensor bytes are read
 one tensor at a time with positional reads straight into a caller-chosen buffer (pinned host memory
 when the merge runs on CUDA), so a model is never held in RAM and the engine's prefetch threads, not
-the compute thread, wait on the disk.
+the compute thread, wait on the disk. The engine reads with O_DIRECT where the filesystem allows
+(read_direct): the disk fills its buffer without a trip through the page cache, whose copy took a
+third of all CPU time of a 1.1B merge on 2 cores, and a merge does not evict the machine's cache.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import os
 import re
 from functools import cached_property
+from typing import Callable
 
 import torch
 
@@ -25,6 +28,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_mo
 _LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _READ_CHUNK = 1 << 30  # Linux caps one pread at ~2 GiB
+_DIRECT_ALIGN = 4096  # O_DIRECT wants block-aligned file offsets, lengths and buffer addresses
 
 
 def split_layer_name(name: str) -> tuple[str, int, str] | None:
@@ -39,6 +43,7 @@ class Checkpoint:
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
         self._fds: dict[str, int] = {}
+        self._direct_fds: dict[str, int | None] = {}  # None: the file's filesystem refuses O_DIRECT
         self._check_folder()
         self.tensors: dict[str, TensorInfo] = self._read_headers()
 
@@ -131,6 +136,43 @@ class Checkpoint:
             done += n
         return out
 
+    def read_direct(self, name: str, take_bytes: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """Read one tensor with O_DIRECT into a buffer from take_bytes(n) (a flat uint8 CPU tensor of n
+        bytes) and return it as a view of that buffer.
+
+        The read covers the tensor's bytes widened to whole blocks, into a block-aligned window of the
+        buffer. Where direct I/O is refused (tmpfs, some network filesystems) or the tensor's offset
+        does not suit its dtype's alignment, this is a plain read() into the same kind of buffer."""
+        info = self.tensors[name]
+        first = info.data_start - info.data_start % _DIRECT_ALIGN
+        last = -(-(info.data_start + info.nbytes) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+        fd = self._direct_fd(info.file) if info.nbytes and info.data_start % info.dtype.itemsize == 0 else None
+        if fd is None:
+            return self.read(name, take_bytes(info.nbytes).view(info.dtype).view(info.shape))
+        raw = take_bytes(last - first + _DIRECT_ALIGN)
+        pad = -raw.data_ptr() % _DIRECT_ALIGN
+        window = memoryview(raw[pad:pad + last - first].numpy())
+        need, done = info.data_start + info.nbytes - first, 0
+        try:
+            while done < need:
+                n = os.preadv(fd, [window[done:done + _READ_CHUNK]], first + done)
+                if n <= 0:
+                    raise CheckpointError(f"{info.file}: tensor '{name}': file ended early (truncated while reading?)")
+                done += n
+        except OSError:  # EINVAL: this file's filesystem takes no direct reads after all
+            self._direct_fds[info.file] = None
+            return self.read(name, raw[:info.nbytes].view(info.dtype).view(info.shape))
+        start = pad + info.data_start - first
+        return raw[start:start + info.nbytes].view(info.dtype).view(info.shape)
+
+    def _direct_fd(self, file: str) -> int | None:
+        if file not in self._direct_fds:
+            try:
+                self._direct_fds[file] = os.open(file, os.O_RDONLY | os.O_DIRECT)
+            except OSError:
+                self._direct_fds[file] = None
+        return self._direct_fds[file]
+
     def _fd(self, file: str) -> int:
         fd = self._fds.get(file)
         if fd is None:  # pread on one shared descriptor is thread-safe
@@ -138,9 +180,11 @@ class Checkpoint:
         return fd
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
+        for fd in [*self._fds.values(), *self._direct_fds.values()]:
+            if fd is not None:
+                os.close(fd)
         self._fds.clear()
+        self._direct_fds.clear()
 
     def __del__(self):
         self.close()

@@ -22,6 +22,57 @@ def test_reads_every_tensor_exactly(folder_tensors, model_sets, key):
     assert ckpt.num_layers == 4
 
 
+def _direct_read_all(ckpt):
+    """Every tensor through read_direct, each into its own buffer: {name: (tensor, buffer)}."""
+    out = {}
+    for name in ckpt.tensors:
+        buffers = []
+        t = ckpt.read_direct(name, lambda n: buffers.append(torch.empty(n, dtype=torch.uint8)) or buffers[-1])
+        out[name] = (t, buffers[0])
+    return out
+
+
+@pytest.mark.parametrize("key", ["llama_bf16_sharded", "gpt2"])
+def test_direct_reads_every_tensor_exactly(folder_tensors, model_sets, key):
+    folder = model_sets(key)[1]
+    ckpt = Checkpoint(folder)
+    want = folder_tensors(folder)
+    for name, (t, buffer) in _direct_read_all(ckpt).items():
+        assert torch.equal(t, want[name]), name
+        assert t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr(), "not a view of its buffer"
+    # the files' ends are not block-aligned, so the last tensor of each file was a short read at EOF
+    assert any(os.path.getsize(info.file) % 4096 for info in ckpt.tensors.values())
+
+
+def test_direct_reads_fall_back_where_refused(folder_tensors, model_sets, monkeypatch):
+    """A filesystem that refuses O_DIRECT at open (tmpfs) or at the first read gets plain reads."""
+    folder = model_sets("llama")[1]
+    want = folder_tensors(folder)
+    real_open, real_preadv = os.open, os.preadv
+
+    def no_direct_open(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(os, "open", no_direct_open)
+    got = _direct_read_all(Checkpoint(folder))
+    assert all(torch.equal(t, want[n]) for n, (t, _) in got.items())
+
+    monkeypatch.setattr(os, "open", real_open)
+    ckpt = Checkpoint(folder)
+    direct = {ckpt._direct_fd(info.file) for info in ckpt.tensors.values()}
+    assert None not in direct, "this test needs a filesystem that opens files with O_DIRECT"
+
+    def refuse_direct(fd, buffers, offset):
+        if fd in direct:
+            raise OSError(22, "Invalid argument")
+        return real_preadv(fd, buffers, offset)
+    monkeypatch.setattr(os, "preadv", refuse_direct)
+    got = _direct_read_all(ckpt)
+    assert all(torch.equal(t, want[n]) for n, (t, _) in got.items())
+    assert all(ckpt._direct_fds[info.file] is None for info in ckpt.tensors.values())
+
+
 def test_sharded_index_is_used(model_sets):
     folder = model_sets("llama_bf16_sharded")[0]
     assert os.path.exists(os.path.join(folder, "model.safetensors.index.json"))

@@ -1,0 +1,40 @@
+"""The engine's pool of host buffers: reuse, the fit rule, the capacity, one hand-back per storage."""
+import torch
+
+from merge_engine.io.buffers import BufferPool
+
+
+def test_a_given_buffer_is_taken_again():
+    pool = BufferPool(capacity=1 << 20)
+    a = pool.take((100, 7), torch.bfloat16)
+    assert a.shape == (100, 7) and a.dtype == torch.bfloat16 and a.is_contiguous()
+    pool.give([a])
+    b = pool.take((50, 14), torch.bfloat16)
+    assert b.data_ptr() == a.data_ptr() and (pool.fresh, pool.reused) == (1, 1)
+    c = pool.take((100, 7), torch.bfloat16)  # the pool is empty again: fresh memory
+    assert c.data_ptr() != b.data_ptr() and pool.fresh == 2
+
+
+def test_fit_rule_keeps_large_buffers_for_large_tensors():
+    pool = BufferPool(capacity=1 << 26)
+    big = pool.take_bytes(8 << 20)
+    pool.give([big])
+    small = pool.take_bytes(1 << 10)  # 8 MiB is more than twice 1 KiB + 1 MiB: not used
+    assert small.data_ptr() != big.data_ptr()
+    assert pool.take_bytes(4 << 20).data_ptr() == big.data_ptr()
+
+
+def test_capacity_and_one_hand_back_per_storage():
+    pool = BufferPool(capacity=3000)
+    a, b = pool.take_bytes(2000), pool.take_bytes(2000)
+    view = a[10:20].view(torch.int16)  # the same storage as a
+    pool.give([a, view, b])  # a once; b would pass the capacity
+    first = pool.take_bytes(2000)
+    assert first.data_ptr() == a.data_ptr()
+    assert pool.take_bytes(2000).data_ptr() not in (a.data_ptr(), b.data_ptr())
+
+
+def test_meta_and_empty_tensors_are_not_pooled():
+    pool = BufferPool(capacity=1 << 20)
+    pool.give([torch.empty(0), torch.empty(10, device="meta")])
+    assert pool.take_bytes(16).data_ptr() != 0 and pool.reused == 0
