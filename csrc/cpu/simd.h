@@ -60,6 +60,18 @@ inline I operator|(I a, I b) { return ME_I(_mm256_or_si256(a.h[k], b.h[k])); }
 inline I andnot(I a, I b) { return ME_I(_mm256_andnot_si256(b.h[k], a.h[k])); }  // a & ~b
 inline I shr(I a, int s) { return ME_I(_mm256_srli_epi32(a.h[k], s)); }
 inline I shl(I a, int s) { return ME_I(_mm256_slli_epi32(a.h[k], s)); }
+inline I operator^(I a, I b) { return ME_I(_mm256_xor_si256(a.h[k], b.h[k])); }
+inline F to_float(I a) { return ME_F(_mm256_cvtepi32_ps(a.h[k])); }  // exact below 2^24
+inline void store(float* p, F x) { _mm256_storeu_ps(p, x.h[0]), _mm256_storeu_ps(p + 8, x.h[1]); }
+// the 64-bit products a * m of unsigned lanes: high and low 32 bits (Philox's mulhilo)
+inline void mulhilo(I a, uint32_t m, I& hi, I& lo) {
+  const __m256i mv = _mm256_set1_epi32(static_cast<int32_t>(m));
+  for (int k = 0; k < 2; ++k) {
+    const __m256i even = _mm256_mul_epu32(a.h[k], mv), odd = _mm256_mul_epu32(_mm256_srli_epi64(a.h[k], 32), mv);
+    lo.h[k] = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+    hi.h[k] = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  }
+}
 inline int lanes_set(I m) {  // bit l: lane l
   return _mm256_movemask_ps(_mm256_castsi256_ps(m.h[0])) | _mm256_movemask_ps(_mm256_castsi256_ps(m.h[1])) << 8;
 }
@@ -148,6 +160,15 @@ inline I operator|(I a, I b) { I r; ME_LANES(a.v[l] | b.v[l]); return r; }
 inline I andnot(I a, I b) { I r; ME_LANES(a.v[l] & ~b.v[l]); return r; }
 inline I shr(I a, int s) { I r; ME_LANES(static_cast<int32_t>(static_cast<uint32_t>(a.v[l]) >> s)); return r; }
 inline I shl(I a, int s) { I r; ME_LANES(static_cast<int32_t>(static_cast<uint32_t>(a.v[l]) << s)); return r; }
+inline I operator^(I a, I b) { I r; ME_LANES(a.v[l] ^ b.v[l]); return r; }
+inline F to_float(I a) { F r; ME_LANES(static_cast<float>(a.v[l])); return r; }
+inline void store(float* p, F x) { std::memcpy(p, x.v, sizeof x.v); }
+inline void mulhilo(I a, uint32_t m, I& hi, I& lo) {
+  for (int l = 0; l < kWidth; ++l) {
+    const uint64_t p = static_cast<uint64_t>(static_cast<uint32_t>(a.v[l])) * m;
+    hi.v[l] = static_cast<int32_t>(p >> 32), lo.v[l] = static_cast<int32_t>(p);
+  }
+}
 inline int lanes_set(I m) { int r = 0; for (int l = 0; l < kWidth; ++l) r |= (m.v[l] < 0) << l; return r; }
 inline void store(int32_t* p, I x) { std::memcpy(p, x.v, sizeof x.v); }
 inline int64_t sum(I x) { int64_t s = 0; for (int l = 0; l < kWidth; ++l) s += x.v[l]; return s; }

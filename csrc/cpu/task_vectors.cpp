@@ -492,6 +492,34 @@ template <typename T> int64_t count_non_finite(const T* __restrict__ x, int64_t 
   return c;
 }
 
+// The four uniforms of each of the 4-element groups first .. first + groups - 1 of one stream
+// (uniform4 in task_vectors.h), kWidth groups at a time: Philox's rounds on lanes, then the words
+// interleaved into element order. A batch whose low counter word would wrap takes the scalar path.
+void uniforms(int64_t first, int64_t groups, uint32_t stream, uint32_t k0, uint32_t k1, float* u) {
+  using namespace simd;
+  int64_t q = 0;
+  alignas(32) float words[4][kWidth];
+  for (; q + kWidth <= groups && static_cast<uint32_t>(first + q) <= UINT32_MAX - kWidth; q += kWidth) {
+    const uint64_t g = static_cast<uint64_t>(first + q);
+    I c[4] = {add(iset(static_cast<int32_t>(g)), iota()), iset(static_cast<int32_t>(g >> 32)),
+              iset(static_cast<int32_t>(stream)), iset(0)};
+    uint32_t key0 = k0, key1 = k1;
+    for (int r = 0; r < 10; ++r) {  // philox4x32_10, lane-wise
+      I hi0, lo0, hi1, lo1;
+      mulhilo(c[0], 0xD2511F53u, hi0, lo0);
+      mulhilo(c[2], 0xCD9E8D57u, hi1, lo1);
+      c[0] = hi1 ^ c[1] ^ iset(static_cast<int32_t>(key0));
+      c[2] = hi0 ^ c[3] ^ iset(static_cast<int32_t>(key1));
+      c[1] = lo1, c[3] = lo0;
+      key0 += 0x9E3779B9u, key1 += 0xBB67AE85u;
+    }
+    for (int w = 0; w < 4; ++w) store(words[w], mul(to_float(shr(c[w], 8)), fset(5.9604644775390625e-08f)));
+    for (int l = 0; l < kWidth; ++l)
+      for (int w = 0; w < 4; ++w) u[4 * (q + l) + w] = words[w][l];
+  }
+  for (; q < groups; ++q) uniform4(first + q, stream, k0, k1, u + 4 * q);
+}
+
 // Which elements of [start, start + len) of expert i survive its sparsification.
 template <typename T>
 void keep_flags(const Params& P, int i, const T* d, int64_t start, int64_t len, int64_t row_cols,
@@ -517,9 +545,14 @@ void keep_flags(const Params& P, int i, const T* d, int64_t start, int64_t len, 
       thread_local std::vector<float> draws;
       draws.resize(static_cast<size_t>(groups) * 4);
       float* __restrict__ u = draws.data();
-      for (int64_t q = 0; q < groups; ++q) uniform4(first + q, i, P.key0, P.key1, u + 4 * q);
+      uniforms(first, groups, i, P.key0, P.key1, u);
       const float* __restrict__ uj = u + (start & 3);
-      for (int64_t j = 0; j < len; ++j) keep[j] = uj[j] < (P.mode == kRank ? scratch_p[j] : p);
+      // two loops: one with a select of the operand compiles to masked loads, which on AMD cores take
+      // a microcode assist per masked-off lane (two thirds of DARE's time)
+      if (P.mode == kRank)
+        for (int64_t j = 0; j < len; ++j) keep[j] = uj[j] < scratch_p[j];
+      else
+        for (int64_t j = 0; j < len; ++j) keep[j] = uj[j] < p;
       return;
     }
   }
