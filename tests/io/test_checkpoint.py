@@ -73,6 +73,26 @@ def test_direct_reads_fall_back_where_refused(folder_tensors, model_sets, monkey
     assert all(ckpt._direct_fds[info.file] is None for info in ckpt.tensors.values())
 
 
+def test_direct_read_of_a_tensor_at_an_odd_offset(tmp_path):
+    """The format allows any header length, so a tensor's bytes may start at an odd offset: no dtype
+    view can start there, so that tensor is read the plain way; the others still go direct."""
+    import struct
+    a = torch.arange(5000, dtype=torch.float32).to(torch.bfloat16)
+    b = torch.arange(3, dtype=torch.uint8)
+    header = {"a": {"dtype": "BF16", "shape": [5000], "data_offsets": [0, 10000]},
+              "b": {"dtype": "U8", "shape": [3], "data_offsets": [10000, 10003]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * ((7 - len(raw)) % 8)  # 8 + len(raw) is odd
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + a.view(torch.uint8).numpy().tobytes()
+                                               + b.numpy().tobytes())
+    ckpt = Checkpoint(str(folder))
+    assert ckpt.tensors["a"].data_start % 2 == 1
+    got = _direct_read_all(ckpt)
+    assert torch.equal(got["a"][0], a) and torch.equal(got["b"][0], b)
+
+
 def test_sharded_index_is_used(model_sets):
     folder = model_sets("llama_bf16_sharded")[0]
     assert os.path.exists(os.path.join(folder, "model.safetensors.index.json"))
