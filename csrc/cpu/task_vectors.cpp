@@ -592,20 +592,20 @@ bool merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
   }
   const I not_finite_key = iset(static_cast<int32_t>(inf_key<T>() - 1));  // key > this: NaN or Inf
 
-  // kWidth elements: bs[off..], es[i][off..] (and ks[i][off..]) -> os[off..]; j is their offset in the
-  // block (tie indices); returns the lanes where an input is NaN or Inf. The keep rule and the
-  // consensus are template constants, so that the loop holds no branch on them and keeps its
+  // kWidth elements: b_at[off..], e_at[i][off..] (and keep_at[i][off..]) -> o_at[off..]; j is their
+  // offset in the block (tie indices); returns the lanes where an input is NaN or Inf. The keep rule
+  // and the consensus are template constants, so that the loop holds no branch on them and keeps its
   // constants in registers.
   enum KeepRule { kKeepAll, kKeepFlags, kKeepAboveThresholds, kKeepByCutoffs };
-  auto step = [&](auto rule, auto consensus, const T* bs, const T* const* es, const uint8_t* const* ks,
-                  int64_t off, int32_t j, T* os) ME_ALWAYS_INLINE {
+  auto step = [&](auto rule, auto consensus, const T* b_at, const T* const* e_at, const uint8_t* const* keep_at,
+                  int64_t off, int32_t j, T* o_at) ME_ALWAYS_INLINE {
     constexpr int kRule = decltype(rule)::value;
     I bits;
-    const F bv = L::load(bs + off, bits);
+    const F bv = L::load(b_at + off, bits);
     I bad = gt(L::key_of_bits(bits), not_finite_key);
     F sum = fset(0.f);
     for (int i = 0; i < K; ++i) {
-      const F d = L::round(sub(L::load(es[i] + off, bits), bv));
+      const F d = L::round(sub(L::load(e_at[i] + off, bits), bv));
       bad = bad | gt(L::key_of_bits(bits), not_finite_key);
       const ExpertLanes& c = x[i];
       I keep;
@@ -618,7 +618,7 @@ bool merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
         const I in_lo = (largest ? gt(key, c.lo_t) : gt(c.lo_t, key)) | (eq(key, c.lo_t) & gt(c.lo_c, index));
         keep = andnot(in_hi, in_lo);
       } else if constexpr (kRule == kKeepFlags) {
-        keep = gt(load_u8(ks[i] + off), iset(0));
+        keep = gt(load_u8(keep_at[i] + off), iset(0));
       } else {
         keep = iset(-1);
       }
@@ -648,21 +648,21 @@ bool merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
       if (P.normalize) mixed = L::round(div(mixed, fset(P.divisor)));
     }
     if (P.lambda != 1.f) mixed = L::round(mul(mixed, fset(P.lambda)));
-    L::store(os + off, L::round(add(bv, mixed)));
+    L::store(o_at + off, L::round(add(bv, mixed)));
     return bad;
   };
 
-  std::vector<const T*> es(K);
-  std::vector<const uint8_t*> ks(K, keeps);
+  std::vector<const T*> e_at(K);
+  std::vector<const uint8_t*> keep_at(K, keeps);
   for (int i = 0; i < K; ++i) {
-    es[i] = experts[i] + start;
-    if (keeps) ks[i] = keeps + i * len;
+    e_at[i] = experts[i] + start;
+    if (keeps) keep_at[i] = keeps + i * len;
   }
   const int32_t whole = static_cast<int32_t>(len - len % kWidth);
   auto run = [&](auto rule, auto consensus) {
     I bad = iset(0);  // a local: an accumulator behind a reference would go through memory every step
     for (int32_t j = 0; j < whole; j += kWidth)
-      bad = bad | step(rule, consensus, base + start, es.data(), ks.data(), j, j, out + start);
+      bad = bad | step(rule, consensus, base + start, e_at.data(), keep_at.data(), j, j, out + start);
     if (whole == len) return lanes_set(bad) != 0;
     // the last < kWidth elements, through zero-padded copies
     std::vector<T> pad(static_cast<size_t>(K + 2) * kWidth, T(0.f));
@@ -671,22 +671,21 @@ bool merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
     std::vector<const uint8_t*> kp(K);
     std::copy(base + start + whole, base + start + len, pad.data());
     for (int i = 0; i < K; ++i) {
-      std::copy(es[i] + whole, es[i] + len, pad.data() + kWidth * (i + 1));
+      std::copy(e_at[i] + whole, e_at[i] + len, pad.data() + kWidth * (i + 1));
       ep[i] = pad.data() + kWidth * (i + 1);
-      if (keeps) std::copy(ks[i] + whole, ks[i] + len, kpad.data() + kWidth * i);
+      if (keeps) std::copy(keep_at[i] + whole, keep_at[i] + len, kpad.data() + kWidth * i);
       kp[i] = kpad.data() + kWidth * i;
     }
-    T* os = pad.data() + kWidth * (K + 1);
-    bad = bad | step(rule, consensus, pad.data(), ep.data(), kp.data(), 0, whole, os);
-    std::copy(os, os + (len - whole), out + start + whole);
+    T* o_at = pad.data() + kWidth * (K + 1);
+    bad = bad | step(rule, consensus, pad.data(), ep.data(), kp.data(), 0, whole, o_at);
+    std::copy(o_at, o_at + (len - whole), out + start + whole);
     return lanes_set(bad) != 0;
   };
   auto with_rule = [&](auto consensus) {
-    using R = std::integral_constant<int, kKeepAll>;
     if (by_cutoffs && tie_inside) return run(std::integral_constant<int, kKeepByCutoffs>{}, consensus);
     if (by_cutoffs) return run(std::integral_constant<int, kKeepAboveThresholds>{}, consensus);
     if (keeps) return run(std::integral_constant<int, kKeepFlags>{}, consensus);
-    return run(R{}, consensus);
+    return run(std::integral_constant<int, kKeepAll>{}, consensus);
   };
   return P.consensus ? with_rule(std::true_type{}) : with_rule(std::false_type{});
 }
