@@ -4,7 +4,8 @@ and the PyTorch reference (argsort-based, as common merge tools do it), measured
     python bench/bench_task_vectors.py [--sizes 16M,64M] [--experts 2,4,8] [--device cpu|cuda]
 
 Effective bandwidth = bytes of the minimal algorithm (read the base and K experts once, write the
-output once) / time. Times are the best of --repeat runs after one warm-up run.
+output once) / time. Kernel times are the best of --repeat runs after one warm-up run; the (slow)
+reference's, the best of 2 after one warm-up (its time drifts between runs more than the kernel's).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def main() -> None:
                 ref = "-"
                 speedup = "-"
                 if n <= parse_count(args.reference_max) or k == 2:
-                    tr = best_time(lambda: merge_task_vectors_reference(base, experts, **call), device, 1)
+                    tr = best_time(lambda: merge_task_vectors_reference(base, experts, **call), device, 2)
                     ref, speedup = f"{tr:.3f}", f"{tr / t:.1f}x"
                 print(f"| {method} | {n // 2**20}M | {k} | {t:.3f} | {gbps:.2f} | {100 * gbps / ceiling:.0f}% "
                       f"| {ref} | {speedup} |", flush=True)
