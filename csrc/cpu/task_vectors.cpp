@@ -44,11 +44,17 @@ template <> int64_t inf_key<c10::Half>() { return kInfKey16Half; }
 template <typename T> T delta_of(T e, T b) { return round_to<T>(to_f(e) - to_f(b)); }
 template <> float delta_of<float>(float e, float b) { return e - b; }
 
+// The magnitude key of element i of expert - base.
+template <typename T> int32_t delta_key(const T* e, const T* b, int64_t i) {
+  return static_cast<int32_t>(key_of<T>(delta_of<T>(e[i], b[i])));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Radix select, the fallback of the bracketed select below: the cut-off (T, c) of the first `count`
-// elements of the stable order of the keys of |expert - base| (ops/select.py). Keys have 15 (16-bit types) or 31 (fp32) significant bits:
-// one histogram pass per 16 bits, then, only if the cut-off key is shared by more elements than
-// the selection needs, one parallel pass counting equal keys per chunk and a scan of one chunk.
+// elements of the stable order of the keys of |expert - base| (ops/select.py). Keys have 15 (16-bit
+// types) or 31 (fp32) significant bits: one histogram pass per 16 bits, then, only if the cut-off key
+// is shared by more elements than the selection needs, one parallel pass counting equal keys per
+// chunk and a scan of one chunk.
 // NaN/Inf are not checked here (their keys stay in range); the fused merge pass reports them.
 // ---------------------------------------------------------------------------------------------
 template <typename T, typename KeyFn>
@@ -140,7 +146,7 @@ std::array<int64_t, 2> cutoff_by_histogram(const T* e, const T* b, int64_t n, in
   count = std::min(std::max<int64_t>(count, 0), n);
   if (count == 0) return {largest ? kNothingLargest : kNothingSmallest, 0};
   if (count == n) return {largest ? kNothingSmallest : kNothingLargest, 0};  // every key is beyond it
-  auto key = [&](int64_t i) { return key_of<T>(delta_of<T>(e[i], b[i])); };
+  auto key = [&](int64_t i) { return delta_key(e, b, i); };
   const int64_t r = largest ? n - count : count - 1;  // ascending rank of the cut-off element
   int64_t t, below, equal;
   if (sizeof(T) == 2) {
@@ -217,10 +223,6 @@ struct ChunkTally {  // one query over one chunk
   std::vector<uint64_t> listed;  // key << 32 | index, for lo < key < hi, in index order
   bool complete = false;         // listed holds every such element of the chunk
 };
-
-template <typename T> int32_t delta_key(const T* e, const T* b, int64_t i) {
-  return static_cast<int32_t>(key_of<T>(delta_of<T>(e[i], b[i])));
-}
 
 // Keys of 512 runs of 32 consecutive elements spread over the tensor (whole cache lines), or of every
 // element of a small tensor; then the bracket of each query: the sample keys 8 standard deviations of

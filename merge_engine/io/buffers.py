@@ -24,15 +24,13 @@ class BufferPool:
         self.fresh = self.reused = 0  # buffers allocated / handed out again
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A contiguous tensor of this shape and dtype, on a reused buffer when one fits.
-
-        A buffer fits when it is at least the size needed and at most twice it (plus 1 MiB), so that
-        a large buffer is not tied up by a small tensor."""
+        """A contiguous tensor of this shape and dtype, on a reused buffer when one fits (take_bytes)."""
         nbytes = math.prod(shape) * dtype.itemsize
         return self.take_bytes(nbytes)[:nbytes].view(dtype).view(shape)
 
     def take_bytes(self, nbytes: int) -> torch.Tensor:
-        """A flat uint8 tensor of at least nbytes bytes (reused when one fits, see take)."""
+        """A flat uint8 tensor of nbytes bytes, on a reused buffer when one fits: at least the size needed
+        and at most twice it (plus 1 MiB), so that a large buffer is not tied up by a small tensor."""
         buffer = self._take_free(nbytes) if nbytes else None
         if buffer is None:
             self.fresh += 1

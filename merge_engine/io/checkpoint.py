@@ -37,6 +37,16 @@ def split_layer_name(name: str) -> tuple[str, int, str] | None:
     return (m["prefix"], int(m["index"]), m["rest"]) if m else None
 
 
+def _pread_into(fd: int, view: memoryview, offset: int, need: int, file: str, name: str) -> None:
+    """Positional reads into view from offset until at least `need` bytes have arrived."""
+    done = 0
+    while done < need:
+        n = os.preadv(fd, [view[done:done + _READ_CHUNK]], offset + done)
+        if n <= 0:
+            raise CheckpointError(f"{file}: tensor '{name}': file ended early (truncated while reading?)")
+        done += n
+
+
 class Checkpoint:
     """A model folder: its config.json and the headers of its safetensors files."""
 
@@ -127,13 +137,7 @@ class Checkpoint:
         elif out.dtype != info.dtype or tuple(out.shape) != info.shape or not out.is_contiguous():
             raise ValueError(f"buffer for '{name}' must be a contiguous {info.dtype} {list(info.shape)} tensor")
         view = memoryview(out.view(-1).view(torch.uint8).numpy()) if info.nbytes else memoryview(b"")
-        fd = self._fd(info.file)
-        done = 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done:done + _READ_CHUNK]], info.data_start + done)
-            if n <= 0:
-                raise CheckpointError(f"{info.file}: tensor '{name}': file ended early (truncated while reading?)")
-            done += n
+        _pread_into(self._fd(info.file), view, info.data_start, info.nbytes, info.file, name)
         return out
 
     def read_direct(self, name: str, take_bytes: Callable[[int], torch.Tensor]) -> torch.Tensor:
@@ -152,15 +156,11 @@ class Checkpoint:
         raw = take_bytes(last - first + _DIRECT_ALIGN)
         pad = -raw.data_ptr() % _DIRECT_ALIGN
         window = memoryview(raw[pad:pad + last - first].numpy())
-        need, done = info.data_start + info.nbytes - first, 0
-        try:
-            while done < need:
-                n = os.preadv(fd, [window[done:done + _READ_CHUNK]], first + done)
-                if n <= 0:
-                    raise CheckpointError(f"{info.file}: tensor '{name}': file ended early (truncated while reading?)")
-                done += n
+        try:  # the block-rounded window may pass the file's end: only the tensor's bytes must arrive
+            _pread_into(fd, window, first, info.data_start + info.nbytes - first, info.file, name)
         except OSError:  # EINVAL: this file's filesystem takes no direct reads after all
             self._direct_fds[info.file] = None
+            os.close(fd)
             return self.read(name, raw[:info.nbytes].view(info.dtype).view(info.shape))
         start = pad + info.data_start - first
         return raw[start:start + info.nbytes].view(info.dtype).view(info.shape)
