@@ -54,6 +54,7 @@ inline I f_to_bits(F x) { return ME_I(_mm256_castps_si256(x.h[k])); }
 inline I add(I a, I b) { return ME_I(_mm256_add_epi32(a.h[k], b.h[k])); }
 inline I sub(I a, I b) { return ME_I(_mm256_sub_epi32(a.h[k], b.h[k])); }
 inline I gt(I a, I b) { return ME_I(_mm256_cmpgt_epi32(a.h[k], b.h[k])); }
+inline I max(I a, I b) { return ME_I(_mm256_max_epi32(a.h[k], b.h[k])); }
 inline I eq(I a, I b) { return ME_I(_mm256_cmpeq_epi32(a.h[k], b.h[k])); }
 inline I operator&(I a, I b) { return ME_I(_mm256_and_si256(a.h[k], b.h[k])); }
 inline I operator|(I a, I b) { return ME_I(_mm256_or_si256(a.h[k], b.h[k])); }
@@ -154,6 +155,7 @@ inline I f_to_bits(F x) { I r; std::memcpy(r.v, x.v, sizeof r.v); return r; }
 inline I add(I a, I b) { I r; ME_LANES(static_cast<int32_t>(static_cast<uint32_t>(a.v[l]) + static_cast<uint32_t>(b.v[l]))); return r; }
 inline I sub(I a, I b) { I r; ME_LANES(static_cast<int32_t>(static_cast<uint32_t>(a.v[l]) - static_cast<uint32_t>(b.v[l]))); return r; }
 inline I gt(I a, I b) { I r; ME_LANES(a.v[l] > b.v[l] ? -1 : 0); return r; }
+inline I max(I a, I b) { I r; ME_LANES(a.v[l] > b.v[l] ? a.v[l] : b.v[l]); return r; }
 inline I eq(I a, I b) { I r; ME_LANES(a.v[l] == b.v[l] ? -1 : 0); return r; }
 inline I operator&(I a, I b) { I r; ME_LANES(a.v[l] & b.v[l]); return r; }
 inline I operator|(I a, I b) { I r; ME_LANES(a.v[l] | b.v[l]); return r; }
@@ -188,7 +190,7 @@ inline int compress_store(I m, I a, I b, int32_t* out_a, int32_t* out_b) {
 #undef ME_LANES
 #endif
 
-inline F one_where(I m) { return bits_to_f(m & f_to_bits(fset(1.f))); }  // 1.0f where m, else +0.0f
+inline F masked(F x, I m) { return bits_to_f(f_to_bits(x) & m); }       // x where m, else +0.0f
 
 // Storage dtype T on the lanes: load (value and raw bits), round a float result to T (as dtypes.h's
 // rnd<T>), store a value already rounded to T, and the magnitude key of such a value (ops/select.py).

@@ -560,12 +560,27 @@ void keep_flags(const Params& P, int i, const T* d, int64_t start, int64_t len, 
   }
 }
 
+// The fused pass orders magnitudes by the float bits of |d| (d is a value of T: one AND per lane, no
+// conversion back to T's bits), an order that T's keys share. This maps a key t of T to that domain so
+// that key > t, key < t and key == t give the same answers: below every key -> -1, above every key
+// of T -> INT32_MAX, else the float bits of the value of T whose key is t.
+template <typename T> int32_t float_key(int64_t t) {
+  if (t < 0) return -1;
+  if constexpr (std::is_same_v<T, float>) {
+    return static_cast<int32_t>(std::min<int64_t>(t, INT32_MAX));
+  } else {
+    if (t > 0x7FFF) return INT32_MAX;
+    return static_cast<int32_t>(key_of_float(to_f(T(static_cast<uint16_t>(t), T::from_bits()))));
+  }
+}
+
 // One work item of the fused merge, elements [start, start + len), kWidth lanes at a time: each
 // expert's delta, keep rule, rescale and weight, the running sum, then the sign election and the
 // disjoint mean over the weighted deltas kept in wd, lambda and the base. Every lane operation is the
 // scalar step of the reference in the same order (see the file comment). keeps, for the random and
 // rank modes, holds each expert's keep flags for the block ([K][len]); the magnitude and outliers
-// modes test the cut-offs inline. Returns whether any input of the block is NaN or Inf.
+// modes test the cut-offs inline. Returns whether a delta of the block is NaN or Inf (as any NaN or
+// Inf input makes one).
 template <typename T>
 bool merge_block(const Params& P, const T* base, const std::vector<const T*>& experts, T* out, int64_t start,
                  int64_t len, const uint8_t* keeps, std::vector<simd::F>& wd) {
@@ -573,49 +588,53 @@ bool merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
   using L = Lanes<T>;
   const int K = static_cast<int>(experts.size());
   const bool by_cutoffs = P.mode == kMagnitude || P.mode == kOutliers, largest = P.mode == kMagnitude;
-  // each expert's constants as lanes. keep_by_cutoffs in 32-bit lanes: keys are below 2^31, and
-  // index < c becomes j < c - start, both clamped so that a "nothing" cut-off keeps its meaning. In a
-  // block that no tie index c falls inside, each cut-off is one key comparison against a threshold th:
-  // largest, key > t or key >= t (= key > t - 1); ascending, key < t or key <= t (= key < t + 1).
+  // each expert's constants as lanes. keep_by_cutoffs in 32-bit lanes: keys as float_key, and
+  // index < c becomes j < c - start, clamped to [0, len] so that a "nothing" cut-off keeps its meaning.
+  // In a block that no tie index c falls inside, each cut-off is one key comparison against a
+  // threshold th: largest, key > t or key >= t (= key > t - 1); ascending, key < t or key <= t
+  // (= key < t + 1), with t +- 1 taken on T's keys.
   struct ExpertLanes { I lo_t, lo_c, hi_t, hi_c, lo_th, hi_th; F factor, weight; bool rescale; };
-  auto key32 = [](int64_t t) { return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(t, -1), INT32_MAX)); };
   auto rel32 = [&](int64_t c) { return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(c - start, 0), len)); };
   bool tie_inside = false;  // some cut-off's tie index falls inside this block: compare indices
   auto threshold = [&](int64_t t, int64_t c) {
-    const int32_t t32 = key32(t), c32 = rel32(c);
+    const int32_t c32 = rel32(c);
     tie_inside |= c32 > 0 && c32 < len;
-    return iset(c32 == 0 ? t32 : largest ? t32 - 1 : t32 + 1);  // c32 == len: the equal keys count
+    const int64_t t_any = t == kNothingLargest ? t : largest ? t - 1 : t + 1;
+    return iset(float_key<T>(c32 == 0 ? t : t_any));  // c32 == len: the equal keys count
   };
   std::vector<ExpertLanes> x(K);
   for (int i = 0; i < K; ++i) {
     const auto& c = P.cuts[i];
-    x[i] = {iset(key32(c[0])), iset(rel32(c[1])), iset(key32(c[2])), iset(rel32(c[3])), threshold(c[0], c[1]),
-            threshold(c[2], c[3]), fset(P.factors[i]), fset(P.weights[i]), !std::isnan(P.factors[i])};
+    x[i] = {iset(float_key<T>(c[0])), iset(rel32(c[1])), iset(float_key<T>(c[2])), iset(rel32(c[3])),
+            threshold(c[0], c[1]), threshold(c[2], c[3]), fset(P.factors[i]), fset(P.weights[i]),
+            !std::isnan(P.factors[i])};
   }
-  const I not_finite_key = iset(static_cast<int32_t>(inf_key<T>() - 1));  // key > this: NaN or Inf
+  const I abs_bits = iset(0x7FFFFFFF);
 
   // kWidth elements: b_at[off..], e_at[i][off..] (and keep_at[i][off..]) -> o_at[off..]; j is their
-  // offset in the block (tie indices); returns the lanes where an input is NaN or Inf. The keep rule
+  // offset in the block (tie indices); returns the largest delta key of each lane. A NaN or Inf input
+  // makes every delta it enters NaN or Inf (inf - x, x - inf, NaN), whose key is at least Inf's, so
+  // the deltas alone reveal one; a delta that overflowed from finite inputs is cleared by the recount
+  // of the inputs after the pass. The keep rule
   // and the consensus are template constants, so that the loop holds no branch on them and keeps its
   // constants in registers.
   enum KeepRule { kKeepAll, kKeepFlags, kKeepAboveThresholds, kKeepByCutoffs };
   auto step = [&](auto rule, auto consensus, const T* b_at, const T* const* e_at, const uint8_t* const* keep_at,
                   int64_t off, int32_t j, T* o_at) ME_ALWAYS_INLINE {
     constexpr int kRule = decltype(rule)::value;
-    I bits;
+    I bits, worst = iset(0);
     const F bv = L::load(b_at + off, bits);
-    I bad = gt(L::key_of_bits(bits), not_finite_key);
     F sum = fset(0.f);
     for (int i = 0; i < K; ++i) {
       const F d = L::round(sub(L::load(e_at[i] + off, bits), bv));
-      bad = bad | gt(L::key_of_bits(bits), not_finite_key);
+      const I key = f_to_bits(d) & abs_bits;
+      worst = max(worst, key);
       const ExpertLanes& c = x[i];
       I keep;
       if constexpr (kRule == kKeepAboveThresholds) {
-        const I key = L::key(d);
         keep = largest ? andnot(gt(key, c.hi_th), gt(key, c.lo_th)) : andnot(gt(c.hi_th, key), gt(c.lo_th, key));
       } else if constexpr (kRule == kKeepByCutoffs) {
-        const I key = L::key(d), index = add(iota(), iset(j));
+        const I index = add(iota(), iset(j));
         const I in_hi = (largest ? gt(key, c.hi_t) : gt(c.hi_t, key)) | (eq(key, c.hi_t) & gt(c.hi_c, index));
         const I in_lo = (largest ? gt(key, c.lo_t) : gt(c.lo_t, key)) | (eq(key, c.lo_t) & gt(c.lo_c, index));
         keep = andnot(in_hi, in_lo);
@@ -624,7 +643,9 @@ bool merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
       } else {
         keep = iset(-1);
       }
-      F v = mul(d, one_where(keep));  // d * 0 or d * 1, exactly as the reference multiplies
+      // d or +0 where the reference has d * 0 (+-0): the sign of a zero term changes no sum that
+      // starts at +0 and no sign agreement below, so the outputs are the same
+      F v = masked(d, keep);
       if (c.rescale) v = L::round(mul(v, c.factor));
       v = L::round(mul(v, c.weight));
       sum = add(sum, v);
@@ -632,18 +653,22 @@ bool merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
     }
     F mixed;
     if constexpr (decltype(consensus)::value) {
-      // elected sign: +1 where the sum rounded to T is >= 0, else -1; a delta agrees where wd * sign > 0
-      const F sign = select(ge(L::round(sum), fset(0.f)), fset(1.f), fset(-1.f));
+      // elected sign: +1 where the sum rounded to T is >= 0, else -1. The sum needs no rounding for
+      // this test: its terms are values of T, so every partial sum is a multiple of T's smallest
+      // subnormal u (sums below 2^24 u are exact in float, larger ones stay on the float grid, which
+      // is coarser than u there), and rounding to T keeps the sign of any x with |x| >= u. It is
+      // never -0 (it starts at +0). A delta agrees where wd * sign > 0.
+      const F sign = select(ge(sum, fset(0.f)), fset(1.f), fset(-1.f));
       F agree_sum = fset(0.f), agree_w = fset(0.f);
       for (int i = 0; i < K; ++i) {
-        const F agree = one_where(gt(mul(wd[i], sign), fset(0.f)));
-        agree_sum = add(agree_sum, mul(wd[i], agree));
-        agree_w = add(agree_w, mul(x[i].weight, agree));
+        const I agree = gt(mul(wd[i], sign), fset(0.f));
+        agree_sum = add(agree_sum, masked(wd[i], agree));  // +0 for the reference's wd * 0: as above
+        agree_w = add(agree_w, masked(x[i].weight, agree));
       }
       mixed = L::round(agree_sum);
       if (P.normalize) {
         const F divisor = L::round(agree_w);  // a zero divisor becomes 1
-        mixed = L::round(div(mixed, add(divisor, one_where(eq(divisor, fset(0.f))))));
+        mixed = L::round(div(mixed, select(eq(divisor, fset(0.f)), fset(1.f), divisor)));
       }
     } else {
       mixed = L::round(sum);
@@ -651,7 +676,7 @@ bool merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
     }
     if (P.lambda != 1.f) mixed = L::round(mul(mixed, fset(P.lambda)));
     L::store(o_at + off, L::round(add(bv, mixed)));
-    return bad;
+    return worst;
   };
 
   std::vector<const T*> e_at(K);
@@ -661,11 +686,12 @@ bool merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
     if (keeps) keep_at[i] = keeps + i * len;
   }
   const int32_t whole = static_cast<int32_t>(len - len % kWidth);
+  const I finite_key_limit = iset(kInfKey32 - 1);  // float bits of |d| above this: NaN or Inf
   auto run = [&](auto rule, auto consensus) {
-    I bad = iset(0);  // a local: an accumulator behind a reference would go through memory every step
+    I worst = iset(0);  // a local: an accumulator behind a reference would go through memory every step
     for (int32_t j = 0; j < whole; j += kWidth)
-      bad = bad | step(rule, consensus, base + start, e_at.data(), keep_at.data(), j, j, out + start);
-    if (whole == len) return lanes_set(bad) != 0;
+      worst = max(worst, step(rule, consensus, base + start, e_at.data(), keep_at.data(), j, j, out + start));
+    if (whole == len) return lanes_set(gt(worst, finite_key_limit)) != 0;
     // the last < kWidth elements, through zero-padded copies
     std::vector<T> pad(static_cast<size_t>(K + 2) * kWidth, T(0.f));
     std::vector<uint8_t> kpad(static_cast<size_t>(K) * kWidth, 0);
@@ -679,9 +705,9 @@ bool merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
       kp[i] = kpad.data() + kWidth * i;
     }
     T* o_at = pad.data() + kWidth * (K + 1);
-    bad = bad | step(rule, consensus, pad.data(), ep.data(), kp.data(), 0, whole, o_at);
+    worst = max(worst, step(rule, consensus, pad.data(), ep.data(), kp.data(), 0, whole, o_at));
     std::copy(o_at, o_at + (len - whole), out + start + whole);
-    return lanes_set(bad) != 0;
+    return lanes_set(gt(worst, finite_key_limit)) != 0;
   };
   auto with_rule = [&](auto consensus) {
     if (by_cutoffs && tie_inside) return run(std::integral_constant<int, kKeepByCutoffs>{}, consensus);
@@ -766,7 +792,7 @@ void merge_typed(Params& P, const torch::Tensor& base, const std::vector<torch::
       if (merge_block<T>(P, b, e, o, start, len, drawn ? keeps.data() : nullptr, wd)) non_finite = true;
     }
   });
-  if (non_finite) {  // name the first input at fault and count its NaN/Inf values
+  if (non_finite) {  // name the first input at fault and count its NaN/Inf values (none: a delta overflowed)
     for (int i = 0; i <= K; ++i) {
       const T* x = i == 0 ? b : e[i - 1];
       const int64_t total = count_non_finite<T>(x, n);

@@ -190,12 +190,29 @@ def test_dare_masks_identical_to_reference(ext):
         assert torch.equal(got, merge_task_vectors_reference(base, experts, **kw)), f"seed {seed}"
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_inputs_are_errors(ext, bad):
-    base, experts = make_inputs((100,), torch.float32, 2, 3)
-    experts[1][17] = bad
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        _merge_with(ext, base, experts, [1.0, 1.0], [0.5, 0.5], "magnitude", True, True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsify", ["magnitude", "random", ""])
+@pytest.mark.parametrize("at_fault", [0, 1, 2])  # the base, expert 0, expert 1
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_inputs_are_errors(ext, dtype, sparsify, at_fault, bad):
+    # the fused pass detects them through the deltas they make non-finite; the message names the input
+    base, experts = make_inputs((100,), dtype, 2, 3)
+    (base if at_fault == 0 else experts[at_fault - 1])[17] = bad
+    name = "the base" if at_fault == 0 else f"expert {at_fault - 1}"
+    with pytest.raises(ValueError, match=f"{name} has 1 NaN or Inf"):
+        _merge_with(ext, base, experts, [1.0, 1.0], [0.5, 0.5], sparsify, True, True)
+
+
+@pytest.mark.parametrize("sparsify", ["random", ""])  # (the magnitude reference refuses an Inf delta)
+def test_overflowing_delta_of_finite_inputs_is_no_error(ext, sparsify):
+    # 60000 - (-60000) overflows float16: an Inf delta from finite inputs merges as the reference does
+    base, experts = make_inputs((100,), torch.float16, 2, 5)
+    base[3], experts[0][3] = -60000.0, 60000.0
+    kw = dict(weights=[1.0, 1.0], densities=[0.5, 0.5], sparsify=sparsify, consensus=True, normalize=True)
+    want = merge_task_vectors_reference(base, experts, **kw)
+    assert all(torch.isfinite(x).all() for x in [base, *experts])
+    assert torch.isinf(experts[0][3] - base[3])  # the delta in float16
+    assert torch.equal(_merge_with(ext, base, experts, **kw), want)
 
 
 def test_op_dispatches_to_the_extension(ext, monkeypatch):
