@@ -103,8 +103,8 @@ inline void store_u16(void* p, I x) {  // low 16 bits of each lane
                      _mm_packus_epi32(_mm256_castsi256_si128(lo16), _mm256_extracti128_si256(lo16, 1)));
   }
 }
-// Writes the lanes of a and b where m is set, in lane order, to out_a and out_b (each needs room for
-// kWidth entries past what is kept) and returns how many: a compaction without a branch per lane,
+// Writes the lanes of a where m is set, in lane order, to out (which needs room for kWidth entries
+// past what is kept) and returns how many: a compaction without a branch per lane,
 // whose pattern (a few percent of lanes, at random) would defeat the branch predictor.
 namespace detail {
 struct CompressTable {  // for each 8-bit mask, the lane indices of its set bits first
@@ -120,13 +120,12 @@ struct CompressTable {  // for each 8-bit mask, the lane indices of its set bits
 };
 inline const CompressTable compress_table;
 }  // namespace detail
-inline int compress_store(I m, I a, I b, int32_t* out_a, int32_t* out_b) {
+inline int compress_store(I m, I a, int32_t* out) {
   int kept = 0;
   for (int k = 0; k < 2; ++k) {
     const int bits = _mm256_movemask_ps(_mm256_castsi256_ps(m.h[k]));
     const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(detail::compress_table.lanes[bits]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_a + kept), _mm256_permutevar8x32_epi32(a.h[k], order));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_b + kept), _mm256_permutevar8x32_epi32(b.h[k], order));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kept), _mm256_permutevar8x32_epi32(a.h[k], order));
     kept += __builtin_popcount(bits);
   }
   return kept;
@@ -181,10 +180,10 @@ inline void store_u16(void* p, I x) {
   for (int l = 0; l < kWidth; ++l) a[l] = static_cast<uint16_t>(x.v[l]);
   std::memcpy(p, a, sizeof a);
 }
-inline int compress_store(I m, I a, I b, int32_t* out_a, int32_t* out_b) {
+inline int compress_store(I m, I a, int32_t* out) {
   int kept = 0;
   for (int l = 0; l < kWidth; ++l)
-    if (m.v[l]) out_a[kept] = a.v[l], out_b[kept++] = b.v[l];
+    if (m.v[l]) out[kept++] = a.v[l];
   return kept;
 }
 #undef ME_LANES

@@ -202,8 +202,8 @@ template <typename T> void check_finite(const T* x, int64_t n, const char* what)
 // Bracketed select, the fast path for every cut-off of every expert: a sample of each expert's keys
 // brackets its cut-off rank between two keys lo <= hi; one vectorised pass (a chunk of all experts at
 // a time, so the base chunk is read from memory once) then counts, per chunk, the keys below lo, equal
-// to lo and equal to hi, and lists the few keys strictly between them with their indices. The cut-off
-// (T, c) follows from these alone; a tie at lo or hi rescans the one chunk where the tie index falls.
+// to lo and equal to hi, and lists the few keys strictly between them (in index order). The cut-off
+// key T follows from these alone, and its tie index c from a rescan of the one chunk where it falls.
 // When the sample misled (the rank is outside the bracket, or the list outgrew its budget) the radix
 // select above finds that cut-off instead. Both give the reference's (T, c): the bracket only decides
 // how fast.
@@ -220,7 +220,7 @@ struct CutoffQuery {  // the first `count` elements of expert i's stable order
 
 struct ChunkTally {  // one query over one chunk
   int64_t below = 0, at_lo = 0, at_hi = 0, inside = 0;
-  std::vector<uint64_t> listed;  // key << 32 | index, for lo < key < hi, in index order
+  std::vector<int32_t> listed;   // the keys with lo < key < hi, in index order
   bool complete = false;         // listed holds every such element of the chunk
 };
 
@@ -253,23 +253,22 @@ void bracket_queries(const T* e, const T* b, int64_t n, std::vector<CutoffQuery*
 }
 
 // One chunk of one expert against NQ of its queries (two: breadcrumbs' window), counts in lanes;
-// the listed keys and indices are compacted into the thread's scratch, then copied to the tally.
+// the listed keys are compacted into the thread's scratch, then copied to the tally. Only keys: the
+// one tie index a query may need is found by rescanning the one chunk where it falls.
 template <typename T, int NQ>
 void tally_chunk(const T* e, const T* b, int64_t start, int64_t len, CutoffQuery* const* qs,
                  ChunkTally* const* tallies, bool list) {
   using namespace simd;
   using L = Lanes<T>;
   thread_local std::vector<int32_t> scratch;
-  scratch.resize(static_cast<size_t>(NQ) * 2 * (kSelectChunk + kWidth));
+  scratch.resize(static_cast<size_t>(NQ) * (kSelectChunk + kWidth));
   int32_t* keys[NQ];
-  int32_t* indices[NQ];
   int64_t kept[NQ];
   I lo[NQ], hi[NQ], below[NQ], at_lo[NQ], at_hi[NQ], inside[NQ];
   for (int q = 0; q < NQ; ++q) {
     lo[q] = iset(qs[q]->lo), hi[q] = iset(qs[q]->hi);
     below[q] = at_lo[q] = at_hi[q] = inside[q] = iset(0);
-    keys[q] = scratch.data() + (2 * q) * (kSelectChunk + kWidth);
-    indices[q] = keys[q] + kSelectChunk + kWidth;
+    keys[q] = scratch.data() + q * (kSelectChunk + kWidth);
     kept[q] = 0;
   }
   int64_t j = 0;
@@ -282,7 +281,7 @@ void tally_chunk(const T* e, const T* b, int64_t start, int64_t len, CutoffQuery
       at_lo[q] = sub(at_lo[q], eq(key, lo[q]));
       at_hi[q] = sub(at_hi[q], eq(key, hi[q]) & above_lo);
       inside[q] = sub(inside[q], in);
-      if (list) kept[q] += compress_store(in, key, add(iota(), iset(static_cast<int32_t>(j))), keys[q] + kept[q], indices[q] + kept[q]);
+      if (list) kept[q] += compress_store(in, key, keys[q] + kept[q]);
     }
   }
   for (int q = 0; q < NQ; ++q) {
@@ -293,27 +292,28 @@ void tally_chunk(const T* e, const T* b, int64_t start, int64_t len, CutoffQuery
       t.below += key < l, t.at_lo += key == l, t.at_hi += key == h && key > l;
       if (key > l && key < h) {
         ++t.inside;
-        if (list) keys[q][kept[q]] = key, indices[q][kept[q]++] = static_cast<int32_t>(i - start);
+        if (list) keys[q][kept[q]++] = key;
       }
     }
-    t.listed.resize(kept[q]);
-    for (int64_t m = 0; m < kept[q]; ++m)
-      t.listed[m] = static_cast<uint64_t>(keys[q][m]) << 32 | static_cast<uint64_t>(start + indices[q][m]);
+    t.listed.assign(keys[q], keys[q] + kept[q]);
     t.complete = list;
   }
 }
 
-// Index just past the need-th element (index order) with key t, given each chunk's count of them.
-template <typename T>
+// Index just past the need-th element (index order) with key t, given count(chunk tally): how many
+// elements of that chunk have key t.
+template <typename T, typename CountFn>
 int64_t tie_index_from_counts(const T* e, const T* b, int64_t n, int32_t t, int64_t need,
-                              const std::vector<ChunkTally>& tally, int64_t ChunkTally::*count) {
+                              const std::vector<ChunkTally>& tally, CountFn count) {
   for (size_t c = 0; c < tally.size(); ++c) {
-    if (need > tally[c].*count) { need -= tally[c].*count; continue; }
+    const int64_t here = count(tally[c]);
+    if (need > here) { need -= here; continue; }
     for (int64_t i = c * kSelectChunk, end = std::min(n, i + kSelectChunk); i < end; ++i)
       if (delta_key(e, b, i) == t && --need == 0) return i + 1;
   }
   TORCH_CHECK(false, "bracketed select: tie count mismatch");
 }
+
 
 // The cut-off from one query's tallies, or false when the bracket missed its rank.
 template <typename T>
@@ -326,7 +326,7 @@ bool resolve_query(const T* e, const T* b, int64_t n, CutoffQuery& q, const std:
   const int64_t r = q.rank;
   // (cut-off key, keys below it, keys equal to it), and how the tie index is found
   int64_t key, less, equal;
-  int64_t ChunkTally::*tie_count = nullptr;
+  int64_t ChunkTally::*tie_count = nullptr;  // the chunks' counts of the cut-off key, or none: listed
   if (r >= below && r < below + at_lo) {
     key = q.lo, less = below, equal = at_lo, tie_count = &ChunkTally::at_lo;
   } else if (r >= below + at_lo + inside && r < below + at_lo + inside + at_hi) {
@@ -338,20 +338,20 @@ bool resolve_query(const T* e, const T* b, int64_t n, CutoffQuery& q, const std:
     if (static_cast<int64_t>(q.hi) - q.lo <= (1 << 16)) {
       std::vector<int64_t> per_key(q.hi - q.lo, 0);
       for (const auto& t : tally)
-        for (uint64_t v : t.listed) ++per_key[(v >> 32) - q.lo];
+        for (int32_t v : t.listed) ++per_key[v - q.lo];
       int64_t k = 0;
       while (rank >= per_key[k]) rank -= per_key[k++];
       key = q.lo + k;
       less = below + at_lo + std::accumulate(per_key.begin(), per_key.begin() + k, int64_t{0});
       equal = per_key[k];
     } else {
-      std::vector<uint64_t> keys;
+      std::vector<int32_t> keys;
       keys.reserve(inside);
       for (const auto& t : tally) keys.insert(keys.end(), t.listed.begin(), t.listed.end());
       std::nth_element(keys.begin(), keys.begin() + rank, keys.end());
-      key = static_cast<int64_t>(keys[rank] >> 32);
+      key = keys[rank];
       less = below + at_lo, equal = 0;
-      for (uint64_t v : keys) less += static_cast<int64_t>(v >> 32) < key, equal += static_cast<int64_t>(v >> 32) == key;
+      for (int32_t v : keys) less += v < key, equal += v == key;
     }
   } else {
     return false;
@@ -359,14 +359,11 @@ bool resolve_query(const T* e, const T* b, int64_t n, CutoffQuery& q, const std:
   const int64_t need = largest ? q.count - (n - less - equal) : q.count - less;
   int64_t c = n;
   if (need < equal) {
-    if (tie_count) {
-      c = tie_index_from_counts(e, b, n, static_cast<int32_t>(key), need, tally, tie_count);
-    } else {  // the lists, chunk after chunk, are in index order
-      int64_t seen = 0;
-      for (const auto& t : tally)
-        for (uint64_t v : t.listed)
-          if (static_cast<int64_t>(v >> 32) == key && ++seen == need) c = static_cast<int64_t>(v & 0xFFFFFFFFu) + 1;
-    }
+    const int32_t t = static_cast<int32_t>(key);
+    c = tie_count ? tie_index_from_counts(e, b, n, t, need, tally, [&](const ChunkTally& x) { return x.*tie_count; })
+                  : tie_index_from_counts(e, b, n, t, need, tally, [&](const ChunkTally& x) {
+                      return static_cast<int64_t>(std::count(x.listed.begin(), x.listed.end(), t));
+                    });
   }
   q.cutoff = {key, c};
   return true;
@@ -393,43 +390,41 @@ std::vector<std::vector<std::array<int64_t, 2>>> delta_cutoffs(const T* b, const
   std::vector<std::vector<CutoffQuery*>> open(K);  // per expert, the queries the pass answers
   for (auto& q : queries)
     if (!q.found) open[q.expert].push_back(&q);
-  if (n < (int64_t{1} << 32)) {  // list entries hold 32-bit indices
-    at::parallel_for(0, K, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i)
-        if (!open[i].empty()) bracket_queries<T>(experts[i], b, n, open[i]);
-    });
-    const int64_t chunks = (n + kSelectChunk - 1) / kSelectChunk;
-    std::vector<std::vector<ChunkTally>> tally(queries.size(), std::vector<ChunkTally>(chunks));
-    // a query stops listing once it has listed n / 16 + 64K entries, so lists stay below ~n / 2 bytes
-    const int64_t budget = n / 16 + kSelectChunk;
-    std::vector<std::atomic<int64_t>> listed(queries.size());
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t start = c * kSelectChunk, len = std::min(kSelectChunk, n - start);
-        for (int i = 0; i < K; ++i)
-          for (size_t g = 0; g < open[i].size(); g += 2) {  // two cut-offs (breadcrumbs' window) per read
-            const int nq = static_cast<int>(std::min<size_t>(2, open[i].size() - g));
-            ChunkTally* t[2];
-            bool list = true;
-            for (int q = 0; q < nq; ++q) {
-              const size_t id = open[i][g + q] - queries.data();
-              t[q] = &tally[id][c];
-              list &= listed[id].load(std::memory_order_relaxed) < budget;
-            }
-            if (nq == 2)
-              tally_chunk<T, 2>(experts[i], b, start, len, open[i].data() + g, t, list);
-            else
-              tally_chunk<T, 1>(experts[i], b, start, len, open[i].data() + g, t, list);
-            for (int q = 0; q < nq; ++q) listed[open[i][g + q] - queries.data()] += t[q]->inside;
+  at::parallel_for(0, K, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      if (!open[i].empty()) bracket_queries<T>(experts[i], b, n, open[i]);
+  });
+  const int64_t chunks = (n + kSelectChunk - 1) / kSelectChunk;
+  std::vector<std::vector<ChunkTally>> tally(queries.size(), std::vector<ChunkTally>(chunks));
+  // a query stops listing once it has listed n / 16 + 64K keys, so lists stay below ~n / 4 bytes
+  const int64_t budget = n / 16 + kSelectChunk;
+  std::vector<std::atomic<int64_t>> listed(queries.size());
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t start = c * kSelectChunk, len = std::min(kSelectChunk, n - start);
+      for (int i = 0; i < K; ++i)
+        for (size_t g = 0; g < open[i].size(); g += 2) {  // two cut-offs (breadcrumbs' window) per read
+          const int nq = static_cast<int>(std::min<size_t>(2, open[i].size() - g));
+          ChunkTally* t[2];
+          bool list = true;
+          for (int q = 0; q < nq; ++q) {
+            const size_t id = open[i][g + q] - queries.data();
+            t[q] = &tally[id][c];
+            list &= listed[id].load(std::memory_order_relaxed) < budget;
           }
-      }
-    });
-    at::parallel_for(0, static_cast<int64_t>(queries.size()), 1, [&](int64_t q0, int64_t q1) {
-      for (int64_t id = q0; id < q1; ++id)
-        if (!queries[id].found)
-          queries[id].found = resolve_query<T>(experts[queries[id].expert], b, n, queries[id], tally[id], largest);
-    });
-  }
+          if (nq == 2)
+            tally_chunk<T, 2>(experts[i], b, start, len, open[i].data() + g, t, list);
+          else
+            tally_chunk<T, 1>(experts[i], b, start, len, open[i].data() + g, t, list);
+          for (int q = 0; q < nq; ++q) listed[open[i][g + q] - queries.data()] += t[q]->inside;
+        }
+    }
+  });
+  at::parallel_for(0, static_cast<int64_t>(queries.size()), 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t id = q0; id < q1; ++id)
+      if (!queries[id].found)
+        queries[id].found = resolve_query<T>(experts[queries[id].expert], b, n, queries[id], tally[id], largest);
+  });
   size_t id = 0;
   for (int i = 0; i < K; ++i)
     for (size_t j = 0; j < counts[i].size(); ++j, ++id) {
