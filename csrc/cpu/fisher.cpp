@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "dtypes.h"
+#include "memory.h"
 
 namespace merge_engine {
 namespace {
@@ -126,7 +127,7 @@ torch::Tensor fisher_merge_cpu(const std::vector<torch::Tensor>& params, const s
                     fishers[j].scalar_type() == fishers[0].scalar_type(),
                 "fisher_merge: params must share one dtype and Fishers another");
   }
-  auto out = torch::empty_like(params[0]);
+  auto out = empty_output_like(params[0]);
   const auto c = as_floats(coefficients), fl = as_floats(floors);
   dispatch_dtype(params[0].scalar_type(), [&](auto p_tag) {
     using P = decltype(p_tag);

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "dtypes.h"
+#include "memory.h"
 
 namespace merge_engine {
 namespace {
@@ -169,7 +170,7 @@ torch::Tensor gather_blocks_cpu(const std::vector<torch::Tensor>& tensors, int64
   const Layout lay = layout_of(tensors[0], dim, block_size);
   const int64_t* layers = index_data(src_layer, lay.n_blocks, "src_layer");
   const int64_t* blocks = index_data(src_block, lay.n_blocks, "src_block");
-  auto out = torch::empty_like(tensors[layer]);
+  auto out = empty_output_like(tensors[layer]);
   dispatch_width(out, [&](auto w) {
     using W = decltype(w);
     gather_typed<W>(tensors, layers, blocks, lay, static_cast<W*>(out.data_ptr()));

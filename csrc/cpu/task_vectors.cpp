@@ -23,6 +23,7 @@
 
 #include "../task_vectors.h"
 #include "dtypes.h"
+#include "memory.h"
 #include "simd.h"
 
 namespace merge_engine {
@@ -841,7 +842,7 @@ torch::Tensor merge_task_vectors_cpu(const torch::Tensor& base, const std::vecto
   TORCH_CHECK(mode != kRank || epsilons.size() == K, "merge_engine: one epsilon per expert");
   Params P{static_cast<int>(mode), consensus, normalize, rescale, static_cast<float>(lambda),
            static_cast<uint32_t>(key0), static_cast<uint32_t>(key1)};
-  auto out = torch::empty_like(base);
+  auto out = empty_output_like(base);
   dispatch_dtype(base.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const bool by_cutoffs = mode == kMagnitude || mode == kOutliers;

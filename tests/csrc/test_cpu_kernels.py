@@ -257,3 +257,36 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path):
         assert torch.equal(ops.merge_task_vectors(base, experts, **kw), merge_task_vectors_reference(base, experts, **kw))
     finally:
         backends.cpu_extension.cache_clear()
+
+
+HUGE_PAGE_PROBE = """
+import torch
+from merge_engine.ops import backends
+from merge_engine.ops.consensus import _merge_with
+base = torch.zeros(5 * 2**20, dtype=torch.bfloat16)  # 10 MiB: whole 2 MiB pages inside
+out = _merge_with(backends.cpu_extension(), base, [base + 1, base - 1], [1.0, 1.0], [0.5, 0.5], "magnitude", True)
+first = (out.data_ptr() + 2**21 - 1) // 2**21 * 2**21
+span, flags = None, {}
+for line in open("/proc/self/smaps"):
+    head = line.split()[0]
+    if "-" in head and ":" not in head:
+        lo, hi = (int(x, 16) for x in head.split("-"))
+        span = lo <= first < hi
+    elif span and head == "VmFlags:":
+        print("hg" in line.split()[1:])
+"""
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/sys/kernel/mm/transparent_hugepage/enabled")
+                    or "[never]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read(),
+                    reason="no transparent huge pages on this system")
+def test_outputs_are_advised_onto_huge_pages(ext):
+    # with torch's own huge-page allocation off (a library user's process), the kernel still asks
+    # for huge pages for its fresh output before touching it (the advice shows as VmFlags "hg")
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, THP_MEM_ALLOC_ENABLE="0")
+    run = subprocess.run([sys.executable, "-c", HUGE_PAGE_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["True"]
