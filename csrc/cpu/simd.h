@@ -96,12 +96,10 @@ inline I load_u16(const void* p) {
   const __m128i* q = static_cast<const __m128i*>(p);
   return ME_I(_mm256_cvtepu16_epi32(_mm_loadu_si128(q + k)));
 }
-inline void store_u16(void* p, I x) {  // low 16 bits of each lane
-  for (int k = 0; k < 2; ++k) {
-    const __m256i lo16 = _mm256_and_si256(x.h[k], _mm256_set1_epi32(0xFFFF));
-    _mm_storeu_si128(static_cast<__m128i*>(p) + k,
-                     _mm_packus_epi32(_mm256_castsi256_si128(lo16), _mm256_extracti128_si256(lo16, 1)));
-  }
+inline void store_u16(void* p, I x) {  // lanes already in [0, 0xFFFF]
+  // packus interleaves the two registers' 128-bit halves; the 64-bit permute restores lane order
+  const __m256i packed = _mm256_packus_epi32(x.h[0], x.h[1]);
+  _mm256_storeu_si256(static_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xD8));
 }
 // Writes the lanes of a where m is set, in lane order, to out (which needs room for kWidth entries
 // past what is kept) and returns how many: a compaction without a branch per lane,
@@ -175,7 +173,7 @@ inline void store(int32_t* p, I x) { std::memcpy(p, x.v, sizeof x.v); }
 inline int64_t sum(I x) { int64_t s = 0; for (int l = 0; l < kWidth; ++l) s += x.v[l]; return s; }
 inline I load_u8(const uint8_t* p) { I r; ME_LANES(p[l]); return r; }
 inline I load_u16(const void* p) { uint16_t a[kWidth]; std::memcpy(a, p, sizeof a); I r; ME_LANES(a[l]); return r; }
-inline void store_u16(void* p, I x) {
+inline void store_u16(void* p, I x) {  // lanes already in [0, 0xFFFF]
   uint16_t a[kWidth];
   for (int l = 0; l < kWidth; ++l) a[l] = static_cast<uint16_t>(x.v[l]);
   std::memcpy(p, a, sizeof a);
@@ -192,7 +190,7 @@ inline int compress_store(I m, I a, int32_t* out) {
 inline F masked(F x, I m) { return bits_to_f(f_to_bits(x) & m); }       // x where m, else +0.0f
 
 // Storage dtype T on the lanes: load (value and raw bits), round a float result to T (as dtypes.h's
-// rnd<T>), store a value already rounded to T, and the magnitude key of such a value (ops/select.py).
+// rnd<T>), round and store one, and the magnitude key of a value of T (ops/select.py).
 template <typename T> struct Lanes;
 
 template <> struct Lanes<float> {
@@ -207,6 +205,7 @@ template <> struct Lanes<float> {
     return x;
   }
   static F round(F x) { return x; }
+  static void round_store(float* p, F x) { store(p, x); }
   static void store(float* p, F x) {
 #if MERGE_ENGINE_AVX2
     _mm256_storeu_ps(p, x.h[0]), _mm256_storeu_ps(p + 8, x.h[1]);
@@ -228,7 +227,10 @@ template <> struct Lanes<c10::BFloat16> {
     b = add(b, add(iset(0x7FFF), shr(b, 16) & iset(1)));
     return bits_to_f(b & iset(static_cast<int32_t>(0xFFFF0000u)));
   }
-  static void store(c10::BFloat16* p, F rounded) { store_u16(p, shr(f_to_bits(rounded), 16)); }
+  static void round_store(c10::BFloat16* p, F x) {  // round's bits, shifted before the mask clears them
+    const I b = f_to_bits(x);
+    store_u16(p, shr(add(b, add(iset(0x7FFF), shr(b, 16) & iset(1))), 16));
+  }
   static I key_of_bits(I bits) { return bits & iset(0x7FFF); }
   static I key(F rounded) { return shr(f_to_bits(rounded), 16) & iset(0x7FFF); }
 };
@@ -246,8 +248,8 @@ template <> struct Lanes<c10::Half> {
     return x;
   }
   static F round(F x) { return F{{_mm256_cvtph_ps(to_half(x.h[0])), _mm256_cvtph_ps(to_half(x.h[1]))}}; }
-  static void store(c10::Half* p, F rounded) {
-    for (int k = 0; k < 2; ++k) _mm_storeu_si128(reinterpret_cast<__m128i*>(p) + k, to_half(rounded.h[k]));
+  static void round_store(c10::Half* p, F x) {  // the conversion rounds
+    for (int k = 0; k < 2; ++k) _mm_storeu_si128(reinterpret_cast<__m128i*>(p) + k, to_half(x.h[k]));
   }
   static I key(F rounded) {
     return key_of_bits(I{{_mm256_cvtepu16_epi32(to_half(rounded.h[0])), _mm256_cvtepu16_epi32(to_half(rounded.h[1]))}});
@@ -259,7 +261,7 @@ template <> struct Lanes<c10::Half> {
     return x;
   }
   static F round(F x) { for (int l = 0; l < kWidth; ++l) x.v[l] = static_cast<float>(c10::Half(x.v[l])); return x; }
-  static void store(c10::Half* p, F rounded) { for (int l = 0; l < kWidth; ++l) p[l] = c10::Half(rounded.v[l]); }
+  static void round_store(c10::Half* p, F x) { for (int l = 0; l < kWidth; ++l) p[l] = c10::Half(x.v[l]); }
   static I key(F rounded) { I k; for (int l = 0; l < kWidth; ++l) k.v[l] = c10::Half(rounded.v[l]).x & 0x7FFF; return k; }
 #endif
   static I key_of_bits(I bits) { return bits & iset(0x7FFF); }

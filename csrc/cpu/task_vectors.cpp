@@ -671,7 +671,7 @@ bool merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
       if (P.normalize) mixed = L::round(div(mixed, fset(P.divisor)));
     }
     if (P.lambda != 1.f) mixed = L::round(mul(mixed, fset(P.lambda)));
-    L::store(o_at + off, L::round(add(bv, mixed)));
+    L::round_store(o_at + off, add(bv, mixed));
     return worst;
   };
 
