@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import best_time, copy_bandwidth, machine, parse_count
+from common import BACKENDS, best_time, copy_bandwidth, kernel_backend, machine, parse_count
 
-from merge_engine.ops import backends
 from merge_engine.ops.fisher import _accumulate_with, _merge_with, accumulate_fisher_reference, fisher_merge_reference
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -33,10 +32,11 @@ def main() -> None:
     p.add_argument("--experts", default="2,4,8")
     p.add_argument("--fisher-dtype", default="float32", choices=DTYPES)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="GPU kernels to time")
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args()
     device = torch.device(args.device)
-    backend = backends.cpu_extension() if device.type == "cpu" else backends.gpu_backend("fisher")
+    backend = kernel_backend(device, "fisher", args.backend)
     fisher_dtype = DTYPES[args.fisher_dtype]
     ceiling = copy_bandwidth(device, args.repeat)
     print(f"device: {machine(device)}; torch {torch.__version__}; backend: {getattr(backend, '__name__', 'none')}")

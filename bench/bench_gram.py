@@ -17,10 +17,9 @@ import os
 import time
 
 import torch
-from common import machine, parse_count
+from common import BACKENDS, kernel_backend, machine, parse_count
 
 from merge_engine import ops
-from merge_engine.ops import backends
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -80,10 +79,11 @@ def main() -> None:
     p.add_argument("--tokens", default="4096")
     p.add_argument("--dtypes", default="bfloat16,float32")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="GPU kernels to time")
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     device = torch.device(args.device)
-    backend = backends.cpu_extension() if device.type == "cpu" else backends.gpu_backend("gram")
+    backend = kernel_backend(device, "gram", args.backend)
     print(f"device: {machine(device)}; torch {torch.__version__}; backend: {getattr(backend, '__name__', 'none')}\n")
     print("| d | tokens | dtype | accumulate_gram ms | mirror_upper_ ms | GFLOP/s | torch.mm fp32 ms | GFLOP/s | x mm | "
           "other load, cores |")

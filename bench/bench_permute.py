@@ -18,9 +18,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import best_time, copy_bandwidth, machine
+from common import BACKENDS, best_time, copy_bandwidth, kernel_backend, machine
 
-from merge_engine.ops import backends
 from merge_engine.ops.permute import _gather_with, _swap_with, gather_blocks_reference, swap_blocks_reference
 from merge_engine.tiers.permutation import BlockPermutation
 
@@ -73,13 +72,14 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--key", type=float, default=0.05, help="fraction of the blocks a key swaps")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="GPU kernels to time")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    backend = backends.cpu_extension() if device.type == "cpu" else backends.gpu_backend("permute")
+    backend = kernel_backend(device, "permute", args.backend)
     ceiling = copy_bandwidth(device, args.repeat)
     neurons, hidden = (n // 4 for n in MLP) if args.small else MLP
     print(f"device: {machine(device)}; torch {torch.__version__}; backend: {getattr(backend, '__name__', 'none')}")

@@ -1,7 +1,7 @@
 """Benchmark of the fused task-vector kernels (TIES, DARE-TIES) against the machine's copy bandwidth
 and the PyTorch reference (argsort-based, as common merge tools do it), measured in the same run.
 
-    python bench/bench_task_vectors.py [--sizes 16M,64M] [--experts 2,4,8] [--device cpu|cuda]
+    python bench/bench_task_vectors.py [--sizes 16M,64M] [--experts 2,4,8] [--device cpu|cuda] [--backend auto|cuda|triton]
 
 Effective bandwidth = bytes of the minimal algorithm (read the base and K experts once, write the
 output once) / time. Kernel times are the best of --repeat runs after one warm-up run; the (slow)
@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import best_time, copy_bandwidth, machine, parse_count
+from common import BACKENDS, best_time, copy_bandwidth, kernel_backend, machine, parse_count
 
-from merge_engine.ops import backends
 from merge_engine.ops.consensus import _merge_with, merge_task_vectors_reference
 
 METHODS = {"ties": dict(sparsify="magnitude", consensus=True, normalize=True),
@@ -26,12 +25,13 @@ def main() -> None:
     p.add_argument("--sizes", default="16M,64M")
     p.add_argument("--experts", default="2,4,8")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="GPU kernels to time")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--reference-max", default="16M",
                    help="largest size at which the (slow) reference is also timed (all K); above it, K=2 only")
     args = p.parse_args()
     device = torch.device(args.device)
-    backend = backends.cpu_extension() if device.type == "cpu" else backends.gpu_backend()
+    backend = kernel_backend(device, "task_vectors", args.backend)
     name = getattr(backend, "__name__", "none")
     ceiling = copy_bandwidth(device, args.repeat)
     print(f"device: {machine(device)}; torch {torch.__version__}; backend: {name}")

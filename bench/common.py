@@ -1,11 +1,27 @@
-"""Timing helpers shared by the kernel benchmarks: best-of-n timing, the machine's copy bandwidth
-(the ceiling a memory-bound kernel is compared with), and a one-line machine description."""
+"""Helpers shared by the kernel benchmarks: the backend to time, best-of-n timing, the machine's copy
+bandwidth (the ceiling a memory-bound kernel is compared with), and a one-line machine description."""
 from __future__ import annotations
 
 import platform
 import time
 
 import torch
+
+from merge_engine.ops import backends
+
+BACKENDS = ("auto", "cuda", "triton")
+
+
+def kernel_backend(device: torch.device, family: str, choice: str = "auto"):
+    """The kernels a benchmark times: on CPU the C++ extension; on a GPU the engine's choice (auto:
+    CUDA, else Triton) or the one asked for, so that a GPU session can time both."""
+    if device.type == "cpu":
+        return backends.cpu_extension()
+    if choice == "cuda":
+        return backends.cuda_extension()
+    if choice == "triton":
+        return backends.triton_backend(family)
+    return backends.gpu_backend(family)
 
 
 def parse_count(text: str) -> int:

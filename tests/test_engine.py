@@ -124,3 +124,21 @@ def test_peak_memory_does_not_grow_with_layers(tmp_path):
     small = peak_rss_of_merge(tmp_path, 2, tmp_path)
     large = peak_rss_of_merge(tmp_path, 26, tmp_path)
     assert large - small < 64 * 2**20, (small, large)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the CUDA pipeline and kernels)")
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties"])
+def test_cuda_merge_matches_cpu(folder_tensors, model_sets, tmp_path, method):
+    """A merge on the GPU writes the tensors the CPU merge writes: the GPU kernels round where the C++
+    ones do (no rescale: its whole-tensor sums are taken in another order), and the pipeline's
+    side-stream copies into pinned buffers lose nothing."""
+    base, *experts = model_sets("llama_bf16_sharded")
+    cfg = ties(base, experts, "bfloat16")
+    cfg["merge_method"] = method
+    cfg["parameters"]["rescale"] = False
+    merge(parse_config(cfg), str(tmp_path / "cpu"), MergeOptions(quiet=True, device="cpu"))
+    merge(parse_config(cfg), str(tmp_path / "gpu"), MergeOptions(quiet=True, device="cuda"))
+    on_cpu, on_gpu = folder_tensors(tmp_path / "cpu"), folder_tensors(tmp_path / "gpu")
+    assert on_cpu.keys() == on_gpu.keys()
+    differ = [n for n in on_cpu if not torch.equal(on_cpu[n], on_gpu[n])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
