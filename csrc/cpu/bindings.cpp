@@ -12,6 +12,7 @@ torch::Tensor merge_task_vectors_cpu(const torch::Tensor& base, const std::vecto
                                      const std::vector<double>& densities, const std::vector<double>& epsilons,
                                      bool consensus, bool normalize, bool rescale, double lambda,
                                      int64_t key0, int64_t key1);
+torch::Tensor philox_uniforms_cpu(int64_t start, int64_t numel, int64_t stream, int64_t key0, int64_t key1);
 void accumulate_fisher_cpu(torch::Tensor& fisher, const torch::Tensor& grad, double scale);
 torch::Tensor fisher_merge_cpu(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& fishers,
                                const std::vector<double>& coefficients, const std::vector<double>& floors);
@@ -32,6 +33,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Cut-offs (key, index) of the first counts[j] elements of the stable order of |expert - base|");
   m.def("merge_task_vectors", &merge_engine::merge_task_vectors_cpu,
         "Fused sparsify + weight + (sign election, disjoint mean) + lambda + base, one pass");
+  m.def("philox_uniforms", &merge_engine::philox_uniforms_cpu,
+        "The uniforms of elements start .. start + numel - 1 of one stream, as DARE/DELLA draw them");
   m.def("accumulate_fisher", &merge_engine::accumulate_fisher_cpu, "In place: fisher += scale * grad^2 (fp32 math)");
   m.def("fisher_merge", &merge_engine::fisher_merge_cpu,
         "sum_j c_j max(F_j, floor_j) theta_j / sum_j c_j max(F_j, floor_j), one pass");

@@ -827,6 +827,17 @@ torch::Tensor delta_cutoffs_cpu(const torch::Tensor& base, const torch::Tensor& 
   return result;
 }
 
+torch::Tensor philox_uniforms_cpu(int64_t start, int64_t numel, int64_t stream, int64_t key0, int64_t key1) {
+  TORCH_CHECK(start >= 0 && numel >= 0, "merge_engine: philox_uniforms needs start >= 0 and numel >= 0");
+  const int64_t first = start >> 2, groups = ((start + numel + 3) >> 2) - first;
+  std::vector<float> u(static_cast<size_t>(groups) * 4);
+  uniforms(first, groups, static_cast<uint32_t>(stream), static_cast<uint32_t>(key0), static_cast<uint32_t>(key1),
+           u.data());
+  auto out = torch::empty({numel}, torch::kFloat32);
+  std::copy(u.begin() + (start & 3), u.begin() + (start & 3) + numel, out.data_ptr<float>());
+  return out;
+}
+
 torch::Tensor merge_task_vectors_cpu(const torch::Tensor& base, const std::vector<torch::Tensor>& experts,
                                      const std::vector<double>& weights, int64_t mode,
                                      const std::vector<int64_t>& counts_lo, const std::vector<int64_t>& counts_hi,

@@ -290,3 +290,14 @@ def test_outputs_are_advised_onto_huge_pages(ext):
     run = subprocess.run([sys.executable, "-c", HUGE_PAGE_PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["True"]
+
+
+@pytest.mark.parametrize("start", [0, 3, 4 * (2**32 - 40) + 1, 4 * (2**32 - 3), 4 * (2**32 + 5) + 2, 2**40 + 7])
+def test_philox_uniforms_match_reference_across_the_counter_wrap(ext, start):
+    # the lanes draw 16 groups of 4 at a time and leave a batch whose low counter word would wrap to
+    # the scalar generator: around element 2^34 both paths and the carry into the high word must agree
+    from merge_engine.ops.random import philox_key, uniform
+    key = philox_key(7, "model.layers.0.mlp.up_proj.weight")
+    for stream in (0, 5):
+        got = ext.philox_uniforms(start, 1001, stream, *key)
+        assert torch.equal(got, uniform(1001, key, stream, start=start)), f"start {start}, stream {stream}"
