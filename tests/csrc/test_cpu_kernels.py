@@ -301,3 +301,15 @@ def test_philox_uniforms_match_reference_across_the_counter_wrap(ext, start):
     for stream in (0, 5):
         got = ext.philox_uniforms(start, 1001, stream, *key)
         assert torch.equal(got, uniform(1001, key, stream, start=start)), f"start {start}, stream {stream}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("densities", [[0.96, 0.97], [0.96, 0.5], [0.5, 0.3]])
+def test_breadcrumbs_with_and_without_a_lower_cut(ext, dtype, densities):
+    # density + gamma >= 1 leaves no lower cut (the kernel's one-sided rule); a mix with a windowed
+    # expert takes the two-sided rule for all; two experts: the sums are order-free, so exact
+    base, experts = make_inputs((37, 53), dtype, 2, 11)
+    kw = dict(weights=[0.7, 0.5], densities=densities, sparsify="outliers", consensus=True, normalize=True,
+              gammas=[0.05, 0.05])
+    got = _merge_with(ext, base, experts, **kw)
+    assert torch.equal(got, merge_task_vectors_reference(base, experts, **kw))
