@@ -4,7 +4,8 @@ and the PyTorch reference (argsort-based, as common merge tools do it), measured
     python bench/bench_task_vectors.py [--sizes 16M,64M] [--experts 2,4,8] [--device cpu|cuda] [--backend auto|cuda|triton]
 
 Effective bandwidth = bytes of the minimal algorithm (read the base and K experts once, write the
-output once) / time. Kernel times are the best of --repeat runs after one warm-up run; the (slow)
+output once) / time. The ties_no_trim rows run TIES without the magnitude trim: the fused pass alone,
+so the ties row minus it is the cost of the exact select. Kernel times are the best of --repeat runs after one warm-up run; the (slow)
 reference's, the best of 2 after one warm-up (its time drifts between runs more than the kernel's).
 """
 from __future__ import annotations
@@ -17,7 +18,9 @@ from common import BACKENDS, best_time, copy_bandwidth, kernel_backend, machine,
 from merge_engine.ops.consensus import _merge_with, merge_task_vectors_reference
 
 METHODS = {"ties": dict(sparsify="magnitude", consensus=True, normalize=True),
-           "dare_ties": dict(sparsify="random", consensus=True, normalize=False, rescale=True)}
+           "dare_ties": dict(sparsify="random", consensus=True, normalize=False, rescale=True),
+           # TIES without the trim: the fused pass alone, so ties - this = the exact select's cost
+           "ties_no_trim": dict(sparsify="", consensus=True, normalize=True)}
 
 
 def main() -> None:
