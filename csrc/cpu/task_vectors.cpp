@@ -17,6 +17,7 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -714,13 +715,39 @@ bool merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
   return P.consensus ? with_rule(std::true_type{}) : with_rule(std::false_type{});
 }
 
+// flags[0, len) (each 0 or 1) as bits, 8 per byte, flag b of a byte's eight in bit 7 - b (what one
+// multiplication gathers: byte b of x lands in bit 63 - b of x * 0x8040201008040201); and back,
+// through a table of each byte's eight flags
+void pack_bits(const uint8_t* flags, int64_t len, uint8_t* bits) {
+  for (int64_t j = 0; j < len; j += 8) {
+    uint64_t x = 0;
+    std::memcpy(&x, flags + j, static_cast<size_t>(std::min<int64_t>(8, len - j)));
+    bits[j / 8] = static_cast<uint8_t>((x * 0x8040201008040201ull) >> 56);
+  }
+}
+void unpack_bits(const uint8_t* bits, int64_t len, uint8_t* flags) {
+  static const auto table = [] {
+    std::array<uint64_t, 256> t{};
+    for (int v = 0; v < 256; ++v)
+      for (int b = 0; b < 8; ++b) t[v] |= static_cast<uint64_t>((v >> (7 - b)) & 1) << (8 * b);
+    return t;
+  }();
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) std::memcpy(flags + j, &table[bits[j / 8]], 8);
+  if (j < len) std::memcpy(flags + j, &table[bits[j / 8]], static_cast<size_t>(len - j));
+}
+
 // mergekit's L1 rescale factor per expert: |delta|_1 / |kept|_1 in T, none when either is < 1e-7.
+// DARE's keep flags are kept as bits (kept_bits[i], n / 8 bytes per expert) for the merge pass, which
+// then unpacks them instead of drawing the same Philox numbers again.
 template <typename T>
 std::vector<float> rescale_factors(const Params& P, const T* base, const std::vector<const T*>& experts,
-                                   int64_t n, int64_t rows, int64_t cols) {
+                                   int64_t n, int64_t rows, int64_t cols,
+                                   std::vector<std::vector<uint8_t>>& kept_bits) {
   const int K = static_cast<int>(experts.size());
   std::vector<float> factors(K, NAN);
   if (!P.rescale || P.mode == kNone) return factors;
+  if (P.mode == kRandom) kept_bits.assign(K, std::vector<uint8_t>((n + 7) / 8));
   for (int i = 0; i < K; ++i) {
     int threads = at::get_num_threads();
     std::vector<double> before(threads, 0.0), after(threads, 0.0);
@@ -731,19 +758,28 @@ std::vector<float> rescale_factors(const Params& P, const T* base, const std::ve
       std::vector<uint8_t> keep(span);
       std::vector<float> p(span);
       std::vector<int64_t> order(span);
-      double b = 0, a = 0;
+      // four partial sums each, and the kept ones by multiplying with the 0/1 flag: no loop-carried
+      // chain of double adds per element and no branch on a random flag (the sums' order already
+      // differs from the reference's, see the file comment)
+      double b[4] = {0, 0, 0, 0}, a[4] = {0, 0, 0, 0};
       for (int64_t item = lo; item < hi; ++item) {
         const int64_t start = item * span, len = std::min(span, n - start);
         for (int64_t j = 0; j < len; ++j) d[j] = delta_of<T>(experts[i][start + j], base[start + j]);
         keep_flags<T>(P, i, d.data(), start, len, cols, keep.data(), p.data(), order.data());
-        for (int64_t j = 0; j < len; ++j) {
+        if (P.mode == kRandom) pack_bits(keep.data(), len, kept_bits[i].data() + start / 8);  // kBlock % 8 == 0
+        int64_t j = 0;
+        for (; j + 4 <= len; j += 4)
+          for (int k = 0; k < 4; ++k) {
+            const double v = std::fabs(static_cast<double>(to_f(d[j + k])));
+            b[k] += v, a[k] += v * keep[j + k];
+          }
+        for (; j < len; ++j) {
           const double v = std::fabs(static_cast<double>(to_f(d[j])));
-          b += v;
-          if (keep[j]) a += v;
+          b[0] += v, a[0] += v * keep[j];
         }
       }
-      before[at::get_thread_num()] += b;
-      after[at::get_thread_num()] += a;
+      before[at::get_thread_num()] += (b[0] + b[1]) + (b[2] + b[3]);
+      after[at::get_thread_num()] += (a[0] + a[1]) + (a[2] + a[3]);
     });
     const float bt = rnd<T>(static_cast<float>(std::accumulate(before.begin(), before.end(), 0.0)));
     const float at_ = rnd<T>(static_cast<float>(std::accumulate(after.begin(), after.end(), 0.0)));
@@ -761,7 +797,8 @@ void merge_typed(Params& P, const torch::Tensor& base, const std::vector<torch::
   // DELLA ranks within rows: a 1-D tensor is one row
   const int64_t rows = base.dim() < 2 ? 1 : base.size(0);
   const int64_t cols = rows ? n / std::max<int64_t>(rows, 1) : 0;
-  P.factors = rescale_factors<T>(P, b, e, n, rows, cols);
+  std::vector<std::vector<uint8_t>> kept_bits;  // DARE with rescale: each expert's keep flags, as bits
+  P.factors = rescale_factors<T>(P, b, e, n, rows, cols, kept_bits);
   float weight_sum = 0.f;
   for (float w : P.weights) weight_sum += w;
   P.divisor = rnd<T>(weight_sum);
@@ -783,7 +820,10 @@ void merge_typed(Params& P, const torch::Tensor& base, const std::vector<torch::
       for (int i = 0; drawn && i < K; ++i) {
         if (P.mode == kRank)
           for (int64_t j = 0; j < len; ++j) d[j] = delta_of<T>(e[i][start + j], b[start + j]);
-        keep_flags<T>(P, i, d.data(), start, len, cols, keeps.data() + i * len, p.data(), order.data());
+        if (!kept_bits.empty())
+          unpack_bits(kept_bits[i].data() + start / 8, len, keeps.data() + i * len);
+        else
+          keep_flags<T>(P, i, d.data(), start, len, cols, keeps.data() + i * len, p.data(), order.data());
       }
       if (merge_block<T>(P, b, e, o, start, len, drawn ? keeps.data() : nullptr, wd)) non_finite = true;
     }
