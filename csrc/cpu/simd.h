@@ -189,19 +189,18 @@ inline int compress_store(I m, I a, int32_t* out) {
 
 inline F masked(F x, I m) { return bits_to_f(f_to_bits(x) & m); }       // x where m, else +0.0f
 
-// Storage dtype T on the lanes: load (value and raw bits), round a float result to T (as dtypes.h's
+// Storage dtype T on the lanes: load, round a float result to T (as dtypes.h's
 // rnd<T>), round and store one, and the magnitude key of a value of T (ops/select.py).
 template <typename T> struct Lanes;
 
 template <> struct Lanes<float> {
-  static F load(const float* p, I& bits) {
+  static F load(const float* p) {
     F x;
 #if MERGE_ENGINE_AVX2
     x.h[0] = _mm256_loadu_ps(p), x.h[1] = _mm256_loadu_ps(p + 8);
 #else
     std::memcpy(x.v, p, sizeof x.v);
 #endif
-    bits = f_to_bits(x);
     return x;
   }
   static F round(F x) { return x; }
@@ -213,15 +212,11 @@ template <> struct Lanes<float> {
     std::memcpy(p, x.v, sizeof x.v);
 #endif
   }
-  static I key_of_bits(I bits) { return bits & iset(0x7FFFFFFF); }
-  static I key(F rounded) { return key_of_bits(f_to_bits(rounded)); }
+  static I key(F rounded) { return f_to_bits(rounded) & iset(0x7FFFFFFF); }
 };
 
 template <> struct Lanes<c10::BFloat16> {
-  static F load(const c10::BFloat16* p, I& bits) {
-    bits = load_u16(p);
-    return bits_to_f(shl(bits, 16));
-  }
+  static F load(const c10::BFloat16* p) { return bits_to_f(shl(load_u16(p), 16)); }
   static F round(F x) {  // round to nearest even on the bits, no NaN branch (as dtypes.h)
     I b = f_to_bits(x);
     b = add(b, add(iset(0x7FFF), shr(b, 16) & iset(1)));
@@ -231,20 +226,15 @@ template <> struct Lanes<c10::BFloat16> {
     const I b = f_to_bits(x);
     store_u16(p, shr(add(b, add(iset(0x7FFF), shr(b, 16) & iset(1))), 16));
   }
-  static I key_of_bits(I bits) { return bits & iset(0x7FFF); }
   static I key(F rounded) { return shr(f_to_bits(rounded), 16) & iset(0x7FFF); }
 };
 
 template <> struct Lanes<c10::Half> {
 #if MERGE_ENGINE_AVX2
   static __m128i to_half(__m256 x) { return _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  static F load(const c10::Half* p, I& bits) {
+  static F load(const c10::Half* p) {
     F x;
-    for (int k = 0; k < 2; ++k) {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p) + k);
-      bits.h[k] = _mm256_cvtepu16_epi32(h);
-      x.h[k] = _mm256_cvtph_ps(h);
-    }
+    for (int k = 0; k < 2; ++k) x.h[k] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p) + k));
     return x;
   }
   static F round(F x) { return F{{_mm256_cvtph_ps(to_half(x.h[0])), _mm256_cvtph_ps(to_half(x.h[1]))}}; }
@@ -252,19 +242,15 @@ template <> struct Lanes<c10::Half> {
     for (int k = 0; k < 2; ++k) _mm_storeu_si128(reinterpret_cast<__m128i*>(p) + k, to_half(x.h[k]));
   }
   static I key(F rounded) {
-    return key_of_bits(I{{_mm256_cvtepu16_epi32(to_half(rounded.h[0])), _mm256_cvtepu16_epi32(to_half(rounded.h[1]))}});
+    return I{{_mm256_cvtepu16_epi32(to_half(rounded.h[0])), _mm256_cvtepu16_epi32(to_half(rounded.h[1]))}} &
+           iset(0x7FFF);
   }
 #else
-  static F load(const c10::Half* p, I& bits) {
-    F x;
-    for (int l = 0; l < kWidth; ++l) bits.v[l] = p[l].x, x.v[l] = static_cast<float>(p[l]);
-    return x;
-  }
+  static F load(const c10::Half* p) { F x; for (int l = 0; l < kWidth; ++l) x.v[l] = static_cast<float>(p[l]); return x; }
   static F round(F x) { for (int l = 0; l < kWidth; ++l) x.v[l] = static_cast<float>(c10::Half(x.v[l])); return x; }
   static void round_store(c10::Half* p, F x) { for (int l = 0; l < kWidth; ++l) p[l] = c10::Half(x.v[l]); }
   static I key(F rounded) { I k; for (int l = 0; l < kWidth; ++l) k.v[l] = c10::Half(rounded.v[l]).x & 0x7FFF; return k; }
 #endif
-  static I key_of_bits(I bits) { return bits & iset(0x7FFF); }
 };
 
 }  // namespace simd

@@ -275,8 +275,7 @@ void tally_chunk(const T* e, const T* b, int64_t start, int64_t len, CutoffQuery
   }
   int64_t j = 0;
   for (; j + kWidth <= len; j += kWidth) {
-    I eb, bb;
-    const I key = L::key(L::round(sub(L::load(e + start + j, eb), L::load(b + start + j, bb))));
+    const I key = L::key(L::round(sub(L::load(e + start + j), L::load(b + start + j))));
     for (int q = 0; q < NQ; ++q) {
       const I above_lo = gt(key, lo[q]), in = above_lo & gt(hi[q], key);
       below[q] = sub(below[q], gt(lo[q], key));
@@ -315,7 +314,6 @@ int64_t tie_index_from_counts(const T* e, const T* b, int64_t n, int32_t t, int6
   }
   TORCH_CHECK(false, "bracketed select: tie count mismatch");
 }
-
 
 // The cut-off from one query's tallies, or false when the bracket missed its rank.
 template <typename T>
@@ -483,13 +481,6 @@ void keep_between_cutoffs(const std::array<int64_t, 4>& cut, const T* __restrict
   }
 }
 
-// Elements of x[0, len) that are NaN or Inf, by their magnitude keys in 32-bit lanes.
-template <typename T> int64_t count_non_finite(const T* __restrict__ x, int64_t len) {
-  const int32_t inf = static_cast<int32_t>(inf_key<T>());
-  int32_t c = 0;
-  for (int64_t j = 0; j < len; ++j) c += static_cast<int32_t>(key_of<T>(x[j])) >= inf;
-  return c;
-}
 
 // The four uniforms of each of the 4-element groups first .. first + groups - 1 of one stream
 // (uniform4 in task_vectors.h), kWidth groups at a time: Philox's rounds on lanes, then the words
@@ -619,11 +610,11 @@ bool merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
   auto step = [&](auto rule, auto consensus, const T* b_at, const T* const* e_at, const uint8_t* const* keep_at,
                   int64_t off, int32_t j, T* o_at) ME_ALWAYS_INLINE {
     constexpr int kRule = decltype(rule)::value;
-    I bits, worst = iset(0);
-    const F bv = L::load(b_at + off, bits);
+    I worst = iset(0);
+    const F bv = L::load(b_at + off);
     F sum = fset(0.f);
     for (int i = 0; i < K; ++i) {
-      const F d = L::round(sub(L::load(e_at[i] + off, bits), bv));
+      const F d = L::round(sub(L::load(e_at[i] + off), bv));
       const I key = f_to_bits(d) & abs_bits;
       worst = max(worst, key);
       const ExpertLanes& c = x[i];
@@ -737,23 +728,37 @@ void unpack_bits(const uint8_t* bits, int64_t len, uint8_t* flags) {
   if (j < len) std::memcpy(flags + j, &table[bits[j / 8]], static_cast<size_t>(len - j));
 }
 
+// The work items of both passes: elements [item * span, + span), a whole row in rank mode (DELLA
+// ranks within rows; a 1-D tensor is one row), else kBlock elements.
+struct WorkItems {
+  int64_t span, count;
+};
+WorkItems work_items(int mode, int64_t n, int64_t rows, int64_t cols) {
+  return mode == kRank ? WorkItems{cols, rows} : WorkItems{kBlock, (n + kBlock - 1) / kBlock};
+}
+
+// The random and rank modes draw keep flags per item before the merge (the others test cut-offs).
+bool draws_keep_flags(int mode) { return mode == kRandom || mode == kRank; }
+int64_t bytes_per_item(int64_t span) { return (span + 7) / 8; }  // one item's flags as bits
+
 // mergekit's L1 rescale factor per expert: |delta|_1 / |kept|_1 in T, none when either is < 1e-7.
-// DARE's keep flags are kept as bits (kept_bits[i], n / 8 bytes per expert) for the merge pass, which
-// then unpacks them instead of drawing the same Philox numbers again.
+// The keep flags this pass draws (DARE's Philox numbers, DELLA's row ranks too) are kept as bits,
+// kept_bits[i][item * bytes_per_item(span)..], for the merge pass to unpack instead of drawing again.
+
 template <typename T>
 std::vector<float> rescale_factors(const Params& P, const T* base, const std::vector<const T*>& experts,
-                                   int64_t n, int64_t rows, int64_t cols,
+                                   int64_t n, WorkItems items, int64_t cols,
                                    std::vector<std::vector<uint8_t>>& kept_bits) {
   const int K = static_cast<int>(experts.size());
   std::vector<float> factors(K, NAN);
   if (!P.rescale || P.mode == kNone) return factors;
-  if (P.mode == kRandom) kept_bits.assign(K, std::vector<uint8_t>((n + 7) / 8));
+  const bool keep_bits = draws_keep_flags(P.mode);
+  if (keep_bits) kept_bits.assign(K, std::vector<uint8_t>(items.count * bytes_per_item(items.span)));
+  const int64_t span = items.span;
   for (int i = 0; i < K; ++i) {
     int threads = at::get_num_threads();
     std::vector<double> before(threads, 0.0), after(threads, 0.0);
-    const int64_t span = P.mode == kRank ? cols : kBlock;
-    const int64_t items = P.mode == kRank ? rows : (n + kBlock - 1) / kBlock;
-    at::parallel_for(0, items, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, items.count, 1, [&](int64_t lo, int64_t hi) {
       std::vector<T> d(span);
       std::vector<uint8_t> keep(span);
       std::vector<float> p(span);
@@ -766,7 +771,7 @@ std::vector<float> rescale_factors(const Params& P, const T* base, const std::ve
         const int64_t start = item * span, len = std::min(span, n - start);
         for (int64_t j = 0; j < len; ++j) d[j] = delta_of<T>(experts[i][start + j], base[start + j]);
         keep_flags<T>(P, i, d.data(), start, len, cols, keep.data(), p.data(), order.data());
-        if (P.mode == kRandom) pack_bits(keep.data(), len, kept_bits[i].data() + start / 8);  // kBlock % 8 == 0
+        if (keep_bits) pack_bits(keep.data(), len, kept_bits[i].data() + item * bytes_per_item(span));
         int64_t j = 0;
         for (; j + 4 <= len; j += 4)
           for (int k = 0; k < 4; ++k) {
@@ -794,22 +799,21 @@ void merge_typed(Params& P, const torch::Tensor& base, const std::vector<torch::
   const T* b = base.data_ptr<T>();
   std::vector<const T*> e;
   for (auto& x : experts) e.push_back(x.data_ptr<T>());
-  // DELLA ranks within rows: a 1-D tensor is one row
   const int64_t rows = base.dim() < 2 ? 1 : base.size(0);
   const int64_t cols = rows ? n / std::max<int64_t>(rows, 1) : 0;
-  std::vector<std::vector<uint8_t>> kept_bits;  // DARE with rescale: each expert's keep flags, as bits
-  P.factors = rescale_factors<T>(P, b, e, n, rows, cols, kept_bits);
+  const WorkItems items = work_items(P.mode, n, rows, cols);
+  const int64_t span = items.span;
+  std::vector<std::vector<uint8_t>> kept_bits;  // with rescale: the keep flags the first pass drew
+  P.factors = rescale_factors<T>(P, b, e, n, items, cols, kept_bits);
   float weight_sum = 0.f;
   for (float w : P.weights) weight_sum += w;
   P.divisor = rnd<T>(weight_sum);
   if (std::fabs(P.divisor) < 1e-8f) P.divisor = 1.f;
   T* o = out.data_ptr<T>();
   const int K = static_cast<int>(experts.size());
-  const bool drawn = P.mode == kRandom || P.mode == kRank;  // keep flags drawn per block before the merge
-  const int64_t span = P.mode == kRank ? cols : kBlock;
-  const int64_t items = P.mode == kRank ? rows : (n + kBlock - 1) / kBlock;
+  const bool drawn = draws_keep_flags(P.mode);
   std::atomic<bool> non_finite{false};
-  at::parallel_for(0, items, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, items.count, 1, [&](int64_t lo, int64_t hi) {
     std::vector<simd::F> wd(K);
     std::vector<uint8_t> keeps(drawn ? static_cast<size_t>(K) * span : 0);
     std::vector<T> d(P.mode == kRank ? span : 0);
@@ -818,23 +822,21 @@ void merge_typed(Params& P, const torch::Tensor& base, const std::vector<torch::
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t start = item * span, len = std::min(span, n - start);
       for (int i = 0; drawn && i < K; ++i) {
+        uint8_t* keep = keeps.data() + i * len;
+        if (!kept_bits.empty()) {
+          unpack_bits(kept_bits[i].data() + item * bytes_per_item(span), len, keep);
+          continue;
+        }
         if (P.mode == kRank)
           for (int64_t j = 0; j < len; ++j) d[j] = delta_of<T>(e[i][start + j], b[start + j]);
-        if (!kept_bits.empty())
-          unpack_bits(kept_bits[i].data() + start / 8, len, keeps.data() + i * len);
-        else
-          keep_flags<T>(P, i, d.data(), start, len, cols, keeps.data() + i * len, p.data(), order.data());
+        keep_flags<T>(P, i, d.data(), start, len, cols, keep, p.data(), order.data());
       }
       if (merge_block<T>(P, b, e, o, start, len, drawn ? keeps.data() : nullptr, wd)) non_finite = true;
     }
   });
-  if (non_finite) {  // name the first input at fault and count its NaN/Inf values (none: a delta overflowed)
-    for (int i = 0; i <= K; ++i) {
-      const T* x = i == 0 ? b : e[i - 1];
-      const int64_t total = count_non_finite<T>(x, n);
-      TORCH_CHECK_VALUE(total == 0, i == 0 ? std::string("the base") : "expert " + std::to_string(i - 1), " has ",
-                        total, " NaN or Inf value(s); a magnitude ordering is undefined");
-    }
+  if (non_finite) {  // name the first input at fault (none: a delta overflowed from finite inputs)
+    check_finite<T>(b, n, "the base");
+    for (int i = 0; i < K; ++i) check_finite<T>(e[i], n, ("expert " + std::to_string(i)).c_str());
   }
 }
 
