@@ -14,6 +14,9 @@ of two whole-tensor sums taken in a different order. So values are compared:
   re-association error of zero (the election is numerically arbitrary there), and such elements are
   excluded from the value check.
 """
+import os
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -129,8 +132,8 @@ def test_bracketed_select_matches_reference(ext, dtype, case, largest):
     # the fused merge applies these cut-offs: TIES of two experts is bit-identical to the reference
     kw = dict(weights=[0.6, 0.4], densities=[0.3, 0.7], sparsify="magnitude" if largest else "outliers",
               consensus=True, normalize=True, gammas=[0.01, 0.01] if not largest else None)
-    merged = _merge_with(ext, base, [expert, base + (expert - base) * -0.5], **kw)
-    assert torch.equal(merged, merge_task_vectors_reference(base, [expert, base + (expert - base) * -0.5], **kw))
+    experts = [expert, base + (expert - base) * -0.5]
+    assert torch.equal(_merge_with(ext, base, experts, **kw), merge_task_vectors_reference(base, experts, **kw))
 
 
 CASES = [  # (sparsify, consensus, normalize, rescale)
@@ -266,7 +269,7 @@ from merge_engine.ops.consensus import _merge_with
 base = torch.zeros(5 * 2**20, dtype=torch.bfloat16)  # 10 MiB: whole 2 MiB pages inside
 out = _merge_with(backends.cpu_extension(), base, [base + 1, base - 1], [1.0, 1.0], [0.5, 0.5], "magnitude", True)
 first = (out.data_ptr() + 2**21 - 1) // 2**21 * 2**21
-span, flags = None, {}
+span = None
 for line in open("/proc/self/smaps"):
     head = line.split()[0]
     if "-" in head and ":" not in head:
@@ -277,15 +280,14 @@ for line in open("/proc/self/smaps"):
 """
 
 
-@pytest.mark.skipif(not __import__("os").path.exists("/sys/kernel/mm/transparent_hugepage/enabled")
-                    or "[never]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read(),
+THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+@pytest.mark.skipif(not os.path.exists(THP_SETTING) or "[never]" in open(THP_SETTING).read(),
                     reason="no transparent huge pages on this system")
 def test_outputs_are_advised_onto_huge_pages(ext):
     # with torch's own huge-page allocation off (a library user's process), the kernel still asks
     # for huge pages for its fresh output before touching it (the advice shows as VmFlags "hg")
-    import os
-    import subprocess
-    import sys
     env = dict(os.environ, THP_MEM_ALLOC_ENABLE="0")
     run = subprocess.run([sys.executable, "-c", HUGE_PAGE_PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
@@ -306,8 +308,8 @@ def test_philox_uniforms_match_reference_across_the_counter_wrap(ext, start):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("densities", [[0.96, 0.97], [0.96, 0.5], [0.5, 0.3]])
 def test_breadcrumbs_with_and_without_a_lower_cut(ext, dtype, densities):
-    # density + gamma >= 1 leaves no lower cut (the kernel's one-sided rule); a mix with a windowed
-    # expert takes the two-sided rule for all; two experts: the sums are order-free, so exact
+    # density + gamma >= 1 leaves no lower cut (its count is 0: the cut-off that selects nothing), for
+    # both experts or beside a windowed one; two experts: the sums are order-free, so exact
     base, experts = make_inputs((37, 53), dtype, 2, 11)
     kw = dict(weights=[0.7, 0.5], densities=densities, sparsify="outliers", consensus=True, normalize=True,
               gammas=[0.05, 0.05])

@@ -2,6 +2,7 @@
 import fcntl
 import json
 import os
+import struct
 
 import pytest
 import torch
@@ -77,7 +78,6 @@ def test_direct_reads_fall_back_where_refused(folder_tensors, model_sets, monkey
 def test_direct_read_of_a_tensor_at_an_odd_offset(tmp_path):
     """The format allows any header length, so a tensor's bytes may start at an odd offset: no dtype
     view can start there, so that tensor is read the plain way; the others still go direct."""
-    import struct
     a = torch.arange(5000, dtype=torch.float32).to(torch.bfloat16)
     b = torch.arange(3, dtype=torch.uint8)
     header = {"a": {"dtype": "BF16", "shape": [5000], "data_offsets": [0, 10000]},
