@@ -209,10 +209,11 @@ def _plan_tensor(plan: MergePlan, s: Slice, out_name: str, names: list[str], t: 
     compute = cfg.dtype or _promote(dtypes)
     side = {kind: _side_refs(plan, kind, s, names, ref.shape, shared, problems)
             for kind in method.side_inputs} if floating else {}
+    out = cfg.out_dtype or method.output_dtype(compute)
     plan.jobs.append(TensorJob(
         out_name, [(plan.models[m], n) for m, n in zip(models, names)],
         models.index(base) if base in models else None, shared, per_model,
-        compute if floating else dtypes[0], (cfg.out_dtype or compute) if floating else dtypes[0],
+        compute if floating else dtypes[0], out if floating else dtypes[0],
         ref.shape, copy_only=not floating, side=side))
 
 

@@ -67,6 +67,35 @@ CASES = {
     "slerp_bf16": ("llama_bf16_sharded", lambda b, e: {
         "merge_method": "slerp", "base_model": b, "dtype": "bfloat16", "parameters": {"t": GRADIENT},
         "models": [{"model": b}, {"model": e[2]}]}),
+    "multislerp": ("llama", lambda b, e: {"merge_method": "multislerp", "dtype": "float32",
+                                          "parameters": {"eps": 1e-6},
+                                          **models(b, e, [{"weight": 0.5}, {"weight": GRADIENT},
+                                                          {"weight": FILTERED}])}),
+    "multislerp_no_base_bf16": ("llama_bf16_sharded", lambda b, e: {
+        "merge_method": "multislerp", "dtype": "bfloat16", "parameters": {"normalize_weights": False},
+        "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(e, (0.2, 0.3, 0.6))]}),
+    # the base is one more input with weight 1/N, and the per-model weights are ignored (a warning)
+    "karcher": ("llama", lambda b, e: {"merge_method": "karcher", "dtype": "float32",
+                                       "parameters": {"max_iter": 20, "tol": 1e-7},
+                                       **models(b, e, [{"weight": 0.9}, {"weight": 0.1}, {}])}),
+    "nearswap": ("llama", lambda b, e: {"merge_method": "nearswap", "dtype": "float32",
+                                        "parameters": {"t": [0.005, 0.03]}, **models(b, e[:1], [{}])}),
+    # per-model weights are ignored by sce (a warning)
+    "sce": ("llama", lambda b, e: {"merge_method": "sce", "dtype": "float32",
+                                   "parameters": {"select_topk": 0.4, "int8_mask": True},
+                                   **models(b, e, [{"weight": 0.2}, {}, {"weight": 3.0}])}),
+    "ram": ("llama", lambda b, e: {"merge_method": "ram", "dtype": "float32", "parameters": {"epsilon": 0.02},
+                                   **models(b, e, [{}] * 3)}),
+    "ramplus_tl": ("llama", lambda b, e: {"merge_method": "ramplus_tl", "dtype": "float32",
+                                          "parameters": {"r": 0.4, "alpha": 0.5, "epsilon": 0.015},
+                                          **models(b, e, [{}] * 3)}),
+    "ramplus_tl_bf16_gives_fp32": ("llama_bf16_sharded", lambda b, e: {
+        "merge_method": "ramplus_tl", "dtype": "bfloat16", "parameters": {"epsilon": 0.02},
+        **models(b, e, [{}] * 3)}),
+    "arcee_fusion": ("llama", lambda b, e: {"merge_method": "arcee_fusion", "dtype": "float32",
+                                            **models(b, e[1:2], [{}])}),
+    "arcee_fusion_bf16_gives_fp32": ("llama_bf16_sharded", lambda b, e: {
+        "merge_method": "arcee_fusion", "dtype": "bfloat16", **models(b, e[:1], [{}])}),
 }
 
 

@@ -52,6 +52,12 @@ class MergeMethod:
     # methods that wrap another one: (global parameters, registry) -> the bound method (ValueError if unusable)
     specialize: Callable[[dict, dict], MergeMethod] | None = field(default=None, compare=False)
     wrapped: Callable[[TensorGroup], torch.Tensor] | None = field(default=None, compare=False)  # its inner merge
+    # compute dtype -> the dtype the merge returns, where it differs (mergekit writes that when out_dtype is unset)
+    result_dtype: Callable[[torch.dtype], torch.dtype] | None = field(default=None, compare=False)
+
+    def output_dtype(self, compute: torch.dtype) -> torch.dtype:
+        """The dtype written for a tensor merged in `compute` when the config sets no out_dtype."""
+        return compute if self.result_dtype is None else self.result_dtype(compute)
 
     @property
     def shared_params(self) -> list[ParamSpec]:

@@ -1,4 +1,5 @@
-"""Weighted averages and spherical interpolations: linear, slerp, nuslerp, model_stock."""
+"""Weighted averages and spherical interpolations: linear, slerp, nuslerp, multislerp, karcher,
+model_stock, nearswap."""
 from __future__ import annotations
 
 import torch
@@ -25,6 +26,22 @@ def _nuslerp(group: TensorGroup) -> torch.Tensor:
     if group.base is None:
         return ops.nuslerp(t, a, b, row_wise, flatten)
     return group.base + ops.nuslerp(t, a - group.base, b - group.base, row_wise, flatten)
+
+
+def _multislerp(group: TensorGroup) -> torch.Tensor:
+    p = group.shared
+    return ops.multislerp([group.tensors[i] for i in group.non_base], group.values("weight"), group.base,
+                          p["normalize_weights"], p["eps"])
+
+
+def _karcher(group: TensorGroup) -> torch.Tensor:
+    """Equal weights over every input: mergekit ignores `weight` and treats a base as one more input."""
+    n = len(group.tensors)
+    return ops.karcher_mean(group.tensors, [1.0 / n] * n, group.shared["max_iter"], group.shared["tol"])
+
+
+def _nearswap(group: TensorGroup) -> torch.Tensor:
+    return ops.nearswap(group.shared["t"], group.base, group.tensors[1 - group.base_index])
 
 
 def _model_stock(group: TensorGroup) -> torch.Tensor:
@@ -62,6 +79,15 @@ METHODS = [
                                       ParamSpec("nuslerp_row_wise", bool, Scope.SHARED, False),
                                       ParamSpec("nuslerp_flatten", bool, Scope.SHARED, True)),
                 base="optional", min_non_base=2, max_non_base=2),
+    MergeMethod("multislerp", _multislerp, (ParamSpec("weight", float, Scope.NON_BASE),
+                                            ParamSpec("normalize_weights", bool, Scope.SHARED, True),
+                                            ParamSpec("eps", float, Scope.SHARED, 1e-8)),
+                base="optional", min_non_base=1, reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"),
+    MergeMethod("karcher", _karcher, (ParamSpec("max_iter", int, Scope.SHARED, 10),
+                                      ParamSpec("tol", float, Scope.SHARED, 1e-5)),
+                reference="https://arxiv.org/abs/2603.04972"),
+    MergeMethod("nearswap", _nearswap, (ParamSpec("t", float, Scope.SHARED),), base="required",
+                min_inputs=2, max_inputs=2, reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"),
     MergeMethod("model_stock", _model_stock, (ParamSpec("filter_wise", bool, Scope.SHARED, False),),
                 base="required", min_inputs=3, reference="https://arxiv.org/abs/2403.19522"),
 ]

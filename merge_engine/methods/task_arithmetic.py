@@ -1,5 +1,6 @@
 """The generalized task-arithmetic family: sparsify each task vector, weight, optionally elect signs
-and take the disjoint mean, scale by lambda, add to the base (mergekit's GTA methods)."""
+and take the disjoint mean, scale by lambda, add to the base (mergekit's GTA methods). Also the other
+task-vector merges of mergekit 0.1.5: sce, ram, ramplus_tl and arcee_fusion (ops/selective.py)."""
 from __future__ import annotations
 
 import torch
@@ -50,3 +51,46 @@ def _method(name: str) -> MergeMethod:
 
 
 METHODS = [_method(name) for name in FAMILY]
+
+
+def _experts(group: TensorGroup) -> list[torch.Tensor]:
+    return [group.tensors[i] for i in group.non_base]
+
+
+def _sce(group: TensorGroup) -> torch.Tensor:
+    return ops.sce_merge(group.base, _experts(group), group.shared["select_topk"])
+
+
+def _ram(group: TensorGroup) -> torch.Tensor:
+    return ops.ram_merge(group.base, _experts(group), group.shared["epsilon"])
+
+
+def _ramplus_tl(group: TensorGroup) -> torch.Tensor:
+    p = group.shared
+    return ops.ramplus_tl_merge(group.base, _experts(group), p["r"], p["alpha"], p["epsilon"])
+
+
+def _arcee_fusion(group: TensorGroup) -> torch.Tensor:
+    return ops.arcee_fusion(group.base, group.tensors[1 - group.base_index])
+
+
+def _with_fp32(compute: torch.dtype) -> torch.dtype:
+    """mergekit's ramplus_tl and arcee_fusion multiply by an fp32 tensor: half-precision merges come out fp32."""
+    return torch.promote_types(compute, torch.float32)
+
+
+RAM_EPSILON = ParamSpec("epsilon", float, Scope.SHARED, 1e-5)
+RAM_REF = "https://arxiv.org/abs/2601.13572"
+
+METHODS += [
+    # per-model `weight` is not a parameter of sce (mergekit ignores it; config validation warns)
+    MergeMethod("sce", _sce, (ParamSpec("int8_mask", bool, Scope.SHARED, False),  # memory-only in mergekit
+                              ParamSpec("select_topk", float, Scope.SHARED, 1.0)),
+                base="required", reference="https://arxiv.org/abs/2408.07990"),
+    MergeMethod("ram", _ram, (RAM_EPSILON,), base="required", reference=RAM_REF),
+    MergeMethod("ramplus_tl", _ramplus_tl, (ParamSpec("r", float, Scope.SHARED, 0.1),
+                                            ParamSpec("alpha", float, Scope.SHARED, 0.2), RAM_EPSILON),
+                base="required", reference=RAM_REF, result_dtype=_with_fp32),
+    MergeMethod("arcee_fusion", _arcee_fusion, (), base="required", min_inputs=2, max_inputs=2,
+                reference="https://arcee.ai", result_dtype=_with_fp32),
+]

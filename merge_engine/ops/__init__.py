@@ -8,8 +8,9 @@ they load, so callers never change.
 from merge_engine.ops.fisher import accumulate_fisher, fisher_merge
 from merge_engine.ops.consensus import disjoint_mean, elect_sign, merge_task_vectors, merge_task_vectors_reference
 from merge_engine.ops.gram import accumulate_gram, mirror_upper_
-from merge_engine.ops.interpolate import nuslerp, slerp, weighted_sum
+from merge_engine.ops.interpolate import karcher_mean, multislerp, nearswap, nuslerp, slerp, weighted_sum
 from merge_engine.ops.permute import gather_blocks, scatter_add_blocks_, swap_blocks_
+from merge_engine.ops.selective import arcee_fusion, ram_merge, ramplus_tl_merge, sce_merge
 from merge_engine.ops.spectral import iso_c, tsv_merge
 from merge_engine.ops.sparsify import (
     della_keep_probability,
@@ -26,5 +27,6 @@ __all__ = [
     "accumulate_fisher", "accumulate_gram", "fisher_merge", "mirror_upper_", "della_keep_probability", "disjoint_mean", "drop_by_rank", "drop_random", "elect_sign",
     "gather_blocks", "magnitude_topk_mask", "merge_task_vectors", "merge_task_vectors_reference", "nuslerp", "rescale_l1",
     "scatter_add_blocks_", "slerp", "swap_blocks_", "topk_count", "trim_by_magnitude", "trim_outliers", "weighted_sum",
-    "iso_c", "tsv_merge",
+    "iso_c", "tsv_merge", "multislerp", "karcher_mean", "nearswap", "sce_merge", "ram_merge", "ramplus_tl_merge",
+    "arcee_fusion",
 ]

@@ -2,6 +2,8 @@
 mergekit 0.1.5's arithmetic (fp32 accumulation, or fp64 for fp64 inputs)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 SLERP_DOT_THRESHOLD = 0.9995
@@ -82,3 +84,99 @@ def nuslerp(t: float, a: torch.Tensor, b: torch.Tensor, row_wise: bool = False, 
     if dim != -1 and not flatten:
         result = result.transpose(dim, -1)
     return result.reshape(shape).contiguous()
+
+
+@torch.library.custom_op("merge_engine::multislerp", mutates_args=())
+def multislerp(tensors: list[torch.Tensor], weights: list[float], base: Optional[torch.Tensor] = None,
+               normalize_weights: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """mergekit's multislerp: barycentric interpolation of K tensors on the hypersphere (whole flattened
+    tensors, minus base when given). Each is projected to the unit sphere, then to the tangent space at
+    the weighted mean direction; the weighted tangent mean goes back through the exponential map and is
+    scaled by the weighted mean of the norms. Weights are divided by their sum if normalize_weights.
+    One input is returned as is (the base is then unused). A zero weighted mean direction falls back to
+    the weighted sum for two inputs and raises ValueError for more. Input dtype throughout."""
+    if not tensors:
+        raise ValueError("multislerp needs at least one tensor")
+    if len(tensors) != len(weights):
+        raise ValueError(f"multislerp: {len(tensors)} tensors but {len(weights)} weights")
+    if len(tensors) == 1:
+        return tensors[0].clone()
+    stacked = torch.stack(tensors, dim=0)
+    if base is not None:
+        stacked -= base
+    flat = stacked.view(stacked.shape[0], -1)
+    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if stacked.shape[0] != 2:
+            raise ValueError("multislerp: the weighted mean of the normalized inputs is zero (antipodal inputs "
+                             "whose weights balance out); use different weights")
+        result = (stacked[0] * w[0] + stacked[1] * w[1]).view(stacked.shape[1:])
+        return result if base is None else result + base
+    mean = mean / mean_norm
+    tangents = units - (units * mean).sum(-1, keepdim=True) * mean
+    tangent = (tangents * w.view(-1, 1)).sum(0)
+    tangent_norm = torch.norm(tangent) + eps
+    result = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
+    result = (result * (norms.squeeze(-1) * w).sum()).view(stacked.shape[1:])
+    return result if base is None else result + base
+
+
+@torch.library.custom_op("merge_engine::karcher_mean", mutates_args=())
+def karcher_mean(tensors: list[torch.Tensor], weights: list[float], max_iter: int = 10,
+                 tol: float = 1e-5) -> torch.Tensor:
+    """mergekit's weighted Karcher (Riemannian) mean of the flattened tensors' directions on the unit
+    sphere, scaled by sum_i w_i |x_i|. Inputs with norm <= tol take no part in the direction (their
+    weight still counts in the scale); the others' weights are renormalized to sum to 1. Starts from
+    the normalized weighted mean (the first direction if that is ~0), then at most max_iter steps of
+    the exp map of the weighted mean log map, stopping once the step is shorter than tol. Norms in fp32
+    (fp64 for fp64), unit vectors in the input dtype."""
+    if len(tensors) != len(weights) or not tensors:
+        raise ValueError(f"karcher_mean: {len(tensors)} tensors but {len(weights)} weights")
+    if len(tensors) == 1:
+        return tensors[0].clone()
+    dtype = _compute_dtype(tensors[0])
+    norms = [torch.linalg.vector_norm(x.to(dtype)) for x in tensors]
+    units = [torch.zeros_like(x) if n.item() == 0.0 else (x / n).to(x.dtype) for x, n in zip(tensors, norms)]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    if not valid:
+        return sum(x * 0 for x in tensors)
+    total = sum(weights[i] for i in valid)
+    alphas = [weights[i] / total for i in valid]
+    units = [units[i] for i in valid]
+
+    mean = torch.zeros_like(units[0])
+    for alpha, unit in zip(alphas, units):
+        mean += alpha * unit
+    mean_norm = torch.linalg.vector_norm(mean.to(dtype))
+    mean = units[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for alpha, unit in zip(alphas, units):
+            dot = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += alpha * (theta / torch.sin(theta)) * (unit - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent.to(dtype))
+        if tangent_norm.item() < tol:
+            break
+        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
+        unit_norm = torch.linalg.vector_norm(mean.to(dtype))
+        if unit_norm.item() > tol:
+            mean = (mean / unit_norm).to(mean.dtype)
+    return sum(w * n for w, n in zip(weights, norms)) * mean
+
+
+@torch.library.custom_op("merge_engine::nearswap", mutates_args=())
+def nearswap(t: float, base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """mergekit's nearswap: per element, lerp from base toward other by w = clamp(t / |base - other|, 0, 1)
+    (|base - other| floored at 1e-6), so elements closer than t take other's value and far ones stay
+    near the base. Input dtype."""
+    w = (t / torch.abs(base - other).clamp(min=1e-6)).clamp(min=0, max=1)
+    return w * other + (1 - w) * base
