@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="merge-engine",
         description="Merge model checkpoints described by a mergekit YAML config, streaming tensor by tensor.",
         epilog="Methods: linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, "
-               "della, della_linear, slerp, nuslerp, model_stock, passthrough, tsv, iso_c, regmean, bmm, fisher, "
+               "della, della_linear, slerp, nuslerp, multislerp, karcher, model_stock, nearswap, sce, ram, "
+               "ramplus_tl, arcee_fusion, passthrough, tsv, iso_c, regmean, bmm, fisher, "
                "fisher_task_arithmetic, fisher_ties. See README.md. "
                "Other commands: merge-engine fisher --help, merge-engine stats --help, merge-engine key --help.")
     p.add_argument("config", help="merge config (mergekit YAML schema)")

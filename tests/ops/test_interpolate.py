@@ -58,3 +58,108 @@ def test_slerp_preserves_norm_of_equal_norm_inputs():
     a, b = pair((100,), 4)
     b = b * (a.norm() / b.norm())
     assert math.isclose(float(ops.slerp(0.5, a, b).norm()), float(a.norm()), rel_tol=1e-12)
+
+
+def unit(x):
+    return x / x.norm()
+
+
+def test_multislerp_of_two_is_normalized_lerp_scaled_by_mean_norm():
+    # the tangent-space mean of two points at their normalized weighted mean is zero, so the
+    # direction is nlerp(w) of the unit vectors and the length the weighted mean of the norms
+    a, b = pair((6, 5), 5)
+    got = ops.multislerp([a, b], [1.0, 3.0])
+    want = (0.25 * a.norm() + 0.75 * b.norm()) * unit(0.25 * unit(a) + 0.75 * unit(b))
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)  # eps = 1e-8 is added to the norms
+
+
+def test_multislerp_of_two_equal_norm_halves_is_slerp_and_nuslerp():
+    a, b = pair((40,), 6)
+    b = b * (a.norm() / b.norm())
+    got = ops.multislerp([a, b], [0.5, 0.5])
+    torch.testing.assert_close(got, ops.slerp(0.5, a, b), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, ops.nuslerp(0.5, a, b), rtol=1e-10, atol=1e-12)
+    # unequal weights: nlerp, not slerp (the directions differ)
+    assert not torch.allclose(unit(ops.multislerp([a, b], [0.8, 0.2])), unit(ops.slerp(0.2, a, b)), atol=1e-6)
+
+
+def test_multislerp_norm_is_weighted_mean_norm_and_base_is_an_origin():
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(9, 4, generator=g, dtype=torch.float64) * s for s in (1.0, 2.0, 0.5)]
+    w = [0.2, 0.5, 0.3]
+    got = ops.multislerp(xs, w)
+    assert math.isclose(float(got.norm()), sum(wi * float(x.norm()) for wi, x in zip(w, xs)), rel_tol=1e-12)
+    base = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    with_base = ops.multislerp([x + base for x in xs], w, base)
+    torch.testing.assert_close(with_base, got + base, rtol=1e-10, atol=1e-12)
+    # weights are normalized by default; unnormalized weights scale the length by their sum
+    torch.testing.assert_close(ops.multislerp(xs, [2 * v for v in w]), got)
+    torch.testing.assert_close(ops.multislerp(xs, [2 * v for v in w], normalize_weights=False), 2 * got)
+
+
+def test_multislerp_identical_inputs_single_input_and_antipodes():
+    a, _ = pair((12,), 8)
+    torch.testing.assert_close(ops.multislerp([a, a, a], [0.1, 0.3, 0.6]), a, rtol=1e-12, atol=1e-12)
+    b = a + 1
+    out = ops.multislerp([b], [0.3], a)  # one input: returned as is, the base unused
+    assert torch.equal(out, b) and out.data_ptr() != b.data_ptr()
+    # antipodal pair with equal weights: mergekit's fallback is the weighted sum
+    torch.testing.assert_close(ops.multislerp([a, -a], [0.5, 0.5]), torch.zeros_like(a))
+    with pytest.raises(ValueError, match="weighted mean"):
+        ops.multislerp([a, -a, a, -a], [0.25] * 4)
+
+
+def test_multislerp_keeps_dtype():
+    a, b = pair((8, 8), 9)
+    assert ops.multislerp([a.bfloat16(), b.bfloat16()], [0.5, 0.5]).dtype == torch.bfloat16
+
+
+def test_karcher_of_identical_inputs_is_that_input():
+    a, _ = pair((7, 3), 10)
+    torch.testing.assert_close(ops.karcher_mean([a, a, a], [1 / 3] * 3), a, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("w", [0.5, 0.2, 0.9])
+def test_karcher_of_two_is_on_the_geodesic_at_the_weight(w):
+    # the weighted Frechet mean of two points on a sphere is slerp(w2) of them
+    a, b = pair((30,), 11)
+    got = ops.karcher_mean([a, b], [1 - w, w], max_iter=100, tol=1e-12)
+    scale = (1 - w) * a.norm() + w * b.norm()
+    torch.testing.assert_close(got, scale * ops.slerp(w, unit(a), unit(b)), rtol=1e-9, atol=1e-10)
+
+
+def test_karcher_three_inputs_is_a_fixed_point_and_zero_inputs_only_scale():
+    g = torch.Generator().manual_seed(12)
+    xs = [torch.randn(20, generator=g, dtype=torch.float64) for _ in range(3)]
+    got = ops.karcher_mean(xs, [1 / 3] * 3, max_iter=200, tol=1e-14)
+    m = unit(got)
+    # at the Karcher mean the mean of the log maps vanishes
+    logs = []
+    for x in xs:
+        u = unit(x)
+        theta = torch.arccos((m @ u).clamp(-1, 1))
+        logs.append(theta / torch.sin(theta) * (u - (m @ u) * m))
+    assert float(sum(logs).norm()) < 1e-10
+    assert math.isclose(float(got.norm()), sum(float(x.norm()) for x in xs) / 3, rel_tol=1e-12)
+    # a zero input takes no part in the direction but its weight still counts in the scale
+    z = torch.zeros_like(xs[0])
+    torch.testing.assert_close(ops.karcher_mean([xs[0], z], [0.5, 0.5]), 0.5 * xs[0], rtol=1e-12, atol=1e-12)
+    assert torch.equal(ops.karcher_mean([z, z], [0.5, 0.5]), z)
+
+
+def test_karcher_keeps_dtype():
+    a, b = pair((8, 8), 13)
+    assert ops.karcher_mean([a.bfloat16(), b.bfloat16()], [0.5, 0.5]).dtype == torch.bfloat16
+    assert ops.karcher_mean([a.float(), b.float()], [0.5, 0.5]).dtype == torch.float32
+
+
+def test_nearswap_takes_close_elements_from_the_other_model():
+    base = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    other = torch.tensor([0.1, -0.5, 2.0, 0.0, 1.0], dtype=torch.float64)
+    # w = clamp(t / |base - other|, 0, 1): 1 for |diff| <= t, else t / |diff|
+    want = torch.tensor([0.1, -0.2, 0.2, 0.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(ops.nearswap(0.2, base, other), want)
+    a, b = pair((6, 7), 14)
+    assert torch.equal(ops.nearswap(1e9, a, b), b)
+    assert torch.equal(ops.nearswap(0.0, a, b), a)
+    assert ops.nearswap(0.1, a.bfloat16(), b.bfloat16()).dtype == torch.bfloat16
