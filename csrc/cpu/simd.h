@@ -128,6 +128,17 @@ inline int compress_store(I m, I a, int32_t* out) {
   }
   return kept;
 }
+// Sixteen int16 lanes in one register, for counting 15-bit keys: half the compare-and-count
+// operations of int32 lanes. Their lane order is their own (packus interleaves the two registers'
+// 128-bit halves), which no count depends on.
+struct I16 { __m256i v; };
+inline I16 pack16_unsigned(I a) { return I16{_mm256_packus_epi32(a.h[0], a.h[1])}; }  // lanes in [0, 0xFFFF]
+inline I16 set16(int16_t x) { return I16{_mm256_set1_epi16(x)}; }
+inline I16 sub(I16 a, I16 b) { return I16{_mm256_sub_epi16(a.v, b.v)}; }
+inline I16 gt(I16 a, I16 b) { return I16{_mm256_cmpgt_epi16(a.v, b.v)}; }
+inline I16 operator&(I16 a, I16 b) { return I16{_mm256_and_si256(a.v, b.v)}; }
+inline bool any(I16 m) { return !_mm256_testz_si256(m.v, m.v); }
+inline int64_t sum(I16 x) { return sum(I{{_mm256_madd_epi16(x.v, _mm256_set1_epi16(1)), _mm256_setzero_si256()}}); }
 #undef ME_F
 #undef ME_I
 #else
@@ -184,13 +195,23 @@ inline int compress_store(I m, I a, int32_t* out) {
     if (m.v[l]) out[kept++] = a.v[l];
   return kept;
 }
+struct I16 { int16_t v[kWidth]; };
+inline I16 pack16_unsigned(I a) { I16 r; ME_LANES(static_cast<int16_t>(a.v[l])); return r; }  // lanes in [0, 0xFFFF]
+inline I16 set16(int16_t x) { I16 r; ME_LANES(x); return r; }
+inline I16 sub(I16 a, I16 b) { I16 r; ME_LANES(static_cast<int16_t>(a.v[l] - b.v[l])); return r; }
+inline I16 gt(I16 a, I16 b) { I16 r; ME_LANES(a.v[l] > b.v[l] ? -1 : 0); return r; }
+inline I16 operator&(I16 a, I16 b) { I16 r; ME_LANES(a.v[l] & b.v[l]); return r; }
+inline bool any(I16 m) { for (int l = 0; l < kWidth; ++l) if (m.v[l]) return true; return false; }
+inline int64_t sum(I16 x) { int64_t s = 0; for (int l = 0; l < kWidth; ++l) s += x.v[l]; return s; }
 #undef ME_LANES
 #endif
 
 inline F masked(F x, I m) { return bits_to_f(f_to_bits(x) & m); }       // x where m, else +0.0f
 
 // Storage dtype T on the lanes: load, round a float result to T (as dtypes.h's
-// rnd<T>), round and store one, and the magnitude key of a value of T (ops/select.py).
+// rnd<T>), round and store one, and the magnitude key of a value of T (ops/select.py). Which element
+// a lane holds is T's choice (bf16's is not index order): keep flags and element offsets come in the
+// same order through load_flags and lane_index, and round_store writes index order.
 template <typename T> struct Lanes;
 
 template <> struct Lanes<float> {
@@ -203,6 +224,8 @@ template <> struct Lanes<float> {
 #endif
     return x;
   }
+  static I load_flags(const uint8_t* p) { return load_u8(p); }
+  static I lane_index() { return iota(); }
   static F round(F x) { return x; }
   static void round_store(float* p, F x) { store(p, x); }
   static void store(float* p, F x) {
@@ -216,20 +239,56 @@ template <> struct Lanes<float> {
 };
 
 template <> struct Lanes<c10::BFloat16> {
+#if MERGE_ENGINE_AVX2
+  // Lanes in an order of their own: AVX2's unpacks work within 128-bit halves, so loading 16 values
+  // as the high halves of 32-bit lanes (one unpack per register, rather than a widening load and a
+  // shift) puts elements 0-3 and 8-11 in the first register, 4-7 and 12-15 in the second.
+  // round_store's pack restores index order, and load_flags and lane_index follow the same order.
+  static F load(const c10::BFloat16* p) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), z = _mm256_setzero_si256();
+    return F{{_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, x)), _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, x))}};
+  }
+  static I load_flags(const uint8_t* p) {  // 16 bytes as 0/1 lanes, in load's order
+    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i z = _mm256_setzero_si256();
+    return I{{_mm256_unpacklo_epi16(w, z), _mm256_unpackhi_epi16(w, z)}};
+  }
+  static I lane_index() {  // each lane's element offset, in load's order
+    return I{{_mm256_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11), _mm256_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15)}};
+  }
+  static void round_store(c10::BFloat16* p, F x) {  // round's bits, shifted before the mask clears them
+    __m256i r[2];
+    for (int k = 0; k < 2; ++k) {
+      const __m256i b = _mm256_castps_si256(x.h[k]);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+      r[k] = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_packus_epi32(r[0], r[1]));  // in index order
+  }
+#else
   static F load(const c10::BFloat16* p) { return bits_to_f(shl(load_u16(p), 16)); }
+  static I load_flags(const uint8_t* p) { return load_u8(p); }
+  static I lane_index() { return iota(); }
+  static void round_store(c10::BFloat16* p, F x) {  // round's bits, shifted before the mask clears them
+    const I b = f_to_bits(x);
+    store_u16(p, shr(add(b, add(iset(0x7FFF), shr(b, 16) & iset(1))), 16));
+  }
+#endif
   static F round(F x) {  // round to nearest even on the bits, no NaN branch (as dtypes.h)
     I b = f_to_bits(x);
     b = add(b, add(iset(0x7FFF), shr(b, 16) & iset(1)));
     return bits_to_f(b & iset(static_cast<int32_t>(0xFFFF0000u)));
   }
-  static void round_store(c10::BFloat16* p, F x) {  // round's bits, shifted before the mask clears them
-    const I b = f_to_bits(x);
-    store_u16(p, shr(add(b, add(iset(0x7FFF), shr(b, 16) & iset(1))), 16));
-  }
   static I key(F rounded) { return shr(f_to_bits(rounded), 16) & iset(0x7FFF); }
+  static I16 key16(F x) {  // key(round(x)): round's bits shifted, the sign cleared in 16-bit lanes
+    const I b = f_to_bits(x);
+    return pack16_unsigned(shr(add(b, add(iset(0x7FFF), shr(b, 16) & iset(1))), 16)) & set16(0x7FFF);
+  }
 };
 
 template <> struct Lanes<c10::Half> {
+  static I load_flags(const uint8_t* p) { return load_u8(p); }
+  static I lane_index() { return iota(); }
 #if MERGE_ENGINE_AVX2
   static __m128i to_half(__m256 x) { return _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static F load(const c10::Half* p) {
@@ -245,11 +304,13 @@ template <> struct Lanes<c10::Half> {
     return I{{_mm256_cvtepu16_epi32(to_half(rounded.h[0])), _mm256_cvtepu16_epi32(to_half(rounded.h[1]))}} &
            iset(0x7FFF);
   }
+  static I16 key16(F x) { return I16{_mm256_set_m128i(to_half(x.h[1]), to_half(x.h[0]))} & set16(0x7FFF); }
 #else
   static F load(const c10::Half* p) { F x; for (int l = 0; l < kWidth; ++l) x.v[l] = static_cast<float>(p[l]); return x; }
   static F round(F x) { for (int l = 0; l < kWidth; ++l) x.v[l] = static_cast<float>(c10::Half(x.v[l])); return x; }
   static void round_store(c10::Half* p, F x) { for (int l = 0; l < kWidth; ++l) p[l] = c10::Half(x.v[l]); }
   static I key(F rounded) { I k; for (int l = 0; l < kWidth; ++l) k.v[l] = c10::Half(rounded.v[l]).x & 0x7FFF; return k; }
+  static I16 key16(F x) { return pack16_unsigned(key(x)); }
 #endif
 };
 

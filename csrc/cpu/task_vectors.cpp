@@ -226,76 +226,161 @@ struct ChunkTally {  // one query over one chunk
   bool complete = false;         // listed holds every such element of the chunk
 };
 
-// Keys of 512 runs of 32 consecutive elements spread over the tensor (whole cache lines), or of every
-// element of a small tensor; then the bracket of each query: the sample keys 8 standard deviations of
-// a binomial sample rank (plus 16) either side of the rank's position in the sample, or no bound on a
-// side where that passes the sample's end.
+// The sample: runs of kSampleRun consecutive elements (whole cache lines) spread evenly over the
+// tensor, a quarter of it up to kMaxSampleRuns runs (1/64 of 16M elements), at least kMinSampleRuns,
+// or every element of a small tensor. A sample that large brackets a cut-off within one or two bf16
+// keys from 1M elements on, so the tally below lists almost nothing and skips its compaction for
+// nearly every vector; sampling (vectorised, a few cache lines at a time) costs far less.
+constexpr int64_t kSampleRun = 32, kMinSampleRuns = 512, kMaxSampleRuns = 8192, kSampleEvery = 4;
+
+int64_t sample_runs(int64_t n) { return std::clamp(n / (kSampleEvery * kSampleRun), kMinSampleRuns, kMaxSampleRuns); }
+
+// The keys of elements [start, start + len), kWidth at a time (in the lanes' order within each group
+// of kWidth: the sample's uses ignore the order within a run).
+template <typename T> void delta_keys(const T* e, const T* b, int64_t start, int64_t len, int32_t* out) {
+  using namespace simd;
+  using L = Lanes<T>;
+  int64_t j = 0;
+  for (; j + kWidth <= len; j += kWidth) store(out + j, L::key(L::round(sub(L::load(e + start + j), L::load(b + start + j)))));
+  for (; j < len; ++j) out[j] = delta_key(e, b, start + j);
+}
+
+template <typename T> std::vector<int32_t> sample_keys(const T* e, const T* b, int64_t n) {
+  const int64_t runs = sample_runs(n);
+  if (n <= runs * kSampleRun) {
+    std::vector<int32_t> sample(n);
+    delta_keys(e, b, 0, n, sample.data());
+    return sample;
+  }
+  std::vector<int32_t> sample(runs * kSampleRun);
+  for (int64_t r = 0; r < runs; ++r) delta_keys(e, b, r * (n - kSampleRun) / (runs - 1), kSampleRun, &sample[r * kSampleRun]);
+  return sample;
+}
+
+// The keys at ascending ranks of a sample: a count per key for 16-bit types, nth_element on a copy
+// for float32 keys.
+class SampleOrder {
+ public:
+  SampleOrder(const std::vector<int32_t>& sample, bool narrow) : sorted_(narrow ? 0 : sample.size()) {
+    if (narrow) {
+      cumulative_.assign(1 << 15, 0);
+      for (int32_t k : sample) ++cumulative_[k];
+      std::partial_sum(cumulative_.begin(), cumulative_.end(), cumulative_.begin());
+    } else {
+      std::copy(sample.begin(), sample.end(), sorted_.begin());
+    }
+  }
+  int32_t at(int64_t rank) {
+    if (!cumulative_.empty())
+      return static_cast<int32_t>(std::upper_bound(cumulative_.begin(), cumulative_.end(), rank) - cumulative_.begin());
+    std::nth_element(sorted_.begin(), sorted_.begin() + rank, sorted_.end());
+    return sorted_[rank];
+  }
+
+ private:
+  std::vector<int64_t> cumulative_;  // elements with key <= k
+  std::vector<int32_t> sorted_;
+};
+
+// The bracket of each query: the sample keys 8 standard deviations of the sample rank (plus 16)
+// either side of the rank's position in the sample, or no bound on a side where that passes the
+// sample's end. The deviation is the larger of the binomial one (independent elements) and the one
+// measured between runs: keys within a run are correlated (rows of a weight matrix differ in scale),
+// which widens the spread of a run-sampled rank by up to sqrt(run length).
 template <typename T>
 void bracket_queries(const T* e, const T* b, int64_t n, std::vector<CutoffQuery*>& queries) {
-  constexpr int64_t kRuns = 512, kRun = 32;
-  std::vector<int32_t> sample;
-  if (n <= kRuns * kRun) {
-    for (int64_t i = 0; i < n; ++i) sample.push_back(delta_key(e, b, i));
-  } else {
-    for (int64_t r = 0; r < kRuns; ++r)
-      for (int64_t i = r * (n - kRun) / (kRuns - 1), j = 0; j < kRun; ++j) sample.push_back(delta_key(e, b, i + j));
-  }
+  const std::vector<int32_t> sample = sample_keys(e, b, n);
   const int64_t s = static_cast<int64_t>(sample.size());
+  SampleOrder order(sample, sizeof(T) == 2);
+  const int32_t key_end = sizeof(T) == 2 ? 0x8000 : INT32_MAX;  // keys are >= 0 and < key_end
   for (auto* q : queries) {
-    const double p = (q->rank + 0.5) / n, at = p * s, spread = 8 * std::sqrt(s * p * (1 - p)) + 16;
+    const double p = (q->rank + 0.5) / n, at = p * s;
+    double variance = s * p * (1 - p);
+    if (s < n) {  // between runs: the runs' counts of keys below the estimate
+      const int32_t estimate = order.at(std::clamp<int64_t>(static_cast<int64_t>(at), 0, s - 1));
+      const int64_t runs = s / kSampleRun;
+      double sum = 0, sum2 = 0;
+      for (int64_t r = 0; r < runs; ++r) {
+        int64_t c = 0;
+        for (int64_t j = r * kSampleRun; j < (r + 1) * kSampleRun; ++j) c += sample[j] < estimate;
+        sum += c, sum2 += static_cast<double>(c) * c;
+      }
+      variance = std::max(variance, sum2 - sum * sum / runs);  // runs x the variance of one run's count
+    }
+    const double spread = 8 * std::sqrt(variance) + 16;
     const int64_t lo = std::clamp<int64_t>(static_cast<int64_t>(at - spread), 0, s - 1);
     const int64_t hi = std::clamp<int64_t>(static_cast<int64_t>(at + spread) + 1, 0, s - 1);
-    // a bracket reaching the end of the sample stays open on that side (keys are >= 0 and < key_end)
-    const int32_t key_end = sizeof(T) == 2 ? 0x8000 : INT32_MAX;
-    std::nth_element(sample.begin(), sample.begin() + lo, sample.end());
-    q->lo = lo == 0 ? -1 : sample[lo];
-    std::nth_element(sample.begin() + lo, sample.begin() + hi, sample.end());
-    q->hi = hi == s - 1 ? key_end : sample[hi];
+    q->lo = lo == 0 ? -1 : order.at(lo);
+    q->hi = hi == s - 1 ? key_end : order.at(hi);
   }
 }
 
-// One chunk of one expert against NQ of its queries (two: breadcrumbs' window), counts in lanes;
-// the listed keys are compacted into the thread's scratch, then copied to the tally. Only keys: the
-// one tie index a query may need is found by rescanning the one chunk where it falls.
+// One chunk of one expert against NQ of its queries (two: breadcrumbs' window). Four counts per
+// query, each one comparison: keys below lo, above lo, below hi, above hi; the tally's counts follow
+// from them (equal = all - below - above). 16-bit types count in int16 lanes (keys shifted down by
+// one, so that the open bound hi = 2^15 fits), 16 keys per register; a chunk's 2^16 elements put at
+// most 2^12 in a lane. The few keys strictly inside the bracket are listed,
+// compacted into the thread's scratch and copied to the tally; only keys: the one tie index a query
+// may need is found by rescanning the one chunk where it falls.
 template <typename T, int NQ>
 void tally_chunk(const T* e, const T* b, int64_t start, int64_t len, CutoffQuery* const* qs,
                  ChunkTally* const* tallies, bool list) {
   using namespace simd;
   using L = Lanes<T>;
+  constexpr bool kNarrow = sizeof(T) == 2;
+  using C = std::conditional_t<kNarrow, I16, I>;  // counting lanes
+  auto counted = [](F d) ME_ALWAYS_INLINE {  // the key of round(d) in counting lanes
+    if constexpr (kNarrow) return sub(L::key16(d), set16(1)); else return L::key(L::round(d));
+  };
+  auto bound = [](int32_t k) {
+    if constexpr (kNarrow) return set16(static_cast<int16_t>(k - 1)); else return iset(k);
+  };
+  auto zero = [] { if constexpr (kNarrow) return set16(0); else return iset(0); };
   thread_local std::vector<int32_t> scratch;
   scratch.resize(static_cast<size_t>(NQ) * (kSelectChunk + kWidth));
   int32_t* keys[NQ];
   int64_t kept[NQ];
-  I lo[NQ], hi[NQ], below[NQ], at_lo[NQ], at_hi[NQ], inside[NQ];
+  C lo[NQ], hi[NQ], below_lo[NQ], above_lo[NQ], below_hi[NQ], above_hi[NQ];
   for (int q = 0; q < NQ; ++q) {
-    lo[q] = iset(qs[q]->lo), hi[q] = iset(qs[q]->hi);
-    below[q] = at_lo[q] = at_hi[q] = inside[q] = iset(0);
+    lo[q] = bound(qs[q]->lo), hi[q] = bound(qs[q]->hi);
+    below_lo[q] = above_lo[q] = below_hi[q] = above_hi[q] = zero();
     keys[q] = scratch.data() + q * (kSelectChunk + kWidth);
     kept[q] = 0;
   }
   int64_t j = 0;
   for (; j + kWidth <= len; j += kWidth) {
-    const I key = L::key(L::round(sub(L::load(e + start + j), L::load(b + start + j))));
+    const F d = sub(L::load(e + start + j), L::load(b + start + j));
+    const C k = counted(d);
     for (int q = 0; q < NQ; ++q) {
-      const I above_lo = gt(key, lo[q]), in = above_lo & gt(hi[q], key);
-      below[q] = sub(below[q], gt(lo[q], key));
-      at_lo[q] = sub(at_lo[q], eq(key, lo[q]));
-      at_hi[q] = sub(at_hi[q], eq(key, hi[q]) & above_lo);
-      inside[q] = sub(inside[q], in);
-      if (list) kept[q] += compress_store(in, key, keys[q] + kept[q]);
+      const C gt_lo = gt(k, lo[q]), lt_hi = gt(hi[q], k);
+      below_lo[q] = sub(below_lo[q], gt(lo[q], k));
+      above_lo[q] = sub(above_lo[q], gt_lo);
+      below_hi[q] = sub(below_hi[q], lt_hi);
+      above_hi[q] = sub(above_hi[q], gt(k, hi[q]));
+      // a branch, not a compaction per vector: the sample's narrow bracket leaves almost every
+      // vector without a key inside it
+      const C in = gt_lo & lt_hi;
+      bool some;
+      if constexpr (kNarrow) some = any(in); else some = lanes_set(in) != 0;
+      if (list && some) {
+        const I key = L::key(L::round(d)), in32 = gt(key, iset(qs[q]->lo)) & gt(iset(qs[q]->hi), key);
+        kept[q] += compress_store(in32, key, keys[q] + kept[q]);
+      }
     }
   }
   for (int q = 0; q < NQ; ++q) {
-    ChunkTally& t = *tallies[q];
-    t.below = sum(below[q]), t.at_lo = sum(at_lo[q]), t.at_hi = sum(at_hi[q]), t.inside = sum(inside[q]);
+    int64_t lt_lo = sum(below_lo[q]), gt_lo = sum(above_lo[q]), lt_hi = sum(below_hi[q]), gt_hi = sum(above_hi[q]);
+    const int32_t l = qs[q]->lo, h = qs[q]->hi;
     for (int64_t i = start + j; i < start + len; ++i) {  // the last < kWidth elements
-      const int32_t key = delta_key(e, b, i), l = qs[q]->lo, h = qs[q]->hi;
-      t.below += key < l, t.at_lo += key == l, t.at_hi += key == h && key > l;
-      if (key > l && key < h) {
-        ++t.inside;
-        if (list) keys[q][kept[q]++] = key;
-      }
+      const int32_t key = delta_key(e, b, i);
+      lt_lo += key < l, gt_lo += key > l, lt_hi += key < h, gt_hi += key > h;
+      if (list && key > l && key < h) keys[q][kept[q]++] = key;
     }
+    ChunkTally& t = *tallies[q];
+    t.below = lt_lo, t.at_lo = len - lt_lo - gt_lo;
+    // a key equal to hi counts there only when hi > lo (else it is lo's)
+    t.at_hi = h > l ? len - lt_hi - gt_hi : 0;
+    t.inside = h > l ? lt_hi - t.below - t.at_lo : 0;
     t.listed.assign(keys[q], keys[q] + kept[q]);
     t.complete = list;
   }
@@ -309,8 +394,16 @@ int64_t tie_index_from_counts(const T* e, const T* b, int64_t n, int32_t t, int6
   for (size_t c = 0; c < tally.size(); ++c) {
     const int64_t here = count(tally[c]);
     if (need > here) { need -= here; continue; }
-    for (int64_t i = c * kSelectChunk, end = std::min(n, i + kSelectChunk); i < end; ++i)
-      if (delta_key(e, b, i) == t && --need == 0) return i + 1;
+    // a vector's count of key t first (its lanes' order aside), then its elements in index order
+    int32_t keys[simd::kWidth];
+    for (int64_t i = c * kSelectChunk, end = std::min(n, i + kSelectChunk); i < end; i += simd::kWidth) {
+      const int64_t len = std::min<int64_t>(simd::kWidth, end - i);
+      delta_keys(e, b, i, len, keys);
+      const int64_t equal = std::count(keys, keys + len, t);
+      if (need > equal) { need -= equal; continue; }
+      for (int64_t j = i;; ++j)
+        if (delta_key(e, b, j) == t && --need == 0) return j + 1;
+    }
   }
   TORCH_CHECK(false, "bracketed select: tie count mismatch");
 }
@@ -562,28 +655,39 @@ template <typename T> int32_t float_key(int64_t t) {
   }
 }
 
-// One work item of the fused merge, elements [start, start + len), kWidth lanes at a time: each
-// expert's delta, keep rule, rescale and weight, the running sum, then the sign election and the
-// disjoint mean over the weighted deltas kept in wd, lambda and the base. Every lane operation is the
-// scalar step of the reference in the same order (see the file comment). keeps, for the random and
-// rank modes, holds each expert's keep flags for the block ([K][len]); the magnitude and outliers
-// modes test the cut-offs inline. Returns whether a delta of the block is NaN or Inf (as any NaN or
-// Inf input makes one).
+// The buffers of one thread's fused merge: each expert's weighted kept deltas and the base as float,
+// for kSpan elements at a time.
+struct MergeScratch {
+  static constexpr int64_t kSpan = 1024;  // elements: K + 1 float rows of it stay in L1/L2
+  std::vector<float> wd, base;            // the base as float: converted once, read K + 1 times
+  explicit MergeScratch(int K) : wd(static_cast<size_t>(K) * kSpan), base(kSpan) {}
+};
+
+// One work item of the fused merge, elements [start, start + len), kWidth lanes at a time, in two
+// loops per kSpan elements. The first runs expert by expert: delta, keep rule, rescale and weight,
+// stored in wd. The second sums the K values of wd (in expert order) and forms the sign election,
+// the disjoint mean, lambda and the base. Every lane operation is the scalar step
+// of the reference in the same order (see the file comment). Two short loops rather than one step
+// over all experts: each iteration's chain of dependent operations (roundings, a division) is short
+// and the iterations are independent, so the core overlaps many of them; one long step per element
+// group left it waiting on the chain. keeps, for the random and rank modes, holds each expert's keep
+// flags for the item ([K][len]); the magnitude and outliers modes test the cut-offs inline. Returns
+// whether a delta of the item is NaN or Inf (as any NaN or Inf input makes one).
 template <typename T>
 bool merge_block(const Params& P, const T* base, const std::vector<const T*>& experts, T* out, int64_t start,
-                 int64_t len, const uint8_t* keeps, std::vector<simd::F>& wd) {
+                 int64_t len, const uint8_t* keeps, MergeScratch& scratch) {
   using namespace simd;
   using L = Lanes<T>;
   const int K = static_cast<int>(experts.size());
   const bool by_cutoffs = P.mode == kMagnitude || P.mode == kOutliers, largest = P.mode == kMagnitude;
   // each expert's constants as lanes. keep_by_cutoffs in 32-bit lanes: keys as float_key, and
   // index < c becomes j < c - start, clamped to [0, len] so that a "nothing" cut-off keeps its meaning.
-  // In a block that no tie index c falls inside, each cut-off is one key comparison against a
+  // In an item that no tie index c falls inside, each cut-off is one key comparison against a
   // threshold th: largest, key > t or key >= t (= key > t - 1); ascending, key < t or key <= t
   // (= key < t + 1), with t +- 1 taken on T's keys.
   struct ExpertLanes { I lo_t, lo_c, hi_t, hi_c, lo_th, hi_th; F factor, weight; bool rescale; };
   auto rel32 = [&](int64_t c) { return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(c - start, 0), len)); };
-  bool tie_inside = false;  // some cut-off's tie index falls inside this block: compare indices
+  bool tie_inside = false;  // some cut-off's tie index falls inside this item: compare indices
   auto threshold = [&](int64_t t, int64_t c) {
     const int32_t c32 = rel32(c);
     tie_inside |= c32 > 0 && c32 < len;
@@ -598,73 +702,82 @@ bool merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
             !std::isnan(P.factors[i])};
   }
   const I abs_bits = iset(0x7FFFFFFF);
+  float* const wd = scratch.wd.data();
+  constexpr int64_t kSpan = MergeScratch::kSpan;
 
-  // kWidth elements: b_at[off..], e_at[i][off..] (and keep_at[i][off..]) -> o_at[off..]; j is their
-  // offset in the block (tie indices); returns the largest delta key of each lane. A NaN or Inf input
-  // makes every delta it enters NaN or Inf (inf - x, x - inf, NaN), whose key is at least Inf's, so
-  // the deltas alone reveal one; a delta that overflowed from finite inputs is cleared by the recount
-  // of the inputs after the pass. The keep rule
-  // and the consensus are template constants, so that the loop holds no branch on them and keeps its
-  // constants in registers.
+  // Expert i's weighted kept deltas of vectors [0, nvec) from b_at (the base as float), e_at (and
+  // keep_at), j0 their offset in the item (tie indices), into wd row i; returns the largest delta key
+  // of each lane. A NaN or Inf input makes every delta it enters NaN or Inf (inf - x, x - inf, NaN),
+  // whose key is at least Inf's, so the deltas alone reveal one; a delta that overflowed from finite
+  // inputs is cleared by the recount of the inputs after the pass. The keep rule is a template
+  // constant, so that the loop holds no branch on it and keeps its constants in registers.
   enum KeepRule { kKeepAll, kKeepFlags, kKeepAboveThresholds, kKeepByCutoffs };
-  auto step = [&](auto rule, auto consensus, const T* b_at, const T* const* e_at, const uint8_t* const* keep_at,
-                  int64_t off, int32_t j, T* o_at) ME_ALWAYS_INLINE {
+  auto weigh_expert = [&](auto rule, int i, const float* b_at, const T* e_at, const uint8_t* keep_at, int64_t nvec,
+                          int32_t j0) ME_ALWAYS_INLINE {
     constexpr int kRule = decltype(rule)::value;
-    I worst = iset(0);
-    const F bv = L::load(b_at + off);
-    F sum = fset(0.f);
-    for (int i = 0; i < K; ++i) {
-      const F d = L::round(sub(L::load(e_at[i] + off), bv));
+    const ExpertLanes c = x[i];
+    float* const row = wd + i * kSpan;
+    I worst = iset(0);  // a local: an accumulator behind a reference would go through memory every step
+    for (int64_t v = 0; v < nvec; ++v) {
+      const int64_t off = v * kWidth;
+      const F d = L::round(sub(L::load(e_at + off), Lanes<float>::load(b_at + off)));
       const I key = f_to_bits(d) & abs_bits;
       worst = max(worst, key);
-      const ExpertLanes& c = x[i];
       I keep;
       if constexpr (kRule == kKeepAboveThresholds) {
         keep = largest ? andnot(gt(key, c.hi_th), gt(key, c.lo_th)) : andnot(gt(c.hi_th, key), gt(c.lo_th, key));
       } else if constexpr (kRule == kKeepByCutoffs) {
-        const I index = add(iota(), iset(j));
+        const I index = add(L::lane_index(), iset(j0 + static_cast<int32_t>(off)));
         const I in_hi = (largest ? gt(key, c.hi_t) : gt(c.hi_t, key)) | (eq(key, c.hi_t) & gt(c.hi_c, index));
         const I in_lo = (largest ? gt(key, c.lo_t) : gt(c.lo_t, key)) | (eq(key, c.lo_t) & gt(c.lo_c, index));
         keep = andnot(in_hi, in_lo);
       } else if constexpr (kRule == kKeepFlags) {
-        keep = gt(load_u8(keep_at[i] + off), iset(0));
+        keep = gt(L::load_flags(keep_at + off), iset(0));
       } else {
         keep = iset(-1);
       }
       // d or +0 where the reference has d * 0 (+-0): the sign of a zero term changes no sum that
       // starts at +0 and no sign agreement below, so the outputs are the same
-      F v = masked(d, keep);
-      if (c.rescale) v = L::round(mul(v, c.factor));
-      v = L::round(mul(v, c.weight));
-      sum = add(sum, v);
-      wd[i] = v;
+      F w = masked(d, keep);
+      if (c.rescale) w = L::round(mul(w, c.factor));
+      w = L::round(mul(w, c.weight));
+      store(row + off, w);
     }
-    F mixed;
-    if constexpr (decltype(consensus)::value) {
-      // elected sign: +1 where the sum rounded to T is >= 0, else -1. The sum needs no rounding for
-      // this test: its terms are values of T, so every partial sum is a multiple of T's smallest
-      // subnormal u (sums below 2^24 u are exact in float, larger ones stay on the float grid, which
-      // is coarser than u there), and rounding to T keeps the sign of any x with |x| >= u. It is
-      // never -0 (it starts at +0). A delta agrees where wd * sign > 0.
-      const F sign = select(ge(sum, fset(0.f)), fset(1.f), fset(-1.f));
-      F agree_sum = fset(0.f), agree_w = fset(0.f);
-      for (int i = 0; i < K; ++i) {
-        const I agree = gt(mul(wd[i], sign), fset(0.f));
-        agree_sum = add(agree_sum, masked(wd[i], agree));  // +0 for the reference's wd * 0: as above
-        agree_w = add(agree_w, masked(x[i].weight, agree));
-      }
-      mixed = L::round(agree_sum);
-      if (P.normalize) {
-        const F divisor = L::round(agree_w);  // a zero divisor becomes 1
-        mixed = L::round(div(mixed, select(eq(divisor, fset(0.f)), fset(1.f), divisor)));
-      }
-    } else {
-      mixed = L::round(sum);
-      if (P.normalize) mixed = L::round(div(mixed, fset(P.divisor)));
-    }
-    if (P.lambda != 1.f) mixed = L::round(mul(mixed, fset(P.lambda)));
-    L::round_store(o_at + off, add(bv, mixed));
     return worst;
+  };
+  // The output of vectors [0, nvec) from wd, with the base (as float) at b_at, into o_at.
+  auto combine = [&](auto consensus, const float* b_at, int64_t nvec, T* o_at) ME_ALWAYS_INLINE {
+    for (int64_t v = 0; v < nvec; ++v) {
+      const int64_t off = v * kWidth;
+      F sum = fset(0.f);  // in expert order, from +0
+      for (int i = 0; i < K; ++i) sum = add(sum, Lanes<float>::load(wd + i * kSpan + off));
+      F mixed;
+      if constexpr (decltype(consensus)::value) {
+        // elected sign: +1 where the sum rounded to T is >= 0, else -1. The sum needs no rounding for
+        // this test: its terms are values of T, so every partial sum is a multiple of T's smallest
+        // subnormal u (sums below 2^24 u are exact in float, larger ones stay on the float grid, which
+        // is coarser than u there), and rounding to T keeps the sign of any x with |x| >= u. It is
+        // never -0 (it starts at +0). A delta agrees where wd * sign > 0.
+        const F sign = select(ge(sum, fset(0.f)), fset(1.f), fset(-1.f));
+        F agree_sum = fset(0.f), agree_w = fset(0.f);
+        for (int i = 0; i < K; ++i) {
+          const F w = Lanes<float>::load(wd + i * kSpan + off);
+          const I agree = gt(mul(w, sign), fset(0.f));
+          agree_sum = add(agree_sum, masked(w, agree));  // +0 for the reference's wd * 0: as above
+          agree_w = add(agree_w, masked(x[i].weight, agree));
+        }
+        mixed = L::round(agree_sum);
+        if (P.normalize) {
+          const F divisor = L::round(agree_w);  // a zero divisor becomes 1
+          mixed = L::round(div(mixed, select(eq(divisor, fset(0.f)), fset(1.f), divisor)));
+        }
+      } else {
+        mixed = L::round(sum);
+        if (P.normalize) mixed = L::round(div(mixed, fset(P.divisor)));
+      }
+      if (P.lambda != 1.f) mixed = L::round(mul(mixed, fset(P.lambda)));
+      L::round_store(o_at + off, add(Lanes<float>::load(b_at + off), mixed));
+    }
   };
 
   std::vector<const T*> e_at(K);
@@ -673,28 +786,47 @@ bool merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
     e_at[i] = experts[i] + start;
     if (keeps) keep_at[i] = keeps + i * len;
   }
-  const int32_t whole = static_cast<int32_t>(len - len % kWidth);
+  // vectors [v0, v0 + nvec) of pointers b, e, k, o (offset j0 + v0 * kWidth in the item), kSpan at a time
+  auto merge_vectors = [&](auto rule, auto consensus, const T* b, const T* const* e, const uint8_t* const* k,
+                           T* o, int64_t nvec, int32_t j0) {
+    I worst = iset(0);
+    for (int64_t v0 = 0; v0 < nvec; v0 += kSpan / kWidth) {
+      const int64_t n = std::min(kSpan / kWidth, nvec - v0), off = v0 * kWidth;
+      const int32_t j = j0 + static_cast<int32_t>(off);
+      const float* bf = scratch.base.data();  // the base as float
+      if constexpr (std::is_same_v<T, float>) {
+        bf = b + off;
+      } else {
+        for (int64_t v = 0; v < n; ++v) Lanes<float>::store(scratch.base.data() + v * kWidth, L::load(b + off + v * kWidth));
+      }
+      for (int i = 0; i < K; ++i)
+        worst = max(worst, weigh_expert(rule, i, bf, e[i] + off, k[i] ? k[i] + off : nullptr, n, j));
+      combine(consensus, bf, n, o + off);
+    }
+    return worst;
+  };
+  const int64_t whole = len / kWidth;
   const I finite_key_limit = iset(kInfKey32 - 1);  // float bits of |d| above this: NaN or Inf
   auto run = [&](auto rule, auto consensus) {
-    I worst = iset(0);  // a local: an accumulator behind a reference would go through memory every step
-    for (int32_t j = 0; j < whole; j += kWidth)
-      worst = max(worst, step(rule, consensus, base + start, e_at.data(), keep_at.data(), j, j, out + start));
-    if (whole == len) return lanes_set(gt(worst, finite_key_limit)) != 0;
+    I worst = merge_vectors(rule, consensus, base + start, e_at.data(), keep_at.data(), out + start, whole, 0);
+    const int64_t done = whole * kWidth;
+    if (done == len) return lanes_set(gt(worst, finite_key_limit)) != 0;
     // the last < kWidth elements, through zero-padded copies
     std::vector<T> pad(static_cast<size_t>(K + 2) * kWidth, T(0.f));
     std::vector<uint8_t> kpad(static_cast<size_t>(K) * kWidth, 0);
     std::vector<const T*> ep(K);
     std::vector<const uint8_t*> kp(K);
-    std::copy(base + start + whole, base + start + len, pad.data());
+    std::copy(base + start + done, base + start + len, pad.data());
     for (int i = 0; i < K; ++i) {
-      std::copy(e_at[i] + whole, e_at[i] + len, pad.data() + kWidth * (i + 1));
+      std::copy(e_at[i] + done, e_at[i] + len, pad.data() + kWidth * (i + 1));
       ep[i] = pad.data() + kWidth * (i + 1);
-      if (keeps) std::copy(keep_at[i] + whole, keep_at[i] + len, kpad.data() + kWidth * i);
+      if (keeps) std::copy(keep_at[i] + done, keep_at[i] + len, kpad.data() + kWidth * i);
       kp[i] = kpad.data() + kWidth * i;
     }
     T* o_at = pad.data() + kWidth * (K + 1);
-    worst = max(worst, step(rule, consensus, pad.data(), ep.data(), kp.data(), 0, whole, o_at));
-    std::copy(o_at, o_at + (len - whole), out + start + whole);
+    worst = max(worst, merge_vectors(rule, consensus, pad.data(), ep.data(), kp.data(), o_at, 1,
+                                     static_cast<int32_t>(done)));
+    std::copy(o_at, o_at + (len - done), out + start + done);
     return lanes_set(gt(worst, finite_key_limit)) != 0;
   };
   auto with_rule = [&](auto consensus) {
@@ -814,7 +946,7 @@ void merge_typed(Params& P, const torch::Tensor& base, const std::vector<torch::
   const bool drawn = draws_keep_flags(P.mode);
   std::atomic<bool> non_finite{false};
   at::parallel_for(0, items.count, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<simd::F> wd(K);
+    MergeScratch scratch(K);
     std::vector<uint8_t> keeps(drawn ? static_cast<size_t>(K) * span : 0);
     std::vector<T> d(P.mode == kRank ? span : 0);
     std::vector<float> p(P.mode == kRank ? span : 0);
@@ -831,7 +963,7 @@ void merge_typed(Params& P, const torch::Tensor& base, const std::vector<torch::
           for (int64_t j = 0; j < len; ++j) d[j] = delta_of<T>(e[i][start + j], b[start + j]);
         keep_flags<T>(P, i, d.data(), start, len, cols, keep, p.data(), order.data());
       }
-      if (merge_block<T>(P, b, e, o, start, len, drawn ? keeps.data() : nullptr, wd)) non_finite = true;
+      if (merge_block<T>(P, b, e, o, start, len, drawn ? keeps.data() : nullptr, scratch)) non_finite = true;
     }
   });
   if (non_finite) {  // name the first input at fault (none: a delta overflowed from finite inputs)
