@@ -128,6 +128,22 @@ inline int compress_store(I m, I a, int32_t* out) {
   }
   return kept;
 }
+// Sixteen double lanes (four registers), for sums of float lanes in double: a lane's float value is
+// exact in double, so each lane's sum rounds only in its additions.
+struct D { __m256d h[4]; };
+inline D dzero() { return D{{_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()}}; }
+inline D add(D s, F x) {
+  for (int k = 0; k < 2; ++k) {
+    s.h[2 * k] = _mm256_add_pd(s.h[2 * k], _mm256_cvtps_pd(_mm256_castps256_ps128(x.h[k])));
+    s.h[2 * k + 1] = _mm256_add_pd(s.h[2 * k + 1], _mm256_cvtps_pd(_mm256_extractf128_ps(x.h[k], 1)));
+  }
+  return s;
+}
+inline double sum(D s) {
+  alignas(32) double a[4];
+  _mm256_store_pd(a, _mm256_add_pd(_mm256_add_pd(s.h[0], s.h[1]), _mm256_add_pd(s.h[2], s.h[3])));
+  return (a[0] + a[1]) + (a[2] + a[3]);
+}
 // Sixteen int16 lanes in one register, for counting 15-bit keys: half the compare-and-count
 // operations of int32 lanes. Their lane order is their own (packus interleaves the two registers'
 // 128-bit halves), which no count depends on.
@@ -195,6 +211,10 @@ inline int compress_store(I m, I a, int32_t* out) {
     if (m.v[l]) out[kept++] = a.v[l];
   return kept;
 }
+struct D { double v[kWidth]; };
+inline D dzero() { D r; for (int l = 0; l < kWidth; ++l) r.v[l] = 0; return r; }
+inline D add(D s, F x) { for (int l = 0; l < kWidth; ++l) s.v[l] += x.v[l]; return s; }
+inline double sum(D s) { double t = 0; for (int l = 0; l < kWidth; ++l) t += s.v[l]; return t; }
 struct I16 { int16_t v[kWidth]; };
 inline I16 pack16_unsigned(I a) { I16 r; ME_LANES(static_cast<int16_t>(a.v[l])); return r; }  // lanes in [0, 0xFFFF]
 inline I16 set16(int16_t x) { I16 r; ME_LANES(x); return r; }

@@ -842,10 +842,17 @@ bool merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
 // multiplication gathers: byte b of x lands in bit 63 - b of x * 0x8040201008040201); and back,
 // through a table of each byte's eight flags
 void pack_bits(const uint8_t* flags, int64_t len, uint8_t* bits) {
-  for (int64_t j = 0; j < len; j += 8) {
+  auto gather = [](uint64_t x) { return static_cast<uint8_t>((x * 0x8040201008040201ull) >> 56); };
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {  // a fixed-size copy: one load, where a variable one copies bytes
+    uint64_t x;
+    std::memcpy(&x, flags + j, 8);
+    bits[j / 8] = gather(x);
+  }
+  if (j < len) {
     uint64_t x = 0;
-    std::memcpy(&x, flags + j, static_cast<size_t>(std::min<int64_t>(8, len - j)));
-    bits[j / 8] = static_cast<uint8_t>((x * 0x8040201008040201ull) >> 56);
+    std::memcpy(&x, flags + j, static_cast<size_t>(len - j));
+    bits[j / 8] = gather(x);
   }
 }
 void unpack_bits(const uint8_t* bits, int64_t len, uint8_t* flags) {
@@ -873,6 +880,31 @@ WorkItems work_items(int mode, int64_t n, int64_t rows, int64_t cols) {
 bool draws_keep_flags(int mode) { return mode == kRandom || mode == kRank; }
 int64_t bytes_per_item(int64_t span) { return (span + 7) / 8; }  // one item's flags as bits
 
+// Sums of |delta| over elements, all of them and the kept ones, in double lanes (a delta, a value of
+// T, is exact in double): no loop-carried chain of scalar adds and no branch on a random flag. The
+// sums' order already differs from the reference's (see the file comment).
+struct L1Sums {
+  simd::D all = simd::dzero(), kept_lanes = simd::dzero();
+  double tail_all = 0, tail_kept = 0;
+
+  template <typename T> void add(const T* e, const T* b, const uint8_t* keep, int64_t len) {
+    using namespace simd;
+    using L = Lanes<T>;
+    int64_t j = 0;
+    for (; j + kWidth <= len; j += kWidth) {
+      const F magnitude = bits_to_f(f_to_bits(L::round(sub(L::load(e + j), L::load(b + j)))) & iset(0x7FFFFFFF));
+      all = simd::add(all, magnitude);
+      kept_lanes = simd::add(kept_lanes, masked(magnitude, gt(L::load_flags(keep + j), iset(0))));
+    }
+    for (; j < len; ++j) {
+      const double v = std::fabs(static_cast<double>(to_f(delta_of<T>(e[j], b[j]))));
+      tail_all += v, tail_kept += keep[j] ? v : 0.0;
+    }
+  }
+  double total() const { return simd::sum(all) + tail_all; }
+  double kept() const { return simd::sum(kept_lanes) + tail_kept; }
+};
+
 // mergekit's L1 rescale factor per expert: |delta|_1 / |kept|_1 in T, none when either is < 1e-7.
 // The keep flags this pass draws (DARE's Philox numbers, DELLA's row ranks too) are kept as bits,
 // kept_bits[i][item * bytes_per_item(span)..], for the merge pass to unpack instead of drawing again.
@@ -891,32 +923,21 @@ std::vector<float> rescale_factors(const Params& P, const T* base, const std::ve
     int threads = at::get_num_threads();
     std::vector<double> before(threads, 0.0), after(threads, 0.0);
     at::parallel_for(0, items.count, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<T> d(span);
+      const bool by_delta = P.mode != kRandom;  // the keep rule reads the deltas (DARE's draws do not)
+      std::vector<T> d(by_delta ? span : 0);
       std::vector<uint8_t> keep(span);
       std::vector<float> p(span);
       std::vector<int64_t> order(span);
-      // four partial sums each, and the kept ones by multiplying with the 0/1 flag: no loop-carried
-      // chain of double adds per element and no branch on a random flag (the sums' order already
-      // differs from the reference's, see the file comment)
-      double b[4] = {0, 0, 0, 0}, a[4] = {0, 0, 0, 0};
+      L1Sums sums;
       for (int64_t item = lo; item < hi; ++item) {
         const int64_t start = item * span, len = std::min(span, n - start);
-        for (int64_t j = 0; j < len; ++j) d[j] = delta_of<T>(experts[i][start + j], base[start + j]);
+        if (by_delta)
+          for (int64_t j = 0; j < len; ++j) d[j] = delta_of<T>(experts[i][start + j], base[start + j]);
         keep_flags<T>(P, i, d.data(), start, len, cols, keep.data(), p.data(), order.data());
         if (keep_bits) pack_bits(keep.data(), len, kept_bits[i].data() + item * bytes_per_item(span));
-        int64_t j = 0;
-        for (; j + 4 <= len; j += 4)
-          for (int k = 0; k < 4; ++k) {
-            const double v = std::fabs(static_cast<double>(to_f(d[j + k])));
-            b[k] += v, a[k] += v * keep[j + k];
-          }
-        for (; j < len; ++j) {
-          const double v = std::fabs(static_cast<double>(to_f(d[j])));
-          b[0] += v, a[0] += v * keep[j];
-        }
+        sums.add(experts[i] + start, base + start, keep.data(), len);
       }
-      before[at::get_thread_num()] += (b[0] + b[1]) + (b[2] + b[3]);
-      after[at::get_thread_num()] += (a[0] + a[1]) + (a[2] + a[3]);
+      before[at::get_thread_num()] += sums.total(), after[at::get_thread_num()] += sums.kept();
     });
     const float bt = rnd<T>(static_cast<float>(std::accumulate(before.begin(), before.end(), 0.0)));
     const float at_ = rnd<T>(static_cast<float>(std::accumulate(after.begin(), after.end(), 0.0)));
