@@ -11,3 +11,8 @@ if [ "${MERGEKIT:-1}" = 1 ] && [ ! -x .venv-mergekit/bin/mergekit-yaml ]; then
 fi
 export TRITON_INTERPRET=1  # Triton kernels run on the CPU through the interpreter
 python -m pytest -q -ra "$@"
+# a full run also tests the CPU kernels' portable lanes (plain C++, what non-x86 machines build)
+if [ $# -eq 0 ] && [ "$(uname -m)" = x86_64 ]; then
+  echo "CPU kernels built for x86-64-v2 (no AVX2) against the same references..."
+  MERGE_ENGINE_CPU_ARCH=x86-64-v2 python -m pytest -q -ra tests/csrc/test_cpu_*.py
+fi

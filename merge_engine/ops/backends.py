@@ -4,7 +4,9 @@ cached by torch.utils.cpp_extension (TORCH_EXTENSIONS_DIR); later issues add CUD
 Device kernels are registered for the torch.library ops at import; each one calls its compiled
 backend when that backend loads and the inputs are ones it serves, and the PyTorch reference
 otherwise. A backend that fails to build or load gives one warning and the references take over.
-MERGE_ENGINE_KERNELS=0 turns the compiled backends off.
+MERGE_ENGINE_KERNELS=0 turns the compiled backends off. MERGE_ENGINE_CPU_ARCH (default native) is the
+-march of the CPU build: a portable target such as x86-64-v2 builds the kernels' plain C++ lanes instead
+of AVX2, as non-x86 machines get them (tools/test.sh tests both).
 
     python -m merge_engine.build_kernels    # build (or check) the extension ahead of time
 """
@@ -36,6 +38,14 @@ def csrc_dir() -> str:
     raise FileNotFoundError("merge_engine's csrc/ sources are not installed")
 
 
+def cpu_arch() -> str:
+    """The -march of the CPU build (MERGE_ENGINE_CPU_ARCH, default native)."""
+    arch = os.environ.get("MERGE_ENGINE_CPU_ARCH", "native")
+    if not arch.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ValueError(f"MERGE_ENGINE_CPU_ARCH={arch!r} is not a -march name")
+    return arch
+
+
 @functools.cache
 def cpu_extension():
     """The compiled CPU module, or None (with one warning) when it cannot be built or loaded."""
@@ -45,12 +55,13 @@ def cpu_extension():
         from torch.utils.cpp_extension import load
         src = csrc_dir()
         log.info("loading merge_engine CPU kernels (the first build takes about a minute)")
+        arch = cpu_arch()
         # -ffp-contract=off: no fused multiply-add, which would round differently from torch;
         # -fno-trapping-math: lets loops with a guarded division vectorise (results are unchanged).
-        return load(name="merge_engine_cpu",
+        return load(name="merge_engine_cpu" if arch == "native" else "merge_engine_cpu_" + arch.replace("-", "_"),
                     sources=[os.path.join(src, "cpu", f)
                              for f in ("bindings.cpp", "task_vectors.cpp", "fisher.cpp", "gram.cpp", "permute.cpp")],
-                    extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"],
+                    extra_cflags=["-O3", f"-march={arch}", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],
                     verbose=False)
     except Exception as e:  # any build or load failure: fall back, loudly but once
