@@ -8,7 +8,9 @@ shard, the index and the side files are complete.
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -17,6 +19,9 @@ import torch
 
 from merge_engine.errors import OutputError
 from merge_engine.io.safetensors_format import build_header
+
+log = logging.getLogger("merge_engine")
+_LOCK = ".lock"  # inside a partial folder, flock-ed by the process writing it until it ends
 
 _WRITE_CHUNK = 1 << 30
 
@@ -39,6 +44,56 @@ def check_output_dir(out_dir: str, overwrite: bool) -> None:
             raise OutputError(f"{out_dir}: output path exists and is not a folder")
         if os.listdir(out_dir) and not overwrite:
             raise OutputError(f"{out_dir}: output folder exists and is not empty; pass --overwrite to replace it")
+
+
+def _partial_prefix(out_dir: str) -> tuple[str, str]:
+    parent, base = os.path.split(os.path.abspath(out_dir))
+    return parent, f".{base}.partial-"
+
+
+def remove_stale_partials(out_dir: str) -> list[str]:
+    """Remove the temporary folders that killed runs writing out_dir left beside it (a merge killed by
+    the OOM killer or SIGKILL cannot clean up, and its folder may hold a whole model). A folder is stale
+    when its writer's lock is free (a kernel lock, released when the process ends, so one on another
+    host that shares the disk keeps its folder) and its process id is not running here. Returns the
+    removed paths."""
+    parent, prefix = _partial_prefix(out_dir)
+    removed = []
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        path = os.path.join(parent, name)
+        pid = name[len(prefix):].split(".")[0]
+        if not name.startswith(prefix) or not pid.isdigit() or not os.path.isdir(path):
+            continue
+        if _process_running(int(pid)) or not _lock_is_free(os.path.join(path, _LOCK)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.warning("removed %s, the unfinished output of an earlier run that was killed", path)
+        removed.append(path)
+    return removed
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # running, as another user
+        return True
+    return True
+
+
+def _lock_is_free(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:  # no lock file: not a folder this writer made, or one still being set up
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def plan_shards(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_size: int) -> list[list[int]]:
@@ -80,11 +135,15 @@ class ShardedWriter:
         self.out_dir = os.path.abspath(out_dir)
         self.overwrite = overwrite
         check_output_dir(self.out_dir, overwrite)
-        parent, base = os.path.split(self.out_dir)
+        parent, prefix = _partial_prefix(self.out_dir)
         os.makedirs(parent, exist_ok=True)
-        self.tmp_dir = os.path.join(parent, f".{base}.partial-{os.getpid()}")
+        remove_stale_partials(self.out_dir)
+        self.tmp_dir = os.path.join(parent, f"{prefix}{os.getpid()}")
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         os.makedirs(self.tmp_dir)
+        # held until this process ends: tells later runs that this folder is still being written
+        self._lock_fd = os.open(os.path.join(self.tmp_dir, _LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         self._entries = {name: (dtype, tuple(shape)) for name, dtype, shape in entries}
         self._shards = layout if layout is not None else planned_layout(entries, shard_size)
         self._index_file = index_file
@@ -141,7 +200,9 @@ class ShardedWriter:
         if os.path.exists(self.out_dir):
             old = f"{self.tmp_dir}.old"
             os.rename(self.out_dir, old)
+        os.unlink(os.path.join(self.tmp_dir, _LOCK))  # not part of the output (its lock is still held)
         os.rename(self.tmp_dir, self.out_dir)
+        self._release_lock()
         if old:
             shutil.rmtree(old)
 
@@ -149,6 +210,12 @@ class ShardedWriter:
         """Remove the temporary folder; the output path is left as it was."""
         self._close()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def _close(self) -> None:
         for shard in self._shards:

@@ -1,6 +1,10 @@
-"""Sharded output: layout, index, atomic move into place, refusal to overwrite."""
+"""Sharded output: layout, index, atomic move into place, refusal to overwrite, and the removal of
+the partial folders that killed runs leave."""
+import fcntl
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -83,3 +87,71 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path):
         w.write(n, t)
     w.commit()
     assert sorted(os.listdir(out)) == ["model.safetensors"]
+
+
+KILLED_WRITER = """
+import os, signal, sys, torch
+from merge_engine.io.writer import ShardedWriter
+w = ShardedWriter(sys.argv[1], [("a", torch.float32, (1000,))], 10**9)
+w.write("a", torch.ones(1000))
+os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would: no cleanup runs
+"""
+
+
+def partials(out):
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.partial-"))
+
+
+def dead_pid():
+    pid = 4_000_000  # no process has it: walk down from just below the largest pid_max
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid -= 1
+
+
+def test_a_killed_writers_partial_folder_is_removed_by_the_next_run(tmp_path, caplog):
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out)], capture_output=True, text=True)
+    assert res.returncode == -9, res.stderr
+    left = partials(out)
+    assert len(left) == 1 and (out.parent / left[0] / "model.safetensors").exists()
+    ts = tensors()
+    with caplog.at_level("WARNING", logger="merge_engine"):
+        w = ShardedWriter(str(out), entries(ts), 10**9)
+    assert left[0] not in partials(out) and "was killed" in caplog.text
+    for n, t in ts.items():
+        w.write(n, t)
+    w.commit()
+    assert partials(out) == [] and sorted(os.listdir(out)) == ["model.safetensors"]  # no lock file
+
+
+def test_a_partial_folder_whose_writer_holds_its_lock_is_kept(tmp_path):
+    out = tmp_path / "out"
+    other = tmp_path / f".out.partial-{dead_pid()}"  # as from a writer on another host sharing the disk
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"in progress")
+    fd = os.open(other / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    ts = tensors()
+    try:
+        ShardedWriter(str(out), entries(ts), 10**9).abort()
+        assert other.exists()
+    finally:
+        os.close(fd)  # the writer ends: its folder is stale from now on
+    ShardedWriter(str(out), entries(ts), 10**9).abort()
+    assert not other.exists() and partials(out) == []
+
+
+def test_a_partial_folder_without_a_lock_is_left_alone(tmp_path):
+    out = tmp_path / "out"
+    # not made by this writer (or the previous output, renamed while a run was killed mid-move)
+    kept = tmp_path / f".out.partial-{dead_pid()}.old"
+    kept.mkdir()
+    (kept / "model.safetensors").write_bytes(b"the user's previous output")
+    ShardedWriter(str(out), entries(tensors()), 10**9).abort()
+    assert kept.exists()
