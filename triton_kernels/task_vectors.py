@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from merge_engine.ops.select import NOTHING_LARGEST, check_finite
+from merge_engine.ops.select import NOTHING_LARGEST, check_finite, check_ordered
 
 NONE, MAGNITUDE, RANDOM, OUTLIERS, RANK = range(5)  # as in csrc/task_vectors.h
 NOTHING_SMALLEST = -1  # the ascending cut-off that selects nothing (ops/select.py)
@@ -254,10 +254,11 @@ def _on_tensor_device(fn):
 @_on_tensor_device
 def delta_cutoffs(base: torch.Tensor, expert: torch.Tensor, counts: list[int], largest: bool) -> torch.Tensor:
     """int64 [len(counts), 2]: the cut-off (key, index) of the first counts[j] elements of the stable
-    order of |expert - base| (ops/select.py). NaN or Inf in an input raise ValueError."""
+    order of |expert - base| (ops/select.py). NaN in an input or Inf in the base raise ValueError (so
+    no delta is NaN; an Inf expert value is an Inf magnitude)."""
     _check_inputs(base, [expert])
     check_finite(base, "the base")
-    check_finite(expert, "the expert")
+    check_ordered(expert, "the expert")
     return torch.tensor(_cutoffs(base, expert, list(counts), largest), dtype=torch.int64).reshape(-1, 2)
 
 

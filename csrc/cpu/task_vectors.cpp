@@ -188,16 +188,18 @@ std::array<int64_t, 2> cutoff_by_histogram(const T* e, const T* b, int64_t n, in
   return {t, index_after_nth_equal(n, t, need, count_equal, key)};
 }
 
-template <typename T> void check_finite(const T* x, int64_t n, const char* what) {
+// NaN or Inf in x raise ValueError; with allow_inf, only NaN (+-Inf are the largest magnitudes).
+template <typename T> void check_finite(const T* x, int64_t n, const char* what, bool allow_inf = false) {
   std::vector<int64_t> bad(at::get_num_threads(), 0);
+  const int64_t limit = inf_key<T>() + (allow_inf ? 1 : 0);  // NaN keys are above Inf's
   at::parallel_for(0, n, 1 << 16, [&](int64_t lo, int64_t hi) {
     int64_t c = 0;
-    for (int64_t i = lo; i < hi; ++i) c += key_of<T>(x[i]) >= inf_key<T>();
+    for (int64_t i = lo; i < hi; ++i) c += key_of<T>(x[i]) >= limit;
     bad[at::get_thread_num()] += c;
   });
   int64_t total = std::accumulate(bad.begin(), bad.end(), int64_t{0});
-  TORCH_CHECK_VALUE(total == 0, what, " has ", total,
-                    " NaN or Inf value(s); a magnitude ordering is undefined");
+  TORCH_CHECK_VALUE(total == 0, what, " has ", total, allow_inf ? " NaN" : " NaN or Inf",
+                    " value(s); a magnitude ordering is undefined");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1013,8 +1015,9 @@ torch::Tensor delta_cutoffs_cpu(const torch::Tensor& base, const torch::Tensor& 
   auto r = result.accessor<int64_t, 2>();
   dispatch_dtype(base.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
+    // no delta is NaN then (an Inf expert value is an Inf magnitude, as ops/select.py orders it)
     check_finite<scalar_t>(base.data_ptr<scalar_t>(), base.numel(), "the base");
-    check_finite<scalar_t>(expert.data_ptr<scalar_t>(), base.numel(), "the expert");
+    check_finite<scalar_t>(expert.data_ptr<scalar_t>(), base.numel(), "the expert", /*allow_inf=*/true);
     const scalar_t* e = expert.data_ptr<scalar_t>();
     auto cuts = delta_cutoffs<scalar_t>(base.data_ptr<scalar_t>(), {e}, base.numel(), {counts}, largest)[0];
     for (size_t j = 0; j < counts.size(); ++j) r[j][0] = cuts[j][0], r[j][1] = cuts[j][1];

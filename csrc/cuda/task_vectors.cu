@@ -130,24 +130,26 @@ struct BitsList {
   const void* ptr[kMaxExperts + 1];
 };
 
+// counts[t]: the elements of tensor t whose key is at least limit (Inf's key: NaN or Inf; one above: NaN)
 template <typename Bits>
-__global__ void count_non_finite_kernel(BitsList list, int64_t n, uint32_t mask, uint32_t inf_key,
+__global__ void count_non_finite_kernel(BitsList list, int64_t n, uint32_t mask, uint32_t limit,
                                         unsigned long long* counts) {
   const Bits* x = static_cast<const Bits*>(list.ptr[blockIdx.y]);
   unsigned long long c = 0;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    c += (static_cast<uint32_t>(x[i]) & mask) >= inf_key;
+    c += (static_cast<uint32_t>(x[i]) & mask) >= limit;
   using Reduce = cub::BlockReduce<unsigned long long, kThreads>;
   __shared__ typename Reduce::TempStorage tmp;
   const unsigned long long total = Reduce(tmp).Sum(c);
   if (threadIdx.x == 0 && total) atomicAdd(counts + blockIdx.y, total);
 }
 
-// Raises ValueError, as the CPU kernels do, naming the first tensor with a NaN or Inf.
+// Raises ValueError, as the CPU kernels do, naming the first tensor with a NaN or Inf (with
+// allow_inf, a NaN: +-Inf are the largest magnitudes).
 template <typename D>
 void check_finite(const std::vector<const D*>& tensors, const std::vector<std::string>& names, int64_t n,
-                  const at::TensorOptions& device_options, cudaStream_t stream) {
+                  const at::TensorOptions& device_options, cudaStream_t stream, bool allow_inf = false) {
   if (n == 0 || tensors.empty()) return;
   using Bits = std::conditional_t<sizeof(D) == 2, uint16_t, uint32_t>;
   BitsList list{};
@@ -156,12 +158,13 @@ void check_finite(const std::vector<const D*>& tensors, const std::vector<std::s
   const uint32_t mask = sizeof(D) == 2 ? 0x7FFFu : 0x7FFFFFFFu;
   dim3 grid(grid_for(n, kThreads, 4), static_cast<unsigned>(tensors.size()));
   count_non_finite_kernel<Bits><<<grid, kThreads, 0, stream>>>(
-      list, n, mask, static_cast<uint32_t>(Traits<D>::kInfKey),
+      list, n, mask, static_cast<uint32_t>(Traits<D>::kInfKey) + (allow_inf ? 1u : 0u),  // NaN keys are above Inf's
       reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto host = to_host(counts.data_ptr<int64_t>(), tensors.size(), stream);
   for (size_t i = 0; i < tensors.size(); ++i)
-    TORCH_CHECK_VALUE(host[i] == 0, names[i], " has ", host[i], " NaN or Inf value(s); a magnitude ordering is undefined");
+    TORCH_CHECK_VALUE(host[i] == 0, names[i], " has ", host[i], allow_inf ? " NaN" : " NaN or Inf",
+                      " value(s); a magnitude ordering is undefined");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -600,7 +603,9 @@ at::Tensor delta_cutoffs_cuda(const at::Tensor& base, const at::Tensor& expert, 
     const int64_t n = base.numel();
     const D* b = ptr_of<D>(base);
     const D* e = ptr_of<D>(expert);
-    check_finite<D>({b, e}, {"the base", "the expert"}, n, base.options(), stream);
+    // no delta is NaN then (an Inf expert value is an Inf magnitude, as ops/select.py orders it)
+    check_finite<D>({b}, {"the base"}, n, base.options(), stream);
+    check_finite<D>({e}, {"the expert"}, n, base.options(), stream, /*allow_inf=*/true);
     CutoffFinder<D> finder(e, b, n, base.options(), stream);
     for (size_t j = 0; j < counts.size(); ++j) {
       auto cut = finder.cutoff(counts[j], largest);

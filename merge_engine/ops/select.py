@@ -33,16 +33,25 @@ def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
 
 
 def check_finite(x: torch.Tensor, what: str = "input") -> None:
+    """NaN or Inf raise ValueError (merge inputs: a checkpoint holding them is corrupt)."""
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{what} has {bad} NaN or Inf value(s); a magnitude ordering is undefined")
 
 
+def check_ordered(x: torch.Tensor, what: str = "input") -> None:
+    """NaN raises ValueError: it has no place in the magnitude order (+-Inf are its largest magnitudes)."""
+    nan = torch.isnan(x)
+    if bool(nan.any()):
+        raise ValueError(f"{what} has {int(nan.sum())} NaN value(s); a magnitude ordering is undefined")
+
+
 def magnitude_cutoff_reference(x: torch.Tensor, count: int, largest: bool = True) -> torch.Tensor:
     """int64 [T, c] selecting the first `count` elements of the stable order of |x| (module docstring).
 
-    NaN or Inf in x raise ValueError; count is clamped to [0, numel]."""
-    check_finite(x)
+    NaN in x raises ValueError (+-Inf are the largest magnitudes: a merge's delta may overflow to Inf
+    from finite inputs); count is clamped to [0, numel]."""
+    check_ordered(x)
     keys = magnitude_keys(x)
     n = keys.numel()
     count = min(max(count, 0), n)

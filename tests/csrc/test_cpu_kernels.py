@@ -219,7 +219,27 @@ def test_non_finite_inputs_are_errors(ext, dtype, sparsify, at_fault, bad):
         _merge_with(ext, base, experts, [1.0, 1.0], [0.5, 0.5], sparsify, True, True)
 
 
-@pytest.mark.parametrize("sparsify", ["random", ""])  # (the magnitude reference refuses an Inf delta)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cutoffs_order_an_inf_expert_value_and_refuse_nan_or_an_inf_base(ext, dtype):
+    base, (expert,) = make_inputs((300,), dtype, 1, 11)
+    expert[[5, 200]] = float("inf")
+    expert[77] = -float("inf")
+    counts = [1, 2, 3, 4, 150, 297, 298]
+    for largest in (True, False):
+        got = ext.delta_cutoffs(base, expert, counts, largest)
+        for j, count in enumerate(counts):
+            assert got[j].tolist() == magnitude_cutoff_reference(expert - base, count, largest).tolist()
+    expert[9] = float("nan")
+    with pytest.raises(ValueError, match="the expert has 1 NaN value"):
+        ext.delta_cutoffs(base, expert, counts, True)
+    with pytest.raises(ValueError, match="the base has 4 NaN or Inf"):
+        ext.delta_cutoffs(expert, base, counts, True)
+
+
+# Not "outliers": breadcrumbs drops the largest magnitudes, and where the reference (as mergekit) then
+# multiplies the Inf delta by 0 it gets NaN, while the kernels add +0 for a dropped element. (DARE's
+# draw keeps this element under this seed; magnitude and none keep it always.)
+@pytest.mark.parametrize("sparsify", ["magnitude", "random", ""])
 def test_overflowing_delta_of_finite_inputs_is_no_error(ext, sparsify):
     # 60000 - (-60000) overflows float16: an Inf delta from finite inputs merges as the reference does
     base, experts = make_inputs((100,), torch.float16, 2, 5)

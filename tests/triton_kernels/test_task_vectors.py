@@ -195,8 +195,14 @@ def test_non_finite_inputs_are_errors(bad):
     experts[1][17] = bad
     with pytest.raises(ValueError, match="NaN or Inf"):
         _merge_with(tv, base, experts, [1.0, 1.0], [0.5, 0.5], "magnitude", True, True)
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        tv.delta_cutoffs(base, experts[1], [10], True)
+    if bad != bad:  # NaN
+        with pytest.raises(ValueError, match="the expert has 1 NaN"):
+            tv.delta_cutoffs(base, experts[1], [10], True)
+    else:  # an Inf expert value is an Inf magnitude (ops/select.py)
+        want = magnitude_cutoff_reference(experts[1] - base, 10, True)
+        assert tv.delta_cutoffs(base, experts[1], [10], True)[0].tolist() == want.tolist()
+    with pytest.raises(ValueError, match="the base has 1 NaN or Inf"):
+        tv.delta_cutoffs(experts[1], base, [10], True)
 
 
 def test_rank_mode_is_left_to_the_reference():
