@@ -5,7 +5,10 @@ each new page the first time it is touched. In a 1.1B TIES merge on 2 CPU cores 
 more CPU time than the merge math (27% of all perf samples were in clear_page). The pool hands out
 the buffers of finished jobs instead: a job's inputs and its result, once the result is on disk. So
 after the first jobs a merge touches little new memory. Freed buffers are kept up to `capacity`
-bytes; beyond that they are released.
+bytes; beyond that the oldest are released. Oldest first, not newest: a model's tensors come in
+layers of repeating sizes, so the buffers of the last jobs fit the next reads, while the first job's
+(an embedding several times a layer tensor) would otherwise fill the pool for good and send half of
+a 1.1B merge's reads to fresh memory (measured: 4.2 of 8.8 GB).
 """
 from __future__ import annotations
 
@@ -48,17 +51,19 @@ class BufferPool:
             return best
 
     def give(self, tensors: list[torch.Tensor]) -> None:
-        """Take back host tensors that nothing will read or write again (each storage once)."""
+        """Take back host tensors that nothing will read or write again (each storage once); beyond
+        capacity, release the buffers given back longest ago."""
         for t in tensors:
             buffer = _whole_storage(t)
-            if buffer is None:
+            if buffer is None or buffer.numel() > self.capacity:
                 continue
             with self._lock:
-                held = any(b.data_ptr() == buffer.data_ptr() for b in self._free)
-                if held or self._free_bytes + buffer.numel() > self.capacity:
+                if any(b.data_ptr() == buffer.data_ptr() for b in self._free):
                     continue
                 self._free.append(buffer)
                 self._free_bytes += buffer.numel()
+                while self._free_bytes > self.capacity:
+                    self._free_bytes -= self._free.pop(0).numel()
 
 
 def _whole_storage(t: torch.Tensor) -> torch.Tensor | None:

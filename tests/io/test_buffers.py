@@ -1,4 +1,5 @@
-"""The engine's pool of host buffers: reuse, the fit rule, the capacity, one hand-back per storage."""
+"""The engine's pool of host buffers: reuse, the fit rule, the capacity (the oldest released first), one
+hand-back per storage."""
 import torch
 
 from merge_engine.io.buffers import BufferPool
@@ -28,10 +29,24 @@ def test_capacity_and_one_hand_back_per_storage():
     pool = BufferPool(capacity=3000)
     a, b = pool.take_bytes(2000), pool.take_bytes(2000)
     view = a[10:20].view(torch.int16)  # the same storage as a
-    pool.give([a, view, b])  # a once; b would pass the capacity
+    pool.give([a, view, b])  # a once; with b the pool passes its capacity: a, the oldest, is released
     first = pool.take_bytes(2000)
-    assert first.data_ptr() == a.data_ptr()
+    assert first.data_ptr() == b.data_ptr()
     assert pool.take_bytes(2000).data_ptr() not in (a.data_ptr(), b.data_ptr())
+    assert pool.take_bytes(4000).data_ptr() != 0 and pool.reused == 1
+    pool.give([pool.take_bytes(4000)])  # larger than the whole pool: not kept
+    assert pool.take_bytes(4000).data_ptr() != 0 and pool.reused == 1
+
+
+def test_a_large_first_job_does_not_crowd_out_later_layers():
+    # an embedding-sized job first, then layers of smaller tensors: the pool keeps the recent ones
+    pool = BufferPool(capacity=8 << 20)
+    embedding = [pool.take_bytes(3 << 20) for _ in range(2)]
+    pool.give(embedding)
+    layer = [pool.take_bytes(1 << 20) for _ in range(4)]  # too small for the 3 MiB buffers: fresh
+    pool.give(layer)  # 10 MiB held: the oldest embedding buffer goes
+    again = [pool.take_bytes(1 << 20) for _ in range(4)]
+    assert {t.data_ptr() for t in again} == {t.data_ptr() for t in layer}
 
 
 def test_meta_and_empty_tensors_are_not_pooled():
