@@ -7,7 +7,8 @@
         read:    prefetch threads read the next jobs' inputs into reused host buffers (io/buffers.py;
                  pinned on CUDA)
         stage:   (CUDA) host-to-device copies on a side stream, one job ahead of compute
-        compute: the method's merge on the device, cast to the output dtype
+        compute: the method's merge on the device, cast to the output dtype (the CPU kernels write
+                 into reused host buffers too)
         write:   a writer thread puts each result at its final offset in its shard, then hands the
                  job's host buffers back to the read threads
       write_side_files + commit                 config.json, tokenizer, merge config; rename
@@ -16,6 +17,7 @@ Memory stays bounded by (prefetch depth + 2) tensor groups, whatever the number 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -34,6 +36,7 @@ from merge_engine.errors import MergeEngineError
 from merge_engine.io.buffers import BufferPool
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.methods import MergeMethod, TensorGroup
+from merge_engine.ops import backends
 from merge_engine.plan import TOKENIZER_FILES, MergePlan, TensorJob, build_plan
 
 log = logging.getLogger("merge_engine")
@@ -160,7 +163,9 @@ class _Pipeline:
             compute_stream.wait_stream(self.copy_stream)
             for t in tensors:
                 t.record_stream(compute_stream)
-        result = compute(job, tensors, self.plan.config.method, self.options.random_seed)
+        # on the CPU the kernels write into recycled buffers, given back with the job's once on disk
+        with contextlib.nullcontext() if self.cuda else backends.output_buffers(self.buffers.take):
+            result = compute(job, tensors, self.plan.config.method, self.options.random_seed)
         if self.cuda:
             on_host = self.buffers.take(tuple(result.shape), result.dtype)
             on_host.copy_(result, non_blocking=True)

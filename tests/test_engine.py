@@ -1,5 +1,6 @@
 """End-to-end merges on generated checkpoints: loadable output, side files, sharding, slices,
 and peak memory that does not grow with the number of layers."""
+import contextlib
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import yaml
 from merge_engine import MergeOptions, merge, parse_config
 from merge_engine.io.buffers import BufferPool
 from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.ops import backends
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +71,25 @@ def test_direct_io_and_reused_buffers_change_no_byte(model_sets, tmp_path, monke
     for f in files:
         assert (tmp_path / "direct" / f).read_bytes() == (tmp_path / "plain" / f).read_bytes(), f
     assert all(pool.reused > pool.fresh for pool in pools)
+
+
+@pytest.mark.skipif(not backends.kernels_enabled(), reason="compiled kernels disabled by MERGE_ENGINE_KERNELS=0")
+def test_kernel_outputs_go_to_recycled_buffers_and_change_no_byte(model_sets, tmp_path, monkeypatch):
+    from merge_engine import engine
+    base, *experts = model_sets("llama_bf16_sharded")
+    cfg = ties(base, experts, "bfloat16")
+    given = []  # the buffers the engine offered the CPU kernel for each output (None: it allocates)
+    real = backends.output_like
+    monkeypatch.setattr(backends, "output_like", lambda x: given.append(real(x)) or given[-1])
+    merge(parse_config(cfg), str(tmp_path / "pooled"), MergeOptions(quiet=True))
+    assert given and all(b is not None for b in given)
+    given.clear()
+    monkeypatch.setattr(engine.backends, "output_buffers", lambda take: contextlib.nullcontext())
+    merge(parse_config(cfg), str(tmp_path / "fresh"), MergeOptions(quiet=True))
+    assert given and all(b is None for b in given)
+    files = sorted(p.name for p in (tmp_path / "fresh").iterdir() if p.suffix == ".safetensors")
+    for f in files:
+        assert (tmp_path / "pooled" / f).read_bytes() == (tmp_path / "fresh" / f).read_bytes(), f
 
 
 def test_slices_renumber_layers(folder_tensors, model_sets, tmp_path):

@@ -11,7 +11,7 @@ torch::Tensor merge_task_vectors_cpu(const torch::Tensor& base, const std::vecto
                                      const std::vector<int64_t>& counts_lo, const std::vector<int64_t>& counts_hi,
                                      const std::vector<double>& densities, const std::vector<double>& epsilons,
                                      bool consensus, bool normalize, bool rescale, double lambda,
-                                     int64_t key0, int64_t key1);
+                                     int64_t key0, int64_t key1, const std::optional<torch::Tensor>& out);
 torch::Tensor philox_uniforms_cpu(int64_t start, int64_t numel, int64_t stream, int64_t key0, int64_t key1);
 void accumulate_fisher_cpu(torch::Tensor& fisher, const torch::Tensor& grad, double scale);
 torch::Tensor fisher_merge_cpu(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& fishers,
@@ -32,7 +32,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("delta_cutoffs", &merge_engine::delta_cutoffs_cpu,
         "Cut-offs (key, index) of the first counts[j] elements of the stable order of |expert - base|");
   m.def("merge_task_vectors", &merge_engine::merge_task_vectors_cpu,
-        "Fused sparsify + weight + (sign election, disjoint mean) + lambda + base, one pass");
+        "Fused sparsify + weight + (sign election, disjoint mean) + lambda + base, one pass (into out if given)",
+        py::arg("base"), py::arg("experts"), py::arg("weights"), py::arg("mode"), py::arg("counts_lo"),
+        py::arg("counts_hi"), py::arg("densities"), py::arg("epsilons"), py::arg("consensus"), py::arg("normalize"),
+        py::arg("rescale"), py::arg("lambda"), py::arg("key0"), py::arg("key1"), py::arg("out") = py::none());
   m.def("philox_uniforms", &merge_engine::philox_uniforms_cpu,
         "The uniforms of elements start .. start + numel - 1 of one stream, as DARE/DELLA draw them");
   m.def("accumulate_fisher", &merge_engine::accumulate_fisher_cpu, "In place: fisher += scale * grad^2 (fp32 math)");

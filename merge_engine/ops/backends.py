@@ -12,11 +12,14 @@ of AVX2, as non-x86 machines get them (tools/test.sh tests both).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
 import os
+import threading
 import warnings
+from typing import Callable, Iterator
 
 import torch
 
@@ -115,4 +118,27 @@ def triton_backend(family: str = "task_vectors"):
 def served_by_kernels(*tensors: torch.Tensor) -> bool:
     first = tensors[0]
     return all(t.dtype == first.dtype and t.dtype in KERNEL_DTYPES and t.is_contiguous() for t in tensors)
+
+
+_outputs = threading.local()
+
+
+@contextlib.contextmanager
+def output_buffers(take: Callable[[tuple[int, ...], torch.dtype], torch.Tensor]) -> Iterator[None]:
+    """Within the block, on this thread, the CPU kernels that can write into a caller's buffer
+    (merge_task_vectors) take their output from take(shape, dtype), a contiguous CPU tensor that no
+    input shares, instead of fresh memory. The engine passes its buffer pool: the kernel zeroes every
+    page of fresh memory on first touch, 14% of a 1.1B TIES merge's CPU time when the outputs were fresh."""
+    previous = getattr(_outputs, "take", None)
+    _outputs.take = take
+    try:
+        yield
+    finally:
+        _outputs.take = previous
+
+
+def output_like(x: torch.Tensor) -> torch.Tensor | None:
+    """A buffer for an output of x's shape and dtype from output_buffers' take, or None (allocate one)."""
+    take = getattr(_outputs, "take", None)
+    return take(tuple(x.shape), x.dtype) if take is not None and x.device.type == "cpu" else None
 

@@ -135,9 +135,10 @@ def _merge_with(backend, base, experts, weights, densities, sparsify="", consens
         for d, e in zip(densities, epsilons):
             sp.check_della(d, e)
     key0, key1 = philox_key(seed, tensor_name)
+    out = backends.output_like(base)  # a recycled buffer, when the caller (the engine) offers one
     return backend.merge_task_vectors(base, list(experts), list(weights), MODES[sparsify], [c[0] for c in counts],
                                       [c[1] for c in counts], list(densities), list(epsilons or []), consensus,
-                                      normalize, rescale, lambda_, key0, key1)
+                                      normalize, rescale, lambda_, key0, key1, *([out] if out is not None else []))
 
 
 @merge_task_vectors.register_kernel("cpu")

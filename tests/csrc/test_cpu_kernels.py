@@ -266,6 +266,28 @@ def test_op_dispatches_to_the_extension(ext, monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_into_a_callers_buffer(ext, dtype):
+    base, experts = make_inputs((37, 53), dtype, 3, 4)
+    kw = dict(weights=[0.5, 0.3, 0.2], densities=[0.4, 0.5, 0.6], sparsify="magnitude", consensus=True,
+              normalize=True)
+    want = _merge_with(ext, base, experts, **kw)
+    buffer = torch.full((37 * 53 + 8,), float("nan"), dtype=dtype)
+    out = buffer[8:].view(37, 53)  # a view into a larger buffer, as the engine's pool hands out
+    with backends.output_buffers(lambda shape, dt: out if (shape, dt) == ((37, 53), dtype) else None):
+        got = _merge_with(ext, base, experts, **kw)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(got, want) and buffer[:8].isnan().all()
+    assert backends.output_like(base) is None  # only within the block
+    args = (base, experts, kw["weights"], 1, [0, 0, 0], [400, 500, 600], kw["densities"], [], True, True, False,
+            1.0, 0, 0)
+    with pytest.raises(RuntimeError, match="out must be a contiguous CPU tensor"):
+        ext.merge_task_vectors(*args, out.t())
+    with pytest.raises(RuntimeError, match="out must be a contiguous CPU tensor"):
+        ext.merge_task_vectors(*args, out.float() if dtype != torch.float32 else out.double())
+    with pytest.raises(RuntimeError, match="out must not overlap an input"):
+        ext.merge_task_vectors(*args, experts[1])
+
+
 def test_selection_counts_follow_the_references():
     assert selection_counts(10, "magnitude", 0.25, 0) == (0, 2)
     assert selection_counts(10, "magnitude", 0.01, 0) == (0, 1)
