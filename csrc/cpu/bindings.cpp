@@ -15,7 +15,8 @@ torch::Tensor merge_task_vectors_cpu(const torch::Tensor& base, const std::vecto
 torch::Tensor philox_uniforms_cpu(int64_t start, int64_t numel, int64_t stream, int64_t key0, int64_t key1);
 void accumulate_fisher_cpu(torch::Tensor& fisher, const torch::Tensor& grad, double scale);
 torch::Tensor fisher_merge_cpu(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& fishers,
-                               const std::vector<double>& coefficients, const std::vector<double>& floors);
+                               const std::vector<double>& coefficients, const std::vector<double>& floors,
+                               const std::optional<torch::Tensor>& out);
 void accumulate_gram_cpu(torch::Tensor& gram, const torch::Tensor& x, const std::optional<torch::Tensor>& mask);
 torch::Tensor gather_blocks_cpu(const std::vector<torch::Tensor>& tensors, int64_t layer,
                                 const torch::Tensor& src_layer, const torch::Tensor& src_block, int64_t dim,
@@ -40,7 +41,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The uniforms of elements start .. start + numel - 1 of one stream, as DARE/DELLA draw them");
   m.def("accumulate_fisher", &merge_engine::accumulate_fisher_cpu, "In place: fisher += scale * grad^2 (fp32 math)");
   m.def("fisher_merge", &merge_engine::fisher_merge_cpu,
-        "sum_j c_j max(F_j, floor_j) theta_j / sum_j c_j max(F_j, floor_j), one pass");
+        "sum_j c_j max(F_j, floor_j) theta_j / sum_j c_j max(F_j, floor_j), one pass (into out if given)",
+        py::arg("params"), py::arg("fishers"), py::arg("coefficients"), py::arg("floors"), py::arg("out") = py::none());
   m.def("accumulate_gram", &merge_engine::accumulate_gram_cpu,
         "In place: the upper triangle of gram += x^T x over the rows where mask is True (fp32 sums)",
         py::arg("gram"), py::arg("x"), py::arg("mask") = py::none());

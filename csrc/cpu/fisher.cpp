@@ -114,7 +114,8 @@ void accumulate_fisher_cpu(torch::Tensor& fisher, const torch::Tensor& grad, dou
 }
 
 torch::Tensor fisher_merge_cpu(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& fishers,
-                               const std::vector<double>& coefficients, const std::vector<double>& floors) {
+                               const std::vector<double>& coefficients, const std::vector<double>& floors,
+                               const std::optional<torch::Tensor>& out_buffer) {
   const size_t K = params.size();
   TORCH_CHECK(K > 0 && fishers.size() == K && coefficients.size() == K && floors.size() == K,
               "fisher_merge: one Fisher, coefficient and floor per param");
@@ -127,7 +128,9 @@ torch::Tensor fisher_merge_cpu(const std::vector<torch::Tensor>& params, const s
                     fishers[j].scalar_type() == fishers[0].scalar_type(),
                 "fisher_merge: params must share one dtype and Fishers another");
   }
-  auto out = empty_output_like(params[0]);
+  std::vector<torch::Tensor> inputs(params);
+  inputs.insert(inputs.end(), fishers.begin(), fishers.end());
+  auto out = output_for(out_buffer, params[0], inputs);
   const auto c = as_floats(coefficients), fl = as_floats(floors);
   dispatch_dtype(params[0].scalar_type(), [&](auto p_tag) {
     using P = decltype(p_tag);

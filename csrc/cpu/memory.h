@@ -6,7 +6,10 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <optional>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -30,6 +33,24 @@ inline torch::Tensor empty_output_like(const torch::Tensor& x) {
   auto out = torch::empty_like(x);
   advise_huge_pages(out.storage().mutable_data(), out.storage().nbytes());
   return out;
+}
+
+// A kernel's output of x's shape and dtype: the caller's buffer when one is given (the engine recycles
+// them: fresh memory costs a zeroed page per first touch), checked to be a contiguous CPU tensor of
+// that shape and dtype that overlaps no input (a pass reads inputs after writing earlier blocks);
+// else empty_output_like(x).
+inline torch::Tensor output_for(const std::optional<torch::Tensor>& buffer, const torch::Tensor& x,
+                                const std::vector<torch::Tensor>& inputs) {
+  if (!buffer) return empty_output_like(x);
+  const auto& o = *buffer;
+  TORCH_CHECK(o.device().is_cpu() && o.is_contiguous() && o.scalar_type() == x.scalar_type() && o.sizes() == x.sizes(),
+              "merge_engine CPU kernel: out must be a contiguous CPU tensor of the output's shape and dtype");
+  auto overlaps = [&](const torch::Tensor& t) {
+    const char *a = static_cast<const char*>(o.data_ptr()), *b = static_cast<const char*>(t.data_ptr());
+    return a < b + t.nbytes() && b < a + o.nbytes();
+  };
+  TORCH_CHECK(std::none_of(inputs.begin(), inputs.end(), overlaps), "merge_engine CPU kernel: out must not overlap an input");
+  return o;
 }
 
 }  // namespace merge_engine

@@ -1052,19 +1052,9 @@ torch::Tensor merge_task_vectors_cpu(const torch::Tensor& base, const std::vecto
   TORCH_CHECK(mode != kRank || epsilons.size() == K, "merge_engine: one epsilon per expert");
   Params P{static_cast<int>(mode), consensus, normalize, rescale, static_cast<float>(lambda),
            static_cast<uint32_t>(key0), static_cast<uint32_t>(key1)};
-  // a caller's buffer (the engine recycles them: a fresh output costs a zeroed page per first touch)
-  if (out_buffer) {
-    const auto& o = *out_buffer;
-    TORCH_CHECK(o.device().is_cpu() && o.is_contiguous() && o.scalar_type() == base.scalar_type() &&
-                    o.sizes() == base.sizes(), "merge_engine CPU kernel: out must be a contiguous CPU tensor of the base's shape and dtype");
-    auto overlaps = [&](const torch::Tensor& x) {  // the pass reads inputs after writing out's earlier blocks
-      const char *a = static_cast<const char*>(o.data_ptr()), *c = static_cast<const char*>(x.data_ptr());
-      return a < c + x.nbytes() && c < a + o.nbytes();
-    };
-    TORCH_CHECK(!overlaps(base) && std::none_of(experts.begin(), experts.end(), overlaps),
-                "merge_engine CPU kernel: out must not overlap an input");
-  }
-  auto out = out_buffer ? *out_buffer : empty_output_like(base);
+  std::vector<torch::Tensor> inputs(experts);
+  inputs.push_back(base);
+  auto out = output_for(out_buffer, base, inputs);
   dispatch_dtype(base.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const bool by_cutoffs = mode == kMagnitude || mode == kOutliers;

@@ -140,7 +140,9 @@ def _merge_with(backend, params, fishers, coefficients, floors):
     if backend is None or not backends.served_by_kernels(*params) or not backends.served_by_kernels(*fishers):
         return fisher_merge_reference(params, fishers, coefficients, floors)
     check_merge_args(params, fishers, coefficients, floors)
-    return backend.fisher_merge(list(params), list(fishers), list(coefficients), list(floors))
+    out = backends.output_like(params[0])  # a recycled buffer, when the caller (the engine) offers one
+    return backend.fisher_merge(list(params), list(fishers), list(coefficients), list(floors),
+                                *([out] if out is not None else []))
 
 
 @fisher_merge.register_kernel("cpu")

@@ -107,3 +107,16 @@ def test_the_ops_route_to_the_cpu_kernels(ext, monkeypatch):
     float64 = [p.double() for p in args[0]]
     fisher_ops.fisher_merge(float64, args[1], args[2], args[3])  # fp64 stays on the reference
     assert calls == ["merge", "accumulate"]
+
+
+def test_merge_into_a_callers_buffer(ext):
+    params, fishers, coefficients, floors = make_inputs((37, 53), 3, torch.bfloat16, torch.float32, seed_of("out"))
+    want = fisher_ops.fisher_merge(params, fishers, coefficients, floors)
+    out = torch.full((37, 53), float("nan"), dtype=torch.bfloat16)
+    with backends.output_buffers(lambda shape, dtype: out):
+        got = fisher_ops.fisher_merge(params, fishers, coefficients, floors)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="out must be a contiguous CPU tensor"):
+        ext.fisher_merge(params, fishers, coefficients, floors, out.float())
+    with pytest.raises(RuntimeError, match="out must not overlap an input"):
+        ext.fisher_merge(params, fishers, coefficients, floors, params[2])
