@@ -31,6 +31,11 @@ class TensorGroup:
     def non_base(self) -> list[int]:
         return [i for i in range(len(self.tensors)) if i != self.base_index]
 
+    @property
+    def experts(self) -> list[torch.Tensor]:
+        """The non-base inputs' tensors, in order."""
+        return [self.tensors[i] for i in self.non_base]
+
     def values(self, param: str) -> list[Any]:
         """A per-model parameter's values for the non-base inputs, in order."""
         return [self.per_model[i][param] for i in self.non_base]

@@ -30,7 +30,7 @@ def _nuslerp(group: TensorGroup) -> torch.Tensor:
 
 def _multislerp(group: TensorGroup) -> torch.Tensor:
     p = group.shared
-    return ops.multislerp([group.tensors[i] for i in group.non_base], group.values("weight"), group.base,
+    return ops.multislerp(group.experts, group.values("weight"), group.base,
                           p["normalize_weights"], p["eps"])
 
 
@@ -48,7 +48,7 @@ def _model_stock(group: TensorGroup) -> torch.Tensor:
     """Model Stock: interpolate between the base and the experts' mean by t = N cos / (1 + (N-1) cos),
     cos the mean pairwise cosine of the task vectors (per row if filter_wise); t = 0 where singular."""
     w0 = group.base
-    ws = [group.tensors[i] for i in group.non_base]
+    ws = group.experts
     shape = w0.shape
     if group.shared["filter_wise"]:
         if w0.dim() == 1:

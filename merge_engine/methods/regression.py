@@ -169,7 +169,7 @@ def bmm_terms(group: TensorGroup, anchor) -> BMMTerms:
     if group.shared["data_free"]:
         if not is_linear_weight(group.name, group.base):
             return BMMTerms(prior)
-        weights = [group.tensors[i] for i in group.non_base]
+        weights = group.experts
         dtype = SOLVE_DTYPES[group.shared["solve_dtype"]]
         return BMMTerms(prior, weights, [regression.task_vector_gram(w, group.base, dtype) for w in weights])
     inputs = _regression_inputs(group)

@@ -28,22 +28,18 @@ def _fraction(value: float) -> str | None:
     return None if 0 < value <= 1 else "must be in (0, 1]"
 
 
-def _experts(group: TensorGroup) -> list[torch.Tensor]:
-    return [group.tensors[i] for i in group.non_base]
-
-
 def _tsv(group: TensorGroup) -> torch.Tensor:
     p = group.shared
     if not p["svd"]:
-        return mean_task_arithmetic(group.base, _experts(group), p["alpha"])
-    return ops.tsv_merge(group.base, _experts(group), p["rank_fraction"], p["alpha"])
+        return mean_task_arithmetic(group.base, group.experts, p["alpha"])
+    return ops.tsv_merge(group.base, group.experts, p["rank_fraction"], p["alpha"])
 
 
 def _iso_c(group: TensorGroup) -> torch.Tensor:
     p = group.shared
     if not p["svd"]:
-        return mean_task_arithmetic(group.base, _experts(group), p["alpha"])
-    return ops.iso_c(group.base, _experts(group), p["alpha"])
+        return mean_task_arithmetic(group.base, group.experts, p["alpha"])
+    return ops.iso_c(group.base, group.experts, p["alpha"])
 
 
 COMMON = (ParamSpec("alpha", float, Scope.SHARED, 1.0, check=_finite), ParamSpec("svd", bool, Scope.SHARED, True))

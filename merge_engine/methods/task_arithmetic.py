@@ -25,7 +25,7 @@ FAMILY = {
 def _merge(sparsify: str, consensus: bool, group: TensorGroup) -> torch.Tensor:
     p = group.shared
     return ops.merge_task_vectors(
-        group.base, [group.tensors[i] for i in group.non_base], group.values("weight"),
+        group.base, group.experts, group.values("weight"),
         group.values("density"), sparsify, consensus, p["normalize"], p["rescale"], p["lambda"],
         group.values("gamma") if sparsify == "outliers" else None,
         group.values("epsilon") if sparsify == "rank" else None,
@@ -53,21 +53,17 @@ def _method(name: str) -> MergeMethod:
 METHODS = [_method(name) for name in FAMILY]
 
 
-def _experts(group: TensorGroup) -> list[torch.Tensor]:
-    return [group.tensors[i] for i in group.non_base]
-
-
 def _sce(group: TensorGroup) -> torch.Tensor:
-    return ops.sce_merge(group.base, _experts(group), group.shared["select_topk"])
+    return ops.sce_merge(group.base, group.experts, group.shared["select_topk"])
 
 
 def _ram(group: TensorGroup) -> torch.Tensor:
-    return ops.ram_merge(group.base, _experts(group), group.shared["epsilon"])
+    return ops.ram_merge(group.base, group.experts, group.shared["epsilon"])
 
 
 def _ramplus_tl(group: TensorGroup) -> torch.Tensor:
     p = group.shared
-    return ops.ramplus_tl_merge(group.base, _experts(group), p["r"], p["alpha"], p["epsilon"])
+    return ops.ramplus_tl_merge(group.base, group.experts, p["r"], p["alpha"], p["epsilon"])
 
 
 def _arcee_fusion(group: TensorGroup) -> torch.Tensor:
