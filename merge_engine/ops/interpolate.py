@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from merge_engine.ops import backends
+
 SLERP_DOT_THRESHOLD = 0.9995
 SLERP_EPS = 1e-8
 _CHUNK = 1024 * 1024  # bounds fp32 scratch for large bf16 tensors
@@ -17,16 +19,28 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 @torch.library.custom_op("merge_engine::weighted_sum", mutates_args=())
 def weighted_sum(tensors: list[torch.Tensor], weights: list[float], normalize: bool = True) -> torch.Tensor:
-    """sum_i w_i x_i (divided by sum_i w_i if normalize), accumulated in fp32, in the first input's dtype."""
+    """sum_i w_i x_i (divided by sum_i w_i if normalize), accumulated in fp32, in the first input's dtype.
+    On the CPU, _CHUNK elements at a time through one fp32 scratch (the same arithmetic per element),
+    into the engine's recycled output buffer when it offers one: a whole-tensor fp32 sum is fresh memory
+    the size of two bf16 tensors, zeroed by the kernel on first touch, for every tensor."""
     first = tensors[0]
     dtype = _compute_dtype(first)
-    w = torch.tensor(weights, dtype=torch.float64).to(dtype)
-    result = torch.zeros_like(first, dtype=dtype)
-    for x, wi in zip(tensors, w.to(first.device)):
-        result.addcmul_(x, wi)
-    if normalize:
-        result.div_(w.sum().to(first.device))
-    return result.to(first.dtype)
+    w = torch.tensor(weights, dtype=torch.float64).to(dtype).to(first.device)
+    divisor = w.sum() if normalize else None
+    out = backends.output_like(first)
+    out = torch.empty_like(first) if out is None else out
+    flat, out_flat = [x.reshape(-1) for x in tensors], out.view(-1)
+    n = out_flat.numel()
+    step = _CHUNK if first.device.type == "cpu" else max(n, 1)
+    scratch = torch.empty(min(step, n), dtype=dtype, device=first.device)
+    for start in range(0, n, step):
+        acc = scratch[:min(step, n - start)].zero_()
+        for x, wi in zip(flat, w):
+            acc.addcmul_(x[start:start + acc.numel()], wi)
+        if divisor is not None:
+            acc.div_(divisor)
+        out_flat[start:start + acc.numel()].copy_(acc)
+    return out
 
 
 def _chunks(a: torch.Tensor, dtype: torch.dtype):
@@ -56,7 +70,8 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     sin_theta = torch.sin(theta)
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
-    result = torch.empty_like(x)
+    result = backends.output_like(x)  # the engine's recycled buffer, when it offers one
+    result = torch.empty_like(x) if result is None else result
     for (start, ca), (_, cb) in zip(_chunks(x, dtype), _chunks(y, dtype)):
         result[:, start:start + _CHUNK] = coef_a * ca + coef_b * cb
     return result.reshape(a.shape)
