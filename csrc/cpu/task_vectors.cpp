@@ -546,11 +546,36 @@ struct Params {
   float divisor;                        // normalize without consensus: sum of weights in T (tiny -> 1)
 };
 
+// order[0, cols): the indices of d in the stable ascending order of their magnitude keys (ties by
+// index). An LSD radix sort, 8 bits a pass (two passes for 16-bit types, four for float32), skipping a
+// pass whose digit every key shares; each pass is stable, so the whole is. It replaced std::stable_sort
+// with a comparison that formed both keys, which held a 1.1B DELLA merge at 7.8x its I/O floor.
+template <typename T> void stable_key_order(const T* d, int64_t cols, int64_t* order) {
+  thread_local std::vector<uint32_t> key_buffer;
+  thread_local std::vector<int64_t> order_buffer;
+  key_buffer.resize(2 * static_cast<size_t>(cols));
+  order_buffer.resize(static_cast<size_t>(cols));
+  uint32_t *keys = key_buffer.data(), *keys_next = keys + cols;
+  int64_t *at = order, *at_next = order_buffer.data();
+  for (int64_t j = 0; j < cols; ++j) keys[j] = static_cast<uint32_t>(key_of<T>(d[j])), at[j] = j;
+  for (int shift = 0; shift < 8 * static_cast<int>(sizeof(T)); shift += 8) {
+    std::array<int64_t, 257> start{};  // start[b + 1]: keys with digit b, then their first slot
+    for (int64_t j = 0; j < cols; ++j) ++start[((keys[j] >> shift) & 0xFF) + 1];
+    if (std::find(start.begin() + 1, start.end(), cols) != start.end()) continue;
+    std::partial_sum(start.begin(), start.end(), start.begin());
+    for (int64_t j = 0; j < cols; ++j) {
+      const int64_t slot = start[(keys[j] >> shift) & 0xFF]++;
+      keys_next[slot] = keys[j], at_next[slot] = at[j];
+    }
+    std::swap(keys, keys_next), std::swap(at, at_next);
+  }
+  if (at != order) std::copy(at, at + cols, order);
+}
+
 // DELLA keep probabilities of one row of |delta| (ops/sparsify.py: della_keep_probability).
 template <typename T>
 void rank_probabilities(const T* d, int64_t cols, double density, double epsilon, float* p, int64_t* order) {
-  std::iota(order, order + cols, int64_t{0});
-  std::stable_sort(order, order + cols, [&](int64_t a, int64_t b) { return key_of<T>(d[a]) < key_of<T>(d[b]); });
+  stable_key_order(d, cols, order);
   const float denom = static_cast<float>(std::max<int64_t>(cols - 1, 1));
   const float base = static_cast<float>(density - epsilon);  // as the reference: python floats, rounded once
   const float scale = static_cast<float>(2.0 * epsilon);

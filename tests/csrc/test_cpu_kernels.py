@@ -187,6 +187,17 @@ def test_ties_many_experts_densities_and_ties(ext, dtype, k, density):
     assert_merged_close(got, want, base, experts, kw, f"seed {seed}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_della_ranks_runs_of_equal_magnitudes_by_index(ext, dtype):
+    """DELLA's per-row ranks (a radix sort) on rows full of equal magnitudes: ties ranked by index, as
+    the reference's stable sort ranks them, so keep probabilities and the merge are identical."""
+    base, experts = make_inputs((9, 301), dtype, 2, 11, ties=True)
+    kw = dict(weights=[0.6, 0.4], densities=[0.3, 0.7], sparsify="rank", consensus=True, normalize=True,
+              epsilons=[0.2, 0.25], seed=3, tensor_name="t")
+    got, want = _merge_with(ext, base, experts, **kw), merge_task_vectors_reference(base, experts, **kw)
+    assert torch.equal(got, want), f"{(got != want).sum()} elements differ"
+
+
 @pytest.mark.parametrize("sparsify", ["magnitude", "random", "outliers", "rank"])
 def test_all_zero_deltas_give_the_base(ext, sparsify):
     base, experts = make_inputs((1023,), torch.bfloat16, 3, 7, zero_delta=True)
