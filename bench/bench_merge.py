@@ -11,6 +11,10 @@ before each timed run when /proc/sys/vm/drop_caches is writable (root).
 
     python bench/bench_merge.py                                  # TinyLlama-1.1B shape, with mergekit
     python bench/bench_merge.py --layers 2 --hidden 256 --intermediate 704 --vocab 4096   # quick check
+    python bench/bench_merge.py --methods linear,ties,della,slerp   # merge_engine only, several methods
+
+With --methods, each method's merge_engine run is compared with the O_DIRECT I/O floor of the inputs
+that method reads (measured just before it: the disk's speed drifts), and nothing else runs.
 """
 from __future__ import annotations
 
@@ -97,6 +101,53 @@ def write_config(paths: list[str], path: str) -> str:
     with open(path, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
     return path
+
+
+def method_config(method: str, paths: list[str]) -> tuple[dict, list[str]]:
+    """A bf16 config of one method on the generated models, and the model folders it reads."""
+    weights, densities = TIES["weight"], TIES["density"]
+    per = {"linear": [{"weight": w} for w in weights], "task_arithmetic": [{"weight": w} for w in weights],
+           "ties": [{"weight": w, "density": d} for w, d in zip(weights, densities)],
+           "dare_ties": [{"weight": w, "density": d} for w, d in zip(weights, densities)],
+           "breadcrumbs_ties": [{"weight": w, "density": 0.8, "gamma": 0.01} for w in weights],
+           "della": [{"weight": w, "density": d, "epsilon": 0.1} for w, d in zip(weights, densities)],
+           "model_stock": [{} for _ in weights]}
+    if method == "slerp":
+        return ({"merge_method": "slerp", "base_model": paths[0], "models": [{"model": paths[0]}, {"model": paths[1]}],
+                 "parameters": {"t": 0.3}, "dtype": "bfloat16"}, paths[:2])
+    if method not in per:
+        sys.exit(f"--methods: no benchmark config for {method!r}; choose from {', '.join([*per, 'slerp'])}")
+    config = {"merge_method": method, "models": [{"model": m, "parameters": q} for m, q in zip(paths[1:], per[method])],
+              "dtype": "bfloat16"}
+    if method == "linear":
+        return config, paths[1:]
+    return {**config, "base_model": paths[0], "parameters": {"normalize": True}}, paths
+
+
+def methods_table(methods: list[str], paths: list[str], root: str) -> None:
+    """merge_engine on each method against the O_DIRECT I/O floor of that method's inputs."""
+    out_bytes = folder_bytes(paths[0])
+    print(f"## merge_engine per method, {os.path.basename(root)} (bf16), against each method's I/O floor\n")
+    print(machine(drop_caches()))
+    print(engine_info())
+    print("- I/O floor: O_DIRECT read of the method's input files, then write + fsync of the output size, "
+          "measured just before the method's run\n")
+    print("| method | models read | I/O floor s | wall s | x I/O floor | CPU s | peak RSS GB | other load, cores |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for method in methods:
+        config, folders = method_config(method, paths)
+        path = os.path.join(root, f"{method}.yml")
+        with open(path, "w") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+        drop_caches()
+        inputs = [f for folder in folders for f in safetensors_files(folder)]
+        floor = io_floor(inputs, out_bytes, os.path.join(root, "scratch.bin"), direct=True)
+        out = os.path.join(root, f"out_{method}")
+        wall, rss, cpu, other = run_merge([sys.executable, "-m", "merge_engine", path, out, "--overwrite", "-q"], out,
+                                          os.path.join(root, f"{method}.log"))
+        print(f"| {method} | {len(folders)} | {floor:.1f} | {wall:.1f} | {wall / floor:.2f} | {cpu:.0f} | "
+              f"{rss / 1e9:.2f} | {other:.2f} |", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def drop_caches() -> bool:
@@ -238,11 +289,14 @@ def main() -> None:
     p.add_argument("--mergekit", default=MERGEKIT, help="mergekit-yaml executable")
     p.add_argument("--skip-mergekit", action="store_true")
     p.add_argument("--skip-reference", action="store_true", help="skip the (slow) reference-ops run")
+    p.add_argument("--methods", help="comma-separated methods: time merge_engine on each against its I/O floor")
     a = p.parse_args()
     root = os.path.join(os.path.abspath(a.work), f"llama-L{a.layers}-H{a.hidden}-I{a.intermediate}-V{a.vocab}")
     t0 = time.perf_counter()
     paths = generate_models(a, root)
     print(f"models ready in {root} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    if a.methods:
+        return methods_table(a.methods.split(","), paths, root)
     config = write_config(paths, os.path.join(root, "ties.yml"))
     inputs = [f for path in paths for f in safetensors_files(path)]
     in_bytes, out_bytes = sum(map(folder_bytes, paths)), folder_bytes(paths[0])  # output: the base's layout
