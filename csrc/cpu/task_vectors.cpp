@@ -546,36 +546,43 @@ struct Params {
   float divisor;                        // normalize without consensus: sum of weights in T (tiny -> 1)
 };
 
-// order[0, cols): the indices of d in the stable ascending order of their magnitude keys (ties by
-// index). An LSD radix sort, 8 bits a pass (two passes for 16-bit types, four for float32), skipping a
-// pass whose digit every key shares; each pass is stable, so the whole is. It replaced std::stable_sort
-// with a comparison that formed both keys, which held a 1.1B DELLA merge at 7.8x its I/O floor.
-template <typename T> void stable_key_order(const T* d, int64_t cols, int64_t* order) {
+// The indices of d[0, cols) in the stable ascending order of their magnitude keys (ties by index),
+// in a thread's scratch. An LSD radix sort, 8 bits a pass (two passes for 16-bit types, four for
+// float32), every pass's digit counts taken in one read of the keys, a pass skipped where every key
+// shares its digit; each pass is stable, so the whole is. It replaced std::stable_sort with a
+// comparison that formed both keys, which held a 1.1B DELLA merge at 7.8x its I/O floor.
+template <typename T> const int32_t* stable_key_order(const T* d, int64_t cols) {
+  constexpr int kPasses = sizeof(T);
+  TORCH_CHECK(cols <= INT32_MAX, "merge_engine: DELLA ranks rows of at most 2^31 - 1 elements, not ", cols);
   thread_local std::vector<uint32_t> key_buffer;
-  thread_local std::vector<int64_t> order_buffer;
+  thread_local std::vector<int32_t> order_buffer;
   key_buffer.resize(2 * static_cast<size_t>(cols));
-  order_buffer.resize(static_cast<size_t>(cols));
+  order_buffer.resize(2 * static_cast<size_t>(cols));
   uint32_t *keys = key_buffer.data(), *keys_next = keys + cols;
-  int64_t *at = order, *at_next = order_buffer.data();
-  for (int64_t j = 0; j < cols; ++j) keys[j] = static_cast<uint32_t>(key_of<T>(d[j])), at[j] = j;
-  for (int shift = 0; shift < 8 * static_cast<int>(sizeof(T)); shift += 8) {
-    std::array<int64_t, 257> start{};  // start[b + 1]: keys with digit b, then their first slot
-    for (int64_t j = 0; j < cols; ++j) ++start[((keys[j] >> shift) & 0xFF) + 1];
-    if (std::find(start.begin() + 1, start.end(), cols) != start.end()) continue;
-    std::partial_sum(start.begin(), start.end(), start.begin());
+  int32_t *at = order_buffer.data(), *at_next = at + cols;
+  std::array<std::array<int64_t, 257>, kPasses> start{};  // start[pass][b + 1]: keys with digit b
+  for (int32_t j = 0; j < static_cast<int32_t>(cols); ++j) {
+    const uint32_t key = static_cast<uint32_t>(key_of<T>(d[j]));
+    keys[j] = key, at[j] = j;
+    for (int pass = 0; pass < kPasses; ++pass) ++start[pass][((key >> (8 * pass)) & 0xFF) + 1];
+  }
+  for (int pass = 0; pass < kPasses; ++pass) {
+    auto& first = start[pass];  // then each digit's first slot
+    if (std::find(first.begin() + 1, first.end(), cols) != first.end()) continue;
+    std::partial_sum(first.begin(), first.end(), first.begin());
+    const int shift = 8 * pass;
     for (int64_t j = 0; j < cols; ++j) {
-      const int64_t slot = start[(keys[j] >> shift) & 0xFF]++;
+      const int64_t slot = first[(keys[j] >> shift) & 0xFF]++;
       keys_next[slot] = keys[j], at_next[slot] = at[j];
     }
     std::swap(keys, keys_next), std::swap(at, at_next);
   }
-  if (at != order) std::copy(at, at + cols, order);
+  return at;
 }
 
 // DELLA keep probabilities of one row of |delta| (ops/sparsify.py: della_keep_probability).
-template <typename T>
-void rank_probabilities(const T* d, int64_t cols, double density, double epsilon, float* p, int64_t* order) {
-  stable_key_order(d, cols, order);
+template <typename T> void rank_probabilities(const T* d, int64_t cols, double density, double epsilon, float* p) {
+  const int32_t* order = stable_key_order(d, cols);
   const float denom = static_cast<float>(std::max<int64_t>(cols - 1, 1));
   const float base = static_cast<float>(density - epsilon);  // as the reference: python floats, rounded once
   const float scale = static_cast<float>(2.0 * epsilon);
@@ -634,7 +641,7 @@ void uniforms(int64_t first, int64_t groups, uint32_t stream, uint32_t k0, uint3
 // Which elements of [start, start + len) of expert i survive its sparsification.
 template <typename T>
 void keep_flags(const Params& P, int i, const T* d, int64_t start, int64_t len, int64_t row_cols,
-                uint8_t* keep, float* scratch_p, int64_t* scratch_order) {
+                uint8_t* keep, float* scratch_p) {
   switch (P.mode) {
     case kNone:
       std::fill(keep, keep + len, 1);
@@ -649,7 +656,7 @@ void keep_flags(const Params& P, int i, const T* d, int64_t start, int64_t len, 
       const float p = static_cast<float>(density);  // DARE: u < density in fp32
       if (density >= 1) { std::fill(keep, keep + len, 1); return; }
       if (P.mode == kRank && density <= 0) { std::fill(keep, keep + len, 0); return; }
-      if (P.mode == kRank) rank_probabilities<T>(d, row_cols, density, P.epsilons[i], scratch_p, scratch_order);
+      if (P.mode == kRank) rank_probabilities<T>(d, row_cols, density, P.epsilons[i], scratch_p);
       // the Philox draws of every 4-element group overlapping the block first (a loop over groups the
       // compiler vectorises), then the comparisons
       const int64_t first = start >> 2, groups = ((start + len + 3) >> 2) - first;
@@ -955,13 +962,12 @@ std::vector<float> rescale_factors(const Params& P, const T* base, const std::ve
       std::vector<T> d(by_delta ? span : 0);
       std::vector<uint8_t> keep(span);
       std::vector<float> p(span);
-      std::vector<int64_t> order(span);
       L1Sums sums;
       for (int64_t item = lo; item < hi; ++item) {
         const int64_t start = item * span, len = std::min(span, n - start);
         if (by_delta)
           for (int64_t j = 0; j < len; ++j) d[j] = delta_of<T>(experts[i][start + j], base[start + j]);
-        keep_flags<T>(P, i, d.data(), start, len, cols, keep.data(), p.data(), order.data());
+        keep_flags<T>(P, i, d.data(), start, len, cols, keep.data(), p.data());
         if (keep_bits) pack_bits(keep.data(), len, kept_bits[i].data() + item * bytes_per_item(span));
         sums.add(experts[i] + start, base + start, keep.data(), len);
       }
@@ -999,7 +1005,6 @@ void merge_typed(Params& P, const torch::Tensor& base, const std::vector<torch::
     std::vector<uint8_t> keeps(drawn ? static_cast<size_t>(K) * span : 0);
     std::vector<T> d(P.mode == kRank ? span : 0);
     std::vector<float> p(P.mode == kRank ? span : 0);
-    std::vector<int64_t> order(P.mode == kRank ? span : 0);
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t start = item * span, len = std::min(span, n - start);
       for (int i = 0; drawn && i < K; ++i) {
@@ -1010,7 +1015,7 @@ void merge_typed(Params& P, const torch::Tensor& base, const std::vector<torch::
         }
         if (P.mode == kRank)
           for (int64_t j = 0; j < len; ++j) d[j] = delta_of<T>(e[i][start + j], b[start + j]);
-        keep_flags<T>(P, i, d.data(), start, len, cols, keep, p.data(), order.data());
+        keep_flags<T>(P, i, d.data(), start, len, cols, keep, p.data());
       }
       if (merge_block<T>(P, b, e, o, start, len, drawn ? keeps.data() : nullptr, scratch)) non_finite = true;
     }
