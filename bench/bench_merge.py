@@ -106,12 +106,11 @@ def write_config(paths: list[str], path: str) -> str:
 def method_config(method: str, paths: list[str]) -> tuple[dict, list[str]]:
     """A bf16 config of one method on the generated models, and the model folders it reads."""
     weights, densities = TIES["weight"], TIES["density"]
-    per = {"linear": [{"weight": w} for w in weights], "task_arithmetic": [{"weight": w} for w in weights],
-           "ties": [{"weight": w, "density": d} for w, d in zip(weights, densities)],
-           "dare_ties": [{"weight": w, "density": d} for w, d in zip(weights, densities)],
-           "breadcrumbs_ties": [{"weight": w, "density": 0.8, "gamma": 0.01} for w in weights],
-           "della": [{"weight": w, "density": d, "epsilon": 0.1} for w, d in zip(weights, densities)],
-           "model_stock": [{} for _ in weights]}
+    weighted = [{"weight": w} for w in weights]
+    trimmed = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
+    per = {"linear": weighted, "task_arithmetic": weighted, "ties": trimmed, "dare_ties": trimmed,
+           "breadcrumbs_ties": [{**q, "density": 0.8, "gamma": 0.01} for q in weighted],
+           "della": [{**q, "epsilon": 0.1} for q in trimmed], "model_stock": [{} for _ in weights]}
     if method == "slerp":
         return ({"merge_method": "slerp", "base_model": paths[0], "models": [{"model": paths[0]}, {"model": paths[1]}],
                  "parameters": {"t": 0.3}, "dtype": "bfloat16"}, paths[:2])

@@ -125,10 +125,11 @@ _outputs = threading.local()
 
 @contextlib.contextmanager
 def output_buffers(take: Callable[[tuple[int, ...], torch.dtype], torch.Tensor]) -> Iterator[None]:
-    """Within the block, on this thread, the CPU kernels that can write into a caller's buffer
-    (merge_task_vectors, fisher_merge) take their output from take(shape, dtype), a contiguous CPU tensor that no
-    input shares, instead of fresh memory. The engine passes its buffer pool: the kernel zeroes every
-    page of fresh memory on first touch, 14% of a 1.1B TIES merge's CPU time when the outputs were fresh."""
+    """Within the block, on this thread, the CPU ops that can write into a caller's buffer
+    (merge_task_vectors, fisher_merge, weighted_sum, slerp) take their output from take(shape, dtype), a
+    contiguous CPU tensor that no input shares, instead of fresh memory. The engine passes its buffer
+    pool: the kernel zeroes every page of fresh memory on first touch, 14% of a 1.1B TIES merge's CPU
+    time when the outputs were fresh."""
     previous = getattr(_outputs, "take", None)
     _outputs.take = take
     try:
@@ -142,3 +143,8 @@ def output_like(x: torch.Tensor) -> torch.Tensor | None:
     take = getattr(_outputs, "take", None)
     return take(tuple(x.shape), x.dtype) if take is not None and x.device.type == "cpu" else None
 
+
+def output_or_empty_like(x: torch.Tensor) -> torch.Tensor:
+    """output_like(x), or a fresh tensor of x's shape and dtype when no buffer is offered."""
+    out = output_like(x)
+    return torch.empty_like(x) if out is None else out

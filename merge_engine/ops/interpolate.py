@@ -27,8 +27,7 @@ def weighted_sum(tensors: list[torch.Tensor], weights: list[float], normalize: b
     dtype = _compute_dtype(first)
     w = torch.tensor(weights, dtype=torch.float64).to(dtype).to(first.device)
     divisor = w.sum() if normalize else None
-    out = backends.output_like(first)
-    out = torch.empty_like(first) if out is None else out
+    out = backends.output_or_empty_like(first)
     flat, out_flat = [x.reshape(-1) for x in tensors], out.view(-1)
     n = out_flat.numel()
     step = _CHUNK if first.device.type == "cpu" else max(n, 1)
@@ -70,8 +69,7 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     sin_theta = torch.sin(theta)
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
-    result = backends.output_like(x)  # the engine's recycled buffer, when it offers one
-    result = torch.empty_like(x) if result is None else result
+    result = backends.output_or_empty_like(x)  # the engine's recycled buffer, when it offers one
     for (start, ca), (_, cb) in zip(_chunks(x, dtype), _chunks(y, dtype)):
         result[:, start:start + _CHUNK] = coef_a * ca + coef_b * cb
     return result.reshape(a.shape)
