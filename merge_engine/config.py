@@ -41,13 +41,40 @@ class Slice:
 
 
 @dataclass
+class TokenSource:
+    """Where a token's embedding row comes from (`tokenizer.tokens.NAME.source`)."""
+
+    kind: str  # "model" (the token's own row in that model), "model_token" (a chosen row) or "zero"
+    model: str | None = None
+    token_id: int | None = None
+    token: str | None = None
+
+
+@dataclass
+class TokenSetting:
+    source: TokenSource | None = None
+    force: bool = False  # use the source even where a model has the token itself
+
+
+@dataclass
+class TokenizerSpec:
+    """The output vocabulary (`tokenizer_source:` or `tokenizer:`): inputs' vocabulary-indexed tensors
+    are aligned to it row by row before merging, as mergekit does."""
+
+    source: str  # "union", "base" or a model folder
+    tokens: dict[str, TokenSetting] = field(default_factory=dict)
+    pad_to_multiple_of: int | None = None
+
+
+@dataclass
 class MergeConfig:
     method: MergeMethod
     slices: list[Slice]
     base_model: str | None = None
     dtype: torch.dtype | None = None
     out_dtype: torch.dtype | None = None
-    tokenizer_source: str | None = None
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None  # "auto", a built-in name or a Jinja template
     parameters: dict[str, Any] | None = None
     raw: dict = field(default_factory=dict)  # the config as the user wrote it (saved beside the output)
 
@@ -88,11 +115,10 @@ def parse_config(raw: Any, source: str | None = None) -> MergeConfig:
     cfg.base_model = _model_ref(raw.get("base_model"), "base_model", problems, optional=True)
     cfg.dtype = _dtype(raw, "dtype", problems)
     cfg.out_dtype = _dtype(raw, "out_dtype", problems)
-    cfg.tokenizer_source = _tokenizer_source(raw, problems)
-    for key in ("tokenizer", "chat_template", "modules"):
-        if raw.get(key) is not None:
-            problems.append(f"'{key}' is not supported by merge_engine yet (remove it, or use mergekit for "
-                            "this config)")
+    cfg.tokenizer = _tokenizer(raw, problems)
+    cfg.chat_template = _chat_template(raw, problems)
+    if raw.get("modules") is not None:
+        problems.append("'modules' is not supported by merge_engine yet (remove it, or use mergekit for this config)")
     forms = [k for k in ("models", "slices", "modules") if raw.get(k)]
     if len(forms) != 1:
         problems.append("exactly one of 'models' or 'slices' must be given"
@@ -155,12 +181,84 @@ def _dtype(raw: dict, key: str, problems: list[str]) -> torch.dtype | None:
     return DTYPES.get(name)
 
 
-def _tokenizer_source(raw: dict, problems: list[str]) -> str | None:
-    src = raw.get("tokenizer_source")
-    if src == "union":
-        problems.append("tokenizer_source: 'union' (vocabulary merging) is not supported; use 'base' or a model")
+def _tokenizer(raw: dict, problems: list[str]) -> TokenizerSpec | None:
+    """`tokenizer_source: SOURCE` or `tokenizer: {source, tokens, pad_to_multiple_of}` (not both)."""
+    short, full = raw.get("tokenizer_source"), raw.get("tokenizer")
+    if short is not None and full is not None:
+        problems.append("give 'tokenizer_source' or 'tokenizer', not both")
         return None
-    return _model_ref(src, "tokenizer_source", problems, optional=True)
+    if short is not None:
+        source = _vocabulary_source(short, "tokenizer_source", problems)
+        return TokenizerSpec(source) if source else None
+    if full is None:
+        return None
+    if not isinstance(full, dict) or set(full) - {"source", "tokens", "pad_to_multiple_of"}:
+        problems.append(f"tokenizer: expected {{source, tokens, pad_to_multiple_of}}, got {full!r}")
+        return None
+    source = _vocabulary_source(full.get("source", "union"), "tokenizer.source", problems)
+    pad = full.get("pad_to_multiple_of")
+    if pad is not None and not (isinstance(pad, int) and not isinstance(pad, bool) and pad > 0):
+        problems.append(f"tokenizer.pad_to_multiple_of: expected a positive integer, got {pad!r}")
+    tokens = full.get("tokens") or {}
+    if not isinstance(tokens, dict):
+        problems.append(f"tokenizer.tokens: expected a mapping of token -> {{source, force}}, got {tokens!r}")
+        tokens = {}
+    settings = {str(tok): _token_setting(value, f"tokenizer.tokens[{tok!r}]", problems)
+                for tok, value in tokens.items()}
+    return TokenizerSpec(source, settings, pad) if source else None
+
+
+def _vocabulary_source(value: Any, where: str, problems: list[str]) -> str | None:
+    return value if value in ("union", "base") else _model_ref(value, where, problems)
+
+
+def _token_setting(value: Any, where: str, problems: list[str]) -> TokenSetting:
+    if not isinstance(value, dict) or set(value) - {"source", "force"}:
+        problems.append(f"{where}: expected {{source, force}}, got {value!r}")
+        return TokenSetting()
+    force = value.get("force", False)
+    if not isinstance(force, bool):
+        problems.append(f"{where}.force: expected true or false, got {force!r}")
+    source = _token_source(value.get("source"), f"{where}.source", problems)
+    if force and source is None:
+        problems.append(f"{where}: force needs a source to take the embedding from")
+    return TokenSetting(source, force is True)
+
+
+def _token_source(value: Any, where: str, problems: list[str]) -> TokenSource | None:
+    """A model path, {kind: zero}, or {kind: model_token, model, token_id | token}."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        model = _model_ref(value, where, problems)
+        return TokenSource("model", model) if model else None
+    kind = value.get("kind") if isinstance(value, dict) else None
+    if kind == "zero" and set(value) == {"kind"}:
+        return TokenSource("zero")
+    if kind == "model_token" and set(value) <= {"kind", "model", "token_id", "token"}:
+        model = _model_ref(value.get("model"), f"{where}.model", problems)
+        token_id, token = value.get("token_id"), value.get("token")
+        if (token_id is None) == (token is None):
+            problems.append(f"{where}: give one of token_id or token")
+        elif token_id is not None and not (isinstance(token_id, int) and token_id >= 0):
+            problems.append(f"{where}.token_id: expected a non-negative integer, got {token_id!r}")
+        return TokenSource("model_token", model, token_id, None if token is None else str(token))
+    problems.append(f"{where}: expected a model path, {{kind: zero}} or {{kind: model_token, model, token_id | "
+                    f"token}}, got {value!r}")
+    return None
+
+
+def _chat_template(raw: dict, problems: list[str]) -> str | None:
+    template = raw.get("chat_template")
+    if template is None:
+        return None
+    from merge_engine.chat_templates import BUILT_IN
+    if not isinstance(template, str) or not (template == "auto" or template in BUILT_IN
+                                             or (len(template) >= 20 and "{" in template)):
+        problems.append(f"chat_template: expected 'auto', one of {', '.join(BUILT_IN)} or a Jinja template, "
+                        f"got {template!r}")
+        return None
+    return template
 
 
 def _models_slice(models: Any, base: str | None, problems: list[str]) -> Slice:

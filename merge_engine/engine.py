@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,17 +32,22 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from merge_engine.chat_templates import resolve_chat_template
 from merge_engine.config import MergeConfig, load_config
 from merge_engine.errors import MergeEngineError
 from merge_engine.io.buffers import BufferPool, keep_freed_heap_memory
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.methods import MergeMethod, TensorGroup
 from merge_engine.ops import backends
-from merge_engine.plan import TOKENIZER_FILES, MergePlan, TensorJob, build_plan
+from merge_engine.plan import MergePlan, TensorJob, build_plan
+from merge_engine.vocabulary import align_rows, save_tokenizer, set_vocab_size
 
 log = logging.getLogger("merge_engine")
 
 SIDE_FILES_FROM_BASE = ("generation_config.json",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json")
 CONFIG_COPY_NAME = "mergekit_config.yml"  # the name model cards and hubs look for
 
 
@@ -190,7 +196,12 @@ def tensor_group(job: TensorJob, tensors: list[torch.Tensor], seed: int = 0) -> 
     """A job's inputs (read in job.inputs + job.side_reads() order) as the group its method merges."""
     inputs, side_tensors = tensors[:len(job.inputs)], iter(tensors[len(job.inputs):])
     side = {kind: [None if ref is None else next(side_tensors) for ref in refs] for kind, refs in job.side.items()}
-    return TensorGroup(job.out_name, [t.to(job.compute_dtype) for t in inputs], job.base_index,
+    inputs = [t.to(job.compute_dtype) for t in inputs]
+    if job.rows is not None:  # vocabulary-indexed: every input's rows in the output's token order
+        inputs = align_rows(job.rows, inputs)
+        if "fisher" in side:
+            side["fisher"] = align_rows(job.rows, side["fisher"])
+    return TensorGroup(job.out_name, inputs, job.base_index,
                        job.shared, job.per_model, seed, side,
                        {kind: [None if ref is None else ref[0].path for ref in refs] for kind, refs in job.side.items()})
 
@@ -207,7 +218,8 @@ def compute(job: TensorJob, tensors: list[torch.Tensor], method: MergeMethod, se
 
 
 def write_side_files(plan: MergePlan, writer: ShardedWriter, options: MergeOptions) -> None:
-    """config.json (dtype and layer count updated), tokenizer, generation config, and the merge config."""
+    """config.json (dtype, layer count and vocabulary size updated), generation config, tokenizer and the
+    merge config."""
     cfg = plan.config
     donor = plan.donor
     model_config = dict(donor.config)
@@ -221,13 +233,51 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, options: MergeOptio
         for key in ("num_hidden_layers", "n_layer"):
             if key in model_config:
                 model_config[key] = plan.num_layers
+        if plan.vocabulary:
+            set_vocab_size(model_config, plan.vocabulary.rows)
         writer.add_file("config.json", json.dumps(model_config, indent=2) + "\n")
     for f in SIDE_FILES_FROM_BASE:
         _copy_if_present(donor.path, f, writer)
-    if options.copy_tokenizer:
-        for f in TOKENIZER_FILES:
-            _copy_if_present(plan.tokenizer_dir, f, writer)
+    write_tokenizer(plan, writer, options)
     writer.add_file(CONFIG_COPY_NAME, yaml.safe_dump(cfg.raw, sort_keys=False))
+
+
+def write_tokenizer(plan: MergePlan, writer: ShardedWriter, options: MergeOptions) -> None:
+    """As mergekit: the built tokenizer whenever the config sets one; otherwise the donor's tokenizer files
+    (re-saved with the chat template when the config sets one), unless --no-copy-tokenizer."""
+    template = plan.config.chat_template
+    tokenizer = plan.vocabulary.tokenizer if plan.vocabulary else None
+    if tokenizer is None and not options.copy_tokenizer:
+        if template:
+            log.warning("chat_template is set but no tokenizer is written (--no-copy-tokenizer); it is not saved")
+        return
+    if tokenizer is None and not template:
+        for f in TOKENIZER_FILES:
+            _copy_if_present(plan.donor.path, f, writer)
+        return
+    if tokenizer is None:
+        import transformers
+        tokenizer = transformers.AutoTokenizer.from_pretrained(plan.donor.path)
+    if template:
+        template = resolve_chat_template(template, _model_chat_templates(plan))
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in save_tokenizer(tokenizer, template, tmp):
+            writer.copy_file(os.path.join(tmp, f))
+
+
+def _model_chat_templates(plan: MergePlan) -> list[str]:
+    """The chat template of each input model's tokenizer that has one, in config order."""
+    import transformers
+    templates = []
+    for ref, ckpt in plan.models.items():
+        try:
+            template = transformers.AutoTokenizer.from_pretrained(ckpt.path).chat_template
+        except Exception as e:  # noqa: BLE001 (transformers raises many kinds)
+            log.warning("cannot load the tokenizer of %s (%s)", ref, e)
+            continue
+        template = template.get("default") if isinstance(template, dict) else template
+        templates += [template] if template else []
+    return templates
 
 
 def _copy_if_present(folder: str, filename: str, writer: ShardedWriter) -> None:

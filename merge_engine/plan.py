@@ -7,7 +7,6 @@ shape mismatches, and every parameter resolved for every tensor.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,12 +17,12 @@ from merge_engine.errors import CheckpointError, ConfigError
 from merge_engine.io.checkpoint import Checkpoint, split_layer_name
 from merge_engine.parameters import Scope, resolve
 from merge_engine.stats.gram import gram_folder
+from merge_engine.vocabulary import RowRecipe, Vocabulary, build_vocabulary
 
 log = logging.getLogger("merge_engine")
 _PRE_LAYER_MARKERS = ("embed", "wte", "wpe")  # embeddings come before the layers, norms and heads after
+_POSITION_MARKERS = ("position", "wpe")  # position embeddings: never vocabulary-indexed, whatever their size
 _MAX_LISTED_PROBLEMS = 50
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt", "chat_template.jinja")
 
 
 @dataclass
@@ -39,6 +38,7 @@ class TensorJob:
     out_dtype: torch.dtype
     shape: tuple[int, ...]
     copy_only: bool = False  # non-floating buffers are copied from the first input unchanged
+    rows: RowRecipe | None = None  # vocabulary-indexed (dim 0): inputs aligned to the output's tokens
     # side-input kind -> per input, where its statistics tensor is (None: that input has none)
     side: dict[str, list[tuple[Checkpoint, str] | None]] = field(default_factory=dict)
 
@@ -59,17 +59,13 @@ class MergePlan:
     num_layers: int = 0  # layers of the output model
     missing_side: dict[str, list[str]] = field(default_factory=dict)  # side folder -> tensors it lacks
     grams_used: set[str] = field(default_factory=set)  # Gram folders that hold some weight's Gram
+    vocabulary: Vocabulary | None = None  # the output tokenizer, when the config sets one
 
     @property
     def donor(self) -> Checkpoint:
         """The model whose config.json and side files the output starts from."""
         first = self.config.slice_base(self.config.slices[0]) or self.config.slices[0].sources[0].model
         return self.models[self.config.base_model or first]
-
-    @property
-    def tokenizer_dir(self) -> str:
-        source = self.config.tokenizer_source
-        return self.donor.path if source in (None, "base") else os.path.abspath(source)
 
     def entries(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         return [(j.out_name, j.out_dtype, j.shape) for j in self.jobs]
@@ -86,9 +82,9 @@ def open_models(cfg: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, Chec
                 gram_folder(ref)  # its manifest, checked against the stored Grams
         except CheckpointError as e:
             problems.append(str(e))
-    source = cfg.tokenizer_source
-    if source not in (None, "base") and not any(os.path.exists(os.path.join(source, f)) for f in TOKENIZER_FILES):
-        problems.append(f"tokenizer_source: {source}: no tokenizer files found (looked for {', '.join(TOKENIZER_FILES)})")
+    for token, setting in (cfg.tokenizer.tokens.items() if cfg.tokenizer else ()):
+        if setting.source is not None and setting.source.model not in (None, *models):
+            problems.append(f"tokenizer.tokens[{token!r}]: {setting.source.model} is not a model of this merge")
     if problems:
         raise ConfigError(problems, "inputs")
     return models, side
@@ -108,6 +104,8 @@ def _side_kinds(cfg: MergeConfig) -> dict[str, set[str]]:
 
 def build_plan(cfg: MergeConfig, allow_crimes: bool = False) -> MergePlan:
     plan = MergePlan(cfg, *open_models(cfg))
+    if cfg.tokenizer:
+        plan.vocabulary = build_vocabulary(cfg.tokenizer, plan.models, cfg.referenced_models()[0])
     problems: list[str] = []
     architectures = {ref: tuple(m.config.get("architectures") or ()) for ref, m in plan.models.items()}
     if len(set(architectures.values())) > 1 and not allow_crimes:
@@ -124,7 +122,7 @@ def build_plan(cfg: MergeConfig, allow_crimes: bool = False) -> MergePlan:
     post = [n for n in outside if n not in pre]
     out_prefix = next((s[0] for s in map(split_layer_name, template.tensors) if s), "model.layers")
     for name in pre:
-        _plan_tensor(plan, first, name, [name] * len(first.sources), 0.0, problems)
+        _plan_tensor(plan, first, name, [name] * len(first.sources), 0.0, problems, outside_layers=True)
     for s, lr in zip(cfg.slices, ranges):
         n = lr[0][1] - lr[0][0]
         for offset in range(n):
@@ -137,7 +135,7 @@ def build_plan(cfg: MergeConfig, allow_crimes: bool = False) -> MergePlan:
                 _plan_tensor(plan, s, f"{out_prefix}.{plan.num_layers}.{suffix}", names, t, problems)
             plan.num_layers += 1
     for name in post:
-        _plan_tensor(plan, last, name, [name] * len(last.sources), 0.0, problems)
+        _plan_tensor(plan, last, name, [name] * len(last.sources), 0.0, problems, outside_layers=True)
     for path in (p for p, kinds in _side_kinds(cfg).items() if "grams" in kinds and p not in plan.grams_used):
         problems.append(f"{path}: holds the Gram of no weight of this merge (collected from another model?)")
     for folder, names in plan.missing_side.items():
@@ -175,7 +173,8 @@ def _layer_ranges(s: Slice, models: dict[str, Checkpoint], problems: list[str]) 
     return ranges
 
 
-def _plan_tensor(plan: MergePlan, s: Slice, out_name: str, names: list[str], t: float, problems: list[str]) -> None:
+def _plan_tensor(plan: MergePlan, s: Slice, out_name: str, names: list[str], t: float, problems: list[str],
+                 outside_layers: bool = False) -> None:
     cfg = plan.config
     models = [src.model for src in s.sources]
     base = cfg.slice_base(s)
@@ -188,8 +187,9 @@ def _plan_tensor(plan: MergePlan, s: Slice, out_name: str, names: list[str], t: 
     if None in infos:
         return
     ref = infos[models.index(base)] if base in models else infos[0]
+    rows = _vocabulary_rows(plan, models, infos, base, out_name, problems) if outside_layers else None
     for model, info in zip(models, infos):
-        if info.shape != ref.shape:
+        if info.shape[1 if rows else 0:] != ref.shape[1 if rows else 0:]:
             problems.append(f"{info.file}: tensor '{info.name}' has shape {list(info.shape)} but "
                             f"{ref.file} has {list(ref.shape)}")
     method = cfg.method
@@ -207,22 +207,47 @@ def _plan_tensor(plan: MergePlan, s: Slice, out_name: str, names: list[str], t: 
     dtypes = [i.dtype for i in infos]
     floating = all(d.is_floating_point for d in dtypes)
     compute = cfg.dtype or _promote(dtypes)
-    side = {kind: _side_refs(plan, kind, s, names, ref.shape, shared, problems)
+    side = {kind: _side_refs(plan, kind, s, names, [i.shape for i in infos], shared, problems)
             for kind in method.side_inputs} if floating else {}
+    if rows and None in side.get("fisher", ()):  # a Fisher is aligned with its weight (a Gram is not row-indexed)
+        problems.append(f"'{out_name}': its rows are aligned to the output vocabulary, which needs every input's "
+                        "Fisher of it")
     out = cfg.out_dtype or method.output_dtype(compute)
     plan.jobs.append(TensorJob(
         out_name, [(plan.models[m], n) for m, n in zip(models, names)],
         models.index(base) if base in models else None, shared, per_model,
         compute if floating else dtypes[0], out if floating else dtypes[0],
-        ref.shape, copy_only=not floating, side=side))
+        (rows.rows, *ref.shape[1:]) if rows else ref.shape, copy_only=not floating, side=side, rows=rows))
 
 
-def _side_refs(plan: MergePlan, kind: str, s: Slice, names: list[str], shape: tuple[int, ...],
+def _vocabulary_rows(plan: MergePlan, models: list[str], infos: list, base: str | None, out_name: str,
+                     problems: list[str]) -> RowRecipe | None:
+    """The row recipe of a tensor outside the layers whose dim 0 is its inputs' vocabulary (as many rows
+    as each model's config vocab_size); None for any other tensor, or without a configured tokenizer."""
+    vocab = plan.vocabulary
+    if vocab is None:
+        return None
+    if any(marker in out_name for marker in _POSITION_MARKERS):
+        return None
+    is_vocab = [len(i.shape) > 0 and i.shape[0] == vocab.vocab_size[m] for m, i in zip(models, infos)]
+    if not any(is_vocab):
+        return None
+    if not all(is_vocab):
+        problems.append(f"'{out_name}': dim 0 is the vocabulary (vocab_size rows) in "
+                        + ", ".join(m for m, v in zip(models, is_vocab) if v) + " but not in "
+                        + ", ".join(m for m, v in zip(models, is_vocab) if not v))
+        return None
+    if not all(i.dtype.is_floating_point for i in infos):
+        return None
+    return vocab.recipe(models, base, [i.shape[0] for i in infos], f"'{out_name}'", problems)
+
+
+def _side_refs(plan: MergePlan, kind: str, s: Slice, names: list[str], shapes: list[tuple[int, ...]],
                shared: dict[str, Any], problems: list[str]) -> list[tuple[Checkpoint, str] | None]:
     """Where each input's `kind` statistics for one tensor are: same tensor name in the input's side folder.
     A missing one is None, or a problem when the method's `missing_<kind>` parameter is 'error'."""
     refs = []
-    for src, name in zip(s.sources, names):
+    for src, name, shape in zip(s.sources, names, shapes):
         folder = plan.side.get(src.side.get(kind, ""))
         if kind == "grams":
             refs.append(_gram_ref(folder, name, shape, problems) if folder else None)

@@ -35,6 +35,13 @@ def model_sets(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def vocab_models(tmp_path_factory):
+    """{base, extra, other, padded}: Llama folders whose tokenizers and vocabularies differ (tests/vocab_models.py)."""
+    from tests.vocab_models import make_vocab_models
+    return make_vocab_models(str(tmp_path_factory.mktemp("vocab")))
+
+
 def _folder_tensors(folder) -> dict[str, torch.Tensor]:
     """Every tensor of every .safetensors file in a folder, read with the safetensors library."""
     out = {}

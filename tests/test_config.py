@@ -75,7 +75,9 @@ def test_every_problem_reported_at_once():
     ({"merge_method": "slerp", "base_model": "/a", "models": [{"model": "/a"}, {"model": "/b"}]}, "'t'"),
     ({"merge_method": "linear"}, "models"),
     ({"merge_method": "linear", "models": [{"model": "/a+/lora"}]}, "LoRA"),
-    ({"merge_method": "linear", "tokenizer": {"source": "union"}, "models": [{"model": "/a"}]}, "tokenizer"),
+    ({"merge_method": "linear", "tokenizer": {"source": "union"}, "tokenizer_source": "base",
+      "models": [{"model": "/a"}]}, "not both"),
+    ({"merge_method": "linear", "modules": {"text": {}}, "models": [{"model": "/a"}]}, "modules"),
     ({"merge_method": "model_stock", "base_model": "/a", "models": [{"model": "/b"}]}, "model_stock"),
 ])
 def test_invalid_configs(raw, match):

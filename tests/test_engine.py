@@ -107,17 +107,6 @@ def test_slices_renumber_layers(folder_tensors, model_sets, tmp_path):
     assert transformers.AutoModelForCausalLM.from_pretrained(str(out)) is not None
 
 
-def test_tokenizer_files_are_copied_from_tokenizer_source(model_sets, tmp_path):
-    base, e1, _, _ = model_sets("llama")
-    tok = tmp_path / "tok"
-    tok.mkdir()
-    (tok / "tokenizer_config.json").write_text('{"model_max_length": 64}')
-    cfg = ties(base, [e1])
-    cfg["tokenizer_source"] = str(tok)
-    merge(parse_config(cfg), str(tmp_path / "out"), MergeOptions(quiet=True))
-    assert (tmp_path / "out" / "tokenizer_config.json").read_text() == '{"model_max_length": 64}'
-
-
 PEAK_RSS = textwrap.dedent("""
     import resource, sys
     from merge_engine import MergeOptions, load_config, merge

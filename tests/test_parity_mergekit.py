@@ -1,11 +1,13 @@
 """Parity with mergekit 0.1.5: the same config on the same inputs gives bit-identical tensors for
 every deterministic method. Skipped, with the reason, when no mergekit install is found (see
 conftest.find_mergekit; tools/test.sh installs one into .venv-mergekit when it can)."""
+import json
 import os
 import subprocess
 
 import pytest
 import torch
+import transformers
 
 from merge_engine import MergeOptions, merge, parse_config
 
@@ -145,3 +147,54 @@ def test_bf16_ties_identical_except_at_magnitude_ties(model_sets, mergekit_yaml,
             kth = mags.sort(descending=True).values[k - 1]
             tied |= bool((mags == kth).sum() > 1)
         assert tied, f"{name} differs from mergekit without a tie at the trim cut-off"
+
+
+# Vocabulary alignment (tests/vocab_models.py). mergekit numbers a union's new tokens in an order that
+# changes from run to run (hash order), so rows are compared token by token.
+VOCAB_CASES = {
+    "union_linear": lambda m: {"merge_method": "linear", "tokenizer_source": "union", "models": [
+        {"model": m[k], "parameters": {"weight": w}} for k, w in (("base", 1.0), ("extra", 0.5), ("other", 0.3),
+                                                                   ("padded", 0.7))]},
+    "base_ties": lambda m: {"merge_method": "ties", "base_model": m["base"], "tokenizer_source": "base", "models": [
+        {"model": m[k], "parameters": {"weight": 0.5, "density": 0.6}} for k in ("extra", "other", "padded")]},
+    "model_source_task_arithmetic": lambda m: {
+        "merge_method": "task_arithmetic", "base_model": m["base"], "tokenizer_source": m["other"],
+        "models": [{"model": m[k], "parameters": {"weight": 0.4}} for k in ("extra", "other")]},
+    "tokens_padded_bf16": lambda m: {
+        "merge_method": "task_arithmetic", "base_model": m["base"], "dtype": "bfloat16",
+        "tokenizer": {"source": "union", "pad_to_multiple_of": 16, "tokens": {
+            "<|im_start|>": {"source": {"kind": "model_token", "model": m["base"], "token": "<eos>"}},
+            "w0": {"source": m["extra"], "force": True},
+            "w9": {"source": {"kind": "zero"}, "force": True},
+            "brand_new": {"source": {"kind": "model_token", "model": m["other"], "token_id": 3}}}},
+        "models": [{"model": m[k], "parameters": {"weight": 0.5}} for k in ("extra", "other")]},
+}
+
+
+@pytest.mark.parametrize("case", sorted(VOCAB_CASES))
+def test_vocabulary_alignment_identical_to_mergekit(case, vocab_models, mergekit_yaml, write_yaml, folder_tensors,
+                                                    tmp_path):
+    config = VOCAB_CASES[case](vocab_models)
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    merge(parse_config(config), str(ours), MergeOptions(quiet=True))
+    run_mergekit(mergekit_yaml, write_yaml(config), str(theirs))
+    a, b = folder_tensors(ours), folder_tensors(theirs)
+    va, vb = (transformers.AutoTokenizer.from_pretrained(p).get_vocab() for p in (ours, theirs))
+    assert set(va) == set(vb) and set(a) == set(b)
+    tokens = list(va)
+    rows_a, rows_b = torch.tensor([va[t] for t in tokens]), torch.tensor([vb[t] for t in tokens])
+    for name in a:
+        assert a[name].shape == b[name].shape and a[name].dtype == b[name].dtype, name
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert torch.equal(a[name][rows_a], b[name][rows_b]), name
+            # padding rows: the mean token row, summed (in fp32) in each tool's token order; at most one
+            # bf16 rounding apart, and bit-identical where the orders agree
+            pads = a[name][len(tokens):], b[name][len(tokens):]
+            if va == vb:
+                assert torch.equal(*pads), name
+            else:
+                torch.testing.assert_close(*pads, rtol=2**-7, atol=1e-6)
+        else:
+            assert torch.equal(a[name], b[name]), name
+    assert (json.loads((ours / "config.json").read_text())["vocab_size"]
+            == json.loads((theirs / "config.json").read_text())["vocab_size"])
