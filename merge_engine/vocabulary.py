@@ -41,6 +41,7 @@ class RowRecipe:
     copies: list[tuple[int, torch.Tensor, torch.Tensor]]  # (input, positions in default_ids, its rows)
     average_pos: torch.Tensor  # int64 [A]: positions in default_ids that average the inputs having them
     average_rows: torch.Tensor  # int64 [inputs, A]: each input's row of those tokens, -1 where absent
+    identity: bool = False  # every input's rows are already the output's (same tokens, no defaults)
     _on: dict[torch.device, RowRecipe] = field(default_factory=dict, repr=False)
 
     def to(self, device: torch.device) -> RowRecipe:
@@ -56,6 +57,8 @@ class RowRecipe:
 
 def align_rows(recipe: RowRecipe, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """The inputs (same dtype, vocabulary on dim 0) with rows in the output's token order."""
+    if recipe.identity:
+        return tensors
     recipe = recipe.to(tensors[0].device)
     defaults = tensors[0].new_zeros((len(recipe.default_ids), *tensors[0].shape[1:]))
     for i, pos, rows in recipe.copies:
@@ -138,8 +141,10 @@ class Vocabulary:
         own = index.masked_fill(forced, -1)
         copies = [(i, torch.tensor([p for p, _ in s]), torch.tensor([r for _, r in s])) for i, s in sources.items()]
         average_pos = torch.tensor(averaged, dtype=torch.int64)
+        identity = (self.rows == len(self.tokens) and not len(needs_default) and set(row_counts) == {self.rows}
+                    and bool((own == torch.arange(self.rows)).all()))
         return RowRecipe(self.rows, len(self.tokens), own, needs_default, copies, average_pos,
-                         index[:, needs_default[average_pos]])
+                         index[:, needs_default[average_pos]], identity)
 
     def _source(self, token: str, tid: int, models: list[str], base: str | None, present: list[bool]):
         """Where a token's default row comes from: a TokenSetting source, "average" or None (zeros)."""

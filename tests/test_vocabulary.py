@@ -112,6 +112,15 @@ def test_align_rows_matches_the_reference(vm, case, dtype):
         assert all(a.dtype == dtype and torch.equal(a, b) for a, b in zip(got, want))
 
 
+def test_inputs_already_in_the_output_order_are_not_copied(vm):
+    vocab = vocabulary(vm, ("base", "padded"))  # the same tokens; "padded" has 8 more rows
+    base, padded = torch.randn(256, 5), torch.randn(264, 5)
+    same = vocab.recipe([vm["base"]], vm["base"], [256], "t", [])
+    assert same.identity and align_rows(same, [base])[0] is base
+    trimmed = vocab.recipe([vm["base"], vm["padded"]], vm["base"], [256, 264], "t", [])
+    assert not trimmed.identity and torch.equal(align_rows(trimmed, [base, padded])[1], padded[:256])
+
+
 def test_union_vocabulary(vm):
     vocab = vocabulary(vm)
     assert vocab.tokens[:256] == BASE_TOKENS  # the base keeps its ids
