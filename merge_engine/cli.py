@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-seed", type=int, default=0,
                    help="seed of the counter-based generator used by DARE and DELLA (default 0)")
     p.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
-                   help="copy tokenizer files from the base model or tokenizer_source (default on)")
+                   help="copy the base model's tokenizer files (default on); a tokenizer built from "
+                        "tokenizer_source or tokenizer: is written either way")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--allow-crimes", action="store_true",
                    help="allow merging models whose config.json architectures differ")
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in _COMPAT_FLAGS:
         p.add_argument(flag, action="store_true", help="accepted for mergekit compatibility; no effect")
     p.add_argument("--write-threads", type=int, help="accepted for mergekit compatibility; no effect")
+    for flag in ("--lora-merge-cache", "--transformers-cache"):  # adapters are applied while reading: no copies
+        p.add_argument(flag, metavar="PATH", help="accepted for mergekit compatibility; no effect")
     return p
 
 

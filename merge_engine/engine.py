@@ -5,7 +5,7 @@
       ShardedWriter(out_dir, plan.entries())    output layout fixed before any compute
       _Pipeline.run(plan.jobs)
         read:    prefetch threads read the next jobs' inputs into reused host buffers (io/buffers.py;
-                 pinned on CUDA)
+                 pinned on CUDA), adding a BASE+ADAPTER input's LoRA update there (io/lora.py)
         stage:   (CUDA) host-to-device copies on a side stream, one job ahead of compute
         compute: the method's merge on the device, cast to the output dtype (the CPU kernels write
                  into reused host buffers too)

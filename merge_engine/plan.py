@@ -15,6 +15,7 @@ import torch
 from merge_engine.config import MergeConfig, Slice
 from merge_engine.errors import CheckpointError, ConfigError
 from merge_engine.io.checkpoint import Checkpoint, split_layer_name
+from merge_engine.io.lora import open_model
 from merge_engine.parameters import Scope, resolve
 from merge_engine.stats.gram import gram_folder
 from merge_engine.vocabulary import RowRecipe, Vocabulary, build_vocabulary
@@ -77,7 +78,7 @@ def open_models(cfg: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, Chec
     side_kinds = _side_kinds(cfg)
     for ref, table in [(ref, models) for ref in cfg.referenced_models()] + [(p, side) for p in side_kinds]:
         try:
-            table[ref] = Checkpoint(ref)
+            table[ref] = open_model(ref) if table is models else Checkpoint(ref)
             if table is side and "grams" in side_kinds[ref]:
                 gram_folder(ref)  # its manifest, checked against the stored Grams
         except CheckpointError as e:

@@ -74,7 +74,7 @@ def test_every_problem_reported_at_once():
     ({"merge_method": "ties", "models": [{"model": "/a"}]}, "base_model"),
     ({"merge_method": "slerp", "base_model": "/a", "models": [{"model": "/a"}, {"model": "/b"}]}, "'t'"),
     ({"merge_method": "linear"}, "models"),
-    ({"merge_method": "linear", "models": [{"model": "/a+/lora"}]}, "LoRA"),
+    ({"merge_method": "linear", "models": [{"model": "/a+/lora+/b"}]}, "BASE\\+ADAPTER"),
     ({"merge_method": "linear", "tokenizer": {"source": "union"}, "tokenizer_source": "base",
       "models": [{"model": "/a"}]}, "not both"),
     ({"merge_method": "linear", "modules": {"text": {}}, "models": [{"model": "/a"}]}, "modules"),

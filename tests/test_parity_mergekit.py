@@ -101,9 +101,9 @@ CASES = {
 }
 
 
-def run_mergekit(mergekit_yaml, config_path, out):
+def run_mergekit(mergekit_yaml, config_path, out, *args):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
-    res = subprocess.run([mergekit_yaml, config_path, out, "--no-copy-tokenizer"], capture_output=True,
+    res = subprocess.run([mergekit_yaml, config_path, out, "--no-copy-tokenizer", *args], capture_output=True,
                          text=True, env=env, timeout=900)
     assert res.returncode == 0, f"mergekit failed:\n{res.stderr[-3000:]}"
 
@@ -198,3 +198,35 @@ def test_vocabulary_alignment_identical_to_mergekit(case, vocab_models, mergekit
             assert torch.equal(a[name], b[name]), name
     assert (json.loads((ours / "config.json").read_text())["vocab_size"]
             == json.loads((theirs / "config.json").read_text())["vocab_size"])
+
+
+# LoRA references (BASE+ADAPTER): mergekit merges each adapter with peft into a cached copy of its base;
+# merge_engine applies it while reading. Adapters from tests/lora_adapters.py, in peft's format.
+LORA_CASES = {  # name -> (model set, adapter options, adapter dtype)
+    "lora_llama": ("llama", dict(embedding="model.embed_tokens", modules_to_save=("lm_head",), r=4, alpha=16,
+                                 use_rslora=True, rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3}),
+                   torch.float32),
+    "lora_llama_bf16": ("llama_bf16_sharded", dict(embedding="model.embed_tokens", targets=("q_proj", "up_proj")),
+                        torch.bfloat16),
+    "lora_gpt2_conv1d": ("gpt2", dict(targets=("c_attn", "c_fc"), fan_in_fan_out=True), torch.float32),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LORA_CASES))
+def test_lora_references_identical_to_mergekit(case, model_sets, mergekit_yaml, write_yaml, folder_tensors,
+                                               tmp_path):
+    from tests.lora_adapters import write_adapter
+    key, options, dtype = LORA_CASES[case]
+    base, e1, e2, _ = model_sets(key)
+    write_adapter(str(tmp_path / "a1"), e1, seed=1, dtype=dtype, **options)
+    write_adapter(str(tmp_path / "a2"), base, seed=2, dtype=dtype, **options)
+    config = {"merge_method": "task_arithmetic", "base_model": base, "models": [
+        {"model": f"{e1}+{tmp_path / 'a1'}", "parameters": {"weight": 0.6}},
+        {"model": f"{base}+{tmp_path / 'a2'}", "parameters": {"weight": 0.3}},
+        {"model": e2, "parameters": {"weight": 0.2}}]}
+    merge(parse_config(config), str(tmp_path / "ours"), MergeOptions(quiet=True, copy_tokenizer=False))
+    run_mergekit(mergekit_yaml, write_yaml(config), str(tmp_path / "theirs"), "--lora-merge-cache",
+                 str(tmp_path / "cache"))
+    a, b = folder_tensors(tmp_path / "ours"), folder_tensors(tmp_path / "theirs")
+    assert set(a) == set(b)
+    assert [n for n in a if a[n].dtype != b[n].dtype or not torch.equal(a[n], b[n])] == []

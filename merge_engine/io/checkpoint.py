@@ -65,8 +65,8 @@ class Checkpoint:
         if not os.path.isdir(p):
             raise CheckpointError(f"{p}: expected a model folder (config.json + *.safetensors), got a file")
         if any(os.path.exists(os.path.join(p, f)) for f in ADAPTER_FILES):
-            raise CheckpointError(f"{p}: this is a LoRA/PEFT adapter folder; merge it into its base model first "
-                                  "(peft's merge_and_unload) and pass the merged folder")
+            raise CheckpointError(f"{p}: this is a LoRA/PEFT adapter folder; name it with its base model, as "
+                                  "BASE_FOLDER+ADAPTER_FOLDER")
 
     def _read_headers(self) -> dict[str, TensorInfo]:
         index_path = os.path.join(self.path, INDEX_FILE)

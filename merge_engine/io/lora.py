@@ -1,0 +1,185 @@
+"""LoRA adapters applied while reading (`model: BASE+ADAPTER`, mergekit's syntax).
+
+mergekit merges the adapter into a full copy of the base with peft's merge_and_unload and then reads
+that copy. Here the base's tensors are read as usual and each is corrected in its read buffer: no
+copy on disk, no extra pass over the weights. The arithmetic is peft's (0.21), so the result is the
+same bits:
+    LoRA weight (Linear):      W += (B @ A) * s              (B @ A transposed when fan_in_fan_out)
+    LoRA embedding:            W += ((B @ A).T * s).to(W.dtype)
+    other adapter tensors      replace the base's (modules_to_save, saved embedding layers)
+with s = alpha / r (alpha / sqrt(r) with use_rslora; rank_pattern / alpha_pattern per module). The
+update is formed in fp32 (peft keeps adapter weights in fp32 whatever the base's dtype); the add
+rounds it to the base tensor's dtype, once (an embedding's update is rounded before the add).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from merge_engine.errors import CheckpointError
+from merge_engine.io.checkpoint import Checkpoint
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<ab>[AB])\.weight|lora_embedding_(?P<eab>[AB]))$")
+# adapter_config.json settings that change what merging means; refused rather than ignored
+_UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "layer_replication": "layer replication",
+                "target_parameters": "target_parameters", "trainable_token_indices": "trainable tokens",
+                "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA"}
+
+
+def split_reference(ref: str) -> tuple[str, str | None]:
+    """"BASE+ADAPTER" -> (BASE, ADAPTER); a plain folder -> (folder, None)."""
+    base, _, adapter = ref.partition("+")
+    return base, adapter or None
+
+
+def open_model(ref: str) -> Checkpoint:
+    """The checkpoint a config's model reference names: a folder, or BASE+ADAPTER."""
+    base, adapter = split_reference(ref)
+    return LoraCheckpoint(base, adapter) if adapter else Checkpoint(base)
+
+
+@dataclass
+class _Target:
+    """How one base tensor changes: a low-rank update and/or a replacement."""
+
+    a: str | None = None  # adapter keys
+    b: str | None = None
+    embedding: bool = False
+    scaling: float = 1.0
+    replacement: str | None = None
+
+
+class LoraCheckpoint(Checkpoint):
+    """A base model folder whose tensors are read with a LoRA adapter merged in."""
+
+    def __init__(self, base: str, adapter: str):
+        super().__init__(base)
+        self.adapter = os.path.abspath(adapter)
+        self.reference = f"{base}+{adapter}"
+        config = self._read_config()
+        self._fan_in_fan_out = bool(config.get("fan_in_fan_out"))  # weights stored [in, out] (GPT-2's Conv1D)
+        self._file = os.path.join(self.adapter, WEIGHTS_FILE)
+        if not os.path.exists(self._file):
+            raise CheckpointError(f"{self.adapter}: no {WEIGHTS_FILE} (only safetensors adapters are read)")
+        try:
+            self._weights = safe_open(self._file, "pt")
+        except Exception as e:  # noqa: BLE001 (safetensors raises its own error types)
+            raise CheckpointError(f"{self._file}: unreadable adapter weights ({e})") from e
+        self.targets = self._plan_targets(config)
+
+    def _read_config(self) -> dict:
+        path = os.path.join(self.adapter, CONFIG_FILE)
+        try:
+            with open(path) as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: unreadable adapter config ({e})") from e
+        if config.get("peft_type") != "LORA":
+            raise CheckpointError(f"{path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are merged")
+        used = [what for key, what in _UNSUPPORTED.items() if config.get(key)]
+        if used:
+            raise CheckpointError(f"{path}: uses {', '.join(used)}, which merge_engine does not merge")
+        if not (isinstance(config.get("r"), int) and config["r"] > 0
+                and isinstance(config.get("lora_alpha"), (int, float))):
+            raise CheckpointError(f"{path}: needs a positive integer 'r' and a numeric 'lora_alpha'")
+        return config
+
+    def _plan_targets(self, config: dict) -> dict[str, _Target]:
+        """Base tensor name -> its change; every adapter tensor is matched to a base tensor of its shape."""
+        targets: dict[str, _Target] = {}
+        problems = []
+        for key in self._weights.keys():
+            if not key.startswith(_PREFIX):
+                problems.append(f"'{key}' is not under '{_PREFIX}'")
+                continue
+            name = key[len(_PREFIX):]
+            m = _LORA_KEY.match(name)
+            if m:
+                module = m["module"]
+                t = targets.setdefault(f"{module}.weight", _Target())
+                t.embedding = m["eab"] is not None
+                setattr(t, (m["ab"] or m["eab"]).lower(), key)
+                t.scaling = _scaling(config, module)
+            elif ".lora_" in name:
+                problems.append(f"'{key}' is a LoRA tensor of a kind merge_engine does not merge")
+            else:  # a whole tensor saved with the adapter (modules_to_save, an embedding's base layer)
+                targets.setdefault(name.replace(".base_layer.", "."), _Target()).replacement = key
+        for name, t in targets.items():
+            problems += self._target_problems(name, t)
+        if problems:
+            raise CheckpointError(f"{self._file}: " + "; ".join(problems[:10])
+                                  + (f"; ... and {len(problems) - 10} more" if len(problems) > 10 else ""))
+        return targets
+
+    def _target_problems(self, name: str, t: _Target) -> list[str]:
+        info = self.tensors.get(name)
+        if info is None:
+            return [f"'{t.a or t.b or t.replacement}' changes '{name}', which {self.path} does not have"]
+        def shape(key: str) -> tuple[int, ...]:
+            return tuple(self._weights.get_slice(key).get_shape())
+        if t.replacement and shape(t.replacement) != info.shape:
+            return [f"'{t.replacement}' has shape {list(shape(t.replacement))} but '{name}' has {list(info.shape)}"]
+        if (t.a is None) != (t.b is None):
+            return [f"'{name}' has lora_{'A' if t.a else 'B'} without lora_{'B' if t.a else 'A'}"]
+        if t.a is None:
+            return []
+        (r, cols), (rows, r_b) = shape(t.a), shape(t.b)
+        product = (cols, rows) if t.embedding or self._fan_in_fan_out else (rows, cols)
+        if r != r_b or len(info.shape) != 2 or product != info.shape:
+            return [f"lora_A {[r, cols]} and lora_B {[rows, r_b]} do not make '{name}' {list(info.shape)}"]
+        return []
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._apply(name, super().read(name, out))
+
+    def read_direct(self, name: str, take_bytes: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        return self._apply(name, super().read_direct(name, take_bytes))
+
+    def _apply(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The adapter's change to one base tensor, made in place in its read buffer."""
+        t = self.targets.get(name)
+        if t is None:
+            return weight
+        if t.replacement:
+            weight.copy_(self._weights.get_tensor(t.replacement))
+        if t.a:
+            delta = lora_delta(self._weights.get_tensor(t.a), self._weights.get_tensor(t.b), weight.dtype,
+                               t.scaling, transpose=t.embedding or self._fan_in_fan_out)
+            weight += delta.to(weight.dtype) if t.embedding else delta  # peft rounds an embedding's update first
+        return weight
+
+    def __repr__(self) -> str:
+        return f"LoraCheckpoint({self.reference!r}, {len(self.targets)} tensors changed)"
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scaling: float, transpose: bool) -> torch.Tensor:
+    """peft's get_delta_weight for a base weight of `dtype`: peft holds A and B in fp32 (fp64 for an
+    fp64 base: it upcasts bf16/fp16 adapter weights on load), so the update is formed in fp32 and the
+    in-place add rounds once to the weight's dtype."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    product = b.to(compute) @ a.to(compute)
+    return (product.T if transpose else product) * scaling
+
+
+def _scaling(config: dict, module: str) -> float:
+    r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """peft's rank_pattern / alpha_pattern lookup: the first key matching the end of the module name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default

@@ -1,0 +1,145 @@
+"""LoRA adapters applied while reading (BASE+ADAPTER): peft's merge arithmetic, per tensor kind and dtype,
+and every malformed adapter refused before any tensor is read. (tests/test_parity_mergekit.py checks
+the bits against mergekit + peft.)"""
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from merge_engine import MergeOptions, merge, parse_config
+from merge_engine.errors import CheckpointError, ConfigError
+from merge_engine.io.lora import LoraCheckpoint, open_model
+from tests.lora_adapters import model_tensors, write_adapter
+
+FP64 = torch.float64
+
+
+def update(tensors, module, scaling, transpose=False):
+    """(B @ A) * s in fp64, the exact update."""
+    a = tensors[f"base_model.model.{module}.lora_A.weight"].to(FP64)
+    b = tensors[f"base_model.model.{module}.lora_B.weight"].to(FP64)
+    p = b @ a
+    return (p.T if transpose else p) * scaling
+
+
+def read_all(ckpt, direct):
+    return {n: ckpt.read_direct(n, lambda k: torch.empty(k, dtype=torch.uint8)).clone() if direct else ckpt.read(n)
+            for n in ckpt.tensors}
+
+
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_linear_updates_embeddings_and_saved_modules(model_sets, tmp_path, dtype, direct):
+    base = model_sets("llama" if dtype == torch.float32 else "llama_bf16_sharded")[0]
+    if dtype == torch.float16:  # an fp16 copy of the bf16 base
+        folder = tmp_path / "fp16"
+        folder.mkdir()
+        save_file({n: t.to(torch.float16) for n, t in model_tensors(base).items()}, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text("{}")
+        base = str(folder)
+    adapter = write_adapter(str(tmp_path / "a"), base, embedding="model.embed_tokens", modules_to_save=("lm_head",),
+                            r=4, alpha=8, rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3})
+    ckpt = open_model(f"{base}+{tmp_path / 'a'}")
+    got, plain = read_all(ckpt, direct), model_tensors(base)
+    changed = {n for n in got if not torch.equal(got[n], plain[n])}
+    assert changed == set(ckpt.targets) and len(changed) == 4 * 3 + 2  # q, v, down per layer; embedding; head
+    assert torch.equal(got["lm_head.weight"], adapter["base_model.model.lm_head.weight"].to(dtype))
+    # the update is formed in fp32 and added with one rounding (an embedding's is rounded first): the
+    # error against the exact fp64 sum is at most a rounding of the result plus fp32 matmul error
+    eps = torch.finfo(dtype).eps
+    for name in changed - {"lm_head.weight"}:
+        module = name.removesuffix(".weight")
+        s = {"v_proj": 8 / 2, "down_proj": 3 / 4}.get(module.rsplit(".", 1)[-1], 8 / 4)
+        if module.endswith("embed_tokens"):
+            a = adapter["base_model.model.model.embed_tokens.lora_embedding_A"].to(FP64)
+            b = adapter["base_model.model.model.embed_tokens.lora_embedding_B"].to(FP64)
+            exact = plain[name].to(FP64) + (b @ a).T * 2
+        else:
+            exact = plain[name].to(FP64) + update(adapter, module, s)
+        err = (got[name].to(FP64) - exact).abs()
+        bound = exact.abs() * eps + 1e-6 + (exact - plain[name].to(FP64)).abs() * eps * (name.endswith("tokens.weight"))
+        assert got[name].dtype == dtype and (err <= bound).all(), name
+
+
+def test_rslora_and_fan_in_fan_out(model_sets, tmp_path):
+    base = model_sets("gpt2")[0]  # Conv1D weights are stored [in, out]
+    adapter = write_adapter(str(tmp_path / "a"), base, targets=("c_attn", "c_proj"), r=4, alpha=6,
+                            fan_in_fan_out=True, use_rslora=True)
+    got, plain = read_all(open_model(f"{base}+{tmp_path / 'a'}"), False), model_tensors(base)
+    name = "transformer.h.1.attn.c_attn.weight"
+    want = plain[name].to(FP64) + update(adapter, name.removesuffix(".weight"), 6 / math.sqrt(4), transpose=True)
+    torch.testing.assert_close(got[name].to(FP64), want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_config_names_a_model_with_its_adapter(model_sets, tmp_path, folder_tensors):
+    base, e1 = model_sets("llama")[:2]
+    write_adapter(str(tmp_path / "a"), e1)
+    cfg = {"merge_method": "linear", "models": [{"model": f"{e1}+{tmp_path / 'a'}", "parameters": {"weight": 1.0}}]}
+    merge(parse_config(cfg), str(tmp_path / "out"), MergeOptions(quiet=True, device="cpu"))
+    want = read_all(LoraCheckpoint(e1, str(tmp_path / "a")), False)
+    got = folder_tensors(tmp_path / "out")
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in got)
+
+
+def corrupt(folder, config=None, tensors=None):
+    if config:
+        path = os.path.join(folder, "adapter_config.json")
+        with open(path) as f:
+            data = json.load(f)
+        data.update(config)
+        with open(path, "w") as f:
+            json.dump(data, f)
+    if tensors is not None:
+        save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("case,match", [
+    ("dora", "uses DoRA"),
+    ("not_lora", "only LORA adapters"),
+    ("no_rank", "positive integer 'r'"),
+    ("missing_tensor", "which .* does not have"),
+    ("wrong_shape", "do not make 'model.layers.0.self_attn.q_proj.weight'"),
+    ("half_pair", "has lora_A without lora_B"),
+    ("bad_saved_module", "'base_model.model.lm_head.weight' has shape"),
+    ("foreign_key", "is not under 'base_model.model.'"),
+    ("magnitude", "LoRA tensor of a kind"),
+])
+def test_malformed_adapters_are_refused_naming_the_file(model_sets, tmp_path, case, match):
+    base = model_sets("llama")[0]
+    folder = str(tmp_path / "a")
+    tensors = write_adapter(folder, base, modules_to_save=("lm_head",))
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    if case in ("dora", "not_lora", "no_rank"):
+        corrupt(folder, config={"dora": {"use_dora": True}, "not_lora": {"peft_type": "IA3"},
+                                "no_rank": {"r": 0}}[case])
+    elif case == "missing_tensor":
+        corrupt(folder, tensors={**tensors, "base_model.model.model.layers.9.mlp.up_proj.lora_A.weight":
+                                 torch.zeros(4, 64), "base_model.model.model.layers.9.mlp.up_proj.lora_B.weight":
+                                 torch.zeros(112, 4)})
+    elif case == "wrong_shape":
+        corrupt(folder, tensors={**tensors, f"{q}.lora_A.weight": torch.zeros(4, 65)})
+    elif case == "half_pair":
+        corrupt(folder, tensors={k: v for k, v in tensors.items() if k != f"{q}.lora_B.weight"})
+    elif case == "bad_saved_module":
+        corrupt(folder, tensors={**tensors, "base_model.model.lm_head.weight": torch.zeros(3, 3)})
+    elif case == "foreign_key":
+        corrupt(folder, tensors={**tensors, "lm_head.weight": torch.zeros(3, 3)})
+    elif case == "magnitude":
+        corrupt(folder, tensors={**tensors, f"{q}.lora_magnitude_vector": torch.zeros(64)})
+    with pytest.raises(CheckpointError, match=match) as err:
+        open_model(f"{base}+{folder}")
+    assert folder in str(err.value)
+
+
+def test_reference_forms(model_sets, tmp_path):
+    base = model_sets("llama")[0]
+    folder = str(tmp_path / "a")
+    write_adapter(folder, base)
+    with pytest.raises(ConfigError, match="BASE\\+ADAPTER"):
+        parse_config({"merge_method": "linear", "models": [{"model": f"{base}+{folder}+x"}]})
+    with pytest.raises(ConfigError, match="BASE_FOLDER\\+ADAPTER_FOLDER"):  # the adapter alone, as a model
+        merge(parse_config({"merge_method": "linear", "models": [{"model": folder, "parameters": {"weight": 1}}]}),
+              str(tmp_path / "out"), MergeOptions(quiet=True))
