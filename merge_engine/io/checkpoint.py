@@ -131,6 +131,9 @@ class Checkpoint:
 
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Read one tensor's bytes from disk into `out` (allocated if None) and return it."""
+        return self._read_bytes(name, out)
+
+    def _read_bytes(self, name: str, out: torch.Tensor | None) -> torch.Tensor:
         info = self.tensors[name]
         if out is None:
             out = torch.empty(info.shape, dtype=info.dtype)
@@ -152,7 +155,7 @@ class Checkpoint:
         last = -(-(info.data_start + info.nbytes) // _DIRECT_ALIGN) * _DIRECT_ALIGN
         fd = self._direct_fd(info.file) if info.nbytes and info.data_start % info.dtype.itemsize == 0 else None
         if fd is None:
-            return self.read(name, take_bytes(info.nbytes).view(info.dtype).view(info.shape))
+            return self._read_bytes(name, take_bytes(info.nbytes).view(info.dtype).view(info.shape))
         raw = take_bytes(last - first + _DIRECT_ALIGN)
         pad = -raw.data_ptr() % _DIRECT_ALIGN
         window = memoryview(raw[pad:pad + last - first].numpy())
@@ -161,7 +164,7 @@ class Checkpoint:
         except OSError:  # EINVAL: this file's filesystem takes no direct reads after all
             self._direct_fds[info.file] = None
             os.close(fd)
-            return self.read(name, raw[:info.nbytes].view(info.dtype).view(info.shape))
+            return self._read_bytes(name, raw[:info.nbytes].view(info.dtype).view(info.shape))
         start = pad + info.data_start - first
         return raw[start:start + info.nbytes].view(info.dtype).view(info.shape)
 

@@ -64,6 +64,16 @@ def test_linear_updates_embeddings_and_saved_modules(model_sets, tmp_path, dtype
         assert got[name].dtype == dtype and (err <= bound).all(), name
 
 
+def test_a_direct_read_that_falls_back_applies_the_update_once(model_sets, tmp_path):
+    base = model_sets("llama")[0]
+    write_adapter(str(tmp_path / "a"), base)
+    ckpt = open_model(f"{base}+{tmp_path / 'a'}")
+    want = read_all(ckpt, direct=False)
+    ckpt._direct_fds = {info.file: None for info in ckpt.tensors.values()}  # as on tmpfs: no O_DIRECT
+    got = read_all(ckpt, direct=True)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
 def test_rslora_and_fan_in_fan_out(model_sets, tmp_path):
     base = model_sets("gpt2")[0]  # Conv1D weights are stored [in, out]
     adapter = write_adapter(str(tmp_path / "a"), base, targets=("c_attn", "c_proj"), r=4, alpha=6,
