@@ -230,7 +230,7 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, options: MergeOptio
             for key in ("torch_dtype", "dtype"):
                 if key in model_config or key == "torch_dtype":
                     model_config[key] = name
-        for key in ("num_hidden_layers", "n_layer"):
+        for key in ("num_hidden_layers", "n_layer") if plan.num_layers is not None else ():
             if key in model_config:
                 model_config[key] = plan.num_layers
         if plan.vocabulary:

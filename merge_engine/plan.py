@@ -57,7 +57,7 @@ class MergePlan:
     models: dict[str, Checkpoint]
     side: dict[str, Checkpoint] = field(default_factory=dict)  # side-input folders (Fishers...) by path
     jobs: list[TensorJob] = field(default_factory=list)
-    num_layers: int = 0  # layers of the output model
+    num_layers: int | None = 0  # layers of the output model (None: several stacks, each kept as it is)
     missing_side: dict[str, list[str]] = field(default_factory=dict)  # side folder -> tensors it lacks
     grams_used: set[str] = field(default_factory=set)  # Gram folders that hold some weight's Gram
     vocabulary: Vocabulary | None = None  # the output tokenizer, when the config sets one
@@ -113,28 +113,21 @@ def build_plan(cfg: MergeConfig, allow_crimes: bool = False) -> MergePlan:
         problems.append("inputs have different architectures (" + ", ".join(
             f"{ref}: {'/'.join(a) or '?'}" for ref, a in architectures.items()) + "); pass --allow-crimes to merge anyway")
     layer_index = {ref: _layer_index(ckpt) for ref, ckpt in plan.models.items()}
-    ranges = [_layer_ranges(s, plan.models, problems) for s in cfg.slices]
-    if problems:
-        raise ConfigError(problems, "inputs")
     first, last = cfg.slices[0], cfg.slices[-1]
     template = plan.models[first.sources[0].model]
+    stacks = layer_index[first.sources[0].model]
+    ranges = [_layer_ranges(s, plan.models, problems) for s in cfg.slices] if len(stacks) <= 1 else []
+    if problems:
+        raise ConfigError(problems, "inputs")
     outside = [n for n in template.tensors if split_layer_name(n) is None]
     pre = [n for n in outside if any(m in n for m in _PRE_LAYER_MARKERS)]
     post = [n for n in outside if n not in pre]
-    out_prefix = next((s[0] for s in map(split_layer_name, template.tensors) if s), "model.layers")
     for name in pre:
         _plan_tensor(plan, first, name, [name] * len(first.sources), 0.0, problems, outside_layers=True)
-    for s, lr in zip(cfg.slices, ranges):
-        n = lr[0][1] - lr[0][0]
-        for offset in range(n):
-            t = offset / (n - 1) if n > 1 else 1.0
-            src_layers = [a + offset for a, _ in lr]
-            suffixes = layer_index[s.sources[0].model].get(src_layers[0], {})
-            for suffix in suffixes:
-                names = [layer_index[src.model].get(layer, {}).get(suffix, f"<layer {layer}>.{suffix}")
-                         for src, layer in zip(s.sources, src_layers)]
-                _plan_tensor(plan, s, f"{out_prefix}.{plan.num_layers}.{suffix}", names, t, problems)
-            plan.num_layers += 1
+    if len(stacks) > 1:
+        _plan_stacks(plan, layer_index, problems)
+    else:
+        _plan_slices(plan, next(iter(stacks), "model.layers"), layer_index, ranges, problems)
     for name in post:
         _plan_tensor(plan, last, name, [name] * len(last.sources), 0.0, problems, outside_layers=True)
     for path in (p for p, kinds in _side_kinds(cfg).items() if "grams" in kinds and p not in plan.grams_used):
@@ -150,13 +143,57 @@ def build_plan(cfg: MergeConfig, allow_crimes: bool = False) -> MergePlan:
     return plan
 
 
-def _layer_index(ckpt: Checkpoint) -> dict[int, dict[str, str]]:
-    """layer -> {suffix after the layer number: full tensor name}."""
-    index: dict[int, dict[str, str]] = {}
+def _plan_slices(plan: MergePlan, prefix: str, layer_index: dict, ranges: list[list[tuple[int, int]]],
+                 problems: list[str]) -> None:
+    """The layers of a one-stack model, slice by slice: output layers numbered in order, t over each slice."""
+    for s, lr in zip(plan.config.slices, ranges):
+        n = lr[0][1] - lr[0][0]
+        for offset in range(n):
+            t = offset / (n - 1) if n > 1 else 1.0
+            src_layers = [a + offset for a, _ in lr]
+            suffixes = layer_index[s.sources[0].model].get(prefix, {}).get(src_layers[0], {})
+            for suffix in suffixes:
+                names = [layer_index[src.model].get(prefix, {}).get(layer, {}).get(suffix, f"<layer {layer}>.{suffix}")
+                         for src, layer in zip(s.sources, src_layers)]
+                _plan_tensor(plan, s, f"{prefix}.{plan.num_layers}.{suffix}", names, t, problems)
+            plan.num_layers += 1
+
+
+def _plan_stacks(plan: MergePlan, layer_index: dict, problems: list[str]) -> None:
+    """The layers of a model with several stacks (a vision tower beside a language model, an encoder and a
+    decoder), as mergekit does for multi-module architectures: `models:` only, each stack merged layer by
+    layer in place, t over that stack's layers."""
+    s = plan.config.slices[0]
+    template = layer_index[s.sources[0].model]
+    sizes = ", ".join(f"{prefix}: {len(layers)}" for prefix, layers in template.items())
+    if len(plan.config.slices) > 1 or any(src.layer_range for src in s.sources):
+        problems.append(f"{s.sources[0].model} has {len(template)} layer stacks ({sizes}), so layer slices are "
+                        "ambiguous; merge it with a models: config")
+        return
+    for src in s.sources:
+        theirs = {prefix: len(layers) for prefix, layers in layer_index[src.model].items()}
+        if theirs != {prefix: len(layers) for prefix, layers in template.items()}:
+            problems.append(f"{src.model}: layer stacks {theirs} differ from {s.sources[0].model}'s ({sizes})")
+    if problems:
+        return
+    plan.num_layers = None
+    for prefix, layers in template.items():
+        n = len(layers)
+        for position, i in enumerate(sorted(layers)):
+            for suffix in layers[i]:
+                names = [layer_index[src.model][prefix].get(i, {}).get(suffix, f"<layer {i}>.{suffix}")
+                         for src in s.sources]
+                _plan_tensor(plan, s, f"{prefix}.{i}.{suffix}", names, position / (n - 1) if n > 1 else 1.0,
+                             problems)
+
+
+def _layer_index(ckpt: Checkpoint) -> dict[str, dict[int, dict[str, str]]]:
+    """layer stack (the prefix before the layer number) -> layer -> {suffix after the number: tensor name}."""
+    index: dict[str, dict[int, dict[str, str]]] = {}
     for name in ckpt.tensors:
         parts = split_layer_name(name)
         if parts:
-            index.setdefault(parts[1], {})[parts[2]] = name
+            index.setdefault(parts[0], {}).setdefault(parts[1], {})[parts[2]] = name
     return index
 
 

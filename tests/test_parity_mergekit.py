@@ -230,3 +230,27 @@ def test_lora_references_identical_to_mergekit(case, model_sets, mergekit_yaml, 
     a, b = folder_tensors(tmp_path / "ours"), folder_tensors(tmp_path / "theirs")
     assert set(a) == set(b)
     assert [n for n in a if a[n].dtype != b[n].dtype or not torch.equal(a[n], b[n])] == []
+
+
+
+# Models with several layer stacks, each stack with its own gradient t: Qwen2-VL (mergekit's multi-module
+# qwen2_vl architecture) and T5 (3 encoder, 2 decoder blocks). Qwen2-VL's projector MLP differs:
+# mergekit's architecture file makes it a two-layer module without layer numbers, so each of those
+# tensors is merged at t=0 and again at t=1 and the second write wins; merge_engine merges it once, at
+# t=0, like every other weight outside the layers (README).
+STACKED = {"qwen2_vl": ("make_qwen2_vl", [f"visual.merger.mlp.{i}.{p}" for i in (0, 2) for p in ("bias", "weight")]),
+           "t5": ("make_t5", [])}
+
+
+@pytest.mark.parametrize("arch", sorted(STACKED))
+def test_layer_stacks_identical_to_mergekit(arch, mergekit_yaml, write_yaml, folder_tensors, tmp_path):
+    import tests.stacked_models
+    maker, expected_differences = STACKED[arch]
+    base, e1, e2 = getattr(tests.stacked_models, maker)(str(tmp_path / "models"))
+    config = {"merge_method": "task_arithmetic", "base_model": base, "dtype": "float32", "models": [
+        {"model": e1, "parameters": {"weight": [0.1, 0.9]}}, {"model": e2, "parameters": {"weight": 0.5}}]}
+    merge(parse_config(config), str(tmp_path / "ours"), MergeOptions(quiet=True, copy_tokenizer=False))
+    run_mergekit(mergekit_yaml, write_yaml(config), str(tmp_path / "theirs"))
+    a, b = folder_tensors(tmp_path / "ours"), folder_tensors(tmp_path / "theirs")
+    assert set(a) == set(b)
+    assert sorted(n for n in a if not torch.equal(a[n], b[n])) == expected_differences

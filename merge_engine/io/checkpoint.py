@@ -24,8 +24,10 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
-# "model.layers.12.mlp.up_proj.weight" -> ("model.layers", 12, "mlp.up_proj.weight"); GPT-2 uses "h", others "blocks".
-_LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
+# "model.layers.12.mlp.up_proj.weight" -> ("model.layers", 12, "mlp.up_proj.weight"); GPT-2 uses "h", others
+# "blocks" or "block". The first such component is the stack: T5's "encoder.block.3.layer.1.DenseReluDense..."
+# is block 3 of "encoder.block", not sub-layer 1.
+_LAYER_RE = re.compile(r"^(?P<prefix>(?:.*?\.)?(?:layers|h|blocks|block|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _READ_CHUNK = 1 << 30  # Linux caps one pread at ~2 GiB
 _DIRECT_ALIGN = 4096  # O_DIRECT wants block-aligned file offsets, lengths and buffer addresses

@@ -131,3 +131,7 @@ def test_split_layer_name():
     assert split_layer_name("model.layers.12.mlp.up_proj.weight") == ("model.layers", 12, "mlp.up_proj.weight")
     assert split_layer_name("transformer.h.3.attn.c_attn.bias") == ("transformer.h", 3, "attn.c_attn.bias")
     assert split_layer_name("model.embed_tokens.weight") is None
+    assert split_layer_name("encoder.block.3.layer.1.DenseReluDense.wi.weight") == (
+        "encoder.block", 3, "layer.1.DenseReluDense.wi.weight")  # T5: the block, not its sub-layer
+    assert split_layer_name("model.layers.2.block_sparse_moe.experts.5.w1.weight") == (
+        "model.layers", 2, "block_sparse_moe.experts.5.w1.weight")
