@@ -42,6 +42,13 @@ def vocab_models(tmp_path_factory):
     return make_vocab_models(str(tmp_path_factory.mktemp("vocab")))
 
 
+@pytest.fixture(scope="session")
+def bpe_models(tmp_path_factory):
+    """{bpe_base, bpe_other}: byte-level BPE tokenizers trained on different text (tests/vocab_models.py)."""
+    from tests.vocab_models import make_bpe_models
+    return make_bpe_models(str(tmp_path_factory.mktemp("bpe")))
+
+
 def _folder_tensors(folder) -> dict[str, torch.Tensor]:
     """Every tensor of every .safetensors file in a folder, read with the safetensors library."""
     out = {}

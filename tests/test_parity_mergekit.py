@@ -168,13 +168,19 @@ VOCAB_CASES = {
             "w9": {"source": {"kind": "zero"}, "force": True},
             "brand_new": {"source": {"kind": "model_token", "model": m["other"], "token_id": 3}}}},
         "models": [{"model": m[k], "parameters": {"weight": 0.5}} for k in ("extra", "other")]},
+    # byte-level BPE tokenizers learnt from different text; the base's 2 tokens past its rows are trimmed
+    "bpe_union_trimmed_base": lambda m: {"merge_method": "linear", "base_model": m["bpe_base"],
+                                         "tokenizer_source": "union", "models": [
+        {"model": m[k], "parameters": {"weight": w}} for k, w in (("bpe_base", 0.4), ("bpe_other", 0.6))]},
+    "bpe_base_ties": lambda m: {"merge_method": "ties", "base_model": m["bpe_base"], "tokenizer_source": "base",
+                                "models": [{"model": m["bpe_other"], "parameters": {"weight": 1.0, "density": 0.5}}]},
 }
 
 
 @pytest.mark.parametrize("case", sorted(VOCAB_CASES))
-def test_vocabulary_alignment_identical_to_mergekit(case, vocab_models, mergekit_yaml, write_yaml, folder_tensors,
-                                                    tmp_path):
-    config = VOCAB_CASES[case](vocab_models)
+def test_vocabulary_alignment_identical_to_mergekit(case, vocab_models, bpe_models, mergekit_yaml, write_yaml,
+                                                    folder_tensors, tmp_path):
+    config = VOCAB_CASES[case]({**vocab_models, **bpe_models})
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     merge(parse_config(config), str(ours), MergeOptions(quiet=True))
     run_mergekit(mergekit_yaml, write_yaml(config), str(theirs))

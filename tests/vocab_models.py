@@ -60,3 +60,46 @@ def make_vocab_models(root: str, dtype: torch.dtype = torch.float32) -> dict[str
         save_tokenizer(path, tokens, added)
         out[name] = path
     return out
+
+
+CORPUS_A = ["the quick brown fox jumps over the lazy dog", "merging models one tensor at a time",
+            "a tokenizer learns its merges from text", "the dog sleeps under the brown table"] * 20
+CORPUS_B = ["vision and language models share a vocabulary", "fine tuning adds tokens for chat turns",
+            "the fox reads the manual before merging", "tensors stream from disk to device"] * 20
+
+
+def save_bpe_tokenizer(path: str, corpus: list[str], vocab: int, added: list[str] = ()) -> None:
+    """A byte-level BPE tokenizer trained on corpus (vocab tokens), plus `added` special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AddedToken, PreTrainedTokenizerFast
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<eos>"],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+    tok.add_tokens([AddedToken(a, special=True) for a in added])
+    tok.save_pretrained(path)
+
+
+def make_bpe_models(root: str) -> dict[str, str]:
+    """base: BPE of 300 tokens over CORPUS_A plus 2 added tokens past its 300 rows (trimmed when it is the
+    base tokenizer); other: BPE of 310 tokens over CORPUS_B. Vocabulary rows are random."""
+    base, other = make_models(os.path.join(root, "src"), "llama", 1, torch.float32, seed=13)
+    gen = torch.Generator().manual_seed(6)
+    out = {}
+    for name, src, corpus, rows, added in (("bpe_base", base, CORPUS_A, 300, ["<|a|>", "<|b|>"]),
+                                           ("bpe_other", other, CORPUS_B, 310, [])):
+        path = os.path.join(root, name)
+        os.makedirs(path, exist_ok=True)
+        tensors = load_file(os.path.join(src, "model.safetensors"))
+        for key in VOCAB_TENSORS:
+            tensors[key] = 0.02 * torch.randn((rows, tensors[key].shape[1]), generator=gen)
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(src, "config.json")) as f:
+            config = json.load(f)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump({**config, "vocab_size": rows}, f, indent=2)
+        save_bpe_tokenizer(path, corpus, rows, added)
+        out[name] = path
+    return out
