@@ -12,6 +12,7 @@ before each timed run when /proc/sys/vm/drop_caches is writable (root).
     python bench/bench_merge.py                                  # TinyLlama-1.1B shape, with mergekit
     python bench/bench_merge.py --layers 2 --hidden 256 --intermediate 704 --vocab 4096   # quick check
     python bench/bench_merge.py --methods linear,ties,della,slerp   # merge_engine only, several methods
+                                                                    # (linear_lora: linear over BASE+ADAPTER inputs)
 
 With --methods, each method's merge_engine run is compared with the O_DIRECT I/O floor of the inputs
 that method reads (measured just before it: the disk's speed drifts), and nothing else runs.
@@ -114,13 +115,41 @@ def method_config(method: str, paths: list[str]) -> tuple[dict, list[str]]:
     if method == "slerp":
         return ({"merge_method": "slerp", "base_model": paths[0], "models": [{"model": paths[0]}, {"model": paths[1]}],
                  "parameters": {"t": 0.3}, "dtype": "bfloat16"}, paths[:2])
+    if method == "linear_lora":  # linear over the experts, each read with a rank-16 LoRA on every linear layer
+        adapters = [write_lora(m, os.path.join(os.path.dirname(m), f"lora16-{os.path.basename(m)}")) for m in paths[1:]]
+        return ({"merge_method": "linear", "dtype": "bfloat16", "models": [
+            {"model": f"{m}+{a}", "parameters": q} for m, a, q in zip(paths[1:], adapters, weighted)]}, paths[1:])
     if method not in per:
-        sys.exit(f"--methods: no benchmark config for {method!r}; choose from {', '.join([*per, 'slerp'])}")
+        sys.exit(f"--methods: no benchmark config for {method!r}; choose from "
+                 f"{', '.join([*per, 'slerp', 'linear_lora'])}")
     config = {"merge_method": method, "models": [{"model": m, "parameters": q} for m, q in zip(paths[1:], per[method])],
               "dtype": "bfloat16"}
     if method == "linear":
         return config, paths[1:]
     return {**config, "base_model": paths[0], "parameters": {"normalize": True}}, paths
+
+
+def write_lora(model: str, folder: str, r: int = 16) -> str:
+    """A peft-format LoRA adapter (random A and B, bf16) on every 2-D weight inside the layers of `model`."""
+    if os.path.exists(os.path.join(folder, "adapter_model.safetensors")):
+        return folder
+    gen = torch.Generator().manual_seed(1)
+    tensors, targets = {}, set()
+    for f in safetensors_files(model):
+        with safe_open(f, "pt") as st:
+            for name in st.keys():
+                shape = st.get_slice(name).get_shape()
+                if ".layers." in name and name.endswith(".weight") and len(shape) == 2:
+                    module = name.removesuffix(".weight")
+                    targets.add(module.rsplit(".", 1)[-1])
+                    for ab, dims in (("A", (r, shape[1])), ("B", (shape[0], r))):
+                        tensors[f"base_model.model.{module}.lora_{ab}.weight"] = (
+                            0.01 * torch.randn(dims, generator=gen)).to(torch.bfloat16)
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": sorted(targets)}, f)
+    return folder
 
 
 def methods_table(methods: list[str], paths: list[str], root: str) -> None:

@@ -40,7 +40,7 @@ from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.methods import MergeMethod, TensorGroup
 from merge_engine.ops import backends
 from merge_engine.plan import MergePlan, TensorJob, build_plan
-from merge_engine.vocabulary import align_rows, save_tokenizer, set_vocab_size
+from merge_engine.vocabulary import align_rows, require_transformers, save_tokenizer, set_vocab_size
 
 log = logging.getLogger("merge_engine")
 
@@ -251,13 +251,17 @@ def write_tokenizer(plan: MergePlan, writer: ShardedWriter, options: MergeOption
         if template:
             log.warning("chat_template is set but no tokenizer is written (--no-copy-tokenizer); it is not saved")
         return
-    if tokenizer is None and not template:
+    if tokenizer is None and template:
+        try:
+            tokenizer = require_transformers().AutoTokenizer.from_pretrained(plan.donor.path)
+        except Exception as e:  # noqa: BLE001 (transformers raises many kinds; the merge itself is done)
+            log.warning("cannot load the tokenizer of %s to give it the chat template (%s); its files are copied "
+                        "as they are", plan.donor.path, e)
+            template = None
+    if tokenizer is None:
         for f in TOKENIZER_FILES:
             _copy_if_present(plan.donor.path, f, writer)
         return
-    if tokenizer is None:
-        import transformers
-        tokenizer = transformers.AutoTokenizer.from_pretrained(plan.donor.path)
     if template:
         template = resolve_chat_template(template, _model_chat_templates(plan))
     with tempfile.TemporaryDirectory() as tmp:
@@ -267,7 +271,7 @@ def write_tokenizer(plan: MergePlan, writer: ShardedWriter, options: MergeOption
 
 def _model_chat_templates(plan: MergePlan) -> list[str]:
     """The chat template of each input model's tokenizer that has one, in config order."""
-    import transformers
+    transformers = require_transformers()
     templates = []
     for ref, ckpt in plan.models.items():
         try:

@@ -189,7 +189,7 @@ class _ModelRow:
 def build_vocabulary(spec: TokenizerSpec, models: dict[str, Any], base: str) -> Vocabulary:
     """The output tokenizer of `spec` and each model's row of each of its tokens. models: referenced
     model -> its Checkpoint (config order); base: the base model, or the first one."""
-    transformers = _transformers()
+    transformers = require_transformers()
     problems: list[str] = []
     tokenizers = {}
     for ref in models:
@@ -314,7 +314,7 @@ def save_tokenizer(tokenizer, chat_template: str | None, folder: str) -> list[st
     return sorted(os.listdir(folder))
 
 
-def _transformers():
+def require_transformers():
     try:
         import transformers
     except ImportError as e:

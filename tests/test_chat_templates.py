@@ -116,3 +116,10 @@ def test_the_output_tokenizer_carries_the_template(vocab_models, tmp_path, setti
 def test_an_unknown_template_is_refused(bad):
     with pytest.raises(ConfigError, match="chat_template"):
         parse_config({"merge_method": "linear", "chat_template": bad, "models": [{"model": "/a"}]})
+
+
+def test_a_donor_without_a_loadable_tokenizer_still_merges(model_sets, tmp_path, caplog):
+    base = model_sets("llama")[0]  # no tokenizer files
+    cfg = {"merge_method": "linear", "chat_template": "chatml", "models": [{"model": base, "parameters": {"weight": 1}}]}
+    merge(parse_config(cfg), str(tmp_path / "out"), MergeOptions(quiet=True, device="cpu"))
+    assert (tmp_path / "out" / "model.safetensors").exists() and "chat template" in caplog.text
