@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -76,6 +77,7 @@ class LoraCheckpoint(Checkpoint):
         except Exception as e:  # noqa: BLE001 (safetensors raises its own error types)
             raise CheckpointError(f"{self._file}: unreadable adapter weights ({e})") from e
         self.targets = self._plan_targets(config)
+        self._scratch = threading.local()  # per read thread: the fp32 product of B @ A
 
     def _read_config(self) -> dict:
         path = os.path.join(self.adapter, CONFIG_FILE)
@@ -153,22 +155,34 @@ class LoraCheckpoint(Checkpoint):
         if t.replacement:
             weight.copy_(self._weights.get_tensor(t.replacement))
         if t.a:
-            delta = lora_delta(self._weights.get_tensor(t.a), self._weights.get_tensor(t.b), weight.dtype,
-                               t.scaling, transpose=t.embedding or self._fan_in_fan_out)
+            a, b = self._weights.get_tensor(t.a), self._weights.get_tensor(t.b)
+            delta = lora_delta(a, b, weight.dtype, t.scaling, t.embedding or self._fan_in_fan_out,
+                               self._product_buffer(b.shape[0], a.shape[1], weight.dtype))
             weight += delta.to(weight.dtype) if t.embedding else delta  # peft rounds an embedding's update first
         return weight
+
+    def _product_buffer(self, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        """This read thread's scratch for B @ A, grown to the largest product so far."""
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        scratch = getattr(self._scratch, str(compute), None)
+        if scratch is None or scratch.numel() < rows * cols:
+            scratch = torch.empty(rows * cols, dtype=compute)
+            setattr(self._scratch, str(compute), scratch)
+        return scratch[:rows * cols].view(rows, cols)
 
     def __repr__(self) -> str:
         return f"LoraCheckpoint({self.reference!r}, {len(self.targets)} tensors changed)"
 
 
-def lora_delta(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scaling: float, transpose: bool) -> torch.Tensor:
+def lora_delta(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scaling: float, transpose: bool,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """peft's get_delta_weight for a base weight of `dtype`: peft holds A and B in fp32 (fp64 for an
     fp64 base: it upcasts bf16/fp16 adapter weights on load), so the update is formed in fp32 and the
-    in-place add rounds once to the weight's dtype."""
+    in-place add rounds once to the weight's dtype. out: a [B rows, A cols] buffer of that precision
+    for the product (the same bits as a fresh one; it spares fresh pages per weight)."""
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    product = b.to(compute) @ a.to(compute)
-    return (product.T if transpose else product) * scaling
+    product = torch.matmul(b.to(compute), a.to(compute), out=out).mul_(scaling)
+    return product.T if transpose else product
 
 
 def _scaling(config: dict, module: str) -> float:
