@@ -158,7 +158,10 @@ class LoraCheckpoint(Checkpoint):
             a, b = self._weights.get_tensor(t.a), self._weights.get_tensor(t.b)
             delta = lora_delta(a, b, weight.dtype, t.scaling, t.embedding or self._fan_in_fan_out,
                                self._product_buffer(b.shape[0], a.shape[1], weight.dtype))
-            weight += delta.to(weight.dtype) if t.embedding else delta  # peft rounds an embedding's update first
+            if t.embedding:  # peft rounds an embedding's update to the weight's dtype before adding it
+                weight += delta.to(weight.dtype)
+            else:  # peft's weight += delta (fp32): the sum in fp32, rounded once; here without an fp32 temporary
+                weight.copy_(delta.add_(weight))
         return weight
 
     def _product_buffer(self, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
