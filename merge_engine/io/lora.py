@@ -77,7 +77,7 @@ class LoraCheckpoint(Checkpoint):
         except Exception as e:  # noqa: BLE001 (safetensors raises its own error types)
             raise CheckpointError(f"{self._file}: unreadable adapter weights ({e})") from e
         self.targets = self._plan_targets(config)
-        self._scratch = threading.local()  # per read thread: the fp32 product of B @ A
+        self._scratch = threading.local()  # per read thread: fp32 buffers for B @ A and the widened weight
 
     def _read_config(self) -> dict:
         path = os.path.join(self.adapter, CONFIG_FILE)
@@ -157,21 +157,26 @@ class LoraCheckpoint(Checkpoint):
         if t.a:
             a, b = self._weights.get_tensor(t.a), self._weights.get_tensor(t.b)
             delta = lora_delta(a, b, weight.dtype, t.scaling, t.embedding or self._fan_in_fan_out,
-                               self._product_buffer(b.shape[0], a.shape[1], weight.dtype))
+                               self._scratch_buffer("product", (b.shape[0], a.shape[1]), weight.dtype))
             if t.embedding:  # peft rounds an embedding's update to the weight's dtype before adding it
                 weight += delta.to(weight.dtype)
-            else:  # peft's weight += delta (fp32): the sum in fp32, rounded once; here without an fp32 temporary
-                weight.copy_(delta.add_(weight))
+            elif delta.dtype == weight.dtype:
+                weight += delta
+            else:  # peft's bf16/fp16 weight += fp32 update: the sum in fp32, rounded once. (A mixed-dtype add
+                # would copy the weight to fp32 in fresh memory first, every tensor.)
+                wide = self._scratch_buffer("weight", tuple(weight.shape), weight.dtype).copy_(weight)
+                weight.copy_(delta.add_(wide))
         return weight
 
-    def _product_buffer(self, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-        """This read thread's scratch for B @ A, grown to the largest product so far."""
+    def _scratch_buffer(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """This read thread's fp32 (fp64 for an fp64 weight) scratch `slot`, grown to the largest shape so far."""
         compute = torch.float64 if dtype == torch.float64 else torch.float32
-        scratch = getattr(self._scratch, str(compute), None)
-        if scratch is None or scratch.numel() < rows * cols:
-            scratch = torch.empty(rows * cols, dtype=compute)
-            setattr(self._scratch, str(compute), scratch)
-        return scratch[:rows * cols].view(rows, cols)
+        n, key = math.prod(shape), f"{slot}_{compute}"
+        scratch = getattr(self._scratch, key, None)
+        if scratch is None or scratch.numel() < n:
+            scratch = torch.empty(n, dtype=compute)
+            setattr(self._scratch, key, scratch)
+        return scratch[:n].view(shape)
 
     def __repr__(self) -> str:
         return f"LoraCheckpoint({self.reference!r}, {len(self.targets)} tensors changed)"
