@@ -23,6 +23,7 @@ _KNOWN_KEYS = {"merge_method", "base_model", "models", "slices", "modules", "dty
 
 # Per-model statistics a method reads beside the weights, named by a key next to `model:`.
 SIDE_INPUT_KEYS = ("fisher", "grams")
+WEIGHT_SHAPED_SIDE_INPUTS = ("fisher",)  # one value per weight element (a Gram is over input features)
 
 
 @dataclass

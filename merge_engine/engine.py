@@ -33,14 +33,15 @@ import yaml
 from tqdm.auto import tqdm
 
 from merge_engine.chat_templates import resolve_chat_template
-from merge_engine.config import MergeConfig, load_config
+from merge_engine.config import WEIGHT_SHAPED_SIDE_INPUTS, MergeConfig, load_config
 from merge_engine.errors import MergeEngineError
 from merge_engine.io.buffers import BufferPool, keep_freed_heap_memory
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.methods import MergeMethod, TensorGroup
 from merge_engine.ops import backends
 from merge_engine.plan import MergePlan, TensorJob, build_plan
-from merge_engine.vocabulary import align_rows, require_transformers, save_tokenizer, set_vocab_size
+from merge_engine.vocabulary import (align_rows, chat_template_of, require_transformers, save_tokenizer,
+                                     set_vocab_size)
 
 log = logging.getLogger("merge_engine")
 
@@ -199,8 +200,7 @@ def tensor_group(job: TensorJob, tensors: list[torch.Tensor], seed: int = 0) -> 
     inputs = [t.to(job.compute_dtype) for t in inputs]
     if job.rows is not None:  # vocabulary-indexed: every input's rows in the output's token order
         inputs = align_rows(job.rows, inputs)
-        if "fisher" in side:
-            side["fisher"] = align_rows(job.rows, side["fisher"])
+        side.update({kind: align_rows(job.rows, side[kind]) for kind in WEIGHT_SHAPED_SIDE_INPUTS if kind in side})
     return TensorGroup(job.out_name, inputs, job.base_index,
                        job.shared, job.per_model, seed, side,
                        {kind: [None if ref is None else ref[0].path for ref in refs] for kind, refs in job.side.items()})
@@ -270,16 +270,18 @@ def write_tokenizer(plan: MergePlan, writer: ShardedWriter, options: MergeOption
 
 
 def _model_chat_templates(plan: MergePlan) -> list[str]:
-    """The chat template of each input model's tokenizer that has one, in config order."""
+    """The chat template of each input model's tokenizer that has one, in config order (the tokenizers
+    the vocabulary already loaded, when the config sets one)."""
+    if plan.vocabulary:
+        return plan.vocabulary.chat_templates
     transformers = require_transformers()
     templates = []
     for ref, ckpt in plan.models.items():
         try:
-            template = transformers.AutoTokenizer.from_pretrained(ckpt.path).chat_template
+            template = chat_template_of(transformers.AutoTokenizer.from_pretrained(ckpt.path))
         except Exception as e:  # noqa: BLE001 (transformers raises many kinds)
             log.warning("cannot load the tokenizer of %s (%s)", ref, e)
             continue
-        template = template.get("default") if isinstance(template, dict) else template
         templates += [template] if template else []
     return templates
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from merge_engine.config import MergeConfig, Slice
+from merge_engine.config import WEIGHT_SHAPED_SIDE_INPUTS, MergeConfig, Slice
 from merge_engine.errors import CheckpointError, ConfigError
 from merge_engine.io.checkpoint import Checkpoint, split_layer_name
 from merge_engine.io.lora import open_model
@@ -247,9 +247,9 @@ def _plan_tensor(plan: MergePlan, s: Slice, out_name: str, names: list[str], t: 
     compute = cfg.dtype or _promote(dtypes)
     side = {kind: _side_refs(plan, kind, s, names, [i.shape for i in infos], shared, problems)
             for kind in method.side_inputs} if floating else {}
-    if rows and None in side.get("fisher", ()):  # a Fisher is aligned with its weight (a Gram is not row-indexed)
+    for kind in (k for k in WEIGHT_SHAPED_SIDE_INPUTS if rows and None in side.get(k, ())):  # aligned with it
         problems.append(f"'{out_name}': its rows are aligned to the output vocabulary, which needs every input's "
-                        "Fisher of it")
+                        f"{kind} of it")
     out = cfg.out_dtype or method.output_dtype(compute)
     plan.jobs.append(TensorJob(
         out_name, [(plan.models[m], n) for m, n in zip(models, names)],

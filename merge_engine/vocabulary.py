@@ -104,6 +104,7 @@ class Vocabulary:
     original: dict[str, dict[str, int]]  # model -> its own tokenizer's vocabulary
     vocab_size: dict[str, int]  # model -> rows of its vocabulary-indexed tensors that are tokens
     settings: dict[str, TokenSetting]
+    chat_templates: list[str]  # the inputs' tokenizers' chat templates (for `chat_template: auto`)
     _recipes: dict[tuple, RowRecipe] = field(default_factory=dict, repr=False)
 
     def recipe(self, models: list[str], base: str | None, row_counts: list[int], where: str,
@@ -219,7 +220,8 @@ def build_vocabulary(spec: TokenizerSpec, models: dict[str, Any], base: str) -> 
         index[ref] = torch.tensor([r if r < vocab_size[ref] else -1 for r in rows], dtype=torch.int64)
     pad = spec.pad_to_multiple_of
     n_rows = -(-len(tokens) // pad) * pad if pad else len(tokens)
-    return Vocabulary(out, tokens, n_rows, index, original, vocab_size, spec.tokens)
+    templates = [t for t in map(chat_template_of, tokenizers.values()) if t]
+    return Vocabulary(out, tokens, n_rows, index, original, vocab_size, spec.tokens, templates)
 
 
 def _output_tokenizer(spec: TokenizerSpec, tokenizers: dict, base: str, vocab_size: dict[str, int], transformers):
@@ -295,6 +297,12 @@ def _vocab_size(model_config: dict, tokenizer) -> int:
         if isinstance(cfg.get("vocab_size"), int):
             return cfg["vocab_size"]
     return len(tokenizer.get_vocab())
+
+
+def chat_template_of(tokenizer) -> str | None:
+    """A tokenizer's chat template (the default one where it keeps several)."""
+    template = tokenizer.chat_template
+    return template.get("default") if isinstance(template, dict) else template
 
 
 def set_vocab_size(model_config: dict, rows: int) -> None:

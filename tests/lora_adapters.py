@@ -7,15 +7,9 @@ import os
 import re
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-
-def model_tensors(folder: str) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(os.listdir(folder)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(folder, f)))
-    return out
+from tests.conftest import _folder_tensors as model_tensors
 
 
 def write_adapter(folder: str, base: str, targets=("q_proj", "v_proj", "down_proj"), embedding: str | None = None,

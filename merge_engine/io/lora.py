@@ -37,15 +37,9 @@ _UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "layer_replicati
                 "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA"}
 
 
-def split_reference(ref: str) -> tuple[str, str | None]:
-    """"BASE+ADAPTER" -> (BASE, ADAPTER); a plain folder -> (folder, None)."""
-    base, _, adapter = ref.partition("+")
-    return base, adapter or None
-
-
 def open_model(ref: str) -> Checkpoint:
     """The checkpoint a config's model reference names: a folder, or BASE+ADAPTER."""
-    base, adapter = split_reference(ref)
+    base, _, adapter = ref.partition("+")
     return LoraCheckpoint(base, adapter) if adapter else Checkpoint(base)
 
 
@@ -170,7 +164,7 @@ class LoraCheckpoint(Checkpoint):
 
     def _scratch_buffer(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """This read thread's fp32 (fp64 for an fp64 weight) scratch `slot`, grown to the largest shape so far."""
-        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        compute = _update_dtype(dtype)
         n, key = math.prod(shape), f"{slot}_{compute}"
         scratch = getattr(self._scratch, key, None)
         if scratch is None or scratch.numel() < n:
@@ -188,9 +182,14 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scaling: fl
     fp64 base: it upcasts bf16/fp16 adapter weights on load), so the update is formed in fp32 and the
     in-place add rounds once to the weight's dtype. out: a [B rows, A cols] buffer of that precision
     for the product (the same bits as a fresh one; it spares fresh pages per weight)."""
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    compute = _update_dtype(dtype)
     product = torch.matmul(b.to(compute), a.to(compute), out=out).mul_(scaling)
     return product.T if transpose else product
+
+
+def _update_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision peft forms an update in for a weight of `dtype`: fp32, or fp64 for an fp64 weight."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _scaling(config: dict, module: str) -> float:
