@@ -1,4 +1,62 @@
-# Packaging lives in pyproject.toml; this file exists for tools that still call setup.py.
+"""Builds the compiled kernels at install, as the field's torch extensions do (torch.utils.cpp_extension's
+BuildExtension, with ninja): the C++ CPU kernels always, the CUDA kernels where torch is a CUDA build and
+a CUDA toolkit is found. Metadata lives in pyproject.toml; the recipe in merge_engine/kernel_build.py.
+
+The kernels link against the torch they are built with, so build them against the torch you run:
+    pip install torch==...  then  pip install --no-build-isolation .
+Without torch in the build environment (pip's default isolated build) the package installs without
+compiled kernels and says so; it then runs on the PyTorch references, with one warning.
+MERGE_ENGINE_BUILD_KERNELS=0 skips the build; MERGE_ENGINE_BUILD_CUDA=0|1 forces the CUDA part off or on;
+MERGE_ENGINE_CPU_ARCH (default native) is the -march of the CPU build.
+"""
+import importlib.util
+import os
+import sys
+import sysconfig
+
 from setuptools import setup
 
-setup()
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = "csrc"  # relative to the project folder, where pip runs this file: setuptools wants relative paths
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("kernel_build", os.path.join(HERE, "merge_engine", "kernel_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def wants_cuda(torch, cpp_extension) -> bool:
+    setting = os.environ.get("MERGE_ENGINE_BUILD_CUDA", "auto")
+    if setting in ("0", "1"):
+        return setting == "1"
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def extensions() -> dict:
+    if os.environ.get("MERGE_ENGINE_BUILD_KERNELS", "1") == "0":
+        return {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("merge_engine: torch is not importable in this build environment, so the compiled kernels are "
+              "not built (the package will run on the PyTorch references). To build them: pip install torch, "
+              "then pip install --no-build-isolation .", file=sys.stderr)
+        return {}
+    recipe = load_recipe()
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    cpu = recipe.cpu_build(CSRC, torch.__version__, suffix)
+    modules = [cpp_extension.CppExtension(f"merge_engine.{cpu.module}", cpu.sources,
+                                          extra_compile_args=cpu.cflags, extra_link_args=cpu.ldflags)]
+    if wants_cuda(torch, cpp_extension):
+        cuda = recipe.cuda_build(CSRC, torch.__version__, suffix)
+        modules.append(cpp_extension.CUDAExtension(f"merge_engine.{cuda.module}", cuda.sources,
+                                                   extra_compile_args={"cxx": cuda.cflags, "nvcc": cuda.nvcc_flags}))
+    return {"ext_modules": modules,
+            "cmdclass": {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}}
+
+
+setup(**extensions())

@@ -77,8 +77,8 @@ def make_synthetic_llama(path: str, layers: int, hidden: int, intermediate: int,
     instantiating a model; with base, the weights are base + seeded noise (a fake fine-tune)."""
     import json
 
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    from merge_engine.io.checkpoint import Checkpoint
+    from merge_engine.io.safetensors_format import save_tensors
     os.makedirs(path, exist_ok=True)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
               "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
@@ -87,44 +87,47 @@ def make_synthetic_llama(path: str, layers: int, hidden: int, intermediate: int,
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     gen = torch.Generator().manual_seed(seed)
-    base_map = json.load(open(os.path.join(base, "model.safetensors.index.json")))["weight_map"] if base else {}
+    base_checkpoint = Checkpoint(base) if base else None
     weight_map, total, shard_tensors = {}, 0, {}
     shapes = llama_tensor_shapes(layers, hidden, intermediate, vocab, heads // kv_heads)
     for n, (name, shape) in enumerate(shapes.items()):
-        if base:
-            with safe_open(os.path.join(base, base_map[name]), "pt") as f:
-                t = (f.get_tensor(name).float() + noise * torch.randn(shape, generator=gen)).to(dtype)
+        if base_checkpoint:
+            t = (base_checkpoint.read(name).float() + noise * torch.randn(shape, generator=gen)).to(dtype)
         else:
             t = (torch.randn(shape, generator=gen) * 0.02).to(dtype)
         shard_tensors[name] = t
         # one shard for the embeddings, one per layer, one for the final norm and head
         if ".layers." not in name or name.endswith("post_attention_layernorm.weight") or n == len(shapes) - 1:
             filename = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
-            save_file(shard_tensors, os.path.join(path, filename), metadata={"format": "pt"})
+            save_tensors(shard_tensors, os.path.join(path, filename))
             for k, v in shard_tensors.items():
                 weight_map[k] = filename
                 total += v.numel() * v.element_size()
             shard_tensors = {}
+    if base_checkpoint:
+        base_checkpoint.close()
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     return path
 
 
 def demo(out_dir: str) -> None:
+    """Make a tiny base and three experts in a temporary folder (removed at the end: the merged model does
+    not need them), TIES-merge them into out_dir and load the result with transformers."""
     import tempfile
 
     import transformers as tf
     import yaml
 
     from merge_engine import MergeOptions, merge, parse_config
-    work = tempfile.mkdtemp(prefix="merge_engine_demo_")
-    base, *experts = make_models(work, "llama", 3, torch.bfloat16, shard_size="100KB")
-    config = {"merge_method": "ties", "base_model": base, "dtype": "bfloat16",
-              "parameters": {"normalize": True},
-              "models": [{"model": e, "parameters": {"weight": w, "density": d}}
-                         for e, w, d in zip(experts, (0.5, 0.3, [0.1, 0.4]), (0.5, 0.6, 0.7))]}
-    print(yaml.safe_dump(config, sort_keys=False))
-    report = merge(parse_config(config), out_dir, MergeOptions(out_shard_size=200_000, overwrite=True))
+    with tempfile.TemporaryDirectory(prefix="merge_engine_demo_") as work:
+        base, *experts = make_models(work, "llama", 3, torch.bfloat16, shard_size="100KB")
+        config = {"merge_method": "ties", "base_model": base, "dtype": "bfloat16",
+                  "parameters": {"normalize": True},
+                  "models": [{"model": e, "parameters": {"weight": w, "density": d}}
+                             for e, w, d in zip(experts, (0.5, 0.3, [0.1, 0.4]), (0.5, 0.6, 0.7))]}
+        print(yaml.safe_dump(config, sort_keys=False))
+        report = merge(parse_config(config), out_dir, MergeOptions(out_shard_size=200_000, overwrite=True))
     print(report.summary())
     model = tf.AutoModelForCausalLM.from_pretrained(out_dir)
     logits = model(torch.arange(16)[None]).logits

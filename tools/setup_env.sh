@@ -7,7 +7,7 @@ VENV=${VENV:-.venv}
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
-python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[$1]"
-# the C++ CPU kernels (ninja, ~1 min the first time); without them the PyTorch references run
+python -m pip install -q "torch==2.13.0" "setuptools>=68" wheel ninja
+# --no-build-isolation: setup.py builds the C++ kernels against this torch (ninja, ~1 min)
+python -m pip install -q --no-build-isolation -e ".[$1]"
 python -m merge_engine.build_kernels || echo "warning: compiled CPU kernels unavailable; using the references"

@@ -1,4 +1,5 @@
-// Python bindings of the CPU kernels (module merge_engine_cpu, built by merge_engine/ops/backends.py).
+// Python bindings of the CPU kernels (module merge_engine._cpu_kernels, built by setup.py; recipe in
+// merge_engine/kernel_build.py).
 #include <torch/extension.h>
 
 #include <optional>
@@ -28,8 +29,12 @@ void swap_blocks_cpu(const std::vector<torch::Tensor>& tensors, const torch::Ten
                      int64_t block_size);
 }  // namespace merge_engine
 
+#define MERGE_ENGINE_STR2(x) #x
+#define MERGE_ENGINE_STR(x) MERGE_ENGINE_STR2(x)
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "merge_engine CPU kernels";
+  m.attr("build_key") = MERGE_ENGINE_STR(MERGE_ENGINE_BUILD_KEY);  // which sources and flags it was built from (kernel_build.py)
   m.def("delta_cutoffs", &merge_engine::delta_cutoffs_cpu,
         "Cut-offs (key, index) of the first counts[j] elements of the stable order of |expert - base|");
   m.def("merge_task_vectors", &merge_engine::merge_task_vectors_cpu,

@@ -1,4 +1,4 @@
-// Python bindings of the CUDA kernels (module merge_engine_cuda, built by merge_engine/ops/backends.py).
+// Python bindings of the CUDA kernels (module merge_engine._cuda_kernels, built by setup.py).
 // Same functions, signatures and semantics as csrc/cpu/bindings.cpp, for CUDA tensors; delta_cutoffs
 // returns its int64 [len(counts), 2] cut-offs as a CPU tensor (they are found on the host).
 #include <torch/extension.h>
@@ -27,7 +27,11 @@ void swap_blocks_cuda(const std::vector<at::Tensor>& tensors, const at::Tensor& 
                       int64_t block_size);
 }  // namespace merge_engine
 
+#define MERGE_ENGINE_STR2(x) #x
+#define MERGE_ENGINE_STR(x) MERGE_ENGINE_STR2(x)
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("build_key") = MERGE_ENGINE_STR(MERGE_ENGINE_BUILD_KEY);  // which sources and flags it was built from (kernel_build.py)
   m.doc() = "merge_engine CUDA kernels";
   // kMaxExperts in task_vectors.cu: larger merge_task_vectors groups go to the reference (fisher_merge
   // takes any number of models).

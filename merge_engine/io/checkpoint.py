@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from merge_engine.errors import CheckpointError
+from merge_engine.io.raw import tensor_bytes
 from merge_engine.io.safetensors_format import TensorInfo, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -141,7 +142,7 @@ class Checkpoint:
             out = torch.empty(info.shape, dtype=info.dtype)
         elif out.dtype != info.dtype or tuple(out.shape) != info.shape or not out.is_contiguous():
             raise ValueError(f"buffer for '{name}' must be a contiguous {info.dtype} {list(info.shape)} tensor")
-        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if info.nbytes else memoryview(b"")
+        view = tensor_bytes(out)
         _pread_into(self._fd(info.file), view, info.data_start, info.nbytes, info.file, name)
         return out
 
@@ -160,7 +161,7 @@ class Checkpoint:
             return self._read_bytes(name, take_bytes(info.nbytes).view(info.dtype).view(info.shape))
         raw = take_bytes(last - first + _DIRECT_ALIGN)
         pad = -raw.data_ptr() % _DIRECT_ALIGN
-        window = memoryview(raw[pad:pad + last - first].numpy())
+        window = tensor_bytes(raw[pad:pad + last - first])
         try:  # the block-rounded window may pass the file's end: only the tensor's bytes must arrive
             _pread_into(fd, window, first, info.data_start + info.nbytes - first, info.file, name)
         except OSError:  # EINVAL: this file's filesystem takes no direct reads after all

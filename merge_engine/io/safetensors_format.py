@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from merge_engine.errors import CheckpointError
+from merge_engine.io.raw import tensor_bytes
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -112,3 +113,14 @@ def build_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
     raw += b" " * (-len(raw) % 8)
     prefix = struct.pack("<Q", len(raw)) + raw
     return prefix, {name: len(prefix) + off for name, off in relative.items()}
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file of these tensors in order (what safetensors.torch.save_file writes, without
+    its numpy dependency)."""
+    contiguous = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    prefix, _ = build_header([(name, t.dtype, tuple(t.shape)) for name, t in contiguous.items()], metadata)
+    with open(path, "wb") as f:
+        f.write(prefix)
+        for t in contiguous.values():
+            f.write(tensor_bytes(t))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from merge_engine.errors import OutputError
+from merge_engine.io.raw import tensor_bytes
 from merge_engine.io.safetensors_format import build_header
 
 log = logging.getLogger("merge_engine")
@@ -162,7 +163,7 @@ class ShardedWriter:
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"'{name}': planned {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
         shard, offset = self._where[name]
-        data = memoryview(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        data = tensor_bytes(tensor.detach().cpu().contiguous())
         done = 0
         while done < len(data):
             done += os.pwrite(shard.fd, data[done:done + _WRITE_CHUNK], offset + done)

@@ -1,103 +1,149 @@
-"""Compiled backends of the ops: the C++ CPU extension (csrc/cpu), built with ninja on first use and
-cached by torch.utils.cpp_extension (TORCH_EXTENSIONS_DIR); later issues add CUDA and Triton.
+"""Compiled backends of the ops: the C++ CPU kernels (csrc/cpu), the CUDA kernels (csrc/cuda) and the
+Triton kernels (triton_kernels/).
+
+setup.py builds the C++ and CUDA modules at install (merge_engine._cpu_kernels, _cuda_kernels), from
+the recipe in merge_engine/kernel_build.py; each module carries the key of the sources and flags it was
+built from. An installed module whose key matches is used as it is. In a source checkout (csrc/ and
+setup.py beside the package), a module that is missing or stale (edited sources, another
+MERGE_ENGINE_CPU_ARCH, another torch) is rebuilt on first use for development, into
+<checkout>/build/kernels/<key>/: one folder per key, so checkouts and variants never share a build,
+and a lock that dies with its process, so no run waits on a killed build. An installed package never
+compiles at run time: a missing or mismatched module gives one warning naming the fix, and the PyTorch
+references run instead.
 
 Device kernels are registered for the torch.library ops at import; each one calls its compiled
 backend when that backend loads and the inputs are ones it serves, and the PyTorch reference
-otherwise. A backend that fails to build or load gives one warning and the references take over.
-MERGE_ENGINE_KERNELS=0 turns the compiled backends off. MERGE_ENGINE_CPU_ARCH (default native) is the
--march of the CPU build: a portable target such as x86-64-v2 builds the kernels' plain C++ lanes instead
-of AVX2, as non-x86 machines get them (tools/test.sh tests both).
+otherwise. MERGE_ENGINE_KERNELS=0 turns the compiled backends off; MERGE_ENGINE_GPU_BACKEND chooses
+the GPU one (gpu_backend).
 
-    python -m merge_engine.build_kernels    # build (or check) the extension ahead of time
+    python -m merge_engine.build_kernels    # build (or check) the extensions ahead of time
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import importlib
 import logging
 import os
+import sysconfig
 import threading
 import warnings
 from typing import Callable, Iterator
 
 import torch
 
+from merge_engine import kernel_build
+
 log = logging.getLogger("merge_engine")
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REINSTALL = "reinstall with `pip install --no-build-isolation --force-reinstall <merge_engine source>` after installing torch"
 
 
 def kernels_enabled() -> bool:
     return os.environ.get("MERGE_ENGINE_KERNELS", "1") not in ("0", "false", "no")
 
 
+def source_checkout() -> str | None:
+    """The checkout folder when the package runs from its sources (editable install, PYTHONPATH), else None."""
+    root = os.path.dirname(PACKAGE_DIR)
+    return root if all(os.path.exists(os.path.join(root, f)) for f in ("csrc", "setup.py")) else None
+
+
 def csrc_dir() -> str:
-    """csrc/ beside the package (source checkout, editable install) or inside it (wheel)."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for candidate in (os.path.join(os.path.dirname(here), "csrc"), os.path.join(here, "csrc")):
+    """csrc/ beside the package (source checkout) or inside it (installed: package data)."""
+    for candidate in (os.path.join(os.path.dirname(PACKAGE_DIR), "csrc"), os.path.join(PACKAGE_DIR, "csrc")):
         if os.path.isdir(candidate):
             return candidate
     raise FileNotFoundError("merge_engine's csrc/ sources are not installed")
 
 
-def cpu_arch() -> str:
-    """The -march of the CPU build (MERGE_ENGINE_CPU_ARCH, default native)."""
-    arch = os.environ.get("MERGE_ENGINE_CPU_ARCH", "native")
-    if not arch.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise ValueError(f"MERGE_ENGINE_CPU_ARCH={arch!r} is not a -march name")
-    return arch
-
-
 @functools.cache
 def cpu_extension():
-    """The compiled CPU module, or None (with one warning) when it cannot be built or loaded."""
+    """The compiled CPU module, or None (with one warning) when it is unavailable."""
     if not kernels_enabled():
         return None
-    try:
-        from torch.utils.cpp_extension import load
-        src = csrc_dir()
-        log.info("loading merge_engine CPU kernels (the first build takes about a minute)")
-        arch = cpu_arch()
-        # -ffp-contract=off: no fused multiply-add, which would round differently from torch;
-        # -fno-trapping-math: lets loops with a guarded division vectorise (results are unchanged).
-        return load(name="merge_engine_cpu" if arch == "native" else "merge_engine_cpu_" + arch.replace("-", "_"),
-                    sources=[os.path.join(src, "cpu", f)
-                             for f in ("bindings.cpp", "task_vectors.cpp", "fisher.cpp", "gram.cpp", "permute.cpp")],
-                    extra_cflags=["-O3", f"-march={arch}", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"],
-                    verbose=False)
-    except Exception as e:  # any build or load failure: fall back, loudly but once
-        warnings.warn(f"merge_engine: compiled CPU kernels unavailable ({type(e).__name__}: {e}); "
-                      "using the PyTorch reference ops", RuntimeWarning, stacklevel=2)
-        return None
-
-
-def gpu_backend(family: str = "task_vectors"):
-    """The GPU backend of an op family for CUDA tensors: the CUDA extension if it loads, else the
-    family's Triton module (merge_engine.triton_kernels.<family>), else None."""
-    return cuda_extension() or triton_backend(family)
+    return _compiled("CPU", kernel_build.cpu_build)
 
 
 @functools.cache
 def cuda_extension():
-    """The compiled CUDA module (csrc/cuda), or None with one warning (None, silently, without a GPU)."""
+    """The compiled CUDA module, or None with one warning (None, silently, without a GPU)."""
     if not kernels_enabled() or not torch.cuda.is_available():
         return None
+    return _compiled("CUDA", kernel_build.cuda_build)
+
+
+def _compiled(kind: str, recipe):
+    """The installed module of this recipe when it is the build its sources make; else, in a source
+    checkout, a development build; else None. Every failure: one warning, and None."""
     try:
-        from torch.utils.cpp_extension import load
-        src = csrc_dir()
-        log.info("loading merge_engine CUDA kernels (the first build takes a few minutes)")
-        # -fmad=false: no fused multiply-add, which would round differently from torch (like
-        # -ffp-contract=off on the CPU); never --use_fast_math (IEEE division and rounding needed).
-        return load(name="merge_engine_cuda",
-                    sources=[os.path.join(src, "cuda", f)
-                             for f in ("bindings.cpp", "task_vectors.cu", "fisher.cu", "gram.cu", "permute.cu")],
-                    extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-fmad=false"], verbose=False)
+        build = recipe(csrc_dir(), torch.__version__, sysconfig.get_config_var("EXT_SUFFIX"))
+        installed, problem = _installed(build)
+        if installed is not None:
+            return installed
+        if source_checkout() is None:
+            raise RuntimeError(f"{problem}; {REINSTALL}")
+        return _development_build(build)
     except Exception as e:  # any build or load failure: fall back, loudly but once
-        warnings.warn(f"merge_engine: compiled CUDA kernels unavailable ({type(e).__name__}: {e}); "
-                      "using the next GPU backend or the PyTorch reference ops", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"merge_engine: compiled {kind} kernels unavailable ({type(e).__name__}: {e}); "
+                      "using the PyTorch reference ops", RuntimeWarning, stacklevel=3)
         return None
+
+
+def _installed(build: kernel_build.Build):
+    """(module, None) when the installed module matches the build, else (None, why not)."""
+    try:
+        module = importlib.import_module(f"merge_engine.{build.module}")
+    except ImportError as e:
+        return None, f"merge_engine.{build.module} is not installed or does not load ({e})"
+    if getattr(module, "build_key", None) != build.key:
+        return None, (f"merge_engine.{build.module} was built from other sources, flags or torch than "
+                      f"these (key {getattr(module, 'build_key', None)}, expected {build.key})")
+    return module, None
+
+
+def _development_build(build: kernel_build.Build):
+    """Build (or load the cached build of) this recipe with ninja, in <checkout>/build/kernels/<key>/."""
+    from torch.utils.cpp_extension import load
+    folder = os.path.join(source_checkout(), "build", "kernels", build.key)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "merge_engine.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        # we hold the only lock on this folder, so a `lock` file of torch's own is a killed build's
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, "lock"))
+        if not any(name.endswith(".so") for name in os.listdir(folder)):
+            log.info("building merge_engine %s for development (about a minute)", build.module)
+        return load(name=f"merge_engine{build.module}_{build.key}", sources=build.sources,
+                    extra_cflags=build.cflags, extra_cuda_cflags=build.nvcc_flags or None,
+                    extra_ldflags=build.ldflags, build_directory=folder, verbose=False)
+
+
+def gpu_backend(family: str = "task_vectors"):
+    """The GPU backend of an op family for CUDA tensors, chosen by MERGE_ENGINE_GPU_BACKEND:
+    `auto` (default: the CUDA module if it loads, else the family's Triton module), `cuda`, `triton`
+    or `reference` (None: the PyTorch references)."""
+    choice = gpu_backend_choice()
+    if choice == "reference":
+        return None
+    if choice == "triton":
+        return triton_backend(family)
+    if choice == "cuda":
+        return cuda_extension()
+    return cuda_extension() or triton_backend(family)
+
+
+GPU_BACKENDS = ("auto", "cuda", "triton", "reference")
+
+
+def gpu_backend_choice() -> str:
+    choice = os.environ.get("MERGE_ENGINE_GPU_BACKEND", "auto").lower()
+    if choice not in GPU_BACKENDS:
+        raise ValueError(f"MERGE_ENGINE_GPU_BACKEND={choice!r}: expected one of {', '.join(GPU_BACKENDS)}")
+    return choice
 
 
 @functools.cache

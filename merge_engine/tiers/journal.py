@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from merge_engine.errors import CheckpointError
+from merge_engine.io.raw import tensor_bytes
 from merge_engine.tiers.slices import (OpenFiles, Runs, Stored, pwrite_all, read_indices, read_runs, selected_shape,
-                                       tensor_bytes, write_runs)
+                                       write_runs)
 
 JOURNAL_FILE = ".merge_engine-key-journal"
 PARTIAL_SUFFIX = ".partial"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from merge_engine.errors import CheckpointError
+from merge_engine.io.raw import tensor_bytes
 
 BITS_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -120,11 +121,6 @@ def read_indices(fd: int, stored: Stored, dim: int, indices: torch.Tensor) -> to
 def as_bits(t: torch.Tensor) -> torch.Tensor:
     """The same memory as integers of the same width."""
     return t.view(BITS_DTYPES[t.element_size()])
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous tensor, without a copy."""
-    return memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(bytearray())
 
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:

@@ -1,9 +1,8 @@
 """The CUDA kernels (csrc/cuda) compile for sm_80 and sm_90, on machines without a GPU.
 
 What is compiled, and why it is a real check:
-- The sources and extra flags are the ones merge_engine.ops.backends.cuda_extension() passes to
-  torch.utils.cpp_extension.load (captured by calling the loader with load() replaced), plus the
-  flags load() itself adds (-DTORCH_EXTENSION_NAME, torch's COMMON_NVCC_FLAGS such as
+- The sources and extra flags are the CUDA build's (merge_engine/kernel_build.py: setup.py and the
+  development build use the same recipe), plus the flags torch's builder itself adds (-DTORCH_EXTENSION_NAME, torch's COMMON_NVCC_FLAGS such as
   -D__CUDA_NO_HALF_OPERATORS__, -fPIC), so a stale source list or flag breaks this test too.
 - each .cu source (task_vectors.cu, fisher.cu, gram.cu, permute.cu) goes through nvcc for both architectures in one call
   (-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90, -std=c++17): the device
@@ -38,24 +37,19 @@ import pytest
 import torch
 import torch.utils.cpp_extension as cpp_extension
 
+from merge_engine import kernel_build
 from merge_engine.ops import backends
 
 ARCHS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
 TIMEOUT_S = 1200
 
 
-def loader_arguments(monkeypatch):
-    """The keyword arguments cuda_extension() gives torch.utils.cpp_extension.load."""
-    captured = {}
-
-    def fake_load(*args, **kwargs):
-        captured.update(zip(("name", "sources", "extra_cflags", "extra_cuda_cflags"), args), **kwargs)
-        return object()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(cpp_extension, "load", fake_load)
-    monkeypatch.delenv("MERGE_ENGINE_KERNELS", raising=False)
-    assert backends.cuda_extension.__wrapped__() is not None, "cuda_extension() did not call load()"
-    return captured
+def build_arguments():
+    """The CUDA build's name, sources and flags, from the recipe that setup.py and the development
+    build both use (merge_engine/kernel_build.py)."""
+    build = kernel_build.cuda_build(backends.csrc_dir(), torch.__version__, sysconfig.get_config_var("EXT_SUFFIX"))
+    return {"name": build.module, "sources": build.sources, "extra_cflags": build.cflags,
+            "extra_cuda_cflags": build.nvcc_flags}
 
 
 def torch_include_flags():
@@ -129,7 +123,7 @@ def check_gram_tensor_cores(keep):
 
 
 @pytest.mark.slow
-def test_cuda_sources_compile_for_sm80_and_sm90(monkeypatch, tmp_path):
+def test_cuda_sources_compile_for_sm80_and_sm90(tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not on PATH: the CUDA sources cannot be compiled here")
@@ -140,7 +134,7 @@ def test_cuda_sources_compile_for_sm80_and_sm90(monkeypatch, tmp_path):
     if not os.path.exists(os.path.join(torch_include, "c10", "cuda", "CUDAGuard.h")):
         pytest.skip("this torch install ships no c10/cuda headers")
 
-    kwargs = loader_arguments(monkeypatch)
+    kwargs = build_arguments()
     sources = kwargs["sources"]
     cu = [s for s in sources if s.endswith(".cu")]
     cpp = [s for s in sources if s.endswith(".cpp")]
