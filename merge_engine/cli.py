@@ -20,6 +20,7 @@ import warnings
 import torch
 
 from merge_engine.errors import MergeEngineError
+from merge_engine.runtime import tune_process_for_merging
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMbBgGtT]?)\s*$")
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
@@ -80,6 +81,7 @@ def setup_logging(quiet: bool, verbose: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    tune_process_for_merging()  # this process exists to merge: see merge_engine/runtime.py
     if argv and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:])
     return merge_main(argv)

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from merge_engine.chat_templates import resolve_chat_template
 from merge_engine.config import WEIGHT_SHAPED_SIDE_INPUTS, MergeConfig, load_config
 from merge_engine.errors import MergeEngineError
-from merge_engine.io.buffers import BufferPool, keep_freed_heap_memory
+from merge_engine.io.buffers import BufferPool
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.methods import MergeMethod, TensorGroup
 from merge_engine.ops import backends
@@ -119,8 +119,6 @@ class _Pipeline:
         # room for two of the largest jobs' buffers (inputs and result) waiting to be reused
         largest = max((j.bytes_in + math.prod(j.shape) * j.out_dtype.itemsize for j in plan.jobs), default=0)
         self.buffers = BufferPool(2 * largest, pin_memory=self.cuda)
-        if not self.cuda:
-            keep_freed_heap_memory()  # the methods' temporaries: recycled, not fresh pages per tensor
 
     def run(self) -> int:
         jobs = self.plan.jobs

@@ -10,13 +10,12 @@ layers of repeating sizes, so the buffers of the last jobs fit the next reads, w
 (an embedding several times a layer tensor) would otherwise fill the pool for good and send half of
 a 1.1B merge's reads to fresh memory (measured: 4.2 of 8.8 GB).
 
-The methods' own temporaries (fp32 chunks of bf16 tensors, sums) come from the C library's heap,
-which by default hands them back to the system as soon as they are freed, so each tensor's come back
-as fresh pages again: keep_freed_heap_memory turns that off for CPU merges.
+The methods' own temporaries (fp32 chunks of bf16 tensors, sums) come from the C library's heap, which
+by default hands them back to the system as soon as they are freed: merge_engine.runtime's
+tune_process_for_merging keeps them (process-wide, so only on request: the CLI makes it).
 """
 from __future__ import annotations
 
-import ctypes
 import math
 import threading
 
@@ -77,19 +76,3 @@ def _whole_storage(t: torch.Tensor) -> torch.Tensor | None:
     if t.device.type != "cpu" or storage.nbytes() == 0:
         return None
     return torch.empty(0, dtype=torch.uint8).set_(storage)
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-
-
-def keep_freed_heap_memory() -> bool:
-    """glibc: serve allocations up to 32 MB (its largest setting) from the heap instead of fresh
-    mappings, and keep up to 1 GB of freed heap memory instead of returning it to the system. A
-    slerp of a 1.1B bf16 model spent 12 of its 22 s of system time zeroing the fresh pages of
-    such temporaries. Process-wide; the engine sets it for CPU merges. False where the C library
-    has no mallopt (not glibc) or refuses."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))

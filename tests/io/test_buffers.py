@@ -1,16 +1,9 @@
 """The engine's pool of host buffers: reuse, the fit rule, the capacity (the oldest released first), one
-hand-back per storage; and the heap setting that recycles the methods' temporaries."""
-import ctypes
-import platform
-import sys
-
+hand-back per storage."""
 import pytest
 import torch
 
-from merge_engine.io.buffers import BufferPool, keep_freed_heap_memory
-
-if sys.platform == "linux":
-    import resource
+from merge_engine.io.buffers import BufferPool
 
 
 def test_a_given_buffer_is_taken_again():
@@ -61,28 +54,3 @@ def test_meta_and_empty_tensors_are_not_pooled():
     pool = BufferPool(capacity=1 << 20)
     pool.give([torch.empty(0), torch.empty(10, device="meta")])
     assert pool.take_bytes(16).data_ptr() != 0 and pool.reused == 0
-
-
-@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
-def test_keep_freed_heap_memory_reuses_freed_pages():
-    """After it, a freed 16 MB block comes back for the next allocation without page faults (the kernel
-    zeroes every page it faults in); by default glibc maps blocks that size fresh and unmaps them on free."""
-    assert keep_freed_heap_memory()
-    libc = ctypes.CDLL(None)
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
-    size = 16 << 20
-
-    def touched_block():  # (address, minor page faults taken to allocate and write it)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        p = libc.malloc(size)
-        ctypes.memset(p, 1, size)
-        return p, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-    a, _ = touched_block()
-    b, _ = touched_block()  # keeps a's space from being the heap's top, which trimming would return
-    libc.free(a)
-    c, faults = touched_block()
-    libc.free(b)
-    libc.free(c)
-    assert faults <= 2, f"{faults} page faults re-allocating a freed 16 MB block"
