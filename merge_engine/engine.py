@@ -17,7 +17,6 @@ Memory stays bounded by (prefetch depth + 2) tensor groups, whatever the number 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -38,7 +37,6 @@ from merge_engine.errors import MergeEngineError
 from merge_engine.io.buffers import BufferPool
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.methods import MergeMethod, TensorGroup
-from merge_engine.ops import backends
 from merge_engine.plan import MergePlan, TensorJob, build_plan
 from merge_engine.vocabulary import (align_rows, chat_template_of, require_transformers, save_tokenizer,
                                      set_vocab_size)
@@ -170,9 +168,9 @@ class _Pipeline:
             compute_stream.wait_stream(self.copy_stream)
             for t in tensors:
                 t.record_stream(compute_stream)
-        # on the CPU the kernels write into recycled buffers, given back with the job's once on disk
-        with contextlib.nullcontext() if self.cuda else backends.output_buffers(self.buffers.take):
-            result = compute(job, tensors, self.plan.config.method, self.options.random_seed)
+        # on the CPU the ops that take `out` write into recycled buffers, given back with the job's once on disk
+        result = compute(job, tensors, self.plan.config.method, self.options.random_seed,
+                         None if self.cuda else self.buffers.take)
         if self.cuda:
             on_host = self.buffers.take(tuple(result.shape), result.dtype)
             on_host.copy_(result, non_blocking=True)
@@ -191,7 +189,7 @@ class _Pipeline:
         self.buffers.give(host + [result])  # nothing reads the inputs or the result any more
 
 
-def tensor_group(job: TensorJob, tensors: list[torch.Tensor], seed: int = 0) -> TensorGroup:
+def tensor_group(job: TensorJob, tensors: list[torch.Tensor], seed: int = 0, take_output=None) -> TensorGroup:
     """A job's inputs (read in job.inputs + job.side_reads() order) as the group its method merges."""
     inputs, side_tensors = tensors[:len(job.inputs)], iter(tensors[len(job.inputs):])
     side = {kind: [None if ref is None else next(side_tensors) for ref in refs] for kind, refs in job.side.items()}
@@ -201,15 +199,18 @@ def tensor_group(job: TensorJob, tensors: list[torch.Tensor], seed: int = 0) -> 
         side.update({kind: align_rows(job.rows, side[kind]) for kind in WEIGHT_SHAPED_SIDE_INPUTS if kind in side})
     return TensorGroup(job.out_name, inputs, job.base_index,
                        job.shared, job.per_model, seed, side,
-                       {kind: [None if ref is None else ref[0].path for ref in refs] for kind, refs in job.side.items()})
+                       {kind: [None if ref is None else ref[0].path for ref in refs] for kind, refs in job.side.items()},
+                       take_output)
 
 
-def compute(job: TensorJob, tensors: list[torch.Tensor], method: MergeMethod, seed: int = 0) -> torch.Tensor:
-    """Merge one tensor group on the tensors' device."""
+def compute(job: TensorJob, tensors: list[torch.Tensor], method: MergeMethod, seed: int = 0,
+            take_output=None) -> torch.Tensor:
+    """Merge one tensor group on the tensors' device (the ops that take `out` write into buffers from
+    take_output(shape, dtype), when given)."""
     if job.copy_only:
         return tensors[0]
     try:
-        result = method.merge(tensor_group(job, tensors, seed))
+        result = method.merge(tensor_group(job, tensors, seed, take_output))
     except (ValueError, RuntimeError) as e:
         raise MergeEngineError(f"merging tensor '{job.out_name}' failed: {e}") from e
     return result.to(job.out_dtype).contiguous()

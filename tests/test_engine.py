@@ -1,6 +1,5 @@
 """End-to-end merges on generated checkpoints: loadable output, side files, sharding, slices,
 and peak memory that does not grow with the number of layers."""
-import contextlib
 import json
 import subprocess
 import sys
@@ -75,16 +74,16 @@ def test_direct_io_and_reused_buffers_change_no_byte(model_sets, tmp_path, monke
 
 @pytest.mark.skipif(not backends.kernels_enabled(), reason="compiled kernels disabled by MERGE_ENGINE_KERNELS=0")
 def test_kernel_outputs_go_to_recycled_buffers_and_change_no_byte(model_sets, tmp_path, monkeypatch):
-    from merge_engine import engine
+    from merge_engine.methods.base import TensorGroup
     base, *experts = model_sets("llama_bf16_sharded")
     cfg = ties(base, experts, "bfloat16")
-    given = []  # the buffers the engine offered the CPU kernel for each output (None: it allocates)
-    real = backends.output_like
-    monkeypatch.setattr(backends, "output_like", lambda x: given.append(real(x)) or given[-1])
+    given = []  # the buffers the engine passed the CPU kernel as out, per output (None: it allocates)
+    real = TensorGroup.output_like
+    monkeypatch.setattr(TensorGroup, "output_like", lambda self, x: given.append(real(self, x)) or given[-1])
     merge(parse_config(cfg), str(tmp_path / "pooled"), MergeOptions(quiet=True))
     assert given and all(b is not None for b in given)
     given.clear()
-    monkeypatch.setattr(engine.backends, "output_buffers", lambda take: contextlib.nullcontext())
+    monkeypatch.setattr(TensorGroup, "output_like", lambda self, x: given.append(None))
     merge(parse_config(cfg), str(tmp_path / "fresh"), MergeOptions(quiet=True))
     assert given and all(b is None for b in given)
     files = sorted(p.name for p in (tmp_path / "fresh").iterdir() if p.suffix == ".safetensors")

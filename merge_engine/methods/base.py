@@ -22,6 +22,8 @@ class TensorGroup:
     # side-input kind -> one tensor per input (None where that input has none), in its stored dtype
     side: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
     side_folders: dict[str, list[str | None]] = field(default_factory=dict)  # where each came from
+    # the engine's recycled host buffers (shape, dtype) -> tensor, for the ops that take `out`
+    take_output: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None
 
     @property
     def base(self) -> torch.Tensor | None:
@@ -35,6 +37,11 @@ class TensorGroup:
     def experts(self) -> list[torch.Tensor]:
         """The non-base inputs' tensors, in order."""
         return [self.tensors[i] for i in self.non_base]
+
+    def output_like(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A recycled buffer of x's shape and dtype for an op's out, or None (the op allocates): on the
+        CPU, fresh memory costs a zeroed page per first touch, for every tensor of the model."""
+        return None if self.take_output is None or x.device.type != "cpu" else self.take_output(tuple(x.shape), x.dtype)
 
     def values(self, param: str) -> list[Any]:
         """A per-model parameter's values for the non-base inputs, in order."""

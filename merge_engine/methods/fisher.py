@@ -76,13 +76,14 @@ def _fisher(group: TensorGroup) -> torch.Tensor:
     weights = [m["weight"] for m in group.per_model]
     fishers = group.side["fisher"]
     if any(f is None for f in fishers):
-        return ops.weighted_sum(group.tensors, weights, True)
+        return ops.weighted_sum(group.tensors, weights, True, out=group.output_like(group.tensors[0]))
     if sum(weights) <= 0:
         raise ValueError("fisher needs at least one model with a weight > 0")
     if len({f.dtype for f in fishers}) > 1:
         fishers = [f.float() for f in fishers]
     floors = [p["fisher_floor"] if j == 0 or not p["favor_target_model"] else 0.0 for j in range(len(fishers))]
-    return ops.fisher_merge(group.tensors, fishers, _coefficients(group, weights), floors)
+    return ops.fisher_merge(group.tensors, fishers, _coefficients(group, weights), floors,
+                            out=group.output_like(group.tensors[0]))
 
 
 def _importance(expert: torch.Tensor, base: torch.Tensor, fisher: torch.Tensor | None, kind: str) -> torch.Tensor:
@@ -114,7 +115,7 @@ def _ranked_by_fisher(consensus: bool, group: TensorGroup) -> torch.Tensor:
         importance = _importance(expert, base, group.side["fisher"][i], p["importance"])
         kept.append(keep_most_important(expert, base, importance, density))
     return ops.merge_task_vectors(base, kept, group.values("weight"), [1.0] * len(kept), "", consensus,
-                                  p["normalize"], False, p["lambda"])
+                                  p["normalize"], False, p["lambda"], out=group.output_like(base))
 
 
 FISHER = MergeMethod(

@@ -10,12 +10,13 @@ from merge_engine.parameters import ParamSpec, Scope
 
 
 def _linear(group: TensorGroup) -> torch.Tensor:
-    return ops.weighted_sum(group.tensors, [m["weight"] for m in group.per_model], group.shared["normalize"])
+    return ops.weighted_sum(group.tensors, [m["weight"] for m in group.per_model], group.shared["normalize"],
+                            out=group.output_like(group.tensors[0]))
 
 
 def _slerp(group: TensorGroup) -> torch.Tensor:
     other = 1 - group.base_index
-    return ops.slerp(group.shared["t"], group.base, group.tensors[other])
+    return ops.slerp(group.shared["t"], group.base, group.tensors[other], out=group.output_like(group.base))
 
 
 def _nuslerp(group: TensorGroup) -> torch.Tensor:

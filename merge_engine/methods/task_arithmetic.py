@@ -29,7 +29,7 @@ def _merge(sparsify: str, consensus: bool, group: TensorGroup) -> torch.Tensor:
         group.values("density"), sparsify, consensus, p["normalize"], p["rescale"], p["lambda"],
         group.values("gamma") if sparsify == "outliers" else None,
         group.values("epsilon") if sparsify == "rank" else None,
-        group.seed, group.name)
+        group.seed, group.name, out=group.output_like(group.base))
 
 
 def _method(name: str) -> MergeMethod:

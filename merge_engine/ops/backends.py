@@ -27,9 +27,7 @@ import importlib
 import logging
 import os
 import sysconfig
-import threading
 import warnings
-from typing import Callable, Iterator
 
 import torch
 
@@ -164,33 +162,3 @@ def triton_backend(family: str = "task_vectors"):
 def served_by_kernels(*tensors: torch.Tensor) -> bool:
     first = tensors[0]
     return all(t.dtype == first.dtype and t.dtype in KERNEL_DTYPES and t.is_contiguous() for t in tensors)
-
-
-_outputs = threading.local()
-
-
-@contextlib.contextmanager
-def output_buffers(take: Callable[[tuple[int, ...], torch.dtype], torch.Tensor]) -> Iterator[None]:
-    """Within the block, on this thread, the CPU ops that can write into a caller's buffer
-    (merge_task_vectors, fisher_merge, weighted_sum, slerp) take their output from take(shape, dtype), a
-    contiguous CPU tensor that no input shares, instead of fresh memory. The engine passes its buffer
-    pool: the kernel zeroes every page of fresh memory on first touch, 14% of a 1.1B TIES merge's CPU
-    time when the outputs were fresh."""
-    previous = getattr(_outputs, "take", None)
-    _outputs.take = take
-    try:
-        yield
-    finally:
-        _outputs.take = previous
-
-
-def output_like(x: torch.Tensor) -> torch.Tensor | None:
-    """A buffer for an output of x's shape and dtype from output_buffers' take, or None (allocate one)."""
-    take = getattr(_outputs, "take", None)
-    return take(tuple(x.shape), x.dtype) if take is not None and x.device.type == "cpu" else None
-
-
-def output_or_empty_like(x: torch.Tensor) -> torch.Tensor:
-    """output_like(x), or a fresh tensor of x's shape and dtype when no buffer is offered."""
-    out = output_like(x)
-    return torch.empty_like(x) if out is None else out

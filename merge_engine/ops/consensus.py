@@ -12,16 +12,22 @@ from merge_engine.ops import backends
 from merge_engine.ops import sparsify as sp
 from merge_engine.ops.random import philox_key
 from merge_engine.ops.select import check_finite
+from merge_engine.ops.library import op
 
 
-@torch.library.custom_op("merge_engine::elect_sign", mutates_args=())
+def _one_expert(weighted_deltas: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Fake: the shape of one expert's deltas (dim 0 is the experts)."""
+    return weighted_deltas.new_empty(weighted_deltas.shape[1:])
+
+
+@op("elect_sign", fake=_one_expert)
 def elect_sign(weighted_deltas: torch.Tensor) -> torch.Tensor:
     """TIES "sum" election over dim 0: +1 where the sum of weighted deltas is >= 0 (a zero sum
     elects +1), else -1; in the deltas' dtype."""
     return (weighted_deltas.sum(dim=0) >= 0).to(weighted_deltas.dtype) * 2 - 1
 
 
-@torch.library.custom_op("merge_engine::disjoint_mean", mutates_args=())
+@op("disjoint_mean", fake=_one_expert)
 def disjoint_mean(weighted_deltas: torch.Tensor, weights: list[float], normalize: bool = True) -> torch.Tensor:
     """Sum of the weighted deltas that agree with the elected sign, divided (if normalize) by the
     sum of the agreeing models' weights (1 where none agrees). Trimmed zeros never agree."""
@@ -93,13 +99,18 @@ def merge_task_vectors_reference(base: torch.Tensor, experts: list[torch.Tensor]
     return (base + mixed).to(base.dtype)
 
 
-@torch.library.custom_op("merge_engine::merge_task_vectors", mutates_args=())
+@op("merge_task_vectors", fake="base", out=True)
 def merge_task_vectors(base: torch.Tensor, experts: list[torch.Tensor], weights: list[float],
                        densities: list[float], sparsify: str = "", consensus: bool = False,
                        normalize: bool = False, rescale: bool = False, lambda_: float = 1.0,
                        gammas: Optional[list[float]] = None, epsilons: Optional[list[float]] = None, seed: int = 0,
-                       tensor_name: str = "") -> torch.Tensor:
-    """TIES, DARE, breadcrumbs, DELLA and task arithmetic in one call: see merge_task_vectors_reference."""
+                       tensor_name: str = "", out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """TIES, DARE, breadcrumbs, DELLA and task arithmetic in one call (the parameters are explained in
+    merge_task_vectors_reference). base: the base tensor; experts: tensors of its shape and dtype; weights,
+    densities (and gammas for breadcrumbs, epsilons for DELLA): one value per expert; sparsify: "" (none),
+    "magnitude" (TIES), "random" (DARE), "outliers" (breadcrumbs) or "rank" (DELLA); consensus: TIES sign
+    election; seed and tensor_name key the random draws. Returns base + lambda_ * merged deltas in base's
+    dtype, written into `out` (a tensor of base's shape and dtype) when one is given."""
     return merge_task_vectors_reference(base, experts, weights, densities, sparsify, consensus, normalize, rescale,
                                         lambda_, gammas, epsilons, seed, tensor_name)
 
@@ -120,9 +131,10 @@ def selection_counts(numel: int, sparsify: str, density: float, gamma: float) ->
 
 
 def _merge_with(backend, base, experts, weights, densities, sparsify="", consensus=False, normalize=False,
-                rescale=False, lambda_=1.0, gammas=None, epsilons=None, seed=0, tensor_name=""):
+                rescale=False, lambda_=1.0, gammas=None, epsilons=None, seed=0, tensor_name="", out=None):
     """Run merge_task_vectors on a compiled backend (a module with the csrc/cpu/bindings.cpp functions),
-    or on the reference when there is none or the inputs are not ones it serves."""
+    or on the reference when there is none or the inputs are not ones it serves; into out if the
+    backend takes one (the CPU kernel does), else into a fresh tensor."""
     args = (base, experts, weights, densities, sparsify, consensus, normalize, rescale, lambda_, gammas, epsilons,
             seed, tensor_name)
     if (backend is None or not experts or not backends.served_by_kernels(base, *experts) or sparsify not in MODES
@@ -135,17 +147,17 @@ def _merge_with(backend, base, experts, weights, densities, sparsify="", consens
         for d, e in zip(densities, epsilons):
             sp.check_della(d, e)
     key0, key1 = philox_key(seed, tensor_name)
-    out = backends.output_like(base)  # a recycled buffer, when the caller (the engine) offers one
     return backend.merge_task_vectors(base, list(experts), list(weights), MODES[sparsify], [c[0] for c in counts],
                                       [c[1] for c in counts], list(densities), list(epsilons or []), consensus,
                                       normalize, rescale, lambda_, key0, key1, *([out] if out is not None else []))
 
 
 @merge_task_vectors.register_kernel("cpu")
-def _merge_task_vectors_cpu(base, experts, *args, **kwargs):
-    return _merge_with(backends.cpu_extension(), base, experts, *args, **kwargs)
+def _merge_task_vectors_cpu(base, experts, *args, out=None, **kwargs):
+    return _merge_with(backends.cpu_extension(), base, experts, *args, out=out, **kwargs)
 
 
 @merge_task_vectors.register_kernel("cuda")
-def _merge_task_vectors_cuda(base, experts, *args, **kwargs):
+def _merge_task_vectors_cuda(base, experts, *args, out=None, **kwargs):
+    # the GPU kernels allocate their result; the out overload copies it into out
     return _merge_with(backends.gpu_backend(), base, experts, *args, **kwargs)

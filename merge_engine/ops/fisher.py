@@ -13,9 +13,12 @@ exactly. Where every weighted Fisher is zero (all floors 0), the output is the f
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from merge_engine.ops import backends
+from merge_engine.ops.library import op
 
 FISHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -44,7 +47,7 @@ def accumulate_fisher_reference(fisher: torch.Tensor, grad: torch.Tensor, scale:
     fisher.copy_(fisher.to(acc) + term)
 
 
-@torch.library.custom_op("merge_engine::accumulate_fisher", mutates_args=("fisher",))
+@op("accumulate_fisher", mutates_args=("fisher",))
 def accumulate_fisher(fisher: torch.Tensor, grad: torch.Tensor, scale: float) -> None:
     """In place: fisher += scale * grad^2, reading grad in its own dtype (fp32 math, see the reference)."""
     accumulate_fisher_reference(fisher, grad, scale)
@@ -119,10 +122,11 @@ def fisher_merge_reference(params: list[torch.Tensor], fishers: list[torch.Tenso
     return torch.where(den > 0, num / den, first).to(params[0].dtype)
 
 
-@torch.library.custom_op("merge_engine::fisher_merge", mutates_args=())
+@op("fisher_merge", fake="params", out=True)
 def fisher_merge(params: list[torch.Tensor], fishers: list[torch.Tensor], coefficients: list[float],
-                 floors: list[float]) -> torch.Tensor:
-    """Fisher-weighted average of K tensors in one pass (see fisher_merge_reference).
+                 floors: list[float], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Fisher-weighted average of K tensors in one pass (see fisher_merge_reference), written into `out`
+    (a tensor of the params' shape and dtype) when one is given.
 
     params: K tensors of one shape and dtype; fishers: K tensors of that shape in one floating dtype
     (it may differ from the params'); coefficients (per-model weights, already divided by any Fisher
@@ -131,25 +135,21 @@ def fisher_merge(params: list[torch.Tensor], fishers: list[torch.Tensor], coeffi
     return fisher_merge_reference(params, fishers, coefficients, floors)
 
 
-@fisher_merge.register_fake
-def _(params, fishers, coefficients, floors):
-    return torch.empty_like(params[0])
-
-
-def _merge_with(backend, params, fishers, coefficients, floors):
+def _merge_with(backend, params, fishers, coefficients, floors, out=None):
+    """On a compiled backend (into out when given: only the CPU kernel takes one), else the reference."""
     if backend is None or not backends.served_by_kernels(*params) or not backends.served_by_kernels(*fishers):
         return fisher_merge_reference(params, fishers, coefficients, floors)
     check_merge_args(params, fishers, coefficients, floors)
-    out = backends.output_like(params[0])  # a recycled buffer, when the caller (the engine) offers one
     return backend.fisher_merge(list(params), list(fishers), list(coefficients), list(floors),
                                 *([out] if out is not None else []))
 
 
 @fisher_merge.register_kernel("cpu")
-def _fisher_merge_cpu(params, fishers, coefficients, floors):
-    return _merge_with(backends.cpu_extension(), params, fishers, coefficients, floors)
+def _fisher_merge_cpu(params, fishers, coefficients, floors, out=None):
+    return _merge_with(backends.cpu_extension(), params, fishers, coefficients, floors, out)
 
 
 @fisher_merge.register_kernel("cuda")
-def _fisher_merge_cuda(params, fishers, coefficients, floors):
+def _fisher_merge_cuda(params, fishers, coefficients, floors, out=None):
+    # the GPU kernels allocate their result; the out overload copies it into out
     return _merge_with(backends.gpu_backend("fisher"), params, fishers, coefficients, floors)

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from merge_engine.ops import backends
+from merge_engine.ops.library import op
 
 GRAM_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -57,7 +58,7 @@ def accumulate_gram_reference(gram: torch.Tensor, x: torch.Tensor, mask: torch.T
     gram.addmm_(rows.T, rows)
 
 
-@torch.library.custom_op("merge_engine::accumulate_gram", mutates_args=("gram",))
+@op("accumulate_gram", mutates_args=("gram",))
 def accumulate_gram(gram: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
     """In place: gram += x^T x over the tokens where mask is True (upper triangle; see mirror_upper_)."""
     accumulate_gram_reference(gram, x, mask)

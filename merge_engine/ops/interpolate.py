@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from merge_engine.ops import backends
+from merge_engine.ops.library import op
 
 SLERP_DOT_THRESHOLD = 0.9995
 SLERP_EPS = 1e-8
@@ -17,17 +17,19 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("merge_engine::weighted_sum", mutates_args=())
-def weighted_sum(tensors: list[torch.Tensor], weights: list[float], normalize: bool = True) -> torch.Tensor:
-    """sum_i w_i x_i (divided by sum_i w_i if normalize), accumulated in fp32, in the first input's dtype.
-    On the CPU, _CHUNK elements at a time through one fp32 scratch (the same arithmetic per element),
-    into the engine's recycled output buffer when it offers one: a whole-tensor fp32 sum is fresh memory
-    the size of two bf16 tensors, zeroed by the kernel on first touch, for every tensor."""
+@op("weighted_sum", fake="tensors", out=True)
+def weighted_sum(tensors: list[torch.Tensor], weights: list[float], normalize: bool = True,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """sum_i w_i x_i (divided by sum_i w_i if normalize), accumulated in fp32, in the first input's dtype,
+    written into `out` (the first input's shape and dtype) when one is given.
+    On the CPU, _CHUNK elements at a time through one fp32 scratch (the same arithmetic per element): a
+    whole-tensor fp32 sum is fresh memory the size of two bf16 tensors, zeroed by the kernel on first
+    touch, for every tensor (and the engine passes recycled buffers as out for the same reason)."""
     first = tensors[0]
     dtype = _compute_dtype(first)
     w = torch.tensor(weights, dtype=torch.float64).to(dtype).to(first.device)
     divisor = w.sum() if normalize else None
-    out = backends.output_or_empty_like(first)
+    out = torch.empty_like(first) if out is None else out
     flat, out_flat = [x.reshape(-1) for x in tensors], out.view(-1)
     n = out_flat.numel()
     step = _CHUNK if first.device.type == "cpu" else max(n, 1)
@@ -47,15 +49,16 @@ def _chunks(a: torch.Tensor, dtype: torch.dtype):
         yield start, a[:, start:start + _CHUNK].to(dtype)
 
 
-@torch.library.custom_op("merge_engine::slerp", mutates_args=())
-def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+@op("slerp", fake="a", out=True)
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Spherical interpolation of the whole flattened tensors (t = 0 gives a), linear when
-    |cos| > 0.9995; computed in fp32 (fp64 for fp64), returned in a's dtype."""
+    |cos| > 0.9995; computed in fp32 (fp64 for fp64), returned in a's dtype (written into `out`, a
+    tensor of a's shape and dtype, when one is given)."""
     dtype = _compute_dtype(a)
     x, y = a.reshape(1, -1), b.reshape(1, -1)
     tt = torch.tensor([[t]], dtype=dtype, device=a.device)
     if not x.shape[1]:
-        return ((1 - tt) * x + tt * y).reshape(a.shape).to(a.dtype)
+        return ((1 - tt) * x + tt * y).reshape(a.shape).to(a.dtype)  # empty: nothing to write into out
     norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(c, dim=1, keepdim=True)
                                                    for _, c in _chunks(x, dtype)]), dim=0)
     norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(c, dim=1, keepdim=True)
@@ -69,17 +72,17 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     sin_theta = torch.sin(theta)
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
-    result = backends.output_or_empty_like(x)  # the engine's recycled buffer, when it offers one
+    result = torch.empty_like(x) if out is None else out.view(x.shape)
     for (start, ca), (_, cb) in zip(_chunks(x, dtype), _chunks(y, dtype)):
         result[:, start:start + _CHUNK] = coef_a * ca + coef_b * cb
-    return result.reshape(a.shape)
+    return result.reshape(a.shape) if out is None else out
 
 
 def _unit(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=eps)
 
 
-@torch.library.custom_op("merge_engine::nuslerp", mutates_args=())
+@op("nuslerp", fake="a")
 def nuslerp(t: float, a: torch.Tensor, b: torch.Tensor, row_wise: bool = False, flatten: bool = True) -> torch.Tensor:
     """mergekit's nuslerp: slerp along the last dim (dim 0 if row_wise), or of the whole tensor
     if flatten; collinear vectors ((1 - cos^2) <= 1e-16) interpolate linearly. Input dtype throughout."""
@@ -99,7 +102,7 @@ def nuslerp(t: float, a: torch.Tensor, b: torch.Tensor, row_wise: bool = False, 
     return result.reshape(shape).contiguous()
 
 
-@torch.library.custom_op("merge_engine::multislerp", mutates_args=())
+@op("multislerp", fake="tensors")
 def multislerp(tensors: list[torch.Tensor], weights: list[float], base: Optional[torch.Tensor] = None,
                normalize_weights: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """mergekit's multislerp: barycentric interpolation of K tensors on the hypersphere (whole flattened
@@ -140,7 +143,7 @@ def multislerp(tensors: list[torch.Tensor], weights: list[float], base: Optional
     return result if base is None else result + base
 
 
-@torch.library.custom_op("merge_engine::karcher_mean", mutates_args=())
+@op("karcher_mean", fake="tensors")
 def karcher_mean(tensors: list[torch.Tensor], weights: list[float], max_iter: int = 10,
                  tol: float = 1e-5) -> torch.Tensor:
     """mergekit's weighted Karcher (Riemannian) mean of the flattened tensors' directions on the unit
@@ -186,7 +189,7 @@ def karcher_mean(tensors: list[torch.Tensor], weights: list[float], max_iter: in
     return sum(w * n for w, n in zip(weights, norms)) * mean
 
 
-@torch.library.custom_op("merge_engine::nearswap", mutates_args=())
+@op("nearswap", fake="base")
 def nearswap(t: float, base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """mergekit's nearswap: per element, lerp from base toward other by w = clamp(t / |base - other|, 0, 1)
     (|base - other| floored at 1e-6), so elements closer than t take other's value and far ones stay

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from merge_engine.ops import backends
+from merge_engine.ops.library import op
 
 
 # ---- validation ----
@@ -158,7 +159,7 @@ def _served(backend, tensors: list[torch.Tensor]) -> bool:
     return backend is not None and bool(tensors) and backends.served_by_kernels(*tensors)
 
 
-@torch.library.custom_op("merge_engine::scatter_add_blocks_", mutates_args=("targets",))
+@op("scatter_add_blocks_", mutates_args=("targets",))
 def scatter_add_blocks_(targets: list[torch.Tensor], layer: int, values: torch.Tensor, src_layer: torch.Tensor,
                         src_block: torch.Tensor, dim: int, block_size: int) -> None:
     """In place, for every block b of values: block src_block[b] of targets[src_layer[b]] += block b
@@ -185,7 +186,7 @@ def _scatter_add_blocks_cuda(targets, layer, values, src_layer, src_block, dim, 
     _scatter_add_with(backends.gpu_backend("permute"), targets, layer, values, src_layer, src_block, dim, block_size)
 
 
-@torch.library.custom_op("merge_engine::gather_blocks", mutates_args=())
+@op("gather_blocks")
 def gather_blocks(tensors: list[torch.Tensor], layer: int, src_layer: torch.Tensor, src_block: torch.Tensor, dim: int,
                   block_size: int) -> torch.Tensor:
     """A new tensor shaped like tensors[layer]: along dim, block b is block src_block[b] of
@@ -261,7 +262,7 @@ def _gather_backward(ctx, grad):
 gather_blocks.register_autograd(_gather_backward, setup_context=_gather_setup_context)
 
 
-@torch.library.custom_op("merge_engine::swap_blocks_", mutates_args=("tensors",))
+@op("swap_blocks_", mutates_args=("tensors",))
 def swap_blocks_(tensors: list[torch.Tensor], pairs: torch.Tensor, dim: int, block_size: int) -> None:
     """In place: each row (layer_a, block_a, layer_b, block_b) of pairs (int64 [M, 4]) swaps block_a
     of tensors[layer_a] with block_b of tensors[layer_b]. No block may appear twice (ValueError): the

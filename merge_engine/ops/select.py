@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from merge_engine.ops import backends
+from merge_engine.ops.library import op
 
 _KEY_VIEW = {torch.float16: (torch.int16, 0x7FFF), torch.bfloat16: (torch.int16, 0x7FFF),
              torch.float32: (torch.int32, 0x7FFFFFFF), torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF)}
@@ -66,7 +67,7 @@ def magnitude_cutoff_reference(x: torch.Tensor, count: int, largest: bool = True
     return torch.tensor([t, n if all_equal_selected else last + 1], dtype=torch.int64)
 
 
-@torch.library.custom_op("merge_engine::magnitude_cutoff", mutates_args=())
+@op("magnitude_cutoff")
 def magnitude_cutoff(x: torch.Tensor, count: int, largest: bool = True) -> torch.Tensor:
     """The cut-off of the first `count` elements of the stable order of |x|: see magnitude_cutoff_reference."""
     return magnitude_cutoff_reference(x, count, largest)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from merge_engine.ops.consensus import elect_sign
+from merge_engine.ops.library import op
 
 QUANTILE_SAMPLE_SIZE = 1_000_000  # above this, mergekit's arcee_fusion estimates quantiles from a sample
 
@@ -45,7 +46,7 @@ def sce_weights(task_vectors: torch.Tensor) -> torch.Tensor:
     return w / total
 
 
-@torch.library.custom_op("merge_engine::sce_merge", mutates_args=())
+@op("sce_merge", fake="base")
 def sce_merge(base: torch.Tensor, experts: list[torch.Tensor], select_topk: float = 1.0) -> torch.Tensor:
     """SCE (Select, Calculate, Erase) of the task vectors tau_i = x_i - base:
     1. if select_topk < 1, zero every position outside the top select_topk fraction by variance across
@@ -75,7 +76,7 @@ def _ram_masks(base: torch.Tensor, experts: list[torch.Tensor], epsilon: float):
     return tvs * active, active, counts, counts > 1, counts == 1
 
 
-@torch.library.custom_op("merge_engine::ram_merge", mutates_args=())
+@op("ram_merge", fake="base")
 def ram_merge(base: torch.Tensor, experts: list[torch.Tensor], epsilon: float = 1e-5) -> torch.Tensor:
     """RAM (Reinforced Agent Merging): base + a task-vector sum in which an entry active (|tau_i| > epsilon)
     in one expert only is taken as is, and an entry active in several is averaged over those experts.
@@ -87,7 +88,7 @@ def ram_merge(base: torch.Tensor, experts: list[torch.Tensor], epsilon: float = 
     return base + merged.reshape_as(base)
 
 
-@torch.library.custom_op("merge_engine::ramplus_tl_merge", mutates_args=())
+@op("ramplus_tl_merge", fake="base")
 def ramplus_tl_merge(base: torch.Tensor, experts: list[torch.Tensor], r: float = 0.1, alpha: float = 0.2,
                      epsilon: float = 1e-5) -> torch.Tensor:
     """RAM+ (tensor-local): RAM with each expert's unique entries scaled by 1 + r * clamp(rho_i, 0, alpha),
@@ -135,7 +136,7 @@ def fusion_threshold(importance: torch.Tensor) -> torch.Tensor:
     return median + 1.5 * (q3 - q1)
 
 
-@torch.library.custom_op("merge_engine::arcee_fusion", mutates_args=())
+@op("arcee_fusion", fake="base")
 def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """Arcee Fusion: base + (other - base) where the importance (fusion_importance) is at least the
     threshold median + 1.5 IQR (fusion_threshold), base elsewhere. The mask is fp32 (as in mergekit),

@@ -13,6 +13,7 @@ import torch
 
 from merge_engine.ops.random import philox_key, uniform
 from merge_engine.ops.select import cutoff_mask, magnitude_cutoff
+from merge_engine.ops.library import op
 
 RESCALE_EPS = 1e-7
 
@@ -35,13 +36,13 @@ def topk_count(numel: int, density: float) -> int:
     return max(1, int(density * numel))
 
 
-@torch.library.custom_op("merge_engine::magnitude_topk_mask", mutates_args=())
+@op("magnitude_topk_mask", fake=lambda x, k: torch.empty_like(x, dtype=torch.bool))
 def magnitude_topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k largest |x| over the whole tensor (ties: lower index first)."""
     return cutoff_mask(x, magnitude_cutoff(x, k, True), True)
 
 
-@torch.library.custom_op("merge_engine::trim_by_magnitude", mutates_args=())
+@op("trim_by_magnitude", fake="x")
 def trim_by_magnitude(x: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
     """TIES trim: keep the top max(1, int(density*numel)) magnitudes of the whole tensor, zero the rest."""
     if density >= 1:
@@ -51,7 +52,7 @@ def trim_by_magnitude(x: torch.Tensor, density: float, rescale: bool = False) ->
     return _apply(x, magnitude_topk_mask(x, topk_count(x.numel(), density)), rescale)
 
 
-@torch.library.custom_op("merge_engine::drop_random", mutates_args=())
+@op("drop_random", fake="x")
 def drop_random(x: torch.Tensor, density: float, seed: int, tensor_name: str, stream: int,
                 rescale: bool = True) -> torch.Tensor:
     """DARE: keep each element with probability density (Philox keyed by seed, tensor name, stream)."""
@@ -61,7 +62,7 @@ def drop_random(x: torch.Tensor, density: float, seed: int, tensor_name: str, st
     return _apply(x, u < torch.tensor(density, dtype=torch.float32), rescale)
 
 
-@torch.library.custom_op("merge_engine::trim_outliers", mutates_args=())
+@op("trim_outliers", fake="x")
 def trim_outliers(x: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
     """Breadcrumbs: drop the int(gamma*N) largest magnitudes, then the smallest, keeping int(density*N)."""
     if density >= 1:
@@ -97,7 +98,7 @@ def check_della(density: float, epsilon: float) -> None:
                          f"(density={density}, epsilon={epsilon})")
 
 
-@torch.library.custom_op("merge_engine::drop_by_rank", mutates_args=())
+@op("drop_by_rank", fake="x")
 def drop_by_rank(x: torch.Tensor, density: float, epsilon: float, seed: int, tensor_name: str,
                  stream: int, rescale: bool = True) -> torch.Tensor:
     """DELLA MagPrune: keep each element with its rank-dependent probability (Philox-driven)."""

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 
 import torch
+from merge_engine.ops.library import op
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -100,7 +101,7 @@ def check_rank_fraction(rank_fraction: float | None) -> None:
         raise ValueError(f"tsv_merge: rank_fraction must be in (0, 1], got {rank_fraction}")
 
 
-@torch.library.custom_op("merge_engine::tsv_merge", mutates_args=())
+@op("tsv_merge")
 def tsv_merge(base: torch.Tensor, experts: list[torch.Tensor], rank_fraction: float | None = None,
               alpha: float = 1.0) -> torch.Tensor:
     """TSV-Merge of T experts onto base (see the module docstring); rank_fraction None means 1/T."""
@@ -114,7 +115,7 @@ def tsv_merge(base: torch.Tensor, experts: list[torch.Tensor], rank_fraction: fl
     return (b + alpha * ((u * s) @ vh)).to(base.dtype)
 
 
-@torch.library.custom_op("merge_engine::iso_c", mutates_args=())
+@op("iso_c")
 def iso_c(base: torch.Tensor, experts: list[torch.Tensor], alpha: float = 1.0) -> torch.Tensor:
     """ISO-C of T experts onto base: W_base + alpha * mean(S) U V^T for sum_t D_t = U S V^T."""
     check_args("iso_c", base, experts, alpha)

@@ -1,0 +1,116 @@
+"""Every op as other tools' compiled code sees it: torch.library.opcheck (schema, fake implementation,
+autograd registration, AOT dispatch with dynamic shapes) on the CPU kernels and the references;
+the out overloads write into the caller's tensor; the public functions show their real signatures and
+docstrings; the ops trace under torch.compile (fullgraph) and torch.export."""
+import inspect
+
+import pytest
+import torch
+
+from merge_engine import ops
+from merge_engine.ops import backends
+
+
+def rand(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+def samples() -> dict[str, tuple[tuple, dict]]:
+    """(args, kwargs) of one call of every op, on small odd shapes."""
+    base, e1, e2 = rand(7, 5), rand(7, 5, seed=1), rand(7, 5, seed=2)
+    deltas = torch.stack([e1 - base, e2 - base])
+    stack = [rand(6, 5, seed=s) for s in range(3)]  # three layers of 3 blocks of 2 rows
+    src_layer, src_block = torch.tensor([0, 2, 1]), torch.tensor([0, 1, 2])
+    tv = dict(weights=[0.6, 0.4], densities=[0.5, 0.7])
+    return {
+        "magnitude_cutoff": ((e1, 9), {}),
+        "magnitude_topk_mask": ((e1, 9), {}),
+        "trim_by_magnitude": ((e1, 0.4), {"rescale": True}),
+        "drop_random": ((e1, 0.5, 3, "w", 1), {}),
+        "trim_outliers": ((e1, 0.5, 0.1), {}),
+        "drop_by_rank": ((e1, 0.5, 0.1, 3, "w", 1), {}),
+        "elect_sign": ((deltas,), {}),
+        "disjoint_mean": ((deltas, [0.6, 0.4]), {}),
+        "merge_task_vectors": ((base, [e1, e2]), dict(tv, sparsify="magnitude", consensus=True, normalize=True)),
+        "weighted_sum": (([base, e1, e2], [0.2, 0.3, 0.5]), {}),
+        "slerp": ((0.3, e1, e2), {}),
+        "nuslerp": ((0.3, e1, e2), {"row_wise": True}),
+        "multislerp": (([e1, e2], [0.4, 0.6]), {"base": base}),
+        "karcher_mean": (([e1, e2, base], [0.2, 0.3, 0.5]), {}),
+        "nearswap": ((0.5, base, e1), {}),
+        "sce_merge": ((base, [e1, e2]), {"select_topk": 0.5}),
+        "ram_merge": ((base, [e1, e2]), {}),
+        "ramplus_tl_merge": ((base, [e1, e2]), {}),
+        "arcee_fusion": ((base, e1), {}),
+        "tsv_merge": ((base, [e1, e2]), {}),
+        "iso_c": ((base, [e1, e2]), {}),
+        "fisher_merge": (([base, e1], [rand(7, 5, seed=3).abs(), rand(7, 5, seed=4).abs()], [1.0, 1.0], [1e-6, 0.0]), {}),
+        "accumulate_fisher": ((torch.zeros(7, 5), e1, 0.5), {}),
+        "accumulate_gram": ((torch.zeros(5, 5), e1), {"mask": torch.tensor([1, 0, 1, 1, 0, 1, 1], dtype=torch.bool)}),
+        "gather_blocks": ((stack, 1, src_layer, src_block, 0, 2), {}),
+        "scatter_add_blocks_": (([t.clone() for t in stack], 1, rand(6, 5, seed=5), src_layer, src_block, 0, 2), {}),
+        "swap_blocks_": (([t.clone() for t in stack], torch.tensor([[0, 1, 2, 0]]), 0, 2), {}),
+    }
+
+
+OUT_OPS = ("merge_task_vectors", "fisher_merge", "weighted_sum", "slerp")
+
+
+def test_every_op_has_a_sample_and_every_declared_op_is_public():
+    declared = {name for name in dir(torch.ops.merge_engine) if hasattr(getattr(torch.ops.merge_engine, name), "overloads")}
+    assert declared == set(samples()), declared ^ set(samples())
+    assert all(hasattr(ops, name) for name in declared)
+
+
+@pytest.mark.parametrize("kernels", ["compiled", "reference"])
+@pytest.mark.parametrize("name", sorted(samples()))
+def test_opcheck(name, kernels, monkeypatch):
+    if kernels == "reference":
+        monkeypatch.setattr(backends, "cpu_extension", lambda: None)  # the references as the CPU kernels
+    args, kwargs = samples()[name]
+    torch.library.opcheck(getattr(torch.ops.merge_engine, name).default, args, kwargs)
+
+
+@pytest.mark.parametrize("name", OUT_OPS)
+def test_out_overloads_fill_the_callers_tensor(name):
+    args, kwargs = samples()[name]
+    want = getattr(ops, name)(*args, **kwargs)
+    out = torch.full_like(want, float("nan"))
+    assert getattr(ops, name)(*args, **kwargs, out=out) is out
+    assert torch.equal(out, want)
+    torch.library.opcheck(getattr(torch.ops.merge_engine, name).out, (torch.empty_like(want), *args), kwargs)
+
+
+def test_ops_without_an_out_overload_refuse_out():
+    args, kwargs = samples()["trim_by_magnitude"]
+    with pytest.raises(TypeError, match="out"):
+        ops.trim_by_magnitude(*args, **kwargs, out=torch.empty(7, 5))
+
+
+@pytest.mark.parametrize("name", sorted(samples()))
+def test_public_functions_show_their_signature_and_docstring(name):
+    function = getattr(ops, name)
+    parameters = inspect.signature(function).parameters
+    schema = getattr(torch.ops.merge_engine, name).default._schema
+    assert [p for p in parameters if p != "out"] == [a.name for a in schema.arguments]
+    assert ("out" in parameters) == (name in OUT_OPS)
+    assert function.__doc__ and len(function.__doc__.split()) >= 5
+    assert "*args" not in str(inspect.signature(function))
+
+
+def test_ops_trace_whole_under_torch_compile_and_export():
+    args, kwargs = samples()["merge_task_vectors"]
+
+    def merged(base, e1, e2):
+        return ops.merge_task_vectors(base, [e1, e2], **kwargs) + ops.trim_by_magnitude(e1 - base, 0.5)
+    compiled = torch.compile(merged, fullgraph=True, backend="eager")
+    base, (e1, e2) = args
+    assert torch.equal(compiled(base, e1, e2), merged(base, e1, e2))
+
+    class Merge(torch.nn.Module):
+        def forward(self, base, e1, e2):
+            return merged(base, e1, e2)
+    program = torch.export.export(Merge(), (base, e1, e2))
+    assert torch.equal(program.module()(base, e1, e2), merged(base, e1, e2))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"merge_engine.merge_task_vectors.default", "merge_engine.trim_by_magnitude.default"} <= targets
