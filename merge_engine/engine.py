@@ -37,6 +37,7 @@ from merge_engine.errors import MergeEngineError
 from merge_engine.io.buffers import BufferPool
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.methods import MergeMethod, TensorGroup
+from merge_engine.ops import backends
 from merge_engine.plan import MergePlan, TensorJob, build_plan
 from merge_engine.vocabulary import (align_rows, chat_template_of, require_transformers, save_tokenizer,
                                      set_vocab_size)
@@ -93,6 +94,8 @@ def merge(config: MergeConfig | str, out_dir: str, options: MergeOptions | None 
     start = time.perf_counter()
     check_output_dir(out_dir, options.overwrite)
     device = resolve_device(options.device)
+    if device.type == "cuda":
+        check_gpu_backend_choice()
     plan = build_plan(cfg, options.allow_crimes)
     writer = ShardedWriter(out_dir, plan.entries(), options.out_shard_size, options.overwrite)
     try:
@@ -107,6 +110,13 @@ def merge(config: MergeConfig | str, out_dir: str, options: MergeOptions | None 
     if not options.quiet:
         log.info(report.summary())
     return report
+
+
+def check_gpu_backend_choice() -> None:
+    try:
+        backends.gpu_backend_choice()
+    except ValueError as e:  # before any tensor is read, not in the middle of a merge
+        raise MergeEngineError(str(e)) from None
 
 
 class _Pipeline:

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The GPU checks of one device session, prepared so that a session lent a GPU spends its minutes on
 # running them. Run on the GPU machine, whose image holds torch, triton, pytest, transformers, ninja
-# and nvcc (this script installs nothing):
-#   OUT=folder bash tools/gpu_check.sh tests   # build both extensions, run every GPU test
+# and nvcc (this script installs only merge_engine itself, editable, which builds both extensions):
+#   OUT=folder bash tools/gpu_check.sh tests   # build both extensions, run every GPU test per GPU backend
 #   OUT=folder bash tools/gpu_check.sh bench   # kernel benchmarks, CUDA and Triton backends
-# Each stage fits one 10-minute device command; the builds stay in .gpu_build/ between stages on a
+# Each stage fits one 10-minute device command; the build stays in the tree between stages on a
 # machine that is still warm. Logs and benchmark tables go to $OUT (default gpu_out/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=$PWD/.gpu_build
+export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # the Triton tests compile for the GPU
 PY=${PYTHON:-python3}
 stage=${1:-tests}
@@ -19,10 +19,15 @@ stage=${1:-tests}
 
 if [ "$stage" = tests ]; then
   start=$SECONDS
+  $PY -c "import merge_engine._cuda_kernels" 2>/dev/null ||
+    $PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -5 | tee "$OUT/install.txt"
   $PY -c "from merge_engine.ops import backends; import sys; sys.exit((backends.cpu_extension() is None) + 2 * (backends.cuda_extension() is None))"
   echo "extensions built: exit $? in $((SECONDS - start)) s (1: CPU failed, 2: CUDA failed)" | tee "$OUT/build.txt"
-  $PY -m pytest -q -ra -p no:cacheprovider tests/csrc/test_cuda_kernels.py tests/triton_kernels \
-    "tests/test_engine.py::test_cuda_merge_matches_cpu" 2>&1 | tee "$OUT/tests.txt"
+  $PY -m pytest -q -ra -p no:cacheprovider tests/csrc/test_cuda_kernels.py tests/triton_kernels 2>&1 | tee "$OUT/tests.txt"
+  for backend in cuda triton reference; do  # the whole engine on each GPU backend (MERGE_ENGINE_GPU_BACKEND)
+    MERGE_ENGINE_GPU_BACKEND=$backend $PY -m pytest -q -ra -p no:cacheprovider \
+      "tests/test_engine.py::test_cuda_merge_matches_cpu" 2>&1 | tee "$OUT/engine_$backend.txt"
+  done
 elif [ "$stage" = bench ]; then
   for backend in cuda triton; do
     for b in task_vectors fisher gram permute; do

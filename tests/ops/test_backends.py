@@ -1,0 +1,98 @@
+"""Which compiled backend runs: the installed build when its key matches, a development build only in a
+source checkout (per key, never waiting on a killed build's lock), never a compile in an installed
+package; and the explicit GPU backend choice."""
+import sysconfig
+
+import pytest
+import torch
+import torch.utils.cpp_extension as cpp_extension
+
+from merge_engine import kernel_build
+from merge_engine.errors import MergeEngineError
+from merge_engine.ops import backends
+
+
+@pytest.fixture
+def fresh_cache():
+    backends.cpu_extension.cache_clear()
+    yield
+    backends.cpu_extension.cache_clear()
+
+
+def cpu_build():
+    return kernel_build.cpu_build(backends.csrc_dir(), torch.__version__, sysconfig.get_config_var("EXT_SUFFIX"))
+
+
+@pytest.mark.skipif(not backends.kernels_enabled(), reason="compiled kernels disabled by MERGE_ENGINE_KERNELS=0")
+def test_the_loaded_cpu_module_is_the_build_of_these_sources(fresh_cache):
+    module = backends.cpu_extension()
+    assert module is not None and module.build_key == cpu_build().key
+    if kernel_build.cpu_arch() == kernel_build.DEFAULT_CPU_ARCH:  # what the install built: no rebuild
+        assert module.__name__ == f"merge_engine.{kernel_build.CPU_MODULE}"
+
+
+def test_the_key_follows_sources_flags_and_torch(tmp_path, monkeypatch):
+    (tmp_path / "cpu").mkdir()
+    source = tmp_path / "cpu" / "a.cpp"
+    source.write_text("int a;\n")
+    (tmp_path / "shared.h").write_text("#pragma once\n")
+    sources = kernel_build.cpu_sources(str(tmp_path))
+    key = kernel_build.build_key(sources, ["-O3"], "2.13.0", ".so")
+    assert key == kernel_build.build_key(sources, ["-O3"], "2.13.0", ".so")
+    assert key != kernel_build.build_key(sources, ["-O2"], "2.13.0", ".so")
+    assert key != kernel_build.build_key(sources, ["-O3"], "2.14.0", ".so")
+    (tmp_path / "shared.h").write_text("#pragma once\nint b;\n")  # a header beside the sources counts
+    assert key != kernel_build.build_key(sources, ["-O3"], "2.13.0", ".so")
+    monkeypatch.setenv("MERGE_ENGINE_CPU_ARCH", "x86-64-v2; rm -rf /")
+    with pytest.raises(ValueError, match="not a -march name"):
+        kernel_build.cpu_arch()
+
+
+def test_an_installed_package_never_compiles(fresh_cache, monkeypatch):
+    monkeypatch.delenv("MERGE_ENGINE_KERNELS", raising=False)
+    monkeypatch.setattr(backends, "source_checkout", lambda: None)
+    monkeypatch.setattr(backends, "_installed", lambda build: (None, "merge_engine._cpu_kernels is not installed"))
+    monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: pytest.fail("an installed package compiled"))
+    with pytest.warns(RuntimeWarning, match="not installed.*pip install --no-build-isolation") as record:
+        assert backends.cpu_extension() is None
+        assert backends.cpu_extension() is None
+    assert len(record) == 1
+
+
+def test_a_development_build_goes_to_its_key_folder_past_a_killed_builds_lock(fresh_cache, monkeypatch, tmp_path):
+    monkeypatch.delenv("MERGE_ENGINE_KERNELS", raising=False)
+    monkeypatch.setattr(backends, "source_checkout", lambda: str(tmp_path))
+    monkeypatch.setattr(backends, "_installed", lambda build: (None, "stale"))
+    build = cpu_build()
+    folder = tmp_path / "build" / "kernels" / build.key
+    folder.mkdir(parents=True)
+    (folder / "lock").write_text("")  # torch's own lock file, left by a killed build: load() would wait forever
+    loaded = []
+
+    def load(**kwargs):
+        assert not (folder / "lock").exists()
+        loaded.append(kwargs)
+        return "module"
+    monkeypatch.setattr(cpp_extension, "load", load)
+    assert backends.cpu_extension() == "module"
+    assert loaded[0]["build_directory"] == str(folder) and build.key in loaded[0]["name"]
+    assert loaded[0]["sources"] == build.sources and loaded[0]["extra_cflags"] == build.cflags
+
+
+@pytest.mark.parametrize("choice, cuda, expected", [
+    ("auto", "cuda", "cuda"), ("auto", None, "triton"), ("cuda", "cuda", "cuda"), ("cuda", None, None),
+    ("triton", "cuda", "triton"), ("reference", "cuda", None), ("TRITON", "cuda", "triton")])
+def test_the_gpu_backend_is_chosen_explicitly(monkeypatch, choice, cuda, expected):
+    monkeypatch.setattr(backends, "cuda_extension", lambda: cuda)
+    monkeypatch.setattr(backends, "triton_backend", lambda family="task_vectors": "triton")
+    monkeypatch.setenv("MERGE_ENGINE_GPU_BACKEND", choice)
+    assert backends.gpu_backend("fisher") == expected
+
+
+def test_an_unknown_gpu_backend_is_refused_before_a_merge(monkeypatch):
+    from merge_engine.engine import check_gpu_backend_choice
+    monkeypatch.setenv("MERGE_ENGINE_GPU_BACKEND", "cudnn")
+    with pytest.raises(MergeEngineError, match="MERGE_ENGINE_GPU_BACKEND='cudnn'.*auto, cuda, triton, reference"):
+        check_gpu_backend_choice()
+    monkeypatch.setenv("MERGE_ENGINE_GPU_BACKEND", "reference")
+    check_gpu_backend_choice()
