@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Install merge_engine as a user does and use it from outside the checkout: build an sdist and, from
+# it, a wheel (compiled kernels included); install the wheel with no extras into a fresh venv; then,
+# from another folder, run merges, ops calls and every command's --help, and check that the compiled
+# kernels ran and that no optional package (transformers, triton, optuna, scipy, numpy) was needed.
+# Run by tools/test.sh, inside the project's .venv (torch, setuptools, ninja, build installed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+work=$(mktemp -d "${TMPDIR:-/tmp}/merge_engine_install_check.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+echo "install check in $work (removed at the end)"
+
+python -m build --no-isolation --outdir "$work/dist" . > "$work/build.log" 2>&1 ||
+  { tail -30 "$work/build.log"; exit 1; }
+python - "$work/dist" <<'EOF'
+import glob, sys, tarfile, zipfile
+dist = sys.argv[1]
+sdist = tarfile.open(glob.glob(f"{dist}/*.tar.gz")[0]).getnames()
+for needed in ("setup.py", "pyproject.toml", "MANIFEST.in", "csrc/cpu/bindings.cpp", "csrc/cuda/bindings.cpp",
+               "triton_kernels/task_vectors.py", "merge_engine/kernel_build.py"):
+    assert any(n.endswith("/" + needed) for n in sdist), f"the sdist lacks {needed}"
+wheel = zipfile.ZipFile(glob.glob(f"{dist}/*.whl")[0]).namelist()
+for needed in ("merge_engine/_cpu_kernels.", "merge_engine/triton_kernels/task_vectors.py",
+               "merge_engine/csrc/cpu/bindings.cpp"):
+    assert any(n.startswith(needed) for n in wheel), f"the wheel lacks {needed}"
+print("sdist and wheel contents: ok")
+EOF
+
+python3 -m venv "$work/venv"
+"$work/venv/bin/python" -m pip install -q "torch==2.13.0"
+"$work/venv/bin/python" -m pip install -q "$work"/dist/*.whl
+mkdir "$work/elsewhere"
+cd "$work/elsewhere"
+export PATH="$work/venv/bin:$PATH"
+python - <<'EOF'
+import importlib.util, os, subprocess, sys, torch, yaml
+import merge_engine
+from merge_engine import MergeOptions, merge, ops, parse_config
+from merge_engine.demo import make_synthetic_llama
+from merge_engine.ops import backends
+
+assert "site-packages" in merge_engine.__file__, merge_engine.__file__
+for optional in ("transformers", "triton", "optuna", "scipy", "numpy"):
+    assert importlib.util.find_spec(optional) is None, f"{optional} is installed: this check needs a bare venv"
+
+ext = backends.cpu_extension()  # the wheel's own compiled module, not a build on first use
+assert ext is not None and ext.__name__ == "merge_engine._cpu_kernels" and "site-packages" in ext.__file__, ext
+calls = []
+real = ext.merge_task_vectors
+ext.merge_task_vectors = lambda *args: calls.append(1) or real(*args)
+
+shape = dict(layers=2, hidden=64, intermediate=96, vocab=128)
+base = make_synthetic_llama("base", seed=0, **shape)
+experts = [make_synthetic_llama(f"expert{i}", seed=i, base=base, **shape) for i in (1, 2)]
+ties = {"merge_method": "ties", "base_model": base, "dtype": "bfloat16", "parameters": {"normalize": True},
+        "models": [{"model": e, "parameters": {"weight": 0.5, "density": 0.5}} for e in experts]}
+merge(parse_config(ties), "ties_out", MergeOptions(device="cpu", quiet=True))
+assert calls, "the TIES merge did not run the compiled kernel"
+print(f"TIES merge through the API: ok ({len(calls)} tensors on the compiled kernel)")
+
+x = torch.randn(1001, generator=torch.Generator().manual_seed(0))
+assert int((ops.trim_by_magnitude(x, 0.3) != 0).sum()) == 300
+merged = ops.merge_task_vectors(x, [x + 1, x - 2], [0.5, 0.5], [0.5, 0.5], "magnitude", True, True)
+assert merged.shape == x.shape and torch.isfinite(merged).all()
+print("ops calls: ok")
+
+with open("linear.yml", "w") as f:
+    yaml.safe_dump({"merge_method": "linear", "dtype": "float32",
+                    "models": [{"model": m, "parameters": {"weight": 1.0}} for m in [base, *experts]]}, f)
+run = subprocess.run(["merge-engine", "linear.yml", "linear_out"], capture_output=True, text=True)
+assert run.returncode == 0 and os.path.exists("linear_out/config.json"), run.stderr
+print("merge-engine CONFIG OUT: ok")
+
+for command in ([], ["fisher"], ["stats"], ["key"], ["key", "generate"], ["key", "apply"], ["key", "remove"],
+                ["key", "recover"], ["key", "report"], ["key", "compare"]):
+    run = subprocess.run(["merge-engine", *command, "--help"], capture_output=True, text=True)
+    assert run.returncode == 0 and "usage:" in run.stdout and "Traceback" not in run.stderr, (command, run.stderr)
+print("every command's --help: ok")
+unexpected = {m for m in ("transformers", "triton", "optuna", "scipy", "numpy") if m in sys.modules}
+assert not unexpected, unexpected
+EOF
+echo "install check: ok"
