@@ -34,14 +34,14 @@ from tqdm.auto import tqdm
 
 from merge_engine.chat_templates import resolve_chat_template
 from merge_engine.config import WEIGHT_SHAPED_SIDE_INPUTS, MergeConfig, load_config
+from merge_engine.devices import resolve_device
 from merge_engine.errors import MergeEngineError
 from merge_engine.io.buffers import BufferPool, keep_freed_heap_memory
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.methods import MergeMethod, TensorGroup
 from merge_engine.ops import backends
 from merge_engine.plan import MergePlan, TensorJob, build_plan
-from merge_engine.vocabulary import (align_rows, chat_template_of, require_transformers, save_tokenizer,
-                                     set_vocab_size)
+from merge_engine.vocabulary import align_rows, chat_template_of, require_transformers, save_tokenizer, set_vocab_size
 
 log = logging.getLogger("merge_engine")
 
@@ -77,15 +77,6 @@ class MergeReport:
         gbps = (self.bytes_read + self.bytes_written) / max(self.seconds, 1e-9) / 1e9
         return (f"merged {self.tensors} tensors: read {self.bytes_read / 1e9:.3f} GB, wrote "
                 f"{self.bytes_written / 1e9:.3f} GB in {self.seconds:.2f} s ({gbps:.2f} GB/s) -> {self.out_dir}")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MergeEngineError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def merge(config: MergeConfig | str, out_dir: str, options: MergeOptions | None = None) -> MergeReport:

@@ -32,7 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 from merge_engine.config import MergeConfig, parse_config
-from merge_engine.engine import resolve_device, tensor_group
+from merge_engine.devices import resolve_device
+from merge_engine.engine import tensor_group
 from merge_engine.errors import ConfigError
 from merge_engine.io.checkpoint import split_layer_name
 from merge_engine.methods.regression import bmm_terms

@@ -26,10 +26,10 @@ import functools
 
 import torch
 
+from merge_engine.io.grams import as_matrix, gram_folder
 from merge_engine.methods.base import MergeMethod, TensorGroup
 from merge_engine.ops import regression
 from merge_engine.parameters import ParamSpec, Scope, in_unit_interval, non_negative, one_of
-from merge_engine.stats.gram import as_matrix, gram_folder
 
 SOLVE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
