@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merge_engine.cli import main, parse_size
+from merge_engine.cli import main
 
 
 def ties(base, experts, **params):
@@ -117,12 +117,6 @@ def test_all_problems_reported_together(model_sets, write_yaml, tmp_path, capsys
     missing = str(tmp_path / "gone")
     run_bad(ties(base, [e1, missing]), write_yaml, tmp_path, capsys, missing)
     run_bad(ties(base, [e1, bad]), write_yaml, tmp_path, capsys, *names)
-
-
-def test_parse_size():
-    assert parse_size("5B") == 5 * 10**9 and parse_size("500M") == 5 * 10**8 and parse_size("123") == 123
-    with pytest.raises(Exception):
-        parse_size("lots")
 
 
 def test_help_documents_options():
