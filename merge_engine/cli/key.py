@@ -33,7 +33,7 @@ from merge_engine.tiers.report import key_report
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="merge-engine key", description="Tier keys: swaps of attention heads and MLP "
                                 "columns across layers that turn a public model into a keyed one and back.")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
     g = _subcommand(sub, "generate", "derive a key from a secret for a model")
     g.add_argument("config", metavar="CONFIG_OR_MODEL", help="config.json, or a model folder holding one")
     g.add_argument("out", metavar="OUT.json", help="key file to write (owner-readable only)")
@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "heads (0.25); the rest are MLP columns")
     g.add_argument("--overwrite", action="store_true", help="replace an existing key file")
     g.add_argument("-q", "--quiet", action="store_true", help="no summary of the key written")
-    for name, what, order in (("apply", "key a model", "applied in the order given (tiers)"),
-                              ("remove", "unkey a model", "the ones applied, in the order they were applied")):
-        a = _subcommand(sub, name, f"{what}: keys {order}")
+    for name, what in (("apply", "key a model: apply keys, in the order given (tiers)"),
+                       ("remove", "unkey a model: remove keys, listed in the order they were applied")):
+        a = _subcommand(sub, name, what)
         a.add_argument("paths", nargs="+", metavar="MODEL KEY [KEY2 ...] OUT",
                        help="model folder, key files, and the output folder (left out with --in-place)")
         a.add_argument("--in-place", action="store_true", help="rewrite MODEL's files (crash-safe journal) "
