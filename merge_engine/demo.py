@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from merge_engine.dtypes import dtype_name
+
 ARCHS = ("llama", "qwen2", "gpt2")
 
 
@@ -83,7 +85,7 @@ def make_synthetic_llama(path: str, layers: int, hidden: int, intermediate: int,
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
               "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
               "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 2048,
-              "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": str(dtype).split(".")[1]}
+              "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": dtype_name(dtype)}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     gen = torch.Generator().manual_seed(seed)

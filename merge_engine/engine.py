@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from merge_engine.chat_templates import resolve_chat_template
 from merge_engine.config import WEIGHT_SHAPED_SIDE_INPUTS, MergeConfig, load_config
 from merge_engine.devices import resolve_device
+from merge_engine.dtypes import dtype_name
 from merge_engine.errors import MergeEngineError
 from merge_engine.io.buffers import BufferPool, keep_freed_heap_memory
 from merge_engine.io.writer import ShardedWriter, check_output_dir
@@ -217,7 +218,7 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, options: MergeOptio
     if model_config:
         out_dtype = plan.jobs[0].out_dtype if plan.jobs else None
         if out_dtype is not None:
-            name = str(out_dtype).removeprefix("torch.")
+            name = dtype_name(out_dtype)
             for key in ("torch_dtype", "dtype"):
                 if key in model_config or key == "torch_dtype":
                     model_config[key] = name
