@@ -37,12 +37,13 @@ from merge_engine.config import WEIGHT_SHAPED_SIDE_INPUTS, MergeConfig, load_con
 from merge_engine.devices import resolve_device
 from merge_engine.dtypes import dtype_name
 from merge_engine.errors import MergeEngineError
+from merge_engine.extras import require
 from merge_engine.io.buffers import BufferPool, keep_freed_heap_memory
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.methods import MergeMethod, TensorGroup
 from merge_engine.ops import backends
 from merge_engine.plan import MergePlan, TensorJob, build_plan
-from merge_engine.vocabulary import align_rows, chat_template_of, require_transformers, save_tokenizer, set_vocab_size
+from merge_engine.vocabulary import TOKENIZER_SETTINGS, align_rows, chat_template_of, save_tokenizer, set_vocab_size
 
 log = logging.getLogger("merge_engine")
 
@@ -245,7 +246,7 @@ def write_tokenizer(plan: MergePlan, writer: ShardedWriter, options: MergeOption
         return
     if tokenizer is None and template:
         try:
-            tokenizer = require_transformers().AutoTokenizer.from_pretrained(plan.donor.path)
+            tokenizer = require("transformers", "hf", TOKENIZER_SETTINGS).AutoTokenizer.from_pretrained(plan.donor.path)
         except Exception as e:  # noqa: BLE001 (transformers raises many kinds; the merge itself is done)
             log.warning("cannot load the tokenizer of %s to give it the chat template (%s); its files are copied "
                         "as they are", plan.donor.path, e)
@@ -266,7 +267,7 @@ def _model_chat_templates(plan: MergePlan) -> list[str]:
     the vocabulary already loaded, when the config sets one)."""
     if plan.vocabulary:
         return plan.vocabulary.chat_templates
-    transformers = require_transformers()
+    transformers = require("transformers", "hf", TOKENIZER_SETTINGS)
     templates = []
     for ref, ckpt in plan.models.items():
         try:

@@ -6,6 +6,7 @@ import time
 
 from merge_engine.cli.args import add_data_arguments, add_model_arguments, add_output_arguments, setup_logging
 from merge_engine.dtypes import STATS_DTYPES, dtype_named
+from merge_engine.extras import require
 from merge_engine.io.fishers import VARIANTS
 
 
@@ -32,10 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
-    from merge_engine.stats.fisher import FisherOptions, collect_fisher
+    transformers = require("transformers", "hf", "merge-engine fisher")
     if args.quiet:
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()  # its "Loading weights" bar
+        transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar
+    from merge_engine.stats.fisher import FisherOptions, collect_fisher
     options = FisherOptions(variant=args.variant, per_example=args.per_example, batch_size=args.batch_size,
                             max_length=args.max_length, max_examples=args.max_examples, seed=args.seed,
                             device=args.device, dtype=dtype_named(args.dtype),

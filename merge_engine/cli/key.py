@@ -21,6 +21,7 @@ import os
 from merge_engine.cli.args import add_model_arguments, positive_int
 from merge_engine.dtypes import dtype_named
 from merge_engine.errors import CheckpointError, MergeEngineError
+from merge_engine.extras import require
 from merge_engine.tiers.apply import apply_key, remove_key
 from merge_engine.tiers.blocks import BLOCK_KINDS, model_blocks
 from merge_engine.tiers.compare import compare_prompts
@@ -151,6 +152,7 @@ def _report(args, parser) -> int:
 def _compare(args, parser) -> int:
     if len(args.paths) < 3:
         parser.error("key compare needs MODEL KEY [KEY2 ...] PROMPTS")
+    require("transformers", "hf", "merge-engine key compare")
     model, *key_paths, prompts = args.paths
     comparison = compare_prompts(model, [TierKey.load(p) for p in key_paths], prompts, args.max_length,
                                  args.batch_size, args.max_examples, args.device, dtype_named(args.dtype))

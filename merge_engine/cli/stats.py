@@ -12,6 +12,7 @@ from merge_engine.cli.args import (
     setup_logging,
 )
 from merge_engine.dtypes import STATS_DTYPES, dtype_named
+from merge_engine.extras import require
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
+    require("transformers", "hf", "merge-engine stats")
     from merge_engine.stats.gram import GramOptions, collect_grams
     options = GramOptions(batch_size=args.batch_size, max_length=args.max_length, max_examples=args.max_examples,
                           device=args.device, dtype=dtype_named(args.dtype), gram_dtype=args.gram_dtype,

@@ -7,6 +7,7 @@ import os
 import torch
 
 from merge_engine.errors import CheckpointError
+from merge_engine.extras import require
 from merge_engine.io.checkpoint import Checkpoint
 
 
@@ -21,7 +22,7 @@ def load_model(model_dir: str, dtype: torch.dtype | None, device: torch.device,
                auto_class: str = "AutoModelForCausalLM") -> torch.nn.Module:
     """The model of a local folder (a causal LM by default), refusing one whose checkpoint misses weights
     (they would be random)."""
-    import transformers
+    transformers = require("transformers", "hf", "loading a model folder")
     try:
         model, info = getattr(transformers, auto_class).from_pretrained(
             model_dir, dtype=dtype or "auto", local_files_only=True, output_loading_info=True)
@@ -37,6 +38,6 @@ def load_model(model_dir: str, dtype: torch.dtype | None, device: torch.device,
 def auto_class_of(model_dir: str) -> str:
     """The class config.json names (BertForSequenceClassification...), so modules are named as the
     checkpoint's weights are (bert.encoder..., with the head); AutoModel when it names none transformers has."""
-    import transformers
+    transformers = require("transformers", "hf", "loading a model folder")
     architectures = Checkpoint(model_dir).config.get("architectures") or []
     return next((a for a in architectures if hasattr(transformers, a)), "AutoModel")
