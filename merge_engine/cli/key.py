@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-q", "--quiet", action="store_true", help="no summary of the key written")
     for name, what in (("apply", "key a model: apply keys, in the order given (tiers)"),
                        ("remove", "unkey a model: remove keys, listed in the order they were applied")):
-        a = _subcommand(sub, name, what)
+        a = _subcommand(sub, name, what, usage="%(prog)s [-h] [--in-place] [--overwrite] [-q] "
+                                                 "MODEL KEY [KEY2 ...] (OUT | --in-place)")
         a.add_argument("paths", nargs="+", metavar="MODEL KEY [KEY2 ...] OUT",
                        help="model folder, key files, and the output folder (left out with --in-place)")
         a.add_argument("--in-place", action="store_true", help="rewrite MODEL's files (crash-safe journal) "
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep = _subcommand(sub, "report", "parameters a key moves, per layer")
     rep.add_argument("model", help="model folder the keys were made for")
     rep.add_argument("keys", nargs="+", metavar="KEY", help="key files, in the order they are applied")
-    c = _subcommand(sub, "compare", "public vs keyed next-token distributions on prompts (KL, top-1 agreement)")
+    c = _subcommand(sub, "compare", "public vs keyed next-token distributions on prompts (KL, top-1 agreement)",
+                    usage="%(prog)s [-h] [options] MODEL KEY [KEY2 ...] PROMPTS")
     c.add_argument("paths", nargs="+", metavar="MODEL KEY [KEY2 ...] PROMPTS",
                    help="model folder (with a tokenizer), keys in the order applied, prompts file: plain text (one "
                    "prompt per line) or .jsonl with a \"text\" field")
@@ -71,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _subcommand(sub, name: str, what: str) -> argparse.ArgumentParser:
+def _subcommand(sub, name: str, what: str, usage: str | None = None) -> argparse.ArgumentParser:
     """A subcommand whose own --help says what it does, as the list of `key --help` does."""
-    return sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
+    return sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".", usage=usage)
 
 
 def run(argv: list[str]) -> int:

@@ -6,6 +6,7 @@ import argparse
 import torch
 
 from merge_engine.cli.args import add_quiet_argument, parse_size, setup_logging
+from merge_engine.methods import REGISTRY
 
 # mergekit flags that only tune its own executor; merge_engine always streams, so they change nothing.
 _COMPAT_FLAGS = ("--low-cpu-memory", "--read-to-gpu", "--async-write", "--lazy-unpickle", "--clone-tensors",
@@ -13,7 +14,6 @@ _COMPAT_FLAGS = ("--low-cpu-memory", "--read-to-gpu", "--async-write", "--lazy-u
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from merge_engine.methods import REGISTRY
     p = argparse.ArgumentParser(
         prog="merge-engine",
         description="Merge model checkpoints described by a mergekit YAML config, streaming tensor by tensor.",
