@@ -83,7 +83,7 @@ def open_models(cfg: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, Chec
             if table is side and "grams" in side_kinds[ref]:
                 gram_folder(ref)  # its manifest, checked against the stored Grams
             if table is side and "fisher" in side_kinds[ref] and fishers.has_manifest(ref):
-                fishers.fisher_manifest(ref)
+                fishers.fisher_manifest(ref)  # checked when there is one (a Fisher from elsewhere may have none)
         except CheckpointError as e:
             problems.append(str(e))
     for token, setting in (cfg.tokenizer.tokens.items() if cfg.tokenizer else ()):

@@ -29,5 +29,5 @@ def test_a_submodule_of_a_missing_package(monkeypatch):
 def test_bmm_tuning_without_optuna(monkeypatch):
     from merge_engine.tuning import tune_bmm
     monkeypatch.setitem(sys.modules, "optuna", None)
-    with pytest.raises(MissingExtraError, match=r'BMM\'s lambda tuning needs optuna: pip install "merge_engine\[tune\]"'):
+    with pytest.raises(MissingExtraError, match=r'lambda tuning needs optuna: pip install "merge_engine\[tune\]"'):
         tune_bmm(None, lambda state: 0.0)

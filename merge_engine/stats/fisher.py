@@ -62,7 +62,6 @@ from merge_engine.stats.models import check_model_folder, load_model
 log = logging.getLogger("merge_engine")
 
 
-
 @dataclass
 class FisherResult:
     fisher: dict[str, torch.Tensor]  # parameter name -> diagonal Fisher, in fisher_dtype

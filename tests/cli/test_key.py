@@ -17,13 +17,13 @@ def test_generate_apply_remove_report(tier_model, tmp_path, capsys, monkeypatch)
     monkeypatch.setenv("TIER_PASS", "open sesame")
     k1, k2 = str(tmp_path / "k1.json"), str(tmp_path / "k2.json")
     assert key_command(["generate", model, k1, "--passphrase-env", "TIER_PASS", "--fraction", "0.3",
-                 "--attention-share", "0.5"]) == 0
+                        "--attention-share", "0.5"]) == 0
     assert "head swaps" in capsys.readouterr().out
     assert stat.S_IMODE(os.stat(k1).st_mode) == 0o600
     assert TierKey.load(k1).mlp_cols == generate_key(read_config(model), "open sesame", 0.3, 0.5).mlp_cols
     (tmp_path / "secret.bin").write_bytes(b"\x00\x01binary secret\n")
-    assert key_command(["generate", os.path.join(model, "config.json"), k2, "--secret-file", str(tmp_path / "secret.bin"),
-                 "-q"]) == 0
+    secret = str(tmp_path / "secret.bin")
+    assert key_command(["generate", os.path.join(model, "config.json"), k2, "--secret-file", secret, "-q"]) == 0
 
     keyed, public = str(tmp_path / "keyed"), str(tmp_path / "public")
     assert key_command(["apply", model, k1, k2, keyed, "-q"]) == 0

@@ -264,7 +264,7 @@ def test_saved_folder_and_manifest(tiny_lm, text_file, tmp_path):
     (lambda m: m.update(variant="true"), '"variant" is \'true\''),
     (lambda m: m.update(tensors=3), "lists 3 tensors but the folder holds"),
 ])
-def test_load_manifest_errors(tiny_lm, text_file, tmp_path, edit, needle):
+def test_load_fisher_manifest_errors(tiny_lm, text_file, tmp_path, edit, needle):
     path = tiny_lm("llama")
     out = tmp_path / "fisher"
     save_fisher(fisher(load_model(path), sequences(text_file)[:2]), str(out), path, MAX_LENGTH)
