@@ -29,9 +29,11 @@ def positive_int(text: str) -> int:
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     """MODEL DATA OUT and how DATA is batched: the statistics commands (fisher, stats) share them."""
-    p.add_argument("model", help="local Hugging Face model folder (safetensors weights, config.json, tokenizer)")
-    p.add_argument("data", help="plain text (one example per non-blank line) or .jsonl ({\"text\": ...} per line)")
-    p.add_argument("out_dir", help="output folder (must not exist or be empty, unless --overwrite)")
+    p.add_argument("model", metavar="MODEL",
+                   help="local Hugging Face model folder (safetensors weights, config.json, tokenizer)")
+    p.add_argument("data", metavar="DATA",
+                   help="plain text (one example per non-blank line) or .jsonl ({\"text\": ...} per line)")
+    p.add_argument("out_dir", metavar="OUT", help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="examples per batch (default 8)")
     p.add_argument("--max-length", type=positive_int, default=512, help="tokens per example, truncated (default 512)")
     p.add_argument("--max-examples", type=positive_int, default=None, help="use only the first N examples")
