@@ -41,15 +41,16 @@ import numpy as np
 import optuna
 import torch
 import transformers as tf
-from safetensors.torch import save_file
 from common import machine
+from safetensors.torch import save_file
 
 from merge_engine.config import parse_config
 from merge_engine.engine import MergeOptions, merge
 from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.grams import gram_folder
 from merge_engine.methods import REGISTRY
 from merge_engine.ops import backends
-from merge_engine.stats.gram import GramOptions, collect_grams, gram_folder
+from merge_engine.stats.gram import GramOptions, collect_grams
 from merge_engine.tuning import BMMProblem, tune_bmm
 
 TASKS = {  # name -> (digits kept, image transform)

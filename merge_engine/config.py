@@ -12,11 +12,11 @@ from typing import Any
 import torch
 import yaml
 
+from merge_engine.dtypes import DTYPES
 from merge_engine.errors import ConfigError
 from merge_engine.methods import REGISTRY, MergeMethod
 from merge_engine.parameters import ParamSpec, Scope, setting_leaves, setting_shape_problem
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 _KNOWN_KEYS = {"merge_method", "base_model", "models", "slices", "modules", "dtype", "out_dtype",
                "tokenizer_source", "tokenizer", "chat_template", "parameters"}
 

@@ -14,11 +14,14 @@ import sys
 
 import torch
 
+from merge_engine.dtypes import dtype_name
+from merge_engine.extras import require
+
 ARCHS = ("llama", "qwen2", "gpt2")
 
 
 def tiny_config(arch: str, layers: int = 4):
-    import transformers as tf
+    tf = require("transformers", "hf", "the demo models")
     if arch == "llama":
         return tf.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=layers,
                               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
@@ -35,7 +38,7 @@ def tiny_config(arch: str, layers: int = 4):
 def make_models(root: str, arch: str = "llama", n_experts: int = 3, dtype: torch.dtype = torch.float32,
                 shard_size: str | None = None, layers: int = 4, seed: int = 0, noise: float = 0.02) -> list[str]:
     """Save a base and n_experts fine-tune-like variants under root; return their folders (base first)."""
-    import transformers as tf
+    tf = require("transformers", "hf", "the demo models")
     cfg = tiny_config(arch, layers)
     torch.manual_seed(seed)
     base = tf.AutoModelForCausalLM.from_config(cfg).to(dtype)
@@ -83,7 +86,7 @@ def make_synthetic_llama(path: str, layers: int, hidden: int, intermediate: int,
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
               "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
               "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 2048,
-              "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": str(dtype).split(".")[1]}
+              "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": dtype_name(dtype)}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     gen = torch.Generator().manual_seed(seed)
@@ -116,10 +119,10 @@ def demo(out_dir: str) -> None:
     not need them), TIES-merge them into out_dir and load the result with transformers."""
     import tempfile
 
-    import transformers as tf
     import yaml
 
     from merge_engine import MergeOptions, merge, parse_config
+    tf = require("transformers", "hf", "the demo")
     with tempfile.TemporaryDirectory(prefix="merge_engine_demo_") as work:
         base, *experts = make_models(work, "llama", 3, torch.bfloat16, shard_size="100KB")
         config = {"merge_method": "ties", "base_model": base, "dtype": "bfloat16",

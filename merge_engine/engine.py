@@ -33,14 +33,16 @@ from tqdm.auto import tqdm
 
 from merge_engine.chat_templates import resolve_chat_template
 from merge_engine.config import WEIGHT_SHAPED_SIDE_INPUTS, MergeConfig, load_config
+from merge_engine.devices import resolve_device
+from merge_engine.dtypes import dtype_name
 from merge_engine.errors import MergeEngineError
+from merge_engine.extras import require
 from merge_engine.io.buffers import BufferPool
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.methods import MergeMethod, TensorGroup
 from merge_engine.ops import backends
 from merge_engine.plan import MergePlan, TensorJob, build_plan
-from merge_engine.vocabulary import (align_rows, chat_template_of, require_transformers, save_tokenizer,
-                                     set_vocab_size)
+from merge_engine.vocabulary import TOKENIZER_SETTINGS, align_rows, chat_template_of, save_tokenizer, set_vocab_size
 
 log = logging.getLogger("merge_engine")
 
@@ -76,15 +78,6 @@ class MergeReport:
         gbps = (self.bytes_read + self.bytes_written) / max(self.seconds, 1e-9) / 1e9
         return (f"merged {self.tensors} tensors: read {self.bytes_read / 1e9:.3f} GB, wrote "
                 f"{self.bytes_written / 1e9:.3f} GB in {self.seconds:.2f} s ({gbps:.2f} GB/s) -> {self.out_dir}")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MergeEngineError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def merge(config: MergeConfig | str, out_dir: str, options: MergeOptions | None = None) -> MergeReport:
@@ -235,7 +228,7 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, options: MergeOptio
     if model_config:
         out_dtype = plan.jobs[0].out_dtype if plan.jobs else None
         if out_dtype is not None:
-            name = str(out_dtype).removeprefix("torch.")
+            name = dtype_name(out_dtype)
             for key in ("torch_dtype", "dtype"):
                 if key in model_config or key == "torch_dtype":
                     model_config[key] = name
@@ -262,7 +255,7 @@ def write_tokenizer(plan: MergePlan, writer: ShardedWriter, options: MergeOption
         return
     if tokenizer is None and template:
         try:
-            tokenizer = require_transformers().AutoTokenizer.from_pretrained(plan.donor.path)
+            tokenizer = require("transformers", "hf", TOKENIZER_SETTINGS).AutoTokenizer.from_pretrained(plan.donor.path)
         except Exception as e:  # noqa: BLE001 (transformers raises many kinds; the merge itself is done)
             log.warning("cannot load the tokenizer of %s to give it the chat template (%s); its files are copied "
                         "as they are", plan.donor.path, e)
@@ -283,7 +276,7 @@ def _model_chat_templates(plan: MergePlan) -> list[str]:
     the vocabulary already loaded, when the config sets one)."""
     if plan.vocabulary:
         return plan.vocabulary.chat_templates
-    transformers = require_transformers()
+    transformers = require("transformers", "hf", TOKENIZER_SETTINGS)
     templates = []
     for ref, ckpt in plan.models.items():
         try:

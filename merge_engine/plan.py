@@ -14,10 +14,11 @@ import torch
 
 from merge_engine.config import WEIGHT_SHAPED_SIDE_INPUTS, MergeConfig, Slice
 from merge_engine.errors import CheckpointError, ConfigError
+from merge_engine.io import fishers
 from merge_engine.io.checkpoint import Checkpoint, split_layer_name
+from merge_engine.io.grams import gram_folder
 from merge_engine.io.lora import open_model
 from merge_engine.parameters import Scope, resolve
-from merge_engine.stats.gram import gram_folder
 from merge_engine.vocabulary import RowRecipe, Vocabulary, build_vocabulary
 
 log = logging.getLogger("merge_engine")
@@ -81,6 +82,8 @@ def open_models(cfg: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, Chec
             table[ref] = open_model(ref) if table is models else Checkpoint(ref)
             if table is side and "grams" in side_kinds[ref]:
                 gram_folder(ref)  # its manifest, checked against the stored Grams
+            if table is side and "fisher" in side_kinds[ref] and fishers.has_manifest(ref):
+                fishers.fisher_manifest(ref)  # checked when there is one (a Fisher from elsewhere may have none)
         except CheckpointError as e:
             problems.append(str(e))
     for token, setting in (cfg.tokenizer.tokens.items() if cfg.tokenizer else ()):

@@ -26,8 +26,10 @@ import torch
 
 from merge_engine.config import TokenizerSpec, TokenSetting
 from merge_engine.errors import ConfigError
+from merge_engine.extras import require
 
 log = logging.getLogger("merge_engine")
+TOKENIZER_SETTINGS = "a merge that sets tokenizer_source, tokenizer or chat_template"  # what needs transformers
 
 
 @dataclass
@@ -190,7 +192,7 @@ class _ModelRow:
 def build_vocabulary(spec: TokenizerSpec, models: dict[str, Any], base: str) -> Vocabulary:
     """The output tokenizer of `spec` and each model's row of each of its tokens. models: referenced
     model -> its Checkpoint (config order); base: the base model, or the first one."""
-    transformers = require_transformers()
+    transformers = require("transformers", "hf", TOKENIZER_SETTINGS)
     problems: list[str] = []
     tokenizers = {}
     for ref in models:
@@ -322,10 +324,3 @@ def save_tokenizer(tokenizer, chat_template: str | None, folder: str) -> list[st
     return sorted(os.listdir(folder))
 
 
-def require_transformers():
-    try:
-        import transformers
-    except ImportError as e:
-        raise ConfigError(["tokenizer_source, tokenizer and chat_template need transformers "
-                           "(pip install 'merge_engine[hf]')"], "tokenizer") from e
-    return transformers

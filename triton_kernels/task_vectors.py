@@ -27,12 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
-from merge_engine.ops.select import NOTHING_LARGEST, check_finite, check_ordered
+from merge_engine.ops.backends import KERNEL_DTYPES
+from merge_engine.ops.select import NOTHING_LARGEST, NOTHING_SMALLEST, check_finite, check_ordered
+from merge_engine.ops.sparsify import SPARSIFY_CODES
 
-NONE, MAGNITUDE, RANDOM, OUTLIERS, RANK = range(5)  # as in csrc/task_vectors.h
-NOTHING_SMALLEST = -1  # the ascending cut-off that selects nothing (ops/select.py)
+NONE, MAGNITUDE, RANDOM, OUTLIERS, RANK = (SPARSIFY_CODES[s] for s in ("", "magnitude", "random", "outliers", "rank"))
 BLOCK = 1024  # elements per program
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _IEEE = dict(enable_fp_fusion=False)  # launch option of every kernel: no fused multiply-add
 
 
@@ -234,7 +234,7 @@ def _cutoffs(base, expert, counts: list[int], largest: bool) -> list[tuple[int, 
 
 
 def _check_inputs(base: torch.Tensor, tensors: list[torch.Tensor]) -> None:
-    if base.dtype not in _DTYPES:
+    if base.dtype not in KERNEL_DTYPES:
         raise TypeError(f"merge_engine Triton kernel: dtype must be float32, bfloat16 or float16, got {base.dtype}")
     for x in (base, *tensors):
         if x.device != base.device or x.dtype != base.dtype or x.shape != base.shape or not x.is_contiguous():
@@ -331,7 +331,7 @@ def _rescale_factors(base, pointers, cuts, probs, mode, key0, key1) -> torch.Ten
     return torch.where((before >= 1e-7) & (after >= 1e-7), ratio, torch.ones_like(ratio))
 
 
-modes = (0, 1, 2, 3)  # none, magnitude, random, outliers: DELLA (4) stays with the reference
+modes = (NONE, MAGNITUDE, RANDOM, OUTLIERS)  # DELLA (RANK) stays with the reference
 
 @_on_tensor_device
 def merge_task_vectors(base: torch.Tensor, experts: list[torch.Tensor], weights: list[float], mode: int,

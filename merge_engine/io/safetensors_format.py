@@ -15,16 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from merge_engine.dtypes import SAFETENSORS_CODES, SAFETENSORS_DTYPES
 from merge_engine.errors import CheckpointError
 from merge_engine.io.raw import tensor_bytes
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
 
 
@@ -77,7 +71,7 @@ def read_header(path: str) -> dict[str, TensorInfo]:
 
 def _tensor_info(path: str, name: str, entry, data_base: int, file_size: int) -> TensorInfo:
     try:
-        dtype = DTYPES[entry["dtype"]]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
         shape = tuple(int(d) for d in entry["shape"])
         begin, end = (int(o) for o in entry["data_offsets"])
     except (KeyError, TypeError, ValueError) as e:
@@ -106,7 +100,7 @@ def build_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
     relative: dict[str, int] = {}
     for name, dtype, shape in entries:
         nbytes = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": SAFETENSORS_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         relative[name] = offset
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()

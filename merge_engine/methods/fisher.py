@@ -21,14 +21,13 @@ vector in the importance variants; missing_fisher: error refuses such a config b
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
-import os
 
 import torch
 
 from merge_engine import ops
+from merge_engine.io import fishers
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.methods.base import MergeMethod, TensorGroup
 from merge_engine.ops.fisher import check_fisher_values
@@ -38,25 +37,16 @@ from merge_engine.parameters import ParamSpec, Scope, in_unit_interval, non_nega
 
 log = logging.getLogger("merge_engine")
 
-MANIFEST = "fisher.json"  # written beside the tensors by merge-engine fisher
 REFERENCE = "https://arxiv.org/abs/2111.09832"
-
-
-
-
 MISSING = ParamSpec("missing_fisher", str, Scope.SHARED, "fallback", check=one_of("fallback", "error"))
 
 
 @functools.cache
 def fisher_l2_norm(folder: str) -> float:
     """The L2 norm of a whole Fisher: from the sum_squares of its manifest, else by reading it once."""
-    path = os.path.join(folder, MANIFEST)
-    if os.path.exists(path):
-        with open(path) as f:
-            sum_squares = json.load(f).get("sum_squares")
-        if isinstance(sum_squares, (int, float)):
-            return math.sqrt(sum_squares)
-    log.info("%s: no sum_squares in %s; reading the whole Fisher once to normalise it", folder, MANIFEST)
+    if fishers.has_manifest(folder):
+        return math.sqrt(fishers.fisher_manifest(folder)["sum_squares"])
+    log.info("%s: no %s; reading the whole Fisher once to normalise it", folder, fishers.MANIFEST_FILE)
     ckpt = Checkpoint(folder)
     return math.sqrt(sum(float(ckpt.read(name).double().square().sum()) for name in ckpt.tensors))
 

@@ -26,12 +26,17 @@ import functools
 
 import torch
 
+from merge_engine.dtypes import DTYPES
+from merge_engine.io.grams import as_matrix, gram_folder
 from merge_engine.methods.base import MergeMethod, TensorGroup
 from merge_engine.ops import regression
 from merge_engine.parameters import ParamSpec, Scope, in_unit_interval, non_negative, one_of
-from merge_engine.stats.gram import as_matrix, gram_folder
 
-SOLVE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+SOLVE_DTYPES = ("float64", "float32")
+
+
+def solve_dtype(group: TensorGroup) -> torch.dtype:
+    return DTYPES[group.shared["solve_dtype"]]
 
 
 # ---- Grams of one tensor group ----
@@ -44,7 +49,7 @@ def _scaled_gram(group: TensorGroup, i: int) -> tuple[torch.Tensor, bool] | None
         return None
     folder = gram_folder(group.side_folders["grams"][i])
     entry = folder.module_of(group.name)
-    gram = as_matrix(stored, entry["in_features"]).to(SOLVE_DTYPES[group.shared["solve_dtype"]])
+    gram = as_matrix(stored, entry["in_features"]).to(solve_dtype(group))
     if group.shared["gram_scale"] == "tokens":
         gram = gram / entry["rows"]
     else:
@@ -119,6 +124,12 @@ def specialize(outer: MergeMethod, prefix: str, default: str, merge, global_para
     return dataclasses.replace(method, side_inputs=side_inputs(global_params)) if side_inputs else method
 
 
+def wrapping(outer: MergeMethod, prefix: str, default: str, merge, side_inputs=None) -> MergeMethod:
+    """outer, bound at plan time to the inner method its global parameter prefix.rstrip('_') names."""
+    return dataclasses.replace(outer, specialize=functools.partial(specialize, outer, prefix, default, merge,
+                                                                   side_inputs=side_inputs))
+
+
 # ---- RegMean ----
 
 def _regmean(group: TensorGroup, fallback) -> torch.Tensor:
@@ -126,21 +137,21 @@ def _regmean(group: TensorGroup, fallback) -> torch.Tensor:
     if inputs is None:
         return fallback(group)
     weights, grams, transposed = inputs
-    merged = regression.regmean(weights, grams, group.shared["alpha"], SOLVE_DTYPES[group.shared["solve_dtype"]])
+    merged = regression.regmean(weights, grams, group.shared["alpha"], solve_dtype(group))
     return merged.T if transposed else merged
-
 
 
 SOLVE = ParamSpec("solve_dtype", str, Scope.SHARED, "float64", check=one_of(*SOLVE_DTYPES))
 
 
-REGMEAN = MergeMethod(
+REGMEAN = wrapping(MergeMethod(
     "regmean", lambda group: _regmean(group, None),
     (ParamSpec("alpha", float, Scope.SHARED, 0.9, check=in_unit_interval),
      ParamSpec("gram_scale", str, Scope.SHARED, "tokens", check=one_of("tokens", "trace")),
      ParamSpec("fallback", str, Scope.SHARED, "linear"),
      SOLVE),
-    base="optional", side_inputs=("grams",), reference="https://arxiv.org/abs/2212.09849")
+    base="optional", side_inputs=("grams",), reference="https://arxiv.org/abs/2212.09849"),
+    "fallback_", "linear", _regmean)
 
 
 # ---- Bayesian Model Merging ----
@@ -170,7 +181,7 @@ def bmm_terms(group: TensorGroup, anchor) -> BMMTerms:
         if not is_linear_weight(group.name, group.base):
             return BMMTerms(prior)
         weights = group.experts
-        dtype = SOLVE_DTYPES[group.shared["solve_dtype"]]
+        dtype = solve_dtype(group)
         return BMMTerms(prior, weights, [regression.task_vector_gram(w, group.base, dtype) for w in weights])
     inputs = _regression_inputs(group)
     if inputs is None:
@@ -184,27 +195,23 @@ def _bmm(group: TensorGroup, anchor) -> torch.Tensor:
     if terms.weights is None:
         return terms.prior
     prior = terms.prior.T if terms.transposed else terms.prior
-    merged = regression.bmm(terms.weights, terms.grams, prior, group.shared["lambda"],
-                            SOLVE_DTYPES[group.shared["solve_dtype"]])
+    merged = regression.bmm(terms.weights, terms.grams, prior, group.shared["lambda"], solve_dtype(group))
     return merged.T if terms.transposed else merged
 
 
-BMM = MergeMethod(
+def _bmm_side_inputs(global_params: dict) -> tuple[str, ...]:
+    """Data-free BMM reads no Grams."""
+    return () if str(global_params.get("data_free", False)).lower() == "true" else ("grams",)
+
+
+BMM = wrapping(MergeMethod(
     "bmm", lambda group: _bmm(group, None),
     (ParamSpec("lambda", float, Scope.SHARED, 1.0, check=non_negative),
      ParamSpec("gram_scale", str, Scope.SHARED, "trace", check=one_of("tokens", "trace")),
      ParamSpec("anchor", str, Scope.SHARED, "task_arithmetic"),
      ParamSpec("data_free", bool, Scope.SHARED, False),
      SOLVE),
-    base="required", min_non_base=1, side_inputs=("grams",), reference="https://arxiv.org/abs/2605.12843")
+    base="required", min_non_base=1, side_inputs=("grams",), reference="https://arxiv.org/abs/2605.12843"),
+    "anchor_", "task_arithmetic", _bmm, _bmm_side_inputs)
 
-
-REGMEAN = dataclasses.replace(REGMEAN, specialize=functools.partial(specialize, REGMEAN, "fallback_", "linear", _regmean))
-def _bmm_side_inputs(global_params: dict) -> tuple[str, ...]:
-    """Data-free BMM reads no Grams."""
-    return () if str(global_params.get("data_free", False)).lower() == "true" else ("grams",)
-
-
-BMM = dataclasses.replace(BMM, specialize=functools.partial(specialize, BMM, "anchor_", "task_arithmetic", _bmm,
-                                                            side_inputs=_bmm_side_inputs))
 METHODS = [REGMEAN, BMM]

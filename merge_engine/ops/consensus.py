@@ -115,9 +115,6 @@ def merge_task_vectors(base: torch.Tensor, experts: list[torch.Tensor], weights:
                                         lambda_, gammas, epsilons, seed, tensor_name)
 
 
-MODES = {"": 0, "magnitude": 1, "random": 2, "outliers": 3, "rank": 4}  # as in csrc/task_vectors.h
-
-
 def selection_counts(numel: int, sparsify: str, density: float, gamma: float) -> tuple[int, int]:
     """(lo, hi): a magnitude/outliers expert keeps the first hi minus the first lo elements of its
     stable magnitude order (descending for magnitude, ascending for outliers), as the references do."""
@@ -137,9 +134,10 @@ def _merge_with(backend, base, experts, weights, densities, sparsify="", consens
     backend takes one (the CPU kernel does), else into a fresh tensor."""
     args = (base, experts, weights, densities, sparsify, consensus, normalize, rescale, lambda_, gammas, epsilons,
             seed, tensor_name)
-    if (backend is None or not experts or not backends.served_by_kernels(base, *experts) or sparsify not in MODES
+    codes = sp.SPARSIFY_CODES
+    if (backend is None or not experts or not backends.served_by_kernels(base, *experts) or sparsify not in codes
             or len(experts) > getattr(backend, "max_experts", len(experts))
-            or MODES[sparsify] not in getattr(backend, "modes", MODES.values())):
+            or codes[sparsify] not in getattr(backend, "modes", codes.values())):
         return merge_task_vectors_reference(*args)
     n = base.numel()
     counts = [selection_counts(n, sparsify, d, gammas[i] if gammas else 0.0) for i, d in enumerate(densities)]
@@ -147,7 +145,7 @@ def _merge_with(backend, base, experts, weights, densities, sparsify="", consens
         for d, e in zip(densities, epsilons):
             sp.check_della(d, e)
     key0, key1 = philox_key(seed, tensor_name)
-    return backend.merge_task_vectors(base, list(experts), list(weights), MODES[sparsify], [c[0] for c in counts],
+    return backend.merge_task_vectors(base, list(experts), list(weights), codes[sparsify], [c[0] for c in counts],
                                       [c[1] for c in counts], list(densities), list(epsilons or []), consensus,
                                       normalize, rescale, lambda_, key0, key1, *([out] if out is not None else []))
 

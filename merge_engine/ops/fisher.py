@@ -20,7 +20,7 @@ import torch
 from merge_engine.ops import backends
 from merge_engine.ops.library import op
 
-FISHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FISHER_DTYPES = backends.KERNEL_DTYPES  # of the Fisher buffers and gradients the kernels take
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -27,7 +27,7 @@ import torch
 from merge_engine.ops import backends
 from merge_engine.ops.library import op
 
-GRAM_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+GRAM_INPUT_DTYPES = backends.KERNEL_DTYPES  # of the activations the kernels take
 
 
 def check_gram_args(gram: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None) -> None:

@@ -25,6 +25,7 @@ _KEY_VIEW = {torch.float16: (torch.int16, 0x7FFF), torch.bfloat16: (torch.int16,
              torch.float32: (torch.int32, 0x7FFFFFFF), torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF)}
 _INF_KEY = {dt: int(torch.tensor(float("inf"), dtype=dt).view(v).item()) & m for dt, (v, m) in _KEY_VIEW.items()}
 NOTHING_LARGEST = (1 << 63) - 1  # key no magnitude reaches: the descending cut-off that selects nothing
+NOTHING_SMALLEST = -1  # below every key: the ascending cut-off that selects nothing
 
 
 def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,7 @@ def magnitude_cutoff_reference(x: torch.Tensor, count: int, largest: bool = True
     n = keys.numel()
     count = min(max(count, 0), n)
     if count in (0, n):
-        nothing, everything = (NOTHING_LARGEST, -1) if largest else (-1, NOTHING_LARGEST)
+        nothing, everything = (NOTHING_LARGEST, NOTHING_SMALLEST) if largest else (NOTHING_SMALLEST, NOTHING_LARGEST)
         return torch.tensor([nothing if count == 0 else everything, 0], dtype=torch.int64)
     order = torch.argsort(keys, descending=largest, stable=True)
     last = int(order[count - 1])

@@ -112,4 +112,7 @@ def drop_by_rank(x: torch.Tensor, density: float, epsilon: float, seed: int, ten
     return _apply(x, u < p, rescale)
 
 
-SPARSIFIERS = ("magnitude", "random", "outliers", "rank")
+# sparsify= of merge_task_vectors -> the mode code the kernels take (csrc/task_vectors.h's enum Mode and
+# triton_kernels/task_vectors.py use these values; tests/ops/test_sparsify.py checks both)
+SPARSIFY_CODES = {"": 0, "magnitude": 1, "random": 2, "outliers": 3, "rank": 4}
+SPARSIFIERS = tuple(name for name in SPARSIFY_CODES if name)

@@ -6,16 +6,9 @@
     collect_grams("model/", "data.jsonl", "model-grams/", GramOptions(packed=True))
 """
 from merge_engine.stats.data import DataError, TokenizedData, load_data, load_tokenizer, make_batch, read_texts
-from merge_engine.stats.fisher import (
-    FisherOptions,
-    FisherResult,
-    collect_fisher,
-    compute_fisher,
-    load_manifest,
-    save_fisher,
-)
-from merge_engine.stats.gram import GramOptions, collect_grams, load_gram_folder
+from merge_engine.stats.fisher import FisherOptions, FisherResult, collect_fisher, compute_fisher, save_fisher
+from merge_engine.stats.gram import GramOptions, collect_grams
 
 __all__ = ["DataError", "FisherOptions", "FisherResult", "GramOptions", "TokenizedData", "collect_fisher",
-           "collect_grams", "compute_fisher", "load_data", "load_gram_folder", "load_manifest", "load_tokenizer",
+           "collect_grams", "compute_fisher", "load_data", "load_tokenizer",
            "make_batch", "read_texts", "save_fisher"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from merge_engine.errors import MergeEngineError
+from merge_engine.extras import require
 
 
 class DataError(MergeEngineError):
@@ -57,9 +58,9 @@ def _jsonl_text(line: str, path: str, lineno: int) -> str:
 
 def load_tokenizer(model_dir: str):
     """The tokenizer saved in a model folder (local files only)."""
-    from transformers import AutoTokenizer
+    transformers = require("transformers", "hf", "tokenizing a data file")
     try:
-        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as e:
         raise DataError(f"{model_dir}: cannot load a tokenizer from the model folder ({' '.join(str(e).split())})") from e
 

@@ -36,14 +36,12 @@ one step's contribution, those contributions are partly rounded away, so long ru
 one backward (one batch, or one example with per_example); a warning is logged past 128 steps.
 Prefer per-batch granularity with large batches, or fp32 storage, for long runs.
 
-The result is saved as a folder readable by merge_engine.io.checkpoint.Checkpoint: safetensors
-shard(s) of the Fisher tensors plus a `fisher.json` manifest (see save_fisher).
+The result is saved as a Fisher folder, in the format merge_engine/io/fishers.py describes and reads.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,18 +50,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from merge_engine.errors import CheckpointError, MergeEngineError
-from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.devices import resolve_device
+from merge_engine.dtypes import dtype_name
+from merge_engine.errors import MergeEngineError
+from merge_engine.io.fishers import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, VARIANTS
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.ops.fisher import FISHER_DTYPES, accumulate_fisher
+from merge_engine.stats.data import DataError, load_data
+from merge_engine.stats.models import check_model_folder, load_model
 
 log = logging.getLogger("merge_engine")
-
-VARIANTS = ("empirical", "sampled")
-GRANULARITIES = ("per_example", "per_batch")
-MANIFEST_FILE = "fisher.json"
-MANIFEST_FORMAT = "merge_engine.fisher"
-MANIFEST_VERSION = 1
 
 
 @dataclass
@@ -228,15 +224,12 @@ def disable_gradient_checkpointing(model: torch.nn.Module) -> None:
     disable()
 
 
-# ---- saving and loading ----
+# ---- saving ----
 
 def save_fisher(result: FisherResult, out_dir: str, model_path: str, max_length: int | None,
                 overwrite: bool = False, shard_size: int = 5 * 10**9) -> dict:
-    """Write the Fisher tensors (safetensors shards) and fisher.json atomically; return the manifest.
-
-    Manifest: format, version, model, variant, granularity, examples, tokens (next-token positions),
-    dtype (storage dtype of the Fisher), seed, max_length, sum_squares (float64 sum over all tensors
-    of sum(F^2), so a merge can L2-normalise a Fisher without reading it) and tensors (count)."""
+    """Write the Fisher tensors (safetensors shards) and fisher.json atomically; return the manifest
+    (fields in merge_engine/io/fishers.py)."""
     entries = [(name, f.dtype, tuple(f.shape)) for name, f in result.fisher.items()]
     writer = ShardedWriter(out_dir, entries, shard_size, overwrite)
     try:
@@ -255,53 +248,6 @@ def save_fisher(result: FisherResult, out_dir: str, model_path: str, max_length:
         writer.abort()
         raise
     return manifest
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-_MANIFEST_TYPES = {"format": str, "version": int, "model": str, "variant": str, "granularity": str,
-                   "examples": int, "tokens": int, "dtype": str, "seed": int, "max_length": (int, type(None)),
-                   "sum_squares": (float, int), "tensors": int}
-
-
-def load_manifest(path: str) -> dict:
-    """The validated fisher.json of a Fisher folder; CheckpointError naming the file otherwise."""
-    file = os.path.join(path, MANIFEST_FILE)
-    if not os.path.isfile(file):
-        raise CheckpointError(f"{path}: not a Fisher folder ({MANIFEST_FILE} is missing)")
-    try:
-        with open(file) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: unreadable Fisher manifest ({e})") from e
-    problem = _manifest_problem(manifest)
-    if problem:
-        raise CheckpointError(f"{file}: {problem}")
-    stored = len(Checkpoint(path).tensors)
-    if stored != manifest["tensors"]:
-        raise CheckpointError(f"{file}: lists {manifest['tensors']} tensors but the folder holds {stored}")
-    return manifest
-
-
-def _manifest_problem(manifest) -> str | None:
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        return f'not a Fisher manifest (expected "format": "{MANIFEST_FORMAT}")'
-    if manifest.get("version") != MANIFEST_VERSION:
-        return f"unsupported version {manifest.get('version')!r} (this merge_engine reads {MANIFEST_VERSION})"
-    for key, types in _MANIFEST_TYPES.items():
-        if key not in manifest:
-            return f'field "{key}" is missing'
-        if not isinstance(manifest[key], types) or isinstance(manifest[key], bool):
-            return f'field "{key}" has the wrong type ({type(manifest[key]).__name__})'
-    choices = {"variant": VARIANTS, "granularity": GRANULARITIES, "dtype": tuple(map(dtype_name, FISHER_DTYPES))}
-    for key, allowed in choices.items():
-        if manifest[key] not in allowed:
-            return f'field "{key}" is {manifest[key]!r}, expected one of {list(allowed)}'
-    if manifest["examples"] < 1 or not (math.isfinite(manifest["sum_squares"]) and manifest["sum_squares"] >= 0):
-        return '"examples" must be >= 1 and "sum_squares" finite and >= 0'
-    return None
 
 
 # ---- the whole run ----
@@ -329,8 +275,6 @@ def collect_fisher(model_dir: str, data_path: str, out_dir: str, options: Fisher
 
     Inputs are checked before any compute (output folder, model folder, tokenizer, data file), and
     nothing is written unless the whole run succeeds."""
-    from merge_engine.engine import resolve_device
-    from merge_engine.stats.data import DataError, load_data
     options = options or FisherOptions()
     check_output_dir(out_dir, options.overwrite)
     device = resolve_device(options.device)
@@ -344,27 +288,3 @@ def collect_fisher(model_dir: str, data_path: str, out_dir: str, options: Fisher
                             options.seed, options.fisher_dtype, not options.quiet, options.gradient_checkpointing)
     return save_fisher(result, out_dir, os.path.abspath(model_dir), options.max_length, options.overwrite,
                        options.shard_size)
-
-
-def check_model_folder(model_dir: str) -> None:
-    """Fail early, naming the file, when the folder has no readable weights or config.json."""
-    Checkpoint(model_dir).close()
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise CheckpointError(f"{model_dir}: config.json is missing (needed to build the model)")
-
-
-def load_model(model_dir: str, dtype: torch.dtype | None, device: torch.device,
-               auto_class: str = "AutoModelForCausalLM") -> torch.nn.Module:
-    """The model of a local folder (a causal LM by default), refusing one whose checkpoint misses weights
-    (they would be random)."""
-    import transformers
-    try:
-        model, info = getattr(transformers, auto_class).from_pretrained(model_dir, dtype=dtype or "auto", local_files_only=True,
-                                                           output_loading_info=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{model_dir}: cannot load the model ({e})") from e
-    missing = sorted(info["missing_keys"])
-    if missing:
-        raise CheckpointError(f"{model_dir}: the checkpoint lacks {len(missing)} weight(s) of the model, "
-                              f"e.g. {missing[:3]}")
-    return model.to(device)

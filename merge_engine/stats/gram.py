@@ -13,19 +13,10 @@ fp32 Grams fit the budget; each pass runs the whole data set, accumulating only 
 Llama's fp32 Grams (~22 GB) with an 8 GB budget take three passes, i.e. about 1.5 forwards of the
 data on average, and never more than 8 GB of Grams in memory.
 
-Output: a folder of safetensors shards, one tensor per Gram named `<module>.gram` after the first
-module that reads it ([d, d] in fp32 or bf16, or its upper triangle packed row by row, d (d + 1) / 2
-entries, when `packed`), and `grams.json`:
-    {"format": "merge_engine.grams", "version": 1, "model": ..., "examples": N, "tokens": T,
-     "dtype": "float32" | "bfloat16", "packed": bool, "max_length": L,
-     "modules": {module: {"gram": tensor name, "in_features": d, "transposed": bool, "rows": n}}}
-`tokens` counts the real tokens of the data; a module's `rows` the input rows its Gram summed (its
-tokens, or one per example for a pooler or classification head, which reads one vector per example);
-`transposed` marks modules whose weight is stored [in, out] (GPT-2's Conv1D), not [out, in] (nn.Linear).
+Output: a Grams folder, in the format merge_engine/io/grams.py describes and reads.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -34,15 +25,14 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from merge_engine.errors import CheckpointError, MergeEngineError
-from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.devices import resolve_device
+from merge_engine.dtypes import DTYPES, STATS_DTYPES
+from merge_engine.errors import MergeEngineError
+from merge_engine.io.grams import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, stored_shape, to_stored
 from merge_engine.io.writer import ShardedWriter, check_output_dir
-from merge_engine.ops.gram import accumulate_gram, mirror_upper_, pack_upper, unpack_upper
-
-MANIFEST_FILE = "grams.json"
-MANIFEST_FORMAT = "merge_engine.grams"
-MANIFEST_VERSION = 1
-GRAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from merge_engine.ops.gram import accumulate_gram, mirror_upper_
+from merge_engine.stats.data import load_data
+from merge_engine.stats.models import auto_class_of, check_model_folder, load_model
 
 
 @dataclass
@@ -240,20 +230,12 @@ def gram_tensor_name(group: GramGroup) -> str:
     return f"{group.name}.gram"
 
 
-def stored_gram(gram: torch.Tensor, options: GramOptions) -> torch.Tensor:
-    out = pack_upper(gram) if options.packed else gram
-    return out.to(GRAM_DTYPES[options.gram_dtype]).cpu()
-
-
 def collect_grams(model_dir: str, data_path: str, out_dir: str, options: GramOptions | None = None) -> dict:
     """Validate the inputs, load model and data, collect the Grams and save them; return the manifest.
     Nothing is written unless the whole run succeeds."""
-    from merge_engine.engine import resolve_device
-    from merge_engine.stats.data import load_data
-    from merge_engine.stats.fisher import check_model_folder, load_model
     options = options or GramOptions()
-    if options.gram_dtype not in GRAM_DTYPES:
-        raise ValueError(f"gram_dtype must be one of {list(GRAM_DTYPES)}, got {options.gram_dtype!r}")
+    if options.gram_dtype not in STATS_DTYPES:
+        raise ValueError(f"gram_dtype must be one of {list(STATS_DTYPES)}, got {options.gram_dtype!r}")
     check_output_dir(out_dir, options.overwrite)
     device = resolve_device(options.device)
     check_model_folder(model_dir)
@@ -263,12 +245,12 @@ def collect_grams(model_dir: str, data_path: str, out_dir: str, options: GramOpt
     state = {}
 
     def open_writer(groups: list[GramGroup]):
-        dtype = GRAM_DTYPES[options.gram_dtype]
-        shapes = [((g.d * (g.d + 1) // 2,) if options.packed else (g.d, g.d)) for g in groups]
-        state["writer"] = ShardedWriter(out_dir, [(gram_tensor_name(g), dtype, s) for g, s in zip(groups, shapes)],
-                                        options.shard_size, options.overwrite)
+        dtype = DTYPES[options.gram_dtype]
+        entries = [(gram_tensor_name(g), dtype, stored_shape(g.d, options.packed)) for g in groups]
+        state["writer"] = ShardedWriter(out_dir, entries, options.shard_size, options.overwrite)
         by_name = {g.name: gram_tensor_name(g) for g in groups}
-        return lambda name, gram: state["writer"].write(by_name[name], stored_gram(gram, options))
+        return lambda name, gram: state["writer"].write(by_name[name], to_stored(gram, options.gram_dtype,
+                                                                                 options.packed))
 
     try:
         summary = compute_grams(model, data.batches(options.batch_size), open_writer, options)
@@ -282,85 +264,3 @@ def collect_grams(model_dir: str, data_path: str, out_dir: str, options: GramOpt
             state["writer"].abort()
         raise
     return manifest
-
-
-def auto_class_of(model_dir: str) -> str:
-    """The class config.json names (BertForSequenceClassification...), so modules are named as the
-    checkpoint's weights are (bert.encoder..., with the head); AutoModel when it names none transformers has."""
-    import transformers
-    architectures = Checkpoint(model_dir).config.get("architectures") or []
-    return next((a for a in architectures if hasattr(transformers, a)), "AutoModel")
-
-
-# ---- reading ----
-
-@dataclass
-class GramFolder:
-    """A Grams folder: its manifest, and each weight's Gram."""
-
-    path: str
-    manifest: dict
-
-    def module_of(self, weight_name: str) -> dict | None:
-        """The manifest entry of the module owning a `<module>.weight` tensor, or None."""
-        if not weight_name.endswith(".weight"):
-            return None
-        return self.manifest["modules"].get(weight_name.removesuffix(".weight"))
-
-    def gram_shape(self, d: int) -> tuple[int, ...]:
-        return (d * (d + 1) // 2,) if self.manifest["packed"] else (d, d)
-
-
-def as_matrix(stored: torch.Tensor, d: int) -> torch.Tensor:
-    """A stored Gram (full or packed, any dtype) as an fp32 [d, d] matrix."""
-    return stored.float() if stored.dim() == 2 else unpack_upper(stored, d, torch.float32)
-
-
-@functools.cache
-def gram_folder(path: str) -> GramFolder:
-    """load_gram_folder, once per path and process (plans and merges look up every tensor's Gram)."""
-    return load_gram_folder(path)
-
-
-_MANIFEST_TYPES = {"format": str, "version": int, "model": str, "examples": int, "tokens": int, "dtype": str,
-                   "packed": bool, "max_length": (int, type(None)), "modules": dict}
-
-
-def load_gram_folder(path: str) -> GramFolder:
-    """The validated manifest of a Grams folder; CheckpointError naming the file otherwise."""
-    file = os.path.join(path, MANIFEST_FILE)
-    if not os.path.isfile(file):
-        raise CheckpointError(f"{path}: not a Grams folder ({MANIFEST_FILE} is missing; write one with "
-                              "`merge-engine stats`)")
-    try:
-        with open(file) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: unreadable Grams manifest ({e})") from e
-    problem = _manifest_problem(manifest, Checkpoint(path).tensors)
-    if problem:
-        raise CheckpointError(f"{file}: {problem}")
-    return GramFolder(path, manifest)
-
-
-def _manifest_problem(manifest, stored: dict) -> str | None:
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        return f'not a Grams manifest (expected "format": "{MANIFEST_FORMAT}")'
-    if manifest.get("version") != MANIFEST_VERSION:
-        return f"unsupported version {manifest.get('version')!r} (this merge_engine reads {MANIFEST_VERSION})"
-    for key, types in _MANIFEST_TYPES.items():
-        if not isinstance(manifest.get(key), types) or (isinstance(manifest.get(key), bool) and types is not bool):
-            return f'field "{key}" is missing or has the wrong type'
-    if manifest["dtype"] not in GRAM_DTYPES or manifest["tokens"] < 1:
-        return f'"dtype" must be one of {list(GRAM_DTYPES)} and "tokens" >= 1'
-    for module, entry in manifest["modules"].items():
-        if not (isinstance(entry, dict) and isinstance(entry.get("gram"), str) and isinstance(entry.get("in_features"), int)
-                and isinstance(entry.get("transposed"), bool) and isinstance(entry.get("rows"), int) and entry["rows"] > 0):
-            return f'module "{module}": expected {{"gram": name, "in_features": int, "transposed": bool, "rows": int > 0}}'
-        d = entry["in_features"]
-        want = (d * (d + 1) // 2,) if manifest["packed"] else (d, d)
-        info = stored.get(entry["gram"])
-        if info is None or tuple(info.shape) != want:
-            return (f'module "{module}": Gram tensor "{entry["gram"]}" is '
-                    f"{'missing' if info is None else list(info.shape)}, expected {list(want)}")
-    return None

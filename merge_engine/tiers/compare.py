@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from merge_engine.devices import resolve_device
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.tiers.apply import Keys, resolve
 from merge_engine.tiers.forward import KEYED, PUBLIC, KeyedModel
@@ -88,10 +89,9 @@ def compare_prompts(model_dir: str, keys: Keys, prompts: str, max_length: int = 
                     dtype: torch.dtype | None = None) -> Comparison:
     """Load the model and tokenizer of model_dir and compare its public and keyed outputs on a prompts file
     (plain text, one prompt per line, or .jsonl with a "text" field; see merge_engine.stats.data)."""
-    # imported here: the merge engine and the statistics modules are needed by this entry point only
-    from merge_engine.engine import resolve_device
+    # imported here: the statistics modules are needed by this entry point only
     from merge_engine.stats.data import load_data, read_texts
-    from merge_engine.stats.fisher import load_model
+    from merge_engine.stats.models import load_model
     ckpt = Checkpoint(model_dir)
     try:
         resolve(keys, ckpt)  # refuse keys made for another model before loading it

@@ -53,6 +53,7 @@ from merge_engine.ops.consensus import _merge_with, merge_task_vectors_reference
 from merge_engine.ops.fisher import accumulate_fisher_reference, fisher_merge_reference, invalid_fisher_message
 from merge_engine.ops.permute import gather_blocks_reference, scatter_add_blocks_reference, swap_blocks_reference
 from merge_engine.ops.select import magnitude_cutoff
+from merge_engine.ops.sparsify import SPARSIFY_CODES
 from tests.csrc import kernel_checks
 from tests.csrc.kernel_checks import (
     BITS,
@@ -78,7 +79,7 @@ if not backends.kernels_enabled():
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = [(1,), (7,), (1023,), (4097,), (37, 53)]
 MANTISSA = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
-MODES = ["", "magnitude", "random", "outliers", "rank"]
+MODES = list(SPARSIFY_CODES)
 
 
 @pytest.fixture(scope="module")

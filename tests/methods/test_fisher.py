@@ -29,7 +29,9 @@ def write_fisher(folder, model_tensors, seed, transform=None, manifest=True, ski
     if manifest:
         sum_squares = sum(float(f.double().square().sum()) for f in fisher.values())
         with open(os.path.join(folder, "fisher.json"), "w") as fh:
-            json.dump({"format": "merge_engine.fisher", "version": 1, "sum_squares": sum_squares}, fh)
+            json.dump({"format": "merge_engine.fisher", "version": 1, "model": folder, "variant": "empirical",
+                       "granularity": "per_batch", "examples": 1, "tokens": 1, "dtype": "float32", "seed": 0,
+                       "max_length": None, "sum_squares": sum_squares, "tensors": len(fisher)}, fh)
     return fisher
 
 
@@ -91,6 +93,21 @@ def test_normalize_fisher_removes_each_models_scale(llama, tmp_path, folder_tens
         outs.append(folder_tensors(tmp_path / name))
     for n in outs[0]:  # same weights up to the rounding of the normalised coefficients
         torch.testing.assert_close(outs[0][n], outs[1][n], rtol=1e-5, atol=1e-6)
+
+
+def test_an_invalid_fisher_manifest_is_refused_before_merging(llama, tmp_path):
+    paths, _, fishers = llama
+    f = fishers()
+    manifest = os.path.join(f[1][0], "fisher.json")
+    with open(manifest) as fh:
+        broken = {k: v for k, v in json.load(fh).items() if k != "tensors"}
+    with open(manifest, "w") as fh:
+        json.dump(broken, fh)
+    cfg = {"merge_method": "fisher", "parameters": {"normalize_fisher": True},
+           "models": [{"model": p, "fisher": fo} for p, (fo, _) in zip(paths, f)]}
+    with pytest.raises(ConfigError, match='fisher.json: field "tensors" is missing'):
+        run(cfg, tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_missing_fisher_tensor_falls_back_to_the_average_or_is_refused(llama, tmp_path, folder_tensors):

@@ -16,8 +16,9 @@ from merge_engine.config import parse_config
 from merge_engine.engine import MergeOptions, merge
 from merge_engine.errors import ConfigError
 from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.grams import as_matrix, load_gram_folder
 from merge_engine.ops import regression
-from merge_engine.stats.gram import GramOptions, as_matrix, collect_grams, load_gram_folder
+from merge_engine.stats.gram import GramOptions, collect_grams
 from tests.stats.tiny_text import SENTENCES, tiny_tokenizer
 
 OPTIONS = MergeOptions(device="cpu", quiet=True)

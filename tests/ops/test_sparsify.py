@@ -1,9 +1,14 @@
-"""Sparsification references: exact kept-set properties, the tie rule, edge cases, determinism."""
+"""Sparsification references: exact kept-set properties, the tie rule, edge cases, determinism; the mode
+codes the kernels share."""
+import pathlib
+import re
+
 import pytest
 import torch
 
 from merge_engine import ops
-from merge_engine.ops.sparsify import topk_count
+from merge_engine.ops.select import NOTHING_LARGEST, NOTHING_SMALLEST
+from merge_engine.ops.sparsify import SPARSIFY_CODES, topk_count
 
 SIZES = [(1,), (7,), (1023,), (13, 17), (4, 5, 3)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -109,3 +114,26 @@ def test_drop_by_rank_keeps_large_magnitudes_more_often():
     assert float(kept[:100].mean()) < 0.3 and float(kept[-100:].mean()) > 0.7
     with pytest.raises(ValueError, match="della"):
         ops.drop_by_rank(x, 0.5, 0.6, 0, "w", 0)
+
+
+def header_constants() -> dict[str, int]:
+    """Enumerators and constexpr integers of csrc/task_vectors.h, by name."""
+    text = (pathlib.Path(__file__).parents[2] / "csrc" / "task_vectors.h").read_text()
+    enum = re.search(r"enum Mode : int \{([^}]*)\}", text)[1]
+    found = {name: int(value) for name, value in re.findall(r"(k\w+) = (-?\d+)", enum)}
+    for name, value in re.findall(r"constexpr int64_t (k\w+) = (INT64_MAX|-?\d+);", text):
+        found[name] = (1 << 63) - 1 if value == "INT64_MAX" else int(value)
+    return found
+
+
+def test_the_compiled_kernels_use_the_python_mode_codes():
+    header = header_constants()
+    names = {"": "kNone", "magnitude": "kMagnitude", "random": "kRandom", "outliers": "kOutliers", "rank": "kRank"}
+    assert {names[s]: code for s, code in SPARSIFY_CODES.items()} == {k: header[k] for k in names.values()}
+    assert (header["kNothingLargest"], header["kNothingSmallest"]) == (NOTHING_LARGEST, NOTHING_SMALLEST)
+
+
+def test_the_triton_kernels_use_the_python_mode_codes():
+    tv = pytest.importorskip("merge_engine.triton_kernels.task_vectors")
+    names = {"": "NONE", "magnitude": "MAGNITUDE", "random": "RANDOM", "outliers": "OUTLIERS", "rank": "RANK"}
+    assert {s: getattr(tv, names[s]) for s in SPARSIFY_CODES} == SPARSIFY_CODES

@@ -13,15 +13,8 @@ from transformers import AutoModelForCausalLM
 from merge_engine.cli import main
 from merge_engine.errors import MergeEngineError
 from merge_engine.io.checkpoint import Checkpoint
-from merge_engine.stats import (
-    DataError,
-    compute_fisher,
-    load_data,
-    load_manifest,
-    make_batch,
-    read_texts,
-    save_fisher,
-)
+from merge_engine.io.fishers import load_fisher_manifest
+from merge_engine.stats import DataError, compute_fisher, load_data, make_batch, read_texts, save_fisher
 from merge_engine.stats.fisher import sequence_log_likelihoods, warn_if_swamped
 from tests.stats.tiny_text import SENTENCES, tiny_tokenizer
 
@@ -246,7 +239,7 @@ def test_saved_folder_and_manifest(tiny_lm, text_file, tmp_path):
     out = tmp_path / "fisher"
     manifest = save_fisher(result, str(out), path, MAX_LENGTH, shard_size=100_000)
     on_disk = json.loads((out / "fisher.json").read_text())
-    assert manifest == on_disk == load_manifest(str(out))
+    assert manifest == on_disk == load_fisher_manifest(str(out))
     expected_sum = sum(float(f.double().square().sum()) for f in result.fisher.values())
     assert on_disk == {"format": "merge_engine.fisher", "version": 1, "model": path, "variant": "sampled",
                        "granularity": "per_batch", "examples": 5, "tokens": result.tokens, "dtype": "float32",
@@ -271,7 +264,7 @@ def test_saved_folder_and_manifest(tiny_lm, text_file, tmp_path):
     (lambda m: m.update(variant="true"), '"variant" is \'true\''),
     (lambda m: m.update(tensors=3), "lists 3 tensors but the folder holds"),
 ])
-def test_load_manifest_errors(tiny_lm, text_file, tmp_path, edit, needle):
+def test_load_fisher_manifest_errors(tiny_lm, text_file, tmp_path, edit, needle):
     path = tiny_lm("llama")
     out = tmp_path / "fisher"
     save_fisher(fisher(load_model(path), sequences(text_file)[:2]), str(out), path, MAX_LENGTH)
@@ -280,11 +273,11 @@ def test_load_manifest_errors(tiny_lm, text_file, tmp_path, edit, needle):
     edit(manifest)
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(Exception, match="fisher.json") as e:
-        load_manifest(str(out))
+        load_fisher_manifest(str(out))
     assert needle in str(e.value)
     manifest_path.unlink()
     with pytest.raises(Exception, match="fisher.json is missing"):
-        load_manifest(str(out))
+        load_fisher_manifest(str(out))
 
 
 # ---- the command line ----
@@ -313,11 +306,11 @@ def test_cli_fisher_options(tiny_lm, text_file, tmp_path):
     assert main(["fisher", path, text_file, str(out), "--variant", "sampled", "--per-example", "--seed", "2",
                  "--max-examples", "3", "--max-length", "5", "--fisher-dtype", "bfloat16", "--dtype", "float32",
                  "--gradient-checkpointing", "-q"]) == 0
-    manifest = load_manifest(str(out))
+    manifest = load_fisher_manifest(str(out))
     assert (manifest["variant"], manifest["granularity"], manifest["seed"]) == ("sampled", "per_example", 2)
     assert (manifest["examples"], manifest["tokens"], manifest["dtype"]) == (3, 12, "bfloat16")
     assert main(["fisher", path, text_file, str(out), "--max-examples", "1", "-q", "--overwrite"]) == 0
-    assert load_manifest(str(out))["examples"] == 1
+    assert load_fisher_manifest(str(out))["examples"] == 1
 
 
 @pytest.mark.parametrize("case", ["missing_data", "blank_data", "one_token_examples", "bad_jsonl", "non_empty_out",

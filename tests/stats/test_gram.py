@@ -18,9 +18,10 @@ import torch
 from merge_engine.cli import main
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.grams import as_matrix, load_gram_folder
 from merge_engine.stats.data import load_data
-from merge_engine.stats.gram import GramOptions, as_matrix, collect_grams, linear_modules, load_gram_folder
-from merge_engine.stats.fisher import load_model
+from merge_engine.stats.gram import GramOptions, collect_grams, linear_modules
+from merge_engine.stats.models import load_model
 from tests.stats.tiny_text import tiny_tokenizer
 
 MAX_LENGTH = 16

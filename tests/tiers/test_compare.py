@@ -7,9 +7,9 @@ import pytest
 import torch
 import transformers as tf
 
+from merge_engine.cli import main
 from merge_engine.demo import make_models
 from merge_engine.tiers import TierKey, apply_key, compare_prompts, generate_key
-from merge_engine.tiers.cli import main
 from merge_engine.tiers.compare import position_divergence
 from tests.stats.tiny_text import SENTENCES, tiny_tokenizer
 from tests.tiers.conftest import read_config
@@ -70,23 +70,23 @@ def test_cli_compare(lm, tmp_path, capsys):
     model, _, key, prompts = lm
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES[:2]))
-    assert main(["compare", model, key, key, str(jsonl)]) == 0  # a key twice is the identity tier
+    assert main(["key", "compare", model, key, key, str(jsonl)]) == 0  # a key twice is the identity tier
     out = capsys.readouterr().out.splitlines()
     assert "KL(keyed||public)" in out[1] and len(out) == 2 + 2 + 1
     assert out[-1].split()[:4] == ["all", str(len(SENTENCES[0].split()) + len(SENTENCES[1].split())), "0.000000",
                                    "100.0%"]
-    assert main(["compare", model, key, prompts, "--max-examples", "3", "--batch-size", "2"]) == 0
+    assert main(["key", "compare", model, key, prompts, "--max-examples", "3", "--batch-size", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 + 3 + 1 and float(out[-1].split()[2]) > 0
 
 
 def test_cli_compare_errors(lm, tier_model, tmp_path, capsys):
     model, _, key, prompts = lm
-    assert main(["compare", model, key, str(tmp_path / "missing.txt")]) == 2
+    assert main(["key", "compare", model, key, str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt" in capsys.readouterr().err
     other = generate_key(read_config(tier_model("gpt2")), "x", 0.3, 0.5)
     other.save(str(tmp_path / "gpt2_key.json"))
-    assert main(["compare", model, str(tmp_path / "gpt2_key.json"), prompts]) == 2
+    assert main(["key", "compare", model, str(tmp_path / "gpt2_key.json"), prompts]) == 2
     assert "model_type 'gpt2'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["compare", model, prompts])
+        main(["key", "compare", model, prompts])

@@ -26,7 +26,7 @@ def changed_files(a, b) -> list[str]:
 def kill_mid_way(work: str, key_path: str) -> None:
     """Run an in-place apply in a subprocess, paused by the test hook after 3 tensors, and SIGKILL it there."""
     env = dict(os.environ, **{PAUSE_ENV: "3"}, PYTHONPATH=REPO)
-    proc = subprocess.Popen([sys.executable, "-m", "merge_engine.tiers.cli", "apply", work, key_path, "--in-place"],
+    proc = subprocess.Popen([sys.executable, "-m", "merge_engine", "key", "apply", work, key_path, "--in-place"],
                             stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     watchdog = threading.Timer(120, proc.kill)
     watchdog.start()

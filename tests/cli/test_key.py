@@ -1,46 +1,50 @@
-"""`merge-engine key ...` (tiers.cli.main): the happy paths, and errors that exit 2 naming the file at fault."""
+"""`merge-engine key ...`: the happy paths, and errors that exit 2 naming the file at fault."""
 import json
 import os
 import stat
 
+from merge_engine.cli import main
 from merge_engine.tiers import TierKey, generate_key
-from merge_engine.tiers.cli import main
 from tests.tiers.conftest import read_config, same_files
+
+
+def key_command(argv: list[str]) -> int:
+    return main(["key", *argv])
 
 
 def test_generate_apply_remove_report(tier_model, tmp_path, capsys, monkeypatch):
     model = tier_model("qwen2")
     monkeypatch.setenv("TIER_PASS", "open sesame")
     k1, k2 = str(tmp_path / "k1.json"), str(tmp_path / "k2.json")
-    assert main(["generate", model, k1, "--passphrase-env", "TIER_PASS", "--fraction", "0.3",
-                 "--attention-share", "0.5"]) == 0
+    assert key_command(["generate", model, k1, "--passphrase-env", "TIER_PASS", "--fraction", "0.3",
+                        "--attention-share", "0.5"]) == 0
     assert "head swaps" in capsys.readouterr().out
     assert stat.S_IMODE(os.stat(k1).st_mode) == 0o600
     assert TierKey.load(k1).mlp_cols == generate_key(read_config(model), "open sesame", 0.3, 0.5).mlp_cols
     (tmp_path / "secret.bin").write_bytes(b"\x00\x01binary secret\n")
-    assert main(["generate", os.path.join(model, "config.json"), k2, "--secret-file", str(tmp_path / "secret.bin"),
-                 "-q"]) == 0
+    secret = str(tmp_path / "secret.bin")
+    assert key_command(["generate", os.path.join(model, "config.json"), k2, "--secret-file", secret, "-q"]) == 0
 
     keyed, public = str(tmp_path / "keyed"), str(tmp_path / "public")
-    assert main(["apply", model, k1, k2, keyed, "-q"]) == 0
-    assert main(["remove", keyed, k1, k2, public]) == 0
+    assert key_command(["apply", model, k1, k2, keyed, "-q"]) == 0
+    assert key_command(["remove", keyed, k1, k2, public]) == 0
     assert "parameters moved" in capsys.readouterr().out
     same_files(model, public)
-    assert main(["apply", public, k1, k2, "--in-place", "-q"]) == 0
+    assert key_command(["apply", public, k1, k2, "--in-place", "-q"]) == 0
     same_files(keyed, public)
-    assert main(["remove", public, k1, k2, "--in-place", "-q"]) == 0
+    assert key_command(["remove", public, k1, k2, "--in-place", "-q"]) == 0
     same_files(model, public)
 
-    assert main(["report", model, k1]) == 0
+    assert key_command(["report", model, k1]) == 0
     out = capsys.readouterr().out
     assert "MLP cols in" in out and "total:" in out and "% of the model" in out
-    assert main(["recover", model]) == 0
+    assert key_command(["recover", model]) == 0
     assert "nothing to recover" in capsys.readouterr().out
 
 
 def run_bad(argv, capsys, *needles):
     capsys.readouterr()  # drop earlier output (the models' creation)
-    assert main(argv) == 2
+    assert key_command(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("merge-engine: error: "), err
     for needle in needles:
@@ -51,7 +55,7 @@ def test_errors_name_the_file(tier_model, tmp_path, capsys, monkeypatch):
     model = tier_model("llama")
     key = str(tmp_path / "key.json")
     monkeypatch.setenv("TIER_PASS", "x")
-    assert main(["generate", model, key, "--passphrase-env", "TIER_PASS", "-q"]) == 0
+    assert key_command(["generate", model, key, "--passphrase-env", "TIER_PASS", "-q"]) == 0
     run_bad(["generate", model, key, "--passphrase-env", "TIER_PASS"], capsys, key, "--overwrite")
     run_bad(["generate", model, str(tmp_path / "k2.json"), "--passphrase-env", "NO_SUCH_VAR"], capsys, "NO_SUCH_VAR")
     run_bad(["generate", str(tmp_path / "nowhere"), str(tmp_path / "k3.json"), "--passphrase-env", "TIER_PASS"],

@@ -1,4 +1,4 @@
-"""Command line for tier keys: main(argv) handles the arguments after `merge-engine key`.
+"""`merge-engine key ...`: tier keys; run(argv) handles the arguments after `key`.
 
     key generate CONFIG_OR_MODEL OUT.json (--secret-file F | --passphrase-env VAR) [--fraction 0.05]
                  [--attention-share 0.25]
@@ -8,7 +8,8 @@
     key report MODEL KEY [KEY2 ...]                        parameters moved, per layer
     key compare MODEL KEY [KEY2 ...] PROMPTS               KL(keyed || public) and top-1 agreement per prompt
 
-Errors exit with status 2 and one line `merge-engine: error: ...` naming the file at fault; nothing is left behind.
+Errors exit with status 2 and one line `merge-engine: error: ...` naming the file at fault (merge_engine.cli.main);
+nothing is left behind.
 """
 from __future__ import annotations
 
@@ -16,12 +17,11 @@ import argparse
 import json
 import logging
 import os
-import sys
 
-import torch
-
-from merge_engine.cli import positive_int
+from merge_engine.cli.args import add_model_arguments, positive_int
+from merge_engine.dtypes import dtype_named
 from merge_engine.errors import CheckpointError, MergeEngineError
+from merge_engine.extras import require
 from merge_engine.tiers.apply import apply_key, remove_key
 from merge_engine.tiers.blocks import BLOCK_KINDS, model_blocks
 from merge_engine.tiers.compare import compare_prompts
@@ -30,14 +30,12 @@ from merge_engine.tiers.inplace import apply_key_in_place, recover, remove_key_i
 from merge_engine.tiers.key import TierKey, TierKeyError
 from merge_engine.tiers.report import key_report
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="merge-engine key", description="Tier keys: swaps of attention heads and MLP "
                                 "columns across layers that turn a public model into a keyed one and back.")
-    sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="derive a key from a secret for a model")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
+    g = _subcommand(sub, "generate", "derive a key from a secret for a model")
     g.add_argument("config", metavar="CONFIG_OR_MODEL", help="config.json, or a model folder holding one")
     g.add_argument("out", metavar="OUT.json", help="key file to write (owner-readable only)")
     secret = g.add_mutually_exclusive_group(required=True)
@@ -47,41 +45,47 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-share", type=float, default=0.25, help="share of the keyed parameters in attention "
                    "heads (0.25); the rest are MLP columns")
     g.add_argument("--overwrite", action="store_true", help="replace an existing key file")
-    g.add_argument("-q", "--quiet", action="store_true")
-    for name, what in (("apply", "key a model"), ("remove", "unkey a model")):
-        a = sub.add_parser(name, help=what)
-        a.add_argument("paths", nargs="+", metavar="MODEL KEY [KEY2 ...] OUT")
+    g.add_argument("-q", "--quiet", action="store_true", help="no summary of the key written")
+    for name, what in (("apply", "key a model: apply keys, in the order given (tiers)"),
+                       ("remove", "unkey a model: remove keys, listed in the order they were applied")):
+        a = _subcommand(sub, name, what, usage="%(prog)s [-h] [--in-place] [--overwrite] [-q] "
+                                                 "MODEL KEY [KEY2 ...] (OUT | --in-place)")
+        a.add_argument("paths", nargs="+", metavar="MODEL KEY [KEY2 ...] OUT",
+                       help="model folder, key files, and the output folder (left out with --in-place)")
         a.add_argument("--in-place", action="store_true", help="rewrite MODEL's files (crash-safe journal) "
                        "instead of writing OUT")
         a.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
-        a.add_argument("-q", "--quiet", action="store_true")
-    r = sub.add_parser("recover", help="roll back an interrupted --in-place apply or remove")
-    r.add_argument("model")
-    rep = sub.add_parser("report", help="parameters a key moves, per layer")
-    rep.add_argument("model")
-    rep.add_argument("keys", nargs="+", metavar="KEY")
-    c = sub.add_parser("compare", help="public vs keyed next-token distributions on prompts (KL, top-1 agreement)")
+        a.add_argument("-q", "--quiet", action="store_true", help="no summary of the tensors rewritten")
+    r = _subcommand(sub, "recover", "roll back an interrupted --in-place apply or remove")
+    r.add_argument("model", help="model folder an interrupted --in-place command left a journal in")
+    rep = _subcommand(sub, "report", "parameters a key moves, per layer")
+    rep.add_argument("model", help="model folder the keys were made for")
+    rep.add_argument("keys", nargs="+", metavar="KEY", help="key files, in the order they are applied")
+    c = _subcommand(sub, "compare", "public vs keyed next-token distributions on prompts (KL, top-1 agreement)",
+                    usage="%(prog)s [-h] [options] MODEL KEY [KEY2 ...] PROMPTS")
     c.add_argument("paths", nargs="+", metavar="MODEL KEY [KEY2 ...] PROMPTS",
                    help="model folder (with a tokenizer), keys in the order applied, prompts file: plain text (one "
                    "prompt per line) or .jsonl with a \"text\" field")
     c.add_argument("--max-length", type=positive_int, default=128, help="tokens per prompt, truncated (128)")
     c.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward (8)")
     c.add_argument("--max-examples", type=positive_int, default=None, help="use only the first N prompts")
-    c.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    c.add_argument("--dtype", choices=tuple(_DTYPES), default=None,
-                   help="dtype the model runs in (default: as stored)")
+    add_model_arguments(c, ("float32", "bfloat16", "float64"))
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _subcommand(sub, name: str, what: str, usage: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose own --help says what it does, as the list of `key --help` does."""
+    return sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".", usage=usage)
+
+
+def run(argv: list[str]) -> int:
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return COMMANDS[args.command](args, parser)
-    except (MergeEngineError, OSError) as e:
-        print(f"merge-engine: error: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:  # a file the key commands read or write, reported like the engine's own errors
+        raise MergeEngineError(str(e)) from e
 
 
 def _generate(args, parser) -> int:
@@ -150,16 +154,13 @@ def _report(args, parser) -> int:
 def _compare(args, parser) -> int:
     if len(args.paths) < 3:
         parser.error("key compare needs MODEL KEY [KEY2 ...] PROMPTS")
+    require("transformers", "hf", "merge-engine key compare")
     model, *key_paths, prompts = args.paths
     comparison = compare_prompts(model, [TierKey.load(p) for p in key_paths], prompts, args.max_length,
-                                 args.batch_size, args.max_examples, args.device, _DTYPES.get(args.dtype))
+                                 args.batch_size, args.max_examples, args.device, dtype_named(args.dtype))
     print(comparison.table())
     return 0
 
 
 COMMANDS = {"generate": _generate, "apply": _apply_or_remove, "remove": _apply_or_remove, "recover": _recover,
             "report": _report, "compare": _compare}
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,14 +2,12 @@
 tensor where there is one), and no output folder (nor any temporary leftovers)."""
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merge_engine.cli import main, parse_size
+from merge_engine.cli import main
 
 
 def ties(base, experts, **params):
@@ -117,27 +115,3 @@ def test_all_problems_reported_together(model_sets, write_yaml, tmp_path, capsys
     missing = str(tmp_path / "gone")
     run_bad(ties(base, [e1, missing]), write_yaml, tmp_path, capsys, missing)
     run_bad(ties(base, [e1, bad]), write_yaml, tmp_path, capsys, *names)
-
-
-def test_parse_size():
-    assert parse_size("5B") == 5 * 10**9 and parse_size("500M") == 5 * 10**8 and parse_size("123") == 123
-    with pytest.raises(Exception):
-        parse_size("lots")
-
-
-def test_help_documents_options():
-    out = subprocess.run([sys.executable, "-m", "merge_engine", "--help"], capture_output=True, text=True,
-                         check=True).stdout
-    for flag in ("--device", "--out-shard-size", "--random-seed", "--copy-tokenizer", "--allow-crimes",
-                 "--overwrite"):
-        assert flag in out
-
-
-def test_subcommand_dispatch_from_the_command_line():
-    """`python -m merge_engine fisher ...` reaches the fisher parser; the merge help names the subcommand."""
-    out = subprocess.run([sys.executable, "-m", "merge_engine", "fisher", "--help"], capture_output=True, text=True,
-                         check=True).stdout
-    assert out.startswith("usage: merge-engine fisher") and "--fisher-dtype" in out
-    merge_help = subprocess.run([sys.executable, "-m", "merge_engine", "--help"], capture_output=True, text=True,
-                                check=True).stdout
-    assert "merge-engine fisher --help" in merge_help

@@ -1,0 +1,61 @@
+"""Argument types and argument groups the subcommands share."""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import warnings
+
+from merge_engine.dtypes import STATS_DTYPES
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMbBgGtT]?)\s*$")
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """'5B', '500M', '2k' or plain bytes -> bytes (K/M/B(G)/T are powers of 1000, as in mergekit)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size '{text}' (examples: 5B, 500M, 1000000)")
+    return int(float(m[1]) * _UNITS[m[2].lower()])
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """MODEL DATA OUT and how DATA is batched: the statistics commands (fisher, stats) share them."""
+    p.add_argument("model", metavar="MODEL",
+                   help="local Hugging Face model folder (safetensors weights, config.json, tokenizer)")
+    p.add_argument("data", metavar="DATA",
+                   help="plain text (one example per non-blank line) or .jsonl ({\"text\": ...} per line)")
+    p.add_argument("out_dir", metavar="OUT", help="output folder (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="examples per batch (default 8)")
+    p.add_argument("--max-length", type=positive_int, default=512, help="tokens per example, truncated (default 512)")
+    p.add_argument("--max-examples", type=positive_int, default=None, help="use only the first N examples")
+
+
+def add_model_arguments(p: argparse.ArgumentParser, dtypes: tuple[str, ...] = STATS_DTYPES) -> None:
+    p.add_argument("--device", default="auto", help="where the model runs: cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--dtype", choices=dtypes, default=None,
+                   help="dtype the model is loaded and run in (default: as stored in the checkpoint)")
+
+
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    add_quiet_argument(p)
+
+
+def add_quiet_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+
+
+def setup_logging(quiet: bool, verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    if quiet:
+        logging.getLogger("merge_engine").setLevel(logging.WARNING)
+    warnings.simplefilter("default")

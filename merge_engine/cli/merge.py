@@ -1,0 +1,62 @@
+"""`merge-engine CONFIG.yml OUTPUT_DIR [options]`: a merge (mergekit-yaml compatible)."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from merge_engine.cli.args import add_quiet_argument, parse_size, setup_logging
+from merge_engine.methods import REGISTRY
+
+# mergekit flags that only tune its own executor; merge_engine always streams, so they change nothing.
+_COMPAT_FLAGS = ("--low-cpu-memory", "--read-to-gpu", "--async-write", "--lazy-unpickle", "--clone-tensors",
+                 "--safe-serialization", "--trust-remote-code", "--write-model-card", "--multi-gpu", "--gpu-rich")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="merge-engine",
+        description="Merge model checkpoints described by a mergekit YAML config, streaming tensor by tensor.",
+        epilog=f"Methods: {', '.join(REGISTRY)}. See README.md. "
+               "Other commands: merge-engine fisher --help, merge-engine stats --help, merge-engine key --help.")
+    p.add_argument("config", help="merge config (mergekit YAML schema)")
+    p.add_argument("out_dir", help="output folder (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--device", default="auto", help="where the math runs: cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--cuda", action="store_const", const="cuda", dest="device", help="same as --device cuda")
+    p.add_argument("--out-shard-size", type=parse_size, default=parse_size("5B"),
+                   help="largest output shard in bytes; K/M/B suffixes allowed (default 5B = 5e9 bytes)")
+    p.add_argument("--random-seed", type=int, default=0,
+                   help="seed of the counter-based generator used by DARE and DELLA (default 0)")
+    p.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="copy the base model's tokenizer files (default on); a tokenizer built from "
+                        "tokenizer_source or tokenizer: is written either way")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--allow-crimes", action="store_true",
+                   help="allow merging models whose config.json architectures differ")
+    p.add_argument("-j", "--num-threads", type=int, default=None, help="CPU threads for the math")
+    p.add_argument("--prefetch", type=int, default=2, help="tensor groups read ahead of compute (default 2)")
+    add_quiet_argument(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    for flag in _COMPAT_FLAGS:
+        p.add_argument(flag, action="store_true", help="accepted for mergekit compatibility; no effect")
+    p.add_argument("--write-threads", type=int, help="accepted for mergekit compatibility; no effect")
+    for flag in ("--lora-merge-cache", "--transformers-cache"):  # adapters are applied while reading: no copies
+        p.add_argument(flag, metavar="PATH", help="accepted for mergekit compatibility; no effect")
+    return p
+
+
+def run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.quiet, args.verbose)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    from merge_engine.config import load_config
+    from merge_engine.engine import MergeOptions, merge
+    options = MergeOptions(device=args.device or "auto", out_shard_size=args.out_shard_size,
+                           random_seed=args.random_seed, copy_tokenizer=args.copy_tokenizer,
+                           overwrite=args.overwrite, prefetch=args.prefetch, quiet=args.quiet,
+                           allow_crimes=args.allow_crimes)
+    report = merge(load_config(args.config), args.out_dir, options)
+    if not args.quiet:
+        print(report.summary())
+    return 0
