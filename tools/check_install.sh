@@ -2,7 +2,7 @@
 # Install merge_engine as a user does and use it from outside the checkout: build an sdist and, from
 # it, a wheel (compiled kernels included); install the wheel with no extras into a fresh venv; then,
 # from another folder, run merges, ops calls and every command's --help, and check that the compiled
-# kernels ran and that no optional package (transformers, triton, optuna, scipy, numpy) was needed.
+# kernels ran and that no optional package (transformers, triton, optuna, scipy) was needed.
 # Run by tools/test.sh, inside the project's .venv (torch, setuptools, ninja, build installed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +40,7 @@ from merge_engine.demo import make_synthetic_llama
 from merge_engine.ops import backends
 
 assert "site-packages" in merge_engine.__file__, merge_engine.__file__
-for optional in ("transformers", "triton", "optuna", "scipy", "numpy"):
+for optional in ("transformers", "triton", "optuna", "scipy"):
     assert importlib.util.find_spec(optional) is None, f"{optional} is installed: this check needs a bare venv"
 
 ext = backends.cpu_extension()  # the wheel's own compiled module, not a build on first use
@@ -67,16 +67,26 @@ print("ops calls: ok")
 with open("linear.yml", "w") as f:
     yaml.safe_dump({"merge_method": "linear", "dtype": "float32",
                     "models": [{"model": m, "parameters": {"weight": 1.0}} for m in [base, *experts]]}, f)
-run = subprocess.run(["merge-engine", "linear.yml", "linear_out"], capture_output=True, text=True)
-assert run.returncode == 0 and os.path.exists("linear_out/config.json"), run.stderr
+run = subprocess.run(["merge-engine", "linear.yml", "linear_out", "-q"], capture_output=True, text=True)
+assert run.returncode == 0 and os.path.exists("linear_out/config.json") and not run.stderr, run.stderr
 print("merge-engine CONFIG OUT: ok")
 
 for command in ([], ["fisher"], ["stats"], ["key"], ["key", "generate"], ["key", "apply"], ["key", "remove"],
                 ["key", "recover"], ["key", "report"], ["key", "compare"]):
     run = subprocess.run(["merge-engine", *command, "--help"], capture_output=True, text=True)
-    assert run.returncode == 0 and "usage:" in run.stdout and "Traceback" not in run.stderr, (command, run.stderr)
+    assert run.returncode == 0 and "usage:" in run.stdout and not run.stderr, (command, run.stderr)
 print("every command's --help: ok")
-unexpected = {m for m in ("transformers", "triton", "optuna", "scipy", "numpy") if m in sys.modules}
+
+# an optional part without its extra: one line naming the extra, exit 2, no traceback, nothing written
+with open("data.txt", "w") as f:
+    f.write("some text\n")
+for command in (["stats", base, "data.txt", "grams"], ["fisher", base, "data.txt", "fishers"]):
+    run = subprocess.run(["merge-engine", *command], capture_output=True, text=True)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1 and 'pip install "merge_engine[hf]"' in lines[0], run.stderr
+    assert not os.path.exists(command[-1]), command
+print("optional parts without their extras: one-line refusals")
+unexpected = {m for m in ("transformers", "triton", "optuna", "scipy") if m in sys.modules}
 assert not unexpected, unexpected
 EOF
 echo "install check: ok"
