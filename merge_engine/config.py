@@ -94,10 +94,12 @@ class MergeConfig:
 def load_config(path: str) -> MergeConfig:
     """Read and validate a YAML config file."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
     except OSError as e:
-        raise ConfigError([f"cannot read config: {e}"], path) from e
+        raise ConfigError([f"cannot read config: {e.strerror or e}"], path) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"not UTF-8 text (byte {e.start}: {e.reason})"], path) from e
     except yaml.YAMLError as e:
         raise ConfigError([f"invalid YAML: {e}"], path) from e
     return parse_config(raw, source=path)

@@ -86,6 +86,8 @@ def merge(config: MergeConfig | str, out_dir: str, options: MergeOptions | None 
     cfg = load_config(config) if isinstance(config, str) else config
     start = time.perf_counter()
     check_output_dir(out_dir, options.overwrite)
+    if not -2**63 <= options.random_seed < 2**63:  # the generator's key takes a 64-bit signed seed
+        raise MergeEngineError(f"random_seed {options.random_seed} is outside [-2**63, 2**63)")
     device = resolve_device(options.device)
     if device.type == "cuda":
         check_gpu_backend_choice()
@@ -101,7 +103,7 @@ def merge(config: MergeConfig | str, out_dir: str, options: MergeOptions | None 
     report = MergeReport(len(plan.jobs), bytes_read, writer.bytes_written, time.perf_counter() - start,
                          writer.out_dir)
     if not options.quiet:
-        log.info(report.summary())
+        log.debug(report.summary())  # the command line prints it; -v repeats it in the log
     return report
 
 

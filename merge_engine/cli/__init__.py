@@ -11,8 +11,10 @@ subcommand can be passed as ./NAME). Errors print one line `merge-engine: error:
 from __future__ import annotations
 
 import sys
+import traceback
 
 from merge_engine.cli import fisher, key, merge, stats
+from merge_engine import __version__
 from merge_engine.errors import MergeEngineError
 from merge_engine.runtime import tune_process_for_merging
 
@@ -20,7 +22,12 @@ SUBCOMMANDS = {"fisher": fisher.run, "key": key.run, "stats": stats.run}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every expected failure ends in one line on stderr (the traceback too with -v):
+    exit 2 for an error, 130 for Ctrl-C. Clean-up (temporary folders, journals) happens on the way out."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv in (["--version"], ["-V"]):
+        print(f"merge-engine {__version__}")
+        return 0
     tune_process_for_merging()  # this process exists to merge: see merge_engine/runtime.py
     if argv and argv[0] in SUBCOMMANDS:
         command, argv = SUBCOMMANDS[argv[0]], argv[1:]
@@ -29,5 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command(argv)
     except MergeEngineError as e:
-        print(f"merge-engine: error: {e}", file=sys.stderr)
-        return 2
+        return _failed(f"error: {e}", 2, argv)
+    except OSError as e:  # disk full, read-only folder, a file where a folder should be...
+        return _failed(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", 2, argv)
+    except KeyboardInterrupt:
+        return _failed("interrupted", 130, argv)
+
+
+def _failed(message: str, status: int, argv: list[str]) -> int:
+    if "-v" in argv or "--verbose" in argv:
+        traceback.print_exc()
+    print(f"merge-engine: {message}", file=sys.stderr)
+    return status

@@ -13,6 +13,16 @@ _COMPAT_FLAGS = ("--low-cpu-memory", "--read-to-gpu", "--async-write", "--lazy-u
                  "--safe-serialization", "--trust-remote-code", "--write-model-card", "--multi-gpu", "--gpu-rich")
 
 
+SEED_RANGE = 2**63  # the generator's key takes a 64-bit signed seed
+
+
+def seed(text: str) -> int:
+    value = int(text)
+    if not -SEED_RANGE <= value < SEED_RANGE:
+        raise argparse.ArgumentTypeError(f"{text} is outside the 64-bit seed range [-2**63, 2**63)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="merge-engine",
@@ -25,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda", action="store_const", const="cuda", dest="device", help="same as --device cuda")
     p.add_argument("--out-shard-size", type=parse_size, default=parse_size("5B"),
                    help="largest output shard in bytes; K/M/B suffixes allowed (default 5B = 5e9 bytes)")
-    p.add_argument("--random-seed", type=int, default=0,
+    p.add_argument("--random-seed", type=seed, default=0,
                    help="seed of the counter-based generator used by DARE and DELLA (default 0)")
     p.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
                    help="copy the base model's tokenizer files (default on); a tokenizer built from "

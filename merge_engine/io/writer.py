@@ -150,10 +150,15 @@ class ShardedWriter:
         self._index_file = index_file
         self._where = {name: (shard, off) for shard in self._shards for name, off in shard.offsets.items()}
         self.total_size = sum(torch.Size(shape).numel() * dtype.itemsize for dtype, shape in self._entries.values())
-        for shard in self._shards:
-            shard.fd = os.open(os.path.join(self.tmp_dir, shard.filename), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.pwrite(shard.fd, shard.header, 0)
-            os.ftruncate(shard.fd, shard.size)
+        try:  # a full disk can refuse the headers already: leave no folder behind
+            for shard in self._shards:
+                shard.fd = os.open(os.path.join(self.tmp_dir, shard.filename), os.O_RDWR | os.O_CREAT | os.O_TRUNC,
+                                   0o644)
+                os.pwrite(shard.fd, shard.header, 0)
+                os.ftruncate(shard.fd, shard.size)
+        except BaseException:
+            self.abort()
+            raise
         self._pending = set(self._entries)
         self.bytes_written = 0
 

@@ -1,0 +1,109 @@
+"""Faults end in one line and an exit status, never a traceback (unless -v), and leave nothing behind:
+the version, bad devices and seeds, a config that is not UTF-8, an output folder the disk refuses,
+Ctrl-C; and the summary is printed once."""
+import os
+
+import pytest
+import yaml
+
+from merge_engine import cli
+from merge_engine.demo import make_synthetic_llama
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    work = tmp_path_factory.mktemp("models")
+    shape = dict(layers=2, hidden=32, intermediate=48, vocab=64)
+    base = make_synthetic_llama(str(work / "base"), seed=0, **shape)
+    expert = make_synthetic_llama(str(work / "expert"), seed=1, base=base, **shape)
+    path = work / "linear.yml"
+    path.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": m, "parameters": {"weight": 1.0}} for m in (base, expert)]}))
+    return str(path)
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_version(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("merge-engine 0.")
+
+
+@pytest.mark.parametrize("device", ["bogus", "mps", "cuda:x"])
+def test_a_bad_device_is_one_line(config, tmp_path, capsys, device):
+    assert cli.main([config, str(tmp_path / "out"), "--device", device]) == 2
+    assert f"--device {device}" in one_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_seed_out_of_range_is_refused_by_the_parser(config, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main([config, str(tmp_path / "out"), "--random-seed", str(2**70)])
+    assert exit.value.code == 2 and "64-bit seed range" in capsys.readouterr().err
+
+
+def test_a_config_that_is_not_utf8_names_the_file(tmp_path, capsys):
+    bad = tmp_path / "latin1.yml"
+    bad.write_bytes("merge_method: linear  # caf\xe9\n".encode("latin-1"))
+    assert cli.main([str(bad), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "latin1.yml" in err and "not UTF-8" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_parent_is_one_line(config, tmp_path, capsys):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        assert cli.main([config, str(parent / "out")]) == 2
+        assert str(parent) in one_line(capsys)
+    finally:
+        parent.chmod(0o700)
+
+
+def test_an_output_parent_that_is_a_file_is_one_line(config, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert cli.main([config, str(tmp_path / "file" / "out")]) == 2
+    assert "file" in one_line(capsys)
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+@pytest.mark.parametrize("full_from", ["headers", "data"])
+def test_disk_full_is_one_line_and_leaves_nothing(config, tmp_path, capsys, monkeypatch, full_from):
+    from merge_engine.io import writer
+    real = os.pwrite
+
+    def pwrite(fd, data, offset):
+        if full_from == "headers" or offset > 0:  # headers go at offset 0, tensor data after them
+            raise OSError(28, "No space left on device")
+        return real(fd, data, offset)
+    monkeypatch.setattr(writer.os, "pwrite", pwrite)
+    assert cli.main([config, str(tmp_path / "out"), "-q"]) == 2  # -q: no progress bar on stderr
+    assert "No space left on device" in one_line(capsys)
+    assert os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_exits_130_and_leaves_nothing(config, tmp_path, capsys, monkeypatch):
+    from merge_engine.io import writer
+    monkeypatch.setattr(writer.ShardedWriter, "write", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert cli.main([config, str(tmp_path / "out"), "-q"]) == 130
+    assert "interrupted" in one_line(capsys)
+    assert os.listdir(tmp_path) == []
+
+
+def test_verbose_failures_show_the_traceback(config, tmp_path, capsys, monkeypatch):
+    from merge_engine.io import writer
+    monkeypatch.setattr(writer.ShardedWriter, "write", lambda *a: (_ for _ in ()).throw(OSError(28, "No space")))
+    assert cli.main([config, str(tmp_path / "out"), "-v"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_the_summary_is_printed_once(config, tmp_path, capsys):
+    assert cli.main([config, str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count("merged ") == 1
