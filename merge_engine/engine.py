@@ -38,6 +38,7 @@ from merge_engine.dtypes import dtype_name
 from merge_engine.errors import MergeEngineError
 from merge_engine.extras import require
 from merge_engine.io.buffers import BufferPool
+from merge_engine.io.untrusted import inside_folder
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.methods import MergeMethod, TensorGroup
 from merge_engine.ops import backends
@@ -291,6 +292,6 @@ def _model_chat_templates(plan: MergePlan) -> list[str]:
 
 
 def _copy_if_present(folder: str, filename: str, writer: ShardedWriter) -> None:
-    path = os.path.join(folder, filename)
+    path = inside_folder(folder, filename, folder)  # never copy a file a symlink brings from elsewhere
     if os.path.exists(path):
         writer.copy_file(path)

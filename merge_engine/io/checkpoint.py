@@ -9,7 +9,6 @@ third of all CPU time of a 1.1B merge on 2 cores, and a merge does not evict the
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from functools import cached_property
@@ -20,6 +19,7 @@ import torch
 from merge_engine.errors import CheckpointError
 from merge_engine.io.raw import tensor_bytes
 from merge_engine.io.safetensors_format import TensorInfo, read_header
+from merge_engine.io.untrusted import inside_folder, read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -84,22 +84,22 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no .safetensors weights found.{hint}")
         tensors: dict[str, TensorInfo] = {}
         for f in files:
-            for name, info in read_header(os.path.join(self.path, f)).items():
+            for name, info in read_header(inside_folder(self.path, f, self.path)).items():
                 if name in tensors:
                     raise CheckpointError(f"{info.file}: tensor '{name}' also appears in {tensors[name].file}")
                 tensors[name] = info
         return tensors
 
     def _read_sharded(self, index_path: str) -> dict[str, TensorInfo]:
-        try:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_path}: unreadable shard index ({e})") from e
+        index = read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+            raise CheckpointError(f"{index_path}: unreadable shard index (its weight_map must map tensor names "
+                                  "to shard file names)")
         headers: dict[str, dict[str, TensorInfo]] = {}
         tensors: dict[str, TensorInfo] = {}
         for name, shard in weight_map.items():
-            shard_path = os.path.join(self.path, shard)
+            shard_path = inside_folder(self.path, shard, index_path)
             if shard not in headers:
                 if not os.path.exists(shard_path):
                     raise CheckpointError(f"{index_path}: shard '{shard}' (holding '{name}') is missing")
@@ -116,11 +116,10 @@ class Checkpoint:
         path = os.path.join(self.path, "config.json")
         if not os.path.exists(path):
             return {}
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: unreadable config.json ({e})") from e
+        config = read_json(inside_folder(self.path, "config.json", self.path))
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path}: unreadable config.json (not a JSON object)")
+        return config
 
     @cached_property
     def num_layers(self) -> int:

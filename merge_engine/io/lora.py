@@ -13,7 +13,6 @@ rounds it to the base tensor's dtype, once (an embedding's update is rounded bef
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -26,6 +25,7 @@ from safetensors import safe_open
 
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.untrusted import inside_folder, read_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -63,7 +63,7 @@ class LoraCheckpoint(Checkpoint):
         self.reference = f"{base}+{adapter}"
         config = self._read_config()
         self._fan_in_fan_out = bool(config.get("fan_in_fan_out"))  # weights stored [in, out] (GPT-2's Conv1D)
-        self._file = os.path.join(self.adapter, WEIGHTS_FILE)
+        self._file = inside_folder(self.adapter, WEIGHTS_FILE, self.adapter)
         if not os.path.exists(self._file):
             raise CheckpointError(f"{self.adapter}: no {WEIGHTS_FILE} (only safetensors adapters are read)")
         try:
@@ -74,12 +74,10 @@ class LoraCheckpoint(Checkpoint):
         self._scratch = threading.local()  # per read thread: fp32 buffers for B @ A and the widened weight
 
     def _read_config(self) -> dict:
-        path = os.path.join(self.adapter, CONFIG_FILE)
-        try:
-            with open(path) as f:
-                config = json.load(f)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: unreadable adapter config ({e})") from e
+        path = inside_folder(self.adapter, CONFIG_FILE, self.adapter)
+        config = read_json(path)
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path}: unreadable adapter config (not a JSON object)")
         if config.get("peft_type") != "LORA":
             raise CheckpointError(f"{path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are merged")
         used = [what for key, what in _UNSUPPORTED.items() if config.get(key)]
@@ -88,6 +86,10 @@ class LoraCheckpoint(Checkpoint):
         if not (isinstance(config.get("r"), int) and config["r"] > 0
                 and isinstance(config.get("lora_alpha"), (int, float))):
             raise CheckpointError(f"{path}: needs a positive integer 'r' and a numeric 'lora_alpha'")
+        for setting in ("rank_pattern", "alpha_pattern"):
+            problem = _pattern_problem(config.get(setting) or {})
+            if problem:
+                raise CheckpointError(f"{path}: {setting}: {problem}")
         return config
 
     def _plan_targets(self, config: dict) -> dict[str, _Target]:
@@ -196,6 +198,20 @@ def _scaling(config: dict, module: str) -> float:
     r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
     alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def _pattern_problem(patterns) -> str | None:
+    """Why a rank_pattern / alpha_pattern cannot be used (peft's keys are regular expressions), or None."""
+    if not isinstance(patterns, dict):
+        return "must map module-name patterns to numbers"
+    for key, value in patterns.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            return f"the value for {key!r} must be a positive number"
+        try:
+            re.compile(key)
+        except re.error as e:
+            return f"{key!r} is not a valid regular expression ({e})"
+    return None
 
 
 def _pattern_value(patterns: dict, module: str, default):

@@ -18,6 +18,7 @@ import torch
 from merge_engine.dtypes import SAFETENSORS_CODES, SAFETENSORS_DTYPES
 from merge_engine.errors import CheckpointError
 from merge_engine.io.raw import tensor_bytes
+from merge_engine.io.untrusted import parse_json
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
 
@@ -54,38 +55,55 @@ def read_header(path: str) -> dict[str, TensorInfo]:
             raw = f.read(header_len)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e}") from e
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header (invalid JSON: {e})") from e
+    header = parse_json(raw, f"{path}: corrupt safetensors header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     data_base = 8 + header_len
-    infos: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        infos[name] = _tensor_info(path, name, entry, data_base, size)
+    infos = {name: _tensor_info(path, name, entry, data_base, size) for name, entry in header.items()}
+    _check_layout(path, infos, data_base, size)
     return infos
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _tensor_info(path: str, name: str, entry, data_base: int, file_size: int) -> TensorInfo:
-    try:
-        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-        shape = tuple(int(d) for d in entry["shape"])
-        begin, end = (int(o) for o in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: tensor '{name}': malformed header entry {entry!r}") from e
+    """One header entry, as the format's rules allow it: a known dtype, a shape of non-negative integers,
+    two integer offsets whose range holds exactly the shape's bytes within the file."""
+    if not (isinstance(entry, dict) and entry.get("dtype") in SAFETENSORS_DTYPES
+            and isinstance(entry.get("shape"), list) and all(_is_count(d) for d in entry["shape"])
+            and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+            and all(_is_count(o) for o in entry["data_offsets"])):
+        raise CheckpointError(f"{path}: tensor '{name}': malformed header entry {str(entry)[:200]}")
+    dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
+    begin, end = entry["data_offsets"]
     nbytes = math.prod(shape) * dtype.itemsize
-    if any(d < 0 for d in shape) or end - begin != nbytes:
+    if end - begin != nbytes:
         raise CheckpointError(
             f"{path}: tensor '{name}': header says shape {list(shape)} {entry['dtype']} "
             f"({nbytes} bytes) but its data range holds {end - begin} bytes")
-    if begin < 0 or data_base + end > file_size:
+    if data_base + end > file_size:
         raise CheckpointError(
             f"{path}: tensor '{name}': data range [{begin}, {end}) runs past the end of the file "
             f"(truncated file?)")
     return TensorInfo(name, path, dtype, shape, data_base + begin, nbytes)
+
+
+def _check_layout(path: str, infos: dict[str, TensorInfo], data_base: int, file_size: int) -> None:
+    """The tensors' ranges tile the data section exactly, as the safetensors library requires: no two
+    overlap (one write would change another tensor) and no bytes are unaccounted for."""
+    offset = data_base
+    for info in sorted(infos.values(), key=lambda i: (i.data_start, i.nbytes)):
+        if info.data_start != offset:
+            problem = "overlaps the tensor before it" if info.data_start < offset else "leaves a gap before it"
+            raise CheckpointError(f"{path}: tensor '{info.name}': data range {problem} (corrupt header)")
+        offset += info.nbytes
+    if offset != file_size:
+        raise CheckpointError(f"{path}: {file_size - offset} bytes after the last tensor's data (corrupt header)")
 
 
 def build_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]],

@@ -24,6 +24,7 @@ import torch
 
 from merge_engine.errors import CheckpointError
 from merge_engine.io.raw import tensor_bytes
+from merge_engine.io.untrusted import inside_folder
 from merge_engine.tiers.slices import (OpenFiles, Runs, Stored, pwrite_all, read_indices, read_runs, selected_shape,
                                        write_runs)
 
@@ -59,9 +60,13 @@ class Entry:
     @classmethod
     def from_json(cls, model_dir: str, e: dict) -> Entry:
         name = e["file"]
-        if os.path.basename(name) != name or name in ("", ".", ".."):
+        if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
             raise ValueError(f"an entry names a file outside the folder: {name!r}")
-        target = Stored(os.path.join(model_dir, name), int(e["data_start"]), tuple(map(int, e["shape"])),
+        try:
+            path = inside_folder(model_dir, name, "the journal")
+        except CheckpointError as error:
+            raise ValueError(str(error)) from None
+        target = Stored(path, int(e["data_start"]), tuple(map(int, e["shape"])),
                         int(e["itemsize"]))
         if target.data_start + math.prod(target.shape) * target.itemsize > os.path.getsize(target.path):
             raise ValueError(f"the entry for '{e['tensor']}' runs past the end of {name}")

@@ -1,0 +1,78 @@
+"""Reading what a model folder says about itself, which nothing vouches for.
+
+parse_json: JSON with every way it can be hostile turned into one CheckpointError naming the file
+(invalid text, duplicate keys, nesting deep enough to exhaust the parser's stack, numbers too large).
+
+inside_folder: the one rule for files that a folder's own metadata names (shard indexes, adapter and
+tokenizer files, journal entries): they must lie inside that folder. A hostile index naming `../../x.safetensors`
+or `/etc/...` would otherwise make a merge read, copy or rewrite files elsewhere.
+
+The rule: the name is a relative path without `..` components (also after Unicode NFKC normalisation,
+so a look-alike never means the parent to a tool that normalises), and the file it reaches, after
+symlinks, lies inside the folder after symlinks. So a symlinked model folder works, and so do
+symlinks inside it that point within it; a symlink out of it is refused. One exception keeps the
+Hugging Face cache usable: in a snapshot folder (`.../snapshots/<revision>/` beside a `blobs/` folder)
+the files are symlinks into the repository's `blobs/`, so there the boundary is the repository folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import unicodedata
+from pathlib import PurePosixPath
+
+from merge_engine.errors import CheckpointError
+
+
+def inside_folder(folder: str, name: object, what: str) -> str:
+    """The path of `name` in `folder`, or CheckpointError naming `what` (the file that named it)."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise CheckpointError(f"{what}: names {name!r}, which is not a file name")
+    for form in (name, unicodedata.normalize("NFKC", name)):
+        if os.path.isabs(form) or ".." in PurePosixPath(form.replace("\\", "/")).parts:
+            raise CheckpointError(f"{what}: names '{name}', a path outside {folder}")
+    path = os.path.join(folder, name)
+    boundary = containment_boundary(folder)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real, boundary]) != boundary:
+        raise CheckpointError(f"{what}: '{name}' leads to {real}, outside {boundary} (a symlink out of the folder)")
+    return path
+
+
+def containment_boundary(folder: str) -> str:
+    """The folder after symlinks, or for a Hugging Face cache snapshot, its repository folder."""
+    real = os.path.realpath(folder)
+    snapshots = os.path.dirname(real)
+    repository = os.path.dirname(snapshots)
+    if os.path.basename(snapshots) == "snapshots" and os.path.isdir(os.path.join(repository, "blobs")):
+        return repository
+    return real
+
+
+def parse_json(raw: bytes | str, what: str):
+    """The JSON value of raw, or CheckpointError naming `what`: duplicate keys are refused (a later one
+    would silently win), as are values nested too deep to parse."""
+    try:
+        return json.loads(raw, object_pairs_hook=_refuse_duplicates)
+    except RecursionError:
+        raise CheckpointError(f"{what}: JSON nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{what}: invalid JSON ({e})") from None
+
+
+def read_json(path: str):
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    return parse_json(raw, path)
+
+
+def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"the key {key!r} appears twice")
+        seen[key] = value
+    return seen
