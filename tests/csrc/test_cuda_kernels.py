@@ -50,10 +50,11 @@ from merge_engine.ops import fisher as fisher_ops
 from merge_engine.ops import gram as gram_ops
 from merge_engine.ops import permute as permute_ops
 from merge_engine.ops.consensus import _merge_with, merge_task_vectors_reference
-from merge_engine.ops.fisher import accumulate_fisher_reference, fisher_merge_reference, invalid_fisher_message
+from merge_engine.ops.fisher import accumulate_fisher_reference
 from merge_engine.ops.permute import gather_blocks_reference, scatter_add_blocks_reference, swap_blocks_reference
 from merge_engine.ops.select import magnitude_cutoff
 from tests.csrc import kernel_checks
+from tests.kernels import test_fisher as kernel_fisher
 from tests.csrc.kernel_checks import (
     BITS,
     GRAM_MASKS,
@@ -285,97 +286,12 @@ def test_op_dispatches_to_the_cuda_extension(ext, monkeypatch):
     assert calls == [1]
 
 
-# ---- Fisher ops (csrc/cuda/fisher.cu): bit for bit against the references, run on CPU copies ----
-
-FISHER_LOG10 = {torch.float32: (-44.0, 4.0), torch.bfloat16: (-44.0, 4.0), torch.float16: (-8.0, 4.0)}
-
+# ---- Fisher ops (csrc/cuda/fisher.cu): their values with the other backends' in tests/kernels/test_fisher.py ----
 
 def fisher_models(shape, dtype, fisher_dtype, k, seed):
-    """k params and Fishers of many magnitudes (down to fp32 subnormals: a flush to zero would show;
-    10% exact zeros), coefficients in [0, 2) and floors in [1e-9, 1e-2), each 0 with probability 0.25
-    (fp64 values: their rounding to fp32 is part of the spec). On the GPU."""
-    g = torch.Generator().manual_seed(seed)
-    params = [torch.randn(shape, generator=g).to(dtype) for _ in range(k)]
-    lo, hi = FISHER_LOG10[fisher_dtype]
-    fishers = []
-    for _ in range(k):
-        f = 10.0 ** (lo + (hi - lo) * torch.rand(shape, generator=g, dtype=torch.float64))
-        f[torch.rand(shape, generator=g) < 0.1] = 0
-        fishers.append(f.to(fisher_dtype))
-    kept = torch.rand(2, k, generator=g) >= 0.25
-    coefficients = torch.where(kept[0], 2 * torch.rand(k, generator=g, dtype=torch.float64), 0.0).tolist()
-    floors = torch.where(kept[1], 10.0 ** (-9 + 7 * torch.rand(k, generator=g, dtype=torch.float64)), 0.0).tolist()
+    """tests/kernels/test_fisher.py's models, on the GPU."""
+    params, fishers, coefficients, floors = kernel_fisher.make_models(shape, dtype, fisher_dtype, k, seed)
     return [p.cuda() for p in params], [f.cuda() for f in fishers], coefficients, floors
-
-
-def assert_identical(got, want, context):
-    """The same bits (a NaN matches any NaN: its sign and payload are the hardware's)."""
-    got, want = got.cpu(), want.cpu()
-    assert got.dtype == want.dtype and got.shape == want.shape, f"{context}: {got.dtype} {got.shape}"
-    width = torch.int16 if want.element_size() == 2 else torch.int32
-    differ = (got.view(width) != want.view(width)) & ~(got.isnan() & want.isnan())
-    assert not differ.any(), f"{context}: {int(differ.sum())} of {want.numel()} elements differ"
-
-
-def check_fisher_merge(ext, params, fishers, coefficients, floors, context):
-    got = ext.fisher_merge(params, fishers, coefficients, floors)
-    assert got.device == params[0].device
-    want = fisher_merge_reference([p.cpu() for p in params], [f.cpu() for f in fishers], coefficients, floors)
-    assert_identical(got, want, context)
-
-
-@pytest.mark.parametrize("fisher_dtype", DTYPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
-def test_fisher_merge_matches_reference_exactly(ext, dtype, fisher_dtype, k):
-    for shape in SIZES + [(2_000_003,)]:  # the last: more tiles than threads (grid-stride loop)
-        seed = stable_seed("fisher", shape, dtype, fisher_dtype, k)
-        params, fishers, coefficients, floors = fisher_models(shape, dtype, fisher_dtype, k, seed)
-        check_fisher_merge(ext, params, fishers, coefficients, floors,
-                           f"seed {seed}, shape {shape}, coefficients {coefficients}, floors {floors}")
-
-
-def test_fisher_merge_edges(ext):
-    seed = stable_seed("fisher edges")
-    params, fishers, coefficients, floors = fisher_models((4097,), torch.float32, torch.float32, 3, seed)
-    zeros = [torch.zeros_like(f) for f in fishers]
-    got = ext.fisher_merge(params, zeros, coefficients, [0.0] * 3)
-    assert torch.equal(got, params[0]), "no Fisher information anywhere: the first model"
-    fishers[1][::3] = 3.4e38  # d overflows: Inf / Inf and x / Inf
-    fishers[2][1::5] = 1e-45
-    params[2][::7] = float("inf")
-    check_fisher_merge(ext, params, fishers, [1.0, 4.0, 1e-3], [0.0, 1e-38, 0.0], f"seed {seed}, extremes")
-    many = fisher_models((1023,), torch.float16, torch.float32, 40, seed)  # any K, past max_experts
-    check_fisher_merge(ext, *many, f"seed {seed}, 40 models")
-    empty = torch.empty(0, 3, device="cuda")
-    assert ext.fisher_merge([empty], [empty], [1.0], [0.0]).shape == (0, 3)
-
-
-@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
-def test_bad_fisher_values_name_the_first_bad_model(ext, bad):
-    params, fishers, coefficients, floors = fisher_models((4097,), torch.bfloat16, torch.float16, 4, 3)
-    fishers[0][5] = -0.0  # valid: -0 >= 0
-    fishers[2][[3, 1500, 4096]] = bad
-    fishers[3][0] = float("nan")
-    with pytest.raises(ValueError) as error:
-        ext.fisher_merge(params, fishers, coefficients, floors)
-    assert str(error.value).splitlines()[0] == invalid_fisher_message(2, 3)
-
-
-@pytest.mark.parametrize("grad_dtype", DTYPES)
-@pytest.mark.parametrize("fisher_dtype", DTYPES)
-def test_accumulate_fisher_matches_reference_exactly(ext, fisher_dtype, grad_dtype):
-    for shape in SIZES + [(2_000_003,)]:
-        seed = stable_seed("accumulate", shape, fisher_dtype, grad_dtype)
-        g = torch.Generator().manual_seed(seed)
-        want = torch.rand(shape, generator=g).to(fisher_dtype)
-        fisher = want.cuda()
-        for step in range(3):  # grads of many magnitudes: g^2 from fp32 subnormals to overflow
-            grad = (torch.randn(shape, generator=g) * 10.0 ** (-24 + 44 * torch.rand(shape, generator=g))).to(grad_dtype)
-            scale = float(torch.rand((), generator=g, dtype=torch.float64)) / (step + 1)
-            ext.accumulate_fisher(fisher, grad.cuda(), scale)
-            accumulate_fisher_reference(want, grad, scale)
-            assert_identical(fisher, want, f"seed {seed}, shape {shape}, step {step}, scale {scale!r}")
 
 
 def test_fisher_ops_on_a_side_stream(ext):
@@ -390,7 +306,7 @@ def test_fisher_ops_on_a_side_stream(ext):
         ext.accumulate_fisher(fishers[0], params[1], 0.5)
     torch.cuda.current_stream().wait_stream(stream)
     assert torch.equal(first, second)
-    assert_identical(fishers[0], want, "accumulated on a side stream")
+    kernel_fisher.assert_identical(fishers[0], want, "accumulated on a side stream")
 
 
 def test_fisher_bad_inputs_are_rejected(ext):
