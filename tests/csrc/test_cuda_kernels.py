@@ -55,16 +55,10 @@ from merge_engine.ops.permute import gather_blocks_reference, scatter_add_blocks
 from merge_engine.ops.select import magnitude_cutoff
 from tests.csrc import kernel_checks
 from tests.kernels import test_fisher as kernel_fisher
+from tests.kernels import test_gram as kernel_gram
+from tests.kernels.conftest import load_backend
 from tests.csrc.kernel_checks import (
     BITS,
-    GRAM_MASKS,
-    TENSOR_CORE_UNIT,
-    UNIT_ROUNDOFF,
-    assert_gram,
-    gram_activations,
-    gram_expected,
-    gram_mask,
-    gram_start,
     random_bits,
     spread_values,
     weighted_contributions,
@@ -454,42 +448,12 @@ def test_permute_ops_dispatch_to_the_cuda_extension(ext, monkeypatch):
     assert calls == ["gather_blocks", "scatter_add_blocks", "swap_blocks"]
 
 
-# ---- Gram (csrc/cuda/gram.cu): within the bound of ops/gram.py against an fp64 reference ----
+# ---- Gram (csrc/cuda/gram.cu): its values with the other backends' in tests/kernels/test_gram.py ----
 
-# (d, tokens, mask kind): one 64 x 64 tile, tiles whose edge cuts the triangle, many tiles; token
-# counts around the 16- and 32-token steps
-GRAM_CASES = [(d, tokens, mask_kind) for d in (1, 7, 64, 65, 513, 1100) for tokens in (1, 5, 33, 4097)
-              for mask_kind in GRAM_MASKS]
-
-
-def gram_unit(dtype):
-    tensor_cores = dtype != torch.float32 and torch.cuda.get_device_capability()[0] >= 8
-    return TENSOR_CORE_UNIT if tensor_cores else UNIT_ROUNDOFF
-
-
-def check_gram(accumulate, d, tokens, dtype, mask_kind, seed, lead_shape=None):
-    """Two accumulations onto a random start on the GPU, against the fp64 reference; mirror_upper_."""
-    g = torch.Generator().manual_seed(seed)
-    lead_shape = lead_shape or (tokens,)
-    start = gram_start(d, g, "cuda")
-    gram = start.clone()
-    batches = [(gram_activations((*lead_shape, d), dtype, g, "cuda"), gram_mask(mask_kind, lead_shape, g, "cuda"))
-               for _ in range(2)]
-    for x, mask in batches:
-        accumulate(gram, x, mask)
-    assert_gram(gram, start, *gram_expected(start, batches, gram_unit(dtype)), f"seed {seed}")
-    if mask_kind == "none kept":
-        assert torch.equal(gram.view(torch.int32), start.view(torch.int32)), f"seed {seed}: no token kept, gram changed"
-    upper = gram.triu()
-    gram_ops.mirror_upper_(gram)
-    assert torch.equal(gram, gram.T) and torch.equal(gram.triu(), upper), f"seed {seed}: mirror_upper_"
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d, tokens, mask_kind", GRAM_CASES)
-def test_accumulate_gram_within_bound(ext, d, tokens, dtype, mask_kind):
-    seed = stable_seed("gram", d, tokens, dtype, mask_kind)
-    check_gram(lambda *args: gram_ops._accumulate_with(ext, *args), d, tokens, dtype, mask_kind, seed)
+def check_gram(accumulate, d, dtype, mask_kind, seed, lead_shape):
+    """tests/kernels/test_gram.py's two accumulations, on the GPU."""
+    gpu = load_backend("cuda", "gram")
+    kernel_gram.check_two_accumulations(gpu, accumulate, lead_shape, d, dtype, mask_kind, seed)
 
 
 def test_accumulate_gram_on_a_side_stream_through_the_op(ext, monkeypatch):
@@ -503,8 +467,7 @@ def test_accumulate_gram_on_a_side_stream_through_the_op(ext, monkeypatch):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        check_gram(gram_ops.accumulate_gram, 130, None, torch.bfloat16, "random", stable_seed("gram op"),
-                   lead_shape=(3, 50))
+        check_gram(gram_ops.accumulate_gram, 130, torch.bfloat16, "random", stable_seed("gram op"), (3, 50))
     assert calls == [(150, 130)] * 2
 
 
