@@ -24,20 +24,9 @@ sparsifiers) bounds every intermediate; w_min, the smallest weight when normalis
 smallest possible divisor. S replaces a relative |want - base| bound because without consensus the
 terms may cancel.
 
-Fisher ops (fisher.cu): elementwise chains of correctly rounded fp32 steps in the references' order,
-so merged values and accumulated Fishers must have the references' exact bits (against the
-references run on CPU copies of the inputs; a NaN matches any NaN), for every dtype pair, K = 1..5
-and 40, and inputs down to fp32 subnormals.
-
-Gram (gram.cu): fp32 sums in the kernel's own order, so against an fp64 reference of the kept rows
-within the bound of ops/gram.py (kernel_checks.gram_expected), with u = 2^-24 for the fp32 kernel
-and kernel_checks.TENSOR_CORE_UNIT for bf16/fp16 on tensor cores (they truncate); the strictly lower
-triangle's bits untouched; exact symmetry after mirror_upper_.
-
-Permute ops (permute.cu): gather and swap move bits, so on random bit patterns they must give the
-references' exact bits; scatter-add (one fp32 add rounded once) the references' exact sums; each
-against the references run on CPU copies, with 16-byte, narrower (misaligned views) and one-element
-units, and more outer rows than one grid dimension holds.
+Fisher, Gram and permute ops (fisher.cu, gram.cu, permute.cu): their values are tested with the
+other backends' in tests/kernels/ (test_fisher.py, test_gram.py, test_permute.py; on this GPU too);
+here, their side streams, argument checks and dispatch.
 """
 import math
 import zlib
@@ -51,16 +40,15 @@ from merge_engine.ops import gram as gram_ops
 from merge_engine.ops import permute as permute_ops
 from merge_engine.ops.consensus import _merge_with, merge_task_vectors_reference
 from merge_engine.ops.fisher import accumulate_fisher_reference
-from merge_engine.ops.permute import gather_blocks_reference, scatter_add_blocks_reference, swap_blocks_reference
+from merge_engine.ops.permute import swap_blocks_reference
 from merge_engine.ops.select import magnitude_cutoff
 from tests.csrc import kernel_checks
 from tests.kernels import test_fisher as kernel_fisher
 from tests.kernels import test_gram as kernel_gram
+from tests.kernels import test_permute as kernel_permute
 from tests.kernels.conftest import load_backend
 from tests.csrc.kernel_checks import (
-    BITS,
     random_bits,
-    spread_values,
     weighted_contributions,
 )
 
@@ -337,66 +325,7 @@ def test_fisher_ops_dispatch_to_the_cuda_extension(ext, monkeypatch):
     assert calls == ["fisher_merge", "accumulate_fisher"]
 
 
-# ---- permute ops (csrc/cuda/permute.cu): bit for bit against the references, run on CPU copies ----
-
-PERMUTE_CASES = [((7, 13), 0, 1), ((7, 13), 1, 13), ((1023, 5), 0, 3), ((1023, 5), 1, 1), ((4097,), 0, 17),
-                 ((3, 8, 5), 1, 2), ((688, 256), 0, 1), ((256, 688), 1, 1), ((64, 512), 1, 128),
-                 ((70_000, 3), 1, 1)]  # the last: more outer rows than gridDim.y (grid-stride loop)
-
-
-
-
-def misaligned(t):
-    """A CUDA copy of t whose data starts one element past an allocation: units narrower than 16 bytes."""
-    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
-    out = storage[1:].view(t.shape)
-    out.copy_(t)
-    return out
-
-
-def assert_same_bits(got, want, context):
-    for i, (a, b) in enumerate(zip(got, want, strict=True)):
-        width = BITS[b.element_size()]
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{context}, tensor {i}: {a.dtype} {list(a.shape)}"
-        differ = a.cpu().view(width) != b.view(width)
-        assert not differ.any(), f"{context}, tensor {i}: {int(differ.sum())} of {b.numel()} elements differ"
-
-
-def distinct_blocks(count, num_layers, n_blocks, g):
-    chosen = torch.randperm(num_layers * n_blocks, generator=g)[:count]
-    return chosen // n_blocks, chosen % n_blocks
-
-
-@pytest.mark.parametrize("aligned", [True, False])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", PERMUTE_CASES)
-def test_permute_ops_match_reference_exactly(ext, case, dtype, aligned):
-    shape, dim, block_size = case
-    seed = stable_seed("permute", case, dtype, aligned)
-    g = torch.Generator().manual_seed(seed)
-    to_cuda = (lambda t: t.cuda()) if aligned else misaligned
-    num_layers, n_blocks = 4, shape[dim] // block_size
-    tensors = [random_bits(shape, dtype, g) for _ in range(num_layers)]
-    src_layer, src_block = distinct_blocks(n_blocks, num_layers, n_blocks, g)
-    got = ext.gather_blocks([to_cuda(t) for t in tensors], 2, src_layer.cuda(), src_block.cuda(), dim, block_size)
-    want = gather_blocks_reference(tensors, 2, src_layer, src_block, dim, block_size)
-    assert_same_bits([got], [want], f"seed {seed}, gather")
-
-    count = num_layers * n_blocks // 3
-    a_layer, a_block = distinct_blocks(2 * count, num_layers, n_blocks, g)
-    pairs = torch.stack([a_layer[:count], a_block[:count], a_layer[count:], a_block[count:]], 1)
-    swapped = [to_cuda(t) for t in tensors]
-    ext.swap_blocks(swapped, pairs.cuda(), dim, block_size)
-    swap_blocks_reference(tensors, pairs, dim, block_size)
-    assert_same_bits(swapped, tensors, f"seed {seed}, {count} swaps")
-
-    targets = [spread_values(shape, dtype, g) for _ in range(num_layers)]
-    values = spread_values(shape, dtype, g)
-    summed = [to_cuda(t) for t in targets]
-    ext.scatter_add_blocks(summed, 2, to_cuda(values), src_layer.cuda(), src_block.cuda(), dim, block_size)
-    scatter_add_blocks_reference(targets, 2, values, src_layer, src_block, dim, block_size)
-    assert_same_bits(summed, targets, f"seed {seed}, scatter-add")
-
+# ---- permute ops (csrc/cuda/permute.cu): their values with the other backends' in tests/kernels/test_permute.py ----
 
 def test_permute_edges_and_streams(ext):
     none = torch.empty(0, dtype=torch.int64, device="cuda")
@@ -414,7 +343,7 @@ def test_permute_edges_and_streams(ext):
         ext.swap_blocks(on_gpu, pairs.cuda(), 1, 4)
     torch.cuda.current_stream().wait_stream(stream)
     swap_blocks_reference(tensors, pairs, 1, 4)
-    assert_same_bits(on_gpu, tensors, "swapped on a side stream")
+    kernel_permute.assert_same_bits(on_gpu, tensors, "swapped on a side stream")
 
 
 def test_permute_bad_inputs_are_rejected(ext):
