@@ -58,6 +58,17 @@ def pairwise(*axes, where=None) -> list[tuple]:
     return [tuple(a[i] for a, i in zip(axes, t)) for t in chosen]
 
 
+# Session fixtures that generate Hugging Face checkpoints (here and in tests/tiers/ and tests/stats/):
+# a test that takes one runs the engine on generated checkpoints, and is marked slow.
+GENERATED_CHECKPOINTS = {"model_sets", "vocab_models", "bpe_models", "tier_model", "tiny_lm"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if GENERATED_CHECKPOINTS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 # (arch, dtype, shard size): Llama (MHA), Qwen2 (GQA, tied embeddings), GPT-2; sharded and unsharded.
 MODEL_SETS = {
     "llama": ("llama", torch.float32, None),

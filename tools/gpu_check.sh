@@ -21,7 +21,7 @@ if [ "$stage" = tests ]; then
   start=$SECONDS
   $PY -c "from merge_engine.ops import backends; import sys; sys.exit((backends.cpu_extension() is None) + 2 * (backends.cuda_extension() is None))"
   echo "extensions built: exit $? in $((SECONDS - start)) s (1: CPU failed, 2: CUDA failed)" | tee "$OUT/build.txt"
-  $PY -m pytest -q -ra -p no:cacheprovider tests/csrc/test_cuda_kernels.py tests/triton_kernels \
+  $PY -m pytest -q -ra -p no:cacheprovider tests/csrc/test_cuda_kernels.py tests/kernels tests/triton_kernels \
     "tests/test_engine.py::test_cuda_merge_matches_cpu" 2>&1 | tee "$OUT/tests.txt"
 elif [ "$stage" = bench ]; then
   for backend in cuda triton; do

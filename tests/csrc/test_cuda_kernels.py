@@ -1,6 +1,7 @@
 """The CUDA kernels (csrc/cuda) against the PyTorch references and the C++ CPU kernels (needs a GPU).
 
-Cut-offs must equal merge_engine.ops.select.magnitude_cutoff exactly. Merged values:
+Cut-offs, DARE masks and all-zero deltas: with the other backends' in tests/kernels/test_task_vectors.py.
+Merged values:
 - against the C++ CPU kernels (the same arithmetic: the same roundings to the dtype, fp32 sums over
   the experts in expert order): bit-identical (torch.equal) for every K, mode, dtype and shape,
   except with rescale (below);
@@ -42,6 +43,7 @@ from merge_engine.ops.consensus import _merge_with, merge_task_vectors_reference
 from merge_engine.ops.fisher import accumulate_fisher_reference
 from merge_engine.ops.permute import swap_blocks_reference
 from merge_engine.ops.select import magnitude_cutoff
+from tests.conftest import DTYPES, MANTISSA, SIZES, pairwise, ulp
 from tests.csrc import kernel_checks
 from tests.kernels import test_fisher as kernel_fisher
 from tests.kernels import test_gram as kernel_gram
@@ -58,9 +60,6 @@ if not torch.cuda.is_available():
 if not backends.kernels_enabled():
     pytest.skip("compiled kernels disabled by MERGE_ENGINE_KERNELS=0", allow_module_level=True)
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-SIZES = [(1,), (7,), (1023,), (4097,), (37, 53)]
-MANTISSA = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
 MODES = ["", "magnitude", "random", "outliers", "rank"]
 
 
@@ -108,30 +107,12 @@ def assert_close_merge(got, want, base, experts, kw, context):
         undecided = torch.zeros(signed.shape, dtype=torch.bool)
     w_min = min(kw["weights"]) if kw.get("normalize") else 1.0
     g, w = got.double(), want.double()
-    ulp = 2.0 ** -(p - 1) * w.abs().clamp(min=float(torch.finfo(dtype).tiny))
-    bound = 4 * ulp + (2.0 ** -(p - 3) + reassociation + factor) * s / w_min
+    bound = 4 * ulp(w, dtype) + (2.0 ** -(p - 3) + reassociation + factor) * s / w_min
     excess = torch.where(undecided, 0, (g - w).abs() - bound)
     assert (excess <= 0).all(), f"{context}: error exceeds the bound by {float(excess.max())}"
 
 
 # ---- delta_cutoffs ----
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SIZES + [(300_007,)])
-@pytest.mark.parametrize("largest", [True, False])
-@pytest.mark.parametrize("ties", [False, True])
-def test_delta_cutoffs_match_reference(ext, dtype, shape, largest, ties):
-    seed = stable_seed(shape, largest, ties, dtype)
-    base, (expert,) = make_inputs(shape, dtype, 1, seed, ties=ties)
-    delta = (expert - base).cpu()
-    n = delta.numel()
-    counts = sorted({0, 1, 2, max(1, n // 100), n // 3, n // 2, n - 1, n, n + 5, -3})
-    got = ext.delta_cutoffs(base, expert, counts, largest)
-    assert got.shape == (len(counts), 2) and got.dtype == torch.int64
-    for j, count in enumerate(counts):
-        want = magnitude_cutoff(delta, count, largest)
-        assert got[j].tolist() == want.tolist(), f"seed {seed}, count {count}"
-
 
 def test_delta_cutoffs_on_a_side_stream(ext):
     base, (expert,) = make_inputs((4097,), torch.bfloat16, 1, 5, ties=True)
@@ -169,10 +150,8 @@ CASES = [  # (consensus, normalize, rescale)
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SIZES)
-@pytest.mark.parametrize("sparsify", MODES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c))
+# every mode with every case, size and dtype, and each of those with each other: a pairwise covering set
+@pytest.mark.parametrize("dtype, shape, sparsify, case", pairwise(DTYPES, SIZES, MODES, CASES))
 def test_merge_matches_reference(ext, cpu_ext, dtype, shape, sparsify, case):
     consensus, normalize, rescale = case
     seed = stable_seed(shape, case, sparsify, dtype)
@@ -182,9 +161,7 @@ def test_merge_matches_reference(ext, cpu_ext, dtype, shape, sparsify, case):
     check_merge(ext, cpu_ext, base, experts, kw, f"seed {seed}, k {k}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("k", range(1, 9))
-@pytest.mark.parametrize("sparsify", ["", "magnitude", "random", "outliers"])
+@pytest.mark.parametrize("dtype, k, sparsify", pairwise(DTYPES, range(1, 9), ["", "magnitude", "random", "outliers"]))
 def test_every_expert_count(ext, cpu_ext, dtype, k, sparsify):
     seed = 1000 * k + MODES.index(sparsify)
     base, experts = make_inputs((4097,), dtype, k, seed, ties=sparsify == "magnitude")
@@ -199,25 +176,6 @@ def test_ties_densities_and_a_larger_tensor(ext, cpu_ext, dtype, density):
     base, experts = make_inputs((257, 1031), dtype, k, int(density * 1000), ties=True)
     kw = dict(weights=[1.0, 0.5, 0.25], densities=[density] * k, sparsify="magnitude", consensus=True, normalize=True)
     check_merge(ext, cpu_ext, base, experts, kw, f"density {density}")
-
-
-@pytest.mark.parametrize("sparsify", ["magnitude", "random", "outliers", "rank"])
-def test_all_zero_deltas_give_the_base(ext, sparsify):
-    base, experts = make_inputs((1023,), torch.bfloat16, 3, 7, zero_delta=True)
-    kw = dict(weights=[1.0] * 3, densities=[0.5] * 3, sparsify=sparsify, consensus=True, normalize=True,
-              rescale=True, gammas=[0.01] * 3, epsilons=[0.1] * 3)
-    got = _merge_with(ext, base, experts, **kw)
-    assert torch.equal(got, base)
-    assert torch.equal(got, merge_task_vectors_reference(base, experts, **kw))
-
-
-def test_dare_masks_identical_to_reference(ext):
-    base = torch.zeros(4097, device="cuda")
-    experts = [torch.ones(4097, device="cuda"), torch.ones(4097, device="cuda")]
-    for seed in (0, 1, 12345):
-        kw = dict(weights=[1.0, 2.0], densities=[0.3, 0.6], sparsify="random", seed=seed, tensor_name="x")
-        got = _merge_with(ext, base, experts, **kw)
-        assert torch.equal(got, merge_task_vectors_reference(base, experts, **kw)), f"seed {seed}"
 
 
 def test_rescale_is_deterministic_and_stream_ordered(ext):
