@@ -19,13 +19,6 @@ if not backends.kernels_enabled():
 pytestmark = pytest.mark.cpu_kernels
 
 
-@pytest.fixture(scope="module")
-def ext():
-    module = backends.cpu_extension()
-    assert module is not None, "the CPU extension failed to build (see the warning above)"
-    return module
-
-
 def test_the_ops_route_to_the_cpu_kernels(ext, monkeypatch):
     calls = []
 

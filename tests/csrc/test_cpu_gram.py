@@ -16,13 +16,6 @@ if not backends.kernels_enabled():
 pytestmark = pytest.mark.cpu_kernels
 
 
-@pytest.fixture(scope="module")
-def ext():
-    module = backends.cpu_extension()
-    assert module is not None, "the CPU extension failed to build (see the warning above)"
-    return module
-
-
 def test_the_op_routes_to_the_cpu_kernel(ext, monkeypatch):
     """ops.accumulate_gram reaches the kernel with [T, d] rows and a [T] mask, for activations with
     leading dims; an fp64 gram and a non-contiguous one stay on the reference."""

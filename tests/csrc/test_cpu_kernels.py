@@ -34,13 +34,6 @@ if not backends.kernels_enabled():
 pytestmark = pytest.mark.cpu_kernels
 
 
-@pytest.fixture(scope="module")
-def ext():
-    module = backends.cpu_extension()
-    assert module is not None, "the CPU extension failed to build (see the warning above)"
-    return module
-
-
 def assert_merged_close(got, want, base, experts, kw, context):
     dtype, k = base.dtype, len(experts)
     if k <= 2 and not kw.get("rescale"):

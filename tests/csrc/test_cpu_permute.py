@@ -20,13 +20,6 @@ if not backends.kernels_enabled():
 pytestmark = pytest.mark.cpu_kernels
 
 
-@pytest.fixture(scope="module")
-def ext():
-    module = backends.cpu_extension()
-    assert module is not None, "the CPU extension failed to build (see the warning above)"
-    return module
-
-
 def test_large_tables_and_layers(ext):
     """A bf16 MLP-like stack, 8 layers: many threads' worth of items, rows and columns."""
     seed = seed_of("large")
