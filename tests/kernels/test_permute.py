@@ -60,6 +60,12 @@ def placer(backend, aligned):
     return (lambda ts: [t.to(backend.device) for t in ts]) if aligned else (lambda ts: [misaligned(t) for t in ts])
 
 
+def start(op, backend, case, dtype, num_layers, aligned):
+    """A test's case, its seed, a generator seeded with it, and its placer."""
+    seed = seed_of(op, case, dtype, num_layers, aligned)
+    return case, seed, torch.Generator().manual_seed(seed), placer(backend, aligned)
+
+
 def distinct_sources(num_layers, n_blocks, g):
     """src_layer, src_block: n_blocks distinct random blocks of the num_layers x n_blocks stack."""
     chosen = torch.randperm(num_layers * n_blocks, generator=g)[:n_blocks]
@@ -68,10 +74,7 @@ def distinct_sources(num_layers, n_blocks, g):
 
 @per_backend("case, dtype, num_layers, aligned", CASES)
 def test_gather_matches_reference_exactly(backend, case, dtype, num_layers, aligned):
-    shape, dim, block_size = case
-    seed = seed_of("gather", case, dtype, num_layers, aligned)
-    g = torch.Generator().manual_seed(seed)
-    put = placer(backend, aligned)
+    (shape, dim, block_size), seed, g, put = start("gather", backend, case, dtype, num_layers, aligned)
     tensors = [random_bits(shape, dtype, g) for _ in range(num_layers)]
     n_blocks = shape[dim] // block_size
     tables = [distinct_sources(num_layers, n_blocks, g),  # a permutation's tables
@@ -86,10 +89,7 @@ def test_gather_matches_reference_exactly(backend, case, dtype, num_layers, alig
 
 @per_backend("case, dtype, num_layers, aligned", CASES)
 def test_scatter_add_matches_reference_exactly(backend, case, dtype, num_layers, aligned):
-    shape, dim, block_size = case
-    seed = seed_of("scatter", case, dtype, num_layers, aligned)
-    g = torch.Generator().manual_seed(seed)
-    put = placer(backend, aligned)
+    (shape, dim, block_size), seed, g, put = start("scatter", backend, case, dtype, num_layers, aligned)
     layer = num_layers - 1  # the first for one layer
     targets = [spread_values(shape, dtype, g) for _ in range(num_layers)]
     values = spread_values(shape, dtype, g)
@@ -103,10 +103,7 @@ def test_scatter_add_matches_reference_exactly(backend, case, dtype, num_layers,
 
 @per_backend("case, dtype, num_layers, aligned", CASES)
 def test_swap_matches_reference_exactly(backend, case, dtype, num_layers, aligned):
-    shape, dim, block_size = case
-    seed = seed_of("swap", case, dtype, num_layers, aligned)
-    g = torch.Generator().manual_seed(seed)
-    put = placer(backend, aligned)
+    (shape, dim, block_size), seed, g, put = start("swap", backend, case, dtype, num_layers, aligned)
     n_blocks = shape[dim] // block_size
     most = num_layers * n_blocks // 2  # every block in a swap (but one, for an odd count)
     for count in (int(torch.randint(0, most + 1, (), generator=g)), most):
