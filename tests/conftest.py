@@ -58,9 +58,9 @@ def pairwise(*axes, where=None) -> list[tuple]:
     return [tuple(a[i] for a, i in zip(axes, t)) for t in chosen]
 
 
-# Session fixtures that generate Hugging Face checkpoints (here and in tests/tiers/ and tests/stats/):
-# a test that takes one runs the engine on generated checkpoints, and is marked slow.
-GENERATED_CHECKPOINTS = {"model_sets", "vocab_models", "bpe_models", "tier_model", "tiny_lm"}
+# Fixtures that generate Hugging Face checkpoints (here, tests/tiers/conftest.py and test_compare.py's lm,
+# tests/stats/conftest.py): a test that takes one runs on generated checkpoints, and is marked slow.
+GENERATED_CHECKPOINTS = {"model_sets", "vocab_models", "bpe_models", "tier_model", "lm", "tiny_lm"}
 
 
 def pytest_collection_modifyitems(items):
