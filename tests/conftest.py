@@ -2,8 +2,10 @@
 seeds), a YAML writer, and the location of a mergekit install for the parity tests."""
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
+import zlib
 
 import pytest
 import torch
@@ -11,6 +13,61 @@ import yaml
 from safetensors.torch import load_file
 
 from merge_engine.demo import make_models
+
+# ---- constants and helpers of the numerical tests (import them from here: tests.conftest) ----
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]  # the dtypes the kernels and most ops take
+# odd sizes: one element, under one 16-lane vector, a 16-lane tail, past a 4096-element block, 2-D
+SIZES = [(1,), (7,), (1023,), (4097,), (37, 53)]
+MANTISSA = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}  # p: significant bits, the implicit one included
+
+
+def seed_of(*parts) -> int:
+    """A seed stable across runs (not Python's per-process str hash), from the test's parameters;
+    printed, so that a failure's output names it."""
+    seed = zlib.crc32(repr(parts).encode()) % 10**6
+    print(f"seed {seed} for {parts}")
+    return seed
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An upper bound of the ulp of the dtype at |x| (fp64): 2^-(p-1) |x|, at least that of the
+    smallest normal, so subnormal results get the normal spacing, never a zero bound."""
+    return 2.0 ** -(MANTISSA[dtype] - 1) * x.double().abs().clamp(min=float(torch.finfo(dtype).tiny))
+
+
+def pairwise(*axes, where=None) -> list[tuple]:
+    """A covering subset of the product of the axes (lists of values): every pair of values of any two
+    axes occurs together in some returned tuple (the whole product for one or two axes), among the
+    tuples for which where(*values) holds. Greedy and deterministic: each step takes the first tuple,
+    in product order, that covers the most pairs not covered yet. For grids whose axes each select a
+    code path (dtype, size class, mode), this keeps every path and every interaction of two of them,
+    at a fraction of the product (3 x 5 x 10 axes: 50 of 150 tuples)."""
+    allowed = [t for t in itertools.product(*(range(len(a)) for a in axes))
+               if where is None or where(*(a[i] for a, i in zip(axes, t)))]
+    if len(axes) <= 2:
+        chosen = allowed
+    else:
+        pairs = list(itertools.combinations(range(len(axes)), 2))
+        uncovered = {(i, t[i], j, t[j]) for t in allowed for i, j in pairs}
+        chosen = []
+        while uncovered:
+            best = max(allowed, key=lambda t: sum((i, t[i], j, t[j]) in uncovered for i, j in pairs))
+            chosen.append(best)
+            uncovered -= {(i, best[i], j, best[j]) for i, j in pairs}
+    return [tuple(a[i] for a, i in zip(axes, t)) for t in chosen]
+
+
+# Fixtures that generate Hugging Face checkpoints (here, tests/tiers/conftest.py and test_compare.py's lm,
+# tests/stats/conftest.py): a test that takes one runs on generated checkpoints, and is marked slow.
+GENERATED_CHECKPOINTS = {"model_sets", "vocab_models", "bpe_models", "tier_model", "lm", "tiny_lm"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if GENERATED_CHECKPOINTS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 # (arch, dtype, shard size): Llama (MHA), Qwen2 (GQA, tied embeddings), GPT-2; sharded and unsharded.
 MODEL_SETS = {

@@ -23,7 +23,7 @@ if [ "$stage" = tests ]; then
     $PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -5 | tee "$OUT/install.txt"
   $PY -c "from merge_engine.ops import backends; import sys; sys.exit((backends.cpu_extension() is None) + 2 * (backends.cuda_extension() is None))"
   echo "extensions built: exit $? in $((SECONDS - start)) s (1: CPU failed, 2: CUDA failed)" | tee "$OUT/build.txt"
-  $PY -m pytest -q -ra -p no:cacheprovider tests/csrc/test_cuda_kernels.py tests/triton_kernels 2>&1 | tee "$OUT/tests.txt"
+  $PY -m pytest -q -ra -p no:cacheprovider tests/csrc/test_cuda_kernels.py tests/kernels tests/triton_kernels 2>&1 | tee "$OUT/tests.txt"
   for backend in cuda triton reference; do  # the whole engine on each GPU backend (MERGE_ENGINE_GPU_BACKEND)
     MERGE_ENGINE_GPU_BACKEND=$backend $PY -m pytest -q -ra -p no:cacheprovider \
       "tests/test_engine.py::test_cuda_merge_matches_cpu" 2>&1 | tee "$OUT/engine_$backend.txt"

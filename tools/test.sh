@@ -18,5 +18,5 @@ python -m pytest -q -ra "$@"
 # a full run also tests the CPU kernels' portable lanes (plain C++, what non-x86 machines build)
 if [ $# -eq 0 ] && [ "$(uname -m)" = x86_64 ]; then
   echo "CPU kernels built for x86-64-v2 (no AVX2) against the same references..."
-  MERGE_ENGINE_CPU_ARCH=x86-64-v2 python -m pytest -q -ra tests/csrc/test_cpu_*.py
+  MERGE_ENGINE_CPU_ARCH=x86-64-v2 python -m pytest -q -ra -m cpu_kernels tests/csrc tests/kernels
 fi

@@ -1,6 +1,4 @@
 """Inputs and error terms shared by the kernel tests of every backend (CPU, CUDA, Triton)."""
-import zlib
-
 import torch
 
 from merge_engine.ops.consensus import _sparsify
@@ -34,13 +32,6 @@ def weighted_contributions(base, experts, kw):
         signed += kw["weights"][i] * delta.double()
         total += abs(kw["weights"][i]) * delta.double().abs()
     return signed, total
-
-
-def seed_of(*parts) -> int:
-    """A seed stable across runs, from the test's parameters; printed so a failure can be replayed."""
-    seed = zlib.crc32(repr(parts).encode())
-    print(f"seed {seed} for {parts}")
-    return seed
 
 
 BITS = {2: torch.int16, 4: torch.int32}  # integer views of the kernel dtypes

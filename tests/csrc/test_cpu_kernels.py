@@ -26,21 +26,13 @@ from merge_engine import ops
 from merge_engine.ops import backends
 from merge_engine.ops.consensus import _merge_with, merge_task_vectors_reference, selection_counts
 from merge_engine.ops.select import magnitude_cutoff_reference
+from tests.conftest import DTYPES, MANTISSA, SIZES, pairwise, ulp
 from tests.csrc.kernel_checks import make_inputs, weighted_contributions
 
 if not backends.kernels_enabled():
     pytest.skip("compiled kernels disabled by MERGE_ENGINE_KERNELS=0", allow_module_level=True)
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-SIZES = [(1,), (7,), (1023,), (4097,), (37, 53)]
-MANTISSA = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
-
-
-@pytest.fixture(scope="module")
-def ext():
-    module = backends.cpu_extension()
-    assert module is not None, "the CPU extension failed to build (see the warning above)"
-    return module
+pytestmark = pytest.mark.cpu_kernels
 
 
 def assert_merged_close(got, want, base, experts, kw, context):
@@ -54,26 +46,9 @@ def assert_merged_close(got, want, base, experts, kw, context):
     reassociation = 2 * k * 2.0 ** -24 * s + (2.0 ** -(p - 2) * s if kw.get("rescale") else 0)
     undecided = signed.abs() <= reassociation  # the elected sign may legitimately differ here
     g, w = got.double(), want.double()
-    ulp = 2.0 ** -(p - 1) * w.abs().clamp(min=float(torch.finfo(dtype).tiny))
-    bound = 2 * ulp + abs(kw.get("lambda_", 1.0)) * (2.0 ** -(p - 3) + 2 * k * 2.0 ** -24) * s / w_min
+    bound = 2 * ulp(w, dtype) + abs(kw.get("lambda_", 1.0)) * (2.0 ** -(p - 3) + 2 * k * 2.0 ** -24) * s / w_min
     excess = torch.where(undecided, 0, (g - w).abs() - bound)
     assert (excess <= 0).all(), f"{context}: error exceeds the bound by {float(excess.max())}"
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SIZES)
-@pytest.mark.parametrize("largest", [True, False])
-@pytest.mark.parametrize("ties", [False, True])
-def test_delta_cutoffs_match_reference(ext, dtype, shape, largest, ties):
-    seed = zlib.crc32(repr((shape, largest, ties, dtype)).encode()) % 10**6
-    base, (expert,) = make_inputs(shape, dtype, 1, seed, ties=ties)
-    delta = expert - base
-    n = delta.numel()
-    counts = sorted({0, 1, max(1, n // 100), n // 3, n // 2, n - 1, n})
-    got = ext.delta_cutoffs(base, expert, counts, largest)
-    for j, count in enumerate(counts):
-        want = magnitude_cutoff_reference(delta, count, largest)
-        assert got[j].tolist() == want.tolist(), f"seed {seed}, count {count}"
 
 
 # The select's fast path (csrc/cpu/task_vectors.cpp: bracketed select) samples runs of 32 elements
@@ -123,9 +98,9 @@ BRACKET_SIZES = [(n, dtype) for dtype in DTYPES for n in (3 * SELECT_CHUNK + 409
     [(16 * SELECT_CHUNK + 4099, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("n,dtype", BRACKET_SIZES)
-@pytest.mark.parametrize("case", ["smooth", "levels", "misleading", "crowded"])
-@pytest.mark.parametrize("largest", [True, False])
+# every path (case) on every size and dtype, and in both directions: a pairwise covering set
+@pytest.mark.parametrize("n, dtype, case, largest", [(n, dtype, case, largest) for (n, dtype), case, largest in pairwise(
+    BRACKET_SIZES, ["smooth", "levels", "misleading", "crowded"], [True, False])])
 def test_bracketed_select_matches_reference(ext, n, dtype, case, largest):
     if n > 3 * SELECT_CHUNK + 4099:
         assert sample_runs(n) == 8192  # the capped sample
@@ -159,9 +134,8 @@ CASES = [  # (sparsify, consensus, normalize, rescale)
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SIZES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c))
+# every case on every size and in every dtype (a pairwise covering set; K follows the size: 1, 3, 3, 1, 4)
+@pytest.mark.parametrize("dtype, shape, case", pairwise(DTYPES, SIZES, CASES))
 def test_merge_matches_reference(ext, dtype, shape, case):
     sparsify, consensus, normalize, rescale = case
     k = 1 + (len(shape) * 3 + shape[0]) % 4
@@ -176,9 +150,7 @@ def test_merge_matches_reference(ext, dtype, shape, case):
     assert_merged_close(got, want, base, experts, kw, f"seed {seed}, k {k}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("k", [1, 2, 5, 8])
-@pytest.mark.parametrize("density", [0.0, 1e-4, 0.5, 1.0])
+@pytest.mark.parametrize("dtype, k, density", pairwise(DTYPES, [1, 2, 5, 8], [0.0, 1e-4, 0.5, 1.0]))
 def test_ties_many_experts_densities_and_ties(ext, dtype, k, density):
     seed = k * 100 + int(density * 1000)
     base, experts = make_inputs((4097,), dtype, k, seed, ties=True)
@@ -199,29 +171,9 @@ def test_della_ranks_runs_of_equal_magnitudes_by_index(ext, dtype):
     assert torch.equal(got, want), f"{(got != want).sum()} elements differ"
 
 
-@pytest.mark.parametrize("sparsify", ["magnitude", "random", "outliers", "rank"])
-def test_all_zero_deltas_give_the_base(ext, sparsify):
-    base, experts = make_inputs((1023,), torch.bfloat16, 3, 7, zero_delta=True)
-    kw = dict(weights=[1.0] * 3, densities=[0.5] * 3, sparsify=sparsify, consensus=True, normalize=True,
-              rescale=True, gammas=[0.01] * 3, epsilons=[0.1] * 3)
-    got = _merge_with(ext, base, experts, **kw)
-    assert torch.equal(got, base)
-    assert torch.equal(got, merge_task_vectors_reference(base, experts, **kw))
-
-
-def test_dare_masks_identical_to_reference(ext):
-    base = torch.zeros(4097)
-    experts = [torch.ones(4097), torch.ones(4097)]
-    for seed in (0, 1, 12345):
-        kw = dict(weights=[1.0, 2.0], densities=[0.3, 0.6], sparsify="random", seed=seed, tensor_name="x")
-        got = _merge_with(ext, base, experts, **kw)
-        assert torch.equal(got, merge_task_vectors_reference(base, experts, **kw)), f"seed {seed}"
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("sparsify", ["magnitude", "random", ""])
-@pytest.mark.parametrize("at_fault", [0, 1, 2])  # the base, expert 0, expert 1
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+# at fault: the base, expert 0, expert 1; a pairwise covering set of (dtype, sparsify, at fault, value)
+@pytest.mark.parametrize("dtype, sparsify, at_fault, bad", pairwise(
+    DTYPES, ["magnitude", "random", ""], [0, 1, 2], [float("nan"), float("inf"), -float("inf")]))
 def test_non_finite_inputs_are_errors(ext, dtype, sparsify, at_fault, bad):
     # the fused pass detects them through the deltas they make non-finite; the message names the input
     base, experts = make_inputs((100,), dtype, 2, 3)

@@ -1,6 +1,7 @@
 """The CUDA kernels (csrc/cuda) against the PyTorch references and the C++ CPU kernels (needs a GPU).
 
-Cut-offs must equal merge_engine.ops.select.magnitude_cutoff exactly. Merged values:
+Cut-offs, DARE masks and all-zero deltas: with the other backends' in tests/kernels/test_task_vectors.py.
+Merged values:
 - against the C++ CPU kernels (the same arithmetic: the same roundings to the dtype, fp32 sums over
   the experts in expert order): bit-identical (torch.equal) for every K, mode, dtype and shape,
   except with rescale (below);
@@ -24,20 +25,9 @@ sparsifiers) bounds every intermediate; w_min, the smallest weight when normalis
 smallest possible divisor. S replaces a relative |want - base| bound because without consensus the
 terms may cancel.
 
-Fisher ops (fisher.cu): elementwise chains of correctly rounded fp32 steps in the references' order,
-so merged values and accumulated Fishers must have the references' exact bits (against the
-references run on CPU copies of the inputs; a NaN matches any NaN), for every dtype pair, K = 1..5
-and 40, and inputs down to fp32 subnormals.
-
-Gram (gram.cu): fp32 sums in the kernel's own order, so against an fp64 reference of the kept rows
-within the bound of ops/gram.py (kernel_checks.gram_expected), with u = 2^-24 for the fp32 kernel
-and kernel_checks.TENSOR_CORE_UNIT for bf16/fp16 on tensor cores (they truncate); the strictly lower
-triangle's bits untouched; exact symmetry after mirror_upper_.
-
-Permute ops (permute.cu): gather and swap move bits, so on random bit patterns they must give the
-references' exact bits; scatter-add (one fp32 add rounded once) the references' exact sums; each
-against the references run on CPU copies, with 16-byte, narrower (misaligned views) and one-element
-units, and more outer rows than one grid dimension holds.
+Fisher, Gram and permute ops (fisher.cu, gram.cu, permute.cu): their values are tested with the
+other backends' in tests/kernels/ (test_fisher.py, test_gram.py, test_permute.py; on this GPU too);
+here, their side streams, argument checks and dispatch.
 """
 import math
 import zlib
@@ -50,23 +40,18 @@ from merge_engine.ops import fisher as fisher_ops
 from merge_engine.ops import gram as gram_ops
 from merge_engine.ops import permute as permute_ops
 from merge_engine.ops.consensus import _merge_with, merge_task_vectors_reference
-from merge_engine.ops.fisher import accumulate_fisher_reference, fisher_merge_reference, invalid_fisher_message
-from merge_engine.ops.permute import gather_blocks_reference, scatter_add_blocks_reference, swap_blocks_reference
+from merge_engine.ops.fisher import accumulate_fisher_reference
+from merge_engine.ops.permute import swap_blocks_reference
 from merge_engine.ops.select import magnitude_cutoff
 from merge_engine.ops.sparsify import SPARSIFY_CODES
+from tests.conftest import DTYPES, MANTISSA, SIZES, pairwise, ulp
 from tests.csrc import kernel_checks
+from tests.kernels import test_fisher as kernel_fisher
+from tests.kernels import test_gram as kernel_gram
+from tests.kernels import test_permute as kernel_permute
+from tests.kernels.conftest import load_backend
 from tests.csrc.kernel_checks import (
-    BITS,
-    GRAM_MASKS,
-    TENSOR_CORE_UNIT,
-    UNIT_ROUNDOFF,
-    assert_gram,
-    gram_activations,
-    gram_expected,
-    gram_mask,
-    gram_start,
     random_bits,
-    spread_values,
     weighted_contributions,
 )
 
@@ -76,9 +61,6 @@ if not torch.cuda.is_available():
 if not backends.kernels_enabled():
     pytest.skip("compiled kernels disabled by MERGE_ENGINE_KERNELS=0", allow_module_level=True)
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-SIZES = [(1,), (7,), (1023,), (4097,), (37, 53)]
-MANTISSA = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
 MODES = list(SPARSIFY_CODES)
 
 
@@ -126,30 +108,12 @@ def assert_close_merge(got, want, base, experts, kw, context):
         undecided = torch.zeros(signed.shape, dtype=torch.bool)
     w_min = min(kw["weights"]) if kw.get("normalize") else 1.0
     g, w = got.double(), want.double()
-    ulp = 2.0 ** -(p - 1) * w.abs().clamp(min=float(torch.finfo(dtype).tiny))
-    bound = 4 * ulp + (2.0 ** -(p - 3) + reassociation + factor) * s / w_min
+    bound = 4 * ulp(w, dtype) + (2.0 ** -(p - 3) + reassociation + factor) * s / w_min
     excess = torch.where(undecided, 0, (g - w).abs() - bound)
     assert (excess <= 0).all(), f"{context}: error exceeds the bound by {float(excess.max())}"
 
 
 # ---- delta_cutoffs ----
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SIZES + [(300_007,)])
-@pytest.mark.parametrize("largest", [True, False])
-@pytest.mark.parametrize("ties", [False, True])
-def test_delta_cutoffs_match_reference(ext, dtype, shape, largest, ties):
-    seed = stable_seed(shape, largest, ties, dtype)
-    base, (expert,) = make_inputs(shape, dtype, 1, seed, ties=ties)
-    delta = (expert - base).cpu()
-    n = delta.numel()
-    counts = sorted({0, 1, 2, max(1, n // 100), n // 3, n // 2, n - 1, n, n + 5, -3})
-    got = ext.delta_cutoffs(base, expert, counts, largest)
-    assert got.shape == (len(counts), 2) and got.dtype == torch.int64
-    for j, count in enumerate(counts):
-        want = magnitude_cutoff(delta, count, largest)
-        assert got[j].tolist() == want.tolist(), f"seed {seed}, count {count}"
-
 
 def test_delta_cutoffs_on_a_side_stream(ext):
     base, (expert,) = make_inputs((4097,), torch.bfloat16, 1, 5, ties=True)
@@ -187,10 +151,8 @@ CASES = [  # (consensus, normalize, rescale)
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SIZES)
-@pytest.mark.parametrize("sparsify", MODES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c))
+# every mode with every case, size and dtype, and each of those with each other: a pairwise covering set
+@pytest.mark.parametrize("dtype, shape, sparsify, case", pairwise(DTYPES, SIZES, MODES, CASES))
 def test_merge_matches_reference(ext, cpu_ext, dtype, shape, sparsify, case):
     consensus, normalize, rescale = case
     seed = stable_seed(shape, case, sparsify, dtype)
@@ -200,9 +162,7 @@ def test_merge_matches_reference(ext, cpu_ext, dtype, shape, sparsify, case):
     check_merge(ext, cpu_ext, base, experts, kw, f"seed {seed}, k {k}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("k", range(1, 9))
-@pytest.mark.parametrize("sparsify", ["", "magnitude", "random", "outliers"])
+@pytest.mark.parametrize("dtype, k, sparsify", pairwise(DTYPES, range(1, 9), ["", "magnitude", "random", "outliers"]))
 def test_every_expert_count(ext, cpu_ext, dtype, k, sparsify):
     seed = 1000 * k + MODES.index(sparsify)
     base, experts = make_inputs((4097,), dtype, k, seed, ties=sparsify == "magnitude")
@@ -217,25 +177,6 @@ def test_ties_densities_and_a_larger_tensor(ext, cpu_ext, dtype, density):
     base, experts = make_inputs((257, 1031), dtype, k, int(density * 1000), ties=True)
     kw = dict(weights=[1.0, 0.5, 0.25], densities=[density] * k, sparsify="magnitude", consensus=True, normalize=True)
     check_merge(ext, cpu_ext, base, experts, kw, f"density {density}")
-
-
-@pytest.mark.parametrize("sparsify", ["magnitude", "random", "outliers", "rank"])
-def test_all_zero_deltas_give_the_base(ext, sparsify):
-    base, experts = make_inputs((1023,), torch.bfloat16, 3, 7, zero_delta=True)
-    kw = dict(weights=[1.0] * 3, densities=[0.5] * 3, sparsify=sparsify, consensus=True, normalize=True,
-              rescale=True, gammas=[0.01] * 3, epsilons=[0.1] * 3)
-    got = _merge_with(ext, base, experts, **kw)
-    assert torch.equal(got, base)
-    assert torch.equal(got, merge_task_vectors_reference(base, experts, **kw))
-
-
-def test_dare_masks_identical_to_reference(ext):
-    base = torch.zeros(4097, device="cuda")
-    experts = [torch.ones(4097, device="cuda"), torch.ones(4097, device="cuda")]
-    for seed in (0, 1, 12345):
-        kw = dict(weights=[1.0, 2.0], densities=[0.3, 0.6], sparsify="random", seed=seed, tensor_name="x")
-        got = _merge_with(ext, base, experts, **kw)
-        assert torch.equal(got, merge_task_vectors_reference(base, experts, **kw)), f"seed {seed}"
 
 
 def test_rescale_is_deterministic_and_stream_ordered(ext):
@@ -286,97 +227,12 @@ def test_op_dispatches_to_the_cuda_extension(ext, monkeypatch):
     assert calls == [1]
 
 
-# ---- Fisher ops (csrc/cuda/fisher.cu): bit for bit against the references, run on CPU copies ----
-
-FISHER_LOG10 = {torch.float32: (-44.0, 4.0), torch.bfloat16: (-44.0, 4.0), torch.float16: (-8.0, 4.0)}
-
+# ---- Fisher ops (csrc/cuda/fisher.cu): their values with the other backends' in tests/kernels/test_fisher.py ----
 
 def fisher_models(shape, dtype, fisher_dtype, k, seed):
-    """k params and Fishers of many magnitudes (down to fp32 subnormals: a flush to zero would show;
-    10% exact zeros), coefficients in [0, 2) and floors in [1e-9, 1e-2), each 0 with probability 0.25
-    (fp64 values: their rounding to fp32 is part of the spec). On the GPU."""
-    g = torch.Generator().manual_seed(seed)
-    params = [torch.randn(shape, generator=g).to(dtype) for _ in range(k)]
-    lo, hi = FISHER_LOG10[fisher_dtype]
-    fishers = []
-    for _ in range(k):
-        f = 10.0 ** (lo + (hi - lo) * torch.rand(shape, generator=g, dtype=torch.float64))
-        f[torch.rand(shape, generator=g) < 0.1] = 0
-        fishers.append(f.to(fisher_dtype))
-    kept = torch.rand(2, k, generator=g) >= 0.25
-    coefficients = torch.where(kept[0], 2 * torch.rand(k, generator=g, dtype=torch.float64), 0.0).tolist()
-    floors = torch.where(kept[1], 10.0 ** (-9 + 7 * torch.rand(k, generator=g, dtype=torch.float64)), 0.0).tolist()
+    """tests/kernels/test_fisher.py's models, on the GPU."""
+    params, fishers, coefficients, floors = kernel_fisher.make_models(shape, dtype, fisher_dtype, k, seed)
     return [p.cuda() for p in params], [f.cuda() for f in fishers], coefficients, floors
-
-
-def assert_identical(got, want, context):
-    """The same bits (a NaN matches any NaN: its sign and payload are the hardware's)."""
-    got, want = got.cpu(), want.cpu()
-    assert got.dtype == want.dtype and got.shape == want.shape, f"{context}: {got.dtype} {got.shape}"
-    width = torch.int16 if want.element_size() == 2 else torch.int32
-    differ = (got.view(width) != want.view(width)) & ~(got.isnan() & want.isnan())
-    assert not differ.any(), f"{context}: {int(differ.sum())} of {want.numel()} elements differ"
-
-
-def check_fisher_merge(ext, params, fishers, coefficients, floors, context):
-    got = ext.fisher_merge(params, fishers, coefficients, floors)
-    assert got.device == params[0].device
-    want = fisher_merge_reference([p.cpu() for p in params], [f.cpu() for f in fishers], coefficients, floors)
-    assert_identical(got, want, context)
-
-
-@pytest.mark.parametrize("fisher_dtype", DTYPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
-def test_fisher_merge_matches_reference_exactly(ext, dtype, fisher_dtype, k):
-    for shape in SIZES + [(2_000_003,)]:  # the last: more tiles than threads (grid-stride loop)
-        seed = stable_seed("fisher", shape, dtype, fisher_dtype, k)
-        params, fishers, coefficients, floors = fisher_models(shape, dtype, fisher_dtype, k, seed)
-        check_fisher_merge(ext, params, fishers, coefficients, floors,
-                           f"seed {seed}, shape {shape}, coefficients {coefficients}, floors {floors}")
-
-
-def test_fisher_merge_edges(ext):
-    seed = stable_seed("fisher edges")
-    params, fishers, coefficients, floors = fisher_models((4097,), torch.float32, torch.float32, 3, seed)
-    zeros = [torch.zeros_like(f) for f in fishers]
-    got = ext.fisher_merge(params, zeros, coefficients, [0.0] * 3)
-    assert torch.equal(got, params[0]), "no Fisher information anywhere: the first model"
-    fishers[1][::3] = 3.4e38  # d overflows: Inf / Inf and x / Inf
-    fishers[2][1::5] = 1e-45
-    params[2][::7] = float("inf")
-    check_fisher_merge(ext, params, fishers, [1.0, 4.0, 1e-3], [0.0, 1e-38, 0.0], f"seed {seed}, extremes")
-    many = fisher_models((1023,), torch.float16, torch.float32, 40, seed)  # any K, past max_experts
-    check_fisher_merge(ext, *many, f"seed {seed}, 40 models")
-    empty = torch.empty(0, 3, device="cuda")
-    assert ext.fisher_merge([empty], [empty], [1.0], [0.0]).shape == (0, 3)
-
-
-@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
-def test_bad_fisher_values_name_the_first_bad_model(ext, bad):
-    params, fishers, coefficients, floors = fisher_models((4097,), torch.bfloat16, torch.float16, 4, 3)
-    fishers[0][5] = -0.0  # valid: -0 >= 0
-    fishers[2][[3, 1500, 4096]] = bad
-    fishers[3][0] = float("nan")
-    with pytest.raises(ValueError) as error:
-        ext.fisher_merge(params, fishers, coefficients, floors)
-    assert str(error.value).splitlines()[0] == invalid_fisher_message(2, 3)
-
-
-@pytest.mark.parametrize("grad_dtype", DTYPES)
-@pytest.mark.parametrize("fisher_dtype", DTYPES)
-def test_accumulate_fisher_matches_reference_exactly(ext, fisher_dtype, grad_dtype):
-    for shape in SIZES + [(2_000_003,)]:
-        seed = stable_seed("accumulate", shape, fisher_dtype, grad_dtype)
-        g = torch.Generator().manual_seed(seed)
-        want = torch.rand(shape, generator=g).to(fisher_dtype)
-        fisher = want.cuda()
-        for step in range(3):  # grads of many magnitudes: g^2 from fp32 subnormals to overflow
-            grad = (torch.randn(shape, generator=g) * 10.0 ** (-24 + 44 * torch.rand(shape, generator=g))).to(grad_dtype)
-            scale = float(torch.rand((), generator=g, dtype=torch.float64)) / (step + 1)
-            ext.accumulate_fisher(fisher, grad.cuda(), scale)
-            accumulate_fisher_reference(want, grad, scale)
-            assert_identical(fisher, want, f"seed {seed}, shape {shape}, step {step}, scale {scale!r}")
 
 
 def test_fisher_ops_on_a_side_stream(ext):
@@ -391,7 +247,7 @@ def test_fisher_ops_on_a_side_stream(ext):
         ext.accumulate_fisher(fishers[0], params[1], 0.5)
     torch.cuda.current_stream().wait_stream(stream)
     assert torch.equal(first, second)
-    assert_identical(fishers[0], want, "accumulated on a side stream")
+    kernel_fisher.assert_identical(fishers[0], want, "accumulated on a side stream")
 
 
 def test_fisher_bad_inputs_are_rejected(ext):
@@ -428,66 +284,7 @@ def test_fisher_ops_dispatch_to_the_cuda_extension(ext, monkeypatch):
     assert calls == ["fisher_merge", "accumulate_fisher"]
 
 
-# ---- permute ops (csrc/cuda/permute.cu): bit for bit against the references, run on CPU copies ----
-
-PERMUTE_CASES = [((7, 13), 0, 1), ((7, 13), 1, 13), ((1023, 5), 0, 3), ((1023, 5), 1, 1), ((4097,), 0, 17),
-                 ((3, 8, 5), 1, 2), ((688, 256), 0, 1), ((256, 688), 1, 1), ((64, 512), 1, 128),
-                 ((70_000, 3), 1, 1)]  # the last: more outer rows than gridDim.y (grid-stride loop)
-
-
-
-
-def misaligned(t):
-    """A CUDA copy of t whose data starts one element past an allocation: units narrower than 16 bytes."""
-    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
-    out = storage[1:].view(t.shape)
-    out.copy_(t)
-    return out
-
-
-def assert_same_bits(got, want, context):
-    for i, (a, b) in enumerate(zip(got, want, strict=True)):
-        width = BITS[b.element_size()]
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{context}, tensor {i}: {a.dtype} {list(a.shape)}"
-        differ = a.cpu().view(width) != b.view(width)
-        assert not differ.any(), f"{context}, tensor {i}: {int(differ.sum())} of {b.numel()} elements differ"
-
-
-def distinct_blocks(count, num_layers, n_blocks, g):
-    chosen = torch.randperm(num_layers * n_blocks, generator=g)[:count]
-    return chosen // n_blocks, chosen % n_blocks
-
-
-@pytest.mark.parametrize("aligned", [True, False])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", PERMUTE_CASES)
-def test_permute_ops_match_reference_exactly(ext, case, dtype, aligned):
-    shape, dim, block_size = case
-    seed = stable_seed("permute", case, dtype, aligned)
-    g = torch.Generator().manual_seed(seed)
-    to_cuda = (lambda t: t.cuda()) if aligned else misaligned
-    num_layers, n_blocks = 4, shape[dim] // block_size
-    tensors = [random_bits(shape, dtype, g) for _ in range(num_layers)]
-    src_layer, src_block = distinct_blocks(n_blocks, num_layers, n_blocks, g)
-    got = ext.gather_blocks([to_cuda(t) for t in tensors], 2, src_layer.cuda(), src_block.cuda(), dim, block_size)
-    want = gather_blocks_reference(tensors, 2, src_layer, src_block, dim, block_size)
-    assert_same_bits([got], [want], f"seed {seed}, gather")
-
-    count = num_layers * n_blocks // 3
-    a_layer, a_block = distinct_blocks(2 * count, num_layers, n_blocks, g)
-    pairs = torch.stack([a_layer[:count], a_block[:count], a_layer[count:], a_block[count:]], 1)
-    swapped = [to_cuda(t) for t in tensors]
-    ext.swap_blocks(swapped, pairs.cuda(), dim, block_size)
-    swap_blocks_reference(tensors, pairs, dim, block_size)
-    assert_same_bits(swapped, tensors, f"seed {seed}, {count} swaps")
-
-    targets = [spread_values(shape, dtype, g) for _ in range(num_layers)]
-    values = spread_values(shape, dtype, g)
-    summed = [to_cuda(t) for t in targets]
-    ext.scatter_add_blocks(summed, 2, to_cuda(values), src_layer.cuda(), src_block.cuda(), dim, block_size)
-    scatter_add_blocks_reference(targets, 2, values, src_layer, src_block, dim, block_size)
-    assert_same_bits(summed, targets, f"seed {seed}, scatter-add")
-
+# ---- permute ops (csrc/cuda/permute.cu): their values with the other backends' in tests/kernels/test_permute.py ----
 
 def test_permute_edges_and_streams(ext):
     none = torch.empty(0, dtype=torch.int64, device="cuda")
@@ -505,7 +302,7 @@ def test_permute_edges_and_streams(ext):
         ext.swap_blocks(on_gpu, pairs.cuda(), 1, 4)
     torch.cuda.current_stream().wait_stream(stream)
     swap_blocks_reference(tensors, pairs, 1, 4)
-    assert_same_bits(on_gpu, tensors, "swapped on a side stream")
+    kernel_permute.assert_same_bits(on_gpu, tensors, "swapped on a side stream")
 
 
 def test_permute_bad_inputs_are_rejected(ext):
@@ -539,42 +336,12 @@ def test_permute_ops_dispatch_to_the_cuda_extension(ext, monkeypatch):
     assert calls == ["gather_blocks", "scatter_add_blocks", "swap_blocks"]
 
 
-# ---- Gram (csrc/cuda/gram.cu): within the bound of ops/gram.py against an fp64 reference ----
+# ---- Gram (csrc/cuda/gram.cu): its values with the other backends' in tests/kernels/test_gram.py ----
 
-# (d, tokens, mask kind): one 64 x 64 tile, tiles whose edge cuts the triangle, many tiles; token
-# counts around the 16- and 32-token steps
-GRAM_CASES = [(d, tokens, mask_kind) for d in (1, 7, 64, 65, 513, 1100) for tokens in (1, 5, 33, 4097)
-              for mask_kind in GRAM_MASKS]
-
-
-def gram_unit(dtype):
-    tensor_cores = dtype != torch.float32 and torch.cuda.get_device_capability()[0] >= 8
-    return TENSOR_CORE_UNIT if tensor_cores else UNIT_ROUNDOFF
-
-
-def check_gram(accumulate, d, tokens, dtype, mask_kind, seed, lead_shape=None):
-    """Two accumulations onto a random start on the GPU, against the fp64 reference; mirror_upper_."""
-    g = torch.Generator().manual_seed(seed)
-    lead_shape = lead_shape or (tokens,)
-    start = gram_start(d, g, "cuda")
-    gram = start.clone()
-    batches = [(gram_activations((*lead_shape, d), dtype, g, "cuda"), gram_mask(mask_kind, lead_shape, g, "cuda"))
-               for _ in range(2)]
-    for x, mask in batches:
-        accumulate(gram, x, mask)
-    assert_gram(gram, start, *gram_expected(start, batches, gram_unit(dtype)), f"seed {seed}")
-    if mask_kind == "none kept":
-        assert torch.equal(gram.view(torch.int32), start.view(torch.int32)), f"seed {seed}: no token kept, gram changed"
-    upper = gram.triu()
-    gram_ops.mirror_upper_(gram)
-    assert torch.equal(gram, gram.T) and torch.equal(gram.triu(), upper), f"seed {seed}: mirror_upper_"
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d, tokens, mask_kind", GRAM_CASES)
-def test_accumulate_gram_within_bound(ext, d, tokens, dtype, mask_kind):
-    seed = stable_seed("gram", d, tokens, dtype, mask_kind)
-    check_gram(lambda *args: gram_ops._accumulate_with(ext, *args), d, tokens, dtype, mask_kind, seed)
+def check_gram(accumulate, d, dtype, mask_kind, seed, lead_shape):
+    """tests/kernels/test_gram.py's two accumulations, on the GPU."""
+    gpu = load_backend("cuda", "gram")
+    kernel_gram.check_two_accumulations(gpu, accumulate, lead_shape, d, dtype, mask_kind, seed)
 
 
 def test_accumulate_gram_on_a_side_stream_through_the_op(ext, monkeypatch):
@@ -588,8 +355,7 @@ def test_accumulate_gram_on_a_side_stream_through_the_op(ext, monkeypatch):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        check_gram(gram_ops.accumulate_gram, 130, None, torch.bfloat16, "random", stable_seed("gram op"),
-                   lead_shape=(3, 50))
+        check_gram(gram_ops.accumulate_gram, 130, torch.bfloat16, "random", stable_seed("gram op"), (3, 50))
     assert calls == [(150, 130)] * 2
 
 

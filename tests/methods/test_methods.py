@@ -5,6 +5,7 @@ import torch
 from merge_engine import ops
 from merge_engine.methods import REGISTRY, TensorGroup
 from merge_engine.parameters import Scope
+from tests.conftest import pairwise
 
 GTA = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
        "della_linear"]
@@ -33,9 +34,8 @@ def expert_params(k, **values):
     return [{}] + [{"weight": 1.0, **values} for _ in range(k)]
 
 
-@pytest.mark.parametrize("method", GTA)
-@pytest.mark.parametrize("shape", [(1,), (7,), (9, 13)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# every method on every shape and in both dtypes: a pairwise covering set
+@pytest.mark.parametrize("method, shape, dtype", pairwise(GTA, [(1,), (7,), (9, 13)], [torch.float32, torch.bfloat16]))
 def test_gta_methods_shapes_dtypes_and_identities(method, shape, dtype):
     t = inputs(2, shape, dtype, seed=len(shape))
     extra = {"density": 0.5}

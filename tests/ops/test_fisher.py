@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from merge_engine.ops.fisher import accumulate_fisher_reference, fisher_merge_reference
+from tests.conftest import DTYPES, MANTISSA, ulp
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 U = 2.0 ** -24
-MANTISSA = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
 
 
 def make_models(k, shape, dtype, fisher_dtype, seed, zero_fraction=0.0):
@@ -39,9 +38,7 @@ def exact_merge(params, fishers, coefficients, floors):
 
 
 def assert_within_bound(got, exact, scale, k):
-    p = MANTISSA[got.dtype]
-    ulp = 2.0 ** -(p - 1) * exact.abs().clamp(min=float(torch.finfo(got.dtype).tiny))
-    bound = (2 * k + 3) * U * scale + ulp
+    bound = (2 * k + 3) * U * scale + ulp(exact, got.dtype)
     excess = (got.double() - exact).abs() - bound
     assert (excess <= 0).all(), f"error exceeds the bound by {float(excess.max())}"
 

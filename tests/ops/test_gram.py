@@ -1,7 +1,7 @@
 """The Gram op's contract (merge_engine/ops/gram.py), through merge_engine.ops on whatever backend serves
 the CPU: the upper triangle equals the fp64 Gram of the kept rows within the stated bound, masked rows
 count for nothing, mirror_upper_ makes the result exactly symmetric, and pack/unpack round-trip exactly.
-(The compiled kernels are checked against the reference in tests/csrc and tests/triton_kernels.)
+(The compiled kernels are checked against the reference in tests/kernels/test_gram.py.)
 
 Bound: gamma(T + 1) * (|X|^T |X|), u = 2^-24 (module docstring of ops/gram.py): any fp32 summation order
 of T products, each exact (16-bit inputs) or rounded once (fp32), stays within it.

@@ -2,26 +2,22 @@
 and each other, their gradient, and their argument checks.
 
 Run with MERGE_ENGINE_KERNELS=0 the ops are the references themselves; otherwise kernel dtypes go to the
-compiled kernels (which tests/csrc/test_cpu_permute.py holds to the references bit for bit), so these
-properties hold for both. Inputs are seeded from the test parameters (zlib.crc32 of their repr); every
+compiled kernels (which tests/kernels/test_permute.py holds to the references bit for bit), so these
+properties hold for both. Inputs are seeded from the test parameters (tests.conftest.seed_of); every
 assertion message names the seed.
 """
-import zlib
-
 import pytest
 import torch
 
 from merge_engine.ops import gather_blocks, scatter_add_blocks_, swap_blocks_
 from merge_engine.ops.permute import gather_blocks_reference, scatter_add_blocks_reference, swap_blocks_reference
 from merge_engine.tiers.permutation import BlockPermutation
+from tests.conftest import DTYPES as KERNEL_DTYPES
+from tests.conftest import seed_of
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+DTYPES = [*KERNEL_DTYPES, torch.float64]  # the kernels' dtypes, and float64 on the reference
 # (shape, dim, block_size): matrix rows and columns, single and multi-index blocks, odd sizes, a bias
 CASES = [((7, 13), 0, 1), ((7, 13), 1, 13), ((12, 5), 0, 3), ((5, 12), 1, 4), ((8,), 0, 2), ((3, 4, 6), 1, 2)]
-
-
-def seed_of(*parts) -> int:
-    return zlib.crc32(repr(parts).encode()) % 10**6
 
 
 def make_stack(num_layers, shape, dtype, seed):

@@ -6,6 +6,7 @@ import torch
 
 from merge_engine.ops.select import (NOTHING_LARGEST, cutoff_mask, magnitude_cutoff, magnitude_cutoff_reference,
                                      magnitude_keys)
+from tests.conftest import DTYPES, pairwise
 
 CUTOFFS = pytest.mark.parametrize("cutoff", [magnitude_cutoff_reference, magnitude_cutoff], ids=["reference", "op"])
 
@@ -27,10 +28,9 @@ def test_keys_order_like_magnitudes(dtype):
             assert (keys[i] < keys[j]) == (mags[i] < mags[j])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("largest", [True, False])
-@pytest.mark.parametrize("n", [1, 7, 100, 1023])
-@CUTOFFS
+# the reference and the op, each on every size and dtype and in both directions: a pairwise covering set
+@pytest.mark.parametrize("cutoff, dtype, largest, n", pairwise(
+    [magnitude_cutoff_reference, magnitude_cutoff], DTYPES, [True, False], [1, 7, 100, 1023]))
 def test_cutoff_matches_stable_sort(cutoff, dtype, largest, n):
     g = torch.Generator().manual_seed(n)
     # few distinct magnitudes, both signs, zeros: many ties everywhere

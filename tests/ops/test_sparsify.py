@@ -9,18 +9,17 @@ import torch
 from merge_engine import ops
 from merge_engine.ops.select import NOTHING_LARGEST, NOTHING_SMALLEST
 from merge_engine.ops.sparsify import SPARSIFY_CODES, topk_count
+from tests.conftest import DTYPES, pairwise
 
-SIZES = [(1,), (7,), (1023,), (13, 17), (4, 5, 3)]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SIZES = [(1,), (7,), (1023,), (13, 17), (4, 5, 3)]  # odd sizes, and 2-D and 3-D shapes (the ops flatten)
 
 
 def rand(shape, dtype, seed):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SIZES)
-@pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 0.999, 1.0])
+# every density (none kept, one, some, all but one, all) on every shape and dtype: a pairwise covering set
+@pytest.mark.parametrize("shape, dtype, density", pairwise(SIZES, DTYPES, [0.0, 0.01, 0.3, 0.999, 1.0]))
 def test_trim_keeps_exactly_the_k_largest(shape, dtype, density):
     x = rand(shape, dtype, seed=hash((shape, density)) % 1000)
     y = ops.trim_by_magnitude(x, density)

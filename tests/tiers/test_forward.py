@@ -16,6 +16,8 @@ from merge_engine.stats.fisher import enable_gradient_checkpointing
 from merge_engine.tiers import BlockPermutation, KeyedModel, TierKey, TierKeyError, apply_key, generate_key
 from tests.tiers.conftest import read_config, swap_by_hand
 
+pytestmark = pytest.mark.slow  # whole models' forward and backward passes
+
 ARCHS = ("llama", "qwen2", "gpt2")
 TIERS = ("key", "tier")  # one generated key; a composed tier of two keys
 

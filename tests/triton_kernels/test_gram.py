@@ -1,14 +1,6 @@
-"""The Triton Gram kernel (triton_kernels/gram.py) against an fp64 reference of the kept rows: through
-the Triton interpreter on CPU tensors (TRITON_INTERPRET=1, as tools/test.sh sets), or on a GPU.
-
-The properties and bound are those of tests/csrc/test_cpu_gram.py (kernel_checks.gram_expected):
-after two accumulations onto a non-zero start, the upper triangle within gamma(T + 1) (|start| +
-sum_t |x_ti| |x_tj|) of the exact sum, the strictly lower triangle's bits (random patterns, NaNs
-included) untouched, exact symmetry after mirror_upper_. On a GPU, bf16 and fp16 sums run on tensor
-cores, which truncate: their bound is taken with kernel_checks.TENSOR_CORE_UNIT instead of 2^-24.
-Sizes (the interpreter is slow): d = 1, 7, 33, 70 and 130 (one 64 x 64 tile; 2 x 2 and 3 x 3 tiles,
-the last partial, so diagonal and off-diagonal tiles of the triangle), 1, 5 and 130 tokens (steps of
-BLOCK_T = 32, the last partial).
+"""The Triton Gram kernel (triton_kernels/gram.py): an interpreter quirk it works around, its argument
+checks, its dispatch and its GPU lowering. Its values, against an fp64 reference of the kept rows at
+its tile thresholds, are tested with the other backends' in tests/kernels/test_gram.py.
 
 The GPU lowering is checked without a GPU too: compiled for sm_80 and sm_90, fp32 must multiply with
 fp32 fma (input_precision="ieee": no TF32 conversion or tensor-core instruction), bf16 and fp16 on
@@ -26,61 +18,12 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from merge_engine.ops import backends  # noqa: E402
-from merge_engine.ops.gram import _accumulate_with, mirror_upper_  # noqa: E402
 from merge_engine.triton_kernels import gram as tg  # noqa: E402
-from tests.csrc.kernel_checks import (  # noqa: E402
-    GRAM_MASKS,
-    TENSOR_CORE_UNIT,
-    UNIT_ROUNDOFF,
-    assert_gram,
-    gram_activations,
-    gram_expected,
-    gram_mask,
-    gram_start,
-    seed_of,
-)
 from tests.triton_kernels.gpu_lowering import ptx_float_ops  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def unit_of(dtype):
-    return TENSOR_CORE_UNIT if DEVICE == "cuda" and dtype != torch.float32 else UNIT_ROUNDOFF
-
-
-@pytest.mark.parametrize("mask_kind", GRAM_MASKS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d, tokens", [(1, 1), (1, 130), (7, 5), (33, 130), (70, 1), (70, 130), (130, 5)])
-def test_accumulate_within_bound(d, tokens, dtype, mask_kind):
-    seed = seed_of("triton gram", d, tokens, dtype, mask_kind)
-    g = torch.Generator().manual_seed(seed)
-    start = gram_start(d, g, DEVICE)
-    gram = start.clone()
-    batches = [(gram_activations((tokens, d), dtype, g, DEVICE), gram_mask(mask_kind, (tokens,), g, DEVICE))
-               for _ in range(2)]
-    for x, mask in batches:
-        _accumulate_with(tg, gram, x, mask)
-    want, bound = gram_expected(start, batches, unit_of(dtype))
-    assert_gram(gram, start, want, bound, f"seed {seed}")
-    if mask_kind == "none kept":
-        assert torch.equal(gram.view(torch.int32), start.view(torch.int32)), f"seed {seed}: no token kept, gram changed"
-    upper = gram.triu()
-    mirror_upper_(gram)
-    assert torch.equal(gram, gram.T) and torch.equal(gram.triu(), upper), f"seed {seed}: mirror_upper_"
-
-
-def test_leading_dims_through_the_dispatch():
-    """_accumulate_with flattens [..., d] activations and their mask for the kernel."""
-    seed = seed_of("triton gram leading dims")
-    g = torch.Generator().manual_seed(seed)
-    x, mask = gram_activations((3, 40, 70), torch.float16, g, DEVICE), gram_mask("random", (3, 40), g, DEVICE)
-    start = gram_start(70, g, DEVICE)
-    gram = start.clone()
-    _accumulate_with(tg, gram, x, mask)
-    assert_gram(gram, start, *gram_expected(start, [(x, mask)], unit_of(torch.float16)), f"seed {seed}")
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="a property of the Triton interpreter")
@@ -95,13 +38,6 @@ def test_the_interpreter_needs_bf16_widened():
                               BLOCK_T=tg.BLOCK_T)
         results[widen] = float(gram[0, 0])
     assert results == {True: 128.0, False: 32 * float(0x4000) ** 2}
-
-
-def test_empty_inputs_leave_gram_unchanged():
-    gram = torch.ones(5, 5, device=DEVICE)
-    tg.accumulate_gram(gram, torch.empty(0, 5, device=DEVICE, dtype=torch.bfloat16))
-    tg.accumulate_gram(torch.empty(0, 0, device=DEVICE), torch.empty(3, 0, device=DEVICE))
-    assert torch.equal(gram, torch.ones(5, 5, device=DEVICE))
 
 
 def test_bad_arguments_are_rejected():

@@ -1,7 +1,8 @@
 """The Triton kernels (triton_kernels/task_vectors.py) against the PyTorch references: through the
 Triton interpreter on CPU tensors (TRITON_INTERPRET=1, as tools/test.sh sets), or on a GPU.
 
-Cut-offs, DARE masks and merged values must match exactly. The kernel sums over experts in fp32 in
+Merged values must match exactly (cut-offs, DARE masks and all-zero deltas: with the other backends'
+in tests/kernels/test_task_vectors.py). The kernel sums over experts in fp32 in
 expert order; torch's dim-0 sums do the same for K <= 4, and for bf16/fp16 at any K (fp32 sums of
 more than 4 rows are re-associated, measured on torch 2.13 CPU), so the K = 8 case runs in bf16.
 Only the L1 rescale factor may differ (see assert_rescaled_close). The interpreter is slow: inputs
@@ -12,7 +13,6 @@ assertion message names the seed.
 """
 import os
 import sys
-import zlib
 
 import pytest
 import torch
@@ -23,20 +23,13 @@ pytest.importorskip("triton")
 
 from merge_engine.ops import backends  # noqa: E402
 from merge_engine.ops.consensus import _merge_with, merge_task_vectors_reference  # noqa: E402
-from merge_engine.ops.random import philox_key, uniform  # noqa: E402
 from merge_engine.ops.select import magnitude_cutoff_reference  # noqa: E402
 from merge_engine.triton_kernels import task_vectors as tv  # noqa: E402
+from tests.conftest import DTYPES, MANTISSA, SIZES, pairwise, seed_of, ulp  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-SIZES = [(1,), (7,), (1023,), (4097,), (37, 53)]
-MANTISSA = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}  # stored bits: an ulp is <= 2^-m |x|
-
-
-def seed_of(*params) -> int:
-    return zlib.crc32(repr(params).encode()) % 10**6
 
 
 def make_inputs(shape, dtype, k, seed, ties=False, zero_delta=False):
@@ -62,30 +55,6 @@ def merge_kwargs(k, sparsify, consensus, normalize, rescale=False, density=None,
                 gammas=[0.05] * k if sparsify == "outliers" else None, seed=seed, tensor_name="t")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SIZES)
-@pytest.mark.parametrize("ties", [False, True])
-def test_delta_cutoffs_match_reference(dtype, shape, ties):
-    seed = seed_of(shape, ties, dtype)
-    base, (expert,) = make_inputs(shape, dtype, 1, seed, ties=ties)
-    delta = (expert - base).cpu()
-    n = delta.numel()
-    counts = sorted({0, 1, max(1, n // 100), n // 3, n // 2, n - 1, n})
-    for largest in (True, False):
-        got = tv.delta_cutoffs(base, expert, counts, largest)
-        want = torch.stack([magnitude_cutoff_reference(delta, c, largest) for c in counts])
-        assert torch.equal(got, want), f"seed {seed}, largest {largest}, counts {counts}:\n{got}\n{want}"
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_delta_cutoffs_of_all_zero_deltas(dtype):
-    base, (expert,) = make_inputs((4097,), dtype, 1, 0, zero_delta=True)
-    counts = [0, 1, 1024, 1025, 4096, 4097]
-    for largest in (True, False):
-        want = torch.stack([magnitude_cutoff_reference((expert - base).cpu(), c, largest) for c in counts])
-        assert torch.equal(tv.delta_cutoffs(base, expert, counts, largest), want)
-
-
 def test_empty_tensors():
     base = torch.empty(0, device=DEVICE)
     for largest in (True, False):
@@ -103,9 +72,8 @@ CASES = [  # (sparsify, consensus, normalize)
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SIZES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c))
+# every case on every size and in every dtype: a pairwise covering set (K from the size and case: 1 to 4)
+@pytest.mark.parametrize("dtype, shape, case", pairwise(DTYPES, SIZES, CASES))
 def test_merge_matches_reference_exactly(dtype, shape, case):
     k = 1 + (SIZES.index(shape) + CASES.index(case)) % 4
     seed = seed_of(shape, case, dtype)
@@ -127,16 +95,14 @@ def assert_rescaled_close(got, want, base, context):
     relative to the mixed value, so it needs consensus: the agreeing deltas share a sign and cannot
     cancel, while a plain weighted sum can, leaving an error relative to its terms, not to it. (An
     elected sign could still flip where the sum is within that error of zero; these inputs have none.)"""
-    m = MANTISSA[want.dtype]
+    m = MANTISSA[want.dtype] - 1  # stored bits
     g, w, b = got.double(), want.double(), base.double()
-    ulp = 2.0 ** -m * w.abs().clamp(min=float(torch.finfo(want.dtype).tiny))
-    excess = (g - w).abs() - (4 * ulp + 2.0 ** -(m - 2) * (w - b).abs())
+    excess = (g - w).abs() - (4 * ulp(w, want.dtype) + 2.0 ** -(m - 2) * (w - b).abs())
     assert (excess <= 0).all(), f"{context}: error exceeds the bound by {float(excess.max())}"
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(7,), (4097,), (37, 53)])
-@pytest.mark.parametrize("sparsify", ["magnitude", "random", "outliers"])
+@pytest.mark.parametrize("dtype, shape, sparsify", pairwise(DTYPES, [(7,), (4097,), (37, 53)],
+                                                            ["magnitude", "random", "outliers"]))
 def test_rescaled_merge_within_bound(dtype, shape, sparsify):
     k = 1 + [(7,), (4097,), (37, 53)].index(shape)
     seed = seed_of(shape, sparsify, dtype, "rescale")
@@ -162,31 +128,6 @@ def test_eight_experts():
     kw = merge_kwargs(8, "magnitude", True, True, density=0.3, seed=seed)
     got, want = _merge_with(tv, base, experts, **kw), merge_task_vectors_reference(base, experts, **kw)
     assert torch.equal(got, want), f"seed {seed}: {int((got != want).sum())} elements differ"
-
-
-@pytest.mark.parametrize("sparsify", ["", "magnitude", "random", "outliers"])
-def test_all_zero_deltas_give_the_base(sparsify):
-    base, experts = make_inputs((1023,), torch.bfloat16, 3, 7, zero_delta=True)
-    kw = merge_kwargs(3, sparsify, True, True, rescale=True, density=0.5)
-    got = _merge_with(tv, base, experts, **kw)
-    assert torch.equal(got, base)
-    assert torch.equal(got, merge_task_vectors_reference(base, experts, **kw))
-
-
-@pytest.mark.parametrize("seed", [0, 1, 12345])
-def test_dare_masks_identical_to_reference(seed):
-    # weights 1, 2, 4 on all-one deltas: bit i of the (exact) sum is expert i's keep flag
-    n, densities = 4097, [0.3, 0.6, 0.9]
-    base = torch.zeros(n, device=DEVICE)
-    experts = [torch.ones(n, device=DEVICE)] * 3
-    kw = dict(weights=[1.0, 2.0, 4.0], densities=densities, sparsify="random", seed=seed, tensor_name="x")
-    merged = _merge_with(tv, base, experts, **kw)
-    assert torch.equal(merged, merge_task_vectors_reference(base, experts, **kw)), f"seed {seed}"
-    got = merged.cpu().to(torch.int64)
-    key = philox_key(seed, "x")
-    for i, density in enumerate(densities):
-        want = uniform(n, key, i) < torch.tensor(density, dtype=torch.float32)
-        assert torch.equal((got >> i & 1).bool(), want), f"seed {seed}, expert {i}"
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -1,0 +1,87 @@
+"""The task-vector kernels of every backend (C++ CPU csrc/cpu/task_vectors.cpp, CUDA
+csrc/cuda/task_vectors.cu, Triton triton_kernels/task_vectors.py): the properties all three share,
+against the PyTorch references, exactly. Magnitude cut-offs must equal the reference's (key, index)
+pairs for every count, out-of-range ones included; merges of all-zero deltas must give the base; DARE
+keep masks must be the reference's draws, bit for bit. The merged values' bounds differ per backend
+(summation orders): tests/csrc/test_cpu_kernels.py, tests/csrc/test_cuda_kernels.py and
+tests/triton_kernels/test_task_vectors.py hold them.
+
+Cut-off cases: (dtype, size, ties) over a pairwise covering set, each for the largest and the smallest
+magnitudes; sizes SIZES (one element, under a 16-lane vector, 16-lane tails, 2-D), and for CUDA one
+of 300007 elements (many blocks). The C++ kernel samples every element of tensors this small; its
+bracketed select on sampled tensors is tested in tests/csrc/test_cpu_kernels.py.
+"""
+import torch
+
+from merge_engine.ops.consensus import _merge_with, merge_task_vectors_reference
+from merge_engine.ops.random import philox_key, uniform
+from merge_engine.ops.select import magnitude_cutoff_reference
+from tests.conftest import DTYPES, SIZES, pairwise, seed_of
+from tests.csrc.kernel_checks import make_inputs
+from tests.kernels.conftest import on, per_backend
+
+FAMILY = "task_vectors"
+
+CUTOFF_SIZES = {"cpu": SIZES, "cuda": SIZES + [(300_007,)], "triton": SIZES}
+
+
+def inputs(backend, *args, **kwargs):
+    base, experts = make_inputs(*args, **kwargs)
+    return backend.put(base), backend.put(experts)
+
+
+@per_backend("dtype, shape, ties", {name: pairwise(DTYPES, sizes, [False, True]) for name, sizes in CUTOFF_SIZES.items()})
+def test_delta_cutoffs_match_reference(backend, dtype, shape, ties):
+    seed = seed_of("cutoffs", shape, ties, dtype)
+    base, (expert,) = inputs(backend, shape, dtype, 1, seed, ties=ties)
+    delta = (expert - base).cpu()
+    n = delta.numel()
+    counts = sorted({0, 1, 2, max(1, n // 100), n // 3, n // 2, n - 1, n, n + 5, -3})
+    for largest in (True, False):
+        got = backend.module.delta_cutoffs(base, expert, counts, largest)
+        assert got.shape == (len(counts), 2) and got.dtype == torch.int64
+        want = torch.stack([magnitude_cutoff_reference(delta, c, largest) for c in counts])
+        assert torch.equal(got.cpu(), want), f"seed {seed}, largest {largest}, counts {counts}:\n{got}\n{want}"
+
+
+@per_backend("dtype", {name: [(dtype,) for dtype in DTYPES] for name in CUTOFF_SIZES})
+def test_delta_cutoffs_of_all_zero_deltas(backend, dtype):
+    base, (expert,) = inputs(backend, (4097,), dtype, 1, 0, zero_delta=True)
+    counts = [0, 1, 1024, 1025, 4096, 4097]
+    for largest in (True, False):
+        want = torch.stack([magnitude_cutoff_reference((expert - base).cpu(), c, largest) for c in counts])
+        assert torch.equal(backend.module.delta_cutoffs(base, expert, counts, largest).cpu(), want)
+
+
+# the Triton kernels leave DELLA's ranks ("rank") to the reference
+MODES = {"cpu": ["", "magnitude", "random", "outliers", "rank"], "cuda": ["", "magnitude", "random", "outliers", "rank"],
+         "triton": ["", "magnitude", "random", "outliers"]}
+
+
+@per_backend("sparsify", {name: [(mode,) for mode in modes] for name, modes in MODES.items()})
+def test_all_zero_deltas_give_the_base(backend, sparsify):
+    base, experts = inputs(backend, (1023,), torch.bfloat16, 3, 7, zero_delta=True)
+    kw = dict(weights=[1.0] * 3, densities=[0.5] * 3, sparsify=sparsify, consensus=True, normalize=True,
+              rescale=True, gammas=[0.01] * 3, epsilons=[0.1] * 3)
+    got = _merge_with(backend.module, base, experts, **kw)
+    assert got.device.type == backend.device
+    assert torch.equal(got, base)
+    assert torch.equal(got.cpu(), merge_task_vectors_reference(base.cpu(), [e.cpu() for e in experts], **kw))
+
+
+@on()
+def test_dare_masks_identical_to_reference(backend):
+    # weights 1, 2, 4 on all-one deltas: bit i of the (exact) sum is expert i's keep flag
+    n, densities = 4097, [0.3, 0.6, 0.9]
+    base = torch.zeros(n)
+    experts = [torch.ones(n)] * 3
+    for seed in (0, 1, 12345):
+        kw = dict(weights=[1.0, 2.0, 4.0], densities=densities, sparsify="random", seed=seed, tensor_name="x")
+        merged = _merge_with(backend.module, backend.put(base), backend.put(experts), **kw).cpu()
+        assert torch.equal(merged, merge_task_vectors_reference(base, experts, **kw)), f"seed {seed}"
+        got = merged.to(torch.int64)
+        key = philox_key(seed, "x")
+        for i, density in enumerate(densities):
+            want = uniform(n, key, i) < torch.tensor(density, dtype=torch.float32)
+            assert torch.equal((got >> i & 1).bool(), want), f"seed {seed}, expert {i}"
+
