@@ -166,11 +166,11 @@ def test_opcheck():
     is not among its checks."""
     tensors = [torch.randn(4, 6, requires_grad=True) for _ in range(3)]
     tables = (torch.tensor([0, 2, 0]), torch.tensor([1, 1, 0]))
-    torch.library.opcheck(gather_blocks, (tensors, 1, *tables, 1, 2),
+    torch.library.opcheck(gather_blocks.functional, (tensors, 1, *tables, 1, 2),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     targets = [t.detach().clone() for t in tensors]
-    torch.library.opcheck(scatter_add_blocks_, (targets, 1, torch.randn(4, 6), *tables, 1, 2))
-    torch.library.opcheck(swap_blocks_, (targets, torch.tensor([[0, 0, 2, 1]]), 1, 2))
+    torch.library.opcheck(scatter_add_blocks_.functional, (targets, 1, torch.randn(4, 6), *tables, 1, 2))
+    torch.library.opcheck(swap_blocks_.functional, (targets, torch.tensor([[0, 0, 2, 1]]), 1, 2))
 
 
 def test_non_contiguous_tensors():
