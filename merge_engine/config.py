@@ -5,6 +5,7 @@ base model appended as an input when it is not listed.
 """
 from __future__ import annotations
 
+import difflib
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,7 +92,7 @@ class MergeConfig:
         return list(seen)
 
 
-def load_config(path: str) -> MergeConfig:
+def load_config(path: str, strict: bool = False) -> MergeConfig:
     """Read and validate a YAML config file."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -102,11 +103,12 @@ def load_config(path: str) -> MergeConfig:
         raise ConfigError([f"not UTF-8 text (byte {e.start}: {e.reason})"], path) from e
     except yaml.YAMLError as e:
         raise ConfigError([f"invalid YAML: {e}"], path) from e
-    return parse_config(raw, source=path)
+    return parse_config(raw, source=path, strict=strict)
 
 
-def parse_config(raw: Any, source: str | None = None) -> MergeConfig:
-    """Validate a config given as a dict; raise ConfigError listing every problem found."""
+def parse_config(raw: Any, source: str | None = None, strict: bool = False) -> MergeConfig:
+    """Validate a config given as a dict; raise ConfigError listing every problem found. Parameters the
+    method does not use are ignored with a warning, as mergekit ignores them, or refused when strict."""
     if not isinstance(raw, dict):
         raise ConfigError(["the config must be a mapping of keys (merge_method, models or slices, ...)"], source)
     problems: list[str] = []
@@ -130,8 +132,9 @@ def parse_config(raw: Any, source: str | None = None) -> MergeConfig:
         cfg.slices = [_models_slice(raw["models"], cfg.base_model, problems)]
     elif forms[0] == "slices":
         cfg.slices = _slices(raw["slices"], problems)
-    _check_parameters(cfg, problems)
+    _check_parameters(cfg, problems, strict)
     _check_side_inputs(cfg, problems)
+    _warn_repeated_models(cfg)
     if method:
         for i, s in enumerate(cfg.slices):
             where = "models" if "models" in raw else f"slices[{i}]"
@@ -350,7 +353,7 @@ def _check_side_inputs(cfg: MergeConfig, problems: list[str]) -> None:
         warnings.warn(f"{sorted(unused)} given but not used by merge method '{cfg.method.name}'; ignored")
 
 
-def _check_parameters(cfg: MergeConfig, problems: list[str]) -> None:
+def _check_parameters(cfg: MergeConfig, problems: list[str], strict: bool = False) -> None:
     """Check every parameter setting's structure, and each value against the method's spec."""
     specs: dict[str, ParamSpec] = {p.name: p for p in cfg.method.params} if cfg.method else {}
     scopes = [("parameters", cfg.parameters)]
@@ -369,13 +372,37 @@ def _check_parameters(cfg: MergeConfig, problems: list[str]) -> None:
             else:
                 for leaf in setting_leaves(setting):
                     try:
-                        specs[name].validate(leaf)
+                        value = specs[name].validate(leaf)
                     except ValueError as e:
                         problems.append(f"{where}.{name}: {e}")
+                        continue
+                    caution = specs[name].caution and specs[name].caution(value)
+                    if caution:
+                        warnings.warn(f"{where}.{name} = {value} {caution}")
     _check_required(cfg, problems)
     if ignored and cfg.method:
-        warnings.warn(f"parameter(s) {sorted(ignored)} are not used by merge method '{cfg.method.name}' "
-                      "and are ignored (as mergekit does)")
+        unused = "; ".join(_unused_parameter(name, specs, cfg.method.name) for name in sorted(ignored))
+        if strict:
+            problems.append(f"{unused} (--strict refuses unused parameters)")
+        else:
+            warnings.warn(f"{unused}: ignored, as mergekit does (--strict refuses it)")
+
+
+def _warn_repeated_models(cfg: MergeConfig) -> None:
+    for i, s in enumerate(cfg.slices):
+        models = [src.model for src in s.sources]
+        repeated = sorted({m for m in models if models.count(m) > 1})
+        if repeated:
+            where = "models" if "models" in cfg.raw else f"slices[{i}]"
+            warnings.warn(f"{where}: {', '.join(repeated)} listed more than once: each listing counts as a model "
+                          "(as in mergekit)")
+
+
+def _unused_parameter(name: str, specs: dict[str, ParamSpec], method: str) -> str:
+    """Names a parameter the method does not use, with the closest one it does (a likely typo)."""
+    close = difflib.get_close_matches(name, specs, n=1, cutoff=0.75)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"parameter '{name}' is not used by merge method '{method}'{hint}"
 
 
 def _check_required(cfg: MergeConfig, problems: list[str]) -> None:

@@ -93,6 +93,7 @@ def merge(config: MergeConfig | str, out_dir: str, options: MergeOptions | None 
     if device.type == "cuda":
         check_gpu_backend_choice()
     plan = build_plan(cfg, options.allow_crimes)
+    check_output_outside_inputs(out_dir, plan)
     writer = ShardedWriter(out_dir, plan.entries(), options.out_shard_size, options.overwrite)
     try:
         bytes_read = _Pipeline(plan, writer, device, options).run()
@@ -106,6 +107,16 @@ def merge(config: MergeConfig | str, out_dir: str, options: MergeOptions | None 
     if not options.quiet:
         log.debug(report.summary())  # the command line prints it; -v repeats it in the log
     return report
+
+
+def check_output_outside_inputs(out_dir: str, plan: MergePlan) -> None:
+    """An output folder inside an input folder would put a second model among the first one's files (and
+    --overwrite could replace the input itself)."""
+    out = os.path.realpath(out_dir)
+    for folder in {c.path for c in (*plan.models.values(), *plan.side.values())}:
+        inside = os.path.realpath(folder)
+        if os.path.commonpath([out, inside]) == inside:
+            raise MergeEngineError(f"output folder {out_dir} is inside the input folder {folder}; write it elsewhere")
 
 
 def check_gpu_backend_choice() -> None:

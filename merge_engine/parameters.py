@@ -30,6 +30,7 @@ class ParamSpec:
     scope: Scope
     default: Any = _MISSING
     check: Callable[[Any], str | None] | None = None  # returns a complaint, or None when fine
+    caution: Callable[[Any], str | None] | None = None  # a value allowed but worth a warning: what it does
 
     @property
     def required(self) -> bool:
@@ -43,13 +44,18 @@ class ParamSpec:
             if isinstance(value, str) and value.lower() in ("true", "false"):
                 return value.lower() == "true"
         elif self.kind in (float, int):
+            number = None
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return self.kind(value)
-            if isinstance(value, str):
+                number = value
+            elif isinstance(value, str):
                 try:
-                    return self.kind(float(value)) if self.kind is float else int(value)
+                    number = float(value) if self.kind is float else int(value)
                 except ValueError:
                     pass
+            if number is not None and not math.isfinite(number):  # .nan / .inf merge to nonsense
+                raise ValueError(f"'{self.name}' must be a finite number, got {value!r}")
+            if number is not None:
+                return self.kind(number)
         elif self.kind is str and isinstance(value, str):
             return value
         raise ValueError(f"'{self.name}' must be {self.kind.__name__}, got {value!r}")
@@ -60,6 +66,11 @@ class ParamSpec:
         if complaint:
             raise ValueError(f"'{self.name}' {complaint}, got {value!r}")
         return value
+
+
+def extrapolates(value: float) -> str | None:
+    """An interpolation weight outside [0, 1] goes past the models instead of between them."""
+    return None if 0 <= value <= 1 else "is outside [0, 1]: it extrapolates beyond the two models (as mergekit does)"
 
 
 def in_unit_interval(value: float) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import sys
 import warnings
 
 from merge_engine.dtypes import STATS_DTYPES
@@ -59,3 +60,8 @@ def setup_logging(quiet: bool, verbose: bool = False) -> None:
     if quiet:
         logging.getLogger("merge_engine").setLevel(logging.WARNING)
     warnings.simplefilter("default")
+    warnings.showwarning = _one_line_warning  # the command's own process: no source lines in warnings
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"merge-engine: warning: {message}", file=file or sys.stderr)

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="copy the base model's tokenizer files (default on); a tokenizer built from "
                         "tokenizer_source or tokenizer: is written either way")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse parameters the merge method does not use (by default: a warning, as mergekit ignores them)")
     p.add_argument("--allow-crimes", action="store_true",
                    help="allow merging models whose config.json architectures differ")
     p.add_argument("-j", "--num-threads", type=int, default=None, help="CPU threads for the math")
@@ -66,7 +68,7 @@ def run(argv: list[str]) -> int:
                            random_seed=args.random_seed, copy_tokenizer=args.copy_tokenizer,
                            overwrite=args.overwrite, prefetch=args.prefetch, quiet=args.quiet,
                            allow_crimes=args.allow_crimes)
-    report = merge(load_config(args.config), args.out_dir, options)
+    report = merge(load_config(args.config, strict=args.strict), args.out_dir, options)
     if not args.quiet:
         print(report.summary())
     return 0

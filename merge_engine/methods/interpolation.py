@@ -6,7 +6,7 @@ import torch
 
 from merge_engine import ops
 from merge_engine.methods.base import MergeMethod, TensorGroup
-from merge_engine.parameters import ParamSpec, Scope
+from merge_engine.parameters import ParamSpec, Scope, extrapolates
 
 
 def _linear(group: TensorGroup) -> torch.Tensor:
@@ -74,7 +74,7 @@ METHODS = [
     MergeMethod("linear", _linear, (ParamSpec("weight", float, Scope.INPUT),
                                     ParamSpec("normalize", bool, Scope.SHARED, True)),
                 reference="https://arxiv.org/abs/2203.05482"),
-    MergeMethod("slerp", _slerp, (ParamSpec("t", float, Scope.SHARED),), base="required",
+    MergeMethod("slerp", _slerp, (ParamSpec("t", float, Scope.SHARED, caution=extrapolates),), base="required",
                 min_inputs=2, max_inputs=2, reference="https://en.wikipedia.org/wiki/Slerp"),
     MergeMethod("nuslerp", _nuslerp, (ParamSpec("weight", float, Scope.NON_BASE),
                                       ParamSpec("nuslerp_row_wise", bool, Scope.SHARED, False),

@@ -107,3 +107,11 @@ def test_the_summary_is_printed_once(config, tmp_path, capsys):
     assert cli.main([config, str(tmp_path / "out")]) == 0
     captured = capsys.readouterr()
     assert (captured.out + captured.err).count("merged ") == 1
+
+
+def test_an_output_inside_an_input_folder_is_refused(config, capsys):
+    inside = os.path.join(os.path.dirname(config), "base", "merged")
+    before = sorted(os.listdir(os.path.dirname(inside)))
+    assert cli.main([config, inside, "-q"]) == 2
+    assert "is inside the input folder" in one_line(capsys)
+    assert sorted(os.listdir(os.path.dirname(inside))) == before

@@ -76,7 +76,7 @@ def test_base_only_is_accepted_where_mergekit_accepts_it():
 
 @pytest.mark.parametrize("method", ["karcher", "sce"])
 def test_ignored_weight_warns(method):
-    with pytest.warns(UserWarning, match=rf"\['weight'\] are not used by merge method '{method}'"):
+    with pytest.warns(UserWarning, match=rf"parameter 'weight' is not used by merge method '{method}'"):
         parse_config(config(method, experts=("/e1", "/e2"), weight=0.7))
 
 

@@ -1,0 +1,41 @@
+"""Values that make nonsense are refused at validation, by key; values that are allowed but surprising
+(extrapolating slerp, a model listed twice, a misspelled parameter) are merged with one warning that
+says what happens, and --strict refuses unused parameters."""
+import warnings
+
+import pytest
+
+from merge_engine.config import parse_config
+from merge_engine.errors import ConfigError
+
+
+def linear(weight, **parameters):
+    return {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": weight, **parameters}},
+                                                 {"model": "b", "parameters": {"weight": 1.0}}]}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), "nan", "inf"])
+def test_non_finite_parameters_are_refused_by_key(value):
+    with pytest.raises(ConfigError, match=r"models\[a\]\.parameters\.weight: 'weight' must be a finite number"):
+        parse_config(linear(value))
+
+
+def test_a_misspelled_parameter_names_the_closest_and_strict_refuses_it():
+    config = {"merge_method": "ties", "base_model": "base",
+              "models": [{"model": "a", "parameters": {"weight": 1.0, "densty": 0.5}}]}
+    with pytest.warns(UserWarning, match="'densty' is not used by merge method 'ties' \\(did you mean 'density'\\?\\)"):
+        parse_config(config)
+    with pytest.raises(ConfigError, match="did you mean 'density'.*--strict"):
+        parse_config(config, strict=True)
+
+
+def test_extrapolating_slerp_and_repeated_models_warn():
+    slerp = {"merge_method": "slerp", "base_model": "a", "parameters": {"t": 1.5},
+             "models": [{"model": "a"}, {"model": "b"}]}
+    with pytest.warns(UserWarning, match=r"parameters\.t = 1\.5 is outside \[0, 1\]: it extrapolates"):
+        parse_config(slerp)
+    with pytest.warns(UserWarning, match="a listed more than once"):
+        parse_config({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1.0}}] * 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse_config(dict(slerp, parameters={"t": 0.5}))
