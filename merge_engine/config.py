@@ -140,7 +140,7 @@ def parse_config(raw: Any, source: str | None = None, strict: bool = False) -> M
             where = "models" if "models" in raw else f"slices[{i}]"
             problems += method.input_problems([src.model for src in s.sources], cfg.slice_base(s), where)
     if problems:
-        raise ConfigError(problems, source)
+        raise ConfigError(problems, source, raw)
     return cfg
 
 

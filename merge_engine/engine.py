@@ -35,9 +35,10 @@ from merge_engine.chat_templates import resolve_chat_template
 from merge_engine.config import WEIGHT_SHAPED_SIDE_INPUTS, MergeConfig, load_config
 from merge_engine.devices import resolve_device
 from merge_engine.dtypes import dtype_name
-from merge_engine.errors import MergeEngineError
+from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.extras import require
 from merge_engine.io.buffers import BufferPool
+from merge_engine.io.lora import open_model
 from merge_engine.io.untrusted import inside_folder
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.methods import MergeMethod, TensorGroup
@@ -84,7 +85,7 @@ class MergeReport:
 def merge(config: MergeConfig | str, out_dir: str, options: MergeOptions | None = None) -> MergeReport:
     """Run a merge config (a parsed MergeConfig or a YAML path) into out_dir."""
     options = options or MergeOptions()
-    cfg = load_config(config) if isinstance(config, str) else config
+    cfg = load_checked_config(config) if isinstance(config, str) else config
     start = time.perf_counter()
     check_output_dir(out_dir, options.overwrite)
     if not -2**63 <= options.random_seed < 2**63:  # the generator's key takes a 64-bit signed seed
@@ -107,6 +108,32 @@ def merge(config: MergeConfig | str, out_dir: str, options: MergeOptions | None 
     if not options.quiet:
         log.debug(report.summary())  # the command line prints it; -v repeats it in the log
     return report
+
+
+def load_checked_config(path: str, strict: bool = False) -> MergeConfig:
+    """load_config; when the config has problems, the problems of the model folders it names (missing,
+    unreadable headers) are listed with them, so that one run reports everything."""
+    try:
+        return load_config(path, strict)
+    except ConfigError as e:
+        raise ConfigError(e.problems + folder_problems(e.raw), e.source) from None
+
+
+def folder_problems(raw: object) -> list[str]:
+    """What is wrong with the model folders a (possibly invalid) config mapping names, read from headers."""
+    sections = [raw] + (raw.get("slices") if isinstance(raw, dict) and isinstance(raw.get("slices"), list) else [])
+    refs = []
+    for section in (s for s in sections if isinstance(s, dict)):
+        refs.append(section.get("base_model"))
+        entries = section.get("models") or section.get("sources") or []
+        refs += [e.get("model") for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+    problems = []
+    for ref in dict.fromkeys(r for r in refs if isinstance(r, str) and r):
+        try:
+            open_model(ref).close()
+        except MergeEngineError as e:
+            problems.append(str(e))
+    return problems
 
 
 def check_output_outside_inputs(out_dir: str, plan: MergePlan) -> None:
@@ -220,6 +247,16 @@ def tensor_group(job: TensorJob, tensors: list[torch.Tensor], seed: int = 0, tak
                        take_output)
 
 
+def non_finite_inputs(job: TensorJob, tensors: list[torch.Tensor]) -> str:
+    """Which inputs hold NaN or Inf, by model folder and tensor ('' if none): the ops only know their
+    inputs by position. Looked for only once a merge has failed, so it costs nothing otherwise."""
+    reads = job.inputs + job.side_reads()
+    bad = [(ckpt, name, int((~torch.isfinite(t)).sum())) for (ckpt, name), t in zip(reads, tensors)
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    return "; ".join(f"{ckpt.path}: tensor '{name}' has {n} NaN or Inf value(s) (a corrupt checkpoint?)"
+                     for ckpt, name, n in bad)
+
+
 def compute(job: TensorJob, tensors: list[torch.Tensor], method: MergeMethod, seed: int = 0,
             take_output=None) -> torch.Tensor:
     """Merge one tensor group on the tensors' device (the ops that take `out` write into buffers from
@@ -229,7 +266,7 @@ def compute(job: TensorJob, tensors: list[torch.Tensor], method: MergeMethod, se
     try:
         result = method.merge(tensor_group(job, tensors, seed, take_output))
     except (ValueError, RuntimeError) as e:
-        raise MergeEngineError(f"merging tensor '{job.out_name}' failed: {e}") from e
+        raise MergeEngineError(f"merging tensor '{job.out_name}' failed: {non_finite_inputs(job, tensors) or e}") from e
     return result.to(job.out_dtype).contiguous()
 
 

@@ -8,9 +8,10 @@ class MergeEngineError(Exception):
 class ConfigError(MergeEngineError):
     """One or more problems in a merge config; all of them are listed at once."""
 
-    def __init__(self, problems: list[str], source: str | None = None):
+    def __init__(self, problems: list[str], source: str | None = None, raw: object = None):
         self.problems = list(problems)
         self.source = source
+        self.raw = raw  # the config as read, when it was a mapping (its model folders can still be checked)
         where = f" in {source}" if source else ""
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{len(self.problems)} problem(s){where}:\n{lines}")

@@ -62,13 +62,12 @@ def run(argv: list[str]) -> int:
     setup_logging(args.quiet, args.verbose)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    from merge_engine.config import load_config
-    from merge_engine.engine import MergeOptions, merge
+    from merge_engine.engine import MergeOptions, load_checked_config, merge
     options = MergeOptions(device=args.device or "auto", out_shard_size=args.out_shard_size,
                            random_seed=args.random_seed, copy_tokenizer=args.copy_tokenizer,
                            overwrite=args.overwrite, prefetch=args.prefetch, quiet=args.quiet,
                            allow_crimes=args.allow_crimes)
-    report = merge(load_config(args.config, strict=args.strict), args.out_dir, options)
+    report = merge(load_checked_config(args.config, strict=args.strict), args.out_dir, options)
     if not args.quiet:
         print(report.summary())
     return 0

@@ -115,3 +115,32 @@ def test_an_output_inside_an_input_folder_is_refused(config, capsys):
     assert cli.main([config, inside, "-q"]) == 2
     assert "is inside the input folder" in one_line(capsys)
     assert sorted(os.listdir(os.path.dirname(inside))) == before
+
+
+def test_nan_in_an_input_names_the_model_folder_and_tensor(tmp_path, capsys):
+    from merge_engine.io.checkpoint import Checkpoint
+    shape = dict(layers=1, hidden=16, intermediate=32, vocab=32)
+    base = make_synthetic_llama(str(tmp_path / "base"), seed=0, **shape)
+    expert = make_synthetic_llama(str(tmp_path / "expert"), seed=1, base=base, **shape)
+    info = Checkpoint(expert).tensors["model.layers.0.mlp.up_proj.weight"]
+    with open(info.file, "r+b") as f:  # bf16 NaN in the first two elements
+        f.seek(info.data_start)
+        f.write(b"\xc0\x7f\xc0\x7f")
+    config = tmp_path / "ties.yml"
+    config.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": base, "models": [
+        {"model": expert, "parameters": {"weight": 1.0, "density": 0.5}}]}))
+    assert cli.main([str(config), str(tmp_path / "out"), "-q"]) == 2
+    err = one_line(capsys)
+    assert f"{expert}: tensor 'model.layers.0.mlp.up_proj.weight' has 2 NaN or Inf value(s)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_and_input_problems_are_reported_in_one_round(config, tmp_path, capsys):
+    bad = tmp_path / "bad.yml"
+    models = yaml.safe_load(open(config))["models"]
+    bad.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": models[0]["model"], "models": [
+        {"model": models[1]["model"], "parameters": {"weight": 1.0, "density": 7}},
+        {"model": str(tmp_path / "missing"), "parameters": {"weight": 1.0, "density": 0.5}}]}))
+    assert cli.main([str(bad), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "density" in err and "missing: model path does not exist" in err and "2 problem(s)" in err
