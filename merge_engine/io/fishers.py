@@ -10,13 +10,13 @@ without reading it. A folder without fisher.json (a Fisher from elsewhere) is re
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 
 from merge_engine.dtypes import dtype_name
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.untrusted import inside_folder, read_json
 from merge_engine.ops.fisher import FISHER_DTYPES
 
 VARIANTS = ("empirical", "sampled")
@@ -46,11 +46,7 @@ def load_fisher_manifest(path: str) -> dict:
     file = os.path.join(path, MANIFEST_FILE)
     if not os.path.isfile(file):
         raise CheckpointError(f"{path}: not a Fisher folder ({MANIFEST_FILE} is missing)")
-    try:
-        with open(file) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: unreadable Fisher manifest ({e})") from e
+    manifest = read_json(inside_folder(path, MANIFEST_FILE, path))
     problem = _manifest_problem(manifest)
     if problem:
         raise CheckpointError(f"{file}: {problem}")

@@ -14,7 +14,6 @@ tokens, or one per example for a pooler or classification head, which reads one 
 from __future__ import annotations
 
 import functools
-import json
 import os
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ import torch
 from merge_engine.dtypes import DTYPES, STATS_DTYPES
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.untrusted import inside_folder, read_json
 from merge_engine.ops.gram import pack_upper, unpack_upper
 
 MANIFEST_FILE = "grams.json"
@@ -75,11 +75,7 @@ def load_gram_folder(path: str) -> GramFolder:
     if not os.path.isfile(file):
         raise CheckpointError(f"{path}: not a Grams folder ({MANIFEST_FILE} is missing; write one with "
                               "`merge-engine stats`)")
-    try:
-        with open(file) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: unreadable Grams manifest ({e})") from e
+    manifest = read_json(inside_folder(path, MANIFEST_FILE, path))
     problem = _manifest_problem(manifest, Checkpoint(path).tensors)
     if problem:
         raise CheckpointError(f"{file}: {problem}")

@@ -74,8 +74,8 @@ def _is_count(value) -> bool:
 def _tensor_info(path: str, name: str, entry, data_base: int, file_size: int) -> TensorInfo:
     """One header entry, as the format's rules allow it: a known dtype, a shape of non-negative integers,
     two integer offsets whose range holds exactly the shape's bytes within the file."""
-    if not (isinstance(entry, dict) and entry.get("dtype") in SAFETENSORS_DTYPES
-            and isinstance(entry.get("shape"), list) and all(_is_count(d) for d in entry["shape"])
+    if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+            and entry["dtype"] in SAFETENSORS_DTYPES and isinstance(entry.get("shape"), list) and all(_is_count(d) for d in entry["shape"])
             and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
             and all(_is_count(o) for o in entry["data_offsets"])):
         raise CheckpointError(f"{path}: tensor '{name}': malformed header entry {str(entry)[:200]}")

@@ -24,7 +24,7 @@ import torch
 
 from merge_engine.errors import CheckpointError
 from merge_engine.io.raw import tensor_bytes
-from merge_engine.io.untrusted import inside_folder
+from merge_engine.io.untrusted import inside_folder, parse_json
 from merge_engine.tiers.slices import (OpenFiles, Runs, Stored, pwrite_all, read_indices, read_runs, selected_shape,
                                        write_runs)
 
@@ -127,12 +127,14 @@ class Journal:
                 if f.read(len(MAGIC)) != MAGIC:
                     raise ValueError("not a merge_engine key journal")
                 (size,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(size))
+                if size > os.path.getsize(path):
+                    raise ValueError("its header length runs past its end")
+                header = parse_json(f.read(size), "its header")
             payload_start = len(MAGIC) + 8 + size
             if os.path.getsize(path) != payload_start + header["payload_bytes"]:
                 raise ValueError("its size does not match its header")
             entries = [Entry.from_json(model_dir, e) for e in header["entries"]]
-        except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        except (OSError, ValueError, KeyError, TypeError, OverflowError, struct.error, CheckpointError) as e:
             raise CheckpointError(f"{path}: damaged key journal ({e}); the weights may be half-keyed: restore the "
                                   "folder from a copy") from e
         return cls(model_dir, entries, payload_start)

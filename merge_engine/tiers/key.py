@@ -17,7 +17,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from merge_engine.errors import MergeEngineError
+from merge_engine.errors import CheckpointError, MergeEngineError
+from merge_engine.io.untrusted import parse_json
 from merge_engine.tiers.blocks import ATTN_HEADS, BLOCK_KINDS, ModelBlocks
 from merge_engine.tiers.permutation import Block, BlockPermutation
 
@@ -80,9 +81,9 @@ class TierKey:
     def from_json(cls, text: str, source: str = "<key>") -> TierKey:
         """Read our format or the published one (no metadata); extra fields are ignored."""
         try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise TierKeyError(f"{source}: not a tier key (invalid JSON: {e})") from e
+            data = parse_json(text, f"{source}: not a tier key")
+        except CheckpointError as e:
+            raise TierKeyError(str(e)) from None
         if not isinstance(data, dict) or not any(k in data for k in (*BLOCK_KINDS, "format")):
             raise TierKeyError(f"{source}: not a tier key (expected a JSON object with lists "
                                f"{' and '.join(BLOCK_KINDS)})")
