@@ -138,3 +138,17 @@ def test_a_lora_pattern_that_cannot_be_used_is_refused_by_name(tmp_path, pattern
         {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "rank_pattern": patterns}))
     with pytest.raises(CheckpointError, match=f"adapter_config.json: rank_pattern: .*{problem}"):
         LoraCheckpoint(base, str(adapter))
+
+
+def test_damaged_keys_and_journals_are_refused_by_name(tmp_path):
+    from merge_engine.tiers.journal import JOURNAL_FILE, MAGIC, Journal
+    from merge_engine.tiers.key import TierKey, TierKeyError
+    with pytest.raises(TierKeyError, match="k.json.*nested too deeply"):
+        TierKey.from_json("[" * 100_000 + "]" * 100_000, "k.json")
+    with pytest.raises(TierKeyError, match="twice"):
+        TierKey.from_json('{"attn_heads": [], "attn_heads": []}', "k.json")
+    for header in (struct.pack("<Q", 2**63) + b"{}", struct.pack("<Q", 2) + b"[]",
+                   struct.pack("<Q", 30) + b'{"payload_bytes": 1e999, "entries": []}'):
+        (tmp_path / JOURNAL_FILE).write_bytes(MAGIC + header)
+        with pytest.raises(CheckpointError, match="damaged key journal"):
+            Journal.load(str(tmp_path))
