@@ -1,0 +1,111 @@
+"""Hostile inputs through the command line, each case asserting the whole contract: exit status 2, a
+message naming the culprit, no traceback, no output or temporary folder left, the inputs unchanged."""
+import hashlib
+import json
+import os
+import shutil
+import struct
+
+import pytest
+import yaml
+
+from merge_engine import cli
+from merge_engine.demo import make_synthetic_llama
+
+SHAPE = dict(layers=1, hidden=16, intermediate=32, vocab=32)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    work = tmp_path_factory.mktemp("hostile")
+    base = make_synthetic_llama(str(work / "base"), seed=0, **SHAPE)
+    return base, make_synthetic_llama(str(work / "expert"), seed=1, base=base, **SHAPE)
+
+
+def digest(folder) -> str:
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            h.update(name.encode() + open(os.path.join(root, name), "rb").read())
+    return h.hexdigest()
+
+
+def layer_shard(folder) -> str:
+    return os.path.join(folder, sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))[1])  # a layer's
+
+
+def rewrite_header(path, change):
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header, data = json.loads(f.read(size)), f.read()
+    raw = change(header)
+    raw = raw if isinstance(raw, bytes) else json.dumps(raw).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def rewrite_index(folder, change):
+    path = os.path.join(folder, "model.safetensors.index.json")
+    index = json.load(open(path))
+    with open(path, "w") as f:
+        f.write(change(index) if isinstance(change(index), str) else json.dumps(change(index)))
+
+
+def overlap(header):
+    names = [n for n in header if n != "__metadata__"]
+    header[names[1]]["data_offsets"] = header[names[0]]["data_offsets"]
+    return header
+
+
+def duplicate(header):
+    name = next(n for n in header if n != "__metadata__")
+    text = json.dumps(header)
+    return (text[:-1] + f', "{name}": ' + json.dumps(header[name]) + "}").encode()
+
+
+def huge_shape(header):
+    name = next(n for n in header if n != "__metadata__")
+    return json.dumps(header).replace(json.dumps(header[name]["shape"]), "[1e999]", 1).encode()
+
+
+def traversal(index):
+    index["weight_map"][next(iter(index["weight_map"]))] = "../base/" + next(iter(index["weight_map"].values()))
+    return index
+
+
+CASES = {  # name: (change to the expert folder, change to the config, what the message must name)
+    "header ranges overlap": (lambda f: rewrite_header(layer_shard(f), overlap), None, "overlaps"),
+    "duplicate tensor names": (lambda f: rewrite_header(layer_shard(f), duplicate), None, "twice"),
+    "metadata not strings": (lambda f: rewrite_header(layer_shard(f), lambda h: {**h, "__metadata__": {"a": 1}}),
+                             None, "__metadata__"),
+    "shape 1e999": (lambda f: rewrite_header(layer_shard(f), huge_shape), None, "malformed header entry"),
+    "JSON nested deep": (lambda f: rewrite_header(layer_shard(f), lambda h: b"[" * 100_000 + b"]" * 100_000),
+                         None, "nested too deeply"),
+    "index leaves the folder": (lambda f: rewrite_index(f, traversal), None, "outside"),
+    "weight_map a list": (lambda f: rewrite_index(f, lambda i: {**i, "weight_map": list(i["weight_map"])}),
+                          None, "weight_map"),
+    "weight .nan": (None, lambda c: c["models"][1]["parameters"].update(weight=float("nan")), "weight"),
+    "weight .inf": (None, lambda c: c["models"][1]["parameters"].update(weight=float("inf")), "weight"),
+    "density misspelled, strict": (None, lambda c: c["models"][1]["parameters"].update(densty=0.5), "density"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hostile_input(models, tmp_path, capsys, case):
+    change_folder, change_config, culprit = CASES[case]
+    base, expert = models
+    mutant = str(tmp_path / "expert")
+    shutil.copytree(expert, mutant)
+    if change_folder:
+        change_folder(mutant)
+    config = {"merge_method": "ties", "base_model": base, "models": [
+        {"model": base}, {"model": mutant, "parameters": {"weight": 1.0, "density": 0.5}}]}
+    if change_config:
+        change_config(config)
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(config))
+    before = (digest(base), digest(mutant))
+    status = cli.main([str(tmp_path / "c.yml"), str(tmp_path / "out"), "-q", "--strict"])
+    err = capsys.readouterr().err
+    assert status == 2 and culprit in err and "Traceback" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["c.yml", "expert"]  # no output, no .out.partial-*
+    assert (digest(base), digest(mutant)) == before
