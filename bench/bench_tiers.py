@@ -32,8 +32,7 @@ import transformers as tf
 from common import machine
 
 from merge_engine.demo import make_synthetic_llama
-from merge_engine.tiers import (KeyedModel, apply_key, apply_key_in_place, generate_key, key_report,
-                                remove_key_in_place)
+from merge_engine.tiers import KeyedModel, apply_key, apply_key_in_place, generate_key, key_report, remove_key_in_place
 
 SHAPE = {"layers": 22, "hidden": 2048, "intermediate": 5632, "vocab": 32000, "heads": 32, "kv_heads": 4}  # TinyLlama
 # 8 heads of 64 in 8 layers: a 5% key then holds head swaps as well as MLP-column swaps

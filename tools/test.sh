@@ -10,6 +10,7 @@ if [ "${MERGEKIT:-1}" = 1 ] && [ ! -x .venv-mergekit/bin/mergekit-yaml ]; then
     .venv-mergekit/bin/python -m pip install -q "torch==2.13.0" "mergekit==0.1.5"; } ||
     echo "warning: could not install mergekit; the parity tests will be skipped"
 fi
+ruff check .  # lint: pyflakes, syntax, import order (pyproject.toml [tool.ruff])
 if [ $# -eq 0 ]; then
   bash tools/check_install.sh
 fi

@@ -13,8 +13,8 @@ from __future__ import annotations
 import sys
 import traceback
 
-from merge_engine.cli import fisher, key, merge, stats
 from merge_engine import __version__
+from merge_engine.cli import fisher, key, merge, stats
 from merge_engine.errors import MergeEngineError
 from merge_engine.runtime import tune_process_for_merging
 

@@ -8,14 +8,13 @@ The functions here have the references' signatures and docstrings. merge_task_ve
 weighted_sum and slerp also write into a caller's tensor (`out=`, the `.out` overloads).
 rescale_l1, della_keep_probability, topk_count and merge_task_vectors_reference are plain helpers.
 """
-from merge_engine.ops.fisher import accumulate_fisher, fisher_merge
 from merge_engine.ops.consensus import disjoint_mean, elect_sign, merge_task_vectors, merge_task_vectors_reference
+from merge_engine.ops.fisher import accumulate_fisher, fisher_merge
 from merge_engine.ops.gram import accumulate_gram, mirror_upper_
-from merge_engine.ops.select import magnitude_cutoff
 from merge_engine.ops.interpolate import karcher_mean, multislerp, nearswap, nuslerp, slerp, weighted_sum
 from merge_engine.ops.permute import gather_blocks, scatter_add_blocks_, swap_blocks_
+from merge_engine.ops.select import magnitude_cutoff
 from merge_engine.ops.selective import arcee_fusion, ram_merge, ramplus_tl_merge, sce_merge
-from merge_engine.ops.spectral import iso_c, tsv_merge
 from merge_engine.ops.sparsify import (
     della_keep_probability,
     drop_by_rank,
@@ -26,6 +25,7 @@ from merge_engine.ops.sparsify import (
     trim_by_magnitude,
     trim_outliers,
 )
+from merge_engine.ops.spectral import iso_c, tsv_merge
 
 __all__ = [
     "accumulate_fisher", "accumulate_gram", "magnitude_cutoff", "fisher_merge", "mirror_upper_", "della_keep_probability", "disjoint_mean", "drop_by_rank", "drop_random", "elect_sign",

@@ -10,9 +10,9 @@ import torch
 
 from merge_engine.ops import backends
 from merge_engine.ops import sparsify as sp
+from merge_engine.ops.library import op
 from merge_engine.ops.random import philox_key
 from merge_engine.ops.select import check_finite
-from merge_engine.ops.library import op
 
 
 def _one_expert(weighted_deltas: torch.Tensor, *args, **kwargs) -> torch.Tensor:

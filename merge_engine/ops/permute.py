@@ -26,7 +26,6 @@ import torch
 from merge_engine.ops import backends
 from merge_engine.ops.library import op
 
-
 # ---- validation ----
 
 def _check_stack(op: str, tensors: list[torch.Tensor], dim: int, block_size: int) -> int:

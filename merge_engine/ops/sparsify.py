@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from merge_engine.ops.library import op
 from merge_engine.ops.random import philox_key, uniform
 from merge_engine.ops.select import cutoff_mask, magnitude_cutoff
-from merge_engine.ops.library import op
 
 RESCALE_EPS = 1e-7
 

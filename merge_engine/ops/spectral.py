@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from merge_engine.ops.library import op
 
 

@@ -23,7 +23,7 @@ import torch
 
 from merge_engine.errors import OutputError
 from merge_engine.io.checkpoint import Checkpoint
-from merge_engine.tiers.apply import Keys, KeyedRun, params_moved, resolve
+from merge_engine.tiers.apply import KeyedRun, Keys, params_moved, resolve
 from merge_engine.tiers.journal import JOURNAL_FILE, PARTIAL_SUFFIX, Journal
 from merge_engine.tiers.moves import TensorMove, plan_moves, stored
 from merge_engine.tiers.slices import BITS_DTYPES, OpenFiles, to_runs, write_runs

@@ -25,8 +25,16 @@ import torch
 from merge_engine.errors import CheckpointError
 from merge_engine.io.raw import tensor_bytes
 from merge_engine.io.untrusted import inside_folder, parse_json
-from merge_engine.tiers.slices import (OpenFiles, Runs, Stored, pwrite_all, read_indices, read_runs, selected_shape,
-                                       write_runs)
+from merge_engine.tiers.slices import (
+    OpenFiles,
+    Runs,
+    Stored,
+    pwrite_all,
+    read_indices,
+    read_runs,
+    selected_shape,
+    write_runs,
+)
 
 JOURNAL_FILE = ".merge_engine-key-journal"
 PARTIAL_SUFFIX = ".partial"

@@ -46,14 +46,14 @@ from merge_engine.ops.select import magnitude_cutoff
 from merge_engine.ops.sparsify import SPARSIFY_CODES
 from tests.conftest import DTYPES, MANTISSA, SIZES, pairwise, ulp
 from tests.csrc import kernel_checks
-from tests.kernels import test_fisher as kernel_fisher
-from tests.kernels import test_gram as kernel_gram
-from tests.kernels import test_permute as kernel_permute
-from tests.kernels.conftest import load_backend
 from tests.csrc.kernel_checks import (
     random_bits,
     weighted_contributions,
 )
+from tests.kernels import test_fisher as kernel_fisher
+from tests.kernels import test_gram as kernel_gram
+from tests.kernels import test_permute as kernel_permute
+from tests.kernels.conftest import load_backend
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device: the CUDA kernels cannot run here (tests/csrc/test_cuda_compile.py "

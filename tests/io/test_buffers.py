@@ -1,6 +1,5 @@
 """The engine's pool of host buffers: reuse, the fit rule, the capacity (the oldest released first), one
 hand-back per storage."""
-import pytest
 import torch
 
 from merge_engine.io.buffers import BufferPool

@@ -4,8 +4,13 @@ the extension is built)."""
 import pytest
 import torch
 
-from merge_engine.ops.select import (NOTHING_LARGEST, cutoff_mask, magnitude_cutoff, magnitude_cutoff_reference,
-                                     magnitude_keys)
+from merge_engine.ops.select import (
+    NOTHING_LARGEST,
+    cutoff_mask,
+    magnitude_cutoff,
+    magnitude_cutoff_reference,
+    magnitude_keys,
+)
 from tests.conftest import DTYPES, pairwise
 
 CUTOFFS = pytest.mark.parametrize("cutoff", [magnitude_cutoff_reference, magnitude_cutoff], ids=["reference", "op"])

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import pytest
-from tests.stats.tiny_text import SENTENCES, tiny_tokenizer
 
 from merge_engine.demo import make_models
+from tests.stats.tiny_text import SENTENCES, tiny_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from merge_engine.errors import CheckpointError, OutputError
-from merge_engine.tiers import (BlockPermutation, TierKey, TierKeyError, apply_key, apply_key_in_place,
-                                generate_key, remove_key, remove_key_in_place)
+from merge_engine.tiers import (
+    BlockPermutation,
+    TierKey,
+    TierKeyError,
+    apply_key,
+    apply_key_in_place,
+    generate_key,
+    remove_key,
+    remove_key_in_place,
+)
 from tests.tiers.conftest import bits, read_config, same_files, swap_by_hand
 
 ARCHS = ("llama", "qwen2", "gpt2")  # round trips; GPT-Neo joins the by-hand and symmetry checks

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from merge_engine.tiers import slices
 from merge_engine.io.raw import tensor_bytes
+from merge_engine.tiers import slices
 from merge_engine.tiers.slices import Stored, as_bits, read_runs, to_runs, write_runs
 
 SHAPES = [(37,), (29, 13), (7, 11, 5)]
