@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import importlib
 import logging
 import os
@@ -41,6 +42,13 @@ def csrc_dir() -> str:
     raise FileNotFoundError("merge_engine's csrc/ sources are not installed")
 
 
+def kernel_sources(src: str, backend: str) -> list[str]:
+    """The sources of a compiled backend: every .cpp (CPU) or .cpp and .cu (CUDA) file in csrc/<backend>,
+    sorted, so that a new file needs no edit here (setup.py builds by the same rule)."""
+    patterns = ("*.cpp",) if backend == "cpu" else ("*.cpp", "*.cu")
+    return sorted(f for pattern in patterns for f in glob.glob(os.path.join(src, backend, pattern)))
+
+
 def cpu_arch() -> str:
     """The -march of the CPU build (MERGE_ENGINE_CPU_ARCH, default native)."""
     arch = os.environ.get("MERGE_ENGINE_CPU_ARCH", "native")
@@ -62,8 +70,7 @@ def cpu_extension():
         # -ffp-contract=off: no fused multiply-add, which would round differently from torch;
         # -fno-trapping-math: lets loops with a guarded division vectorise (results are unchanged).
         return load(name="merge_engine_cpu" if arch == "native" else "merge_engine_cpu_" + arch.replace("-", "_"),
-                    sources=[os.path.join(src, "cpu", f)
-                             for f in ("bindings.cpp", "task_vectors.cpp", "fisher.cpp", "gram.cpp", "permute.cpp")],
+                    sources=kernel_sources(src, "cpu"),
                     extra_cflags=["-O3", f"-march={arch}", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],
                     verbose=False)
@@ -91,8 +98,7 @@ def cuda_extension():
         # -fmad=false: no fused multiply-add, which would round differently from torch (like
         # -ffp-contract=off on the CPU); never --use_fast_math (IEEE division and rounding needed).
         return load(name="merge_engine_cuda",
-                    sources=[os.path.join(src, "cuda", f)
-                             for f in ("bindings.cpp", "task_vectors.cu", "fisher.cu", "gram.cu", "permute.cu")],
+                    sources=kernel_sources(src, "cuda"),
                     extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-fmad=false"], verbose=False)
     except Exception as e:  # any build or load failure: fall back, loudly but once
         warnings.warn(f"merge_engine: compiled CUDA kernels unavailable ({type(e).__name__}: {e}); "

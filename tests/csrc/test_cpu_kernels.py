@@ -75,7 +75,7 @@ def test_delta_cutoffs_match_reference(ext, dtype, shape, largest, ties):
         assert got[j].tolist() == want.tolist(), f"seed {seed}, count {count}"
 
 
-# The select's fast path (csrc/cpu/task_vectors.cpp: bracketed select) samples runs of 32 elements
+# The select's fast path (csrc/cpu/bracketed_select.cpp) samples runs of 32 elements
 # (n / 128 of them, clamped to [512, 8192]) at these offsets to bracket each cut-off; it counts the
 # tensor in chunks of 2^16 elements and lists the keys strictly inside the bracket, up to
 # n / 16 + 2^16 of them. Sizes above runs * 32 sample.
