@@ -6,7 +6,7 @@
 // the index.
 #pragma once
 
-#include <ATen/core/TensorOptions.h>
+#include <c10/core/TensorOptions.h>
 
 #include <cuda_runtime.h>
 

@@ -1,7 +1,7 @@
 // DELLA's ranks within rows on the GPU (row_ranks.cu): the keep flags of an expert's draws.
 #pragma once
 
-#include <ATen/core/TensorOptions.h>
+#include <c10/core/TensorOptions.h>
 
 #include <cuda_runtime.h>
 

@@ -85,9 +85,12 @@ def run_concurrently(jobs, cwd):
 
 
 def merge_engine_symbols(nm, obj, *flags):
+    """The merge_engine:: functions nm lists; a function template's demangled name starts with its return
+    type (`void merge_engine::f<float>(...)`), which may not name a template of another namespace."""
     text = subprocess.run([nm, "-C", *flags, str(obj)], capture_output=True, text=True, check=True).stdout
     names = (re.match(r"\s*(?:[0-9a-fA-F]+\s+)?[A-Za-z]\s+(.*)$", line) for line in text.splitlines())
-    return {m.group(1) for m in names if m and m.group(1).startswith("merge_engine::")}
+    return {m.group(1) for m in names
+            if m and re.match(r"(?:[^<(]*\s)?merge_engine::", m.group(1).split("(")[0])}
 
 
 def check_bindings(nm, bindings_obj, cu_objs):
