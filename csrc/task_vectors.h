@@ -1,11 +1,18 @@
-// Shared by the CPU (csrc/cpu/task_vectors.cpp) and CUDA (csrc/cuda/task_vectors.cu) kernels of the
-// task-vector family (TIES, DARE, breadcrumbs, DELLA): Philox bits, magnitude keys, cut-off tests,
-// and rounding to the compute dtype. The Python references in merge_engine/ops/ define the results;
-// every helper here mirrors one step of them.
+// Shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels of the task-vector family (TIES, DARE,
+// breadcrumbs, DELLA): Philox bits, magnitude keys, cut-off tests, and rounding to the compute dtype.
+// The Python references in merge_engine/ops/ define the results; every helper here mirrors one step
+// of them. Last, the argument checks of the family's entry points (csrc/cpu/task_vectors.cpp,
+// csrc/cuda/task_vectors.cu), which both backends make alike.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <c10/core/DeviceType.h>
+#include <c10/util/Exception.h>
+
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__CUDACC__)
 #define ME_HD __host__ __device__ __forceinline__
@@ -74,5 +81,51 @@ ME_HD bool keep_by_cutoffs(int64_t key, int64_t index, const int64_t cut[4], boo
 
 // Keys at or above this are NaN (Inf is the limit itself), per storage width.
 constexpr int64_t kInfKey16Half = 0x7C00, kInfKey16BFloat = 0x7F80, kInfKey32 = 0x7F800000;
+
+// ---- argument checks of the entry points, on the host; `device` is the backend's device type ----
+
+// base and experts: contiguous tensors of one shape and one kernel dtype (float32, bfloat16, float16),
+// all on the base's device.
+inline void check_task_vector_inputs(const at::Tensor& base, const std::vector<at::Tensor>& experts,
+                                     c10::DeviceType device) {
+  const auto where = c10::DeviceTypeName(device);
+  TORCH_CHECK(base.device().type() == device, "merge_engine ", where, " kernel: base must be a ", where, " tensor");
+  TORCH_CHECK(base.is_contiguous(), "merge_engine ", where, " kernel: base must be contiguous");
+  const auto dt = base.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "merge_engine ", where,
+              " kernel: dtype must be float32, bfloat16 or float16, got ", dt);
+  for (const auto& x : experts) {
+    TORCH_CHECK(x.device() == base.device() && x.is_contiguous(), "merge_engine ", where,
+                " kernel: experts must be contiguous ", where, " tensors on the base's device");
+    TORCH_CHECK(x.scalar_type() == dt, "merge_engine ", where, " kernel: experts must have the base's dtype");
+    TORCH_CHECK(x.sizes() == base.sizes(), "merge_engine ", where, " kernel: experts must have the base's shape");
+  }
+}
+
+// merge_task_vectors: the inputs as above, at most max_experts experts (the CUDA launch carries
+// their pointers), one weight and density per expert, a (lo, hi) selection count per expert in the
+// magnitude and outliers modes, and one epsilon per expert in the rank mode (none or one otherwise).
+inline void check_merge_task_vectors_args(const at::Tensor& base, const std::vector<at::Tensor>& experts,
+                                          const std::vector<double>& weights, int64_t mode,
+                                          const std::vector<int64_t>& counts_lo,
+                                          const std::vector<int64_t>& counts_hi,
+                                          const std::vector<double>& densities, const std::vector<double>& epsilons,
+                                          c10::DeviceType device, size_t max_experts = SIZE_MAX) {
+  check_task_vector_inputs(base, experts, device);
+  const size_t K = experts.size();
+  TORCH_CHECK(K <= max_experts, "merge_engine ", c10::DeviceTypeName(device), " kernel: at most ", max_experts,
+              " experts per call, got ", K);
+  TORCH_CHECK(weights.size() == K && densities.size() == K, "merge_engine: one weight and density per expert");
+  TORCH_CHECK(mode >= kNone && mode <= kRank, "merge_engine: unknown sparsification mode ", mode);
+  TORCH_CHECK((mode != kMagnitude && mode != kOutliers) || (counts_lo.size() == K && counts_hi.size() == K),
+              "merge_engine: one (lo, hi) selection count per expert");
+  TORCH_CHECK(mode == kRank ? epsilons.size() == K : epsilons.empty() || epsilons.size() == K,
+              "merge_engine: one epsilon per expert", mode == kRank ? "" : " (or none)");
+}
+
+// philox_uniforms: elements start .. start + numel - 1 of a stream.
+inline void check_philox_uniforms_args(int64_t start, int64_t numel) {
+  TORCH_CHECK(start >= 0 && numel >= 0, "merge_engine: philox_uniforms needs start >= 0 and numel >= 0");
+}
 
 }  // namespace merge_engine

@@ -6,7 +6,7 @@ DELLA (mode 4, rank) is not implemented here: its keep probability needs a sort 
 which this backend leaves to the PyTorch reference; merge_task_vectors raises NotImplementedError
 for it and the caller routes DELLA on the GPU to the reference.
 
-Every step mirrors csrc/cpu/task_vectors.cpp, which mirrors the reference
+Every step mirrors csrc/cpu/fused_merge.cpp, which mirrors the reference
 (merge_engine/ops/consensus.py: merge_task_vectors_reference): values are rounded to the tensors'
 dtype where torch rounds, and sums over experts run in fp32 in expert order, so outputs are
 bit-identical to the reference except for the L1 rescale factor (a ratio of whole-tensor sums taken
@@ -206,7 +206,7 @@ def _index_after_nth_equal(base, expert, t: int, need: int) -> int:
 
 def _cutoffs(base, expert, counts: list[int], largest: bool) -> list[tuple[int, int]]:
     """Cut-offs (T, c) of the first counts[j] elements of the stable order of the keys of
-    |expert - base| (ops/select.py), by radix select as csrc/cpu/task_vectors.cpp: delta_cutoff."""
+    |expert - base| (ops/select.py), by radix select as csrc/cpu/radix_select.cpp: cutoff_by_histogram."""
     n = base.numel()
     counts = [min(max(c, 0), n) for c in counts]
     nothing, everything = (NOTHING_LARGEST, NOTHING_SMALLEST) if largest else (NOTHING_SMALLEST, NOTHING_LARGEST)

@@ -43,4 +43,8 @@ template <typename F> inline void dispatch_dtype(at::ScalarType dt, F&& f) {
   }
 }
 
+// The kernel dtypes, for the explicit instantiations of a template that one file defines and others call:
+// #define INSTANTIATE(T) template void f<T>(const T*); then ME_FOR_KERNEL_DTYPES(INSTANTIATE).
+#define ME_FOR_KERNEL_DTYPES(M) M(float) M(c10::BFloat16) M(c10::Half)
+
 }  // namespace merge_engine

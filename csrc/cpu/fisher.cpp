@@ -13,6 +13,7 @@
 #include <numeric>
 #include <vector>
 
+#include "../fisher.h"
 #include "dtypes.h"
 #include "memory.h"
 
@@ -91,19 +92,12 @@ void merge_typed(const std::vector<torch::Tensor>& params, const std::vector<tor
   }
 }
 
-void check_cpu(const torch::Tensor& x, const char* what) {
-  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "merge_engine CPU kernel: ", what,
-              " must be contiguous CPU tensors");
-}
-
 std::vector<float> as_floats(const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); }
 
 }  // namespace
 
 void accumulate_fisher_cpu(torch::Tensor& fisher, const torch::Tensor& grad, double scale) {
-  check_cpu(fisher, "fisher");
-  check_cpu(grad, "grad");
-  TORCH_CHECK(fisher.sizes() == grad.sizes(), "accumulate_fisher: fisher and grad shapes differ");
+  check_accumulate_fisher_args(fisher, grad, c10::DeviceType::CPU);
   dispatch_dtype(fisher.scalar_type(), [&](auto f_tag) {
     using F = decltype(f_tag);
     dispatch_dtype(grad.scalar_type(), [&](auto g_tag) {
@@ -116,18 +110,7 @@ void accumulate_fisher_cpu(torch::Tensor& fisher, const torch::Tensor& grad, dou
 torch::Tensor fisher_merge_cpu(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& fishers,
                                const std::vector<double>& coefficients, const std::vector<double>& floors,
                                const std::optional<torch::Tensor>& out_buffer) {
-  const size_t K = params.size();
-  TORCH_CHECK(K > 0 && fishers.size() == K && coefficients.size() == K && floors.size() == K,
-              "fisher_merge: one Fisher, coefficient and floor per param");
-  for (size_t j = 0; j < K; ++j) {
-    check_cpu(params[j], "params");
-    check_cpu(fishers[j], "fishers");
-    TORCH_CHECK(params[j].sizes() == params[0].sizes() && fishers[j].sizes() == params[0].sizes(),
-                "fisher_merge: params and Fishers must share one shape");
-    TORCH_CHECK(params[j].scalar_type() == params[0].scalar_type() &&
-                    fishers[j].scalar_type() == fishers[0].scalar_type(),
-                "fisher_merge: params must share one dtype and Fishers another");
-  }
+  check_fisher_merge_args(params, fishers, coefficients, floors, c10::DeviceType::CPU);
   std::vector<torch::Tensor> inputs(params);
   inputs.insert(inputs.end(), fishers.begin(), fishers.end());
   auto out = output_for(out_buffer, params[0], inputs);

@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "../permute.h"
 #include "dtypes.h"
 #include "memory.h"
 
@@ -34,26 +35,15 @@ struct Layout {
 };
 
 Layout layout_of(const torch::Tensor& t, int64_t dim, int64_t block_size) {
-  TORCH_CHECK(dim >= 0 && dim < t.dim() && block_size > 0 && t.size(dim) % block_size == 0,
-              "merge_engine CPU kernel: bad dim or block_size");
+  check_permute_blocks(t, dim, block_size);
   int64_t outer = 1, inner = 1;
   for (int64_t d = 0; d < dim; ++d) outer *= t.size(d);
   for (int64_t d = dim + 1; d < t.dim(); ++d) inner *= t.size(d);
   return {outer, t.size(dim) / block_size, block_size * inner};
 }
 
-void check_stack(const std::vector<torch::Tensor>& tensors, const char* what) {
-  TORCH_CHECK(!tensors.empty(), "merge_engine CPU kernel: no ", what);
-  for (const auto& t : tensors)
-    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.sizes() == tensors[0].sizes() &&
-                    t.scalar_type() == tensors[0].scalar_type(),
-                "merge_engine CPU kernel: ", what, " must be contiguous CPU tensors of one shape and dtype");
-}
-
-const int64_t* index_data(const torch::Tensor& index, int64_t numel, const char* what) {
-  TORCH_CHECK(index.device().is_cpu() && index.scalar_type() == at::kLong && index.is_contiguous() &&
-                  index.numel() == numel,
-              "merge_engine CPU kernel: ", what, " must be a contiguous CPU int64 tensor of ", numel, " entries");
+const int64_t* index_data(const torch::Tensor& index, const torch::Tensor& like, int64_t numel, const char* what) {
+  check_permute_index(index, like, numel, what);
   return index.data_ptr<int64_t>();
 }
 
@@ -165,11 +155,11 @@ void swap_typed(const std::vector<torch::Tensor>& tensors, const int64_t* pairs,
 torch::Tensor gather_blocks_cpu(const std::vector<torch::Tensor>& tensors, int64_t layer,
                                 const torch::Tensor& src_layer, const torch::Tensor& src_block, int64_t dim,
                                 int64_t block_size) {
-  check_stack(tensors, "tensors");
-  TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(tensors.size()), "gather_blocks: layer out of range");
+  check_permute_stack(tensors, "tensors", c10::DeviceType::CPU);
+  check_permute_layer(layer, tensors.size(), "gather_blocks");
   const Layout lay = layout_of(tensors[0], dim, block_size);
-  const int64_t* layers = index_data(src_layer, lay.n_blocks, "src_layer");
-  const int64_t* blocks = index_data(src_block, lay.n_blocks, "src_block");
+  const int64_t* layers = index_data(src_layer, tensors[0], lay.n_blocks, "src_layer");
+  const int64_t* blocks = index_data(src_block, tensors[0], lay.n_blocks, "src_block");
   auto out = empty_output_like(tensors[layer]);
   dispatch_width(out, [&](auto w) {
     using W = decltype(w);
@@ -181,12 +171,12 @@ torch::Tensor gather_blocks_cpu(const std::vector<torch::Tensor>& tensors, int64
 void scatter_add_blocks_cpu(const std::vector<torch::Tensor>& targets, int64_t layer, const torch::Tensor& values,
                             const torch::Tensor& src_layer, const torch::Tensor& src_block, int64_t dim,
                             int64_t block_size) {
-  check_stack(targets, "targets");
-  check_stack({targets[0], values}, "targets and values");
-  TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(targets.size()), "scatter_add_blocks: layer out of range");
+  check_permute_stack(targets, "targets", c10::DeviceType::CPU);
+  check_permute_stack({targets[0], values}, "targets and values", c10::DeviceType::CPU);
+  check_permute_layer(layer, targets.size(), "scatter_add_blocks");
   const Layout lay = layout_of(values, dim, block_size);
-  const int64_t* layers = index_data(src_layer, lay.n_blocks, "src_layer");
-  const int64_t* blocks = index_data(src_block, lay.n_blocks, "src_block");
+  const int64_t* layers = index_data(src_layer, values, lay.n_blocks, "src_layer");
+  const int64_t* blocks = index_data(src_block, values, lay.n_blocks, "src_block");
   dispatch_dtype(values.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     scatter_add_typed<T>(targets, values.data_ptr<T>(), layers, blocks, lay);
@@ -195,11 +185,11 @@ void scatter_add_blocks_cpu(const std::vector<torch::Tensor>& targets, int64_t l
 
 void swap_blocks_cpu(const std::vector<torch::Tensor>& tensors, const torch::Tensor& pairs, int64_t dim,
                      int64_t block_size) {
-  check_stack(tensors, "tensors");
+  check_permute_stack(tensors, "tensors", c10::DeviceType::CPU);
   const Layout lay = layout_of(tensors[0], dim, block_size);
-  TORCH_CHECK(pairs.dim() == 2 && pairs.size(1) == 4, "swap_blocks: pairs must be [M, 4]");
+  check_swap_pairs(pairs);
   const int64_t n_pairs = pairs.size(0);
-  const int64_t* rows = index_data(pairs, 4 * n_pairs, "pairs");
+  const int64_t* rows = index_data(pairs, tensors[0], 4 * n_pairs, "pairs");
   dispatch_width(tensors[0], [&](auto w) {
     using W = decltype(w);
     swap_typed<W>(tensors, rows, n_pairs, lay);

@@ -35,4 +35,8 @@ template <typename F> void dispatch_dtype(at::ScalarType dt, F&& f) {
   }
 }
 
+// The kernel dtypes, for the explicit instantiations of a template that one file defines and others call:
+// #define INSTANTIATE(D) template void f<D>(const D*); then ME_FOR_KERNEL_DTYPES(INSTANTIATE).
+#define ME_FOR_KERNEL_DTYPES(M) M(float) M(__nv_bfloat16) M(__half)
+
 }  // namespace merge_engine

@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../fisher.h"
 #include "dtypes.cuh"
 
 namespace merge_engine {
@@ -108,16 +109,6 @@ __global__ void fisher_merge_kernel(const Model<P, F>* models, int K, int64_t n,
 
 // ---- host helpers ----
 
-// Contiguous CUDA tensors on the device and of the shape of `like`.
-void check_tensors(const std::vector<at::Tensor>& tensors, const at::Tensor& like, const char* what) {
-  for (const auto& x : tensors) {
-    TORCH_CHECK(x.is_cuda() && x.device() == like.device() && x.is_contiguous(), "merge_engine CUDA kernel: ", what,
-                " must be contiguous CUDA tensors on one device");
-    TORCH_CHECK(x.sizes() == like.sizes(), "merge_engine CUDA kernel: ", what, " must have one shape, got ",
-                x.sizes(), " and ", like.sizes());
-  }
-}
-
 template <typename D> const D* ptr_of(const at::Tensor& t) { return reinterpret_cast<const D*>(t.const_data_ptr()); }
 
 // The merge of one (params dtype, Fishers dtype) pair, counting bad Fisher values into bad[K].
@@ -143,7 +134,7 @@ void launch_merge(const std::vector<at::Tensor>& params, const std::vector<at::T
 }  // namespace
 
 void accumulate_fisher_cuda(const at::Tensor& fisher, const at::Tensor& grad, double scale) {
-  check_tensors({fisher, grad}, fisher, "fisher and grad");
+  check_accumulate_fisher_args(fisher, grad, c10::DeviceType::CUDA);
   c10::cuda::CUDAGuard guard(fisher.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t n = fisher.numel();
@@ -162,14 +153,7 @@ void accumulate_fisher_cuda(const at::Tensor& fisher, const at::Tensor& grad, do
 at::Tensor fisher_merge_cuda(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& fishers,
                              const std::vector<double>& coefficients, const std::vector<double>& floors) {
   const size_t K = params.size();
-  TORCH_CHECK(K > 0 && fishers.size() == K && coefficients.size() == K && floors.size() == K,
-              "fisher_merge: one Fisher, coefficient and floor per param, and at least one param");
-  check_tensors(params, params[0], "params and Fishers");
-  check_tensors(fishers, params[0], "params and Fishers");
-  for (size_t j = 0; j < K; ++j)
-    TORCH_CHECK(params[j].scalar_type() == params[0].scalar_type() &&
-                    fishers[j].scalar_type() == fishers[0].scalar_type(),
-                "fisher_merge: params must share one dtype and Fishers another");
+  check_fisher_merge_args(params, fishers, coefficients, floors, c10::DeviceType::CUDA);
   c10::cuda::CUDAGuard guard(params[0].device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   auto out = at::empty_like(params[0]);

@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../permute.h"
 #include "dtypes.cuh"
 
 namespace merge_engine {
@@ -95,31 +96,15 @@ struct Layout {
 };
 
 Layout layout_of(const at::Tensor& t, int64_t dim, int64_t block_size) {
-  TORCH_CHECK(dim >= 0 && dim < t.dim() && block_size > 0 && t.size(dim) % block_size == 0,
-              "merge_engine CUDA kernel: bad dim or block_size");
+  check_permute_blocks(t, dim, block_size);
   int64_t outer = 1, inner = 1;
   for (int64_t d = 0; d < dim; ++d) outer *= t.size(d);
   for (int64_t d = dim + 1; d < t.dim(); ++d) inner *= t.size(d);
   return {outer, t.size(dim) * inner, block_size * inner};
 }
 
-void check_stack(const std::vector<at::Tensor>& tensors, const char* what) {
-  TORCH_CHECK(!tensors.empty(), "merge_engine CUDA kernel: no ", what);
-  for (const auto& t : tensors)
-    TORCH_CHECK(t.is_cuda() && t.device() == tensors[0].device() && t.is_contiguous() &&
-                    t.sizes() == tensors[0].sizes() && t.scalar_type() == tensors[0].scalar_type(),
-                "merge_engine CUDA kernel: ", what,
-                " must be contiguous CUDA tensors of one shape and dtype on one device");
-  const auto dt = tensors[0].scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-              "merge_engine CUDA kernel: dtype must be float32, bfloat16 or float16, got ", dt);
-}
-
 const int64_t* index_data(const at::Tensor& index, const at::Tensor& like, int64_t numel, const char* what) {
-  TORCH_CHECK(index.device() == like.device() && index.scalar_type() == at::kLong && index.is_contiguous() &&
-                  index.numel() == numel,
-              "merge_engine CUDA kernel: ", what, " must be a contiguous int64 tensor of ", numel,
-              " entries on the data's device");
+  check_permute_index(index, like, numel, what);
   return index.const_data_ptr<int64_t>();
 }
 
@@ -165,8 +150,8 @@ template <typename Launch> void launch_grid(int64_t outer, int64_t width, int64_
 
 at::Tensor gather_blocks_cuda(const std::vector<at::Tensor>& tensors, int64_t layer, const at::Tensor& src_layer,
                               const at::Tensor& src_block, int64_t dim, int64_t block_size) {
-  check_stack(tensors, "tensors");
-  TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(tensors.size()), "gather_blocks: layer out of range");
+  check_permute_stack(tensors, "tensors", c10::DeviceType::CUDA);
+  check_permute_layer(layer, tensors.size(), "gather_blocks");
   const Layout lay = layout_of(tensors[0], dim, block_size);
   const int64_t n_blocks = tensors[0].size(dim) / block_size;
   const int64_t* layers = index_data(src_layer, tensors[0], n_blocks, "src_layer");
@@ -194,9 +179,9 @@ at::Tensor gather_blocks_cuda(const std::vector<at::Tensor>& tensors, int64_t la
 void scatter_add_blocks_cuda(const std::vector<at::Tensor>& targets, int64_t layer, const at::Tensor& values,
                              const at::Tensor& src_layer, const at::Tensor& src_block, int64_t dim,
                              int64_t block_size) {
-  check_stack(targets, "targets");
-  check_stack({targets[0], values}, "targets and values");
-  TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(targets.size()), "scatter_add_blocks: layer out of range");
+  check_permute_stack(targets, "targets", c10::DeviceType::CUDA);
+  check_permute_stack({targets[0], values}, "targets and values", c10::DeviceType::CUDA);
+  check_permute_layer(layer, targets.size(), "scatter_add_blocks");
   const Layout lay = layout_of(values, dim, block_size);
   const int64_t n_blocks = values.size(dim) / block_size;
   const int64_t* layers = index_data(src_layer, values, n_blocks, "src_layer");
@@ -217,8 +202,8 @@ void scatter_add_blocks_cuda(const std::vector<at::Tensor>& targets, int64_t lay
 
 void swap_blocks_cuda(const std::vector<at::Tensor>& tensors, const at::Tensor& pairs, int64_t dim,
                       int64_t block_size) {
-  check_stack(tensors, "tensors");
-  TORCH_CHECK(pairs.dim() == 2 && pairs.size(1) == 4, "swap_blocks: pairs must be [M, 4]");
+  check_permute_stack(tensors, "tensors", c10::DeviceType::CUDA);
+  check_swap_pairs(pairs);
   const Layout lay = layout_of(tensors[0], dim, block_size);
   const int64_t n_pairs = pairs.size(0);
   const int64_t* rows = index_data(pairs, tensors[0], 4 * n_pairs, "pairs");

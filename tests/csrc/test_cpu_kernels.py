@@ -51,7 +51,7 @@ def assert_merged_close(got, want, base, experts, kw, context):
     assert (excess <= 0).all(), f"{context}: error exceeds the bound by {float(excess.max())}"
 
 
-# The select's fast path (csrc/cpu/task_vectors.cpp: bracketed select) samples runs of 32 elements
+# The select's fast path (csrc/cpu/bracketed_select.cpp) samples runs of 32 elements
 # (n / 128 of them, clamped to [512, 8192]) at these offsets to bracket each cut-off; it counts the
 # tensor in chunks of 2^16 elements and lists the keys strictly inside the bracket, up to
 # n / 16 + 2^16 of them. Sizes above runs * 32 sample.

@@ -4,12 +4,13 @@ What is compiled, and why it is a real check:
 - The sources and extra flags are the CUDA build's (merge_engine/kernel_build.py: setup.py and the
   development build use the same recipe), plus the flags torch's builder itself adds (-DTORCH_EXTENSION_NAME, torch's COMMON_NVCC_FLAGS such as
   -D__CUDA_NO_HALF_OPERATORS__, -fPIC), so a stale source list or flag breaks this test too.
-- each .cu source (task_vectors.cu, fisher.cu, gram.cu, permute.cu) goes through nvcc for both architectures in one call
+- each .cu source (every .cu file of csrc/cuda: the families' entry points task_vectors.cu, fisher.cu, gram.cu,
+  permute.cu, and the task-vector family's algorithms) goes through nvcc for both architectures in one call
   (-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90, -std=c++17): the device
   code is compiled down to SASS by ptxas for each architecture, and the host half by the host compiler.
   C++17 is the oldest standard the sources support; load() uses torch's default (C++20 for torch
   2.13), which they also compile with.
-  bindings.cpp goes through the host compiler (c++, or $CXX); all five compile concurrently.
+  bindings.cpp goes through the host compiler (c++, or $CXX); all compile concurrently.
 - Headers are torch's own (torch.utils.cpp_extension.include_paths()) and the CUDA toolkit's; no
   stubs. The kernels use only c10/cuda headers (c10::cuda::getCurrentCUDAStream, CUDAGuard,
   C10_CUDA_KERNEL_LAUNCH_CHECK), which CPU wheels of torch ship too; ATen/cuda/CUDAContext.h is
@@ -18,9 +19,9 @@ What is compiled, and why it is a real check:
   `#define C10_CUDA_BUILD_SHARED_LIBS` (used for Windows dllexport only); when it is missing we
   define C10_CUDA_NO_CMAKE_CONFIGURE_FILE, torch's own switch for skipping it. Nothing else differs
   from a build against a CUDA wheel.
-- Then: every merge_engine:: function bindings.o needs is defined by the .cu objects, and each of
-  them defines some (nm), so the declarations in bindings.cpp match the definitions and every source
-  is bound; and the PTX nvcc kept for each source has no fma instruction (a contracted multiply-add
+- Then: every merge_engine:: function bindings.o or a .cu object needs is defined by a .cu object, and
+  each .cu object defines some that bindings.o or another object needs (nm), so the declarations in
+  bindings.cpp and the internal headers match the definitions and every source is used; and the PTX nvcc kept for each source has no fma instruction (a contracted multiply-add
   would round differently from torch; see -fmad=false) and no .ftz one (flushing subnormals to zero
   would too; Fisher values reach them); and gram.cu's PTX sums bf16 and fp16 products on tensor
   cores with fp32 accumulators (wmma.mma; its fp32 path is the fma-free multiply and add above).
@@ -78,20 +79,30 @@ def run_concurrently(jobs, cwd):
 
 
 def merge_engine_symbols(nm, obj, *flags):
+    """The merge_engine:: functions nm lists; a function template's demangled name starts with its return
+    type (`void merge_engine::f<float>(...)`), which may not name a template of another namespace."""
     text = subprocess.run([nm, "-C", *flags, str(obj)], capture_output=True, text=True, check=True).stdout
     names = (re.match(r"\s*(?:[0-9a-fA-F]+\s+)?[A-Za-z]\s+(.*)$", line) for line in text.splitlines())
-    return {m.group(1) for m in names if m and m.group(1).startswith("merge_engine::")}
+    return {m.group(1) for m in names
+            if m and re.match(r"(?:[^<(]*\s)?merge_engine::", m.group(1).split("(")[0])}
 
 
 def check_bindings(nm, bindings_obj, cu_objs):
-    """Every merge_engine:: function bindings.o needs is defined, and each .cu object defines some."""
-    needed = merge_engine_symbols(nm, bindings_obj, "-u")
+    """Every merge_engine:: function bindings.o or a .cu object needs is defined by a .cu object, and each
+    .cu object defines some that bindings.o or another object needs (the families' entry points are bound,
+    the algorithms' files are called from them)."""
+    bound = merge_engine_symbols(nm, bindings_obj, "-u")
+    assert bound, "bindings.o references no merge_engine:: function"
+    needed = {obj.name: merge_engine_symbols(nm, obj, "-u") for obj in cu_objs}
     defined = {obj.name: merge_engine_symbols(nm, obj, "--defined-only") for obj in cu_objs}
-    assert needed, "bindings.o references no merge_engine:: function"
-    missing = needed - set().union(*defined.values())
+    missing = bound - set().union(*defined.values())
     assert not missing, f"declared in bindings.cpp but not defined in {sorted(defined)}: {missing}"
+    for name, symbols in needed.items():
+        missing = symbols - set().union(*defined.values())
+        assert not missing, f"needed by {name} but not defined in {sorted(defined)}: {missing}"
     for name, symbols in defined.items():
-        assert needed & symbols, f"bindings.cpp binds no function of {name}"
+        users = bound.union(*(needed[other] for other in needed if other != name))
+        assert users & symbols, f"neither bindings.cpp nor another source calls a function of {name}"
 
 
 def check_device_code(keep):
@@ -138,8 +149,10 @@ def test_cuda_sources_compile_for_sm80_and_sm90(tmp_path):
     sources = kwargs["sources"]
     cu = [s for s in sources if s.endswith(".cu")]
     cpp = [s for s in sources if s.endswith(".cpp")]
-    assert sorted(os.path.basename(s) for s in cu) == ["fisher.cu", "gram.cu", "permute.cu", "task_vectors.cu"], sources
-    assert len(cpp) == 1 and all(os.path.exists(s) for s in sources), sources
+    cuda_dir = os.path.join(backends.csrc_dir(), "cuda")
+    assert sources == sorted(os.path.join(cuda_dir, f) for f in os.listdir(cuda_dir) if f.endswith((".cpp", ".cu")))
+    assert {"fisher.cu", "gram.cu", "permute.cu", "task_vectors.cu"} <= {os.path.basename(s) for s in cu}, sources
+    assert [os.path.basename(s) for s in cpp] == ["bindings.cpp"], sources
     assert "--use_fast_math" not in kwargs.get("extra_cuda_cflags", []) and "-fmad=false" in kwargs["extra_cuda_cflags"]
 
     name = kwargs["name"]

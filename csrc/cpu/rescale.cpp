@@ -1,0 +1,92 @@
+// mergekit's L1 rescale: per expert, the sum of |delta| over its sum over the kept elements, from a
+// pass before the merge (which scales each kept delta by it).
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <vector>
+
+#include "bit_packing.h"
+#include "magnitude_keys.h"
+#include "rescale.h"
+#include "simd.h"
+#include "sparsify.h"
+
+namespace merge_engine::task_vectors {
+
+namespace {
+
+// Sums of |delta| over elements, all of them and the kept ones, in double lanes (a delta, a value of
+// T, is exact in double): no loop-carried chain of scalar adds and no branch on a random flag. The
+// sums' order already differs from the reference's (see fused_merge.cpp).
+struct L1Sums {
+  simd::D all = simd::dzero(), kept_lanes = simd::dzero();
+  double tail_all = 0, tail_kept = 0;
+
+  template <typename T> void add(const T* e, const T* b, const uint8_t* keep, int64_t len) {
+    using namespace simd;
+    using L = Lanes<T>;
+    int64_t j = 0;
+    for (; j + kWidth <= len; j += kWidth) {
+      const F magnitude = bits_to_f(f_to_bits(L::round(sub(L::load(e + j), L::load(b + j)))) & iset(0x7FFFFFFF));
+      all = simd::add(all, magnitude);
+      kept_lanes = simd::add(kept_lanes, masked(magnitude, gt(L::load_flags(keep + j), iset(0))));
+    }
+    for (; j < len; ++j) {
+      const double v = std::fabs(static_cast<double>(to_f(delta_of<T>(e[j], b[j]))));
+      tail_all += v, tail_kept += keep[j] ? v : 0.0;
+    }
+  }
+  double total() const { return simd::sum(all) + tail_all; }
+  double kept() const { return simd::sum(kept_lanes) + tail_kept; }
+};
+
+}  // namespace
+
+template <typename T>
+std::vector<float> rescale_factors(const Params& P, const T* base, const std::vector<const T*>& experts,
+                                   int64_t n, WorkItems items, int64_t cols,
+                                   std::vector<std::vector<uint8_t>>& kept_bits) {
+  const int K = static_cast<int>(experts.size());
+  std::vector<float> factors(K, NAN);
+  if (!P.rescale || P.mode == kNone) return factors;
+  const bool keep_bits = draws_keep_flags(P.mode);
+  if (keep_bits) kept_bits.assign(K, std::vector<uint8_t>(items.count * bytes_per_item(items.span)));
+  const int64_t span = items.span;
+  for (int i = 0; i < K; ++i) {
+    int threads = at::get_num_threads();
+    std::vector<double> before(threads, 0.0), after(threads, 0.0);
+    at::parallel_for(0, items.count, 1, [&](int64_t lo, int64_t hi) {
+      const bool by_delta = P.mode != kRandom;  // the keep rule reads the deltas (DARE's draws do not)
+      std::vector<T> d(by_delta ? span : 0);
+      std::vector<uint8_t> keep(span);
+      std::vector<float> p(span);
+      L1Sums sums;
+      for (int64_t item = lo; item < hi; ++item) {
+        const int64_t start = item * span, len = std::min(span, n - start);
+        if (by_delta)
+          for (int64_t j = 0; j < len; ++j) d[j] = delta_of<T>(experts[i][start + j], base[start + j]);
+        keep_flags<T>(P, i, d.data(), start, len, cols, keep.data(), p.data());
+        if (keep_bits) pack_bits(keep.data(), len, kept_bits[i].data() + item * bytes_per_item(span));
+        sums.add(experts[i] + start, base + start, keep.data(), len);
+      }
+      before[at::get_thread_num()] += sums.total(), after[at::get_thread_num()] += sums.kept();
+    });
+    const float bt = rnd<T>(static_cast<float>(std::accumulate(before.begin(), before.end(), 0.0)));
+    const float at_ = rnd<T>(static_cast<float>(std::accumulate(after.begin(), after.end(), 0.0)));
+    if (bt >= 1e-7f && at_ >= 1e-7f) factors[i] = rnd<T>(bt / at_);
+  }
+  return factors;
+}
+
+#define INSTANTIATE(T)                                                                                       \
+  template std::vector<float> rescale_factors<T>(const Params&, const T*, const std::vector<const T*>&, int64_t, \
+                                                  WorkItems, int64_t, std::vector<std::vector<uint8_t>>&);
+ME_FOR_KERNEL_DTYPES(INSTANTIATE)
+#undef INSTANTIATE
+
+}  // namespace merge_engine::task_vectors

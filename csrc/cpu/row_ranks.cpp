@@ -1,0 +1,69 @@
+// DELLA's ranks within rows (ops/sparsify.py: della_keep_probability): each row's elements in the
+// stable order of their magnitude keys, by an LSD radix sort, and the keep probability of each rank.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <numeric>
+#include <vector>
+
+#include "magnitude_keys.h"
+#include "row_ranks.h"
+
+namespace merge_engine::task_vectors {
+
+namespace {
+
+// The indices of d[0, cols) in the stable ascending order of their magnitude keys (ties by index),
+// in a thread's scratch. An LSD radix sort, 8 bits a pass (two passes for 16-bit types, four for
+// float32), every pass's digit counts taken in one read of the keys, a pass skipped where every key
+// shares its digit; each pass is stable, so the whole is. It replaced std::stable_sort with a
+// comparison that formed both keys, which held a 1.1B DELLA merge at 7.8x its I/O floor.
+template <typename T> const int32_t* stable_key_order(const T* d, int64_t cols) {
+  constexpr int kPasses = sizeof(T);
+  TORCH_CHECK(cols <= INT32_MAX, "merge_engine: DELLA ranks rows of at most 2^31 - 1 elements, not ", cols);
+  thread_local std::vector<uint32_t> key_buffer;
+  thread_local std::vector<int32_t> order_buffer;
+  key_buffer.resize(2 * static_cast<size_t>(cols));
+  order_buffer.resize(2 * static_cast<size_t>(cols));
+  uint32_t *keys = key_buffer.data(), *keys_next = keys + cols;
+  int32_t *at = order_buffer.data(), *at_next = at + cols;
+  std::array<std::array<int64_t, 257>, kPasses> start{};  // start[pass][b + 1]: keys with digit b
+  for (int32_t j = 0; j < static_cast<int32_t>(cols); ++j) {
+    const uint32_t key = static_cast<uint32_t>(key_of<T>(d[j]));
+    keys[j] = key, at[j] = j;
+    for (int pass = 0; pass < kPasses; ++pass) ++start[pass][((key >> (8 * pass)) & 0xFF) + 1];
+  }
+  for (int pass = 0; pass < kPasses; ++pass) {
+    auto& first = start[pass];  // then each digit's first slot
+    if (std::find(first.begin() + 1, first.end(), cols) != first.end()) continue;
+    std::partial_sum(first.begin(), first.end(), first.begin());
+    const int shift = 8 * pass;
+    for (int64_t j = 0; j < cols; ++j) {
+      const int64_t slot = first[(keys[j] >> shift) & 0xFF]++;
+      keys_next[slot] = keys[j], at_next[slot] = at[j];
+    }
+    std::swap(keys, keys_next), std::swap(at, at_next);
+  }
+  return at;
+}
+
+}  // namespace
+
+// DELLA keep probabilities of one row of |delta| (ops/sparsify.py: della_keep_probability).
+template <typename T> void rank_probabilities(const T* d, int64_t cols, double density, double epsilon, float* p) {
+  const int32_t* order = stable_key_order(d, cols);
+  const float denom = static_cast<float>(std::max<int64_t>(cols - 1, 1));
+  const float base = static_cast<float>(density - epsilon);  // as the reference: python floats, rounded once
+  const float scale = static_cast<float>(2.0 * epsilon);
+  for (int64_t r = 0; r < cols; ++r) p[order[r]] = (static_cast<float>(r) / denom) * scale + base;
+}
+
+#define INSTANTIATE(T) template void rank_probabilities<T>(const T*, int64_t, double, double, float*);
+ME_FOR_KERNEL_DTYPES(INSTANTIATE)
+#undef INSTANTIATE
+
+}  // namespace merge_engine::task_vectors
