@@ -114,7 +114,7 @@ def _development_build(build: kernel_build.Build):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(folder, "lock"))
         if not any(name.endswith(".so") for name in os.listdir(folder)):
-            log.info("building merge_engine %s for development (about a minute)", build.module)
+            log.info("building merge_engine %s for development (a few minutes)", build.module)
         return load(name=f"merge_engine{build.module}_{build.key}", sources=build.sources,
                     extra_cflags=build.cflags, extra_cuda_cflags=build.nvcc_flags or None,
                     extra_ldflags=build.ldflags, build_directory=folder, verbose=False)
