@@ -44,14 +44,19 @@ from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.methods import MergeMethod, TensorGroup
 from merge_engine.ops import backends
 from merge_engine.plan import MergePlan, TensorJob, build_plan
-from merge_engine.vocabulary import TOKENIZER_SETTINGS, align_rows, chat_template_of, save_tokenizer, set_vocab_size
+from merge_engine.vocabulary import (
+    TOKENIZER_FILES,
+    TOKENIZER_SETTINGS,
+    align_rows,
+    chat_template_of,
+    save_tokenizer,
+    set_vocab_size,
+    tokenizer_folder,
+)
 
 log = logging.getLogger("merge_engine")
 
 SIDE_FILES_FROM_BASE = ("generation_config.json",)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt", "chat_template.jinja",
-                   "chat_template.json")
 CONFIG_COPY_NAME = "mergekit_config.yml"  # the name model cards and hubs look for
 
 
@@ -306,7 +311,7 @@ def write_tokenizer(plan: MergePlan, writer: ShardedWriter, options: MergeOption
         return
     if tokenizer is None and template:
         try:
-            tokenizer = require("transformers", "hf", TOKENIZER_SETTINGS).AutoTokenizer.from_pretrained(plan.donor.path)
+            tokenizer = require("transformers", "hf", TOKENIZER_SETTINGS).AutoTokenizer.from_pretrained(tokenizer_folder(plan.donor.path))
         except Exception as e:  # noqa: BLE001 (transformers raises many kinds; the merge itself is done)
             log.warning("cannot load the tokenizer of %s to give it the chat template (%s); its files are copied "
                         "as they are", plan.donor.path, e)
@@ -331,7 +336,7 @@ def _model_chat_templates(plan: MergePlan) -> list[str]:
     templates = []
     for ref, ckpt in plan.models.items():
         try:
-            template = chat_template_of(transformers.AutoTokenizer.from_pretrained(ckpt.path))
+            template = chat_template_of(transformers.AutoTokenizer.from_pretrained(tokenizer_folder(ckpt.path)))
         except Exception as e:  # noqa: BLE001 (transformers raises many kinds)
             log.warning("cannot load the tokenizer of %s (%s)", ref, e)
             continue

@@ -27,9 +27,22 @@ import torch
 from merge_engine.config import TokenizerSpec, TokenSetting
 from merge_engine.errors import ConfigError
 from merge_engine.extras import require
+from merge_engine.io.untrusted import inside_folder
 
 log = logging.getLogger("merge_engine")
 TOKENIZER_SETTINGS = "a merge that sets tokenizer_source, tokenizer or chat_template"  # what needs transformers
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json")
+
+
+def tokenizer_folder(folder: str) -> str:
+    """folder, once every tokenizer file in it is known to lie inside it (transformers follows symlinks)."""
+    for name in TOKENIZER_FILES:
+        if os.path.lexists(os.path.join(folder, name)):
+            inside_folder(folder, name, folder)
+    return folder
 
 
 @dataclass
@@ -197,7 +210,7 @@ def build_vocabulary(spec: TokenizerSpec, models: dict[str, Any], base: str) -> 
     tokenizers = {}
     for ref in models:
         try:
-            tokenizers[ref] = transformers.AutoTokenizer.from_pretrained(models[ref].path, use_fast=True)
+            tokenizers[ref] = transformers.AutoTokenizer.from_pretrained(tokenizer_folder(models[ref].path), use_fast=True)
         except Exception as e:  # noqa: BLE001 (transformers raises many kinds)
             if ref == base:
                 problems.append(f"{models[ref].path}: cannot load its tokenizer ({type(e).__name__}: {e})")
@@ -231,7 +244,7 @@ def _output_tokenizer(spec: TokenizerSpec, tokenizers: dict, base: str, vocab_si
         return _copy(tokenizers[base], transformers)
     if spec.source != "union":
         try:
-            return transformers.AutoTokenizer.from_pretrained(spec.source, use_fast=True)
+            return transformers.AutoTokenizer.from_pretrained(tokenizer_folder(spec.source), use_fast=True)
         except Exception as e:  # noqa: BLE001
             raise ConfigError([f"{spec.source}: cannot load its tokenizer ({type(e).__name__}: {e})"],
                               "tokenizer") from e

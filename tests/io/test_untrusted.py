@@ -152,3 +152,11 @@ def test_damaged_keys_and_journals_are_refused_by_name(tmp_path):
         (tmp_path / JOURNAL_FILE).write_bytes(MAGIC + header)
         with pytest.raises(CheckpointError, match="damaged key journal"):
             Journal.load(str(tmp_path))
+
+
+def test_tokenizer_files_linking_out_are_refused_before_transformers_reads_them(folder):
+    from merge_engine.vocabulary import tokenizer_folder
+    assert tokenizer_folder(str(folder)) == str(folder)  # no tokenizer files: nothing to check
+    os.symlink("../secret.safetensors", folder / "tokenizer.json")
+    with pytest.raises(CheckpointError, match="tokenizer.json.*outside"):
+        tokenizer_folder(str(folder))
