@@ -7,7 +7,7 @@ VENV=${VENV:-.venv}
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
-python -m pip install -q "torch==2.13.0" "setuptools>=68" wheel ninja
+python -m pip install -q "torch==2.13.0" numpy "setuptools>=68" wheel ninja
 # --no-build-isolation: setup.py builds the C++ kernels against this torch (ninja, 1-2 min). Done again
 # only when the packaging changed: edited kernel sources get a development build on first use instead.
 stamp="$VENV/.merge_engine-$1.installed"
