@@ -36,8 +36,12 @@ def cuda_sources(csrc: str) -> list[str]:
 
 def cpu_cflags(arch: str) -> list[str]:
     # -ffp-contract=off: no fused multiply-add, which would round differently from torch;
-    # -fno-trapping-math: lets loops with a guarded division vectorise (results are unchanged).
-    return ["-O3", f"-march={arch}", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"]
+    # -fno-trapping-math: lets loops with a guarded division vectorise (results are unchanged);
+    # hidden visibility, no semantic interposition: the kernels' functions are this module's own, so the
+    # compiler may inline them across calls as freely as when they shared one file (the split into files
+    # by algorithm cost the TIES select 5-10% without it; bench/RESULTS.md).
+    return ["-O3", f"-march={arch}", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp",
+            "-fvisibility=hidden", "-fno-semantic-interposition"]
 
 
 CPU_LDFLAGS = ["-fopenmp"]
