@@ -2,6 +2,7 @@
 seeds), a YAML writer, and the location of a mergekit install for the parity tests."""
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import shutil
@@ -104,6 +105,15 @@ def bpe_models(tmp_path_factory):
     """{bpe_base, bpe_other}: byte-level BPE tokenizers trained on different text (tests/vocab_models.py)."""
     from tests.vocab_models import make_bpe_models
     return make_bpe_models(str(tmp_path_factory.mktemp("bpe")))
+
+
+def folder_digest(folder) -> str:
+    """A hash of every file's name and bytes under folder: the tests' proof that inputs were not changed."""
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            h.update(name.encode() + open(os.path.join(root, name), "rb").read())
+    return h.hexdigest()
 
 
 def _folder_tensors(folder) -> dict[str, torch.Tensor]:

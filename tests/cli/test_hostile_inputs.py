@@ -1,6 +1,5 @@
 """Hostile inputs through the command line, each case asserting the whole contract: exit status 2, a
 message naming the culprit, no traceback, no output or temporary folder left, the inputs unchanged."""
-import hashlib
 import json
 import os
 import shutil
@@ -11,6 +10,7 @@ import yaml
 
 from merge_engine import cli
 from merge_engine.demo import make_synthetic_llama
+from tests.conftest import folder_digest
 
 SHAPE = dict(layers=1, hidden=16, intermediate=32, vocab=32)
 
@@ -20,14 +20,6 @@ def models(tmp_path_factory):
     work = tmp_path_factory.mktemp("hostile")
     base = make_synthetic_llama(str(work / "base"), seed=0, **SHAPE)
     return base, make_synthetic_llama(str(work / "expert"), seed=1, base=base, **SHAPE)
-
-
-def digest(folder) -> str:
-    h = hashlib.sha256()
-    for root, _, files in sorted(os.walk(folder)):
-        for name in sorted(files):
-            h.update(name.encode() + open(os.path.join(root, name), "rb").read())
-    return h.hexdigest()
 
 
 def layer_shard(folder) -> str:
@@ -103,9 +95,9 @@ def test_hostile_input(models, tmp_path, capsys, case):
     if change_config:
         change_config(config)
     (tmp_path / "c.yml").write_text(yaml.safe_dump(config))
-    before = (digest(base), digest(mutant))
+    before = (folder_digest(base), folder_digest(mutant))
     status = cli.main([str(tmp_path / "c.yml"), str(tmp_path / "out"), "-q", "--strict"])
     err = capsys.readouterr().err
     assert status == 2 and culprit in err and "Traceback" not in err, err
     assert sorted(os.listdir(tmp_path)) == ["c.yml", "expert"]  # no output, no .out.partial-*
-    assert (digest(base), digest(mutant)) == before
+    assert (folder_digest(base), folder_digest(mutant)) == before

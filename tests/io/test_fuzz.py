@@ -2,7 +2,6 @@
 (bytes and JSON values) and shard indexes. Every mutant is either read as valid or refused with a
 CheckpointError naming the file; nothing else escapes. A sample goes through the command line too:
 exit 0 or 2, no traceback, nothing left behind, the inputs unchanged."""
-import hashlib
 import json
 import os
 import random
@@ -16,6 +15,7 @@ from merge_engine import cli
 from merge_engine.demo import make_synthetic_llama
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint
+from tests.conftest import folder_digest
 
 CASES = 240  # mutants per run, from a fixed seed: the same ones every run
 HOSTILE_VALUES = [None, True, -1, 2**70, 1e999, "F32", "../x", [], {}, [1, 2, 3], [-1, 4], "x" * 1000,
@@ -84,13 +84,6 @@ def mutant(model: str, folder: str, seed: int) -> str:
     return folder
 
 
-def digest(folder: str) -> str:
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(folder)):
-        h.update(name.encode() + open(os.path.join(folder, name), "rb").read())
-    return h.hexdigest()
-
-
 def test_mutated_headers_and_indexes_are_read_or_refused_by_name(model, tmp_path):
     refused = 0
     for seed in range(CASES):
@@ -107,7 +100,7 @@ def test_mutated_headers_and_indexes_are_read_or_refused_by_name(model, tmp_path
 @pytest.mark.parametrize("seed", range(0, CASES, 24))
 def test_mutants_through_the_command_line(model, tmp_path, capsys, seed):
     folder = mutant(model, str(tmp_path / "mutant"), seed)
-    before = digest(folder)
+    before = folder_digest(folder)
     config = tmp_path / "c.yml"
     config.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
         {"model": m, "parameters": {"weight": 1.0}} for m in (model, folder)]}))
@@ -117,4 +110,4 @@ def test_mutants_through_the_command_line(model, tmp_path, capsys, seed):
     if status == 2:
         assert err.startswith("merge-engine: error:") and not (tmp_path / "out").exists()
     assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
-    assert digest(folder) == before
+    assert folder_digest(folder) == before
