@@ -15,7 +15,15 @@ only this benchmark's files, not the whole cache), then warm (its input read onc
 
 (ii) A small Llama (transformers, random init, GQA) on CPU, random tokens: forward (no grad) and forward+backward
 of the plain model, of a KeyedModel in the public configuration (hooks installed, idle) and in the keyed one
-(keyed weights built through index maps in every forward). Best of --repeat.
+(method "rebuild": keyed weights built through index maps in every forward; method "swap": the Parameters' blocks
+moved in place on entering the configuration and back on leaving it, that move timed with each run). Best of
+--repeat.
+
+(iii) Keying a model in memory, on the published benchmark's GPT-Neo shapes (the reference's
+scripts/keys/benchmark_permutation_speed.py: 180M, 650M, 1B; bf16; a --fraction key of the swappable parameters):
+apply_key_in_memory (the swap kernels) against the reference's apply_permutation restated (a swap plan built
+once: index tensors per layer pair; then per op a clone of one side and two indexed copies), on the same tensors,
+alternating, best of --repeat. Only the keyed layers' tensors are built (q/k/v/out, c_fc with bias, c_proj).
 """
 from __future__ import annotations
 
@@ -32,13 +40,23 @@ import transformers as tf
 from common import machine
 
 from merge_engine.demo import make_synthetic_llama
-from merge_engine.tiers import KeyedModel, apply_key, apply_key_in_place, generate_key, key_report, remove_key_in_place
+from merge_engine.tiers import (
+    KeyedModel,
+    apply_key,
+    apply_key_in_memory,
+    apply_key_in_place,
+    generate_key,
+    key_report,
+    remove_key_in_place,
+)
 
 SHAPE = {"layers": 22, "hidden": 2048, "intermediate": 5632, "vocab": 32000, "heads": 32, "kv_heads": 4}  # TinyLlama
 # 8 heads of 64 in 8 layers: a 5% key then holds head swaps as well as MLP-column swaps
 SMALL = {"layers": 8, "hidden": 512, "intermediate": 1408, "vocab": 8192, "heads": 8, "kv_heads": 8}
 FORWARD = {"layers": 8, "hidden": 512, "intermediate": 1408, "vocab": 8192, "heads": 8, "kv_heads": 8}
 SECRET = "bench_tiers secret"
+# the reference's benchmark shapes: (layers, heads, hidden, mlp)
+PUBLISHED_SHAPES = {"180M": (12, 12, 768, 2368), "650M": (16, 16, 1344, 6456), "1B": (16, 16, 1664, 13824)}
 CHUNK = 64 << 20
 
 
@@ -177,7 +195,7 @@ def print_forward(a) -> None:
           f"layers, {s['heads']} heads / {s['kv_heads']} KV heads, vocab {s['vocab']}), fp32, batch {a.batch} x "
           f"{a.length} tokens, {100 * a.fraction:g}% key\n")
     print(f"- {machine(torch.device('cpu'))}; torch {torch.__version__}, transformers {tf.__version__}; best of "
-          f"{a.repeat} rounds, the three configurations taking turns in each")
+          f"{a.repeat} rounds, the configurations taking turns in each")
     print(f"- keyed weights built per keyed forward: {len(keyed.touched)} tensors, {touched / 1e6:.1f}M elements "
           f"({100 * touched / params:.0f}% of the model), kept for backward with autograd on\n")
     print("| configuration | forward ms | x plain | forward+backward ms | x plain |")
@@ -188,19 +206,109 @@ def print_forward(a) -> None:
 
 
 def forward_times(model, key, runs, repeat: int) -> tuple[dict[str, list[float]], KeyedModel]:
-    """Best seconds of each run: plain model (no hooks), KeyedModel public, KeyedModel keyed. The three take turns
-    in every round, so that a shared machine's changing load weighs on all alike."""
-    best = {label: [float("inf")] * len(runs) for label in ("plain model", "KeyedModel, public", "KeyedModel, keyed")}
+    """Best seconds of each run: plain model (no hooks), KeyedModel public and keyed with method "rebuild", keyed
+    with method "swap" (entering and leaving the configuration timed with the run). All take turns in every round,
+    so that a shared machine's changing load weighs on all alike."""
+    labels = ("plain model", "KeyedModel, public", "KeyedModel, keyed (rebuild)", "KeyedModel, keyed (swap, moves "
+              "included)")
+    best = {label: [float("inf")] * len(runs) for label in labels}
     for _ in range(repeat):
         for i, run in enumerate(runs):
-            best["plain model"][i] = min(best["plain model"][i], timed(run))
+            best[labels[0]][i] = min(best[labels[0]][i], timed(run))
         keyed = KeyedModel(model, key)
-        for name in ("public", "keyed"):
+        for label, name in zip(labels[1:3], ("public", "keyed")):
             with keyed.configuration(name):
                 for i, run in enumerate(runs):
-                    best[f"KeyedModel, {name}"][i] = min(best[f"KeyedModel, {name}"][i], timed(run))
+                    best[label][i] = min(best[label][i], timed(run))
         keyed.remove()
+        swapping = KeyedModel(model, key, method="swap")
+        for i, run in enumerate(runs):
+            best[labels[3]][i] = min(best[labels[3]][i], timed(lambda: in_configuration(swapping, run)))
     return best, keyed
+
+
+def in_configuration(keyed: KeyedModel, run) -> None:
+    with keyed.configuration("keyed"):
+        run()
+
+
+def published_layers(shape: tuple[int, int, int, int]) -> dict[str, torch.Tensor]:
+    """The keyed tensors of a GPT-Neo of the shape, bf16, random (names as transformers saves them)."""
+    layers, _, hidden, mlp = shape
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for layer in range(layers):
+        p = f"transformer.h.{layer}."
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            out[p + f"attn.attention.{name}.weight"] = torch.randn(hidden, hidden, generator=gen).bfloat16()
+        out[p + "mlp.c_fc.weight"] = torch.randn(mlp, hidden, generator=gen).bfloat16()
+        out[p + "mlp.c_fc.bias"] = torch.randn(mlp, generator=gen).bfloat16()
+        out[p + "mlp.c_proj.weight"] = torch.randn(hidden, mlp, generator=gen).bfloat16()
+    return out
+
+
+def published_apply(state: dict[str, torch.Tensor], key, head_dim: int, plan=None):
+    """The reference's apply_permutation on GPT-Neo, restated over a state dict: swaps batched per layer pair into
+    index tensors (its build_swap_plan, done once and passed back in), then per op: tmp = a[idx_a].clone();
+    a[idx_a] = b[idx_b]; b[idx_b] = tmp, for rows (q/k/v, c_fc and its bias) and columns (out_proj, c_proj)."""
+    if plan is None:
+        plan = []
+        for kind, width in (("attn_heads", head_dim), ("mlp_cols", 1)):
+            pairs: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+            for (la, a), (lb, b) in key.swaps(kind):
+                (la, a), (lb, b) = sorted(((la, a), (lb, b)))
+                ia, ib = pairs.setdefault((la, lb), ([], []))
+                ia.extend(range(a * width, (a + 1) * width))
+                ib.extend(range(b * width, (b + 1) * width))
+            plan += [(kind, la, lb, torch.tensor(ia), torch.tensor(ib)) for (la, lb), (ia, ib) in pairs.items()]
+    with torch.no_grad():
+        for kind, la, lb, ia, ib in plan:
+            pa, pb = f"transformer.h.{la}.", f"transformer.h.{lb}."
+            if kind == "attn_heads":
+                rows = [f"attn.attention.{n}_proj.weight" for n in "qkv"]
+                cols = ["attn.attention.out_proj.weight"]
+            else:
+                rows, cols = ["mlp.c_fc.weight", "mlp.c_fc.bias"], ["mlp.c_proj.weight"]
+            for name in rows:
+                a, b = state[pa + name], state[pb + name]
+                tmp = a[ia].clone()
+                a[ia] = b[ib]
+                b[ib] = tmp
+            for name in cols:
+                a, b = state[pa + name], state[pb + name]
+                tmp = a[:, ia].clone()
+                a[:, ia] = b[:, ib]
+                b[:, ib] = tmp
+    return plan
+
+
+def print_in_memory(a) -> None:
+    print(f"## Keying a model in memory: GPT-Neo shapes of the reference's benchmark, bf16, {100 * a.fraction:g}% "
+          "key\n")
+    print(f"- {machine(torch.device('cpu'))}; torch {torch.__version__}; {torch.get_num_threads()} threads; best of "
+          f"{a.repeat} (alternating); each call moves the blocks and the next moves them back (a key undoes itself)\n")
+    print("| shape | layers, heads, hidden, mlp | swaps (heads + MLP) | MB moved | apply_key_in_memory s | GB/s | "
+          "reference apply_permutation s | speed-up |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for label, shape in PUBLISHED_SHAPES.items():
+        layers, heads, hidden, mlp = shape
+        cfg = {"model_type": "gpt_neo", "num_layers": layers, "num_heads": heads, "hidden_size": hidden,
+               "intermediate_size": mlp}
+        key = generate_key(cfg, SECRET, a.fraction)
+        state = published_layers(shape)
+        plan = published_apply(state, key, hidden // heads)  # builds the plan (the reference times it apart)
+        published_apply(state, key, hidden // heads, plan)
+        ours, theirs = float("inf"), float("inf")
+        for _ in range(a.repeat):
+            ours = min(ours, timed(lambda: apply_key_in_memory(state, key, cfg)))
+            theirs = min(theirs, timed(lambda: published_apply(state, key, hidden // heads, plan)))
+        moved = apply_key_in_memory(state, key, cfg).params_moved * 2  # bf16 bytes of the moved blocks
+        apply_key_in_memory(state, key, cfg)
+        # minimal traffic: each moved element read once and written once
+        print(f"| {label} | {layers}, {heads}, {hidden}, {mlp} | {len(key.attn_heads)} + {len(key.mlp_cols)} | "
+              f"{moved / 1e6:.0f} | {ours:.3f} | {2 * moved / ours / 1e9:.1f} | {theirs:.3f} | {theirs / ours:.1f}x |",
+              flush=True)
+    print()
 
 
 def main() -> None:
@@ -215,6 +323,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=10, help="forward benchmark: rounds, best kept (10)")
     p.add_argument("--skip-apply", action="store_true")
     p.add_argument("--skip-forward", action="store_true")
+    p.add_argument("--skip-in-memory", action="store_true")
     a = p.parse_args()
     for name, default in (SMALL if a.small else SHAPE).items():
         if getattr(a, name) is None:
@@ -225,6 +334,8 @@ def main() -> None:
         print_apply(a, work)
     if not a.skip_forward:
         print_forward(a)
+    if not a.skip_in_memory:
+        print_in_memory(a)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """`merge-engine key ...`: tier keys; run(argv) handles the arguments after `key`.
 
     key generate CONFIG_OR_MODEL OUT.json (--secret-file F | --passphrase-env VAR) [--fraction 0.05]
-                 [--attention-share 0.25]
+                 [--fraction-of swappable|model] [--attention-share 0.25] [--attn-mode full|out]
+                 [--mlp-mode both|up|down]
     key apply MODEL KEY [KEY2 ...] (OUT | --in-place)      keys applied in the order given (tiers)
     key remove MODEL KEY [KEY2 ...] (OUT | --in-place)     the same keys, in the order they were applied
     key recover MODEL                                      roll back an interrupted --in-place command
@@ -25,7 +26,7 @@ from merge_engine.extras import require
 from merge_engine.tiers.apply import apply_key, remove_key
 from merge_engine.tiers.blocks import BLOCK_KINDS, model_blocks
 from merge_engine.tiers.compare import compare_prompts
-from merge_engine.tiers.generate import generate_key
+from merge_engine.tiers.generate import ATTN_MODES, FRACTION_OF, MLP_MODES, generate_key, parameter_count
 from merge_engine.tiers.inplace import apply_key_in_place, recover, remove_key_in_place
 from merge_engine.tiers.key import TierKey, TierKeyError
 from merge_engine.tiers.report import key_report
@@ -41,9 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     secret = g.add_mutually_exclusive_group(required=True)
     secret.add_argument("--secret-file", metavar="F", help="secret: every byte of F (a trailing newline included)")
     secret.add_argument("--passphrase-env", metavar="VAR", help="secret: the environment variable VAR (UTF-8)")
-    g.add_argument("--fraction", type=float, default=0.05, help="share of swappable parameters to key (0.05)")
+    g.add_argument("--fraction", type=float, default=0.05, help="share of the parameters to key (0.05), counted as "
+                   "--fraction-of says")
+    g.add_argument("--fraction-of", choices=FRACTION_OF, default="swappable", help="what --fraction is a share of: "
+                   "the swappable parameters (default; the reference generator's --target_pct) or all the model's "
+                   "(its --target_total_pct; counted from the model folder's headers, or for a config.json alone by "
+                   "building the model on the meta device, which needs the [hf] extra)")
     g.add_argument("--attention-share", type=float, default=0.25, help="share of the keyed parameters in attention "
                    "heads (0.25); the rest are MLP columns")
+    g.add_argument("--attn-mode", choices=tuple(ATTN_MODES), default="full", help="attention swaps: whole heads "
+                   "(full: q/k/v rows and o columns; default) or o columns only (out: attn_out_heads)")
+    g.add_argument("--mlp-mode", choices=tuple(MLP_MODES), default="both", help="MLP swaps: whole columns (both: "
+                   "up/gate rows and down column; default), up/gate rows only (up: mlp_up_cols) or the down column "
+                   "only (down: mlp_down_cols)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing key file")
     g.add_argument("-q", "--quiet", action="store_true", help="no summary of the key written")
     for name, what in (("apply", "key a model: apply keys, in the order given (tiers)"),
@@ -91,13 +102,18 @@ def run(argv: list[str]) -> int:
 def _generate(args, parser) -> int:
     path = os.path.join(args.config, "config.json") if os.path.isdir(args.config) else args.config
     config = _read_config(path)
-    key = generate_key(config, _secret(args), args.fraction, args.attention_share, source=path)
+    blocks = model_blocks(config, path)
+    total = parameter_count(args.config, config) if args.fraction_of == "model" else None
+    key = generate_key(config, _secret(args), args.fraction, args.attention_share, source=path,
+                       fraction_of=args.fraction_of, total_params=total, attn_mode=args.attn_mode,
+                       mlp_mode=args.mlp_mode)
     key.save(args.out, overwrite=args.overwrite)
     if not args.quiet:
-        blocks = model_blocks(config, path)
-        moved = sum(2 * len(key.swaps(k)) * blocks.kinds[k].params_per_block for k in BLOCK_KINDS)
-        print(f"wrote {args.out}: {len(key.attn_heads)} head swaps, {len(key.mlp_cols)} MLP-column swaps, "
-              f"{moved:,} parameters ({100 * moved / blocks.swappable_params:.2f}% of the swappable)")
+        counted = sum(2 * len(key.swaps(k)) * blocks.counted_per_block(k) for k in BLOCK_KINDS if key.swaps(k))
+        swaps = ", ".join(f"{len(key.swaps(k))} {k}" for k in BLOCK_KINDS if key.swaps(k)) or "no swaps"
+        of_model = f", {100 * counted / total:.2f}% of the model's {total:,}" if total else ""
+        print(f"wrote {args.out}: {swaps}; {counted:,} parameters ({100 * counted / blocks.swappable_params:.2f}% "
+              f"of the {blocks.swappable_params:,} swappable{of_model})")
     return 0
 
 

@@ -18,7 +18,7 @@ import torch
 from merge_engine.errors import CheckpointError, OutputError
 from merge_engine.io.checkpoint import INDEX_FILE, Checkpoint
 from merge_engine.io.writer import ShardedWriter
-from merge_engine.tiers.blocks import BLOCK_KINDS, ModelBlocks, model_blocks
+from merge_engine.tiers.blocks import PARTS, ModelBlocks, model_blocks
 from merge_engine.tiers.journal import JOURNAL_FILE
 from merge_engine.tiers.key import TierKey, TierKeyError, validate_key
 from merge_engine.tiers.layout import layout_writer
@@ -52,25 +52,33 @@ class KeyedRun:
 
 def resolve(keys: Keys, ckpt: Checkpoint) -> tuple[ModelBlocks, BlockPermutation]:
     """Check each key against the checkpoint's config and compose them (key 1 first)."""
-    keys = [keys] if isinstance(keys, (TierKey, BlockPermutation)) else list(keys)
-    if not keys:
-        raise TierKeyError("no key given")
     blocks = model_blocks(ckpt.config, os.path.join(ckpt.path, "config.json"))
-    for key in keys:
-        if isinstance(key, TierKey):
-            validate_key(key, blocks, ckpt.path)
-        else:
-            check_bounds(key, blocks, ckpt.path)
-    return blocks, compose(*keys)
+    return blocks, compose_checked(keys, blocks, ckpt.path)
 
 
 def check_bounds(perm: BlockPermutation, blocks: ModelBlocks, model: str) -> None:
-    for kind in BLOCK_KINDS:
-        count = blocks.kinds[kind].count
-        for block in (b for pair in perm.moved(kind).items() for b in pair):
+    for part in PARTS:
+        moved = perm.moved(part)
+        if moved and part not in blocks.parts:
+            raise TierKeyError(f"permutation moves {part} blocks, which {blocks.model_type} ({model}) does not have")
+        for block in (b for pair in moved.items() for b in pair):
+            count = blocks.parts[part].count
             if not (0 <= block[0] < blocks.num_layers and 0 <= block[1] < count):
-                raise TierKeyError(f"permutation moves {kind} block {list(block)}, outside {model} "
+                raise TierKeyError(f"permutation moves {part} block {list(block)}, outside {model} "
                                    f"({blocks.num_layers} layers of {count})")
+
+
+def compose_checked(keys: Keys, blocks: ModelBlocks, model: str) -> BlockPermutation:
+    """The tier of the keys (applied in order), each checked against the model first."""
+    keys = [keys] if isinstance(keys, (TierKey, BlockPermutation)) else list(keys)
+    if not keys:
+        raise TierKeyError("no key given")
+    for key in keys:
+        if isinstance(key, TierKey):
+            validate_key(key, blocks, model)
+        else:
+            check_bounds(key, blocks, model)
+    return compose(*keys)
 
 
 def refuse_pending_journal(model_dir: str) -> None:

@@ -41,14 +41,15 @@ import torch
 
 from merge_engine.errors import MergeEngineError
 from merge_engine.io.checkpoint import split_layer_name
-from merge_engine.tiers.apply import Keys, check_bounds
-from merge_engine.tiers.blocks import BLOCK_KINDS, Member, ModelBlocks, model_blocks
-from merge_engine.tiers.key import TierKey, validate_key
-from merge_engine.tiers.permutation import BlockPermutation, compose
+from merge_engine.tiers.apply import Keys, compose_checked
+from merge_engine.tiers.blocks import PARTS, Member, ModelBlocks, model_blocks
+from merge_engine.tiers.memory import permute_stacks
+from merge_engine.tiers.permutation import BlockPermutation
 
 PUBLIC = "public"
 KEYED = "keyed"
 CONFIGURATIONS = (PUBLIC, KEYED)
+METHODS = ("rebuild", "swap")
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,9 @@ def keyed_tensor(tensors: Mapping[int, torch.Tensor] | Sequence[torch.Tensor], l
 def index_maps(blocks: ModelBlocks, perm: BlockPermutation) -> dict[tuple[int, str], IndexMap]:
     """(layer, tensor name within the layer) -> IndexMap of every tensor the permutation changes."""
     maps = {}
-    for kind in BLOCK_KINDS:
-        for layer, (dst_blocks, src_layers, src_blocks) in perm.layer_moves(kind).items():
-            for member in blocks.kinds[kind].members:
+    for part in PARTS:
+        for layer, (dst_blocks, src_layers, src_blocks) in perm.layer_moves(part).items():
+            for member in blocks.parts[part].members:
                 maps[layer, member.suffix] = _member_map(member, dst_blocks, src_layers, src_blocks)
     return maps
 
@@ -91,17 +92,6 @@ def _member_map(member: Member, dst_blocks: torch.Tensor, src_layers: torch.Tens
         dst.append(member.indices(dst_blocks[from_layer]))
         sources.append((src_layer, member.indices(src_blocks[from_layer])))
     return IndexMap(member.dim, torch.cat(dst), tuple(sources))
-
-
-def compose_checked(keys: Keys, blocks: ModelBlocks, model: str) -> BlockPermutation:
-    """The tier of the keys (applied in order), each checked against the model first."""
-    keys = [keys] if isinstance(keys, (TierKey, BlockPermutation)) else list(keys)
-    for key in keys:
-        if isinstance(key, TierKey):
-            validate_key(key, blocks, model)
-        else:
-            check_bounds(key, blocks, model)
-    return compose(*keys)
 
 
 @dataclass(frozen=True)
@@ -132,9 +122,21 @@ class KeyedModel:
         model(**batch)                               # public again
 
     The configuration starts as `configuration`; remove() takes the hooks off the model.
+
+    method "rebuild" (default) builds keyed weights per forward and never writes the Parameters, so the two
+    configurations may share one autograd graph (a KL between keyed and public outputs). method "swap" moves the
+    keyed blocks of the Parameters, and of their gradients, in place when the configuration changes (swap kernels,
+    work in proportion to the moved blocks, as the reference's apply_permutation / swap_gradients do), so a keyed
+    forward and backward cost what the plain model's do. Gradients always stay in the frame of the current
+    configuration, so they accumulate correctly across configurations. In exchange: backward must run in the
+    configuration of its forward (autograd raises if the Parameters it saved have moved since), and optimizer
+    steps belong in the public configuration (an optimizer's per-element state, Adam's moments, is in its frame).
     """
 
-    def __init__(self, model: torch.nn.Module, keys: Keys, configuration: str = PUBLIC):
+    def __init__(self, model: torch.nn.Module, keys: Keys, configuration: str = PUBLIC, method: str = "rebuild"):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r} (expected one of {METHODS})")
+        self.method = method
         self.model = model
         self.name = getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.blocks = model_blocks(model.config.to_dict(), f"{self.name} config")
@@ -144,13 +146,16 @@ class KeyedModel:
         # the Parameters whose keyed copies a keyed forward builds (their sizes are its extra memory)
         self.touched = tuple(self._slots[where].name for where in sorted(self._maps))
         self._maps_on: dict[torch.device, dict[tuple[int, str], IndexMap]] = {}
-        self._configuration = PUBLIC
-        self.set_configuration(configuration)
         self._hooked = self._hooked_modules()
         self._handles = []
-        for hooked in self._hooked.values():
-            self._handles.append(hooked.module.register_forward_pre_hook(self._pre_hook(hooked)))
-            self._handles.append(hooked.module.register_forward_hook(self._post_hook(hooked), always_call=True))
+        if method == "rebuild":
+            for hooked in self._hooked.values():
+                self._handles.append(hooked.module.register_forward_pre_hook(self._pre_hook(hooked)))
+                self._handles.append(hooked.module.register_forward_hook(self._post_hook(hooked), always_call=True))
+        else:
+            self._check_alike()
+        self._configuration = PUBLIC
+        self.set_configuration(configuration)
 
     def __call__(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -163,6 +168,8 @@ class KeyedModel:
     def set_configuration(self, name: str) -> None:
         if name not in CONFIGURATIONS:
             raise ValueError(f"unknown configuration {name!r} (expected one of {CONFIGURATIONS})")
+        if self.method == "swap" and name != self._configuration:
+            self._move(self.permutation if name == KEYED else self.permutation.inverse())
         self._configuration = name
 
     @contextmanager
@@ -173,10 +180,12 @@ class KeyedModel:
         try:
             yield self
         finally:
-            self._configuration = previous
+            self.set_configuration(previous)
 
     def remove(self) -> None:
-        """Take the hooks off the model (it is then the plain public model)."""
+        """Take the hooks off the model, or with method "swap" put its blocks back (it is then the plain public
+        model)."""
+        self.set_configuration(PUBLIC)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -189,7 +198,7 @@ class KeyedModel:
             if split:
                 params[split[1], split[2]] = (name, param)
         slots = {}
-        for kind in self.blocks.kinds.values():
+        for kind in self.blocks.parts.values():
             for member in kind.members:
                 for layer in range(self.blocks.num_layers):
                     if (layer, member.suffix) not in params:
@@ -200,6 +209,37 @@ class KeyedModel:
                     module_name, _, attr = name.rpartition(".")
                     slots[layer, member.suffix] = _Slot(name, self.model.get_submodule(module_name), attr)
         return slots
+
+    def _stacks(self, of_grad: bool = False) -> dict[str, list[torch.Tensor]]:
+        """Name within a layer -> that Parameter (or its gradient) in every layer, for every tensor a part spans."""
+        stacks = {}
+        for part in self.blocks.parts.values():
+            for member in part.members:
+                params = [self._slots[layer, member.suffix].module._parameters[self._slots[layer, member.suffix].attr]
+                          for layer in range(self.blocks.num_layers)]
+                stacks[member.suffix] = [p.grad if of_grad else p.detach() for p in params]
+        return stacks
+
+    def _move(self, perm: BlockPermutation) -> None:
+        """method "swap": move the blocks of the Parameters, and of their gradients if any exist, in place."""
+        permute_stacks(self._stacks(), self.blocks, perm)
+        grads = self._stacks(of_grad=True)
+        if any(g is not None for stack in grads.values() for g in stack):
+            for suffix, stack in self._stacks().items():  # a missing gradient is zeros, which may receive blocks
+                for layer, (param, grad) in enumerate(zip(stack, grads[suffix])):
+                    if grad is None:
+                        slot = self._slots[layer, suffix]
+                        slot.module._parameters[slot.attr].grad = torch.zeros_like(param)
+            permute_stacks(self._stacks(of_grad=True), self.blocks, perm)
+
+    def _check_alike(self) -> None:
+        """method "swap" moves blocks between Parameters: a block moved into a frozen one would lose its gradient."""
+        for suffix, stack in self._stacks().items():
+            params = [self._slots[layer, suffix].module._parameters[self._slots[layer, suffix].attr]
+                      for layer in range(len(stack))]
+            if len({p.requires_grad for p in params}) > 1:
+                raise MergeEngineError(f"{self.name}: method 'swap' needs every layer's '{suffix}' to require grad "
+                                       "alike (some do, some do not); use method 'rebuild'")
 
     def _hooked_modules(self) -> dict[int, _HookedModule]:
         """id(module) -> the module's Parameters that the key changes."""
@@ -248,7 +288,6 @@ class KeyedModel:
 
 
 def _check_shape(param: torch.Tensor, member: Member, where: str) -> None:
-    shape = tuple(param.shape)
-    if len(shape) <= member.dim or shape[member.dim] != member.extent or param.numel() != member.extent * member.cross:
-        raise MergeEngineError(f"{where} has shape {list(shape)}, but the config implies {member.extent} along "
-                               f"dimension {member.dim} and {member.extent * member.cross} elements")
+    problem = member.shape_problem(tuple(param.shape))
+    if problem:
+        raise MergeEngineError(f"{where} {problem}")

@@ -1,9 +1,15 @@
 """Tier keys: the JSON file format and the checks of a key against a model.
 
 The format is the published reference's (McGill-NLP/tiered-language-models, PermutationKey.from_dict): a JSON
-object with two lists of swaps, each swap two blocks [layer, index]:
+object with lists of swaps, each swap two blocks [layer, index]:
 
     {"attn_heads": [[[0, 3], [2, 1]], ...], "mlp_cols": [[[0, 1359], [1, 5026]], ...]}
+
+and optionally the partial lists attn_out_heads, mlp_up_cols and mlp_down_cols (blocks.py says what each moves).
+A key's swaps must be disjoint part by part: no block part in two swaps, which also forbids a whole swap and a
+partial one sharing a part (an mlp_cols and an mlp_up_cols swap of the same column), since their result would
+depend on the order they are applied in. The reference's validate_key lets such keys through; its generator never
+makes them.
 
 Keys written here add optional metadata, so that a key used on the wrong model is refused rather than silently
 scrambling it: "format": "merge_engine.tier_key", "version": 1, "model_type", "architecture", "num_layers",
@@ -19,7 +25,7 @@ from dataclasses import dataclass, field
 
 from merge_engine.errors import CheckpointError, MergeEngineError
 from merge_engine.io.untrusted import parse_json
-from merge_engine.tiers.blocks import ATTN_HEADS, BLOCK_KINDS, ModelBlocks
+from merge_engine.tiers.blocks import ATTENTION_KINDS, BLOCK_KINDS, KEY_KINDS, WHOLE_KINDS, ModelBlocks
 from merge_engine.tiers.permutation import Block, BlockPermutation
 
 FORMAT = "merge_engine.tier_key"
@@ -27,8 +33,6 @@ VERSION = 1
 META_FIELDS = ("model_type", "architecture", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
 # Not "architecture": a ...ForCausalLM and a ...ForSequenceClassification share their layers.
 _CHECKED_META = ("model_type", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
-# Lists of partial swaps some versions of the reference code know; refused rather than silently ignored.
-_UNSUPPORTED_LISTS = ("attn_out_heads", "mlp_up_cols", "mlp_down_cols")
 
 Swap = tuple[Block, Block]
 
@@ -39,23 +43,29 @@ class TierKeyError(MergeEngineError):
 
 @dataclass(frozen=True)
 class TierKey:
-    """Disjoint swaps of attention-head and MLP-column blocks, with optional metadata about the model."""
+    """Disjoint swaps of blocks (whole heads and MLP columns, or parts of them: blocks.py), with optional metadata
+    about the model."""
 
     attn_heads: tuple[Swap, ...] = ()
     mlp_cols: tuple[Swap, ...] = ()
     meta: dict = field(default_factory=dict)  # META_FIELDS present in the file or set at generation
     source: str = field(default="<key>", compare=False)  # the file it was read from, for messages
+    attn_out_heads: tuple[Swap, ...] = ()
+    mlp_up_cols: tuple[Swap, ...] = ()
+    mlp_down_cols: tuple[Swap, ...] = ()
 
     def __post_init__(self):
-        seen: set[tuple[str, Block]] = set()
+        owner: dict[tuple[str, Block], str] = {}  # (part, block) -> the swap that moves it, for messages
         for kind in BLOCK_KINDS:  # lists (as in JSON) become tuples
             object.__setattr__(self, kind, tuple((tuple(a), tuple(b)) for a, b in getattr(self, kind)))
-            for swap in self.swaps(kind):
-                for block in swap:
-                    if (kind, block) in seen:
-                        raise TierKeyError(f"{self.source}: {kind} block {list(block)} appears in more than one "
-                                           "swap (a key's swaps must be disjoint)")
-                    seen.add((kind, block))
+            for i, swap in enumerate(self.swaps(kind)):
+                name = f"{kind}[{i}] {json.dumps([list(b) for b in swap])}"
+                for part in KEY_KINDS[kind]:
+                    for block in swap:
+                        if (part, block) in owner:
+                            raise TierKeyError(f"{self.source}: {name} overlaps {owner[part, block]}: both move the "
+                                               f"{part} part of block {list(block)} (a key's swaps must be disjoint)")
+                        owner[part, block] = name
 
     def swaps(self, kind: str) -> tuple[Swap, ...]:
         return getattr(self, kind)
@@ -70,12 +80,11 @@ class TierKey:
     def to_json(self) -> str:
         """The published format plus our metadata; one swap per line."""
         head = {"format": FORMAT, "version": VERSION, **{k: self.meta[k] for k in META_FIELDS if k in self.meta}}
-        lines = [f"  {json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()]
-        for i, kind in enumerate(BLOCK_KINDS):
+        lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in head.items()]
+        for kind in (k for k in BLOCK_KINDS if k in WHOLE_KINDS or self.swaps(k)):  # as the reference's to_dict
             swaps = ",\n".join(f"    {json.dumps([list(a), list(b)])}" for a, b in self.swaps(kind))
-            body = f"[\n{swaps}\n  ]" if swaps else "[]"
-            lines.append(f"  {json.dumps(kind)}: {body}" + ("," if i < len(BLOCK_KINDS) - 1 else ""))
-        return "{\n" + "\n".join(lines) + "\n}\n"
+            lines.append(f"  {json.dumps(kind)}: " + (f"[\n{swaps}\n  ]" if swaps else "[]"))
+        return "{\n" + ",\n".join(lines) + "\n}\n"
 
     @classmethod
     def from_json(cls, text: str, source: str = "<key>") -> TierKey:
@@ -89,7 +98,8 @@ class TierKey:
                                f"{' and '.join(BLOCK_KINDS)})")
         _check_format(data, source)
         meta = {k: data[k] for k in META_FIELDS if data.get(k) is not None}
-        return cls(*(_read_swaps(data.get(kind, []), kind, source) for kind in BLOCK_KINDS), meta, source)
+        return cls(meta=meta, source=source, **{kind: _read_swaps(data.get(kind, []), kind, source)
+                                                for kind in BLOCK_KINDS})
 
     @classmethod
     def load(cls, path: str) -> TierKey:
@@ -126,10 +136,6 @@ def _check_format(data: dict, source: str) -> None:
     if not isinstance(version, int) or version > VERSION:
         raise TierKeyError(f"{source}: key format version {version!r} is newer than this merge_engine reads "
                            f"({VERSION}); upgrade merge_engine")
-    partial = [k for k in _UNSUPPORTED_LISTS if data.get(k)]
-    if partial:
-        raise TierKeyError(f"{source}: partial swaps ({', '.join(partial)}) are not supported; only whole "
-                           f"{' and '.join(BLOCK_KINDS)} swaps are")
 
 
 def _read_swaps(raw, kind: str, source: str) -> tuple[Swap, ...]:
@@ -166,9 +172,14 @@ def validate_key(key: TierKey, blocks: ModelBlocks, model: str) -> None:
             raise TierKeyError(f"{key.source}: key is for a model with {name} {key.meta[name]!r}, but {model} has "
                                f"{name} {expected[name]!r}")
     for kind in BLOCK_KINDS:
-        count = blocks.kinds[kind].count
-        gqa = kind == ATTN_HEADS and blocks.num_kv_heads < blocks.num_heads
-        what = "KV group" if gqa else "head" if kind == ATTN_HEADS else "MLP column"
+        if not key.swaps(kind):
+            continue
+        if not blocks.supports(kind):
+            raise TierKeyError(f"{key.source}: {kind} swaps are not supported on {blocks.model_type} ({model}): its "
+                               "MLP is a mixture of experts, where an MLP column names no single neuron")
+        count = blocks.count(kind)
+        gqa = kind in ATTENTION_KINDS and blocks.num_kv_heads < blocks.num_heads
+        what = "KV group" if gqa else "head" if kind in ATTENTION_KINDS else "MLP column"
         note = " (on grouped-query models a head block is a whole KV group)" if gqa else ""
         for i, swap in enumerate(key.swaps(kind)):
             for layer, index in swap:

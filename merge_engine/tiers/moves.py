@@ -5,7 +5,6 @@ block kind touches must exist in every layer, with the size config.json implies 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +12,7 @@ import torch
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint, split_layer_name
 from merge_engine.io.safetensors_format import TensorInfo
-from merge_engine.tiers.blocks import BLOCK_KINDS, Member, ModelBlocks
+from merge_engine.tiers.blocks import PARTS, Member, ModelBlocks
 from merge_engine.tiers.permutation import BlockPermutation
 from merge_engine.tiers.slices import Stored
 
@@ -52,7 +51,7 @@ def layer_tensor_names(ckpt: Checkpoint) -> dict[tuple[int, str], str]:
 def check_tensors(ckpt: Checkpoint, blocks: ModelBlocks) -> dict[tuple[int, str], str]:
     """The names of every tensor the block kinds touch, checked to exist with the expected shape."""
     names = layer_tensor_names(ckpt)
-    for kind in blocks.kinds.values():
+    for kind in blocks.parts.values():
         for member in kind.members:
             for layer in range(blocks.num_layers):
                 name = names.get((layer, member.suffix))
@@ -64,21 +63,18 @@ def check_tensors(ckpt: Checkpoint, blocks: ModelBlocks) -> dict[tuple[int, str]
 
 
 def _check_shape(info: TensorInfo, member: Member) -> None:
-    shape = info.shape
-    if len(shape) <= member.dim or shape[member.dim] != member.extent or \
-            math.prod(shape) != member.extent * member.cross:
-        raise CheckpointError(f"{info.file}: tensor '{info.name}' has shape {list(shape)}, but config.json implies "
-                              f"{member.extent} along dimension {member.dim} and {member.extent * member.cross} "
-                              "elements")
+    problem = member.shape_problem(info.shape)
+    if problem:
+        raise CheckpointError(f"{info.file}: tensor '{info.name}' {problem}")
 
 
 def plan_moves(ckpt: Checkpoint, blocks: ModelBlocks, perm: BlockPermutation) -> dict[str, TensorMove]:
     """The moves of every tensor the permutation changes, by tensor name."""
     names = check_tensors(ckpt, blocks)
     moves = {}
-    for kind in BLOCK_KINDS:
-        for layer, (dst_blocks, src_layers, src_blocks) in perm.layer_moves(kind).items():
-            for member in blocks.kinds[kind].members:
+    for part in PARTS:
+        for layer, (dst_blocks, src_layers, src_blocks) in perm.layer_moves(part).items():
+            for member in blocks.parts[part].members:
                 dst = member.indices(dst_blocks)
                 order = torch.argsort(dst)
                 per_block = len(member.offsets) * member.width

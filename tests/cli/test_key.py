@@ -18,7 +18,7 @@ def test_generate_apply_remove_report(tier_model, tmp_path, capsys, monkeypatch)
     k1, k2 = str(tmp_path / "k1.json"), str(tmp_path / "k2.json")
     assert key_command(["generate", model, k1, "--passphrase-env", "TIER_PASS", "--fraction", "0.3",
                         "--attention-share", "0.5"]) == 0
-    assert "head swaps" in capsys.readouterr().out
+    assert "attn_heads" in capsys.readouterr().out
     assert stat.S_IMODE(os.stat(k1).st_mode) == 0o600
     assert TierKey.load(k1).mlp_cols == generate_key(read_config(model), "open sesame", 0.3, 0.5).mlp_cols
     (tmp_path / "secret.bin").write_bytes(b"\x00\x01binary secret\n")
@@ -37,9 +37,26 @@ def test_generate_apply_remove_report(tier_model, tmp_path, capsys, monkeypatch)
 
     assert key_command(["report", model, k1]) == 0
     out = capsys.readouterr().out
-    assert "MLP cols in" in out and "total:" in out and "% of the model" in out
+    assert "up in" in out and "down in" in out and "total:" in out and "% of the model" in out
+    assert "in key-size terms, without the q/k/v and MLP biases" in out  # Qwen2's q/k/v biases move but do not count
     assert key_command(["recover", model]) == 0
     assert "nothing to recover" in capsys.readouterr().out
+
+
+def test_generate_partial_keys_and_fractions_of_the_model(tier_model, tmp_path, capsys, monkeypatch):
+    model = tier_model("gpt_neo")
+    monkeypatch.setenv("TIER_PASS", "open sesame")
+    out = str(tmp_path / "k.json")
+    assert key_command(["generate", model, out, "--passphrase-env", "TIER_PASS", "--fraction", "0.2",
+                        "--fraction-of", "model", "--attn-mode", "out", "--mlp-mode", "down"]) == 0
+    printed = capsys.readouterr().out
+    assert "attn_out_heads" in printed and "mlp_down_cols" in printed and "of the model's" in printed
+    key = TierKey.load(out)
+    assert key.attn_out_heads and key.mlp_down_cols and not key.attn_heads and not key.mlp_cols
+    assert key_command(["report", model, out]) == 0
+    report = capsys.readouterr().out
+    assert "o in" in report and "down in" in report and "q/k/v in" not in report
+    assert key_command(["apply", model, out, str(tmp_path / "keyed"), "-q"]) == 0
 
 
 def run_bad(argv, capsys, *needles):

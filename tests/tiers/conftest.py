@@ -11,16 +11,36 @@ import torch
 from merge_engine.demo import make_models
 
 # arch -> dtype: Llama (MHA, bf16), Qwen2 (GQA: 4 heads, 2 kv heads; q/k/v biases), GPT-2 (Conv1D, fused qkv),
-# GPT-Neo (the reference code's layout)
+# GPT-Neo (the reference code's layout); made by tier_config: Llama with GQA, Qwen3 (GQA, q/k norms, head_dim 32 set
+# explicitly: heads * head_dim = 128 is not hidden_size 64), Qwen3-MoE (its attention)
 ARCHS = {"llama": torch.bfloat16, "qwen2": torch.float32, "gpt2": torch.float32, "gpt_neo": torch.float32}
+MORE_ARCHS = {"llama_gqa": torch.bfloat16, "qwen3": torch.bfloat16, "qwen3_moe": torch.float32}
 
 
-def make_gpt_neo(path: str) -> str:
+def tier_config(arch: str):
+    """Configs of the architectures demo.tiny_config does not make."""
     import transformers as tf
-    cfg = tf.GPTNeoConfig(vocab_size=256, hidden_size=64, num_layers=4, num_heads=4, max_position_embeddings=128,
-                          attention_types=[[["global", "local"], 2]], window_size=8)
+    small = dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=128)
+    if arch == "gpt_neo":
+        return tf.GPTNeoConfig(vocab_size=256, hidden_size=64, num_layers=4, num_heads=4, max_position_embeddings=128,
+                               attention_types=[[["global", "local"], 2]], window_size=8)
+    if arch == "llama_gqa":
+        return tf.LlamaConfig(intermediate_size=112, tie_word_embeddings=False, **small)
+    if arch == "qwen3":
+        return tf.Qwen3Config(intermediate_size=96, head_dim=32, tie_word_embeddings=True, **small)
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                 head_dim=32, **small)
+    from merge_engine.demo import tiny_config
+    return tiny_config(arch)
+
+
+def make_model(path: str, arch: str) -> str:
+    import transformers as tf
     torch.manual_seed(0)
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(path, max_shard_size="60KB")
+    dtype = {**ARCHS, **MORE_ARCHS}[arch]
+    tf.AutoModelForCausalLM.from_config(tier_config(arch)).to(dtype).save_pretrained(path, max_shard_size="60KB")
     return path
 
 
@@ -32,8 +52,8 @@ def tier_model(tmp_path_factory):
 
     def get(arch: str) -> str:
         if arch not in cache:
-            cache[arch] = make_gpt_neo(str(root / arch)) if arch == "gpt_neo" else \
-                make_models(str(root / arch), arch, 0, ARCHS[arch], "60KB")[0]
+            cache[arch] = make_models(str(root / arch), arch, 0, ARCHS[arch], "60KB")[0] \
+                if arch in ARCHS and arch != "gpt_neo" else make_model(str(root / arch), arch)
         return cache[arch]
     return get
 
@@ -55,45 +75,66 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
-def block_views(sd: dict, cfg: dict, kind: str, layer: int, index: int) -> list[torch.Tensor]:
-    """Views of every slice of one block, written out per architecture from the Hugging Face layouts."""
+# Each key list of the published format and the block parts its swaps move (blocks.py's table, restated here from
+# the reference's definitions: permute.py's _apply_*_swap for GPT-Neo; the natural meaning on the other layouts).
+KIND_PARTS = {"attn_heads": ("qkv", "out"), "attn_out_heads": ("out",), "mlp_cols": ("up", "down"),
+              "mlp_up_cols": ("up",), "mlp_down_cols": ("down",)}
+
+
+def head_dim(cfg: dict) -> int:
     if cfg["model_type"] == "gpt_neo":
-        p, hd = f"transformer.h.{layer}.", cfg["hidden_size"] // cfg["num_heads"]
-        if kind == "mlp_cols":
-            return [sd[p + "mlp.c_fc.weight"][index], sd[p + "mlp.c_fc.bias"][index],
-                    sd[p + "mlp.c_proj.weight"][:, index]]
+        return cfg["hidden_size"] // cfg["num_heads"]
+    if cfg["model_type"] == "gpt2":
+        return cfg["n_embd"] // cfg["n_head"]
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
+def part_views(sd: dict, cfg: dict, part: str, layer: int, index: int) -> list[torch.Tensor]:
+    """Views of every slice of one part of one block, written out per architecture from the Hugging Face layouts."""
+    hd = head_dim(cfg)
+    if cfg["model_type"] == "gpt_neo":
+        p = f"transformer.h.{layer}."
         rows = slice(index * hd, (index + 1) * hd)
-        return [sd[p + f"attn.attention.{x}_proj.weight"][rows] for x in "qkv"] + [
-            sd[p + "attn.attention.out_proj.weight"][:, rows]]
+        return {"up": lambda: [sd[p + "mlp.c_fc.weight"][index], sd[p + "mlp.c_fc.bias"][index]],
+                "down": lambda: [sd[p + "mlp.c_proj.weight"][:, index]],
+                "qkv": lambda: [sd[p + f"attn.attention.{x}_proj.weight"][rows] for x in "qkv"],
+                "out": lambda: [sd[p + "attn.attention.out_proj.weight"][:, rows]]}[part]()
     if cfg["model_type"] == "gpt2":
         p, h = f"transformer.h.{layer}.", cfg["n_embd"]
-        hd = h // cfg["n_head"]
-        if kind == "mlp_cols":
-            return [sd[p + "mlp.c_fc.weight"][:, index], sd[p + "mlp.c_fc.bias"][index],
-                    sd[p + "mlp.c_proj.weight"][index]]
-        cols = [slice(part * h + index * hd, part * h + (index + 1) * hd) for part in range(3)]
-        return ([sd[p + "attn.c_attn.weight"][:, c] for c in cols] + [sd[p + "attn.c_attn.bias"][c] for c in cols]
-                + [sd[p + "attn.c_proj.weight"][index * hd:(index + 1) * hd]])
+        cols = [slice(q * h + index * hd, q * h + (index + 1) * hd) for q in range(3)]
+        return {"up": lambda: [sd[p + "mlp.c_fc.weight"][:, index], sd[p + "mlp.c_fc.bias"][index]],
+                "down": lambda: [sd[p + "mlp.c_proj.weight"][index]],
+                "qkv": lambda: [sd[p + "attn.c_attn.weight"][:, c] for c in cols] +
+                [sd[p + "attn.c_attn.bias"][c] for c in cols],
+                "out": lambda: [sd[p + "attn.c_proj.weight"][index * hd:(index + 1) * hd]]}[part]()
     p = f"model.layers.{layer}."
-    if kind == "mlp_cols":
-        return [sd[p + "mlp.gate_proj.weight"][index], sd[p + "mlp.up_proj.weight"][index],
-                sd[p + "mlp.down_proj.weight"][:, index]]
-    hd = cfg["hidden_size"] // cfg["num_attention_heads"]
-    group = cfg["num_attention_heads"] // cfg["num_key_value_heads"]
+    if part == "up":
+        return [sd[p + "mlp.gate_proj.weight"][index], sd[p + "mlp.up_proj.weight"][index]]
+    if part == "down":
+        return [sd[p + "mlp.down_proj.weight"][:, index]]
+    group = cfg["num_attention_heads"] // cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     q, kv = slice(index * group * hd, (index + 1) * group * hd), slice(index * hd, (index + 1) * hd)
+    if part == "out":
+        return [sd[p + "self_attn.o_proj.weight"][:, q]]
     views = [sd[p + "self_attn.q_proj.weight"][q], sd[p + "self_attn.k_proj.weight"][kv],
-             sd[p + "self_attn.v_proj.weight"][kv], sd[p + "self_attn.o_proj.weight"][:, q]]
+             sd[p + "self_attn.v_proj.weight"][kv]]
     if cfg["model_type"] == "qwen2":
         views += [sd[p + "self_attn.q_proj.bias"][q], sd[p + "self_attn.k_proj.bias"][kv],
                   sd[p + "self_attn.v_proj.bias"][kv]]
     return views
 
 
+def block_views(sd: dict, cfg: dict, kind: str, layer: int, index: int) -> list[torch.Tensor]:
+    """Views of every slice a swap of this key list moves in one block."""
+    return [v for part in KIND_PARTS[kind] for v in part_views(sd, cfg, part, layer, index)]
+
+
 def swap_by_hand(sd: dict, cfg: dict, key) -> dict:
-    """A new state dict with every swap of the key done by plain tensor indexing."""
+    """A new state dict with every swap of the key done by plain tensor indexing (the swaps are disjoint part by
+    part, so every one reads the original values)."""
     original = {n: t.clone() for n, t in sd.items()}
     out = {n: t.clone() for n, t in sd.items()}
-    for kind in ("attn_heads", "mlp_cols"):
+    for kind in KIND_PARTS:
         for a, b in key.swaps(kind):
             for dst, src in ((a, b), (b, a)):
                 for d, s in zip(block_views(out, cfg, kind, *dst), block_views(original, cfg, kind, *src)):

@@ -198,3 +198,41 @@ def test_identity_remove_and_refusals():
         KeyedModel(model, keys_for("gpt2", "key"))
     with pytest.raises(TierKeyError, match="outside"):
         KeyedModel(model, BlockPermutation.from_swaps({"mlp_cols": [((0, 1), (9, 1))]}))
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_swap_method_equals_rebuild_and_puts_the_blocks_back(arch, tier):
+    """method "swap": the same logits and gradients as "rebuild" (bit for bit), gradients accumulated across a public
+    and a keyed backward included, and the Parameters' values back when the configuration is left."""
+    keys, ids = list(keys_for(arch, tier)), tokens()
+    results = {}
+    for method in ("rebuild", "swap"):
+        model = tiny_model(arch, dtype=torch.float64)
+        before = snapshot(model)
+        keyed = KeyedModel(model, keys, method=method)
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()  # public gradients, then keyed ones added
+        with keyed.configuration("keyed"):
+            logits = model(ids, labels=ids)
+            logits.loss.backward()
+        results[method] = logits.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+        assert_untouched(model, before)
+        keyed.remove()
+        assert_untouched(model, before)
+    assert torch.equal(results["swap"][0], results["rebuild"][0])
+    for name, grad in results["rebuild"][1].items():
+        assert torch.equal(results["swap"][1][name], grad), name
+
+
+def test_swap_method_refuses_a_backward_after_the_blocks_moved():
+    """Autograd's own check: a forward's saved Parameters were moved in place, so its backward raises rather than
+    computing wrong gradients (method "rebuild" is the one for graphs that mix configurations)."""
+    model, ids = tiny_model("llama"), tokens()
+    keyed = KeyedModel(model, list(keys_for("llama", "key")), method="swap")
+    with keyed.configuration("keyed"):
+        loss = model(ids, labels=ids).loss
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    with pytest.raises(ValueError, match="unknown method"):
+        KeyedModel(model, list(keys_for("llama", "key")), method="fused")

@@ -1,0 +1,148 @@
+"""Keys applied to or removed from a model in memory, in place: a loaded transformers model or a state dict.
+
+Validation is the streaming commands': the config's block layout, each key's metadata and indices, and every tensor
+a block part spans (present in every layer, with the shape the config implies), all before any tensor is changed.
+
+Then each part's permutation moves the blocks of its per-layer tensors with ops.swap_blocks_ (in place; the swap
+kernels). A key is a set of disjoint swaps: one call per tensor. A tier (several keys, or a BlockPermutation) is in
+general not, but every permutation is the product of two involutions: a cycle d0 <- d1 <- ... <- d(k-1) <- d0
+(position i receives position i + 1 mod k) is the reflection i <-> 1 - i followed by the reflection i <-> -i, each
+a set of disjoint swaps. So any tier takes two calls per tensor, whatever its cycles, and memory holds only the
+blocks being moved.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import MutableMapping
+
+import torch
+
+from merge_engine import ops
+from merge_engine.errors import MergeEngineError
+from merge_engine.io.checkpoint import split_layer_name
+from merge_engine.tiers.apply import KeyedRun, Keys, compose_checked
+from merge_engine.tiers.blocks import PARTS, Member, ModelBlocks, model_blocks
+from merge_engine.tiers.permutation import Block, BlockPermutation
+
+Target = torch.nn.Module | MutableMapping[str, torch.Tensor]
+
+
+def apply_key_in_memory(target: Target, keys: Keys, config: dict | None = None) -> KeyedRun:
+    """Key a model in memory (keys applied in order): a transformers model (its config is read from it) or a state
+    dict (pass config, the config.json dict). Changes the tensors in place."""
+    return _in_memory(target, keys, config, invert=False)
+
+
+def remove_key_in_memory(target: Target, keys: Keys, config: dict | None = None) -> KeyedRun:
+    """Unkey a model in memory: the keys, given in the order they were applied, removed in place."""
+    return _in_memory(target, keys, config, invert=True)
+
+
+def _in_memory(target: Target, keys: Keys, config: dict | None, invert: bool) -> KeyedRun:
+    start = time.perf_counter()
+    tensors, config, name = _tensors_of(target, config)
+    blocks = model_blocks(config, f"{name} config")
+    perm = compose_checked(keys, blocks, name)
+    if invert:
+        perm = perm.inverse()
+    changed, moved = permute_stacks(layer_stacks(tensors, blocks, name), blocks, perm)
+    return KeyedRun(name, name, changed, moved, time.perf_counter() - start)
+
+
+def permute_stacks(stacks: dict[str, list[torch.Tensor]], blocks: ModelBlocks, perm: BlockPermutation) -> tuple[int, int]:
+    """Move the blocks of each part in place: stacks maps each tensor name within a layer to that tensor of every
+    layer. Returns (tensors changed, parameters moved)."""
+    changed, moved = set(), 0
+    with torch.no_grad():
+        for part in PARTS:
+            cycles = _cycles(perm.moved(part))
+            if not cycles:
+                continue
+            layers = {layer for cycle in cycles for layer, _ in cycle}
+            for member in blocks.parts[part].members:
+                views, dim = _blocked(stacks[member.suffix], member)
+                for swaps in _two_involutions(cycles):
+                    if swaps:
+                        ops.swap_blocks_(views, torch.tensor(swaps, device=views[0].device), dim, member.width)
+                changed |= {(layer, member.suffix) for layer in layers}
+                moved += sum(map(len, cycles)) * member.params_per_block
+    return len(changed), moved
+
+
+def _tensors_of(target: Target, config: dict | None) -> tuple[dict[str, torch.Tensor], dict, str]:
+    if isinstance(target, torch.nn.Module):
+        model_config = getattr(target, "config", None)
+        if config is None and model_config is None:
+            raise MergeEngineError(f"{type(target).__name__} has no .config; pass config (the config.json dict)")
+        name = getattr(model_config, "_name_or_path", "") or type(target).__name__
+        config = config if config is not None else model_config.to_dict()
+        return {n: p.detach() for n, p in target.named_parameters()}, config, name
+    if config is None:
+        raise MergeEngineError("a state dict needs config (the model's config.json as a dict)")
+    return dict(target), config, "state dict"
+
+
+def layer_stacks(tensors: dict[str, torch.Tensor], blocks: ModelBlocks, name: str) -> dict[str, list[torch.Tensor]]:
+    """Name within a layer -> that tensor of every layer, for every tensor a part spans, shapes checked."""
+    by_layer: dict[tuple[int, str], str] = {}
+    for full in tensors:
+        split = split_layer_name(full)
+        if split:
+            if (split[1], split[2]) in by_layer:
+                raise MergeEngineError(f"{name}: layer {split[1]} '{split[2]}' is ambiguous ('{by_layer[split[1:]]}' "
+                                       f"and '{full}'); tier keys support single-stack language models only")
+            by_layer[split[1], split[2]] = full
+    stacks = {}
+    for part in blocks.parts.values():
+        for member in part.members:
+            stack = []
+            for layer in range(blocks.num_layers):
+                full = by_layer.get((layer, member.suffix))
+                if full is None:
+                    raise MergeEngineError(f"{name}: layer {layer} has no '{member.suffix}' tensor, which "
+                                           f"{blocks.model_type} {part.name} blocks need")
+                problem = member.shape_problem(tuple(tensors[full].shape))
+                if problem:
+                    raise MergeEngineError(f"{name}: '{full}' {problem}")
+                stack.append(tensors[full])
+            stacks[member.suffix] = stack
+    return stacks
+
+
+def _blocked(stack: list[torch.Tensor], member: Member) -> tuple[list[torch.Tensor], int]:
+    """Views in which block b of the member is block b of one dimension (GPT-2's fused q/k/v: that dimension split
+    into its three equal thirds first, so a head's three slices are one block of the inner dimension)."""
+    n = len(member.offsets)
+    if n == 1:
+        return stack, member.dim
+    return [t.unflatten(member.dim, (n, member.extent // n)) for t in stack], member.dim + 1
+
+
+def _cycles(moved: dict[Block, Block]) -> list[list[Block]]:
+    """The cycles of a permutation given as destination -> source: in each, block i receives block i + 1."""
+    cycles, seen = [], set()
+    for first in sorted(moved):
+        if first in seen:
+            continue
+        cycle, block = [], first
+        while block not in seen:
+            seen.add(block)
+            cycle.append(block)
+            block = moved[block]
+        cycles.append(cycle)
+    return cycles
+
+
+def _two_involutions(cycles: list[list[Block]]) -> tuple[list[tuple[int, int, int, int]], ...]:
+    """Swap rows (layer_a, block_a, layer_b, block_b) of two rounds of disjoint swaps that, applied in order, make
+    every cycle's block i receive block i + 1: first i <-> 1 - i, then i <-> -i (indices mod the cycle length; after
+    the first, position i holds block 1 - i; after the second, position i holds what -i held: block 1 + i)."""
+    rounds: tuple[list, list] = ([], [])
+    for cycle in cycles:
+        k = len(cycle)
+        for swaps, a in zip(rounds, (1, 0)):
+            for i in range(k):
+                j = (a - i) % k
+                if i < j:
+                    swaps.append((*cycle[i], *cycle[j]))
+    return rounds
