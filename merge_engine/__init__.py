@@ -6,14 +6,30 @@
 Low-level tensor ops (TIES, DARE, sign election, slerp, ...) live in `merge_engine.ops`.
 
 Importing the package changes nothing process-wide. Processes that exist to merge can opt into two
-process-wide memory settings with `tune_process_for_merging()` (the `merge-engine` command does).
+process-wide memory settings with `tune_process_for_merging()` (the `merge-engine` command does). The
+names below are loaded on first use (PEP 562), so that importing merge_engine (or merge_engine.cli,
+merge_engine.runtime) allocates no tensor: torch reads its huge-page setting at its first CPU
+allocation, and the opt-in must come before it to take effect.
 """
-from merge_engine import ops
-from merge_engine.config import MergeConfig, load_config, parse_config
-from merge_engine.engine import MergeOptions, MergeReport, merge
-from merge_engine.errors import CheckpointError, ConfigError, MergeEngineError, OutputError
-from merge_engine.runtime import tune_process_for_merging
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "ConfigError", "MergeConfig", "MergeEngineError", "MergeOptions", "MergeReport",
-           "OutputError", "load_config", "merge", "ops", "parse_config", "tune_process_for_merging"]
+_EXPORTS = {"MergeConfig": "config", "load_config": "config", "parse_config": "config",
+            "MergeOptions": "engine", "MergeReport": "engine", "merge": "engine",
+            "CheckpointError": "errors", "ConfigError": "errors", "MergeEngineError": "errors", "OutputError": "errors",
+            "tune_process_for_merging": "runtime"}
+__all__ = sorted([*_EXPORTS, "ops"])
+
+
+def __getattr__(name: str):
+    if name == "ops":
+        return importlib.import_module("merge_engine.ops")
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'merge_engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"merge_engine.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

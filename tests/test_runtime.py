@@ -75,3 +75,39 @@ def test_keep_freed_heap_memory_reuses_freed_pages():
     libc.free(b)
     libc.free(c)
     assert faults <= 2, f"{faults} page faults re-allocating a freed 16 MB block"
+
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "unavailable"
+
+
+HUGE_PAGES = textwrap.dedent("""
+    import sys
+    import merge_engine, merge_engine.cli   # the command's first imports: they must allocate no tensor,
+    import merge_engine.engine, merge_engine.tiers, merge_engine.cli.merge  # nor may the rest of the package
+    from merge_engine import ops            # (declaring the ops included), so that a Python caller may opt in late
+    merge_engine.tune_process_for_merging()
+    import torch
+    x = torch.ones(256 << 20, dtype=torch.uint8)
+    with open("/proc/self/smaps_rollup") as f:
+        print(next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages")))
+""")
+
+
+@pytest.mark.skipif(_thp_mode() != "madvise", reason="needs transparent huge pages in madvise mode (here: "
+                    f"{_thp_mode()}), where only torch's opt-in (THP_MEM_ALLOC_ENABLE) gives its tensors huge pages")
+@pytest.mark.parametrize("opt_in", [True, False])
+def test_the_opt_in_gives_torch_huge_pages_when_made_after_importing_the_package(opt_in):
+    """torch reads THP_MEM_ALLOC_ENABLE once, at its first CPU allocation: had importing merge_engine allocated a
+    tensor (declaring an op can), the command's opt-in would silently do nothing (it did: 64M-element TIES ran
+    15-20% slower)."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    probe = HUGE_PAGES if opt_in else HUGE_PAGES.replace("merge_engine.tune_process_for_merging()", "")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+    huge_kb = int(run.stdout.split()[-1])
+    assert (huge_kb >= 128 << 10) == opt_in, huge_kb  # at least half of the 256 MB tensor, or none

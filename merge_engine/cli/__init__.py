@@ -10,15 +10,15 @@ subcommand can be passed as ./NAME). Errors print one line `merge-engine: error:
 """
 from __future__ import annotations
 
+import importlib
 import sys
 import traceback
 
 from merge_engine import __version__
-from merge_engine.cli import fisher, key, merge, stats
 from merge_engine.errors import MergeEngineError
 from merge_engine.runtime import tune_process_for_merging
 
-SUBCOMMANDS = {"fisher": fisher.run, "key": key.run, "stats": stats.run}
+SUBCOMMANDS = ("fisher", "key", "stats")  # modules merge_engine.cli.NAME, each with run(argv); else cli.merge
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,13 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv in (["--version"], ["-V"]):
         print(f"merge-engine {__version__}")
         return 0
-    tune_process_for_merging()  # this process exists to merge: see merge_engine/runtime.py
-    if argv and argv[0] in SUBCOMMANDS:
-        command, argv = SUBCOMMANDS[argv[0]], argv[1:]
-    else:
-        command = merge.run
+    # this process exists to merge (merge_engine/runtime.py); before the commands' modules are imported, as
+    # they allocate tensors (torch reads its huge-page setting once, at its first CPU allocation)
+    tune_process_for_merging()
+    name = argv[0] if argv and argv[0] in SUBCOMMANDS else "merge"
+    if name != "merge":
+        argv = argv[1:]
     try:
-        return command(argv)
+        return importlib.import_module(f"merge_engine.cli.{name}").run(argv)
     except MergeEngineError as e:
         return _failed(f"error: {e}", 2, argv)
     except OSError as e:  # disk full, read-only folder, a file where a folder should be...

@@ -23,7 +23,6 @@ from merge_engine.ops.library import op
 
 _KEY_VIEW = {torch.float16: (torch.int16, 0x7FFF), torch.bfloat16: (torch.int16, 0x7FFF),
              torch.float32: (torch.int32, 0x7FFFFFFF), torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF)}
-_INF_KEY = {dt: int(torch.tensor(float("inf"), dtype=dt).view(v).item()) & m for dt, (v, m) in _KEY_VIEW.items()}
 NOTHING_LARGEST = (1 << 63) - 1  # key no magnitude reaches: the descending cut-off that selects nothing
 NOTHING_SMALLEST = -1  # below every key: the ascending cut-off that selects nothing
 
