@@ -1,11 +1,13 @@
 """Process-wide settings that speed up CPU merges. Importing merge_engine never makes them: they change
 the behaviour of everything else in the process, so a library must not make them behind its caller's
 back. The `merge-engine` command opts in (its process exists to merge); a Python caller opts in with
-tune_process_for_merging(), ideally before torch allocates its first large tensor.
+tune_process_for_merging() before the process creates its first tensor: torch reads THP_MEM_ALLOC_ENABLE
+once, at its first CPU allocation (of any size), and ignores it afterwards. Importing merge_engine
+allocates no tensor, so the call may follow the imports.
 
 Measured effects on 2 CPU cores, 1.1B-parameter bf16 merges (docs/performance.md):
-- transparent huge pages for torch's large CPU tensors (torch reads THP_MEM_ALLOC_ENABLE at its first
-  large allocation): faulting fresh tensors in 4 KB pages cost as much as the merge math;
+- transparent huge pages for torch's large CPU tensors: faulting fresh tensors in 4 KB pages cost as
+  much as the merge math;
 - glibc keeping freed heap memory (mallopt): without it, every tensor's temporaries come back as fresh
   zeroed pages, 19% of a slerp merge's CPU samples and 46% of a linear merge's.
 """

@@ -183,3 +183,29 @@ def test_generated_partial_keys_follow_the_modes(tier_model):
     assert any(a[0] == b[0] for a, b in key.mlp_up_cols)  # partial swaps may pair within a layer
     down = generate_key(cfg, "s", 0.3, 0.5, mlp_mode="down")
     assert down.attn_heads and down.mlp_down_cols and all(a[0] != b[0] for a, b in down.attn_heads)
+
+
+def published_read(text: str, num_layers: int, num_heads: int, mlp_dim: int) -> dict:
+    """A strict reader of the published format, restated from the reference (key.py: PermutationKey.from_dict reads
+    the five lists with dict.get; validate_key checks layer, head and column bounds): every swap must be exactly
+    [[layer, index], [layer, index]] of ints in range."""
+    import json
+    data = json.loads(text)
+    lists = {kind: data.get(kind, []) for kind in KIND_PARTS}
+    for kind, swaps in lists.items():
+        bound = num_heads if kind.startswith("attn") else mlp_dim
+        for swap in swaps:
+            assert type(swap) is list and len(swap) == 2, swap
+            for block in swap:
+                assert type(block) is list and len(block) == 2 and all(type(v) is int for v in block), swap
+                assert 0 <= block[0] < num_layers and 0 <= block[1] < bound, swap
+    return lists
+
+
+def test_our_keys_pass_a_strict_reader_of_the_published_format():
+    cfg = tier_config("gpt_neo").to_dict()
+    keys = [mixed_key(cfg, 7), generate_key(cfg, "s", 0.3, 0.5, attn_mode="out", mlp_mode="up"),
+            generate_key(cfg, "s", 0.3, 0.5, mlp_mode="down"), generate_key(cfg, "s", 0.3, 0.5)]
+    for key in keys:
+        lists = published_read(key.to_json(), cfg["num_layers"], cfg["num_heads"], cfg["intermediate_size"] or 256)
+        assert lists == {kind: [[list(a), list(b)] for a, b in key.swaps(kind)] for kind in KIND_PARTS}
