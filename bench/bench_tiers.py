@@ -17,7 +17,7 @@ only this benchmark's files, not the whole cache), then warm (its input read onc
 of the plain model, of a KeyedModel in the public configuration (hooks installed, idle) and in the keyed one
 (method "rebuild": keyed weights built through index maps in every forward; method "swap": the Parameters' blocks
 moved in place on entering the configuration and back on leaving it, that move timed with each run). Best of
---repeat.
+--repeat rounds (see forward_times).
 
 (iii) Keying a model in memory, on the published benchmark's GPT-Neo shapes (the reference's
 scripts/keys/benchmark_permutation_speed.py: 180M, 650M, 1B; bf16; a --fraction key of the swappable parameters):
@@ -186,8 +186,9 @@ def print_forward(a) -> None:
         model.zero_grad(set_to_none=True)
 
     forward_backward()  # warm-up
-    times, keyed = forward_times(model, generate_key(cfg.to_dict(), SECRET, a.fraction), (forward, forward_backward),
-                                 a.repeat)
+    key = generate_key(cfg.to_dict(), SECRET, a.fraction)
+    times, keyed = forward_times(model, key, (forward, forward_backward), a.repeat)
+    moves = swap_move_seconds(model, key, a.repeat)
     plain = times["plain model"]
     params = sum(p.numel() for p in model.parameters())
     touched = sum(model.get_parameter(n).numel() for n in keyed.touched)
@@ -202,28 +203,43 @@ def print_forward(a) -> None:
     print("|---|---:|---:|---:|---:|")
     for name, (fwd, fwd_bwd) in times.items():
         print(f"| {name} | {1e3 * fwd:.1f} | {fwd / plain[0]:.2f} | {1e3 * fwd_bwd:.1f} | {fwd_bwd / plain[1]:.2f} |")
-    print()
+    print(f"\nMethod swap runs the plain model's forward and backward on the Parameters themselves (the same ops "
+          f"on tensors of the same shapes), so its cost over the plain model is the moves alone: entering and "
+          f"leaving the keyed configuration, Parameters and their gradients, took {1e3 * moves:.1f} ms (best of "
+          f"{a.repeat}), {100 * moves / plain[1]:.1f}% of the plain forward+backward and {100 * moves / plain[0]:.1f}% "
+          "of the plain forward.\n")
+
+
+def swap_move_seconds(model, key, repeat: int) -> float:
+    """Best seconds of entering and leaving the keyed configuration with method "swap", gradients present."""
+    swapping = KeyedModel(model, key, method="swap")
+    model(**{"input_ids": torch.zeros(1, 4, dtype=torch.long)}).logits.sum().backward()  # gradients to move
+    best = min(timed(lambda: in_configuration(swapping, lambda: None)) for _ in range(repeat))
+    model.zero_grad(set_to_none=True)
+    return best
 
 
 def forward_times(model, key, runs, repeat: int) -> tuple[dict[str, list[float]], KeyedModel]:
-    """Best seconds of each run: plain model (no hooks), KeyedModel public and keyed with method "rebuild", keyed
-    with method "swap" (entering and leaving the configuration timed with the run). All take turns in every round,
-    so that a shared machine's changing load weighs on all alike."""
-    labels = ("plain model", "KeyedModel, public", "KeyedModel, keyed (rebuild)", "KeyedModel, keyed (swap, moves "
-              "included)")
+    """Best seconds of each run: plain model (no hooks), KeyedModel public and keyed with method "rebuild" (hooks
+    put on before the turn and taken off after it), keyed with method "swap" (entering and leaving the
+    configuration timed with each run). All take turns in every round, in an order rotated each round; a turn
+    runs once untimed, then twice timed, so that what the previous turn left in caches and the allocator, and a
+    shared machine's changing load, weigh on all alike."""
+    swapping = KeyedModel(model, key, method="swap")
+    labels = ["plain model", "KeyedModel, public", "KeyedModel, keyed (rebuild)",
+              "KeyedModel, keyed (swap, moves included)"]
     best = {label: [float("inf")] * len(runs) for label in labels}
-    for _ in range(repeat):
-        for i, run in enumerate(runs):
-            best[labels[0]][i] = min(best[labels[0]][i], timed(run))
-        keyed = KeyedModel(model, key)
-        for label, name in zip(labels[1:3], ("public", "keyed")):
-            with keyed.configuration(name):
-                for i, run in enumerate(runs):
-                    best[label][i] = min(best[label][i], timed(run))
-        keyed.remove()
-        swapping = KeyedModel(model, key, method="swap")
-        for i, run in enumerate(runs):
-            best[labels[3]][i] = min(best[labels[3]][i], timed(lambda: in_configuration(swapping, run)))
+    keyed = swapping
+    for r in range(repeat):
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            if label in labels[1:3]:
+                keyed = KeyedModel(model, key, configuration="keyed" if label == labels[2] else "public")
+            for i, run in enumerate(runs):
+                call = (lambda: in_configuration(swapping, run)) if label == labels[3] else run
+                call()
+                best[label][i] = min(best[label][i], timed(call), timed(call))
+            if label in labels[1:3]:
+                keyed.remove()
     return best, keyed
 
 

@@ -43,7 +43,7 @@ from merge_engine.errors import MergeEngineError
 from merge_engine.io.checkpoint import split_layer_name
 from merge_engine.tiers.apply import Keys, compose_checked
 from merge_engine.tiers.blocks import PARTS, Member, ModelBlocks, model_blocks
-from merge_engine.tiers.memory import permute_stacks
+from merge_engine.tiers.memory import SwapPlan
 from merge_engine.tiers.permutation import BlockPermutation
 
 PUBLIC = "public"
@@ -146,6 +146,7 @@ class KeyedModel:
         # the Parameters whose keyed copies a keyed forward builds (their sizes are its extra memory)
         self.touched = tuple(self._slots[where].name for where in sorted(self._maps))
         self._maps_on: dict[torch.device, dict[tuple[int, str], IndexMap]] = {}
+        self._plans: dict[tuple[bool, torch.device], SwapPlan] = {}
         self._hooked = self._hooked_modules()
         self._handles = []
         if method == "rebuild":
@@ -169,7 +170,7 @@ class KeyedModel:
         if name not in CONFIGURATIONS:
             raise ValueError(f"unknown configuration {name!r} (expected one of {CONFIGURATIONS})")
         if self.method == "swap" and name != self._configuration:
-            self._move(self.permutation if name == KEYED else self.permutation.inverse())
+            self._move(to_keyed=name == KEYED)
         self._configuration = name
 
     @contextmanager
@@ -220,17 +221,23 @@ class KeyedModel:
                 stacks[member.suffix] = [p.grad if of_grad else p.detach() for p in params]
         return stacks
 
-    def _move(self, perm: BlockPermutation) -> None:
+    def _move(self, to_keyed: bool) -> None:
         """method "swap": move the blocks of the Parameters, and of their gradients if any exist, in place."""
-        permute_stacks(self._stacks(), self.blocks, perm)
+        stacks = self._stacks()
+        device = next(iter(stacks.values()))[0].device
+        if (to_keyed, device) not in self._plans:  # the tier and its inverse, per device: made once
+            perm = self.permutation if to_keyed else self.permutation.inverse()
+            self._plans[to_keyed, device] = SwapPlan(self.blocks, perm, device)
+        plan = self._plans[to_keyed, device]
+        plan.run(stacks)
         grads = self._stacks(of_grad=True)
         if any(g is not None for stack in grads.values() for g in stack):
-            for suffix, stack in self._stacks().items():  # a missing gradient is zeros, which may receive blocks
+            for suffix, stack in stacks.items():  # a missing gradient is zeros, which may receive blocks
                 for layer, (param, grad) in enumerate(zip(stack, grads[suffix])):
                     if grad is None:
                         slot = self._slots[layer, suffix]
                         slot.module._parameters[slot.attr].grad = torch.zeros_like(param)
-            permute_stacks(self._stacks(of_grad=True), self.blocks, perm)
+            plan.run(self._stacks(of_grad=True))
 
     def _check_alike(self) -> None:
         """method "swap" moves blocks between Parameters: a block moved into a frozen one would lose its gradient."""

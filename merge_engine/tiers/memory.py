@@ -45,28 +45,41 @@ def _in_memory(target: Target, keys: Keys, config: dict | None, invert: bool) ->
     perm = compose_checked(keys, blocks, name)
     if invert:
         perm = perm.inverse()
-    changed, moved = permute_stacks(layer_stacks(tensors, blocks, name), blocks, perm)
-    return KeyedRun(name, name, changed, moved, time.perf_counter() - start)
+    stacks = layer_stacks(tensors, blocks, name)
+    plan = SwapPlan(blocks, perm, next(iter(stacks.values()))[0].device)
+    plan.run(stacks)
+    return KeyedRun(name, name, plan.tensors_changed, plan.params_moved, time.perf_counter() - start)
 
 
-def permute_stacks(stacks: dict[str, list[torch.Tensor]], blocks: ModelBlocks, perm: BlockPermutation) -> tuple[int, int]:
-    """Move the blocks of each part in place: stacks maps each tensor name within a layer to that tensor of every
-    layer. Returns (tensors changed, parameters moved)."""
-    changed, moved = set(), 0
-    with torch.no_grad():
+class SwapPlan:
+    """A permutation as rounds of disjoint swaps per part (at most two: see the module docstring), as int64
+    [M, 4] tensors on the device, made once and run on any stacks of the model's tensors."""
+
+    def __init__(self, blocks: ModelBlocks, perm: BlockPermutation, device: torch.device):
+        self.blocks = blocks
+        self.rounds: dict[str, list[torch.Tensor]] = {}
+        changed: set[tuple[int, str]] = set()
+        self.params_moved = 0
         for part in PARTS:
             cycles = _cycles(perm.moved(part))
             if not cycles:
                 continue
+            self.rounds[part] = [torch.tensor(swaps, dtype=torch.int64, device=device)
+                                 for swaps in _two_involutions(cycles) if swaps]
             layers = {layer for cycle in cycles for layer, _ in cycle}
             for member in blocks.parts[part].members:
-                views, dim = _blocked(stacks[member.suffix], member)
-                for swaps in _two_involutions(cycles):
-                    if swaps:
-                        ops.swap_blocks_(views, torch.tensor(swaps, device=views[0].device), dim, member.width)
                 changed |= {(layer, member.suffix) for layer in layers}
-                moved += sum(map(len, cycles)) * member.params_per_block
-    return len(changed), moved
+                self.params_moved += sum(map(len, cycles)) * member.params_per_block
+        self.tensors_changed = len(changed)
+
+    def run(self, stacks: dict[str, list[torch.Tensor]]) -> None:
+        """Move the blocks in place: stacks maps each tensor name within a layer to that tensor of every layer."""
+        with torch.no_grad():
+            for part, rounds in self.rounds.items():
+                for member in self.blocks.parts[part].members:
+                    views, dim = _blocked(stacks[member.suffix], member)
+                    for pairs in rounds:
+                        ops.swap_blocks_(views, pairs, dim, member.width)
 
 
 def _tensors_of(target: Target, config: dict | None) -> tuple[dict[str, torch.Tensor], dict, str]:
