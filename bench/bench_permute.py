@@ -37,7 +37,7 @@ def key_tables(pairs: torch.Tensor, num_layers: int, n_blocks: int) -> tuple[tor
     """Layer 0's (src_layer, src_block) tables of the key (merge_engine.tiers.permutation)."""
     swaps = [((la, ba), (lb, bb)) for la, ba, lb, bb in pairs.tolist()]
     key = BlockPermutation.from_swaps({"mlp_cols": swaps})
-    src_layer, src_block = key.index_tables("mlp_cols", num_layers, n_blocks)
+    src_layer, src_block = key.index_tables("mlp_up", num_layers, n_blocks)
     return src_layer[0], src_block[0]
 
 

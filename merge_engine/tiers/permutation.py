@@ -57,10 +57,16 @@ class BlockPermutation:
 
     def moved(self, part: str) -> dict[Block, Block]:
         """Destination -> source of every moved block of this part (a copy)."""
-        return dict(self._maps[part])
+        return dict(self._map(part))
 
     def source(self, part: str, block: Block) -> Block:
-        return self._maps[part].get(block, block)
+        return self._map(part).get(block, block)
+
+    def _map(self, part: str) -> dict[Block, Block]:
+        if part not in self._maps:
+            raise ValueError(f"unknown block part {part!r} (one of {PARTS}; a key list such as mlp_cols moves "
+                             "several parts, which may move differently in a tier)")
+        return self._maps[part]
 
     def inverse(self) -> BlockPermutation:
         return BlockPermutation({kind: {s: d for d, s in m.items()} for kind, m in self._maps.items()})
@@ -79,7 +85,7 @@ class BlockPermutation:
     def layer_moves(self, part: str) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per destination layer: (dst index, src layer, src index) int64 tensors of its moved blocks, by dst."""
         rows: dict[int, list[tuple[int, int, int]]] = {}
-        for (dl, di), (sl, si) in sorted(self._maps[part].items()):
+        for (dl, di), (sl, si) in sorted(self._map(part).items()):
             rows.setdefault(dl, []).append((di, sl, si))
         return {layer: tuple(torch.tensor(r, dtype=torch.int64).T.contiguous()) for layer, r in rows.items()}
 
@@ -88,7 +94,7 @@ class BlockPermutation:
         src_index[l, i]]; unmoved blocks point at themselves."""
         src_layer = torch.arange(num_layers).repeat_interleave(num_blocks).view(num_layers, num_blocks)
         src_index = torch.arange(num_blocks).repeat(num_layers, 1)
-        for (dl, di), (sl, si) in self._maps[part].items():
+        for (dl, di), (sl, si) in self._map(part).items():
             src_layer[dl, di], src_index[dl, di] = sl, si
         return src_layer, src_index
 

@@ -50,7 +50,7 @@ def swapped_by_indexing(tensors, pairs, dim, block_size):
 def key_tables(pairs, num_layers, n_blocks):
     """The dense (src_layer, src_block) tables of a key made of these swaps (tiers.permutation)."""
     swaps = [((la, ba), (lb, bb)) for la, ba, lb, bb in pairs.tolist()]
-    return BlockPermutation.from_swaps({"mlp_cols": swaps}).index_tables("mlp_cols", num_layers, n_blocks)
+    return BlockPermutation.from_swaps({"mlp_cols": swaps}).index_tables("mlp_up", num_layers, n_blocks)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
