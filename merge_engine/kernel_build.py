@@ -26,7 +26,11 @@ def cpu_arch() -> str:
     return arch
 
 
+CPU_UNITY = "cpu_kernels.cpp"  # in csrc/: includes every csrc/cpu/*.cpp, compiled as one translation unit
+
+
 def cpu_sources(csrc: str) -> list[str]:
+    """The CPU kernels' files by algorithm (what the build key hashes; cpu_build compiles them through CPU_UNITY)."""
     return sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
 
 
@@ -78,9 +82,9 @@ class Build:
 
 
 def cpu_build(csrc: str, torch_version: str, ext_suffix: str) -> Build:
-    sources, flags = cpu_sources(csrc), cpu_cflags(cpu_arch())
-    key = build_key(sources, flags, torch_version, ext_suffix)
-    return Build(CPU_MODULE, sources, flags + [_key_define(key)], CPU_LDFLAGS, [], key)
+    unity, flags = os.path.join(csrc, CPU_UNITY), cpu_cflags(cpu_arch())
+    key = build_key([*cpu_sources(csrc), unity], flags, torch_version, ext_suffix)
+    return Build(CPU_MODULE, [unity], flags + [_key_define(key)], CPU_LDFLAGS, [], key)
 
 
 def cuda_build(csrc: str, torch_version: str, ext_suffix: str) -> Build:

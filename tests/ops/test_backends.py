@@ -48,6 +48,14 @@ def test_the_key_follows_sources_flags_and_torch(tmp_path, monkeypatch):
         kernel_build.cpu_arch()
 
 
+def test_the_one_translation_unit_includes_every_cpu_source():
+    csrc = backends.csrc_dir()
+    with open(f"{csrc}/{kernel_build.CPU_UNITY}") as f:
+        included = sorted(line.split('"')[1] for line in f if line.startswith("#include"))
+    assert included == sorted(f"cpu/{path.rsplit('/', 1)[1]}" for path in kernel_build.cpu_sources(csrc))
+    assert cpu_build().sources == [f"{csrc}/{kernel_build.CPU_UNITY}"]
+
+
 def test_an_installed_package_never_compiles(fresh_cache, monkeypatch):
     monkeypatch.delenv("MERGE_ENGINE_KERNELS", raising=False)
     monkeypatch.setattr(backends, "source_checkout", lambda: None)
