@@ -211,40 +211,29 @@ class KeyedModel:
                     slots[layer, member.suffix] = _Slot(name, self.model.get_submodule(module_name), attr)
         return slots
 
-    def _stacks(self, of_grad: bool = False) -> dict[str, list[torch.Tensor]]:
-        """Name within a layer -> that Parameter (or its gradient) in every layer, for every tensor a part spans."""
-        stacks = {}
-        for part in self.blocks.parts.values():
-            for member in part.members:
-                params = [self._slots[layer, member.suffix].module._parameters[self._slots[layer, member.suffix].attr]
-                          for layer in range(self.blocks.num_layers)]
-                stacks[member.suffix] = [p.grad if of_grad else p.detach() for p in params]
-        return stacks
+    def _parameter_stacks(self) -> dict[str, list[torch.nn.Parameter]]:
+        """Name within a layer -> that Parameter in every layer, for every tensor a part spans."""
+        return {member.suffix: [self._parameter(layer, member.suffix) for layer in range(self.blocks.num_layers)]
+                for part in self.blocks.parts.values() for member in part.members}
 
     def _move(self, to_keyed: bool) -> None:
         """method "swap": move the blocks of the Parameters, and of their gradients if any exist, in place."""
-        stacks = self._stacks()
-        device = next(iter(stacks.values()))[0].device
+        params = self._parameter_stacks()
+        device = next(iter(params.values()))[0].device
         if (to_keyed, device) not in self._plans:  # the tier and its inverse, per device: made once
             perm = self.permutation if to_keyed else self.permutation.inverse()
             self._plans[to_keyed, device] = SwapPlan(self.blocks, perm, device)
         plan = self._plans[to_keyed, device]
-        plan.run(stacks)
-        grads = self._stacks(of_grad=True)
-        if any(g is not None for stack in grads.values() for g in stack):
-            for suffix, stack in stacks.items():  # a missing gradient is zeros, which may receive blocks
-                for layer, (param, grad) in enumerate(zip(stack, grads[suffix])):
-                    if grad is None:
-                        slot = self._slots[layer, suffix]
-                        slot.module._parameters[slot.attr].grad = torch.zeros_like(param)
-            plan.run(self._stacks(of_grad=True))
+        plan.run({suffix: [p.detach() for p in stack] for suffix, stack in params.items()})
+        if any(p.grad is not None for stack in params.values() for p in stack):
+            for p in (p for stack in params.values() for p in stack if p.grad is None):
+                p.grad = torch.zeros_like(p)  # a missing gradient is zeros, which may receive blocks
+            plan.run({suffix: [p.grad for p in stack] for suffix, stack in params.items()})
 
     def _check_alike(self) -> None:
         """method "swap" moves blocks between Parameters: a block moved into a frozen one would lose its gradient."""
-        for suffix, stack in self._stacks().items():
-            params = [self._slots[layer, suffix].module._parameters[self._slots[layer, suffix].attr]
-                      for layer in range(len(stack))]
-            if len({p.requires_grad for p in params}) > 1:
+        for suffix, stack in self._parameter_stacks().items():
+            if len({p.requires_grad for p in stack}) > 1:
                 raise MergeEngineError(f"{self.name}: method 'swap' needs every layer's '{suffix}' to require grad "
                                        "alike (some do, some do not); use method 'rebuild'")
 

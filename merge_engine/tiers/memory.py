@@ -19,9 +19,9 @@ import torch
 
 from merge_engine import ops
 from merge_engine.errors import MergeEngineError
-from merge_engine.io.checkpoint import split_layer_name
 from merge_engine.tiers.apply import KeyedRun, Keys, compose_checked
 from merge_engine.tiers.blocks import PARTS, Member, ModelBlocks, model_blocks
+from merge_engine.tiers.moves import layer_tensor_names
 from merge_engine.tiers.permutation import Block, BlockPermutation
 
 Target = torch.nn.Module | MutableMapping[str, torch.Tensor]
@@ -97,14 +97,7 @@ def _tensors_of(target: Target, config: dict | None) -> tuple[dict[str, torch.Te
 
 def layer_stacks(tensors: dict[str, torch.Tensor], blocks: ModelBlocks, name: str) -> dict[str, list[torch.Tensor]]:
     """Name within a layer -> that tensor of every layer, for every tensor a part spans, shapes checked."""
-    by_layer: dict[tuple[int, str], str] = {}
-    for full in tensors:
-        split = split_layer_name(full)
-        if split:
-            if (split[1], split[2]) in by_layer:
-                raise MergeEngineError(f"{name}: layer {split[1]} '{split[2]}' is ambiguous ('{by_layer[split[1:]]}' "
-                                       f"and '{full}'); tier keys support single-stack language models only")
-            by_layer[split[1], split[2]] = full
+    by_layer = layer_tensor_names(tensors, name, MergeEngineError)
     stacks = {}
     for part in blocks.parts.values():
         for member in part.members:

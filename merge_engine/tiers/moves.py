@@ -34,23 +34,24 @@ def stored(info: TensorInfo) -> Stored:
     return Stored(info.file, info.data_start, info.shape, info.dtype.itemsize)
 
 
-def layer_tensor_names(ckpt: Checkpoint) -> dict[tuple[int, str], str]:
-    """(layer, name within the layer) -> full tensor name."""
+def layer_tensor_names(tensor_names, where: str, error=CheckpointError) -> dict[tuple[int, str], str]:
+    """(layer, name within the layer) -> full tensor name; where names the model in the error (of type error)
+    raised when two tensors claim one place."""
     names: dict[tuple[int, str], str] = {}
-    for name in ckpt.tensors:
+    for name in tensor_names:
         split = split_layer_name(name)
         if split:
             _, layer, suffix = split
             if (layer, suffix) in names:
-                raise CheckpointError(f"{ckpt.path}: layer {layer} '{suffix}' is ambiguous ('{names[layer, suffix]}' "
-                                      f"and '{name}'); tier keys support single-stack language models only")
+                raise error(f"{where}: layer {layer} '{suffix}' is ambiguous ('{names[layer, suffix]}' and '{name}'); "
+                            "tier keys support single-stack language models only")
             names[layer, suffix] = name
     return names
 
 
 def check_tensors(ckpt: Checkpoint, blocks: ModelBlocks) -> dict[tuple[int, str], str]:
     """The names of every tensor the block kinds touch, checked to exist with the expected shape."""
-    names = layer_tensor_names(ckpt)
+    names = layer_tensor_names(ckpt.tensors, ckpt.path)
     for kind in blocks.parts.values():
         for member in kind.members:
             for layer in range(blocks.num_layers):
