@@ -170,7 +170,8 @@ def _model_ref(ref: Any, where: str, problems: list[str], optional: bool = False
         problems.append(f"{where}: expected a model path, got {ref!r}")
         return None
     if "+" in ref and not all(ref.split("+")) or ref.count("+") > 1:
-        problems.append(f"{where}: '{ref}': expected a model folder or BASE+ADAPTER (a LoRA adapter folder)")
+        problems.append(f"{where}: '{ref}': expected a model folder or BASE+ADAPTER (a LoRA adapter or "
+                        "merge_engine patch folder)")
     elif "@" in ref:
         problems.append(f"{where}: '{ref}': revisions (model@rev) are not supported; pass a local folder")
     return ref

@@ -71,8 +71,16 @@ run = subprocess.run(["merge-engine", "linear.yml", "linear_out", "-q"], capture
 assert run.returncode == 0 and os.path.exists("linear_out/config.json") and not run.stderr, run.stderr
 print("merge-engine CONFIG OUT: ok")
 
+for storage in ("bfloat16", "int4", "lora"):
+    for argv in (["extract", base, experts[0], f"patch_{storage}", "--storage", storage],
+                 ["apply", base, f"patch_{storage}", f"patched_{storage}"]):
+        run = subprocess.run(["merge-engine", "patch", *argv, "-q"], capture_output=True, text=True)
+        assert run.returncode == 0 and not run.stderr, (argv, run.stderr)
+print("merge-engine patch extract / apply: ok")
+
 for command in ([], ["fisher"], ["stats"], ["key"], ["key", "generate"], ["key", "apply"], ["key", "remove"],
-                ["key", "recover"], ["key", "report"], ["key", "compare"]):
+                ["key", "recover"], ["key", "report"], ["key", "compare"], ["patch"], ["patch", "extract"],
+                ["patch", "norms"], ["patch", "apply"], ["patch", "remove"], ["patch", "recover"]):
     run = subprocess.run(["merge-engine", *command, "--help"], capture_output=True, text=True)
     assert run.returncode == 0 and "usage:" in run.stdout and not run.stderr, (command, run.stderr)
 print("every command's --help: ok")

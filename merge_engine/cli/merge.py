@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="merge-engine",
         description="Merge model checkpoints described by a mergekit YAML config, streaming tensor by tensor.",
         epilog=f"Methods: {', '.join(REGISTRY)}. See README.md. "
-               "Other commands: merge-engine fisher --help, merge-engine stats --help, merge-engine key --help.")
+               "Other commands: merge-engine fisher --help, merge-engine stats --help, merge-engine key --help, "
+               "merge-engine patch --help.")
     p.add_argument("config", help="merge config (mergekit YAML schema)")
     p.add_argument("out_dir", help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--device", default="auto", help="where the math runs: cpu, cuda, cuda:N or auto (default)")

@@ -38,9 +38,16 @@ _UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "layer_replicati
 
 
 def open_model(ref: str) -> Checkpoint:
-    """The checkpoint a config's model reference names: a folder, or BASE+ADAPTER."""
+    """The checkpoint a config's model reference names: a folder, BASE+ADAPTER, or BASE+PATCH (a merge_engine
+    patch folder, applied at scale 1 while reading: merge_engine.patches.checkpoint)."""
     base, _, adapter = ref.partition("+")
-    return LoraCheckpoint(base, adapter) if adapter else Checkpoint(base)
+    if not adapter:
+        return Checkpoint(base)
+    if not os.path.exists(os.path.join(adapter, CONFIG_FILE)):
+        from merge_engine.patches.checkpoint import PatchedCheckpoint, is_patch
+        if is_patch(adapter):
+            return PatchedCheckpoint(base, adapter)
+    return LoraCheckpoint(base, adapter)
 
 
 @dataclass
@@ -57,8 +64,13 @@ class _Target:
 class LoraCheckpoint(Checkpoint):
     """A base model folder whose tensors are read with a LoRA adapter merged in."""
 
-    def __init__(self, base: str, adapter: str):
-        super().__init__(base)
+    def __init__(self, base: str, adapter: str, headers: Checkpoint | None = None):
+        """headers: the base's tensor table when it is already open (or held in memory: patches/memory.py);
+        the adapter is then checked against it without opening the base folder again."""
+        if headers is None:
+            super().__init__(base)
+        else:
+            self.path, self.tensors, self._fds, self._direct_fds = headers.path, headers.tensors, {}, {}
         self.adapter = os.path.abspath(adapter)
         self.reference = f"{base}+{adapter}"
         config = self._read_config()
@@ -151,18 +163,25 @@ class LoraCheckpoint(Checkpoint):
         if t.replacement:
             weight.copy_(self._weights.get_tensor(t.replacement))
         if t.a:
-            a, b = self._weights.get_tensor(t.a), self._weights.get_tensor(t.b)
-            delta = lora_delta(a, b, weight.dtype, t.scaling, t.embedding or self._fan_in_fan_out,
-                               self._scratch_buffer("product", (b.shape[0], a.shape[1]), weight.dtype))
-            if t.embedding:  # peft rounds an embedding's update to the weight's dtype before adding it
-                weight += delta.to(weight.dtype)
-            elif delta.dtype == weight.dtype:
+            delta = self._delta(t, weight.dtype)
+            if t.embedding or delta.dtype == weight.dtype:
                 weight += delta
             else:  # peft's bf16/fp16 weight += fp32 update: the sum in fp32, rounded once. (A mixed-dtype add
                 # would copy the weight to fp32 in fresh memory first, every tensor.)
                 wide = self._scratch_buffer("weight", tuple(weight.shape), weight.dtype).copy_(weight)
                 weight.copy_(delta.add_(wide))
         return weight
+
+    def delta(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The low-rank update of tensor `name` (a base weight of `dtype`) as peft adds it: in fp32 (fp64 for an
+        fp64 weight), or rounded to `dtype` for an embedding. A fresh tensor."""
+        return self._delta(self.targets[name], dtype, scratch=False)
+
+    def _delta(self, t: _Target, dtype: torch.dtype, scratch: bool = True) -> torch.Tensor:
+        a, b = self._weights.get_tensor(t.a), self._weights.get_tensor(t.b)
+        out = self._scratch_buffer("product", (b.shape[0], a.shape[1]), dtype) if scratch else None
+        delta = lora_delta(a, b, dtype, t.scaling, t.embedding or self._fan_in_fan_out, out)
+        return delta.to(dtype) if t.embedding else delta  # peft rounds an embedding's update before adding it
 
     def _scratch_buffer(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """This read thread's fp32 (fp64 for an fp64 weight) scratch `slot`, grown to the largest shape so far."""

@@ -83,8 +83,8 @@ def compose_checked(keys: Keys, blocks: ModelBlocks, model: str) -> BlockPermuta
 
 def refuse_pending_journal(model_dir: str) -> None:
     if os.path.exists(os.path.join(model_dir, JOURNAL_FILE)):
-        raise CheckpointError(f"{model_dir}: an in-place key operation was interrupted here ({JOURNAL_FILE}); run "
-                              "`merge-engine key recover` on it first")
+        raise CheckpointError(f"{model_dir}: an in-place key or patch operation was interrupted here "
+                              f"({JOURNAL_FILE}); run `merge-engine key recover` (or `patch recover`) on it first")
 
 
 def apply_key(model_dir: str, keys: Keys, out_dir: str, overwrite: bool = False) -> KeyedRun:

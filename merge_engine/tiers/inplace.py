@@ -44,12 +44,12 @@ def remove_key_in_place(model_dir: str, keys: Keys) -> KeyedRun:
 
 def recover(model_dir: str) -> bool:
     """Roll back an interrupted in-place operation; True when there was one."""
-    with _folder_lock(model_dir):
-        return _roll_back_pending(model_dir)
+    with folder_lock(model_dir):
+        return roll_back_pending(model_dir)
 
 
 @contextlib.contextmanager
-def _folder_lock(model_dir: str):
+def folder_lock(model_dir: str):
     try:
         fd = os.open(model_dir, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
@@ -58,14 +58,14 @@ def _folder_lock(model_dir: str):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise OutputError(f"{model_dir}: another in-place key operation is running on this folder") from None
+        raise OutputError(f"{model_dir}: another in-place key or patch operation is running on this folder") from None
     try:
         yield
     finally:
         os.close(fd)  # releases the lock
 
 
-def _roll_back_pending(model_dir: str) -> bool:
+def roll_back_pending(model_dir: str) -> bool:
     partial = os.path.join(model_dir, JOURNAL_FILE + PARTIAL_SUFFIX)
     if os.path.exists(partial):  # the crash came before any weight was touched
         os.unlink(partial)
@@ -73,14 +73,14 @@ def _roll_back_pending(model_dir: str) -> bool:
     if journal is None:
         return False
     journal.roll_back()
-    log.warning("%s: rolled back an interrupted in-place key operation", model_dir)
+    log.warning("%s: rolled back an interrupted in-place key or patch operation", model_dir)
     return True
 
 
 def _in_place(model_dir: str, keys: Keys, invert: bool) -> KeyedRun:
     start = time.perf_counter()
-    with _folder_lock(model_dir):
-        _roll_back_pending(model_dir)
+    with folder_lock(model_dir):
+        roll_back_pending(model_dir)
         ckpt = Checkpoint(model_dir)
         try:
             blocks, perm = resolve(keys, ckpt)
@@ -95,7 +95,7 @@ def _rewrite(ckpt: Checkpoint, moves: dict[str, TensorMove]) -> None:
     order = sorted(moves, key=lambda n: (ckpt.tensors[n].file, ckpt.tensors[n].data_start))
     with OpenFiles(os.O_RDWR) as files:
         for name in order:  # every refusal before the journal exists
-            _open_for_rewrite(files, ckpt.tensors[name].file)
+            open_for_rewrite(files, ckpt.tensors[name].file)
         selections = [(n, stored(ckpt.tensors[n]), moves[n].dim, to_runs(moves[n].dst)) for n in order]
         journal = Journal.write(ckpt.path, selections, files)
         try:
@@ -104,7 +104,7 @@ def _rewrite(ckpt: Checkpoint, moves: dict[str, TensorMove]) -> None:
                 values = _incoming(journal, moves[name], by_place, ckpt.tensors[name].dtype.itemsize)
                 info = ckpt.tensors[name]
                 write_runs(files.fd(info.file), stored(info), moves[name].dim, to_runs(moves[name].dst), values)
-                _test_pause(done)
+                test_pause(done)
             files.sync()
         except BaseException:
             journal.roll_back()
@@ -112,7 +112,7 @@ def _rewrite(ckpt: Checkpoint, moves: dict[str, TensorMove]) -> None:
     journal.discard()
 
 
-def _open_for_rewrite(files: OpenFiles, path: str) -> None:
+def open_for_rewrite(files: OpenFiles, path: str) -> None:
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode) or st.st_nlink > 1:
         raise OutputError(f"{path}: is a {'symbolic' if stat.S_ISLNK(st.st_mode) else 'hard'} link (a Hugging Face "
@@ -136,7 +136,7 @@ def _incoming(journal: Journal, move: TensorMove, by_place: dict, itemsize: int)
     return values
 
 
-def _test_pause(done: int) -> None:
+def test_pause(done: int) -> None:
     if os.environ.get(PAUSE_ENV) == str(done):
         print("paused", file=sys.stderr, flush=True)
         time.sleep(600)

@@ -5,14 +5,15 @@ import sys
 
 import pytest
 
-from merge_engine.cli import fisher, key, merge, stats
+from merge_engine.cli import fisher, key, merge, patch, stats
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
     found = {"merge": merge.build_parser(), "stats": stats.build_parser(), "fisher": fisher.build_parser()}
-    key_parser = found["key"] = key.build_parser()
-    for action in key_parser._subparsers._group_actions:
-        found.update({f"key {name}": sub for name, sub in action.choices.items()})
+    for command, module in (("key", key), ("patch", patch)):
+        parser = found[command] = module.build_parser()
+        for action in parser._subparsers._group_actions:
+            found.update({f"{command} {name}": sub for name, sub in action.choices.items()})
     return found
 
 

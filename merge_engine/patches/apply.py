@@ -1,0 +1,193 @@
+"""Applying and removing patches: into a new folder (streamed), in place (under the tiers' durable journal), or
+in memory (memory.py). Every path computes each tensor with patched_values().
+
+Several patches with their own scales go in one pass: each tensor is rounded once (arithmetic.py). Before a
+patch changes a tensor, the tensor's fingerprint must match the patch's base (unless check_base=False: a
+backbone updated since, or a model already patched); after one exact patch (float storage) is removed at scale 1,
+the result must match the base's fingerprint, else nothing is written (streamed) or everything is rolled back
+(in place). Output folders keep the input's files and layout: untouched tensors are copied byte for byte.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from merge_engine.errors import CheckpointError, OutputError
+from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.raw import tensor_bytes
+from merge_engine.patches import arithmetic as ar
+from merge_engine.patches.format import Patch, open_patch
+from merge_engine.tiers.apply import copy_side_files, refuse_pending_journal
+from merge_engine.tiers.inplace import folder_lock, open_for_rewrite, roll_back_pending, test_pause
+from merge_engine.tiers.journal import Journal
+from merge_engine.tiers.layout import layout_writer
+from merge_engine.tiers.moves import stored
+from merge_engine.tiers.slices import OpenFiles, pwrite_all
+
+PatchArg = str | tuple[str, float]  # a patch folder, or (folder, scale)
+
+
+@dataclass
+class PatchRun:
+    """What one apply or remove did."""
+
+    model: str
+    output: str
+    patches: list[tuple[str, float]]
+    tensors_changed: int
+    seconds: float
+
+    def summary(self) -> str:
+        where = "in place" if self.output == self.model else f"-> {self.output}"
+        used = ", ".join(f"{os.path.basename(p)} x{s:g}" for p, s in self.patches)
+        return f"{self.model} {where}: {used}; {self.tensors_changed} tensors changed in {self.seconds:.2f} s"
+
+
+class PatchSet:
+    """Patches opened against one model, with their scales; sign -1 removes them."""
+
+    def __init__(self, model: Checkpoint, patches: Sequence[PatchArg], sign: int, check: bool):
+        if not patches:
+            raise ValueError("no patch given")
+        self.uses: list[tuple[Patch, float]] = []
+        try:
+            for arg in patches:
+                path, scale = (arg, 1.0) if isinstance(arg, str) else arg
+                self.uses.append((open_patch(path, model), float(scale)))
+        except BaseException:
+            self.close()
+            raise
+        self.sign, self.check = sign, check
+        self.changed = sorted({n for p, _ in self.uses for n in p.tensors},
+                              key=lambda n: (model.tensors[n].file, model.tensors[n].data_start))
+
+    def on(self, name: str) -> list[tuple[Patch, float]]:
+        return [(p, s) for p, s in self.uses if name in p.tensors]
+
+    def values(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return patched_values(name, weight, self.on(name), self.sign, self.check)
+
+    def close(self) -> None:
+        for p, _ in self.uses:
+            p.close()
+
+
+def patched_values(name: str, weight: torch.Tensor, uses: list[tuple[Patch, float]], sign: int,
+                   check: bool) -> torch.Tensor:
+    """Tensor `name` after adding (sign 1) or subtracting (-1) each patch's difference times its scale."""
+    if check and sign > 0:
+        for patch, _ in uses:
+            expected = patch.tensors[name].base_fingerprint
+            if expected and ar.fingerprint(weight) != expected:
+                raise CheckpointError(f"{patch.path}: tensor '{name}' differs from the base this patch was made for "
+                                      "(another model, or one already patched: apply patches together in one "
+                                      "command, or skip the check with --any-base)")
+    out = ar.add_scaled(weight, [(patch.delta(name), sign * scale) for patch, scale in uses])
+    exact = len(uses) == 1 and uses[0][1] == 1.0 and uses[0][0].storage in ar.FLOATS
+    if exact:
+        patch = uses[0][0]
+        fix = patch.fixups(name)
+        if fix is not None:
+            index, base, tuned = fix
+            out.view(-1)[index.to(out.device)] = (tuned if sign > 0 else base).to(out.device)
+        expected = patch.tensors[name].base_fingerprint
+        if check and sign < 0 and expected and ar.fingerprint(out) != expected:
+            raise CheckpointError(f"{patch.path}: removing it from tensor '{name}' does not give back the base it was "
+                                  "made for (was it applied at another scale, with other patches, or to another "
+                                  "model?); pass --any-base to remove it anyway")
+    return out
+
+
+def apply_patches(model_dir: str, patches: Sequence[PatchArg], out_dir: str, check_base: bool = True,
+                  overwrite: bool = False) -> PatchRun:
+    """Write the model with the patches added (each times its scale) to out_dir."""
+    return _stream(model_dir, patches, out_dir, 1, check_base, overwrite)
+
+
+def remove_patches(model_dir: str, patches: Sequence[PatchArg], out_dir: str, check_base: bool = True,
+                   overwrite: bool = False) -> PatchRun:
+    """Write the model with the patches subtracted (each times its scale) to out_dir."""
+    return _stream(model_dir, patches, out_dir, -1, check_base, overwrite)
+
+
+def apply_patches_in_place(model_dir: str, patches: Sequence[PatchArg], check_base: bool = True) -> PatchRun:
+    """Add the patches to the model folder's own files (crash-safe: see merge_engine.tiers.inplace)."""
+    return _in_place(model_dir, patches, 1, check_base)
+
+
+def remove_patches_in_place(model_dir: str, patches: Sequence[PatchArg], check_base: bool = True) -> PatchRun:
+    """Subtract the patches from the model folder's own files (crash-safe)."""
+    return _in_place(model_dir, patches, -1, check_base)
+
+
+def _stream(model_dir: str, patches: Sequence[PatchArg], out_dir: str, sign: int, check: bool,
+            overwrite: bool) -> PatchRun:
+    start = time.perf_counter()
+    ckpt = Checkpoint(model_dir)
+    try:
+        refuse_pending_journal(ckpt.path)
+        if os.path.realpath(out_dir) == os.path.realpath(ckpt.path):
+            raise OutputError(f"{out_dir}: the output folder is the model folder; use --in-place to rewrite it")
+        patch_set = PatchSet(ckpt, patches, sign, check)
+        try:
+            writer = layout_writer(out_dir, ckpt, overwrite)
+            try:
+                for name in sorted(ckpt.tensors, key=lambda n: (ckpt.tensors[n].file, ckpt.tensors[n].data_start)):
+                    tensor = ckpt.read(name)
+                    writer.write(name, patch_set.values(name, tensor) if patch_set.on(name) else tensor)
+                copy_side_files(ckpt.path, writer)
+                writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
+        finally:
+            patch_set.close()
+    finally:
+        ckpt.close()
+    return _run(ckpt.path, writer.out_dir, patch_set, start)
+
+
+def _in_place(model_dir: str, patches: Sequence[PatchArg], sign: int, check: bool) -> PatchRun:
+    start = time.perf_counter()
+    with folder_lock(model_dir):
+        roll_back_pending(model_dir)
+        ckpt = Checkpoint(model_dir)
+        try:
+            patch_set = PatchSet(ckpt, patches, sign, check)
+            try:
+                _rewrite(ckpt, patch_set)
+            finally:
+                patch_set.close()
+        finally:
+            ckpt.close()
+    return _run(ckpt.path, ckpt.path, patch_set, start)
+
+
+def _rewrite(ckpt: Checkpoint, patch_set: PatchSet) -> None:
+    """Journal every tensor the patches change (whole), then rewrite each; any failure rolls everything back."""
+    names = patch_set.changed
+    with OpenFiles(os.O_RDWR) as files:
+        for name in names:  # every refusal before the journal exists
+            open_for_rewrite(files, ckpt.tensors[name].file)
+        whole = [(n, stored(ckpt.tensors[n]), 0, [(0, ckpt.tensors[n].shape[0])]) for n in names]
+        journal = Journal.write(ckpt.path, whole, files)
+        try:
+            for done, name in enumerate(names, 1):
+                info = ckpt.tensors[name]
+                values = patch_set.values(name, ckpt.read(name)).contiguous()
+                pwrite_all(files.fd(info.file), tensor_bytes(values), info.data_start)
+                test_pause(done)
+            files.sync()
+        except BaseException:
+            journal.roll_back()
+            raise
+    journal.discard()
+
+
+def _run(model: str, output: str, patch_set: PatchSet, start: float) -> PatchRun:
+    used = [(p.path, s) for p, s in patch_set.uses]
+    return PatchRun(model, output, used, len(patch_set.changed), time.perf_counter() - start)

@@ -1,0 +1,162 @@
+"""Extracting a patch: the difference TUNED - BASE, tensor by tensor, streamed into a patch folder.
+
+plan (names, layers) -> read base and tuned tensors in file order -> difference -> stored form (float with
+fixups, int8/int4 per row, or low rank: lowrank.py) -> appended to the patch shards -> patch_config.json ->
+the folder is renamed into place. Tensors the fine-tune left unchanged are not stored.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from merge_engine.errors import CheckpointError
+from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.writer import ShardedWriter
+from merge_engine.patches import arithmetic as ar
+from merge_engine.patches.files import AppendedShards, header_room
+from merge_engine.patches.format import PATCH_CONFIG, SHARD_STEM, PatchedTensor, config_text
+from merge_engine.patches.select import (
+    Selection,
+    candidates,
+    chosen_layers,
+    layer_norms,
+    norm_table,
+    read_pairs,
+    select,
+)
+
+STORAGE_CHOICES = (*ar.STORAGES, "lora")
+
+
+@dataclass(frozen=True)
+class StoredRow:
+    """One stored tensor: its bytes in the patch against in the checkpoint, and what storing it lost."""
+
+    name: str
+    patch_bytes: int
+    full_bytes: int
+    relative_error: float  # ||stored - d|| / ||d||, before fixups
+    fixups: int = 0
+    rank: int | None = None
+
+
+@dataclass
+class ExtractReport:
+    base: str
+    tuned: str
+    out: str
+    storage: str
+    rows: list[StoredRow] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (name, why) for tensors not stored
+    checkpoint_bytes: int = 0  # every tensor of TUNED
+    norms: dict | None = None  # per layer, when layers were chosen by norm
+    seconds: float = 0.0
+
+    @property
+    def patch_bytes(self) -> int:
+        return sum(r.patch_bytes for r in self.rows)
+
+    def summary(self) -> str:
+        share = self.patch_bytes / max(self.checkpoint_bytes, 1)
+        fixups = sum(r.fixups for r in self.rows)
+        worst = max((r.relative_error for r in self.rows), default=0.0)
+        return (f"{self.out}: {self.storage} patch of {len(self.rows)} tensors, {self.patch_bytes / 1e6:,.1f} MB "
+                f"({100 * share:.1f}% of the full checkpoint's {self.checkpoint_bytes / 1e6:,.1f} MB); "
+                f"worst relative error {worst:.3g}" + (f", {fixups:,} fixups" if fixups else "")
+                + f"; {len(self.unchanged)} tensors unchanged, {len(self.left_out)} left out; {self.seconds:.2f} s")
+
+    def table(self) -> str:
+        lines = [f"{'tensor':<48} {'patch MB':>9} {'full MB':>9} {'rel. error':>11} {'fixups':>8}"
+                 + ("  rank" if self.storage == "lora" else "")]
+        for r in self.rows:
+            lines.append(f"{r.name[-48:]:<48} {r.patch_bytes / 1e6:9.3f} {r.full_bytes / 1e6:9.3f} "
+                         f"{r.relative_error:11.3g} {r.fixups:8d}" + (f"  {r.rank}" if r.rank is not None else ""))
+        lines += [f"{name[-48:]:<48} left out: {why}" for name, why in self.left_out]
+        return "\n".join(lines)
+
+
+def extract_patch(base: str, tuned: str, out_dir: str, storage: str = "bfloat16", selection: Selection = Selection(),
+                  rank: int | None = None, energy: float | None = None, overwrite: bool = False,
+                  shard_size: int = 5 * 10**9) -> ExtractReport:
+    """Write the patch TUNED - BASE of the selected tensors to out_dir (storage: a float dtype name, int8, int4,
+    or lora with a rank and/or an energy share per module)."""
+    if storage not in STORAGE_CHOICES:
+        raise ValueError(f"storage must be one of {', '.join(STORAGE_CHOICES)}, got {storage!r}")
+    if storage != "lora" and (rank is not None or energy is not None):
+        raise ValueError("rank and energy choose a low-rank patch's size; they need storage='lora'")
+    start = time.perf_counter()
+    b, t = Checkpoint(base), Checkpoint(tuned)
+    try:
+        names = candidates(b, t, selection)
+        norms = layer_norms(b, t, names) if selection.top_norm is not None else None
+        kept = select(names, selection, chosen_layers(selection, norms, t.num_layers))
+        report = ExtractReport(b.path, t.path, os.path.abspath(out_dir), storage, norms=norms,
+                               checkpoint_bytes=sum(i.nbytes for i in t.tensors.values()))
+        report.left_out = [(n, "not selected") for n in names if n not in set(kept)]
+        writer = ShardedWriter(out_dir, [], layout=[], overwrite=overwrite)
+        try:
+            if storage == "lora":
+                from merge_engine.patches.lowrank import write_low_rank
+                stored = write_low_rank(b, t, kept, writer, report, rank, energy)
+            else:
+                stored = _write_dense(b, t, kept, storage, writer, report, shard_size)
+            if not stored:
+                raise CheckpointError(f"{t.path}: equals the base {b.path} in every selected tensor; no patch written")
+            writer.add_file(PATCH_CONFIG, config_text(storage, b.path, stored))
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+    finally:
+        b.close()
+        t.close()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _write_dense(b: Checkpoint, t: Checkpoint, names: list[str], storage: str, writer: ShardedWriter,
+                 report: ExtractReport, shard_size: int) -> list[PatchedTensor]:
+    shards = AppendedShards(writer.tmp_dir, SHARD_STEM, header_room(names, 5), shard_size)
+    stored = []
+    try:
+        for name, base, tuned in read_pairs(b, t, names):
+            d = ar.difference(base, tuned)
+            if not d.any():
+                report.unchanged.append(name)
+                continue
+            written_before = shards.bytes_written
+            if storage in ar.FLOATS:
+                kept = d.to(ar.FLOATS[storage])
+                fix = ar.fixups(base, tuned, kept)
+                shards.add(f"{name}::delta", kept)
+                if len(fix):
+                    shards.add(f"{name}::fix_index", fix)
+                    shards.add(f"{name}::fix_base", base.reshape(-1)[fix])
+                    shards.add(f"{name}::fix_tuned", tuned.reshape(-1)[fix])
+                error = _relative_error(kept.to(d.dtype), d)
+            else:
+                q, scale = ar.quantize_rows(d, storage)
+                shards.add(f"{name}::q", q)
+                shards.add(f"{name}::scale", scale)
+                fix = ()
+                error = _relative_error(ar.dequantize_rows(q, scale, storage, d.shape).to(d.dtype), d)
+            stored.append(PatchedTensor(name, tuple(base.shape), base.dtype, ar.fingerprint(base),
+                                        ar.fingerprint(tuned), len(fix)))
+            report.rows.append(StoredRow(name, shards.bytes_written - written_before, b.tensors[name].nbytes, error,
+                                         len(fix)))
+        shards.finish()
+    except BaseException:
+        shards.abort()
+        raise
+    return stored
+
+
+def _relative_error(stored: torch.Tensor, d: torch.Tensor) -> float:
+    return float((stored - d).norm() / d.norm())
+
+
+__all__ = ["ExtractReport", "Selection", "StoredRow", "extract_patch", "norm_table"]

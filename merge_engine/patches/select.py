@@ -1,0 +1,127 @@
+"""Which tensors a patch stores, and the per-layer norms of a fine-tune's difference that help choose them.
+
+Name filters are substrings, as mergekit's parameter filters match. Layer selectors keep the tensors of chosen
+layers (the first N, or the fewest layers carrying a share of the squared difference norm, largest first, as
+"Robust Weight Signatures" found the difference concentrated in few layers); with a layer selector, tensors
+outside the layers (embeddings, final norm, head) are kept only when asked (outside_layers).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from merge_engine.errors import CheckpointError
+from merge_engine.io.checkpoint import Checkpoint, split_layer_name
+from merge_engine.patches.arithmetic import difference
+
+OUTSIDE_LAYERS = None  # the layer key of embeddings, final norms and heads
+
+
+@dataclass(frozen=True)
+class Selection:
+    include: tuple[str, ...] = ()  # substrings; empty: every tensor
+    exclude: tuple[str, ...] = ()
+    first_layers: int | None = None
+    top_norm: float | None = None  # a share in (0, 1]
+    outside_layers: bool = False  # with a layer selector: keep the tensors outside the layers too
+
+    def __post_init__(self):
+        if self.first_layers is not None and self.top_norm is not None:
+            raise ValueError("choose layers by first_layers or by top_norm, not both")
+        if self.first_layers is not None and self.first_layers < 1:
+            raise ValueError(f"first_layers must be at least 1, got {self.first_layers}")
+        if self.top_norm is not None and not 0 < self.top_norm <= 1:
+            raise ValueError(f"top_norm is a share of the difference norm in (0, 1], got {self.top_norm}")
+
+    @property
+    def by_layer(self) -> bool:
+        return self.first_layers is not None or self.top_norm is not None
+
+    def named(self, name: str) -> bool:
+        included = any(s in name for s in self.include) if self.include else True
+        return included and not any(s in name for s in self.exclude)
+
+
+def layer_of(name: str) -> int | None:
+    split = split_layer_name(name)
+    return split[1] if split else OUTSIDE_LAYERS
+
+
+def candidates(base: Checkpoint, tuned: Checkpoint, selection: Selection) -> list[str]:
+    """Floating-point tensors the name filters keep, checked to match between the two checkpoints (in file order)."""
+    names = [n for n in sorted(tuned.tensors, key=lambda n: (tuned.tensors[n].file, tuned.tensors[n].data_start))
+             if selection.named(n) and tuned.tensors[n].dtype.is_floating_point and tuned.tensors[n].shape]
+    missing = [n for n in names if n not in base.tensors]
+    if missing:
+        raise CheckpointError(f"{tuned.path}: tensor '{missing[0]}' is not in the base {base.path}"
+                              + (f" (nor are {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    for n in names:
+        b, t = base.tensors[n], tuned.tensors[n]
+        if (b.shape, b.dtype) != (t.shape, t.dtype):
+            raise CheckpointError(f"{t.file}: tensor '{n}' is {t.dtype} {list(t.shape)} but {b.dtype} "
+                                  f"{list(b.shape)} in the base {b.file}")
+    if not names:
+        raise CheckpointError(f"{tuned.path}: no floating-point tensor matches the name filters")
+    return names
+
+
+def read_pairs(base: Checkpoint, tuned: Checkpoint, names: list[str]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, base tensor, tuned tensor) in order; the next pair is read while the caller works on this one."""
+    def read(name):
+        return base.read(name), tuned.read(name)
+
+    with ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(read, names[0]) if names else None
+        for i, name in enumerate(names):
+            pair = ahead.result()
+            ahead = pool.submit(read, names[i + 1]) if i + 1 < len(names) else None
+            yield name, *pair
+
+
+def layer_norms(base: Checkpoint, tuned: Checkpoint, names: list[str]) -> dict[int | None, float]:
+    """Squared Frobenius norm of TUNED - BASE per layer (None: the tensors outside the layers)."""
+    norms: dict[int | None, float] = {}
+    for name, b, t in read_pairs(base, tuned, names):
+        layer = layer_of(name)
+        norms[layer] = norms.get(layer, 0.0) + float(difference(b, t).square().sum())
+    return norms
+
+
+def chosen_layers(selection: Selection, norms: dict[int | None, float] | None, num_layers: int) -> set[int] | None:
+    """The layers a layer selector keeps; None when there is no layer selector."""
+    if selection.first_layers is not None:
+        return set(range(selection.first_layers))
+    if selection.top_norm is None:
+        return None
+    ranked = sorted(((sq, layer) for layer, sq in norms.items() if layer is not OUTSIDE_LAYERS), reverse=True)
+    total, kept, layers = sum(sq for sq, _ in ranked), 0.0, set()
+    for sq, layer in ranked:
+        if total and kept >= selection.top_norm * total:
+            break
+        layers.add(layer)
+        kept += sq
+    return layers
+
+
+def select(names: list[str], selection: Selection, layers: set[int] | None) -> list[str]:
+    """The candidates a layer selector keeps (all of them without one)."""
+    if layers is None:
+        return names
+    return [n for n in names if layer_of(n) in layers or (layer_of(n) is OUTSIDE_LAYERS and selection.outside_layers)]
+
+
+def norm_table(norms: dict[int | None, float]) -> str:
+    """Per layer: the difference's norm, its share of the squared norm, and the cumulative share in layer order."""
+    total = sum(norms.values()) or 1.0
+    lines = [f"{'layer':>8} {'norm':>12} {'share':>8} {'cumulative':>11}"]
+    cumulative = 0.0
+    for layer in sorted((k for k in norms if k is not OUTSIDE_LAYERS)) + ([OUTSIDE_LAYERS] if OUTSIDE_LAYERS in norms
+                                                                         else []):
+        share = norms[layer] / total
+        cumulative += share
+        label = "other" if layer is OUTSIDE_LAYERS else str(layer)
+        lines.append(f"{label:>8} {norms[layer] ** 0.5:12.5g} {100 * share:7.2f}% {100 * cumulative:10.2f}%")
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""`merge-engine patch ...`: the happy paths, and errors that exit 2 with one line naming what is at fault."""
+import os
+
+import pytest
+import torch
+
+from merge_engine.cli import main
+from tests.patches.conftest import read_all, same_bits
+from tests.tiers.conftest import same_files
+
+
+def patch_command(argv: list[str]) -> int:
+    return main(["patch", *argv])
+
+
+def test_extract_apply_remove_norms(models, tmp_path, capsys):
+    m = models(torch.bfloat16)
+    p, p8 = str(tmp_path / "p"), str(tmp_path / "p8")
+    assert patch_command(["extract", m["base"], m["tuned"], p, "--table"]) == 0
+    out = capsys.readouterr().out
+    assert "bfloat16 patch of" in out and "% of the full checkpoint" in out and "rel. error" in out
+    assert patch_command(["extract", m["base"], m["tuned2"], p8, "--storage", "int8", "--top-norm", "0.5",
+                          "--outside-layers", "-q"]) == 0
+    assert capsys.readouterr().out == ""
+    assert patch_command(["norms", m["base"], m["tuned"]]) == 0
+    assert "cumulative" in capsys.readouterr().out
+
+    applied = str(tmp_path / "applied")
+    assert patch_command(["apply", m["base"], p, applied]) == 0
+    assert "tensors changed" in capsys.readouterr().out
+    assert same_bits(read_all(applied), read_all(m["tuned"]))
+    assert patch_command(["remove", applied, p, str(tmp_path / "removed"), "-q"]) == 0
+    same_files(m["base"], str(tmp_path / "removed"))
+    both = str(tmp_path / "both")
+    assert patch_command(["apply", m["base"], p, p8, both, "--scale", "0.5", "2", "-q"]) == 0
+    assert patch_command(["remove", both, p, p8, "--in-place", "--scale", "0.5", "2", "--any-base", "-q"]) == 0
+    assert patch_command(["recover", both]) == 0
+    assert "nothing to recover" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["apply", "{base}", "{p}", "{out}", "--scale", "1", "2"], "--scale takes one value per patch"),
+    (["apply", "{base}", "{out}"], "needs MODEL PATCH"),
+    (["extract", "{base}", "{tuned}", "{out}", "--rank", "4"], "use them with --storage lora"),
+    (["extract", "{base}", "{tuned}", "{out}", "--top-norm", "1.5"], "expected a share in (0, 1]"),
+    (["apply", "{other}", "{p}", "{out}"], "differs from the base this patch was made for"),
+    (["apply", "{base}", "{base}", "{out}"], "no patch_config.json"),
+])
+def test_errors_are_one_line_and_leave_nothing(models, tmp_path, capsys, argv, message):
+    m = models(torch.bfloat16)
+    p = str(tmp_path / "p")
+    assert patch_command(["extract", m["base"], m["tuned"], p, "-q"]) == 0
+    names = dict(base=m["base"], tuned=m["tuned"], other=m["other"], p=p, out=str(tmp_path / "out"))
+    try:
+        status = patch_command([a.format(**names) for a in argv])
+    except SystemExit as e:  # argparse's usage errors
+        status = e.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "out")

@@ -1,0 +1,77 @@
+"""Patches applied and removed in place: the same bytes as the streamed commands, exact restores, and an in-place
+apply killed mid-way rolled back by `patch recover`."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from merge_engine.errors import CheckpointError
+from merge_engine.patches import apply_patches, apply_patches_in_place, extract_patch, recover, remove_patches_in_place
+from merge_engine.tiers.inplace import PAUSE_ENV
+from merge_engine.tiers.journal import JOURNAL_FILE
+from tests.patches.conftest import read_all, same_bits
+from tests.tiers.conftest import same_files
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def patched(models, tmp_path_factory):
+    m = models(torch.bfloat16)
+    root = tmp_path_factory.mktemp("inplace")
+    extract_patch(m["base"], m["tuned"], str(root / "p"))
+    apply_patches(m["base"], [(str(root / "p"), 0.5)], str(root / "streamed"))
+    return m, str(root / "p"), str(root / "streamed")
+
+
+def test_in_place_equals_streamed_and_remove_restores_the_files(patched, tmp_path):
+    m, patch, streamed = patched
+    work = str(shutil.copytree(m["base"], tmp_path / "work"))
+    run = apply_patches_in_place(work, [(patch, 0.5)])
+    assert run.output == run.model and run.tensors_changed == len(read_all(m["base"]))
+    same_files(streamed, work)  # same layout, same bytes
+    exact = str(shutil.copytree(m["base"], tmp_path / "exact"))
+    apply_patches_in_place(exact, [patch])
+    assert same_bits(read_all(exact), read_all(m["tuned"]))
+    remove_patches_in_place(exact, [patch])
+    same_files(m["base"], exact)  # one float patch at scale 1: the exact bytes back
+
+
+def test_a_refused_in_place_apply_changes_nothing(patched, tmp_path):
+    m, patch, _ = patched
+    work = str(shutil.copytree(m["other"], tmp_path / "work"))
+    with pytest.raises(CheckpointError, match="differs from the base"):
+        apply_patches_in_place(work, [patch])
+    same_files(m["other"], work)
+
+
+def test_killed_in_place_apply_is_rolled_back_by_recover(patched, tmp_path):
+    m, patch, _ = patched
+    work = str(shutil.copytree(m["base"], tmp_path / "work"))
+    env = dict(os.environ, **{PAUSE_ENV: "3"}, PYTHONPATH=REPO)
+    proc = subprocess.Popen([sys.executable, "-m", "merge_engine", "patch", "apply", work, patch, "--in-place"],
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    watchdog = threading.Timer(120, proc.kill)
+    watchdog.start()
+    try:
+        lines = []
+        while not lines or lines[-1].strip() != "paused":
+            lines.append(proc.stderr.readline())
+            assert lines[-1], f"the apply ended before pausing: {''.join(lines)}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        watchdog.cancel()
+        proc.stderr.close()
+    assert os.path.exists(os.path.join(work, JOURNAL_FILE))
+    assert not same_bits(read_all(work), read_all(m["base"]))  # half-patched
+    with pytest.raises(CheckpointError, match="recover"):
+        apply_patches(work, [patch], str(tmp_path / "out"))
+    assert recover(work) is True
+    same_files(m["base"], work)
+    assert recover(work) is False

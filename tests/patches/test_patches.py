@@ -1,0 +1,216 @@
+"""Extract, apply, remove and compose patches through files; a patch as a merge input; patches in memory."""
+import json
+import os
+
+import pytest
+import torch
+
+from merge_engine import MergeOptions, merge, parse_config
+from merge_engine.errors import CheckpointError
+from merge_engine.patches import (
+    Selection,
+    apply_patches,
+    apply_patches_in_memory,
+    extract_patch,
+    remove_patches,
+    remove_patches_in_memory,
+)
+from merge_engine.patches import arithmetic as ar
+from merge_engine.patches.select import layer_of
+from tests.conftest import ulp
+from tests.patches.conftest import SHAPE, read_all, same_bits
+
+
+@pytest.fixture(scope="module")
+def bf16(models, tmp_path_factory):
+    """The bf16 models and a bf16 patch of each fine-tune."""
+    m = dict(models(torch.bfloat16))
+    root = tmp_path_factory.mktemp("bf16_patches")
+    for tuned in ("tuned", "tuned2"):
+        m[f"p_{tuned}"] = str(root / f"p_{tuned}")
+        extract_patch(m["base"], m[tuned], m[f"p_{tuned}"])
+    return m
+
+
+@pytest.mark.parametrize("dtype,storage", [(torch.bfloat16, "bfloat16"), (torch.float32, "float32"),
+                                           (torch.float32, "bfloat16")])
+def test_float_patch_reproduces_the_fine_tune_and_the_base_bit_for_bit(models, tmp_path, dtype, storage):
+    m = models(dtype)
+    report = extract_patch(m["base"], m["tuned"], str(tmp_path / "p"), storage)
+    assert len(report.rows) == len(read_all(m["base"])) and not report.unchanged
+    apply_patches(m["base"], [str(tmp_path / "p")], str(tmp_path / "applied"))
+    assert same_bits(read_all(str(tmp_path / "applied")), read_all(m["tuned"]))
+    remove_patches(str(tmp_path / "applied"), [str(tmp_path / "p")], str(tmp_path / "removed"))
+    assert same_bits(read_all(str(tmp_path / "removed")), read_all(m["base"]))
+    assert os.path.exists(tmp_path / "applied" / "config.json")  # side files follow the weights
+
+
+def test_a_bf16_patch_of_a_small_fine_tune_needs_few_fixups(bf16, tmp_path):
+    report = extract_patch(bf16["base"], bf16["tuned"], str(tmp_path / "p"))
+    elements = sum(t.numel() for t in read_all(bf16["base"]).values())
+    assert sum(r.fixups for r in report.rows) < 0.05 * elements
+    assert report.patch_bytes < 1.3 * report.checkpoint_bytes
+
+
+@pytest.mark.parametrize("storage", ["int8", "int4"])
+def test_quantized_patch_is_within_its_row_bound(bf16, tmp_path, storage):
+    """apply(base, q) - tuned: the row's quantization bound (arithmetic.py) plus one bf16 rounding of the sum."""
+    report = extract_patch(bf16["base"], bf16["tuned"], str(tmp_path / "p"), storage)
+    apply_patches(bf16["base"], [str(tmp_path / "p")], str(tmp_path / "applied"))
+    base, tuned, applied = read_all(bf16["base"]), read_all(bf16["tuned"]), read_all(str(tmp_path / "applied"))
+    qmax = ar.QUANTIZED[storage]
+    for name in tuned:
+        d = ar.as_rows(ar.difference(base[name], tuned[name])).double()
+        step = d.abs().amax(1, keepdim=True) / qmax
+        bound = step * (0.5 + 4 * qmax * 2.0**-24) + ulp(ar.as_rows(tuned[name]), torch.bfloat16) / 2 \
+            + ulp(ar.as_rows(applied[name]), torch.bfloat16) / 2
+        assert ((ar.as_rows(applied[name]).double() - ar.as_rows(tuned[name]).double()).abs() <= bound).all(), name
+    # one byte (int8) or half a byte (int4) per element, plus an fp32 scale per row
+    assert report.patch_bytes == sum(rows * cols + 4 * rows for rows, cols in
+                                     (ar.quantized_shape(tuple(t.shape), storage) for t in tuned.values()))
+
+
+def test_patches_compose_in_any_order_within_one_rounding(bf16, tmp_path):
+    p1, p2 = bf16["p_tuned"], bf16["p_tuned2"]
+    apply_patches(bf16["base"], [(p1, 0.5), (p2, 0.7)], str(tmp_path / "a"))
+    apply_patches(bf16["base"], [(p2, 0.7), (p1, 0.5)], str(tmp_path / "b"))
+    apply_patches(bf16["base"], [(p1, 0.5)], str(tmp_path / "step1"))
+    apply_patches(str(tmp_path / "step1"), [(p2, 0.7)], str(tmp_path / "step2"), check_base=False)
+    a, b, step1, two_steps = (read_all(str(tmp_path / n)) for n in ("a", "b", "step1", "step2"))
+    base, t1, t2 = read_all(bf16["base"]), read_all(bf16["tuned"]), read_all(bf16["tuned2"])
+    for name in a:
+        x, y, z = a[name].double(), b[name].double(), two_steps[name].double()
+        # the fp32 sums differ by a few fp32 ulps of their terms (which may cancel: the result can be ~0)
+        terms = base[name].double().abs() + 0.5 * (t1[name].double() - base[name].double()).abs() \
+            + 0.7 * (t2[name].double() - base[name].double()).abs()
+        fp32 = 4 * 2.0**-24 * terms
+        # one pass: then one rounding, <= 1 bf16 ulp between orders; two passes round twice (half an ulp of the
+        # intermediate, then of the result): within 1.5 ulps of the largest magnitude
+        assert ((x - y).abs() <= ulp(torch.maximum(x.abs(), y.abs()), torch.bfloat16) + fp32).all(), name
+        big = torch.maximum(torch.maximum(x.abs(), z.abs()), step1[name].double().abs())
+        assert ((x - z).abs() <= 1.5 * ulp(big, torch.bfloat16) + fp32).all(), name
+    assert any(not torch.equal(a[n], base[n]) for n in a)
+
+
+def test_rescaled_apply_then_remove_is_within_one_ulp(bf16, tmp_path):
+    """bf16 addition is not invertible: apply at 0.5 then remove at 0.5 rounds twice, each time by at most half an
+    ulp of the result, so the base comes back within one ulp."""
+    p = bf16["p_tuned"]
+    apply_patches(bf16["base"], [(p, 0.5)], str(tmp_path / "a"))
+    remove_patches(str(tmp_path / "a"), [(p, 0.5)], str(tmp_path / "r"), check_base=False)
+    base, back, half = read_all(bf16["base"]), read_all(str(tmp_path / "r")), read_all(str(tmp_path / "a"))
+    for name in base:
+        b, r = base[name].double(), back[name].double()
+        assert ((b - r).abs() <= ulp(torch.maximum(b.abs(), half[name].double().abs()), torch.bfloat16)).all()
+
+
+def test_a_patch_for_another_base_is_refused_by_name(bf16, models, tmp_path):
+    with pytest.raises(CheckpointError, match=r"p_tuned: tensor '.+' differs from the base"):
+        apply_patches(bf16["other"], [bf16["p_tuned"]], str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+    apply_patches(bf16["other"], [bf16["p_tuned"]], str(tmp_path / "forced"), check_base=False)  # on request
+    with pytest.raises(CheckpointError, match=r"was bfloat16 \[.+\] in the patch's base but is float32"):
+        apply_patches(models(torch.float32)["base"], [bf16["p_tuned"]], str(tmp_path / "out"))
+    with pytest.raises(CheckpointError, match="does not give back the base"):
+        remove_patches(bf16["tuned2"], [bf16["p_tuned"]], str(tmp_path / "out"))
+
+
+def test_unchanged_tensors_are_not_stored_and_identical_models_refused(bf16, tmp_path):
+    half = str(tmp_path / "half")
+    apply_patches(bf16["base"], [(bf16["p_tuned"], 1.0)], half)
+    partial = str(tmp_path / "layer0")  # a fine-tune that changed layer 0 only
+    report = extract_patch(bf16["base"], bf16["tuned"], str(tmp_path / "p0"), selection=Selection(first_layers=1))
+    assert {layer_of(r.name) for r in report.rows} == {0}
+    apply_patches(bf16["base"], [str(tmp_path / "p0")], partial)
+    again = extract_patch(bf16["base"], partial, str(tmp_path / "again"))
+    assert {r.name for r in again.rows} == {r.name for r in report.rows}
+    assert set(again.unchanged) == set(read_all(bf16["base"])) - {r.name for r in report.rows}
+    with pytest.raises(CheckpointError, match="equals the base"):
+        extract_patch(bf16["base"], bf16["base"], str(tmp_path / "none"))
+    assert not os.path.exists(tmp_path / "none")
+
+
+def test_top_norm_keeps_the_fewest_layers_carrying_the_share(bf16, tmp_path):
+    base, tuned = read_all(bf16["base"]), read_all(bf16["tuned"])
+    norms = {}
+    for name in base:
+        if layer_of(name) is not None:
+            norms[layer_of(name)] = norms.get(layer_of(name), 0) + float((tuned[name].double() - base[name].double())
+                                                                         .square().sum())
+    ranked = sorted(norms, key=norms.get, reverse=True)
+    share = (norms[ranked[0]] + norms[ranked[1]] / 2) / sum(norms.values())  # needs exactly the top two layers
+    report = extract_patch(bf16["base"], bf16["tuned"], str(tmp_path / "p"), selection=Selection(top_norm=share))
+    assert {layer_of(r.name) for r in report.rows} == set(ranked[:2])
+    report = extract_patch(bf16["base"], bf16["tuned"], str(tmp_path / "q"),
+                           selection=Selection(exclude=("norm",), top_norm=share, outside_layers=True))
+    assert {r.name for r in report.rows} == {n for n in base if layer_of(n) in (*ranked[:2], None) and "norm" not in n}
+
+
+def test_a_patch_as_merge_input_equals_the_merge_of_the_rebuilt_checkpoint(bf16, tmp_path):
+    rebuilt = {}
+    for tuned in ("tuned", "tuned2"):
+        rebuilt[tuned] = str(tmp_path / f"rebuilt_{tuned}")
+        apply_patches(bf16["base"], [bf16[f"p_{tuned}"]], rebuilt[tuned])
+
+    def ties(refs):
+        return parse_config({"merge_method": "ties", "base_model": bf16["base"], "dtype": "bfloat16",
+                             "parameters": {"normalize": True},
+                             "models": [{"model": r, "parameters": {"weight": 0.6, "density": 0.5}} for r in refs]})
+
+    merge(ties([f"{bf16['base']}+{bf16[f'p_{t}']}" for t in rebuilt]), str(tmp_path / "from_patches"),
+          MergeOptions(device="cpu", quiet=True))
+    merge(ties(list(rebuilt.values())), str(tmp_path / "from_folders"), MergeOptions(device="cpu", quiet=True))
+    assert same_bits(read_all(str(tmp_path / "from_patches")), read_all(str(tmp_path / "from_folders")))
+
+
+def test_patches_in_memory_match_the_files(bf16, tmp_path):
+    state = read_all(bf16["base"])
+    p1, p2 = bf16["p_tuned"], bf16["p_tuned2"]
+    assert apply_patches_in_memory(state, [(p1, 0.5), (p2, 1.0)]) == len(state)
+    apply_patches(bf16["base"], [(p1, 0.5), (p2, 1.0)], str(tmp_path / "files"))
+    assert same_bits(state, read_all(str(tmp_path / "files")))
+    with pytest.raises(CheckpointError, match="differs from the base"):  # refused before any tensor changes
+        apply_patches_in_memory(state, [p1])
+    assert same_bits(state, read_all(str(tmp_path / "files")))
+    exact = read_all(bf16["base"])
+    apply_patches_in_memory(exact, [p1])
+    assert same_bits(exact, read_all(bf16["tuned"]))
+    remove_patches_in_memory(exact, [p1])
+    assert same_bits(exact, read_all(bf16["base"]))
+
+
+def test_patches_on_a_live_transformers_model(bf16):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(bf16["base"], torch_dtype=torch.bfloat16)
+    apply_patches_in_memory(model, [bf16["p_tuned"]])
+    tuned = read_all(bf16["tuned"])
+    state = model.state_dict()
+    assert all(torch.equal(state[n].view(torch.int16), tuned[n].view(torch.int16)) for n in tuned)
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda c: c.update(format="x"), "not a merge_engine patch config"),
+    (lambda c: c.update(version=2), "version 2"),
+    (lambda c: c.update(storage="int3"), "storage 'int3'"),
+    (lambda c: next(iter(c["tensors"].values())).update(shape=[2, "x"]), "shape must be"),
+    (lambda c: next(iter(c["tensors"].values())).update(fixups=-1), "fixups must be a count"),
+    (lambda c: next(iter(c["tensors"].values())).update(base_fingerprint="zz"), "32 hex digits"),
+    (lambda c: next(t for t in c["tensors"].values() if not t["fixups"]).update(fixups=3), "lack '.+::fix_index'"),
+    (lambda c: c["tensors"].pop(next(iter(c["tensors"]))), "which patch_config.json does not describe"),
+])
+def test_damaged_patch_folders_are_refused_before_reading_weights(bf16, tmp_path, damage, match):
+    import shutil
+    patch = shutil.copytree(bf16["p_tuned"], tmp_path / "p")
+    config = json.loads((patch / "patch_config.json").read_text())
+    damage(config)
+    (patch / "patch_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=match):
+        apply_patches(bf16["base"], [str(patch)], str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_patch_for_other_shapes_is_refused(tmp_path, bf16):
+    from merge_engine.demo import make_synthetic_llama
+    wider = make_synthetic_llama(str(tmp_path / "wider"), **dict(SHAPE, hidden=40), seed=0)
+    with pytest.raises(CheckpointError, match=r"tensor '.+' was bfloat16 \[.+\] in the patch's base but is"):
+        apply_patches(wider, [bf16["p_tuned"]], str(tmp_path / "out"))
