@@ -8,6 +8,7 @@ import sys
 import warnings
 
 from merge_engine.dtypes import STATS_DTYPES
+from merge_engine.errors import MergeEngineError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMbBgGtT]?)\s*$")
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
@@ -53,6 +54,22 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_quiet_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+
+
+def subcommand(sub, name: str, what: str, usage: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose own --help says what it does, as the list of its command's --help does."""
+    return sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".", usage=usage)
+
+
+def run_subcommand(parser: argparse.ArgumentParser, commands: dict, argv: list[str]) -> int:
+    """Parse argv and run commands[args.command](args, parser); an OSError on a file the command reads or
+    writes is reported like the engine's own errors (one line, exit 2)."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return commands[args.command](args, parser)
+    except OSError as e:
+        raise MergeEngineError(str(e)) from e
 
 
 def setup_logging(quiet: bool, verbose: bool = False) -> None:

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 
-from merge_engine.cli.args import add_model_arguments, positive_int
+from merge_engine.cli.args import add_model_arguments, positive_int, run_subcommand, subcommand
 from merge_engine.dtypes import dtype_named
-from merge_engine.errors import CheckpointError, MergeEngineError
+from merge_engine.errors import CheckpointError
 from merge_engine.extras import require
 from merge_engine.tiers.apply import apply_key, remove_key
 from merge_engine.tiers.blocks import BLOCK_KINDS, model_blocks
@@ -36,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="merge-engine key", description="Tier keys: swaps of attention heads and MLP "
                                 "columns across layers that turn a public model into a keyed one and back.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
-    g = _subcommand(sub, "generate", "derive a key from a secret for a model")
+    g = subcommand(sub, "generate", "derive a key from a secret for a model")
     g.add_argument("config", metavar="CONFIG_OR_MODEL", help="config.json, or a model folder holding one")
     g.add_argument("out", metavar="OUT.json", help="key file to write (owner-readable only)")
     secret = g.add_mutually_exclusive_group(required=True)
@@ -59,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-q", "--quiet", action="store_true", help="no summary of the key written")
     for name, what in (("apply", "key a model: apply keys, in the order given (tiers)"),
                        ("remove", "unkey a model: remove keys, listed in the order they were applied")):
-        a = _subcommand(sub, name, what, usage="%(prog)s [-h] [--in-place] [--overwrite] [-q] "
+        a = subcommand(sub, name, what, usage="%(prog)s [-h] [--in-place] [--overwrite] [-q] "
                                                  "MODEL KEY [KEY2 ...] (OUT | --in-place)")
         a.add_argument("paths", nargs="+", metavar="MODEL KEY [KEY2 ...] OUT",
                        help="model folder, key files, and the output folder (left out with --in-place)")
@@ -67,12 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "instead of writing OUT")
         a.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
         a.add_argument("-q", "--quiet", action="store_true", help="no summary of the tensors rewritten")
-    r = _subcommand(sub, "recover", "roll back an interrupted --in-place apply or remove")
+    r = subcommand(sub, "recover", "roll back an interrupted --in-place apply or remove")
     r.add_argument("model", help="model folder an interrupted --in-place command left a journal in")
-    rep = _subcommand(sub, "report", "parameters a key moves, per layer")
+    rep = subcommand(sub, "report", "parameters a key moves, per layer")
     rep.add_argument("model", help="model folder the keys were made for")
     rep.add_argument("keys", nargs="+", metavar="KEY", help="key files, in the order they are applied")
-    c = _subcommand(sub, "compare", "public vs keyed next-token distributions on prompts (KL, top-1 agreement)",
+    c = subcommand(sub, "compare", "public vs keyed next-token distributions on prompts (KL, top-1 agreement)",
                     usage="%(prog)s [-h] [options] MODEL KEY [KEY2 ...] PROMPTS")
     c.add_argument("paths", nargs="+", metavar="MODEL KEY [KEY2 ...] PROMPTS",
                    help="model folder (with a tokenizer), keys in the order applied, prompts file: plain text (one "
@@ -84,19 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _subcommand(sub, name: str, what: str, usage: str | None = None) -> argparse.ArgumentParser:
-    """A subcommand whose own --help says what it does, as the list of `key --help` does."""
-    return sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".", usage=usage)
-
-
 def run(argv: list[str]) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return COMMANDS[args.command](args, parser)
-    except OSError as e:  # a file the key commands read or write, reported like the engine's own errors
-        raise MergeEngineError(str(e)) from e
+    return run_subcommand(build_parser(), COMMANDS, argv)
 
 
 def _generate(args, parser) -> int:

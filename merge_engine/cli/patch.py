@@ -13,9 +13,8 @@ Errors exit with status 2 and one line `merge-engine: error: ...` (merge_engine.
 from __future__ import annotations
 
 import argparse
-import logging
 
-from merge_engine.errors import MergeEngineError
+from merge_engine.cli.args import positive_int, run_subcommand, subcommand
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.patches.apply import apply_patches, apply_patches_in_place, remove_patches, remove_patches_in_place
 from merge_engine.patches.extract import STORAGE_CHOICES, extract_patch
@@ -30,18 +29,11 @@ def _share(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="merge-engine patch", description="Weight patches: a fine-tune's difference "
                                 "to its base, stored compactly, applied, rescaled, composed and removed.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
-    e = _subcommand(sub, "extract", "store TUNED - BASE as a patch folder")
+    e = subcommand(sub, "extract", "store TUNED - BASE as a patch folder")
     e.add_argument("base", metavar="BASE", help="the base model folder")
     e.add_argument("tuned", metavar="TUNED", help="the fine-tuned model folder (same tensor names and shapes)")
     e.add_argument("out", metavar="OUT", help="patch folder to write (must not exist or be empty, unless "
@@ -49,13 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--storage", choices=STORAGE_CHOICES, default="bfloat16", help="how differences are stored: a "
                    "float dtype (exact at scale 1, with fixups; default bfloat16), int8 or int4 with a scale per row, "
                    "or lora (a PEFT LoRA adapter folder, low rank per linear weight)")
-    e.add_argument("--rank", type=_count, default=None, help="lora: the rank kept per module (32 unless --energy "
+    e.add_argument("--rank", type=positive_int, default=None, help="lora: the rank kept per module (32 unless --energy "
                    "is given; with --energy, the most a module keeps)")
     e.add_argument("--energy", type=_share, default=None, help="lora: keep the fewest singular values holding this "
                    "share of each module's squared difference norm")
     _add_filters(e)
     layers = e.add_mutually_exclusive_group()
-    layers.add_argument("--first-layers", type=_count, default=None, metavar="N", help="store only layers 0..N-1")
+    layers.add_argument("--first-layers", type=positive_int, default=None, metavar="N", help="store only layers 0..N-1")
     layers.add_argument("--top-norm", type=_share, default=None, metavar="SHARE", help="store only the fewest "
                         "layers carrying this share of the squared difference norm (reads the inputs twice)")
     e.add_argument("--outside-layers", action="store_true", help="with --first-layers or --top-norm: store the "
@@ -63,13 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     e.add_argument("--table", action="store_true", help="print every stored tensor's size and error")
     e.add_argument("-q", "--quiet", action="store_true", help="no summary")
-    n = _subcommand(sub, "norms", "print the norm of TUNED - BASE per layer (to choose --first-layers or --top-norm)")
+    n = subcommand(sub, "norms", "print the norm of TUNED - BASE per layer (to choose --first-layers or --top-norm)")
     n.add_argument("base", metavar="BASE", help="the base model folder")
     n.add_argument("tuned", metavar="TUNED", help="the fine-tuned model folder")
     _add_filters(n)
     for name, what in (("apply", "add patches to a model, each times its scale, in one pass"),
                        ("remove", "subtract patches from a model, each times the scale it was applied with")):
-        a = _subcommand(sub, name, what, usage="%(prog)s [-h] [--scale S ...] [--any-base] [--in-place] "
+        a = subcommand(sub, name, what, usage="%(prog)s [-h] [--scale S ...] [--any-base] [--in-place] "
                                                  "[--overwrite] [-q] MODEL PATCH [PATCH2 ...] (OUT | --in-place)")
         a.add_argument("paths", nargs="+", metavar="MODEL PATCH [PATCH2 ...] OUT",
                        help="model folder, patch folders (merge_engine patches or PEFT LoRA adapters), and the "
@@ -82,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "instead of writing OUT")
         a.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
         a.add_argument("-q", "--quiet", action="store_true", help="no summary")
-    r = _subcommand(sub, "recover", "roll back an interrupted --in-place apply or remove")
+    r = subcommand(sub, "recover", "roll back an interrupted --in-place apply or remove")
     r.add_argument("model", help="model folder an interrupted --in-place command left a journal in")
     return p
 
@@ -94,18 +86,8 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
                    "of these substrings")
 
 
-def _subcommand(sub, name: str, what: str, usage: str | None = None) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".", usage=usage)
-
-
 def run(argv: list[str]) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return COMMANDS[args.command](args, parser)
-    except OSError as e:
-        raise MergeEngineError(str(e)) from e
+    return run_subcommand(build_parser(), COMMANDS, argv)
 
 
 def _extract(args, parser) -> int:

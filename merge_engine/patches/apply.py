@@ -16,16 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
-from merge_engine.errors import CheckpointError, OutputError
+from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.raw import tensor_bytes
 from merge_engine.patches import arithmetic as ar
 from merge_engine.patches.format import Patch, open_patch
-from merge_engine.tiers.apply import copy_side_files, refuse_pending_journal
-from merge_engine.tiers.inplace import folder_lock, open_for_rewrite, roll_back_pending, test_pause
-from merge_engine.tiers.journal import Journal
+from merge_engine.tiers.apply import check_streamed_output, copy_side_files, in_file_order
+from merge_engine.tiers.inplace import folder_lock, journaled_rewrite, roll_back_pending
 from merge_engine.tiers.layout import layout_writer
-from merge_engine.tiers.moves import stored
 from merge_engine.tiers.slices import OpenFiles, pwrite_all
 
 PatchArg = str | tuple[str, float]  # a patch folder, or (folder, scale)
@@ -62,8 +60,7 @@ class PatchSet:
             self.close()
             raise
         self.sign, self.check = sign, check
-        self.changed = sorted({n for p, _ in self.uses for n in p.tensors},
-                              key=lambda n: (model.tensors[n].file, model.tensors[n].data_start))
+        self.changed = in_file_order(model, {n for p, _ in self.uses for n in p.tensors})
 
     def on(self, name: str) -> list[tuple[Patch, float]]:
         return [(p, s) for p, s in self.uses if name in p.tensors]
@@ -129,14 +126,12 @@ def _stream(model_dir: str, patches: Sequence[PatchArg], out_dir: str, sign: int
     start = time.perf_counter()
     ckpt = Checkpoint(model_dir)
     try:
-        refuse_pending_journal(ckpt.path)
-        if os.path.realpath(out_dir) == os.path.realpath(ckpt.path):
-            raise OutputError(f"{out_dir}: the output folder is the model folder; use --in-place to rewrite it")
+        check_streamed_output(ckpt, out_dir)
         patch_set = PatchSet(ckpt, patches, sign, check)
         try:
             writer = layout_writer(out_dir, ckpt, overwrite)
             try:
-                for name in sorted(ckpt.tensors, key=lambda n: (ckpt.tensors[n].file, ckpt.tensors[n].data_start)):
+                for name in in_file_order(ckpt):
                     tensor = ckpt.read(name)
                     writer.write(name, patch_set.values(name, tensor) if patch_set.on(name) else tensor)
                 copy_side_files(ckpt.path, writer)
@@ -169,23 +164,11 @@ def _in_place(model_dir: str, patches: Sequence[PatchArg], sign: int, check: boo
 
 def _rewrite(ckpt: Checkpoint, patch_set: PatchSet) -> None:
     """Journal every tensor the patches change (whole), then rewrite each; any failure rolls everything back."""
-    names = patch_set.changed
-    with OpenFiles(os.O_RDWR) as files:
-        for name in names:  # every refusal before the journal exists
-            open_for_rewrite(files, ckpt.tensors[name].file)
-        whole = [(n, stored(ckpt.tensors[n]), 0, [(0, ckpt.tensors[n].shape[0])]) for n in names]
-        journal = Journal.write(ckpt.path, whole, files)
-        try:
-            for done, name in enumerate(names, 1):
-                info = ckpt.tensors[name]
-                values = patch_set.values(name, ckpt.read(name)).contiguous()
-                pwrite_all(files.fd(info.file), tensor_bytes(values), info.data_start)
-                test_pause(done)
-            files.sync()
-        except BaseException:
-            journal.roll_back()
-            raise
-    journal.discard()
+    def rewrite(files: OpenFiles, journal, name: str) -> None:
+        values = patch_set.values(name, ckpt.read(name)).contiguous()
+        pwrite_all(files.fd(ckpt.tensors[name].file), tensor_bytes(values), ckpt.tensors[name].data_start)
+
+    journaled_rewrite(ckpt, {n: (0, [(0, ckpt.tensors[n].shape[0])]) for n in patch_set.changed}, rewrite)
 
 
 def _run(model: str, output: str, patch_set: PatchSet, start: float) -> PatchRun:

@@ -23,7 +23,6 @@ from merge_engine.patches.select import (
     candidates,
     chosen_layers,
     layer_norms,
-    norm_table,
     read_pairs,
     select,
 )
@@ -157,6 +156,3 @@ def _write_dense(b: Checkpoint, t: Checkpoint, names: list[str], storage: str, w
 
 def _relative_error(stored: torch.Tensor, d: torch.Tensor) -> float:
     return float((stored - d).norm() / d.norm())
-
-
-__all__ = ["ExtractReport", "Selection", "StoredRow", "extract_patch", "norm_table"]

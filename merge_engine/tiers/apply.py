@@ -87,6 +87,19 @@ def refuse_pending_journal(model_dir: str) -> None:
                               f"({JOURNAL_FILE}); run `merge-engine key recover` (or `patch recover`) on it first")
 
 
+def check_streamed_output(ckpt: Checkpoint, out_dir: str) -> None:
+    """A streamed rewrite of a model folder reads a complete model and writes elsewhere."""
+    refuse_pending_journal(ckpt.path)
+    if os.path.realpath(out_dir) == os.path.realpath(ckpt.path):
+        raise OutputError(f"{out_dir}: the output folder is the model folder; use --in-place to rewrite it")
+
+
+def in_file_order(ckpt: Checkpoint, names=None) -> list[str]:
+    """Tensor names (all, or the given ones) in the order their bytes lie in the files."""
+    return sorted(ckpt.tensors if names is None else names,
+                  key=lambda n: (ckpt.tensors[n].file, ckpt.tensors[n].data_start))
+
+
 def apply_key(model_dir: str, keys: Keys, out_dir: str, overwrite: bool = False) -> KeyedRun:
     """Write the keyed model (keys applied in order) to out_dir."""
     return _stream(model_dir, keys, out_dir, overwrite, invert=False)
@@ -101,9 +114,7 @@ def _stream(model_dir: str, keys: Keys, out_dir: str, overwrite: bool, invert: b
     start = time.perf_counter()
     ckpt = Checkpoint(model_dir)
     try:
-        refuse_pending_journal(ckpt.path)
-        if os.path.realpath(out_dir) == os.path.realpath(ckpt.path):
-            raise OutputError(f"{out_dir}: the output folder is the model folder; use --in-place to rewrite it")
+        check_streamed_output(ckpt, out_dir)
         blocks, perm = resolve(keys, ckpt)
         moves = plan_moves(ckpt, blocks, perm.inverse() if invert else perm)
         writer = layout_writer(out_dir, ckpt, overwrite)
@@ -127,7 +138,7 @@ def _write_tensors(ckpt: Checkpoint, moves: dict[str, TensorMove], writer: Shard
             held, values = outgoing[layer, suffix]
             return values.index_select(dim, torch.searchsorted(held, index))
 
-        for name in sorted(ckpt.tensors, key=lambda n: (ckpt.tensors[n].file, ckpt.tensors[n].data_start)):
+        for name in in_file_order(ckpt):
             tensor = ckpt.read(name)
             if name in moves:
                 patch(as_bits(tensor), moves[name], read_partner)

@@ -18,6 +18,7 @@ import os
 import stat
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -26,7 +27,7 @@ from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.tiers.apply import KeyedRun, Keys, params_moved, resolve
 from merge_engine.tiers.journal import JOURNAL_FILE, PARTIAL_SUFFIX, Journal
 from merge_engine.tiers.moves import TensorMove, plan_moves, stored
-from merge_engine.tiers.slices import BITS_DTYPES, OpenFiles, to_runs, write_runs
+from merge_engine.tiers.slices import BITS_DTYPES, OpenFiles, Runs, to_runs, write_runs
 
 log = logging.getLogger("merge_engine.tiers")
 PAUSE_ENV = "MERGE_ENGINE_TIERS_TEST_PAUSE_AFTER"
@@ -92,18 +93,28 @@ def _in_place(model_dir: str, keys: Keys, invert: bool) -> KeyedRun:
 
 
 def _rewrite(ckpt: Checkpoint, moves: dict[str, TensorMove]) -> None:
-    order = sorted(moves, key=lambda n: (ckpt.tensors[n].file, ckpt.tensors[n].data_start))
+    by_place = {(m.layer, m.suffix): m for m in moves.values()}
+
+    def rewrite(files: OpenFiles, journal: Journal, name: str) -> None:
+        values = _incoming(journal, moves[name], by_place, ckpt.tensors[name].dtype.itemsize)
+        write_runs(files.fd(ckpt.tensors[name].file), stored(ckpt.tensors[name]), moves[name].dim,
+                   to_runs(moves[name].dst), values)
+
+    journaled_rewrite(ckpt, {n: (moves[n].dim, to_runs(moves[n].dst)) for n in moves}, rewrite)
+
+
+def journaled_rewrite(ckpt: Checkpoint, selections: dict[str, tuple[int, Runs]],
+                      rewrite: Callable[[OpenFiles, Journal, str], None]) -> None:
+    """The in-place protocol: journal every (dim, runs) selection of the named tensors, then rewrite(files, journal,
+    name) each tensor in file order, sync; any failure rolls every write back. The caller holds folder_lock."""
+    order = sorted(selections, key=lambda n: (ckpt.tensors[n].file, ckpt.tensors[n].data_start))
     with OpenFiles(os.O_RDWR) as files:
         for name in order:  # every refusal before the journal exists
             open_for_rewrite(files, ckpt.tensors[name].file)
-        selections = [(n, stored(ckpt.tensors[n]), moves[n].dim, to_runs(moves[n].dst)) for n in order]
-        journal = Journal.write(ckpt.path, selections, files)
+        journal = Journal.write(ckpt.path, [(n, stored(ckpt.tensors[n]), *selections[n]) for n in order], files)
         try:
-            by_place = {(m.layer, m.suffix): m for m in moves.values()}
             for done, name in enumerate(order, 1):
-                values = _incoming(journal, moves[name], by_place, ckpt.tensors[name].dtype.itemsize)
-                info = ckpt.tensors[name]
-                write_runs(files.fd(info.file), stored(info), moves[name].dim, to_runs(moves[name].dst), values)
+                rewrite(files, journal, name)
                 test_pause(done)
             files.sync()
         except BaseException:

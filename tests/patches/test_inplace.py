@@ -2,22 +2,15 @@
 apply killed mid-way rolled back by `patch recover`."""
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import threading
 
 import pytest
 import torch
 
 from merge_engine.errors import CheckpointError
 from merge_engine.patches import apply_patches, apply_patches_in_place, extract_patch, recover, remove_patches_in_place
-from merge_engine.tiers.inplace import PAUSE_ENV
 from merge_engine.tiers.journal import JOURNAL_FILE
 from tests.patches.conftest import read_all, same_bits
-from tests.tiers.conftest import same_files
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.tiers.conftest import kill_when_paused, same_files
 
 
 @pytest.fixture(scope="module")
@@ -53,21 +46,7 @@ def test_a_refused_in_place_apply_changes_nothing(patched, tmp_path):
 def test_killed_in_place_apply_is_rolled_back_by_recover(patched, tmp_path):
     m, patch, _ = patched
     work = str(shutil.copytree(m["base"], tmp_path / "work"))
-    env = dict(os.environ, **{PAUSE_ENV: "3"}, PYTHONPATH=REPO)
-    proc = subprocess.Popen([sys.executable, "-m", "merge_engine", "patch", "apply", work, patch, "--in-place"],
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    watchdog = threading.Timer(120, proc.kill)
-    watchdog.start()
-    try:
-        lines = []
-        while not lines or lines[-1].strip() != "paused":
-            lines.append(proc.stderr.readline())
-            assert lines[-1], f"the apply ended before pausing: {''.join(lines)}"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        watchdog.cancel()
-        proc.stderr.close()
+    kill_when_paused(["patch", "apply", work, patch, "--in-place"])
     assert os.path.exists(os.path.join(work, JOURNAL_FILE))
     assert not same_bits(read_all(work), read_all(m["base"]))  # half-patched
     with pytest.raises(CheckpointError, match="recover"):

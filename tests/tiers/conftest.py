@@ -4,11 +4,18 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import signal
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
 
 from merge_engine.demo import make_models
+from merge_engine.tiers.inplace import PAUSE_ENV
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # arch -> dtype: Llama (MHA, bf16), Qwen2 (GQA: 4 heads, 2 kv heads; q/k/v biases), GPT-2 (Conv1D, fused qkv),
 # GPT-Neo (the reference code's layout); made by tier_config: Llama with GQA, Qwen3 (GQA, q/k norms, head_dim 32 set
@@ -140,3 +147,23 @@ def swap_by_hand(sd: dict, cfg: dict, key) -> dict:
                 for d, s in zip(block_views(out, cfg, kind, *dst), block_views(original, cfg, kind, *src)):
                     d.copy_(s)
     return out
+
+
+def kill_when_paused(argv: list[str]) -> None:
+    """Run `merge-engine ARGV` (an in-place command) in a subprocess, paused by the test hook after 3 tensors
+    are rewritten, and SIGKILL it there."""
+    env = dict(os.environ, **{PAUSE_ENV: "3"}, PYTHONPATH=REPO)
+    proc = subprocess.Popen([sys.executable, "-m", "merge_engine", *argv], stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=REPO)
+    watchdog = threading.Timer(120, proc.kill)
+    watchdog.start()
+    try:
+        lines = []
+        while not lines or lines[-1].strip() != "paused":
+            lines.append(proc.stderr.readline())
+            assert lines[-1], f"the command ended before pausing: {''.join(lines)}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        watchdog.cancel()
+        proc.stderr.close()

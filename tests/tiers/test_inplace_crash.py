@@ -2,44 +2,19 @@
 `recover` or by the next in-place command; a streamed apply refuses a half-keyed folder."""
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import threading
 
 import pytest
 
 from merge_engine.errors import CheckpointError
 from merge_engine.tiers import apply_key, apply_key_in_place, generate_key, recover, remove_key_in_place
-from merge_engine.tiers.inplace import PAUSE_ENV
 from merge_engine.tiers.journal import JOURNAL_FILE, PARTIAL_SUFFIX
-from tests.tiers.conftest import read_config, same_files
+from tests.tiers.conftest import kill_when_paused, read_config, same_files
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def changed_files(a, b) -> list[str]:
     return [n for n in sorted(os.listdir(a)) if open(os.path.join(a, n), "rb").read() !=
             open(os.path.join(b, n), "rb").read()]
-
-
-def kill_mid_way(work: str, key_path: str) -> None:
-    """Run an in-place apply in a subprocess, paused by the test hook after 3 tensors, and SIGKILL it there."""
-    env = dict(os.environ, **{PAUSE_ENV: "3"}, PYTHONPATH=REPO)
-    proc = subprocess.Popen([sys.executable, "-m", "merge_engine", "key", "apply", work, key_path, "--in-place"],
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    watchdog = threading.Timer(120, proc.kill)
-    watchdog.start()
-    try:
-        lines = []
-        while not lines or lines[-1].strip() != "paused":
-            lines.append(proc.stderr.readline())
-            assert lines[-1], f"the apply ended before pausing: {''.join(lines)}"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        watchdog.cancel()
-        proc.stderr.close()
 
 
 def test_killed_in_place_apply_is_rolled_back(tier_model, tmp_path):
@@ -48,7 +23,7 @@ def test_killed_in_place_apply_is_rolled_back(tier_model, tmp_path):
     key_path = str(tmp_path / "key.json")
     key.save(key_path)
     crashed = str(shutil.copytree(model, tmp_path / "crashed"))
-    kill_mid_way(crashed, key_path)
+    kill_when_paused(["key", "apply", crashed, key_path, "--in-place"])
     assert os.path.exists(os.path.join(crashed, JOURNAL_FILE))
     assert [n for n in changed_files(model, crashed) if n != JOURNAL_FILE]  # weights were half-written
     crashed_again = str(shutil.copytree(crashed, tmp_path / "crashed_again"))
