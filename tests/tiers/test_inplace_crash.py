@@ -11,7 +11,6 @@ from merge_engine.tiers.journal import JOURNAL_FILE, PARTIAL_SUFFIX
 from tests.tiers.conftest import kill_when_paused, read_config, same_files
 
 
-
 def changed_files(a, b) -> list[str]:
     return [n for n in sorted(os.listdir(a)) if open(os.path.join(a, n), "rb").read() !=
             open(os.path.join(b, n), "rb").read()]
