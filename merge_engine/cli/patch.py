@@ -1,6 +1,6 @@
 """`merge-engine patch ...`: weight patches; run(argv) handles the arguments after `patch`.
 
-    patch extract BASE TUNED OUT [--storage bfloat16|float16|float32|int8|int4|lora] [--rank R] [--energy E]
+    patch extract BASE TUNED OUT [--storage auto|bfloat16|float16|float32|int8|int4|lora] [--rank R] [--energy E]
                   [--include S ...] [--exclude S ...] [--first-layers N | --top-norm SHARE] [--outside-layers]
                   [--table]
     patch norms BASE TUNED [--include S ...] [--exclude S ...]     the difference's norm per layer
@@ -38,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("tuned", metavar="TUNED", help="the fine-tuned model folder (same tensor names and shapes)")
     e.add_argument("out", metavar="OUT", help="patch folder to write (must not exist or be empty, unless "
                    "--overwrite)")
-    e.add_argument("--storage", choices=STORAGE_CHOICES, default="bfloat16", help="how differences are stored: a "
-                   "float dtype (exact at scale 1, with fixups; default bfloat16), int8 or int4 with a scale per row, "
-                   "or lora (a PEFT LoRA adapter folder, low rank per linear weight)")
+    e.add_argument("--storage", choices=STORAGE_CHOICES, default="auto", help="how differences are stored: a "
+                   "float dtype (exact at scale 1, with fixups; default auto: the weights' own dtype), int8 or int4 "
+                   "with a scale per row, or lora (a PEFT LoRA adapter folder, low rank per linear weight)")
     e.add_argument("--rank", type=positive_int, default=None, help="lora: the rank kept per module (32 unless --energy "
                    "is given; with --energy, the most a module keeps)")
     e.add_argument("--energy", type=_share, default=None, help="lora: keep the fewest singular values holding this "

@@ -55,11 +55,17 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def fixups(base: torch.Tensor, tuned: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
-    """Flat indices where one patch of difference `stored` at scale 1 misses TUNED on apply or BASE on remove."""
+    """Flat indices (index_dtype) where one patch of difference `stored` at scale 1 misses TUNED on apply or BASE
+    on remove."""
     applied = add_scaled(base, [(stored, 1.0)])
     removed = add_scaled(tuned, [(stored, -1.0)])
     wrong = (bits(applied) != bits(tuned)) | (bits(removed) != bits(base))
-    return wrong.reshape(-1).nonzero().squeeze(1)
+    return wrong.reshape(-1).nonzero().squeeze(1).to(index_dtype(base.numel()))
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """Fixup indices: int32 where they fit (4 bytes a fixup fewer), else int64."""
+    return torch.int32 if numel <= 2**31 else torch.int64
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ the folder is renamed into place. Tensors the fine-tune left unchanged are not s
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ from merge_engine.patches.select import (
     select,
 )
 
-STORAGE_CHOICES = (*ar.STORAGES, "lora")
+STORAGE_CHOICES = ("auto", *ar.STORAGES, "lora")
+log = logging.getLogger("merge_engine.patches")
 
 
 @dataclass(frozen=True)
@@ -78,11 +80,11 @@ class ExtractReport:
         return "\n".join(lines)
 
 
-def extract_patch(base: str, tuned: str, out_dir: str, storage: str = "bfloat16", selection: Selection = Selection(),
+def extract_patch(base: str, tuned: str, out_dir: str, storage: str = "auto", selection: Selection = Selection(),
                   rank: int | None = None, energy: float | None = None, overwrite: bool = False,
                   shard_size: int = 5 * 10**9) -> ExtractReport:
-    """Write the patch TUNED - BASE of the selected tensors to out_dir (storage: a float dtype name, int8, int4,
-    or lora with a rank and/or an energy share per module)."""
+    """Write the patch TUNED - BASE of the selected tensors to out_dir (storage: auto, the weights' own float dtype;
+    a float dtype name; int8; int4; or lora, with a rank and/or an energy share per module)."""
     if storage not in STORAGE_CHOICES:
         raise ValueError(f"storage must be one of {', '.join(STORAGE_CHOICES)}, got {storage!r}")
     if storage != "lora" and (rank is not None or energy is not None):
@@ -93,6 +95,7 @@ def extract_patch(base: str, tuned: str, out_dir: str, storage: str = "bfloat16"
         names = candidates(b, t, selection)
         norms = layer_norms(b, t, names) if selection.top_norm is not None else None
         kept = select(names, selection, chosen_layers(selection, norms, t.num_layers))
+        storage = own_float_storage(t, kept) if storage == "auto" else storage
         report = ExtractReport(b.path, t.path, os.path.abspath(out_dir), storage, norms=norms,
                                checkpoint_bytes=sum(i.nbytes for i in t.tensors.values()))
         report.left_out = [(n, "not selected") for n in names if n not in set(kept)]
@@ -114,7 +117,19 @@ def extract_patch(base: str, tuned: str, out_dir: str, storage: str = "bfloat16"
         b.close()
         t.close()
     report.seconds = time.perf_counter() - start
+    if storage in ar.FLOATS and report.patch_bytes > report.checkpoint_bytes:
+        log.warning("%s: the fixups make this %s patch larger than the checkpoint: the weights change by more than "
+                    "%s carries (store float32, or int8/int4)", report.out, storage, storage)
     return report
+
+
+def own_float_storage(ckpt: Checkpoint, names: list[str]) -> str:
+    """The float storage that holds the selected weights' differences without fixups for small changes: their own
+    dtype (float32 for fp32 or fp64 weights, and for a mix of bf16 and fp16)."""
+    dtypes = {ckpt.tensors[n].dtype for n in names}
+    if len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float16}:
+        return "bfloat16" if dtypes == {torch.bfloat16} else "float16"
+    return "float32"
 
 
 def _write_dense(b: Checkpoint, t: Checkpoint, names: list[str], storage: str, writer: ShardedWriter,

@@ -9,12 +9,13 @@ patch_config.json: {"format": "merge_engine-patch", "version": 1, "storage": one
 "base": the base folder it was extracted from (informative), "tensors": {name: {"shape": [...], "dtype":
 "bfloat16", "base_fingerprint": hex, "tuned_fingerprint": hex, "fixups": k}}}.
 Dense shard tensors, for each patched tensor N: float storage `N::delta` (the difference in that dtype, N's
-shape); int8/int4 `N::q` and `N::scale` (see arithmetic.py); with k > 0 fixups `N::fix_index` (int64 [k], flat
-indices), `N::fix_base` and `N::fix_tuned` (N's dtype, [k]).
+shape); int8/int4 `N::q` and `N::scale` (see arithmetic.py); with k > 0 fixups `N::fix_index` (int32 [k], flat
+indices; int64 for tensors of over 2^31 elements), `N::fix_base` and `N::fix_tuned` (N's dtype, [k]).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -26,7 +27,14 @@ from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.lora import CONFIG_FILE as ADAPTER_CONFIG
 from merge_engine.io.lora import LoraCheckpoint
 from merge_engine.io.untrusted import inside_folder, read_json
-from merge_engine.patches.arithmetic import FLOATS, STORAGES, compute_dtype, dequantize_rows, quantized_shape
+from merge_engine.patches.arithmetic import (
+    FLOATS,
+    STORAGES,
+    compute_dtype,
+    dequantize_rows,
+    index_dtype,
+    quantized_shape,
+)
 
 PATCH_CONFIG = "patch_config.json"
 FORMAT = "merge_engine-patch"
@@ -160,7 +168,7 @@ class DensePatch(Patch):
             stored = {"q": (torch.int8 if self.storage == "int8" else torch.uint8, q_shape),
                       "scale": (torch.float32, (q_shape[0],))}
         if t.fixups:
-            stored |= {"fix_index": (torch.int64, (t.fixups,)), "fix_base": (t.dtype, (t.fixups,)),
+            stored |= {"fix_index": (index_dtype(math.prod(t.shape)), (t.fixups,)), "fix_base": (t.dtype, (t.fixups,)),
                        "fix_tuned": (t.dtype, (t.fixups,))}
         return {f"{t.name}::{part}": spec for part, spec in stored.items()}
 
@@ -190,7 +198,7 @@ class DensePatch(Patch):
         t = self.tensors[name]
         if not t.fixups:
             return None
-        index = self._files.read(f"{name}::fix_index")
+        index = self._files.read(f"{name}::fix_index").long()
         numel = torch.Size(t.shape).numel()
         if int(index.min()) < 0 or int(index.max()) >= numel:
             raise CheckpointError(f"{self.path}: '{name}::fix_index' holds indices outside the tensor's {numel}")

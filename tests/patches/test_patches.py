@@ -45,6 +45,13 @@ def test_float_patch_reproduces_the_fine_tune_and_the_base_bit_for_bit(models, t
     assert os.path.exists(tmp_path / "applied" / "config.json")  # side files follow the weights
 
 
+def test_auto_storage_is_the_weights_own_dtype_and_a_narrower_one_warns(models, tmp_path, caplog):
+    m = models(torch.float32)
+    assert extract_patch(m["base"], m["tuned"], str(tmp_path / "auto")).storage == "float32"
+    report = extract_patch(m["base"], m["tuned"], str(tmp_path / "narrow"), "bfloat16")
+    assert report.patch_bytes > report.checkpoint_bytes and "larger than the checkpoint" in caplog.text
+
+
 def test_a_bf16_patch_of_a_small_fine_tune_needs_few_fixups(bf16, tmp_path):
     report = extract_patch(bf16["base"], bf16["tuned"], str(tmp_path / "p"))
     elements = sum(t.numel() for t in read_all(bf16["base"]).values())
