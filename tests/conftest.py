@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import shutil
+import subprocess
 import zlib
 
 import pytest
@@ -61,13 +63,18 @@ def pairwise(*axes, where=None) -> list[tuple]:
 
 # Fixtures that generate Hugging Face checkpoints (here, tests/tiers/conftest.py and test_compare.py's lm,
 # tests/stats/conftest.py): a test that takes one runs on generated checkpoints, and is marked slow.
-GENERATED_CHECKPOINTS = {"model_sets", "vocab_models", "bpe_models", "tier_model", "lm", "tiny_lm"}
+GENERATED_CHECKPOINTS = {"model_sets", "vocab_models", "bpe_models", "tier_model", "lm", "tiny_lm", "models",
+                         "low_rank_tune"}
+# The longest tests (the CUDA compile check takes minutes; each parity test starts a mergekit process), started
+# first so that the parallel workers of tools/test.sh finish together rather than one ending on them alone.
+LONG_FIRST = ("tests/csrc/test_cuda_compile.py", "tests/test_parity_mergekit.py")
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if GENERATED_CHECKPOINTS & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: not item.nodeid.startswith(LONG_FIRST))  # stable: the rest keep their order
 
 
 # (arch, dtype, shard size): Llama (MHA), Qwen2 (GQA, tied embeddings), GPT-2; sharded and unsharded.
@@ -155,3 +162,32 @@ def mergekit_yaml():
     if path is None:
         pytest.skip("mergekit is not installed (set MERGEKIT_YAML or run tools/test.sh with MERGEKIT=1)")
     return path
+
+
+@pytest.fixture(scope="session")
+def mergekit(mergekit_yaml, tmp_path_factory):
+    """run(argv): `mergekit-yaml ARGV`, through one mergekit process per test worker (tests/mergekit_runner.py);
+    fails the test with mergekit's error."""
+    log_path = tmp_path_factory.mktemp("mergekit") / "stderr.log"
+    read_end, write_end = os.pipe()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    python = os.path.join(os.path.dirname(mergekit_yaml), "python")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([python, os.path.join(os.path.dirname(__file__), "mergekit_runner.py"),
+                                 str(write_end)], stdin=subprocess.PIPE, stdout=log, stderr=log, text=True, env=env,
+                                pass_fds=(write_end,))
+    os.close(write_end)
+    replies = os.fdopen(read_end)
+
+    def run(*argv: str) -> None:
+        proc.stdin.write(json.dumps(list(argv)) + "\n")
+        proc.stdin.flush()
+        line = replies.readline()
+        assert line, f"the mergekit process ended:\n{log_path.read_text()[-3000:]}"
+        reply = json.loads(line)
+        assert reply["ok"], f"mergekit failed:\n{reply['error'][-3000:]}\n{log_path.read_text()[-2000:]}"
+
+    yield run
+    proc.stdin.close()
+    proc.wait(timeout=60)
+    replies.close()

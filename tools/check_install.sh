@@ -27,8 +27,8 @@ print("sdist and wheel contents: ok")
 EOF
 
 python3 -m venv "$work/venv"
-"$work/venv/bin/python" -m pip install -q --no-compile "torch==2.13.0"
-"$work/venv/bin/python" -m pip install -q --no-compile "$work"/dist/*.whl
+"$work/venv/bin/python" -m pip install -q "torch==2.13.0"
+"$work/venv/bin/python" -m pip install -q "$work"/dist/*.whl
 mkdir "$work/elsewhere"
 cd "$work/elsewhere"
 export PATH="$work/venv/bin:$PATH"

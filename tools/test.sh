@@ -17,7 +17,7 @@ portable=$([ "$full" = 1 ] && [ "$(uname -m)" = x86_64 ] && echo 1 || echo 0)
 if [ "${MERGEKIT:-1}" = 1 ] && [ ! -x .venv-mergekit/bin/mergekit-yaml ]; then
   echo "installing mergekit 0.1.5 into .venv-mergekit for the parity tests (in the background)..."
   { python3 -m venv .venv-mergekit &&
-    .venv-mergekit/bin/python -m pip install -q --no-compile "torch==2.13.0" "mergekit==0.1.5"; } \
+    .venv-mergekit/bin/python -m pip install -q "torch==2.13.0" "mergekit==0.1.5"; } \
     > "$logs/mergekit.log" 2>&1 &
   mergekit_pid=$!
 fi
@@ -39,7 +39,7 @@ if [ -n "${mergekit_pid:-}" ] && ! wait "$mergekit_pid"; then
 fi
 
 export TRITON_INTERPRET=1  # Triton kernels run on the CPU through the interpreter
-workers=(-n "${PYTEST_WORKERS:-auto}" --dist loadscope)  # a module's tests (and its fixtures) on one worker
+workers=(-n "${PYTEST_WORKERS:-auto}" --dist worksteal)  # idle workers take tests queued for busy ones
 status=0
 python -m pytest -q -ra "${workers[@]}" "$@" || status=$?
 
