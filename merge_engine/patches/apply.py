@@ -21,6 +21,7 @@ from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.raw import tensor_bytes
 from merge_engine.patches import arithmetic as ar
 from merge_engine.patches.format import Patch, open_patch
+from merge_engine.patches.select import in_order
 from merge_engine.tiers.apply import check_streamed_output, copy_side_files, in_file_order
 from merge_engine.tiers.inplace import folder_lock, journaled_rewrite, roll_back_pending
 from merge_engine.tiers.layout import layout_writer
@@ -131,9 +132,12 @@ def _stream(model_dir: str, patches: Sequence[PatchArg], out_dir: str, sign: int
         try:
             writer = layout_writer(out_dir, ckpt, overwrite)
             try:
-                for name in in_file_order(ckpt):
+                def patched(name: str) -> torch.Tensor:  # on read-ahead threads
                     tensor = ckpt.read(name)
-                    writer.write(name, patch_set.values(name, tensor) if patch_set.on(name) else tensor)
+                    return patch_set.values(name, tensor) if patch_set.on(name) else tensor
+
+                for name, tensor in in_order(patched, in_file_order(ckpt)):
+                    writer.write(name, tensor)
                 copy_side_files(ckpt.path, writer)
                 writer.commit()
             except BaseException:

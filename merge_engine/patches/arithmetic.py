@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import zlib
 
 import torch
 
@@ -26,7 +27,6 @@ from merge_engine.io.raw import tensor_bytes
 QUANTIZED = {"int8": 127, "int4": 7}  # storage -> qmax
 FLOATS = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 STORAGES = (*FLOATS, *QUANTIZED)
-_FINGERPRINT_SAMPLES = 4096
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -37,8 +37,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def difference(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
     """TUNED - BASE in the compute precision."""
-    wide = compute_dtype(base.dtype)
-    return tuned.to(wide) - base.to(wide)
+    return tuned.to(compute_dtype(base.dtype), copy=True).sub_(base)  # base widened exactly in the subtraction
 
 
 def add_scaled(weight: torch.Tensor, deltas: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
@@ -112,14 +111,9 @@ def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
 
 
 def fingerprint(t: torch.Tensor) -> str:
-    """A short digest of a tensor: dtype, shape, the sum of all its bit patterns and 4,096 evenly spaced
-    elements. It tells one checkpoint's tensor from another's (a different base, a keyed copy); it is
-    not a cryptographic hash of every byte."""
-    flat = bits(t).reshape(-1)
-    n = flat.numel()
-    k = min(n, _FINGERPRINT_SAMPLES)
-    sample = flat[(torch.arange(k) * n // max(k, 1)).to(flat.device)]
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{t.dtype}|{list(t.shape)}|{int(flat.sum(dtype=torch.int64))}|".encode())
-    h.update(tensor_bytes(sample.cpu().contiguous()))
-    return h.hexdigest()
+    """A short digest of a tensor: its dtype, shape and the CRC-32 of all its bytes (3 GB/s on one core). It tells
+    one checkpoint's tensor from another's (a different base, a keyed copy with rows swapped); it is not a
+    cryptographic hash."""
+    data = t.detach().contiguous().cpu()
+    return hashlib.blake2b(f"{t.dtype}|{list(t.shape)}|{zlib.crc32(tensor_bytes(data))}".encode(),
+                           digest_size=16).hexdigest()

@@ -23,8 +23,8 @@ from merge_engine.patches.select import (
     Selection,
     candidates,
     chosen_layers,
+    in_order,
     layer_norms,
-    read_pairs,
     select,
 )
 
@@ -137,36 +137,44 @@ def _write_dense(b: Checkpoint, t: Checkpoint, names: list[str], storage: str, w
     shards = AppendedShards(writer.tmp_dir, SHARD_STEM, header_room(names, 5), shard_size)
     stored = []
     try:
-        for name, base, tuned in read_pairs(b, t, names):
-            d = ar.difference(base, tuned)
-            if not d.any():
+        for name, form in in_order(lambda n: _stored_form(b.read(n), t.read(n), storage), names):
+            if form is None:
                 report.unchanged.append(name)
                 continue
+            parts, entry, error = form
             written_before = shards.bytes_written
-            if storage in ar.FLOATS:
-                kept = d.to(ar.FLOATS[storage])
-                fix = ar.fixups(base, tuned, kept)
-                shards.add(f"{name}::delta", kept)
-                if len(fix):
-                    shards.add(f"{name}::fix_index", fix)
-                    shards.add(f"{name}::fix_base", base.reshape(-1)[fix])
-                    shards.add(f"{name}::fix_tuned", tuned.reshape(-1)[fix])
-                error = _relative_error(kept.to(d.dtype), d)
-            else:
-                q, scale = ar.quantize_rows(d, storage)
-                shards.add(f"{name}::q", q)
-                shards.add(f"{name}::scale", scale)
-                fix = ()
-                error = _relative_error(ar.dequantize_rows(q, scale, storage, d.shape).to(d.dtype), d)
-            stored.append(PatchedTensor(name, tuple(base.shape), base.dtype, ar.fingerprint(base),
-                                        ar.fingerprint(tuned), len(fix)))
+            for part, tensor in parts.items():
+                shards.add(f"{name}::{part}", tensor)
+            stored.append(PatchedTensor(name, *entry))
             report.rows.append(StoredRow(name, shards.bytes_written - written_before, b.tensors[name].nbytes, error,
-                                         len(fix)))
+                                         entry[-1]))
         shards.finish()
     except BaseException:
         shards.abort()
         raise
     return stored
+
+
+def _stored_form(base: torch.Tensor, tuned: torch.Tensor, storage: str):
+    """(the tensors to store by part, the PatchedTensor fields after its name, the relative error), or None for
+    an unchanged tensor. Runs on read-ahead threads."""
+    d = ar.difference(base, tuned)
+    if not d.any():
+        return None
+    if storage in ar.FLOATS:
+        kept = d.to(ar.FLOATS[storage])
+        fix = ar.fixups(base, tuned, kept)
+        parts = {"delta": kept}
+        if len(fix):
+            parts |= {"fix_index": fix, "fix_base": base.reshape(-1)[fix.long()],
+                      "fix_tuned": tuned.reshape(-1)[fix.long()]}
+        error = _relative_error(kept.to(d.dtype), d)
+    else:
+        q, scale = ar.quantize_rows(d, storage)
+        parts, fix = {"q": q, "scale": scale}, ()
+        error = _relative_error(ar.dequantize_rows(q, scale, storage, d.shape).to(d.dtype), d)
+    entry = (tuple(base.shape), base.dtype, ar.fingerprint(base), ar.fingerprint(tuned), len(fix))
+    return parts, entry, error
 
 
 def _relative_error(stored: torch.Tensor, d: torch.Tensor) -> float:

@@ -7,9 +7,12 @@ outside the layers (embeddings, final norm, head) are kept only when asked (outs
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -18,6 +21,7 @@ from merge_engine.io.checkpoint import Checkpoint, split_layer_name
 from merge_engine.patches.arithmetic import difference
 
 OUTSIDE_LAYERS = None  # the layer key of embeddings, final norms and heads
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -68,25 +72,32 @@ def candidates(base: Checkpoint, tuned: Checkpoint, selection: Selection) -> lis
     return names
 
 
-def read_pairs(base: Checkpoint, tuned: Checkpoint, names: list[str]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(name, base tensor, tuned tensor) in order; the next pair is read while the caller works on this one."""
-    def read(name):
-        return base.read(name), tuned.read(name)
+def in_order(work: Callable[[str], T], names: list[str], ahead: int = 2) -> Iterator[tuple[str, T]]:
+    """(name, work(name)) for each name in order, with the next `ahead` names worked on by threads meanwhile:
+    reads and torch's ops release the GIL, so the disk and the cores overlap. Memory: ahead + 1 results."""
+    with ThreadPoolExecutor(ahead) as pool:
+        queued = iter(names)
+        pending = deque((name, pool.submit(work, name)) for name in itertools.islice(queued, ahead))
+        while pending:
+            name, result = pending.popleft()
+            following = next(queued, None)
+            if following is not None:
+                pending.append((following, pool.submit(work, following)))
+            yield name, result.result()
 
-    with ThreadPoolExecutor(1) as pool:
-        ahead = pool.submit(read, names[0]) if names else None
-        for i, name in enumerate(names):
-            pair = ahead.result()
-            ahead = pool.submit(read, names[i + 1]) if i + 1 < len(names) else None
-            yield name, *pair
+
+def read_pairs(base: Checkpoint, tuned: Checkpoint, names: list[str]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, base tensor, tuned tensor) in order, read ahead (in_order)."""
+    for name, (b, t) in in_order(lambda n: (base.read(n), tuned.read(n)), names):
+        yield name, b, t
 
 
 def layer_norms(base: Checkpoint, tuned: Checkpoint, names: list[str]) -> dict[int | None, float]:
     """Squared Frobenius norm of TUNED - BASE per layer (None: the tensors outside the layers)."""
     norms: dict[int | None, float] = {}
-    for name, b, t in read_pairs(base, tuned, names):
-        layer = layer_of(name)
-        norms[layer] = norms.get(layer, 0.0) + float(difference(b, t).square().sum())
+    squares = in_order(lambda n: float(difference(base.read(n), tuned.read(n)).square().sum()), names)
+    for name, square in squares:
+        norms[layer_of(name)] = norms.get(layer_of(name), 0.0) + square
     return norms
 
 
