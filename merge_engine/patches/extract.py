@@ -118,8 +118,9 @@ def extract_patch(base: str, tuned: str, out_dir: str, storage: str = "auto", se
         t.close()
     report.seconds = time.perf_counter() - start
     if storage in ar.FLOATS and report.patch_bytes > report.checkpoint_bytes:
+        wider = "int8 or int4" if storage == "float32" else "float32, int8 or int4"
         log.warning("%s: the fixups make this %s patch larger than the checkpoint: the weights change by more than "
-                    "%s carries (store float32, or int8/int4)", report.out, storage, storage)
+                    "%s carries (store it as %s)", report.out, storage, storage, wider)
     return report
 
 
