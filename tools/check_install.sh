@@ -71,7 +71,7 @@ run = subprocess.run(["merge-engine", "linear.yml", "linear_out", "-q"], capture
 assert run.returncode == 0 and os.path.exists("linear_out/config.json") and not run.stderr, run.stderr
 print("merge-engine CONFIG OUT: ok")
 
-tuned = make_synthetic_llama("tuned", seed=3, base=base, noise=0.001, **shape)  # a small fine-tune
+tuned = make_synthetic_llama("tuned", seed=3, base=base, noise=0.0001, **shape)  # a small fine-tune
 for storage in ("auto", "int4", "lora"):
     for argv in (["extract", base, tuned, f"patch_{storage}", "--storage", storage],
                  ["apply", base, f"patch_{storage}", f"patched_{storage}"]):

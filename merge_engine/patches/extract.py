@@ -117,10 +117,12 @@ def extract_patch(base: str, tuned: str, out_dir: str, storage: str = "auto", se
         b.close()
         t.close()
     report.seconds = time.perf_counter() - start
-    if storage in ar.FLOATS and report.patch_bytes > report.checkpoint_bytes:
+    stored_bytes = sum(r.full_bytes for r in report.rows)
+    if storage in ar.FLOATS and report.patch_bytes > 1.25 * stored_bytes:
         wider = "int8 or int4" if storage == "float32" else "float32, int8 or int4"
-        log.warning("%s: the fixups make this %s patch larger than the checkpoint: the weights change by more than "
-                    "%s carries (store it as %s)", report.out, storage, storage, wider)
+        log.warning("%s: fixups make this %s patch %.0f%% larger than the tensors it stores: the weights change by "
+                    "more than %s carries (store it as %s)", report.out, storage,
+                    100 * (report.patch_bytes / stored_bytes - 1), storage, wider)
     return report
 
 
