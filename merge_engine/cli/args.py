@@ -72,6 +72,19 @@ def run_subcommand(parser: argparse.ArgumentParser, commands: dict, argv: list[s
         raise MergeEngineError(str(e)) from e
 
 
+def model_items_out(args, parser: argparse.ArgumentParser, command: str, item: str) -> tuple[str, list[str], str]:
+    """MODEL ITEM [ITEM2 ...] (OUT | --in-place) from args.paths: (model, items, out; None in place)."""
+    if len(args.paths) < (2 if args.in_place else 3):
+        parser.error(f"{command} needs MODEL {item} [{item}2 ...] {'' if args.in_place else 'OUT'}".rstrip())
+    model, *items = args.paths if args.in_place else args.paths[:-1]
+    return model, items, None if args.in_place else args.paths[-1]
+
+
+def print_recovery(model: str, what: str, recovered: bool) -> int:
+    print(f"{model}: " + (f"rolled back an interrupted in-place {what}" if recovered else "nothing to recover"))
+    return 0
+
+
 def setup_logging(quiet: bool, verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
     if quiet:

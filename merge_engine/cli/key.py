@@ -18,7 +18,14 @@ import argparse
 import json
 import os
 
-from merge_engine.cli.args import add_model_arguments, positive_int, run_subcommand, subcommand
+from merge_engine.cli.args import (
+    add_model_arguments,
+    model_items_out,
+    positive_int,
+    print_recovery,
+    run_subcommand,
+    subcommand,
+)
 from merge_engine.dtypes import dtype_named
 from merge_engine.errors import CheckpointError
 from merge_engine.extras import require
@@ -130,24 +137,19 @@ def _secret(args) -> bytes:
 
 
 def _apply_or_remove(args, parser) -> int:
-    minimum = 2 if args.in_place else 3
-    if len(args.paths) < minimum:
-        parser.error(f"key {args.command} needs MODEL KEY [KEY2 ...] {'' if args.in_place else 'OUT'}".rstrip())
-    model, *key_paths = args.paths if args.in_place else args.paths[:-1]
+    model, key_paths, out = model_items_out(args, parser, f"key {args.command}", "KEY")
     keys = [TierKey.load(p) for p in key_paths]
-    if args.in_place:
+    if out is None:
         run = (apply_key_in_place if args.command == "apply" else remove_key_in_place)(model, keys)
     else:
-        run = (apply_key if args.command == "apply" else remove_key)(model, keys, args.paths[-1], args.overwrite)
+        run = (apply_key if args.command == "apply" else remove_key)(model, keys, out, args.overwrite)
     if not args.quiet:
         print(run.summary())
     return 0
 
 
 def _recover(args, parser) -> int:
-    print(f"{args.model}: " + ("rolled back an interrupted in-place key operation" if recover(args.model)
-                               else "nothing to recover"))
-    return 0
+    return print_recovery(args.model, "key operation", recover(args.model))
 
 
 def _report(args, parser) -> int:

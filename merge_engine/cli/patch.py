@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from merge_engine.cli.args import positive_int, run_subcommand, subcommand
+from merge_engine.cli.args import model_items_out, positive_int, print_recovery, run_subcommand, subcommand
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.patches.apply import apply_patches, apply_patches_in_place, remove_patches, remove_patches_in_place
 from merge_engine.patches.extract import STORAGE_CHOICES, extract_patch
@@ -118,19 +118,15 @@ def _norms(args, parser) -> int:
 
 
 def _apply_or_remove(args, parser) -> int:
-    minimum = 2 if args.in_place else 3
-    if len(args.paths) < minimum:
-        parser.error(f"patch {args.command} needs MODEL PATCH [PATCH2 ...] {'' if args.in_place else 'OUT'}".rstrip())
-    model, *patch_paths = args.paths if args.in_place else args.paths[:-1]
+    model, patch_paths, out = model_items_out(args, parser, f"patch {args.command}", "PATCH")
     scales = args.scale or [1.0] * len(patch_paths)
     if len(scales) != len(patch_paths):
         parser.error(f"--scale takes one value per patch: {len(patch_paths)} patches, {len(scales)} scales")
-    patches = list(zip(patch_paths, scales))
-    check = not args.any_base
-    if args.in_place:
+    patches, check = list(zip(patch_paths, scales)), not args.any_base
+    if out is None:
         run = (apply_patches_in_place if args.command == "apply" else remove_patches_in_place)(model, patches, check)
     else:
-        run = (apply_patches if args.command == "apply" else remove_patches)(model, patches, args.paths[-1], check,
+        run = (apply_patches if args.command == "apply" else remove_patches)(model, patches, out, check,
                                                                              args.overwrite)
     if not args.quiet:
         print(run.summary())
@@ -138,9 +134,7 @@ def _apply_or_remove(args, parser) -> int:
 
 
 def _recover(args, parser) -> int:
-    print(f"{args.model}: " + ("rolled back an interrupted in-place operation" if recover(args.model)
-                               else "nothing to recover"))
-    return 0
+    return print_recovery(args.model, "operation", recover(args.model))
 
 
 COMMANDS = {"extract": _extract, "norms": _norms, "apply": _apply_or_remove, "remove": _apply_or_remove,

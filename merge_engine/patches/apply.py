@@ -22,9 +22,8 @@ from merge_engine.io.raw import tensor_bytes
 from merge_engine.patches import arithmetic as ar
 from merge_engine.patches.format import Patch, open_patch
 from merge_engine.patches.select import in_order
-from merge_engine.tiers.apply import check_streamed_output, copy_side_files, in_file_order
+from merge_engine.tiers.apply import check_streamed_output, in_file_order, stream_rewrite
 from merge_engine.tiers.inplace import folder_lock, journaled_rewrite, roll_back_pending
-from merge_engine.tiers.layout import layout_writer
 from merge_engine.tiers.slices import OpenFiles, pwrite_all
 
 PatchArg = str | tuple[str, float]  # a patch folder, or (folder, scale)
@@ -130,24 +129,20 @@ def _stream(model_dir: str, patches: Sequence[PatchArg], out_dir: str, sign: int
         check_streamed_output(ckpt, out_dir)
         patch_set = PatchSet(ckpt, patches, sign, check)
         try:
-            writer = layout_writer(out_dir, ckpt, overwrite)
-            try:
-                def patched(name: str) -> torch.Tensor:  # on read-ahead threads
-                    tensor = ckpt.read(name)
-                    return patch_set.values(name, tensor) if patch_set.on(name) else tensor
+            def patched(name: str) -> torch.Tensor:  # on read-ahead threads
+                tensor = ckpt.read(name)
+                return patch_set.values(name, tensor) if patch_set.on(name) else tensor
 
+            def write_tensors(writer) -> None:
                 for name, tensor in in_order(patched, in_file_order(ckpt)):
                     writer.write(name, tensor)
-                copy_side_files(ckpt.path, writer)
-                writer.commit()
-            except BaseException:
-                writer.abort()
-                raise
+
+            out = stream_rewrite(ckpt, out_dir, overwrite, write_tensors)
         finally:
             patch_set.close()
     finally:
         ckpt.close()
-    return _run(ckpt.path, writer.out_dir, patch_set, start)
+    return _run(ckpt.path, out, patch_set, start)
 
 
 def _in_place(model_dir: str, patches: Sequence[PatchArg], sign: int, check: bool) -> PatchRun:

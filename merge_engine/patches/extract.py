@@ -140,7 +140,7 @@ def _write_dense(b: Checkpoint, t: Checkpoint, names: list[str], storage: str, w
     shards = AppendedShards(writer.tmp_dir, SHARD_STEM, header_room(names, 5), shard_size)
     stored = []
     try:
-        for name, form in in_order(lambda n: _stored_form(b.read(n), t.read(n), storage), names):
+        for name, form in in_order(lambda n: _stored_form(n, b.read(n), t.read(n), storage), names):
             if form is None:
                 report.unchanged.append(name)
                 continue
@@ -148,9 +148,9 @@ def _write_dense(b: Checkpoint, t: Checkpoint, names: list[str], storage: str, w
             written_before = shards.bytes_written
             for part, tensor in parts.items():
                 shards.add(f"{name}::{part}", tensor)
-            stored.append(PatchedTensor(name, *entry))
+            stored.append(entry)
             report.rows.append(StoredRow(name, shards.bytes_written - written_before, b.tensors[name].nbytes, error,
-                                         entry[-1]))
+                                         entry.fixups))
         shards.finish()
     except BaseException:
         shards.abort()
@@ -158,9 +158,9 @@ def _write_dense(b: Checkpoint, t: Checkpoint, names: list[str], storage: str, w
     return stored
 
 
-def _stored_form(base: torch.Tensor, tuned: torch.Tensor, storage: str):
-    """(the tensors to store by part, the PatchedTensor fields after its name, the relative error), or None for
-    an unchanged tensor. Runs on read-ahead threads."""
+def _stored_form(name: str, base: torch.Tensor, tuned: torch.Tensor, storage: str):
+    """(the tensors to store by part, its PatchedTensor, the relative error), or None for an unchanged tensor.
+    Runs on read-ahead threads."""
     d = ar.difference(base, tuned)
     if not d.any():
         return None
@@ -176,7 +176,7 @@ def _stored_form(base: torch.Tensor, tuned: torch.Tensor, storage: str):
         q, scale = ar.quantize_rows(d, storage)
         parts, fix = {"q": q, "scale": scale}, ()
         error = _relative_error(ar.dequantize_rows(q, scale, storage, d.shape).to(d.dtype), d)
-    entry = (tuple(base.shape), base.dtype, ar.fingerprint(base), ar.fingerprint(tuned), len(fix))
+    entry = PatchedTensor(name, tuple(base.shape), base.dtype, ar.fingerprint(base), ar.fingerprint(tuned), len(fix))
     return parts, entry, error
 
 

@@ -94,6 +94,20 @@ def check_streamed_output(ckpt: Checkpoint, out_dir: str) -> None:
         raise OutputError(f"{out_dir}: the output folder is the model folder; use --in-place to rewrite it")
 
 
+def stream_rewrite(ckpt: Checkpoint, out_dir: str, overwrite: bool, write_tensors) -> str:
+    """Write a rewritten copy of the model folder: write_tensors(writer) writes every tensor into the input's own
+    layout, the side files follow, and the folder appears only when complete. Returns the output folder."""
+    writer = layout_writer(out_dir, ckpt, overwrite)
+    try:
+        write_tensors(writer)
+        copy_side_files(ckpt.path, writer)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.out_dir
+
+
 def in_file_order(ckpt: Checkpoint, names=None) -> list[str]:
     """Tensor names (all, or the given ones) in the order their bytes lie in the files."""
     return sorted(ckpt.tensors if names is None else names,
@@ -117,17 +131,10 @@ def _stream(model_dir: str, keys: Keys, out_dir: str, overwrite: bool, invert: b
         check_streamed_output(ckpt, out_dir)
         blocks, perm = resolve(keys, ckpt)
         moves = plan_moves(ckpt, blocks, perm.inverse() if invert else perm)
-        writer = layout_writer(out_dir, ckpt, overwrite)
-        try:
-            _write_tensors(ckpt, moves, writer)
-            copy_side_files(ckpt.path, writer)
-            writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
+        out = stream_rewrite(ckpt, out_dir, overwrite, lambda writer: _write_tensors(ckpt, moves, writer))
     finally:
         ckpt.close()
-    return KeyedRun(ckpt.path, writer.out_dir, len(moves), params_moved(ckpt, moves), time.perf_counter() - start)
+    return KeyedRun(ckpt.path, out, len(moves), params_moved(ckpt, moves), time.perf_counter() - start)
 
 
 def _write_tensors(ckpt: Checkpoint, moves: dict[str, TensorMove], writer: ShardedWriter) -> None:
