@@ -1,5 +1,3 @@
-import sys
+from merge_engine.cli import entry
 
-from merge_engine.cli import main
-
-sys.exit(main())
+entry()

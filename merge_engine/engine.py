@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import yaml
@@ -38,6 +38,7 @@ from merge_engine.dtypes import dtype_name
 from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.extras import require
 from merge_engine.io.buffers import BufferPool
+from merge_engine.io.checkpoint import DIRECT_IO_MODES
 from merge_engine.io.lora import open_model
 from merge_engine.io.untrusted import inside_folder
 from merge_engine.io.writer import ShardedWriter, check_output_dir
@@ -68,7 +69,9 @@ class MergeOptions:
     copy_tokenizer: bool = True
     overwrite: bool = False
     prefetch: int = 2  # tensor groups read ahead of compute
-    direct_io: bool = True  # read inputs with O_DIRECT where the filesystem allows (io/checkpoint.py)
+    # "auto": plain reads of what the page cache holds, O_DIRECT for the rest; "on": O_DIRECT for all;
+    # "off": plain reads (io/page_cache.py; O_DIRECT only where the filesystem allows it)
+    direct_io: str = "auto"
     quiet: bool = False
     allow_crimes: bool = False  # merge models whose architectures differ
 
@@ -80,6 +83,10 @@ class MergeReport:
     bytes_written: int
     seconds: float
     out_dir: str
+    phases: dict[str, float] = field(default_factory=dict)  # seconds of each step of merge(), in order
+
+    def breakdown(self) -> str:
+        return ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in self.phases.items())
 
     def summary(self) -> str:
         gbps = (self.bytes_read + self.bytes_written) / max(self.seconds, 1e-9) / 1e9
@@ -90,9 +97,12 @@ class MergeReport:
 def merge(config: MergeConfig | str, out_dir: str, options: MergeOptions | None = None) -> MergeReport:
     """Run a merge config (a parsed MergeConfig or a YAML path) into out_dir."""
     options = options or MergeOptions()
+    lap = _Laps()
     cfg = load_checked_config(config) if isinstance(config, str) else config
-    start = time.perf_counter()
+    lap("config")
     check_output_dir(out_dir, options.overwrite)
+    if options.direct_io not in DIRECT_IO_MODES:
+        raise MergeEngineError(f"direct_io must be one of {', '.join(DIRECT_IO_MODES)}, not {options.direct_io!r}")
     if not -2**63 <= options.random_seed < 2**63:  # the generator's key takes a 64-bit signed seed
         raise MergeEngineError(f"random_seed {options.random_seed} is outside [-2**63, 2**63)")
     device = resolve_device(options.device)
@@ -101,18 +111,50 @@ def merge(config: MergeConfig | str, out_dir: str, options: MergeOptions | None 
     plan = build_plan(cfg, options.allow_crimes)
     check_output_outside_inputs(out_dir, plan)
     writer = ShardedWriter(out_dir, plan.entries(), options.out_shard_size, options.overwrite)
+    lap("plan")
     try:
+        load_kernels(device)
+        lap("kernel load")
         bytes_read = _Pipeline(plan, writer, device, options).run()
+        lap("merge")
         write_side_files(plan, writer, options)
+        lap("side files")
+        writer.flush()
+        lap("fsync")
         writer.commit()
+        lap("rename")
     except BaseException:
         writer.abort()
         raise
-    report = MergeReport(len(plan.jobs), bytes_read, writer.bytes_written, time.perf_counter() - start,
-                         writer.out_dir)
+    report = MergeReport(len(plan.jobs), bytes_read, writer.bytes_written, lap.total(), writer.out_dir, lap.seconds)
     if not options.quiet:
         log.debug(report.summary())  # the command line prints it; -v repeats it in the log
     return report
+
+
+class _Laps:
+    """Seconds spent in each named step, each step timed from the end of the one before."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._start = self._last = time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def total(self) -> float:
+        return self._last - self._start
+
+
+def load_kernels(device: torch.device) -> None:
+    """Load the compiled kernels the merge's device uses now, rather than inside its first tensor (where a
+    failure's one warning would interrupt the progress bar); a no-op when they are turned off."""
+    if device.type == "cuda":
+        backends.gpu_backend()
+    else:
+        backends.cpu_extension()
 
 
 def load_checked_config(path: str, strict: bool = False) -> MergeConfig:
@@ -197,10 +239,7 @@ class _Pipeline:
         return [self._read_one(ckpt, name) for ckpt, name in job.inputs + job.side_reads()]
 
     def _read_one(self, ckpt, name: str) -> torch.Tensor:
-        if self.options.direct_io:
-            return ckpt.read_direct(name, self.buffers.take_bytes)
-        info = ckpt.tensors[name]
-        return ckpt.read(name, self.buffers.take(info.shape, info.dtype))
+        return ckpt.read_pooled(name, self.buffers.take_bytes, self.options.direct_io)
 
     def stage(self, host: list[torch.Tensor]) -> list[torch.Tensor]:
         """Start the host-to-device copies (on the side stream, so they overlap the previous compute)."""

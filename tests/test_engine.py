@@ -12,6 +12,7 @@ import yaml
 
 from merge_engine import MergeOptions, merge, parse_config
 from merge_engine.io.buffers import BufferPool
+from merge_engine.errors import MergeEngineError
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.ops import backends
 
@@ -56,20 +57,24 @@ def test_merge_is_deterministic_and_not_trivial(folder_tensors, model_sets, tmp_
 
 
 def test_direct_io_and_reused_buffers_change_no_byte(model_sets, tmp_path, monkeypatch):
-    """O_DIRECT reads into recycled buffers give the same output files as plain reads into fresh
-    buffers, and the buffers really are recycled (a wrong hand-back would corrupt later tensors)."""
+    """O_DIRECT reads into recycled buffers, and reads split between the page cache and O_DIRECT, give
+    the same output files as plain reads, and the buffers really are recycled (a wrong hand-back would
+    corrupt later tensors)."""
     from merge_engine import engine
     base, *experts = model_sets("llama_bf16_sharded")
     cfg = ties(base, experts, "bfloat16")
     pools = []
     monkeypatch.setattr(engine, "BufferPool", lambda *a, **k: pools.append(BufferPool(*a, **k)) or pools[-1])
-    merge(parse_config(cfg), str(tmp_path / "direct"), MergeOptions(quiet=True, prefetch=1))
-    merge(parse_config(cfg), str(tmp_path / "plain"), MergeOptions(quiet=True, direct_io=False, prefetch=3))
-    files = sorted(p.name for p in (tmp_path / "plain").iterdir() if p.suffix == ".safetensors")
-    assert files and files == sorted(p.name for p in (tmp_path / "direct").iterdir() if p.suffix == ".safetensors")
-    for f in files:
-        assert (tmp_path / "direct" / f).read_bytes() == (tmp_path / "plain" / f).read_bytes(), f
+    for mode, prefetch in (("on", 1), ("auto", 2), ("off", 3)):
+        merge(parse_config(cfg), str(tmp_path / mode), MergeOptions(quiet=True, direct_io=mode, prefetch=prefetch))
+    files = sorted(p.name for p in (tmp_path / "off").iterdir() if p.suffix == ".safetensors")
+    for mode in ("on", "auto"):
+        assert files and files == sorted(p.name for p in (tmp_path / mode).iterdir() if p.suffix == ".safetensors")
+        for f in files:
+            assert (tmp_path / mode / f).read_bytes() == (tmp_path / "off" / f).read_bytes(), (mode, f)
     assert all(pool.reused > pool.fresh for pool in pools)
+    with pytest.raises(MergeEngineError, match="direct_io must be one of auto, on, off"):
+        merge(parse_config(cfg), str(tmp_path / "bad"), MergeOptions(quiet=True, direct_io=True))
 
 
 @pytest.mark.skipif(not backends.kernels_enabled(), reason="compiled kernels disabled by MERGE_ENGINE_KERNELS=0")

@@ -12,10 +12,14 @@ subcommand can be passed as ./NAME). Errors print one line `merge-engine: error:
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
+import time
 import traceback
 
 from merge_engine import __version__
+from merge_engine.cli.args import STARTUP, process_age
 from merge_engine.errors import MergeEngineError
 from merge_engine.runtime import tune_process_for_merging
 
@@ -25,6 +29,7 @@ SUBCOMMANDS = ("fisher", "key", "patch", "stats")  # modules merge_engine.cli.NA
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every expected failure ends in one line on stderr (the traceback too with -v):
     exit 2 for an error, 130 for Ctrl-C. Clean-up (temporary folders, journals) happens on the way out."""
+    STARTUP["process start"] = process_age()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv in (["--version"], ["-V"]):
         print(f"merge-engine {__version__}")
@@ -36,13 +41,33 @@ def main(argv: list[str] | None = None) -> int:
     if name != "merge":
         argv = argv[1:]
     try:
-        return importlib.import_module(f"merge_engine.cli.{name}").run(argv)
+        imported = time.perf_counter()
+        command = importlib.import_module(f"merge_engine.cli.{name}")
+        STARTUP["imports"] = time.perf_counter() - imported
+        return command.run(argv)
     except MergeEngineError as e:
         return _failed(f"error: {e}", 2, argv)
     except OSError as e:  # disk full, read-only folder, a file where a folder should be...
         return _failed(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", 2, argv)
     except KeyboardInterrupt:
         return _failed("interrupted", 130, argv)
+
+
+def entry() -> None:
+    """The `merge-engine` executable: main(), then, after a merge that succeeded, an exit that skips the
+    interpreter's teardown (0.6 s of torch's module clean-up on this machine, for a merge of a few
+    seconds). The output is complete by then: written, fsynced, renamed; streams are flushed here."""
+    status = main()
+    if status == 0 and _ran_a_merge(sys.argv[1:]):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    sys.exit(status)
+
+
+def _ran_a_merge(argv: list[str]) -> bool:
+    return not (argv and argv[0] in SUBCOMMANDS) and argv not in (["--version"], ["-V"])
 
 
 def _failed(message: str, status: int, argv: list[str]) -> int:

@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import time
 
 import torch
 
-from merge_engine.cli.args import add_quiet_argument, parse_size, setup_logging
+from merge_engine.cli.args import STARTUP, add_quiet_argument, parse_size, setup_logging
 from merge_engine.methods import REGISTRY
 
 # mergekit flags that only tune its own executor; merge_engine always streams, so they change nothing.
 _COMPAT_FLAGS = ("--low-cpu-memory", "--read-to-gpu", "--async-write", "--lazy-unpickle", "--clone-tensors",
                  "--safe-serialization", "--trust-remote-code", "--write-model-card", "--multi-gpu", "--gpu-rich")
 
+
+log = logging.getLogger("merge_engine")
 
 SEED_RANGE = 2**63  # the generator's key takes a 64-bit signed seed
 
@@ -48,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow merging models whose config.json architectures differ")
     p.add_argument("-j", "--num-threads", type=int, default=None, help="CPU threads for the math")
     p.add_argument("--prefetch", type=int, default=2, help="tensor groups read ahead of compute (default 2)")
+    p.add_argument("--direct-io", choices=("auto", "on", "off"), default="auto",
+                   help="read inputs with O_DIRECT (bypassing the page cache): auto (default) reads what the page "
+                        "cache already holds plainly and the rest directly; on: all directly; off: all plainly")
     add_quiet_argument(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     for flag in _COMPAT_FLAGS:
@@ -66,9 +73,23 @@ def run(argv: list[str]) -> int:
     from merge_engine.engine import MergeOptions, load_checked_config, merge
     options = MergeOptions(device=args.device or "auto", out_shard_size=args.out_shard_size,
                            random_seed=args.random_seed, copy_tokenizer=args.copy_tokenizer,
-                           overwrite=args.overwrite, prefetch=args.prefetch, quiet=args.quiet,
+                           overwrite=args.overwrite, prefetch=args.prefetch, direct_io=args.direct_io,
+                           quiet=args.quiet,
                            allow_crimes=args.allow_crimes)
-    report = merge(load_checked_config(args.config, strict=args.strict), args.out_dir, options)
+    started = time.perf_counter()
+    config = load_checked_config(args.config, strict=args.strict)
+    report = merge(config, args.out_dir, options)
     if not args.quiet:
         print(report.summary())
+    if args.verbose:
+        log.debug("time: %s", time_breakdown(report, time.perf_counter() - started))
     return 0
+
+
+def time_breakdown(report, config_seconds: float) -> str:
+    """Where the command's time went, from its process' start: startup (interpreter, first imports), the
+    command's imports (torch...), reading the config, then merge()'s own steps."""
+    config_seconds -= report.seconds
+    steps = {**{k: v for k, v in STARTUP.items() if v is not None}, "config": config_seconds + report.phases.get("config", 0)}
+    steps.update({k: v for k, v in report.phases.items() if k != "config"})
+    return ", ".join(f"{k} {v:.2f} s" for k, v in steps.items()) + f"; total {sum(steps.values()):.2f} s"

@@ -3,9 +3,10 @@
 Opening a checkpoint reads only headers (validated, see safetensors_format); tensor bytes are read
 one tensor at a time with positional reads straight into a caller-chosen buffer (pinned host memory
 when the merge runs on CUDA), so a model is never held in RAM and the engine's prefetch threads, not
-the compute thread, wait on the disk. The engine reads with O_DIRECT where the filesystem allows
-(read_direct): the disk fills its buffer without a trip through the page cache, whose copy took a
-third of all CPU time of a 1.1B merge on 2 cores, and a merge does not evict the machine's cache.
+the compute thread, wait on the disk. The engine reads with O_DIRECT where the filesystem allows and
+the page cache does not already hold the bytes (read_pooled, io/page_cache.py): the disk fills its
+buffer without a trip through the page cache, whose copy took a third of all CPU time of a 1.1B merge
+on 2 cores, and a merge does not evict the machine's cache.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Callable
 import torch
 
 from merge_engine.errors import CheckpointError
+from merge_engine.io.page_cache import ResidencyMaps
 from merge_engine.io.raw import tensor_bytes
 from merge_engine.io.safetensors_format import TensorInfo, read_header
 from merge_engine.io.untrusted import inside_folder, read_json
@@ -32,6 +34,7 @@ _LAYER_RE = re.compile(r"^(?P<prefix>(?:.*?\.)?(?:layers|h|blocks|block|layer))\
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _READ_CHUNK = 1 << 30  # Linux caps one pread at ~2 GiB
 _DIRECT_ALIGN = 4096  # O_DIRECT wants block-aligned file offsets, lengths and buffer addresses
+DIRECT_IO_MODES = ("auto", "on", "off")
 
 
 def split_layer_name(name: str) -> tuple[str, int, str] | None:
@@ -55,10 +58,14 @@ class Checkpoint:
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
-        self._fds: dict[str, int] = {}
-        self._direct_fds: dict[str, int | None] = {}  # None: the file's filesystem refuses O_DIRECT
+        self._no_files_open()
         self._check_folder()
         self.tensors: dict[str, TensorInfo] = self._read_headers()
+
+    def _no_files_open(self) -> None:
+        self._fds: dict[str, int] = {}
+        self._direct_fds: dict[str, int | None] = {}  # None: the file's filesystem refuses O_DIRECT
+        self._residency = ResidencyMaps()
 
     def _check_folder(self) -> None:
         p = self.path
@@ -145,24 +152,35 @@ class Checkpoint:
         _pread_into(self._fd(info.file), view, info.data_start, info.nbytes, info.file, name)
         return out
 
-    def read_direct(self, name: str, take_bytes: Callable[[int], torch.Tensor]) -> torch.Tensor:
-        """Read one tensor with O_DIRECT into a buffer from take_bytes(n) (a flat uint8 CPU tensor of n
-        bytes) and return it as a view of that buffer.
+    def read_pooled(self, name: str, take_bytes: Callable[[int], torch.Tensor], direct_io: str = "auto") -> torch.Tensor:
+        """Read one tensor into a buffer from take_bytes(n) (a flat uint8 CPU tensor of n bytes) and
+        return it as a view of that buffer. direct_io: "on" reads with O_DIRECT, "off" with plain reads,
+        "auto" each range the way io/page_cache.py chooses (plainly what the page cache holds).
 
-        The read covers the tensor's bytes widened to whole blocks, into a block-aligned window of the
-        buffer. Where direct I/O is refused (tmpfs, some network filesystems) or the tensor's offset
-        does not suit its dtype's alignment, this is a plain read() into the same kind of buffer."""
+        Direct reads cover the tensor's bytes widened to whole blocks, into a block-aligned window of
+        the buffer. Where direct I/O is refused (tmpfs, some network filesystems) or the tensor's offset
+        does not suit its dtype's alignment, the whole tensor is read plainly into the same kind of buffer."""
+        if direct_io not in DIRECT_IO_MODES:
+            raise ValueError(f"direct_io must be one of {', '.join(DIRECT_IO_MODES)}, not {direct_io!r}")
         info = self.tensors[name]
-        first = info.data_start - info.data_start % _DIRECT_ALIGN
-        last = -(-(info.data_start + info.nbytes) // _DIRECT_ALIGN) * _DIRECT_ALIGN
-        fd = self._direct_fd(info.file) if info.nbytes and info.data_start % info.dtype.itemsize == 0 else None
+        aligned = info.nbytes and info.data_start % info.dtype.itemsize == 0
+        fd = self._direct_fd(info.file) if direct_io != "off" and aligned else None
         if fd is None:
             return self._read_bytes(name, take_bytes(info.nbytes).view(info.dtype).view(info.shape))
+        first = info.data_start - info.data_start % _DIRECT_ALIGN
+        last = -(-(info.data_start + info.nbytes) // _DIRECT_ALIGN) * _DIRECT_ALIGN
         raw = take_bytes(last - first + _DIRECT_ALIGN)
         pad = -raw.data_ptr() % _DIRECT_ALIGN
         window = tensor_bytes(raw[pad:pad + last - first])
-        try:  # the block-rounded window may pass the file's end: only the tensor's bytes must arrive
-            _pread_into(fd, window, first, info.data_start + info.nbytes - first, info.file, name)
+        data_end = info.data_start + info.nbytes
+        spans = self._residency.spans(info.file, first, last) if direct_io == "auto" else [(first, last, False)]
+        try:
+            for lo, hi, plain in spans:
+                if plain:  # only the tensor's own bytes: plain reads need no alignment
+                    lo, hi = max(lo, info.data_start), min(hi, data_end)
+                    _pread_into(self._fd(info.file), window[lo - first:hi - first], lo, hi - lo, info.file, name)
+                else:  # the block-rounded span may pass the file's end: only the tensor's bytes must arrive
+                    _pread_into(fd, window[lo - first:hi - first], lo, min(hi, data_end) - lo, info.file, name)
         except OSError:  # EINVAL: this file's filesystem takes no direct reads after all
             self._direct_fds[info.file] = None
             os.close(fd)
@@ -190,6 +208,7 @@ class Checkpoint:
                 os.close(fd)
         self._fds.clear()
         self._direct_fds.clear()
+        self._residency.close()
 
     def __del__(self):
         self.close()

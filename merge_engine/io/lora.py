@@ -70,7 +70,8 @@ class LoraCheckpoint(Checkpoint):
         if headers is None:
             super().__init__(base)
         else:
-            self.path, self.tensors, self._fds, self._direct_fds = headers.path, headers.tensors, {}, {}
+            self.path, self.tensors = headers.path, headers.tensors
+            self._no_files_open()
         self.adapter = os.path.abspath(adapter)
         self.reference = f"{base}+{adapter}"
         config = self._read_config()
@@ -152,8 +153,8 @@ class LoraCheckpoint(Checkpoint):
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         return self._apply(name, super().read(name, out))
 
-    def read_direct(self, name: str, take_bytes: Callable[[int], torch.Tensor]) -> torch.Tensor:
-        return self._apply(name, super().read_direct(name, take_bytes))
+    def read_pooled(self, name: str, take_bytes: Callable[[int], torch.Tensor], direct_io: str = "auto") -> torch.Tensor:
+        return self._apply(name, super().read_pooled(name, take_bytes, direct_io))
 
     def _apply(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """The adapter's change to one base tensor, made in place in its read buffer."""

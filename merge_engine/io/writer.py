@@ -160,6 +160,7 @@ class ShardedWriter:
             self.abort()
             raise
         self._pending = set(self._entries)
+        self._flushed = False
         self.bytes_written = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -184,8 +185,10 @@ class ShardedWriter:
     def copy_file(self, src: str, filename: str | None = None) -> None:
         shutil.copyfile(src, os.path.join(self.tmp_dir, filename or os.path.basename(src)))
 
-    def commit(self) -> None:
-        """Check completeness, write the index, flush to disk and move the folder into place."""
+    def flush(self) -> None:
+        """Check completeness, write the index and flush the shards to disk (commit does it if not done)."""
+        if self._flushed:
+            return
         if self._pending:
             missing = sorted(self._pending)
             raise RuntimeError(f"{len(missing)} planned tensor(s) were never written, e.g. {missing[:3]}")
@@ -198,6 +201,11 @@ class ShardedWriter:
         for shard in self._shards:
             os.fsync(shard.fd)
         self._close()
+        self._flushed = True
+
+    def commit(self) -> None:
+        """flush, then move the folder into place."""
+        self.flush()
         self._move_into_place()
 
     def _move_into_place(self) -> None:

@@ -12,7 +12,13 @@
 default implementation and a fake (meta) implementation, so it traces under torch.compile and
 torch.export. It returns a plain function with the reference's own signature and docstring (torch's
 op object shows only `(*args, **kwargs)` to help() and inspect.signature), which carries
-register_kernel, register_fake and register_autograd, and the op objects (functional, out_overload).
+register_kernel, register_fake and register_autograd, and the op overloads (functional, out_overload).
+
+The ops are declared with torch.library's define/impl (as bitsandbytes does), not custom_op: custom_op
+wraps every kernel in torch._disable_dynamo, whose first call imports torch._dynamo, 1.8 s of every
+process's first merge on this machine, though nothing compiles. Here a kernel turns dynamo off only
+once torch._dynamo is loaded (torch.compile and torch.export load it before they can run anything).
+Mutating ops bump the versions of what they mutate, as custom_op's do.
 
 With `out=True` the op also gets an out overload, merge_engine::<name>.out, that writes its result
 into a caller's tensor (mutated, returns nothing; its first argument, since torch.library takes no
@@ -25,11 +31,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from typing import Callable, Optional
 
 import torch
 
 NAMESPACE = "merge_engine"
+_LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
 def op(name: str, *, mutates_args=(), fake: str | Callable | None = None, out: bool = False) -> Callable:
@@ -44,8 +53,8 @@ def op(name: str, *, mutates_args=(), fake: str | Callable | None = None, out: b
             return declared(*args, **kwargs)
         call.__signature__ = inspect.signature(reference)  # out=None included where the op has one
         call.register_kernel = declared.register_kernel
-        call.register_fake = declared.functional.register_fake
-        call.register_autograd = declared.functional.register_autograd
+        call.register_fake = declared.register_fake
+        call.register_autograd = declared.register_autograd
         call.functional, call.out_overload = declared.functional, declared.out_overload
         return call
     return declare
@@ -56,26 +65,32 @@ class _Declared:
 
     def __init__(self, name: str, reference: Callable, mutates_args, fake, out: bool):
         signature = inspect.signature(reference)
+        self.name = name
         self.signature = signature.replace(parameters=[p for p in signature.parameters.values() if p.name != "out"])
-        self.functional = torch.library.custom_op(f"{NAMESPACE}::{name}", self._without_out(reference),
-                                                  mutates_args=mutates_args)
+        functional = self._without_out(reference)
+        _LIBRARY.define(name + torch.library.infer_schema(functional, mutates_args=mutates_args))
+        self.functional = getattr(torch.ops.merge_engine, name).default
+        _declare_implementation(self.functional, functional)
         if isinstance(fake, str):
             fake = self._empty_like(fake)
+        if fake is None and not self.functional._schema.returns:  # mutates only: nothing to make
+            fake = _returns_nothing
         if fake is not None:
-            self.functional.register_fake(fake)
+            self.register_fake(fake)
         self.out_overload = None
         if out:
-            arguments = str(self.functional._opoverload._schema).split("(", 1)[1].rsplit(") ->", 1)[0]
-            self.out_overload = torch.library.custom_op(
-                f"{NAMESPACE}::{name}.out", _into_out(reference), mutates_args=("out",),
-                schema=f"(Tensor(a!) out{', ' if arguments else ''}{arguments}) -> ()")  # torch.library: no keyword-only tensors
-            self.out_overload.register_fake(lambda out, *args, **kwargs: None)
+            arguments = str(self.functional._schema).split("(", 1)[1].rsplit(") ->", 1)[0]
+            # torch.library takes no keyword-only tensors: out comes first
+            _LIBRARY.define(f"{name}.out(Tensor(a!) out{', ' if arguments else ''}{arguments}) -> ()")
+            self.out_overload = getattr(torch.ops.merge_engine, name).out
+            _declare_implementation(self.out_overload, _into_out(reference))
+            torch.library.register_fake(self.out_overload, _returns_nothing, lib=_LIBRARY)
 
     def __call__(self, *args, out: Optional[torch.Tensor] = None, **kwargs):
         if out is None:
             return self.functional(*args, **kwargs)
         if self.out_overload is None:
-            raise TypeError(f"{self.functional._name}() got an unexpected keyword argument 'out'")
+            raise TypeError(f"{NAMESPACE}::{self.name}() got an unexpected keyword argument 'out'")
         self.out_overload(out, *args, **kwargs)
         return out
 
@@ -83,11 +98,18 @@ class _Declared:
         """Register fn as the kernel for a device type, of the out overload too when there is one (fn
         then takes `out` and returns `out` or a fresh result)."""
         def register(fn: Callable) -> Callable:
-            self.functional.register_kernel(device_type)(self._without_out(fn))
+            _LIBRARY.impl(self.name, _dynamo_off_when_compiling(self._without_out(fn)), _DISPATCH_KEYS[device_type])
             if self.out_overload is not None:
-                self.out_overload.register_kernel(device_type)(_into_out(fn))
+                _LIBRARY.impl(f"{self.name}.out", _dynamo_off_when_compiling(_into_out(fn)), _DISPATCH_KEYS[device_type])
             return fn
         return register
+
+    def register_fake(self, fn: Callable) -> Callable:
+        torch.library.register_fake(self.functional, fn, lib=_LIBRARY)
+        return fn
+
+    def register_autograd(self, backward: Callable, *, setup_context: Callable | None = None) -> None:
+        torch.library.register_autograd(self.functional, backward, setup_context=setup_context, lib=_LIBRARY)
 
     def _without_out(self, fn: Callable) -> Callable:
         """fn under the signature without out (the functional schema comes from it), called with
@@ -106,6 +128,54 @@ class _Declared:
             value = bound.arguments[argument]
             return torch.empty_like(value[0] if isinstance(value, (list, tuple)) else value)
         return fake
+
+
+def _returns_nothing(*args, **kwargs) -> None:
+    return None
+
+
+def _dynamo_off_when_compiling(fn: Callable) -> Callable:
+    """fn, run with dynamo turned off once torch._dynamo is loaded (as torch.library's own kernels are):
+    before that nothing can be compiling, and loading it would cost every process 1.8 s."""
+    disabled = None
+
+    @functools.wraps(fn)
+    def kernel(*args, **kwargs):
+        nonlocal disabled
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if disabled is None:
+            disabled = torch._dynamo.disable(fn, recursive=True)
+        return disabled(*args, **kwargs)
+    return kernel
+
+
+def _declare_implementation(overload: torch._ops.OpOverload, fn: Callable) -> None:
+    """fn as the overload's default kernel on every device; mutated arguments get their version bumped
+    (autograd then knows that tensors it saved have changed)."""
+    name = _qualified_name(overload)
+    _LIBRARY.impl(name, _dynamo_off_when_compiling(fn), "CompositeExplicitAutograd")
+    mutated = [i for i, a in enumerate(overload._schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+    if mutated:
+        _LIBRARY.impl(name, _bump_versions(overload, mutated), "ADInplaceOrView", with_keyset=True)
+
+
+def _qualified_name(overload: torch._ops.OpOverload) -> str:
+    """'name' or 'name.overload', as Library.impl takes it."""
+    name = overload._schema.name.split("::", 1)[1]
+    return name if overload._overloadname == "default" else f"{name}.{overload._overloadname}"
+
+
+def _bump_versions(overload: torch._ops.OpOverload, mutated: list[int]) -> Callable:
+    names = [overload._schema.arguments[i].name for i in mutated]
+
+    def kernel(keyset, *args, **kwargs):
+        for i, name in zip(mutated, names):
+            value = args[i] if i < len(args) else kwargs[name]
+            for t in value if isinstance(value, (list, tuple)) else [value]:
+                torch.autograd.graph.increment_version(t)
+        return overload.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args, **kwargs)
+    return kernel
 
 
 def _into_out(fn: Callable) -> Callable:

@@ -31,8 +31,8 @@ class PatchedCheckpoint(Checkpoint):
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         return self._apply(name, super().read(name, out))
 
-    def read_direct(self, name: str, take_bytes: Callable[[int], torch.Tensor]) -> torch.Tensor:
-        return self._apply(name, super().read_direct(name, take_bytes))
+    def read_pooled(self, name: str, take_bytes: Callable[[int], torch.Tensor], direct_io: str = "auto") -> torch.Tensor:
+        return self._apply(name, super().read_pooled(name, take_bytes, direct_io))
 
     def _apply(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         if name in self.patch.tensors:

@@ -24,22 +24,24 @@ def test_reads_every_tensor_exactly(folder_tensors, model_sets, key):
     assert ckpt.num_layers == 4
 
 
-def _direct_read_all(ckpt):
-    """Every tensor through read_direct, each into its own buffer: {name: (tensor, buffer)}."""
+def _direct_read_all(ckpt, direct_io="on"):
+    """Every tensor through read_pooled, each into its own buffer: {name: (tensor, buffer)}."""
     out = {}
     for name in ckpt.tensors:
         buffers = []
-        t = ckpt.read_direct(name, lambda n: buffers.append(torch.empty(n, dtype=torch.uint8)) or buffers[-1])
+        t = ckpt.read_pooled(name, lambda n: buffers.append(torch.empty(n, dtype=torch.uint8)) or buffers[-1],
+                             direct_io)
         out[name] = (t, buffers[0])
     return out
 
 
+@pytest.mark.parametrize("direct_io", ["on", "auto", "off"])
 @pytest.mark.parametrize("key", ["llama_bf16_sharded", "gpt2"])
-def test_direct_reads_every_tensor_exactly(folder_tensors, model_sets, key):
+def test_pooled_reads_every_tensor_exactly(folder_tensors, model_sets, key, direct_io):
     folder = model_sets(key)[1]
     ckpt = Checkpoint(folder)
     want = folder_tensors(folder)
-    for name, (t, buffer) in _direct_read_all(ckpt).items():
+    for name, (t, buffer) in _direct_read_all(ckpt, direct_io).items():
         assert torch.equal(t, want[name]), name
         assert t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr(), "not a view of its buffer"
     # the files' ends are not block-aligned, so the last tensor of each file was a short read at EOF

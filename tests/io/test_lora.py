@@ -26,7 +26,7 @@ def update(tensors, module, scaling, transpose=False):
 
 
 def read_all(ckpt, direct):
-    return {n: ckpt.read_direct(n, lambda k: torch.empty(k, dtype=torch.uint8)).clone() if direct else ckpt.read(n)
+    return {n: ckpt.read_pooled(n, lambda k: torch.empty(k, dtype=torch.uint8), "on").clone() if direct else ckpt.read(n)
             for n in ckpt.tensors}
 
 

@@ -112,6 +112,81 @@ def test_model_stock_closed_form():
     torch.testing.assert_close(same, w1)
 
 
+def mergekit_model_stock(w_0, ws, filter_wise):
+    """mergekit 0.1.5's ModelStockMergeTask.execute, whole tensors at a time (t = 0 where singular, as
+    0.1.5 returns the base there)."""
+    out_shape = w_0.shape
+    if filter_wise:
+        if w_0.dim() == 1:
+            w_0, ws = w_0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
+    else:
+        w_0, ws = w_0.view(-1), [w.view(-1) for w in ws]
+    offsets = [w - w_0 for w in ws]
+    cos_thetas = []
+    for i, w_0_offset in enumerate(offsets):
+        for j in range(i + 1, len(offsets)):
+            norm_product = torch.norm(w_0_offset, dim=-1) * torch.norm(offsets[j], dim=-1)
+            cos_thetas.append(((w_0_offset * offsets[j]).sum(dim=-1) / norm_product.clamp(min=1e-6)).clamp(-1, 1))
+    cos_theta = torch.stack(cos_thetas).mean(dim=0).unsqueeze(-1)
+    n = len(ws)
+    denominator = 1 + (n - 1) * cos_theta
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos_theta), (n * cos_theta) / torch.where(singular, 1, denominator))
+    return (t * (sum(ws) / len(ws)) + (1 - t) * w_0).reshape(out_shape)
+
+
+# sizes past the method's 1M-element chunks and torch's per-thread reduction grain, 1-D to 3-D
+# (expert counts other than 3 on one dtype and shape: the rest is the same code)
+@pytest.mark.parametrize("shape, dtype, k", [
+    *[(shape, dtype, 3) for shape in [(1_300_001,), (1031, 1337), (5, 300_007), (3, 7, 11), (0, 4)]
+      for dtype in (torch.bfloat16, torch.float16, torch.float32)],
+    ((1031, 1337), torch.bfloat16, 2), ((1031, 1337), torch.bfloat16, 4)])
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_is_mergekits_arithmetic_bit_for_bit(shape, dtype, filter_wise, k):
+    tensors = inputs(k, shape, dtype, seed=k)
+    want = mergekit_model_stock(tensors[0], tensors[1:], filter_wise)
+    pool = []
+    take = lambda shape, dtype: pool.append(torch.full(shape, float("nan"), dtype=dtype)) or pool[-1]  # noqa: E731
+    for take_output in (None, take):
+        g = group("model_stock", tensors, shared={"filter_wise": filter_wise})
+        g.take_output = take_output
+        got = REGISTRY["model_stock"].merge(g)
+        assert got.dtype == dtype and got.shape == want.shape
+        assert torch.equal(got, want)
+
+
+class _FreshMemory(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of every tensor the ops inside it allocate (an output that is none of its inputs' storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                 if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(result):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
+                self.sizes.append(t.untyped_storage().nbytes())
+        return result
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_memory_is_one_tensor_beyond_its_output(filter_wise):
+    """Whatever the expert count: one tensor-sized scratch (the output buffer is the other), and chunks."""
+    tensors = inputs(4, (2048, 1536), torch.bfloat16)
+    g = group("model_stock", tensors, shared={"filter_wise": filter_wise})
+    buffer = torch.empty_like(tensors[0])  # the engine's recycled output buffer
+    g.take_output = lambda shape, dtype: buffer
+    with _FreshMemory() as fresh:
+        REGISTRY["model_stock"].merge(g)
+    tensor_bytes = tensors[0].nbytes
+    large = [n for n in fresh.sizes if n > tensor_bytes // 2]
+    assert large == [tensor_bytes], large  # mergekit's whole-tensor arithmetic: 4 offsets, 6 products, sums...
+    assert sum(n for n in fresh.sizes if n <= tensor_bytes // 2) < 16 * tensor_bytes  # chunks, freed as it goes
+
+
 def test_passthrough_scale():
     x = torch.randn(3, 3)
     torch.testing.assert_close(REGISTRY["passthrough"].merge(group("passthrough", [x], None,
