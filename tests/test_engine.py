@@ -11,8 +11,8 @@ import transformers
 import yaml
 
 from merge_engine import MergeOptions, merge, parse_config
-from merge_engine.io.buffers import BufferPool
 from merge_engine.errors import MergeEngineError
+from merge_engine.io.buffers import BufferPool
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.ops import backends
 
