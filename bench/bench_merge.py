@@ -14,8 +14,13 @@ before each timed run when /proc/sys/vm/drop_caches is writable (root).
     python bench/bench_merge.py --methods linear,ties,della,slerp   # merge_engine only, several methods
                                                                     # (linear_lora: linear over BASE+ADAPTER inputs)
 
-With --methods, each method's merge_engine run is compared with the O_DIRECT I/O floor of the inputs
-that method reads (measured just before it: the disk's speed drifts), and nothing else runs.
+With --methods, each method's merge_engine run is compared with the I/O floor of the inputs that
+method reads, measured just before it (the disk's speed drifts), with a cold page cache (O_DIRECT floor)
+and with the inputs already in the cache (plain-read floor), and with --mergekit-ratio mergekit-yaml
+runs each config too (cold):
+
+    python bench/bench_merge.py --methods ties,della,slerp --cache cold,warm --mergekit-ratio
+    python bench/bench_merge.py --small --experts 2 --methods ties --mergekit-ratio   # 162M, two experts
 """
 from __future__ import annotations
 
@@ -44,7 +49,9 @@ LAYERS_PER_SHARD = 4
 NOISE = 0.002  # expert = base + NOISE * N(0, 1); base weights ~ N(0, 0.02)
 TIES = {"weight": (0.5, 0.3, 0.2), "density": (0.5, 0.6, 0.7)}
 SHAPE = {"layers": 22, "hidden": 2048, "intermediate": 5632, "vocab": 32000, "heads": 32, "kv_heads": 4}  # TinyLlama
-MERGEKIT = "/opt/mkvenv/bin/mergekit-yaml"
+SMALL = {"layers": 12, "hidden": 768, "intermediate": 3072, "vocab": 32000, "heads": 12, "kv_heads": 12}  # 162M
+MERGEKIT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-mergekit", "bin",
+                        "mergekit-yaml")  # tools/test.sh installs it
 CHUNK = 64 << 20
 
 
@@ -163,30 +170,66 @@ def write_lora(model: str, folder: str, r: int = 16) -> str:
     return folder
 
 
-def methods_table(methods: list[str], paths: list[str], root: str) -> None:
-    """merge_engine on each method against the O_DIRECT I/O floor of that method's inputs."""
+def methods_table(methods: list[str], paths: list[str], root: str, a) -> None:
+    """merge_engine on each method against the I/O floor of that method's inputs, with a cold page cache
+    and with the inputs in it; mergekit-yaml on the same configs (cold) when asked."""
     out_bytes = folder_bytes(paths[0])
-    print(f"## merge_engine per method, {os.path.basename(root)} (bf16), against each method's I/O floor\n")
+    modes = a.cache.split(",")
+    run_mergekit = a.mergekit_ratio and os.path.exists(a.mergekit)
+    print(f"## merge_engine per method, {os.path.basename(root)} (bf16), {a.experts} experts, against each "
+          "method's I/O floor\n")
     print(machine(drop_caches()))
     print(engine_info())
-    print("- I/O floor: O_DIRECT read of the method's input files, then write + fsync of the output size, "
-          "measured just before the method's run\n")
-    print("| method | models read | I/O floor s | wall s | x I/O floor | CPU s | peak RSS GB | other load, cores |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("- cold: page cache dropped before the floor and before the run; floor = O_DIRECT read of the "
+          "method's input files, then write + fsync of the output size")
+    print("- warm: inputs read once beforehand (in the page cache); floor = plain read of the input files "
+          "(from the cache), then write + fsync of the output size")
+    if run_mergekit:
+        print(f"- mergekit: {a.mergekit}, cold page cache; `x engine` = mergekit wall / merge_engine wall (cold)")
+    print()
+    head = ["method", "models read"]
+    for mode in modes:
+        head += [f"{mode} floor s", f"{mode} wall s", f"{mode} x floor", f"{mode} CPU s", f"{mode} peak RSS GB"]
+    head += ["mergekit s", "x engine"] if run_mergekit else []
+    print("| " + " | ".join(head) + " |")
+    print("|---|" + "---:|" * (len(head) - 1))
     for method in methods:
-        config, folders = method_config(method, paths)
-        path = os.path.join(root, f"{method}.yml")
+        config, folders = method_config(method, paths[:a.experts + 1])
+        path = os.path.join(root, f"{method}-{a.experts}.yml")
         with open(path, "w") as f:
             yaml.safe_dump(config, f, sort_keys=False)
-        drop_caches()
         inputs = [f for folder in folders for f in safetensors_files(folder)]
-        floor = io_floor(inputs, out_bytes, os.path.join(root, "scratch.bin"), direct=True)
         out = os.path.join(root, f"out_{method}")
-        wall, rss, cpu, other = run_merge([sys.executable, "-m", "merge_engine", path, out, "--overwrite", "-q"], out,
-                                          os.path.join(root, f"{method}.log"))
-        print(f"| {method} | {len(folders)} | {floor:.1f} | {wall:.1f} | {wall / floor:.2f} | {cpu:.0f} | "
-              f"{rss / 1e9:.2f} | {other:.2f} |", flush=True)
+        cells, walls = [method, str(len(folders))], {}
+        for mode in modes:
+            warm = mode == "warm"
+            drop_caches()
+            if warm:
+                read_files(inputs)
+            floor = io_floor(inputs, out_bytes, os.path.join(root, "scratch.bin"), direct=not warm)
+            wall, rss, cpu, other = run_merge([sys.executable, "-m", "merge_engine", path, out, "--overwrite", "-q"],
+                                              out, os.path.join(root, f"{method}.log"), warm=warm)
+            walls[mode] = wall
+            cells += [f"{floor:.2f}", f"{wall:.2f}", f"{wall / floor:.2f}", f"{cpu:.1f}", f"{rss / 1e9:.2f}"]
+            if other > 0.1:
+                cells[-4] += f" (other load {other:.1f} cores)"
+        if run_mergekit:
+            mk_out = os.path.join(root, f"out_mergekit_{method}")
+            wall, *_ = run_merge([a.mergekit, path, mk_out, "--out-shard-size", "5B"], mk_out,
+                                 os.path.join(root, f"mergekit_{method}.log"))
+            cells += [f"{wall:.1f}", f"{wall / walls.get('cold', min(walls.values())):.1f}"]
+            shutil.rmtree(mk_out, ignore_errors=True)
+        print("| " + " | ".join(cells) + " |", flush=True)
         shutil.rmtree(out, ignore_errors=True)
+
+
+def read_files(paths: list[str]) -> None:
+    """Read files once (into the page cache)."""
+    buf = bytearray(CHUNK)
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
 
 
 def drop_caches() -> bool:
@@ -250,11 +293,14 @@ def busy_cpu_seconds() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def run_merge(cmd: list[str], out_dir: str, log: str, **env: str) -> tuple[float, int, float, float]:
-    """Run a merge command on a cold page cache; return wall seconds, the child's peak RSS bytes and
-    CPU seconds, and the average number of cores other processes kept busy meanwhile."""
+def run_merge(cmd: list[str], out_dir: str, log: str, warm: bool = False, **env: str) -> tuple[float, int, float, float]:
+    """Run a merge command on a cold page cache (or as it is, warm=True); return wall seconds, the child's
+    peak RSS bytes and CPU seconds, and the average number of cores other processes kept busy meanwhile."""
     shutil.rmtree(out_dir, ignore_errors=True)
-    drop_caches()
+    if warm:
+        os.sync()
+    else:
+        drop_caches()
     with open(log, "w") as f:
         start, busy = time.perf_counter(), busy_cpu_seconds()
         env = dict(os.environ, HF_HUB_OFFLINE="1", **env)
@@ -329,13 +375,19 @@ def main() -> None:
     p.add_argument("--skip-mergekit", action="store_true")
     p.add_argument("--skip-reference", action="store_true", help="skip the (slow) reference-ops run")
     p.add_argument("--methods", help="comma-separated methods: time merge_engine on each against its I/O floor")
+    p.add_argument("--cache", default="cold,warm", help="with --methods: page-cache states to run (cold,warm)")
+    p.add_argument("--experts", type=int, default=EXPERTS, help=f"with --methods: experts merged (1-{EXPERTS})")
+    p.add_argument("--mergekit-ratio", action="store_true", help="with --methods: mergekit-yaml on every config too")
+    p.add_argument("--small", action="store_true", help=f"the small model: {SMALL}")
     a = p.parse_args()
+    if a.small:
+        vars(a).update(SMALL)
     root = os.path.join(os.path.abspath(a.work), f"llama-L{a.layers}-H{a.hidden}-I{a.intermediate}-V{a.vocab}")
     t0 = time.perf_counter()
     paths = generate_models_apart(a, root)
     print(f"models ready in {root} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     if a.methods:
-        return methods_table(a.methods.split(","), paths, root)
+        return methods_table(a.methods.split(","), paths, root, a)
     config = write_config(paths, os.path.join(root, "ties.yml"))
     inputs = [f for path in paths for f in safetensors_files(path)]
     in_bytes, out_bytes = sum(map(folder_bytes, paths)), folder_bytes(paths[0])  # output: the base's layout
