@@ -171,6 +171,27 @@ def test_della_ranks_runs_of_equal_magnitudes_by_index(ext, dtype):
     assert torch.equal(got, want), f"{(got != want).sum()} elements differ"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_della_ranks_of_narrow_and_wide_rows(ext, dtype):
+    """Both ways of ranking a row give the reference's stable ranks: counting (keys spanning few values:
+    rows of similar magnitudes, with or without exact zeros) and the radix sort (keys spread over many
+    binades, and float32 rows, whose keys span more than 8 * columns + 4096 values)."""
+    g = torch.Generator().manual_seed(5)
+    rows = 64
+    base = torch.randn(rows, 257, generator=g, dtype=torch.float64)
+    scale = torch.ones(rows, 257, dtype=torch.float64)
+    scale[16:32] = 10.0 ** torch.randint(-30, 4, (16, 257), generator=g)  # wide: many binades
+    delta = torch.randn(rows, 257, generator=g, dtype=torch.float64) * scale * 0.01
+    delta[32:48, ::3] = 0  # narrow, with exact zeros far below the rest
+    delta[48:52] = 0  # all zero
+    base = base.to(dtype)
+    experts = [(base.double() + delta).to(dtype), (base.double() - 0.5 * delta).to(dtype)]
+    kw = dict(weights=[0.6, 0.4], densities=[0.3, 0.7], sparsify="rank", consensus=True, normalize=True,
+              epsilons=[0.2, 0.25], seed=4, tensor_name="t")
+    got, want = _merge_with(ext, base, experts, **kw), merge_task_vectors_reference(base, experts, **kw)
+    assert torch.equal(got, want), f"{(got != want).sum()} elements differ"
+
+
 # at fault: the base, expert 0, expert 1; a pairwise covering set of (dtype, sparsify, at fault, value)
 @pytest.mark.parametrize("dtype, sparsify, at_fault, bad", pairwise(
     DTYPES, ["magnitude", "random", ""], [0, 1, 2], [float("nan"), float("inf"), -float("inf")]))
