@@ -69,8 +69,9 @@ class MergeOptions:
     copy_tokenizer: bool = True
     overwrite: bool = False
     prefetch: int = 2  # tensor groups read ahead of compute
-    # "auto": plain reads of what the page cache holds, O_DIRECT for the rest; "on": O_DIRECT for all;
-    # "off": plain reads (io/page_cache.py; O_DIRECT only where the filesystem allows it)
+    # reads: "auto" plain reads of what the page cache holds, O_DIRECT for the rest; "on" O_DIRECT for all;
+    # "off" plain reads (io/page_cache.py). Writes: O_DIRECT unless "off" (io/writer.py). O_DIRECT only
+    # where the filesystem allows it.
     direct_io: str = "auto"
     quiet: bool = False
     allow_crimes: bool = False  # merge models whose architectures differ
@@ -110,7 +111,8 @@ def merge(config: MergeConfig | str, out_dir: str, options: MergeOptions | None 
         check_gpu_backend_choice()
     plan = build_plan(cfg, options.allow_crimes)
     check_output_outside_inputs(out_dir, plan)
-    writer = ShardedWriter(out_dir, plan.entries(), options.out_shard_size, options.overwrite)
+    writer = ShardedWriter(out_dir, plan.entries(), options.out_shard_size, options.overwrite,
+                           direct=options.direct_io != "off")
     lap("plan")
     try:
         load_kernels(device)

@@ -23,7 +23,6 @@ PROBE = textwrap.dedent("""
             looked_up.append(name)
             return super().__getattr__(name)
     ctypes.CDLL = Recording
-    import torch._dynamo  # torch's compiler stack sets its own cache variable when any custom op first runs
     environ = dict(os.environ)
 
     import merge_engine
@@ -44,12 +43,32 @@ PROBE = textwrap.dedent("""
     print("cli", os.environ.get("THP_MEM_ALLOC_ENABLE"), "mallopt" in looked_up)
 """)
 
+# The command, as users run it: OMP_WAIT_POLICY is set before torch loads (it cannot be changed later).
+COMMAND_PROBE = textwrap.dedent("""
+    import os, sys
+    from merge_engine.cli import main
+    assert "torch" not in sys.modules, "importing the command's entry module loaded torch"
+    main(["--help"])
+""")
+
 
 def test_only_the_command_line_changes_the_process():
     env = {k: v for k, v in __import__("os").environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     run = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split("\n")[:2] == ["api True False", "cli 1 True"], run.stdout
+
+
+def test_the_command_sets_openmp_waits_before_torch_loads():
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    probe = COMMAND_PROBE + "\nprint(os.environ.get('OMP_WAIT_POLICY'))"
+    run = subprocess.run([sys.executable, "-c", probe.replace('main(["--help"])', 'main(["--version"])')],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[-1] == "None"  # --version imports nothing and tunes nothing
+    run = subprocess.run([sys.executable, "-c", probe.replace('main(["--help"])', 'main(["/nonexistent.yml", "/tmp/x"])')],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.stdout.split()[-1] == "PASSIVE", run.stdout + run.stderr
 
 
 @pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")

@@ -19,7 +19,7 @@ import time
 import traceback
 
 from merge_engine import __version__
-from merge_engine.cli.args import STARTUP, process_age
+from merge_engine.cli.timing import STARTUP, process_age
 from merge_engine.errors import MergeEngineError
 from merge_engine.runtime import tune_process_for_merging
 

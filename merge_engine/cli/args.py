@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
-import time
 import warnings
 
 from merge_engine.dtypes import STATS_DTYPES
@@ -97,17 +95,3 @@ def setup_logging(quiet: bool, verbose: bool = False) -> None:
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"merge-engine: warning: {message}", file=file or sys.stderr)
-
-
-STARTUP: dict[str, float] = {}  # main() fills it: seconds from process start to main(), and of the command's imports
-
-
-def process_age() -> float | None:
-    """Seconds since this process started (Linux: /proc/self/stat against CLOCK_BOOTTIME, to the kernel's
-    clock tick), or None where unknown."""
-    try:
-        with open("/proc/self/stat") as f:
-            started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
-        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None

@@ -7,7 +7,8 @@ import time
 
 import torch
 
-from merge_engine.cli.args import STARTUP, add_quiet_argument, parse_size, setup_logging
+from merge_engine.cli.args import add_quiet_argument, parse_size, setup_logging
+from merge_engine.cli.timing import STARTUP
 from merge_engine.methods import REGISTRY
 
 # mergekit flags that only tune its own executor; merge_engine always streams, so they change nothing.

@@ -4,15 +4,19 @@ The whole output layout (tensor order, shard boundaries, headers) is fixed from 
 before any tensor is computed, so each merged tensor is written straight to its final offset and
 dropped: memory never holds more than the tensor in hand, whatever the shard size. Everything is
 written into a hidden temporary folder beside the output and renamed into place only when every
-shard, the index and the side files are complete.
+shard, the index and the side files are complete. With direct=True, the tensors' whole blocks are
+written with O_DIRECT (ShardedWriter._write_direct).
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
+import mmap
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +29,9 @@ log = logging.getLogger("merge_engine")
 _LOCK = ".lock"  # inside a partial folder, flock-ed by the process writing it until it ends
 
 _WRITE_CHUNK = 1 << 30
+_DIRECT_ALIGN = 4096  # O_DIRECT wants block-aligned file offsets, lengths and buffer addresses
+_BOUNCE = 16 << 20  # bytes staged per direct write
+_MIN_DIRECT = 1 << 20  # smaller tensors are written plainly
 
 
 @dataclass
@@ -36,6 +43,20 @@ class ShardLayout:
     size: int
     offsets: dict[str, int]  # tensor name -> byte offset of its data in the file
     fd: int = -1
+    direct_fd: int = -1  # the same file opened with O_DIRECT (-1: not asked for, or refused)
+
+
+def _open_direct(path: str) -> int:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except (OSError, AttributeError):  # tmpfs and some network filesystems refuse it; not every OS has it
+        return -1
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:done + _WRITE_CHUNK], offset + done)
 
 
 def check_output_dir(out_dir: str, overwrite: bool) -> None:
@@ -132,7 +153,7 @@ class ShardedWriter:
 
     def __init__(self, out_dir: str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
                  shard_size: int = 5 * 10**9, overwrite: bool = False, layout: list[ShardLayout] | None = None,
-                 index_file: str | None = None):
+                 index_file: str | None = None, direct: bool = False):
         self.out_dir = os.path.abspath(out_dir)
         self.overwrite = overwrite
         check_output_dir(self.out_dir, overwrite)
@@ -156,9 +177,13 @@ class ShardedWriter:
                                    0o644)
                 os.pwrite(shard.fd, shard.header, 0)
                 os.ftruncate(shard.fd, shard.size)
+                if direct:
+                    shard.direct_fd = _open_direct(os.path.join(self.tmp_dir, shard.filename))
         except BaseException:
             self.abort()
             raise
+        self._bounce: memoryview | None = None  # block-aligned staging memory of direct writes
+        self._bounce_lock = threading.Lock()
         self._pending = set(self._entries)
         self._flushed = False
         self.bytes_written = 0
@@ -170,11 +195,38 @@ class ShardedWriter:
             raise ValueError(f"'{name}': planned {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
         shard, offset = self._where[name]
         data = tensor_bytes(tensor.detach().cpu().contiguous())
-        done = 0
-        while done < len(data):
-            done += os.pwrite(shard.fd, data[done:done + _WRITE_CHUNK], offset + done)
+        if not (shard.direct_fd >= 0 and len(data) >= _MIN_DIRECT and self._write_direct(shard, data, offset)):
+            _pwrite_all(shard.fd, data, offset)
         self._pending.discard(name)
         self.bytes_written += len(data)
+
+    def _write_direct(self, shard: ShardLayout, data: memoryview, offset: int) -> bool:
+        """The tensor's whole blocks with O_DIRECT, through an aligned staging buffer, and its partial first
+        and last blocks (shared with its neighbours) plainly. False, and direct writes of this shard off,
+        where the filesystem refuses them after all (the caller then writes the tensor plainly).
+
+        Why: plain writes copy every byte into fresh page-cache pages, which on a VM costs more than the
+        disk (a 2.2 GB output: 6-9 s of system time with fsync, against 1.2-1.7 s written directly), and
+        fill the cache with a model nobody has asked to read."""
+        first = -(-offset // _DIRECT_ALIGN) * _DIRECT_ALIGN
+        last = (offset + len(data)) // _DIRECT_ALIGN * _DIRECT_ALIGN
+        with self._bounce_lock:
+            if self._bounce is None:
+                self._bounce = memoryview(mmap.mmap(-1, _BOUNCE))  # page-aligned, as O_DIRECT needs
+            try:
+                for pos in range(first, last, _BOUNCE):
+                    n = min(_BOUNCE, last - pos)
+                    self._bounce[:n] = data[pos - offset:pos - offset + n]
+                    _pwrite_all(shard.direct_fd, self._bounce[:n], pos)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                os.close(shard.direct_fd)
+                shard.direct_fd = -1
+                return False
+        _pwrite_all(shard.fd, data[:first - offset], offset)
+        _pwrite_all(shard.fd, data[last - offset:], last)
+        return True
 
     def add_file(self, filename: str, content: str | bytes) -> None:
         """Add a side file (config.json, the merge config...) to the output."""
@@ -233,9 +285,10 @@ class ShardedWriter:
 
     def _close(self) -> None:
         for shard in self._shards:
-            if shard.fd >= 0:
-                os.close(shard.fd)
-                shard.fd = -1
+            for attr in ("fd", "direct_fd"):
+                if getattr(shard, attr) >= 0:
+                    os.close(getattr(shard, attr))
+                    setattr(shard, attr, -1)
 
     @property
     def shard_files(self) -> list[str]:

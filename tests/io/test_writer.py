@@ -155,3 +155,61 @@ def test_a_partial_folder_without_a_lock_is_left_alone(tmp_path):
     (kept / "model.safetensors").write_bytes(b"the user's previous output")
     ShardedWriter(str(out), entries(tensors()), 10**9).abort()
     assert kept.exists()
+
+
+def _direct_write_cases():
+    """Tensors whose bytes start and end at every kind of offset: tiny, under the direct-write minimum,
+    over the staging buffer, with header lengths that shift every offset."""
+    g = torch.Generator().manual_seed(3)
+    sizes = [3, 1 << 20, (1 << 20) + 1, 4097, (17 << 20) + 5, 7, 2 << 20]
+    return {f"t{i}.{'x' * i}": torch.randn(n, generator=g).to(torch.bfloat16 if i % 2 else torch.float32)
+            for i, n in enumerate(sizes)}
+
+
+def _write_all(folder, tensors, direct):
+    entries = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    w = ShardedWriter(str(folder), entries, shard_size=30 << 20, direct=direct)
+    for n, t in tensors.items():
+        w.write(n, t)
+    w.commit()
+
+
+def test_direct_writes_give_the_same_files_as_plain_writes(tmp_path, monkeypatch):
+    tensors = _direct_write_cases()
+    _write_all(tmp_path / "plain", tensors, direct=False)
+    written = []
+    real_pwrite = os.pwrite
+
+    def pwrite(fd, data, offset):
+        written.append((bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT), offset, len(data)))
+        return real_pwrite(fd, data, offset)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    _write_all(tmp_path / "direct", tensors, direct=True)
+    monkeypatch.undo()
+    files = sorted(p.name for p in (tmp_path / "plain").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "direct").iterdir()) and len(files) > 2
+    for f in files:
+        assert (tmp_path / "plain" / f).read_bytes() == (tmp_path / "direct" / f).read_bytes(), f
+    direct = [(off, n) for is_direct, off, n in written if is_direct]
+    if not direct:
+        pytest.skip("this filesystem refuses O_DIRECT (tmpfs?): the writer wrote plainly, as it should")
+    assert all(off % 4096 == 0 and n % 4096 == 0 for off, n in direct)
+    big = sum(t.nbytes for t in tensors.values() if t.nbytes >= 1 << 20)
+    assert big - 8192 * len(tensors) < sum(n for _, n in direct) <= big
+    assert max(n for _, n in direct) == 16 << 20  # the 68 MB tensor went through the staging buffer in parts
+
+
+def test_direct_writes_refused_at_the_first_write_fall_back(tmp_path, monkeypatch):
+    tensors = _direct_write_cases()
+    real_pwrite = os.pwrite
+
+    def refuse_direct(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+    monkeypatch.setattr(os, "pwrite", refuse_direct)
+    _write_all(tmp_path / "refused", tensors, direct=True)
+    monkeypatch.undo()
+    _write_all(tmp_path / "plain", tensors, direct=False)
+    for f in os.listdir(tmp_path / "plain"):
+        assert (tmp_path / "plain" / f).read_bytes() == (tmp_path / "refused" / f).read_bytes(), f
