@@ -180,16 +180,19 @@ def methods_table(methods: list[str], paths: list[str], root: str, a) -> None:
           "method's I/O floor\n")
     print(machine(drop_caches()))
     print(engine_info())
-    print("- cold: page cache dropped before the floor and before the run; floor = O_DIRECT read of the "
-          "method's input files, then write + fsync of the output size")
+    print("- cold: page cache dropped before each floor and before the run; floor = O_DIRECT read of the "
+          "method's input files, then write + fsync of the output size, plainly or with O_DIRECT (as "
+          "merge_engine writes)")
     print("- warm: inputs read once beforehand (in the page cache); floor = plain read of the input files "
-          "(from the cache), then write + fsync of the output size")
+          "(from the cache), then write + fsync of the output size, plainly or with O_DIRECT")
+    print("- CPU s: user + system time of the merge process")
     if run_mergekit:
         print(f"- mergekit: {a.mergekit}, cold page cache; `x engine` = mergekit wall / merge_engine wall (cold)")
     print()
     head = ["method", "models read"]
     for mode in modes:
-        head += [f"{mode} floor s", f"{mode} wall s", f"{mode} x floor", f"{mode} CPU s", f"{mode} peak RSS GB"]
+        head += [f"{mode} floor s (plain write)", f"{mode} floor s (direct write)", f"{mode} wall s",
+                 f"{mode} x floor (plain)", f"{mode} x floor (direct)", f"{mode} CPU s", f"{mode} peak RSS GB"]
     head += ["mergekit s", "x engine"] if run_mergekit else []
     print("| " + " | ".join(head) + " |")
     print("|---|" + "---:|" * (len(head) - 1))
@@ -206,13 +209,18 @@ def methods_table(methods: list[str], paths: list[str], root: str, a) -> None:
             drop_caches()
             if warm:
                 read_files(inputs)
-            floor = io_floor(inputs, out_bytes, os.path.join(root, "scratch.bin"), direct=not warm)
+            scratch = os.path.join(root, "scratch.bin")
+            plain_floor = io_floor(inputs, out_bytes, scratch, direct=not warm, direct_write=False)
+            if not warm:
+                drop_caches()
+            floor = io_floor(inputs, out_bytes, scratch, direct=not warm)
             wall, rss, cpu, other = run_merge([sys.executable, "-m", "merge_engine", path, out, "--overwrite", "-q"],
                                               out, os.path.join(root, f"{method}.log"), warm=warm)
             walls[mode] = wall
-            cells += [f"{floor:.2f}", f"{wall:.2f}", f"{wall / floor:.2f}", f"{cpu:.1f}", f"{rss / 1e9:.2f}"]
+            cells += [f"{plain_floor:.2f}", f"{floor:.2f}", f"{wall:.2f}", f"{wall / plain_floor:.2f}",
+                      f"{wall / floor:.2f}", f"{cpu:.1f}", f"{rss / 1e9:.2f}"]
             if other > 0.1:
-                cells[-4] += f" (other load {other:.1f} cores)"
+                cells[-5] += f" (other load {other:.1f} cores)"
         if run_mergekit:
             mk_out = os.path.join(root, f"out_mergekit_{method}")
             wall, *_ = run_merge([a.mergekit, path, mk_out, "--out-shard-size", "5B"], mk_out,
@@ -251,9 +259,10 @@ def folder_bytes(folder: str) -> int:
     return sum(map(os.path.getsize, safetensors_files(folder)))
 
 
-def io_floor(inputs: list[str], out_bytes: int, scratch: str, direct: bool = False) -> float:
+def io_floor(inputs: list[str], out_bytes: int, scratch: str, direct: bool = False, direct_write: bool = True) -> float:
     """Seconds to read every input file sequentially (through the page cache, or with O_DIRECT as
-    merge_engine reads) plus write + fsync out_bytes (then delete)."""
+    merge_engine reads a cold cache) plus write out_bytes (with O_DIRECT as merge_engine writes, or
+    through the page cache) and fsync (then delete)."""
     buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT needs
     start = time.perf_counter()
     for path in inputs:
@@ -264,11 +273,17 @@ def io_floor(inputs: list[str], out_bytes: int, scratch: str, direct: bool = Fal
                 offset += n
         finally:
             os.close(fd)
-    data = memoryview(os.urandom(CHUNK))
-    with open(scratch, "wb", buffering=0) as f:
-        for off in range(0, out_bytes, CHUNK):
-            f.write(data[:min(CHUNK, out_bytes - off)])
-        os.fsync(f.fileno())
+    buf.seek(0)
+    buf.write(os.urandom(CHUNK))
+    data = memoryview(buf)
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct_write else 0), 0o644)
+    try:
+        for off in range(0, out_bytes, CHUNK):  # a direct write's length rounded up to whole blocks
+            n = min(CHUNK, out_bytes - off)
+            os.pwrite(fd, data[:-(-n // 4096) * 4096 if direct_write else n], off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     seconds = time.perf_counter() - start
     os.remove(scratch)
     return seconds
@@ -398,9 +413,9 @@ def main() -> None:
     floors = []
     for direct in (False, True):
         drop_caches()
-        floors.append(io_floor(inputs, out_bytes, os.path.join(root, "scratch.bin"), direct))
-    rows = [("I/O floor, buffered reads", floors[0], out_bytes, None),
-            ("I/O floor, O_DIRECT reads", floors[1], out_bytes, None)]
+        floors.append(io_floor(inputs, out_bytes, os.path.join(root, "scratch.bin"), direct, direct_write=direct))
+    rows = [("I/O floor, plain reads and writes", floors[0], out_bytes, None),
+            ("I/O floor, O_DIRECT reads and writes", floors[1], out_bytes, None)]
     outs = {}
     runs = [("merge_engine", "merge_engine", {}),
             ("merge_engine, reference ops", "merge_engine_ref", {"MERGE_ENGINE_KERNELS": "0"})]
@@ -427,8 +442,9 @@ def main() -> None:
     if run_mergekit:
         print(f"- mergekit: {a.mergekit}")
     print(f"- per merge: read {in_bytes / 1e9:.2f} GB ({len(paths)} models), write {out_bytes / 1e9:.2f} GB; "
-          "I/O floor = one-thread sequential read of every input file (through the page cache, or with O_DIRECT "
-          "as merge_engine reads), then write + fsync of the output size; x I/O floor is against the faster one\n")
+          "I/O floor = one-thread sequential read of every input file, then write + fsync of the output size, "
+          "through the page cache or with O_DIRECT (as merge_engine reads a cold cache and writes); x I/O floor "
+          "is against the faster one\n")
     print("| | wall s | peak RSS GB | GB/s | x I/O floor | CPU s | other load, cores |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     floor = min(floors)

@@ -44,9 +44,25 @@ def weighted_sum(tensors: list[torch.Tensor], weights: list[float], normalize: b
     return out
 
 
-def _chunks(a: torch.Tensor, dtype: torch.dtype):
-    for start in range(0, a.shape[1], _CHUNK):
-        yield start, a[:, start:start + _CHUNK].to(dtype)
+class _ChunkPairs:
+    """The flattened (1, n) inputs of slerp in chunks of _CHUNK elements, each pass converting both chunks
+    into the same two compute-dtype scratch buffers (in-place arithmetic on them gives the values the
+    reference's out-of-place expressions give, element for element)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype):
+        self.x, self.y = x, y
+        step = min(_CHUNK, x.shape[1])
+        self.sx = torch.empty((1, step), dtype=dtype, device=x.device)
+        self.sy = torch.empty((1, step), dtype=dtype, device=x.device)
+
+    def __iter__(self):
+        n = self.x.shape[1]
+        for start in range(0, n, _CHUNK):
+            k = min(_CHUNK, n - start)
+            cx, cy = self.sx[:, :k], self.sy[:, :k]
+            cx.copy_(self.x[:, start:start + k])
+            cy.copy_(self.y[:, start:start + k])
+            yield start, cx, cy
 
 
 @op("slerp", fake="a", out=True)
@@ -59,22 +75,22 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor
     tt = torch.tensor([[t]], dtype=dtype, device=a.device)
     if not x.shape[1]:
         return ((1 - tt) * x + tt * y).reshape(a.shape).to(a.dtype)  # empty: nothing to write into out
-    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(c, dim=1, keepdim=True)
-                                                   for _, c in _chunks(x, dtype)]), dim=0)
-    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(c, dim=1, keepdim=True)
-                                                   for _, c in _chunks(y, dtype)]), dim=0)
+    pairs = _ChunkPairs(x, y, dtype)
+    chunk_norms = [(torch.linalg.vector_norm(cx, dim=1, keepdim=True), torch.linalg.vector_norm(cy, dim=1, keepdim=True))
+                   for _, cx, cy in pairs]
+    norm_a, norm_b = (torch.linalg.vector_norm(torch.stack(list(norms)), dim=0) for norms in zip(*chunk_norms))
     norm_a = torch.where(norm_a > SLERP_EPS, norm_a, 1)
     norm_b = torch.where(norm_b > SLERP_EPS, norm_b, 1)
-    dot = torch.stack([((ca / norm_a) * (cb / norm_b)).sum(dim=1, keepdim=True)
-                       for (_, ca), (_, cb) in zip(_chunks(x, dtype), _chunks(y, dtype))]).sum(dim=0).clamp(-1, 1)
+    dot = torch.stack([cx.div_(norm_a).mul_(cy.div_(norm_b)).sum(dim=1, keepdim=True)
+                       for _, cx, cy in pairs]).sum(dim=0).clamp(-1, 1)
     linear = dot.abs() > SLERP_DOT_THRESHOLD
     theta = torch.acos(torch.where(linear, 0, dot))
     sin_theta = torch.sin(theta)
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
     result = torch.empty_like(x) if out is None else out.view(x.shape)
-    for (start, ca), (_, cb) in zip(_chunks(x, dtype), _chunks(y, dtype)):
-        result[:, start:start + _CHUNK] = coef_a * ca + coef_b * cb
+    for start, cx, cy in pairs:  # coef_a * ca + coef_b * cb
+        result[:, start:start + cx.shape[1]] = cx.mul_(coef_a).add_(cy.mul_(coef_b))
     return result.reshape(a.shape) if out is None else out
 
 
