@@ -1,0 +1,50 @@
+"""The merge command's performance options, as users run it (`python -m merge_engine`, a process of its own):
+--direct-io, and -v's account of where the time went."""
+import re
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+STEPS = ["process start", "imports", "config", "plan", "kernel load", "merge", "side files", "fsync", "rename"]
+
+
+def ties(base, experts):
+    return {"merge_method": "ties", "base_model": base, "dtype": "bfloat16",
+            "models": [{"model": e, "parameters": {"weight": 0.5, "density": 0.5}} for e in experts]}
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "merge_engine", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_verbose_prints_the_time_of_each_step_and_the_output_is_complete(model_sets, write_yaml, tmp_path):
+    base, *experts = model_sets("llama_bf16_sharded")
+    done = run(write_yaml(ties(base, experts)), tmp_path / "out", "-v")
+    assert done.returncode == 0, done.stderr
+    line = next(x for x in done.stderr.splitlines() if x.startswith("time: "))
+    steps, total = line.removeprefix("time: ").split("; total ")
+    seconds = {name: float(value) for name, value, _ in (step.rsplit(" ", 2) for step in steps.split(", "))}
+    assert list(seconds) == STEPS, line
+    assert seconds["imports"] > 0 and seconds["merge"] > 0
+    assert abs(sum(seconds.values()) - float(total.removesuffix(" s"))) <= 0.01 * len(STEPS), line
+    # the command leaves without the interpreter's teardown: its summary and its files are complete
+    assert re.search(r"merged \d+ tensors", done.stdout), done.stdout
+    assert load_file(str(next((tmp_path / "out").glob("*.safetensors"))))
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_direct_io_modes_give_the_default_output(model_sets, write_yaml, tmp_path, mode):
+    base, *experts = model_sets("llama_bf16_sharded")
+    config = write_yaml(ties(base, experts))
+    assert run(config, tmp_path / "auto").returncode == 0
+    assert run(config, tmp_path / mode, "--direct-io", mode).returncode == 0
+    files = sorted(p.name for p in (tmp_path / "auto").glob("*.safetensors"))
+    assert files and all((tmp_path / "auto" / f).read_bytes() == (tmp_path / mode / f).read_bytes() for f in files)
+
+
+def test_direct_io_refuses_other_values(tmp_path):
+    done = run(tmp_path / "c.yml", tmp_path / "out", "--direct-io", "yes")
+    assert done.returncode == 2 and "--direct-io" in done.stderr and "invalid choice" in done.stderr
