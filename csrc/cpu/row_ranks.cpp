@@ -79,17 +79,18 @@ bool counting_ranks(const T* d, int64_t cols, const float* probability, float* p
   thread_local std::vector<int32_t> next;
   key_buffer.resize(static_cast<size_t>(cols));
   uint32_t* keys = key_buffer.data();
-  uint32_t lo = UINT32_MAX, hi = 0;
+  uint32_t below_lo = UINT32_MAX, hi = 0;  // key - 1 wraps for zero: the smallest nonzero key, branch-free
   for (int64_t j = 0; j < cols; ++j) {
     const uint32_t key = static_cast<uint32_t>(key_of<T>(d[j]));
     keys[j] = key;
-    if (key != 0) lo = std::min(lo, key), hi = std::max(hi, key);
+    below_lo = std::min(below_lo, key - 1u), hi = std::max(hi, key);
   }
-  if (lo > hi) lo = hi = 1;  // only zeros
-  const uint64_t span = static_cast<uint64_t>(hi - lo) + 2;  // counter 0: key 0; counter k - lo + 1: key k
+  const uint32_t lo = hi == 0 ? 1 : below_lo + 1;  // only zeros: any lo
+  const uint64_t span = static_cast<uint64_t>(std::max(hi, lo) - lo) + 2;  // counter 0: key 0; k - lo + 1: key k
   if (span > static_cast<uint64_t>(8 * cols + 4096)) return false;
   next.assign(span, 0);
-  auto counter = [lo](uint32_t key) { return key == 0 ? 0 : key - lo + 1; };
+  // key 0 -> 0 and key k >= lo >= 1 -> k - lo + 1 <= k: the smaller of the two, with no branch
+  auto counter = [lo](uint32_t key) { return std::min(key - lo + 1u, key); };
   for (int64_t j = 0; j < cols; ++j) ++next[counter(keys[j])];
   int32_t first = 0;  // each counter becomes the rank of its key's first element
   for (auto& c : next) first += std::exchange(c, first);
