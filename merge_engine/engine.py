@@ -86,9 +86,6 @@ class MergeReport:
     out_dir: str
     phases: dict[str, float] = field(default_factory=dict)  # seconds of each step of merge(), in order
 
-    def breakdown(self) -> str:
-        return ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in self.phases.items())
-
     def summary(self) -> str:
         gbps = (self.bytes_read + self.bytes_written) / max(self.seconds, 1e-9) / 1e9
         return (f"merged {self.tensors} tensors: read {self.bytes_read / 1e9:.3f} GB, wrote "

@@ -52,13 +52,6 @@ template <typename T> const int32_t* stable_key_order(const T* d, int64_t cols) 
   return at;
 }
 
-// Each element's rank in the stable ascending order of its row's magnitude keys, by counting: one
-// counter per key value between the row's smallest and largest nonzero keys, plus one for zero (exact
-// zeros are common in bf16 deltas and far below the rest). A rank is then the count of smaller keys plus
-// the earlier equal ones, taken in index order, so ties go by index as in the stable sort. False (and
-// nothing written) when the keys span too many values for the counters to be cheaper than the sort:
-// float32 rows, or 16-bit rows spread over many binades. Three passes in index order, where the radix
-// sort scatters twice and the probabilities a third time (it took 35% of a DELLA merge's CPU time).
 // The keep probability of every rank of a row, (r / denom) * scale + base in float as the reference
 // computes it, from a thread's cache of the last few rows' tables (a lookup instead of a division per
 // element; the experts of a merge take turns, each with its own density).
@@ -73,6 +66,13 @@ const float* probability_table(int64_t cols, float denom, float scale, float bas
   return t.p.data();
 }
 
+// Each element's rank in the stable ascending order of its row's magnitude keys, by counting: one
+// counter per key value between the row's smallest and largest nonzero keys, plus one for zero (exact
+// zeros are common in bf16 deltas and far below the rest). A rank is then the count of smaller keys plus
+// the earlier equal ones, taken in index order, so ties go by index as in the stable sort. False (and
+// nothing written) when the keys span too many values for the counters to be cheaper than the sort:
+// float32 rows, or 16-bit rows spread over many binades. Three passes in index order, where the radix
+// sort scatters twice and the probabilities a third time (it took 35% of a DELLA merge's CPU time).
 template <typename T>
 bool counting_ranks(const T* d, int64_t cols, const float* probability, float* p) {
   thread_local std::vector<uint32_t> key_buffer;

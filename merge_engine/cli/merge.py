@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--num-threads", type=int, default=None, help="CPU threads for the math")
     p.add_argument("--prefetch", type=int, default=2, help="tensor groups read ahead of compute (default 2)")
     p.add_argument("--direct-io", choices=("auto", "on", "off"), default="auto",
-                   help="read inputs with O_DIRECT (bypassing the page cache): auto (default) reads what the page "
-                        "cache already holds plainly and the rest directly; on: all directly; off: all plainly")
+                   help="bypass the page cache (O_DIRECT): auto (default) reads what the page cache already holds "
+                        "plainly and the rest directly; on: reads everything directly; both write the output "
+                        "directly; off: reads and writes through the page cache")
     add_quiet_argument(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     for flag in _COMPAT_FLAGS:
@@ -79,18 +80,19 @@ def run(argv: list[str]) -> int:
                            allow_crimes=args.allow_crimes)
     started = time.perf_counter()
     config = load_checked_config(args.config, strict=args.strict)
+    config_seconds = time.perf_counter() - started
     report = merge(config, args.out_dir, options)
     if not args.quiet:
         print(report.summary())
     if args.verbose:
-        log.debug("time: %s", time_breakdown(report, time.perf_counter() - started))
+        log.debug("time: %s", time_breakdown(report, config_seconds))
     return 0
 
 
 def time_breakdown(report, config_seconds: float) -> str:
     """Where the command's time went, from its process' start: startup (interpreter, first imports), the
-    command's imports (torch...), reading the config, then merge()'s own steps."""
-    config_seconds -= report.seconds
-    steps = {**{k: v for k, v in STARTUP.items() if v is not None}, "config": config_seconds + report.phases.get("config", 0)}
-    steps.update({k: v for k, v in report.phases.items() if k != "config"})
+    command's imports (torch...), then merge()'s own steps, reading the config included."""
+    steps = {k: v for k, v in STARTUP.items() if v is not None}
+    steps.update(report.phases)
+    steps["config"] += config_seconds
     return ", ".join(f"{k} {v:.2f} s" for k, v in steps.items()) + f"; total {sum(steps.values()):.2f} s"

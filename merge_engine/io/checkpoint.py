@@ -19,7 +19,7 @@ import torch
 
 from merge_engine.errors import CheckpointError
 from merge_engine.io.page_cache import ResidencyMaps
-from merge_engine.io.raw import tensor_bytes
+from merge_engine.io.raw import DIRECT_ALIGN, tensor_bytes
 from merge_engine.io.safetensors_format import TensorInfo, read_header
 from merge_engine.io.untrusted import inside_folder, read_json
 
@@ -33,7 +33,6 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_mo
 _LAYER_RE = re.compile(r"^(?P<prefix>(?:.*?\.)?(?:layers|h|blocks|block|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _READ_CHUNK = 1 << 30  # Linux caps one pread at ~2 GiB
-_DIRECT_ALIGN = 4096  # O_DIRECT wants block-aligned file offsets, lengths and buffer addresses
 DIRECT_IO_MODES = ("auto", "on", "off")
 
 
@@ -167,10 +166,10 @@ class Checkpoint:
         fd = self._direct_fd(info.file) if direct_io != "off" and aligned else None
         if fd is None:
             return self._read_bytes(name, take_bytes(info.nbytes).view(info.dtype).view(info.shape))
-        first = info.data_start - info.data_start % _DIRECT_ALIGN
-        last = -(-(info.data_start + info.nbytes) // _DIRECT_ALIGN) * _DIRECT_ALIGN
-        raw = take_bytes(last - first + _DIRECT_ALIGN)
-        pad = -raw.data_ptr() % _DIRECT_ALIGN
+        first = info.data_start - info.data_start % DIRECT_ALIGN
+        last = -(-(info.data_start + info.nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN
+        raw = take_bytes(last - first + DIRECT_ALIGN)
+        pad = -raw.data_ptr() % DIRECT_ALIGN
         window = tensor_bytes(raw[pad:pad + last - first])
         data_end = info.data_start + info.nbytes
         spans = self._residency.spans(info.file, first, last) if direct_io == "auto" else [(first, last, False)]

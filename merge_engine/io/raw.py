@@ -5,6 +5,8 @@ import ctypes
 
 import torch
 
+DIRECT_ALIGN = 4096  # O_DIRECT wants block-aligned file offsets, lengths and buffer addresses
+
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's memory, without a copy (and without numpy, which
