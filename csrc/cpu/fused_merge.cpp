@@ -9,7 +9,6 @@
 // in expert order as torch's dim-0 reductions do; so outputs are bit-identical to the reference
 // except for the L1 rescale factor, whose whole-tensor sums are taken in a different order.
 // Built with -ffp-contract=off: a fused multiply-add would round differently from torch.
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/extension.h>
@@ -26,6 +25,7 @@
 #include "bit_packing.h"
 #include "fused_merge.h"
 #include "magnitude_keys.h"
+#include "parallel.h"
 #include "rescale.h"
 #include "simd.h"
 #include "sparsify.h"
@@ -253,7 +253,7 @@ void merge_typed(Params& P, const torch::Tensor& base, const std::vector<torch::
   const int K = static_cast<int>(experts.size());
   const bool drawn = draws_keep_flags(P.mode);
   std::atomic<bool> non_finite{false};
-  at::parallel_for(0, items.count, 1, [&](int64_t lo, int64_t hi) {
+  parallel_chunks(items.count, kItemsPerChunk, [&](int64_t lo, int64_t hi, int64_t) {
     MergeScratch scratch(K);
     std::vector<uint8_t> keeps(drawn ? static_cast<size_t>(K) * span : 0);
     std::vector<T> d(P.mode == kRank ? span : 0);

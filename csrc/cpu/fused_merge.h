@@ -37,6 +37,8 @@ inline WorkItems work_items(int mode, int64_t n, int64_t rows, int64_t cols) {
   return mode == kRank ? WorkItems{cols, rows} : WorkItems{kBlock, (n + kBlock - 1) / kBlock};
 }
 
+constexpr int64_t kItemsPerChunk = 16;  // work items a thread takes at a time (parallel.h)
+
 // The random and rank modes draw keep flags per item before the merge (the others test cut-offs).
 inline bool draws_keep_flags(int mode) { return mode == kRandom || mode == kRank; }
 inline int64_t bytes_per_item(int64_t span) { return (span + 7) / 8; }  // one item's flags as bits

@@ -1,6 +1,5 @@
 // mergekit's L1 rescale: per expert, the sum of |delta| over its sum over the kept elements, from a
 // pass before the merge (which scales each kept delta by it).
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -12,6 +11,7 @@
 
 #include "bit_packing.h"
 #include "magnitude_keys.h"
+#include "parallel.h"
 #include "rescale.h"
 #include "simd.h"
 #include "sparsify.h"
@@ -58,9 +58,9 @@ std::vector<float> rescale_factors(const Params& P, const T* base, const std::ve
   if (keep_bits) kept_bits.assign(K, std::vector<uint8_t>(items.count * bytes_per_item(items.span)));
   const int64_t span = items.span;
   for (int i = 0; i < K; ++i) {
-    int threads = at::get_num_threads();
-    std::vector<double> before(threads, 0.0), after(threads, 0.0);
-    at::parallel_for(0, items.count, 1, [&](int64_t lo, int64_t hi) {
+    // sums per chunk, added in chunk order: the same factor whatever the thread count
+    std::vector<double> before(chunk_count(items.count, kItemsPerChunk)), after(before.size());
+    parallel_chunks(items.count, kItemsPerChunk, [&](int64_t lo, int64_t hi, int64_t chunk) {
       const bool by_delta = P.mode != kRandom;  // the keep rule reads the deltas (DARE's draws do not)
       std::vector<T> d(by_delta ? span : 0);
       std::vector<uint8_t> keep(span);
@@ -74,7 +74,7 @@ std::vector<float> rescale_factors(const Params& P, const T* base, const std::ve
         if (keep_bits) pack_bits(keep.data(), len, kept_bits[i].data() + item * bytes_per_item(span));
         sums.add(experts[i] + start, base + start, keep.data(), len);
       }
-      before[at::get_thread_num()] += sums.total(), after[at::get_thread_num()] += sums.kept();
+      before[chunk] = sums.total(), after[chunk] = sums.kept();
     });
     const float bt = rnd<T>(static_cast<float>(std::accumulate(before.begin(), before.end(), 0.0)));
     const float at_ = rnd<T>(static_cast<float>(std::accumulate(after.begin(), after.end(), 0.0)));

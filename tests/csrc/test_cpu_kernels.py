@@ -192,6 +192,25 @@ def test_della_ranks_of_narrow_and_wide_rows(ext, dtype):
     assert torch.equal(got, want), f"{(got != want).sum()} elements differ"
 
 
+@pytest.mark.parametrize("sparsify, shape", [("rank", (301, 67)), ("random", (70001,)), ("magnitude", (211, 333))])
+def test_rescaled_merge_does_not_depend_on_the_thread_count(ext, sparsify, shape):
+    """Work items go to threads in numbered chunks as threads free up (csrc/cpu/parallel.h) and the L1
+    rescale sums are taken per chunk and added in chunk order, so the result is the same bits whichever
+    thread ran which chunk and however many there were."""
+    base, experts = make_inputs(shape, torch.float32, 3, 8)
+    kw = dict(weights=[0.5, 0.3, 0.2], densities=[0.4, 0.6, 0.7], sparsify=sparsify, consensus=True, normalize=True,
+              rescale=True, epsilons=[0.1] * 3 if sparsify == "rank" else None, seed=2, tensor_name="t")
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_merge_with(ext, base, experts, **kw))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
 # at fault: the base, expert 0, expert 1; a pairwise covering set of (dtype, sparsify, at fault, value)
 @pytest.mark.parametrize("dtype, sparsify, at_fault, bad", pairwise(
     DTYPES, ["magnitude", "random", ""], [0, 1, 2], [float("nan"), float("inf"), -float("inf")]))
