@@ -35,13 +35,24 @@ from merge_engine.chat_templates import resolve_chat_template
 from merge_engine.config import WEIGHT_SHAPED_SIDE_INPUTS, MergeConfig, load_config
 from merge_engine.devices import resolve_device
 from merge_engine.dtypes import dtype_name
+from merge_engine.distributed import (
+    Ranks,
+    assign_shards,
+    broadcast,
+    check_folder_visible,
+    check_same_plan,
+    current_ranks,
+    digest,
+    every_rank,
+    rank_device,
+)
 from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.extras import require
 from merge_engine.io.buffers import BufferPool
 from merge_engine.io.checkpoint import DIRECT_IO_MODES
 from merge_engine.io.lora import open_model
 from merge_engine.io.untrusted import inside_folder
-from merge_engine.io.writer import ShardedWriter, check_output_dir
+from merge_engine.io.writer import LOCK_FILE, ShardedWriter, check_output_dir, plan_shards
 from merge_engine.methods import MergeMethod, TensorGroup
 from merge_engine.ops import backends
 from merge_engine.plan import MergePlan, TensorJob, build_plan
@@ -93,11 +104,49 @@ class MergeReport:
 
 
 def merge(config: MergeConfig | str, out_dir: str, options: MergeOptions | None = None) -> MergeReport:
-    """Run a merge config (a parsed MergeConfig or a YAML path) into out_dir."""
+    """Run a merge config (a parsed MergeConfig or a YAML path) into out_dir. Called on every rank of an
+    initialised torch.distributed process group, it runs one merge over all of them (distributed.py)."""
     options = options or MergeOptions()
+    ranks = current_ranks()
     lap = _Laps()
-    cfg = load_checked_config(config) if isinstance(config, str) else config
-    lap("config")
+    with every_rank(ranks, "planning"):
+        cfg = load_checked_config(config) if isinstance(config, str) else config
+        lap("config")
+        device = rank_device(check_options(out_dir, options), ranks)
+        plan = build_plan(cfg, options.allow_crimes)
+        check_output_outside_inputs(out_dir, plan)
+    check_same_plan(ranks, digest(plan.jobs, plan.entries(), options.out_shard_size, options.random_seed))
+    own_shards, jobs = rank_share(plan, options.out_shard_size, ranks)
+    writer = open_output(out_dir, plan, own_shards, options, ranks)
+    lap("plan")
+    try:
+        with every_rank(ranks, "merging"):
+            load_kernels(device)
+            lap("kernel load")
+            bytes_read = _Pipeline(plan, jobs, writer, device, options).run()
+            lap("merge")
+            if writer.maker:
+                write_side_files(plan, writer, options)
+            lap("side files")
+            writer.flush()
+            lap("fsync")
+        with every_rank(ranks, "moving the output into place"):
+            if writer.maker:
+                writer.commit()
+        if not writer.maker:
+            writer.release()
+        lap("rename")
+    except BaseException:
+        writer.abort()
+        raise
+    report = MergeReport(len(jobs), bytes_read, writer.bytes_written, lap.total(), writer.out_dir, lap.seconds)
+    if not options.quiet:
+        log.debug(report.summary())  # the command line prints it; -v repeats it in the log
+    return report
+
+
+def check_options(out_dir: str, options: MergeOptions) -> torch.device:
+    """What can be refused before planning; the device the merge runs on."""
     check_output_dir(out_dir, options.overwrite)
     if options.direct_io not in DIRECT_IO_MODES:
         raise MergeEngineError(f"direct_io must be one of {', '.join(DIRECT_IO_MODES)}, not {options.direct_io!r}")
@@ -106,29 +155,49 @@ def merge(config: MergeConfig | str, out_dir: str, options: MergeOptions | None 
     device = resolve_device(options.device)
     if device.type == "cuda":
         check_gpu_backend_choice()
-    plan = build_plan(cfg, options.allow_crimes)
-    check_output_outside_inputs(out_dir, plan)
-    writer = ShardedWriter(out_dir, plan.entries(), options.out_shard_size, options.overwrite,
-                           direct=options.direct_io != "off")
-    lap("plan")
+    return device
+
+
+def rank_share(plan: MergePlan, shard_size: int, ranks: Ranks | None) -> tuple[list[int] | None, list[TensorJob]]:
+    """The output shards this rank writes (None: all) and their jobs: shards go to ranks balanced by bytes
+    read plus bytes written (distributed.assign_shards)."""
+    if ranks is None:
+        return None, plan.jobs
+    groups = plan_shards(plan.entries(), shard_size)
+    costs = [sum(job_bytes(plan.jobs[j]) for j in group) for group in groups]
+    owner = assign_shards(costs, ranks.size)
+    own = [i for i, rank in enumerate(owner) if rank == ranks.rank]
+    return own, [plan.jobs[j] for i in own for j in groups[i]]
+
+
+def job_bytes(job: TensorJob) -> int:
+    """What a job moves: its inputs read and its output written."""
+    return job.bytes_in + math.prod(job.shape) * job.out_dtype.itemsize
+
+
+def open_output(out_dir: str, plan: MergePlan, own_shards: list[int] | None, options: MergeOptions,
+                ranks: Ranks | None) -> ShardedWriter:
+    """The writer of this rank's shards: rank 0 makes the temporary folder, the other ranks join it once
+    they have checked they see it."""
+    def writer(join: str | None = None) -> ShardedWriter:
+        return ShardedWriter(out_dir, plan.entries(), options.out_shard_size, options.overwrite,
+                             direct=options.direct_io != "off", own_shards=own_shards, join=join)
+    if ranks is None:
+        return writer()
+    made = None
+    with every_rank(ranks, "making the temporary output folder"):
+        made = writer() if ranks.leader else None
+    folder, leader_host = broadcast(ranks, (made.tmp_dir, ranks.host) if made else None)
     try:
-        load_kernels(device)
-        lap("kernel load")
-        bytes_read = _Pipeline(plan, writer, device, options).run()
-        lap("merge")
-        write_side_files(plan, writer, options)
-        lap("side files")
-        writer.flush()
-        lap("fsync")
-        writer.commit()
-        lap("rename")
+        with every_rank(ranks, "opening the temporary output folder"):
+            if not ranks.leader:
+                check_folder_visible(ranks, folder, LOCK_FILE, leader_host)
+                made = writer(folder)
     except BaseException:
-        writer.abort()
+        if made:
+            made.abort()
         raise
-    report = MergeReport(len(plan.jobs), bytes_read, writer.bytes_written, lap.total(), writer.out_dir, lap.seconds)
-    if not options.quiet:
-        log.debug(report.summary())  # the command line prints it; -v repeats it in the log
-    return report
+    return made
 
 
 class _Laps:
@@ -200,16 +269,17 @@ def check_gpu_backend_choice() -> None:
 
 
 class _Pipeline:
-    def __init__(self, plan: MergePlan, writer: ShardedWriter, device: torch.device, options: MergeOptions):
-        self.plan, self.writer, self.device, self.options = plan, writer, device, options
+    def __init__(self, plan: MergePlan, jobs: list[TensorJob], writer: ShardedWriter, device: torch.device,
+                 options: MergeOptions):
+        self.plan, self.jobs, self.writer, self.device, self.options = plan, jobs, writer, device, options
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         # room for two of the largest jobs' buffers (inputs and result) waiting to be reused
-        largest = max((j.bytes_in + math.prod(j.shape) * j.out_dtype.itemsize for j in plan.jobs), default=0)
+        largest = max(map(job_bytes, jobs), default=0)
         self.buffers = BufferPool(2 * largest, pin_memory=self.cuda)
 
     def run(self) -> int:
-        jobs = self.plan.jobs
+        jobs = self.jobs
         total = sum(j.bytes_in for j in jobs)
         depth = max(1, self.options.prefetch)
         with ThreadPoolExecutor(depth, thread_name_prefix="me-read") as readers, \
