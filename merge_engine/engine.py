@@ -34,7 +34,6 @@ from tqdm.auto import tqdm
 from merge_engine.chat_templates import resolve_chat_template
 from merge_engine.config import WEIGHT_SHAPED_SIDE_INPUTS, MergeConfig, load_config
 from merge_engine.devices import resolve_device
-from merge_engine.dtypes import dtype_name
 from merge_engine.distributed import (
     Ranks,
     assign_shards,
@@ -46,6 +45,7 @@ from merge_engine.distributed import (
     every_rank,
     rank_device,
 )
+from merge_engine.dtypes import dtype_name
 from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.extras import require
 from merge_engine.io.buffers import BufferPool
