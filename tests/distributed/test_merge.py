@@ -3,11 +3,16 @@ merges in one process: the same bytes in every file; failures on one rank stop e
 nothing a later run cannot clean."""
 from __future__ import annotations
 
+import copy
 import os
+import socket
+from contextlib import contextmanager
 
 import pytest
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
+import merge_engine.engine as engine
 from merge_engine import MergeOptions, merge, parse_config
 from merge_engine.errors import MergeEngineError
 from tests.distributed.ranks import run_ranks
@@ -85,3 +90,97 @@ def test_distributed_merge_is_bit_identical(model_sets, tmp_path, size):
         tensors, written = map(sum, zip(*(r["value"][name] for r in results)))
         assert (tensors, written) == (single[name].tensors, single[name].bytes_written)
     assert not leftovers(tmp_path / "dist")
+
+
+FAILING_RANK = 1
+
+
+@contextmanager
+def sabotage(rank: int, how: str, config: dict):
+    """What goes wrong on FAILING_RANK in a run: "error": merging its first tensor raises (as out of memory
+    would); "plan": it plans another merge (a weight differs); "folder": it is told a temporary folder it
+    cannot see (as on a disk the other ranks do not share); "kill": every rank dies merging its first tensor
+    (as when the job is killed)."""
+    if rank != FAILING_RANK and how != "kill":
+        yield config
+        return
+    saved = engine.tensor_group, engine.broadcast
+
+    def failing_group(*args, **kwargs):
+        if how == "kill":
+            os._exit(9)
+        raise RuntimeError("out of memory (injected)")
+
+    def elsewhere(ranks, value):
+        _, host = saved[1](ranks, value)
+        return "/nonexistent/.out.partial-1", host
+    if how in ("error", "kill"):
+        engine.tensor_group = failing_group
+    if how == "folder":
+        engine.broadcast = elsewhere
+    if how == "plan":
+        config = copy.deepcopy(config)
+        config["models"][0]["parameters"]["weight"] = 0.25
+    try:
+        yield config
+    finally:
+        engine.tensor_group, engine.broadcast = saved
+
+
+def fail_then_merge(rank: int, config: dict, out: str, how: str) -> dict:
+    """A run in which FAILING_RANK fails as `how` says, then the same run without the fault."""
+    failure = None
+    with sabotage(rank, how, config) as run_config:
+        try:
+            merge(parse_config(run_config), out, options(100_000))
+        except MergeEngineError as e:
+            failure = str(e)
+    dist.barrier()  # every rank has cleaned up after the failure
+    left = sorted(os.listdir(os.path.dirname(out)))
+    merge(parse_config(config), out, options(100_000))
+    return {"failure": failure, "left": left}
+
+
+def dare_ties(model_sets) -> dict:
+    base, *experts = model_sets("llama")
+    return CASES["dare_ties"][1](base, experts)
+
+
+@pytest.mark.parametrize("how,message", [
+    ("error", "failed while merging: merging tensor '"),
+    ("folder", "cannot see /nonexistent/.out.partial-1, the temporary output folder rank 0 made on"),
+    ("plan", "rank(s) 1 planned a different job from rank 0's"),
+])
+def test_a_failing_rank_stops_every_rank_and_leaves_nothing(model_sets, tmp_path, how, message):
+    config = dare_ties(model_sets)
+    single = tmp_path / "single"
+    merge(parse_config(config), str(single), options(100_000))
+    out = tmp_path / "runs" / "out"
+    out.parent.mkdir()
+    results = run_ranks(fail_then_merge, 2, str(tmp_path / "results"), config, str(out), how)
+    assert [r["error"] for r in results] == [None, None], [r.get("traceback") for r in results]
+    failures = [r["value"]["failure"] for r in results]
+    assert all(failures), "every rank must stop"
+    assert all(message in f for f in failures) if how == "plan" else message in failures[0]
+    if how == "error":  # the others name the failing rank, its host and its error, tensor included
+        own = failures[FAILING_RANK]
+        assert own.startswith("merging tensor '") and "out of memory (injected)" in own
+        assert f"rank {FAILING_RANK} ({socket.gethostname()}) failed while merging: {own}" in failures[0]
+    assert results[0]["value"]["left"] == [], "no output and no temporary folder after a failure"
+    assert_same_files(single, out)  # and the next run succeeds
+
+
+def test_a_killed_rank_leaves_a_folder_the_next_run_removes(model_sets, tmp_path):
+    config = dare_ties(model_sets)
+    out = tmp_path / "runs" / "out"
+    with pytest.raises(mp.ProcessExitedException):
+        run_ranks(fail_then_merge, 2, str(tmp_path / "results"), config, str(out), "kill")
+    stale = leftovers(tmp_path / "runs")
+    assert len(stale) == 1 and not out.exists()
+    locks = [f for f in os.listdir(tmp_path / "runs" / stale[0]) if f.startswith(".lock")]
+    assert ".lock" in locks and any(f.startswith(f".lock-{socket.gethostname()}-") for f in locks)  # both ranks'
+    results = run_ranks(merge_each, 2, str(tmp_path / "results2"), {"out": (config, 100_000)}, str(tmp_path / "runs"))
+    assert [r["error"] for r in results] == [None, None], [r.get("traceback") for r in results]
+    assert os.listdir(tmp_path / "runs") == ["out"]
+    merge(parse_config(config), str(tmp_path / "single"), options(100_000))
+    assert_same_files(tmp_path / "single", out)
