@@ -332,5 +332,10 @@ class ShardedWriter:
                     setattr(shard, attr, -1)
 
     @property
+    def tensor_names(self) -> list[str]:
+        """The tensors this writer writes (those of its own shards)."""
+        return list(self._where)
+
+    @property
     def shard_files(self) -> list[str]:
         return [s.filename for s in self._all_shards]

@@ -12,6 +12,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import merge_engine.distributed as distributed
 import merge_engine.engine as engine
 from merge_engine import MergeOptions, merge, parse_config
 from merge_engine.errors import MergeEngineError
@@ -54,11 +55,13 @@ def options(shard_size: int, **kw) -> MergeOptions:
 
 
 def merge_each(rank: int, configs: dict, root: str) -> dict:
-    """On every rank: each config merged into root/NAME; the figures each rank's report gives."""
+    """On every rank: each config merged into root/NAME; what each report says of the job and its ranks."""
     reports = {}
     for name, (config, shard_size) in configs.items():
         report = merge(parse_config(config), os.path.join(root, name), options(shard_size))
-        reports[name] = [report.tensors, report.bytes_written]
+        reports[name] = {"job": [report.tensors, report.bytes_read, report.bytes_written],
+                         "ranks": [[r.rank, r.tensors, r.bytes_read, r.bytes_written] for r in report.ranks],
+                         "summary": report.summary()}
     return reports
 
 
@@ -86,9 +89,13 @@ def test_distributed_merge_is_bit_identical(model_sets, tmp_path, size):
         assert_same_files(tmp_path / "single" / name, tmp_path / "dist" / name)
         shards = [f for f in os.listdir(tmp_path / "single" / name) if f.endswith(".safetensors")]
         assert (len(shards) == 1) == (name == "one_shard")
-        # each tensor merged and written by exactly one rank
-        tensors, written = map(sum, zip(*(r["value"][name] for r in results)))
-        assert (tensors, written) == (single[name].tensors, single[name].bytes_written)
+        # each tensor read, merged and written by exactly one rank; every rank's report says so
+        report = results[0]["value"][name]
+        assert all(r["value"][name]["ranks"] == report["ranks"] for r in results)
+        job = [single[name].tensors, single[name].bytes_read, single[name].bytes_written]
+        assert report["job"] == job and [sum(f) for f in list(zip(*report["ranks"]))[1:]] == job
+        assert [r[0] for r in report["ranks"]] == list(range(size))
+        assert all(f"rank {r} ({socket.gethostname()}): " in report["summary"] for r in range(size))
     assert not leftovers(tmp_path / "dist")
 
 
@@ -104,7 +111,7 @@ def sabotage(rank: int, how: str, config: dict):
     if rank != FAILING_RANK and how != "kill":
         yield config
         return
-    saved = engine.tensor_group, engine.broadcast
+    saved = engine.tensor_group, distributed.broadcast
 
     def failing_group(*args, **kwargs):
         if how == "kill":
@@ -117,14 +124,14 @@ def sabotage(rank: int, how: str, config: dict):
     if how in ("error", "kill"):
         engine.tensor_group = failing_group
     if how == "folder":
-        engine.broadcast = elsewhere
+        distributed.broadcast = elsewhere
     if how == "plan":
         config = copy.deepcopy(config)
         config["models"][0]["parameters"]["weight"] = 0.25
     try:
         yield config
     finally:
-        engine.tensor_group, engine.broadcast = saved
+        engine.tensor_group, distributed.broadcast = saved
 
 
 def fail_then_merge(rank: int, config: dict, out: str, how: str) -> dict:
