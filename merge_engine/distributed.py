@@ -96,9 +96,10 @@ def current_ranks() -> Ranks | None:
 
 
 def rank_device(device: torch.device, ranks: Ranks | None) -> torch.device:
-    """Each rank's own GPU (cuda:LOCAL_RANK) when the device is CUDA without an index."""
+    """Each rank's own GPU (cuda:LOCAL_RANK) when the device is CUDA without an index; with more ranks on a
+    machine than GPUs, ranks share them (a merge holds a few tensors per rank)."""
     if ranks is not None and device.type == "cuda" and device.index is None:
-        return torch.device("cuda", ranks.local_rank)
+        return torch.device("cuda", ranks.local_rank % max(torch.cuda.device_count(), 1))
     return device
 
 
