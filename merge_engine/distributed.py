@@ -71,6 +71,7 @@ def torchrun_group() -> Iterator[bool]:
         yield not _group_exists() or dist.get_rank() == 0
     finally:
         if made:
+            _groups.clear()  # no reference to a destroyed group outlives it (one destroyed at exit aborts)
             dist.destroy_process_group()
 
 
