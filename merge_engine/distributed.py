@@ -327,6 +327,14 @@ def commit_shared_writer(ranks: Ranks | None, writer: ShardedWriter) -> None:
         writer.release()
 
 
+def data_digest(model_dir: str, sequences: list[list[int]], options: object) -> str:
+    """The fingerprint of a statistics run (stats, fisher): the model, the tokenized data, the options
+    (quiet, which only rank 0 is not, left out)."""
+    lengths = torch.tensor([len(s) for s in sequences])
+    tokens = torch.tensor([t for s in sequences for t in s])
+    return digest(os.path.abspath(model_dir), lengths, tokens, dataclasses.replace(options, quiet=False))
+
+
 def check_folder_visible(ranks: Ranks, folder: str, leader_host: str) -> None:
     """A rank that cannot see the temporary folder rank 0 made writes nowhere useful: say why."""
     if not os.path.exists(os.path.join(folder, LOCK_FILE)):

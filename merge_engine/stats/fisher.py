@@ -54,7 +54,9 @@ from merge_engine.devices import resolve_device
 from merge_engine.distributed import (
     Ranks,
     broadcast,
+    check_same_plan,
     current_ranks,
+    data_digest,
     every_rank,
     own_items,
     rank_device,
@@ -303,6 +305,8 @@ def collect_fisher(model_dir: str, data_path: str, out_dir: str, options: Fisher
         if all(len(seq) < 2 for seq in data.sequences):
             raise DataError(f"{data_path}: no example has 2 or more tokens, so there is no next token to predict")
         model = load_model(model_dir, options.dtype, device)
+    if ranks:  # the digest costs a pass over the data
+        check_same_plan(ranks, data_digest(model_dir, data.sequences, options))
     # no step here: a rank that fails in the collective sums ends its process (torchrun then stops the others)
     result = compute_fisher(model, own_items(data.batches(options.batch_size), ranks), options.variant,
                             options.per_example, options.seed, options.fisher_dtype, not options.quiet,

@@ -28,7 +28,9 @@ from tqdm.auto import tqdm
 from merge_engine.devices import resolve_device
 from merge_engine.distributed import (
     Ranks,
+    check_same_plan,
     current_ranks,
+    data_digest,
     every_rank,
     own_items,
     rank_device,
@@ -258,6 +260,8 @@ def collect_grams(model_dir: str, data_path: str, out_dir: str, options: GramOpt
         data = load_data(data_path, model_dir if options.tokenizer is None else options.tokenizer,
                          options.max_length, options.max_examples)
         model = load_model(model_dir, options.dtype, device, auto_class_of(model_dir))
+    if ranks:  # the digest costs a pass over the data
+        check_same_plan(ranks, data_digest(model_dir, data.sequences, options))
     state = {}
     writes = ranks is None or ranks.leader
 

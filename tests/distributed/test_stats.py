@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from merge_engine.errors import MergeEngineError
 from merge_engine.stats.fisher import FisherOptions, collect_fisher
 from merge_engine.stats.gram import GramOptions, collect_grams
 from tests.distributed.ranks import run_ranks
@@ -66,3 +67,21 @@ def test_distributed_statistics_equal_one_process(tiny_lm, text_file, folder_ten
             bound = (2 * gamma + 3 * U) * f.double().abs() + torch.finfo(torch.float32).tiny
             assert ((dist_fishers[name].double() - f.double()).abs() <= bound).all(), name
     assert sorted(os.listdir(dist)) == ["fisher_per_batch", "fisher_per_example", "grams"]  # nothing else left
+
+
+def grams_of_other_data(rank: int, model: str, data: str, out: str) -> str | None:
+    """Rank 1 reads one example fewer (a data file that differs between machines)."""
+    try:
+        collect_grams(model, data, out, GramOptions(batch_size=BATCH, device="cpu", quiet=True,
+                                                    max_examples=5 if rank == 1 else None))
+    except MergeEngineError as e:
+        return str(e)
+    return None
+
+
+def test_ranks_that_read_different_data_are_refused(tiny_lm, text_file, tmp_path):
+    results = run_ranks(grams_of_other_data, 2, str(tmp_path / "results"), tiny_lm("llama"), text_file,
+                        str(tmp_path / "grams"))
+    assert [r["error"] for r in results] == [None, None], [r.get("traceback") for r in results]
+    assert all("rank(s) 1 planned a different job from rank 0's" in (r["value"] or "") for r in results)
+    assert not os.path.exists(tmp_path / "grams")
