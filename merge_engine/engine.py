@@ -13,6 +13,10 @@
                  job's host buffers back to the read threads
       write_side_files + commit                 config.json, tokenizer, merge config; rename
 
+Under torch.distributed (merge() called on every rank of an initialised process group), every rank plans,
+the plans' digests are compared, each rank runs the pipeline on the output shards assigned to it, rank 0
+writes the side files, and the steps end with every rank's status (distributed.py).
+
 Memory stays bounded by (prefetch depth + 2) tensor groups, whatever the number of layers.
 """
 from __future__ import annotations
@@ -24,7 +28,9 @@ import os
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +40,19 @@ from tqdm.auto import tqdm
 from merge_engine.chat_templates import resolve_chat_template
 from merge_engine.config import WEIGHT_SHAPED_SIDE_INPUTS, MergeConfig, load_config
 from merge_engine.devices import resolve_device
+from merge_engine.distributed import (
+    JobProgress,
+    Ranks,
+    check_same_plan,
+    commit_shared_writer,
+    current_ranks,
+    digest,
+    every_rank,
+    gather,
+    open_shared_writer,
+    own_shards,
+    rank_device,
+)
 from merge_engine.dtypes import dtype_name
 from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.extras import require
@@ -41,7 +60,7 @@ from merge_engine.io.buffers import BufferPool
 from merge_engine.io.checkpoint import DIRECT_IO_MODES
 from merge_engine.io.lora import open_model
 from merge_engine.io.untrusted import inside_folder
-from merge_engine.io.writer import ShardedWriter, check_output_dir
+from merge_engine.io.writer import ShardedWriter, check_output_dir, plan_shards
 from merge_engine.methods import MergeMethod, TensorGroup
 from merge_engine.ops import backends
 from merge_engine.plan import MergePlan, TensorJob, build_plan
@@ -84,20 +103,81 @@ class MergeReport:
     bytes_written: int
     seconds: float
     out_dir: str
-    phases: dict[str, float] = field(default_factory=dict)  # seconds of each step of merge(), in order
+    phases: dict[str, float] = field(default_factory=dict)  # seconds of each step of merge(), in order (this rank's)
+    ranks: list[RankFigures] = field(default_factory=list)  # each rank's share of a distributed merge
 
     def summary(self) -> str:
         gbps = (self.bytes_read + self.bytes_written) / max(self.seconds, 1e-9) / 1e9
-        return (f"merged {self.tensors} tensors: read {self.bytes_read / 1e9:.3f} GB, wrote "
-                f"{self.bytes_written / 1e9:.3f} GB in {self.seconds:.2f} s ({gbps:.2f} GB/s) -> {self.out_dir}")
+        return "\n".join([f"merged {self.tensors} tensors: read {self.bytes_read / 1e9:.3f} GB, wrote "
+                          f"{self.bytes_written / 1e9:.3f} GB in {self.seconds:.2f} s ({gbps:.2f} GB/s) -> {self.out_dir}",
+                          *(f"  {r.summary()}" for r in self.ranks)])
+
+
+@dataclass
+class RankFigures:
+    """What one rank of a distributed merge did."""
+
+    rank: int
+    host: str
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float  # from its start to the end of its part (the rename excluded)
+
+    def summary(self) -> str:
+        return (f"rank {self.rank} ({self.host}): {self.tensors} tensors, read {self.bytes_read / 1e9:.3f} GB, "
+                f"wrote {self.bytes_written / 1e9:.3f} GB in {self.seconds:.2f} s")
 
 
 def merge(config: MergeConfig | str, out_dir: str, options: MergeOptions | None = None) -> MergeReport:
-    """Run a merge config (a parsed MergeConfig or a YAML path) into out_dir."""
+    """Run a merge config (a parsed MergeConfig or a YAML path) into out_dir. Called on every rank of an
+    initialised torch.distributed process group, it runs one merge over all of them (distributed.py)."""
     options = options or MergeOptions()
+    ranks = current_ranks()
     lap = _Laps()
-    cfg = load_checked_config(config) if isinstance(config, str) else config
-    lap("config")
+    with every_rank(ranks, "planning"):
+        cfg = load_checked_config(config) if isinstance(config, str) else config
+        lap("config")
+        device = rank_device(check_options(out_dir, options), ranks)
+        plan = build_plan(cfg, options.allow_crimes)
+        check_output_outside_inputs(out_dir, plan)
+    check_same_plan(ranks, digest(plan.jobs, plan.entries(), options.out_shard_size, options.random_seed))
+    own_shards, jobs = rank_share(plan, options.out_shard_size, ranks)
+    writer = open_output(out_dir, plan, own_shards, options, ranks)
+    lap("plan")
+    try:
+        with every_rank(ranks, "merging"):
+            load_kernels(device)
+            lap("kernel load")
+            bytes_read = _Pipeline(plan, jobs, writer, device, options, ranks).run()
+            lap("merge")
+            if writer.maker:
+                write_side_files(plan, writer, options)
+            lap("side files")
+            writer.flush()
+            lap("fsync")
+        figures = RankFigures(ranks.rank if ranks else 0, ranks.host if ranks else "", len(jobs), bytes_read,
+                              writer.bytes_written, lap.total())
+        commit_shared_writer(ranks, writer)
+        lap("rename")
+    except BaseException:
+        writer.abort()
+        raise
+    report = whole_job_report(figures, ranks, writer.out_dir, lap)
+    if not options.quiet:
+        log.debug(report.summary())  # the command line prints it; -v repeats it in the log
+    return report
+
+
+def whole_job_report(figures: RankFigures, ranks: Ranks | None, out_dir: str, lap: _Laps) -> MergeReport:
+    """This process' figures; with ranks, the sums of every rank's, each rank's listed."""
+    every = gather(ranks, figures) if ranks else [figures]
+    return MergeReport(sum(f.tensors for f in every), sum(f.bytes_read for f in every),
+                       sum(f.bytes_written for f in every), lap.total(), out_dir, lap.seconds, every if ranks else [])
+
+
+def check_options(out_dir: str, options: MergeOptions) -> torch.device:
+    """What can be refused before planning; the device the merge runs on."""
     check_output_dir(out_dir, options.overwrite)
     if options.direct_io not in DIRECT_IO_MODES:
         raise MergeEngineError(f"direct_io must be one of {', '.join(DIRECT_IO_MODES)}, not {options.direct_io!r}")
@@ -106,29 +186,28 @@ def merge(config: MergeConfig | str, out_dir: str, options: MergeOptions | None 
     device = resolve_device(options.device)
     if device.type == "cuda":
         check_gpu_backend_choice()
-    plan = build_plan(cfg, options.allow_crimes)
-    check_output_outside_inputs(out_dir, plan)
-    writer = ShardedWriter(out_dir, plan.entries(), options.out_shard_size, options.overwrite,
-                           direct=options.direct_io != "off")
-    lap("plan")
-    try:
-        load_kernels(device)
-        lap("kernel load")
-        bytes_read = _Pipeline(plan, writer, device, options).run()
-        lap("merge")
-        write_side_files(plan, writer, options)
-        lap("side files")
-        writer.flush()
-        lap("fsync")
-        writer.commit()
-        lap("rename")
-    except BaseException:
-        writer.abort()
-        raise
-    report = MergeReport(len(plan.jobs), bytes_read, writer.bytes_written, lap.total(), writer.out_dir, lap.seconds)
-    if not options.quiet:
-        log.debug(report.summary())  # the command line prints it; -v repeats it in the log
-    return report
+    return device
+
+
+def rank_share(plan: MergePlan, shard_size: int, ranks: Ranks | None) -> tuple[list[int] | None, list[TensorJob]]:
+    """The output shards this rank writes (None: all) and their jobs: shards go to ranks balanced by bytes
+    read plus bytes written."""
+    groups = plan_shards(plan.entries(), shard_size)
+    own = own_shards(ranks, [sum(job_bytes(plan.jobs[j]) for j in group) for group in groups])
+    return own, plan.jobs if own is None else [plan.jobs[j] for i in own for j in groups[i]]
+
+
+def job_bytes(job: TensorJob) -> int:
+    """What a job moves: its inputs read and its output written."""
+    return job.bytes_in + math.prod(job.shape) * job.out_dtype.itemsize
+
+
+def open_output(out_dir: str, plan: MergePlan, own_shards: list[int] | None, options: MergeOptions,
+                ranks: Ranks | None) -> ShardedWriter:
+    """The writer of this rank's shards (distributed.open_shared_writer)."""
+    return open_shared_writer(ranks, lambda join: ShardedWriter(
+        out_dir, plan.entries(), options.out_shard_size, options.overwrite, direct=options.direct_io != "off",
+        own_shards=own_shards, join=join))
 
 
 class _Laps:
@@ -199,22 +278,43 @@ def check_gpu_backend_choice() -> None:
         raise MergeEngineError(str(e)) from None
 
 
+@contextmanager
+def job_progress(bar: tqdm, ranks: Ranks | None) -> Iterator[Callable[[int], None]]:
+    """advance(nbytes) after each job: the bar counts this process' jobs, or with ranks every rank's (rank 0
+    shows it), and a rank stops early when another fails (distributed.JobProgress)."""
+    if ranks is None:
+        yield bar.update
+        return
+    progress = JobProgress(ranks, lambda done: bar.update(done - bar.n))
+    try:
+        yield progress.add
+    except BaseException:
+        progress.end(failed=True)
+        raise
+    progress.end(failed=False)
+
+
 class _Pipeline:
-    def __init__(self, plan: MergePlan, writer: ShardedWriter, device: torch.device, options: MergeOptions):
-        self.plan, self.writer, self.device, self.options = plan, writer, device, options
+    """One rank's jobs (all of them in a single process), read, computed and written as in the module's docstring."""
+
+    def __init__(self, plan: MergePlan, jobs: list[TensorJob], writer: ShardedWriter, device: torch.device,
+                 options: MergeOptions, ranks: Ranks | None = None):
+        self.plan, self.jobs, self.writer, self.device, self.options = plan, jobs, writer, device, options
+        self.ranks = ranks
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         # room for two of the largest jobs' buffers (inputs and result) waiting to be reused
-        largest = max((j.bytes_in + math.prod(j.shape) * j.out_dtype.itemsize for j in plan.jobs), default=0)
+        largest = max(map(job_bytes, jobs), default=0)
         self.buffers = BufferPool(2 * largest, pin_memory=self.cuda)
 
     def run(self) -> int:
-        jobs = self.plan.jobs
-        total = sum(j.bytes_in for j in jobs)
+        jobs = self.jobs
         depth = max(1, self.options.prefetch)
         with ThreadPoolExecutor(depth, thread_name_prefix="me-read") as readers, \
                 ThreadPoolExecutor(1, thread_name_prefix="me-write") as write_pool, \
-                tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=self.options.quiet) as bar:
+                tqdm(total=sum(j.bytes_in for j in self.plan.jobs), unit="B", unit_scale=True, desc="merging",
+                     disable=self.options.quiet or not self.writer.maker) as bar, \
+                job_progress(bar, self.ranks) as advance:
             reads: deque[Future] = deque(readers.submit(self.read, j) for j in jobs[:depth])
             writes: deque[Future] = deque()
             staged = None
@@ -226,12 +326,12 @@ class _Pipeline:
                 if staged:
                     self.compute_and_write(*staged, write_pool, writes)
                 staged = current
-                bar.update(job.bytes_in)
+                advance(job.bytes_in)
             if staged:
                 self.compute_and_write(*staged, write_pool, writes)
             for w in writes:
                 w.result()
-        return total
+        return sum(j.bytes_in for j in jobs)
 
     def read(self, job: TensorJob) -> list[torch.Tensor]:
         """Read a job's inputs, then its side inputs, from disk (in a prefetch thread)."""

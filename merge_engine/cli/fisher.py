@@ -5,6 +5,7 @@ import argparse
 import time
 
 from merge_engine.cli.args import add_data_arguments, add_model_arguments, add_output_arguments, setup_logging
+from merge_engine.distributed import torchrun_group
 from merge_engine.dtypes import STATS_DTYPES, dtype_named
 from merge_engine.extras import require
 from merge_engine.io.fishers import VARIANTS
@@ -44,8 +45,10 @@ def run(argv: list[str]) -> int:
                             gradient_checkpointing=args.gradient_checkpointing, overwrite=args.overwrite,
                             quiet=args.quiet)
     start = time.perf_counter()
-    manifest = collect_fisher(args.model, args.data, args.out_dir, options)
-    if not args.quiet:
+    with torchrun_group() as leader:  # under torchrun, the ranks share the data
+        options.quiet = args.quiet or not leader
+        manifest = collect_fisher(args.model, args.data, args.out_dir, options)
+    if not options.quiet:
         print(f"{manifest['variant']} Fisher ({manifest['granularity']}) of {manifest['tensors']} tensors over "
               f"{manifest['examples']} examples, {manifest['tokens']} tokens in {time.perf_counter() - start:.2f} s "
               f"-> {args.out_dir}")

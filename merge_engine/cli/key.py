@@ -26,8 +26,9 @@ from merge_engine.cli.args import (
     run_subcommand,
     subcommand,
 )
+from merge_engine.distributed import launched_by_torchrun, torchrun_group
 from merge_engine.dtypes import dtype_named
-from merge_engine.errors import CheckpointError
+from merge_engine.errors import CheckpointError, MergeEngineError
 from merge_engine.extras import require
 from merge_engine.tiers.apply import apply_key, remove_key
 from merge_engine.tiers.blocks import BLOCK_KINDS, model_blocks
@@ -140,10 +141,14 @@ def _apply_or_remove(args, parser) -> int:
     model, key_paths, out = model_items_out(args, parser, f"key {args.command}", "KEY")
     keys = [TierKey.load(p) for p in key_paths]
     if out is None:
+        if launched_by_torchrun():  # every rank would rewrite the same files
+            raise MergeEngineError(f"key {args.command} --in-place runs in one process, not under torchrun")
         run = (apply_key_in_place if args.command == "apply" else remove_key_in_place)(model, keys)
+        leader = True
     else:
-        run = (apply_key if args.command == "apply" else remove_key)(model, keys, out, args.overwrite)
-    if not args.quiet:
+        with torchrun_group() as leader:  # under torchrun, the ranks share the output's shards
+            run = (apply_key if args.command == "apply" else remove_key)(model, keys, out, args.overwrite)
+    if not args.quiet and leader:
         print(run.summary())
     return 0
 

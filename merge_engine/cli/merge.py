@@ -72,17 +72,20 @@ def run(argv: list[str]) -> int:
     setup_logging(args.quiet, args.verbose)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    from merge_engine.distributed import torchrun_group
     from merge_engine.engine import MergeOptions, load_checked_config, merge
     options = MergeOptions(device=args.device or "auto", out_shard_size=args.out_shard_size,
                            random_seed=args.random_seed, copy_tokenizer=args.copy_tokenizer,
                            overwrite=args.overwrite, prefetch=args.prefetch, direct_io=args.direct_io,
                            quiet=args.quiet,
                            allow_crimes=args.allow_crimes)
-    started = time.perf_counter()
-    config = load_checked_config(args.config, strict=args.strict)
-    config_seconds = time.perf_counter() - started
-    report = merge(config, args.out_dir, options)
-    if not args.quiet:
+    with torchrun_group() as leader:
+        started = time.perf_counter()
+        config = load_checked_config(args.config, strict=args.strict)
+        config_seconds = time.perf_counter() - started
+        options.quiet = args.quiet or not leader  # one progress bar and summary: rank 0's
+        report = merge(config, args.out_dir, options)
+    if not options.quiet:
         print(report.summary())
     if args.verbose:
         log.debug("time: %s", time_breakdown(report, config_seconds))

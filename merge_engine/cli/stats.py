@@ -11,6 +11,7 @@ from merge_engine.cli.args import (
     parse_size,
     setup_logging,
 )
+from merge_engine.distributed import torchrun_group
 from merge_engine.dtypes import STATS_DTYPES, dtype_named
 from merge_engine.extras import require
 
@@ -47,8 +48,10 @@ def run(argv: list[str]) -> int:
                           packed=args.packed, max_gram_bytes=args.max_gram_memory, exclude=args.exclude,
                           overwrite=args.overwrite, quiet=args.quiet)
     start = time.perf_counter()
-    manifest = collect_grams(args.model, args.data, args.out_dir, options)
-    if not args.quiet:
+    with torchrun_group() as leader:  # under torchrun, the ranks share the data
+        options.quiet = args.quiet or not leader
+        manifest = collect_grams(args.model, args.data, args.out_dir, options)
+    if not options.quiet:
         grams = len({m["gram"] for m in manifest["modules"].values()})
         print(f"{grams} Grams for {len(manifest['modules'])} linear modules over {manifest['examples']} examples, "
               f"{manifest['tokens']} tokens in {time.perf_counter() - start:.2f} s -> {args.out_dir}")

@@ -16,7 +16,9 @@ import logging
 import mmap
 import os
 import shutil
+import socket
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +28,8 @@ from merge_engine.io.raw import DIRECT_ALIGN, tensor_bytes
 from merge_engine.io.safetensors_format import build_header
 
 log = logging.getLogger("merge_engine")
-_LOCK = ".lock"  # inside a partial folder, flock-ed by the process writing it until it ends
+LOCK_FILE = ".lock"  # inside a partial folder, flock-ed by the process writing it until it ends
+_JOINED_LOCK = ".lock-"  # + host and process id: flock-ed by each other process writing shards into it
 
 _WRITE_CHUNK = 1 << 30
 _BOUNCE = 16 << 20  # bytes staged per direct write
@@ -58,6 +61,10 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += os.pwrite(fd, data[done:done + _WRITE_CHUNK], offset + done)
 
 
+def _joined_lock_name() -> str:
+    return f"{_JOINED_LOCK}{socket.gethostname()}-{os.getpid()}"
+
+
 def check_output_dir(out_dir: str, overwrite: bool) -> None:
     """Refuse an existing non-empty output folder unless overwriting was asked for."""
     if os.path.exists(out_dir):
@@ -85,7 +92,7 @@ def remove_stale_partials(out_dir: str) -> list[str]:
         pid = name[len(prefix):].split(".")[0]
         if not name.startswith(prefix) or not pid.isdigit() or not os.path.isdir(path):
             continue
-        if _process_running(int(pid)) or not _lock_is_free(os.path.join(path, _LOCK)):
+        if _process_running(int(pid)) or not _locks_are_free(path):
             continue
         shutil.rmtree(path, ignore_errors=True)
         log.warning("removed %s, the unfinished output of an earlier run that was killed", path)
@@ -101,6 +108,17 @@ def _process_running(pid: int) -> bool:
     except PermissionError:  # running, as another user
         return True
     return True
+
+
+def _locks_are_free(folder: str) -> bool:
+    """Whether no process holds the folder's locks: its maker's and those of the processes that joined it
+    (the ranks of a distributed merge, on this host or another that shares the disk)."""
+    locks = _lock_files(folder)
+    return LOCK_FILE in locks and all(_lock_is_free(os.path.join(folder, f)) for f in locks)
+
+
+def _lock_files(folder: str) -> list[str]:
+    return [f for f in os.listdir(folder) if f == LOCK_FILE or f.startswith(_JOINED_LOCK)]
 
 
 def _lock_is_free(path: str) -> bool:
@@ -148,25 +166,27 @@ class ShardedWriter:
     """Writes a set of tensors into shards in a temporary folder, then moves it into place.
 
     The shards are planned from the entries and shard_size, or given as `layout` (for example an input
-    checkpoint's own files, with `index_file` its index copied verbatim)."""
+    checkpoint's own files, with `index_file` its index copied verbatim).
+
+    Several processes (the ranks of a distributed merge) can write one output: each opens only
+    `own_shards` (indices into the layout; default all). One makes the folder and alone writes the index
+    and side files, and commits; the others join it with `join=` its path (writer.tmp_dir), and only flush."""
 
     def __init__(self, out_dir: str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
                  shard_size: int = 5 * 10**9, overwrite: bool = False, layout: list[ShardLayout] | None = None,
-                 index_file: str | None = None, direct: bool = False):
+                 index_file: str | None = None, direct: bool = False, own_shards: Collection[int] | None = None,
+                 join: str | None = None):
         self.out_dir = os.path.abspath(out_dir)
         self.overwrite = overwrite
         check_output_dir(self.out_dir, overwrite)
-        parent, prefix = _partial_prefix(self.out_dir)
-        os.makedirs(parent, exist_ok=True)
-        remove_stale_partials(self.out_dir)
-        self.tmp_dir = os.path.join(parent, f"{prefix}{os.getpid()}")
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        os.makedirs(self.tmp_dir)
+        self.maker = join is None
+        self.tmp_dir, lock = self._make_folder() if self.maker else (join, os.path.join(join, _joined_lock_name()))
         # held until this process ends: tells later runs that this folder is still being written
-        self._lock_fd = os.open(os.path.join(self.tmp_dir, _LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         self._entries = {name: (dtype, tuple(shape)) for name, dtype, shape in entries}
-        self._shards = layout if layout is not None else planned_layout(entries, shard_size)
+        self._all_shards = layout if layout is not None else planned_layout(entries, shard_size)
+        self._shards = self._all_shards if own_shards is None else [self._all_shards[i] for i in sorted(own_shards)]
         self._index_file = index_file
         self._where = {name: (shard, off) for shard in self._shards for name, off in shard.offsets.items()}
         self.total_size = sum(torch.Size(shape).numel() * dtype.itemsize for dtype, shape in self._entries.values())
@@ -183,9 +203,19 @@ class ShardedWriter:
             raise
         self._bounce: memoryview | None = None  # block-aligned staging memory of direct writes
         self._bounce_lock = threading.Lock()
-        self._pending = set(self._entries)
+        self._pending = set(self._where)
         self._flushed = False
         self.bytes_written = 0
+
+    def _make_folder(self) -> tuple[str, str]:
+        """A fresh temporary folder beside the output (after removing killed runs' ones), and its lock path."""
+        parent, prefix = _partial_prefix(self.out_dir)
+        os.makedirs(parent, exist_ok=True)
+        remove_stale_partials(self.out_dir)
+        tmp_dir = os.path.join(parent, f"{prefix}{os.getpid()}")
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        os.makedirs(tmp_dir)
+        return tmp_dir, os.path.join(tmp_dir, LOCK_FILE)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one planned tensor at its place (thread-safe: distinct tensors never overlap)."""
@@ -237,22 +267,27 @@ class ShardedWriter:
         shutil.copyfile(src, os.path.join(self.tmp_dir, filename or os.path.basename(src)))
 
     def flush(self) -> None:
-        """Check completeness, write the index and flush the shards to disk (commit does it if not done)."""
+        """Check completeness, write the index (the folder's maker) and flush this process' shards to disk
+        (commit does it if not done)."""
         if self._flushed:
             return
         if self._pending:
             missing = sorted(self._pending)
             raise RuntimeError(f"{len(missing)} planned tensor(s) were never written, e.g. {missing[:3]}")
-        if self._index_file:
-            self.copy_file(self._index_file)
-        elif len(self._shards) > 1:
-            weight_map = {name: s.filename for s in self._shards for name in s.offsets}
-            index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
-            self.add_file("model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+        if self.maker:
+            self._write_index()
         for shard in self._shards:
             os.fsync(shard.fd)
         self._close()
         self._flushed = True
+
+    def _write_index(self) -> None:
+        if self._index_file:
+            self.copy_file(self._index_file)
+        elif len(self._all_shards) > 1:
+            weight_map = {name: s.filename for s in self._all_shards for name in s.offsets}
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+            self.add_file("model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
 
     def commit(self) -> None:
         """flush, then move the folder into place."""
@@ -265,16 +300,23 @@ class ShardedWriter:
         if os.path.exists(self.out_dir):
             old = f"{self.tmp_dir}.old"
             os.rename(self.out_dir, old)
-        os.unlink(os.path.join(self.tmp_dir, _LOCK))  # not part of the output (its lock is still held)
+        for lock in _lock_files(self.tmp_dir):  # not part of the output (held until the rename, or by the joiners)
+            os.unlink(os.path.join(self.tmp_dir, lock))
         os.rename(self.tmp_dir, self.out_dir)
         self._release_lock()
         if old:
             shutil.rmtree(old)
 
     def abort(self) -> None:
-        """Remove the temporary folder; the output path is left as it was."""
+        """Remove the temporary folder (its maker; a joiner closes its files); the output path is left as it was."""
         self._close()
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        if self.maker:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self._release_lock()
+
+    def release(self) -> None:
+        """A joiner's end, once the maker has committed: its lock (which the maker removed) is let go."""
+        self._close()
         self._release_lock()
 
     def _release_lock(self) -> None:
@@ -290,5 +332,10 @@ class ShardedWriter:
                     setattr(shard, attr, -1)
 
     @property
+    def tensor_names(self) -> list[str]:
+        """The tensors this writer writes (those of its own shards)."""
+        return list(self._where)
+
+    @property
     def shard_files(self) -> list[str]:
-        return [s.filename for s in self._shards]
+        return [s.filename for s in self._all_shards]

@@ -51,6 +51,18 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from merge_engine.devices import resolve_device
+from merge_engine.distributed import (
+    Ranks,
+    broadcast,
+    check_same_plan,
+    current_ranks,
+    data_digest,
+    every_rank,
+    own_items,
+    rank_device,
+    sum_counts,
+    sum_over_ranks,
+)
 from merge_engine.dtypes import dtype_name
 from merge_engine.errors import MergeEngineError
 from merge_engine.io.fishers import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, VARIANTS
@@ -150,9 +162,10 @@ def _backward_step(model, batch, generator, acc: _FisherAccumulator) -> tuple[in
 
 def compute_fisher(model: torch.nn.Module, batches, variant: str = "empirical", per_example: bool = False,
                    seed: int = 0, fisher_dtype: torch.dtype = torch.float32, progress: bool = True,
-                   gradient_checkpointing: bool = False) -> FisherResult:
+                   gradient_checkpointing: bool = False, ranks: Ranks | None = None) -> FisherResult:
     """Diagonal Fisher of every trainable floating parameter over batches ({"input_ids", "attention_mask"},
-    right-padded; see merge_engine.stats.data). Definitions in the module docstring."""
+    right-padded; see merge_engine.stats.data). Definitions in the module docstring. With ranks, batches
+    is this rank's share; the sums and counts are added up across ranks (in float64) before the division."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if fisher_dtype not in FISHER_DTYPES:
@@ -169,6 +182,9 @@ def compute_fisher(model: torch.nn.Module, batches, variant: str = "empirical", 
                     n, t = _backward_step(model, step, generator, acc)
                     examples, tokens, steps = examples + n, tokens + t, steps + (n > 0)
                 bar.update(len(batch["input_ids"]))
+    examples, tokens = sum_counts(ranks, {"examples": examples, "tokens": tokens}).values()
+    for f in acc.fisher.values():
+        f.copy_(sum_over_ranks(ranks, f))
     if examples == 0:
         raise MergeEngineError("no example has a next-token position (every example is shorter than 2 tokens)")
     finish(acc.fisher, examples)
@@ -274,17 +290,30 @@ def collect_fisher(model_dir: str, data_path: str, out_dir: str, options: Fisher
     """Validate everything, load the model and data, compute the Fisher and save it; return the manifest.
 
     Inputs are checked before any compute (output folder, model folder, tokenizer, data file), and
-    nothing is written unless the whole run succeeds."""
+    nothing is written unless the whole run succeeds. Called on every rank of an initialised
+    torch.distributed process group, the ranks share the batches and rank 0 writes the folder."""
     options = options or FisherOptions()
-    check_output_dir(out_dir, options.overwrite)
-    device = resolve_device(options.device)
-    check_model_folder(model_dir)
-    tokenizer = model_dir if options.tokenizer is None else options.tokenizer
-    data = load_data(data_path, tokenizer, options.max_length, options.max_examples)
-    if all(len(seq) < 2 for seq in data.sequences):
-        raise DataError(f"{data_path}: no example has 2 or more tokens, so there is no next token to predict")
-    model = load_model(model_dir, options.dtype, device)
-    result = compute_fisher(model, data.batches(options.batch_size), options.variant, options.per_example,
-                            options.seed, options.fisher_dtype, not options.quiet, options.gradient_checkpointing)
-    return save_fisher(result, out_dir, os.path.abspath(model_dir), options.max_length, options.overwrite,
-                       options.shard_size)
+    ranks = current_ranks()
+    with every_rank(ranks, "checking the inputs and loading the model"):
+        if ranks and options.variant == "sampled":  # its one generator's draws follow the batches' order
+            raise MergeEngineError("the sampled Fisher runs in one process, not over several ranks")
+        check_output_dir(out_dir, options.overwrite)
+        device = rank_device(resolve_device(options.device), ranks)
+        check_model_folder(model_dir)
+        tokenizer = model_dir if options.tokenizer is None else options.tokenizer
+        data = load_data(data_path, tokenizer, options.max_length, options.max_examples)
+        if all(len(seq) < 2 for seq in data.sequences):
+            raise DataError(f"{data_path}: no example has 2 or more tokens, so there is no next token to predict")
+        model = load_model(model_dir, options.dtype, device)
+    if ranks:  # the digest costs a pass over the data
+        check_same_plan(ranks, data_digest(model_dir, data.sequences, options))
+    # no step here: a rank that fails in the collective sums ends its process (torchrun then stops the others)
+    result = compute_fisher(model, own_items(data.batches(options.batch_size), ranks), options.variant,
+                            options.per_example, options.seed, options.fisher_dtype, not options.quiet,
+                            options.gradient_checkpointing, ranks)
+    manifest = None
+    with every_rank(ranks, "saving the Fisher"):
+        if ranks is None or ranks.leader:
+            manifest = save_fisher(result, out_dir, os.path.abspath(model_dir), options.max_length,
+                                   options.overwrite, options.shard_size)
+    return manifest if ranks is None else broadcast(ranks, manifest)

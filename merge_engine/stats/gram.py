@@ -26,6 +26,17 @@ import torch
 from tqdm.auto import tqdm
 
 from merge_engine.devices import resolve_device
+from merge_engine.distributed import (
+    Ranks,
+    check_same_plan,
+    current_ranks,
+    data_digest,
+    every_rank,
+    own_items,
+    rank_device,
+    sum_counts,
+    sum_over_ranks,
+)
 from merge_engine.dtypes import DTYPES, STATS_DTYPES
 from merge_engine.errors import MergeEngineError
 from merge_engine.io.grams import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, stored_shape, to_stored
@@ -205,25 +216,29 @@ class GramOptions:
 
 
 def compute_grams(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], writer_factory,
-                  options: GramOptions) -> dict:
-    """Collect every Gram pass by pass, handing each to the writer from writer_factory(groups)."""
+                  options: GramOptions, ranks: Ranks | None = None) -> dict:
+    """Collect every Gram pass by pass, handing each to the writer from writer_factory(groups). With ranks,
+    each rank sums its share of the batches and the sums are added up across ranks (in float64) before
+    the writer gets them; every rank returns the whole run's counts."""
     device = next(model.parameters()).device
-    first = {k: v[:1].to(device) for k, v in batches[0].items()}
+    first = {k: v[:1].to(device) for k, v in batches[0].items()}  # the same on every rank
     model.eval()
     groups = group_by_input(model, linear_modules(model, options.exclude), first)
     passes = split_into_passes(groups, options.max_gram_bytes)
     writer = writer_factory(groups)
-    examples = sum(len(b["input_ids"]) for b in batches)
-    rows: dict[str, int] = {}
-    with tqdm(total=examples * len(passes), unit="ex", desc=f"grams ({len(passes)} pass(es))",
-              disable=options.quiet) as bar:
+    batches = own_items(batches, ranks)
+    local_rows: dict[str, int] = {}
+    with tqdm(total=sum(len(b["input_ids"]) for b in batches) * len(passes), unit="ex",
+              desc=f"grams ({len(passes)} pass(es))", disable=options.quiet) as bar:
         for groups_of_pass in passes:
-            for name, gram in accumulate_pass(model, groups_of_pass, batches, bar, rows).items():
-                writer(name, gram)
-    return {"examples": examples, "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches)),
-            "modules": {m.name: {"gram": gram_tensor_name(g), "in_features": m.in_features, "transposed": m.transposed,
-                                 "rows": rows[g.name]}
-                        for g in groups for m in g.modules}}
+            for name, gram in accumulate_pass(model, groups_of_pass, batches, bar, local_rows).items():
+                writer(name, sum_over_ranks(ranks, gram))
+    rows = sum_counts(ranks, local_rows)
+    counts = sum_counts(ranks, {"examples": sum(len(b["input_ids"]) for b in batches),
+                                "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches))})
+    return {**counts, "modules": {m.name: {"gram": gram_tensor_name(g), "in_features": m.in_features,
+                                           "transposed": m.transposed, "rows": rows.get(g.name, 0)}
+                                  for g in groups for m in g.modules}}
 
 
 def gram_tensor_name(group: GramGroup) -> str:
@@ -232,33 +247,46 @@ def gram_tensor_name(group: GramGroup) -> str:
 
 def collect_grams(model_dir: str, data_path: str, out_dir: str, options: GramOptions | None = None) -> dict:
     """Validate the inputs, load model and data, collect the Grams and save them; return the manifest.
-    Nothing is written unless the whole run succeeds."""
+    Nothing is written unless the whole run succeeds. Called on every rank of an initialised
+    torch.distributed process group, the ranks share the batches and rank 0 writes the folder."""
     options = options or GramOptions()
-    if options.gram_dtype not in STATS_DTYPES:
-        raise ValueError(f"gram_dtype must be one of {list(STATS_DTYPES)}, got {options.gram_dtype!r}")
-    check_output_dir(out_dir, options.overwrite)
-    device = resolve_device(options.device)
-    check_model_folder(model_dir)
-    data = load_data(data_path, model_dir if options.tokenizer is None else options.tokenizer,
-                     options.max_length, options.max_examples)
-    model = load_model(model_dir, options.dtype, device, auto_class_of(model_dir))
+    ranks = current_ranks()
+    with every_rank(ranks, "checking the inputs and loading the model"):
+        if options.gram_dtype not in STATS_DTYPES:
+            raise ValueError(f"gram_dtype must be one of {list(STATS_DTYPES)}, got {options.gram_dtype!r}")
+        check_output_dir(out_dir, options.overwrite)
+        device = rank_device(resolve_device(options.device), ranks)
+        check_model_folder(model_dir)
+        data = load_data(data_path, model_dir if options.tokenizer is None else options.tokenizer,
+                         options.max_length, options.max_examples)
+        model = load_model(model_dir, options.dtype, device, auto_class_of(model_dir))
+    if ranks:  # the digest costs a pass over the data
+        check_same_plan(ranks, data_digest(model_dir, data.sequences, options))
     state = {}
+    writes = ranks is None or ranks.leader
 
     def open_writer(groups: list[GramGroup]):
         dtype = DTYPES[options.gram_dtype]
         entries = [(gram_tensor_name(g), dtype, stored_shape(g.d, options.packed)) for g in groups]
-        state["writer"] = ShardedWriter(out_dir, entries, options.shard_size, options.overwrite)
+        if writes:
+            state["writer"] = ShardedWriter(out_dir, entries, options.shard_size, options.overwrite)
         by_name = {g.name: gram_tensor_name(g) for g in groups}
-        return lambda name, gram: state["writer"].write(by_name[name], to_stored(gram, options.gram_dtype,
-                                                                                 options.packed))
+
+        def write(name: str, gram: torch.Tensor) -> None:
+            if writes:
+                state["writer"].write(by_name[name], to_stored(gram, options.gram_dtype, options.packed))
+        return write
 
     try:
-        summary = compute_grams(model, data.batches(options.batch_size), open_writer, options)
+        # no step here: a rank that fails in the collective sums ends its process (torchrun then stops the others)
+        summary = compute_grams(model, data.batches(options.batch_size), open_writer, options, ranks)
         manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "model": os.path.abspath(model_dir),
                     "examples": summary["examples"], "tokens": summary["tokens"], "dtype": options.gram_dtype,
                     "packed": options.packed, "max_length": options.max_length, "modules": summary["modules"]}
-        state["writer"].add_file(MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
-        state["writer"].commit()
+        with every_rank(ranks, "saving the Grams"):
+            if writes:
+                state["writer"].add_file(MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+                state["writer"].commit()
     except BaseException:
         if "writer" in state:
             state["writer"].abort()

@@ -15,13 +15,23 @@ from dataclasses import dataclass
 
 import torch
 
+from merge_engine.distributed import (
+    Ranks,
+    check_same_plan,
+    commit_shared_writer,
+    current_ranks,
+    digest,
+    every_rank,
+    open_shared_writer,
+    own_shards,
+)
 from merge_engine.errors import CheckpointError, OutputError
 from merge_engine.io.checkpoint import INDEX_FILE, Checkpoint
 from merge_engine.io.writer import ShardedWriter
 from merge_engine.tiers.blocks import PARTS, ModelBlocks, model_blocks
 from merge_engine.tiers.journal import JOURNAL_FILE
 from merge_engine.tiers.key import TierKey, TierKeyError, validate_key
-from merge_engine.tiers.layout import layout_writer
+from merge_engine.tiers.layout import input_layout, layout_writer
 from merge_engine.tiers.moves import TensorMove, plan_moves, stored
 from merge_engine.tiers.permutation import BlockPermutation, compose
 from merge_engine.tiers.slices import OpenFiles, as_bits, read_runs, to_runs
@@ -94,14 +104,20 @@ def check_streamed_output(ckpt: Checkpoint, out_dir: str) -> None:
         raise OutputError(f"{out_dir}: the output folder is the model folder; use --in-place to rewrite it")
 
 
-def stream_rewrite(ckpt: Checkpoint, out_dir: str, overwrite: bool, write_tensors) -> str:
-    """Write a rewritten copy of the model folder: write_tensors(writer) writes every tensor into the input's own
-    layout, the side files follow, and the folder appears only when complete. Returns the output folder."""
-    writer = layout_writer(out_dir, ckpt, overwrite)
+def stream_rewrite(ckpt: Checkpoint, out_dir: str, overwrite: bool, write_tensors, ranks: Ranks | None = None) -> str:
+    """Write a rewritten copy of the model folder: write_tensors(writer) writes the writer's tensors
+    (writer.tensor_names: every tensor, or with ranks those of this rank's shards, each shard written by one
+    rank) into the input's own layout, the side files follow, and the folder appears only when complete.
+    Returns the output folder."""
+    own = own_shards(ranks, [2 * shard.size for shard in input_layout(ckpt)])  # read once, written once
+    writer = open_shared_writer(ranks, lambda join: layout_writer(out_dir, ckpt, overwrite, own, join))
     try:
-        write_tensors(writer)
-        copy_side_files(ckpt.path, writer)
-        writer.commit()
+        with every_rank(ranks, "writing"):
+            write_tensors(writer)
+            if writer.maker:
+                copy_side_files(ckpt.path, writer)
+            writer.flush()
+        commit_shared_writer(ranks, writer)
     except BaseException:
         writer.abort()
         raise
@@ -125,41 +141,49 @@ def remove_key(model_dir: str, keys: Keys, out_dir: str, overwrite: bool = False
 
 
 def _stream(model_dir: str, keys: Keys, out_dir: str, overwrite: bool, invert: bool) -> KeyedRun:
+    """Called on every rank of an initialised torch.distributed process group, the ranks share the output's
+    shards (distributed.py); the result is the same, byte for byte."""
     start = time.perf_counter()
-    ckpt = Checkpoint(model_dir)
+    ranks = current_ranks()
+    with every_rank(ranks, "reading the model's headers"):
+        ckpt = Checkpoint(model_dir)
     try:
-        check_streamed_output(ckpt, out_dir)
-        blocks, perm = resolve(keys, ckpt)
-        moves = plan_moves(ckpt, blocks, perm.inverse() if invert else perm)
-        out = stream_rewrite(ckpt, out_dir, overwrite, lambda writer: _write_tensors(ckpt, moves, writer))
+        with every_rank(ranks, "planning"):
+            check_streamed_output(ckpt, out_dir)
+            blocks, perm = resolve(keys, ckpt)
+            moves = plan_moves(ckpt, blocks, perm.inverse() if invert else perm)
+        check_same_plan(ranks, digest(ckpt.path, moves, input_layout(ckpt)))
+        out = stream_rewrite(ckpt, out_dir, overwrite, lambda writer: _write_tensors(ckpt, moves, writer), ranks)
     finally:
         ckpt.close()
     return KeyedRun(ckpt.path, out, len(moves), params_moved(ckpt, moves), time.perf_counter() - start)
 
 
 def _write_tensors(ckpt: Checkpoint, moves: dict[str, TensorMove], writer: ShardedWriter) -> None:
+    names = in_file_order(ckpt, writer.tensor_names)
     with OpenFiles() as files:
-        outgoing = read_outgoing(ckpt, moves, files)
+        outgoing = read_outgoing(ckpt, moves, files, names)
 
         def read_partner(layer: int, suffix: str, dim: int, index: torch.Tensor) -> torch.Tensor:
             held, values = outgoing[layer, suffix]
             return values.index_select(dim, torch.searchsorted(held, index))
 
-        for name in in_file_order(ckpt):
+        for name in names:
             tensor = ckpt.read(name)
             if name in moves:
                 patch(as_bits(tensor), moves[name], read_partner)
             writer.write(name, tensor)
 
 
-def read_outgoing(ckpt: Checkpoint, moves: dict[str, TensorMove], files: OpenFiles):
-    """(layer, suffix) -> (sorted indices other layers take from that tensor, their values as bit patterns).
+def read_outgoing(ckpt: Checkpoint, moves: dict[str, TensorMove], files: OpenFiles, written: Sequence[str]):
+    """(layer, suffix) -> (sorted indices other layers take from that tensor, their values as bit patterns), for the
+    moves of the tensors written here.
 
     Read up front, once per source tensor (a moved column touches every row of its tensor: slices.read_runs then
     reads the tensor whole), not once per destination. Memory: the key's share of the touched kinds."""
     names = {(m.layer, m.suffix): name for name, m in moves.items()}
     wanted: dict[tuple[int, str], list[torch.Tensor]] = {}
-    for m in moves.values():
+    for m in (moves[name] for name in written if name in moves):
         for layer in m.src_layer.unique().tolist():
             if layer != m.layer:
                 wanted.setdefault((layer, m.suffix), []).append(m.src[m.src_layer == layer])

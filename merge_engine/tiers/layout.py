@@ -34,9 +34,11 @@ def _file_layout(path: str, names: list[str], ckpt: Checkpoint) -> ShardLayout:
                        {name: ckpt.tensors[name].data_start for name in names})
 
 
-def layout_writer(out_dir: str, ckpt: Checkpoint, overwrite: bool = False) -> ShardedWriter:
-    """A ShardedWriter (temporary folder, atomic commit) that reproduces the checkpoint's files and index."""
+def layout_writer(out_dir: str, ckpt: Checkpoint, overwrite: bool = False, own_shards: list[int] | None = None,
+                  join: str | None = None) -> ShardedWriter:
+    """A ShardedWriter (temporary folder, atomic commit) that reproduces the checkpoint's files and index (own_shards
+    and join: one rank's part of it, as ShardedWriter says)."""
     entries = [(name, info.dtype, info.shape) for name, info in ckpt.tensors.items()]
     index = os.path.join(ckpt.path, INDEX_FILE)
     return ShardedWriter(out_dir, entries, overwrite=overwrite, layout=input_layout(ckpt),
-                         index_file=index if os.path.exists(index) else None)
+                         index_file=index if os.path.exists(index) else None, own_shards=own_shards, join=join)

@@ -147,6 +147,48 @@ def test_a_partial_folder_whose_writer_holds_its_lock_is_kept(tmp_path):
     assert not other.exists() and partials(out) == []
 
 
+def test_a_partial_folder_whose_joined_writer_holds_its_lock_is_kept(tmp_path):
+    """A distributed merge's folder: its maker's lock is free (rank 0 died) but a rank that joined it
+    still writes; stale once every lock is free."""
+    out = tmp_path / "out"
+    other = tmp_path / f".out.partial-{dead_pid()}"
+    other.mkdir()
+    os.close(os.open(other / ".lock", os.O_RDWR | os.O_CREAT))
+    fd = os.open(other / ".lock-otherhost-123", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        ShardedWriter(str(out), entries(tensors()), 10**9).abort()
+        assert other.exists()
+    finally:
+        os.close(fd)
+    ShardedWriter(str(out), entries(tensors()), 10**9).abort()
+    assert not other.exists()
+
+
+def test_writers_sharing_a_folder_write_one_output(tmp_path):
+    """The ranks of a distributed merge: each writes its own shards into the maker's folder; only the
+    maker writes the index and commits; the joiners' lock files are not in the output."""
+    ts = tensors()
+    out = tmp_path / "out"
+    maker = ShardedWriter(str(out), entries(ts), 200, own_shards=[0, 2])  # a, c
+    joiner = ShardedWriter(str(out), entries(ts), 200, own_shards=[1, 3], join=maker.tmp_dir)  # b, d
+    assert len(maker.shard_files) == 4
+    for name, t in ts.items():
+        (joiner if name in ("b", "d") else maker).write(name, t)
+    with pytest.raises(KeyError):  # a tensor of another writer's shard
+        joiner.write("a", ts["a"])
+    joiner.flush()
+    assert not (out.parent / os.path.basename(maker.tmp_dir) / "model.safetensors.index.json").exists()
+    maker.commit()
+    joiner.release()
+    assert sorted(os.listdir(out)) == sorted([*maker.shard_files, "model.safetensors.index.json"])
+    got = {}
+    for f in maker.shard_files:
+        got.update(load_file(out / f))
+    assert got.keys() == ts.keys() and all(torch.equal(got[n], ts[n]) for n in ts)
+    assert partials(out) == []
+
+
 def test_a_partial_folder_without_a_lock_is_left_alone(tmp_path):
     out = tmp_path / "out"
     # not made by this writer (or the previous output, renamed while a run was killed mid-move)

@@ -1,0 +1,55 @@
+"""The pieces of a distributed run that need no ranks: the assignment of output shards to ranks, and
+the plan digest every rank must agree on."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from merge_engine import parse_config
+from merge_engine.distributed import assign_shards, balance, digest
+from merge_engine.plan import build_plan
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 8, 40])
+def test_each_shard_goes_to_one_rank_and_no_rank_exceeds_the_mean_by_more_than_a_shard(ranks):
+    g = torch.Generator().manual_seed(ranks)
+    costs = (torch.rand(30, generator=g) * 1000).long().add(1).tolist() + [5000]  # one much larger
+    owner = assign_shards(costs, ranks)
+    assert len(owner) == len(costs) and all(0 <= r < ranks for r in owner)
+    loads = [sum(c for c, r in zip(costs, owner) if r == rank) for rank in range(ranks)]
+    assert sum(loads) == sum(costs)
+    assert max(loads) <= sum(costs) / ranks + max(costs)  # greedy list scheduling's guarantee
+    assert balance(costs, owner, ranks) == pytest.approx(max(loads) / (sum(costs) / ranks))
+    assert assign_shards(costs, ranks) == owner  # deterministic
+    if ranks >= len(costs):  # more ranks than shards: one shard each at most
+        assert len(set(owner)) == len(costs)
+
+
+def test_equal_shards_are_spread_evenly():
+    owner = assign_shards([10] * 12, 4)
+    assert sorted(owner.count(r) for r in range(4)) == [3, 3, 3, 3]
+
+
+def test_the_plan_digest_is_that_of_the_plan(model_sets):
+    base, *experts = model_sets("llama")
+    config = {"merge_method": "dare_ties", "base_model": base, "dtype": "float32",
+              "models": [{"model": e, "parameters": {"weight": 0.5, "density": 0.4}} for e in experts]}
+    other = copy.deepcopy(config)
+    other["models"][1]["parameters"]["density"] = 0.41
+
+    def plan_digest(cfg):
+        plan = build_plan(parse_config(cfg))
+        return digest(plan.jobs, plan.entries(), 10**9, 0)
+    assert plan_digest(config) == plan_digest(copy.deepcopy(config))  # checkpoints opened again, same digest
+    assert plan_digest(other) != plan_digest(config)
+
+
+def test_digest_of_values_and_objects():
+    class Opaque:  # printed with its address: known by its type only
+        pass
+    assert digest([Opaque()], {"a": 1.5}) == digest([Opaque()], {"a": 1.5})
+    assert digest({"a": 1.5}) != digest({"a": 1.25}) != digest({"b": 1.25})
+    assert digest(torch.tensor([1.0, 2.0])) != digest(torch.tensor([1.0, 2.5]))
+    assert digest((1, (2, 3))) != digest(((1, 2), 3))  # nesting counts
