@@ -15,7 +15,7 @@ plan_shards and assigned to 8 ranks per node, 1-16 nodes, by its own assign_shar
 the ranks that get work, bytes per rank, the balance (largest rank's bytes over the mean) and the
 expected time for a per-node I/O bandwidth (--node-gbps), next to the single-node I/O floor.
 
-    python bench/bench_distributed.py --model --node-gbps 2 > bench/DISTRIBUTED_MODEL.md
+    python bench/bench_distributed.py --model --node-gbps 2   # bench/RESULTS.md, "Scaling model"
 """
 from __future__ import annotations
 
