@@ -10,8 +10,10 @@ An example is one sequence x_1..x_T. Its log-likelihood is the sum over its next
 
 - empirical Fisher: y_t = x_{t+1}, the observed next token;
 - sampled ("true") Fisher: y_t is drawn from the model's own predictive distribution
-  softmax(logits_t) (detached), by a torch.Generator seeded with `seed`, so runs are deterministic.
-  The context stays the observed text (teacher forcing); only the targets are sampled.
+  softmax(logits_t) (detached), by a torch.Generator seeded anew for each batch from `seed` and the
+  batch's number (batch_seed), so runs are deterministic and the draws do not depend on which process
+  of a distributed run takes a batch. The context stays the observed text (teacher forcing); only the
+  targets are sampled.
 
 The Fisher of parameter theta is F = (1/N) sum_i g_i^2 with g_i = d l(x_i) / d theta, over the N
 examples that have at least one next-token position.
@@ -160,23 +162,32 @@ def _backward_step(model, batch, generator, acc: _FisherAccumulator) -> tuple[in
     return examples, int(positions.sum())
 
 
+def batch_seed(seed: int, number: int) -> int:
+    """The sampled Fisher's generator seed for batch `number` (its place among all the job's batches)."""
+    return (seed * 0x9E3779B97F4A7C15 + number * 0xBF58476D1CE4E5B9 + 1) % 2**63
+
+
 def compute_fisher(model: torch.nn.Module, batches, variant: str = "empirical", per_example: bool = False,
                    seed: int = 0, fisher_dtype: torch.dtype = torch.float32, progress: bool = True,
                    gradient_checkpointing: bool = False, ranks: Ranks | None = None) -> FisherResult:
     """Diagonal Fisher of every trainable floating parameter over batches ({"input_ids", "attention_mask"},
     right-padded; see merge_engine.stats.data). Definitions in the module docstring. With ranks, batches
-    is this rank's share; the sums and counts are added up across ranks (in float64) before the division."""
+    is this rank's share (distributed.own_items: the job's batches rank, rank + size, ...); the sums and
+    counts are added up across ranks (in float64) before the division."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if fisher_dtype not in FISHER_DTYPES:
         raise ValueError(f"fisher_dtype must be one of {FISHER_DTYPES}, got {fisher_dtype}")
     device = next(model.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed) if variant == "sampled" else None
+    generator = torch.Generator(device) if variant == "sampled" else None
+    first, stride = (ranks.rank, ranks.size) if ranks else (0, 1)  # this rank's i-th batch: the job's first + i * stride
     with _FisherAccumulator(model, fisher_dtype) as acc, _fisher_mode(model, gradient_checkpointing):
         examples = tokens = steps = 0
         total = sum(len(b["input_ids"]) for b in batches) if hasattr(batches, "__len__") else None
         with tqdm(total=total, unit="ex", desc="fisher", disable=not progress) as bar:
-            for batch in batches:
+            for i, batch in enumerate(batches):
+                if generator is not None:
+                    generator.manual_seed(batch_seed(seed, first + i * stride))
                 batch = {k: v.to(device) for k, v in batch.items()}
                 for step in (single_examples(batch) if per_example else [batch]):
                     n, t = _backward_step(model, step, generator, acc)
@@ -295,8 +306,6 @@ def collect_fisher(model_dir: str, data_path: str, out_dir: str, options: Fisher
     options = options or FisherOptions()
     ranks = current_ranks()
     with every_rank(ranks, "checking the inputs and loading the model"):
-        if ranks and options.variant == "sampled":  # its one generator's draws follow the batches' order
-            raise MergeEngineError("the sampled Fisher runs in one process, not over several ranks")
         check_output_dir(out_dir, options.overwrite)
         device = rank_device(resolve_device(options.device), ranks)
         check_model_folder(model_dir)

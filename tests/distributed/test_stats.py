@@ -15,14 +15,16 @@ from tests.distributed.ranks import run_ranks
 
 U = 2.0 ** -24  # unit roundoff of float32, in which each process sums
 BATCH = 2  # 6 sentences: 3 batches, shared unevenly by 2 ranks, one each by 3
+# the sampled Fisher's draws are seeded per batch (stats/fisher.py: batch_seed), so they follow a batch to its rank
+FISHERS = [("per_batch", "empirical"), ("per_example", "empirical"), ("per_batch", "sampled")]
 
 
 def collect(rank: int, model: str, data: str, root: str) -> None:
     collect_grams(model, data, os.path.join(root, "grams"), GramOptions(batch_size=BATCH, device="cpu", quiet=True))
-    for granularity in ("per_batch", "per_example"):
-        collect_fisher(model, data, os.path.join(root, f"fisher_{granularity}"),
-                       FisherOptions(batch_size=BATCH, per_example=granularity == "per_example", device="cpu",
-                                     quiet=True))
+    for granularity, variant in FISHERS:
+        collect_fisher(model, data, os.path.join(root, f"fisher_{granularity}_{variant}"),
+                       FisherOptions(batch_size=BATCH, per_example=granularity == "per_example", variant=variant,
+                                     seed=7, device="cpu", quiet=True))
 
 
 def manifest(folder, name):
@@ -54,8 +56,8 @@ def test_distributed_statistics_equal_one_process(tiny_lm, text_file, folder_ten
         assert ((dist_grams[name].double() - g.double()).abs() <= bound).all(), name
     # Fishers: F = (sum over B accumulation steps of |B| g^2) / N, every term non-negative, so a sum's error in
     # any order is within gamma_B of the sum itself; the cast and the division add a rounding each.
-    for granularity in ("per_batch", "per_example"):
-        folder = f"fisher_{granularity}"
+    for granularity, variant in FISHERS:
+        folder = f"fisher_{granularity}_{variant}"
         want, got = manifest(single / folder, "fisher.json"), manifest(dist / folder, "fisher.json")
         assert {k: v for k, v in got.items() if k != "sum_squares"} == \
             {k: v for k, v in want.items() if k != "sum_squares"}
@@ -66,7 +68,7 @@ def test_distributed_statistics_equal_one_process(tiny_lm, text_file, folder_ten
         for name, f in fishers.items():
             bound = (2 * gamma + 3 * U) * f.double().abs() + torch.finfo(torch.float32).tiny
             assert ((dist_fishers[name].double() - f.double()).abs() <= bound).all(), name
-    assert sorted(os.listdir(dist)) == ["fisher_per_batch", "fisher_per_example", "grams"]  # nothing else left
+    assert sorted(os.listdir(dist)) == sorted([f"fisher_{g}_{v}" for g, v in FISHERS] + ["grams"])  # nothing else left
 
 
 def grams_of_other_data(rank: int, model: str, data: str, out: str) -> str | None:
