@@ -132,7 +132,7 @@ def model_tables(a) -> None:
             print("|---:|---:|---:|---:|---:|---:|---:|---:|")
             for nodes in NODES:
                 ranks = nodes * RANKS_PER_NODE
-                owner = assign_shards(costs, ranks)
+                owner = assign_shards(costs, ranks, [r // RANKS_PER_NODE for r in range(ranks)])
                 loads = [0] * ranks
                 for cost, rank in zip(costs, owner):
                     loads[rank] += cost

@@ -49,6 +49,7 @@ class Ranks:
     host: str
     group: object  # the gloo ProcessGroup of control messages
     progress_group: object  # the gloo ProcessGroup of JobProgress' thread
+    machines: tuple[int, ...] = ()  # each rank's machine (hosts numbered in the order of their first rank)
 
     @property
     def leader(self) -> bool:
@@ -92,8 +93,11 @@ def current_ranks() -> Ranks | None:
         _groups.update(world=dist.group.WORLD,
                        control=dist.group.WORLD if gloo else dist.new_group(backend="gloo", timeout=STEP_TIMEOUT),
                        progress=dist.new_group(backend="gloo", timeout=STEP_TIMEOUT))
+        hosts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(hosts, socket.gethostname(), group=_groups["control"])
+        _groups["machines"] = tuple(list(dict.fromkeys(hosts)).index(h) for h in hosts)
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
-                 socket.gethostname(), _groups["control"], _groups["progress"])
+                 socket.gethostname(), _groups["control"], _groups["progress"], _groups["machines"])
 
 
 def rank_device(device: torch.device, ranks: Ranks | None) -> torch.device:
@@ -221,16 +225,34 @@ def sum_counts(ranks: Ranks | None, counts: dict[str, int]) -> dict[str, int]:
     return total
 
 
-def assign_shards(costs: Sequence[int], ranks: int) -> list[int]:
+def assign_shards(costs: Sequence[int], ranks: int, machines: Sequence[int] = ()) -> list[int]:
     """The rank that writes each shard: longest processing time first (each shard, costliest first, goes
     to the least loaded rank), deterministic (ties: lower shard index, then lower rank). Its largest
-    load is at most 4/3 of the best possible, and within one shard of the mean."""
-    loads = [0] * ranks
+    load is at most 4/3 of the best possible, and within one shard of the mean. With machines (each
+    rank's machine), the shards go to machines first by the same rule, on each machine's load per rank,
+    then each machine's shards to its ranks: the ranks of a machine share its disk and network, so the
+    busiest machine, not the busiest rank, bounds the job."""
+    if len(set(machines)) in (0, 1, ranks):
+        return _least_loaded_first(costs, [1] * ranks)
+    rank_counts = [list(machines).count(m) for m in range(max(machines) + 1)]
+    machine_of_shard = _least_loaded_first(costs, rank_counts)
     owner = [0] * len(costs)
-    for shard in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        rank = min(range(ranks), key=lambda r: (loads[r], r))
-        owner[shard] = rank
-        loads[rank] += costs[shard]
+    for machine, count in enumerate(rank_counts):
+        shards = [s for s, m in enumerate(machine_of_shard) if m == machine]
+        its_ranks = [r for r, m in enumerate(machines) if m == machine]
+        for shard, local in zip(shards, _least_loaded_first([costs[s] for s in shards], [1] * count)):
+            owner[shard] = its_ranks[local]
+    return owner
+
+
+def _least_loaded_first(costs: Sequence[int], widths: Sequence[int]) -> list[int]:
+    """Each item, costliest first, to the bin of least load per unit of width (ties: lower index)."""
+    loads = [0] * len(widths)
+    owner = [0] * len(costs)
+    for item in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        b = min(range(len(widths)), key=lambda j: (loads[j] / widths[j], j))
+        owner[item] = b
+        loads[b] += costs[item]
     return owner
 
 
@@ -238,7 +260,8 @@ def own_shards(ranks: Ranks | None, costs: Sequence[int]) -> list[int] | None:
     """The shards this rank writes (assign_shards); None, all of them, without ranks."""
     if ranks is None:
         return None
-    return [shard for shard, rank in enumerate(assign_shards(costs, ranks.size)) if rank == ranks.rank]
+    return [shard for shard, rank in enumerate(assign_shards(costs, ranks.size, ranks.machines))
+            if rank == ranks.rank]
 
 
 def balance(costs: Sequence[int], owner: Sequence[int], ranks: int) -> float:

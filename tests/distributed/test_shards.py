@@ -27,6 +27,27 @@ def test_each_shard_goes_to_one_rank_and_no_rank_exceeds_the_mean_by_more_than_a
         assert len(set(owner)) == len(costs)
 
 
+@pytest.mark.parametrize("machines", [[0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2], [0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2]])
+def test_shards_go_to_machines_first_then_to_their_ranks(machines):
+    """With each rank's machine known, machines are balanced (per rank they hold) before ranks: every
+    machine's load is within one shard of its share, which a rank-only assignment does not ensure."""
+    g = torch.Generator().manual_seed(len(set(machines)))
+    costs = (torch.rand(40, generator=g) * 1000).long().add(1).tolist() + [3000, 3000]
+    ranks = len(machines)
+    owner = assign_shards(costs, ranks, machines)
+    assert len(owner) == len(costs) and all(0 <= r < ranks for r in owner)
+    assert assign_shards(costs, ranks, machines) == owner  # deterministic
+    for m in set(machines):
+        width = machines.count(m)
+        load = sum(c for c, r in zip(costs, owner) if machines[r] == m)
+        assert load <= sum(costs) * width / ranks + max(costs) * width  # least load per rank first
+        its = [r for r in range(ranks) if machines[r] == m]
+        rank_loads = [sum(c for c, r in zip(costs, owner) if r == q) for q in its]
+        assert max(rank_loads) <= load / width + max(costs)
+    # one rank per machine, or a single machine: the plain assignment
+    assert assign_shards(costs, 4, [0, 1, 2, 3]) == assign_shards(costs, 4) == assign_shards(costs, 4, [0] * 4)
+
+
 def test_equal_shards_are_spread_evenly():
     owner = assign_shards([10] * 12, 4)
     assert sorted(owner.count(r) for r in range(4)) == [3, 3, 3, 3]
