@@ -191,3 +191,28 @@ def test_a_killed_rank_leaves_a_folder_the_next_run_removes(model_sets, tmp_path
     assert os.listdir(tmp_path / "runs") == ["out"]
     merge(parse_config(config), str(tmp_path / "single"), options(100_000))
     assert_same_files(tmp_path / "single", out)
+
+
+def merge_watching_the_bar(rank: int, config: dict, out: str) -> list:
+    """A merge with its progress shown; each bar the engine made: [shown, bytes counted, total]."""
+    bars = []
+
+    class RecordedBar(engine.tqdm):
+        def __exit__(self, *exc):
+            bars.append([not self.disable, self.n, self.total])
+            return super().__exit__(*exc)
+
+    engine.tqdm = RecordedBar
+    merge(parse_config(config), out, MergeOptions(quiet=False, device="cpu", out_shard_size=60_000))
+    return bars
+
+
+def test_rank_0_shows_one_bar_over_the_whole_job(model_sets, tmp_path):
+    base, *experts = model_sets("llama")
+    config = {"merge_method": "ties", "dtype": "float32", **models(base, experts, [{"weight": 0.5, "density": 0.5}] * 3)}
+    job = merge(parse_config(config), str(tmp_path / "single"), options(60_000)).bytes_read
+    results = run_ranks(merge_watching_the_bar, 2, str(tmp_path / "results"), config, str(tmp_path / "dist"))
+    assert [r["error"] for r in results] == [None, None], [r.get("traceback") for r in results]
+    (rank0,), (rank1,) = results[0]["value"], results[1]["value"]
+    assert rank0 == [True, job, job]  # every rank's bytes, counted on rank 0's bar
+    assert rank1[0] is False  # the other ranks show none
