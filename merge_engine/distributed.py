@@ -49,7 +49,7 @@ class Ranks:
     host: str
     group: object  # the gloo ProcessGroup of control messages
     progress_group: object  # the gloo ProcessGroup of JobProgress' thread
-    machines: tuple[int, ...] = ()  # each rank's machine (hosts numbered in the order of their first rank)
+    machines: tuple[int, ...]  # each rank's machine (hosts numbered in the order of their first rank)
 
     @property
     def leader(self) -> bool:
