@@ -416,26 +416,33 @@ def compute(job: TensorJob, tensors: list[torch.Tensor], method: MergeMethod, se
 def write_side_files(plan: MergePlan, writer: ShardedWriter, options: MergeOptions) -> None:
     """config.json (dtype, layer count and vocabulary size updated), generation config, tokenizer and the
     merge config."""
-    cfg = plan.config
-    donor = plan.donor
-    model_config = dict(donor.config)
+    model_config = output_model_config(plan)
     if model_config:
-        out_dtype = plan.jobs[0].out_dtype if plan.jobs else None
-        if out_dtype is not None:
-            name = dtype_name(out_dtype)
-            for key in ("torch_dtype", "dtype"):
-                if key in model_config or key == "torch_dtype":
-                    model_config[key] = name
-        for key in ("num_hidden_layers", "n_layer") if plan.num_layers is not None else ():
-            if key in model_config:
-                model_config[key] = plan.num_layers
-        if plan.vocabulary:
-            set_vocab_size(model_config, plan.vocabulary.rows)
         writer.add_file("config.json", json.dumps(model_config, indent=2) + "\n")
     for f in SIDE_FILES_FROM_BASE:
-        _copy_if_present(donor.path, f, writer)
+        _copy_if_present(plan.donor.path, f, writer)
     write_tokenizer(plan, writer, options)
-    writer.add_file(CONFIG_COPY_NAME, yaml.safe_dump(cfg.raw, sort_keys=False))
+    writer.add_file(CONFIG_COPY_NAME, yaml.safe_dump(plan.config.raw, sort_keys=False))
+
+
+def output_model_config(plan: MergePlan) -> dict:
+    """The output's config.json: the donor's, with the dtype, layer count and vocabulary size of the merge
+    ({} when the donor has none)."""
+    model_config = dict(plan.donor.config)
+    if not model_config:
+        return model_config
+    out_dtype = plan.jobs[0].out_dtype if plan.jobs else None
+    if out_dtype is not None:
+        name = dtype_name(out_dtype)
+        for key in ("torch_dtype", "dtype"):
+            if key in model_config or key == "torch_dtype":
+                model_config[key] = name
+    for key in ("num_hidden_layers", "n_layer") if plan.num_layers is not None else ():
+        if key in model_config:
+            model_config[key] = plan.num_layers
+    if plan.vocabulary:
+        set_vocab_size(model_config, plan.vocabulary.rows)
+    return model_config
 
 
 def write_tokenizer(plan: MergePlan, writer: ShardedWriter, options: MergeOptions) -> None:

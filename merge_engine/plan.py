@@ -43,6 +43,8 @@ class TensorJob:
     rows: RowRecipe | None = None  # vocabulary-indexed (dim 0): inputs aligned to the output's tokens
     # side-input kind -> per input, where its statistics tensor is (None: that input has none)
     side: dict[str, list[tuple[Checkpoint, str] | None]] = field(default_factory=dict)
+    slice_index: int = 0  # the config slice it comes from, and its layer position t there: enough to resolve
+    t: float = 0.0  # its parameters again under another config of the same models (session.py)
 
     def side_reads(self) -> list[tuple[Checkpoint, str]]:
         return [ref for refs in self.side.values() for ref in refs if ref is not None]
@@ -234,14 +236,8 @@ def _plan_tensor(plan: MergePlan, s: Slice, out_name: str, names: list[str], t: 
             problems.append(f"{info.file}: tensor '{info.name}' has shape {list(info.shape)} but "
                             f"{ref.file} has {list(ref.shape)}")
     method = cfg.method
-    shared, per_model = {}, []
     try:
-        shared = {p.name: resolve(p, [s.parameters, cfg.parameters], out_name, t, out_name)
-                  for p in method.shared_params}
-        for model, name in zip(models, names):
-            scopes = [src.parameters for src in s.sources if src.model == model] + [s.parameters, cfg.parameters]
-            per_model.append({p.name: resolve(p, scopes, name, t, f"{model}: '{name}'")
-                              for p in method.model_params if model != base or p.scope == Scope.INPUT})
+        shared, per_model = resolve_parameters(cfg, s, names, out_name, t)
     except ValueError as e:
         problems.append(f"{e} (tensor '{out_name}')")
         return
@@ -258,7 +254,22 @@ def _plan_tensor(plan: MergePlan, s: Slice, out_name: str, names: list[str], t: 
         out_name, [(plan.models[m], n) for m, n in zip(models, names)],
         models.index(base) if base in models else None, shared, per_model,
         compute if floating else dtypes[0], out if floating else dtypes[0],
-        (rows.rows, *ref.shape[1:]) if rows else ref.shape, copy_only=not floating, side=side, rows=rows))
+        (rows.rows, *ref.shape[1:]) if rows else ref.shape, copy_only=not floating, side=side, rows=rows,
+        slice_index=next(i for i, x in enumerate(cfg.slices) if x is s), t=t))
+
+
+def resolve_parameters(cfg: MergeConfig, s: Slice, names: list[str], out_name: str,
+                       t: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One tensor's method parameters (shared, per input model) from the config's scopes; ValueError when
+    one is missing or invalid."""
+    method, base = cfg.method, cfg.slice_base(s)
+    shared = {p.name: resolve(p, [s.parameters, cfg.parameters], out_name, t, out_name) for p in method.shared_params}
+    per_model = []
+    for src, name in zip(s.sources, names):
+        scopes = [other.parameters for other in s.sources if other.model == src.model] + [s.parameters, cfg.parameters]
+        per_model.append({p.name: resolve(p, scopes, name, t, f"{src.model}: '{name}'")
+                          for p in method.model_params if src.model != base or p.scope == Scope.INPUT})
+    return shared, per_model
 
 
 def _vocabulary_rows(plan: MergePlan, models: list[str], infos: list, base: str | None, out_name: str,

@@ -5,6 +5,7 @@
     merge-engine stats MODEL DATA OUT [options]          input Gram matrices of its linear layers (RegMean, BMM)
     merge-engine key generate|apply|remove|recover|report|compare ...   tier keys
     merge-engine patch extract|norms|apply|remove|recover ...          weight patches
+    merge-engine search SEARCH.yml OUT_DIR --budget 50m  the best merge of search spaces within a time budget
 
 A first argument naming a subcommand selects it; anything else is a merge (a config file named like a
 subcommand can be passed as ./NAME). Errors print one line `merge-engine: error: ...` and exit 2.
@@ -23,7 +24,7 @@ from merge_engine.cli.timing import STARTUP, process_age
 from merge_engine.errors import MergeEngineError
 from merge_engine.runtime import tune_process_for_merging
 
-SUBCOMMANDS = ("fisher", "key", "patch", "stats")  # modules merge_engine.cli.NAME, each with run(argv); else cli.merge
+SUBCOMMANDS = ("fisher", "key", "patch", "search", "stats")  # modules merge_engine.cli.NAME, each with run(argv); else cli.merge
 
 
 def main(argv: list[str] | None = None) -> int:

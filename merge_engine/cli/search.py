@@ -1,0 +1,61 @@
+"""`merge-engine search SEARCH.yml OUT_DIR --budget 50m`: the best merge of a config's search spaces on
+validation data, within a wall-clock budget (merge_engine/search)."""
+from __future__ import annotations
+
+import argparse
+
+from merge_engine.cli.args import add_output_arguments, positive_int, setup_logging
+from merge_engine.search.budget import parse_duration
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="merge-engine search",
+        description="Search a merge config's parameter spaces ({search: [low, high]}, log: true, knots: K, "
+                    "{choice: [...]}) for the best score on validation data, merging in memory (every input read "
+                    "once), within a wall-clock budget that covers everything, the final write included.",
+        epilog="SEARCH.yml is a mergekit config with search spaces and a `search:` section: objective (required: "
+               "{kind: multiple_choice | perplexity | lm_eval, data: FILE, ...}), test, sampler (tpe, cmaes, gp), "
+               "seed, trials, storage. OUT_DIR gets the best merged model, mergekit_config.yml (a plain config that "
+               "merge-engine turns into the same files), trials.csv, search.json and search_journal.log. A killed "
+               "search resumes from its journal (.OUT_DIR.search/journal.log beside OUT_DIR, or --storage).")
+    p.add_argument("config", metavar="SEARCH.yml", help="the merge config with search spaces")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--budget", type=_duration, required=True,
+                   help="wall-clock limit for everything, e.g. 50m, 1h30m, 600s or 600")
+    p.add_argument("--trials", type=positive_int, default=None, help="at most this many trials in this run")
+    p.add_argument("--sampler", choices=("tpe", "cmaes", "gp"), default=None, help="optuna's sampler (default tpe)")
+    p.add_argument("--seed", type=int, default=None, help="the sampler's seed (default search.seed, else 0)")
+    p.add_argument("--storage", default=None, help="the trials' journal file (default beside OUT_DIR)")
+    p.add_argument("--test", default=None, metavar="FILE", help="score the best merge on this file too, like the objective")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--placement", choices=("auto", "device", "host"), default="auto",
+                   help="where the inputs are held: on the device, or in pinned host memory (default: the device when "
+                        "they fit)")
+    p.add_argument("--random-seed", type=int, default=0, help="seed of the random methods' drops (as merge-engine's)")
+    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks with errors")
+    add_output_arguments(p)
+    return p
+
+
+def _duration(text: str) -> float:
+    from merge_engine.errors import ConfigError
+    try:
+        return parse_duration(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(e.problems[0].removeprefix("budget: ")) from None
+
+
+def run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.quiet, args.verbose)
+    from merge_engine.search import SearchOptions, search
+    result = search(args.config, args.out_dir, SearchOptions(
+        budget=args.budget, device=args.device, placement=args.placement, sampler=args.sampler, seed=args.seed,
+        trials=args.trials, storage=args.storage, test=args.test, overwrite=args.overwrite,
+        random_seed=args.random_seed, progress=not args.quiet))
+    if not args.quiet:
+        test = f", test {result.test_score:.4g}" if result.test_score is not None else ""
+        print(f"best score {result.score:.4g}{test} after {result.trials} trials ({result.trials_this_run} in this run) "
+              f"in {result.seconds:.1f} s -> {result.out_dir}")
+    return 0

@@ -1,0 +1,92 @@
+"""The wall-clock budget of a search: durations as users write them, the clock, and what must stay in reserve.
+
+Everything counts against the budget, from the start of the search: planning, reading the inputs, every
+trial, and at the end the best merge's write and its test evaluation. Before each trial the search asks
+whether that trial (as long as the longest so far) plus the reserve for the end still fits; the reserve is
+estimated from measured rates (the output disk's write rate, the seconds per evaluated token of the trials)
+with a margin.
+
+Before any tensor is read, a lower bound of one trial's cost refuses budgets that cannot fit even one:
+reading the inputs at the fastest rate storage reaches (READ_CEILING), evaluating at the device's measured
+matrix-product rate, and writing the result at the measured write rate.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from merge_engine.errors import ConfigError
+
+READ_CEILING = 25e9  # bytes/s: above any NVMe array or page-cache copy of today; a lower bound of read time
+MARGIN = 1.5  # the reserve for the end is this many times its estimate, plus SLACK seconds
+SLACK = 2.0
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """'50m', '1h30m', '90s', '3600' (seconds) -> seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", str(text))
+        if not parts or not any(parts.groups()):
+            raise ConfigError([f"budget: a duration such as 50m, 1h30m, 90s or 3600, got {text!r}"])
+        seconds = sum(float(v) * u for v, u in zip(parts.groups(), (3600, 60, 1)) if v)
+    if not seconds > 0:
+        raise ConfigError([f"budget: must be more than 0 seconds, got {text!r}"])
+    return seconds
+
+
+@dataclass
+class Budget:
+    seconds: float
+    clock: Callable[[], float] = time.monotonic
+    started: float = field(init=False)
+
+    def __post_init__(self):
+        self.started = self.clock()
+
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+    def left(self) -> float:
+        return self.seconds - self.elapsed()
+
+
+def write_rate(folder: str, probe_bytes: int = 64 << 20) -> float:
+    """Bytes/s of a flushed write of probe_bytes into folder (the output disk), measured now."""
+    os.makedirs(folder, exist_ok=True)
+    data = os.urandom(1 << 20) * (probe_bytes >> 20)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-") as f:
+        began = time.perf_counter()
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        return probe_bytes / max(time.perf_counter() - began, 1e-6)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a square matrix product on the device in dtype, measured now (a few tenths of a second)."""
+    n = 1024 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device).to(dtype)
+    a @ a  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    began, reps = time.perf_counter(), 0
+    while time.perf_counter() - began < 0.2:
+        a @ a
+        reps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * reps / (time.perf_counter() - began)
+
+
+def reserve_seconds(write_seconds: float, test_seconds: float) -> float:
+    """What to keep for the end: the best merge's write and its test evaluation, with the margin."""
+    return MARGIN * (write_seconds + test_seconds) + SLACK

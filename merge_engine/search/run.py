@@ -1,0 +1,297 @@
+"""`merge-engine search SEARCH.yml OUT_DIR --budget 50m`: the best merge of a config's search spaces on
+validation data, within a wall-clock budget, reading the inputs once.
+
+    search(config, out_dir, options)
+      check                   the spaces, the `search:` settings, the output folder, the model headers, the
+                              evaluation files, the memory plan; a budget that cannot fit one trial
+      open_study              optuna's journal (a killed search resumes from it), its sampler
+      MergeSession            every input read once, the live model merged at the spaces' middle
+      trials                  ask -> session.merge -> evaluate -> tell, while a trial and the reserve still fit
+      finish                  the best trial merged again, evaluated on the test data (if any), saved with
+                              session.save: model files, mergekit_config.yml (a plain config that reproduces it
+                              with merge-engine, bit for bit), trials.csv, search.json, search_journal.log
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import yaml
+from tqdm.auto import tqdm
+
+from merge_engine.devices import resolve_device
+from merge_engine.engine import MergeOptions, check_output_outside_inputs
+from merge_engine.errors import ConfigError, MergeEngineError
+from merge_engine.evaluation import evaluator_from_spec
+from merge_engine.extras import require
+from merge_engine.io.writer import check_output_dir
+from merge_engine.plan import build_plan
+from merge_engine.search.budget import READ_CEILING, Budget, matmul_rate, reserve_seconds, write_rate
+from merge_engine.search.spaces import SearchConfig, parse_search_config
+from merge_engine.session import MergeSession, input_bytes, output_tokenizer, plan_memory
+
+log = logging.getLogger("merge_engine")
+
+SAMPLERS = ("tpe", "cmaes", "gp")
+SETTINGS = ("objective", "test", "sampler", "seed", "trials", "storage")
+STUDY_NAME = "merge_engine_search"
+FINGERPRINT = "merge_engine_search_fingerprint"
+JOURNAL_COPY = "search_journal.log"
+
+
+class SearchError(MergeEngineError):
+    """A search that cannot give a result (no trial finished within the budget)."""
+
+
+@dataclass
+class SearchOptions:
+    budget: float  # seconds of wall clock for everything
+    device: str = "auto"
+    placement: str = "auto"  # where the session holds the inputs (session.plan_memory)
+    sampler: str | None = None  # overrides search.sampler
+    seed: int | None = None  # the sampler's; overrides search.seed
+    trials: int | None = None  # at most this many trials in this run; overrides search.trials
+    storage: str | None = None  # the journal's path; overrides search.storage
+    test: str | None = None  # a test data file scored like the objective; overrides search.test's data
+    overwrite: bool = False
+    random_seed: int = 0  # the merge's (DARE's drops)
+    progress: bool = True
+    clock: Callable[[], float] = time.monotonic
+
+
+@dataclass
+class SearchResult:
+    out_dir: str
+    params: dict[str, Any]  # the best trial's sampler parameters
+    config: dict  # the plain config that reproduces the best merge
+    score: float
+    test_score: float | None
+    trials: int  # finished trials in the study (earlier runs' included)
+    trials_this_run: int
+    seconds: float
+    study: object = field(default=None, repr=False)
+
+
+def load_search_config(path: str) -> SearchConfig:
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError([f"cannot read the search config: {e}"], path) from None
+    return parse_search_config(raw, path)
+
+
+def search(config: SearchConfig | dict | str, out_dir: str, options: SearchOptions) -> SearchResult:
+    budget = Budget(options.budget, options.clock)
+    optuna = require("optuna", "tune", "merge-engine search")
+    cfg = load_search_config(config) if isinstance(config, str) else (
+        config if isinstance(config, SearchConfig) else parse_search_config(config))
+    settings = check_settings(cfg, options)
+    check_output_dir(out_dir, options.overwrite)
+    start_config = cfg.merge_config(cfg.start())
+    plan = build_plan(start_config)
+    check_output_outside_inputs(out_dir, plan)
+    base_dir = os.path.dirname(os.path.abspath(cfg.source)) if cfg.source else os.getcwd()
+    tokenizer = output_tokenizer(plan)
+    objective = evaluator_from_spec(settings["objective"], tokenizer, "search.objective", base_dir=base_dir)
+    test = evaluator_from_spec(settings["test"], tokenizer, "search.test", base_dir=base_dir) if settings["test"] else None
+    device = resolve_device(options.device)
+    memory = plan_memory(plan, device, options.placement)
+    write_seconds = memory.model_bytes / write_rate(os.path.dirname(os.path.abspath(out_dir)))
+    check_budget_fits(budget, plan, memory, objective, test, write_seconds, device)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study, storage_path = open_study(optuna, cfg, settings, objective.direction, out_dir)
+        session = MergeSession(start_config, str(device), placement=memory.placement, random_seed=options.random_seed,
+                               progress=options.progress)
+        ran = run_trials(optuna, study, cfg, session, objective, test, settings["trials"], budget, write_seconds, options)
+        return finish(optuna, study, cfg, session, objective, test, out_dir, storage_path, settings, budget, options, ran)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def check_settings(cfg: SearchConfig, options: SearchOptions) -> dict:
+    """The `search:` section with the options' overrides; ConfigError naming each bad key."""
+    s = cfg.settings
+    problems = [f"search.{k}: unknown setting (known: {', '.join(SETTINGS)})" for k in s if k not in SETTINGS]
+    out = {"objective": s.get("objective"), "test": s.get("test"), "sampler": options.sampler or s.get("sampler", "tpe"),
+           "seed": options.seed if options.seed is not None else s.get("seed", 0),
+           "trials": options.trials if options.trials is not None else s.get("trials"),
+           "storage": options.storage or s.get("storage")}
+    if not isinstance(out["objective"], dict):
+        problems.append("search.objective: a mapping such as {kind: multiple_choice, data: val.jsonl} is required")
+    if options.test and isinstance(out["objective"], dict):  # scored as the objective, on another file
+        out["test"] = {**(out["test"] or out["objective"]), "data": os.path.abspath(options.test)}
+    if out["test"] is not None and not isinstance(out["test"], dict):
+        problems.append(f"search.test: a mapping like the objective's, got {out['test']!r}")
+    if out["sampler"] not in SAMPLERS:
+        problems.append(f"search.sampler: one of {', '.join(SAMPLERS)}, got {out['sampler']!r}")
+    for key in ("seed", "trials"):
+        v = out[key]
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or (key == "trials" and v < 1)):
+            problems.append(f"search.{key}: an integer{' of at least 1' if key == 'trials' else ''}, got {v!r}")
+    if out["storage"] is not None and not isinstance(out["storage"], str):
+        problems.append(f"search.storage: a file path, got {out['storage']!r}")
+    if problems:
+        raise ConfigError(problems, cfg.source)
+    return out
+
+
+def check_budget_fits(budget: Budget, plan, memory, objective, test, write_seconds: float, device) -> None:
+    """Refuse, before any tensor is read, a budget below a lower bound of reading the inputs, one trial and
+    the final write (and test evaluation)."""
+    params = memory.model_bytes / max(plan.jobs[0].out_dtype.itemsize, 1) if plan.jobs else 0
+    flops = matmul_rate(device, plan.jobs[0].out_dtype if plan.jobs else None)
+    per_token = 2 * params / flops
+    read = input_bytes(plan.jobs) / READ_CEILING
+    evaluate = objective.tokens() * per_token
+    floor = budget.elapsed() + read + evaluate + reserve_seconds(write_seconds, test.tokens() * per_token if test else 0)
+    if budget.seconds < floor:
+        raise ConfigError([f"budget: {budget.seconds:.0f} s cannot fit one trial: at least {floor:.1f} s are needed "
+                           f"(reading {input_bytes(plan.jobs) / 1e9:.2f} GB of inputs {read:.1f} s, evaluating "
+                           f"{objective.tokens()} tokens {evaluate:.1f} s at {flops / 1e9:.0f} GFLOP/s, writing the "
+                           f"result {write_seconds:.1f} s, with margins)"])
+
+
+# ---- the study ----
+
+def fingerprint(cfg: SearchConfig, settings: dict, direction: str) -> str:
+    """What a journal's trials mean: the merge config with its spaces and the objective."""
+    text = json.dumps({"config": cfg.raw, "objective": settings["objective"], "direction": direction},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def work_folder(out_dir: str) -> str:
+    """Beside the output, where a search keeps its journal until the output is complete."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    return os.path.join(parent, f".{name}.search")
+
+
+def open_study(optuna, cfg: SearchConfig, settings: dict, direction: str, out_dir: str):
+    """The study of the journal (created, or resumed when it holds this search's trials), and its path."""
+    path = os.path.abspath(settings["storage"] or os.path.join(work_folder(out_dir), "journal.log"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    journal = optuna.storages.journal
+    storage = optuna.storages.JournalStorage(journal.JournalFileBackend(path))
+    mark = fingerprint(cfg, settings, direction)
+    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction=direction, load_if_exists=True)
+    previous = study.user_attrs.get(FINGERPRINT)
+    if previous is not None and previous != mark:
+        raise ConfigError([f"{path} journals another search (other spaces, models or objective): remove it or give "
+                           "another storage path"], cfg.source)
+    study.set_user_attr(FINGERPRINT, mark)
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)  # a killed run's last trial
+    if not study.trials:
+        study.enqueue_trial(cfg.start())  # the spaces' middle: the session is opened on it
+    # a resumed sampler seeded anew, so its first random proposals are not the earlier run's again
+    study.sampler = make_sampler(optuna, settings["sampler"], settings["seed"] + len(study.trials))
+    return study, path
+
+
+def make_sampler(optuna, name: str, seed: int):
+    if name == "cmaes":
+        require("cmaes", "tune", "the CMA-ES sampler")
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if name == "gp":
+        require("scipy", "tune", "the Gaussian-process sampler")
+        return optuna.samplers.GPSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+
+
+# ---- trials ----
+
+def run_trials(optuna, study, cfg: SearchConfig, session: MergeSession, objective, test, max_trials: int | None,
+               budget: Budget, write_seconds: float, options: SearchOptions) -> int:
+    """Trials while one more (as long as the longest so far) and the reserve for the end fit the budget."""
+    durations: list[float] = []
+    seconds_per_token = 0.0
+    done = 0
+    with tqdm(total=round(budget.seconds), unit="s", desc="search", disable=not options.progress,
+              bar_format="{desc}: {bar} {n_fmt}/{total_fmt} s {postfix}") as bar:
+        while max_trials is None or done < max_trials:
+            reserve = reserve_seconds(write_seconds, seconds_per_token * test.tokens() if test else 0.0)
+            if durations and budget.left() < max(durations) + reserve:
+                break
+            trial = study.ask()
+            for space in cfg.spaces:
+                space.suggest(trial)
+            began = budget.clock()
+            step = session.merge(cfg.merge_config(trial.params))
+            merged = budget.clock()
+            score = float(objective(session.model))
+            ended = budget.clock()
+            for key, value in (("seconds", ended - began), ("merge_seconds", merged - began),
+                               ("eval_seconds", ended - merged), ("tensors_merged", step.tensors)):
+                trial.set_user_attr(key, value)
+            study.tell(trial, score if math.isfinite(score) else None,
+                       state=None if math.isfinite(score) else optuna.trial.TrialState.FAIL)
+            durations.append(ended - began)
+            seconds_per_token = max(seconds_per_token, (ended - merged) / max(objective.tokens(), 1))
+            done += 1
+            bar.n = min(round(budget.elapsed()), bar.total)
+            bar.set_postfix_str(f"trials {done}, best {best_value(study):.4g}, {max(budget.left(), 0):.0f} s left")
+    return done
+
+
+def best_value(study) -> float:
+    try:
+        return study.best_value
+    except ValueError:
+        return math.nan
+
+
+# ---- the end ----
+
+def finish(optuna, study, cfg: SearchConfig, session: MergeSession, objective, test, out_dir: str, storage_path: str,
+           settings: dict, budget: Budget, options: SearchOptions, ran: int) -> SearchResult:
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        raise SearchError(f"no trial finished within the budget of {budget.seconds:.0f} s (the journal {storage_path} "
+                          "keeps what ran: run again with a larger budget to resume)")
+    best = study.best_trial
+    best_config = cfg.concrete(best.params)
+    session.merge(best_config)
+    test_score = float(test(session.model)) if test else None
+    summary = {"objective": objective.name, "direction": objective.direction, "score": best.value,
+               "test": test.name if test else None, "test_score": test_score, "best_trial": best.number,
+               "params": best.params, "trials": len(complete), "budget_seconds": budget.seconds,
+               "seconds": budget.elapsed(), "sampler": settings["sampler"]}
+    extra = {"trials.csv": trials_table(study, cfg), "search.json": json.dumps(summary, indent=2, default=str) + "\n"}
+    with open(storage_path, "rb") as f:
+        extra[JOURNAL_COPY] = f.read()
+    session.save(out_dir, MergeOptions(overwrite=options.overwrite, quiet=True), extra_files=extra)
+    if not options.storage and not settings["storage"]:
+        shutil.rmtree(work_folder(out_dir), ignore_errors=True)  # the journal lives on in the output
+    return SearchResult(os.path.abspath(out_dir), best.params, best_config, best.value, test_score, len(complete),
+                        ran, budget.elapsed(), study)
+
+
+def trials_table(study, cfg: SearchConfig) -> str:
+    """CSV: one row per trial with its state, score, seconds and sampler parameters."""
+    names = [n for space in cfg.spaces for n in (
+        [f"{space.name}[{k}]" for k in range(space.knots)] if space.knots else [space.name])]
+    out = io.StringIO()
+    w = csv.writer(out)
+    w.writerow(["trial", "state", "score", "seconds", "merge_seconds", "eval_seconds", "tensors_merged", *names])
+    for t in study.get_trials(deepcopy=False):
+        attrs = t.user_attrs
+        w.writerow([t.number, t.state.name, "" if t.value is None else repr(t.value),
+                    *(_fmt(attrs.get(k)) for k in ("seconds", "merge_seconds", "eval_seconds", "tensors_merged")),
+                    *(repr(t.params[n]) if n in t.params else "" for n in names)])
+    return out.getvalue()
+
+
+def _fmt(v) -> str:
+    return "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))

@@ -1,0 +1,207 @@
+"""Search spaces inside a mergekit config, and the plain configs they stand for.
+
+A parameter setting may be a space wherever it may be a value (global, per slice, per model, inside a
+{filter, value} entry):
+    {search: [low, high]}                  a number in [low, high] (an integer for integer parameters)
+    {search: [low, high], log: true}       the same, sampled on a log scale (weights, lambda)
+    {search: [low, high], knots: K}        a per-layer gradient: K values in [low, high], the setting's list
+    {choice: [a, b, ...]}                  one of these values
+Each space gets a name from where it is (`density`, `models[1].weight`, `slices[0].sources[2].t`,
+`t[filter=self_attn]`); a gradient's knots are NAME[0], NAME[1], ... in the sampler's parameters.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from merge_engine.config import MergeConfig, parse_config
+from merge_engine.errors import ConfigError
+from merge_engine.methods import REGISTRY
+from merge_engine.parameters import ParamSpec, is_scalar
+
+SEARCH_KEY = "search"  # the config's own section of search settings; not part of the merge config
+_SPACE_KEYS = {"search", "log", "knots", "choice"}
+
+
+@dataclass(frozen=True)
+class Space:
+    name: str  # the sampler's parameter name (knots: NAME[i])
+    path: tuple  # keys from the config's root to the setting it replaces
+    spec: ParamSpec
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    knots: int = 0  # 0: one value; K: a gradient of K values
+    choices: tuple = ()
+
+    def suggest(self, trial) -> Any:
+        """The setting this space takes in an optuna trial."""
+        if self.choices:
+            return trial.suggest_categorical(self.name, list(self.choices))
+        suggest = trial.suggest_int if self.spec.kind is int else trial.suggest_float
+        if not self.knots:
+            return suggest(self.name, self.low, self.high, log=self.log)
+        return [suggest(f"{self.name}[{k}]", self.low, self.high, log=self.log) for k in range(self.knots)]
+
+    def setting(self, params: dict[str, Any]) -> Any:
+        """The setting for a finished trial's parameters."""
+        if self.knots:
+            return [params[f"{self.name}[{k}]"] for k in range(self.knots)]
+        return params[self.name]
+
+    def start(self) -> dict[str, Any]:
+        """Sampler parameters of the space's middle (log-middle; the first choice): the search's first trial."""
+        if self.choices:
+            return {self.name: self.choices[0]}
+        mid = math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2
+        mid = round(mid) if self.spec.kind is int else mid
+        names = [f"{self.name}[{k}]" for k in range(self.knots)] if self.knots else [self.name]
+        return dict.fromkeys(names, mid)
+
+
+@dataclass
+class SearchConfig:
+    """A SEARCH.yml: the merge config with spaces, its spaces, and its `search:` settings."""
+
+    raw: dict  # without the `search:` section
+    spaces: list[Space]
+    settings: dict  # the `search:` section
+    source: str | None = None
+
+    def concrete(self, params: dict[str, Any]) -> dict:
+        """The plain mergekit config a trial's parameters make (every space replaced by its setting)."""
+        out = copy.deepcopy(self.raw)
+        for space in self.spaces:
+            *parents, last = space.path
+            node = out
+            for key in parents:
+                node = node[key]
+            node[last] = space.setting(params)
+        return out
+
+    def start(self) -> dict[str, Any]:
+        return {k: v for space in self.spaces for k, v in space.start().items()}
+
+    def merge_config(self, params: dict[str, Any]) -> MergeConfig:
+        return parse_config(self.concrete(params), self.source)
+
+
+def is_space(setting: Any) -> bool:
+    return isinstance(setting, dict) and ("search" in setting or "choice" in setting)
+
+
+def parse_search_config(raw: Any, source: str | None = None) -> SearchConfig:
+    """Split a SEARCH.yml mapping into its merge config, spaces and settings; ConfigError listing every
+    problem (spaces on parameters the method lacks, bad ranges, values the parameter refuses, a merge config
+    that is invalid once the spaces take their middle values)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(["a search config is a mapping: a merge config plus a `search:` section"], source)
+    settings = raw.get(SEARCH_KEY) or {}
+    merge_raw = {k: v for k, v in raw.items() if k != SEARCH_KEY}
+    problems = [] if isinstance(settings, dict) else [f"{SEARCH_KEY}: must be a mapping, got {settings!r}"]
+    method = REGISTRY.get(merge_raw.get("merge_method"))
+    specs = {p.name: p for p in method.params} if method else {}
+    if method and method.specialize:  # the wrapped method's parameters too (bmm's anchor, regmean's fallback)
+        try:
+            specs = {p.name: p for p in method.specialize(merge_raw.get("parameters") or {}, REGISTRY).params}
+        except ValueError:
+            pass  # parse_config below says what is wrong
+    spaces = []
+    for path, name, setting in _settings(merge_raw):
+        if is_space(setting):
+            spaces += [s for s in [_space(name, path, setting, specs, method, problems)] if s]
+    if not spaces and not problems:
+        problems.append("no search space: give some parameter a {search: [low, high]} or {choice: [...]} setting")
+    if problems:
+        raise ConfigError(problems, source)
+    config = SearchConfig(merge_raw, spaces, settings if isinstance(settings, dict) else {}, source)
+    config.merge_config(config.start())  # everything else about the merge config, checked now
+    return config
+
+
+def _settings(raw: dict):
+    """(path, name, setting) of every parameter setting of a config, and of each {filter, value} entry's value."""
+    scopes = [(("parameters",), "")]
+    for key in ("models", "slices"):
+        entries = raw.get(key)
+        for i, entry in enumerate(entries if isinstance(entries, list) else []):
+            if not isinstance(entry, dict):
+                continue
+            scopes.append(((key, i, "parameters"), f"{key}[{i}]."))
+            sources = entry.get("sources")
+            scopes += [((key, i, "sources", j, "parameters"), f"{key}[{i}].sources[{j}].")
+                       for j in range(len(sources if isinstance(sources, list) else []))]
+    for scope, prefix in scopes:
+        params = _at(raw, scope)
+        for param, setting in (params.items() if isinstance(params, dict) else ()):
+            yield (*scope, param), f"{prefix}{param}", setting
+            for k, entry in enumerate(setting if isinstance(setting, list) else []):
+                if isinstance(entry, dict) and "value" in entry:
+                    yield (*scope, param, k, "value"), f"{prefix}{param}[filter={entry.get('filter') or '*'}]", entry["value"]
+
+
+def _at(raw: Any, path: tuple) -> Any:
+    for key in path:
+        try:
+            raw = raw[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return raw
+
+
+def _space(name: str, path: tuple, setting: dict, specs: dict[str, ParamSpec], method, problems: list[str]) -> Space | None:
+    param = path[-1] if path[-1] != "value" else path[-3]
+    where = ".".join(str(p) for p in path)
+    if method is None:
+        return None  # parse_config names the unknown method
+    spec = specs.get(param)
+    if spec is None:
+        problems.append(f"{where}: a search space on '{param}', which merge method '{method.name}' does not have")
+        return None
+    unknown = sorted(set(setting) - _SPACE_KEYS)
+    if unknown or ("search" in setting) == ("choice" in setting):
+        problems.append(f"{where}: a search space is {{search: [low, high]}} (with log: true or knots: K) or "
+                        f"{{choice: [...]}}, got {setting!r}")
+        return None
+    if "choice" in setting:
+        return _choice(name, path, spec, setting["choice"], where, problems)
+    return _range(name, path, spec, setting, where, problems)
+
+
+def _choice(name, path, spec, choices, where, problems) -> Space | None:
+    if not isinstance(choices, list) or len(choices) < 2 or not all(is_scalar(c) for c in choices):
+        problems.append(f"{where}.choice: a list of at least two values, got {choices!r}")
+        return None
+    try:
+        values = tuple(spec.validate(c) for c in choices)
+    except ValueError as e:
+        problems.append(f"{where}.choice: {e}")
+        return None
+    return Space(name, path, spec, choices=values)
+
+
+def _range(name, path, spec, setting, where, problems) -> Space | None:
+    bounds, log, knots = setting["search"], setting.get("log", False), setting.get("knots", 0)
+    numeric = spec.kind in (int, float)
+    if not numeric:
+        problems.append(f"{where}: '{spec.name}' is a {spec.kind.__name__}; search it with {{choice: [...]}}")
+        return None
+    if (not isinstance(bounds, list) or len(bounds) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in bounds)
+            or not bounds[0] < bounds[1]):
+        problems.append(f"{where}.search: [low, high] with finite numbers low < high, got {bounds!r}")
+        return None
+    if not isinstance(log, bool) or (log and bounds[0] <= 0):
+        problems.append(f"{where}.log: true needs low > 0 (and log is true or false), got log={log!r}, low={bounds[0]}")
+        return None
+    if not isinstance(knots, int) or isinstance(knots, bool) or knots == 1 or knots < 0:
+        problems.append(f"{where}.knots: an integer of at least 2 (a gradient's values), got {knots!r}")
+        return None
+    try:
+        low, high = (spec.validate(b) for b in bounds)
+    except ValueError as e:
+        problems.append(f"{where}.search: {e}")
+        return None
+    return Space(name, path, spec, low, high, log, knots)

@@ -1,0 +1,361 @@
+"""In-memory merge sessions: every input read once, a live transformers model whose parameters are the
+merge's output, and merges again that recompute only what a change of parameters touches.
+
+    session = MergeSession("merge.yml", device="cuda")
+      build_plan                          the engine's per-tensor jobs (models, headers, parameters checked)
+      plan_memory                         inputs + live model + work space against free memory: refused
+                                          before any read when it cannot fit, with what would
+      live_model                          the output's transformers model, its parameters left unset
+      read every input tensor once        onto the device when they fit, else into pinned host memory
+      merge(config)                       every tensor, into the live model
+    session.merge(other_config)           the same models, other parameters: each tensor's parameters are
+                                          resolved again and only the tensors whose parameters changed are
+                                          merged, by engine.compute, straight into the model's storage
+    session.model                         the live model (evaluate it in place)
+    session.save(out_dir)                 the files `merge-engine CONFIG OUT` writes for the current config
+
+A tensor is merged by engine.compute, the function the engine's pipeline calls, with the same inputs on the
+same device, so the live model equals the engine's output bit for bit (tests/test_session.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from merge_engine.config import MergeConfig, load_config, parse_config
+from merge_engine.devices import resolve_device
+from merge_engine.engine import (
+    MergeOptions,
+    check_output_outside_inputs,
+    compute,
+    job_bytes,
+    load_kernels,
+    output_model_config,
+    write_side_files,
+)
+from merge_engine.errors import ConfigError, MergeEngineError
+from merge_engine.extras import require
+from merge_engine.io.writer import ShardedWriter, check_output_dir
+from merge_engine.plan import MergePlan, TensorJob, build_plan, resolve_parameters
+from merge_engine.vocabulary import tokenizer_folder
+
+log = logging.getLogger("merge_engine")
+
+PLACEMENTS = ("auto", "device", "host")
+GB = 1e9
+
+
+class MemoryPlanError(MergeEngineError):
+    """A session whose tensors cannot fit in the memory there is."""
+
+
+@dataclass
+class MemoryPlan:
+    """Where a session's tensors live, and how many bytes each memory needs."""
+
+    device: torch.device
+    placement: str  # "device": the inputs are held on the device; "host": in (pinned) host memory, copied per tensor
+    input_bytes: int  # every input tensor once (side inputs included)
+    model_bytes: int  # the live model
+    work_bytes: int  # the largest tensor's inputs on the device and its result, twice over
+
+    def needs(self) -> dict[str, int]:
+        """Bytes needed per memory: 'host' and, on a GPU, the device's name."""
+        if self.device.type == "cpu":
+            return {"host": self.input_bytes + self.model_bytes + self.work_bytes}
+        on_device = self.model_bytes + self.work_bytes + (self.input_bytes if self.placement == "device" else 0)
+        return {str(self.device): on_device, "host": self.input_bytes if self.placement == "host" else 0}
+
+    def summary(self) -> str:
+        where = "on the device" if self.placement == "device" or self.device.type == "cpu" else "in pinned host memory"
+        return (f"inputs {self.input_bytes / GB:.2f} GB {where}, live model {self.model_bytes / GB:.2f} GB, "
+                f"work {self.work_bytes / GB:.2f} GB ({', '.join(f'{k}: {v / GB:.2f} GB' for k, v in self.needs().items())})")
+
+
+@dataclass
+class MergeStep:
+    """What one session.merge did."""
+
+    tensors: int  # tensors merged again
+    bytes_read: int  # their inputs' bytes (what a merge from memory must at least read)
+    seconds: float
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on a device; the host's available memory for 'cpu'."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def input_bytes(jobs: list[TensorJob]) -> int:
+    """Bytes of the distinct input tensors of jobs (a tensor several jobs read counts once)."""
+    seen = {(id(ckpt), name): ckpt.tensors[name].nbytes for job in jobs for ckpt, name in job.inputs + job.side_reads()}
+    return sum(seen.values())
+
+
+def plan_memory(plan: MergePlan, device: torch.device, placement: str = "auto",
+                free: dict[str, int] | None = None) -> MemoryPlan:
+    """The placement of a session's tensors that fits, or MemoryPlanError saying what it needs and what
+    would fit. free: bytes free per memory ('host', the device's name); measured when None."""
+    if placement not in PLACEMENTS:
+        raise MemoryPlanError(f"placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
+    largest = max(map(job_bytes, plan.jobs), default=0)
+    model = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in plan.entries())
+    inputs = input_bytes(plan.jobs)
+    free = free if free is not None else {"host": free_memory(torch.device("cpu")),
+                                          **({str(device): free_memory(device)} if device.type == "cuda" else {})}
+    options = ["device"] if device.type == "cpu" else ["device", "host"]
+    choices = options if placement == "auto" else [placement]
+    candidates = [MemoryPlan(device, p, inputs, model, 2 * largest) for p in options]
+    for p in candidates:
+        if p.placement in choices and all(need <= free.get(where, 0) for where, need in p.needs().items()):
+            return p
+    wanted = [p for p in candidates if p.placement in choices]
+    lines = [f"placement '{p.placement}' needs " + ", ".join(f"{v / GB:.2f} GB {k}" for k, v in p.needs().items())
+             for p in wanted]
+    fits = [p.placement for p in candidates if p not in wanted
+            and all(need <= free.get(where, 0) for where, need in p.needs().items())]
+    hint = (f"placement='{fits[0]}' would fit" if fits else
+            "merge to disk with `merge-engine` instead (it streams), or use a device with more memory")
+    raise MemoryPlanError("the merge session does not fit in memory: " + "; ".join(lines) + " (inputs "
+                          f"{inputs / GB:.2f} GB read once, live model {model / GB:.2f} GB, work {2 * largest / GB:.2f} GB)"
+                          "; free: " + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in free.items()) + f"; {hint}")
+
+
+class MergeSession:
+    """A merge held in memory: see the module's docstring."""
+
+    def __init__(self, config: MergeConfig | dict | str, device: str = "auto", *, placement: str = "auto",
+                 random_seed: int = 0, allow_crimes: bool = False, progress: bool = True):
+        self.config = as_config(config)
+        self.device = resolve_device(device)
+        self.random_seed = random_seed
+        self.plan = build_plan(self.config, allow_crimes)
+        self.memory = plan_memory(self.plan, self.device, placement)
+        load_kernels(self.device)
+        self.model = live_model(self.plan, self.device)
+        self._targets = merge_targets(self.model, self.plan)
+        self._inputs = self._read_inputs(progress)
+        self._merged_with: list[Any] = [None] * len(self.plan.jobs)  # the parameters each tensor holds now
+        self.merge(self.config)
+
+    # ---- reading ----
+
+    def _read_inputs(self, progress: bool) -> list[list[torch.Tensor]]:
+        """Every job's inputs (then side inputs), each distinct tensor read once, where the memory plan puts them."""
+        held: dict[tuple[int, str], torch.Tensor] = {}
+        to_device = self.device.type == "cuda" and self.memory.placement == "device"
+        pin = self.device.type == "cuda" and self.memory.placement == "host"
+        out = []
+        with tqdm(total=input_bytes(self.plan.jobs), unit="B", unit_scale=True, desc="reading",
+                  disable=not progress) as bar:
+            for job in self.plan.jobs:
+                tensors = []
+                for ckpt, name in job.inputs + job.side_reads():
+                    key = (id(ckpt), name)
+                    if key not in held:
+                        held[key] = _placed(ckpt.read(name), to_device, pin, self.device)
+                        bar.update(ckpt.tensors[name].nbytes)
+                    tensors.append(held[key])
+                out.append(tensors)
+        return out
+
+    # ---- merging ----
+
+    def merge(self, config: MergeConfig | dict | str | None = None) -> MergeStep:
+        """Make the live model the merge of `config` (the session's models, other parameters; None: the
+        current config), merging again only the tensors whose parameters changed."""
+        cfg = self.config if config is None else self._same_models(as_config(config))
+        key = method_key(cfg)
+        todo = [(job, params) for job, params in ((job, self._parameters(cfg, job)) for job in self.plan.jobs)]
+        todo = [(i, job, params) for i, (job, params) in enumerate(todo) if self._merged_with[i] != (key, params)]
+        began = time.perf_counter()
+        with torch.no_grad():
+            for i, job, (shared, per_model) in todo:
+                self._merge_one(i, dataclasses.replace(job, shared=shared, per_model=per_model), cfg)
+                self._merged_with[i] = (key, (shared, per_model))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.config = cfg
+        return MergeStep(len(todo), input_bytes([job for _, job, _ in todo]), time.perf_counter() - began)
+
+    def _parameters(self, cfg: MergeConfig, job: TensorJob) -> tuple[dict, list[dict]] | None:
+        if job.copy_only:
+            return None
+        try:
+            return resolve_parameters(cfg, cfg.slices[job.slice_index], [n for _, n in job.inputs], job.out_name, job.t)
+        except ValueError as e:
+            raise ConfigError([f"{e} (tensor '{job.out_name}')"], "session.merge") from None
+
+    def _merge_one(self, i: int, job: TensorJob, cfg: MergeConfig) -> None:
+        target = self._targets[job.out_name]
+        tensors = self._inputs[i]
+        if self.memory.placement == "host" and self.device.type == "cuda":
+            tensors = [t.to(self.device, non_blocking=True) for t in tensors]
+        result = compute(job, tensors, cfg.method, self.random_seed,
+                         into(target) if self.device.type == "cpu" else None)
+        if result.data_ptr() != target.data_ptr():
+            target.copy_(result)
+
+    def _same_models(self, cfg: MergeConfig) -> MergeConfig:
+        if without_parameters(cfg.raw) != without_parameters(self.config.raw):
+            raise ConfigError(["a session merges configs that differ from its own only in parameters (models, "
+                               "slices, method, dtypes and tokenizer as given when it was opened)"], "session.merge")
+        return cfg
+
+    # ---- output ----
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The merged tensors by output name (views of the live model's storage where it holds them)."""
+        return dict(self._targets)
+
+    def tokenizer(self):
+        return output_tokenizer(self.plan)
+
+    def save(self, out_dir: str, options: MergeOptions | None = None, extra_files: dict[str, str | bytes] | None = None) -> str:
+        """Write the current merge as `merge-engine` would (same tensors, layout and side files, the current
+        config as mergekit_config.yml), and extra_files (name -> content), through a temporary folder moved into
+        place when complete."""
+        options = options or MergeOptions(quiet=True)
+        check_output_dir(out_dir, options.overwrite)
+        check_output_outside_inputs(out_dir, self.plan)
+        plan = dataclasses.replace(self.plan, config=self.config)
+        writer = ShardedWriter(out_dir, plan.entries(), options.out_shard_size, options.overwrite,
+                               direct=options.direct_io != "off")
+        try:
+            for name, _, _ in plan.entries():
+                writer.write(name, self._targets[name])
+            write_side_files(plan, writer, options)
+            for name, content in (extra_files or {}).items():
+                writer.add_file(name, content)
+            writer.flush()
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.out_dir
+
+
+def output_tokenizer(plan: MergePlan):
+    """The merge's tokenizer: the one the config builds, else the donor model's."""
+    if plan.vocabulary is not None and plan.vocabulary.tokenizer is not None:
+        return plan.vocabulary.tokenizer
+    transformers = require("transformers", "hf", "the tokenizer of a merge session")
+    return transformers.AutoTokenizer.from_pretrained(tokenizer_folder(plan.donor.path))
+
+
+def as_config(config: MergeConfig | dict | str) -> MergeConfig:
+    if isinstance(config, MergeConfig):
+        return config
+    return load_config(config) if isinstance(config, str) else parse_config(config)
+
+
+def without_parameters(raw: Any) -> Any:
+    """A raw config with every `parameters` mapping removed: what a session's configs must share."""
+    if isinstance(raw, dict):
+        return {k: without_parameters(v) for k, v in raw.items() if k != "parameters"}
+    if isinstance(raw, list):
+        return [without_parameters(v) for v in raw]
+    return raw
+
+
+def method_key(cfg: MergeConfig) -> tuple:
+    """What, beside each tensor's parameters, decides the merge: the method and the global settings that
+    specialise it (regmean's fallback, bmm's anchor), which are not per-tensor parameters."""
+    own = {p.name for p in cfg.method.params}
+    return cfg.method.name, tuple(sorted((k, repr(v)) for k, v in (cfg.parameters or {}).items() if k not in own))
+
+
+def into(target: torch.Tensor):
+    """take_output for engine.compute: the target's storage for the first request of its shape and dtype (the
+    merge's result, written in place), fresh tensors for any other."""
+    handed = False
+
+    def take(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nonlocal handed
+        if not handed and tuple(shape) == tuple(target.shape) and dtype == target.dtype and target.is_contiguous():
+            handed = True
+            return target
+        return torch.empty(shape, dtype=dtype)
+    return take
+
+
+def _placed(t: torch.Tensor, to_device: bool, pin: bool, device: torch.device) -> torch.Tensor:
+    if to_device:
+        return t.to(device)
+    return t.pin_memory() if pin else t
+
+
+# ---- the live model ----
+
+def live_model(plan: MergePlan, device: torch.device) -> torch.nn.Module:
+    """The output's transformers model (the donor's architecture and the merge's config.json) on the device,
+    its weights allocated but not initialised: the session's merge fills them."""
+    transformers = require("transformers", "hf", "a merge session's live model")
+    settings = output_model_config(plan)
+    if not settings.get("model_type"):
+        raise MergeEngineError(f"{plan.donor.path}: config.json has no model_type; a session needs it to build the "
+                               "live model")
+    model_type = settings.pop("model_type")
+    config = transformers.AutoConfig.for_model(model_type, **settings)
+    arch = (settings.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    cls = cls if isinstance(cls, type) else transformers.AutoModelForCausalLM
+    dtype = plan.jobs[0].out_dtype if plan.jobs else torch.float32
+    with _no_init_weights(transformers), torch.device(device):
+        model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls.from_config(config)
+    return model.eval().requires_grad_(False)
+
+
+def _no_init_weights(transformers):
+    """transformers' context that skips weight initialisation (moved between releases)."""
+    for module in ("transformers.initialization", "transformers.modeling_utils"):
+        try:
+            return getattr(__import__(module, fromlist=["no_init_weights"]), "no_init_weights")()
+        except (ImportError, AttributeError):
+            continue
+    raise MergeEngineError(f"transformers {transformers.__version__} lacks no_init_weights")
+
+
+def merge_targets(model: torch.nn.Module, plan: MergePlan) -> dict[str, torch.Tensor]:
+    """Output tensor name -> where its merge goes: the live model's parameter or buffer of that name. A
+    name the model ties to an earlier one (lm_head to the embeddings) gets a tensor of its own, for save():
+    the model uses the first, as transformers does when it loads a tied model."""
+    held = model.state_dict(keep_vars=True)
+    problems, targets, storages = [], {}, set()
+    for name, dtype, shape in plan.entries():
+        tensor = held.get(name)
+        if tensor is None:
+            problems.append(f"'{name}' is an output of the merge but not a tensor of {type(model).__name__}")
+        elif tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            problems.append(f"'{name}': the merge gives {dtype} {list(shape)}, {type(model).__name__} has "
+                            f"{tensor.dtype} {list(tensor.shape)}")
+        elif tensor.data_ptr() in storages:
+            targets[name] = torch.empty_like(tensor)
+        else:
+            targets[name] = tensor.data
+            storages.add(tensor.data_ptr())
+    covered = {t.data_ptr() for t in targets.values()}
+    problems += [f"'{name}' of {type(model).__name__} is not an output of the merge" for name, p in
+                 model.named_parameters(remove_duplicate=False) if p.data_ptr() not in covered]
+    if problems:
+        raise MergeEngineError(f"the live model and the merge's outputs differ: {'; '.join(problems[:10])}"
+                               + (f"; ... and {len(problems) - 10} more" if len(problems) > 10 else ""))
+    return targets
+
+
+__all__ = ["MemoryPlan", "MemoryPlanError", "MergeSession", "MergeStep", "plan_memory"]
