@@ -1,0 +1,81 @@
+"""lm-eval-harness tasks (a user's local task YAMLs, or the harness's own) scoring the live model through
+lm_eval's HFLM, which takes a model instance. lm_eval is the optional extra "eval"."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from merge_engine.errors import MergeEngineError
+from merge_engine.evaluation.data_files import raise_problems
+from merge_engine.extras import require
+
+WHAT = "the lm-eval-harness objective"
+DEFAULT_GENERATED_TOKENS = 256  # lm_eval's max_gen_toks when a generation task sets none
+
+
+class LmEvalTasks:
+    """The mean over the tasks of lm_eval's metric (e.g. "acc": results[task]["acc,none"]). The tasks are
+    resolved and their data loaded at construction, so an unknown task or a missing data file fails before
+    the search reads any weights."""
+
+    direction = "maximize"
+
+    def __init__(self, tasks: Sequence[str], tokenizer, include_path: str | None = None, metric: str = "acc",
+                 batch_size: int = 8, limit: int | float | None = None):
+        require("lm_eval", "eval", WHAT)
+        from lm_eval.tasks import TaskManager
+        source = "lm_eval tasks"
+        problems = []
+        if not isinstance(tasks, (list, tuple)) or not tasks or not all(isinstance(t, str) for t in tasks):
+            problems.append(f"tasks must be a non-empty list of task names, got {tasks!r}")
+        if include_path is not None and not os.path.isdir(include_path):
+            problems.append(f"include_path {include_path!r} is not a folder")
+        raise_problems(problems, source)
+        self.manager = TaskManager(include_path=include_path)
+        raise_problems([f"unknown task {t!r} (not among lm_eval's tasks or those under include_path "
+                        f"{include_path!r})" for t in tasks if t not in self.manager.all_tasks], source)
+        self.task_names, self.tokenizer, self.metric = list(tasks), tokenizer, metric
+        self.batch_size, self.limit = batch_size, limit
+        self.name = f"{metric} on {', '.join(tasks)}"
+        self._tokens = count_tokens(self.manager.load(self.task_names)["tasks"].values(), tokenizer, limit)
+
+    def tokens(self) -> int:
+        return self._tokens
+
+    def __call__(self, model: torch.nn.Module) -> float:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size)
+        # no seeding (it would reset the caller's random generators), no bootstrap of standard errors (slow),
+        # no per-sample logs (memory)
+        results = lm_eval.simple_evaluate(model=lm, tasks=self.task_names, task_manager=self.manager,
+                                          limit=self.limit, bootstrap_iters=0, log_samples=False,
+                                          random_seed=None, numpy_random_seed=None, torch_random_seed=None)
+        return sum(self._score(results["results"], t) for t in self.task_names) / len(self.task_names)
+
+    def _score(self, results: dict, task: str) -> float:
+        key = f"{self.metric},none"  # lm_eval 0.4 keys a metric by "<metric>,<filter>"; plain tasks' filter is none
+        if key not in results.get(task, {}):
+            metrics = sorted(k for k in results.get(task, {}) if "," in k and "_stderr" not in k)
+            raise MergeEngineError(f"lm_eval task {task!r} reports no {key!r} (it reports {', '.join(metrics)})")
+        return float(results[task][key])
+
+
+def count_tokens(tasks, tokenizer, limit: int | float | None) -> int:
+    """About how many tokens one evaluation feeds the model: every request's text, plus max_gen_toks for a
+    generation (an upper bound: generation stops early at a stop sequence)."""
+    from lm_eval.evaluator_utils import get_sample_size
+    total = 0
+    for task in tasks:
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)  # as simple_evaluate does
+        task.build_all_requests(limit=get_sample_size(task, limit), rank=0, world_size=1)
+        for instance in task.instances:
+            text, *rest = instance.args
+            if instance.request_type == "generate_until":
+                total += len(tokenizer(text)["input_ids"]) + int(rest[0].get("max_gen_toks", DEFAULT_GENERATED_TOKENS))
+            else:  # loglikelihood: (context, continuation); loglikelihood_rolling: (text,)
+                total += len(tokenizer(text + "".join(rest))["input_ids"])
+    return total
