@@ -125,15 +125,15 @@ def plan_memory(plan: MergePlan, device: torch.device, placement: str = "auto",
         if p.placement in choices and all(need <= free.get(where, 0) for where, need in p.needs().items()):
             return p
     wanted = [p for p in candidates if p.placement in choices]
-    lines = [f"placement '{p.placement}' needs " + ", ".join(f"{v / GB:.2f} GB {k}" for k, v in p.needs().items())
+    lines = [f"placement '{p.placement}' needs " + ", ".join(f"{v / GB:.3g} GB {k}" for k, v in p.needs().items())
              for p in wanted]
     fits = [p.placement for p in candidates if p not in wanted
             and all(need <= free.get(where, 0) for where, need in p.needs().items())]
     hint = (f"placement='{fits[0]}' would fit" if fits else
             "merge to disk with `merge-engine` instead (it streams), or use a device with more memory")
     raise MemoryPlanError("the merge session does not fit in memory: " + "; ".join(lines) + " (inputs "
-                          f"{inputs / GB:.2f} GB read once, live model {model / GB:.2f} GB, work {2 * largest / GB:.2f} GB)"
-                          "; free: " + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in free.items()) + f"; {hint}")
+                          f"{inputs / GB:.3g} GB read once, live model {model / GB:.3g} GB, work {2 * largest / GB:.3g} GB)"
+                          "; free: " + ", ".join(f"{k} {v / GB:.3g} GB" for k, v in free.items()) + f"; {hint}")
 
 
 class MergeSession:
@@ -318,6 +318,7 @@ def live_model(plan: MergePlan, device: torch.device) -> torch.nn.Module:
     dtype = plan.jobs[0].out_dtype if plan.jobs else torch.float32
     with _no_init_weights(transformers), torch.device(device):
         model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls.from_config(config)
+    model.tie_weights()  # as from_pretrained does (the tied tensors share one storage)
     return model.eval().requires_grad_(False)
 
 

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 import yaml
 from tqdm.auto import tqdm
 
@@ -106,15 +107,15 @@ def search(config: SearchConfig | dict | str, out_dir: str, options: SearchOptio
     test = evaluator_from_spec(settings["test"], tokenizer, "search.test", base_dir=base_dir) if settings["test"] else None
     device = resolve_device(options.device)
     memory = plan_memory(plan, device, options.placement)
-    write_seconds = memory.model_bytes / write_rate(os.path.dirname(os.path.abspath(out_dir)))
-    check_budget_fits(budget, plan, memory, objective, test, write_seconds, device)
+    estimate = estimate_seconds(plan, memory, objective, device, out_dir)
+    check_budget_fits(budget, estimate, objective, test, input_bytes(plan.jobs))
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study, storage_path = open_study(optuna, cfg, settings, objective.direction, out_dir)
         session = MergeSession(start_config, str(device), placement=memory.placement, random_seed=options.random_seed,
                                progress=options.progress)
-        ran = run_trials(optuna, study, cfg, session, objective, test, settings["trials"], budget, write_seconds, options)
+        ran = run_trials(optuna, study, cfg, session, objective, test, settings["trials"], budget, estimate, options)
         return finish(optuna, study, cfg, session, objective, test, out_dir, storage_path, settings, budget, options, ran)
     finally:
         optuna.logging.set_verbosity(verbosity)
@@ -147,20 +148,33 @@ def check_settings(cfg: SearchConfig, options: SearchOptions) -> dict:
     return out
 
 
-def check_budget_fits(budget: Budget, plan, memory, objective, test, write_seconds: float, device) -> None:
+@dataclass
+class Estimate:
+    """Seconds estimated before any tensor is read (lower bounds, from measured rates)."""
+
+    read: float  # the inputs, at READ_CEILING
+    trial: float  # one evaluation of the objective at the device's matrix-product rate
+    per_token: float  # the same, per token fed
+    write: float  # the best merge, at the output disk's measured write rate
+
+
+def estimate_seconds(plan, memory, objective, device, out_dir: str) -> Estimate:
+    params = sum(math.prod(shape) for _, _, shape in plan.entries())
+    per_token = 2 * params / matmul_rate(device, plan.jobs[0].out_dtype if plan.jobs else torch.float32)
+    return Estimate(input_bytes(plan.jobs) / READ_CEILING, objective.tokens() * per_token, per_token,
+                    memory.model_bytes / write_rate(os.path.dirname(os.path.abspath(out_dir))))
+
+
+def check_budget_fits(budget: Budget, estimate: Estimate, objective, test, in_bytes: int) -> None:
     """Refuse, before any tensor is read, a budget below a lower bound of reading the inputs, one trial and
     the final write (and test evaluation)."""
-    params = memory.model_bytes / max(plan.jobs[0].out_dtype.itemsize, 1) if plan.jobs else 0
-    flops = matmul_rate(device, plan.jobs[0].out_dtype if plan.jobs else None)
-    per_token = 2 * params / flops
-    read = input_bytes(plan.jobs) / READ_CEILING
-    evaluate = objective.tokens() * per_token
-    floor = budget.elapsed() + read + evaluate + reserve_seconds(write_seconds, test.tokens() * per_token if test else 0)
+    floor = (budget.elapsed() + estimate.read + estimate.trial
+             + reserve_seconds(estimate.write, test.tokens() * estimate.per_token if test else 0.0))
     if budget.seconds < floor:
         raise ConfigError([f"budget: {budget.seconds:.0f} s cannot fit one trial: at least {floor:.1f} s are needed "
-                           f"(reading {input_bytes(plan.jobs) / 1e9:.2f} GB of inputs {read:.1f} s, evaluating "
-                           f"{objective.tokens()} tokens {evaluate:.1f} s at {flops / 1e9:.0f} GFLOP/s, writing the "
-                           f"result {write_seconds:.1f} s, with margins)"])
+                           f"(reading {in_bytes / 1e9:.2f} GB of inputs {estimate.read:.1f} s, evaluating "
+                           f"{objective.tokens()} tokens {estimate.trial:.1f} s, writing the result "
+                           f"{estimate.write:.1f} s, with margins)"])
 
 
 # ---- the study ----
@@ -213,32 +227,37 @@ def make_sampler(optuna, name: str, seed: int):
 # ---- trials ----
 
 def run_trials(optuna, study, cfg: SearchConfig, session: MergeSession, objective, test, max_trials: int | None,
-               budget: Budget, write_seconds: float, options: SearchOptions) -> int:
-    """Trials while one more (as long as the longest so far) and the reserve for the end fit the budget."""
-    durations: list[float] = []
-    seconds_per_token = 0.0
+               budget: Budget, estimate: Estimate, options: SearchOptions) -> int:
+    """Trials while one more (as long as the longest so far; the first as estimated) and the reserve for the end
+    fit the budget."""
+    durations: list[float] = [estimate.trial]
+    seconds_per_token = estimate.per_token
     done = 0
     with tqdm(total=round(budget.seconds), unit="s", desc="search", disable=not options.progress,
               bar_format="{desc}: {bar} {n_fmt}/{total_fmt} s {postfix}") as bar:
         while max_trials is None or done < max_trials:
-            reserve = reserve_seconds(write_seconds, seconds_per_token * test.tokens() if test else 0.0)
-            if durations and budget.left() < max(durations) + reserve:
+            reserve = reserve_seconds(estimate.write, seconds_per_token * test.tokens() if test else 0.0)
+            if budget.left() < max(durations) + reserve:
                 break
+            began = budget.clock()  # a trial's time includes the sampler's (a GP's can take seconds)
             trial = study.ask()
             for space in cfg.spaces:
                 space.suggest(trial)
-            began = budget.clock()
+            asked = budget.clock()
             step = session.merge(cfg.merge_config(trial.params))
             merged = budget.clock()
             score = float(objective(session.model))
-            ended = budget.clock()
-            for key, value in (("seconds", ended - began), ("merge_seconds", merged - began),
-                               ("eval_seconds", ended - merged), ("tensors_merged", step.tensors)):
+            scored = budget.clock()
+            for key, value in (("merge_seconds", merged - asked), ("eval_seconds", scored - merged),
+                               ("tensors_merged", step.tensors)):
                 trial.set_user_attr(key, value)
             study.tell(trial, score if math.isfinite(score) else None,
                        state=None if math.isfinite(score) else optuna.trial.TrialState.FAIL)
+            ended = budget.clock()
+            if done == 0:  # measured now: the estimate was a lower bound
+                durations, seconds_per_token = [], 0.0
+            seconds_per_token = max(seconds_per_token, (scored - merged) / max(objective.tokens(), 1))
             durations.append(ended - began)
-            seconds_per_token = max(seconds_per_token, (ended - merged) / max(objective.tokens(), 1))
             done += 1
             bar.n = min(round(budget.elapsed()), bar.total)
             bar.set_postfix_str(f"trials {done}, best {best_value(study):.4g}, {max(budget.left(), 0):.0f} s left")
@@ -284,11 +303,11 @@ def trials_table(study, cfg: SearchConfig) -> str:
         [f"{space.name}[{k}]" for k in range(space.knots)] if space.knots else [space.name])]
     out = io.StringIO()
     w = csv.writer(out)
-    w.writerow(["trial", "state", "score", "seconds", "merge_seconds", "eval_seconds", "tensors_merged", *names])
+    w.writerow(["trial", "state", "score", "merge_seconds", "eval_seconds", "tensors_merged", *names])
     for t in study.get_trials(deepcopy=False):
         attrs = t.user_attrs
         w.writerow([t.number, t.state.name, "" if t.value is None else repr(t.value),
-                    *(_fmt(attrs.get(k)) for k in ("seconds", "merge_seconds", "eval_seconds", "tensors_merged")),
+                    *(_fmt(attrs.get(k)) for k in ("merge_seconds", "eval_seconds", "tensors_merged")),
                     *(repr(t.params[n]) if n in t.params else "" for n in names)])
     return out.getvalue()
 

@@ -153,7 +153,7 @@ def _at(raw: Any, path: tuple) -> Any:
 
 def _space(name: str, path: tuple, setting: dict, specs: dict[str, ParamSpec], method, problems: list[str]) -> Space | None:
     param = path[-1] if path[-1] != "value" else path[-3]
-    where = ".".join(str(p) for p in path)
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
     if method is None:
         return None  # parse_config names the unknown method
     spec = specs.get(param)

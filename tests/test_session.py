@@ -1,0 +1,216 @@
+"""MergeSession (merge_engine/session.py): the live model equals `merge-engine`'s output bit for bit for every
+method (opened on the config, and merged again into it from another config), re-merges touch only the
+tensors whose parameters changed, the memory plan refuses what cannot fit, and save() writes the engine's files."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from merge_engine.config import parse_config
+from merge_engine.engine import MergeOptions, merge
+from merge_engine.errors import ConfigError, MergeEngineError
+from merge_engine.session import MemoryPlanError, MergeSession, plan_memory
+from merge_engine.plan import build_plan
+from tests.methods.test_fisher import write_fisher
+from tests.test_parity_mergekit import CASES, FILTERED, GRADIENT, models
+
+OURS = {  # merge_engine's own methods and the random ones (seeded per tensor), beside mergekit's CASES
+    "dare_ties": ("llama", lambda b, e: {"merge_method": "dare_ties", "dtype": "float32",
+                                         **models(b, e, [{"weight": 0.5, "density": GRADIENT}] * 3)}),
+    "dare_linear_bf16": ("llama_bf16_sharded", lambda b, e: {
+        "merge_method": "dare_linear", **models(b, e, [{"weight": 0.4, "density": 0.6}, {"weight": FILTERED,
+                                                                                          "density": 0.5}])}),
+    "della": ("llama", lambda b, e: {"merge_method": "della", "dtype": "float32",
+                                     **models(b, e, [{"weight": 0.5, "density": 0.6, "epsilon": 0.1}] * 3)}),
+    "della_linear_bf16": ("llama_bf16_sharded", lambda b, e: {
+        "merge_method": "della_linear", **models(b, e, [{"weight": 0.5, "density": 0.5, "epsilon": 0.05}] * 2)}),
+    "ties_bf16": ("llama_bf16_sharded", lambda b, e: {"merge_method": "ties", "dtype": "bfloat16",
+                                                      **models(b, e, [{"weight": GRADIENT, "density": 0.4}] * 3)}),
+    "tsv": ("llama", lambda b, e: {"merge_method": "tsv", "dtype": "float32", **models(b, e, [{}] * 3)}),
+    "iso_c": ("llama", lambda b, e: {"merge_method": "iso_c", "dtype": "float32", **models(b, e, [{}] * 3)}),
+}
+ALL = {**CASES, **OURS}
+
+
+def engine_tensors(config: dict, out, folder_tensors) -> dict[str, torch.Tensor]:
+    merge(parse_config(config), str(out), MergeOptions(device="cpu", quiet=True, copy_tokenizer=False))
+    return folder_tensors(out)
+
+
+def differing(live: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> list[str]:
+    assert set(live) == set(ref)
+    return [n for n in ref if live[n].dtype != ref[n].dtype or not torch.equal(live[n], ref[n])]
+
+
+def shifted(config: dict) -> dict:
+    """The same models with every numeric parameter moved (weights, densities, t, lambda...)."""
+    def move(x):
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            return [move(v) for v in x] if isinstance(x, list) else (
+                {k: (move(v) if k == "value" else v) for k, v in x.items()} if isinstance(x, dict) else x)
+        return x * 0.9 if isinstance(x, float) and 0 < x <= 1 else x
+    out = copy.deepcopy(config)
+    for scope in [out.get("parameters")] + [m.get("parameters") for m in out.get("models", [])]:
+        for key in list(scope or {}):
+            scope[key] = move(scope[key])
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(ALL))
+def test_session_equals_the_engine_bit_for_bit(case, model_sets, folder_tensors, tmp_path):
+    key, build = ALL[case]
+    base, *experts = model_sets(key)
+    config = build(base, experts)
+    session = MergeSession(config, "cpu", progress=False)
+    assert not differing(session.state_dict(), engine_tensors(config, tmp_path / "a", folder_tensors))
+    # the live model's own tensors are the merge (not copies)
+    held = session.model.state_dict()
+    assert all(torch.equal(held[n], t) for n, t in session.state_dict().items() if n in held)
+    other = shifted(config)
+    session.merge(other)  # merged again from other parameters: the same bits as a fresh engine run
+    assert not differing(session.state_dict(), engine_tensors(other, tmp_path / "b", folder_tensors))
+
+
+def test_lora_input_equals_the_engine(model_sets, folder_tensors, tmp_path):
+    from tests.lora_adapters import write_adapter
+    base, e1, e2, _ = model_sets("llama")
+    write_adapter(str(tmp_path / "a1"), e1, seed=1, embedding="model.embed_tokens", r=4, alpha=16)
+    config = {"merge_method": "ties", "base_model": base, "dtype": "float32", "models": [
+        {"model": f"{e1}+{tmp_path / 'a1'}", "parameters": {"weight": 0.6, "density": 0.5}},
+        {"model": e2, "parameters": {"weight": GRADIENT, "density": 0.7}}]}
+    session = MergeSession(config, "cpu", progress=False)
+    assert not differing(session.state_dict(), engine_tensors(config, tmp_path / "a", folder_tensors))
+
+
+def test_fisher_side_inputs_equal_the_engine(model_sets, folder_tensors, tmp_path):
+    paths = model_sets("llama")
+    fishers = [str(tmp_path / f"f{i}") for i in range(3)]
+    for i, (p, f) in enumerate(zip(paths[1:], fishers)):
+        write_fisher(f, folder_tensors(p), seed=50 + i)
+    config = {"merge_method": "fisher", "parameters": {"normalize_fisher": True},
+              "models": [{"model": p, "fisher": f, "parameters": {"weight": w}}
+                         for p, f, w in zip(paths[1:], fishers, (0.2, GRADIENT, 0.5))]}
+    session = MergeSession(config, "cpu", progress=False)
+    assert not differing(session.state_dict(), engine_tensors(config, tmp_path / "a", folder_tensors))
+    other = shifted(config)
+    session.merge(other)
+    assert not differing(session.state_dict(), engine_tensors(other, tmp_path / "b", folder_tensors))
+
+
+def test_grams_regression_equals_the_engine(model_sets, folder_tensors, tmp_path):
+    from merge_engine.stats.gram import GramOptions, collect_grams
+    from tests.stats.tiny_text import SENTENCES, tiny_tokenizer
+    paths = model_sets("llama")[:3]
+    grams = []
+    for i, path in enumerate(paths[1:]):
+        data = tmp_path / f"data{i}.txt"
+        data.write_text("\n".join(SENTENCES[i::2]) + "\n")
+        grams.append(str(tmp_path / f"grams{i}"))
+        collect_grams(path, str(data), grams[-1], GramOptions(batch_size=3, max_length=16, quiet=True, device="cpu",
+                                                               tokenizer=tiny_tokenizer()))
+    for method, params in (("regmean", {}), ("bmm", {"lambda": 0.5})):
+        config = {"merge_method": method, "base_model": paths[0], "dtype": "float32", "parameters": params,
+                  "models": [{"model": p, "grams": g, "parameters": {"weight": 0.5}} for p, g in zip(paths[1:], grams)]}
+        session = MergeSession(config, "cpu", progress=False)
+        assert not differing(session.state_dict(), engine_tensors(config, tmp_path / f"{method}a", folder_tensors))
+        other = {**config, "parameters": {**params, "lambda": 2.0} if params else {"fallback_weight": 1.0}}
+        session.merge(other)
+        assert not differing(session.state_dict(), engine_tensors(other, tmp_path / f"{method}b", folder_tensors))
+
+
+def test_merging_again_recomputes_only_the_tensors_whose_parameters_changed(model_sets):
+    base, *experts = model_sets("llama")
+    config = {"merge_method": "ties", "base_model": base, "dtype": "float32", "parameters": {"normalize": True},
+              "models": [{"model": e, "parameters": {"weight": 0.5, "density": 0.5}} for e in experts]}
+    session = MergeSession(config, "cpu", progress=False)
+    merged = [j.out_name for j in session.plan.jobs if not j.copy_only]
+    assert session.merge(config).tensors == 0
+    one_model = copy.deepcopy(config)
+    one_model["models"][1]["parameters"]["weight"] = [{"filter": "mlp", "value": 0.9}, {"value": 0.5}]
+    step = session.merge(one_model)
+    assert step.tensors == sum("mlp" in n for n in merged) > 0
+    assert step.bytes_read == sum(j.bytes_in for j in session.plan.jobs if "mlp" in j.out_name)
+    shared = {**one_model, "parameters": {"normalize": False}}
+    assert session.merge(shared).tensors == len(merged)
+    assert session.merge(shared).tensors == 0
+
+
+def test_live_model_runs_like_the_saved_merge(model_sets, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    base, *experts = model_sets("llama")
+    config = {"merge_method": "dare_ties", "base_model": base, "dtype": "float32",
+              "models": [{"model": e, "parameters": {"weight": 0.5, "density": 0.6}} for e in experts]}
+    session = MergeSession(config, "cpu", progress=False)
+    saved = session.save(str(tmp_path / "saved"))
+    merge(parse_config(config), str(tmp_path / "engine"), MergeOptions(device="cpu", quiet=True))
+    for f in ("model.safetensors", "config.json", "mergekit_config.yml"):  # the same files, byte for byte
+        assert (tmp_path / "saved" / f).read_bytes() == (tmp_path / "engine" / f).read_bytes(), f
+    tokens = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(saved).eval()
+    with torch.no_grad():
+        assert torch.equal(session.model(tokens).logits, loaded(tokens).logits)
+
+
+def test_tied_embeddings_model(model_sets, folder_tensors, tmp_path):
+    base, *experts = model_sets("qwen2")  # tie_word_embeddings: the output has no lm_head
+    config = {"merge_method": "linear", "dtype": "float32", "models": [{"model": e, "parameters": {"weight": 1.0}}
+                                                                        for e in experts]}
+    session = MergeSession(config, "cpu", progress=False)
+    assert not differing(session.state_dict(), engine_tensors(config, tmp_path / "a", folder_tensors))
+    assert session.model.lm_head.weight.data_ptr() == session.model.model.embed_tokens.weight.data_ptr()
+
+
+def test_configs_with_other_models_are_refused(model_sets):
+    base, *experts = model_sets("llama")
+    config = {"merge_method": "linear", "dtype": "float32", "models": [{"model": e, "parameters": {"weight": 1.0}}
+                                                                        for e in experts]}
+    session = MergeSession(config, "cpu", progress=False)
+    for other in ({**config, "models": config["models"][:2]}, {**config, "merge_method": "task_arithmetic",
+                                                               "base_model": base}, {**config, "dtype": "bfloat16"}):
+        with pytest.raises(ConfigError, match="only in parameters"):
+            session.merge(other)
+
+
+def test_memory_plan_refuses_what_cannot_fit_and_names_what_would(model_sets):
+    base, *experts = model_sets("llama")
+    plan = build_plan(parse_config({"merge_method": "linear", "models": [{"model": e, "parameters": {"weight": 1.0}}
+                                                                        for e in experts]}))
+    inputs = sum(j.bytes_in for j in plan.jobs)
+    cuda = torch.device("cuda")
+    roomy = plan_memory(plan, cuda, free={"cuda": 10 * inputs, "host": 10 * inputs})
+    assert roomy.placement == "device" and roomy.input_bytes == inputs
+    small_gpu = {"cuda": roomy.model_bytes + roomy.work_bytes, "host": 10 * inputs}  # the model fits, not the inputs
+    tight = plan_memory(plan, cuda, free=small_gpu)
+    assert tight.placement == "host" and tight.needs() == {"cuda": small_gpu["cuda"], "host": inputs}
+    with pytest.raises(MemoryPlanError, match="placement='host' would fit"):
+        plan_memory(plan, cuda, "device", free=small_gpu)
+    with pytest.raises(MemoryPlanError, match=r"needs [\d.]+ GB host.*merge to disk"):
+        plan_memory(plan, torch.device("cpu"), free={"host": inputs // 2})
+
+
+def test_a_session_that_cannot_fit_reads_nothing(model_sets, monkeypatch):
+    base, *experts = model_sets("llama")
+    import merge_engine.session as session_module
+    monkeypatch.setattr(session_module, "free_memory", lambda device: 1000)
+    read = []
+    monkeypatch.setattr(session_module.MergeSession, "_read_inputs", lambda self, progress: read.append(1))
+    with pytest.raises(MemoryPlanError, match="does not fit"):
+        MergeSession({"merge_method": "linear", "models": [{"model": e, "parameters": {"weight": 1.0}}
+                                                            for e in experts]}, "cpu", progress=False)
+    assert not read
+
+
+def test_a_model_without_config_json_is_refused_before_reading(model_sets, tmp_path):
+    import shutil
+    base, *experts = model_sets("llama")
+    bare = tmp_path / "bare"
+    shutil.copytree(experts[0], bare)
+    for m in experts[:1]:
+        os.remove(bare / "config.json")
+    with pytest.raises(MergeEngineError):
+        MergeSession({"merge_method": "linear", "models": [{"model": str(bare), "parameters": {"weight": 1.0}},
+                                                           {"model": experts[1], "parameters": {"weight": 1.0}}]},
+                     "cpu", progress=False)
