@@ -64,7 +64,7 @@ def pairwise(*axes, where=None) -> list[tuple]:
 # Fixtures that generate Hugging Face checkpoints (here, tests/tiers/conftest.py and test_compare.py's lm,
 # tests/stats/conftest.py): a test that takes one runs on generated checkpoints, and is marked slow.
 GENERATED_CHECKPOINTS = {"model_sets", "vocab_models", "bpe_models", "tier_model", "lm", "tiny_lm", "models",
-                         "low_rank_tune"}
+                         "low_rank_tune", "search_models"}
 # The longest tests (the CUDA compile check takes minutes; each parity test starts a mergekit process), started
 # first so that the parallel workers of tools/test.sh finish together rather than one ending on them alone.
 LONG_FIRST = ("tests/csrc/test_cuda_compile.py", "tests/test_parity_mergekit.py")

@@ -79,7 +79,7 @@ class SearchResult:
     trials: int  # finished trials in the study (earlier runs' included)
     trials_this_run: int
     seconds: float
-    study: object = field(default=None, repr=False)
+    history: list = field(default_factory=list, repr=False)  # every trial of the study (optuna FrozenTrials)
 
 
 def load_search_config(path: str) -> SearchConfig:
@@ -290,11 +290,12 @@ def finish(optuna, study, cfg: SearchConfig, session: MergeSession, objective, t
     extra = {"trials.csv": trials_table(study, cfg), "search.json": json.dumps(summary, indent=2, default=str) + "\n"}
     with open(storage_path, "rb") as f:
         extra[JOURNAL_COPY] = f.read()
+    history = study.get_trials(deepcopy=True)
     session.save(out_dir, MergeOptions(overwrite=options.overwrite, quiet=True), extra_files=extra)
     if not options.storage and not settings["storage"]:
         shutil.rmtree(work_folder(out_dir), ignore_errors=True)  # the journal lives on in the output
     return SearchResult(os.path.abspath(out_dir), best.params, best_config, best.value, test_score, len(complete),
-                        ran, budget.elapsed(), study)
+                        ran, budget.elapsed(), history)
 
 
 def trials_table(study, cfg: SearchConfig) -> str:

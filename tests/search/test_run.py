@@ -1,0 +1,247 @@
+"""The search (merge_engine/search/run.py): the budget with a fake clock (trials stop in time to write the best
+merge), resuming a killed search from its journal, the written config reproducing the best model bit for bit,
+each sampler, and bad input refused before any tensor is read."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+
+import pytest
+import torch
+
+import merge_engine.search.run as run_module
+from merge_engine.config import load_config
+from merge_engine.engine import MergeOptions, merge
+from merge_engine.errors import ConfigError
+from merge_engine.evaluation import MultipleChoice
+from merge_engine.search import SearchError, SearchOptions, search
+from merge_engine.session import MergeSession
+from tests.evaluation.conftest import word_tokenizer
+from tests.search.conftest import search_config
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TimedEvaluator:
+    """An objective that takes `seconds` of the fake clock per call and scores the live model's mean weight."""
+
+    direction = "maximize"
+
+    def __init__(self, clock: FakeClock, seconds: float, tokens: int = 100, fail_on_call: int | None = None):
+        self.clock, self.seconds, self._tokens, self.fail_on_call = clock, seconds, tokens, fail_on_call
+        self.name, self.calls = "fake", 0
+
+    def tokens(self) -> int:
+        return self._tokens
+
+    def __call__(self, model) -> float:
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise KeyboardInterrupt  # the search killed mid-trial
+        self.clock.now += self.seconds
+        return float(sum(p.double().sum() for p in model.parameters()))
+
+
+@pytest.fixture
+def fake_rates(monkeypatch):
+    """Measured rates replaced: writing the best merge costs `write_seconds` of the (fake) clock, an evaluated
+    token costs nothing before a trial measures it."""
+    def use(clock: FakeClock, write_seconds: float, objective, test=None):
+        model_bytes = {}
+        monkeypatch.setattr(run_module, "matmul_rate", lambda device, dtype: 1e30)
+
+        def rate(folder):
+            return model_bytes["n"] / write_seconds
+        original_estimate = run_module.estimate_seconds
+
+        def estimate(plan, memory, objective_, device, out_dir):
+            model_bytes["n"] = memory.model_bytes
+            return original_estimate(plan, memory, objective_, device, out_dir)
+        monkeypatch.setattr(run_module, "write_rate", rate)
+        monkeypatch.setattr(run_module, "estimate_seconds", estimate)
+        specs = iter([objective, test])
+        monkeypatch.setattr(run_module, "evaluator_from_spec", lambda spec, tok, where, base_dir: next(specs))
+        saves = []
+        real_save = MergeSession.save
+
+        def save(self, out_dir, options=None, extra_files=None):
+            clock.now += write_seconds
+            saves.append(clock.now)
+            return real_save(self, out_dir, options, extra_files)
+        monkeypatch.setattr(MergeSession, "save", save)
+        return saves
+    return use
+
+
+def test_the_budget_stops_trials_in_time_for_the_final_write(search_models, fake_rates, tmp_path):
+    paths, val, _ = search_models
+    clock = FakeClock()
+    saves = fake_rates(clock, write_seconds=5.0, objective=TimedEvaluator(clock, 10.0))
+    result = search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(
+        budget=100, device="cpu", progress=False, clock=clock))
+    # each trial takes 10 s and the end keeps 1.5 * 5 + 2 = 9.5 s: a trial starts while 19.5 s are left
+    assert result.trials_this_run == 9
+    assert saves == [clock.now] and clock.now - 1000.0 <= 100
+    assert os.path.exists(tmp_path / "out" / "model.safetensors")
+
+
+def test_the_reserve_covers_the_test_evaluation(search_models, fake_rates, tmp_path):
+    paths, val, test = search_models
+    clock = FakeClock()
+    # the test file has twice the validation's tokens: its evaluation is estimated at 20 s of the fake clock
+    fake_rates(clock, write_seconds=5.0, objective=TimedEvaluator(clock, 10.0, tokens=100),
+               test=TimedEvaluator(clock, 20.0, tokens=200))
+    result = search(search_config(paths, val, test={"kind": "multiple_choice", "data": test}), str(tmp_path / "out"),
+                    SearchOptions(budget=200, device="cpu", progress=False, clock=clock))
+    assert result.test_score is not None
+    assert clock.now - 1000.0 <= 200
+    # a trial starts while 10 + 1.5 * (5 + 20) + 2 = 49.5 s are left: at 0, 10, ..., 150
+    assert result.trials_this_run == 16
+
+
+def test_a_budget_too_small_for_one_trial_is_refused_before_reading(search_models, fake_rates, monkeypatch, tmp_path):
+    paths, val, _ = search_models
+    clock = FakeClock()
+    fake_rates(clock, write_seconds=30.0, objective=TimedEvaluator(clock, 10.0))
+    monkeypatch.setattr(run_module, "MergeSession", lambda *a, **k: pytest.fail("inputs read"))
+    with pytest.raises(ConfigError, match=r"budget: 40 s cannot fit one trial.*writing the result 30\.0 s"):
+        search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(budget=40, device="cpu", progress=False,
+                                                                            clock=clock))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_killed_search_resumes_from_its_journal(search_models, fake_rates, tmp_path):
+    paths, val, _ = search_models
+    clock = FakeClock()
+    fake_rates(clock, write_seconds=1.0, objective=TimedEvaluator(clock, 1.0, fail_on_call=4))
+    out = str(tmp_path / "out")
+    with pytest.raises(KeyboardInterrupt):
+        search(search_config(paths, val), out, SearchOptions(budget=1000, device="cpu", progress=False, clock=clock))
+    journal = tmp_path / ".out.search" / "journal.log"
+    assert journal.exists() and not os.path.exists(out)
+    fake_rates(clock, write_seconds=1.0, objective=TimedEvaluator(clock, 1.0))
+    result = search(search_config(paths, val), out, SearchOptions(budget=1000, device="cpu", progress=False,
+                                                                   clock=clock, trials=4))
+    states = [t.state.name for t in result.history]
+    assert states == ["COMPLETE"] * 3 + ["FAIL"] + ["COMPLETE"] * 4  # the killed trial is failed, not re-run
+    assert result.trials == 7 and result.trials_this_run == 4
+    finished = [tuple(sorted(t.params.items())) for t in result.history if t.state.name == "COMPLETE"]
+    assert len(set(finished)) == len(finished)  # no finished trial repeated
+    assert not journal.exists() and os.path.exists(os.path.join(out, "search_journal.log"))
+    rows = list(csv.DictReader(io.StringIO(open(os.path.join(out, "trials.csv")).read())))
+    assert [r["state"] for r in rows] == states
+
+
+def test_a_journal_of_another_search_is_refused(search_models, fake_rates, tmp_path):
+    paths, val, _ = search_models
+    clock = FakeClock()
+    fake_rates(clock, write_seconds=1.0, objective=TimedEvaluator(clock, 1.0, fail_on_call=2))
+    with pytest.raises(KeyboardInterrupt):
+        search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(budget=100, device="cpu",
+                                                                            progress=False, clock=clock))
+    other = search_config(paths, val)
+    other["parameters"]["normalize"] = True  # one space fewer
+    fake_rates(clock, write_seconds=1.0, objective=TimedEvaluator(clock, 1.0))
+    with pytest.raises(ConfigError, match="journals another search"):
+        search(other, str(tmp_path / "out"), SearchOptions(budget=100, device="cpu", progress=False, clock=clock))
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "cmaes", "gp"])
+def test_the_best_config_reproduces_the_best_model_bit_for_bit(sampler, search_models, tmp_path):
+    paths, val, test = search_models
+    out = tmp_path / "out"
+    result = search(search_config(paths, val, sampler=sampler, test={"kind": "multiple_choice", "data": test}),
+                    str(out), SearchOptions(budget=600, device="cpu", progress=False, trials=4))
+    assert result.trials == 4
+    again = tmp_path / "again"
+    merge(load_config(str(out / "mergekit_config.yml")), str(again), MergeOptions(device="cpu", quiet=True))
+    assert (out / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+    from transformers import AutoModelForCausalLM
+    loaded = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    tokenizer = word_tokenizer(bos=True)
+    assert MultipleChoice(val, tokenizer)(loaded) == result.score  # the saved model scores what the search saw
+    assert MultipleChoice(test, tokenizer)(loaded) == result.test_score
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["score"] == result.score and summary["params"] == result.params
+    rows = list(csv.DictReader(io.StringIO((out / "trials.csv").read_text())))
+    assert max(float(r["score"]) for r in rows) == result.score
+
+
+def test_no_finished_trial_is_an_error_that_keeps_the_journal(search_models, fake_rates, tmp_path):
+    paths, val, _ = search_models
+    clock = FakeClock()
+
+    class Failing(TimedEvaluator):
+        def __call__(self, model):
+            self.clock.now += 1
+            return float("nan")
+    fake_rates(clock, write_seconds=1.0, objective=Failing(clock, 1.0))
+    with pytest.raises(SearchError, match="no trial finished"):
+        search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(budget=30, device="cpu",
+                                                                            progress=False, clock=clock))
+    assert (tmp_path / ".out.search" / "journal.log").exists() and not (tmp_path / "out").exists()
+
+
+BAD_SETTINGS = {  # change to the `search:` section -> what the message names
+    "unknown key": ({"trails": 3}, "search.trails: unknown setting"),
+    "no objective": ({"objective": None}, "search.objective: a mapping"),
+    "bad sampler": ({"sampler": "random"}, "search.sampler: one of tpe, cmaes, gp"),
+    "bad trials": ({"trials": 0}, "search.trials: an integer of at least 1"),
+    "bad objective kind": ({"objective": {"kind": "bleu", "data": "x"}}, "kind"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SETTINGS))
+def test_bad_settings_are_refused_before_reading(case, search_models, monkeypatch, tmp_path):
+    paths, val, _ = search_models
+    change, message = BAD_SETTINGS[case]
+    config = search_config(paths, val)
+    config["search"].update(change)
+    monkeypatch.setattr(run_module, "MergeSession", lambda *a, **k: pytest.fail("inputs read"))
+    with pytest.raises(ConfigError, match=message):
+        search(config, str(tmp_path / "out"), SearchOptions(budget=100, device="cpu", progress=False))
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"question": "the cat", "choices": ["sat", "ran"], "answer": 2}'], r"val\.jsonl:1"),
+    (['{"question": "the cat", "choices": ["sat", "ran"], "answer": 0}', "{not json"], r"val\.jsonl:2"),
+    ([], "val.jsonl"),
+])
+def test_bad_evaluation_files_are_refused_before_reading(lines, message, search_models, monkeypatch, tmp_path):
+    paths, _, _ = search_models
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(line + "\n" for line in lines))
+    monkeypatch.setattr(run_module, "MergeSession", lambda *a, **k: pytest.fail("inputs read"))
+    with pytest.raises(ConfigError, match=message):
+        search(search_config(paths, str(val)), str(tmp_path / "out"), SearchOptions(budget=100, device="cpu",
+                                                                                  progress=False))
+
+
+def test_an_existing_output_is_refused_before_reading(search_models, monkeypatch, tmp_path):
+    from merge_engine.errors import OutputError
+    paths, val, _ = search_models
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep")
+    monkeypatch.setattr(run_module, "MergeSession", lambda *a, **k: pytest.fail("inputs read"))
+    with pytest.raises(OutputError):
+        search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(budget=100, device="cpu",
+                                                                            progress=False))
+    assert (tmp_path / "out" / "mine.txt").read_text() == "keep"
+
+
+def test_relative_data_paths_are_taken_from_the_search_file(search_models, write_search, tmp_path):
+    paths, val, _ = search_models
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "val.jsonl").write_text(open(val).read())
+    path = write_search(search_config(paths, "data/val.jsonl"))
+    result = search(path, str(tmp_path / "out"), SearchOptions(budget=600, device="cpu", progress=False, trials=2))
+    assert result.trials == 2
+    assert torch.isfinite(torch.tensor(result.score))
