@@ -9,6 +9,7 @@ import torch
 
 from merge_engine.errors import ConfigError
 from merge_engine.evaluation import Perplexity
+from tests.evaluation.conftest import word_tokenizer
 from tests.stats.tiny_text import SENTENCES
 
 TEXT = "\n".join(SENTENCES * 3)  # 129 words
@@ -42,7 +43,6 @@ def test_batched_windows_equal_one_at_a_time(causal_lm, tokenizer, tmp_path, max
 
 
 def test_an_eos_the_tokenizer_appends_is_dropped(tmp_path):
-    from tests.evaluation.conftest import word_tokenizer
     from tokenizers import processors
     tokenizer = word_tokenizer(bos=True)
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
