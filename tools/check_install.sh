@@ -40,7 +40,7 @@ from merge_engine.demo import make_synthetic_llama
 from merge_engine.ops import backends
 
 assert "site-packages" in merge_engine.__file__, merge_engine.__file__
-for optional in ("transformers", "triton", "optuna", "scipy"):
+for optional in ("transformers", "triton", "optuna", "scipy", "lm_eval"):
     assert importlib.util.find_spec(optional) is None, f"{optional} is installed: this check needs a bare venv"
 
 ext = backends.cpu_extension()  # the wheel's own compiled module, not a build on first use
@@ -94,8 +94,15 @@ for command in (["stats", base, "data.txt", "grams"], ["fisher", base, "data.txt
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 2 and len(lines) == 1 and 'pip install "merge_engine[hf]"' in lines[0], run.stderr
     assert not os.path.exists(command[-1]), command
+from merge_engine.evaluation import LmEvalTasks
+from merge_engine.extras import MissingExtraError
+try:
+    LmEvalTasks(["arc_easy"], None)
+    raise AssertionError("LmEvalTasks ran without lm_eval")
+except MissingExtraError as e:
+    assert 'pip install "merge_engine[eval]"' in str(e), e
 print("optional parts without their extras: one-line refusals")
-unexpected = {m for m in ("transformers", "triton", "optuna", "scipy") if m in sys.modules}
+unexpected = {m for m in ("transformers", "triton", "optuna", "scipy", "lm_eval") if m in sys.modules}
 assert not unexpected, unexpected
 EOF
 echo "install check: ok"

@@ -35,6 +35,11 @@ def reference_loglikelihoods(model, tokenizer, questions, delimiter=" ") -> list
     return out
 
 
+@pytest.fixture(scope="module")
+def reference(causal_lm, tokenizer):
+    return reference_loglikelihoods(causal_lm, tokenizer, QUESTIONS)
+
+
 def normalized(reference, questions, normalize):
     divisor = {"none": lambda n, choice: 1, "tokens": lambda n, choice: n, "chars": lambda n, choice: len(choice)}
     return [[total / divisor[normalize](n, choice) for (total, n), choice in zip(row, choices)]
@@ -47,10 +52,10 @@ def argmax(row):
 
 @pytest.mark.parametrize("batch_size", [1, 3, 100])  # 100: more than the 23 sequences, one batch
 @pytest.mark.parametrize("normalize", ["none", "tokens", "chars"])
-def test_batched_scores_equal_one_at_a_time(causal_lm, tokenizer, tmp_path, normalize, batch_size):
+def test_batched_scores_equal_one_at_a_time(causal_lm, tokenizer, reference, tmp_path, normalize, batch_size):
     path = write_questions(tmp_path / "q.jsonl", QUESTIONS, [0] * len(QUESTIONS))
     scores = MultipleChoice(path, tokenizer, normalize=normalize, batch_size=batch_size).scores(causal_lm)
-    expected = normalized(reference_loglikelihoods(causal_lm, tokenizer, QUESTIONS), QUESTIONS, normalize)
+    expected = normalized(reference, QUESTIONS, normalize)
     # fp32 model: padding and batching change only the order of fp32 sums inside the forward (ulp 6e-8 on
     # activations of order 1), so each log-prob moves by ~1e-6 and a sum of up to 5 of them by far less than 1e-4
     for got, want in zip(scores, expected):
@@ -60,9 +65,9 @@ def test_batched_scores_equal_one_at_a_time(causal_lm, tokenizer, tmp_path, norm
         assert argmax(got) == argmax(want)
 
 
-def test_accuracy_is_the_fraction_of_questions_whose_best_choice_is_the_answer(causal_lm, tokenizer, tmp_path):
-    best = [argmax(row) for row in normalized(reference_loglikelihoods(causal_lm, tokenizer, QUESTIONS), QUESTIONS,
-                                              "chars")]
+def test_accuracy_is_the_fraction_of_questions_whose_best_choice_is_the_answer(causal_lm, tokenizer, reference,
+                                                                               tmp_path):
+    best = [argmax(row) for row in normalized(reference, QUESTIONS, "chars")]
     wrong = {1, 4, 6}
     answers = [(b + 1) % len(choices) if i in wrong else b for i, (b, (_, choices)) in enumerate(zip(best, QUESTIONS))]
     path = write_questions(tmp_path / "q.jsonl", QUESTIONS, answers)
