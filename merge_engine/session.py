@@ -302,17 +302,22 @@ def _placed(t: torch.Tensor, to_device: bool, pin: bool, device: torch.device) -
 
 # ---- the live model ----
 
-def live_model(plan: MergePlan, device: torch.device) -> torch.nn.Module:
-    """The output's transformers model (the donor's architecture and the merge's config.json) on the device,
-    its weights allocated but not initialised: the session's merge fills them."""
+def output_config(plan: MergePlan):
+    """The output's transformers config (the merge's config.json)."""
     transformers = require("transformers", "hf", "a merge session's live model")
     settings = output_model_config(plan)
     if not settings.get("model_type"):
         raise MergeEngineError(f"{plan.donor.path}: config.json has no model_type; a session needs it to build the "
                                "live model")
-    model_type = settings.pop("model_type")
-    config = transformers.AutoConfig.for_model(model_type, **settings)
-    arch = (settings.get("architectures") or [None])[0]
+    return transformers.AutoConfig.for_model(settings.pop("model_type"), **settings)
+
+
+def live_model(plan: MergePlan, device: torch.device) -> torch.nn.Module:
+    """The output's transformers model (the donor's architecture and the merge's config.json) on the device,
+    its weights allocated but not initialised: the session's merge fills them."""
+    transformers = require("transformers", "hf", "a merge session's live model")
+    config = output_config(plan)
+    arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     cls = cls if isinstance(cls, type) else transformers.AutoModelForCausalLM
     dtype = plan.jobs[0].out_dtype if plan.jobs else torch.float32

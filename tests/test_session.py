@@ -12,8 +12,8 @@ import torch
 from merge_engine.config import parse_config
 from merge_engine.engine import MergeOptions, merge
 from merge_engine.errors import ConfigError, MergeEngineError
-from merge_engine.session import MemoryPlanError, MergeSession, plan_memory
 from merge_engine.plan import build_plan
+from merge_engine.session import MemoryPlanError, MergeSession, plan_memory
 from tests.methods.test_fisher import write_fisher
 from tests.test_parity_mergekit import CASES, FILTERED, GRADIENT, models
 

@@ -11,10 +11,10 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def check_fits(model: torch.nn.Module, longest: int, what: str, source: str) -> None:
-    """Refuse inputs longer than the model's position table: a model would silently extrapolate (RoPE) or
-    index out of range (learned positions) rather than score them."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+def check_fits(config, longest: int, what: str, source: str) -> None:
+    """Refuse inputs longer than the position table of a model (its transformers config): a model would
+    silently extrapolate (RoPE) or index out of range (learned positions) rather than score them."""
+    limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and longest > limit:
         raise ConfigError([f"{what} feeds the model {longest} tokens, more than its max_position_embeddings "
                            f"({limit})"], source)

@@ -47,9 +47,13 @@ class MultipleChoice:
     def tokens(self) -> int:
         return sum(len(s) - 1 for s in self._sequences)
 
+    def check_model(self, config) -> None:
+        """Refuse a model (its transformers config) with fewer positions than the longest question needs."""
+        check_fits(config, fed(self._longest), f"{self.path}:{self._longest.line}", self.path)
+
     def scores(self, model: torch.nn.Module) -> list[list[float]]:
         """Per question, per choice: the continuation's log-likelihood, normalized as asked."""
-        check_fits(model, fed(self._longest), f"{self.path}:{self._longest.line}", self.path)
+        self.check_model(getattr(model, "config", None))
         logprobs = iter(token_logprobs(model, self._sequences, self.batch_size))
         return [[self._normalized(next(logprobs), n, chars) for n, chars in zip(q.continuation_tokens, q.choice_chars)]
                 for q in self.questions]

@@ -37,8 +37,12 @@ class Perplexity:
     def tokens(self) -> int:
         return sum(len(w) - 1 for w in self.windows)
 
+    def check_model(self, config) -> None:
+        """Refuse a model (its transformers config) with fewer positions than a window needs."""
+        check_fits(config, max(len(w) for w in self.windows) - 1, f"a window of {self.path}", self.path)
+
     def __call__(self, model: torch.nn.Module) -> float:
-        check_fits(model, max(len(w) for w in self.windows) - 1, f"a window of {self.path}", self.path)
+        self.check_model(getattr(model, "config", None))
         logprobs = token_logprobs(model, self.windows, self.batch_size)
         nll = -sum(float(lp.double().sum()) for lp in logprobs)
         return math.exp(nll / self.tokens())

@@ -26,6 +26,9 @@ class Evaluator(Protocol):
     def tokens(self) -> int:
         """How many tokens one call feeds the model (known before any weights are read)."""
 
+    def check_model(self, config) -> None:
+        """Refuse, before any weights are read, a model (its transformers config) the data does not fit."""
+
 
 @dataclass(frozen=True)
 class Key:

@@ -38,7 +38,7 @@ from merge_engine.io.writer import check_output_dir
 from merge_engine.plan import build_plan
 from merge_engine.search.budget import READ_CEILING, Budget, matmul_rate, reserve_seconds, write_rate
 from merge_engine.search.spaces import SearchConfig, parse_search_config
-from merge_engine.session import MergeSession, input_bytes, output_tokenizer, plan_memory
+from merge_engine.session import MergeSession, input_bytes, output_config, output_tokenizer, plan_memory
 
 log = logging.getLogger("merge_engine")
 
@@ -105,6 +105,8 @@ def search(config: SearchConfig | dict | str, out_dir: str, options: SearchOptio
     tokenizer = output_tokenizer(plan)
     objective = evaluator_from_spec(settings["objective"], tokenizer, "search.objective", base_dir=base_dir)
     test = evaluator_from_spec(settings["test"], tokenizer, "search.test", base_dir=base_dir) if settings["test"] else None
+    for evaluator in (objective, test) if test else (objective,):
+        evaluator.check_model(output_config(plan))
     device = resolve_device(options.device)
     memory = plan_memory(plan, device, options.placement)
     estimate = estimate_seconds(plan, memory, objective, device, out_dir)

@@ -42,6 +42,9 @@ class TimedEvaluator:
     def tokens(self) -> int:
         return self._tokens
 
+    def check_model(self, config) -> None:
+        pass
+
     def __call__(self, model) -> float:
         self.calls += 1
         if self.calls == self.fail_on_call:
@@ -223,6 +226,17 @@ def test_bad_evaluation_files_are_refused_before_reading(lines, message, search_
     with pytest.raises(ConfigError, match=message):
         search(search_config(paths, str(val)), str(tmp_path / "out"), SearchOptions(budget=100, device="cpu",
                                                                                   progress=False))
+
+
+def test_data_longer_than_the_model_takes_is_refused_before_reading(search_models, monkeypatch, tmp_path):
+    paths, _, _ = search_models
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(["the cat sat on the mat"] * 50) + "\n")  # 300 words: past the 128 positions
+    config = search_config(paths, "unused")
+    config["search"]["objective"] = {"kind": "perplexity", "data": str(text), "max_length": 512}
+    monkeypatch.setattr(run_module, "MergeSession", lambda *a, **k: pytest.fail("inputs read"))
+    with pytest.raises(ConfigError, match=r"more than its max_position_embeddings \(128\)"):
+        search(config, str(tmp_path / "out"), SearchOptions(budget=100, device="cpu", progress=False))
 
 
 def test_an_existing_output_is_refused_before_reading(search_models, monkeypatch, tmp_path):
