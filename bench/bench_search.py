@@ -1,0 +1,236 @@
+"""Benchmark: seconds per trial of a merge search, in memory (MergeSession) against the disk round trips users
+do today, on the ~1.1B-parameter bf16 benchmark models (base + three experts, bench_merge.py's) with a small
+multiple-choice validation file.
+
+Each approach runs the same TIES trials (per-expert weights and densities changed every trial, so every
+tensor is merged again) and scores the merge with the same evaluator (merge_engine.evaluation.MultipleChoice):
+    (a) session      MergeSession opened once (every input read once); per trial session.merge + evaluate
+    (b) round trip   `merge-engine` API to disk + AutoModelForCausalLM.from_pretrained + evaluate
+    (c) mergekit     mergekit-yaml to disk (a subprocess) + from_pretrained + evaluate
+Measured in the same run: the machine's memory read bandwidth (a streaming reduction over 2 GiB) and copy
+bandwidth; the floor of a session trial's merge is reading the changed tensors' inputs once from memory at that
+read bandwidth. Then a real `merge_engine.search` within --budget seconds counts the trials it completes; for
+(b) and (c), budget / seconds per trial is their projection (marked as such). Then the memory plan of an 8B
+search on a 48 GB GPU, from the plan of sparse 8B-shaped checkpoints (headers only; nothing is read).
+
+    python bench/bench_search.py                      # 1.1B models, 3 trials each, a 300 s search
+    python bench/bench_search.py --small --trials 2 --budget 120 --skip-mergekit
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402,F401  (the engine's process settings, before torch allocates)
+import torch  # noqa: E402
+import transformers  # noqa: E402
+import yaml  # noqa: E402
+from bench_merge import MERGEKIT, SHAPE, SMALL, generate_models_apart  # noqa: E402
+
+from merge_engine import MergeOptions, merge, parse_config  # noqa: E402
+from merge_engine.evaluation import MultipleChoice  # noqa: E402
+from merge_engine.search import SearchOptions, search  # noqa: E402
+from merge_engine.session import MergeSession, plan_memory  # noqa: E402
+
+WORDS = ("the a cat dog bird fish sat ran flew swam on under over near mat rug tree river far away big small red "
+         "blue green old young and then slowly quickly").split()
+GB = 1e9
+
+
+def save_tokenizer(folder: str, vocab: int) -> None:
+    """A word-level tokenizer over WORDS (ids below the model's vocabulary), as the models' tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tokens = ["<pad>", "<eos>", "<unk>", "<bos>", *WORDS]
+    assert len(tokens) <= vocab
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>",
+                                         pad_token="<pad>", bos_token="<bos>").save_pretrained(folder)
+
+
+def write_questions(path: str, n: int, choices: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            q = {"question": " ".join(rng.choices(WORDS, k=8)),
+                 "choices": [" ".join(rng.choices(WORDS, k=3)) for _ in range(choices)], "answer": rng.randrange(choices)}
+            f.write(json.dumps(q) + "\n")
+    return path
+
+
+def trial_configs(paths: list[str], n: int) -> list[dict]:
+    rng = random.Random(1)
+    return [{"merge_method": "ties", "base_model": paths[0], "dtype": "bfloat16", "parameters": {"normalize": True},
+             "models": [{"model": p, "parameters": {"weight": round(rng.uniform(0.2, 1.0), 3),
+                                                    "density": round(rng.uniform(0.3, 0.9), 3)}} for p in paths[1:]]}
+            for _ in range(n)]
+
+
+def read_bandwidth(nbytes: int = 2 << 30, repeats: int = 3) -> float:
+    """GB/s of a streaming read: an integer sum over nbytes (memory-bound on any CPU this runs on)."""
+    x = torch.ones(nbytes // 8, dtype=torch.int64)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(repeats))
+    return nbytes / best / GB
+
+
+def _timed(fn) -> float:
+    began = time.perf_counter()
+    fn()
+    return time.perf_counter() - began
+
+
+def session_trials(configs, objective) -> tuple[float, list[tuple[float, float, int]]]:
+    began = time.perf_counter()
+    session = MergeSession(configs[0], "cpu", progress=False)
+    opened = time.perf_counter() - began
+    rows = []
+    for cfg in configs[1:] + configs[:1]:  # the first config last: the opening merged it already
+        step = session.merge(cfg)
+        rows.append((step.seconds, _timed(lambda model=session.model: objective(model)), step.bytes_read))
+    return opened, rows
+
+
+def disk_trials(configs, objective, out: str, mergekit: str | None) -> list[tuple[float, float, float]]:
+    rows = []
+    for i, cfg in enumerate(configs):
+        if mergekit:
+            path = os.path.join(os.path.dirname(out), f"trial{i}.yml")
+            with open(path, "w") as f:
+                yaml.safe_dump(cfg, f)
+            shutil.rmtree(out, ignore_errors=True)
+            merged = _timed(lambda: subprocess.run([mergekit, path, out, "--out-shard-size", "5B"], check=True,
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        else:
+            merged = _timed(lambda: merge(parse_config(cfg), out, MergeOptions(device="cpu", quiet=True, overwrite=True)))
+        began = time.perf_counter()
+        model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+        loaded = time.perf_counter() - began
+        rows.append((merged, loaded, _timed(lambda model=model: objective(model))))
+    return rows
+
+
+def plan_8b(root: str) -> str:
+    """The memory plan of a base + 3 experts of Llama-3-8B's shapes on a 48 GB GPU (sparse files: headers only)."""
+    shapes = {"model.embed_tokens.weight": (128256, 4096), "lm_head.weight": (128256, 4096), "model.norm.weight": (4096,)}
+    for i in range(32):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (4096, 4096), p + "self_attn.k_proj.weight": (1024, 4096),
+                       p + "self_attn.v_proj.weight": (1024, 4096), p + "self_attn.o_proj.weight": (4096, 4096),
+                       p + "mlp.gate_proj.weight": (14336, 4096), p + "mlp.up_proj.weight": (14336, 4096),
+                       p + "mlp.down_proj.weight": (4096, 14336), p + "input_layernorm.weight": (4096,),
+                       p + "post_attention_layernorm.weight": (4096,)})
+    paths = []
+    for m in range(4):
+        folder = os.path.join(root, f"sparse8b-{m}")
+        os.makedirs(folder, exist_ok=True)
+        header, offset = {}, 0
+        for name, shape in shapes.items():
+            n = 2 * int(torch.Size(shape).numel())
+            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        blob = json.dumps(header).encode()
+        blob += b" " * (-len(blob) % 8)
+        with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+            f.write(len(blob).to_bytes(8, "little") + blob)
+            f.truncate(8 + len(blob) + offset)  # sparse: no data written
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 32}, f)
+        paths.append(folder)
+    from merge_engine.plan import build_plan
+    plan = build_plan(parse_config(trial_configs(paths, 1)[0]))
+    rows = []
+    for host in (128, 256):
+        for placement in ("auto",):
+            try:
+                mp = plan_memory(plan, torch.device("cuda"), placement, free={"cuda": int(46 * GB), "host": int(host * GB)})
+                rows.append(f"- {host} GB host RAM, 46 GB free on the 48 GB GPU: placement '{mp.placement}': {mp.summary()}")
+            except Exception as e:  # noqa: BLE001 (the refusal is the answer)
+                rows.append(f"- {host} GB host RAM, 46 GB free on the 48 GB GPU: refused: {e}")
+    for p in paths:
+        shutil.rmtree(p)
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", default="/tmp/merge_engine_bench")
+    for name, default in SHAPE.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    p.add_argument("--small", action="store_true", help=f"the small model: {SMALL}")
+    p.add_argument("--trials", type=int, default=3, help="trials timed per approach")
+    p.add_argument("--questions", type=int, default=6)
+    p.add_argument("--choices", type=int, default=3)
+    p.add_argument("--budget", type=float, default=300, help="seconds of the real search")
+    p.add_argument("--mergekit", default=MERGEKIT)
+    p.add_argument("--skip-mergekit", action="store_true")
+    a = p.parse_args()
+    if a.small:
+        vars(a).update(SMALL)
+    root = os.path.join(os.path.abspath(a.work), f"llama-L{a.layers}-H{a.hidden}-I{a.intermediate}-V{a.vocab}")
+    paths = generate_models_apart(a, root)
+    save_tokenizer(paths[0], a.vocab)
+    val = write_questions(os.path.join(root, "val.jsonl"), a.questions, a.choices)
+    objective = MultipleChoice(val, transformers.AutoTokenizer.from_pretrained(paths[0]))
+    configs = trial_configs(paths, a.trials)
+    read_gbps, copy_gbps = read_bandwidth(), common.copy_bandwidth(torch.device("cpu"), 3)
+
+    opened, session_rows = session_trials(configs, objective)
+    out = os.path.join(root, "search_trial_out")
+    rounds = disk_trials(configs, objective, out, None)
+    mergekit = None if a.skip_mergekit or not os.path.exists(a.mergekit) else a.mergekit
+    theirs = disk_trials(configs, objective, out, mergekit) if mergekit else []
+    shutil.rmtree(out, ignore_errors=True)
+
+    search_out = os.path.join(root, "search_out")
+    shutil.rmtree(search_out, ignore_errors=True)
+    shutil.rmtree(os.path.join(root, ".search_out.search"), ignore_errors=True)
+    spaces = {"merge_method": "ties", "base_model": paths[0], "dtype": "bfloat16", "parameters": {"normalize": True},
+              "models": [{"model": p, "parameters": {"weight": {"search": [0.2, 1.0]}, "density": {"search": [0.3, 0.9]}}}
+                         for p in paths[1:]], "search": {"objective": {"kind": "multiple_choice", "data": val}}}
+    began = time.perf_counter()
+    result = search(spaces, search_out, SearchOptions(budget=a.budget, device="cpu", progress=False))
+    searched = time.perf_counter() - began
+    shutil.rmtree(search_out, ignore_errors=True)
+
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    s_merge, s_eval = mean([r[0] for r in session_rows]), mean([r[1] for r in session_rows])
+    floor = mean([r[2] for r in session_rows]) / (read_gbps * GB)
+    r_merge, r_load, r_eval = (mean([r[i] for r in rounds]) for i in range(3))
+    print(f"## Merge search: seconds per trial, TIES over a llama-L{a.layers}-H{a.hidden}-I{a.intermediate}-V{a.vocab} "
+          f"(bf16) base + 3 experts, CPU\n")
+    print(common.machine(torch.device("cpu")))
+    print(f"- memory read bandwidth (int64 sum over 2 GiB): {read_gbps:.1f} GB/s; copy bandwidth (read + write): "
+          f"{copy_gbps:.1f} GB/s")
+    print(f"- validation: {a.questions} questions x {a.choices} choices, {objective.tokens()} tokens per evaluation; "
+          f"{a.trials} trials per approach, every tensor merged again each trial")
+    print(f"- session opened (plan, every input read once, first merge) in {opened:.1f} s\n")
+    print("| approach | merge s | load s | evaluate s | trial s | merge x session's | merge x memory-read floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| (a) MergeSession | {s_merge:.2f} | 0 | {s_eval:.2f} | {s_merge + s_eval:.2f} | 1.00 | {s_merge / floor:.2f} |")
+    print(f"| (b) merge-engine to disk + load | {r_merge:.2f} | {r_load:.2f} | {r_eval:.2f} | {r_merge + r_load + r_eval:.2f} "
+          f"| {(r_merge + r_load) / s_merge:.1f} | - |")
+    if theirs:
+        k_merge, k_load, k_eval = (mean([r[i] for r in theirs]) for i in range(3))
+        print(f"| (c) mergekit-yaml to disk + load | {k_merge:.2f} | {k_load:.2f} | {k_eval:.2f} | "
+              f"{k_merge + k_load + k_eval:.2f} | {(k_merge + k_load) / s_merge:.1f} | - |")
+    print(f"\nmemory-read floor of a session trial's merge: its inputs ({mean([r[2] for r in session_rows]) / GB:.2f} GB) "
+          f"at {read_gbps:.1f} GB/s = {floor:.2f} s. 'merge x session's' of (b) and (c) counts their merge and load.\n")
+    print(f"Search with a budget of {a.budget:.0f} s (merge_engine.search, TPE, 6 parameters): {result.trials_this_run} "
+          f"trials completed, best accuracy {result.score:.3f}, {searched:.1f} s wall including the final write.")
+    print(f"Projected trials in the same budget (budget / seconds per trial, not run): (b) "
+          f"{int(a.budget // (r_merge + r_load + r_eval))}"
+          + (f", (c) {int(a.budget // sum(mean([r[i] for r in theirs]) for i in range(3)))}" if theirs else "") + "\n")
+    print("### Memory plan of an 8B search on a 48 GB GPU (base + 3 experts, Llama-3-8B shapes, bf16)\n")
+    print(plan_8b(root))
+
+
+if __name__ == "__main__":
+    main()
