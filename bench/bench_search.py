@@ -35,34 +35,12 @@ import yaml  # noqa: E402
 from bench_merge import MERGEKIT, SHAPE, SMALL, generate_models_apart  # noqa: E402
 
 from merge_engine import MergeOptions, merge, parse_config  # noqa: E402
+from merge_engine.demo import save_word_tokenizer, write_questions  # noqa: E402
 from merge_engine.evaluation import MultipleChoice  # noqa: E402
 from merge_engine.search import SearchOptions, search  # noqa: E402
 from merge_engine.session import MergeSession, plan_memory  # noqa: E402
 
-WORDS = ("the a cat dog bird fish sat ran flew swam on under over near mat rug tree river far away big small red "
-         "blue green old young and then slowly quickly").split()
 GB = 1e9
-
-
-def save_tokenizer(folder: str, vocab: int) -> None:
-    """A word-level tokenizer over WORDS (ids below the model's vocabulary), as the models' tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    tokens = ["<pad>", "<eos>", "<unk>", "<bos>", *WORDS]
-    assert len(tokens) <= vocab
-    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>",
-                                         pad_token="<pad>", bos_token="<bos>").save_pretrained(folder)
-
-
-def write_questions(path: str, n: int, choices: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            q = {"question": " ".join(rng.choices(WORDS, k=8)),
-                 "choices": [" ".join(rng.choices(WORDS, k=3)) for _ in range(choices)], "answer": rng.randrange(choices)}
-            f.write(json.dumps(q) + "\n")
-    return path
 
 
 def trial_configs(paths: list[str], n: int) -> list[dict]:
@@ -159,47 +137,8 @@ def plan_8b(root: str) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work", default="/tmp/merge_engine_bench")
-    for name, default in SHAPE.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
-    p.add_argument("--small", action="store_true", help=f"the small model: {SMALL}")
-    p.add_argument("--trials", type=int, default=3, help="trials timed per approach")
-    p.add_argument("--questions", type=int, default=6)
-    p.add_argument("--choices", type=int, default=3)
-    p.add_argument("--budget", type=float, default=300, help="seconds of the real search")
-    p.add_argument("--mergekit", default=MERGEKIT)
-    p.add_argument("--skip-mergekit", action="store_true")
-    a = p.parse_args()
-    if a.small:
-        vars(a).update(SMALL)
-    root = os.path.join(os.path.abspath(a.work), f"llama-L{a.layers}-H{a.hidden}-I{a.intermediate}-V{a.vocab}")
-    paths = generate_models_apart(a, root)
-    save_tokenizer(paths[0], a.vocab)
-    val = write_questions(os.path.join(root, "val.jsonl"), a.questions, a.choices)
-    objective = MultipleChoice(val, transformers.AutoTokenizer.from_pretrained(paths[0]))
-    configs = trial_configs(paths, a.trials)
-    read_gbps, copy_gbps = read_bandwidth(), common.copy_bandwidth(torch.device("cpu"), 3)
-
-    opened, session_rows = session_trials(configs, objective)
-    out = os.path.join(root, "search_trial_out")
-    rounds = disk_trials(configs, objective, out, None)
-    mergekit = None if a.skip_mergekit or not os.path.exists(a.mergekit) else a.mergekit
-    theirs = disk_trials(configs, objective, out, mergekit) if mergekit else []
-    shutil.rmtree(out, ignore_errors=True)
-
-    search_out = os.path.join(root, "search_out")
-    shutil.rmtree(search_out, ignore_errors=True)
-    shutil.rmtree(os.path.join(root, ".search_out.search"), ignore_errors=True)
-    spaces = {"merge_method": "ties", "base_model": paths[0], "dtype": "bfloat16", "parameters": {"normalize": True},
-              "models": [{"model": p, "parameters": {"weight": {"search": [0.2, 1.0]}, "density": {"search": [0.3, 0.9]}}}
-                         for p in paths[1:]], "search": {"objective": {"kind": "multiple_choice", "data": val}}}
-    began = time.perf_counter()
-    result = search(spaces, search_out, SearchOptions(budget=a.budget, device="cpu", progress=False))
-    searched = time.perf_counter() - began
-    shutil.rmtree(search_out, ignore_errors=True)
-
+def print_trials(a, objective, read_gbps, copy_gbps, opened, session_rows, rounds, theirs) -> list[float]:
+    """The table of seconds per trial; returns the seconds of a trial through (b) and (c)."""
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     s_merge, s_eval = mean([r[0] for r in session_rows]), mean([r[1] for r in session_rows])
     floor = mean([r[2] for r in session_rows]) / (read_gbps * GB)
@@ -222,14 +161,60 @@ def main() -> None:
         print(f"| (c) mergekit-yaml to disk + load | {k_merge:.2f} | {k_load:.2f} | {k_eval:.2f} | "
               f"{k_merge + k_load + k_eval:.2f} | {(k_merge + k_load) / s_merge:.1f} | - |")
     print(f"\nmemory-read floor of a session trial's merge: its inputs ({mean([r[2] for r in session_rows]) / GB:.2f} GB) "
-          f"at {read_gbps:.1f} GB/s = {floor:.2f} s. 'merge x session's' of (b) and (c) counts their merge and load.\n")
+          f"at {read_gbps:.1f} GB/s = {floor:.2f} s. 'merge x session's' of (b) and (c) counts their merge and load.\n",
+          flush=True)
+    return [r_merge + r_load + r_eval] + ([k_merge + k_load + k_eval] if theirs else [])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", default="/tmp/merge_engine_bench")
+    for name, default in SHAPE.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    p.add_argument("--small", action="store_true", help=f"the small model: {SMALL}")
+    p.add_argument("--trials", type=int, default=3, help="trials timed per approach")
+    p.add_argument("--questions", type=int, default=6)
+    p.add_argument("--choices", type=int, default=3)
+    p.add_argument("--budget", type=float, default=300, help="seconds of the real search")
+    p.add_argument("--mergekit-trials", type=int, default=1, help="trials timed through mergekit (each a full merge)")
+    p.add_argument("--mergekit", default=MERGEKIT)
+    p.add_argument("--skip-mergekit", action="store_true")
+    a = p.parse_args()
+    if a.small:
+        vars(a).update(SMALL)
+    root = os.path.join(os.path.abspath(a.work), f"llama-L{a.layers}-H{a.hidden}-I{a.intermediate}-V{a.vocab}")
+    paths = generate_models_apart(a, root)
+    save_word_tokenizer(paths[0])
+    val = write_questions(os.path.join(root, "val.jsonl"), a.questions, a.choices)
+    objective = MultipleChoice(val, transformers.AutoTokenizer.from_pretrained(paths[0]))
+    configs = trial_configs(paths, a.trials)
+    read_gbps, copy_gbps = read_bandwidth(), common.copy_bandwidth(torch.device("cpu"), 3)
+
+    opened, session_rows = session_trials(configs, objective)
+    out = os.path.join(root, "search_trial_out")
+    rounds = disk_trials(configs, objective, out, None)
+    mergekit = None if a.skip_mergekit or not os.path.exists(a.mergekit) else a.mergekit
+    theirs = disk_trials(configs[:a.mergekit_trials], objective, out, mergekit) if mergekit else []
+    shutil.rmtree(out, ignore_errors=True)
+    per_trial = print_trials(a, objective, read_gbps, copy_gbps, opened, session_rows, rounds, theirs)
+    print("### Memory plan of an 8B search on a 48 GB GPU (base + 3 experts, Llama-3-8B shapes, bf16)\n")
+    print(plan_8b(root) + "\n", flush=True)
+
+    search_out = os.path.join(root, "search_out")
+    shutil.rmtree(search_out, ignore_errors=True)
+    shutil.rmtree(os.path.join(root, ".search_out.search"), ignore_errors=True)
+    spaces = {"merge_method": "ties", "base_model": paths[0], "dtype": "bfloat16", "parameters": {"normalize": True},
+              "models": [{"model": p, "parameters": {"weight": {"search": [0.2, 1.0]}, "density": {"search": [0.3, 0.9]}}}
+                         for p in paths[1:]], "search": {"objective": {"kind": "multiple_choice", "data": val}}}
+    began = time.perf_counter()
+    result = search(spaces, search_out, SearchOptions(budget=a.budget, device="cpu", progress=False))
+    searched = time.perf_counter() - began
+    shutil.rmtree(search_out, ignore_errors=True)
+
     print(f"Search with a budget of {a.budget:.0f} s (merge_engine.search, TPE, 6 parameters): {result.trials_this_run} "
           f"trials completed, best accuracy {result.score:.3f}, {searched:.1f} s wall including the final write.")
-    print(f"Projected trials in the same budget (budget / seconds per trial, not run): (b) "
-          f"{int(a.budget // (r_merge + r_load + r_eval))}"
-          + (f", (c) {int(a.budget // sum(mean([r[i] for r in theirs]) for i in range(3)))}" if theirs else "") + "\n")
-    print("### Memory plan of an 8B search on a 48 GB GPU (base + 3 experts, Llama-3-8B shapes, bf16)\n")
-    print(plan_8b(root))
+    print("Projected trials in the same budget (budget / seconds per trial, not run): "
+          + ", ".join(f"{name} {int(a.budget // t)}" for name, t in zip(("(b)", "(c)"), per_trial)))
 
 
 if __name__ == "__main__":

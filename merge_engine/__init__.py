@@ -15,7 +15,7 @@ import importlib
 
 __version__ = "0.1.0"
 _EXPORTS = {"MergeConfig": "config", "load_config": "config", "parse_config": "config",
-            "MergeOptions": "engine", "MergeReport": "engine", "merge": "engine",
+            "MergeOptions": "engine", "MergeReport": "engine", "merge": "engine", "MergeSession": "session",
             "CheckpointError": "errors", "ConfigError": "errors", "MergeEngineError": "errors", "OutputError": "errors",
             "tune_process_for_merging": "runtime"}
 __all__ = sorted([*_EXPORTS, "ops"])

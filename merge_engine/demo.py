@@ -114,6 +114,36 @@ def make_synthetic_llama(path: str, layers: int, hidden: int, intermediate: int,
     return path
 
 
+DEMO_WORDS = ("the a cat dog bird fish sat ran flew swam on under over near mat rug tree river far away big small "
+              "red blue green old young and then slowly quickly").split()
+
+
+def save_word_tokenizer(folder: str) -> None:
+    """A word-level fast tokenizer over DEMO_WORDS (ids below 40, inside any demo model's vocabulary) that adds
+    <bos> before every text, saved into a model folder: what the evaluators of a search need."""
+    tf = require("transformers", "hf", "the demo tokenizer")
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    tokens = ["<pad>", "<eos>", "<unk>", "<bos>", *DEMO_WORDS]
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 3)])
+    tf.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>", pad_token="<pad>",
+                               bos_token="<bos>").save_pretrained(folder)
+
+
+def write_questions(path: str, n: int = 8, choices: int = 3, seed: int = 0) -> str:
+    """A JSONL file of n random multiple-choice questions over DEMO_WORDS (the evaluators' format)."""
+    import json
+    import random
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"question": " ".join(rng.choices(DEMO_WORDS, k=6)),
+                                "choices": [" ".join(rng.choices(DEMO_WORDS, k=2)) for _ in range(choices)],
+                                "answer": rng.randrange(choices)}) + "\n")
+    return path
+
+
 def demo(out_dir: str) -> None:
     """Make a tiny base and three experts in a temporary folder (removed at the end: the merged model does
     not need them), TIES-merge them into out_dir and load the result with transformers."""

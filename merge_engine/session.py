@@ -174,6 +174,11 @@ class MergeSession:
                 out.append(tensors)
         return out
 
+    def job_inputs(self):
+        """(job, its input tensors then side inputs, on the device) for every tensor of the plan."""
+        for job, tensors in zip(self.plan.jobs, self._inputs):
+            yield job, [t.to(self.device, non_blocking=True) for t in tensors]
+
     # ---- merging ----
 
     def merge(self, config: MergeConfig | dict | str | None = None) -> MergeStep:
@@ -181,13 +186,17 @@ class MergeSession:
         current config), merging again only the tensors whose parameters changed."""
         cfg = self.config if config is None else self._same_models(as_config(config))
         key = method_key(cfg)
-        todo = [(job, params) for job, params in ((job, self._parameters(cfg, job)) for job in self.plan.jobs)]
-        todo = [(i, job, params) for i, (job, params) in enumerate(todo) if self._merged_with[i] != (key, params)]
+        todo = []
+        for i, job in enumerate(self.plan.jobs):
+            params = self._parameters(cfg, job)
+            if self._merged_with[i] != (key, params):
+                todo.append((i, job if params is None else dataclasses.replace(job, shared=params[0], per_model=params[1]),
+                             (key, params)))
         began = time.perf_counter()
         with torch.no_grad():
-            for i, job, (shared, per_model) in todo:
-                self._merge_one(i, dataclasses.replace(job, shared=shared, per_model=per_model), cfg)
-                self._merged_with[i] = (key, (shared, per_model))
+            for i, job, merged_with in todo:
+                self._merge_one(i, job, cfg)
+                self._merged_with[i] = merged_with
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.config = cfg

@@ -6,10 +6,12 @@ one for the whole model) chosen by Bayesian optimisation (optuna) against a user
     merge(parse_config(result.config), "out/")                    # the tuned merge, as a plain config
 
 `evaluate(state)` receives the merged model as {tensor name: tensor} (checkpoint names, on the
-problem's device) and returns a score to maximise (e.g. validation accuracy).
+problem's device: views of problem.session.model's own tensors, so an evaluation can run that model) and
+returns a score to maximise (e.g. validation accuracy).
 
-Each trial costs one small solve per linear layer, never a re-read: BMMProblem reads every tensor
-once, computes the anchor, and factorises each layer's summed Gram S = Q diag(e) Q^T (eigh, float64)
+BMMProblem is a MergeSession (merge_engine/session.py) with a faster path for lambda: the session reads
+every tensor once and merges the config exactly (the anchor's output where no regression applies); the
+problem then factorises each layer's summed Gram S = Q diag(e) Q^T (eigh, float64)
 once. Then for any lambda
     W*(lambda) = (R + lambda A)(S + lambda I)^-1 = ((R Q + lambda A Q) diag(1 / (e + lambda))) Q^T,
 with R = sum_t W_t G_t and A the anchor; Q, e, R Q and A Q stay on the device (about three fp32 copies
@@ -32,13 +34,12 @@ import torch
 from tqdm.auto import tqdm
 
 from merge_engine.config import MergeConfig, parse_config
-from merge_engine.devices import resolve_device
 from merge_engine.engine import tensor_group
 from merge_engine.errors import ConfigError
 from merge_engine.extras import require
 from merge_engine.io.checkpoint import split_layer_name
 from merge_engine.methods.regression import bmm_terms
-from merge_engine.plan import build_plan
+from merge_engine.session import MergeSession
 
 log = logging.getLogger("merge_engine")
 
@@ -72,28 +73,25 @@ def factorise(weights: list[torch.Tensor], grams: list[torch.Tensor], anchor: to
 
 
 class BMMProblem:
-    """A bmm config read once: the fixed tensors (the anchor's output where no regression applies) and each
-    regressed linear weight's factorised system, on `device`."""
+    """A bmm config's session (every tensor read once, merged into a live model) and each regressed linear
+    weight's factorised system, on `device`; merged(lambdas) writes the systems' solves into the live model."""
 
-    def __init__(self, config: MergeConfig | dict, device: str = "auto", store: torch.dtype = torch.float32,
-                 progress: bool = True):
-        self.config = config if isinstance(config, MergeConfig) else parse_config(config)
+    def __init__(self, config: MergeConfig | dict | MergeSession, device: str = "auto",
+                 store: torch.dtype = torch.float32, progress: bool = True):
+        self.session = config if isinstance(config, MergeSession) else None
+        self.config = self.session.config if self.session else (
+            config if isinstance(config, MergeConfig) else parse_config(config))
         if self.config.method.name != "bmm":
             raise ConfigError([f"tuning needs merge_method: bmm, got '{self.config.method.name}'"])
-        self.device = resolve_device(device)
-        self.fixed: dict[str, torch.Tensor] = {}
+        self.session = self.session or MergeSession(self.config, device, progress=progress)
+        self.device = self.session.device
         self.systems: dict[str, LayerSystem] = {}
         self.default_lambda: dict[str, float] = {}
-        plan = build_plan(self.config)
-        for job in tqdm(plan.jobs, desc="factorising", unit="tensor", disable=not progress):
-            tensors = [ckpt.read(name).to(self.device) for ckpt, name in job.inputs + job.side_reads()]
+        for job, tensors in tqdm(self.session.job_inputs(), desc="factorising", unit="tensor", disable=not progress):
             if job.copy_only:
-                self.fixed[job.out_name] = tensors[0]
                 continue
             terms = bmm_terms(tensor_group(job, tensors), self.config.method.wrapped)
-            if terms.weights is None:
-                self.fixed[job.out_name] = terms.prior.to(job.out_dtype)
-            else:
+            if terms.weights is not None:
                 self.systems[job.out_name] = factorise(terms.weights, terms.grams, terms.prior, terms.transposed,
                                                        job.out_dtype, store)
                 self.default_lambda[job.out_name] = job.shared["lambda"]
@@ -101,10 +99,12 @@ class BMMProblem:
             raise ConfigError(["no linear weight has Grams for every expert: nothing for lambda to tune"])
 
     def merged(self, lambdas: dict[str, float]) -> dict[str, torch.Tensor]:
-        """The merged model for a lambda per regressed tensor (tensors not named keep the config's)."""
-        state = dict(self.fixed)
-        for name, system in self.systems.items():
-            state[name] = system.solve(lambdas.get(name, self.default_lambda[name]))
+        """The merged model for a lambda per regressed tensor (tensors not named keep the config's), written into
+        the session's live model; its tensors by name."""
+        state = self.session.state_dict()
+        with torch.no_grad():
+            for name, system in self.systems.items():
+                state[name].copy_(system.solve(lambdas.get(name, self.default_lambda[name])))
         return state
 
     def groups(self, granularity: str) -> dict[str, list[str]]:

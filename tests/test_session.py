@@ -214,3 +214,16 @@ def test_a_model_without_config_json_is_refused_before_reading(model_sets, tmp_p
         MergeSession({"merge_method": "linear", "models": [{"model": str(bare), "parameters": {"weight": 1.0}},
                                                            {"model": experts[1], "parameters": {"weight": 1.0}}]},
                      "cpu", progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_a_gpu_session_equals_the_gpu_engine(placement, model_sets, folder_tensors, tmp_path):
+    base, *experts = model_sets("llama_bf16_sharded")
+    config = {"merge_method": "dare_ties", "base_model": base,
+              "models": [{"model": e, "parameters": {"weight": 0.5, "density": GRADIENT}} for e in experts]}
+    session = MergeSession(config, "cuda", placement=placement, progress=False)
+    assert session.memory.placement == placement
+    merge(parse_config(config), str(tmp_path / "a"), MergeOptions(device="cuda", quiet=True, copy_tokenizer=False))
+    ref = folder_tensors(tmp_path / "a")
+    assert not differing({n: t.cpu() for n, t in session.state_dict().items()}, ref)

@@ -101,3 +101,13 @@ def test_timeout_and_bad_arguments(problem, bmm_config):
         tune_bmm(problem, lambda state: 0.0, lambda_range=(0.0, 1.0))
     with pytest.raises(ConfigError, match="merge_method: bmm"):
         BMMProblem({**bmm_config, "merge_method": "regmean"}, device="cpu")
+
+
+def test_the_problem_writes_into_its_sessions_live_model(problem, bmm_config):
+    name = next(iter(problem.systems))
+    state = problem.merged({name: 3.0})
+    live = problem.session.model.state_dict()[name]
+    assert torch.equal(live, state[name]) and torch.equal(live, problem.systems[name].solve(3.0))
+    problem.merged({})  # the config's lambda again, for the other tests
+    reused = BMMProblem(problem.session, progress=False)  # a session opened elsewhere: nothing read again
+    assert reused.session is problem.session and set(reused.systems) == set(problem.systems)

@@ -81,7 +81,7 @@ print("merge-engine patch extract / apply: ok")
 
 for command in ([], ["fisher"], ["stats"], ["key"], ["key", "generate"], ["key", "apply"], ["key", "remove"],
                 ["key", "recover"], ["key", "report"], ["key", "compare"], ["patch"], ["patch", "extract"],
-                ["patch", "norms"], ["patch", "apply"], ["patch", "remove"], ["patch", "recover"]):
+                ["patch", "norms"], ["patch", "apply"], ["patch", "remove"], ["patch", "recover"], ["search"]):
     run = subprocess.run(["merge-engine", *command, "--help"], capture_output=True, text=True)
     assert run.returncode == 0 and "usage:" in run.stdout and not run.stderr, (command, run.stderr)
 print("every command's --help: ok")
@@ -94,6 +94,13 @@ for command in (["stats", base, "data.txt", "grams"], ["fisher", base, "data.txt
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 2 and len(lines) == 1 and 'pip install "merge_engine[hf]"' in lines[0], run.stderr
     assert not os.path.exists(command[-1]), command
+with open("search.yml", "w") as f:
+    f.write(f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: {{search: [0.1, 1]}}}}\n"
+            "search: {objective: {kind: multiple_choice, data: val.jsonl}}\n")
+run = subprocess.run(["merge-engine", "search", "search.yml", "searched", "--budget", "60"], capture_output=True, text=True)
+lines = run.stderr.strip().splitlines()
+assert run.returncode == 2 and len(lines) == 1 and 'pip install "merge_engine[tune]"' in lines[0], run.stderr
+assert not os.path.exists("searched")
 from merge_engine.evaluation import LmEvalTasks
 from merge_engine.extras import MissingExtraError
 try:
@@ -102,7 +109,7 @@ try:
 except MissingExtraError as e:
     assert 'pip install "merge_engine[eval]"' in str(e), e
 print("optional parts without their extras: one-line refusals")
-unexpected = {m for m in ("transformers", "triton", "optuna", "scipy", "lm_eval") if m in sys.modules}
+unexpected = {m for m in ("transformers", "triton", "optuna", "scipy", "cmaes", "lm_eval") if m in sys.modules}
 assert not unexpected, unexpected
 EOF
 echo "install check: ok"

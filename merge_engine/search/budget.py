@@ -8,7 +8,8 @@ with a margin.
 
 Before any tensor is read, a lower bound of one trial's cost refuses budgets that cannot fit even one:
 reading the inputs at the fastest rate storage reaches (READ_CEILING), evaluating at the device's measured
-matrix-product rate, and writing the result at the measured write rate.
+matrix-product rate (the faster of fp32 and the model's dtype), and writing the result at the measured write
+rate.
 """
 from __future__ import annotations
 

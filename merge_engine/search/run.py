@@ -127,10 +127,13 @@ def check_settings(cfg: SearchConfig, options: SearchOptions) -> dict:
     """The `search:` section with the options' overrides; ConfigError naming each bad key."""
     s = cfg.settings
     problems = [f"search.{k}: unknown setting (known: {', '.join(SETTINGS)})" for k in s if k not in SETTINGS]
+    stored = s.get("storage")
+    if isinstance(stored, str) and cfg.source:  # read from the search file's folder, as its data paths are
+        stored = os.path.join(os.path.dirname(os.path.abspath(cfg.source)), stored)
     out = {"objective": s.get("objective"), "test": s.get("test"), "sampler": options.sampler or s.get("sampler", "tpe"),
            "seed": options.seed if options.seed is not None else s.get("seed", 0),
            "trials": options.trials if options.trials is not None else s.get("trials"),
-           "storage": options.storage or s.get("storage")}
+           "storage": options.storage or stored}
     if not isinstance(out["objective"], dict):
         problems.append("search.objective: a mapping such as {kind: multiple_choice, data: val.jsonl} is required")
     if options.test and isinstance(out["objective"], dict):  # scored as the objective, on another file
@@ -141,7 +144,7 @@ def check_settings(cfg: SearchConfig, options: SearchOptions) -> dict:
         problems.append(f"search.sampler: one of {', '.join(SAMPLERS)}, got {out['sampler']!r}")
     for key in ("seed", "trials"):
         v = out[key]
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or (key == "trials" and v < 1)):
+        if (v is not None or key == "seed") and (not isinstance(v, int) or isinstance(v, bool) or (key == "trials" and v < 1)):
             problems.append(f"search.{key}: an integer{' of at least 1' if key == 'trials' else ''}, got {v!r}")
     if out["storage"] is not None and not isinstance(out["storage"], str):
         problems.append(f"search.storage: a file path, got {out['storage']!r}")
@@ -162,7 +165,9 @@ class Estimate:
 
 def estimate_seconds(plan, memory, objective, device, out_dir: str) -> Estimate:
     params = sum(math.prod(shape) for _, _, shape in plan.entries())
-    per_token = 2 * params / matmul_rate(device, plan.jobs[0].out_dtype if plan.jobs else torch.float32)
+    dtype = plan.jobs[0].out_dtype if plan.jobs else torch.float32
+    # the faster of fp32 and the model's dtype: a CPU's bare bf16 matmul can be 10x slower than the model's layers
+    per_token = 2 * params / max(matmul_rate(device, torch.float32), matmul_rate(device, dtype))
     return Estimate(input_bytes(plan.jobs) / READ_CEILING, objective.tokens() * per_token, per_token,
                     memory.model_bytes / write_rate(os.path.dirname(os.path.abspath(out_dir))))
 

@@ -5,11 +5,12 @@ import sys
 
 import pytest
 
-from merge_engine.cli import fisher, key, merge, patch, stats
+from merge_engine.cli import fisher, key, merge, patch, search, stats
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
-    found = {"merge": merge.build_parser(), "stats": stats.build_parser(), "fisher": fisher.build_parser()}
+    found = {"merge": merge.build_parser(), "stats": stats.build_parser(), "fisher": fisher.build_parser(),
+             "search": search.build_parser()}
     for command, module in (("key", key), ("patch", patch)):
         parser = found[command] = module.build_parser()
         for action in parser._subparsers._group_actions:

@@ -198,6 +198,7 @@ BAD_SETTINGS = {  # change to the `search:` section -> what the message names
     "no objective": ({"objective": None}, "search.objective: a mapping"),
     "bad sampler": ({"sampler": "random"}, "search.sampler: one of tpe, cmaes, gp"),
     "bad trials": ({"trials": 0}, "search.trials: an integer of at least 1"),
+    "null seed": ({"seed": None}, "search.seed: an integer, got None"),
     "bad objective kind": ({"objective": {"kind": "bleu", "data": "x"}}, "kind"),
 }
 
@@ -251,11 +252,13 @@ def test_an_existing_output_is_refused_before_reading(search_models, monkeypatch
     assert (tmp_path / "out" / "mine.txt").read_text() == "keep"
 
 
-def test_relative_data_paths_are_taken_from_the_search_file(search_models, write_search, tmp_path):
+def test_relative_paths_are_taken_from_the_search_file(search_models, write_search, tmp_path, monkeypatch):
     paths, val, _ = search_models
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "val.jsonl").write_text(open(val).read())
-    path = write_search(search_config(paths, "data/val.jsonl"))
+    path = write_search(search_config(paths, "data/val.jsonl", storage="data/journal.log"))
+    monkeypatch.chdir(tmp_path / "data")  # not the search file's folder
     result = search(path, str(tmp_path / "out"), SearchOptions(budget=600, device="cpu", progress=False, trials=2))
     assert result.trials == 2
+    assert (tmp_path / "data" / "journal.log").exists()  # a storage the user named is left where it is
     assert torch.isfinite(torch.tensor(result.score))

@@ -1,0 +1,53 @@
+"""`merge-engine search` (merge_engine/cli/search.py): a search end to end from the command line, its summary
+line, and one-line refusals (exit 2) of bad budgets, spaces and a missing extra."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from merge_engine.cli import main
+from tests.search.conftest import search_config
+
+
+def test_a_search_from_the_command_line(search_models, write_search, tmp_path, capsys):
+    paths, val, test = search_models
+    config = write_search(search_config(paths, val))
+    out = tmp_path / "out"
+    assert main(["search", config, str(out), "--budget", "10m", "--trials", "3", "--device", "cpu", "--test", test,
+                 "--sampler", "cmaes", "--seed", "4"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("best score ") and ", test " in line and "after 3 trials (3 in this run)" in line
+    assert {"model.safetensors", "config.json", "mergekit_config.yml", "trials.csv", "search.json",
+            "search_journal.log"} <= set(os.listdir(out))
+    assert not (tmp_path / ".out.search").exists()
+
+
+@pytest.mark.parametrize("budget", ["soon", "0", "-5m"])
+def test_a_bad_budget_is_refused(budget, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["search", "search.yml", str(tmp_path / "out"), "--budget", budget])
+    assert e.value.code == 2 and "--budget" in capsys.readouterr().err
+
+
+def test_a_bad_space_is_one_line_and_nothing_is_written(search_models, write_search, tmp_path, capsys):
+    paths, val, _ = search_models
+    config = search_config(paths, val)
+    config["models"][0]["parameters"]["t"] = {"search": [0, 1]}
+    assert main(["search", write_search(config), str(tmp_path / "out"), "--budget", "60"]) == 2
+    err = capsys.readouterr().err
+    assert "models[0].parameters.t: a search space on 't', which merge method 'ties' does not have" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_without_optuna_the_error_names_the_extra(search_models, write_search, tmp_path):
+    paths, val, _ = search_models
+    code = ("import sys; sys.modules['optuna'] = None; from merge_engine.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    run = subprocess.run([sys.executable, "-c", code, "search", write_search(search_config(paths, val)),
+                          str(tmp_path / "out"), "--budget", "60"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [
+        'merge-engine: error: merge-engine search needs optuna: pip install "merge_engine[tune]"']
