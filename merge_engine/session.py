@@ -168,7 +168,10 @@ class MergeSession:
                 for ckpt, name in job.inputs + job.side_reads():
                     key = (id(ckpt), name)
                     if key not in held:
-                        held[key] = _placed(ckpt.read(name), to_device, pin, self.device)
+                        # the engine's reads: O_DIRECT for what the page cache lacks (cold: 5.9 s instead of 40 s
+                        # for 8.8 GB of bf16 inputs on a 2-core VM)
+                        tensor = ckpt.read_pooled(name, _fresh_bytes, "auto")
+                        held[key] = _placed(tensor, to_device, pin, self.device)
                         bar.update(ckpt.tensors[name].nbytes)
                     tensors.append(held[key])
                 out.append(tensors)
@@ -301,6 +304,10 @@ def into(target: torch.Tensor):
             return target
         return torch.empty(shape, dtype=dtype)
     return take
+
+
+def _fresh_bytes(n: int) -> torch.Tensor:
+    return torch.empty(n, dtype=torch.uint8)
 
 
 def _placed(t: torch.Tensor, to_device: bool, pin: bool, device: torch.device) -> torch.Tensor:
