@@ -101,16 +101,9 @@ def test_fisher_side_inputs_equal_the_engine(model_sets, folder_tensors, tmp_pat
 
 
 def test_grams_regression_equals_the_engine(model_sets, folder_tensors, tmp_path):
-    from merge_engine.stats.gram import GramOptions, collect_grams
-    from tests.stats.tiny_text import SENTENCES, tiny_tokenizer
+    from tests.stats.tiny_text import write_expert_grams
     paths = model_sets("llama")[:3]
-    grams = []
-    for i, path in enumerate(paths[1:]):
-        data = tmp_path / f"data{i}.txt"
-        data.write_text("\n".join(SENTENCES[i::2]) + "\n")
-        grams.append(str(tmp_path / f"grams{i}"))
-        collect_grams(path, str(data), grams[-1], GramOptions(batch_size=3, max_length=16, quiet=True, device="cpu",
-                                                               tokenizer=tiny_tokenizer()))
+    grams = write_expert_grams(paths[1:], tmp_path)
     for method, params in (("regmean", {}), ("bmm", {"lambda": 0.5})):
         config = {"merge_method": method, "base_model": paths[0], "dtype": "float32", "parameters": params,
                   "models": [{"model": p, "grams": g, "parameters": {"weight": 0.5}} for p, g in zip(paths[1:], grams)]}

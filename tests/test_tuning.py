@@ -17,22 +17,14 @@ from merge_engine.config import parse_config
 from merge_engine.engine import MergeOptions, merge
 from merge_engine.errors import ConfigError
 from merge_engine.io.checkpoint import Checkpoint
-from merge_engine.stats.gram import GramOptions, collect_grams
 from merge_engine.tuning import BMMProblem, tune_bmm
-from tests.stats.tiny_text import SENTENCES, tiny_tokenizer
+from tests.stats.tiny_text import write_expert_grams
 
 
 @pytest.fixture(scope="module")
 def bmm_config(model_sets, tmp_path_factory):
-    root = tmp_path_factory.mktemp("tuning")
     paths = model_sets("llama")[:3]
-    grams = []
-    for i, path in enumerate(paths[1:]):
-        data = root / f"data{i}.txt"
-        data.write_text("\n".join(SENTENCES[i::2]) + "\n")
-        grams.append(str(root / f"grams{i}"))
-        collect_grams(path, str(data), grams[-1], GramOptions(batch_size=3, max_length=16, quiet=True, device="cpu",
-                                                               tokenizer=tiny_tokenizer()))
+    grams = write_expert_grams(paths[1:], tmp_path_factory.mktemp("tuning"))
     return {"merge_method": "bmm", "base_model": paths[0], "dtype": "float32",
             "models": [{"model": p, "grams": g, "parameters": {"weight": 0.5}} for p, g in zip(paths[1:], grams)],
             "parameters": {"lambda": 0.5}}

@@ -24,3 +24,16 @@ def tiny_tokenizer(pad: bool = True):
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     specials = {"eos_token": "<eos>", "unk_token": "<unk>", **({"pad_token": "<pad>"} if pad else {})}
     return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+
+
+def write_expert_grams(experts: list[str], root) -> list[str]:
+    """Gram folders of each expert over half of SENTENCES (alternate halves), under root; their paths."""
+    from merge_engine.stats.gram import GramOptions, collect_grams
+    grams = []
+    for i, path in enumerate(experts):
+        data = root / f"data{i}.txt"
+        data.write_text("\n".join(SENTENCES[i::2]) + "\n")
+        grams.append(str(root / f"grams{i}"))
+        collect_grams(path, str(data), grams[-1], GramOptions(batch_size=3, max_length=16, quiet=True, device="cpu",
+                                                               tokenizer=tiny_tokenizer()))
+    return grams
