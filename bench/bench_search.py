@@ -65,9 +65,9 @@ def _timed(fn) -> float:
     return time.perf_counter() - began
 
 
-def session_trials(configs, objective) -> tuple[float, list[tuple[float, float, int]]]:
+def session_trials(configs, objective, device: str) -> tuple[float, list[tuple[float, float, int]]]:
     began = time.perf_counter()
-    session = MergeSession(configs[0], "cpu", progress=False)
+    session = MergeSession(configs[0], device, progress=False)
     opened = time.perf_counter() - began
     rows = []
     for cfg in configs[1:] + configs[:1]:  # the first config last: the opening merged it already
@@ -76,7 +76,7 @@ def session_trials(configs, objective) -> tuple[float, list[tuple[float, float, 
     return opened, rows
 
 
-def disk_trials(configs, objective, out: str, mergekit: str | None) -> list[tuple[float, float, float]]:
+def disk_trials(configs, objective, out: str, mergekit: str | None, device: str) -> list[tuple[float, float, float]]:
     rows = []
     for i, cfg in enumerate(configs):
         if mergekit:
@@ -87,9 +87,9 @@ def disk_trials(configs, objective, out: str, mergekit: str | None) -> list[tupl
             merged = _timed(lambda: subprocess.run([mergekit, path, out, "--out-shard-size", "5B"], check=True,
                                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         else:
-            merged = _timed(lambda: merge(parse_config(cfg), out, MergeOptions(device="cpu", quiet=True, overwrite=True)))
+            merged = _timed(lambda: merge(parse_config(cfg), out, MergeOptions(device=device, quiet=True, overwrite=True)))
         began = time.perf_counter()
-        model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).to(device).eval()
         loaded = time.perf_counter() - began
         rows.append((merged, loaded, _timed(lambda model=model: objective(model))))
     return rows
@@ -144,8 +144,8 @@ def print_trials(a, objective, read_gbps, copy_gbps, opened, session_rows, round
     floor = mean([r[2] for r in session_rows]) / (read_gbps * GB)
     r_merge, r_load, r_eval = (mean([r[i] for r in rounds]) for i in range(3))
     print(f"## Merge search: seconds per trial, TIES over a llama-L{a.layers}-H{a.hidden}-I{a.intermediate}-V{a.vocab} "
-          f"(bf16) base + 3 experts, CPU\n")
-    print(common.machine(torch.device("cpu")))
+          f"(bf16) base + 3 experts, {a.device}\n")
+    print(common.machine(torch.device(a.device)))
     print(f"- memory read bandwidth (int64 sum over 2 GiB): {read_gbps:.1f} GB/s; copy bandwidth (read + write): "
           f"{copy_gbps:.1f} GB/s")
     print(f"- validation: {a.questions} questions x {a.choices} choices, {objective.tokens()} tokens per evaluation; "
@@ -179,6 +179,7 @@ def main() -> None:
     p.add_argument("--mergekit-trials", type=int, default=1, help="trials timed through mergekit (each a full merge)")
     p.add_argument("--mergekit", default=MERGEKIT)
     p.add_argument("--skip-mergekit", action="store_true")
+    p.add_argument("--device", default="cpu", help="where sessions merge and models are evaluated (cpu, cuda)")
     a = p.parse_args()
     if a.small:
         vars(a).update(SMALL)
@@ -190,11 +191,11 @@ def main() -> None:
     configs = trial_configs(paths, a.trials)
     read_gbps, copy_gbps = read_bandwidth(), common.copy_bandwidth(torch.device("cpu"), 3)
 
-    opened, session_rows = session_trials(configs, objective)
+    opened, session_rows = session_trials(configs, objective, a.device)
     out = os.path.join(root, "search_trial_out")
-    rounds = disk_trials(configs, objective, out, None)
+    rounds = disk_trials(configs, objective, out, None, a.device)
     mergekit = None if a.skip_mergekit or not os.path.exists(a.mergekit) else a.mergekit
-    theirs = disk_trials(configs[:a.mergekit_trials], objective, out, mergekit) if mergekit else []
+    theirs = disk_trials(configs[:a.mergekit_trials], objective, out, mergekit, a.device) if mergekit else []
     shutil.rmtree(out, ignore_errors=True)
     per_trial = print_trials(a, objective, read_gbps, copy_gbps, opened, session_rows, rounds, theirs)
     print("### Memory plan of an 8B search on a 48 GB GPU (base + 3 experts, Llama-3-8B shapes, bf16)\n")
@@ -207,7 +208,7 @@ def main() -> None:
               "models": [{"model": p, "parameters": {"weight": {"search": [0.2, 1.0]}, "density": {"search": [0.3, 0.9]}}}
                          for p in paths[1:]], "search": {"objective": {"kind": "multiple_choice", "data": val}}}
     began = time.perf_counter()
-    result = search(spaces, search_out, SearchOptions(budget=a.budget, device="cpu", progress=False))
+    result = search(spaces, search_out, SearchOptions(budget=a.budget, device=a.device, progress=False))
     searched = time.perf_counter() - began
     shutil.rmtree(search_out, ignore_errors=True)
 

@@ -28,6 +28,8 @@ if [ "$stage" = tests ]; then
     MERGE_ENGINE_GPU_BACKEND=$backend $PY -m pytest -q -ra -p no:cacheprovider \
       "tests/test_engine.py::test_cuda_merge_matches_cpu" 2>&1 | tee "$OUT/engine_$backend.txt"
   done
+  $PY -m pytest -q -ra -p no:cacheprovider "tests/test_session.py::test_a_gpu_session_equals_the_gpu_engine" 2>&1 \
+    | tee "$OUT/session.txt"
 elif [ "$stage" = bench ]; then
   for backend in cuda triton; do
     for b in task_vectors fisher gram permute; do
@@ -35,6 +37,8 @@ elif [ "$stage" = bench ]; then
       $PY bench/bench_$b.py --device cuda --backend $backend 2>&1
     done
   done | tee "$OUT/bench.txt"
+  # seconds per search trial on the GPU (the 162M model: it fits the device time)
+  $PY bench/bench_search.py --device cuda --small --trials 2 --budget 120 --skip-mergekit 2>&1 | tee "$OUT/search.txt"
 else
   echo "usage: tools/gpu_check.sh tests|bench" >&2
   exit 2
