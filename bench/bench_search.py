@@ -38,7 +38,7 @@ from merge_engine import MergeOptions, merge, parse_config  # noqa: E402
 from merge_engine.demo import save_word_tokenizer, write_questions  # noqa: E402
 from merge_engine.evaluation import MultipleChoice  # noqa: E402
 from merge_engine.search import SearchOptions, search  # noqa: E402
-from merge_engine.session import MergeSession, plan_memory  # noqa: E402
+from merge_engine.session import MemoryPlanError, MergeSession, plan_memory  # noqa: E402
 
 GB = 1e9
 
@@ -126,12 +126,11 @@ def plan_8b(root: str) -> str:
     plan = build_plan(parse_config(trial_configs(paths, 1)[0]))
     rows = []
     for host in (128, 256):
-        for placement in ("auto",):
-            try:
-                mp = plan_memory(plan, torch.device("cuda"), placement, free={"cuda": int(46 * GB), "host": int(host * GB)})
-                rows.append(f"- {host} GB host RAM, 46 GB free on the 48 GB GPU: placement '{mp.placement}': {mp.summary()}")
-            except Exception as e:  # noqa: BLE001 (the refusal is the answer)
-                rows.append(f"- {host} GB host RAM, 46 GB free on the 48 GB GPU: refused: {e}")
+        try:
+            mp = plan_memory(plan, torch.device("cuda"), free={"cuda": int(46 * GB), "host": int(host * GB)})
+            rows.append(f"- {host} GB host RAM, 46 GB free on the 48 GB GPU: placement '{mp.placement}': {mp.summary()}")
+        except MemoryPlanError as e:  # the refusal is the answer
+            rows.append(f"- {host} GB host RAM, 46 GB free on the 48 GB GPU: refused: {e}")
     for p in paths:
         shutil.rmtree(p)
     return "\n".join(rows)

@@ -94,16 +94,20 @@ class MergeConfig:
 
 def load_config(path: str, strict: bool = False) -> MergeConfig:
     """Read and validate a YAML config file."""
+    return parse_config(read_yaml(path), source=path, strict=strict)
+
+
+def read_yaml(path: str):
+    """A YAML file's content, or ConfigError saying why it cannot be read."""
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except OSError as e:
         raise ConfigError([f"cannot read config: {e.strerror or e}"], path) from e
     except UnicodeDecodeError as e:
         raise ConfigError([f"not UTF-8 text (byte {e.start}: {e.reason})"], path) from e
     except yaml.YAMLError as e:
         raise ConfigError([f"invalid YAML: {e}"], path) from e
-    return parse_config(raw, source=path, strict=strict)
 
 
 def parse_config(raw: Any, source: str | None = None, strict: bool = False) -> MergeConfig:

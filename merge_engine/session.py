@@ -20,7 +20,6 @@ same device, so the live model equals the engine's output bit for bit (tests/tes
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 import time
@@ -46,8 +45,6 @@ from merge_engine.extras import require
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.plan import MergePlan, TensorJob, build_plan, resolve_parameters
 from merge_engine.vocabulary import tokenizer_folder
-
-log = logging.getLogger("merge_engine")
 
 PLACEMENTS = ("auto", "device", "host")
 GB = 1e9
@@ -140,11 +137,12 @@ class MergeSession:
     """A merge held in memory: see the module's docstring."""
 
     def __init__(self, config: MergeConfig | dict | str, device: str = "auto", *, placement: str = "auto",
-                 random_seed: int = 0, allow_crimes: bool = False, progress: bool = True):
+                 random_seed: int = 0, allow_crimes: bool = False, progress: bool = True, plan: MergePlan | None = None):
+        """plan: build_plan(config) when the caller has it already (its headers are not read again)."""
         self.config = as_config(config)
         self.device = resolve_device(device)
         self.random_seed = random_seed
-        self.plan = build_plan(self.config, allow_crimes)
+        self.plan = plan or build_plan(self.config, allow_crimes)
         self.memory = plan_memory(self.plan, self.device, placement)
         load_kernels(self.device)
         self.model = live_model(self.plan, self.device)
@@ -180,7 +178,11 @@ class MergeSession:
     def job_inputs(self):
         """(job, its input tensors then side inputs, on the device) for every tensor of the plan."""
         for job, tensors in zip(self.plan.jobs, self._inputs):
-            yield job, [t.to(self.device, non_blocking=True) for t in tensors]
+            yield job, self._on_device(tensors)
+
+    def _on_device(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Inputs held in pinned host memory (placement 'host') copied to the device; others as they are."""
+        return [t.to(self.device, non_blocking=True) for t in tensors] if self.memory.placement == "host" else tensors
 
     # ---- merging ----
 
@@ -215,10 +217,7 @@ class MergeSession:
 
     def _merge_one(self, i: int, job: TensorJob, cfg: MergeConfig) -> None:
         target = self._targets[job.out_name]
-        tensors = self._inputs[i]
-        if self.memory.placement == "host" and self.device.type == "cuda":
-            tensors = [t.to(self.device, non_blocking=True) for t in tensors]
-        result = compute(job, tensors, cfg.method, self.random_seed,
+        result = compute(job, self._on_device(self._inputs[i]), cfg.method, self.random_seed,
                          into(target) if self.device.type == "cpu" else None)
         if result.data_ptr() != target.data_ptr():
             target.copy_(result)

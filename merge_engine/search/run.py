@@ -17,7 +17,6 @@ import csv
 import hashlib
 import io
 import json
-import logging
 import math
 import os
 import shutil
@@ -26,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
+from merge_engine.config import read_yaml
 from merge_engine.devices import resolve_device
 from merge_engine.engine import MergeOptions, check_output_outside_inputs
 from merge_engine.errors import ConfigError, MergeEngineError
@@ -39,8 +38,6 @@ from merge_engine.plan import build_plan
 from merge_engine.search.budget import READ_CEILING, Budget, matmul_rate, reserve_seconds, write_rate
 from merge_engine.search.spaces import SearchConfig, parse_search_config
 from merge_engine.session import MergeSession, input_bytes, output_config, output_tokenizer, plan_memory
-
-log = logging.getLogger("merge_engine")
 
 SAMPLERS = ("tpe", "cmaes", "gp")
 SETTINGS = ("objective", "test", "sampler", "seed", "trials", "storage")
@@ -83,12 +80,7 @@ class SearchResult:
 
 
 def load_search_config(path: str) -> SearchConfig:
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError([f"cannot read the search config: {e}"], path) from None
-    return parse_search_config(raw, path)
+    return parse_search_config(read_yaml(path), path)
 
 
 def search(config: SearchConfig | dict | str, out_dir: str, options: SearchOptions) -> SearchResult:
@@ -105,8 +97,9 @@ def search(config: SearchConfig | dict | str, out_dir: str, options: SearchOptio
     tokenizer = output_tokenizer(plan)
     objective = evaluator_from_spec(settings["objective"], tokenizer, "search.objective", base_dir=base_dir)
     test = evaluator_from_spec(settings["test"], tokenizer, "search.test", base_dir=base_dir) if settings["test"] else None
+    model_config = output_config(plan)
     for evaluator in (objective, test) if test else (objective,):
-        evaluator.check_model(output_config(plan))
+        evaluator.check_model(model_config)
     device = resolve_device(options.device)
     memory = plan_memory(plan, device, options.placement)
     estimate = estimate_seconds(plan, memory, objective, device, out_dir)
@@ -116,7 +109,7 @@ def search(config: SearchConfig | dict | str, out_dir: str, options: SearchOptio
     try:
         study, storage_path = open_study(optuna, cfg, settings, objective.direction, out_dir)
         session = MergeSession(start_config, str(device), placement=memory.placement, random_seed=options.random_seed,
-                               progress=options.progress)
+                               progress=options.progress, plan=plan)
         ran = run_trials(optuna, study, cfg, session, objective, test, settings["trials"], budget, estimate, options)
         return finish(optuna, study, cfg, session, objective, test, out_dir, storage_path, settings, budget, options, ran)
     finally:
@@ -237,14 +230,15 @@ def run_trials(optuna, study, cfg: SearchConfig, session: MergeSession, objectiv
                budget: Budget, estimate: Estimate, options: SearchOptions) -> int:
     """Trials while one more (as long as the longest so far; the first as estimated) and the reserve for the end
     fit the budget."""
-    durations: list[float] = [estimate.trial]
-    seconds_per_token = estimate.per_token
+    durations: list[float] = []  # measured trials (until the first, the estimate's lower bound stands in)
+    eval_per_token: list[float] = []
     done = 0
     with tqdm(total=round(budget.seconds), unit="s", desc="search", disable=not options.progress,
               bar_format="{desc}: {bar} {n_fmt}/{total_fmt} s {postfix}") as bar:
         while max_trials is None or done < max_trials:
-            reserve = reserve_seconds(estimate.write, seconds_per_token * test.tokens() if test else 0.0)
-            if budget.left() < max(durations) + reserve:
+            per_token = max(eval_per_token, default=estimate.per_token)
+            reserve = reserve_seconds(estimate.write, per_token * test.tokens() if test else 0.0)
+            if budget.left() < max(durations, default=estimate.trial) + reserve:
                 break
             began = budget.clock()  # a trial's time includes the sampler's (a GP's can take seconds)
             trial = study.ask()
@@ -261,9 +255,7 @@ def run_trials(optuna, study, cfg: SearchConfig, session: MergeSession, objectiv
             study.tell(trial, score if math.isfinite(score) else None,
                        state=None if math.isfinite(score) else optuna.trial.TrialState.FAIL)
             ended = budget.clock()
-            if done == 0:  # measured now: the estimate was a lower bound
-                durations, seconds_per_token = [], 0.0
-            seconds_per_token = max(seconds_per_token, (scored - merged) / max(objective.tokens(), 1))
+            eval_per_token.append((scored - merged) / max(objective.tokens(), 1))
             durations.append(ended - began)
             done += 1
             bar.n = min(round(budget.elapsed()), bar.total)
