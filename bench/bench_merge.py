@@ -147,11 +147,11 @@ def method_config(method: str, paths: list[str]) -> tuple[dict, list[str]]:
     return {**config, "base_model": paths[0], "parameters": {"normalize": True}}, paths
 
 
-def write_lora(model: str, folder: str, r: int = 16) -> str:
+def write_lora(model: str, folder: str, r: int = 16, seed: int = 1) -> str:
     """A peft-format LoRA adapter (random A and B, bf16) on every 2-D weight inside the layers of `model`."""
     if os.path.exists(os.path.join(folder, "adapter_model.safetensors")):
         return folder
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     tensors, targets = {}, set()
     for f in safetensors_files(model):
         with safe_open(f, "pt") as st:

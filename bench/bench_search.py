@@ -32,7 +32,7 @@ import common  # noqa: E402,F401  (the engine's process settings, before torch a
 import torch  # noqa: E402
 import transformers  # noqa: E402
 import yaml  # noqa: E402
-from bench_merge import MERGEKIT, SHAPE, SMALL, generate_models_apart  # noqa: E402
+from bench_merge import MERGEKIT, SHAPE, SMALL, generate_models_apart, write_lora  # noqa: E402
 
 from merge_engine import MergeOptions, merge, parse_config  # noqa: E402
 from merge_engine.demo import save_word_tokenizer, write_questions  # noqa: E402
@@ -95,43 +95,64 @@ def disk_trials(configs, objective, out: str, mergekit: str | None, device: str)
     return rows
 
 
+LLAMA3_8B_LINEAR = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (1024, 4096), "self_attn.v_proj": (1024, 4096),
+                    "self_attn.o_proj": (4096, 4096), "mlp.gate_proj": (14336, 4096), "mlp.up_proj": (14336, 4096),
+                    "mlp.down_proj": (4096, 14336)}
+
+
+def write_sparse_safetensors(path: str, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A bf16 safetensors file with these tensors' header and no data written (a sparse file)."""
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        n = 2 * int(torch.Size(shape).numel())
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        f.truncate(8 + len(blob) + offset)
+
+
 def plan_8b(root: str) -> str:
-    """The memory plan of a base + 3 experts of Llama-3-8B's shapes on a 48 GB GPU (sparse files: headers only)."""
+    """The memory plans of a base + 3 experts of Llama-3-8B's shapes on a 48 GB GPU, full experts and rank-16 LoRA
+    experts on all seven linear weights (sparse files: headers only)."""
     shapes = {"model.embed_tokens.weight": (128256, 4096), "lm_head.weight": (128256, 4096), "model.norm.weight": (4096,)}
     for i in range(32):
         p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (4096, 4096), p + "self_attn.k_proj.weight": (1024, 4096),
-                       p + "self_attn.v_proj.weight": (1024, 4096), p + "self_attn.o_proj.weight": (4096, 4096),
-                       p + "mlp.gate_proj.weight": (14336, 4096), p + "mlp.up_proj.weight": (14336, 4096),
-                       p + "mlp.down_proj.weight": (4096, 14336), p + "input_layernorm.weight": (4096,),
-                       p + "post_attention_layernorm.weight": (4096,)})
+        shapes.update({p + m + ".weight": shape for m, shape in LLAMA3_8B_LINEAR.items()})
+        shapes.update({p + "input_layernorm.weight": (4096,), p + "post_attention_layernorm.weight": (4096,)})
     paths = []
     for m in range(4):
         folder = os.path.join(root, f"sparse8b-{m}")
         os.makedirs(folder, exist_ok=True)
-        header, offset = {}, 0
-        for name, shape in shapes.items():
-            n = 2 * int(torch.Size(shape).numel())
-            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
-            offset += n
-        blob = json.dumps(header).encode()
-        blob += b" " * (-len(blob) % 8)
-        with open(os.path.join(folder, "model.safetensors"), "wb") as f:
-            f.write(len(blob).to_bytes(8, "little") + blob)
-            f.truncate(8 + len(blob) + offset)  # sparse: no data written
+        write_sparse_safetensors(os.path.join(folder, "model.safetensors"), shapes)
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 32}, f)
         paths.append(folder)
+    adapters = []
+    for m in range(1, 4):
+        folder = os.path.join(root, f"sparse8b-lora{m}")
+        os.makedirs(folder, exist_ok=True)
+        write_sparse_safetensors(os.path.join(folder, "adapter_model.safetensors"), {
+            f"base_model.model.model.layers.{i}.{mod}.lora_{ab}.weight": (16, cols) if ab == "A" else (rows, 16)
+            for i in range(32) for mod, (rows, cols) in LLAMA3_8B_LINEAR.items() for ab in "AB"})
+        with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+            json.dump({"peft_type": "LORA", "r": 16, "lora_alpha": 32,
+                       "target_modules": [m.split(".")[1] for m in LLAMA3_8B_LINEAR]}, f)
+        adapters.append(f"{paths[0]}+{folder}")
     from merge_engine.plan import build_plan
-    plan = build_plan(parse_config(trial_configs(paths, 1)[0]))
     rows = []
-    for host in (128, 256):
-        try:
-            mp = plan_memory(plan, torch.device("cuda"), free={"cuda": int(46 * GB), "host": int(host * GB)})
-            rows.append(f"- {host} GB host RAM, 46 GB free on the 48 GB GPU: placement '{mp.placement}': {mp.summary()}")
-        except MemoryPlanError as e:  # the refusal is the answer
-            rows.append(f"- {host} GB host RAM, 46 GB free on the 48 GB GPU: refused: {e}")
-    for p in paths:
+    for what, experts, hosts in (("three full experts", paths[1:], (128, 256)),
+                                 ("three rank-16 LoRA experts of the base", adapters, (32, 64, 128))):
+        plan = build_plan(parse_config(trial_configs(paths[:1] + experts, 1)[0]))
+        for host in hosts:
+            try:
+                mp = plan_memory(plan, torch.device("cuda"), free={"cuda": int(46 * GB), "host": int(host * GB)})
+                rows.append(f"- {what}, {host} GB host RAM, 46 GB free on the 48 GB GPU: {mp.describe()}: {mp.summary()}")
+            except MemoryPlanError as e:  # the refusal is the answer
+                rows.append(f"- {what}, {host} GB host RAM, 46 GB free on the 48 GB GPU: refused: {e}")
+    for p in paths + [a.split("+")[1] for a in adapters]:
         shutil.rmtree(p)
     return "\n".join(rows)
 
@@ -163,6 +184,23 @@ def print_trials(a, objective, read_gbps, copy_gbps, opened, session_rows, round
           f"at {read_gbps:.1f} GB/s = {floor:.2f} s. 'merge x session's' of (b) and (c) counts their merge and load.\n",
           flush=True)
     return [r_merge + r_load + r_eval] + ([k_merge + k_load + k_eval] if theirs else [])
+
+
+def lora_sessions(base: str, trials: int, device: str) -> str:
+    """Sessions over three rank-16 LoRA experts of the base (every linear weight of every layer), their updates
+    applied once or factored: memory held and seconds per merge (every tensor merged again)."""
+    adapters = [write_lora(base, os.path.join(os.path.dirname(base), f"lora16-base-{i}"), seed=i) for i in (1, 2, 3)]
+    configs = trial_configs([base] + [f"{base}+{a}" for a in adapters], trials + 1)
+    lines = ["| LoRA inputs | inputs held GB | more on the host GB | opened in s | merge s per trial |", "|---|---:|---:|---:|---:|"]
+    for lora in ("applied", "factored"):
+        began = time.perf_counter()
+        session = MergeSession(configs[0], device, lora=lora, progress=False)
+        opened = time.perf_counter() - began
+        merges = [session.merge(cfg).seconds for cfg in configs[1:]]
+        lines.append(f"| {lora} | {session.memory.input_bytes / GB:.2f} | {session.memory.lora_bytes / GB:.2f} | "
+                     f"{opened:.1f} | {sum(merges) / len(merges):.2f} |")
+        del session
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -197,6 +235,8 @@ def main() -> None:
     theirs = disk_trials(configs[:a.mergekit_trials], objective, out, mergekit, a.device) if mergekit else []
     shutil.rmtree(out, ignore_errors=True)
     per_trial = print_trials(a, objective, read_gbps, copy_gbps, opened, session_rows, rounds, theirs)
+    print(f"### LoRA experts: a session over base + three rank-16 LoRA experts of it, {a.device}\n")
+    print(lora_sessions(paths[0], a.trials, a.device) + "\n", flush=True)
     print("### Memory plan of an 8B search on a 48 GB GPU (base + 3 experts, Llama-3-8B shapes, bf16)\n")
     print(plan_8b(root) + "\n", flush=True)
 

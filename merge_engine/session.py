@@ -6,7 +6,9 @@ merge's output, and merges again that recompute only what a change of parameters
       plan_memory                         inputs + live model + work space against free memory: refused
                                           before any read when it cannot fit, with what would
       live_model                          the output's transformers model, its parameters left unset
-      read every input tensor once        onto the device when they fit, else into pinned host memory
+      read every input tensor once        onto the device when they fit, else into pinned host memory; a
+                                          tensor several models share as their folder stores it (a base
+                                          and the LoRA experts over it) is held once
       merge(config)                       every tensor, into the live model
     session.merge(other_config)           the same models, other parameters: each tensor's parameters are
                                           resolved again and only the tensors whose parameters changed are
@@ -16,6 +18,14 @@ merge's output, and merges again that recompute only what a change of parameters
 
 A tensor is merged by engine.compute, the function the engine's pipeline calls, with the same inputs on the
 same device, so the live model equals the engine's output bit for bit (tests/test_session.py).
+
+LoRA inputs (`BASE+ADAPTER`) are held one of two ways, which the memory plan chooses (`lora`):
+    applied    the update applied once, at the read, as the engine reads it: a dense copy per expert (fastest
+               merges)
+    factored   the base's tensor held once (shared with the base model and the other adapters over it) and the
+               adapter's factors; each merge that needs the expert's tensor applies the update again, on the
+               host, with the engine's read-time code (the same bits). An expert then costs its adapter's bytes,
+               not a copy of the model: three 8B LoRA experts over their base hold 16 GB instead of 64 GB.
 """
 from __future__ import annotations
 
@@ -42,11 +52,14 @@ from merge_engine.engine import (
 )
 from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.extras import require
+from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.lora import LoraCheckpoint
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.plan import MergePlan, TensorJob, build_plan, resolve_parameters
 from merge_engine.vocabulary import tokenizer_folder
 
 PLACEMENTS = ("auto", "device", "host")
+LORA_MODES = ("auto", "applied", "factored")
 GB = 1e9
 
 
@@ -60,21 +73,30 @@ class MemoryPlan:
 
     device: torch.device
     placement: str  # "device": the inputs are held on the device; "host": in (pinned) host memory, copied per tensor
-    input_bytes: int  # every input tensor once (side inputs included)
+    input_bytes: int  # every input tensor once (side inputs included), where the placement puts them
     model_bytes: int  # the live model
     work_bytes: int  # the largest tensor's inputs on the device and its result, twice over
+    lora: str = "applied"  # how LoRA inputs are held (the module's docstring)
+    lora_bytes: int = 0  # host bytes beside the inputs for LoRA updates: scratch; factored, also the bases and
+    # adapters beside inputs on the device
 
     def needs(self) -> dict[str, int]:
         """Bytes needed per memory: 'host' and, on a GPU, the device's name."""
         if self.device.type == "cpu":
-            return {"host": self.input_bytes + self.model_bytes + self.work_bytes}
+            return {"host": self.input_bytes + self.lora_bytes + self.model_bytes + self.work_bytes}
         on_device = self.model_bytes + self.work_bytes + (self.input_bytes if self.placement == "device" else 0)
-        return {str(self.device): on_device, "host": self.input_bytes if self.placement == "host" else 0}
+        return {str(self.device): on_device,
+                "host": self.lora_bytes + (self.input_bytes if self.placement == "host" else 0)}
 
     def summary(self) -> str:
         where = "on the device" if self.placement == "device" or self.device.type == "cpu" else "in pinned host memory"
-        return (f"inputs {self.input_bytes / GB:.2f} GB {where}, live model {self.model_bytes / GB:.2f} GB, "
+        factored = (f", LoRA updates applied at each merge ({self.lora_bytes / GB:.2f} GB more on the host)"
+                    if self.lora == "factored" else f", LoRA scratch {self.lora_bytes / GB:.2f} GB" if self.lora_bytes else "")
+        return (f"inputs {self.input_bytes / GB:.2f} GB {where}{factored}, live model {self.model_bytes / GB:.2f} GB, "
                 f"work {self.work_bytes / GB:.2f} GB ({', '.join(f'{k}: {v / GB:.2f} GB' for k, v in self.needs().items())})")
+
+    def describe(self) -> str:
+        return f"placement='{self.placement}'" + (", lora='factored'" if self.lora == "factored" else "")
 
 
 @dataclass
@@ -98,91 +120,170 @@ def free_memory(device: torch.device) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def held_as(ckpt: Checkpoint, name: str, factored: bool, on_device: bool) -> list[tuple[tuple, int]]:
+    """What one job input is held as: [(key, bytes)], a key naming the memory it is in ('device' or 'host').
+    A tensor as its folder stores it (a plain model's, or one its LoRA adapter leaves as it is) is keyed by folder
+    and name, so that every model over that folder shares it; a LoRA expert's changed tensor is its own, applied
+    (a dense copy) or, factored, the folder's tensor (held on the host, where updates are applied) plus the
+    adapter's tensors for it."""
+    where = "device" if on_device else "host"
+    nbytes = ckpt.tensors[name].nbytes
+    if type(ckpt) is Checkpoint or (isinstance(ckpt, LoraCheckpoint) and name not in ckpt.targets):
+        return [((where, "file", ckpt.path, name), nbytes)]
+    if factored and is_factored(ckpt, name):
+        return [(("host", "file", ckpt.path, name), nbytes), (("host", "adapter", id(ckpt), name), ckpt.adapter_bytes(name))]
+    return [((where, "own", id(ckpt), name), nbytes)]
+
+
+def is_factored(ckpt: Checkpoint, name: str) -> bool:
+    """Whether a factored session applies this input's LoRA update at each merge (a low-rank update; a tensor the
+    adapter only replaces is held applied)."""
+    return isinstance(ckpt, LoraCheckpoint) and name in ckpt.targets and ckpt.targets[name].a is not None
+
+
+def holdings(jobs: list[TensorJob], factored: bool = False, on_device: bool = False) -> dict[tuple, int]:
+    """Every distinct tensor the jobs' inputs are held as (held_as) and its bytes."""
+    return dict(kv for job in jobs for ckpt, name in job.inputs + job.side_reads()
+                for kv in held_as(ckpt, name, factored, on_device))
+
+
 def input_bytes(jobs: list[TensorJob]) -> int:
-    """Bytes of the distinct input tensors of jobs (a tensor several jobs read counts once)."""
-    seen = {(id(ckpt), name): ckpt.tensors[name].nbytes for job in jobs for ckpt, name in job.inputs + job.side_reads()}
-    return sum(seen.values())
+    """Bytes of the distinct input tensors of jobs (a tensor several jobs or models read counts once)."""
+    return sum(holdings(jobs).values())
+
+
+def lora_scratch_bytes(jobs: list[TensorJob], factored: bool) -> int:
+    """Host scratch for LoRA updates: each adapter's fp32 (fp64) product and widened weight, grown to its largest
+    update (LoraCheckpoint keeps them); factored, also the largest job's expert tensors the updates are applied in."""
+    widest: dict[int, int] = {}
+    slots = 0
+    for job in jobs:
+        infos = []
+        for ckpt, name in job.inputs:
+            if is_factored(ckpt, name):
+                info = ckpt.tensors[name]
+                infos.append(info)
+                widest[id(ckpt)] = max(widest.get(id(ckpt), 0), math.prod(info.shape) * (8 if info.dtype == torch.float64 else 4))
+        slots = max(slots, sum(i.nbytes for i in infos))
+    return 2 * sum(widest.values()) + (slots if factored else 0)
 
 
 def plan_memory(plan: MergePlan, device: torch.device, placement: str = "auto",
-                free: dict[str, int] | None = None) -> MemoryPlan:
-    """The placement of a session's tensors that fits, or MemoryPlanError saying what it needs and what
-    would fit. free: bytes free per memory ('host', the device's name); measured when None."""
+                free: dict[str, int] | None = None, lora: str = "auto") -> MemoryPlan:
+    """The first holding of a session's tensors that fits, in the order: inputs on the device, in host memory;
+    LoRA inputs applied, factored (when `lora` is auto and the plan has LoRA inputs). MemoryPlanError saying what
+    each needs and what would fit when none does. free: bytes free per memory ('host', the device's name);
+    measured when None."""
     if placement not in PLACEMENTS:
         raise MemoryPlanError(f"placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
+    if lora not in LORA_MODES:
+        raise MemoryPlanError(f"lora must be one of {', '.join(LORA_MODES)}, not {lora!r}")
     largest = max(map(job_bytes, plan.jobs), default=0)
     model = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in plan.entries())
-    inputs = input_bytes(plan.jobs)
     free = free if free is not None else {"host": free_memory(torch.device("cpu")),
                                           **({str(device): free_memory(device)} if device.type == "cuda" else {})}
-    options = ["device"] if device.type == "cpu" else ["device", "host"]
-    choices = options if placement == "auto" else [placement]
-    candidates = [MemoryPlan(device, p, inputs, model, 2 * largest) for p in options]
-    for p in candidates:
-        if p.placement in choices and all(need <= free.get(where, 0) for where, need in p.needs().items()):
+    has_lora = any(is_factored(ckpt, name) for job in plan.jobs for ckpt, name in job.inputs)
+    candidates = [_candidate(plan, device, p, m, model, 2 * largest)
+                  for m in (("applied", "factored") if has_lora else ("applied",))
+                  for p in (("device",) if device.type == "cpu" else ("device", "host"))]
+    def fits(p: MemoryPlan) -> bool:
+        return all(need <= free.get(where, 0) for where, need in p.needs().items())
+    wanted = [p for p in candidates if placement in ("auto", p.placement) and (lora in ("auto", p.lora) or not has_lora)]
+    for p in wanted:
+        if fits(p):
             return p
-    wanted = [p for p in candidates if p.placement in choices]
-    lines = [f"placement '{p.placement}' needs " + ", ".join(f"{v / GB:.3g} GB {k}" for k, v in p.needs().items())
-             for p in wanted]
-    fits = [p.placement for p in candidates if p not in wanted
-            and all(need <= free.get(where, 0) for where, need in p.needs().items())]
-    hint = (f"placement='{fits[0]}' would fit" if fits else
+    lines = [f"{p.describe()} needs " + ", ".join(f"{v / GB:.3g} GB {k}" for k, v in p.needs().items()) for p in wanted]
+    others = [p.describe() for p in candidates if p not in wanted and fits(p)]
+    hint = (f"{others[0]} would fit" if others else
             "merge to disk with `merge-engine` instead (it streams), or use a device with more memory")
     raise MemoryPlanError("the merge session does not fit in memory: " + "; ".join(lines) + " (inputs "
-                          f"{inputs / GB:.3g} GB read once, live model {model / GB:.3g} GB, work {2 * largest / GB:.3g} GB)"
-                          "; free: " + ", ".join(f"{k} {v / GB:.3g} GB" for k, v in free.items()) + f"; {hint}")
+                          f"{input_bytes(plan.jobs) / GB:.3g} GB read once, live model {model / GB:.3g} GB, work "
+                          f"{2 * largest / GB:.3g} GB); free: " + ", ".join(f"{k} {v / GB:.3g} GB" for k, v in free.items())
+                          + f"; {hint}")
+
+
+def _candidate(plan: MergePlan, device: torch.device, placement: str, lora: str, model: int, work: int) -> MemoryPlan:
+    on_device = device.type == "cuda" and placement == "device"
+    held = holdings(plan.jobs, lora == "factored", on_device)
+    placed = sum(v for k, v in held.items() if k[0] == ("device" if on_device else "host"))
+    beside = sum(held.values()) - placed  # factored, on the host beside inputs on the device: bases and adapters
+    return MemoryPlan(device, placement, placed, model, work, lora, beside + lora_scratch_bytes(plan.jobs, lora == "factored"))
 
 
 class MergeSession:
     """A merge held in memory: see the module's docstring."""
 
     def __init__(self, config: MergeConfig | dict | str, device: str = "auto", *, placement: str = "auto",
-                 random_seed: int = 0, allow_crimes: bool = False, progress: bool = True, plan: MergePlan | None = None):
-        """plan: build_plan(config) when the caller has it already (its headers are not read again)."""
+                 lora: str = "auto", random_seed: int = 0, allow_crimes: bool = False, progress: bool = True,
+                 plan: MergePlan | None = None):
+        """placement, lora: see plan_memory (auto: the first that fits). plan: build_plan(config) when the caller
+        has it already (its headers are not read again)."""
         self.config = as_config(config)
         self.device = resolve_device(device)
         self.random_seed = random_seed
         self.plan = plan or build_plan(self.config, allow_crimes)
-        self.memory = plan_memory(self.plan, self.device, placement)
+        self.memory = plan_memory(self.plan, self.device, placement, lora=lora)
         load_kernels(self.device)
         self.model = live_model(self.plan, self.device)
         self._targets = merge_targets(self.model, self.plan)
+        self._scratch: dict[int, torch.Tensor] = {}  # factored inputs' tensors, per input slot (_inputs_of)
         self._inputs = self._read_inputs(progress)
         self._merged_with: list[Any] = [None] * len(self.plan.jobs)  # the parameters each tensor holds now
         self.merge(self.config)
 
     # ---- reading ----
 
-    def _read_inputs(self, progress: bool) -> list[list[torch.Tensor]]:
-        """Every job's inputs (then side inputs), each distinct tensor read once, where the memory plan puts them."""
-        held: dict[tuple[int, str], torch.Tensor] = {}
-        to_device = self.device.type == "cuda" and self.memory.placement == "device"
+    def _read_inputs(self, progress: bool) -> list[list[torch.Tensor | FactoredInput]]:
+        """Every job's inputs (then side inputs), each distinct tensor read once (held_as), where the memory plan
+        puts it."""
+        factored = self.memory.lora == "factored"
+        on_device = self.device.type == "cuda" and self.memory.placement == "device"
         pin = self.device.type == "cuda" and self.memory.placement == "host"
+        held: dict[tuple, torch.Tensor] = {}
         out = []
-        with tqdm(total=input_bytes(self.plan.jobs), unit="B", unit_scale=True, desc="reading",
-                  disable=not progress) as bar:
+        with tqdm(total=sum(holdings(self.plan.jobs, factored, on_device).values()), unit="B", unit_scale=True,
+                  desc="reading", disable=not progress) as bar:
             for job in self.plan.jobs:
                 tensors = []
                 for ckpt, name in job.inputs + job.side_reads():
-                    key = (id(ckpt), name)
+                    (key, nbytes), *adapter = held_as(ckpt, name, factored, on_device)
                     if key not in held:
                         # the engine's reads: O_DIRECT for what the page cache lacks (cold: 5.9 s instead of 40 s
                         # for 8.8 GB of bf16 inputs on a 2-core VM)
-                        tensor = ckpt.read_pooled(name, _fresh_bytes, "auto")
-                        held[key] = _placed(tensor, to_device, pin, self.device)
-                        bar.update(ckpt.tensors[name].nbytes)
-                    tensors.append(held[key])
+                        if adapter:  # the folder's tensor, on the host, where the update is applied
+                            held[key] = _placed(ckpt.read_base_pooled(name, _fresh_bytes, "auto"), False, pin, self.device)
+                        else:
+                            held[key] = _placed(ckpt.read_pooled(name, _fresh_bytes, "auto"), on_device, pin, self.device)
+                        bar.update(nbytes)
+                    if adapter:
+                        ckpt.hold_adapter()
+                        tensors.append(FactoredInput(ckpt, name, held[key]))
+                    else:
+                        tensors.append(held[key])
                 out.append(tensors)
         return out
 
     def job_inputs(self):
-        """(job, its input tensors then side inputs, on the device) for every tensor of the plan."""
-        for job, tensors in zip(self.plan.jobs, self._inputs):
-            yield job, self._on_device(tensors)
+        """(job, its input tensors then side inputs, on the device) for every tensor of the plan (fresh tensors
+        for factored LoRA inputs: the caller may keep them)."""
+        for i, job in enumerate(self.plan.jobs):
+            yield job, self._inputs_of(i, reuse=False)
 
-    def _on_device(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Inputs held in pinned host memory (placement 'host') copied to the device; others as they are."""
-        return [t.to(self.device, non_blocking=True) for t in tensors] if self.memory.placement == "host" else tensors
+    def _inputs_of(self, i: int, reuse: bool = True) -> list[torch.Tensor]:
+        """Job i's inputs on the device: factored LoRA inputs applied (into this session's scratch when `reuse`),
+        inputs held on the host copied over."""
+        out = []
+        for slot, t in enumerate(self._inputs[i]):
+            if isinstance(t, FactoredInput):
+                t = t.applied(self._slot(slot, t.base) if reuse else torch.empty_like(t.base))
+            out.append(t.to(self.device, non_blocking=t.is_pinned()))
+        return out
+
+    def _slot(self, slot: int, like: torch.Tensor) -> torch.Tensor:
+        buffer = self._scratch.get(slot)
+        if buffer is None or buffer.numel() < like.nbytes:
+            buffer = self._scratch[slot] = torch.empty(like.nbytes, dtype=torch.uint8)
+        return buffer[:like.nbytes].view(like.dtype).view(like.shape)
 
     # ---- merging ----
 
@@ -217,7 +318,7 @@ class MergeSession:
 
     def _merge_one(self, i: int, job: TensorJob, cfg: MergeConfig) -> None:
         target = self._targets[job.out_name]
-        result = compute(job, self._on_device(self._inputs[i]), cfg.method, self.random_seed,
+        result = compute(job, self._inputs_of(i), cfg.method, self.random_seed,
                          into(target) if self.device.type == "cpu" else None)
         if result.data_ptr() != target.data_ptr():
             target.copy_(result)
@@ -259,6 +360,19 @@ class MergeSession:
             writer.abort()
             raise
         return writer.out_dir
+
+
+@dataclass(frozen=True)
+class FactoredInput:
+    """A LoRA expert's tensor held as its base's and the adapter's factors (the memory plan's lora='factored')."""
+
+    ckpt: LoraCheckpoint
+    name: str
+    base: torch.Tensor  # the folder's tensor, on the host
+
+    def applied(self, out: torch.Tensor) -> torch.Tensor:
+        """The expert's tensor, in `out` (the base's shape and dtype): the engine's read-time update, the same bits."""
+        return self.ckpt.apply_to(self.name, self.base, out)
 
 
 def output_tokenizer(plan: MergePlan):

@@ -85,6 +85,65 @@ def test_lora_input_equals_the_engine(model_sets, folder_tensors, tmp_path):
     assert not differing(session.state_dict(), engine_tensors(config, tmp_path / "a", folder_tensors))
 
 
+def lora_experts_config(base: str, tmp_path, dtype: str = "bfloat16") -> dict:
+    """TIES over two LoRA experts of `base` (one with an embedding update and a replaced tensor, one stored
+    fan_in_fan_out-free in bf16) and base itself."""
+    from tests.lora_adapters import write_adapter
+    write_adapter(str(tmp_path / "a1"), base, seed=1, embedding="model.embed_tokens", r=4, alpha=16,
+                  modules_to_save=("model.norm",))
+    write_adapter(str(tmp_path / "a2"), base, targets=("k_proj", "o_proj", "up_proj"), seed=2, r=2,
+                  dtype=torch.bfloat16)
+    return {"merge_method": "ties", "base_model": base, "dtype": dtype, "models": [
+        {"model": f"{base}+{tmp_path / 'a1'}", "parameters": {"weight": 0.6, "density": 0.5}},
+        {"model": f"{base}+{tmp_path / 'a2'}", "parameters": {"weight": GRADIENT, "density": 0.7}}]}
+
+
+@pytest.mark.parametrize("lora", ["applied", "factored"])
+def test_lora_experts_equal_the_engine_applied_or_factored(lora, model_sets, folder_tensors, tmp_path):
+    base = model_sets("llama_bf16_sharded")[0]
+    config = lora_experts_config(base, tmp_path)
+    session = MergeSession(config, "cpu", lora=lora, progress=False)
+    assert session.memory.lora == lora
+    assert not differing(session.state_dict(), engine_tensors(config, tmp_path / "a", folder_tensors))
+    other = shifted(config)
+    step = session.merge(other)
+    assert step.tensors > 0
+    assert not differing(session.state_dict(), engine_tensors(other, tmp_path / "b", folder_tensors))
+    # job_inputs (what BMMProblem factorises and keeps): the same values each time; factored experts' tensors
+    # applied afresh each time, so that a caller may keep them
+    kept, again = ([t for _, tensors in session.job_inputs() for t in tensors] for _ in range(2))
+    assert all(torch.equal(x, y) for x, y in zip(kept, again))
+    fresh = [x.data_ptr() != y.data_ptr() for x, y in zip(kept, again)]
+    assert any(fresh) == (lora == "factored")
+
+
+def test_lora_experts_hold_their_base_once(model_sets, tmp_path):
+    base = model_sets("llama_bf16_sharded")[0]
+    plan = build_plan(parse_config(lora_experts_config(base, tmp_path)))
+    base_ckpt = plan.models[base]
+    folder = sum(info.nbytes for info in base_ckpt.tensors.values())
+    loras = [c for ref, c in plan.models.items() if "+" in ref]
+    changed = [sum(base_ckpt.tensors[n].nbytes for n in c.targets) for c in loras]
+    adapters = sum(c.adapter_bytes(n) for c in loras for n in c.targets if c.targets[n].a)
+    replaced = sum(base_ckpt.tensors[n].nbytes for c in loras for n, t in c.targets.items() if t.a is None)
+    roomy = {"host": 100 * folder}
+    applied = plan_memory(plan, torch.device("cpu"), free=roomy, lora="applied")
+    factored = plan_memory(plan, torch.device("cpu"), free=roomy, lora="factored")
+    # applied: the base's tensors once (the experts' unchanged tensors are the base's), a copy of each changed one
+    assert applied.input_bytes == folder + sum(changed)
+    # factored: the base once, the adapters, and the tensors an adapter only replaces
+    assert factored.input_bytes == folder + adapters + replaced < applied.input_bytes
+    assert factored.lora_bytes > 0 and "LoRA updates applied at each merge" in factored.summary()
+    assert plan_memory(plan, torch.device("cpu"), free=roomy).lora == "applied"  # auto: applied when it fits
+    tight = {"host": factored.needs()["host"]}
+    assert plan_memory(plan, torch.device("cpu"), free=tight).lora == "factored"
+    with pytest.raises(MemoryPlanError, match="lora='factored' would fit"):
+        plan_memory(plan, torch.device("cpu"), free=tight, lora="applied")
+    cuda = torch.device("cuda")  # on a GPU the bases and adapters stay on the host, where updates are applied
+    on_gpu = plan_memory(plan, cuda, "device", free={"cuda": 100 * folder, "host": 100 * folder}, lora="factored")
+    assert on_gpu.input_bytes == folder + replaced and on_gpu.lora_bytes >= folder + adapters
+
+
 def test_fisher_side_inputs_equal_the_engine(model_sets, folder_tensors, tmp_path):
     paths = model_sets("llama")
     fishers = [str(tmp_path / f"f{i}") for i in range(3)]
@@ -220,3 +279,12 @@ def test_a_gpu_session_equals_the_gpu_engine(placement, model_sets, folder_tenso
     merge(parse_config(config), str(tmp_path / "a"), MergeOptions(device="cuda", quiet=True, copy_tokenizer=False))
     ref = folder_tensors(tmp_path / "a")
     assert not differing({n: t.cpu() for n, t in session.state_dict().items()}, ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_session_with_factored_lora_experts_equals_the_gpu_engine(model_sets, folder_tensors, tmp_path):
+    base = model_sets("llama_bf16_sharded")[0]
+    config = lora_experts_config(base, tmp_path)
+    session = MergeSession(config, "cuda", placement="device", lora="factored", progress=False)
+    merge(parse_config(config), str(tmp_path / "a"), MergeOptions(device="cuda", quiet=True, copy_tokenizer=False))
+    assert not differing({n: t.cpu() for n, t in session.state_dict().items()}, folder_tensors(tmp_path / "a"))

@@ -28,7 +28,8 @@ if [ "$stage" = tests ]; then
     MERGE_ENGINE_GPU_BACKEND=$backend $PY -m pytest -q -ra -p no:cacheprovider \
       "tests/test_engine.py::test_cuda_merge_matches_cpu" 2>&1 | tee "$OUT/engine_$backend.txt"
   done
-  $PY -m pytest -q -ra -p no:cacheprovider "tests/test_session.py::test_a_gpu_session_equals_the_gpu_engine" 2>&1 \
+  $PY -m pytest -q -ra -p no:cacheprovider "tests/test_session.py::test_a_gpu_session_equals_the_gpu_engine" \
+    "tests/test_session.py::test_a_gpu_session_with_factored_lora_experts_equals_the_gpu_engine" 2>&1 \
     | tee "$OUT/session.txt"
 elif [ "$stage" = bench ]; then
   for backend in cuda triton; do

@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placement", choices=("auto", "device", "host"), default="auto",
                    help="where the inputs are held: on the device, or in pinned host memory (default: the device when "
                         "they fit)")
+    p.add_argument("--lora", choices=("auto", "applied", "factored"), default="auto",
+                   help="how LoRA inputs (BASE+ADAPTER) are held: applied once (a copy per expert; fastest trials) or "
+                        "factored (the base once and each adapter; updates applied at every merge; least memory) "
+                        "(default: applied when it fits)")
     p.add_argument("--random-seed", type=int, default=0, help="seed of the random methods' drops (as merge-engine's)")
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks with errors")
     add_output_arguments(p)
@@ -51,7 +55,7 @@ def run(argv: list[str]) -> int:
     setup_logging(args.quiet, args.verbose)
     from merge_engine.search import SearchOptions, search
     result = search(args.config, args.out_dir, SearchOptions(
-        budget=args.budget, device=args.device, placement=args.placement, sampler=args.sampler, seed=args.seed,
+        budget=args.budget, device=args.device, placement=args.placement, lora=args.lora, sampler=args.sampler, seed=args.seed,
         trials=args.trials, storage=args.storage, test=args.test, overwrite=args.overwrite,
         random_seed=args.random_seed, progress=not args.quiet))
     if not args.quiet:

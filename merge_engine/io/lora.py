@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
+from merge_engine.dtypes import SAFETENSORS_DTYPES
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.untrusted import inside_folder, read_json
@@ -85,6 +86,7 @@ class LoraCheckpoint(Checkpoint):
             raise CheckpointError(f"{self._file}: unreadable adapter weights ({e})") from e
         self.targets = self._plan_targets(config)
         self._scratch = threading.local()  # per read thread: fp32 buffers for B @ A and the widened weight
+        self._held: dict[str, torch.Tensor] | None = None  # the adapter's tensors, once hold_adapter() read them
 
     def _read_config(self) -> dict:
         path = inside_folder(self.adapter, CONFIG_FILE, self.adapter)
@@ -151,27 +153,47 @@ class LoraCheckpoint(Checkpoint):
         return []
 
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self._apply(name, super().read(name, out))
+        return self.apply_to(name, super().read(name, out))
 
     def read_pooled(self, name: str, take_bytes: Callable[[int], torch.Tensor], direct_io: str = "auto") -> torch.Tensor:
-        return self._apply(name, super().read_pooled(name, take_bytes, direct_io))
+        return self.apply_to(name, super().read_pooled(name, take_bytes, direct_io))
 
-    def _apply(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """The adapter's change to one base tensor, made in place in its read buffer."""
+    def read_base_pooled(self, name: str, take_bytes: Callable[[int], torch.Tensor], direct_io: str = "auto") -> torch.Tensor:
+        """Tensor `name` as the base folder stores it, without the adapter's change."""
+        return super().read_pooled(name, take_bytes, direct_io)
+
+    def adapter_bytes(self, name: str) -> int:
+        """Bytes of the adapter tensors that change base tensor `name` (0 when the adapter leaves it as it is)."""
+        t = self.targets.get(name)
+        keys = [k for k in (t.a, t.b, t.replacement) if k] if t else []
+        return sum(math.prod(s.get_shape()) * _itemsize(s.get_dtype()) for s in map(self._weights.get_slice, keys))
+
+    def hold_adapter(self) -> None:
+        """Read the adapter's low-rank updates (and what their targets replace) into memory once: apply_to then
+        reads no file for them."""
+        if self._held is None:
+            self._held = {key: self._weights.get_tensor(key) for t in self.targets.values() if t.a
+                          for key in (t.a, t.b, t.replacement) if key}
+
+    def apply_to(self, name: str, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The adapter's change to base tensor `name`: made in place in `weight` (its read buffer), or written to
+        `out` (of weight's shape and dtype; weight is then left as it is)."""
+        out = weight if out is None else out
         t = self.targets.get(name)
         if t is None:
-            return weight
+            return out if out is weight else out.copy_(weight)
         if t.replacement:
-            weight.copy_(self._weights.get_tensor(t.replacement))
-        if t.a:
-            delta = self._delta(t, weight.dtype)
-            if t.embedding or delta.dtype == weight.dtype:
-                weight += delta
-            else:  # peft's bf16/fp16 weight += fp32 update: the sum in fp32, rounded once. (A mixed-dtype add
-                # would copy the weight to fp32 in fresh memory first, every tensor.)
-                wide = self._scratch_buffer("weight", tuple(weight.shape), weight.dtype).copy_(weight)
-                weight.copy_(delta.add_(wide))
-        return weight
+            weight = out.copy_(self._adapter_tensor(t.replacement))
+        if not t.a:
+            return out if out is weight else out.copy_(weight)
+        delta = self._delta(t, weight.dtype)
+        if t.embedding or delta.dtype == weight.dtype:
+            torch.add(weight, delta, out=out)
+        else:  # peft's bf16/fp16 weight += fp32 update: the sum in fp32, rounded once. (A mixed-dtype add would
+            # copy the weight to fp32 in fresh memory first, every tensor.)
+            wide = self._scratch_buffer("weight", tuple(weight.shape), weight.dtype).copy_(weight)
+            out.copy_(delta.add_(wide))
+        return out
 
     def delta(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """The low-rank update of tensor `name` (a base weight of `dtype`) as peft adds it: in fp32 (fp64 for an
@@ -179,10 +201,14 @@ class LoraCheckpoint(Checkpoint):
         return self._delta(self.targets[name], dtype, scratch=False)
 
     def _delta(self, t: _Target, dtype: torch.dtype, scratch: bool = True) -> torch.Tensor:
-        a, b = self._weights.get_tensor(t.a), self._weights.get_tensor(t.b)
+        a, b = self._adapter_tensor(t.a), self._adapter_tensor(t.b)
         out = self._scratch_buffer("product", (b.shape[0], a.shape[1]), dtype) if scratch else None
         delta = lora_delta(a, b, dtype, t.scaling, t.embedding or self._fan_in_fan_out, out)
         return delta.to(dtype) if t.embedding else delta  # peft rounds an embedding's update before adding it
+
+    def _adapter_tensor(self, key: str) -> torch.Tensor:
+        held = self._held.get(key) if self._held else None
+        return held if held is not None else self._weights.get_tensor(key)
 
     def _scratch_buffer(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """This read thread's fp32 (fp64 for an fp64 weight) scratch `slot`, grown to the largest shape so far."""
@@ -207,6 +233,11 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scaling: fl
     compute = _update_dtype(dtype)
     product = torch.matmul(b.to(compute), a.to(compute), out=out).mul_(scaling)
     return product.T if transpose else product
+
+
+def _itemsize(code: str) -> int:
+    dtype = SAFETENSORS_DTYPES.get(code)
+    return dtype.itemsize if dtype is not None else 8  # a type torch does not read: counted at the widest
 
 
 def _update_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -55,6 +55,7 @@ class SearchOptions:
     budget: float  # seconds of wall clock for everything
     device: str = "auto"
     placement: str = "auto"  # where the session holds the inputs (session.plan_memory)
+    lora: str = "auto"  # how the session holds LoRA inputs (session.plan_memory)
     sampler: str | None = None  # overrides search.sampler
     seed: int | None = None  # the sampler's; overrides search.seed
     trials: int | None = None  # at most this many trials in this run; overrides search.trials
@@ -101,14 +102,14 @@ def search(config: SearchConfig | dict | str, out_dir: str, options: SearchOptio
     for evaluator in (objective, test) if test else (objective,):
         evaluator.check_model(model_config)
     device = resolve_device(options.device)
-    memory = plan_memory(plan, device, options.placement)
+    memory = plan_memory(plan, device, options.placement, lora=options.lora)
     estimate = estimate_seconds(plan, memory, objective, device, out_dir)
     check_budget_fits(budget, estimate, objective, test, input_bytes(plan.jobs))
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study, storage_path = open_study(optuna, cfg, settings, objective.direction, out_dir)
-        session = MergeSession(start_config, str(device), placement=memory.placement, random_seed=options.random_seed,
+        session = MergeSession(start_config, str(device), placement=memory.placement, lora=memory.lora, random_seed=options.random_seed,
                                progress=options.progress, plan=plan)
         ran = run_trials(optuna, study, cfg, session, objective, test, settings["trials"], budget, estimate, options)
         return finish(optuna, study, cfg, session, objective, test, out_dir, storage_path, settings, budget, options, ran)

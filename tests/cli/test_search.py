@@ -17,7 +17,7 @@ def test_a_search_from_the_command_line(search_models, write_search, tmp_path, c
     config = write_search(search_config(paths, val))
     out = tmp_path / "out"
     assert main(["search", config, str(out), "--budget", "10m", "--trials", "3", "--device", "cpu", "--test", test,
-                 "--sampler", "cmaes", "--seed", "4"]) == 0
+                 "--sampler", "cmaes", "--seed", "4", "--lora", "factored"]) == 0  # no LoRA input: held as they are
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("best score ") and ", test " in line and "after 3 trials (3 in this run)" in line
     assert {"model.safetensors", "config.json", "mergekit_config.yml", "trials.csv", "search.json",

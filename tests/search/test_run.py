@@ -178,6 +178,22 @@ def test_the_best_config_reproduces_the_best_model_bit_for_bit(sampler, search_m
     assert max(float(r["score"]) for r in rows) == result.score
 
 
+def test_a_search_over_factored_lora_experts_reproduces_its_best_model(search_models, tmp_path, monkeypatch):
+    from tests.lora_adapters import write_adapter
+    paths, val, _ = search_models
+    for i in (1, 2):
+        write_adapter(str(tmp_path / f"a{i}"), paths[0], seed=i, r=2, alpha=4)
+    config = search_config([paths[0]] + [f"{paths[0]}+{tmp_path / f'a{i}'}" for i in (1, 2)], val)
+    opened = []
+    monkeypatch.setattr(run_module, "MergeSession", lambda *a, **k: opened.append(k["lora"]) or MergeSession(*a, **k))
+    out = tmp_path / "out"
+    result = search(config, str(out), SearchOptions(budget=600, device="cpu", progress=False, trials=3, lora="factored"))
+    assert opened == ["factored"] and result.trials == 3
+    again = tmp_path / "again"
+    merge(load_config(str(out / "mergekit_config.yml")), str(again), MergeOptions(device="cpu", quiet=True))
+    assert (out / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+
+
 def test_no_finished_trial_is_an_error_that_keeps_the_journal(search_models, fake_rates, tmp_path):
     paths, val, _ = search_models
     clock = FakeClock()
