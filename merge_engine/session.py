@@ -241,21 +241,23 @@ class MergeSession:
         pin = self.device.type == "cuda" and self.memory.placement == "host"
         held: dict[tuple, torch.Tensor] = {}
         out = []
-        with tqdm(total=sum(holdings(self.plan.jobs, factored, on_device).values()), unit="B", unit_scale=True,
-                  desc="reading", disable=not progress) as bar:
+        tensor_bytes = {k: v for k, v in holdings(self.plan.jobs, factored, on_device).items() if k[1] != "adapter"}
+        with tqdm(total=sum(tensor_bytes.values()), unit="B", unit_scale=True, desc="reading",
+                  disable=not progress) as bar:
             for job in self.plan.jobs:
                 tensors = []
                 for ckpt, name in job.inputs + job.side_reads():
-                    (key, nbytes), *adapter = held_as(ckpt, name, factored, on_device)
+                    update_per_merge = factored and is_factored(ckpt, name)
+                    key = held_as(ckpt, name, factored, on_device)[0][0]
                     if key not in held:
                         # the engine's reads: O_DIRECT for what the page cache lacks (cold: 5.9 s instead of 40 s
                         # for 8.8 GB of bf16 inputs on a 2-core VM)
-                        if adapter:  # the folder's tensor, on the host, where the update is applied
+                        if update_per_merge:  # the folder's tensor, on the host, where the update is applied
                             held[key] = _placed(ckpt.read_base_pooled(name, _fresh_bytes, "auto"), False, pin, self.device)
                         else:
                             held[key] = _placed(ckpt.read_pooled(name, _fresh_bytes, "auto"), on_device, pin, self.device)
-                        bar.update(nbytes)
-                    if adapter:
+                        bar.update(tensor_bytes[key])
+                    if update_per_merge:
                         ckpt.hold_adapter()
                         tensors.append(FactoredInput(ckpt, name, held[key]))
                     else:
@@ -362,7 +364,7 @@ class MergeSession:
         return writer.out_dir
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FactoredInput:
     """A LoRA expert's tensor held as its base's and the adapter's factors (the memory plan's lora='factored')."""
 

@@ -55,8 +55,8 @@ def run(argv: list[str]) -> int:
     setup_logging(args.quiet, args.verbose)
     from merge_engine.search import SearchOptions, search
     result = search(args.config, args.out_dir, SearchOptions(
-        budget=args.budget, device=args.device, placement=args.placement, lora=args.lora, sampler=args.sampler, seed=args.seed,
-        trials=args.trials, storage=args.storage, test=args.test, overwrite=args.overwrite,
+        budget=args.budget, device=args.device, placement=args.placement, lora=args.lora, sampler=args.sampler,
+        seed=args.seed, trials=args.trials, storage=args.storage, test=args.test, overwrite=args.overwrite,
         random_seed=args.random_seed, progress=not args.quiet))
     if not args.quiet:
         test = f", test {result.test_score:.4g}" if result.test_score is not None else ""

@@ -62,6 +62,9 @@ class _Target:
     replacement: str | None = None
 
 
+_NO_CHANGE = _Target()
+
+
 class LoraCheckpoint(Checkpoint):
     """A base model folder whose tensors are read with a LoRA adapter merged in."""
 
@@ -179,9 +182,7 @@ class LoraCheckpoint(Checkpoint):
         """The adapter's change to base tensor `name`: made in place in `weight` (its read buffer), or written to
         `out` (of weight's shape and dtype; weight is then left as it is)."""
         out = weight if out is None else out
-        t = self.targets.get(name)
-        if t is None:
-            return out if out is weight else out.copy_(weight)
+        t = self.targets.get(name, _NO_CHANGE)
         if t.replacement:
             weight = out.copy_(self._adapter_tensor(t.replacement))
         if not t.a:

@@ -109,8 +109,8 @@ def search(config: SearchConfig | dict | str, out_dir: str, options: SearchOptio
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study, storage_path = open_study(optuna, cfg, settings, objective.direction, out_dir)
-        session = MergeSession(start_config, str(device), placement=memory.placement, lora=memory.lora, random_seed=options.random_seed,
-                               progress=options.progress, plan=plan)
+        session = MergeSession(start_config, str(device), placement=memory.placement, lora=memory.lora,
+                               random_seed=options.random_seed, progress=options.progress, plan=plan)
         ran = run_trials(optuna, study, cfg, session, objective, test, settings["trials"], budget, estimate, options)
         return finish(optuna, study, cfg, session, objective, test, out_dir, storage_path, settings, budget, options, ran)
     finally:
