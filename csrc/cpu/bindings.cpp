@@ -4,6 +4,8 @@
 
 #include <optional>
 
+#include "memory.h"
+
 namespace merge_engine {
 torch::Tensor delta_cutoffs_cpu(const torch::Tensor& base, const torch::Tensor& expert,
                                 const std::vector<int64_t>& counts, bool largest);
@@ -42,6 +44,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("base"), py::arg("experts"), py::arg("weights"), py::arg("mode"), py::arg("counts_lo"),
         py::arg("counts_hi"), py::arg("densities"), py::arg("epsilons"), py::arg("consensus"), py::arg("normalize"),
         py::arg("rescale"), py::arg("lambda"), py::arg("key0"), py::arg("key1"), py::arg("out") = py::none());
+  m.def("set_huge_page_outputs", [](bool on) { merge_engine::huge_page_outputs = on; },
+        "Whether the kernels advise their fresh outputs onto transparent huge pages (default: yes)");
   m.def("philox_uniforms", &merge_engine::philox_uniforms_cpu,
         "The uniforms of elements start .. start + numel - 1 of one stream, as DARE/DELLA draw them");
   m.def("accumulate_fisher", &merge_engine::accumulate_fisher_cpu, "In place: fisher += scale * grad^2 (fp32 math)");

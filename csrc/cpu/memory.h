@@ -2,11 +2,15 @@
 // kernel itself, and with 4 KiB pages that touch costs a page fault per 4 KiB, and every pass over
 // the big tensors a TLB miss per 4 KiB per stream (a TIES merge of 8 experts reads 9 streams at
 // once). torch's CPU allocator asks for huge pages only under THP_MEM_ALLOC_ENABLE=1.
+// Not where the host takes back free huge pages (merge_engine/runtime.py:
+// host_reclaims_free_huge_pages): there a fresh huge page costs more at its first touch than its 512
+// small pages, and merge_engine.ops.backends turns the advice off when it loads this module.
 #pragma once
 
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -17,10 +21,14 @@
 
 namespace merge_engine {
 
+// Whether advise_huge_pages asks for huge pages (set_huge_page_outputs in bindings.cpp).
+inline std::atomic<bool> huge_page_outputs{true};
+
 // Asks the kernel to back the whole 2 MiB pages inside [p, p + bytes) with huge pages, before their
 // first touch. Advice only: where it is refused (no THP, another OS), pages stay as they are.
 inline void advise_huge_pages(void* p, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (!huge_page_outputs.load(std::memory_order_relaxed)) return;
   constexpr uintptr_t kHuge = uintptr_t{1} << 21;
   const uintptr_t lo = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t hi = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);

@@ -31,7 +31,7 @@ import warnings
 
 import torch
 
-from merge_engine import kernel_build
+from merge_engine import kernel_build, runtime
 
 log = logging.getLogger("merge_engine")
 
@@ -63,7 +63,10 @@ def cpu_extension():
     """The compiled CPU module, or None (with one warning) when it is unavailable."""
     if not kernels_enabled():
         return None
-    return _compiled("CPU", kernel_build.cpu_build)
+    module = _compiled("CPU", kernel_build.cpu_build)
+    if module is not None:  # fresh huge pages cost more than they save where the host takes them back
+        module.set_huge_page_outputs(not runtime.host_reclaims_free_huge_pages())
+    return module
 
 
 @functools.cache

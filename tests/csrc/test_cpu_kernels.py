@@ -325,6 +325,7 @@ HUGE_PAGE_PROBE = """
 import torch
 from merge_engine.ops import backends
 from merge_engine.ops.consensus import _merge_with
+backends.cpu_extension().set_huge_page_outputs(ADVISE)
 base = torch.zeros(5 * 2**20, dtype=torch.bfloat16)  # 10 MiB: whole 2 MiB pages inside
 out = _merge_with(backends.cpu_extension(), base, [base + 1, base - 1], [1.0, 1.0], [0.5, 0.5], "magnitude", True)
 first = (out.data_ptr() + 2**21 - 1) // 2**21 * 2**21
@@ -344,13 +345,27 @@ THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 @pytest.mark.skipif(not os.path.exists(THP_SETTING) or "[never]" in open(THP_SETTING).read(),
                     reason="no transparent huge pages on this system")
-def test_outputs_are_advised_onto_huge_pages(ext):
+@pytest.mark.parametrize("advise", [True, False])
+def test_outputs_are_advised_onto_huge_pages(ext, advise):
     # with torch's own huge-page allocation off (a library user's process), the kernel still asks
-    # for huge pages for its fresh output before touching it (the advice shows as VmFlags "hg")
+    # for huge pages for its fresh output before touching it (the advice shows as VmFlags "hg"),
+    # unless told not to (where the host reclaims free huge pages: merge_engine/runtime.py)
     env = dict(os.environ, THP_MEM_ALLOC_ENABLE="0")
-    run = subprocess.run([sys.executable, "-c", HUGE_PAGE_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", HUGE_PAGE_PROBE.replace("ADVISE", str(advise))], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["True"]
+    assert run.stdout.split() == [str(advise)]
+
+
+@pytest.mark.skipif(not os.path.exists(THP_SETTING) or "[never]" in open(THP_SETTING).read(),
+                    reason="no transparent huge pages on this system")
+def test_the_extension_advises_huge_pages_unless_the_host_reclaims_them(ext):
+    from merge_engine import runtime
+    probe = HUGE_PAGE_PROBE.replace("backends.cpu_extension().set_huge_page_outputs(ADVISE)\n", "")
+    run = subprocess.run([sys.executable, "-c", probe], env=dict(os.environ, THP_MEM_ALLOC_ENABLE="0"),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [str(not runtime.host_reclaims_free_huge_pages())]
 
 
 @pytest.mark.parametrize("start", [0, 3, 4 * (2**32 - 40) + 1, 4 * (2**32 - 3), 4 * (2**32 + 5) + 2, 2**40 + 7])
