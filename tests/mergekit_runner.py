@@ -10,6 +10,10 @@ import os
 import sys
 import traceback
 
+# Python put this script's folder, tests/, first on the path, where tests/kernels would shadow the PyPI
+# package `kernels` that transformers imports when it is installed (transformers 5.25 with kernels 0.19).
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
 replies = os.fdopen(int(sys.argv[1]), "w")
 from mergekit.scripts.run_yaml import main  # noqa: E402 (after the reply channel is taken)
 

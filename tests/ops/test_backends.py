@@ -2,6 +2,7 @@
 source checkout (per key, never waiting on a killed build's lock), never a compile in an installed
 package; and the explicit GPU backend choice."""
 import sysconfig
+import types
 
 import pytest
 import torch
@@ -75,14 +76,17 @@ def test_a_development_build_goes_to_its_key_folder_past_a_killed_builds_lock(fr
     folder = tmp_path / "build" / "kernels" / build.key
     folder.mkdir(parents=True)
     (folder / "lock").write_text("")  # torch's own lock file, left by a killed build: load() would wait forever
-    loaded = []
+    loaded, advice = [], []
+    module = types.SimpleNamespace(set_huge_page_outputs=advice.append)
 
     def load(**kwargs):
         assert not (folder / "lock").exists()
         loaded.append(kwargs)
-        return "module"
+        return module
     monkeypatch.setattr(cpp_extension, "load", load)
-    assert backends.cpu_extension() == "module"
+    monkeypatch.setattr(backends.runtime, "host_reclaims_free_huge_pages", lambda: True)
+    assert backends.cpu_extension() is module
+    assert advice == [False]  # told, when loaded, to leave its outputs on small pages where the host reclaims
     assert loaded[0]["build_directory"] == str(folder) and build.key in loaded[0]["name"]
     assert loaded[0]["sources"] == build.sources and loaded[0]["extra_cflags"] == build.cflags
 
