@@ -64,25 +64,23 @@ def host_reclaims_free_huge_pages(sys_root: str = "/sys") -> bool:
                 features = f.read().strip()  # one character per feature bit, bit 0 first
         except OSError:
             continue
-        reporting |= kind == VIRTIO_BALLOON and features[VIRTIO_BALLOON_F_REPORTING:][:1] == "1"
-    return reporting and _reporting_order(sys_root) <= _huge_page_order(sys_root)
+        reporting |= kind == VIRTIO_BALLOON and features[VIRTIO_BALLOON_F_REPORTING:VIRTIO_BALLOON_F_REPORTING + 1] == "1"
+    if not reporting:
+        return False
+    # the smallest block order reported free (default: the pageblock order, 9 on x86-64), against a huge page's
+    reporting_order = _read_int(os.path.join(sys_root, "module", "page_reporting", "parameters", "page_reporting_order"))
+    huge_page_bytes = _read_int(os.path.join(sys_root, "kernel", "mm", "transparent_hugepage", "hpage_pmd_size"))
+    huge_page_order = (huge_page_bytes // os.sysconf("SC_PAGE_SIZE")).bit_length() - 1 if huge_page_bytes else 9
+    return (9 if reporting_order is None else reporting_order) <= huge_page_order
 
 
-def _reporting_order(sys_root: str) -> int:
-    """The smallest block order the kernel reports free (default: the pageblock order, 9 on x86-64)."""
+def _read_int(path: str) -> int | None:
+    """The integer a sysfs file holds, or None when it is missing or holds something else."""
     try:
-        with open(os.path.join(sys_root, "module", "page_reporting", "parameters", "page_reporting_order")) as f:
+        with open(path) as f:
             return int(f.read())
     except (OSError, ValueError):
-        return 9
-
-
-def _huge_page_order(sys_root: str) -> int:
-    try:
-        with open(os.path.join(sys_root, "kernel", "mm", "transparent_hugepage", "hpage_pmd_size")) as f:
-            return (int(f.read()) // os.sysconf("SC_PAGE_SIZE")).bit_length() - 1
-    except (OSError, ValueError):
-        return 9
+        return None
 
 
 def keep_freed_heap_memory() -> bool:

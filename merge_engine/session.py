@@ -53,7 +53,7 @@ from merge_engine.engine import (
 from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.extras import require
 from merge_engine.io.checkpoint import Checkpoint
-from merge_engine.io.lora import LoraCheckpoint
+from merge_engine.io.lora import LoraCheckpoint, update_dtype
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.plan import MergePlan, TensorJob, build_plan, resolve_parameters
 from merge_engine.vocabulary import tokenizer_folder
@@ -163,7 +163,7 @@ def lora_scratch_bytes(jobs: list[TensorJob], factored: bool) -> int:
             if is_factored(ckpt, name):
                 info = ckpt.tensors[name]
                 infos.append(info)
-                widest[id(ckpt)] = max(widest.get(id(ckpt), 0), math.prod(info.shape) * (8 if info.dtype == torch.float64 else 4))
+                widest[id(ckpt)] = max(widest.get(id(ckpt), 0), math.prod(info.shape) * update_dtype(info.dtype).itemsize)
         slots = max(slots, sum(i.nbytes for i in infos))
     return 2 * sum(widest.values()) + (slots if factored else 0)
 

@@ -213,7 +213,7 @@ class LoraCheckpoint(Checkpoint):
 
     def _scratch_buffer(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """This read thread's fp32 (fp64 for an fp64 weight) scratch `slot`, grown to the largest shape so far."""
-        compute = _update_dtype(dtype)
+        compute = update_dtype(dtype)
         n, key = math.prod(shape), f"{slot}_{compute}"
         scratch = getattr(self._scratch, key, None)
         if scratch is None or scratch.numel() < n:
@@ -231,7 +231,7 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scaling: fl
     fp64 base: it upcasts bf16/fp16 adapter weights on load), so the update is formed in fp32 and the
     in-place add rounds once to the weight's dtype. out: a [B rows, A cols] buffer of that precision
     for the product (the same bits as a fresh one; it spares fresh pages per weight)."""
-    compute = _update_dtype(dtype)
+    compute = update_dtype(dtype)
     product = torch.matmul(b.to(compute), a.to(compute), out=out).mul_(scaling)
     return product.T if transpose else product
 
@@ -241,7 +241,7 @@ def _itemsize(code: str) -> int:
     return dtype.itemsize if dtype is not None else 8  # a type torch does not read: counted at the widest
 
 
-def _update_dtype(dtype: torch.dtype) -> torch.dtype:
+def update_dtype(dtype: torch.dtype) -> torch.dtype:
     """The precision peft forms an update in for a weight of `dtype`: fp32, or fp64 for an fp64 weight."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
