@@ -38,6 +38,15 @@ CASES = {
     "ties_gpt2": ("gpt2", lambda b, e: {"merge_method": "ties", "dtype": "float32",
                                         "parameters": {"lambda": 1.2, "normalize": False},
                                         **models(b, e, [{"weight": 0.3, "density": 0.2}] * 3)}),
+    # rescale on a cut-off mode: the L1 factor from torch's sums, as mergekit takes it
+    "ties_rescale": ("llama", lambda b, e: {"merge_method": "ties", "dtype": "float32",
+                                            "parameters": {"rescale": True, "normalize": False, "lambda": 0.9},
+                                            **models(b, e, [{"weight": 0.6, "density": 0.4},
+                                                            {"weight": GRADIENT, "density": 0.7},
+                                                            {"weight": 0.3, "density": FILTERED}])}),
+    "breadcrumbs_ties_rescale": ("llama", lambda b, e: {
+        "merge_method": "breadcrumbs_ties", "dtype": "float32", "parameters": {"rescale": True},
+        **models(b, e, [{"weight": 0.5, "density": 0.7, "gamma": 0.05}] * 2)}),
     "breadcrumbs": ("llama", lambda b, e: {"merge_method": "breadcrumbs", "dtype": "float32",
                                            **models(b, e, [{"weight": 0.5, "density": 0.8, "gamma": 0.02},
                                                            {"weight": 0.5, "density": 0.6, "gamma": 0.1}])}),

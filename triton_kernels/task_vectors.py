@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 
 from merge_engine.ops.backends import KERNEL_DTYPES
-from merge_engine.ops.select import NOTHING_LARGEST, NOTHING_SMALLEST, check_finite, check_ordered
-from merge_engine.ops.sparsify import SPARSIFY_CODES
+from merge_engine.ops.select import NOTHING_LARGEST, NOTHING_SMALLEST, check_finite, check_ordered, cutoff_mask
+from merge_engine.ops.sparsify import RESCALE_EPS, SPARSIFY_CODES
 
 NONE, MAGNITUDE, RANDOM, OUTLIERS, RANK = (SPARSIFY_CODES[s] for s in ("", "magnitude", "random", "outliers", "rank"))
 BLOCK = 1024  # elements per program
@@ -320,8 +320,9 @@ def _merge_kernel(base_ptr, experts_ptr, out_ptr, weights_ptr, cuts_ptr, probs_p
 
 
 def _rescale_factors(base, pointers, cuts, probs, mode, key0, key1) -> torch.Tensor:
-    """mergekit's L1 rescale factor per expert (fp32 [K]): |delta|_1 / |kept|_1, each norm and the
-    ratio rounded to the dtype; 1 (none) when either norm is < 1e-7. Block sums in fp32, their sum in fp64."""
+    """mergekit's L1 rescale factor per expert (fp32 [K]) for DARE's draws: |delta|_1 / |kept|_1, each norm
+    and the ratio rounded to the dtype; 1 (none) when either norm is < 1e-7. Block sums in fp32, their sum
+    in fp64 (the draws differ from mergekit's anyway)."""
     n, k = base.numel(), pointers.numel()
     blocks = triton.cdiv(n, BLOCK)
     sums = torch.empty(k, blocks, 2, dtype=torch.float32, device=base.device)
@@ -329,6 +330,20 @@ def _rescale_factors(base, pointers, cuts, probs, mode, key0, key1) -> torch.Ten
     before, after = sums.sum(dim=1, dtype=torch.float64).float().to(base.dtype).float().unbind(-1)
     ratio = (before / after).to(base.dtype).float()
     return torch.where((before >= 1e-7) & (after >= 1e-7), ratio, torch.ones_like(ratio))
+
+
+def _cutoff_rescale_factors(base, experts, cuts: list[tuple[int, int, int, int]], largest: bool) -> torch.Tensor:
+    """The same factors for the cut-off modes (TIES's and breadcrumbs' rescale), their keep rule known up
+    front: the norms are torch's sums of |delta| and of the kept |delta|, as the reference and mergekit take
+    them, so the factor is theirs bit for bit (csrc/cpu/rescale.cpp: cutoff_rescale_factors)."""
+    factors = []
+    for expert, (lo_t, lo_c, hi_t, hi_c) in zip(experts, cuts):
+        delta = expert - base
+        cut = functools.partial(torch.tensor, dtype=torch.int64)
+        keep = cutoff_mask(delta, cut([hi_t, hi_c]), largest) & ~cutoff_mask(delta, cut([lo_t, lo_c]), largest)
+        before, after = delta.abs().sum(), (delta * keep.to(delta.dtype)).abs().sum()
+        factors.append(1.0 if before < RESCALE_EPS or after < RESCALE_EPS else float(before / after))
+    return torch.tensor(factors, dtype=torch.float32, device=base.device)
 
 
 modes = (NONE, MAGNITUDE, RANDOM, OUTLIERS)  # DELLA (RANK) stays with the reference
@@ -363,14 +378,16 @@ def merge_task_vectors(base: torch.Tensor, experts: list[torch.Tensor], weights:
         for i, expert in enumerate(experts):
             (lo_t, lo_c), (hi_t, hi_c) = _cutoffs(base, expert, [counts_lo[i], counts_hi[i]], mode == MAGNITUDE)
             cuts[i] = (lo_t, lo_c, hi_t, hi_c)
-    cuts = torch.tensor(cuts, dtype=torch.int64, device=device)
     probs = torch.tensor(densities, dtype=torch.float32, device=device)
     pointers = torch.tensor([e.data_ptr() for e in experts], dtype=torch.int64, device=device)
     key0, key1 = key0 & 0xFFFFFFFF, key1 & 0xFFFFFFFF
-    if rescale and mode != NONE:
-        factors = _rescale_factors(base, pointers, cuts, probs, mode, key0, key1)
-    else:
+    cut_lanes = torch.tensor(cuts, dtype=torch.int64, device=device)
+    if not rescale or mode == NONE:
         factors = torch.ones(k, dtype=torch.float32, device=device)
+    elif mode == RANDOM:
+        factors = _rescale_factors(base, pointers, cut_lanes, probs, mode, key0, key1)
+    else:
+        factors = _cutoff_rescale_factors(base, experts, cuts, mode == MAGNITUDE)
     # plain mean's divisor: the rounded weights summed in fp32 in order, rounded to the dtype (|d| < 1e-8: 1)
     divisor = torch.zeros((), dtype=torch.float32)
     for w in rounded:
@@ -379,6 +396,6 @@ def merge_task_vectors(base: torch.Tensor, experts: list[torch.Tensor], weights:
     divisor = 1.0 if abs(divisor) < 1e-8 else divisor
     lam = float(torch.tensor(lambda_, dtype=torch.float32))  # exactly representable: passed unchanged
     _merge_kernel[(triton.cdiv(n, BLOCK),)](
-        base, pointers, out, rounded.to(device), cuts, probs, factors, n, k, divisor, lam, key0, key1,
+        base, pointers, out, rounded.to(device), cut_lanes, probs, factors, n, k, divisor, lam, key0, key1,
         MODE=mode, CONSENSUS=consensus, NORMALIZE=normalize, BLOCK=BLOCK, **_IEEE)
     return out

@@ -7,7 +7,8 @@
 // Every arithmetic step rounds to the compute dtype T exactly where the PyTorch reference
 // (merge_engine/ops/consensus.py: merge_task_vectors) rounds, and sums over experts run in float
 // in expert order as torch's dim-0 reductions do; so outputs are bit-identical to the reference
-// except for the L1 rescale factor, whose whole-tensor sums are taken in a different order.
+// except for the random and rank modes' L1 rescale factors, whose whole-tensor sums are taken in a
+// different order (the cut-off modes' take torch's sums: rescale.cpp).
 // Built with -ffp-contract=off: a fused multiply-add would round differently from torch.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -244,7 +245,9 @@ void merge_typed(Params& P, const torch::Tensor& base, const std::vector<torch::
   const WorkItems items = work_items(P.mode, n, rows, cols);
   const int64_t span = items.span;
   std::vector<std::vector<uint8_t>> kept_bits;  // with rescale: the keep flags the first pass drew
-  P.factors = rescale_factors<T>(P, b, e, n, items, cols, kept_bits);
+  const bool by_cutoffs = P.mode == kMagnitude || P.mode == kOutliers;
+  P.factors = P.rescale && by_cutoffs ? cutoff_rescale_factors<T>(P, base, experts, items, cols)
+                                      : rescale_factors<T>(P, b, e, n, items, cols, kept_bits);
   float weight_sum = 0.f;
   for (float w : P.weights) weight_sum += w;
   P.divisor = rnd<T>(weight_sum);

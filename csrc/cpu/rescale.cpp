@@ -1,5 +1,6 @@
 // mergekit's L1 rescale: per expert, the sum of |delta| over its sum over the kept elements, from a
 // pass before the merge (which scales each kept delta by it).
+#include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -47,6 +48,40 @@ struct L1Sums {
 
 }  // namespace
 
+// The factor from the two norms, each already rounded to T (as torch's sum of a tensor of T returns).
+template <typename T> float factor_of(float before, float after) {
+  return before >= 1e-7f && after >= 1e-7f ? rnd<T>(before / after) : NAN;
+}
+
+// The cut-off modes' factors (TIES's and breadcrumbs' `rescale: true`), whose keep rule is no draw but
+// the cut-offs, so that mergekit's factor can be matched: its two norms are torch's sums of |delta| and
+// |delta| * keep in T, whose order (vectorised partial sums, split over threads) the double lanes
+// below do not reproduce, and in float32 the factor then differs in its last bits, and so does every
+// kept element. So the norms are taken here with the same torch sum, on |delta| materialised in T.
+template <typename T>
+std::vector<float> cutoff_rescale_factors(const Params& P, const torch::Tensor& base,
+                                          const std::vector<torch::Tensor>& experts, WorkItems items, int64_t cols) {
+  const int K = static_cast<int>(experts.size());
+  std::vector<float> factors(K, NAN);
+  const int64_t n = base.numel(), span = items.span;
+  for (int i = 0; i < K; ++i) {
+    const torch::Tensor magnitude = at::sub(experts[i], base).abs_();  // |delta| in T, as the reference
+    const float before = magnitude.sum().item<float>();
+    torch::Tensor keep = at::empty({n}, base.options().dtype(at::kByte));
+    const T* d = magnitude.data_ptr<T>();  // a magnitude's key is its delta's
+    uint8_t* k = keep.data_ptr<uint8_t>();
+    parallel_chunks(items.count, kItemsPerChunk, [&](int64_t lo, int64_t hi, int64_t) {
+      for (int64_t item = lo; item < hi; ++item) {
+        const int64_t start = item * span, len = std::min(span, n - start);
+        keep_flags<T>(P, i, d + start, start, len, cols, k + start, nullptr);
+      }
+    });
+    const float after = magnitude.mul_(keep.view(magnitude.sizes())).sum().item<float>();  // |delta| * keep
+    factors[i] = factor_of<T>(before, after);
+  }
+  return factors;
+}
+
 template <typename T>
 std::vector<float> rescale_factors(const Params& P, const T* base, const std::vector<const T*>& experts,
                                    int64_t n, WorkItems items, int64_t cols,
@@ -76,16 +111,17 @@ std::vector<float> rescale_factors(const Params& P, const T* base, const std::ve
       }
       before[chunk] = sums.total(), after[chunk] = sums.kept();
     });
-    const float bt = rnd<T>(static_cast<float>(std::accumulate(before.begin(), before.end(), 0.0)));
-    const float at_ = rnd<T>(static_cast<float>(std::accumulate(after.begin(), after.end(), 0.0)));
-    if (bt >= 1e-7f && at_ >= 1e-7f) factors[i] = rnd<T>(bt / at_);
+    factors[i] = factor_of<T>(rnd<T>(static_cast<float>(std::accumulate(before.begin(), before.end(), 0.0))),
+                              rnd<T>(static_cast<float>(std::accumulate(after.begin(), after.end(), 0.0))));
   }
   return factors;
 }
 
 #define INSTANTIATE(T)                                                                                       \
   template std::vector<float> rescale_factors<T>(const Params&, const T*, const std::vector<const T*>&, int64_t, \
-                                                  WorkItems, int64_t, std::vector<std::vector<uint8_t>>&);
+                                                  WorkItems, int64_t, std::vector<std::vector<uint8_t>>&);   \
+  template std::vector<float> cutoff_rescale_factors<T>(const Params&, const torch::Tensor&,                  \
+                                                         const std::vector<torch::Tensor>&, WorkItems, int64_t);
 ME_FOR_KERNEL_DTYPES(INSTANTIATE)
 #undef INSTANTIATE
 

@@ -1,7 +1,9 @@
 // mergekit's L1 rescale factors on the GPU, a pass before the merge: per expert, the sum of |delta|
-// over its sum over the kept elements (keep_of in fused_merge.cuh). The sums are taken in fp64, as
-// per-block partials combined in a fixed tree, so the result is deterministic run to run; their order
-// differs from the reference's and the CPU kernels' (see fused_merge.cu).
+// over its sum over the kept elements (keep_of in fused_merge.cuh). For the random and rank modes the
+// sums are taken in fp64, as per-block partials combined in a fixed tree, so the result is deterministic
+// run to run; their order differs from the reference's (see fused_merge.cu). The cut-off modes' are
+// torch's sums, as the reference's (csrc/cpu/rescale.cpp: cutoff_rescale_factors).
+#include <ATen/ATen.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 
@@ -12,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "fused_merge.cuh"
 #include "launch.cuh"
@@ -78,7 +81,31 @@ __global__ void l1_factors_kernel(const double* partials, int blocks, float* fac
   }
 }
 
+// Expert i's keep flags under a cut-off mode, one byte per element.
+template <typename D>
+__global__ void cutoff_keep_kernel(const MergeArgs<D> a, int i, uint8_t* keep) {
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < a.n;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    keep[g] = keep_of<D>(a, i, g, delta_f<D>(a.experts[i], a.base, g), 0.f);
+}
+
 }  // namespace
+
+template <typename D>
+at::Tensor cutoff_rescale_factors(const MergeArgs<D>& a, const at::Tensor& base,
+                                  const std::vector<at::Tensor>& experts, cudaStream_t stream) {
+  std::vector<float> factors(a.K, NAN);
+  for (int i = 0; i < a.K; ++i) {
+    const at::Tensor magnitude = at::sub(experts[i], base).abs_();  // |delta| in T, as the reference
+    const float before = magnitude.sum().item<float>();
+    at::Tensor keep = at::empty({a.n}, base.options().dtype(at::kByte));
+    cutoff_keep_kernel<D><<<grid_for(a.n, kThreads), kThreads, 0, stream>>>(a, i, keep.data_ptr<uint8_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const float after = magnitude.mul_(keep.view(magnitude.sizes())).sum().item<float>();
+    if (before >= 1e-7f && after >= 1e-7f) factors[i] = host_round<D>(before / after);
+  }
+  return at::tensor(factors, at::TensorOptions().dtype(at::kFloat)).to(base.device());
+}
 
 template <typename D>
 at::Tensor l1_rescale_factors(const MergeArgs<D>& a, const at::TensorOptions& options, cudaStream_t stream) {
@@ -95,8 +122,10 @@ at::Tensor l1_rescale_factors(const MergeArgs<D>& a, const at::TensorOptions& op
   return factors;
 }
 
-#define INSTANTIATE(D) \
-  template at::Tensor l1_rescale_factors<D>(const MergeArgs<D>&, const at::TensorOptions&, cudaStream_t);
+#define INSTANTIATE(D)                                                                                      \
+  template at::Tensor l1_rescale_factors<D>(const MergeArgs<D>&, const at::TensorOptions&, cudaStream_t);   \
+  template at::Tensor cutoff_rescale_factors<D>(const MergeArgs<D>&, const at::Tensor&,                     \
+                                                const std::vector<at::Tensor>&, cudaStream_t);
 ME_FOR_KERNEL_DTYPES(INSTANTIATE)
 #undef INSTANTIATE
 

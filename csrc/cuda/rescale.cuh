@@ -5,6 +5,8 @@
 
 #include <cuda_runtime.h>
 
+#include <vector>
+
 #include "fused_merge.cuh"
 
 namespace merge_engine::task_vectors {
@@ -13,5 +15,10 @@ namespace merge_engine::task_vectors {
 // device, formed on stream.
 template <typename D> at::Tensor l1_rescale_factors(const MergeArgs<D>& a, const at::TensorOptions& options,
                                                     cudaStream_t stream);
+
+// The same for the cut-off modes (magnitude, outliers), a's cut-offs found: the norms are torch's sums of
+// |delta| and of the kept |delta|, as the reference and mergekit take them.
+template <typename D> at::Tensor cutoff_rescale_factors(const MergeArgs<D>& a, const at::Tensor& base,
+                                                        const std::vector<at::Tensor>& experts, cudaStream_t stream);
 
 }  // namespace merge_engine::task_vectors

@@ -184,7 +184,9 @@ at::Tensor merge_task_vectors_cuda(const at::Tensor& base, const std::vector<at:
     }
     at::Tensor factors;
     if (rescale && mode != kNone && K > 0) {
-      factors = task_vectors::l1_rescale_factors<D>(a, base.options(), stream);
+      factors = mode == kMagnitude || mode == kOutliers
+                    ? task_vectors::cutoff_rescale_factors<D>(a, base, experts, stream)
+                    : task_vectors::l1_rescale_factors<D>(a, base.options(), stream);
       a.factors = factors.data_ptr<float>();
     }
     // NaN/Inf are counted by the merge pass, which reads every input anyway; until then they only

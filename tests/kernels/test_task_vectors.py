@@ -2,7 +2,8 @@
 csrc/cuda/task_vectors.cu, Triton triton_kernels/task_vectors.py): the properties all three share,
 against the PyTorch references, exactly. Magnitude cut-offs must equal the reference's (key, index)
 pairs for every count, out-of-range ones included; merges of all-zero deltas must give the base; DARE
-keep masks must be the reference's draws, bit for bit. The merged values' bounds differ per backend
+keep masks must be the reference's draws, bit for bit; TIES's and breadcrumbs' rescaled merges must be the
+reference's. The other merged values' bounds differ per backend
 (summation orders): tests/csrc/test_cpu_kernels.py, tests/csrc/test_cuda_kernels.py and
 tests/triton_kernels/test_task_vectors.py hold them.
 
@@ -67,6 +68,26 @@ def test_all_zero_deltas_give_the_base(backend, sparsify):
     assert got.device.type == backend.device
     assert torch.equal(got, base)
     assert torch.equal(got.cpu(), merge_task_vectors_reference(base.cpu(), [e.cpu() for e in experts], **kw))
+
+
+# K = 2 (no other sum's order can matter); sizes past torch's 32768-element grain (a sum split over its
+# threads) on the compiled backends, interpreter-sized for Triton
+RESCALE_SIZES = {"cpu": [(37,), (211, 333)], "cuda": [(37,), (211, 333), (300_007,)], "triton": [(37,), (37, 53)]}
+
+
+@per_backend("dtype, sparsify, shape", {name: pairwise(DTYPES, ["magnitude", "outliers"], sizes)
+                                        for name, sizes in RESCALE_SIZES.items()})
+def test_cutoff_rescale_identical_to_reference(backend, dtype, sparsify, shape):
+    """TIES's and breadcrumbs' `rescale: true`: the L1 factor's norms are torch's sums of |delta| and of
+    the kept |delta| on the tensors' device, as the reference (and mergekit) take them, so the merge is the
+    reference's bit for bit."""
+    seed = seed_of("cutoff rescale", shape, sparsify, dtype)
+    base, experts = inputs(backend, shape, dtype, 2, seed)
+    kw = dict(weights=[0.7, 0.4], densities=[0.3, 0.6], sparsify=sparsify, consensus=True, normalize=False,
+              rescale=True, lambda_=1.1, gammas=[0.02, 0.1] if sparsify == "outliers" else None)
+    got = _merge_with(backend.module, base, experts, **kw)
+    want = merge_task_vectors_reference(base, experts, **kw)
+    assert torch.equal(got, want), f"seed {seed}: {int((got != want).sum())} elements differ"
 
 
 @on()
