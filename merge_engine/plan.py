@@ -236,14 +236,14 @@ def _plan_tensor(plan: MergePlan, s: Slice, out_name: str, names: list[str], t: 
             problems.append(f"{info.file}: tensor '{info.name}' has shape {list(info.shape)} but "
                             f"{ref.file} has {list(ref.shape)}")
     method = cfg.method
-    try:
-        shared, per_model = resolve_parameters(cfg, s, names, out_name, t)
-    except ValueError as e:
-        problems.append(f"{e} (tensor '{out_name}')")
-        return
     dtypes = [i.dtype for i in infos]
     floating = all(d.is_floating_point for d in dtypes)
     compute = cfg.dtype or _promote(dtypes)
+    try:
+        shared, per_model = resolve_parameters(cfg, s, names, out_name, t, compute if floating else None)
+    except ValueError as e:
+        problems.append(f"{e} (tensor '{out_name}')")
+        return
     side = {kind: _side_refs(plan, kind, s, names, [i.shape for i in infos], shared, problems)
             for kind in method.side_inputs} if floating else {}
     for kind in (k for k in WEIGHT_SHAPED_SIDE_INPUTS if rows and None in side.get(k, ())):  # aligned with it
@@ -258,10 +258,11 @@ def _plan_tensor(plan: MergePlan, s: Slice, out_name: str, names: list[str], t: 
         slice_index=next(i for i, x in enumerate(cfg.slices) if x is s), t=t))
 
 
-def resolve_parameters(cfg: MergeConfig, s: Slice, names: list[str], out_name: str,
-                       t: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def resolve_parameters(cfg: MergeConfig, s: Slice, names: list[str], out_name: str, t: float,
+                       compute: torch.dtype | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One tensor's method parameters (shared, per input model) from the config's scopes; ValueError when
-    one is missing or invalid."""
+    one is missing or invalid, or when together they make the merge in `compute` meaningless (None: a
+    tensor that is copied, not merged)."""
     method, base = cfg.method, cfg.slice_base(s)
     shared = {p.name: resolve(p, [s.parameters, cfg.parameters], out_name, t, out_name) for p in method.shared_params}
     per_model = []
@@ -269,6 +270,9 @@ def resolve_parameters(cfg: MergeConfig, s: Slice, names: list[str], out_name: s
         scopes = [other.parameters for other in s.sources if other.model == src.model] + [s.parameters, cfg.parameters]
         per_model.append({p.name: resolve(p, scopes, name, t, f"{src.model}: '{name}'")
                           for p in method.model_params if src.model != base or p.scope == Scope.INPUT})
+    problem = compute is not None and method.tensor_problem and method.tensor_problem(shared, per_model, compute)
+    if problem:
+        raise ValueError(f"merge method '{method.name}': {problem}")
     return shared, per_model
 
 

@@ -314,7 +314,8 @@ class MergeSession:
         if job.copy_only:
             return None
         try:
-            return resolve_parameters(cfg, cfg.slices[job.slice_index], [n for _, n in job.inputs], job.out_name, job.t)
+            return resolve_parameters(cfg, cfg.slices[job.slice_index], [n for _, n in job.inputs], job.out_name, job.t,
+                                      job.compute_dtype)
         except ValueError as e:
             raise ConfigError([f"{e} (tensor '{job.out_name}')"], "session.merge") from None
 

@@ -190,6 +190,20 @@ def test_merging_again_recomputes_only_the_tensors_whose_parameters_changed(mode
     assert session.merge(shared).tensors == 0
 
 
+def test_parameters_that_would_divide_by_zero_are_refused_before_merging(model_sets):
+    base, *experts = model_sets("llama")
+    config = {"merge_method": "linear", "dtype": "float32",
+              "models": [{"model": e, "parameters": {"weight": 1.0}} for e in experts[:2]]}
+    session = MergeSession(config, "cpu", progress=False)
+    before = {k: v.clone() for k, v in session.state_dict().items()}
+    cancelling = copy.deepcopy(config)
+    cancelling["models"][1]["parameters"]["weight"] = -1.0
+    with pytest.raises(ConfigError, match=r"the weights \[1.0, -1.0\] sum to 0 and normalize: true"):
+        session.merge(cancelling)
+    assert not differing(session.state_dict(), before)
+    assert session.merge({**cancelling, "parameters": {"normalize": False}}).tensors > 0
+
+
 def test_live_model_runs_like_the_saved_merge(model_sets, tmp_path):
     transformers = pytest.importorskip("transformers")
     base, *experts = model_sets("llama")

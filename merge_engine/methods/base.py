@@ -66,6 +66,9 @@ class MergeMethod:
     wrapped: Callable[[TensorGroup], torch.Tensor] | None = field(default=None, compare=False)  # its inner merge
     # compute dtype -> the dtype the merge returns, where it differs (mergekit writes that when out_dtype is unset)
     result_dtype: Callable[[torch.dtype], torch.dtype] | None = field(default=None, compare=False)
+    # (shared, per-model parameters, compute dtype) of one tensor -> why its result would be meaningless
+    # (refused when planning), or None
+    tensor_problem: Callable[[dict, list[dict], torch.dtype], str | None] | None = field(default=None, compare=False)
 
     def output_dtype(self, compute: torch.dtype) -> torch.dtype:
         """The dtype written for a tensor merged in `compute` when the config sets no out_dtype."""

@@ -14,6 +14,27 @@ def _linear(group: TensorGroup) -> torch.Tensor:
                             out=group.output_like(group.tensors[0]))
 
 
+def _weights_cancel(weights: list[float], dtype: torch.dtype, key: str) -> str | None:
+    """Weights that sum to exactly zero in the dtype the divisor is formed in: every element of the
+    tensor would be divided by zero (mergekit writes NaN and Inf there)."""
+    if float(torch.tensor(weights, dtype=torch.float64).to(dtype).sum()) != 0:
+        return None
+    return (f"the weights {weights} sum to 0 and {key}: true divides by their sum, so every value would be "
+            f"NaN or Inf (set {key}: false or change a weight)")
+
+
+def _linear_problem(shared: dict, per_model: list[dict], compute: torch.dtype) -> str | None:
+    accumulate = torch.float64 if compute == torch.float64 else torch.float32  # as ops.weighted_sum
+    return _weights_cancel([m["weight"] for m in per_model], accumulate, "normalize") if shared["normalize"] else None
+
+
+def _multislerp_problem(shared: dict, per_model: list[dict], compute: torch.dtype) -> str | None:
+    weights = [m["weight"] for m in per_model if "weight" in m]  # the base has none
+    if len(weights) < 2 or not shared["normalize_weights"]:  # one input is returned as it is
+        return None
+    return _weights_cancel(weights, compute, "normalize_weights")  # in the inputs' dtype, as ops.multislerp
+
+
 def _slerp(group: TensorGroup) -> torch.Tensor:
     other = 1 - group.base_index
     return ops.slerp(group.shared["t"], group.base, group.tensors[other], out=group.output_like(group.base))
@@ -98,7 +119,7 @@ def _leading_slices(x: torch.Tensor) -> list[slice]:
 METHODS = [
     MergeMethod("linear", _linear, (ParamSpec("weight", float, Scope.INPUT),
                                     ParamSpec("normalize", bool, Scope.SHARED, True)),
-                reference="https://arxiv.org/abs/2203.05482"),
+                reference="https://arxiv.org/abs/2203.05482", tensor_problem=_linear_problem),
     MergeMethod("slerp", _slerp, (ParamSpec("t", float, Scope.SHARED, caution=extrapolates),), base="required",
                 min_inputs=2, max_inputs=2, reference="https://en.wikipedia.org/wiki/Slerp"),
     MergeMethod("nuslerp", _nuslerp, (ParamSpec("weight", float, Scope.NON_BASE),
@@ -108,7 +129,8 @@ METHODS = [
     MergeMethod("multislerp", _multislerp, (ParamSpec("weight", float, Scope.NON_BASE),
                                             ParamSpec("normalize_weights", bool, Scope.SHARED, True),
                                             ParamSpec("eps", float, Scope.SHARED, 1e-8)),
-                base="optional", min_non_base=1, reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"),
+                base="optional", min_non_base=1, reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+                tensor_problem=_multislerp_problem),
     MergeMethod("karcher", _karcher, (ParamSpec("max_iter", int, Scope.SHARED, 10),
                                       ParamSpec("tol", float, Scope.SHARED, 1e-5)),
                 reference="https://arxiv.org/abs/2603.04972"),
