@@ -7,6 +7,7 @@ import torch
 
 from merge_engine import ops
 from merge_engine.methods.base import MergeMethod, TensorGroup
+from merge_engine.ops.sparsify import check_della
 from merge_engine.parameters import ParamSpec, Scope, in_unit_interval
 
 # name: (sparsification, sign consensus, normalize default, rescale default, reference)
@@ -32,6 +33,17 @@ def _merge(sparsify: str, consensus: bool, group: TensorGroup) -> torch.Tensor:
         group.seed, group.name, out=group.output_like(group.base))
 
 
+def _della_problem(shared: dict, per_model: list[dict], compute: torch.dtype) -> str | None:
+    """DELLA's keep probabilities density +- epsilon must lie in (0, 1), for each expert of each tensor
+    (a gradient or filter may give some tensors values outside): found when planning, not mid-merge."""
+    for m in (m for m in per_model if "density" in m):  # the base has none
+        try:
+            check_della(m["density"], m["epsilon"])
+        except ValueError as e:
+            return str(e)
+    return None
+
+
 def _method(name: str) -> MergeMethod:
     sparsify, consensus, normalize, rescale, ref = FAMILY[name]
     params = [
@@ -47,7 +59,7 @@ def _method(name: str) -> MergeMethod:
     if sparsify == "rank":
         params.append(ParamSpec("epsilon", float, Scope.NON_BASE, 0.15, check=in_unit_interval))
     return MergeMethod(name, lambda g: _merge(sparsify, consensus, g), tuple(params), base="required",
-                       reference=ref)
+                       reference=ref, tensor_problem=_della_problem if sparsify == "rank" else None)
 
 
 METHODS = [_method(name) for name in FAMILY]
