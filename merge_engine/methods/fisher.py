@@ -67,8 +67,6 @@ def _fisher(group: TensorGroup) -> torch.Tensor:
     fishers = group.side["fisher"]
     if any(f is None for f in fishers):
         return ops.weighted_sum(group.tensors, weights, True, out=group.output_like(group.tensors[0]))
-    if sum(weights) <= 0:
-        raise ValueError("fisher needs at least one model with a weight > 0")
     if len({f.dtype for f in fishers}) > 1:
         fishers = [f.float() for f in fishers]
     floors = [p["fisher_floor"] if j == 0 or not p["favor_target_model"] else 0.0 for j in range(len(fishers))]
@@ -108,6 +106,11 @@ def _ranked_by_fisher(consensus: bool, group: TensorGroup) -> torch.Tensor:
                                   p["normalize"], False, p["lambda"], out=group.output_like(base))
 
 
+def _fisher_problem(shared: dict, per_model: list[dict], compute: torch.dtype) -> str | None:
+    """The weights (>= 0) are the merge's divisor, with or without Fishers: all zero is found when planning."""
+    return None if sum(m["weight"] for m in per_model) > 0 else "fisher needs at least one model with a weight > 0"
+
+
 FISHER = MergeMethod(
     "fisher", _fisher,
     (ParamSpec("weight", float, Scope.INPUT, 1.0, check=non_negative),
@@ -115,7 +118,7 @@ FISHER = MergeMethod(
      ParamSpec("favor_target_model", bool, Scope.SHARED, True),
      ParamSpec("normalize_fisher", bool, Scope.SHARED, False),
      MISSING),
-    base="ignored", side_inputs=("fisher",), reference=REFERENCE)
+    base="ignored", side_inputs=("fisher",), reference=REFERENCE, tensor_problem=_fisher_problem)
 
 
 def _importance_method(name: str, consensus: bool, normalize: bool) -> MergeMethod:

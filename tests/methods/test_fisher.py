@@ -146,6 +146,19 @@ def test_config_problems_are_reported_before_reading(llama, tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_all_zero_weights_are_refused_by_tensor_before_reading(llama, tmp_path):
+    paths, tensors, fishers = llama
+    f = fishers()
+    models = [{"model": p, "fisher": fo, "parameters": {"weight": 0.0}} for p, (fo, _) in zip(paths, f)]
+    models[1]["parameters"]["weight"] = [{"filter": "mlp", "value": 0.5}, {"value": 0.0}]  # mlp: merged
+    with pytest.raises(ConfigError) as e:
+        run({"merge_method": "fisher", "models": models}, tmp_path / "out")
+    named = [p for p in e.value.problems if "fisher needs at least one model with a weight > 0" in p]
+    assert named == e.value.problems and all("mlp" not in p for p in named)
+    assert any("(tensor 'model.embed_tokens.weight')" in p for p in named)
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_invalid_fisher_values_fail_the_merge_and_leave_nothing(llama, tmp_path):
     paths, _, fishers = llama
     def poison(n, x):
