@@ -11,9 +11,18 @@ from merge_engine.cli.args import add_quiet_argument, parse_size, setup_logging
 from merge_engine.cli.timing import STARTUP
 from merge_engine.methods import REGISTRY
 
-# mergekit flags that only tune its own executor; merge_engine always streams, so they change nothing.
+# mergekit-yaml's flags that only tune its own executor or output (each with its --no- form, as click
+# gives them); merge_engine always streams, so they change nothing.
 _COMPAT_FLAGS = ("--low-cpu-memory", "--read-to-gpu", "--async-write", "--lazy-unpickle", "--clone-tensors",
-                 "--safe-serialization", "--trust-remote-code", "--write-model-card", "--multi-gpu", "--gpu-rich")
+                 "--safe-serialization", "--trust-remote-code", "--write-model-card", "--multi-gpu")
+# mergekit-yaml's flags that change what is merged and that merge_engine does not implement: refused by name
+# rather than ignored, so that no merge silently differs from mergekit's
+_UNSUPPORTED = {
+    "unsafe_truncate_embeddings": "--unsafe-truncate-embeddings is not supported: merge models whose vocabularies "
+                                  "differ with a tokenizer setting instead (tokenizer: {source: base})",
+    "lora_merge_dtype": "--lora-merge-dtype is not supported: LoRA updates are applied in each base weight's "
+                        "dtype, as mergekit does without it",
+}
 
 
 log = logging.getLogger("merge_engine")
@@ -39,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--device", default="auto", help="where the math runs: cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--cuda", action="store_const", const="cuda", dest="device", help="same as --device cuda")
+    p.add_argument("--no-cuda", action="store_const", const="cpu", dest="device", help="same as --device cpu")
     p.add_argument("--out-shard-size", type=parse_size, default=parse_size("5B"),
                    help="largest output shard in bytes; K/M/B suffixes allowed (default 5B = 5e9 bytes)")
     p.add_argument("--random-seed", type=seed, default=0,
@@ -49,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--strict", action="store_true",
                    help="refuse parameters the merge method does not use (by default: a warning, as mergekit ignores them)")
-    p.add_argument("--allow-crimes", action="store_true",
+    p.add_argument("--allow-crimes", action=argparse.BooleanOptionalAction, default=False,
                    help="allow merging models whose config.json architectures differ")
     p.add_argument("-j", "--num-threads", type=int, default=None, help="CPU threads for the math")
     p.add_argument("--prefetch", type=int, default=2, help="tensor groups read ahead of compute (default 2)")
@@ -58,17 +68,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "plainly and the rest directly; on: reads everything directly; both write the output "
                         "directly; off: reads and writes through the page cache")
     add_quiet_argument(p)
+    p.add_argument("--no-quiet", action="store_false", dest="quiet", help="progress bar and summary (the default)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    compat = "accepted for mergekit compatibility; no effect"
     for flag in _COMPAT_FLAGS:
-        p.add_argument(flag, action="store_true", help="accepted for mergekit compatibility; no effect")
-    p.add_argument("--write-threads", type=int, help="accepted for mergekit compatibility; no effect")
+        p.add_argument(flag, action=argparse.BooleanOptionalAction, help=compat)
+    p.add_argument("--gpu-rich", action="store_true", help=compat)
+    p.add_argument("--write-threads", type=int, help=compat)
     for flag in ("--lora-merge-cache", "--transformers-cache"):  # adapters are applied while reading: no copies
-        p.add_argument(flag, metavar="PATH", help="accepted for mergekit compatibility; no effect")
+        p.add_argument(flag, metavar="PATH", help=compat)
+    p.add_argument("--unsafe-truncate-embeddings", action=argparse.BooleanOptionalAction, default=False,
+                   help="mergekit's; not supported (refused)")
+    p.add_argument("--lora-merge-dtype", metavar="DTYPE", help="mergekit's; not supported (refused)")
     return p
 
 
 def run(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for dest, why in _UNSUPPORTED.items():
+        if getattr(args, dest):
+            parser.error(why)
     setup_logging(args.quiet, args.verbose)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
