@@ -94,6 +94,9 @@ class MergeOptions:
     direct_io: str = "auto"
     quiet: bool = False
     allow_crimes: bool = False  # merge models whose architectures differ
+    # mergekit's --unsafe-truncate-embeddings: without a tokenizer setting, embeddings and LM heads whose
+    # vocab_size differs between inputs keep the rows all of them have (token ids assumed to agree)
+    unsafe_truncate_embeddings: bool = False
 
 
 @dataclass
@@ -139,7 +142,7 @@ def merge(config: MergeConfig | str, out_dir: str, options: MergeOptions | None 
         cfg = load_checked_config(config) if isinstance(config, str) else config
         lap("config")
         device = rank_device(check_options(out_dir, options), ranks)
-        plan = build_plan(cfg, options.allow_crimes)
+        plan = build_plan(cfg, options.allow_crimes, options.unsafe_truncate_embeddings)
         check_output_outside_inputs(out_dir, plan)
     check_same_plan(ranks, digest(plan.jobs, plan.entries(), options.out_shard_size, options.random_seed))
     own_shards, jobs = rank_share(plan, options.out_shard_size, ranks)
@@ -440,8 +443,8 @@ def output_model_config(plan: MergePlan) -> dict:
     for key in ("num_hidden_layers", "n_layer") if plan.num_layers is not None else ():
         if key in model_config:
             model_config[key] = plan.num_layers
-    if plan.vocabulary:
-        set_vocab_size(model_config, plan.vocabulary.rows)
+    if plan.vocabulary or plan.truncated_rows:  # (mergekit leaves a truncation's vocab_size as the donor's)
+        set_vocab_size(model_config, plan.vocabulary.rows if plan.vocabulary else plan.truncated_rows)
     return model_config
 
 

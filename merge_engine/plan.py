@@ -19,7 +19,7 @@ from merge_engine.io.checkpoint import Checkpoint, split_layer_name
 from merge_engine.io.grams import gram_folder
 from merge_engine.io.lora import open_model
 from merge_engine.parameters import Scope, resolve
-from merge_engine.vocabulary import RowRecipe, Vocabulary, build_vocabulary
+from merge_engine.vocabulary import RowRecipe, Vocabulary, build_vocabulary, truncated_rows
 
 log = logging.getLogger("merge_engine")
 _PRE_LAYER_MARKERS = ("embed", "wte", "wpe")  # embeddings come before the layers, norms and heads after
@@ -64,6 +64,10 @@ class MergePlan:
     missing_side: dict[str, list[str]] = field(default_factory=dict)  # side folder -> tensors it lacks
     grams_used: set[str] = field(default_factory=set)  # Gram folders that hold some weight's Gram
     vocabulary: Vocabulary | None = None  # the output tokenizer, when the config sets one
+    # mergekit's --unsafe-truncate-embeddings: without a tokenizer setting, vocabulary-indexed tensors keep
+    # the rows every input has (truncate_vocabulary), and truncated_rows is how many that is
+    truncate_vocabulary: bool = False
+    truncated_rows: int | None = None
 
     @property
     def donor(self) -> Checkpoint:
@@ -108,8 +112,8 @@ def _side_kinds(cfg: MergeConfig) -> dict[str, set[str]]:
     return out
 
 
-def build_plan(cfg: MergeConfig, allow_crimes: bool = False) -> MergePlan:
-    plan = MergePlan(cfg, *open_models(cfg))
+def build_plan(cfg: MergeConfig, allow_crimes: bool = False, truncate_vocabulary: bool = False) -> MergePlan:
+    plan = MergePlan(cfg, *open_models(cfg), truncate_vocabulary=truncate_vocabulary)
     if cfg.tokenizer:
         plan.vocabulary = build_vocabulary(cfg.tokenizer, plan.models, cfg.referenced_models()[0])
     problems: list[str] = []
@@ -281,10 +285,10 @@ def _vocabulary_rows(plan: MergePlan, models: list[str], infos: list, base: str 
     """The row recipe of a tensor outside the layers whose dim 0 is its inputs' vocabulary (as many rows
     as each model's config vocab_size); None for any other tensor, or without a configured tokenizer."""
     vocab = plan.vocabulary
-    if vocab is None:
-        return None
     if any(marker in out_name for marker in _POSITION_MARKERS):
         return None
+    if vocab is None:
+        return _truncated_rows(plan, models, infos, out_name) if plan.truncate_vocabulary else None
     is_vocab = [len(i.shape) > 0 and i.shape[0] == vocab.vocab_size[m] for m, i in zip(models, infos)]
     if not any(is_vocab):
         return None
@@ -296,6 +300,20 @@ def _vocabulary_rows(plan: MergePlan, models: list[str], infos: list, base: str 
     if not all(i.dtype.is_floating_point for i in infos):
         return None
     return vocab.recipe(models, base, [i.shape[0] for i in infos], f"'{out_name}'", problems)
+
+
+def _truncated_rows(plan: MergePlan, models: list[str], infos: list, out_name: str) -> RowRecipe | None:
+    """mergekit's unsafe vocabulary truncation of a tensor whose dim 0 is each input's config vocab_size
+    and differs between inputs: the rows every input has, the same token ids assumed to mean the same
+    tokens (nothing checks it)."""
+    sizes = [i.shape[0] if len(i.shape) else None for i in infos]
+    if len(set(sizes)) == 1 or any(s != plan.models[m].config.get("vocab_size") for m, s in zip(models, sizes)):
+        return None
+    rows = min(sizes)
+    log.warning("UNSAFE vocabulary truncation of '%s': %s rows -> %d (--unsafe-truncate-embeddings: token ids "
+                "below %d are assumed to mean the same in every input)", out_name, sizes, rows, rows)
+    plan.truncated_rows = rows if plan.truncated_rows is None else min(plan.truncated_rows, rows)
+    return truncated_rows(len(models), rows)
 
 
 def _side_refs(plan: MergePlan, kind: str, s: Slice, names: list[str], shapes: list[tuple[int, ...]],

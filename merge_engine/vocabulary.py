@@ -70,6 +70,13 @@ class RowRecipe:
         return self._on[device]
 
 
+def truncated_rows(inputs: int, rows: int) -> RowRecipe:
+    """Every input's first `rows` rows, as they are (mergekit's --unsafe-truncate-embeddings)."""
+    none = torch.empty(0, dtype=torch.int64)
+    return RowRecipe(rows, rows, torch.arange(rows).expand(inputs, rows), none, [], none,
+                     torch.empty((inputs, 0), dtype=torch.int64))
+
+
 def align_rows(recipe: RowRecipe, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """The inputs (same dtype, vocabulary on dim 0) with rows in the output's token order."""
     if recipe.identity:

@@ -114,6 +114,19 @@ def bpe_models(tmp_path_factory):
     return make_bpe_models(str(tmp_path_factory.mktemp("bpe")))
 
 
+def assert_refused_when_planning(config, out, match: str) -> None:
+    """The parsed config is refused by build_plan with a ConfigError matching `match`, and merge() into `out`
+    refuses it too, leaving no output folder."""
+    from merge_engine import MergeOptions, merge
+    from merge_engine.errors import ConfigError
+    from merge_engine.plan import build_plan
+    with pytest.raises(ConfigError, match=match):
+        build_plan(config)
+    with pytest.raises(ConfigError, match=match):
+        merge(config, str(out), MergeOptions(device="cpu", quiet=True))
+    assert not os.path.exists(out)
+
+
 def folder_digest(folder) -> str:
     """A hash of every file's name and bytes under folder: the tests' proof that inputs were not changed."""
     h = hashlib.sha256()

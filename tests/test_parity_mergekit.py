@@ -210,6 +210,30 @@ def test_vocabulary_alignment_identical_to_mergekit(case, vocab_models, bpe_mode
             == json.loads((theirs / "config.json").read_text())["vocab_size"])
 
 
+# --unsafe-truncate-embeddings: without a tokenizer setting, vocabulary tensors of different vocab_size keep the
+# rows every input has (tests/vocab_models.py: extra has 258 rows, padded 264, base 256)
+TRUNCATION_CASES = {
+    "linear": lambda m: {"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": m[k], "parameters": {"weight": w}} for k, w in (("extra", 0.3), ("base", 0.5), ("padded", 0.4))]},
+    "ties_largest_base": lambda m: {"merge_method": "ties", "dtype": "float32", "base_model": m["padded"], "models": [
+        {"model": m[k], "parameters": {"weight": 0.5, "density": 0.6}} for k in ("extra", "base")]},
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRUNCATION_CASES))
+def test_unsafe_embedding_truncation_identical_to_mergekit(case, vocab_models, mergekit, write_yaml, folder_tensors,
+                                                           tmp_path):
+    config = TRUNCATION_CASES[case](vocab_models)
+    merge(parse_config(config), str(tmp_path / "ours"), MergeOptions(quiet=True, unsafe_truncate_embeddings=True))
+    run_mergekit(mergekit, write_yaml(config), str(tmp_path / "theirs"), "--unsafe-truncate-embeddings")
+    a, b = folder_tensors(tmp_path / "ours"), folder_tensors(tmp_path / "theirs")
+    assert a.keys() == b.keys() and a["model.embed_tokens.weight"].shape[0] == 256
+    different = [n for n in a if not torch.equal(a[n], b[n])]
+    assert not different, different
+    # config.json says the rows written (mergekit leaves the donor's vocab_size, 264 for padded)
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["vocab_size"] == 256
+
+
 # LoRA references (BASE+ADAPTER): mergekit merges each adapter with peft into a cached copy of its base;
 # merge_engine applies it while reading. Adapters from tests/lora_adapters.py, in peft's format.
 LORA_CASES = {  # name -> (model set, adapter options, adapter dtype)

@@ -286,3 +286,26 @@ def test_position_embeddings_are_not_vocabulary_rows(tmp_path):
     out, t = merged(None, tmp_path, {"merge_method": "linear", "tokenizer_source": "union",
                                      "models": [{"model": m, "parameters": {"weight": 1.0}} for m in folders]})
     assert t["transformer.wte.weight"].shape == (257, 16) and t["transformer.wpe.weight"].shape == (256, 16)
+
+
+def test_unsafe_truncation_keeps_the_rows_every_input_has(vm, tmp_path, folder_tensors, caplog):
+    """--unsafe-truncate-embeddings without a tokenizer setting: each vocabulary tensor is the merge of its
+    inputs' first rows (as many as the smallest vocab_size), one warning per tensor; config.json says so."""
+    names = ("extra", "padded", "base")  # 258, 264 and 256 rows
+    with pytest.raises(ConfigError, match="has shape \\[264, 64\\]"):
+        merged(vm, tmp_path, linear(vm, names), "refused")
+    with caplog.at_level("WARNING", logger="merge_engine"):
+        out, t = merged(vm, tmp_path, linear(vm, names), unsafe_truncate_embeddings=True)
+    assert sorted(r.getMessage().split("'")[1] for r in caplog.records if "UNSAFE" in r.getMessage()) == sorted(VOCAB_TENSORS)
+    inputs = [folder_tensors(vm[n]) for n in names]
+    weights = [0.25, 0.5, 0.75]
+    for name in t:
+        per_model = [x[name][:256] if name in VOCAB_TENSORS else x[name] for x in inputs]
+        want = sum(w * x for w, x in zip(weights, per_model)) / sum(weights)
+        torch.testing.assert_close(t[name], want, rtol=1e-6, atol=1e-7)  # fp32 sums in another order
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 256
+    # a tokenizer setting aligns the vocabularies instead: the option changes nothing then
+    with_tokenizer = linear(vm, names, tokenizer_source="base")
+    _, aligned = merged(vm, tmp_path, with_tokenizer, "aligned", unsafe_truncate_embeddings=True)
+    _, plain = merged(vm, tmp_path, with_tokenizer, "plain")
+    assert aligned.keys() == plain.keys() and all(torch.equal(aligned[n], plain[n]) for n in plain)

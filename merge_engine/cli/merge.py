@@ -15,11 +15,9 @@ from merge_engine.methods import REGISTRY
 # gives them); merge_engine always streams, so they change nothing.
 _COMPAT_FLAGS = ("--low-cpu-memory", "--read-to-gpu", "--async-write", "--lazy-unpickle", "--clone-tensors",
                  "--safe-serialization", "--trust-remote-code", "--write-model-card", "--multi-gpu")
-# mergekit-yaml's flags that change what is merged and that merge_engine does not implement: refused by name
+# mergekit-yaml's flag that changes what is merged and that merge_engine does not implement: refused by name
 # rather than ignored, so that no merge silently differs from mergekit's
 _UNSUPPORTED = {
-    "unsafe_truncate_embeddings": "--unsafe-truncate-embeddings is not supported: merge models whose vocabularies "
-                                  "differ with a tokenizer setting instead (tokenizer: {source: base})",
     "lora_merge_dtype": "--lora-merge-dtype is not supported: LoRA updates are applied in each base weight's "
                         "dtype, as mergekit does without it",
 }
@@ -78,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--lora-merge-cache", "--transformers-cache"):  # adapters are applied while reading: no copies
         p.add_argument(flag, metavar="PATH", help=compat)
     p.add_argument("--unsafe-truncate-embeddings", action=argparse.BooleanOptionalAction, default=False,
-                   help="mergekit's; not supported (refused)")
+                   help="without a tokenizer setting, embeddings and LM heads whose vocab_size differs keep the rows "
+                        "every input has, token ids assumed to mean the same (as mergekit's; unsafe)")
     p.add_argument("--lora-merge-dtype", metavar="DTYPE", help="mergekit's; not supported (refused)")
     return p
 
@@ -97,8 +96,8 @@ def run(argv: list[str]) -> int:
     options = MergeOptions(device=args.device or "auto", out_shard_size=args.out_shard_size,
                            random_seed=args.random_seed, copy_tokenizer=args.copy_tokenizer,
                            overwrite=args.overwrite, prefetch=args.prefetch, direct_io=args.direct_io,
-                           quiet=args.quiet,
-                           allow_crimes=args.allow_crimes)
+                           quiet=args.quiet, allow_crimes=args.allow_crimes,
+                           unsafe_truncate_embeddings=args.unsafe_truncate_embeddings)
     with torchrun_group() as leader:
         started = time.perf_counter()
         config = load_checked_config(args.config, strict=args.strict)

@@ -2,9 +2,10 @@
 a tensor a division by zero are refused by tensor before any data is read."""
 import pytest
 
-from merge_engine import MergeOptions, merge, parse_config
+from merge_engine import parse_config
 from merge_engine.errors import ConfigError
 from merge_engine.plan import build_plan
+from tests.conftest import assert_refused_when_planning
 
 pytestmark = pytest.mark.slow  # generated checkpoints
 
@@ -22,13 +23,9 @@ def weighted(method, models, weights, **parameters):
 ])
 def test_weights_summing_to_zero_are_refused_by_tensor(model_sets, tmp_path, method, weights, key):
     base, *experts = model_sets("llama")
-    config = parse_config(weighted(method, experts, weights))
-    with pytest.raises(ConfigError, match=rf"merge method '{method}': the weights .* sum to 0 and {key}: true "
-                                          r"divides by their sum.*\(tensor 'model.embed_tokens.weight'\)"):
-        build_plan(config)
-    with pytest.raises(ConfigError):
-        merge(config, str(tmp_path / "out"), MergeOptions(device="cpu", quiet=True))
-    assert not (tmp_path / "out").exists()
+    assert_refused_when_planning(parse_config(weighted(method, experts, weights)), tmp_path / "out",
+                                 rf"merge method '{method}': the weights .* sum to 0 and {key}: true divides by "
+                                 r"their sum.*\(tensor 'model.embed_tokens.weight'\)")
     build_plan(parse_config(weighted(method, experts, weights, **{key: False})))  # no division: merged
 
 

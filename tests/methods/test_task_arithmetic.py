@@ -3,9 +3,10 @@ density +- epsilon, must lie in (0, 1) for every expert of every tensor; values 
 when planning, before any data is read (mergekit raises mid-merge)."""
 import pytest
 
-from merge_engine import MergeOptions, merge, parse_config
+from merge_engine import parse_config
 from merge_engine.errors import ConfigError
 from merge_engine.plan import build_plan
+from tests.conftest import assert_refused_when_planning
 
 pytestmark = pytest.mark.slow  # generated checkpoints
 
@@ -18,13 +19,9 @@ def della(base, experts, density, epsilon):
 
 def test_della_probabilities_outside_the_unit_interval_are_refused_by_tensor(model_sets, tmp_path):
     base, *experts = model_sets("llama")
-    config = della(base, experts, 0.5, 0.6)
-    with pytest.raises(ConfigError, match=r"della needs 0 < density - epsilon and density \+ epsilon < 1 "
-                                          r"\(density=0.5, epsilon=0.6\) \(tensor 'model.embed_tokens.weight'\)"):
-        build_plan(config)
-    with pytest.raises(ConfigError):
-        merge(config, str(tmp_path / "out"), MergeOptions(device="cpu", quiet=True))
-    assert not (tmp_path / "out").exists()
+    assert_refused_when_planning(della(base, experts, 0.5, 0.6), tmp_path / "out",
+                                 r"della needs 0 < density - epsilon and density \+ epsilon < 1 "
+                                 r"\(density=0.5, epsilon=0.6\) \(tensor 'model.embed_tokens.weight'\)")
 
 
 def test_only_the_layers_a_gradient_takes_outside_are_refused(model_sets):
