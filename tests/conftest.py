@@ -86,6 +86,23 @@ MODEL_SETS = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_stay_in_pytests_folder(tmp_path_factory):
+    """TMPDIR for this test process and every process it starts (the pages' examples call tempfile.mkdtemp,
+    torchrun makes its own folders): their temporary files land in pytest's folder, which pytest prunes,
+    not in /tmp, where nothing removes them."""
+    import tempfile
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmpdir"))
+    tempfile.tempdir = None  # read TMPDIR again
+    yield
+    if previous is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = previous
+    tempfile.tempdir = None
+
+
 @pytest.fixture(scope="session")
 def model_sets(tmp_path_factory):
     """Lazily built model sets: model_sets(key) -> [base, expert1, expert2, expert3] folders."""
