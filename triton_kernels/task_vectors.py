@@ -29,7 +29,7 @@ import triton.language as tl
 
 from merge_engine.ops.backends import KERNEL_DTYPES
 from merge_engine.ops.select import NOTHING_LARGEST, NOTHING_SMALLEST, check_finite, check_ordered, cutoff_mask
-from merge_engine.ops.sparsify import RESCALE_EPS, SPARSIFY_CODES
+from merge_engine.ops.sparsify import SPARSIFY_CODES, l1_rescale_factor
 
 NONE, MAGNITUDE, RANDOM, OUTLIERS, RANK = (SPARSIFY_CODES[s] for s in ("", "magnitude", "random", "outliers", "rank"))
 BLOCK = 1024  # elements per program
@@ -341,8 +341,8 @@ def _cutoff_rescale_factors(base, experts, cuts: list[tuple[int, int, int, int]]
         delta = expert - base
         cut = functools.partial(torch.tensor, dtype=torch.int64)
         keep = cutoff_mask(delta, cut([hi_t, hi_c]), largest) & ~cutoff_mask(delta, cut([lo_t, lo_c]), largest)
-        before, after = delta.abs().sum(), (delta * keep.to(delta.dtype)).abs().sum()
-        factors.append(1.0 if before < RESCALE_EPS or after < RESCALE_EPS else float(before / after))
+        factor = l1_rescale_factor(delta, delta * keep.to(delta.dtype))
+        factors.append(1.0 if factor is None else float(factor))
     return torch.tensor(factors, dtype=torch.float32, device=base.device)
 
 

@@ -17,10 +17,8 @@ _COMPAT_FLAGS = ("--low-cpu-memory", "--read-to-gpu", "--async-write", "--lazy-u
                  "--safe-serialization", "--trust-remote-code", "--write-model-card", "--multi-gpu")
 # mergekit-yaml's flag that changes what is merged and that merge_engine does not implement: refused by name
 # rather than ignored, so that no merge silently differs from mergekit's
-_UNSUPPORTED = {
-    "lora_merge_dtype": "--lora-merge-dtype is not supported: LoRA updates are applied in each base weight's "
-                        "dtype, as mergekit does without it",
-}
+_LORA_MERGE_DTYPE_REFUSED = ("--lora-merge-dtype is not supported: LoRA updates are applied in each base "
+                             "weight's dtype, as mergekit does without it")
 
 
 log = logging.getLogger("merge_engine")
@@ -85,9 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for dest, why in _UNSUPPORTED.items():
-        if getattr(args, dest):
-            parser.error(why)
+    if args.lora_merge_dtype:
+        parser.error(_LORA_MERGE_DTYPE_REFUSED)
     setup_logging(args.quiet, args.verbose)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)

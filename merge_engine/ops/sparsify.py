@@ -18,12 +18,18 @@ from merge_engine.ops.select import cutoff_mask, magnitude_cutoff
 RESCALE_EPS = 1e-7
 
 
-def rescale_l1(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """mergekit's rescale: scale the kept part so its L1 norm matches the original's."""
+def l1_rescale_factor(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor | None:
+    """mergekit's rescale factor, |x|_1 / |kept|_1 in x's dtype (torch's sums), or None when either is tiny."""
     before, after = x.abs().sum(), kept.abs().sum()
     if before < RESCALE_EPS or after < RESCALE_EPS:
-        return kept
-    return kept * (before / after)
+        return None
+    return before / after
+
+
+def rescale_l1(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """mergekit's rescale: scale the kept part so its L1 norm matches the original's."""
+    factor = l1_rescale_factor(x, kept)
+    return kept if factor is None else kept * factor
 
 
 def _apply(x: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
