@@ -53,7 +53,7 @@ from merge_engine.distributed import (
     own_shards,
     rank_device,
 )
-from merge_engine.dtypes import dtype_name
+from merge_engine.dtypes import DTYPES, dtype_name
 from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.extras import require
 from merge_engine.io.buffers import BufferPool
@@ -97,6 +97,9 @@ class MergeOptions:
     # mergekit's --unsafe-truncate-embeddings: without a tokenizer setting, embeddings and LM heads whose
     # vocab_size differs between inputs keep the rows all of them have (token ids assumed to agree)
     unsafe_truncate_embeddings: bool = False
+    # mergekit's --lora-merge-dtype: BASE+ADAPTER models are read cast to this dtype (every floating-point
+    # tensor) and their adapters merged in it (io/lora.py); None: in the base's own dtypes
+    lora_merge_dtype: torch.dtype | None = None
 
 
 @dataclass
@@ -142,7 +145,7 @@ def merge(config: MergeConfig | str, out_dir: str, options: MergeOptions | None 
         cfg = load_checked_config(config) if isinstance(config, str) else config
         lap("config")
         device = rank_device(check_options(out_dir, options), ranks)
-        plan = build_plan(cfg, options.allow_crimes, options.unsafe_truncate_embeddings)
+        plan = build_plan(cfg, options.allow_crimes, options.unsafe_truncate_embeddings, options.lora_merge_dtype)
         check_output_outside_inputs(out_dir, plan)
     check_same_plan(ranks, digest(plan.jobs, plan.entries(), options.out_shard_size, options.random_seed))
     own_shards, jobs = rank_share(plan, options.out_shard_size, ranks)
@@ -184,6 +187,9 @@ def check_options(out_dir: str, options: MergeOptions) -> torch.device:
     check_output_dir(out_dir, options.overwrite)
     if options.direct_io not in DIRECT_IO_MODES:
         raise MergeEngineError(f"direct_io must be one of {', '.join(DIRECT_IO_MODES)}, not {options.direct_io!r}")
+    if options.lora_merge_dtype is not None and options.lora_merge_dtype not in DTYPES.values():
+        raise MergeEngineError(f"lora_merge_dtype must be one of torch.{', torch.'.join(DTYPES)} or None, "
+                               f"not {options.lora_merge_dtype!r}")
     if not -2**63 <= options.random_seed < 2**63:  # the generator's key takes a 64-bit signed seed
         raise MergeEngineError(f"random_seed {options.random_seed} is outside [-2**63, 2**63)")
     device = resolve_device(options.device)

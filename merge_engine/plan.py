@@ -79,13 +79,15 @@ class MergePlan:
         return [(j.out_name, j.out_dtype, j.shape) for j in self.jobs]
 
 
-def open_models(cfg: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, Checkpoint]]:
-    """Open every referenced model and side-input folder (headers only); report all unreadable ones together."""
+def open_models(cfg: MergeConfig, lora_merge_dtype: torch.dtype | None = None
+                ) -> tuple[dict[str, Checkpoint], dict[str, Checkpoint]]:
+    """Open every referenced model and side-input folder (headers only); report all unreadable ones together.
+    lora_merge_dtype: what BASE+ADAPTER models are read in (io/lora.py: LoraCheckpoint)."""
     models, side, problems = {}, {}, []
     side_kinds = _side_kinds(cfg)
     for ref, table in [(ref, models) for ref in cfg.referenced_models()] + [(p, side) for p in side_kinds]:
         try:
-            table[ref] = open_model(ref) if table is models else Checkpoint(ref)
+            table[ref] = open_model(ref, lora_merge_dtype) if table is models else Checkpoint(ref)
             if table is side and "grams" in side_kinds[ref]:
                 gram_folder(ref)  # its manifest, checked against the stored Grams
             if table is side and "fisher" in side_kinds[ref] and fishers.has_manifest(ref):
@@ -112,8 +114,9 @@ def _side_kinds(cfg: MergeConfig) -> dict[str, set[str]]:
     return out
 
 
-def build_plan(cfg: MergeConfig, allow_crimes: bool = False, truncate_vocabulary: bool = False) -> MergePlan:
-    plan = MergePlan(cfg, *open_models(cfg), truncate_vocabulary=truncate_vocabulary)
+def build_plan(cfg: MergeConfig, allow_crimes: bool = False, truncate_vocabulary: bool = False,
+               lora_merge_dtype: torch.dtype | None = None) -> MergePlan:
+    plan = MergePlan(cfg, *open_models(cfg, lora_merge_dtype), truncate_vocabulary=truncate_vocabulary)
     if cfg.tokenizer:
         plan.vocabulary = build_vocabulary(cfg.tokenizer, plan.models, cfg.referenced_models()[0])
     problems: list[str] = []

@@ -8,6 +8,7 @@ import torch
 import transformers
 
 from merge_engine import MergeOptions, merge, parse_config
+from merge_engine.dtypes import DTYPES
 
 pytestmark = [pytest.mark.mergekit, pytest.mark.slow]
 
@@ -235,14 +236,22 @@ def test_unsafe_embedding_truncation_identical_to_mergekit(case, vocab_models, m
 
 
 # LoRA references (BASE+ADAPTER): mergekit merges each adapter with peft into a cached copy of its base;
-# merge_engine applies it while reading. Adapters from tests/lora_adapters.py, in peft's format.
-LORA_CASES = {  # name -> (model set, adapter options, adapter dtype)
+# merge_engine applies it while reading. Adapters from tests/lora_adapters.py, in peft's format. With
+# --lora-merge-dtype mergekit loads each adapted base in that dtype first (every tensor of the model).
+LORA_CASES = {  # name -> (model set, adapter options, adapter dtype, --lora-merge-dtype)
     "lora_llama": ("llama", dict(embedding="model.embed_tokens", modules_to_save=("lm_head",), r=4, alpha=16,
                                  use_rslora=True, rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3}),
-                   torch.float32),
+                   torch.float32, None),
     "lora_llama_bf16": ("llama_bf16_sharded", dict(embedding="model.embed_tokens", targets=("q_proj", "up_proj")),
-                        torch.bfloat16),
-    "lora_gpt2_conv1d": ("gpt2", dict(targets=("c_attn", "c_fc"), fan_in_fan_out=True), torch.float32),
+                        torch.bfloat16, None),
+    "lora_gpt2_conv1d": ("gpt2", dict(targets=("c_attn", "c_fc"), fan_in_fan_out=True), torch.float32, None),
+    "lora_merge_dtype_bf16_in_float32": ("llama_bf16_sharded", dict(embedding="model.embed_tokens",
+                                                                    modules_to_save=("lm_head",)),
+                                         torch.bfloat16, "float32"),
+    "lora_merge_dtype_fp32_in_bfloat16": ("llama", dict(embedding="model.embed_tokens", modules_to_save=("lm_head",)),
+                                          torch.float32, "bfloat16"),
+    "lora_merge_dtype_bf16_in_float16": ("gpt2", dict(targets=("c_attn", "c_fc"), fan_in_fan_out=True),
+                                         torch.bfloat16, "torch.float16"),
 }
 
 
@@ -250,7 +259,7 @@ LORA_CASES = {  # name -> (model set, adapter options, adapter dtype)
 def test_lora_references_identical_to_mergekit(case, model_sets, mergekit, write_yaml, folder_tensors,
                                                tmp_path):
     from tests.lora_adapters import write_adapter
-    key, options, dtype = LORA_CASES[case]
+    key, options, dtype, merge_dtype = LORA_CASES[case]
     base, e1, e2, _ = model_sets(key)
     write_adapter(str(tmp_path / "a1"), e1, seed=1, dtype=dtype, **options)
     write_adapter(str(tmp_path / "a2"), base, seed=2, dtype=dtype, **options)
@@ -258,13 +267,14 @@ def test_lora_references_identical_to_mergekit(case, model_sets, mergekit, write
         {"model": f"{e1}+{tmp_path / 'a1'}", "parameters": {"weight": 0.6}},
         {"model": f"{base}+{tmp_path / 'a2'}", "parameters": {"weight": 0.3}},
         {"model": e2, "parameters": {"weight": 0.2}}]}
-    merge(parse_config(config), str(tmp_path / "ours"), MergeOptions(quiet=True, copy_tokenizer=False))
+    flags = ["--lora-merge-dtype", merge_dtype] if merge_dtype else []
+    merge(parse_config(config), str(tmp_path / "ours"), MergeOptions(
+        quiet=True, copy_tokenizer=False, lora_merge_dtype=merge_dtype and DTYPES[merge_dtype.removeprefix("torch.")]))
     run_mergekit(mergekit, write_yaml(config), str(tmp_path / "theirs"), "--lora-merge-cache",
-                 str(tmp_path / "cache"))
+                 str(tmp_path / "cache"), *flags)
     a, b = folder_tensors(tmp_path / "ours"), folder_tensors(tmp_path / "theirs")
     assert set(a) == set(b)
     assert [n for n in a if a[n].dtype != b[n].dtype or not torch.equal(a[n], b[n])] == []
-
 
 
 # Models with several layer stacks, each stack with its own gradient t: Qwen2-VL (mergekit's multi-module

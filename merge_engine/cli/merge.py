@@ -9,16 +9,13 @@ import torch
 
 from merge_engine.cli.args import add_quiet_argument, parse_size, setup_logging
 from merge_engine.cli.timing import STARTUP
+from merge_engine.dtypes import DTYPES
 from merge_engine.methods import REGISTRY
 
 # mergekit-yaml's flags that only tune its own executor or output (each with its --no- form, as click
 # gives them); merge_engine always streams, so they change nothing.
 _COMPAT_FLAGS = ("--low-cpu-memory", "--read-to-gpu", "--async-write", "--lazy-unpickle", "--clone-tensors",
                  "--safe-serialization", "--trust-remote-code", "--write-model-card", "--multi-gpu")
-# mergekit-yaml's flag that changes what is merged and that merge_engine does not implement: refused by name
-# rather than ignored, so that no merge silently differs from mergekit's
-_LORA_MERGE_DTYPE_REFUSED = ("--lora-merge-dtype is not supported: LoRA updates are applied in each base "
-                             "weight's dtype, as mergekit does without it")
 
 
 log = logging.getLogger("merge_engine")
@@ -31,6 +28,14 @@ def seed(text: str) -> int:
     if not -SEED_RANGE <= value < SEED_RANGE:
         raise argparse.ArgumentTypeError(f"{text} is outside the 64-bit seed range [-2**63, 2**63)")
     return value
+
+
+def lora_merge_dtype(text: str) -> torch.dtype:
+    """mergekit's dtype names, with or without "torch."."""
+    name = text.removeprefix("torch.")
+    if name not in DTYPES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,15 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unsafe-truncate-embeddings", action=argparse.BooleanOptionalAction, default=False,
                    help="without a tokenizer setting, embeddings and LM heads whose vocab_size differs keep the rows "
                         "every input has, token ids assumed to mean the same (as mergekit's; unsafe)")
-    p.add_argument("--lora-merge-dtype", metavar="DTYPE", help="mergekit's; not supported (refused)")
+    p.add_argument("--lora-merge-dtype", type=lora_merge_dtype, metavar="DTYPE",
+                   help="read BASE+ADAPTER models cast to this dtype and merge their adapters in it, as mergekit's "
+                        f"({', '.join(DTYPES)}; default: each base tensor's own dtype)")
     return p
 
 
 def run(argv: list[str]) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.lora_merge_dtype:
-        parser.error(_LORA_MERGE_DTYPE_REFUSED)
+    args = build_parser().parse_args(argv)
     setup_logging(args.quiet, args.verbose)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
@@ -94,7 +98,8 @@ def run(argv: list[str]) -> int:
                            random_seed=args.random_seed, copy_tokenizer=args.copy_tokenizer,
                            overwrite=args.overwrite, prefetch=args.prefetch, direct_io=args.direct_io,
                            quiet=args.quiet, allow_crimes=args.allow_crimes,
-                           unsafe_truncate_embeddings=args.unsafe_truncate_embeddings)
+                           unsafe_truncate_embeddings=args.unsafe_truncate_embeddings,
+                           lora_merge_dtype=args.lora_merge_dtype)
     with torchrun_group() as leader:
         started = time.perf_counter()
         config = load_checked_config(args.config, strict=args.strict)

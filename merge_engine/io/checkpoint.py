@@ -141,8 +141,12 @@ class Checkpoint:
         """Read one tensor's bytes from disk into `out` (allocated if None) and return it."""
         return self._read_bytes(name, out)
 
+    def stored(self, name: str) -> TensorInfo:
+        """Where and how tensor `name` is stored (`tensors` may describe it as a subclass reads it instead)."""
+        return self.tensors[name]
+
     def _read_bytes(self, name: str, out: torch.Tensor | None) -> torch.Tensor:
-        info = self.tensors[name]
+        info = self.stored(name)
         if out is None:
             out = torch.empty(info.shape, dtype=info.dtype)
         elif out.dtype != info.dtype or tuple(out.shape) != info.shape or not out.is_contiguous():
@@ -161,7 +165,7 @@ class Checkpoint:
         does not suit its dtype's alignment, the whole tensor is read plainly into the same kind of buffer."""
         if direct_io not in DIRECT_IO_MODES:
             raise ValueError(f"direct_io must be one of {', '.join(DIRECT_IO_MODES)}, not {direct_io!r}")
-        info = self.tensors[name]
+        info = self.stored(name)
         aligned = info.nbytes and info.data_start % info.dtype.itemsize == 0
         fd = self._direct_fd(info.file) if direct_io != "off" and aligned else None
         if fd is None:

@@ -17,7 +17,7 @@ import math
 import os
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -26,6 +26,7 @@ from safetensors import safe_open
 from merge_engine.dtypes import SAFETENSORS_DTYPES
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.safetensors_format import TensorInfo
 from merge_engine.io.untrusted import inside_folder, read_json
 
 CONFIG_FILE = "adapter_config.json"
@@ -38,9 +39,10 @@ _UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "layer_replicati
                 "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA"}
 
 
-def open_model(ref: str) -> Checkpoint:
+def open_model(ref: str, lora_merge_dtype: torch.dtype | None = None) -> Checkpoint:
     """The checkpoint a config's model reference names: a folder, BASE+ADAPTER, or BASE+PATCH (a merge_engine
-    patch folder, applied at scale 1 while reading: merge_engine.patches.checkpoint)."""
+    patch folder, applied at scale 1 while reading: merge_engine.patches.checkpoint). lora_merge_dtype: see
+    LoraCheckpoint."""
     base, _, adapter = ref.partition("+")
     if not adapter:
         return Checkpoint(base)
@@ -48,7 +50,7 @@ def open_model(ref: str) -> Checkpoint:
         from merge_engine.patches.checkpoint import PatchedCheckpoint, is_patch
         if is_patch(adapter):
             return PatchedCheckpoint(base, adapter)
-    return LoraCheckpoint(base, adapter)
+    return LoraCheckpoint(base, adapter, merge_dtype=lora_merge_dtype)
 
 
 @dataclass
@@ -68,14 +70,21 @@ _NO_CHANGE = _Target()
 class LoraCheckpoint(Checkpoint):
     """A base model folder whose tensors are read with a LoRA adapter merged in."""
 
-    def __init__(self, base: str, adapter: str, headers: Checkpoint | None = None):
+    def __init__(self, base: str, adapter: str, headers: Checkpoint | None = None,
+                 merge_dtype: torch.dtype | None = None):
         """headers: the base's tensor table when it is already open (or held in memory: patches/memory.py);
-        the adapter is then checked against it without opening the base folder again."""
+        the adapter is then checked against it without opening the base folder again. merge_dtype (mergekit's
+        --lora-merge-dtype): every floating-point tensor of the base is read cast to it and the adapter merged in
+        it, as mergekit loads the base with transformers in that dtype before peft merges; `tensors` then
+        describes the tensors in it (`stored` as the files hold them)."""
         if headers is None:
             super().__init__(base)
         else:
             self.path, self.tensors = headers.path, headers.tensors
             self._no_files_open()
+        self._stored = self.tensors
+        if merge_dtype is not None:
+            self.tensors = {name: _cast_info(info, merge_dtype) for name, info in self.tensors.items()}
         self.adapter = os.path.abspath(adapter)
         self.reference = f"{base}+{adapter}"
         config = self._read_config()
@@ -155,15 +164,29 @@ class LoraCheckpoint(Checkpoint):
             return [f"lora_A {[r, cols]} and lora_B {[rows, r_b]} do not make '{name}' {list(info.shape)}"]
         return []
 
+    def stored(self, name: str) -> TensorInfo:
+        return self._stored[name]
+
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self.apply_to(name, super().read(name, out))
+        info = self.tensors[name]
+        if info.dtype == self.stored(name).dtype:
+            return self.apply_to(name, super().read(name, out))
+        if out is None:
+            out = torch.empty(info.shape, dtype=info.dtype)
+        elif out.dtype != info.dtype or tuple(out.shape) != info.shape or not out.is_contiguous():
+            raise ValueError(f"buffer for '{name}' must be a contiguous {info.dtype} {list(info.shape)} tensor")
+        return self.apply_to(name, out.copy_(super().read(name)))
 
     def read_pooled(self, name: str, take_bytes: Callable[[int], torch.Tensor], direct_io: str = "auto") -> torch.Tensor:
-        return self.apply_to(name, super().read_pooled(name, take_bytes, direct_io))
+        return self.apply_to(name, self.read_base_pooled(name, take_bytes, direct_io))
 
     def read_base_pooled(self, name: str, take_bytes: Callable[[int], torch.Tensor], direct_io: str = "auto") -> torch.Tensor:
-        """Tensor `name` as the base folder stores it, without the adapter's change."""
-        return super().read_pooled(name, take_bytes, direct_io)
+        """Tensor `name` as the base folder stores it (in the merge dtype, when one is set), without the
+        adapter's change."""
+        stored, info = super().read_pooled(name, take_bytes, direct_io), self.tensors[name]
+        if stored.dtype == info.dtype:
+            return stored
+        return take_bytes(info.nbytes).view(info.dtype).view(info.shape).copy_(stored)  # stored's buffer: garbage
 
     def adapter_bytes(self, name: str) -> int:
         """Bytes of the adapter tensors that change base tensor `name` (0 when the adapter leaves it as it is)."""
@@ -234,6 +257,13 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scaling: fl
     compute = update_dtype(dtype)
     product = torch.matmul(b.to(compute), a.to(compute), out=out).mul_(scaling)
     return product.T if transpose else product
+
+
+def _cast_info(info: TensorInfo, dtype: torch.dtype) -> TensorInfo:
+    """A floating-point tensor's description as read cast to dtype (other tensors are read as stored)."""
+    if not info.dtype.is_floating_point or info.dtype == dtype:
+        return info
+    return replace(info, dtype=dtype, nbytes=info.numel * dtype.itemsize)
 
 
 def _itemsize(code: str) -> int:

@@ -64,6 +64,31 @@ def test_linear_updates_embeddings_and_saved_modules(model_sets, tmp_path, dtype
         assert got[name].dtype == dtype and (err <= bound).all(), name
 
 
+@pytest.mark.parametrize("key,merge_dtype", [("llama_bf16_sharded", torch.float32), ("llama", torch.bfloat16),
+                                               ("llama_bf16_sharded", torch.float16)])
+def test_a_merge_dtype_reads_as_the_base_converted_to_it(model_sets, tmp_path, key, merge_dtype):
+    """--lora-merge-dtype: the same tensors as the adapter on a copy of the base saved in that dtype (which is
+    what mergekit's transformers load gives peft), by every read path."""
+    base = model_sets(key)[0]
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    save_file({n: t.to(merge_dtype) for n, t in model_tensors(base).items()}, str(converted / "model.safetensors"))
+    (converted / "config.json").write_text("{}")
+    write_adapter(str(tmp_path / "a"), base, embedding="model.embed_tokens", modules_to_save=("lm_head",), r=4, alpha=8)
+    ckpt = LoraCheckpoint(base, str(tmp_path / "a"), merge_dtype=merge_dtype)
+    expected = read_all(open_model(f"{converted}+{tmp_path / 'a'}"), False)
+    stored = model_tensors(base)
+    assert {i.dtype for i in ckpt.tensors.values()} == {merge_dtype}
+    assert all(ckpt.stored(n).dtype == t.dtype != merge_dtype for n, t in stored.items())
+    fresh = lambda k: torch.empty(k, dtype=torch.uint8)  # noqa: E731
+    for got in (read_all(ckpt, False), read_all(ckpt, True), {n: ckpt.read(n, torch.empty_like(expected[n])) for n in expected}):
+        assert [n for n in expected if got[n].dtype != merge_dtype or not torch.equal(got[n], expected[n])] == []
+    unchanged = next(n for n in expected if n not in ckpt.targets)
+    assert torch.equal(ckpt.read_base_pooled(unchanged, fresh, "auto"), stored[unchanged].to(merge_dtype))
+    with pytest.raises(ValueError, match="must be a contiguous"):
+        ckpt.read(unchanged, torch.empty(stored[unchanged].shape, dtype=stored[unchanged].dtype))
+
+
 def test_a_direct_read_that_falls_back_applies_the_update_once(model_sets, tmp_path):
     base = model_sets("llama")[0]
     write_adapter(str(tmp_path / "a"), base)
