@@ -122,17 +122,18 @@ def free_memory(device: torch.device) -> int:
 
 def held_as(ckpt: Checkpoint, name: str, factored: bool, on_device: bool) -> list[tuple[tuple, int]]:
     """What one job input is held as: [(key, bytes)], a key naming the memory it is in ('device' or 'host').
-    A tensor as its folder stores it (a plain model's, or one its LoRA adapter leaves as it is) is keyed by folder
-    and name, so that every model over that folder shares it; a LoRA expert's changed tensor is its own, applied
-    (a dense copy) or, factored, the folder's tensor (held on the host, where updates are applied) plus the
-    adapter's tensors for it."""
+    A tensor as its folder stores it (a plain model's, or one its LoRA adapter leaves as it is) is keyed by folder,
+    name and the dtype it is read in (a LoRA merge dtype casts it), so that every model reading it so shares it; a
+    LoRA expert's changed tensor is its own, applied (a dense copy) or, factored, the folder's tensor (held on the
+    host, where updates are applied) plus the adapter's tensors for it."""
     where = "device" if on_device else "host"
-    nbytes = ckpt.tensors[name].nbytes
+    info = ckpt.tensors[name]
     if type(ckpt) is Checkpoint or (isinstance(ckpt, LoraCheckpoint) and name not in ckpt.targets):
-        return [((where, "file", ckpt.path, name), nbytes)]
+        return [((where, "file", ckpt.path, name, info.dtype), info.nbytes)]
     if factored and is_factored(ckpt, name):
-        return [(("host", "file", ckpt.path, name), nbytes), (("host", "adapter", id(ckpt), name), ckpt.adapter_bytes(name))]
-    return [((where, "own", id(ckpt), name), nbytes)]
+        return [(("host", "file", ckpt.path, name, info.dtype), info.nbytes),
+                (("host", "adapter", id(ckpt), name), ckpt.adapter_bytes(name))]
+    return [((where, "own", id(ckpt), name), info.nbytes)]
 
 
 def is_factored(ckpt: Checkpoint, name: str) -> bool:
@@ -214,14 +215,15 @@ class MergeSession:
     """A merge held in memory: see the module's docstring."""
 
     def __init__(self, config: MergeConfig | dict | str, device: str = "auto", *, placement: str = "auto",
-                 lora: str = "auto", random_seed: int = 0, allow_crimes: bool = False, progress: bool = True,
-                 plan: MergePlan | None = None):
-        """placement, lora: see plan_memory (auto: the first that fits). plan: build_plan(config) when the caller
-        has it already (its headers are not read again)."""
+                 lora: str = "auto", random_seed: int = 0, allow_crimes: bool = False,
+                 lora_merge_dtype: torch.dtype | None = None, progress: bool = True, plan: MergePlan | None = None):
+        """placement, lora: see plan_memory (auto: the first that fits). random_seed, allow_crimes,
+        lora_merge_dtype: as MergeOptions's. plan: build_plan(config, ...) when the caller has it already (its
+        headers are not read again)."""
         self.config = as_config(config)
         self.device = resolve_device(device)
         self.random_seed = random_seed
-        self.plan = plan or build_plan(self.config, allow_crimes)
+        self.plan = plan or build_plan(self.config, allow_crimes, lora_merge_dtype=lora_merge_dtype)
         self.memory = plan_memory(self.plan, self.device, placement, lora=lora)
         load_kernels(self.device)
         self.model = live_model(self.plan, self.device)

@@ -35,8 +35,8 @@ OURS = {  # merge_engine's own methods and the random ones (seeded per tensor), 
 ALL = {**CASES, **OURS}
 
 
-def engine_tensors(config: dict, out, folder_tensors) -> dict[str, torch.Tensor]:
-    merge(parse_config(config), str(out), MergeOptions(device="cpu", quiet=True, copy_tokenizer=False))
+def engine_tensors(config: dict, out, folder_tensors, **options) -> dict[str, torch.Tensor]:
+    merge(parse_config(config), str(out), MergeOptions(device="cpu", quiet=True, copy_tokenizer=False, **options))
     return folder_tensors(out)
 
 
@@ -115,6 +115,22 @@ def test_lora_experts_equal_the_engine_applied_or_factored(lora, model_sets, fol
     assert all(torch.equal(x, y) for x, y in zip(kept, again))
     fresh = [x.data_ptr() != y.data_ptr() for x, y in zip(kept, again)]
     assert any(fresh) == (lora == "factored")
+
+
+@pytest.mark.parametrize("lora", ["applied", "factored"])
+def test_a_lora_merge_dtype_equals_the_engine_with_it(lora, model_sets, folder_tensors, tmp_path):
+    """Each LoRA expert read in fp16 (its untouched tensors too: they are not the plain base's bf16 ones)."""
+    base = model_sets("llama_bf16_sharded")[0]
+    config = lora_experts_config(base, tmp_path, dtype="float32")
+    session = MergeSession(config, "cpu", lora=lora, lora_merge_dtype=torch.float16, progress=False)
+    assert session.memory.lora == lora
+    live = session.state_dict()
+    assert not differing(live, engine_tensors(config, tmp_path / "a", folder_tensors, lora_merge_dtype=torch.float16))
+    assert differing(live, engine_tensors(config, tmp_path / "b", folder_tensors))  # the option changed the merge
+    other = shifted(config)
+    session.merge(other)
+    assert not differing(session.state_dict(), engine_tensors(other, tmp_path / "c", folder_tensors,
+                                                              lora_merge_dtype=torch.float16))
 
 
 def test_lora_experts_hold_their_base_once(model_sets, tmp_path):
