@@ -79,9 +79,10 @@ def task_manager(tasks: Sequence[str], include_path: str | None):
 
 def count_tokens(tasks, tokenizer, limit: int | float | None) -> int:
     """About how many tokens one evaluation feeds the model: every request's text, plus max_gen_toks for a
-    generation (an upper bound: generation stops early at a stop sequence)."""
+    generation (an upper bound: generation stops early at a stop sequence). Log-likelihood requests that feed the
+    same tokens count once: lm_eval's HF model runs them as one row (its logits_cache, on by default)."""
     from lm_eval.evaluator_utils import get_sample_size
-    total = 0
+    total, fed = 0, set()
     for task in tasks:
         if task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)  # as simple_evaluate does
@@ -90,9 +91,9 @@ def count_tokens(tasks, tokenizer, limit: int | float | None) -> int:
             text, *rest = instance.args
             if instance.request_type == "loglikelihood":  # (context, continuation): the last token is not fed
                 context, continuation = encode_pair(tokenizer, text, rest[0])
-                total += len(context) + len(continuation) - 1
+                fed.add(tuple(context + continuation[:-1]))
             elif instance.request_type == "generate_until":  # (context, generation settings)
                 total += len(tokenizer(text)["input_ids"]) + int(rest[0].get("max_gen_toks", DEFAULT_GENERATED_TOKENS))
             else:  # loglikelihood_rolling: (text,)
                 total += len(tokenizer(text)["input_ids"])
-    return total
+    return total + sum(map(len, fed))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from merge_engine.evaluation.data_files import raise_problems, read_text
-from merge_engine.evaluation.loglikelihood import check_fits, token_logprobs
+from merge_engine.evaluation.loglikelihood import carriers, check_fits, token_logprobs
 
 NORMALIZE = ("none", "tokens", "chars")  # a choice's log-likelihood: the sum, per token, per character
 
@@ -42,10 +42,12 @@ class MultipleChoice:
             raise_problems([f"{path}:{q.line}: a choice feeds the model {fed(q)} tokens, more than max_length "
                             f"{max_length}" for q in self.questions if fed(q) > max_length], path)
         self._sequences = [s for q in self.questions for s in q.sequences]
+        self._first = [len(s) - n for q in self.questions for s, n in zip(q.sequences, q.continuation_tokens)]
         self._longest = max(self.questions, key=fed)
 
     def tokens(self) -> int:
-        return sum(len(s) - 1 for s in self._sequences)
+        """Tokens one call feeds the model: the rows it runs (loglikelihood.carriers)."""
+        return sum(len(self._sequences[c]) - 1 for c in set(carriers(self._sequences)))
 
     def check_model(self, config) -> None:
         """Refuse a model (its transformers config) with fewer positions than the longest question needs."""
@@ -54,7 +56,7 @@ class MultipleChoice:
     def scores(self, model: torch.nn.Module) -> list[list[float]]:
         """Per question, per choice: the continuation's log-likelihood, normalized as asked."""
         self.check_model(getattr(model, "config", None))
-        logprobs = iter(token_logprobs(model, self._sequences, self.batch_size))
+        logprobs = iter(token_logprobs(model, self._sequences, self.batch_size, self._first))
         return [[self._normalized(next(logprobs), n, chars) for n, chars in zip(q.continuation_tokens, q.choice_chars)]
                 for q in self.questions]
 
@@ -63,7 +65,7 @@ class MultipleChoice:
         return sum(p == q.answer for p, q in zip(predicted, self.questions)) / len(self.questions)
 
     def _normalized(self, logprobs: torch.Tensor, tokens: int, chars: int) -> float:
-        total = float(logprobs[-tokens:].double().sum())
+        total = float(logprobs.double().sum())  # the continuation's tokens
         return total / {"none": 1, "tokens": tokens, "chars": chars}[self.normalize]
 
 

@@ -40,7 +40,10 @@ def test_a_local_task_scores_as_multiple_choice_does(causal_lm, tokenizer, task_
     accuracy = reference(causal_lm)
     assert 0 < accuracy < 1  # the answers are neither all right nor all wrong: the equality below tells
     assert evaluator(causal_lm) == pytest.approx(accuracy, abs=1e-12)
-    assert evaluator.tokens() == reference.tokens()
+    # lm_eval runs the requests that feed the same tokens as one row; merge_engine's scorer also lets a row carry
+    # the choices whose tokens it extends, so it feeds no more
+    distinct = {tuple(s[:-1]) for q in reference.questions for s in q.sequences}
+    assert evaluator.tokens() == sum(map(len, distinct)) >= reference.tokens()
     assert (evaluator.name, evaluator.direction) == (f"{metric} on tiny_mc", "maximize")
 
 

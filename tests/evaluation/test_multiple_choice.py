@@ -76,12 +76,37 @@ def test_accuracy_is_the_fraction_of_questions_whose_best_choice_is_the_answer(c
     assert (evaluator.name, evaluator.direction) == ("accuracy on q.jsonl", "maximize")
 
 
+def fed_rows(tokenizer, questions) -> list[tuple[str, ...]]:
+    """The rows a call must feed, by brute force over words: each choice's prompt + choice less its last word
+    (only predicted), except where another choice's extends it (that row's logits hold it); duplicates once."""
+    bos = ("<bos>",) if tokenizer.bos_token_id is not None else ()
+    fed = {bos + tuple(p.split() if p else ["<bos>" if bos else "<eos>"])[len(bos) if not p else 0:]
+           + tuple(c.split()[:-1]) for p, choices in questions for c in choices}
+    return [f for f in fed if not any(len(g) > len(f) and g[:len(f)] == f for g in fed)]
+
+
 def test_tokens_counts_what_one_call_feeds_the_model(tokenizer, tmp_path):
-    path = write_questions(tmp_path / "q.jsonl", QUESTIONS[:2], [0, 0])
-    bos = tokenizer.bos_token_id is not None
-    # "the cat sat on the" (5 words) + each choice, less the last token that is only predicted
-    expected = sum(len(p.split()) + bos + len(c.split()) - 1 for p, choices in QUESTIONS[:2] for c in choices)
-    assert MultipleChoice(path, tokenizer).tokens() == expected
+    path = write_questions(tmp_path / "q.jsonl", QUESTIONS, [0] * len(QUESTIONS))
+    rows = fed_rows(tokenizer, QUESTIONS)
+    assert MultipleChoice(path, tokenizer).tokens() == sum(map(len, rows))
+    # "the cat sat on the" with three one-word choices is one row; four questions' choices share rows
+    assert len(rows) < sum(len(c) for _, c in QUESTIONS)
+
+
+def test_choices_of_one_token_share_one_forward_row(causal_lm, tokenizer, tmp_path):
+    questions = [("the cat sat on the", ["mat", "tree", "rug"]), ("then the dog", ["ran", "sat", "flew"])]
+    path = write_questions(tmp_path / "q.jsonl", questions, [0, 0])
+    fed = []
+    hook = causal_lm.register_forward_pre_hook(lambda m, args, kwargs: fed.append(kwargs["input_ids"].shape[0]),
+                                               with_kwargs=True)
+    try:
+        scores = MultipleChoice(path, tokenizer, batch_size=8).scores(causal_lm)
+    finally:
+        hook.remove()
+    assert fed == [2]  # one row per question
+    expected = reference_loglikelihoods(causal_lm, tokenizer, questions)
+    for got, want in zip(scores, expected):
+        assert got == pytest.approx([total for total, _ in want], abs=1e-4)
 
 
 def test_the_model_keeps_its_mode_and_runs_where_it_is(causal_lm, tokenizer, tmp_path):

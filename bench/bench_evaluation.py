@@ -1,0 +1,129 @@
+"""Multiple-choice scoring speed: merge_engine's token_logprobs (rows shared between choices whose fed tokens one
+extends, logits formed only at the positions asked for) against the straightforward batched scorer (one row per
+choice, logits and log-softmax at every position), in the same run, on a random-init Llama.
+
+Two question shapes, each N questions of 4 choices after a prompt of P tokens: `letters` (one-token choices,
+as " A"/" B"/" C"/" D" after a question that lists the options: one row per question) and `phrases` (choices of
+4-12 tokens: nothing shared, only the logits saved). Throughput is tokens of every choice's sequence per
+second (what the straightforward scorer feeds), next to the ceiling this machine's measured matrix-product rate
+in the model's dtype puts on a forward: rate / (2 x the parameters outside the embedding) tokens per second.
+
+    python bench/bench_evaluation.py                      # 162M-shaped Llama, fp32, CPU
+    python bench/bench_evaluation.py --device cuda --dtype bfloat16 --layers 22 --hidden 2048
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+
+import common  # noqa: F401  (the engine's process settings, before torch allocates)
+import torch
+import transformers
+
+from merge_engine.evaluation.loglikelihood import carriers, token_logprobs
+
+
+def straightforward(model, sequences: list[list[int]], batch_size: int) -> list[torch.Tensor]:
+    """The baseline: every sequence its own right-padded row, logits and float32 log-softmax at every position."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    out: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = [sequences[i] for i in order[start:start + batch_size]]
+            width = max(map(len, batch)) - 1
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, s in enumerate(batch):
+                ids[row, :len(s) - 1], mask[row, :len(s) - 1] = torch.tensor(s[:-1]), 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            for row, (i, s) in enumerate(zip(order[start:start + batch_size], batch)):
+                lp = logits[row, :len(s) - 1].float().log_softmax(-1)
+                out[i] = lp.gather(-1, torch.tensor(s[1:], device=device).unsqueeze(-1)).squeeze(-1).cpu()
+    return out
+
+
+def questions(shape: str, count: int, prompt: int, vocab: int, seed: int) -> tuple[list[list[int]], list[int]]:
+    """Sequences (prompt + choice) of `count` 4-choice questions, and each one's first continuation index."""
+    rng = random.Random(seed)
+    sequences, first = [], []
+    for _ in range(count):
+        context = [rng.randrange(100, vocab) for _ in range(prompt)]
+        letters = rng.sample(range(10, 100), 4)
+        for c in range(4):
+            choice = [letters[c]] if shape == "letters" else [rng.randrange(100, vocab) for _ in range(rng.randint(4, 12))]
+            sequences.append(context + choice)
+            first.append(len(context))
+    return sequences, first
+
+
+def timed(fn, device: torch.device, repeat: int) -> float:
+    def once() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+    once()
+    return min(once() for _ in range(repeat))
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, repeat: int) -> float:
+    """FLOP/s of a square matrix product in the model's dtype: this machine's ceiling for a forward."""
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    return 2 * n**3 / timed(lambda: a @ b, device, repeat)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--questions", type=int, default=8)
+    p.add_argument("--prompt", type=int, default=96, help="prompt tokens per question")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=3)
+    args = p.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    config = transformers.LlamaConfig(num_hidden_layers=args.layers, hidden_size=args.hidden,
+                                      intermediate_size=4 * args.hidden, num_attention_heads=args.hidden // 64,
+                                      num_key_value_heads=args.hidden // 64, vocab_size=args.vocab,
+                                      max_position_embeddings=1024)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype).eval()
+    params = sum(p.numel() for p in model.parameters())
+    rate = matmul_rate(device, dtype, args.repeat)
+    ceiling = rate / (2 * (params - model.get_input_embeddings().weight.numel()))  # tokens/s
+    print(f"# multiple-choice scoring, Llama {params / 1e6:.0f}M parameters ({args.layers} layers, hidden "
+          f"{args.hidden}, vocab {args.vocab}), {args.dtype}, {device}; {args.questions} questions x 4 choices, "
+          f"prompts of {args.prompt} tokens, batch size {args.batch_size}")
+    print(f"- {common.machine(device)}")
+    print(f"- matrix product ({args.dtype}): {rate / 1e9:.1f} GFLOP/s: a forward's ceiling {ceiling:.0f} tokens/s")
+    print("\n| questions | scorer | rows fed | tokens fed | s | tokens fed/s | x ceiling | choice tokens/s | x baseline |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for shape in ("letters", "phrases"):
+        sequences, first = questions(shape, args.questions, args.prompt, args.vocab, seed=1)
+        every = sum(len(s) - 1 for s in sequences)
+        rows = sorted(set(carriers(sequences)))
+        fed = {"straightforward": (len(sequences), every),
+               "merge_engine": (len(rows), sum(len(sequences[c]) - 1 for c in rows))}
+        base = timed(lambda: straightforward(model, sequences, args.batch_size), device, args.repeat)
+        ours = timed(lambda: token_logprobs(model, sequences, args.batch_size, first), device, args.repeat)
+        got, want = token_logprobs(model, sequences, args.batch_size, first), straightforward(model, sequences, args.batch_size)
+        worst = max(float((g.double() - w[f - 1:].double()).abs().max()) for g, w, f in zip(got, want, first))
+        for name, seconds in (("straightforward", base), ("merge_engine", ours)):
+            n_rows, tokens = fed[name]
+            print(f"| {shape} | {name} | {n_rows} | {tokens} | {seconds:.3f} | {tokens / seconds:.0f} | "
+                  f"{tokens / seconds / ceiling:.2f} | {every / seconds:.0f} | {base / seconds:.2f} |")
+        print(f"<!-- {shape}: largest log-prob difference between the two scorers {worst:.2e} -->", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
