@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import time
 
 import common  # noqa: F401  (the engine's process settings, before torch allocates)
 import torch
@@ -59,24 +58,11 @@ def questions(shape: str, count: int, prompt: int, vocab: int, seed: int) -> tup
     return sequences, first
 
 
-def timed(fn, device: torch.device, repeat: int) -> float:
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-    once()
-    return min(once() for _ in range(repeat))
-
-
 def matmul_rate(device: torch.device, dtype: torch.dtype, repeat: int) -> float:
     """FLOP/s of a square matrix product in the model's dtype: this machine's ceiling for a forward."""
     n = 2048 if device.type == "cpu" else 8192
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    return 2 * n**3 / timed(lambda: a @ b, device, repeat)
+    return 2 * n**3 / common.best_time(lambda: a @ b, device, repeat)
 
 
 def main() -> None:
@@ -114,8 +100,9 @@ def main() -> None:
         rows = sorted(set(carriers(sequences)))
         fed = {"straightforward": (len(sequences), every),
                "merge_engine": (len(rows), sum(len(sequences[c]) - 1 for c in rows))}
-        base = timed(lambda: straightforward(model, sequences, args.batch_size), device, args.repeat)
-        ours = timed(lambda: token_logprobs(model, sequences, args.batch_size, first), device, args.repeat)
+        base, ours = common.interleaved_best([lambda: straightforward(model, sequences, args.batch_size),
+                                              lambda: token_logprobs(model, sequences, args.batch_size, first)],
+                                             device, args.repeat)
         got, want = token_logprobs(model, sequences, args.batch_size, first), straightforward(model, sequences, args.batch_size)
         worst = max(float((g.double() - w[f - 1:].double()).abs().max()) for g, w, f in zip(got, want, first))
         for name, seconds in (("straightforward", base), ("merge_engine", ours)):

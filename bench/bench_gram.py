@@ -17,7 +17,7 @@ import os
 import time
 
 import torch
-from common import BACKENDS, kernel_backend, machine, parse_count
+from common import BACKENDS, interleaved_best, kernel_backend, machine, parse_count
 
 from merge_engine import ops
 
@@ -38,23 +38,6 @@ def other_load(fn):
     result = fn()
     others = (busy_cpu_seconds() - busy) - (time.process_time() - own)
     return result, max(0.0, others) / (time.perf_counter() - start)
-
-
-def interleaved_best(fns, device: torch.device, repeat: int) -> list[float]:
-    """Best seconds of each function over `repeat` rounds after a warm-up round, the functions taking
-    turns in each round, so that a change in the shared machine's load hits them alike."""
-    best = [float("inf")] * len(fns)
-    for round_ in range(repeat + 1):
-        for i, fn in enumerate(fns):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if round_:
-                best[i] = min(best[i], time.perf_counter() - start)
-    return best
 
 
 def time_case(d, tokens, dtype, device, repeat, gen):

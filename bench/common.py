@@ -40,16 +40,24 @@ def parse_count(text: str) -> int:
 
 
 def best_time(fn, device: torch.device, repeat: int) -> float:
-    def timed():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-    timed()
-    return min(timed() for _ in range(repeat))
+    return interleaved_best([fn], device, repeat)[0]
+
+
+def interleaved_best(fns, device: torch.device, repeat: int) -> list[float]:
+    """Best seconds of each function over `repeat` rounds after a warm-up round, the functions taking
+    turns in each round, so that a change in the shared machine's load hits them alike."""
+    best = [float("inf")] * len(fns)
+    for round_ in range(repeat + 1):
+        for i, fn in enumerate(fns):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_:
+                best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
 def copy_bandwidth(device: torch.device, repeat: int) -> float:
