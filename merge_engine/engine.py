@@ -58,7 +58,7 @@ from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.extras import require
 from merge_engine.io.buffers import BufferPool
 from merge_engine.io.checkpoint import DIRECT_IO_MODES
-from merge_engine.io.lora import open_model
+from merge_engine.io.lora import LoraCheckpoint, open_model
 from merge_engine.io.untrusted import inside_folder
 from merge_engine.io.writer import ShardedWriter, check_output_dir, plan_shards
 from merge_engine.methods import MergeMethod, TensorGroup
@@ -69,9 +69,9 @@ from merge_engine.vocabulary import (
     TOKENIZER_SETTINGS,
     align_rows,
     chat_template_of,
+    load_tokenizer,
     save_tokenizer,
     set_vocab_size,
-    tokenizer_folder,
 )
 
 log = logging.getLogger("merge_engine")
@@ -272,12 +272,26 @@ def folder_problems(raw: object) -> list[str]:
 
 def check_output_outside_inputs(out_dir: str, plan: MergePlan) -> None:
     """An output folder inside an input folder would put a second model among the first one's files (and
-    --overwrite could replace the input itself)."""
+    --overwrite could replace the input itself); an input inside the output folder would be deleted with the
+    folder it replaces."""
     out = os.path.realpath(out_dir)
-    for folder in {c.path for c in (*plan.models.values(), *plan.side.values())}:
+    for folder in sorted(input_folders(plan)):
         inside = os.path.realpath(folder)
         if os.path.commonpath([out, inside]) == inside:
             raise MergeEngineError(f"output folder {out_dir} is inside the input folder {folder}; write it elsewhere")
+        if os.path.commonpath([out, inside]) == out:
+            raise MergeEngineError(f"the input folder {folder} is inside the output folder {out_dir}, which the merge "
+                                   "would replace; write it elsewhere")
+
+
+def input_folders(plan: MergePlan) -> set[str]:
+    """Every folder a merge reads: models, LoRA adapters and patches, side inputs, a tokenizer source."""
+    from merge_engine.patches.checkpoint import PatchedCheckpoint  # as open_model: loaded where patches are used
+    folders = {c.path for c in (*plan.models.values(), *plan.side.values())}
+    folders |= {c.adapter for c in plan.models.values() if isinstance(c, LoraCheckpoint)}
+    folders |= {c.patch.path for c in plan.models.values() if isinstance(c, PatchedCheckpoint)}
+    source = plan.config.tokenizer.source if plan.config.tokenizer else None
+    return folders | ({source} if source not in (None, "union", "base") else set())
 
 
 def check_gpu_backend_choice() -> None:
@@ -375,13 +389,14 @@ class _Pipeline:
             result = (on_host, done)
         while len(writes) > 2:  # bound the results waiting for the disk
             writes.popleft().result()
-        writes.append(write_pool.submit(self._write, job.out_name, result, host))
+        writes.append(write_pool.submit(self._write, job, result, host))
 
-    def _write(self, name: str, result, host: list[torch.Tensor]) -> None:
+    def _write(self, job: TensorJob, result, host: list[torch.Tensor]) -> None:
         if isinstance(result, tuple):  # CUDA: the copy to host (and so the job's compute) is done after this
             result[1].synchronize()
             result = result[0]
-        self.writer.write(name, result)
+        check_merged_values(job, result, host)
+        self.writer.write(job.out_name, result)
         self.buffers.give(host + [result])  # nothing reads the inputs or the result any more
 
 
@@ -407,6 +422,24 @@ def non_finite_inputs(job: TensorJob, tensors: list[torch.Tensor]) -> str:
            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     return "; ".join(f"{ckpt.path}: tensor '{name}' has {n} NaN or Inf value(s) (a corrupt checkpoint?)"
                      for ckpt, name, n in bad)
+
+
+def check_merged_values(job: TensorJob, result: torch.Tensor, inputs: list[torch.Tensor]) -> None:
+    """Refuse a merged tensor holding NaN where an input held NaN or Inf (a corrupt checkpoint, named; the methods
+    that order magnitudes refuse such inputs themselves). One sum of the host result finds non-finite values, in
+    the write thread; the inputs are searched only then. Other non-finite values (an Inf buffer averaged, an
+    overflow) are written, as mergekit writes them, with a warning."""
+    if not result.is_floating_point() or job.copy_only:
+        return
+    if math.isfinite(float(result.sum(dtype=torch.float64 if result.dtype == torch.float64 else torch.float32))):
+        return
+    culprits = non_finite_inputs(job, inputs)
+    if culprits and bool(torch.isnan(result).any()):
+        raise MergeEngineError(f"merging tensor '{job.out_name}' failed: {culprits}")
+    bad = int((~torch.isfinite(result)).sum())
+    if bad:  # (else only the sum overflowed)
+        log.warning("tensor '%s': %d merged value(s) are NaN or Inf%s", job.out_name, bad,
+                    f" ({culprits})" if culprits else "")
 
 
 def compute(job: TensorJob, tensors: list[torch.Tensor], method: MergeMethod, seed: int = 0,
@@ -465,7 +498,7 @@ def write_tokenizer(plan: MergePlan, writer: ShardedWriter, options: MergeOption
         return
     if tokenizer is None and template:
         try:
-            tokenizer = require("transformers", "hf", TOKENIZER_SETTINGS).AutoTokenizer.from_pretrained(tokenizer_folder(plan.donor.path))
+            tokenizer = load_tokenizer(require("transformers", "hf", TOKENIZER_SETTINGS), plan.donor.path)
         except Exception as e:  # noqa: BLE001 (transformers raises many kinds; the merge itself is done)
             log.warning("cannot load the tokenizer of %s to give it the chat template (%s); its files are copied "
                         "as they are", plan.donor.path, e)
@@ -490,7 +523,7 @@ def _model_chat_templates(plan: MergePlan) -> list[str]:
     templates = []
     for ref, ckpt in plan.models.items():
         try:
-            template = chat_template_of(transformers.AutoTokenizer.from_pretrained(tokenizer_folder(ckpt.path)))
+            template = chat_template_of(load_tokenizer(transformers, ckpt.path))
         except Exception as e:  # noqa: BLE001 (transformers raises many kinds)
             log.warning("cannot load the tokenizer of %s (%s)", ref, e)
             continue

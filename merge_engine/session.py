@@ -56,7 +56,7 @@ from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.lora import LoraCheckpoint, update_dtype
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.plan import MergePlan, TensorJob, build_plan, resolve_parameters
-from merge_engine.vocabulary import tokenizer_folder
+from merge_engine.vocabulary import load_tokenizer
 
 PLACEMENTS = ("auto", "device", "host")
 LORA_MODES = ("auto", "applied", "factored")
@@ -385,7 +385,7 @@ def output_tokenizer(plan: MergePlan):
     if plan.vocabulary is not None and plan.vocabulary.tokenizer is not None:
         return plan.vocabulary.tokenizer
     transformers = require("transformers", "hf", "the tokenizer of a merge session")
-    return transformers.AutoTokenizer.from_pretrained(tokenizer_folder(plan.donor.path))
+    return load_tokenizer(transformers, plan.donor.path)
 
 
 def as_config(config: MergeConfig | dict | str) -> MergeConfig:

@@ -37,6 +37,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.json")
 
 
+def load_tokenizer(transformers, folder: str):
+    """The tokenizer saved in a local folder. Never the hub: transformers would take a name that is not a folder
+    for a repository id and download it."""
+    return transformers.AutoTokenizer.from_pretrained(tokenizer_folder(folder), use_fast=True, local_files_only=True)
+
+
+def one_line(e: Exception) -> str:
+    """An exception as one line (transformers' messages span several)."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
 def tokenizer_folder(folder: str) -> str:
     """folder, once every tokenizer file in it is known to lie inside it (transformers follows symlinks)."""
     for name in TOKENIZER_FILES:
@@ -217,12 +228,12 @@ def build_vocabulary(spec: TokenizerSpec, models: dict[str, Any], base: str) -> 
     tokenizers = {}
     for ref in models:
         try:
-            tokenizers[ref] = transformers.AutoTokenizer.from_pretrained(tokenizer_folder(models[ref].path), use_fast=True)
+            tokenizers[ref] = load_tokenizer(transformers, models[ref].path)
         except Exception as e:  # noqa: BLE001 (transformers raises many kinds)
             if ref == base:
-                problems.append(f"{models[ref].path}: cannot load its tokenizer ({type(e).__name__}: {e})")
+                problems.append(f"{models[ref].path}: cannot load its tokenizer ({one_line(e)})")
             else:
-                log.warning("cannot load the tokenizer of %s (%s); assuming it is the base's", ref, e)
+                log.warning("cannot load the tokenizer of %s (%s); assuming it is the base's", ref, one_line(e))
     if problems:
         raise ConfigError(problems, "tokenizer")
     vocab_size = {ref: _vocab_size(models[ref].config, tokenizers.get(ref, tokenizers[base])) for ref in models}
@@ -250,11 +261,13 @@ def _output_tokenizer(spec: TokenizerSpec, tokenizers: dict, base: str, vocab_si
     if spec.source == "base":
         return _copy(tokenizers[base], transformers)
     if spec.source != "union":
+        if not os.path.isdir(spec.source):
+            raise ConfigError([f"{spec.source}: the tokenizer source is not a local folder (tokenizers are read from "
+                               "model folders; nothing is downloaded)"], "tokenizer")
         try:
-            return transformers.AutoTokenizer.from_pretrained(tokenizer_folder(spec.source), use_fast=True)
+            return load_tokenizer(transformers, spec.source)
         except Exception as e:  # noqa: BLE001
-            raise ConfigError([f"{spec.source}: cannot load its tokenizer ({type(e).__name__}: {e})"],
-                              "tokenizer") from e
+            raise ConfigError([f"{spec.source}: cannot load its tokenizer ({one_line(e)})"], "tokenizer") from e
     return _union(tokenizers, base, vocab_size, transformers)
 
 

@@ -1,6 +1,7 @@
 """End-to-end merges on generated checkpoints: loadable output, side files, sharding, slices,
 and peak memory that does not grow with the number of layers."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -156,3 +157,80 @@ def test_cuda_merge_matches_cpu(folder_tensors, model_sets, tmp_path, method):
     assert on_cpu.keys() == on_gpu.keys()
     differ = [n for n in on_cpu if not torch.equal(on_cpu[n], on_gpu[n])]
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
+@pytest.fixture
+def small_models(tmp_path):
+    from merge_engine.demo import make_synthetic_llama, save_word_tokenizer
+    shape = dict(layers=1, hidden=16, intermediate=32, vocab=64)
+    base = make_synthetic_llama(str(tmp_path / "base"), seed=0, **shape)
+    models = base, make_synthetic_llama(str(tmp_path / "expert"), seed=1, base=base, **shape)
+    for folder in models:
+        save_word_tokenizer(folder)
+    return models
+
+
+def poison(folder: str, name: str, value: bytes) -> None:
+    """Overwrite the first two bf16 elements of a stored tensor."""
+    info = Checkpoint(folder).tensors[name]
+    with open(info.file, "r+b") as f:
+        f.seek(info.data_start)
+        f.write(value * 2)
+
+
+UP = "model.layers.0.mlp.up_proj.weight"
+
+
+@pytest.mark.parametrize("method", ["linear", "slerp", "passthrough", "model_stock", "karcher", "nuslerp"])
+def test_nan_in_an_input_is_refused_by_every_method(small_models, tmp_path, method):
+    base, expert = small_models
+    poison(expert, UP, b"\xc0\x7f")  # bf16 NaN
+    models = [{"model": expert}] if method == "passthrough" else [{"model": base}, {"model": expert}]
+    weights = {"linear": [1.0, 1.0], "nuslerp": [0.5, 0.5]}.get(method)
+    for m, w in zip(models, weights or []):
+        m["parameters"] = {"weight": w}
+    config = {"merge_method": method, "models": models, **({"base_model": base} if method in ("slerp", "model_stock") else {}),
+              **({"parameters": {"t": 0.5}} if method == "slerp" else {})}
+    if method == "model_stock":
+        config["models"].append({"model": expert})
+    with pytest.raises(MergeEngineError, match=f"{expert}: tensor '{UP}' has 2 NaN or Inf value"):
+        merge(parse_config(config), str(tmp_path / "out"), MergeOptions(device="cpu", quiet=True))
+    assert not (tmp_path / "out").exists()
+
+
+def test_inf_in_an_input_is_written_as_mergekit_does_with_a_warning(small_models, tmp_path, caplog):
+    base, expert = small_models
+    poison(expert, UP, b"\x80\x7f")  # bf16 +Inf
+    config = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in (base, expert)]}
+    merge(parse_config(config), str(tmp_path / "out"), MergeOptions(device="cpu", quiet=True))
+    from safetensors.torch import load_file
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))[UP]
+    assert int(torch.isinf(out).sum()) == 2 and int(torch.isnan(out).sum()) == 0
+    assert f"tensor '{UP}': 2 merged value(s) are NaN or Inf ({expert}: tensor '{UP}'" in caplog.text
+
+
+def test_inputs_inside_the_output_folder_are_refused_even_with_overwrite(small_models, tmp_path):
+    base, expert = small_models
+    config = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in (base, expert)]}
+    before = sorted(os.listdir(expert))
+    with pytest.raises(MergeEngineError, match=f"the input folder {base} is inside the output folder {tmp_path}"):
+        merge(parse_config(config), str(tmp_path), MergeOptions(device="cpu", quiet=True, overwrite=True))
+    import shutil
+    shutil.copytree(base, tmp_path / "tok" / "source")
+    config = {**config, "models": config["models"][:1], "tokenizer_source": str(tmp_path / "tok" / "source")}
+    with pytest.raises(MergeEngineError, match="tok/source is inside the output folder"):
+        merge(parse_config(config), str(tmp_path / "tok"), MergeOptions(device="cpu", quiet=True, overwrite=True))
+    assert sorted(os.listdir(expert)) == before
+
+
+def test_a_tokenizer_source_that_is_not_a_folder_is_refused_without_asking_the_hub(small_models, tmp_path,
+                                                                                  monkeypatch):
+    from merge_engine.errors import ConfigError
+    base, expert = small_models
+    asked, load = [], transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: asked.append(a) or load(*a, **k))
+    config = {"merge_method": "linear", "tokenizer_source": "gpt2",
+              "models": [{"model": m, "parameters": {"weight": 1.0}} for m in (base, expert)]}
+    with pytest.raises(ConfigError, match="gpt2: the tokenizer source is not a local folder"):
+        merge(parse_config(config), str(tmp_path / "out"), MergeOptions(device="cpu", quiet=True))
+    assert [a[0] for a in asked if "gpt2" in str(a[0])] == []

@@ -18,7 +18,7 @@ import torch
 from merge_engine.dtypes import SAFETENSORS_CODES, SAFETENSORS_DTYPES
 from merge_engine.errors import CheckpointError
 from merge_engine.io.raw import tensor_bytes
-from merge_engine.io.untrusted import parse_json
+from merge_engine.io.untrusted import open_regular, parse_json
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
 
@@ -42,8 +42,8 @@ class TensorInfo:
 def read_header(path: str) -> dict[str, TensorInfo]:
     """Parse and validate one .safetensors file's header; raise CheckpointError naming the file."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
@@ -55,7 +55,11 @@ def read_header(path: str) -> dict[str, TensorInfo]:
             raw = f.read(header_len)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e}") from e
-    header = parse_json(raw, f"{path}: corrupt safetensors header")
+    try:  # strictly UTF-8, as the format says: json would also take a byte-order mark or UTF-16
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header (not UTF-8: {e.reason} at byte {e.start})") from None
+    header = parse_json(text, f"{path}: corrupt safetensors header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", {})

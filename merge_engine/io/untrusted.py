@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import unicodedata
 from pathlib import PurePosixPath
 
@@ -60,12 +61,28 @@ def parse_json(raw: bytes | str, what: str):
         raise CheckpointError(f"{what}: invalid JSON ({e})") from None
 
 
-def read_json(path: str):
+def open_regular(path: str):
+    """path opened for binary reading, or CheckpointError when it is not a regular file: a FIFO named where a
+    file belongs would block the read forever, a device would stream without end. The open does not block."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    kind = os.fstat(fd).st_mode
+    if not stat.S_ISREG(kind):
+        os.close(fd)
+        what = "a FIFO" if stat.S_ISFIFO(kind) else "a folder" if stat.S_ISDIR(kind) else "a device or socket"
+        raise CheckpointError(f"{path}: is {what}, not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_json(path: str):
+    with open_regular(path) as f:
+        try:
+            raw = f.read()
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     return parse_json(raw, path)
 
 

@@ -65,17 +65,24 @@ def _joined_lock_name() -> str:
     return f"{_JOINED_LOCK}{socket.gethostname()}-{os.getpid()}"
 
 
+def output_folder(out_dir: str) -> str:
+    """The absolute folder an output path names: where it is a symbolic link, the folder it points to (which the
+    output becomes, so the link then points to the output), else the path."""
+    return os.path.realpath(out_dir) if os.path.islink(out_dir) else os.path.abspath(out_dir)
+
+
 def check_output_dir(out_dir: str, overwrite: bool) -> None:
     """Refuse an existing non-empty output folder unless overwriting was asked for."""
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
+    folder = output_folder(out_dir)
+    if os.path.exists(folder):
+        if not os.path.isdir(folder):
             raise OutputError(f"{out_dir}: output path exists and is not a folder")
-        if os.listdir(out_dir) and not overwrite:
+        if os.listdir(folder) and not overwrite:
             raise OutputError(f"{out_dir}: output folder exists and is not empty; pass --overwrite to replace it")
 
 
 def _partial_prefix(out_dir: str) -> tuple[str, str]:
-    parent, base = os.path.split(os.path.abspath(out_dir))
+    parent, base = os.path.split(output_folder(out_dir))
     return parent, f".{base}.partial-"
 
 
@@ -176,8 +183,9 @@ class ShardedWriter:
                  shard_size: int = 5 * 10**9, overwrite: bool = False, layout: list[ShardLayout] | None = None,
                  index_file: str | None = None, direct: bool = False, own_shards: Collection[int] | None = None,
                  join: str | None = None):
-        self.out_dir = os.path.abspath(out_dir)
+        self.out_dir = output_folder(out_dir)
         self.overwrite = overwrite
+        self._made_parents: list[str] = []  # folders above the output this writer created (removed on abort)
         check_output_dir(self.out_dir, overwrite)
         self.maker = join is None
         self.tmp_dir, lock = self._make_folder() if self.maker else (join, os.path.join(join, _joined_lock_name()))
@@ -210,6 +218,10 @@ class ShardedWriter:
     def _make_folder(self) -> tuple[str, str]:
         """A fresh temporary folder beside the output (after removing killed runs' ones), and its lock path."""
         parent, prefix = _partial_prefix(self.out_dir)
+        missing = parent
+        while not os.path.isdir(missing):
+            self._made_parents.append(missing)
+            missing = os.path.dirname(missing)
         os.makedirs(parent, exist_ok=True)
         remove_stale_partials(self.out_dir)
         tmp_dir = os.path.join(parent, f"{prefix}{os.getpid()}")
@@ -312,6 +324,11 @@ class ShardedWriter:
         self._close()
         if self.maker:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            for folder in self._made_parents:  # deepest first; one another process filled stays
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
         self._release_lock()
 
     def release(self) -> None:

@@ -12,7 +12,7 @@ import torch
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.safetensors_format import read_header, save_tensors
-from merge_engine.io.untrusted import inside_folder, parse_json
+from merge_engine.io.untrusted import inside_folder, parse_json, read_json
 
 
 @pytest.fixture
@@ -107,6 +107,29 @@ def header_file(path, header: dict, data: bytes):
 def test_safetensors_headers_follow_the_formats_rules(tmp_path, header, data, problem):
     with pytest.raises(CheckpointError, match=problem):
         read_header(header_file(tmp_path / "m.safetensors", header, bytes(data)))
+
+
+def test_a_header_is_strict_utf8_without_a_byte_order_mark(tmp_path):
+    raw = b"\xef\xbb\xbf" + json.dumps({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4))
+    with pytest.raises(CheckpointError, match="m.safetensors: corrupt safetensors header.*BOM"):
+        read_header(str(path))
+    raw = json.dumps({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode("utf-16")
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4))
+    with pytest.raises(CheckpointError, match="not UTF-8"):
+        read_header(str(path))
+
+
+@pytest.mark.parametrize("reader", [read_header, read_json])
+def test_a_fifo_or_folder_where_a_file_belongs_is_refused_without_blocking(tmp_path, reader):
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)  # nothing ever writes to it: opening it for a plain read would wait forever
+    with pytest.raises(CheckpointError, match="model.safetensors: is a FIFO, not a regular file"):
+        reader(str(fifo))
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(CheckpointError, match="config.json: is a folder, not a regular file"):
+        reader(str(tmp_path / "config.json"))
 
 
 def test_duplicate_tensor_names_in_a_header_are_refused(tmp_path):

@@ -89,6 +89,37 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path):
     assert sorted(os.listdir(out)) == ["model.safetensors"]
 
 
+def test_an_output_path_that_is_a_symlink_writes_the_folder_it_points_to(tmp_path):
+    ts = tensors()
+    target, link = tmp_path / "disk" / "out", tmp_path / "out"
+    target.mkdir(parents=True)
+    (target / "old.txt").write_text("replaced with --overwrite")
+    link.symlink_to(target)
+    with pytest.raises(OutputError, match="not empty"):
+        ShardedWriter(str(link), entries(ts), 10**9)
+    w = ShardedWriter(str(link), entries(ts), 10**9, overwrite=True)
+    for n, t in ts.items():
+        w.write(n, t)
+    w.commit()
+    assert link.is_symlink() and os.listdir(target) == ["model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["disk", "out"] and os.listdir(tmp_path / "disk") == ["out"]
+    dangling = tmp_path / "later"
+    dangling.symlink_to(tmp_path / "disk" / "new")
+    w = ShardedWriter(str(dangling), entries(ts), 10**9)
+    for n, t in ts.items():
+        w.write(n, t)
+    w.commit()
+    assert os.listdir(tmp_path / "disk" / "new") == ["model.safetensors"]
+
+
+def test_abort_removes_the_folders_it_made_above_the_output(tmp_path):
+    (tmp_path / "kept").mkdir()
+    w = ShardedWriter(str(tmp_path / "kept" / "new1" / "new2" / "out"), entries(tensors()), 10**9)
+    assert os.path.isdir(tmp_path / "kept" / "new1" / "new2")
+    w.abort()
+    assert os.listdir(tmp_path) == ["kept"] and os.listdir(tmp_path / "kept") == []
+
+
 KILLED_WRITER = """
 import os, signal, sys, torch
 from merge_engine.io.writer import ShardedWriter
