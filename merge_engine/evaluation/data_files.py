@@ -1,18 +1,24 @@
 """Reading a scorer's data file, and reporting every problem found in it at once."""
 from __future__ import annotations
 
-from merge_engine.errors import ConfigError
+import io
+
+from merge_engine.errors import CheckpointError, ConfigError
+from merge_engine.io.untrusted import open_regular
 
 SHOWN_PROBLEMS = 20  # a file broken on every line would otherwise print thousands of lines
 
 
 def read_text(path: str) -> tuple[str | None, list[str]]:
-    """The file's text, or None and the problem: missing, unreadable or not UTF-8."""
+    """The file's text, or None and the problem: missing, unreadable, not a regular file (a FIFO would block) or
+    not UTF-8."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with io.TextIOWrapper(open_regular(path), encoding="utf-8") as f:  # universal newlines, as open() reads
             return f.read(), []
+    except CheckpointError as e:
+        return None, [str(e)]
     except OSError as e:
-        return None, [f"{path}: cannot read the file ({e.strerror or e})"]
+        return None, [f"{path}: cannot read ({e.strerror or e})"]
     except UnicodeDecodeError as e:
         return None, [f"{path}: not UTF-8 text (byte {e.start})"]
 

@@ -10,6 +10,14 @@ same bits:
 with s = alpha / r (alpha / sqrt(r) with use_rslora; rank_pattern / alpha_pattern per module). The
 update is formed in fp32 (peft keeps adapter weights in fp32 whatever the base's dtype); the add
 rounds it to the base tensor's dtype, once (an embedding's update is rounded before the add).
+
+The adapter is checked whole before any tensor data is read: adapter_config.json's settings, the
+header of adapter_model.safetensors (safetensors_format.read_header: offsets, dtypes, ...), and every
+adapter tensor against the base tensor it changes (name, floating-point dtype, 2-D A and B whose
+shapes and rank match the base tensor and the configured rank, as peft requires to load them).
+Adapter tensors are then read with positional reads, not through a memory map, so an adapter file
+truncated during a merge is a CheckpointError naming it rather than a SIGBUS; each is refused by
+name if it holds NaN or Inf.
 """
 from __future__ import annotations
 
@@ -21,12 +29,12 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 
-from merge_engine.dtypes import SAFETENSORS_DTYPES
+from merge_engine.dtypes import dtype_name
 from merge_engine.errors import CheckpointError
-from merge_engine.io.checkpoint import Checkpoint
-from merge_engine.io.safetensors_format import TensorInfo
+from merge_engine.io.checkpoint import Checkpoint, _pread_into
+from merge_engine.io.raw import tensor_bytes
+from merge_engine.io.safetensors_format import TensorInfo, read_header
 from merge_engine.io.untrusted import inside_folder, read_json
 
 CONFIG_FILE = "adapter_config.json"
@@ -62,13 +70,17 @@ class _Target:
     embedding: bool = False
     scaling: float = 1.0
     replacement: str | None = None
+    rank: int = 0  # the rank adapter_config.json gives the module (rank_pattern, else r)
+    rank_from: str = "r"  # which setting gave it
 
 
 _NO_CHANGE = _Target()
 
 
 class LoraCheckpoint(Checkpoint):
-    """A base model folder whose tensors are read with a LoRA adapter merged in."""
+    """A base model folder whose tensors are read with a LoRA adapter merged in. Opening it reads only
+    adapter_config.json and the adapter's safetensors header; adapter tensors are read (positional reads
+    into fresh memory, checked finite) when apply_to needs them, or once by hold_adapter."""
 
     def __init__(self, base: str, adapter: str, headers: Checkpoint | None = None,
                  merge_dtype: torch.dtype | None = None):
@@ -92,10 +104,7 @@ class LoraCheckpoint(Checkpoint):
         self._file = inside_folder(self.adapter, WEIGHTS_FILE, self.adapter)
         if not os.path.exists(self._file):
             raise CheckpointError(f"{self.adapter}: no {WEIGHTS_FILE} (only safetensors adapters are read)")
-        try:
-            self._weights = safe_open(self._file, "pt")
-        except Exception as e:  # noqa: BLE001 (safetensors raises its own error types)
-            raise CheckpointError(f"{self._file}: unreadable adapter weights ({e})") from e
+        self._weights = read_header(self._file)  # adapter key -> where its tensor lies (validated)
         self.targets = self._plan_targets(config)
         self._scratch = threading.local()  # per read thread: fp32 buffers for B @ A and the widened weight
         self._held: dict[str, torch.Tensor] | None = None  # the adapter's tensors, once hold_adapter() read them
@@ -110,11 +119,13 @@ class LoraCheckpoint(Checkpoint):
         used = [what for key, what in _UNSUPPORTED.items() if config.get(key)]
         if used:
             raise CheckpointError(f"{path}: uses {', '.join(used)}, which merge_engine does not merge")
-        if not (isinstance(config.get("r"), int) and config["r"] > 0
-                and isinstance(config.get("lora_alpha"), (int, float))):
-            raise CheckpointError(f"{path}: needs a positive integer 'r' and a numeric 'lora_alpha'")
+        r, alpha = config.get("r"), config.get("lora_alpha")
+        if not (_is_int(r) and r > 0 and _finite(r)):
+            raise CheckpointError(f"{path}: needs a positive integer 'r', not {repr(r)[:40]}")
+        if not _finite(alpha):
+            raise CheckpointError(f"{path}: needs a finite number 'lora_alpha', not {repr(alpha)[:40]}")
         for setting in ("rank_pattern", "alpha_pattern"):
-            problem = _pattern_problem(config.get(setting) or {})
+            problem = _pattern_problem(config.get(setting) or {}, ranks=setting == "rank_pattern")
             if problem:
                 raise CheckpointError(f"{path}: {setting}: {problem}")
         return config
@@ -123,7 +134,9 @@ class LoraCheckpoint(Checkpoint):
         """Base tensor name -> its change; every adapter tensor is matched to a base tensor of its shape."""
         targets: dict[str, _Target] = {}
         problems = []
-        for key in self._weights.keys():
+        for key, info in self._weights.items():
+            if not info.dtype.is_floating_point:
+                problems.append(f"'{key}' is {dtype_name(info.dtype)}, not a floating-point tensor")
             if not key.startswith(_PREFIX):
                 problems.append(f"'{key}' is not under '{_PREFIX}'")
                 continue
@@ -135,6 +148,7 @@ class LoraCheckpoint(Checkpoint):
                 t.embedding = m["eab"] is not None
                 setattr(t, (m["ab"] or m["eab"]).lower(), key)
                 t.scaling = _scaling(config, module)
+                t.rank, t.rank_from = _rank(config, module)
             elif ".lora_" in name:
                 problems.append(f"'{key}' is a LoRA tensor of a kind merge_engine does not merge")
             else:  # a whole tensor saved with the adapter (modules_to_save, an embedding's base layer)
@@ -151,17 +165,24 @@ class LoraCheckpoint(Checkpoint):
         if info is None:
             return [f"'{t.a or t.b or t.replacement}' changes '{name}', which {self.path} does not have"]
         def shape(key: str) -> tuple[int, ...]:
-            return tuple(self._weights.get_slice(key).get_shape())
+            return self._weights[key].shape
         if t.replacement and shape(t.replacement) != info.shape:
             return [f"'{t.replacement}' has shape {list(shape(t.replacement))} but '{name}' has {list(info.shape)}"]
         if (t.a is None) != (t.b is None):
             return [f"'{name}' has lora_{'A' if t.a else 'B'} without lora_{'B' if t.a else 'A'}"]
         if t.a is None:
             return []
+        flat = [f"'{key}' has shape {list(shape(key))}, not a matrix (LoRA's A and B are 2-D)"
+                for key in (t.a, t.b) if len(shape(key)) != 2]
+        if flat:
+            return flat
         (r, cols), (rows, r_b) = shape(t.a), shape(t.b)
         product = (cols, rows) if t.embedding or self._fan_in_fan_out else (rows, cols)
         if r != r_b or len(info.shape) != 2 or product != info.shape:
             return [f"lora_A {[r, cols]} and lora_B {[rows, r_b]} do not make '{name}' {list(info.shape)}"]
+        if r != t.rank:  # peft builds the layer with the configured rank and cannot load other tensors into it
+            return [f"'{t.a}' has rank {r} but adapter_config.json's {t.rank_from} gives "
+                    f"'{name.removesuffix('.weight')}' rank {t.rank}"]
         return []
 
     def stored(self, name: str) -> TensorInfo:
@@ -192,13 +213,13 @@ class LoraCheckpoint(Checkpoint):
         """Bytes of the adapter tensors that change base tensor `name` (0 when the adapter leaves it as it is)."""
         t = self.targets.get(name)
         keys = [k for k in (t.a, t.b, t.replacement) if k] if t else []
-        return sum(math.prod(s.get_shape()) * _itemsize(s.get_dtype()) for s in map(self._weights.get_slice, keys))
+        return sum(self._weights[key].nbytes for key in keys)
 
     def hold_adapter(self) -> None:
         """Read the adapter's low-rank updates (and what their targets replace) into memory once: apply_to then
         reads no file for them."""
         if self._held is None:
-            self._held = {key: self._weights.get_tensor(key) for t in self.targets.values() if t.a
+            self._held = {key: self._read_adapter(key) for t in self.targets.values() if t.a
                           for key in (t.a, t.b, t.replacement) if key}
 
     def apply_to(self, name: str, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -232,7 +253,20 @@ class LoraCheckpoint(Checkpoint):
 
     def _adapter_tensor(self, key: str) -> torch.Tensor:
         held = self._held.get(key) if self._held else None
-        return held if held is not None else self._weights.get_tensor(key)
+        return held if held is not None else self._read_adapter(key)
+
+    def _read_adapter(self, key: str) -> torch.Tensor:
+        """Adapter tensor `key`, read from the file into fresh memory; CheckpointError naming the file and the
+        tensor when the file has become shorter than its header says or the tensor holds NaN or Inf."""
+        info = self._weights[key]
+        out = torch.empty(info.shape, dtype=info.dtype)
+        try:
+            _pread_into(self._fd(info.file), tensor_bytes(out), info.data_start, info.nbytes, info.file, key)
+        except OSError as e:
+            raise CheckpointError(f"{info.file}: tensor '{key}': cannot read ({e.strerror or e})") from None
+        if not _all_finite(out):
+            raise CheckpointError(f"{info.file}: tensor '{key}' holds NaN or Inf values (a corrupt adapter?)")
+        return out
 
     def _scratch_buffer(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """This read thread's fp32 (fp64 for an fp64 weight) scratch `slot`, grown to the largest shape so far."""
@@ -266,9 +300,28 @@ def _cast_info(info: TensorInfo, dtype: torch.dtype) -> TensorInfo:
     return replace(info, dtype=dtype, nbytes=info.numel * dtype.itemsize)
 
 
-def _itemsize(code: str) -> int:
-    dtype = SAFETENSORS_DTYPES.get(code)
-    return dtype.itemsize if dtype is not None else 8  # a type torch does not read: counted at the widest
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """No NaN or Inf in floating-point tensor t, looked at a chunk at a time (a replaced embedding can be large)."""
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), chunk):
+        part = flat[start:start + chunk]
+        if not bool(torch.isfinite(part if part.dtype.itemsize > 1 else part.float()).all()):  # no fp8 isfinite
+            return False
+    return True
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    """A JSON number (not a bool) that is finite as a float: json.loads takes NaN, Infinity and huge integers."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer past float's range
+        return False
 
 
 def update_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -276,19 +329,27 @@ def update_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _rank(config: dict, module: str) -> tuple[int, str]:
+    """The rank peft builds module's layer with, and the setting that gives it."""
+    for key, value in (config.get("rank_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value, f"rank_pattern {key!r}"
+    return config["r"], "r"
+
+
 def _scaling(config: dict, module: str) -> float:
-    r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+    r = _rank(config, module)[0]
     alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def _pattern_problem(patterns) -> str | None:
-    """Why a rank_pattern / alpha_pattern cannot be used (peft's keys are regular expressions), or None."""
+def _pattern_problem(patterns, ranks: bool = False) -> str | None:
+    """Why a rank_pattern (ranks) / alpha_pattern cannot be used (peft's keys are regular expressions), or None."""
     if not isinstance(patterns, dict):
         return "must map module-name patterns to numbers"
     for key, value in patterns.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            return f"the value for {key!r} must be a positive number"
+        if not _finite(value) or value <= 0 or (ranks and not _is_int(value)):
+            return f"the value for {key!r} must be a positive number{' (an integer rank)' if ranks else ' (finite)'}"
         try:
             re.compile(key)
         except re.error as e:

@@ -3,6 +3,7 @@ problem of a question file reported at construction with its path:line."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -180,7 +181,7 @@ def test_a_bad_line_is_named_by_path_and_line(tokenizer, tmp_path, case):
     assert error.value.source == str(path)
 
 
-@pytest.mark.parametrize("content, problem", [(None, "cannot read the file"), ("", "no examples"),
+@pytest.mark.parametrize("content, problem", [(None, r"cannot read \(No such file"), ("", "no examples"),
                                               ("\n  \n", "no examples"), (b"\xff\xfe", "not UTF-8 text")])
 def test_a_missing_empty_or_binary_file(tokenizer, tmp_path, content, problem):
     path = tmp_path / "q.jsonl"
@@ -188,6 +189,12 @@ def test_a_missing_empty_or_binary_file(tokenizer, tmp_path, content, problem):
         path.write_bytes(content.encode() if isinstance(content, str) else content)
     with pytest.raises(ConfigError, match=problem):
         MultipleChoice(str(path), tokenizer)
+
+
+def test_a_fifo_named_as_the_file_is_refused_without_blocking(tokenizer, tmp_path):
+    os.mkfifo(tmp_path / "q.jsonl")
+    with pytest.raises(ConfigError, match="q.jsonl: is a FIFO, not a regular file"):
+        MultipleChoice(str(tmp_path / "q.jsonl"), tokenizer)
 
 
 def test_every_problem_is_listed_up_to_twenty_and_a_count(tokenizer, tmp_path):

@@ -53,7 +53,7 @@ def test_an_eos_the_tokenizer_appends_is_dropped(tmp_path):
 
 
 @pytest.mark.parametrize("content, max_length, problem", [
-    (None, 16, "cannot read the file"),
+    (None, 16, "cannot read (No such file"),
     ("", 16, "the file is empty"),
     (" \n\n", 16, "the file is empty"),
     ("cat", 16, None),  # one token without a BOS; two with one

@@ -4,6 +4,7 @@ the bits against mergekit + peft.)"""
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from safetensors.torch import save_file
 
 from merge_engine import MergeOptions, merge, parse_config
 from merge_engine.errors import CheckpointError, ConfigError
-from merge_engine.io.lora import LoraCheckpoint, open_model
+from merge_engine.io.lora import LoraCheckpoint, _all_finite, open_model
 from tests.lora_adapters import model_tensors, write_adapter
 
 FP64 = torch.float64
@@ -178,3 +179,134 @@ def test_reference_forms(model_sets, tmp_path):
     with pytest.raises(ConfigError, match="BASE_FOLDER\\+ADAPTER_FOLDER"):  # the adapter alone, as a model
         merge(parse_config({"merge_method": "linear", "models": [{"model": folder, "parameters": {"weight": 1}}]}),
               str(tmp_path / "out"), MergeOptions(quiet=True))
+
+
+Q = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+def refusal(base, folder) -> str:
+    """The one-line CheckpointError opening BASE+folder gives; it names the adapter folder."""
+    with pytest.raises(CheckpointError) as err:
+        open_model(f"{base}+{folder}")
+    message = str(err.value)
+    assert folder in message and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("setting,match", [
+    ({"r": True}, "positive integer 'r', not True"),
+    ({"lora_alpha": float("nan")}, "finite number 'lora_alpha', not nan"),
+    ({"lora_alpha": float("inf")}, "finite number 'lora_alpha', not inf"),
+    ({"lora_alpha": True}, "finite number 'lora_alpha', not True"),
+    ({"lora_alpha": 10 ** 400}, "finite number 'lora_alpha'"),
+    ({"rank_pattern": {"q_proj": float("nan")}}, "rank_pattern: the value for 'q_proj' must be a positive number"),
+    ({"rank_pattern": {"q_proj": 10 ** 400}}, "rank_pattern: the value for 'q_proj' must be a positive number"),
+    ({"rank_pattern": {"q_proj": 4.0}}, r"rank_pattern: the value for 'q_proj' must be a positive number \(an integer rank\)"),
+    ({"alpha_pattern": {"v_proj": float("inf")}}, "alpha_pattern: the value for 'v_proj' must be a positive number"),
+    ({"alpha_pattern": {"v_proj": float("-inf")}}, "alpha_pattern: the value for 'v_proj' must be a positive number"),
+])
+def test_lora_numbers_must_be_finite_and_ranks_integers(model_sets, tmp_path, setting, match):
+    """json.loads takes NaN and Infinity (written here by json.dump) and bools are ints to Python: each is refused
+    naming adapter_config.json and the setting."""
+    base, folder = model_sets("llama")[0], str(tmp_path / "a")
+    write_adapter(folder, base)
+    corrupt(folder, config=setting)
+    message = refusal(base, folder)
+    assert "adapter_config.json: " in message and re.search(match, message)
+
+
+@pytest.mark.parametrize("key,tensor,match", [
+    (f"{Q}.lora_A.weight", torch.zeros(4, 64, 1), r"'{key}' has shape \[4, 64, 1\], not a matrix"),
+    (f"{Q}.lora_A.weight", torch.zeros(4), r"'{key}' has shape \[4\], not a matrix"),
+    (f"{Q}.lora_B.weight", torch.tensor(1.0), r"'{key}' has shape \[\], not a matrix"),
+    (f"{Q}.lora_A.weight", torch.ones(4, 64, dtype=torch.int32), "'{key}' is int32, not a floating-point tensor"),
+    (f"{Q}.lora_B.weight", torch.ones(64, 4, dtype=torch.uint8), "'{key}' is uint8, not a floating-point tensor"),
+    ("base_model.model.lm_head.weight", torch.ones(256, 64, dtype=torch.bool), "'{key}' is bool, not a floating"),
+    (f"{Q}.lora_A.weight", torch.ones(4, 64, dtype=torch.complex64), "tensor '{key}': malformed header entry"),
+])
+def test_adapter_tensors_must_be_floating_point_matrices(model_sets, tmp_path, key, tensor, match):
+    base, folder = model_sets("llama")[0], str(tmp_path / "a")
+    tensors = write_adapter(folder, base, modules_to_save=("lm_head",))
+    corrupt(folder, tensors={**tensors, key: tensor})
+    message = refusal(base, folder)
+    assert "adapter_model.safetensors: " in message and re.search(match.format(key=re.escape(key)), message)
+    assert "without" not in message  # the refused tensor still pairs with its partner: one problem, not two
+
+
+@pytest.mark.parametrize("config,tensor_rank,match", [
+    ({"rank_pattern": {"q_proj": 8}}, 4, "rank_pattern 'q_proj' gives '{module}' rank 8"),
+    ({"r": 8}, 4, "r gives '{module}' rank 8"),  # no rank_pattern entry: peft builds the layer with r
+    ({}, 0, "r gives '{module}' rank 4"),  # empty A and B
+])
+def test_the_configured_rank_must_be_the_tensors_rank(model_sets, tmp_path, config, tensor_rank, match):
+    """peft builds each layer with rank_pattern's rank for it, else r, and cannot load A and B of another rank
+    (a size mismatch; mergekit fails): the scaling alpha / r would be wrong, so the adapter is refused."""
+    base, folder = model_sets("llama")[0], str(tmp_path / "a")
+    tensors = write_adapter(folder, base)
+    corrupt(folder, config=config, tensors={**tensors, f"{Q}.lora_A.weight": torch.zeros(tensor_rank, 64),
+                                            f"{Q}.lora_B.weight": torch.zeros(64, tensor_rank)})
+    message = refusal(base, folder)
+    module = Q.removeprefix("base_model.model.")
+    assert f"'{Q}.lora_A.weight' has rank {tensor_rank} but adapter_config.json's " in message
+    assert match.format(module=module) in message
+
+
+def test_a_rank_pattern_that_matches_the_tensors_is_used(model_sets, tmp_path):
+    base, folder = model_sets("llama")[0], str(tmp_path / "a")
+    write_adapter(folder, base, r=4, rank_pattern={"q_proj": 2, "down_proj": 6})
+    ckpt = open_model(f"{base}+{folder}")
+    assert ckpt.targets["model.layers.1.self_attn.q_proj.weight"].scaling == 8 / 2
+    assert ckpt.targets["model.layers.1.mlp.down_proj.weight"].scaling == 8 / 6
+
+
+@pytest.mark.parametrize("key,value,dtype", [
+    (f"{Q}.lora_A.weight", float("nan"), torch.float32),
+    (f"{Q}.lora_B.weight", float("-inf"), torch.bfloat16),
+    (f"{Q}.lora_A.weight", float("nan"), torch.float8_e4m3fn),  # torch has no isfinite for it
+    ("base_model.model.lm_head.weight", float("inf"), torch.float32),
+])
+def test_non_finite_adapter_tensors_are_refused_when_read(model_sets, tmp_path, key, value, dtype):
+    base, folder = model_sets("llama")[0], str(tmp_path / "a")
+    tensors = write_adapter(folder, base, modules_to_save=("lm_head",), dtype=dtype)
+    poisoned = tensors[key].float()
+    poisoned.view(-1)[-1] = value
+    corrupt(folder, tensors={**tensors, key: poisoned.to(dtype)})
+    target = key.removeprefix("base_model.model.").replace(".lora_A", "").replace(".lora_B", "")
+    reads = [lambda c: c.read(target)] + [lambda c: c.hold_adapter()] * (".lora_" in key)  # holds A, B only
+    for read in reads:
+        ckpt = open_model(f"{base}+{folder}")  # planning reads no tensor data
+        with pytest.raises(CheckpointError, match=f"adapter_model.safetensors: tensor '{re.escape(key)}' holds NaN or Inf"):
+            read(ckpt)
+    clean = str(tmp_path / "clean")
+    write_adapter(clean, base, modules_to_save=("lm_head",), dtype=dtype)
+    LoraCheckpoint(base, clean).hold_adapter()
+
+
+def test_a_non_finite_value_is_found_in_any_chunk():
+    t = torch.zeros(10)
+    assert _all_finite(t, chunk=3)
+    t[9] = float("nan")
+    assert not _all_finite(t, chunk=3)
+
+
+def test_an_adapter_file_truncated_after_opening_is_a_checkpoint_error(model_sets, tmp_path):
+    """Tensor data is read with positional reads: a file cut short during a merge gives an error naming it and
+    the tensor (a memory map would die of SIGBUS)."""
+    base, folder = model_sets("llama")[0], str(tmp_path / "a")
+    tensors = write_adapter(folder, base)
+    path = os.path.join(folder, "adapter_model.safetensors")
+    ckpt = open_model(f"{base}+{folder}")
+    before = {n: ckpt.adapter_bytes(n) for n in ckpt.targets}
+    assert before[Q.removeprefix("base_model.model.") + ".weight"] == (tensors[f"{Q}.lora_A.weight"].nbytes
+                                                                         + tensors[f"{Q}.lora_B.weight"].nbytes)
+    with open(path, "rb") as f:
+        data_start = 8 + int.from_bytes(f.read(8), "little")
+    os.truncate(path, data_start + 4)
+    target = Q.removeprefix("base_model.model.") + ".weight"
+    with pytest.raises(CheckpointError, match=f"{re.escape(path)}: tensor '{re.escape(Q)}.lora_[AB].weight': file ended early"):
+        ckpt.read(target)
+    with pytest.raises(CheckpointError, match=f"{re.escape(path)}: tensor '.*': file ended early"):
+        ckpt.hold_adapter()
+    assert {n: ckpt.adapter_bytes(n) for n in ckpt.targets} == before  # from the header read at opening
+    with pytest.raises(CheckpointError, match=f"{re.escape(path)}: tensor '.*': data range .* runs past the end"):
+        open_model(f"{base}+{folder}")  # and opening it now refuses it by its header
