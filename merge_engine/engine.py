@@ -450,8 +450,9 @@ def compute(job: TensorJob, tensors: list[torch.Tensor], method: MergeMethod, se
         return tensors[0]
     try:
         result = method.merge(tensor_group(job, tensors, seed, take_output))
-    except (ValueError, RuntimeError) as e:
-        raise MergeEngineError(f"merging tensor '{job.out_name}' failed: {non_finite_inputs(job, tensors) or e}") from e
+    except Exception as e:  # noqa: BLE001 (torch and the methods raise many kinds: one line naming the tensor)
+        reason = e if isinstance(e, (ValueError, RuntimeError)) else f"{type(e).__name__}: {e}"
+        raise MergeEngineError(f"merging tensor '{job.out_name}' failed: {non_finite_inputs(job, tensors) or reason}") from e
     return result.to(job.out_dtype).contiguous()
 
 

@@ -127,6 +127,8 @@ def fusion_threshold(importance: torch.Tensor) -> torch.Tensor:
     few elements whose score lies between the exact and the sampled threshold."""
     flat = importance.reshape(-1)
     n = flat.numel()
+    if n == 0:  # no scores, no quantiles: a threshold nothing is compared with
+        return flat.new_zeros(())
     if n <= QUANTILE_SAMPLE_SIZE:
         ranks = (torch.tensor([0.25, 0.5, 0.75]) * (n - 1)).long().tolist()
         ordered = torch.sort(flat).values

@@ -120,6 +120,13 @@ def test_arcee_fusion_keeps_the_base_except_at_outlier_importance():
     assert torch.equal(ops.arcee_fusion(base, base), base)
 
 
+@pytest.mark.parametrize("shape", [(0,), (0, 8), (8, 0)])
+def test_arcee_fusion_of_empty_tensors_is_empty(shape):
+    base = torch.empty(shape, dtype=torch.bfloat16)
+    got = ops.arcee_fusion(base, base.clone())
+    assert got.shape == shape and got.dtype == torch.float32
+
+
 def test_arcee_fusion_mask_is_fp32_like_mergekit():
     base = torch.randn(4, 8).bfloat16()
     assert ops.arcee_fusion(base, (base.float() + 0.5).bfloat16()).dtype == torch.float32
