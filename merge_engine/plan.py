@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from merge_engine.config import WEIGHT_SHAPED_SIDE_INPUTS, MergeConfig, Slice
+from merge_engine.dtypes import dtype_name
 from merge_engine.errors import CheckpointError, ConfigError
 from merge_engine.io import fishers
 from merge_engine.io.checkpoint import Checkpoint, split_layer_name
@@ -245,6 +246,10 @@ def _plan_tensor(plan: MergePlan, s: Slice, out_name: str, names: list[str], t: 
     method = cfg.method
     dtypes = [i.dtype for i in infos]
     floating = all(d.is_floating_point for d in dtypes)
+    problem = _dtype_problem(infos, cfg.dtype)
+    if problem:
+        problems.append(f"{problem} (needed for '{out_name}')")
+        return
     compute = cfg.dtype or _promote(dtypes)
     try:
         shared, per_model = resolve_parameters(cfg, s, names, out_name, t, compute if floating else None)
@@ -353,6 +358,22 @@ def _gram_ref(folder: Checkpoint, name: str, shape: tuple[int, ...], problems: l
                         f"weight has shape {list(shape)}")
         return None
     return folder, entry["gram"]
+
+
+def _dtype_problem(infos: list, load_dtype: torch.dtype | None) -> str | None:
+    """Why one output tensor's inputs cannot be merged as stored: floating-point tensors with integer ones (the
+    integer one would be copied, or promoted, silently), or 8-bit floats without a config dtype to load them in
+    (torch neither promotes nor computes with them)."""
+    floating = [i for i in infos if i.dtype.is_floating_point]
+    if floating and len(floating) < len(infos):
+        other = next(i for i in infos if not i.dtype.is_floating_point)
+        return (f"{other.file}: tensor '{other.name}' is {dtype_name(other.dtype)} but {floating[0].file} has "
+                f"{dtype_name(floating[0].dtype)}; floating-point tensors are merged only with floating-point ones")
+    narrow = next((i for i in floating if i.dtype.itemsize == 1), None)
+    if narrow is not None and load_dtype is None:
+        return (f"{narrow.file}: tensor '{narrow.name}' is {dtype_name(narrow.dtype)}; set the config's dtype "
+                "(bfloat16, float16, float32) to merge 8-bit floats")
+    return None
 
 
 def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
