@@ -108,6 +108,8 @@ def read_yaml(path: str):
         raise ConfigError([f"not UTF-8 text (byte {e.start}: {e.reason})"], path) from e
     except yaml.YAMLError as e:
         raise ConfigError([f"invalid YAML: {e}"], path) from e
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise ConfigError(["invalid YAML: nested too deeply"], path) from None
 
 
 def parse_config(raw: Any, source: str | None = None, strict: bool = False) -> MergeConfig:
@@ -116,11 +118,11 @@ def parse_config(raw: Any, source: str | None = None, strict: bool = False) -> M
     if not isinstance(raw, dict):
         raise ConfigError(["the config must be a mapping of keys (merge_method, models or slices, ...)"], source)
     problems: list[str] = []
-    unknown = sorted(set(raw) - _KNOWN_KEYS)
+    unknown = sorted(set(raw) - _KNOWN_KEYS, key=str)  # YAML keys may be numbers too
     if unknown:
         warnings.warn(f"{source or 'config'}: ignoring unknown key(s) {unknown} (mergekit ignores them too)")
     method = _method(raw, problems)
-    cfg = MergeConfig(method=method, slices=[], raw=raw, parameters=raw.get("parameters"))
+    cfg = MergeConfig(method=method, slices=[], raw=raw, parameters=_params_dict(raw, "", problems))
     cfg.base_model = _model_ref(raw.get("base_model"), "base_model", problems, optional=True)
     cfg.dtype = _dtype(raw, "dtype", problems)
     cfg.out_dtype = _dtype(raw, "out_dtype", problems)
@@ -152,9 +154,11 @@ def _method(raw: dict, problems: list[str]) -> MergeMethod | None:
     name = raw.get("merge_method")
     if name is None:
         problems.append("'merge_method' is missing")
+    elif not isinstance(name, str):
+        problems.append(f"merge_method: expected a method name, got {name!r}")
     elif name not in REGISTRY:
         problems.append(f"unknown merge_method '{name}' (supported: {', '.join(sorted(REGISTRY))})")
-    method = REGISTRY.get(name)
+    method = REGISTRY.get(name) if isinstance(name, str) else None
     if method is not None and method.specialize is not None:
         params = raw.get("parameters")
         try:
@@ -320,9 +324,14 @@ def _slices(slices: Any, problems: list[str]) -> list[Slice]:
 
 def _params_dict(entry: dict, where: str, problems: list[str]) -> dict | None:
     params = entry.get("parameters")
+    key = f"{where}.parameters" if where else "parameters"
     if params is not None and not isinstance(params, dict):
-        problems.append(f"{where}.parameters: expected a mapping, got {params!r}")
+        problems.append(f"{key}: expected a mapping, got {params!r}")
         return None
+    names = [name for name in params or {} if not isinstance(name, str)]
+    if names:  # mergekit's schema takes string names only (a bare 5: is an int to YAML)
+        problems.append(f"{key}: parameter names must be strings, got {', '.join(map(repr, names))}")
+        return {name: value for name, value in params.items() if isinstance(name, str)}
     return params
 
 

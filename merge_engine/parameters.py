@@ -9,6 +9,7 @@ a setting that resolves to nothing (no filter matched) falls through to the next
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable, Iterable, Mapping
@@ -52,8 +53,8 @@ class ParamSpec:
                     number = float(value) if self.kind is float else int(value)
                 except ValueError:
                     pass
-            if number is not None and not math.isfinite(number):  # .nan / .inf merge to nonsense
-                raise ValueError(f"'{self.name}' must be a finite number, got {value!r}")
+            if number is not None and not _finite(number):  # .nan / .inf merge to nonsense
+                raise ValueError(f"'{self.name}' must be a finite number, got {reprlib.repr(value)}")
             if number is not None:
                 return self.kind(number)
         elif self.kind is str and isinstance(value, str):
@@ -66,6 +67,13 @@ class ParamSpec:
         if complaint:
             raise ValueError(f"'{self.name}' {complaint}, got {value!r}")
         return value
+
+
+def _finite(number: int | float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an integer beyond any float (1e400 written out in full)
+        return False
 
 
 def extrapolates(value: float) -> str | None:
@@ -98,6 +106,9 @@ def setting_shape_problem(setting: Setting) -> str | None:
     if is_scalar(setting):
         return None
     if is_condition(setting):
+        flt = setting.get("filter")
+        if flt is not None and not isinstance(flt, str):  # matched as a substring of tensor names
+            return f"filter must be a tensor-name substring, got {flt!r}"
         return setting_shape_problem(setting["value"])
     if isinstance(setting, list):
         if not setting:

@@ -2,7 +2,7 @@
 that reports every problem at once."""
 import pytest
 
-from merge_engine import parse_config
+from merge_engine import load_config, parse_config
 from merge_engine.errors import ConfigError
 from merge_engine.parameters import ParamSpec, Scope, evaluate_setting, resolve
 
@@ -46,6 +46,13 @@ def ties_config(**over):
     return cfg
 
 
+def ties_with(i: int, params: dict):
+    """ties_config with models[i]'s parameters updated."""
+    cfg = ties_config()
+    cfg["models"][i]["parameters"].update(params)
+    return cfg
+
+
 def test_models_form_becomes_one_slice_with_base_appended():
     cfg = parse_config(ties_config())
     (s,) = cfg.slices
@@ -79,6 +86,19 @@ def test_every_problem_reported_at_once():
       "models": [{"model": "/a"}]}, "not both"),
     ({"merge_method": "linear", "modules": {"text": {}}, "models": [{"model": "/a"}]}, "modules"),
     ({"merge_method": "model_stock", "base_model": "/a", "models": [{"model": "/b"}]}, "model_stock"),
+    # wrong types and shapes YAML can hold: each one a problem naming the key, never a crash
+    (ties_config(merge_method=["ties"]), r"merge_method: expected a method name, got \['ties'\]"),
+    (ties_config(merge_method={"a": 1}), r"merge_method: expected a method name, got \{'a': 1\}"),
+    (ties_config(parameters=[1, 2]), r"  - parameters: expected a mapping, got \[1, 2\]"),
+    (ties_config(models=[{"model": "/e1", "parameters": "x"}]), r"models\[0\]\.parameters: expected a mapping"),
+    ({"merge_method": "linear", "slices": [{"sources": [{"model": "/a", "layer_range": [0, 1]}], "parameters": [1]}]},
+     r"slices\[0\]\.parameters: expected a mapping, got \[1\]"),
+    (ties_with(0, {5: 3}), r"models\[0\]\.parameters: parameter names must be strings, got 5"),
+    (ties_with(0, {"weight": 10**400}), r"models\[/e1\]\.parameters\.weight: 'weight' must be a finite number"),
+    (ties_with(0, {"weight": [{"filter": 5, "value": 1.0}]}),
+     r"parameters\.weight: filter must be a tensor-name substring, got 5"),
+    (ties_with(0, {"weight": [{"filter": ["mlp"], "value": 1.0}, {"value": 0.5}]}),
+     r"parameters\.weight: filter must be a tensor-name substring, got \['mlp'\]"),
 ])
 def test_invalid_configs(raw, match):
     with pytest.raises(ConfigError, match=match):
@@ -90,3 +110,11 @@ def test_slices_form():
                         "slices": [{"sources": [{"model": "/a", "layer_range": [0, 2]},
                                                 {"model": "/b", "layer_range": [2, 4]}]}]})
     assert [src.layer_range for src in cfg.slices[0].sources] == [(0, 2), (2, 4)]
+
+
+def test_yaml_nested_too_deep_names_the_file(tmp_path):
+    path = tmp_path / "deep.yml"
+    path.write_text("merge_method: " + "[" * 20000 + "]" * 20000 + "\n")
+    with pytest.raises(ConfigError, match="invalid YAML: nested too deeply") as err:
+        load_config(str(path))
+    assert err.value.source == str(path) and str(path) in str(err.value)

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from merge_engine.cli.args import add_quiet_argument, parse_size, setup_logging
+from merge_engine.cli.args import add_quiet_argument, parse_size, positive_int, setup_logging
 from merge_engine.cli.timing import STARTUP
 from merge_engine.dtypes import DTYPES
 from merge_engine.methods import REGISTRY
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse parameters the merge method does not use (by default: a warning, as mergekit ignores them)")
     p.add_argument("--allow-crimes", action=argparse.BooleanOptionalAction, default=False,
                    help="allow merging models whose config.json architectures differ")
-    p.add_argument("-j", "--num-threads", type=int, default=None, help="CPU threads for the math")
+    p.add_argument("-j", "--num-threads", type=positive_int, default=None, help="CPU threads for the math")
     p.add_argument("--prefetch", type=int, default=2, help="tensor groups read ahead of compute (default 2)")
     p.add_argument("--direct-io", choices=("auto", "on", "off"), default="auto",
                    help="bypass the page cache (O_DIRECT): auto (default) reads what the page cache already holds "

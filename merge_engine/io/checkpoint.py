@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 from functools import cached_property
 from typing import Callable
 
@@ -52,6 +53,18 @@ def _pread_into(fd: int, view: memoryview, offset: int, need: int, file: str, na
         done += n
 
 
+def _config_problem(config: dict) -> str | None:
+    """What is wrong with the type of a config.json key the merge reads (None: nothing)."""
+    architectures = config.get("architectures")
+    if architectures is not None and not (isinstance(architectures, list)
+                                          and all(isinstance(a, str) for a in architectures)):
+        return f"'architectures' must be a list of class names, got {reprlib.repr(architectures)}"
+    text_config = config.get("text_config")
+    if text_config is not None and not isinstance(text_config, dict):
+        return f"'text_config' must be a JSON object, got {reprlib.repr(text_config)}"
+    return None
+
+
 class Checkpoint:
     """A model folder: its config.json and the headers of its safetensors files."""
 
@@ -60,6 +73,7 @@ class Checkpoint:
         self._no_files_open()
         self._check_folder()
         self.tensors: dict[str, TensorInfo] = self._read_headers()
+        _ = self.config  # checked now, so that its problems are listed with the merge config's
 
     def _no_files_open(self) -> None:
         self._fds: dict[str, int] = {}
@@ -125,12 +139,15 @@ class Checkpoint:
         config = read_json(inside_folder(self.path, "config.json", self.path))
         if not isinstance(config, dict):
             raise CheckpointError(f"{path}: unreadable config.json (not a JSON object)")
+        problem = _config_problem(config)
+        if problem:
+            raise CheckpointError(f"{path}: {problem}")
         return config
 
     @cached_property
     def num_layers(self) -> int:
         """Layer count from config.json, else from the tensor names."""
-        cfg = self.config.get("text_config", self.config)
+        cfg = self.config.get("text_config") or self.config
         for key in _LAYER_COUNT_KEYS:
             if isinstance(cfg.get(key), int):
                 return cfg[key]

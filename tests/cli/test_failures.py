@@ -1,7 +1,8 @@
 """Faults end in one line and an exit status, never a traceback (unless -v), and leave nothing behind:
-the version, bad devices and seeds, a config that is not UTF-8, an output folder the disk refuses,
+the version, bad devices, seeds and thread counts, a config that is not UTF-8, an output folder the disk refuses,
 Ctrl-C; and the summary is printed once."""
 import os
+import shutil
 
 import pytest
 import yaml
@@ -44,6 +45,14 @@ def test_a_seed_out_of_range_is_refused_by_the_parser(config, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         cli.main([config, str(tmp_path / "out"), "--random-seed", str(2**70)])
     assert exit.value.code == 2 and "64-bit seed range" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("threads", ["-1", "0"])
+def test_a_thread_count_below_one_is_refused_by_the_parser(config, tmp_path, capsys, threads):
+    with pytest.raises(SystemExit) as exit:
+        cli.main([config, str(tmp_path / "out"), "-j", threads])
+    assert exit.value.code == 2 and "-j/--num-threads: expected an integer >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_config_that_is_not_utf8_names_the_file(tmp_path, capsys):
@@ -143,3 +152,15 @@ def test_config_and_input_problems_are_reported_in_one_round(config, tmp_path, c
     assert cli.main([str(bad), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "density" in err and "missing: model path does not exist" in err and "2 problem(s)" in err
+
+
+def test_a_malformed_config_json_is_reported_with_the_config_problems(config, tmp_path, capsys):
+    base, expert = (m["model"] for m in yaml.safe_load(open(config))["models"])
+    shutil.copytree(expert, tmp_path / "expert")
+    (tmp_path / "expert" / "config.json").write_text("{bad")
+    bad = tmp_path / "bad.yml"
+    bad.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": base, "models": [
+        {"model": str(tmp_path / "expert"), "parameters": {"weight": 1.0, "density": 7}}]}))
+    assert cli.main([str(bad), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "density" in err and f"{tmp_path / 'expert' / 'config.json'}: invalid JSON" in err and "2 problem(s)" in err

@@ -43,6 +43,13 @@ def rewrite_index(folder, change):
         f.write(change(index) if isinstance(change(index), str) else json.dumps(change(index)))
 
 
+def rewrite_config(folder, **values):
+    path = os.path.join(folder, "config.json")
+    config = json.load(open(path))
+    with open(path, "w") as f:
+        json.dump({**config, **values}, f)
+
+
 def overlap(header):
     names = [n for n in header if n != "__metadata__"]
     header[names[1]]["data_offsets"] = header[names[0]]["data_offsets"]
@@ -79,6 +86,22 @@ CASES = {  # name: (change to the expert folder, change to the config, what the 
     "weight .nan": (None, lambda c: c["models"][1]["parameters"].update(weight=float("nan")), "weight"),
     "weight .inf": (None, lambda c: c["models"][1]["parameters"].update(weight=float("inf")), "weight"),
     "density misspelled, strict": (None, lambda c: c["models"][1]["parameters"].update(densty=0.5), "density"),
+    "weight 1e400 written out": (None, lambda c: c["models"][1]["parameters"].update(weight=10**400),
+                                 "parameters.weight: 'weight' must be a finite number"),
+    "filter an int": (None, lambda c: c["models"][1]["parameters"].update(weight=[{"filter": 5, "value": 1.0}]),
+                      "parameters.weight: filter must be a tensor-name substring"),
+    "merge_method a list": (None, lambda c: c.update(merge_method=["ties"]), "merge_method: expected a method name"),
+    "parameters a list": (None, lambda c: c.update(parameters=[1, 2]), "parameters: expected a mapping"),
+    "parameter name an int": (None, lambda c: c["models"][1]["parameters"].update({5: 3}),
+                              "models[1].parameters: parameter names must be strings"),
+    "config.json architectures an int": (lambda f: rewrite_config(f, architectures=5), None,
+                                         "expert/config.json: 'architectures' must be a list"),
+    "config.json architectures dicts": (lambda f: rewrite_config(f, architectures=[{"a": 1}]), None,
+                                        "expert/config.json: 'architectures' must be a list"),
+    "config.json architectures a string": (lambda f: rewrite_config(f, architectures="LlamaForCausalLM"), None,
+                                           "expert/config.json: 'architectures' must be a list"),
+    "config.json text_config a string": (lambda f: rewrite_config(f, text_config="x"), None,
+                                         "expert/config.json: 'text_config' must be a JSON object"),
 }
 
 

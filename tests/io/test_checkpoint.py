@@ -129,6 +129,25 @@ def test_missing_shard_is_reported(model_sets, tmp_path):
         Checkpoint(str(folder))
 
 
+@pytest.mark.parametrize("key,value,expected", [
+    ("architectures", 5, "must be a list of class names, got 5"),
+    ("architectures", [{"a": 1}], "must be a list of class names, got [{'a': 1}]"),
+    ("architectures", "LlamaForCausalLM", "must be a list of class names, got 'LlamaForCausalLM'"),
+    ("text_config", "x", "must be a JSON object, got 'x'"),
+])
+def test_config_json_values_of_the_wrong_type_are_refused_at_open(model_sets, tmp_path, key, value, expected):
+    import shutil
+    folder = tmp_path / "model"
+    shutil.copytree(model_sets("llama")[1], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(CheckpointError) as err:
+        Checkpoint(str(folder))  # at open, not when config is first read: reported with the merge config's problems
+    assert str(err.value) == f"{folder / 'config.json'}: '{key}' {expected}"
+    (folder / "config.json").write_text(json.dumps({**config, "text_config": None}))
+    assert Checkpoint(str(folder)).num_layers == config["num_hidden_layers"]  # null: no nested config
+
+
 def test_split_layer_name():
     assert split_layer_name("model.layers.12.mlp.up_proj.weight") == ("model.layers", 12, "mlp.up_proj.weight")
     assert split_layer_name("transformer.h.3.attn.c_attn.bias") == ("transformer.h", 3, "attn.c_attn.bias")
