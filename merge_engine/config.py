@@ -6,6 +6,7 @@ base model appended as an input when it is not listed.
 from __future__ import annotations
 
 import difflib
+import io
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,8 @@ import torch
 import yaml
 
 from merge_engine.dtypes import DTYPES
-from merge_engine.errors import ConfigError
+from merge_engine.errors import CheckpointError, ConfigError
+from merge_engine.io.untrusted import open_regular
 from merge_engine.methods import REGISTRY, MergeMethod
 from merge_engine.parameters import ParamSpec, Scope, setting_leaves, setting_shape_problem
 
@@ -100,8 +102,10 @@ def load_config(path: str, strict: bool = False) -> MergeConfig:
 def read_yaml(path: str):
     """A YAML file's content, or ConfigError saying why it cannot be read."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with io.TextIOWrapper(open_regular(path), encoding="utf-8") as f:  # a FIFO would block: refused
             return yaml.safe_load(f)
+    except CheckpointError as e:
+        raise ConfigError([str(e).removeprefix(f"{path}: ")], path) from None
     except OSError as e:
         raise ConfigError([f"cannot read config: {e.strerror or e}"], path) from e
     except UnicodeDecodeError as e:

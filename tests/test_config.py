@@ -118,3 +118,13 @@ def test_yaml_nested_too_deep_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match="invalid YAML: nested too deeply") as err:
         load_config(str(path))
     assert err.value.source == str(path) and str(path) in str(err.value)
+
+
+def test_a_config_that_is_a_fifo_or_missing_is_refused_without_blocking(tmp_path):
+    import os
+    os.mkfifo(tmp_path / "merge.yml")  # nothing writes to it: a plain open would wait forever
+    with pytest.raises(ConfigError, match="is a FIFO, not a regular file") as err:
+        load_config(str(tmp_path / "merge.yml"))
+    assert err.value.source == str(tmp_path / "merge.yml")
+    with pytest.raises(ConfigError, match=r"cannot read \(No such file"):
+        load_config(str(tmp_path / "missing.yml"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import reprlib
+import stat
 from functools import cached_property
 from typing import Callable
 
@@ -21,7 +22,7 @@ import torch
 from merge_engine.errors import CheckpointError
 from merge_engine.io.page_cache import ResidencyMaps
 from merge_engine.io.raw import DIRECT_ALIGN, tensor_bytes
-from merge_engine.io.safetensors_format import TensorInfo, read_header
+from merge_engine.io.safetensors_format import TensorInfo, file_identity, read_header_and_identity
 from merge_engine.io.untrusted import inside_folder, read_json
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -76,6 +77,7 @@ class Checkpoint:
         _ = self.config  # checked now, so that its problems are listed with the merge config's
 
     def _no_files_open(self) -> None:
+        self._identities: dict[str, tuple[int, ...]] = {}  # file -> its file_identity when its header was read
         self._fds: dict[str, int] = {}
         self._direct_fds: dict[str, int | None] = {}  # None: the file's filesystem refuses O_DIRECT
         self._residency = ResidencyMaps()
@@ -104,7 +106,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no .safetensors weights found.{hint}")
         tensors: dict[str, TensorInfo] = {}
         for f in files:
-            for name, info in read_header(inside_folder(self.path, f, self.path)).items():
+            for name, info in self._read_header(inside_folder(self.path, f, self.path)).items():
                 if name in tensors:
                     raise CheckpointError(f"{info.file}: tensor '{name}' also appears in {tensors[name].file}")
                 tensors[name] = info
@@ -123,12 +125,16 @@ class Checkpoint:
             if shard not in headers:
                 if not os.path.exists(shard_path):
                     raise CheckpointError(f"{index_path}: shard '{shard}' (holding '{name}') is missing")
-                headers[shard] = read_header(shard_path)
+                headers[shard] = self._read_header(shard_path)
             if name not in headers[shard]:
                 raise CheckpointError(f"{shard_path}: tensor '{name}' is listed in {INDEX_FILE} but absent "
                                       "from the shard")
             tensors[name] = headers[shard][name]
         return tensors
+
+    def _read_header(self, path: str) -> dict[str, TensorInfo]:
+        infos, self._identities[path] = read_header_and_identity(path)
+        return infos
 
     @cached_property
     def config(self) -> dict:
@@ -211,15 +217,28 @@ class Checkpoint:
     def _direct_fd(self, file: str) -> int | None:
         if file not in self._direct_fds:
             try:
-                self._direct_fds[file] = os.open(file, os.O_RDONLY | os.O_DIRECT)
-            except OSError:
+                self._direct_fds[file] = self._open_checked(file, os.O_DIRECT)
+            except OSError:  # this filesystem takes no direct reads
                 self._direct_fds[file] = None
         return self._direct_fds[file]
 
     def _fd(self, file: str) -> int:
         fd = self._fds.get(file)
         if fd is None:  # pread on one shared descriptor is thread-safe
-            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            fd = self._fds[file] = self._open_checked(file)
+        return fd
+
+    def _open_checked(self, file: str, flags: int = 0) -> int:
+        """A descriptor of file, which must still be the file whose header was read: a file replaced or rewritten
+        since would be read at the old header's offsets, into a wrong output. Opened without blocking (a FIFO put
+        in its place would wait forever)."""
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | flags)
+        st = os.fstat(fd)
+        if (file in self._identities and file_identity(st) != self._identities[file]) or not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise CheckpointError(f"{file}: the file changed after its header was read (replaced or rewritten "
+                                  "during the merge); its tensors are not read")
+        os.set_blocking(fd, True)
         return fd
 
     def close(self) -> None:

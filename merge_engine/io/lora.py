@@ -34,7 +34,7 @@ from merge_engine.dtypes import dtype_name
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint, _pread_into
 from merge_engine.io.raw import tensor_bytes
-from merge_engine.io.safetensors_format import TensorInfo, read_header
+from merge_engine.io.safetensors_format import TensorInfo, read_header_and_identity
 from merge_engine.io.untrusted import inside_folder, read_json
 
 CONFIG_FILE = "adapter_config.json"
@@ -104,7 +104,8 @@ class LoraCheckpoint(Checkpoint):
         self._file = inside_folder(self.adapter, WEIGHTS_FILE, self.adapter)
         if not os.path.exists(self._file):
             raise CheckpointError(f"{self.adapter}: no {WEIGHTS_FILE} (only safetensors adapters are read)")
-        self._weights = read_header(self._file)  # adapter key -> where its tensor lies (validated)
+        # adapter key -> where its tensor lies (validated); the file's identity, checked when its data is read
+        self._weights, self._identities[self._file] = read_header_and_identity(self._file)
         self.targets = self._plan_targets(config)
         self._scratch = threading.local()  # per read thread: fp32 buffers for B @ A and the widened weight
         self._held: dict[str, torch.Tensor] | None = None  # the adapter's tensors, once hold_adapter() read them

@@ -39,11 +39,23 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
+def file_identity(st: os.stat_result) -> tuple[int, ...]:
+    """What says a file is still the one whose header was read: the same inode, size and modification time."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def read_header(path: str) -> dict[str, TensorInfo]:
     """Parse and validate one .safetensors file's header; raise CheckpointError naming the file."""
+    return read_header_and_identity(path)[0]
+
+
+def read_header_and_identity(path: str) -> tuple[dict[str, TensorInfo], tuple[int, ...]]:
+    """read_header, and the file_identity of the file it read (taken from the open file, so a file replaced
+    after the header was read is told apart by whoever reads its data)."""
     try:
         with open_regular(path) as f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
@@ -68,7 +80,7 @@ def read_header(path: str) -> dict[str, TensorInfo]:
     data_base = 8 + header_len
     infos = {name: _tensor_info(path, name, entry, data_base, size) for name, entry in header.items()}
     _check_layout(path, infos, data_base, size)
-    return infos
+    return infos, file_identity(st)
 
 
 def _is_count(value) -> bool:

@@ -96,6 +96,35 @@ def test_direct_read_of_a_tensor_at_an_odd_offset(tmp_path):
     assert torch.equal(got["a"][0], a) and torch.equal(got["b"][0], b)
 
 
+@pytest.mark.parametrize("change", ["replaced", "rewritten", "fifo"])
+@pytest.mark.parametrize("direct_io", ["on", "off"])
+def test_a_file_changed_after_its_header_was_read_is_not_read(tmp_path, change, direct_io):
+    """A shard replaced (renamed over), rewritten in place or swapped for a FIFO between planning and reading
+    would be read at the old header's offsets (or block): refused by name instead."""
+    from safetensors.torch import save_file
+    folder = tmp_path / "m"
+    folder.mkdir()
+    path = folder / "model.safetensors"
+    save_file({"a": torch.zeros(1000), "b": torch.ones(10)}, str(path))
+    ckpt = Checkpoint(str(folder))
+    if change == "replaced":
+        save_file({"b": torch.ones(10), "a": torch.full((1000,), 2.0)}, str(tmp_path / "other.safetensors"))
+        os.replace(tmp_path / "other.safetensors", path)
+    elif change == "rewritten":
+        st = os.stat(path)
+        with open(path, "r+b") as f:  # the last value written again (the same bytes): a later mtime
+            f.seek(st.st_size - 4)
+            last = f.read(4)
+            f.seek(st.st_size - 4)
+            f.write(last)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # whatever the clock's resolution
+    else:
+        path.unlink()
+        os.mkfifo(path)
+    with pytest.raises(CheckpointError, match="model.safetensors: the file changed after its header was read"):
+        _direct_read_all(ckpt, direct_io)
+
+
 def test_sharded_index_is_used(model_sets):
     folder = model_sets("llama_bf16_sharded")[0]
     assert os.path.exists(os.path.join(folder, "model.safetensors.index.json"))
