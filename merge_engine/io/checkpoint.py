@@ -44,7 +44,7 @@ def split_layer_name(name: str) -> tuple[str, int, str] | None:
     return (m["prefix"], int(m["index"]), m["rest"]) if m else None
 
 
-def _pread_into(fd: int, view: memoryview, offset: int, need: int, file: str, name: str) -> None:
+def pread_into(fd: int, view: memoryview, offset: int, need: int, file: str, name: str) -> None:
     """Positional reads into view from offset until at least `need` bytes have arrived."""
     done = 0
     while done < need:
@@ -175,7 +175,7 @@ class Checkpoint:
         elif out.dtype != info.dtype or tuple(out.shape) != info.shape or not out.is_contiguous():
             raise ValueError(f"buffer for '{name}' must be a contiguous {info.dtype} {list(info.shape)} tensor")
         view = tensor_bytes(out)
-        _pread_into(self._fd(info.file), view, info.data_start, info.nbytes, info.file, name)
+        pread_into(self._fd(info.file), view, info.data_start, info.nbytes, info.file, name)
         return out
 
     def read_pooled(self, name: str, take_bytes: Callable[[int], torch.Tensor], direct_io: str = "auto") -> torch.Tensor:
@@ -204,9 +204,9 @@ class Checkpoint:
             for lo, hi, plain in spans:
                 if plain:  # only the tensor's own bytes: plain reads need no alignment
                     lo, hi = max(lo, info.data_start), min(hi, data_end)
-                    _pread_into(self._fd(info.file), window[lo - first:hi - first], lo, hi - lo, info.file, name)
+                    pread_into(self._fd(info.file), window[lo - first:hi - first], lo, hi - lo, info.file, name)
                 else:  # the block-rounded span may pass the file's end: only the tensor's bytes must arrive
-                    _pread_into(fd, window[lo - first:hi - first], lo, min(hi, data_end) - lo, info.file, name)
+                    pread_into(fd, window[lo - first:hi - first], lo, min(hi, data_end) - lo, info.file, name)
         except OSError:  # EINVAL: this file's filesystem takes no direct reads after all
             self._direct_fds[info.file] = None
             os.close(fd)

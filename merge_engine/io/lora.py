@@ -32,7 +32,7 @@ import torch
 
 from merge_engine.dtypes import dtype_name
 from merge_engine.errors import CheckpointError
-from merge_engine.io.checkpoint import Checkpoint, _pread_into
+from merge_engine.io.checkpoint import Checkpoint, pread_into
 from merge_engine.io.raw import tensor_bytes
 from merge_engine.io.safetensors_format import TensorInfo, read_header_and_identity
 from merge_engine.io.untrusted import inside_folder, read_json
@@ -262,7 +262,7 @@ class LoraCheckpoint(Checkpoint):
         info = self._weights[key]
         out = torch.empty(info.shape, dtype=info.dtype)
         try:
-            _pread_into(self._fd(info.file), tensor_bytes(out), info.data_start, info.nbytes, info.file, key)
+            pread_into(self._fd(info.file), tensor_bytes(out), info.data_start, info.nbytes, info.file, key)
         except OSError as e:
             raise CheckpointError(f"{info.file}: tensor '{key}': cannot read ({e.strerror or e})") from None
         if not _all_finite(out):
