@@ -111,9 +111,18 @@ def read_yaml(path: str):
     except UnicodeDecodeError as e:
         raise ConfigError([f"not UTF-8 text (byte {e.start}: {e.reason})"], path) from e
     except yaml.YAMLError as e:
-        raise ConfigError([f"invalid YAML: {e}"], path) from e
+        raise ConfigError([yaml_problem(e)], path) from e
     except RecursionError:  # the parser recurses once per level of nesting
         raise ConfigError(["invalid YAML: nested too deeply"], path) from None
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error as one line: what is wrong and where (PyYAML's own text spans lines, with a caret drawing)."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is None:
+        return f"invalid YAML: {' '.join(str(e).split())}"
+    what = " ".join(filter(None, [getattr(e, "context", None), getattr(e, "problem", None)]))
+    return f"invalid YAML: {what} (line {mark.line + 1}, column {mark.column + 1})"
 
 
 def parse_config(raw: Any, source: str | None = None, strict: bool = False) -> MergeConfig:

@@ -128,3 +128,16 @@ def test_a_config_that_is_a_fifo_or_missing_is_refused_without_blocking(tmp_path
     assert err.value.source == str(tmp_path / "merge.yml")
     with pytest.raises(ConfigError, match=r"cannot read \(No such file"):
         load_config(str(tmp_path / "missing.yml"))
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("[a]: 3\n", "invalid YAML: while constructing a mapping found unhashable key (line 1, column 1)"),
+    ("merge_method: linear\nmodels: [1, 2\n", "but got '<stream end>' (line 3, column 1)"),
+    ("a: b: c\n", "invalid YAML: mapping values are not allowed here (line 1, column 5)"),
+])
+def test_invalid_yaml_is_one_line_with_its_place(tmp_path, text, problem):
+    path = tmp_path / "merge.yml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert len(err.value.problems) == 1 and "\n" not in err.value.problems[0] and problem in err.value.problems[0]
