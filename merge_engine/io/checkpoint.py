@@ -63,6 +63,11 @@ def _config_problem(config: dict) -> str | None:
     text_config = config.get("text_config")
     if text_config is not None and not isinstance(text_config, dict):
         return f"'text_config' must be a JSON object, got {reprlib.repr(text_config)}"
+    for scope, where in ((config, ""), (text_config or {}, "text_config.")):
+        for key in (*_LAYER_COUNT_KEYS, "vocab_size"):  # counts the merge plans with (true would count as 1)
+            value = scope.get(key)
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                return f"'{where}{key}' must be a non-negative integer, got {reprlib.repr(value)}"
     return None
 
 

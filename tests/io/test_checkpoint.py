@@ -163,6 +163,10 @@ def test_missing_shard_is_reported(model_sets, tmp_path):
     ("architectures", [{"a": 1}], "must be a list of class names, got [{'a': 1}]"),
     ("architectures", "LlamaForCausalLM", "must be a list of class names, got 'LlamaForCausalLM'"),
     ("text_config", "x", "must be a JSON object, got 'x'"),
+    ("num_hidden_layers", True, "must be a non-negative integer, got True"),
+    ("num_hidden_layers", "2", "must be a non-negative integer, got '2'"),
+    ("vocab_size", -1, "must be a non-negative integer, got -1"),
+    ("vocab_size", 32.0, "must be a non-negative integer, got 32.0"),
 ])
 def test_config_json_values_of_the_wrong_type_are_refused_at_open(model_sets, tmp_path, key, value, expected):
     import shutil
