@@ -242,6 +242,7 @@ class MergeSession:
         on_device = self.device.type == "cuda" and self.memory.placement == "device"
         pin = self.device.type == "cuda" and self.memory.placement == "host"
         held: dict[tuple, torch.Tensor] = {}
+        sums: dict[tuple, tuple[str, str, torch.Tensor]] = {}  # key -> (folder, tensor, its sum): NaN shows there
         out = []
         tensor_bytes = {k: v for k, v in holdings(self.plan.jobs, factored, on_device).items() if k[1] != "adapter"}
         with tqdm(total=sum(tensor_bytes.values()), unit="B", unit_scale=True, desc="reading",
@@ -258,6 +259,8 @@ class MergeSession:
                             held[key] = _placed(ckpt.read_base_pooled(name, _fresh_bytes, "auto"), False, pin, self.device)
                         else:
                             held[key] = _placed(ckpt.read_pooled(name, _fresh_bytes, "auto"), on_device, pin, self.device)
+                        if held[key].is_floating_point():
+                            sums[key] = (ckpt.path, name, held[key].sum().float())
                         bar.update(tensor_bytes[key])
                     if update_per_merge:
                         ckpt.hold_adapter()
@@ -265,6 +268,7 @@ class MergeSession:
                     else:
                         tensors.append(held[key])
                 out.append(tensors)
+        refuse_nan_inputs(held, sums)
         return out
 
     def job_inputs(self):
@@ -378,6 +382,21 @@ class FactoredInput:
     def applied(self, out: torch.Tensor) -> torch.Tensor:
         """The expert's tensor, in `out` (the base's shape and dtype): the engine's read-time update, the same bits."""
         return self.ckpt.apply_to(self.name, self.base, out)
+
+
+def refuse_nan_inputs(held: dict[tuple, torch.Tensor], sums: dict[tuple, tuple[str, str, torch.Tensor]]) -> None:
+    """MergeEngineError naming every input tensor that holds NaN, as the engine refuses a merge that NaN reaches
+    (checked once when the session opens: the inputs do not change between trials). One sum per tensor, read
+    back together (one device sync); the tensors whose sum is not finite are then searched."""
+    by_device: dict[torch.device, list[tuple]] = {}
+    for key, (_, _, total) in sums.items():  # (factored LoRA bases stay on the host beside inputs on the device)
+        by_device.setdefault(total.device, []).append(key)
+    suspects = [key for keys in by_device.values()
+                for key, ok in zip(keys, torch.isfinite(torch.stack([sums[k][2] for k in keys])).tolist()) if not ok]
+    bad = [f"{sums[key][0]}: tensor '{sums[key][1]}' has {int(torch.isnan(held[key]).sum())} NaN value(s) "
+           "(a corrupt checkpoint?)" for key in suspects if bool(torch.isnan(held[key]).any())]
+    if bad:
+        raise MergeEngineError("; ".join(bad))
 
 
 def output_tokenizer(plan: MergePlan):

@@ -318,3 +318,24 @@ def test_a_gpu_session_with_factored_lora_experts_equals_the_gpu_engine(model_se
     session = MergeSession(config, "cuda", placement="device", lora="factored", progress=False)
     merge(parse_config(config), str(tmp_path / "a"), MergeOptions(device="cuda", quiet=True, copy_tokenizer=False))
     assert not differing({n: t.cpu() for n, t in session.state_dict().items()}, folder_tensors(tmp_path / "a"))
+
+
+def test_an_input_holding_nan_is_refused_when_the_session_opens(tmp_path):
+    """As the command refuses a merge that NaN reaches; Inf (a mask buffer, say) is held as it is."""
+    from merge_engine.demo import make_synthetic_llama
+    from merge_engine.io.checkpoint import Checkpoint
+    shape = dict(layers=1, hidden=16, intermediate=32, vocab=32)
+    base = make_synthetic_llama(str(tmp_path / "base"), seed=0, **shape)
+    expert = make_synthetic_llama(str(tmp_path / "expert"), seed=1, base=base, **shape)
+    config = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 0.5}} for m in (base, expert)]}
+    info = Checkpoint(expert).tensors["model.layers.0.mlp.up_proj.weight"]
+    for value, refused in ((b"\x80\x7f", False), (b"\xc0\x7f", True)):  # bf16 +Inf, then NaN
+        with open(info.file, "r+b") as f:
+            f.seek(info.data_start)
+            f.write(value * 3)
+        if not refused:
+            live = MergeSession(config, "cpu", progress=False).state_dict()["model.layers.0.mlp.up_proj.weight"]
+            assert int(torch.isinf(live).sum()) == 3
+            continue
+        with pytest.raises(MergeEngineError, match=f"{expert}: tensor 'model.layers.0.mlp.up_proj.weight' has 3 NaN"):
+            MergeSession(config, "cpu", progress=False)
