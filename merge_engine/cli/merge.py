@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-crimes", action=argparse.BooleanOptionalAction, default=False,
                    help="allow merging models whose config.json architectures differ")
     p.add_argument("-j", "--num-threads", type=positive_int, default=None, help="CPU threads for the math")
-    p.add_argument("--prefetch", type=int, default=2, help="tensor groups read ahead of compute (default 2)")
+    p.add_argument("--prefetch", type=positive_int, default=2, help="tensor groups read ahead of compute (default 2)")
     p.add_argument("--direct-io", choices=("auto", "on", "off"), default="auto",
                    help="bypass the page cache (O_DIRECT): auto (default) reads what the page cache already holds "
                         "plainly and the rest directly; on: reads everything directly; both write the output "

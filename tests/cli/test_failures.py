@@ -49,10 +49,11 @@ def test_a_seed_out_of_range_is_refused_by_the_parser(config, tmp_path, capsys):
 
 @pytest.mark.parametrize("threads", ["-1", "0"])
 def test_a_thread_count_below_one_is_refused_by_the_parser(config, tmp_path, capsys, threads):
-    with pytest.raises(SystemExit) as exit:
-        cli.main([config, str(tmp_path / "out"), "-j", threads])
-    assert exit.value.code == 2 and "-j/--num-threads: expected an integer >= 1" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    for flag, name in (("-j", "-j/--num-threads"), ("--prefetch", "--prefetch")):
+        with pytest.raises(SystemExit) as exit:
+            cli.main([config, str(tmp_path / "out"), flag, threads])
+        assert exit.value.code == 2 and f"{name}: expected an integer >= 1" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
 
 
 def test_a_config_that_is_not_utf8_names_the_file(tmp_path, capsys):
