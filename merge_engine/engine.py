@@ -60,7 +60,7 @@ from merge_engine.io.buffers import BufferPool
 from merge_engine.io.checkpoint import DIRECT_IO_MODES
 from merge_engine.io.lora import LoraCheckpoint, open_model
 from merge_engine.io.untrusted import inside_folder
-from merge_engine.io.writer import ShardedWriter, check_output_dir, plan_shards
+from merge_engine.io.writer import ShardedWriter, check_output_apart, check_output_dir, plan_shards
 from merge_engine.methods import MergeMethod, TensorGroup
 from merge_engine.ops import backends
 from merge_engine.plan import MergePlan, TensorJob, build_plan
@@ -271,17 +271,8 @@ def folder_problems(raw: object) -> list[str]:
 
 
 def check_output_outside_inputs(out_dir: str, plan: MergePlan) -> None:
-    """An output folder inside an input folder would put a second model among the first one's files (and
-    --overwrite could replace the input itself); an input inside the output folder would be deleted with the
-    folder it replaces."""
-    out = os.path.realpath(out_dir)
-    for folder in sorted(input_folders(plan)):
-        inside = os.path.realpath(folder)
-        if os.path.commonpath([out, inside]) == inside:
-            raise MergeEngineError(f"output folder {out_dir} is inside the input folder {folder}; write it elsewhere")
-        if os.path.commonpath([out, inside]) == out:
-            raise MergeEngineError(f"the input folder {folder} is inside the output folder {out_dir}, which the merge "
-                                   "would replace; write it elsewhere")
+    """The output folder apart from every folder the merge reads (io/writer.py: check_output_apart)."""
+    check_output_apart(out_dir, sorted(input_folders(plan)))
 
 
 def input_folders(plan: MergePlan) -> set[str]:

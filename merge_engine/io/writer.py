@@ -18,7 +18,7 @@ import os
 import shutil
 import socket
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +79,21 @@ def check_output_dir(out_dir: str, overwrite: bool) -> None:
             raise OutputError(f"{out_dir}: output path exists and is not a folder")
         if os.listdir(folder) and not overwrite:
             raise OutputError(f"{out_dir}: output folder exists and is not empty; pass --overwrite to replace it")
+
+
+def check_output_apart(out_dir: str, inputs: Iterable[str]) -> None:
+    """OutputError when the output folder lies inside an input folder (a second model among the first one's
+    files, and --overwrite could replace the input itself) or an input file or folder lies inside the output
+    folder (it would be deleted with the folder the output replaces). Checked before anything is read."""
+    out = os.path.realpath(out_dir)
+    for path in inputs:
+        real = os.path.realpath(path)
+        if os.path.isdir(real) and os.path.commonpath([out, real]) == real:
+            raise OutputError(f"output folder {out_dir} is inside the input folder {path}; write it elsewhere")
+        if os.path.commonpath([out, real]) == out:
+            kind = "input folder" if os.path.isdir(real) else "input"
+            raise OutputError(f"the {kind} {path} is inside the output folder {out_dir}, which the output would "
+                              "replace; write it elsewhere")
 
 
 def _partial_prefix(out_dir: str) -> tuple[str, str]:
