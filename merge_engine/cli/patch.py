@@ -13,6 +13,7 @@ Errors exit with status 2 and one line `merge-engine: error: ...` (merge_engine.
 from __future__ import annotations
 
 import argparse
+import math
 
 from merge_engine.cli.args import model_items_out, positive_int, print_recovery, run_subcommand, subcommand
 from merge_engine.io.checkpoint import Checkpoint
@@ -20,6 +21,13 @@ from merge_engine.patches.apply import apply_patches, apply_patches_in_place, re
 from merge_engine.patches.extract import STORAGE_CHOICES, extract_patch
 from merge_engine.patches.select import Selection, candidates, layer_norms, norm_table
 from merge_engine.tiers.inplace import recover
+
+
+def _scale(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
 
 
 def _share(text: str) -> float:
@@ -66,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("paths", nargs="+", metavar="MODEL PATCH [PATCH2 ...] OUT",
                        help="model folder, patch folders (merge_engine patches or PEFT LoRA adapters), and the "
                        "output folder (left out with --in-place)")
-        a.add_argument("--scale", type=float, nargs="+", default=None, metavar="S", help="one scale per patch "
+        a.add_argument("--scale", type=_scale, nargs="+", default=None, metavar="S", help="one scale per patch "
                        "(default 1: one float patch at scale 1 reproduces the fine-tune bit for bit)")
         a.add_argument("--any-base", action="store_true", help="skip the check that each changed tensor is the "
                        "patch's base (or, removing one exact patch, that the base comes back)")

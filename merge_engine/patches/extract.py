@@ -15,7 +15,7 @@ import torch
 
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint
-from merge_engine.io.writer import ShardedWriter
+from merge_engine.io.writer import ShardedWriter, check_output_apart
 from merge_engine.patches import arithmetic as ar
 from merge_engine.patches.files import AppendedShards, header_room
 from merge_engine.patches.format import PATCH_CONFIG, SHARD_STEM, PatchedTensor, config_text
@@ -90,6 +90,7 @@ def extract_patch(base: str, tuned: str, out_dir: str, storage: str = "auto", se
     if storage != "lora" and (rank is not None or energy is not None):
         raise ValueError("rank and energy choose a low-rank patch's size; they need storage='lora'")
     start = time.perf_counter()
+    check_output_apart(out_dir, [base, tuned])
     b, t = Checkpoint(base), Checkpoint(tuned)
     try:
         names = candidates(b, t, selection)

@@ -45,6 +45,8 @@ def test_extract_apply_remove_norms(models, tmp_path, capsys):
     (["extract", "{base}", "{tuned}", "{out}", "--top-norm", "1.5"], "expected a share in (0, 1]"),
     (["apply", "{other}", "{p}", "{out}"], "differs from the base this patch was made for"),
     (["apply", "{base}", "{base}", "{out}"], "no patch_config.json"),
+    (["apply", "{base}", "{p}", "{out}", "--scale", "nan"], "expected a finite number, got nan"),
+    (["remove", "{base}", "{p}", "{out}", "--scale", "inf"], "expected a finite number, got inf"),
 ])
 def test_errors_are_one_line_and_leave_nothing(models, tmp_path, capsys, argv, message):
     m = models(torch.bfloat16)
@@ -59,3 +61,22 @@ def test_errors_are_one_line_and_leave_nothing(models, tmp_path, capsys, argv, m
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_inputs_and_the_output_are_kept_apart(models, tmp_path, capsys):
+    """--overwrite would delete a patch that lies inside the output folder; an output inside the model or patch
+    folder would write among its files: both refused before anything is read, and nothing changes."""
+    import shutil
+    m = models(torch.bfloat16)
+    out = tmp_path / "out"
+    p = str(out / "p")
+    assert patch_command(["extract", m["base"], m["tuned"], p, "-q"]) == 0
+    before = sorted(os.listdir(p))
+    for argv, message in ((["apply", m["base"], p, str(out), "--overwrite"], f"the input folder {p} is inside the output folder"),
+                          (["apply", m["base"], p, os.path.join(p, "x")], f"is inside the input folder {p}"),
+                          (["extract", m["base"], m["tuned"], os.path.join(m["tuned"], "pp")], "is inside the input folder")):
+        assert patch_command(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert sorted(os.listdir(p)) == before and not os.path.exists(os.path.join(m["tuned"], "pp"))
+    shutil.rmtree(out)
