@@ -29,6 +29,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def regex(text: str) -> str:
+    """A regular expression, compiled when the arguments are read (so a bad one fails before any work)."""
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression ({e})") from None
+    return text
+
+
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     """MODEL DATA OUT and how DATA is batched: the statistics commands (fisher, stats) share them."""
     p.add_argument("model", metavar="MODEL",
@@ -37,7 +46,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="plain text (one example per non-blank line) or .jsonl ({\"text\": ...} per line)")
     p.add_argument("out_dir", metavar="OUT", help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="examples per batch (default 8)")
-    p.add_argument("--max-length", type=positive_int, default=512, help="tokens per example, truncated (default 512)")
+    p.add_argument("--max-length", type=positive_int, default=None, help="tokens per example, truncated (default 512, "
+                   "or the model's max_position_embeddings when fewer; more than that is refused)")
     p.add_argument("--max-examples", type=positive_int, default=None, help="use only the first N examples")
 
 

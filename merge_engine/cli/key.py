@@ -30,7 +30,8 @@ from merge_engine.distributed import launched_by_torchrun, torchrun_group
 from merge_engine.dtypes import dtype_named
 from merge_engine.errors import CheckpointError, MergeEngineError
 from merge_engine.extras import require
-from merge_engine.tiers.apply import apply_key, remove_key
+from merge_engine.io.untrusted import open_regular
+from merge_engine.tiers.apply import apply_key, check_apart, remove_key
 from merge_engine.tiers.blocks import BLOCK_KINDS, model_blocks
 from merge_engine.tiers.compare import compare_prompts
 from merge_engine.tiers.generate import ATTN_MODES, FRACTION_OF, MLP_MODES, generate_key, parameter_count
@@ -115,8 +116,10 @@ def _generate(args, parser) -> int:
 
 def _read_config(path: str) -> dict:
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open_regular(path) as f:  # a FIFO would block forever
+            return json.loads(f.read())
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: cannot read the model config ({str(e).removeprefix(f'{path}: ')})") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read the model config ({e})") from e
 
@@ -124,8 +127,11 @@ def _read_config(path: str) -> dict:
 def _secret(args) -> bytes:
     if args.secret_file:
         try:
-            with open(args.secret_file, "rb") as f:
+            with open_regular(args.secret_file) as f:  # a FIFO would block forever
                 secret = f.read()
+        except CheckpointError as e:
+            raise TierKeyError(f"{args.secret_file}: cannot read the secret file "
+                               f"({str(e).removeprefix(f'{args.secret_file}: ')})") from None
         except OSError as e:
             raise TierKeyError(f"{args.secret_file}: cannot read the secret file ({e.strerror})") from e
         where = args.secret_file
@@ -139,6 +145,8 @@ def _secret(args) -> bytes:
 
 def _apply_or_remove(args, parser) -> int:
     model, key_paths, out = model_items_out(args, parser, f"key {args.command}", "KEY")
+    if out is not None:  # before anything is read: --overwrite replaces OUT and what lies in it
+        check_apart(model, out, key_paths)
     keys = [TierKey.load(p) for p in key_paths]
     if out is None:
         if launched_by_torchrun():  # every rank would rewrite the same files

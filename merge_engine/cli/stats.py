@@ -9,6 +9,7 @@ from merge_engine.cli.args import (
     add_model_arguments,
     add_output_arguments,
     parse_size,
+    regex,
     setup_logging,
 )
 from merge_engine.distributed import torchrun_group
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--packed", action="store_true", help="store each Gram's upper triangle only (about half)")
     p.add_argument("--max-gram-memory", type=parse_size, default=8 * 10**9,
                    help="fp32 Grams held at once (default 8B bytes); more Grams take more passes over the data")
-    p.add_argument("--exclude", default=None, help="regex of module names to leave out (e.g. 'lm_head')")
+    p.add_argument("--exclude", type=regex, default=None, help="regex of module names to leave out (e.g. 'lm_head')")
     add_output_arguments(p)
     return p
 

@@ -13,6 +13,7 @@ rate.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -39,6 +40,8 @@ def parse_duration(text: str | float | int) -> float:
         if not parts or not any(parts.groups()):
             raise ConfigError([f"budget: a duration such as 50m, 1h30m, 90s or 3600, got {text!r}"])
         seconds = sum(float(v) * u for v, u in zip(parts.groups(), (3600, 60, 1)) if v)
+    if not math.isfinite(seconds):  # 400 nines are inf seconds, and nan is no duration
+        raise ConfigError([f"budget: a finite duration, got {str(text)[:40]!r}{'...' if len(str(text)) > 40 else ''}"])
     if not seconds > 0:
         raise ConfigError([f"budget: must be more than 0 seconds, got {text!r}"])
     return seconds

@@ -17,9 +17,11 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -29,18 +31,22 @@ from tqdm.auto import tqdm
 
 from merge_engine.config import read_yaml
 from merge_engine.devices import resolve_device
-from merge_engine.engine import MergeOptions, check_output_outside_inputs
+from merge_engine.engine import MergeOptions, input_folders
 from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.evaluation import evaluator_from_spec
+from merge_engine.evaluation.spec import PATH_KEYS
 from merge_engine.extras import require
-from merge_engine.io.writer import check_output_dir
+from merge_engine.io.writer import check_output_apart, check_output_dir
 from merge_engine.plan import build_plan
 from merge_engine.search.budget import READ_CEILING, Budget, matmul_rate, reserve_seconds, write_rate
 from merge_engine.search.spaces import SearchConfig, parse_search_config
 from merge_engine.session import MergeSession, input_bytes, output_config, output_tokenizer, plan_memory
 
+log = logging.getLogger("merge_engine")
+
 SAMPLERS = ("tpe", "cmaes", "gp")
 SETTINGS = ("objective", "test", "sampler", "seed", "trials", "storage")
+SEED_LIMIT = 2**32  # the samplers' numpy seeds are in [0, 2**32)
 STUDY_NAME = "merge_engine_search"
 FINGERPRINT = "merge_engine_search_fingerprint"
 JOURNAL_COPY = "search_journal.log"
@@ -93,8 +99,10 @@ def search(config: SearchConfig | dict | str, out_dir: str, options: SearchOptio
     check_output_dir(out_dir, options.overwrite)
     start_config = cfg.merge_config(cfg.start())
     plan = build_plan(start_config)
-    check_output_outside_inputs(out_dir, plan)
     base_dir = os.path.dirname(os.path.abspath(cfg.source)) if cfg.source else os.getcwd()
+    inputs = search_inputs(cfg, settings, plan, base_dir)
+    check_output_apart(out_dir, inputs)  # --overwrite would delete an input inside OUT_DIR
+    check_storage(settings["storage"], storage_key(options), out_dir, inputs, cfg.source)
     tokenizer = output_tokenizer(plan)
     objective = evaluator_from_spec(settings["objective"], tokenizer, "search.objective", base_dir=base_dir)
     test = evaluator_from_spec(settings["test"], tokenizer, "search.test", base_dir=base_dir) if settings["test"] else None
@@ -140,6 +148,10 @@ def check_settings(cfg: SearchConfig, options: SearchOptions) -> dict:
         v = out[key]
         if (v is not None or key == "seed") and (not isinstance(v, int) or isinstance(v, bool) or (key == "trials" and v < 1)):
             problems.append(f"search.{key}: an integer{' of at least 1' if key == 'trials' else ''}, got {v!r}")
+    seed = out["seed"]
+    if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed < SEED_LIMIT:
+        key = "--seed" if options.seed is not None else "search.seed"
+        problems.append(f"{key}: an integer from 0 to 2**32 - 1 (4294967295), got {seed!r}")
     if out["storage"] is not None and not isinstance(out["storage"], str):
         problems.append(f"search.storage: a file path, got {out['storage']!r}")
     if problems:
@@ -178,6 +190,81 @@ def check_budget_fits(budget: Budget, estimate: Estimate, objective, test, in_by
                            f"{estimate.write:.1f} s, with margins)"])
 
 
+# ---- the inputs and the journal, checked before anything is read ----
+
+def search_inputs(cfg: SearchConfig, settings: dict, plan, base_dir: str) -> list[str]:
+    """Every file and folder the search reads: SEARCH.yml, the objective's and test's data files (and an lm-eval
+    include_path), the plan's model, adapter, patch, side input and tokenizer folders."""
+    paths = [cfg.source] if cfg.source else []
+    for spec in (settings["objective"], settings["test"]):
+        for key in PATH_KEYS if isinstance(spec, dict) else ():
+            if isinstance(spec.get(key), str):  # as evaluator_from_spec resolves it; a bad value is its to name
+                paths.append(os.path.join(base_dir, os.path.expanduser(spec[key])))
+    return paths + sorted(input_folders(plan))
+
+
+def storage_key(options: SearchOptions) -> str:
+    return "--storage" if options.storage else "search.storage"
+
+
+def check_storage(path: str | None, key: str, out_dir: str, inputs: list[str], source: str | None) -> None:
+    """A journal the user named: outside OUT_DIR (the output replaces that folder at the end: the search would
+    fail after its whole budget, or with --overwrite delete the journal) and apart from every input; a regular
+    file when it exists (a FIFO would block the read forever), and an optuna journal (every line a complete
+    JSON log entry), so a corrupt or foreign file is refused before anything is read or appended to it."""
+    if path is None:
+        return  # .OUT_DIR.search/journal.log, beside the output
+    real, out = os.path.realpath(path), os.path.realpath(out_dir)
+    problems = []
+    if os.path.commonpath([out, real]) == out:
+        problems.append(f"{key}: the journal {path} is inside the output folder {out_dir}, which the output replaces; "
+                        "give a path outside it")
+    for inp in inputs:
+        folder = os.path.realpath(inp)
+        if real == folder:
+            problems.append(f"{key}: the journal {path} is the search's input {inp}; give another path")
+        elif os.path.isdir(folder) and os.path.commonpath([folder, real]) == folder:
+            problems.append(f"{key}: the journal {path} is inside the input folder {inp}; give a path outside it")
+    if problems:
+        raise ConfigError(problems[:1], source)
+    try:
+        kind = os.stat(path).st_mode
+    except FileNotFoundError:
+        return  # created by the search
+    except OSError as e:
+        raise ConfigError([f"{key}: cannot read the journal {path} ({e.strerror or e})"], source) from None
+    if not stat.S_ISREG(kind):
+        what = "a FIFO" if stat.S_ISFIFO(kind) else "a folder" if stat.S_ISDIR(kind) else "a device or socket"
+        raise ConfigError([f"{key}: the journal {path} is {what}, not a regular file"], source)
+    check_journal(path, key, source)
+
+
+def check_journal(path: str, key: str, source: str | None) -> None:
+    """ConfigError naming the file and line when an existing journal is not optuna's JournalStorage log. A last
+    line cut short (a search stopped while writing it: that entry never took effect) is removed, with a warning,
+    so that the search resumes: optuna would append after it and make the next line unreadable."""
+    complete = 0  # bytes of whole lines
+    try:
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.endswith(b"\n"):  # the last line, cut short
+                    log.warning("%s:%d: removing an incomplete last journal entry (written when the search "
+                                "stopped; it never took effect)", path, number)
+                    os.truncate(path, complete)
+                    break
+                try:
+                    entry = json.loads(line)
+                except ValueError:  # not UTF-8 or not JSON
+                    entry = None
+                if not isinstance(entry, dict) or "op_code" not in entry:
+                    raise ConfigError([f"{key}: {path}:{number}: not a search journal, or a corrupt one (not an "
+                                       "optuna journal entry): give another storage path, or remove it to start "
+                                       "afresh"], source)
+                complete += len(line)
+    except OSError as e:
+        raise ConfigError([f"{key}: cannot read the journal {path} ({e.strerror or e})"], source) from None
+
+
 # ---- the study ----
 
 def fingerprint(cfg: SearchConfig, settings: dict, direction: str) -> str:
@@ -197,10 +284,16 @@ def open_study(optuna, cfg: SearchConfig, settings: dict, direction: str, out_di
     """The study of the journal (created, or resumed when it holds this search's trials), and its path."""
     path = os.path.abspath(settings["storage"] or os.path.join(work_folder(out_dir), "journal.log"))
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not settings["storage"] and os.path.exists(path):  # the default journal of a search that was stopped
+        check_journal(path, "the search's journal", cfg.source)
     journal = optuna.storages.journal
     storage = optuna.storages.JournalStorage(journal.JournalFileBackend(path))
     mark = fingerprint(cfg, settings, direction)
-    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction=direction, load_if_exists=True)
+    try:
+        study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction=direction, load_if_exists=True)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:  # entries check_journal let through
+        raise ConfigError([f"{path}: a corrupt search journal ({type(e).__name__}: {e}): give another storage "
+                           "path, or remove it to start afresh"], cfg.source) from None
     previous = study.user_attrs.get(FINGERPRINT)
     if previous is not None and previous != mark:
         raise ConfigError([f"{path} journals another search (other spaces, models or objective): remove it or give "
@@ -211,7 +304,7 @@ def open_study(optuna, cfg: SearchConfig, settings: dict, direction: str, out_di
     if not study.trials:
         study.enqueue_trial(cfg.start())  # the spaces' middle: the session is opened on it
     # a resumed sampler seeded anew, so its first random proposals are not the earlier run's again
-    study.sampler = make_sampler(optuna, settings["sampler"], settings["seed"] + len(study.trials))
+    study.sampler = make_sampler(optuna, settings["sampler"], (settings["seed"] + len(study.trials)) % SEED_LIMIT)
     return study, path
 
 

@@ -23,6 +23,7 @@ from merge_engine.parameters import ParamSpec, is_scalar
 
 SEARCH_KEY = "search"  # the config's own section of search settings; not part of the merge config
 _SPACE_KEYS = {"search", "log", "knots", "choice"}
+MAX_KNOTS = 1024  # a gradient's knots are spread over the layers: more knots than layers add nothing
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,10 @@ def _range(name, path, spec, setting, where, problems) -> Space | None:
         return None
     if not isinstance(knots, int) or isinstance(knots, bool) or knots == 1 or knots < 0:
         problems.append(f"{where}.knots: an integer of at least 2 (a gradient's values), got {knots!r}")
+        return None
+    if knots > MAX_KNOTS:
+        problems.append(f"{where}.knots: at most {MAX_KNOTS} (a gradient's values are spread over the layers), "
+                        f"got {knots}")
         return None
     try:
         low, high = (spec.validate(b) for b in bounds)

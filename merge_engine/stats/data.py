@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +25,10 @@ class DataError(MergeEngineError):
 
 def read_texts(path: str, max_examples: int | None = None) -> list[str]:
     """The examples of a .txt or .jsonl file, in file order, at most max_examples of them."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise DataError(f"{path}: data file does not exist")
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read, a device never end
+        raise DataError(f"{path}: data file is not a regular file")
     parse = _jsonl_text if path.endswith(".jsonl") else _plain_text
     texts: list[str] = []
     try:

@@ -46,7 +46,7 @@ import json
 import logging
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +71,7 @@ from merge_engine.io.fishers import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VER
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.ops.fisher import FISHER_DTYPES, accumulate_fisher
 from merge_engine.stats.data import DataError, load_data
-from merge_engine.stats.models import check_model_folder, load_model
+from merge_engine.stats.models import check_inputs_apart, check_model_folder, load_model, resolve_max_length
 
 log = logging.getLogger("merge_engine")
 
@@ -284,7 +284,7 @@ class FisherOptions:
     variant: str = "empirical"
     per_example: bool = False
     batch_size: int = 8
-    max_length: int = 512
+    max_length: int | None = None  # None: 512, or the model's positions when fewer (models.resolve_max_length)
     max_examples: int | None = None
     seed: int = 0
     device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto"
@@ -306,9 +306,11 @@ def collect_fisher(model_dir: str, data_path: str, out_dir: str, options: Fisher
     options = options or FisherOptions()
     ranks = current_ranks()
     with every_rank(ranks, "checking the inputs and loading the model"):
+        check_inputs_apart(out_dir, model_dir, data_path, options.tokenizer)
         check_output_dir(out_dir, options.overwrite)
         device = rank_device(resolve_device(options.device), ranks)
         check_model_folder(model_dir)
+        options = replace(options, max_length=resolve_max_length(model_dir, options.max_length))
         tokenizer = model_dir if options.tokenizer is None else options.tokenizer
         data = load_data(data_path, tokenizer, options.max_length, options.max_examples)
         if all(len(seq) < 2 for seq in data.sequences):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -43,7 +43,13 @@ from merge_engine.io.grams import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSI
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.ops.gram import accumulate_gram, mirror_upper_
 from merge_engine.stats.data import load_data
-from merge_engine.stats.models import auto_class_of, check_model_folder, load_model
+from merge_engine.stats.models import (
+    auto_class_of,
+    check_inputs_apart,
+    check_model_folder,
+    load_model,
+    resolve_max_length,
+)
 
 
 @dataclass
@@ -201,7 +207,7 @@ def accumulate_pass(model: torch.nn.Module, groups: list[GramGroup], batches, pr
 @dataclass
 class GramOptions:
     batch_size: int = 8
-    max_length: int = 512
+    max_length: int | None = None  # None: 512, or the model's positions when fewer (models.resolve_max_length)
     max_examples: int | None = None
     device: str = "auto"
     dtype: torch.dtype | None = None  # the model's compute dtype; None: as stored
@@ -245,6 +251,15 @@ def gram_tensor_name(group: GramGroup) -> str:
     return f"{group.name}.gram"
 
 
+def check_exclude(exclude: str | None) -> None:
+    """The --exclude regex compiles (checked before the model is loaded)."""
+    if exclude is not None:
+        try:
+            re.compile(exclude)
+        except re.error as e:
+            raise MergeEngineError(f"--exclude {exclude!r}: not a valid regular expression ({e})") from None
+
+
 def collect_grams(model_dir: str, data_path: str, out_dir: str, options: GramOptions | None = None) -> dict:
     """Validate the inputs, load model and data, collect the Grams and save them; return the manifest.
     Nothing is written unless the whole run succeeds. Called on every rank of an initialised
@@ -254,9 +269,12 @@ def collect_grams(model_dir: str, data_path: str, out_dir: str, options: GramOpt
     with every_rank(ranks, "checking the inputs and loading the model"):
         if options.gram_dtype not in STATS_DTYPES:
             raise ValueError(f"gram_dtype must be one of {list(STATS_DTYPES)}, got {options.gram_dtype!r}")
+        check_exclude(options.exclude)
+        check_inputs_apart(out_dir, model_dir, data_path, options.tokenizer)
         check_output_dir(out_dir, options.overwrite)
         device = rank_device(resolve_device(options.device), ranks)
         check_model_folder(model_dir)
+        options = replace(options, max_length=resolve_max_length(model_dir, options.max_length))
         data = load_data(data_path, model_dir if options.tokenizer is None else options.tokenizer,
                          options.max_length, options.max_examples)
         model = load_model(model_dir, options.dtype, device, auto_class_of(model_dir))

@@ -6,9 +6,42 @@ import os
 
 import torch
 
-from merge_engine.errors import CheckpointError
+from merge_engine.errors import CheckpointError, MergeEngineError
 from merge_engine.extras import require
 from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.writer import check_output_apart
+
+DEFAULT_MAX_LENGTH = 512
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions")  # Llama-like; GPT-2
+
+
+def check_inputs_apart(out_dir: str, model_dir: str, data_path: str, tokenizer=None) -> None:
+    """The output folder apart from the model folder, the data file and a tokenizer folder (io/writer.py:
+    check_output_apart): --overwrite replaces OUT with all it holds, and a folder inside the model's would mix
+    with it. Checked before anything is read."""
+    inputs = [model_dir, data_path]
+    if isinstance(tokenizer, (str, os.PathLike)):
+        inputs.append(str(tokenizer))
+    check_output_apart(out_dir, inputs)
+
+
+def resolve_max_length(model_dir: str, max_length: int | None) -> int:
+    """Tokens per example: max_length, else DEFAULT_MAX_LENGTH or the model's position limit when smaller. A
+    max_length past the model's positions (max_position_embeddings) is refused, as the search's evaluators refuse
+    longer inputs: the model would extrapolate its positions or index past them rather than run them."""
+    ckpt = Checkpoint(model_dir)
+    try:
+        config = ckpt.config
+    finally:
+        ckpt.close()
+    field, limit = next(((f, config[f]) for f in _POSITION_FIELDS
+                         if type(config.get(f)) is int and config[f] > 0), (None, None))
+    if max_length is None:
+        return DEFAULT_MAX_LENGTH if limit is None else min(DEFAULT_MAX_LENGTH, limit)
+    if limit is not None and max_length > limit:
+        raise MergeEngineError(f"--max-length {max_length} is more than the {limit} positions of {model_dir} "
+                               f"({field} in its config.json); pass --max-length {limit} or less")
+    return max_length
 
 
 def check_model_folder(model_dir: str) -> None:

@@ -27,7 +27,7 @@ from merge_engine.distributed import (
 )
 from merge_engine.errors import CheckpointError, OutputError
 from merge_engine.io.checkpoint import INDEX_FILE, Checkpoint
-from merge_engine.io.writer import ShardedWriter
+from merge_engine.io.writer import ShardedWriter, check_output_apart
 from merge_engine.tiers.blocks import PARTS, ModelBlocks, model_blocks
 from merge_engine.tiers.journal import JOURNAL_FILE
 from merge_engine.tiers.key import TierKey, TierKeyError, validate_key
@@ -104,6 +104,14 @@ def check_streamed_output(ckpt: Checkpoint, out_dir: str) -> None:
         raise OutputError(f"{out_dir}: the output folder is the model folder; use --in-place to rewrite it")
 
 
+def check_apart(model_dir: str, out_dir: str, files: Sequence[str] = ()) -> None:
+    """The output folder apart from the model folder and the other input files (keys): not one of them, not
+    inside one, none inside it (io/writer.py: check_output_apart). Checked before anything is read."""
+    if os.path.realpath(out_dir) == os.path.realpath(model_dir):
+        raise OutputError(f"{out_dir}: the output folder is the model folder; use --in-place to rewrite it")
+    check_output_apart(out_dir, [model_dir, *files])
+
+
 def stream_rewrite(ckpt: Checkpoint, out_dir: str, overwrite: bool, write_tensors, ranks: Ranks | None = None) -> str:
     """Write a rewritten copy of the model folder: write_tensors(writer) writes the writer's tensors
     (writer.tensor_names: every tensor, or with ranks those of this rank's shards, each shard written by one
@@ -146,6 +154,7 @@ def _stream(model_dir: str, keys: Keys, out_dir: str, overwrite: bool, invert: b
     start = time.perf_counter()
     ranks = current_ranks()
     with every_rank(ranks, "reading the model's headers"):
+        check_apart(model_dir, out_dir, _key_files(keys))
         ckpt = Checkpoint(model_dir)
     try:
         with every_rank(ranks, "planning"):
@@ -157,6 +166,12 @@ def _stream(model_dir: str, keys: Keys, out_dir: str, overwrite: bool, invert: b
     finally:
         ckpt.close()
     return KeyedRun(ckpt.path, out, len(moves), params_moved(ckpt, moves), time.perf_counter() - start)
+
+
+def _key_files(keys: Keys) -> list[str]:
+    """The files the keys were read from (a key made in memory has none)."""
+    keys = [keys] if isinstance(keys, (TierKey, BlockPermutation)) else list(keys)
+    return [k.source for k in keys if isinstance(k, TierKey) and os.path.isfile(k.source)]
 
 
 def _write_tensors(ckpt: Checkpoint, moves: dict[str, TensorMove], writer: ShardedWriter) -> None:

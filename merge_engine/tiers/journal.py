@@ -24,8 +24,9 @@ import torch
 
 from merge_engine.errors import CheckpointError
 from merge_engine.io.raw import tensor_bytes
-from merge_engine.io.untrusted import inside_folder, parse_json
+from merge_engine.io.untrusted import inside_folder, open_regular, parse_json
 from merge_engine.tiers.slices import (
+    BITS_DTYPES,
     OpenFiles,
     Runs,
     Stored,
@@ -67,6 +68,7 @@ class Entry:
 
     @classmethod
     def from_json(cls, model_dir: str, e: dict) -> Entry:
+        """The entry, every field checked against the tensor's shape, so that a rollback writes only inside it."""
         name = e["file"]
         if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
             raise ValueError(f"an entry names a file outside the folder: {name!r}")
@@ -74,11 +76,52 @@ class Entry:
             path = inside_folder(model_dir, name, "the journal")
         except CheckpointError as error:
             raise ValueError(str(error)) from None
-        target = Stored(path, int(e["data_start"]), tuple(map(int, e["shape"])),
-                        int(e["itemsize"]))
+        tensor = e["tensor"]
+        if not isinstance(tensor, str):
+            raise ValueError(f"an entry's tensor name is not a string: {tensor!r}")
+        shape = e["shape"]
+        if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+            raise ValueError(f"the entry for '{tensor}' has shape {shape!r}, not a list of sizes")
+        data_start, itemsize, dim, offset = (e[k] for k in ("data_start", "itemsize", "dim", "offset"))
+        if not _is_int(data_start) or data_start < 0:
+            raise ValueError(f"the entry for '{tensor}' has data_start {data_start!r}")
+        if not _is_int(itemsize) or itemsize not in BITS_DTYPES:
+            raise ValueError(f"the entry for '{tensor}' has itemsize {itemsize!r} (expected one of "
+                             f"{sorted(BITS_DTYPES)})")
+        if not _is_int(dim) or not 0 <= dim < len(shape):
+            raise ValueError(f"the entry for '{tensor}' has dim {dim!r}, outside its {len(shape)}-dimensional shape")
+        runs = e["runs"]
+        if not isinstance(runs, list) or not all(isinstance(r, list) and len(r) == 2 and all(map(_is_int, r))
+                                                 for r in runs):
+            raise ValueError(f"the entry for '{tensor}' has runs that are not [start, stop] integer pairs")
+        last = 0
+        for a, b in runs:  # increasing, disjoint, inside the tensor along dim
+            if not last <= a <= b <= shape[dim]:
+                raise ValueError(f"the entry for '{tensor}' has run [{a}, {b}], outside its size {shape[dim]} "
+                                 f"along dim {dim} (or out of order)")
+            last = b
+        if not _is_int(offset) or offset < 0:
+            raise ValueError(f"the entry for '{tensor}' has offset {offset!r}")
+        target = Stored(path, data_start, tuple(shape), itemsize)
         if target.data_start + math.prod(target.shape) * target.itemsize > os.path.getsize(target.path):
-            raise ValueError(f"the entry for '{e['tensor']}' runs past the end of {name}")
-        return cls(e["tensor"], target, int(e["dim"]), [(int(a), int(b)) for a, b in e["runs"]], int(e["offset"]))
+            raise ValueError(f"the entry for '{tensor}' runs past the end of {name}")
+        return cls(tensor, target, dim, [(a, b) for a, b in runs], offset)
+
+
+def _is_int(value) -> bool:
+    return type(value) is int
+
+
+def _check_payload(entries: list[Entry], payload_bytes: int) -> None:
+    """Every entry's saved values inside the payload, no two entries for one tensor."""
+    names = set()
+    for e in entries:
+        if e.tensor in names:
+            raise ValueError(f"two entries for '{e.tensor}'")
+        names.add(e.tensor)
+        if e.offset + e.nbytes > payload_bytes:
+            raise ValueError(f"the entry for '{e.tensor}' has offset {e.offset} and {e.nbytes} bytes, past the end of "
+                             f"the {payload_bytes}-byte payload")
 
 
 def _fsync_dir(path: str) -> None:
@@ -131,7 +174,7 @@ class Journal:
         if not os.path.exists(path):
             return None
         try:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:  # a FIFO would block forever
                 if f.read(len(MAGIC)) != MAGIC:
                     raise ValueError("not a merge_engine key journal")
                 (size,) = struct.unpack("<Q", f.read(8))
@@ -139,11 +182,16 @@ class Journal:
                     raise ValueError("its header length runs past its end")
                 header = parse_json(f.read(size), "its header")
             payload_start = len(MAGIC) + 8 + size
+            if not isinstance(header, dict) or not _is_int(header.get("payload_bytes")) or header["payload_bytes"] < 0 \
+                    or not isinstance(header.get("entries"), list):
+                raise ValueError("its header is not {\"payload_bytes\": N, \"entries\": [...]}")
             if os.path.getsize(path) != payload_start + header["payload_bytes"]:
                 raise ValueError("its size does not match its header")
             entries = [Entry.from_json(model_dir, e) for e in header["entries"]]
+            _check_payload(entries, header["payload_bytes"])
         except (OSError, ValueError, KeyError, TypeError, OverflowError, struct.error, CheckpointError) as e:
-            raise CheckpointError(f"{path}: damaged key journal ({e}); the weights may be half-keyed: restore the "
+            why = str(e).removeprefix(f"{path}: ")
+            raise CheckpointError(f"{path}: damaged key journal ({why}); the weights may be half-keyed: restore the "
                                   "folder from a copy") from e
         return cls(model_dir, entries, payload_start)
 

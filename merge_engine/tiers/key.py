@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 
 from merge_engine.errors import CheckpointError, MergeEngineError
-from merge_engine.io.untrusted import parse_json
+from merge_engine.io.untrusted import open_regular, parse_json
 from merge_engine.tiers.blocks import ATTENTION_KINDS, BLOCK_KINDS, KEY_KINDS, WHOLE_KINDS, ModelBlocks
 from merge_engine.tiers.permutation import Block, BlockPermutation
 
@@ -104,8 +104,10 @@ class TierKey:
     @classmethod
     def load(cls, path: str) -> TierKey:
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
+            with open_regular(path) as f:  # a FIFO would block forever
+                text = f.read().decode("utf-8")
+        except CheckpointError as e:
+            raise TierKeyError(f"{path}: cannot read key file ({str(e).removeprefix(f'{path}: ')})") from None
         except (OSError, UnicodeDecodeError) as e:
             raise TierKeyError(f"{path}: cannot read key file ({e})") from e
         return cls.from_json(text, source=path)

@@ -85,3 +85,22 @@ def test_errors_name_the_file(tier_model, tmp_path, capsys, monkeypatch):
     run_bad(["apply", model, str(tmp_path / "config_as_key.json"), out], capsys, "config_as_key.json", "not a tier key")
     run_bad(["apply", str(tmp_path / "no_model"), key, out], capsys, "no_model")
     assert sorted(os.listdir(tmp_path)) == ["config_as_key.json", "key.json"]  # nothing left behind
+
+
+def test_inputs_apart_from_the_output_and_fifos_refused(tier_model, tmp_path, capsys, monkeypatch):
+    model = tier_model("llama")
+    monkeypatch.setenv("TIER_PASS", "x")
+    out = tmp_path / "out"
+    out.mkdir()
+    key = str(out / "k.json")  # the secret, inside the folder --overwrite would replace
+    assert key_command(["generate", model, key, "--passphrase-env", "TIER_PASS", "-q"]) == 0
+    run_bad(["apply", model, key, str(out), "--overwrite"], capsys, key, "inside the output folder")
+    run_bad(["remove", model, key, str(out), "--overwrite"], capsys, key, "inside the output folder")
+    assert os.listdir(out) == ["k.json"]
+    run_bad(["apply", model, key, os.path.join(model, "keyed")], capsys, model, "inside the input folder")
+    assert not os.path.exists(os.path.join(model, "keyed"))
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    run_bad(["generate", model, str(tmp_path / "k2.json"), "--secret-file", fifo], capsys, fifo, "FIFO")
+    run_bad(["apply", model, fifo, str(tmp_path / "o")], capsys, fifo, "FIFO")
+    assert not os.path.exists(tmp_path / "k2.json") and not os.path.exists(tmp_path / "o")

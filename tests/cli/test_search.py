@@ -25,7 +25,7 @@ def test_a_search_from_the_command_line(search_models, write_search, tmp_path, c
     assert not (tmp_path / ".out.search").exists()
 
 
-@pytest.mark.parametrize("budget", ["soon", "0", "-5m"])
+@pytest.mark.parametrize("budget", ["soon", "0", "-5m", "9" * 400 + "s"])
 def test_a_bad_budget_is_refused(budget, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["search", "search.yml", str(tmp_path / "out"), "--budget", budget])
@@ -51,3 +51,18 @@ def test_without_optuna_the_error_names_the_extra(search_models, write_search, t
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines() == [
         'merge-engine: error: merge-engine search needs optuna: pip install "merge_engine[tune]"']
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", str(2**32)], "--seed: an integer from 0 to 2**32 - 1"),
+    (["--storage", "{out}/journal.log"], "--storage: the journal {out}/journal.log is inside the output folder"),
+])
+def test_bad_seed_and_storage_are_one_line_and_nothing_is_written(flags, message, search_models, write_search, tmp_path,
+                                                                  capsys):
+    paths, val, _ = search_models
+    out = str(tmp_path / "out")
+    argv = ["search", write_search(search_config(paths, val)), out, "--budget", "60", "--device", "cpu"]
+    assert main(argv + [f.format(out=out) for f in flags]) == 2
+    err = capsys.readouterr().err
+    assert message.format(out=out) in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["search.yml"]

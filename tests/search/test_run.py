@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+import yaml
 
 import merge_engine.search.run as run_module
 from merge_engine.config import load_config
@@ -215,6 +216,7 @@ BAD_SETTINGS = {  # change to the `search:` section -> what the message names
     "bad sampler": ({"sampler": "random"}, "search.sampler: one of tpe, cmaes, gp"),
     "bad trials": ({"trials": 0}, "search.trials: an integer of at least 1"),
     "null seed": ({"seed": None}, "search.seed: an integer, got None"),
+    "seed past numpy's": ({"seed": 2**32}, r"search.seed: an integer from 0 to 2\*\*32 - 1 \(4294967295\), got 4294967296"),
     "bad objective kind": ({"objective": {"kind": "bleu", "data": "x"}}, "kind"),
 }
 
@@ -278,3 +280,103 @@ def test_relative_paths_are_taken_from_the_search_file(search_models, write_sear
     assert result.trials == 2
     assert (tmp_path / "data" / "journal.log").exists()  # a storage the user named is left where it is
     assert torch.isfinite(torch.tensor(result.score))
+
+
+def test_inputs_inside_the_output_are_refused_and_kept_even_with_overwrite(search_models, monkeypatch, tmp_path):
+    from merge_engine.errors import OutputError
+    paths, val, _ = search_models
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "val.jsonl").write_text(open(val).read())
+    (out / "search.yml").write_text(yaml.safe_dump(search_config(paths, "val.jsonl")))
+    monkeypatch.setattr(run_module, "MergeSession", lambda *a, **k: pytest.fail("inputs read"))
+    with pytest.raises(OutputError, match=r"search\.yml is inside the output folder"):
+        search(str(out / "search.yml"), str(out), SearchOptions(budget=100, device="cpu", progress=False,
+                                                                overwrite=True))
+    (out / "search.yml").write_text(yaml.safe_dump(search_config(paths, str(out / "val.jsonl"))))
+    os.rename(out / "search.yml", tmp_path / "search.yml")  # only the data inside
+    with pytest.raises(OutputError, match=r"val\.jsonl is inside the output folder"):
+        search(str(tmp_path / "search.yml"), str(out), SearchOptions(budget=100, device="cpu", progress=False,
+                                                                     overwrite=True))
+    assert sorted(os.listdir(out)) == ["val.jsonl"]
+
+
+def test_an_output_inside_a_model_folder_is_refused(search_models, monkeypatch, tmp_path):
+    from merge_engine.errors import OutputError
+    paths, val, _ = search_models
+    monkeypatch.setattr(run_module, "MergeSession", lambda *a, **k: pytest.fail("inputs read"))
+    with pytest.raises(OutputError, match="is inside the input folder"):
+        search(search_config(paths, val), os.path.join(paths[1], "best"), SearchOptions(budget=100, device="cpu",
+                                                                                        progress=False))
+    assert not os.path.exists(os.path.join(paths[1], "best"))
+
+
+@pytest.mark.parametrize("where, message", [("out/journal.log", "inside the output folder"),
+                                            ("model/journal.log", "inside the input folder"),
+                                            ("val", "is the search's input")])
+def test_a_journal_inside_the_output_or_an_input_is_refused_up_front(where, message, search_models, monkeypatch,
+                                                                     tmp_path):
+    paths, val, _ = search_models
+    storage = {"out/journal.log": str(tmp_path / "out" / "journal.log"),
+               "model/journal.log": os.path.join(paths[1], "journal.log"), "val": val}[where]
+    monkeypatch.setattr(run_module, "MergeSession", lambda *a, **k: pytest.fail("inputs read"))
+    with pytest.raises(ConfigError, match=f"--storage: the journal .* {message}"):
+        search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(budget=100, device="cpu",
+                                                                            progress=False, storage=storage))
+    assert not (tmp_path / "out").exists() and not os.path.exists(os.path.join(paths[1], "journal.log"))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs")
+def test_a_journal_that_is_a_fifo_is_refused(search_models, tmp_path):
+    paths, val, _ = search_models
+    os.mkfifo(tmp_path / "journal.log")
+    config = search_config(paths, val, storage=str(tmp_path / "journal.log"))
+    with pytest.raises(ConfigError, match=r"search\.storage: the journal .*journal\.log is a FIFO"):
+        search(config, str(tmp_path / "out"), SearchOptions(budget=100, device="cpu", progress=False))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe\x00binary\n", r"journal\.log:1: not a search journal"),
+    (b'{"op_code": 0, "worker_id": "w", "study_name": "s", "directions": [1]}\n{"op_code": 1, "wor\n',
+     r"journal\.log:2: not a search journal, or a corrupt one"),
+    (b'{"question": "q", "choices": ["a", "b"], "answer": 0}\n', r"journal\.log:1: not a search journal"),
+])
+def test_a_corrupt_or_foreign_journal_is_refused_and_left_alone(content, message, search_models, monkeypatch,
+                                                                tmp_path):
+    paths, val, _ = search_models
+    journal = tmp_path / "journal.log"
+    journal.write_bytes(content)
+    monkeypatch.setattr(run_module, "MergeSession", lambda *a, **k: pytest.fail("inputs read"))
+    with pytest.raises(ConfigError, match=message):
+        search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(budget=100, device="cpu",
+                                                                            progress=False, storage=str(journal)))
+    assert journal.read_bytes() == content
+
+
+class Opened(Exception):
+    """Raised where the search would open its session: what came before it (the checks) has run."""
+
+
+@pytest.mark.parametrize("whole", [b"", b'{"op_code": 0, "worker_id": "w", "study_name": "s", "directions": [1]}\n'])
+def test_an_incomplete_last_journal_entry_is_removed_so_that_the_search_resumes(whole, search_models, monkeypatch,
+                                                                                tmp_path, caplog):
+    """A search stopped while writing an entry leaves it cut short; optuna would append after it."""
+    paths, val, _ = search_models
+    journal = tmp_path / "journal.log"
+    journal.write_bytes(whole + b'{"op_code": 1, "wor')
+    monkeypatch.setattr(run_module, "MergeSession", lambda *a, **k: (_ for _ in ()).throw(Opened()))
+    with pytest.raises(Opened):
+        search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(budget=100, device="cpu",
+                                                                            progress=False, storage=str(journal)))
+    kept = journal.read_bytes()  # the whole lines, then what the resumed search wrote: every line whole JSON
+    assert kept.startswith(whole) and all(json.loads(line) for line in kept.splitlines())
+    assert "removing an incomplete last journal entry" in caplog.text
+
+
+@pytest.mark.parametrize("seed", [2**32, -1, 99999999999999])
+def test_a_seed_out_of_numpy_range_is_refused_before_anything_is_written(seed, search_models, tmp_path):
+    paths, val, _ = search_models
+    with pytest.raises(ConfigError, match=r"--seed: an integer from 0 to 2\*\*32 - 1"):
+        search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(budget=100, device="cpu",
+                                                                            progress=False, seed=seed))
+    assert os.listdir(tmp_path) == []  # no .out.search/ left behind

@@ -57,6 +57,8 @@ BAD = {  # a space -> what the message names
     "one bound": (dict(models=[{"weight": {"search": [1]}}, {}]), r"\[low, high\]"),
     "log of zero": (dict(models=[{"weight": {"search": [0, 1], "log": True}}, {}]), "log: true needs low > 0"),
     "one knot": (dict(models=[{"density": {"search": [0.1, 0.5], "knots": 1}}, {}]), "knots: an integer of at least 2"),
+    "too many knots": (dict(models=[{"density": {"search": [0.1, 0.5], "knots": 10**8}}, {}]),
+                       r"models\[0\].parameters.density.knots: at most 1024 .* got 100000000"),
     "unknown key": (dict(models=[{"weight": {"search": [0.1, 1], "step": 0.1}}, {}]), "a search space is"),
     "both forms": (dict(models=[{"weight": {"search": [0.1, 1], "choice": [1, 2]}}, {}]), "a search space is"),
     "one choice": (dict(normalize={"choice": [True]}), "a list of at least two values"),

@@ -128,6 +128,13 @@ def test_output_rules(tier_model, tmp_path):
         apply_key(model, key, model, overwrite=True)
     apply_key(model, key, str(tmp_path / "taken"), overwrite=True)
     assert "precious.txt" not in os.listdir(tmp_path / "taken")
+    with pytest.raises(OutputError, match="inside the input folder"):  # a second model among the model's files
+        apply_key(model, key, os.path.join(model, "keyed"))
+    assert not os.path.exists(os.path.join(model, "keyed"))
+    key.save(str(tmp_path / "taken" / "key.json"))  # the key would go with the folder --overwrite replaces
+    with pytest.raises(OutputError, match="key.json is inside the output folder"):
+        apply_key(model, TierKey.load(str(tmp_path / "taken" / "key.json")), str(tmp_path / "taken"), overwrite=True)
+    assert (tmp_path / "taken" / "key.json").exists()
 
 
 def test_other_weight_formats_are_not_copied(tier_model, tmp_path):

@@ -1,5 +1,6 @@
 """Key generation, the key file format, and block permutations (no checkpoints needed)."""
 import json
+import os
 
 import pytest
 import torch
@@ -103,6 +104,13 @@ def test_malformed_keys_are_refused(text, needle):
     with pytest.raises(TierKeyError, match=needle) as e:
         TierKey.from_json(text, source="bad.json")
     assert "bad.json" in str(e.value)
+
+
+def test_fifo_key_file_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "key.json"
+    os.mkfifo(fifo)
+    with pytest.raises(TierKeyError, match=f"{fifo}: cannot read key file .*FIFO"):
+        TierKey.load(str(fifo))
 
 
 def test_compose_and_inverse():

@@ -1,0 +1,59 @@
+"""`merge-engine stats` and `fisher`: bad inputs exit 2 with one line naming the file or option, before the
+model is loaded, and no input is lost to --overwrite."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from merge_engine.cli import main
+from merge_engine.stats import DataError, read_texts
+
+COMMANDS = ("stats", "fisher")
+
+
+def run_bad(argv, capsys, *needles):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("merge-engine: error: ") and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_inputs_apart_from_the_output(command, tiny_lm, text_file, tmp_path, capsys):
+    model = tiny_lm("llama")
+    out = tmp_path / "out"
+    out.mkdir()
+    data = out / "data.txt"
+    data.write_text(open(text_file).read())
+    run_bad([command, model, str(data), str(out), "--overwrite", "-q"], capsys, str(data), "inside the output folder")
+    assert os.listdir(out) == ["data.txt"]
+    inside = os.path.join(model, "out")
+    run_bad([command, model, text_file, inside, "-q"], capsys, model, "inside the input folder")
+    assert not os.path.exists(inside)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_max_length_past_the_models_positions_is_refused(command, tiny_lm, text_file, tmp_path, capsys):
+    model = tiny_lm("llama")
+    limit = json.load(open(os.path.join(model, "config.json")))["max_position_embeddings"]
+    run_bad([command, model, text_file, str(tmp_path / "out"), "--max-length", str(limit + 1), "-q"], capsys,
+            f"--max-length {limit + 1}", str(limit), model)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_bad_exclude_regex_is_refused_with_the_arguments(tiny_lm, text_file, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["stats", tiny_lm("llama"), text_file, str(tmp_path / "out"), "--exclude", "(", "-q"])
+    assert e.value.code == 2
+    assert "argument --exclude: '(' is not a valid regular expression" in capsys.readouterr().err
+
+
+def test_fifo_data_file_is_not_a_regular_file(tmp_path):
+    fifo = tmp_path / "data.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match=f"{fifo}: data file is not a regular file"):
+        read_texts(str(fifo))
