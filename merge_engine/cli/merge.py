@@ -94,6 +94,7 @@ def run(argv: list[str]) -> int:
         torch.set_num_threads(args.num_threads)
     from merge_engine.distributed import torchrun_group
     from merge_engine.engine import MergeOptions, load_checked_config, merge
+    from merge_engine.io.writer import check_output_apart
     options = MergeOptions(device=args.device or "auto", out_shard_size=args.out_shard_size,
                            random_seed=args.random_seed, copy_tokenizer=args.copy_tokenizer,
                            overwrite=args.overwrite, prefetch=args.prefetch, direct_io=args.direct_io,
@@ -102,6 +103,7 @@ def run(argv: list[str]) -> int:
                            lora_merge_dtype=args.lora_merge_dtype)
     with torchrun_group() as leader:
         started = time.perf_counter()
+        check_output_apart(args.out_dir, [args.config])  # --overwrite would delete a config kept in OUT
         config = load_checked_config(args.config, strict=args.strict)
         config_seconds = time.perf_counter() - started
         options.quiet = args.quiet or not leader  # one progress bar and summary: rank 0's

@@ -126,6 +126,16 @@ def test_an_output_inside_an_input_folder_is_refused(config, capsys):
     assert sorted(os.listdir(os.path.dirname(inside))) == before
 
 
+def test_a_config_inside_the_output_folder_is_kept_even_with_overwrite(config, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    kept = out / "merge.yml"
+    kept.write_text(open(config).read())
+    assert cli.main([str(kept), str(out), "--overwrite", "-q"]) == 2
+    assert f"the input {kept} is inside the output folder {out}" in one_line(capsys)
+    assert os.listdir(out) == ["merge.yml"]
+
+
 def test_nan_in_an_input_names_the_model_folder_and_tensor(tmp_path, capsys):
     from merge_engine.io.checkpoint import Checkpoint
     shape = dict(layers=1, hidden=16, intermediate=32, vocab=32)
