@@ -58,7 +58,7 @@ from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.extras import require
 from merge_engine.io.buffers import BufferPool
 from merge_engine.io.checkpoint import DIRECT_IO_MODES
-from merge_engine.io.lora import LoraCheckpoint, open_model
+from merge_engine.io.lora import open_model
 from merge_engine.io.untrusted import inside_folder
 from merge_engine.io.writer import ShardedWriter, check_output_apart, check_output_dir, plan_shards
 from merge_engine.methods import MergeMethod, TensorGroup
@@ -277,10 +277,7 @@ def check_output_outside_inputs(out_dir: str, plan: MergePlan) -> None:
 
 def input_folders(plan: MergePlan) -> set[str]:
     """Every folder a merge reads: models, LoRA adapters and patches, side inputs, a tokenizer source."""
-    from merge_engine.patches.checkpoint import PatchedCheckpoint  # as open_model: loaded where patches are used
-    folders = {c.path for c in (*plan.models.values(), *plan.side.values())}
-    folders |= {c.adapter for c in plan.models.values() if isinstance(c, LoraCheckpoint)}
-    folders |= {c.patch.path for c in plan.models.values() if isinstance(c, PatchedCheckpoint)}
+    folders = {f for c in (*plan.models.values(), *plan.side.values()) for f in c.folders}
     source = plan.config.tokenizer.source if plan.config.tokenizer else None
     return folders | ({source} if source not in (None, "union", "base") else set())
 

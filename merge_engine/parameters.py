@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable, Iterable, Mapping
 
+from merge_engine.io.untrusted import is_finite_number
+
 Setting = Any  # scalar | list[scalar] | {"filter", "value"} | list[{"filter", "value"}]
 _MISSING = object()
 
@@ -53,7 +55,7 @@ class ParamSpec:
                     number = float(value) if self.kind is float else int(value)
                 except ValueError:
                     pass
-            if number is not None and not _finite(number):  # .nan / .inf merge to nonsense
+            if number is not None and not is_finite_number(number):  # .nan / .inf merge to nonsense
                 raise ValueError(f"'{self.name}' must be a finite number, got {reprlib.repr(value)}")
             if number is not None:
                 return self.kind(number)
@@ -67,13 +69,6 @@ class ParamSpec:
         if complaint:
             raise ValueError(f"'{self.name}' {complaint}, got {value!r}")
         return value
-
-
-def _finite(number: int | float) -> bool:
-    try:
-        return math.isfinite(number)
-    except OverflowError:  # an integer beyond any float (1e400 written out in full)
-        return False
 
 
 def extrapolates(value: float) -> str | None:

@@ -31,7 +31,7 @@ from merge_engine.dtypes import dtype_named
 from merge_engine.errors import CheckpointError, MergeEngineError
 from merge_engine.extras import require
 from merge_engine.io.untrusted import open_regular
-from merge_engine.tiers.apply import apply_key, check_apart, remove_key
+from merge_engine.tiers.apply import apply_key, check_streamed_output, remove_key
 from merge_engine.tiers.blocks import BLOCK_KINDS, model_blocks
 from merge_engine.tiers.compare import compare_prompts
 from merge_engine.tiers.generate import ATTN_MODES, FRACTION_OF, MLP_MODES, generate_key, parameter_count
@@ -146,7 +146,7 @@ def _secret(args) -> bytes:
 def _apply_or_remove(args, parser) -> int:
     model, key_paths, out = model_items_out(args, parser, f"key {args.command}", "KEY")
     if out is not None:  # before anything is read: --overwrite replaces OUT and what lies in it
-        check_apart(model, out, key_paths)
+        check_streamed_output(model, out, key_paths)
     keys = [TierKey.load(p) for p in key_paths]
     if out is None:
         if launched_by_torchrun():  # every rank would rewrite the same files

@@ -14,6 +14,7 @@ from merge_engine.errors import ConfigError
 from merge_engine.evaluation.lm_eval_tasks import LmEvalTasks
 from merge_engine.evaluation.multiple_choice import NORMALIZE, MultipleChoice
 from merge_engine.evaluation.perplexity import Perplexity
+from merge_engine.io.untrusted import is_int
 
 
 class Evaluator(Protocol):
@@ -37,12 +38,8 @@ class Key:
     required: bool = False
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_count(v) -> bool:
-    return _is_int(v) and v >= 1
+    return is_int(v) and v >= 1
 
 
 def _is_str(v) -> bool:
@@ -59,7 +56,7 @@ SCHEMAS: dict[str, dict[str, Key]] = {
     "multiple_choice": {"data": DATA, "normalize": Key(lambda v: v in NORMALIZE, f"one of {', '.join(NORMALIZE)}"),
                         "batch_size": BATCH_SIZE, "delimiter": Key(_is_str, "a string"),
                         "max_length": Key(lambda v: v is None or _is_count(v), "a positive integer or null")},
-    "perplexity": {"data": DATA, "max_length": Key(lambda v: _is_int(v) and v >= 2, "an integer of at least 2"),
+    "perplexity": {"data": DATA, "max_length": Key(lambda v: is_int(v) and v >= 2, "an integer of at least 2"),
                    "batch_size": BATCH_SIZE},
     "lm_eval": {"tasks": Key(lambda v: isinstance(v, list) and bool(v) and all(map(_is_str, v)),
                              "a non-empty list of task names", required=True),

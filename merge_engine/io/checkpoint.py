@@ -23,7 +23,7 @@ from merge_engine.errors import CheckpointError
 from merge_engine.io.page_cache import ResidencyMaps
 from merge_engine.io.raw import DIRECT_ALIGN, tensor_bytes
 from merge_engine.io.safetensors_format import TensorInfo, file_identity, read_header_and_identity
-from merge_engine.io.untrusted import inside_folder, read_json
+from merge_engine.io.untrusted import inside_folder, is_int, read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -66,9 +66,18 @@ def _config_problem(config: dict) -> str | None:
     for scope, where in ((config, ""), (text_config or {}, "text_config.")):
         for key in (*_LAYER_COUNT_KEYS, "vocab_size"):  # counts the merge plans with (true would count as 1)
             value = scope.get(key)
-            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            if value is not None and not (is_int(value) and value >= 0):
                 return f"'{where}{key}' must be a non-negative integer, got {reprlib.repr(value)}"
     return None
+
+
+def read_buffer(name: str, info: TensorInfo, out: torch.Tensor | None) -> torch.Tensor:
+    """out, checked to be a contiguous tensor of info's shape and dtype, or a fresh one."""
+    if out is None:
+        return torch.empty(info.shape, dtype=info.dtype)
+    if out.dtype != info.dtype or tuple(out.shape) != info.shape or not out.is_contiguous():
+        raise ValueError(f"buffer for '{name}' must be a contiguous {info.dtype} {list(info.shape)} tensor")
+    return out
 
 
 class Checkpoint:
@@ -169,16 +178,18 @@ class Checkpoint:
         """Read one tensor's bytes from disk into `out` (allocated if None) and return it."""
         return self._read_bytes(name, out)
 
+    @property
+    def folders(self) -> list[str]:
+        """Every folder reading this checkpoint reads (a LoRA adapter's or patch's too)."""
+        return [self.path]
+
     def stored(self, name: str) -> TensorInfo:
         """Where and how tensor `name` is stored (`tensors` may describe it as a subclass reads it instead)."""
         return self.tensors[name]
 
     def _read_bytes(self, name: str, out: torch.Tensor | None) -> torch.Tensor:
         info = self.stored(name)
-        if out is None:
-            out = torch.empty(info.shape, dtype=info.dtype)
-        elif out.dtype != info.dtype or tuple(out.shape) != info.shape or not out.is_contiguous():
-            raise ValueError(f"buffer for '{name}' must be a contiguous {info.dtype} {list(info.shape)} tensor")
+        out = read_buffer(name, info, out)
         view = tensor_bytes(out)
         pread_into(self._fd(info.file), view, info.data_start, info.nbytes, info.file, name)
         return out

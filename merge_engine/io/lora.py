@@ -32,10 +32,10 @@ import torch
 
 from merge_engine.dtypes import dtype_name
 from merge_engine.errors import CheckpointError
-from merge_engine.io.checkpoint import Checkpoint, pread_into
+from merge_engine.io.checkpoint import Checkpoint, pread_into, read_buffer
 from merge_engine.io.raw import tensor_bytes
 from merge_engine.io.safetensors_format import TensorInfo, read_header_and_identity
-from merge_engine.io.untrusted import inside_folder, read_json
+from merge_engine.io.untrusted import inside_folder, is_finite_number, is_int, read_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -121,9 +121,9 @@ class LoraCheckpoint(Checkpoint):
         if used:
             raise CheckpointError(f"{path}: uses {', '.join(used)}, which merge_engine does not merge")
         r, alpha = config.get("r"), config.get("lora_alpha")
-        if not (_is_int(r) and r > 0 and _finite(r)):
+        if not (is_int(r) and r > 0 and is_finite_number(r)):
             raise CheckpointError(f"{path}: needs a positive integer 'r', not {repr(r)[:40]}")
-        if not _finite(alpha):
+        if not is_finite_number(alpha):
             raise CheckpointError(f"{path}: needs a finite number 'lora_alpha', not {repr(alpha)[:40]}")
         for setting in ("rank_pattern", "alpha_pattern"):
             problem = _pattern_problem(config.get(setting) or {}, ranks=setting == "rank_pattern")
@@ -189,15 +189,15 @@ class LoraCheckpoint(Checkpoint):
     def stored(self, name: str) -> TensorInfo:
         return self._stored[name]
 
+    @property
+    def folders(self) -> list[str]:
+        return [self.path, self.adapter]
+
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         info = self.tensors[name]
         if info.dtype == self.stored(name).dtype:
             return self.apply_to(name, super().read(name, out))
-        if out is None:
-            out = torch.empty(info.shape, dtype=info.dtype)
-        elif out.dtype != info.dtype or tuple(out.shape) != info.shape or not out.is_contiguous():
-            raise ValueError(f"buffer for '{name}' must be a contiguous {info.dtype} {list(info.shape)} tensor")
-        return self.apply_to(name, out.copy_(super().read(name)))
+        return self.apply_to(name, read_buffer(name, info, out).copy_(super().read(name)))
 
     def read_pooled(self, name: str, take_bytes: Callable[[int], torch.Tensor], direct_io: str = "auto") -> torch.Tensor:
         return self.apply_to(name, self.read_base_pooled(name, take_bytes, direct_io))
@@ -311,20 +311,6 @@ def _all_finite(t: torch.Tensor, chunk: int = 1 << 24) -> bool:
     return True
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _finite(value) -> bool:
-    """A JSON number (not a bool) that is finite as a float: json.loads takes NaN, Infinity and huge integers."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an integer past float's range
-        return False
-
-
 def update_dtype(dtype: torch.dtype) -> torch.dtype:
     """The precision peft forms an update in for a weight of `dtype`: fp32, or fp64 for an fp64 weight."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -332,10 +318,9 @@ def update_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _rank(config: dict, module: str) -> tuple[int, str]:
     """The rank peft builds module's layer with, and the setting that gives it."""
-    for key, value in (config.get("rank_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value, f"rank_pattern {key!r}"
-    return config["r"], "r"
+    patterns = config.get("rank_pattern") or {}
+    key = _pattern_key(patterns, module)
+    return (config["r"], "r") if key is None else (patterns[key], f"rank_pattern {key!r}")
 
 
 def _scaling(config: dict, module: str) -> float:
@@ -349,7 +334,7 @@ def _pattern_problem(patterns, ranks: bool = False) -> str | None:
     if not isinstance(patterns, dict):
         return "must map module-name patterns to numbers"
     for key, value in patterns.items():
-        if not _finite(value) or value <= 0 or (ranks and not _is_int(value)):
+        if not is_finite_number(value) or value <= 0 or (ranks and not is_int(value)):
             return f"the value for {key!r} must be a positive number{' (an integer rank)' if ranks else ' (finite)'}"
         try:
             re.compile(key)
@@ -359,8 +344,10 @@ def _pattern_problem(patterns, ranks: bool = False) -> str | None:
 
 
 def _pattern_value(patterns: dict, module: str, default):
+    key = _pattern_key(patterns, module)
+    return default if key is None else patterns[key]
+
+
+def _pattern_key(patterns: dict, module: str) -> str | None:
     """peft's rank_pattern / alpha_pattern lookup: the first key matching the end of the module name."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module)), None)

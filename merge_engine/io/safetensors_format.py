@@ -18,7 +18,7 @@ import torch
 from merge_engine.dtypes import SAFETENSORS_CODES, SAFETENSORS_DTYPES
 from merge_engine.errors import CheckpointError
 from merge_engine.io.raw import tensor_bytes
-from merge_engine.io.untrusted import open_regular, parse_json
+from merge_engine.io.untrusted import is_int, open_regular, parse_json
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
 
@@ -84,7 +84,7 @@ def read_header_and_identity(path: str) -> tuple[dict[str, TensorInfo], tuple[in
 
 
 def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return is_int(value) and value >= 0
 
 
 def _tensor_info(path: str, name: str, entry, data_base: int, file_size: int) -> TensorInfo:

@@ -17,6 +17,7 @@ the files are symlinks into the repository's `blobs/`, so there the boundary is 
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import unicodedata
@@ -61,6 +62,29 @@ def parse_json(raw: bytes | str, what: str):
         raise CheckpointError(f"{what}: invalid JSON ({e})") from None
 
 
+def is_int(value) -> bool:
+    """A JSON integer: Python's bool is an int, JSON's true is not."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    """A JSON number (not a bool) that is finite as a float: json.loads takes NaN, Infinity and integers past
+    float's range."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float (1e400 written out in full)
+        return False
+
+
+def not_regular(mode: int) -> str | None:
+    """What a file of this st_mode is when it is not a regular file ("a FIFO", ...), else None."""
+    if stat.S_ISREG(mode):
+        return None
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a device or socket"
+
+
 def open_regular(path: str):
     """path opened for binary reading, or CheckpointError when it is not a regular file: a FIFO named where a
     file belongs would block the read forever, a device would stream without end. The open does not block."""
@@ -68,10 +92,9 @@ def open_regular(path: str):
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
-    kind = os.fstat(fd).st_mode
-    if not stat.S_ISREG(kind):
+    what = not_regular(os.fstat(fd).st_mode)
+    if what:
         os.close(fd)
-        what = "a FIFO" if stat.S_ISFIFO(kind) else "a folder" if stat.S_ISDIR(kind) else "a device or socket"
         raise CheckpointError(f"{path}: is {what}, not a regular file")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")

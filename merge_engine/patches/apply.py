@@ -19,7 +19,6 @@ import torch
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.raw import tensor_bytes
-from merge_engine.io.writer import check_output_apart
 from merge_engine.patches import arithmetic as ar
 from merge_engine.patches.format import Patch, open_patch
 from merge_engine.patches.select import in_order
@@ -125,10 +124,9 @@ def remove_patches_in_place(model_dir: str, patches: Sequence[PatchArg], check_b
 def _stream(model_dir: str, patches: Sequence[PatchArg], out_dir: str, sign: int, check: bool,
             overwrite: bool) -> PatchRun:
     start = time.perf_counter()
+    check_streamed_output(model_dir, out_dir, [p if isinstance(p, str) else p[0] for p in patches])
     ckpt = Checkpoint(model_dir)
     try:
-        check_streamed_output(ckpt, out_dir)
-        check_output_apart(out_dir, [ckpt.path, *(p if isinstance(p, str) else p[0] for p in patches)])
         patch_set = PatchSet(ckpt, patches, sign, check)
         try:
             def patched(name: str) -> torch.Tensor:  # on read-ahead threads

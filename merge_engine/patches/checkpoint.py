@@ -34,6 +34,10 @@ class PatchedCheckpoint(Checkpoint):
     def read_pooled(self, name: str, take_bytes: Callable[[int], torch.Tensor], direct_io: str = "auto") -> torch.Tensor:
         return self._apply(name, super().read_pooled(name, take_bytes, direct_io))
 
+    @property
+    def folders(self) -> list[str]:
+        return [self.path, self.patch.path]
+
     def _apply(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         if name in self.patch.tensors:
             weight.copy_(patched_values(name, weight, [(self.patch, 1.0)], 1, check=True))

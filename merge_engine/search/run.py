@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import shutil
-import stat
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -36,6 +35,7 @@ from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.evaluation import evaluator_from_spec
 from merge_engine.evaluation.spec import PATH_KEYS
 from merge_engine.extras import require
+from merge_engine.io.untrusted import not_regular
 from merge_engine.io.writer import check_output_apart, check_output_dir
 from merge_engine.plan import build_plan
 from merge_engine.search.budget import READ_CEILING, Budget, matmul_rate, reserve_seconds, write_rate
@@ -233,8 +233,8 @@ def check_storage(path: str | None, key: str, out_dir: str, inputs: list[str], s
         return  # created by the search
     except OSError as e:
         raise ConfigError([f"{key}: cannot read the journal {path} ({e.strerror or e})"], source) from None
-    if not stat.S_ISREG(kind):
-        what = "a FIFO" if stat.S_ISFIFO(kind) else "a folder" if stat.S_ISDIR(kind) else "a device or socket"
+    what = not_regular(kind)
+    if what:
         raise ConfigError([f"{key}: the journal {path} is {what}, not a regular file"], source)
     check_journal(path, key, source)
 

@@ -309,8 +309,8 @@ def collect_fisher(model_dir: str, data_path: str, out_dir: str, options: Fisher
         check_inputs_apart(out_dir, model_dir, data_path, options.tokenizer)
         check_output_dir(out_dir, options.overwrite)
         device = rank_device(resolve_device(options.device), ranks)
-        check_model_folder(model_dir)
-        options = replace(options, max_length=resolve_max_length(model_dir, options.max_length))
+        config = check_model_folder(model_dir)
+        options = replace(options, max_length=resolve_max_length(model_dir, config, options.max_length))
         tokenizer = model_dir if options.tokenizer is None else options.tokenizer
         data = load_data(data_path, tokenizer, options.max_length, options.max_examples)
         if all(len(seq) < 2 for seq in data.sequences):

@@ -273,8 +273,8 @@ def collect_grams(model_dir: str, data_path: str, out_dir: str, options: GramOpt
         check_inputs_apart(out_dir, model_dir, data_path, options.tokenizer)
         check_output_dir(out_dir, options.overwrite)
         device = rank_device(resolve_device(options.device), ranks)
-        check_model_folder(model_dir)
-        options = replace(options, max_length=resolve_max_length(model_dir, options.max_length))
+        config = check_model_folder(model_dir)
+        options = replace(options, max_length=resolve_max_length(model_dir, config, options.max_length))
         data = load_data(data_path, model_dir if options.tokenizer is None else options.tokenizer,
                          options.max_length, options.max_examples)
         model = load_model(model_dir, options.dtype, device, auto_class_of(model_dir))

@@ -25,15 +25,11 @@ def check_inputs_apart(out_dir: str, model_dir: str, data_path: str, tokenizer=N
     check_output_apart(out_dir, inputs)
 
 
-def resolve_max_length(model_dir: str, max_length: int | None) -> int:
-    """Tokens per example: max_length, else DEFAULT_MAX_LENGTH or the model's position limit when smaller. A
-    max_length past the model's positions (max_position_embeddings) is refused, as the search's evaluators refuse
-    longer inputs: the model would extrapolate its positions or index past them rather than run them."""
-    ckpt = Checkpoint(model_dir)
-    try:
-        config = ckpt.config
-    finally:
-        ckpt.close()
+def resolve_max_length(model_dir: str, config: dict, max_length: int | None) -> int:
+    """Tokens per example: max_length, else DEFAULT_MAX_LENGTH or the model's position limit (from its config.json)
+    when smaller. A max_length past the model's positions (max_position_embeddings) is refused, as the search's
+    evaluators refuse longer inputs: the model would extrapolate its positions or index past them rather than run
+    them."""
     field, limit = next(((f, config[f]) for f in _POSITION_FIELDS
                          if type(config.get(f)) is int and config[f] > 0), (None, None))
     if max_length is None:
@@ -44,11 +40,14 @@ def resolve_max_length(model_dir: str, max_length: int | None) -> int:
     return max_length
 
 
-def check_model_folder(model_dir: str) -> None:
-    """Fail early, naming the file, when the folder has no readable weights or config.json."""
-    Checkpoint(model_dir).close()
+def check_model_folder(model_dir: str) -> dict:
+    """The folder's config.json; fail early, naming the file, when the folder has no readable weights or
+    config.json."""
+    ckpt = Checkpoint(model_dir)
+    ckpt.close()
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise CheckpointError(f"{model_dir}: config.json is missing (needed to build the model)")
+    return ckpt.config
 
 
 def load_model(model_dir: str, dtype: torch.dtype | None, device: torch.device,

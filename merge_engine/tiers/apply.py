@@ -97,19 +97,14 @@ def refuse_pending_journal(model_dir: str) -> None:
                               f"({JOURNAL_FILE}); run `merge-engine key recover` (or `patch recover`) on it first")
 
 
-def check_streamed_output(ckpt: Checkpoint, out_dir: str) -> None:
-    """A streamed rewrite of a model folder reads a complete model and writes elsewhere."""
-    refuse_pending_journal(ckpt.path)
-    if os.path.realpath(out_dir) == os.path.realpath(ckpt.path):
-        raise OutputError(f"{out_dir}: the output folder is the model folder; use --in-place to rewrite it")
-
-
-def check_apart(model_dir: str, out_dir: str, files: Sequence[str] = ()) -> None:
-    """The output folder apart from the model folder and the other input files (keys): not one of them, not
-    inside one, none inside it (io/writer.py: check_output_apart). Checked before anything is read."""
+def check_streamed_output(model_dir: str, out_dir: str, inputs: Sequence[str] = ()) -> None:
+    """A streamed rewrite of a model folder reads a complete model (no interrupted in-place operation) and writes
+    elsewhere: apart from the model folder and the other inputs (keys, patches), not one of them, not inside one,
+    none inside it (io/writer.py: check_output_apart). Checked before anything is read."""
+    refuse_pending_journal(model_dir)
     if os.path.realpath(out_dir) == os.path.realpath(model_dir):
         raise OutputError(f"{out_dir}: the output folder is the model folder; use --in-place to rewrite it")
-    check_output_apart(out_dir, [model_dir, *files])
+    check_output_apart(out_dir, [model_dir, *inputs])
 
 
 def stream_rewrite(ckpt: Checkpoint, out_dir: str, overwrite: bool, write_tensors, ranks: Ranks | None = None) -> str:
@@ -154,11 +149,10 @@ def _stream(model_dir: str, keys: Keys, out_dir: str, overwrite: bool, invert: b
     start = time.perf_counter()
     ranks = current_ranks()
     with every_rank(ranks, "reading the model's headers"):
-        check_apart(model_dir, out_dir, _key_files(keys))
+        check_streamed_output(model_dir, out_dir, _key_files(keys))
         ckpt = Checkpoint(model_dir)
     try:
         with every_rank(ranks, "planning"):
-            check_streamed_output(ckpt, out_dir)
             blocks, perm = resolve(keys, ckpt)
             moves = plan_moves(ckpt, blocks, perm.inverse() if invert else perm)
         check_same_plan(ranks, digest(ckpt.path, moves, input_layout(ckpt)))

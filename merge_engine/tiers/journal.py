@@ -24,7 +24,7 @@ import torch
 
 from merge_engine.errors import CheckpointError
 from merge_engine.io.raw import tensor_bytes
-from merge_engine.io.untrusted import inside_folder, open_regular, parse_json
+from merge_engine.io.untrusted import inside_folder, is_int, open_regular, parse_json
 from merge_engine.tiers.slices import (
     BITS_DTYPES,
     OpenFiles,
@@ -80,18 +80,18 @@ class Entry:
         if not isinstance(tensor, str):
             raise ValueError(f"an entry's tensor name is not a string: {tensor!r}")
         shape = e["shape"]
-        if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+        if not isinstance(shape, list) or not all(is_int(n) and n >= 0 for n in shape):
             raise ValueError(f"the entry for '{tensor}' has shape {shape!r}, not a list of sizes")
         data_start, itemsize, dim, offset = (e[k] for k in ("data_start", "itemsize", "dim", "offset"))
-        if not _is_int(data_start) or data_start < 0:
+        if not is_int(data_start) or data_start < 0:
             raise ValueError(f"the entry for '{tensor}' has data_start {data_start!r}")
-        if not _is_int(itemsize) or itemsize not in BITS_DTYPES:
+        if not is_int(itemsize) or itemsize not in BITS_DTYPES:
             raise ValueError(f"the entry for '{tensor}' has itemsize {itemsize!r} (expected one of "
                              f"{sorted(BITS_DTYPES)})")
-        if not _is_int(dim) or not 0 <= dim < len(shape):
+        if not is_int(dim) or not 0 <= dim < len(shape):
             raise ValueError(f"the entry for '{tensor}' has dim {dim!r}, outside its {len(shape)}-dimensional shape")
         runs = e["runs"]
-        if not isinstance(runs, list) or not all(isinstance(r, list) and len(r) == 2 and all(map(_is_int, r))
+        if not isinstance(runs, list) or not all(isinstance(r, list) and len(r) == 2 and all(map(is_int, r))
                                                  for r in runs):
             raise ValueError(f"the entry for '{tensor}' has runs that are not [start, stop] integer pairs")
         last = 0
@@ -100,16 +100,12 @@ class Entry:
                 raise ValueError(f"the entry for '{tensor}' has run [{a}, {b}], outside its size {shape[dim]} "
                                  f"along dim {dim} (or out of order)")
             last = b
-        if not _is_int(offset) or offset < 0:
+        if not is_int(offset) or offset < 0:
             raise ValueError(f"the entry for '{tensor}' has offset {offset!r}")
         target = Stored(path, data_start, tuple(shape), itemsize)
         if target.data_start + math.prod(target.shape) * target.itemsize > os.path.getsize(target.path):
             raise ValueError(f"the entry for '{tensor}' runs past the end of {name}")
         return cls(tensor, target, dim, [(a, b) for a, b in runs], offset)
-
-
-def _is_int(value) -> bool:
-    return type(value) is int
 
 
 def _check_payload(entries: list[Entry], payload_bytes: int) -> None:
@@ -182,7 +178,7 @@ class Journal:
                     raise ValueError("its header length runs past its end")
                 header = parse_json(f.read(size), "its header")
             payload_start = len(MAGIC) + 8 + size
-            if not isinstance(header, dict) or not _is_int(header.get("payload_bytes")) or header["payload_bytes"] < 0 \
+            if not isinstance(header, dict) or not is_int(header.get("payload_bytes")) or header["payload_bytes"] < 0 \
                     or not isinstance(header.get("entries"), list):
                 raise ValueError("its header is not {\"payload_bytes\": N, \"entries\": [...]}")
             if os.path.getsize(path) != payload_start + header["payload_bytes"]:
