@@ -1,10 +1,11 @@
 """Multiple-choice scoring speed: merge_engine's token_logprobs (rows shared between choices whose fed tokens one
-extends, logits formed only at the positions asked for) against the straightforward batched scorer (one row per
-choice, logits and log-softmax at every position), in the same run, on a random-init Llama.
+extends, a question's prompt fed once and its key-value cache shared by its choices, logits formed only at the
+positions asked for) against the straightforward batched scorer (one row per choice, logits and log-softmax at
+every position), in the same run, on a random-init Llama.
 
 Two question shapes, each N questions of 4 choices after a prompt of P tokens: `letters` (one-token choices,
 as " A"/" B"/" C"/" D" after a question that lists the options: one row per question) and `phrases` (choices of
-4-12 tokens: nothing shared, only the logits saved). Throughput is tokens of every choice's sequence per
+4-12 tokens: the prompt fed once, then each choice). Throughput is tokens of every choice's sequence per
 second (what the straightforward scorer feeds), next to the ceiling this machine's measured matrix-product rate
 in the model's dtype puts on a forward: rate / (2 x the parameters outside the embedding) tokens per second.
 
@@ -21,7 +22,7 @@ import common  # noqa: F401  (the engine's process settings, before torch alloca
 import torch
 import transformers
 
-from merge_engine.evaluation.loglikelihood import carriers, token_logprobs
+from merge_engine.evaluation.loglikelihood import carriers, token_logprobs, tokens_fed
 
 
 def straightforward(model, sequences: list[list[int]], batch_size: int) -> list[torch.Tensor]:
@@ -99,7 +100,7 @@ def main() -> None:
         every = sum(len(s) - 1 for s in sequences)
         rows = sorted(set(carriers(sequences)))
         fed = {"straightforward": (len(sequences), every),
-               "merge_engine": (len(rows), sum(len(sequences[c]) - 1 for c in rows))}
+               "merge_engine": (len(rows), tokens_fed(sequences, first, args.batch_size))}
         base, ours = common.interleaved_best([lambda: straightforward(model, sequences, args.batch_size),
                                               lambda: token_logprobs(model, sequences, args.batch_size, first)],
                                              device, args.repeat)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from merge_engine.evaluation.data_files import raise_problems, read_text
-from merge_engine.evaluation.loglikelihood import carriers, check_fits, token_logprobs
+from merge_engine.evaluation.loglikelihood import check_fits, token_logprobs, tokens_fed
 
 NORMALIZE = ("none", "tokens", "chars")  # a choice's log-likelihood: the sum, per token, per character
 
@@ -46,8 +46,8 @@ class MultipleChoice:
         self._longest = max(self.questions, key=fed)
 
     def tokens(self) -> int:
-        """Tokens one call feeds the model: the rows it runs (loglikelihood.carriers)."""
-        return sum(len(self._sequences[c]) - 1 for c in set(carriers(self._sequences)))
+        """Tokens one call feeds the model (loglikelihood.tokens_fed: shared rows and prompts counted once)."""
+        return tokens_fed(self._sequences, self._first, self.batch_size)
 
     def check_model(self, config) -> None:
         """Refuse a model (its transformers config) with fewer positions than the longest question needs."""

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from merge_engine.evaluation.loglikelihood import carriers, token_logprobs
+from merge_engine.evaluation.loglikelihood import carriers, token_logprobs, tokens_fed
 
 
 def random_sequences(seed: int, count: int = 40) -> list[list[int]]:
@@ -57,3 +57,91 @@ def test_shared_rows_and_asked_positions_equal_whole_forwards(causal_lm, batch_s
         for g, w, f in zip(got, whole, first):
             assert g.dtype == torch.float32 and g.shape == (len(w) - f + 1,)
             assert torch.allclose(g.double(), w[f - 1:], atol=1e-5, rtol=0)
+
+
+def tiny_lm(arch: str, attention: str):
+    """A 2-layer fp32 causal LM of each position scheme and cache kind that shared prompts meet: rotary (Llama,
+    Qwen2 with grouped-query attention), learned absolute positions (GPT-2), a sliding window shorter than the
+    sequences (Mistral), sliding and global layers in turn (Gemma 2)."""
+    import transformers as tf
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=64, initializer_range=0.3)
+    config = {"llama": lambda: tf.LlamaConfig(**common),
+              "qwen2": lambda: tf.Qwen2Config(**common, num_key_value_heads=2),
+              "gpt2": lambda: tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                            initializer_range=0.3),
+              "mistral": lambda: tf.MistralConfig(**common, num_key_value_heads=4, sliding_window=5),
+              "gemma2": lambda: tf.Gemma2Config(**common, num_key_value_heads=4, head_dim=8, sliding_window=5)}[arch]()
+    config._attn_implementation = attention
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+def prompts_with_choices(seed: int) -> tuple[list[list[int]], list[int]]:
+    """Multiple-choice-like sequences: prompts of 1-12 tokens, each followed by 2-4 continuations of 1-5 tokens
+    (some one continuation's prefix), first = the prompt's length; and sequences scored whole (first = 1)."""
+    rng = random.Random(seed)
+    sequences, first = [], []
+    for _ in range(7):
+        prompt = [rng.randrange(1, 64) for _ in range(rng.randint(1, 12))]
+        tails = [[rng.randrange(1, 64) for _ in range(rng.randint(1, 5))] for _ in range(rng.randint(2, 4))]
+        tails[-1] = tails[0][:rng.randint(1, len(tails[0]))]  # shares the first's row where it is shorter
+        sequences += [prompt + t for t in tails]
+        first += [len(prompt)] * len(tails)
+    sequences += [[rng.randrange(1, 64) for _ in range(rng.randint(2, 9))] for _ in range(3)]
+    return sequences, first + [1] * 3
+
+
+class WithoutCache(torch.nn.Module):
+    """A model whose forward takes the cache's arguments but returns no cache (shared prompts must fall back to
+    feeding the rows whole)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask[:, -input_ids.shape[1]:],
+                          use_cache=False)
+
+
+def real_tokens_fed(model) -> tuple[list[int], object]:
+    """A hook counting the real (unpadded) tokens each forward is fed: the last input_ids-wide part of its mask."""
+    fed: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kwargs: fed.append(int(kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1]:].sum())),
+        with_kwargs=True)
+    return fed, hook
+
+
+@pytest.mark.parametrize("arch,attention", [(arch, attention) for arch in ("llama", "qwen2", "gpt2", "mistral")
+                                            for attention in ("eager", "sdpa")] + [("gemma2", "eager")])  # no sdpa
+@pytest.mark.parametrize("batch_size", [1, 3, 100])
+def test_shared_prompts_equal_whole_forwards(arch, attention, batch_size):
+    model = tiny_lm(arch, attention)
+    sequences, first = prompts_with_choices(batch_size)
+    with torch.no_grad():  # the reference: each sequence alone, unpadded, every position, float64 log-softmax
+        whole = [model(input_ids=torch.tensor([s[:-1]]), use_cache=False).logits[0].double().log_softmax(-1)
+                 .gather(-1, torch.tensor(s[1:]).unsqueeze(-1)).squeeze(-1) for s in sequences]
+    fed, hook = real_tokens_fed(model)
+    try:
+        got = token_logprobs(model, sequences, batch_size, first)
+    finally:
+        hook.remove()
+    # fp32: left padding, the cache's copies and batching change only the order of fp32 sums (ulp 6e-8 on
+    # activations of order 1, logits of order 10 with this wide initialisation): each log-prob moves by ~1e-5
+    for g, w, f in zip(got, whole, first):
+        assert g.dtype == torch.float32 and g.shape == (len(w) - f + 1,)
+        assert torch.allclose(g.double(), w[f - 1:], atol=5e-5, rtol=0)
+    whole_rows = sum(len(sequences[c]) - 1 for c in set(carriers(sequences)))
+    assert sum(fed) == tokens_fed(sequences, first, batch_size)
+    assert sum(fed) < whole_rows if batch_size > 1 else sum(fed) == whole_rows  # one row a batch: nothing shared
+
+
+def test_a_model_that_returns_no_cache_is_fed_whole_rows(causal_lm):
+    sequences, first = prompts_with_choices(0)
+    sequences = [[t + 10 for t in s] for s in sequences]
+    wrapped = WithoutCache(causal_lm)
+    want = token_logprobs(WithoutLogitsToKeep(causal_lm), sequences, 4, first)
+    for g, w in zip(token_logprobs(wrapped, sequences, 4, first), want):
+        assert torch.allclose(g, w, atol=1e-5, rtol=0)

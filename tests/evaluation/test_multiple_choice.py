@@ -86,12 +86,22 @@ def fed_rows(tokenizer, questions) -> list[tuple[str, ...]]:
     return [f for f in fed if not any(len(g) > len(f) and g[:len(f)] == f for g in fed)]
 
 
-def test_tokens_counts_what_one_call_feeds_the_model(tokenizer, tmp_path):
+def test_tokens_counts_what_one_call_feeds_the_model(causal_lm, tokenizer, tmp_path):
     path = write_questions(tmp_path / "q.jsonl", QUESTIONS, [0] * len(QUESTIONS))
+    evaluator = MultipleChoice(path, tokenizer)
+    fed = []  # the real tokens of each forward: the input_ids-wide end of its attention mask (the rest is cache)
+    hook = causal_lm.register_forward_pre_hook(
+        lambda m, args, kwargs: fed.append(int(kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1]:].sum())),
+        with_kwargs=True)
+    try:
+        evaluator.scores(causal_lm)
+    finally:
+        hook.remove()
     rows = fed_rows(tokenizer, QUESTIONS)
-    assert MultipleChoice(path, tokenizer).tokens() == sum(map(len, rows))
-    # "the cat sat on the" with three one-word choices is one row; four questions' choices share rows
-    assert len(rows) < sum(len(c) for _, c in QUESTIONS)
+    assert evaluator.tokens() == sum(fed)
+    # "the cat sat on the" with three one-word choices is one row; four questions' choices share rows, and the
+    # questions whose choices still take two or more rows feed their prompt once
+    assert len(rows) < sum(len(c) for _, c in QUESTIONS) and sum(fed) < sum(map(len, rows))
 
 
 def test_choices_of_one_token_share_one_forward_row(causal_lm, tokenizer, tmp_path):
