@@ -89,8 +89,8 @@ def token_logprobs(model: torch.nn.Module, sequences: list[list[int]], batch_siz
     in the input order, where f is its entry of `first` (default 1: every predicted token). Only the carriers'
     rows are fed (see carriers), and rows that need logits only after a common prefix feed it once (see row_plan;
     where the model takes a key-value cache and position ids). Rows are fed right-padded with an attention mask,
-    batch_size rows at a time, longest first (similar lengths share a batch; the first batch shows the peak
-    memory). Logits are formed only from the first position any row of a batch needs (transformers'
+    batch_size rows at a time, longest first (similar lengths share a batch; the first batch of each kind shows
+    the peak memory). Logits are formed only from the first position any row of a batch needs (transformers'
     logits_to_keep, where the model takes it)."""
     first = first or [1] * len(sequences)
     carried = served_by(carriers(sequences))
