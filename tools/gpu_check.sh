@@ -29,8 +29,8 @@ if [ "$stage" = tests ]; then
       "tests/test_engine.py::test_cuda_merge_matches_cpu" 2>&1 | tee "$OUT/engine_$backend.txt"
   done
   $PY -m pytest -q -ra -p no:cacheprovider "tests/test_session.py::test_a_gpu_session_equals_the_gpu_engine" \
-    "tests/test_session.py::test_a_gpu_session_with_factored_lora_experts_equals_the_gpu_engine" 2>&1 \
-    | tee "$OUT/session.txt"
+    "tests/test_session.py::test_a_gpu_session_with_factored_lora_experts_equals_the_gpu_engine" \
+    tests/evaluation 2>&1 | tee "$OUT/session.txt"
 elif [ "$stage" = bench ]; then
   for backend in cuda triton; do
     for b in task_vectors fisher gram permute; do
@@ -38,6 +38,8 @@ elif [ "$stage" = bench ]; then
       $PY bench/bench_$b.py --device cuda --backend $backend 2>&1
     done
   done | tee "$OUT/bench.txt"
+  # multiple-choice scoring (shared rows and prompts) against the straightforward scorer, bf16 on the GPU
+  $PY bench/bench_evaluation.py --device cuda --dtype bfloat16 --questions 64 2>&1 | tee "$OUT/evaluation.txt"
   # seconds per search trial on the GPU (the 162M model: it fits the device time)
   $PY bench/bench_search.py --device cuda --small --trials 2 --budget 120 --skip-mergekit 2>&1 | tee "$OUT/search.txt"
 else
