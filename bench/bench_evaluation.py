@@ -1,7 +1,8 @@
 """Multiple-choice scoring speed: merge_engine's token_logprobs (rows shared between choices whose fed tokens one
 extends, a question's prompt fed once and its key-value cache shared by its choices, logits formed only at the
 positions asked for) against the straightforward batched scorer (one row per choice, logits and log-softmax at
-every position), in the same run, on a random-init Llama.
+every position) and, where lm_eval is installed, lm-eval-harness's own HF model (HFLM, which shares the rows
+of one-token continuations), in the same run, on a random-init Llama.
 
 Two question shapes, each N questions of 4 choices after a prompt of P tokens: `letters` (one-token choices,
 as " A"/" B"/" C"/" D" after a question that lists the options: one row per question) and `phrases` (choices of
@@ -17,11 +18,13 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+import tempfile
 
 import common  # noqa: F401  (the engine's process settings, before torch allocates)
 import torch
 import transformers
 
+from merge_engine.demo import save_word_tokenizer
 from merge_engine.evaluation.loglikelihood import carriers, token_logprobs, tokens_fed
 
 
@@ -43,6 +46,18 @@ def straightforward(model, sequences: list[list[int]], batch_size: int) -> list[
                 lp = logits[row, :len(s) - 1].float().log_softmax(-1)
                 out[i] = lp.gather(-1, torch.tensor(s[1:], device=device).unsqueeze(-1)).squeeze(-1).cpu()
     return out
+
+
+def lm_eval_scorer(model, sequences: list[list[int]], first: list[int], batch_size: int, work: str):
+    """lm_eval's HFLM scoring the same requests (context and continuation ids), or None without lm_eval."""
+    try:
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        return None
+    save_word_tokenizer(work)  # HFLM wants a tokenizer (for its pad and end tokens); the requests are token ids
+    lm = HFLM(pretrained=model, tokenizer=transformers.AutoTokenizer.from_pretrained(work), batch_size=batch_size)
+    requests = [(("", ""), s[:f], s[f:]) for s, f in zip(sequences, first)]
+    return lambda: lm._loglikelihood_tokens(requests, disable_tqdm=True)
 
 
 def questions(shape: str, count: int, prompt: int, vocab: int, seed: int) -> tuple[list[list[int]], list[int]]:
@@ -99,19 +114,24 @@ def main() -> None:
         sequences, first = questions(shape, args.questions, args.prompt, args.vocab, seed=1)
         every = sum(len(s) - 1 for s in sequences)
         rows = sorted(set(carriers(sequences)))
-        fed = {"straightforward": (len(sequences), every),
-               "merge_engine": (len(rows), tokens_fed(sequences, first, args.batch_size))}
-        base, ours = common.interleaved_best([lambda: straightforward(model, sequences, args.batch_size),
-                                              lambda: token_logprobs(model, sequences, args.batch_size, first)],
-                                             device, args.repeat)
+        distinct_rows = {tuple(s[:-1]) for s in sequences}  # HFLM shares only identical fed rows
+        scorers = {"straightforward": (lambda: straightforward(model, sequences, args.batch_size), len(sequences), every),
+                   "merge_engine": (lambda: token_logprobs(model, sequences, args.batch_size, first), len(rows),
+                                    tokens_fed(sequences, first, args.batch_size))}
+        with tempfile.TemporaryDirectory() as work:
+            theirs = lm_eval_scorer(model, sequences, first, args.batch_size, work)
+        if theirs is not None:
+            scorers["lm_eval HFLM"] = (theirs, len(distinct_rows), sum(map(len, distinct_rows)))
+        names = list(scorers)
+        seconds = dict(zip(names, common.interleaved_best([scorers[n][0] for n in names], device, args.repeat)))
         got, want = token_logprobs(model, sequences, args.batch_size, first), straightforward(model, sequences, args.batch_size)
         worst = max(float((g.double() - w[f - 1:].double()).abs().max()) for g, w, f in zip(got, want, first))
-        for name, seconds in (("straightforward", base), ("merge_engine", ours)):
-            n_rows, tokens = fed[name]
-            print(f"| {shape} | {name} | {n_rows} | {tokens} | {seconds:.3f} | {tokens / seconds:.0f} | "
-                  f"{tokens / seconds / ceiling:.2f} | {every / seconds:.0f} | {base / seconds:.2f} |")
+        for name in names:
+            _, n_rows, tokens = scorers[name]
+            print(f"| {shape} | {name} | {n_rows} | {tokens} | {seconds[name]:.3f} | {tokens / seconds[name]:.0f} | "
+                  f"{tokens / seconds[name] / ceiling:.2f} | {every / seconds[name]:.0f} | "
+                  f"{seconds['straightforward'] / seconds[name]:.2f} |")
         print(f"<!-- {shape}: largest log-prob difference between the two scorers {worst:.2e} -->", file=sys.stderr)
-
 
 if __name__ == "__main__":
     main()

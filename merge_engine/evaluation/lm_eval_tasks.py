@@ -1,7 +1,10 @@
 """lm-eval-harness tasks (a user's local task YAMLs, or the harness's own) scoring the live model through
-lm_eval's HFLM, which takes a model instance. lm_eval is the optional extra "eval"."""
+lm_eval's HFLM, which takes a model instance, its log-likelihood requests scored as the multiple-choice scorer
+scores them (loglikelihood.scored_tokens: shared rows and prompts). lm_eval is the optional extra "eval"."""
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from collections.abc import Sequence
 
@@ -9,9 +12,11 @@ import torch
 
 from merge_engine.errors import MergeEngineError
 from merge_engine.evaluation.data_files import raise_problems
+from merge_engine.evaluation.loglikelihood import scored_tokens, tokens_fed
 from merge_engine.evaluation.multiple_choice import encode_pair
 from merge_engine.extras import require
 
+log = logging.getLogger(__name__)
 WHAT = "the lm-eval-harness objective"
 DEFAULT_GENERATED_TOKENS = 256  # lm_eval's max_gen_toks when a generation task sets none
 
@@ -39,7 +44,8 @@ class LmEvalTasks:
         self.task_names, self.tokenizer, self.metric = list(tasks), tokenizer, metric
         self.batch_size, self.limit = batch_size, limit
         self.name = f"{metric} on {', '.join(tasks)}"
-        self._tokens = count_tokens(self.manager.load(self.task_names)["tasks"].values(), tokenizer, limit)
+        self._tokens = count_tokens(self.manager.load(self.task_names)["tasks"].values(), tokenizer, limit,
+                                    batch_size)
 
     def tokens(self) -> int:
         return self._tokens
@@ -49,8 +55,7 @@ class LmEvalTasks:
 
     def __call__(self, model: torch.nn.Module) -> float:
         import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size)
+        lm = shared_rows_lm()(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size)
         # no seeding (it would reset the caller's random generators), no bootstrap of standard errors (slow),
         # no per-sample logs (memory)
         results = lm_eval.simple_evaluate(model=lm, tasks=self.task_names, task_manager=self.manager,
@@ -66,6 +71,41 @@ class LmEvalTasks:
         return float(results[task][key])
 
 
+@functools.cache
+def shared_rows_lm():
+    """lm_eval's HFLM with its log-likelihood requests (multiple choice, and the windows of rolling
+    log-likelihoods) scored by scored_tokens: lm_eval's tokenization, left truncation to the model's length, sum
+    and is_greedy, with the rows and prompts that requests share fed once and a float32 log-softmax (lm_eval's
+    runs in the logits' dtype). Generation, and sequence-to-sequence models, go through HFLM unchanged."""
+    from lm_eval.models.huggingface import HFLM
+
+    class SharedRowsLM(HFLM):
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+            if self.backend != "causal":
+                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            sequences, first = [], []
+            for _, context, continuation in requests:
+                if not context or not continuation or len(continuation) > self.max_length:
+                    raise MergeEngineError(f"lm_eval asked for the log-likelihood of {len(continuation)} tokens after "
+                                           f"{len(context)}: it needs at least one of each and at most the model's "
+                                           f"{self.max_length} positions of continuation")
+                sequence = (context + continuation)[-(self.max_length + 1):]  # as lm_eval truncates: from the left
+                sequences.append(sequence)
+                first.append(len(sequence) - len(continuation))
+            cut = sum(len(c) + len(t) > self.max_length + 1 for _, c, t in requests)
+            if cut:
+                log.warning("lm_eval: %d requests are longer than the model's %d positions; their contexts are cut "
+                            "from the left", cut, self.max_length)
+            scores = scored_tokens(self.model, sequences, override_bs or int(self.batch_size), first, greedy=True)
+            answers = []
+            for (request, _, _), (logprobs, greedy) in zip(requests, scores):
+                answers.append((float(logprobs.double().sum()), greedy))
+                self.cache_hook.add_partial("loglikelihood", request, answers[-1])
+            return answers
+
+    return SharedRowsLM
+
+
 def task_manager(tasks: Sequence[str], include_path: str | None):
     """lm_eval's index of the tasks under include_path alone when it holds them all (indexing the harness's own
     ~15,000 task files takes 12 s), else of those and the harness's own."""
@@ -77,23 +117,24 @@ def task_manager(tasks: Sequence[str], include_path: str | None):
     return TaskManager(include_path=include_path)
 
 
-def count_tokens(tasks, tokenizer, limit: int | float | None) -> int:
+def count_tokens(tasks, tokenizer, limit: int | float | None, batch_size: int) -> int:
     """About how many tokens one evaluation feeds the model: every request's text, plus max_gen_toks for a
-    generation (an upper bound: generation stops early at a stop sequence). Log-likelihood requests that feed the
-    same tokens count once: lm_eval's HF model runs them as one row (its logits_cache, on by default)."""
+    generation (an upper bound: generation stops early at a stop sequence). Log-likelihood requests count as
+    scored_tokens feeds them (loglikelihood.tokens_fed: shared rows and prompts once)."""
     from lm_eval.evaluator_utils import get_sample_size
-    total, fed = 0, set()
+    total, sequences, first = 0, [], []
     for task in tasks:
         if task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)  # as simple_evaluate does
         task.build_all_requests(limit=get_sample_size(task, limit), rank=0, world_size=1)
         for instance in task.instances:
             text, *rest = instance.args
-            if instance.request_type == "loglikelihood":  # (context, continuation): the last token is not fed
+            if instance.request_type == "loglikelihood":  # (context, continuation)
                 context, continuation = encode_pair(tokenizer, text, rest[0])
-                fed.add(tuple(context + continuation[:-1]))
+                sequences.append(context + continuation)
+                first.append(len(context))
             elif instance.request_type == "generate_until":  # (context, generation settings)
                 total += len(tokenizer(text)["input_ids"]) + int(rest[0].get("max_gen_toks", DEFAULT_GENERATED_TOKENS))
             else:  # loglikelihood_rolling: (text,)
                 total += len(tokenizer(text)["input_ids"])
-    return total + sum(map(len, fed))
+    return total + (tokens_fed(sequences, first, batch_size) if sequences else 0)

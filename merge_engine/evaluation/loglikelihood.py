@@ -85,24 +85,33 @@ def served_by(carrier: list[int]) -> dict[int, list[int]]:
 
 def token_logprobs(model: torch.nn.Module, sequences: list[list[int]], batch_size: int,
                    first: list[int] | None = None) -> list[torch.Tensor]:
+    """For each sequence s (at least 2 tokens), the float32 CPU tensor of log p(s[j] | s[:j]) for j = f..len-1
+    (see scored_tokens)."""
+    return [logprobs for logprobs, _ in scored_tokens(model, sequences, batch_size, first)]
+
+
+def scored_tokens(model: torch.nn.Module, sequences: list[list[int]], batch_size: int,
+                  first: list[int] | None = None, greedy: bool = False) -> list[tuple[torch.Tensor, bool | None]]:
     """For each sequence s (at least 2 tokens), the float32 CPU tensor of log p(s[j] | s[:j]) for j = f..len-1,
     in the input order, where f is its entry of `first` (default 1: every predicted token). Only the carriers'
     rows are fed (see carriers), and rows that need logits only after a common prefix feed it once (see row_plan;
     where the model takes a key-value cache and position ids). Rows are fed right-padded with an attention mask,
     batch_size rows at a time, longest first (similar lengths share a batch; the first batch of each kind shows
     the peak memory). Logits are formed only from the first position any row of a batch needs (transformers'
-    logits_to_keep, where the model takes it)."""
+    logits_to_keep, where the model takes it). With greedy, each sequence's flag says whether every one of those
+    tokens is the most likely one at its position (the first of equal maxima, as argmax; lm-eval's is_greedy);
+    else it is None."""
     first = first or [1] * len(sequences)
     carried = served_by(carriers(sequences))
-    forward = Forward(model)
+    forward = Forward(model, greedy)
     shared, whole = row_plan(sequences, first, batch_size, carried) if forward.cache_name else ([], list(carried))
     needs = {c: [(sequences[i], first[i]) for i in served] for c, served in carried.items()}
-    out: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
+    out: list[tuple[torch.Tensor, bool | None]] = [(torch.empty(0), None)] * len(sequences)
 
-    def keep(rows: list[int], logprobs: list[list[torch.Tensor]]) -> None:
-        for c, row in zip(rows, logprobs):
-            for i, lp in zip(carried[c], row):
-                out[i] = lp
+    def keep(rows: list[int], scores: list[list[tuple[torch.Tensor, bool | None]]]) -> None:
+        for c, row in zip(rows, scores):
+            for i, score in zip(carried[c], row):
+                out[i] = score
 
     was_training = model.training
     model.eval()
@@ -111,11 +120,11 @@ def token_logprobs(model: torch.nn.Module, sequences: list[list[int]], batch_siz
             shared.sort(key=lambda g: -max(len(sequences[c]) for c in g.rows))
             for batch in pack(shared, batch_size):
                 rows = [c for g in batch for c in g.rows]
-                logprobs = forward.shared_prefixes(batch, sequences, [needs[c] for c in rows])
-                if logprobs is None:  # the model returned no usable cache: feed these rows whole
+                scores = forward.shared_prefixes(batch, sequences, [needs[c] for c in rows])
+                if scores is None:  # the model returned no usable cache: feed these rows whole
                     whole += rows
                     continue
-                keep(rows, logprobs)
+                keep(rows, scores)
             whole.sort(key=lambda c: -len(sequences[c]))
             for start in range(0, len(whole), batch_size):
                 rows = whole[start:start + batch_size]
@@ -139,26 +148,27 @@ def pack(groups: list[SharedPrefix], batch_size: int) -> list[list[SharedPrefix]
 class Forward:
     """A causal LM's forward passes as token_logprobs feeds it, with the keyword arguments this model takes."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, greedy: bool):
         params = inspect.signature(model.forward).parameters
-        self.model, self.device = model, model_device(model)
+        self.model, self.device, self.greedy = model, model_device(model), greedy
         self.keeps_logits = "logits_to_keep" in params
         encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
         # transformers 5 names the cache argument `cache`, earlier versions `past_key_values`
         cache_name = next((n for n in ("cache", "past_key_values") if n in params), None)
         self.cache_name = cache_name if "position_ids" in params and not encoder_decoder else None
 
-    def whole_rows(self, batch: list[list[int]], needs: list[list[tuple[list[int], int]]]) -> list[list[torch.Tensor]]:
-        """Per fed row, per sequence it carries (s, f): log p(s[j] | s[:j]) for j = f..len(s)-1."""
+    def whole_rows(self, batch: list[list[int]], needs: list[list[tuple[list[int], int]]]
+                   ) -> list[list[tuple[torch.Tensor, bool | None]]]:
+        """Per fed row, per sequence it carries (s, f): pick's scores of it."""
         ids, mask = right_padded([s[:-1] for s in batch])
         lowest = min(f - 1 for row in needs for _, f in row)  # the first position whose logits any row needs
         logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False,
                             **self.keep(ids.shape[1] - lowest)).logits
         offset = ids.shape[1] - logits.shape[1]  # position p is logits[:, p - offset]
-        return [pick(logits[row], carried, offset) for row, carried in enumerate(needs)]
+        return [pick(logits[row], carried, offset, self.greedy) for row, carried in enumerate(needs)]
 
     def shared_prefixes(self, groups: list[SharedPrefix], sequences: list[list[int]],
-                        needs: list[list[tuple[list[int], int]]]) -> list[list[torch.Tensor]] | None:
+                        needs: list[list[tuple[list[int], int]]]) -> list[list[tuple[torch.Tensor, bool | None]]] | None:
         """whole_rows' result for the groups' rows, feeding each group's prefix once: the prefixes left-padded
         (so each ends where its rows' tails begin, as generate() pads prompts), their cache copied to each row,
         the tails right-padded after it, with position ids counted from each row's first real token."""
@@ -178,7 +188,7 @@ class Forward:
         logits = self.model(input_ids=tails.to(self.device), attention_mask=mask.to(self.device),
                             position_ids=tail_positions.to(self.device), use_cache=True,
                             **{self.cache_name: cache}).logits
-        return [pick(logits[row], carried, m) for row, (carried, m) in enumerate(zip(needs, lengths))]
+        return [pick(logits[row], carried, m, self.greedy) for row, (carried, m) in enumerate(zip(needs, lengths))]
 
     def keep(self, positions: int) -> dict:
         return {"logits_to_keep": positions} if self.keeps_logits else {}
@@ -204,11 +214,16 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(1) - 1).clamp(min=0)
 
 
-def pick(logits: torch.Tensor, carried: list[tuple[list[int], int]], shift: int) -> list[torch.Tensor]:
-    """From one row's logits (position p at index p - shift), for each sequence it carries (s, f):
-    log p(s[j] | s[:j]) for j = f..len(s)-1, in float32 on the CPU."""
+def pick(logits: torch.Tensor, carried: list[tuple[list[int], int]], shift: int, greedy: bool
+         ) -> list[tuple[torch.Tensor, bool | None]]:
+    """From one row's logits (position p at index p - shift), for each sequence it carries (s, f): log p(s[j] | s[:j])
+    for j = f..len(s)-1, in float32 on the CPU, and with greedy whether each s[j] is the argmax there (else None)."""
     lo, hi = min(f - 1 for _, f in carried), max(len(s) - 1 for s, _ in carried)
     # one row at a time in float32: the whole batch's float32 log-softmax would be batch x width x vocab
     logprobs = logits[lo - shift:hi - shift].float().log_softmax(-1)
-    return [logprobs[f - 1 - lo:len(s) - 1 - lo].gather(
-        -1, torch.tensor(s[f:], device=logits.device).unsqueeze(-1)).squeeze(-1).cpu() for s, f in carried]
+    out = []
+    for s, f in carried:
+        rows, tokens = logprobs[f - 1 - lo:len(s) - 1 - lo], torch.tensor(s[f:], device=logits.device)
+        chosen = rows.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).cpu()
+        out.append((chosen, bool((rows.argmax(-1) == tokens).all()) if greedy else None))
+    return out

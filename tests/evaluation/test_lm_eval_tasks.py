@@ -2,15 +2,18 @@
 refused at construction; without lm_eval, a one-line error names the extra."""
 from __future__ import annotations
 
+import random
 import sys
 
 import pytest
+import torch
 import yaml
 
 from merge_engine.errors import ConfigError
 from merge_engine.evaluation import LmEvalTasks, MultipleChoice
 from merge_engine.extras import MissingExtraError
 from tests.evaluation.conftest import QUESTIONS, word_tokenizer, write_questions
+from tests.stats.tiny_text import WORDS
 
 ANSWERS = [0, 1, 1, 2, 0, 1, 3, 0]
 
@@ -36,14 +39,20 @@ def task_dir(tmp_path, monkeypatch):
 @pytest.mark.parametrize("metric, normalize", [("acc", "none"), ("acc_norm", "chars")])
 def test_a_local_task_scores_as_multiple_choice_does(causal_lm, tokenizer, task_dir, tmp_path, metric, normalize):
     evaluator = LmEvalTasks(["tiny_mc"], tokenizer, include_path=task_dir, metric=metric, batch_size=3)
-    reference = MultipleChoice(str(tmp_path / "questions.jsonl"), tokenizer, normalize=normalize)
+    reference = MultipleChoice(str(tmp_path / "questions.jsonl"), tokenizer, normalize=normalize, batch_size=3)
     accuracy = reference(causal_lm)
     assert 0 < accuracy < 1  # the answers are neither all right nor all wrong: the equality below tells
-    assert evaluator(causal_lm) == pytest.approx(accuracy, abs=1e-12)
-    # lm_eval runs the requests that feed the same tokens as one row; merge_engine's scorer also lets a row carry
-    # the choices whose tokens it extends, so it feeds no more
+    fed = []  # the real tokens of each forward: the input_ids-wide end of its attention mask (the rest is cache)
+    hook = causal_lm.register_forward_pre_hook(
+        lambda m, args, kwargs: fed.append(int(kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1]:].sum())),
+        with_kwargs=True)
+    try:
+        assert evaluator(causal_lm) == pytest.approx(accuracy, abs=1e-12)
+    finally:
+        hook.remove()
+    # lm_eval's requests are the scorer's sequences, fed as the scorer feeds them (shared rows and prompts once)
     distinct = {tuple(s[:-1]) for q in reference.questions for s in q.sequences}
-    assert evaluator.tokens() == sum(map(len, distinct)) >= reference.tokens()
+    assert evaluator.tokens() == sum(fed) == reference.tokens() < sum(map(len, distinct))
     assert (evaluator.name, evaluator.direction) == (f"{metric} on tiny_mc", "maximize")
 
 
@@ -71,3 +80,53 @@ def test_without_lm_eval_the_error_names_the_extra(monkeypatch):
                                                 r'pip install "merge_engine\[eval\]"$'):
         LmEvalTasks(["tiny_mc"], word_tokenizer())
 
+
+
+def greedy_continuation(model, context: list[int], length: int) -> list[int]:
+    """The model's own most likely next tokens after context (each one is_greedy by construction)."""
+    out = list(context)
+    with torch.no_grad():
+        for _ in range(length):
+            out.append(int(model(input_ids=torch.tensor([out])).logits[0, -1].argmax()))
+    return out[len(context):]
+
+
+def test_log_likelihoods_and_greedy_flags_equal_lm_evals_own(causal_lm):
+    """The requests lm_eval sends (context and continuation token ids), scored by lm_eval's HFLM and by ours:
+    contexts shared by several continuations, one-token continuations, greedy ones, and contexts longer than
+    the model's 128 positions (cut from the left by both)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+
+    from merge_engine.evaluation.lm_eval_tasks import shared_rows_lm
+    rng = random.Random(0)
+    requests = []
+    for length in (1, 3, 7, 12, 20, 140, 150):
+        context = [rng.randrange(4, 256) for _ in range(length)]
+        continuations = [[rng.randrange(4, 256) for _ in range(rng.randint(1, 5))] for _ in range(3)]
+        continuations += [[rng.randrange(4, 256)], greedy_continuation(causal_lm, context[-128:], 3)]
+        requests += [(("", ""), context, c) for c in continuations]
+    theirs = HFLM(pretrained=causal_lm, tokenizer=word_tokenizer(), batch_size=4)._loglikelihood_tokens(requests)
+    ours = shared_rows_lm()(pretrained=causal_lm, tokenizer=word_tokenizer(), batch_size=4)._loglikelihood_tokens(
+        requests)
+    # fp32: batching, padding and the shared prompts change only the order of fp32 sums (~1e-6 a log-prob; sums of
+    # up to 5)
+    assert [g for _, g in ours] == [g for _, g in theirs]
+    assert {g for _, g in ours} == {True, False}  # the flags are tested both ways
+    assert [lp for lp, _ in ours] == pytest.approx([lp for lp, _ in theirs], abs=1e-4)
+
+
+def test_rolling_log_likelihoods_equal_lm_evals_own(causal_lm):
+    """Perplexity tasks' rolling windows (texts longer than the model's 128 positions) go through the same scorer."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from merge_engine.evaluation.lm_eval_tasks import shared_rows_lm
+    rng = random.Random(1)
+    texts = [" ".join(rng.choices(WORDS, k=n)) for n in (5, 130, 300)]
+    requests = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=0) for t in texts]
+    theirs = HFLM(pretrained=causal_lm, tokenizer=word_tokenizer(), batch_size=4).loglikelihood_rolling(requests)
+    ours = shared_rows_lm()(pretrained=causal_lm, tokenizer=word_tokenizer(), batch_size=4).loglikelihood_rolling(
+        requests)
+    assert ours == pytest.approx(theirs, abs=1e-3)  # sums of up to 300 log-probs, ~1e-6 each
