@@ -1,14 +1,16 @@
 """Multiple-choice scoring speed: merge_engine's token_logprobs (rows shared between choices whose fed tokens one
-extends, a question's prompt fed once and its key-value cache shared by its choices, logits formed only at the
-positions asked for) against the straightforward batched scorer (one row per choice, logits and log-softmax at
-every position) and, where lm_eval is installed, lm-eval-harness's own HF model (HFLM, which shares the rows
+extends, the tokens a batch's rows share fed once: a question's prompt, a few-shot block; logits formed only at
+the positions asked for) against the straightforward batched scorer (one row per choice, logits and log-softmax
+at every position) and, where lm_eval is installed, lm-eval-harness's own HF model (HFLM, which shares the rows
 of one-token continuations), in the same run, on a random-init Llama.
 
-Two question shapes, each N questions of 4 choices after a prompt of P tokens: `letters` (one-token choices,
-as " A"/" B"/" C"/" D" after a question that lists the options: one row per question) and `phrases` (choices of
-4-12 tokens: the prompt fed once, then each choice). Throughput is tokens of every choice's sequence per
-second (what the straightforward scorer feeds), next to the ceiling this machine's measured matrix-product rate
-in the model's dtype puts on a forward: rate / (2 x the parameters outside the embedding) tokens per second.
+Three question shapes, each N questions of 4 choices: `letters` (one-token choices, as " A"/" B"/" C"/" D" after
+a P-token question that lists the options: one row per question), `phrases` (choices of 4-12 tokens after a
+P-token question: the prompt fed once, then each choice) and `few-shot` (letters after one shared 4P-token block
+of examples and a P/3-token question, as lm-eval's MMLU prompts a subject's questions: the block fed once a
+batch). Throughput is tokens of every choice's sequence per second (what the straightforward scorer feeds), next
+to the ceiling this machine's measured matrix-product rate in the model's dtype puts on a forward: rate / (2 x
+the parameters outside the embedding) tokens per second.
 
     python bench/bench_evaluation.py                      # 162M-shaped Llama, fp32, CPU
     python bench/bench_evaluation.py --device cuda --dtype bfloat16 --layers 22 --hidden 2048
@@ -61,14 +63,19 @@ def lm_eval_scorer(model, sequences: list[list[int]], first: list[int], batch_si
 
 
 def questions(shape: str, count: int, prompt: int, vocab: int, seed: int) -> tuple[list[list[int]], list[int]]:
-    """Sequences (prompt + choice) of `count` 4-choice questions, and each one's first continuation index."""
+    """Sequences (prompt + choice) of `count` 4-choice questions, and each one's first continuation index. A
+    `few-shot` prompt is one shared block of 4 x prompt tokens (the examples), then a question of prompt / 3."""
     rng = random.Random(seed)
+    shots = [rng.randrange(100, vocab) for _ in range(4 * prompt)]
     sequences, first = [], []
     for _ in range(count):
-        context = [rng.randrange(100, vocab) for _ in range(prompt)]
+        if shape == "few-shot":
+            context = shots + [rng.randrange(100, vocab) for _ in range(prompt // 3)]
+        else:
+            context = [rng.randrange(100, vocab) for _ in range(prompt)]
         letters = rng.sample(range(10, 100), 4)
         for c in range(4):
-            choice = [letters[c]] if shape == "letters" else [rng.randrange(100, vocab) for _ in range(rng.randint(4, 12))]
+            choice = [rng.randrange(100, vocab) for _ in range(rng.randint(4, 12))] if shape == "phrases" else [letters[c]]
             sequences.append(context + choice)
             first.append(len(context))
     return sequences, first
@@ -110,7 +117,7 @@ def main() -> None:
     print(f"- matrix product ({args.dtype}): {rate / 1e9:.1f} GFLOP/s: a forward's ceiling {ceiling:.0f} tokens/s")
     print("\n| questions | scorer | rows fed | tokens fed | s | tokens fed/s | x ceiling | choice tokens/s | x baseline |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for shape in ("letters", "phrases"):
+    for shape in ("letters", "phrases", "few-shot"):
         sequences, first = questions(shape, args.questions, args.prompt, args.vocab, seed=1)
         every = sum(len(s) - 1 for s in sequences)
         rows = sorted(set(carriers(sequences)))

@@ -39,40 +39,93 @@ def carriers(sequences: list[list[int]]) -> list[int]:
     return carrier
 
 
+TRUNK_KEY = 64  # rows whose first 64 fed tokens agree (a few-shot prompt, an instruction) are batched together
+
+
 @dataclass(frozen=True)
 class SharedPrefix:
-    """Rows (carriers) of one forward that need logits only after a common prefix of `length` tokens: the prefix
-    is fed once, its key-value cache copied to each row, and each row feeds only its tail."""
+    """Rows (carriers) of one forward that all begin with the same `length` tokens, none needing logits inside
+    them: the prefix is fed once, its key-value cache copied to each row, and each row feeds only its tail."""
     length: int
     rows: list[int]
 
 
-def row_plan(sequences: list[list[int]], first: list[int], batch_size: int,
-             carried: dict[int, list[int]]) -> tuple[list[SharedPrefix], list[int]]:
-    """The rows that share a prefix, in groups of at most batch_size rows, and the rows fed whole. A row's
-    prefix is its tokens before the first position whose logits it needs (for a multiple-choice question, the
-    prompt but its last token): two or more rows with the same nonempty prefix share it."""
-    by_prefix: dict[tuple[int, ...], list[int]] = {}
-    for c, served in carried.items():
-        by_prefix.setdefault(tuple(sequences[c][:min(first[i] for i in served) - 1]), []).append(c)
-    shared, whole = [], []
-    for prefix, rows in by_prefix.items():
-        for at in range(0, len(rows), batch_size):
-            group = rows[at:at + batch_size]
-            if prefix and len(group) > 1:
-                shared.append(SharedPrefix(len(prefix), group))
-            else:
-                whole += group
-    return shared, whole
+@dataclass(frozen=True)
+class Batch:
+    """At most batch_size rows fed together: `groups` sharing prefixes (one forward for the prefixes, one for the
+    rest), and `whole` rows (a forward of their own)."""
+    groups: list[SharedPrefix]
+    whole: list[int]
+
+
+def plan_batches(sequences: list[list[int]], first: list[int], batch_size: int, carried: dict[int, list[int]],
+                 share: bool) -> list[Batch]:
+    """The carriers' rows in batches, each fed the cheapest of three ways (with share; else whole): whole rows;
+    a question's rows (same tokens before the first position whose logits they need: for a multiple choice, the
+    prompt but its last token) feeding that prompt once; or every row of the batch feeding their common first
+    tokens (a few-shot prompt, an instruction) once. Rows are ordered so that batches hold rows alike: by the
+    first TRUNK_KEY tokens they share, then by question, longest first; the rows of several questions that share
+    their first TRUNK_KEY tokens fill batches of their own."""
+    fed = {c: sequences[c][:-1] for c in carried}
+    need = {c: min(first[i] for i in served) - 1 for c, served in carried.items()}
+    prompt = {c: tuple(fed[c][:need[c]]) for c in carried}
+    cluster = {c: tuple(fed[c][:TRUNK_KEY]) if need[c] >= TRUNK_KEY else c for c in carried}
+    longest_in: dict[object, int] = {}
+    for c in carried:
+        for key in (("cluster", cluster[c]), ("prompt", prompt[c])):
+            longest_in[key] = max(longest_in.get(key, 0), len(fed[c]))
+    rank = {key: k for k, key in enumerate(sorted(set(cluster.values()), key=repr))}  # any fixed order of clusters
+    order = sorted(carried, key=lambda c: (-longest_in["cluster", cluster[c]], rank[cluster[c]],
+                                           -longest_in["prompt", prompt[c]], prompt[c], -len(fed[c])))
+    prompts_of: dict[object, set[tuple[int, ...]]] = {}
+    for c in carried:
+        prompts_of.setdefault(cluster[c], set()).add(prompt[c])
+    batches: list[list[int]] = []
+    for c in order:  # a cluster of several questions (a shared few-shot prompt) starts and ends its own batches
+        last = batches[-1][-1] if batches else None
+        if last is None or len(batches[-1]) == batch_size or (
+                cluster[c] != cluster[last] and max(len(prompts_of[cluster[c]]), len(prompts_of[cluster[last]])) > 1):
+            batches.append([])
+        batches[-1].append(c)
+    return [cheapest(rows, fed, need, prompt) if share else Batch([], rows) for rows in batches]
+
+
+def cheapest(rows: list[int], fed: dict[int, list[int]], need: dict[int, int],
+             prompt: dict[int, tuple[int, ...]]) -> Batch:
+    """The way to feed a batch's rows that feeds fewest tokens: by question (rows with an empty prompt whole: a
+    prefix row of padding alone would attend to nothing), or after their common first tokens; or whole rows
+    where neither saves an eighth of them."""
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for c in rows:
+        by_prompt.setdefault(prompt[c], []).append(c)
+    trunk = common_length([fed[c] for c in rows], min(need[c] for c in rows))
+    options = [Batch([], rows),
+               Batch([SharedPrefix(len(p), g) for p, g in by_prompt.items() if p], by_prompt.get((), [])),
+               Batch([SharedPrefix(trunk, rows)] if trunk else [], [] if trunk else rows)]
+    best = min(options[1:], key=lambda b: tokens_of(b, fed))  # on a tie by question
+    # a saving of less than an eighth does not pay for the second forward and the cache's copies
+    return best if tokens_of(best, fed) <= 7 / 8 * tokens_of(options[0], fed) else options[0]
+
+
+def tokens_of(batch: Batch, fed: dict[int, list[int]]) -> int:
+    return (sum(g.length + sum(len(fed[c]) - g.length for c in g.rows) for g in batch.groups)
+            + sum(len(fed[c]) for c in batch.whole))
+
+
+def common_length(rows: list[list[int]], limit: int) -> int:
+    """The length of the rows' longest common beginning, at most limit."""
+    first, n = rows[0], limit
+    for row in rows[1:]:
+        n = next((j for j in range(min(n, len(row))) if row[j] != first[j]), min(n, len(row)))
+    return n
 
 
 def tokens_fed(sequences: list[list[int]], first: list[int], batch_size: int) -> int:
-    """Tokens token_logprobs feeds a model that takes a key-value cache: each shared prefix once per group, each
-    row's tail, each whole row."""
+    """Tokens scored_tokens feeds a model that takes a key-value cache: each shared prefix once per batch, the
+    rest of each row."""
     carried = served_by(carriers(sequences))
-    shared, whole = row_plan(sequences, first, batch_size, carried)
-    return (sum(g.length + sum(len(sequences[c]) - 1 - g.length for c in g.rows) for g in shared)
-            + sum(len(sequences[c]) - 1 for c in whole))
+    fed = {c: sequences[c][:-1] for c in carried}
+    return sum(tokens_of(batch, fed) for batch in plan_batches(sequences, first, batch_size, carried, share=True))
 
 
 def served_by(carrier: list[int]) -> dict[int, list[int]]:
@@ -94,55 +147,34 @@ def scored_tokens(model: torch.nn.Module, sequences: list[list[int]], batch_size
                   first: list[int] | None = None, greedy: bool = False) -> list[tuple[torch.Tensor, bool | None]]:
     """For each sequence s (at least 2 tokens), the float32 CPU tensor of log p(s[j] | s[:j]) for j = f..len-1,
     in the input order, where f is its entry of `first` (default 1: every predicted token). Only the carriers'
-    rows are fed (see carriers), and rows that need logits only after a common prefix feed it once (see row_plan;
-    where the model takes a key-value cache and position ids). Rows are fed right-padded with an attention mask,
-    batch_size rows at a time, longest first (similar lengths share a batch; the first batch of each kind shows
-    the peak memory). Logits are formed only from the first position any row of a batch needs (transformers'
-    logits_to_keep, where the model takes it). With greedy, each sequence's flag says whether every one of those
-    tokens is the most likely one at its position (the first of equal maxima, as argmax; lm-eval's is_greedy);
-    else it is None."""
+    rows are fed (see carriers), batch_size rows at a time, right-padded with an attention mask; where the model
+    takes a key-value cache and position ids, the tokens a batch's rows share (a question's prompt, a few-shot
+    prompt) are fed once (see plan_batches). Logits are formed only from the first position any row of a batch
+    needs (transformers' logits_to_keep, where the model takes it). With greedy, each sequence's flag says whether
+    every one of those tokens is the most likely one at its position (the first of equal maxima, as argmax;
+    lm-eval's is_greedy); else it is None."""
     first = first or [1] * len(sequences)
     carried = served_by(carriers(sequences))
     forward = Forward(model, greedy)
-    shared, whole = row_plan(sequences, first, batch_size, carried) if forward.cache_name else ([], list(carried))
     needs = {c: [(sequences[i], first[i]) for i in served] for c, served in carried.items()}
     out: list[tuple[torch.Tensor, bool | None]] = [(torch.empty(0), None)] * len(sequences)
-
-    def keep(rows: list[int], scores: list[list[tuple[torch.Tensor, bool | None]]]) -> None:
-        for c, row in zip(rows, scores):
-            for i, score in zip(carried[c], row):
-                out[i] = score
-
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            shared.sort(key=lambda g: -max(len(sequences[c]) for c in g.rows))
-            for batch in pack(shared, batch_size):
-                rows = [c for g in batch for c in g.rows]
-                scores = forward.shared_prefixes(batch, sequences, [needs[c] for c in rows])
-                if scores is None:  # the model returned no usable cache: feed these rows whole
-                    whole += rows
-                    continue
-                keep(rows, scores)
-            whole.sort(key=lambda c: -len(sequences[c]))
-            for start in range(0, len(whole), batch_size):
-                rows = whole[start:start + batch_size]
-                keep(rows, forward.whole_rows([sequences[c] for c in rows], [needs[c] for c in rows]))
+            for batch in plan_batches(sequences, first, batch_size, carried, share=forward.cache_name is not None):
+                shared, whole = [c for g in batch.groups for c in g.rows], batch.whole
+                scores = forward.shared_prefixes(batch.groups, sequences, [needs[c] for c in shared]) if shared else []
+                if scores is None:  # the model returned no usable cache: these rows whole too
+                    shared, whole, scores = [], shared + whole, []
+                if whole:
+                    scores += forward.whole_rows([sequences[c] for c in whole], [needs[c] for c in whole])
+                for c, row in zip(shared + whole, scores):
+                    for i, score in zip(carried[c], row):
+                        out[i] = score
     finally:
         model.train(was_training)
     return out
-
-
-def pack(groups: list[SharedPrefix], batch_size: int) -> list[list[SharedPrefix]]:
-    """Consecutive groups, as many to a batch as fit in batch_size rows."""
-    batches: list[list[SharedPrefix]] = []
-    for g in groups:
-        if batches and sum(len(h.rows) for h in batches[-1]) + len(g.rows) <= batch_size:
-            batches[-1].append(g)
-        else:
-            batches.append([g])
-    return batches
 
 
 class Forward:
@@ -169,7 +201,7 @@ class Forward:
 
     def shared_prefixes(self, groups: list[SharedPrefix], sequences: list[list[int]],
                         needs: list[list[tuple[list[int], int]]]) -> list[list[tuple[torch.Tensor, bool | None]]] | None:
-        """whole_rows' result for the groups' rows, feeding each group's prefix once: the prefixes left-padded
+        """whole_rows' result for the groups' rows (in group order), feeding each group's prefix once: the prefixes left-padded
         (so each ends where its rows' tails begin, as generate() pads prompts), their cache copied to each row,
         the tails right-padded after it, with position ids counted from each row's first real token."""
         prefixes, prefix_mask = left_padded([sequences[g.rows[0]][:g.length] for g in groups])
@@ -184,11 +216,13 @@ class Forward:
         tails, tail_mask = right_padded([sequences[c][g.length:-1] for g in groups for c in g.rows])
         mask = torch.cat([prefix_mask[group_of_row], tail_mask], dim=1)
         tail_positions = torch.tensor(lengths).unsqueeze(1) + torch.arange(tails.shape[1])
-        # every group has a row that needs the logits of its tail's first token (row_plan): keep them all
+        lowest = min(f - 1 - m for carried, m in zip(needs, lengths) for _, f in carried)  # first tail position needed
         logits = self.model(input_ids=tails.to(self.device), attention_mask=mask.to(self.device),
                             position_ids=tail_positions.to(self.device), use_cache=True,
-                            **{self.cache_name: cache}).logits
-        return [pick(logits[row], carried, m, self.greedy) for row, (carried, m) in enumerate(zip(needs, lengths))]
+                            **{self.cache_name: cache}, **self.keep(tails.shape[1] - lowest)).logits
+        offset = tails.shape[1] - logits.shape[1]  # position p of a row with prefix m is logits[:, p - m - offset]
+        return [pick(logits[row], carried, m + offset, self.greedy)
+                for row, (carried, m) in enumerate(zip(needs, lengths))]
 
     def keep(self, positions: int) -> dict:
         return {"logits_to_keep": positions} if self.keeps_logits else {}

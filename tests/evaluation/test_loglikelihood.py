@@ -65,10 +65,10 @@ def tiny_lm(arch: str, attention: str):
     sequences (Mistral), sliding and global layers in turn (Gemma 2)."""
     import transformers as tf
     common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=64, initializer_range=0.3)
+                  max_position_embeddings=128, initializer_range=0.3)
     config = {"llama": lambda: tf.LlamaConfig(**common),
               "qwen2": lambda: tf.Qwen2Config(**common, num_key_value_heads=2),
-              "gpt2": lambda: tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+              "gpt2": lambda: tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=128,
                                             initializer_range=0.3),
               "mistral": lambda: tf.MistralConfig(**common, num_key_value_heads=4, sliding_window=5),
               "gemma2": lambda: tf.Gemma2Config(**common, num_key_value_heads=4, head_dim=8, sliding_window=5)}[arch]()
@@ -90,6 +90,23 @@ def prompts_with_choices(seed: int) -> tuple[list[list[int]], list[int]]:
         first += [len(prompt)] * len(tails)
     sequences += [[rng.randrange(1, 64) for _ in range(rng.randint(2, 9))] for _ in range(3)]
     return sequences, first + [1] * 3
+
+
+def few_shot_questions(seed: int) -> tuple[list[list[int]], list[int]]:
+    """Questions after one of two few-shot prompts of 70 tokens (as lm-eval's MMLU puts a subject's examples before
+    each of its questions), each of 3-10 tokens and answered by one-token letters (one row per question) or by
+    phrases of 1-4 tokens; and two questions without a few-shot prompt."""
+    rng = random.Random(seed)
+    shots = [[rng.randrange(1, 64) for _ in range(70)] for _ in range(2)]
+    sequences, first = [], []
+    for k in range(9):
+        prompt = ([] if k > 6 else shots[k % 2]) + [rng.randrange(1, 64) for _ in range(rng.randint(3, 10))]
+        letters = k % 3 != 2
+        choices = [[t] for t in rng.sample(range(1, 64), 4)] if letters else \
+            [[rng.randrange(1, 64) for _ in range(rng.randint(1, 4))] for _ in range(3)]
+        sequences += [prompt + c for c in choices]
+        first += [len(prompt)] * len(choices)
+    return sequences, first
 
 
 class WithoutCache(torch.nn.Module):
@@ -117,9 +134,10 @@ def real_tokens_fed(model) -> tuple[list[int], object]:
 @pytest.mark.parametrize("arch,attention", [(arch, attention) for arch in ("llama", "qwen2", "gpt2", "mistral")
                                             for attention in ("eager", "sdpa")] + [("gemma2", "eager")])  # no sdpa
 @pytest.mark.parametrize("batch_size", [1, 3, 100])
-def test_shared_prompts_equal_whole_forwards(arch, attention, batch_size):
+@pytest.mark.parametrize("questions", [prompts_with_choices, few_shot_questions])
+def test_shared_prompts_equal_whole_forwards(arch, attention, batch_size, questions):
     model = tiny_lm(arch, attention)
-    sequences, first = prompts_with_choices(batch_size)
+    sequences, first = questions(batch_size)
     with torch.no_grad():  # the reference: each sequence alone, unpadded, every position, float64 log-softmax
         whole = [model(input_ids=torch.tensor([s[:-1]]), use_cache=False).logits[0].double().log_softmax(-1)
                  .gather(-1, torch.tensor(s[1:]).unsqueeze(-1)).squeeze(-1) for s in sequences]
@@ -145,3 +163,18 @@ def test_a_model_that_returns_no_cache_is_fed_whole_rows(causal_lm):
     want = token_logprobs(WithoutLogitsToKeep(causal_lm), sequences, 4, first)
     for g, w in zip(token_logprobs(wrapped, sequences, 4, first), want):
         assert torch.allclose(g, w, atol=1e-5, rtol=0)
+
+
+def test_a_few_shot_prompt_is_fed_once_a_batch():
+    """Rows of one few-shot prompt are batched together and feed it once; each letter question is one row."""
+    model = tiny_lm("llama", "sdpa")
+    sequences, first = few_shot_questions(0)
+    fed, hook = real_tokens_fed(model)
+    try:
+        token_logprobs(model, sequences, 8, first)
+    finally:
+        hook.remove()
+    rows = set(carriers(sequences))
+    whole = sum(len(sequences[c]) - 1 for c in rows)
+    # 7 questions share a 70-token prompt (4 of one, 3 of the other): each prompt fed once saves 5 x 70 tokens
+    assert sum(fed) == tokens_fed(sequences, first, 8) <= whole - 5 * 70
