@@ -81,7 +81,8 @@ def shared_rows_lm():
 
     class SharedRowsLM(HFLM):
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
-            if self.backend != "causal":
+            batch_size = override_bs or self.batch_size
+            if self.backend != "causal" or not isinstance(batch_size, int):  # seq2seq, or batch_size "auto"
                 return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
             sequences, first = [], []
             for _, context, continuation in requests:
@@ -96,7 +97,7 @@ def shared_rows_lm():
             if cut:
                 log.warning("lm_eval: %d requests are longer than the model's %d positions; their contexts are cut "
                             "from the left", cut, self.max_length)
-            scores = scored_tokens(self.model, sequences, override_bs or int(self.batch_size), first, greedy=True)
+            scores = scored_tokens(self.model, sequences, batch_size, first, greedy=True)
             answers = []
             for (request, _, _), (logprobs, greedy) in zip(requests, scores):
                 answers.append((float(logprobs.double().sum()), greedy))

@@ -69,7 +69,9 @@ def plan_batches(sequences: list[list[int]], first: list[int], batch_size: int, 
     fed = {c: sequences[c][:-1] for c in carried}
     need = {c: min(first[i] for i in served) - 1 for c, served in carried.items()}
     prompt = {c: tuple(fed[c][:need[c]]) for c in carried}
-    cluster = {c: tuple(fed[c][:TRUNK_KEY]) if need[c] >= TRUNK_KEY else c for c in carried}
+    # a row's cluster: its first TRUNK_KEY tokens where its prompt is longer, else its question (its prompt), else
+    # itself (no prompt: a perplexity window)
+    cluster = {c: tuple(fed[c][:TRUNK_KEY]) if need[c] >= TRUNK_KEY else prompt[c] or c for c in carried}
     longest_in: dict[object, int] = {}
     for c in carried:
         for key in (("cluster", cluster[c]), ("prompt", prompt[c])):
@@ -215,7 +217,9 @@ class Forward:
         lengths = [g.length for g in groups for _ in g.rows]
         tails, tail_mask = right_padded([sequences[c][g.length:-1] for g in groups for c in g.rows])
         mask = torch.cat([prefix_mask[group_of_row], tail_mask], dim=1)
-        tail_positions = torch.tensor(lengths).unsqueeze(1) + torch.arange(tails.shape[1])
+        # padding at 0, not counted on: a long prompt's row padded to a long tail's width would pass the model's
+        # positions (an index error with learned positions; dynamic RoPE rescales on the largest position id)
+        tail_positions = (torch.tensor(lengths).unsqueeze(1) + torch.arange(tails.shape[1])).masked_fill(tail_mask == 0, 0)
         lowest = min(f - 1 - m for carried, m in zip(needs, lengths) for _, f in carried)  # first tail position needed
         logits = self.model(input_ids=tails.to(self.device), attention_mask=mask.to(self.device),
                             position_ids=tail_positions.to(self.device), use_cache=True,

@@ -178,3 +178,34 @@ def test_a_few_shot_prompt_is_fed_once_a_batch():
     whole = sum(len(sequences[c]) - 1 for c in rows)
     # 7 questions share a 70-token prompt (4 of one, 3 of the other): each prompt fed once saves 5 x 70 tokens
     assert sum(fed) == tokens_fed(sequences, first, 8) <= whole - 5 * 70
+
+
+def test_a_long_prompt_beside_long_choices_stays_within_the_positions():
+    """By question, a row of a long prompt and short choices is padded to the width of another question's long
+    choices: its padding must not be numbered past the model's 128 positions (GPT-2's learned positions would
+    index out of range), though every real token is within them."""
+    rng = random.Random(0)
+    long_prompt, short_prompt = [rng.randrange(1, 64) for _ in range(120)], [rng.randrange(1, 64) for _ in range(5)]
+    sequences = [long_prompt + [rng.randrange(1, 64) for _ in range(3)] for _ in range(2)]
+    sequences += [short_prompt + [rng.randrange(1, 64) for _ in range(100)] for _ in range(2)]
+    first = [120, 120, 5, 5]
+    model = tiny_lm("gpt2", "eager")
+    with torch.no_grad():
+        whole = [model(input_ids=torch.tensor([s[:-1]])).logits[0].double().log_softmax(-1)
+                 .gather(-1, torch.tensor(s[1:]).unsqueeze(-1)).squeeze(-1) for s in sequences]
+    for g, w, f in zip(token_logprobs(model, sequences, 4, first), whole, first):
+        assert torch.allclose(g.double(), w[f - 1:], atol=5e-5, rtol=0)  # fp32, as above
+
+
+def test_the_rows_of_a_question_with_a_short_prompt_share_a_batch():
+    """Three questions of 20-token prompts and four multi-token choices, four rows a batch: each batch is one
+    question, feeding its prompt (but its last token) once and then each choice's tokens."""
+    rng = random.Random(2)
+    sequences, first, ideal = [], [], 0
+    for _ in range(3):
+        prompt = [rng.randrange(1, 64) for _ in range(20)]
+        choices = [[rng.randrange(1, 64) for _ in range(rng.randint(2, 6))] for _ in range(4)]
+        sequences += [prompt + c for c in choices]
+        first += [20] * 4
+        ideal += 19 + sum(map(len, choices))  # each row's tail: the prompt's last token and the choice but its last
+    assert tokens_fed(sequences, first, 4) == ideal
