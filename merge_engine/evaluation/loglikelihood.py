@@ -59,13 +59,13 @@ class Batch:
 
 
 def plan_batches(sequences: list[list[int]], first: list[int], batch_size: int, carried: dict[int, list[int]],
-                 share: bool) -> list[Batch]:
+                 share: bool, positions: int | None = None) -> list[Batch]:
     """The carriers' rows in batches, each fed the cheapest of three ways (with share; else whole): whole rows;
     a question's rows (same tokens before the first position whose logits they need: for a multiple choice, the
     prompt but its last token) feeding that prompt once; or every row of the batch feeding their common first
     tokens (a few-shot prompt, an instruction) once. Rows are ordered so that batches hold rows alike: by the
     first TRUNK_KEY tokens they share, then by question, longest first; the rows of several questions that share
-    their first TRUNK_KEY tokens fill batches of their own."""
+    their first TRUNK_KEY tokens fill batches of their own. positions: the model's position table, if known."""
     fed = {c: sequences[c][:-1] for c in carried}
     need = {c: min(first[i] for i in served) - 1 for c, served in carried.items()}
     prompt = {c: tuple(fed[c][:need[c]]) for c in carried}
@@ -89,20 +89,27 @@ def plan_batches(sequences: list[list[int]], first: list[int], batch_size: int, 
                 cluster[c] != cluster[last] and max(len(prompts_of[cluster[c]]), len(prompts_of[cluster[last]])) > 1):
             batches.append([])
         batches[-1].append(c)
-    return [cheapest(rows, fed, need, prompt) if share else Batch([], rows) for rows in batches]
+    return [cheapest(rows, fed, need, prompt, positions) if share else Batch([], rows) for rows in batches]
 
 
 def cheapest(rows: list[int], fed: dict[int, list[int]], need: dict[int, int],
-             prompt: dict[int, tuple[int, ...]]) -> Batch:
+             prompt: dict[int, tuple[int, ...]], positions: int | None) -> Batch:
     """The way to feed a batch's rows that feeds fewest tokens: by question (rows with an empty prompt whole: a
-    prefix row of padding alone would attend to nothing), or after their common first tokens; or whole rows
-    where neither saves an eighth of them."""
+    prefix row of padding alone would attend to nothing; not where the questions' prompts and tails, padded,
+    would be wider than the model's positions), or after their common first tokens; or whole rows where neither
+    saves an eighth of them."""
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for c in rows:
         by_prompt.setdefault(prompt[c], []).append(c)
+    questions = [SharedPrefix(len(p), g) for p, g in by_prompt.items() if p]
+    # the widest prefix and the widest tail side by side must fit the position table: some models' attention
+    # (GPT-2's causal-mask buffer in transformers 4) is only as wide as it
+    if questions and positions is not None and positions < max(g.length for g in questions) + max(
+            len(fed[c]) - g.length for g in questions for c in g.rows):
+        questions = []
     trunk = common_length([fed[c] for c in rows], min(need[c] for c in rows))
     options = [Batch([], rows),
-               Batch([SharedPrefix(len(p), g) for p, g in by_prompt.items() if p], by_prompt.get((), [])),
+               Batch(questions, by_prompt.get((), [])) if questions else Batch([], rows),
                Batch([SharedPrefix(trunk, rows)] if trunk else [], [] if trunk else rows)]
     best = min(options[1:], key=lambda b: tokens_of(b, fed))  # on a tie by question
     # a saving of less than an eighth does not pay for the second forward and the cache's copies
@@ -164,7 +171,8 @@ def scored_tokens(model: torch.nn.Module, sequences: list[list[int]], batch_size
     model.eval()
     try:
         with torch.inference_mode():
-            for batch in plan_batches(sequences, first, batch_size, carried, share=forward.cache_name is not None):
+            for batch in plan_batches(sequences, first, batch_size, carried, forward.cache_name is not None,
+                                      getattr(getattr(model, "config", None), "max_position_embeddings", None)):
                 shared, whole = [c for g in batch.groups for c in g.rows], batch.whole
                 scores = forward.shared_prefixes(batch.groups, sequences, [needs[c] for c in shared]) if shared else []
                 if scores is None:  # the model returned no usable cache: these rows whole too
@@ -203,22 +211,23 @@ class Forward:
 
     def shared_prefixes(self, groups: list[SharedPrefix], sequences: list[list[int]],
                         needs: list[list[tuple[list[int], int]]]) -> list[list[tuple[torch.Tensor, bool | None]]] | None:
-        """whole_rows' result for the groups' rows (in group order), feeding each group's prefix once: the prefixes left-padded
-        (so each ends where its rows' tails begin, as generate() pads prompts), their cache copied to each row,
-        the tails right-padded after it, with position ids counted from each row's first real token."""
+        """whole_rows' result for the groups' rows (in group order), feeding each group's prefix once: the
+        prefixes left-padded (so each ends where its rows' tails begin, as generate() pads prompts), their cache
+        copied to each row, the tails right-padded after it, with position ids counted from each row's first real
+        token. None when the model returns no cache this can copy."""
         prefixes, prefix_mask = left_padded([sequences[g.rows[0]][:g.length] for g in groups])
         out = self.model(input_ids=prefixes.to(self.device), attention_mask=prefix_mask.to(self.device),
                          position_ids=positions(prefix_mask).to(self.device), use_cache=True, **self.keep(1))
-        cache = out["cache"] if "cache" in out else out.get("past_key_values")
-        if not hasattr(cache, "batch_select_indices"):
-            return None
         group_of_row = torch.tensor([k for k, g in enumerate(groups) for _ in g.rows])
-        cache.batch_select_indices(group_of_row.to(self.device))
+        cache = copied_to_rows(out["cache"] if "cache" in out else out.get("past_key_values"),
+                               group_of_row.to(self.device), len(groups))
+        if cache is None:
+            return None
         lengths = [g.length for g in groups for _ in g.rows]
         tails, tail_mask = right_padded([sequences[c][g.length:-1] for g in groups for c in g.rows])
         mask = torch.cat([prefix_mask[group_of_row], tail_mask], dim=1)
-        # padding at 0, not counted on: a long prompt's row padded to a long tail's width would pass the model's
-        # positions (an index error with learned positions; dynamic RoPE rescales on the largest position id)
+        # padding at position 0 (masked): numbered on, a long prompt's row padded to a long tail's width would reach
+        # past every real position (learned positions index out of range; dynamic RoPE rescales on the largest id)
         tail_positions = (torch.tensor(lengths).unsqueeze(1) + torch.arange(tails.shape[1])).masked_fill(tail_mask == 0, 0)
         lowest = min(f - 1 - m for carried, m in zip(needs, lengths) for _, f in carried)  # first tail position needed
         logits = self.model(input_ids=tails.to(self.device), attention_mask=mask.to(self.device),
@@ -230,6 +239,21 @@ class Forward:
 
     def keep(self, positions: int) -> dict:
         return {"logits_to_keep": positions} if self.keeps_logits else {}
+
+
+def copied_to_rows(cache, index: torch.Tensor, prefixes: int):
+    """The prefixes' cache with row k holding prefix index[k]'s: a transformers Cache (batch_select_indices), or
+    the tuple of per-layer (key, value) tensors, batch first, that transformers 4 models return by default; None
+    for anything else (such as a layout that folds the batch into another dimension)."""
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(index)
+        return cache
+    if isinstance(cache, (tuple, list)) and cache and all(
+            isinstance(layer, (tuple, list)) and layer and all(isinstance(t, torch.Tensor) and t.dim() > 1
+                                                               and t.shape[0] == prefixes for t in layer)
+            for layer in cache):
+        return tuple(tuple(t.index_select(0, index) for t in layer) for layer in cache)
+    return None
 
 
 def right_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

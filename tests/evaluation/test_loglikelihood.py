@@ -181,9 +181,10 @@ def test_a_few_shot_prompt_is_fed_once_a_batch():
 
 
 def test_a_long_prompt_beside_long_choices_stays_within_the_positions():
-    """By question, a row of a long prompt and short choices is padded to the width of another question's long
-    choices: its padding must not be numbered past the model's 128 positions (GPT-2's learned positions would
-    index out of range), though every real token is within them."""
+    """A question of a long prompt and short choices beside one of a short prompt and long choices: by question,
+    the prompts (left-padded to 119) and the tails (right-padded to 101) would span 220 positions, past GPT-2's
+    128, though every real row fits (transformers 4's GPT-2 fails on its causal-mask buffer; padding numbered on
+    from a long prompt indexes its position table out of range). The batch is fed another way, and right."""
     rng = random.Random(0)
     long_prompt, short_prompt = [rng.randrange(1, 64) for _ in range(120)], [rng.randrange(1, 64) for _ in range(5)]
     sequences = [long_prompt + [rng.randrange(1, 64) for _ in range(3)] for _ in range(2)]
