@@ -59,13 +59,13 @@ class Batch:
 
 
 def plan_batches(sequences: list[list[int]], first: list[int], batch_size: int, carried: dict[int, list[int]],
-                 share: bool, positions: int | None = None) -> list[Batch]:
+                 share: bool, position_limit: int | None = None) -> list[Batch]:
     """The carriers' rows in batches, each fed the cheapest of three ways (with share; else whole): whole rows;
     a question's rows (same tokens before the first position whose logits they need: for a multiple choice, the
     prompt but its last token) feeding that prompt once; or every row of the batch feeding their common first
     tokens (a few-shot prompt, an instruction) once. Rows are ordered so that batches hold rows alike: by the
     first TRUNK_KEY tokens they share, then by question, longest first; the rows of several questions that share
-    their first TRUNK_KEY tokens fill batches of their own. positions: the model's position table, if known."""
+    their first TRUNK_KEY tokens fill batches of their own. position_limit: the model's position table, if known."""
     fed = {c: sequences[c][:-1] for c in carried}
     need = {c: min(first[i] for i in served) - 1 for c, served in carried.items()}
     prompt = {c: tuple(fed[c][:need[c]]) for c in carried}
@@ -89,11 +89,11 @@ def plan_batches(sequences: list[list[int]], first: list[int], batch_size: int, 
                 cluster[c] != cluster[last] and max(len(prompts_of[cluster[c]]), len(prompts_of[cluster[last]])) > 1):
             batches.append([])
         batches[-1].append(c)
-    return [cheapest(rows, fed, need, prompt, positions) if share else Batch([], rows) for rows in batches]
+    return [cheapest(rows, fed, need, prompt, position_limit) if share else Batch([], rows) for rows in batches]
 
 
 def cheapest(rows: list[int], fed: dict[int, list[int]], need: dict[int, int],
-             prompt: dict[int, tuple[int, ...]], positions: int | None) -> Batch:
+             prompt: dict[int, tuple[int, ...]], position_limit: int | None) -> Batch:
     """The way to feed a batch's rows that feeds fewest tokens: by question (rows with an empty prompt whole: a
     prefix row of padding alone would attend to nothing; not where the questions' prompts and tails, padded,
     would be wider than the model's positions), or after their common first tokens; or whole rows where neither
@@ -104,7 +104,7 @@ def cheapest(rows: list[int], fed: dict[int, list[int]], need: dict[int, int],
     questions = [SharedPrefix(len(p), g) for p, g in by_prompt.items() if p]
     # the widest prefix and the widest tail side by side must fit the position table: some models' attention
     # (GPT-2's causal-mask buffer in transformers 4) is only as wide as it
-    if questions and positions is not None and positions < max(g.length for g in questions) + max(
+    if questions and position_limit is not None and position_limit < max(g.length for g in questions) + max(
             len(fed[c]) - g.length for g in questions for c in g.rows):
         questions = []
     trunk = common_length([fed[c] for c in rows], min(need[c] for c in rows))
@@ -237,8 +237,8 @@ class Forward:
         return [pick(logits[row], carried, m + offset, self.greedy)
                 for row, (carried, m) in enumerate(zip(needs, lengths))]
 
-    def keep(self, positions: int) -> dict:
-        return {"logits_to_keep": positions} if self.keeps_logits else {}
+    def keep(self, count: int) -> dict:
+        return {"logits_to_keep": count} if self.keeps_logits else {}
 
 
 def copied_to_rows(cache, index: torch.Tensor, prefixes: int):
