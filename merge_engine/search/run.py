@@ -35,7 +35,7 @@ from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.evaluation import evaluator_from_spec
 from merge_engine.evaluation.spec import PATH_KEYS
 from merge_engine.extras import require
-from merge_engine.io.untrusted import not_regular
+from merge_engine.io.untrusted import is_int, not_regular
 from merge_engine.io.writer import check_output_apart, check_output_dir
 from merge_engine.plan import build_plan
 from merge_engine.search.budget import READ_CEILING, Budget, matmul_rate, reserve_seconds, write_rate
@@ -146,10 +146,10 @@ def check_settings(cfg: SearchConfig, options: SearchOptions) -> dict:
         problems.append(f"search.sampler: one of {', '.join(SAMPLERS)}, got {out['sampler']!r}")
     for key in ("seed", "trials"):
         v = out[key]
-        if (v is not None or key == "seed") and (not isinstance(v, int) or isinstance(v, bool) or (key == "trials" and v < 1)):
+        if (v is not None or key == "seed") and (not is_int(v) or (key == "trials" and v < 1)):
             problems.append(f"search.{key}: an integer{' of at least 1' if key == 'trials' else ''}, got {v!r}")
     seed = out["seed"]
-    if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed < SEED_LIMIT:
+    if is_int(seed) and not 0 <= seed < SEED_LIMIT:
         key = "--seed" if options.seed is not None else "search.seed"
         problems.append(f"{key}: an integer from 0 to 2**32 - 1 (4294967295), got {seed!r}")
     if out["storage"] is not None and not isinstance(out["storage"], str):

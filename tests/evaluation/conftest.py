@@ -3,6 +3,7 @@ its vocabulary, and small multiple-choice question files."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -58,3 +59,17 @@ def write_questions(path, questions, answers) -> str:
         for (prompt, choices), answer in zip(questions, answers):
             f.write(json.dumps({"question": prompt, "choices": choices, "answer": answer}) + "\n")
     return str(path)
+
+
+@contextmanager
+def real_tokens_fed(model):
+    """The real (unpadded) tokens each forward of model is fed while inside, appended to the list it yields: the
+    input_ids-wide end of its attention mask (the rest covers a copied cache)."""
+    fed: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kwargs: fed.append(int(kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1]:].sum())),
+        with_kwargs=True)
+    try:
+        yield fed
+    finally:
+        hook.remove()

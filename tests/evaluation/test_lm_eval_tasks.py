@@ -12,7 +12,7 @@ import yaml
 from merge_engine.errors import ConfigError
 from merge_engine.evaluation import LmEvalTasks, MultipleChoice
 from merge_engine.extras import MissingExtraError
-from tests.evaluation.conftest import QUESTIONS, word_tokenizer, write_questions
+from tests.evaluation.conftest import QUESTIONS, real_tokens_fed, word_tokenizer, write_questions
 from tests.stats.tiny_text import WORDS
 
 ANSWERS = [0, 1, 1, 2, 0, 1, 3, 0]
@@ -42,14 +42,8 @@ def test_a_local_task_scores_as_multiple_choice_does(causal_lm, tokenizer, task_
     reference = MultipleChoice(str(tmp_path / "questions.jsonl"), tokenizer, normalize=normalize, batch_size=3)
     accuracy = reference(causal_lm)
     assert 0 < accuracy < 1  # the answers are neither all right nor all wrong: the equality below tells
-    fed = []  # the real tokens of each forward: the input_ids-wide end of its attention mask (the rest is cache)
-    hook = causal_lm.register_forward_pre_hook(
-        lambda m, args, kwargs: fed.append(int(kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1]:].sum())),
-        with_kwargs=True)
-    try:
+    with real_tokens_fed(causal_lm) as fed:
         assert evaluator(causal_lm) == pytest.approx(accuracy, abs=1e-12)
-    finally:
-        hook.remove()
     # lm_eval's requests are the scorer's sequences, fed as the scorer feeds them (shared rows and prompts once)
     distinct = {tuple(s[:-1]) for q in reference.questions for s in q.sequences}
     assert evaluator.tokens() == sum(fed) == reference.tokens() < sum(map(len, distinct))

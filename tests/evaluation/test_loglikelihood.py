@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from merge_engine.evaluation.loglikelihood import carriers, token_logprobs, tokens_fed
+from tests.evaluation.conftest import real_tokens_fed
 
 
 def random_sequences(seed: int, count: int = 40) -> list[list[int]]:
@@ -122,15 +123,6 @@ class WithoutCache(torch.nn.Module):
                           use_cache=False)
 
 
-def real_tokens_fed(model) -> tuple[list[int], object]:
-    """A hook counting the real (unpadded) tokens each forward is fed: the last input_ids-wide part of its mask."""
-    fed: list[int] = []
-    hook = model.register_forward_pre_hook(
-        lambda m, args, kwargs: fed.append(int(kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1]:].sum())),
-        with_kwargs=True)
-    return fed, hook
-
-
 @pytest.mark.parametrize("arch,attention", [(arch, attention) for arch in ("llama", "qwen2", "gpt2", "mistral")
                                             for attention in ("eager", "sdpa")] + [("gemma2", "eager")])  # no sdpa
 @pytest.mark.parametrize("batch_size", [1, 3, 100])
@@ -141,11 +133,8 @@ def test_shared_prompts_equal_whole_forwards(arch, attention, batch_size, questi
     with torch.no_grad():  # the reference: each sequence alone, unpadded, every position, float64 log-softmax
         whole = [model(input_ids=torch.tensor([s[:-1]]), use_cache=False).logits[0].double().log_softmax(-1)
                  .gather(-1, torch.tensor(s[1:]).unsqueeze(-1)).squeeze(-1) for s in sequences]
-    fed, hook = real_tokens_fed(model)
-    try:
+    with real_tokens_fed(model) as fed:
         got = token_logprobs(model, sequences, batch_size, first)
-    finally:
-        hook.remove()
     # fp32: left padding, the cache's copies and batching change only the order of fp32 sums (ulp 6e-8 on
     # activations of order 1, logits of order 10 with this wide initialisation): each log-prob moves by ~1e-5
     for g, w, f in zip(got, whole, first):
@@ -169,11 +158,8 @@ def test_a_few_shot_prompt_is_fed_once_a_batch():
     """Rows of one few-shot prompt are batched together and feed it once; each letter question is one row."""
     model = tiny_lm("llama", "sdpa")
     sequences, first = few_shot_questions(0)
-    fed, hook = real_tokens_fed(model)
-    try:
+    with real_tokens_fed(model) as fed:
         token_logprobs(model, sequences, 8, first)
-    finally:
-        hook.remove()
     rows = set(carriers(sequences))
     whole = sum(len(sequences[c]) - 1 for c in rows)
     # 7 questions share a 70-token prompt (4 of one, 3 of the other): each prompt fed once saves 5 x 70 tokens

@@ -11,7 +11,7 @@ import torch
 from merge_engine.errors import ConfigError
 from merge_engine.evaluation import MultipleChoice
 from merge_engine.evaluation.multiple_choice import encode_pair
-from tests.evaluation.conftest import QUESTIONS, write_questions
+from tests.evaluation.conftest import QUESTIONS, real_tokens_fed, write_questions
 
 
 def reference_loglikelihoods(model, tokenizer, questions, delimiter=" ") -> list[list[tuple[float, int]]]:
@@ -89,14 +89,8 @@ def fed_rows(tokenizer, questions) -> list[tuple[str, ...]]:
 def test_tokens_counts_what_one_call_feeds_the_model(causal_lm, tokenizer, tmp_path):
     path = write_questions(tmp_path / "q.jsonl", QUESTIONS, [0] * len(QUESTIONS))
     evaluator = MultipleChoice(path, tokenizer)
-    fed = []  # the real tokens of each forward: the input_ids-wide end of its attention mask (the rest is cache)
-    hook = causal_lm.register_forward_pre_hook(
-        lambda m, args, kwargs: fed.append(int(kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1]:].sum())),
-        with_kwargs=True)
-    try:
+    with real_tokens_fed(causal_lm) as fed:
         evaluator.scores(causal_lm)
-    finally:
-        hook.remove()
     rows = fed_rows(tokenizer, QUESTIONS)
     assert evaluator.tokens() == sum(fed)
     # "the cat sat on the" with three one-word choices is one row; four questions' choices share rows, and the
