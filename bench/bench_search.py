@@ -37,8 +37,9 @@ from bench_merge import MERGEKIT, SHAPE, SMALL, generate_models_apart, write_lor
 from merge_engine import MergeOptions, merge, parse_config  # noqa: E402
 from merge_engine.demo import save_word_tokenizer, write_questions  # noqa: E402
 from merge_engine.evaluation import MultipleChoice  # noqa: E402
+from merge_engine.evaluation.memory import scoring_bytes  # noqa: E402
 from merge_engine.search import SearchOptions, search  # noqa: E402
-from merge_engine.session import MemoryPlanError, MergeSession, plan_memory  # noqa: E402
+from merge_engine.session import MemoryPlanError, MergeSession, live_model, plan_memory  # noqa: E402
 
 GB = 1e9
 
@@ -114,6 +115,30 @@ def write_sparse_safetensors(path: str, shapes: dict[str, tuple[int, ...]]) -> N
         f.truncate(8 + len(blob) + offset)
 
 
+LLAMA3_8B_CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 32,
+                    "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+                    "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+                    "rope_theta": 500000.0, "torch_dtype": "bfloat16"}
+FIVE_SHOT = "200 questions after one 600-token 5-shot block, letters A-D, batch 16"
+
+
+def evaluation_memory(model) -> dict[str, int]:
+    """evaluation.memory's estimate for two validation shapes on a model (built on the meta device): an MMLU-like
+    5-shot multiple choice (a 600-token block of examples, a 60-200-token question, four one-token letters) and
+    perplexity windows of 2048 tokens, 4 a batch."""
+    rng = random.Random(0)
+    shots = [rng.randrange(1000, 100000) for _ in range(600)]
+    sequences, first = [], []
+    for _ in range(200):
+        prompt = shots + [rng.randrange(1000, 100000) for _ in range(rng.randrange(60, 200))]
+        for letter in range(4):
+            sequences.append(prompt + [32 + letter])
+            first.append(len(prompt))
+    windows = [[rng.randrange(1000, 100000) for _ in range(2048)] for _ in range(8)]
+    return {FIVE_SHOT: scoring_bytes(model, sequences, first, 16),
+            "perplexity, 2048-token windows, batch 4": scoring_bytes(model, windows, [1] * len(windows), 4)}
+
+
 def plan_8b(root: str) -> str:
     """The memory plans of a base + 3 experts of Llama-3-8B's shapes on a 48 GB GPU, full experts and rank-16 LoRA
     experts on all seven linear weights (sparse files: headers only)."""
@@ -128,7 +153,7 @@ def plan_8b(root: str) -> str:
         os.makedirs(folder, exist_ok=True)
         write_sparse_safetensors(os.path.join(folder, "model.safetensors"), shapes)
         with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 32}, f)
+            json.dump(LLAMA3_8B_CONFIG, f)
         paths.append(folder)
     adapters = []
     for m in range(1, 4):
@@ -146,9 +171,13 @@ def plan_8b(root: str) -> str:
     for what, experts, hosts in (("three full experts", paths[1:], (128, 256)),
                                  ("three rank-16 LoRA experts of the base", adapters, (32, 64, 128))):
         plan = build_plan(parse_config(trial_configs(paths[:1] + experts, 1)[0]))
+        if not rows:
+            evaluations = evaluation_memory(live_model(plan, torch.device("meta")))
+            rows += [f"- evaluation memory ({name}): {n / GB:.2f} GB" for name, n in evaluations.items()]
         for host in hosts:
             try:
-                mp = plan_memory(plan, torch.device("cuda"), free={"cuda": int(46 * GB), "host": int(host * GB)})
+                mp = plan_memory(plan, torch.device("cuda"), free={"cuda": int(46 * GB), "host": int(host * GB)},
+                                 evaluation=evaluations[FIVE_SHOT])
                 rows.append(f"- {what}, {host} GB host RAM, 46 GB free on the 48 GB GPU: {mp.describe()}: {mp.summary()}")
             except MemoryPlanError as e:  # the refusal is the answer
                 rows.append(f"- {what}, {host} GB host RAM, 46 GB free on the 48 GB GPU: refused: {e}")
@@ -237,7 +266,8 @@ def main() -> None:
     per_trial = print_trials(a, objective, read_gbps, copy_gbps, opened, session_rows, rounds, theirs)
     print(f"### LoRA experts: a session over base + three rank-16 LoRA experts of it, {a.device}\n")
     print(lora_sessions(paths[0], a.trials, a.device) + "\n", flush=True)
-    print("### Memory plan of an 8B search on a 48 GB GPU (base + 3 experts, Llama-3-8B shapes, bf16)\n")
+    print("### Memory plan of an 8B search on a 48 GB GPU (base + 3 experts, Llama-3-8B shapes, bf16; evaluation: "
+          f"{FIVE_SHOT})\n")
     print(plan_8b(root) + "\n", flush=True)
 
     search_out = os.path.join(root, "search_out")

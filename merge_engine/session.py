@@ -79,12 +79,17 @@ class MemoryPlan:
     lora: str = "applied"  # how LoRA inputs are held (the module's docstring)
     lora_bytes: int = 0  # host bytes beside the inputs for LoRA updates: scratch; factored, also the bases and
     # adapters beside inputs on the device
+    evaluation_bytes: int = 0  # what evaluating the live model allocates beside it (evaluation.memory), where it
+    # lives; not at once with work_bytes
 
     def needs(self) -> dict[str, int]:
         """Bytes needed per memory: 'host' and, on a GPU, the device's name."""
+        # a trial merges, then evaluates: the two work spaces are not used at once (freed tensors go back to the
+        # system, or, on a GPU, to PyTorch's cache, which it empties before it fails an allocation)
+        work = max(self.work_bytes, self.evaluation_bytes)
         if self.device.type == "cpu":
-            return {"host": self.input_bytes + self.lora_bytes + self.model_bytes + self.work_bytes}
-        on_device = self.model_bytes + self.work_bytes + (self.input_bytes if self.placement == "device" else 0)
+            return {"host": self.input_bytes + self.lora_bytes + self.model_bytes + work}
+        on_device = self.model_bytes + work + (self.input_bytes if self.placement == "device" else 0)
         return {str(self.device): on_device,
                 "host": self.lora_bytes + (self.input_bytes if self.placement == "host" else 0)}
 
@@ -92,8 +97,10 @@ class MemoryPlan:
         where = "on the device" if self.placement == "device" or self.device.type == "cpu" else "in pinned host memory"
         factored = (f", LoRA updates applied at each merge ({self.lora_bytes / GB:.2f} GB more on the host)"
                     if self.lora == "factored" else f", LoRA scratch {self.lora_bytes / GB:.2f} GB" if self.lora_bytes else "")
+        evaluation = f", evaluation {self.evaluation_bytes / GB:.2f} GB" if self.evaluation_bytes else ""
         return (f"inputs {self.input_bytes / GB:.2f} GB {where}{factored}, live model {self.model_bytes / GB:.2f} GB, "
-                f"work {self.work_bytes / GB:.2f} GB ({', '.join(f'{k}: {v / GB:.2f} GB' for k, v in self.needs().items())})")
+                f"work {self.work_bytes / GB:.2f} GB{evaluation} "
+                f"({', '.join(f'{k}: {v / GB:.2f} GB' for k, v in self.needs().items())})")
 
     def describe(self) -> str:
         return f"placement='{self.placement}'" + (", lora='factored'" if self.lora == "factored" else "")
@@ -170,11 +177,12 @@ def lora_scratch_bytes(jobs: list[TensorJob], factored: bool) -> int:
 
 
 def plan_memory(plan: MergePlan, device: torch.device, placement: str = "auto",
-                free: dict[str, int] | None = None, lora: str = "auto") -> MemoryPlan:
+                free: dict[str, int] | None = None, lora: str = "auto", evaluation: int = 0) -> MemoryPlan:
     """The first holding of a session's tensors that fits, in the order: inputs on the device, in host memory;
     LoRA inputs applied, factored (when `lora` is auto and the plan has LoRA inputs). MemoryPlanError saying what
     each needs and what would fit when none does. free: bytes free per memory ('host', the device's name);
-    measured when None."""
+    measured when None. evaluation: bytes kept free beside the live model for evaluating it (an evaluator's
+    memory_bytes)."""
     if placement not in PLACEMENTS:
         raise MemoryPlanError(f"placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
     if lora not in LORA_MODES:
@@ -184,7 +192,7 @@ def plan_memory(plan: MergePlan, device: torch.device, placement: str = "auto",
     free = free if free is not None else {"host": free_memory(torch.device("cpu")),
                                           **({str(device): free_memory(device)} if device.type == "cuda" else {})}
     has_lora = any(is_factored(ckpt, name) for job in plan.jobs for ckpt, name in job.inputs)
-    candidates = [_candidate(plan, device, p, m, model, 2 * largest)
+    candidates = [_candidate(plan, device, p, m, model, 2 * largest, evaluation)
                   for m in (("applied", "factored") if has_lora else ("applied",))
                   for p in (("device",) if device.type == "cpu" else ("device", "host"))]
     def fits(p: MemoryPlan) -> bool:
@@ -196,19 +204,24 @@ def plan_memory(plan: MergePlan, device: torch.device, placement: str = "auto",
     lines = [f"{p.describe()} needs " + ", ".join(f"{v / GB:.3g} GB {k}" for k, v in p.needs().items()) for p in wanted]
     others = [p.describe() for p in candidates if p not in wanted and fits(p)]
     hint = (f"{others[0]} would fit" if others else
+            "a smaller evaluation batch_size would fit" if any(fits(dataclasses.replace(p, evaluation_bytes=0))
+                                                               for p in wanted) else
             "merge to disk with `merge-engine` instead (it streams), or use a device with more memory")
+    evaluating = f", evaluation {evaluation / GB:.3g} GB" if evaluation else ""
     raise MemoryPlanError("the merge session does not fit in memory: " + "; ".join(lines) + " (inputs "
                           f"{input_bytes(plan.jobs) / GB:.3g} GB read once, live model {model / GB:.3g} GB, work "
-                          f"{2 * largest / GB:.3g} GB); free: " + ", ".join(f"{k} {v / GB:.3g} GB" for k, v in free.items())
-                          + f"; {hint}")
+                          f"{2 * largest / GB:.3g} GB{evaluating}); free: "
+                          + ", ".join(f"{k} {v / GB:.3g} GB" for k, v in free.items()) + f"; {hint}")
 
 
-def _candidate(plan: MergePlan, device: torch.device, placement: str, lora: str, model: int, work: int) -> MemoryPlan:
+def _candidate(plan: MergePlan, device: torch.device, placement: str, lora: str, model: int, work: int,
+               evaluation: int) -> MemoryPlan:
     on_device = device.type == "cuda" and placement == "device"
     held = holdings(plan.jobs, lora == "factored", on_device)
     placed = sum(v for k, v in held.items() if k[0] == ("device" if on_device else "host"))
     beside = sum(held.values()) - placed  # factored, on the host beside inputs on the device: bases and adapters
-    return MemoryPlan(device, placement, placed, model, work, lora, beside + lora_scratch_bytes(plan.jobs, lora == "factored"))
+    return MemoryPlan(device, placement, placed, model, work, lora, beside + lora_scratch_bytes(plan.jobs, lora == "factored"),
+                      evaluation)
 
 
 class MergeSession:
@@ -216,15 +229,17 @@ class MergeSession:
 
     def __init__(self, config: MergeConfig | dict | str, device: str = "auto", *, placement: str = "auto",
                  lora: str = "auto", random_seed: int = 0, allow_crimes: bool = False,
-                 lora_merge_dtype: torch.dtype | None = None, progress: bool = True, plan: MergePlan | None = None):
+                 lora_merge_dtype: torch.dtype | None = None, progress: bool = True, plan: MergePlan | None = None,
+                 evaluation_bytes: int = 0):
         """placement, lora: see plan_memory (auto: the first that fits). random_seed, allow_crimes,
         lora_merge_dtype: as MergeOptions's. plan: build_plan(config, ...) when the caller has it already (its
-        headers are not read again)."""
+        headers are not read again). evaluation_bytes: memory kept free beside the live model for evaluating it
+        (an evaluator's memory_bytes(live_model(plan, torch.device("meta"))))."""
         self.config = as_config(config)
         self.device = resolve_device(device)
         self.random_seed = random_seed
         self.plan = plan or build_plan(self.config, allow_crimes, lora_merge_dtype=lora_merge_dtype)
-        self.memory = plan_memory(self.plan, self.device, placement, lora=lora)
+        self.memory = plan_memory(self.plan, self.device, placement, lora=lora, evaluation=evaluation_bytes)
         load_kernels(self.device)
         self.model = live_model(self.plan, self.device)
         self._targets = merge_targets(self.model, self.plan)
@@ -465,6 +480,11 @@ def output_config(plan: MergePlan):
     return transformers.AutoConfig.for_model(settings.pop("model_type"), **settings)
 
 
+def output_dtype(plan: MergePlan) -> torch.dtype:
+    """The live model's dtype: its tensors' (the merge's dtype)."""
+    return plan.jobs[0].out_dtype if plan.jobs else torch.float32
+
+
 def live_model(plan: MergePlan, device: torch.device) -> torch.nn.Module:
     """The output's transformers model (the donor's architecture and the merge's config.json) on the device,
     its weights allocated but not initialised: the session's merge fills them."""
@@ -473,9 +493,8 @@ def live_model(plan: MergePlan, device: torch.device) -> torch.nn.Module:
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     cls = cls if isinstance(cls, type) else transformers.AutoModelForCausalLM
-    dtype = plan.jobs[0].out_dtype if plan.jobs else torch.float32
     with _no_init_weights(transformers), torch.device(device):
-        model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls.from_config(config)
+        model = cls._from_config(config, dtype=output_dtype(plan)) if hasattr(cls, "_from_config") else cls.from_config(config)
     model.tie_weights()  # as from_pretrained does (the tied tensors share one storage)
     return model.eval().requires_grad_(False)
 

@@ -273,6 +273,33 @@ def test_memory_plan_refuses_what_cannot_fit_and_names_what_would(model_sets):
         plan_memory(plan, torch.device("cpu"), free={"host": inputs // 2})
 
 
+def test_the_memory_plan_keeps_room_for_evaluating_the_live_model(model_sets):
+    base, *experts = model_sets("llama")
+    plan = build_plan(parse_config({"merge_method": "linear", "models": [{"model": e, "parameters": {"weight": 1.0}}
+                                                                        for e in experts]}))
+    inputs = sum(j.bytes_in for j in plan.jobs)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    plain = plan_memory(plan, cuda, free={"cuda": 10 * inputs, "host": 10 * inputs})
+    model, work = plain.model_bytes, plain.work_bytes
+    # evaluation memory is taken where the live model is: on the GPU, or in host memory for a CPU session; a trial
+    # merges, then evaluates, so the larger of the merge's and the evaluation's work space counts
+    for evaluation in (work // 2, 3 * work):
+        assert plan_memory(plan, cuda, free={"cuda": 10 * inputs, "host": 10 * inputs},
+                           evaluation=evaluation).needs() == {"cuda": inputs + model + max(work, evaluation), "host": 0}
+        assert plan_memory(plan, cpu, free={"host": 10 * inputs}, evaluation=evaluation).needs() == {
+            "host": inputs + model + max(work, evaluation)}
+    evaluation = inputs + work
+    # room for the inputs beside the model, not for the evaluation too: the inputs go to host memory
+    gpu = {"cuda": plain.needs()["cuda"], "host": 10 * inputs}
+    assert plan_memory(plan, cuda, free=gpu).placement == "device"
+    moved = plan_memory(plan, cuda, free=gpu, evaluation=evaluation)
+    assert moved.placement == "host" and "evaluation" in moved.summary()
+    # no room for the evaluation anywhere: refused, saying a smaller evaluation batch would fit
+    small_gpu = {"cuda": plain.model_bytes + plain.work_bytes, "host": 10 * inputs}
+    with pytest.raises(MemoryPlanError, match=r"evaluation [\d.]+ GB.*a smaller evaluation batch_size would fit"):
+        plan_memory(plan, cuda, free=small_gpu, evaluation=evaluation)
+
+
 def test_a_session_that_cannot_fit_reads_nothing(model_sets, monkeypatch):
     base, *experts = model_sets("llama")
     import merge_engine.session as session_module

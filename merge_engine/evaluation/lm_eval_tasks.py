@@ -7,12 +7,14 @@ import functools
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from merge_engine.errors import MergeEngineError
 from merge_engine.evaluation.data_files import raise_problems
 from merge_engine.evaluation.loglikelihood import scored_tokens, tokens_fed
+from merge_engine.evaluation.memory import forward_bytes, scoring_bytes, widths_of
 from merge_engine.evaluation.multiple_choice import encode_pair
 from merge_engine.extras import require
 
@@ -44,11 +46,26 @@ class LmEvalTasks:
         self.task_names, self.tokenizer, self.metric = list(tasks), tokenizer, metric
         self.batch_size, self.limit = batch_size, limit
         self.name = f"{metric} on {', '.join(tasks)}"
-        self._tokens = count_tokens(self.manager.load(self.task_names)["tasks"].values(), tokenizer, limit,
-                                    batch_size)
+        self.requests = read_requests(self.manager.load(self.task_names)["tasks"].values(), tokenizer, limit)
 
     def tokens(self) -> int:
-        return self._tokens
+        """About how many tokens one evaluation feeds the model: every request's text, plus max_gen_toks for a
+        generation (an upper bound: generation stops early at a stop sequence). Log-likelihood requests count as
+        scored_tokens feeds them (loglikelihood.tokens_fed: shared rows and prompts once)."""
+        r = self.requests
+        return (sum(r.rolling) + sum(c + g for c, g in r.generations)
+                + (tokens_fed(r.sequences, r.first, self.batch_size) if r.sequences else 0))
+
+    def memory_bytes(self, model: torch.nn.Module) -> int:
+        """The most memory one call allocates beside the model's weights (evaluation.memory; the model may be on
+        the meta device): the log-likelihood requests as scored_tokens feeds them; batch_size rolling windows (each
+        at most the model's positions) fed whole; batch_size generations' prompts and their caches to max_gen_toks."""
+        r, rows, w = self.requests, self.batch_size, widths_of(model)
+        window = min(max(r.rolling, default=0), getattr(model.config, "max_position_embeddings", None) or 2048)
+        prompt, total = max((c for c, _ in r.generations), default=0), max((c + g for c, g in r.generations), default=0)
+        return max(scoring_bytes(model, r.sequences, r.first, rows),
+                   forward_bytes(w, rows, window, 0, window) if window else 0,
+                   forward_bytes(w, rows, prompt, 0, 1) + rows * total * w.cache if total else 0)
 
     def check_model(self, config) -> None:
         """Nothing to refuse: lm_eval cuts inputs to the model's length itself."""
@@ -118,12 +135,20 @@ def task_manager(tasks: Sequence[str], include_path: str | None):
     return TaskManager(include_path=include_path)
 
 
-def count_tokens(tasks, tokenizer, limit: int | float | None, batch_size: int) -> int:
-    """About how many tokens one evaluation feeds the model: every request's text, plus max_gen_toks for a
-    generation (an upper bound: generation stops early at a stop sequence). Log-likelihood requests count as
-    scored_tokens feeds them (loglikelihood.tokens_fed: shared rows and prompts once)."""
+@dataclass
+class Requests:
+    """What one evaluation of the tasks asks of the model, in tokens."""
+
+    sequences: list[list[int]] = field(default_factory=list)  # log-likelihood requests: context + continuation
+    first: list[int] = field(default_factory=list)  # each one's first continuation token
+    rolling: list[int] = field(default_factory=list)  # each rolling log-likelihood text's tokens
+    generations: list[tuple[int, int]] = field(default_factory=list)  # each generation's prompt tokens, max_gen_toks
+
+
+def read_requests(tasks, tokenizer, limit: int | float | None) -> Requests:
+    """The tasks' requests (their data loaded, the prompts built as simple_evaluate builds them), tokenized."""
     from lm_eval.evaluator_utils import get_sample_size
-    total, sequences, first = 0, [], []
+    r = Requests()
     for task in tasks:
         if task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)  # as simple_evaluate does
@@ -132,10 +157,11 @@ def count_tokens(tasks, tokenizer, limit: int | float | None, batch_size: int) -
             text, *rest = instance.args
             if instance.request_type == "loglikelihood":  # (context, continuation)
                 context, continuation = encode_pair(tokenizer, text, rest[0])
-                sequences.append(context + continuation)
-                first.append(len(context))
+                r.sequences.append(context + continuation)
+                r.first.append(len(context))
             elif instance.request_type == "generate_until":  # (context, generation settings)
-                total += len(tokenizer(text)["input_ids"]) + int(rest[0].get("max_gen_toks", DEFAULT_GENERATED_TOKENS))
+                r.generations.append((len(tokenizer(text)["input_ids"]),
+                                      int(rest[0].get("max_gen_toks", DEFAULT_GENERATED_TOKENS))))
             else:  # loglikelihood_rolling: (text,)
-                total += len(tokenizer(text)["input_ids"])
-    return total + (tokens_fed(sequences, first, batch_size) if sequences else 0)
+                r.rolling.append(len(tokenizer(text)["input_ids"]))
+    return r

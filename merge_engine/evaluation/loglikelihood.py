@@ -191,13 +191,9 @@ class Forward:
     """A causal LM's forward passes as token_logprobs feeds it, with the keyword arguments this model takes."""
 
     def __init__(self, model: torch.nn.Module, greedy: bool):
-        params = inspect.signature(model.forward).parameters
         self.model, self.device, self.greedy = model, model_device(model), greedy
-        self.keeps_logits = "logits_to_keep" in params
-        encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
-        # transformers 5 names the cache argument `cache`, earlier versions `past_key_values`
-        cache_name = next((n for n in ("cache", "past_key_values") if n in params), None)
-        self.cache_name = cache_name if "position_ids" in params and not encoder_decoder else None
+        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.cache_name = cache_argument(model)
 
     def whole_rows(self, batch: list[list[int]], needs: list[list[tuple[list[int], int]]]
                    ) -> list[list[tuple[torch.Tensor, bool | None]]]:
@@ -239,6 +235,16 @@ class Forward:
 
     def keep(self, count: int) -> dict:
         return {"logits_to_keep": count} if self.keeps_logits else {}
+
+
+def cache_argument(model: torch.nn.Module) -> str | None:
+    """The name of the forward's key-value cache argument where a decoder-only model takes a cache and position ids
+    (so that rows can share prefixes), else None."""
+    params = inspect.signature(model.forward).parameters
+    if "position_ids" not in params or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    # transformers 5 names the cache argument `cache`, earlier versions `past_key_values`
+    return next((n for n in ("cache", "past_key_values") if n in params), None)
 
 
 def copied_to_rows(cache, index: torch.Tensor, prefixes: int):

@@ -10,6 +10,7 @@ import torch
 
 from merge_engine.evaluation.data_files import raise_problems, read_text
 from merge_engine.evaluation.loglikelihood import check_fits, token_logprobs, tokens_fed
+from merge_engine.evaluation.memory import scoring_bytes
 
 NORMALIZE = ("none", "tokens", "chars")  # a choice's log-likelihood: the sum, per token, per character
 
@@ -48,6 +49,11 @@ class MultipleChoice:
     def tokens(self) -> int:
         """Tokens one call feeds the model (loglikelihood.tokens_fed: shared rows and prompts counted once)."""
         return tokens_fed(self._sequences, self._first, self.batch_size)
+
+    def memory_bytes(self, model: torch.nn.Module) -> int:
+        """The most memory one call allocates beside the model's weights (evaluation.memory; the model may be on
+        the meta device)."""
+        return scoring_bytes(model, self._sequences, self._first, self.batch_size)
 
     def check_model(self, config) -> None:
         """Refuse a model (its transformers config) with fewer positions than the longest question needs."""

@@ -8,6 +8,7 @@ import torch
 
 from merge_engine.evaluation.data_files import raise_problems, read_text
 from merge_engine.evaluation.loglikelihood import check_fits, token_logprobs
+from merge_engine.evaluation.memory import scoring_bytes
 
 
 class Perplexity:
@@ -36,6 +37,11 @@ class Perplexity:
 
     def tokens(self) -> int:
         return sum(len(w) - 1 for w in self.windows)
+
+    def memory_bytes(self, model: torch.nn.Module) -> int:
+        """The most memory one call allocates beside the model's weights (evaluation.memory; the model may be on
+        the meta device)."""
+        return scoring_bytes(model, self.windows, [1] * len(self.windows), self.batch_size)
 
     def check_model(self, config) -> None:
         """Refuse a model (its transformers config) with fewer positions than a window needs."""

@@ -30,6 +30,11 @@ class Evaluator(Protocol):
     def check_model(self, config) -> None:
         """Refuse, before any weights are read, a model (its transformers config) the data does not fit."""
 
+    def memory_bytes(self, model: torch.nn.Module) -> int:
+        """The most memory one call allocates on the model's device beside its weights: an estimate from the
+        model's class, config and dtype (evaluation.memory), so the model may be on the meta device (known before
+        any weights are read)."""
+
 
 @dataclass(frozen=True)
 class Key:

@@ -40,7 +40,14 @@ from merge_engine.io.writer import check_output_apart, check_output_dir
 from merge_engine.plan import build_plan
 from merge_engine.search.budget import READ_CEILING, Budget, matmul_rate, reserve_seconds, write_rate
 from merge_engine.search.spaces import SearchConfig, parse_search_config
-from merge_engine.session import MergeSession, input_bytes, output_config, output_tokenizer, plan_memory
+from merge_engine.session import (
+    MergeSession,
+    input_bytes,
+    live_model,
+    output_dtype,
+    output_tokenizer,
+    plan_memory,
+)
 
 log = logging.getLogger("merge_engine")
 
@@ -106,11 +113,13 @@ def search(config: SearchConfig | dict | str, out_dir: str, options: SearchOptio
     tokenizer = output_tokenizer(plan)
     objective = evaluator_from_spec(settings["objective"], tokenizer, "search.objective", base_dir=base_dir)
     test = evaluator_from_spec(settings["test"], tokenizer, "search.test", base_dir=base_dir) if settings["test"] else None
-    model_config = output_config(plan)
-    for evaluator in (objective, test) if test else (objective,):
-        evaluator.check_model(model_config)
+    shape = live_model(plan, torch.device("meta"))  # the live model's class and config, its tensors unallocated
+    evaluators = (objective, test) if test else (objective,)
+    for evaluator in evaluators:
+        evaluator.check_model(shape.config)
+    evaluation = max(e.memory_bytes(shape) for e in evaluators)
     device = resolve_device(options.device)
-    memory = plan_memory(plan, device, options.placement, lora=options.lora)
+    memory = plan_memory(plan, device, options.placement, lora=options.lora, evaluation=evaluation)
     estimate = estimate_seconds(plan, memory, objective, device, out_dir)
     check_budget_fits(budget, estimate, objective, test, input_bytes(plan.jobs))
     verbosity = optuna.logging.get_verbosity()
@@ -118,7 +127,8 @@ def search(config: SearchConfig | dict | str, out_dir: str, options: SearchOptio
     try:
         study, storage_path = open_study(optuna, cfg, settings, objective.direction, out_dir)
         session = MergeSession(start_config, str(device), placement=memory.placement, lora=memory.lora,
-                               random_seed=options.random_seed, progress=options.progress, plan=plan)
+                               random_seed=options.random_seed, progress=options.progress, plan=plan,
+                               evaluation_bytes=evaluation)
         ran = run_trials(optuna, study, cfg, session, objective, test, settings["trials"], budget, estimate, options)
         return finish(optuna, study, cfg, session, objective, test, out_dir, storage_path, settings, budget, options, ran)
     finally:
@@ -171,7 +181,7 @@ class Estimate:
 
 def estimate_seconds(plan, memory, objective, device, out_dir: str) -> Estimate:
     params = sum(math.prod(shape) for _, _, shape in plan.entries())
-    dtype = plan.jobs[0].out_dtype if plan.jobs else torch.float32
+    dtype = output_dtype(plan)
     # the faster of fp32 and the model's dtype: a CPU's bare bf16 matmul can be 10x slower than the model's layers
     per_token = 2 * params / max(matmul_rate(device, torch.float32), matmul_rate(device, dtype))
     return Estimate(input_bytes(plan.jobs) / READ_CEILING, objective.tokens() * per_token, per_token,

@@ -47,6 +47,7 @@ def test_a_local_task_scores_as_multiple_choice_does(causal_lm, tokenizer, task_
     # lm_eval's requests are the scorer's sequences, fed as the scorer feeds them (shared rows and prompts once)
     distinct = {tuple(s[:-1]) for q in reference.questions for s in q.sequences}
     assert evaluator.tokens() == sum(fed) == reference.tokens() < sum(map(len, distinct))
+    assert evaluator.memory_bytes(causal_lm) == reference.memory_bytes(causal_lm) > 0  # the same rows and batches
     assert (evaluator.name, evaluator.direction) == (f"{metric} on tiny_mc", "maximize")
 
 

@@ -18,7 +18,7 @@ from merge_engine.engine import MergeOptions, merge
 from merge_engine.errors import ConfigError
 from merge_engine.evaluation import MultipleChoice
 from merge_engine.search import SearchError, SearchOptions, search
-from merge_engine.session import MergeSession
+from merge_engine.session import MemoryPlanError, MergeSession
 from tests.evaluation.conftest import word_tokenizer
 from tests.search.conftest import search_config
 
@@ -36,12 +36,17 @@ class TimedEvaluator:
 
     direction = "maximize"
 
-    def __init__(self, clock: FakeClock, seconds: float, tokens: int = 100, fail_on_call: int | None = None):
+    def __init__(self, clock: FakeClock, seconds: float, tokens: int = 100, fail_on_call: int | None = None,
+                 memory: int = 0):
         self.clock, self.seconds, self._tokens, self.fail_on_call = clock, seconds, tokens, fail_on_call
-        self.name, self.calls = "fake", 0
+        self.name, self.calls, self.memory = "fake", 0, memory
 
     def tokens(self) -> int:
         return self._tokens
+
+    def memory_bytes(self, model) -> int:
+        assert next(model.parameters()).device.type == "meta"  # asked before any weight is read
+        return self.memory
 
     def check_model(self, config) -> None:
         pass
@@ -119,6 +124,30 @@ def test_a_budget_too_small_for_one_trial_is_refused_before_reading(search_model
     with pytest.raises(ConfigError, match=r"budget: 40 s cannot fit one trial.*writing the result 30\.0 s"):
         search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(budget=40, device="cpu", progress=False,
                                                                             clock=clock))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_the_memory_plan_keeps_room_for_the_larger_evaluation(search_models, fake_rates, monkeypatch, tmp_path):
+    paths, val, test = search_models
+    clock = FakeClock()
+    fake_rates(clock, write_seconds=1.0, objective=TimedEvaluator(clock, 1.0, memory=1000),
+               test=TimedEvaluator(clock, 1.0, memory=3000))
+    opened = []
+    monkeypatch.setattr(run_module, "MergeSession", lambda *a, **k: opened.append(k) or MergeSession(*a, **k))
+    search(search_config(paths, val, test={"kind": "multiple_choice", "data": test}), str(tmp_path / "out"),
+           SearchOptions(budget=100, device="cpu", progress=False, clock=clock, trials=1))
+    assert opened[0]["evaluation_bytes"] == 3000
+
+
+def test_a_search_whose_evaluation_cannot_fit_is_refused_before_reading(search_models, fake_rates, monkeypatch,
+                                                                       tmp_path):
+    paths, val, _ = search_models
+    clock = FakeClock()
+    fake_rates(clock, write_seconds=1.0, objective=TimedEvaluator(clock, 1.0, memory=10**15))
+    monkeypatch.setattr(run_module, "MergeSession", lambda *a, **k: pytest.fail("inputs read"))
+    with pytest.raises(MemoryPlanError, match=r"evaluation 1e\+06 GB.*a smaller evaluation batch_size would fit"):
+        search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(budget=100, device="cpu",
+                                                                            progress=False, clock=clock))
     assert not os.path.exists(tmp_path / "out")
 
 
