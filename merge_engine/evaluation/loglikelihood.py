@@ -3,11 +3,14 @@ of this package shares."""
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from merge_engine.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -56,6 +59,9 @@ class Batch:
     rest), and `whole` rows (a forward of their own)."""
     groups: list[SharedPrefix]
     whole: list[int]
+
+    def rows(self) -> list[int]:
+        return [c for g in self.groups for c in g.rows] + self.whole
 
 
 def plan_batches(sequences: list[list[int]], first: list[int], batch_size: int, carried: dict[int, list[int]],
@@ -161,30 +167,47 @@ def scored_tokens(model: torch.nn.Module, sequences: list[list[int]], batch_size
     prompt) are fed once (see plan_batches). Logits are formed only from the first position any row of a batch
     needs (transformers' logits_to_keep, where the model takes it). With greedy, each sequence's flag says whether
     every one of those tokens is the most likely one at its position (the first of equal maxima, as argmax;
-    lm-eval's is_greedy); else it is None."""
+    lm-eval's is_greedy); else it is None. A batch that runs out of memory is fed again in halves, with a warning
+    (a single row that does not fit raises)."""
     first = first or [1] * len(sequences)
     carried = served_by(carriers(sequences))
     forward = Forward(model, greedy)
     needs = {c: [(sequences[i], first[i]) for i in served] for c, served in carried.items()}
     out: list[tuple[torch.Tensor, bool | None]] = [(torch.empty(0), None)] * len(sequences)
+    share, limit = forward.cache_name is not None, getattr(getattr(model, "config", None), "max_position_embeddings", None)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for batch in plan_batches(sequences, first, batch_size, carried, forward.cache_name is not None,
-                                      getattr(getattr(model, "config", None), "max_position_embeddings", None)):
-                shared, whole = [c for g in batch.groups for c in g.rows], batch.whole
-                scores = forward.shared_prefixes(batch.groups, sequences, [needs[c] for c in shared]) if shared else []
-                if scores is None:  # the model returned no usable cache: these rows whole too
-                    shared, whole, scores = [], shared + whole, []
-                if whole:
-                    scores += forward.whole_rows([sequences[c] for c in whole], [needs[c] for c in whole])
-                for c, row in zip(shared + whole, scores):
+            pending = plan_batches(sequences, first, batch_size, carried, share, limit)
+            while pending:
+                batch = pending.pop(0)
+                try:
+                    rows, scores = forward.batch(batch, sequences, needs)
+                except torch.OutOfMemoryError:
+                    rows = batch.rows()
+                    if len(rows) == 1:
+                        raise
+                    scores = None  # out of the handler first: its traceback holds the failed forward's tensors
+                if scores is None:
+                    release_cached_memory(forward.device)
+                    log.warning("evaluation: out of memory feeding %d rows at once; these rows again, %d at a time "
+                                "(a smaller batch_size avoids the retry)", len(rows), (len(rows) + 1) // 2)
+                    pending[:0] = plan_batches(sequences, first, (len(rows) + 1) // 2, {c: carried[c] for c in rows},
+                                               share, limit)
+                    continue
+                for c, row in zip(rows, scores):
                     for i, score in zip(carried[c], row):
                         out[i] = score
     finally:
         model.train(was_training)
     return out
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Give memory freed by a failed forward back before the retry (PyTorch's GPU cache; the host's is the system's)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class Forward:
@@ -194,6 +217,17 @@ class Forward:
         self.model, self.device, self.greedy = model, model_device(model), greedy
         self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.cache_name = cache_argument(model)
+
+    def batch(self, batch: Batch, sequences: list[list[int]], needs: dict[int, list[tuple[list[int], int]]]
+              ) -> tuple[list[int], list[list[tuple[torch.Tensor, bool | None]]]]:
+        """The batch's rows (carriers) in the order of their scores, and the scores (see whole_rows)."""
+        shared, whole = [c for g in batch.groups for c in g.rows], batch.whole
+        scores = self.shared_prefixes(batch.groups, sequences, [needs[c] for c in shared]) if shared else []
+        if scores is None:  # the model returned no usable cache: these rows whole too
+            shared, whole, scores = [], shared + whole, []
+        if whole:
+            scores += self.whole_rows([sequences[c] for c in whole], [needs[c] for c in whole])
+        return shared + whole, scores
 
     def whole_rows(self, batch: list[list[int]], needs: list[list[tuple[list[int], int]]]
                    ) -> list[list[tuple[torch.Tensor, bool | None]]]:

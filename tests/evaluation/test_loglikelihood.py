@@ -196,3 +196,36 @@ def test_the_rows_of_a_question_with_a_short_prompt_share_a_batch():
         first += [20] * 4
         ideal += 19 + sum(map(len, choices))  # each row's tail: the prompt's last token and the choice but its last
     assert tokens_fed(sequences, first, 4) == ideal
+
+
+class RunsOutOfMemory(torch.nn.Module):
+    """A model whose forward fails as a GPU out of memory does when fed more than `rows` rows at once."""
+
+    def __init__(self, model, rows: int):
+        super().__init__()
+        self.model, self.rows, self.fed = model, rows, []
+        self.config = model.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None, logits_to_keep=0):
+        if input_ids.shape[0] > self.rows:
+            raise torch.OutOfMemoryError("CUDA out of memory (a test's)")
+        self.fed.append(input_ids.shape[0])
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep)
+
+
+@pytest.mark.parametrize("questions", [prompts_with_choices, few_shot_questions])
+def test_a_batch_out_of_memory_is_fed_again_in_halves(questions, caplog):
+    model = tiny_lm("llama", "sdpa")
+    sequences, first = questions(3)
+    expected = token_logprobs(model, sequences, 2, first)
+    small = RunsOutOfMemory(model, rows=2)
+    with caplog.at_level("WARNING", logger="merge_engine.evaluation.loglikelihood"):
+        got = token_logprobs(small, sequences, 16, first)
+    assert small.fed and max(small.fed) <= 2
+    assert "out of memory feeding" in caplog.text
+    # other batches: other padding, so the order of fp32 sums moves each log-prob by about 1e-6 (as above)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and torch.allclose(g, e, atol=1e-5, rtol=0)
+    with pytest.raises(torch.OutOfMemoryError):  # one row that does not fit is the caller's to handle
+        token_logprobs(RunsOutOfMemory(model, rows=0), sequences, 16, first)
