@@ -14,7 +14,7 @@ import torch
 from merge_engine.errors import MergeEngineError
 from merge_engine.evaluation.data_files import raise_problems
 from merge_engine.evaluation.loglikelihood import scored_tokens, tokens_fed
-from merge_engine.evaluation.memory import forward_bytes, scoring_bytes, widths_of
+from merge_engine.evaluation.memory import generation_bytes, scoring_bytes
 from merge_engine.evaluation.multiple_choice import encode_pair
 from merge_engine.extras import require
 
@@ -58,14 +58,17 @@ class LmEvalTasks:
 
     def memory_bytes(self, model: torch.nn.Module) -> int:
         """The most memory one call allocates beside the model's weights (evaluation.memory; the model may be on
-        the meta device): the log-likelihood requests as scored_tokens feeds them; batch_size rolling windows (each
-        at most the model's positions) fed whole; batch_size generations' prompts and their caches to max_gen_toks."""
-        r, rows, w = self.requests, self.batch_size, widths_of(model)
-        window = min(max(r.rolling, default=0), getattr(model.config, "max_position_embeddings", None) or 2048)
+        the meta device): the log-likelihood requests as SharedRowsLM feeds them (cut from the left to the model's
+        length), batch_size rolling windows fed whole, and batch_size generations (evaluation.memory's
+        generation_bytes)."""
+        r, rows, length = self.requests, self.batch_size, hflm_max_length(model.config, self.tokenizer)
+        cut = [s[-(length + 1):] for s in r.sequences]
+        first = [len(c) - (len(s) - f) for c, s, f in zip(cut, r.sequences, r.first)]
+        window = min(max(r.rolling, default=0), length)
         prompt, total = max((c for c, _ in r.generations), default=0), max((c + g for c, g in r.generations), default=0)
-        return max(scoring_bytes(model, r.sequences, r.first, rows),
-                   forward_bytes(w, rows, window, 0, window) if window else 0,
-                   forward_bytes(w, rows, prompt, 0, 1) + rows * total * w.cache if total else 0)
+        return max(scoring_bytes(model, cut, [max(f, 1) for f in first], rows),
+                   scoring_bytes(model, [[i] + [0] * window for i in range(rows)], [1] * rows, rows) if window else 0,
+                   generation_bytes(model, rows, min(prompt, length), min(total, length)) if total else 0)
 
     def check_model(self, config) -> None:
         """Nothing to refuse: lm_eval cuts inputs to the model's length itself."""
@@ -122,6 +125,17 @@ def shared_rows_lm():
             return answers
 
     return SharedRowsLM
+
+
+def hflm_max_length(config, tokenizer) -> int:
+    """The length HFLM gives a model it is handed: the config's n_positions, max_position_embeddings or n_ctx, else
+    the tokenizer's model_max_length (unless unset), else 2048."""
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if hasattr(config, key):
+            return getattr(config, key)
+    unset = int(1e30)  # transformers' VERY_LARGE_INTEGER
+    length = getattr(tokenizer, "model_max_length", None)
+    return length if length is not None and length != unset else 2048
 
 
 def task_manager(tasks: Sequence[str], include_path: str | None):

@@ -215,8 +215,7 @@ class Forward:
 
     def __init__(self, model: torch.nn.Module, greedy: bool):
         self.model, self.device, self.greedy = model, model_device(model), greedy
-        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self.cache_name = cache_argument(model)
+        self.keeps_logits, self.cache_name = keeps_logits(model), cache_argument(model)
 
     def batch(self, batch: Batch, sequences: list[list[int]], needs: dict[int, list[tuple[list[int], int]]]
               ) -> tuple[list[int], list[list[tuple[torch.Tensor, bool | None]]]]:
@@ -269,6 +268,11 @@ class Forward:
 
     def keep(self, count: int) -> dict:
         return {"logits_to_keep": count} if self.keeps_logits else {}
+
+
+def keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether the forward forms only the last positions' logits when asked (transformers' logits_to_keep)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def cache_argument(model: torch.nn.Module) -> str | None:
