@@ -134,7 +134,7 @@ def parse_config(raw: Any, source: str | None = None, strict: bool = False) -> M
     unknown = sorted(set(raw) - _KNOWN_KEYS, key=str)  # YAML keys may be numbers too
     if unknown:
         warnings.warn(f"{source or 'config'}: ignoring unknown key(s) {unknown} (mergekit ignores them too)")
-    method = _method(raw, problems)
+    method = method_of(raw, problems)
     cfg = MergeConfig(method=method, slices=[], raw=raw, parameters=_params_dict(raw, "", problems))
     cfg.base_model = _model_ref(raw.get("base_model"), "base_model", problems, optional=True)
     cfg.dtype = _dtype(raw, "dtype", problems)
@@ -163,7 +163,9 @@ def parse_config(raw: Any, source: str | None = None, strict: bool = False) -> M
     return cfg
 
 
-def _method(raw: dict, problems: list[str]) -> MergeMethod | None:
+def method_of(raw: dict, problems: list[str]) -> MergeMethod | None:
+    """The config's merge method (specialised by its parameters where it wraps another), or None with the
+    problem appended: missing, not a name, unknown."""
     name = raw.get("merge_method")
     if name is None:
         problems.append("'merge_method' is missing")

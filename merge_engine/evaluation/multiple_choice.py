@@ -100,9 +100,16 @@ def parse_question(line: str, number: int, tokenizer, delimiter: str, normalize:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         return None, [f"not valid JSON ({e.msg} at column {e.colno})"]
+    except (ValueError, RecursionError) as e:  # an integer of over 4300 digits; nesting deeper than Python's stack
+        return None, [f"not a usable JSON line ({type(e).__name__}: {str(e)[:80]})"]
     if not isinstance(record, dict):
         return None, [f"not a JSON object, got a {type(record).__name__}"]
     problems = record_problems(record, normalize)
+    if problems:
+        return None, problems
+    problems = [f"{where} is not text: it holds a lone surrogate escape (\\ud800-\\udfff)"
+                for where, text in [("the prompt", record.get("question", record.get("prompt")))]
+                + [(f"choices[{i}]", c) for i, c in enumerate(record["choices"])] if not is_text(text)]
     if problems:
         return None, problems
     context = record.get("question", record.get("prompt"))
@@ -116,6 +123,15 @@ def parse_question(line: str, number: int, tokenizer, delimiter: str, normalize:
         return None, problems
     return Question(number, [c + t for c, t in pairs], [len(t) for _, t in pairs],
                     [len(choice) for choice in record["choices"]], record["answer"]), []
+
+
+def is_text(s: str) -> bool:
+    """Whether s can be encoded (and so tokenized): JSON's \\u escapes can name half a surrogate pair alone."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def record_problems(record: dict, normalize: str) -> list[str]:

@@ -38,7 +38,14 @@ from merge_engine.extras import require
 from merge_engine.io.untrusted import is_int, not_regular
 from merge_engine.io.writer import check_output_apart, check_output_dir
 from merge_engine.plan import build_plan
-from merge_engine.search.budget import READ_CEILING, Budget, matmul_rate, reserve_seconds, write_rate
+from merge_engine.search.budget import (
+    READ_CEILING,
+    Budget,
+    matmul_rate,
+    parse_duration,
+    reserve_seconds,
+    write_rate,
+)
 from merge_engine.search.spaces import SearchConfig, parse_search_config
 from merge_engine.session import (
     MergeSession,
@@ -65,7 +72,7 @@ class SearchError(MergeEngineError):
 
 @dataclass
 class SearchOptions:
-    budget: float  # seconds of wall clock for everything
+    budget: float | str  # wall clock for everything: seconds, or a duration such as "50m" (parse_duration)
     device: str = "auto"
     placement: str = "auto"  # where the session holds the inputs (session.plan_memory)
     lora: str = "auto"  # how the session holds LoRA inputs (session.plan_memory)
@@ -98,7 +105,7 @@ def load_search_config(path: str) -> SearchConfig:
 
 
 def search(config: SearchConfig | dict | str, out_dir: str, options: SearchOptions) -> SearchResult:
-    budget = Budget(options.budget, options.clock)
+    budget = Budget(parse_duration(options.budget), options.clock)  # checked: finite, positive
     optuna = require("optuna", "tune", "merge-engine search")
     cfg = load_search_config(config) if isinstance(config, str) else (
         config if isinstance(config, SearchConfig) else parse_search_config(config))
@@ -125,7 +132,8 @@ def search(config: SearchConfig | dict | str, out_dir: str, options: SearchOptio
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study, storage_path = open_study(optuna, cfg, settings, objective.direction, out_dir)
+        study, storage_path = open_study(optuna, cfg, settings, objective.direction, out_dir,
+                                         storage_key(options) if settings["storage"] else "the search's journal")
         session = MergeSession(start_config, str(device), placement=memory.placement, lora=memory.lora,
                                random_seed=options.random_seed, progress=options.progress, plan=plan,
                                evaluation_bytes=evaluation)
@@ -194,7 +202,7 @@ def check_budget_fits(budget: Budget, estimate: Estimate, objective, test, in_by
     floor = (budget.elapsed() + estimate.read + estimate.trial
              + reserve_seconds(estimate.write, test.tokens() * estimate.per_token if test else 0.0))
     if budget.seconds < floor:
-        raise ConfigError([f"budget: {budget.seconds:.0f} s cannot fit one trial: at least {floor:.1f} s are needed "
+        raise ConfigError([f"budget: {budget.seconds:.3g} s cannot fit one trial: at least {floor:.1f} s are needed "
                            f"(reading {in_bytes / 1e9:.2f} GB of inputs {estimate.read:.1f} s, evaluating "
                            f"{objective.tokens()} tokens {estimate.trial:.1f} s, writing the result "
                            f"{estimate.write:.1f} s, with margins)"])
@@ -237,42 +245,50 @@ def check_storage(path: str | None, key: str, out_dir: str, inputs: list[str], s
             problems.append(f"{key}: the journal {path} is inside the input folder {inp}; give a path outside it")
     if problems:
         raise ConfigError(problems[:1], source)
-    try:
-        kind = os.stat(path).st_mode
-    except FileNotFoundError:
-        return  # created by the search
-    except OSError as e:
-        raise ConfigError([f"{key}: cannot read the journal {path} ({e.strerror or e})"], source) from None
-    what = not_regular(kind)
-    if what:
-        raise ConfigError([f"{key}: the journal {path} is {what}, not a regular file"], source)
     check_journal(path, key, source)
 
 
-def check_journal(path: str, key: str, source: str | None) -> None:
-    """ConfigError naming the file and line when an existing journal is not optuna's JournalStorage log. A last
-    line cut short (a search stopped while writing it: that entry never took effect) is removed, with a warning,
-    so that the search resumes: optuna would append after it and make the next line unreadable."""
-    complete = 0  # bytes of whole lines
+def check_journal(path: str, key: str, source: str | None) -> int | None:
+    """ConfigError naming the file, and the line, when an existing journal is not a regular file holding optuna's
+    JournalStorage log; nothing is written. Returns, where its last line was cut short after journal entries (a
+    search stopped while writing it: that entry never took effect), the size of its whole lines (open_study
+    removes the rest once the journal is known to be this search's); else None."""
+    try:
+        what = not_regular(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return None  # created by the search
+    except OSError as e:
+        raise ConfigError([f"{key}: cannot read the journal {path} ({e.strerror or e})"], source) from None
+    if what:  # a FIFO would block the read forever
+        raise ConfigError([f"{key}: the journal {path} is {what}, not a regular file"], source)
+    complete, operations = 0, journal_operations()
     try:
         with open(path, "rb") as f:
             for number, line in enumerate(f, 1):
-                if not line.endswith(b"\n"):  # the last line, cut short
-                    log.warning("%s:%d: removing an incomplete last journal entry (written when the search "
-                                "stopped; it never took effect)", path, number)
-                    os.truncate(path, complete)
-                    break
-                try:
-                    entry = json.loads(line)
-                except ValueError:  # not UTF-8 or not JSON
-                    entry = None
-                if not isinstance(entry, dict) or "op_code" not in entry:
-                    raise ConfigError([f"{key}: {path}:{number}: not a search journal, or a corrupt one (not an "
-                                       "optuna journal entry): give another storage path, or remove it to start "
-                                       "afresh"], source)
+                if line.endswith(b"\n") or (complete == 0 and not line.startswith(ENTRY_START)):
+                    try:
+                        entry = json.loads(line)
+                    except (ValueError, RecursionError):  # not UTF-8, not JSON, absurdly nested
+                        entry = None
+                    if not isinstance(entry, dict) or entry.get("op_code") not in operations:
+                        raise ConfigError([f"{key}: {path}:{number}: not a search journal, or a corrupt one (not an "
+                                           "optuna journal entry): give another storage path, or remove it to start "
+                                           "afresh"], source)
+                if not line.endswith(b"\n"):
+                    return complete
                 complete += len(line)
     except OSError as e:
         raise ConfigError([f"{key}: cannot read the journal {path} ({e.strerror or e})"], source) from None
+    return None
+
+
+ENTRY_START = b'{"op_code": '  # how optuna writes an entry: a first line cut short is a journal's only if so
+
+
+def journal_operations() -> set[int]:
+    """The op_codes of optuna's journal entries (an entry of any other makes its replay fail an assertion)."""
+    from optuna.storages.journal._storage import JournalOperation
+    return {int(op) for op in JournalOperation}
 
 
 # ---- the study ----
@@ -290,27 +306,30 @@ def work_folder(out_dir: str) -> str:
     return os.path.join(parent, f".{name}.search")
 
 
-def open_study(optuna, cfg: SearchConfig, settings: dict, direction: str, out_dir: str):
-    """The study of the journal (created, or resumed when it holds this search's trials), and its path."""
+def open_study(optuna, cfg: SearchConfig, settings: dict, direction: str, out_dir: str, key: str):
+    """The study of the journal (created, or resumed when it holds this search's trials), and its path. A journal
+    of another search is refused before anything is written to it."""
     path = os.path.abspath(settings["storage"] or os.path.join(work_folder(out_dir), "journal.log"))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if not settings["storage"] and os.path.exists(path):  # the default journal of a search that was stopped
-        check_journal(path, "the search's journal", cfg.source)
-    journal = optuna.storages.journal
-    storage = optuna.storages.JournalStorage(journal.JournalFileBackend(path))
+    folder = os.path.dirname(path)
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise ConfigError([f"{key}: {folder}, where the journal goes, is in the way: not a folder"], cfg.source)
+    os.makedirs(folder, exist_ok=True)
+    cut = check_journal(path, key, cfg.source)
     mark = fingerprint(cfg, settings, direction)
-    try:
-        study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction=direction, load_if_exists=True)
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:  # entries check_journal let through
-        raise ConfigError([f"{path}: a corrupt search journal ({type(e).__name__}: {e}): give another storage "
-                           "path, or remove it to start afresh"], cfg.source) from None
-    previous = study.user_attrs.get(FINGERPRINT)
-    if previous is not None and previous != mark:
+    study = load_study(optuna, path, cfg.source)
+    if study is not None and study.user_attrs.get(FINGERPRINT) not in (None, mark):
         raise ConfigError([f"{path} journals another search (other spaces, models or objective): remove it or give "
                            "another storage path"], cfg.source)
+    if cut is not None:  # optuna would append after the cut line and make the next one unreadable
+        log.warning("%s: removing an incomplete last journal entry (written when the search stopped; it never took "
+                    "effect)", path)
+        os.truncate(path, cut)
+        study = load_study(optuna, path, cfg.source)
+    if study is None:
+        study = optuna.create_study(storage=journal_storage(optuna, path), study_name=STUDY_NAME, direction=direction)
     study.set_user_attr(FINGERPRINT, mark)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)  # a killed run's last trial
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)  # a killed run's last trial
     if not study.trials:
         study.enqueue_trial(cfg.start())  # the spaces' middle: the session is opened on it
     # a resumed sampler seeded anew, so its first random proposals are not the earlier run's again
@@ -318,6 +337,23 @@ def open_study(optuna, cfg: SearchConfig, settings: dict, direction: str, out_di
     return study, path
 
 
+def journal_storage(optuna, path: str):
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
+
+
+def load_study(optuna, path: str, source: str | None):
+    """This search's study in the journal at path, None where it holds none; reads only."""
+    if not os.path.exists(path):
+        return None
+    try:
+        storage = journal_storage(optuna, path)
+        if STUDY_NAME not in optuna.study.get_all_study_names(storage):
+            return None
+        return optuna.load_study(study_name=STUDY_NAME, storage=storage)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, AssertionError) as e:  # entries that
+        # check_journal let through
+        raise ConfigError([f"{path}: a corrupt search journal ({type(e).__name__}: {e}): give another storage "
+                           "path, or remove it to start afresh"], source) from None
 def make_sampler(optuna, name: str, seed: int):
     if name == "cmaes":
         require("cmaes", "tune", "the CMA-ES sampler")

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from merge_engine.config import MergeConfig, parse_config
+from merge_engine.config import MergeConfig, method_of, parse_config
 from merge_engine.errors import ConfigError
 from merge_engine.methods import REGISTRY
 from merge_engine.parameters import ParamSpec, is_scalar
@@ -99,20 +99,32 @@ def parse_search_config(raw: Any, source: str | None = None) -> SearchConfig:
     that is invalid once the spaces take their middle values)."""
     if not isinstance(raw, dict):
         raise ConfigError(["a search config is a mapping: a merge config plus a `search:` section"], source)
+    keys = [k for k in raw if not isinstance(k, str)]
+    if keys:
+        raise ConfigError([f"{k!r}: a config's keys are names (strings)" for k in keys], source)
     settings = raw.get(SEARCH_KEY) or {}
     merge_raw = {k: v for k, v in raw.items() if k != SEARCH_KEY}
     problems = [] if isinstance(settings, dict) else [f"{SEARCH_KEY}: must be a mapping, got {settings!r}"]
-    method = REGISTRY.get(merge_raw.get("merge_method"))
+    name = merge_raw.get("merge_method")
+    method = REGISTRY.get(name) if isinstance(name, str) else None
+    if method is None:
+        method_of(merge_raw, problems)  # names the missing, mistyped or unknown method
     specs = {p.name: p for p in method.params} if method else {}
     if method and method.specialize:  # the wrapped method's parameters too (bmm's anchor, regmean's fallback)
         try:
             specs = {p.name: p for p in method.specialize(merge_raw.get("parameters") or {}, REGISTRY).params}
         except ValueError:
             pass  # parse_config below says what is wrong
-    spaces = []
+    spaces, named = [], {}
     for path, name, setting in _settings(merge_raw):
         if is_space(setting):
-            spaces += [s for s in [_space(name, path, setting, specs, method, problems)] if s]
+            space = _space(name, path, setting, specs, method, problems)
+            if space and name in named:  # two {filter, value} entries of one parameter with the same filter
+                problems.append(f"{_where(path)}: a second search space named {name} (the first is at "
+                                f"{_where(named[name])}): give each filter's entry one space")
+            elif space:
+                spaces.append(space)
+                named[name] = path
     if not spaces and not problems:
         problems.append("no search space: give some parameter a {search: [low, high]} or {choice: [...]} setting")
     if problems:
@@ -154,7 +166,7 @@ def _at(raw: Any, path: tuple) -> Any:
 
 def _space(name: str, path: tuple, setting: dict, specs: dict[str, ParamSpec], method, problems: list[str]) -> Space | None:
     param = path[-1] if path[-1] != "value" else path[-3]
-    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+    where = _where(path)
     if method is None:
         return None  # parse_config names the unknown method
     spec = specs.get(param)
@@ -169,6 +181,17 @@ def _space(name: str, path: tuple, setting: dict, specs: dict[str, ParamSpec], m
     if "choice" in setting:
         return _choice(name, path, spec, setting["choice"], where, problems)
     return _range(name, path, spec, setting, where, problems)
+
+
+def _where(path: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+
+
+def _finite(b) -> bool:
+    try:
+        return isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+    except OverflowError:  # an integer beyond any float
+        return False
 
 
 def _choice(name, path, spec, choices, where, problems) -> Space | None:
@@ -190,7 +213,7 @@ def _range(name, path, spec, setting, where, problems) -> Space | None:
         problems.append(f"{where}: '{spec.name}' is a {spec.kind.__name__}; search it with {{choice: [...]}}")
         return None
     if (not isinstance(bounds, list) or len(bounds) != 2
-            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in bounds)
+            or not all(map(_finite, bounds))
             or not bounds[0] < bounds[1]):
         problems.append(f"{where}.search: [low, high] with finite numbers low < high, got {bounds!r}")
         return None

@@ -171,6 +171,13 @@ HOSTILE = {  # line 3 of the file (line 1 is a good question, line 2 blank), and
     "answer a string": (json.dumps({**GOOD, "answer": "1"}), "\"answer\" must be an integer index, got '1'"),
     "answer out of range": (json.dumps({**GOOD, "answer": 2}), '"answer" 2 is out of range for 2 choices'),
     "negative answer": (json.dumps({**GOOD, "answer": -1}), '"answer" -1 is out of range for 2 choices'),
+    "answer of 5001 digits": ('{"question": "the cat", "choices": ["sat", "ran"], "answer": ' + "9" * 5001 + "}",
+                              "not a usable JSON line (ValueError"),
+    "nested past the stack": ("[" * 100_000 + "]" * 100_000, "not a usable JSON line (RecursionError"),
+    "lone surrogate": ('{"question": "the cat \\ud800", "choices": ["sat", "ran"], "answer": 0}',
+                       "the prompt is not text: it holds a lone surrogate escape"),
+    "lone surrogate in a choice": ('{"question": "the cat", "choices": ["sat", "\\udfff"], "answer": 0}',
+                                   "choices[1] is not text"),
 }
 
 

@@ -183,8 +183,11 @@ def test_a_journal_of_another_search_is_refused(search_models, fake_rates, tmp_p
     other = search_config(paths, val)
     other["parameters"]["normalize"] = True  # one space fewer
     fake_rates(clock, write_seconds=1.0, objective=TimedEvaluator(clock, 1.0))
+    journal = tmp_path / ".out.search" / "journal.log"
+    before = journal.read_bytes()
     with pytest.raises(ConfigError, match="journals another search"):
         search(other, str(tmp_path / "out"), SearchOptions(budget=100, device="cpu", progress=False, clock=clock))
+    assert journal.read_bytes() == before  # refused before anything is written to it
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "cmaes", "gp"])
@@ -364,11 +367,45 @@ def test_a_journal_that_is_a_fifo_is_refused(search_models, tmp_path):
         search(config, str(tmp_path / "out"), SearchOptions(budget=100, device="cpu", progress=False))
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs")
+def test_a_fifo_in_place_of_the_default_journal_is_refused_without_blocking(search_models, fake_rates, tmp_path):
+    paths, val, _ = search_models
+    clock = FakeClock()
+    fake_rates(clock, write_seconds=1.0, objective=TimedEvaluator(clock, 1.0))
+    (tmp_path / ".out.search").mkdir()
+    os.mkfifo(tmp_path / ".out.search" / "journal.log")
+    with pytest.raises(ConfigError, match=r"the search's journal: the journal .*journal\.log is a FIFO"):
+        search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(budget=100, device="cpu",
+                                                                            progress=False, clock=clock))
+
+
+def test_a_file_in_place_of_the_journal_folder_is_refused(search_models, fake_rates, tmp_path):
+    paths, val, _ = search_models
+    clock = FakeClock()
+    fake_rates(clock, write_seconds=1.0, objective=TimedEvaluator(clock, 1.0))
+    (tmp_path / ".out.search").write_text("mine")
+    with pytest.raises(ConfigError, match=r"\.out\.search, where the journal goes, is in the way: not a folder"):
+        search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(budget=100, device="cpu",
+                                                                            progress=False, clock=clock))
+    assert (tmp_path / ".out.search").read_text() == "mine"
+
+
+@pytest.mark.parametrize("budget", [float("nan"), float("inf"), -5.0, "5x"])
+def test_a_budget_that_is_no_duration_is_refused_before_reading(budget, search_models, monkeypatch, tmp_path):
+    paths, val, _ = search_models
+    monkeypatch.setattr(run_module, "MergeSession", lambda *a, **k: pytest.fail("inputs read"))
+    with pytest.raises(ConfigError, match="budget: "):
+        search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(budget=budget, device="cpu",
+                                                                            progress=False))
+
+
 @pytest.mark.parametrize("content, message", [
     (b"\xff\xfe\x00binary\n", r"journal\.log:1: not a search journal"),
     (b'{"op_code": 0, "worker_id": "w", "study_name": "s", "directions": [1]}\n{"op_code": 1, "wor\n',
      r"journal\.log:2: not a search journal, or a corrupt one"),
     (b'{"question": "q", "choices": ["a", "b"], "answer": 0}\n', r"journal\.log:1: not a search journal"),
+    (b"my notes, no newline at the end", r"journal\.log:1: not a search journal"),  # not an entry cut short
+    (b'{"op_code": 99, "worker_id": "w"}\n', r"journal\.log:1: not a search journal"),  # optuna would assert
 ])
 def test_a_corrupt_or_foreign_journal_is_refused_and_left_alone(content, message, search_models, monkeypatch,
                                                                 tmp_path):

@@ -65,6 +65,13 @@ BAD = {  # a space -> what the message names
     "bad choice": (dict(normalize={"choice": [True, "maybe"]}), "normalize.choice: 'normalize' must be bool"),
     "range on a bool": (dict(normalize={"search": [0, 1]}), "search it with {choice"),
     "no space": (dict(), "no search space"),
+    "an integer bound beyond any float": (dict(models=[{"weight": {"search": [1, 10**400]}}, {}]),
+                                          r"models\[0\].parameters.weight.search: \[low, high\] with finite numbers"),
+    "two spaces of one name": (dict(models=[{"weight": [{"filter": "mlp", "value": {"search": [0.1, 1]}},
+                                                        {"filter": "mlp", "value": {"choice": [0.5, 0.7]}},
+                                                        {"value": 1.0}]}, {}]),
+                               r"models\[0\].parameters.weight\[1\].value: a second search space named "
+                               r"models\[0\].weight\[filter=mlp\] \(the first is at models\[0\].parameters.weight\[0\].value\)"),
 }
 
 
@@ -86,3 +93,16 @@ def test_the_rest_of_the_config_is_checked_too():
     raw["dtype"] = "float13"
     with pytest.raises(ConfigError, match="dtype"):
         parse_search_config(raw)
+
+
+@pytest.mark.parametrize("method, message", [({"choice": ["ties", "linear"]}, "merge_method: expected a method name"),
+                                             (["ties"], "merge_method: expected a method name"),
+                                             ("no_such_method", "unknown merge_method 'no_such_method'")])
+def test_a_method_that_is_not_a_name_is_named(method, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_search_config({**config(normalize={"choice": [True, False]}), "merge_method": method})
+
+
+def test_keys_that_are_not_names_are_refused():
+    with pytest.raises(ConfigError, match="1: a config's keys are names"):
+        parse_search_config({**config(normalize={"choice": [True, False]}), 1: 2})
