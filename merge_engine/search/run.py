@@ -13,7 +13,9 @@ validation data, within a wall-clock budget, reading the inputs once.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import hashlib
 import io
 import json
@@ -33,7 +35,7 @@ from merge_engine.devices import resolve_device
 from merge_engine.engine import MergeOptions, input_folders
 from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.evaluation import evaluator_from_spec
-from merge_engine.evaluation.spec import PATH_KEYS
+from merge_engine.evaluation.spec import PATH_KEYS, spec_problems
 from merge_engine.extras import require
 from merge_engine.io.untrusted import is_int, not_regular
 from merge_engine.io.writer import check_output_apart, check_output_dir
@@ -132,14 +134,16 @@ def search(config: SearchConfig | dict | str, out_dir: str, options: SearchOptio
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
+        held = contextlib.ExitStack()  # the journal, held for the search (a second search on it is refused)
         study, storage_path = open_study(optuna, cfg, settings, objective.direction, out_dir,
-                                         storage_key(options) if settings["storage"] else "the search's journal")
+                                         storage_key(options) if settings["storage"] else "the search's journal", held)
         session = MergeSession(start_config, str(device), placement=memory.placement, lora=memory.lora,
                                random_seed=options.random_seed, progress=options.progress, plan=plan,
                                evaluation_bytes=evaluation)
         ran = run_trials(optuna, study, cfg, session, objective, test, settings["trials"], budget, estimate, options)
         return finish(optuna, study, cfg, session, objective, test, out_dir, storage_path, settings, budget, options, ran)
     finally:
+        held.close()
         optuna.logging.set_verbosity(verbosity)
 
 
@@ -160,6 +164,9 @@ def check_settings(cfg: SearchConfig, options: SearchOptions) -> dict:
         out["test"] = {**(out["test"] or out["objective"]), "data": os.path.abspath(options.test)}
     if out["test"] is not None and not isinstance(out["test"], dict):
         problems.append(f"search.test: a mapping like the objective's, got {out['test']!r}")
+    for key in ("objective", "test"):  # the keys now: an empty data path would pass for SEARCH.yml's folder
+        if isinstance(out[key], dict):
+            problems += spec_problems(out[key], f"search.{key}")
     if out["sampler"] not in SAMPLERS:
         problems.append(f"search.sampler: one of {', '.join(SAMPLERS)}, got {out['sampler']!r}")
     for key in ("seed", "trials"):
@@ -306,15 +313,18 @@ def work_folder(out_dir: str) -> str:
     return os.path.join(parent, f".{name}.search")
 
 
-def open_study(optuna, cfg: SearchConfig, settings: dict, direction: str, out_dir: str, key: str):
+def open_study(optuna, cfg: SearchConfig, settings: dict, direction: str, out_dir: str, key: str,
+               held: contextlib.ExitStack):
     """The study of the journal (created, or resumed when it holds this search's trials), and its path. A journal
-    of another search is refused before anything is written to it."""
+    of another search, or one another search holds, is refused before anything is written to it; this search
+    holds the journal until `held` closes."""
     path = os.path.abspath(settings["storage"] or os.path.join(work_folder(out_dir), "journal.log"))
     folder = os.path.dirname(path)
     if os.path.lexists(folder) and not os.path.isdir(folder):
         raise ConfigError([f"{key}: {folder}, where the journal goes, is in the way: not a folder"], cfg.source)
     os.makedirs(folder, exist_ok=True)
     cut = check_journal(path, key, cfg.source)
+    hold_alone(path, key, cfg.source, held)
     mark = fingerprint(cfg, settings, direction)
     study = load_study(optuna, path, cfg.source)
     if study is not None and study.user_attrs.get(FINGERPRINT) not in (None, mark):
@@ -335,6 +345,18 @@ def open_study(optuna, cfg: SearchConfig, settings: dict, direction: str, out_di
     # a resumed sampler seeded anew, so its first random proposals are not the earlier run's again
     study.sampler = make_sampler(optuna, settings["sampler"], (settings["seed"] + len(study.trials)) % SEED_LIMIT)
     return study, path
+
+
+def hold_alone(path: str, key: str, source: str | None, held: contextlib.ExitStack) -> None:
+    """An exclusive lock (flock) on the journal while held: two searches on one journal would fail each other's
+    running trials and delete each other's files. The lock goes with the process, however it ends."""
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    held.callback(os.close, fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ConfigError([f"{key}: another search is running with the journal {path}: wait for it to end, or give "
+                           "this one another output folder or storage path"], source) from None
 
 
 def journal_storage(optuna, path: str):

@@ -19,7 +19,7 @@ from typing import Any
 from merge_engine.config import MergeConfig, method_of, parse_config
 from merge_engine.errors import ConfigError
 from merge_engine.methods import REGISTRY
-from merge_engine.parameters import ParamSpec, is_scalar
+from merge_engine.parameters import ParamSpec, Scope, is_scalar
 
 SEARCH_KEY = "search"  # the config's own section of search settings; not part of the merge config
 _SPACE_KEYS = {"search", "log", "knots", "choice"}
@@ -119,7 +119,10 @@ def parse_search_config(raw: Any, source: str | None = None) -> SearchConfig:
     for path, name, setting in _settings(merge_raw):
         if is_space(setting):
             space = _space(name, path, setting, specs, method, problems)
-            if space and name in named:  # two {filter, value} entries of one parameter with the same filter
+            idle = space and _changes_nothing(merge_raw, path, space.spec, method.name)
+            if idle:
+                problems.append(idle)
+            elif space and name in named:  # two {filter, value} entries of one parameter with the same filter
                 problems.append(f"{_where(path)}: a second search space named {name} (the first is at "
                                 f"{_where(named[name])}): give each filter's entry one space")
             elif space:
@@ -181,6 +184,22 @@ def _space(name: str, path: tuple, setting: dict, specs: dict[str, ParamSpec], m
     if "choice" in setting:
         return _choice(name, path, spec, setting["choice"], where, problems)
     return _range(name, path, spec, setting, where, problems)
+
+
+def _changes_nothing(raw: dict, path: tuple, spec: ParamSpec, method: str) -> str | None:
+    """Why a space at path would change no tensor, if it would not: a parameter the method reads once for the
+    whole merge, set for one model; a parameter of the other models, set for the base (mergekit ignores both)."""
+    per_model = (path[0] == "models" and path[2] == "parameters") or (path[0] == "slices" and path[2] == "sources")
+    if not per_model:
+        return None
+    if spec.scope == Scope.SHARED:
+        return (f"{_where(path)}: merge method '{method}' reads '{spec.name}' once for the whole merge (a config's or "
+                f"a slice's parameters), not per model: this space would change nothing")
+    model = _at(raw, path[:2] if path[0] == "models" else path[:4])
+    if spec.scope == Scope.NON_BASE and isinstance(model, dict) and model.get("model") == raw.get("base_model"):
+        return (f"{_where(path)}: merge method '{method}' reads '{spec.name}' for the models other than the base: "
+                "this space would change nothing")
+    return None
 
 
 def _where(path: tuple) -> str:

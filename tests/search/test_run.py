@@ -379,6 +379,27 @@ def test_a_fifo_in_place_of_the_default_journal_is_refused_without_blocking(sear
                                                                             progress=False, clock=clock))
 
 
+def test_a_journal_another_search_holds_is_refused(search_models, fake_rates, monkeypatch, tmp_path):
+    import fcntl
+    paths, val, _ = search_models
+    clock = FakeClock()
+    fake_rates(clock, write_seconds=1.0, objective=TimedEvaluator(clock, 1.0))
+    journal = tmp_path / "journal.log"
+    journal.write_bytes(b"")
+    with open(journal, "rb") as other:  # a search running on it
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        monkeypatch.setattr(run_module, "MergeSession", lambda *a, **k: pytest.fail("inputs read"))
+        with pytest.raises(ConfigError, match=r"--storage: another search is running with the journal"):
+            search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(
+                budget=100, device="cpu", progress=False, clock=clock, storage=str(journal)))
+    assert journal.read_bytes() == b""
+    monkeypatch.undo()
+    fake_rates(clock, write_seconds=1.0, objective=TimedEvaluator(clock, 1.0))  # released: this search runs
+    result = search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(
+        budget=100, device="cpu", progress=False, clock=clock, storage=str(journal), trials=2))
+    assert result.trials == 2
+
+
 def test_a_file_in_place_of_the_journal_folder_is_refused(search_models, fake_rates, tmp_path):
     paths, val, _ = search_models
     clock = FakeClock()
@@ -446,3 +467,12 @@ def test_a_seed_out_of_numpy_range_is_refused_before_anything_is_written(seed, s
         search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(budget=100, device="cpu",
                                                                             progress=False, seed=seed))
     assert os.listdir(tmp_path) == []  # no .out.search/ left behind
+
+
+def test_an_empty_data_path_is_named_before_the_output_checks(search_models, write_search, tmp_path):
+    """"" joined to SEARCH.yml's folder is that folder: the output beside it would be refused as inside an input."""
+    paths, val, _ = search_models
+    config = search_config(paths, val)
+    config["search"]["objective"]["data"] = ""
+    with pytest.raises(ConfigError, match=r"search\.objective\.data must be a file path, got ''"):
+        search(write_search(config), str(tmp_path / "out"), SearchOptions(budget=100, device="cpu", progress=False))

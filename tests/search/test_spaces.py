@@ -106,3 +106,18 @@ def test_a_method_that_is_not_a_name_is_named(method, message):
 def test_keys_that_are_not_names_are_refused():
     with pytest.raises(ConfigError, match="1: a config's keys are names"):
         parse_search_config({**config(normalize={"choice": [True, False]}), 1: 2})
+
+
+def test_a_space_where_the_method_does_not_read_it_is_refused():
+    """mergekit reads a method's global parameters once, and non-base parameters of the other models only: a
+    space there would change no tensor while the sampler spends trials on it."""
+    with pytest.raises(ConfigError, match=r"models\[0\].parameters.lambda: merge method 'dare_ties' reads 'lambda' "
+                                          r"once for the whole merge"):
+        parse_search_config(config(models=[{"lambda": {"search": [0.5, 1.5]}}, {}]))
+    on_base = config(normalize={"choice": [True, False]})
+    on_base["models"].append({"model": MODELS[0], "parameters": {"weight": {"search": [0.1, 1.0]}}})
+    with pytest.raises(ConfigError, match=r"models\[2\].parameters.weight: merge method 'dare_ties' reads 'weight' "
+                                          "for the models other than the base"):
+        parse_search_config(on_base)
+    global_lambda = config(**{"lambda": {"search": [0.5, 1.5]}})  # where it is read: accepted
+    assert [s.name for s in parse_search_config(global_lambda).spaces] == ["lambda"]
