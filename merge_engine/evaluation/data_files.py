@@ -13,7 +13,8 @@ def read_text(path: str) -> tuple[str | None, list[str]]:
     """The file's text, or None and the problem: missing, unreadable, not a regular file (a FIFO would block) or
     not UTF-8."""
     try:
-        with io.TextIOWrapper(open_regular(path), encoding="utf-8") as f:  # universal newlines, as open() reads
+        # universal newlines, as open() reads; a leading byte-order mark (some editors write one) is not text
+        with io.TextIOWrapper(open_regular(path), encoding="utf-8-sig") as f:
             return f.read(), []
     except CheckpointError as e:
         return None, [str(e)]

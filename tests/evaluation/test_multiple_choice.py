@@ -223,3 +223,10 @@ def test_an_empty_choice_is_refused_when_normalizing_by_characters(tokenizer, tm
     path.write_text(json.dumps({**GOOD, "choices": ["sat", ""]}) + "\n")
     with pytest.raises(ConfigError, match=r"q\.jsonl:1: choices\[1\] is empty, and normalize chars divides"):
         MultipleChoice(str(path), tokenizer, normalize="chars", delimiter=" the")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_question(tokenizer, tmp_path):
+    plain, marked = tmp_path / "plain.jsonl", tmp_path / "marked.jsonl"
+    plain.write_text(json.dumps(GOOD) + "\n")
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())  # as some Windows editors save UTF-8
+    assert MultipleChoice(str(marked), tokenizer).questions == MultipleChoice(str(plain), tokenizer).questions
