@@ -99,11 +99,18 @@ def load_config(path: str, strict: bool = False) -> MergeConfig:
     return parse_config(read_yaml(path), source=path, strict=strict)
 
 
+MAX_YAML_VALUES = 1_000_000  # a config's values, aliases expanded: far above any real config's
+
+
 def read_yaml(path: str):
     """A YAML file's content, or ConfigError saying why it cannot be read."""
     try:
         with io.TextIOWrapper(open_regular(path), encoding="utf-8") as f:  # a FIFO would block: refused
-            return yaml.safe_load(f)
+            content = yaml.safe_load(f)
+        if expands_beyond(content, MAX_YAML_VALUES):  # nested aliases ("billion laughs"): every walk of the
+            raise ConfigError([f"the YAML expands to more than {MAX_YAML_VALUES:,} values through its aliases"],
+                              path)  # content (checks, copies, fingerprints) would take minutes and gigabytes
+        return content
     except CheckpointError as e:
         raise ConfigError([str(e).removeprefix(f"{path}: ")], path) from None
     except OSError as e:
@@ -114,6 +121,22 @@ def read_yaml(path: str):
         raise ConfigError([yaml_problem(e)], path) from e
     except RecursionError:  # the parser recurses once per level of nesting
         raise ConfigError(["invalid YAML: nested too deeply"], path) from None
+
+
+def expands_beyond(content: Any, limit: int) -> bool:
+    """Whether content, its shared (aliased) parts counted each time they are reached, holds more than limit
+    values; stops counting there."""
+    pending, seen = [content], 0
+    while pending:
+        value = pending.pop()
+        seen += 1
+        if seen > limit:
+            return True
+        if isinstance(value, dict):
+            pending += [*value.keys(), *value.values()]
+        elif isinstance(value, list):
+            pending += value
+    return False
 
 
 def yaml_problem(e: yaml.YAMLError) -> str:

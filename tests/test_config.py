@@ -112,6 +112,21 @@ def test_slices_form():
     assert [src.layer_range for src in cfg.slices[0].sources] == [(0, 2), (2, 4)]
 
 
+def test_yaml_aliases_that_expand_past_a_million_values_are_refused(tmp_path):
+    """Nested aliases ("billion laughs") load as shared lists in little memory; walking them does not."""
+    lines = ["merge_method: linear", "models: []", 'l0: &l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"l{k}: &l{k} [{', '.join([f'*l{k - 1}'] * 10)}]" for k in range(1, 7)]  # 10**7 values
+    path = tmp_path / "laughs.yml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="expands to more than 1,000,000 values through its aliases") as err:
+        load_config(str(path))
+    assert err.value.source == str(path)
+    path.write_text("\n".join(lines[:-2]) + "\n")  # up to l4, 10**5 values in all: read, then refused for what it holds
+    with pytest.raises(ConfigError) as other:
+        load_config(str(path))
+    assert "expands to more than" not in str(other.value)
+
+
 def test_yaml_nested_too_deep_names_the_file(tmp_path):
     path = tmp_path / "deep.yml"
     path.write_text("merge_method: " + "[" * 20000 + "]" * 20000 + "\n")
