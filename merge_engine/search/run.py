@@ -326,7 +326,8 @@ def open_study(optuna, cfg: SearchConfig, settings: dict, direction: str, out_di
     cut = check_journal(path, key, cfg.source)
     hold_alone(path, key, cfg.source, held)
     mark = fingerprint(cfg, settings, direction)
-    study = load_study(optuna, path, cfg.source)
+    storage = journal_storage(optuna, path)
+    study = load_study(optuna, storage, path, cfg.source)
     if study is not None and study.user_attrs.get(FINGERPRINT) not in (None, mark):
         raise ConfigError([f"{path} journals another search (other spaces, models or objective): remove it or give "
                            "another storage path"], cfg.source)
@@ -334,12 +335,13 @@ def open_study(optuna, cfg: SearchConfig, settings: dict, direction: str, out_di
         log.warning("%s: removing an incomplete last journal entry (written when the search stopped; it never took "
                     "effect)", path)
         os.truncate(path, cut)
-        study = load_study(optuna, path, cfg.source)
+        storage = journal_storage(optuna, path)
+        study = load_study(optuna, storage, path, cfg.source)
     if study is None:
-        study = optuna.create_study(storage=journal_storage(optuna, path), study_name=STUDY_NAME, direction=direction)
+        study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction=direction)
     study.set_user_attr(FINGERPRINT, mark)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)  # a killed run's last trial
+        storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)  # a killed run's last trial
     if not study.trials:
         study.enqueue_trial(cfg.start())  # the spaces' middle: the session is opened on it
     # a resumed sampler seeded anew, so its first random proposals are not the earlier run's again
@@ -363,12 +365,9 @@ def journal_storage(optuna, path: str):
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
 
 
-def load_study(optuna, path: str, source: str | None):
-    """This search's study in the journal at path, None where it holds none; reads only."""
-    if not os.path.exists(path):
-        return None
+def load_study(optuna, storage, path: str, source: str | None):
+    """This search's study in the journal at path (its storage), None where it holds none; reads only."""
     try:
-        storage = journal_storage(optuna, path)
         if STUDY_NAME not in optuna.study.get_all_study_names(storage):
             return None
         return optuna.load_study(study_name=STUDY_NAME, storage=storage)
