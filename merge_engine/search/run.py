@@ -167,18 +167,19 @@ def check_settings(cfg: SearchConfig, options: SearchOptions) -> dict:
     for key in ("objective", "test"):  # the keys now: an empty data path would pass for SEARCH.yml's folder
         if isinstance(out[key], dict):
             problems += spec_problems(out[key], f"search.{key}")
+    def named(key: str) -> str:  # where a bad value came from: the option (the command's flag) or SEARCH.yml
+        return f"--{key}" if getattr(options, key) is not None else f"search.{key}"
     if out["sampler"] not in SAMPLERS:
-        problems.append(f"search.sampler: one of {', '.join(SAMPLERS)}, got {out['sampler']!r}")
+        problems.append(f"{named('sampler')}: one of {', '.join(SAMPLERS)}, got {out['sampler']!r}")
     for key in ("seed", "trials"):
         v = out[key]
         if (v is not None or key == "seed") and (not is_int(v) or (key == "trials" and v < 1)):
-            problems.append(f"search.{key}: an integer{' of at least 1' if key == 'trials' else ''}, got {v!r}")
+            problems.append(f"{named(key)}: an integer{' of at least 1' if key == 'trials' else ''}, got {v!r}")
     seed = out["seed"]
     if is_int(seed) and not 0 <= seed < SEED_LIMIT:
-        key = "--seed" if options.seed is not None else "search.seed"
-        problems.append(f"{key}: an integer from 0 to 2**32 - 1 (4294967295), got {seed!r}")
+        problems.append(f"{named('seed')}: an integer from 0 to 2**32 - 1 (4294967295), got {seed!r}")
     if out["storage"] is not None and not isinstance(out["storage"], str):
-        problems.append(f"search.storage: a file path, got {out['storage']!r}")
+        problems.append(f"{named('storage')}: a file path, got {out['storage']!r}")
     if problems:
         raise ConfigError(problems, cfg.source)
     return out

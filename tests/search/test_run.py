@@ -264,6 +264,18 @@ def test_bad_settings_are_refused_before_reading(case, search_models, monkeypatc
         search(config, str(tmp_path / "out"), SearchOptions(budget=100, device="cpu", progress=False))
 
 
+@pytest.mark.parametrize("option, message", [({"sampler": "random"}, "--sampler: one of tpe, cmaes, gp"),
+                                             ({"trials": 0}, "--trials: an integer of at least 1"),
+                                             ({"seed": -1}, r"--seed: an integer from 0 to 2\*\*32 - 1"),
+                                             ({"storage": 7}, "--storage: a file path, got 7")])
+def test_bad_options_are_named_as_options(option, message, search_models, monkeypatch, tmp_path):
+    paths, val, _ = search_models
+    monkeypatch.setattr(run_module, "MergeSession", lambda *a, **k: pytest.fail("inputs read"))
+    with pytest.raises(ConfigError, match=message):
+        search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(budget=100, device="cpu", progress=False,
+                                                                            **option))
+
+
 @pytest.mark.parametrize("lines, message", [
     (['{"question": "the cat", "choices": ["sat", "ran"], "answer": 2}'], r"val\.jsonl:1"),
     (['{"question": "the cat", "choices": ["sat", "ran"], "answer": 0}', "{not json"], r"val\.jsonl:2"),
