@@ -236,8 +236,8 @@ def storage_key(options: SearchOptions) -> str:
 def check_storage(path: str | None, key: str, out_dir: str, inputs: list[str], source: str | None) -> None:
     """A journal the user named: outside OUT_DIR (the output replaces that folder at the end: the search would
     fail after its whole budget, or with --overwrite delete the journal) and apart from every input; a regular
-    file when it exists (a FIFO would block the read forever), and an optuna journal (every line a complete
-    JSON log entry), so a corrupt or foreign file is refused before anything is read or appended to it."""
+    file when it exists (a FIFO would block the read forever). Its content is checked when the search holds it
+    (open_study), before anything is appended to it."""
     if path is None:
         return  # .OUT_DIR.search/journal.log, beside the output
     real, out = os.path.realpath(path), os.path.realpath(out_dir)
@@ -253,22 +253,26 @@ def check_storage(path: str | None, key: str, out_dir: str, inputs: list[str], s
             problems.append(f"{key}: the journal {path} is inside the input folder {inp}; give a path outside it")
     if problems:
         raise ConfigError(problems[:1], source)
-    check_journal(path, key, source)
+    check_regular(path, key, source)
 
 
-def check_journal(path: str, key: str, source: str | None) -> int | None:
-    """ConfigError naming the file, and the line, when an existing journal is not a regular file holding optuna's
-    JournalStorage log; nothing is written. Returns, where its last line was cut short after journal entries (a
-    search stopped while writing it: that entry never took effect), the size of its whole lines (open_study
-    removes the rest once the journal is known to be this search's); else None."""
+def check_regular(path: str, key: str, source: str | None) -> None:
+    """ConfigError when an existing journal is not a regular file (a FIFO would block its opening forever)."""
     try:
         what = not_regular(os.stat(path).st_mode)
     except FileNotFoundError:
-        return None  # created by the search
+        return  # created by the search
     except OSError as e:
         raise ConfigError([f"{key}: cannot read the journal {path} ({e.strerror or e})"], source) from None
-    if what:  # a FIFO would block the read forever
+    if what:
         raise ConfigError([f"{key}: the journal {path} is {what}, not a regular file"], source)
+
+
+def check_journal(path: str, key: str, source: str | None) -> int | None:
+    """ConfigError naming the file and line when a journal (a regular file) does not hold optuna's JournalStorage
+    log; nothing is written. Returns, where its last line was cut short after journal entries (a search stopped
+    while writing it: that entry never took effect), the size of its whole lines (open_study removes the rest once
+    the journal is known to be this search's); else None."""
     complete, operations = 0, journal_operations()
     try:
         with open(path, "rb") as f:
@@ -324,8 +328,9 @@ def open_study(optuna, cfg: SearchConfig, settings: dict, direction: str, out_di
     if os.path.lexists(folder) and not os.path.isdir(folder):
         raise ConfigError([f"{key}: {folder}, where the journal goes, is in the way: not a folder"], cfg.source)
     os.makedirs(folder, exist_ok=True)
+    check_regular(path, key, cfg.source)
+    hold_alone(path, key, cfg.source, held)  # first: a search that ends meanwhile would append after the check
     cut = check_journal(path, key, cfg.source)
-    hold_alone(path, key, cfg.source, held)
     mark = fingerprint(cfg, settings, direction)
     storage = journal_storage(optuna, path)
     study = load_study(optuna, storage, path, cfg.source)
