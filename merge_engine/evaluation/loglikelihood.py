@@ -72,8 +72,7 @@ def plan_batches(sequences: list[list[int]], first: list[int], batch_size: int, 
     tokens (a few-shot prompt, an instruction) once. Rows are ordered so that batches hold rows alike: by the
     first TRUNK_KEY tokens they share, then by question, longest first; the rows of several questions that share
     their first TRUNK_KEY tokens fill batches of their own. position_limit: the model's position table, if known."""
-    fed = {c: sequences[c][:-1] for c in carried}
-    need = {c: min(first[i] for i in served) - 1 for c, served in carried.items()}
+    fed, need = fed_and_needed(sequences, first, carried)
     prompt = {c: tuple(fed[c][:need[c]]) for c in carried}
     # a row's cluster: its first TRUNK_KEY tokens where its prompt is longer, else its question (its prompt), else
     # itself (no prompt: a perplexity window)
@@ -96,6 +95,14 @@ def plan_batches(sequences: list[list[int]], first: list[int], batch_size: int, 
             batches.append([])
         batches[-1].append(c)
     return [cheapest(rows, fed, need, prompt, position_limit) if share else Batch([], rows) for rows in batches]
+
+
+def fed_and_needed(sequences: list[list[int]], first: list[int], carried: dict[int, list[int]]
+                   ) -> tuple[dict[int, list[int]], dict[int, int]]:
+    """Each carrier's fed tokens (all but its last), and the first of its positions whose logits a sequence it
+    serves needs."""
+    return ({c: sequences[c][:-1] for c in carried},
+            {c: min(first[i] for i in served) - 1 for c, served in carried.items()})
 
 
 def cheapest(rows: list[int], fed: dict[int, list[int]], need: dict[int, int],
@@ -139,7 +146,7 @@ def tokens_fed(sequences: list[list[int]], first: list[int], batch_size: int) ->
     """Tokens scored_tokens feeds a model that takes a key-value cache: each shared prefix once per batch, the
     rest of each row."""
     carried = served_by(carriers(sequences))
-    fed = {c: sequences[c][:-1] for c in carried}
+    fed, _ = fed_and_needed(sequences, first, carried)
     return sum(tokens_of(batch, fed) for batch in plan_batches(sequences, first, batch_size, carried, share=True))
 
 

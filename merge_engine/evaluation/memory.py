@@ -24,7 +24,15 @@ from dataclasses import dataclass
 
 import torch
 
-from merge_engine.evaluation.loglikelihood import Batch, cache_argument, carriers, keeps_logits, plan_batches, served_by
+from merge_engine.evaluation.loglikelihood import (
+    Batch,
+    cache_argument,
+    carriers,
+    fed_and_needed,
+    keeps_logits,
+    plan_batches,
+    served_by,
+)
 
 RESCALED_LOGITS = ("final_logit_softcapping", "logits_scaling", "logit_scale")  # config keys of a second logits tensor
 
@@ -123,8 +131,7 @@ def scoring_bytes(model: torch.nn.Module, sequences: list[list[int]], first: lis
         return 0
     w = model_widths(model)
     carried = served_by(carriers(sequences))
-    fed = {c: sequences[c][:-1] for c in carried}
-    need = {c: min(first[i] for i in served) - 1 for c, served in carried.items()}
+    fed, need = fed_and_needed(sequences, first, carried)
     batches = plan_batches(sequences, first, batch_size, carried, cache_argument(model) is not None,
                            getattr(model.config, "max_position_embeddings", None))
     return max(batch_bytes(w, batch, fed, need) for batch in batches)
