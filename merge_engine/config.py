@@ -96,21 +96,25 @@ class MergeConfig:
 
 def load_config(path: str, strict: bool = False) -> MergeConfig:
     """Read and validate a YAML config file."""
-    return parse_config(read_yaml(path), source=path, strict=strict)
+    return parse_config(read_yaml(path, strict), source=path, strict=strict)
 
 
 MAX_YAML_VALUES = 1_000_000  # a config's values, aliases expanded: far above any real config's
 
 
-def read_yaml(path: str):
-    """A YAML file's content, or ConfigError saying why it cannot be read."""
+def read_yaml(path: str, strict: bool = False):
+    """A YAML file's content, or ConfigError saying why it cannot be read. A key given twice in one mapping
+    keeps its later value, as in mergekit (PyYAML), with a warning; strict refuses it."""
     try:
         with io.TextIOWrapper(open_regular(path), encoding="utf-8") as f:  # a FIFO would block: refused
-            content = yaml.safe_load(f)
+            loader = _RepeatedKeysLoader(f)
+            try:
+                content = loader.get_single_data()
+            finally:
+                loader.dispose()
         if expands_beyond(content, MAX_YAML_VALUES):  # nested aliases ("billion laughs"): every walk of the
             raise ConfigError([f"the YAML expands to more than {MAX_YAML_VALUES:,} values through its aliases"],
                               path)  # content (checks, copies, fingerprints) would take minutes and gigabytes
-        return content
     except CheckpointError as e:
         raise ConfigError([str(e).removeprefix(f"{path}: ")], path) from None
     except OSError as e:
@@ -121,6 +125,35 @@ def read_yaml(path: str):
         raise ConfigError([yaml_problem(e)], path) from e
     except RecursionError:  # the parser recurses once per level of nesting
         raise ConfigError(["invalid YAML: nested too deeply"], path) from None
+    repeated = [f"line {line}: key {key!r} is given again (first on line {first}), and this later value replaces "
+                "it" for key, first, line in loader.repeated_keys]
+    if repeated and strict:
+        raise ConfigError([f"{r} (refused by --strict)" for r in repeated], path)
+    for r in repeated:
+        warnings.warn(f"{path}: {r}, as mergekit reads it", stacklevel=2)
+    return content
+
+
+class _RepeatedKeysLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, noting each key given twice in one mapping (PyYAML keeps the later value
+    silently; a merge key `<<:` overriding is not a repeat)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.repeated_keys: list[tuple[Any, int, int]] = []  # key, first line, repeat line
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_lines = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+                if key in first_lines:
+                    self.repeated_keys.append((key, first_lines[key], line))
+                else:
+                    first_lines[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def expands_beyond(content: Any, limit: int) -> bool:

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from merge_engine.config import parse_config
+from merge_engine.config import load_config, parse_config, read_yaml
 from merge_engine.errors import ConfigError
 
 
@@ -39,3 +39,18 @@ def test_extrapolating_slerp_and_repeated_models_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         parse_config(dict(slerp, parameters={"t": 0.5}))
+
+
+def test_a_key_given_twice_keeps_the_later_value_with_a_warning_and_strict_refuses_it(tmp_path):
+    path = tmp_path / "config.yml"  # PyYAML, and so mergekit, keeps the later value silently
+    path.write_text("merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: 1.0\n"
+                    "      weight: 0.5\n  - model: b\n    parameters: {weight: 1.0}\n"
+                    "defaults: &d {weight: 1.0}\nextra:\n  <<: *d\n  weight: 2.0\n")  # a merge key is no repeat
+    with pytest.warns(UserWarning) as caught:
+        content = read_yaml(str(path))
+    assert [str(w.message) for w in caught] == [
+        f"{path}: line 6: key 'weight' is given again (first on line 5), and this later value replaces it, "
+        "as mergekit reads it"]
+    assert content["models"][0]["parameters"] == {"weight": 0.5} and content["extra"] == {"weight": 2.0}
+    with pytest.raises(ConfigError, match=r"line 6: key 'weight' is given again .*refused by --strict"):
+        load_config(str(path), strict=True)

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "tokenizer_source or tokenizer: is written either way")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--strict", action="store_true",
-                   help="refuse parameters the merge method does not use (by default: a warning, as mergekit ignores them)")
+                   help="refuse parameters the merge method does not use, and a YAML key given twice in one mapping "
+                        "(by default: a warning, as mergekit ignores the one and keeps the later value of the other)")
     p.add_argument("--allow-crimes", action=argparse.BooleanOptionalAction, default=False,
                    help="allow merging models whose config.json architectures differ")
     p.add_argument("-j", "--num-threads", type=positive_int, default=None, help="CPU threads for the math")

@@ -11,6 +11,7 @@ import torch
 from merge_engine.evaluation.data_files import raise_problems, read_text
 from merge_engine.evaluation.loglikelihood import check_fits, token_logprobs, tokens_fed
 from merge_engine.evaluation.memory import scoring_bytes
+from merge_engine.io.untrusted import RepeatedKeyError, refuse_repeated_keys
 
 NORMALIZE = ("none", "tokens", "chars")  # a choice's log-likelihood: the sum, per token, per character
 
@@ -97,9 +98,11 @@ def read_questions(path: str, tokenizer, delimiter: str, normalize: str) -> list
 def parse_question(line: str, number: int, tokenizer, delimiter: str, normalize: str
                    ) -> tuple[Question | None, list[str]]:
     try:
-        record = json.loads(line)
+        record = json.loads(line, object_pairs_hook=refuse_repeated_keys)
     except json.JSONDecodeError as e:
         return None, [f"not valid JSON ({e.msg} at column {e.colno})"]
+    except RepeatedKeyError as e:  # which of the two values was meant?
+        return None, [str(e)]
     except (ValueError, RecursionError) as e:  # an integer of over 4300 digits; nesting deeper than Python's stack
         return None, [f"not a usable JSON line ({type(e).__name__}: {str(e)[:80]})"]
     if not isinstance(record, dict):
@@ -138,7 +141,9 @@ def record_problems(record: dict, normalize: str) -> list[str]:
     """What is missing or mistyped in one line's object."""
     problems = []
     key = "question" if "question" in record else "prompt"
-    if key not in record:
+    if "question" in record and "prompt" in record:
+        problems.append('both "question" and "prompt" are given: one line holds one prompt')
+    elif key not in record:
         problems.append('missing "question" (or "prompt")')
     elif not isinstance(record[key], str):
         problems.append(f'"{key}" must be a string, got a {type(record[key]).__name__}')
@@ -162,6 +167,9 @@ def record_problems(record: dict, normalize: str) -> list[str]:
         problems.append(f'"answer" must be an integer index, got {answer!r}')
     elif choices is not None and not 0 <= answer < len(choices):
         problems.append(f'"answer" {answer} is out of range for {len(choices)} choices')
+    elif choices is not None:  # the two score alike, and the first of a tie is predicted: right or wrong by order
+        problems += [f"choices[{i}] is the same text as the answer, choices[{answer}]" for i, c in enumerate(choices)
+                     if i != answer and c == choices[answer]]
     return problems
 
 

@@ -55,7 +55,7 @@ def parse_json(raw: bytes | str, what: str):
     """The JSON value of raw, or CheckpointError naming `what`: duplicate keys are refused (a later one
     would silently win), as are values nested too deep to parse."""
     try:
-        return json.loads(raw, object_pairs_hook=_refuse_duplicates)
+        return json.loads(raw, object_pairs_hook=refuse_repeated_keys)
     except RecursionError:
         raise CheckpointError(f"{what}: JSON nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as e:
@@ -109,10 +109,15 @@ def read_json(path: str):
     return parse_json(raw, path)
 
 
-def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
+class RepeatedKeyError(ValueError):
+    """A JSON object names a key twice (json.loads would keep the later value silently)."""
+
+
+def refuse_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads' object_pairs_hook refusing a key given twice in one object."""
     seen = {}
     for key, value in pairs:
         if key in seen:
-            raise ValueError(f"the key {key!r} appears twice")
+            raise RepeatedKeyError(f"the key {key!r} appears twice")
         seen[key] = value
     return seen

@@ -17,6 +17,7 @@ import torch
 
 from merge_engine.errors import MergeEngineError
 from merge_engine.extras import require
+from merge_engine.io.untrusted import RepeatedKeyError, refuse_repeated_keys
 
 
 class DataError(MergeEngineError):
@@ -51,7 +52,9 @@ def _plain_text(line: str, path: str, lineno: int) -> str:
 
 def _jsonl_text(line: str, path: str, lineno: int) -> str:
     try:
-        record = json.loads(line)
+        record = json.loads(line, object_pairs_hook=refuse_repeated_keys)
+    except RepeatedKeyError as e:  # which of the two texts was meant?
+        raise DataError(f"{path}:{lineno}: {e}") from None
     except ValueError as e:
         raise DataError(f"{path}:{lineno}: not a JSON object ({e})") from e
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):

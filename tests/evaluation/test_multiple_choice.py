@@ -178,6 +178,11 @@ HOSTILE = {  # line 3 of the file (line 1 is a good question, line 2 blank), and
                        "the prompt is not text: it holds a lone surrogate escape"),
     "lone surrogate in a choice": ('{"question": "the cat", "choices": ["sat", "\\udfff"], "answer": 0}',
                                    "choices[1] is not text"),
+    "a key twice": ('{"question": "the cat", "choices": ["sat", "ran"], "answer": 0, "answer": 1}',
+                    "the key 'answer' appears twice"),
+    "question and prompt": (json.dumps({**GOOD, "prompt": "the dog"}), 'both "question" and "prompt" are given'),
+    "the answer twice": (json.dumps({**GOOD, "choices": ["ran", "sat", "sat"]}),
+                         "choices[2] is the same text as the answer, choices[1]"),
 }
 
 

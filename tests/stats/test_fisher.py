@@ -87,6 +87,7 @@ def test_read_texts_plain_and_jsonl(tmp_path):
     ('{"text": "ok"}\n{"text": oops}\n', ":2: not a JSON object"),
     ('{"text": "ok"}\n{"body": "x"}\n', ':2: expected a JSON object with a string "text" field'),
     ('["text"]\n', ':1: expected a JSON object'),
+    ('{"text": "one", "text": "two"}\n', ":1: the key 'text' appears twice"),
     ("\n  \n", "no examples"),
 ])
 def test_read_texts_errors_name_file_and_line(tmp_path, content, needle):
