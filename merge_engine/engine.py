@@ -472,9 +472,33 @@ def output_model_config(plan: MergePlan) -> dict:
     for key in ("num_hidden_layers", "n_layer") if plan.num_layers is not None else ():
         if key in model_config:
             model_config[key] = plan.num_layers
+    if plan.num_layers is not None:
+        model_config.update(per_layer_entries(plan))
     if plan.vocabulary or plan.truncated_rows:  # (mergekit leaves a truncation's vocab_size as the donor's)
         set_vocab_size(model_config, plan.vocabulary.rows if plan.vocabulary else plan.truncated_rows)
     return model_config
+
+
+def per_layer_entries(plan: MergePlan) -> dict:
+    """The donor config's lists of one entry per layer (layer_types: each layer's attention; SmolLM3's
+    no_rope_layers...), rebuilt for the output's layers: each takes the entry of the layer it was merged from
+    (its slice's first source), in that model's config. mergekit keeps the donor's lists, which transformers
+    refuses to load once the layer count has changed. Lists of layer indices are left as they are."""
+    def layer_count(config: dict):
+        return next((config[k] for k in ("num_hidden_layers", "n_layer") if isinstance(config.get(k), int)), None)
+
+    donor = plan.donor.config
+    rebuilt = {}
+    for key, entries in donor.items():
+        if key == "architectures" or not isinstance(entries, list) or len(entries) != layer_count(donor):
+            continue
+        sources = []
+        for ref, layer in plan.layer_sources:
+            theirs = plan.models[ref].config
+            sources.append((theirs[key] if layer_count(theirs) == len(theirs.get(key) or ()) else entries, layer))
+        if all(layer < len(source) for source, layer in sources):
+            rebuilt[key] = [source[layer] for source, layer in sources]
+    return rebuilt
 
 
 def write_tokenizer(plan: MergePlan, writer: ShardedWriter, options: MergeOptions) -> None:

@@ -62,6 +62,8 @@ class MergePlan:
     side: dict[str, Checkpoint] = field(default_factory=dict)  # side-input folders (Fishers...) by path
     jobs: list[TensorJob] = field(default_factory=list)
     num_layers: int | None = 0  # layers of the output model (None: several stacks, each kept as it is)
+    layer_sources: list[tuple[str, int]] = field(default_factory=list)  # per output layer: its slice's first
+    # source (model, layer), whose per-layer config entries (layer_types...) it takes
     missing_side: dict[str, list[str]] = field(default_factory=dict)  # side folder -> tensors it lacks
     grams_used: set[str] = field(default_factory=set)  # Gram folders that hold some weight's Gram
     vocabulary: Vocabulary | None = None  # the output tokenizer, when the config sets one
@@ -169,6 +171,7 @@ def _plan_slices(plan: MergePlan, prefix: str, layer_index: dict, ranges: list[l
                 names = [layer_index[src.model].get(prefix, {}).get(layer, {}).get(suffix, f"<layer {layer}>.{suffix}")
                          for src, layer in zip(s.sources, src_layers)]
                 _plan_tensor(plan, s, f"{prefix}.{plan.num_layers}.{suffix}", names, t, problems)
+            plan.layer_sources.append((s.sources[0].model, src_layers[0]))
             plan.num_layers += 1
 
 

@@ -234,3 +234,30 @@ def test_a_tokenizer_source_that_is_not_a_folder_is_refused_without_asking_the_h
     with pytest.raises(ConfigError, match="gpt2: the tokenizer source is not a local folder"):
         merge(parse_config(config), str(tmp_path / "out"), MergeOptions(device="cpu", quiet=True))
     assert [a[0] for a in asked if "gpt2" in str(a[0])] == []
+
+
+def test_slices_rebuild_per_layer_config_lists_from_each_layers_source(model_sets, tmp_path):
+    """layer_types (each layer's attention) follows the layers it came from: transformers refuses a config whose
+    list and layer count disagree (mergekit 0.1.5 keeps the donor's list)."""
+    import shutil
+    kinds = {"base": ["sliding_attention", "full_attention", "full_attention", "sliding_attention"],
+             "e1": ["full_attention", "sliding_attention", "full_attention", "full_attention"]}
+    folders = {}
+    for name, source in zip(kinds, model_sets("qwen2")):
+        folders[name] = tmp_path / name
+        shutil.copytree(source, folders[name])
+        config = json.loads((folders[name] / "config.json").read_text())
+        assert config["num_hidden_layers"] == len(kinds[name])
+        config.update(layer_types=kinds[name], sliding_window=16, use_sliding_window=True)
+        (folders[name] / "config.json").write_text(json.dumps(config))
+    cfg = {"merge_method": "passthrough", "dtype": "float32",
+           "slices": [{"sources": [{"model": str(folders["base"]), "layer_range": [0, 2]}]},
+                      {"sources": [{"model": str(folders["e1"]), "layer_range": [1, 4]}]}]}
+    out = tmp_path / "frankenmerge"
+    merge(parse_config(cfg), str(out), MergeOptions(quiet=True))
+    written = json.loads((out / "config.json").read_text())
+    assert written["num_hidden_layers"] == 5
+    assert written["layer_types"] == kinds["base"][0:2] + kinds["e1"][1:4]
+    assert written["architectures"] == json.loads((folders["base"] / "config.json").read_text())["architectures"]
+    assert transformers.AutoConfig.from_pretrained(str(out)).layer_types == written["layer_types"]
+    assert transformers.AutoModelForCausalLM.from_pretrained(str(out)) is not None

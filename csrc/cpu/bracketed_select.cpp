@@ -296,8 +296,9 @@ std::vector<std::vector<std::array<int64_t, 2>>> delta_cutoffs(const T* b, const
     for (int64_t count : counts[i]) {
       count = std::min(std::max<int64_t>(count, 0), n);
       CutoffQuery q{i, count, largest ? n - count : count - 1, 0, 0, {0, 0}, false};
+      // count 0 first: for n = 0 it is also n, and selecting nothing is the reference's answer
       if (count == 0) q.cutoff = {largest ? kNothingLargest : kNothingSmallest, 0}, q.found = true;
-      if (count == n) q.cutoff = {largest ? kNothingSmallest : kNothingLargest, 0}, q.found = true;
+      else if (count == n) q.cutoff = {largest ? kNothingSmallest : kNothingLargest, 0}, q.found = true;
       queries.push_back(q);
     }
   }

@@ -4,6 +4,7 @@ order exactly, so that outputs are bit-identical to mergekit's where the method 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -72,6 +73,7 @@ def merge_task_vectors_reference(base: torch.Tensor, experts: list[torch.Tensor]
     Random sparsifiers draw from Philox keyed by (seed, tensor_name, expert index).
     NaN or Inf in any input raise ValueError.
     """
+    check_merge_arguments(base, experts, weights, densities, sparsify, gammas, epsilons)
     if not experts:
         return base.clone()
     check_finite(base, "the base")
@@ -115,6 +117,32 @@ def merge_task_vectors(base: torch.Tensor, experts: list[torch.Tensor], weights:
                                         lambda_, gammas, epsilons, seed, tensor_name)
 
 
+def check_merge_arguments(base: torch.Tensor, experts: list[torch.Tensor], weights: list[float],
+                          densities: list[float], sparsify: str, gammas: Optional[list[float]],
+                          epsilons: Optional[list[float]]) -> None:
+    """What every backend refuses alike, before reading any data: experts unlike the base (the references
+    would broadcast or promote), one weight and density per expert (and gamma, epsilon when given),
+    finite values, a known sparsifier."""
+    if not base.is_floating_point():
+        raise ValueError(f"merge_task_vectors: the base must be a floating-point tensor, got {base.dtype}")
+    for i, expert in enumerate(experts):
+        if (expert.shape, expert.dtype, expert.device) != (base.shape, base.dtype, base.device):
+            raise ValueError(f"merge_task_vectors: expert {i} is a {expert.dtype} tensor of shape "
+                             f"{list(expert.shape)} on {expert.device}; the base is a {base.dtype} tensor of shape "
+                             f"{list(base.shape)} on {base.device}")
+    if sparsify not in sp.SPARSIFY_CODES:
+        raise ValueError(f"unknown sparsification '{sparsify}' (expected one of {sp.SPARSIFIERS} or '')")
+    for name, values in (("weights", weights), ("densities", densities), ("gammas", gammas),
+                         ("epsilons", epsilons)):
+        if values is None and name in ("gammas", "epsilons"):  # each expert's is 0
+            continue
+        if len(values) != len(experts):
+            raise ValueError(f"merge_task_vectors: {len(experts)} experts but {len(values)} {name}")
+        bad = [f"{name}[{i}] = {v}" for i, v in enumerate(values) if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"merge_task_vectors: {', '.join(bad)}: must be finite")
+
+
 def selection_counts(numel: int, sparsify: str, density: float, gamma: float) -> tuple[int, int]:
     """(lo, hi): a magnitude/outliers expert keeps the first hi minus the first lo elements of its
     stable magnitude order (descending for magnitude, ascending for outliers), as the references do."""
@@ -139,6 +167,8 @@ def _merge_with(backend, base, experts, weights, densities, sparsify="", consens
             or len(experts) > getattr(backend, "max_experts", len(experts))
             or codes[sparsify] not in getattr(backend, "modes", codes.values())):
         return merge_task_vectors_reference(*args)
+    check_merge_arguments(base, experts, weights, densities, sparsify, gammas, epsilons)
+    epsilons = [0.0] * len(experts) if sparsify == "rank" and epsilons is None else epsilons  # as the reference
     n = base.numel()
     counts = [selection_counts(n, sparsify, d, gammas[i] if gammas else 0.0) for i, d in enumerate(densities)]
     if sparsify == "rank":

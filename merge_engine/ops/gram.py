@@ -43,6 +43,8 @@ def check_gram_args(gram: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | No
     if mask is not None and (mask.dtype != torch.bool or mask.shape != x.shape[:-1] or mask.device != x.device):
         raise ValueError(f"accumulate_gram: mask must be a bool tensor of shape {list(x.shape[:-1])} on "
                          f"{x.device}; got {mask.dtype} {list(mask.shape)} on {mask.device}")
+    if x.numel() and x.untyped_storage().data_ptr() == gram.untyped_storage().data_ptr():
+        raise ValueError("accumulate_gram: the activations share memory with the gram they are added into")
 
 
 def kept_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -54,6 +56,8 @@ def kept_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 def accumulate_gram_reference(gram: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
     """gram += X^T X over the kept rows X, one matrix product in gram's dtype (the whole matrix)."""
     check_gram_args(gram, x, mask)
+    if not x.numel():  # no tokens, or d = 0: nothing to add
+        return
     rows = kept_rows(x, mask).to(gram.dtype)
     gram.addmm_(rows.T, rows)
 
@@ -69,6 +73,8 @@ def _accumulate_with(backend, gram, x, mask):
             or not gram.is_contiguous()):
         return accumulate_gram_reference(gram, x, mask)
     check_gram_args(gram, x, mask)
+    if not x.numel():
+        return
     backend.accumulate_gram(gram, x.reshape(-1, x.shape[-1]).contiguous(),
                             None if mask is None else mask.reshape(-1).contiguous())
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from merge_engine.ops.library import op
+from merge_engine.ops.library import check_out, op, promoted
 
 SLERP_DOT_THRESHOLD = 0.9995
 SLERP_EPS = 1e-8
@@ -25,12 +25,13 @@ def weighted_sum(tensors: list[torch.Tensor], weights: list[float], normalize: b
     On the CPU, _CHUNK elements at a time through one fp32 scratch (the same arithmetic per element): a
     whole-tensor fp32 sum is fresh memory the size of two bf16 tensors, zeroed by the kernel on first
     touch, for every tensor (and the engine passes recycled buffers as out for the same reason)."""
+    _check_alike("weighted_sum", tensors, weights, out)
     first = tensors[0]
     dtype = _compute_dtype(first)
     w = torch.tensor(weights, dtype=torch.float64).to(dtype).to(first.device)
     divisor = w.sum() if normalize else None
-    out = torch.empty_like(first) if out is None else out
-    flat, out_flat = [x.reshape(-1) for x in tensors], out.view(-1)
+    result = _contiguous_target(first, out)
+    flat, out_flat = [x.reshape(-1) for x in tensors], result.view(-1)
     n = out_flat.numel()
     step = _CHUNK if first.device.type == "cpu" else max(n, 1)
     scratch = torch.empty(min(step, n), dtype=dtype, device=first.device)
@@ -41,7 +42,31 @@ def weighted_sum(tensors: list[torch.Tensor], weights: list[float], normalize: b
         if divisor is not None:
             acc.div_(divisor)
         out_flat[start:start + acc.numel()].copy_(acc)
-    return out
+    return result if out is None else out.copy_(result) if result is not out else out
+
+
+def _check_alike(name: str, tensors: list[torch.Tensor], weights: list[float] | None,
+                 out: Optional[torch.Tensor]) -> None:
+    """ValueError unless the tensors share one shape and device (one weight each) and out is like the first."""
+    if not tensors:
+        raise ValueError(f"{name} needs at least one tensor")
+    if weights is not None and len(weights) != len(tensors):
+        raise ValueError(f"{name}: {len(tensors)} tensors but {len(weights)} weights")
+    first = tensors[0]
+    for i, x in enumerate(tensors[1:], 1):
+        if x.shape != first.shape or x.device != first.device:
+            raise ValueError(f"{name}: tensor {i} has shape {list(x.shape)} on {x.device}, tensor 0 "
+                             f"{list(first.shape)} on {first.device}")
+    if out is not None:
+        check_out(name, out, first)
+
+
+def _contiguous_target(like: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """Where to write a result of like's shape and dtype element by element: out when it is contiguous,
+    else a fresh contiguous tensor (the caller copies it into out)."""
+    if out is not None and out.is_contiguous():
+        return out
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
 
 
 class _ChunkPairs:
@@ -70,6 +95,7 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor
     """Spherical interpolation of the whole flattened tensors (t = 0 gives a), linear when
     |cos| > 0.9995; computed in fp32 (fp64 for fp64), returned in a's dtype (written into `out`, a
     tensor of a's shape and dtype, when one is given)."""
+    _check_alike("slerp", [a, b], None, out)
     dtype = _compute_dtype(a)
     x, y = a.reshape(1, -1), b.reshape(1, -1)
     tt = torch.tensor([[t]], dtype=dtype, device=a.device)
@@ -88,20 +114,22 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor
     sin_theta = torch.sin(theta)
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
-    result = torch.empty_like(x) if out is None else out.view(x.shape)
+    target = _contiguous_target(a, out)
+    result = target.view(x.shape)
     for start, cx, cy in pairs:  # coef_a * ca + coef_b * cb
         result[:, start:start + cx.shape[1]] = cx.mul_(coef_a).add_(cy.mul_(coef_b))
-    return result.reshape(a.shape) if out is None else out
+    return target if out is None else out.copy_(target) if target is not out else out
 
 
 def _unit(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=eps)
 
 
-@op("nuslerp", fake="a")
+@op("nuslerp", fake=promoted("a", "b"))
 def nuslerp(t: float, a: torch.Tensor, b: torch.Tensor, row_wise: bool = False, flatten: bool = True) -> torch.Tensor:
     """mergekit's nuslerp: slerp along the last dim (dim 0 if row_wise), or of the whole tensor
     if flatten; collinear vectors ((1 - cos^2) <= 1e-16) interpolate linearly. Input dtype throughout."""
+    _check_alike("nuslerp", [a, b], None, None)
     shape = a.shape
     dim = 0 if row_wise else -1
     if flatten:
@@ -118,7 +146,7 @@ def nuslerp(t: float, a: torch.Tensor, b: torch.Tensor, row_wise: bool = False, 
     return result.reshape(shape).contiguous()
 
 
-@op("multislerp", fake="tensors")
+@op("multislerp", fake=promoted("tensors", "base"))
 def multislerp(tensors: list[torch.Tensor], weights: list[float], base: Optional[torch.Tensor] = None,
                normalize_weights: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """mergekit's multislerp: barycentric interpolation of K tensors on the hypersphere (whole flattened
@@ -133,6 +161,9 @@ def multislerp(tensors: list[torch.Tensor], weights: list[float], base: Optional
         raise ValueError(f"multislerp: {len(tensors)} tensors but {len(weights)} weights")
     if len(tensors) == 1:
         return tensors[0].clone()
+    _check_alike("multislerp", tensors if base is None else [*tensors, base], None, None)
+    if normalize_weights and sum(weights) == 0:
+        raise ValueError(f"multislerp: the weights {list(weights)} sum to 0 and normalize_weights divides by their sum")
     stacked = torch.stack(tensors, dim=0)
     if base is not None:
         stacked -= base
@@ -172,6 +203,7 @@ def karcher_mean(tensors: list[torch.Tensor], weights: list[float], max_iter: in
         raise ValueError(f"karcher_mean: {len(tensors)} tensors but {len(weights)} weights")
     if len(tensors) == 1:
         return tensors[0].clone()
+    _check_alike("karcher_mean", tensors, weights, None)
     dtype = _compute_dtype(tensors[0])
     norms = [torch.linalg.vector_norm(x.to(dtype)) for x in tensors]
     units = [torch.zeros_like(x) if n.item() == 0.0 else (x / n).to(x.dtype) for x, n in zip(tensors, norms)]
@@ -179,6 +211,8 @@ def karcher_mean(tensors: list[torch.Tensor], weights: list[float], max_iter: in
     if not valid:
         return sum(x * 0 for x in tensors)
     total = sum(weights[i] for i in valid)
+    if total == 0:
+        raise ValueError(f"karcher_mean: the weights of the inputs with a direction (norm > tol) sum to 0: {weights}")
     alphas = [weights[i] / total for i in valid]
     units = [units[i] for i in valid]
 
@@ -205,10 +239,11 @@ def karcher_mean(tensors: list[torch.Tensor], weights: list[float], max_iter: in
     return sum(w * n for w, n in zip(weights, norms)) * mean
 
 
-@op("nearswap", fake="base")
+@op("nearswap", fake=promoted("base", "other"))
 def nearswap(t: float, base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """mergekit's nearswap: per element, lerp from base toward other by w = clamp(t / |base - other|, 0, 1)
     (|base - other| floored at 1e-6), so elements closer than t take other's value and far ones stay
     near the base. Input dtype."""
+    _check_alike("nearswap", [base, other], None, None)
     w = (t / torch.abs(base - other).clamp(min=1e-6)).clamp(min=0, max=1)
     return w * other + (1 - w) * base

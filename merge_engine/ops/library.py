@@ -41,12 +41,26 @@ _LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
-def op(name: str, *, mutates_args=(), fake: str | Callable | None = None, out: bool = False) -> Callable:
+class promoted:
+    """fake=promoted("base", "experts", at_least=torch.float32): the result has the first named argument's
+    shape (the first tensor of a list) and the dtype torch promotes every named tensor (and at_least) to."""
+
+    def __init__(self, *arguments: str, at_least: torch.dtype | None = None):
+        self.arguments, self.at_least = arguments, at_least
+
+
+def op(name: str, *, mutates_args=(), fake: str | promoted | Callable | None = None, out: bool = False,
+       differentiable: bool = False) -> Callable:
     """Declare the decorated reference as the op merge_engine::<name> (see the module docstring). `fake`
-    names the argument whose shape and dtype the result has (the first tensor of a list), or is a fake
-    implementation; ops that return nothing need none."""
+    names the argument whose shape and dtype the result has (the first tensor of a list), says how the
+    result's dtype is promoted (`promoted`), or is a fake implementation; ops that return nothing need none.
+    An op that is not `differentiable` (one that registers its own autograd formula is) gets a backward that
+    raises: an output computed from tensors that require grad then says so when a gradient reaches it, on
+    every backend alike (without one, torch's fallback gives None gradients, or the reference's own)."""
     def declare(reference: Callable) -> Callable:
         declared = _Declared(name, reference, mutates_args, fake, out)
+        if not differentiable and declared.functional._schema.returns and not mutates_args:
+            declared.register_autograd(_no_derivative(name))
 
         @functools.wraps(reference)
         def call(*args, **kwargs):
@@ -73,6 +87,8 @@ class _Declared:
         _declare_implementation(self.functional, functional)
         if isinstance(fake, str):
             fake = self._empty_like(fake)
+        if isinstance(fake, promoted):
+            fake = self._empty_promoted(fake)
         if fake is None and not self.functional._schema.returns:  # mutates only: nothing to make
             fake = _returns_nothing
         if fake is not None:
@@ -83,7 +99,7 @@ class _Declared:
             # torch.library takes no keyword-only tensors: out comes first
             _LIBRARY.define(f"{name}.out(Tensor(a!) out{', ' if arguments else ''}{arguments}) -> ()")
             self.out_overload = getattr(torch.ops.merge_engine, name).out
-            _declare_implementation(self.out_overload, _into_out(reference))
+            _declare_implementation(self.out_overload, _into_out(reference, name))
             torch.library.register_fake(self.out_overload, _returns_nothing, lib=_LIBRARY)
 
     def __call__(self, *args, out: Optional[torch.Tensor] = None, **kwargs):
@@ -100,7 +116,8 @@ class _Declared:
         def register(fn: Callable) -> Callable:
             _LIBRARY.impl(self.name, _dynamo_off_when_compiling(self._without_out(fn)), _DISPATCH_KEYS[device_type])
             if self.out_overload is not None:
-                _LIBRARY.impl(f"{self.name}.out", _dynamo_off_when_compiling(_into_out(fn)), _DISPATCH_KEYS[device_type])
+                _LIBRARY.impl(f"{self.name}.out", _dynamo_off_when_compiling(_into_out(fn, self.name)),
+                              _DISPATCH_KEYS[device_type])
             return fn
         return register
 
@@ -129,9 +146,29 @@ class _Declared:
             return torch.empty_like(value[0] if isinstance(value, (list, tuple)) else value)
         return fake
 
+    def _empty_promoted(self, rule: promoted) -> Callable:
+        def fake(*args, **kwargs):
+            bound = self.signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            tensors = []
+            for name in rule.arguments:
+                value = bound.arguments[name]
+                tensors += list(value) if isinstance(value, (list, tuple)) else [] if value is None else [value]
+            dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors[1:]], tensors[0].dtype)
+            return torch.empty_like(tensors[0], dtype=dtype if rule.at_least is None
+                                    else torch.promote_types(dtype, rule.at_least))
+        return fake
+
 
 def _returns_nothing(*args, **kwargs) -> None:
     return None
+
+
+def _no_derivative(name: str) -> Callable:
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{NAMESPACE}::{name} has no derivative: its output cannot be backpropagated through "
+                           "(compute it from detached tensors, or under torch.no_grad())")
+    return backward
 
 
 def _dynamo_off_when_compiling(fn: Callable) -> Callable:
@@ -173,15 +210,29 @@ def _bump_versions(overload: torch._ops.OpOverload, mutated: list[int]) -> Calla
         for i, name in zip(mutated, names):
             value = args[i] if i < len(args) else kwargs[name]
             for t in value if isinstance(value, (list, tuple)) else [value]:
+                if t.requires_grad and torch.is_grad_enabled():  # autograd could not follow the write
+                    raise RuntimeError(f"{overload._schema.name}: {name} requires grad, and this op writes into it "
+                                       "without a derivative (pass a tensor that does not require grad, or call "
+                                       "it under torch.no_grad())")
                 torch.autograd.graph.increment_version(t)
         return overload.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args, **kwargs)
     return kernel
 
 
-def _into_out(fn: Callable) -> Callable:
-    """The out overload's implementation: fn's result lands in out (written there, or copied)."""
+def _into_out(fn: Callable, name: str) -> Callable:
+    """The out overload's implementation: fn's result lands in out (written there, or copied). A copy
+    checks first that out is what the result is (copy_ would broadcast and cast silently)."""
     def into_out(out: torch.Tensor, *args, **kwargs) -> None:
         result = fn(*args, **kwargs, out=out)
         if result is not out:
+            check_out(name, out, result)
             out.copy_(result)
     return into_out
+
+
+def check_out(name: str, out: torch.Tensor, like: torch.Tensor) -> None:
+    """ValueError unless out has like's shape, dtype and device (ATen's out= rule, without resizing)."""
+    if (out.shape, out.dtype, out.device) != (like.shape, like.dtype, like.device):
+        raise ValueError(f"{NAMESPACE}::{name}: out must be a {like.dtype} tensor of shape {list(like.shape)} on "
+                         f"{like.device} (the result's), got a {out.dtype} tensor of shape {list(out.shape)} on "
+                         f"{out.device}")

@@ -45,6 +45,30 @@ def _check_stack(op: str, tensors: list[torch.Tensor], dim: int, block_size: int
     return extent // block_size
 
 
+def byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) bytes of memory that t's elements lie in (strides are never negative in torch)."""
+    if not t.numel():
+        return 0, 0
+    extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+
+def spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory a and b lie in may overlap (their byte spans do: interleaved views count too)."""
+    (a0, a1), (b0, b1) = byte_span(a), byte_span(b)
+    return a.device == b.device and a0 < b1 and b0 < a1
+
+
+def _check_apart(op: str, tensors: list[torch.Tensor]) -> None:
+    """Tensors an op writes must not share memory: a block written through one would be read through
+    another, and the backends' orders differ."""
+    for j, t in enumerate(tensors):
+        for i in range(j):
+            if spans_overlap(tensors[i], t):
+                raise ValueError(f"{op}: tensors {i} and {j} share memory (a tensor listed twice, or overlapping "
+                                 f"views); each must be a separate tensor")
+
+
 def _check_layer(op: str, layer: int, num_layers: int) -> None:
     if not 0 <= layer < num_layers:
         raise ValueError(f"{op}: layer {layer} is out of range for {num_layers} tensors")
@@ -89,12 +113,14 @@ def check_scatter_args(targets: list[torch.Tensor], layer: int, values: torch.Te
     if values.shape != first.shape or values.dtype != first.dtype or values.device != first.device:
         raise ValueError(f"{op}: values is {values.dtype} {list(values.shape)} on {values.device} but the targets "
                          f"are {first.dtype} {list(first.shape)} on {first.device}")
+    _check_apart(op, targets)
     _check_distinct(op, src_layer, src_block, n_blocks, "a (src_layer, src_block) pair appears more than once")
 
 
 def check_swap_args(tensors: list[torch.Tensor], pairs: torch.Tensor, dim: int, block_size: int) -> None:
     op = "swap_blocks_"
     n_blocks = _check_stack(op, tensors, dim, block_size)
+    _check_apart(op, tensors)
     _check_index(op, "pairs", pairs, ("M", 4), tensors[0].device)
     _check_range(op, "pairs (layer columns 0 and 2)", pairs[:, 0::2], len(tensors))
     _check_range(op, "pairs (block columns 1 and 3)", pairs[:, 1::2], n_blocks)
@@ -133,6 +159,7 @@ def scatter_add_blocks_reference(targets: list[torch.Tensor], layer: int, values
                                  src_layer: torch.Tensor, src_block: torch.Tensor, dim: int, block_size: int) -> None:
     """In place: block src_block[b] of targets[src_layer[b]] += block b of values (torch's index_add_)."""
     check_scatter_args(targets, layer, values, src_layer, src_block, dim, block_size)
+    values = values_apart(targets, values)
     blocked_values = _blocked(values, dim, block_size)
     for target in src_layer.unique().tolist():
         positions = (src_layer == target).nonzero().squeeze(1)
@@ -150,6 +177,12 @@ def swap_blocks_reference(tensors: list[torch.Tensor], pairs: torch.Tensor, dim:
         positions = (destinations[0] == target).nonzero().squeeze(1)
         _blocked(tensors[target], dim, block_size).index_copy_(dim, destinations[1][positions],
                                                                moved.index_select(dim, positions))
+
+
+def values_apart(targets: list[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+    """values, or a copy of them where they share memory with a target: the adds read every value as it was
+    before the call (a block added to would otherwise be read afterwards by some backends)."""
+    return values.clone() if any(spans_overlap(t, values) for t in targets) else values
 
 
 # ---- ops and their device kernels ----
@@ -171,7 +204,7 @@ def _scatter_add_with(backend, targets, layer, values, src_layer, src_block, dim
     if not _served(backend, [*targets, values]):
         return scatter_add_blocks_reference(targets, layer, values, src_layer, src_block, dim, block_size)
     check_scatter_args(targets, layer, values, src_layer, src_block, dim, block_size)
-    backend.scatter_add_blocks(list(targets), layer, values, src_layer.contiguous(), src_block.contiguous(), dim,
+    backend.scatter_add_blocks(list(targets), layer, values_apart(targets, values), src_layer.contiguous(), src_block.contiguous(), dim,
                                block_size)
 
 
@@ -185,7 +218,7 @@ def _scatter_add_blocks_cuda(targets, layer, values, src_layer, src_block, dim, 
     _scatter_add_with(backends.gpu_backend("permute"), targets, layer, values, src_layer, src_block, dim, block_size)
 
 
-@op("gather_blocks")
+@op("gather_blocks", differentiable=True)
 def gather_blocks(tensors: list[torch.Tensor], layer: int, src_layer: torch.Tensor, src_block: torch.Tensor, dim: int,
                   block_size: int) -> torch.Tensor:
     """A new tensor shaped like tensors[layer]: along dim, block b is block src_block[b] of

@@ -29,6 +29,8 @@ NOTHING_SMALLEST = -1  # below every key: the ascending cut-off that selects not
 
 def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
     """int64 keys of |x| (see the module docstring)."""
+    if x.dtype not in _KEY_VIEW:
+        raise ValueError(f"magnitudes are ordered for {', '.join(str(d) for d in _KEY_VIEW)} tensors, not {x.dtype}")
     view, mask = _KEY_VIEW[x.dtype]
     return x.detach().reshape(-1).view(view).to(torch.int64) & mask
 

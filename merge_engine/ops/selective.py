@@ -4,11 +4,13 @@ arithmetic order exactly (bit-identical on the same device), in the inputs' dtyp
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from merge_engine.ops.consensus import elect_sign
-from merge_engine.ops.library import op
+from merge_engine.ops.library import op, promoted
 
 QUANTILE_SAMPLE_SIZE = 1_000_000  # above this, mergekit's arcee_fusion estimates quantiles from a sample
 
@@ -46,7 +48,7 @@ def sce_weights(task_vectors: torch.Tensor) -> torch.Tensor:
     return w / total
 
 
-@op("sce_merge", fake="base")
+@op("sce_merge", fake=promoted("base", "experts"))
 def sce_merge(base: torch.Tensor, experts: list[torch.Tensor], select_topk: float = 1.0) -> torch.Tensor:
     """SCE (Select, Calculate, Erase) of the task vectors tau_i = x_i - base:
     1. if select_topk < 1, zero every position outside the top select_topk fraction by variance across
@@ -55,6 +57,8 @@ def sce_merge(base: torch.Tensor, experts: list[torch.Tensor], select_topk: floa
     3. erase: keep tau_i where its sign agrees with the sign of sum_j tau_j (TIES sum election, a zero
        sum elects +; zeros never agree);
     result = base + sum_i w_i m_i tau_i / max(sum_i w_i m_i, 1e-6). No experts: the base."""
+    if not math.isfinite(select_topk):
+        raise ValueError(f"sce_merge: select_topk = {select_topk}: must be finite")
     if not experts:
         return base.clone()
     tvs = _task_vectors(base, experts)
@@ -76,7 +80,7 @@ def _ram_masks(base: torch.Tensor, experts: list[torch.Tensor], epsilon: float):
     return tvs * active, active, counts, counts > 1, counts == 1
 
 
-@op("ram_merge", fake="base")
+@op("ram_merge", fake=promoted("base", "experts"))
 def ram_merge(base: torch.Tensor, experts: list[torch.Tensor], epsilon: float = 1e-5) -> torch.Tensor:
     """RAM (Reinforced Agent Merging): base + a task-vector sum in which an entry active (|tau_i| > epsilon)
     in one expert only is taken as is, and an entry active in several is averaged over those experts.
@@ -88,13 +92,14 @@ def ram_merge(base: torch.Tensor, experts: list[torch.Tensor], epsilon: float = 
     return base + merged.reshape_as(base)
 
 
-@op("ramplus_tl_merge", fake="base")
+@op("ramplus_tl_merge", fake=promoted("base", "experts", at_least=torch.float32))
 def ramplus_tl_merge(base: torch.Tensor, experts: list[torch.Tensor], r: float = 0.1, alpha: float = 0.2,
                      epsilon: float = 1e-5) -> torch.Tensor:
     """RAM+ (tensor-local): RAM with each expert's unique entries scaled by 1 + r * clamp(rho_i, 0, alpha),
     rho_i = (its active entries shared with another expert) / (its active unique entries, floored at
     epsilon), counted over this tensor. The scale is fp32 (as in mergekit), so bf16/fp16 inputs give an
-    fp32 result; fp64 stays fp64. No experts: the base."""
+    fp32 result; fp64 stays fp64. No experts: the base. With epsilon 0, an expert with no active entry (equal to
+    the base) has the scale 0/0, and the result is NaN everywhere, as mergekit's."""
     if not experts:
         return base.clone()
     tvs, active, counts, overlap, unique = _ram_masks(base, experts, epsilon)
@@ -138,7 +143,7 @@ def fusion_threshold(importance: torch.Tensor) -> torch.Tensor:
     return median + 1.5 * (q3 - q1)
 
 
-@op("arcee_fusion", fake="base")
+@op("arcee_fusion", fake=promoted("base", "other", at_least=torch.float32))
 def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """Arcee Fusion: base + (other - base) where the importance (fusion_importance) is at least the
     threshold median + 1.5 IQR (fusion_threshold), base elsewhere. The mask is fp32 (as in mergekit),

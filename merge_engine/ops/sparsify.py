@@ -9,6 +9,8 @@ documented and reproducible on every backend.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from merge_engine.ops.library import op
@@ -37,6 +39,14 @@ def _apply(x: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
     return rescale_l1(x, kept) if rescale else kept
 
 
+def check_finite_values(op_name: str, **values: float) -> None:
+    """ValueError naming each non-finite value (NaN compares false with every bound: it would pass as keep-all,
+    drop-all or an int() error by turns)."""
+    bad = [f"{name} = {v}" for name, v in values.items() if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{op_name}: {', '.join(bad)}: must be finite")
+
+
 def topk_count(numel: int, density: float) -> int:
     """How many elements TIES keeps: max(1, int(density * numel)) for 0 < density < 1."""
     return max(1, int(density * numel))
@@ -51,6 +61,7 @@ def magnitude_topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
 @op("trim_by_magnitude", fake="x")
 def trim_by_magnitude(x: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
     """TIES trim: keep the top max(1, int(density*numel)) magnitudes of the whole tensor, zero the rest."""
+    check_finite_values("trim_by_magnitude", density=density)
     if density >= 1:
         return x.clone()
     if density <= 0 or x.numel() == 0:
@@ -62,6 +73,7 @@ def trim_by_magnitude(x: torch.Tensor, density: float, rescale: bool = False) ->
 def drop_random(x: torch.Tensor, density: float, seed: int, tensor_name: str, stream: int,
                 rescale: bool = True) -> torch.Tensor:
     """DARE: keep each element with probability density (Philox keyed by seed, tensor name, stream)."""
+    check_finite_values("drop_random", density=density)
     if density >= 1:
         return x.clone()
     u = uniform(x.numel(), philox_key(seed, tensor_name), stream, x.device).reshape(x.shape)
@@ -71,6 +83,7 @@ def drop_random(x: torch.Tensor, density: float, seed: int, tensor_name: str, st
 @op("trim_outliers", fake="x")
 def trim_outliers(x: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
     """Breadcrumbs: drop the int(gamma*N) largest magnitudes, then the smallest, keeping int(density*N)."""
+    check_finite_values("trim_outliers", density=density, gamma=gamma)
     if density >= 1:
         return x.clone()
     n = x.numel()
@@ -108,9 +121,10 @@ def check_della(density: float, epsilon: float) -> None:
 def drop_by_rank(x: torch.Tensor, density: float, epsilon: float, seed: int, tensor_name: str,
                  stream: int, rescale: bool = True) -> torch.Tensor:
     """DELLA MagPrune: keep each element with its rank-dependent probability (Philox-driven)."""
+    check_finite_values("drop_by_rank", density=density, epsilon=epsilon)
     if density >= 1:
         return x.clone()
-    if density <= 0:
+    if density <= 0 or not x.numel():
         return torch.zeros_like(x)
     check_della(density, epsilon)
     p = della_keep_probability(x, density, epsilon)

@@ -15,11 +15,11 @@ def rand(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
 
 
-def samples() -> dict[str, tuple[tuple, dict]]:
-    """(args, kwargs) of one call of every op, on small odd shapes."""
-    base, e1, e2 = rand(7, 5), rand(7, 5, seed=1), rand(7, 5, seed=2)
+def samples(dtype=torch.float32) -> dict[str, tuple[tuple, dict]]:
+    """(args, kwargs) of one call of every op, on small odd shapes, in dtype (Fishers and Grams in fp32)."""
+    base, e1, e2 = rand(7, 5, dtype=dtype), rand(7, 5, seed=1, dtype=dtype), rand(7, 5, seed=2, dtype=dtype)
     deltas = torch.stack([e1 - base, e2 - base])
-    stack = [rand(6, 5, seed=s) for s in range(3)]  # three layers of 3 blocks of 2 rows
+    stack = [rand(6, 5, seed=s, dtype=dtype) for s in range(3)]  # three layers of 3 blocks of 2 rows
     src_layer, src_block = torch.tensor([0, 2, 1]), torch.tensor([0, 1, 2])
     tv = dict(weights=[0.6, 0.4], densities=[0.5, 0.7])
     return {
@@ -48,7 +48,8 @@ def samples() -> dict[str, tuple[tuple, dict]]:
         "accumulate_fisher": ((torch.zeros(7, 5), e1, 0.5), {}),
         "accumulate_gram": ((torch.zeros(5, 5), e1), {"mask": torch.tensor([1, 0, 1, 1, 0, 1, 1], dtype=torch.bool)}),
         "gather_blocks": ((stack, 1, src_layer, src_block, 0, 2), {}),
-        "scatter_add_blocks_": (([t.clone() for t in stack], 1, rand(6, 5, seed=5), src_layer, src_block, 0, 2), {}),
+        "scatter_add_blocks_": (([t.clone() for t in stack], 1, rand(6, 5, seed=5, dtype=dtype), src_layer, src_block,
+                                 0, 2), {}),
         "swap_blocks_": (([t.clone() for t in stack], torch.tensor([[0, 1, 2, 0]]), 0, 2), {}),
     }
 
@@ -62,12 +63,13 @@ def test_every_op_has_a_sample_and_every_declared_op_is_public():
     assert all(hasattr(ops, name) for name in declared)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: ops whose result is promoted to fp32
 @pytest.mark.parametrize("kernels", ["compiled", "reference"])
 @pytest.mark.parametrize("name", sorted(samples()))
-def test_opcheck(name, kernels, monkeypatch):
+def test_opcheck(name, kernels, dtype, monkeypatch):
     if kernels == "reference":
         monkeypatch.setattr(backends, "cpu_extension", lambda: None)  # the references as the CPU kernels
-    args, kwargs = samples()[name]
+    args, kwargs = samples(dtype)[name]
     torch.library.opcheck(getattr(torch.ops.merge_engine, name).default, args, kwargs)
 
 

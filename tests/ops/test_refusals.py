@@ -1,0 +1,186 @@
+"""The ops as a library other tools call: arguments no backend can use are refused alike, with a ValueError
+saying what is wrong, on the compiled CPU kernels and on the references (which serve float64, non-contiguous
+and mixed inputs, and every input when the kernels are off); inputs a backend could misread (memory shared
+between what an op reads and writes, empty tensors) give every backend the reference's answer; and no op
+hands back a gradient it did not compute."""
+import pytest
+import torch
+
+from merge_engine import ops
+from merge_engine.ops import backends
+from merge_engine.ops.select import magnitude_cutoff_reference
+
+
+@pytest.fixture(params=["compiled", "reference"])
+def kernels(request, monkeypatch):
+    if request.param == "reference":
+        monkeypatch.setattr(backends, "cpu_extension", lambda: None)
+    elif backends.cpu_extension() is None:
+        pytest.skip("the compiled CPU kernels are not built here")
+    return request.param
+
+
+def rand(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+def task_vector_call(**changes):
+    base, e1, e2 = rand(7, 5), rand(7, 5, seed=1), rand(7, 5, seed=2)
+    call = dict(base=base, experts=[e1, e2], weights=[0.6, 0.4], densities=[0.5, 0.7], sparsify="magnitude",
+                consensus=True)
+    call.update(changes)
+    return call
+
+
+BAD_TASK_VECTOR_CALLS = {
+    "one weight for two experts": (dict(weights=[0.6]), "2 experts but 1 weights"),
+    "three densities": (dict(densities=[0.5, 0.5, 0.5]), "2 experts but 3 densities"),
+    "gammas of another length": (dict(sparsify="outliers", gammas=[0.1]), "2 experts but 1 gammas"),
+    "an expert of another shape": (dict(experts=[rand(7, 5), rand(1)]), r"expert 1 is a torch.float32 tensor of shape \[1\]"),
+    "an expert of another dtype": (dict(experts=[rand(7, 5), rand(7, 5, dtype=torch.bfloat16)]),
+                                   "expert 1 is a torch.bfloat16 tensor"),
+    "a NaN density": (dict(densities=[float("nan"), 0.5]), r"densities\[0\] = nan: must be finite"),
+    "a NaN density, DARE": (dict(sparsify="random", densities=[0.5, float("nan")]), r"densities\[1\] = nan"),
+    "a NaN density, DELLA": (dict(sparsify="rank", densities=[float("nan"), 0.5], epsilons=[0.1, 0.1]),
+                             r"densities\[0\] = nan"),
+    "an infinite weight": (dict(weights=[float("inf"), 0.4]), r"weights\[0\] = inf"),
+    "an unknown sparsifier": (dict(sparsify="topk"), "unknown sparsification 'topk'"),
+    "an integer base": (dict(base=torch.zeros(7, 5, dtype=torch.int32), experts=[]), "floating-point"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TASK_VECTOR_CALLS)
+def test_merge_task_vectors_refuses_alike_on_every_backend(kernels, case):
+    changes, message = BAD_TASK_VECTOR_CALLS[case]
+    with pytest.raises(ValueError, match=message):
+        ops.merge_task_vectors(**task_vector_call(**changes))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the kernels' and the reference's dtype
+def test_out_unlike_the_result_is_refused_and_left_as_it_was(kernels, dtype):
+    call = task_vector_call(base=rand(7, 5, dtype=dtype), experts=[rand(7, 5, seed=s, dtype=dtype) for s in (1, 2)])
+    for out in (torch.full((2, 4), 7.0, dtype=dtype), torch.full((7, 5), 7, dtype=torch.int32)):
+        with pytest.raises((ValueError, RuntimeError), match="out must be"):
+            ops.merge_task_vectors(**call, out=out)
+        assert bool((out == 7).all())
+    params, fishers = [rand(3, 4, dtype=dtype), rand(3, 4, seed=1, dtype=dtype)], [torch.ones(3, 4), torch.ones(3, 4)]
+    with pytest.raises((ValueError, RuntimeError), match="out must be"):
+        ops.fisher_merge(params, fishers, [1.0, 1.0], [0.0, 0.0], out=torch.zeros(4, 3, dtype=dtype))
+
+
+def test_della_without_epsilons_takes_zero_on_every_backend(monkeypatch):
+    call = task_vector_call(sparsify="rank", densities=[0.5, 0.6])
+    compiled = ops.merge_task_vectors(**call)
+    monkeypatch.setattr(backends, "cpu_extension", lambda: None)
+    assert torch.equal(compiled, ops.merge_task_vectors(**call))
+    assert torch.equal(compiled, ops.merge_task_vectors(**call, epsilons=[0.0, 0.0]))
+
+
+@pytest.mark.parametrize("sparsify, call", [
+    ("trim_by_magnitude", lambda x, d: ops.trim_by_magnitude(x, d)),
+    ("drop_random", lambda x, d: ops.drop_random(x, d, 0, "w", 0)),
+    ("trim_outliers", lambda x, d: ops.trim_outliers(x, d, 0.1)),
+    ("drop_by_rank", lambda x, d: ops.drop_by_rank(x, d, 0.1, 0, "w", 0)),
+])
+def test_a_nan_density_is_refused_by_every_sparsifier(sparsify, call):
+    with pytest.raises(ValueError, match=f"{sparsify}: density = nan: must be finite"):
+        call(rand(7, 5), float("nan"))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool])
+def test_magnitudes_of_integers_are_refused_by_name(dtype):
+    with pytest.raises(ValueError, match=f"magnitudes are ordered for .* tensors, not {dtype}"):
+        ops.trim_by_magnitude(torch.ones(4, dtype=dtype), 0.5)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_the_cutoff_of_an_empty_tensor_selects_nothing_on_every_backend(kernels, largest):
+    x = torch.empty(0)
+    assert torch.equal(ops.magnitude_cutoff(x, 0, largest), magnitude_cutoff_reference(x, 0, largest))
+
+
+def test_empty_inputs_give_empty_results(kernels):
+    gram = torch.zeros(0, 0)
+    ops.accumulate_gram(gram, torch.empty(4, 0))
+    assert gram.shape == (0, 0)
+    assert ops.drop_by_rank(torch.empty(0, 5), 0.5, 0.1, 0, "w", 0).shape == (0, 5)
+    merged = ops.merge_task_vectors(**task_vector_call(base=torch.empty(0, 5), experts=[torch.empty(0, 5)] * 2,
+                                                       sparsify="rank", epsilons=[0.1, 0.1]))
+    assert merged.shape == (0, 5)
+
+
+def test_weighted_sum_and_slerp_check_their_inputs_and_out():
+    a, b = rand(4), rand(4, seed=1)
+    refusals = {
+        "2 tensors but 1 weights": lambda: ops.weighted_sum([a, b], [1.0]),
+        "1 tensors but 2 weights": lambda: ops.weighted_sum([a], [0.5, 0.5]),
+        r"tensor 1 has shape \[8\]": lambda: ops.weighted_sum([a, rand(8)], [0.5, 0.5]),
+        r"tensor 1 has shape \[1\]": lambda: ops.weighted_sum([a, rand(1)], [0.5, 0.5]),
+        "needs at least one tensor": lambda: ops.weighted_sum([], []),
+        r"out must be a torch.float32 tensor of shape \[4\]": lambda: ops.weighted_sum([a, b], [0.5, 0.5],
+                                                                                     out=torch.empty(10)),
+        "out must be a torch.float32": lambda: ops.weighted_sum([a, b], [0.5, 0.5], out=torch.empty(4, dtype=torch.int32)),
+        r"slerp: tensor 1 has shape \[8\]": lambda: ops.slerp(0.3, a, rand(8)),
+        "slerp: out must be": lambda: ops.slerp(0.3, a, b, out=torch.empty(4, dtype=torch.int64)),
+        r"nearswap: tensor 1 has shape \[1\]": lambda: ops.nearswap(0.5, a, rand(1)),
+        r"nuslerp: tensor 1 has shape \[8\]": lambda: ops.nuslerp(0.5, a, rand(8)),
+    }
+    for message, call in refusals.items():
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_weighted_sum_and_slerp_take_non_contiguous_inputs_and_out():
+    a, b = rand(5, 3), rand(5, 3, seed=1)
+    want_sum, want_slerp = ops.weighted_sum([a, b], [0.3, 0.7]), ops.slerp(0.3, a, b)
+    assert torch.equal(ops.weighted_sum([a.T.contiguous().T, b], [0.3, 0.7]), want_sum)  # a transposed view
+    for call, want in ((lambda out: ops.weighted_sum([a, b], [0.3, 0.7], out=out), want_sum),
+                       (lambda out: ops.slerp(0.3, a, b, out=out), want_slerp)):
+        out = torch.zeros(3, 5).T  # a (5, 3) view with strides (1, 5)
+        assert call(out) is out and torch.equal(out, want)
+
+
+def test_zero_sum_weights_are_refused_where_they_would_divide():
+    a, b = rand(6), rand(6, seed=1)
+    with pytest.raises(ValueError, match="multislerp: the weights .* sum to 0"):
+        ops.multislerp([a, b], [1.0, -1.0])
+    with pytest.raises(ValueError, match="karcher_mean: the weights .* sum to 0"):
+        ops.karcher_mean([a, b], [1.0, -1.0])
+    with pytest.raises(ValueError, match="sce_merge: select_topk = nan"):
+        ops.sce_merge(a, [b], float("nan"))
+
+
+def test_scatter_add_reads_values_as_they_were_where_they_share_memory_with_a_target(kernels):
+    layers = [torch.tensor([1.0, 10.0]), torch.tensor([100.0, 1000.0])]
+    values = layers[0]  # block 0 is added to layer 1's block 1, then block 1 to layer 0's block 0
+    expected = [torch.tensor([11.0, 10.0]), torch.tensor([100.0, 1001.0])]
+    ops.scatter_add_blocks_(layers, 0, values, torch.tensor([1, 0]), torch.tensor([1, 0]), 0, 1)
+    assert all(torch.equal(t, e) for t, e in zip(layers, expected)), layers
+
+
+def test_tensors_an_op_writes_must_not_share_memory(kernels):
+    t = rand(4, 3)
+    with pytest.raises(ValueError, match="swap_blocks_: tensors 0 and 1 share memory"):
+        ops.swap_blocks_([t, t], torch.tensor([[0, 0, 1, 1]]), 0, 2)
+    with pytest.raises(ValueError, match="scatter_add_blocks_: tensors 0 and 1 share memory"):
+        ops.scatter_add_blocks_([t, t], 0, rand(4, 3), torch.tensor([1, 0]), torch.tensor([0, 1]), 0, 2)
+    stacked = rand(2, 4, 3)  # layers as disjoint views of one tensor are separate
+    ops.swap_blocks_([stacked[0], stacked[1]], torch.tensor([[0, 0, 1, 1]]), 0, 2)
+    gram = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="share memory with the gram"):
+        ops.accumulate_gram(gram, gram)
+
+
+def test_no_op_returns_a_gradient_it_did_not_compute(kernels):
+    call = task_vector_call(base=rand(7, 5).requires_grad_(), sparsify="")
+    merged = ops.merge_task_vectors(**call)
+    with pytest.raises(RuntimeError, match="merge_engine::merge_task_vectors has no derivative"):
+        merged.sum().backward()
+    with torch.no_grad():
+        assert not ops.merge_task_vectors(**call).requires_grad
+    fisher = torch.zeros(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="fisher requires grad, and this op writes into it"):
+        ops.accumulate_fisher(fisher, rand(3), 1.0)
+    with torch.no_grad():
+        ops.accumulate_fisher(fisher, torch.ones(3), 1.0)
+    assert torch.equal(fisher.detach(), torch.ones(3))
