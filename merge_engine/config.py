@@ -480,7 +480,7 @@ def _warn_repeated_models(cfg: MergeConfig) -> None:
         if repeated:
             where = "models" if "models" in cfg.raw else f"slices[{i}]"
             warnings.warn(f"{where}: {', '.join(repeated)} listed more than once: each listing counts as a model "
-                          "(as in mergekit)")
+                          "(mergekit 0.1.5 refuses this: Duplicate merge inputs)")
 
 
 def _unused_parameter(name: str, specs: dict[str, ParamSpec], method: str) -> str:

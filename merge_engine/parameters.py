@@ -80,6 +80,24 @@ def in_unit_interval(value: float) -> str | None:
     return None if 0.0 <= value <= 1.0 else "must be in [0, 1]"
 
 
+def density_outside(value: float) -> str | None:
+    """mergekit takes any density: at or above 1 a task vector is kept whole, at or below 0 it is dropped."""
+    if value > 1:
+        return "is above 1: the task vector is kept whole, as with density 1 (as mergekit does)"
+    if value < 0:
+        return "is below 0: the task vector is dropped, as with density 0 (as mergekit does)"
+    return None
+
+
+def fraction_outside(value: float) -> str | None:
+    """A fraction mergekit takes unchecked: worth a warning outside [0, 1]."""
+    return None if 0 <= value <= 1 else "is outside [0, 1] (mergekit takes it unchecked, and so does merge_engine)"
+
+
+def at_least_zero_for_bernoulli(value: float) -> str | None:
+    return None if value >= 0 else "must be >= 0 (a keep probability: mergekit's Bernoulli draw fails below 0)"
+
+
 def non_negative(value: float) -> str | None:
     return None if value >= 0 and math.isfinite(value) else "must be a finite number >= 0"
 

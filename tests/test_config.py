@@ -62,7 +62,7 @@ def test_models_form_becomes_one_slice_with_base_appended():
 
 def test_every_problem_reported_at_once():
     raw = ties_config(merge_method="tie", dtype="float8")
-    raw["models"][0]["parameters"]["density"] = 1.5
+    raw["models"][0]["parameters"]["density"] = "dense"
     raw["models"][1]["parameters"]["weight"] = "heavy"
     with pytest.raises(ConfigError) as err:
         parse_config(raw)
@@ -70,11 +70,11 @@ def test_every_problem_reported_at_once():
     for needle in ("tie", "float8"):
         assert needle in text
     raw = ties_config()
-    raw["models"][0]["parameters"]["density"] = 1.5
+    raw["models"][0]["parameters"]["density"] = "dense"
     raw["models"][1]["parameters"]["weight"] = "heavy"
     with pytest.raises(ConfigError) as err:
         parse_config(raw)
-    assert "1.5" in str(err.value) and "heavy" in str(err.value) and len(err.value.problems) >= 2
+    assert "dense" in str(err.value) and "heavy" in str(err.value) and len(err.value.problems) >= 2
 
 
 @pytest.mark.parametrize("raw,match", [

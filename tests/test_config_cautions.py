@@ -1,6 +1,7 @@
 """Values that make nonsense are refused at validation, by key; values that are allowed but surprising
 (extrapolating slerp, a model listed twice, a misspelled parameter) are merged with one warning that
 says what happens, and --strict refuses unused parameters."""
+import re
 import warnings
 
 import pytest
@@ -54,3 +55,22 @@ def test_a_key_given_twice_keeps_the_later_value_with_a_warning_and_strict_refus
     assert content["models"][0]["parameters"] == {"weight": 0.5} and content["extra"] == {"weight": 2.0}
     with pytest.raises(ConfigError, match=r"line 6: key 'weight' is given again .*refused by --strict"):
         load_config(str(path), strict=True)
+
+
+@pytest.mark.parametrize("method, key, value, caution", [
+    ("ties", "density", 1.5, "is above 1: the task vector is kept whole"),
+    ("della", "density", -0.2, "is below 0: the task vector is dropped"),
+    ("breadcrumbs", "gamma", 1.5, "is outside [0, 1] (mergekit takes it unchecked"),
+])
+def test_values_mergekit_takes_unchecked_merge_with_a_warning(method, key, value, caution):
+    config = {"merge_method": method, "base_model": "base",
+              "models": [{"model": "a", "parameters": {"weight": 1.0, key: value}}]}
+    with pytest.warns(UserWarning, match=re.escape(f"models[a].parameters.{key} = {value} {caution}")):
+        parse_config(config)
+
+
+def test_a_negative_dare_density_is_refused_as_mergekit_fails_on_it():
+    config = {"merge_method": "dare_linear", "base_model": "base",
+              "models": [{"model": "a", "parameters": {"weight": 1.0, "density": -0.1}}]}
+    with pytest.raises(ConfigError, match="'density' must be >= 0 .*Bernoulli"):
+        parse_config(config)

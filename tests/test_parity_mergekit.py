@@ -53,6 +53,16 @@ CASES = {
                                                            {"weight": 0.5, "density": 0.6, "gamma": 0.1}])}),
     "breadcrumbs_ties": ("llama", lambda b, e: {"merge_method": "breadcrumbs_ties", "dtype": "float32",
                                                 **models(b, e, [{"weight": 0.7, "density": 0.9, "gamma": 0.05}] * 3)}),
+    # densities and gammas outside [0, 1], which mergekit takes unchecked (merge_engine warns): a whole or a
+    # dropped task vector; breadcrumbs' window as a Python slice (density < 0 and gamma > 1: its end counts back)
+    "ties_density_outside": ("llama", lambda b, e: {"merge_method": "ties", "dtype": "float32",
+                                                    **models(b, e, [{"weight": 0.5, "density": 1.5},
+                                                                    {"weight": 0.3, "density": -0.2},
+                                                                    {"weight": 0.2, "density": 0.4}])}),
+    "breadcrumbs_outside": ("llama", lambda b, e: {"merge_method": "breadcrumbs", "dtype": "float32",
+                                                   **models(b, e, [{"weight": 0.5, "density": -0.2, "gamma": 1.5},
+                                                                   {"weight": 0.3, "density": 0.6, "gamma": -0.1},
+                                                                   {"weight": 0.2, "density": 0.5, "gamma": 1.5}])}),
     "slerp_slices": ("llama", lambda b, e: {"merge_method": "slerp", "base_model": b, "dtype": "float32",
                                             "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
                                                                  {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},

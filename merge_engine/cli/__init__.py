@@ -67,12 +67,23 @@ def entry() -> None:
     sys.exit(status)
 
 
+def _verbose(argv: list[str]) -> bool:
+    """Whether the command line asks for -v: alone, repeated (-vv, as mergekit counts it) or among other
+    short flags (-qv); not after `--`."""
+    for arg in argv:
+        if arg == "--":
+            return False
+        if arg == "--verbose" or (arg[:1] == "-" and arg[1:2] != "-" and arg[1:].isalpha() and "v" in arg[1:]):
+            return True
+    return False
+
+
 def _ran_a_merge(argv: list[str]) -> bool:
     return not (argv and argv[0] in SUBCOMMANDS) and argv not in (["--version"], ["-V"])
 
 
 def _failed(message: str, status: int, argv: list[str]) -> int:
-    if "-v" in argv or "--verbose" in argv:
+    if _verbose(argv):
         traceback.print_exc()
     print(f"merge-engine: {message}", file=sys.stderr)
     return status

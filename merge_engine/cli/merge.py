@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from merge_engine import __version__
 from merge_engine.cli.args import add_quiet_argument, parse_size, positive_int, setup_logging
 from merge_engine.cli.timing import STARTUP
 from merge_engine.dtypes import DTYPES
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda", action="store_const", const="cuda", dest="device", help="same as --device cuda")
     p.add_argument("--no-cuda", action="store_const", const="cpu", dest="device", help="same as --device cpu")
     p.add_argument("--out-shard-size", type=parse_size, default=parse_size("5B"),
-                   help="largest output shard in bytes; K/M/B suffixes allowed (default 5B = 5e9 bytes)")
+                   help="most tensor bytes per output shard; K/M/B suffixes, powers of 1000 (default 5B = 5e9 "
+                        "bytes)")
     p.add_argument("--random-seed", type=seed, default=0,
                    help="seed of the counter-based generator used by DARE and DELLA (default 0)")
     p.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
@@ -71,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "directly; off: reads and writes through the page cache")
     add_quiet_argument(p)
     p.add_argument("--no-quiet", action="store_false", dest="quiet", help="progress bar and summary (the default)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (and the traceback of a failure)")
+    p.add_argument("-V", "--version", action="version", version=f"merge-engine {__version__}")
     compat = "accepted for mergekit compatibility; no effect"
     for flag in _COMPAT_FLAGS:
         p.add_argument(flag, action=argparse.BooleanOptionalAction, help=compat)

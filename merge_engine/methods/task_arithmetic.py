@@ -8,7 +8,7 @@ import torch
 from merge_engine import ops
 from merge_engine.methods.base import MergeMethod, TensorGroup
 from merge_engine.ops.sparsify import check_della
-from merge_engine.parameters import ParamSpec, Scope, in_unit_interval
+from merge_engine.parameters import ParamSpec, Scope, at_least_zero_for_bernoulli, density_outside, fraction_outside
 
 # name: (sparsification, sign consensus, normalize default, rescale default, reference)
 FAMILY = {
@@ -52,12 +52,13 @@ def _method(name: str) -> MergeMethod:
         ParamSpec("rescale", bool, Scope.SHARED, rescale),
         ParamSpec("lambda", float, Scope.SHARED, 1.0),
         ParamSpec("weight", float, Scope.NON_BASE),
-        ParamSpec("density", float, Scope.NON_BASE, 1.0, check=in_unit_interval),
+        ParamSpec("density", float, Scope.NON_BASE, 1.0, caution=density_outside,
+                  check=at_least_zero_for_bernoulli if sparsify == "random" else None),
     ]
     if sparsify == "outliers":
-        params.append(ParamSpec("gamma", float, Scope.NON_BASE, 0.01, check=in_unit_interval))
-    if sparsify == "rank":
-        params.append(ParamSpec("epsilon", float, Scope.NON_BASE, 0.15, check=in_unit_interval))
+        params.append(ParamSpec("gamma", float, Scope.NON_BASE, 0.01, caution=fraction_outside))
+    if sparsify == "rank":  # density +- epsilon must lie in (0, 1): _della_problem, per tensor
+        params.append(ParamSpec("epsilon", float, Scope.NON_BASE, 0.15))
     return MergeMethod(name, lambda g: _merge(sparsify, consensus, g), tuple(params), base="required",
                        reference=ref, tensor_problem=_della_problem if sparsify == "rank" else None)
 

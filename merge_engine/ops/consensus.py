@@ -150,9 +150,7 @@ def selection_counts(numel: int, sparsify: str, density: float, gamma: float) ->
         return 0, numel
     if sparsify == "magnitude":
         return 0, 0 if density <= 0 or numel == 0 else sp.topk_count(numel, density)
-    target = int(density * numel)
-    n_bot = max(0, numel - target - int(gamma * numel))
-    return n_bot, n_bot + target
+    return sp.outlier_window(numel, density, gamma)
 
 
 def _merge_with(backend, base, experts, weights, densities, sparsify="", consensus=False, normalize=False,

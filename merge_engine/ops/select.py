@@ -71,7 +71,11 @@ def magnitude_cutoff_reference(x: torch.Tensor, count: int, largest: bool = True
 
 @op("magnitude_cutoff")
 def magnitude_cutoff(x: torch.Tensor, count: int, largest: bool = True) -> torch.Tensor:
-    """The cut-off of the first `count` elements of the stable order of |x|: see magnitude_cutoff_reference."""
+    """int64 [T, c]: the cut-off of the first `count` elements (clamped to [0, numel]) of the stable order of
+    the magnitudes |x| over the whole tensor, descending when `largest` (TIES' top-k), else ascending
+    (breadcrumbs' smallest). An element is selected when key(|x|) > T (< T when ascending) or key == T and
+    its flat index < c (the module docstring; cutoff_mask turns it into a mask). x: fp16, bf16, fp32 or fp64;
+    NaN raises ValueError."""
     return magnitude_cutoff_reference(x, count, largest)
 
 

@@ -72,7 +72,10 @@ def trim_by_magnitude(x: torch.Tensor, density: float, rescale: bool = False) ->
 @op("drop_random", fake="x")
 def drop_random(x: torch.Tensor, density: float, seed: int, tensor_name: str, stream: int,
                 rescale: bool = True) -> torch.Tensor:
-    """DARE: keep each element with probability density (Philox keyed by seed, tensor name, stream)."""
+    """DARE: keep each element with probability density, zero the rest; rescale: scale the kept part so its L1
+    norm is x's (mergekit's rescale). The uniforms come from Philox4x32-10 keyed by (seed, tensor_name) and
+    counted by (element index, stream): stream tells apart the experts of one tensor, so the same arguments
+    give the same mask on every device and backend."""
     check_finite_values("drop_random", density=density)
     if density >= 1:
         return x.clone()
@@ -86,13 +89,21 @@ def trim_outliers(x: torch.Tensor, density: float, gamma: float, rescale: bool =
     check_finite_values("trim_outliers", density=density, gamma=gamma)
     if density >= 1:
         return x.clone()
-    n = x.numel()
-    target = int(density * n)
-    n_bot = max(0, n - target - int(gamma * n))
-    # positions [n_bot, n_bot + target) of the ascending order: the first n_bot + target minus the first n_bot
-    keep = cutoff_mask(x, magnitude_cutoff(x, n_bot + target, False), False)
-    keep &= ~cutoff_mask(x, magnitude_cutoff(x, n_bot, False), False)
+    lo, hi = outlier_window(x.numel(), density, gamma)
+    # positions [lo, hi) of the ascending order: the first hi minus the first lo
+    keep = cutoff_mask(x, magnitude_cutoff(x, hi, False), False)
+    keep &= ~cutoff_mask(x, magnitude_cutoff(x, lo, False), False)
     return _apply(x, keep, rescale)
+
+
+def outlier_window(numel: int, density: float, gamma: float) -> tuple[int, int]:
+    """[lo, hi): the positions of the ascending magnitude order breadcrumbs keeps. mergekit keeps
+    argsort[n_bot:n_bot + target] (n_bot = max(0, N - target - int(gamma N)), target = int(density N)), a
+    Python slice: with density < 0 and gamma > 1 its end is negative and counts from the back."""
+    target = int(density * numel)
+    n_bot = max(0, numel - target - int(gamma * numel))
+    kept = range(numel)[n_bot:n_bot + target]
+    return kept.start, max(kept.start, kept.stop)
 
 
 def della_keep_probability(x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -120,7 +131,10 @@ def check_della(density: float, epsilon: float) -> None:
 @op("drop_by_rank", fake="x")
 def drop_by_rank(x: torch.Tensor, density: float, epsilon: float, seed: int, tensor_name: str,
                  stream: int, rescale: bool = True) -> torch.Tensor:
-    """DELLA MagPrune: keep each element with its rank-dependent probability (Philox-driven)."""
+    """DELLA MagPrune: keep each element with probability (density - epsilon) + 2 epsilon (rank - 1) / (ncols - 1),
+    rank 1 being the smallest magnitude of its row (della_keep_probability), zero the rest; rescale: scale the
+    kept part so its L1 norm is x's. 0 < density -+ epsilon < 1 is required when 0 < density < 1. The uniforms
+    come from Philox keyed by (seed, tensor_name) and counted by (element index, stream), as drop_random's."""
     check_finite_values("drop_by_rank", density=density, epsilon=epsilon)
     if density >= 1:
         return x.clone()

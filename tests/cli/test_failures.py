@@ -29,8 +29,13 @@ def one_line(capsys) -> str:
     return err
 
 
-def test_version(capsys):
-    assert cli.main(["--version"]) == 0
+@pytest.mark.parametrize("argv", [["--version"], ["-V"], ["--version", "-q"], ["config.yml", "out", "-V"]])
+def test_version(capsys, argv):
+    try:
+        status = cli.main(argv)
+    except SystemExit as e:  # argparse's version action, among other arguments
+        status = e.code
+    assert status == 0
     assert capsys.readouterr().out.startswith("merge-engine 0.")
 
 
@@ -105,10 +110,11 @@ def test_ctrl_c_exits_130_and_leaves_nothing(config, tmp_path, capsys, monkeypat
     assert os.listdir(tmp_path) == []
 
 
-def test_verbose_failures_show_the_traceback(config, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("flags", [["-v"], ["-vv"], ["-q", "-v"], ["-qv"], ["--verbose"]])
+def test_verbose_failures_show_the_traceback(config, tmp_path, capsys, monkeypatch, flags):
     from merge_engine.io import writer
     monkeypatch.setattr(writer.ShardedWriter, "write", lambda *a: (_ for _ in ()).throw(OSError(28, "No space")))
-    assert cli.main([config, str(tmp_path / "out"), "-v"]) == 2
+    assert cli.main([config, str(tmp_path / "out"), *flags]) == 2
     assert "Traceback" in capsys.readouterr().err
 
 

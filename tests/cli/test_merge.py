@@ -84,9 +84,11 @@ def test_unknown_method(model_sets, write_yaml, tmp_path, capsys):
     run_bad(cfg, write_yaml, tmp_path, capsys, "tiez", "ties")
 
 
-def test_density_out_of_range(model_sets, write_yaml, tmp_path, capsys):
+def test_a_negative_dare_density_is_refused(model_sets, write_yaml, tmp_path, capsys):
     base, e1, e2, _ = model_sets("llama")
-    run_bad(ties(base, [e1, e2], density=1.5), write_yaml, tmp_path, capsys, "density", "1.5")
+    cfg = ties(base, [e1, e2], density=-0.5)
+    cfg["merge_method"] = "dare_ties"
+    run_bad(cfg, write_yaml, tmp_path, capsys, "density", "-0.5", "Bernoulli")
 
 
 def test_non_numeric_weight(model_sets, write_yaml, tmp_path, capsys):
