@@ -131,7 +131,8 @@ def fisher_merge(params: list[torch.Tensor], fishers: list[torch.Tensor], coeffi
     params: K tensors of one shape and dtype; fishers: K tensors of that shape in one floating dtype
     (it may differ from the params'); coefficients (per-model weights, already divided by any Fisher
     normalisation) and floors: K finite values >= 0. A Fisher with a negative, NaN or Inf entry raises
-    ValueError."""
+    ValueError; the compiled kernels find it in the pass that writes the result (one read of every input), so
+    `out` may then hold part of a result, as an ATen out= argument may after an error."""
     return fisher_merge_reference(params, fishers, coefficients, floors)
 
 

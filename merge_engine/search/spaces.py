@@ -222,7 +222,19 @@ def _choice(name, path, spec, choices, where, problems) -> Space | None:
     except ValueError as e:
         problems.append(f"{where}.choice: {e}")
         return None
+    if _cautioned(spec, values, f"{where}.choice", problems):
+        return None
     return Space(name, path, spec, choices=values)
+
+
+def _cautioned(spec, values, where, problems) -> bool:
+    """A space reaching values a config may hold only with a warning (a density above 1 merges as 1; t outside
+    [0, 1] extrapolates) is refused: each trial there would warn, and many would merge alike."""
+    cautions = [f"'{spec.name}' = {v} {spec.caution(v)}" for v in values if spec.caution and spec.caution(v)]
+    if cautions:
+        problems.append(f"{where}: {'; '.join(cautions)}; a search space stays within the values that merge "
+                        "without a warning")
+    return bool(cautions)
 
 
 def _range(name, path, spec, setting, where, problems) -> Space | None:
@@ -250,5 +262,7 @@ def _range(name, path, spec, setting, where, problems) -> Space | None:
         low, high = (spec.validate(b) for b in bounds)
     except ValueError as e:
         problems.append(f"{where}.search: {e}")
+        return None
+    if _cautioned(spec, (low, high), f"{where}.search", problems):
         return None
     return Space(name, path, spec, low, high, log, knots)

@@ -175,7 +175,7 @@ def test_bmm_data_free_estimates_grams_from_task_vectors(setup, tmp_path):
     ("regmean", {"alpha": 1.5}, "'alpha' must be in"),
     ("bmm", {"lambda": -1}, "'lambda' must be"),
     ("bmm", {"gram_scale": "sum"}, "'gram_scale' must be one of"),
-    ("bmm", {"density": 2.0}, "'density' must be"),  # the anchor's parameters are checked too
+    ("bmm", {"density": "dense"}, "'density' must be float"),  # the anchor's parameters are checked too
 ])
 def test_bad_parameters_are_refused(setup, method, params, message):
     paths, grams = setup("llama")

@@ -51,8 +51,13 @@ def test_slice_sources_and_integer_parameters():
 BAD = {  # a space -> what the message names
     "parameter the method lacks": (dict(models=[{"t": {"search": [0, 1]}}, {}]),
                                    r"models\[0\].parameters.t: a search space on 't', which merge method 'dare_ties' does not have"),
-    "outside the parameter's range": (dict(models=[{"density": {"search": [0.5, 1.5]}}, {}]),
-                                      r"models\[0\].parameters.density.search: 'density' must be in \[0, 1\]"),
+    "outside the parameter's range": (dict(models=[{"density": {"search": [-0.5, 0.5]}}, {}]),
+                                      r"models\[0\].parameters.density.search: 'density' must be >= 0"),
+    "where the parameter warns": (dict(models=[{"density": {"search": [0.5, 1.5]}}, {}]),
+                                  r"models\[0\].parameters.density.search: 'density' = 1.5 is above 1: .*a search "
+                                  "space stays within the values that merge without a warning"),
+    "a choice where the parameter warns": (dict(models=[{"density": {"choice": [0.5, 2]}}, {}]),
+                                           r"density.choice: 'density' = 2.0 is above 1"),
     "reversed range": (dict(models=[{"weight": {"search": [2, 1]}}, {}]), r"low < high, got \[2, 1\]"),
     "one bound": (dict(models=[{"weight": {"search": [1]}}, {}]), r"\[low, high\]"),
     "log of zero": (dict(models=[{"weight": {"search": [0, 1], "log": True}}, {}]), "log: true needs low > 0"),
