@@ -38,7 +38,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from merge_engine.chat_templates import resolve_chat_template
-from merge_engine.config import WEIGHT_SHAPED_SIDE_INPUTS, MergeConfig, load_config
+from merge_engine.config import WEIGHT_SHAPED_SIDE_INPUTS, MergeConfig, load_config, parse_config
 from merge_engine.devices import resolve_device
 from merge_engine.distributed import (
     JobProgress,
@@ -59,7 +59,7 @@ from merge_engine.extras import require
 from merge_engine.io.buffers import BufferPool
 from merge_engine.io.checkpoint import DIRECT_IO_MODES
 from merge_engine.io.lora import open_model
-from merge_engine.io.untrusted import inside_folder
+from merge_engine.io.untrusted import inside_folder, is_int
 from merge_engine.io.writer import ShardedWriter, check_output_apart, check_output_dir, plan_shards
 from merge_engine.methods import MergeMethod, TensorGroup
 from merge_engine.ops import backends
@@ -135,14 +135,18 @@ class RankFigures:
                 f"wrote {self.bytes_written / 1e9:.3f} GB in {self.seconds:.2f} s")
 
 
-def merge(config: MergeConfig | str, out_dir: str, options: MergeOptions | None = None) -> MergeReport:
-    """Run a merge config (a parsed MergeConfig or a YAML path) into out_dir. Called on every rank of an
-    initialised torch.distributed process group, it runs one merge over all of them (distributed.py)."""
-    options = options or MergeOptions()
+def merge(config: MergeConfig | dict | str | os.PathLike, out_dir: str | os.PathLike,
+          options: MergeOptions | None = None) -> MergeReport:
+    """Run a merge config (a parsed MergeConfig, a config mapping or a YAML path) into out_dir. Called on every
+    rank of an initialised torch.distributed process group, it runs one merge over all of them (distributed.py)."""
+    options = MergeOptions() if options is None else options
+    if not isinstance(options, MergeOptions):
+        raise TypeError(f"options must be a MergeOptions, got a {type(options).__name__}")
+    out_dir = os.fspath(out_dir)
     ranks = current_ranks()
     lap = _Laps()
     with every_rank(ranks, "planning"):
-        cfg = load_checked_config(config) if isinstance(config, str) else config
+        cfg = as_merge_config(config)
         lap("config")
         device = rank_device(check_options(out_dir, options), ranks)
         plan = build_plan(cfg, options.allow_crimes, options.unsafe_truncate_embeddings, options.lora_merge_dtype)
@@ -182,20 +186,45 @@ def whole_job_report(figures: RankFigures, ranks: Ranks | None, out_dir: str, la
                        sum(f.bytes_written for f in every), lap.total(), out_dir, lap.seconds, every if ranks else [])
 
 
+def as_merge_config(config) -> MergeConfig:
+    """A MergeConfig from one, a config mapping or a YAML path (its problems and its model folders' listed)."""
+    if isinstance(config, (str, os.PathLike)):
+        return load_checked_config(os.fspath(config))
+    if isinstance(config, dict):
+        return parse_config(config)
+    if not isinstance(config, MergeConfig):
+        raise TypeError(f"config must be a MergeConfig, a mapping or a YAML path, got a {type(config).__name__}")
+    return config
+
+
 def check_options(out_dir: str, options: MergeOptions) -> torch.device:
     """What can be refused before planning; the device the merge runs on."""
+    for name in ("copy_tokenizer", "overwrite", "quiet", "allow_crimes", "unsafe_truncate_embeddings"):
+        if not isinstance(getattr(options, name), bool):
+            raise MergeEngineError(f"MergeOptions.{name} must be True or False, got {getattr(options, name)!r}")
+    for name in ("out_shard_size", "prefetch"):
+        value = getattr(options, name)
+        if not is_int(value) or value < 1:
+            raise MergeEngineError(f"MergeOptions.{name} must be an integer of at least 1, got {value!r}")
+    if not isinstance(options.device, str):
+        raise MergeEngineError(f"MergeOptions.device must be a string (cpu, cuda, cuda:N or auto), got {options.device!r}")
     check_output_dir(out_dir, options.overwrite)
     if options.direct_io not in DIRECT_IO_MODES:
         raise MergeEngineError(f"direct_io must be one of {', '.join(DIRECT_IO_MODES)}, not {options.direct_io!r}")
-    if options.lora_merge_dtype is not None and options.lora_merge_dtype not in DTYPES.values():
-        raise MergeEngineError(f"lora_merge_dtype must be one of torch.{', torch.'.join(DTYPES)} or None, "
-                               f"not {options.lora_merge_dtype!r}")
-    if not -2**63 <= options.random_seed < 2**63:  # the generator's key takes a 64-bit signed seed
-        raise MergeEngineError(f"random_seed {options.random_seed} is outside [-2**63, 2**63)")
+    check_seed_and_lora_dtype(options.random_seed, options.lora_merge_dtype)
     device = resolve_device(options.device)
     if device.type == "cuda":
         check_gpu_backend_choice()
     return device
+
+
+def check_seed_and_lora_dtype(random_seed, lora_merge_dtype) -> None:
+    """MergeOptions' (and a session's) random_seed and lora_merge_dtype, refused before anything is read."""
+    if not is_int(random_seed) or not -2**63 <= random_seed < 2**63:  # the generator's key: a 64-bit signed seed
+        raise MergeEngineError(f"random_seed must be an integer in [-2**63, 2**63), got {random_seed!r}")
+    if lora_merge_dtype is not None and lora_merge_dtype not in DTYPES.values():
+        raise MergeEngineError(f"lora_merge_dtype must be one of torch.{', torch.'.join(DTYPES)} or None, "
+                               f"not {lora_merge_dtype!r}")
 
 
 def rank_share(plan: MergePlan, shard_size: int, ranks: Ranks | None) -> tuple[list[int] | None, list[TensorJob]]:
@@ -320,7 +349,7 @@ class _Pipeline:
 
     def run(self) -> int:
         jobs = self.jobs
-        depth = max(1, self.options.prefetch)
+        depth = self.options.prefetch
         with ThreadPoolExecutor(depth, thread_name_prefix="me-read") as readers, \
                 ThreadPoolExecutor(1, thread_name_prefix="me-write") as write_pool, \
                 tqdm(total=sum(j.bytes_in for j in self.plan.jobs), unit="B", unit_scale=True, desc="merging",

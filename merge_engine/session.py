@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ from merge_engine.devices import resolve_device
 from merge_engine.engine import (
     MergeOptions,
     check_output_outside_inputs,
+    check_seed_and_lora_dtype,
     compute,
     job_bytes,
     load_kernels,
@@ -235,6 +237,7 @@ class MergeSession:
         lora_merge_dtype: as MergeOptions's. plan: build_plan(config, ...) when the caller has it already (its
         headers are not read again). evaluation_bytes: memory kept free beside the live model for evaluating it
         (an evaluator's memory_bytes(live_model(plan, torch.device("meta"))))."""
+        check_seed_and_lora_dtype(random_seed, lora_merge_dtype)
         self.config = as_config(config)
         self.device = resolve_device(device)
         self.random_seed = random_seed
@@ -246,6 +249,8 @@ class MergeSession:
         self._scratch: dict[int, torch.Tensor] = {}  # factored inputs' tensors, per input slot (_inputs_of)
         self._inputs = self._read_inputs(progress)
         self._merged_with: list[Any] = [None] * len(self.plan.jobs)  # the parameters each tensor holds now
+        self._job_index = {job.out_name: i for i, job in enumerate(self.plan.jobs)}
+        self._lock = threading.RLock()  # one merge at a time: the scratch buffers and records are shared
         self.merge(self.config)
 
     # ---- reading ----
@@ -312,24 +317,36 @@ class MergeSession:
 
     def merge(self, config: MergeConfig | dict | str | None = None) -> MergeStep:
         """Make the live model the merge of `config` (the session's models, other parameters; None: the
-        current config), merging again only the tensors whose parameters changed."""
+        current config), merging again only the tensors whose parameters changed. Calls from several threads
+        run one at a time. A call that fails part way (or is interrupted) leaves the config as it was and each
+        tensor recorded as what it holds: the next merge() merges again whatever differs."""
         cfg = self.config if config is None else self._same_models(as_config(config))
         key = method_key(cfg)
-        todo = []
-        for i, job in enumerate(self.plan.jobs):
-            params = self._parameters(cfg, job)
-            if self._merged_with[i] != (key, params):
-                todo.append((i, job if params is None else dataclasses.replace(job, shared=params[0], per_model=params[1]),
-                             (key, params)))
-        began = time.perf_counter()
-        with torch.no_grad():
-            for i, job, merged_with in todo:
-                self._merge_one(i, job, cfg)
-                self._merged_with[i] = merged_with
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.config = cfg
+        with self._lock:
+            todo = []
+            for i, job in enumerate(self.plan.jobs):
+                params = self._parameters(cfg, job)
+                if self._merged_with[i] != (key, params):
+                    todo.append((i, job if params is None else dataclasses.replace(job, shared=params[0],
+                                                                                   per_model=params[1]),
+                                 (key, params)))
+            began = time.perf_counter()
+            with torch.no_grad():
+                for i, job, merged_with in todo:
+                    self._merged_with[i] = None  # written in place: unknown until the write completes
+                    self._merge_one(i, job, cfg)
+                    self._merged_with[i] = merged_with
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.config = cfg
         return MergeStep(len(todo), input_bytes([job for _, job, _ in todo]), time.perf_counter() - began)
+
+    def changed_outside(self, names) -> None:
+        """Record that the caller wrote these tensors of the live model (by output name): the next merge()
+        merges them again, and save() writes the merge of the session's config."""
+        with self._lock:
+            for name in names:
+                self._merged_with[self._job_index[name]] = None
 
     def _parameters(self, cfg: MergeConfig, job: TensorJob) -> tuple[dict, list[dict]] | None:
         if job.copy_only:
@@ -365,8 +382,14 @@ class MergeSession:
     def save(self, out_dir: str, options: MergeOptions | None = None, extra_files: dict[str, str | bytes] | None = None) -> str:
         """Write the current merge as `merge-engine` would (same tensors, layout and side files, the current
         config as mergekit_config.yml), and extra_files (name -> content), through a temporary folder moved into
-        place when complete."""
+        place when complete. Tensors that do not hold the merge of the current config (a merge() that failed part
+        way, tensors changed_outside) are merged again first, so that the files are that merge."""
         options = options or MergeOptions(quiet=True)
+        with self._lock:
+            self.merge()
+            return self._save(out_dir, options, extra_files)
+
+    def _save(self, out_dir: str, options: MergeOptions, extra_files: dict[str, str | bytes] | None) -> str:
         check_output_dir(out_dir, options.overwrite)
         check_output_outside_inputs(out_dir, self.plan)
         plan = dataclasses.replace(self.plan, config=self.config)

@@ -38,6 +38,7 @@ from merge_engine.engine import tensor_group
 from merge_engine.errors import ConfigError
 from merge_engine.extras import require
 from merge_engine.io.checkpoint import split_layer_name
+from merge_engine.io.untrusted import is_int
 from merge_engine.methods.regression import bmm_terms
 from merge_engine.session import MergeSession
 
@@ -102,6 +103,7 @@ class BMMProblem:
         """The merged model for a lambda per regressed tensor (tensors not named keep the config's), written into
         the session's live model; its tensors by name."""
         state = self.session.state_dict()
+        self.session.changed_outside(self.systems)  # no longer the merge of the session's config
         with torch.no_grad():
             for name, system in self.systems.items():
                 state[name].copy_(system.solve(lambdas.get(name, self.default_lambda[name])))
@@ -153,11 +155,23 @@ def tune_bmm(problem: BMMProblem, evaluate: Callable[[dict[str, torch.Tensor]], 
     lo, hi = lambda_range
     if not 0 < lo < hi < math.inf:
         raise ValueError(f"lambda_range must satisfy 0 < low < high < inf, got {lambda_range}")
+    if not is_int(n_trials) or n_trials < 1:
+        raise ValueError(f"n_trials must be an integer of at least 1, got {n_trials!r}")
+    if timeout is not None and not 0 < timeout < math.inf:
+        raise ValueError(f"timeout must be a number of seconds above 0 (or None), got {timeout!r}")
     groups = problem.groups(granularity)
     sampler = (optuna.samplers.GPSampler(seed=seed) if len(groups) <= gp_max_dims
                else optuna.samplers.TPESampler(seed=seed, multivariate=True))
-    if not progress:
+    verbosity = optuna.logging.get_verbosity()
+    if not progress:  # optuna's log level is process-wide: restored below
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return _tune(optuna, problem, evaluate, groups, sampler, lo, hi, n_trials, timeout)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _tune(optuna, problem, evaluate, groups, sampler, lo, hi, n_trials, timeout) -> TuneResult:
     study = optuna.create_study(direction="maximize", sampler=sampler)
 
     def per_tensor(group_lambdas: dict[str, float]) -> dict[str, float]:

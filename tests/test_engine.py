@@ -261,3 +261,34 @@ def test_slices_rebuild_per_layer_config_lists_from_each_layers_source(model_set
     assert written["architectures"] == json.loads((folders["base"] / "config.json").read_text())["architectures"]
     assert transformers.AutoConfig.from_pretrained(str(out)).layer_types == written["layer_types"]
     assert transformers.AutoModelForCausalLM.from_pretrained(str(out)) is not None
+
+
+def test_merge_takes_mappings_and_paths_and_refuses_what_it_cannot_use(model_sets, tmp_path, monkeypatch):
+    import pathlib
+    base, e1, _, _ = model_sets("llama")
+    config = {"merge_method": "linear", "dtype": "float32",
+              "models": [{"model": base, "parameters": {"weight": 0.5}}, {"model": e1, "parameters": {"weight": 0.5}}]}
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(config))
+    merge(config, tmp_path / "from_mapping", MergeOptions(quiet=True))
+    merge(path, str(tmp_path / "from_path"), MergeOptions(quiet=True))
+    assert ((tmp_path / "from_mapping" / "model.safetensors").read_bytes()
+            == (tmp_path / "from_path" / "model.safetensors").read_bytes())
+    with pytest.raises(TypeError, match="options must be a MergeOptions, got a dict"):
+        merge(config, tmp_path / "o", {"quiet": True})
+    with pytest.raises(TypeError, match="config must be a MergeConfig, a mapping or a YAML path, got a list"):
+        merge([config], tmp_path / "o")
+    monkeypatch.chdir(tmp_path)  # an empty path is the working folder, which overwrite would replace
+    with pytest.raises(MergeEngineError, match="the output path is empty"):
+        merge(config, "", MergeOptions(quiet=True, overwrite=True))
+    assert (tmp_path / "c.yml").exists()
+    for field, value, message in [("prefetch", 0, "prefetch must be an integer of at least 1, got 0"),
+                                  ("prefetch", "2", "prefetch must be an integer of at least 1, got '2'"),
+                                  ("out_shard_size", -1, "out_shard_size must be an integer of at least 1"),
+                                  ("overwrite", "no", "overwrite must be True or False, got 'no'"),
+                                  ("device", None, "device must be a string"),
+                                  ("random_seed", 1.5, "random_seed must be an integer in"),
+                                  ("random_seed", 2**70, "random_seed must be an integer in")]:
+        with pytest.raises(MergeEngineError, match=message):
+            merge(config, str(pathlib.Path(tmp_path, "o")), MergeOptions(quiet=True, **{field: value}))
+    assert not (tmp_path / "o").exists()

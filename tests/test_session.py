@@ -206,6 +206,54 @@ def test_merging_again_recomputes_only_the_tensors_whose_parameters_changed(mode
     assert session.merge(shared).tensors == 0
 
 
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, RuntimeError])
+def test_a_merge_that_fails_part_way_is_merged_again_whole(model_sets, failure, monkeypatch, tmp_path):
+    """The tensor being written when a merge failed (Ctrl-C arrives right after a C++ op has written it) is not
+    taken for the old config's: merging back, or saving, gives the old config's merge bit for bit."""
+    base, *experts = model_sets("llama")
+    config = {"merge_method": "ties", "base_model": base, "dtype": "float32",
+              "models": [{"model": e, "parameters": {"weight": 0.5, "density": 0.5}} for e in experts]}
+    session = MergeSession(config, "cpu", progress=False)
+    fresh = {k: v.clone() for k, v in session.state_dict().items()}
+    other = shifted(config)
+    merge_one, calls = MergeSession._merge_one, []
+
+    def fails_after_writing_the_third(self, i, job, cfg):
+        merge_one(self, i, job, cfg)
+        calls.append(job.out_name)
+        if len(calls) == 3:
+            raise failure()
+    monkeypatch.setattr(MergeSession, "_merge_one", fails_after_writing_the_third)
+    with pytest.raises(failure):
+        session.merge(other)
+    monkeypatch.setattr(MergeSession, "_merge_one", merge_one)
+    assert differing(session.state_dict(), fresh) == calls  # written in place, and known to be
+    assert session.merge().tensors == len(calls)  # the config is still the old one: those three go back
+    assert not differing(session.state_dict(), fresh)
+    session.changed_outside([calls[0]])
+    session.state_dict()[calls[0]].add_(1)
+    saved = session.save(str(tmp_path / "saved"))  # merges the changed tensor back first
+    merge(parse_config(config), str(tmp_path / "engine"), MergeOptions(device="cpu", quiet=True))
+    assert (tmp_path / "saved" / "model.safetensors").read_bytes() == (tmp_path / "engine" / "model.safetensors").read_bytes()
+    assert saved == str(tmp_path / "saved")
+
+
+def test_merges_from_several_threads_run_one_at_a_time(model_sets, folder_tensors, tmp_path):
+    import threading
+    base, *experts = model_sets("llama")
+    config = {"merge_method": "ties", "base_model": base, "dtype": "float32",
+              "models": [{"model": e, "parameters": {"weight": 0.5, "density": 0.5}} for e in experts]}
+    session = MergeSession(config, "cpu", progress=False)
+    configs = [shifted(config), shifted(shifted(config))]
+    threads = [threading.Thread(target=session.merge, args=(c,)) for c in configs * 3]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    last = next(c for c in configs if session.config.raw == c)  # whichever ran last, whole
+    assert not differing(session.state_dict(), engine_tensors(last, tmp_path / "last", folder_tensors))
+
+
 def test_parameters_that_would_divide_by_zero_are_refused_before_merging(model_sets):
     base, *experts = model_sets("llama")
     config = {"merge_method": "linear", "dtype": "float32",
@@ -310,6 +358,17 @@ def test_a_session_that_cannot_fit_reads_nothing(model_sets, monkeypatch):
         MergeSession({"merge_method": "linear", "models": [{"model": e, "parameters": {"weight": 1.0}}
                                                             for e in experts]}, "cpu", progress=False)
     assert not read
+
+
+def test_a_bad_seed_or_lora_dtype_is_refused_before_anything_is_read(model_sets, monkeypatch):
+    base, *experts = model_sets("llama")
+    config = {"merge_method": "linear", "models": [{"model": e, "parameters": {"weight": 1.0}} for e in experts[:2]]}
+    monkeypatch.setattr(MergeSession, "_read_inputs", lambda *a: pytest.fail("read"))
+    for kwargs, message in [(dict(random_seed=2**70), "random_seed must be an integer"),
+                            (dict(random_seed=1.5), "random_seed must be an integer"),
+                            (dict(lora_merge_dtype="bf16"), "lora_merge_dtype must be one of")]:
+        with pytest.raises(MergeEngineError, match=message):
+            MergeSession(config, "cpu", progress=False, **kwargs)
 
 
 def test_a_model_without_config_json_is_refused_before_reading(model_sets, tmp_path):

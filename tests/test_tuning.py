@@ -91,6 +91,13 @@ def test_timeout_and_bad_arguments(problem, bmm_config):
     assert 1 <= result.trials < 1000
     with pytest.raises(ValueError, match="lambda_range"):
         tune_bmm(problem, lambda state: 0.0, lambda_range=(0.0, 1.0))
+    for bad in (dict(n_trials=0), dict(n_trials=2.5), dict(timeout=-1), dict(timeout=float("nan"))):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            tune_bmm(problem, lambda state: 0.0, **bad)
+    optuna = pytest.importorskip("optuna")
+    verbosity = optuna.logging.get_verbosity()
+    tune_bmm(problem, lambda state: 0.0, n_trials=1, progress=False)
+    assert optuna.logging.get_verbosity() == verbosity  # process-wide: restored
     with pytest.raises(ConfigError, match="merge_method: bmm"):
         BMMProblem({**bmm_config, "merge_method": "regmean"}, device="cpu")
 
@@ -101,5 +108,6 @@ def test_the_problem_writes_into_its_sessions_live_model(problem, bmm_config):
     live = problem.session.model.state_dict()[name]
     assert torch.equal(live, state[name]) and torch.equal(live, problem.systems[name].solve(3.0))
     problem.merged({})  # the config's lambda again, for the other tests
+    assert problem.session.merge().tensors == len(problem.systems)  # written outside the session: merged again
     reused = BMMProblem(problem.session, progress=False)  # a session opened elsewhere: nothing read again
     assert reused.session is problem.session and set(reused.systems) == set(problem.systems)

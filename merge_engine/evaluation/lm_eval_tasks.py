@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -78,9 +79,13 @@ class LmEvalTasks:
         lm = shared_rows_lm()(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size)
         # no seeding (it would reset the caller's random generators), no bootstrap of standard errors (slow),
         # no per-sample logs (memory)
-        results = lm_eval.simple_evaluate(model=lm, tasks=self.task_names, task_manager=self.manager,
-                                          limit=self.limit, bootstrap_iters=0, log_samples=False,
-                                          random_seed=None, numpy_random_seed=None, torch_random_seed=None)
+        state = random.getstate()  # lm_eval draws from Python's generator (task ids): the caller's is kept
+        try:
+            results = lm_eval.simple_evaluate(model=lm, tasks=self.task_names, task_manager=self.manager,
+                                              limit=self.limit, bootstrap_iters=0, log_samples=False,
+                                              random_seed=None, numpy_random_seed=None, torch_random_seed=None)
+        finally:
+            random.setstate(state)
         return sum(self._score(results["results"], t) for t in self.task_names) / len(self.task_names)
 
     def _score(self, results: dict, task: str) -> float:

@@ -26,6 +26,16 @@ def check_fits(config, longest: int, what: str, source: str) -> None:
                            f"({limit})"], source)
 
 
+def check_vocabulary(config, largest: int, what: str, source: str) -> None:
+    """Refuse token ids beyond a model's embedding table (its transformers config's vocab_size): the lookup would
+    fail mid-evaluation, on a GPU with a device-side assert that ends the process' use of CUDA."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None)
+    if isinstance(vocab, int) and largest >= vocab:
+        raise ConfigError([f"{what} holds token id {largest}, beyond the model's vocabulary of {vocab} tokens (data "
+                           "tokenized for another model?)"], source)
+
+
 def carriers(sequences: list[list[int]]) -> list[int]:
     """For each sequence, the index of the sequence whose forward pass serves it: one whose fed tokens (all but
     the last) begin with its own fed tokens, itself when none does. A causal LM's logits at a position depend only

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from merge_engine.evaluation.data_files import raise_problems, read_text
-from merge_engine.evaluation.loglikelihood import check_fits, token_logprobs, tokens_fed
+from merge_engine.evaluation.loglikelihood import check_fits, check_vocabulary, token_logprobs, tokens_fed
 from merge_engine.evaluation.memory import scoring_bytes
 from merge_engine.io.untrusted import RepeatedKeyError, refuse_repeated_keys
 
@@ -57,8 +57,10 @@ class MultipleChoice:
         return scoring_bytes(model, self._sequences, self._first, self.batch_size)
 
     def check_model(self, config) -> None:
-        """Refuse a model (its transformers config) with fewer positions than the longest question needs."""
+        """Refuse a model (its transformers config) with fewer positions than the longest question needs, or a
+        smaller vocabulary than the questions' token ids."""
         check_fits(config, fed(self._longest), f"{self.path}:{self._longest.line}", self.path)
+        check_vocabulary(config, max(max(s) for s in self._sequences), self.path, self.path)
 
     def scores(self, model: torch.nn.Module) -> list[list[float]]:
         """Per question, per choice: the continuation's log-likelihood, normalized as asked."""

@@ -7,7 +7,7 @@ import os
 import torch
 
 from merge_engine.evaluation.data_files import raise_problems, read_text
-from merge_engine.evaluation.loglikelihood import check_fits, token_logprobs
+from merge_engine.evaluation.loglikelihood import check_fits, check_vocabulary, token_logprobs
 from merge_engine.evaluation.memory import scoring_bytes
 
 
@@ -44,8 +44,10 @@ class Perplexity:
         return scoring_bytes(model, self.windows, [1] * len(self.windows), self.batch_size)
 
     def check_model(self, config) -> None:
-        """Refuse a model (its transformers config) with fewer positions than a window needs."""
+        """Refuse a model (its transformers config) with fewer positions than a window needs, or a smaller
+        vocabulary than the text's token ids."""
         check_fits(config, max(len(w) for w in self.windows) - 1, f"a window of {self.path}", self.path)
+        check_vocabulary(config, max(max(w) for w in self.windows), self.path, self.path)
 
     def __call__(self, model: torch.nn.Module) -> float:
         self.check_model(getattr(model, "config", None))

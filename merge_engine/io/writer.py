@@ -17,6 +17,7 @@ import mmap
 import os
 import shutil
 import socket
+import tempfile
 import threading
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from merge_engine.io.safetensors_format import build_header
 log = logging.getLogger("merge_engine")
 LOCK_FILE = ".lock"  # inside a partial folder, flock-ed by the process writing it until it ends
 _JOINED_LOCK = ".lock-"  # + host and process id: flock-ed by each other process writing shards into it
+_MOVING = threading.Lock()  # moving outputs into place, in this process
 
 _WRITE_CHUNK = 1 << 30
 _BOUNCE = 16 << 20  # bytes staged per direct write
@@ -72,7 +74,10 @@ def output_folder(out_dir: str) -> str:
 
 
 def check_output_dir(out_dir: str, overwrite: bool) -> None:
-    """Refuse an existing non-empty output folder unless overwriting was asked for."""
+    """Refuse an existing non-empty output folder unless overwriting was asked for, and an empty path (the
+    working folder, which an overwrite would replace)."""
+    if not out_dir:
+        raise OutputError("the output path is empty (an unset variable?); name the output folder")
     folder = output_folder(out_dir)
     if os.path.exists(folder):
         if not os.path.isdir(folder):
@@ -239,9 +244,8 @@ class ShardedWriter:
             missing = os.path.dirname(missing)
         os.makedirs(parent, exist_ok=True)
         remove_stale_partials(self.out_dir)
-        tmp_dir = os.path.join(parent, f"{prefix}{os.getpid()}")
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        os.makedirs(tmp_dir)
+        # the process id names the folder's owner (remove_stale_partials); the rest makes it this writer's alone
+        tmp_dir = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}.", dir=parent)
         return tmp_dir, os.path.join(tmp_dir, LOCK_FILE)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -322,6 +326,10 @@ class ShardedWriter:
         self._move_into_place()
 
     def _move_into_place(self) -> None:
+        with _MOVING:  # two writers of one output in this process: one after the other, each output whole
+            self._move_into_place_alone()
+
+    def _move_into_place_alone(self) -> None:
         check_output_dir(self.out_dir, self.overwrite)  # it may have appeared while we merged
         old = None
         if os.path.exists(self.out_dir):

@@ -78,7 +78,7 @@ def write_rate(folder: str, probe_bytes: int = 64 << 20) -> float:
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a square matrix product on the device in dtype, measured now (a few tenths of a second)."""
     n = 1024 if device.type == "cuda" else 512
-    a = torch.randn(n, n, device=device).to(dtype)
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(device, dtype)  # not the caller's RNG
     a @ a  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from merge_engine.config import read_yaml
 from merge_engine.devices import resolve_device
-from merge_engine.engine import MergeOptions, input_folders
+from merge_engine.engine import MergeOptions, check_seed_and_lora_dtype, input_folders
 from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.evaluation import evaluator_from_spec
 from merge_engine.evaluation.spec import PATH_KEYS, spec_problems
@@ -112,6 +112,7 @@ def search(config: SearchConfig | dict | str, out_dir: str, options: SearchOptio
     cfg = load_search_config(config) if isinstance(config, str) else (
         config if isinstance(config, SearchConfig) else parse_search_config(config))
     settings = check_settings(cfg, options)
+    check_seed_and_lora_dtype(options.random_seed, None)
     check_output_dir(out_dir, options.overwrite)
     start_config = cfg.merge_config(cfg.start())
     plan = build_plan(start_config)
@@ -452,7 +453,8 @@ def finish(optuna, study, cfg: SearchConfig, session: MergeSession, objective, t
     summary = {"objective": objective.name, "direction": objective.direction, "score": best.value,
                "test": test.name if test else None, "test_score": test_score, "best_trial": best.number,
                "params": best.params, "trials": len(complete), "budget_seconds": budget.seconds,
-               "seconds": budget.elapsed(), "sampler": settings["sampler"]}
+               "seconds": budget.elapsed(), "sampler": settings["sampler"],
+               "random_seed": options.random_seed}  # the merge's: DARE and DELLA need it to reproduce the model
     extra = {"trials.csv": trials_table(study, cfg), "search.json": json.dumps(summary, indent=2, default=str) + "\n"}
     with open(storage_path, "rb") as f:
         extra[JOURNAL_COPY] = f.read()

@@ -42,8 +42,12 @@ def test_a_local_task_scores_as_multiple_choice_does(causal_lm, tokenizer, task_
     reference = MultipleChoice(str(tmp_path / "questions.jsonl"), tokenizer, normalize=normalize, batch_size=3)
     accuracy = reference(causal_lm)
     assert 0 < accuracy < 1  # the answers are neither all right nor all wrong: the equality below tells
+    random.seed(5)
+    expected = random.random()
+    random.seed(5)
     with real_tokens_fed(causal_lm) as fed:
         assert evaluator(causal_lm) == pytest.approx(accuracy, abs=1e-12)
+    assert random.random() == expected  # lm_eval's draws leave the caller's generator as it was
     # lm_eval's requests are the scorer's sequences, fed as the scorer feeds them (shared rows and prompts once)
     distinct = {tuple(s[:-1]) for q in reference.questions for s in q.sequences}
     assert evaluator.tokens() == sum(fed) == reference.tokens() < sum(map(len, distinct))

@@ -155,6 +155,20 @@ def test_a_model_with_fewer_positions_is_refused_at_the_call(causal_lm, tokenize
         MultipleChoice(path, tokenizer)(causal_lm)
 
 
+def test_a_model_with_a_smaller_vocabulary_is_refused_at_the_call(causal_lm, tokenizer, tmp_path):
+    import copy
+    path = write_questions(tmp_path / "q.jsonl", QUESTIONS[:2], [0, 0])
+    evaluator = MultipleChoice(path, tokenizer)
+    largest = max(max(s) for q in evaluator.questions for s in q.sequences)
+    small = copy.deepcopy(causal_lm.config)
+    small.vocab_size = largest  # one id too few: the lookup would fail mid-evaluation
+    with pytest.raises(ConfigError, match=rf"q\.jsonl holds token id {largest}, beyond the model's vocabulary of "
+                                          rf"{largest} tokens"):
+        evaluator.check_model(small)
+    small.vocab_size = largest + 1
+    evaluator.check_model(small)
+
+
 GOOD = {"question": "the cat", "choices": ["sat", "ran"], "answer": 1}
 HOSTILE = {  # line 3 of the file (line 1 is a good question, line 2 blank), and how its problem begins
     "not json": ('{"question": "the cat",', "not valid JSON"),

@@ -286,3 +286,25 @@ def test_direct_writes_refused_at_the_first_write_fall_back(tmp_path, monkeypatc
     _write_all(tmp_path / "plain", tensors, direct=False)
     for f in os.listdir(tmp_path / "plain"):
         assert (tmp_path / "plain" / f).read_bytes() == (tmp_path / "refused" / f).read_bytes(), f
+
+
+def test_two_writers_of_one_output_in_one_process_keep_apart(tmp_path):
+    """merge() called twice at once on one output (two threads): each writes its own temporary folder; the
+    first to commit places its output, the second is refused, or with overwrite replaces it whole."""
+    out, ts = tmp_path / "out", tensors()
+    for overwrite in (False, True):
+        writers = [ShardedWriter(str(out), entries(ts), 10**9, overwrite) for _ in range(2)]
+        assert writers[0].tmp_dir != writers[1].tmp_dir and len(partials(out)) == 2
+        for i, w in enumerate(writers):
+            for n, t in ts.items():
+                w.write(n, t + (i + 2 * overwrite))
+        writers[0].commit()
+        if overwrite:
+            writers[1].commit()
+        else:
+            with pytest.raises(OutputError, match="output folder exists and is not empty"):
+                writers[1].commit()
+            writers[1].abort()
+        assert partials(out) == []
+        last = 3 if overwrite else 0  # the second writer's, or the first's
+        assert torch.equal(load_file(str(out / "model.safetensors"))["c"], ts["c"] + last)

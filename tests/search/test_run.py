@@ -206,7 +206,7 @@ def test_the_best_config_reproduces_the_best_model_bit_for_bit(sampler, search_m
     assert MultipleChoice(val, tokenizer)(loaded) == result.score  # the saved model scores what the search saw
     assert MultipleChoice(test, tokenizer)(loaded) == result.test_score
     summary = json.loads((out / "search.json").read_text())
-    assert summary["score"] == result.score and summary["params"] == result.params
+    assert summary["score"] == result.score and summary["params"] == result.params and summary["random_seed"] == 0
     rows = list(csv.DictReader(io.StringIO((out / "trials.csv").read_text())))
     assert max(float(r["score"]) for r in rows) == result.score
 
