@@ -131,7 +131,9 @@ def build_plan(cfg: MergeConfig, allow_crimes: bool = False, truncate_vocabulary
     first, last = cfg.slices[0], cfg.slices[-1]
     template = plan.models[first.sources[0].model]
     stacks = layer_index[first.sources[0].model]
-    ranges = [_layer_ranges(s, plan.models, problems) for s in cfg.slices] if len(stacks) <= 1 else []
+    if len(stacks) <= 1:
+        problems += _layer_count_problems(plan, layer_index)
+    ranges = [_layer_ranges(s, plan.models, problems) for s in cfg.slices] if len(stacks) <= 1 and not problems else []
     if problems:
         raise ConfigError(problems, "inputs")
     outside = [n for n in template.tensors if split_layer_name(n) is None]
@@ -145,6 +147,7 @@ def build_plan(cfg: MergeConfig, allow_crimes: bool = False, truncate_vocabulary
         _plan_slices(plan, next(iter(stacks), "model.layers"), layer_index, ranges, problems)
     for name in post:
         _plan_tensor(plan, last, name, [name] * len(last.sources), 0.0, problems, outside_layers=True)
+    _warn_unplanned_outside(plan, set(outside))
     for path in (p for p, kinds in _side_kinds(cfg).items() if "grams" in kinds and p not in plan.grams_used):
         problems.append(f"{path}: holds the Gram of no weight of this merge (collected from another model?)")
     for folder, names in plan.missing_side.items():
@@ -167,12 +170,25 @@ def _plan_slices(plan: MergePlan, prefix: str, layer_index: dict, ranges: list[l
             t = offset / (n - 1) if n > 1 else 1.0
             src_layers = [a + offset for a, _ in lr]
             suffixes = layer_index[s.sources[0].model].get(prefix, {}).get(src_layers[0], {})
+            problems += _lacking_in_template(s, prefix, src_layers, layer_index)
             for suffix in suffixes:
                 names = [layer_index[src.model].get(prefix, {}).get(layer, {}).get(suffix, f"<layer {layer}>.{suffix}")
                          for src, layer in zip(s.sources, src_layers)]
                 _plan_tensor(plan, s, f"{prefix}.{plan.num_layers}.{suffix}", names, t, problems)
             plan.layer_sources.append((s.sources[0].model, src_layers[0]))
             plan.num_layers += 1
+
+
+def _lacking_in_template(s: Slice, prefix: str, src_layers: list[int], layer_index: dict) -> list[str]:
+    """A tensor the slice's first source lacks in this layer, though another source has it here and the first
+    has it in its other layers: a model missing a weight (its suffixes decide the layer's tensors, so the weight
+    would silently be left out of the output)."""
+    first = layer_index[s.sources[0].model].get(prefix, {})
+    own, anywhere = first.get(src_layers[0], {}), {x for layer in first.values() for x in layer}
+    lacking = {x for src, layer in zip(s.sources[1:], src_layers[1:])
+               for x in layer_index[src.model].get(prefix, {}).get(layer, {}) if x not in own and x in anywhere}
+    return [f"{s.sources[0].model}: tensor '{prefix}.{src_layers[0]}.{x}' is missing (its other layers and the other "
+            "inputs have it)" for x in sorted(lacking)]
 
 
 def _plan_stacks(plan: MergePlan, layer_index: dict, problems: list[str]) -> None:
@@ -211,6 +227,38 @@ def _layer_index(ckpt: Checkpoint) -> dict[str, dict[int, dict[str, str]]]:
         if parts:
             index.setdefault(parts[0], {}).setdefault(parts[1], {})[parts[2]] = name
     return index
+
+
+def _layer_count_problems(plan: MergePlan, layer_index: dict) -> list[str]:
+    """A model whose config.json claims layers its tensors lack is refused (the merge would name layers that do
+    not exist, or plan a loop over a count of 10**12); layers beyond the claim are not merged, with a warning."""
+    problems = []
+    for ref, ckpt in plan.models.items():
+        stacks = layer_index[ref]
+        if len(stacks) > 1:  # several stacks: _plan_stacks compares them
+            continue
+        held, claimed = set(next(iter(stacks.values()), {})), ckpt.num_layers
+        lacking = claimed - sum(1 for i in held if i < claimed)
+        if lacking > 0:
+            first = [i for i in range(min(claimed, len(held) + 3)) if i not in held][:3]
+            problems.append(f"{ref}: config.json says {claimed} layers, but the tensors of {lacking} of them are "
+                            f"missing (layer {', '.join(map(str, first))}{', ...' if lacking > 3 else ''})")
+        beyond = sorted(i for i in held if i >= claimed)
+        if beyond:
+            log.warning("%s: the tensors of %d layer(s) beyond the %d that config.json says (from layer %d) are not "
+                        "merged", ref, len(beyond), claimed, beyond[0])
+    return problems
+
+
+def _warn_unplanned_outside(plan: MergePlan, planned: set[str]) -> None:
+    """The first model's tensors outside the layers decide the output's; another input's that it lacks are not
+    merged (mergekit also merges only its architecture's weights): named, in case the first model is the one
+    missing them."""
+    for ref, ckpt in plan.models.items():
+        unplanned = sorted(n for n in ckpt.tensors if split_layer_name(n) is None and n not in planned)
+        if unplanned:
+            log.warning("%s: %d tensor(s) that the first model lacks are not merged (%s%s)", ref, len(unplanned),
+                        ", ".join(unplanned[:3]), ", ..." if len(unplanned) > 3 else "")
 
 
 def _layer_ranges(s: Slice, models: dict[str, Checkpoint], problems: list[str]) -> list[tuple[int, int]]:

@@ -39,8 +39,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def load_tokenizer(transformers, folder: str):
     """The tokenizer saved in a local folder. Never the hub: transformers would take a name that is not a folder
-    for a repository id and download it."""
-    return transformers.AutoTokenizer.from_pretrained(tokenizer_folder(folder), use_fast=True, local_files_only=True)
+    for a repository id and download it. Never code the folder ships (`auto_map`): transformers would ask on a
+    terminal whether to run it, and import it."""
+    return transformers.AutoTokenizer.from_pretrained(tokenizer_folder(folder), use_fast=True, local_files_only=True,
+                                                      trust_remote_code=False)
 
 
 def one_line(e: Exception) -> str:

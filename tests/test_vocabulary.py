@@ -309,3 +309,23 @@ def test_unsafe_truncation_keeps_the_rows_every_input_has(vm, tmp_path, folder_t
     _, aligned = merged(vm, tmp_path, with_tokenizer, "aligned", unsafe_truncate_embeddings=True)
     _, plain = merged(vm, tmp_path, with_tokenizer, "plain")
     assert aligned.keys() == plain.keys() and all(torch.equal(aligned[n], plain[n]) for n in plain)
+
+
+def test_a_tokenizer_naming_its_own_code_is_never_run(vocab_models, tmp_path, monkeypatch):
+    """auto_map in tokenizer_config.json names Python the folder ships: transformers would ask on a terminal
+    whether to run it (and import it on yes); the merge loads tokenizers with trust_remote_code=False."""
+    import builtins
+    import shutil
+
+    from merge_engine.vocabulary import load_tokenizer
+    folder = tmp_path / "custom"
+    shutil.copytree(vocab_models["extra"], folder)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings.update(auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]}, tokenizer_class="EvilTokenizer")
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    ran = tmp_path / "ran"
+    (folder / "evil.py").write_text(f"open({str(ran)!r}, 'w').write('ran')\n")
+    monkeypatch.setattr(builtins, "input", lambda *a: pytest.fail("transformers asked whether to run the code"))
+    with pytest.raises(ValueError, match="custom code"):
+        load_tokenizer(transformers, str(folder))
+    assert not ran.exists()

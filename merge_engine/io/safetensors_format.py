@@ -84,12 +84,19 @@ def read_header_and_identity(path: str) -> tuple[dict[str, TensorInfo], tuple[in
 
 
 def _is_count(value) -> bool:
-    return is_int(value) and value >= 0
+    """A size or offset the format allows: a non-negative integer that int64 (torch's sizes) holds."""
+    return is_int(value) and 0 <= value < 2**63
 
 
 def _tensor_info(path: str, name: str, entry, data_base: int, file_size: int) -> TensorInfo:
     """One header entry, as the format's rules allow it: a known dtype, a shape of non-negative integers,
-    two integer offsets whose range holds exactly the shape's bytes within the file."""
+    two integer offsets whose range holds exactly the shape's bytes within the file; a name that is text (JSON's
+    \\u escapes can name half a surrogate pair, which the safetensors library refuses)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointError(f"{path}: tensor {name!r}: the name is not text (a lone surrogate escape, "
+                              "\\ud800-\\udfff): corrupt header") from None
     if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
             and entry["dtype"] in SAFETENSORS_DTYPES and isinstance(entry.get("shape"), list) and all(_is_count(d) for d in entry["shape"])
             and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2

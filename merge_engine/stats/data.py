@@ -66,7 +66,7 @@ def load_tokenizer(model_dir: str):
     """The tokenizer saved in a model folder (local files only)."""
     transformers = require("transformers", "hf", "tokenizing a data file")
     try:
-        return transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise DataError(f"{model_dir}: cannot load a tokenizer from the model folder ({' '.join(str(e).split())})") from e
 

@@ -57,7 +57,7 @@ def load_model(model_dir: str, dtype: torch.dtype | None, device: torch.device,
     transformers = require("transformers", "hf", "loading a model folder")
     try:
         model, info = getattr(transformers, auto_class).from_pretrained(
-            model_dir, dtype=dtype or "auto", local_files_only=True, output_loading_info=True)
+            model_dir, dtype=dtype or "auto", local_files_only=True, output_loading_info=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{model_dir}: cannot load the model ({e})") from e
     missing = sorted(info["missing_keys"])

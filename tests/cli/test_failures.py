@@ -164,7 +164,7 @@ def test_config_and_input_problems_are_reported_in_one_round(config, tmp_path, c
     bad = tmp_path / "bad.yml"
     models = yaml.safe_load(open(config))["models"]
     bad.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": models[0]["model"], "models": [
-        {"model": models[1]["model"], "parameters": {"weight": 1.0, "density": 7}},
+        {"model": models[1]["model"], "parameters": {"weight": 1.0, "density": "dense"}},
         {"model": str(tmp_path / "missing"), "parameters": {"weight": 1.0, "density": 0.5}}]}))
     assert cli.main([str(bad), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -177,7 +177,7 @@ def test_a_malformed_config_json_is_reported_with_the_config_problems(config, tm
     (tmp_path / "expert" / "config.json").write_text("{bad")
     bad = tmp_path / "bad.yml"
     bad.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": base, "models": [
-        {"model": str(tmp_path / "expert"), "parameters": {"weight": 1.0, "density": 7}}]}))
+        {"model": str(tmp_path / "expert"), "parameters": {"weight": 1.0, "density": "dense"}}]}))
     assert cli.main([str(bad), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "density" in err and f"{tmp_path / 'expert' / 'config.json'}: invalid JSON" in err and "2 problem(s)" in err

@@ -73,3 +73,14 @@ def test_corrupt_headers_name_file_and_tensor(tmp_path, case, match):
     with pytest.raises(CheckpointError, match=match) as err:
         read_header(str(path))
     assert str(path) in str(err.value)
+
+
+def test_names_that_are_not_text_and_sizes_beyond_int64_are_refused(tmp_path):
+    """The safetensors library refuses both; the engine would write an output it cannot load, or overflow."""
+    surrogate = write_raw(tmp_path / "s.safetensors", b'{"a\\ud800": {"dtype": "F32", "shape": [2], '
+                                                      b'"data_offsets": [0, 8]}}', b"\0" * 8)
+    with pytest.raises(CheckpointError, match=r"s\.safetensors: tensor 'a\\ud800': the name is not text"):
+        read_header(surrogate)
+    huge = write_raw(tmp_path / "h.safetensors", {"w": {"dtype": "F32", "shape": [0, 2**70], "data_offsets": [0, 0]}})
+    with pytest.raises(CheckpointError, match=r"h\.safetensors: tensor 'w': malformed header entry"):
+        read_header(huge)

@@ -1,0 +1,87 @@
+"""Planning from the first model's tensors: what the other inputs hold beside them is checked, so that nothing
+is left out of the output silently, and what a config.json says about the layers must be what the tensors hold."""
+import json
+import os
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from merge_engine import parse_config
+from merge_engine.demo import make_synthetic_llama
+from merge_engine.errors import ConfigError
+from merge_engine.io.checkpoint import split_layer_name
+from merge_engine.plan import build_plan
+
+SHAPE = dict(layers=2, hidden=16, intermediate=32, vocab=32)
+
+
+@pytest.fixture
+def models(tmp_path):
+    base = make_synthetic_llama(str(tmp_path / "base"), seed=0, **SHAPE)
+    return base, make_synthetic_llama(str(tmp_path / "other"), seed=1, base=base, **SHAPE)
+
+
+def linear(first, second):
+    return parse_config({"merge_method": "linear", "models": [{"model": first, "parameters": {"weight": 0.5}},
+                                                              {"model": second, "parameters": {"weight": 0.5}}]})
+
+
+def edit_tensors(folder, change):
+    """Rewrite every shard with change(tensors) (dropping or adding), and the index's weight map to match."""
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    index = json.load(open(index_path))
+    weight_map = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        path = os.path.join(folder, shard)
+        tensors = change(load_file(path), shard)
+        save_file(tensors, path)
+        weight_map.update(dict.fromkeys(tensors, shard))
+    json.dump({**index, "weight_map": weight_map}, open(index_path, "w"))
+
+
+def set_layers(folder, n):
+    path = os.path.join(folder, "config.json")
+    json.dump({**json.load(open(path)), "num_hidden_layers": n}, open(path, "w"))
+
+
+def test_a_weight_the_first_model_lacks_in_one_layer_is_refused(models):
+    base, other = models
+    dropped = "model.layers.0.mlp.up_proj.weight"
+    edit_tensors(other, lambda tensors, shard: {n: t for n, t in tensors.items() if n != dropped})
+    with pytest.raises(ConfigError, match=rf"other: tensor '{dropped}' is missing \(its other layers and the other "
+                                          "inputs have it\\)"):
+        build_plan(linear(other, base))  # first: the one that lacks it
+    with pytest.raises(ConfigError, match=rf"other: tensor '<layer 0>.mlp.up_proj.weight' is missing \(needed for "
+                                          f"'{dropped}'"):
+        build_plan(linear(base, other))  # second: missing where the first has it
+
+
+@pytest.mark.parametrize("claimed", [3, 10**12])
+def test_a_config_claiming_layers_the_tensors_lack_is_refused(models, claimed):
+    base, other = models
+    set_layers(other, claimed)
+    lacking = claimed - 2
+    with pytest.raises(ConfigError, match=rf"other: config.json says {claimed} layers, but the tensors of {lacking} "
+                                          r"of them are missing \(layer 2"):
+        build_plan(linear(other, base))
+
+
+def test_layers_beyond_the_config_and_tensors_the_first_model_lacks_are_named(models, caplog):
+    base, other = models
+    set_layers(other, 1)
+    set_layers(base, 1)
+    embed = "model.embed_tokens.weight"
+    edit_tensors(other, lambda tensors, shard: {**tensors, "extra.weight": tensors[embed].clone()} if embed in tensors
+                 else tensors)
+    with caplog.at_level("WARNING", logger="merge_engine"):
+        plan = build_plan(linear(base, other))
+    assert "the tensors of 1 layer(s) beyond the 1 that config.json says (from layer 1) are not merged" in caplog.text
+    assert "other: 1 tensor(s) that the first model lacks are not merged (extra.weight)" in caplog.text
+    assert plan.num_layers == 1 and {split_layer_name(j.out_name)[1] for j in plan.jobs if split_layer_name(j.out_name)} == {0}
+
+
+def test_layer_numbers_are_ascii_without_leading_zeros():
+    assert split_layer_name("model.layers.10.mlp.up_proj.weight") == ("model.layers", 10, "mlp.up_proj.weight")
+    assert split_layer_name("model.layers.0.mlp.up_proj.weight") == ("model.layers", 0, "mlp.up_proj.weight")
+    for name in ("model.layers.01.mlp.up_proj.weight", "model.layers.\u0661.mlp.up_proj.weight"):
+        assert split_layer_name(name) is None  # not a second name for layer 1: a tensor outside the layers
