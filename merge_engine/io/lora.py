@@ -21,6 +21,7 @@ name if it holds NaN or Inf.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -40,6 +41,10 @@ from merge_engine.io.untrusted import inside_folder, is_finite_number, is_int, r
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
+# models whose linear layers are transformers' Conv1D, weights stored [in, out]: peft sets fan_in_fan_out for
+# them, and clears it for every other model's nn.Linear layers, whatever adapter_config.json says
+CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "decision_transformer", "imagegpt")
+log = logging.getLogger("merge_engine")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<ab>[AB])\.weight|lora_embedding_(?P<eab>[AB]))$")
 # adapter_config.json settings that change what merging means; refused rather than ignored
 _UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "layer_replication": "layer replication",
@@ -100,7 +105,7 @@ class LoraCheckpoint(Checkpoint):
         self.adapter = os.path.abspath(adapter)
         self.reference = f"{base}+{adapter}"
         config = self._read_config()
-        self._fan_in_fan_out = bool(config.get("fan_in_fan_out"))  # weights stored [in, out] (GPT-2's Conv1D)
+        self._fan_in_fan_out = self._layout(config)
         self._file = inside_folder(self.adapter, WEIGHTS_FILE, self.adapter)
         if not os.path.exists(self._file):
             raise CheckpointError(f"{self.adapter}: no {WEIGHTS_FILE} (only safetensors adapters are read)")
@@ -109,6 +114,16 @@ class LoraCheckpoint(Checkpoint):
         self.targets = self._plan_targets(config)
         self._scratch = threading.local()  # per read thread: fp32 buffers for B @ A and the widened weight
         self._held: dict[str, torch.Tensor] | None = None  # the adapter's tensors, once hold_adapter() read them
+
+    def _layout(self, config: dict) -> bool:
+        """Whether the adapted weights are stored [in, out] (fan_in_fan_out): as peft decides it, from the layer
+        type (Conv1D in GPT-2 and kin), with a warning where adapter_config.json says otherwise."""
+        conv1d = self.config.get("model_type") in CONV1D_MODEL_TYPES
+        if config.get("fan_in_fan_out", False) != conv1d:
+            log.warning("%s: fan_in_fan_out is %s, but %s's layers are %s; peft sets it to %s when it loads the "
+                        "adapter, and so does merge_engine", self.adapter, config.get("fan_in_fan_out"),
+                        self.path, "Conv1D" if conv1d else "nn.Linear", conv1d)
+        return conv1d
 
     def _read_config(self) -> dict:
         path = inside_folder(self.adapter, CONFIG_FILE, self.adapter)
@@ -120,6 +135,8 @@ class LoraCheckpoint(Checkpoint):
         used = [what for key, what in _UNSUPPORTED.items() if config.get(key)]
         if used:
             raise CheckpointError(f"{path}: uses {', '.join(used)}, which merge_engine does not merge")
+        if not isinstance(config.get("fan_in_fan_out", False), bool):
+            raise CheckpointError(f"{path}: fan_in_fan_out must be true or false, not {config['fan_in_fan_out']!r}")
         r, alpha = config.get("r"), config.get("lora_alpha")
         if not (is_int(r) and r > 0 and is_finite_number(r)):
             raise CheckpointError(f"{path}: needs a positive integer 'r', not {repr(r)[:40]}")
@@ -337,10 +354,37 @@ def _pattern_problem(patterns, ranks: bool = False) -> str | None:
         if not is_finite_number(value) or value <= 0 or (ranks and not is_int(value)):
             return f"the value for {key!r} must be a positive number{' (an integer rank)' if ranks else ' (finite)'}"
         try:
-            re.compile(key)
+            re.compile(rf"(.*\.)?({key})$")  # as _pattern_key matches it (inline flags must lead the whole)
         except re.error as e:
-            return f"{key!r} is not a valid regular expression ({e})"
+            return f"{key!r} is not a valid regular expression here ({e})"
+        if _repeats_a_backtracking_group(key):
+            return (f"{key!r} repeats a group that itself repeats or alternates, which can take exponential time "
+                    "to match a module name; write the names plainly")
     return None
+
+
+def _repeats_a_backtracking_group(pattern: str) -> bool:
+    """Whether a pattern repeats (*, +, {m,n}) something that itself repeats or alternates, as "(a+)+" and
+    "(.|[a-z])*Z" do: Python's matcher can then backtrack exponentially on a name that does not match (a
+    hostile adapter config would hang the merge). Conservative: some such patterns are fast."""
+    try:
+        from re import _parser as parser  # Python 3.11+
+    except ImportError:  # Python 3.10
+        import sre_parse as parser
+
+    def walk(items, repeated: bool) -> bool:
+        for op, av in items:
+            name = str(op)
+            if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+                many = av[1] > 1
+                if (repeated and many) or walk(av[2], repeated or many):
+                    return True
+            elif name == "SUBPATTERN" and walk(av[-1], repeated):
+                return True
+            elif name == "BRANCH" and (repeated or any(walk(alternative, repeated) for alternative in av[1])):
+                return True
+        return False
+    return walk(parser.parse(pattern), False)
 
 
 def _pattern_value(patterns: dict, module: str, default):

@@ -15,7 +15,7 @@ import re
 import torch
 
 from merge_engine.io.checkpoint import Checkpoint
-from merge_engine.io.lora import CONFIG_FILE, WEIGHTS_FILE
+from merge_engine.io.lora import CONFIG_FILE, CONV1D_MODEL_TYPES, WEIGHTS_FILE
 from merge_engine.io.safetensors_format import save_tensors
 from merge_engine.io.writer import ShardedWriter
 from merge_engine.patches import arithmetic as ar
@@ -24,7 +24,6 @@ from merge_engine.patches.format import PatchedTensor
 from merge_engine.patches.select import OUTSIDE_LAYERS, layer_of, read_pairs
 
 DEFAULT_RANK = 32
-_FAN_IN_FAN_OUT_MODELS = ("gpt2",)
 _PREFIX = "base_model.model."
 
 
@@ -44,7 +43,7 @@ def write_low_rank(b: Checkpoint, t: Checkpoint, names: list[str], writer: Shard
         rank = DEFAULT_RANK
     if rank is not None and rank < 1 or energy is not None and not 0 < energy <= 1:
         raise ValueError(f"rank must be at least 1 and energy in (0, 1]; got {rank}, {energy}")
-    transposed = t.config.get("model_type") in _FAN_IN_FAN_OUT_MODELS
+    transposed = t.config.get("model_type") in CONV1D_MODEL_TYPES
     linear = [n for n in names if _is_linear(n, t)]
     report.left_out += [(n, "not a linear weight in a layer or the head (kept whole by peft, not low rank)")
                         for n in names if n not in set(linear)]

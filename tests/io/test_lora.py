@@ -110,6 +110,23 @@ def test_rslora_and_fan_in_fan_out(model_sets, tmp_path):
     torch.testing.assert_close(got[name].to(FP64), want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch, stated", [("llama", True), ("gpt2", False)])
+def test_fan_in_fan_out_follows_the_layer_type_as_peft_sets_it(model_sets, tmp_path, caplog, arch, stated):
+    """peft clears fan_in_fan_out for nn.Linear layers and sets it for Conv1D ones (GPT-2), with a warning,
+    whatever adapter_config.json says: the update is B @ A for Linear weights ([out, in]), transposed for Conv1D."""
+    base = model_sets(arch)[0]
+    targets = ("c_attn",) if arch == "gpt2" else ("q_proj",)
+    conv1d = arch == "gpt2"
+    adapter = write_adapter(str(tmp_path / "a"), base, targets=targets, r=4, alpha=8, fan_in_fan_out=conv1d)
+    corrupt(str(tmp_path / "a"), config={"fan_in_fan_out": stated})
+    with caplog.at_level("WARNING", logger="merge_engine"):
+        got = read_all(open_model(f"{base}+{tmp_path / 'a'}"), False)
+    assert f"fan_in_fan_out is {stated}" in caplog.text and f"peft sets it to {conv1d}" in caplog.text
+    name = next(n for n in got if n.endswith(f"{targets[0]}.weight"))
+    want = model_tensors(base)[name].to(FP64) + update(adapter, name.removesuffix(".weight"), 2.0, transpose=conv1d)
+    torch.testing.assert_close(got[name].to(FP64), want, rtol=1e-6, atol=1e-6)
+
+
 def test_a_config_names_a_model_with_its_adapter(model_sets, tmp_path, folder_tensors):
     base, e1 = model_sets("llama")[:2]
     write_adapter(str(tmp_path / "a"), e1)
@@ -204,6 +221,10 @@ def refusal(base, folder) -> str:
     ({"rank_pattern": {"q_proj": 4.0}}, r"rank_pattern: the value for 'q_proj' must be a positive number \(an integer rank\)"),
     ({"alpha_pattern": {"v_proj": float("inf")}}, "alpha_pattern: the value for 'v_proj' must be a positive number"),
     ({"alpha_pattern": {"v_proj": float("-inf")}}, "alpha_pattern: the value for 'v_proj' must be a positive number"),
+    ({"fan_in_fan_out": "false"}, "fan_in_fan_out must be true or false, not 'false'"),
+    ({"rank_pattern": {"(?i)q_proj": 4}}, r"rank_pattern: '\(\?i\)q_proj' is not a valid regular expression here"),
+    # a pattern Python's matcher backtracks on exponentially: refused at once, not matched for hours
+    ({"alpha_pattern": {"(.|[a-z_.0-9])*Z": 4}}, "alpha_pattern: .* repeats a group that itself repeats or alternates"),
 ])
 def test_lora_numbers_must_be_finite_and_ranks_integers(model_sets, tmp_path, setting, match):
     """json.loads takes NaN and Infinity (written here by json.dump) and bools are ints to Python: each is refused
