@@ -99,6 +99,7 @@ def load_config(path: str, strict: bool = False) -> MergeConfig:
     return parse_config(read_yaml(path, strict), source=path, strict=strict)
 
 
+MAX_PAD_MULTIPLE = 65536  # tokenizer.pad_to_multiple_of: 64 to 256 in practice; larger would add rows by the million
 MAX_YAML_VALUES = 1_000_000  # a config's values, aliases expanded: far above any real config's
 
 
@@ -282,8 +283,9 @@ def _tokenizer(raw: dict, problems: list[str]) -> TokenizerSpec | None:
         return None
     source = _vocabulary_source(full.get("source", "union"), "tokenizer.source", problems)
     pad = full.get("pad_to_multiple_of")
-    if pad is not None and not (isinstance(pad, int) and not isinstance(pad, bool) and pad > 0):
-        problems.append(f"tokenizer.pad_to_multiple_of: expected a positive integer, got {pad!r}")
+    if pad is not None and not (isinstance(pad, int) and not isinstance(pad, bool) and 0 < pad <= MAX_PAD_MULTIPLE):
+        problems.append(f"tokenizer.pad_to_multiple_of: expected a positive integer of at most {MAX_PAD_MULTIPLE} (it "
+                        f"pads the vocabulary up to a multiple of it), got {pad!r}")
     tokens = full.get("tokens") or {}
     if not isinstance(tokens, dict):
         problems.append(f"tokenizer.tokens: expected a mapping of token -> {{source, force}}, got {tokens!r}")

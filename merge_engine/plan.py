@@ -148,6 +148,11 @@ def build_plan(cfg: MergeConfig, allow_crimes: bool = False, truncate_vocabulary
     for name in post:
         _plan_tensor(plan, last, name, [name] * len(last.sources), 0.0, problems, outside_layers=True)
     _warn_unplanned_outside(plan, set(outside))
+    if plan.vocabulary and plan.jobs and not any(job.rows for job in plan.jobs):
+        problems.append("the config sets a tokenizer, but no tensor has as many rows as its model's vocab_size ("
+                        + ", ".join(f"{ref}: {n}" for ref, n in plan.vocabulary.vocab_size.items())
+                        + "), so none can be aligned to the output's tokens: does config.json's vocab_size "
+                        "match the embeddings?")
     for path in (p for p, kinds in _side_kinds(cfg).items() if "grams" in kinds and p not in plan.grams_used):
         problems.append(f"{path}: holds the Gram of no weight of this merge (collected from another model?)")
     for folder, names in plan.missing_side.items():

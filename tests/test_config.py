@@ -86,6 +86,8 @@ def test_every_problem_reported_at_once():
       "models": [{"model": "/a"}]}, "not both"),
     ({"merge_method": "linear", "modules": {"text": {}}, "models": [{"model": "/a"}]}, "modules"),
     ({"merge_method": "model_stock", "base_model": "/a", "models": [{"model": "/b"}]}, "model_stock"),
+    ({"merge_method": "linear", "tokenizer": {"source": "union", "pad_to_multiple_of": 10**12},
+      "models": [{"model": "/a"}]}, r"tokenizer.pad_to_multiple_of: expected a positive integer of at most 65536"),
     # wrong types and shapes YAML can hold: each one a problem naming the key, never a crash
     (ties_config(merge_method=["ties"]), r"merge_method: expected a method name, got \['ties'\]"),
     (ties_config(merge_method={"a": 1}), r"merge_method: expected a method name, got \{'a': 1\}"),

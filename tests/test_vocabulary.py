@@ -329,3 +329,22 @@ def test_a_tokenizer_naming_its_own_code_is_never_run(vocab_models, tmp_path, mo
     with pytest.raises(ValueError, match="custom code"):
         load_tokenizer(transformers, str(folder))
     assert not ran.exists()
+
+
+def test_a_tokenizer_setting_with_no_tensor_of_vocab_size_rows_is_refused(vocab_models, tmp_path):
+    """config.json's vocab_size decides which tensors are vocabulary-indexed: where it matches no tensor, nothing
+    would be aligned (rows averaged by position) while the output's tokenizer and config changed."""
+    import shutil
+
+    from merge_engine.plan import build_plan
+    folders = []
+    for name in ("base", "extra"):
+        shutil.copytree(vocab_models[name], tmp_path / name)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        (tmp_path / name / "config.json").write_text(json.dumps({**config, "vocab_size": 4096}))
+        folders.append(str(tmp_path / name))
+    cfg = parse_config({"merge_method": "linear", "tokenizer_source": "union",
+                        "models": [{"model": f, "parameters": {"weight": 0.5}} for f in folders]})
+    with pytest.raises(ConfigError, match=r"the config sets a tokenizer, but no tensor has as many rows as its "
+                                          r"model's vocab_size \(.*base: 4096, .*extra: 4096\)"):
+        build_plan(cfg)

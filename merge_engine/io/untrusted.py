@@ -100,12 +100,19 @@ def open_regular(path: str):
     return os.fdopen(fd, "rb")
 
 
+MAX_JSON_BYTES = 64 * 1024 * 1024  # a model folder's JSON files (configs, indexes, manifests) hold kilobytes
+
+
 def read_json(path: str):
+    """A model folder's JSON file (config, index, manifest), read whole: at most MAX_JSON_BYTES (its parsed form
+    takes many times its size in memory)."""
     with open_regular(path) as f:
         try:
-            raw = f.read()
+            raw = f.read(MAX_JSON_BYTES + 1)
         except OSError as e:
             raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: more than {MAX_JSON_BYTES // 2**20} MiB, not a JSON file of a model folder")
     return parse_json(raw, path)
 
 

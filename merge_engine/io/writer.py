@@ -78,6 +78,12 @@ def check_output_dir(out_dir: str, overwrite: bool) -> None:
     working folder, which an overwrite would replace)."""
     if not out_dir:
         raise OutputError("the output path is empty (an unset variable?); name the output folder")
+    if os.path.islink(out_dir):
+        try:
+            os.stat(out_dir)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise OutputError(f"{out_dir}: the output path is a symbolic link that loops") from None
     folder = output_folder(out_dir)
     if os.path.exists(folder):
         if not os.path.isdir(folder):

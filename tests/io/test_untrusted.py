@@ -84,6 +84,10 @@ def test_hostile_json(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(CheckpointError, match="index.json: JSON nested too deeply"):
         Checkpoint(str(tmp_path))
+    config = tmp_path / "config.json"  # parsed whole, at many times its size: a cap, not gigabytes
+    config.write_text('{"pad": "' + " " * (64 * 2**20) + '"}')
+    with pytest.raises(CheckpointError, match=r"config.json: more than 64 MiB, not a JSON file of a model folder"):
+        read_json(str(config))
 
 
 def header_file(path, header: dict, data: bytes):

@@ -308,3 +308,11 @@ def test_two_writers_of_one_output_in_one_process_keep_apart(tmp_path):
         assert partials(out) == []
         last = 3 if overwrite else 0  # the second writer's, or the first's
         assert torch.equal(load_file(str(out / "model.safetensors"))["c"], ts["c"] + last)
+
+
+def test_an_output_path_that_is_a_looping_symlink_is_refused_at_once(tmp_path):
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    with pytest.raises(OutputError, match="loop: the output path is a symbolic link that loops"):
+        ShardedWriter(str(loop), entries(tensors()), 10**9)
+    assert os.listdir(tmp_path) == ["loop"]
