@@ -18,6 +18,7 @@ from merge_engine.evaluation.loglikelihood import scored_tokens, tokens_fed
 from merge_engine.evaluation.memory import generation_bytes, scoring_bytes
 from merge_engine.evaluation.multiple_choice import encode_pair
 from merge_engine.extras import require
+from merge_engine.io.untrusted import is_finite_number, is_int
 
 log = logging.getLogger(__name__)
 WHAT = "the lm-eval-harness objective"
@@ -40,6 +41,13 @@ class LmEvalTasks:
             problems.append(f"tasks must be a non-empty list of task names, got {tasks!r}")
         if include_path is not None and not os.path.isdir(include_path):
             problems.append(f"include_path {include_path!r} is not a folder")
+        if not is_int(batch_size) or batch_size < 1:
+            problems.append(f"batch_size must be an integer of at least 1, got {batch_size!r}")
+        if limit is not None and not (is_finite_number(limit) and limit > 0 and (is_int(limit) or limit < 1)):
+            problems.append(f"limit must be a number of examples per task (an integer of at least 1) or a fraction "
+                            f"of them (below 1), got {limit!r}")
+        if not isinstance(metric, str) or not metric:
+            problems.append(f"metric must be a metric's name (acc, acc_norm...), got {metric!r}")
         raise_problems(problems, source)
         self.manager = task_manager(tasks, include_path)
         raise_problems([f"unknown task {t!r} (not among lm_eval's tasks or those under include_path "

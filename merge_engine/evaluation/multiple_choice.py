@@ -11,7 +11,7 @@ import torch
 from merge_engine.evaluation.data_files import raise_problems, read_text
 from merge_engine.evaluation.loglikelihood import check_fits, check_vocabulary, token_logprobs, tokens_fed
 from merge_engine.evaluation.memory import scoring_bytes
-from merge_engine.io.untrusted import RepeatedKeyError, refuse_repeated_keys
+from merge_engine.io.untrusted import RepeatedKeyError, is_int, refuse_repeated_keys
 
 NORMALIZE = ("none", "tokens", "chars")  # a choice's log-likelihood: the sum, per token, per character
 
@@ -35,8 +35,12 @@ class MultipleChoice:
                  max_length: int | None = None):
         if normalize not in NORMALIZE:
             raise ValueError(f"normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
+        if max_length is not None and not is_int(max_length):
+            raise ValueError(f"max_length must be an integer or None, got {max_length!r}")
+        if not isinstance(delimiter, str):
+            raise ValueError(f"delimiter must be a string, got {delimiter!r}")
         self.path, self.normalize, self.batch_size = path, normalize, batch_size
         self.name = f"accuracy on {os.path.basename(path)}"
         self.questions = read_questions(path, tokenizer, delimiter, normalize)

@@ -9,6 +9,7 @@ import torch
 from merge_engine.evaluation.data_files import raise_problems, read_text
 from merge_engine.evaluation.loglikelihood import check_fits, check_vocabulary, token_logprobs
 from merge_engine.evaluation.memory import scoring_bytes
+from merge_engine.io.untrusted import is_int
 
 
 class Perplexity:
@@ -19,8 +20,10 @@ class Perplexity:
     direction = "minimize"
 
     def __init__(self, path: str, tokenizer, max_length: int = 512, batch_size: int = 4):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
+        if not is_int(max_length):
+            raise ValueError(f"max_length must be an integer, got {max_length!r}")
         self.path, self.batch_size = path, batch_size
         self.name = f"perplexity on {os.path.basename(path)}"
         text, problems = read_text(path)

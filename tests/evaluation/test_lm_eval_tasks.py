@@ -68,6 +68,20 @@ def test_a_bad_task_list_is_refused(tasks, include_path, problem):
     assert error.value.problems[0].startswith(problem)
 
 
+@pytest.mark.parametrize("setting, problem", [
+    (dict(batch_size=0), "batch_size must be an integer of at least 1, got 0"),
+    (dict(batch_size=2.5), "batch_size must be an integer of at least 1, got 2.5"),
+    (dict(limit=-1), "limit must be a number of examples per task"),
+    (dict(limit=1.5), "limit must be a number of examples per task"),
+    (dict(metric=""), "metric must be a metric's name"),
+])
+def test_bad_settings_are_refused_before_tasks_load(setting, problem):
+    pytest.importorskip("lm_eval")
+    with pytest.raises(ConfigError) as error:
+        LmEvalTasks(["tiny_mc"], word_tokenizer(), **setting)
+    assert error.value.problems[0].startswith(problem)
+
+
 def test_an_unknown_task_is_named(task_dir):
     with pytest.raises(ConfigError, match="unknown task 'no_such_task_xyz'"):  # indexes lm_eval's own tasks: 12 s
         LmEvalTasks(["tiny_mc", "no_such_task_xyz"], word_tokenizer(), include_path=task_dir)

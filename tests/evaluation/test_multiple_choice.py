@@ -169,6 +169,16 @@ def test_a_model_with_a_smaller_vocabulary_is_refused_at_the_call(causal_lm, tok
     evaluator.check_model(small)
 
 
+@pytest.mark.parametrize("setting, problem", [(dict(batch_size=2.5), "batch_size must be an integer"),
+                                              (dict(batch_size=0), "batch_size must be an integer of at least 1"),
+                                              (dict(max_length=6.5), "max_length must be an integer or None"),
+                                              (dict(delimiter=None), "delimiter must be a string")])
+def test_bad_arguments_are_named(tokenizer, tmp_path, setting, problem):
+    path = write_questions(tmp_path / "q.jsonl", QUESTIONS[:1], [0])
+    with pytest.raises(ValueError, match=problem):
+        MultipleChoice(path, tokenizer, **setting)
+
+
 GOOD = {"question": "the cat", "choices": ["sat", "ran"], "answer": 1}
 HOSTILE = {  # line 3 of the file (line 1 is a good question, line 2 blank), and how its problem begins
     "not json": ('{"question": "the cat",', "not valid JSON"),
