@@ -189,6 +189,9 @@ def plan_memory(plan: MergePlan, device: torch.device, placement: str = "auto",
         raise MemoryPlanError(f"placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
     if lora not in LORA_MODES:
         raise MemoryPlanError(f"lora must be one of {', '.join(LORA_MODES)}, not {lora!r}")
+    if placement == "host" and device.type == "cpu":
+        raise MemoryPlanError("placement='host' holds the inputs in host memory beside a GPU's; on the CPU the "
+                              "inputs are on the device already: use placement='device' or 'auto'")
     largest = max(map(job_bytes, plan.jobs), default=0)
     model = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in plan.entries())
     free = free if free is not None else {"host": free_memory(torch.device("cpu")),

@@ -319,6 +319,8 @@ def test_memory_plan_refuses_what_cannot_fit_and_names_what_would(model_sets):
         plan_memory(plan, cuda, "device", free=small_gpu)
     with pytest.raises(MemoryPlanError, match=r"needs [\d.]+ GB host.*merge to disk"):
         plan_memory(plan, torch.device("cpu"), free={"host": inputs // 2})
+    with pytest.raises(MemoryPlanError, match="placement='host' holds the inputs in host memory beside a GPU's"):
+        plan_memory(plan, torch.device("cpu"), "host", free={"host": 10 * inputs})
 
 
 def test_the_memory_plan_keeps_room_for_evaluating_the_live_model(model_sets):

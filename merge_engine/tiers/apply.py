@@ -86,8 +86,11 @@ def compose_checked(keys: Keys, blocks: ModelBlocks, model: str) -> BlockPermuta
     for key in keys:
         if isinstance(key, TierKey):
             validate_key(key, blocks, model)
-        else:
+        elif isinstance(key, BlockPermutation):
             check_bounds(key, blocks, model)
+        else:
+            raise TierKeyError(f"a key must be a TierKey (load_key, generate_key) or a BlockPermutation, got a "
+                               f"{type(key).__name__}")
     return compose(*keys)
 
 

@@ -148,6 +148,9 @@ class ModelBlocks:
 
 def model_blocks(config: dict, source: str = "config.json") -> ModelBlocks:
     """The block layout of a model from its config.json; source names the file in error messages."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: a model's config must be a mapping (config.json's content), got a "
+                              f"{type(config).__name__}")
     model_type = config.get("model_type")
     try:
         if model_type in _LLAMA_LIKE:

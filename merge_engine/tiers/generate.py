@@ -50,6 +50,8 @@ FRACTION_OF = ("swappable", "model")
 
 
 def derive_seed(secret: bytes | str) -> bytes:
+    if not isinstance(secret, (str, bytes, bytearray)):
+        raise TierKeyError(f"the secret must be a string or bytes, got a {type(secret).__name__}")
     secret = secret.encode() if isinstance(secret, str) else bytes(secret)
     if not secret:
         raise TierKeyError("the secret is empty")

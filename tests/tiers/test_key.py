@@ -134,3 +134,16 @@ def test_compose_and_inverse():
         BlockPermutation({"mlp_cols": {(0, 1): (0, 2)}})
     with pytest.raises(ValueError, match="part mlp_up is given twice"):
         BlockPermutation({"mlp_cols": {}, "mlp_up": {}})
+
+
+def test_arguments_of_the_wrong_kind_are_named():
+    from merge_engine.errors import CheckpointError
+    from merge_engine.tiers import apply_key_in_memory
+    config = tiny_config("llama", layers=2).to_dict()
+    with pytest.raises(TierKeyError, match="the secret must be a string or bytes, got a NoneType"):
+        generate_key(config, None, fraction=0.2)
+    with pytest.raises(CheckpointError, match="a model's config must be a mapping"):
+        generate_key(None, "s", fraction=0.2)
+    state = {"x": torch.zeros(1)}
+    with pytest.raises(TierKeyError, match="a key must be a TierKey .* got a str"):
+        apply_key_in_memory(state, "x", config)
