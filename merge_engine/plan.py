@@ -234,15 +234,22 @@ def _layer_index(ckpt: Checkpoint) -> dict[str, dict[int, dict[str, str]]]:
     return index
 
 
+MAX_UNSEEN_LAYERS = 100_000  # a layer count no tensor backs: far above any real model's
+
+
 def _layer_count_problems(plan: MergePlan, layer_index: dict) -> list[str]:
     """A model whose config.json claims layers its tensors lack is refused (the merge would name layers that do
     not exist, or plan a loop over a count of 10**12); layers beyond the claim are not merged, with a warning."""
     problems = []
     for ref, ckpt in plan.models.items():
         stacks = layer_index[ref]
-        if len(stacks) > 1:  # several stacks: _plan_stacks compares them
+        if not ckpt.tensors:
+            problems.append(f"{ref}: the model folder holds no tensors")
+        if not stacks and ckpt.num_layers > MAX_UNSEEN_LAYERS:  # slices would still count them one by one
+            problems.append(f"{ref}: config.json says {ckpt.num_layers} layers, and no tensor is a layer's")
+        if len(stacks) != 1:  # several stacks: _plan_stacks compares them; none: every tensor is merged by name
             continue
-        held, claimed = set(next(iter(stacks.values()), {})), ckpt.num_layers
+        held, claimed = set(next(iter(stacks.values()))), ckpt.num_layers
         lacking = claimed - sum(1 for i in held if i < claimed)
         if lacking > 0:
             first = [i for i in range(min(claimed, len(held) + 3)) if i not in held][:3]

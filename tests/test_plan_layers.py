@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from merge_engine import parse_config
@@ -85,3 +86,18 @@ def test_layer_numbers_are_ascii_without_leading_zeros():
     assert split_layer_name("model.layers.0.mlp.up_proj.weight") == ("model.layers", 0, "mlp.up_proj.weight")
     for name in ("model.layers.01.mlp.up_proj.weight", "model.layers.\u0661.mlp.up_proj.weight"):
         assert split_layer_name(name) is None  # not a second name for layer 1: a tensor outside the layers
+
+
+def test_a_folder_without_tensors_or_with_a_huge_count_of_unseen_layers_is_refused(tmp_path):
+    folders = []
+    for name, tensors, layers in (("empty", {}, 2), ("unseen", {"w": torch.ones(2)}, 10**12),
+                                  ("plain", {"w": torch.ones(2)}, 1)):
+        os.makedirs(tmp_path / name)
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+        json.dump({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": layers},
+                  open(tmp_path / name / "config.json", "w"))
+        folders.append(str(tmp_path / name))
+    with pytest.raises(ConfigError, match="empty: the model folder holds no tensors"):
+        build_plan(linear(folders[0], folders[2]))
+    with pytest.raises(ConfigError, match="unseen: config.json says 1000000000000 layers, and no tensor is a layer's"):
+        build_plan(linear(folders[1], folders[2]))
