@@ -15,9 +15,9 @@ import json
 import logging
 import mmap
 import os
+import secrets
 import shutil
 import socket
-import tempfile
 import threading
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -251,8 +251,13 @@ class ShardedWriter:
         os.makedirs(parent, exist_ok=True)
         remove_stale_partials(self.out_dir)
         # the process id names the folder's owner (remove_stale_partials); the rest makes it this writer's alone
-        tmp_dir = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}.", dir=parent)
-        return tmp_dir, os.path.join(tmp_dir, LOCK_FILE)
+        while True:  # os.mkdir, not mkdtemp (0700): the output folder keeps the mode the umask gives
+            tmp_dir = os.path.join(parent, f"{prefix}{os.getpid()}.{secrets.token_hex(4)}")
+            try:
+                os.mkdir(tmp_dir)
+                return tmp_dir, os.path.join(tmp_dir, LOCK_FILE)
+            except FileExistsError:
+                continue
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one planned tensor at its place (thread-safe: distinct tensors never overlap)."""
