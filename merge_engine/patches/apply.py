@@ -76,13 +76,16 @@ class PatchSet:
 def patched_values(name: str, weight: torch.Tensor, uses: list[tuple[Patch, float]], sign: int,
                    check: bool) -> torch.Tensor:
     """Tensor `name` after adding (sign 1) or subtracting (-1) each patch's difference times its scale."""
-    if check and sign > 0:
+    if check:
         for patch, _ in uses:
             expected = patch.tensors[name].base_fingerprint
-            if expected and ar.fingerprint(weight) != expected:
+            if sign > 0 and expected and ar.fingerprint(weight) != expected:
                 raise CheckpointError(f"{patch.path}: tensor '{name}' differs from the base this patch was made for "
                                       "(another model, or one already patched: apply patches together in one "
                                       "command, or skip the check with --any-base)")
+            if sign < 0 and expected and ar.fingerprint(weight) == expected:
+                raise CheckpointError(f"{patch.path}: tensor '{name}' is the base this patch was made for: the patch "
+                                      "is not in it (remove it from the model it was applied to, or pass --any-base)")
     out = ar.add_scaled(weight, [(patch.delta(name), sign * scale) for patch, scale in uses])
     exact = len(uses) == 1 and uses[0][1] == 1.0 and uses[0][0].storage in ar.FLOATS
     if exact:
@@ -91,6 +94,10 @@ def patched_values(name: str, weight: torch.Tensor, uses: list[tuple[Patch, floa
         if fix is not None:
             index, base, tuned = fix
             out.view(-1)[index.to(out.device)] = (tuned if sign > 0 else base).to(out.device)
+        tuned = patch.tensors[name].tuned_fingerprint
+        if check and sign > 0 and tuned and ar.fingerprint(out) != tuned:  # the base matched: the data must give TUNED
+            raise CheckpointError(f"{patch.path}: applying it to tensor '{name}' does not give the model it was made "
+                                  "from (its stored difference is damaged)")
         expected = patch.tensors[name].base_fingerprint
         if check and sign < 0 and expected and ar.fingerprint(out) != expected:
             raise CheckpointError(f"{patch.path}: removing it from tensor '{name}' does not give back the base it was "

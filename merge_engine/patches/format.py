@@ -190,9 +190,13 @@ class DensePatch(Patch):
         t = self.tensors[name]
         wide = compute_dtype(t.dtype)
         if self.storage in FLOATS:
-            return self._files.read(f"{name}::delta").to(wide)
-        q, scale = self._files.read(f"{name}::q"), self._files.read(f"{name}::scale")
-        return dequantize_rows(q, scale, self.storage, t.shape).to(wide)
+            delta, stored = self._files.read(f"{name}::delta").to(wide), f"'{name}::delta'"
+        else:
+            q, scale = self._files.read(f"{name}::q"), self._files.read(f"{name}::scale")
+            delta, stored = dequantize_rows(q, scale, self.storage, t.shape).to(wide), f"'{name}::scale'"
+        if not bool(torch.isfinite(delta).all()):  # extract stores finite differences: this file was damaged
+            raise CheckpointError(f"{self.path}: {stored} holds NaN or Inf values (a damaged patch)")
+        return delta
 
     def fixups(self, name: str):
         t = self.tensors[name]
@@ -202,6 +206,8 @@ class DensePatch(Patch):
         numel = torch.Size(t.shape).numel()
         if int(index.min()) < 0 or int(index.max()) >= numel:
             raise CheckpointError(f"{self.path}: '{name}::fix_index' holds indices outside the tensor's {numel}")
+        if index.unique().numel() != index.numel():
+            raise CheckpointError(f"{self.path}: '{name}::fix_index' holds an index twice (a damaged patch)")
         return index, self._files.read(f"{name}::fix_base"), self._files.read(f"{name}::fix_tuned")
 
     def close(self) -> None:

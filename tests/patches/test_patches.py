@@ -222,3 +222,57 @@ def test_a_patch_for_other_shapes_is_refused(tmp_path, bf16):
     wider = make_synthetic_llama(str(tmp_path / "wider"), **dict(SHAPE, hidden=40), seed=0)
     with pytest.raises(CheckpointError, match=r"tensor '.+' was bfloat16 \[.+\] in the patch's base but is"):
         apply_patches(wider, [bf16["p_tuned"]], str(tmp_path / "out"))
+
+
+def damaged_copy(patch, tmp_path, change):
+    """A copy of the patch folder with one stored tensor changed (its header left as it was)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    copy = shutil.copytree(patch, tmp_path / "damaged")
+    for shard in sorted(copy.glob("*.safetensors")):
+        tensors = load_file(str(shard))
+        if change(tensors):
+            save_file(tensors, str(shard), metadata={"format": "pt"})
+            return str(copy)
+    raise AssertionError("nothing to damage")
+
+
+def test_damaged_patch_data_is_refused_not_applied(bf16, tmp_path):
+    def flip_a_delta_bit(tensors):
+        name = next((n for n in tensors if n.endswith("::delta")), None)
+        if name:
+            tensors[name].view(torch.int16).view(-1)[0] ^= 0x4000
+        return name
+
+    def repeat_a_fixup(tensors):
+        name = next((n for n in tensors if n.endswith("::fix_index") and tensors[n].numel() > 1), None)
+        if name:
+            tensors[name][1] = tensors[name][0]
+        return name
+    for change, match in ((flip_a_delta_bit, "does not give the model it was made from"),
+                          (repeat_a_fixup, "holds an index twice")):
+        damaged = damaged_copy(bf16["p_tuned"], tmp_path / change.__name__, change)
+        with pytest.raises(CheckpointError, match=match):
+            apply_patches(bf16["base"], [damaged], str(tmp_path / change.__name__ / "out"))
+        assert not os.path.exists(tmp_path / change.__name__ / "out")
+
+
+def test_a_quantized_patch_holding_nan_is_refused(bf16, tmp_path):
+    patch = str(tmp_path / "p_int8")
+    extract_patch(bf16["base"], bf16["tuned"], patch, storage="int8")
+
+    def nan_scale(tensors):
+        name = next((n for n in tensors if n.endswith("::scale")), None)
+        if name:
+            tensors[name].view(-1)[0] = float("nan")
+        return name
+    damaged = damaged_copy(patch, tmp_path, nan_scale)
+    with pytest.raises(CheckpointError, match=r"::scale' holds NaN or Inf values \(a damaged patch\)"):
+        apply_patches(bf16["base"], [damaged], str(tmp_path / "out"))
+
+
+def test_removing_a_patch_that_is_not_in_the_model_is_refused(bf16, tmp_path):
+    with pytest.raises(CheckpointError, match="is the base this patch was made for: the patch is not in it"):
+        remove_patches(bf16["base"], [bf16["p_tuned"]], str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
