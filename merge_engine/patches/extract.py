@@ -20,11 +20,13 @@ from merge_engine.patches import arithmetic as ar
 from merge_engine.patches.files import AppendedShards, header_room
 from merge_engine.patches.format import PATCH_CONFIG, SHARD_STEM, PatchedTensor, config_text
 from merge_engine.patches.select import (
+    OUTSIDE_LAYERS,
     Selection,
     candidates,
     chosen_layers,
     in_order,
     layer_norms,
+    layer_of,
     select,
 )
 
@@ -95,7 +97,8 @@ def extract_patch(base: str, tuned: str, out_dir: str, storage: str = "auto", se
     try:
         names = candidates(b, t, selection)
         norms = layer_norms(b, t, names) if selection.top_norm is not None else None
-        kept = select(names, selection, chosen_layers(selection, norms, t.num_layers))
+        held = 1 + max((layer for layer in map(layer_of, names) if layer is not OUTSIDE_LAYERS), default=-1)
+        kept = select(names, selection, chosen_layers(selection, norms, held))
         storage = own_float_storage(t, kept) if storage == "auto" else storage
         report = ExtractReport(b.path, t.path, os.path.abspath(out_dir), storage, norms=norms,
                                checkpoint_bytes=sum(i.nbytes for i in t.tensors.values()))

@@ -103,8 +103,8 @@ def layer_norms(base: Checkpoint, tuned: Checkpoint, names: list[str]) -> dict[i
 
 def chosen_layers(selection: Selection, norms: dict[int | None, float] | None, num_layers: int) -> set[int] | None:
     """The layers a layer selector keeps; None when there is no layer selector."""
-    if selection.first_layers is not None:
-        return set(range(selection.first_layers))
+    if selection.first_layers is not None:  # the layers that exist below it (not a set of a billion numbers)
+        return {layer for layer in range(num_layers) if layer < selection.first_layers}
     if selection.top_norm is None:
         return None
     ranked = sorted(((sq, layer) for layer, sq in norms.items() if layer is not OUTSIDE_LAYERS), reverse=True)

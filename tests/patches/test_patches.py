@@ -276,3 +276,9 @@ def test_removing_a_patch_that_is_not_in_the_model_is_refused(bf16, tmp_path):
     with pytest.raises(CheckpointError, match="is the base this patch was made for: the patch is not in it"):
         remove_patches(bf16["base"], [bf16["p_tuned"]], str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_first_layers_beyond_the_model_keeps_every_layer_without_counting_to_it(bf16, tmp_path):
+    every = extract_patch(bf16["base"], bf16["tuned"], str(tmp_path / "all"), selection=Selection(first_layers=SHAPE["layers"]))
+    beyond = extract_patch(bf16["base"], bf16["tuned"], str(tmp_path / "beyond"), selection=Selection(first_layers=10**12))
+    assert {r.name for r in beyond.rows} == {r.name for r in every.rows}
