@@ -29,6 +29,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+IN_PLACE_JOURNAL = ".merge_engine-key-journal"  # an in-place key or patch rewrite's undo log (tiers/journal.py)
 # "model.layers.12.mlp.up_proj.weight" -> ("model.layers", 12, "mlp.up_proj.weight"); GPT-2 uses "h", others
 # "blocks" or "block". The first such component is the stack: T5's "encoder.block.3.layer.1.DenseReluDense..."
 # is block 3 of "encoder.block", not sub-layer 1. Layer numbers are written as Python writes them (ASCII digits, no
@@ -37,6 +38,14 @@ _LAYER_RE = re.compile(r"^(?P<prefix>(?:.*?\.)?(?:layers|h|blocks|block|layer))\
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _READ_CHUNK = 1 << 30  # Linux caps one pread at ~2 GiB
 DIRECT_IO_MODES = ("auto", "on", "off")
+
+
+def refuse_pending_journal(model_dir: str) -> None:
+    """A folder an in-place key or patch rewrite was interrupted in holds a half-rewritten model: no command
+    reads it until the rewrite is rolled back (the in-place commands roll back first, then open it)."""
+    if os.path.exists(os.path.join(model_dir, IN_PLACE_JOURNAL)):
+        raise CheckpointError(f"{model_dir}: an in-place key or patch operation was interrupted here "
+                              f"({IN_PLACE_JOURNAL}); run `merge-engine key recover` (or `patch recover`) on it first")
 
 
 def split_layer_name(name: str) -> tuple[str, int, str] | None:
@@ -107,6 +116,7 @@ class Checkpoint:
         if any(os.path.exists(os.path.join(p, f)) for f in ADAPTER_FILES):
             raise CheckpointError(f"{p}: this is a LoRA/PEFT adapter folder; name it with its base model, as "
                                   "BASE_FOLDER+ADAPTER_FOLDER")
+        refuse_pending_journal(p)
 
     def _read_headers(self) -> dict[str, TensorInfo]:
         index_path = os.path.join(self.path, INDEX_FILE)

@@ -25,11 +25,10 @@ from merge_engine.distributed import (
     open_shared_writer,
     own_shards,
 )
-from merge_engine.errors import CheckpointError, OutputError
-from merge_engine.io.checkpoint import INDEX_FILE, Checkpoint
+from merge_engine.errors import OutputError
+from merge_engine.io.checkpoint import INDEX_FILE, Checkpoint, refuse_pending_journal
 from merge_engine.io.writer import ShardedWriter, check_output_apart
 from merge_engine.tiers.blocks import PARTS, ModelBlocks, model_blocks
-from merge_engine.tiers.journal import JOURNAL_FILE
 from merge_engine.tiers.key import TierKey, TierKeyError, validate_key
 from merge_engine.tiers.layout import input_layout, layout_writer
 from merge_engine.tiers.moves import TensorMove, plan_moves, stored
@@ -92,12 +91,6 @@ def compose_checked(keys: Keys, blocks: ModelBlocks, model: str) -> BlockPermuta
             raise TierKeyError(f"a key must be a TierKey (load_key, generate_key) or a BlockPermutation, got a "
                                f"{type(key).__name__}")
     return compose(*keys)
-
-
-def refuse_pending_journal(model_dir: str) -> None:
-    if os.path.exists(os.path.join(model_dir, JOURNAL_FILE)):
-        raise CheckpointError(f"{model_dir}: an in-place key or patch operation was interrupted here "
-                              f"({JOURNAL_FILE}); run `merge-engine key recover` (or `patch recover`) on it first")
 
 
 def check_streamed_output(model_dir: str, out_dir: str, inputs: Sequence[str] = ()) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from merge_engine.errors import CheckpointError
+from merge_engine.io.checkpoint import IN_PLACE_JOURNAL
 from merge_engine.io.raw import tensor_bytes
 from merge_engine.io.untrusted import inside_folder, is_int, open_regular, parse_json
 from merge_engine.tiers.slices import (
@@ -37,7 +38,7 @@ from merge_engine.tiers.slices import (
     write_runs,
 )
 
-JOURNAL_FILE = ".merge_engine-key-journal"
+JOURNAL_FILE = IN_PLACE_JOURNAL
 PARTIAL_SUFFIX = ".partial"
 MAGIC = b"MERGE_ENGINE_KEY_JOURNAL_V1\n"
 
