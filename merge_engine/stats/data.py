@@ -110,15 +110,37 @@ def make_batch(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tenso
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def load_data(path: str, tokenizer, max_length: int, max_examples: int | None = None) -> TokenizedData:
-    """Read and tokenize a data file; tokenizer is a tokenizer object or a model folder holding one."""
+CHARS_PER_TOKEN = 32  # tokenized from an example's start: far more than any tokenizer's characters per token
+
+
+def load_data(path: str, tokenizer, max_length: int, max_examples: int | None = None,
+              vocab_size: int | None = None) -> TokenizedData:
+    """Read and tokenize a data file; tokenizer is a tokenizer object or a model folder holding one. Each
+    example keeps its first max_length tokens. vocab_size: the model's, which no token id may reach (the
+    tokenizer of another model)."""
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     texts = read_texts(path, max_examples)
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(str(tokenizer))
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    encoded = [first_tokens(tokenizer, text, max_length) for text in texts]
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:
         raise DataError(f"{path}: example {empty[0] + 1} tokenizes to no tokens")
-    return TokenizedData(path, [list(ids) for ids in encoded], pad_token_id(tokenizer))
+    if vocab_size is not None:
+        beyond = next(((i, max(ids)) for i, ids in enumerate(encoded) if max(ids) >= vocab_size), None)
+        if beyond:
+            raise DataError(f"{path}: example {beyond[0] + 1} holds token id {beyond[1]}, beyond the model's "
+                            f"vocabulary of {vocab_size} (is the tokenizer the model's?)")
+    return TokenizedData(path, encoded, pad_token_id(tokenizer))
+
+
+def first_tokens(tokenizer, text: str, max_length: int) -> list[int]:
+    """The first max_length tokens of text, tokenizing only as much of its start as they need: a line of
+    megabytes would otherwise be tokenized whole (about 140 bytes of memory per character) to keep 512 tokens.
+    A start holding a few more tokens than are kept gives the whole text's truncation (a tokenizer's tokens depend
+    only on nearby text; special tokens are added as for the whole), else twice as much is tried."""
+    chars = (max_length + 8) * CHARS_PER_TOKEN
+    while chars < len(text) and len(tokenizer(text[:chars], add_special_tokens=False)["input_ids"]) <= max_length + 8:
+        chars *= 2
+    return list(tokenizer(text[:chars], truncation=True, max_length=max_length)["input_ids"])

@@ -71,7 +71,13 @@ from merge_engine.io.fishers import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VER
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.ops.fisher import FISHER_DTYPES, accumulate_fisher
 from merge_engine.stats.data import DataError, load_data
-from merge_engine.stats.models import check_inputs_apart, check_model_folder, load_model, resolve_max_length
+from merge_engine.stats.models import (
+    check_inputs_apart,
+    check_model_folder,
+    load_model,
+    resolve_max_length,
+    vocab_size_of,
+)
 
 log = logging.getLogger("merge_engine")
 
@@ -312,7 +318,7 @@ def collect_fisher(model_dir: str, data_path: str, out_dir: str, options: Fisher
         config = check_model_folder(model_dir)
         options = replace(options, max_length=resolve_max_length(model_dir, config, options.max_length))
         tokenizer = model_dir if options.tokenizer is None else options.tokenizer
-        data = load_data(data_path, tokenizer, options.max_length, options.max_examples)
+        data = load_data(data_path, tokenizer, options.max_length, options.max_examples, vocab_size_of(config))
         if all(len(seq) < 2 for seq in data.sequences):
             raise DataError(f"{data_path}: no example has 2 or more tokens, so there is no next token to predict")
         model = load_model(model_dir, options.dtype, device)

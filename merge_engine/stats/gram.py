@@ -49,6 +49,7 @@ from merge_engine.stats.models import (
     check_model_folder,
     load_model,
     resolve_max_length,
+    vocab_size_of,
 )
 
 
@@ -276,7 +277,7 @@ def collect_grams(model_dir: str, data_path: str, out_dir: str, options: GramOpt
         config = check_model_folder(model_dir)
         options = replace(options, max_length=resolve_max_length(model_dir, config, options.max_length))
         data = load_data(data_path, model_dir if options.tokenizer is None else options.tokenizer,
-                         options.max_length, options.max_examples)
+                         options.max_length, options.max_examples, vocab_size_of(config))
         model = load_model(model_dir, options.dtype, device, auto_class_of(model_dir))
     if ranks:  # the digest costs a pass over the data
         check_same_plan(ranks, data_digest(model_dir, data.sequences, options))

@@ -40,6 +40,14 @@ def resolve_max_length(model_dir: str, config: dict, max_length: int | None) -> 
     return max_length
 
 
+def vocab_size_of(config: dict) -> int | None:
+    """The vocabulary size a config.json gives (its text model's for a multimodal one), or None."""
+    for c in (config, config.get("text_config")):
+        if isinstance(c, dict) and type(c.get("vocab_size")) is int and c["vocab_size"] > 0:
+            return c["vocab_size"]
+    return None
+
+
 def check_model_folder(model_dir: str) -> dict:
     """The folder's config.json; fail early, naming the file, when the folder has no readable weights or
     config.json."""

@@ -91,13 +91,14 @@ def compare_prompts(model_dir: str, keys: Keys, prompts: str, max_length: int = 
     (plain text, one prompt per line, or .jsonl with a "text" field; see merge_engine.stats.data)."""
     # imported here: the statistics modules are needed by this entry point only
     from merge_engine.stats.data import load_data, read_texts
-    from merge_engine.stats.models import load_model
+    from merge_engine.stats.models import load_model, resolve_max_length, vocab_size_of
     ckpt = Checkpoint(model_dir)
     try:
         resolve(keys, ckpt)  # refuse keys made for another model before loading it
     finally:
         ckpt.close()
-    data = load_data(prompts, model_dir, max_length, max_examples)
+    max_length = resolve_max_length(model_dir, ckpt.config, max_length)  # no more positions than the model has
+    data = load_data(prompts, model_dir, max_length, max_examples, vocab_size_of(ckpt.config))
     model = load_model(model_dir, dtype, resolve_device(device)).eval()
     keyed = KeyedModel(model, keys)
     return compare_configurations(keyed, read_texts(prompts, max_examples), data.batches(batch_size))

@@ -112,6 +112,44 @@ def test_load_data_tokenizes_truncates_and_pads(text_file):
     assert no_pad.pad_id == tiny_tokenizer().eos_token_id
 
 
+@pytest.mark.parametrize("specials", [False, True])
+def test_long_examples_are_tokenized_from_their_start_only_with_the_same_tokens(specials):
+    """A line of megabytes is not tokenized whole to keep max_length tokens (that took ~140 bytes per character);
+    the tokens kept are the whole line's truncation, special tokens (BOS, EOS) included."""
+    from tokenizers import processors
+
+    from merge_engine.stats.data import CHARS_PER_TOKEN, first_tokens
+    from tests.stats.tiny_text import WORDS
+    tokenizer = tiny_tokenizer()
+    if specials:  # BOS and EOS around every text, as many tokenizers' post-processors add them
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="<eos> $A <eos>", special_tokens=[("<eos>", tokenizer.eos_token_id)])
+    text = " ".join(WORDS[i % len(WORDS)] for i in range(200_000))
+    seen = []
+    calls = tokenizer.__class__.__call__
+
+    def recording(self, text, *args, **kwargs):
+        seen.append(len(text))
+        return calls(self, text, *args, **kwargs)
+    for max_length in (3, 7, 300):  # (below the specials' count, transformers does not truncate at all)
+        whole = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        tokenizer.__class__.__call__ = recording
+        try:
+            assert first_tokens(tokenizer, text, max_length) == whole
+        finally:
+            tokenizer.__class__.__call__ = calls
+        assert max(seen) <= (max_length + 8) * CHARS_PER_TOKEN < len(text)
+    short = "the cat"
+    assert first_tokens(tokenizer, short, 50) == tokenizer(short, truncation=True, max_length=50)["input_ids"]
+
+
+def test_token_ids_beyond_the_models_vocabulary_are_refused(text_file):
+    largest = max(max(s) for s in load_data(text_file, tiny_tokenizer(), MAX_LENGTH).sequences)
+    with pytest.raises(DataError, match=rf"holds token id {largest}, beyond the model's vocabulary of {largest}"):
+        load_data(text_file, tiny_tokenizer(), MAX_LENGTH, vocab_size=largest)
+    load_data(text_file, tiny_tokenizer(), MAX_LENGTH, vocab_size=largest + 1)
+
+
 def test_load_data_reads_the_model_folders_tokenizer(tiny_lm, text_file):
     assert load_data(text_file, tiny_lm("llama"), MAX_LENGTH).sequences == sequences(text_file)
 

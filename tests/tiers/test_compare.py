@@ -90,3 +90,6 @@ def test_cli_compare_errors(lm, tier_model, tmp_path, capsys):
     assert "model_type 'gpt2'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["key", "compare", model, prompts])
+    positions = read_config(model)["max_position_embeddings"]
+    assert main(["key", "compare", model, key, prompts, "--max-length", str(positions + 1)]) == 2
+    assert f"--max-length {positions + 1} is more than the {positions} positions" in capsys.readouterr().err
