@@ -15,7 +15,6 @@ nothing is left behind.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from merge_engine.cli.args import (
@@ -28,9 +27,9 @@ from merge_engine.cli.args import (
 )
 from merge_engine.distributed import launched_by_torchrun, torchrun_group
 from merge_engine.dtypes import dtype_named
-from merge_engine.errors import CheckpointError, MergeEngineError
+from merge_engine.errors import CheckpointError, MergeEngineError, OutputError
 from merge_engine.extras import require
-from merge_engine.io.untrusted import open_regular
+from merge_engine.io.untrusted import open_regular, read_json
 from merge_engine.tiers.apply import apply_key, check_streamed_output, remove_key
 from merge_engine.tiers.blocks import BLOCK_KINDS, model_blocks
 from merge_engine.tiers.compare import compare_prompts
@@ -98,6 +97,9 @@ def run(argv: list[str]) -> int:
 
 def _generate(args, parser) -> int:
     path = os.path.join(args.config, "config.json") if os.path.isdir(args.config) else args.config
+    for given in [path] + ([args.secret_file] if args.secret_file else []):  # even with --overwrite
+        if os.path.exists(args.out) and os.path.exists(given) and os.path.samefile(args.out, given):
+            raise OutputError(f"{args.out}: the key would replace its own input {given}; write it elsewhere")
     config = _read_config(path)
     blocks = model_blocks(config, path)
     total = parameter_count(args.config, config) if args.fraction_of == "model" else None
@@ -115,13 +117,10 @@ def _generate(args, parser) -> int:
 
 
 def _read_config(path: str) -> dict:
-    try:
-        with open_regular(path) as f:  # a FIFO would block forever
-            return json.loads(f.read())
+    try:  # a regular file (a FIFO would block forever) of at most 64 MiB, strict JSON
+        return read_json(path)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: cannot read the model config ({str(e).removeprefix(f'{path}: ')})") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read the model config ({e})") from e
 
 
 def _secret(args) -> bytes:

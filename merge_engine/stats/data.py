@@ -55,10 +55,14 @@ def _jsonl_text(line: str, path: str, lineno: int) -> str:
         record = json.loads(line, object_pairs_hook=refuse_repeated_keys)
     except RepeatedKeyError as e:  # which of the two texts was meant?
         raise DataError(f"{path}:{lineno}: {e}") from None
-    except ValueError as e:
-        raise DataError(f"{path}:{lineno}: not a JSON object ({e})") from e
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than Python's stack
+        raise DataError(f"{path}:{lineno}: not a JSON object ({type(e).__name__}: {str(e)[:80]})") from None
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
         raise DataError(f'{path}:{lineno}: expected a JSON object with a string "text" field')
+    try:
+        record["text"].encode("utf-8")
+    except UnicodeEncodeError:  # JSON's \u escapes can name half a surrogate pair, which no tokenizer takes
+        raise DataError(f'{path}:{lineno}: "text" is not text: it holds a lone surrogate escape (\\ud800-\\udfff)') from None
     return record["text"]
 
 

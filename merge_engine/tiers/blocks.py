@@ -146,23 +146,30 @@ class ModelBlocks:
         return self.swappable()
 
 
+MAX_SIZE = 1 << 20  # of a layer count, head count or width in config.json: far above any real model's
+
+
 def model_blocks(config: dict, source: str = "config.json") -> ModelBlocks:
     """The block layout of a model from its config.json; source names the file in error messages."""
     if not isinstance(config, dict):
         raise CheckpointError(f"{source}: a model's config must be a mapping (config.json's content), got a "
                               f"{type(config).__name__}")
     model_type = config.get("model_type")
+    read = {**dict.fromkeys(_LLAMA_LIKE, _llama_like), "gpt2": _gpt2, "gpt_neo": _gpt_neo}.get(model_type)
+    if read is None:
+        raise CheckpointError(f"{source}: model_type {model_type!r} is not supported by tier keys "
+                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     try:
-        if model_type in _LLAMA_LIKE:
-            return _llama_like(config)
-        if model_type == "gpt2":
-            return _gpt2(config)
-        if model_type == "gpt_neo":
-            return _gpt_neo(config)
-    except (KeyError, TypeError, ValueError) as e:
+        blocks = read(config)
+    except (KeyError, TypeError, ValueError, ArithmeticError) as e:
         raise CheckpointError(f"{source}: cannot read the {model_type} sizes needed for tier keys ({e!r})") from e
-    raise CheckpointError(f"{source}: model_type {model_type!r} is not supported by tier keys "
-                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    sizes = {"num_hidden_layers": blocks.num_layers, "attention heads": blocks.num_heads,
+             "key-value heads": blocks.num_kv_heads, "head dim": blocks.head_dim, "hidden size": blocks.hidden_size,
+             "intermediate size": blocks.intermediate_size}
+    bad = [f"{name} {value}" for name, value in sizes.items() if not 0 < value <= MAX_SIZE]
+    if bad:  # a key's tables grow with them: a count of 10**8 layers would take gigabytes before failing
+        raise CheckpointError(f"{source}: {', '.join(bad)}: sizes must be positive and at most {MAX_SIZE:,}")
+    return blocks
 
 
 def _architecture(config: dict) -> str | None:

@@ -104,3 +104,26 @@ def test_inputs_apart_from_the_output_and_fifos_refused(tier_model, tmp_path, ca
     run_bad(["generate", model, str(tmp_path / "k2.json"), "--secret-file", fifo], capsys, fifo, "FIFO")
     run_bad(["apply", model, fifo, str(tmp_path / "o")], capsys, fifo, "FIFO")
     assert not os.path.exists(tmp_path / "k2.json") and not os.path.exists(tmp_path / "o")
+
+
+def test_generate_refuses_to_replace_its_inputs_and_sizes_no_model_has(tier_model, tmp_path, capsys, monkeypatch):
+    import shutil
+    model = str(shutil.copytree(tier_model("qwen2"), tmp_path / "model"))
+    config = os.path.join(model, "config.json")
+    before = open(config).read()
+    monkeypatch.setenv("TIER_PASS", "open sesame")
+    assert key_command(["generate", model, config, "--passphrase-env", "TIER_PASS", "--overwrite"]) == 2
+    assert "the key would replace its own input" in capsys.readouterr().err and open(config).read() == before
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"secret bytes")
+    assert key_command(["generate", model, str(secret), "--secret-file", str(secret), "--overwrite"]) == 2
+    assert "the key would replace its own input" in capsys.readouterr().err and secret.read_bytes() == b"secret bytes"
+    for field, value, problem in [("num_hidden_layers", 0, "num_hidden_layers 0"),
+                                  ("num_hidden_layers", 10**8, "num_hidden_layers 100000000"),
+                                  ("num_attention_heads", -4, "attention heads -4"),
+                                  ("num_attention_heads", 0, "cannot read the qwen2 sizes")]:
+        bad = tmp_path / f"{field}{value}.json"
+        bad.write_text(json.dumps({**json.loads(before), field: value}))
+        assert key_command(["generate", str(bad), str(tmp_path / "k.json"), "--passphrase-env", "TIER_PASS"]) == 2
+        assert problem in capsys.readouterr().err
+        assert not os.path.exists(tmp_path / "k.json")

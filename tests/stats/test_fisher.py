@@ -88,6 +88,8 @@ def test_read_texts_plain_and_jsonl(tmp_path):
     ('{"text": "ok"}\n{"body": "x"}\n', ':2: expected a JSON object with a string "text" field'),
     ('["text"]\n', ':1: expected a JSON object'),
     ('{"text": "one", "text": "two"}\n', ":1: the key 'text' appears twice"),
+    ("[" * 100_000 + "]" * 100_000 + "\n", ":1: not a JSON object (RecursionError"),
+    ('{"text": "a \\ud800 b"}\n', ':1: "text" is not text: it holds a lone surrogate escape'),
     ("\n  \n", "no examples"),
 ])
 def test_read_texts_errors_name_file_and_line(tmp_path, content, needle):
