@@ -12,10 +12,13 @@ subcommand can be passed as ./NAME). Errors print one line `merge-engine: error:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -29,7 +32,8 @@ SUBCOMMANDS = ("fisher", "key", "patch", "search", "stats")  # modules merge_eng
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every expected failure ends in one line on stderr (the traceback too with -v):
-    exit 2 for an error, 130 for Ctrl-C. Clean-up (temporary folders, journals) happens on the way out."""
+    exit 2 for an error, 130 for Ctrl-C, 143 for SIGTERM. Clean-up (temporary folders, in-place rewrites rolled
+    back) happens on the way out, for SIGTERM as for Ctrl-C."""
     STARTUP["process start"] = process_age()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv in (["--version"], ["-V"]):
@@ -42,16 +46,40 @@ def main(argv: list[str] | None = None) -> int:
     if name != "merge":
         argv = argv[1:]
     try:
-        imported = time.perf_counter()
-        command = importlib.import_module(f"merge_engine.cli.{name}")
-        STARTUP["imports"] = time.perf_counter() - imported
-        return command.run(argv)
+        with _terminate_as_interrupt():
+            imported = time.perf_counter()
+            command = importlib.import_module(f"merge_engine.cli.{name}")
+            STARTUP["imports"] = time.perf_counter() - imported
+            return command.run(argv)
     except MergeEngineError as e:
         return _failed(f"error: {e}", 2, argv)
     except OSError as e:  # disk full, read-only folder, a file where a folder should be...
         return _failed(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", 2, argv)
+    except Terminated:
+        return _failed("terminated", 143, argv)
     except KeyboardInterrupt:
         return _failed("interrupted", 130, argv)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a `kill`, a job scheduler, docker stop), raised in the command's thread like Ctrl-C's
+    KeyboardInterrupt, so that the same clean-up runs."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """While a command runs (in the main thread, where Python takes signals), SIGTERM raises Terminated; the
+    previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    def terminated(signum, frame):
+        raise Terminated()
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def entry() -> None:

@@ -110,6 +110,17 @@ def test_ctrl_c_exits_130_and_leaves_nothing(config, tmp_path, capsys, monkeypat
     assert os.listdir(tmp_path) == []
 
 
+def test_sigterm_cleans_up_as_ctrl_c_does_and_exits_143(config, tmp_path, capsys, monkeypatch):
+    import signal
+
+    from merge_engine.io import writer
+    monkeypatch.setattr(writer.ShardedWriter, "write", lambda *a: os.kill(os.getpid(), signal.SIGTERM))
+    handler = signal.getsignal(signal.SIGTERM)
+    assert cli.main([config, str(tmp_path / "out"), "-q"]) == 143
+    assert "terminated" in one_line(capsys)
+    assert os.listdir(tmp_path) == [] and signal.getsignal(signal.SIGTERM) is handler  # restored after
+
+
 @pytest.mark.parametrize("flags", [["-v"], ["-vv"], ["-q", "-v"], ["-qv"], ["--verbose"]])
 def test_verbose_failures_show_the_traceback(config, tmp_path, capsys, monkeypatch, flags):
     from merge_engine.io import writer
