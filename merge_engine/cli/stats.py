@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
-    require("transformers", "hf", "merge-engine stats")
+    transformers = require("transformers", "hf", "merge-engine stats")
+    if args.quiet:
+        transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar
     from merge_engine.stats.gram import GramOptions, collect_grams
     options = GramOptions(batch_size=args.batch_size, max_length=args.max_length, max_examples=args.max_examples,
                           device=args.device, dtype=dtype_named(args.dtype), gram_dtype=args.gram_dtype,
