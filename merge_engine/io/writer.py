@@ -9,6 +9,7 @@ written with O_DIRECT (ShardedWriter._write_direct).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -266,8 +267,9 @@ class ShardedWriter:
             raise ValueError(f"'{name}': planned {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
         shard, offset = self._where[name]
         data = tensor_bytes(tensor.detach().cpu().contiguous())
-        if not (shard.direct_fd >= 0 and len(data) >= _MIN_DIRECT and self._write_direct(shard, data, offset)):
-            _pwrite_all(shard.fd, data, offset)
+        with self._naming(shard):
+            if not (shard.direct_fd >= 0 and len(data) >= _MIN_DIRECT and self._write_direct(shard, data, offset)):
+                _pwrite_all(shard.fd, data, offset)
         self._pending.discard(name)
         self.bytes_written += len(data)
 
@@ -319,9 +321,20 @@ class ShardedWriter:
         if self.maker:
             self._write_index()
         for shard in self._shards:
-            os.fsync(shard.fd)
+            with self._naming(shard):
+                os.fsync(shard.fd)
         self._close()
         self._flushed = True
+
+    @contextlib.contextmanager
+    def _naming(self, shard: ShardLayout):
+        """An OSError of a write to the shard (a full disk, a quota) names its file: pwrite's does not."""
+        try:
+            yield
+        except OSError as e:
+            if e.filename is None:
+                raise OSError(e.errno, e.strerror, os.path.join(self.tmp_dir, shard.filename)) from e
+            raise
 
     def _write_index(self) -> None:
         if self._index_file:

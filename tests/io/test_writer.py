@@ -316,3 +316,20 @@ def test_an_output_path_that_is_a_looping_symlink_is_refused_at_once(tmp_path):
     with pytest.raises(OutputError, match="loop: the output path is a symbolic link that loops"):
         ShardedWriter(str(loop), entries(tensors()), 10**9)
     assert os.listdir(tmp_path) == ["loop"]
+
+
+def test_a_full_disk_is_named_by_the_file_it_stopped(tmp_path, monkeypatch):
+    import errno
+
+    from merge_engine.io import writer
+    ts = tensors()
+    w = ShardedWriter(str(tmp_path / "out"), entries(ts), 10**9)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(writer.os, "pwrite", full)
+    with pytest.raises(OSError) as error:
+        w.write("a", ts["a"])
+    assert error.value.errno == errno.ENOSPC and error.value.filename.endswith("model.safetensors")
+    assert os.path.dirname(error.value.filename) == w.tmp_dir
+    w.abort()
