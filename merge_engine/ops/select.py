@@ -85,7 +85,10 @@ def _magnitude_cutoff_cpu(x, count, largest=True):
     ext = backends.cpu_extension()
     if ext is None or not backends.served_by_kernels(x):
         return magnitude_cutoff_reference(x, count, largest)
-    return ext.delta_cutoffs(torch.zeros_like(x), x, [min(max(count, 0), x.numel())], largest)[0]
+    try:
+        return ext.delta_cutoffs(torch.zeros_like(x), x, [min(max(count, 0), x.numel())], largest)[0]
+    except ValueError as e:  # the kernel checks x as "the expert" of a merge (against a zero base)
+        raise ValueError(str(e).replace("the expert", "input", 1)) from None
 
 
 @magnitude_cutoff.register_fake

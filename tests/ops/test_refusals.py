@@ -184,3 +184,8 @@ def test_no_op_returns_a_gradient_it_did_not_compute(kernels):
     with torch.no_grad():
         ops.accumulate_fisher(fisher, torch.ones(3), 1.0)
     assert torch.equal(fisher.detach(), torch.ones(3))
+
+
+def test_nan_in_a_cutoffs_input_is_named_alike_on_every_backend(kernels):
+    with pytest.raises(ValueError, match=r"^input has 1 NaN value\(s\); a magnitude ordering is undefined$"):
+        ops.magnitude_cutoff(torch.tensor([1.0, float("nan"), 2.0]), 1)
