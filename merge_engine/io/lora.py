@@ -41,9 +41,14 @@ from merge_engine.io.untrusted import inside_folder, is_finite_number, is_int, r
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
-# models whose linear layers are transformers' Conv1D, weights stored [in, out]: peft sets fan_in_fan_out for
-# them, and clears it for every other model's nn.Linear layers, whatever adapter_config.json says
+# peft sets fan_in_fan_out per layer, from its type, whatever adapter_config.json says: on for transformers' Conv1D
+# (weights stored [in, out]: these models' layers), off for nn.Linear ([out, in]: these families'). A non-square
+# weight's shape tells the two apart anyway; for a square one of another model, the adapter's setting is taken.
 CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "decision_transformer", "imagegpt")
+LINEAR_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+                      "gemma3", "gemma3_text", "phi", "phi3", "gpt_neo", "gpt_neox", "gptj", "falcon", "stablelm",
+                      "starcoder2", "gpt_bigcode", "olmo", "olmo2", "cohere", "granite", "deepseek_v2",
+                      "deepseek_v3", "opt", "bloom", "mpt", "t5", "bart", "bert", "roberta", "qwen2_vl")
 log = logging.getLogger("merge_engine")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<ab>[AB])\.weight|lora_embedding_(?P<eab>[AB]))$")
 # adapter_config.json settings that change what merging means; refused rather than ignored
@@ -77,6 +82,7 @@ class _Target:
     replacement: str | None = None
     rank: int = 0  # the rank adapter_config.json gives the module (rank_pattern, else r)
     rank_from: str = "r"  # which setting gave it
+    transposed: bool = False  # the update is (B @ A)^T: an embedding, or a weight stored [in, out] (Conv1D)
 
 
 _NO_CHANGE = _Target()
@@ -105,7 +111,8 @@ class LoraCheckpoint(Checkpoint):
         self.adapter = os.path.abspath(adapter)
         self.reference = f"{base}+{adapter}"
         config = self._read_config()
-        self._fan_in_fan_out = self._layout(config)
+        self._stated_layout = config.get("fan_in_fan_out", False)
+        self._square_layout = self._layout_of_square_weights()
         self._file = inside_folder(self.adapter, WEIGHTS_FILE, self.adapter)
         if not os.path.exists(self._file):
             raise CheckpointError(f"{self.adapter}: no {WEIGHTS_FILE} (only safetensors adapters are read)")
@@ -115,15 +122,22 @@ class LoraCheckpoint(Checkpoint):
         self._scratch = threading.local()  # per read thread: fp32 buffers for B @ A and the widened weight
         self._held: dict[str, torch.Tensor] | None = None  # the adapter's tensors, once hold_adapter() read them
 
-    def _layout(self, config: dict) -> bool:
-        """Whether the adapted weights are stored [in, out] (fan_in_fan_out): as peft decides it, from the layer
-        type (Conv1D in GPT-2 and kin), with a warning where adapter_config.json says otherwise."""
-        conv1d = self.config.get("model_type") in CONV1D_MODEL_TYPES
-        if config.get("fan_in_fan_out", False) != conv1d:
-            log.warning("%s: fan_in_fan_out is %s, but %s's layers are %s; peft sets it to %s when it loads the "
-                        "adapter, and so does merge_engine", self.adapter, config.get("fan_in_fan_out"),
-                        self.path, "Conv1D" if conv1d else "nn.Linear", conv1d)
-        return conv1d
+    def _layout_of_square_weights(self) -> bool:
+        """Whether a square adapted weight is stored [in, out] (its shape cannot tell): from the model's layer
+        type where it is known, else as adapter_config.json's fan_in_fan_out says."""
+        model_type = self.config.get("model_type")
+        if model_type in CONV1D_MODEL_TYPES or model_type in LINEAR_MODEL_TYPES:
+            return model_type in CONV1D_MODEL_TYPES
+        return self._stated_layout
+
+    def _warn_layout(self, targets: dict[str, _Target]) -> None:
+        """Name the targets whose layout is not what fan_in_fan_out says (peft corrects it, with a warning)."""
+        differ = [name for name, t in targets.items() if t.a and not t.embedding and t.transposed != self._stated_layout]
+        if differ:
+            log.warning("%s: fan_in_fan_out is %s, but %d adapted weight(s) of %s (%s%s) are stored %s; peft takes "
+                        "each layer's own layout when it loads the adapter, and so does merge_engine", self.adapter,
+                        self._stated_layout, len(differ), self.path, ", ".join(differ[:3]),
+                        ", ..." if len(differ) > 3 else "", "[in, out]" if not self._stated_layout else "[out, in]")
 
     def _read_config(self) -> dict:
         path = inside_folder(self.adapter, CONFIG_FILE, self.adapter)
@@ -176,6 +190,7 @@ class LoraCheckpoint(Checkpoint):
         if problems:
             raise CheckpointError(f"{self._file}: " + "; ".join(problems[:10])
                                   + (f"; ... and {len(problems) - 10} more" if len(problems) > 10 else ""))
+        self._warn_layout(targets)
         return targets
 
     def _target_problems(self, name: str, t: _Target) -> list[str]:
@@ -195,7 +210,10 @@ class LoraCheckpoint(Checkpoint):
         if flat:
             return flat
         (r, cols), (rows, r_b) = shape(t.a), shape(t.b)
-        product = (cols, rows) if t.embedding or self._fan_in_fan_out else (rows, cols)
+        linear, conv1d = (rows, cols), (cols, rows)  # [out, in] and [in, out]
+        t.transposed = t.embedding or (info.shape == conv1d if linear != conv1d and info.shape in (linear, conv1d)
+                                       else self._square_layout)
+        product = conv1d if t.transposed else linear
         if r != r_b or len(info.shape) != 2 or product != info.shape:
             return [f"lora_A {[r, cols]} and lora_B {[rows, r_b]} do not make '{name}' {list(info.shape)}"]
         if r != t.rank:  # peft builds the layer with the configured rank and cannot load other tensors into it
@@ -266,7 +284,7 @@ class LoraCheckpoint(Checkpoint):
     def _delta(self, t: _Target, dtype: torch.dtype, scratch: bool = True) -> torch.Tensor:
         a, b = self._adapter_tensor(t.a), self._adapter_tensor(t.b)
         out = self._scratch_buffer("product", (b.shape[0], a.shape[1]), dtype) if scratch else None
-        delta = lora_delta(a, b, dtype, t.scaling, t.embedding or self._fan_in_fan_out, out)
+        delta = lora_delta(a, b, dtype, t.scaling, t.transposed, out)
         return delta.to(dtype) if t.embedding else delta  # peft rounds an embedding's update before adding it
 
     def _adapter_tensor(self, key: str) -> torch.Tensor:

@@ -113,7 +113,8 @@ def test_rslora_and_fan_in_fan_out(model_sets, tmp_path):
 @pytest.mark.parametrize("arch, stated", [("llama", True), ("gpt2", False)])
 def test_fan_in_fan_out_follows_the_layer_type_as_peft_sets_it(model_sets, tmp_path, caplog, arch, stated):
     """peft clears fan_in_fan_out for nn.Linear layers and sets it for Conv1D ones (GPT-2), with a warning,
-    whatever adapter_config.json says: the update is B @ A for Linear weights ([out, in]), transposed for Conv1D."""
+    whatever adapter_config.json says: the update is B @ A for Linear weights ([out, in]), transposed for Conv1D.
+    Llama's q_proj is square (its shape cannot tell): the model's layer type decides."""
     base = model_sets(arch)[0]
     targets = ("c_attn",) if arch == "gpt2" else ("q_proj",)
     conv1d = arch == "gpt2"
@@ -121,7 +122,8 @@ def test_fan_in_fan_out_follows_the_layer_type_as_peft_sets_it(model_sets, tmp_p
     corrupt(str(tmp_path / "a"), config={"fan_in_fan_out": stated})
     with caplog.at_level("WARNING", logger="merge_engine"):
         got = read_all(open_model(f"{base}+{tmp_path / 'a'}"), False)
-    assert f"fan_in_fan_out is {stated}" in caplog.text and f"peft sets it to {conv1d}" in caplog.text
+    stored = "[in, out]" if conv1d else "[out, in]"
+    assert f"fan_in_fan_out is {stated}, but" in caplog.text and f"are stored {stored}; peft takes each layer" in caplog.text
     name = next(n for n in got if n.endswith(f"{targets[0]}.weight"))
     want = model_tensors(base)[name].to(FP64) + update(adapter, name.removesuffix(".weight"), 2.0, transpose=conv1d)
     torch.testing.assert_close(got[name].to(FP64), want, rtol=1e-6, atol=1e-6)
@@ -332,3 +334,17 @@ def test_an_adapter_file_truncated_after_opening_is_a_checkpoint_error(model_set
     assert {n: ckpt.adapter_bytes(n) for n in ckpt.targets} == before  # from the header read at opening
     with pytest.raises(CheckpointError, match=f"{re.escape(path)}: tensor '.*': data range .* runs past the end"):
         open_model(f"{base}+{folder}")  # and opening it now refuses it by its header
+
+
+def test_a_model_of_unknown_layer_type_takes_the_adapters_layout_where_the_shape_cannot_tell(model_sets, tmp_path):
+    """A remote-code GPT-2 derivative (Jais) stores Conv1D weights [in, out]: a non-square one's shape says so, and
+    a square one follows adapter_config.json's fan_in_fan_out, as peft (which sees the layer type) would."""
+    import shutil
+    base = str(shutil.copytree(model_sets("gpt2")[0], tmp_path / "jais"))
+    config = json.load(open(os.path.join(base, "config.json")))
+    json.dump({**config, "model_type": "jais"}, open(os.path.join(base, "config.json"), "w"))
+    adapter = write_adapter(str(tmp_path / "a"), base, targets=("c_attn", "c_proj"), r=4, alpha=8, fan_in_fan_out=True)
+    got, plain = read_all(open_model(f"{base}+{tmp_path / 'a'}"), False), model_tensors(base)
+    for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight"):  # [64, 192], [64, 64]
+        want = plain[name].to(FP64) + update(adapter, name.removesuffix(".weight"), 2.0, transpose=True)
+        torch.testing.assert_close(got[name].to(FP64), want, rtol=1e-6, atol=1e-6)
