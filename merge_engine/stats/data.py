@@ -127,7 +127,7 @@ def load_data(path: str, tokenizer, max_length: int, max_examples: int | None = 
     texts = read_texts(path, max_examples)
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(str(tokenizer))
-    encoded = [first_tokens(tokenizer, text, max_length) for text in texts]
+    encoded = [kept_tokens(tokenizer, text, max_length) for text in texts]
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:
         raise DataError(f"{path}: example {empty[0] + 1} tokenizes to no tokens")
@@ -139,12 +139,17 @@ def load_data(path: str, tokenizer, max_length: int, max_examples: int | None = 
     return TokenizedData(path, encoded, pad_token_id(tokenizer))
 
 
-def first_tokens(tokenizer, text: str, max_length: int) -> list[int]:
-    """The first max_length tokens of text, tokenizing only as much of its start as they need: a line of
-    megabytes would otherwise be tokenized whole (about 140 bytes of memory per character) to keep 512 tokens.
-    A start holding a few more tokens than are kept gives the whole text's truncation (a tokenizer's tokens depend
-    only on nearby text; special tokens are added as for the whole), else twice as much is tried."""
+def kept_tokens(tokenizer, text: str, max_length: int) -> list[int]:
+    """The max_length tokens of text that the tokenizer's truncation keeps (its first ones; its last where the
+    tokenizer truncates on the left), tokenizing only as much of that end as they need: a line of megabytes
+    would otherwise be tokenized whole (about 140 bytes of memory per character) to keep 512 tokens. A part
+    holding a few more tokens than are kept gives the whole text's truncation (a tokenizer's tokens depend only
+    on nearby text; special tokens are added as for the whole), else twice as much is tried."""
+    left = getattr(tokenizer, "truncation_side", "right") == "left"
+
+    def end(chars: int) -> str:
+        return text[-chars:] if left else text[:chars]
     chars = (max_length + 8) * CHARS_PER_TOKEN
-    while chars < len(text) and len(tokenizer(text[:chars], add_special_tokens=False)["input_ids"]) <= max_length + 8:
+    while chars < len(text) and len(tokenizer(end(chars), add_special_tokens=False)["input_ids"]) <= max_length + 8:
         chars *= 2
-    return list(tokenizer(text[:chars], truncation=True, max_length=max_length)["input_ids"])
+    return list(tokenizer(end(chars), truncation=True, max_length=max_length)["input_ids"])

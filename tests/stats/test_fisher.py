@@ -114,15 +114,17 @@ def test_load_data_tokenizes_truncates_and_pads(text_file):
     assert no_pad.pad_id == tiny_tokenizer().eos_token_id
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("specials", [False, True])
-def test_long_examples_are_tokenized_from_their_start_only_with_the_same_tokens(specials):
+def test_long_examples_are_tokenized_only_at_the_end_truncation_keeps_with_the_same_tokens(specials, side):
     """A line of megabytes is not tokenized whole to keep max_length tokens (that took ~140 bytes per character);
     the tokens kept are the whole line's truncation, special tokens (BOS, EOS) included."""
     from tokenizers import processors
 
-    from merge_engine.stats.data import CHARS_PER_TOKEN, first_tokens
+    from merge_engine.stats.data import CHARS_PER_TOKEN, kept_tokens
     from tests.stats.tiny_text import WORDS
     tokenizer = tiny_tokenizer()
+    tokenizer.truncation_side = side  # left (alignment-handbook models): the last tokens, from the text's end
     if specials:  # BOS and EOS around every text, as many tokenizers' post-processors add them
         tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
             single="<eos> $A <eos>", special_tokens=[("<eos>", tokenizer.eos_token_id)])
@@ -137,12 +139,12 @@ def test_long_examples_are_tokenized_from_their_start_only_with_the_same_tokens(
         whole = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
         tokenizer.__class__.__call__ = recording
         try:
-            assert first_tokens(tokenizer, text, max_length) == whole
+            assert kept_tokens(tokenizer, text, max_length) == whole
         finally:
             tokenizer.__class__.__call__ = calls
         assert max(seen) <= (max_length + 8) * CHARS_PER_TOKEN < len(text)
     short = "the cat"
-    assert first_tokens(tokenizer, short, 50) == tokenizer(short, truncation=True, max_length=50)["input_ids"]
+    assert kept_tokens(tokenizer, short, 50) == tokenizer(short, truncation=True, max_length=50)["input_ids"]
 
 
 def test_token_ids_beyond_the_models_vocabulary_are_refused(text_file):
