@@ -21,9 +21,11 @@ Memory stays bounded by (prefetch depth + 2) tensor groups, whatever the number 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import operator
 import os
 import tempfile
 import time
@@ -142,6 +144,7 @@ def merge(config: MergeConfig | dict | str | os.PathLike, out_dir: str | os.Path
     options = MergeOptions() if options is None else options
     if not isinstance(options, MergeOptions):
         raise TypeError(f"options must be a MergeOptions, got a {type(options).__name__}")
+    options = taken_as_given(options)
     out_dir = os.fspath(out_dir)
     ranks = current_ranks()
     lap = _Laps()
@@ -195,6 +198,21 @@ def as_merge_config(config) -> MergeConfig:
     if not isinstance(config, MergeConfig):
         raise TypeError(f"config must be a MergeConfig, a mapping or a YAML path, got a {type(config).__name__}")
     return config
+
+
+def taken_as_given(options: MergeOptions) -> MergeOptions:
+    """The options with values of the kinds callers pass taken as the engine's: a torch.device as its name, numpy
+    integers as ints, an integral float shard size (2e9) as an int. Anything else is left for check_options."""
+    def integer(value, floats: bool = False):
+        if floats and isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return value if isinstance(value, bool) else operator.index(value)
+        except TypeError:
+            return value
+    device = str(options.device) if isinstance(options.device, torch.device) else options.device
+    return dataclasses.replace(options, device=device, out_shard_size=integer(options.out_shard_size, floats=True),
+                               prefetch=integer(options.prefetch), random_seed=integer(options.random_seed))
 
 
 def check_options(out_dir: str, options: MergeOptions) -> torch.device:
@@ -508,18 +526,22 @@ def output_model_config(plan: MergePlan) -> dict:
     return model_config
 
 
+PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers", "layers_block_type", "block_types", "attn_type_list")
+
+
 def per_layer_entries(plan: MergePlan) -> dict:
-    """The donor config's lists of one entry per layer (layer_types: each layer's attention; SmolLM3's
-    no_rope_layers...), rebuilt for the output's layers: each takes the entry of the layer it was merged from
-    (its slice's first source), in that model's config. mergekit keeps the donor's lists, which transformers
-    refuses to load once the layer count has changed. Lists of layer indices are left as they are."""
+    """The donor config's lists of one entry per layer (PER_LAYER_CONFIG_KEYS: layer_types, each layer's
+    attention; SmolLM3's no_rope_layers...), rebuilt for the output's layers: each takes the entry of the layer it
+    was merged from (its slice's first source), in that model's config. mergekit keeps the donor's lists, which
+    transformers refuses to load once the layer count has changed. Other lists (token ids, lists of layer
+    indices such as moe_layers) are left as they are, whatever their length."""
     def layer_count(config: dict):
         return next((config[k] for k in ("num_hidden_layers", "n_layer") if isinstance(config.get(k), int)), None)
 
     donor = plan.donor.config
     rebuilt = {}
     for key, entries in donor.items():
-        if key == "architectures" or not isinstance(entries, list) or len(entries) != layer_count(donor):
+        if key not in PER_LAYER_CONFIG_KEYS or not isinstance(entries, list) or len(entries) != layer_count(donor):
             continue
         sources = []
         for ref, layer in plan.layer_sources:

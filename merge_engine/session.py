@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import os
 import threading
 import time
@@ -240,9 +241,11 @@ class MergeSession:
         lora_merge_dtype: as MergeOptions's. plan: build_plan(config, ...) when the caller has it already (its
         headers are not read again). evaluation_bytes: memory kept free beside the live model for evaluating it
         (an evaluator's memory_bytes(live_model(plan, torch.device("meta"))))."""
+        random_seed = random_seed if isinstance(random_seed, bool) else operator.index(random_seed) if hasattr(
+            random_seed, "__index__") else random_seed  # a numpy integer as an int
         check_seed_and_lora_dtype(random_seed, lora_merge_dtype)
         self.config = as_config(config)
-        self.device = resolve_device(device)
+        self.device = resolve_device(str(device) if isinstance(device, torch.device) else device)
         self.random_seed = random_seed
         self.plan = plan or build_plan(self.config, allow_crimes, lora_merge_dtype=lora_merge_dtype)
         self.memory = plan_memory(self.plan, self.device, placement, lora=lora, evaluation=evaluation_bytes)
@@ -323,9 +326,10 @@ class MergeSession:
         current config), merging again only the tensors whose parameters changed. Calls from several threads
         run one at a time. A call that fails part way (or is interrupted) leaves the config as it was and each
         tensor recorded as what it holds: the next merge() merges again whatever differs."""
-        cfg = self.config if config is None else self._same_models(as_config(config))
-        key = method_key(cfg)
+        cfg = None if config is None else self._same_models(as_config(config))
         with self._lock:
+            cfg = self.config if cfg is None else cfg  # the config when this call's turn comes
+            key = method_key(cfg)
             todo = []
             for i, job in enumerate(self.plan.jobs):
                 params = self._parameters(cfg, job)

@@ -248,7 +248,8 @@ def test_slices_rebuild_per_layer_config_lists_from_each_layers_source(model_set
         shutil.copytree(source, folders[name])
         config = json.loads((folders[name] / "config.json").read_text())
         assert config["num_hidden_layers"] == len(kinds[name])
-        config.update(layer_types=kinds[name], sliding_window=16, use_sliding_window=True)
+        config.update(layer_types=kinds[name], sliding_window=16, use_sliding_window=True,
+                      eos_token_id=[1, 2, 3, 4])  # a list as long as the layers, not of them
         (folders[name] / "config.json").write_text(json.dumps(config))
     cfg = {"merge_method": "passthrough", "dtype": "float32",
            "slices": [{"sources": [{"model": str(folders["base"]), "layer_range": [0, 2]}]},
@@ -258,6 +259,7 @@ def test_slices_rebuild_per_layer_config_lists_from_each_layers_source(model_set
     written = json.loads((out / "config.json").read_text())
     assert written["num_hidden_layers"] == 5
     assert written["layer_types"] == kinds["base"][0:2] + kinds["e1"][1:4]
+    assert written["eos_token_id"] == [1, 2, 3, 4]
     assert written["architectures"] == json.loads((folders["base"] / "config.json").read_text())["architectures"]
     assert transformers.AutoConfig.from_pretrained(str(out)).layer_types == written["layer_types"]
     assert transformers.AutoModelForCausalLM.from_pretrained(str(out)) is not None
@@ -292,3 +294,8 @@ def test_merge_takes_mappings_and_paths_and_refuses_what_it_cannot_use(model_set
         with pytest.raises(MergeEngineError, match=message):
             merge(config, str(pathlib.Path(tmp_path, "o")), MergeOptions(quiet=True, **{field: value}))
     assert not (tmp_path / "o").exists()
+    # values of the kinds callers hold: a torch.device, an integer that is not a Python int, an integral float
+    merge(config, tmp_path / "kinds", MergeOptions(quiet=True, device=torch.device("cpu"), random_seed=torch.tensor(3),
+                                                   out_shard_size=2e9, prefetch=torch.tensor(1)))
+    assert ((tmp_path / "kinds" / "model.safetensors").read_bytes()
+            == (tmp_path / "from_mapping" / "model.safetensors").read_bytes())
