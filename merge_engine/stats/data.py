@@ -127,7 +127,10 @@ def load_data(path: str, tokenizer, max_length: int, max_examples: int | None = 
     texts = read_texts(path, max_examples)
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(str(tokenizer))
-    encoded = [kept_tokens(tokenizer, text, max_length) for text in texts]
+    short = (max_length + 8) * CHARS_PER_TOKEN  # tokenized whole, in one call (the tokenizer's own batching)
+    shorts = [t for t in texts if len(t) <= short]  # (a tokenizer refuses an empty batch)
+    whole = iter(tokenizer(shorts, truncation=True, max_length=max_length)["input_ids"] if shorts else [])
+    encoded = [list(next(whole)) if len(t) <= short else kept_tokens(tokenizer, t, max_length) for t in texts]
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:
         raise DataError(f"{path}: example {empty[0] + 1} tokenizes to no tokens")

@@ -417,3 +417,13 @@ def test_fisher_folders_feed_a_fisher_merge(tiny_lm, text_file, tmp_path, folder
     merged, original = folder_tensors(tmp_path / "merged"), folder_tensors(path)
     for name, t in original.items():
         torch.testing.assert_close(merged[name], t, rtol=1e-6, atol=1e-7)
+
+
+def test_a_file_of_long_examples_only(tmp_path):
+    from merge_engine.stats.data import CHARS_PER_TOKEN
+    from tests.stats.tiny_text import WORDS
+    line = " ".join(WORDS[i % len(WORDS)] for i in range(20 * CHARS_PER_TOKEN))
+    path = tmp_path / "long.txt"
+    path.write_text(line + "\n" + line + "\n")
+    tokenizer = tiny_tokenizer()
+    assert load_data(str(path), tokenizer, 4).sequences == [tokenizer(line, truncation=True, max_length=4)["input_ids"]] * 2
