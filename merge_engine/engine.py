@@ -201,18 +201,21 @@ def as_merge_config(config) -> MergeConfig:
 
 
 def taken_as_given(options: MergeOptions) -> MergeOptions:
-    """The options with values of the kinds callers pass taken as the engine's: a torch.device as its name, numpy
-    integers as ints, an integral float shard size (2e9) as an int. Anything else is left for check_options."""
-    def integer(value, floats: bool = False):
-        if floats and isinstance(value, float) and value.is_integer():
-            return int(value)
-        try:
-            return value if isinstance(value, bool) else operator.index(value)
-        except TypeError:
-            return value
-    device = str(options.device) if isinstance(options.device, torch.device) else options.device
-    return dataclasses.replace(options, device=device, out_shard_size=integer(options.out_shard_size, floats=True),
-                               prefetch=integer(options.prefetch), random_seed=integer(options.random_seed))
+    """The options with integers of other kinds (numpy's, a 0-d tensor's) as ints, and an integral float shard
+    size (2e9) as an int. Anything else is left for check_options to name."""
+    return dataclasses.replace(options, out_shard_size=as_int(options.out_shard_size, floats=True),
+                               prefetch=as_int(options.prefetch), random_seed=as_int(options.random_seed))
+
+
+def as_int(value, floats: bool = False):
+    """value as a Python int where it is an integer of another kind (or, with floats, an integral float); else
+    value itself (a bool stays a bool: the checks refuse it)."""
+    if floats and isinstance(value, float) and value.is_integer():
+        return int(value)
+    try:
+        return value if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        return value
 
 
 def check_options(out_dir: str, options: MergeOptions) -> torch.device:
@@ -224,8 +227,9 @@ def check_options(out_dir: str, options: MergeOptions) -> torch.device:
         value = getattr(options, name)
         if not is_int(value) or value < 1:
             raise MergeEngineError(f"MergeOptions.{name} must be an integer of at least 1, got {value!r}")
-    if not isinstance(options.device, str):
-        raise MergeEngineError(f"MergeOptions.device must be a string (cpu, cuda, cuda:N or auto), got {options.device!r}")
+    if not isinstance(options.device, (str, torch.device)):
+        raise MergeEngineError(f"MergeOptions.device must be a string (cpu, cuda, cuda:N or auto) or a torch.device, "
+                               f"got {options.device!r}")
     check_output_dir(out_dir, options.overwrite)
     if options.direct_io not in DIRECT_IO_MODES:
         raise MergeEngineError(f"direct_io must be one of {', '.join(DIRECT_IO_MODES)}, not {options.direct_io!r}")

@@ -2,6 +2,7 @@
 the extra that installs it (pyproject.toml's [project.optional-dependencies]), not a traceback."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 from types import ModuleType
 
@@ -21,3 +22,15 @@ def require(module: str, extra: str, what: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as e:
         raise MissingExtraError(f'{what} needs {package}: pip install "merge_engine[{extra}]"') from e
+
+
+@contextlib.contextmanager
+def optuna_log_level(optuna: ModuleType, level: int | None):
+    """optuna's log level (process-wide) set to level for a block, then restored (None: left as it is)."""
+    previous = optuna.logging.get_verbosity()
+    if level is not None:
+        optuna.logging.set_verbosity(level)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(previous)

@@ -131,9 +131,10 @@ def build_plan(cfg: MergeConfig, allow_crimes: bool = False, truncate_vocabulary
     first, last = cfg.slices[0], cfg.slices[-1]
     template = plan.models[first.sources[0].model]
     stacks = layer_index[first.sources[0].model]
-    if len(stacks) <= 1:
+    one_stack = len(stacks) <= 1  # (several: _plan_stacks compares them, and slices are refused)
+    if one_stack:
         problems += _layer_count_problems(plan, layer_index)
-    ranges = [_layer_ranges(s, plan.models, problems) for s in cfg.slices] if len(stacks) <= 1 and not problems else []
+    ranges = [_layer_ranges(s, plan.models, problems) for s in cfg.slices] if one_stack and not problems else []
     if problems:
         raise ConfigError(problems, "inputs")
     outside = [n for n in template.tensors if split_layer_name(n) is None]

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 import os
 import threading
 import time
@@ -45,6 +44,7 @@ from merge_engine.config import MergeConfig, load_config, parse_config
 from merge_engine.devices import resolve_device
 from merge_engine.engine import (
     MergeOptions,
+    as_int,
     check_output_outside_inputs,
     check_seed_and_lora_dtype,
     compute,
@@ -241,11 +241,10 @@ class MergeSession:
         lora_merge_dtype: as MergeOptions's. plan: build_plan(config, ...) when the caller has it already (its
         headers are not read again). evaluation_bytes: memory kept free beside the live model for evaluating it
         (an evaluator's memory_bytes(live_model(plan, torch.device("meta"))))."""
-        random_seed = random_seed if isinstance(random_seed, bool) else operator.index(random_seed) if hasattr(
-            random_seed, "__index__") else random_seed  # a numpy integer as an int
+        random_seed = as_int(random_seed)
         check_seed_and_lora_dtype(random_seed, lora_merge_dtype)
         self.config = as_config(config)
-        self.device = resolve_device(str(device) if isinstance(device, torch.device) else device)
+        self.device = resolve_device(device)
         self.random_seed = random_seed
         self.plan = plan or build_plan(self.config, allow_crimes, lora_merge_dtype=lora_merge_dtype)
         self.memory = plan_memory(self.plan, self.device, placement, lora=lora, evaluation=evaluation_bytes)

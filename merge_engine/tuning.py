@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from merge_engine.config import MergeConfig, parse_config
 from merge_engine.engine import tensor_group
 from merge_engine.errors import ConfigError
-from merge_engine.extras import require
+from merge_engine.extras import optuna_log_level, require
 from merge_engine.io.checkpoint import split_layer_name
 from merge_engine.io.untrusted import is_int
 from merge_engine.methods.regression import bmm_terms
@@ -162,30 +162,21 @@ def tune_bmm(problem: BMMProblem, evaluate: Callable[[dict[str, torch.Tensor]], 
     groups = problem.groups(granularity)
     sampler = (optuna.samplers.GPSampler(seed=seed) if len(groups) <= gp_max_dims
                else optuna.samplers.TPESampler(seed=seed, multivariate=True))
-    verbosity = optuna.logging.get_verbosity()
-    if not progress:  # optuna's log level is process-wide: restored below
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        return _tune(optuna, problem, evaluate, groups, sampler, lo, hi, n_trials, timeout)
-    finally:
-        optuna.logging.set_verbosity(verbosity)
+    with optuna_log_level(optuna, None if progress else optuna.logging.WARNING):  # process-wide: restored after
+        study = optuna.create_study(direction="maximize", sampler=sampler)
 
+        def per_tensor(group_lambdas: dict[str, float]) -> dict[str, float]:
+            return {name: group_lambdas[g] for g, names in groups.items() for name in names}
 
-def _tune(optuna, problem, evaluate, groups, sampler, lo, hi, n_trials, timeout) -> TuneResult:
-    study = optuna.create_study(direction="maximize", sampler=sampler)
+        def objective(trial) -> float:
+            chosen = {g: trial.suggest_float(g, lo, hi, log=True) for g in groups}
+            return float(evaluate(problem.merged(per_tensor(chosen))))
 
-    def per_tensor(group_lambdas: dict[str, float]) -> dict[str, float]:
-        return {name: group_lambdas[g] for g, names in groups.items() for name in names}
-
-    def objective(trial) -> float:
-        chosen = {g: trial.suggest_float(g, lo, hi, log=True) for g in groups}
-        return float(evaluate(problem.merged(per_tensor(chosen))))
-
-    start = problem.default_lambda[next(iter(problem.systems))]
-    study.enqueue_trial({g: min(max(start, lo), hi) for g in groups})  # the config's own lambda first
-    began = time.perf_counter()
-    study.optimize(objective, n_trials=n_trials, timeout=timeout, show_progress_bar=False)
-    best = study.best_trial.params
-    lambdas = per_tensor(best)
-    return TuneResult(lambdas, best, study.best_value, study.trials[0].value, len(study.trials),
-                      time.perf_counter() - began, tuned_config(problem.config.raw, lambdas, start), study)
+        start = problem.default_lambda[next(iter(problem.systems))]
+        study.enqueue_trial({g: min(max(start, lo), hi) for g in groups})  # the config's own lambda first
+        began = time.perf_counter()
+        study.optimize(objective, n_trials=n_trials, timeout=timeout, show_progress_bar=False)
+        best = study.best_trial.params
+        lambdas = per_tensor(best)
+        return TuneResult(lambdas, best, study.best_value, study.trials[0].value, len(study.trials),
+                          time.perf_counter() - began, tuned_config(problem.config.raw, lambdas, start), study)

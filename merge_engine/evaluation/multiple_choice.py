@@ -11,7 +11,7 @@ import torch
 from merge_engine.evaluation.data_files import raise_problems, read_text
 from merge_engine.evaluation.loglikelihood import check_fits, check_vocabulary, token_logprobs, tokens_fed
 from merge_engine.evaluation.memory import scoring_bytes
-from merge_engine.io.untrusted import RepeatedKeyError, is_int, refuse_repeated_keys
+from merge_engine.io.untrusted import RepeatedKeyError, is_int, is_text, refuse_repeated_keys
 
 NORMALIZE = ("none", "tokens", "chars")  # a choice's log-likelihood: the sum, per token, per character
 
@@ -132,15 +132,6 @@ def parse_question(line: str, number: int, tokenizer, delimiter: str, normalize:
         return None, problems
     return Question(number, [c + t for c, t in pairs], [len(t) for _, t in pairs],
                     [len(choice) for choice in record["choices"]], record["answer"]), []
-
-
-def is_text(s: str) -> bool:
-    """Whether s can be encoded (and so tokenized): JSON's \\u escapes can name half a surrogate pair alone."""
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def record_problems(record: dict, normalize: str) -> list[str]:

@@ -18,7 +18,7 @@ import torch
 from merge_engine.dtypes import SAFETENSORS_CODES, SAFETENSORS_DTYPES
 from merge_engine.errors import CheckpointError
 from merge_engine.io.raw import tensor_bytes
-from merge_engine.io.untrusted import is_int, open_regular, parse_json
+from merge_engine.io.untrusted import is_int, is_text, open_regular, parse_json
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
 
@@ -92,11 +92,9 @@ def _tensor_info(path: str, name: str, entry, data_base: int, file_size: int) ->
     """One header entry, as the format's rules allow it: a known dtype, a shape of non-negative integers,
     two integer offsets whose range holds exactly the shape's bytes within the file; a name that is text (JSON's
     \\u escapes can name half a surrogate pair, which the safetensors library refuses)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
+    if not is_text(name):
         raise CheckpointError(f"{path}: tensor {name!r}: the name is not text (a lone surrogate escape, "
-                              "\\ud800-\\udfff): corrupt header") from None
+                              "\\ud800-\\udfff): corrupt header")
     if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
             and entry["dtype"] in SAFETENSORS_DTYPES and isinstance(entry.get("shape"), list) and all(_is_count(d) for d in entry["shape"])
             and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2

@@ -62,6 +62,16 @@ def parse_json(raw: bytes | str, what: str):
         raise CheckpointError(f"{what}: invalid JSON ({e})") from None
 
 
+def is_text(s: str) -> bool:
+    """Whether s can be encoded (and so written or tokenized): JSON's \\u escapes can name half a surrogate pair
+    alone, which json.loads takes."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def is_int(value) -> bool:
     """A JSON integer: Python's bool is an int, JSON's true is not."""
     return isinstance(value, int) and not isinstance(value, bool)

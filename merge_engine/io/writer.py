@@ -351,9 +351,9 @@ class ShardedWriter:
 
     def _move_into_place(self) -> None:
         with _MOVING:  # two writers of one output in this process: one after the other, each output whole
-            self._move_into_place_alone()
+            self._rename_into_place()
 
-    def _move_into_place_alone(self) -> None:
+    def _rename_into_place(self) -> None:
         check_output_dir(self.out_dir, self.overwrite)  # it may have appeared while we merged
         old = None
         if os.path.exists(self.out_dir):

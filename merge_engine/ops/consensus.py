@@ -4,7 +4,6 @@ order exactly, so that outputs are bit-identical to mergekit's where the method 
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -138,9 +137,7 @@ def check_merge_arguments(base: torch.Tensor, experts: list[torch.Tensor], weigh
             continue
         if len(values) != len(experts):
             raise ValueError(f"merge_task_vectors: {len(experts)} experts but {len(values)} {name}")
-        bad = [f"{name}[{i}] = {v}" for i, v in enumerate(values) if not math.isfinite(v)]
-        if bad:
-            raise ValueError(f"merge_task_vectors: {', '.join(bad)}: must be finite")
+        sp.check_finite_values("merge_task_vectors", **{f"{name}[{i}]": v for i, v in enumerate(values)})
 
 
 def selection_counts(numel: int, sparsify: str, density: float, gamma: float) -> tuple[int, int]:

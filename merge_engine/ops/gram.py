@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from merge_engine.ops import backends
-from merge_engine.ops.library import op
+from merge_engine.ops.library import op, spans_overlap
 
 GRAM_INPUT_DTYPES = backends.KERNEL_DTYPES  # of the activations the kernels take
 
@@ -43,7 +43,7 @@ def check_gram_args(gram: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | No
     if mask is not None and (mask.dtype != torch.bool or mask.shape != x.shape[:-1] or mask.device != x.device):
         raise ValueError(f"accumulate_gram: mask must be a bool tensor of shape {list(x.shape[:-1])} on "
                          f"{x.device}; got {mask.dtype} {list(mask.shape)} on {mask.device}")
-    if x.numel() and x.untyped_storage().data_ptr() == gram.untyped_storage().data_ptr():
+    if spans_overlap(x, gram):
         raise ValueError("accumulate_gram: the activations share memory with the gram they are added into")
 
 

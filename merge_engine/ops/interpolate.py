@@ -42,7 +42,7 @@ def weighted_sum(tensors: list[torch.Tensor], weights: list[float], normalize: b
         if divisor is not None:
             acc.div_(divisor)
         out_flat[start:start + acc.numel()].copy_(acc)
-    return result if out is None else out.copy_(result) if result is not out else out
+    return _delivered(result, out)
 
 
 def _check_alike(name: str, tensors: list[torch.Tensor], weights: list[float] | None,
@@ -63,10 +63,17 @@ def _check_alike(name: str, tensors: list[torch.Tensor], weights: list[float] | 
 
 def _contiguous_target(like: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
     """Where to write a result of like's shape and dtype element by element: out when it is contiguous,
-    else a fresh contiguous tensor (the caller copies it into out)."""
+    else a fresh contiguous tensor (_delivered copies it into out)."""
     if out is not None and out.is_contiguous():
         return out
     return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
+def _delivered(result: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """The result, in out when one was given (copied there unless it was written there)."""
+    if out is None or result is out:
+        return result
+    return out.copy_(result)
 
 
 class _ChunkPairs:
@@ -118,7 +125,7 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor
     result = target.view(x.shape)
     for start, cx, cy in pairs:  # coef_a * ca + coef_b * cb
         result[:, start:start + cx.shape[1]] = cx.mul_(coef_a).add_(cy.mul_(coef_b))
-    return target if out is None else out.copy_(target) if target is not out else out
+    return _delivered(target, out)
 
 
 def _unit(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

@@ -230,6 +230,20 @@ def _into_out(fn: Callable, name: str) -> Callable:
     return into_out
 
 
+def byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) bytes of memory that t's elements lie in (strides are never negative in torch)."""
+    if not t.numel():
+        return 0, 0
+    extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+
+def spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory a and b lie in may overlap (their byte spans do: interleaved views count too)."""
+    (a0, a1), (b0, b1) = byte_span(a), byte_span(b)
+    return a.device == b.device and a0 < b1 and b0 < a1
+
+
 def check_out(name: str, out: torch.Tensor, like: torch.Tensor) -> None:
     """ValueError unless out has like's shape, dtype and device (ATen's out= rule, without resizing)."""
     if (out.shape, out.dtype, out.device) != (like.shape, like.dtype, like.device):

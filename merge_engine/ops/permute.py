@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from merge_engine.ops import backends
-from merge_engine.ops.library import op
+from merge_engine.ops.library import op, spans_overlap
 
 # ---- validation ----
 
@@ -43,20 +43,6 @@ def _check_stack(op: str, tensors: list[torch.Tensor], dim: int, block_size: int
     if block_size < 1 or extent % block_size:
         raise ValueError(f"{op}: block_size {block_size} must be >= 1 and divide the size {extent} of dim {dim}")
     return extent // block_size
-
-
-def byte_span(t: torch.Tensor) -> tuple[int, int]:
-    """[first, last + 1) bytes of memory that t's elements lie in (strides are never negative in torch)."""
-    if not t.numel():
-        return 0, 0
-    extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
-    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
-
-
-def spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the memory a and b lie in may overlap (their byte spans do: interleaved views count too)."""
-    (a0, a1), (b0, b1) = byte_span(a), byte_span(b)
-    return a.device == b.device and a0 < b1 and b0 < a1
 
 
 def _check_apart(op: str, tensors: list[torch.Tensor]) -> None:
@@ -204,8 +190,8 @@ def _scatter_add_with(backend, targets, layer, values, src_layer, src_block, dim
     if not _served(backend, [*targets, values]):
         return scatter_add_blocks_reference(targets, layer, values, src_layer, src_block, dim, block_size)
     check_scatter_args(targets, layer, values, src_layer, src_block, dim, block_size)
-    backend.scatter_add_blocks(list(targets), layer, values_apart(targets, values), src_layer.contiguous(), src_block.contiguous(), dim,
-                               block_size)
+    backend.scatter_add_blocks(list(targets), layer, values_apart(targets, values), src_layer.contiguous(),
+                               src_block.contiguous(), dim, block_size)
 
 
 @scatter_add_blocks_.register_kernel("cpu")

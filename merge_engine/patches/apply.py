@@ -76,14 +76,15 @@ class PatchSet:
 def patched_values(name: str, weight: torch.Tensor, uses: list[tuple[Patch, float]], sign: int,
                    check: bool) -> torch.Tensor:
     """Tensor `name` after adding (sign 1) or subtracting (-1) each patch's difference times its scale."""
-    if check:
-        for patch, _ in uses:
-            expected = patch.tensors[name].base_fingerprint
-            if sign > 0 and expected and ar.fingerprint(weight) != expected:
+    bases = [(patch, patch.tensors[name].base_fingerprint) for patch, _ in uses]
+    if check and any(expected for _, expected in bases):
+        held = ar.fingerprint(weight)  # one pass over the weight, whatever the number of patches
+        for patch, expected in bases:
+            if sign > 0 and expected and held != expected:
                 raise CheckpointError(f"{patch.path}: tensor '{name}' differs from the base this patch was made for "
                                       "(another model, or one already patched: apply patches together in one "
                                       "command, or skip the check with --any-base)")
-            if sign < 0 and expected and ar.fingerprint(weight) == expected:
+            if sign < 0 and expected and held == expected:
                 raise CheckpointError(f"{patch.path}: tensor '{name}' is the base this patch was made for: the patch "
                                       "is not in it (remove it from the model it was applied to, or pass --any-base)")
     out = ar.add_scaled(weight, [(patch.delta(name), sign * scale) for patch, scale in uses])

@@ -36,7 +36,7 @@ from merge_engine.engine import MergeOptions, check_seed_and_lora_dtype, input_f
 from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.evaluation import evaluator_from_spec
 from merge_engine.evaluation.spec import PATH_KEYS, spec_problems
-from merge_engine.extras import require
+from merge_engine.extras import optuna_log_level, require
 from merge_engine.io.untrusted import is_int, not_regular
 from merge_engine.io.writer import check_output_apart, check_output_dir
 from merge_engine.plan import build_plan
@@ -132,10 +132,8 @@ def search(config: SearchConfig | dict | str, out_dir: str, options: SearchOptio
     memory = plan_memory(plan, device, options.placement, lora=options.lora, evaluation=evaluation)
     estimate = estimate_seconds(plan, memory, objective, device, out_dir)
     check_budget_fits(budget, estimate, objective, test, input_bytes(plan.jobs))
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        held = contextlib.ExitStack()  # the journal, held for the search (a second search on it is refused)
+    # the journal is held for the search (a second search on it is refused)
+    with optuna_log_level(optuna, optuna.logging.WARNING), contextlib.ExitStack() as held:
         study, storage_path = open_study(optuna, cfg, settings, objective.direction, out_dir,
                                          storage_key(options) if settings["storage"] else "the search's journal", held)
         session = MergeSession(start_config, str(device), placement=memory.placement, lora=memory.lora,
@@ -143,9 +141,6 @@ def search(config: SearchConfig | dict | str, out_dir: str, options: SearchOptio
                                evaluation_bytes=evaluation)
         ran = run_trials(optuna, study, cfg, session, objective, test, settings["trials"], budget, estimate, options)
         return finish(optuna, study, cfg, session, objective, test, out_dir, storage_path, settings, budget, options, ran)
-    finally:
-        held.close()
-        optuna.logging.set_verbosity(verbosity)
 
 
 def check_settings(cfg: SearchConfig, options: SearchOptions) -> dict:

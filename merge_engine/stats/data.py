@@ -17,7 +17,7 @@ import torch
 
 from merge_engine.errors import MergeEngineError
 from merge_engine.extras import require
-from merge_engine.io.untrusted import RepeatedKeyError, refuse_repeated_keys
+from merge_engine.io.untrusted import RepeatedKeyError, is_text, refuse_repeated_keys
 
 
 class DataError(MergeEngineError):
@@ -59,18 +59,17 @@ def _jsonl_text(line: str, path: str, lineno: int) -> str:
         raise DataError(f"{path}:{lineno}: not a JSON object ({type(e).__name__}: {str(e)[:80]})") from None
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
         raise DataError(f'{path}:{lineno}: expected a JSON object with a string "text" field')
-    try:
-        record["text"].encode("utf-8")
-    except UnicodeEncodeError:  # JSON's \u escapes can name half a surrogate pair, which no tokenizer takes
-        raise DataError(f'{path}:{lineno}: "text" is not text: it holds a lone surrogate escape (\\ud800-\\udfff)') from None
+    if not is_text(record["text"]):
+        raise DataError(f'{path}:{lineno}: "text" is not text: it holds a lone surrogate escape (\\ud800-\\udfff)')
     return record["text"]
 
 
 def load_tokenizer(model_dir: str):
-    """The tokenizer saved in a model folder (local files only)."""
+    """The tokenizer saved in a model folder (vocabulary.load_tokenizer: local files, no code of the folder's)."""
+    from merge_engine.vocabulary import load_tokenizer as load_local
     transformers = require("transformers", "hf", "tokenizing a data file")
     try:
-        return transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+        return load_local(transformers, model_dir)
     except (OSError, ValueError) as e:
         raise DataError(f"{model_dir}: cannot load a tokenizer from the model folder ({' '.join(str(e).split())})") from e
 
@@ -114,20 +113,25 @@ def make_batch(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tenso
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-CHARS_PER_TOKEN = 32  # tokenized from an example's start: far more than any tokenizer's characters per token
+CHARS_PER_TOKEN = 32  # far more than any tokenizer's characters per token
+
+
+def tokenized_chars(max_length: int) -> int:
+    """Characters of an example's kept end tokenized at first: enough for max_length tokens and a margin."""
+    return (max_length + 8) * CHARS_PER_TOKEN
 
 
 def load_data(path: str, tokenizer, max_length: int, max_examples: int | None = None,
               vocab_size: int | None = None) -> TokenizedData:
     """Read and tokenize a data file; tokenizer is a tokenizer object or a model folder holding one. Each
-    example keeps its first max_length tokens. vocab_size: the model's, which no token id may reach (the
-    tokenizer of another model)."""
+    example keeps the max_length tokens the tokenizer's truncation keeps (kept_tokens). vocab_size: the model's,
+    which no token id may reach (the tokenizer of another model)."""
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     texts = read_texts(path, max_examples)
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(str(tokenizer))
-    short = (max_length + 8) * CHARS_PER_TOKEN  # tokenized whole, in one call (the tokenizer's own batching)
+    short = tokenized_chars(max_length)  # examples tokenized whole, in one call (the tokenizer's own batching)
     shorts = [t for t in texts if len(t) <= short]  # (a tokenizer refuses an empty batch)
     whole = iter(tokenizer(shorts, truncation=True, max_length=max_length)["input_ids"] if shorts else [])
     encoded = [list(next(whole)) if len(t) <= short else kept_tokens(tokenizer, t, max_length) for t in texts]
@@ -152,7 +156,7 @@ def kept_tokens(tokenizer, text: str, max_length: int) -> list[int]:
 
     def end(chars: int) -> str:
         return text[-chars:] if left else text[:chars]
-    chars = (max_length + 8) * CHARS_PER_TOKEN
+    chars = tokenized_chars(max_length)
     while chars < len(text) and len(tokenizer(end(chars), add_special_tokens=False)["input_ids"]) <= max_length + 8:
         chars *= 2
     return list(tokenizer(end(chars), truncation=True, max_length=max_length)["input_ids"])
