@@ -18,6 +18,7 @@ from typing import Any
 
 from merge_engine.config import MergeConfig, method_of, parse_config
 from merge_engine.errors import ConfigError
+from merge_engine.io.untrusted import is_finite_number
 from merge_engine.methods import REGISTRY
 from merge_engine.parameters import ParamSpec, Scope, is_scalar
 
@@ -206,13 +207,6 @@ def _where(path: tuple) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
 
 
-def _finite(b) -> bool:
-    try:
-        return isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
-    except OverflowError:  # an integer beyond any float
-        return False
-
-
 def _choice(name, path, spec, choices, where, problems) -> Space | None:
     if not isinstance(choices, list) or len(choices) < 2 or not all(is_scalar(c) for c in choices):
         problems.append(f"{where}.choice: a list of at least two values, got {choices!r}")
@@ -244,7 +238,7 @@ def _range(name, path, spec, setting, where, problems) -> Space | None:
         problems.append(f"{where}: '{spec.name}' is a {spec.kind.__name__}; search it with {{choice: [...]}}")
         return None
     if (not isinstance(bounds, list) or len(bounds) != 2
-            or not all(map(_finite, bounds))
+            or not all(map(is_finite_number, bounds))
             or not bounds[0] < bounds[1]):
         problems.append(f"{where}.search: [low, high] with finite numbers low < high, got {bounds!r}")
         return None
