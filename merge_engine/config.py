@@ -18,7 +18,7 @@ from merge_engine.dtypes import DTYPES
 from merge_engine.errors import CheckpointError, ConfigError
 from merge_engine.io.untrusted import open_regular
 from merge_engine.methods import REGISTRY, MergeMethod
-from merge_engine.parameters import ParamSpec, Scope, setting_leaves, setting_shape_problem
+from merge_engine.parameters import ParamSpec, Scope, is_boolean_number, setting_leaves, setting_shape_problem
 
 _KNOWN_KEYS = {"merge_method", "base_model", "models", "slices", "modules", "dtype", "out_dtype",
                "tokenizer_source", "tokenizer", "chat_template", "parameters"}
@@ -462,6 +462,13 @@ def _check_parameters(cfg: MergeConfig, problems: list[str], strict: bool = Fals
                         value = specs[name].validate(leaf)
                     except ValueError as e:
                         problems.append(f"{where}.{name}: {e}")
+                        continue
+                    if is_boolean_number(specs[name], leaf):
+                        boolean = f"{where}.{name}: {str(leaf).lower()} is a boolean where a number belongs"
+                        if strict:
+                            problems.append(f"{boolean} (--strict refuses it)")
+                        else:
+                            warnings.warn(f"{boolean}: taken as {value}, as mergekit does (--strict refuses it)")
                         continue
                     caution = specs[name].caution and specs[name].caution(value)
                     if caution:

@@ -9,6 +9,7 @@ a setting that resolves to nothing (no filter matched) falls through to the next
 from __future__ import annotations
 
 import math
+import re
 import reprlib
 from dataclasses import dataclass
 from enum import Enum
@@ -40,28 +41,14 @@ class ParamSpec:
         return self.default is _MISSING
 
     def coerce(self, value: Any) -> Any:
-        """Convert a scalar from YAML to this parameter's type, or raise ValueError."""
-        if self.kind is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-        elif self.kind in (float, int):
-            number = None
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                number = value
-            elif isinstance(value, str):
-                try:
-                    number = float(value) if self.kind is float else int(value)
-                except ValueError:
-                    pass
-            if number is not None and not is_finite_number(number):  # .nan / .inf merge to nonsense
-                raise ValueError(f"'{self.name}' must be a finite number, got {reprlib.repr(value)}")
-            if number is not None:
-                return self.kind(number)
-        elif self.kind is str and isinstance(value, str):
-            return value
-        raise ValueError(f"'{self.name}' must be {self.kind.__name__}, got {value!r}")
+        """Convert a scalar from YAML to this parameter's type as mergekit's (pydantic's lax) validation does,
+        or raise ValueError."""
+        converted = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_str}[self.kind](value)
+        if converted is None:
+            raise ValueError(f"'{self.name}' must be {self.kind.__name__}, got {reprlib.repr(value)}")
+        if self.kind in (float, int) and not is_finite_number(converted):  # .nan / .inf merge to nonsense
+            raise ValueError(f"'{self.name}' must be a finite number, got {reprlib.repr(value)}")
+        return converted
 
     def validate(self, value: Any) -> Any:
         value = self.coerce(value)
@@ -69,6 +56,53 @@ class ParamSpec:
         if complaint:
             raise ValueError(f"'{self.name}' {complaint}, got {value!r}")
         return value
+
+
+_TRUE_WORDS = {"1", "on", "t", "true", "y", "yes"}
+_FALSE_WORDS = {"0", "off", "f", "false", "n", "no"}
+
+
+def _as_bool(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.lower()
+        return True if word in _TRUE_WORDS else False if word in _FALSE_WORDS else None
+    return None
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, (bool, int, float)):  # true is 1.0, as in mergekit
+        return float(value) if isinstance(value, bool) or is_finite_number(value) else math.inf  # an int past floats
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, str):
+        whole = re.fullmatch(r"\s*([+-]?[0-9_]+)(\.0+)?\s*", value)  # "3" and "3.0", not "3e0"
+        try:
+            return int(whole.group(1)) if whole else None
+        except ValueError:
+            return None
+    if isinstance(value, float):  # only a whole number is an int, as in mergekit
+        return int(value) if value.is_integer() else None
+    return int(value) if isinstance(value, int) else None
+
+
+def _as_str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def is_boolean_number(spec: ParamSpec, value: Any) -> bool:
+    """A YAML true/false given for a number: mergekit takes it as 1 or 0, which is rarely what was meant."""
+    return isinstance(value, bool) and spec.kind in (float, int)
 
 
 def extrapolates(value: float) -> str | None:

@@ -74,3 +74,34 @@ def test_a_negative_dare_density_is_refused_as_mergekit_fails_on_it():
               "models": [{"model": "a", "parameters": {"weight": 1.0, "density": -0.1}}]}
     with pytest.raises(ConfigError, match="'density' must be >= 0 .*Bernoulli"):
         parse_config(config)
+
+
+def test_true_for_a_number_merges_as_one_with_a_warning_and_strict_refuses_it():
+    with pytest.warns(UserWarning, match=re.escape("models[a].parameters.weight: true is a boolean where a number "
+                                                   "belongs: taken as 1.0, as mergekit does")):
+        parse_config(linear(True))
+    with pytest.raises(ConfigError, match=r"weight: true is a boolean where a number belongs \(--strict refuses"):
+        parse_config(linear(True), strict=True)
+
+
+@pytest.mark.parametrize("kind, value, want", [
+    # pydantic's lax validation, which mergekit 0.1.5 applies to every parameter
+    (float, True, 1.0), (float, "0.5", 0.5), (float, " 1e-1 ", 0.1), (float, "1_000", 1000.0),
+    (int, 3.0, 3), (int, "3", 3), (int, "3.0", 3), (int, True, 1),
+    (bool, 1, True), (bool, 0.0, False), (bool, "YES", True), (bool, "off", False), (bool, "t", True),
+    (str, "x", "x"),
+])
+def test_scalars_are_taken_as_mergekit_takes_them(kind, value, want):
+    from merge_engine.parameters import ParamSpec, Scope
+    got = ParamSpec("p", kind, Scope.SHARED).coerce(value)
+    assert got == want and type(got) is kind
+
+
+@pytest.mark.parametrize("kind, value", [
+    (float, "yes"), (float, ""), (int, 3.5), (int, "3.5"), (int, "1e3"), (int, "3."), (bool, 2), (bool, 0.5),
+    (bool, "maybe"), (bool, " yes "), (str, 1), (str, True),
+])
+def test_scalars_mergekit_refuses_are_refused(kind, value):
+    from merge_engine.parameters import ParamSpec, Scope
+    with pytest.raises(ValueError, match=f"'p' must be {kind.__name__}"):
+        ParamSpec("p", kind, Scope.SHARED).coerce(value)

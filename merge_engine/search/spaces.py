@@ -20,7 +20,7 @@ from merge_engine.config import MergeConfig, method_of, parse_config
 from merge_engine.errors import ConfigError
 from merge_engine.io.untrusted import is_finite_number
 from merge_engine.methods import REGISTRY
-from merge_engine.parameters import ParamSpec, Scope, is_scalar
+from merge_engine.parameters import ParamSpec, Scope, is_boolean_number, is_scalar
 
 SEARCH_KEY = "search"  # the config's own section of search settings; not part of the merge config
 _SPACE_KEYS = {"search", "log", "knots", "choice"}
@@ -210,6 +210,9 @@ def _where(path: tuple) -> str:
 def _choice(name, path, spec, choices, where, problems) -> Space | None:
     if not isinstance(choices, list) or len(choices) < 2 or not all(is_scalar(c) for c in choices):
         problems.append(f"{where}.choice: a list of at least two values, got {choices!r}")
+        return None
+    if any(is_boolean_number(spec, c) for c in choices):
+        problems.append(f"{where}.choice: '{spec.name}' is a number; true and false are not, got {choices!r}")
         return None
     try:
         values = tuple(spec.validate(c) for c in choices)

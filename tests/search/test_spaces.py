@@ -68,6 +68,8 @@ BAD = {  # a space -> what the message names
     "both forms": (dict(models=[{"weight": {"search": [0.1, 1], "choice": [1, 2]}}, {}]), "a search space is"),
     "one choice": (dict(normalize={"choice": [True]}), "a list of at least two values"),
     "bad choice": (dict(normalize={"choice": [True, "maybe"]}), "normalize.choice: 'normalize' must be bool"),
+    "true for a number": (dict(models=[{"weight": {"choice": [True, 0.5]}}, {}]),
+                          "'weight' is a number; true and false are not"),
     "range on a bool": (dict(normalize={"search": [0, 1]}), "search it with {choice"),
     "no space": (dict(), "no search space"),
     "an integer bound beyond any float": (dict(models=[{"weight": {"search": [1, 10**400]}}, {}]),
