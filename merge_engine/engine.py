@@ -176,10 +176,7 @@ def merge(config: MergeConfig | dict | str | os.PathLike, out_dir: str | os.Path
     except BaseException:
         writer.abort()
         raise
-    report = whole_job_report(figures, ranks, writer.out_dir, lap)
-    if not options.quiet:
-        log.debug(report.summary())  # the command line prints it; -v repeats it in the log
-    return report
+    return whole_job_report(figures, ranks, writer.out_dir, lap)  # the command line prints its summary
 
 
 def whole_job_report(figures: RankFigures, ranks: Ranks | None, out_dir: str, lap: _Laps) -> MergeReport:
