@@ -51,6 +51,7 @@ def _store(ptr, offs, x, mask):
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        bits = tl.where(x != x, 0x7FC0, bits)  # a GPU's NaN, 0x7FFFFFFF, would carry into the sign: -0
         tl.store(ptr + offs, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
     else:
         tl.store(ptr + offs, x.to(dtype), mask=mask)

@@ -72,7 +72,7 @@ def _gram_kernel(gram_ptr, x_ptr, mask_ptr, T, d, HAS_MASK: tl.constexpr, WIDEN_
         b = _load_columns(x_ptr, tokens, keep, cols, d, WIDEN_BF16)
         # "ieee": full fp32 products for fp32 tiles (no effect on bf16/fp16 ones)
         acc = tl.dot(tl.trans(a), b, acc, input_precision="ieee")
-    offs = rows[:, None] * d + cols[None, :]
+    offs = rows.to(tl.int64)[:, None] * d + cols[None, :]  # d * d passes 2**31 at d = 46341
     upper = (rows[:, None] < d) & (cols[None, :] < d) & (cols[None, :] >= rows[:, None])
     tl.store(gram_ptr + offs, tl.load(gram_ptr + offs, mask=upper) + acc, mask=upper)
 

@@ -69,11 +69,12 @@ def _scatter_add_kernel(pointers_ptr, src_layer_ptr, src_block_ptr, values_ptr, 
 
 
 @triton.jit
-def _swap_kernel(first_ptr, pointers_ptr, pairs_ptr, n_pairs, row, span, tiles, BLOCK: tl.constexpr):
-    """Programs tile an outer row of all pairs' blocks, pair m's at [m * span, (m + 1) * span); tensor 0
+def _swap_kernel(first_ptr, pointers_ptr, pairs_ptr, width, row, span, tiles, BLOCK: tl.constexpr):
+    """Programs tile an outer row of all pairs' blocks (width = pairs x span elements, computed by the host:
+    in the kernel the product of two int32 arguments wraps), pair m's at [m * span, (m + 1) * span); tensor 0
     (first_ptr) gives the dtype."""
     dtype: tl.constexpr = first_ptr.dtype.element_ty
-    o, r, mask, m, k = _element_of(n_pairs * span, tiles, span, BLOCK)
+    o, r, mask, m, k = _element_of(width, tiles, span, BLOCK)
     pair = pairs_ptr + 4 * m
     a = _block_address(pointers_ptr, tl.load(pair, mask=mask, other=0), tl.load(pair + 1, mask=mask, other=0),
                        o, k, row, span, mask, dtype)
@@ -140,6 +141,5 @@ def swap_blocks(tensors: list[torch.Tensor], pairs: torch.Tensor, dim: int, bloc
     """In place: swaps block_a of tensors[layer_a] with block_b of tensors[layer_b] for each row of pairs."""
     _check_tensors("tensors", tensors)
     outer, row, span = _layout(tensors[0].shape, dim, block_size)
-    n_pairs = pairs.shape[0]
-    _launch(_swap_kernel, pairs, outer, n_pairs * span, _bits(tensors[0]), _pointers(tensors), pairs, n_pairs,
-            row, span)
+    width = pairs.shape[0] * span
+    _launch(_swap_kernel, pairs, outer, width, _bits(tensors[0]), _pointers(tensors), pairs, width, row, span)

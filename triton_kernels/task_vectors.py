@@ -44,7 +44,7 @@ def _round(x, DTYPE: tl.constexpr):
     if DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # a GPU's NaN would carry into the sign
     elif DTYPE == tl.float16:
         return x.to(tl.float16).to(tl.float32)
     else:
@@ -132,7 +132,9 @@ def _weighted_delta(base, experts_ptr, i, offs, mask, start, weights_ptr, cuts_p
     d, key = _delta_key(expert, base, DTYPE)
     if MODE != 0:
         keep = _keep(key, offs, start, i, cuts_ptr, probs_ptr, key0, key1, MODE, BLOCK)
-        d = d * keep.to(tl.float32)  # multiply, not where: x * 0 keeps the sign of zero, as the reference
+        # +0 where the reference has d * 0, as the CPU kernel: a zero's sign changes no sum and no agreement,
+        # and a dropped delta that overflowed to Inf adds nothing, not NaN
+        d = tl.where(keep, d, 0.0)
         d = _round(d * tl.load(factors_ptr + i), DTYPE)  # L1 rescale; factor 1 (exact) where there is none
     return _round(d * tl.load(weights_ptr + i), DTYPE)
 

@@ -13,13 +13,13 @@ namespace merge_engine {
 
 template <typename T> inline float to_f(T x) { return static_cast<float>(x); }
 template <typename T> inline T round_to(float x) { return static_cast<T>(x); }  // round to nearest even
-// bf16: the same round-to-nearest-even as c10, without its NaN branch so loops vectorise (a NaN
-// input is reported by the merge pass, whose result is then discarded).
+// bf16: the same round-to-nearest-even as c10, its NaN test a select so loops vectorise. Without it a NaN
+// whose low bits are set (0x7FFFFFFF, the NaN a GPU computes) would carry into the sign bit and become -0.
 template <> inline c10::BFloat16 round_to<c10::BFloat16>(float x) {
   uint32_t bits;
   std::memcpy(&bits, &x, 4);
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(x != x ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
 }
 
 // x rounded to T and back to float, in a form the compiler vectorises (bf16: integer ops only).
@@ -28,9 +28,10 @@ template <> inline float rnd<float>(float x) { return x; }
 template <> inline float rnd<c10::BFloat16>(float x) {
   uint32_t bits;
   std::memcpy(&bits, &x, 4);
-  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
-  std::memcpy(&x, &bits, 4);
-  return x;
+  bits = x != x ? 0x7FC00000u : (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;  // NaN: as round_to
+  float rounded;
+  std::memcpy(&rounded, &bits, 4);
+  return rounded;
 }
 
 // Calls f(T{}) for the tensor's dtype T among the kernel dtypes (float64 stays with the reference).

@@ -129,8 +129,7 @@ void scatter_add_typed(const std::vector<torch::Tensor>& targets, T* values, con
   std::vector<Run<T>> runs;
   for (int64_t b = 0; b < lay.n_blocks; ++b)
     append(runs, block_start<T>(targets, src_layer[b], src_block[b], lay), values + b * lay.span, lay.span);
-  // Distinct (layer, block) pairs: no two items write one element. A NaN sum of two values of T keeps
-  // the low 16 bits of its float zero, so round_to's NaN-free bf16 rounding leaves it a NaN.
+  // Distinct (layer, block) pairs: no two items write one element.
   parallel_runs(runs, lay.outer, lay.row(), [](T* dst, const T* src, int64_t length) {
     for (int64_t k = 0; k < length; ++k) dst[k] = round_to<T>(to_f(dst[k]) + to_f(src[k]));
   });

@@ -55,7 +55,9 @@ __global__ void merge_kernel(const MergeArgs<D> a) {
             const float e = to_f(a.experts[i][g]);
             if (!isfinite(e)) atomicAdd(a.non_finite + 1 + i, 1ull);  // rare: reported after the pass
             const float d = round_f<D>(e - to_f(a.base[g]));
-            float kept = keep_of<D>(a, i, g, d, u[j]) ? d : round_f<D>(d * 0.f);  // x * 0 keeps the sign of zero
+            // d or +0 where the reference has d * 0, as the CPU kernel: the sign of a zero term changes no sum
+            // and no agreement, and an overflowed (Inf) delta that is dropped adds nothing, not NaN
+            float kept = keep_of<D>(a, i, g, d, u[j]) ? d : 0.f;
             if (!isnan(f)) kept = round_f<D>(kept * f);
             wd[i][j] = round_f<D>(kept * w);
           }

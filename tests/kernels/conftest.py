@@ -29,8 +29,11 @@ class Backend:
     device: str
 
     def put(self, tensors):
-        """A tensor, or a list of them, on the backend's device."""
-        return [t.to(self.device) for t in tensors] if isinstance(tensors, (list, tuple)) else tensors.to(self.device)
+        """A copy of a tensor, or of a list of them, on the backend's device: never the tensor itself, which on
+        the CPU backends `.to` would return, so an in-place kernel cannot change the reference's inputs."""
+        if isinstance(tensors, (list, tuple)):
+            return [t.to(self.device, copy=True) for t in tensors]
+        return tensors.to(self.device, copy=True)
 
 
 def load_backend(name: str, family: str) -> Backend:

@@ -174,6 +174,30 @@ def test_accumulate_matches_reference_exactly(backend, fisher_dtype, grad_dtype)
             assert_identical(fisher, want, f"seed {seed}, shape {shape}, step {step}, scale {scale!r}")
 
 
+# NaN bit patterns: a GPU's (0x7FFFFFFF), negative, torch's, and a signalling one. Rounded to bf16 by adding
+# 0x7FFF, the first two carried into the sign bit and became -0 and +0: a NaN gradient vanished.
+NAN_PATTERNS = [0x7FFFFFFF, -1, 0x7FC00000, 0x7F800001]
+
+
+@per_backend("fisher_dtype", {name: [(d,) for d in DTYPES] for name in BACKEND_SIZES})
+def test_nan_gradients_of_every_bit_pattern_stay_nan(backend, fisher_dtype):
+    grad = torch.tensor(NAN_PATTERNS + [0, 1 << 23], dtype=torch.int32).view(torch.float32)
+    want = torch.ones(grad.shape, dtype=fisher_dtype)
+    fisher = backend.put(want)
+    _accumulate_with(backend.module, fisher, backend.put(grad), 0.5)
+    accumulate_fisher_reference(want, grad, 0.5)
+    assert want[:4].isnan().all()
+    assert_identical(fisher, want, f"NaN gradients {NAN_PATTERNS}")
+
+
+@per_backend("dtype", {name: [(d,) for d in DTYPES] for name in BACKEND_SIZES})
+def test_nan_parameters_merge_to_nan(backend, dtype):
+    params, fishers, _, _ = make_models((7,), dtype, torch.float32, 2, seed_of("nan params", dtype))
+    params[1][:4] = float("nan")
+    got = check_merge(backend, params, fishers, [1.0, 1.0], [1e-3, 1e-3], "NaN parameters")
+    assert got[:4].isnan().all()
+
+
 @on()
 def test_empty_tensors(backend):
     empty = torch.empty(0, 3, device=backend.device, dtype=torch.bfloat16)

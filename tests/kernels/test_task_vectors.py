@@ -106,3 +106,22 @@ def test_dare_masks_identical_to_reference(backend):
             want = uniform(n, key, i) < torch.tensor(density, dtype=torch.float32)
             assert torch.equal((got >> i & 1).bool(), want), f"seed {seed}, expert {i}"
 
+
+
+@per_backend("consensus", {name: [(False,), (True,)] for name in MODES})
+def test_a_dropped_overflowed_delta_adds_nothing(backend, consensus):
+    # 60000 - (-60000) overflows float16, and breadcrumbs ("outliers") always drops the largest magnitude: the
+    # reference, as mergekit, multiplies the Inf by 0 there and gets NaN; every kernel adds +0 for a dropped
+    # delta, so the element is the base plus the other expert's part: the reference's for a delta of 0 there.
+    base, experts = make_inputs((100,), torch.float16, 2, 5)
+    base[3], experts[0][3] = -60000.0, 60000.0
+    kw = dict(weights=[1.0, 0.5], densities=[0.8, 0.8], sparsify="outliers", consensus=consensus, normalize=True,
+              gammas=[0.05, 0.05])
+    got = _merge_with(backend.module, backend.put(base), backend.put(experts), **kw).cpu()
+    want = merge_task_vectors_reference(base, experts, **kw)
+    assert want.isnan().nonzero().flatten().tolist() == [3]
+    others = torch.arange(100) != 3
+    assert torch.equal(got[others], want[others])
+    zero_delta = experts[0].clone()
+    zero_delta[3] = base[3]
+    assert torch.equal(got[3], merge_task_vectors_reference(base, [zero_delta, experts[1]], **kw)[3])

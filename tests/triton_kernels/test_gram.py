@@ -94,3 +94,18 @@ def test_kernel_lowers_to_fp32_fma_and_tensor_cores_for_sm80_and_sm90():
             want = rf"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\.{dtype}\.{dtype}"
         assert matrix and all(re.fullmatch(want, op) for op in matrix), (case, ops)
         assert not [op for op in ops if op.startswith("fma.")], (case, ops)
+
+
+# Gram offsets are row * d + col: past 2**31 from d = 46341 (a 405B model's down_proj input has d = 53248), so
+# none of the kernel's integer products may wrap at 32 bits. Compiled with the int32 sizes a launch passes.
+WRAPPING_PRODUCTS = r"""
+from merge_engine.triton_kernels import gram as tg
+signature = dict(gram_ptr="*fp32", x_ptr="*bf16", mask_ptr="*u8", T="i32", d="i32", HAS_MASK="constexpr",
+                 WIDEN_BF16="constexpr", BLOCK="constexpr", BLOCK_T="constexpr")
+constexprs = dict(HAS_MASK=True, WIDEN_BF16=False, BLOCK=tg.BLOCK, BLOCK_T=tg.BLOCK_T)
+found["sm_90"] = ptx_ops(tg._gram_kernel, signature, constexprs, tg._OPTIONS, 90, r"^\s*((?:mul|mad)\.lo\.[su]32)")
+"""
+
+
+def test_kernel_offsets_do_not_wrap_at_32_bits():
+    assert ptx_float_ops(WRAPPING_PRODUCTS) == {"sm_90": []}

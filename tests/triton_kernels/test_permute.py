@@ -36,6 +36,20 @@ def test_unsupported_inputs_are_rejected():
         tp.scatter_add_blocks([x], 0, x.half(), *tables, 1, 2)
 
 
+def test_a_swap_wider_than_2_31_elements_still_swaps():
+    # 2048 pairs of 128 rows of 8192 (a 70B MLP weight's blocks) are 2**31 elements per outer row: in-kernel,
+    # pairs x span wrapped at 32 bits and every lane was masked off. One program and one pair run here: its
+    # first BLOCK elements are what the first tile moves.
+    n = tp.BLOCK
+    a, b = torch.arange(n, dtype=torch.float32, device=DEVICE), -torch.arange(1, n + 1.0, device=DEVICE)
+    x, y = a.clone(), b.clone()
+    pairs = torch.tensor([[0, 0, 1, 0]], dtype=torch.int64, device=DEVICE)
+    span = 1 << 20
+    tp._swap_kernel[(1,)](tp._bits(x), tp._pointers([x, y]), pairs, 2048 * span, n, span, 1, BLOCK=tp.BLOCK,
+                          **tp._IEEE)
+    assert torch.equal(x, b) and torch.equal(y, a)
+
+
 def test_backend_is_the_triton_module(monkeypatch):
     monkeypatch.setenv("MERGE_ENGINE_KERNELS", "1")
     backends.triton_backend.cache_clear()
@@ -54,7 +68,7 @@ for arch in (80, 90):
     for dtype, bits in (("fp32", "i32"), ("bf16", "i16"), ("fp16", "i16")):
         kernels = ((tp._gather_kernel, dict(**tables, out_ptr=f"*{bits}", **sizes)),
                    (tp._scatter_add_kernel, dict(**tables, values_ptr=f"*{dtype}", **sizes)),
-                   (tp._swap_kernel, dict(first_ptr=f"*{bits}", pointers_ptr="*i64", pairs_ptr="*i64", n_pairs="i64",
+                   (tp._swap_kernel, dict(first_ptr=f"*{bits}", pointers_ptr="*i64", pairs_ptr="*i64", width="i64",
                                           **sizes)))
         for kernel, signature in kernels:
             found[f"sm_{arch} {dtype} {kernel.__name__}"] = float_ops(kernel, signature, tp.BLOCK, tp._IEEE, arch)
