@@ -43,7 +43,7 @@ from merge_engine.errors import MergeEngineError
 from merge_engine.io.checkpoint import split_layer_name
 from merge_engine.tiers.apply import Keys, compose_checked
 from merge_engine.tiers.blocks import PARTS, Member, ModelBlocks, model_blocks
-from merge_engine.tiers.memory import SwapPlan
+from merge_engine.tiers.memory import SwapPlan, check_alike
 from merge_engine.tiers.permutation import BlockPermutation
 
 PUBLIC = "public"
@@ -209,6 +209,7 @@ class KeyedModel:
                     _check_shape(param, member, f"{self.name}: '{name}'")
                     module_name, _, attr = name.rpartition(".")
                     slots[layer, member.suffix] = _Slot(name, self.model.get_submodule(module_name), attr)
+                check_alike([params[layer, member.suffix] for layer in range(self.blocks.num_layers)], self.name)
         return slots
 
     def _parameter_stacks(self) -> dict[str, list[torch.nn.Parameter]]:

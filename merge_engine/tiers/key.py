@@ -30,6 +30,7 @@ from merge_engine.tiers.permutation import Block, BlockPermutation
 
 FORMAT = "merge_engine.tier_key"
 VERSION = 1
+MAX_KEY_BYTES = 256 * 2**20
 META_FIELDS = ("model_type", "architecture", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
 # Not "architecture": a ...ForCausalLM and a ...ForSequenceClassification share their layers.
 _CHECKED_META = ("model_type", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
@@ -55,17 +56,20 @@ class TierKey:
     mlp_down_cols: tuple[Swap, ...] = ()
 
     def __post_init__(self):
-        owner: dict[tuple[str, Block], str] = {}  # (part, block) -> the swap that moves it, for messages
+        owner: dict[tuple[str, Block], tuple[str, int]] = {}  # (part, block) -> the swap that moves it
         for kind in BLOCK_KINDS:  # lists (as in JSON) become tuples
             object.__setattr__(self, kind, tuple((tuple(a), tuple(b)) for a, b in getattr(self, kind)))
             for i, swap in enumerate(self.swaps(kind)):
-                name = f"{kind}[{i}] {json.dumps([list(b) for b in swap])}"
                 for part in KEY_KINDS[kind]:
                     for block in swap:
                         if (part, block) in owner:
-                            raise TierKeyError(f"{self.source}: {name} overlaps {owner[part, block]}: both move the "
-                                               f"{part} part of block {list(block)} (a key's swaps must be disjoint)")
-                        owner[part, block] = name
+                            raise TierKeyError(f"{self.source}: {self._swap_name(kind, i)} overlaps "
+                                               f"{self._swap_name(*owner[part, block])}: both move the {part} part "
+                                               f"of block {list(block)} (a key's swaps must be disjoint)")
+                        owner[part, block] = kind, i
+
+    def _swap_name(self, kind: str, i: int) -> str:
+        return f"{kind}[{i}] {json.dumps([list(b) for b in self.swaps(kind)[i]])}"
 
     def swaps(self, kind: str) -> tuple[Swap, ...]:
         return getattr(self, kind)
@@ -105,7 +109,11 @@ class TierKey:
     def load(cls, path: str) -> TierKey:
         try:
             with open_regular(path) as f:  # a FIFO would block forever
-                text = f.read().decode("utf-8")
+                raw = f.read(MAX_KEY_BYTES + 1)
+            if len(raw) > MAX_KEY_BYTES:
+                raise TierKeyError(f"{path}: more than {MAX_KEY_BYTES // 2**20} MiB, not a tier key (a key swapping "
+                                   "every block of a 400B-parameter model takes under 200 MiB)")
+            text = raw.decode("utf-8")
         except CheckpointError as e:
             raise TierKeyError(f"{path}: cannot read key file ({str(e).removeprefix(f'{path}: ')})") from None
         except (OSError, UnicodeDecodeError) as e:
@@ -135,7 +143,9 @@ def _check_format(data: dict, source: str) -> None:
     if "format" in data and data["format"] != FORMAT:
         raise TierKeyError(f"{source}: unknown key format {data['format']!r} (expected {FORMAT!r})")
     version = data.get("version", VERSION)
-    if not isinstance(version, int) or version > VERSION:
+    if type(version) is not int or version < 1:
+        raise TierKeyError(f"{source}: version must be a positive integer, got {version!r}")
+    if version > VERSION:
         raise TierKeyError(f"{source}: key format version {version!r} is newer than this merge_engine reads "
                            f"({VERSION}); upgrade merge_engine")
 

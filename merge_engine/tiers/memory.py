@@ -19,6 +19,7 @@ import torch
 
 from merge_engine import ops
 from merge_engine.errors import MergeEngineError
+from merge_engine.ops.permute import check_swap_args
 from merge_engine.tiers.apply import KeyedRun, Keys, compose_checked
 from merge_engine.tiers.blocks import PARTS, Member, ModelBlocks, model_blocks
 from merge_engine.tiers.moves import layer_tensor_names
@@ -73,13 +74,16 @@ class SwapPlan:
         self.tensors_changed = len(changed)
 
     def run(self, stacks: dict[str, list[torch.Tensor]]) -> None:
-        """Move the blocks in place: stacks maps each tensor name within a layer to that tensor of every layer."""
+        """Move the blocks in place: stacks maps each tensor name within a layer to that tensor of every layer.
+        Every swap's arguments are checked before the first moves, so a refusal leaves every tensor as it was."""
+        calls = [(views, pairs, dim, member.width)
+                 for part, rounds in self.rounds.items() for member in self.blocks.parts[part].members
+                 for views, dim in [_blocked(stacks[member.suffix], member)] for pairs in rounds]
+        for call in calls:
+            check_swap_args(*call)
         with torch.no_grad():
-            for part, rounds in self.rounds.items():
-                for member in self.blocks.parts[part].members:
-                    views, dim = _blocked(stacks[member.suffix], member)
-                    for pairs in rounds:
-                        ops.swap_blocks_(views, pairs, dim, member.width)
+            for call in calls:
+                ops.swap_blocks_(*call)
 
 
 def _tensors_of(target: Target, config: dict | None) -> tuple[dict[str, torch.Tensor], dict, str]:
@@ -110,9 +114,21 @@ def layer_stacks(tensors: dict[str, torch.Tensor], blocks: ModelBlocks, name: st
                 problem = member.shape_problem(tuple(tensors[full].shape))
                 if problem:
                     raise MergeEngineError(f"{name}: '{full}' {problem}")
-                stack.append(tensors[full])
-            stacks[member.suffix] = stack
+                stack.append((full, tensors[full]))
+            check_alike(stack, name)
+            stacks[member.suffix] = [tensor for _, tensor in stack]
     return stacks
+
+
+def check_alike(stack: list[tuple[str, torch.Tensor]], where: str) -> None:
+    """A key moves blocks between layers as bits: each layer's tensor must have the first's dtype and device."""
+    first_name, first = stack[0]
+    for full, tensor in stack[1:]:
+        if (tensor.dtype, tensor.device) != (first.dtype, first.device):
+            raise MergeEngineError(
+                f"{where}: '{full}' is {str(tensor.dtype).removeprefix('torch.')} on {tensor.device} but "
+                f"'{first_name}' is {str(first.dtype).removeprefix('torch.')} on {first.device}: a key moves blocks "
+                "between layers, whose tensors must share one dtype and device")
 
 
 def _blocked(stack: list[torch.Tensor], member: Member) -> tuple[list[torch.Tensor], int]:

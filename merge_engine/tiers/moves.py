@@ -54,13 +54,24 @@ def check_tensors(ckpt: Checkpoint, blocks: ModelBlocks) -> dict[tuple[int, str]
     names = layer_tensor_names(ckpt.tensors, ckpt.path)
     for kind in blocks.parts.values():
         for member in kind.members:
+            first = None
             for layer in range(blocks.num_layers):
                 name = names.get((layer, member.suffix))
                 if name is None:
                     raise CheckpointError(f"{ckpt.path}: layer {layer} has no '{member.suffix}' tensor, which "
                                           f"{blocks.model_type} {kind.name} blocks need")
                 _check_shape(ckpt.tensors[name], member)
+                first = first or ckpt.tensors[name]
+                _check_dtype(ckpt.tensors[name], first)
     return names
+
+
+def _check_dtype(info: TensorInfo, first: TensorInfo) -> None:
+    """Blocks move between layers as bits: one dtype in every layer (another would be reinterpreted)."""
+    if info.dtype != first.dtype:
+        raise CheckpointError(f"{info.file}: tensor '{info.name}' is {str(info.dtype).removeprefix('torch.')} but "
+                              f"'{first.name}' ({first.file}) is {str(first.dtype).removeprefix('torch.')}: "
+                              "blocks move between layers only within one dtype")
 
 
 def _check_shape(info: TensorInfo, member: Member) -> None:

@@ -154,3 +154,19 @@ def test_shape_mismatch_names_the_file_and_tensor(tier_model, tmp_path):
     with pytest.raises(CheckpointError, match=shape_error):
         apply_key(str(model), generate_key(read_config(model), "s", 0.1), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_layer_in_another_dtype_is_refused_by_name_before_anything_is_written(tier_model, tmp_path):
+    # blocks move between layers as bits: an fp16 down_proj among bf16 ones would be read as bf16
+    from safetensors.torch import load_file, save_file
+    model = shutil.copytree(tier_model("llama"), tmp_path / "model")
+    name = "model.layers.2.mlp.down_proj.weight"
+    shard = next(f for f in model.glob("*.safetensors") if name in load_file(str(f)))
+    tensors = load_file(str(shard))
+    tensors[name] = tensors[name].half()
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    key = generate_key(read_config(model), "s", 0.5, 0.5)
+    with pytest.raises(CheckpointError, match=f"{shard}: tensor '{name}' is float16 but "
+                                              r"'model.layers.0.mlp.down_proj.weight' \(.*\) is bfloat16"):
+        apply_key(str(model), key, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

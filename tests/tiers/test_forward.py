@@ -12,8 +12,10 @@ import torch
 import transformers as tf
 
 from merge_engine.demo import tiny_config
+from merge_engine.errors import MergeEngineError
 from merge_engine.stats.fisher import enable_gradient_checkpointing
 from merge_engine.tiers import BlockPermutation, KeyedModel, TierKey, TierKeyError, apply_key, generate_key
+from merge_engine.tiers.forward import METHODS
 from tests.tiers.conftest import read_config, swap_by_hand
 
 pytestmark = pytest.mark.slow  # whole models' forward and backward passes
@@ -198,6 +200,11 @@ def test_identity_remove_and_refusals():
         KeyedModel(model, keys_for("gpt2", "key"))
     with pytest.raises(TierKeyError, match="outside"):
         KeyedModel(model, BlockPermutation.from_swaps({"mlp_cols": [((0, 1), (9, 1))]}))
+    model.model.layers[2].mlp.down_proj.to(torch.float16)  # blocks would move between dtypes: refused up front
+    for method in METHODS:
+        with pytest.raises(MergeEngineError, match=r"'model.layers.2.mlp.down_proj.weight' is float16 on cpu but "
+                                                   r"'model.layers.0.mlp.down_proj.weight' is float32"):
+            KeyedModel(model, list(keys_for("llama", "key")), method=method)
 
 
 @pytest.mark.parametrize("tier", TIERS)

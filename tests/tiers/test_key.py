@@ -95,6 +95,9 @@ def test_published_format_is_read():
     ('{"mlp_cols": [[[0, -1], [1, 2]]]}', "not a swap"),
     ('{"mlp_cols": [[0, 1]]}', "not a swap"),
     ('{"attn_heads": [], "mlp_cols": [], "version": 2}', "newer"),
+    ('{"attn_heads": [], "mlp_cols": [], "version": "1"}', "version must be a positive integer, got '1'"),
+    ('{"attn_heads": [], "mlp_cols": [], "version": true}', "version must be a positive integer, got True"),
+    ('{"attn_heads": [], "mlp_cols": [], "version": -7}', "version must be a positive integer, got -7"),
     ('{"attn_heads": [], "mlp_cols": [], "format": "other"}', "unknown key format"),
     ('{"attn_heads": [], "mlp_cols": [], "mlp_up_cols": [[[0, 1], [1, 1]], [[1, 1], [2, 2]]]}', "overlaps"),
     ('{"model_type": "llama", "num_hidden_layers": 4}', "not a tier key"),
@@ -104,6 +107,18 @@ def test_malformed_keys_are_refused(text, needle):
     with pytest.raises(TierKeyError, match=needle) as e:
         TierKey.from_json(text, source="bad.json")
     assert "bad.json" in str(e.value)
+
+
+def test_a_key_file_past_the_size_cap_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    from merge_engine.tiers import key as key_module
+    path = tmp_path / "key.json"
+    path.write_text('{"mlp_cols": [' + ", ".join(["[[0, 1], [1, 1]]"] * 100) + "]}")
+    monkeypatch.setattr(key_module, "MAX_KEY_BYTES", path.stat().st_size - 1)
+    with pytest.raises(TierKeyError, match=f"{path}: more than 0 MiB, not a tier key"):
+        TierKey.load(str(path))
+    monkeypatch.setattr(key_module, "MAX_KEY_BYTES", path.stat().st_size)
+    with pytest.raises(TierKeyError, match=r"mlp_cols\[1\] \[\[0, 1\], \[1, 1\]\] overlaps mlp_cols\[0\]"):
+        TierKey.load(str(path))
 
 
 def test_fifo_key_file_is_refused_not_waited_on(tmp_path):

@@ -110,4 +110,22 @@ def test_refusals_change_nothing(tier_model, folder_tensors):
         apply_key_in_memory(missing, good, cfg)
     with pytest.raises(MergeEngineError, match="needs config"):
         apply_key_in_memory(state, good)
+    # one layer's down_proj in another dtype: its bits would be read as the other's; refused before any swap
+    mixed = dict(state, **{"model.layers.2.mlp.down_proj.weight": state["model.layers.2.mlp.down_proj.weight"].half()})
+    with pytest.raises(MergeEngineError, match=r"'model.layers.2.mlp.down_proj.weight' is float16 on cpu but "
+                                               r"'model.layers.0.mlp.down_proj.weight' is float32 on cpu"):
+        apply_key_in_memory(mixed, good, cfg)
+    assert all(torch.equal(state[n], before[n]) for n in before)
+
+
+def test_a_swap_refused_by_its_op_changes_no_tensor(tier_model, folder_tensors):
+    # the checks of every swap run before the first: tensors sharing memory are refused by swap_blocks_ itself
+    folder = tier_model("qwen2")
+    cfg = read_config(folder)
+    state = folder_tensors(folder)
+    up = "model.layers.{}.mlp.up_proj.weight"
+    state[up.format(3)] = state[up.format(1)]
+    before = {n: t.clone() for n, t in state.items()}
+    with pytest.raises(ValueError, match="swap_blocks_"):
+        apply_key_in_memory(state, generate_key(cfg, "s", 0.3, 0.6), cfg)
     assert all(torch.equal(state[n], before[n]) for n in before)
