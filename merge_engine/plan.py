@@ -24,6 +24,14 @@ from merge_engine.vocabulary import RowRecipe, Vocabulary, build_vocabulary, tru
 
 log = logging.getLogger("merge_engine")
 _PRE_LAYER_MARKERS = ("embed", "wte", "wpe")  # embeddings come before the layers, norms and heads after
+# Output heads an input may lack because its config ties them to its embeddings. mergekit's architectures list
+# them as optional weights with these tied names: planned when any input has one, and an input without it merges
+# its embeddings in its place.
+TIED_HEADS = {
+    "lm_head.weight": ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
+                       "transformer.wte.weight", "wte.weight", "backbone.embeddings.weight"),
+    "output.weight": ("model.tok_embeddings.weight",),
+}
 _POSITION_MARKERS = ("position", "wpe")  # position embeddings: never vocabulary-indexed, whatever their size
 _MAX_LISTED_PROBLEMS = 50
 
@@ -138,16 +146,18 @@ def build_plan(cfg: MergeConfig, allow_crimes: bool = False, truncate_vocabulary
     if problems:
         raise ConfigError(problems, "inputs")
     outside = [n for n in template.tensors if split_layer_name(n) is None]
+    outside += [n for n in TIED_HEADS if n not in outside and any(n in plan.models[src.model].tensors
+                                                                  for src in last.sources)]
     pre = [n for n in outside if any(m in n for m in _PRE_LAYER_MARKERS)]
     post = [n for n in outside if n not in pre]
     for name in pre:
-        _plan_tensor(plan, first, name, [name] * len(first.sources), 0.0, problems, outside_layers=True)
+        _plan_tensor(plan, first, name, _input_names(plan, first, name), 0.0, problems, outside_layers=True)
     if len(stacks) > 1:
         _plan_stacks(plan, layer_index, problems)
     else:
         _plan_slices(plan, next(iter(stacks), "model.layers"), layer_index, ranges, problems)
     for name in post:
-        _plan_tensor(plan, last, name, [name] * len(last.sources), 0.0, problems, outside_layers=True)
+        _plan_tensor(plan, last, name, _input_names(plan, last, name), 0.0, problems, outside_layers=True)
     _warn_unplanned_outside(plan, set(outside))
     if plan.vocabulary and plan.jobs and not any(job.rows for job in plan.jobs):
         problems.append("the config sets a tokenizer, but no tensor has as many rows as its model's vocab_size ("
@@ -238,6 +248,20 @@ def _layer_index(ckpt: Checkpoint) -> dict[str, dict[int, dict[str, str]]]:
 MAX_UNSEEN_LAYERS = 100_000  # a layer count no tensor backs: far above any real model's
 
 
+def _input_names(plan: MergePlan, s: Slice, name: str) -> list[str]:
+    """Each source's tensor for the output tensor `name` outside the layers: its own, or for a head its tied
+    embeddings (TIED_HEADS) when it has no head."""
+    names = []
+    for src in s.sources:
+        tensors = plan.models[src.model].tensors
+        tied = next((t for t in TIED_HEADS.get(name, ()) if name not in tensors and t in tensors), None)
+        if tied:
+            log.info("%s has no %s (its embeddings are tied): its %s is merged in its place, as mergekit does",
+                     src.model, name, tied)
+        names.append(tied or name)
+    return names
+
+
 def _layer_count_problems(plan: MergePlan, layer_index: dict) -> list[str]:
     """A model whose config.json claims layers its tensors lack is refused (the merge would name layers that do
     not exist, or plan a loop over a count of 10**12); layers beyond the claim are not merged, with a warning."""
@@ -316,7 +340,9 @@ def _plan_tensor(plan: MergePlan, s: Slice, out_name: str, names: list[str], t: 
         return
     compute = cfg.dtype or _promote(dtypes)
     try:
-        shared, per_model = resolve_parameters(cfg, s, names, out_name, t, compute if floating else None)
+        # outside the layers a filter matches the output's name, also for an input whose tied embeddings stand in
+        shared, per_model = resolve_parameters(cfg, s, [out_name] * len(names) if outside_layers else names, out_name,
+                                               t, compute if floating else None)
     except ValueError as e:
         problems.append(f"{e} (tensor '{out_name}')")
         return

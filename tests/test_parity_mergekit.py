@@ -2,6 +2,8 @@
 every deterministic method. Skipped, with the reason, when no mergekit install is found (see
 conftest.find_mergekit; tools/test.sh installs one into .venv-mergekit when it can)."""
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -318,3 +320,56 @@ def test_layer_stacks_identical_to_mergekit(arch, mergekit, write_yaml, folder_t
     a, b = folder_tensors(tmp_path / "ours"), folder_tensors(tmp_path / "theirs")
     assert set(a) == set(b)
     assert sorted(n for n in a if not torch.equal(a[n], b[n])) == expected_differences
+
+
+def tied_copy(folder, out) -> str:
+    """A copy of a Llama folder whose head is tied to its embeddings: no lm_head.weight, tie_word_embeddings."""
+    from safetensors.torch import load_file, save_file
+    os.makedirs(out)
+    for f in os.listdir(folder):
+        src, dst = os.path.join(folder, f), os.path.join(out, f)
+        if f.endswith(".safetensors"):
+            tensors = load_file(src)
+            tensors.pop("lm_head.weight", None)
+            save_file(tensors, dst, metadata={"format": "pt"})
+        elif f == "config.json":
+            config = json.load(open(src))
+            json.dump({**config, "tie_word_embeddings": True}, open(dst, "w"))
+        elif f == "model.safetensors.index.json":
+            index = json.load(open(src))
+            index["weight_map"].pop("lm_head.weight", None)
+            json.dump(index, open(dst, "w"))
+        elif os.path.isfile(src):
+            shutil.copy(src, dst)
+    return out
+
+
+# Tied and untied heads mixed: mergekit plans lm_head when any input has it, and an input without one merges its
+# embeddings in its place (its architectures' tied names); a filter on lm_head still matches that input.
+TIED_CASES = {
+    "untied_base_tied_first": lambda b, tb, e, te: {
+        "merge_method": "ties", "dtype": "float32", "base_model": b,
+        "models": [{"model": te[1], "parameters": {"weight": 0.5, "density": 0.5}},
+                   {"model": e[0], "parameters": {"weight": 0.5, "density": 0.5}}]},
+    "tied_base_untied_first": lambda b, tb, e, te: {
+        "merge_method": "task_arithmetic", "dtype": "float32", "base_model": tb,
+        "models": [{"model": e[0], "parameters": {"weight": 0.4}}, {"model": te[1], "parameters": {"weight": 0.6}}]},
+    "linear_filter_on_the_head": lambda b, tb, e, te: {
+        "merge_method": "linear", "dtype": "float32",
+        "models": [{"model": tb, "parameters": {"weight": [{"filter": "lm_head", "value": 0.2}, {"value": 0.5}]}},
+                   {"model": e[1], "parameters": {"weight": 0.5}}]},
+}
+
+
+@pytest.mark.parametrize("case", sorted(TIED_CASES))
+def test_tied_and_untied_heads_identical_to_mergekit(case, model_sets, mergekit, write_yaml, folder_tensors,
+                                                     tmp_path):
+    base, *experts = model_sets("llama")
+    tied = [tied_copy(m, str(tmp_path / f"tied{i}")) for i, m in enumerate([base, *experts])]
+    config = TIED_CASES[case](base, tied[0], experts, tied[1:])
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    merge(parse_config(config), str(ours), MergeOptions(quiet=True, copy_tokenizer=False))
+    run_mergekit(mergekit, write_yaml(config), str(theirs))
+    a, b = folder_tensors(ours), folder_tensors(theirs)
+    assert "lm_head.weight" in a and set(a) == set(b)
+    assert all(a[n].dtype == b[n].dtype and torch.equal(a[n], b[n]) for n in a)
