@@ -514,8 +514,8 @@ def output_model_config(plan: MergePlan) -> dict:
     out_dtype = plan.jobs[0].out_dtype if plan.jobs else None
     if out_dtype is not None:
         name = dtype_name(out_dtype)
-        for key in ("torch_dtype", "dtype"):
-            if key in model_config or key == "torch_dtype":
+        for key in ("torch_dtype", "dtype"):  # transformers 5 writes "dtype" (as mergekit's output has it)
+            if key in model_config or key == "dtype":
                 model_config[key] = name
     for key in ("num_hidden_layers", "n_layer") if plan.num_layers is not None else ():
         if key in model_config:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,7 +36,8 @@ def test_output_loads_with_transformers(folder_tensors, model_sets, tmp_path, ke
     assert report.tensors == len(tensors) == len(Checkpoint(base).tensors)
     assert all(t.dtype == getattr(torch, dtype) for t in tensors.values() if t.is_floating_point())
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg.get("torch_dtype", cfg.get("dtype")) == dtype
+    donor = json.loads((Path(base) / "config.json").read_text())
+    assert cfg["dtype"] == dtype and ("torch_dtype" in cfg) == ("torch_dtype" in donor)  # mergekit writes "dtype"
     assert (out / "mergekit_config.yml").exists() and (out / "generation_config.json").exists()
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
