@@ -79,6 +79,7 @@ class MergePlan:
     # the rows every input has (truncate_vocabulary), and truncated_rows is how many that is
     truncate_vocabulary: bool = False
     truncated_rows: int | None = None
+    unaligned: list[str] = field(default_factory=list)  # tensors whose rows the vocabulary could not place
 
     @property
     def donor(self) -> Checkpoint:
@@ -159,7 +160,7 @@ def build_plan(cfg: MergeConfig, allow_crimes: bool = False, truncate_vocabulary
     for name in post:
         _plan_tensor(plan, last, name, _input_names(plan, last, name), 0.0, problems, outside_layers=True)
     _warn_unplanned_outside(plan, set(outside))
-    if plan.vocabulary and plan.jobs and not any(job.rows for job in plan.jobs):
+    if plan.vocabulary and plan.jobs and not plan.unaligned and not any(job.rows for job in plan.jobs):
         problems.append("the config sets a tokenizer, but no tensor has as many rows as its model's vocab_size ("
                         + ", ".join(f"{ref}: {n}" for ref, n in plan.vocabulary.vocab_size.items())
                         + "), so none can be aligned to the output's tokens: does config.json's vocab_size "
@@ -326,7 +327,11 @@ def _plan_tensor(plan: MergePlan, s: Slice, out_name: str, names: list[str], t: 
     if None in infos:
         return
     ref = infos[models.index(base)] if base in models else infos[0]
+    known = len(problems)
     rows = _vocabulary_rows(plan, models, infos, base, out_name, problems) if outside_layers else None
+    if len(problems) > known:  # rows that cannot be aligned: comparing the shapes would only add false problems
+        plan.unaligned.append(out_name)
+        return
     for model, info in zip(models, infos):
         if info.shape[1 if rows else 0:] != ref.shape[1 if rows else 0:]:
             problems.append(f"{info.file}: tensor '{info.name}' has shape {list(info.shape)} but "

@@ -348,3 +348,12 @@ def test_a_tokenizer_setting_with_no_tensor_of_vocab_size_rows_is_refused(vocab_
     with pytest.raises(ConfigError, match=r"the config sets a tokenizer, but no tensor has as many rows as its "
                                           r"model's vocab_size \(.*base: 4096, .*extra: 4096\)"):
         build_plan(cfg)
+
+
+def test_a_token_that_cannot_be_placed_is_the_only_problem_named(vm, tmp_path):
+    # rows that cannot be aligned are not also compared as whole shapes (the inputs' vocabularies differ)
+    cfg = linear(vm)
+    cfg["tokenizer"] = {"source": "union", "tokens": {"w260": {"source": vm["base"]}}}
+    with pytest.raises(ConfigError, match="which lacks it") as e:
+        merge(parse_config(cfg), str(tmp_path / "out"), OPTIONS)
+    assert not [p for p in e.value.problems if "has shape" in p or "no tensor has" in p], e.value.problems
