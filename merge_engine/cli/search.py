@@ -3,8 +3,10 @@ validation data, within a wall-clock budget (merge_engine/search)."""
 from __future__ import annotations
 
 import argparse
+import time
 
 from merge_engine.cli.args import add_output_arguments, positive_int, setup_logging
+from merge_engine.cli.timing import process_age
 from merge_engine.search.budget import parse_duration
 
 
@@ -54,10 +56,12 @@ def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet, args.verbose)
     from merge_engine.search import SearchOptions, search
+    age = process_age()  # the budget covers the whole command: its start-up (imports) counts
     result = search(args.config, args.out_dir, SearchOptions(
         budget=args.budget, device=args.device, placement=args.placement, lora=args.lora, sampler=args.sampler,
         seed=args.seed, trials=args.trials, storage=args.storage, test=args.test, overwrite=args.overwrite,
-        random_seed=args.random_seed, progress=not args.quiet))
+        random_seed=args.random_seed, progress=not args.quiet,
+        started=None if age is None else time.monotonic() - age))
     if not args.quiet:
         test = f", test {result.test_score:.4g}" if result.test_score is not None else ""
         print(f"best score {result.score:.4g}{test} after {result.trials} trials ({result.trials_this_run} in this run) "

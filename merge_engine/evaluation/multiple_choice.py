@@ -173,10 +173,11 @@ def record_problems(record: dict, normalize: str) -> list[str]:
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Context and continuation token ids as lm-eval-harness (0.4.x, HFLM) splits a loglikelihood request:
     trailing spaces of the context move to the continuation, the two are encoded whole (the tokenizer's
-    default special tokens) and the context's own encoding is cut off the front, so tokens are those the model
-    sees in the whole text. An empty context becomes the BOS token (EOS without one; [] without either)."""
+    default special tokens, none when the context already starts with the BOS text, as pre-templated prompts do)
+    and the context's own encoding is cut off the front, so tokens are those the model sees in the whole text. An
+    empty context becomes the BOS token (EOS without one; [] without either)."""
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if not context:
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
         if prefix is None:
             return [], ids
@@ -184,6 +185,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer(context + continuation)["input_ids"]
-    context_ids = tokenizer(context)["input_ids"]
+    special = {"add_special_tokens": False} if prefix is not None and context.startswith(tokenizer.decode(prefix)) else {}
+    whole = tokenizer(context + continuation, **special)["input_ids"]
+    context_ids = tokenizer(context, **special)["input_ids"]
     return context_ids, whole[len(context_ids):]

@@ -18,7 +18,7 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -51,10 +51,11 @@ def parse_duration(text: str | float | int) -> float:
 class Budget:
     seconds: float
     clock: Callable[[], float] = time.monotonic
-    started: float = field(init=False)
+    started: float | None = None  # the clock's reading when the budget began (default: now)
 
     def __post_init__(self):
-        self.started = self.clock()
+        if self.started is None:
+            self.started = self.clock()
 
     def elapsed(self) -> float:
         return self.clock() - self.started
@@ -92,5 +93,6 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def reserve_seconds(write_seconds: float, test_seconds: float) -> float:
-    """What to keep for the end: the best merge's write and its test evaluation, with the margin."""
+    """What to keep for the end: the best merge's write (the search passes it with the longest trial merge, as the
+    end merges the best config again) and its test evaluation, with the margin."""
     return MARGIN * (write_seconds + test_seconds) + SLACK

@@ -87,6 +87,7 @@ class SearchOptions:
     random_seed: int = 0  # the merge's (DARE's drops)
     progress: bool = True
     clock: Callable[[], float] = time.monotonic
+    started: float | None = None  # clock reading at which the budget began (the command: its process' start)
 
 
 @dataclass
@@ -107,7 +108,7 @@ def load_search_config(path: str) -> SearchConfig:
 
 
 def search(config: SearchConfig | dict | str, out_dir: str, options: SearchOptions) -> SearchResult:
-    budget = Budget(parse_duration(options.budget), options.clock)  # checked: finite, positive
+    budget = Budget(parse_duration(options.budget), options.clock, options.started)  # checked: finite, positive
     optuna = require("optuna", "tune", "merge-engine search")
     cfg = load_search_config(config) if isinstance(config, str) else (
         config if isinstance(config, SearchConfig) else parse_search_config(config))
@@ -134,7 +135,8 @@ def search(config: SearchConfig | dict | str, out_dir: str, options: SearchOptio
     check_budget_fits(budget, estimate, objective, test, input_bytes(plan.jobs))
     # the journal is held for the search (a second search on it is refused)
     with optuna_log_level(optuna, optuna.logging.WARNING), contextlib.ExitStack() as held:
-        study, storage_path = open_study(optuna, cfg, settings, objective.direction, out_dir,
+        mark = fingerprint(cfg, settings, objective.direction, options.random_seed, base_dir)
+        study, storage_path = open_study(optuna, cfg, settings, objective.direction, mark, out_dir,
                                          storage_key(options) if settings["storage"] else "the search's journal", held)
         session = MergeSession(start_config, str(device), placement=memory.placement, lora=memory.lora,
                                random_seed=options.random_seed, progress=options.progress, plan=plan,
@@ -301,10 +303,17 @@ def journal_operations() -> set[int]:
 
 # ---- the study ----
 
-def fingerprint(cfg: SearchConfig, settings: dict, direction: str) -> str:
-    """What a journal's trials mean: the merge config with its spaces and the objective."""
-    text = json.dumps({"config": cfg.raw, "objective": settings["objective"], "direction": direction},
-                      sort_keys=True, default=str)
+def fingerprint(cfg: SearchConfig, settings: dict, direction: str, random_seed: int, base_dir: str) -> str:
+    """What a journal's trials mean: the merge config with its spaces, the merge's random seed (DARE's and DELLA's
+    drops), and the objective with the content of its data file."""
+    spec = settings["objective"]
+    data = spec.get("data") if isinstance(spec, dict) else None
+    digest = None
+    if isinstance(data, str) and os.path.isfile(path := os.path.join(base_dir, os.path.expanduser(data))):
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+    text = json.dumps({"config": cfg.raw, "objective": spec, "direction": direction, "random_seed": random_seed,
+                       "data": digest}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -314,7 +323,7 @@ def work_folder(out_dir: str) -> str:
     return os.path.join(parent, f".{name}.search")
 
 
-def open_study(optuna, cfg: SearchConfig, settings: dict, direction: str, out_dir: str, key: str,
+def open_study(optuna, cfg: SearchConfig, settings: dict, direction: str, mark: str, out_dir: str, key: str,
                held: contextlib.ExitStack):
     """The study of the journal (created, or resumed when it holds this search's trials), and its path. A journal
     of another search, or one another search holds, is refused before anything is written to it; this search
@@ -327,12 +336,11 @@ def open_study(optuna, cfg: SearchConfig, settings: dict, direction: str, out_di
     check_regular(path, key, cfg.source)
     hold_alone(path, key, cfg.source, held)  # first: a search that ends meanwhile would append after the check
     cut = check_journal(path, key, cfg.source)
-    mark = fingerprint(cfg, settings, direction)
     storage = journal_storage(optuna, path)
     study = load_study(optuna, storage, path, cfg.source)
     if study is not None and study.user_attrs.get(FINGERPRINT) not in (None, mark):
-        raise ConfigError([f"{path} journals another search (other spaces, models or objective): remove it or give "
-                           "another storage path"], cfg.source)
+        raise ConfigError([f"{path} journals another search (other spaces, models, objective, objective data or "
+                           "--random-seed): remove it or give another storage path"], cfg.source)
     if cut is not None:  # optuna would append after the cut line and make the next one unreadable
         log.warning("%s: removing an incomplete last journal entry (written when the search stopped; it never took "
                     "effect)", path)
@@ -394,13 +402,15 @@ def run_trials(optuna, study, cfg: SearchConfig, session: MergeSession, objectiv
     """Trials while one more (as long as the longest so far; the first as estimated) and the reserve for the end
     fit the budget."""
     durations: list[float] = []  # measured trials (until the first, the estimate's lower bound stands in)
+    merges: list[float] = []  # their merges: the end merges the best trial's config again
     eval_per_token: list[float] = []
     done = 0
     with tqdm(total=round(budget.seconds), unit="s", desc="search", disable=not options.progress,
               bar_format="{desc}: {bar} {n_fmt}/{total_fmt} s {postfix}") as bar:
         while max_trials is None or done < max_trials:
             per_token = max(eval_per_token, default=estimate.per_token)
-            reserve = reserve_seconds(estimate.write, per_token * test.tokens() if test else 0.0)
+            reserve = reserve_seconds(estimate.write + max(merges, default=0.0),
+                                      per_token * test.tokens() if test else 0.0)
             if budget.left() < max(durations, default=estimate.trial) + reserve:
                 break
             began = budget.clock()  # a trial's time includes the sampler's (a GP's can take seconds)
@@ -419,6 +429,7 @@ def run_trials(optuna, study, cfg: SearchConfig, session: MergeSession, objectiv
                        state=None if math.isfinite(score) else optuna.trial.TrialState.FAIL)
             ended = budget.clock()
             eval_per_token.append((scored - merged) / max(objective.tokens(), 1))
+            merges.append(merged - asked)
             durations.append(ended - began)
             done += 1
             bar.n = min(round(budget.elapsed()), bar.total)

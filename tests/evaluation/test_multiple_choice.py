@@ -142,6 +142,15 @@ def test_encode_pair_moves_trailing_spaces_and_stands_bos_for_an_empty_prompt(to
     assert encode_pair(tokenizer, "", " cat") == ([bos], tokenizer("cat", add_special_tokens=False)["input_ids"])
 
 
+def test_a_prompt_that_starts_with_the_bos_text_gets_no_second_bos(tokenizer):
+    # pre-templated data ("<s>...", "<|begin_of_text|>..."): lm-eval (HFLM.tok_encode) adds no special tokens then
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    text = tokenizer.decode(prefix)
+    context, continuation = encode_pair(tokenizer, text + "the", " cat")
+    assert context + continuation == tokenizer(text + "the cat", add_special_tokens=False)["input_ids"]
+    assert context.count(prefix) == 1 and context[0] == prefix
+
+
 def test_sequences_longer_than_max_length_are_refused_at_construction(tokenizer, tmp_path):
     path = write_questions(tmp_path / "q.jsonl", QUESTIONS[:2], [0, 0])
     with pytest.raises(ConfigError, match=r"q\.jsonl:2: a choice feeds the model \d+ tokens, more than max_length 6"):

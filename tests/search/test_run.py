@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -102,6 +103,16 @@ def test_the_budget_stops_trials_in_time_for_the_final_write(search_models, fake
     assert os.path.exists(tmp_path / "out" / "model.safetensors")
 
 
+def test_a_budget_counts_from_when_it_started(search_models, fake_rates, tmp_path):
+    # the command starts the budget at its process' start: 30 s of start-up leave 70 s of a 100 s budget
+    paths, val, _ = search_models
+    clock = FakeClock()
+    fake_rates(clock, write_seconds=5.0, objective=TimedEvaluator(clock, 10.0))
+    result = search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(
+        budget=100, device="cpu", progress=False, clock=clock, started=clock.now - 30))
+    assert result.trials_this_run == 6 and clock.now - (1000.0 - 30) <= 100  # 9 trials from a budget's start
+
+
 def test_the_reserve_covers_the_test_evaluation(search_models, fake_rates, tmp_path):
     paths, val, test = search_models
     clock = FakeClock()
@@ -187,6 +198,23 @@ def test_a_journal_of_another_search_is_refused(search_models, fake_rates, tmp_p
     before = journal.read_bytes()
     with pytest.raises(ConfigError, match="journals another search"):
         search(other, str(tmp_path / "out"), SearchOptions(budget=100, device="cpu", progress=False, clock=clock))
+    # the merge's random seed (DARE's drops) and the objective data's content also decide what a score means
+    fake_rates(clock, write_seconds=1.0, objective=TimedEvaluator(clock, 1.0))
+    with pytest.raises(ConfigError, match="journals another search"):
+        search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(budget=100, device="cpu",
+                                                                            progress=False, clock=clock,
+                                                                            random_seed=1))
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text(open(val).read() + "\n")
+    shutil.copy(val, tmp_path / "original.jsonl")
+    shutil.copy(edited, val)
+    fake_rates(clock, write_seconds=1.0, objective=TimedEvaluator(clock, 1.0))
+    try:
+        with pytest.raises(ConfigError, match="journals another search"):
+            search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(budget=100, device="cpu",
+                                                                                progress=False, clock=clock))
+    finally:
+        shutil.copy(tmp_path / "original.jsonl", val)
     assert journal.read_bytes() == before  # refused before anything is written to it
 
 
