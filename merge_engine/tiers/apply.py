@@ -28,7 +28,7 @@ from merge_engine.distributed import (
 from merge_engine.errors import OutputError
 from merge_engine.io.checkpoint import INDEX_FILE, Checkpoint, refuse_pending_journal
 from merge_engine.io.writer import ShardedWriter, check_output_apart
-from merge_engine.tiers.blocks import PARTS, ModelBlocks, model_blocks
+from merge_engine.tiers.blocks import PARTS, ModelBlocks, model_blocks, published_layout
 from merge_engine.tiers.key import TierKey, TierKeyError, validate_key
 from merge_engine.tiers.layout import input_layout, layout_writer
 from merge_engine.tiers.moves import TensorMove, plan_moves, stored
@@ -61,8 +61,28 @@ class KeyedRun:
 
 def resolve(keys: Keys, ckpt: Checkpoint) -> tuple[ModelBlocks, BlockPermutation]:
     """Check each key against the checkpoint's config and compose them (key 1 first)."""
-    blocks = model_blocks(ckpt.config, os.path.join(ckpt.path, "config.json"))
-    return blocks, compose_checked(keys, blocks, ckpt.path)
+    return keyed_layout(keys, ckpt.config, os.path.join(ckpt.path, "config.json"), ckpt.path)
+
+
+def keyed_layout(keys: Keys, config: dict, source: str, model: str) -> tuple[ModelBlocks, BlockPermutation]:
+    """The model's blocks as the keys mean them, and the keys checked and composed (key 1 first). Keys of the
+    published code (read without merge_engine's metadata) mean its attention rows, where those differ (a config
+    whose head_dim is not hidden_size / num_attention_heads: blocks.published_layout)."""
+    keys = [keys] if isinstance(keys, (TierKey, BlockPermutation)) else list(keys)
+    blocks = model_blocks(config, source)
+    published = [isinstance(key, TierKey) and key.published for key in keys]
+    theirs = published_layout(config, blocks) if any(published) else None
+    if theirs is not None:
+        if not all(published):
+            raise TierKeyError(f"{model}: keys of the published code (without merge_engine's metadata) and keys made "
+                               "here mean different attention rows on this model (config.json's head_dim "
+                               f"{blocks.head_dim} is not hidden_size / num_attention_heads = "
+                               f"{blocks.hidden_size // blocks.num_heads}); apply them one kind at a time")
+        log.warning("%s: the keys have no merge_engine metadata (the published code's): their attention blocks are "
+                    "its rows, with head_dim = hidden_size / num_attention_heads = %d, not config.json's head_dim %d",
+                    model, blocks.hidden_size // blocks.num_heads, blocks.head_dim)
+        blocks = theirs
+    return blocks, compose_checked(keys, blocks, model)
 
 
 def check_bounds(perm: BlockPermutation, blocks: ModelBlocks, model: str) -> None:

@@ -23,6 +23,12 @@ somewhere, and two blocks never share a row, so swaps stay disjoint and a key st
 multi-head attention a group is one head, which is what the reference means by a head. head_dim is config.head_dim
 where the config sets it (Qwen3, Mistral-Nemo), else hidden_size / num_attention_heads.
 
+The reference always takes hidden_size / num_attention_heads (qwen.py's QwenArch.head_dim). Where config.head_dim
+says otherwise (Qwen3-0.6B: 1024 / 16 = 64 against 128; Qwen3-4B, Qwen3-32B, Mistral-Nemo) its blocks are other
+rows: group i is rows [i * group * 64, (i + 1) * group * 64) of q and [i * 64, (i + 1) * 64) of k and v, which cut
+real heads. A key of the reference means those rows, so published_layout() gives them, for keys read without
+merge_engine's metadata (tiers/apply.py); only the first num_kv_heads such blocks of each tensor are addressed.
+
 Qwen3's q_norm and k_norm are one head_dim-sized weight per layer, applied to every head of that layer
 (Qwen3Attention: self.q_norm(q.view(..., head_dim))): they belong to the layer, not to a head, so they stay, as in
 the reference. Qwen3-MoE: attention as Qwen3; its MLP is a set of experts chosen per token by a router, where "MLP
@@ -183,20 +189,30 @@ def _group(heads: int, kv_heads: int) -> int:
     return heads // kv_heads
 
 
-def _llama_like(cfg: dict) -> ModelBlocks:
+def published_layout(config: dict, blocks: ModelBlocks) -> ModelBlocks | None:
+    """The blocks the reference code gives this model, where they differ from blocks (the module docstring)."""
+    if blocks.model_type not in _LLAMA_LIKE or blocks.hidden_size % blocks.num_heads:
+        return None  # (the reference refuses such a model: it made no key for it)
+    block_dim = blocks.hidden_size // blocks.num_heads
+    return None if block_dim == blocks.head_dim else _llama_like(config, block_dim)
+
+
+def _llama_like(cfg: dict, block_dim: int | None = None) -> ModelBlocks:
+    """block_dim: the rows per head of a block, where it is not head_dim (published_layout)."""
     hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
     kv = int(cfg.get("num_key_value_heads") or heads)
     hd = int(cfg.get("head_dim") or hidden // heads)
+    bd = block_dim or hd
     g = _group(heads, kv)
     qkv_bias = cfg["model_type"] == "qwen2" or bool(cfg.get("attention_bias"))
-    qkv = [Member("self_attn.q_proj.weight", 0, g * hd, (0,), heads * hd, hidden),
-           Member("self_attn.k_proj.weight", 0, hd, (0,), kv * hd, hidden),
-           Member("self_attn.v_proj.weight", 0, hd, (0,), kv * hd, hidden)]
+    qkv = [Member("self_attn.q_proj.weight", 0, g * bd, (0,), heads * hd, hidden),
+           Member("self_attn.k_proj.weight", 0, bd, (0,), kv * hd, hidden),
+           Member("self_attn.v_proj.weight", 0, bd, (0,), kv * hd, hidden)]
     if qkv_bias:
         qkv += [Member(m.suffix.replace(".weight", ".bias"), 0, m.width, (0,), m.extent, 1, counted=False)
                 for m in qkv]
     parts = {ATTN_QKV: BlockKind(ATTN_QKV, kv, tuple(qkv)),
-             ATTN_OUT: BlockKind(ATTN_OUT, kv, (Member("self_attn.o_proj.weight", 1, g * hd, (0,), heads * hd,
+             ATTN_OUT: BlockKind(ATTN_OUT, kv, (Member("self_attn.o_proj.weight", 1, g * bd, (0,), heads * hd,
                                                        hidden),))}
     inter = int(cfg["intermediate_size"])
     if cfg["model_type"] != "qwen3_moe":

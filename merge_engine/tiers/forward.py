@@ -41,8 +41,8 @@ import torch
 
 from merge_engine.errors import MergeEngineError
 from merge_engine.io.checkpoint import split_layer_name
-from merge_engine.tiers.apply import Keys, compose_checked
-from merge_engine.tiers.blocks import PARTS, Member, ModelBlocks, model_blocks
+from merge_engine.tiers.apply import Keys, keyed_layout
+from merge_engine.tiers.blocks import PARTS, Member, ModelBlocks
 from merge_engine.tiers.memory import SwapPlan, check_alike
 from merge_engine.tiers.permutation import BlockPermutation
 
@@ -139,8 +139,7 @@ class KeyedModel:
         self.method = method
         self.model = model
         self.name = getattr(model.config, "_name_or_path", "") or type(model).__name__
-        self.blocks = model_blocks(model.config.to_dict(), f"{self.name} config")
-        self.permutation = compose_checked(keys, self.blocks, self.name)
+        self.blocks, self.permutation = keyed_layout(keys, model.config.to_dict(), f"{self.name} config", self.name)
         self._slots = self._layer_slots()
         self._maps = index_maps(self.blocks, self.permutation)
         # the Parameters whose keyed copies a keyed forward builds (their sizes are its extra memory)

@@ -54,6 +54,7 @@ class TierKey:
     attn_out_heads: tuple[Swap, ...] = ()
     mlp_up_cols: tuple[Swap, ...] = ()
     mlp_down_cols: tuple[Swap, ...] = ()
+    published: bool = field(default=False, compare=False)  # read from a file without our "format" field
 
     def __post_init__(self):
         owner: dict[tuple[str, Block], tuple[str, int]] = {}  # (part, block) -> the swap that moves it
@@ -102,8 +103,8 @@ class TierKey:
                                f"{' and '.join(BLOCK_KINDS)})")
         _check_format(data, source)
         meta = {k: data[k] for k in META_FIELDS if data.get(k) is not None}
-        return cls(meta=meta, source=source, **{kind: _read_swaps(data.get(kind, []), kind, source)
-                                                for kind in BLOCK_KINDS})
+        return cls(meta=meta, source=source, published="format" not in data,
+                   **{kind: _read_swaps(data.get(kind, []), kind, source) for kind in BLOCK_KINDS})
 
     @classmethod
     def load(cls, path: str) -> TierKey:

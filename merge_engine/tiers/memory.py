@@ -20,8 +20,8 @@ import torch
 from merge_engine import ops
 from merge_engine.errors import MergeEngineError
 from merge_engine.ops.permute import check_swap_args
-from merge_engine.tiers.apply import KeyedRun, Keys, compose_checked
-from merge_engine.tiers.blocks import PARTS, Member, ModelBlocks, model_blocks
+from merge_engine.tiers.apply import KeyedRun, Keys, keyed_layout
+from merge_engine.tiers.blocks import PARTS, Member, ModelBlocks
 from merge_engine.tiers.moves import layer_tensor_names
 from merge_engine.tiers.permutation import Block, BlockPermutation
 
@@ -42,8 +42,7 @@ def remove_key_in_memory(target: Target, keys: Keys, config: dict | None = None)
 def _in_memory(target: Target, keys: Keys, config: dict | None, invert: bool) -> KeyedRun:
     start = time.perf_counter()
     tensors, config, name = _tensors_of(target, config)
-    blocks = model_blocks(config, f"{name} config")
-    perm = compose_checked(keys, blocks, name)
+    blocks, perm = keyed_layout(keys, config, f"{name} config", name)
     if invert:
         perm = perm.inverse()
     stacks = layer_stacks(tensors, blocks, name)
@@ -135,8 +134,9 @@ def _blocked(stack: list[torch.Tensor], member: Member) -> tuple[list[torch.Tens
     """Views in which block b of the member is block b of one dimension (GPT-2's fused q/k/v: that dimension split
     into its three equal thirds first, so a head's three slices are one block of the inner dimension)."""
     n = len(member.offsets)
-    if n == 1:
-        return stack, member.dim
+    if n == 1:  # blocks narrower than heads (blocks.published_layout) may leave a remainder, which no block holds
+        covered = member.extent - member.extent % member.width
+        return [t.narrow(member.dim, 0, covered) for t in stack] if covered < member.extent else stack, member.dim
     return [t.unflatten(member.dim, (n, member.extent // n)) for t in stack], member.dim + 1
 
 
