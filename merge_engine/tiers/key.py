@@ -19,8 +19,11 @@ a KV group (see blocks.py); on multi-head models, the reference's models include
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import reprlib
+import warnings
 from dataclasses import dataclass, field
 
 from merge_engine.errors import CheckpointError, MergeEngineError
@@ -102,6 +105,7 @@ class TierKey:
             raise TierKeyError(f"{source}: not a tier key (expected a JSON object with lists "
                                f"{' and '.join(BLOCK_KINDS)})")
         _check_format(data, source)
+        _warn_unknown_fields(data, source)
         meta = {k: data[k] for k in META_FIELDS if data.get(k) is not None}
         return cls(meta=meta, source=source, published="format" not in data,
                    **{kind: _read_swaps(data.get(kind, []), kind, source) for kind in BLOCK_KINDS})
@@ -138,6 +142,16 @@ class TierKey:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def _warn_unknown_fields(data: dict, source: str) -> None:
+    """Fields neither format reads are ignored, as the reference's dict.get does; named, since a misspelt list
+    ("mlp_col") would otherwise vanish from the key without a word."""
+    known = (*BLOCK_KINDS, *META_FIELDS, "format", "version")
+    for name in (k for k in data if k not in known):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        warnings.warn(f"{source}: field {reprlib.repr(name)} is not part of a tier key{hint}: ignored")
 
 
 def _check_format(data: dict, source: str) -> None:

@@ -121,6 +121,14 @@ def test_a_key_file_past_the_size_cap_is_refused_before_it_is_parsed(tmp_path, m
         TierKey.load(str(path))
 
 
+def test_a_field_no_format_reads_is_named_with_the_closest_list(recwarn):
+    key = TierKey.from_json('{"attn_heads": [[[0, 1], [1, 1]]], "mlp_col": [[[0, 1], [1, 1]]], "notes": "x"}', "k.json")
+    assert key.mlp_cols == () and key.attn_heads == (((0, 1), (1, 1)),)  # ignored, as the reference ignores it
+    assert [str(w.message) for w in recwarn] == [
+        "k.json: field 'mlp_col' is not part of a tier key (did you mean 'mlp_cols'?): ignored",
+        "k.json: field 'notes' is not part of a tier key: ignored"]
+
+
 def test_fifo_key_file_is_refused_not_waited_on(tmp_path):
     fifo = tmp_path / "key.json"
     os.mkfifo(fifo)
