@@ -44,6 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _budget_joined(argv: list[str]) -> list[str]:
+    """`--budget -5m` as `--budget=-5m`: argparse takes a value starting with "-" for an option (and would say
+    "expected one argument"), where the duration's own check names what is wrong with it."""
+    out = list(argv)
+    for i in range(len(out) - 1):
+        if out[i] == "--budget" and out[i + 1].startswith("-"):
+            out[i:i + 2] = [f"--budget={out[i + 1]}"]
+            break
+    return out
+
+
 def _duration(text: str) -> float:
     from merge_engine.errors import ConfigError
     try:
@@ -53,7 +64,7 @@ def _duration(text: str) -> float:
 
 
 def run(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_budget_joined(argv))
     setup_logging(args.quiet, args.verbose)
     from merge_engine.search import SearchOptions, search
     age = process_age()  # the budget covers the whole command: its start-up (imports) counts

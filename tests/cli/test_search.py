@@ -25,11 +25,14 @@ def test_a_search_from_the_command_line(search_models, write_search, tmp_path, c
     assert not (tmp_path / ".out.search").exists()
 
 
-@pytest.mark.parametrize("budget", ["soon", "0", "-5m", "9" * 400 + "s"])
-def test_a_bad_budget_is_refused(budget, tmp_path, capsys):
+@pytest.mark.parametrize("budget, problem", [
+    ("soon", "a duration such as 50m"), ("0", "must be more than 0 seconds"), ("-5m", "a duration such as 50m"),
+    ("9" * 400 + "s", "--budget")])
+def test_a_bad_budget_is_refused(budget, problem, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["search", "search.yml", str(tmp_path / "out"), "--budget", budget])
-    assert e.value.code == 2 and "--budget" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--budget" in err and problem in err, err
 
 
 def test_a_bad_space_is_one_line_and_nothing_is_written(search_models, write_search, tmp_path, capsys):
