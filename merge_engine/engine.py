@@ -65,7 +65,7 @@ from merge_engine.io.untrusted import inside_folder, is_int
 from merge_engine.io.writer import ShardedWriter, check_output_apart, check_output_dir, plan_shards
 from merge_engine.methods import MergeMethod, TensorGroup
 from merge_engine.ops import backends
-from merge_engine.plan import MergePlan, TensorJob, build_plan
+from merge_engine.plan import TIED_HEADS, MergePlan, TensorJob, build_plan
 from merge_engine.vocabulary import (
     TOKENIZER_FILES,
     TOKENIZER_SETTINGS,
@@ -399,19 +399,27 @@ class _Pipeline:
     def _read_one(self, ckpt, name: str) -> torch.Tensor:
         return ckpt.read_pooled(name, self.buffers.take_bytes, self.options.direct_io)
 
-    def stage(self, host: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Start the host-to-device copies (on the side stream, so they overlap the previous compute)."""
+    def stage(self, host: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+        """Start the host-to-device copies on the side stream, so they overlap the previous job's compute; with
+        the event that marks them done (None on the CPU)."""
         if not self.cuda:
-            return host
+            return host, None
         with torch.cuda.stream(self.copy_stream):
-            return [t.to(self.device, non_blocking=True) for t in host]
+            staged = [t.to(self.device, non_blocking=True) for t in host]
+            copied = torch.cuda.Event()
+            copied.record(self.copy_stream)
+        return staged, copied
 
-    def compute_and_write(self, job: TensorJob, tensors: list[torch.Tensor], host: list[torch.Tensor],
-                          write_pool: ThreadPoolExecutor, writes: deque[Future]) -> None:
-        """Merge one job (tensors: its inputs on the device; host: their host buffers) and queue the write."""
+    def compute_and_write(self, job: TensorJob, staged: tuple[list[torch.Tensor], torch.cuda.Event | None],
+                          host: list[torch.Tensor], write_pool: ThreadPoolExecutor, writes: deque[Future]) -> None:
+        """Merge one job (staged: its inputs on the device and the event of their copies; host: their host
+        buffers) and queue the write."""
+        tensors, copied = staged
         if self.cuda:
             compute_stream = torch.cuda.current_stream(self.device)
-            compute_stream.wait_stream(self.copy_stream)
+            # this job's copies only: waiting for the whole side stream would wait for the next job's too, which
+            # stage() queued before this call, and no copy would overlap a compute
+            compute_stream.wait_event(copied)
             for t in tensors:
                 t.record_stream(compute_stream)
         # on the CPU the ops that take `out` write into recycled buffers, given back with the job's once on disk
@@ -522,6 +530,11 @@ def output_model_config(plan: MergePlan) -> dict:
             model_config[key] = plan.num_layers
     if plan.num_layers is not None:
         model_config.update(per_layer_entries(plan))
+    planned = {job.out_name for job in plan.jobs}
+    if model_config.get("tie_word_embeddings") and any(h in planned and h not in plan.donor.tensors for h in TIED_HEADS):
+        # a head merged from inputs that have one, where the donor ties its head to the embeddings: the output has a
+        # head of its own, which a loader that ties them would drop (mergekit keeps the donor's setting)
+        model_config["tie_word_embeddings"] = False
     if plan.vocabulary or plan.truncated_rows:  # (mergekit leaves a truncation's vocab_size as the donor's)
         set_vocab_size(model_config, plan.vocabulary.rows if plan.vocabulary else plan.truncated_rows)
     return model_config

@@ -48,7 +48,6 @@ from merge_engine.engine import (
     check_output_outside_inputs,
     check_seed_and_lora_dtype,
     compute,
-    job_bytes,
     load_kernels,
     output_model_config,
     write_side_files,
@@ -78,7 +77,7 @@ class MemoryPlan:
     placement: str  # "device": the inputs are held on the device; "host": in (pinned) host memory, copied per tensor
     input_bytes: int  # every input tensor once (side inputs included), where the placement puts them
     model_bytes: int  # the live model
-    work_bytes: int  # the largest tensor's inputs on the device and its result, twice over
+    work_bytes: int  # what merging the largest tensor allocates (session.work_bytes)
     lora: str = "applied"  # how LoRA inputs are held (the module's docstring)
     lora_bytes: int = 0  # host bytes beside the inputs for LoRA updates: scratch; factored, also the bases and
     # adapters beside inputs on the device
@@ -193,12 +192,12 @@ def plan_memory(plan: MergePlan, device: torch.device, placement: str = "auto",
     if placement == "host" and device.type == "cpu":
         raise MemoryPlanError("placement='host' holds the inputs in host memory beside a GPU's; on the CPU the "
                               "inputs are on the device already: use placement='device' or 'auto'")
-    largest = max(map(job_bytes, plan.jobs), default=0)
+    largest = max(map(work_bytes, plan.jobs), default=0)
     model = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in plan.entries())
     free = free if free is not None else {"host": free_memory(torch.device("cpu")),
                                           **({str(device): free_memory(device)} if device.type == "cuda" else {})}
     has_lora = any(is_factored(ckpt, name) for job in plan.jobs for ckpt, name in job.inputs)
-    candidates = [_candidate(plan, device, p, m, model, 2 * largest, evaluation)
+    candidates = [_candidate(plan, device, p, m, model, largest, evaluation)
                   for m in (("applied", "factored") if has_lora else ("applied",))
                   for p in (("device",) if device.type == "cpu" else ("device", "host"))]
     def fits(p: MemoryPlan) -> bool:
@@ -216,8 +215,24 @@ def plan_memory(plan: MergePlan, device: torch.device, placement: str = "auto",
     evaluating = f", evaluation {evaluation / GB:.3g} GB" if evaluation else ""
     raise MemoryPlanError("the merge session does not fit in memory: " + "; ".join(lines) + " (inputs "
                           f"{input_bytes(plan.jobs) / GB:.3g} GB read once, live model {model / GB:.3g} GB, work "
-                          f"{2 * largest / GB:.3g} GB{evaluating}); free: "
+                          f"{largest / GB:.3g} GB{evaluating}); free: "
                           + ", ".join(f"{k} {v / GB:.3g} GB" for k, v in free.items()) + f"; {hint}")
+
+
+def work_bytes(job: TensorJob) -> int:
+    """What merging one job allocates beside the held inputs and the live model: its inputs as stored (copied to
+    the device from host memory), their copies in the compute dtype where it differs (bf16 inputs merged in fp32),
+    one more compute-dtype copy of them for the method's intermediates (task vectors, normalised copies), and the
+    result in the compute dtype and, where it differs, the output dtype."""
+    out = math.prod(job.shape)
+    if job.copy_only:
+        return job.bytes_in + out * job.out_dtype.itemsize
+    compute = job.compute_dtype.itemsize
+    stored = [ckpt.tensors[name] for ckpt, name in job.inputs]
+    widened = sum(info.numel for info in stored if info.dtype != job.compute_dtype) * compute
+    intermediates = sum(info.numel for info in stored) * compute
+    result = out * (compute + (job.out_dtype.itemsize if job.out_dtype != job.compute_dtype else 0))
+    return job.bytes_in + widened + intermediates + result
 
 
 def _candidate(plan: MergePlan, device: torch.device, placement: str, lora: str, model: int, work: int,

@@ -373,3 +373,6 @@ def test_tied_and_untied_heads_identical_to_mergekit(case, model_sets, mergekit,
     a, b = folder_tensors(ours), folder_tensors(theirs)
     assert "lm_head.weight" in a and set(a) == set(b)
     assert all(a[n].dtype == b[n].dtype and torch.equal(a[n], b[n]) for n in a)
+    # where the donor ties its head, the output's own head is untied (mergekit keeps the donor's true)
+    donor = json.loads((ours / "config.json").read_text())
+    assert donor["tie_word_embeddings"] is False

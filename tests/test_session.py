@@ -4,6 +4,7 @@ tensors whose parameters changed, the memory plan refuses what cannot fit, and s
 from __future__ import annotations
 
 import copy
+import math
 import os
 
 import pytest
@@ -427,3 +428,19 @@ def test_an_input_holding_nan_is_refused_when_the_session_opens(tmp_path):
             continue
         with pytest.raises(MergeEngineError, match=f"{expert}: tensor 'model.layers.0.mlp.up_proj.weight' has 3 NaN"):
             MergeSession(config, "cpu", progress=False)
+
+
+def test_the_work_space_counts_a_compute_dtype_wider_than_the_inputs(model_sets):
+    # bf16 inputs merged in fp32 (dtype: float32) and written as bf16: the fp32 copies of every input, one more
+    # for the method's intermediates, and the result in both dtypes, beside the inputs as stored
+    from merge_engine.session import work_bytes
+    base, *experts = model_sets("llama_bf16_sharded")
+    narrow = build_plan(parse_config({"merge_method": "ties", "dtype": "bfloat16",
+                                      **models(base, experts, [{"weight": 0.5, "density": 0.5}] * 3)}))
+    wide = build_plan(parse_config({"merge_method": "ties", "dtype": "float32", "out_dtype": "bfloat16",
+                                    **models(base, experts, [{"weight": 0.5, "density": 0.5}] * 3)}))
+    for a, b in zip(narrow.jobs, wide.jobs, strict=True):
+        elements = sum(ckpt.tensors[name].numel for ckpt, name in a.inputs)
+        out = math.prod(a.shape)
+        assert work_bytes(a) == a.bytes_in + 2 * elements + 2 * out
+        assert work_bytes(b) == b.bytes_in + 8 * elements + 6 * out

@@ -294,7 +294,8 @@ template <> struct Lanes<c10::BFloat16> {
     store_u16(p, shr(add(b, add(iset(0x7FFF), shr(b, 16) & iset(1))), 16));
   }
 #endif
-  static F round(F x) {  // round to nearest even on the bits, no NaN branch (as dtypes.h)
+  static F round(F x) {  // round to nearest even on the bits, without dtypes.h's NaN select: a NaN here comes
+                         // from bf16 values (x86 keeps their zero low bits) or is refused by the merge pass
     I b = f_to_bits(x);
     b = add(b, add(iset(0x7FFF), shr(b, 16) & iset(1)));
     return bits_to_f(b & iset(static_cast<int32_t>(0xFFFF0000u)));

@@ -23,7 +23,7 @@ import time
 import traceback
 
 from merge_engine import __version__
-from merge_engine.cli.timing import STARTUP, process_age
+from merge_engine.cli.timing import EXECUTABLE, STARTUP, process_age
 from merge_engine.errors import MergeEngineError
 from merge_engine.runtime import tune_process_for_merging
 
@@ -86,6 +86,7 @@ def entry() -> None:
     """The `merge-engine` executable: main(), then, after a merge or search that succeeded, an exit that skips the
     interpreter's teardown (0.6 s of torch's module clean-up on this machine, for a merge of a few
     seconds). The output is complete by then: written, fsynced, renamed; streams are flushed here."""
+    EXECUTABLE[0] = True
     status = main()
     if status == 0 and _skips_teardown(sys.argv[1:]):
         logging.shutdown()

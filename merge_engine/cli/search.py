@@ -6,7 +6,7 @@ import argparse
 import time
 
 from merge_engine.cli.args import add_output_arguments, positive_int, setup_logging
-from merge_engine.cli.timing import process_age
+from merge_engine.cli.timing import EXECUTABLE, process_age
 from merge_engine.search.budget import parse_duration
 
 
@@ -67,7 +67,9 @@ def run(argv: list[str]) -> int:
     args = build_parser().parse_args(_budget_joined(argv))
     setup_logging(args.quiet, args.verbose)
     from merge_engine.search import SearchOptions, search
-    age = process_age()  # the budget covers the whole command: its start-up (imports) counts
+    # the budget covers the whole command: the executable's start-up (imports) counts; main() called in a longer
+    # process starts it here
+    age = process_age() if EXECUTABLE[0] else None
     result = search(args.config, args.out_dir, SearchOptions(
         budget=args.budget, device=args.device, placement=args.placement, lora=args.lora, sampler=args.sampler,
         seed=args.seed, trials=args.trials, storage=args.storage, test=args.test, overwrite=args.overwrite,

@@ -6,6 +6,7 @@ import os
 import time
 
 STARTUP: dict[str, float | None] = {}  # seconds from process start to main(), and of the command's imports
+EXECUTABLE = [False]  # set by the `merge-engine` executable: the process is the command (not a caller's main())
 
 
 def process_age() -> float | None:

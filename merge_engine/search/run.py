@@ -317,6 +317,14 @@ def fingerprint(cfg: SearchConfig, settings: dict, direction: str, random_seed: 
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def earlier_fingerprint(cfg: SearchConfig, settings: dict, direction: str) -> str:
+    """The fingerprint of journals written before the seed and the data were part of it (merge_engine 0.1.0 until
+    2026-12-05): resumed with a warning, as neither can be checked."""
+    text = json.dumps({"config": cfg.raw, "objective": settings["objective"], "direction": direction},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def work_folder(out_dir: str) -> str:
     """Beside the output, where a search keeps its journal until the output is complete."""
     parent, name = os.path.split(os.path.abspath(out_dir))
@@ -338,7 +346,11 @@ def open_study(optuna, cfg: SearchConfig, settings: dict, direction: str, mark: 
     cut = check_journal(path, key, cfg.source)
     storage = journal_storage(optuna, path)
     study = load_study(optuna, storage, path, cfg.source)
-    if study is not None and study.user_attrs.get(FINGERPRINT) not in (None, mark):
+    found = study.user_attrs.get(FINGERPRINT) if study is not None else None
+    if found is not None and found == earlier_fingerprint(cfg, settings, direction):
+        log.warning("%s was written by an earlier merge_engine, which did not record the merge's random seed and the "
+                    "objective data's content: resuming it assumes both are the same as then", path)
+    elif found not in (None, mark):
         raise ConfigError([f"{path} journals another search (other spaces, models, objective, objective data or "
                            "--random-seed): remove it or give another storage path"], cfg.source)
     if cut is not None:  # optuna would append after the cut line and make the next one unreadable

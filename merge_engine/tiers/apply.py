@@ -28,7 +28,15 @@ from merge_engine.distributed import (
 from merge_engine.errors import OutputError
 from merge_engine.io.checkpoint import INDEX_FILE, Checkpoint, refuse_pending_journal
 from merge_engine.io.writer import ShardedWriter, check_output_apart
-from merge_engine.tiers.blocks import PARTS, ModelBlocks, model_blocks, published_layout
+from merge_engine.tiers.blocks import (
+    ATTENTION_KINDS,
+    ATTN_OUT,
+    ATTN_QKV,
+    PARTS,
+    ModelBlocks,
+    model_blocks,
+    published_layout,
+)
 from merge_engine.tiers.key import TierKey, TierKeyError, validate_key
 from merge_engine.tiers.layout import input_layout, layout_writer
 from merge_engine.tiers.moves import TensorMove, plan_moves, stored
@@ -70,7 +78,8 @@ def keyed_layout(keys: Keys, config: dict, source: str, model: str) -> tuple[Mod
     whose head_dim is not hidden_size / num_attention_heads: blocks.published_layout)."""
     keys = [keys] if isinstance(keys, (TierKey, BlockPermutation)) else list(keys)
     blocks = model_blocks(config, source)
-    published = [isinstance(key, TierKey) and key.published for key in keys]
+    # keys without attention swaps mean the same in both layouts
+    published = [isinstance(key, TierKey) and key.published for key in keys if _moves_attention(key)]
     theirs = published_layout(config, blocks) if any(published) else None
     if theirs is not None:
         if not all(published):
@@ -83,6 +92,12 @@ def keyed_layout(keys: Keys, config: dict, source: str, model: str) -> tuple[Mod
                     model, blocks.hidden_size // blocks.num_heads, blocks.head_dim)
         blocks = theirs
     return blocks, compose_checked(keys, blocks, model)
+
+
+def _moves_attention(key) -> bool:
+    if isinstance(key, TierKey):
+        return any(key.swaps(kind) for kind in ATTENTION_KINDS)
+    return isinstance(key, BlockPermutation) and any(key.moved(part) for part in (ATTN_QKV, ATTN_OUT))
 
 
 def check_bounds(perm: BlockPermutation, blocks: ModelBlocks, model: str) -> None:

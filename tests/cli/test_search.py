@@ -12,7 +12,9 @@ from merge_engine.cli import main
 from tests.search.conftest import search_config
 
 
-def test_a_search_from_the_command_line(search_models, write_search, tmp_path, capsys):
+def test_a_search_from_the_command_line(search_models, write_search, tmp_path, capsys, monkeypatch):
+    # main() called in a long-lived process (here pytest's, a day old) starts the budget at the call
+    monkeypatch.setattr("merge_engine.cli.search.process_age", lambda: 86400.0)
     paths, val, test = search_models
     config = write_search(search_config(paths, val))
     out = tmp_path / "out"

@@ -218,6 +218,26 @@ def test_a_journal_of_another_search_is_refused(search_models, fake_rates, tmp_p
     assert journal.read_bytes() == before  # refused before anything is written to it
 
 
+def test_a_journal_of_an_earlier_version_is_resumed_with_a_warning(search_models, fake_rates, tmp_path, caplog):
+    # its fingerprint did not hold the merge's random seed and the data's digest: taken as this search's, said so
+    import optuna
+    paths, val, _ = search_models
+    clock = FakeClock()
+    fake_rates(clock, write_seconds=1.0, objective=TimedEvaluator(clock, 1.0, fail_on_call=2))
+    config = search_config(paths, val)
+    with pytest.raises(KeyboardInterrupt):
+        search(config, str(tmp_path / "out"), SearchOptions(budget=100, device="cpu", progress=False, clock=clock))
+    journal = str(tmp_path / ".out.search" / "journal.log")
+    study = optuna.load_study(study_name=run_module.STUDY_NAME, storage=run_module.journal_storage(optuna, journal))
+    cfg = run_module.parse_search_config(config)
+    settings = run_module.check_settings(cfg, SearchOptions(budget=100))
+    study.set_user_attr(run_module.FINGERPRINT, run_module.earlier_fingerprint(cfg, settings, "maximize"))
+    fake_rates(clock, write_seconds=1.0, objective=TimedEvaluator(clock, 1.0))
+    result = search(config, str(tmp_path / "out"), SearchOptions(budget=100, device="cpu", progress=False,
+                                                                 clock=clock, trials=2))
+    assert result.trials == 3 and "written by an earlier merge_engine" in caplog.text
+
+
 @pytest.mark.parametrize("sampler", ["tpe", "cmaes", "gp"])
 def test_the_best_config_reproduces_the_best_model_bit_for_bit(sampler, search_models, tmp_path):
     paths, val, test = search_models

@@ -128,8 +128,27 @@ def test_a_keyed_model_with_a_published_key_computes_the_reference_keyed_model(m
 
 def test_published_and_own_keys_together_are_refused_on_such_a_model(tier_model, tmp_path):
     folder = tier_model("qwen3")
-    own = generate_key(read_config(folder), "s", 0.2)
+    own = generate_key(read_config(folder), "s", 0.3, 0.6)
+    assert own.attn_heads
     with pytest.raises(TierKeyError, match="keys of the published code .* and keys made here mean different "
                                            "attention rows on this model"):
         apply_key(folder, [published_key(tmp_path), own], str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_published_key_without_attention_swaps_goes_with_keys_made_here(model_folder, folder_tensors, tmp_path):
+    # MLP columns mean the same in both layouts: no warning, no refusal
+    folder = model_folder
+    mlp_only = tmp_path / "mlp.json"
+    mlp_only.write_text(json.dumps({"attn_heads": [], "mlp_cols": PUBLISHED["mlp_cols"]}))
+    own = generate_key(read_config(folder), "s", 0.3, 0.6)
+    assert own.attn_heads
+    apply_key(folder, [TierKey.load(str(mlp_only)), own], str(tmp_path / "out"))
+    assert (tmp_path / "out").exists()
+
+
+def test_a_published_key_saved_again_keeps_its_meaning(tmp_path):
+    key = published_key(tmp_path)
+    key.save(str(tmp_path / "again.json"))
+    again = TierKey.load(str(tmp_path / "again.json"))
+    assert again.published and again == key and "format" not in json.loads((tmp_path / "again.json").read_text())

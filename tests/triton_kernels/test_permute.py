@@ -87,3 +87,23 @@ def test_kernels_lower_for_sm80_and_sm90():
         assert arithmetic and all(re.fullmatch(r"add\.rn\.f(32|16)", op) for op in arithmetic), (kernel, ops)
         assert not [op for op in ops if ".ftz" in op], (kernel, ops)
         assert all(".rn." in op for op in ops if re.match(r"cvt\.\w*\.?b?f16\.f32", op)), (kernel, ops)
+
+
+# Compiled with the int32 sizes launches pass for tensors under 2**31 elements: the only 32-bit product in the
+# kernels is the program id's remainder by its tiles (_element_of, exact: both are below 2**31). The swap kernel's
+# width was once pairs x span formed in the kernel, a 32-bit product that wrapped at 2**31 elements.
+WRAPPING_PRODUCTS = r"""
+from merge_engine.triton_kernels import permute as tp
+sizes = dict(row="i32", span="i32", tiles="i32", BLOCK="constexpr")
+tables = dict(pointers_ptr="*i64", src_layer_ptr="*i64", src_block_ptr="*i64")
+for kernel, signature in ((tp._gather_kernel, dict(**tables, out_ptr="*i16", **sizes)),
+                          (tp._swap_kernel, dict(first_ptr="*i16", pointers_ptr="*i64", pairs_ptr="*i64", width="i32",
+                                                 **sizes))):
+    found[kernel.__name__] = ptx_ops(kernel, signature, {"BLOCK": tp.BLOCK}, tp._IEEE, 90,
+                                     r"^\s*((?:mul|mad)\.lo\.[su]32\s.*)$")
+"""
+
+
+def test_the_only_32_bit_product_is_the_program_ids_remainder():
+    found = ptx_float_ops(WRAPPING_PRODUCTS)
+    assert len(found["_gather_kernel"]) == len(found["_swap_kernel"]) == 1, found
