@@ -35,8 +35,12 @@ def wants_cuda(torch, cpp_extension) -> bool:
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
+DEPENDENCIES = ["torch>=2.4", "safetensors>=0.4", "pyyaml>=6", "tqdm>=4.60",
+                "numpy>=1.22"]  # numpy: torch's CPU wheels do not bring it, and torch warns on every run without it
+
+
 def extensions() -> dict:
-    if os.environ.get("MERGE_ENGINE_BUILD_KERNELS", "1") == "0":
+    if os.environ.get("MERGE_ENGINE_BUILD_KERNELS", "1") == "0" or "sdist" in sys.argv[1:]:
         return {}
     try:
         import torch
@@ -55,8 +59,30 @@ def extensions() -> dict:
         cuda = recipe.cuda_build(CSRC, torch.__version__, suffix)
         modules.append(cpp_extension.CUDAExtension(f"merge_engine.{cuda.module}", cuda.sources,
                                                    extra_compile_args={"cxx": cuda.cflags, "nvcc": cuda.nvcc_flags}))
-    return {"ext_modules": modules,
-            "cmdclass": {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}}
+    # the compiled modules load only with the torch they were built against (their build key holds its version)
+    pinned = [f"torch=={torch.__version__.split('+')[0]}", *DEPENDENCIES[1:]]
+    return {"ext_modules": modules, "install_requires": pinned, "cmdclass": {"build_ext": optional_build(cpp_extension.BuildExtension)}}
 
 
-setup(**extensions())
+def optional_build(base):
+    """build_ext that never fails the install: a kernel build that fails (no compiler, a compiler torch
+    refuses, a compile error) leaves the package without that module, which then runs on the PyTorch
+    references with one warning at run time."""
+    class OptionalBuildExtension(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, use_ninja=True, **kwargs)
+
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as e:  # noqa: BLE001 - any failure: install without the compiled kernels
+                print(f"merge_engine: the compiled kernels could not be built ({type(e).__name__}: {e}); the "
+                      "package installs without them and runs on the PyTorch references", file=sys.stderr)
+                self.extensions = []  # nothing to copy or record
+
+        def get_outputs(self):
+            return super().get_outputs() if self.extensions else []
+    return OptionalBuildExtension
+
+
+setup(**{"install_requires": DEPENDENCIES, **extensions()})

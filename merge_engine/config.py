@@ -26,6 +26,7 @@ _KNOWN_KEYS = {"merge_method", "base_model", "models", "slices", "modules", "dty
 
 # Per-model statistics a method reads beside the weights, named by a key next to `model:`.
 SIDE_INPUT_KEYS = ("fisher", "grams")
+WRITTEN_BY = {"fisher": "merge-engine fisher", "grams": "merge-engine stats"}  # the command that makes each
 WEIGHT_SHAPED_SIDE_INPUTS = ("fisher",)  # one value per weight element (a Gram is over input features)
 
 
@@ -435,7 +436,7 @@ def _check_side_inputs(cfg: MergeConfig, problems: list[str]) -> None:
             for kind in needed:
                 if kind not in src.side:
                     problems.append(f"{where}[{src.model}]: merge method '{cfg.method.name}' needs '{kind}: PATH' "
-                                    f"for this model (the folder written by `merge-engine {kind}`)")
+                                    f"for this model (the folder written by `{WRITTEN_BY[kind]}`)")
     if unused:
         warnings.warn(f"{sorted(unused)} given but not used by merge method '{cfg.method.name}'; ignored")
 

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from merge_engine.dtypes import dtype_name
-from merge_engine.extras import require
+from merge_engine.extras import MissingExtraError, require
 
 ARCHS = ("llama", "qwen2", "gpt2")
 
@@ -171,7 +171,12 @@ def demo(out_dir: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir", nargs="?", default="demo_out")
-    demo(p.parse_args(argv).out_dir)
+    out_dir = p.parse_args(argv).out_dir
+    try:
+        demo(out_dir)
+    except MissingExtraError as e:
+        print(f"merge_engine.demo: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -300,8 +300,8 @@ def _feed(h, x: object) -> None:
         for v in x:
             _feed(h, v)
         h.update(b")")
-    elif hasattr(x, "path") and hasattr(x, "tensors"):  # a Checkpoint: the folder it reads
-        h.update(f"checkpoint {x.path}".encode())
+    elif hasattr(x, "path") and hasattr(x, "tensors"):  # a Checkpoint: the folder it reads (a LoRA one: and its adapter)
+        h.update(f"checkpoint {type(x).__name__} {getattr(x, 'reference', x.path)}".encode())
     else:  # numbers, strings, dtypes, None, enums; an object printed with its address is known by its type only
         text = repr(x)
         h.update((type(x).__qualname__ if " at 0x" in text else text).encode() + b";")
@@ -317,7 +317,8 @@ def check_same_plan(ranks: Ranks | None, fingerprint: str) -> None:
         raise MergeEngineError(
             f"rank(s) {', '.join(map(str, differ))} planned a different job from rank 0's (plan digests "
             f"{', '.join(f'{r}: {fingerprints[r][:12]}' for r in [0, *differ])}): every rank must see the same "
-            "config, the same input folders and run the same merge_engine version with the same options")
+            "config, the same input folders and output folder, and run the same merge_engine version with the same "
+            "options")
 
 
 def open_shared_writer(ranks: Ranks | None, make: Callable[[str | None], ShardedWriter]) -> ShardedWriter:
@@ -350,12 +351,13 @@ def commit_shared_writer(ranks: Ranks | None, writer: ShardedWriter) -> None:
         writer.release()
 
 
-def data_digest(model_dir: str, sequences: list[list[int]], options: object) -> str:
+def data_digest(model_dir: str, sequences: list[list[int]], options: object, out_dir: str) -> str:
     """The fingerprint of a statistics run (stats, fisher): the model, the tokenized data, the options
-    (quiet, which only rank 0 is not, left out)."""
+    (quiet, which only rank 0 is not, left out) and the output folder."""
     lengths = torch.tensor([len(s) for s in sequences])
     tokens = torch.tensor([t for s in sequences for t in s])
-    return digest(os.path.abspath(model_dir), lengths, tokens, dataclasses.replace(options, quiet=False))
+    return digest(os.path.abspath(model_dir), lengths, tokens, dataclasses.replace(options, quiet=False),
+                  os.path.realpath(out_dir))
 
 
 def check_folder_visible(ranks: Ranks, folder: str, leader_host: str) -> None:

@@ -154,7 +154,8 @@ def merge(config: MergeConfig | dict | str | os.PathLike, out_dir: str | os.Path
         device = rank_device(check_options(out_dir, options), ranks)
         plan = build_plan(cfg, options.allow_crimes, options.unsafe_truncate_embeddings, options.lora_merge_dtype)
         check_output_outside_inputs(out_dir, plan)
-    check_same_plan(ranks, digest(plan.jobs, plan.entries(), options.out_shard_size, options.random_seed))
+    check_same_plan(ranks, digest(plan.jobs, plan.entries(), options.out_shard_size, options.random_seed,
+                                  options.lora_merge_dtype, options.overwrite, os.path.realpath(out_dir)))
     own_shards, jobs = rank_share(plan, options.out_shard_size, ranks)
     writer = open_output(out_dir, plan, own_shards, options, ranks)
     lap("plan")

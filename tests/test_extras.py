@@ -31,3 +31,11 @@ def test_bmm_tuning_without_optuna(monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)
     with pytest.raises(MissingExtraError, match=r'lambda tuning needs optuna: pip install "merge_engine\[tune\]"'):
         tune_bmm(None, lambda state: 0.0)
+
+
+def test_the_demo_without_transformers_is_one_line(monkeypatch, tmp_path, capsys):
+    from merge_engine import demo
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    assert demo.main([str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("merge_engine.demo: error: ") and "[hf]" in err, err

@@ -23,12 +23,16 @@ wheel = zipfile.ZipFile(glob.glob(f"{dist}/*.whl")[0]).namelist()
 for needed in ("merge_engine/_cpu_kernels.", "merge_engine/triton_kernels/task_vectors.py",
                "merge_engine/csrc/cpu/bindings.cpp"):
     assert any(n.startswith(needed) for n in wheel), f"the wheel lacks {needed}"
-print("sdist and wheel contents: ok")
+# the compiled modules load only with the torch they were built against: the wheel requires exactly that one
+import email, torch
+meta = zipfile.ZipFile(glob.glob(f"{dist}/*.whl")[0]).read(next(n for n in wheel if n.endswith(".dist-info/METADATA")))
+pinned = f"torch=={torch.__version__.split('+')[0]}"
+assert pinned in email.message_from_bytes(meta).get_all("Requires-Dist"), meta
+print(f"sdist and wheel contents: ok (the wheel requires {pinned})")
 EOF
 
 python3 -m venv "$work/venv"
-"$work/venv/bin/python" -m pip install -q "torch==2.13.0"
-"$work/venv/bin/python" -m pip install -q "$work"/dist/*.whl
+"$work/venv/bin/python" -m pip install -q "$work"/dist/*.whl  # and torch, as the wheel requires it
 mkdir "$work/elsewhere"
 cd "$work/elsewhere"
 export PATH="$work/venv/bin:$PATH"

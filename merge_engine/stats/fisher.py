@@ -323,7 +323,7 @@ def collect_fisher(model_dir: str, data_path: str, out_dir: str, options: Fisher
             raise DataError(f"{data_path}: no example has 2 or more tokens, so there is no next token to predict")
         model = load_model(model_dir, options.dtype, device)
     if ranks:  # the digest costs a pass over the data
-        check_same_plan(ranks, data_digest(model_dir, data.sequences, options))
+        check_same_plan(ranks, data_digest(model_dir, data.sequences, options, out_dir))
     # no step here: a rank that fails in the collective sums ends its process (torchrun then stops the others)
     result = compute_fisher(model, own_items(data.batches(options.batch_size), ranks), options.variant,
                             options.per_example, options.seed, options.fisher_dtype, not options.quiet,

@@ -280,7 +280,7 @@ def collect_grams(model_dir: str, data_path: str, out_dir: str, options: GramOpt
                          options.max_length, options.max_examples, vocab_size_of(config))
         model = load_model(model_dir, options.dtype, device, auto_class_of(model_dir))
     if ranks:  # the digest costs a pass over the data
-        check_same_plan(ranks, data_digest(model_dir, data.sequences, options))
+        check_same_plan(ranks, data_digest(model_dir, data.sequences, options, out_dir))
     state = {}
     writes = ranks is None or ranks.leader
 

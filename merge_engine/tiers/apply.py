@@ -186,7 +186,7 @@ def _stream(model_dir: str, keys: Keys, out_dir: str, overwrite: bool, invert: b
         with every_rank(ranks, "planning"):
             blocks, perm = resolve(keys, ckpt)
             moves = plan_moves(ckpt, blocks, perm.inverse() if invert else perm)
-        check_same_plan(ranks, digest(ckpt.path, moves, input_layout(ckpt)))
+        check_same_plan(ranks, digest(ckpt.path, moves, input_layout(ckpt), os.path.realpath(out_dir), overwrite))
         out = stream_rewrite(ckpt, out_dir, overwrite, lambda writer: _write_tensors(ckpt, moves, writer), ranks)
     finally:
         ckpt.close()

@@ -138,8 +138,9 @@ def fail_then_merge(rank: int, config: dict, out: str, how: str) -> dict:
     """A run in which FAILING_RANK fails as `how` says, then the same run without the fault."""
     failure = None
     with sabotage(rank, how, config) as run_config:
-        try:
-            merge(parse_config(run_config), out, options(100_000))
+        try:  # "outdir": FAILING_RANK is told another output folder
+            target = out + "_other" if how == "outdir" and rank == FAILING_RANK else out
+            merge(parse_config(run_config), target, options(100_000))
         except MergeEngineError as e:
             failure = str(e)
     dist.barrier()  # every rank has cleaned up after the failure
@@ -157,6 +158,7 @@ def dare_ties(model_sets) -> dict:
     ("error", "failed while merging: merging tensor '"),
     ("folder", "cannot see /nonexistent/.out.partial-1, the temporary output folder rank 0 made on"),
     ("plan", "rank(s) 1 planned a different job from rank 0's"),
+    ("outdir", "rank(s) 1 planned a different job from rank 0's"),
 ])
 def test_a_failing_rank_stops_every_rank_and_leaves_nothing(model_sets, tmp_path, how, message):
     config = dare_ties(model_sets)
@@ -168,7 +170,7 @@ def test_a_failing_rank_stops_every_rank_and_leaves_nothing(model_sets, tmp_path
     assert [r["error"] for r in results] == [None, None], [r.get("traceback") for r in results]
     failures = [r["value"]["failure"] for r in results]
     assert all(failures), "every rank must stop"
-    assert all(message in f for f in failures) if how == "plan" else message in failures[0]
+    assert all(message in f for f in failures) if how in ("plan", "outdir") else message in failures[0]
     if how == "error":  # the others name the failing rank, its host and its error, tensor included
         own = failures[FAILING_RANK]
         assert own.startswith("merging tensor '") and "out of memory (injected)" in own

@@ -67,6 +67,22 @@ def test_the_plan_digest_is_that_of_the_plan(model_sets):
     assert plan_digest(other) != plan_digest(config)
 
 
+def test_the_plan_digest_tells_lora_adapters_apart(model_sets, tmp_path):
+    # two adapters of one base: the same base path, shapes and dtypes, other tensors
+    from tests.lora_adapters import write_adapter
+    base, *experts = model_sets("llama")
+    adapters = [str(tmp_path / f"a{i}") for i in (1, 2)]
+    for i, folder in enumerate(adapters):
+        write_adapter(folder, base, seed=i)
+
+    def plan_digest(adapter):
+        plan = build_plan(parse_config({"merge_method": "linear", "dtype": "float32", "models": [
+            {"model": experts[0], "parameters": {"weight": 0.5}},
+            {"model": f"{base}+{adapter}", "parameters": {"weight": 0.5}}]}))
+        return digest(plan.jobs, plan.entries(), 10**9, 0)
+    assert plan_digest(adapters[0]) != plan_digest(adapters[1])
+
+
 def test_digest_of_values_and_objects():
     class Opaque:  # printed with its address: known by its type only
         pass

@@ -133,7 +133,8 @@ def test_config_problems_are_reported_before_reading(llama, tmp_path):
     with pytest.raises(ConfigError) as e:
         run({"merge_method": "fisher", "models": models}, tmp_path / "out")
     text = str(e.value)
-    assert f"[{paths[3]}]: merge method 'fisher' needs 'fisher: PATH'" in text
+    assert f"[{paths[3]}]: merge method 'fisher' needs 'fisher: PATH' for this model (the folder written by " \
+        "`merge-engine fisher`)" in text
     models[3]["fisher"] = f[3][0]
     with pytest.raises(ConfigError) as e:
         run({"merge_method": "fisher", "models": models}, tmp_path / "out")

@@ -187,7 +187,8 @@ def test_missing_or_mismatched_grams_are_refused_before_any_output(setup, tmp_pa
     paths, grams = setup("llama")
     cfg = config("regmean", paths, grams)
     del cfg["models"][1]["grams"]
-    with pytest.raises(ConfigError, match="needs 'grams: PATH'"):
+    with pytest.raises(ConfigError, match=r"needs 'grams: PATH' for this model \(the folder written by "
+                                          r"`merge-engine stats`\)"):
         parse_config(cfg)
     _, gpt2_grams = setup("gpt2")
     cfg = config("regmean", paths, [grams[0], gpt2_grams[0], grams[2]])
