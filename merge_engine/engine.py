@@ -161,9 +161,13 @@ def merge(config: MergeConfig | dict | str | os.PathLike, out_dir: str | os.Path
     lap("plan")
     try:
         with every_rank(ranks, "merging"):
-            load_kernels(device)
-            lap("kernel load")
-            bytes_read = _Pipeline(plan, jobs, writer, device, options, ranks).run()
+            # the ranks' progress exchange starts first: a rank that fails before its first job (loading the
+            # kernels, making a CUDA stream) tells the others there, who would otherwise wait for it to join
+            with tqdm(total=sum(j.bytes_in for j in plan.jobs), unit="B", unit_scale=True, desc="merging",
+                      disable=options.quiet or not writer.maker) as bar, job_progress(bar, ranks) as advance:
+                load_kernels(device)
+                lap("kernel load")
+                bytes_read = _Pipeline(plan, jobs, writer, device, options, ranks).run(advance)
             lap("merge")
             if writer.maker:
                 write_side_files(plan, writer, options)
@@ -367,14 +371,12 @@ class _Pipeline:
         largest = max(map(job_bytes, jobs), default=0)
         self.buffers = BufferPool(2 * largest, pin_memory=self.cuda)
 
-    def run(self) -> int:
+    def run(self, advance: Callable[[int], None]) -> int:
+        """The jobs' bytes read; advance(nbytes) after each job (job_progress)."""
         jobs = self.jobs
         depth = self.options.prefetch
         with ThreadPoolExecutor(depth, thread_name_prefix="me-read") as readers, \
-                ThreadPoolExecutor(1, thread_name_prefix="me-write") as write_pool, \
-                tqdm(total=sum(j.bytes_in for j in self.plan.jobs), unit="B", unit_scale=True, desc="merging",
-                     disable=self.options.quiet or not self.writer.maker) as bar, \
-                job_progress(bar, self.ranks) as advance:
+                ThreadPoolExecutor(1, thread_name_prefix="me-write") as write_pool:
             reads: deque[Future] = deque(readers.submit(self.read, j) for j in jobs[:depth])
             writes: deque[Future] = deque()
             staged = None

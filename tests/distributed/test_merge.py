@@ -111,7 +111,7 @@ def sabotage(rank: int, how: str, config: dict):
     if rank != FAILING_RANK and how != "kill":
         yield config
         return
-    saved = engine.tensor_group, distributed.broadcast
+    saved = engine.tensor_group, distributed.broadcast, engine.load_kernels
 
     def failing_group(*args, **kwargs):
         if how == "kill":
@@ -125,13 +125,18 @@ def sabotage(rank: int, how: str, config: dict):
         engine.tensor_group = failing_group
     if how == "folder":
         distributed.broadcast = elsewhere
+    if how == "kernels":  # before its first job: the others' progress exchange must hear of it, not wait
+
+        def no_kernels(device):
+            raise RuntimeError("CUDA error: out of memory making a stream (injected)")
+        engine.load_kernels = no_kernels
     if how == "plan":
         config = copy.deepcopy(config)
         config["models"][0]["parameters"]["weight"] = 0.25
     try:
         yield config
     finally:
-        engine.tensor_group, distributed.broadcast = saved
+        engine.tensor_group, distributed.broadcast, engine.load_kernels = saved
 
 
 def fail_then_merge(rank: int, config: dict, out: str, how: str) -> dict:
@@ -141,7 +146,7 @@ def fail_then_merge(rank: int, config: dict, out: str, how: str) -> dict:
         try:  # "outdir": FAILING_RANK is told another output folder
             target = out + "_other" if how == "outdir" and rank == FAILING_RANK else out
             merge(parse_config(run_config), target, options(100_000))
-        except MergeEngineError as e:
+        except (MergeEngineError, RuntimeError) as e:  # the failing rank's own error, the others' RankFailed
             failure = str(e)
     dist.barrier()  # every rank has cleaned up after the failure
     left = sorted(os.listdir(os.path.dirname(out)))
@@ -159,6 +164,7 @@ def dare_ties(model_sets) -> dict:
     ("folder", "cannot see /nonexistent/.out.partial-1, the temporary output folder rank 0 made on"),
     ("plan", "rank(s) 1 planned a different job from rank 0's"),
     ("outdir", "rank(s) 1 planned a different job from rank 0's"),
+    ("kernels", "failed while merging: RuntimeError: CUDA error: out of memory making a stream (injected)"),
 ])
 def test_a_failing_rank_stops_every_rank_and_leaves_nothing(model_sets, tmp_path, how, message):
     config = dare_ties(model_sets)
