@@ -8,6 +8,7 @@ torchrun_group, which only the command line uses, and only under torchrun.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import os
@@ -23,6 +24,7 @@ import torch.distributed as dist
 
 from merge_engine.errors import MergeEngineError, OutputError
 from merge_engine.io.writer import LOCK_FILE, ShardedWriter
+from merge_engine.runtime import launched_by_torchrun
 
 # How long a rank waits at a step's end for the others: the longest a merge can be unbalanced, and how
 # long the survivors of a killed rank wait when nothing else stops them (torchrun stops them at once).
@@ -56,10 +58,6 @@ class Ranks:
         return self.rank == 0
 
 
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 @contextmanager
 def torchrun_group() -> Iterator[bool]:
     """The command line's process group: joined, for the duration, when torchrun started this process
@@ -89,6 +87,8 @@ def current_ranks() -> Ranks | None:
     if not _group_exists() or dist.get_world_size() < 2:
         return None
     if _groups.get("world") is not dist.group.WORLD:
+        if not _groups:  # a group left referenced here at the interpreter's teardown can abort it (gloo's threads)
+            atexit.register(_groups.clear)
         gloo = dist.get_backend() == "gloo"
         _groups.update(world=dist.group.WORLD,
                        control=dist.group.WORLD if gloo else dist.new_group(backend="gloo", timeout=STEP_TIMEOUT),
@@ -143,7 +143,11 @@ def every_rank(ranks: Ranks | None, doing: str) -> Iterator[None]:
         if isinstance(e, StoppedEarly):
             _raise_failures(statuses, doing, e)
         raise
-    _raise_failures(gather(ranks, (ranks.host, None, False)), doing)
+    try:
+        statuses = gather(ranks, (ranks.host, None, False))
+    except RuntimeError as e:  # gloo's "Connection closed by peer": a rank died (killed) during the step
+        raise RankFailed(f"lost contact with the other ranks while {doing} (one was killed or crashed: {e})") from e
+    _raise_failures(statuses, doing)
 
 
 def _describe(e: BaseException) -> str:

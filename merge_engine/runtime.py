@@ -92,3 +92,8 @@ def keep_freed_heap_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+
+
+def launched_by_torchrun() -> bool:
+    """Whether torchrun started this process as one of several ranks (its environment says so)."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -25,9 +25,10 @@ import traceback
 from merge_engine import __version__
 from merge_engine.cli.timing import EXECUTABLE, STARTUP, process_age
 from merge_engine.errors import MergeEngineError
-from merge_engine.runtime import tune_process_for_merging
+from merge_engine.runtime import launched_by_torchrun, tune_process_for_merging
 
 SUBCOMMANDS = ("fisher", "key", "patch", "search", "stats")  # modules merge_engine.cli.NAME, each with run(argv); else cli.merge
+SINGLE_PROCESS = ("patch", "search")  # commands without a distributed form (docs/distributed.md)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0] if argv and argv[0] in SUBCOMMANDS else "merge"
     if name != "merge":
         argv = argv[1:]
+    if name in SINGLE_PROCESS and launched_by_torchrun():  # every rank would do the whole job, on the same files
+        return _failed(f"error: merge-engine {name} runs in one process, not under torchrun", 2, argv)
     try:
         with _terminate_as_interrupt():
             imported = time.perf_counter()

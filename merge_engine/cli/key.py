@@ -25,11 +25,12 @@ from merge_engine.cli.args import (
     run_subcommand,
     subcommand,
 )
-from merge_engine.distributed import launched_by_torchrun, torchrun_group
+from merge_engine.distributed import current_ranks, every_rank, torchrun_group
 from merge_engine.dtypes import dtype_named
 from merge_engine.errors import CheckpointError, MergeEngineError, OutputError
 from merge_engine.extras import require
 from merge_engine.io.untrusted import open_regular, read_json
+from merge_engine.runtime import launched_by_torchrun
 from merge_engine.tiers.apply import apply_key, check_streamed_output, remove_key
 from merge_engine.tiers.blocks import BLOCK_KINDS, model_blocks
 from merge_engine.tiers.compare import compare_prompts
@@ -144,16 +145,18 @@ def _secret(args) -> bytes:
 
 def _apply_or_remove(args, parser) -> int:
     model, key_paths, out = model_items_out(args, parser, f"key {args.command}", "KEY")
-    if out is not None:  # before anything is read: --overwrite replaces OUT and what lies in it
-        check_streamed_output(model, out, key_paths)
-    keys = [TierKey.load(p) for p in key_paths]
     if out is None:
         if launched_by_torchrun():  # every rank would rewrite the same files
             raise MergeEngineError(f"key {args.command} --in-place runs in one process, not under torchrun")
+        keys = [TierKey.load(p) for p in key_paths]
         run = (apply_key_in_place if args.command == "apply" else remove_key_in_place)(model, keys)
         leader = True
     else:
         with torchrun_group() as leader:  # under torchrun, the ranks share the output's shards
+            # a step: a rank that cannot read a key tells the others, who would otherwise wait for it
+            with every_rank(current_ranks(), "reading the keys"):
+                check_streamed_output(model, out, key_paths)  # before anything is read: --overwrite replaces OUT
+                keys = [TierKey.load(p) for p in key_paths]
             run = (apply_key if args.command == "apply" else remove_key)(model, keys, out, args.overwrite)
     if not args.quiet and leader:
         print(run.summary())

@@ -96,7 +96,7 @@ def run(argv: list[str]) -> int:
     setup_logging(args.quiet, args.verbose)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    from merge_engine.distributed import torchrun_group
+    from merge_engine.distributed import current_ranks, every_rank, torchrun_group
     from merge_engine.engine import MergeOptions, load_checked_config, merge
     from merge_engine.io.writer import check_output_apart
     options = MergeOptions(device=args.device or "auto", out_shard_size=args.out_shard_size,
@@ -107,8 +107,11 @@ def run(argv: list[str]) -> int:
                            lora_merge_dtype=args.lora_merge_dtype)
     with torchrun_group() as leader:
         started = time.perf_counter()
-        check_output_apart(args.out_dir, [args.config])  # --overwrite would delete a config kept in OUT
-        config = load_checked_config(args.config, strict=args.strict)
+        # a step: under torchrun, a rank that refuses its config tells the others, who would otherwise wait for it
+        # in merge()'s first collective until torchrun kills them
+        with every_rank(current_ranks(), "reading the config"):
+            check_output_apart(args.out_dir, [args.config])  # --overwrite would delete a config kept in OUT
+            config = load_checked_config(args.config, strict=args.strict)
         config_seconds = time.perf_counter() - started
         options.quiet = args.quiet or not leader  # one progress bar and summary: rank 0's
         report = merge(config, args.out_dir, options)

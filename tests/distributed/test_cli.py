@@ -38,3 +38,44 @@ def test_a_refused_merge_under_torchrun_leaves_nothing(model_sets, tmp_path, wri
     assert run.returncode != 0
     assert run.stderr.count(f"merge-engine: error: output folder {out} is inside the input folder") == 2
     assert not os.path.exists(out) and not [f for f in os.listdir(base) if "partial" in f]
+
+
+def test_commands_without_a_distributed_form_are_refused_under_torchrun(model_sets, tmp_path):
+    # patch and search would do the whole job on every rank (an in-place patch applied twice): refused first
+    base, expert, *_ = model_sets("llama")
+    for command in (["patch", "extract", base, expert, str(tmp_path / "patch")],
+                    ["search", str(tmp_path / "search.yml"), str(tmp_path / "out"), "--budget", "60"]):
+        run = torchrun(*command)
+        assert run.returncode != 0
+        assert run.stderr.count(f"merge-engine: error: merge-engine {command[0]} runs in one process, not under "
+                                "torchrun") == 2, run.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def merge_command(rank: int, config: str, out: str) -> dict:
+    """The merge command on every rank, rank 1 given a config that does not exist; what each printed."""
+    import contextlib
+    import io
+
+    from merge_engine.cli import main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main([config if rank == 0 else config + ".missing", out, "--device", "cpu", "-q"])
+    return {"status": status, "stderr": err.getvalue()}
+
+
+def test_a_config_one_rank_cannot_read_stops_every_rank_at_once(model_sets, tmp_path, write_yaml):
+    # the config is read in a step: rank 0 hears of rank 1's refusal there, not by waiting in merge()'s first
+    # collective until the group's timeout (torchrun would kill it after 30 s, its clean-up undone)
+    from tests.distributed.ranks import run_ranks
+    base, expert, *_ = model_sets("llama")
+    config = write_yaml({"merge_method": "linear", "models": [{"model": base, "parameters": {"weight": 0.5}},
+                                                              {"model": expert, "parameters": {"weight": 0.5}}]})
+    out = tmp_path / "runs" / "out"
+    out.parent.mkdir()
+    results = run_ranks(merge_command, 2, str(tmp_path / "results"), config, str(out))
+    assert [r["error"] for r in results] == [None, None], [r.get("traceback") for r in results]
+    assert [r["value"]["status"] for r in results] == [2, 2]
+    assert "rank 1 (" in results[0]["value"]["stderr"] and "failed while reading the config" in \
+        results[0]["value"]["stderr"], results[0]["value"]["stderr"]
+    assert os.listdir(out.parent) == []
