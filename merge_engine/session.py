@@ -260,6 +260,8 @@ class MergeSession:
         check_seed_and_lora_dtype(random_seed, lora_merge_dtype)
         self.config = as_config(config)
         self.device = resolve_device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # the GPU current now, not at each merge
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.random_seed = random_seed
         self.plan = plan or build_plan(self.config, allow_crimes, lora_merge_dtype=lora_merge_dtype)
         self.memory = plan_memory(self.plan, self.device, placement, lora=lora, evaluation=evaluation_bytes)
