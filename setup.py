@@ -60,7 +60,7 @@ def extensions() -> dict:
         modules.append(cpp_extension.CUDAExtension(f"merge_engine.{cuda.module}", cuda.sources,
                                                    extra_compile_args={"cxx": cuda.cflags, "nvcc": cuda.nvcc_flags}))
     # the compiled modules load only with the torch they were built against (their build key holds its version)
-    pinned = [f"torch=={torch.__version__.split('+')[0]}", *DEPENDENCIES[1:]]
+    pinned = [f"torch=={torch.__version__}", *DEPENDENCIES[1:]]  # local label included: +cpu, +cu130 builds differ
     return {"ext_modules": modules, "install_requires": pinned, "cmdclass": {"build_ext": optional_build(cpp_extension.BuildExtension)}}
 
 

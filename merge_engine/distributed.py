@@ -79,6 +79,7 @@ def _group_exists() -> bool:
 
 
 _groups: dict[str, object] = {}  # the gloo groups made for the current process group (made once: a collective)
+_cleared_at_exit: list[bool] = []  # whether _groups.clear is registered to run at exit (once a process)
 
 
 def current_ranks() -> Ranks | None:
@@ -87,8 +88,9 @@ def current_ranks() -> Ranks | None:
     if not _group_exists() or dist.get_world_size() < 2:
         return None
     if _groups.get("world") is not dist.group.WORLD:
-        if not _groups:  # a group left referenced here at the interpreter's teardown can abort it (gloo's threads)
+        if not _cleared_at_exit:  # a group referenced here at the interpreter's teardown can abort it
             atexit.register(_groups.clear)
+            _cleared_at_exit.append(True)
         gloo = dist.get_backend() == "gloo"
         _groups.update(world=dist.group.WORLD,
                        control=dist.group.WORLD if gloo else dist.new_group(backend="gloo", timeout=STEP_TIMEOUT),
@@ -146,7 +148,8 @@ def every_rank(ranks: Ranks | None, doing: str) -> Iterator[None]:
     try:
         statuses = gather(ranks, (ranks.host, None, False))
     except RuntimeError as e:  # gloo's "Connection closed by peer": a rank died (killed) during the step
-        raise RankFailed(f"lost contact with the other ranks while {doing} (one was killed or crashed: {e})") from e
+        raise RankFailed(f"lost contact with the other ranks while {doing} (one was killed, crashed or did not answer "
+                         f"in time: {e})") from e
     _raise_failures(statuses, doing)
 
 

@@ -96,4 +96,5 @@ def keep_freed_heap_memory() -> bool:
 
 def launched_by_torchrun() -> bool:
     """Whether torchrun started this process as one of several ranks (its environment says so)."""
-    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    size = os.environ.get("WORLD_SIZE", "1")
+    return "RANK" in os.environ and size.isdigit() and int(size) > 1

@@ -222,8 +222,9 @@ def plan_memory(plan: MergePlan, device: torch.device, placement: str = "auto",
 def work_bytes(job: TensorJob) -> int:
     """What merging one job allocates beside the held inputs and the live model: its inputs as stored (copied to
     the device from host memory), their copies in the compute dtype where it differs (bf16 inputs merged in fp32),
-    one more compute-dtype copy of them for the method's intermediates (task vectors, normalised copies), and the
-    result in the compute dtype and, where it differs, the output dtype."""
+    one more compute-dtype copy of them for the method's intermediates (task vectors, normalised copies), each
+    input's rows in the output vocabulary's order where a tokenizer setting aligns them, and the result in the
+    compute dtype and, where it differs, the output dtype."""
     out = math.prod(job.shape)
     if job.copy_only:
         return job.bytes_in + out * job.out_dtype.itemsize
@@ -231,8 +232,9 @@ def work_bytes(job: TensorJob) -> int:
     stored = [ckpt.tensors[name] for ckpt, name in job.inputs]
     widened = sum(info.numel for info in stored if info.dtype != job.compute_dtype) * compute
     intermediates = sum(info.numel for info in stored) * compute
+    aligned = len(stored) * out * compute if job.rows is not None else 0  # each input's rows in the output's order
     result = out * (compute + (job.out_dtype.itemsize if job.out_dtype != job.compute_dtype else 0))
-    return job.bytes_in + widened + intermediates + result
+    return job.bytes_in + widened + intermediates + aligned + result
 
 
 def _candidate(plan: MergePlan, device: torch.device, placement: str, lora: str, model: int, work: int,

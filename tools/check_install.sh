@@ -26,7 +26,7 @@ for needed in ("merge_engine/_cpu_kernels.", "merge_engine/triton_kernels/task_v
 # the compiled modules load only with the torch they were built against: the wheel requires exactly that one
 import email, torch
 meta = zipfile.ZipFile(glob.glob(f"{dist}/*.whl")[0]).read(next(n for n in wheel if n.endswith(".dist-info/METADATA")))
-pinned = f"torch=={torch.__version__.split('+')[0]}"
+pinned = f"torch=={torch.__version__}"
 assert pinned in email.message_from_bytes(meta).get_all("Requires-Dist"), meta
 print(f"sdist and wheel contents: ok (the wheel requires {pinned})")
 EOF

@@ -116,7 +116,7 @@ def _skips_teardown(argv: list[str]) -> bool:
 
 
 def _failed(message: str, status: int, argv: list[str]) -> int:
-    if _verbose(argv):
+    if _verbose(argv) and sys.exc_info()[0] is not None:
         traceback.print_exc()
     print(f"merge-engine: {message}", file=sys.stderr)
     return status

@@ -88,8 +88,8 @@ class TierKey:
     def to_json(self) -> str:
         """The published format plus our metadata (none for a key read without it, which keeps its meaning:
         tiers/apply.py keyed_layout); one swap per line."""
-        head = {} if self.published else {"format": FORMAT, "version": VERSION,
-                                          **{k: self.meta[k] for k in META_FIELDS if k in self.meta}}
+        ours = {} if self.published else {"format": FORMAT, "version": VERSION}
+        head = {**ours, **{k: self.meta[k] for k in META_FIELDS if k in self.meta}}
         lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in head.items()]
         for kind in (k for k in BLOCK_KINDS if k in WHOLE_KINDS or self.swaps(k)):  # as the reference's to_dict
             swaps = ",\n".join(f"    {json.dumps([list(a), list(b)])}" for a, b in self.swaps(kind))

@@ -79,3 +79,11 @@ def test_a_config_one_rank_cannot_read_stops_every_rank_at_once(model_sets, tmp_
     assert "rank 1 (" in results[0]["value"]["stderr"] and "failed while reading the config" in \
         results[0]["value"]["stderr"], results[0]["value"]["stderr"]
     assert os.listdir(out.parent) == []
+
+
+def test_the_torchrun_refusal_is_one_line_with_verbose():
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2")
+    run = subprocess.run([sys.executable, "-m", "merge_engine", "patch", "-v", "--help"], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert run.returncode == 2
+    assert run.stderr == "merge-engine: error: merge-engine patch runs in one process, not under torchrun\n"

@@ -152,3 +152,8 @@ def test_a_published_key_saved_again_keeps_its_meaning(tmp_path):
     key.save(str(tmp_path / "again.json"))
     again = TierKey.load(str(tmp_path / "again.json"))
     assert again.published and again == key and "format" not in json.loads((tmp_path / "again.json").read_text())
+    with_meta = tmp_path / "meta.json"  # metadata without our format field: kept, still a published key
+    with_meta.write_text(json.dumps({"model_type": "qwen3", "num_layers": 4, **PUBLISHED}))
+    TierKey.load(str(with_meta)).save(str(tmp_path / "meta_again.json"))
+    again = TierKey.load(str(tmp_path / "meta_again.json"))
+    assert again.published and again.meta == {"model_type": "qwen3", "num_layers": 4}
