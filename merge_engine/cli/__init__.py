@@ -71,12 +71,13 @@ class Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def _terminate_as_interrupt():
-    """While a command runs (in the main thread, where Python takes signals), SIGTERM raises Terminated; the
-    previous handler comes back after."""
+    """While a command runs (in the main thread, where Python takes signals), SIGTERM raises Terminated, once: a
+    second SIGTERM must not interrupt the clean-up the first started. The previous handler comes back after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     def terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Terminated()
     previous = signal.signal(signal.SIGTERM, terminated)
     try:
