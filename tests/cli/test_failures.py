@@ -121,6 +121,23 @@ def test_sigterm_cleans_up_as_ctrl_c_does_and_exits_143(config, tmp_path, capsys
     assert os.listdir(tmp_path) == [] and signal.getsignal(signal.SIGTERM) is handler  # restored after
 
 
+def test_a_second_sigterm_does_not_interrupt_the_clean_up(config, tmp_path, capsys, monkeypatch):
+    # a scheduler's second SIGTERM (or a write thread's, as in the test above) arriving while the temporary
+    # folder is being removed: ignored, so the folder still goes
+    import signal
+
+    from merge_engine.io import writer
+    abort = writer.ShardedWriter.abort
+
+    def abort_under_a_second_sigterm(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        abort(self)
+    monkeypatch.setattr(writer.ShardedWriter, "write", lambda *a: os.kill(os.getpid(), signal.SIGTERM))
+    monkeypatch.setattr(writer.ShardedWriter, "abort", abort_under_a_second_sigterm)
+    assert cli.main([config, str(tmp_path / "out"), "-q"]) == 143
+    assert "terminated" in one_line(capsys) and os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("flags", [["-v"], ["-vv"], ["-q", "-v"], ["-qv"], ["--verbose"]])
 def test_verbose_failures_show_the_traceback(config, tmp_path, capsys, monkeypatch, flags):
     from merge_engine.io import writer
