@@ -75,7 +75,10 @@ def _as_bool(value: Any) -> bool | None:
 
 def _as_float(value: Any) -> float | None:
     if isinstance(value, (bool, int, float)):  # true is 1.0, as in mergekit
-        return float(value) if isinstance(value, bool) or is_finite_number(value) else math.inf  # an int past floats
+        try:
+            return float(value)
+        except OverflowError:  # an int past any float: coerce names it as not finite
+            return math.inf
     if isinstance(value, str):
         try:
             return float(value)

@@ -74,6 +74,11 @@ FIRST_ARGUMENT = {"multiple_choice": "data", "perplexity": "data", "lm_eval": "t
 PATH_KEYS = ("data", "include_path")  # relative to base_dir
 
 
+def spec_path(base_dir: str, value: str) -> str:
+    """A PATH_KEYS value as the evaluator reads it: ~ expanded, relative to base_dir (an absolute path stays)."""
+    return os.path.join(base_dir, os.path.expanduser(value))
+
+
 def evaluator_from_spec(spec: Mapping, tokenizer, where: str, base_dir: str = ".") -> Evaluator:
     """The evaluator a config mapping describes (where: its place in the config, e.g. "search.objective", for
     messages). Raises ConfigError listing every problem of the mapping, or of its data file."""
@@ -83,7 +88,7 @@ def evaluator_from_spec(spec: Mapping, tokenizer, where: str, base_dir: str = ".
     options = {k: v for k, v in spec.items() if k != "kind"}
     for key in PATH_KEYS:
         if options.get(key) is not None:
-            options[key] = os.path.join(base_dir, os.path.expanduser(options[key]))  # an absolute path stays
+            options[key] = spec_path(base_dir, options[key])
     first = options.pop(FIRST_ARGUMENT[spec["kind"]])
     return BUILDERS[spec["kind"]](first, tokenizer, **options)
 

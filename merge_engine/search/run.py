@@ -35,7 +35,7 @@ from merge_engine.devices import resolve_device
 from merge_engine.engine import MergeOptions, check_seed_and_lora_dtype, input_folders
 from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.evaluation import evaluator_from_spec
-from merge_engine.evaluation.spec import PATH_KEYS, spec_problems
+from merge_engine.evaluation.spec import PATH_KEYS, spec_path, spec_problems
 from merge_engine.extras import optuna_log_level, require
 from merge_engine.io.untrusted import is_int, not_regular
 from merge_engine.io.writer import check_output_apart, check_output_dir
@@ -223,7 +223,7 @@ def search_inputs(cfg: SearchConfig, settings: dict, plan, base_dir: str) -> lis
     for spec in (settings["objective"], settings["test"]):
         for key in PATH_KEYS if isinstance(spec, dict) else ():
             if isinstance(spec.get(key), str):  # as evaluator_from_spec resolves it; a bad value is its to name
-                paths.append(os.path.join(base_dir, os.path.expanduser(spec[key])))
+                paths.append(spec_path(base_dir, spec[key]))
     return paths + sorted(input_folders(plan))
 
 
@@ -309,20 +309,21 @@ def fingerprint(cfg: SearchConfig, settings: dict, direction: str, random_seed: 
     spec = settings["objective"]
     data = spec.get("data") if isinstance(spec, dict) else None
     digest = None
-    if isinstance(data, str) and os.path.isfile(path := os.path.join(base_dir, os.path.expanduser(data))):
+    if isinstance(data, str) and os.path.isfile(path := spec_path(base_dir, data)):
         with open(path, "rb") as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest()
-    text = json.dumps({"config": cfg.raw, "objective": spec, "direction": direction, "random_seed": random_seed,
-                       "data": digest}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return _hash_of({"config": cfg.raw, "objective": spec, "direction": direction, "random_seed": random_seed,
+                     "data": digest})
 
 
 def earlier_fingerprint(cfg: SearchConfig, settings: dict, direction: str) -> str:
     """The fingerprint of journals written before the seed and the data were part of it (merge_engine 0.1.0 until
     2026-12-05): resumed with a warning, as neither can be checked."""
-    text = json.dumps({"config": cfg.raw, "objective": settings["objective"], "direction": direction},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return _hash_of({"config": cfg.raw, "objective": settings["objective"], "direction": direction})
+
+
+def _hash_of(content: dict) -> str:
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def work_folder(out_dir: str) -> str:
