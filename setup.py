@@ -7,7 +7,9 @@ The kernels link against the torch they are built with, so build them against th
 Without torch in the build environment (pip's default isolated build) the package installs without
 compiled kernels and says so; it then runs on the PyTorch references, with one warning.
 MERGE_ENGINE_BUILD_KERNELS=0 skips the build; MERGE_ENGINE_BUILD_CUDA=0|1 forces the CUDA part off or on;
-MERGE_ENGINE_CPU_ARCH (default native) is the -march of the CPU build.
+MERGE_ENGINE_CPU_ARCH (default native) is the -march of the CPU build; beside the module, build_ext records
+that -march and the CPU features it needs (kernel_build.CPU_TARGET), so that a CPU without them is refused
+at run time (one warning) instead of dying of an illegal instruction.
 """
 import importlib.util
 import os
@@ -61,10 +63,11 @@ def extensions() -> dict:
                                                    extra_compile_args={"cxx": cuda.cflags, "nvcc": cuda.nvcc_flags}))
     # the compiled modules load only with the torch they were built against (their build key holds its version)
     pinned = [f"torch=={torch.__version__}", *DEPENDENCIES[1:]]  # local label included: +cpu, +cu130 builds differ
-    return {"ext_modules": modules, "install_requires": pinned, "cmdclass": {"build_ext": optional_build(cpp_extension.BuildExtension)}}
+    build_ext = optional_build(cpp_extension.BuildExtension, recipe, cpu.arch)
+    return {"ext_modules": modules, "install_requires": pinned, "cmdclass": {"build_ext": build_ext}}
 
 
-def optional_build(base):
+def optional_build(base, recipe, arch: str):
     """build_ext that never fails the install: a kernel build that fails (no compiler, a compiler torch
     refuses, a compile error) leaves the package without that module, which then runs on the PyTorch
     references with one warning at run time."""
@@ -75,13 +78,26 @@ def optional_build(base):
         def build_extensions(self):
             try:
                 super().build_extensions()
+                compiler = os.environ.get("CXX") or (self.compiler.compiler_cxx or ["c++"])[0]
+                recipe.write_cpu_target(self.cpu_target(), compiler, arch)
             except Exception as e:  # noqa: BLE001 - any failure: install without the compiled kernels
                 print(f"merge_engine: the compiled kernels could not be built ({type(e).__name__}: {e}); the "
                       "package installs without them and runs on the PyTorch references", file=sys.stderr)
                 self.extensions = []  # nothing to copy or record
 
+        def cpu_target(self) -> str:
+            module = self.get_ext_fullpath(f"merge_engine.{recipe.CPU_MODULE}")
+            return os.path.join(os.path.dirname(module), recipe.CPU_TARGET)
+
+        def copy_extensions_to_source(self):  # an editable install: the record goes beside the module
+            super().copy_extensions_to_source()
+            if self.extensions:
+                package = self.get_finalized_command("build_py").get_package_dir("merge_engine")
+                target = os.path.join(self.build_lib, "merge_engine", recipe.CPU_TARGET)
+                self.copy_file(target, os.path.join(package, recipe.CPU_TARGET), level=self.verbose)
+
         def get_outputs(self):
-            return super().get_outputs() if self.extensions else []
+            return [*super().get_outputs(), self.cpu_target()] if self.extensions else []
     return OptionalBuildExtension
 
 

@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import re
+import subprocess
 from dataclasses import dataclass
 
 CPU_MODULE = "_cpu_kernels"  # merge_engine._cpu_kernels
+CPU_TARGET = "_cpu_kernels.target.json"  # beside the CPU module: its -march and the CPU features that needs
 CUDA_MODULE = "_cuda_kernels"  # merge_engine._cuda_kernels
 DEFAULT_CPU_ARCH = "native"
 
 
 def cpu_arch() -> str:
     """The -march of the CPU build: MERGE_ENGINE_CPU_ARCH, default native (at install: the machine
-    that installs; set a portable target such as x86-64-v2 when building a wheel for other machines)."""
+    that installs; set a portable target such as x86-64-v2 when building a wheel for other machines).
+    An installed module is used whatever its -march, where this CPU has the features it was built for."""
     arch = os.environ.get("MERGE_ENGINE_CPU_ARCH", DEFAULT_CPU_ARCH)
     if not re.fullmatch(r"[A-Za-z0-9._-]+", arch):
         raise ValueError(f"MERGE_ENGINE_CPU_ARCH={arch!r} is not a -march name")
@@ -79,18 +83,89 @@ class Build:
     ldflags: list[str]
     nvcc_flags: list[str]  # empty for the CPU build
     key: str
+    arch: str = ""  # the CPU build's -march (not in its key: a module built for any CPU runs the same code)
+
+    @property
+    def variant(self) -> str:
+        """The key and the -march: one development build folder (and module name) each."""
+        return f"{self.key}_{re.sub(r'[^A-Za-z0-9]', '_', self.arch)}" if self.arch else self.key
 
 
 def cpu_build(csrc: str, torch_version: str, ext_suffix: str) -> Build:
-    unity, flags = os.path.join(csrc, CPU_UNITY), cpu_cflags(cpu_arch())
-    key = build_key([*cpu_sources(csrc), unity], flags, torch_version, ext_suffix)
-    return Build(CPU_MODULE, [unity], flags + [_key_define(key)], CPU_LDFLAGS, [], key)
+    unity, arch = os.path.join(csrc, CPU_UNITY), cpu_arch()
+    # the key hashes the flags with a placeholder -march: the target is checked against the CPU instead
+    key = build_key([*cpu_sources(csrc), unity], cpu_cflags("any"), torch_version, ext_suffix)
+    return Build(CPU_MODULE, [unity], cpu_cflags(arch) + [_key_define(key)], CPU_LDFLAGS, [], key, arch)
 
 
 def cuda_build(csrc: str, torch_version: str, ext_suffix: str) -> Build:
     sources = cuda_sources(csrc)
     key = build_key(sources, CUDA_CFLAGS + NVCC_FLAGS, torch_version, ext_suffix)
     return Build(CUDA_MODULE, sources, CUDA_CFLAGS + [_key_define(key)], [], NVCC_FLAGS + [_key_define(key)], key)
+
+
+# The x86 instruction-set extensions a compiler uses on its own under -march (vectorised loops, bit
+# scans, fused multiply-adds), by predefined macro, with each one's /proc/cpuinfo flag. A module built
+# for a CPU with one of them dies of SIGILL on a CPU without it, so a build records the ones it may use
+# (CPU_TARGET) and a CPU lacking any is refused before the module loads. Extensions reached only through
+# explicit intrinsics (AES, SHA, AMX...), which the kernels do not call, are left out.
+ISA_MACROS = {
+    "__SSE3__": "pni", "__SSSE3__": "ssse3", "__SSE4_1__": "sse4_1", "__SSE4_2__": "sse4_2", "__SSE4A__": "sse4a",
+    "__POPCNT__": "popcnt", "__LZCNT__": "abm", "__BMI__": "bmi1", "__BMI2__": "bmi2", "__MOVBE__": "movbe",
+    "__AVX__": "avx", "__AVX2__": "avx2", "__FMA__": "fma", "__FMA4__": "fma4", "__XOP__": "xop", "__F16C__": "f16c",
+    "__AVXVNNI__": "avx_vnni", "__GFNI__": "gfni", "__VAES__": "vaes", "__VPCLMULQDQ__": "vpclmulqdq",
+    "__AVX512F__": "avx512f", "__AVX512CD__": "avx512cd", "__AVX512BW__": "avx512bw", "__AVX512DQ__": "avx512dq",
+    "__AVX512VL__": "avx512vl", "__AVX512IFMA__": "avx512ifma", "__AVX512VBMI__": "avx512vbmi",
+    "__AVX512VBMI2__": "avx512_vbmi2", "__AVX512VNNI__": "avx512_vnni", "__AVX512BITALG__": "avx512_bitalg",
+    "__AVX512VPOPCNTDQ__": "avx512_vpopcntdq", "__AVX512BF16__": "avx512_bf16", "__AVX512FP16__": "avx512_fp16",
+}
+
+
+def target_features(compiler: str, arch: str) -> list[str] | None:
+    """The /proc/cpuinfo flags of the extensions a build with -march=arch may use (ISA_MACROS), from the
+    compiler's predefined macros; None when the compiler does not say."""
+    try:
+        macros = subprocess.run([compiler, f"-march={arch}", "-dM", "-E", "-x", "c++", os.devnull],
+                                capture_output=True, text=True, timeout=120, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    defined = {line.split()[1] for line in macros.splitlines() if line.startswith("#define ")}
+    return sorted(flag for macro, flag in ISA_MACROS.items() if macro in defined)
+
+
+def write_cpu_target(path: str, compiler: str, arch: str) -> None:
+    with open(path, "w") as f:
+        json.dump({"arch": arch, "features": target_features(compiler, arch)}, f)
+
+
+def read_cpu_target(path: str) -> dict | None:
+    """What write_cpu_target recorded ({"arch", "features"}), or None where there is no readable record."""
+    try:
+        with open(path) as f:
+            target = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return target if isinstance(target, dict) else None
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str] | None:
+    """This CPU's feature flags (Linux on x86), or None where the system does not list them."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return None
+
+
+def lacking_features(target: dict | None, flags: set[str] | None) -> list[str]:
+    """The features a build's target needs that this CPU lacks (none where either is unknown)."""
+    features = (target or {}).get("features")
+    if flags is None or not isinstance(features, list):
+        return []
+    return sorted(str(f) for f in features if f not in flags)
 
 
 def _key_define(key: str) -> str:

@@ -10,11 +10,15 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/merge_engine_install_check.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 echo "install check in $work (removed at the end)"
 
-python -m build --no-isolation --outdir "$work/dist" . > "$work/build.log" 2>&1 ||
+# a wheel for other machines, as one is built for distribution: on x86, for a portable -march, which the
+# installed package must then use without being told (MERGE_ENGINE_CPU_ARCH is a build setting)
+arch=native
+[ "$(uname -m)" = x86_64 ] && arch=x86-64-v2
+MERGE_ENGINE_CPU_ARCH=$arch python -m build --no-isolation --outdir "$work/dist" . > "$work/build.log" 2>&1 ||
   { tail -30 "$work/build.log"; exit 1; }
-python - "$work/dist" <<'EOF'
-import glob, sys, tarfile, zipfile
-dist = sys.argv[1]
+python - "$work/dist" "$arch" <<'EOF'
+import glob, json, sys, tarfile, zipfile
+dist, arch = sys.argv[1:]
 sdist = tarfile.open(glob.glob(f"{dist}/*.tar.gz")[0]).getnames()
 for needed in ("setup.py", "pyproject.toml", "MANIFEST.in", "csrc/cpu/bindings.cpp", "csrc/cuda/bindings.cpp",
                "triton_kernels/task_vectors.py", "merge_engine/kernel_build.py"):
@@ -23,6 +27,8 @@ wheel = zipfile.ZipFile(glob.glob(f"{dist}/*.whl")[0]).namelist()
 for needed in ("merge_engine/_cpu_kernels.", "merge_engine/triton_kernels/task_vectors.py",
                "merge_engine/csrc/cpu/bindings.cpp"):
     assert any(n.startswith(needed) for n in wheel), f"the wheel lacks {needed}"
+target = json.loads(zipfile.ZipFile(glob.glob(f"{dist}/*.whl")[0]).read("merge_engine/_cpu_kernels.target.json"))
+assert target["arch"] == arch and (arch != "x86-64-v2" or "sse4_2" in target["features"] and "avx2" not in target["features"]), target
 # the compiled modules load only with the torch they were built against: the wheel requires exactly that one
 import email, torch
 meta = zipfile.ZipFile(glob.glob(f"{dist}/*.whl")[0]).read(next(n for n in wheel if n.endswith(".dist-info/METADATA")))
@@ -33,6 +39,7 @@ EOF
 
 python3 -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install -q "$work"/dist/*.whl  # and torch, as the wheel requires it
+unset MERGE_ENGINE_CPU_ARCH
 mkdir "$work/elsewhere"
 cd "$work/elsewhere"
 export PATH="$work/venv/bin:$PATH"

@@ -6,7 +6,7 @@ the recipe in merge_engine/kernel_build.py; each module carries the key of the s
 built from. An installed module whose key matches is used as it is. In a source checkout (csrc/ and
 setup.py beside the package), a module that is missing or stale (edited sources, another
 MERGE_ENGINE_CPU_ARCH, another torch) is rebuilt on first use for development, into
-<checkout>/build/kernels/<key>/: one folder per key, so checkouts and variants never share a build,
+<checkout>/build/kernels/<key>_<arch>/: one folder per variant, so checkouts and variants never share a build,
 and a lock that dies with its process, so no run waits on a killed build. An installed package never
 compiles at run time: a missing or mismatched module gives one warning naming the fix, and the PyTorch
 references run instead.
@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import functools
 import importlib
+import importlib.util
 import logging
 import os
 import sysconfig
@@ -95,21 +96,52 @@ def _compiled(kind: str, recipe):
 
 
 def _installed(build: kernel_build.Build):
-    """(module, None) when the installed module matches the build, else (None, why not)."""
+    """(module, None) when the installed module matches the build and this CPU runs it, else (None, why not)."""
+    name = f"merge_engine.{build.module}"
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        return None, f"{name} is not installed"
+    if build.arch:  # the CPU module: checked before it loads, as loading may already run its instructions
+        problem = _cpu_target_problem(name, os.path.join(os.path.dirname(spec.origin), kernel_build.CPU_TARGET), build)
+        if problem:
+            return None, problem
     try:
-        module = importlib.import_module(f"merge_engine.{build.module}")
+        module = importlib.import_module(name)
     except ImportError as e:
-        return None, f"merge_engine.{build.module} is not installed or does not load ({e})"
+        return None, f"{name} does not load ({e})"
     if getattr(module, "build_key", None) != build.key:
-        return None, (f"merge_engine.{build.module} was built from other sources, flags or torch than "
+        return None, (f"{name} was built from other sources, flags or torch than "
                       f"these (key {getattr(module, 'build_key', None)}, expected {build.key})")
     return module, None
 
 
+def _cpu_target_problem(name: str, record: str, build: kernel_build.Build) -> str | None:
+    """Why the CPU module built as `record` says must not load here: this CPU lacks features it was
+    built for, or (in a source checkout, where MERGE_ENGINE_CPU_ARCH picks the development build) it was
+    built for another -march. None where it may load (an unreadable record: an older build, unchecked)."""
+    target = kernel_build.read_cpu_target(record)
+    lacking = kernel_build.lacking_features(target, kernel_build.cpu_flags())
+    if lacking:
+        return (f"{name} was built with -march={target.get('arch')} for a CPU with {', '.join(lacking)}, which this "
+                "CPU lacks (a build made elsewhere: build on this machine, or build for other machines with "
+                "MERGE_ENGINE_CPU_ARCH=x86-64-v2)")
+    arch = (target or {}).get("arch", kernel_build.DEFAULT_CPU_ARCH)
+    if source_checkout() is not None and arch != build.arch:
+        return f"{name} was built with -march={arch}, not the MERGE_ENGINE_CPU_ARCH={build.arch} asked for"
+    return None
+
+
 def _development_build(build: kernel_build.Build):
-    """Build (or load the cached build of) this recipe with ninja, in <checkout>/build/kernels/<key>/."""
+    """Build (or load the cached build of) this recipe with ninja, in <checkout>/build/kernels/<variant>/."""
     from torch.utils.cpp_extension import load
-    folder = os.path.join(source_checkout(), "build", "kernels", build.key)
+    if build.arch:
+        compiler = os.environ.get("CXX", "c++")  # the one load() compiles with
+        target = {"arch": build.arch, "features": kernel_build.target_features(compiler, build.arch)}
+        lacking = kernel_build.lacking_features(target, kernel_build.cpu_flags())
+        if lacking:
+            raise RuntimeError(f"MERGE_ENGINE_CPU_ARCH={build.arch} builds for a CPU with {', '.join(lacking)}, "
+                               "which this CPU lacks")
+    folder = os.path.join(source_checkout(), "build", "kernels", build.variant)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "merge_engine.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
@@ -118,7 +150,7 @@ def _development_build(build: kernel_build.Build):
             os.remove(os.path.join(folder, "lock"))
         if not any(name.endswith(".so") for name in os.listdir(folder)):
             log.info("building merge_engine %s for development (a few minutes)", build.module)
-        return load(name=f"merge_engine{build.module}_{build.key}", sources=build.sources,
+        return load(name=f"merge_engine{build.module}_{build.variant}", sources=build.sources,
                     extra_cflags=build.cflags, extra_cuda_cflags=build.nvcc_flags or None,
                     extra_ldflags=build.ldflags, build_directory=folder, verbose=False)
 
