@@ -24,6 +24,7 @@ class TensorGroup:
     side_folders: dict[str, list[str | None]] = field(default_factory=dict)  # where each came from
     # the engine's recycled host buffers (shape, dtype) -> tensor, for the ops that take `out`
     take_output: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None
+    input_names: list[str] = field(default_factory=list)  # each input's name in its model (slices renumber layers)
 
     @property
     def base(self) -> torch.Tensor | None:

@@ -48,7 +48,7 @@ def _scaled_gram(group: TensorGroup, i: int) -> tuple[torch.Tensor, bool] | None
     if stored is None:
         return None
     folder = gram_folder(group.side_folders["grams"][i])
-    entry = folder.module_of(group.name)
+    entry = folder.module_of(group.input_names[i])  # the input's own name, as the plan found its Gram
     gram = as_matrix(stored, entry["in_features"]).to(solve_dtype(group))
     if group.shared["gram_scale"] == "tokens":
         gram = gram / entry["rows"]
@@ -80,7 +80,8 @@ def without_base(group: TensorGroup) -> TensorGroup:
     return dataclasses.replace(group, tensors=[group.tensors[i] for i in keep], base_index=None,
                                per_model=[group.per_model[i] for i in keep],
                                side={k: [v[i] for i in keep] for k, v in group.side.items()},
-                               side_folders={k: [v[i] for i in keep] for k, v in group.side_folders.items()})
+                               side_folders={k: [v[i] for i in keep] for k, v in group.side_folders.items()},
+                               input_names=[group.input_names[i] for i in keep])
 
 
 def wrap(outer: MergeMethod, inner: MergeMethod, prefix: str, merge) -> MergeMethod:

@@ -113,6 +113,33 @@ def test_regmean_fallback_method_and_its_parameters(setup, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_regmean_with_slices_that_renumber_layers_takes_each_input_layers_gram(setup, tmp_path, arch):
+    """Two slices of every layer: output layer L + layers comes from input layer L, so its Grams are
+    those of input layer L (found by the input's name, not the output's)."""
+    paths, grams = setup(arch)
+    models = [Checkpoint(p) for p in paths[1:]]
+    layers = 1 + max(int(n.split(".")[n.split(".").index("h" if arch == "gpt2" else "layers") + 1])
+                     for n in models[0].tensors if ".h." in n or ".layers." in n)
+    sources = [{"model": p, "grams": g, "layer_range": [0, layers]} for p, g in zip(paths[1:], grams)]
+    out = run({"merge_method": "regmean", "dtype": "float32", "slices": [{"sources": sources}] * 2}, tmp_path / "out")
+    folder = load_gram_folder(grams[0])
+    marker = ".h." if arch == "gpt2" else ".layers."
+    checked = 0
+    for name in (n for n in models[0].tensors if folder.module_of(n) is not None and marker in n):
+        prefix, rest = name.split(marker)
+        layer, tail = rest.split(".", 1)
+        gs = [gram(g, name, "tokens") for g in grams]
+        transposed = gs[0][1]
+        expected = regression.regmean([m.read(name).T if transposed else m.read(name) for m in models],
+                                      [g for g, _ in gs], 0.9)
+        renumbered = f"{prefix}{marker}{int(layer) + layers}.{tail}"
+        for out_name in (name, renumbered):
+            assert close(out.read(out_name), expected.T if transposed else expected), out_name
+        checked += 1
+    assert checked == sum(marker in m for m in folder.manifest["modules"]) > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_bmm_equals_the_closed_form_around_the_anchor(setup, tmp_path, arch):
     paths, grams = setup(arch)
     anchor = run({"merge_method": "task_arithmetic", "base_model": paths[0], "dtype": "float32",
