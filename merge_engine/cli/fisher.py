@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=VARIANTS, default="empirical",
                    help="targets: the observed next tokens (empirical, default) or draws from the model (sampled)")
     p.add_argument("--per-example", action="store_true",
-                   help="one backward per example (exact); default: one per batch, F += |B| g_B^2")
+                   help="one backward per example (exact); default: one per batch, F += |B|^2 g_B^2")
     p.add_argument("--seed", type=int, default=0, help="seed of the label draws of --variant sampled (default 0)")
     add_model_arguments(p)
     p.add_argument("--fisher-dtype", choices=STATS_DTYPES, default="float32",

@@ -20,10 +20,11 @@ examples that have at least one next-token position.
 
 - per_example=True ("per_example" granularity): one backward per example, F += g_i^2. Exact.
 - per_example=False ("per_batch", cheaper): one backward per batch B of the mean log-likelihood,
-  g_B = (1/|B|) sum_{i in B} g_i, and F += |B| g_B^2. This is an approximation: |B| E[g_B^2] =
-  E[g_i^2] when the per-example gradients are independent with zero mean, which holds for the
-  sampled Fisher (E_y[grad log p(y)] = 0); for the empirical Fisher it includes the cross terms
-  g_i g_j / |B|. With |B| = 1 it equals per_example.
+  g_B = (1/|B|) sum_{i in B} g_i, and F += |B|^2 g_B^2 = (sum_{i in B} g_i)^2. This is an approximation
+  of the same quantity: (sum_i g_i)^2 = sum_i g_i^2 + the cross terms g_i g_j (i != j), whose mean is
+  zero where the per-example gradients are independent with zero mean, which holds for the sampled
+  Fisher (E_y[grad log p(y)] = 0), so there F is unbiased; for the empirical Fisher the cross terms
+  stay. With |B| = 1 it equals per_example.
 
 The model runs in eval mode (dropout off). Each parameter's gradient is folded into its Fisher
 buffer by `accumulate_fisher` (fp32 math) from a post-accumulate-grad hook, which then frees it,
@@ -157,13 +158,14 @@ class _FisherAccumulator:
 
 
 def _backward_step(model, batch, generator, acc: _FisherAccumulator) -> tuple[int, int]:
-    """Backward of the mean log-likelihood of a batch, folded with scale |B|; -> (examples, tokens)."""
+    """Backward of the mean log-likelihood of a batch (bounded gradients in a 16-bit model), folded with
+    scale |B|^2, so that F gets the square of the summed log-likelihood's gradient; -> (examples, tokens)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     ll, positions = sequence_log_likelihoods(logits, batch["input_ids"], batch["attention_mask"], generator)
     examples = int((positions > 0).sum())
     if examples == 0:
         return 0, 0
-    acc.scale = float(examples)
+    acc.scale = float(examples) ** 2
     (ll.sum() / examples).backward()
     return examples, int(positions.sum())
 

@@ -49,15 +49,15 @@ def example_gradients(model64, seq) -> dict[str, torch.Tensor]:
 
 
 def reference_fisher(model, seqs, batch_size=1) -> dict[str, torch.Tensor]:
-    """(1/N) sum_B |B| g_B^2 with g_B the mean example gradient of batch B (per-example for batch_size 1)."""
+    """(1/N) sum_B (sum_{i in B} g_i)^2: the squared gradient of each batch's summed log-likelihood
+    (per-example for batch_size 1)."""
     model64 = copy.deepcopy(model).double()
     seqs = [s for s in seqs if len(s) >= 2]  # no next-token position: not an example
     total: dict[str, torch.Tensor] = {}
     for i in range(0, len(seqs), batch_size):
         grads = [example_gradients(model64, s) for s in seqs[i:i + batch_size]]
         for name in grads[0]:
-            g_batch = sum(g[name] for g in grads) / len(grads)
-            total[name] = total.get(name, 0) + len(grads) * g_batch ** 2
+            total[name] = total.get(name, 0) + sum(g[name] for g in grads) ** 2
     return {name: f / len(seqs) for name, f in total.items()}
 
 
@@ -179,7 +179,7 @@ def test_per_batch_of_one_equals_per_example(tiny_lm, text_file):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_padded_per_batch_matches_batch_formula(tiny_lm, text_file, arch):
-    """|B| g_B^2 on right-padded batches equals the formula from unpadded fp64 example gradients."""
+    """(|B| g_B)^2 on right-padded batches equals the formula from unpadded fp64 example gradients."""
     model, seqs = load_model(tiny_lm(arch)), sequences(text_file)
     result = fisher(model, seqs, batch_size=3)
     assert result.granularity == "per_batch" and result.examples == len(SENTENCES) - 1
@@ -189,6 +189,20 @@ def test_padded_per_batch_matches_batch_formula(tiny_lm, text_file, arch):
     second = reference_fisher(model, kept[3:], 2)
     reference = {n: (3 * f + 2 * second[n]) / 5 for n, f in reference.items()}
     assert_matches_reference(result, reference)
+
+
+def test_per_batch_sampled_fisher_is_unbiased(tiny_lm, text_file):
+    """The sampled Fisher per batch has the per-example one's expectation: the cross terms g_i g_j of a
+    batch's squared summed gradient average out over draws. Compared on the total over every parameter,
+    averaged over 8 seeds (one batch of all the examples, so each draw's cross terms are many): within
+    25% (a Fisher divided by the batch size, as (1/N) sum_B |B| g_B^2 gives, would be ~1/8 of it)."""
+    model, seqs = load_model(tiny_lm("llama")), sequences(text_file)
+
+    def total(**kwargs):
+        return sum(float(f.double().sum()) for seed in range(8)
+                   for f in fisher(model, seqs, variant="sampled", seed=seed, **kwargs).fisher.values())
+    per_batch, per_example = total(), total(per_example=True)
+    assert 0.75 < per_batch / per_example < 1.25, per_batch / per_example
 
 
 def test_padding_is_excluded(tiny_lm, text_file):
