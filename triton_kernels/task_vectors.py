@@ -29,7 +29,7 @@ import triton.language as tl
 
 from merge_engine.ops.backends import KERNEL_DTYPES
 from merge_engine.ops.select import NOTHING_LARGEST, NOTHING_SMALLEST, check_finite, check_ordered, cutoff_mask
-from merge_engine.ops.sparsify import SPARSIFY_CODES, l1_rescale_factor
+from merge_engine.ops.sparsify import SPARSIFY_CODES, l1_rescale_factor, rescale_in_fp32
 
 NONE, MAGNITUDE, RANDOM, OUTLIERS, RANK = (SPARSIFY_CODES[s] for s in ("", "magnitude", "random", "outliers", "rank"))
 BLOCK = 1024  # elements per program
@@ -323,14 +323,15 @@ def _merge_kernel(base_ptr, experts_ptr, out_ptr, weights_ptr, cuts_ptr, probs_p
 
 def _rescale_factors(base, pointers, cuts, probs, mode, key0, key1) -> torch.Tensor:
     """mergekit's L1 rescale factor per expert (fp32 [K]) for DARE's draws: |delta|_1 / |kept|_1, each norm
-    and the ratio rounded to the dtype; 1 (none) when either norm is < 1e-7. Block sums in fp32, their sum
-    in fp64 (the draws differ from mergekit's anyway)."""
+    and the ratio rounded to the dtype (fp16's kept in fp32: ops/sparsify.py, rescale_in_fp32); 1 (none)
+    when either norm is < 1e-7. Block sums in fp32, their sum in fp64 (the draws differ from mergekit's anyway)."""
     n, k = base.numel(), pointers.numel()
     blocks = triton.cdiv(n, BLOCK)
     sums = torch.empty(k, blocks, 2, dtype=torch.float32, device=base.device)
     _l1_kernel[(blocks, k)](base, pointers, sums, cuts, probs, n, key0, key1, MODE=mode, BLOCK=BLOCK, **_IEEE)
-    before, after = sums.sum(dim=1, dtype=torch.float64).float().to(base.dtype).float().unbind(-1)
-    ratio = (before / after).to(base.dtype).float()
+    work = torch.float32 if base.dtype == torch.float16 else base.dtype
+    before, after = sums.sum(dim=1, dtype=torch.float64).float().to(work).float().unbind(-1)
+    ratio = (before / after).to(work).float()
     return torch.where((before >= 1e-7) & (after >= 1e-7), ratio, torch.ones_like(ratio))
 
 
@@ -343,7 +344,10 @@ def _cutoff_rescale_factors(base, experts, cuts: list[tuple[int, int, int, int]]
         delta = expert - base
         cut = functools.partial(torch.tensor, dtype=torch.int64)
         keep = cutoff_mask(delta, cut([hi_t, hi_c]), largest) & ~cutoff_mask(delta, cut([lo_t, lo_c]), largest)
-        factor = l1_rescale_factor(delta, delta * keep.to(delta.dtype))
+        kept = delta * keep.to(delta.dtype)
+        if rescale_in_fp32(delta, kept, drawn=False):
+            delta, kept = delta.float(), kept.float()
+        factor = l1_rescale_factor(delta, kept)
         factors.append(1.0 if factor is None else float(factor))
     return torch.tensor(factors, dtype=torch.float32, device=base.device)
 

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "bit_packing.h"
@@ -48,9 +49,14 @@ struct L1Sums {
 
 }  // namespace
 
-// The factor from the two norms, each already rounded to T (as torch's sum of a tensor of T returns).
-template <typename T> float factor_of(float before, float after) {
-  return before >= 1e-7f && after >= 1e-7f ? rnd<T>(before / after) : NAN;
+// fp16's rescale is computed in fp32 where ops/sparsify.py's rescale_in_fp32 says: always for drawn masks
+// (mergekit's fp32 work dtype for fp16 DARE and DELLA), and for cut-off masks where an fp16 norm overflows.
+template <typename T> constexpr bool kHalf = std::is_same_v<T, c10::Half>;
+
+// The factor from the two norms, each already rounded to T (as torch's sum of a tensor of T returns), and
+// itself rounded to T; U = float: the norms and the factor in fp32.
+template <typename U> float factor_of(float before, float after) {
+  return before >= 1e-7f && after >= 1e-7f ? rnd<U>(before / after) : NAN;
 }
 
 // The cut-off modes' factors (TIES's and breadcrumbs' `rescale: true`), whose keep rule is no draw but
@@ -66,7 +72,6 @@ std::vector<float> cutoff_rescale_factors(const Params& P, const torch::Tensor& 
   const int64_t n = base.numel(), span = items.span;
   for (int i = 0; i < K; ++i) {
     const torch::Tensor magnitude = at::sub(experts[i], base).abs_();  // |delta| in T, as the reference
-    const float before = magnitude.sum().item<float>();
     torch::Tensor keep = at::empty({n}, base.options().dtype(at::kByte));
     const T* d = magnitude.data_ptr<T>();  // a magnitude's key is its delta's
     uint8_t* k = keep.data_ptr<uint8_t>();
@@ -76,8 +81,11 @@ std::vector<float> cutoff_rescale_factors(const Params& P, const torch::Tensor& 
         keep_flags<T>(P, i, d + start, start, len, cols, k + start, nullptr);
       }
     });
-    const float after = magnitude.mul_(keep.view(magnitude.sizes())).sum().item<float>();  // |delta| * keep
-    factors[i] = factor_of<T>(before, after);
+    const torch::Tensor kept = magnitude * keep.view(magnitude.sizes());  // |delta| * keep
+    const float before = magnitude.sum().item<float>(), after = kept.sum().item<float>();
+    factors[i] = kHalf<T> && !(std::isfinite(before) && std::isfinite(after))
+                     ? factor_of<float>(magnitude.to(at::kFloat).sum().item<float>(), kept.to(at::kFloat).sum().item<float>())
+                     : factor_of<T>(before, after);
   }
   return factors;
 }
@@ -111,8 +119,9 @@ std::vector<float> rescale_factors(const Params& P, const T* base, const std::ve
       }
       before[chunk] = sums.total(), after[chunk] = sums.kept();
     });
-    factors[i] = factor_of<T>(rnd<T>(static_cast<float>(std::accumulate(before.begin(), before.end(), 0.0))),
-                              rnd<T>(static_cast<float>(std::accumulate(after.begin(), after.end(), 0.0))));
+    const float b = static_cast<float>(std::accumulate(before.begin(), before.end(), 0.0));
+    const float a = static_cast<float>(std::accumulate(after.begin(), after.end(), 0.0));
+    factors[i] = kHalf<T> ? factor_of<float>(b, a) : factor_of<T>(rnd<T>(b), rnd<T>(a));  // drawn masks
   }
   return factors;
 }

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "fused_merge.cuh"
@@ -74,10 +75,11 @@ __global__ void l1_factors_kernel(const double* partials, int blocks, float* fac
   const double b = Reduce(tmp).Sum(before);
   __syncthreads();
   const double s = Reduce(tmp).Sum(after);
-  if (threadIdx.x == 0) {
-    const float bt = round_f<D>(static_cast<float>(b));
-    const float at = round_f<D>(static_cast<float>(s));
-    factors[i] = bt >= 1e-7f && at >= 1e-7f ? round_f<D>(bt / at) : NAN;
+  if (threadIdx.x == 0) {  // fp16's in fp32 (drawn masks: csrc/cpu/rescale.cpp, kHalf)
+    using U = std::conditional_t<std::is_same_v<D, __half>, float, D>;
+    const float bt = round_f<U>(static_cast<float>(b));
+    const float at = round_f<U>(static_cast<float>(s));
+    factors[i] = bt >= 1e-7f && at >= 1e-7f ? round_f<U>(bt / at) : NAN;
   }
 }
 
@@ -97,12 +99,17 @@ at::Tensor cutoff_rescale_factors(const MergeArgs<D>& a, const at::Tensor& base,
   std::vector<float> factors(a.K, NAN);
   for (int i = 0; i < a.K; ++i) {
     const at::Tensor magnitude = at::sub(experts[i], base).abs_();  // |delta| in T, as the reference
-    const float before = magnitude.sum().item<float>();
     at::Tensor keep = at::empty({a.n}, base.options().dtype(at::kByte));
     cutoff_keep_kernel<D><<<grid_for(a.n, kThreads), kThreads, 0, stream>>>(a, i, keep.data_ptr<uint8_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const float after = magnitude.mul_(keep.view(magnitude.sizes())).sum().item<float>();
-    if (before >= 1e-7f && after >= 1e-7f) factors[i] = host_round<D>(before / after);
+    const at::Tensor kept = magnitude * keep.view(magnitude.sizes());
+    float before = magnitude.sum().item<float>(), after = kept.sum().item<float>();
+    if (std::is_same_v<D, __half> && !(std::isfinite(before) && std::isfinite(after))) {  // an fp16 norm overflows
+      before = magnitude.to(at::kFloat).sum().item<float>(), after = kept.to(at::kFloat).sum().item<float>();
+      if (before >= 1e-7f && after >= 1e-7f) factors[i] = before / after;  // in fp32 (csrc/cpu/rescale.cpp)
+    } else if (before >= 1e-7f && after >= 1e-7f) {
+      factors[i] = host_round<D>(before / after);
+    }
   }
   return at::tensor(factors, at::TensorOptions().dtype(at::kFloat)).to(base.device());
 }

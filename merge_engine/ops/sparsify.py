@@ -28,15 +28,29 @@ def l1_rescale_factor(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor | Non
     return before / after
 
 
-def rescale_l1(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """mergekit's rescale: scale the kept part so its L1 norm matches the original's."""
+def rescale_l1(x: torch.Tensor, kept: torch.Tensor, drawn: bool = False) -> torch.Tensor:
+    """mergekit's rescale: scale the kept part so its L1 norm matches the original's, in x's dtype, as
+    mergekit computes it, but for fp16 in fp32 where rescale_in_fp32 says (drawn: a random mask)."""
+    if rescale_in_fp32(x, kept, drawn):
+        factor = l1_rescale_factor(x.float(), kept.float())
+        return kept if factor is None else (kept.float() * factor).to(x.dtype)
     factor = l1_rescale_factor(x, kept)
     return kept if factor is None else kept * factor
 
 
-def _apply(x: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
+def rescale_in_fp32(x: torch.Tensor, kept: torch.Tensor, drawn: bool) -> bool:
+    """Whether an fp16 tensor's rescale (norms, factor, scaled values) is computed in fp32: for a random
+    mask (DARE, DELLA) always, as mergekit works in fp32 there (on the CPU, which has no fp16 Bernoulli
+    draws); for a cut-off mask (TIES, breadcrumbs), which mergekit rescales in fp16, only where an fp16
+    norm overflows (a sum of |delta| past 65504, where mergekit's factor and every kept value become Inf or NaN)."""
+    if x.dtype != torch.float16:
+        return False
+    return drawn or not (bool(torch.isfinite(x.abs().sum())) and bool(torch.isfinite(kept.abs().sum())))
+
+
+def _apply(x: torch.Tensor, keep: torch.Tensor, rescale: bool, drawn: bool = False) -> torch.Tensor:
     kept = x * keep.to(x.dtype)  # multiply (not where) to keep mergekit's signed zeros
-    return rescale_l1(x, kept) if rescale else kept
+    return rescale_l1(x, kept, drawn) if rescale else kept
 
 
 def check_finite_values(op_name: str, **values: float) -> None:
@@ -80,7 +94,7 @@ def drop_random(x: torch.Tensor, density: float, seed: int, tensor_name: str, st
     if density >= 1:
         return x.clone()
     u = uniform(x.numel(), philox_key(seed, tensor_name), stream, x.device).reshape(x.shape)
-    return _apply(x, u < torch.tensor(density, dtype=torch.float32), rescale)
+    return _apply(x, u < torch.tensor(density, dtype=torch.float32), rescale, drawn=True)
 
 
 @op("trim_outliers", fake="x")
@@ -145,7 +159,7 @@ def drop_by_rank(x: torch.Tensor, density: float, epsilon: float, seed: int, ten
     check_della(density, epsilon)
     p = della_keep_probability(x, density, epsilon)
     u = uniform(x.numel(), philox_key(seed, tensor_name), stream, x.device).reshape(x.shape)
-    return _apply(x, u < p, rescale)
+    return _apply(x, u < p, rescale, drawn=True)
 
 
 # sparsify= of merge_task_vectors -> the mode code the kernels take (csrc/task_vectors.h's enum Mode and

@@ -18,7 +18,7 @@ from merge_engine.ops.consensus import _merge_with, merge_task_vectors_reference
 from merge_engine.ops.random import philox_key, uniform
 from merge_engine.ops.select import magnitude_cutoff_reference
 from tests.conftest import DTYPES, SIZES, pairwise, seed_of
-from tests.csrc.kernel_checks import make_inputs
+from tests.csrc.kernel_checks import make_inputs, weighted_contributions
 from tests.kernels.conftest import on, per_backend
 
 FAMILY = "task_vectors"
@@ -88,6 +88,30 @@ def test_cutoff_rescale_identical_to_reference(backend, dtype, sparsify, shape):
     got = _merge_with(backend.module, base, experts, **kw)
     want = merge_task_vectors_reference(base, experts, **kw)
     assert torch.equal(got, want), f"seed {seed}: {int((got != want).sum())} elements differ"
+
+
+@per_backend("sparsify", {name: [(mode,) for mode in modes if mode] for name, modes in MODES.items()})
+def test_fp16_rescale_past_the_fp16_range(backend, sparsify):
+    """|delta| ~ 3 over 40000 fp16 elements: L1 norms past fp16's 65504, which the reference takes in fp32
+    (ops/sparsify.py: rescale_in_fp32). Every backend's merge is finite. The cut-off modes' norms are torch's
+    sums, so the merge is the reference's bit for bit; the drawn modes' fp32 norms are sums in each kernel's
+    order (a relative difference of about 1e-6 in the factor), so a rescaled delta may round to the other
+    neighbouring fp16 value: one fp16 rounding of each weighted delta, of the two experts' sum and of the base
+    added, at most 4 units of fp16 roundoff (2^-11) of |base| + sum_i |w_i kept_i| (fp64)."""
+    g = torch.Generator().manual_seed(21)
+    base = torch.randn(40_000, generator=g).half()
+    experts = [(base.float() + 3 * torch.randn(40_000, generator=g)).half() for _ in range(2)]
+    kw = dict(weights=[0.7, 0.4], densities=[0.3, 0.6], sparsify=sparsify, consensus=True, normalize=False,
+              rescale=True, gammas=[0.02, 0.02], epsilons=[0.1, 0.1], seed=5, tensor_name="w")
+    got = _merge_with(backend.module, backend.put(base), backend.put(experts), **kw).cpu()
+    want = merge_task_vectors_reference(base, experts, **kw)
+    assert torch.isfinite(want).all() and torch.isfinite(got).all()
+    if sparsify in ("magnitude", "outliers"):
+        assert torch.equal(got, want), f"{int((got != want).sum())} elements differ"
+        return
+    _, total = weighted_contributions(base, experts, kw)
+    bound = 4 * 2.0 ** -11 * (base.double().abs() + total)
+    assert ((got.double() - want.double()).abs() <= bound).all()
 
 
 @on()

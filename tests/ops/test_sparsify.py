@@ -53,6 +53,54 @@ def test_rescale_l1_preserves_norm():
     assert torch.equal(y != 0, ops.trim_by_magnitude(x, 0.3) != 0)
 
 
+def mergekit_rescale(x, mask, work):
+    """mergekit 0.1.5's rescaled_masked_tensor on x.to(work) (its bernoulli and della_magprune work in fp32 for
+    fp16 tensors on the CPU; its magnitude and magnitude_outliers in the tensor's dtype), back in x's dtype."""
+    t = x.to(work)
+    masked = t * mask.to(work)
+    before, after = t.abs().sum(), masked.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return masked.to(x.dtype)
+    return (masked * (before / after)).to(x.dtype)
+
+
+# |delta| ~ 0.1 (a sum of ~650 over 8192 elements) and ~3 (~96000, past fp16's 65504 over 40000 elements)
+FP16_DELTAS = {"in range": (8192, 0.1), "past fp16": (40_000, 3.0)}
+
+
+@pytest.mark.parametrize("case", FP16_DELTAS)
+@pytest.mark.parametrize("sparsifier", ["random", "rank"])
+def test_fp16_drawn_rescale_is_mergekits_fp32_work(case, sparsifier):
+    n, scale = FP16_DELTAS[case]
+    x = (scale * rand((n,), torch.float32, 11)).half()
+    if sparsifier == "random":
+        y = ops.drop_random(x, 0.4, 3, "w", 1, rescale=True)
+        mask = ops.drop_random(x, 0.4, 3, "w", 1, rescale=False) != 0
+    else:
+        y = ops.drop_by_rank(x.reshape(64, -1), 0.4, 0.1, 3, "w", 1, rescale=True).flatten()
+        mask = ops.drop_by_rank(x.reshape(64, -1), 0.4, 0.1, 3, "w", 1, rescale=False).flatten() != 0
+    assert torch.isfinite(y).all()
+    assert torch.equal(y, mergekit_rescale(x, mask, torch.float32))
+
+
+@pytest.mark.parametrize("case", FP16_DELTAS)
+@pytest.mark.parametrize("sparsifier", ["magnitude", "outliers"])
+def test_fp16_cutoff_rescale_is_mergekits_until_its_norm_overflows(case, sparsifier):
+    """mergekit rescales TIES's and breadcrumbs' fp16 deltas in fp16: the same bits while the norms fit; past
+    65504 its factor (Inf over the kept norm) makes every kept value Inf or NaN, where the engine takes the
+    norms in fp32."""
+    n, scale = FP16_DELTAS[case]
+    x = (scale * rand((n,), torch.float32, 12)).half()
+    y = ops.trim_by_magnitude(x, 0.3, rescale=True) if sparsifier == "magnitude" else ops.trim_outliers(x, 0.3, 0.01, True)
+    mask = (ops.trim_by_magnitude(x, 0.3) if sparsifier == "magnitude" else ops.trim_outliers(x, 0.3, 0.01)) != 0
+    fp16 = mergekit_rescale(x, mask, torch.float16)
+    if case == "in range":
+        assert torch.equal(y, fp16)
+    else:
+        assert not torch.isfinite(fp16[mask]).any() and torch.isfinite(y).all()
+        assert torch.equal(y, mergekit_rescale(x, mask, torch.float32))
+
+
 @pytest.mark.parametrize("shape", [(1,), (100,), (31, 7)])
 @pytest.mark.parametrize("density,gamma", [(0.5, 0.01), (0.9, 0.05), (0.2, 0.3), (0.1, 0.0)])
 def test_outlier_window(shape, density, gamma):
