@@ -18,7 +18,15 @@ from merge_engine.dtypes import DTYPES
 from merge_engine.errors import CheckpointError, ConfigError
 from merge_engine.io.untrusted import open_regular
 from merge_engine.methods import REGISTRY, MergeMethod
-from merge_engine.parameters import ParamSpec, Scope, is_boolean_number, setting_leaves, setting_shape_problem
+from merge_engine.parameters import (
+    ParamSpec,
+    Scope,
+    gives,
+    holds_empty_list,
+    is_boolean_number,
+    setting_leaves,
+    setting_shape_problem,
+)
 
 _KNOWN_KEYS = {"merge_method", "base_model", "models", "slices", "modules", "dtype", "out_dtype",
                "tokenizer_source", "tokenizer", "chat_template", "parameters"}
@@ -455,7 +463,15 @@ def _check_parameters(cfg: MergeConfig, problems: list[str], strict: bool = Fals
             shape = setting_shape_problem(setting)
             if shape:
                 problems.append(f"{where}.{name}: {shape}")
-            elif name not in specs:
+                continue
+            if holds_empty_list(setting):
+                empty = f"{where}.{name}: an empty list sets nothing"
+                if strict:
+                    problems.append(f"{empty} (--strict refuses it)")
+                else:
+                    warnings.warn(f"{empty}: the enclosing parameters' value (or the default) applies, as in "
+                                  "mergekit (--strict refuses it)")
+            if name not in specs:
                 ignored.add(name)
             else:
                 for leaf in setting_leaves(setting):
@@ -509,12 +525,12 @@ def _check_required(cfg: MergeConfig, problems: list[str]) -> None:
         chain = [s.parameters or {}, cfg.parameters or {}]
         for spec in (p for p in cfg.method.params if p.required):
             if spec.scope == Scope.SHARED:
-                if not any(spec.name in scope for scope in chain):
+                if not any(gives(scope, spec.name) for scope in chain):
                     problems.append(f"{where}: merge method '{cfg.method.name}' needs parameter '{spec.name}'")
                 continue
             for src in s.sources:
                 if spec.scope == Scope.NON_BASE and src.model == cfg.slice_base(s):
                     continue
-                if not any(spec.name in scope for scope in [src.parameters or {}, *chain]):
+                if not any(gives(scope, spec.name) for scope in [src.parameters or {}, *chain]):
                     problems.append(f"{where}[{src.model}]: merge method '{cfg.method.name}' needs "
                                     f"parameter '{spec.name}' for this model")

@@ -161,12 +161,22 @@ def setting_shape_problem(setting: Setting) -> str | None:
             return f"filter must be a tensor-name substring, got {flt!r}"
         return setting_shape_problem(setting["value"])
     if isinstance(setting, list):
-        if not setting:
-            return "an empty list"
         if all(is_scalar(e) for e in setting) or all(is_condition(e) for e in setting):
             return next((p for e in setting if is_condition(e) for p in [setting_shape_problem(e)] if p), None)
         return "a list mixing scalars and {filter, value} entries"
     return f"not a scalar, gradient list or {{filter, value}} entry: {setting!r}"
+
+
+def holds_empty_list(setting: Setting) -> bool:
+    """An empty list, as the setting or a filter's value: it sets nothing (mergekit: the next scope decides)."""
+    if is_condition(setting):
+        return holds_empty_list(setting["value"])
+    return isinstance(setting, list) and (not setting or any(holds_empty_list(e) for e in setting if is_condition(e)))
+
+
+def gives(scope: Mapping[str, Setting] | None, name: str) -> bool:
+    """Whether a parameters mapping sets `name` (an empty list sets nothing)."""
+    return bool(scope) and name in scope and scope[name] != []
 
 
 def setting_leaves(setting: Setting) -> Iterable[Any]:
@@ -181,11 +191,14 @@ def setting_leaves(setting: Setting) -> Iterable[Any]:
 
 
 def evaluate_setting(tensor_name: str, setting: Setting, t: float, spec: ParamSpec) -> Any:
-    """The value a setting takes for one tensor at layer position t; None when no filter matched."""
+    """The value a setting takes for one tensor at layer position t; None when no filter matched or the
+    setting is an empty list (as in mergekit: the next scope decides)."""
     if is_condition(setting):
         setting = [setting]
     if is_scalar(setting):
         return spec.validate(setting)
+    if not setting:
+        return None
     if all(is_scalar(e) for e in setting):
         values = [spec.validate(e) for e in setting]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):

@@ -23,7 +23,18 @@ from merge_engine.parameters import Scope, resolve
 from merge_engine.vocabulary import RowRecipe, Vocabulary, build_vocabulary, truncated_rows
 
 log = logging.getLogger("merge_engine")
-_PRE_LAYER_MARKERS = ("embed", "wte", "wpe")  # embeddings come before the layers, norms and heads after
+# Outside the layers, embeddings and position encodings come before them (the first slice's sources and
+# parameters merge them), norms and heads after (the last slice's), as mergekit's architectures list them
+# (GPT-NeoX's output head is embed_out; ChatGLM's rotary inverse frequencies and Jais's ALiBi slopes come first).
+_PRE_LAYER_MARKERS = ("embed", "wte", "wpe", "rotary_pos_emb", "relative_pe")
+_POST_LAYER_MARKERS = ("embed_out",)
+
+
+def before_layers(name: str) -> bool:
+    """Whether a tensor outside the layers is merged with the first slice (else with the last)."""
+    return any(m in name for m in _PRE_LAYER_MARKERS) and not any(m in name for m in _POST_LAYER_MARKERS)
+
+
 # Output heads an input may lack because its config ties them to its embeddings. mergekit's architectures list
 # them as optional weights with these tied names: planned when any input has one, and an input without it merges
 # its embeddings in its place.
@@ -149,7 +160,7 @@ def build_plan(cfg: MergeConfig, allow_crimes: bool = False, truncate_vocabulary
     outside = [n for n in template.tensors if split_layer_name(n) is None]
     outside += [n for n in TIED_HEADS if n not in outside and any(n in plan.models[src.model].tensors
                                                                   for src in last.sources)]
-    pre = [n for n in outside if any(m in n for m in _PRE_LAYER_MARKERS)]
+    pre = [n for n in outside if before_layers(n)]
     post = [n for n in outside if n not in pre]
     for name in pre:
         _plan_tensor(plan, first, name, _input_names(plan, first, name), 0.0, problems, outside_layers=True)

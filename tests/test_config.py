@@ -38,6 +38,21 @@ def test_precedence_most_specific_first():
         resolve(W, [None, None], "x", 0, "model a")
 
 
+def test_an_empty_list_sets_nothing_as_in_mergekit():
+    """mergekit evaluates [] to None, so the enclosing parameters (or the default) decide; so does a filter
+    whose value is []. Warned about (--strict refuses it)."""
+    assert resolve(W, [{"weight": []}, None, {"weight": 0.3}], "x", 0, "m") == 0.3
+    assert evaluate_setting("x", [{"filter": "x", "value": []}, {"value": 0.9}], 0, W) is None
+    raw = ties_with(0, {"weight": []})
+    raw["parameters"]["weight"] = 0.3
+    with pytest.warns(UserWarning, match=r"models\[/e1\]\.parameters\.weight: an empty list sets nothing"):
+        parse_config(raw)
+    with pytest.raises(ConfigError, match="an empty list sets nothing .--strict refuses it"):
+        parse_config(raw, strict=True)
+    with pytest.raises(ConfigError, match="needs parameter 'weight' for this model"), pytest.warns(UserWarning):
+        parse_config(ties_with(0, {"weight": []}))
+
+
 def ties_config(**over):
     cfg = {"merge_method": "ties", "base_model": "/b", "parameters": {"normalize": True},
            "models": [{"model": "/e1", "parameters": {"weight": 0.5, "density": 0.5}},

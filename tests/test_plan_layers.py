@@ -11,7 +11,7 @@ from merge_engine import parse_config
 from merge_engine.demo import make_synthetic_llama
 from merge_engine.errors import ConfigError
 from merge_engine.io.checkpoint import split_layer_name
-from merge_engine.plan import build_plan
+from merge_engine.plan import before_layers, build_plan
 
 SHAPE = dict(layers=2, hidden=16, intermediate=32, vocab=32)
 
@@ -101,3 +101,15 @@ def test_a_folder_without_tensors_or_with_a_huge_count_of_unseen_layers_is_refus
         build_plan(linear(folders[0], folders[2]))
     with pytest.raises(ConfigError, match="unseen: config.json says 1000000000000 layers, and no tensor is a layer's"):
         build_plan(linear(folders[1], folders[2]))
+
+
+@pytest.mark.parametrize("name, first", [
+    ("model.embed_tokens.weight", True), ("transformer.wte.weight", True), ("transformer.wpe.weight", True),
+    ("gpt_neox.embed_in.weight", True), ("transformer.rotary_pos_emb.inv_freq", True),
+    ("transformer.relative_pe.slopes", True), ("embed_out.weight", False), ("lm_head.weight", False),
+    ("model.norm.weight", False), ("gpt_neox.final_layer_norm.weight", False), ("transformer.ln_f.bias", False)])
+def test_tensors_outside_the_layers_go_with_the_first_or_last_slice_as_in_mergekit(name, first):
+    """mergekit's architectures list embeddings and position encodings as pre weights (merged with the first
+    slice's sources and parameters), norms and heads as post weights (the last slice's): GPT-NeoX's head,
+    embed_out, among them."""
+    assert before_layers(name) == first
