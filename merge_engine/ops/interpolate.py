@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from merge_engine.ops.library import check_out, op, promoted
+from merge_engine.ops.library import check_out, contiguous, op, promoted
 
 SLERP_DOT_THRESHOLD = 0.9995
 SLERP_EPS = 1e-8
@@ -17,7 +17,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@op("weighted_sum", fake="tensors", out=True)
+@op("weighted_sum", fake=contiguous("tensors"), out=True)
 def weighted_sum(tensors: list[torch.Tensor], weights: list[float], normalize: bool = True,
                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """sum_i w_i x_i (divided by sum_i w_i if normalize), accumulated in fp32, in the first input's dtype,
@@ -97,7 +97,7 @@ class _ChunkPairs:
             yield start, cx, cy
 
 
-@op("slerp", fake="a", out=True)
+@op("slerp", fake=contiguous("a"), out=True)
 def slerp(t: float, a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Spherical interpolation of the whole flattened tensors (t = 0 gives a), linear when
     |cos| > 0.9995; computed in fp32 (fp64 for fp64), returned in a's dtype (written into `out`, a
@@ -132,7 +132,7 @@ def _unit(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=eps)
 
 
-@op("nuslerp", fake=promoted("a", "b"))
+@op("nuslerp", fake=promoted("a", "b", contiguous=True))
 def nuslerp(t: float, a: torch.Tensor, b: torch.Tensor, row_wise: bool = False, flatten: bool = True) -> torch.Tensor:
     """mergekit's nuslerp: slerp along the last dim (dim 0 if row_wise), or of the whole tensor
     if flatten; collinear vectors ((1 - cos^2) <= 1e-16) interpolate linearly. Input dtype throughout."""
@@ -153,7 +153,7 @@ def nuslerp(t: float, a: torch.Tensor, b: torch.Tensor, row_wise: bool = False, 
     return result.reshape(shape).contiguous()
 
 
-@op("multislerp", fake=promoted("tensors", "base"))
+@op("multislerp", fake=promoted("tensors", "base", contiguous=True))
 def multislerp(tensors: list[torch.Tensor], weights: list[float], base: Optional[torch.Tensor] = None,
                normalize_weights: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """mergekit's multislerp: barycentric interpolation of K tensors on the hypersphere (whole flattened

@@ -43,13 +43,23 @@ _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 class promoted:
     """fake=promoted("base", "experts", at_least=torch.float32): the result has the first named argument's
-    shape (the first tensor of a list) and the dtype torch promotes every named tensor (and at_least) to."""
+    shape (the first tensor of a list) and the dtype torch promotes every named tensor (and at_least) to;
+    contiguous=True: it is contiguous whatever the inputs' strides (else it has the first one's)."""
 
-    def __init__(self, *arguments: str, at_least: torch.dtype | None = None):
+    def __init__(self, *arguments: str, at_least: torch.dtype | None = None, contiguous: bool = False):
         self.arguments, self.at_least = arguments, at_least
+        self.memory_format = torch.contiguous_format if contiguous else torch.preserve_format
 
 
-def op(name: str, *, mutates_args=(), fake: str | promoted | Callable | None = None, out: bool = False,
+class contiguous:
+    """fake=contiguous("a"): the named argument's shape and dtype (the first tensor of a list), contiguous
+    whatever its strides (fake="a" keeps them), for ops that always return a fresh contiguous result."""
+
+    def __init__(self, argument: str):
+        self.argument = argument
+
+
+def op(name: str, *, mutates_args=(), fake: str | promoted | contiguous | Callable | None = None, out: bool = False,
        differentiable: bool = False) -> Callable:
     """Declare the decorated reference as the op merge_engine::<name> (see the module docstring). `fake`
     names the argument whose shape and dtype the result has (the first tensor of a list), says how the
@@ -86,7 +96,9 @@ class _Declared:
         self.functional = getattr(torch.ops.merge_engine, name).default
         _declare_implementation(self.functional, functional)
         if isinstance(fake, str):
-            fake = self._empty_like(fake)
+            fake = self._empty_like(fake, torch.preserve_format)
+        if isinstance(fake, contiguous):
+            fake = self._empty_like(fake.argument, torch.contiguous_format)
         if isinstance(fake, promoted):
             fake = self._empty_promoted(fake)
         if fake is None and not self.functional._schema.returns:  # mutates only: nothing to make
@@ -139,11 +151,11 @@ class _Declared:
         functional.__signature__ = self.signature
         return functional
 
-    def _empty_like(self, argument: str) -> Callable:
+    def _empty_like(self, argument: str, memory_format: torch.memory_format) -> Callable:
         def fake(*args, **kwargs):
             bound = self.signature.bind(*args, **kwargs)
             value = bound.arguments[argument]
-            return torch.empty_like(value[0] if isinstance(value, (list, tuple)) else value)
+            return torch.empty_like(value[0] if isinstance(value, (list, tuple)) else value, memory_format=memory_format)
         return fake
 
     def _empty_promoted(self, rule: promoted) -> Callable:
@@ -156,7 +168,7 @@ class _Declared:
                 tensors += list(value) if isinstance(value, (list, tuple)) else [] if value is None else [value]
             dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors[1:]], tensors[0].dtype)
             return torch.empty_like(tensors[0], dtype=dtype if rule.at_least is None
-                                    else torch.promote_types(dtype, rule.at_least))
+                                    else torch.promote_types(dtype, rule.at_least), memory_format=rule.memory_format)
         return fake
 
 

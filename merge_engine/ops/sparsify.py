@@ -66,7 +66,7 @@ def topk_count(numel: int, density: float) -> int:
     return max(1, int(density * numel))
 
 
-@op("magnitude_topk_mask", fake=lambda x, k: torch.empty_like(x, dtype=torch.bool))
+@op("magnitude_topk_mask", fake=lambda x, k: torch.empty(x.shape, dtype=torch.bool, device=x.device))
 def magnitude_topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k largest |x| over the whole tensor (ties: lower index first)."""
     return cutoff_mask(x, magnitude_cutoff(x, k, True), True)
