@@ -10,7 +10,7 @@ import torch
 
 from merge_engine.ops import backends
 from merge_engine.ops import sparsify as sp
-from merge_engine.ops.library import op
+from merge_engine.ops.library import kernel_out, op
 from merge_engine.ops.random import philox_key
 from merge_engine.ops.select import check_finite
 
@@ -111,7 +111,9 @@ def merge_task_vectors(base: torch.Tensor, experts: list[torch.Tensor], weights:
     densities (and gammas for breadcrumbs, epsilons for DELLA): one value per expert; sparsify: "" (none),
     "magnitude" (TIES), "random" (DARE), "outliers" (breadcrumbs) or "rank" (DELLA); consensus: TIES sign
     election; seed and tensor_name key the random draws. Returns base + lambda_ * merged deltas in base's
-    dtype, written into `out` (a tensor of base's shape and dtype) when one is given."""
+    dtype, written into `out` (a tensor of base's shape and dtype) when one is given. An input holding NaN or
+    Inf raises ValueError; the compiled kernels find it in the pass that writes the result, so `out` may then
+    hold part of a result, as an ATen out= argument may after an error."""
     return merge_task_vectors_reference(base, experts, weights, densities, sparsify, consensus, normalize, rescale,
                                         lambda_, gammas, epsilons, seed, tensor_name)
 
@@ -170,6 +172,7 @@ def _merge_with(backend, base, experts, weights, densities, sparsify="", consens
         for d, e in zip(densities, epsilons):
             sp.check_della(d, e)
     key0, key1 = philox_key(seed, tensor_name)
+    out = kernel_out("merge_task_vectors", out, base, [base, *experts])
     return backend.merge_task_vectors(base, list(experts), list(weights), codes[sparsify], [c[0] for c in counts],
                                       [c[1] for c in counts], list(densities), list(epsilons or []), consensus,
                                       normalize, rescale, lambda_, key0, key1, *([out] if out is not None else []))

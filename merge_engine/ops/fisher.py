@@ -13,12 +13,13 @@ exactly. Where every weighted Fisher is zero (all floors 0), the output is the f
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
 from merge_engine.ops import backends
-from merge_engine.ops.library import op
+from merge_engine.ops.library import kernel_out, op, spans_overlap
 
 FISHER_DTYPES = backends.KERNEL_DTYPES  # of the Fisher buffers and gradients the kernels take
 
@@ -29,18 +30,22 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # ---- accumulate_fisher ----
 
-def check_accumulate_args(fisher: torch.Tensor, grad: torch.Tensor) -> None:
+def check_accumulate_args(fisher: torch.Tensor, grad: torch.Tensor, scale: float) -> None:
     if fisher.shape != grad.shape:
         raise ValueError(f"accumulate_fisher: fisher has shape {list(fisher.shape)} but grad {list(grad.shape)}")
     if fisher.device != grad.device:
         raise ValueError(f"accumulate_fisher: fisher is on {fisher.device} but grad on {grad.device}")
     if not fisher.dtype.is_floating_point or not grad.dtype.is_floating_point:
         raise ValueError("accumulate_fisher: fisher and grad must be floating point")
+    if spans_overlap(fisher, grad):  # the kernels read grad while they write fisher
+        raise ValueError("accumulate_fisher: fisher and grad share memory")
+    if not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"accumulate_fisher: scale must be a finite number >= 0, got {scale}")
 
 
 def accumulate_fisher_reference(fisher: torch.Tensor, grad: torch.Tensor, scale: float) -> None:
     """fisher += (g * g) * scale in the accumulation dtype, stored back in fisher's dtype."""
-    check_accumulate_args(fisher, grad)
+    check_accumulate_args(fisher, grad, scale)
     acc = accumulation_dtype(fisher.dtype)
     g = grad.detach().to(acc)
     term = (g * g) * torch.tensor(scale, dtype=acc)
@@ -49,7 +54,8 @@ def accumulate_fisher_reference(fisher: torch.Tensor, grad: torch.Tensor, scale:
 
 @op("accumulate_fisher", mutates_args=("fisher",))
 def accumulate_fisher(fisher: torch.Tensor, grad: torch.Tensor, scale: float) -> None:
-    """In place: fisher += scale * grad^2, reading grad in its own dtype (fp32 math, see the reference)."""
+    """In place: fisher += scale * grad^2 (scale finite, >= 0), reading grad in its own dtype (fp32 math, see
+    the reference). fisher and grad must not share memory."""
     accumulate_fisher_reference(fisher, grad, scale)
 
 
@@ -57,7 +63,7 @@ def _accumulate_with(backend, fisher, grad, scale):
     if (backend is None or fisher.dtype not in FISHER_DTYPES or grad.dtype not in FISHER_DTYPES
             or not fisher.is_contiguous() or not grad.is_contiguous()):
         return accumulate_fisher_reference(fisher, grad, scale)
-    check_accumulate_args(fisher, grad)
+    check_accumulate_args(fisher, grad, scale)
     backend.accumulate_fisher(fisher, grad, scale)
 
 
@@ -141,6 +147,7 @@ def _merge_with(backend, params, fishers, coefficients, floors, out=None):
     if backend is None or not backends.served_by_kernels(*params) or not backends.served_by_kernels(*fishers):
         return fisher_merge_reference(params, fishers, coefficients, floors)
     check_merge_args(params, fishers, coefficients, floors)
+    out = kernel_out("fisher_merge", out, params[0], [*params, *fishers])
     return backend.fisher_merge(list(params), list(fishers), list(coefficients), list(floors),
                                 *([out] if out is not None else []))
 

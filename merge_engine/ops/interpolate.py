@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from merge_engine.ops.library import check_out, contiguous, op, promoted
+from merge_engine.ops.library import check_out, contiguous, op, promoted, spans_overlap
 
 SLERP_DOT_THRESHOLD = 0.9995
 SLERP_EPS = 1e-8
@@ -30,7 +30,7 @@ def weighted_sum(tensors: list[torch.Tensor], weights: list[float], normalize: b
     dtype = _compute_dtype(first)
     w = torch.tensor(weights, dtype=torch.float64).to(dtype).to(first.device)
     divisor = w.sum() if normalize else None
-    result = _contiguous_target(first, out)
+    result = _contiguous_target(first, out, tensors)
     flat, out_flat = [x.reshape(-1) for x in tensors], result.view(-1)
     n = out_flat.numel()
     step = _CHUNK if first.device.type == "cpu" else max(n, 1)
@@ -61,10 +61,11 @@ def _check_alike(name: str, tensors: list[torch.Tensor], weights: list[float] | 
         check_out(name, out, first)
 
 
-def _contiguous_target(like: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
-    """Where to write a result of like's shape and dtype element by element: out when it is contiguous,
-    else a fresh contiguous tensor (_delivered copies it into out)."""
-    if out is not None and out.is_contiguous():
+def _contiguous_target(like: torch.Tensor, out: Optional[torch.Tensor], inputs: list[torch.Tensor]) -> torch.Tensor:
+    """Where to write a result of like's shape and dtype chunk by chunk: out when it is contiguous and shares
+    no memory with the inputs (a later chunk would read what an earlier one wrote), else a fresh contiguous
+    tensor (_delivered copies it into out)."""
+    if out is not None and out.is_contiguous() and not any(spans_overlap(out, x) for x in inputs):
         return out
     return torch.empty(like.shape, dtype=like.dtype, device=like.device)
 
@@ -121,7 +122,7 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor
     sin_theta = torch.sin(theta)
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
-    target = _contiguous_target(a, out)
+    target = _contiguous_target(a, out, [a, b])
     result = target.view(x.shape)
     for start, cx, cy in pairs:  # coef_a * ca + coef_b * cb
         result[:, start:start + cx.shape[1]] = cx.mul_(coef_a).add_(cy.mul_(coef_b))

@@ -256,6 +256,18 @@ def spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device == b.device and a0 < b1 and b0 < a1
 
 
+def kernel_out(name: str, out: Optional[torch.Tensor], like: torch.Tensor,
+               inputs: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """out as a compiled kernel may take it: checked to be like `like` (the result: ValueError, as the
+    references say), and None where the kernel could not write it in place (not contiguous, or sharing memory
+    with an input it reads while writing): the kernel then makes a fresh result, which the out overload copies
+    into out, so that out= means the same on every backend."""
+    if out is None:
+        return None
+    check_out(name, out, like)
+    return out if out.is_contiguous() and not any(spans_overlap(out, t) for t in inputs) else None
+
+
 def check_out(name: str, out: torch.Tensor, like: torch.Tensor) -> None:
     """ValueError unless out has like's shape, dtype and device (ATen's out= rule, without resizing)."""
     if (out.shape, out.dtype, out.device) != (like.shape, like.dtype, like.device):

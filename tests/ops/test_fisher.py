@@ -11,6 +11,8 @@ to the output dtype (half an ulp there). Tests use (2K + 3) u M + 1 ulp of the o
 import pytest
 import torch
 
+from merge_engine import ops
+from merge_engine.ops import backends
 from merge_engine.ops.fisher import accumulate_fisher_reference, fisher_merge_reference
 from tests.conftest import DTYPES, MANTISSA, ulp
 
@@ -143,3 +145,18 @@ def test_accumulate_adds_scaled_squares(fisher_dtype, grad_dtype):
 def test_accumulate_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="shape"):
         accumulate_fisher_reference(torch.zeros(3), torch.ones(4), 1.0)
+
+
+@pytest.mark.parametrize("kernels", ["compiled", "reference"])
+def test_accumulate_refuses_shared_memory_and_bad_scales(kernels, monkeypatch):
+    """The kernels read grad while they write fisher: memory the two share would feed back (a cascade the
+    reference, which reads first, would not show); a NaN or negative scale would make no Fisher."""
+    if kernels == "reference":
+        monkeypatch.setattr(backends, "cpu_extension", lambda: None)
+    buf = torch.full((9,), 0.5)
+    with pytest.raises(ValueError, match="share memory"):
+        ops.accumulate_fisher(buf[1:], buf[:-1], 1.0)
+    for scale in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="scale must be a finite number >= 0"):
+            ops.accumulate_fisher(torch.zeros(3), torch.ones(3), scale)
+    assert torch.equal(buf, torch.full((9,), 0.5))

@@ -100,6 +100,44 @@ def test_out_overloads_fill_the_callers_tensor(name):
     torch.library.opcheck(getattr(torch.ops.merge_engine, name).out, (torch.empty_like(want), *args), kwargs)
 
 
+@pytest.mark.parametrize("kernels", ["compiled", "reference"])
+@pytest.mark.parametrize("name", OUT_OPS)
+def test_out_may_be_strided_or_share_an_inputs_memory(name, kernels, monkeypatch):
+    """out= means the same on every backend: a strided out, an input given as out, and an out overlapping an
+    input at an offset all get the result (a kernel that cannot write them in place copies into them); an out
+    unlike the result is a ValueError."""
+    if kernels == "reference":
+        monkeypatch.setattr(backends, "cpu_extension", lambda: None)
+    args, kwargs = samples()[name]
+    want = getattr(ops, name)(*args, **kwargs)
+    strided = torch.full((*want.shape[:-1], 2 * want.shape[-1]), float("nan"), dtype=want.dtype)[..., ::2]
+    getattr(ops, name)(*args, **kwargs, out=strided)
+    assert torch.equal(strided, want)
+    tensors = [t for a in args for t in (a if isinstance(a, list) else [a]) if torch.is_tensor(t)]
+    shared = next(t for t in tensors if (t.shape, t.dtype) == (want.shape, want.dtype))
+    for offset in (0, 1):  # the input itself, and a view of its memory one element on
+        memory = torch.cat([shared.flatten(), torch.zeros(1, dtype=want.dtype)])
+
+        def moved(a):
+            return [moved(x) for x in a] if isinstance(a, list) else memory[:want.numel()].view(want.shape) \
+                if a is shared else a
+        getattr(ops, name)(*map(moved, args), **kwargs, out=memory[offset:offset + want.numel()].view(want.shape))
+        assert torch.equal(memory[offset:offset + want.numel()].view(want.shape), want), offset
+    with pytest.raises(ValueError, match="out must be"):
+        getattr(ops, name)(*args, **kwargs, out=torch.empty(want.shape, dtype=torch.float64))
+
+
+def test_weighted_sum_into_an_out_overlapping_an_input_past_its_chunk():
+    """weighted_sum works 2**20 elements at a time: an out one element past an input's start must not feed
+    the later chunks what the earlier ones wrote."""
+    memory = torch.randn(2**21 + 1)
+    a, b = memory[:2**21].clone(), torch.randn(2**21)
+    want = ops.weighted_sum([a, b], [0.25, 0.75])
+    memory[:2**21] = a
+    ops.weighted_sum([memory[:2**21], b], [0.25, 0.75], out=memory[1:])
+    assert torch.equal(memory[1:], want)
+
+
 def test_ops_without_an_out_overload_refuse_out():
     args, kwargs = samples()["trim_by_magnitude"]
     with pytest.raises(TypeError, match="out"):
