@@ -112,7 +112,7 @@ class _Declared:
             _LIBRARY.define(f"{name}.out(Tensor(a!) out{', ' if arguments else ''}{arguments}) -> ()")
             self.out_overload = getattr(torch.ops.merge_engine, name).out
             _declare_implementation(self.out_overload, _into_out(reference, name))
-            torch.library.register_fake(self.out_overload, _returns_nothing, lib=_LIBRARY)
+            torch.library.register_fake(self.out_overload, _real_devices_only(name, _returns_nothing), lib=_LIBRARY)
 
     def __call__(self, *args, out: Optional[torch.Tensor] = None, **kwargs):
         if out is None:
@@ -134,7 +134,7 @@ class _Declared:
         return register
 
     def register_fake(self, fn: Callable) -> Callable:
-        torch.library.register_fake(self.functional, fn, lib=_LIBRARY)
+        torch.library.register_fake(self.functional, _real_devices_only(self.name, fn), lib=_LIBRARY)
         return fn
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable | None = None) -> None:
@@ -174,6 +174,27 @@ class _Declared:
 
 def _returns_nothing(*args, **kwargs) -> None:
     return None
+
+
+def _real_devices_only(name: str, fake: Callable) -> Callable:
+    """fake, refusing meta tensors mixed with real ones: the dispatcher then picks the meta kernel (the fake),
+    which would return an uninitialised result (or do nothing) for the real tensors, where torch's own ops
+    raise. Under a FakeTensorMode every tensor reports its real device, so tracing is unaffected."""
+    def checked(*args, **kwargs):
+        devices = {t.device.type for t in _tensors_in((args, kwargs))}
+        if "meta" in devices and len(devices) > 1:
+            raise RuntimeError(f"{NAMESPACE}::{name}: meta tensors mixed with tensors on "
+                               f"{', '.join(sorted(devices - {'meta'}))}")
+        return fake(*args, **kwargs)
+    return checked
+
+
+def _tensors_in(value) -> list[torch.Tensor]:
+    if torch.is_tensor(value):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [t for v in value for t in _tensors_in(v)] if isinstance(value, (list, tuple)) else []
 
 
 def _no_derivative(name: str) -> Callable:

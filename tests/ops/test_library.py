@@ -171,3 +171,17 @@ def test_ops_trace_whole_under_torch_compile_and_export():
     assert torch.equal(program.module()(base, e1, e2), merged(base, e1, e2))
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert {"merge_engine.merge_task_vectors.default", "merge_engine.trim_by_magnitude.default"} <= targets
+
+
+def test_meta_tensors_mixed_with_real_ones_are_refused():
+    """The dispatcher runs the fake (the meta kernel) when any input is on meta; for real inputs beside it
+    that would be an uninitialised result or a silent no-op, where torch's own ops raise."""
+    cpu, meta = rand(4, 3), torch.empty(4, 3, device="meta")
+    with pytest.raises(RuntimeError, match="fisher_merge: meta tensors mixed with tensors on cpu"):
+        ops.fisher_merge([cpu], [meta], [1.0], [0.0])
+    with pytest.raises(RuntimeError, match="accumulate_gram: meta tensors mixed"):
+        ops.accumulate_gram(torch.zeros(3, 3), meta)
+    with pytest.raises(RuntimeError, match="merge_task_vectors: meta tensors mixed"):
+        ops.merge_task_vectors(cpu, [meta], [1.0], [1.0])
+    shaped = ops.weighted_sum([meta, meta], [0.5, 0.5])  # all on meta: shapes only, as torch's ops
+    assert shaped.device.type == "meta" and shaped.shape == (4, 3)
