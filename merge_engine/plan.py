@@ -170,7 +170,7 @@ def build_plan(cfg: MergeConfig, allow_crimes: bool = False, truncate_vocabulary
         _plan_slices(plan, next(iter(stacks), "model.layers"), layer_index, ranges, problems)
     for name in post:
         _plan_tensor(plan, last, name, _input_names(plan, last, name), 0.0, problems, outside_layers=True)
-    _warn_unplanned_outside(plan, set(outside))
+    _check_unplanned_outside(plan, set(outside), problems)
     if plan.vocabulary and plan.jobs and not plan.unaligned and not any(job.rows for job in plan.jobs):
         problems.append("the config sets a tokenizer, but no tensor has as many rows as its model's vocab_size ("
                         + ", ".join(f"{ref}: {n}" for ref, n in plan.vocabulary.vocab_size.items())
@@ -299,12 +299,20 @@ def _layer_count_problems(plan: MergePlan, layer_index: dict) -> list[str]:
     return problems
 
 
-def _warn_unplanned_outside(plan: MergePlan, planned: set[str]) -> None:
+def _check_unplanned_outside(plan: MergePlan, planned: set[str], problems: list[str]) -> None:
     """The first model's tensors outside the layers decide the output's; another input's that it lacks are not
     merged (mergekit also merges only its architecture's weights): named, in case the first model is the one
-    missing them."""
-    for ref, ckpt in plan.models.items():
-        unplanned = sorted(n for n in ckpt.tensors if split_layer_name(n) is None and n not in planned)
+    missing them. A weight that two or more other inputs all have is refused: the first model lacks part of
+    the architecture (a truncated index, say), and the output would load with it randomly initialised."""
+    first = plan.config.slices[0].sources[0].model
+    others = [ref for ref in plan.models if ref != first]
+    for ref in others:
+        unplanned = sorted(n for n in plan.models[ref].tensors if split_layer_name(n) is None and n not in planned)
+        missing = [n for n in unplanned if len(others) > 1 and n.endswith((".weight", ".bias"))
+                   and all(n in plan.models[o].tensors for o in others)]
+        if ref == others[0]:
+            problems += [f"{first}: tensor '{n}' is missing (every other input has it)" for n in missing]
+        unplanned = [n for n in unplanned if n not in missing]
         if unplanned:
             log.warning("%s: %d tensor(s) that the first model lacks are not merged (%s%s)", ref, len(unplanned),
                         ", ".join(unplanned[:3]), ", ..." if len(unplanned) > 3 else "")

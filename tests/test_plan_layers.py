@@ -113,3 +113,15 @@ def test_tensors_outside_the_layers_go_with_the_first_or_last_slice_as_in_mergek
     slice's sources and parameters), norms and heads as post weights (the last slice's): GPT-NeoX's head,
     embed_out, among them."""
     assert before_layers(name) == first
+
+
+def test_a_weight_outside_the_layers_that_the_first_model_alone_lacks_is_refused(tmp_path):
+    """Two other inputs both hold model.norm.weight and the first lacks it (a truncated index): the output
+    would load with a randomly initialised norm, so the plan refuses it, naming the first model."""
+    base = make_synthetic_llama(str(tmp_path / "base"), seed=0, **SHAPE)
+    first, second = (make_synthetic_llama(str(tmp_path / n), seed=s, base=base, **SHAPE) for n, s in (("a", 1), ("b", 2)))
+    edit_tensors(first, lambda tensors, shard: {k: v for k, v in tensors.items() if k != "model.norm.weight"})
+    config = parse_config({"merge_method": "ties", "base_model": base, "models": [
+        {"model": m, "parameters": {"weight": 0.5, "density": 0.5}} for m in (first, second)]})
+    with pytest.raises(ConfigError, match=r"a: tensor 'model.norm.weight' is missing \(every other input has it\)"):
+        build_plan(config)
