@@ -61,7 +61,7 @@ from merge_engine.extras import require
 from merge_engine.io.buffers import BufferPool
 from merge_engine.io.checkpoint import DIRECT_IO_MODES
 from merge_engine.io.lora import open_model
-from merge_engine.io.untrusted import inside_folder, is_int
+from merge_engine.io.untrusted import inside_folder, is_int, open_regular
 from merge_engine.io.writer import ShardedWriter, check_output_apart, check_output_dir, plan_shards
 from merge_engine.methods import MergeMethod, TensorGroup
 from merge_engine.ops import backends
@@ -154,6 +154,7 @@ def merge(config: MergeConfig | dict | str | os.PathLike, out_dir: str | os.Path
         device = rank_device(check_options(out_dir, options), ranks)
         plan = build_plan(cfg, options.allow_crimes, options.unsafe_truncate_embeddings, options.lora_merge_dtype)
         check_output_outside_inputs(out_dir, plan)
+        check_donor_files(plan)
     check_same_plan(ranks, digest(plan.jobs, plan.entries(), options.out_shard_size, options.random_seed,
                                   options.lora_merge_dtype, options.overwrite, os.path.realpath(out_dir)))
     own_shards, jobs = rank_share(plan, options.out_shard_size, ranks)
@@ -613,7 +614,17 @@ def _model_chat_templates(plan: MergePlan) -> list[str]:
     return templates
 
 
+def check_donor_files(plan: MergePlan) -> None:
+    """The donor's files a merge may copy (its generation config and tokenizer files), checked before any
+    tensor is read: inside its folder, and regular files (a FIFO would block the copy, a device never end it)."""
+    for filename in (*SIDE_FILES_FROM_BASE, *TOKENIZER_FILES):
+        path = inside_folder(plan.donor.path, filename, plan.donor.path)
+        if os.path.lexists(path):
+            open_regular(path).close()
+
+
 def _copy_if_present(folder: str, filename: str, writer: ShardedWriter) -> None:
     path = inside_folder(folder, filename, folder)  # never copy a file a symlink brings from elsewhere
-    if os.path.exists(path):
-        writer.copy_file(path)
+    if os.path.lexists(path):
+        with open_regular(path) as f:  # checked again: the file may have changed since planning
+            writer.add_file(filename, f.read())

@@ -211,6 +211,31 @@ def test_inf_in_an_input_is_written_as_mergekit_does_with_a_warning(small_models
     assert f"tensor '{UP}': 2 merged value(s) are NaN or Inf ({expert}: tensor '{UP}'" in caplog.text
 
 
+@pytest.mark.parametrize("kind", ["symlink out", "fifo", "folder"])
+def test_donor_files_to_copy_are_checked_before_any_tensor_is_read(small_models, tmp_path, monkeypatch, kind):
+    """A tokenizer or generation-config file that is a symlink out of the folder, a FIFO (the copy would block)
+    or a folder is refused when planning: no tensor read, no output folder."""
+    base, expert = small_models
+    target = os.path.join(base, "generation_config.json" if kind == "fifo" else "tokenizer.json")
+    if os.path.lexists(target):
+        os.remove(target)
+    if kind == "symlink out":
+        (tmp_path / "elsewhere.json").write_text("{}")
+        os.symlink(tmp_path / "elsewhere.json", target)
+    elif kind == "fifo":
+        os.mkfifo(target)
+    else:
+        os.mkdir(target)
+    reads = []
+    monkeypatch.setattr(os, "preadv", lambda *a: reads.append(a) or pytest.fail("a tensor was read"))
+    config = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in (base, expert)]}
+    match = {"symlink out": "a symlink out of the folder", "fifo": "is a FIFO, not a regular file",
+             "folder": "is a folder, not a regular file"}[kind]
+    with pytest.raises(MergeEngineError, match=match):
+        merge(parse_config(config), str(tmp_path / "out"), MergeOptions(device="cpu", quiet=True))
+    assert not reads and not (tmp_path / "out").exists()
+
+
 def test_inputs_inside_the_output_folder_are_refused_even_with_overwrite(small_models, tmp_path):
     base, expert = small_models
     config = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in (base, expert)]}
