@@ -45,6 +45,21 @@ def as_matrix(stored: torch.Tensor, d: int) -> torch.Tensor:
     return stored.float() if stored.dim() == 2 else unpack_upper(stored, d, torch.float32)
 
 
+SYMMETRY_TOLERANCE = 1e-4  # relative to the largest entry: far above an fp32 X^T X's rounding, far below a wrong matrix
+
+
+def gram_problem(gram: torch.Tensor) -> str | None:
+    """Why a [d, d] matrix cannot be a Gram X^T X (a sum of squares on its diagonal, symmetric), or None. A
+    solve would take either silently: a Cholesky reads only one triangle, a negative diagonal gets jitter."""
+    negative = int((torch.diagonal(gram) < 0).sum())
+    if negative:
+        return f"has {negative} negative diagonal entr{'y' if negative == 1 else 'ies'} (sums of squares)"
+    largest, asymmetry = float(gram.abs().max()), float((gram - gram.T).abs().max())  # d >= 1 (the manifest's)
+    if asymmetry > SYMMETRY_TOLERANCE * largest:
+        return f"is not symmetric (entries differ from their mirror by up to {asymmetry:.3g}, the largest is {largest:.3g})"
+    return None
+
+
 @dataclass
 class GramFolder:
     """A Grams folder: its manifest, and each weight's Gram."""
@@ -94,8 +109,10 @@ def _manifest_problem(manifest, stored: dict) -> str | None:
         return f'"dtype" must be one of {list(STATS_DTYPES)} and "tokens" >= 1'
     for module, entry in manifest["modules"].items():
         if not (isinstance(entry, dict) and isinstance(entry.get("gram"), str) and isinstance(entry.get("in_features"), int)
-                and isinstance(entry.get("transposed"), bool) and isinstance(entry.get("rows"), int) and entry["rows"] > 0):
-            return f'module "{module}": expected {{"gram": name, "in_features": int, "transposed": bool, "rows": int > 0}}'
+                and entry["in_features"] > 0 and isinstance(entry.get("transposed"), bool)
+                and isinstance(entry.get("rows"), int) and entry["rows"] > 0):
+            return (f'module "{module}": expected {{"gram": name, "in_features": int > 0, "transposed": bool, '
+                    '"rows": int > 0}')
         want = stored_shape(entry["in_features"], manifest["packed"])
         info = stored.get(entry["gram"])
         if info is None or tuple(info.shape) != want:

@@ -27,7 +27,8 @@ import functools
 import torch
 
 from merge_engine.dtypes import DTYPES
-from merge_engine.io.grams import as_matrix, gram_folder
+from merge_engine.errors import MergeEngineError
+from merge_engine.io.grams import as_matrix, gram_folder, gram_problem
 from merge_engine.methods.base import MergeMethod, TensorGroup
 from merge_engine.ops import regression
 from merge_engine.parameters import ParamSpec, Scope, in_unit_interval, non_negative, one_of
@@ -49,7 +50,11 @@ def _scaled_gram(group: TensorGroup, i: int) -> tuple[torch.Tensor, bool] | None
         return None
     folder = gram_folder(group.side_folders["grams"][i])
     entry = folder.module_of(group.input_names[i])  # the input's own name, as the plan found its Gram
-    gram = as_matrix(stored, entry["in_features"]).to(solve_dtype(group))
+    gram = as_matrix(stored, entry["in_features"])
+    problem = gram_problem(gram)
+    if problem:
+        raise MergeEngineError(f"{folder.path}: the Gram '{entry['gram']}' of '{group.input_names[i]}' {problem}")
+    gram = gram.to(solve_dtype(group))
     if group.shared["gram_scale"] == "tokens":
         gram = gram / entry["rows"]
     else:

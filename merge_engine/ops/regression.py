@@ -40,14 +40,12 @@ def cholesky_with_jitter(matrix: torch.Tensor) -> tuple[torch.Tensor, float]:
     """(L, jitter) with L L^T = matrix + jitter * mean(diag) * I; jitter 0 when the matrix is positive definite."""
     scale = float(torch.diagonal(matrix).abs().mean()) or 1.0
     eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    jitter = 0.0
-    for attempt in range(JITTER_TRIES + 1):
+    for jitter in (0.0, *(JITTER_START * 10.0 ** i for i in range(JITTER_TRIES))):
         factor, info = torch.linalg.cholesky_ex(matrix + eye * (jitter * scale) if jitter else matrix)
         if int(info) == 0 and torch.isfinite(factor).all():
             if jitter:
                 log.info("Gram system needed a diagonal jitter of %.1e x its mean diagonal", jitter)
             return factor, jitter
-        jitter = JITTER_START * 10.0 ** attempt
     raise ValueError("the Gram system is not positive semi-definite even after a diagonal jitter of "
                      f"{jitter:.0e} x its mean diagonal (a NaN or Inf in a Gram?)")
 

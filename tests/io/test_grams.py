@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from merge_engine.errors import CheckpointError
-from merge_engine.io.grams import MANIFEST_FILE, as_matrix, load_gram_folder, stored_shape, to_stored
+from merge_engine.io.grams import MANIFEST_FILE, as_matrix, gram_problem, load_gram_folder, stored_shape, to_stored
 
 
 def symmetric(d: int) -> torch.Tensor:
@@ -61,3 +61,17 @@ def test_a_folder_without_manifest_is_refused(tmp_path):
     save_file({"fc.gram": symmetric(2)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="not a Grams folder"):
         load_gram_folder(str(tmp_path))
+
+
+def test_a_matrix_that_cannot_be_a_gram_is_named():
+    """X^T X has a diagonal of sums of squares and is symmetric (to fp32 rounding, far under 1e-4 of its
+    largest entry); a solve would take anything else silently (Cholesky reads one triangle)."""
+    x = torch.randn(50, 6, generator=torch.Generator().manual_seed(0))
+    gram = x.T @ x
+    assert gram_problem(gram) is None and gram_problem(torch.zeros(6, 6)) is None
+    negative = gram.clone()
+    negative[2, 2] = -1.0
+    assert gram_problem(negative) == "has 1 negative diagonal entry (sums of squares)"
+    skewed = gram.clone()
+    skewed[0, 3] += 0.01 * float(gram.abs().max())
+    assert gram_problem(skewed).startswith("is not symmetric (entries differ from their mirror by up to")

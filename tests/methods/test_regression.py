@@ -9,12 +9,15 @@ alpha = 1 with one shared Gram gives the average) hold to a few fp32 ulps as wel
 """
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from merge_engine.config import parse_config
 from merge_engine.engine import MergeOptions, merge
-from merge_engine.errors import ConfigError
+from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.grams import as_matrix, load_gram_folder
 from merge_engine.ops import regression
@@ -221,4 +224,21 @@ def test_missing_or_mismatched_grams_are_refused_before_any_output(setup, tmp_pa
     cfg = config("regmean", paths, [grams[0], gpt2_grams[0], grams[2]])
     with pytest.raises(ConfigError, match=f"{gpt2_grams[0]}: holds the Gram of no weight of this merge"):
         merge(parse_config(cfg), str(tmp_path / "out"), OPTIONS)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_gram_that_is_not_symmetric_is_refused_naming_its_folder(setup, tmp_path):
+    """A Cholesky solve reads one triangle of the system: an asymmetric stored Gram would merge silently."""
+    paths, grams = setup("llama")
+    bad = tmp_path / "bad-grams"
+    shutil.copytree(grams[1], bad)
+    folder = load_gram_folder(str(bad))
+    entry = next(iter(folder.manifest["modules"].values()))
+    shard = Checkpoint(str(bad)).tensors[entry["gram"]].file
+    tensors = load_file(shard)
+    tensors[entry["gram"]][0, -1] += float(tensors[entry["gram"]].abs().max())
+    save_file(tensors, shard)
+    # the first tensor that reads it may be another module sharing the Gram (q, k and v read one input)
+    with pytest.raises(MergeEngineError, match=f"{bad}: the Gram '{entry['gram']}' of '[^']+' is not symmetric"):
+        run(config("regmean", paths, [grams[0], str(bad), grams[2]]), tmp_path / "out")
     assert not (tmp_path / "out").exists()
