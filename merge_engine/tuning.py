@@ -59,7 +59,12 @@ class LayerSystem:
     dtype: torch.dtype  # the output tensor's
 
     def solve(self, lam: float) -> torch.Tensor:
-        merged = ((self.rq + self.aq * lam) / (self.e + lam)) @ self.q.T
+        denominator = self.e + lam
+        # a direction with no data and no prior (lambda 0 on a singular Gram): its numerator is the stored
+        # factors' rounding, not signal, so it gets nothing (a pseudo-inverse; the engine's jitter gives ~0)
+        cutoff = self.e.shape[0] * torch.finfo(self.e.dtype).eps * float(self.e.max())
+        scaled = torch.where(denominator > cutoff, (self.rq + self.aq * lam) / denominator, 0)
+        merged = scaled @ self.q.T
         return (merged.T if self.transposed else merged).to(self.dtype)
 
 
@@ -129,12 +134,12 @@ class BMMProblem:
 @dataclass
 class TuneResult:
     lambdas: dict[str, float]  # per regressed tensor
-    group_lambdas: dict[str, float]  # per tuned group
+    group_lambdas: dict[str, float]  # per tuned group ({} where the config's own lambdas scored best)
     score: float
-    default_score: float  # the config's own lambdas
+    default_score: float  # the config's own lambdas (evaluated first: score is never below it)
     trials: int
     seconds: float
-    config: dict = field(repr=False)  # the input config with the tuned lambdas as per-tensor filters
+    config: dict = field(repr=False)  # the input config with the tuned lambdas as per-tensor filters (or as given)
     study: object = field(default=None, repr=False)
 
 
@@ -162,6 +167,10 @@ def tune_bmm(problem: BMMProblem, evaluate: Callable[[dict[str, torch.Tensor]], 
     groups = problem.groups(granularity)
     sampler = (optuna.samplers.GPSampler(seed=seed) if len(groups) <= gp_max_dims
                else optuna.samplers.TPESampler(seed=seed, multivariate=True))
+    began = time.perf_counter()
+    # the config's own merge first (its lambdas per tensor, filters and values outside lambda_range included),
+    # so that the result never scores below it
+    default_score = float(evaluate(problem.merged({})))
     with optuna_log_level(optuna, None if progress else optuna.logging.WARNING):  # process-wide: restored after
         study = optuna.create_study(direction="maximize", sampler=sampler)
 
@@ -172,11 +181,23 @@ def tune_bmm(problem: BMMProblem, evaluate: Callable[[dict[str, torch.Tensor]], 
             chosen = {g: trial.suggest_float(g, lo, hi, log=True) for g in groups}
             return float(evaluate(problem.merged(per_tensor(chosen))))
 
-        start = problem.default_lambda[next(iter(problem.systems))]
-        study.enqueue_trial({g: min(max(start, lo), hi) for g in groups})  # the config's own lambda first
-        began = time.perf_counter()
-        study.optimize(objective, n_trials=n_trials, timeout=timeout, show_progress_bar=False)
-        best = study.best_trial.params
-        lambdas = per_tensor(best)
-        return TuneResult(lambdas, best, study.best_value, study.trials[0].value, len(study.trials),
-                          time.perf_counter() - began, tuned_config(problem.config.raw, lambdas, start), study)
+        own = set(problem.default_lambda.values())
+        known = len(own) == 1 and lo <= next(iter(own)) <= hi  # one lambda the search space holds
+        if known:  # the sampler learns from it as from a trial
+            distribution = optuna.distributions.FloatDistribution(lo, hi, log=True)
+            study.add_trial(optuna.trial.create_trial(params=dict.fromkeys(groups, next(iter(own))),
+                                                      distributions=dict.fromkeys(groups, distribution),
+                                                      value=default_score))
+        left = None if timeout is None else timeout - (time.perf_counter() - began)
+        if n_trials > 1 and (left is None or left > 0):
+            study.optimize(objective, n_trials=n_trials - 1, timeout=left, show_progress_bar=False)
+        trials = 1 + len(study.trials) - known
+        seconds = time.perf_counter() - began
+        if len(study.trials) > known and study.best_value > default_score:
+            best = study.best_trial.params
+            lambdas = per_tensor(best)
+            return TuneResult(lambdas, best, study.best_value, default_score, trials, seconds,
+                              tuned_config(problem.config.raw, lambdas, next(iter(problem.default_lambda.values()))),
+                              study)
+        return TuneResult(dict(problem.default_lambda), {}, default_score, default_score, trials, seconds,
+                          copy.deepcopy(problem.config.raw), study)

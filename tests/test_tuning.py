@@ -86,6 +86,33 @@ def test_tuning_improves_on_the_default_and_its_config_reproduces_it(problem, bm
     assert set(result.lambdas) == set(problem.systems)
 
 
+@pytest.mark.parametrize("own", [[{"filter": "self_attn", "value": 0.01}, {"value": 50.0}], 5000.0],
+                         ids=["per-tensor", "outside the range"])
+def test_the_result_never_scores_below_the_configs_own_lambdas(bmm_config, own):
+    """Lambdas the search space cannot hold (per tensor, or outside lambda_range) are still the first
+    candidate: with a score that only the config's own merge maximises, the result is that merge, and its
+    config is the input's."""
+    cfg = {**bmm_config, "parameters": {"lambda": own}}
+    problem = BMMProblem(cfg, device="cpu", progress=False)
+    wanted = {name: t.clone() for name, t in problem.merged({}).items()}
+
+    def evaluate(state):
+        return -sum(float((state[n] - w).square().sum()) for n, w in wanted.items())
+    result = tune_bmm(problem, evaluate, n_trials=4, granularity="model", seed=0, progress=False)
+    assert result.default_score == result.score == 0.0 and result.trials == 4
+    assert result.config == cfg and result.lambdas == problem.default_lambda and result.group_lambdas == {}
+
+
+def test_lambda_zero_on_singular_grams_stays_finite(bmm_config):
+    """These Grams come from a few tokens, so their sums are singular: at lambda 0 the factorised solve gives
+    the directions without data nothing (a pseudo-inverse), where dividing by their zero eigenvalues gave
+    Inf and NaN."""
+    problem = BMMProblem({**bmm_config, "parameters": {"lambda": 0.0}}, device="cpu", progress=False)
+    assert any(bool((system.e == 0).any()) for system in problem.systems.values())  # singular, clamped at 0
+    state = problem.merged({})
+    assert all(torch.isfinite(state[name]).all() for name in problem.systems)
+
+
 def test_timeout_and_bad_arguments(problem, bmm_config):
     result = tune_bmm(problem, lambda state: 0.0, n_trials=1000, timeout=1.0, granularity="block", progress=False)
     assert 1 <= result.trials < 1000
