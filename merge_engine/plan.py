@@ -85,6 +85,7 @@ class MergePlan:
     # source (model, layer), whose per-layer config entries (layer_types...) it takes
     missing_side: dict[str, list[str]] = field(default_factory=dict)  # side folder -> tensors it lacks
     grams_used: set[str] = field(default_factory=set)  # Gram folders that hold some weight's Gram
+    missing_grams: dict[str, list[str]] = field(default_factory=dict)  # Gram folder -> weights others' Grams cover
     vocabulary: Vocabulary | None = None  # the output tokenizer, when the config sets one
     # mergekit's --unsafe-truncate-embeddings: without a tokenizer setting, vocabulary-indexed tensors keep
     # the rows every input has (truncate_vocabulary), and truncated_rows is how many that is
@@ -178,6 +179,10 @@ def build_plan(cfg: MergeConfig, allow_crimes: bool = False, truncate_vocabulary
                         "match the embeddings?")
     for path in (p for p, kinds in _side_kinds(cfg).items() if "grams" in kinds and p not in plan.grams_used):
         problems.append(f"{path}: holds the Gram of no weight of this merge (collected from another model?)")
+    for folder, names in plan.missing_grams.items():
+        log.warning("%s has no Gram for %d weight(s) that other models' Grams cover (%s%s); those are merged by the "
+                    "wrapped method (fallback or anchor), without the regression", folder, len(names),
+                    ", ".join(names[:3]), ", ..." if len(names) > 3 else "")
     for folder, names in plan.missing_side.items():
         log.warning("%s lacks %d tensor(s) (%s%s); they are merged without it (see the method's missing_* "
                     "parameter)", folder, len(names), ", ".join(names[:3]), ", ..." if len(names) > 3 else "")
@@ -442,12 +447,14 @@ def _side_refs(plan: MergePlan, kind: str, s: Slice, names: list[str], shapes: l
                shared: dict[str, Any], problems: list[str]) -> list[tuple[Checkpoint, str] | None]:
     """Where each input's `kind` statistics for one tensor are: same tensor name in the input's side folder.
     A missing one is None, or a problem when the method's `missing_<kind>` parameter is 'error'."""
-    refs = []
+    refs, lacking = [], []
     for src, name, shape in zip(s.sources, names, shapes):
         folder = plan.side.get(src.side.get(kind, ""))
         if kind == "grams":
             refs.append(_gram_ref(folder, name, shape, problems) if folder else None)
             plan.grams_used.update([folder.path] if refs[-1] else [])
+            if folder and not refs[-1]:
+                lacking.append(folder.path)
             continue
         info = folder.tensors.get(name) if folder else None
         if folder and info is None:
@@ -458,6 +465,9 @@ def _side_refs(plan: MergePlan, kind: str, s: Slice, names: list[str], shapes: l
             problems.append(f"{info.file}: {kind} tensor '{name}' has shape {list(info.shape)} but the weight "
                             f"has {list(shape)}")
         refs.append((folder, name) if info is not None else None)
+    if lacking and any(refs):  # another model's Grams have this weight: it falls back to the wrapped method
+        for path in lacking:
+            plan.missing_grams.setdefault(path, []).append(names[0])
     return refs
 
 

@@ -9,6 +9,7 @@ alpha = 1 with one shared Gram gives the average) hold to a few fp32 ulps as wel
 """
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -242,3 +243,21 @@ def test_a_gram_that_is_not_symmetric_is_refused_naming_its_folder(setup, tmp_pa
     with pytest.raises(MergeEngineError, match=f"{bad}: the Gram '{entry['gram']}' of '[^']+' is not symmetric"):
         run(config("regmean", paths, [grams[0], str(bad), grams[2]]), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_weight_one_models_grams_lack_is_merged_without_regression_with_a_warning(setup, tmp_path, caplog):
+    """One expert's manifest lacks q_proj (the others' cover it): q_proj falls back to the wrapped method (the
+    average), named in a warning; the weights every manifest covers are still regressed."""
+    paths, grams = setup("llama")
+    partial = tmp_path / "partial-grams"
+    shutil.copytree(grams[1], partial)
+    manifest = json.loads((partial / "grams.json").read_text())
+    del manifest["modules"]["model.layers.0.self_attn.q_proj"]
+    (partial / "grams.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING", logger="merge_engine"):
+        out = run(config("regmean", paths, [grams[0], str(partial), grams[2]]), tmp_path / "out")
+    assert (f"{partial} has no Gram for 1 weight(s) that other models' Grams cover "
+            "(model.layers.0.self_attn.q_proj.weight)") in caplog.text
+    models = [Checkpoint(p) for p in paths[1:]]
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert close(out.read(name), sum(m.read(name) for m in models) / 3)
