@@ -42,7 +42,7 @@ REINSTALL = "reinstall with `pip install --no-build-isolation --force-reinstall 
 
 
 def kernels_enabled() -> bool:
-    return os.environ.get("MERGE_ENGINE_KERNELS", "1") not in ("0", "false", "no")
+    return os.environ.get("MERGE_ENGINE_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def source_checkout() -> str | None:

@@ -72,7 +72,7 @@ def merge_task_vectors_reference(base: torch.Tensor, experts: list[torch.Tensor]
     Random sparsifiers draw from Philox keyed by (seed, tensor_name, expert index).
     NaN or Inf in any input raise ValueError.
     """
-    check_merge_arguments(base, experts, weights, densities, sparsify, gammas, epsilons)
+    check_merge_arguments(base, experts, weights, densities, sparsify, gammas, epsilons, lambda_)
     if not experts:
         return base.clone()
     check_finite(base, "the base")
@@ -120,7 +120,7 @@ def merge_task_vectors(base: torch.Tensor, experts: list[torch.Tensor], weights:
 
 def check_merge_arguments(base: torch.Tensor, experts: list[torch.Tensor], weights: list[float],
                           densities: list[float], sparsify: str, gammas: Optional[list[float]],
-                          epsilons: Optional[list[float]]) -> None:
+                          epsilons: Optional[list[float]], lambda_: float = 1.0) -> None:
     """What every backend refuses alike, before reading any data: experts unlike the base (the references
     would broadcast or promote), one weight and density per expert (and gamma, epsilon when given),
     finite values, a known sparsifier."""
@@ -140,6 +140,7 @@ def check_merge_arguments(base: torch.Tensor, experts: list[torch.Tensor], weigh
         if len(values) != len(experts):
             raise ValueError(f"merge_task_vectors: {len(experts)} experts but {len(values)} {name}")
         sp.check_finite_values("merge_task_vectors", **{f"{name}[{i}]": v for i, v in enumerate(values)})
+    sp.check_finite_values("merge_task_vectors", lambda_=lambda_)
 
 
 def selection_counts(numel: int, sparsify: str, density: float, gamma: float) -> tuple[int, int]:
@@ -164,7 +165,7 @@ def _merge_with(backend, base, experts, weights, densities, sparsify="", consens
             or len(experts) > getattr(backend, "max_experts", len(experts))
             or codes[sparsify] not in getattr(backend, "modes", codes.values())):
         return merge_task_vectors_reference(*args)
-    check_merge_arguments(base, experts, weights, densities, sparsify, gammas, epsilons)
+    check_merge_arguments(base, experts, weights, densities, sparsify, gammas, epsilons, lambda_)
     epsilons = [0.0] * len(experts) if sparsify == "rank" and epsilons is None else epsilons  # as the reference
     n = base.numel()
     counts = [selection_counts(n, sparsify, d, gammas[i] if gammas else 0.0) for i, d in enumerate(densities)]

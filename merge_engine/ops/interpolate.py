@@ -28,8 +28,13 @@ def weighted_sum(tensors: list[torch.Tensor], weights: list[float], normalize: b
     _check_alike("weighted_sum", tensors, weights, out)
     first = tensors[0]
     dtype = _compute_dtype(first)
-    w = torch.tensor(weights, dtype=torch.float64).to(dtype).to(first.device)
+    w = torch.tensor(weights, dtype=torch.float64).to(dtype)
+    if not torch.isfinite(w).all():
+        raise ValueError(f"weighted_sum: weights {list(weights)} must be finite in {dtype}")
     divisor = w.sum() if normalize else None
+    if divisor is not None and float(divisor) == 0:
+        raise ValueError(f"weighted_sum: the weights {list(weights)} sum to 0 and normalize divides by their sum")
+    w, divisor = w.to(first.device), None if divisor is None else divisor.to(first.device)
     result = _contiguous_target(first, out, tensors)
     flat, out_flat = [x.reshape(-1) for x in tensors], result.view(-1)
     n = out_flat.numel()

@@ -60,13 +60,13 @@ def magnitude_cutoff_reference(x: torch.Tensor, count: int, largest: bool = True
     count = min(max(count, 0), n)
     if count in (0, n):
         nothing, everything = (NOTHING_LARGEST, NOTHING_SMALLEST) if largest else (NOTHING_SMALLEST, NOTHING_LARGEST)
-        return torch.tensor([nothing if count == 0 else everything, 0], dtype=torch.int64)
+        return torch.tensor([nothing if count == 0 else everything, 0], dtype=torch.int64, device=x.device)
     order = torch.argsort(keys, descending=largest, stable=True)
     last = int(order[count - 1])
     t = int(keys[last])
     beyond = int((keys > t).sum()) if largest else int((keys < t).sum())
     all_equal_selected = int((keys == t).sum()) == count - beyond
-    return torch.tensor([t, n if all_equal_selected else last + 1], dtype=torch.int64)
+    return torch.tensor([t, n if all_equal_selected else last + 1], dtype=torch.int64, device=x.device)
 
 
 @op("magnitude_cutoff")

@@ -184,3 +184,10 @@ def test_an_unknown_gpu_backend_is_refused_before_a_merge(monkeypatch):
         check_gpu_backend_choice()
     monkeypatch.setenv("MERGE_ENGINE_GPU_BACKEND", "reference")
     check_gpu_backend_choice()
+
+
+@pytest.mark.parametrize("value, enabled", [("0", False), ("False", False), ("OFF", False), (" no ", False),
+                                            ("1", True), ("", True)])
+def test_the_kernel_switch_reads_any_case(monkeypatch, value, enabled):
+    monkeypatch.setenv("MERGE_ENGINE_KERNELS", value)
+    assert backends.kernels_enabled() is enabled

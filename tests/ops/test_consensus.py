@@ -96,3 +96,10 @@ def test_bf16_ties_computes_in_input_dtype():
     b16 = ops.merge_task_vectors(base.bfloat16(), [e.bfloat16() for e in experts], [1.0, 1.0], [0.5, 0.5],
                                  "magnitude", True, True)
     assert b16.dtype == torch.bfloat16
+
+
+def test_a_non_finite_lambda_is_refused():
+    base = torch.zeros(4)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lambda_ = "):
+            ops.merge_task_vectors(base, [torch.ones(4)], [1.0], [1.0], lambda_=bad)

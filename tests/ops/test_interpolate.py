@@ -184,3 +184,14 @@ def test_nearswap_takes_close_elements_from_the_other_model():
     assert torch.equal(ops.nearswap(1e9, a, b), b)
     assert torch.equal(ops.nearswap(0.0, a, b), a)
     assert ops.nearswap(0.1, a.bfloat16(), b.bfloat16()).dtype == torch.bfloat16
+
+
+def test_weighted_sum_refuses_weights_that_cancel_or_overflow():
+    """normalize divides by the weights' sum: 0 would make every value Inf or NaN; a weight past fp32's range
+    would be Inf in the fp32 accumulation. Refused, as multislerp and the engine's planner do."""
+    a, b = torch.randn(5), torch.randn(5)
+    with pytest.raises(ValueError, match="sum to 0"):
+        ops.weighted_sum([a, b], [1.0, -1.0])
+    assert torch.isfinite(ops.weighted_sum([a, b], [1.0, -1.0], normalize=False)).all()
+    with pytest.raises(ValueError, match="must be finite in torch.float32"):
+        ops.weighted_sum([a, b], [1e300, 1.0])
