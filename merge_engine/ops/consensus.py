@@ -163,7 +163,8 @@ def _merge_with(backend, base, experts, weights, densities, sparsify="", consens
     codes = sp.SPARSIFY_CODES
     if (backend is None or not experts or not backends.served_by_kernels(base, *experts) or sparsify not in codes
             or len(experts) > getattr(backend, "max_experts", len(experts))
-            or codes[sparsify] not in getattr(backend, "modes", codes.values())):
+            or codes[sparsify] not in getattr(backend, "modes", codes.values())
+            or sparsify == "rank" and base.dim() > 2):  # the kernels rank whole rows; dim 1 there is not one
         return merge_task_vectors_reference(*args)
     check_merge_arguments(base, experts, weights, densities, sparsify, gammas, epsilons, lambda_)
     epsilons = [0.0] * len(experts) if sparsify == "rank" and epsilons is None else epsilons  # as the reference

@@ -121,16 +121,17 @@ def outlier_window(numel: int, density: float, gamma: float) -> tuple[int, int]:
 
 
 def della_keep_probability(x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """DELLA's per-element keep probability from the rank of |x| within its row (fp32).
+    """DELLA's per-element keep probability from the rank of |x| along dim 1, as mergekit argsorts (fp32).
 
-    p = (density - eps) + 2 eps (rank - 1) / (ncols - 1), rank 1 being the smallest magnitude;
-    a 1-D tensor is one row; a one-column row gets density - eps (mergekit's clamp of 0/0).
+    p = (density - eps) + 2 eps (rank - 1) / (ncols - 1), rank 1 being the smallest magnitude of its row
+    (ncols = x.shape[1]); a 1-D tensor is one row, and in a tensor of 3 or more dims each x[i, :, k, ...] is
+    one; a one-column row gets density - eps (mergekit's clamp of 0/0).
     """
-    rows = x.detach().reshape(1, -1) if x.dim() < 2 else x.detach().reshape(x.shape[0], -1)
+    rows = x.detach().reshape(1, -1) if x.dim() < 2 else x.detach()
     order = torch.argsort(rows.abs(), dim=1, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(rows.shape[1], device=x.device).expand_as(order))
     ncols = rows.shape[1]
+    positions = torch.arange(ncols, device=x.device).view(1, ncols, *[1] * (rows.dim() - 2)).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, positions)
     # over a 0-d tensor on x's device: CUDA divides by a Python number as a multiply by its reciprocal, which
     # differs from the CPU's (and the kernels') true division in the last bit
     rank_norm = rank.to(torch.float32) / torch.tensor(float(max(ncols - 1, 1)), device=x.device)

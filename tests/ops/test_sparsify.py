@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from merge_engine import ops
+from merge_engine.ops.consensus import merge_task_vectors_reference
 from merge_engine.ops.select import NOTHING_LARGEST, NOTHING_SMALLEST
 from merge_engine.ops.sparsify import SPARSIFY_CODES, topk_count
 from tests.conftest import DTYPES, pairwise
@@ -184,3 +185,18 @@ def test_the_triton_kernels_use_the_python_mode_codes():
     tv = pytest.importorskip("merge_engine.triton_kernels.task_vectors")
     names = {"": "NONE", "magnitude": "MAGNITUDE", "random": "RANDOM", "outliers": "OUTLIERS", "rank": "RANK"}
     assert {s: getattr(tv, names[s]) for s in SPARSIFY_CODES} == SPARSIFY_CODES
+
+
+@pytest.mark.parametrize("shape", [(7,), (4, 9), (3, 5, 4), (2, 3, 2, 5)])
+def test_della_ranks_along_dim_1_as_mergekit(shape):
+    """mergekit 0.1.5's della_magprune argsorts |delta| along dim 1 (a 1-D tensor unsqueezed to one row),
+    so in 3 or more dims each x[i, :, k...] is ranked on its own; written here with mergekit's formula."""
+    x = rand(shape, torch.float32, 21)
+    t = x.unsqueeze(0) if x.dim() < 2 else x
+    ranks = torch.argsort(torch.argsort(t.abs(), dim=1), dim=1).float() + 1
+    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    want = (0.4 - 0.1) + ((ranks - low) / (high - low)).clamp(0, 1) * 2 * 0.1
+    torch.testing.assert_close(ops.della_keep_probability(x, 0.4, 0.1), want.reshape(shape), rtol=0, atol=1e-7)
+    merged = ops.merge_task_vectors(torch.zeros(shape), [x], [1.0], [0.4], "rank", epsilons=[0.1], seed=2)
+    assert torch.equal(merged, merge_task_vectors_reference(torch.zeros(shape), [x], [1.0], [0.4], "rank",
+                                                            epsilons=[0.1], seed=2))
