@@ -101,8 +101,12 @@ def _tensor_info(path: str, name: str, entry, data_base: int, file_size: int) ->
             and all(_is_count(o) for o in entry["data_offsets"])):
         raise CheckpointError(f"{path}: tensor '{name}': malformed header entry {str(entry)[:200]}")
     dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
+    numel = _element_count(shape)
+    if numel is None:
+        raise CheckpointError(f"{path}: tensor '{name}': shape {list(shape)} overflows computing its size "
+                              "(a product of its sizes passes 2**63)")
     begin, end = entry["data_offsets"]
-    nbytes = math.prod(shape) * dtype.itemsize
+    nbytes = numel * dtype.itemsize
     if end - begin != nbytes:
         raise CheckpointError(
             f"{path}: tensor '{name}': header says shape {list(shape)} {entry['dtype']} "
@@ -112,6 +116,18 @@ def _tensor_info(path: str, name: str, entry, data_base: int, file_size: int) ->
             f"{path}: tensor '{name}': data range [{begin}, {end}) runs past the end of the file "
             f"(truncated file?)")
     return TensorInfo(name, path, dtype, shape, data_base + begin, nbytes)
+
+
+def _element_count(shape: tuple[int, ...]) -> int | None:
+    """The shape's element count, or None when a running product passes int64, as the safetensors library
+    refuses it (its checked product, in usize): a later 0 makes the count 0, but torch's, computed the same
+    way, overflows."""
+    count = 1
+    for size in shape:
+        count *= size
+        if count >= 2**63:
+            return None
+    return count
 
 
 def _check_layout(path: str, infos: dict[str, TensorInfo], data_base: int, file_size: int) -> None:

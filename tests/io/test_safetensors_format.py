@@ -4,6 +4,7 @@ import struct
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from merge_engine.errors import CheckpointError
@@ -84,3 +85,22 @@ def test_names_that_are_not_text_and_sizes_beyond_int64_are_refused(tmp_path):
     huge = write_raw(tmp_path / "h.safetensors", {"w": {"dtype": "F32", "shape": [0, 2**70], "data_offsets": [0, 0]}})
     with pytest.raises(CheckpointError, match=r"h\.safetensors: tensor 'w': malformed header entry"):
         read_header(huge)
+
+
+@pytest.mark.parametrize("shape,refused", [([2**62, 2**62, 0], True), ([2**40, 2**30, 0, 5], True),
+                                           ([0, 2**62, 2**62], False), ([2**62, 0, 2**62], False)])
+def test_a_shape_whose_running_product_overflows_is_refused_as_the_library_refuses_it(tmp_path, shape, refused):
+    """Its element count is 0, but torch computes it with the same running product and overflows mid-merge."""
+    path = write_raw(tmp_path / "z.safetensors", {"z": {"dtype": "BF16", "shape": shape, "data_offsets": [0, 0]}})
+    try:
+        with safe_open(path, "pt"):
+            pass
+    except Exception as e:
+        assert refused and "overflow" in str(e)
+    else:
+        assert not refused
+    if refused:
+        with pytest.raises(CheckpointError, match=r"z\.safetensors: tensor 'z': shape .* overflows computing its size"):
+            read_header(path)
+    else:
+        assert read_header(path)["z"].numel == 0
