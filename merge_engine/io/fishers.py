@@ -10,13 +10,12 @@ without reading it. A folder without fisher.json (a Fisher from elsewhere) is re
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 from merge_engine.dtypes import dtype_name
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint
-from merge_engine.io.untrusted import inside_folder, read_json
+from merge_engine.io.untrusted import inside_folder, is_finite_number, read_json
 from merge_engine.ops.fisher import FISHER_DTYPES
 
 VARIANTS = ("empirical", "sampled")
@@ -70,6 +69,6 @@ def _manifest_problem(manifest) -> str | None:
     for key, allowed in choices.items():
         if manifest[key] not in allowed:
             return f'field "{key}" is {manifest[key]!r}, expected one of {list(allowed)}'
-    if manifest["examples"] < 1 or not (math.isfinite(manifest["sum_squares"]) and manifest["sum_squares"] >= 0):
+    if manifest["examples"] < 1 or not (is_finite_number(manifest["sum_squares"]) and manifest["sum_squares"] >= 0):
         return '"examples" must be >= 1 and "sum_squares" finite and >= 0'
     return None

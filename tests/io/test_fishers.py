@@ -30,6 +30,7 @@ def test_a_valid_manifest_is_returned(tmp_path):
     (lambda m: m.update(examples=True), 'field "examples" has the wrong type'),
     (lambda m: m.update(variant="guessed"), 'field "variant" is \'guessed\''),
     (lambda m: m.update(sum_squares=-1.0), '"sum_squares" finite and >= 0'),
+    (lambda m: m.update(sum_squares=10**400), '"sum_squares" finite and >= 0'),  # beyond float: no OverflowError
     (lambda m: m.update(tensors=3), "lists 3 tensors but the folder holds 2"),
 ])
 def test_invalid_manifests_name_the_file(tmp_path, edit, needle):
