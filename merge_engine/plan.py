@@ -114,8 +114,8 @@ def open_models(cfg: MergeConfig, lora_merge_dtype: torch.dtype | None = None
             table[ref] = open_model(ref, lora_merge_dtype) if table is models else Checkpoint(ref)
             if table is side and "grams" in side_kinds[ref]:
                 gram_folder(ref)  # its manifest, checked against the stored Grams
-            if table is side and "fisher" in side_kinds[ref] and fishers.has_manifest(ref):
-                fishers.fisher_manifest(ref)  # checked when there is one (a Fisher from elsewhere may have none)
+            if table is side and "fisher" in side_kinds[ref]:
+                fishers.check_fisher_folder(table[ref])
         except CheckpointError as e:
             problems.append(str(e))
     for token, setting in (cfg.tokenizer.tokens.items() if cfg.tokenizer else ()):

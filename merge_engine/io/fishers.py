@@ -29,6 +29,17 @@ def has_manifest(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MANIFEST_FILE))
 
 
+def check_fisher_folder(fisher: Checkpoint) -> None:
+    """A Fisher folder as a merge reads it: its fisher.json when it has one (a Fisher from elsewhere may not), and
+    tensors of floating point (an integer Fisher would be merged as importances truncated to whole numbers)."""
+    if has_manifest(fisher.path):
+        fisher_manifest(fisher.path)
+    info = next((i for i in fisher.tensors.values() if not i.dtype.is_floating_point), None)
+    if info is not None:
+        raise CheckpointError(f"{info.file}: Fisher tensor '{info.name}' is {dtype_name(info.dtype)}, not floating "
+                              "point")
+
+
 @functools.cache
 def fisher_manifest(path: str) -> dict:
     """load_fisher_manifest, once per path and process (a merge reads it per tensor)."""

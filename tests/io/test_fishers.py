@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import save_file
 
 from merge_engine.errors import CheckpointError
-from merge_engine.io.fishers import MANIFEST_FILE, has_manifest, load_fisher_manifest
+from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.fishers import MANIFEST_FILE, check_fisher_folder, has_manifest, load_fisher_manifest
 
 
 def write_folder(path, edit=None):
@@ -44,3 +45,15 @@ def test_a_folder_without_manifest(tmp_path):
     assert not has_manifest(str(tmp_path))
     with pytest.raises(CheckpointError, match="not a Fisher folder"):
         load_fisher_manifest(str(tmp_path))
+
+
+@pytest.mark.parametrize("manifest", [True, False])
+def test_a_fisher_tensor_that_is_not_floating_point_is_refused_by_file_and_tensor(tmp_path, manifest):
+    write_folder(tmp_path)
+    save_file({"a": torch.ones(3), "b": torch.ones(2, 2, dtype=torch.int32)}, str(tmp_path / "model.safetensors"))
+    if not manifest:
+        (tmp_path / MANIFEST_FILE).unlink()
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: Fisher tensor 'b' is int32, not floating point"):
+        check_fisher_folder(Checkpoint(str(tmp_path)))
+    save_file({"a": torch.ones(3), "b": torch.ones(2, 2)}, str(tmp_path / "model.safetensors"))
+    check_fisher_folder(Checkpoint(str(tmp_path)))

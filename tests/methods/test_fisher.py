@@ -110,6 +110,15 @@ def test_an_invalid_fisher_manifest_is_refused_before_merging(llama, tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_an_integer_fisher_is_refused_before_merging(llama, tmp_path):
+    paths, _, fishers = llama
+    f = fishers(transform=[None, lambda n, x: (x * 100).to(torch.int32), None, None], manifest=False)
+    cfg = {"merge_method": "fisher", "models": [{"model": p, "fisher": fo} for p, (fo, _) in zip(paths, f)]}
+    with pytest.raises(ConfigError, match=r"fisher1/model\.safetensors: Fisher tensor '.*' is int32, not floating"):
+        run(cfg, tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_missing_fisher_tensor_falls_back_to_the_average_or_is_refused(llama, tmp_path, folder_tensors):
     paths, tensors, fishers = llama
     f = fishers(skip=[(), ("model.norm.weight",), (), ()])
