@@ -51,6 +51,8 @@ LINEAR_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen
                       "deepseek_v3", "opt", "bloom", "mpt", "t5", "bart", "bert", "roberta", "qwen2_vl")
 log = logging.getLogger("merge_engine")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<ab>[AB])\.weight|lora_embedding_(?P<eab>[AB]))$")
+# repeats one rank_pattern / alpha_pattern key may hold: "layers.*.q_proj" has one, "^(?!.*lm_head).*" two
+MAX_PATTERN_REPEATS = 2
 # adapter_config.json settings that change what merging means; refused rather than ignored
 _UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "layer_replication": "layer replication",
                 "target_parameters": "target_parameters", "trainable_token_indices": "trainable tokens",
@@ -375,33 +377,45 @@ def _pattern_problem(patterns, ranks: bool = False) -> str | None:
             re.compile(rf"(.*\.)?({key})$")  # as _pattern_key matches it (inline flags must lead the whole)
         except re.error as e:
             return f"{key!r} is not a valid regular expression here ({e})"
-        if _repeats_a_backtracking_group(key):
+        repeats = _repeat_count(key)
+        if repeats == math.inf:
             return (f"{key!r} repeats a group that itself repeats or alternates, which can take exponential time "
                     "to match a module name; write the names plainly")
+        if repeats > MAX_PATTERN_REPEATS:
+            return (f"{key!r} has {repeats} repeats (*, +, {{m,n}}), which can take time growing as the module name's "
+                    f"length to that power to match; at most {MAX_PATTERN_REPEATS} are taken (write the names plainly)")
     return None
 
 
-def _repeats_a_backtracking_group(pattern: str) -> bool:
-    """Whether a pattern repeats (*, +, {m,n}) something that itself repeats or alternates, as "(a+)+" and
-    "(.|[a-z])*Z" do: Python's matcher can then backtrack exponentially on a name that does not match (a
-    hostile adapter config would hang the merge). Conservative: some such patterns are fast."""
+def _repeat_count(pattern: str) -> float:
+    """How many repeats (*, +, {m,n} with n > 1) a pattern holds, lookarounds included: Python's matcher may try
+    every split of a name among repeats in sequence (".*.*.*X" backtracks as n**3 on a name of length n).
+    Infinite where one repeats something that itself repeats or alternates ("(a+)+", "(.|[a-z])*Z"): that
+    backtracks exponentially. Conservative: some such patterns are fast."""
     try:
         from re import _parser as parser  # Python 3.11+
     except ImportError:  # Python 3.10
         import sre_parse as parser
 
-    def walk(items, repeated: bool) -> bool:
+    def walk(items, repeated: bool) -> float:
+        count = 0
         for op, av in items:
             name = str(op)
             if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
                 many = av[1] > 1
-                if (repeated and many) or walk(av[2], repeated or many):
-                    return True
-            elif name == "SUBPATTERN" and walk(av[-1], repeated):
-                return True
-            elif name == "BRANCH" and (repeated or any(walk(alternative, repeated) for alternative in av[1])):
-                return True
-        return False
+                if repeated and many:
+                    return math.inf
+                count += many + walk(av[2], repeated or many)
+            elif name in ("SUBPATTERN", "ASSERT", "ASSERT_NOT"):
+                count += walk(av[-1], repeated)
+            elif name == "ATOMIC_GROUP":
+                count += walk(av, repeated)
+            elif name in ("BRANCH", "GROUPREF_EXISTS"):
+                alternatives = av[1] if name == "BRANCH" else [a for a in av[1:] if a is not None]
+                if repeated:
+                    return math.inf
+                count += max(walk(a, repeated) for a in alternatives)
+        return count
     return walk(parser.parse(pattern), False)
 
 

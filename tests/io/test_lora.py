@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from merge_engine import MergeOptions, merge, parse_config
 from merge_engine.errors import CheckpointError, ConfigError
-from merge_engine.io.lora import LoraCheckpoint, _all_finite, open_model
+from merge_engine.io.lora import LoraCheckpoint, _all_finite, _pattern_problem, open_model
 from tests.lora_adapters import model_tensors, write_adapter
 
 FP64 = torch.float64
@@ -227,6 +227,10 @@ def refusal(base, folder) -> str:
     ({"rank_pattern": {"(?i)q_proj": 4}}, r"rank_pattern: '\(\?i\)q_proj' is not a valid regular expression here"),
     # a pattern Python's matcher backtracks on exponentially: refused at once, not matched for hours
     ({"alpha_pattern": {"(.|[a-z_.0-9])*Z": 4}}, "alpha_pattern: .* repeats a group that itself repeats or alternates"),
+    ({"rank_pattern": {"(?=(a+)+)q": 4}}, "rank_pattern: .* repeats a group that itself repeats or alternates"),
+    # repeats in sequence: ".*" * 10 + "X" took 26 s to not match one module name
+    ({"alpha_pattern": {".*" * 10 + "X": 4}}, r"alpha_pattern: '(\.\*){10}X' has 10 repeats"),
+    ({"rank_pattern": {"a+.*[0-9]{1,3}X": 4}}, r"rank_pattern: .* has 3 repeats .* at most 2 are taken"),
 ])
 def test_lora_numbers_must_be_finite_and_ranks_integers(model_sets, tmp_path, setting, match):
     """json.loads takes NaN and Infinity (written here by json.dump) and bools are ints to Python: each is refused
@@ -272,6 +276,12 @@ def test_the_configured_rank_must_be_the_tensors_rank(model_sets, tmp_path, conf
     module = Q.removeprefix("base_model.model.")
     assert f"'{Q}.lora_A.weight' has rank {tensor_rank} but adapter_config.json's " in message
     assert match.format(module=module) in message
+
+
+@pytest.mark.parametrize("key", ["q_proj", "layers.*.q_proj", "^(?!.*lm_head).*", "q_proj|v_proj", ".*layers.*",
+                                 "model.layers.(0|1).self_attn.q_proj", r"layers\.\d+\.mlp\.(gate|up)_proj"])
+def test_the_patterns_peft_configs_use_are_taken(key):
+    assert _pattern_problem({key: 2}, ranks=True) is None
 
 
 def test_a_rank_pattern_that_matches_the_tensors_is_used(model_sets, tmp_path):
