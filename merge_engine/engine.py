@@ -468,8 +468,7 @@ def non_finite_inputs(job: TensorJob, tensors: list[torch.Tensor]) -> str:
     reads = job.inputs + job.side_reads()
     bad = [(ckpt, name, int((~torch.isfinite(t)).sum())) for (ckpt, name), t in zip(reads, tensors)
            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    return "; ".join(f"{ckpt.path}: tensor '{name}' has {n} NaN or Inf value(s) (a corrupt checkpoint?)"
-                     for ckpt, name, n in bad)
+    return "; ".join(ckpt.non_finite(name, n) for ckpt, name, n in bad)
 
 
 def check_merged_values(job: TensorJob, result: torch.Tensor, inputs: list[torch.Tensor]) -> None:

@@ -194,6 +194,11 @@ class Checkpoint:
         """Every folder reading this checkpoint reads (a LoRA adapter's or patch's too)."""
         return [self.path]
 
+    def non_finite(self, name: str, count: int) -> str:
+        """What to blame for tensor `name` read with `count` NaN or Inf values (a subclass that changes tensors
+        while reading may be the culprit)."""
+        return f"{self.path}: tensor '{name}' has {count} NaN or Inf value(s) (a corrupt checkpoint?)"
+
     def stored(self, name: str) -> TensorInfo:
         """Where and how tensor `name` is stored (`tensors` may describe it as a subclass reads it instead)."""
         return self.tensors[name]

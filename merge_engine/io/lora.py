@@ -230,6 +230,15 @@ class LoraCheckpoint(Checkpoint):
     def folders(self) -> list[str]:
         return [self.path, self.adapter]
 
+    def non_finite(self, name: str, count: int) -> str:
+        """The adapter, when its update to `name` is not finite in the tensor's dtype (a huge lora_alpha); looked
+        for only once a merge has failed."""
+        t, dtype = self.targets.get(name, _NO_CHANGE), self.tensors[name].dtype
+        if not t.a or _all_finite(self.delta(name, dtype).to(dtype)):
+            return super().non_finite(name, count)
+        return (f"{self.adapter}: its update to tensor '{name}' of {self.path}, at scale {t.scaling:g} (from "
+                f"lora_alpha and r), overflows {dtype_name(dtype)}: {count} NaN or Inf value(s) once applied")
+
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         info = self.tensors[name]
         if info.dtype == self.stored(name).dtype:

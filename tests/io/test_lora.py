@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from merge_engine import MergeOptions, merge, parse_config
-from merge_engine.errors import CheckpointError, ConfigError
+from merge_engine.errors import CheckpointError, ConfigError, MergeEngineError
 from merge_engine.io.lora import LoraCheckpoint, _all_finite, _pattern_problem, open_model
 from tests.lora_adapters import model_tensors, write_adapter
 
@@ -313,6 +313,23 @@ def test_non_finite_adapter_tensors_are_refused_when_read(model_sets, tmp_path, 
     clean = str(tmp_path / "clean")
     write_adapter(clean, base, modules_to_save=("lm_head",), dtype=dtype)
     LoraCheckpoint(base, clean).hold_adapter()
+
+
+def test_an_update_that_overflows_is_blamed_on_the_adapter_not_the_base(model_sets, tmp_path):
+    """lora_alpha 1e308 is finite, but no update it scales is: the merge's error names the adapter and its scale."""
+    base, other, third = model_sets("llama")[:3]
+    folder = str(tmp_path / "a")
+    write_adapter(folder, other, r=2, alpha=1e308)
+    cfg = {"merge_method": "ties", "base_model": base, "dtype": "bfloat16",
+           "models": [{"model": f"{other}+{folder}", "parameters": {"weight": 0.5, "density": 0.3}},
+                      {"model": third, "parameters": {"weight": 0.5, "density": 0.3}}]}
+    with pytest.raises(MergeEngineError) as err:
+        merge(parse_config(cfg), str(tmp_path / "out"), MergeOptions(device="cpu", quiet=True))
+    assert re.search(rf"{re.escape(folder)}: its update to tensor '.*_proj.weight' of {re.escape(other)}, at scale "
+                     r"5e\+307 \(from lora_alpha and r\), overflows float32: \d+ NaN or Inf", str(err.value))
+    ckpt = open_model(f"{other}+{folder}")
+    assert ckpt.non_finite("model.norm.weight", 3) == (f"{other}: tensor 'model.norm.weight' has 3 NaN or Inf "
+                                                       "value(s) (a corrupt checkpoint?)")
 
 
 def test_a_non_finite_value_is_found_in_any_chunk():
