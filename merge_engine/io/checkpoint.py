@@ -119,9 +119,8 @@ class Checkpoint:
         refuse_pending_journal(p)
 
     def _read_headers(self) -> dict[str, TensorInfo]:
-        index_path = os.path.join(self.path, INDEX_FILE)
-        if os.path.exists(index_path):
-            return self._read_sharded(index_path)
+        if os.path.lexists(os.path.join(self.path, INDEX_FILE)):  # a dangling link too: refused, not passed over
+            return self._read_sharded(inside_folder(self.path, INDEX_FILE, self.path))
         files = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
         if not files:
             pickled = [f for f in PICKLE_FILES if os.path.exists(os.path.join(self.path, f))]
@@ -165,7 +164,7 @@ class Checkpoint:
     def config(self) -> dict:
         """config.json as a dict ({} when the folder has none)."""
         path = os.path.join(self.path, "config.json")
-        if not os.path.exists(path):
+        if not os.path.lexists(path):  # (a dangling link is refused by read_json)
             return {}
         config = read_json(inside_folder(self.path, "config.json", self.path))
         if not isinstance(config, dict):

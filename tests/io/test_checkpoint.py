@@ -158,6 +158,22 @@ def test_missing_shard_is_reported(model_sets, tmp_path):
         Checkpoint(str(folder))
 
 
+@pytest.mark.parametrize("file", ["model.safetensors.index.json", "config.json"])
+@pytest.mark.parametrize("target, problem", [("missing.json", "cannot read"), ("/nonexistent", "outside"),
+                                             ("../other/{file}", "outside")])
+def test_an_index_or_config_linked_out_of_the_folder_or_to_nothing_is_refused(model_sets, tmp_path, file, target,
+                                                                                problem):
+    """Neither is passed over (every *.safetensors read instead of the index's shards) nor read from elsewhere."""
+    import shutil
+    folder, other = tmp_path / "m", tmp_path / "other"
+    shutil.copytree(model_sets("llama_bf16_sharded")[0], folder)
+    shutil.copytree(folder, other)
+    os.remove(folder / file)
+    os.symlink(target.format(file=file), folder / file)
+    with pytest.raises(CheckpointError, match=f"{folder / file}: .*{problem}|{file}' leads to .*{problem}"):
+        Checkpoint(str(folder))
+
+
 @pytest.mark.parametrize("key,value,expected", [
     ("architectures", 5, "must be a list of class names, got 5"),
     ("architectures", [{"a": 1}], "must be a list of class names, got [{'a': 1}]"),
