@@ -21,6 +21,7 @@ from merge_engine.io.raw import tensor_bytes
 from merge_engine.io.untrusted import is_int, is_text, open_regular, parse_json
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
+UNREAD_DTYPES = ("U16", "U32", "U64", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64")  # valid in the format, not merged
 
 
 @dataclass(frozen=True)
@@ -96,10 +97,14 @@ def _tensor_info(path: str, name: str, entry, data_base: int, file_size: int) ->
         raise CheckpointError(f"{path}: tensor {name!r}: the name is not text (a lone surrogate escape, "
                               "\\ud800-\\udfff): corrupt header")
     if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
-            and entry["dtype"] in SAFETENSORS_DTYPES and isinstance(entry.get("shape"), list) and all(_is_count(d) for d in entry["shape"])
+            and entry["dtype"] in (*SAFETENSORS_DTYPES, *UNREAD_DTYPES) and isinstance(entry.get("shape"), list)
+            and all(_is_count(d) for d in entry["shape"])
             and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
             and all(_is_count(o) for o in entry["data_offsets"])):
         raise CheckpointError(f"{path}: tensor '{name}': malformed header entry {str(entry)[:200]}")
+    if entry["dtype"] in UNREAD_DTYPES:
+        raise CheckpointError(f"{path}: tensor '{name}': unsupported dtype {entry['dtype']} (merge_engine reads "
+                              f"{', '.join(SAFETENSORS_DTYPES)})")
     dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
     numel = _element_count(shape)
     if numel is None:
