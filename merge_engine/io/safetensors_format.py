@@ -75,9 +75,11 @@ def read_header_and_identity(path: str) -> tuple[dict[str, TensorInfo], tuple[in
     header = parse_json(text, f"{path}: corrupt safetensors header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+    metadata = header.pop("__metadata__", None)  # null: none, as the library reads it
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) and is_text(k) and is_text(v) for k, v in metadata.items())):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings, "
+                              "with no lone surrogate escape)")
     data_base = 8 + header_len
     infos = {name: _tensor_info(path, name, entry, data_base, size) for name, entry in header.items()}
     _check_layout(path, infos, data_base, size)

@@ -117,3 +117,25 @@ def test_a_dtype_of_the_format_that_is_not_merged_is_named(tmp_path, dtype, bits
     with pytest.raises(CheckpointError, match=rf"d\.safetensors: tensor 't': unsupported dtype {dtype} \(merge_engine "
                                               "reads F64, F32, F16, BF16"):
         read_header(path)
+
+
+T = b'"t": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}'
+
+
+@pytest.mark.parametrize("metadata,refused", [(b"null", False), (b'{"a": "b"}', False), (b'{"a": "\\ud800"}', True),
+                                              (b'{"\\udfff": "a"}', True), (b'{"a": null}', True), (b"[]", True)])
+def test_metadata_is_read_as_the_library_reads_it(tmp_path, metadata, refused):
+    """null is no metadata; half a surrogate pair, in a key or a value, is not text."""
+    path = write_raw(tmp_path / "m.safetensors", b'{"__metadata__": ' + metadata + b", " + T + b"}", b"ab")
+    try:
+        with safe_open(path, "pt"):
+            pass
+    except Exception:
+        assert refused
+    else:
+        assert not refused
+    if refused:
+        with pytest.raises(CheckpointError, match=r"m\.safetensors: corrupt safetensors header \(__metadata__ must map"):
+            read_header(path)
+    else:
+        assert list(read_header(path)) == ["t"]
