@@ -205,9 +205,16 @@ class Checkpoint:
     def _read_bytes(self, name: str, out: torch.Tensor | None) -> torch.Tensor:
         info = self.stored(name)
         out = read_buffer(name, info, out)
-        view = tensor_bytes(out)
-        pread_into(self._fd(info.file), view, info.data_start, info.nbytes, info.file, name)
+        self._read_into(info, tensor_bytes(out), name)
         return out
+
+    def _read_into(self, info: TensorInfo, view: memoryview, name: str) -> None:
+        """Tensor `name`'s bytes (where info says) into view; CheckpointError naming the file and the tensor when
+        they cannot be read (the file deleted since its header was read, an I/O error)."""
+        try:
+            pread_into(self._fd(info.file), view, info.data_start, info.nbytes, info.file, name)
+        except OSError as e:
+            raise CheckpointError(f"{info.file}: tensor '{name}': cannot read ({e.strerror or e})") from None
 
     def read_pooled(self, name: str, take_bytes: Callable[[int], torch.Tensor], direct_io: str = "auto") -> torch.Tensor:
         """Read one tensor into a buffer from take_bytes(n) (a flat uint8 CPU tensor of n bytes) and

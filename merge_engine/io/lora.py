@@ -33,7 +33,7 @@ import torch
 
 from merge_engine.dtypes import dtype_name
 from merge_engine.errors import CheckpointError
-from merge_engine.io.checkpoint import Checkpoint, pread_into, read_buffer
+from merge_engine.io.checkpoint import Checkpoint, read_buffer
 from merge_engine.io.raw import tensor_bytes
 from merge_engine.io.safetensors_format import TensorInfo, read_header_and_identity
 from merge_engine.io.untrusted import inside_folder, is_finite_number, is_int, read_json
@@ -307,10 +307,7 @@ class LoraCheckpoint(Checkpoint):
         tensor when the file has become shorter than its header says or the tensor holds NaN or Inf."""
         info = self._weights[key]
         out = torch.empty(info.shape, dtype=info.dtype)
-        try:
-            pread_into(self._fd(info.file), tensor_bytes(out), info.data_start, info.nbytes, info.file, key)
-        except OSError as e:
-            raise CheckpointError(f"{info.file}: tensor '{key}': cannot read ({e.strerror or e})") from None
+        self._read_into(info, tensor_bytes(out), key)
         if not _all_finite(out):
             raise CheckpointError(f"{info.file}: tensor '{key}' holds NaN or Inf values (a corrupt adapter?)")
         return out

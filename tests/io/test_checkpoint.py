@@ -125,6 +125,16 @@ def test_a_file_changed_after_its_header_was_read_is_not_read(tmp_path, change, 
         _direct_read_all(ckpt, direct_io)
 
 
+@pytest.mark.parametrize("direct_io", ["on", "off", None])
+def test_a_file_deleted_after_its_header_was_read_is_named_with_the_tensor(tmp_path, direct_io):
+    from safetensors.torch import save_file
+    save_file({"a": torch.zeros(1000)}, str(tmp_path / "model.safetensors"))
+    ckpt = Checkpoint(str(tmp_path))
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'a': cannot read \(No such file"):
+        ckpt.read("a") if direct_io is None else _direct_read_all(ckpt, direct_io)
+
+
 def test_sharded_index_is_used(model_sets):
     folder = model_sets("llama_bf16_sharded")[0]
     assert os.path.exists(os.path.join(folder, "model.safetensors.index.json"))
