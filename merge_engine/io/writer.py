@@ -16,6 +16,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -71,7 +72,14 @@ def _joined_lock_name() -> str:
 def output_folder(out_dir: str) -> str:
     """The absolute folder an output path names: where it is a symbolic link, the folder it points to (which the
     output becomes, so the link then points to the output), else the path."""
-    return os.path.realpath(out_dir) if os.path.islink(out_dir) else os.path.abspath(out_dir)
+    path = _trimmed(out_dir)
+    return os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
+
+
+def _trimmed(path: str) -> str:
+    """path without trailing slashes and "/." (os.path.islink("link/") is False: it names the folder the link points
+    to, so the link itself would be taken for the output). Not os.path.normpath: "link/.." is not the link's folder."""
+    return re.sub(r"(?<=.)(/+\.?)+$", "", path)
 
 
 def check_output_dir(out_dir: str, overwrite: bool) -> None:
@@ -79,7 +87,7 @@ def check_output_dir(out_dir: str, overwrite: bool) -> None:
     working folder, which an overwrite would replace)."""
     if not out_dir:
         raise OutputError("the output path is empty (an unset variable?); name the output folder")
-    if os.path.islink(out_dir):
+    if os.path.islink(_trimmed(out_dir)):
         try:
             os.stat(out_dir)
         except OSError as e:

@@ -112,6 +112,27 @@ def test_an_output_path_that_is_a_symlink_writes_the_folder_it_points_to(tmp_pat
     assert os.listdir(tmp_path / "disk" / "new") == ["model.safetensors"]
 
 
+@pytest.mark.parametrize("suffix", ["/", "//", "/.", "/./"])
+def test_a_symlinked_output_path_ending_in_a_slash_writes_where_the_link_points(tmp_path, suffix):
+    """"link/" names the folder the link points to, as "link" does: the link is kept, not replaced by the output."""
+    ts = tensors()
+    target, link = tmp_path / "disk" / "out", tmp_path / "out"
+    target.mkdir(parents=True)
+    (target / "old.txt").write_text("replaced with --overwrite")
+    link.symlink_to(target)
+    dangling = tmp_path / "later"
+    dangling.symlink_to(tmp_path / "disk" / "new")
+    for path, overwrite in ((link, True), (dangling, False)):
+        w = ShardedWriter(str(path) + suffix, entries(ts), 10**9, overwrite=overwrite)
+        for n, t in ts.items():
+            w.write(n, t)
+        w.commit()
+        assert path.is_symlink()
+    assert os.listdir(target) == os.listdir(tmp_path / "disk" / "new") == ["model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["disk", "later", "out"]
+    assert sorted(os.listdir(tmp_path / "disk")) == ["new", "out"]
+
+
 def test_abort_removes_the_folders_it_made_above_the_output(tmp_path):
     (tmp_path / "kept").mkdir()
     w = ShardedWriter(str(tmp_path / "kept" / "new1" / "new2" / "out"), entries(tensors()), 10**9)
