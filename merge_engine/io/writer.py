@@ -34,6 +34,7 @@ log = logging.getLogger("merge_engine")
 LOCK_FILE = ".lock"  # inside a partial folder, flock-ed by the process writing it until it ends
 _JOINED_LOCK = ".lock-"  # + host and process id: flock-ed by each other process writing shards into it
 _MOVING = threading.Lock()  # moving outputs into place, in this process
+_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")  # how /proc/self/mountinfo writes a space, a tab, a newline, a backslash
 
 _WRITE_CHUNK = 1 << 30
 _BOUNCE = 16 << 20  # bytes staged per direct write
@@ -83,8 +84,8 @@ def _trimmed(path: str) -> str:
 
 
 def check_output_dir(out_dir: str, overwrite: bool) -> None:
-    """Refuse an existing non-empty output folder unless overwriting was asked for, and an empty path (the
-    working folder, which an overwrite would replace)."""
+    """Refuse an existing non-empty output folder unless overwriting was asked for, an empty path (the
+    working folder, which an overwrite would replace) and a mount point."""
     if not out_dir:
         raise OutputError("the output path is empty (an unset variable?); name the output folder")
     if os.path.islink(_trimmed(out_dir)):
@@ -97,8 +98,27 @@ def check_output_dir(out_dir: str, overwrite: bool) -> None:
     if os.path.exists(folder):
         if not os.path.isdir(folder):
             raise OutputError(f"{out_dir}: output path exists and is not a folder")
+        if _is_mount_point(folder):  # the kernel refuses to rename onto it (EBUSY), after the whole merge
+            raise OutputError(f"{out_dir}: the output folder is a mount point, which the output (written beside "
+                              "it, then renamed into place) cannot replace; name a folder inside it, e.g. "
+                              + os.path.join(_trimmed(out_dir), "merged"))
         if os.listdir(folder) and not overwrite:
             raise OutputError(f"{out_dir}: output folder exists and is not empty; pass --overwrite to replace it")
+
+
+def _is_mount_point(folder: str) -> bool:
+    """os.path.ismount misses a bind mount of a folder of the same filesystem: the kernel's list has it."""
+    return os.path.ismount(folder) or os.path.realpath(folder) in _mount_points()
+
+
+def _mount_points() -> set[str]:
+    """The mount points this process sees (none where /proc is not mounted)."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return set()
+    return {os.fsdecode(_OCTAL_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), line.split()[4])) for line in lines}
 
 
 def check_output_apart(out_dir: str, inputs: Iterable[str]) -> None:

@@ -3,6 +3,8 @@ the version, bad devices, seeds and thread counts, a config that is not UTF-8, a
 Ctrl-C; and the summary is printed once."""
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -78,6 +80,28 @@ def test_a_read_only_parent_is_one_line(config, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(writer.os, "makedirs", read_only)
     assert cli.main([config, str(tmp_path / "ro" / "out"), "-q"]) == 2
     assert f"Read-only file system: {tmp_path / 'ro'}" in one_line(capsys)
+
+
+def in_own_mount_namespace(shell: str, *args) -> subprocess.CompletedProcess:
+    """The shell command run as root of a user and mount namespace of its own (so it may mount, and its mounts
+    end with it), with args as $1, $2...; the test is skipped where the system allows no such namespace."""
+    unshare = ["unshare", "--user", "--map-root-user", "--mount"]
+    if not shutil.which("unshare") or subprocess.run([*unshare, "true"], capture_output=True).returncode:
+        pytest.skip("no user and mount namespace for this test (unshare -rm)")
+    return subprocess.run([*unshare, "sh", "-c", shell, "sh", *map(str, args)], capture_output=True, text=True)
+
+
+def test_an_output_folder_that_is_a_mount_point_is_refused_before_the_merge(config, tmp_path):
+    """The finished output is renamed onto its folder, which the kernel refuses for a mount point: said up front,
+    not after the whole merge. A bind mount of a folder of the same filesystem, which os.path.ismount misses."""
+    disk, out = tmp_path / "disk", tmp_path / "out"
+    disk.mkdir()
+    out.mkdir()
+    done = in_own_mount_namespace('mount --bind "$1" "$2" && exec "$3" -m merge_engine "$4" "$2" -q',
+                                  disk, out, sys.executable, config)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"{out}: the output folder is a mount point" in done.stderr and str(out / "merged") in done.stderr
+    assert sorted(os.listdir(tmp_path)) == ["disk", "out"] and os.listdir(disk) == []
 
 
 def test_an_output_parent_that_is_a_file_is_one_line(config, tmp_path, capsys):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from merge_engine.errors import OutputError
-from merge_engine.io.writer import ShardedWriter, plan_shards
+from merge_engine.io.writer import ShardedWriter, check_output_dir, plan_shards
 
 
 def tensors():
@@ -354,3 +354,9 @@ def test_a_full_disk_is_named_by_the_file_it_stopped(tmp_path, monkeypatch):
     assert error.value.errno == errno.ENOSPC and error.value.filename.endswith("model.safetensors")
     assert os.path.dirname(error.value.filename) == w.tmp_dir
     w.abort()
+
+
+def test_a_mount_point_is_refused_as_the_output_folder():
+    """The output is written beside its folder, then renamed onto it: a mount point cannot be (EBUSY)."""
+    with pytest.raises(OutputError, match="/: the output folder is a mount point, .* e.g. /merged"):
+        check_output_dir("/", overwrite=True)
