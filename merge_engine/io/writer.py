@@ -20,6 +20,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import threading
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -383,12 +384,12 @@ class ShardedWriter:
 
     def _rename_into_place(self) -> None:
         check_output_dir(self.out_dir, self.overwrite)  # it may have appeared while we merged
-        old = None
-        if os.path.exists(self.out_dir):
-            old = f"{self.tmp_dir}.old"
-            os.rename(self.out_dir, old)
+        old = f"{self.tmp_dir}.old" if os.path.exists(self.out_dir) else None
         for lock in _lock_files(self.tmp_dir):  # not part of the output (held until the rename, or by the joiners)
             os.unlink(os.path.join(self.tmp_dir, lock))
+        if old:  # the user's folder may be shared (a group's access, setgid): its replacement keeps its permissions
+            os.chmod(self.tmp_dir, stat.S_IMODE(os.stat(self.out_dir).st_mode))
+            os.rename(self.out_dir, old)
         os.rename(self.tmp_dir, self.out_dir)
         self._release_lock()
         if old:

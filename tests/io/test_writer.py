@@ -3,6 +3,7 @@ the partial folders that killed runs leave."""
 import fcntl
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -87,6 +88,21 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path):
         w.write(n, t)
     w.commit()
     assert sorted(os.listdir(out)) == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_replaced_output_folder_keeps_its_permissions(tmp_path, overwrite):
+    """An existing output folder (empty, or any with overwrite) is replaced by the written one, with its mode."""
+    ts, out = tensors(), tmp_path / "out"
+    out.mkdir()
+    if overwrite:
+        (out / "old.txt").write_text("replaced")
+    out.chmod(0o2750)  # a group's folder: read by the group, new files in the group (setgid)
+    w = ShardedWriter(str(out), entries(ts), 10**9, overwrite=overwrite)
+    for n, t in ts.items():
+        w.write(n, t)
+    w.commit()
+    assert os.listdir(out) == ["model.safetensors"] and oct(stat.S_IMODE(out.stat().st_mode)) == oct(0o2750)
 
 
 def test_an_output_path_that_is_a_symlink_writes_the_folder_it_points_to(tmp_path):
