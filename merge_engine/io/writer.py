@@ -393,7 +393,17 @@ class ShardedWriter:
         os.rename(self.tmp_dir, self.out_dir)
         self._release_lock()
         if old:
+            self._remove_replaced(old)
+
+    def _remove_replaced(self, old: str) -> None:
+        """Delete the folder the output replaced. The output is complete and in place by now: what cannot be deleted
+        (a read-only or busy file) is left with a warning, not made a failure of the run."""
+        try:
             shutil.rmtree(old)
+        except OSError as e:
+            shutil.rmtree(old, ignore_errors=True)  # the rest of what can go
+            log.warning("%s is written, but the output it replaced could not all be deleted (%s); what is left is "
+                        "in %s", self.out_dir, e.strerror, old)  # e.filename: relative to a folder rmtree had open
 
     def abort(self) -> None:
         """Remove the temporary folder (its maker; a joiner closes its files); the output path is left as it was."""

@@ -111,6 +111,26 @@ def test_an_output_parent_that_is_a_file_is_one_line(config, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
+def test_an_old_output_that_cannot_all_be_deleted_is_a_warning_not_a_failure(config, tmp_path, monkeypatch, caplog):
+    """--overwrite: the new output is in place when the old one is deleted; a file of the old one that cannot be
+    (read-only, busy) is left behind, named, and the merge succeeds."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stuck.txt").write_text("an immutable file")
+    unlink = os.unlink
+
+    def refuse_stuck(path, *args, **kwargs):
+        if os.fspath(path) == "stuck.txt":  # as shutil.rmtree names it (relative to its folder's descriptor)
+            raise PermissionError(1, "Operation not permitted", path)
+        return unlink(path, *args, **kwargs)
+    monkeypatch.setattr(os, "unlink", refuse_stuck)
+    with caplog.at_level("WARNING", logger="merge_engine"):
+        assert cli.main([config, str(out), "--overwrite", "-q"]) == 0
+    left = [p for p in os.listdir(tmp_path) if p != "out"]
+    assert len(left) == 1 and f"what is left is in {tmp_path / left[0]}" in caplog.text
+    assert "model.safetensors" in os.listdir(out)
+
+
 @pytest.mark.parametrize("full_from", ["headers", "data"])
 def test_disk_full_is_one_line_and_leaves_nothing(config, tmp_path, capsys, monkeypatch, full_from):
     from merge_engine.io import writer

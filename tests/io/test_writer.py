@@ -105,6 +105,31 @@ def test_a_replaced_output_folder_keeps_its_permissions(tmp_path, overwrite):
     assert os.listdir(out) == ["model.safetensors"] and oct(stat.S_IMODE(out.stat().st_mode)) == oct(0o2750)
 
 
+def test_an_old_output_that_cannot_all_be_deleted_is_left_with_a_warning(tmp_path, monkeypatch, caplog):
+    """With overwrite, the old output is deleted once the new one is in place: a file that cannot be (read-only,
+    busy) is left, named, and the run has not failed."""
+    ts, out = tensors(), tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / "stuck.txt").write_text("an immutable file")
+    (out / "old.txt").write_text("deleted")
+    unlink = os.unlink
+
+    def refuse_stuck(path, *args, **kwargs):
+        if os.fspath(path) == "stuck.txt":  # as shutil.rmtree names it (relative to its folder's descriptor)
+            raise PermissionError(1, "Operation not permitted", path)
+        return unlink(path, *args, **kwargs)
+    monkeypatch.setattr(os, "unlink", refuse_stuck)
+    w = ShardedWriter(str(out), entries(ts), 10**9, overwrite=True)
+    for n, t in ts.items():
+        w.write(n, t)
+    with caplog.at_level("WARNING", logger="merge_engine"):
+        w.commit()
+    assert os.listdir(out) == ["model.safetensors"]
+    left = [p for p in os.listdir(tmp_path) if p != "out"]
+    assert len(left) == 1 and os.listdir(tmp_path / left[0]) == ["sub"]  # all that could go went
+    assert f"what is left is in {tmp_path / left[0]}" in caplog.text and "Operation not permitted" in caplog.text
+
+
 def test_an_output_path_that_is_a_symlink_writes_the_folder_it_points_to(tmp_path):
     ts = tensors()
     target, link = tmp_path / "disk" / "out", tmp_path / "out"
