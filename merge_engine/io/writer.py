@@ -87,8 +87,7 @@ def _trimmed(path: str) -> str:
 def check_output_dir(out_dir: str, overwrite: bool) -> None:
     """Refuse an existing non-empty output folder unless overwriting was asked for, an empty path (the
     working folder, which an overwrite would replace) and a mount point."""
-    if not out_dir:
-        raise OutputError("the output path is empty (an unset variable?); name the output folder")
+    _check_named(out_dir)
     if os.path.islink(_trimmed(out_dir)):
         try:
             os.stat(out_dir)
@@ -105,6 +104,11 @@ def check_output_dir(out_dir: str, overwrite: bool) -> None:
                               + os.path.join(_trimmed(out_dir), "merged"))
         if os.listdir(folder) and not overwrite:
             raise OutputError(f"{out_dir}: output folder exists and is not empty; pass --overwrite to replace it")
+
+
+def _check_named(out_dir: str) -> None:
+    if not out_dir:
+        raise OutputError("the output path is empty (an unset variable?); name the output folder")
 
 
 def _is_mount_point(folder: str) -> bool:
@@ -126,6 +130,7 @@ def check_output_apart(out_dir: str, inputs: Iterable[str]) -> None:
     """OutputError when the output folder lies inside an input folder (a second model among the first one's
     files, and --overwrite could replace the input itself) or an input file or folder lies inside the output
     folder (it would be deleted with the folder the output replaces). Checked before anything is read."""
+    _check_named(out_dir)  # first: "" would be the working folder, which holds every input given by a relative path
     out = os.path.realpath(out_dir)
     for path in inputs:
         real = os.path.realpath(path)

@@ -104,6 +104,12 @@ def test_an_output_folder_that_is_a_mount_point_is_refused_before_the_merge(conf
     assert sorted(os.listdir(tmp_path)) == ["disk", "out"] and os.listdir(disk) == []
 
 
+def test_an_empty_output_path_is_named_as_such(config, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(config))  # "" is the working folder, which holds the config
+    assert cli.main([config, ""]) == 2
+    assert "the output path is empty" in one_line(capsys)
+
+
 def test_an_output_parent_that_is_a_file_is_one_line(config, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert cli.main([config, str(tmp_path / "file" / "out")]) == 2
