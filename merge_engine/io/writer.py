@@ -86,7 +86,7 @@ def _trimmed(path: str) -> str:
 
 def check_output_dir(out_dir: str, overwrite: bool) -> None:
     """Refuse an existing non-empty output folder unless overwriting was asked for, an empty path (the
-    working folder, which an overwrite would replace) and a mount point."""
+    working folder, which an overwrite would replace), a mount point, and a path under a file."""
     _check_named(out_dir)
     if os.path.islink(_trimmed(out_dir)):
         try:
@@ -104,11 +104,22 @@ def check_output_dir(out_dir: str, overwrite: bool) -> None:
                               + os.path.join(_trimmed(out_dir), "merged"))
         if os.listdir(folder) and not overwrite:
             raise OutputError(f"{out_dir}: output folder exists and is not empty; pass --overwrite to replace it")
+    else:
+        _check_can_be_made(out_dir, folder)
 
 
 def _check_named(out_dir: str) -> None:
     if not out_dir:
         raise OutputError("the output path is empty (an unset variable?); name the output folder")
+
+
+def _check_can_be_made(out_dir: str, folder: str) -> None:
+    """A folder that does not exist yet can be made: its nearest existing parent is a folder."""
+    parent = os.path.dirname(folder)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputError(f"{out_dir}: {parent} is not a folder, so the output folder cannot be made in it")
 
 
 def _is_mount_point(folder: str) -> bool:

@@ -110,10 +110,16 @@ def test_an_empty_output_path_is_named_as_such(config, tmp_path, capsys, monkeyp
     assert "the output path is empty" in one_line(capsys)
 
 
-def test_an_output_parent_that_is_a_file_is_one_line(config, tmp_path, capsys):
+@pytest.mark.parametrize("below", ["out", "a/b/out"])
+def test_an_output_under_a_file_is_refused_before_the_merge(config, tmp_path, capsys, monkeypatch, below):
+    from merge_engine import engine
+
+    def planned(*args):
+        raise AssertionError("planned (read the inputs' headers) before refusing the output path")
+    monkeypatch.setattr(engine, "build_plan", planned)
     (tmp_path / "file").write_text("x")
-    assert cli.main([config, str(tmp_path / "file" / "out")]) == 2
-    assert "file" in one_line(capsys)
+    assert cli.main([config, str(tmp_path / "file" / below)]) == 2
+    assert f"{tmp_path / 'file' / below}: {tmp_path / 'file'} is not a folder" in one_line(capsys)
     assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
