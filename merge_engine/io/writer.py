@@ -312,7 +312,7 @@ class ShardedWriter:
             raise ValueError(f"'{name}': planned {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
         shard, offset = self._where[name]
         data = tensor_bytes(tensor.detach().cpu().contiguous())
-        with self._naming(shard):
+        with self._naming(shard.filename):
             if not (shard.direct_fd >= 0 and len(data) >= _MIN_DIRECT and self._write_direct(shard, data, offset)):
                 _pwrite_all(shard.fd, data, offset)
         self._pending.discard(name)
@@ -349,7 +349,7 @@ class ShardedWriter:
     def add_file(self, filename: str, content: str | bytes) -> None:
         """Add a side file (config.json, the merge config...) to the output."""
         mode = "wb" if isinstance(content, bytes) else "w"
-        with open(os.path.join(self.tmp_dir, filename), mode) as f:
+        with self._naming(filename), open(os.path.join(self.tmp_dir, filename), mode) as f:
             f.write(content)
 
     def copy_file(self, src: str, filename: str | None = None) -> None:
@@ -366,19 +366,20 @@ class ShardedWriter:
         if self.maker:
             self._write_index()
         for shard in self._shards:
-            with self._naming(shard):
+            with self._naming(shard.filename):
                 os.fsync(shard.fd)
         self._close()
         self._flushed = True
 
     @contextlib.contextmanager
-    def _naming(self, shard: ShardLayout):
-        """An OSError of a write to the shard (a full disk, a quota) names its file: pwrite's does not."""
+    def _naming(self, filename: str):
+        """An OSError of a write to the output file (a full disk, a quota) names it: pwrite's and a buffered file's
+        do not."""
         try:
             yield
         except OSError as e:
             if e.filename is None:
-                raise OSError(e.errno, e.strerror, os.path.join(self.tmp_dir, shard.filename)) from e
+                raise OSError(e.errno, e.strerror, os.path.join(self.tmp_dir, filename)) from e
             raise
 
     def _write_index(self) -> None:

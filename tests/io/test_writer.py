@@ -401,3 +401,16 @@ def test_a_mount_point_is_refused_as_the_output_folder():
     """The output is written beside its folder, then renamed onto it: a mount point cannot be (EBUSY)."""
     with pytest.raises(OutputError, match="/: the output folder is a mount point, .* e.g. /merged"):
         check_output_dir("/", overwrite=True)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full (a device whose writes fail with ENOSPC)")
+def test_a_full_disk_is_named_by_the_side_file_it_stopped(tmp_path, monkeypatch):
+    import errno
+
+    from merge_engine.io import writer
+    w = ShardedWriter(str(tmp_path / "out"), entries(tensors()), 10**9)
+    monkeypatch.setattr(writer, "open", lambda path, mode: open("/dev/full", mode), raising=False)
+    with pytest.raises(OSError) as error:
+        w.add_file("config.json", "{}\n")
+    assert error.value.errno == errno.ENOSPC and error.value.filename == os.path.join(w.tmp_dir, "config.json")
+    w.abort()
