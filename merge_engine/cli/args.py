@@ -22,6 +22,14 @@ def parse_size(text: str) -> int:
     return int(float(m[1]) * _UNITS[m[2].lower()])
 
 
+def positive_size(text: str) -> int:
+    """parse_size, at least 1 byte: a fraction of a byte rounds down to 0, which no option means."""
+    value = parse_size(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a size of at least 1 byte, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

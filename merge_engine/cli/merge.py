@@ -8,7 +8,7 @@ import time
 import torch
 
 from merge_engine import __version__
-from merge_engine.cli.args import add_quiet_argument, parse_size, positive_int, setup_logging
+from merge_engine.cli.args import add_quiet_argument, parse_size, positive_int, positive_size, setup_logging
 from merge_engine.cli.timing import STARTUP
 from merge_engine.dtypes import DTYPES
 from merge_engine.methods import REGISTRY
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="where the math runs: cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--cuda", action="store_const", const="cuda", dest="device", help="same as --device cuda")
     p.add_argument("--no-cuda", action="store_const", const="cpu", dest="device", help="same as --device cpu")
-    p.add_argument("--out-shard-size", type=parse_size, default=parse_size("5B"),
+    p.add_argument("--out-shard-size", type=positive_size, default=parse_size("5B"),
                    help="most tensor bytes per output shard; K/M/B suffixes, powers of 1000 (default 5B = 5e9 "
                         "bytes)")
     p.add_argument("--random-seed", type=seed, default=0,

@@ -3,7 +3,7 @@ import argparse
 
 import pytest
 
-from merge_engine.cli.args import parse_size, positive_int
+from merge_engine.cli.args import parse_size, positive_int, positive_size
 
 
 def test_parse_size():
@@ -16,3 +16,10 @@ def test_positive_int():
     assert positive_int("3") == 3
     with pytest.raises(argparse.ArgumentTypeError):
         positive_int("0")
+
+
+def test_positive_size():
+    assert positive_size("1") == 1 and positive_size("0.5K") == 500
+    for text in ("0", "0.1"):  # 0.1 bytes rounds down to 0
+        with pytest.raises(argparse.ArgumentTypeError, match=f"at least 1 byte, got {text}"):
+            positive_size(text)

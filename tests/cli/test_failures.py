@@ -63,6 +63,14 @@ def test_a_thread_count_below_one_is_refused_by_the_parser(config, tmp_path, cap
         assert not (tmp_path / "out").exists()
 
 
+def test_a_shard_size_under_a_byte_is_refused_by_the_parser(config, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main([config, str(tmp_path / "out"), "--out-shard-size", "0.1"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "argument --out-shard-size: expected a size of at least 1 byte, got 0.1" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_config_that_is_not_utf8_names_the_file(tmp_path, capsys):
     bad = tmp_path / "latin1.yml"
     bad.write_bytes("merge_method: linear  # caf\xe9\n".encode("latin-1"))
