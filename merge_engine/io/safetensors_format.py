@@ -20,7 +20,7 @@ from merge_engine.errors import CheckpointError
 from merge_engine.io.raw import tensor_bytes
 from merge_engine.io.untrusted import is_int, is_text, open_regular, parse_json
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
+MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces (MAX_HEADER_SIZE)
 UNREAD_DTYPES = ("U16", "U32", "U64", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64")  # valid in the format, not merged
 
 
