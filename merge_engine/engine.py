@@ -459,7 +459,7 @@ def tensor_group(job: TensorJob, tensors: list[torch.Tensor], seed: int = 0, tak
     return TensorGroup(job.out_name, inputs, job.base_index,
                        job.shared, job.per_model, seed, side,
                        {kind: [None if ref is None else ref[0].path for ref in refs] for kind, refs in job.side.items()},
-                       take_output, [name for _, name in job.inputs])
+                       take_output, [name for _, name in job.inputs], job.in_out)
 
 
 def non_finite_inputs(job: TensorJob, tensors: list[torch.Tensor]) -> str:

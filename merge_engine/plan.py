@@ -18,7 +18,7 @@ from merge_engine.errors import CheckpointError, ConfigError
 from merge_engine.io import fishers
 from merge_engine.io.checkpoint import Checkpoint, split_layer_name
 from merge_engine.io.grams import gram_folder
-from merge_engine.io.lora import open_model
+from merge_engine.io.lora import CONV1D_MODEL_TYPES, open_model
 from merge_engine.parameters import Scope, resolve
 from merge_engine.vocabulary import RowRecipe, Vocabulary, build_vocabulary, truncated_rows
 
@@ -65,6 +65,7 @@ class TensorJob:
     side: dict[str, list[tuple[Checkpoint, str] | None]] = field(default_factory=dict)
     slice_index: int = 0  # the config slice it comes from, and its layer position t there: enough to resolve
     t: float = 0.0  # its parameters again under another config of the same models (session.py)
+    in_out: bool = False  # a 2-D weight stored [in, out] (transformers' Conv1D, in the GPT-2 family), not [out, in]
 
     def side_reads(self) -> list[tuple[Checkpoint, str]]:
         return [ref for refs in self.side.values() for ref in refs if ref is not None]
@@ -381,12 +382,14 @@ def _plan_tensor(plan: MergePlan, s: Slice, out_name: str, names: list[str], t: 
         problems.append(f"'{out_name}': its rows are aligned to the output vocabulary, which needs every input's "
                         f"{kind} of it")
     out = cfg.out_dtype or method.output_dtype(compute)
+    layout_from = plan.models[base if base in models else models[0]]
+    in_out = len(ref.shape) == 2 and layout_from.config.get("model_type") in CONV1D_MODEL_TYPES
     plan.jobs.append(TensorJob(
         out_name, [(plan.models[m], n) for m, n in zip(models, names)],
         models.index(base) if base in models else None, shared, per_model,
         compute if floating else dtypes[0], out if floating else dtypes[0],
         (rows.rows, *ref.shape[1:]) if rows else ref.shape, copy_only=not floating, side=side, rows=rows,
-        slice_index=next(i for i, x in enumerate(cfg.slices) if x is s), t=t))
+        slice_index=next(i for i, x in enumerate(cfg.slices) if x is s), t=t, in_out=in_out))
 
 
 def resolve_parameters(cfg: MergeConfig, s: Slice, names: list[str], out_name: str, t: float,

@@ -25,6 +25,7 @@ class TensorGroup:
     # the engine's recycled host buffers (shape, dtype) -> tensor, for the ops that take `out`
     take_output: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None
     input_names: list[str] = field(default_factory=list)  # each input's name in its model (slices renumber layers)
+    in_out: bool = False  # a 2-D weight stored [in, out] (transformers' Conv1D), not [out, in] as nn.Linear
 
     @property
     def base(self) -> torch.Tensor | None:

@@ -166,7 +166,7 @@ NOT_LINEAR = ("embed", "wte", "wpe", "lm_head", "shared")  # 2-D weights that ar
 
 
 def is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
-    """What data-free BMM treats as an nn.Linear weight [out, in]: a 2-D `.weight` that is no embedding or head."""
+    """What data-free BMM treats as a linear layer's weight: a 2-D `.weight` that is no embedding or head."""
     return tensor.dim() == 2 and name.endswith(".weight") and not any(k in name for k in NOT_LINEAR)
 
 
@@ -186,9 +186,10 @@ def bmm_terms(group: TensorGroup, anchor) -> BMMTerms:
     if group.shared["data_free"]:
         if not is_linear_weight(group.name, group.base):
             return BMMTerms(prior)
-        weights = group.experts
-        dtype = solve_dtype(group)
-        return BMMTerms(prior, weights, [regression.task_vector_gram(w, group.base, dtype) for w in weights])
+        # [out, in] as nn.Linear stores it: a Conv1D's [in, out] turned, so the Gram is over its inputs
+        turned = (lambda w: w.T) if group.in_out else (lambda w: w)
+        weights, base, dtype = [turned(w) for w in group.experts], turned(group.base), solve_dtype(group)
+        return BMMTerms(prior, weights, [regression.task_vector_gram(w, base, dtype) for w in weights], group.in_out)
     inputs = _regression_inputs(group)
     if inputs is None:
         return BMMTerms(prior)

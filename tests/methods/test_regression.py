@@ -178,8 +178,11 @@ def test_bmm_with_a_ties_anchor_takes_its_parameters(setup, tmp_path):
         assert close(out.read(name), ties.read(name)), name
 
 
-def test_bmm_data_free_estimates_grams_from_task_vectors(setup, tmp_path):
-    paths, _ = setup("llama")
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bmm_data_free_estimates_grams_from_task_vectors(setup, tmp_path, arch):
+    """Each expert's Gram is U^T U of its task vector U [out, in]: for GPT-2's Conv1D weights, stored [in, out],
+    the transposed ones (the Gram is over the layer's inputs), the solve's result turned back."""
+    paths, _ = setup(arch)
     cfg = {"merge_method": "bmm", "base_model": paths[0], "dtype": "float32",
            "models": [{"model": p} for p in paths[1:]], "parameters": {"data_free": True, "lambda": 2.0}}
     out = run(cfg, tmp_path / "bmm")
@@ -189,14 +192,15 @@ def test_bmm_data_free_estimates_grams_from_task_vectors(setup, tmp_path):
         b = base.read(name)
         task_vectors = [m.read(name) - b for m in models]
         anchor = b + sum(task_vectors)  # task arithmetic, weight 1, lambda 1
-        if b.dim() != 2 or "embed" in name or "lm_head" in name:
+        if b.dim() != 2 or not name.endswith(".weight") or any(k in name for k in ("embed", "wte", "wpe", "lm_head")):
             assert close(out.read(name), anchor), name
             continue
-        ws = [m.read(name) for m in models]
-        expected = regression.bmm(ws, [regression.task_vector_gram(w, b) for w in ws], anchor, 2.0)
-        assert close(out.read(name), expected), name
+        turned = (lambda w: w.T) if arch == "gpt2" else (lambda w: w)
+        ws = [turned(m.read(name)) for m in models]
+        expected = regression.bmm(ws, [regression.task_vector_gram(w, turned(b)) for w in ws], turned(anchor), 2.0)
+        assert close(out.read(name), turned(expected)), name
         linear += 1
-    assert linear == 7 * base.num_layers  # q, k, v, o, gate, up, down per layer
+    assert linear == {"llama": 7, "gpt2": 4}[arch] * base.num_layers  # Llama: q k v o gate up down; GPT-2: c_attn c_proj c_fc c_proj
 
 
 @pytest.mark.parametrize("method, params, message", [
