@@ -353,7 +353,9 @@ class ShardedWriter:
             f.write(content)
 
     def copy_file(self, src: str, filename: str | None = None) -> None:
-        shutil.copyfile(src, os.path.join(self.tmp_dir, filename or os.path.basename(src)))
+        name = filename or os.path.basename(src)
+        with open(src, "rb") as f, self._naming(name), open(os.path.join(self.tmp_dir, name), "wb") as out:
+            shutil.copyfileobj(f, out)  # (shutil.copyfile's full-disk error names the source)
 
     def flush(self) -> None:
         """Check completeness, write the index (the folder's maker) and flush this process' shards to disk

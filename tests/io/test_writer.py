@@ -414,3 +414,21 @@ def test_a_full_disk_is_named_by_the_side_file_it_stopped(tmp_path, monkeypatch)
         w.add_file("config.json", "{}\n")
     assert error.value.errno == errno.ENOSPC and error.value.filename == os.path.join(w.tmp_dir, "config.json")
     w.abort()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full (a device whose writes fail with ENOSPC)")
+def test_a_full_disk_is_named_by_the_copied_file_it_stopped(tmp_path, monkeypatch):
+    """A copied side file (tokenizer files, the index) on a full disk names the output file, not the source."""
+    import errno
+
+    from merge_engine.io import writer
+    source = tmp_path / "tokenizer.json"
+    source.write_text("{}" * 100)
+    w = ShardedWriter(str(tmp_path / "out"), entries(tensors()), 10**9)
+    real_open = open
+    monkeypatch.setattr(writer, "open", lambda path, mode: real_open("/dev/full" if "w" in mode else path, mode),
+                        raising=False)
+    with pytest.raises(OSError) as error:
+        w.copy_file(str(source))
+    assert error.value.errno == errno.ENOSPC and error.value.filename == os.path.join(w.tmp_dir, "tokenizer.json")
+    w.abort()
