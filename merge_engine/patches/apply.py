@@ -93,8 +93,12 @@ def patched_values(name: str, weight: torch.Tensor, uses: list[tuple[Patch, floa
         patch = uses[0][0]
         fix = patch.fixups(name)
         if fix is not None:
-            index, base, tuned = fix
-            out.view(-1)[index.to(out.device)] = (tuned if sign > 0 else base).to(out.device)
+            index, base, tuned = (t.to(out.device) for t in fix)
+            made_from, made = (base, tuned) if sign > 0 else (tuned, base)
+            # the exact value only where the weight holds what the patch was made from there: on another
+            # weight (--any-base) the stored difference added above stands, as everywhere else
+            at = ar.bits(weight.reshape(-1)[index]) == ar.bits(made_from)
+            out.view(-1)[index[at]] = made[at]
         tuned = patch.tensors[name].tuned_fingerprint
         if check and sign > 0 and tuned and ar.fingerprint(out) != tuned:  # the base matched: the data must give TUNED
             raise CheckpointError(f"{patch.path}: applying it to tensor '{name}' does not give the model it was made "

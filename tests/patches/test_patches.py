@@ -7,6 +7,7 @@ import torch
 
 from merge_engine import MergeOptions, merge, parse_config
 from merge_engine.errors import CheckpointError
+from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.patches import (
     Selection,
     apply_patches,
@@ -16,6 +17,7 @@ from merge_engine.patches import (
     remove_patches_in_memory,
 )
 from merge_engine.patches import arithmetic as ar
+from merge_engine.patches.format import open_patch
 from merge_engine.patches.select import layer_of
 from tests.conftest import ulp
 from tests.patches.conftest import SHAPE, read_all, same_bits
@@ -282,3 +284,31 @@ def test_first_layers_beyond_the_model_keeps_every_layer_without_counting_to_it(
     every = extract_patch(bf16["base"], bf16["tuned"], str(tmp_path / "all"), selection=Selection(first_layers=SHAPE["layers"]))
     beyond = extract_patch(bf16["base"], bf16["tuned"], str(tmp_path / "beyond"), selection=Selection(first_layers=10**12))
     assert {r.name for r in beyond.rows} == {r.name for r in every.rows}
+
+
+def test_fixups_apply_only_where_the_weight_is_the_patchs_base(bf16, tmp_path):
+    """A float patch at scale 1 stores exact TUNED values (fixups) where BASE + its difference misses them. On
+    another weight (--any-base) those elements get the difference like every other: two patches applied in
+    two commands stay within 1.5 ulps of one command (the fixups wrote p2's TUNED over p1's change), and on
+    an unrelated model every element is the model plus the stored difference."""
+    p1, p2 = bf16["p_tuned"], bf16["p_tuned2"]
+    apply_patches(bf16["base"], [p1], str(tmp_path / "step1"))
+    apply_patches(str(tmp_path / "step1"), [p2], str(tmp_path / "step2"), check_base=False)
+    apply_patches(bf16["base"], [p1, p2], str(tmp_path / "both"))
+    both, step1, two = (read_all(str(tmp_path / n)) for n in ("both", "step1", "step2"))
+    base, t1, t2 = (read_all(bf16[n]) for n in ("base", "tuned", "tuned2"))
+    for name in both:
+        x, z = both[name].double(), two[name].double()
+        d1, d2 = (t[name].double() - base[name].double() for t in (t1, t2))
+        terms = base[name].double().abs() + d1.abs() + d2.abs()
+        big = torch.maximum(torch.maximum(x.abs(), z.abs()), step1[name].double().abs())
+        # one command adds the two stored (bf16-rounded) differences, two commands reach TUNED exactly first: half
+        # an ulp of each difference between them where it cancels against the base, besides the results' roundings
+        stored = (ulp(d1.abs(), torch.bfloat16) + ulp(d2.abs(), torch.bfloat16)) / 2
+        assert ((x - z).abs() <= 1.5 * ulp(big, torch.bfloat16) + stored + 4 * 2.0**-24 * terms).all(), name
+    apply_patches(bf16["other"], [p1], str(tmp_path / "forced"), check_base=False)
+    other, forced = read_all(bf16["other"]), read_all(str(tmp_path / "forced"))
+    patch = open_patch(p1, Checkpoint(bf16["other"]))
+    for name in patch.tensors:
+        assert torch.equal(forced[name], ar.add_scaled(other[name], [(patch.delta(name), 1.0)])), name
+    patch.close()
