@@ -13,11 +13,16 @@ Errors exit with status 2 and one line `merge-engine: error: ...` (merge_engine.
 from __future__ import annotations
 
 import argparse
-import math
 
 from merge_engine.cli.args import model_items_out, positive_int, print_recovery, run_subcommand, subcommand
 from merge_engine.io.checkpoint import Checkpoint
-from merge_engine.patches.apply import apply_patches, apply_patches_in_place, remove_patches, remove_patches_in_place
+from merge_engine.patches.apply import (
+    MAX_SCALE,
+    apply_patches,
+    apply_patches_in_place,
+    remove_patches,
+    remove_patches_in_place,
+)
 from merge_engine.patches.extract import STORAGE_CHOICES, extract_patch
 from merge_engine.patches.select import Selection, candidates, layer_norms, norm_table
 from merge_engine.tiers.inplace import recover
@@ -25,8 +30,8 @@ from merge_engine.tiers.inplace import recover
 
 def _scale(text: str) -> float:
     value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    if not abs(value) <= MAX_SCALE:  # the differences are scaled in float32
+        raise argparse.ArgumentTypeError(f"expected a finite number of at most {MAX_SCALE:.3g} in magnitude, got {text}")
     return value
 
 

@@ -27,6 +27,7 @@ from merge_engine.tiers.inplace import folder_lock, journaled_rewrite, roll_back
 from merge_engine.tiers.slices import OpenFiles, pwrite_all
 
 PatchArg = str | tuple[str, float]  # a patch folder, or (folder, scale)
+MAX_SCALE = float(torch.finfo(torch.float32).max)
 
 
 @dataclass
@@ -55,6 +56,9 @@ class PatchSet:
         try:
             for arg in patches:
                 path, scale = (arg, 1.0) if isinstance(arg, str) else arg
+                if not abs(float(scale)) <= MAX_SCALE:
+                    raise ValueError(f"{path}: scale {scale} must be a finite number of at most {MAX_SCALE:.3g} in "
+                                     "magnitude (the differences are scaled in float32)")
                 self.uses.append((open_patch(path, model), float(scale)))
         except BaseException:
             self.close()
@@ -88,6 +92,7 @@ def patched_values(name: str, weight: torch.Tensor, uses: list[tuple[Patch, floa
                 raise CheckpointError(f"{patch.path}: tensor '{name}' is the base this patch was made for: the patch "
                                       "is not in it (remove it from the model it was applied to, or pass --any-base)")
     out = ar.add_scaled(weight, [(patch.delta(name), sign * scale) for patch, scale in uses])
+    _check_finite(name, weight, out, uses)
     exact = len(uses) == 1 and uses[0][1] == 1.0 and uses[0][0].storage in ar.FLOATS
     if exact:
         patch = uses[0][0]
@@ -109,6 +114,16 @@ def patched_values(name: str, weight: torch.Tensor, uses: list[tuple[Patch, floa
                                   "made for (was it applied at another scale, with other patches, or to another "
                                   "model?); pass --any-base to remove it anyway")
     return out
+
+
+def _check_finite(name: str, weight: torch.Tensor, out: torch.Tensor, uses: list[tuple[Patch, float]]) -> None:
+    """A patched weight holding NaN or Inf where the weight held none: the patches (a damaged or huge
+    difference, lora_alpha, a scale past the dtype's range) are named, not written."""
+    if not weight.is_floating_point() or bool(torch.isfinite(out).all()) or not bool(torch.isfinite(weight).all()):
+        return
+    bad = int((~torch.isfinite(out)).sum())
+    raise CheckpointError(f"{', '.join(f'{p.path} (scale {s:g})' for p, s in uses)}: tensor '{name}' patched holds "
+                          f"{bad} NaN or Inf value(s) (a difference or scale too large for {weight.dtype})")
 
 
 def apply_patches(model_dir: str, patches: Sequence[PatchArg], out_dir: str, check_base: bool = True,

@@ -312,3 +312,15 @@ def test_fixups_apply_only_where_the_weight_is_the_patchs_base(bf16, tmp_path):
     for name in patch.tensors:
         assert torch.equal(forced[name], ar.add_scaled(other[name], [(patch.delta(name), 1.0)])), name
     patch.close()
+
+
+def test_a_patch_that_overflows_the_weights_is_refused_by_name(bf16, models, tmp_path):
+    """A difference or scale too large for the weights' dtype would write Inf or NaN: refused, naming the
+    patch and tensor; a scale past float32's range (the differences are scaled in it) is refused up front."""
+    fp16 = models(torch.float16)
+    extract_patch(fp16["base"], fp16["tuned"], str(tmp_path / "p16"))
+    with pytest.raises(CheckpointError, match=r"p16 \(scale 1e\+08\): tensor '.+' patched holds \d+ NaN or Inf"):
+        apply_patches(fp16["base"], [(str(tmp_path / "p16"), 1e8)], str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"p_tuned: scale 1e\+300 must be a finite number of at most 3.4e\+38"):
+        apply_patches(bf16["base"], [(bf16["p_tuned"], 1e300)], str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
