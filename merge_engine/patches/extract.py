@@ -165,9 +165,13 @@ def _write_dense(b: Checkpoint, t: Checkpoint, names: list[str], storage: str, w
 def _stored_form(name: str, base: torch.Tensor, tuned: torch.Tensor, storage: str):
     """(the tensors to store by part, its PatchedTensor, the relative error), or None for an unchanged tensor.
     Runs on read-ahead threads."""
-    d = ar.difference(base, tuned)
-    if not d.any():
+    if torch.equal(ar.bits(base), ar.bits(tuned)):  # bit for bit: a zero whose sign flipped is a change
         return None
+    d = ar.difference(base, tuned)
+    if not bool(torch.isfinite(d).all()):  # apply would refuse the patch as damaged
+        raise CheckpointError(f"tensor '{name}': the fine-tune's difference from the base holds "
+                              f"{int((~torch.isfinite(d)).sum())} NaN or Inf value(s) (from NaN or Inf in the base or "
+                              "the fine-tune), which a patch cannot store")
     if storage in ar.FLOATS:
         kept = d.to(ar.FLOATS[storage])
         fix = ar.fixups(base, tuned, kept)

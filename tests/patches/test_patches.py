@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from merge_engine import MergeOptions, merge, parse_config
 from merge_engine.errors import CheckpointError
@@ -324,3 +325,30 @@ def test_a_patch_that_overflows_the_weights_is_refused_by_name(bf16, models, tmp
     with pytest.raises(ValueError, match=r"p_tuned: scale 1e\+300 must be a finite number of at most 3.4e\+38"):
         apply_patches(bf16["base"], [(bf16["p_tuned"], 1e300)], str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
+
+
+def write_model(folder, tensors: dict, like: str) -> str:
+    os.makedirs(folder)
+    save_file(tensors, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(like, "config.json")) as f, open(os.path.join(folder, "config.json"), "w") as g:
+        g.write(f.read())
+    return str(folder)
+
+
+def test_extract_stores_a_sign_flip_of_zero_and_refuses_nan(bf16, tmp_path):
+    """Bit for bit means the sign of a zero too (it was taken as no change); a NaN in both models at one element
+    makes a difference a patch cannot store (apply would refuse the patch as damaged): refused by name."""
+    base = read_all(bf16["base"])
+    name = "model.norm.weight"
+    base[name][0], tuned = 0.0, {n: t.clone() for n, t in base.items()}
+    tuned[name][0] = -0.0
+    b, t = write_model(tmp_path / "b", base, bf16["base"]), write_model(tmp_path / "t", tuned, bf16["base"])
+    extract_patch(b, t, str(tmp_path / "p"))
+    apply_patches(b, [str(tmp_path / "p")], str(tmp_path / "out"))
+    assert same_bits(read_all(str(tmp_path / "out")), tuned)
+    for model in (base, tuned):
+        model[name][1] = float("nan")
+    b, t = write_model(tmp_path / "bn", base, bf16["base"]), write_model(tmp_path / "tn", tuned, bf16["base"])
+    with pytest.raises(CheckpointError, match=f"tensor '{name}': the fine-tune's difference from the base holds 1 NaN"):
+        extract_patch(b, t, str(tmp_path / "pn"))
+    assert not os.path.exists(tmp_path / "pn")
