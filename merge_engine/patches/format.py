@@ -29,11 +29,13 @@ from merge_engine.io.lora import LoraCheckpoint
 from merge_engine.io.untrusted import inside_folder, read_json
 from merge_engine.patches.arithmetic import (
     FLOATS,
+    QUANTIZED,
     STORAGES,
     compute_dtype,
     dequantize_rows,
     index_dtype,
     quantized_shape,
+    unpack_int4,
 )
 
 PATCH_CONFIG = "patch_config.json"
@@ -193,12 +195,22 @@ class DensePatch(Patch):
             delta, stored = self._files.read(f"{name}::delta").to(wide), f"'{name}::delta'"
         else:
             q, scale = self._files.read(f"{name}::q"), self._files.read(f"{name}::scale")
+            self._check_quantized(name, q, scale, t.shape)
             delta, stored = dequantize_rows(q, scale, self.storage, t.shape).to(wide), f"'{name}::scale'"
         # extract stores finite differences: NaN or Inf means a damaged file (a sum, one pass without a mask,
         # is finite when every value is, short of an overflow, which the full test then clears)
         if not math.isfinite(float(delta.sum())) and not bool(torch.isfinite(delta).all()):
             raise CheckpointError(f"{self.path}: {stored} holds NaN or Inf values (a damaged patch)")
         return delta
+
+    def _check_quantized(self, name: str, q: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...]) -> None:
+        """What extract never writes, so a damaged file: a negative scale (a row's max |d| / qmax), or a value
+        outside [-qmax, qmax] (int8's -128, int4's -8)."""
+        qmax = QUANTIZED[self.storage]
+        values = unpack_int4(q, math.prod(shape) // max(scale.numel(), 1)) if self.storage == "int4" else q
+        if bool((scale < 0).any()) or bool(((values < -qmax) | (values > qmax)).any()):  # (int8 abs(-128) wraps)
+            raise CheckpointError(f"{self.path}: '{name}::scale' or '{name}::q' holds a negative scale or a value "
+                                  f"outside [-{qmax}, {qmax}] (a damaged patch)")
 
     def fixups(self, name: str):
         t = self.tensors[name]

@@ -275,6 +275,24 @@ def test_a_quantized_patch_holding_nan_is_refused(bf16, tmp_path):
         apply_patches(bf16["base"], [damaged], str(tmp_path / "out"))
 
 
+@pytest.mark.parametrize("storage, damage", [("int8", "negative scale"), ("int8", "q -128"), ("int4", "nibble -8")])
+def test_quantized_values_extract_never_writes_are_refused(bf16, tmp_path, storage, damage):
+    """A row's scale is max|d| / qmax >= 0 and q lies in [-qmax, qmax]: anything else is a damaged file."""
+    patch = str(tmp_path / "p")
+    extract_patch(bf16["base"], bf16["tuned"], patch, storage=storage)
+
+    def damage_it(tensors):
+        part = "::scale" if damage == "negative scale" else "::q"
+        name = next((n for n in tensors if n.endswith(part)), None)
+        if name:
+            flat = tensors[name].view(-1)
+            flat[0] = {"negative scale": -1.0, "q -128": -128, "nibble -8": 0x80}[damage]
+        return name
+    damaged = damaged_copy(patch, tmp_path / "d", damage_it)
+    with pytest.raises(CheckpointError, match=r"holds a negative scale or a value outside \[-\d+, \d+\] \(a damaged"):
+        apply_patches(bf16["base"], [damaged], str(tmp_path / "out"))
+
+
 def test_removing_a_patch_that_is_not_in_the_model_is_refused(bf16, tmp_path):
     with pytest.raises(CheckpointError, match="is the base this patch was made for: the patch is not in it"):
         remove_patches(bf16["base"], [bf16["p_tuned"]], str(tmp_path / "out"))
