@@ -40,7 +40,7 @@ from merge_engine.tiers.blocks import (
     ModelBlocks,
     model_blocks,
 )
-from merge_engine.tiers.key import Swap, TierKey, TierKeyError, key_meta
+from merge_engine.tiers.key import MAX_KEY_BYTES, Swap, TierKey, TierKeyError, key_meta
 
 KDF_SALT = b"merge_engine.tier_key.v1"
 KDF_PARAMS = {"n": 2**15, "r": 8, "p": 1, "dklen": 32, "maxmem": 64 * 1024 * 1024}
@@ -83,6 +83,9 @@ class ByteStream:
                 return x
 
 
+MAX_SWAPS = MAX_KEY_BYTES // 22  # a swap takes at least 22 bytes of the key file ("    [[0, 0], [1, 0]],\n")
+
+
 def generate_key(config: dict, secret: bytes | str, fraction: float = 0.05, attention_share: float = 0.25,
                  source: str = "config.json", *, fraction_of: str = "swappable", total_params: int | None = None,
                  attn_mode: str = "full", mlp_mode: str = "both") -> TierKey:
@@ -106,6 +109,9 @@ def generate_key(config: dict, secret: bytes | str, fraction: float = 0.05, atte
     kinds = (ATTN_MODES[attn_mode], MLP_MODES[mlp_mode])
     counts = swap_counts(blocks, kinds, fraction * total_params / blocks.swappable(kinds)
                          if fraction_of == "model" else fraction, attention_share, source)
+    if sum(counts.values()) > MAX_SWAPS:  # drawn, they would fill memory; written, pass the key-file limit
+        raise TierKeyError(f"{source}: {sum(counts.values()):,} swaps make a key larger than a key file may be "
+                           f"({MAX_KEY_BYTES // 2**20} MiB); lower the fraction")
     seed = derive_seed(secret)
     swaps = {kind: draw_swaps(ByteStream(seed, kind), kind, blocks.count(kind), blocks.num_layers, n, source)
              for kind, n in counts.items() if n}

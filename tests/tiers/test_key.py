@@ -170,3 +170,12 @@ def test_arguments_of_the_wrong_kind_are_named():
     state = {"x": torch.zeros(1)}
     with pytest.raises(TierKeyError, match="a key must be a TierKey .* got a str"):
         apply_key_in_memory(state, "x", config)
+
+
+def test_a_key_too_large_for_a_key_file_is_refused_before_drawing():
+    """Sizes the config check accepts (2**20 each) ask for ~6e10 swaps: drawing them would fill memory, and the
+    key could not be read back (key files stop at 256 MiB): refused at once, naming the config."""
+    huge = {"model_type": "llama", "hidden_size": 1 << 20, "intermediate_size": 1 << 20, "num_hidden_layers": 1 << 20,
+            "num_attention_heads": 1 << 20, "num_key_value_heads": 1 << 20}
+    with pytest.raises(TierKeyError, match=r"huge.json: [\d,]+ swaps make a key larger than a key file may be"):
+        generate_key(huge, "s", 0.05, source="huge.json")
