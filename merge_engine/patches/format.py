@@ -240,6 +240,9 @@ class LowRankPatch(Patch):
             raise CheckpointError(f"{path}: replaces whole tensors (modules_to_save, e.g. '{replaced[0]}'), which "
                                   "cannot be scaled or removed; merge it as BASE+ADAPTER instead")
         if config is not None:
+            if config[0] != "lora":  # beside an adapter, the patch is low rank whatever the file says
+                raise CheckpointError(f"{path}: {PATCH_CONFIG} says storage {config[0]!r} beside a PEFT adapter, "
+                                      "whose patch is low rank ('lora')")
             self.tensors = config[1]
             check_against_model(path, self.tensors, model)
             if set(self.tensors) != set(self._adapter.targets):

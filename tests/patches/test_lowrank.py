@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from merge_engine.demo import make_synthetic_llama
+from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.lora import open_model
 from merge_engine.io.safetensors_format import save_tensors
@@ -69,6 +70,15 @@ def test_lora_patch_apply_equals_the_adapter_as_merge_input_and_removes(models, 
     for name in base:  # two roundings of at most half an ulp each (bf16 addition is not invertible)
         b, r = base[name].double(), removed[name].double()
         assert ((b - r).abs() <= ulp(torch.maximum(b.abs(), applied[name].double().abs()), torch.bfloat16)).all()
+
+
+def test_a_patch_config_beside_an_adapter_must_say_lora(models, tmp_path):
+    m = models(torch.bfloat16)
+    extract_patch(m["base"], m["tuned"], str(tmp_path / "lora"), "lora", rank=2)
+    config = tmp_path / "lora" / "patch_config.json"
+    config.write_text(config.read_text().replace('"storage": "lora"', '"storage": "bfloat16"'))
+    with pytest.raises(CheckpointError, match="says storage 'bfloat16' beside a PEFT adapter"):
+        apply_patches(m["base"], [str(tmp_path / "lora")], str(tmp_path / "out"))
 
 
 @pytest.mark.mergekit
