@@ -83,7 +83,7 @@ def run_subcommand(parser: argparse.ArgumentParser, commands: dict, argv: list[s
     """Parse argv and run commands[args.command](args, parser); an OSError on a file the command reads or
     writes is reported like the engine's own errors (one line, exit 2)."""
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging(getattr(args, "quiet", False))  # warnings on one line, as every command's
     try:
         return commands[args.command](args, parser)
     except OSError as e:

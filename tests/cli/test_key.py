@@ -127,3 +127,19 @@ def test_generate_refuses_to_replace_its_inputs_and_sizes_no_model_has(tier_mode
         assert key_command(["generate", str(bad), str(tmp_path / "k.json"), "--passphrase-env", "TIER_PASS"]) == 2
         assert problem in capsys.readouterr().err
         assert not os.path.exists(tmp_path / "k.json")
+
+
+def test_key_warnings_are_one_line(tier_model, tmp_path, capsys, monkeypatch):
+    """A key file with a field the format does not have gets a warning, on one line as every command's (it was
+    Python's: file, line number and source)."""
+    model = tier_model("qwen2")
+    monkeypatch.setenv("TIER_PASS", "open sesame")
+    key = str(tmp_path / "k.json")
+    assert key_command(["generate", model, key, "--passphrase-env", "TIER_PASS", "-q"]) == 0
+    data = json.loads(open(key).read())
+    data["colour"] = "blue"
+    with open(key, "w") as f:
+        json.dump(data, f)
+    assert key_command(["report", model, key]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "colour" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("merge-engine: warning: ")
