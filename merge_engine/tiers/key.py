@@ -107,19 +107,23 @@ class TierKey:
             raise TierKeyError(f"{source}: not a tier key (expected a JSON object with lists "
                                f"{' and '.join(BLOCK_KINDS)})")
         _check_format(data, source)
-        _warn_unknown_fields(data, source)
+        misspelt = _warn_unknown_fields(data, source)
+        swaps = {kind: _read_swaps(data.get(kind, []), kind, source) for kind in BLOCK_KINDS}
+        if misspelt and not any(swaps.values()):  # it would apply as the identity: a copy, not a tier
+            raise TierKeyError(f"{source}: swaps nothing, but has {', '.join(map(reprlib.repr, misspelt))}: a "
+                               "misspelt swap list?")
         meta = {k: data[k] for k in META_FIELDS if data.get(k) is not None}
-        return cls(meta=meta, source=source, published="format" not in data,
-                   **{kind: _read_swaps(data.get(kind, []), kind, source) for kind in BLOCK_KINDS})
+        return cls(meta=meta, source=source, published="format" not in data, **swaps)
 
     @classmethod
     def load(cls, path: str) -> TierKey:
         try:
             with open_regular(path) as f:  # a FIFO would block forever
+                if os.fstat(f.fileno()).st_size > MAX_KEY_BYTES:  # refused by its size, unread
+                    raise _too_large(path)
                 raw = f.read(MAX_KEY_BYTES + 1)
-            if len(raw) > MAX_KEY_BYTES:
-                raise TierKeyError(f"{path}: more than {MAX_KEY_BYTES // 2**20} MiB, not a tier key (a key swapping "
-                                   "every block of a 400B-parameter model takes under 200 MiB)")
+            if len(raw) > MAX_KEY_BYTES:  # (it grew meanwhile)
+                raise _too_large(path)
             text = raw.decode("utf-8")
         except CheckpointError as e:
             raise TierKeyError(f"{path}: cannot read key file ({str(e).removeprefix(f'{path}: ')})") from None
@@ -146,14 +150,22 @@ class TierKey:
                 os.unlink(tmp)
 
 
-def _warn_unknown_fields(data: dict, source: str) -> None:
+def _too_large(path: str) -> TierKeyError:
+    return TierKeyError(f"{path}: more than {MAX_KEY_BYTES // 2**20} MiB, not a tier key (a key swapping every block "
+                        "of a 400B-parameter model takes under 200 MiB)")
+
+
+def _warn_unknown_fields(data: dict, source: str) -> list[str]:
     """Fields neither format reads are ignored, as the reference's dict.get does; named, since a misspelt list
-    ("mlp_col") would otherwise vanish from the key without a word."""
+    ("mlp_col") would otherwise vanish from the key without a word. Returns those that look like a swap list's."""
     known = (*BLOCK_KINDS, *META_FIELDS, "format", "version")
+    misspelt = []
     for name in (k for k in data if k not in known):
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         warnings.warn(f"{source}: field {reprlib.repr(name)} is not part of a tier key{hint}: ignored")
+        misspelt += [name] if close and close[0] in BLOCK_KINDS else []
+    return misspelt
 
 
 def _check_format(data: dict, source: str) -> None:

@@ -179,3 +179,39 @@ def test_a_key_too_large_for_a_key_file_is_refused_before_drawing():
             "num_attention_heads": 1 << 20, "num_key_value_heads": 1 << 20}
     with pytest.raises(TierKeyError, match=r"huge.json: [\d,]+ swaps make a key larger than a key file may be"):
         generate_key(huge, "s", 0.05, source="huge.json")
+
+
+def test_a_key_that_swaps_nothing_but_has_a_misspelt_list_is_refused(tmp_path):
+    """{"attn_heads": [], "mlp_col": [...]} would apply as the identity key (an unkeyed copy) after a warning."""
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps({"attn_heads": [], "mlp_col": [[[0, 1], [1, 2]]]}))
+    with pytest.warns(UserWarning, match="did you mean 'mlp_cols'"), \
+            pytest.raises(TierKeyError, match=r"swaps nothing, but has 'mlp_col': a misspelt swap list\?"):
+        TierKey.load(str(path))
+
+
+def test_an_oversized_key_file_is_refused_by_its_size_unread(tmp_path, monkeypatch):
+    from merge_engine.tiers import key as key_module
+    path = tmp_path / "big.json"
+    with open(path, "wb") as f:
+        f.truncate(256 * 2**20 + 1)  # sparse: no data written
+
+    class Unread:
+        def __init__(self, opened):
+            self.opened = opened
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.opened.close()
+
+        def fileno(self):
+            return self.opened.fileno()
+
+        def read(self, *args):
+            pytest.fail("read an oversized key file")
+    real = key_module.open_regular
+    monkeypatch.setattr(key_module, "open_regular", lambda p: Unread(real(p)))
+    with pytest.raises(TierKeyError, match="more than 256 MiB, not a tier key"):
+        TierKey.load(str(path))
