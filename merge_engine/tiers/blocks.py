@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from merge_engine.errors import CheckpointError
+from merge_engine.io.untrusted import is_int
 
 ATTN_QKV, ATTN_OUT, MLP_UP, MLP_DOWN = "attn_qkv", "attn_out", "mlp_up", "mlp_down"
 PARTS = (ATTN_QKV, ATTN_OUT, MLP_UP, MLP_DOWN)
@@ -178,6 +179,13 @@ def model_blocks(config: dict, source: str = "config.json") -> ModelBlocks:
     return blocks
 
 
+def _size(value) -> int:
+    """A size from config.json, an integer as transformers writes it ("64" or 112.5 are not taken as 64 and 112)."""
+    if not is_int(value):
+        raise ValueError(f"{value!r} is not an integer")
+    return value
+
+
 def _architecture(config: dict) -> str | None:
     archs = config.get("architectures")
     return archs[0] if isinstance(archs, list) and archs else None
@@ -199,9 +207,9 @@ def published_layout(config: dict, blocks: ModelBlocks) -> ModelBlocks | None:
 
 def _llama_like(cfg: dict, block_dim: int | None = None) -> ModelBlocks:
     """block_dim: the rows per head of a block, where it is not head_dim (published_layout)."""
-    hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-    kv = int(cfg.get("num_key_value_heads") or heads)
-    hd = int(cfg.get("head_dim") or hidden // heads)
+    hidden, heads = _size(cfg["hidden_size"]), _size(cfg["num_attention_heads"])
+    kv = _size(cfg.get("num_key_value_heads") or heads)
+    hd = _size(cfg.get("head_dim") or hidden // heads)
     bd = block_dim or hd
     g = _group(heads, kv)
     qkv_bias = cfg["model_type"] == "qwen2" or bool(cfg.get("attention_bias"))
@@ -214,21 +222,21 @@ def _llama_like(cfg: dict, block_dim: int | None = None) -> ModelBlocks:
     parts = {ATTN_QKV: BlockKind(ATTN_QKV, kv, tuple(qkv)),
              ATTN_OUT: BlockKind(ATTN_OUT, kv, (Member("self_attn.o_proj.weight", 1, g * bd, (0,), heads * hd,
                                                        hidden),))}
-    inter = int(cfg["intermediate_size"])
+    inter = _size(cfg["intermediate_size"])
     if cfg["model_type"] != "qwen3_moe":
         mlp_bias = bool(cfg.get("mlp_bias"))
         up = [Member(f"mlp.{p}_proj.{w}", 0, 1, (0,), inter, hidden if w == "weight" else 1, counted=w == "weight")
               for p in ("gate", "up") for w in (("weight", "bias") if mlp_bias else ("weight",))]
         parts[MLP_UP] = BlockKind(MLP_UP, inter, tuple(up))
         parts[MLP_DOWN] = BlockKind(MLP_DOWN, inter, (Member("mlp.down_proj.weight", 1, 1, (0,), inter, hidden),))
-    return ModelBlocks(cfg["model_type"], _architecture(cfg), int(cfg["num_hidden_layers"]), heads, kv, hd, hidden,
+    return ModelBlocks(cfg["model_type"], _architecture(cfg), _size(cfg["num_hidden_layers"]), heads, kv, hd, hidden,
                        inter, parts)
 
 
 def _gpt2(cfg: dict) -> ModelBlocks:
     # Conv1D weights are stored [in, out]: c_attn and c_fc outputs are columns, c_proj inputs are rows.
-    hidden, heads = int(cfg["n_embd"]), int(cfg["n_head"])
-    inter = int(cfg.get("n_inner") or 4 * hidden)
+    hidden, heads = _size(cfg["n_embd"]), _size(cfg["n_head"])
+    inter = _size(cfg.get("n_inner") or 4 * hidden)
     hd = hidden // heads
     qkv = (0, hidden, 2 * hidden)
     parts = {ATTN_QKV: (Member("attn.c_attn.weight", 1, hd, qkv, 3 * hidden, hidden),
@@ -236,19 +244,19 @@ def _gpt2(cfg: dict) -> ModelBlocks:
              ATTN_OUT: (Member("attn.c_proj.weight", 0, hd, (0,), hidden, hidden),),
              MLP_UP: (Member("mlp.c_fc.weight", 1, 1, (0,), inter, hidden), Member("mlp.c_fc.bias", 0, 1, (0,), inter, 1)),
              MLP_DOWN: (Member("mlp.c_proj.weight", 0, 1, (0,), inter, hidden),)}
-    return ModelBlocks("gpt2", _architecture(cfg), int(cfg["n_layer"]), heads, heads, hd, hidden, inter,
+    return ModelBlocks("gpt2", _architecture(cfg), _size(cfg["n_layer"]), heads, heads, hd, hidden, inter,
                        _kinds(parts, heads, inter))
 
 
 def _gpt_neo(cfg: dict) -> ModelBlocks:
-    hidden, heads = int(cfg["hidden_size"]), int(cfg["num_heads"])
-    inter = int(cfg.get("intermediate_size") or 4 * hidden)
+    hidden, heads = _size(cfg["hidden_size"]), _size(cfg["num_heads"])
+    inter = _size(cfg.get("intermediate_size") or 4 * hidden)
     hd = hidden // heads
     parts = {ATTN_QKV: tuple(Member(f"attn.attention.{p}_proj.weight", 0, hd, (0,), hidden, hidden) for p in "qkv"),
              ATTN_OUT: (Member("attn.attention.out_proj.weight", 1, hd, (0,), hidden, hidden),),
              MLP_UP: (Member("mlp.c_fc.weight", 0, 1, (0,), inter, hidden), Member("mlp.c_fc.bias", 0, 1, (0,), inter, 1)),
              MLP_DOWN: (Member("mlp.c_proj.weight", 1, 1, (0,), inter, hidden),)}
-    return ModelBlocks("gpt_neo", _architecture(cfg), int(cfg["num_layers"]), heads, heads, hd, hidden, inter,
+    return ModelBlocks("gpt_neo", _architecture(cfg), _size(cfg["num_layers"]), heads, heads, hd, hidden, inter,
                        _kinds(parts, heads, inter))
 
 

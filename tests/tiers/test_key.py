@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from merge_engine.demo import tiny_config
+from merge_engine.errors import CheckpointError
 from merge_engine.tiers import BlockPermutation, TierKey, TierKeyError, compose, generate_key, model_blocks
 from merge_engine.tiers.generate import ByteStream
 
@@ -215,3 +216,13 @@ def test_an_oversized_key_file_is_refused_by_its_size_unread(tmp_path, monkeypat
     monkeypatch.setattr(key_module, "open_regular", lambda p: Unread(real(p)))
     with pytest.raises(TierKeyError, match="more than 256 MiB, not a tier key"):
         TierKey.load(str(path))
+
+
+@pytest.mark.parametrize("field, value", [("hidden_size", "64"), ("intermediate_size", 112.5),
+                                          ("num_hidden_layers", True)])
+def test_config_sizes_must_be_integers(field, value):
+    """int() would take "64" as 64 and 112.5 as 112: a config.json no transformers model could be built from."""
+    cfg = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 112,
+           "num_hidden_layers": 2, field: value}
+    with pytest.raises(CheckpointError, match=f"c.json: cannot read the llama sizes.*{value!r} is not an integer"):
+        model_blocks(cfg, "c.json")
