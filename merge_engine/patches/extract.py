@@ -122,7 +122,7 @@ def extract_patch(base: str, tuned: str, out_dir: str, storage: str = "auto", se
         t.close()
     report.seconds = time.perf_counter() - start
     stored_bytes = sum(r.full_bytes for r in report.rows)
-    if storage in ar.FLOATS and report.patch_bytes > 1.25 * stored_bytes:
+    if storage in ar.FLOATS and any(r.fixups for r in report.rows) and report.patch_bytes > 1.25 * stored_bytes:
         wider = "int8 or int4" if storage == "float32" else "float32, int8 or int4"
         log.warning("%s: fixups make this %s patch %.0f%% larger than the tensors it stores: the weights change by "
                     "more than %s carries (store it as %s)", report.out, storage,
