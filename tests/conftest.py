@@ -221,3 +221,15 @@ def mergekit(mergekit_yaml, tmp_path_factory):
     proc.stdin.close()
     proc.wait(timeout=60)
     replies.close()
+
+
+def refuse_to_unlink(monkeypatch, name: str) -> None:
+    """os.unlink raises PermissionError for the file `name`, as shutil.rmtree names it (relative to its folder's
+    descriptor): a file that cannot be deleted (read-only, busy)."""
+    unlink = os.unlink
+
+    def refuse(path, *args, **kwargs):
+        if os.fspath(path) == name:
+            raise PermissionError(1, "Operation not permitted", path)
+        return unlink(path, *args, **kwargs)
+    monkeypatch.setattr(os, "unlink", refuse)

@@ -11,6 +11,7 @@ import yaml
 
 from merge_engine import cli
 from merge_engine.demo import make_synthetic_llama
+from tests.conftest import refuse_to_unlink
 
 
 @pytest.fixture(scope="module")
@@ -137,13 +138,7 @@ def test_an_old_output_that_cannot_all_be_deleted_is_a_warning_not_a_failure(con
     out = tmp_path / "out"
     out.mkdir()
     (out / "stuck.txt").write_text("an immutable file")
-    unlink = os.unlink
-
-    def refuse_stuck(path, *args, **kwargs):
-        if os.fspath(path) == "stuck.txt":  # as shutil.rmtree names it (relative to its folder's descriptor)
-            raise PermissionError(1, "Operation not permitted", path)
-        return unlink(path, *args, **kwargs)
-    monkeypatch.setattr(os, "unlink", refuse_stuck)
+    refuse_to_unlink(monkeypatch, "stuck.txt")
     with caplog.at_level("WARNING", logger="merge_engine"):
         assert cli.main([config, str(out), "--overwrite", "-q"]) == 0
     left = [p for p in os.listdir(tmp_path) if p != "out"]

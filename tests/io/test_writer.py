@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from merge_engine.errors import OutputError
 from merge_engine.io.writer import ShardedWriter, check_output_dir, plan_shards
+from tests.conftest import refuse_to_unlink
 
 
 def tensors():
@@ -112,13 +113,7 @@ def test_an_old_output_that_cannot_all_be_deleted_is_left_with_a_warning(tmp_pat
     (out / "sub").mkdir(parents=True)
     (out / "sub" / "stuck.txt").write_text("an immutable file")
     (out / "old.txt").write_text("deleted")
-    unlink = os.unlink
-
-    def refuse_stuck(path, *args, **kwargs):
-        if os.fspath(path) == "stuck.txt":  # as shutil.rmtree names it (relative to its folder's descriptor)
-            raise PermissionError(1, "Operation not permitted", path)
-        return unlink(path, *args, **kwargs)
-    monkeypatch.setattr(os, "unlink", refuse_stuck)
+    refuse_to_unlink(monkeypatch, "stuck.txt")
     w = ShardedWriter(str(out), entries(ts), 10**9, overwrite=True)
     for n, t in ts.items():
         w.write(n, t)
