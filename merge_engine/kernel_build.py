@@ -133,9 +133,14 @@ def target_features(compiler: str, arch: str) -> list[str] | None:
     return sorted(flag for macro, flag in ISA_MACROS.items() if macro in defined)
 
 
+def cpu_target(compiler: str, arch: str) -> dict:
+    """The record of a CPU build for -march=arch: {"arch", "features"} (target_features)."""
+    return {"arch": arch, "features": target_features(compiler, arch)}
+
+
 def write_cpu_target(path: str, compiler: str, arch: str) -> None:
     with open(path, "w") as f:
-        json.dump({"arch": arch, "features": target_features(compiler, arch)}, f)
+        json.dump(cpu_target(compiler, arch), f)
 
 
 def read_cpu_target(path: str) -> dict | None:

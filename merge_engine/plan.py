@@ -312,13 +312,13 @@ def _check_unplanned_outside(plan: MergePlan, planned: set[str], problems: list[
     the architecture (a truncated index, say), and the output would load with it randomly initialised."""
     first = plan.config.slices[0].sources[0].model
     others = [ref for ref in plan.models if ref != first]
+    held_by_all = set.intersection(*(set(plan.models[o].tensors) for o in others)) if len(others) > 1 else set()
+    missing = {n for n in held_by_all if n not in planned and split_layer_name(n) is None
+               and n.endswith((".weight", ".bias"))}
+    problems += [f"{first}: tensor '{n}' is missing (every other input has it)" for n in sorted(missing)]
     for ref in others:
-        unplanned = sorted(n for n in plan.models[ref].tensors if split_layer_name(n) is None and n not in planned)
-        missing = [n for n in unplanned if len(others) > 1 and n.endswith((".weight", ".bias"))
-                   and all(n in plan.models[o].tensors for o in others)]
-        if ref == others[0]:
-            problems += [f"{first}: tensor '{n}' is missing (every other input has it)" for n in missing]
-        unplanned = [n for n in unplanned if n not in missing]
+        unplanned = sorted(n for n in plan.models[ref].tensors
+                           if split_layer_name(n) is None and n not in planned and n not in missing)
         if unplanned:
             log.warning("%s: %d tensor(s) that the first model lacks are not merged (%s%s)", ref, len(unplanned),
                         ", ".join(unplanned[:3]), ", ..." if len(unplanned) > 3 else "")

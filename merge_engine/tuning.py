@@ -182,10 +182,11 @@ def tune_bmm(problem: BMMProblem, evaluate: Callable[[dict[str, torch.Tensor]], 
             return float(evaluate(problem.merged(per_tensor(chosen))))
 
         own = set(problem.default_lambda.values())
-        known = len(own) == 1 and lo <= next(iter(own)) <= hi  # one lambda the search space holds
+        start = next(iter(problem.default_lambda.values()))  # (the only one, where known)
+        known = len(own) == 1 and lo <= start <= hi  # one lambda the search space holds
         if known:  # the sampler learns from it as from a trial
             distribution = optuna.distributions.FloatDistribution(lo, hi, log=True)
-            study.add_trial(optuna.trial.create_trial(params=dict.fromkeys(groups, next(iter(own))),
+            study.add_trial(optuna.trial.create_trial(params=dict.fromkeys(groups, start),
                                                       distributions=dict.fromkeys(groups, distribution),
                                                       value=default_score))
         left = None if timeout is None else timeout - (time.perf_counter() - began)
@@ -197,7 +198,6 @@ def tune_bmm(problem: BMMProblem, evaluate: Callable[[dict[str, torch.Tensor]], 
             best = study.best_trial.params
             lambdas = per_tensor(best)
             return TuneResult(lambdas, best, study.best_value, default_score, trials, seconds,
-                              tuned_config(problem.config.raw, lambdas, next(iter(problem.default_lambda.values()))),
-                              study)
+                              tuned_config(problem.config.raw, lambdas, start), study)
         return TuneResult(dict(problem.default_lambda), {}, default_score, default_score, trials, seconds,
                           copy.deepcopy(problem.config.raw), study)

@@ -81,11 +81,17 @@ std::vector<float> cutoff_rescale_factors(const Params& P, const torch::Tensor& 
         keep_flags<T>(P, i, d + start, start, len, cols, k + start, nullptr);
       }
     });
-    const torch::Tensor kept = magnitude * keep.view(magnitude.sizes());  // |delta| * keep
-    const float before = magnitude.sum().item<float>(), after = kept.sum().item<float>();
-    factors[i] = kHalf<T> && !(std::isfinite(before) && std::isfinite(after))
-                     ? factor_of<float>(magnitude.to(at::kFloat).sum().item<float>(), kept.to(at::kFloat).sum().item<float>())
-                     : factor_of<T>(before, after);
+    const float before = magnitude.sum().item<float>();
+    if constexpr (kHalf<T>) {  // |delta| kept whole: a norm that overflows fp16 is taken again in fp32
+      const torch::Tensor kept = magnitude * keep.view(magnitude.sizes());
+      const float after = kept.sum().item<float>();
+      factors[i] = std::isfinite(before) && std::isfinite(after)
+                       ? factor_of<T>(before, after)
+                       : factor_of<float>(magnitude.to(at::kFloat).sum().item<float>(),
+                                          kept.to(at::kFloat).sum().item<float>());
+    } else {
+      factors[i] = factor_of<T>(before, magnitude.mul_(keep.view(magnitude.sizes())).sum().item<float>());  // |delta| * keep
+    }
   }
   return factors;
 }

@@ -102,14 +102,19 @@ at::Tensor cutoff_rescale_factors(const MergeArgs<D>& a, const at::Tensor& base,
     at::Tensor keep = at::empty({a.n}, base.options().dtype(at::kByte));
     cutoff_keep_kernel<D><<<grid_for(a.n, kThreads), kThreads, 0, stream>>>(a, i, keep.data_ptr<uint8_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const at::Tensor kept = magnitude * keep.view(magnitude.sizes());
-    float before = magnitude.sum().item<float>(), after = kept.sum().item<float>();
-    if (std::is_same_v<D, __half> && !(std::isfinite(before) && std::isfinite(after))) {  // an fp16 norm overflows
-      before = magnitude.to(at::kFloat).sum().item<float>(), after = kept.to(at::kFloat).sum().item<float>();
-      if (before >= 1e-7f && after >= 1e-7f) factors[i] = before / after;  // in fp32 (csrc/cpu/rescale.cpp)
-    } else if (before >= 1e-7f && after >= 1e-7f) {
-      factors[i] = host_round<D>(before / after);
+    float before = magnitude.sum().item<float>(), after;
+    if constexpr (std::is_same_v<D, __half>) {  // |delta| kept whole: a norm that overflows fp16 is taken again in fp32
+      const at::Tensor kept = magnitude * keep.view(magnitude.sizes());
+      after = kept.sum().item<float>();
+      if (!(std::isfinite(before) && std::isfinite(after))) {
+        before = magnitude.to(at::kFloat).sum().item<float>(), after = kept.to(at::kFloat).sum().item<float>();
+        if (before >= 1e-7f && after >= 1e-7f) factors[i] = before / after;  // in fp32 (csrc/cpu/rescale.cpp)
+        continue;
+      }
+    } else {
+      after = magnitude.mul_(keep.view(magnitude.sizes())).sum().item<float>();  // |delta| * keep
     }
+    if (before >= 1e-7f && after >= 1e-7f) factors[i] = host_round<D>(before / after);
   }
   return at::tensor(factors, at::TensorOptions().dtype(at::kFloat)).to(base.device());
 }

@@ -135,8 +135,7 @@ def _development_build(build: kernel_build.Build):
     """Build (or load the cached build of) this recipe with ninja, in <checkout>/build/kernels/<variant>/."""
     from torch.utils.cpp_extension import load
     if build.arch:
-        compiler = os.environ.get("CXX", "c++")  # the one load() compiles with
-        target = {"arch": build.arch, "features": kernel_build.target_features(compiler, build.arch)}
+        target = kernel_build.cpu_target(os.environ.get("CXX", "c++"), build.arch)  # the compiler load() runs
         lacking = kernel_build.lacking_features(target, kernel_build.cpu_flags())
         if lacking:
             raise RuntimeError(f"MERGE_ENGINE_CPU_ARCH={build.arch} builds for a CPU with {', '.join(lacking)}, "

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from merge_engine.ops.library import check_out, contiguous, op, promoted, spans_overlap
+from merge_engine.ops.library import check_out, contiguous, op, promoted, writable_in_place
 
 SLERP_DOT_THRESHOLD = 0.9995
 SLERP_EPS = 1e-8
@@ -67,10 +67,9 @@ def _check_alike(name: str, tensors: list[torch.Tensor], weights: list[float] | 
 
 
 def _contiguous_target(like: torch.Tensor, out: Optional[torch.Tensor], inputs: list[torch.Tensor]) -> torch.Tensor:
-    """Where to write a result of like's shape and dtype chunk by chunk: out when it is contiguous and shares
-    no memory with the inputs (a later chunk would read what an earlier one wrote), else a fresh contiguous
-    tensor (_delivered copies it into out)."""
-    if out is not None and out.is_contiguous() and not any(spans_overlap(out, x) for x in inputs):
+    """Where to write a result of like's shape and dtype chunk by chunk: out where writable_in_place, else a fresh
+    contiguous tensor (_delivered copies it into out)."""
+    if out is not None and writable_in_place(out, inputs):
         return out
     return torch.empty(like.shape, dtype=like.dtype, device=like.device)
 

@@ -286,7 +286,13 @@ def kernel_out(name: str, out: Optional[torch.Tensor], like: torch.Tensor,
     if out is None:
         return None
     check_out(name, out, like)
-    return out if out.is_contiguous() and not any(spans_overlap(out, t) for t in inputs) else None
+    return out if writable_in_place(out, inputs) else None
+
+
+def writable_in_place(out: torch.Tensor, inputs: list[torch.Tensor]) -> bool:
+    """Whether a result can be written into out element by element (or chunk by chunk) while the inputs are
+    read: out is contiguous and shares no memory with them (a later element would read what an earlier wrote)."""
+    return out.is_contiguous() and not any(spans_overlap(out, t) for t in inputs)
 
 
 def check_out(name: str, out: torch.Tensor, like: torch.Tensor) -> None:
