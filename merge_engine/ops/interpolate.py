@@ -179,7 +179,7 @@ def multislerp(tensors: list[torch.Tensor], weights: list[float], base: Optional
     stacked = torch.stack(tensors, dim=0)
     if base is not None:
         stacked -= base
-    flat = stacked.view(stacked.shape[0], -1)
+    flat = stacked.reshape(stacked.shape[0], -1)  # a stack keeps its inputs' memory format
     w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
     if normalize_weights:
         w = w / w.sum()

@@ -74,7 +74,7 @@ def sce_merge(base: torch.Tensor, experts: list[torch.Tensor], select_topk: floa
 def _ram_masks(base: torch.Tensor, experts: list[torch.Tensor], epsilon: float):
     """(flat task vectors with inactive entries zeroed, active mask, active counts per entry, overlap mask,
     unique mask): an entry of tau_i is active where |tau_i| > epsilon."""
-    tvs = _task_vectors(base, experts).view(len(experts), -1)
+    tvs = _task_vectors(base, experts).reshape(len(experts), -1)  # a stack keeps its inputs' memory format
     active = tvs.abs() > epsilon
     counts = active.sum(dim=0, keepdim=True)
     return tvs * active, active, counts, counts > 1, counts == 1

@@ -90,6 +90,28 @@ def test_opcheck_on_transposed_inputs(name):
                           {k: transposed(v) for k, v in kwargs.items()})
 
 
+def four_d(value, memory_format):
+    """The [7, 5] floating tensors of samples() as [1, 5, 7, 1] tensors in memory_format; lists likewise."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(four_d(v, memory_format) for v in value)
+    if torch.is_tensor(value) and value.shape == (7, 5) and value.is_floating_point():
+        return value.reshape(1, 5, 7, 1).contiguous(memory_format=memory_format)
+    return value
+
+
+WRITING_OPS = ("accumulate_fisher", "accumulate_gram", "scatter_add_blocks_", "swap_blocks_")
+
+
+@pytest.mark.parametrize("name", sorted(set(samples()) - set(WRITING_OPS)))
+def test_channels_last_inputs_give_the_contiguous_result(name):
+    """A conv weight's channels_last layout is an input like any other (up to the order of a sum): torch.stack keeps
+    the inputs' memory format, so a stack of them cannot always be flattened by view."""
+    args, kwargs = samples()[name]
+    contiguous, channels_last = (getattr(ops, name)(*four_d(args, f), **{k: four_d(v, f) for k, v in kwargs.items()})
+                                 for f in (torch.contiguous_format, torch.channels_last))
+    torch.testing.assert_close(channels_last, contiguous)
+
+
 @pytest.mark.parametrize("name", OUT_OPS)
 def test_out_overloads_fill_the_callers_tensor(name):
     args, kwargs = samples()[name]
