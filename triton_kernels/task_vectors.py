@@ -169,7 +169,7 @@ def _equal_count_kernel(base_ptr, expert_ptr, counts_ptr, n, t, BLOCK: tl.conste
 @triton.jit
 def _nth_equal_kernel(base_ptr, expert_ptr, out_ptr, n, t, first, need, BLOCK: tl.constexpr):
     """Index just past the need-th key equal to t among elements first .. first + BLOCK - 1 (one program)."""
-    offs = first + tl.arange(0, BLOCK)
+    offs = first + tl.arange(0, BLOCK).to(tl.int64)  # first < 2**31 is a 32-bit argument, offs + 1 may be 2**31
     mask = offs < n
     _, key = _load_delta_key(base_ptr, expert_ptr, offs, mask)
     equal = (key == t) & mask

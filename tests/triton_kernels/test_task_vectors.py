@@ -136,6 +136,21 @@ def test_eight_experts():
     assert torch.equal(got, want), f"seed {seed}: {int((got != want).sum())} elements differ"
 
 
+def test_a_tie_index_at_2_31_does_not_wrap():
+    """The last block of a 2**31-element tensor starts below 2**31 (a 32-bit argument), and the index just past its
+    last element is 2**31: in 32 bits it wrapped, and the cut-off's tie index came back 0. The base and the expert
+    are two views of one 4 GiB buffer, one block apart; only the blocks the kernel reads are written (the rest is
+    never touched, so on the CPU it takes no memory)."""
+    n, block = 2**31, tv.BLOCK
+    memory = torch.empty(n + block, dtype=torch.float16, device=DEVICE)
+    base, expert = memory[:n], memory[block:]
+    memory[n - block:] = 0
+    memory[-1] = 1  # expert[n - 1]: the only key 0x3C00 (1.0) of the last block
+    out = torch.empty(1, dtype=torch.int64, device=DEVICE)
+    tv._nth_equal_kernel[(1,)](base, expert, out, n, 0x3C00, n - block, 1, BLOCK=block, **tv._IEEE)
+    assert int(out) == n
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_inputs_are_errors(bad):
     base, experts = make_inputs((100,), torch.float32, 2, 3)
