@@ -124,14 +124,20 @@ def parse_question(line: str, number: int, tokenizer, delimiter: str, normalize:
     context = record.get("question", record.get("prompt"))
     pairs = [encode_pair(tokenizer, context, delimiter + choice) for choice in record["choices"]]
     if not pairs[0][0]:
-        return None, ["the prompt gives no tokens to condition on (an empty prompt is replaced by the BOS or EOS "
-                      "token, and this tokenizer has neither)"]
+        return None, [f"the prompt gives no tokens to condition on ({no_context_reason(context)})"]
     problems = [f"choices[{i}] ({choice!r}) does not tokenize: {delimiter + choice!r} gives no tokens"
                 for i, (choice, (_, continuation)) in enumerate(zip(record["choices"], pairs)) if not continuation]
     if problems:
         return None, problems
     return Question(number, [c + t for c, t in pairs], [len(t) for _, t in pairs],
                     [len(choice) for choice in record["choices"]], record["answer"]), []
+
+
+def no_context_reason(context: str) -> str:
+    """Why a prompt encodes to no context tokens (lm-eval-harness fails on such a request)."""
+    if not context:
+        return "an empty prompt is replaced by the BOS or EOS token, and this tokenizer has neither"
+    return "its text gives none once its trailing whitespace moves to the choices"
 
 
 def record_problems(record: dict, normalize: str) -> list[str]:

@@ -11,7 +11,7 @@ import torch
 from merge_engine.errors import ConfigError
 from merge_engine.evaluation import MultipleChoice
 from merge_engine.evaluation.multiple_choice import encode_pair
-from tests.evaluation.conftest import QUESTIONS, real_tokens_fed, write_questions
+from tests.evaluation.conftest import QUESTIONS, real_tokens_fed, word_tokenizer, write_questions
 
 
 def reference_loglikelihoods(model, tokenizer, questions, delimiter=" ") -> list[list[tuple[float, int]]]:
@@ -268,3 +268,14 @@ def test_a_byte_order_mark_is_not_part_of_the_first_question(tokenizer, tmp_path
     plain.write_text(json.dumps(GOOD) + "\n")
     marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())  # as some Windows editors save UTF-8
     assert MultipleChoice(str(marked), tokenizer).questions == MultipleChoice(str(plain), tokenizer).questions
+
+
+def test_a_prompt_of_whitespace_alone_is_refused_for_what_it_is(tmp_path):
+    # its whitespace moves to the choices (as lm-eval-harness moves it): nothing is left, though the tokenizer has
+    # an EOS to stand for an empty prompt
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({**GOOD, "question": "  "}) + "\n")
+    with pytest.raises(ConfigError) as error:
+        MultipleChoice(str(path), word_tokenizer(bos=False))
+    assert error.value.problems == [f"{path}:1: the prompt gives no tokens to condition on (its text gives none "
+                                    "once its trailing whitespace moves to the choices)"]
