@@ -279,3 +279,15 @@ def test_a_prompt_of_whitespace_alone_is_refused_for_what_it_is(tmp_path):
         MultipleChoice(str(path), word_tokenizer(bos=False))
     assert error.value.problems == [f"{path}:1: the prompt gives no tokens to condition on (its text gives none "
                                     "once its trailing whitespace moves to the choices)"]
+
+
+def test_a_byte_that_is_not_utf8_is_named_by_line_and_byte_from_the_files_start(tokenizer, tmp_path):
+    path = tmp_path / "q.jsonl"
+    good = json.dumps(GOOD).encode()
+    latin1 = b'{"question": "caf\xe9"}\n'  # on line 3, after a byte-order mark and two kinds of line end
+    data = b"\xef\xbb\xbf" + good + b"\r\n" + good + b"\r" + latin1
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as error:
+        MultipleChoice(str(path), tokenizer)
+    bad = data.index(b"\xe9")
+    assert error.value.problems == [f"{path}: not UTF-8 text (line 3, byte {bad})"]
