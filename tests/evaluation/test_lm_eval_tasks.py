@@ -143,3 +143,63 @@ def test_rolling_log_likelihoods_equal_lm_evals_own(causal_lm):
     ours = shared_rows_lm()(pretrained=causal_lm, tokenizer=word_tokenizer(), batch_size=4).loglikelihood_rolling(
         requests)
     assert ours == pytest.approx(theirs, abs=1e-3)  # sums of up to 300 log-probs, ~1e-6 each
+
+
+def byte_level_bpe(bos: bool):
+    """A GPT-2-style byte-level BPE tokenizer (a word's leading space is part of its token) of 300 tokens, trained on
+    SENTENCES and a few accented words; with bos, it adds <s> before every text, as Llama's tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.stats.tiny_text import SENTENCES
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator([*SENTENCES, "café naïve über"] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>", "<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", **({"bos_token": "<s>"} if bos else {}))
+
+
+BPE_QUESTIONS = [  # where a byte-level BPE tokenizes the delimiter's space with the choice, and spaces move
+    ("the cat sat on the", ["mat", "tree", " rug"]),  # a choice's own leading space: two spaces before it
+    ("a big red dog ", ["ran far away", "sat"]),  # the prompt's trailing space moves to the choice
+    ("the small bird\n", ["flew", "sat on the mat"]),
+    ("", ["the cat", "a dog"]),
+    ("café", ["naïve", "über", "the café"]),
+]
+
+
+@pytest.mark.parametrize("bos", [False, True], ids=["no_bos", "bos"])
+@pytest.mark.parametrize("delimiter", [" ", "\n"])
+def test_multiple_choice_scores_equal_lm_evals_hflm_with_a_byte_level_tokenizer(tmp_path, bos, delimiter):
+    """lm-eval-harness' multiple-choice requests (prompt, delimiter + choice) through its own HFLM, and the JSONL
+    scorer: the same log-likelihoods, so the same acc and acc_norm (characters of the choice)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM
+
+    from merge_engine.demo import tiny_config
+    tokenizer = byte_level_bpe(bos)
+    config = tiny_config("llama", layers=2)
+    config.vocab_size, config.initializer_range = 300, 0.3
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    path = write_questions(tmp_path / "q.jsonl", BPE_QUESTIONS, [0] * len(BPE_QUESTIONS))
+    ours = MultipleChoice(path, tokenizer, delimiter=delimiter, batch_size=4).scores(model)
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=(prompt, delimiter + choice), idx=i)
+                for prompt, choices in BPE_QUESTIONS for i, choice in enumerate(choices)]
+    theirs = iter(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1).loglikelihood(requests))
+    theirs = [[next(theirs)[0] for _ in choices] for _, choices in BPE_QUESTIONS]
+    for got, want, (_, choices) in zip(ours, theirs, BPE_QUESTIONS):
+        assert got == pytest.approx(want, abs=1e-4)  # fp32: batching moves each log-prob by ~1e-6
+        per_char = [[score / len(choice) for score, choice in zip(row, choices)] for row in (got, want)]
+        for mine, reference in ((got, want), per_char):  # acc, and acc_norm: the same prediction
+            assert sorted(reference)[-1] - sorted(reference)[-2] > 1e-3, "no clear winner: the test would mean nothing"
+            assert argmax(mine) == argmax(reference)
+
+
+def argmax(row: list[float]) -> int:
+    return max(range(len(row)), key=row.__getitem__)
