@@ -26,11 +26,10 @@ DEFAULT_GENERATED_TOKENS = 256  # lm_eval's max_gen_toks when a generation task 
 
 
 class LmEvalTasks:
-    """The mean over the tasks of lm_eval's metric (e.g. "acc": results[task]["acc,none"]). The tasks are
-    resolved and their data loaded at construction, so an unknown task or a missing data file fails before
-    the search reads any weights."""
-
-    direction = "maximize"
+    """The mean over the tasks of lm_eval's metric (e.g. "acc": results[task]["acc,none"]), maximized or minimized
+    as the tasks' higher_is_better says. The tasks are resolved and their data loaded at construction, so an
+    unknown task, a metric a task does not compute or a missing data file fails before the search reads any
+    weights."""
 
     def __init__(self, tasks: Sequence[str], tokenizer, include_path: str | None = None, metric: str = "acc",
                  batch_size: int = 8, limit: int | float | None = None):
@@ -55,7 +54,9 @@ class LmEvalTasks:
         self.task_names, self.tokenizer, self.metric = list(tasks), tokenizer, metric
         self.batch_size, self.limit = batch_size, limit
         self.name = f"{metric} on {', '.join(tasks)}"
-        self.requests = read_requests(self.manager.load(self.task_names)["tasks"].values(), tokenizer, limit)
+        loaded = self.manager.load(self.task_names)["tasks"].values()
+        self.direction = metric_direction(loaded, metric, source)
+        self.requests = read_requests(loaded, tokenizer, limit)
 
     def tokens(self) -> int:
         """About how many tokens one evaluation feeds the model: every request's text, plus max_gen_toks for a
@@ -138,6 +139,20 @@ def shared_rows_lm():
             return answers
 
     return SharedRowsLM
+
+
+def metric_direction(tasks, metric: str, source: str) -> str:
+    """"maximize" or "minimize": the metric's higher_is_better in every task (lm_eval's word_perplexity is lower
+    is better). Refuses a metric a task does not compute, and one better higher in some tasks and lower in others
+    (their mean would mean nothing)."""
+    better = {task.config.task: task.higher_is_better() for task in tasks}
+    raise_problems([f"lm_eval task {name!r} computes no metric {metric!r} (it computes {', '.join(sorted(known))})"
+                    for name, known in better.items() if metric not in known], source)
+    higher = {bool(known[metric]) for known in better.values()}
+    if len(higher) > 1:
+        raise_problems([f"metric {metric!r} is better higher in some of the tasks and lower in others: their mean "
+                        "has no direction to search"], source)
+    return "minimize" if higher == {False} else "maximize"
 
 
 def hflm_max_length(config, tokenizer) -> int:

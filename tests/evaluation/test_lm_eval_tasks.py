@@ -2,6 +2,7 @@
 refused at construction; without lm_eval, a one-line error names the extra."""
 from __future__ import annotations
 
+import json
 import random
 import sys
 
@@ -13,14 +14,15 @@ from merge_engine.errors import ConfigError
 from merge_engine.evaluation import LmEvalTasks, MultipleChoice
 from merge_engine.extras import MissingExtraError
 from tests.evaluation.conftest import QUESTIONS, real_tokens_fed, word_tokenizer, write_questions
-from tests.stats.tiny_text import WORDS
+from tests.stats.tiny_text import SENTENCES, WORDS
 
 ANSWERS = [0, 1, 1, 2, 0, 1, 3, 0]
 
 
 @pytest.fixture
 def task_dir(tmp_path, monkeypatch):
-    """A task folder holding one multiple-choice task, "tiny_mc", over QUESTIONS, read offline."""
+    """A task folder, read offline, holding a multiple-choice task over QUESTIONS, "tiny_mc", the same with its acc
+    declared lower is better, "tiny_mc_lower", and a perplexity task over SENTENCES, "tiny_ppl"."""
     pytest.importorskip("lm_eval")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -33,6 +35,14 @@ def task_dir(tmp_path, monkeypatch):
         "validation_split": "validation", "output_type": "multiple_choice", "doc_to_text": "{{question}}",
         "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
         "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}))
+    (folder / "tiny_mc_lower.yaml").write_text(yaml.safe_dump({
+        "include": "tiny_mc.yaml", "task": "tiny_mc_lower", "metric_list": [{"metric": "acc", "higher_is_better": False}]}))
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": sentence}) + "\n" for sentence in SENTENCES))
+    (folder / "tiny_ppl.yaml").write_text(yaml.safe_dump({
+        "task": "tiny_ppl", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(texts)}},
+        "test_split": "test", "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
+        "metric_list": [{"metric": "word_perplexity"}]}))
     return str(folder)
 
 
@@ -53,6 +63,27 @@ def test_a_local_task_scores_as_multiple_choice_does(causal_lm, tokenizer, task_
     assert evaluator.tokens() == sum(fed) == reference.tokens() < sum(map(len, distinct))
     assert evaluator.memory_bytes(causal_lm) == reference.memory_bytes(causal_lm) > 0  # the same rows and batches
     assert (evaluator.name, evaluator.direction) == (f"{metric} on tiny_mc", "maximize")
+
+
+def test_a_lower_is_better_metric_is_minimized_and_scores_as_lm_evals_own(causal_lm, task_dir):
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    evaluator = LmEvalTasks(["tiny_ppl"], word_tokenizer(), include_path=task_dir, metric="word_perplexity")
+    assert evaluator.direction == "minimize"  # a search maximizing perplexity would find the worst merge
+    theirs = lm_eval.simple_evaluate(model=HFLM(pretrained=causal_lm, tokenizer=word_tokenizer(), batch_size=8),
+                                     tasks=["tiny_ppl"], task_manager=evaluator.manager, bootstrap_iters=0)
+    assert evaluator(causal_lm) == pytest.approx(theirs["results"]["tiny_ppl"]["word_perplexity,none"], rel=1e-4)
+
+
+@pytest.mark.parametrize("tasks, metric, problem", [
+    (["tiny_mc"], "acc_nrom", "lm_eval task 'tiny_mc' computes no metric 'acc_nrom' (it computes acc, acc_norm)"),
+    (["tiny_mc", "tiny_ppl"], "acc", "lm_eval task 'tiny_ppl' computes no metric 'acc' (it computes word_perplexity)"),
+    (["tiny_mc", "tiny_mc_lower"], "acc", "metric 'acc' is better higher in some of the tasks and lower in others"),
+])
+def test_a_metric_without_one_direction_in_every_task_is_refused_at_construction(task_dir, tasks, metric, problem):
+    with pytest.raises(ConfigError) as error:
+        LmEvalTasks(tasks, word_tokenizer(), include_path=task_dir, metric=metric)
+    assert error.value.problems[0].startswith(problem)
 
 
 @pytest.mark.parametrize("tasks, include_path, problem", [
