@@ -14,6 +14,7 @@ import os
 import re
 import reprlib
 import stat
+import threading
 from functools import cached_property
 from typing import Callable
 
@@ -104,6 +105,8 @@ class Checkpoint:
         self._identities: dict[str, tuple[int, ...]] = {}  # file -> its file_identity when its header was read
         self._fds: dict[str, int] = {}
         self._direct_fds: dict[str, int | None] = {}  # None: the file's filesystem refuses O_DIRECT
+        self._refused_fds: list[int] = []  # direct descriptors whose reads failed: another read thread may hold one
+        self._fds_lock = threading.Lock()  # the prefetch threads open files on first use: each file once
         self._residency = ResidencyMaps()
 
     def _check_folder(self) -> None:
@@ -246,25 +249,33 @@ class Checkpoint:
                 else:  # the block-rounded span may pass the file's end: only the tensor's bytes must arrive
                     pread_into(fd, window[lo - first:hi - first], lo, min(hi, data_end) - lo, info.file, name)
         except OSError:  # EINVAL: this file's filesystem takes no direct reads after all
-            self._direct_fds[info.file] = None
-            os.close(fd)
+            self._refuse_direct_fd(info.file, fd)
             return self._read_bytes(name, raw[:info.nbytes].view(info.dtype).view(info.shape))
         start = pad + info.data_start - first
         return raw[start:start + info.nbytes].view(info.dtype).view(info.shape)
 
     def _direct_fd(self, file: str) -> int | None:
-        if file not in self._direct_fds:
-            try:
-                self._direct_fds[file] = self._open_checked(file, os.O_DIRECT)
-            except OSError:  # this filesystem takes no direct reads
+        with self._fds_lock:
+            if file not in self._direct_fds:
+                try:
+                    self._direct_fds[file] = self._open_checked(file, os.O_DIRECT)
+                except OSError:  # this filesystem takes no direct reads
+                    self._direct_fds[file] = None
+            return self._direct_fds[file]
+
+    def _refuse_direct_fd(self, file: str, fd: int) -> None:
+        """No more direct reads of file; fd is closed with the others, as a read thread may still be using it."""
+        with self._fds_lock:
+            if self._direct_fds.get(file) == fd:
                 self._direct_fds[file] = None
-        return self._direct_fds[file]
+                self._refused_fds.append(fd)
 
     def _fd(self, file: str) -> int:
-        fd = self._fds.get(file)
-        if fd is None:  # pread on one shared descriptor is thread-safe
-            fd = self._fds[file] = self._open_checked(file)
-        return fd
+        with self._fds_lock:
+            fd = self._fds.get(file)
+            if fd is None:  # pread on one shared descriptor is thread-safe
+                fd = self._fds[file] = self._open_checked(file)
+            return fd
 
     def _open_checked(self, file: str, flags: int = 0) -> int:
         """A descriptor of file, which must still be the file whose header was read: a file replaced or rewritten
@@ -280,11 +291,13 @@ class Checkpoint:
         return fd
 
     def close(self) -> None:
-        for fd in [*self._fds.values(), *self._direct_fds.values()]:
-            if fd is not None:
-                os.close(fd)
-        self._fds.clear()
-        self._direct_fds.clear()
+        with self._fds_lock:
+            for fd in [*self._fds.values(), *self._direct_fds.values(), *self._refused_fds]:
+                if fd is not None:
+                    os.close(fd)
+            self._fds.clear()
+            self._direct_fds.clear()
+            self._refused_fds.clear()
         self._residency.close()
 
     def __del__(self):

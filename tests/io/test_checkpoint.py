@@ -3,6 +3,8 @@ import fcntl
 import json
 import os
 import struct
+import threading
+import time
 
 import pytest
 import torch
@@ -76,6 +78,39 @@ def test_direct_reads_fall_back_where_refused(folder_tensors, model_sets, monkey
     assert all(torch.equal(t, want[n]) for n, (t, _) in got.items())
     assert all(ckpt._direct_fds[info.file] is None for info in ckpt.tensors.values())
 
+
+
+def _descriptors_of(path) -> int:
+    """How many of this process's open file descriptors are of path."""
+    fds = "/proc/self/fd"
+    return sum(os.path.realpath(os.path.join(fds, fd)) == str(path) for fd in os.listdir(fds))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+@pytest.mark.parametrize("direct_io", ["on", "off"])
+def test_read_threads_opening_a_file_at_once_leave_nothing_open(tmp_path, monkeypatch, direct_io):
+    """The merge's prefetch threads read one checkpoint at once: each file is opened once, and close() closes
+    it (a descriptor opened twice, one lost in the table, stayed open for the life of the process)."""
+    from safetensors.torch import save_file
+    path = tmp_path / "model.safetensors"
+    save_file({f"t{i}": torch.full((1000,), float(i)) for i in range(4)}, str(path))
+    ckpt = Checkpoint(str(tmp_path))
+    real_open = os.open
+
+    def slow_open(*args):  # every thread finds the file not yet open before any has opened it
+        time.sleep(0.05)
+        return real_open(*args)
+    monkeypatch.setattr(os, "open", slow_open)
+    reads = []
+    threads = [threading.Thread(target=lambda: reads.append(_direct_read_all(ckpt, direct_io))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(reads) == 4
+    assert all(torch.equal(t, torch.full((1000,), float(n[1:]))) for got in reads for n, (t, _) in got.items())
+    ckpt.close()
+    assert _descriptors_of(path) == 0
 
 def test_direct_read_of_a_tensor_at_an_odd_offset(tmp_path):
     """The format allows any header length, so a tensor's bytes may start at an odd offset: no dtype
