@@ -40,21 +40,22 @@ def make_models(root: str, arch: str = "llama", n_experts: int = 3, dtype: torch
     """Save a base and n_experts fine-tune-like variants under root; return their folders (base first)."""
     tf = require("transformers", "hf", "the demo models")
     cfg = tiny_config(arch, layers)
-    torch.manual_seed(seed)
-    base = tf.AutoModelForCausalLM.from_config(cfg).to(dtype)
-    paths = []
-    for i in range(n_experts + 1):
-        path = os.path.join(root, f"{arch}-{'base' if i == 0 else f'expert{i}'}")
-        model = base
-        if i:
-            model = tf.AutoModelForCausalLM.from_config(cfg).to(dtype)
-            gen = torch.Generator().manual_seed(seed * 1000 + i)
-            with torch.no_grad():
-                for (_, p), (_, q) in zip(model.named_parameters(), base.named_parameters()):
-                    p.copy_(q + noise * torch.randn(q.shape, generator=gen).to(dtype))
-        kwargs = {"max_shard_size": shard_size} if shard_size else {}
-        model.save_pretrained(path, **kwargs)
-        paths.append(path)
+    with torch.random.fork_rng(devices=[]):  # model inits draw from the global generator: the caller's is left as it was
+        torch.manual_seed(seed)
+        base = tf.AutoModelForCausalLM.from_config(cfg).to(dtype)
+        paths = []
+        for i in range(n_experts + 1):
+            path = os.path.join(root, f"{arch}-{'base' if i == 0 else f'expert{i}'}")
+            model = base
+            if i:
+                model = tf.AutoModelForCausalLM.from_config(cfg).to(dtype)
+                gen = torch.Generator().manual_seed(seed * 1000 + i)
+                with torch.no_grad():
+                    for (_, p), (_, q) in zip(model.named_parameters(), base.named_parameters()):
+                        p.copy_(q + noise * torch.randn(q.shape, generator=gen).to(dtype))
+            kwargs = {"max_shard_size": shard_size} if shard_size else {}
+            model.save_pretrained(path, **kwargs)
+            paths.append(path)
     return paths
 
 
