@@ -155,6 +155,7 @@ def merge(config: MergeConfig | dict | str | os.PathLike, out_dir: str | os.Path
         plan = build_plan(cfg, options.allow_crimes, options.unsafe_truncate_embeddings, options.lora_merge_dtype)
         check_output_outside_inputs(out_dir, plan)
         check_donor_files(plan)
+        check_chat_template_extra(plan, options)
     check_same_plan(ranks, digest(plan.jobs, plan.entries(), options.out_shard_size, options.random_seed,
                                   options.lora_merge_dtype, options.overwrite, os.path.realpath(out_dir)))
     own_shards, jobs = rank_share(plan, options.out_shard_size, ranks)
@@ -611,6 +612,13 @@ def _model_chat_templates(plan: MergePlan) -> list[str]:
             continue
         templates += [template] if template else []
     return templates
+
+
+def check_chat_template_extra(plan: MergePlan, options: MergeOptions) -> None:
+    """A chat template for the donor's tokenizer needs transformers to load it: a missing extra is refused before
+    any tensor is read (write_tokenizer would otherwise drop the template, with a warning, after the merge)."""
+    if plan.config.chat_template and plan.vocabulary is None and options.copy_tokenizer:
+        require("transformers", "hf", TOKENIZER_SETTINGS)
 
 
 def check_donor_files(plan: MergePlan) -> None:

@@ -34,9 +34,11 @@ def test_key_compare(tmp_path):
     assert_one_line(proc, "merge-engine key compare")
 
 
-def test_a_merge_with_tokenizer_settings(model_sets, write_yaml, tmp_path):
+@pytest.mark.parametrize("setting", [{"tokenizer_source": "union"}, {"chat_template": "chatml"}])
+def test_a_merge_with_tokenizer_settings(model_sets, write_yaml, tmp_path, setting):
+    """Refused before the merge: a chat template alone was dropped after it, with a warning and status 0."""
     models = [{"model": path, "parameters": {"weight": 1.0}} for path in model_sets("llama")[:2]]
-    config = write_yaml({"merge_method": "linear", "tokenizer_source": "union", "models": models})
+    config = write_yaml({"merge_method": "linear", **setting, "models": models})
     proc = run_without("transformers", config, str(tmp_path / "out"), "-q", "--device", "cpu")
     assert_one_line(proc, "a merge that sets tokenizer_source, tokenizer or chat_template")
     assert not (tmp_path / "out").exists()
