@@ -66,6 +66,7 @@ from merge_engine.io.writer import ShardedWriter, check_output_apart, check_outp
 from merge_engine.methods import MergeMethod, TensorGroup
 from merge_engine.ops import backends
 from merge_engine.plan import TIED_HEADS, MergePlan, TensorJob, build_plan
+from merge_engine.progress import progress_bar
 from merge_engine.vocabulary import (
     TOKENIZER_FILES,
     TOKENIZER_SETTINGS,
@@ -165,8 +166,8 @@ def merge(config: MergeConfig | dict | str | os.PathLike, out_dir: str | os.Path
         with every_rank(ranks, "merging"):
             # the ranks' progress exchange starts first: a rank that fails before its first job (loading the
             # kernels, making a CUDA stream) tells the others there, who would otherwise wait for it to join
-            with tqdm(total=sum(j.bytes_in for j in plan.jobs), unit="B", unit_scale=True, desc="merging",
-                      disable=options.quiet or not writer.maker) as bar, job_progress(bar, ranks) as advance:
+            with progress_bar(total=sum(j.bytes_in for j in plan.jobs), unit="B", unit_scale=True, desc="merging",
+                              disable=options.quiet or not writer.maker) as bar, job_progress(bar, ranks) as advance:
                 load_kernels(device)
                 lap("kernel load")
                 bytes_read = _Pipeline(plan, jobs, writer, device, options, ranks).run(advance)

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from merge_engine.config import MergeConfig, load_config, parse_config
 from merge_engine.devices import resolve_device
@@ -58,6 +57,7 @@ from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.lora import LoraCheckpoint, update_dtype
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.plan import MergePlan, TensorJob, build_plan, resolve_parameters
+from merge_engine.progress import progress_bar
 from merge_engine.vocabulary import load_tokenizer
 
 PLACEMENTS = ("auto", "device", "host")
@@ -289,8 +289,8 @@ class MergeSession:
         sums: dict[tuple, tuple[str, str, torch.Tensor]] = {}  # key -> (folder, tensor, its sum): NaN shows there
         out = []
         tensor_bytes = {k: v for k, v in holdings(self.plan.jobs, factored, on_device).items() if k[1] != "adapter"}
-        with tqdm(total=sum(tensor_bytes.values()), unit="B", unit_scale=True, desc="reading",
-                  disable=not progress) as bar:
+        with progress_bar(total=sum(tensor_bytes.values()), unit="B", unit_scale=True, desc="reading",
+                          disable=not progress) as bar:
             for job in self.plan.jobs:
                 tensors = []
                 for ckpt, name in job.inputs + job.side_reads():

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from merge_engine.config import MergeConfig, parse_config
 from merge_engine.engine import tensor_group
@@ -40,6 +39,7 @@ from merge_engine.extras import optuna_log_level, require
 from merge_engine.io.checkpoint import split_layer_name
 from merge_engine.io.untrusted import is_int
 from merge_engine.methods.regression import bmm_terms
+from merge_engine.progress import progress_bar
 from merge_engine.session import MergeSession
 
 log = logging.getLogger("merge_engine")
@@ -93,7 +93,8 @@ class BMMProblem:
         self.device = self.session.device
         self.systems: dict[str, LayerSystem] = {}
         self.default_lambda: dict[str, float] = {}
-        for job, tensors in tqdm(self.session.job_inputs(), desc="factorising", unit="tensor", disable=not progress):
+        for job, tensors in progress_bar(self.session.job_inputs(), desc="factorising", unit="tensor",
+                                         disable=not progress):
             if job.copy_only:
                 continue
             terms = bmm_terms(tensor_group(job, tensors), self.config.method.wrapped)

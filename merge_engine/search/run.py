@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from merge_engine.config import read_yaml
 from merge_engine.devices import resolve_device
@@ -40,6 +39,7 @@ from merge_engine.extras import optuna_log_level, require
 from merge_engine.io.untrusted import is_int, not_regular
 from merge_engine.io.writer import check_output_apart, check_output_dir
 from merge_engine.plan import build_plan
+from merge_engine.progress import progress_bar
 from merge_engine.search.budget import (
     READ_CEILING,
     Budget,
@@ -418,8 +418,8 @@ def run_trials(optuna, study, cfg: SearchConfig, session: MergeSession, objectiv
     merges: list[float] = []  # their merges: the end merges the best trial's config again
     eval_per_token: list[float] = []
     done = 0
-    with tqdm(total=round(budget.seconds), unit="s", desc="search", disable=not options.progress,
-              bar_format="{desc}: {bar} {n_fmt}/{total_fmt} s {postfix}") as bar:
+    with progress_bar(total=round(budget.seconds), unit="s", desc="search", disable=not options.progress,
+                      bar_format="{desc}: {bar} {n_fmt}/{total_fmt} s {postfix}") as bar:
         while max_trials is None or done < max_trials:
             per_token = max(eval_per_token, default=estimate.per_token)
             reserve = reserve_seconds(estimate.write + max(merges, default=0.0),

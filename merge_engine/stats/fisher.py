@@ -51,7 +51,6 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from merge_engine.devices import resolve_device
 from merge_engine.distributed import (
@@ -71,6 +70,7 @@ from merge_engine.errors import MergeEngineError
 from merge_engine.io.fishers import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, VARIANTS
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.ops.fisher import FISHER_DTYPES, accumulate_fisher
+from merge_engine.progress import progress_bar
 from merge_engine.stats.data import DataError, load_data
 from merge_engine.stats.models import (
     check_inputs_apart,
@@ -192,7 +192,7 @@ def compute_fisher(model: torch.nn.Module, batches, variant: str = "empirical", 
     with _FisherAccumulator(model, fisher_dtype) as acc, _fisher_mode(model, gradient_checkpointing):
         examples = tokens = steps = 0
         total = sum(len(b["input_ids"]) for b in batches) if hasattr(batches, "__len__") else None
-        with tqdm(total=total, unit="ex", desc="fisher", disable=not progress) as bar:
+        with progress_bar(total=total, unit="ex", desc="fisher", disable=not progress) as bar:
             for i, batch in enumerate(batches):
                 if generator is not None:
                     generator.manual_seed(batch_seed(seed, first + i * stride))

@@ -23,7 +23,6 @@ import re
 from dataclasses import dataclass, field, replace
 
 import torch
-from tqdm.auto import tqdm
 
 from merge_engine.devices import resolve_device
 from merge_engine.distributed import (
@@ -42,6 +41,7 @@ from merge_engine.errors import MergeEngineError
 from merge_engine.io.grams import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, stored_shape, to_stored
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.ops.gram import accumulate_gram, mirror_upper_
+from merge_engine.progress import progress_bar
 from merge_engine.stats.data import load_data
 from merge_engine.stats.models import (
     auto_class_of,
@@ -235,8 +235,8 @@ def compute_grams(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]
     writer = writer_factory(groups)
     batches = own_items(batches, ranks)
     local_rows: dict[str, int] = {}
-    with tqdm(total=sum(len(b["input_ids"]) for b in batches) * len(passes), unit="ex",
-              desc=f"grams ({len(passes)} pass(es))", disable=options.quiet) as bar:
+    with progress_bar(total=sum(len(b["input_ids"]) for b in batches) * len(passes), unit="ex",
+                      desc=f"grams ({len(passes)} pass(es))", disable=options.quiet) as bar:
         for groups_of_pass in passes:
             for name, gram in accumulate_pass(model, groups_of_pass, batches, bar, local_rows).items():
                 writer(name, sum_over_ranks(ranks, gram))

@@ -204,15 +204,14 @@ def test_a_killed_rank_leaves_a_folder_the_next_run_removes(model_sets, tmp_path
 def merge_watching_the_bar(rank: int, config: dict, out: str) -> list:
     """A merge with its progress shown; each bar the engine made: [shown, bytes counted, total]."""
     bars = []
+    made = engine.progress_bar
 
-    class RecordedBar(engine.tqdm):
-        def __exit__(self, *exc):
-            bars.append([not self.disable, self.n, self.total])
-            return super().__exit__(*exc)
-
-    engine.tqdm = RecordedBar
+    def recorded(*args, disable: bool, **kwargs):
+        bars.append((not disable, made(*args, disable=disable, **kwargs)))
+        return bars[-1][1]
+    engine.progress_bar = recorded
     merge(parse_config(config), out, MergeOptions(quiet=False, device="cpu", out_shard_size=60_000))
-    return bars
+    return [[shown, bar.n, bar.total] for shown, bar in bars]
 
 
 def test_rank_0_shows_one_bar_over_the_whole_job(model_sets, tmp_path):
