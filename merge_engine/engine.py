@@ -59,7 +59,7 @@ from merge_engine.dtypes import DTYPES, dtype_name
 from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.extras import require
 from merge_engine.io.buffers import BufferPool
-from merge_engine.io.checkpoint import DIRECT_IO_MODES
+from merge_engine.io.checkpoint import DIRECT_IO_MODES, LAYER_COUNT_KEYS
 from merge_engine.io.lora import open_model
 from merge_engine.io.untrusted import inside_folder, is_int, open_regular
 from merge_engine.io.writer import ShardedWriter, check_output_apart, check_output_dir, plan_shards
@@ -530,7 +530,7 @@ def output_model_config(plan: MergePlan) -> dict:
         for key in ("torch_dtype", "dtype"):  # transformers 5 writes "dtype" (as mergekit's output has it)
             if key in model_config or key == "dtype":
                 model_config[key] = name
-    for key in ("num_hidden_layers", "n_layer") if plan.num_layers is not None else ():
+    for key in LAYER_COUNT_KEYS if plan.num_layers is not None else ():  # (DistilBERT's is n_layers)
         if key in model_config:
             model_config[key] = plan.num_layers
     if plan.num_layers is not None:
@@ -555,7 +555,7 @@ def per_layer_entries(plan: MergePlan) -> dict:
     transformers refuses to load once the layer count has changed. Other lists (token ids, lists of layer
     indices such as moe_layers) are left as they are, whatever their length."""
     def layer_count(config: dict):
-        return next((config[k] for k in ("num_hidden_layers", "n_layer") if isinstance(config.get(k), int)), None)
+        return next((config[k] for k in LAYER_COUNT_KEYS if isinstance(config.get(k), int)), None)
 
     donor = plan.donor.config
     rebuilt = {}

@@ -11,6 +11,7 @@ import transformers
 
 from merge_engine import MergeOptions, merge, parse_config
 from merge_engine.dtypes import DTYPES
+from tests.arch_models import ARCHITECTURES, make_architecture
 
 pytestmark = [pytest.mark.mergekit, pytest.mark.slow]
 
@@ -376,3 +377,80 @@ def test_tied_and_untied_heads_identical_to_mergekit(case, model_sets, mergekit,
     # where the donor ties its head, the output's own head is untied (mergekit keeps the donor's true)
     donor = json.loads((ours / "config.json").read_text())
     assert donor["tie_word_embeddings"] is False
+
+
+# Architectures of mergekit's definitions beyond the model sets above (tests/arch_models.py), each merged three ways:
+# a gradient weight, a gradient t, and slices that stack and renumber layers. Their config.json is mergekit's too.
+ARCHITECTURE_CONFIGS = {
+    "task_arithmetic": lambda b, e1, e2: {"merge_method": "task_arithmetic", "base_model": b, "dtype": "float32",
+                                          **models(b, [e1, e2], [{"weight": [0.1, 0.9]}, {"weight": 0.5}])},
+    "slerp": lambda b, e1, e2: {"merge_method": "slerp", "base_model": b, "dtype": "float32",
+                                "parameters": {"t": [0.0, 0.3, 1.0]}, "models": [{"model": b}, {"model": e1}]},
+    "slices": lambda b, e1, e2: {"merge_method": "passthrough", "dtype": "float32",
+                                 "slices": [{"sources": [{"model": b, "layer_range": [0, 2]}]},
+                                            {"sources": [{"model": e1, "layer_range": [1, 3]}]}]},
+}
+MOE = ("mixtral", "qwen3_moe")
+
+
+def identical_outputs(ours, theirs, folder_tensors) -> None:
+    a, b = folder_tensors(ours), folder_tensors(theirs)
+    assert set(a) == set(b)
+    different = [n for n in a if a[n].dtype != b[n].dtype or not torch.equal(a[n], b[n])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    assert json.loads((ours / "config.json").read_text()) == json.loads((theirs / "config.json").read_text())
+
+
+@pytest.mark.parametrize("arch", sorted(set(ARCHITECTURES) - set(MOE)))
+def test_architectures_identical_to_mergekit(arch, mergekit, write_yaml, folder_tensors, tmp_path):
+    paths = make_architecture(str(tmp_path / "models"), arch)
+    donor = json.loads(open(os.path.join(paths[0], "config.json")).read())
+    for kind, build in ARCHITECTURE_CONFIGS.items():
+        if kind == "slices" and "layer_types" in donor:
+            continue  # mergekit keeps the donor's list, which transformers then refuses (README)
+        config = build(*paths)
+        ours, theirs = tmp_path / f"ours-{kind}", tmp_path / f"theirs-{kind}"
+        merge(parse_config(config), str(ours), MergeOptions(quiet=True, copy_tokenizer=False))
+        run_mergekit(mergekit, write_yaml(config, f"{kind}.yml"), str(theirs))
+        identical_outputs(ours, theirs, folder_tensors)
+
+
+def fused_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A MoE checkpoint's tensors in transformers 5's layout, as its conversion mapping fuses them: per layer, the
+    experts' gate (Mixtral's w1) and up (w3) projections concatenated then stacked as experts.gate_up_proj, their
+    down projections (w2) stacked as experts.down_proj; Mixtral's block_sparse_moe renamed mlp."""
+    import re
+    out, experts = {}, {}
+    for name, t in tensors.items():
+        m = re.fullmatch(r"(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight",
+                         name)
+        if m:
+            experts.setdefault(m[1], {})[int(m[2]), m[3].replace("w1", "gate_proj").replace("w3", "up_proj")
+                                         .replace("w2", "down_proj")] = t
+        else:
+            out[name.replace(".block_sparse_moe.", ".mlp.")] = t
+    for layer, e in experts.items():
+        n = 1 + max(i for i, _ in e)
+        out[f"{layer}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([e[i, "gate_proj"], e[i, "up_proj"]])
+                                                                for i in range(n)])
+        out[f"{layer}.mlp.experts.down_proj"] = torch.stack([e[i, "down_proj"] for i in range(n)])
+    return out
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_moe_experts_keep_the_checkpoint_layout(arch, mergekit, write_yaml, folder_tensors, tmp_path):
+    # mergekit 0.1.5 reads experts through transformers 5's conversion mapping and writes them fused, one tensor per
+    # layer; merge_engine keeps the checkpoint's tensor per expert (README). Fused, an elementwise merge's and
+    # passthrough slices' experts are mergekit's bit for bit; whole-tensor methods (slerp) differ there.
+    paths = make_architecture(str(tmp_path / "models"), arch)
+    for kind in ("task_arithmetic", "slices"):
+        config = ARCHITECTURE_CONFIGS[kind](*paths)
+        ours, theirs = tmp_path / f"ours-{kind}", tmp_path / f"theirs-{kind}"
+        merge(parse_config(config), str(ours), MergeOptions(quiet=True, copy_tokenizer=False))
+        run_mergekit(mergekit, write_yaml(config, f"{kind}.yml"), str(theirs))
+        held = folder_tensors(ours)
+        assert any(".experts.0." in n for n in held)
+        fused = fused_experts(held)
+        assert set(fused) == set(folder_tensors(theirs))
+        assert all(torch.equal(fused[n], t) for n, t in folder_tensors(theirs).items())
+        assert json.loads((ours / "config.json").read_text()) == json.loads((theirs / "config.json").read_text())

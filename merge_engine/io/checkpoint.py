@@ -36,7 +36,7 @@ IN_PLACE_JOURNAL = ".merge_engine-key-journal"  # an in-place key or patch rewri
 # is block 3 of "encoder.block", not sub-layer 1. Layer numbers are written as Python writes them (ASCII digits, no
 # leading zero): "layers.01" or a non-ASCII digit would otherwise name layer 1 a second time.
 _LAYER_RE = re.compile(r"^(?P<prefix>(?:.*?\.)?(?:layers|h|blocks|block|layer))\.(?P<index>0|[1-9][0-9]*)\.(?P<rest>.+)$")
-_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _READ_CHUNK = 1 << 30  # Linux caps one pread at ~2 GiB
 DIRECT_IO_MODES = ("auto", "on", "off")
 
@@ -75,7 +75,7 @@ def _config_problem(config: dict) -> str | None:
     if text_config is not None and not isinstance(text_config, dict):
         return f"'text_config' must be a JSON object, got {reprlib.repr(text_config)}"
     for scope, where in ((config, ""), (text_config or {}, "text_config.")):
-        for key in (*_LAYER_COUNT_KEYS, "vocab_size"):  # counts the merge plans with (true would count as 1)
+        for key in (*LAYER_COUNT_KEYS, "vocab_size"):  # counts the merge plans with (true would count as 1)
             value = scope.get(key)
             if value is not None and not (is_int(value) and value >= 0):
                 return f"'{where}{key}' must be a non-negative integer, got {reprlib.repr(value)}"
@@ -181,7 +181,7 @@ class Checkpoint:
     def num_layers(self) -> int:
         """Layer count from config.json, else from the tensor names."""
         cfg = self.config.get("text_config") or self.config
-        for key in _LAYER_COUNT_KEYS:
+        for key in LAYER_COUNT_KEYS:
             if isinstance(cfg.get(key), int):
                 return cfg[key]
         indices = [s[1] for s in map(split_layer_name, self.tensors) if s]
