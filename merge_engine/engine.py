@@ -22,6 +22,7 @@ Memory stays bounded by (prefetch depth + 2) tensor groups, whatever the number 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -545,7 +546,8 @@ def output_model_config(plan: MergePlan) -> dict:
     return model_config
 
 
-PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers", "layers_block_type", "block_types", "attn_type_list")
+PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers", "layers_block_type", "block_types", "attn_type_list",
+                         "attention_layers")
 
 
 def per_layer_entries(plan: MergePlan) -> dict:
@@ -568,6 +570,8 @@ def per_layer_entries(plan: MergePlan) -> dict:
             sources.append((theirs[key] if layer_count(theirs) == len(theirs.get(key) or ()) else entries, layer))
         if all(layer < len(source) for source, layer in sources):
             rebuilt[key] = [source[layer] for source, layer in sources]
+    if "attention_layers" in rebuilt and "attention_types" in donor:  # GPT-Neo derives the list from these runs
+        rebuilt["attention_types"] = [[[kind], len(list(run))] for kind, run in itertools.groupby(rebuilt["attention_layers"])]
     return rebuilt
 
 

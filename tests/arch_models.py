@@ -1,4 +1,4 @@
-"""Tiny models of architectures mergekit 0.1.5 has definitions of, random init (transformers, fixed seeds): a
+"""Tiny models of architectures (mergekit 0.1.5 has definitions of all but GPT-Neo), random init (transformers, fixed seeds): a
 base and experts that are the base plus noise, as fine-tunes are."""
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ ARCHITECTURES = {
                                                                      n_heads=4, max_position_embeddings=64)),
     "llama_classifier": ("LlamaConfig", "LlamaForSequenceClassification", {**DECODER, "num_labels": 3,
                                                                            "pad_token_id": 0}),
+    # no mergekit definition: its layer count is num_layers, its layers' attention kinds runs of attention_types
+    "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM", dict(vocab_size=128, hidden_size=32, num_layers=3, num_heads=4,
+                                                          attention_types=[[["global", "local"], 1], [["global"], 1]],
+                                                          max_position_embeddings=64, window_size=8)),
     # experts as transformers 5 holds them (fused), saved as checkpoints have them (one tensor per expert)
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {**DECODER, "num_local_experts": 4, "num_experts_per_tok": 2}),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {**DECODER, "head_dim": 8, "num_experts": 4,

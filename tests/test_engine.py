@@ -263,19 +263,28 @@ def test_a_tokenizer_source_that_is_not_a_folder_is_refused_without_asking_the_h
     assert [a[0] for a in asked if "gpt2" in str(a[0])] == []
 
 
-def test_slices_write_the_layer_count_under_the_configs_own_key(tmp_path):
-    """DistilBERT counts its layers in n_layers (GPT-Neo, MPT and others in num_layers or n_layers): a frankenmerge
-    writes the output's count there, or transformers loads only the donor's count of its layers."""
+@pytest.mark.parametrize("arch,key,layers", [("distilbert", "n_layers", "distilbert.transformer.layer"),
+                                              ("gpt_neo", "num_layers", "transformer.h")])
+def test_slices_write_the_layer_count_under_the_configs_own_key(arch, key, layers, tmp_path):
+    """DistilBERT counts its layers in n_layers, GPT-Neo in num_layers (whose layers' attention kinds, runs of
+    attention_types, must add up to it): a frankenmerge writes the output's count there, or transformers loads only
+    the donor's count of its layers."""
     from tests.arch_models import make_architecture
-    base, e1 = make_architecture(str(tmp_path / "models"), "distilbert", n=2)
+    base, e1 = make_architecture(str(tmp_path / "models"), arch, n=2)
     cfg = {"merge_method": "passthrough", "dtype": "float32",
            "slices": [{"sources": [{"model": base, "layer_range": [0, 2]}]},
                       {"sources": [{"model": e1, "layer_range": [1, 3]}]}]}
     out = tmp_path / "frankenmerge"
     merge(parse_config(cfg), str(out), MergeOptions(quiet=True))
-    assert json.loads((out / "config.json").read_text())["n_layers"] == 4
-    model, info = transformers.AutoModelForMaskedLM.from_pretrained(str(out), output_loading_info=True)
-    assert len(model.distilbert.transformer.layer) == 4 and not info["missing_keys"] and not info["unexpected_keys"]
+    written = json.loads((out / "config.json").read_text())
+    assert written[key] == 4
+    model_class = getattr(transformers, written["architectures"][0])
+    model, info = model_class.from_pretrained(str(out), output_loading_info=True)
+    assert len(model.get_submodule(layers)) == 4 and not info["missing_keys"] and not info["unexpected_keys"]
+    if arch == "gpt_neo":  # each layer keeps its source layer's attention: global, local (base), local, global (e1)
+        assert model.config.attention_layers == ["global", "local", "local", "global"]
+
+
 
 def test_slices_rebuild_per_layer_config_lists_from_each_layers_source(model_sets, tmp_path):
     """layer_types (each layer's attention) follows the layers it came from: transformers refuses a config whose

@@ -391,6 +391,7 @@ ARCHITECTURE_CONFIGS = {
                                             {"sources": [{"model": e1, "layer_range": [1, 3]}]}]},
 }
 MOE = ("mixtral", "qwen3_moe")
+UNDEFINED_IN_MERGEKIT = ("gpt_neo",)  # merged as README says mergekit merges architectures it has no definition of
 
 
 def identical_outputs(ours, theirs, folder_tensors) -> None:
@@ -401,7 +402,7 @@ def identical_outputs(ours, theirs, folder_tensors) -> None:
     assert json.loads((ours / "config.json").read_text()) == json.loads((theirs / "config.json").read_text())
 
 
-@pytest.mark.parametrize("arch", sorted(set(ARCHITECTURES) - set(MOE)))
+@pytest.mark.parametrize("arch", sorted(set(ARCHITECTURES) - set(MOE) - set(UNDEFINED_IN_MERGEKIT)))
 def test_architectures_identical_to_mergekit(arch, mergekit, write_yaml, folder_tensors, tmp_path):
     paths = make_architecture(str(tmp_path / "models"), arch)
     donor = json.loads(open(os.path.join(paths[0], "config.json")).read())
