@@ -30,6 +30,9 @@ ARCHITECTURES = {
                                                                      n_heads=4, max_position_embeddings=64)),
     "llama_classifier": ("LlamaConfig", "LlamaForSequenceClassification", {**DECODER, "num_labels": 3,
                                                                            "pad_token_id": 0}),
+    "granitemoehybrid": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", {
+        **DECODER, "layer_types": ["mamba", "attention", "mamba"], "num_local_experts": 4, "num_experts_per_tok": 2,
+        "shared_intermediate_size": 32, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8}),
     # no mergekit definition: its layer count is num_layers, its layers' attention kinds runs of attention_types
     "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM", dict(vocab_size=128, hidden_size=32, num_layers=3, num_heads=4,
                                                           attention_types=[[["global", "local"], 1], [["global"], 1]],

@@ -1,5 +1,5 @@
-"""Tiny models with several layer stacks, random init: Qwen2-VL (a vision tower's blocks beside the
-language model's layers) and T5 (encoder and decoder blocks of different depths)."""
+"""Tiny models with several layer stacks, random init: Qwen2-VL, Qwen2.5-VL and Mistral 3 (a vision tower's blocks
+beside the language model's layers) and T5 (encoder and decoder blocks of different depths)."""
 from __future__ import annotations
 
 import os
@@ -17,14 +17,42 @@ def make_qwen2_vl(root: str, n: int = 3, text_layers: int = 3, vision_layers: in
                            spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=120, video_token_id=121, vision_start_token_id=122,
         vocab_size=128, hidden_size=32, num_hidden_layers=text_layers)  # also at the top, where mergekit reads them
+    return _save_variants(root, "qwen2vl", tf.Qwen2VLForConditionalGeneration, cfg, n)
+
+
+def make_qwen2_5_vl(root: str, n: int = 3) -> list[str]:
+    import transformers as tf
+    cfg = tf.Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1, bos_token_id=None, eos_token_id=None,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=32,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1],
+                           window_size=8),
+        image_token_id=120, video_token_id=121, vision_start_token_id=122)
+    return _save_variants(root, "qwen2_5_vl", tf.Qwen2_5_VLForConditionalGeneration, cfg, n)
+
+
+def make_mistral3(root: str, n: int = 3) -> list[str]:
+    import transformers as tf
+    cfg = tf.Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=128, hidden_size=32, intermediate_size=48,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8),
+        vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, head_dim=8, image_size=28, patch_size=14),
+        image_token_index=120, spatial_merge_size=1)
+    return _save_variants(root, "mistral3", tf.Mistral3ForConditionalGeneration, cfg, n)
+
+
+def _save_variants(root: str, name: str, model_class, cfg, n: int) -> list[str]:
     paths = []
     for i in range(n):
         torch.manual_seed(100 + i)
-        model = tf.Qwen2VLForConditionalGeneration(cfg)
+        model = model_class(cfg)
         with torch.no_grad():  # non-zero biases, so every tensor shows its merge
             for p in model.parameters():
                 p.add_(0.01 * torch.randn_like(p))
-        paths.append(os.path.join(root, f"qwen2vl-{i}"))
+        paths.append(os.path.join(root, f"{name}-{i}"))
         model.save_pretrained(paths[-1])
     return paths
 
