@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet, args.verbose)
+    if args.safe_serialization is False:  # where mergekit writes pickled pytorch_model*.bin shards
+        log.warning("--no-safe-serialization: the output is written as safetensors all the same (merge_engine "
+                    "writes no pickled checkpoints)")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     from merge_engine.distributed import current_ranks, every_rank, torchrun_group

@@ -1,6 +1,7 @@
 """mergekit-yaml's command-line flags (mergekit 0.1.5, `mergekit-yaml --help`), each as click spells it, with
 its --no- form: accepted by `merge-engine`, so that a mergekit command line runs unchanged. What
---lora-merge-dtype changes is tested against mergekit in tests/test_parity_mergekit.py."""
+--lora-merge-dtype changes is tested against mergekit in tests/test_parity_mergekit.py; --no-safe-serialization,
+which changes nothing here, says so."""
 import pytest
 import torch
 
@@ -39,3 +40,16 @@ def test_lora_merge_dtype_takes_mergekits_names_and_refuses_others(tmp_path, cap
     assert stop.value.code == 2
     assert "--lora-merge-dtype: 'int64' is not one of bfloat16, float16, float32, float64" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_no_safe_serialization_says_the_output_is_safetensors_all_the_same(model_sets, write_yaml, tmp_path, caplog):
+    # mergekit writes pickled pytorch_model*.bin shards with it; a flag that changes nothing here must say so
+    base, expert, _, _ = model_sets("llama")
+    config = write_yaml({"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 0.5}}
+                                                              for m in (base, expert)]})
+    assert run([config, str(tmp_path / "out"), "--no-safe-serialization", "-q", "--device", "cpu"]) == 0
+    assert "--no-safe-serialization: the output is written as safetensors all the same" in caplog.text
+    assert [p.suffix for p in (tmp_path / "out").glob("*model*")] == [".safetensors"]
+    caplog.clear()
+    assert run([config, str(tmp_path / "again"), "--safe-serialization", "-q", "--device", "cpu"]) == 0
+    assert "safe-serialization" not in caplog.text
