@@ -1,5 +1,6 @@
-"""Tiny models with several layer stacks, random init: Qwen2-VL, Qwen2.5-VL and Mistral 3 (a vision tower's blocks
-beside the language model's layers) and T5 (encoder and decoder blocks of different depths)."""
+"""Tiny models with several layer stacks, random init: Qwen2-VL, Qwen2.5-VL, Qwen3-VL (with its projector's stack of
+mergers) and Mistral 3 (a vision tower's blocks beside the language model's layers) and T5 (encoder and decoder
+blocks of different depths)."""
 from __future__ import annotations
 
 import os
@@ -31,6 +32,19 @@ def make_qwen2_5_vl(root: str, n: int = 3) -> list[str]:
                            window_size=8),
         image_token_id=120, video_token_id=121, vision_start_token_id=122)
     return _save_variants(root, "qwen2_5_vl", tf.Qwen2_5_VLForConditionalGeneration, cfg, n)
+
+
+def make_qwen3_vl(root: str, n: int = 3) -> list[str]:
+    import transformers as tf
+    cfg = tf.Qwen3VLConfig(
+        text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2], "mrope_interleaved": True}),
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=32, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                           deepstack_visual_indexes=[0, 1, 2]),  # three mergers, as mergekit's definition has
+        image_token_id=120, video_token_id=121, vision_start_token_id=122)
+    return _save_variants(root, "qwen3_vl", tf.Qwen3VLForConditionalGeneration, cfg, n)
 
 
 def make_mistral3(root: str, n: int = 3) -> list[str]:

@@ -300,14 +300,14 @@ def test_lora_references_identical_to_mergekit(case, model_sets, mergekit, write
     assert [n for n in a if a[n].dtype != b[n].dtype or not torch.equal(a[n], b[n])] == []
 
 
-# Models with several layer stacks, each stack with its own gradient t: Qwen2-VL, Qwen2.5-VL, Mistral 3 (mergekit's
-# multi-module architectures) and T5 (3 encoder, 2 decoder blocks). Qwen2-VL's and Qwen2.5-VL's projector MLP differs:
+# Models with several layer stacks, each stack with its own gradient t: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Mistral 3
+# (mergekit's multi-module architectures) and T5 (3 encoder, 2 decoder blocks). Qwen2-VL's and Qwen2.5-VL's projector MLP differs:
 # mergekit's architecture file makes it a two-layer module without layer numbers, so each of those
 # tensors is merged at t=0 and again at t=1 and the second write wins; merge_engine merges it once, at
 # t=0, like every other weight outside the layers (README).
 PROJECTOR = [f"visual.merger.mlp.{i}.{p}" for i in (0, 2) for p in ("bias", "weight")]
 STACKED = {"qwen2_vl": ("make_qwen2_vl", PROJECTOR), "qwen2_5_vl": ("make_qwen2_5_vl", PROJECTOR),
-           "mistral3": ("make_mistral3", []), "t5": ("make_t5", [])}
+           "qwen3_vl": ("make_qwen3_vl", []), "mistral3": ("make_mistral3", []), "t5": ("make_t5", [])}
 
 
 @pytest.mark.parametrize("arch", sorted(STACKED))

@@ -32,10 +32,12 @@ PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt",
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 IN_PLACE_JOURNAL = ".merge_engine-key-journal"  # an in-place key or patch rewrite's undo log (tiers/journal.py)
 # "model.layers.12.mlp.up_proj.weight" -> ("model.layers", 12, "mlp.up_proj.weight"); GPT-2 uses "h", others
-# "blocks" or "block". The first such component is the stack: T5's "encoder.block.3.layer.1.DenseReluDense..."
-# is block 3 of "encoder.block", not sub-layer 1. Layer numbers are written as Python writes them (ASCII digits, no
-# leading zero): "layers.01" or a non-ASCII digit would otherwise name layer 1 a second time.
-_LAYER_RE = re.compile(r"^(?P<prefix>(?:.*?\.)?(?:layers|h|blocks|block|layer))\.(?P<index>0|[1-9][0-9]*)\.(?P<rest>.+)$")
+# "blocks" or "block", Qwen3-VL's projector "deepstack_merger_list" (a merger per tapped vision layer: a stack of its
+# own in mergekit, t over its entries). The first such component is the stack: T5's "encoder.block.3.layer.1.
+# DenseReluDense..." is block 3 of "encoder.block", not sub-layer 1. Layer numbers are written as Python writes them
+# (ASCII digits, no leading zero): "layers.01" or a non-ASCII digit would otherwise name layer 1 a second time.
+_LAYER_RE = re.compile(r"^(?P<prefix>(?:.*?\.)?(?:layers|h|blocks|block|layer|deepstack_merger_list))"
+                       r"\.(?P<index>0|[1-9][0-9]*)\.(?P<rest>.+)$")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _READ_CHUNK = 1 << 30  # Linux caps one pread at ~2 GiB
 DIRECT_IO_MODES = ("auto", "on", "off")
