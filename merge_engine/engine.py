@@ -571,7 +571,8 @@ def per_layer_entries(plan: MergePlan) -> dict:
         if all(layer < len(source) for source, layer in sources):
             rebuilt[key] = [source[layer] for source, layer in sources]
     if "attention_layers" in rebuilt and "attention_types" in donor:  # GPT-Neo derives the list from these runs
-        rebuilt["attention_types"] = [[[kind], len(list(run))] for kind, run in itertools.groupby(rebuilt["attention_layers"])]
+        runs = itertools.groupby(rebuilt["attention_layers"])
+        rebuilt["attention_types"] = [[[kind], len(list(run))] for kind, run in runs]
     return rebuilt
 
 
