@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import stat
 import threading
@@ -212,6 +213,27 @@ def _lock_is_free(path: str) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT and SIGTERM arriving inside the block take effect (their handlers run) at its end, not in the middle:
+    from the main thread, where Python runs signal handlers; elsewhere the block is not interrupted anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: handler for sig, handler in previous.items() if handler is not None}  # None: not Python's to swap
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: arrived.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(arrived):
+            signal.raise_signal(sig)
 
 
 def plan_shards(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_size: int) -> list[list[int]]:
@@ -408,11 +430,26 @@ class ShardedWriter:
             os.unlink(os.path.join(self.tmp_dir, lock))
         if old:  # the user's folder may be shared (a group's access, setgid): its replacement keeps its permissions
             os.chmod(self.tmp_dir, stat.S_IMODE(os.stat(self.out_dir).st_mode))
-            os.rename(self.out_dir, old)
-        os.rename(self.tmp_dir, self.out_dir)
-        self._release_lock()
+        # Ctrl-C between the renames would leave no output folder (abort deletes the new one), and after them the
+        # replaced one, hidden beside it, for good
+        with _signals_deferred():
+            self._swap_in(old)
+            self._release_lock()
+            if old:
+                self._remove_replaced(old)
+
+    def _swap_in(self, old: str | None) -> None:
+        """The output folder moved aside to old (if any), the new one renamed into its place; where that rename
+        fails, the old one moved back."""
         if old:
-            self._remove_replaced(old)
+            os.rename(self.out_dir, old)
+        try:
+            os.rename(self.tmp_dir, self.out_dir)
+        except OSError:
+            if old:
+                with contextlib.suppress(OSError):  # another process' output took the path meanwhile: old is kept
+                    os.rename(old, self.out_dir)
+            raise
 
     def _remove_replaced(self, old: str) -> None:
         """Delete the folder the output replaced. The output is complete and in place by now: what cannot be deleted

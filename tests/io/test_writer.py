@@ -1,8 +1,10 @@
 """Sharded output: layout, index, atomic move into place, refusal to overwrite, and the removal of
 the partial folders that killed runs leave."""
+import errno
 import fcntl
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -123,6 +125,61 @@ def test_an_old_output_that_cannot_all_be_deleted_is_left_with_a_warning(tmp_pat
     left = [p for p in os.listdir(tmp_path) if p != "out"]
     assert len(left) == 1 and os.listdir(tmp_path / left[0]) == ["sub"]  # all that could go went
     assert f"what is left is in {tmp_path / left[0]}" in caplog.text and "Operation not permitted" in caplog.text
+
+
+def _old_output_and_writer(tmp_path):
+    ts, out = tensors(), tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("the previous output")
+    w = ShardedWriter(str(out), entries(ts), 10**9, overwrite=True)
+    for n, t in ts.items():
+        w.write(n, t)
+    return out, w
+
+
+def _after_the_first_rename(monkeypatch, then):
+    """os.rename calls then() once it has moved the old output aside: between the two renames of the move."""
+    rename = os.rename
+
+    def first_then(src, dst):
+        rename(src, dst)
+        monkeypatch.setattr(os, "rename", rename)
+        then()
+    monkeypatch.setattr(os, "rename", first_then)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_between_the_renames_takes_effect_once_the_new_output_is_in_place(tmp_path, monkeypatch, signum):
+    # before, Ctrl-C there left no output folder: the old one hidden beside it, the new one deleted by the abort
+    out, w = _old_output_and_writer(tmp_path)
+    interrupted = type("Interrupted", (Exception,), {})
+
+    def interrupt(*_):
+        raise interrupted()
+    previous = signal.signal(signum, interrupt)
+    try:
+        _after_the_first_rename(monkeypatch, lambda: os.kill(os.getpid(), signum))
+        with pytest.raises(interrupted):
+            w.commit()
+        assert signal.getsignal(signum) is interrupt
+    finally:
+        signal.signal(signum, previous)
+    w.abort()  # as the caller's clean-up does
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == ["model.safetensors"]
+
+
+def test_the_old_output_is_moved_back_where_the_new_one_cannot_take_its_place(tmp_path, monkeypatch):
+    out, w = _old_output_and_writer(tmp_path)
+    rename = os.rename
+
+    def refuse_once(*_):
+        monkeypatch.setattr(os, "rename", rename)
+        raise OSError(errno.EIO, "Input/output error")
+    _after_the_first_rename(monkeypatch, lambda: monkeypatch.setattr(os, "rename", refuse_once))
+    with pytest.raises(OSError, match="Input/output error"):
+        w.commit()
+    w.abort()
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == ["old.txt"]
 
 
 def test_an_output_path_that_is_a_symlink_writes_the_folder_it_points_to(tmp_path):
