@@ -172,6 +172,7 @@ def merge(config: MergeConfig | dict | str | os.PathLike, out_dir: str | os.Path
                 load_kernels(device)
                 lap("kernel load")
                 bytes_read = _Pipeline(plan, jobs, writer, device, options, ranks).run(advance)
+            check_inputs_unchanged(plan)
             lap("merge")
             if writer.maker:
                 write_side_files(plan, writer, options)
@@ -330,6 +331,12 @@ def folder_problems(raw: object) -> list[str]:
 def check_output_outside_inputs(out_dir: str, plan: MergePlan) -> None:
     """The output folder apart from every folder the merge reads (io/writer.py: check_output_apart)."""
     check_output_apart(out_dir, sorted(input_folders(plan)))
+
+
+def check_inputs_unchanged(plan: MergePlan) -> None:
+    """No input file was written into while it was read (its tensors could mix two versions of it)."""
+    for ckpt in (*plan.models.values(), *plan.side.values()):
+        ckpt.check_unchanged()
 
 
 def input_folders(plan: MergePlan) -> set[str]:

@@ -292,6 +292,16 @@ class Checkpoint:
         os.set_blocking(fd, True)
         return fd
 
+    def check_unchanged(self) -> None:
+        """CheckpointError naming a file read since its header was that has changed meanwhile: a write into the open
+        file (`cp` over it, an in-place rewrite) changes what later reads return, unseen by _open_checked. Its
+        caller, once done reading, publishes nothing then."""
+        open_fds = {**{f: fd for f, fd in self._direct_fds.items() if fd is not None}, **self._fds}
+        for file, fd in open_fds.items():
+            if file in self._identities and file_identity(os.fstat(fd)) != self._identities[file]:
+                raise CheckpointError(f"{file}: the file changed while it was being read (rewritten in place?); "
+                                      "what was read from it cannot be trusted")
+
     def close(self) -> None:
         with self._fds_lock:
             for fd in [*self._fds.values(), *self._direct_fds.values(), *self._refused_fds]:

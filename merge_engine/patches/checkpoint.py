@@ -43,6 +43,10 @@ class PatchedCheckpoint(Checkpoint):
             weight.copy_(patched_values(name, weight, [(self.patch, 1.0)], 1, check=True))
         return weight
 
+    def check_unchanged(self) -> None:
+        super().check_unchanged()
+        self.patch.check_unchanged()
+
     def close(self) -> None:
         super().close()
         if hasattr(self, "patch"):

@@ -112,6 +112,8 @@ def extract_patch(base: str, tuned: str, out_dir: str, storage: str = "auto", se
                 stored = _write_dense(b, t, kept, storage, writer, report, shard_size)
             if not stored:
                 raise CheckpointError(f"{t.path}: equals the base {b.path} in every selected tensor; no patch written")
+            b.check_unchanged()
+            t.check_unchanged()
             writer.add_file(PATCH_CONFIG, config_text(storage, b.path, stored))
             writer.commit()
         except BaseException:

@@ -224,6 +224,9 @@ class DensePatch(Patch):
             raise CheckpointError(f"{self.path}: '{name}::fix_index' holds an index twice (a damaged patch)")
         return index, self._files.read(f"{name}::fix_base"), self._files.read(f"{name}::fix_tuned")
 
+    def check_unchanged(self) -> None:
+        self._files.check_unchanged()
+
     def close(self) -> None:
         self._files.close()
 

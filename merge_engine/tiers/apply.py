@@ -148,6 +148,7 @@ def stream_rewrite(ckpt: Checkpoint, out_dir: str, overwrite: bool, write_tensor
     try:
         with every_rank(ranks, "writing"):
             write_tensors(writer)
+            ckpt.check_unchanged()
             if writer.maker:
                 copy_side_files(ckpt.path, writer)
             writer.flush()

@@ -197,6 +197,31 @@ def test_a_second_sigterm_does_not_interrupt_the_clean_up(config, tmp_path, caps
     assert "terminated" in one_line(capsys) and os.listdir(tmp_path) == []
 
 
+def test_an_input_rewritten_during_the_merge_is_named_and_nothing_is_published(config, tmp_path, capsys, monkeypatch):
+    # before, the merge mixed the file's two versions into an output it published, with exit status 0
+    from merge_engine.io import writer
+    shard = os.path.join(os.path.dirname(config), "expert", "model-00001.safetensors")
+    saved = tmp_path / "saved.safetensors"
+    shutil.copy2(shard, saved)
+    write = writer.ShardedWriter.write
+
+    def write_then_rewrite_the_input(self, name, tensor):
+        write(self, name, tensor)
+        with open(shard, "r+b") as f:  # the same bytes again, as a copy over it would: a later mtime
+            data = f.read()
+            f.seek(0)
+            f.write(data)
+        st = os.stat(shard)
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # whatever the clock's resolution
+    monkeypatch.setattr(writer.ShardedWriter, "write", write_then_rewrite_the_input)
+    try:
+        assert cli.main([config, str(tmp_path / "out"), "-q"]) == 2
+    finally:
+        shutil.copy2(saved, shard)  # the module's models stay as they were
+    assert f"{shard}: the file changed while it was being read" in one_line(capsys)
+    assert os.listdir(tmp_path) == ["saved.safetensors"]
+
+
 @pytest.mark.parametrize("flags", [["-v"], ["-vv"], ["-q", "-v"], ["-qv"], ["--verbose"]])
 def test_verbose_failures_show_the_traceback(config, tmp_path, capsys, monkeypatch, flags):
     from merge_engine.io import writer

@@ -160,6 +160,25 @@ def test_a_file_changed_after_its_header_was_read_is_not_read(tmp_path, change, 
         _direct_read_all(ckpt, direct_io)
 
 
+@pytest.mark.parametrize("direct_io", ["on", "off"])
+def test_a_file_rewritten_while_open_is_caught_once_reading_is_done(tmp_path, direct_io):
+    """A write into a file already open (`cp` over it, an in-place rewrite) changes what later reads return, which
+    opening checks cannot see: check_unchanged names the file."""
+    from safetensors.torch import save_file
+    path = tmp_path / "model.safetensors"
+    save_file({"a": torch.zeros(1000), "b": torch.ones(10)}, str(path))
+    ckpt = Checkpoint(str(tmp_path))
+    _direct_read_all(ckpt, direct_io)
+    ckpt.check_unchanged()  # read, not written: nothing to say
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(st.st_size - 4)
+        f.write(b"\0" * 4)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # whatever the clock's resolution
+    with pytest.raises(CheckpointError, match="model.safetensors: the file changed while it was being read"):
+        ckpt.check_unchanged()
+
+
 @pytest.mark.parametrize("direct_io", ["on", "off", None])
 def test_a_file_deleted_after_its_header_was_read_is_named_with_the_tensor(tmp_path, direct_io):
     from safetensors.torch import save_file
