@@ -172,12 +172,26 @@ def remove_stale_partials(out_dir: str) -> list[str]:
         pid = name[len(prefix):].split(".")[0]
         if not name.startswith(prefix) or not pid.isdigit() or not os.path.isdir(path):
             continue
-        if _process_running(int(pid)) or not _locks_are_free(path):
+        if _process_running(int(pid)):
             continue
-        shutil.rmtree(path, ignore_errors=True)
-        log.warning("removed %s, the unfinished output of an earlier run that was killed", path)
-        removed.append(path)
+        if not _lock_files(path):
+            _warn_moved_aside(path, out_dir)
+        elif _locks_are_free(path):
+            shutil.rmtree(path, ignore_errors=True)
+            log.warning("removed %s, the unfinished output of an earlier run that was killed", path)
+            removed.append(path)
     return removed
+
+
+def _warn_moved_aside(path: str, out_dir: str) -> None:
+    """A folder without locks is one a run was moving into place, or the output it replaced (.old), when it was
+    killed (or whose deletion failed): possibly the user's only copy, so named, not removed."""
+    if path.endswith(".old"):
+        log.warning("%s is the folder a killed or failed run moved aside to replace %s; where %s is missing, move it "
+                    "back, else delete it", path, out_dir, out_dir)
+    else:
+        log.warning("%s is the complete output of a run killed while moving it into place as %s; move it there or "
+                    "delete it", path, out_dir)
 
 
 def _process_running(pid: int) -> bool:

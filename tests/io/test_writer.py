@@ -334,14 +334,45 @@ def test_writers_sharing_a_folder_write_one_output(tmp_path):
     assert partials(out) == []
 
 
-def test_a_partial_folder_without_a_lock_is_left_alone(tmp_path):
+def test_a_partial_folder_without_a_lock_is_left_alone(tmp_path, caplog):
     out = tmp_path / "out"
     # not made by this writer (or the previous output, renamed while a run was killed mid-move)
     kept = tmp_path / f".out.partial-{dead_pid()}.old"
     kept.mkdir()
     (kept / "model.safetensors").write_bytes(b"the user's previous output")
-    ShardedWriter(str(out), entries(tensors()), 10**9).abort()
-    assert kept.exists()
+    with caplog.at_level("WARNING", logger="merge_engine"):
+        ShardedWriter(str(out), entries(tensors()), 10**9).abort()
+    assert kept.exists() and f"{kept} is the folder a killed or failed run moved aside to replace {out}" in caplog.text
+
+
+KILLED_BETWEEN_THE_RENAMES = """
+import os, signal, sys, torch
+from merge_engine.io.writer import ShardedWriter
+w = ShardedWriter(sys.argv[1], [("a", torch.float32, (1000,))], 10**9, overwrite=True)
+w.write("a", torch.ones(1000))
+rename = os.rename
+def rename_then_die(src, dst):
+    rename(src, dst)
+    os.kill(os.getpid(), signal.SIGKILL)
+os.rename = rename_then_die
+w.commit()
+"""
+
+
+def test_the_folders_of_a_run_killed_between_the_renames_are_kept_and_named_by_the_next_run(tmp_path, caplog):
+    # before, they stayed hidden beside the output without a word: the user's previous output among them
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("the previous output")
+    res = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_THE_RENAMES, str(out)], capture_output=True, text=True)
+    assert res.returncode == -9, res.stderr
+    new, old = (tmp_path / p for p in partials(out))
+    assert not out.exists() and os.listdir(old) == ["old.txt"] and os.listdir(new) == ["model.safetensors"]
+    with caplog.at_level("WARNING", logger="merge_engine"):
+        ShardedWriter(str(out), entries(tensors()), 10**9).abort()
+    assert f"{old} is the folder a killed or failed run moved aside to replace {out}" in caplog.text
+    assert f"{new} is the complete output of a run killed while moving it into place as {out}" in caplog.text
+    assert os.listdir(old) == ["old.txt"] and os.listdir(new) == ["model.safetensors"]
 
 
 def _direct_write_cases():
