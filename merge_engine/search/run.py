@@ -344,6 +344,7 @@ def open_study(optuna, cfg: SearchConfig, settings: dict, direction: str, mark: 
     os.makedirs(folder, exist_ok=True)
     check_regular(path, key, cfg.source)
     hold_alone(path, key, cfg.source, held)  # first: a search that ends meanwhile would append after the check
+    remove_stale_optuna_lock(path)
     cut = check_journal(path, key, cfg.source)
     storage = journal_storage(optuna, path)
     study = load_study(optuna, storage, path, cfg.source)
@@ -382,6 +383,16 @@ def hold_alone(path: str, key: str, source: str | None, held: contextlib.ExitSta
     except BlockingIOError:
         raise ConfigError([f"{key}: another search is running with the journal {path}: wait for it to end, or give "
                            "this one another output folder or storage path"], source) from None
+
+
+def remove_stale_optuna_lock(path: str) -> None:
+    """Remove the lock optuna makes beside the journal for each access (PATH.lock, a symbolic link) where a killed
+    search left it: it is stale, as this search holds the journal alone, and optuna would wait 30 s, out of the
+    budget, before forcing it."""
+    lock = path + ".lock"
+    if os.path.islink(lock):
+        os.unlink(lock)
+        log.warning("removed %s, the journal's lock, which a search killed while writing the journal left", lock)
 
 
 def journal_storage(optuna, path: str):

@@ -184,6 +184,32 @@ def test_a_killed_search_resumes_from_its_journal(search_models, fake_rates, tmp
     assert [r["state"] for r in rows] == states
 
 
+def test_the_journal_lock_a_killed_search_left_is_removed_on_resume(search_models, fake_rates, tmp_path, caplog):
+    # before, optuna waited 30 s for it (out of the budget, with a warning every 10 s), then forced it
+    import optuna
+    paths, val, _ = search_models
+    clock = FakeClock()
+    fake_rates(clock, write_seconds=1.0, objective=TimedEvaluator(clock, 1.0, fail_on_call=2))
+    out = str(tmp_path / "out")
+    with pytest.raises(KeyboardInterrupt):
+        search(search_config(paths, val), out, SearchOptions(budget=1000, device="cpu", progress=False, clock=clock))
+    journal = str(tmp_path / ".out.search" / "journal.log")
+    lock = optuna.storages.journal.JournalFileSymlinkLock(journal)
+    assert lock.acquire()  # held, as by a search killed while writing its journal
+    acquire = optuna.storages.journal.JournalFileSymlinkLock.acquire
+
+    def acquire_at_once(self):
+        if os.path.lexists(self._lock_file):
+            raise AssertionError(f"{self._lock_file} is held")  # in place of optuna's 30 s wait
+        return acquire(self)
+    fake_rates(clock, write_seconds=1.0, objective=TimedEvaluator(clock, 1.0))
+    with pytest.MonkeyPatch.context() as patch, caplog.at_level("WARNING", logger="merge_engine"):
+        patch.setattr(optuna.storages.journal.JournalFileSymlinkLock, "acquire", acquire_at_once)
+        result = search(search_config(paths, val), out, SearchOptions(budget=1000, device="cpu", progress=False,
+                                                                       clock=clock, trials=1))
+    assert result.trials_this_run == 1 and f"removed {journal}.lock" in caplog.text
+
+
 def test_a_journal_of_another_search_is_refused(search_models, fake_rates, tmp_path):
     paths, val, _ = search_models
     clock = FakeClock()
