@@ -25,6 +25,7 @@ import traceback
 from merge_engine import __version__
 from merge_engine.cli.timing import EXECUTABLE, STARTUP, process_age
 from merge_engine.errors import MergeEngineError
+from merge_engine.interrupts import signals_deferred
 from merge_engine.runtime import launched_by_torchrun, tune_process_for_merging
 
 SUBCOMMANDS = ("fisher", "key", "patch", "search", "stats")  # modules merge_engine.cli.NAME, each with run(argv); else cli.merge
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _terminate_as_interrupt():
             imported = time.perf_counter()
-            command = importlib.import_module(f"merge_engine.cli.{name}")
+            with signals_deferred():  # Ctrl-C inside torch's import can be lost (the command runs on) or break it
+                command = importlib.import_module(f"merge_engine.cli.{name}")
             STARTUP["imports"] = time.perf_counter() - imported
             return command.run(argv)
     except MergeEngineError as e:

@@ -19,7 +19,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import stat
 import threading
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from merge_engine.errors import OutputError
+from merge_engine.interrupts import signals_deferred
 from merge_engine.io.raw import DIRECT_ALIGN, tensor_bytes
 from merge_engine.io.safetensors_format import build_header
 
@@ -229,27 +229,6 @@ def _lock_is_free(path: str) -> bool:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def _signals_deferred():
-    """SIGINT and SIGTERM arriving inside the block take effect (their handlers run) at its end, not in the middle:
-    from the main thread, where Python runs signal handlers; elsewhere the block is not interrupted anyway."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    arrived: list[int] = []
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    previous = {sig: handler for sig, handler in previous.items() if handler is not None}  # None: not Python's to swap
-    for sig in previous:
-        signal.signal(sig, lambda signum, frame: arrived.append(signum))
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for sig in dict.fromkeys(arrived):
-            signal.raise_signal(sig)
-
-
 def plan_shards(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_size: int) -> list[list[int]]:
     """Group entries (in order) into shards of at most shard_size bytes (a larger tensor gets its own)."""
     shards: list[list[int]] = [[]]
@@ -446,7 +425,7 @@ class ShardedWriter:
             os.chmod(self.tmp_dir, stat.S_IMODE(os.stat(self.out_dir).st_mode))
         # Ctrl-C between the renames would leave no output folder (abort deletes the new one), and after them the
         # replaced one, hidden beside it, for good
-        with _signals_deferred():
+        with signals_deferred():
             self._swap_in(old)
             self._release_lock()
             if old:

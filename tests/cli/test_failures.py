@@ -180,6 +180,25 @@ def test_sigterm_cleans_up_as_ctrl_c_does_and_exits_143(config, tmp_path, capsys
     assert os.listdir(tmp_path) == [] and signal.getsignal(signal.SIGTERM) is handler  # restored after
 
 
+@pytest.mark.parametrize(("signum", "status", "said"), [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_a_signal_while_the_command_is_imported_is_not_lost(config, tmp_path, capsys, monkeypatch, signum, status, said):
+    # torch's import (its C extension's initialisation) can swallow the KeyboardInterrupt: the merge then ran to
+    # the end, status 0 (or the import failed, with a traceback)
+    import importlib
+    import signal
+    import_module = importlib.import_module
+
+    def import_losing_an_interrupt(name):
+        try:
+            signal.raise_signal(getattr(signal, signum))
+        except KeyboardInterrupt:
+            pass
+        return import_module(name)
+    monkeypatch.setattr(importlib, "import_module", import_losing_an_interrupt)
+    assert cli.main([config, str(tmp_path / "out"), "-q"]) == status
+    assert said in one_line(capsys) and os.listdir(tmp_path) == []
+
+
 def test_a_second_sigterm_does_not_interrupt_the_clean_up(config, tmp_path, capsys, monkeypatch):
     # a scheduler's second SIGTERM (or a write thread's, as in the test above) arriving while the temporary
     # folder is being removed: ignored, so the folder still goes

@@ -1,0 +1,28 @@
+"""Holding Ctrl-C (SIGINT) and SIGTERM back while a step must not be cut in two. Imports no torch: the command
+line uses it around torch's import."""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM arriving inside the block take effect (their handlers run) at its end, not in the middle:
+    from the main thread, where Python runs signal handlers; elsewhere the block is not interrupted anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: handler for sig, handler in previous.items() if handler is not None}  # None: not Python's to swap
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: arrived.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(arrived):
+            signal.raise_signal(sig)
