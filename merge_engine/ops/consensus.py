@@ -20,14 +20,14 @@ def _one_expert(weighted_deltas: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return weighted_deltas.new_empty(weighted_deltas.shape[1:])
 
 
-@op("elect_sign", fake=_one_expert)
+@op("elect_sign", fake=_one_expert, floating=("weighted_deltas",))
 def elect_sign(weighted_deltas: torch.Tensor) -> torch.Tensor:
     """TIES "sum" election over dim 0: +1 where the sum of weighted deltas is >= 0 (a zero sum
     elects +1), else -1; in the deltas' dtype."""
     return (weighted_deltas.sum(dim=0) >= 0).to(weighted_deltas.dtype) * 2 - 1
 
 
-@op("disjoint_mean", fake=_one_expert)
+@op("disjoint_mean", fake=_one_expert, floating=("weighted_deltas",))
 def disjoint_mean(weighted_deltas: torch.Tensor, weights: list[float], normalize: bool = True) -> torch.Tensor:
     """Sum of the weighted deltas that agree with the elected sign, divided (if normalize) by the
     sum of the agreeing models' weights (1 where none agrees). Trimmed zeros never agree."""
@@ -100,7 +100,7 @@ def merge_task_vectors_reference(base: torch.Tensor, experts: list[torch.Tensor]
     return (base + mixed).to(base.dtype)
 
 
-@op("merge_task_vectors", fake="base", out=True)
+@op("merge_task_vectors", fake="base", out=True, floating=("base", "experts"))
 def merge_task_vectors(base: torch.Tensor, experts: list[torch.Tensor], weights: list[float],
                        densities: list[float], sparsify: str = "", consensus: bool = False,
                        normalize: bool = False, rescale: bool = False, lambda_: float = 1.0,

@@ -128,7 +128,7 @@ def fisher_merge_reference(params: list[torch.Tensor], fishers: list[torch.Tenso
     return torch.where(den > 0, num / den, first).to(params[0].dtype)
 
 
-@op("fisher_merge", fake="params", out=True)
+@op("fisher_merge", fake="params", out=True, floating=("params", "fishers"))
 def fisher_merge(params: list[torch.Tensor], fishers: list[torch.Tensor], coefficients: list[float],
                  floors: list[float], out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Fisher-weighted average of K tensors in one pass (see fisher_merge_reference), written into `out`

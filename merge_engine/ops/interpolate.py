@@ -17,7 +17,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@op("weighted_sum", fake=contiguous("tensors"), out=True)
+@op("weighted_sum", fake=contiguous("tensors"), out=True, floating=("tensors",))
 def weighted_sum(tensors: list[torch.Tensor], weights: list[float], normalize: bool = True,
                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """sum_i w_i x_i (divided by sum_i w_i if normalize), accumulated in fp32, in the first input's dtype,
@@ -102,7 +102,7 @@ class _ChunkPairs:
             yield start, cx, cy
 
 
-@op("slerp", fake=contiguous("a"), out=True)
+@op("slerp", fake=contiguous("a"), out=True, floating=("a", "b"))
 def slerp(t: float, a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Spherical interpolation of the whole flattened tensors (t = 0 gives a), linear when
     |cos| > 0.9995; computed in fp32 (fp64 for fp64), returned in a's dtype (written into `out`, a
@@ -137,7 +137,7 @@ def _unit(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=eps)
 
 
-@op("nuslerp", fake=promoted("a", "b", contiguous=True))
+@op("nuslerp", fake=promoted("a", "b", contiguous=True), floating=("a", "b"))
 def nuslerp(t: float, a: torch.Tensor, b: torch.Tensor, row_wise: bool = False, flatten: bool = True) -> torch.Tensor:
     """mergekit's nuslerp: slerp along the last dim (dim 0 if row_wise), or of the whole tensor
     if flatten; collinear vectors ((1 - cos^2) <= 1e-16) interpolate linearly. Input dtype throughout."""
@@ -158,7 +158,7 @@ def nuslerp(t: float, a: torch.Tensor, b: torch.Tensor, row_wise: bool = False, 
     return result.reshape(shape).contiguous()
 
 
-@op("multislerp", fake=promoted("tensors", "base", contiguous=True))
+@op("multislerp", fake=promoted("tensors", "base", contiguous=True), floating=("tensors", "base"))
 def multislerp(tensors: list[torch.Tensor], weights: list[float], base: Optional[torch.Tensor] = None,
                normalize_weights: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """mergekit's multislerp: barycentric interpolation of K tensors on the hypersphere (whole flattened
@@ -202,7 +202,7 @@ def multislerp(tensors: list[torch.Tensor], weights: list[float], base: Optional
     return result if base is None else result + base
 
 
-@op("karcher_mean", fake="tensors")
+@op("karcher_mean", fake="tensors", floating=("tensors",))
 def karcher_mean(tensors: list[torch.Tensor], weights: list[float], max_iter: int = 10,
                  tol: float = 1e-5) -> torch.Tensor:
     """mergekit's weighted Karcher (Riemannian) mean of the flattened tensors' directions on the unit
@@ -251,7 +251,7 @@ def karcher_mean(tensors: list[torch.Tensor], weights: list[float], max_iter: in
     return sum(w * n for w, n in zip(weights, norms)) * mean
 
 
-@op("nearswap", fake=promoted("base", "other"))
+@op("nearswap", fake=promoted("base", "other"), floating=("base", "other"))
 def nearswap(t: float, base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """mergekit's nearswap: per element, lerp from base toward other by w = clamp(t / |base - other|, 0, 1)
     (|base - other| floored at 1e-6), so elements closer than t take other's value and far ones stay

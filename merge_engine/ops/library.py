@@ -1,6 +1,6 @@
 """How every merge_engine op is declared: once, with torch.library, as bitsandbytes and torchao do.
 
-    @op("trim_by_magnitude", fake="x")
+    @op("trim_by_magnitude", fake="x", floating=("x",))
     def trim_by_magnitude(x: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
         '''docstring'''
         ...                                   # the pure-PyTorch reference: the default kernel everywhere
@@ -60,15 +60,16 @@ class contiguous:
 
 
 def op(name: str, *, mutates_args=(), fake: str | promoted | contiguous | Callable | None = None, out: bool = False,
-       differentiable: bool = False) -> Callable:
+       differentiable: bool = False, floating: tuple[str, ...] = ()) -> Callable:
     """Declare the decorated reference as the op merge_engine::<name> (see the module docstring). `fake`
     names the argument whose shape and dtype the result has (the first tensor of a list), says how the
     result's dtype is promoted (`promoted`), or is a fake implementation; ops that return nothing need none.
     An op that is not `differentiable` (one that registers its own autograd formula is) gets a backward that
     raises: an output computed from tensors that require grad then says so when a gradient reaches it, on
-    every backend alike (without one, torch's fallback gives None gradients, or the reference's own)."""
+    every backend alike (without one, torch's fallback gives None gradients, or the reference's own).
+    `floating` names the arguments whose tensors every backend refuses unless they are floating point."""
     def declare(reference: Callable) -> Callable:
-        declared = _Declared(name, reference, mutates_args, fake, out)
+        declared = _Declared(name, reference, mutates_args, fake, out, floating)
         if not differentiable and declared.functional._schema.returns and not mutates_args:
             declared.register_autograd(_no_derivative(name))
 
@@ -80,6 +81,7 @@ def op(name: str, *, mutates_args=(), fake: str | promoted | contiguous | Callab
         call.register_fake = declared.register_fake
         call.register_autograd = declared.register_autograd
         call.functional, call.out_overload = declared.functional, declared.out_overload
+        call.floating = floating
         return call
     return declare
 
@@ -87,10 +89,11 @@ def op(name: str, *, mutates_args=(), fake: str | promoted | contiguous | Callab
 class _Declared:
     """The torch.library ops of one merge_engine op: the functional one and, optionally, its out overload."""
 
-    def __init__(self, name: str, reference: Callable, mutates_args, fake, out: bool):
+    def __init__(self, name: str, reference: Callable, mutates_args, fake, out: bool, floating: tuple[str, ...]):
         signature = inspect.signature(reference)
-        self.name = name
+        self.name, self.floating = name, floating
         self.signature = signature.replace(parameters=[p for p in signature.parameters.values() if p.name != "out"])
+        reference = self._floating_only(reference, signature)
         functional = self._without_out(reference)
         _LIBRARY.define(name + torch.library.infer_schema(functional, mutates_args=mutates_args))
         self.functional = getattr(torch.ops.merge_engine, name).default
@@ -126,16 +129,35 @@ class _Declared:
         """Register fn as the kernel for a device type, of the out overload too when there is one (fn
         then takes `out` and returns `out` or a fresh result)."""
         def register(fn: Callable) -> Callable:
-            _LIBRARY.impl(self.name, _dynamo_off_when_compiling(self._without_out(fn)), _DISPATCH_KEYS[device_type])
+            kernel = self._floating_only(fn, inspect.signature(fn))
+            _LIBRARY.impl(self.name, _dynamo_off_when_compiling(self._without_out(kernel)), _DISPATCH_KEYS[device_type])
             if self.out_overload is not None:
-                _LIBRARY.impl(f"{self.name}.out", _dynamo_off_when_compiling(_into_out(fn, self.name)),
+                _LIBRARY.impl(f"{self.name}.out", _dynamo_off_when_compiling(_into_out(kernel, self.name)),
                               _DISPATCH_KEYS[device_type])
             return fn
         return register
 
     def register_fake(self, fn: Callable) -> Callable:
-        torch.library.register_fake(self.functional, _real_devices_only(self.name, fn), lib=_LIBRARY)
+        fake = _real_devices_only(self.name, self._floating_only(fn, self.signature))
+        torch.library.register_fake(self.functional, fake, lib=_LIBRARY)
         return fn
+
+    def _floating_only(self, fn: Callable, signature: inspect.Signature) -> Callable:
+        """fn (a reference, kernel or fake, whose arguments bind to signature), refusing tensors of the op's floating
+        arguments that are not floating point: a complex one would lose its imaginary part, an integer one give a
+        truncated result."""
+        if not self.floating:
+            return fn
+
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            for argument in self.floating:
+                for t in _tensors_in(bound.arguments.get(argument)):
+                    if not t.dtype.is_floating_point:
+                        raise ValueError(f"{NAMESPACE}::{self.name}: {argument} must be floating-point, got {t.dtype}")
+            return fn(*args, **kwargs)
+        return checked
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable | None = None) -> None:
         torch.library.register_autograd(self.functional, backward, setup_context=setup_context, lib=_LIBRARY)

@@ -48,7 +48,7 @@ def sce_weights(task_vectors: torch.Tensor) -> torch.Tensor:
     return w / total
 
 
-@op("sce_merge", fake=promoted("base", "experts"))
+@op("sce_merge", fake=promoted("base", "experts"), floating=("base", "experts"))
 def sce_merge(base: torch.Tensor, experts: list[torch.Tensor], select_topk: float = 1.0) -> torch.Tensor:
     """SCE (Select, Calculate, Erase) of the task vectors tau_i = x_i - base:
     1. if select_topk < 1, zero every position outside the top select_topk fraction by variance across
@@ -80,7 +80,7 @@ def _ram_masks(base: torch.Tensor, experts: list[torch.Tensor], epsilon: float):
     return tvs * active, active, counts, counts > 1, counts == 1
 
 
-@op("ram_merge", fake=promoted("base", "experts"))
+@op("ram_merge", fake=promoted("base", "experts"), floating=("base", "experts"))
 def ram_merge(base: torch.Tensor, experts: list[torch.Tensor], epsilon: float = 1e-5) -> torch.Tensor:
     """RAM (Reinforced Agent Merging): base + a task-vector sum in which an entry active (|tau_i| > epsilon)
     in one expert only is taken as is, and an entry active in several is averaged over those experts.
@@ -92,7 +92,7 @@ def ram_merge(base: torch.Tensor, experts: list[torch.Tensor], epsilon: float = 
     return base + merged.reshape_as(base)
 
 
-@op("ramplus_tl_merge", fake=promoted("base", "experts", at_least=torch.float32))
+@op("ramplus_tl_merge", fake=promoted("base", "experts", at_least=torch.float32), floating=("base", "experts"))
 def ramplus_tl_merge(base: torch.Tensor, experts: list[torch.Tensor], r: float = 0.1, alpha: float = 0.2,
                      epsilon: float = 1e-5) -> torch.Tensor:
     """RAM+ (tensor-local): RAM with each expert's unique entries scaled by 1 + r * clamp(rho_i, 0, alpha),
@@ -143,7 +143,7 @@ def fusion_threshold(importance: torch.Tensor) -> torch.Tensor:
     return median + 1.5 * (q3 - q1)
 
 
-@op("arcee_fusion", fake=promoted("base", "other", at_least=torch.float32))
+@op("arcee_fusion", fake=promoted("base", "other", at_least=torch.float32), floating=("base", "other"))
 def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """Arcee Fusion: base + (other - base) where the importance (fusion_importance) is at least the
     threshold median + 1.5 IQR (fusion_threshold), base elsewhere. The mask is fp32 (as in mergekit),

@@ -72,7 +72,7 @@ def magnitude_topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     return cutoff_mask(x, magnitude_cutoff(x, k, True), True)
 
 
-@op("trim_by_magnitude", fake="x")
+@op("trim_by_magnitude", fake="x", floating=("x",))
 def trim_by_magnitude(x: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
     """TIES trim: keep the top max(1, int(density*numel)) magnitudes of the whole tensor, zero the rest."""
     check_finite_values("trim_by_magnitude", density=density)
@@ -83,7 +83,7 @@ def trim_by_magnitude(x: torch.Tensor, density: float, rescale: bool = False) ->
     return _apply(x, magnitude_topk_mask(x, topk_count(x.numel(), density)), rescale)
 
 
-@op("drop_random", fake="x")
+@op("drop_random", fake="x", floating=("x",))
 def drop_random(x: torch.Tensor, density: float, seed: int, tensor_name: str, stream: int,
                 rescale: bool = True) -> torch.Tensor:
     """DARE: keep each element with probability density, zero the rest; rescale: scale the kept part so its L1
@@ -97,7 +97,7 @@ def drop_random(x: torch.Tensor, density: float, seed: int, tensor_name: str, st
     return _apply(x, u < torch.tensor(density, dtype=torch.float32), rescale, drawn=True)
 
 
-@op("trim_outliers", fake="x")
+@op("trim_outliers", fake="x", floating=("x",))
 def trim_outliers(x: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
     """Breadcrumbs: drop the int(gamma*N) largest magnitudes, then the smallest, keeping int(density*N)."""
     check_finite_values("trim_outliers", density=density, gamma=gamma)
@@ -145,7 +145,7 @@ def check_della(density: float, epsilon: float) -> None:
                          f"(density={density}, epsilon={epsilon})")
 
 
-@op("drop_by_rank", fake="x")
+@op("drop_by_rank", fake="x", floating=("x",))
 def drop_by_rank(x: torch.Tensor, density: float, epsilon: float, seed: int, tensor_name: str,
                  stream: int, rescale: bool = True) -> torch.Tensor:
     """DELLA MagPrune: keep each element with probability (density - epsilon) + 2 epsilon (rank - 1) / (ncols - 1),

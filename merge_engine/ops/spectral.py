@@ -102,7 +102,7 @@ def check_rank_fraction(rank_fraction: float | None) -> None:
         raise ValueError(f"tsv_merge: rank_fraction must be in (0, 1], got {rank_fraction}")
 
 
-@op("tsv_merge")
+@op("tsv_merge", floating=("base", "experts"))
 def tsv_merge(base: torch.Tensor, experts: list[torch.Tensor], rank_fraction: float | None = None,
               alpha: float = 1.0) -> torch.Tensor:
     """TSV-Merge of T experts onto base (see the module docstring); rank_fraction None means 1/T."""
@@ -116,7 +116,7 @@ def tsv_merge(base: torch.Tensor, experts: list[torch.Tensor], rank_fraction: fl
     return (b + alpha * ((u * s) @ vh)).to(base.dtype)
 
 
-@op("iso_c")
+@op("iso_c", floating=("base", "experts"))
 def iso_c(base: torch.Tensor, experts: list[torch.Tensor], alpha: float = 1.0) -> torch.Tensor:
     """ISO-C of T experts onto base: W_base + alpha * mean(S) U V^T for sum_t D_t = U S V^T."""
     check_args("iso_c", base, experts, alpha)

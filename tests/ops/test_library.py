@@ -2,10 +2,13 @@
 autograd registration, AOT dispatch with dynamic shapes) on the CPU kernels and the references;
 the out overloads write into the caller's tensor; the public functions show their real signatures and
 docstrings; the ops trace under torch.compile (fullgraph) and torch.export."""
+import contextlib
 import inspect
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._pytree import tree_map_only
 
 from merge_engine import ops
 from merge_engine.ops import backends
@@ -71,6 +74,40 @@ def test_opcheck(name, kernels, dtype, monkeypatch):
         monkeypatch.setattr(backends, "cpu_extension", lambda: None)  # the references as the CPU kernels
     args, kwargs = samples(dtype)[name]
     torch.library.opcheck(getattr(torch.ops.merge_engine, name).default, args, kwargs)
+
+
+# ops that move, select or accumulate into tensors of other dtypes, whose inputs need not all be floating point
+ANY_DTYPE_OPS = {"magnitude_cutoff", "magnitude_topk_mask", "gather_blocks", "scatter_add_blocks_", "swap_blocks_",
+                 "accumulate_fisher", "accumulate_gram"}
+
+
+def as_dtype(value, dtype):
+    """The floating tensors in value (a tensor or a list of them) as dtype."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(as_dtype(v, dtype) for v in value)
+    return value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int32, torch.bool])
+@pytest.mark.parametrize("kernels", ["compiled", "reference", "fake"])
+@pytest.mark.parametrize("name", sorted(set(samples()) - ANY_DTYPE_OPS))
+def test_tensors_that_are_not_floating_point_are_refused_by_every_backend(name, kernels, dtype, monkeypatch):
+    """A complex tensor would lose its imaginary part (torch only warns), an integer one give a truncated
+    result: each floating argument refuses them by name, on the references, the compiled kernels and the fakes."""
+    if kernels == "reference":
+        monkeypatch.setattr(backends, "cpu_extension", lambda: None)
+    fn = getattr(ops, name)
+    assert fn.floating, f"{name} declares no floating arguments"
+    args, kwargs = samples()[name]
+    for argument in fn.floating:
+        bound = inspect.signature(fn).bind(*args, **kwargs)
+        bound.arguments[argument] = as_dtype(bound.arguments[argument], dtype)
+        call_args, call_kwargs = bound.args, bound.kwargs
+        with FakeTensorMode() if kernels == "fake" else contextlib.nullcontext() as mode:
+            if mode is not None:
+                call_args, call_kwargs = tree_map_only(torch.Tensor, mode.from_tensor, (call_args, call_kwargs))
+            with pytest.raises(ValueError, match=f"{name}: {argument} must be floating-point, got {dtype}"):
+                fn(*call_args, **call_kwargs)
 
 
 def transposed(value):

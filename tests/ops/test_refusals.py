@@ -90,6 +90,8 @@ def test_a_nan_density_is_refused_by_every_sparsifier(sparsify, call):
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool])
 def test_magnitudes_of_integers_are_refused_by_name(dtype):
     with pytest.raises(ValueError, match=f"magnitudes are ordered for .* tensors, not {dtype}"):
+        ops.magnitude_cutoff(torch.ones(4, dtype=dtype), 2)
+    with pytest.raises(ValueError, match=f"trim_by_magnitude: x must be floating-point, got {dtype}"):
         ops.trim_by_magnitude(torch.ones(4, dtype=dtype), 0.5)
 
 
