@@ -61,6 +61,7 @@ from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.extras import require
 from merge_engine.io.buffers import BufferPool
 from merge_engine.io.checkpoint import DIRECT_IO_MODES, LAYER_COUNT_KEYS
+from merge_engine.io.experts import EXPERT_LAYOUTS
 from merge_engine.io.lora import open_model
 from merge_engine.io.untrusted import inside_folder, is_int, open_regular
 from merge_engine.io.writer import ShardedWriter, check_output_apart, check_output_dir, plan_shards
@@ -104,6 +105,9 @@ class MergeOptions:
     # mergekit's --lora-merge-dtype: BASE+ADAPTER models are read cast to this dtype (every floating-point
     # tensor) and their adapters merged in it (io/lora.py); None: in the base's own dtypes
     lora_merge_dtype: torch.dtype | None = None
+    # how MoE experts are merged and written: "fused" as transformers 5 holds them and mergekit 0.1.5 writes
+    # them (one gate_up_proj and one down_proj per layer, io/experts.py); "checkpoint": one tensor per expert
+    expert_layout: str = "fused"
 
 
 @dataclass
@@ -154,7 +158,8 @@ def merge(config: MergeConfig | dict | str | os.PathLike, out_dir: str | os.Path
         cfg = as_merge_config(config)
         lap("config")
         device = rank_device(check_options(out_dir, options), ranks)
-        plan = build_plan(cfg, options.allow_crimes, options.unsafe_truncate_embeddings, options.lora_merge_dtype)
+        plan = build_plan(cfg, options.allow_crimes, options.unsafe_truncate_embeddings, options.lora_merge_dtype,
+                          options.expert_layout)
         check_output_outside_inputs(out_dir, plan)
         check_donor_files(plan)
         check_chat_template_extra(plan, options)
@@ -240,11 +245,17 @@ def check_options(out_dir: str, options: MergeOptions) -> torch.device:
     check_output_dir(out_dir, options.overwrite)
     if options.direct_io not in DIRECT_IO_MODES:
         raise MergeEngineError(f"direct_io must be one of {', '.join(DIRECT_IO_MODES)}, not {options.direct_io!r}")
+    check_expert_layout(options.expert_layout)
     check_seed_and_lora_dtype(options.random_seed, options.lora_merge_dtype)
     device = resolve_device(options.device)
     if device.type == "cuda":
         check_gpu_backend_choice()
     return device
+
+
+def check_expert_layout(expert_layout) -> None:
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise MergeEngineError(f"expert_layout must be one of {', '.join(EXPERT_LAYOUTS)}, not {expert_layout!r}")
 
 
 def check_seed_and_lora_dtype(random_seed, lora_merge_dtype) -> None:

@@ -17,6 +17,7 @@ from merge_engine.dtypes import dtype_name
 from merge_engine.errors import CheckpointError, ConfigError
 from merge_engine.io import fishers
 from merge_engine.io.checkpoint import Checkpoint, split_layer_name
+from merge_engine.io.experts import with_expert_layout
 from merge_engine.io.grams import gram_folder
 from merge_engine.io.lora import CONV1D_MODEL_TYPES, open_model
 from merge_engine.parameters import Scope, resolve
@@ -104,15 +105,17 @@ class MergePlan:
         return [(j.out_name, j.out_dtype, j.shape) for j in self.jobs]
 
 
-def open_models(cfg: MergeConfig, lora_merge_dtype: torch.dtype | None = None
+def open_models(cfg: MergeConfig, lora_merge_dtype: torch.dtype | None = None, expert_layout: str = "fused"
                 ) -> tuple[dict[str, Checkpoint], dict[str, Checkpoint]]:
     """Open every referenced model and side-input folder (headers only); report all unreadable ones together.
-    lora_merge_dtype: what BASE+ADAPTER models are read in (io/lora.py: LoraCheckpoint)."""
+    lora_merge_dtype: what BASE+ADAPTER models are read in (io/lora.py: LoraCheckpoint). expert_layout: how MoE
+    experts are read (io/experts.py)."""
     models, side, problems = {}, {}, []
     side_kinds = _side_kinds(cfg)
     for ref, table in [(ref, models) for ref in cfg.referenced_models()] + [(p, side) for p in side_kinds]:
         try:
-            table[ref] = open_model(ref, lora_merge_dtype) if table is models else Checkpoint(ref)
+            table[ref] = (with_expert_layout(open_model(ref, lora_merge_dtype), expert_layout) if table is models
+                          else Checkpoint(ref))
             if table is side and "grams" in side_kinds[ref]:
                 gram_folder(ref)  # its manifest, checked against the stored Grams
             if table is side and "fisher" in side_kinds[ref]:
@@ -140,8 +143,8 @@ def _side_kinds(cfg: MergeConfig) -> dict[str, set[str]]:
 
 
 def build_plan(cfg: MergeConfig, allow_crimes: bool = False, truncate_vocabulary: bool = False,
-               lora_merge_dtype: torch.dtype | None = None) -> MergePlan:
-    plan = MergePlan(cfg, *open_models(cfg, lora_merge_dtype), truncate_vocabulary=truncate_vocabulary)
+               lora_merge_dtype: torch.dtype | None = None, expert_layout: str = "fused") -> MergePlan:
+    plan = MergePlan(cfg, *open_models(cfg, lora_merge_dtype, expert_layout), truncate_vocabulary=truncate_vocabulary)
     if cfg.tokenizer:
         plan.vocabulary = build_vocabulary(cfg.tokenizer, plan.models, cfg.referenced_models()[0])
     problems: list[str] = []

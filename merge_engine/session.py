@@ -54,6 +54,7 @@ from merge_engine.engine import (
 from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.extras import require
 from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.experts import FusedExperts
 from merge_engine.io.lora import LoraCheckpoint, update_dtype
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.plan import MergePlan, TensorJob, build_plan, resolve_parameters
@@ -137,7 +138,8 @@ def held_as(ckpt: Checkpoint, name: str, factored: bool, on_device: bool) -> lis
     host, where updates are applied) plus the adapter's tensors for it."""
     where = "device" if on_device else "host"
     info = ckpt.tensors[name]
-    if type(ckpt) is Checkpoint or (isinstance(ckpt, LoraCheckpoint) and name not in ckpt.targets):
+    stored = ckpt.inner if isinstance(ckpt, FusedExperts) else ckpt  # (its fused experts are read from the same files)
+    if type(stored) is Checkpoint or (isinstance(ckpt, LoraCheckpoint) and name not in ckpt.targets):
         return [((where, "file", ckpt.path, name, info.dtype), info.nbytes)]
     if factored and is_factored(ckpt, name):
         return [(("host", "file", ckpt.path, name, info.dtype), info.nbytes),

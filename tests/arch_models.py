@@ -41,6 +41,7 @@ ARCHITECTURES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {**DECODER, "num_local_experts": 4, "num_experts_per_tok": 2}),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {**DECODER, "head_dim": 8, "num_experts": 4,
                                                            "num_experts_per_tok": 2, "moe_intermediate_size": 16}),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {**DECODER, "num_experts": 4, "num_experts_per_tok": 2}),
 }
 
 

@@ -444,3 +444,16 @@ def test_the_work_space_counts_a_compute_dtype_wider_than_the_inputs(model_sets)
         out = math.prod(a.shape)
         assert work_bytes(a) == a.bytes_in + 2 * elements + 2 * out
         assert work_bytes(b) == b.bytes_in + 8 * elements + 6 * out
+
+
+def test_mixtral_session_holds_the_engine_fused_experts(folder_tensors, tmp_path):
+    # transformers 5's Mixtral holds each layer's experts fused: the session merges into them, as the engine writes
+    pytest.importorskip("transformers")
+    from tests.arch_models import make_architecture
+    base, *experts = make_architecture(str(tmp_path / "models"), "mixtral")
+    config = {"merge_method": "slerp", "base_model": base, "dtype": "float32", "parameters": {"t": [0.0, 0.3, 1.0]},
+              "models": [{"model": base}, {"model": experts[0]}]}
+    session = MergeSession(config, "cpu", progress=False)
+    ref = engine_tensors(config, tmp_path / "out", folder_tensors)
+    assert any(n.endswith("mlp.experts.gate_up_proj") for n in ref)
+    assert not differing(session.state_dict(), ref)

@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-merge-dtype", type=lora_merge_dtype, metavar="DTYPE",
                    help="read BASE+ADAPTER models cast to this dtype and merge their adapters in it, as mergekit's "
                         f"({', '.join(DTYPES)}; default: each base tensor's own dtype)")
+    p.add_argument("--expert-layout", choices=("fused", "checkpoint"), default="fused",
+                   help="MoE experts: fused (default) merged and written as transformers 5 holds them and mergekit "
+                        "writes them, one gate_up_proj and one down_proj per layer; checkpoint: one tensor per expert "
+                        "and projection, as the checkpoints store them")
     return p
 
 
@@ -107,7 +111,7 @@ def run(argv: list[str]) -> int:
                            overwrite=args.overwrite, prefetch=args.prefetch, direct_io=args.direct_io,
                            quiet=args.quiet, allow_crimes=args.allow_crimes,
                            unsafe_truncate_embeddings=args.unsafe_truncate_embeddings,
-                           lora_merge_dtype=args.lora_merge_dtype)
+                           lora_merge_dtype=args.lora_merge_dtype, expert_layout=args.expert_layout)
     with torchrun_group() as leader:
         started = time.perf_counter()
         # a step: under torchrun, a rank that refuses its config tells the others, who would otherwise wait for it

@@ -48,3 +48,17 @@ def test_direct_io_modes_give_the_default_output(model_sets, write_yaml, tmp_pat
 def test_direct_io_refuses_other_values(tmp_path):
     done = run(tmp_path / "c.yml", tmp_path / "out", "--direct-io", "yes")
     assert done.returncode == 2 and "--direct-io" in done.stderr and "invalid choice" in done.stderr
+
+
+@pytest.mark.parametrize("layout", ["fused", "checkpoint"])
+def test_expert_layout_chooses_the_output_names_of_moe_experts(write_yaml, tmp_path, layout):
+    from tests.io.test_experts import mixtral_tensors, write_model
+    folders = [write_model(tmp_path / f"m{i}", mixtral_tensors(i)) for i in range(2)]
+    config = write_yaml({"merge_method": "linear", "dtype": "float32",
+                         "models": [{"model": f, "parameters": {"weight": 0.5}} for f in folders]})
+    done = run(config, tmp_path / "out", "--expert-layout", layout, "-q")
+    assert done.returncode == 0, done.stderr
+    names = set(load_file(str(next((tmp_path / "out").glob("*.safetensors")))))
+    fused = "model.layers.1.mlp.experts.gate_up_proj" in names
+    assert fused == (layout == "fused")
+    assert ("model.layers.1.block_sparse_moe.experts.3.w3.weight" in names) == (layout == "checkpoint")

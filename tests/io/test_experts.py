@@ -1,0 +1,188 @@
+"""MoE experts read fused as transformers 5 holds them (io/experts.py)."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from merge_engine.errors import CheckpointError
+from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.experts import CONVERSIONS, conversion, with_expert_layout
+
+EXPERTS, HIDDEN, INNER = 4, 8, 6
+
+
+def mixtral_tensors(seed: int = 0, layers: int = 2) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = {"model.embed_tokens.weight": torch.randn(16, HIDDEN, generator=gen)}
+    for i in range(layers):
+        moe = f"model.layers.{i}.block_sparse_moe"
+        out[f"{moe}.gate.weight"] = torch.randn(EXPERTS, HIDDEN, generator=gen)
+        for e in range(EXPERTS):
+            for w, shape in (("w1", (INNER, HIDDEN)), ("w2", (HIDDEN, INNER)), ("w3", (INNER, HIDDEN))):
+                out[f"{moe}.experts.{e}.{w}.weight"] = torch.randn(shape, generator=gen)
+    return out
+
+
+def write_model(folder, tensors: dict[str, torch.Tensor], model_type: str = "mixtral") -> str:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"model_type": model_type, "architectures": ["MixtralForCausalLM"], "num_hidden_layers": 2}, f)
+    save_file(tensors, os.path.join(folder, "model.safetensors"))
+    return str(folder)
+
+
+def fused(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5's layout, built independently: gate (w1) then up (w3) rows per expert, experts stacked."""
+    out = {}
+    for name, t in tensors.items():
+        if ".experts." not in name:
+            out[name.replace(".block_sparse_moe.", ".mlp.")] = t
+    for i in range(2):
+        e = f"model.layers.{i}.block_sparse_moe.experts"
+        out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([tensors[f"{e}.{k}.w1.weight"], tensors[f"{e}.{k}.w3.weight"]]) for k in range(EXPERTS)])
+        out[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack(
+            [tensors[f"{e}.{k}.w2.weight"] for k in range(EXPERTS)])
+    return out
+
+
+def test_reads_mixtral_experts_fused(tmp_path):
+    tensors = mixtral_tensors()
+    ckpt = with_expert_layout(Checkpoint(write_model(tmp_path / "m", tensors)), "fused")
+    want = fused(tensors)
+    assert set(ckpt.tensors) == set(want)
+    for name, t in want.items():
+        assert ckpt.tensors[name].shape == tuple(t.shape) and ckpt.tensors[name].nbytes == t.nbytes
+        assert torch.equal(ckpt.read(name), t), name
+        pooled = ckpt.read_pooled(name, lambda n: torch.empty(n, dtype=torch.uint8))
+        assert torch.equal(pooled, t), name
+    assert ckpt.num_layers == 2
+
+
+def test_checkpoint_layout_and_other_models_read_as_stored(tmp_path):
+    tensors = mixtral_tensors()
+    plain = Checkpoint(write_model(tmp_path / "m", tensors))
+    assert with_expert_layout(plain, "checkpoint") is plain
+    other = Checkpoint(write_model(tmp_path / "l", {"model.layers.0.mlp.experts.0.w1.weight": torch.ones(2)}, "llama"))
+    assert with_expert_layout(other, "fused") is other
+
+
+def test_fused_folder_read_as_it_is(tmp_path):
+    # a mergekit output already holds transformers 5's names: nothing to fuse, nothing renamed
+    want = fused(mixtral_tensors())
+    ckpt = with_expert_layout(Checkpoint(write_model(tmp_path / "f", want)), "fused")
+    assert set(ckpt.tensors) == set(want)
+    assert all(torch.equal(ckpt.read(n), t) for n, t in want.items())
+
+
+def test_missing_expert_refused_by_name(tmp_path):
+    tensors = mixtral_tensors()
+    del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    folder = write_model(tmp_path / "m", tensors)
+    with pytest.raises(CheckpointError, match=r"experts\.2\.w3\.weight.*expert 2.*missing") as e:
+        with_expert_layout(Checkpoint(folder), "fused")
+    assert folder in str(e.value) and "model.layers.1.mlp.experts.gate_up_proj" in str(e.value)
+
+
+def test_experts_that_do_not_stack_refused(tmp_path):
+    tensors = mixtral_tensors()
+    tensors["model.layers.0.block_sparse_moe.experts.3.w2.weight"] = torch.zeros(HIDDEN, INNER + 1)
+    tensors["model.layers.1.block_sparse_moe.experts.1.w1.weight"] = torch.zeros(INNER, HIDDEN, dtype=torch.float16)
+    for broken in ("model.layers.0.block_sparse_moe.experts.3.w2.weight",
+                   "model.layers.1.block_sparse_moe.experts.1.w1.weight"):
+        only = {**mixtral_tensors(), broken: tensors[broken]}
+        with pytest.raises(CheckpointError, match=f"'{broken}'.*do not stack"):
+            with_expert_layout(Checkpoint(write_model(tmp_path / broken, only)), "fused")
+
+
+def test_fused_and_per_expert_names_together_refused(tmp_path):
+    tensors = mixtral_tensors()
+    tensors["model.layers.0.mlp.experts.down_proj"] = torch.zeros(EXPERTS, HIDDEN, INNER)
+    with pytest.raises(CheckpointError, match="model.layers.0.mlp.experts.down_proj"):
+        with_expert_layout(Checkpoint(write_model(tmp_path / "m", tensors)), "fused")
+
+
+def test_table_is_transformers_mapping():
+    # every model type whose transformers 5 conversion is renamings and expert stacking only, step for step: a
+    # transformers upgrade that changes one fails here
+    transformers = pytest.importorskip("transformers")
+    from transformers import conversion_mapping as cm
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    assert transformers.__version__.split(".")[0] == "5"
+
+    def steps(mapping):
+        out = []
+        for t in mapping or ():
+            sources, targets = tuple(t._original_source_patterns), tuple(t._original_target_patterns)
+            ops = [(type(o).__name__, getattr(o, "dim", None)) for o in getattr(t, "operations", ())]
+            if type(t) is WeightRenaming and len(sources) == len(targets) == 1:
+                out.append(("rename", sources[0], targets[0]))
+            elif (type(t) is WeightConverter and len(targets) == 1
+                  and ops == ([("MergeModulelist", 0)] if len(sources) == 1
+                              else [("MergeModulelist", 0), ("Concatenate", 1)])):
+                out.append(("fuse", sources, targets[0]))
+            else:
+                return None
+        return tuple(out) if any(kind == "fuse" for kind, *_ in out) else None
+
+    cm.get_checkpoint_conversion_mapping("mixtral")  # builds the registry
+    model_types = {k for k in set(CONFIG_MAPPING_NAMES) | set(cm._checkpoint_conversion_mapping_cache)
+                   if not k[0].isupper()}  # (class names are not model types)
+    theirs = {k: s for k in model_types if (s := steps(cm.get_checkpoint_conversion_mapping(k)))}
+    assert {k: tuple(CONVERSIONS[k]) for k in CONVERSIONS} == theirs
+    for model_type, table in CONVERSIONS.items():  # and each step renames as transformers renames
+        for ours, t in zip(conversion(model_type), cm.get_checkpoint_conversion_mapping(model_type)):
+            for source in ours.sources:
+                key = "model.layers.1." + source.replace("\\", "").replace("*", "3").lstrip("^.")
+                renamed, pattern = t.rename_source_key(key)
+                got = ours.apply(key)
+                assert (got[0] if got else key) == renamed, (model_type, key)
+
+
+def test_lora_adapter_on_experts_applied_into_the_fused_tensor(tmp_path):
+    from merge_engine.io.lora import open_model
+    from tests.lora_adapters import write_adapter
+    base = write_model(tmp_path / "m", mixtral_tensors())
+    write_adapter(str(tmp_path / "a"), base, targets=("w1", "w2", "q_proj"))
+    adapted = open_model(f"{base}+{tmp_path / 'a'}")
+    want = fused({name: adapted.read(name) for name in adapted.tensors})
+    ckpt = with_expert_layout(open_model(f"{base}+{tmp_path / 'a'}"), "fused")
+    assert not torch.equal(want["model.layers.0.mlp.experts.gate_up_proj"], fused(mixtral_tensors())[
+        "model.layers.0.mlp.experts.gate_up_proj"])
+    for name, t in want.items():
+        assert torch.equal(ckpt.read(name), t), name
+        assert torch.equal(ckpt.read_pooled(name, lambda n: torch.empty(n, dtype=torch.uint8)), t), name
+
+
+def test_fused_and_per_expert_inputs_merge_together(tmp_path, folder_tensors):
+    # a mergekit output (fused) merged with a per-expert checkpoint: the same as both per-expert
+    from merge_engine.config import parse_config
+    from merge_engine.engine import MergeOptions, merge
+    a, b = mixtral_tensors(0), mixtral_tensors(1)
+    per_expert = write_model(tmp_path / "a", a)
+    config = {"merge_method": "linear", "dtype": "float32",
+              "models": [{"model": per_expert, "parameters": {"weight": 0.3}},
+                         {"model": write_model(tmp_path / "b", b), "parameters": {"weight": 0.7}}]}
+    merge(parse_config(config), str(tmp_path / "both"), MergeOptions(quiet=True))
+    config["models"][1]["model"] = write_model(tmp_path / "b-fused", fused(b))
+    merge(parse_config(config), str(tmp_path / "mixed"), MergeOptions(quiet=True))
+    both, mixed = folder_tensors(tmp_path / "both"), folder_tensors(tmp_path / "mixed")
+    assert set(both) == set(mixed) == set(fused(a))
+    assert all(torch.equal(both[n], mixed[n]) for n in both)
+
+
+def test_nan_in_an_expert_is_blamed_on_the_fused_tensor_and_its_folder(tmp_path):
+    from merge_engine.config import parse_config
+    from merge_engine.engine import MergeOptions, merge
+    from merge_engine.errors import MergeEngineError
+    bad = mixtral_tensors(1)
+    bad["model.layers.1.block_sparse_moe.experts.2.w2.weight"][0, 0] = float("nan")
+    folder = write_model(tmp_path / "bad", bad)
+    config = {"merge_method": "linear", "dtype": "float32",
+              "models": [{"model": write_model(tmp_path / "a", mixtral_tensors(0)), "parameters": {"weight": 0.5}},
+                         {"model": folder, "parameters": {"weight": 0.5}}]}
+    with pytest.raises(MergeEngineError, match=rf"{folder}: tensor 'model.layers.1.mlp.experts.down_proj'.*NaN"):
+        merge(parse_config(config), str(tmp_path / "out"), MergeOptions(quiet=True))
