@@ -54,6 +54,11 @@ def layer_of(name: str) -> int | None:
     return split[1] if split else OUTSIDE_LAYERS
 
 
+MIXED_EXPERT_LAYOUTS = ("; a mixture-of-experts model's experts are one tensor per expert in one of the two and fused "
+                        "(transformers 5's layout, which merges write by default) in the other: merge with "
+                        "--expert-layout checkpoint to keep the checkpoint's")
+
+
 def candidates(base: Checkpoint, tuned: Checkpoint, selection: Selection) -> list[str]:
     """Floating-point tensors the name filters keep, checked to match between the two checkpoints (in file order)."""
     names = [n for n in sorted(tuned.tensors, key=lambda n: (tuned.tensors[n].file, tuned.tensors[n].data_start))
@@ -61,7 +66,8 @@ def candidates(base: Checkpoint, tuned: Checkpoint, selection: Selection) -> lis
     missing = [n for n in names if n not in base.tensors]
     if missing:
         raise CheckpointError(f"{tuned.path}: tensor '{missing[0]}' is not in the base {base.path}"
-                              + (f" (nor are {len(missing) - 1} more)" if len(missing) > 1 else ""))
+                              + (f" (nor are {len(missing) - 1} more)" if len(missing) > 1 else "")
+                              + (MIXED_EXPERT_LAYOUTS if any(".experts." in n for n in missing) else ""))
     for n in names:
         b, t = base.tensors[n], tuned.tensors[n]
         if (b.shape, b.dtype) != (t.shape, t.dtype):

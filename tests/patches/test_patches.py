@@ -370,3 +370,15 @@ def test_extract_stores_a_sign_flip_of_zero_and_refuses_nan(bf16, tmp_path):
     with pytest.raises(CheckpointError, match=f"tensor '{name}': the fine-tune's difference from the base holds 1 NaN"):
         extract_patch(b, t, str(tmp_path / "pn"))
     assert not os.path.exists(tmp_path / "pn")
+
+
+def test_a_fused_moe_merge_against_its_per_expert_base_is_refused_with_the_layout_named(tmp_path):
+    # a merge writes MoE experts fused by default: extracting it against a per-expert base names the layouts
+    from tests.io.test_experts import mixtral_tensors, write_model
+    base = write_model(tmp_path / "base", mixtral_tensors(0))
+    config = {"merge_method": "linear", "dtype": "float32",
+              "models": [{"model": base, "parameters": {"weight": 0.5}},
+                         {"model": write_model(tmp_path / "other", mixtral_tensors(1)), "parameters": {"weight": 0.5}}]}
+    merge(parse_config(config), str(tmp_path / "merged"), MergeOptions(quiet=True))
+    with pytest.raises(CheckpointError, match="experts.*--expert-layout checkpoint"):
+        extract_patch(base, str(tmp_path / "merged"), str(tmp_path / "patch"))
