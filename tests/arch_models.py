@@ -42,6 +42,10 @@ ARCHITECTURES = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {**DECODER, "head_dim": 8, "num_experts": 4,
                                                            "num_experts_per_tok": 2, "moe_intermediate_size": 16}),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {**DECODER, "num_experts": 4, "num_experts_per_tok": 2}),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", {**DECODER, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {**DECODER, "num_experts": 4, "num_experts_per_tok": 2,
+                                                           "moe_intermediate_size": 16,
+                                                           "shared_expert_intermediate_size": 32}),
 }
 
 

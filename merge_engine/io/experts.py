@@ -11,7 +11,7 @@ folder that already holds the fused names (a mergekit output) is read as it is, 
 
 The table is transformers 5's mapping for those model types (tests/io/test_experts.py checks it against
 transformers), kept here because transformers is an optional dependency. Model types whose conversion does more
-(transposes: qwen3_vl_moe; splits: granitemoe) keep the checkpoint's layout.
+(qwen3_vl_moe transposes its experts) keep the checkpoint's layout.
 """
 from __future__ import annotations
 
