@@ -186,3 +186,18 @@ def test_nan_in_an_expert_is_blamed_on_the_fused_tensor_and_its_folder(tmp_path)
                          {"model": folder, "parameters": {"weight": 0.5}}]}
     with pytest.raises(MergeEngineError, match=rf"{folder}: tensor 'model.layers.1.mlp.experts.down_proj'.*NaN"):
         merge(parse_config(config), str(tmp_path / "out"), MergeOptions(quiet=True))
+
+
+def test_patch_on_experts_applied_into_the_fused_tensor(tmp_path):
+    from merge_engine.io.lora import open_model
+    from merge_engine.patches import extract_patch
+    base = write_model(tmp_path / "m", mixtral_tensors(0))
+    tuned = {n: t + 0.01 * torch.randn(t.shape, generator=torch.Generator().manual_seed(5))
+             for n, t in mixtral_tensors(0).items()}
+    extract_patch(base, write_model(tmp_path / "t", tuned), str(tmp_path / "p"))
+    patched = open_model(f"{base}+{tmp_path / 'p'}")
+    want = fused({name: patched.read(name) for name in patched.tensors})
+    ckpt = with_expert_layout(open_model(f"{base}+{tmp_path / 'p'}"), "fused")
+    assert torch.equal(want["model.layers.1.mlp.experts.down_proj"], fused(tuned)["model.layers.1.mlp.experts.down_proj"])
+    for name, t in want.items():
+        assert torch.equal(ckpt.read_pooled(name, lambda n: torch.empty(n, dtype=torch.uint8)), t), name
