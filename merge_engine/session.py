@@ -30,8 +30,10 @@ LoRA inputs (`BASE+ADAPTER`) are held one of two ways, which the memory plan cho
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -527,7 +529,18 @@ def output_config(plan: MergePlan):
     if not settings.get("model_type"):
         raise MergeEngineError(f"{plan.donor.path}: config.json has no model_type; a session needs it to build the "
                                "live model")
-    return transformers.AutoConfig.for_model(settings.pop("model_type"), **settings)
+    # read back from the file the engine writes, as from_pretrained reads it (transformers 5 writes an infinite
+    # float as {"__float__": "Infinity"}, which only its JSON reading decodes)
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(settings, f)
+        try:
+            return transformers.AutoConfig.from_pretrained(folder)
+        except Exception as e:  # transformers' errors vary by release and model (ValueError, strict dataclass errors)
+            raise MergeEngineError(f"{plan.donor.path}: transformers {transformers.__version__} cannot build the "
+                                   f"output's config from this config.json, which a session needs for its live model "
+                                   f"({type(e).__name__}: {e}); `merge-engine CONFIG OUT` writes the merge "
+                                   "without it") from None
 
 
 def output_dtype(plan: MergePlan) -> torch.dtype:
@@ -565,8 +578,9 @@ def merge_targets(model: torch.nn.Module, plan: MergePlan) -> dict[str, torch.Te
     the model uses the first, as transformers does when it loads a tied model."""
     held = model.state_dict(keep_vars=True)
     problems, targets, storages = [], {}, set()
+    loaded_as = loaded_names(model, [name for name, _, _ in plan.entries()], held)
     for name, dtype, shape in plan.entries():
-        tensor = held.get(name)
+        tensor = held.get(loaded_as[name])
         if tensor is None:
             problems.append(f"'{name}' is an output of the merge but not a tensor of {type(model).__name__}")
         elif tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
@@ -584,6 +598,24 @@ def merge_targets(model: torch.nn.Module, plan: MergePlan) -> dict[str, torch.Te
         raise MergeEngineError(f"the live model and the merge's outputs differ: {'; '.join(problems[:10])}"
                                + (f"; ... and {len(problems) - 10} more" if len(problems) > 10 else ""))
     return targets
+
+
+def loaded_names(model: torch.nn.Module, names: list[str], held: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Checkpoint tensor name -> the model's name for it, as from_pretrained renames the checkpoint's tensors
+    (transformers 5's conversion mapping: GPT-NeoX's embed_out is lm_head, Qwen2-VL's model.layers are
+    model.language_model.layers; save_pretrained writes the checkpoint's names). Renamings only: tensors that
+    loading converts (fuses) keep their names."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4: the model's names are the checkpoint's
+        return {name: name for name in names}
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    out = {}
+    for name in names:
+        renamed = rename_source_key(name, renamings, [], model.base_model_prefix, held)[0]
+        out[name] = renamed if renamed in held or name not in held else name  # as loading falls back to the name
+    return out
 
 
 __all__ = ["MemoryPlan", "MemoryPlanError", "MergeSession", "MergeStep", "plan_memory"]

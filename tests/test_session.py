@@ -457,3 +457,57 @@ def test_mixtral_session_holds_the_engine_fused_experts(folder_tensors, tmp_path
     ref = engine_tensors(config, tmp_path / "out", folder_tensors)
     assert any(n.endswith("mlp.experts.gate_up_proj") for n in ref)
     assert not differing(session.state_dict(), ref)
+
+
+def loaded_state(folder) -> dict[str, torch.Tensor]:
+    """The model transformers loads from a folder (its class from config.json): parameters and buffers."""
+    import json
+    transformers = pytest.importorskip("transformers")
+    arch = json.loads(open(os.path.join(folder, "config.json")).read())["architectures"][0]
+    return getattr(transformers, arch).from_pretrained(str(folder)).state_dict()
+
+
+@pytest.mark.parametrize("maker", ["make_qwen2_vl", "make_mistral3"])
+def test_checkpoint_names_that_transformers_renames_when_loading(maker, folder_tensors, tmp_path):
+    """transformers 5 loads Qwen2-VL's model.layers as model.language_model.layers and Mistral 3's
+    language_model.model as model.language_model (its conversion mapping), and saves them back under the
+    checkpoint's names: the live model holds each output tensor where loading the engine's output puts it."""
+    from tests import stacked_models
+    base, e1, e2 = getattr(stacked_models, maker)(str(tmp_path / "models"))
+    config = {"merge_method": "ties", "base_model": base, "dtype": "float32", "models": [
+        {"model": e1, "parameters": {"weight": 0.6, "density": 0.5}}, {"model": e2, "parameters": {"weight": 0.4}}]}
+    session = MergeSession(config, "cpu", progress=False)
+    assert not differing(session.state_dict(), engine_tensors(config, tmp_path / "a", folder_tensors))
+    assert not differing(session.model.state_dict(), loaded_state(tmp_path / "a"))
+    session.save(str(tmp_path / "saved"), MergeOptions(quiet=True, copy_tokenizer=False))
+    assert not differing(folder_tensors(tmp_path / "saved"), folder_tensors(tmp_path / "a"))
+
+
+def test_a_config_json_with_infinite_floats(folder_tensors, tmp_path):
+    """transformers 5 writes GraniteMoeHybrid's time_step_limit (0, inf) as [0.0, {"__float__": "Infinity"}]: the
+    live model's config reads it as loading the output does."""
+    from tests.arch_models import make_architecture
+    base, e1, e2 = make_architecture(str(tmp_path / "models"), "granitemoehybrid")
+    assert "__float__" in open(os.path.join(base, "config.json")).read()
+    config = {"merge_method": "task_arithmetic", "base_model": base, "dtype": "float32",
+              "models": [{"model": e, "parameters": {"weight": 0.5}} for e in (e1, e2)]}
+    session = MergeSession(config, "cpu", progress=False)
+    assert tuple(session.model.config.time_step_limit) == (0.0, math.inf)
+    assert not differing(session.state_dict(), engine_tensors(config, tmp_path / "a", folder_tensors))
+    assert not differing(session.model.state_dict(), loaded_state(tmp_path / "a"))
+
+
+def test_a_config_transformers_cannot_build_is_refused_naming_the_command(model_sets, tmp_path):
+    import json
+    import shutil
+    base, *experts = model_sets("llama")
+    donor = tmp_path / "donor"
+    shutil.copytree(experts[0], donor)
+    settings = json.loads((donor / "config.json").read_text())
+    (donor / "config.json").write_text(json.dumps({**settings, "num_attention_heads": "four"}))
+    config = {"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": str(donor), "parameters": {"weight": 1.0}}, {"model": experts[1], "parameters": {"weight": 1.0}}]}
+    with pytest.raises(MergeEngineError, match=r"(?s)cannot build the output's config .*num_attention_heads.*"
+                                               r"`merge-engine CONFIG OUT` writes the merge"):
+        MergeSession(config, "cpu", progress=False)
+
