@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tempfile
 import threading
 import time
@@ -402,7 +403,8 @@ class MergeSession:
     # ---- output ----
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The merged tensors by output name (views of the live model's storage where it holds them)."""
+        """The merged tensors by output name (views of the live model's storage where it holds them), in the
+        merge's dtype but for those transformers keeps in float32 (kept_in_fp32), which hold its values so."""
         return dict(self._targets)
 
     def tokenizer(self):
@@ -425,8 +427,8 @@ class MergeSession:
         writer = ShardedWriter(out_dir, plan.entries(), options.out_shard_size, options.overwrite,
                                direct=options.direct_io != "off")
         try:
-            for name, _, _ in plan.entries():
-                writer.write(name, self._targets[name])
+            for name, dtype, _ in plan.entries():
+                writer.write(name, self._targets[name].to(dtype))  # (tensors kept in float32: exact)
             write_side_files(plan, writer, options)
             for name, content in (extra_files or {}).items():
                 writer.add_file(name, content)
@@ -559,7 +561,19 @@ def live_model(plan: MergePlan, device: torch.device) -> torch.nn.Module:
     with _no_init_weights(transformers), torch.device(device):
         model = cls._from_config(config, dtype=output_dtype(plan)) if hasattr(cls, "_from_config") else cls.from_config(config)
     model.tie_weights()  # as from_pretrained does (the tied tensors share one storage)
+    for tensor in kept_in_fp32(model, output_dtype(plan)).values():
+        tensor.data = tensor.data.float()
     return model.eval().requires_grad_(False)
+
+
+def kept_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's tensors (by name) that from_pretrained loads in float32 in a model of this dtype, its dtype plan
+    (_keep_in_fp32_modules: T5's wo in a float16 model; _keep_in_fp32_modules_strict, in bfloat16 too): the live
+    model holds them so, to compute as the loaded output does. Matched as transformers 5 matches them."""
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    patterns = [re.compile(key.replace("*", ".*")) for key, kept in plan.items() if kept == torch.float32]
+    return {name: t for name, t in model.state_dict(keep_vars=True).items()
+            if t.is_floating_point() and any(p.search(name) for p in patterns)}
 
 
 def _no_init_weights(transformers):
@@ -577,13 +591,14 @@ def merge_targets(model: torch.nn.Module, plan: MergePlan) -> dict[str, torch.Te
     name the model ties to an earlier one (lm_head to the embeddings) gets a tensor of its own, for save():
     the model uses the first, as transformers does when it loads a tied model."""
     held = model.state_dict(keep_vars=True)
+    upcast = kept_in_fp32(model, output_dtype(plan))
     problems, targets, storages = [], {}, set()
     loaded_as = loaded_names(model, [name for name, _, _ in plan.entries()], held)
     for name, dtype, shape in plan.entries():
         tensor = held.get(loaded_as[name])
         if tensor is None:
             problems.append(f"'{name}' is an output of the merge but not a tensor of {type(model).__name__}")
-        elif tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+        elif tuple(tensor.shape) != tuple(shape) or tensor.dtype != (torch.float32 if loaded_as[name] in upcast else dtype):
             problems.append(f"'{name}': the merge gives {dtype} {list(shape)}, {type(model).__name__} has "
                             f"{tensor.dtype} {list(tensor.shape)}")
         elif tensor.data_ptr() in storages:

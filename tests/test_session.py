@@ -511,3 +511,28 @@ def test_a_config_transformers_cannot_build_is_refused_naming_the_command(model_
                                                r"`merge-engine CONFIG OUT` writes the merge"):
         MergeSession(config, "cpu", progress=False)
 
+
+def test_modules_transformers_keeps_in_float32_are_held_so(folder_tensors, tmp_path):
+    """T5 keeps its feed-forward output (wo) in float32 in a float16 model (_keep_in_fp32_modules), as loading the
+    output does: the live model computes as the loaded output, and save() writes the float16 merge."""
+    transformers = pytest.importorskip("transformers")
+    from tests.stacked_models import make_t5
+    base, e1, e2 = make_t5(str(tmp_path / "models"))
+    config = {"merge_method": "ties", "base_model": base, "dtype": "float16", "models": [
+        {"model": e1, "parameters": {"weight": 0.6, "density": 0.5}}, {"model": e2, "parameters": {"weight": 0.4}}]}
+    session = MergeSession(config, "cpu", progress=False)
+    engine = engine_tensors(config, tmp_path / "a", folder_tensors)
+    live = session.state_dict()
+    kept = [n for n, t in live.items() if t.dtype == torch.float32]
+    assert kept and all(".wo." in n for n in kept)
+    assert not differing({n: t.to(engine[n].dtype) for n, t in live.items()}, engine)
+    assert not differing(session.model.state_dict(), loaded_state(tmp_path / "a"))
+    loaded = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path / "a")).eval()
+    tokens = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(session.model(input_ids=tokens, decoder_input_ids=tokens).logits,
+                           loaded(input_ids=tokens, decoder_input_ids=tokens).logits)
+    other = shifted(config)
+    session.merge(other)
+    session.save(str(tmp_path / "saved"), MergeOptions(quiet=True, copy_tokenizer=False))
+    assert not differing(folder_tensors(tmp_path / "saved"), engine_tensors(other, tmp_path / "b", folder_tensors))
