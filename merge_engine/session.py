@@ -202,9 +202,9 @@ def plan_memory(plan: MergePlan, device: torch.device, placement: str = "auto",
     free = free if free is not None else {"host": free_memory(torch.device("cpu")),
                                           **({str(device): free_memory(device)} if device.type == "cuda" else {})}
     has_lora = any(is_factored(ckpt, name) for job in plan.jobs for ckpt, name in job.inputs)
+    modes = ("applied", "factored") if has_lora else ("applied",)
     candidates = [_candidate(plan, device, p, m, model, largest, evaluation)
-                  for m in (("applied", "factored") if has_lora else ("applied",))
-                  for p in (("device",) if device.type == "cpu" else ("device", "host"))]
+                  for m in modes for p in (("device",) if device.type == "cpu" else ("device", "host"))]
     def fits(p: MemoryPlan) -> bool:
         return all(need <= free.get(where, 0) for where, need in p.needs().items())
     wanted = [p for p in candidates if placement in ("auto", p.placement) and (lora in ("auto", p.lora) or not has_lora)]
@@ -213,10 +213,14 @@ def plan_memory(plan: MergePlan, device: torch.device, placement: str = "auto",
             return p
     lines = [f"{p.describe()} needs " + ", ".join(f"{v / GB:.3g} GB {k}" for k, v in p.needs().items()) for p in wanted]
     others = [p.describe() for p in candidates if p not in wanted and fits(p)]
+    # a GPU too small for the live model: the whole session in host memory, where it may fit
+    on_host = [p for p in (_candidate(plan, torch.device("cpu"), "device", m, model, largest, evaluation) for m in modes)
+               if device.type == "cuda" and fits(p)]
     hint = (f"{others[0]} would fit" if others else
             "a smaller evaluation batch_size would fit" if any(fits(dataclasses.replace(p, evaluation_bytes=0))
                                                                for p in wanted) else
-            "merge to disk with `merge-engine` instead (it streams), or use a device with more memory")
+            "device='cpu'" + (", lora='factored'" if on_host[0].lora == "factored" else "") + " would fit (slower)"
+            if on_host else "merge to disk with `merge-engine` instead (it streams), or use a device with more memory")
     evaluating = f", evaluation {evaluation / GB:.3g} GB" if evaluation else ""
     raise MemoryPlanError("the merge session does not fit in memory: " + "; ".join(lines) + " (inputs "
                           f"{input_bytes(plan.jobs) / GB:.3g} GB read once, live model {model / GB:.3g} GB, work "

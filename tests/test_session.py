@@ -324,6 +324,20 @@ def test_memory_plan_refuses_what_cannot_fit_and_names_what_would(model_sets):
         plan_memory(plan, torch.device("cpu"), "host", free={"host": 10 * inputs})
 
 
+
+def test_a_gpu_too_small_for_the_live_model_names_the_cpu_when_host_memory_holds_the_session(model_sets):
+    base, *experts = model_sets("llama")
+    plan = build_plan(parse_config({"merge_method": "linear", "models": [{"model": e, "parameters": {"weight": 1.0}}
+                                                                        for e in experts]}))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    roomy = plan_memory(plan, cuda, free={"cuda": 10**12, "host": 10**12})
+    small_gpu = {"cuda": roomy.model_bytes // 2, "host": plan_memory(plan, cpu, free={"host": 10**12}).needs()["host"]}
+    with pytest.raises(MemoryPlanError, match="device='cpu' would fit"):
+        plan_memory(plan, cuda, free=small_gpu)
+    assert plan_memory(plan, cpu, free={"host": small_gpu["host"]})  # what it names fits
+    with pytest.raises(MemoryPlanError, match="merge to disk"):  # and where the host cannot hold it either
+        plan_memory(plan, cuda, free={**small_gpu, "host": small_gpu["host"] - 1})
+
 def test_the_memory_plan_keeps_room_for_evaluating_the_live_model(model_sets):
     base, *experts = model_sets("llama")
     plan = build_plan(parse_config({"merge_method": "linear", "models": [{"model": e, "parameters": {"weight": 1.0}}
