@@ -20,6 +20,7 @@ import torch
 from common import BACKENDS, interleaved_best, kernel_backend, machine, parse_count
 
 from merge_engine import ops
+from merge_engine.ops.gram import _accumulate_with
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,12 +41,13 @@ def other_load(fn):
     return result, max(0.0, others) / (time.perf_counter() - start)
 
 
-def time_case(d, tokens, dtype, device, repeat, gen):
-    """Seconds of accumulate_gram, of mirror_upper_ and of the matrix product, for one shape and dtype."""
+def time_case(backend, d, tokens, dtype, device, repeat, gen):
+    """Seconds of accumulate_gram (on `backend`, which --backend picks), of mirror_upper_ and of the matrix
+    product, for one shape and dtype."""
     x = torch.randn(tokens, d, generator=gen).to(dtype).to(device)
     x32 = x.float()
     gram = torch.zeros(d, d, device=device)
-    return interleaved_best([lambda: ops.accumulate_gram(gram, x), lambda: ops.mirror_upper_(gram),
+    return interleaved_best([lambda: _accumulate_with(backend, gram, x, None), lambda: ops.mirror_upper_(gram),
                              lambda: torch.mm(x32.T, x32)], device, repeat)
 
 
@@ -75,7 +77,7 @@ def main() -> None:
     tokens = parse_count(args.tokens)
     for d in map(parse_count, args.dims.split(",")):
         for name in args.dtypes.split(","):
-            row(d, tokens, name, *other_load(lambda: time_case(d, tokens, DTYPES[name], device, args.repeat, gen)))
+            row(d, tokens, name, *other_load(lambda: time_case(backend, d, tokens, DTYPES[name], device, args.repeat, gen)))
 
 
 if __name__ == "__main__":
