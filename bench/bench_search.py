@@ -52,12 +52,10 @@ def trial_configs(paths: list[str], n: int) -> list[dict]:
             for _ in range(n)]
 
 
-def read_bandwidth(nbytes: int = 2 << 30, repeats: int = 3) -> float:
-    """GB/s of a streaming read: an integer sum over nbytes (memory-bound on any CPU this runs on)."""
-    x = torch.ones(nbytes // 8, dtype=torch.int64)
-    x.sum()
-    best = min(_timed(x.sum) for _ in range(repeats))
-    return nbytes / best / GB
+def read_bandwidth(device: torch.device, nbytes: int = 2 << 30, repeats: int = 3) -> float:
+    """GB/s of a streaming read on the device: an integer sum over nbytes (memory-bound on any CPU or GPU)."""
+    x = torch.ones(nbytes // 8, dtype=torch.int64, device=device)
+    return nbytes / common.best_time(x.sum, device, repeats) / GB
 
 
 def _timed(fn) -> float:
@@ -195,7 +193,7 @@ def print_trials(a, objective, read_gbps, copy_gbps, opened, session_rows, round
     print(f"## Merge search: seconds per trial, TIES over a llama-L{a.layers}-H{a.hidden}-I{a.intermediate}-V{a.vocab} "
           f"(bf16) base + 3 experts, {a.device}\n")
     print(common.machine(torch.device(a.device)))
-    print(f"- memory read bandwidth (int64 sum over 2 GiB): {read_gbps:.1f} GB/s; copy bandwidth (read + write): "
+    print(f"- {a.device} memory read bandwidth (int64 sum over 2 GiB): {read_gbps:.1f} GB/s; copy bandwidth (read + write): "
           f"{copy_gbps:.1f} GB/s")
     print(f"- validation: {a.questions} questions x {a.choices} choices, {objective.tokens()} tokens per evaluation; "
           f"{a.trials} trials per approach, every tensor merged again each trial")
@@ -255,7 +253,9 @@ def main() -> None:
     val = write_questions(os.path.join(root, "val.jsonl"), a.questions, a.choices)
     objective = MultipleChoice(val, transformers.AutoTokenizer.from_pretrained(paths[0]))
     configs = trial_configs(paths, a.trials)
-    read_gbps, copy_gbps = read_bandwidth(), common.copy_bandwidth(torch.device("cpu"), 3)
+    # on the device that merges: a GPU session holds the small model's inputs in the GPU's memory
+    device = torch.device(a.device)
+    read_gbps, copy_gbps = read_bandwidth(device), common.copy_bandwidth(device, 3)
 
     opened, session_rows = session_trials(configs, objective, a.device)
     out = os.path.join(root, "search_trial_out")
