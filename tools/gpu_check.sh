@@ -17,12 +17,15 @@ stage=${1:-tests}
 
 { nvidia-smi -L; $PY -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"; } 2>&1 | tee "$OUT/device.txt"
 
+# every stage: a bench stage on a fresh machine (the tests stage's machine went back) builds too, rather than
+# failing to import merge_engine or timing the references under --backend cuda
+start=$SECONDS
+$PY -c "import merge_engine._cuda_kernels" 2>/dev/null ||
+  $PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -5 | tee "$OUT/install.txt"
+$PY -c "from merge_engine.ops import backends; import sys; sys.exit((backends.cpu_extension() is None) + 2 * (backends.cuda_extension() is None))"
+echo "extensions built: exit $? in $((SECONDS - start)) s (1: CPU failed, 2: CUDA failed)" | tee "$OUT/build.txt"
+
 if [ "$stage" = tests ]; then
-  start=$SECONDS
-  $PY -c "import merge_engine._cuda_kernels" 2>/dev/null ||
-    $PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -5 | tee "$OUT/install.txt"
-  $PY -c "from merge_engine.ops import backends; import sys; sys.exit((backends.cpu_extension() is None) + 2 * (backends.cuda_extension() is None))"
-  echo "extensions built: exit $? in $((SECONDS - start)) s (1: CPU failed, 2: CUDA failed)" | tee "$OUT/build.txt"
   $PY -m pytest -q -ra -p no:cacheprovider tests/csrc/test_cuda_kernels.py tests/kernels tests/triton_kernels 2>&1 | tee "$OUT/tests.txt"
   for backend in cuda triton reference; do  # the whole engine on each GPU backend (MERGE_ENGINE_GPU_BACKEND)
     MERGE_ENGINE_GPU_BACKEND=$backend $PY -m pytest -q -ra -p no:cacheprovider \
