@@ -308,7 +308,8 @@ def tuned_bmm(bench: Bench, cfg: dict, s: Settings) -> Row:
                       granularity="block", seed=s.seed, progress=False)
     state = run_merge(bench, "bmm-tuned", result.config)
     lambdas = ", ".join(f"{g.split()[-1]}: {lam:.3g}" for g, lam in sorted(result.group_lambdas.items()))
-    return Row("bmm, tune_bmm", f"{result.trials} trials, block lambdas {{{lambdas}}}", result.score,
+    chosen = f"block lambdas {{{lambdas}}}" if lambdas else "the config's lambda (no trial beat it)"
+    return Row("bmm, tune_bmm", f"{result.trials} trials, {chosen}", result.score,
                scores(bench, state, "test"), time.perf_counter() - start)
 
 
