@@ -319,6 +319,9 @@ class FusedExperts(Checkpoint):
             at += info.numel
         return out
 
+    def check_unchanged(self) -> None:
+        self.inner.check_unchanged()  # (the inner checkpoint opened and read the files)
+
     def close(self) -> None:
         super().close()
         if hasattr(self, "inner"):

@@ -201,3 +201,19 @@ def test_patch_on_experts_applied_into_the_fused_tensor(tmp_path):
     assert torch.equal(want["model.layers.1.mlp.experts.down_proj"], fused(tuned)["model.layers.1.mlp.experts.down_proj"])
     for name, t in want.items():
         assert torch.equal(ckpt.read_pooled(name, lambda n: torch.empty(n, dtype=torch.uint8)), t), name
+
+
+def test_a_file_rewritten_while_its_experts_are_read_is_caught(tmp_path):
+    # the fused tensors are read through the inner checkpoint, whose descriptors check_unchanged must see
+    folder = write_model(tmp_path / "m", mixtral_tensors())
+    ckpt = with_expert_layout(Checkpoint(folder), "fused")
+    ckpt.read("model.layers.0.mlp.experts.down_proj")
+    ckpt.check_unchanged()  # read, not written: nothing to say
+    path = os.path.join(folder, "model.safetensors")
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(st.st_size - 4)
+        f.write(b"\0" * 4)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # whatever the clock's resolution
+    with pytest.raises(CheckpointError, match="model.safetensors: the file changed while it was being read"):
+        ckpt.check_unchanged()
