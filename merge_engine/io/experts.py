@@ -302,20 +302,26 @@ class FusedExperts(Checkpoint):
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         if name not in self.fused:
             return self.inner.read(self.sources[name][0], out)
-        return self._fill(name, read_buffer(name, self.tensors[name], out))
+        return self._fill(name, read_buffer(name, self.tensors[name], out), "off")
 
     def read_pooled(self, name: str, take_bytes: Callable[[int], torch.Tensor], direct_io: str = "auto") -> torch.Tensor:
         if name not in self.fused:
             return self.inner.read_pooled(self.sources[name][0], take_bytes, direct_io)
         info = self.tensors[name]
-        return self._fill(name, take_bytes(info.nbytes)[:info.nbytes].view(info.dtype).view(info.shape))
+        return self._fill(name, take_bytes(info.nbytes)[:info.nbytes].view(info.dtype).view(info.shape), direct_io)
 
-    def _fill(self, name: str, out: torch.Tensor) -> torch.Tensor:
-        """Each source read into its place in out (contiguous: the sources' bytes one after another)."""
-        flat, at = out.view(-1), 0
+    def _fill(self, name: str, out: torch.Tensor, direct_io: str) -> torch.Tensor:
+        """Each source read into its place in out (contiguous: the sources' bytes one after another). Unless
+        direct_io is "off", each is read as the inner checkpoint's pooled reads read it (O_DIRECT, where they read
+        so, needs a block-aligned window that its place in out is not) into scratch buffers, then copied."""
+        flat, at, scratch = out.view(-1), 0, _Scratch()
         for src in self.sources[name]:
             info = self.inner.tensors[src]
-            self.inner.read(src, flat[at:at + info.numel].view(info.shape))
+            place = flat[at:at + info.numel].view(info.shape)
+            if direct_io == "off":
+                self.inner.read(src, place)
+            else:
+                place.copy_(self.inner.read_pooled(src, scratch.restart(), direct_io))
             at += info.numel
         return out
 
@@ -329,6 +335,27 @@ class FusedExperts(Checkpoint):
 
     def __repr__(self) -> str:
         return f"FusedExperts({self.inner!r}, {len(self.fused)} fused tensors)"
+
+
+class _Scratch:
+    """Buffers for one pooled read, reused by the next: its k-th take gets the k-th buffer (a read may take two,
+    the second a copy of the first, which must not overlap it)."""
+
+    def __init__(self):
+        self.buffers: list[torch.Tensor] = []
+        self.taken = 0
+
+    def restart(self) -> Callable[[int], torch.Tensor]:
+        self.taken = 0
+        return self.take
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        k, self.taken = self.taken, self.taken + 1
+        if k == len(self.buffers):
+            self.buffers.append(torch.empty(0, dtype=torch.uint8))
+        if self.buffers[k].numel() < nbytes:
+            self.buffers[k] = torch.empty(nbytes, dtype=torch.uint8)
+        return self.buffers[k][:nbytes]
 
 
 def with_expert_layout(ckpt: Checkpoint, layout: str) -> Checkpoint:

@@ -217,3 +217,49 @@ def test_a_file_rewritten_while_its_experts_are_read_is_caught(tmp_path):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # whatever the clock's resolution
     with pytest.raises(CheckpointError, match="model.safetensors: the file changed while it was being read"):
         ckpt.check_unchanged()
+
+
+@pytest.mark.parametrize("direct_io", ["on", "off"])
+def test_fused_experts_read_as_direct_io_says(tmp_path, monkeypatch, direct_io):
+    # the experts are most of a MoE model's bytes: --direct-io on reads them with O_DIRECT too, off plainly
+    import fcntl
+    tensors = mixtral_tensors()
+    ckpt = with_expert_layout(Checkpoint(write_model(tmp_path / "m", tensors)), "fused")
+    if ckpt.inner._direct_fd(ckpt.inner.tensors["model.embed_tokens.weight"].file) is None:
+        pytest.skip("this test needs a filesystem that opens files with O_DIRECT")
+    direct_reads, real_preadv = [], os.preadv
+
+    def preadv(fd, buffers, offset):
+        direct_reads.append(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT))
+        return real_preadv(fd, buffers, offset)
+    monkeypatch.setattr(os, "preadv", preadv)
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    got = ckpt.read_pooled(name, lambda n: torch.empty(n, dtype=torch.uint8), direct_io)
+    assert torch.equal(got, fused(tensors)[name])
+    assert direct_reads and all(direct_reads) == (direct_io == "on") and any(direct_reads) == (direct_io == "on")
+
+
+@pytest.mark.parametrize("o_direct", [True, False])
+def test_lora_adapter_read_in_a_merge_dtype_into_the_fused_tensor(tmp_path, monkeypatch, o_direct):
+    # a LoRA input read cast (--lora-merge-dtype) takes two buffers per expert, the stored bytes and the cast copy,
+    # which must not overlap (where the filesystem refuses O_DIRECT, as tmpfs does, both start at the buffer's start)
+    from merge_engine.io.lora import open_model
+    from tests.lora_adapters import write_adapter
+    real_open = os.open
+
+    def no_direct_open(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *args)
+    if not o_direct:
+        monkeypatch.setattr(os, "open", no_direct_open)
+    base = write_model(tmp_path / "m", {n: t.bfloat16() for n, t in mixtral_tensors().items()})
+    write_adapter(str(tmp_path / "a"), base, targets=("w1", "w2"))
+    ref = f"{base}+{tmp_path / 'a'}"
+    adapted = open_model(ref, torch.float32)
+    want = fused({name: adapted.read(name) for name in adapted.tensors})
+    ckpt = with_expert_layout(open_model(ref, torch.float32), "fused")
+    for name, t in want.items():
+        for direct_io in ("auto", "on", "off"):
+            got = ckpt.read_pooled(name, lambda n: torch.empty(n, dtype=torch.uint8), direct_io)
+            assert got.dtype == torch.float32 and torch.equal(got, t), (name, direct_io)
