@@ -200,9 +200,10 @@ class Layout:
     fused: dict[str, int]  # the names that stack experts -> how many sources one expert adds (gate and up: 2)
 
 
-def expert_layout(model_type: str, names: list[str], folder: str) -> Layout:
-    """Each stored name through the model type's conversion: renamed, or gathered into a fused tensor.
-    CheckpointError naming the folder for names that collide or experts that are missing."""
+def expert_layout(model_type: str, names: list[str], folder: str, experts: int | None = None) -> Layout:
+    """Each stored name through the model type's conversion: renamed, or gathered into a fused tensor of `experts`
+    experts (config.json's count; None: as many as the names hold). CheckpointError naming the folder for names
+    that collide or experts that are missing."""
     steps = conversion(model_type)
     plain: dict[str, str] = {}
     groups: dict[str, tuple[_Step, dict[int, list[str]]]] = {}
@@ -226,14 +227,16 @@ def expert_layout(model_type: str, names: list[str], folder: str) -> Layout:
         if target in sources:
             raise CheckpointError(f"{folder}: holds '{target}' and also the per-expert tensors it fuses, such as "
                                   f"'{next(iter(by_pattern.values()))[0]}'")
-        sources[target] = _stacked(target, step, by_pattern, folder)
+        sources[target] = _stacked(target, step, by_pattern, folder, experts)
     return Layout(sources, {target: len(step.sources) for target, (step, _) in groups.items()})
 
 
-def _stacked(target: str, step: _Step, by_pattern: dict[int, list[str]], folder: str) -> tuple[str, ...]:
+def _stacked(target: str, step: _Step, by_pattern: dict[int, list[str]], folder: str,
+             configured: int | None) -> tuple[str, ...]:
     """The sources of one fused tensor in byte order: expert by expert, each expert's patterns in order (gate then
-    up). Every expert 0..E-1 must be there for every pattern."""
-    experts: list[dict[int, str]] = []
+    up). Every expert 0..E-1 must be there for every pattern, E the configured count when there is one (else the
+    highest index found: a missing last expert leaves no gap)."""
+    by_expert: list[dict[int, str]] = []
     for i, pattern in enumerate(step.sources):
         found: dict[int, str] = {}
         for stored in by_pattern.get(i, []):
@@ -242,15 +245,20 @@ def _stacked(target: str, step: _Step, by_pattern: dict[int, list[str]], folder:
                 raise CheckpointError(f"{folder}: tensor '{stored}' does not name one expert of '{target}' "
                                       f"(expected '{pattern.replace('*', 'N')}' once per expert N)")
             found[e] = stored
-        experts.append(found)
-    count = max(max(found, default=-1) + 1 for found in experts)
-    for i, found in enumerate(experts):
+        by_expert.append(found)
+    count = max(max(found, default=-1) + 1 for found in by_expert)
+    if configured is not None and count > configured:
+        extra = next(found[count - 1] for found in by_expert if count - 1 in found)
+        raise CheckpointError(f"{folder}: tensor '{extra}' is expert {count - 1} of '{target}' but config.json says "
+                              f"the model has {configured} experts")
+    count = count if configured is None else configured
+    for i, found in enumerate(by_expert):
         missing = [e for e in range(count) if e not in found]
         if missing:
             raise CheckpointError(f"{folder}: '{target}' stacks {count} experts but "
                                   f"'{step.sources[i].replace('*', str(missing[0]))}' (expert {missing[0]}) is missing"
                                   f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
-    return tuple(found[e] for e in range(count) for found in experts)
+    return tuple(found[e] for e in range(count) for found in by_expert)
 
 
 class FusedExperts(Checkpoint):
@@ -358,6 +366,19 @@ class _Scratch:
         return self.buffers[k][:nbytes]
 
 
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")  # transformers'
+
+
+def configured_experts(config: dict) -> int | None:
+    """The expert count config.json gives (its text_config's for a multimodal model), None where it gives none as a
+    whole number."""
+    for cfg in (config, config.get("text_config")):
+        for key in EXPERT_COUNT_KEYS if isinstance(cfg, dict) else ():
+            if type(cfg.get(key)) is int:
+                return cfg[key]
+    return None
+
+
 def with_expert_layout(ckpt: Checkpoint, layout: str) -> Checkpoint:
     """ckpt as the merge reads it: its experts fused as transformers 5 holds them ("fused", for the model types
     of CONVERSIONS), or as stored ("checkpoint")."""
@@ -366,7 +387,7 @@ def with_expert_layout(ckpt: Checkpoint, layout: str) -> Checkpoint:
     model_type = ckpt.config.get("model_type")
     if layout == "checkpoint" or model_type not in CONVERSIONS:
         return ckpt
-    fused = expert_layout(model_type, list(ckpt.tensors), ckpt.path)
+    fused = expert_layout(model_type, list(ckpt.tensors), ckpt.path, configured_experts(ckpt.config))
     if not fused.fused and all(name == srcs[0] for name, srcs in fused.sources.items()):  # nothing to change
         return ckpt
     return FusedExperts(ckpt, fused)

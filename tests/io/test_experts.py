@@ -263,3 +263,31 @@ def test_lora_adapter_read_in_a_merge_dtype_into_the_fused_tensor(tmp_path, monk
         for direct_io in ("auto", "on", "off"):
             got = ckpt.read_pooled(name, lambda n: torch.empty(n, dtype=torch.uint8), direct_io)
             assert got.dtype == torch.float32 and torch.equal(got, t), (name, direct_io)
+
+
+def with_config(folder: str, **settings) -> str:
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**config, **settings}, f)
+    return folder
+
+
+@pytest.mark.parametrize("stored", [EXPERTS - 1, EXPERTS, EXPERTS + 1])
+def test_expert_count_checked_against_config(tmp_path, stored):
+    # the last expert missing from every projection leaves no gap in the indices: config.json's count tells
+    tensors = {n: t for n, t in mixtral_tensors().items() if not any(f".experts.{e}." in n
+                                                                     for e in range(stored, EXPERTS))}
+    tensors.update({n.replace(".experts.0.", f".experts.{EXPERTS}."): t.clone()
+                    for n, t in tensors.items() if stored > EXPERTS and ".experts.0." in n})
+    folder = with_config(write_model(tmp_path / "m", tensors), num_local_experts=EXPERTS)
+    if stored == EXPERTS:
+        ckpt = with_expert_layout(Checkpoint(folder), "fused")
+        assert ckpt.tensors["model.layers.0.mlp.experts.down_proj"].shape[0] == EXPERTS
+        return
+    with pytest.raises(CheckpointError, match=rf"{folder}: .*'model.layers.0.mlp.experts.gate_up_proj'") as e:
+        with_expert_layout(Checkpoint(folder), "fused")
+    odd = min(stored, EXPERTS)  # the missing expert, or the one too many
+    assert f".experts.{odd}.w1.weight" in str(e.value) and f"expert {odd}" in str(e.value)
+
