@@ -268,6 +268,7 @@ class FusedExperts(Checkpoint):
 
     def __init__(self, inner: Checkpoint, layout: Layout):
         self.inner, self.path, self.sources, self.fused = inner, inner.path, layout.sources, layout.fused
+        self.reference = getattr(inner, "reference", inner.path)  # as plan digests name it: BASE+ADAPTER
         self._no_files_open()
         self.tensors = {name: self._info(name, srcs) for name, srcs in layout.sources.items()}
 

@@ -291,3 +291,21 @@ def test_expert_count_checked_against_config(tmp_path, stored):
     odd = min(stored, EXPERTS)  # the missing expert, or the one too many
     assert f".experts.{odd}.w1.weight" in str(e.value) and f"expert {odd}" in str(e.value)
 
+
+def test_the_plan_digest_tells_lora_adapters_of_a_moe_model_apart(tmp_path):
+    # ranks that read other adapters of one base (the same base path, shapes and dtypes) plan other merges
+    from merge_engine.config import parse_config
+    from merge_engine.distributed import digest
+    from merge_engine.plan import build_plan
+    from tests.lora_adapters import write_adapter
+    base, other = write_model(tmp_path / "m", mixtral_tensors(0)), write_model(tmp_path / "o", mixtral_tensors(1))
+    adapters = [str(tmp_path / f"a{i}") for i in (1, 2)]
+    for i, folder in enumerate(adapters):
+        write_adapter(folder, base, seed=i, targets=("w1", "q_proj"))
+
+    def plan_digest(adapter):
+        plan = build_plan(parse_config({"merge_method": "linear", "dtype": "float32", "models": [
+            {"model": other, "parameters": {"weight": 0.5}},
+            {"model": f"{base}+{adapter}", "parameters": {"weight": 0.5}}]}))
+        return digest(plan.jobs, plan.entries(), 10**9, 0)
+    assert plan_digest(adapters[0]) != plan_digest(adapters[1])
