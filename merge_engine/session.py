@@ -141,13 +141,20 @@ def held_as(ckpt: Checkpoint, name: str, factored: bool, on_device: bool) -> lis
     host, where updates are applied) plus the adapter's tensors for it."""
     where = "device" if on_device else "host"
     info = ckpt.tensors[name]
-    stored = ckpt.inner if isinstance(ckpt, FusedExperts) else ckpt  # (its fused experts are read from the same files)
-    if type(stored) is Checkpoint or (isinstance(ckpt, LoraCheckpoint) and name not in ckpt.targets):
+    if read_as_stored(ckpt, name):
         return [((where, "file", ckpt.path, name, info.dtype), info.nbytes)]
     if factored and is_factored(ckpt, name):
         return [(("host", "file", ckpt.path, name, info.dtype), info.nbytes),
                 (("host", "adapter", id(ckpt), name), ckpt.adapter_bytes(name))]
     return [((where, "own", id(ckpt), name), info.nbytes)]
+
+
+def read_as_stored(ckpt: Checkpoint, name: str) -> bool:
+    """Whether ckpt reads tensor `name` as its folder stores it: a plain folder's, one its LoRA adapter leaves as it
+    is, or a fused tensor (io/experts.py) of such experts."""
+    if isinstance(ckpt, FusedExperts):
+        return all(read_as_stored(ckpt.inner, source) for source in ckpt.sources[name])
+    return type(ckpt) is Checkpoint or (isinstance(ckpt, LoraCheckpoint) and name not in ckpt.targets)
 
 
 def is_factored(ckpt: Checkpoint, name: str) -> bool:

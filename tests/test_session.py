@@ -550,3 +550,19 @@ def test_modules_transformers_keeps_in_float32_are_held_so(folder_tensors, tmp_p
     session.merge(other)
     session.save(str(tmp_path / "saved"), MergeOptions(quiet=True, copy_tokenizer=False))
     assert not differing(folder_tensors(tmp_path / "saved"), engine_tensors(other, tmp_path / "b", folder_tensors))
+
+
+def test_lora_experts_of_a_moe_model_hold_their_base_once(tmp_path):
+    # a MoE LoRA expert's tensors its adapter leaves as they are (fused or not) are its base's, held once
+    from tests.io.test_experts import mixtral_tensors, write_model
+    from tests.lora_adapters import write_adapter
+    base = write_model(tmp_path / "m", mixtral_tensors())
+    write_adapter(str(tmp_path / "a"), base, targets=("w1",))
+    plan = build_plan(parse_config({"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": base, "parameters": {"weight": 0.5}},
+        {"model": f"{base}+{tmp_path / 'a'}", "parameters": {"weight": 0.5}}]}))
+    base_ckpt = plan.models[base]
+    folder = sum(info.nbytes for info in base_ckpt.tensors.values())
+    changed = sum(info.nbytes for name, info in base_ckpt.tensors.items() if name.endswith("experts.gate_up_proj"))
+    applied = plan_memory(plan, torch.device("cpu"), free={"host": 100 * folder})
+    assert applied.input_bytes == folder + changed  # the base's tensors once, a copy of each changed (w1's) one
