@@ -186,6 +186,11 @@ def lora_scratch_bytes(jobs: list[TensorJob], factored: bool) -> int:
                 info = ckpt.tensors[name]
                 infos.append(info)
                 widest[id(ckpt)] = max(widest.get(id(ckpt), 0), math.prod(info.shape) * update_dtype(info.dtype).itemsize)
+            for source in ckpt.sources[name] if isinstance(ckpt, FusedExperts) else ():  # held applied, expert by expert
+                if is_factored(ckpt.inner, source):
+                    info = ckpt.inner.tensors[source]
+                    widest[id(ckpt.inner)] = max(widest.get(id(ckpt.inner), 0),
+                                                 math.prod(info.shape) * update_dtype(info.dtype).itemsize)
         slots = max(slots, sum(i.nbytes for i in infos))
     return 2 * sum(widest.values()) + (slots if factored else 0)
 

@@ -566,3 +566,16 @@ def test_lora_experts_of_a_moe_model_hold_their_base_once(tmp_path):
     changed = sum(info.nbytes for name, info in base_ckpt.tensors.items() if name.endswith("experts.gate_up_proj"))
     applied = plan_memory(plan, torch.device("cpu"), free={"host": 100 * folder})
     assert applied.input_bytes == folder + changed  # the base's tensors once, a copy of each changed (w1's) one
+
+
+def test_lora_scratch_of_a_moe_lora_expert_is_planned(tmp_path):
+    # its updates are applied expert by expert in the adapter's fp32 scratch (product and widened weight)
+    from merge_engine.session import lora_scratch_bytes
+    from tests.io.test_experts import HIDDEN, INNER, mixtral_tensors, write_model
+    from tests.lora_adapters import write_adapter
+    base = write_model(tmp_path / "m", {n: t.bfloat16() for n, t in mixtral_tensors().items()})
+    write_adapter(str(tmp_path / "a"), base, targets=("w1",))
+    plan = build_plan(parse_config({"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": base, "parameters": {"weight": 0.5}},
+        {"model": f"{base}+{tmp_path / 'a'}", "parameters": {"weight": 0.5}}]}))
+    assert lora_scratch_bytes(plan.jobs, factored=False) == 2 * INNER * HIDDEN * 4
