@@ -86,7 +86,7 @@ class MergePlan:
     layer_sources: list[tuple[str, int]] = field(default_factory=list)  # per output layer: its slice's first
     # source (model, layer), whose per-layer config entries (layer_types...) it takes
     missing_side: dict[str, list[str]] = field(default_factory=dict)  # side folder -> tensors it lacks
-    grams_used: set[str] = field(default_factory=set)  # Gram folders that hold some weight's Gram
+    grams_used: set[str] = field(default_factory=set)  # Gram folders (as the config names them) that hold some weight's Gram
     missing_grams: dict[str, list[str]] = field(default_factory=dict)  # Gram folder -> weights others' Grams cover
     vocabulary: Vocabulary | None = None  # the output tokenizer, when the config sets one
     # mergekit's --unsafe-truncate-embeddings: without a tokenizer setting, vocabulary-indexed tensors keep
@@ -455,10 +455,11 @@ def _side_refs(plan: MergePlan, kind: str, s: Slice, names: list[str], shapes: l
     A missing one is None, or a problem when the method's `missing_<kind>` parameter is 'error'."""
     refs, lacking = [], []
     for src, name, shape in zip(s.sources, names, shapes):
-        folder = plan.side.get(src.side.get(kind, ""))
+        path = src.side.get(kind, "")
+        folder = plan.side.get(path)
         if kind == "grams":
             refs.append(_gram_ref(folder, name, shape, problems) if folder else None)
-            plan.grams_used.update([folder.path] if refs[-1] else [])
+            plan.grams_used.update([path] if refs[-1] else [])  # as the config names it (folder.path is absolute)
             if folder and not refs[-1]:
                 lacking.append(folder.path)
             continue

@@ -232,6 +232,19 @@ def test_missing_or_mismatched_grams_are_refused_before_any_output(setup, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_gram_folders_named_relative_to_the_working_folder_merge(setup, tmp_path, monkeypatch):
+    """Configs name folders as docs/data-aware.md does (`grams: math-grams/`, relative): each one that holds a
+    weight's Gram counts as used, whatever the form of the path it was opened by."""
+    paths, grams = setup("llama")
+    monkeypatch.chdir(tmp_path)
+    for i, g in enumerate(grams):
+        shutil.copytree(g, tmp_path / f"grams{i}")
+    relative = [f"grams{i}/" for i in range(len(grams))]
+    out = run(config("regmean", paths, relative), tmp_path / "relative")
+    expected = run(config("regmean", paths, grams), tmp_path / "absolute")
+    assert all(torch.equal(out.read(n), expected.read(n)) for n in expected.tensors)
+
+
 def test_a_gram_that_is_not_symmetric_is_refused_naming_its_folder(setup, tmp_path):
     """A Cholesky solve reads one triangle of the system: an asymmetric stored Gram would merge silently."""
     paths, grams = setup("llama")
