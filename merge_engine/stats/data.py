@@ -66,8 +66,14 @@ def _jsonl_text(line: str, path: str, lineno: int) -> str:
 
 def load_tokenizer(model_dir: str):
     """The tokenizer saved in a model folder (vocabulary.load_tokenizer: local files, no code of the folder's)."""
+    from merge_engine.vocabulary import TOKENIZER_FILES
     from merge_engine.vocabulary import load_tokenizer as load_local
     transformers = require("transformers", "hf", "tokenizing a data file")
+    if not any(os.path.lexists(os.path.join(model_dir, name)) for name in TOKENIZER_FILES):
+        # transformers' own message then speaks of slow tokenizers, sentencepiece and tiktoken
+        raise DataError(f"{model_dir}: the model folder holds no tokenizer (none of tokenizer.json, "
+                        "tokenizer_config.json, vocab.json, ...); the text is tokenized with the model's own tokenizer: "
+                        "save it into the folder (tokenizer.save_pretrained)")
     try:
         return load_local(transformers, model_dir)
     except (OSError, ValueError) as e:

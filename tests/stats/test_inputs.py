@@ -45,6 +45,17 @@ def test_max_length_past_the_models_positions_is_refused(command, tiny_lm, text_
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_model_folder_without_a_tokenizer_is_named(command, tiny_lm, text_file, tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):  # the weights, not the tokenizer
+        os.link(os.path.join(tiny_lm("llama"), name), model / name)
+    run_bad([command, str(model), text_file, str(tmp_path / "out"), "-q"], capsys,
+            f"{model}: the model folder holds no tokenizer", "tokenizer.save_pretrained")
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_bad_exclude_regex_is_refused_with_the_arguments(tiny_lm, text_file, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["stats", tiny_lm("llama"), text_file, str(tmp_path / "out"), "--exclude", "(", "-q"])
