@@ -205,13 +205,16 @@ def estimate_seconds(plan, memory, objective, device, out_dir: str) -> Estimate:
 def check_budget_fits(budget: Budget, estimate: Estimate, objective, test, in_bytes: int) -> None:
     """Refuse, before any tensor is read, a budget below a lower bound of reading the inputs, one trial and
     the final write (and test evaluation)."""
-    floor = (budget.elapsed() + estimate.read + estimate.trial
+    spent = budget.elapsed()  # the budget starts with the process: importing torch and planning count
+    floor = (spent + estimate.read + estimate.trial
              + reserve_seconds(estimate.write, test.tokens() * estimate.per_token if test else 0.0))
     if budget.seconds < floor:
+        rest = floor - spent - estimate.read - estimate.trial - estimate.write
         raise ConfigError([f"budget: {budget.seconds:.3g} s cannot fit one trial: at least {floor:.1f} s are needed "
-                           f"(reading {in_bytes / 1e9:.2f} GB of inputs {estimate.read:.1f} s, evaluating "
-                           f"{objective.tokens()} tokens {estimate.trial:.1f} s, writing the result "
-                           f"{estimate.write:.1f} s, with margins)"])
+                           f"({spent:.1f} s already spent starting up, reading {in_bytes / 1e9:.2f} GB of inputs "
+                           f"{estimate.read:.1f} s, evaluating {objective.tokens()} tokens {estimate.trial:.1f} s, "
+                           f"writing the result {estimate.write:.1f} s, {rest:.1f} s of margins"
+                           f"{' and test evaluation' if test else ''})"])
 
 
 # ---- the inputs and the journal, checked before anything is read ----

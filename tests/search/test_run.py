@@ -132,7 +132,10 @@ def test_a_budget_too_small_for_one_trial_is_refused_before_reading(search_model
     clock = FakeClock()
     fake_rates(clock, write_seconds=30.0, objective=TimedEvaluator(clock, 10.0))
     monkeypatch.setattr(run_module, "MergeSession", lambda *a, **k: pytest.fail("inputs read"))
-    with pytest.raises(ConfigError, match=r"budget: 40 s cannot fit one trial.*writing the result 30\.0 s"):
+    # every part of the floor is named, the time already spent (planning) and the margins too: 47 = 0 + 0 + 30 + 17
+    with pytest.raises(ConfigError, match=r"budget: 40 s cannot fit one trial: at least 47\.0 s are needed \(0\.0 s "
+                                          r"already spent starting up, .* writing the result 30\.0 s, 17\.0 s of "
+                                          r"margins\)"):
         search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(budget=40, device="cpu", progress=False,
                                                                             clock=clock))
     assert not os.path.exists(tmp_path / "out")
