@@ -49,10 +49,16 @@ class Comparison:
                  f"{'prompt':>6} {'tokens':>6} {'KL(keyed||public)':>17} {'top-1 agree':>11}  text"]
         for i, p in enumerate(self.prompts, 1):
             text = p.text if len(p.text) <= text_width else p.text[:text_width - 3] + "..."
-            lines.append(f"{i:>6} {p.tokens:>6} {p.kl:>17.6f} {100 * p.agreement:>10.1f}%  {text}")
-        lines.append(f"{'all':>6} {self.tokens:>6} {self.mean_kl:>17.6f} {100 * self.agreement:>10.1f}%  "
+            lines.append(f"{i:>6} {p.tokens:>6} {nats(p.kl):>17} {100 * p.agreement:>10.1f}%  {text}")
+        lines.append(f"{'all':>6} {self.tokens:>6} {nats(self.mean_kl):>17} {100 * self.agreement:>10.1f}%  "
                      f"(means over all {self.tokens} positions; KL in nats)")
         return "\n".join(lines)
+
+
+def nats(kl: float) -> str:
+    """A KL for the table: below 1e-3 in exponent form, so that a key that changes a model a little (a tiny or
+    nearly uniform model) does not read 0.000000, which only the identity gives."""
+    return f"{kl:.6f}" if kl == 0 or kl >= 1e-3 else f"{kl:.3e}"
 
 
 def position_divergence(public_logits: torch.Tensor, keyed_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ import transformers as tf
 from merge_engine.cli import main
 from merge_engine.demo import make_models
 from merge_engine.tiers import TierKey, apply_key, compare_prompts, generate_key
-from merge_engine.tiers.compare import position_divergence
+from merge_engine.tiers.compare import Comparison, PromptComparison, position_divergence
 from tests.stats.tiny_text import SENTENCES, tiny_tokenizer
 from tests.tiers.conftest import read_config
 
@@ -78,6 +78,14 @@ def test_cli_compare(lm, tmp_path, capsys):
     assert main(["key", "compare", model, key, prompts, "--max-examples", "3", "--batch-size", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 + 3 + 1 and float(out[-1].split()[2]) > 0
+
+
+def test_a_small_kl_is_not_printed_as_zero():
+    """0.000000 is what the identity prints; a key that changes a nearly uniform model by 1e-8 nats must not."""
+    table = Comparison("m", (PromptComparison("a", 3, 1.5e-8, 1.0), PromptComparison("b", 1, 0.0, 1.0))).table()
+    rows = [line.split() for line in table.splitlines()[2:]]
+    assert [float(r[2]) for r in rows] == pytest.approx([1.5e-8, 0.0, 1.125e-8], rel=1e-3)
+    assert [r[2] for r in rows][1] == "0.000000"
 
 
 def test_cli_compare_errors(lm, tier_model, tmp_path, capsys):
