@@ -8,6 +8,7 @@ outside the layers (embeddings, final norm, head) are kept only when asked (outs
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint, split_layer_name
 from merge_engine.patches.arithmetic import difference
 
+log = logging.getLogger("merge_engine.patches")
 OUTSIDE_LAYERS = None  # the layer key of embeddings, final norms and heads
 T = TypeVar("T")
 
@@ -75,6 +77,11 @@ def candidates(base: Checkpoint, tuned: Checkpoint, selection: Selection) -> lis
                                   f"{list(b.shape)} in the base {b.file}")
     if not names:
         raise CheckpointError(f"{tuned.path}: no floating-point tensor matches the name filters")
+    lacking = [n for n in base.tensors if selection.named(n) and n not in tuned.tensors]
+    if lacking:  # (a base with more layers, or another model's) applying the patch keeps them: it does not give TUNED
+        log.warning("%s: %d tensor(s) of the base %s are not in it (%s%s): the patch leaves them as the base has "
+                    "them, so applying it does not give this model", tuned.path, len(lacking), base.path,
+                    ", ".join(lacking[:3]), ", ..." if len(lacking) > 3 else "")
     return names
 
 

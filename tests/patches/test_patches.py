@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from merge_engine import MergeOptions, merge, parse_config
+from merge_engine.demo import make_synthetic_llama
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.patches import (
@@ -124,6 +125,19 @@ def test_a_patch_for_another_base_is_refused_by_name(bf16, models, tmp_path):
         apply_patches(models(torch.float32)["base"], [bf16["p_tuned"]], str(tmp_path / "out"))
     with pytest.raises(CheckpointError, match="does not give back the base"):
         remove_patches(bf16["tuned2"], [bf16["p_tuned"]], str(tmp_path / "out"))
+
+
+def test_base_tensors_the_fine_tune_lacks_are_named_in_a_warning(bf16, tmp_path, caplog):
+    """A base with a layer more than TUNED (the wrong base, say): applying the patch would keep that layer, so the
+    result is not TUNED, which extraction says."""
+    fewer = make_synthetic_llama(str(tmp_path / "fewer"), **dict(SHAPE, layers=SHAPE["layers"] - 1),
+                                 dtype=torch.bfloat16, seed=1, base=bf16["base"], noise=1e-3)
+    extract_patch(bf16["base"], fewer, str(tmp_path / "p"))
+    last = SHAPE["layers"] - 1
+    assert f"9 tensor(s) of the base {bf16['base']} are not in it (model.layers.{last}." in caplog.text
+    caplog.clear()
+    extract_patch(bf16["base"], bf16["tuned"], str(tmp_path / "q"))
+    assert "are not in it" not in caplog.text
 
 
 def test_unchanged_tensors_are_not_stored_and_identical_models_refused(bf16, tmp_path):
