@@ -238,7 +238,9 @@ def method_of(raw: dict, problems: list[str]) -> MergeMethod | None:
     elif not isinstance(name, str):
         problems.append(f"merge_method: expected a method name, got {name!r}")
     elif name not in REGISTRY:
-        problems.append(f"unknown merge_method '{name}' (supported: {', '.join(sorted(REGISTRY))})")
+        close = difflib.get_close_matches(name, REGISTRY, n=1, cutoff=0.75)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        problems.append(f"unknown merge_method '{name}' ({hint}supported: {', '.join(sorted(REGISTRY))})")
     method = REGISTRY.get(name) if isinstance(name, str) else None
     if method is not None and method.specialize is not None:
         params = raw.get("parameters")

@@ -1,5 +1,7 @@
 """Config schema: mergekit 0.1.x forms, parameter precedence, gradients, filters, and validation
 that reports every problem at once."""
+import re
+
 import pytest
 
 from merge_engine import load_config, parse_config
@@ -90,6 +92,13 @@ def test_every_problem_reported_at_once():
     with pytest.raises(ConfigError) as err:
         parse_config(raw)
     assert "dense" in str(err.value) and "heavy" in str(err.value) and len(err.value.problems) >= 2
+
+
+@pytest.mark.parametrize("name,hint", [("dare_tie", "did you mean 'dare_ties'? "), ("task_arithmetics",
+                                          "did you mean 'task_arithmetic'? "), ("averaging", "")])
+def test_an_unknown_merge_method_suggests_the_closest_name(name, hint):
+    with pytest.raises(ConfigError, match=re.escape(f"unknown merge_method '{name}' ({hint}supported: ")):
+        parse_config(ties_config(merge_method=name))
 
 
 @pytest.mark.parametrize("raw,match", [

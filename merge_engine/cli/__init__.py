@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             return command.run(argv)
     except MergeEngineError as e:
         return _failed(f"error: {e}", 2, argv)
+    except BrokenPipeError:  # the reader of standard output went away (`... --table | head`): as a shell's SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush into the pipe
+        return 128 + signal.SIGPIPE
     except OSError as e:  # disk full, read-only folder, a file where a folder should be...
         return _failed(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", 2, argv)
     except Terminated:

@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-V", "--version", action="version", version=f"merge-engine {__version__}")
     compat = "accepted for mergekit compatibility; no effect"
     for flag in _COMPAT_FLAGS:
-        p.add_argument(flag, action=argparse.BooleanOptionalAction, help=compat)
+        p.add_argument(flag, action=argparse.BooleanOptionalAction,
+                       help=compat + ("; the output is safetensors either way (--no-safe-serialization warns so)"
+                                      if flag == "--safe-serialization" else ""))
     p.add_argument("--gpu-rich", action="store_true", help=compat)
     p.add_argument("--write-threads", type=int, help=compat)
     for flag in ("--lora-merge-cache", "--transformers-cache"):  # adapters are applied while reading: no copies

@@ -312,3 +312,20 @@ def test_a_malformed_config_json_is_reported_with_the_config_problems(config, tm
     assert cli.main([str(bad), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "density" in err and f"{tmp_path / 'expert' / 'config.json'}: invalid JSON" in err and "2 problem(s)" in err
+
+
+def test_a_closed_standard_output_ends_the_command_quietly(monkeypatch, capfd):
+    """`merge-engine patch extract ... --table | head`: the reader leaving is no error to report (status 141, as a
+    shell reports a command SIGPIPE ended), where it printed 'error: [Errno 32] Broken pipe' with status 2."""
+    import merge_engine.cli.key as key
+
+    def writes_to_a_closed_pipe(argv):
+        raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(key, "run", writes_to_a_closed_pipe)
+    saved = os.dup(1)
+    try:
+        assert cli.main(["key", "report"]) == 141
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    assert capfd.readouterr().err == ""
