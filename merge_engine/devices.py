@@ -12,9 +12,9 @@ def resolve_device(name: str | torch.device) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise MergeEngineError(f"--device {name}: not a device (cpu, cuda, cuda:N or auto)") from None
+        raise MergeEngineError(f"device '{name}': not a device (cpu, cuda, cuda:N or auto)") from None
     if device.type not in ("cpu", "cuda"):
-        raise MergeEngineError(f"--device {name}: merge_engine runs on cpu or cuda")
+        raise MergeEngineError(f"device '{name}': merge_engine runs on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise MergeEngineError(f"--device {name}: CUDA is not available on this machine")
+        raise MergeEngineError(f"device '{name}': CUDA is not available on this machine")
     return device

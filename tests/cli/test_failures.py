@@ -45,7 +45,7 @@ def test_version(capsys, argv):
 @pytest.mark.parametrize("device", ["bogus", "mps", "cuda:x"])
 def test_a_bad_device_is_one_line(config, tmp_path, capsys, device):
     assert cli.main([config, str(tmp_path / "out"), "--device", device]) == 2
-    assert f"--device {device}" in one_line(capsys)
+    assert f"device '{device}': " in one_line(capsys)  # MergeOptions.device and --device alike
     assert not (tmp_path / "out").exists()
 
 
