@@ -11,6 +11,7 @@ import torch
 
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint, split_layer_name
+from tests.conftest import rewrite_in_place
 
 
 @pytest.mark.parametrize("key", ["llama", "llama_bf16_sharded", "qwen2", "gpt2"])
@@ -170,11 +171,7 @@ def test_a_file_rewritten_while_open_is_caught_once_reading_is_done(tmp_path, di
     ckpt = Checkpoint(str(tmp_path))
     _direct_read_all(ckpt, direct_io)
     ckpt.check_unchanged()  # read, not written: nothing to say
-    st = os.stat(path)
-    with open(path, "r+b") as f:
-        f.seek(st.st_size - 4)
-        f.write(b"\0" * 4)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # whatever the clock's resolution
+    rewrite_in_place(path)
     with pytest.raises(CheckpointError, match="model.safetensors: the file changed while it was being read"):
         ckpt.check_unchanged()
 

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.experts import CONVERSIONS, conversion, with_expert_layout
+from tests.conftest import rewrite_in_place
 
 EXPERTS, HIDDEN, INNER = 4, 8, 6
 
@@ -210,11 +211,7 @@ def test_a_file_rewritten_while_its_experts_are_read_is_caught(tmp_path):
     ckpt.read("model.layers.0.mlp.experts.down_proj")
     ckpt.check_unchanged()  # read, not written: nothing to say
     path = os.path.join(folder, "model.safetensors")
-    st = os.stat(path)
-    with open(path, "r+b") as f:
-        f.seek(st.st_size - 4)
-        f.write(b"\0" * 4)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # whatever the clock's resolution
+    rewrite_in_place(path)
     with pytest.raises(CheckpointError, match="model.safetensors: the file changed while it was being read"):
         ckpt.check_unchanged()
 
