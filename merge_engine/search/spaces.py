@@ -12,6 +12,7 @@ Each space gets a name from where it is (`density`, `models[1].weight`, `slices[
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -91,7 +92,9 @@ class SearchConfig:
 
 
 def is_space(setting: Any) -> bool:
-    return isinstance(setting, dict) and ("search" in setting or "choice" in setting)
+    """A search space, or a mapping meant as one: any mapping but a {filter, value} entry, whole or not (a misspelt
+    space key then gets the space's own message, not the merge config's)."""
+    return isinstance(setting, dict) and not {"filter", "value"} & set(setting)
 
 
 def parse_search_config(raw: Any, source: str | None = None) -> SearchConfig:
@@ -177,10 +180,12 @@ def _space(name: str, path: tuple, setting: dict, specs: dict[str, ParamSpec], m
     if spec is None:
         problems.append(f"{where}: a search space on '{param}', which merge method '{method.name}' does not have")
         return None
-    unknown = sorted(set(setting) - _SPACE_KEYS)
+    unknown = sorted(set(setting) - _SPACE_KEYS, key=str)
     if unknown or ("search" in setting) == ("choice" in setting):
+        close = [f"'{k}' (did you mean '{c[0]}'?)" for k in unknown
+                 for c in [difflib.get_close_matches(str(k), _SPACE_KEYS, n=1, cutoff=0.6)] if c]
         problems.append(f"{where}: a search space is {{search: [low, high]}} (with log: true or knots: K) or "
-                        f"{{choice: [...]}}, got {setting!r}")
+                        f"{{choice: [...]}}, got {setting!r}" + (f": {', '.join(close)}" if close else ""))
         return None
     if "choice" in setting:
         return _choice(name, path, spec, setting["choice"], where, problems)
