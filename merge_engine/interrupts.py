@@ -16,7 +16,8 @@ def signals_deferred():
         return
     arrived: list[int] = []
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    previous = {sig: handler for sig, handler in previous.items() if handler is not None}  # None: not Python's to swap
+    # None: not Python's to swap; SIG_IGN: nothing to defer (catching it would wake a loop's wakeup fd)
+    previous = {sig: handler for sig, handler in previous.items() if handler not in (None, signal.SIG_IGN)}
     for sig in previous:
         signal.signal(sig, lambda signum, frame: arrived.append(signum))
     try:
@@ -25,4 +26,13 @@ def signals_deferred():
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         for sig in dict.fromkeys(arrived):
-            signal.raise_signal(sig)
+            deliver(sig, previous[sig])
+
+
+def deliver(sig: int, handler) -> None:
+    """Run the handler of a signal that arrived while deferred. A Python handler is called, not sent the signal
+    again: the signal's arrival already woke a wakeup fd (asyncio's add_signal_handler), which would see it twice."""
+    if callable(handler):
+        handler(sig, None)
+    else:  # SIG_DFL: the default action
+        signal.raise_signal(sig)
