@@ -47,6 +47,7 @@ from merge_engine.devices import resolve_device
 from merge_engine.engine import (
     MergeOptions,
     as_int,
+    check_inputs_unchanged,
     check_output_outside_inputs,
     check_seed_and_lora_dtype,
     compute,
@@ -333,6 +334,7 @@ class MergeSession:
                     else:
                         tensors.append(held[key])
                 out.append(tensors)
+        check_inputs_unchanged(self.plan)  # what was read is all the session ever merges
         refuse_nan_inputs(held, sums)
         return out
 

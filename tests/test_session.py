@@ -579,3 +579,28 @@ def test_lora_scratch_of_a_moe_lora_expert_is_planned(tmp_path):
         {"model": base, "parameters": {"weight": 0.5}},
         {"model": f"{base}+{tmp_path / 'a'}", "parameters": {"weight": 0.5}}]}))
     assert lora_scratch_bytes(plan.jobs, factored=False) == 2 * INNER * HIDDEN * 4
+
+
+def test_an_input_rewritten_while_the_session_reads_it_is_named(model_sets, tmp_path, monkeypatch):
+    # before, the session held tensors of the file's two versions, merged them and saved them without a word
+    import shutil
+
+    from merge_engine.errors import CheckpointError
+    from merge_engine.io.checkpoint import Checkpoint
+    from tests.conftest import rewrite_in_place
+    base, expert = (shutil.copytree(m, tmp_path / name) for m, name in zip(model_sets("llama"), ["base", "expert"]))
+    shard = next(p for p in sorted(os.listdir(expert)) if p.endswith(".safetensors"))
+    read_pooled, rewritten = Checkpoint.read_pooled, []
+
+    def read_then_rewrite(self, *args, **kwargs):
+        tensor = read_pooled(self, *args, **kwargs)
+        if self.path == str(expert) and not rewritten:
+            rewrite_in_place(expert / shard)
+            rewritten.append(True)
+        return tensor
+    monkeypatch.setattr(Checkpoint, "read_pooled", read_then_rewrite)
+    config = {"merge_method": "linear", "dtype": "float32",
+              "models": [{"model": str(base), "parameters": {"weight": 0.5}},
+                         {"model": str(expert), "parameters": {"weight": 0.5}}]}
+    with pytest.raises(CheckpointError, match=f"{shard}: the file changed while it was being read"):
+        MergeSession(config, "cpu", progress=False)
