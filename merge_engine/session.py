@@ -373,7 +373,7 @@ class MergeSession:
             key = method_key(cfg)
             todo = []
             for i, job in enumerate(self.plan.jobs):
-                params = self._parameters(cfg, job)
+                params = job_parameters(cfg, job)
                 if self._merged_with[i] != (key, params):
                     todo.append((i, job if params is None else dataclasses.replace(job, shared=params[0],
                                                                                    per_model=params[1]),
@@ -395,15 +395,6 @@ class MergeSession:
         with self._lock:
             for name in names:
                 self._merged_with[self._job_index[name]] = None
-
-    def _parameters(self, cfg: MergeConfig, job: TensorJob) -> tuple[dict, list[dict]] | None:
-        if job.copy_only:
-            return None
-        try:
-            return resolve_parameters(cfg, cfg.slices[job.slice_index], [n for _, n in job.inputs], job.out_name, job.t,
-                                      job.compute_dtype)
-        except ValueError as e:
-            raise ConfigError([f"{e} (tensor '{job.out_name}')"], "session.merge") from None
 
     def _merge_one(self, i: int, job: TensorJob, cfg: MergeConfig) -> None:
         target = self._targets[job.out_name]
@@ -469,6 +460,17 @@ class FactoredInput:
     def applied(self, out: torch.Tensor) -> torch.Tensor:
         """The expert's tensor, in `out` (the base's shape and dtype): the engine's read-time update, the same bits."""
         return self.ckpt.apply_to(self.name, self.base, out)
+
+
+def job_parameters(cfg: MergeConfig, job: TensorJob, source: str = "session.merge") -> tuple[dict, list[dict]] | None:
+    """A tensor's parameters under cfg (shared, per model), as the engine resolves them; None: copied, not merged."""
+    if job.copy_only:
+        return None
+    try:
+        return resolve_parameters(cfg, cfg.slices[job.slice_index], [n for _, n in job.inputs], job.out_name, job.t,
+                                  job.compute_dtype)
+    except ValueError as e:
+        raise ConfigError([f"{e} (tensor '{job.out_name}')"], source) from None
 
 
 def refuse_nan_inputs(held: dict[tuple, torch.Tensor], sums: dict[tuple, tuple[str, str, torch.Tensor]]) -> None:

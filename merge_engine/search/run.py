@@ -52,7 +52,9 @@ from merge_engine.search.spaces import SearchConfig, parse_search_config
 from merge_engine.session import (
     MergeSession,
     input_bytes,
+    job_parameters,
     live_model,
+    method_key,
     output_dtype,
     output_tokenizer,
     plan_memory,
@@ -117,6 +119,7 @@ def search(config: SearchConfig | dict | str, out_dir: str, options: SearchOptio
     check_output_dir(out_dir, options.overwrite)
     start_config = cfg.merge_config(cfg.start())
     plan = build_plan(start_config)
+    check_spaces_reach(cfg, plan)
     base_dir = os.path.dirname(os.path.abspath(cfg.source)) if cfg.source else os.getcwd()
     inputs = search_inputs(cfg, settings, plan, base_dir)
     check_output_apart(out_dir, inputs)  # --overwrite would delete an input inside OUT_DIR
@@ -143,6 +146,23 @@ def search(config: SearchConfig | dict | str, out_dir: str, options: SearchOptio
                                evaluation_bytes=evaluation)
         ran = run_trials(optuna, study, cfg, session, objective, test, settings["trials"], budget, estimate, options)
         return finish(optuna, study, cfg, session, objective, test, out_dir, storage_path, settings, budget, options, ran)
+
+
+def check_spaces_reach(cfg: SearchConfig, plan) -> None:
+    """Refuse a space that no tensor's parameters follow (a filter matching none of the merge's tensor names, as
+    Mixtral's block_sparse_moe under transformers 5's names, or only tensors an earlier entry takes): its trials
+    would all merge alike. A space is moved off its start, the others kept there, and every tensor resolved."""
+    start = cfg.start()
+
+    def resolved(params: dict) -> tuple:
+        merge_cfg = cfg.merge_config(params)
+        return method_key(merge_cfg), [job_parameters(merge_cfg, job, cfg.source) for job in plan.jobs]
+    at_start = resolved(start)
+    idle = [space.name for space in cfg.spaces if resolved({**start, **space.elsewhere()}) == at_start]
+    if idle:
+        raise ConfigError([f"{name}: no tensor of the merge takes this setting (its filter matches none of the "
+                           "merge's tensor names, or only tensors an earlier entry's filter takes): this space would "
+                           "change nothing" for name in idle], cfg.source)
 
 
 def check_settings(cfg: SearchConfig, options: SearchOptions) -> dict:

@@ -63,6 +63,15 @@ class Space:
         names = [f"{self.name}[{k}]" for k in range(self.knots)] if self.knots else [self.name]
         return dict.fromkeys(names, mid)
 
+    def elsewhere(self) -> dict[str, Any]:
+        """Sampler parameters off the start (the second choice; the low end, or the high one where the middle
+        rounds to the low): what moving this space alone gives."""
+        if self.choices:
+            return {self.name: self.choices[1]}
+        mid = next(iter(self.start().values()))
+        names = [f"{self.name}[{k}]" for k in range(self.knots)] if self.knots else [self.name]
+        return dict.fromkeys(names, self.low if mid != self.low else self.high)
+
 
 @dataclass
 class SearchConfig:

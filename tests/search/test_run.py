@@ -565,3 +565,21 @@ def test_an_empty_data_path_is_named_before_the_output_checks(search_models, wri
     config["search"]["objective"]["data"] = ""
     with pytest.raises(ConfigError, match=r"search\.objective\.data must be a file path, got ''"):
         search(write_search(config), str(tmp_path / "out"), SearchOptions(budget=100, device="cpu", progress=False))
+
+
+@pytest.mark.parametrize("density, name", [
+    # Mixtral's checkpoint name: the merge's tensors are transformers 5's (mlp.experts.gate_up_proj)
+    ([{"filter": "block_sparse_moe", "value": {"search": [0.3, 0.9]}}, {"value": 0.6}], "block_sparse_moe"),
+    # an earlier entry takes every tensor the space's filter matches (the first match wins)
+    ([{"filter": "mlp", "value": 0.5}, {"filter": "mlp.up_proj", "value": {"search": [0.3, 0.9]}}, {"value": 0.6}],
+     r"mlp\.up_proj"),
+])
+def test_a_space_whose_filter_takes_no_tensor_is_refused_before_reading(density, name, search_models, monkeypatch,
+                                                                        tmp_path):
+    paths, val, _ = search_models
+    config = search_config(paths, val)
+    config["models"][0]["parameters"]["density"] = density
+    monkeypatch.setattr(run_module, "MergeSession", lambda *a, **k: pytest.fail("inputs read"))
+    with pytest.raises(ConfigError, match=rf"models\[0\].density\[filter={name}\]: no tensor of the merge takes this "
+                                          "setting"):
+        search(config, str(tmp_path / "out"), SearchOptions(budget=100, device="cpu", progress=False))
