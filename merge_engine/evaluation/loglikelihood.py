@@ -20,17 +20,21 @@ def model_device(model: torch.nn.Module) -> torch.device:
 def check_fits(config, longest: int, what: str, source: str) -> None:
     """Refuse inputs longer than the position table of a model (its transformers config): a model would
     silently extrapolate (RoPE) or index out of range (learned positions) rather than score them."""
-    limit = getattr(config, "max_position_embeddings", None)
+    limit = getattr(text_config(config), "max_position_embeddings", None)
     if limit is not None and longest > limit:
         raise ConfigError([f"{what} feeds the model {longest} tokens, more than its max_position_embeddings "
                            f"({limit})"], source)
 
 
+def text_config(config):
+    """The config of a model's language part: a multimodal model's (Qwen2-VL's) text_config, else the config."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def check_vocabulary(config, largest: int, what: str, source: str) -> None:
     """Refuse token ids beyond a model's embedding table (its transformers config's vocab_size): the lookup would
     fail mid-evaluation, on a GPU with a device-side assert that ends the process' use of CUDA."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    vocab = getattr(text, "vocab_size", None)
+    vocab = getattr(text_config(config), "vocab_size", None)
     if isinstance(vocab, int) and largest >= vocab:
         raise ConfigError([f"{what} holds token id {largest}, beyond the model's vocabulary of {vocab} tokens (data "
                            "tokenized for another model?)"], source)
@@ -191,7 +195,8 @@ def scored_tokens(model: torch.nn.Module, sequences: list[list[int]], batch_size
     forward = Forward(model, greedy)
     needs = {c: [(sequences[i], first[i]) for i in served] for c, served in carried.items()}
     out: list[tuple[torch.Tensor, bool | None]] = [(torch.empty(0), None)] * len(sequences)
-    share, limit = forward.cache_name is not None, getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    share = forward.cache_name is not None
+    limit = getattr(text_config(getattr(model, "config", None)), "max_position_embeddings", None)
     was_training = model.training
     model.eval()
     try:

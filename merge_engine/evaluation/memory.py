@@ -32,6 +32,7 @@ from merge_engine.evaluation.loglikelihood import (
     keeps_logits,
     plan_batches,
     served_by,
+    text_config,
 )
 
 RESCALED_LOGITS = ("final_logit_softcapping", "logits_scaling", "logit_scale")  # config keys of a second logits tensor
@@ -56,7 +57,7 @@ class ModelWidths:
 
 
 def model_widths(model: torch.nn.Module) -> ModelWidths:
-    config, size = model.config, next(model.parameters()).dtype.itemsize
+    config, size = text_config(model.config), next(model.parameters()).dtype.itemsize
     hidden = config.hidden_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
@@ -133,7 +134,7 @@ def scoring_bytes(model: torch.nn.Module, sequences: list[list[int]], first: lis
     carried = served_by(carriers(sequences))
     fed, need = fed_and_needed(sequences, first, carried)
     batches = plan_batches(sequences, first, batch_size, carried, cache_argument(model) is not None,
-                           getattr(model.config, "max_position_embeddings", None))
+                           getattr(text_config(model.config), "max_position_embeddings", None))
     return max(batch_bytes(w, batch, fed, need) for batch in batches)
 
 

@@ -13,6 +13,7 @@ import textwrap
 import pytest
 import torch
 
+from merge_engine.errors import ConfigError
 from merge_engine.evaluation import MultipleChoice, Perplexity
 from merge_engine.evaluation.memory import scoring_bytes
 from tests.evaluation.conftest import QUESTIONS, word_tokenizer, write_questions
@@ -149,3 +150,22 @@ def test_the_estimate_bounds_what_scoring_allocates_on_a_gpu(attention):
         scored_tokens(model, sequences, batch_size, first)
         measured = torch.cuda.max_memory_allocated() - before
         assert measured <= scoring_bytes(model, sequences, first, batch_size), shape
+
+
+def test_a_multimodal_models_estimate_is_its_language_models(tmp_path):
+    """Qwen2-VL's config holds its language model's sizes in text_config: the estimate is a Qwen2 causal LM's, and
+    data longer than its positions is refused."""
+    import transformers
+    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64)
+    with torch.device("meta"):
+        multimodal = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(
+            text_config={**text, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}},
+            vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2), vocab_size=128))
+        language = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**text))
+    questions = MultipleChoice(write_questions(tmp_path / "q.jsonl", QUESTIONS, [0] * len(QUESTIONS)),
+                               word_tokenizer(), batch_size=3)
+    assert questions.memory_bytes(multimodal) == questions.memory_bytes(language) > 0
+    with pytest.raises(ConfigError, match=r"more than its max_position_embeddings \(64\)"):
+        MultipleChoice(write_questions(tmp_path / "long.jsonl", [(" ".join(["the"] * 80), ["cat", "dog"])], [0]),
+                       word_tokenizer()).check_model(multimodal.config)
