@@ -451,16 +451,21 @@ def _check_side_inputs(cfg: MergeConfig, problems: list[str]) -> None:
         warnings.warn(f"{sorted(unused)} given but not used by merge method '{cfg.method.name}'; ignored")
 
 
-def _check_parameters(cfg: MergeConfig, problems: list[str], strict: bool = False) -> None:
-    """Check every parameter setting's structure, and each value against the method's spec."""
-    specs: dict[str, ParamSpec] = {p.name: p for p in cfg.method.params} if cfg.method else {}
+def parameter_scopes(cfg: MergeConfig) -> list[tuple[str, dict | None]]:
+    """(where, parameters) of every scope of the config: its own, each slice's and each slice source's."""
     scopes = [("parameters", cfg.parameters)]
     for i, s in enumerate(cfg.slices):
         prefix = "models" if "models" in cfg.raw else f"slices[{i}]"
         scopes.append((f"{prefix}.parameters", s.parameters))
         scopes += [(f"{prefix}[{src.model}].parameters", src.parameters) for src in s.sources]
+    return scopes
+
+
+def _check_parameters(cfg: MergeConfig, problems: list[str], strict: bool = False) -> None:
+    """Check every parameter setting's structure, and each value against the method's spec."""
+    specs: dict[str, ParamSpec] = {p.name: p for p in cfg.method.params} if cfg.method else {}
     ignored = set()
-    for where, params in scopes:
+    for where, params in parameter_scopes(cfg):
         for name, setting in (params or {}).items():
             shape = setting_shape_problem(setting)
             if shape:

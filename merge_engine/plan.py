@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from merge_engine.config import WEIGHT_SHAPED_SIDE_INPUTS, MergeConfig, Slice
+from merge_engine.config import WEIGHT_SHAPED_SIDE_INPUTS, MergeConfig, Slice, parameter_scopes
 from merge_engine.dtypes import dtype_name
 from merge_engine.errors import CheckpointError, ConfigError
 from merge_engine.io import fishers
@@ -181,6 +181,7 @@ def build_plan(cfg: MergeConfig, allow_crimes: bool = False, truncate_vocabulary
                         + ", ".join(f"{ref}: {n}" for ref, n in plan.vocabulary.vocab_size.items())
                         + "), so none can be aligned to the output's tokens: does config.json's vocab_size "
                         "match the embeddings?")
+    warn_unmatched_filters(cfg, plan.jobs)
     for path in (p for p, kinds in _side_kinds(cfg).items() if "grams" in kinds and p not in plan.grams_used):
         problems.append(f"{path}: holds the Gram of no weight of this merge (collected from another model?)")
     for folder, names in plan.missing_grams.items():
@@ -393,6 +394,20 @@ def _plan_tensor(plan: MergePlan, s: Slice, out_name: str, names: list[str], t: 
         compute if floating else dtypes[0], out if floating else dtypes[0],
         (rows.rows, *ref.shape[1:]) if rows else ref.shape, copy_only=not floating, side=side, rows=rows,
         slice_index=next(i for i, x in enumerate(cfg.slices) if x is s), t=t, in_out=in_out))
+
+
+def warn_unmatched_filters(cfg: MergeConfig, jobs: list[TensorJob]) -> None:
+    """Name each {filter, value} entry whose filter is in no tensor name of the merge: it sets nothing (mergekit is
+    silent), as a filter written for names the output does not have (Mixtral's `block_sparse_moe`, whose experts
+    are fused under `mlp`) would otherwise leave its tensors at the next scope's value unnoticed."""
+    names = {job.out_name for job in jobs} | {name for job in jobs for _, name in job.inputs}
+    for where, params in parameter_scopes(cfg):
+        for param, setting in (params or {}).items():
+            for entry in [setting] if isinstance(setting, dict) else setting if isinstance(setting, list) else []:
+                flt = entry.get("filter") if isinstance(entry, dict) else None
+                if isinstance(flt, str) and flt != "*" and not any(flt in name for name in names):
+                    log.warning("%s.%s: filter '%s' is in no tensor name of this merge, so its value sets nothing",
+                                where, param, flt)
 
 
 def resolve_parameters(cfg: MergeConfig, s: Slice, names: list[str], out_name: str, t: float,

@@ -125,3 +125,18 @@ def test_a_weight_outside_the_layers_that_the_first_model_alone_lacks_is_refused
         {"model": m, "parameters": {"weight": 0.5, "density": 0.5}} for m in (first, second)]})
     with pytest.raises(ConfigError, match=r"a: tensor 'model.norm.weight' is missing \(every other input has it\)"):
         build_plan(config)
+
+
+def test_a_filter_in_no_tensor_name_is_named(models, caplog):
+    """A filter written for names the output does not have (Mixtral's block_sparse_moe, now fused under mlp) sets
+    nothing; mergekit is silent about it, the plan names it. Filters that match, and "*", say nothing."""
+    base, other = models
+    config = {"merge_method": "ties", "base_model": base, "parameters": {"density": [
+        {"filter": "block_sparse_moe", "value": 0.2}, {"filter": "mlp", "value": 0.4}, {"value": 0.6}]},
+        "models": [{"model": other, "parameters": {"weight": [{"filter": "self_attn", "value": 0.5},
+                                                              {"filter": "*", "value": 1.0}]}}]}
+    with caplog.at_level("WARNING", logger="merge_engine"):
+        build_plan(parse_config(config))
+    named = [r.getMessage() for r in caplog.records if "filter" in r.getMessage()]
+    assert named == ["parameters.density: filter 'block_sparse_moe' is in no tensor name of this merge, so its value "
+                     "sets nothing"]
