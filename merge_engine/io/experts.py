@@ -367,6 +367,18 @@ class _Scratch:
         return self.buffers[k][:nbytes]
 
 
+def layout_hint(missing: str, held) -> str:
+    """Why a tensor an adapter or a patch names may be missing from a model: the other expert layout (a per-expert
+    tensor of a model holding its experts fused, or the reverse), as a clause to append; "" otherwise."""
+    fused_held = any(".experts." in name and _expert_index(name) is None for name in held)
+    if _expert_index(missing) is not None and fused_held:
+        return (" (it names one expert's tensor, and the model holds its experts fused, as transformers 5 and "
+                "mergekit 0.1.5 write them)")
+    if ".experts." in missing and _expert_index(missing) is None and any(_expert_index(n) is not None for n in held):
+        return " (it names fused experts, and the model holds one tensor per expert: see --expert-layout)"
+    return ""
+
+
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")  # transformers'
 
 

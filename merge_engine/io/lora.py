@@ -34,6 +34,7 @@ import torch
 from merge_engine.dtypes import dtype_name
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint, read_buffer
+from merge_engine.io.experts import layout_hint
 from merge_engine.io.raw import tensor_bytes
 from merge_engine.io.safetensors_format import TensorInfo, read_header_and_identity
 from merge_engine.io.untrusted import inside_folder, is_finite_number, is_int, read_json
@@ -198,7 +199,8 @@ class LoraCheckpoint(Checkpoint):
     def _target_problems(self, name: str, t: _Target) -> list[str]:
         info = self.tensors.get(name)
         if info is None:
-            return [f"'{t.a or t.b or t.replacement}' changes '{name}', which {self.path} does not have"]
+            return [f"'{t.a or t.b or t.replacement}' changes '{name}', which {self.path} does not have"
+                    + layout_hint(name, self.tensors)]
         def shape(key: str) -> tuple[int, ...]:
             return self._weights[key].shape
         if t.replacement and shape(t.replacement) != info.shape:

@@ -24,6 +24,7 @@ import torch
 from merge_engine.dtypes import DTYPES, dtype_name
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.experts import layout_hint
 from merge_engine.io.lora import CONFIG_FILE as ADAPTER_CONFIG
 from merge_engine.io.lora import LoraCheckpoint
 from merge_engine.io.untrusted import inside_folder, read_json
@@ -146,7 +147,8 @@ def check_against_model(patch_path: str, tensors: dict[str, PatchedTensor], mode
     for t in tensors.values():
         info = model.tensors.get(t.name)
         if info is None:
-            raise CheckpointError(f"{patch_path}: patches tensor '{t.name}', which {model.path} does not have")
+            raise CheckpointError(f"{patch_path}: patches tensor '{t.name}', which {model.path} does not have"
+                                  + layout_hint(t.name, model.tensors))
         if info.shape != t.shape or info.dtype != t.dtype:
             raise CheckpointError(f"{patch_path}: tensor '{t.name}' was {dtype_name(t.dtype)} {list(t.shape)} in the "
                                   f"patch's base but is {dtype_name(info.dtype)} {list(info.shape)} in {model.path}")

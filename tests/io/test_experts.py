@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint
-from merge_engine.io.experts import CONVERSIONS, conversion, with_expert_layout
+from merge_engine.io.experts import CONVERSIONS, conversion, layout_hint, with_expert_layout
 from tests.conftest import rewrite_in_place
 
 EXPERTS, HIDDEN, INNER = 4, 8, 6
@@ -306,3 +306,22 @@ def test_the_plan_digest_tells_lora_adapters_of_a_moe_model_apart(tmp_path):
             {"model": f"{base}+{adapter}", "parameters": {"weight": 0.5}}]}))
         return digest(plan.jobs, plan.entries(), 10**9, 0)
     assert plan_digest(adapters[0]) != plan_digest(adapters[1])
+
+
+def test_an_adapter_of_per_expert_tensors_on_a_fused_base_says_so(tmp_path):
+    # a PEFT adapter trained on the per-expert checkpoint, given a fused base (a mergekit or merge_engine output)
+    from merge_engine.io.lora import open_model
+    from tests.lora_adapters import write_adapter
+    write_adapter(str(tmp_path / "a"), write_model(tmp_path / "m", mixtral_tensors()), targets=("w1",))
+    fused_base = write_model(tmp_path / "f", fused(mixtral_tensors()))
+    with pytest.raises(CheckpointError, match=r"experts.0.w1.weight', which .*/f does not have \(it names one "
+                                              r"expert's tensor, and the model holds its experts fused"):
+        open_model(f"{fused_base}+{tmp_path / 'a'}")
+
+
+def test_the_layout_hint_names_the_other_layout_only():
+    per_expert, stacked = list(mixtral_tensors()), list(fused(mixtral_tensors()))
+    assert "holds its experts fused" in layout_hint("model.layers.0.block_sparse_moe.experts.3.w2.weight", stacked)
+    assert "one tensor per expert" in layout_hint("model.layers.0.mlp.experts.down_proj", per_expert)
+    assert layout_hint("model.layers.0.self_attn.q_proj.weight", stacked) == ""
+    assert layout_hint("model.layers.0.block_sparse_moe.experts.9.w2.weight", per_expert) == ""
