@@ -179,19 +179,19 @@ def lora_scratch_bytes(jobs: list[TensorJob], factored: bool) -> int:
     """Host scratch for LoRA updates: each adapter's fp32 (fp64) product and widened weight, grown to its largest
     update (LoraCheckpoint keeps them); factored, also the largest job's expert tensors the updates are applied in."""
     widest: dict[int, int] = {}
+
+    def widen(adapted: Checkpoint, info) -> None:  # its scratch grows to its largest update
+        widest[id(adapted)] = max(widest.get(id(adapted), 0), math.prod(info.shape) * update_dtype(info.dtype).itemsize)
     slots = 0
     for job in jobs:
         infos = []
         for ckpt, name in job.inputs:
             if is_factored(ckpt, name):
-                info = ckpt.tensors[name]
-                infos.append(info)
-                widest[id(ckpt)] = max(widest.get(id(ckpt), 0), math.prod(info.shape) * update_dtype(info.dtype).itemsize)
+                infos.append(ckpt.tensors[name])
+                widen(ckpt, ckpt.tensors[name])
             for source in ckpt.sources[name] if isinstance(ckpt, FusedExperts) else ():  # held applied, expert by expert
                 if is_factored(ckpt.inner, source):
-                    info = ckpt.inner.tensors[source]
-                    widest[id(ckpt.inner)] = max(widest.get(id(ckpt.inner), 0),
-                                                 math.prod(info.shape) * update_dtype(info.dtype).itemsize)
+                    widen(ckpt.inner, ckpt.inner.tensors[source])
         slots = max(slots, sum(i.nbytes for i in infos))
     return 2 * sum(widest.values()) + (slots if factored else 0)
 

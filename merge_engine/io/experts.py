@@ -375,7 +375,8 @@ def layout_hint(missing: str, held) -> str:
         return (" (it names one expert's tensor, and the model holds its experts fused, as transformers 5 and "
                 "mergekit 0.1.5 write them)")
     if ".experts." in missing and _expert_index(missing) is None and any(_expert_index(n) is not None for n in held):
-        return " (it names fused experts, and the model holds one tensor per expert: see --expert-layout)"
+        return (" (it names fused experts, and the model holds one tensor per expert: merge with --expert-layout "
+                "checkpoint to keep the checkpoint's layout)")
     return ""
 
 

@@ -19,6 +19,7 @@ import torch
 
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint, split_layer_name
+from merge_engine.io.experts import layout_hint
 from merge_engine.patches.arithmetic import difference
 
 log = logging.getLogger("merge_engine.patches")
@@ -56,11 +57,6 @@ def layer_of(name: str) -> int | None:
     return split[1] if split else OUTSIDE_LAYERS
 
 
-MIXED_EXPERT_LAYOUTS = ("; a mixture-of-experts model's experts are one tensor per expert in one of the two and fused "
-                        "(transformers 5's layout, which merges write by default) in the other: merge with "
-                        "--expert-layout checkpoint to keep the checkpoint's")
-
-
 def candidates(base: Checkpoint, tuned: Checkpoint, selection: Selection) -> list[str]:
     """Floating-point tensors the name filters keep, checked to match between the two checkpoints (in file order)."""
     names = [n for n in sorted(tuned.tensors, key=lambda n: (tuned.tensors[n].file, tuned.tensors[n].data_start))
@@ -69,7 +65,7 @@ def candidates(base: Checkpoint, tuned: Checkpoint, selection: Selection) -> lis
     if missing:
         raise CheckpointError(f"{tuned.path}: tensor '{missing[0]}' is not in the base {base.path}"
                               + (f" (nor are {len(missing) - 1} more)" if len(missing) > 1 else "")
-                              + (MIXED_EXPERT_LAYOUTS if any(".experts." in n for n in missing) else ""))
+                              + next(filter(None, (layout_hint(n, base.tensors) for n in missing if ".experts." in n)), ""))
     for n in names:
         b, t = base.tensors[n], tuned.tensors[n]
         if (b.shape, b.dtype) != (t.shape, t.dtype):
