@@ -197,12 +197,13 @@ def lora_scratch_bytes(jobs: list[TensorJob], factored: bool) -> int:
 
 
 def plan_memory(plan: MergePlan, device: torch.device, placement: str = "auto",
-                free: dict[str, int] | None = None, lora: str = "auto", evaluation: int = 0) -> MemoryPlan:
+                free: dict[str, int] | None = None, lora: str = "auto", evaluation: int = 0,
+                shape: torch.nn.Module | None = None) -> MemoryPlan:
     """The first holding of a session's tensors that fits, in the order: inputs on the device, in host memory;
     LoRA inputs applied, factored (when `lora` is auto and the plan has LoRA inputs). MemoryPlanError saying what
     each needs and what would fit when none does. free: bytes free per memory ('host', the device's name);
     measured when None. evaluation: bytes kept free beside the live model for evaluating it (an evaluator's
-    memory_bytes)."""
+    memory_bytes). shape: the live model on the meta device, when the caller has it (built when None)."""
     if placement not in PLACEMENTS:
         raise MemoryPlanError(f"placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
     if lora not in LORA_MODES:
@@ -211,7 +212,7 @@ def plan_memory(plan: MergePlan, device: torch.device, placement: str = "auto",
         raise MemoryPlanError("placement='host' holds the inputs in host memory beside a GPU's; on the CPU the "
                               "inputs are on the device already: use placement='device' or 'auto'")
     largest = max(map(work_bytes, plan.jobs), default=0)
-    model = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in plan.entries())
+    model = live_model_bytes(plan, shape if shape is not None else live_model(plan, torch.device("meta")))
     free = free if free is not None else {"host": free_memory(torch.device("cpu")),
                                           **({str(device): free_memory(device)} if device.type == "cuda" else {})}
     has_lora = any(is_factored(ckpt, name) for job in plan.jobs for ckpt, name in job.inputs)
@@ -239,6 +240,17 @@ def plan_memory(plan: MergePlan, device: torch.device, placement: str = "auto",
                           f"{input_bytes(plan.jobs) / GB:.3g} GB read once, live model {model / GB:.3g} GB, work "
                           f"{largest / GB:.3g} GB{evaluating}); free: "
                           + ", ".join(f"{k} {v / GB:.3g} GB" for k, v in free.items()) + f"; {hint}")
+
+
+def live_model_bytes(plan: MergePlan, shape: torch.nn.Module) -> int:
+    """The live model's bytes: every output tensor in the merge's dtype but those the model holds in float32
+    (kept_in_fp32), tied ones once more (merge_targets gives them a tensor of their own). shape: the live model
+    on the meta device."""
+    held = shape.state_dict(keep_vars=True)
+    upcast = kept_in_fp32(shape, output_dtype(plan))
+    loaded_as = loaded_names(shape, [name for name, _, _ in plan.entries()], held)
+    return sum(math.prod(dims) * (4 if loaded_as[name] in upcast else dtype.itemsize)
+               for name, dtype, dims in plan.entries())
 
 
 def work_bytes(job: TensorJob) -> int:

@@ -539,6 +539,7 @@ def test_modules_transformers_keeps_in_float32_are_held_so(folder_tensors, tmp_p
     live = session.state_dict()
     kept = [n for n, t in live.items() if t.dtype == torch.float32]
     assert kept and all(".wo." in n for n in kept)
+    assert session.memory.model_bytes == sum(t.nbytes for t in session._targets.values())  # wo planned in float32
     assert not differing({n: t.to(engine[n].dtype) for n, t in live.items()}, engine)
     assert not differing(session.model.state_dict(), loaded_state(tmp_path / "a"))
     loaded = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path / "a")).eval()

@@ -133,7 +133,7 @@ def search(config: SearchConfig | dict | str, out_dir: str, options: SearchOptio
         evaluator.check_model(shape.config)
     evaluation = max(e.memory_bytes(shape) for e in evaluators)
     device = resolve_device(options.device)
-    memory = plan_memory(plan, device, options.placement, lora=options.lora, evaluation=evaluation)
+    memory = plan_memory(plan, device, options.placement, lora=options.lora, evaluation=evaluation, shape=shape)
     estimate = estimate_seconds(plan, memory, objective, device, out_dir)
     check_budget_fits(budget, estimate, objective, test, input_bytes(plan.jobs))
     # the journal is held for the search (a second search on it is refused)
