@@ -162,12 +162,14 @@ REGMEAN = wrapping(MergeMethod(
 
 # ---- Bayesian Model Merging ----
 
-NOT_LINEAR = ("embed", "wte", "wpe", "lm_head", "shared")  # 2-D weights that are lookups or the output head
+NOT_LINEAR = ("embed", "wte", "wpe", "lm_head")  # in the names of 2-D weights that are lookups or the output head
+SHARED_EMBEDDING = "shared"  # T5's and BART's embedding, a whole name part: a MoE's `shared_expert` layers are linear
 
 
 def is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
     """What data-free BMM treats as a linear layer's weight: a 2-D `.weight` that is no embedding or head."""
-    return tensor.dim() == 2 and name.endswith(".weight") and not any(k in name for k in NOT_LINEAR)
+    return (tensor.dim() == 2 and name.endswith(".weight") and not any(k in name for k in NOT_LINEAR)
+            and SHARED_EMBEDDING not in name.split("."))
 
 
 @dataclasses.dataclass

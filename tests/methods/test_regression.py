@@ -21,6 +21,8 @@ from merge_engine.engine import MergeOptions, merge
 from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.grams import as_matrix, load_gram_folder
+from merge_engine.methods.base import TensorGroup
+from merge_engine.methods.regression import _bmm as bmm_merge
 from merge_engine.ops import regression
 from merge_engine.stats.gram import GramOptions, collect_grams
 from tests.stats.tiny_text import SENTENCES, tiny_tokenizer
@@ -278,3 +280,32 @@ def test_a_weight_one_models_grams_lack_is_merged_without_regression_with_a_warn
     models = [Checkpoint(p) for p in paths[1:]]
     name = "model.layers.0.self_attn.q_proj.weight"
     assert close(out.read(name), sum(m.read(name) for m in models) / 3)
+
+
+@pytest.mark.parametrize("name, regressed", [
+    ("model.layers.0.mlp.shared_expert.gate_proj.weight", True),  # Qwen2-MoE's shared expert: a linear layer
+    ("model.layers.0.mlp.shared_experts.down_proj.weight", True),  # DeepSeek's
+    ("model.layers.0.mlp.shared_expert_gate.weight", True),
+    ("shared.weight", False),  # T5's shared embedding
+    ("model.shared.weight", False),  # BART's
+])
+def test_data_free_bmm_regresses_shared_experts_but_not_shared_embeddings(name, regressed):
+    """Data-free BMM against its formula in fp64: W* = (sum_t W_t G_t + lam A)(sum_t G_t + lam I)^-1 with
+    G_t = U_t^T U_t scaled to trace d (U_t = W_t - W_base) and A the task-arithmetic anchor; an embedding
+    gets the anchor. Both sides are fp64 solves of one well-conditioned 6 x 6 system: within 1e-10."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 6, dtype=torch.float64, generator=gen)
+    experts = [base + torch.randn(4, 6, dtype=torch.float64, generator=gen) for _ in range(2)]
+    anchor = base + sum(w - base for w in experts)
+    group = TensorGroup(name, [base, *experts], 0, {"data_free": True, "lambda": 0.5, "solve_dtype": "float64"},
+                        [{}] * 3)
+    merged = bmm_merge(group, lambda g: anchor)
+    if not regressed:
+        assert torch.equal(merged, anchor)
+        return
+    grams = [(w - base).T @ (w - base) for w in experts]
+    grams = [g * (6 / torch.trace(g)) for g in grams]
+    expected = torch.linalg.solve(sum(grams) + 0.5 * torch.eye(6, dtype=torch.float64),
+                                  sum(g @ w.T for g, w in zip(grams, experts)) + 0.5 * anchor.T).T
+    torch.testing.assert_close(merged, expected, rtol=0, atol=1e-10)
+    assert not torch.allclose(merged, anchor)
