@@ -15,6 +15,7 @@ import os
 from merge_engine.dtypes import dtype_name
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.safetensors_format import folder_identity
 from merge_engine.io.untrusted import inside_folder, is_finite_number, read_json
 from merge_engine.ops.fisher import FISHER_DTYPES
 
@@ -40,9 +41,14 @@ def check_fisher_folder(fisher: Checkpoint) -> None:
                               "point")
 
 
-@functools.cache
 def fisher_manifest(path: str) -> dict:
-    """load_fisher_manifest, once per path and process (a merge reads it per tensor)."""
+    """load_fisher_manifest, once per path and process (a merge reads it per tensor), and again once the
+    folder's files are rewritten."""
+    return _fisher_manifest(path, folder_identity(path))
+
+
+@functools.cache
+def _fisher_manifest(path: str, identity: tuple) -> dict:
     return load_fisher_manifest(path)
 
 

@@ -22,6 +22,7 @@ import torch
 from merge_engine.dtypes import DTYPES, STATS_DTYPES
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.safetensors_format import folder_identity
 from merge_engine.io.untrusted import inside_folder, read_json
 from merge_engine.ops.gram import pack_upper, unpack_upper
 
@@ -74,9 +75,14 @@ class GramFolder:
         return self.manifest["modules"].get(weight_name.removesuffix(".weight"))
 
 
-@functools.cache
 def gram_folder(path: str) -> GramFolder:
-    """load_gram_folder, once per path and process (plans and merges look up every tensor's Gram)."""
+    """load_gram_folder, once per path and process (plans and merges look up every tensor's Gram), and again
+    once the folder's files are rewritten."""
+    return _gram_folder(path, folder_identity(path))
+
+
+@functools.cache
+def _gram_folder(path: str, identity: tuple) -> GramFolder:
     return load_gram_folder(path)
 
 

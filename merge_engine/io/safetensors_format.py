@@ -45,6 +45,16 @@ def file_identity(st: os.stat_result) -> tuple[int, ...]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
+def folder_identity(folder: str) -> tuple:
+    """The file_identity of every file directly in a folder, by name: what says that a statistics folder (Grams,
+    Fisher) read earlier in this process has not been rewritten since (`merge-engine stats --overwrite`)."""
+    try:
+        return tuple((e.name, file_identity(e.stat())) for e in sorted(os.scandir(folder), key=lambda e: e.name)
+                     if e.is_file())
+    except OSError:  # missing or unreadable: the loader that follows names the problem
+        return ()
+
+
 def read_header(path: str) -> dict[str, TensorInfo]:
     """Parse and validate one .safetensors file's header; raise CheckpointError naming the file."""
     return read_header_and_identity(path)[0]

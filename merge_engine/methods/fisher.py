@@ -29,6 +29,7 @@ import torch
 from merge_engine import ops
 from merge_engine.io import fishers
 from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.safetensors_format import folder_identity
 from merge_engine.methods.base import MergeMethod, TensorGroup
 from merge_engine.ops.fisher import check_fisher_values
 from merge_engine.ops.select import cutoff_mask, magnitude_cutoff
@@ -41,9 +42,14 @@ REFERENCE = "https://arxiv.org/abs/2111.09832"
 MISSING = ParamSpec("missing_fisher", str, Scope.SHARED, "fallback", check=one_of("fallback", "error"))
 
 
-@functools.cache
 def fisher_l2_norm(folder: str) -> float:
-    """The L2 norm of a whole Fisher: from the sum_squares of its manifest, else by reading it once."""
+    """The L2 norm of a whole Fisher: from the sum_squares of its manifest, else by reading it once (again once
+    the folder's files are rewritten)."""
+    return _fisher_l2_norm(folder, folder_identity(folder))
+
+
+@functools.cache
+def _fisher_l2_norm(folder: str, identity: tuple) -> float:
     if fishers.has_manifest(folder):
         return math.sqrt(fishers.fisher_manifest(folder)["sum_squares"])
     log.info("%s: no %s; reading the whole Fisher once to normalise it", folder, fishers.MANIFEST_FILE)

@@ -41,10 +41,10 @@ def llama(model_sets, folder_tensors, tmp_path):
     paths = model_sets("llama")
     tensors = [folder_tensors(p) for p in paths]
 
-    def fishers(**kw):
+    def fishers(prefix="fisher", **kw):
         out = []
         for i, t in enumerate(tensors):
-            folder = str(tmp_path / f"fisher{i}")
+            folder = str(tmp_path / f"{prefix}{i}")
             out.append((folder, write_fisher(folder, t, seed=50 + i, **{k: v[i] if isinstance(v, list) else v
                                                                       for k, v in kw.items()})))
         return out
@@ -83,7 +83,7 @@ def test_a_donor_with_zero_fisher_is_ignored(llama, tmp_path, folder_tensors):
 def test_normalize_fisher_removes_each_models_scale(llama, tmp_path, folder_tensors):
     paths, _, fishers = llama
     plain = fishers()
-    scaled = fishers(transform=[lambda n, x, s=s: x * s for s in (1.0, 1e3, 1e-2, 7.0)],
+    scaled = fishers("scaled", transform=[lambda n, x, s=s: x * s for s in (1.0, 1e3, 1e-2, 7.0)],
                      manifest=[True, False, True, False])  # norms from the manifest, or read from the folder
     outs = []
     for name, f in (("plain", plain), ("scaled", scaled)):
@@ -93,6 +93,21 @@ def test_normalize_fisher_removes_each_models_scale(llama, tmp_path, folder_tens
         outs.append(folder_tensors(tmp_path / name))
     for n in outs[0]:  # same weights up to the rounding of the normalised coefficients
         torch.testing.assert_close(outs[0][n], outs[1][n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("manifest", [True, False], ids=["norm from the manifest", "norm read from the folder"])
+def test_a_fisher_rewritten_in_the_same_process_is_read_again(llama, tmp_path, folder_tensors, manifest):
+    """A Fisher folder rewritten (`fisher --overwrite`) after a merge of this process read it: the next merge
+    normalises by the new Fisher's norm, so scaling one model's Fisher by 1e3 changes nothing."""
+    paths, _, fishers = llama
+    cfg = {"merge_method": "fisher", "parameters": {"normalize_fisher": True, "fisher_floor": 0.0},
+           "models": [{"model": p, "fisher": fo} for p, (fo, _) in zip(paths, fishers(manifest=manifest))]}
+    run(cfg, tmp_path / "before")
+    fishers(transform=[None, lambda n, x: x * 1e3, None, None], manifest=manifest)
+    run(cfg, tmp_path / "after")
+    before, after = folder_tensors(tmp_path / "before"), folder_tensors(tmp_path / "after")
+    for n in before:
+        torch.testing.assert_close(after[n], before[n], rtol=1e-5, atol=1e-6)
 
 
 def test_an_invalid_fisher_manifest_is_refused_before_merging(llama, tmp_path):

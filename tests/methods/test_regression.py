@@ -309,3 +309,20 @@ def test_data_free_bmm_regresses_shared_experts_but_not_shared_embeddings(name, 
                                   sum(g @ w.T for g, w in zip(grams, experts)) + 0.5 * anchor.T).T
     torch.testing.assert_close(merged, expected, rtol=0, atol=1e-10)
     assert not torch.allclose(merged, anchor)
+
+
+def test_grams_rewritten_in_the_same_process_are_read_again(setup, tmp_path):
+    """`stats --overwrite` (collect_grams with overwrite) into a folder a merge of this process has already
+    read: the next merge scales each Gram by the rows its new manifest says, not the old one's."""
+    paths, grams = setup("llama")
+    mine = [str(shutil.copytree(g, tmp_path / f"grams{i}")) for i, g in enumerate(grams)]
+    run(config("regmean", paths, mine), tmp_path / "before")
+    data = tmp_path / "fewer.txt"
+    data.write_text(SENTENCES[0] + "\n")
+    collect_grams(paths[1], str(data), mine[0], GramOptions(batch_size=2, max_length=16, quiet=True, device="cpu",
+                                                                 tokenizer=tiny_tokenizer(), overwrite=True))
+    out = run(config("regmean", paths, mine), tmp_path / "after")
+    models = [Checkpoint(p) for p in paths[1:]]
+    name = "model.layers.0.self_attn.q_proj.weight"
+    gs = [gram(g, name, "tokens")[0] for g in mine]
+    assert close(out.read(name), regression.regmean([m.read(name) for m in models], gs, 0.9))
