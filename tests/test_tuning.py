@@ -86,6 +86,27 @@ def test_tuning_improves_on_the_default_and_its_config_reproduces_it(problem, bm
     assert set(result.lambdas) == set(problem.systems)
 
 
+def test_a_tuned_config_with_a_slices_own_lambda_reproduces_the_tuned_merge(bmm_config, tmp_path):
+    """A slice's own lambda outranks the global one: the tuned config's per-tensor lambdas must not lie under it."""
+    layers = Checkpoint(bmm_config["base_model"]).num_layers
+    sources = [{"model": bmm_config["base_model"], "layer_range": [0, layers]}] + [
+        {**m, "layer_range": [0, layers]} for m in bmm_config["models"]]
+    cfg = {k: v for k, v in bmm_config.items() if k not in ("models", "parameters")}
+    cfg["slices"] = [{"sources": sources, "parameters": {"lambda": 0.5}}]
+    problem = BMMProblem(cfg, device="cpu", progress=False)
+    target = Checkpoint(bmm_config["models"][0]["model"])
+    wanted = {name: target.read(name) for name in problem.systems}
+
+    def evaluate(state):
+        return -sum(float((state[n] - w).square().sum()) for n, w in wanted.items())
+    result = tune_bmm(problem, evaluate, n_trials=4, granularity="model", seed=3, progress=False)
+    assert result.score > result.default_score  # a tuned lambda, not the slice's 0.5
+    out = engine_merge(result.config, tmp_path / "tuned")
+    tuned = problem.merged(result.lambdas)
+    for name in problem.systems:
+        assert close(tuned[name], out.read(name)), name
+
+
 @pytest.mark.parametrize("own", [[{"filter": "self_attn", "value": 0.01}, {"value": 50.0}], 5000.0],
                          ids=["per-tensor", "outside the range"])
 def test_the_result_never_scores_below_the_configs_own_lambdas(bmm_config, own):
