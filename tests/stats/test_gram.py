@@ -20,7 +20,14 @@ from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.grams import as_matrix, load_gram_folder
 from merge_engine.stats.data import load_data
-from merge_engine.stats.gram import GramOptions, collect_grams, linear_modules
+from merge_engine.stats.gram import (
+    GramGroup,
+    GramModule,
+    GramOptions,
+    collect_grams,
+    linear_modules,
+    split_into_passes,
+)
 from merge_engine.stats.models import load_model
 from tests.stats.tiny_text import tiny_tokenizer
 
@@ -98,6 +105,23 @@ def test_memory_budget_splits_into_passes_with_identical_results(tiny_lm, text_f
     assert set(one.tensors) == set(many.tensors)
     for name in one.tensors:
         assert torch.equal(one.read(name), many.read(name)), name
+
+
+def test_the_docs_7b_example_of_passes():
+    """docs/data-aware.md: a 7B Llama's Grams (q/k/v, o, gate/up at 4096 inputs, down at 11008, per layer, and
+    the head) with the default budget. Pass k forwards the layers up to its last module, so the data's forwards
+    add up the passes' depths."""
+    groups = [GramGroup([GramModule(f"model.layers.{i}.{name}", None, d, False)]) for i in range(32)
+              for name, d in (("self_attn.q_proj", 4096), ("self_attn.o_proj", 4096), ("mlp.gate_proj", 4096),
+                              ("mlp.down_proj", 11008))] + [GramGroup([GramModule("lm_head", None, 4096, False)])]
+    passes = split_into_passes(groups, GramOptions().max_gram_bytes)
+    depth = [(groups.index(p[-1]) // 4 + 1) / 32 for p in passes]  # the head is in layer 31's forward
+    gigabytes = sum(g.d * g.d * 4 for g in groups) / 1e9
+    assert len(passes) == 3
+    docs = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "data-aware.md")).read()
+    assert " ".join(docs.split()).count(f"A 7B Llama's Grams (about {gigabytes:.0f} GB in fp32) with the default "
+                                        f"8 GB budget take three passes, about {sum(depth):.1f} forwards "
+                                        "of the data in all") == 1
 
 
 def test_packed_and_bfloat16_storage(tiny_lm, text_file, tmp_path):
