@@ -116,16 +116,17 @@ class BMMProblem:
         return state
 
     def groups(self, granularity: str) -> dict[str, list[str]]:
-        """Regressed tensor names by the lambda they share: one for the model, one per layer, or one each."""
+        """Regressed tensor names by the lambda they share: one for the model, one per layer (of each layer stack:
+        a vision tower's block 0 is not the language model's layer 0), or one each."""
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        stacks = {layer[0] for layer in map(split_layer_name, self.systems) if layer}
         out: dict[str, list[str]] = {}
         for name in self.systems:
             if granularity == "model":
                 key = "model"
-            elif granularity == "block":
-                layer = split_layer_name(name)
-                key = f"layer {layer[1]}" if layer else name
+            elif granularity == "block" and (layer := split_layer_name(name)):
+                key = f"layer {layer[1]}" if len(stacks) == 1 else f"{layer[0]}.{layer[1]}"
             else:
                 key = name
             out.setdefault(key, []).append(name)

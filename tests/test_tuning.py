@@ -16,8 +16,9 @@ import torch
 from merge_engine.config import parse_config
 from merge_engine.engine import MergeOptions, merge
 from merge_engine.errors import ConfigError
-from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.checkpoint import Checkpoint, split_layer_name
 from merge_engine.tuning import BMMProblem, tune_bmm
+from tests.stacked_models import make_qwen2_vl
 from tests.stats.tiny_text import write_expert_grams
 
 
@@ -65,6 +66,19 @@ def test_groups_by_granularity(problem):
     assert sum(map(len, problem.groups("module").values())) == len(problem.systems) == 29
     with pytest.raises(ValueError, match="granularity"):
         problem.groups("head")
+
+
+def test_blocks_of_different_layer_stacks_are_different_groups(tmp_path):
+    """Qwen2-VL: vision block i and language layer i are two blocks, each with its own lambda."""
+    paths = make_qwen2_vl(str(tmp_path), n=2)
+    problem = BMMProblem({"merge_method": "bmm", "base_model": paths[0], "parameters": {"data_free": True},
+                          "models": [{"model": p} for p in paths[1:]]}, device="cpu", progress=False)
+    stacks = {split_layer_name(name)[0] for name in problem.systems if split_layer_name(name)}
+    blocks = problem.groups("block")
+    assert len(stacks) == 2
+    for names in blocks.values():
+        assert len({split_layer_name(n)[:2] if split_layer_name(n) else n for n in names}) == 1, names
+    assert len(blocks) == len({split_layer_name(n)[:2] if split_layer_name(n) else n for n in problem.systems})
 
 
 def test_tuning_improves_on_the_default_and_its_config_reproduces_it(problem, bmm_config, tmp_path):
