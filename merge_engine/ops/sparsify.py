@@ -121,7 +121,8 @@ def outlier_window(numel: int, density: float, gamma: float) -> tuple[int, int]:
 
 
 def della_keep_probability(x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """DELLA's per-element keep probability from the rank of |x| along dim 1, as mergekit argsorts (fp32).
+    """DELLA's per-element keep probability from the rank of |x| along dim 1, in fp32 (as mergekit computes it
+    for fp32 and fp16 on the CPU; for bf16, and on a GPU, mergekit rounds the ranks to the tensor's dtype).
 
     p = (density - eps) + 2 eps (rank - 1) / (ncols - 1), rank 1 being the smallest magnitude of its row
     (ncols = x.shape[1]); a 1-D tensor is one row, and in a tensor of 3 or more dims each x[i, :, k, ...] is
