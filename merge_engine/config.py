@@ -16,7 +16,7 @@ import yaml
 
 from merge_engine.dtypes import DTYPES
 from merge_engine.errors import CheckpointError, ConfigError
-from merge_engine.io.untrusted import open_regular
+from merge_engine.io.untrusted import is_file_name, open_regular
 from merge_engine.methods import REGISTRY, MergeMethod
 from merge_engine.parameters import (
     ParamSpec,
@@ -260,12 +260,22 @@ def _model_ref(ref: Any, where: str, problems: list[str], optional: bool = False
     if not isinstance(ref, str) or not ref:
         problems.append(f"{where}: expected a model path, got {ref!r}")
         return None
+    if not _is_path(ref, where, problems):
+        return None
     if "+" in ref and not all(ref.split("+")) or ref.count("+") > 1:
         problems.append(f"{where}: '{ref}': expected a model folder or BASE+ADAPTER (a LoRA adapter or "
                         "merge_engine patch folder)")
     elif "@" in ref:
         problems.append(f"{where}: '{ref}': revisions (model@rev) are not supported; pass a local folder")
     return ref
+
+
+def _is_path(text: str, where: str, problems: list[str]) -> bool:
+    """Whether text can name a file; else the problem appended."""
+    if not is_file_name(text):
+        problems.append(f"{where}: {text!r} cannot be a path (a NUL or a lone surrogate, which no file name holds)")
+        return False
+    return True
 
 
 def _dtype(raw: dict, key: str, problems: list[str]) -> torch.dtype | None:
@@ -426,7 +436,8 @@ def _side_paths(entry: dict, where: str, problems: list[str]) -> dict[str, str]:
         if value is None:
             continue
         if isinstance(value, str) and value:
-            paths[key] = value
+            if _is_path(value, f"{where}.{key}", problems):
+                paths[key] = value
         else:
             problems.append(f"{where}.{key}: expected a folder path, got {value!r}")
     return paths

@@ -63,7 +63,7 @@ from merge_engine.io.buffers import BufferPool
 from merge_engine.io.checkpoint import DIRECT_IO_MODES, LAYER_COUNT_KEYS
 from merge_engine.io.experts import EXPERT_LAYOUTS
 from merge_engine.io.lora import open_model
-from merge_engine.io.untrusted import inside_folder, is_int, open_regular
+from merge_engine.io.untrusted import inside_folder, is_file_name, is_int, open_regular
 from merge_engine.io.writer import ShardedWriter, check_output_apart, check_output_dir, plan_shards
 from merge_engine.methods import MergeMethod, TensorGroup
 from merge_engine.ops import backends
@@ -331,7 +331,7 @@ def folder_problems(raw: object) -> list[str]:
         entries = section.get("models") or section.get("sources") or []
         refs += [e.get("model") for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
     problems = []
-    for ref in dict.fromkeys(r for r in refs if isinstance(r, str) and r):
+    for ref in dict.fromkeys(r for r in refs if isinstance(r, str) and r and is_file_name(r)):
         try:
             open_model(ref).close()
         except MergeEngineError as e:

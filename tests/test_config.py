@@ -131,6 +131,22 @@ def test_invalid_configs(raw, match):
         parse_config(raw)
 
 
+@pytest.mark.parametrize("path", ["/a\0b", "/a+/lora\0", "/a+/lora\ud800", "/a\ud800"])
+@pytest.mark.parametrize("key", ["models[1].model", "base_model", "models[1].fisher", "tokenizer_source"])
+def test_a_path_no_file_name_can_hold_is_a_problem_naming_its_key(path, key):
+    """YAML's escapes write a NUL or a lone surrogate; the file system calls would raise ValueError."""
+    raw = {"merge_method": "linear", "models": [{"model": "/m", "parameters": {"weight": 1.0}},
+                                                 {"model": "/e", "parameters": {"weight": 1.0}}]}
+    if key == "models[1].model":
+        raw["models"][1]["model"] = path
+    elif key == "models[1].fisher":
+        raw["models"][1]["fisher"] = path
+    else:
+        raw[key] = path
+    with pytest.raises(ConfigError, match=re.escape(f"{key}: {path!r} cannot be a path")):
+        parse_config(raw)
+
+
 def test_slices_form():
     cfg = parse_config({"merge_method": "slerp", "base_model": "/a", "parameters": {"t": [0, 1]},
                         "slices": [{"sources": [{"model": "/a", "layer_range": [0, 2]},

@@ -72,6 +72,16 @@ def is_text(s: str) -> bool:
     return True
 
 
+def is_file_name(text: str) -> bool:
+    """Whether text can name a file: YAML's and JSON's escapes can write a NUL or a lone surrogate (\\ud800), which
+    no file name holds (the file system calls raise ValueError)."""
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        return False
+    return "\0" not in text
+
+
 def is_int(value) -> bool:
     """A JSON integer: Python's bool is an int, JSON's true is not."""
     return isinstance(value, int) and not isinstance(value, bool)

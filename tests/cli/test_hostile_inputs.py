@@ -94,6 +94,10 @@ CASES = {  # name: (change to the expert folder, change to the config, what the 
     "parameters a list": (None, lambda c: c.update(parameters=[1, 2]), "parameters: expected a mapping"),
     "parameter name an int": (None, lambda c: c["models"][1]["parameters"].update({5: 3}),
                               "models[1].parameters: parameter names must be strings"),
+    "adapter path with a NUL": (None, lambda c: c["models"][1].update(model=c["models"][1]["model"] + "+/a\0"),
+                                "models[1].model: "),
+    "adapter path with a lone surrogate": (None, lambda c: c["models"][1].update(model=c["models"][1]["model"]
+                                                                                   + "+/a\ud800"), "models[1].model: "),
     "config.json architectures an int": (lambda f: rewrite_config(f, architectures=5), None,
                                          "expert/config.json: 'architectures' must be a list"),
     "config.json architectures dicts": (lambda f: rewrite_config(f, architectures=[{"a": 1}]), None,
