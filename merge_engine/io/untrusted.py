@@ -28,7 +28,7 @@ from merge_engine.errors import CheckpointError
 
 def inside_folder(folder: str, name: object, what: str) -> str:
     """The path of `name` in `folder`, or CheckpointError naming `what` (the file that named it)."""
-    if not isinstance(name, str) or not name or "\0" in name:
+    if not isinstance(name, str) or not name or not is_file_name(name):
         raise CheckpointError(f"{what}: names {name!r}, which is not a file name")
     for form in (name, unicodedata.normalize("NFKC", name)):
         if os.path.isabs(form) or ".." in PurePosixPath(form.replace("\\", "/")).parts:

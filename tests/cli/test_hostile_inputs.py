@@ -81,6 +81,8 @@ CASES = {  # name: (change to the expert folder, change to the config, what the 
     "JSON nested deep": (lambda f: rewrite_header(layer_shard(f), lambda h: b"[" * 100_000 + b"]" * 100_000),
                          None, "nested too deeply"),
     "index leaves the folder": (lambda f: rewrite_index(f, traversal), None, "outside"),
+    "index names a lone surrogate": (lambda f: rewrite_index(f, lambda i: {**i, "weight_map": {
+        name: "\ud800.safetensors" for name in i["weight_map"]}}), None, "index.json: names '\\ud800.safetensors'"),
     "weight_map a list": (lambda f: rewrite_index(f, lambda i: {**i, "weight_map": list(i["weight_map"])}),
                           None, "weight_map"),
     "weight .nan": (None, lambda c: c["models"][1]["parameters"].update(weight=float("nan")), "weight"),

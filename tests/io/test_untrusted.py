@@ -25,7 +25,8 @@ def folder(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["../secret.safetensors", "sub/../../secret.safetensors", "/etc/passwd",
-                                  "\uff0e\uff0e/secret.safetensors", "..\\secret.safetensors", "", "a\0b", 7])
+                                  "\uff0e\uff0e/secret.safetensors", "..\\secret.safetensors", "", "a\0b", "a\ud800b",
+                                  7])
 def test_names_that_leave_the_folder_are_refused(folder, name):
     with pytest.raises(CheckpointError, match="index.json"):
         inside_folder(str(folder), name, "index.json")
