@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import mmap
@@ -41,6 +42,8 @@ _OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")  # how /proc/self/mountinfo writes 
 _WRITE_CHUNK = 1 << 30
 _BOUNCE = 16 << 20  # bytes staged per direct write
 _MIN_DIRECT = 1 << 20  # smaller tensors are written plainly
+_NAME_MAX = 255  # bytes in one file name (Linux's filesystems)
+_PID_DIGITS = 7  # Linux's largest process id, 2**22
 
 
 @dataclass
@@ -156,7 +159,20 @@ def check_output_apart(out_dir: str, inputs: Iterable[str]) -> None:
 
 def _partial_prefix(out_dir: str) -> tuple[str, str]:
     parent, base = os.path.split(output_folder(out_dir))
-    return parent, f".{base}.partial-"
+    return parent, f".{_within_name_limit(base)}.partial-"
+
+
+def _within_name_limit(base: str) -> str:
+    """base, or where the partial folder's name (".BASE.partial-PID.XXXXXXXX.old") would pass the file system's
+    255-byte limit on a name, its start and a digest of the whole: an output name of 226 to 255 bytes is valid,
+    but the merge could not make its partial folder (or, with --overwrite, only once done, move the old one aside)."""
+    budget = _NAME_MAX - len(".") - len(".partial-") - _PID_DIGITS - len(".xxxxxxxx.old")
+    if len(os.fsencode(base)) <= budget:
+        return base
+    digest = "~" + hashlib.sha256(os.fsencode(base)).hexdigest()[:16]
+    while len(os.fsencode(base + digest)) > budget:
+        base = base[:-1]
+    return base + digest
 
 
 def remove_stale_partials(out_dir: str) -> list[str]:

@@ -275,6 +275,22 @@ def test_a_killed_writers_partial_folder_is_removed_by_the_next_run(tmp_path, ca
     assert partials(out) == [] and sorted(os.listdir(out)) == ["model.safetensors"]  # no lock file
 
 
+@pytest.mark.parametrize("name", ["y" * 229, "y" * 255, "\u00e9" * 127])
+def test_an_output_name_of_up_to_255_bytes_is_written_and_replaced(tmp_path, caplog, name):
+    """The partial folder beside it, and the old output moved aside with --overwrite, have longer names: kept within
+    the 255-byte limit on a name, and a killed run's still found by the next run."""
+    out = tmp_path / name
+    assert subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out)]).returncode == -9
+    ts = tensors()
+    for overwrite in (False, True):
+        w = ShardedWriter(str(out), entries(ts), 10**9, overwrite=overwrite)
+        for n, t in ts.items():
+            w.write(n, t)
+        w.commit()
+        assert sorted(os.listdir(out)) == ["model.safetensors"]
+    assert os.listdir(tmp_path) == [name] and "was killed" in caplog.text
+
+
 def test_a_partial_folder_whose_writer_holds_its_lock_is_kept(tmp_path):
     out = tmp_path / "out"
     other = tmp_path / f".out.partial-{dead_pid()}"  # as from a writer on another host sharing the disk
