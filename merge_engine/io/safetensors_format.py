@@ -82,7 +82,8 @@ def read_header_and_identity(path: str) -> tuple[dict[str, TensorInfo], tuple[in
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{path}: corrupt safetensors header (not UTF-8: {e.reason} at byte {e.start})") from None
-    header = parse_json(text, f"{path}: corrupt safetensors header")
+    header = parse_json(text, f"{path}: corrupt safetensors header", parse_constant=_not_json,
+                        parse_int=_integer_or_minus_zero)
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None)  # null: none, as the library reads it
@@ -94,6 +95,16 @@ def read_header_and_identity(path: str) -> tuple[dict[str, TensorInfo], tuple[in
     infos = {name: _tensor_info(path, name, entry, data_base, size) for name, entry in header.items()}
     _check_layout(path, infos, data_base, size)
     return infos, file_identity(st)
+
+
+def _not_json(constant: str):
+    """Python's json takes NaN and Infinity, which are not JSON: the safetensors library refuses a header holding one."""
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def _integer_or_minus_zero(text: str) -> int | float:
+    """A JSON integer as the safetensors library reads it: -0 is a float to it, so not a size or an offset."""
+    return -0.0 if text == "-0" else int(text)
 
 
 def _is_count(value) -> bool:

@@ -51,11 +51,12 @@ def containment_boundary(folder: str) -> str:
     return real
 
 
-def parse_json(raw: bytes | str, what: str):
+def parse_json(raw: bytes | str, what: str, **number_hooks):
     """The JSON value of raw, or CheckpointError naming `what`: duplicate keys are refused (a later one
-    would silently win), as are values nested too deep to parse."""
+    would silently win), as are values nested too deep to parse. number_hooks: json.loads' parse_int or
+    parse_constant (raising ValueError to refuse a number)."""
     try:
-        return json.loads(raw, object_pairs_hook=refuse_repeated_keys)
+        return json.loads(raw, object_pairs_hook=refuse_repeated_keys, **number_hooks)
     except RecursionError:
         raise CheckpointError(f"{what}: JSON nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as e:

@@ -139,3 +139,18 @@ def test_metadata_is_read_as_the_library_reads_it(tmp_path, metadata, refused):
             read_header(path)
     else:
         assert list(read_header(path)) == ["t"]
+
+
+@pytest.mark.parametrize("entry,problem", [
+    (b'"shape": [2], "data_offsets": [0, 8], "note": NaN', r"invalid JSON \(NaN is not a JSON number"),
+    (b'"shape": [2], "data_offsets": [0, 8], "note": -Infinity', r"invalid JSON \(-Infinity is not a JSON number"),
+    (b'"shape": [-0, 2], "data_offsets": [0, 0]', r"tensor 'w': malformed header entry"),
+])
+def test_numbers_the_library_refuses_in_a_header_are_refused(tmp_path, entry, problem):
+    """Python's json takes NaN and Infinity; the library (serde_json) refuses them, and reads -0 as a float."""
+    path = write_raw(tmp_path / "n.safetensors", b'{"w": {"dtype": "F32", ' + entry + b"}}",
+                     bytes(8 if b"[0, 8]" in entry else 0))
+    with pytest.raises(Exception, match="invalid"):
+        safe_open(path, "pt")
+    with pytest.raises(CheckpointError, match=rf"n\.safetensors: .*{problem}"):
+        read_header(path)
