@@ -82,7 +82,7 @@ def read_header_and_identity(path: str) -> tuple[dict[str, TensorInfo], tuple[in
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{path}: corrupt safetensors header (not UTF-8: {e.reason} at byte {e.start})") from None
-    header = parse_json(text, f"{path}: corrupt safetensors header", parse_constant=_not_json,
+    header = parse_json(text, f"{path}: corrupt safetensors header", parse_constant=_NotJson,
                         parse_int=_integer_or_minus_zero)
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
@@ -97,9 +97,26 @@ def read_header_and_identity(path: str) -> tuple[dict[str, TensorInfo], tuple[in
     return infos, file_identity(st)
 
 
-def _not_json(constant: str):
-    """Python's json takes NaN and Infinity, which are not JSON: the safetensors library refuses a header holding one."""
-    raise ValueError(f"{constant} is not a JSON number")
+class _NotJson:
+    """NaN or Infinity, which Python's json takes and the safetensors library refuses (they are not JSON): kept as
+    this marker, not a number, so that the refusal names the tensor whose entry holds it."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _not_json_in(entry) -> str | None:
+    """The first NaN or Infinity anywhere in a header entry, or None."""
+    pending = [entry]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, _NotJson):
+            return value.text
+        pending += value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return None
 
 
 def _integer_or_minus_zero(text: str) -> int | float:
@@ -119,6 +136,10 @@ def _tensor_info(path: str, name: str, entry, data_base: int, file_size: int) ->
     if not is_text(name):
         raise CheckpointError(f"{path}: tensor {name!r}: the name is not text (a lone surrogate escape, "
                               "\\ud800-\\udfff): corrupt header")
+    constant = _not_json_in(entry)
+    if constant:
+        raise CheckpointError(f"{path}: tensor '{name}': its header entry holds {constant}, which is not JSON "
+                              "(corrupt header)")
     if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
             and entry["dtype"] in (*SAFETENSORS_DTYPES, *UNREAD_DTYPES) and isinstance(entry.get("shape"), list)
             and all(_is_count(d) for d in entry["shape"])

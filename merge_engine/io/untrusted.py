@@ -53,8 +53,8 @@ def containment_boundary(folder: str) -> str:
 
 def parse_json(raw: bytes | str, what: str, **number_hooks):
     """The JSON value of raw, or CheckpointError naming `what`: duplicate keys are refused (a later one
-    would silently win), as are values nested too deep to parse. number_hooks: json.loads' parse_int or
-    parse_constant (raising ValueError to refuse a number)."""
+    would silently win), as are values nested too deep to parse. number_hooks: json.loads' parse_int,
+    parse_float, parse_constant."""
     try:
         return json.loads(raw, object_pairs_hook=refuse_repeated_keys, **number_hooks)
     except RecursionError:

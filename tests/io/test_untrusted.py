@@ -104,7 +104,7 @@ def header_file(path, header: dict, data: bytes):
       "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "overlaps"),
     ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, 8, "gap"),
     ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, 8, "after the last tensor"),
-    ({"a": {"dtype": "F32", "shape": [1e999], "data_offsets": [0, 4]}}, 4, "Infinity is not a JSON number"),  # as json.dumps writes it
+    ({"a": {"dtype": "F32", "shape": [1e999], "data_offsets": [0, 4]}}, 4, "holds Infinity, which is not JSON"),  # written as Infinity
     ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, 4, "malformed"),
     ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": {"format": 1}}, 4, "__metadata__"),
     ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": ["x"]}, 4, "__metadata__"),
