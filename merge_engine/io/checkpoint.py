@@ -77,6 +77,9 @@ def _config_problem(config: dict) -> str | None:
     if text_config is not None and not isinstance(text_config, dict):
         return f"'text_config' must be a JSON object, got {reprlib.repr(text_config)}"
     for scope, where in ((config, ""), (text_config or {}, "text_config.")):
+        model_type = scope.get("model_type")  # looked up in tables of model types
+        if model_type is not None and not isinstance(model_type, str):
+            return f"'{where}model_type' must be a model type name, got {reprlib.repr(model_type)}"
         for key in (*LAYER_COUNT_KEYS, "vocab_size"):  # counts the merge plans with (true would count as 1)
             value = scope.get(key)
             if value is not None and not (is_int(value) and value >= 0):

@@ -106,6 +106,8 @@ CASES = {  # name: (change to the expert folder, change to the config, what the 
                                         "expert/config.json: 'architectures' must be a list"),
     "config.json architectures a string": (lambda f: rewrite_config(f, architectures="LlamaForCausalLM"), None,
                                            "expert/config.json: 'architectures' must be a list"),
+    "config.json model_type a list": (lambda f: rewrite_config(f, model_type=["llama"]), None,
+                                      "expert/config.json: 'model_type' must be a model type name"),
     "config.json text_config a string": (lambda f: rewrite_config(f, text_config="x"), None,
                                          "expert/config.json: 'text_config' must be a JSON object"),
 }

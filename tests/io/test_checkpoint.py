@@ -244,6 +244,8 @@ def test_an_index_or_config_linked_out_of_the_folder_or_to_nothing_is_refused(mo
     ("num_hidden_layers", "2", "must be a non-negative integer, got '2'"),
     ("vocab_size", -1, "must be a non-negative integer, got -1"),
     ("vocab_size", 32.0, "must be a non-negative integer, got 32.0"),
+    ("model_type", ["llama"], "must be a model type name, got ['llama']"),
+    ("model_type", {"a": 1}, "must be a model type name, got {'a': 1}"),
 ])
 def test_config_json_values_of_the_wrong_type_are_refused_at_open(model_sets, tmp_path, key, value, expected):
     import shutil
