@@ -162,7 +162,8 @@ def model_blocks(config: dict, source: str = "config.json") -> ModelBlocks:
         raise CheckpointError(f"{source}: a model's config must be a mapping (config.json's content), got a "
                               f"{type(config).__name__}")
     model_type = config.get("model_type")
-    read = {**dict.fromkeys(_LLAMA_LIKE, _llama_like), "gpt2": _gpt2, "gpt_neo": _gpt_neo}.get(model_type)
+    readers = {**dict.fromkeys(_LLAMA_LIKE, _llama_like), "gpt2": _gpt2, "gpt_neo": _gpt_neo}
+    read = readers.get(model_type) if isinstance(model_type, str) else None  # a list or object: no name at all
     if read is None:
         raise CheckpointError(f"{source}: model_type {model_type!r} is not supported by tier keys "
                               f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")

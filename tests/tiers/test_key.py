@@ -1,6 +1,7 @@
 """Key generation, the key file format, and block permutations (no checkpoints needed)."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -225,4 +226,12 @@ def test_config_sizes_must_be_integers(field, value):
     cfg = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 112,
            "num_hidden_layers": 2, field: value}
     with pytest.raises(CheckpointError, match=f"c.json: cannot read the llama sizes.*{value!r} is not an integer"):
+        model_blocks(cfg, "c.json")
+
+
+@pytest.mark.parametrize("model_type", [["llama"], {"llama": 1}, None])
+def test_a_model_type_that_is_not_a_name_is_refused_by_file(model_type):
+    cfg = {"model_type": model_type, "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 112,
+           "num_hidden_layers": 2}
+    with pytest.raises(CheckpointError, match=rf"c.json: model_type {re.escape(repr(model_type))} is not supported"):
         model_blocks(cfg, "c.json")
