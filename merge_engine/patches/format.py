@@ -135,7 +135,7 @@ def _patched_tensor(name: str, e, bad) -> PatchedTensor:
     if not (isinstance(shape, list) and shape and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                       for d in shape)):
         raise bad(f"tensor '{name}': shape must be a non-empty list of sizes")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:  # (a list or object cannot be looked up)
         raise bad(f"tensor '{name}': dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if not (isinstance(fixups, int) and not isinstance(fixups, bool) and fixups >= 0):
         raise bad(f"tensor '{name}': fixups must be a count")

@@ -219,6 +219,7 @@ def test_patches_on_a_live_transformers_model(bf16):
     (lambda c: c.update(storage="int3"), "storage 'int3'"),
     (lambda c: next(iter(c["tensors"].values())).update(shape=[2, "x"]), "shape must be"),
     (lambda c: next(iter(c["tensors"].values())).update(fixups=-1), "fixups must be a count"),
+    (lambda c: next(iter(c["tensors"].values())).update(dtype=["bfloat16"]), r"dtype \['bfloat16'\] is not one of"),
     (lambda c: next(iter(c["tensors"].values())).update(base_fingerprint="zz"), "32 hex digits"),
     (lambda c: next(t for t in c["tensors"].values() if not t["fixups"]).update(fixups=3), "lack '.+::fix_index'"),
     (lambda c: c["tensors"].pop(next(iter(c["tensors"]))), "which patch_config.json does not describe"),
