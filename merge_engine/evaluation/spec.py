@@ -14,7 +14,7 @@ from merge_engine.errors import ConfigError
 from merge_engine.evaluation.lm_eval_tasks import LmEvalTasks
 from merge_engine.evaluation.multiple_choice import NORMALIZE, MultipleChoice
 from merge_engine.evaluation.perplexity import Perplexity
-from merge_engine.io.untrusted import is_int
+from merge_engine.io.untrusted import is_file_name, is_int
 
 
 class Evaluator(Protocol):
@@ -55,7 +55,11 @@ def _is_limit(v) -> bool:  # lm_eval's limit: a number of examples, or a fractio
     return v is None or _is_count(v) or (isinstance(v, float) and 0 < v < 1)
 
 
-DATA = Key(lambda v: isinstance(v, str) and v != "", "a file path", required=True)
+def _is_path(v) -> bool:
+    return isinstance(v, str) and v != "" and is_file_name(v)
+
+
+DATA = Key(_is_path, "a file path", required=True)
 BATCH_SIZE = Key(_is_count, "a positive integer")
 SCHEMAS: dict[str, dict[str, Key]] = {
     "multiple_choice": {"data": DATA, "normalize": Key(lambda v: v in NORMALIZE, f"one of {', '.join(NORMALIZE)}"),
@@ -65,7 +69,7 @@ SCHEMAS: dict[str, dict[str, Key]] = {
                    "batch_size": BATCH_SIZE},
     "lm_eval": {"tasks": Key(lambda v: isinstance(v, list) and bool(v) and all(map(_is_str, v)),
                              "a non-empty list of task names", required=True),
-                "include_path": Key(lambda v: v is None or _is_str(v), "a folder path or null"),
+                "include_path": Key(lambda v: v is None or _is_path(v), "a folder path or null"),
                 "metric": Key(_is_str, "a metric name (e.g. acc)"), "batch_size": BATCH_SIZE,
                 "limit": Key(_is_limit, "null, a positive integer or a fraction between 0 and 1")},
 }
@@ -97,7 +101,7 @@ def spec_problems(spec: object, where: str) -> list[str]:
     if not isinstance(spec, Mapping):
         return [f"{where} must be a mapping with a kind ({', '.join(SCHEMAS)}), got {spec!r}"]
     kind = spec.get("kind")
-    if kind not in SCHEMAS:
+    if not isinstance(kind, str) or kind not in SCHEMAS:  # (a list or mapping cannot be looked up)
         got = "it is missing" if "kind" not in spec else f"got {kind!r}"
         return [f"{where}.kind must be one of {', '.join(SCHEMAS)}, {got}"]
     schema = SCHEMAS[kind]

@@ -36,7 +36,7 @@ from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.evaluation import evaluator_from_spec
 from merge_engine.evaluation.spec import PATH_KEYS, spec_path, spec_problems
 from merge_engine.extras import optuna_log_level, require
-from merge_engine.io.untrusted import is_int, not_regular
+from merge_engine.io.untrusted import is_file_name, is_int, not_regular
 from merge_engine.io.writer import check_output_apart, check_output_dir
 from merge_engine.plan import build_plan
 from merge_engine.progress import progress_bar
@@ -196,7 +196,7 @@ def check_settings(cfg: SearchConfig, options: SearchOptions) -> dict:
     seed = out["seed"]
     if is_int(seed) and not 0 <= seed < SEED_LIMIT:
         problems.append(f"{named('seed')}: an integer from 0 to 2**32 - 1 (4294967295), got {seed!r}")
-    if out["storage"] is not None and not isinstance(out["storage"], str):
+    if out["storage"] is not None and not (isinstance(out["storage"], str) and is_file_name(out["storage"])):
         problems.append(f"{named('storage')}: a file path, got {out['storage']!r}")
     if problems:
         raise ConfigError(problems, cfg.source)

@@ -327,6 +327,9 @@ BAD_SETTINGS = {  # change to the `search:` section -> what the message names
     "null seed": ({"seed": None}, "search.seed: an integer, got None"),
     "seed past numpy's": ({"seed": 2**32}, r"search.seed: an integer from 0 to 2\*\*32 - 1 \(4294967295\), got 4294967296"),
     "bad objective kind": ({"objective": {"kind": "bleu", "data": "x"}}, "kind"),
+    "storage with a NUL": ({"storage": "j\0.log"}, r"search.storage: a file path, got '.*j\\x00.log'"),
+    "data with a lone surrogate": ({"objective": {"kind": "multiple_choice", "data": "v\ud800.jsonl"}},
+                                   r"search.objective.data must be a file path, got 'v\\ud800.jsonl'"),
 }
 
 
