@@ -21,6 +21,7 @@ from merge_engine.io.raw import tensor_bytes
 from merge_engine.io.untrusted import is_int, is_text, open_regular, parse_json
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces (MAX_HEADER_SIZE)
+GIT_LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # what a clone without git-lfs holds instead
 UNREAD_DTYPES = ("U16", "U32", "U64", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64")  # valid in the format, not merged
 
 
@@ -72,6 +73,9 @@ def read_header_and_identity(path: str) -> tuple[dict[str, TensorInfo], tuple[in
                 raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                if prefix + f.read(len(GIT_LFS_POINTER) - 8) == GIT_LFS_POINTER:
+                    raise CheckpointError(f"{path}: is a Git LFS pointer, not the weights (the repository was cloned "
+                                          "without git-lfs: run `git lfs pull` in it, or download the model)")
                 raise CheckpointError(
                     f"{path}: corrupt or truncated safetensors header (declares {header_len} header bytes, "
                     f"file has {size} bytes)")

@@ -154,3 +154,11 @@ def test_numbers_the_library_refuses_in_a_header_are_refused(tmp_path, entry, pr
         safe_open(path, "pt")
     with pytest.raises(CheckpointError, match=rf"n\.safetensors: .*{problem}"):
         read_header(path)
+
+
+def test_a_git_lfs_pointer_is_named_as_one(tmp_path):
+    """What a model repository cloned without git-lfs holds in place of each weights file."""
+    path = tmp_path / "model.safetensors"
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 4976698672\n")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: is a Git LFS pointer, not the weights .*git lfs pull"):
+        read_header(str(path))
