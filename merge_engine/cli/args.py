@@ -37,6 +37,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+MAX_THREADS = 4096  # more than any machine's CPUs: torch starts as many threads as asked, and past the system's limit crashes
+
+
+def thread_count(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_THREADS} threads, got {text}")
+    return value
+
+
 def regex(text: str) -> str:
     """A regular expression, compiled when the arguments are read (so a bad one fails before any work)."""
     try:

@@ -8,7 +8,15 @@ import time
 import torch
 
 from merge_engine import __version__
-from merge_engine.cli.args import add_quiet_argument, parse_size, positive_int, positive_size, setup_logging
+from merge_engine.cli.args import (
+    MAX_THREADS,
+    add_quiet_argument,
+    parse_size,
+    positive_int,
+    positive_size,
+    setup_logging,
+    thread_count,
+)
 from merge_engine.cli.timing import STARTUP
 from merge_engine.dtypes import DTYPES
 from merge_engine.methods import REGISTRY
@@ -65,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(by default: a warning, as mergekit ignores the one and keeps the later value of the other)")
     p.add_argument("--allow-crimes", action=argparse.BooleanOptionalAction, default=False,
                    help="allow merging models whose config.json architectures differ")
-    p.add_argument("-j", "--num-threads", type=positive_int, default=None, help="CPU threads for the math")
+    p.add_argument("-j", "--num-threads", type=thread_count, default=None,
+                   help=f"CPU threads for the math (at most {MAX_THREADS})")
     p.add_argument("--prefetch", type=positive_int, default=2, help="tensor groups read ahead of compute (default 2)")
     p.add_argument("--direct-io", choices=("auto", "on", "off"), default="auto",
                    help="bypass the page cache (O_DIRECT): auto (default) reads what the page cache already holds "

@@ -62,3 +62,15 @@ def test_expert_layout_chooses_the_output_names_of_moe_experts(write_yaml, tmp_p
     fused = "model.layers.1.mlp.experts.gate_up_proj" in names
     assert fused == (layout == "fused")
     assert ("model.layers.1.block_sparse_moe.experts.3.w3.weight" in names) == (layout == "checkpoint")
+
+
+@pytest.mark.parametrize("threads, accepted", [("1", True), ("4096", True), ("4097", False), ("100000", False)])
+def test_a_thread_count_no_machine_has_is_refused(threads, accepted, capsys):
+    """torch would start that many threads: past the system's limit, the merge ended in a traceback and a crash."""
+    from merge_engine.cli.merge import build_parser
+    if accepted:
+        assert build_parser().parse_args(["c.yml", "out", "-j", threads]).num_threads == int(threads)
+        return
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["c.yml", "out", "-j", threads])
+    assert f"-j/--num-threads: expected at most 4096 threads, got {threads}" in capsys.readouterr().err
