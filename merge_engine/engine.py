@@ -57,7 +57,7 @@ from merge_engine.distributed import (
     rank_device,
 )
 from merge_engine.dtypes import DTYPES, dtype_name
-from merge_engine.errors import ConfigError, MergeEngineError
+from merge_engine.errors import ConfigError, MergeEngineError, out_of_memory
 from merge_engine.extras import require
 from merge_engine.io.buffers import BufferPool
 from merge_engine.io.checkpoint import DIRECT_IO_MODES, LAYER_COUNT_KEYS
@@ -422,7 +422,14 @@ class _Pipeline:
         return [self._read_one(ckpt, name) for ckpt, name in job.inputs + job.side_reads()]
 
     def _read_one(self, ckpt, name: str) -> torch.Tensor:
-        return ckpt.read_pooled(name, self.buffers.take_bytes, self.options.direct_io)
+        try:
+            return ckpt.read_pooled(name, self.buffers.take_bytes, self.options.direct_io)
+        except Exception as e:  # noqa: BLE001 (torch's allocation failure is a RuntimeError)
+            reason = out_of_memory(e)
+            if reason is None:
+                raise
+            raise MergeEngineError(f"{ckpt.path}: tensor '{name}': out of memory reading it ({reason}); a merge holds "
+                                   "a few tensor groups at once (--prefetch 1 holds fewer)") from e
 
     def stage(self, host: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
         """Start the host-to-device copies on the side stream, so they overlap the previous job's compute; with
@@ -520,6 +527,8 @@ def compute(job: TensorJob, tensors: list[torch.Tensor], method: MergeMethod, se
     try:
         result = method.merge(tensor_group(job, tensors, seed, take_output))
     except Exception as e:  # noqa: BLE001 (torch and the methods raise many kinds: one line naming the tensor)
+        if out_of_memory(e):  # (searching the inputs for NaN would allocate again)
+            raise MergeEngineError(f"merging tensor '{job.out_name}' failed: out of memory ({out_of_memory(e)})") from e
         reason = e if isinstance(e, (ValueError, RuntimeError)) else f"{type(e).__name__}: {e}"
         raise MergeEngineError(f"merging tensor '{job.out_name}' failed: {non_finite_inputs(job, tensors) or reason}") from e
     return result.to(job.out_dtype).contiguous()

@@ -23,3 +23,13 @@ class CheckpointError(MergeEngineError):
 
 class OutputError(MergeEngineError):
     """The output location cannot be written as asked."""
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """What an allocation failure says (Python's MemoryError, torch's CPU allocator's RuntimeError, CUDA's
+    OutOfMemoryError), or None for any other exception."""
+    text = (str(e).strip() or type(e).__name__).splitlines()[0]
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" \
+            or (isinstance(e, RuntimeError) and "can't allocate memory" in text):
+        return text.split("] err == 0. ")[-1]  # (torch's CPU message starts with its source line)
+    return None

@@ -24,7 +24,7 @@ import traceback
 
 from merge_engine import __version__
 from merge_engine.cli.timing import EXECUTABLE, STARTUP, process_age
-from merge_engine.errors import MergeEngineError
+from merge_engine.errors import MergeEngineError, out_of_memory
 from merge_engine.interrupts import signals_deferred
 from merge_engine.runtime import launched_by_torchrun, tune_process_for_merging
 
@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         return _failed("terminated", 143, argv)
     except KeyboardInterrupt:
         return _failed("interrupted", 130, argv)
+    except Exception as e:  # an allocation failure outside a merge's reads and computes: one line too
+        reason = out_of_memory(e)
+        if reason is None:
+            raise
+        return _failed(f"error: out of memory ({reason})", 2, argv)
 
 
 class Terminated(KeyboardInterrupt):

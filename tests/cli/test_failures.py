@@ -1,6 +1,6 @@
 """Faults end in one line and an exit status, never a traceback (unless -v), and leave nothing behind:
 the version, bad devices, seeds and thread counts, a config that is not UTF-8, an output folder the disk refuses,
-Ctrl-C; and the summary is printed once."""
+memory running out, Ctrl-C; and the summary is printed once."""
 import os
 import shutil
 import subprocess
@@ -158,6 +158,39 @@ def test_disk_full_is_one_line_and_leaves_nothing(config, tmp_path, capsys, monk
     monkeypatch.setattr(writer.os, "pwrite", pwrite)
     assert cli.main([config, str(tmp_path / "out"), "-q"]) == 2  # -q: no progress bar on stderr
     assert "No space left on device" in one_line(capsys)
+    assert os.listdir(tmp_path) == []
+
+
+TORCH_CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 800006144 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("where, said", [
+    ("read", "tensor 'model.embed_tokens.weight': out of memory reading it (DefaultCPUAllocator: can't allocate"),
+    ("compute", "merging tensor 'model.embed_tokens.weight' failed: out of memory (DefaultCPUAllocator: can't allocate"),
+    ("plan", "error: out of memory (MemoryError)"),
+])
+def test_out_of_memory_is_one_line_naming_the_tensor_and_leaves_nothing(config, tmp_path, capsys, monkeypatch, where,
+                                                                        said):
+    """torch's CPU allocator raises a RuntimeError: it ended the merge in a traceback (from the search of the inputs
+    for NaN too, which allocates again)."""
+    import dataclasses
+
+    from merge_engine import engine
+    from merge_engine.io.buffers import BufferPool
+    from merge_engine.methods import REGISTRY
+
+    def fail(*args, **kwargs):
+        raise MemoryError() if where == "plan" else RuntimeError(TORCH_CPU_OOM)
+    if where == "read":
+        monkeypatch.setattr(BufferPool, "take_bytes", fail)
+    elif where == "compute":
+        monkeypatch.setitem(REGISTRY, "linear", dataclasses.replace(REGISTRY["linear"], merge=fail))
+        monkeypatch.setattr(engine, "non_finite_inputs", lambda *a: pytest.fail("searched the inputs"))
+    else:
+        monkeypatch.setattr(engine, "build_plan", fail)
+    assert cli.main([config, str(tmp_path / "out"), "-q"]) == 2
+    assert said in one_line(capsys)
     assert os.listdir(tmp_path) == []
 
 
