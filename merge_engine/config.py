@@ -16,7 +16,7 @@ import yaml
 
 from merge_engine.dtypes import DTYPES
 from merge_engine.errors import CheckpointError, ConfigError
-from merge_engine.io.untrusted import is_file_name, open_regular
+from merge_engine.io.untrusted import is_file_name, is_text, open_regular
 from merge_engine.methods import REGISTRY, MergeMethod
 from merge_engine.parameters import (
     ParamSpec,
@@ -311,8 +311,12 @@ def _tokenizer(raw: dict, problems: list[str]) -> TokenizerSpec | None:
     if not isinstance(tokens, dict):
         problems.append(f"tokenizer.tokens: expected a mapping of token -> {{source, force}}, got {tokens!r}")
         tokens = {}
+    unwritable = [tok for tok in tokens if not is_text(str(tok))]  # the tokenizer library refuses to add one
+    if unwritable:
+        problems.append(f"tokenizer.tokens: {', '.join(map(repr, unwritable))} is not text (a lone surrogate escape, "
+                        "\\ud800-\\udfff)")
     settings = {str(tok): _token_setting(value, f"tokenizer.tokens[{tok!r}]", problems)
-                for tok, value in tokens.items()}
+                for tok, value in tokens.items() if tok not in unwritable}
     return TokenizerSpec(source, settings, pad) if source else None
 
 

@@ -147,6 +147,14 @@ def test_a_path_no_file_name_can_hold_is_a_problem_naming_its_key(path, key):
         parse_config(raw)
 
 
+def test_a_token_that_is_not_text_is_a_problem_naming_it():
+    """A lone surrogate (YAML's \\ud800): the tokenizer library refused to add it, in a TypeError traceback."""
+    raw = {"merge_method": "linear", "models": [{"model": "/m", "parameters": {"weight": 1.0}}],
+           "tokenizer": {"source": "base", "tokens": {"a\ud800": {"source": {"kind": "zero"}}, "ok": {}}}}
+    with pytest.raises(ConfigError, match=re.escape("tokenizer.tokens: 'a\\ud800' is not text")):
+        parse_config(raw)
+
+
 def test_slices_form():
     cfg = parse_config({"merge_method": "slerp", "base_model": "/a", "parameters": {"t": [0, 1]},
                         "slices": [{"sources": [{"model": "/a", "layer_range": [0, 2]},
