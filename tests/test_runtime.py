@@ -73,6 +73,30 @@ def test_the_command_sets_openmp_waits_before_torch_loads():
     assert run.stdout.split()[-1] == "PASSIVE", run.stdout + run.stderr
 
 
+# A merge through the Python API, quiet and with its progress bar, then the caller picks its own start method.
+START_METHOD_PROBE = textwrap.dedent("""
+    import multiprocessing, os, tempfile
+    import merge_engine
+    from merge_engine.demo import make_synthetic_llama
+    work = tempfile.mkdtemp()
+    shape = dict(layers=1, hidden=32, intermediate=48, vocab=64)
+    base = make_synthetic_llama(os.path.join(work, "base"), seed=0, **shape)
+    config = {"merge_method": "linear", "models": [{"model": base, "parameters": {"weight": 1.0}}]}
+    for quiet in (True, False):
+        merge_engine.merge(config, os.path.join(work, f"out_{quiet}"), merge_engine.MergeOptions(device="cpu", quiet=quiet))
+    print(multiprocessing.get_start_method(allow_none=True))
+    multiprocessing.set_start_method("spawn")
+""")
+
+
+def test_merging_leaves_the_multiprocessing_start_method_to_the_caller():
+    """tqdm's default lock makes a multiprocessing lock, which fixes the process's start method to the platform's
+    default: a caller's multiprocessing.set_start_method after a merge raised 'context has already been set'."""
+    run = subprocess.run([sys.executable, "-c", START_METHOD_PROBE], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["None"], run.stdout
+
+
 @pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
 def test_keep_freed_heap_memory_reuses_freed_pages():
     """After it, a freed 16 MB block comes back for the next allocation without page faults (the kernel
