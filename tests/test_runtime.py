@@ -75,7 +75,7 @@ def test_the_command_sets_openmp_waits_before_torch_loads():
 
 # A merge through the Python API, quiet and with its progress bar, then the caller picks its own start method.
 START_METHOD_PROBE = textwrap.dedent("""
-    import multiprocessing, os, tempfile
+    import multiprocessing, os, tempfile, threading
     import merge_engine
     from merge_engine.demo import make_synthetic_llama
     work = tempfile.mkdtemp()
@@ -84,17 +84,18 @@ START_METHOD_PROBE = textwrap.dedent("""
     config = {"merge_method": "linear", "models": [{"model": base, "parameters": {"weight": 1.0}}]}
     for quiet in (True, False):
         merge_engine.merge(config, os.path.join(work, f"out_{quiet}"), merge_engine.MergeOptions(device="cpu", quiet=quiet))
-    print(multiprocessing.get_start_method(allow_none=True))
+    print(multiprocessing.get_start_method(allow_none=True), [t.name for t in threading.enumerate()])
     multiprocessing.set_start_method("spawn")
 """)
 
 
-def test_merging_leaves_the_multiprocessing_start_method_to_the_caller():
+def test_a_merge_with_progress_bars_leaves_no_thread_nor_multiprocessing_start_method():
     """tqdm's default lock makes a multiprocessing lock, which fixes the process's start method to the platform's
-    default: a caller's multiprocessing.set_start_method after a merge raised 'context has already been set'."""
+    default: a caller's multiprocessing.set_start_method after a merge raised 'context has already been set'.
+    tqdm's monitor thread, started by a shown bar, outlives it (tqdm 4.70 no longer stops it at the last close)."""
     run = subprocess.run([sys.executable, "-c", START_METHOD_PROBE], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["None"], run.stdout
+    assert run.stdout.split("\n")[0] == "None ['MainThread']", run.stdout
 
 
 @pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
