@@ -63,7 +63,7 @@ from merge_engine.io.lora import LoraCheckpoint, update_dtype
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.plan import MergePlan, TensorJob, build_plan, resolve_parameters
 from merge_engine.progress import progress_bar
-from merge_engine.vocabulary import load_tokenizer
+from merge_engine.vocabulary import load_tokenizer, one_line
 
 PLACEMENTS = ("auto", "device", "host")
 LORA_MODES = ("auto", "applied", "factored")
@@ -505,7 +505,10 @@ def output_tokenizer(plan: MergePlan):
     if plan.vocabulary is not None and plan.vocabulary.tokenizer is not None:
         return plan.vocabulary.tokenizer
     transformers = require("transformers", "hf", "the tokenizer of a merge session")
-    return load_tokenizer(transformers, plan.donor.path)
+    try:
+        return load_tokenizer(transformers, plan.donor.path)
+    except Exception as e:  # noqa: BLE001 (transformers raises many kinds)
+        raise ConfigError([f"{plan.donor.path}: cannot load its tokenizer ({one_line(e)})"], "tokenizer") from e
 
 
 def as_config(config: MergeConfig | dict | str) -> MergeConfig:

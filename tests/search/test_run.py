@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -392,6 +393,15 @@ def test_an_existing_output_is_refused_before_reading(search_models, monkeypatch
         search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(budget=100, device="cpu",
                                                                             progress=False))
     assert (tmp_path / "out" / "mine.txt").read_text() == "keep"
+
+
+def test_a_donor_without_a_loadable_tokenizer_is_named_before_reading(search_models, monkeypatch, tmp_path):
+    """The scores need the merge's tokenizer, the donor's: a donor folder without one gave transformers' traceback."""
+    paths, val, _ = search_models
+    config = search_config([paths[1], paths[0], paths[2]], val)  # the base, the donor, is an expert without tokenizer
+    monkeypatch.setattr(run_module, "MergeSession", lambda *a, **k: pytest.fail("inputs read"))
+    with pytest.raises(ConfigError, match=rf"{re.escape(paths[1])}: cannot load its tokenizer \(\w+Error: "):
+        search(config, str(tmp_path / "out"), SearchOptions(budget=100, device="cpu", progress=False))
 
 
 def test_relative_paths_are_taken_from_the_search_file(search_models, write_search, tmp_path, monkeypatch):
