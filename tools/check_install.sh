@@ -23,10 +23,13 @@ sdist = tarfile.open(glob.glob(f"{dist}/*.tar.gz")[0]).getnames()
 for needed in ("setup.py", "pyproject.toml", "MANIFEST.in", "csrc/cpu/bindings.cpp", "csrc/cuda/bindings.cpp",
                "triton_kernels/task_vectors.py", "merge_engine/kernel_build.py"):
     assert any(n.endswith("/" + needed) for n in sdist), f"the sdist lacks {needed}"
+assert not [n for n in sdist if "/tests/" in n], "the sdist holds tests (a part of them, which cannot run)"
 wheel = zipfile.ZipFile(glob.glob(f"{dist}/*.whl")[0]).namelist()
 for needed in ("merge_engine/_cpu_kernels.", "merge_engine/triton_kernels/task_vectors.py",
                "merge_engine/csrc/cpu/bindings.cpp"):
     assert any(n.startswith(needed) for n in wheel), f"the wheel lacks {needed}"
+stray = [n for n in wheel if not n.startswith(("merge_engine/", "merge_engine-"))]
+assert not stray, f"the wheel holds files outside the package: {stray}"
 target = json.loads(zipfile.ZipFile(glob.glob(f"{dist}/*.whl")[0]).read("merge_engine/_cpu_kernels.target.json"))
 assert target["arch"] == arch and (arch != "x86-64-v2" or "sse4_2" in target["features"] and "avx2" not in target["features"]), target
 # the compiled modules load only with the torch they were built against: the wheel requires exactly that one
@@ -44,7 +47,7 @@ mkdir "$work/elsewhere"
 cd "$work/elsewhere"
 export PATH="$work/venv/bin:$PATH"
 python - <<'EOF'
-import importlib.util, os, subprocess, sys, torch, yaml
+import importlib.util, multiprocessing, os, subprocess, sys, threading, torch, yaml
 import merge_engine
 from merge_engine import MergeOptions, merge, ops, parse_config
 from merge_engine.demo import make_synthetic_llama
@@ -67,7 +70,10 @@ ties = {"merge_method": "ties", "base_model": base, "dtype": "bfloat16", "parame
         "models": [{"model": e, "parameters": {"weight": 0.5, "density": 0.5}} for e in experts]}
 merge(parse_config(ties), "ties_out", MergeOptions(device="cpu", quiet=True))
 assert calls, "the TIES merge did not run the compiled kernel"
-print(f"TIES merge through the API: ok ({len(calls)} tensors on the compiled kernel)")
+merge(parse_config(ties), "ties_shown", MergeOptions(device="cpu"))  # its progress bar shown
+left = (multiprocessing.get_start_method(allow_none=True), [t.name for t in threading.enumerate()])
+assert left == (None, ["MainThread"]), f"merging left a start method or threads in the caller's process: {left}"
+print(f"TIES merge through the API: ok ({len(calls)} tensors on the compiled kernel; the process left as it was)")
 
 x = torch.randn(1001, generator=torch.Generator().manual_seed(0))
 assert int((ops.trim_by_magnitude(x, 0.3) != 0).sum()) == 300
