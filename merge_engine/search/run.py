@@ -333,10 +333,18 @@ def fingerprint(cfg: SearchConfig, settings: dict, direction: str, random_seed: 
     data = spec.get("data") if isinstance(spec, dict) else None
     digest = None
     if isinstance(data, str) and os.path.isfile(path := spec_path(base_dir, data)):
-        with open(path, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        digest = file_sha256(path)
     return _hash_of({"config": cfg.raw, "objective": spec, "direction": direction, "random_seed": random_seed,
                      "data": digest})
+
+
+def file_sha256(path: str) -> str:
+    """The file's SHA-256, read in blocks (hashlib.file_digest is Python 3.11's; the package supports 3.10)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def earlier_fingerprint(cfg: SearchConfig, settings: dict, direction: str) -> str:

@@ -248,6 +248,20 @@ def test_a_journal_of_another_search_is_refused(search_models, fake_rates, tmp_p
     assert journal.read_bytes() == before  # refused before anything is written to it
 
 
+def test_the_fingerprint_needs_no_python_3_11(search_models, monkeypatch):
+    """requires-python is >=3.10: hashlib.file_digest (3.11) is not there; the data's digest is its content's."""
+    import hashlib
+    paths, val, _ = search_models
+    cfg = run_module.parse_search_config(search_config(paths, val))
+    settings = run_module.check_settings(cfg, SearchOptions(budget=100))
+    monkeypatch.delattr(hashlib, "file_digest", raising=False)
+    with open(val, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    assert run_module.fingerprint(cfg, settings, "maximize", 0, os.getcwd()) == run_module._hash_of(
+        {"config": cfg.raw, "objective": settings["objective"], "direction": "maximize", "random_seed": 0,
+         "data": digest})
+
+
 def test_a_journal_of_an_earlier_version_is_resumed_with_a_warning(search_models, fake_rates, tmp_path, caplog):
     # its fingerprint did not hold the merge's random seed and the data's digest: taken as this search's, said so
     import optuna
