@@ -15,6 +15,7 @@ import re
 import reprlib
 import stat
 import threading
+import warnings
 from functools import cached_property
 from typing import Callable
 
@@ -129,7 +130,7 @@ class Checkpoint:
     def _read_headers(self) -> dict[str, TensorInfo]:
         if os.path.lexists(os.path.join(self.path, INDEX_FILE)):  # a dangling link too: refused, not passed over
             return self._read_sharded(inside_folder(self.path, INDEX_FILE, self.path))
-        files = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
+        files = _weight_files(self.path)
         if not files:
             pickled = [f for f in PICKLE_FILES if os.path.exists(os.path.join(self.path, f))]
             hint = (f" It holds {pickled[0]}, a pickle checkpoint, which is not read because unpickling can run "
@@ -320,3 +321,16 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.path!r}, {len(self.tensors)} tensors)"
+
+
+def _weight_files(folder: str) -> list[str]:
+    """The .safetensors files of a folder without an index: model.safetensors where it is there, as mergekit reads
+    (a Mistral folder's consolidated.safetensors beside it holds the same weights under other names), else every
+    one (shards whose index is missing; mergekit refuses such a folder)."""
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if SINGLE_FILE not in files:
+        return files
+    if len(files) > 1:
+        warnings.warn(f"{folder}: reading {SINGLE_FILE} only, as mergekit does; not "
+                      f"{', '.join(f for f in files if f != SINGLE_FILE)}", stacklevel=3)
+    return [SINGLE_FILE]

@@ -268,3 +268,26 @@ def test_split_layer_name():
         "encoder.block", 3, "layer.1.DenseReluDense.wi.weight")  # T5: the block, not its sub-layer
     assert split_layer_name("model.layers.2.block_sparse_moe.experts.5.w1.weight") == (
         "model.layers", 2, "block_sparse_moe.experts.5.w1.weight")
+
+
+def test_a_folder_with_model_safetensors_reads_it_only_as_mergekit(tmp_path, folder_tensors, model_sets):
+    # a Mistral folder holds consolidated.safetensors (the same weights, other names) beside model.safetensors
+    import shutil
+
+    from safetensors.torch import save_file
+    folder = tmp_path / "m"
+    shutil.copytree(model_sets("llama")[1], folder)
+    assert (folder / "model.safetensors").exists()
+    want = folder_tensors(folder)
+    save_file({"layers.0.attention.wq.weight": torch.ones(2, 2)}, str(folder / "consolidated.safetensors"))
+    with pytest.warns(UserWarning, match=r"reading model.safetensors only, as mergekit does; not consolidated"):
+        ckpt = Checkpoint(str(folder))
+        assert set(ckpt.tensors) == set(want)
+
+
+def test_shards_without_their_index_are_all_read(tmp_path):
+    from safetensors.torch import save_file
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 1}))
+    save_file({"a": torch.ones(2)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"b": torch.zeros(3)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    assert set(Checkpoint(str(tmp_path)).tensors) == {"a", "b"}
