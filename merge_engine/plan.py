@@ -142,6 +142,11 @@ def _side_kinds(cfg: MergeConfig) -> dict[str, set[str]]:
     return out
 
 
+def _no_architecture(ckpt) -> str:
+    """Why a model's architecture is unknown, for the message comparing them."""
+    return "? (no architectures in its config.json)" if ckpt.config else "? (no config.json)"
+
+
 def build_plan(cfg: MergeConfig, allow_crimes: bool = False, truncate_vocabulary: bool = False,
                lora_merge_dtype: torch.dtype | None = None, expert_layout: str = "fused") -> MergePlan:
     plan = MergePlan(cfg, *open_models(cfg, lora_merge_dtype, expert_layout), truncate_vocabulary=truncate_vocabulary)
@@ -151,7 +156,8 @@ def build_plan(cfg: MergeConfig, allow_crimes: bool = False, truncate_vocabulary
     architectures = {ref: tuple(m.config.get("architectures") or ()) for ref, m in plan.models.items()}
     if len(set(architectures.values())) > 1 and not allow_crimes:
         problems.append("inputs have different architectures (" + ", ".join(
-            f"{ref}: {'/'.join(a) or '?'}" for ref, a in architectures.items()) + "); pass --allow-crimes to merge anyway")
+            f"{ref}: {'/'.join(a) or _no_architecture(plan.models[ref])}" for ref, a in architectures.items())
+            + "); pass --allow-crimes to merge anyway")
     layer_index = {ref: _layer_index(ckpt) for ref, ckpt in plan.models.items()}
     first, last = cfg.slices[0], cfg.slices[-1]
     template = plan.models[first.sources[0].model]

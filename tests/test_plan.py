@@ -56,3 +56,20 @@ def test_stacks_of_different_depths_are_refused(vlm, tmp_path):
     deeper = make_qwen2_vl(str(tmp_path), n=1, vision_layers=3)[0]
     with pytest.raises(ConfigError, match="layer stacks .*visual.blocks': 3.* differ"):
         build_plan(parse_config(gradient_config([vlm[0], deeper])))
+
+
+@pytest.mark.parametrize("config_json", ["missing", "without architectures"])
+def test_a_model_whose_architecture_is_unknown_is_named_with_the_reason(model_sets, tmp_path, config_json):
+    import shutil
+    base, expert = model_sets("llama")[:2]
+    odd = shutil.copytree(expert, tmp_path / "odd")
+    if config_json == "missing":
+        (odd / "config.json").unlink()
+    else:
+        settings = json.loads((odd / "config.json").read_text())
+        (odd / "config.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "architectures"}))
+    config = parse_config({"merge_method": "linear", "models": [
+        {"model": base, "parameters": {"weight": 0.5}}, {"model": str(odd), "parameters": {"weight": 0.5}}]})
+    reason = "no config.json" if config_json == "missing" else "no architectures in its config.json"
+    with pytest.raises(ConfigError, match=rf"different architectures \(.*{odd}: \? \({reason}\)\)"):
+        build_plan(config)
