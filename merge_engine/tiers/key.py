@@ -23,6 +23,7 @@ import difflib
 import json
 import os
 import reprlib
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -135,9 +136,9 @@ class TierKey:
         """Write atomically, readable by the owner only: the key is the secret."""
         if os.path.exists(path) and not overwrite:
             raise TierKeyError(f"{path}: key file exists; pass --overwrite to replace it")
-        tmp = f"{path}.partial-{os.getpid()}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp = None
+        try:  # a short name beside it (mkstemp: owner-only): PATH.partial-PID passes 255 bytes for a long PATH
+            fd, tmp = tempfile.mkstemp(prefix=".key-", suffix=".partial", dir=os.path.dirname(path) or ".")
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(self.to_json())
                 f.flush()
@@ -146,7 +147,7 @@ class TierKey:
         except OSError as e:
             raise TierKeyError(f"{path}: cannot write key file ({e})") from e
         finally:
-            if os.path.exists(tmp):
+            if tmp and os.path.exists(tmp):
                 os.unlink(tmp)
 
 

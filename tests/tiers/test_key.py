@@ -235,3 +235,13 @@ def test_a_model_type_that_is_not_a_name_is_refused_by_file(model_type):
            "num_hidden_layers": 2}
     with pytest.raises(CheckpointError, match=rf"c.json: model_type {re.escape(repr(model_type))} is not supported"):
         model_blocks(cfg, "c.json")
+
+
+def test_a_key_file_named_up_to_255_bytes_is_written_owner_only(configs, tmp_path):
+    import stat
+    key = generate_key(configs["llama"], "secret", 0.2, 0.5)
+    path = tmp_path / ("k" * 250 + ".json")  # PATH.partial-PID would pass the 255-byte name limit
+    key.save(str(path))
+    assert TierKey.load(str(path)).mlp_cols == key.mlp_cols
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert os.listdir(tmp_path) == [path.name]  # no partial file left
