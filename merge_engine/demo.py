@@ -170,7 +170,7 @@ def demo(out_dir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m merge_engine.demo", description=__doc__.splitlines()[0])
     p.add_argument("out_dir", nargs="?", default="demo_out")
     out_dir = p.parse_args(argv).out_dir
     try:

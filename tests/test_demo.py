@@ -21,3 +21,10 @@ def test_make_models_leaves_the_callers_random_stream_as_it_was(tmp_path):
     assert torch.equal(torch.rand(3), expected), "make_models reseeded or drew from the global generator"
     second = make_models(str(tmp_path / "b"), n_experts=1, layers=1, seed=5)  # the global stream has moved on
     assert [_file_bytes(a) for a in first] == [_file_bytes(b) for b in second]
+
+
+def test_the_demos_usage_names_how_it_is_run(capsys):
+    from merge_engine.demo import main
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m merge_engine.demo")
