@@ -37,7 +37,9 @@ def wants_cuda(torch, cpp_extension) -> bool:
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
-DEPENDENCIES = ["torch>=2.4", "safetensors>=0.4", "pyyaml>=6", "tqdm>=4.60",
+# (safetensors files are read and written by merge_engine.io itself, with O_DIRECT and strict header checks: the
+# library is a test and bench dependency, the reference our header checks are compared with)
+DEPENDENCIES = ["torch>=2.4", "pyyaml>=6", "tqdm>=4.60",
                 "numpy>=1.22"]  # numpy: torch's CPU wheels do not bring it, and torch warns on every run without it
 
 
