@@ -6,8 +6,8 @@ Both reproduce the references in merge_engine/ops/fisher.py bit for bit: every s
 reference's fp32 operation, in its order, rounded once. So the scalars are rounded to fp32 on the
 host as the reference rounds them (torch.tensor(x, dtype=torch.float32)); model 0 starts num and den
 (num = term_0, not 0 + term_0, which differs in the sign of a zero); max(F, floor) keeps F on a tie
-(F < floor ? floor : F, as std::max in the CPU kernels: torch's own clamp_min picks either zero of a
--0 / +0 tie, depending on where the element falls in its vector loop); and the exactness rules of
+(F < floor ? floor : F, as the reference and the CPU kernels: torch's own clamp_min picks either zero of
+a -0 / +0 tie, depending on where the element falls in its vector loop); and the exactness rules of
 triton_kernels/task_vectors.py apply: launches with enable_fp_fusion=False (no fused multiply-add),
 and division by tl.math.div_rn (Triton's `/` on fp32 is not correctly rounded on NVIDIA GPUs).
 bf16 is converted on the bits both ways (round to nearest even on the way down): the interpreter

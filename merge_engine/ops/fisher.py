@@ -113,15 +113,17 @@ def fisher_merge_reference(params: list[torch.Tensor], fishers: list[torch.Tenso
                            floors: list[float]) -> torch.Tensor:
     """sum_j c_j max(F_j, floor_j) theta_j / sum_j c_j max(F_j, floor_j), in the params' dtype.
 
-    In the accumulation dtype, model by model:  d = max(F_j, floor_j) * c_j;  num += d * theta_j;  den += d;
-    then num / den where den > 0, else theta_0.
+    In the accumulation dtype, model by model:  d = max(F_j, floor_j) * c_j (F_j where F_j == floor_j, so a -0
+    Fisher at floor 0 weighs -0);  num += d * theta_j;  den += d;  then num / den where den > 0, else theta_0.
     """
     check_merge_args(params, fishers, coefficients, floors)
     check_fisher_values(fishers)
     acc = accumulation_dtype(params[0].dtype)
     num = den = None
     for p, f, c, fl in zip(params, fishers, coefficients, floors):
-        d = torch.clamp_min(f.to(acc), torch.tensor(fl, dtype=acc)) * torch.tensor(c, dtype=acc)
+        f, floor = f.to(acc), torch.tensor(fl, dtype=acc)
+        # max keeping F on a tie, as the kernels: clamp_min picks either zero of a -0 / +0 tie by position
+        d = torch.where(f < floor, floor, f) * torch.tensor(c, dtype=acc)
         term = d * p.to(acc)
         num, den = (term, d) if num is None else (num + term, den + d)
     first = params[0].to(acc)

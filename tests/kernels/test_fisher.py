@@ -125,6 +125,18 @@ def test_signed_zeros(backend, dtype):
         assert (bits(got[::3]) == bits(params[0][::3])).any(), f"seed {seed}: no -0 output"
 
 
+@per_backend("dtype", {name: [(dtype,) for dtype in DTYPES] for name in BACKEND_SIZES})
+def test_negative_zero_fishers_at_a_zero_floor(backend, dtype):
+    """A -0 Fisher at floor 0 weighs -0 (max(F, floor) keeps F on a tie) on every backend and at every position,
+    the reference's vector loop included: with a -0 param beside it, the merged value is -0."""
+    seed = seed_of("negative zero fishers", dtype)
+    params, fishers, _, _ = make_models((1023,), dtype, torch.float32, 2, seed)
+    params[0][::2], params[1][::2] = 1.0, -0.0
+    fishers[0][::2], fishers[1][::2] = -0.0, 1.0
+    got = check_merge(backend, params, fishers, [1.0, 0.5], [0.0, 0.0], f"seed {seed}")
+    assert (bits(got[::2]) == bits(params[1][::2])).all(), f"seed {seed}"  # (-0 * 1 + 0.5 * -0) / (-0 + 0.5)
+
+
 def smallest_negative(dtype):
     """-(the smallest subnormal) of a dtype: sign bit and last mantissa bit."""
     width = torch.int16 if dtype.itemsize == 2 else torch.int32

@@ -103,6 +103,17 @@ def test_the_floor_favours_the_target_model():
     assert_within_bound(both, exact, (params[0].double().abs() + params[1].double().abs()) / 2, 2)
 
 
+def test_a_negative_zero_fisher_at_its_floor_weighs_as_itself_wherever_it_lies():
+    """max(F, floor) keeps F on a tie, as the compiled kernels do: a -0 Fisher (valid: a Fisher is >= 0) at
+    floor 0 weighs -0 (torch's clamp_min gave +0 inside its vector loop and -0 in its scalar tail), so an
+    element's bits do not depend on the tensor's length."""
+    for n in (1, 7, 16, 33):
+        params = [torch.ones(n), torch.full((n,), -0.0)]
+        fishers = [torch.full((n,), -0.0), torch.ones(n)]
+        got = fisher_merge_reference(params, fishers, [1.0, 1.0], [0.0, 0.0])
+        assert torch.equal(got.view(torch.int32), torch.full((n,), -0.0).view(torch.int32)), n  # (-0 * 1 + -0) / 1
+
+
 @pytest.mark.parametrize("bad", [-1e-3, float("nan"), float("inf")])
 def test_invalid_fisher_values_are_rejected(bad):
     params, fishers = make_models(3, (7,), torch.float32, torch.float32, seed=15)
