@@ -248,7 +248,8 @@ def karcher_mean(tensors: list[torch.Tensor], weights: list[float], max_iter: in
         unit_norm = torch.linalg.vector_norm(mean.to(dtype))
         if unit_norm.item() > tol:
             mean = (mean / unit_norm).to(mean.dtype)
-    return sum(w * n for w, n in zip(weights, norms)) * mean
+    # mergekit's scale * mean, in the input dtype also for 0-dim tensors (two 0-dim tensors promote to fp32)
+    return (sum(w * n for w, n in zip(weights, norms)) * mean).to(mean.dtype)
 
 
 @op("nearswap", fake=promoted("base", "other"), floating=("base", "other"))

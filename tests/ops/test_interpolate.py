@@ -174,6 +174,17 @@ def test_karcher_keeps_dtype():
     assert ops.karcher_mean([a.float(), b.float()], [0.5, 0.5]).dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_karcher_of_zero_dim_tensors_keeps_dtype(dtype):
+    """The fp32 scale times a 0-dim unit is promoted as two 0-dim tensors are (to fp32), where a tensor with dims
+    keeps its dtype: the op's declared (fake) result is the input dtype, which a compiled caller allocates."""
+    a, b = torch.tensor(0.75, dtype=dtype), torch.tensor(-2.5, dtype=dtype)
+    got = ops.karcher_mean([a, b], [0.5, 0.5])
+    assert got.dtype == dtype and got.shape == ()
+    assert got == ops.karcher_mean([a.float(), b.float()], [0.5, 0.5]).to(dtype)  # exact inputs, one rounding
+    torch.library.opcheck(torch.ops.merge_engine.karcher_mean.default, ([a, b], [0.5, 0.5]))
+
+
 def test_nearswap_takes_close_elements_from_the_other_model():
     base = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
     other = torch.tensor([0.1, -0.5, 2.0, 0.0, 1.0], dtype=torch.float64)
