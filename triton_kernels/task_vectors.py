@@ -52,6 +52,28 @@ def _round(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _load_float(ptr, offs, mask):
+    """Elements of a float32, bfloat16 or float16 tensor as fp32, exactly: bf16 through its bits (the
+    interpreter's bf16 -> fp32 cast flushes subnormals)."""
+    dtype: tl.constexpr = ptr.dtype.element_ty
+    x = tl.load(ptr + offs, mask=mask, other=0)
+    if dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _store_rounded(ptr, offs, x, mask):
+    """Stores fp32 x, already rounded to the tensor's dtype (_round), exactly: bf16 through its bits (the
+    interpreter's fp32 -> bf16 cast flushes subnormals)."""
+    dtype: tl.constexpr = ptr.dtype.element_ty
+    if dtype == tl.bfloat16:
+        x = (x.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    tl.store(ptr + offs, x.to(dtype), mask=mask)
+
+
+@triton.jit
 def _delta_key(expert, base, DTYPE: tl.constexpr):
     """The delta as the reference forms it (fp32 difference rounded once to DTYPE; returned as fp32)
     and its magnitude key: the bit pattern of |delta| in DTYPE as an integer (ops/select.py)."""
@@ -68,9 +90,7 @@ def _delta_key(expert, base, DTYPE: tl.constexpr):
 @triton.jit
 def _load_delta_key(base_ptr, expert_ptr, offs, mask):
     dtype: tl.constexpr = base_ptr.dtype.element_ty
-    base = tl.load(base_ptr + offs, mask=mask, other=0).to(tl.float32)
-    expert = tl.load(expert_ptr + offs, mask=mask, other=0).to(tl.float32)
-    return _delta_key(expert, base, dtype)
+    return _delta_key(_load_float(expert_ptr, offs, mask), _load_float(base_ptr, offs, mask), dtype)
 
 
 @triton.jit
@@ -128,8 +148,7 @@ def _weighted_delta(base, experts_ptr, i, offs, mask, start, weights_ptr, cuts_p
                     key0, key1, DTYPE: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr):
     """Expert i's sparsified, rescaled and weighted delta, each step rounded to DTYPE (fp32 values)."""
     expert_ptr = tl.load(experts_ptr + i).to(tl.pointer_type(DTYPE))
-    expert = tl.load(expert_ptr + offs, mask=mask, other=0).to(tl.float32)
-    d, key = _delta_key(expert, base, DTYPE)
+    d, key = _delta_key(_load_float(expert_ptr, offs, mask), base, DTYPE)
     if MODE != 0:
         keep = _keep(key, offs, start, i, cuts_ptr, probs_ptr, key0, key1, MODE, BLOCK)
         # +0 where the reference has d * 0, as the CPU kernel: a zero's sign changes no sum and no agreement,
@@ -293,7 +312,7 @@ def _merge_kernel(base_ptr, experts_ptr, out_ptr, weights_ptr, cuts_ptr, probs_p
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     mask = offs < n
-    base = tl.load(base_ptr + offs, mask=mask, other=0).to(tl.float32)
+    base = _load_float(base_ptr, offs, mask)
     total = tl.zeros([BLOCK], dtype=tl.float32)  # fp32 sum in expert order, as torch's dim-0 sums
     for i in range(K):
         total += _weighted_delta(base, experts_ptr, i, offs, mask, start, weights_ptr, cuts_ptr, probs_ptr,
@@ -318,7 +337,7 @@ def _merge_kernel(base_ptr, experts_ptr, out_ptr, weights_ptr, cuts_ptr, probs_p
         if NORMALIZE:
             mixed = _round(tl.math.div_rn(mixed, tl.zeros([BLOCK], dtype=tl.float32) + divisor), dtype)
     mixed = _round(mixed * lambda_, dtype)  # exact when lambda is 1
-    tl.store(out_ptr + offs, _round(base + mixed, dtype).to(dtype), mask=mask)
+    _store_rounded(out_ptr, offs, _round(base + mixed, dtype), mask)
 
 
 def _rescale_factors(base, pointers, cuts, probs, mode, key0, key1) -> torch.Tensor:

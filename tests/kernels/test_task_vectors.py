@@ -18,7 +18,7 @@ from merge_engine.ops.consensus import _merge_with, merge_task_vectors_reference
 from merge_engine.ops.random import philox_key, uniform
 from merge_engine.ops.select import magnitude_cutoff_reference
 from tests.conftest import DTYPES, SIZES, pairwise, seed_of
-from tests.csrc.kernel_checks import make_inputs, weighted_contributions
+from tests.csrc.kernel_checks import make_inputs, spread_values, weighted_contributions
 from tests.kernels.conftest import on, per_backend
 
 FAMILY = "task_vectors"
@@ -112,6 +112,28 @@ def test_fp16_rescale_past_the_fp16_range(backend, sparsify):
     _, total = weighted_contributions(base, experts, kw)
     bound = 4 * 2.0 ** -11 * (base.double().abs() + total)
     assert ((got.double() - want.double()).abs() <= bound).all()
+
+
+@per_backend("dtype, sparsify", {name: pairwise(DTYPES, modes) for name, modes in MODES.items()})
+def test_values_from_subnormal_to_large_merge_as_the_reference(backend, dtype, sparsify):
+    """Inputs of every magnitude class of their dtype (subnormals, signed zeros, large values: spread_values)
+    give the reference's cut-offs and merge, bit for bit (K = 2 and no rescale: no sum's order can matter):
+    no backend flushes a subnormal input, delta or result to zero."""
+    seed = seed_of("spread values", dtype, sparsify)
+    g = torch.Generator().manual_seed(seed)
+    base, experts = spread_values((1023,), dtype, g), [spread_values((1023,), dtype, g) for _ in range(2)]
+    assert (base.double().abs() < torch.finfo(dtype).tiny).sum() > 50  # subnormal (or zero) inputs
+    delta = experts[0] - base
+    counts = [1, 100, 511, 1000]
+    want = torch.stack([magnitude_cutoff_reference(delta, c, True) for c in counts])
+    assert torch.equal(backend.module.delta_cutoffs(backend.put(base), backend.put(experts[0]), counts, True).cpu(),
+                       want), f"seed {seed}"
+    kw = dict(weights=[0.7, 0.4], densities=[0.3, 0.6], sparsify=sparsify, consensus=True, normalize=True,
+              gammas=[0.05, 0.05], epsilons=[0.1, 0.1], seed=seed, tensor_name="w")
+    got = _merge_with(backend.module, backend.put(base), backend.put(experts), **kw).cpu()
+    want = merge_task_vectors_reference(base, experts, **kw)
+    assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit()), \
+        f"seed {seed}: {int((got != want).sum())} elements differ"
 
 
 @on()
