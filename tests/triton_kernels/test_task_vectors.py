@@ -9,10 +9,14 @@ Only DARE's L1 rescale factor may differ (see assert_rescaled_close); the cut-of
 from torch's own sums, as the reference's. The interpreter is slow: inputs
 stay small, a few thousand elements, which still spans several 1024-element blocks.
 
+The GPU lowering is checked without a GPU too (as the other families' kernels): the merge and L1 kernels,
+compiled for sm_80 and sm_90 in every dtype and mode, round every operation to nearest and flush no subnormals.
+
 Inputs are seeded from the test parameters (zlib.crc32 of their repr, stable across runs); every
 assertion message names the seed.
 """
 import os
+import re
 import sys
 
 import pytest
@@ -27,6 +31,7 @@ from merge_engine.ops.consensus import _merge_with, merge_task_vectors_reference
 from merge_engine.ops.select import magnitude_cutoff_reference  # noqa: E402
 from merge_engine.triton_kernels import task_vectors as tv  # noqa: E402
 from tests.conftest import DTYPES, MANTISSA, SIZES, pairwise, seed_of, ulp  # noqa: E402
+from tests.triton_kernels.gpu_lowering import ptx_float_ops  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -196,3 +201,39 @@ def test_missing_triton_falls_back_with_one_warning(monkeypatch):
         assert len(record) == 1
     finally:
         backends.triton_backend.cache_clear()
+
+
+# Per (arch, dtype, kernel and flags): its PTX floating-point and conversion instructions (gpu_lowering.py).
+COMPILE_FOR_GPUS = r"""
+from merge_engine.triton_kernels import task_vectors as tv
+for arch in (80, 90):
+    for dt in ("fp32", "bf16", "fp16"):
+        merge = dict(base_ptr=f"*{dt}", experts_ptr="*i64", out_ptr=f"*{dt}", weights_ptr="*fp32", cuts_ptr="*i64",
+                     probs_ptr="*fp32", factors_ptr="*fp32", n="i64", K="i32", divisor="fp32", lambda_="fp32",
+                     key0="i64", key1="i64", MODE="constexpr", CONSENSUS="constexpr", NORMALIZE="constexpr",
+                     BLOCK="constexpr")
+        for mode in (0, 1, 2, 3):
+            for consensus in (False, True):
+                flags = dict(MODE=mode, CONSENSUS=consensus, NORMALIZE=True, BLOCK=tv.BLOCK)
+                found[f"sm_{arch} {dt} merge {flags}"] = ptx_ops(tv._merge_kernel, merge, flags, tv._IEEE, arch, FLOAT_OPS)
+        l1 = dict(base_ptr=f"*{dt}", experts_ptr="*i64", sums_ptr="*fp32", cuts_ptr="*i64", probs_ptr="*fp32", n="i64",
+                  key0="i64", key1="i64", MODE="constexpr", BLOCK="constexpr")
+        for mode in (1, 2, 3):
+            flags = dict(MODE=mode, BLOCK=tv.BLOCK)
+            found[f"sm_{arch} {dt} l1 {flags}"] = ptx_ops(tv._l1_kernel, l1, flags, tv._IEEE, arch, FLOAT_OPS)
+"""
+
+
+def test_kernels_lower_to_ieee_ptx_for_sm80_and_sm90():
+    """Every fp32 (and fp16) add, multiply and divide rounds to nearest (.rn: no fused multiply-add, an IEEE
+    division), no instruction flushes subnormals (.ftz), and narrowing conversions round to nearest; an fp16
+    operation (f16, f16x2) rounds as torch's fp32 one rounded to fp16 does (fp32 carries 2 p + 2 bits of fp16's p)."""
+    found = ptx_float_ops(COMPILE_FOR_GPUS)
+    assert len(found) == 2 * 3 * (8 + 3)
+    for kernel, ops in found.items():
+        arithmetic = [op for op in ops if re.match(r"(fma|add|sub|mul|div|max|min)\.", op)]
+        assert arithmetic and all(re.fullmatch(r"(add|sub|mul|div)\.rn\.f(32|16|16x2)", op) for op in arithmetic), (kernel, ops)
+        assert not [op for op in ops if ".ftz" in op], (kernel, ops)
+        narrowing = [op for op in ops if re.match(r"cvt\.\w*\.?b?f16\.f32", op)]
+        assert all(".rn." in op for op in narrowing), (kernel, ops)
+    assert all("div.rn.f32" in ops for kernel, ops in found.items() if "merge" in kernel)
