@@ -20,9 +20,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 @op("weighted_sum", fake=contiguous("tensors"), out=True, floating=("tensors",))
 def weighted_sum(tensors: list[torch.Tensor], weights: list[float], normalize: bool = True,
                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """sum_i w_i x_i (divided by sum_i w_i if normalize), accumulated in fp32, in the first input's dtype,
+    """sum_i w_i x_i (divided by sum_i w_i if normalize), accumulated in fp32 (fp64 for fp64), in the first input's dtype,
     written into `out` (the first input's shape and dtype) when one is given.
-    On the CPU, _CHUNK elements at a time through one fp32 scratch (the same arithmetic per element): a
+    On the CPU, _CHUNK elements at a time through one scratch (the same arithmetic per element): a
     whole-tensor fp32 sum is fresh memory the size of two bf16 tensors, zeroed by the kernel on first
     touch, for every tensor (and the engine passes recycled buffers as out for the same reason)."""
     _check_alike("weighted_sum", tensors, weights, out)

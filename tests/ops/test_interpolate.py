@@ -26,6 +26,13 @@ def test_weighted_sum_normalizes_and_keeps_dtype():
     assert ops.weighted_sum([a.bfloat16(), b.bfloat16()], [0.5, 0.5]).dtype == torch.bfloat16
 
 
+def test_weighted_sum_and_slerp_of_fp64_inputs_compute_in_fp64():
+    """As their docstrings say: fp32 accumulation, fp64 for fp64 inputs (a 2^-40 term survives)."""
+    one, tiny = torch.ones(3, dtype=torch.float64), torch.full((3,), 2.0 ** -40, dtype=torch.float64)
+    assert torch.equal(ops.weighted_sum([one, tiny], [1.0, 1.0], False), one + tiny)
+    assert "fp64 for fp64" in ops.weighted_sum.__doc__ and "fp64 for fp64" in ops.slerp.__doc__
+
+
 @pytest.mark.parametrize("normalize", [True, False])
 def test_weighted_sum_in_chunks_is_the_whole_tensor_sum_bit_for_bit(normalize):
     """Across chunk boundaries (2.4 chunks, odd length) and into a caller's buffer: the chunked sum is
