@@ -126,8 +126,9 @@ def fisher_merge_reference(params: list[torch.Tensor], fishers: list[torch.Tenso
         d = torch.where(f < floor, floor, f) * torch.tensor(c, dtype=acc)
         term = d * p.to(acc)
         num, den = (term, d) if num is None else (num + term, den + d)
-    first = params[0].to(acc)
-    return torch.where(den > 0, num / den, first).to(params[0].dtype)
+    merged = torch.where(den > 0, num / den, params[0].to(acc))
+    # in params[0]'s layout, as the op's fake declares (torch's arithmetic may take the Fishers')
+    return torch.empty_like(params[0]).copy_(merged)
 
 
 @op("fisher_merge", fake="params", out=True, floating=("params", "fishers"))

@@ -114,6 +114,20 @@ def test_a_negative_zero_fisher_at_its_floor_weighs_as_itself_wherever_it_lies()
         assert torch.equal(got.view(torch.int32), torch.full((n,), -0.0).view(torch.int32)), n  # (-0 * 1 + -0) / 1
 
 
+@pytest.mark.parametrize("transposed", ["params", "fishers"])
+def test_result_has_the_declared_layout_whatever_the_fishers_layout(transposed):
+    """The op's fake (what a torch.compile'd caller allocates by) gives params[0]'s layout; the reference's
+    arithmetic over params and Fishers of different layouts gave the Fishers' (opcheck compares the strides)."""
+    params, fishers = make_models(2, (7, 5), torch.float32, torch.float32, 3)
+    if transposed == "params":
+        params = [p.t().contiguous().t() for p in params]
+    else:
+        fishers = [f.t().contiguous().t() for f in fishers]
+    got = ops.fisher_merge(params, fishers, [1.0, 0.5], [1e-6, 0.0])
+    assert got.stride() == params[0].stride()
+    torch.library.opcheck(torch.ops.merge_engine.fisher_merge.default, (params, fishers, [1.0, 0.5], [1e-6, 0.0]))
+
+
 @pytest.mark.parametrize("bad", [-1e-3, float("nan"), float("inf")])
 def test_invalid_fisher_values_are_rejected(bad):
     params, fishers = make_models(3, (7,), torch.float32, torch.float32, seed=15)
