@@ -14,7 +14,8 @@ in another order). Two things keep the GPU build IEEE-exact: kernels launch with
 enable_fp_fusion=False (a fused multiply-add would round differently from torch), and divisions use
 tl.math.div_rn (Triton's `/` on fp32 is not correctly rounded on NVIDIA GPUs). bf16 rounding is done
 on the bits (round to nearest even), as in the C++ kernel: the Triton interpreter truncates
-fp32 -> bf16 casts. The merge reads the experts in place through an int64 tensor of their data
+fp32 -> bf16 casts; bf16 tensors are read and written on the bits too (triton_kernels/fisher.py's _load
+and _store), as the interpreter's casts between bf16 and fp32 flush subnormals. The merge reads the experts in place through an int64 tensor of their data
 pointers (stacking them would copy K tensors).
 
 On CUDA tensors in production; the Triton interpreter (TRITON_INTERPRET=1) runs them on CPU tensors.
@@ -30,6 +31,7 @@ import triton.language as tl
 from merge_engine.ops.backends import KERNEL_DTYPES
 from merge_engine.ops.select import NOTHING_LARGEST, NOTHING_SMALLEST, check_finite, check_ordered, cutoff_mask
 from merge_engine.ops.sparsify import SPARSIFY_CODES, l1_rescale_factor, rescale_in_fp32
+from merge_engine.triton_kernels.fisher import _load, _store
 
 NONE, MAGNITUDE, RANDOM, OUTLIERS, RANK = (SPARSIFY_CODES[s] for s in ("", "magnitude", "random", "outliers", "rank"))
 BLOCK = 1024  # elements per program
@@ -52,28 +54,6 @@ def _round(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _load_float(ptr, offs, mask):
-    """Elements of a float32, bfloat16 or float16 tensor as fp32, exactly: bf16 through its bits (the
-    interpreter's bf16 -> fp32 cast flushes subnormals)."""
-    dtype: tl.constexpr = ptr.dtype.element_ty
-    x = tl.load(ptr + offs, mask=mask, other=0)
-    if dtype == tl.bfloat16:
-        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        return x.to(tl.float32)
-
-
-@triton.jit
-def _store_rounded(ptr, offs, x, mask):
-    """Stores fp32 x, already rounded to the tensor's dtype (_round), exactly: bf16 through its bits (the
-    interpreter's fp32 -> bf16 cast flushes subnormals)."""
-    dtype: tl.constexpr = ptr.dtype.element_ty
-    if dtype == tl.bfloat16:
-        x = (x.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    tl.store(ptr + offs, x.to(dtype), mask=mask)
-
-
-@triton.jit
 def _delta_key(expert, base, DTYPE: tl.constexpr):
     """The delta as the reference forms it (fp32 difference rounded once to DTYPE; returned as fp32)
     and its magnitude key: the bit pattern of |delta| in DTYPE as an integer (ops/select.py)."""
@@ -90,7 +70,7 @@ def _delta_key(expert, base, DTYPE: tl.constexpr):
 @triton.jit
 def _load_delta_key(base_ptr, expert_ptr, offs, mask):
     dtype: tl.constexpr = base_ptr.dtype.element_ty
-    return _delta_key(_load_float(expert_ptr, offs, mask), _load_float(base_ptr, offs, mask), dtype)
+    return _delta_key(_load(expert_ptr, offs, mask), _load(base_ptr, offs, mask), dtype)
 
 
 @triton.jit
@@ -148,7 +128,7 @@ def _weighted_delta(base, experts_ptr, i, offs, mask, start, weights_ptr, cuts_p
                     key0, key1, DTYPE: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr):
     """Expert i's sparsified, rescaled and weighted delta, each step rounded to DTYPE (fp32 values)."""
     expert_ptr = tl.load(experts_ptr + i).to(tl.pointer_type(DTYPE))
-    d, key = _delta_key(_load_float(expert_ptr, offs, mask), base, DTYPE)
+    d, key = _delta_key(_load(expert_ptr, offs, mask), base, DTYPE)
     if MODE != 0:
         keep = _keep(key, offs, start, i, cuts_ptr, probs_ptr, key0, key1, MODE, BLOCK)
         # +0 where the reference has d * 0, as the CPU kernel: a zero's sign changes no sum and no agreement,
@@ -312,7 +292,7 @@ def _merge_kernel(base_ptr, experts_ptr, out_ptr, weights_ptr, cuts_ptr, probs_p
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     mask = offs < n
-    base = _load_float(base_ptr, offs, mask)
+    base = _load(base_ptr, offs, mask)
     total = tl.zeros([BLOCK], dtype=tl.float32)  # fp32 sum in expert order, as torch's dim-0 sums
     for i in range(K):
         total += _weighted_delta(base, experts_ptr, i, offs, mask, start, weights_ptr, cuts_ptr, probs_ptr,
@@ -337,7 +317,7 @@ def _merge_kernel(base_ptr, experts_ptr, out_ptr, weights_ptr, cuts_ptr, probs_p
         if NORMALIZE:
             mixed = _round(tl.math.div_rn(mixed, tl.zeros([BLOCK], dtype=tl.float32) + divisor), dtype)
     mixed = _round(mixed * lambda_, dtype)  # exact when lambda is 1
-    _store_rounded(out_ptr, offs, _round(base + mixed, dtype), mask)
+    _store(out_ptr, offs, _round(base + mixed, dtype), mask)
 
 
 def _rescale_factors(base, pointers, cuts, probs, mode, key0, key1) -> torch.Tensor:
