@@ -210,12 +210,15 @@ def karcher_mean(tensors: list[torch.Tensor], weights: list[float], max_iter: in
     weight still counts in the scale); the others' weights are renormalized to sum to 1. Starts from
     the normalized weighted mean (the first direction if that is ~0), then at most max_iter steps of
     the exp map of the weighted mean log map, stopping once the step is shorter than tol. Norms in fp32
-    (fp64 for fp64), unit vectors in the input dtype."""
+    (fp64 for fp64), unit vectors in the input dtype, which all tensors share (ValueError otherwise)."""
     if len(tensors) != len(weights) or not tensors:
         raise ValueError(f"karcher_mean: {len(tensors)} tensors but {len(weights)} weights")
     if len(tensors) == 1:
         return tensors[0].clone()
     _check_alike("karcher_mean", tensors, weights, None)
+    for i, x in enumerate(tensors[1:], 1):  # torch.dot of the units takes one dtype
+        if x.dtype != tensors[0].dtype:
+            raise ValueError(f"karcher_mean: tensor {i} is {x.dtype}, tensor 0 {tensors[0].dtype}; all must share one dtype")
     dtype = _compute_dtype(tensors[0])
     norms = [torch.linalg.vector_norm(x.to(dtype)) for x in tensors]
     units = [torch.zeros_like(x) if n.item() == 0.0 else (x / n).to(x.dtype) for x, n in zip(tensors, norms)]

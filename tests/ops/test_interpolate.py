@@ -181,6 +181,12 @@ def test_karcher_keeps_dtype():
     assert ops.karcher_mean([a.float(), b.float()], [0.5, 0.5]).dtype == torch.float32
 
 
+def test_karcher_of_tensors_of_different_dtypes_is_refused_by_name():
+    a, b = pair((8, 8), 14)
+    with pytest.raises(ValueError, match="karcher_mean: tensor 1 is torch.bfloat16, tensor 0 torch.float32"):
+        ops.karcher_mean([a.float(), b.bfloat16()], [0.5, 0.5])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_karcher_of_zero_dim_tensors_keeps_dtype(dtype):
     """The fp32 scale times a 0-dim unit is promoted as two 0-dim tensors are (to fp32), where a tensor with dims
