@@ -393,12 +393,13 @@ def merge_task_vectors(base: torch.Tensor, experts: list[torch.Tensor], weights:
         factors = _rescale_factors(base, pointers, cut_lanes, probs, mode, key0, key1)
     else:
         factors = _cutoff_rescale_factors(base, experts, cuts, mode == MAGNITUDE)
-    # plain mean's divisor: the rounded weights summed in fp32 in order, rounded to the dtype (|d| < 1e-8: 1)
+    # plain mean's divisor: the rounded weights summed in fp32 in order, rounded to the dtype; 1 where |d| < 1e-8
+    # compared in the dtype, as torch compares the reference's (fp16's 1e-8 is 0: a zero sum stays)
     divisor = torch.zeros((), dtype=torch.float32)
     for w in rounded:
         divisor += w
     divisor = float(divisor.to(base.dtype))
-    divisor = 1.0 if abs(divisor) < 1e-8 else divisor
+    divisor = 1.0 if abs(divisor) < float(torch.tensor(1e-8, dtype=base.dtype)) else divisor
     lam = float(torch.tensor(lambda_, dtype=torch.float32))  # exactly representable: passed unchanged
     _merge_kernel[(triton.cdiv(n, BLOCK),)](
         base, pointers, out, rounded.to(device), cut_lanes, probs, factors, n, k, divisor, lam, key0, key1,

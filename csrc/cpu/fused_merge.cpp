@@ -251,7 +251,8 @@ void merge_typed(Params& P, const torch::Tensor& base, const std::vector<torch::
   float weight_sum = 0.f;
   for (float w : P.weights) weight_sum += w;
   P.divisor = rnd<T>(weight_sum);
-  if (std::fabs(P.divisor) < 1e-8f) P.divisor = 1.f;
+  // |sum| < 1e-8 compared in T, as torch compares the reference's: fp16's 1e-8 is 0, so a zero sum stays
+  if (std::fabs(P.divisor) < rnd<T>(1e-8f)) P.divisor = 1.f;
   T* o = out.data_ptr<T>();
   const int K = static_cast<int>(experts.size());
   const bool drawn = draws_keep_flags(P.mode);

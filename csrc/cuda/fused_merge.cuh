@@ -23,7 +23,7 @@ struct MergeArgs {
   int K, mode;
   bool consensus, normalize;
   float lambda;
-  float all_divisor;                 // sum of the weights in T, 1 when |sum| < 1e-8 (no consensus)
+  float all_divisor;                 // sum of the weights in T, 1 when |sum| < 1e-8 in T (no consensus)
   uint32_t key0, key1;
   float weights[kMaxExperts];        // already rounded to T, as torch.tensor(weights, dtype=T)
   float probs[kMaxExperts];          // random, rank: density

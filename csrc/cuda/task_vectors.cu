@@ -167,7 +167,8 @@ at::Tensor merge_task_vectors_cuda(const at::Tensor& base, const std::vector<at:
       }
     }
     const float all_divisor = task_vectors::host_round<D>(weight_sum);
-    a.all_divisor = std::fabs(all_divisor) < 1e-8f ? 1.f : all_divisor;
+    // |sum| < 1e-8 compared in D, as torch compares the reference's: fp16's 1e-8 is 0, so a zero sum stays
+    a.all_divisor = std::fabs(all_divisor) < task_vectors::host_round<D>(1e-8f) ? 1.f : all_divisor;
     // DELLA: keep flags of every expert's draws, from ranks within rows (a 1-D tensor is one row)
     at::Tensor rank_keep;
     if (mode == kRank) {

@@ -68,7 +68,8 @@ def merge_task_vectors_reference(base: torch.Tensor, experts: list[torch.Tensor]
 
     sparsify: "" (none), "magnitude" (TIES), "random" (DARE), "outliers" (breadcrumbs), "rank" (DELLA);
     each expert is sparsified on its own, before weighting. consensus: TIES sum-sign election and the
-    disjoint mean; without it the plain weighted sum, divided by sum(w) if normalize (|sum(w)| < 1e-8 -> 1).
+    disjoint mean; without it the plain weighted sum, divided by sum(w) if normalize (|sum(w)| < 1e-8 -> 1, compared
+    in the base's dtype as mergekit compares it: fp16's 1e-8 is 0, so there a zero sum divides by zero).
     Random sparsifiers draw from Philox keyed by (seed, tensor_name, expert index).
     NaN or Inf in any input raise ValueError.
     """

@@ -136,6 +136,20 @@ def test_values_from_subnormal_to_large_merge_as_the_reference(backend, dtype, s
         f"seed {seed}: {int((got != want).sum())} elements differ"
 
 
+@per_backend("dtype, sparsify", {name: pairwise(DTYPES, ["", "magnitude"]) for name in MODES})
+def test_plain_mean_of_weights_summing_to_zero(backend, dtype, sparsify):
+    """normalize without consensus divides by the sum of the weights in the dtype, taken as 1 where |sum| < 1e-8
+    compared in the dtype, as torch compares the reference's (and mergekit's) sum with 1e-8: fp16's 1e-8 is 0,
+    so an fp16 sum of 0 divides by 0 (Inf, or NaN where the deltas cancel too), where bf16 and fp32 divide by 1."""
+    base, experts = inputs(backend, (1023,), dtype, 2, 4)
+    kw = dict(weights=[0.75, -0.75], densities=[0.5, 0.5], sparsify=sparsify, normalize=True)
+    got = _merge_with(backend.module, base, experts, **kw).cpu()
+    want = merge_task_vectors_reference(base.cpu(), [e.cpu() for e in experts], **kw)
+    assert torch.isfinite(want).all() == (dtype != torch.float16)
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan) and torch.equal(got[~nan], want[~nan]), f"{int((got != want).sum())} differ"
+
+
 @on()
 def test_dare_masks_identical_to_reference(backend):
     # weights 1, 2, 4 on all-one deltas: bit i of the (exact) sum is expert i's keep flag
