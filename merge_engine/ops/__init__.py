@@ -6,7 +6,7 @@ and the default kernel on every device, a fake implementation lets it trace unde
 torch.export, and compiled backends register device kernels for the same op, so callers never change.
 The functions here have the references' signatures and docstrings. merge_task_vectors, fisher_merge,
 weighted_sum and slerp also write into a caller's tensor (`out=`, the `.out` overloads).
-rescale_l1, della_keep_probability, topk_count and merge_task_vectors_reference are plain helpers.
+rescale_l1, della_keep_probability, mirror_upper_, topk_count and merge_task_vectors_reference are plain helpers.
 """
 from merge_engine.ops.consensus import disjoint_mean, elect_sign, merge_task_vectors, merge_task_vectors_reference
 from merge_engine.ops.fisher import accumulate_fisher, fisher_merge

@@ -64,6 +64,10 @@ def test_every_op_has_a_sample_and_every_declared_op_is_public():
     declared = {name for name in dir(torch.ops.merge_engine) if hasattr(getattr(torch.ops.merge_engine, name), "overloads")}
     assert declared == set(samples()), declared ^ set(samples())
     assert all(hasattr(ops, name) for name in declared)
+    # the plain helpers docs/kernels.md and the package docstring name: the rest of the public functions
+    helpers = {"rescale_l1", "della_keep_probability", "mirror_upper_", "topk_count", "merge_task_vectors_reference"}
+    assert set(ops.__all__) - declared == helpers
+    assert all(name in ops.__doc__ for name in helpers)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: ops whose result is promoted to fp32
