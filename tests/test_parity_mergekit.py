@@ -152,6 +152,24 @@ def test_identical_to_mergekit(case, model_sets, mergekit, write_yaml, folder_te
         f"{max(float((a[n].double() - b[n].double()).abs().max()) for n in different[:3])}"
 
 
+def test_fp16_normalized_weights_summing_to_zero_as_mergekit(model_sets, mergekit, write_yaml, folder_tensors,
+                                                           tmp_path):
+    # mergekit compares the fp16 sum of the weights with 1e-8 in fp16, where 1e-8 is 0: a zero sum is kept and
+    # divided by (Inf where the deltas differ, NaN where they cancel); the compiled kernels do the same
+    base, *experts = model_sets("llama")
+    config = {"merge_method": "task_arithmetic", "dtype": "float16", "base_model": base,
+              "parameters": {"normalize": True}, **models(base, experts[:2], [{"weight": 0.5}, {"weight": -0.5}])}
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    merge(parse_config(config), str(ours), MergeOptions(quiet=True, copy_tokenizer=False))
+    run_mergekit(mergekit, write_yaml(config), str(theirs))
+    a, b = folder_tensors(ours), folder_tensors(theirs)
+    assert set(a) == set(b) and any(not torch.isfinite(t).all() for t in b.values())
+    nan = {n: b[n].isnan() for n in b}
+    different = [n for n in a if a[n].dtype != b[n].dtype or not torch.equal(a[n].isnan(), nan[n])
+                 or not torch.equal(a[n][~nan[n]], b[n][~nan[n]])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
 def test_bf16_ties_identical_except_at_magnitude_ties(model_sets, mergekit, write_yaml, folder_tensors,
                                                      tmp_path):
     # In bf16 many deltas share a magnitude; where the k-th largest is tied, mergekit's unstable argsort
