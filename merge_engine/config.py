@@ -21,6 +21,7 @@ from merge_engine.methods import REGISTRY, MergeMethod
 from merge_engine.parameters import (
     ParamSpec,
     Scope,
+    extra_keys,
     gives,
     holds_empty_list,
     is_boolean_number,
@@ -486,6 +487,14 @@ def _check_parameters(cfg: MergeConfig, problems: list[str], strict: bool = Fals
             if shape:
                 problems.append(f"{where}.{name}: {shape}")
                 continue
+            extra = extra_keys(setting)
+            if extra:
+                ignoring = (f"{where}.{name}: {{filter, value}} entries take no {', '.join(extra)}; an entry without "
+                            "a filter matches every tensor")
+                if strict:
+                    problems.append(f"{ignoring} (--strict refuses it)")
+                else:
+                    warnings.warn(f"{ignoring}: ignored, as mergekit does (--strict refuses it)")
             if holds_empty_list(setting):
                 empty = f"{where}.{name}: an empty list sets nothing"
                 if strict:

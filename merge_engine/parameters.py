@@ -148,7 +148,12 @@ def is_scalar(x: Any) -> bool:
 
 
 def is_condition(x: Any) -> bool:
-    return isinstance(x, Mapping) and "value" in x and set(x) <= {"filter", "value"}
+    """A {filter, value} entry. Other keys in it are ignored, as mergekit's schema ignores them (see extra_keys)."""
+    return isinstance(x, Mapping) and "value" in x
+
+
+def is_scalar_or_gradient(x: Any) -> bool:
+    return is_scalar(x) or (isinstance(x, list) and all(is_scalar(e) for e in x))
 
 
 def setting_shape_problem(setting: Setting) -> str | None:
@@ -159,12 +164,21 @@ def setting_shape_problem(setting: Setting) -> str | None:
         flt = setting.get("filter")
         if flt is not None and not isinstance(flt, str):  # matched as a substring of tensor names
             return f"filter must be a tensor-name substring, got {flt!r}"
-        return setting_shape_problem(setting["value"])
+        if not is_scalar_or_gradient(setting["value"]):  # mergekit's schema refuses nested filters too
+            return f"a {{filter, value}} entry's value must be a scalar or a gradient list, got {setting['value']!r}"
+        return None
     if isinstance(setting, list):
         if all(is_scalar(e) for e in setting) or all(is_condition(e) for e in setting):
             return next((p for e in setting if is_condition(e) for p in [setting_shape_problem(e)] if p), None)
         return "a list mixing scalars and {filter, value} entries"
     return f"not a scalar, gradient list or {{filter, value}} entry: {setting!r}"
+
+
+def extra_keys(setting: Setting) -> list[str]:
+    """Keys other than filter and value in a setting's {filter, value} entries: mergekit ignores them, so an entry
+    whose 'filter' is misspelt matches every tensor."""
+    entries = [setting] if is_condition(setting) else setting if isinstance(setting, list) else []
+    return sorted({str(k) for e in entries if is_condition(e) for k in e if k not in ("filter", "value")})
 
 
 def holds_empty_list(setting: Setting) -> bool:

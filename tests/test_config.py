@@ -55,6 +55,19 @@ def test_an_empty_list_sets_nothing_as_in_mergekit():
         parse_config(ties_with(0, {"weight": []}))
 
 
+def test_other_keys_of_a_filter_entry_are_ignored_as_in_mergekit():
+    """mergekit's schema drops keys other than filter and value, so an entry with a misspelt filter matches every
+    tensor. Warned about, naming the key (--strict refuses it)."""
+    raw = ties_with(0, {"weight": [{"fitler": "mlp", "value": 0.2}, {"value": 0.5}]})
+    with pytest.warns(UserWarning, match=r"models\[/e1\]\.parameters\.weight: \{filter, value\} entries take no "
+                                         r"fitler; an entry without a filter matches every tensor: ignored"):
+        cfg = parse_config(raw)
+    setting = cfg.slices[0].sources[0].parameters["weight"]
+    assert evaluate_setting("model.layers.0.self_attn.q_proj.weight", setting, 0.0, W) == 0.2
+    with pytest.raises(ConfigError, match=r"take no fitler; .* \(--strict refuses it\)"):
+        parse_config(raw, strict=True)
+
+
 def ties_config(**over):
     cfg = {"merge_method": "ties", "base_model": "/b", "parameters": {"normalize": True},
            "models": [{"model": "/e1", "parameters": {"weight": 0.5, "density": 0.5}},
@@ -125,6 +138,11 @@ def test_an_unknown_merge_method_suggests_the_closest_name(name, hint):
      r"parameters\.weight: filter must be a tensor-name substring, got 5"),
     (ties_with(0, {"weight": [{"filter": ["mlp"], "value": 1.0}, {"value": 0.5}]}),
      r"parameters\.weight: filter must be a tensor-name substring, got \['mlp'\]"),
+    # a filter's value is a scalar or a gradient: mergekit's schema refuses a nested filter (or none)
+    (ties_with(0, {"weight": [{"filter": "mlp", "value": [{"filter": "up", "value": 0.2}]}, {"value": 0.5}]}),
+     r"parameters\.weight: a \{filter, value\} entry's value must be a scalar or a gradient list, got \[\{"),
+    (ties_with(0, {"weight": {"filter": "mlp", "value": {"value": 0.2}}}), r"must be a scalar or a gradient list"),
+    (ties_with(0, {"weight": {"filter": "mlp", "value": None}}), r"must be a scalar or a gradient list, got None"),
 ])
 def test_invalid_configs(raw, match):
     with pytest.raises(ConfigError, match=match):

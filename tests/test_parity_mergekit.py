@@ -91,6 +91,14 @@ CASES = {
         "merge_method": "passthrough", "dtype": "float32",
         "slices": [{"sources": [{"model": b, "layer_range": [0, 3]}]},
                    {"sources": [{"model": e[1], "layer_range": [1, 4]}]}]}),
+    # keys of a filter entry other than filter and value are dropped by mergekit's schema: a misspelt filter
+    # matches every tensor (a warning)
+    "linear_misspelt_filter": ("llama", lambda b, e: {
+        "merge_method": "linear", "dtype": "float32",
+        "models": [{"model": b, "parameters": {"weight": [{"fitler": "mlp", "value": 0.2}, {"value": 0.7}]}},
+                   {"model": e[0], "parameters": {"weight": [{"filter": "self_attn", "value": 0.4, "note": "x"},
+                                                                {"value": 0.6}]}},
+                   {"model": e[1], "parameters": {"weight": 0.5}}]}),
     "linear_bf16_sharded": ("llama_bf16_sharded", lambda b, e: {
         "merge_method": "linear", "dtype": "bfloat16",
         "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(e, (0.2, 0.3, 0.5))]}),
