@@ -170,6 +170,9 @@ def setting_shape_problem(setting: Setting) -> str | None:
     if isinstance(setting, list):
         if all(is_scalar(e) for e in setting) or all(is_condition(e) for e in setting):
             return next((p for e in setting if is_condition(e) for p in [setting_shape_problem(e)] if p), None)
+        odd = next((e for e in setting if not is_scalar(e) and not is_condition(e)), None)
+        if odd is not None:  # a filter entry without its value, a list in the list...
+            return f"a list entry that is neither a scalar nor a {{filter, value}} entry: {odd!r}"
         return "a list mixing scalars and {filter, value} entries"
     return f"not a scalar, gradient list or {{filter, value}} entry: {setting!r}"
 

@@ -143,6 +143,10 @@ def test_an_unknown_merge_method_suggests_the_closest_name(name, hint):
      r"parameters\.weight: a \{filter, value\} entry's value must be a scalar or a gradient list, got \[\{"),
     (ties_with(0, {"weight": {"filter": "mlp", "value": {"value": 0.2}}}), r"must be a scalar or a gradient list"),
     (ties_with(0, {"weight": {"filter": "mlp", "value": None}}), r"must be a scalar or a gradient list, got None"),
+    (ties_with(0, {"weight": [{"filter": "mlp"}, {"value": 0.5}]}),
+     r"parameters\.weight: a list entry that is neither a scalar nor a \{filter, value\} entry: \{'filter': 'mlp'\}"),
+    (ties_with(0, {"weight": [[0.1, 0.2]]}), r"neither a scalar nor a \{filter, value\} entry: \[0\.1, 0\.2\]"),
+    (ties_with(0, {"weight": [0.1, {"value": 0.5}]}), r"a list mixing scalars and \{filter, value\} entries"),
 ])
 def test_invalid_configs(raw, match):
     with pytest.raises(ConfigError, match=match):
