@@ -25,6 +25,7 @@ from merge_engine.parameters import (
     gives,
     holds_empty_list,
     is_boolean_number,
+    lax_int,
     setting_leaves,
     setting_shape_problem,
 )
@@ -405,10 +406,11 @@ def _slices(slices: Any, problems: list[str]) -> list[Slice]:
         for j, src in enumerate(s["sources"]):
             swhere = f"{where}.sources[{j}]"
             model = _model_ref(src.get("model") if isinstance(src, dict) else None, f"{swhere}.model", problems)
-            lr = src.get("layer_range") if isinstance(src, dict) else None
-            if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and x >= 0 for x in lr)
-                    and lr[0] < lr[1]):
-                problems.append(f"{swhere}.layer_range: expected [start, end) with 0 <= start < end, got {lr!r}")
+            given = src.get("layer_range") if isinstance(src, dict) else None
+            # numbers as mergekit's schema takes them: 2.0 and "2" are layer 2
+            lr = [lax_int(x) for x in given] if isinstance(given, list) and len(given) == 2 else None
+            if not (lr and all(x is not None and x >= 0 for x in lr) and lr[0] < lr[1]):
+                problems.append(f"{swhere}.layer_range: expected [start, end) with 0 <= start < end, got {given!r}")
                 lr = None
             if model:
                 sources.append(Source(model, tuple(lr) if lr else None, _params_dict(src, swhere, problems),

@@ -43,7 +43,7 @@ class ParamSpec:
     def coerce(self, value: Any) -> Any:
         """Convert a scalar from YAML to this parameter's type as mergekit's (pydantic's lax) validation does,
         or raise ValueError."""
-        converted = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_str}[self.kind](value)
+        converted = {bool: _as_bool, int: lax_int, float: _as_float, str: _as_str}[self.kind](value)
         if converted is None:
             raise ValueError(f"'{self.name}' must be {self.kind.__name__}, got {reprlib.repr(value)}")
         if self.kind in (float, int) and not is_finite_number(converted):  # .nan / .inf merge to nonsense
@@ -87,7 +87,8 @@ def _as_float(value: Any) -> float | None:
     return None
 
 
-def _as_int(value: Any) -> int | None:
+def lax_int(value: Any) -> int | None:
+    """An int as mergekit's (pydantic's lax) validation takes one: 3, 3.0, "3", " 3 ", "3.0", "1_0", true; else None."""
     if isinstance(value, str):
         whole = re.fullmatch(r"\s*([+-]?[0-9_]+)(\.0+)?\s*", value)  # "3" and "3.0", not "3e0"
         try:

@@ -184,6 +184,19 @@ def test_slices_form():
     assert [src.layer_range for src in cfg.slices[0].sources] == [(0, 2), (2, 4)]
 
 
+@pytest.mark.parametrize("given,want", [([0.0, "2"], (0, 2)), ([" 1 ", 3.0], (1, 3)), (["0.0", "1_0"], (0, 10)),
+                                        ([0, 2.5], None), (["1e0", 2], None), ([2, 2], None), ([-1, 2], None)])
+def test_layer_range_numbers_are_taken_as_mergekit_takes_them(given, want):
+    # mergekit's schema (pydantic, lax) takes whole floats and integer strings as layer numbers
+    raw = {"merge_method": "passthrough", "slices": [{"sources": [{"model": "/a", "layer_range": given}]}]}
+    if want is None:
+        with pytest.raises(ConfigError, match=re.escape(f"slices[0].sources[0].layer_range: expected [start, end) with "
+                                                        f"0 <= start < end, got {given!r}")):
+            parse_config(raw)
+    else:
+        assert parse_config(raw).slices[0].sources[0].layer_range == want
+
+
 def test_yaml_aliases_that_expand_past_a_million_values_are_refused(tmp_path):
     """Nested aliases ("billion laughs") load as shared lists in little memory; walking them does not."""
     lines = ["merge_method: linear", "models: []", 'l0: &l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']

@@ -99,6 +99,11 @@ CASES = {
                    {"model": e[0], "parameters": {"weight": [{"filter": "self_attn", "value": 0.4, "note": "x"},
                                                                 {"value": 0.6}]}},
                    {"model": e[1], "parameters": {"weight": 0.5}}]}),
+    # layer numbers as mergekit's schema takes them (whole floats, integer strings)
+    "passthrough_lax_layer_range": ("llama", lambda b, e: {
+        "merge_method": "passthrough", "dtype": "float32",
+        "slices": [{"sources": [{"model": b, "layer_range": [0.0, "2"]}]},
+                   {"sources": [{"model": e[0], "layer_range": ["1", 4.0]}]}]}),
     "linear_bf16_sharded": ("llama_bf16_sharded", lambda b, e: {
         "merge_method": "linear", "dtype": "bfloat16",
         "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(e, (0.2, 0.3, 0.5))]}),
