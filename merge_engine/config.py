@@ -25,6 +25,7 @@ from merge_engine.parameters import (
     gives,
     holds_empty_list,
     is_boolean_number,
+    lax_bool,
     lax_int,
     setting_leaves,
     setting_shape_problem,
@@ -305,10 +306,11 @@ def _tokenizer(raw: dict, problems: list[str]) -> TokenizerSpec | None:
         problems.append(f"tokenizer: expected {{source, tokens, pad_to_multiple_of}}, got {full!r}")
         return None
     source = _vocabulary_source(full.get("source", "union"), "tokenizer.source", problems)
-    pad = full.get("pad_to_multiple_of")
-    if pad is not None and not (isinstance(pad, int) and not isinstance(pad, bool) and 0 < pad <= MAX_PAD_MULTIPLE):
+    given = full.get("pad_to_multiple_of")
+    pad = None if given is None else lax_int(given)  # numbers as mergekit's schema takes them ("8", 8.0)
+    if given is not None and not (pad is not None and 0 < pad <= MAX_PAD_MULTIPLE):
         problems.append(f"tokenizer.pad_to_multiple_of: expected a positive integer of at most {MAX_PAD_MULTIPLE} (it "
-                        f"pads the vocabulary up to a multiple of it), got {pad!r}")
+                        f"pads the vocabulary up to a multiple of it), got {given!r}")
     tokens = full.get("tokens") or {}
     if not isinstance(tokens, dict):
         problems.append(f"tokenizer.tokens: expected a mapping of token -> {{source, force}}, got {tokens!r}")
@@ -330,13 +332,14 @@ def _token_setting(value: Any, where: str, problems: list[str]) -> TokenSetting:
     if not isinstance(value, dict) or set(value) - {"source", "force"}:
         problems.append(f"{where}: expected {{source, force}}, got {value!r}")
         return TokenSetting()
-    force = value.get("force", False)
-    if not isinstance(force, bool):
-        problems.append(f"{where}.force: expected true or false, got {force!r}")
+    given = value.get("force", False)
+    force = lax_bool(given)  # as mergekit's schema takes it: 1 and "yes" are true
+    if force is None:
+        problems.append(f"{where}.force: expected true or false, got {given!r}")
     source = _token_source(value.get("source"), f"{where}.source", problems)
     if force and source is None:
         problems.append(f"{where}: force needs a source to take the embedding from")
-    return TokenSetting(source, force is True)
+    return TokenSetting(source, bool(force))
 
 
 def _token_source(value: Any, where: str, problems: list[str]) -> TokenSource | None:
@@ -351,11 +354,12 @@ def _token_source(value: Any, where: str, problems: list[str]) -> TokenSource | 
         return TokenSource("zero")
     if kind == "model_token" and set(value) <= {"kind", "model", "token_id", "token"}:
         model = _model_ref(value.get("model"), f"{where}.model", problems)
-        token_id, token = value.get("token_id"), value.get("token")
-        if (token_id is None) == (token is None):
+        given, token = value.get("token_id"), value.get("token")
+        token_id = None if given is None else lax_int(given)  # as mergekit's schema takes it: "5" and 5.0 are 5
+        if (given is None) == (token is None):
             problems.append(f"{where}: give one of token_id or token")
-        elif token_id is not None and not (isinstance(token_id, int) and token_id >= 0):
-            problems.append(f"{where}.token_id: expected a non-negative integer, got {token_id!r}")
+        elif given is not None and not (token_id is not None and token_id >= 0):
+            problems.append(f"{where}.token_id: expected a non-negative integer, got {given!r}")
         return TokenSource("model_token", model, token_id, None if token is None else str(token))
     problems.append(f"{where}: expected a model path, {{kind: zero}} or {{kind: model_token, model, token_id | "
                     f"token}}, got {value!r}")

@@ -43,7 +43,7 @@ class ParamSpec:
     def coerce(self, value: Any) -> Any:
         """Convert a scalar from YAML to this parameter's type as mergekit's (pydantic's lax) validation does,
         or raise ValueError."""
-        converted = {bool: _as_bool, int: lax_int, float: _as_float, str: _as_str}[self.kind](value)
+        converted = {bool: lax_bool, int: lax_int, float: _as_float, str: _as_str}[self.kind](value)
         if converted is None:
             raise ValueError(f"'{self.name}' must be {self.kind.__name__}, got {reprlib.repr(value)}")
         if self.kind in (float, int) and not is_finite_number(converted):  # .nan / .inf merge to nonsense
@@ -62,7 +62,8 @@ _TRUE_WORDS = {"1", "on", "t", "true", "y", "yes"}
 _FALSE_WORDS = {"0", "off", "f", "false", "n", "no"}
 
 
-def _as_bool(value: Any) -> bool | None:
+def lax_bool(value: Any) -> bool | None:
+    """A bool as mergekit's (pydantic's lax) validation takes one: true, 1, 1.0, "yes", "off"...; else None."""
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float)) and value in (0, 1):

@@ -197,6 +197,24 @@ def test_layer_range_numbers_are_taken_as_mergekit_takes_them(given, want):
         assert parse_config(raw).slices[0].sources[0].layer_range == want
 
 
+def test_tokenizer_numbers_and_booleans_are_taken_as_mergekit_takes_them():
+    raw = {"merge_method": "linear", "models": [{"model": "/a", "parameters": {"weight": 1.0}}], "tokenizer": {
+        "source": "union", "pad_to_multiple_of": "8", "tokens": {
+            "x": {"source": {"kind": "model_token", "model": "/a", "token_id": "5"}, "force": "yes"},
+            "y": {"source": {"kind": "model_token", "model": "/a", "token_id": 2.0}, "force": 0}}}}
+    tok = parse_config(raw).tokenizer
+    assert tok.pad_to_multiple_of == 8
+    assert (tok.tokens["x"].source.token_id, tok.tokens["x"].force) == (5, True)
+    assert (tok.tokens["y"].source.token_id, tok.tokens["y"].force) == (2, False)
+    raw["tokenizer"]["pad_to_multiple_of"] = 8.5
+    raw["tokenizer"]["tokens"]["x"]["force"] = "maybe"
+    raw["tokenizer"]["tokens"]["y"]["source"]["token_id"] = "2e0"
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert [p.split(":")[0] for p in err.value.problems] == [
+        "tokenizer.pad_to_multiple_of", "tokenizer.tokens['x'].force", "tokenizer.tokens['y'].source.token_id"]
+
+
 def test_yaml_aliases_that_expand_past_a_million_values_are_refused(tmp_path):
     """Nested aliases ("billion laughs") load as shared lists in little memory; walking them does not."""
     lines = ["merge_method: linear", "models: []", 'l0: &l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
