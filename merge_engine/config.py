@@ -302,9 +302,10 @@ def _tokenizer(raw: dict, problems: list[str]) -> TokenizerSpec | None:
         return TokenizerSpec(source) if source else None
     if full is None:
         return None
-    if not isinstance(full, dict) or set(full) - {"source", "tokens", "pad_to_multiple_of"}:
+    if not isinstance(full, dict):
         problems.append(f"tokenizer: expected {{source, tokens, pad_to_multiple_of}}, got {full!r}")
         return None
+    _warn_unknown_keys(full, {"source", "tokens", "pad_to_multiple_of"}, "tokenizer")
     source = _vocabulary_source(full.get("source", "union"), "tokenizer.source", problems)
     given = full.get("pad_to_multiple_of")
     pad = None if given is None else lax_int(given)  # numbers as mergekit's schema takes them ("8", 8.0)
@@ -328,10 +329,18 @@ def _vocabulary_source(value: Any, where: str, problems: list[str]) -> str | Non
     return value if value in ("union", "base") else _model_ref(value, where, problems)
 
 
+def _warn_unknown_keys(entry: dict, known: set[str], where: str) -> None:
+    """mergekit's schema drops keys it does not know: they are ignored here too, named in a warning."""
+    unknown = sorted((k for k in entry if k not in known), key=str)
+    if unknown:
+        warnings.warn(f"{where}: ignoring unknown key(s) {unknown} (mergekit ignores them too)")
+
+
 def _token_setting(value: Any, where: str, problems: list[str]) -> TokenSetting:
-    if not isinstance(value, dict) or set(value) - {"source", "force"}:
+    if not isinstance(value, dict):
         problems.append(f"{where}: expected {{source, force}}, got {value!r}")
         return TokenSetting()
+    _warn_unknown_keys(value, {"source", "force"}, where)
     given = value.get("force", False)
     force = lax_bool(given)  # as mergekit's schema takes it: 1 and "yes" are true
     if force is None:
@@ -350,9 +359,11 @@ def _token_source(value: Any, where: str, problems: list[str]) -> TokenSource | 
         model = _model_ref(value, where, problems)
         return TokenSource("model", model) if model else None
     kind = value.get("kind") if isinstance(value, dict) else None
-    if kind == "zero" and set(value) == {"kind"}:
+    if kind == "zero":
+        _warn_unknown_keys(value, {"kind"}, where)
         return TokenSource("zero")
-    if kind == "model_token" and set(value) <= {"kind", "model", "token_id", "token"}:
+    if kind == "model_token":
+        _warn_unknown_keys(value, {"kind", "model", "token_id", "token"}, where)
         model = _model_ref(value.get("model"), f"{where}.model", problems)
         given, token = value.get("token_id"), value.get("token")
         token_id = None if given is None else lax_int(given)  # as mergekit's schema takes it: "5" and 5.0 are 5

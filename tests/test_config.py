@@ -215,6 +215,21 @@ def test_tokenizer_numbers_and_booleans_are_taken_as_mergekit_takes_them():
         "tokenizer.pad_to_multiple_of", "tokenizer.tokens['x'].force", "tokenizer.tokens['y'].source.token_id"]
 
 
+def test_unknown_tokenizer_keys_are_ignored_with_a_warning_as_mergekit_ignores_them():
+    raw = {"merge_method": "linear", "models": [{"model": "/a", "parameters": {"weight": 1.0}}], "tokenizer": {
+        "source": "base", "note": 1, "tokens": {"x": {"source": {"kind": "zero", "why": "blank"}, "forced": True},
+                                                "y": {"source": {"kind": "model_token", "model": "/a", "token_id": 1,
+                                                                 "id": 2}}}}}
+    with pytest.warns(UserWarning) as caught:
+        tok = parse_config(raw).tokenizer
+    assert (tok.source, tok.tokens["x"].source.kind, tok.tokens["x"].force, tok.tokens["y"].source.token_id) == (
+        "base", "zero", False, 1)
+    assert sorted(str(w.message) for w in caught) == sorted(
+        f"{where}: ignoring unknown key(s) {keys} (mergekit ignores them too)" for where, keys in [
+            ("tokenizer", ["note"]), ("tokenizer.tokens['x']", ["forced"]),
+            ("tokenizer.tokens['x'].source", ["why"]), ("tokenizer.tokens['y'].source", ["id"])])
+
+
 def test_yaml_aliases_that_expand_past_a_million_values_are_refused(tmp_path):
     """Nested aliases ("billion laughs") load as shared lists in little memory; walking them does not."""
     lines = ["merge_method: linear", "models: []", 'l0: &l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']

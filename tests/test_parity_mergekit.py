@@ -227,12 +227,13 @@ VOCAB_CASES = {
             "w9": {"source": {"kind": "zero"}, "force": True},
             "brand_new": {"source": {"kind": "model_token", "model": m["other"], "token_id": 3}}}},
         "models": [{"model": m[k], "parameters": {"weight": 0.5}} for k in ("extra", "other")]},
-    # numbers and booleans as mergekit's schema takes them: "16", "yes", 3.0
+    # numbers and booleans as mergekit's schema takes them ("16", "yes", 3.0), unknown keys ignored
     "tokens_lax_values": lambda m: {
         "merge_method": "task_arithmetic", "base_model": m["base"], "dtype": "float32",
         "tokenizer": {"source": "union", "pad_to_multiple_of": "16", "tokens": {
             "w0": {"source": m["extra"], "force": "yes"},
-            "brand_new": {"source": {"kind": "model_token", "model": m["other"], "token_id": 3.0}, "force": 1}}},
+            "brand_new": {"source": {"kind": "model_token", "model": m["other"], "token_id": 3.0}, "force": 1},
+            "w9": {"source": {"kind": "zero", "note": "unknown keys are ignored"}, "forced": True}}, "note": 1},
         "models": [{"model": m[k], "parameters": {"weight": 0.5}} for k in ("extra", "other")]},
     # byte-level BPE tokenizers learnt from different text; the base's 2 tokens past its rows are trimmed
     "bpe_union_trimmed_base": lambda m: {"merge_method": "linear", "base_model": m["bpe_base"],
