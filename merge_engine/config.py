@@ -309,9 +309,10 @@ def _tokenizer(raw: dict, problems: list[str]) -> TokenizerSpec | None:
     source = _vocabulary_source(full.get("source", "union"), "tokenizer.source", problems)
     given = full.get("pad_to_multiple_of")
     pad = None if given is None else lax_int(given)  # numbers as mergekit's schema takes them ("8", 8.0)
-    if given is not None and not (pad is not None and 0 < pad <= MAX_PAD_MULTIPLE):
+    if given is not None and not (pad is not None and 0 <= pad <= MAX_PAD_MULTIPLE):
         problems.append(f"tokenizer.pad_to_multiple_of: expected a positive integer of at most {MAX_PAD_MULTIPLE} (it "
                         f"pads the vocabulary up to a multiple of it), got {given!r}")
+    pad = pad or None  # 0 pads nothing, as in mergekit
     tokens = full.get("tokens") or {}
     if not isinstance(tokens, dict):
         problems.append(f"tokenizer.tokens: expected a mapping of token -> {{source, force}}, got {tokens!r}")

@@ -274,3 +274,12 @@ def test_invalid_yaml_is_one_line_with_its_place(tmp_path, text, problem):
     with pytest.raises(ConfigError) as err:
         load_config(str(path))
     assert len(err.value.problems) == 1 and "\n" not in err.value.problems[0] and problem in err.value.problems[0]
+
+
+def test_a_tokenizer_padded_to_a_multiple_of_zero_is_not_padded_as_in_mergekit():
+    raw = {"merge_method": "linear", "models": [{"model": "/a", "parameters": {"weight": 1.0}}],
+           "tokenizer": {"source": "union", "pad_to_multiple_of": 0}}
+    assert parse_config(raw).tokenizer.pad_to_multiple_of is None
+    raw["tokenizer"]["pad_to_multiple_of"] = -8
+    with pytest.raises(ConfigError, match="tokenizer.pad_to_multiple_of: expected a positive integer"):
+        parse_config(raw)

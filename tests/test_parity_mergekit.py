@@ -500,3 +500,21 @@ def test_moe_checkpoint_layout_keeps_one_tensor_per_expert(arch, folder_tensors,
                            and (n.endswith(".w2.weight") or n.endswith(".down_proj.weight"))),
                           key=lambda n: int(n.split(".experts.")[1].split(".")[0]))
             assert torch.equal(t, torch.stack([kept[n] for n in down]))
+
+
+def test_a_last_slice_of_tied_heads_under_an_untied_donor_gets_its_head(model_sets, mergekit, write_yaml,
+                                                                       folder_tensors, tmp_path):
+    # README, Differences: mergekit writes no lm_head here and keeps tie_word_embeddings false (an untrained head
+    # once loaded); merge_engine merges the head from the last slice's embeddings
+    base, expert = model_sets("llama")[:2]
+    tied = tied_copy(expert, str(tmp_path / "tied"))
+    config = {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": base, "layer_range": [0, 2]}]}, {"sources": [{"model": tied, "layer_range": [2, 4]}]}]}
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    merge(parse_config(config), str(ours), MergeOptions(quiet=True, copy_tokenizer=False))
+    run_mergekit(mergekit, write_yaml(config), str(theirs))
+    a, b = folder_tensors(ours), folder_tensors(theirs)
+    assert set(a) - set(b) == {"lm_head.weight"} and set(b) <= set(a)
+    assert all(torch.equal(a[n], b[n]) for n in b)
+    assert torch.equal(a["lm_head.weight"], folder_tensors(tied)["model.embed_tokens.weight"])
+    assert json.loads((theirs / "config.json").read_text()).get("tie_word_embeddings") is False

@@ -246,7 +246,7 @@ def test_a_tokenizer_is_written_even_with_no_copy_tokenizer(vm, tmp_path):
 
 @pytest.mark.parametrize("change,match", [
     (lambda vm, c: c.update(tokenizer_source="union", tokenizer={"source": "base"}), "not both"),
-    (lambda vm, c: c.update(tokenizer={"source": "union", "pad_to_multiple_of": 0}), "pad_to_multiple_of"),
+    (lambda vm, c: c.update(tokenizer={"source": "union", "pad_to_multiple_of": -8}), "pad_to_multiple_of"),
     (lambda vm, c: c.update(tokenizer={"tokens": {"x": {"force": True}}}), "force needs a source"),
     (lambda vm, c: c.update(tokenizer={"tokens": {"x": {"source": {"kind": "model_token", "model": vm["base"]}}}}),
      "one of token_id or token"),
