@@ -70,7 +70,7 @@ def test_every_op_has_a_sample_and_every_declared_op_is_public():
     assert all(name in ops.__doc__ for name in helpers)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: ops whose result is promoted to fp32
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])  # half: promoted results
 @pytest.mark.parametrize("kernels", ["compiled", "reference"])
 @pytest.mark.parametrize("name", sorted(samples()))
 def test_opcheck(name, kernels, dtype, monkeypatch):
