@@ -54,8 +54,8 @@ def accumulate_fisher_reference(fisher: torch.Tensor, grad: torch.Tensor, scale:
 
 @op("accumulate_fisher", mutates_args=("fisher",))
 def accumulate_fisher(fisher: torch.Tensor, grad: torch.Tensor, scale: float) -> None:
-    """In place: fisher += scale * grad^2 (scale finite, >= 0), reading grad in its own dtype (fp32 math, see
-    the reference). fisher and grad must not share memory."""
+    """In place: fisher += scale * grad^2 (scale finite, >= 0), reading grad in its own dtype (fp32 math, fp64 for
+    an fp64 fisher: see the reference). fisher and grad must not share memory."""
     accumulate_fisher_reference(fisher, grad, scale)
 
 
