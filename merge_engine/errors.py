@@ -1,4 +1,5 @@
 """Errors the engine reports to users. Each names the file and tensor at fault."""
+import re
 
 
 class MergeEngineError(Exception):
@@ -33,3 +34,10 @@ def out_of_memory(e: BaseException) -> str | None:
             or (isinstance(e, RuntimeError) and "can't allocate memory" in text):
         return text.split("] err == 0. ")[-1]  # (torch's CPU message starts with its source line)
     return None
+
+
+def printable(message: str) -> str:
+    """message with the control characters that names in it may hold (a path, a tensor name from a header) shown
+    escaped, as \\x1b: raw, a terminal would act on them (colours, cursor moves, a cleared line). Line breaks and
+    tabs stay: problem lists use them. For the command's own output (errors, warnings, log lines)."""
+    return re.sub(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", lambda m: repr(m.group())[1:-1], message)

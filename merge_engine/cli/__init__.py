@@ -24,7 +24,7 @@ import traceback
 
 from merge_engine import __version__
 from merge_engine.cli.timing import EXECUTABLE, STARTUP, process_age
-from merge_engine.errors import MergeEngineError, out_of_memory
+from merge_engine.errors import MergeEngineError, out_of_memory, printable
 from merge_engine.interrupts import signals_deferred
 from merge_engine.runtime import launched_by_torchrun, tune_process_for_merging
 
@@ -129,5 +129,6 @@ def _skips_teardown(argv: list[str]) -> bool:
 def _failed(message: str, status: int, argv: list[str]) -> int:
     if _verbose(argv) and sys.exc_info()[0] is not None:
         traceback.print_exc()
-    print(f"merge-engine: {message}", file=sys.stderr)
+    print(f"merge-engine: {printable(message)}", file=sys.stderr)
     return status
+

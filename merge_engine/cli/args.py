@@ -8,7 +8,7 @@ import sys
 import warnings
 
 from merge_engine.dtypes import STATS_DTYPES
-from merge_engine.errors import MergeEngineError
+from merge_engine.errors import MergeEngineError, printable
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMbBgGtT]?)\s*$")
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
@@ -114,7 +114,9 @@ def print_recovery(model: str, what: str, recovered: bool) -> int:
 
 
 def setup_logging(quiet: bool, verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_PrintableFormatter("%(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])  # (none if set up)
     if quiet:
         logging.getLogger("merge_engine").setLevel(logging.WARNING)
     warnings.simplefilter("default")
@@ -122,4 +124,9 @@ def setup_logging(quiet: bool, verbose: bool = False) -> None:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"merge-engine: warning: {message}", file=file or sys.stderr)
+    print(f"merge-engine: warning: {printable(str(message))}", file=file or sys.stderr)
+
+
+class _PrintableFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))

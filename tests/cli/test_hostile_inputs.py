@@ -132,3 +132,23 @@ def test_hostile_input(models, tmp_path, capsys, case):
     assert status == 2 and culprit in err and "Traceback" not in err, err
     assert sorted(os.listdir(tmp_path)) == ["c.yml", "expert"]  # no output, no .out.partial-*
     assert (folder_digest(base), folder_digest(mutant)) == before
+
+
+def test_control_characters_in_a_name_are_shown_escaped(models, tmp_path, capsys):
+    # a path (or a header's tensor name) holding terminal escapes must not colour, move or clear the user's terminal
+    missing = str(tmp_path / "no\x1b[2Jsuch\rmodel")
+    config = tmp_path / "c.yml"
+    config.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": models[0], "parameters": {"weight": 0.5}}, {"model": missing, "parameters": {"weight": 0.5}}]}))
+    assert cli.main([str(config), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no\\x1b[2Jsuch\\rmodel" in err and "\x1b" not in err and "\r" not in err
+
+
+def test_control_characters_in_warnings_and_log_lines_are_shown_escaped():
+    import subprocess
+    import sys
+    code = ("import logging, warnings; from merge_engine.cli.args import setup_logging; setup_logging(False); "
+            "warnings.warn('a\\x1b[31mred'); logging.getLogger('merge_engine').info('b\\x1b[2Jclear')")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert "a\\x1b[31mred" in err and "b\\x1b[2Jclear" in err and "\x1b" not in err
