@@ -2,9 +2,11 @@
 (under it, triton.jit gives interpreted functions) runs a test's script, which calls
 `float_ops(kernel, signature, block, options, arch)` for each case and stores the sorted PTX
 floating-point and conversion instructions in `found[name]`; `ptx_ops(kernel, signature, constexprs,
-options, arch, pattern)` takes any constexprs and lists the instructions a pattern matches."""
+options, arch, pattern)` takes any constexprs and lists the instructions a pattern matches. check_ieee_rounding
+asserts what elementwise kernels promise."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -33,3 +35,17 @@ def ptx_float_ops(script: str) -> dict[str, list[str]]:
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(run.stdout.splitlines()[-1])
+
+
+def check_ieee_rounding(found: dict[str, list[str]], float_types: str = "f32") -> None:
+    """Every add, multiply and divide rounds to nearest (.rn: no fused multiply-add, an IEEE division) in one of
+    float_types (a regex alternation), no instruction flushes subnormals (.ftz), narrowing conversions round to
+    nearest, and the merge kernels divide as IEEE does."""
+    for kernel, ops in found.items():
+        arithmetic = [op for op in ops if re.match(r"(fma|add|sub|mul|div|max|min)\.", op)]
+        assert arithmetic and all(re.fullmatch(rf"(add|sub|mul|div)\.rn\.({float_types})", op) for op in arithmetic), (
+            kernel, ops)
+        assert not [op for op in ops if ".ftz" in op], (kernel, ops)
+        narrowing = [op for op in ops if re.match(r"cvt\.\w*\.?b?f16\.f32", op)]
+        assert all(".rn." in op for op in narrowing), (kernel, ops)
+    assert all("div.rn.f32" in ops for kernel, ops in found.items() if "merge" in kernel)

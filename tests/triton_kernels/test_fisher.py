@@ -7,7 +7,6 @@ dtype pair, and their PTX must round every fp32 add, multiply and divide explici
 ptxas fuses no such pair into an fma, and the division is IEEE) and never flush subnormals (.ftz).
 """
 import os
-import re
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ pytest.importorskip("triton")
 
 from merge_engine.ops import backends  # noqa: E402
 from merge_engine.triton_kernels import fisher as tf  # noqa: E402
-from tests.triton_kernels.gpu_lowering import ptx_float_ops  # noqa: E402
+from tests.triton_kernels.gpu_lowering import check_ieee_rounding, ptx_float_ops  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -69,10 +68,4 @@ for arch in (80, 90):
 def test_kernels_lower_to_ieee_ptx_for_sm80_and_sm90():
     found = ptx_float_ops(COMPILE_FOR_GPUS)
     assert len(found) == 36
-    for kernel, ops in found.items():
-        arithmetic = [op for op in ops if re.match(r"(fma|add|sub|mul|div|max|min)\.", op)]
-        assert arithmetic and all(re.fullmatch(r"(add|sub|mul|div)\.rn\.f32", op) for op in arithmetic), (kernel, ops)
-        assert not [op for op in ops if ".ftz" in op], (kernel, ops)
-        narrowing = [op for op in ops if re.match(r"cvt\.\w*\.?b?f16\.f32", op)]
-        assert all(".rn." in op for op in narrowing), (kernel, ops)
-    assert all("div.rn.f32" in ops for kernel, ops in found.items() if "merge" in kernel)
+    check_ieee_rounding(found)

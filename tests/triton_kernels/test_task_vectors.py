@@ -16,7 +16,6 @@ Inputs are seeded from the test parameters (zlib.crc32 of their repr, stable acr
 assertion message names the seed.
 """
 import os
-import re
 import sys
 
 import pytest
@@ -31,7 +30,7 @@ from merge_engine.ops.consensus import _merge_with, merge_task_vectors_reference
 from merge_engine.ops.select import magnitude_cutoff_reference  # noqa: E402
 from merge_engine.triton_kernels import task_vectors as tv  # noqa: E402
 from tests.conftest import DTYPES, MANTISSA, SIZES, pairwise, seed_of, ulp  # noqa: E402
-from tests.triton_kernels.gpu_lowering import ptx_float_ops  # noqa: E402
+from tests.triton_kernels.gpu_lowering import check_ieee_rounding, ptx_float_ops  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -230,10 +229,4 @@ def test_kernels_lower_to_ieee_ptx_for_sm80_and_sm90():
     operation (f16, f16x2) rounds as torch's fp32 one rounded to fp16 does (fp32 carries 2 p + 2 bits of fp16's p)."""
     found = ptx_float_ops(COMPILE_FOR_GPUS)
     assert len(found) == 2 * 3 * (8 + 3)
-    for kernel, ops in found.items():
-        arithmetic = [op for op in ops if re.match(r"(fma|add|sub|mul|div|max|min)\.", op)]
-        assert arithmetic and all(re.fullmatch(r"(add|sub|mul|div)\.rn\.f(32|16|16x2)", op) for op in arithmetic), (kernel, ops)
-        assert not [op for op in ops if ".ftz" in op], (kernel, ops)
-        narrowing = [op for op in ops if re.match(r"cvt\.\w*\.?b?f16\.f32", op)]
-        assert all(".rn." in op for op in narrowing), (kernel, ops)
-    assert all("div.rn.f32" in ops for kernel, ops in found.items() if "merge" in kernel)
+    check_ieee_rounding(found, "f32|f16|f16x2")
