@@ -314,6 +314,12 @@ LORA_CASES = {  # name -> (model set, adapter options, adapter dtype, --lora-mer
                                           torch.float32, "bfloat16"),
     "lora_merge_dtype_bf16_in_float16": ("gpt2", dict(targets=("c_attn", "c_fc"), fan_in_fan_out=True),
                                          torch.bfloat16, "torch.float16"),
+    # adapter tensors for modules the config does not target (peft loads none of them)
+    "lora_untargeted_tensors": ("llama", dict(target_modules=["q_proj", "down_proj"], exclude_modules=["layers.1.mlp.down_proj"],
+                                              layers_to_transform=[0, 1], layers_pattern="layers", modules_to_save=["lm_head"]),
+                                torch.float32, None),
+    "lora_untargeted_tensors_regex": ("gpt2", dict(targets=("c_attn", "c_fc"), fan_in_fan_out=True,
+                                                   target_modules=r".*\.h\.0\..*c_attn"), torch.float32, None),
 }
 
 

@@ -7,7 +7,9 @@ same bits:
     LoRA weight (Linear):      W += (B @ A) * s              (B @ A transposed when fan_in_fan_out)
     LoRA embedding:            W += ((B @ A).T * s).to(W.dtype)
     other adapter tensors      replace the base's (modules_to_save, saved embedding layers)
-with s = alpha / r (alpha / sqrt(r) with use_rslora; rank_pattern / alpha_pattern per module). The
+with s = alpha / r (alpha / sqrt(r) with use_rslora; rank_pattern / alpha_pattern per module). Only modules
+peft adapts get the low-rank update (target_modules, exclude_modules, modules_to_save, layers_to_transform, as
+its check_target_module_exists reads them); the others' LoRA tensors are left out, as peft never loads them. The
 update is formed in fp32 (peft keeps adapter weights in fp32 whatever the base's dtype); the add
 rounds it to the base tensor's dtype, once (an embedding's update is rounded before the add).
 
@@ -54,10 +56,19 @@ log = logging.getLogger("merge_engine")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<ab>[AB])\.weight|lora_embedding_(?P<eab>[AB]))$")
 # repeats one rank_pattern / alpha_pattern key may hold: "layers.*.q_proj" has one, "^(?!.*lm_head).*" two
 MAX_PATTERN_REPEATS = 2
+# a target_modules / exclude_modules expression may hold one more: peft's documented
+# ".*decoder.*(self_attn|encoder_attn).*(q_proj|v_proj)$" has three
+MAX_TARGET_REPEATS = 3
 # adapter_config.json settings that change what merging means; refused rather than ignored
 _UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "layer_replication": "layer replication",
                 "target_parameters": "target_parameters", "trainable_token_indices": "trainable tokens",
                 "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA"}
+# init_lora_weights whose initialisation peft reruns on the base weight when it loads the adapter, changing the
+# weight the update is added to (PiSSA and OLoRA subtract their initial factors; LoftQ quantises it; CorDA and
+# LoRA-GA need data peft does not have then): refused rather than merged onto the unchanged base
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+ALL_LINEAR = "all-linear"
+OUTPUT_EMBEDDING = "lm_head"  # the layer peft leaves out of "all-linear" (the causal LM families' output head)
 
 
 def open_model(ref: str, lora_merge_dtype: torch.dtype | None = None) -> Checkpoint:
@@ -152,6 +163,16 @@ class LoraCheckpoint(Checkpoint):
         used = [what for key, what in _UNSUPPORTED.items() if config.get(key)]
         if used:
             raise CheckpointError(f"{path}: uses {', '.join(used)}, which merge_engine does not merge")
+        init = config.get("init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+            raise CheckpointError(
+                f"{path}: init_lora_weights is {init!r}: peft redoes that initialisation on the base weights when it "
+                "loads the adapter (changing them before adding the update), which merge_engine does not reproduce; "
+                "convert the adapter to a plain LoRA first (peft's save_pretrained with "
+                "path_initial_model_for_weight_conversion)")
+        problem = _targeting_problem(config)
+        if problem:
+            raise CheckpointError(f"{path}: {problem}")
         if not isinstance(config.get("fan_in_fan_out", False), bool):
             raise CheckpointError(f"{path}: fan_in_fan_out must be true or false, not {config['fan_in_fan_out']!r}")
         r, alpha = config.get("r"), config.get("lora_alpha")
@@ -168,15 +189,18 @@ class LoraCheckpoint(Checkpoint):
     def _plan_targets(self, config: dict) -> dict[str, _Target]:
         """Base tensor name -> its change; every adapter tensor is matched to a base tensor of its shape."""
         targets: dict[str, _Target] = {}
-        problems = []
+        problems, untargeted = [], []
         for key, info in self._weights.items():
+            m = _LORA_KEY.match(key.removeprefix(_PREFIX)) if key.startswith(_PREFIX) else None
+            if m and not _targets(config, m["module"], embedding=m["eab"] is not None):
+                untargeted.append(key)  # peft builds no LoRA layer for the module, so it never loads these
+                continue
             if not info.dtype.is_floating_point:
                 problems.append(f"'{key}' is {dtype_name(info.dtype)}, not a floating-point tensor")
             if not key.startswith(_PREFIX):
                 problems.append(f"'{key}' is not under '{_PREFIX}'")
                 continue
             name = key[len(_PREFIX):]
-            m = _LORA_KEY.match(name)
             if m:
                 module = m["module"]
                 t = targets.setdefault(f"{module}.weight", _Target())
@@ -194,6 +218,11 @@ class LoraCheckpoint(Checkpoint):
             raise CheckpointError(f"{self._file}: " + "; ".join(problems[:10])
                                   + (f"; ... and {len(problems) - 10} more" if len(problems) > 10 else ""))
         self._warn_layout(targets)
+        if untargeted:
+            log.warning("%s: %d LoRA tensor(s) (%s%s) belong to modules adapter_config.json's target_modules, "
+                        "exclude_modules, layers_to_transform or modules_to_save leave out; peft ignores them, and so "
+                        "does merge_engine", self._file, len(untargeted), ", ".join(untargeted[:3]),
+                        ", ..." if len(untargeted) > 3 else "")
         return targets
 
     def _target_problems(self, name: str, t: _Target) -> list[str]:
@@ -381,17 +410,25 @@ def _pattern_problem(patterns, ranks: bool = False) -> str | None:
     for key, value in patterns.items():
         if not is_finite_number(value) or value <= 0 or (ranks and not is_int(value)):
             return f"the value for {key!r} must be a positive number{' (an integer rank)' if ranks else ' (finite)'}"
-        try:
-            re.compile(rf"(.*\.)?({key})$")  # as _pattern_key matches it (inline flags must lead the whole)
-        except re.error as e:
-            return f"{key!r} is not a valid regular expression here ({e})"
-        repeats = _repeat_count(key)
-        if repeats == math.inf:
-            return (f"{key!r} repeats a group that itself repeats or alternates, which can take exponential time "
-                    "to match a module name; write the names plainly")
-        if repeats > MAX_PATTERN_REPEATS:
-            return (f"{key!r} has {repeats} repeats (*, +, {{m,n}}), which can take time growing as the module name's "
-                    f"length to that power to match; at most {MAX_PATTERN_REPEATS} are taken (write the names plainly)")
+        problem = _regex_problem(key, rf"(.*\.)?({key})$")  # as _pattern_key matches it
+        if problem:
+            return problem
+    return None
+
+
+def _regex_problem(pattern: str, as_matched: str, max_repeats: int = MAX_PATTERN_REPEATS) -> str | None:
+    """Why `pattern`, matched against module names as the expression `as_matched`, cannot be used, or None."""
+    try:
+        re.compile(as_matched)  # (inline flags must lead the whole)
+    except re.error as e:
+        return f"{pattern!r} is not a valid regular expression here ({e})"
+    repeats = _repeat_count(pattern)
+    if repeats == math.inf:
+        return (f"{pattern!r} repeats a group that itself repeats or alternates, which can take exponential time "
+                "to match a module name; write the names plainly")
+    if repeats > max_repeats:
+        return (f"{pattern!r} has {repeats} repeats (*, +, {{m,n}}), which can take time growing as the module name's "
+                f"length to that power to match; at most {max_repeats} are taken (write the names plainly)")
     return None
 
 
@@ -435,3 +472,68 @@ def _pattern_value(patterns: dict, module: str, default):
 def _pattern_key(patterns: dict, module: str) -> str | None:
     """peft's rank_pattern / alpha_pattern lookup: the first key matching the end of the module name."""
     return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module)), None)
+
+
+def _targets(config: dict, module: str, embedding: bool) -> bool:
+    """Whether peft builds a LoRA layer for `module` when it loads the adapter (its check_target_module_exists): not
+    in exclude_modules nor modules_to_save, and named by target_modules (and in layers_to_transform)."""
+    exclude = config.get("exclude_modules")
+    if re.fullmatch(exclude, module) if isinstance(exclude, str) else _named_in(exclude or (), module):
+        return False
+    if any(re.match(rf"(^|.*\.){name}($|\..*)", module) for name in config.get("modules_to_save") or ()):
+        return False
+    wanted = config.get("target_modules")
+    if wanted is None:  # peft takes its defaults for the model type; every module the adapter has is taken
+        return True
+    if isinstance(wanted, str):
+        if wanted.lower() == ALL_LINEAR:  # every Linear or Conv1D layer, in every layer, but the output head
+            return not embedding and module != OUTPUT_EMBEDDING
+        return re.fullmatch(wanted, module) is not None
+    if module in wanted:  # a full name: peft does not look at layers_to_transform then
+        return True
+    return _named_in(wanted, module) and _in_layers(config, module)
+
+
+def _named_in(names, module: str) -> bool:
+    return module in names or any(module.endswith(f".{name}") for name in names)
+
+
+def _in_layers(config: dict, module: str) -> bool:
+    """Whether module's layer is one layers_to_transform lists (its number the first after layers_pattern's name,
+    or after the second name component when there is none), as peft reads them."""
+    indexes, names = config.get("layers_to_transform"), config.get("layers_pattern")
+    if indexes is None or indexes == []:
+        return True
+    found = None
+    if not names:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    for name in [names] if isinstance(names, str) else names or ():
+        found = re.match(rf"(?:^|.*?\.){name}\.(?P<idx>\d+)\.", module)
+        if found:
+            break
+    if found is None:
+        return False
+    return int(found["idx"]) == indexes if is_int(indexes) else int(found["idx"]) in indexes
+
+
+def _targeting_problem(config: dict) -> str | None:
+    """Why adapter_config.json's target_modules, exclude_modules, modules_to_save, layers_to_transform or
+    layers_pattern cannot be read as peft reads them (which modules get a LoRA layer), or None."""
+    patterns = []  # (regular expression, setting): peft matches every one of these against module names
+    for setting in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+        value = config.get(setting)
+        if isinstance(value, str) and setting != "modules_to_save":
+            patterns.append((value, setting))
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            patterns += [(v, setting) for v in value if setting in ("modules_to_save", "layers_pattern")]
+        elif value is not None:
+            return f"{setting} must be a list of module names{'' if setting == 'modules_to_save' else ' or a string'}"
+    for pattern, setting in patterns:
+        targets = setting in ("target_modules", "exclude_modules")
+        problem = _regex_problem(pattern, pattern, MAX_TARGET_REPEATS if targets else MAX_PATTERN_REPEATS)
+        if problem:
+            return f"{setting}: {problem}"
+    indexes = config.get("layers_to_transform")
+    if not (indexes is None or is_int(indexes) or isinstance(indexes, list) and all(is_int(i) for i in indexes)):
+        return "layers_to_transform must be a layer number or a list of them"
+    return None

@@ -171,9 +171,9 @@ def test_malformed_adapters_are_refused_naming_the_file(model_sets, tmp_path, ca
         corrupt(folder, config={"dora": {"use_dora": True}, "not_lora": {"peft_type": "IA3"},
                                 "no_rank": {"r": 0}}[case])
     elif case == "missing_tensor":
-        corrupt(folder, tensors={**tensors, "base_model.model.model.layers.9.mlp.up_proj.lora_A.weight":
-                                 torch.zeros(4, 64), "base_model.model.model.layers.9.mlp.up_proj.lora_B.weight":
-                                 torch.zeros(112, 4)})
+        corrupt(folder, tensors={**tensors, "base_model.model.model.layers.9.mlp.down_proj.lora_A.weight":
+                                 torch.zeros(4, 112), "base_model.model.model.layers.9.mlp.down_proj.lora_B.weight":
+                                 torch.zeros(64, 4)})
     elif case == "wrong_shape":
         corrupt(folder, tensors={**tensors, f"{q}.lora_A.weight": torch.zeros(4, 65)})
     elif case == "half_pair":
@@ -375,3 +375,98 @@ def test_a_model_of_unknown_layer_type_takes_the_adapters_layout_where_the_shape
     for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight"):  # [64, 192], [64, 64]
         want = plain[name].to(FP64) + update(adapter, name.removesuffix(".weight"), 2.0, transpose=True)
         torch.testing.assert_close(got[name].to(FP64), want, rtol=1e-6, atol=1e-6)
+
+
+LAYERS = range(4)
+
+
+def adapted(kinds=("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"), layers=LAYERS) -> set[str]:
+    return {f"model.layers.{i}.{kind}.weight" for i in layers for kind in kinds}
+
+
+@pytest.mark.parametrize("config,changed", [
+    ({"target_modules": ["q_proj", "down_proj"]}, adapted(("self_attn.q_proj", "mlp.down_proj"))),
+    ({"target_modules": r".*\.(q|v)_proj"}, adapted(("self_attn.q_proj", "self_attn.v_proj"))),
+    ({"target_modules": "model.layers.1.self_attn.q_proj"}, adapted(("self_attn.q_proj",), [1])),
+    ({"exclude_modules": ["v_proj"]}, adapted(("self_attn.q_proj", "mlp.down_proj"))),
+    ({"exclude_modules": r"model\.layers\.0\..*"}, adapted(layers=[1, 2, 3])),
+    ({"layers_to_transform": [1, 3], "layers_pattern": "layers"}, adapted(layers=[1, 3])),
+    ({"layers_to_transform": 2}, adapted(layers=[2])),
+    ({"layers_to_transform": [0], "layers_pattern": ["blocks", "layers"]}, adapted(layers=[0])),
+    ({"layers_to_transform": [0], "layers_pattern": "blocks"}, set()),
+    # a module named in full is taken whatever layers_to_transform says (peft's order of checks)
+    ({"target_modules": ["model.layers.0.self_attn.q_proj", "v_proj"], "layers_to_transform": [1]},
+     adapted(("self_attn.q_proj",), [0]) | adapted(("self_attn.v_proj",), [1])),
+    ({"modules_to_save": ["down_proj"]}, adapted(("self_attn.q_proj", "self_attn.v_proj"))),
+])
+def test_lora_tensors_of_modules_peft_does_not_adapt_are_ignored(model_sets, tmp_path, caplog, config, changed):
+    """peft builds LoRA layers only for the modules adapter_config.json targets (target_modules as names or a
+    regular expression, less exclude_modules and modules_to_save, in layers_to_transform) and loads no other
+    adapter tensor: those modules keep their base weights, with a warning naming the tensors left out."""
+    base, folder = model_sets("llama")[0], str(tmp_path / "a")
+    adapter = write_adapter(folder, base, r=4, alpha=8)
+    corrupt(folder, config=config)
+    with caplog.at_level("WARNING", logger="merge_engine"):
+        got = read_all(open_model(f"{base}+{folder}"), False)
+    plain = model_tensors(base)
+    assert {n for n in got if not torch.equal(got[n], plain[n])} == changed
+    for name in changed:
+        want = plain[name].to(FP64) + update(adapter, name.removesuffix(".weight"), 2.0)
+        torch.testing.assert_close(got[name].to(FP64), want, rtol=1e-6, atol=1e-6)
+    left_out = 2 * (len(adapted()) - len(changed))
+    assert f"{left_out} LoRA tensor(s) (base_model.model.model.layers." in caplog.text and "peft ignores them" in caplog.text
+
+
+def test_all_linear_adapts_every_linear_layer_but_the_output_head(model_sets, tmp_path):
+    """target_modules "all-linear": peft adapts every Linear layer except the output embedding (lm_head), and
+    no embedding."""
+    base, folder = model_sets("llama")[0], str(tmp_path / "a")
+    write_adapter(folder, base, targets=("q_proj", "lm_head"), embedding="model.embed_tokens")
+    corrupt(folder, config={"target_modules": "all-linear"})
+    ckpt = open_model(f"{base}+{folder}")
+    assert set(ckpt.targets) == adapted(("self_attn.q_proj",))
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga"])
+def test_an_adapter_whose_initialisation_changes_the_base_is_refused(model_sets, tmp_path, init):
+    """peft reruns PiSSA's, OLoRA's (...) initialisation on the base weights when it loads such an adapter,
+    subtracting the initial factors (or quantising the weight) before the update is added."""
+    base, folder = model_sets("llama")[0], str(tmp_path / "a")
+    write_adapter(folder, base)
+    corrupt(folder, config={"init_lora_weights": init})
+    message = refusal(base, folder)
+    assert f"init_lora_weights is {init!r}: peft redoes that initialisation on the base weights" in message
+    assert "path_initial_model_for_weight_conversion" in message
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal"])
+def test_initialisations_that_leave_the_base_as_it_is_are_taken(model_sets, tmp_path, init):
+    base, folder = model_sets("llama")[0], str(tmp_path / "a")
+    write_adapter(folder, base)
+    corrupt(folder, config={"init_lora_weights": init})
+    assert len(open_model(f"{base}+{folder}").targets) == len(adapted())
+
+
+@pytest.mark.parametrize("config,match", [
+    ({"target_modules": 3}, "target_modules must be a list of module names or a string"),
+    ({"target_modules": ["q_proj", 1]}, "target_modules must be a list of module names or a string"),
+    ({"modules_to_save": "lm_head"}, "modules_to_save must be a list of module names"),
+    ({"layers_to_transform": "1"}, "layers_to_transform must be a layer number or a list of them"),
+    ({"layers_to_transform": [0, 1.0]}, "layers_to_transform must be a layer number or a list of them"),
+    ({"target_modules": "(q|v"}, "target_modules: '\\(q\\|v' is not a valid regular expression here"),
+    ({"exclude_modules": "(a+)+"}, "exclude_modules: '\\(a\\+\\)\\+' repeats a group that itself repeats"),
+    ({"target_modules": ".*a.*b.*c.*d"}, "target_modules: '.*' has 4 repeats"),
+    ({"modules_to_save": ["(x*)*"]}, "modules_to_save: .* repeats a group"),
+])
+def test_targeting_settings_peft_could_not_read_are_refused(model_sets, tmp_path, config, match):
+    base, folder = model_sets("llama")[0], str(tmp_path / "a")
+    write_adapter(folder, base)
+    corrupt(folder, config=config)
+    assert re.search(match, refusal(base, folder))
+
+
+def test_peft_documented_target_regular_expression_is_taken(model_sets, tmp_path):
+    base, folder = model_sets("llama")[0], str(tmp_path / "a")
+    write_adapter(folder, base)
+    corrupt(folder, config={"target_modules": r".*layers.*(self_attn|mlp).*(q_proj|down_proj)$"})  # three repeats
+    assert set(open_model(f"{base}+{folder}").targets) == adapted(("self_attn.q_proj", "mlp.down_proj"))
