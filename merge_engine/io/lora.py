@@ -203,7 +203,10 @@ class LoraCheckpoint(Checkpoint):
             name = key[len(_PREFIX):]
             if m:
                 module = m["module"]
-                t = targets.setdefault(f"{module}.weight", _Target())
+                t = targets.setdefault(self._tied_name(f"{module}.weight"), _Target())
+                if (t.a or t.b) and t.embedding != (m["eab"] is not None):
+                    problems.append(f"'{key}' and '{t.a or t.b}' both change '{self._tied_name(f'{module}.weight')}' "
+                                    "(an output head tied to the embeddings), which merge_engine does not merge")
                 t.embedding = m["eab"] is not None
                 setattr(t, (m["ab"] or m["eab"]).lower(), key)
                 t.scaling = _scaling(config, module)
@@ -211,7 +214,7 @@ class LoraCheckpoint(Checkpoint):
             elif ".lora_" in name:
                 problems.append(f"'{key}' is a LoRA tensor of a kind merge_engine does not merge")
             else:  # a whole tensor saved with the adapter (modules_to_save, an embedding's base layer)
-                targets.setdefault(name.replace(".base_layer.", "."), _Target()).replacement = key
+                targets.setdefault(self._tied_name(name.replace(".base_layer.", ".")), _Target()).replacement = key
         for name, t in targets.items():
             problems += self._target_problems(name, t)
         if problems:
@@ -224,6 +227,14 @@ class LoraCheckpoint(Checkpoint):
                         "does merge_engine", self._file, len(untargeted), ", ".join(untargeted[:3]),
                         ", ..." if len(untargeted) > 3 else "")
         return targets
+
+    def _tied_name(self, name: str) -> str:
+        """The base tensor peft's update to weight `name` lands in: for an output head the base has no tensor of (its
+        config ties it to the embeddings), the embeddings, the one matrix peft's two layers share."""
+        from merge_engine.plan import TIED_HEADS  # (merge_engine.plan imports this module)
+        if name in self.tensors:
+            return name
+        return next((tied for tied in TIED_HEADS.get(name, ()) if tied in self.tensors), name)
 
     def _target_problems(self, name: str, t: _Target) -> list[str]:
         info = self.tensors.get(name)

@@ -470,3 +470,34 @@ def test_peft_documented_target_regular_expression_is_taken(model_sets, tmp_path
     write_adapter(folder, base)
     corrupt(folder, config={"target_modules": r".*layers.*(self_attn|mlp).*(q_proj|down_proj)$"})  # three repeats
     assert set(open_model(f"{base}+{folder}").targets) == adapted(("self_attn.q_proj", "mlp.down_proj"))
+
+
+@pytest.mark.parametrize("saved_head", [False, True])
+def test_an_update_to_a_head_tied_to_the_embeddings_changes_the_embeddings(model_sets, tmp_path, saved_head):
+    """Qwen2's lm_head is its embedding matrix (no tensor of its own): peft adds lm_head's update to that one
+    matrix, after loading the copy of it the adapter saves as lm_head.base_layer (peft's save_embedding_layers),
+    and so mergekit's merged copy has the embeddings changed."""
+    base, folder = model_sets("qwen2")[0], str(tmp_path / "a")
+    tensors = write_adapter(folder, base, targets=("q_proj",), r=2, alpha=3)
+    plain = model_tensors(base)
+    embed = plain["model.embed_tokens.weight"]
+    gen = torch.Generator().manual_seed(3)
+    head = {"base_model.model.lm_head.lora_A.weight": 0.1 * torch.randn(2, embed.shape[1], generator=gen),
+            "base_model.model.lm_head.lora_B.weight": 0.1 * torch.randn(embed.shape[0], 2, generator=gen)}
+    saved = embed + 0.01 * torch.randn(embed.shape, generator=gen)
+    head |= {"base_model.model.lm_head.base_layer.weight": saved} if saved_head else {}
+    corrupt(folder, config={"target_modules": ["q_proj", "lm_head"]}, tensors={**tensors, **head})
+    ckpt = open_model(f"{base}+{folder}")
+    assert "lm_head.weight" not in ckpt.tensors
+    want = (saved if saved_head else embed).to(FP64) + update(head, "lm_head", 3 / 2)
+    torch.testing.assert_close(ckpt.read("model.embed_tokens.weight").to(FP64), want, rtol=1e-6, atol=1e-6)
+
+
+def test_updates_to_both_a_tied_head_and_its_embeddings_are_refused(model_sets, tmp_path):
+    base, folder = model_sets("qwen2")[0], str(tmp_path / "a")
+    tensors = write_adapter(folder, base, targets=("q_proj",), embedding="model.embed_tokens")
+    embed = model_tensors(base)["model.embed_tokens.weight"]
+    corrupt(folder, config={"target_modules": ["q_proj", "embed_tokens", "lm_head"]}, tensors={
+        **tensors, "base_model.model.lm_head.lora_A.weight": torch.zeros(4, embed.shape[1]),
+        "base_model.model.lm_head.lora_B.weight": torch.zeros(embed.shape[0], 4)})
+    assert "both change 'model.embed_tokens.weight' (an output head tied to the embeddings)" in refusal(base, folder)
