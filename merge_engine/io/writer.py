@@ -305,8 +305,9 @@ class ShardedWriter:
             for shard in self._shards:
                 shard.fd = os.open(os.path.join(self.tmp_dir, shard.filename), os.O_RDWR | os.O_CREAT | os.O_TRUNC,
                                    0o644)
-                os.pwrite(shard.fd, shard.header, 0)
-                os.ftruncate(shard.fd, shard.size)
+                with self._naming(shard.filename):
+                    os.pwrite(shard.fd, shard.header, 0)
+                    os.ftruncate(shard.fd, shard.size)
                 if direct:
                     shard.direct_fd = _open_direct(os.path.join(self.tmp_dir, shard.filename))
         except BaseException:
