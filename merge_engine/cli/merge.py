@@ -129,8 +129,9 @@ def run(argv: list[str]) -> int:
         # a step: under torchrun, a rank that refuses its config tells the others, who would otherwise wait for it
         # in merge()'s first collective until torchrun kills them
         with every_rank(current_ranks(), "reading the config"):
-            check_output_apart(args.out_dir, [args.config])  # --overwrite would delete a config kept in OUT
+            # the config first, so that a folder given as the config is named as such
             config = load_checked_config(args.config, strict=args.strict)
+            check_output_apart(args.out_dir, [args.config])  # --overwrite would delete a config kept in OUT
         config_seconds = time.perf_counter() - started
         options.quiet = args.quiet or not leader  # one progress bar and summary: rank 0's
         report = merge(config, args.out_dir, options)

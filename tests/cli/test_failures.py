@@ -307,6 +307,14 @@ def test_a_config_inside_the_output_folder_is_kept_even_with_overwrite(config, t
     assert os.listdir(out) == ["merge.yml"]
 
 
+def test_a_folder_given_as_the_config_is_named_as_such_though_the_output_is_inside_it(tmp_path, capsys):
+    """`merge-engine . merged`, the config forgotten: the config is the fault, not where the output goes."""
+    assert cli.main([str(tmp_path), str(tmp_path / "merged"), "-q"]) == 2
+    said = capsys.readouterr().err
+    assert f"problem(s) in {tmp_path}:\n  - is a folder, not a regular file" in said and "Traceback" not in said
+    assert os.listdir(tmp_path) == []
+
+
 def test_nan_in_an_input_names_the_model_folder_and_tensor(tmp_path, capsys):
     from merge_engine.io.checkpoint import Checkpoint
     shape = dict(layers=1, hidden=16, intermediate=32, vocab=32)
