@@ -291,3 +291,32 @@ def test_shards_without_their_index_are_all_read(tmp_path):
     save_file({"a": torch.ones(2)}, str(tmp_path / "model-00001-of-00002.safetensors"))
     save_file({"b": torch.zeros(3)}, str(tmp_path / "model-00002-of-00002.safetensors"))
     assert set(Checkpoint(str(tmp_path)).tensors) == {"a", "b"}
+
+
+@pytest.mark.parametrize("command", [
+    ["{config}", "{out}", "-q"],
+    ["patch", "extract", "{base}", "{model}", "{out}", "-q"],
+    ["patch", "norms", "{base}", "{model}"],
+    ["patch", "apply", "{model}", "{patch}", "{out}", "--any-base", "-q"],
+])
+def test_every_command_refuses_a_folder_an_in_place_rewrite_left_half_done(tmp_path, capsys, command):
+    """A pending in-place journal means the model is half rewritten (docs/patches.md, In place): refused by name,
+    before anything is written."""
+    from merge_engine import cli
+    from merge_engine.demo import make_synthetic_llama
+    from merge_engine.io.checkpoint import IN_PLACE_JOURNAL
+    from merge_engine.patches import extract_patch
+    shape = dict(layers=1, hidden=16, intermediate=32, vocab=32)
+    base = make_synthetic_llama(str(tmp_path / "base"), **shape)
+    model = make_synthetic_llama(str(tmp_path / "model"), base=base, seed=1, **shape)
+    patch = str(tmp_path / "patch")
+    extract_patch(base, model, patch)
+    config = tmp_path / "linear.yml"
+    config.write_text(f"merge_method: linear\nmodels:\n  - {{model: {model}, parameters: {{weight: 1}}}}\n")
+    (tmp_path / "model" / IN_PLACE_JOURNAL).write_bytes(b"")
+    out = tmp_path / "out"
+    argv = [a.format(config=config, out=out, base=base, model=model, patch=patch) for a in command]
+    assert cli.main(argv) == 2
+    said = capsys.readouterr().err
+    assert f"{model}: an in-place key or patch operation was interrupted here" in said and "Traceback" not in said
+    assert not out.exists()
