@@ -88,7 +88,7 @@ CONFIG_COPY_NAME = "mergekit_config.yml"  # the name model cards and hubs look f
 @dataclass
 class MergeOptions:
     device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto"
-    out_shard_size: int = 5 * 10**9  # bytes
+    out_shard_size: int = 5 * 10**9  # bytes; 0: no limit, one shard (as mergekit's --out-shard-size 0)
     random_seed: int = 0
     copy_tokenizer: bool = True
     overwrite: bool = False
@@ -235,10 +235,11 @@ def check_options(out_dir: str, options: MergeOptions) -> torch.device:
     for name in ("copy_tokenizer", "overwrite", "quiet", "allow_crimes", "unsafe_truncate_embeddings"):
         if not isinstance(getattr(options, name), bool):
             raise MergeEngineError(f"MergeOptions.{name} must be True or False, got {getattr(options, name)!r}")
-    for name in ("out_shard_size", "prefetch"):
-        value = getattr(options, name)
-        if not is_int(value) or value < 1:
-            raise MergeEngineError(f"MergeOptions.{name} must be an integer of at least 1, got {value!r}")
+    if not is_int(options.out_shard_size) or options.out_shard_size < 0:
+        raise MergeEngineError(f"MergeOptions.out_shard_size must be a number of bytes (0: no limit, one shard), got "
+                               f"{options.out_shard_size!r}")
+    if not is_int(options.prefetch) or options.prefetch < 1:
+        raise MergeEngineError(f"MergeOptions.prefetch must be an integer of at least 1, got {options.prefetch!r}")
     if not isinstance(options.device, (str, torch.device)):
         raise MergeEngineError(f"MergeOptions.device must be a string (cpu, cuda, cuda:N or auto) or a torch.device, "
                                f"got {options.device!r}")

@@ -336,7 +336,7 @@ def test_merge_takes_mappings_and_paths_and_refuses_what_it_cannot_use(model_set
     assert (tmp_path / "c.yml").exists()
     for field, value, message in [("prefetch", 0, "prefetch must be an integer of at least 1, got 0"),
                                   ("prefetch", "2", "prefetch must be an integer of at least 1, got '2'"),
-                                  ("out_shard_size", -1, "out_shard_size must be an integer of at least 1"),
+                                  ("out_shard_size", -1, r"out_shard_size must be a number of bytes \(0: no limit"),
                                   ("overwrite", "no", "overwrite must be True or False, got 'no'"),
                                   ("device", None, "device must be a string"),
                                   ("random_seed", 1.5, "random_seed must be an integer in"),

@@ -22,11 +22,12 @@ def parse_size(text: str) -> int:
     return int(float(m[1]) * _UNITS[m[2].lower()])
 
 
-def positive_size(text: str) -> int:
-    """parse_size, at least 1 byte: a fraction of a byte rounds down to 0, which no option means."""
+def shard_size(text: str) -> int:
+    """parse_size, where 0 is no limit (as mergekit's --out-shard-size 0); a fraction of a byte, which would round
+    down to that 0, is refused."""
     value = parse_size(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a size of at least 1 byte, got {text}")
+    if value == 0 and float(_SIZE.match(text)[1]) != 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (no limit) or a size of at least 1 byte, got {text}")
     return value
 
 

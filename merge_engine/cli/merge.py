@@ -13,8 +13,8 @@ from merge_engine.cli.args import (
     add_quiet_argument,
     parse_size,
     positive_int,
-    positive_size,
     setup_logging,
+    shard_size,
     thread_count,
 )
 from merge_engine.cli.timing import STARTUP
@@ -59,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="where the math runs: cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--cuda", action="store_const", const="cuda", dest="device", help="same as --device cuda")
     p.add_argument("--no-cuda", action="store_const", const="cpu", dest="device", help="same as --device cpu")
-    p.add_argument("--out-shard-size", type=positive_size, default=parse_size("5B"),
+    p.add_argument("--out-shard-size", type=shard_size, default=parse_size("5B"),
                    help="most tensor bytes per output shard; K/M/B suffixes, powers of 1000 (default 5B = 5e9 "
-                        "bytes)")
+                        "bytes; 0: no limit, one shard, as mergekit)")
     p.add_argument("--random-seed", type=seed, default=0,
                    help="seed of the counter-based generator used by DARE and DELLA (default 0)")
     p.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,

@@ -246,12 +246,13 @@ def _lock_is_free(path: str) -> bool:
 
 
 def plan_shards(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_size: int) -> list[list[int]]:
-    """Group entries (in order) into shards of at most shard_size bytes (a larger tensor gets its own)."""
+    """Group entries (in order) into shards of at most shard_size bytes (a larger tensor gets its own); shard_size
+    0 is no limit, one shard, as in mergekit."""
     shards: list[list[int]] = [[]]
     size = 0
     for i, (_, dtype, shape) in enumerate(entries):
         nbytes = torch.Size(shape).numel() * dtype.itemsize
-        if shards[-1] and size + nbytes > shard_size:
+        if shards[-1] and shard_size and size + nbytes > shard_size:
             shards.append([])
             size = 0
         shards[-1].append(i)

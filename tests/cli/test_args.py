@@ -3,7 +3,7 @@ import argparse
 
 import pytest
 
-from merge_engine.cli.args import parse_size, positive_int, positive_size
+from merge_engine.cli.args import parse_size, positive_int, shard_size
 
 
 def test_parse_size():
@@ -18,8 +18,9 @@ def test_positive_int():
         positive_int("0")
 
 
-def test_positive_size():
-    assert positive_size("1") == 1 and positive_size("0.5K") == 500
-    for text in ("0", "0.1"):  # 0.1 bytes rounds down to 0
-        with pytest.raises(argparse.ArgumentTypeError, match=f"at least 1 byte, got {text}"):
-            positive_size(text)
+def test_shard_size():
+    assert shard_size("1") == 1 and shard_size("0.5K") == 500
+    assert shard_size("0") == shard_size("0B") == shard_size("0.0K") == 0  # no limit, as mergekit's --out-shard-size 0
+    for text in ("0.1", "0.0001K"):  # a fraction of a byte would round down to that 0
+        with pytest.raises(argparse.ArgumentTypeError, match=f"or a size of at least 1 byte, got {text}"):
+            shard_size(text)

@@ -68,8 +68,15 @@ def test_a_shard_size_under_a_byte_is_refused_by_the_parser(config, tmp_path, ca
     with pytest.raises(SystemExit) as exit:
         cli.main([config, str(tmp_path / "out"), "--out-shard-size", "0.1"])
     err = capsys.readouterr().err
-    assert exit.value.code == 2 and "argument --out-shard-size: expected a size of at least 1 byte, got 0.1" in err
+    assert exit.value.code == 2 and "argument --out-shard-size: expected 0 (no limit) or a size of at least 1 byte, got 0.1" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_shard_size_of_0_is_no_limit_as_in_mergekit(config, tmp_path):
+    """mergekit-yaml --out-shard-size 0 writes every tensor into one shard (its writer starts a new shard only
+    under a limit above 0); merge_engine refused 0."""
+    assert cli.main([config, str(tmp_path / "out"), "--out-shard-size", "0", "-q"]) == 0
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "mergekit_config.yml", "model.safetensors"]
 
 
 def test_a_config_that_is_not_utf8_names_the_file(tmp_path, capsys):

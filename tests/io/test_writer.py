@@ -32,6 +32,7 @@ def test_plan_shards_respects_size_and_order():
     e = [("a", torch.float32, (10,)), ("b", torch.float32, (10,)), ("c", torch.float32, (30,)), ("d", torch.float32, (1,))]
     assert plan_shards(e, 80) == [[0, 1], [2], [3]]  # c (120 B) is larger than a shard: alone
     assert plan_shards(e, 10**9) == [[0, 1, 2, 3]]
+    assert plan_shards(e, 0) == [[0, 1, 2, 3]]  # 0: no limit, as mergekit's --out-shard-size 0
 
 
 @pytest.mark.parametrize("shard_size", [10**9, 250])
