@@ -310,7 +310,7 @@ def _tokenizer(raw: dict, problems: list[str]) -> TokenizerSpec | None:
     given = full.get("pad_to_multiple_of")
     pad = None if given is None else lax_int(given)  # numbers as mergekit's schema takes them ("8", 8.0)
     if given is not None and not (pad is not None and 0 <= pad <= MAX_PAD_MULTIPLE):
-        problems.append(f"tokenizer.pad_to_multiple_of: expected a positive integer of at most {MAX_PAD_MULTIPLE} (it "
+        problems.append(f"tokenizer.pad_to_multiple_of: expected an integer from 0 (no padding) to {MAX_PAD_MULTIPLE} (it "
                         f"pads the vocabulary up to a multiple of it), got {given!r}")
     pad = pad or None  # 0 pads nothing, as in mergekit
     tokens = full.get("tokens") or {}

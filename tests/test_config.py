@@ -124,7 +124,7 @@ def test_an_unknown_merge_method_suggests_the_closest_name(name, hint):
     ({"merge_method": "linear", "modules": {"text": {}}, "models": [{"model": "/a"}]}, "modules"),
     ({"merge_method": "model_stock", "base_model": "/a", "models": [{"model": "/b"}]}, "model_stock"),
     ({"merge_method": "linear", "tokenizer": {"source": "union", "pad_to_multiple_of": 10**12},
-      "models": [{"model": "/a"}]}, r"tokenizer.pad_to_multiple_of: expected a positive integer of at most 65536"),
+      "models": [{"model": "/a"}]}, r"tokenizer.pad_to_multiple_of: expected an integer from 0 \(no padding\) to 65536"),
     # wrong types and shapes YAML can hold: each one a problem naming the key, never a crash
     (ties_config(merge_method=["ties"]), r"merge_method: expected a method name, got \['ties'\]"),
     (ties_config(merge_method={"a": 1}), r"merge_method: expected a method name, got \{'a': 1\}"),
@@ -281,5 +281,5 @@ def test_a_tokenizer_padded_to_a_multiple_of_zero_is_not_padded_as_in_mergekit()
            "tokenizer": {"source": "union", "pad_to_multiple_of": 0}}
     assert parse_config(raw).tokenizer.pad_to_multiple_of is None
     raw["tokenizer"]["pad_to_multiple_of"] = -8
-    with pytest.raises(ConfigError, match="tokenizer.pad_to_multiple_of: expected a positive integer"):
+    with pytest.raises(ConfigError, match="tokenizer.pad_to_multiple_of: expected an integer from 0"):
         parse_config(raw)
