@@ -3,7 +3,9 @@
 Only whole blocks that land in another layer key anything: reordering whole blocks within a layer is a symmetry of
 that layer (heads and MLP neurons are summed), so such moves are counted apart; a partial swap (one part of a block)
 changes the model wherever it lands. Key sizes are given both ways the reference counts them: as a fraction of the
-whole model and of the swappable parameters. The report reads headers and config only.
+whole model and of the swappable parameters of the key's kinds, as its generator (and `key generate --fraction`)
+counts them for its --attn_mode and --mlp_mode: a side (attention, MLP) of which the key moves one part alone is
+partial, any other whole (the generators' default). The report reads headers and config only.
 
 The comparison of the public and keyed models' outputs (KL divergence, top-1 agreement) is in compare.py.
 """
@@ -13,7 +15,19 @@ from dataclasses import dataclass
 
 from merge_engine.io.checkpoint import Checkpoint, split_layer_name
 from merge_engine.tiers.apply import Keys, resolve
-from merge_engine.tiers.blocks import ATTN_OUT, ATTN_QKV, MLP_DOWN, MLP_UP, PARTS, ModelBlocks
+from merge_engine.tiers.blocks import (
+    ATTN_HEADS,
+    ATTN_OUT,
+    ATTN_OUT_HEADS,
+    ATTN_QKV,
+    MLP_COLS,
+    MLP_DOWN,
+    MLP_DOWN_COLS,
+    MLP_UP,
+    MLP_UP_COLS,
+    PARTS,
+    ModelBlocks,
+)
 from merge_engine.tiers.permutation import BlockPermutation
 
 _FAMILIES = ((ATTN_QKV, ATTN_OUT), (MLP_UP, MLP_DOWN))  # the parts of a whole block
@@ -36,7 +50,7 @@ class KeyReport:
     model_type: str
     rows: tuple[LayerRow, ...]
     total_params: int
-    swappable_params: int  # in key-size terms
+    swappable_params: int  # in key-size terms, of the key's kinds (the module docstring)
 
     @property
     def params_moved(self) -> int:
@@ -100,7 +114,15 @@ def key_report(model_dir: str, keys: Keys) -> KeyReport:
                              sum(n * blocks.parts[p].counted_per_block for p, n in counts.items() if n),
                              within[layer], layer_params[layer]))
     return KeyReport(ckpt.path, blocks.model_type, tuple(rows), sum(i.numel for i in ckpt.tensors.values()),
-                     blocks.swappable_params)
+                     blocks.swappable(_generated_kinds(perm)))
+
+
+def _generated_kinds(perm: BlockPermutation) -> tuple[str, str]:
+    """The attention and MLP kinds a generator would have made the key with, by the parts it moves."""
+    moves = {part: bool(perm.moved(part)) for part in PARTS}
+    attn = ATTN_OUT_HEADS if moves[ATTN_OUT] and not moves[ATTN_QKV] else ATTN_HEADS
+    mlp = {(True, False): MLP_UP_COLS, (False, True): MLP_DOWN_COLS}.get((moves[MLP_UP], moves[MLP_DOWN]), MLP_COLS)
+    return attn, mlp
 
 
 def _moved_within(blocks: ModelBlocks, perm: BlockPermutation) -> list[int]:

@@ -6,8 +6,9 @@ scripts/keys/generate_key.py for GPT-Neo, src/tiered/permutation/qwen.py for Lla
 """
 import pytest
 
-from merge_engine.tiers import generate_key, model_blocks
+from merge_engine.tiers import generate_key, key_report, model_blocks
 from merge_engine.tiers.generate import parameter_count, swap_counts
+from tests.tiers.conftest import read_config
 
 # (layers, heads, hidden, mlp) of the published 180M model, with its vocabulary and context (generate_key.sh,
 # configs/keys/180m/both/key_5pct.json: 5 head swaps and 2219 MLP swaps at --target_total_pct 0.05)
@@ -102,3 +103,25 @@ def test_parameter_count_from_headers_and_from_config(tier_model):
     # the published 180M formula counts an lm_head bias its custom class adds; transformers' GPT-Neo has none
     neo = neo_config(**NEO_180M)
     assert parameter_count("config.json", neo) == published_neo_total(12, 12, 768, 6144, positions=2048) - 50257
+
+
+@pytest.mark.parametrize("attn_mode,mlp_mode", [("full", "both"), ("out", "up"), ("full", "down"), ("out", "both")])
+def test_key_report_gives_a_generated_keys_fraction_as_the_published_generator_prints_it(tier_model, attn_mode,
+                                                                                          mlp_mode):
+    """Its "% of swappable subset" divides by the swappable parameters of the modes the key was made with; so does
+    `key generate --fraction`. The report divided partial keys by the whole blocks' count (9% for a 25% key)."""
+    folder = tier_model("gpt_neo")
+    cfg = read_config(folder)
+    layers, heads, hidden = cfg["num_layers"], cfg["num_heads"], cfg["hidden_size"]
+    inter = cfg["intermediate_size"] or 4 * hidden
+    key = generate_key(cfg, "report", 0.2, 0.4, attn_mode=attn_mode, mlp_mode=mlp_mode)
+    attn_kind, mlp_kind = ({"full": "attn_heads", "out": "attn_out_heads"}[attn_mode],
+                           {"both": "mlp_cols", "up": "mlp_up_cols", "down": "mlp_down_cols"}[mlp_mode])
+    head_dim = hidden // heads
+    per_head = hidden * head_dim if attn_mode == "out" else 4 * hidden * head_dim
+    per_col = {"up": hidden + 1, "down": hidden, "both": 2 * hidden + 1}[mlp_mode]
+    keyed = 2 * (len(key.swaps(attn_kind)) * per_head + len(key.swaps(mlp_kind)) * per_col)  # its actual_total
+    swappable = published_neo_counts(layers, heads, hidden, inter, 0.2, 0.4, mlp_mode, attn_mode)[2]
+    report = key_report(folder, key)
+    assert (report.counted_moved, report.swappable_params) == (keyed, swappable)
+    assert report.fraction_of_swappable == keyed / swappable
