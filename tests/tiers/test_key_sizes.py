@@ -41,11 +41,12 @@ def published_neo_total(layers, heads, hidden, mlp, vocab=50257, positions=1024)
     return vocab * hidden + positions * hidden + layers * layer + 2 * hidden + vocab
 
 
-def published_qwen_counts(layers, hidden, heads, kv_heads, inter, pct, attn_ratio):
-    hd = hidden // heads
+def published_qwen_counts(layers, hidden, heads, kv_heads, inter, pct, attn_ratio, head_dim=None):
+    """head_dim: a config's own, where it is not hidden / heads (the reference always takes hidden / heads)."""
+    hd = head_dim or hidden // heads
     group = heads // kv_heads
     kv_dim = kv_heads * hd
-    swappable = layers * (2 * hidden * hidden + 2 * kv_dim * hidden + 3 * inter * hidden)
+    swappable = layers * (2 * heads * hd * hidden + 2 * kv_dim * hidden + 3 * inter * hidden)
     per_attn_swap = 2 * (2 * hidden * group * hd + 2 * hidden * hd)
     per_mlp_swap = 2 * 3 * hidden
     target = int(swappable * pct)
@@ -87,6 +88,18 @@ def test_qwen2_counts_match_the_published_generator(shape, pct, share):
            "num_key_value_heads": kv, "intermediate_size": inter}
     got = swap_counts(model_blocks(cfg), ("attn_heads", "mlp_cols"), pct, share)
     assert tuple(got.values()) == published_qwen_counts(*shape, pct, share)
+
+
+def test_qwen3_with_its_own_head_dim_counts_its_real_heads():
+    """Qwen3-0.6B: config.head_dim 128, hidden / heads 64. The reference counts q and o as hidden x hidden and a head
+    as 64 rows; keys made here move whole 128-row heads and count them as they are, so the same fraction gives other
+    swap counts than the reference's (the figures docs/keyed-tiers.md quotes)."""
+    layers, hidden, heads, kv, inter = 28, 1024, 16, 8, 3072
+    cfg = {"model_type": "qwen3", "num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads,
+           "num_key_value_heads": kv, "intermediate_size": inter, "head_dim": 128}
+    got = tuple(swap_counts(model_blocks(cfg), ("attn_heads", "mlp_cols"), 0.05, 0.25).values())
+    assert got == published_qwen_counts(layers, hidden, heads, kv, inter, 0.05, 0.25, head_dim=128) == (3, 2688)
+    assert published_qwen_counts(layers, hidden, heads, kv, inter, 0.05, 0.25) == (5, 2150)
 
 
 def test_parameter_count_from_headers_and_from_config(tier_model):
