@@ -27,7 +27,9 @@ The reference always takes hidden_size / num_attention_heads (qwen.py's QwenArch
 says otherwise (Qwen3-0.6B: 1024 / 16 = 64 against 128; Qwen3-4B, Qwen3-32B, Mistral-Nemo) its blocks are other
 rows: group i is rows [i * group * 64, (i + 1) * group * 64) of q and [i * 64, (i + 1) * 64) of k and v, which cut
 real heads. A key of the reference means those rows, so published_layout() gives them, for keys read without
-merge_engine's metadata (tiers/apply.py); only the first num_kv_heads such blocks of each tensor are addressed.
+merge_engine's metadata (tiers/apply.py); only the first num_kv_heads such blocks of each tensor are addressed, and
+where config.head_dim is the smaller (q holds heads * head_dim rows) only those that fit in the tensors (the reference
+raises an IndexError for the others; here the key is refused by name).
 
 Qwen3's q_norm and k_norm are one head_dim-sized weight per layer, applied to every head of that layer
 (Qwen3Attention: self.q_norm(q.view(..., head_dim))): they belong to the layer, not to a head, so they stay, as in
@@ -220,8 +222,9 @@ def _llama_like(cfg: dict, block_dim: int | None = None) -> ModelBlocks:
     if qkv_bias:
         qkv += [Member(m.suffix.replace(".weight", ".bias"), 0, m.width, (0,), m.extent, 1, counted=False)
                 for m in qkv]
-    parts = {ATTN_QKV: BlockKind(ATTN_QKV, kv, tuple(qkv)),
-             ATTN_OUT: BlockKind(ATTN_OUT, kv, (Member("self_attn.o_proj.weight", 1, g * bd, (0,), heads * hd,
+    groups = min(kv, kv * hd // bd)  # the blocks inside the tensors (fewer than kv where bd > hd)
+    parts = {ATTN_QKV: BlockKind(ATTN_QKV, groups, tuple(qkv)),
+             ATTN_OUT: BlockKind(ATTN_OUT, groups, (Member("self_attn.o_proj.weight", 1, g * bd, (0,), heads * hd,
                                                        hidden),))}
     inter = _size(cfg["intermediate_size"])
     if cfg["model_type"] != "qwen3_moe":

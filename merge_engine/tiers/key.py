@@ -223,6 +223,9 @@ def validate_key(key: TierKey, blocks: ModelBlocks, model: str) -> None:
         gqa = kind in ATTENTION_KINDS and blocks.num_kv_heads < blocks.num_heads
         what = "KV group" if gqa else "head" if kind in ATTENTION_KINDS else "MLP column"
         note = " (on grouped-query models a head block is a whole KV group)" if gqa else ""
+        if kind in ATTENTION_KINDS and count < blocks.num_kv_heads:  # blocks.published_layout
+            note = (f" (the published code's blocks of hidden_size / num_attention_heads rows, of which only {count} "
+                    "fit in its tensors)")
         for i, swap in enumerate(key.swaps(kind)):
             for layer, index in swap:
                 if layer >= blocks.num_layers:

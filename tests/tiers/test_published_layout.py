@@ -17,6 +17,7 @@ from merge_engine.tiers import (
     apply_key_in_memory,
     apply_key_in_place,
     generate_key,
+    key_report,
     remove_key_in_memory,
 )
 from tests.tiers.conftest import bits, read_config
@@ -157,3 +158,29 @@ def test_a_published_key_saved_again_keeps_its_meaning(tmp_path):
     TierKey.load(str(with_meta)).save(str(tmp_path / "meta_again.json"))
     again = TierKey.load(str(tmp_path / "meta_again.json"))
     assert again.published and again.meta == {"model_type": "qwen3", "num_layers": 4}
+
+
+def test_a_published_block_past_the_tensors_is_refused_by_name_on_every_path(tmp_path):
+    """head_dim 8 under hidden 64 / 4 heads: the reference's 16-row blocks hold one KV index of the 2 (its code raises
+    an IndexError for the other). Streaming said the intact weights file "ended early"; in memory a kernel error
+    named no swap; key report and KeyedModel accepted the block."""
+    config = transformers.Qwen3Config(vocab_size=64, hidden_size=64, head_dim=8, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=40)
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM(config)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    path = tmp_path / "published.json"
+    path.write_text(json.dumps({"attn_heads": [[[0, 0], [1, 0]], [[0, 1], [1, 1]]]}))
+    key = TierKey.load(str(path))
+    refusal = r"attn_heads\[1\] names KV group 1, but .* has 1 per layer \(the published code's blocks"
+    before = (folder / "model.safetensors").read_bytes()
+    for run in (lambda: apply_key(str(folder), key, str(tmp_path / "out")),
+                lambda: apply_key_in_place(str(folder), key),
+                lambda: key_report(str(folder), key),
+                lambda: apply_key_in_memory(model, key),
+                lambda: KeyedModel(model, key)):
+        with pytest.raises(TierKeyError, match=refusal):
+            run()
+    assert (folder / "model.safetensors").read_bytes() == before
+    assert not (tmp_path / "out").exists()
