@@ -174,7 +174,7 @@ def test_a_published_block_past_the_tensors_is_refused_by_name_on_every_path(tmp
     path.write_text(json.dumps({"attn_heads": [[[0, 0], [1, 0]], [[0, 1], [1, 1]]]}))
     key = TierKey.load(str(path))
     refusal = r"attn_heads\[1\] names KV group 1, but .* has 1 per layer \(the published code's blocks"
-    before = (folder / "model.safetensors").read_bytes()
+    before, names = (folder / "model.safetensors").read_bytes(), sorted(p.name for p in folder.iterdir())
     for run in (lambda: apply_key(str(folder), key, str(tmp_path / "out")),
                 lambda: apply_key_in_place(str(folder), key),
                 lambda: key_report(str(folder), key),
@@ -182,5 +182,6 @@ def test_a_published_block_past_the_tensors_is_refused_by_name_on_every_path(tmp
                 lambda: KeyedModel(model, key)):
         with pytest.raises(TierKeyError, match=refusal):
             run()
-    assert (folder / "model.safetensors").read_bytes() == before
+    assert (folder / "model.safetensors").read_bytes() == before  # and no journal was left
+    assert sorted(p.name for p in folder.iterdir()) == names
     assert not (tmp_path / "out").exists()
