@@ -112,8 +112,9 @@ def _generate(args, parser) -> int:
         counted = sum(2 * len(key.swaps(k)) * blocks.counted_per_block(k) for k in BLOCK_KINDS if key.swaps(k))
         swaps = ", ".join(f"{len(key.swaps(k))} {k}" for k in BLOCK_KINDS if key.swaps(k)) or "no swaps"
         of_model = f", {100 * counted / total:.2f}% of the model's {total:,}" if total else ""
-        print(f"wrote {args.out}: {swaps}; {counted:,} parameters ({100 * counted / blocks.swappable_params:.2f}% "
-              f"of the {blocks.swappable_params:,} swappable{of_model})")
+        swappable = blocks.swappable((ATTN_MODES[args.attn_mode], MLP_MODES[args.mlp_mode]))  # what --fraction counts
+        print(f"wrote {args.out}: {swaps}; {counted:,} parameters ({100 * counted / swappable:.2f}% "
+              f"of the {swappable:,} swappable{of_model})")
     return 0
 
 

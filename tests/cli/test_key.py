@@ -4,7 +4,7 @@ import os
 import stat
 
 from merge_engine.cli import main
-from merge_engine.tiers import TierKey, generate_key
+from merge_engine.tiers import TierKey, generate_key, key_report
 from tests.tiers.conftest import read_config, same_files
 
 
@@ -143,3 +143,18 @@ def test_key_warnings_are_one_line(tier_model, tmp_path, capsys, monkeypatch):
     assert key_command(["report", model, key]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "colour" in line]
     assert len(warnings) == 1 and warnings[0].startswith("merge-engine: warning: ")
+
+
+def test_generate_prints_a_partial_keys_share_of_its_own_swappable_parameters(tier_model, tmp_path, capsys,
+                                                                               monkeypatch):
+    """The share printed is of the swappable parameters of the chosen modes, what --fraction counts (it was of the
+    whole blocks': 9% for a 24% key), and the same as `key report` gives."""
+    model = tier_model("gpt_neo")
+    monkeypatch.setenv("TIER_PASS", "open sesame")
+    out = str(tmp_path / "k.json")
+    assert key_command(["generate", model, out, "--passphrase-env", "TIER_PASS", "--fraction", "0.3",
+                        "--attention-share", "0.2", "--attn-mode", "out", "--mlp-mode", "up"]) == 0
+    printed = capsys.readouterr().out
+    report = key_report(model, TierKey.load(out))
+    assert 0.25 < report.fraction_of_swappable <= 0.3
+    assert f"({100 * report.fraction_of_swappable:.2f}% of the {report.swappable_params:,} swappable)" in printed
