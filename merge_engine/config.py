@@ -200,9 +200,11 @@ def parse_config(raw: Any, source: str | None = None, strict: bool = False) -> M
     if not isinstance(raw, dict):
         raise ConfigError(["the config must be a mapping of keys (merge_method, models or slices, ...)"], source)
     problems: list[str] = []
-    unknown = sorted(set(raw) - _KNOWN_KEYS, key=str)  # YAML keys may be numbers too
-    if unknown:
-        warnings.warn(f"{source or 'config'}: ignoring unknown key(s) {unknown} (mergekit ignores them too)")
+    for where, unknown in _unknown_keys(raw, source or "config"):
+        if strict:
+            problems.append(f"{where}: unknown key(s) {unknown} (mergekit ignores them; --strict refuses them)")
+        else:
+            warnings.warn(f"{where}: ignoring unknown key(s) {unknown} (mergekit ignores them too)")
     method = method_of(raw, problems)
     cfg = MergeConfig(method=method, slices=[], raw=raw, parameters=_params_dict(raw, "", problems))
     cfg.base_model = _model_ref(raw.get("base_model"), "base_model", problems, optional=True)
@@ -305,7 +307,6 @@ def _tokenizer(raw: dict, problems: list[str]) -> TokenizerSpec | None:
     if not isinstance(full, dict):
         problems.append(f"tokenizer: expected {{source, tokens, pad_to_multiple_of}}, got {full!r}")
         return None
-    _warn_unknown_keys(full, {"source", "tokens", "pad_to_multiple_of"}, "tokenizer")
     source = _vocabulary_source(full.get("source", "union"), "tokenizer.source", problems)
     given = full.get("pad_to_multiple_of")
     pad = None if given is None else lax_int(given)  # numbers as mergekit's schema takes them ("8", 8.0)
@@ -330,18 +331,32 @@ def _vocabulary_source(value: Any, where: str, problems: list[str]) -> str | Non
     return value if value in ("union", "base") else _model_ref(value, where, problems)
 
 
-def _warn_unknown_keys(entry: dict, known: set[str], where: str) -> None:
-    """mergekit's schema drops keys it does not know: they are ignored here too, named in a warning."""
-    unknown = sorted((k for k in entry if k not in known), key=str)
-    if unknown:
-        warnings.warn(f"{where}: ignoring unknown key(s) {unknown} (mergekit ignores them too)")
+def _unknown_keys(raw: dict, top: str) -> list[tuple[str, list]]:
+    """(where, keys) for the keys mergekit's schema drops, at the top level and in `tokenizer:` (its tokens and
+    their sources): ignored with a warning, as mergekit ignores them, or refused by --strict."""
+    found = [(top, set(raw) - _KNOWN_KEYS)]
+    full = raw.get("tokenizer")
+    if isinstance(full, dict):
+        found.append(("tokenizer", set(full) - {"source", "tokens", "pad_to_multiple_of"}))
+        tokens = full.get("tokens")
+        for tok, setting in tokens.items() if isinstance(tokens, dict) else ():
+            where = f"tokenizer.tokens[{tok!r}]"
+            if isinstance(setting, dict):
+                found.append((where, set(setting) - {"source", "force"}))
+                source = setting.get("source")
+                kind = source.get("kind") if isinstance(source, dict) else None
+                if kind in _TOKEN_SOURCE_KEYS:
+                    found.append((f"{where}.source", set(source) - _TOKEN_SOURCE_KEYS[kind]))
+    return [(where, sorted(keys, key=str)) for where, keys in found if keys]  # YAML keys may be numbers too
+
+
+_TOKEN_SOURCE_KEYS = {"zero": {"kind"}, "model_token": {"kind", "model", "token_id", "token"}}
 
 
 def _token_setting(value: Any, where: str, problems: list[str]) -> TokenSetting:
     if not isinstance(value, dict):
         problems.append(f"{where}: expected {{source, force}}, got {value!r}")
         return TokenSetting()
-    _warn_unknown_keys(value, {"source", "force"}, where)
     given = value.get("force", False)
     force = lax_bool(given)  # as mergekit's schema takes it: 1 and "yes" are true
     if force is None:
@@ -361,10 +376,8 @@ def _token_source(value: Any, where: str, problems: list[str]) -> TokenSource | 
         return TokenSource("model", model) if model else None
     kind = value.get("kind") if isinstance(value, dict) else None
     if kind == "zero":
-        _warn_unknown_keys(value, {"kind"}, where)
         return TokenSource("zero")
     if kind == "model_token":
-        _warn_unknown_keys(value, {"kind", "model", "token_id", "token"}, where)
         model = _model_ref(value.get("model"), f"{where}.model", problems)
         given, token = value.get("token_id"), value.get("token")
         token_id = None if given is None else lax_int(given)  # as mergekit's schema takes it: "5" and 5.0 are 5

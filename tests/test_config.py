@@ -228,6 +228,11 @@ def test_unknown_tokenizer_keys_are_ignored_with_a_warning_as_mergekit_ignores_t
         f"{where}: ignoring unknown key(s) {keys} (mergekit ignores them too)" for where, keys in [
             ("tokenizer", ["note"]), ("tokenizer.tokens['x']", ["forced"]),
             ("tokenizer.tokens['x'].source", ["why"]), ("tokenizer.tokens['y'].source", ["id"])])
+    with pytest.raises(ConfigError) as err:  # a misspelt key (base_modle) sets nothing: --strict refuses it
+        parse_config({**raw, "base_modle": "/a"}, strict=True)
+    assert [p.split(":")[0] for p in err.value.problems] == [
+        "config", "tokenizer", "tokenizer.tokens['x']", "tokenizer.tokens['x'].source", "tokenizer.tokens['y'].source"]
+    assert "unknown key(s) ['base_modle'] (mergekit ignores them; --strict refuses them)" in err.value.problems[0]
 
 
 def test_yaml_aliases_that_expand_past_a_million_values_are_refused(tmp_path):

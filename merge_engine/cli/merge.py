@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--strict", action="store_true",
                    help="refuse parameters the merge method does not declare, a YAML key given twice in one mapping, "
-                        "an empty parameter list, other keys than filter and value in a filter entry, and true/false "
-                        "where a number belongs (by default: each with a warning, read as mergekit reads it)")
+                        "an empty parameter list, other keys than filter and value in a filter entry, true/false "
+                        "where a number belongs, and keys mergekit does not know at the top level or in tokenizer: "
+                        "(by default: each with a warning, read as mergekit reads it)")
     p.add_argument("--allow-crimes", action=argparse.BooleanOptionalAction, default=False,
                    help="allow merging models whose config.json architectures differ")
     p.add_argument("-j", "--num-threads", type=thread_count, default=None,
