@@ -129,5 +129,8 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 class _PrintableFormatter(logging.Formatter):
+    """Log lines as the command's other output: warnings prefixed as Python's are, control characters escaped."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return printable(super().format(record))
+        prefix = "merge-engine: warning: " if record.levelno == logging.WARNING else ""
+        return printable(prefix + super().format(record))

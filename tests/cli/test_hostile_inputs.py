@@ -149,6 +149,8 @@ def test_control_characters_in_warnings_and_log_lines_are_shown_escaped():
     import subprocess
     import sys
     code = ("import logging, warnings; from merge_engine.cli.args import setup_logging; setup_logging(False); "
-            "warnings.warn('a\\x1b[31mred'); logging.getLogger('merge_engine').info('b\\x1b[2Jclear')")
+            "warnings.warn('a\\x1b[31mred'); logging.getLogger('merge_engine').info('b\\x1b[2Jclear'); "
+            "logging.getLogger('merge_engine').warning('c')")
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
     assert "a\\x1b[31mred" in err and "b\\x1b[2Jclear" in err and "\x1b" not in err
+    assert "\nmerge-engine: warning: c\n" in err  # log warnings as Python's: one prefix for both
