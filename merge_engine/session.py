@@ -42,11 +42,12 @@ from typing import Any
 
 import torch
 
-from merge_engine.config import MergeConfig, load_config, parse_config
+from merge_engine.config import MergeConfig
 from merge_engine.devices import resolve_device
 from merge_engine.engine import (
     MergeOptions,
     as_int,
+    as_merge_config,
     check_inputs_unchanged,
     check_output_outside_inputs,
     check_seed_and_lora_dtype,
@@ -284,7 +285,7 @@ def _candidate(plan: MergePlan, device: torch.device, placement: str, lora: str,
 class MergeSession:
     """A merge held in memory: see the module's docstring."""
 
-    def __init__(self, config: MergeConfig | dict | str, device: str = "auto", *, placement: str = "auto",
+    def __init__(self, config: MergeConfig | dict | str | os.PathLike, device: str = "auto", *, placement: str = "auto",
                  lora: str = "auto", random_seed: int = 0, allow_crimes: bool = False,
                  lora_merge_dtype: torch.dtype | None = None, progress: bool = True, plan: MergePlan | None = None,
                  evaluation_bytes: int = 0):
@@ -294,7 +295,7 @@ class MergeSession:
         (an evaluator's memory_bytes(live_model(plan, torch.device("meta"))))."""
         random_seed = as_int(random_seed)
         check_seed_and_lora_dtype(random_seed, lora_merge_dtype)
-        self.config = as_config(config)
+        self.config = as_merge_config(config)
         self.device = resolve_device(device)
         if self.device.type == "cuda" and self.device.index is None:  # the GPU current now, not at each merge
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -374,12 +375,12 @@ class MergeSession:
 
     # ---- merging ----
 
-    def merge(self, config: MergeConfig | dict | str | None = None) -> MergeStep:
+    def merge(self, config: MergeConfig | dict | str | os.PathLike | None = None) -> MergeStep:
         """Make the live model the merge of `config` (the session's models, other parameters; None: the
         current config), merging again only the tensors whose parameters changed. Calls from several threads
         run one at a time. A call that fails part way (or is interrupted) leaves the config as it was and each
         tensor recorded as what it holds: the next merge() merges again whatever differs."""
-        cfg = None if config is None else self._same_models(as_config(config))
+        cfg = None if config is None else self._same_models(as_merge_config(config))
         with self._lock:
             cfg = self.config if cfg is None else cfg  # the config when this call's turn comes
             key = method_key(cfg)
@@ -431,7 +432,7 @@ class MergeSession:
     def tokenizer(self):
         return output_tokenizer(self.plan)
 
-    def save(self, out_dir: str, options: MergeOptions | None = None, extra_files: dict[str, str | bytes] | None = None) -> str:
+    def save(self, out_dir: str | os.PathLike, options: MergeOptions | None = None, extra_files: dict[str, str | bytes] | None = None) -> str:
         """Write the current merge as `merge-engine` would (same tensors, layout and side files, the current
         config as mergekit_config.yml), and extra_files (name -> content), through a temporary folder moved into
         place when complete. Tensors that do not hold the merge of the current config (a merge() that failed part
@@ -439,7 +440,7 @@ class MergeSession:
         options = options or MergeOptions(quiet=True)
         with self._lock:
             self.merge()
-            return self._save(out_dir, options, extra_files)
+            return self._save(os.fspath(out_dir), options, extra_files)
 
     def _save(self, out_dir: str, options: MergeOptions, extra_files: dict[str, str | bytes] | None) -> str:
         check_output_dir(out_dir, options.overwrite)
@@ -509,12 +510,6 @@ def output_tokenizer(plan: MergePlan):
         return load_tokenizer(transformers, plan.donor.path)
     except Exception as e:  # noqa: BLE001 (transformers raises many kinds)
         raise ConfigError([f"{plan.donor.path}: cannot load its tokenizer ({one_line(e)})"], "tokenizer") from e
-
-
-def as_config(config: MergeConfig | dict | str) -> MergeConfig:
-    if isinstance(config, MergeConfig):
-        return config
-    return load_config(config) if isinstance(config, str) else parse_config(config)
 
 
 def without_parameters(raw: Any) -> Any:

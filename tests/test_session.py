@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import pathlib
 
 import pytest
 import torch
@@ -283,6 +284,19 @@ def test_live_model_runs_like_the_saved_merge(model_sets, tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(saved).eval()
     with torch.no_grad():
         assert torch.equal(session.model(tokens).logits, loaded(tokens).logits)
+
+
+def test_config_and_output_paths_may_be_path_objects(model_sets, folder_tensors, write_yaml, tmp_path):
+    """As `merge()` takes them: a YAML path as a pathlib.Path (it was taken for a config mapping), and an output
+    folder as one (save() failed in a regular expression)."""
+    base, *experts = model_sets("llama")
+    config = {"merge_method": "linear", "dtype": "float32", "models": [{"model": e, "parameters": {"weight": 0.5}}
+                                                                        for e in experts]}
+    path = pathlib.Path(write_yaml(config))
+    session = MergeSession(path, "cpu", progress=False)
+    assert session.merge(path).tensors == 0
+    session.save(tmp_path / "saved")
+    assert not differing(folder_tensors(tmp_path / "saved"), engine_tensors(config, tmp_path / "engine", folder_tensors))
 
 
 def test_tied_embeddings_model(model_sets, folder_tensors, tmp_path):
