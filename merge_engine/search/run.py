@@ -109,9 +109,12 @@ def load_search_config(path: str) -> SearchConfig:
     return parse_search_config(read_yaml(path), path)
 
 
-def search(config: SearchConfig | dict | str, out_dir: str, options: SearchOptions) -> SearchResult:
+def search(config: SearchConfig | dict | str | os.PathLike, out_dir: str | os.PathLike, options: SearchOptions
+           ) -> SearchResult:
     budget = Budget(parse_duration(options.budget), options.clock, options.started)  # checked: finite, positive
     optuna = require("optuna", "tune", "merge-engine search")
+    config = os.fspath(config) if isinstance(config, os.PathLike) else config
+    out_dir = os.fspath(out_dir)
     cfg = load_search_config(config) if isinstance(config, str) else (
         config if isinstance(config, SearchConfig) else parse_search_config(config))
     settings = check_settings(cfg, options)

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import pathlib
 import re
 import shutil
 
@@ -428,6 +429,16 @@ def test_relative_paths_are_taken_from_the_search_file(search_models, write_sear
     assert result.trials == 2
     assert (tmp_path / "data" / "journal.log").exists()  # a storage the user named is left where it is
     assert torch.isfinite(torch.tensor(result.score))
+
+
+def test_the_search_file_and_output_may_be_path_objects(search_models, write_search, fake_rates, tmp_path):
+    """As merge() takes them: SEARCH.yml as a pathlib.Path was taken for a config mapping, OUT_DIR as one failed in a
+    regular expression."""
+    paths, val, _ = search_models
+    path = pathlib.Path(write_search(search_config(paths, val)))
+    result = search(path, tmp_path / "out", SearchOptions(budget=600, device="cpu", progress=False, trials=1))
+    assert result.trials == 1 and result.out_dir == str(tmp_path / "out")
+    assert (tmp_path / "out" / "mergekit_config.yml").is_file()
 
 
 def test_inputs_inside_the_output_are_refused_and_kept_even_with_overwrite(search_models, monkeypatch, tmp_path):
