@@ -34,7 +34,7 @@ from merge_engine.devices import resolve_device
 from merge_engine.engine import MergeOptions, check_seed_and_lora_dtype, input_folders
 from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.evaluation import evaluator_from_spec
-from merge_engine.evaluation.spec import PATH_KEYS, spec_path, spec_problems
+from merge_engine.evaluation.spec import PATH_KEYS, SCHEMAS, spec_path, spec_problems
 from merge_engine.extras import optuna_log_level, require
 from merge_engine.io.untrusted import is_file_name, is_int, not_regular
 from merge_engine.io.writer import check_output_apart, check_output_dir
@@ -181,8 +181,15 @@ def check_settings(cfg: SearchConfig, options: SearchOptions) -> dict:
            "storage": options.storage or stored}
     if not isinstance(out["objective"], dict):
         problems.append("search.objective: a mapping such as {kind: multiple_choice, data: val.jsonl} is required")
-    if options.test and isinstance(out["objective"], dict):  # scored as the objective, on another file
-        out["test"] = {**(out["test"] or out["objective"]), "data": os.path.abspath(options.test)}
+    # --test: scored as search.test (else the objective) is, on another file (a search.test that is no mapping is
+    # named below)
+    if options.test and isinstance(out["objective"], dict) and isinstance(out["test"] or {}, dict):
+        like = out["test"] or out["objective"]
+        if "data" in SCHEMAS.get(like.get("kind"), {"data": None}):  # (an unknown kind is named below)
+            out["test"] = {**like, "data": os.path.abspath(options.test)}
+        else:
+            problems.append(f"--test: the objective's kind, {like['kind']}, reads no data file (give search.test its "
+                            "own tasks instead)")
     if out["test"] is not None and not isinstance(out["test"], dict):
         problems.append(f"search.test: a mapping like the objective's, got {out['test']!r}")
     for key in ("objective", "test"):  # the keys now: an empty data path would pass for SEARCH.yml's folder

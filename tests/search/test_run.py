@@ -372,6 +372,22 @@ def test_bad_options_are_named_as_options(option, message, search_models, monkey
                                                                             **option))
 
 
+@pytest.mark.parametrize("change, message", [
+    # an lm_eval objective has no data file for --test to replace (it was refused as search.test.data, a key the
+    # user never wrote)
+    ({"objective": {"kind": "lm_eval", "tasks": ["a_task"]}}, r"--test: the objective's kind, lm_eval, reads no data"),
+    ({"test": "test.jsonl"}, r"search.test: a mapping like the objective's, got 'test.jsonl'"),  # was a TypeError
+])
+def test_a_test_file_option_that_cannot_apply_is_named(change, message, search_models, monkeypatch, tmp_path):
+    paths, val, _ = search_models
+    config = search_config(paths, val)
+    config["search"].update(change)
+    monkeypatch.setattr(run_module, "MergeSession", lambda *a, **k: pytest.fail("inputs read"))
+    with pytest.raises(ConfigError, match=message) as refused:
+        search(config, str(tmp_path / "out"), SearchOptions(budget=100, device="cpu", progress=False, test=val))
+    assert "search.test.data" not in str(refused.value)
+
+
 @pytest.mark.parametrize("lines, message", [
     (['{"question": "the cat", "choices": ["sat", "ran"], "answer": 2}'], r"val\.jsonl:1"),
     (['{"question": "the cat", "choices": ["sat", "ran"], "answer": 0}', "{not json"], r"val\.jsonl:2"),
