@@ -3,6 +3,8 @@ and acc_norm): a question's predicted answer is the choice the model finds most 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -13,6 +15,7 @@ from merge_engine.evaluation.loglikelihood import check_fits, check_vocabulary, 
 from merge_engine.evaluation.memory import scoring_bytes
 from merge_engine.io.untrusted import RepeatedKeyError, is_int, is_text, refuse_repeated_keys
 
+log = logging.getLogger(__name__)
 NORMALIZE = ("none", "tokens", "chars")  # a choice's log-likelihood: the sum, per token, per character
 
 
@@ -74,7 +77,15 @@ class MultipleChoice:
                 for q in self.questions]
 
     def __call__(self, model: torch.nn.Module) -> float:
-        predicted = [max(range(len(s)), key=s.__getitem__) for s in self.scores(model)]  # ties: the first, as argmax
+        """The accuracy; NaN where a log-likelihood is NaN (a merge that overflows), which no choice compares above:
+        argmax would predict the first choice and count those questions by where their answers stand."""
+        scores = self.scores(model)
+        undefined = [q.line for q, row in zip(self.questions, scores) if any(map(math.isnan, row))]
+        if undefined:
+            log.warning("%s: the model's log-likelihoods are NaN on %d question(s) (line %d first): accuracy NaN",
+                        self.path, len(undefined), undefined[0])
+            return math.nan
+        predicted = [max(range(len(s)), key=s.__getitem__) for s in scores]  # ties: the first, as argmax
         return sum(p == q.answer for p, q in zip(predicted, self.questions)) / len(self.questions)
 
     def _normalized(self, logprobs: torch.Tensor, tokens: int, chars: int) -> float:

@@ -3,6 +3,7 @@ problem of a question file reported at construction with its path:line."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -75,6 +76,18 @@ def test_accuracy_is_the_fraction_of_questions_whose_best_choice_is_the_answer(c
     evaluator = MultipleChoice(path, tokenizer, normalize="chars", batch_size=4)
     assert evaluator(causal_lm) == (len(QUESTIONS) - len(wrong)) / len(QUESTIONS)
     assert (evaluator.name, evaluator.direction) == ("accuracy on q.jsonl", "maximize")
+
+
+def test_a_model_whose_log_likelihoods_are_nan_scores_nan(causal_lm, tokenizer, tmp_path):
+    """A merge that overflows gives NaN logits: every choice compares false, so argmax's first choice was predicted
+    and the accuracy was the share of answers that are choices[0] (all of them here, a perfect score); NaN makes the
+    search count the trial failed."""
+    import copy
+    broken = copy.deepcopy(causal_lm)
+    with torch.no_grad():
+        broken.model.norm.weight.fill_(float("nan"))
+    path = write_questions(tmp_path / "q.jsonl", QUESTIONS, [0] * len(QUESTIONS))
+    assert math.isnan(MultipleChoice(path, tokenizer, batch_size=4)(broken))
 
 
 def fed_rows(tokenizer, questions) -> list[tuple[str, ...]]:
