@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -95,6 +96,9 @@ class LmEvalTasks:
                                               random_seed=None, numpy_random_seed=None, torch_random_seed=None)
         finally:
             random.setstate(state)
+        if lm.nan_requests:  # lm_eval's argmax would predict each question's first choice: no score to compare
+            log.warning("lm_eval: the model's log-likelihoods are NaN on %d request(s): score NaN", lm.nan_requests)
+            return math.nan
         return sum(self._score(results["results"], t) for t in self.task_names) / len(self.task_names)
 
     def _score(self, results: dict, task: str) -> float:
@@ -114,6 +118,8 @@ def shared_rows_lm():
     from lm_eval.models.huggingface import HFLM
 
     class SharedRowsLM(HFLM):
+        nan_requests = 0  # log-likelihood requests scored NaN (a merge that overflows)
+
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
             batch_size = override_bs or self.batch_size
             if self.backend != "causal" or not isinstance(batch_size, int):  # seq2seq, or batch_size "auto"
@@ -136,6 +142,7 @@ def shared_rows_lm():
             for (request, _, _), (logprobs, greedy) in zip(requests, scores):
                 answers.append((float(logprobs.double().sum()), greedy))
                 self.cache_hook.add_partial("loglikelihood", request, answers[-1])
+            self.nan_requests += sum(math.isnan(score) for score, _ in answers)
             return answers
 
     return SharedRowsLM

@@ -3,6 +3,7 @@ refused at construction; without lm_eval, a one-line error names the extra."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 
@@ -63,6 +64,16 @@ def test_a_local_task_scores_as_multiple_choice_does(causal_lm, tokenizer, task_
     assert evaluator.tokens() == sum(fed) == reference.tokens() < sum(map(len, distinct))
     assert evaluator.memory_bytes(causal_lm) == reference.memory_bytes(causal_lm) > 0  # the same rows and batches
     assert (evaluator.name, evaluator.direction) == (f"{metric} on tiny_mc", "maximize")
+
+
+def test_a_model_whose_log_likelihoods_are_nan_scores_nan(causal_lm, task_dir):
+    """As MultipleChoice: lm_eval's argmax over NaN log-likelihoods predicts each question's first choice, so a
+    merge that overflows scored the share of answers that are choices[0]; NaN makes the search count it failed."""
+    import copy
+    broken = copy.deepcopy(causal_lm)
+    with torch.no_grad():
+        broken.model.norm.weight.fill_(float("nan"))
+    assert math.isnan(LmEvalTasks(["tiny_mc"], word_tokenizer(), include_path=task_dir, batch_size=3)(broken))
 
 
 def test_a_lower_is_better_metric_is_minimized_and_scores_as_lm_evals_own(causal_lm, task_dir):
