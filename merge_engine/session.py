@@ -29,6 +29,7 @@ LoRA inputs (`BASE+ADAPTER`) are held one of two ways, which the memory plan cho
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -295,7 +296,7 @@ class MergeSession:
         (an evaluator's memory_bytes(live_model(plan, torch.device("meta"))))."""
         random_seed = as_int(random_seed)
         check_seed_and_lora_dtype(random_seed, lora_merge_dtype)
-        self.config = as_merge_config(config)
+        self.config = own_config(config)
         self.device = resolve_device(device)
         if self.device.type == "cuda" and self.device.index is None:  # the GPU current now, not at each merge
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -380,7 +381,7 @@ class MergeSession:
         current config), merging again only the tensors whose parameters changed. Calls from several threads
         run one at a time. A call that fails part way (or is interrupted) leaves the config as it was and each
         tensor recorded as what it holds: the next merge() merges again whatever differs."""
-        cfg = None if config is None else self._same_models(as_merge_config(config))
+        cfg = None if config is None else self._same_models(own_config(config))
         with self._lock:
             cfg = self.config if cfg is None else cfg  # the config when this call's turn comes
             key = method_key(cfg)
@@ -510,6 +511,12 @@ def output_tokenizer(plan: MergePlan):
         return load_tokenizer(transformers, plan.donor.path)
     except Exception as e:  # noqa: BLE001 (transformers raises many kinds)
         raise ConfigError([f"{plan.donor.path}: cannot load its tokenizer ({one_line(e)})"], "tokenizer") from e
+
+
+def own_config(config: MergeConfig | dict | str | os.PathLike) -> MergeConfig:
+    """The config, parsed from a copy of a mapping: the caller edits its dict between merges, and an edit in place
+    must not become the session's config unmerged (nor pass another model for the same one)."""
+    return as_merge_config(copy.deepcopy(config) if isinstance(config, dict) else config)
 
 
 def without_parameters(raw: Any) -> Any:

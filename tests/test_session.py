@@ -299,6 +299,23 @@ def test_config_and_output_paths_may_be_path_objects(model_sets, folder_tensors,
     assert not differing(folder_tensors(tmp_path / "saved"), engine_tensors(config, tmp_path / "engine", folder_tensors))
 
 
+def test_the_session_keeps_its_own_copy_of_a_config_mapping(model_sets, folder_tensors, tmp_path):
+    """A config dict edited in place after the session opened (as one edits it between merges) was the session's own:
+    another model was taken for the same one, and save() merged and named values no merge() was given."""
+    base, *experts = model_sets("llama")
+    config = {"merge_method": "task_arithmetic", "base_model": base, "dtype": "float32",
+              "models": [{"model": e, "parameters": {"weight": 0.5}} for e in experts[:2]]}
+    opened = copy.deepcopy(config)
+    session = MergeSession(config, "cpu", progress=False)
+    config["models"][0]["parameters"]["weight"] = 0.9
+    session.save(str(tmp_path / "saved"))  # the merge of the config the session was given
+    assert not differing(folder_tensors(tmp_path / "saved"), engine_tensors(opened, tmp_path / "a", folder_tensors))
+    assert "0.9" not in (tmp_path / "saved" / "mergekit_config.yml").read_text()
+    config["models"][1]["model"] = experts[2]
+    with pytest.raises(ConfigError, match="differ from its own only in parameters"):
+        session.merge(config)
+
+
 def test_tied_embeddings_model(model_sets, folder_tensors, tmp_path):
     base, *experts = model_sets("qwen2")  # tie_word_embeddings: the output has no lm_head
     config = {"merge_method": "linear", "dtype": "float32", "models": [{"model": e, "parameters": {"weight": 1.0}}
