@@ -81,7 +81,10 @@ from merge_engine.vocabulary import (
 
 log = logging.getLogger("merge_engine")
 
-SIDE_FILES_FROM_BASE = ("generation_config.json",)
+# the donor's generation settings and its image and video processors' settings (mergekit copies the processors' for
+# its multimodal architectures: Qwen2-VL, Mistral 3, Gemma 3, Llama 4...), copied whenever the donor has them
+SIDE_FILES_FROM_BASE = ("generation_config.json", "preprocessor_config.json", "processor_config.json",
+                        "video_preprocessor_config.json")
 CONFIG_COPY_NAME = "mergekit_config.yml"  # the name model cards and hubs look for
 
 
@@ -536,8 +539,8 @@ def compute(job: TensorJob, tensors: list[torch.Tensor], method: MergeMethod, se
 
 
 def write_side_files(plan: MergePlan, writer: ShardedWriter, options: MergeOptions) -> None:
-    """config.json (dtype, layer count and vocabulary size updated), generation config, tokenizer and the
-    merge config."""
+    """config.json (dtype, layer count and vocabulary size updated), generation and processor configs, tokenizer
+    and the merge config."""
     model_config = output_model_config(plan)
     if model_config:
         writer.add_file("config.json", json.dumps(model_config, indent=2) + "\n")

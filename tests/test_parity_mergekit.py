@@ -369,6 +369,30 @@ def test_layer_stacks_identical_to_mergekit(arch, mergekit, write_yaml, folder_t
     assert sorted(n for n in a if not torch.equal(a[n], b[n])) == expected_differences
 
 
+# The image and video processors' settings, which mergekit copies from the donor for its multimodal architectures
+# (tagalong files: Qwen2-VL's preprocessor_config.json, Mistral 3's processor_config.json too), with or without the
+# tokenizer. merge_engine copies each whenever the donor has it (README).
+PROCESSOR_FILES = {"preprocessor_config.json": {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 14},
+                   "processor_config.json": {"processor_class": "PixtralProcessor", "image_token": "[IMG]"}}
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "mistral3"])
+def test_processor_files_copied_as_mergekit_copies_them(arch, mergekit, write_yaml, tmp_path):
+    import tests.stacked_models
+    base, e1, _ = getattr(tests.stacked_models, STACKED[arch][0])(str(tmp_path / "models"))
+    for name, content in PROCESSOR_FILES.items():
+        with open(os.path.join(base, name), "w") as f:
+            json.dump(content, f)
+    config = {"merge_method": "linear", "base_model": base, "dtype": "float32",
+              "models": [{"model": m, "parameters": {"weight": 0.5}} for m in (base, e1)]}
+    merge(parse_config(config), str(tmp_path / "ours"), MergeOptions(quiet=True, copy_tokenizer=False))
+    run_mergekit(mergekit, write_yaml(config), str(tmp_path / "theirs"))
+    theirs = [n for n in PROCESSOR_FILES if (tmp_path / "theirs" / n).exists()]
+    assert theirs, "mergekit copied no processor file"
+    for name in theirs:
+        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "theirs" / name).read_bytes(), name
+
+
 def tied_copy(folder, out) -> str:
     """A copy of a Llama folder whose head is tied to its embeddings: no lm_head.weight, tie_word_embeddings."""
     from safetensors.torch import load_file, save_file
