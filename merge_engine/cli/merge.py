@@ -29,6 +29,17 @@ _COMPAT_FLAGS = ("--low-cpu-memory", "--read-to-gpu", "--async-write", "--lazy-u
 
 log = logging.getLogger("merge_engine")
 
+# mergekit-yaml's flags whose effect merge_engine does not have, each (dest, value) with what happens instead
+FLAG_NOTES = {
+    ("safe_serialization", False): "--no-safe-serialization: the output is written as safetensors all the same "
+                                   "(merge_engine writes no pickled checkpoints)",  # mergekit: pytorch_model*.bin
+    ("trust_remote_code", True): "--trust-remote-code: merge_engine runs no code a model folder ships (it reads "
+                                 "tensors, config.json and tokenizer files); a tokenizer that needs its code "
+                                 "cannot be loaded",
+    **{(dest, True): f"--{dest.replace('_', '-')}: one process merges on one device; run it under torchrun for "
+                     "several GPUs" for dest in ("multi_gpu", "gpu_rich")},
+}
+
 SEED_RANGE = 2**63  # the generator's key takes a 64-bit signed seed
 
 
@@ -111,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet, args.verbose)
-    if args.safe_serialization is False:  # where mergekit writes pickled pytorch_model*.bin shards
-        log.warning("--no-safe-serialization: the output is written as safetensors all the same (merge_engine "
-                    "writes no pickled checkpoints)")
+    for (dest, value), note in FLAG_NOTES.items():
+        if getattr(args, dest) is value:
+            log.warning(note)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     from merge_engine.distributed import current_ranks, every_rank, torchrun_group

@@ -42,6 +42,21 @@ def test_lora_merge_dtype_takes_mergekits_names_and_refuses_others(tmp_path, cap
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flag,note", [("--trust-remote-code", "runs no code a model folder ships"),
+                                       ("--multi-gpu", "run it under torchrun for several GPUs"),
+                                       ("--gpu-rich", "run it under torchrun for several GPUs")])
+def test_flags_whose_effect_merge_engine_lacks_say_so(flag, note, model_sets, write_yaml, tmp_path, caplog):
+    # mergekit runs a folder's code with --trust-remote-code and merges on several GPUs with --multi-gpu
+    base, expert, _, _ = model_sets("llama")
+    config = write_yaml({"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 0.5}}
+                                                              for m in (base, expert)]})
+    assert run([config, str(tmp_path / "out"), flag, "-q", "--device", "cpu"]) == 0
+    assert f"{flag}: " in caplog.text and note in caplog.text
+    caplog.clear()
+    assert run([config, str(tmp_path / "again"), "-q", "--device", "cpu"]) == 0
+    assert flag not in caplog.text
+
+
 def test_no_safe_serialization_says_the_output_is_safetensors_all_the_same(model_sets, write_yaml, tmp_path, caplog):
     # mergekit writes pickled pytorch_model*.bin shards with it; a flag that changes nothing here must say so
     base, expert, _, _ = model_sets("llama")
