@@ -92,7 +92,10 @@ class MergeConfig:
     tokenizer: TokenizerSpec | None = None
     chat_template: str | None = None  # "auto", a built-in name or a Jinja template
     parameters: dict[str, Any] | None = None
-    raw: dict = field(default_factory=dict)  # the config as the user wrote it (saved beside the output)
+    raw: dict = field(default_factory=dict)  # the config as the user wrote it
+    # the YAML file's text, when the config was read from one: saved beside the output as it is, as mergekit saves it
+    # (else the output gets raw as YAML)
+    text: str | None = None
 
     def slice_base(self, s: Slice) -> str | None:
         return s.base_model or self.base_model
@@ -108,7 +111,10 @@ class MergeConfig:
 
 def load_config(path: str, strict: bool = False) -> MergeConfig:
     """Read and validate a YAML config file."""
-    return parse_config(read_yaml(path, strict), source=path, strict=strict)
+    content, text = read_yaml_and_text(path, strict)
+    config = parse_config(content, source=path, strict=strict)
+    config.text = text
+    return config
 
 
 MAX_PAD_MULTIPLE = 65536  # tokenizer.pad_to_multiple_of: 64 to 256 in practice; larger would add rows by the million
@@ -118,9 +124,15 @@ MAX_YAML_VALUES = 1_000_000  # a config's values, aliases expanded: far above an
 def read_yaml(path: str, strict: bool = False):
     """A YAML file's content, or ConfigError saying why it cannot be read. A key given twice in one mapping
     keeps its later value, as in mergekit (PyYAML), with a warning; strict refuses it."""
+    return read_yaml_and_text(path, strict)[0]
+
+
+def read_yaml_and_text(path: str, strict: bool = False) -> tuple[Any, str]:
+    """read_yaml, and the file's text."""
     try:
         with io.TextIOWrapper(open_regular(path), encoding="utf-8") as f:  # a FIFO would block: refused
-            loader = _RepeatedKeysLoader(f)
+            text = f.read()
+            loader = _RepeatedKeysLoader(text)
             try:
                 content = loader.get_single_data()
             finally:
@@ -143,8 +155,8 @@ def read_yaml(path: str, strict: bool = False):
     if repeated and strict:
         raise ConfigError([f"{r} (refused by --strict)" for r in repeated], path)
     for r in repeated:
-        warnings.warn(f"{path}: {r}, as mergekit reads it", stacklevel=2)
-    return content
+        warnings.warn(f"{path}: {r}, as mergekit reads it", stacklevel=3)
+    return content, text
 
 
 class _RepeatedKeysLoader(yaml.SafeLoader):

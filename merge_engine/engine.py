@@ -547,7 +547,8 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, options: MergeOptio
     for f in SIDE_FILES_FROM_BASE:
         _copy_if_present(plan.donor.path, f, writer)
     write_tokenizer(plan, writer, options)
-    writer.add_file(CONFIG_COPY_NAME, yaml.safe_dump(plan.config.raw, sort_keys=False))
+    config_text = plan.config.text if plan.config.text is not None else yaml.safe_dump(plan.config.raw, sort_keys=False)
+    writer.add_file(CONFIG_COPY_NAME, config_text)
 
 
 def output_model_config(plan: MergePlan) -> dict:

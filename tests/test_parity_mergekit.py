@@ -369,6 +369,19 @@ def test_layer_stacks_identical_to_mergekit(arch, mergekit, write_yaml, folder_t
     assert sorted(n for n in a if not torch.equal(a[n], b[n])) == expected_differences
 
 
+def test_the_config_file_is_kept_as_written_as_mergekit_keeps_it(model_sets, mergekit, tmp_path):
+    # mergekit_config.yml is the config file's text (comments, layout), which model cards and hubs show
+    base, e1, _, _ = model_sets("llama")
+    config = tmp_path / "merge.yml"
+    config.write_text(f"# blend of two fine-tunes\nmerge_method: linear\nmodels:\n"
+                      f"  - {{model: {base}, parameters: {{weight: 0.3}}}}  # the base\n"
+                      f"  - {{model: {e1}, parameters: {{weight: 0.7}}}}\ndtype: float32\n")
+    merge(str(config), str(tmp_path / "ours"), MergeOptions(quiet=True, copy_tokenizer=False))
+    run_mergekit(mergekit, str(config), str(tmp_path / "theirs"))
+    written = (tmp_path / "ours" / "mergekit_config.yml").read_text()
+    assert written == (tmp_path / "theirs" / "mergekit_config.yml").read_text() == config.read_text()
+
+
 # The image and video processors' settings, which mergekit copies from the donor for its multimodal architectures
 # (tagalong files: Qwen2-VL's preprocessor_config.json, Mistral 3's processor_config.json too), with or without the
 # tokenizer. merge_engine copies each whenever the donor has it (README).
