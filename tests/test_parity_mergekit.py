@@ -382,6 +382,37 @@ def test_the_config_file_is_kept_as_written_as_mergekit_keeps_it(model_sets, mer
     assert written == (tmp_path / "theirs" / "mergekit_config.yml").read_text() == config.read_text()
 
 
+def transformers4_copy(folder, out) -> str:
+    """A copy of a Llama folder whose config.json is as transformers 4 wrote it: torch_dtype, rope_theta."""
+    shutil.copytree(folder, out)
+    path = os.path.join(out, "config.json")
+    config = json.load(open(path))
+    config.pop("dtype", None)
+    rope = config.pop("rope_parameters")
+    config.update(torch_dtype="float32", rope_theta=rope["rope_theta"], transformers_version="4.44.0")
+    json.dump(config, open(path, "w"))
+    return out
+
+
+def test_config_json_keeps_the_donors_keys_and_loads_as_mergekits(model_sets, mergekit, write_yaml, tmp_path):
+    base, e1, _, _ = model_sets("llama")
+    old = [transformers4_copy(m, str(tmp_path / f"old{i}")) for i, m in enumerate((base, e1))]
+    config = {"merge_method": "linear", "base_model": old[0], "dtype": "bfloat16",
+              "models": [{"model": m, "parameters": {"weight": 0.5}} for m in old]}
+    merge(parse_config(config), str(tmp_path / "ours"), MergeOptions(quiet=True, copy_tokenizer=False))
+    run_mergekit(mergekit, write_yaml(config), str(tmp_path / "theirs"))
+    ours, theirs = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("ours", "theirs"))
+    assert ours["dtype"] == ours["torch_dtype"] == theirs["dtype"] == "bfloat16" and "torch_dtype" not in theirs
+    assert ours["transformers_version"] == "4.44.0" and ours["rope_theta"] == theirs["rope_parameters"]["rope_theta"]
+    loaded = {}
+    for d in ("ours", "theirs"):
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / d), output_loading_info=True)
+        assert not any(info.values()), (d, info)
+        loaded[d] = model.config.to_diff_dict()
+    assert {k: v for k, v in loaded["ours"].items() if k != "transformers_version"} == \
+        {k: v for k, v in loaded["theirs"].items() if k != "transformers_version"}
+
+
 # The image and video processors' settings, which mergekit copies from the donor for its multimodal architectures
 # (tagalong files: Qwen2-VL's preprocessor_config.json, Mistral 3's processor_config.json too), with or without the
 # tokenizer. merge_engine copies each whenever the donor has it (README).
