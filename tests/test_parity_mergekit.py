@@ -413,6 +413,24 @@ def test_config_json_keeps_the_donors_keys_and_loads_as_mergekits(model_sets, me
         {k: v for k, v in loaded["theirs"].items() if k != "transformers_version"}
 
 
+def test_donor_tokenizer_with_a_chat_template_saved_as_mergekit_saves_it(vocab_models, mergekit, write_yaml, tmp_path):
+    # both load the donor's tokenizer, set the template and save it: the same files (transformers 5 writes the
+    # template as chat_template.jinja), the same settings in tokenizer_config.json
+    twin = shutil.copytree(vocab_models["extra"], tmp_path / "twin")
+    config = {"merge_method": "linear", "base_model": vocab_models["extra"], "dtype": "float32", "chat_template": "chatml",
+              "models": [{"model": m, "parameters": {"weight": 0.5}} for m in (vocab_models["extra"], str(twin))]}
+    merge(parse_config(config), str(tmp_path / "ours"), MergeOptions(quiet=True))
+    mergekit(write_yaml(config), str(tmp_path / "theirs"), "--no-write-model-card")
+    files = {p.name for p in (tmp_path / "theirs").iterdir() if "model" not in p.name}
+    assert files == {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json"}
+    assert files <= {p.name for p in (tmp_path / "ours").iterdir()}
+    ours, theirs = ({name: json.loads((tmp_path / d / name).read_text()) for name in ("tokenizer.json", "tokenizer_config.json")}
+                    for d in ("ours", "theirs"))
+    for settings in (ours, theirs):  # how transformers was asked to load it (mergekit: offline or not), not a setting
+        settings["tokenizer_config.json"].pop("local_files_only")
+    assert ours == theirs
+
+
 # The image and video processors' settings, which mergekit copies from the donor for its multimodal architectures
 # (tagalong files: Qwen2-VL's preprocessor_config.json, Mistral 3's processor_config.json too), with or without the
 # tokenizer. merge_engine copies each whenever the donor has it (README).
