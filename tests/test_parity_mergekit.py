@@ -295,6 +295,9 @@ def test_unsafe_embedding_truncation_identical_to_mergekit(case, vocab_models, m
     assert not different, different
     # config.json says the rows written (mergekit leaves the donor's vocab_size, 264 for padded)
     assert json.loads((tmp_path / "ours" / "config.json").read_text())["vocab_size"] == 256
+    donors = [config["base_model"]] if "base_model" in config else [m["model"] for m in config["models"]]  # (a set's)
+    assert json.loads((tmp_path / "theirs" / "config.json").read_text())["vocab_size"] in \
+        [json.loads(open(os.path.join(d, "config.json")).read())["vocab_size"] for d in donors]
 
 
 # LoRA references (BASE+ADAPTER): mergekit merges each adapter with peft into a cached copy of its base;
