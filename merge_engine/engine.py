@@ -585,9 +585,10 @@ PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers", "layers_block_type", "
 def per_layer_entries(plan: MergePlan) -> dict:
     """The donor config's lists of one entry per layer (PER_LAYER_CONFIG_KEYS: layer_types, each layer's
     attention; SmolLM3's no_rope_layers...), rebuilt for the output's layers: each takes the entry of the layer it
-    was merged from (its slice's first source), in that model's config. mergekit keeps the donor's lists, which
-    transformers refuses to load once the layer count has changed. Other lists (token ids, lists of layer
-    indices such as moe_layers) are left as they are, whatever their length."""
+    was merged from (its slice's first source), in that model's config; a list that comes out as the donor's is left
+    as written. mergekit keeps the donor's lists, which transformers refuses to load once the layer count has
+    changed. Other lists (token ids, lists of layer indices such as moe_layers) are left as they are, whatever their
+    length."""
     def layer_count(config: dict):
         return next((config[k] for k in LAYER_COUNT_KEYS if isinstance(config.get(k), int)), None)
 
@@ -601,8 +602,12 @@ def per_layer_entries(plan: MergePlan) -> dict:
             theirs = plan.models[ref].config
             sources.append((theirs[key] if layer_count(theirs) == len(theirs.get(key) or ()) else entries, layer))
         if all(layer < len(source) for source, layer in sources):
-            rebuilt[key] = [source[layer] for source, layer in sources]
-    if "attention_layers" in rebuilt and "attention_types" in donor:  # GPT-Neo derives the list from these runs
+            output_entries = [source[layer] for source, layer in sources]
+            if output_entries != entries:
+                rebuilt[key] = output_entries
+    # GPT-Neo derives attention_layers from these runs: written again only for other layers, since other runs can
+    # mean the same layers
+    if "attention_layers" in rebuilt and "attention_types" in donor:
         runs = itertools.groupby(rebuilt["attention_layers"])
         rebuilt["attention_types"] = [[[kind], len(list(run))] for kind, run in runs]
     return rebuilt

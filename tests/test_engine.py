@@ -286,6 +286,20 @@ def test_slices_write_the_layer_count_under_the_configs_own_key(arch, key, layer
 
 
 
+def test_a_merge_that_keeps_the_layers_keeps_the_per_layer_config_lists(tmp_path):
+    """GPT-Neo's attention_types (runs of each layer's attention kind) stay as the donor wrote them when the layers
+    are the donor's, though another way of writing the runs means the same layers."""
+    from tests.arch_models import make_architecture
+    base, e1 = make_architecture(str(tmp_path / "models"), "gpt_neo", n=2)
+    cfg = {"merge_method": "linear", "dtype": "float32",
+           "models": [{"model": m, "parameters": {"weight": 0.5}} for m in (base, e1)]}
+    merge(parse_config(cfg), str(tmp_path / "out"), MergeOptions(quiet=True))
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    donor = json.loads((Path(base) / "config.json").read_text())
+    assert written["attention_types"] == donor["attention_types"]
+    assert written["attention_layers"] == donor["attention_layers"]
+
+
 def test_slices_rebuild_per_layer_config_lists_from_each_layers_source(model_sets, tmp_path):
     """layer_types (each layer's attention) follows the layers it came from: transformers refuses a config whose
     list and layer count disagree (mergekit 0.1.5 keeps the donor's list)."""
