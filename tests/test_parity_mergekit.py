@@ -434,6 +434,16 @@ def test_donor_tokenizer_with_a_chat_template_saved_as_mergekit_saves_it(vocab_m
     assert ours == theirs
 
 
+def test_a_donor_without_a_tokenizer_gives_none_where_mergekit_saves_an_empty_one(mergekit, write_yaml, tmp_path):
+    base, e1 = make_architecture(str(tmp_path / "models"), "gemma2", 2)
+    config = {"merge_method": "linear", "base_model": base, "dtype": "float32",
+              "models": [{"model": m, "parameters": {"weight": 0.5}} for m in (base, e1)]}
+    merge(parse_config(config), str(tmp_path / "ours"), MergeOptions(quiet=True))
+    mergekit(write_yaml(config), str(tmp_path / "theirs"))
+    assert not [p.name for p in (tmp_path / "ours").iterdir() if p.name.startswith("tokenizer")]
+    assert len(transformers.AutoTokenizer.from_pretrained(str(tmp_path / "theirs"))) < 10  # special tokens only
+
+
 # The image and video processors' settings, which mergekit copies from the donor for its multimodal architectures
 # (tagalong files: Qwen2-VL's preprocessor_config.json, Mistral 3's processor_config.json too), with or without the
 # tokenizer. merge_engine copies each whenever the donor has it (README).
