@@ -613,7 +613,8 @@ def test_a_last_slice_of_tied_heads_under_an_untied_donor_gets_its_head(model_se
     # once loaded); merge_engine merges the head from the last slice's embeddings
     base, expert = model_sets("llama")[:2]
     tied = tied_copy(expert, str(tmp_path / "tied"))
-    config = {"merge_method": "passthrough", "dtype": "float32", "slices": [
+    # the donor named: without base_model, mergekit takes its config.json from a set's first model, in hash order
+    config = {"merge_method": "passthrough", "dtype": "float32", "base_model": base, "slices": [
         {"sources": [{"model": base, "layer_range": [0, 2]}]}, {"sources": [{"model": tied, "layer_range": [2, 4]}]}]}
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     merge(parse_config(config), str(ours), MergeOptions(quiet=True, copy_tokenizer=False))
