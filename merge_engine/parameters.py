@@ -195,7 +195,8 @@ def holds_empty_list(setting: Setting) -> bool:
 
 def gives(scope: Mapping[str, Setting] | None, name: str) -> bool:
     """Whether a parameters mapping sets `name` (an empty list sets nothing)."""
-    return bool(scope) and name in scope and scope[name] != []
+    # (not `!= []`: a numpy value compared with a list is an empty array, whose truth value numpy refuses)
+    return bool(scope) and name in scope and not (isinstance(scope[name], list) and not scope[name])
 
 
 def setting_leaves(setting: Setting) -> Iterable[Any]:

@@ -288,3 +288,13 @@ def test_a_tokenizer_padded_to_a_multiple_of_zero_is_not_padded_as_in_mergekit()
     raw["tokenizer"]["pad_to_multiple_of"] = -8
     with pytest.raises(ConfigError, match="tokenizer.pad_to_multiple_of: expected an integer from 0"):
         parse_config(raw)
+
+
+def test_numpy_parameter_values_in_a_mapping_are_taken_or_refused_by_name():
+    import numpy as np
+    raw = {"merge_method": "ties", "base_model": "/base",
+           "models": [{"model": "/a", "parameters": {"weight": np.float64(0.5), "density": 0.3}}]}
+    assert parse_config(raw).slices[0].sources[0].parameters["weight"] == 0.5  # numpy's float64 is a float
+    raw["models"][0]["parameters"]["weight"] = np.float32(0.5)
+    with pytest.raises(ConfigError, match=r"models\[/a\].parameters.weight: not a scalar"):
+        parse_config(raw)
