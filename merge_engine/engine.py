@@ -205,14 +205,38 @@ def whole_job_report(figures: RankFigures, ranks: Ranks | None, out_dir: str, la
 
 
 def as_merge_config(config) -> MergeConfig:
-    """A MergeConfig from one, a config mapping or a YAML path (its problems and its model folders' listed)."""
+    """A MergeConfig from one, a config mapping or a YAML path (its problems and its model folders' listed), whose
+    copy in the output can be written."""
     if isinstance(config, (str, os.PathLike)):
         return load_checked_config(os.fspath(config))
     if isinstance(config, dict):
-        return parse_config(config)
+        config = parse_config(config)
     if not isinstance(config, MergeConfig):
         raise TypeError(f"config must be a MergeConfig, a mapping or a YAML path, got a {type(config).__name__}")
+    config_copy_text(config)  # refused now, not once every tensor is merged
     return config
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """A config mapping as YAML: torch dtypes by name, as configs spell them (parse_config takes them), and numbers
+    and strings of other kinds (numpy's float64 is a float) as plain ones."""
+
+
+_ConfigDumper.add_representer(torch.dtype, lambda dumper, dtype: dumper.represent_str(dtype_name(dtype)))
+for _kind in (int, float, str):
+    _ConfigDumper.add_multi_representer(_kind, lambda dumper, value, kind=_kind: dumper.represent_data(kind(value)))
+
+
+def config_copy_text(config: MergeConfig) -> str:
+    """The config as the output's copy holds it: its text as read, or its mapping as YAML (ConfigError naming a
+    value YAML cannot hold)."""
+    if config.text is not None:
+        return config.text
+    try:
+        return yaml.dump(config.raw, Dumper=_ConfigDumper, sort_keys=False)
+    except yaml.representer.RepresenterError as e:
+        raise ConfigError([f"{e.args[-1]!r} cannot be written as YAML (the output's {CONFIG_COPY_NAME}): "
+                           "use strings, numbers, lists and mappings"]) from None
 
 
 def taken_as_given(options: MergeOptions) -> MergeOptions:
@@ -547,8 +571,7 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, options: MergeOptio
     for f in SIDE_FILES_FROM_BASE:
         _copy_if_present(plan.donor.path, f, writer)
     write_tokenizer(plan, writer, options)
-    config_text = plan.config.text if plan.config.text is not None else yaml.safe_dump(plan.config.raw, sort_keys=False)
-    writer.add_file(CONFIG_COPY_NAME, config_text)
+    writer.add_file(CONFIG_COPY_NAME, config_copy_text(plan.config))
 
 
 def output_model_config(plan: MergePlan) -> dict:

@@ -363,3 +363,19 @@ def test_merge_takes_mappings_and_paths_and_refuses_what_it_cannot_use(model_set
                                                    out_shard_size=2e9, prefetch=torch.tensor(1)))
     assert ((tmp_path / "kinds" / "model.safetensors").read_bytes()
             == (tmp_path / "from_mapping" / "model.safetensors").read_bytes())
+
+
+def test_a_config_mapping_holding_torch_dtypes_and_numpy_numbers_is_copied_as_yaml(small_models, tmp_path):
+    import numpy as np
+    base, expert = small_models
+    config = {"merge_method": "linear", "dtype": torch.bfloat16,
+              "models": [{"model": base, "parameters": {"weight": np.float64(0.25)}},
+                         {"model": expert, "parameters": {"weight": 0.75}}]}
+    merge(config, tmp_path / "out", MergeOptions(quiet=True))
+    copy = yaml.safe_load((tmp_path / "out" / "mergekit_config.yml").read_text())
+    assert copy["dtype"] == "bfloat16" and copy["models"][0]["parameters"]["weight"] == 0.25
+    assert parse_config(copy).dtype == torch.bfloat16
+    # a value YAML cannot hold is refused before the merge, not after it
+    with pytest.raises(MergeEngineError, match="cannot be written as YAML"), pytest.warns(UserWarning, match="note"):
+        merge({**config, "note": object()}, tmp_path / "refused", MergeOptions(quiet=True))
+    assert not (tmp_path / "refused").exists()
