@@ -17,4 +17,8 @@ def resolve_device(name: str | torch.device) -> torch.device:
         raise MergeEngineError(f"device '{name}': merge_engine runs on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MergeEngineError(f"device '{name}': CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        # (else torch's invalid-ordinal error comes from the first stream or copy, the output already opened)
+        count = torch.cuda.device_count()
+        raise MergeEngineError(f"device '{name}': this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     return device
