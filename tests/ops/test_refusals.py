@@ -191,3 +191,21 @@ def test_no_op_returns_a_gradient_it_did_not_compute(kernels):
 def test_nan_in_a_cutoffs_input_is_named_alike_on_every_backend(kernels):
     with pytest.raises(ValueError, match=r"^input has 1 NaN value\(s\); a magnitude ordering is undefined$"):
         ops.magnitude_cutoff(torch.tensor([1.0, float("nan"), 2.0]), 1)
+
+
+def test_in_place_ops_refuse_targets_that_require_grad(kernels):
+    layers = [rand(4, 3).requires_grad_(), rand(4, 3, seed=1).requires_grad_()]
+    with pytest.raises(RuntimeError, match="accumulate_gram: gram requires grad"):
+        ops.accumulate_gram(torch.zeros(3, 3, requires_grad=True), rand(2, 3))
+    with pytest.raises(RuntimeError, match="swap_blocks_: tensors requires grad"):
+        ops.swap_blocks_(layers, torch.tensor([[0, 0, 1, 1]]), 0, 2)
+    with pytest.raises(RuntimeError, match="scatter_add_blocks_: targets requires grad"):
+        ops.scatter_add_blocks_(layers, 0, rand(4, 3), torch.tensor([1, 0]), torch.tensor([0, 1]), 0, 2)
+
+
+def test_meta_tensors_give_results_of_the_right_shape_and_dtype():
+    x = rand(6, 4, dtype=torch.bfloat16).to("meta")
+    merged = ops.merge_task_vectors(**task_vector_call(base=x, experts=[x, x]))
+    assert merged.is_meta and merged.shape == x.shape and merged.dtype == x.dtype
+    for result in (ops.slerp(0.3, x, x), ops.weighted_sum([x, x], [0.5, 0.5]), ops.trim_by_magnitude(x, 0.5)):
+        assert result.is_meta and result.shape == x.shape and result.dtype == x.dtype
