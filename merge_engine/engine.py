@@ -150,10 +150,7 @@ def merge(config: MergeConfig | dict | str | os.PathLike, out_dir: str | os.Path
           options: MergeOptions | None = None) -> MergeReport:
     """Run a merge config (a parsed MergeConfig, a config mapping or a YAML path) into out_dir. Called on every
     rank of an initialised torch.distributed process group, it runs one merge over all of them (distributed.py)."""
-    options = MergeOptions() if options is None else options
-    if not isinstance(options, MergeOptions):
-        raise TypeError(f"options must be a MergeOptions, got a {type(options).__name__}")
-    options = taken_as_given(options)
+    options = given_options(options)
     out_dir = os.fspath(out_dir)
     ranks = current_ranks()
     lap = _Laps()
@@ -237,6 +234,15 @@ def config_copy_text(config: MergeConfig) -> str:
     except yaml.representer.RepresenterError as e:
         raise ConfigError([f"{e.args[-1]!r} cannot be written as YAML (the output's {CONFIG_COPY_NAME}): "
                            "use strings, numbers, lists and mappings"]) from None
+
+
+def given_options(options: MergeOptions | None, default: MergeOptions | None = None) -> MergeOptions:
+    """The caller's options (default, or MergeOptions(), when None), integers of other kinds as ints."""
+    if options is None:
+        options = MergeOptions() if default is None else default
+    if not isinstance(options, MergeOptions):
+        raise TypeError(f"options must be a MergeOptions, got a {type(options).__name__}")
+    return taken_as_given(options)
 
 
 def taken_as_given(options: MergeOptions) -> MergeOptions:

@@ -50,9 +50,11 @@ from merge_engine.engine import (
     as_int,
     as_merge_config,
     check_inputs_unchanged,
+    check_options,
     check_output_outside_inputs,
     check_seed_and_lora_dtype,
     compute,
+    given_options,
     load_kernels,
     output_model_config,
     write_side_files,
@@ -438,10 +440,12 @@ class MergeSession:
         config as mergekit_config.yml), and extra_files (name -> content), through a temporary folder moved into
         place when complete. Tensors that do not hold the merge of the current config (a merge() that failed part
         way, tensors changed_outside) are merged again first, so that the files are that merge."""
-        options = options or MergeOptions(quiet=True)
+        out_dir = os.fspath(out_dir)
+        options = given_options(options, MergeOptions(quiet=True))
+        check_options(out_dir, options)  # (as merge() checks them: before any work)
         with self._lock:
             self.merge()
-            return self._save(os.fspath(out_dir), options, extra_files)
+            return self._save(out_dir, options, extra_files)
 
     def _save(self, out_dir: str, options: MergeOptions, extra_files: dict[str, str | bytes] | None) -> str:
         check_output_dir(out_dir, options.overwrite)

@@ -636,3 +636,21 @@ def test_an_input_rewritten_while_the_session_reads_it_is_named(model_sets, tmp_
                          {"model": str(expert), "parameters": {"weight": 0.5}}]}
     with pytest.raises(CheckpointError, match=f"{shard}: the file changed while it was being read"):
         MergeSession(config, "cpu", progress=False)
+
+
+def test_save_checks_its_options_as_merge_does(model_sets, folder_tensors, tmp_path):
+    base, *experts = model_sets("llama")
+    config = {"merge_method": "linear", "dtype": "float32", "models": [{"model": e, "parameters": {"weight": 0.5}}
+                                                                        for e in experts]}
+    session = MergeSession(config, "cpu", progress=False)
+    for field, value, message in [("out_shard_size", -5, "out_shard_size must be a number of bytes"),
+                                  ("out_shard_size", "1B", "out_shard_size must be a number of bytes"),
+                                  ("direct_io", "bogus", "direct_io must be one of auto, on, off"),
+                                  ("overwrite", "no", "overwrite must be True or False")]:
+        with pytest.raises(MergeEngineError, match=message):
+            session.save(tmp_path / "refused", MergeOptions(quiet=True, **{field: value}))
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(TypeError, match="options must be a MergeOptions, got a dict"):
+        session.save(tmp_path / "refused", {})
+    session.save(tmp_path / "saved", MergeOptions(quiet=True, out_shard_size=2e9))  # an integral float, as merge()
+    assert not differing(folder_tensors(tmp_path / "saved"), engine_tensors(config, tmp_path / "engine", folder_tensors))
