@@ -296,8 +296,9 @@ class MergeSession:
         lora_merge_dtype: as MergeOptions's. plan: build_plan(config, ...) when the caller has it already (its
         headers are not read again). evaluation_bytes: memory kept free beside the live model for evaluating it
         (an evaluator's memory_bytes(live_model(plan, torch.device("meta"))))."""
-        random_seed = as_int(random_seed)
+        random_seed, evaluation_bytes = as_int(random_seed), as_int(evaluation_bytes)
         check_seed_and_lora_dtype(random_seed, lora_merge_dtype)
+        check_session_arguments(allow_crimes=allow_crimes, progress=progress, evaluation_bytes=evaluation_bytes)
         self.config = own_config(config)
         self.device = resolve_device(device)
         if self.device.type == "cuda" and self.device.index is None:  # the GPU current now, not at each merge
@@ -478,6 +479,17 @@ class FactoredInput:
     def applied(self, out: torch.Tensor) -> torch.Tensor:
         """The expert's tensor, in `out` (the base's shape and dtype): the engine's read-time update, the same bits."""
         return self.ckpt.apply_to(self.name, self.base, out)
+
+
+def check_session_arguments(evaluation_bytes, **flags) -> None:
+    """MergeSession's flags and its evaluation_bytes, refused by name before anything is read."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise MergeEngineError(f"MergeSession: {name} must be True or False, got {value!r}")
+    number = isinstance(evaluation_bytes, (int, float)) and not isinstance(evaluation_bytes, bool)
+    if not number or not 0 <= evaluation_bytes < math.inf:  # (an evaluator's estimate may be a float)
+        raise MergeEngineError(f"MergeSession: evaluation_bytes must be a number of bytes (0 or more), "
+                               f"got {evaluation_bytes!r}")
 
 
 def job_parameters(cfg: MergeConfig, job: TensorJob, source: str = "session.merge") -> tuple[dict, list[dict]] | None:

@@ -654,3 +654,18 @@ def test_save_checks_its_options_as_merge_does(model_sets, folder_tensors, tmp_p
         session.save(tmp_path / "refused", {})
     session.save(tmp_path / "saved", MergeOptions(quiet=True, out_shard_size=2e9))  # an integral float, as merge()
     assert not differing(folder_tensors(tmp_path / "saved"), engine_tensors(config, tmp_path / "engine", folder_tensors))
+
+
+@pytest.mark.parametrize("argument, value, message", [
+    ("allow_crimes", "x", "allow_crimes must be True or False, got 'x'"),
+    ("progress", None, "progress must be True or False, got None"),
+    ("evaluation_bytes", -1, r"evaluation_bytes must be a number of bytes \(0 or more\), got -1"),
+    ("evaluation_bytes", "1G", "evaluation_bytes must be a number of bytes"),
+])
+def test_session_arguments_are_refused_by_name_before_anything_is_read(model_sets, monkeypatch, argument, value,
+                                                                       message):
+    base, *experts = model_sets("llama")
+    config = {"merge_method": "linear", "models": [{"model": e, "parameters": {"weight": 0.5}} for e in experts]}
+    monkeypatch.setattr("merge_engine.session.build_plan", lambda *a, **k: pytest.fail("read the inputs"))
+    with pytest.raises(MergeEngineError, match=message):
+        MergeSession(config, "cpu", **{argument: value})
