@@ -105,7 +105,8 @@ def ramplus_tl_merge(base: torch.Tensor, experts: list[torch.Tensor], r: float =
     tvs, active, counts, overlap, unique = _ram_masks(base, experts, epsilon)
     shared = (active & overlap).sum(dim=1)
     alone = (active & unique).sum(dim=1)
-    scale = 1 + r * (shared / alone.clamp(min=epsilon)).clamp(min=0, max=alpha)
+    # counts are integers: their ratio in fp32 explicitly (true division would take torch's default dtype)
+    scale = 1 + r * (shared.float() / alone.float().clamp(min=epsilon)).clamp(min=0, max=alpha)
     merged = ((tvs * unique * scale.unsqueeze(-1)) + (tvs * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
     return base + merged.reshape_as(base)
 

@@ -84,6 +84,21 @@ def test_ram_dtypes_follow_mergekit():
     assert ops.ramplus_tl_merge(base.double(), [x.double()]).dtype == torch.float64
 
 
+def test_ramplus_ignores_the_callers_default_dtype():
+    """The scale is fp32 whatever torch's default dtype (an integer ratio would take it)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(8, 8, generator=g)
+    xs = [base + 0.1 * torch.randn(8, 8, generator=g) * (torch.rand(8, 8, generator=g) > 0.5) for _ in range(2)]
+    want = ops.ramplus_tl_merge(base, xs, r=0.3, alpha=0.9)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = ops.ramplus_tl_merge(base, xs, r=0.3, alpha=0.9)
+    finally:
+        torch.set_default_dtype(previous)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
 def test_fusion_importance_is_delta_times_row_kl():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(3, 5, generator=g, dtype=torch.float64)
