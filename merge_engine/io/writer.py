@@ -107,7 +107,7 @@ def check_output_dir(out_dir: str, overwrite: bool) -> None:
                               "it, then renamed into place) cannot replace; name a folder inside it, e.g. "
                               + os.path.join(_trimmed(out_dir), "merged"))
         if os.listdir(folder) and not overwrite:
-            raise OutputError(f"{out_dir}: output folder exists and is not empty; pass --overwrite to replace it")
+            raise OutputError(f"{out_dir}: output folder exists and is not empty; pass --overwrite (overwrite=True) to replace it")
     else:
         _check_can_be_made(out_dir, folder)
 

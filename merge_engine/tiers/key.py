@@ -135,7 +135,7 @@ class TierKey:
     def save(self, path: str, overwrite: bool = False) -> None:
         """Write atomically, readable by the owner only: the key is the secret."""
         if os.path.exists(path) and not overwrite:
-            raise TierKeyError(f"{path}: key file exists; pass --overwrite to replace it")
+            raise TierKeyError(f"{path}: key file exists; pass --overwrite (overwrite=True) to replace it")
         tmp = None
         try:  # a short name beside it (mkstemp: owner-only): PATH.partial-PID passes 255 bytes for a long PATH
             fd, tmp = tempfile.mkstemp(prefix=".key-", suffix=".partial", dir=os.path.dirname(path) or ".")

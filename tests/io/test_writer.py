@@ -84,7 +84,7 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(OutputError, match="not empty"):
+    with pytest.raises(OutputError, match=r"not empty; pass --overwrite \(overwrite=True\) to replace it"):
         ShardedWriter(str(out), entries(ts), 10**9)
     assert (out / "precious.txt").read_text() == "keep me"
     w = ShardedWriter(str(out), entries(ts), 10**9, overwrite=True)
