@@ -86,7 +86,7 @@ class MergePlan:
     layer_sources: list[tuple[str, int]] = field(default_factory=list)  # per output layer: its slice's first
     # source (model, layer), whose per-layer config entries (layer_types...) it takes
     missing_side: dict[str, list[str]] = field(default_factory=dict)  # side folder -> tensors it lacks
-    grams_used: set[str] = field(default_factory=set)  # Gram folders (as the config names them) that hold some weight's Gram
+    side_used: set[str] = field(default_factory=set)  # side folders (as the config names them) holding some tensor's statistics
     missing_grams: dict[str, list[str]] = field(default_factory=dict)  # Gram folder -> weights others' Grams cover
     vocabulary: Vocabulary | None = None  # the output tokenizer, when the config sets one
     # mergekit's --unsafe-truncate-embeddings: without a tokenizer setting, vocabulary-indexed tensors keep
@@ -188,8 +188,10 @@ def build_plan(cfg: MergeConfig, allow_crimes: bool = False, truncate_vocabulary
                         + "), so none can be aligned to the output's tokens: does config.json's vocab_size "
                         "match the embeddings?")
     warn_unmatched_filters(cfg, plan.jobs)
-    for path in (p for p, kinds in _side_kinds(cfg).items() if "grams" in kinds and p not in plan.grams_used):
-        problems.append(f"{path}: holds the Gram of no weight of this merge (collected from another model?)")
+    for path, kinds in _side_kinds(cfg).items():  # a folder matching no tensor was made for another model
+        if path not in plan.side_used:
+            what = "the Gram of no weight" if "grams" in kinds else f"the {'/'.join(sorted(kinds)).title()} of no tensor"
+            problems.append(f"{path}: holds {what} of this merge (collected from another model?)")
     for folder, names in plan.missing_grams.items():
         log.warning("%s has no Gram for %d weight(s) that other models' Grams cover (%s%s); those are merged by the "
                     "wrapped method (fallback or anchor), without the regression", folder, len(names),
@@ -480,7 +482,7 @@ def _side_refs(plan: MergePlan, kind: str, s: Slice, names: list[str], shapes: l
         folder = plan.side.get(path)
         if kind == "grams":
             refs.append(_gram_ref(folder, name, shape, problems) if folder else None)
-            plan.grams_used.update([path] if refs[-1] else [])  # as the config names it (folder.path is absolute)
+            plan.side_used.update([path] if refs[-1] else [])  # as the config names it (folder.path is absolute)
             if folder and not refs[-1]:
                 lacking.append(folder.path)
             continue
@@ -493,6 +495,7 @@ def _side_refs(plan: MergePlan, kind: str, s: Slice, names: list[str], shapes: l
             problems.append(f"{info.file}: {kind} tensor '{name}' has shape {list(info.shape)} but the weight "
                             f"has {list(shape)}")
         refs.append((folder, name) if info is not None else None)
+        plan.side_used.update([path] if info is not None else [])
     if lacking and any(refs):  # another model's Grams have this weight: it falls back to the wrapped method
         for path in lacking:
             plan.missing_grams.setdefault(path, []).append(names[0])

@@ -148,6 +148,20 @@ def test_missing_fisher_tensor_falls_back_to_the_average_or_is_refused(llama, tm
     assert not os.path.exists(tmp_path / "refused")
 
 
+def test_a_fisher_folder_of_another_model_is_refused(llama, tmp_path):
+    """A Fisher folder sharing no tensor name with its model (computed for another architecture) is refused, as
+    a Grams folder of another model is, rather than every tensor falling back to the plain average."""
+    paths, tensors, fishers = llama
+    f = fishers()
+    other = str(tmp_path / "other-fisher")
+    write_fisher(other, {f"transformer.{name}": t for name, t in tensors[1].items()}, seed=9)
+    models = [{"model": p, "fisher": fo} for p, (fo, _) in zip(paths, f)]
+    models[1]["fisher"] = other
+    with pytest.raises(ConfigError, match=f"{other}: holds the Fisher of no tensor of this merge"):
+        run({"merge_method": "fisher", "models": models}, tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_config_problems_are_reported_before_reading(llama, tmp_path):
     paths, tensors, fishers = llama
     f = fishers(transform=[None, lambda n, x: x.reshape(-1)[:5] if n == "model.norm.weight" else x, None, None])
