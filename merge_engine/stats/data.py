@@ -1,10 +1,11 @@
 """Text examples for statistics runs (Fisher information, activation statistics).
 
 A DATA file is either plain text, one example per non-blank line, or `.jsonl`, one JSON object per
-line with a string "text" field (blank lines are skipped in both). Examples are tokenized with the
-model folder's tokenizer (or a tokenizer object), truncated to max_length tokens, and grouped in
-file order into right-padded batches: {"input_ids", "attention_mask"} (LongTensor, batch x length),
-padded with the pad token, else the end-of-sequence token.
+line with a string "text" field (blank lines are skipped in both; errors name the file and line; a
+leading byte-order mark is dropped). Examples are tokenized with the model folder's tokenizer (or a
+tokenizer object), truncated to max_length tokens, and grouped in file order into right-padded batches:
+{"input_ids", "attention_mask"} (LongTensor, batch x length), padded with the pad token, else the
+end-of-sequence token.
 """
 from __future__ import annotations
 
@@ -26,24 +27,42 @@ class DataError(MergeEngineError):
 
 def read_texts(path: str, max_examples: int | None = None) -> list[str]:
     """The examples of a .txt or .jsonl file, in file order, at most max_examples of them."""
+    return [text for _, text in read_examples(path, max_examples)]
+
+
+def read_examples(path: str, max_examples: int | None = None) -> list[tuple[int, str]]:
+    """(line number, text) of each example of a .txt or .jsonl file, in file order, at most max_examples of
+    them; a byte-order mark (some editors write one) is not text."""
     if not os.path.exists(path):
         raise DataError(f"{path}: data file does not exist")
     if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read, a device never end
         raise DataError(f"{path}: data file is not a regular file")
     parse = _jsonl_text if path.endswith(".jsonl") else _plain_text
-    texts: list[str] = []
+    examples: list[tuple[int, str]] = []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, 1):
-                if max_examples is not None and len(texts) >= max_examples:
+                if max_examples is not None and len(examples) >= max_examples:
                     break
                 if line.strip():
-                    texts.append(parse(line, path, lineno))
+                    examples.append((lineno, parse(line, path, lineno)))
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text ({_first_bad_byte(path)})") from None
+    if not examples:
+        raise DataError(f"{path}: no examples (the file is empty or holds only blank lines)")
+    return examples
+
+
+def _first_bad_byte(path: str) -> str:
+    """Where a file's first non-UTF-8 byte is (the decoder reading a file in chunks counts within a chunk)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from e
-    if not texts:
-        raise DataError(f"{path}: no examples (the file holds only blank lines)")
-    return texts
+        before = data[:e.start].decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # lines as open() reads them
+        return f"line {before.count(chr(10)) + 1}, byte {e.start}"
+    return "the file changed while it was read"
 
 
 def _plain_text(line: str, path: str, lineno: int) -> str:
@@ -134,20 +153,20 @@ def load_data(path: str, tokenizer, max_length: int, max_examples: int | None = 
     which no token id may reach (the tokenizer of another model)."""
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    texts = read_texts(path, max_examples)
+    lines, texts = zip(*read_examples(path, max_examples))
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(str(tokenizer))
     short = tokenized_chars(max_length)  # examples tokenized whole, in one call (the tokenizer's own batching)
     shorts = [t for t in texts if len(t) <= short]  # (a tokenizer refuses an empty batch)
     whole = iter(tokenizer(shorts, truncation=True, max_length=max_length)["input_ids"] if shorts else [])
     encoded = [list(next(whole)) if len(t) <= short else kept_tokens(tokenizer, t, max_length) for t in texts]
-    empty = [i for i, ids in enumerate(encoded) if not ids]
+    empty = [line for line, ids in zip(lines, encoded) if not ids]
     if empty:
-        raise DataError(f"{path}: example {empty[0] + 1} tokenizes to no tokens")
+        raise DataError(f"{path}:{empty[0]}: the example tokenizes to no tokens")
     if vocab_size is not None:
-        beyond = next(((i, max(ids)) for i, ids in enumerate(encoded) if max(ids) >= vocab_size), None)
+        beyond = next(((line, max(ids)) for line, ids in zip(lines, encoded) if max(ids) >= vocab_size), None)
         if beyond:
-            raise DataError(f"{path}: example {beyond[0] + 1} holds token id {beyond[1]}, beyond the model's "
+            raise DataError(f"{path}:{beyond[0]}: the example holds token id {beyond[1]}, beyond the model's "
                             f"vocabulary of {vocab_size} (is the tokenizer the model's?)")
     return TokenizedData(path, encoded, pad_token_id(tokenizer))
 

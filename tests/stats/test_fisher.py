@@ -147,6 +147,33 @@ def test_long_examples_are_tokenized_only_at_the_end_truncation_keeps_with_the_s
     assert kept_tokens(tokenizer, short, 50) == tokenizer(short, truncation=True, max_length=50)["input_ids"]
 
 
+def test_data_that_is_not_utf8_is_named_by_line(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"the cat\n\nsat on the mat \xff\n")
+    with pytest.raises(DataError) as e:
+        read_texts(str(path))
+    assert str(e.value) == f"{path}: not UTF-8 text (line 3, byte 24)"
+
+
+@pytest.mark.parametrize("name, content", [("bom.txt", "the cat\nsat\n"), ("bom.jsonl", '{"text": "the cat"}\n{"text": "sat"}\n')])
+def test_a_byte_order_mark_is_not_part_of_the_first_example(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text("\ufeff" + content, encoding="utf-8")
+    assert read_texts(str(path)) == ["the cat", "sat"]
+
+
+def test_unusable_examples_are_named_by_file_and_line(tmp_path):
+    """Blank lines are skipped, so an example's number is not its line: errors name the line."""
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "the cat"}\n\n{"text": "  "}\n')
+    with pytest.raises(DataError, match=rf"^{path}:3: the example tokenizes to no tokens$"):
+        load_data(str(path), tiny_tokenizer(), MAX_LENGTH)
+    path.write_text('{"text": "the cat"}\n\n{"text": "quickly"}\n')
+    quickly = tiny_tokenizer().convert_tokens_to_ids("quickly")
+    with pytest.raises(DataError, match=rf"^{path}:3: the example holds token id {quickly}, beyond the model's"):
+        load_data(str(path), tiny_tokenizer(), MAX_LENGTH, vocab_size=quickly)
+
+
 def test_token_ids_beyond_the_models_vocabulary_are_refused(text_file):
     largest = max(max(s) for s in load_data(text_file, tiny_tokenizer(), MAX_LENGTH).sequences)
     with pytest.raises(DataError, match=rf"holds token id {largest}, beyond the model's vocabulary of {largest}"):
