@@ -51,6 +51,10 @@ def vocab_size_of(config: dict) -> int | None:
 def check_model_folder(model_dir: str) -> dict:
     """The folder's config.json; fail early, naming the file, when the folder has no readable weights or
     config.json."""
+    base, plus, adapter = model_dir.partition("+")
+    if plus and base and adapter and not os.path.exists(model_dir):  # (a folder may have "+" in its name)
+        raise CheckpointError(f"{model_dir}: a BASE+ADAPTER reference; statistics are computed from one model "
+                              "folder (transformers loads it whole): merge the adapter into a model folder first")
     ckpt = Checkpoint(model_dir)
     ckpt.close()
     if not os.path.isfile(os.path.join(model_dir, "config.json")):

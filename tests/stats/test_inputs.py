@@ -56,6 +56,18 @@ def test_a_model_folder_without_a_tokenizer_is_named(command, tiny_lm, text_file
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_base_plus_adapter_reference_is_refused_as_such(command, tiny_lm, text_file, tmp_path, capsys):
+    """A merge config may name BASE+ADAPTER; the statistics passes load one model folder with transformers."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    ref = f"{tiny_lm('llama')}+{adapter}"
+    run_bad([command, ref, text_file, str(tmp_path / "out"), "-q"], capsys,
+            f"{ref}: a BASE+ADAPTER reference", "merge the adapter into a model folder first")
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_bad_exclude_regex_is_refused_with_the_arguments(tiny_lm, text_file, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["stats", tiny_lm("llama"), text_file, str(tmp_path / "out"), "--exclude", "(", "-q"])
