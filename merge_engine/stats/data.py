@@ -1,11 +1,11 @@
 """Text examples for statistics runs (Fisher information, activation statistics).
 
-A DATA file is either plain text, one example per non-blank line, or `.jsonl`, one JSON object per
-line with a string "text" field (blank lines are skipped in both; errors name the file and line; a
-leading byte-order mark is dropped). Examples are tokenized with the model folder's tokenizer (or a
-tokenizer object), truncated to max_length tokens, and grouped in file order into right-padded batches:
-{"input_ids", "attention_mask"} (LongTensor, batch x length), padded with the pad token, else the
-end-of-sequence token.
+A DATA file is either plain text, one example per non-blank line, or `.jsonl` (or `.json`, any case),
+one JSON object per line with a string "text" field. Blank lines are skipped in both, a leading
+byte-order mark is dropped, and errors name the file and line. Examples are tokenized with the model
+folder's tokenizer (or a tokenizer object), truncated to max_length tokens, and grouped in file order
+into right-padded batches: {"input_ids", "attention_mask"} (LongTensor, batch x length), padded with
+the pad token, else the end-of-sequence token.
 """
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ class DataError(MergeEngineError):
     """A data file or tokenizer that cannot be used as asked; the message names the file."""
 
 
+JSON_LINES_SUFFIXES = (".jsonl", ".json")  # datasets' to_json writes JSON Lines to .json
+
+
 def read_texts(path: str, max_examples: int | None = None) -> list[str]:
     """The examples of a .txt or .jsonl file, in file order, at most max_examples of them."""
     return [text for _, text in read_examples(path, max_examples)]
@@ -37,7 +40,7 @@ def read_examples(path: str, max_examples: int | None = None) -> list[tuple[int,
         raise DataError(f"{path}: data file does not exist")
     if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read, a device never end
         raise DataError(f"{path}: data file is not a regular file")
-    parse = _jsonl_text if path.endswith(".jsonl") else _plain_text
+    parse = _jsonl_text if os.path.splitext(path)[1].lower() in JSON_LINES_SUFFIXES else _plain_text
     examples: list[tuple[int, str]] = []
     try:
         with open(path, encoding="utf-8-sig") as f:

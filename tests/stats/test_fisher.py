@@ -83,6 +83,17 @@ def test_read_texts_plain_and_jsonl(tmp_path):
     assert read_texts(str(jsonl)) == ["one", "two"]
 
 
+@pytest.mark.parametrize("name", ["a.JSONL", "a.json"])
+def test_json_lines_under_other_suffixes_are_read_as_json_lines(tmp_path, name):
+    """Datasets' to_json writes JSON Lines to .json: read as plain text, each example would be its JSON source."""
+    path = tmp_path / name
+    path.write_text('{"text": "one", "id": 1}\n{"text": "two"}\n')
+    assert read_texts(str(path)) == ["one", "two"]
+    path.write_text('[{"text": "one"}]\n')
+    with pytest.raises(DataError, match=f'{path}:1: expected a JSON object with a string "text" field'):
+        read_texts(str(path))
+
+
 @pytest.mark.parametrize("content, needle", [
     ('{"text": "ok"}\n{"text": oops}\n', ":2: not a JSON object"),
     ('{"text": "ok"}\n{"body": "x"}\n', ':2: expected a JSON object with a string "text" field'),
