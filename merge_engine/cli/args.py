@@ -62,7 +62,7 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="local Hugging Face model folder (safetensors weights, config.json, tokenizer)")
     p.add_argument("data", metavar="DATA",
-                   help="plain text (one example per non-blank line) or .jsonl ({\"text\": ...} per line)")
+                   help="plain text (one example per non-blank line) or .jsonl/.json ({\"text\": ...} per line)")
     p.add_argument("out_dir", metavar="OUT", help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="examples per batch (default 8)")
     p.add_argument("--max-length", type=positive_int, default=None, help="tokens per example, truncated (default 512, "
