@@ -75,6 +75,7 @@ from merge_engine.stats.data import DataError, load_data
 from merge_engine.stats.models import (
     check_inputs_apart,
     check_model_folder,
+    checkpoint_naming,
     load_model,
     resolve_max_length,
     vocab_size_of,
@@ -330,6 +331,8 @@ def collect_fisher(model_dir: str, data_path: str, out_dir: str, options: Fisher
     result = compute_fisher(model, own_items(data.batches(options.batch_size), ranks), options.variant,
                             options.per_example, options.seed, options.fisher_dtype, not options.quiet,
                             options.gradient_checkpointing, ranks)
+    stored_name = checkpoint_naming(model, model_dir)
+    result = replace(result, fisher={stored_name(name): f for name, f in result.fisher.items()})
     manifest = None
     with every_rank(ranks, "saving the Fisher"):
         if ranks is None or ranks.leader:

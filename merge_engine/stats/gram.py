@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -47,6 +48,7 @@ from merge_engine.stats.models import (
     auto_class_of,
     check_inputs_apart,
     check_model_folder,
+    checkpoint_naming,
     load_model,
     resolve_max_length,
     vocab_size_of,
@@ -78,15 +80,19 @@ class GramGroup:
         return self.modules[0].in_features
 
 
-def linear_modules(model: torch.nn.Module, exclude: str | None = None) -> list[GramModule]:
+def linear_modules(model: torch.nn.Module, exclude: str | None = None,
+                   stored_name: Callable[[str], str] | None = None) -> list[GramModule]:
     """Every nn.Linear (and transformers Conv1D) of the model, minus names matching the `exclude` regex and
     modules whose weight is tied to an earlier parameter (GPT-2's lm_head: the checkpoint holds no weight
-    of its own for a merge to regress)."""
+    of its own for a merge to regress). stored_name (models.checkpoint_naming) names each module as its weight
+    is named in the checkpoint."""
     found = []
     owned = {name for name, _ in model.named_parameters()}  # tied parameters appear once, under their first owner
     for name, module in model.named_modules():
         if f"{name}.weight" not in owned:
             continue
+        if stored_name:
+            name = stored_name(f"{name}.weight").removesuffix(".weight")
         if isinstance(module, torch.nn.Linear):
             found.append(GramModule(name, module, module.in_features, False))
         elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
@@ -223,14 +229,15 @@ class GramOptions:
 
 
 def compute_grams(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], writer_factory,
-                  options: GramOptions, ranks: Ranks | None = None) -> dict:
+                  options: GramOptions, ranks: Ranks | None = None,
+                  stored_name: Callable[[str], str] | None = None) -> dict:
     """Collect every Gram pass by pass, handing each to the writer from writer_factory(groups). With ranks,
     each rank sums its share of the batches and the sums are added up across ranks (in float64) before
     the writer gets them; every rank returns the whole run's counts."""
     device = next(model.parameters()).device
     first = {k: v[:1].to(device) for k, v in batches[0].items()}  # the same on every rank
     model.eval()
-    groups = group_by_input(model, linear_modules(model, options.exclude), first)
+    groups = group_by_input(model, linear_modules(model, options.exclude, stored_name), first)
     passes = split_into_passes(groups, options.max_gram_bytes)
     writer = writer_factory(groups)
     batches = own_items(batches, ranks)
@@ -298,7 +305,8 @@ def collect_grams(model_dir: str, data_path: str, out_dir: str, options: GramOpt
 
     try:
         # no step here: a rank that fails in the collective sums ends its process (torchrun then stops the others)
-        summary = compute_grams(model, data.batches(options.batch_size), open_writer, options, ranks)
+        summary = compute_grams(model, data.batches(options.batch_size), open_writer, options, ranks,
+                                checkpoint_naming(model, model_dir))
         manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "model": os.path.abspath(model_dir),
                     "examples": summary["examples"], "tokens": summary["tokens"], "dtype": options.gram_dtype,
                     "packed": options.packed, "max_length": options.max_length, "modules": summary["modules"]}

@@ -3,6 +3,7 @@ before any compute, built by transformers, refused when the checkpoint lacks som
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -85,3 +86,23 @@ def auto_class_of(model_dir: str) -> str:
     transformers = require("transformers", "hf", "loading a model folder")
     architectures = Checkpoint(model_dir).config.get("architectures") or []
     return next((a for a in architectures if hasattr(transformers, a)), "AutoModel")
+
+
+def checkpoint_naming(model: torch.nn.Module, model_dir: str) -> Callable[[str], str]:
+    """A function giving a model's parameter name as the folder's checkpoint spells it, so that a merge of that
+    folder finds the statistics: transformers loads a checkpoint saved without the model's base_model_prefix
+    (the published GPT-2's `h.0.attn...` into `transformer.h.0.attn...`), and one saved with it into a bare model."""
+    ckpt = Checkpoint(model_dir)
+    try:
+        stored = set(ckpt.tensors)
+    finally:
+        ckpt.close()
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+
+    def stored_name(name: str) -> str:
+        if name in stored or prefix == ".":
+            return name
+        if name.startswith(prefix) and name[len(prefix):] in stored:
+            return name[len(prefix):]
+        return prefix + name if prefix + name in stored else name
+    return stored_name

@@ -28,3 +28,18 @@ def text_file(tmp_path):
     path = tmp_path / "data.txt"
     path.write_text("\n".join(SENTENCES[:3]) + "\n\n" + "\n".join(SENTENCES[3:]) + "\n")
     return str(path)
+
+
+@pytest.fixture
+def gpt2_without_prefix(tiny_lm, tmp_path):
+    """The tiny GPT-2 folder saved as the published GPT-2 is: weights named without the model's
+    base_model_prefix (`h.0.attn...`, not `transformer.h.0.attn...`); transformers loads either."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    folder = tmp_path / "gpt2-unprefixed"
+    shutil.copytree(tiny_lm("gpt2"), folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({name.removeprefix("transformer."): t for name, t in weights.items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    return str(folder)

@@ -15,7 +15,7 @@ from merge_engine.errors import MergeEngineError
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.fishers import load_fisher_manifest
 from merge_engine.stats import DataError, compute_fisher, load_data, make_batch, read_texts, save_fisher
-from merge_engine.stats.fisher import sequence_log_likelihoods, warn_if_swamped
+from merge_engine.stats.fisher import FisherOptions, collect_fisher, sequence_log_likelihoods, warn_if_swamped
 from tests.stats.tiny_text import SENTENCES, tiny_tokenizer
 
 MAX_LENGTH = 16
@@ -323,6 +323,15 @@ def test_non_finite_fisher_names_the_parameter(tiny_lm, text_file):
 def test_tied_weights_appear_once(tiny_lm, text_file):
     result = fisher(load_model(tiny_lm("gpt2")), sequences(text_file))
     assert "transformer.wte.weight" in result.fisher and "lm_head.weight" not in result.fisher
+
+
+def test_fisher_tensors_are_named_as_the_checkpoint_names_them(gpt2_without_prefix, text_file, tmp_path):
+    """A merge looks a weight's Fisher up by the checkpoint's tensor name, which may lack the model's prefix."""
+    options = FisherOptions(batch_size=2, max_length=MAX_LENGTH, quiet=True, device="cpu", tokenizer=tiny_tokenizer())
+    manifest = collect_fisher(gpt2_without_prefix, text_file, str(tmp_path / "fisher"), options)
+    names = set(Checkpoint(str(tmp_path / "fisher")).tensors)
+    assert len(names) == manifest["tensors"] and names <= set(Checkpoint(gpt2_without_prefix).tensors)
+    assert "wte.weight" in names
 
 
 # ---- the saved folder ----

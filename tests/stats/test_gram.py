@@ -203,3 +203,13 @@ def test_cli_stats(tiny_lm, text_file, tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     assert main(["stats", str(tmp_path / "nowhere"), text_file, str(tmp_path / "x"), "-q"]) == 2
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_grams_are_named_as_the_checkpoint_names_its_weights(gpt2_without_prefix, tiny_lm, text_file, tmp_path):
+    """A merge looks a weight's Gram up by the checkpoint's tensor name, which may lack the model's prefix."""
+    manifest = collect(gpt2_without_prefix, text_file, tmp_path / "grams")
+    stored = Checkpoint(gpt2_without_prefix).tensors
+    assert manifest["modules"] and all(f"{module}.weight" in stored for module in manifest["modules"])
+    prefixed = collect(tiny_lm("gpt2"), text_file, tmp_path / "prefixed")
+    assert {f"transformer.{m}": e["in_features"] for m, e in manifest["modules"].items()} == \
+        {m: e["in_features"] for m, e in prefixed["modules"].items()}
