@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                     usage="%(prog)s [-h] [options] MODEL KEY [KEY2 ...] PROMPTS")
     c.add_argument("paths", nargs="+", metavar="MODEL KEY [KEY2 ...] PROMPTS",
                    help="model folder (with a tokenizer), keys in the order applied, prompts file: plain text (one "
-                   "prompt per line) or .jsonl with a \"text\" field")
+                   "prompt per line) or .jsonl/.json with a \"text\" field per line")
     c.add_argument("--max-length", type=positive_int, default=128, help="tokens per prompt, truncated (128)")
     c.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward (8)")
     c.add_argument("--max-examples", type=positive_int, default=None, help="use only the first N prompts")
