@@ -103,6 +103,7 @@ def extract_patch(base: str, tuned: str, out_dir: str, storage: str = "auto", se
         report = ExtractReport(b.path, t.path, os.path.abspath(out_dir), storage, norms=norms,
                                checkpoint_bytes=sum(i.nbytes for i in t.tensors.values()))
         report.left_out = [(n, "not selected") for n in names if n not in set(kept)]
+        report.left_out += [(n, UNSTORABLE) for n in unstorable_changes(b, t, selection)]
         writer = ShardedWriter(out_dir, [], layout=[], overwrite=overwrite)
         try:
             if storage == "lora":
@@ -130,6 +131,23 @@ def extract_patch(base: str, tuned: str, out_dir: str, storage: str = "auto", se
                     "more than %s carries (store it as %s)", report.out, storage,
                     100 * (report.patch_bytes / stored_bytes - 1), storage, wider)
     return report
+
+
+UNSTORABLE = "changed, but a patch stores only floating-point tensors of at least one dimension"
+
+
+def unstorable_changes(b: Checkpoint, t: Checkpoint, selection: Selection) -> list[str]:
+    """Tensors the name filters keep that the fine-tune changed but a patch cannot hold (scalars, integer or bool
+    buffers): named in a warning, as applying the patch leaves them as the base has them."""
+    changed = [n for n, info in t.tensors.items()
+               if n in b.tensors and selection.named(n) and not (info.dtype.is_floating_point and info.shape)
+               and (b.tensors[n].dtype, b.tensors[n].shape) == (info.dtype, info.shape)
+               and not torch.equal(ar.bits(b.read(n)), ar.bits(t.read(n)))]
+    if changed:
+        log.warning("%s: %d changed tensor(s) are not floating-point tensors of at least one dimension, which a patch "
+                    "cannot store (%s%s): applying the patch leaves them as the base %s has them", t.path,
+                    len(changed), ", ".join(changed[:3]), ", ..." if len(changed) > 3 else "", b.path)
+    return changed
 
 
 def own_float_storage(ckpt: Checkpoint, names: list[str]) -> str:

@@ -140,6 +140,24 @@ def test_base_tensors_the_fine_tune_lacks_are_named_in_a_warning(bf16, tmp_path,
     assert "are not in it" not in caplog.text
 
 
+def test_changed_tensors_a_patch_cannot_store_are_named_not_dropped(tmp_path, caplog):
+    """A scalar or an integer buffer the fine-tune changed cannot be stored: the report and a warning say so, rather
+    than a patch that silently does not give TUNED back."""
+    weight = torch.randn(4, 4)
+    folders = {}
+    for which, shift in (("base", 0), ("tuned", 1)):
+        folders[which] = str(tmp_path / which)
+        os.makedirs(folders[which])
+        save_file({"model.layers.0.mlp.up_proj.weight": (weight + 0.01 * shift).bfloat16(),
+                   "model.layers.0.logit_scale": torch.tensor(1.0 + shift).bfloat16(),
+                   "model.layers.0.steps": torch.tensor([3, 4 + shift]),
+                   "model.layers.0.kept": torch.tensor(2.0)}, os.path.join(folders[which], "model.safetensors"))
+    report = extract_patch(folders["base"], folders["tuned"], str(tmp_path / "p"))
+    assert [r.name for r in report.rows] == ["model.layers.0.mlp.up_proj.weight"]
+    assert sorted(name for name, _ in report.left_out) == ["model.layers.0.logit_scale", "model.layers.0.steps"]
+    assert "2 changed tensor(s) are not floating-point tensors" in caplog.text
+
+
 def test_unchanged_tensors_are_not_stored_and_identical_models_refused(bf16, tmp_path):
     half = str(tmp_path / "half")
     apply_patches(bf16["base"], [(bf16["p_tuned"], 1.0)], half)
