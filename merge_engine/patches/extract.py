@@ -194,6 +194,10 @@ def _stored_form(name: str, base: torch.Tensor, tuned: torch.Tensor, storage: st
                               "the fine-tune), which a patch cannot store")
     if storage in ar.FLOATS:
         kept = d.to(ar.FLOATS[storage])
+        if not bool(torch.isfinite(kept).all()):  # apply would refuse the patch as damaged
+            raise CheckpointError(f"tensor '{name}': the fine-tune's difference from the base reaches "
+                                  f"{float(d.abs().max()):.4g}, past {storage}'s range; store this patch as "
+                                  "bfloat16, float32, int8 or int4")
         fix = ar.fixups(base, tuned, kept)
         parts = {"delta": kept}
         if len(fix):

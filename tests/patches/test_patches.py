@@ -405,6 +405,22 @@ def test_extract_stores_a_sign_flip_of_zero_and_refuses_nan(bf16, tmp_path):
     assert not os.path.exists(tmp_path / "pn")
 
 
+def test_a_difference_past_the_storage_range_is_refused_at_extraction(bf16, tmp_path):
+    """bf16 weights changed by 1e5 do not fit a float16 patch: extraction refuses by name, rather than write a
+    patch holding Inf that apply refuses as damaged; bfloat16 storage holds it exactly."""
+    base = read_all(bf16["base"])
+    name = "model.norm.weight"
+    tuned = {n: t.clone() for n, t in base.items()}
+    tuned[name][0] += 1e5
+    b, t = write_model(tmp_path / "b", base, bf16["base"]), write_model(tmp_path / "t", tuned, bf16["base"])
+    with pytest.raises(CheckpointError, match=f"tensor '{name}': .* past float16's range"):
+        extract_patch(b, t, str(tmp_path / "p16"), storage="float16")
+    assert not os.path.exists(tmp_path / "p16")
+    extract_patch(b, t, str(tmp_path / "p"), storage="bfloat16")
+    apply_patches(b, [str(tmp_path / "p")], str(tmp_path / "out"))
+    assert same_bits(read_all(str(tmp_path / "out")), tuned)
+
+
 def test_a_fused_moe_merge_against_its_per_expert_base_is_refused_with_the_layout_named(tmp_path):
     # a merge writes MoE experts fused by default: extracting it against a per-expert base names the layouts
     from tests.io.test_experts import mixtral_tensors, write_model
