@@ -224,7 +224,11 @@ class DensePatch(Patch):
             raise CheckpointError(f"{self.path}: '{name}::fix_index' holds indices outside the tensor's {numel}")
         if index.unique().numel() != index.numel():
             raise CheckpointError(f"{self.path}: '{name}::fix_index' holds an index twice (a damaged patch)")
-        return index, self._files.read(f"{name}::fix_base"), self._files.read(f"{name}::fix_tuned")
+        values = [self._files.read(f"{name}::fix_{part}") for part in ("base", "tuned")]
+        for part, v in zip(("base", "tuned"), values):
+            if not bool(torch.isfinite(v).all()):  # extract refuses non-finite weights: a damaged file
+                raise CheckpointError(f"{self.path}: '{name}::fix_{part}' holds NaN or Inf values (a damaged patch)")
+        return index, *values
 
     def check_unchanged(self) -> None:
         self._files.check_unchanged()

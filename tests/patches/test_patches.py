@@ -308,6 +308,19 @@ def test_a_quantized_patch_holding_nan_is_refused(bf16, tmp_path):
         apply_patches(bf16["base"], [damaged], str(tmp_path / "out"))
 
 
+def test_a_fixup_holding_nan_is_refused_even_without_the_base_check(bf16, tmp_path):
+    """--any-base skips the fingerprints that would catch it: a NaN fixup must still not be written into the model."""
+    def nan_fixup(tensors):
+        name = next((n for n in tensors if n.endswith("::fix_tuned")), None)
+        if name:
+            tensors[name].view(-1)[:] = float("nan")
+        return name
+    damaged = damaged_copy(bf16["p_tuned"], tmp_path, nan_fixup)
+    with pytest.raises(CheckpointError, match=r"::fix_tuned' holds NaN or Inf values \(a damaged patch\)"):
+        apply_patches(bf16["base"], [damaged], str(tmp_path / "out"), check_base=False)
+    assert not os.path.exists(tmp_path / "out")
+
+
 @pytest.mark.parametrize("storage, damage", [("int8", "negative scale"), ("int8", "q -128"), ("int4", "nibble -8")])
 def test_quantized_values_extract_never_writes_are_refused(bf16, tmp_path, storage, damage):
     """A row's scale is max|d| / qmax >= 0 and q lies in [-qmax, qmax]: anything else is a damaged file."""
