@@ -160,6 +160,8 @@ class DensePatch(Patch):
     def __init__(self, path: str, model: Checkpoint, config: tuple[str, dict[str, PatchedTensor]]):
         self.path = path
         self.storage, self.tensors = config
+        if self.storage == "lora":  # a low-rank patch is its adapter: without it there is nothing to read
+            raise CheckpointError(f"{path}: {PATCH_CONFIG} says storage 'lora' but the folder has no {ADAPTER_CONFIG}")
         check_against_model(path, self.tensors, model)
         self._files = Checkpoint(path)
         self._check_stored()

@@ -241,6 +241,7 @@ def test_patches_on_a_live_transformers_model(bf16):
     (lambda c: next(iter(c["tensors"].values())).update(base_fingerprint="zz"), "32 hex digits"),
     (lambda c: next(t for t in c["tensors"].values() if not t["fixups"]).update(fixups=3), "lack '.+::fix_index'"),
     (lambda c: c["tensors"].pop(next(iter(c["tensors"]))), "which patch_config.json does not describe"),
+    (lambda c: c.update(storage="lora"), "says storage 'lora' but the folder has no adapter_config.json"),
 ])
 def test_damaged_patch_folders_are_refused_before_reading_weights(bf16, tmp_path, damage, match):
     import shutil
