@@ -98,12 +98,15 @@ def extract_patch(base: str, tuned: str, out_dir: str, storage: str = "auto", se
         names = candidates(b, t, selection)
         norms = layer_norms(b, t, names) if selection.top_norm is not None else None
         held = 1 + max((layer for layer in map(layer_of, names) if layer is not OUTSIDE_LAYERS), default=-1)
-        kept = select(names, selection, chosen_layers(selection, norms, held))
+        layers = chosen_layers(selection, norms, held)
+        kept = select(names, selection, layers)
         storage = own_float_storage(t, kept) if storage == "auto" else storage
         report = ExtractReport(b.path, t.path, os.path.abspath(out_dir), storage, norms=norms,
                                checkpoint_bytes=sum(i.nbytes for i in t.tensors.values()))
         report.left_out = [(n, "not selected") for n in names if n not in set(kept)]
-        report.left_out += [(n, UNSTORABLE) for n in unstorable_changes(b, t, selection)]
+        storable = set(names)  # candidates: the floating-point tensors of at least one dimension
+        unstorable = [n for n in t.tensors if n in b.tensors and selection.named(n) and n not in storable]
+        report.left_out += [(n, UNSTORABLE) for n in unstorable_changes(b, t, select(unstorable, selection, layers))]
         writer = ShardedWriter(out_dir, [], layout=[], overwrite=overwrite)
         try:
             if storage == "lora":
@@ -136,13 +139,11 @@ def extract_patch(base: str, tuned: str, out_dir: str, storage: str = "auto", se
 UNSTORABLE = "changed, but a patch stores only floating-point tensors of at least one dimension"
 
 
-def unstorable_changes(b: Checkpoint, t: Checkpoint, selection: Selection) -> list[str]:
-    """Tensors the name filters keep that the fine-tune changed but a patch cannot hold (scalars, integer or bool
-    buffers): named in a warning, as applying the patch leaves them as the base has them."""
-    changed = [n for n, info in t.tensors.items()
-               if n in b.tensors and selection.named(n) and not (info.dtype.is_floating_point and info.shape)
-               and (b.tensors[n].dtype, b.tensors[n].shape) == (info.dtype, info.shape)
-               and not torch.equal(ar.bits(b.read(n)), ar.bits(t.read(n)))]
+def unstorable_changes(b: Checkpoint, t: Checkpoint, names: list[str]) -> list[str]:
+    """Of the selected tensors a patch cannot hold (scalars, integer or bool buffers), those the fine-tune changed:
+    named in a warning, as applying the patch leaves them as the base has them."""
+    changed = [n for n in names if (b.tensors[n].dtype, b.tensors[n].shape) != (t.tensors[n].dtype, t.tensors[n].shape)
+               or not torch.equal(ar.bits(b.read(n)), ar.bits(t.read(n)))]
     if changed:
         log.warning("%s: %d changed tensor(s) are not floating-point tensors of at least one dimension, which a patch "
                     "cannot store (%s%s): applying the patch leaves them as the base %s has them", t.path,

@@ -151,11 +151,15 @@ def test_changed_tensors_a_patch_cannot_store_are_named_not_dropped(tmp_path, ca
         save_file({"model.layers.0.mlp.up_proj.weight": (weight + 0.01 * shift).bfloat16(),
                    "model.layers.0.logit_scale": torch.tensor(1.0 + shift).bfloat16(),
                    "model.layers.0.steps": torch.tensor([3, 4 + shift]),
+                   "model.layers.1.steps": torch.tensor([5 + shift]),
                    "model.layers.0.kept": torch.tensor(2.0)}, os.path.join(folders[which], "model.safetensors"))
     report = extract_patch(folders["base"], folders["tuned"], str(tmp_path / "p"))
     assert [r.name for r in report.rows] == ["model.layers.0.mlp.up_proj.weight"]
+    assert sorted(name for name, _ in report.left_out) == ["model.layers.0.logit_scale", "model.layers.0.steps",
+                                                           "model.layers.1.steps"]
+    assert "3 changed tensor(s) are not floating-point tensors" in caplog.text
+    report = extract_patch(folders["base"], folders["tuned"], str(tmp_path / "q"), selection=Selection(first_layers=1))
     assert sorted(name for name, _ in report.left_out) == ["model.layers.0.logit_scale", "model.layers.0.steps"]
-    assert "2 changed tensor(s) are not floating-point tensors" in caplog.text
 
 
 def test_unchanged_tensors_are_not_stored_and_identical_models_refused(bf16, tmp_path):
