@@ -100,6 +100,10 @@ def extract_patch(base: str, tuned: str, out_dir: str, storage: str = "auto", se
         held = 1 + max((layer for layer in map(layer_of, names) if layer is not OUTSIDE_LAYERS), default=-1)
         layers = chosen_layers(selection, norms, held)
         kept = select(names, selection, layers)
+        if not kept:  # not "equal to the base": nothing was compared
+            raise CheckpointError(f"{t.path}: none of the {len(names)} tensor(s) the name filters match is in the "
+                                  f"layers the layer selector keeps ({len(layers)} layer(s)), and tensors outside the "
+                                  "layers need --outside-layers")
         storage = own_float_storage(t, kept) if storage == "auto" else storage
         report = ExtractReport(b.path, t.path, os.path.abspath(out_dir), storage, norms=norms,
                                checkpoint_bytes=sum(i.nbytes for i in t.tensors.values()))

@@ -356,6 +356,17 @@ def test_first_layers_beyond_the_model_keeps_every_layer_without_counting_to_it(
     assert {r.name for r in beyond.rows} == {r.name for r in every.rows}
 
 
+def test_a_layer_selector_keeping_nothing_is_named_not_taken_for_no_change(bf16, tmp_path):
+    """Name filters matching only tensors outside the kept layers: nothing is selected, which is not "equals the
+    base" (nothing was compared)."""
+    last = SHAPE["layers"] - 1
+    for include in ("lm_head", f"layers.{last}."):
+        with pytest.raises(CheckpointError, match="none of the .* tensor.s. the name filters match is in the layers"):
+            extract_patch(bf16["base"], bf16["tuned"], str(tmp_path / "p"),
+                          selection=Selection(include=(include,), first_layers=1))
+    assert not os.path.exists(tmp_path / "p")
+
+
 def test_fixups_apply_only_where_the_weight_is_the_patchs_base(bf16, tmp_path):
     """A float patch at scale 1 stores exact TUNED values (fixups) where BASE + its difference misses them. On
     another weight (--any-base) those elements get the difference like every other: two patches applied in
