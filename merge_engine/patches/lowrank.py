@@ -45,8 +45,7 @@ def write_low_rank(b: Checkpoint, t: Checkpoint, names: list[str], writer: Shard
         raise ValueError(f"rank must be at least 1 and energy in (0, 1]; got {rank}, {energy}")
     transposed = t.config.get("model_type") in CONV1D_MODEL_TYPES
     linear = [n for n in names if _is_linear(n, t)]
-    report.left_out += [(n, "not a linear weight in a layer or the head (kept whole by peft, not low rank)")
-                        for n in names if n not in set(linear)]
+    report.left_out += [(n, _why_not_low_rank(n, t)) for n in names if n not in set(linear)]
     weights, ranks, stored = {}, {}, []
     for name, base, tuned in read_pairs(b, t, linear) if linear else ():
         d = ar.difference(base, tuned).float()
@@ -74,6 +73,12 @@ def _is_linear(name: str, ckpt: Checkpoint) -> bool:
     if len(ckpt.tensors[name].shape) != 2 or not name.endswith(".weight"):
         return False
     return layer_of(name) is not OUTSIDE_LAYERS or name.split(".")[-2] in ("lm_head", "embed_out")
+
+
+def _why_not_low_rank(name: str, ckpt: Checkpoint) -> str:
+    if len(ckpt.tensors[name].shape) == 3 and layer_of(name) is not OUTSIDE_LAYERS:
+        return "fused experts (3-D): a LoRA adapter holds 2-D linear weights; store them in a dense patch"
+    return "not a linear weight in a layer or the head (kept whole by peft, not low rank)"
 
 
 def _adapter_config(ranks: dict[str, int], base: str, fan_in_fan_out: bool) -> dict:

@@ -112,3 +112,19 @@ def test_any_peft_adapter_applies_as_a_patch_without_the_base_check(models, tmp_
     write_adapter(str(tmp_path / "adapter"), m["base"], r=3, seed=1)
     apply_patches(m["other"], [str(tmp_path / "adapter")], str(tmp_path / "out"))  # nothing to check it against
     assert Checkpoint(str(tmp_path / "out")).tensors.keys() == Checkpoint(m["other"]).tensors.keys()
+
+
+def test_fused_experts_are_left_out_of_a_low_rank_patch_as_fused_experts(tmp_path):
+    """A LoRA adapter holds 2-D linear weights: fused MoE experts ([experts, out, in]) are left out, and the report
+    says why (not "not a linear weight")."""
+    from tests.io.test_experts import fused, mixtral_tensors, write_model
+    base_tensors = fused(mixtral_tensors(0))
+    tuned_tensors = {n: t + 0.01 * torch.randn(t.shape, generator=torch.Generator().manual_seed(1))
+                     for n, t in base_tensors.items()}
+    base = write_model(tmp_path / "base", base_tensors)
+    tuned = write_model(tmp_path / "tuned", tuned_tensors)
+    report = extract_patch(base, tuned, str(tmp_path / "p"), storage="lora", rank=2)
+    why = dict(report.left_out)
+    experts = [n for n in base_tensors if ".experts." in n]
+    assert experts and all(why[n].startswith("fused experts (3-D)") for n in experts)
+    assert why["model.embed_tokens.weight"].startswith("not a linear weight")
