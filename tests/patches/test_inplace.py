@@ -57,3 +57,24 @@ def test_killed_in_place_apply_is_rolled_back_by_recover(patched, tmp_path):
     assert recover(work) is True
     same_files(m["base"], work)
     assert recover(work) is False
+
+
+def test_a_refusal_after_tensors_were_rewritten_rolls_them_back(patched, tmp_path):
+    """The base check fails only on the last tensor in file order: the tensors rewritten before it are rolled back."""
+    from safetensors.torch import load_file, save_file
+
+    from merge_engine.io.checkpoint import Checkpoint
+    m, patch, _ = patched
+    work = str(shutil.copytree(m["base"], tmp_path / "work"))
+    ckpt = Checkpoint(work)
+    last = max(ckpt.tensors, key=lambda n: (ckpt.tensors[n].file, ckpt.tensors[n].data_start))
+    shard = ckpt.tensors[last].file
+    ckpt.close()
+    tensors = load_file(shard)
+    tensors[last].view(-1)[0] += 1
+    save_file(tensors, shard, metadata={"format": "pt"})
+    before = str(shutil.copytree(work, tmp_path / "before"))
+    with pytest.raises(CheckpointError, match=f"tensor '{last}' differs from the base"):
+        apply_patches_in_place(work, [patch])
+    same_files(before, work)
+    assert not os.path.exists(os.path.join(work, JOURNAL_FILE))
