@@ -88,9 +88,13 @@ def patched_values(name: str, weight: torch.Tensor, uses: list[tuple[Patch, floa
                 raise CheckpointError(f"{patch.path}: tensor '{name}' differs from the base this patch was made for "
                                       "(another model, or one already patched: apply patches together in one "
                                       "command, or skip the check with --any-base)")
-            if sign < 0 and expected and held == expected:
-                raise CheckpointError(f"{patch.path}: tensor '{name}' is the base this patch was made for: the patch "
-                                      "is not in it (remove it from the model it was applied to, or pass --any-base)")
+        still_base = [patch for patch, expected in bases if sign < 0 and expected and held == expected]
+        if still_base:
+            applied = ar.add_scaled(weight, [(patch.delta(name), scale) for patch, scale in uses])
+            if torch.equal(ar.bits(applied), ar.bits(weight)):  # applied at these (small) scales, the patches left
+                return weight                                  # this tensor as it was: removed, they leave it too
+            raise CheckpointError(f"{still_base[0].path}: tensor '{name}' is the base this patch was made for: the "
+                                  "patch is not in it (remove it from the model it was applied to, or pass --any-base)")
     out = ar.add_scaled(weight, [(patch.delta(name), sign * scale) for patch, scale in uses])
     _check_finite(name, weight, out, uses)
     exact = len(uses) == 1 and uses[0][1] == 1.0 and uses[0][0].storage in ar.FLOATS

@@ -350,6 +350,19 @@ def test_removing_a_patch_that_is_not_in_the_model_is_refused(bf16, tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_a_patch_applied_at_a_scale_too_small_to_change_a_tensor_is_removed(bf16, tmp_path):
+    """At scale 1e-3 some tensors round back to the base's bits: they are not evidence that the patch is missing, so
+    removing it at the scale it was applied with is not refused, and leaves those tensors as they are."""
+    p = bf16["p_tuned"]
+    apply_patches(bf16["base"], [(p, 1e-3)], str(tmp_path / "a"))
+    base, applied = read_all(bf16["base"]), read_all(str(tmp_path / "a"))
+    untouched = [n for n in base if torch.equal(ar.bits(base[n]), ar.bits(applied[n]))]
+    assert untouched and len(untouched) < len(base)
+    remove_patches(str(tmp_path / "a"), [(p, 1e-3)], str(tmp_path / "r"))
+    back = read_all(str(tmp_path / "r"))
+    assert all(torch.equal(ar.bits(back[n]), ar.bits(base[n])) for n in untouched)
+
+
 def test_first_layers_beyond_the_model_keeps_every_layer_without_counting_to_it(bf16, tmp_path):
     every = extract_patch(bf16["base"], bf16["tuned"], str(tmp_path / "all"), selection=Selection(first_layers=SHAPE["layers"]))
     beyond = extract_patch(bf16["base"], bf16["tuned"], str(tmp_path / "beyond"), selection=Selection(first_layers=10**12))
