@@ -1,7 +1,9 @@
 """The arithmetic of weight patches: the specification every patch path (files, in place, in memory) follows.
 
-A patch stores each changed tensor's difference d = TUNED - BASE, computed exactly in the compute precision
-(fp32 for 16-bit weights, fp64 for fp32/fp64 weights). Applying patches with scales s_i to a weight W is
+A patch stores each changed tensor's difference d = TUNED - BASE, computed in the compute precision (fp32 for
+16-bit weights, fp64 for fp32/fp64 weights): exactly where neither value is over 2^15 (bf16), 2^12 (fp16) or
+2^28 (fp32) times the other, else rounded once (fixups still make one float patch at scale 1 exact). Applying
+patches with scales s_i to a weight W is
 
     round_to_W.dtype( W + s_1 * d_1 + s_2 * d_2 + ... )      (in the compute precision, patches in the order given)
 

@@ -1,4 +1,6 @@
 """The patch arithmetic (merge_engine/patches/arithmetic.py) against fp64 and exact-bit expectations."""
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -81,3 +83,22 @@ def test_sum_order_changes_a_result_by_at_most_one_ulp():
     b = ar.add_scaled(w, deltas[::-1]).double()
     terms = w.double().abs() + sum(abs(s) * d.double().abs() for d, s in deltas)
     assert ((a - b).abs() <= ulp(torch.maximum(a.abs(), b.abs()), torch.bfloat16) + 4 * 2.0**-24 * terms).all()
+
+
+@pytest.mark.parametrize("dtype, gap", [(torch.bfloat16, 15), (torch.float16, 12), (torch.float32, 28)])
+def test_difference_is_exact_within_the_stated_magnitude_gap(dtype, gap):
+    """The module docstring's bound: values at most 2^gap apart in magnitude (either sign) subtract exactly in the
+    compute precision; further apart, the difference is rounded."""
+    gen = torch.Generator().manual_seed(seed_of("difference gap"))
+    big = (1 + torch.rand(4096, generator=gen)) * torch.where(torch.rand(4096, generator=gen) < 0.5, -1.0, 1.0)
+    small = (1 + torch.rand(4096, generator=gen)) * 2.0 ** -(gap - 1) * torch.where(
+        torch.rand(4096, generator=gen) < 0.5, -1.0, 1.0)
+    base, tuned = small.to(dtype), big.to(dtype)
+    assert ((tuned.double().abs() / base.double().abs()) <= 2.0 ** gap).all()
+    assert torch.equal(ar.difference(base, tuned).double(), tuned.double() - base.double())
+    # past the gap: 2^E - (1 + 2^-m) needs E + m significant bits, more than the compute precision holds
+    m = MANTISSA[dtype] - 1  # fraction bits
+    far_base = torch.tensor([1 + 2.0 ** -m], dtype=dtype)
+    far_tuned = torch.tensor([2.0 ** (gap + 3)], dtype=dtype)
+    exact = Fraction(far_tuned.item()) - Fraction(far_base.item())
+    assert Fraction(ar.difference(far_base, far_tuned).item()) != exact
