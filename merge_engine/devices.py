@@ -15,6 +15,10 @@ def resolve_device(name: str | torch.device) -> torch.device:
         raise MergeEngineError(f"device '{name}': not a device (cpu, cuda, cuda:N or auto)") from None
     if device.type not in ("cpu", "cuda"):
         raise MergeEngineError(f"device '{name}': merge_engine runs on cpu or cuda")
+    if device.type == "cpu":  # torch takes cpu:N and ignores the N
+        if device.index not in (None, 0):
+            raise MergeEngineError(f"device '{name}': the CPU is one device, 'cpu' (threads: --num-threads)")
+        return torch.device("cpu")  # (cpu:0 compares unequal to it)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MergeEngineError(f"device '{name}': CUDA is not available on this machine")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

@@ -21,3 +21,9 @@ def test_a_cuda_index_past_the_machines_gpus_is_refused_before_the_merge(monkeyp
         resolve_device("cuda:2")
     with pytest.raises(MergeEngineError, match="device 'cuda:5'"):
         resolve_device(torch.device("cuda", 5))
+
+
+def test_a_cpu_index_is_refused_as_the_cpu_is_one_device():
+    assert resolve_device("cpu:0") == torch.device("cpu")
+    with pytest.raises(MergeEngineError, match=r"device 'cpu:1': the CPU is one device, 'cpu'"):
+        resolve_device("cpu:1")
