@@ -561,8 +561,9 @@ def compute(job: TensorJob, tensors: list[torch.Tensor], method: MergeMethod, se
     try:
         result = method.merge(tensor_group(job, tensors, seed, take_output))
     except Exception as e:  # noqa: BLE001 (torch and the methods raise many kinds: one line naming the tensor)
-        if out_of_memory(e):  # (searching the inputs for NaN would allocate again)
-            raise MergeEngineError(f"merging tensor '{job.out_name}' failed: out of memory ({out_of_memory(e)})") from e
+        memory = out_of_memory(e)
+        if memory:  # (searching the inputs for NaN would allocate again)
+            raise MergeEngineError(f"merging tensor '{job.out_name}' failed: out of memory ({memory})") from e
         reason = e if isinstance(e, (ValueError, RuntimeError)) else f"{type(e).__name__}: {e}"
         raise MergeEngineError(f"merging tensor '{job.out_name}' failed: {non_finite_inputs(job, tensors) or reason}") from e
     return result.to(job.out_dtype).contiguous()
