@@ -12,6 +12,13 @@ def key_command(argv: list[str]) -> int:
     return main(["key", *argv])
 
 
+def generate_key_file(model: str, out: str, monkeypatch, capsys, *options: str) -> str:
+    """`key generate MODEL OUT` from a passphrase with these options; what it printed."""
+    monkeypatch.setenv("TIER_PASS", "open sesame")
+    assert key_command(["generate", model, out, "--passphrase-env", "TIER_PASS", *options]) == 0
+    return capsys.readouterr().out
+
+
 def test_generate_apply_remove_report(tier_model, tmp_path, capsys, monkeypatch):
     model = tier_model("qwen2")
     monkeypatch.setenv("TIER_PASS", "open sesame")
@@ -44,12 +51,9 @@ def test_generate_apply_remove_report(tier_model, tmp_path, capsys, monkeypatch)
 
 
 def test_generate_partial_keys_and_fractions_of_the_model(tier_model, tmp_path, capsys, monkeypatch):
-    model = tier_model("gpt_neo")
-    monkeypatch.setenv("TIER_PASS", "open sesame")
-    out = str(tmp_path / "k.json")
-    assert key_command(["generate", model, out, "--passphrase-env", "TIER_PASS", "--fraction", "0.2",
-                        "--fraction-of", "model", "--attn-mode", "out", "--mlp-mode", "down"]) == 0
-    printed = capsys.readouterr().out
+    model, out = tier_model("gpt_neo"), str(tmp_path / "k.json")
+    printed = generate_key_file(model, out, monkeypatch, capsys, "--fraction", "0.2", "--fraction-of", "model",
+                                "--attn-mode", "out", "--mlp-mode", "down")
     assert "attn_out_heads" in printed and "mlp_down_cols" in printed and "of the model's" in printed
     key = TierKey.load(out)
     assert key.attn_out_heads and key.mlp_down_cols and not key.attn_heads and not key.mlp_cols
@@ -149,12 +153,9 @@ def test_generate_prints_a_partial_keys_share_of_its_own_swappable_parameters(ti
                                                                                monkeypatch):
     """The share printed is of the swappable parameters of the chosen modes, what --fraction counts (it was of the
     whole blocks': 9% for a 24% key), and the same as `key report` gives."""
-    model = tier_model("gpt_neo")
-    monkeypatch.setenv("TIER_PASS", "open sesame")
-    out = str(tmp_path / "k.json")
-    assert key_command(["generate", model, out, "--passphrase-env", "TIER_PASS", "--fraction", "0.3",
-                        "--attention-share", "0.2", "--attn-mode", "out", "--mlp-mode", "up"]) == 0
-    printed = capsys.readouterr().out
+    model, out = tier_model("gpt_neo"), str(tmp_path / "k.json")
+    printed = generate_key_file(model, out, monkeypatch, capsys, "--fraction", "0.3", "--attention-share", "0.2",
+                                "--attn-mode", "out", "--mlp-mode", "up")
     report = key_report(model, TierKey.load(out))
     assert 0.25 < report.fraction_of_swappable <= 0.3
     assert f"({100 * report.fraction_of_swappable:.2f}% of the {report.swappable_params:,} swappable)" in printed
