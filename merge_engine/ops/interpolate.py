@@ -11,6 +11,11 @@ from merge_engine.ops.library import check_out, contiguous, op, promoted, writab
 SLERP_DOT_THRESHOLD = 0.9995
 SLERP_EPS = 1e-8
 _CHUNK = 1024 * 1024  # bounds fp32 scratch for large bf16 tensors
+# torch.dot on a GPU is one cuBLAS call, whose length is a C int: torch refuses more than 2**31 - 1 elements
+# there (GLM-4.5's fused experts.gate_up_proj [160, 3072, 5120] has 2.5e9). The CPU's has no bound and stays
+# mergekit's single call.
+_DOT_LIMITS = {"cuda": 2**31 - 1}
+_DOT_PIECE = 1 << 26  # elements per piece past the bound: bounds the pieces' compute-dtype copies
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -133,6 +138,18 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor
     return _delivered(target, out)
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.dot of two 1-D tensors of one dtype; past the device's bound on one call's length (_DOT_LIMITS), the
+    sum of the pieces' dots in the compute dtype (fp32, fp64 for fp64), rounded once to the dtype."""
+    limit = _DOT_LIMITS.get(a.device.type)
+    if limit is None or a.numel() <= limit:
+        return torch.dot(a, b)
+    dtype = _compute_dtype(a)
+    total = sum(torch.dot(a[s:s + _DOT_PIECE].to(dtype), b[s:s + _DOT_PIECE].to(dtype))
+                for s in range(0, a.numel(), _DOT_PIECE))
+    return total.to(a.dtype)
+
+
 def _unit(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=eps)
 
@@ -239,7 +256,7 @@ def karcher_mean(tensors: list[torch.Tensor], weights: list[float], max_iter: in
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
         for alpha, unit in zip(alphas, units):
-            dot = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
+            dot = torch.clamp(_dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
             theta = torch.arccos(dot)
             if theta.item() < tol:
                 continue

@@ -181,6 +181,30 @@ def test_karcher_keeps_dtype():
     assert ops.karcher_mean([a.float(), b.float()], [0.5, 0.5]).dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_karcher_dots_past_a_devices_bound_on_one_call_go_in_pieces(monkeypatch, dtype):
+    """torch.dot on a GPU is one cuBLAS call and refuses more than 2**31 - 1 elements, which a fused MoE tensor
+    passes: karcher_mean dots longer tensors there in pieces. Here on the CPU with that bound lowered to 8 elements
+    (torch.dot refusing more, as on the GPU): the mean and the dots are the one-call ones, to rounding."""
+    g = torch.Generator().manual_seed(15)
+    xs = [torch.randn(5, 7, generator=g, dtype=dtype) for _ in range(3)]
+    weights = [0.2, 0.3, 0.5]
+    want, want_dot = ops.karcher_mean(xs, weights), torch.dot(xs[0].flatten(), xs[1].flatten())
+    one_call = torch.dot
+
+    def bounded_dot(a, b):
+        if a.numel() > 8:
+            raise RuntimeError("dot only supports n, incx, incy with the bound [val] <= 8")
+        return one_call(a, b)
+
+    monkeypatch.setattr(interpolate, "_DOT_LIMITS", {"cpu": 8}, raising=False)
+    monkeypatch.setattr(interpolate, "_DOT_PIECE", 3, raising=False)
+    monkeypatch.setattr(torch, "dot", bounded_dot)
+    tight = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ops.karcher_mean(xs, weights), want, **tight)
+    torch.testing.assert_close(interpolate._dot(xs[0].flatten(), xs[1].flatten()), want_dot, **tight)
+
+
 def test_karcher_of_tensors_of_different_dtypes_is_refused_by_name():
     a, b = pair((8, 8), 14)
     with pytest.raises(ValueError, match="karcher_mean: tensor 1 is torch.bfloat16, tensor 0 torch.float32"):
