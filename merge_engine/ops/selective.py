@@ -25,7 +25,9 @@ def _task_vectors(base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tens
 def sce_select_mask(task_vectors: torch.Tensor, fraction: float) -> torch.Tensor:
     """SCE's select step: 1 at the int(fraction * nonzero) positions whose variance across the task
     vectors (dim 0, population variance) is largest, else 0; nonzero counts the positions of non-zero
-    variance. Ties are broken as torch.topk breaks them (as in mergekit). In the task vectors' dtype."""
+    variance. Ties are broken as torch.topk breaks them (as in mergekit). In the task vectors' dtype.
+    The k positions are asked for unsorted: the same set (torch orders them only after choosing), and a GPU
+    sorts at most 2**31 - 1 values in one dimension, which k passes in a large fused MoE tensor."""
     if fraction <= 0:
         return torch.zeros_like(task_vectors[0])
     if fraction >= 1:
@@ -34,7 +36,7 @@ def sce_select_mask(task_vectors: torch.Tensor, fraction: float) -> torch.Tensor
     k = int(torch.count_nonzero(var) * fraction)
     mask = torch.zeros_like(var)
     if k:
-        mask.view(-1)[torch.topk(var.abs().view(-1), k=k, largest=True).indices] = 1
+        mask.view(-1)[torch.topk(var.abs().view(-1), k=k, largest=True, sorted=False).indices] = 1
     return mask
 
 

@@ -38,6 +38,34 @@ def test_sce_select_keeps_the_highest_variance_positions():
     assert torch.equal(sce_select_mask(tvs, 1.0), torch.ones(6, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sce_select_needs_no_sort_of_the_selection(monkeypatch, dtype):
+    """On a GPU torch.topk sorts its k results in one dimension, which takes at most 2**31 - 1 values: SCE's
+    selection of a fused MoE tensor passes that. Emulated here with a topk that refuses to sort more than 8
+    values: the mask is mergekit's (a sorted topk's) all the same, with many tied variances, for k on both sides
+    of the CPU's switch from a partial sort to a selection (k * 64 <= n)."""
+    g = torch.Generator().manual_seed(16)
+    n = 2000
+    tvs = (torch.randint(-3, 4, (3, n), generator=g) * 0.25).to(dtype)
+    fractions = [0.01, 0.2, 0.7]
+    var = torch.var(tvs, dim=0, unbiased=False).abs()
+    want = []
+    for fraction in fractions:
+        mask = torch.zeros(n, dtype=dtype)
+        mask[torch.topk(var, int(torch.count_nonzero(var) * fraction), largest=True).indices] = 1
+        want.append(mask)
+    topk = torch.topk
+
+    def bounded_topk(x, k, *args, sorted=True, **kwargs):
+        if sorted and k > 8:
+            raise RuntimeError(f"Cannot sort dimension of length {k}")
+        return topk(x, k, *args, sorted=sorted, **kwargs)
+
+    monkeypatch.setattr(torch, "topk", bounded_topk)
+    for fraction, mask in zip(fractions, want):
+        assert torch.equal(sce_select_mask(tvs, fraction), mask), fraction
+
+
 def test_sce_with_no_experts_or_equal_experts_gives_the_base():
     base = torch.randn(3, 4)
     assert torch.equal(ops.sce_merge(base, []), base)
