@@ -79,16 +79,29 @@ def magnitude_cutoff(x: torch.Tensor, count: int, largest: bool = True) -> torch
     return magnitude_cutoff_reference(x, count, largest)
 
 
-@magnitude_cutoff.register_kernel("cpu")
-def _magnitude_cutoff_cpu(x, count, largest=True):
-    """The radix select of the CPU extension, on |x - 0| (the same keys as |x|)."""
-    ext = backends.cpu_extension()
-    if ext is None or not backends.served_by_kernels(x):
+def _cutoff_with(backend, x: torch.Tensor, count: int, largest: bool) -> torch.Tensor:
+    """The cut-off by a compiled backend's select (delta_cutoffs), on |x - 0| (the same keys as |x|), on x's
+    device; the reference where there is no backend or the input is not one it serves."""
+    if backend is None or not backends.served_by_kernels(x):
         return magnitude_cutoff_reference(x, count, largest)
     try:
-        return ext.delta_cutoffs(torch.zeros_like(x), x, [min(max(count, 0), x.numel())], largest)[0]
+        cut = backend.delta_cutoffs(torch.zeros_like(x), x, [min(max(count, 0), x.numel())], largest)[0]
     except ValueError as e:  # the kernel checks x as "the expert" of a merge (against a zero base)
         raise ValueError(str(e).replace("the expert", "input", 1)) from None
+    return cut.to(x.device)  # the GPU backends find cut-offs on the host
+
+
+@magnitude_cutoff.register_kernel("cpu")
+def _magnitude_cutoff_cpu(x, count, largest=True):
+    """The CPU extension's select."""
+    return _cutoff_with(backends.cpu_extension(), x, count, largest)
+
+
+@magnitude_cutoff.register_kernel("cuda")
+def _magnitude_cutoff_cuda(x, count, largest=True):
+    """The GPU backend's radix select. The reference's argsort cannot run there past 2**31 - 1 elements (a GPU
+    sorts at most that many values in one dimension), which a fused MoE tensor passes."""
+    return _cutoff_with(backends.gpu_backend(), x, count, largest)
 
 
 @magnitude_cutoff.register_fake

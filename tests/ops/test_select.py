@@ -75,3 +75,20 @@ def test_infinities_are_the_largest_magnitudes(cutoff, dtype, largest):
     for count in (1, 2, 3, 4, 25, 47, 48):
         got = cutoff_mask(x, cutoff(x, count, largest), largest)
         assert torch.equal(got, first_in_stable_order(x, count, largest)), f"count {count}"
+
+
+def test_the_op_has_a_gpu_kernel_on_the_gpu_backends_select(monkeypatch):
+    """On a GPU the reference's argsort stops past 2**31 - 1 elements (a GPU sorts at most that many values in one
+    dimension; a fused MoE tensor has more): CUDA tensors go to the GPU backend's select. Its kernel runs here on the
+    CPU with the CPU extension standing in for the GPU backend (the same delta_cutoffs), against the reference."""
+    from merge_engine.ops import backends, select
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("merge_engine::magnitude_cutoff", "CUDA")
+    monkeypatch.setattr(backends, "gpu_backend", lambda family="task_vectors": backends.cpu_extension())
+    g = torch.Generator().manual_seed(17)
+    x = (torch.randint(-4, 5, (1000,), generator=g).float() * 0.25).bfloat16()
+    for largest in (True, False):
+        for count in (0, 1, 333, 999, 1000):
+            want = magnitude_cutoff_reference(x, count, largest)
+            assert torch.equal(select._magnitude_cutoff_cuda(x, count, largest), want), (largest, count)
+    with pytest.raises(ValueError, match="input has 1 NaN"):
+        select._magnitude_cutoff_cuda(torch.tensor([1.0, float("nan")]), 1)

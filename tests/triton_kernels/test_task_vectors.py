@@ -155,6 +155,19 @@ def test_a_tie_index_at_2_31_does_not_wrap():
     assert int(out) == n
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_magnitude_cutoff_op_on_the_gpu_takes_this_select(monkeypatch, dtype):
+    """The op's GPU kernel (ops/select.py) on this backend: the reference's cut-offs, many tied magnitudes."""
+    from merge_engine.ops import select
+    monkeypatch.setattr(backends, "gpu_backend", lambda family="task_vectors": tv)
+    g = torch.Generator().manual_seed(seed_of("magnitude_cutoff op", dtype))
+    x = (torch.randint(-4, 5, (3001,), generator=g).float() * 0.25).to(DEVICE, dtype)
+    for largest in (True, False):
+        for count in (0, 1, 1000, 2999, 3001):
+            want = magnitude_cutoff_reference(x.cpu(), count, largest)
+            assert torch.equal(select._magnitude_cutoff_cuda(x, count, largest).cpu(), want), (largest, count)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_inputs_are_errors(bad):
     base, experts = make_inputs((100,), torch.float32, 2, 3)
