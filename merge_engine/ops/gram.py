@@ -107,16 +107,29 @@ def mirror_upper_(gram: torch.Tensor) -> torch.Tensor:
 
 
 def pack_upper(gram: torch.Tensor) -> torch.Tensor:
-    """The upper triangle (diagonal included) row by row, as a 1-D tensor of d (d + 1) / 2 entries."""
-    rows, cols = torch.triu_indices(gram.shape[0], gram.shape[0], device=gram.device)
-    return gram[rows, cols]
+    """The upper triangle (diagonal included) row by row, as a 1-D tensor of d (d + 1) / 2 entries.
+    Row by row, so it allocates nothing beside the result (index tensors of the triangle would take
+    twice the fp32 matrix: 6.6 GB for a 70B model's MLP Gram)."""
+    d = gram.shape[0]
+    packed = gram.new_empty(d * (d + 1) // 2)
+    for row, start in enumerate(_row_starts(d)):
+        packed[start:start + d - row] = gram[row, row:]
+    return packed
 
 
 def unpack_upper(packed: torch.Tensor, d: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The symmetric [d, d] matrix whose upper triangle pack_upper gave."""
     if packed.shape != (d * (d + 1) // 2,):
         raise ValueError(f"unpack_upper: {list(packed.shape)} is not the packed upper triangle of a {d} x {d} matrix")
-    gram = torch.zeros(d, d, dtype=dtype or packed.dtype, device=packed.device)
-    rows, cols = torch.triu_indices(d, d, device=packed.device)
-    gram[rows, cols] = packed.to(gram.dtype)
+    gram = torch.empty(d, d, dtype=dtype or packed.dtype, device=packed.device)
+    for row, start in enumerate(_row_starts(d)):
+        gram[row, row:] = packed[start:start + d - row]
     return mirror_upper_(gram)
+
+
+def _row_starts(d: int):
+    """Where each row of a d x d upper triangle starts in its packed form."""
+    start = 0
+    for row in range(d):
+        yield start
+        start += d - row
