@@ -66,6 +66,7 @@ class MergeMethod:
     # methods that wrap another one: (global parameters, registry) -> the bound method (ValueError if unusable)
     specialize: Callable[[dict, dict], MergeMethod] | None = field(default=None, compare=False)
     wrapped: Callable[[TensorGroup], torch.Tensor] | None = field(default=None, compare=False)  # its inner merge
+    inner: MergeMethod | None = field(default=None, compare=False)  # the method it wraps, whose input contract holds too
     # compute dtype -> the dtype the merge returns, where it differs (mergekit writes that when out_dtype is unset)
     result_dtype: Callable[[torch.dtype], torch.dtype] | None = field(default=None, compare=False)
     # (shared, per-model parameters, compute dtype) of one tensor -> why its result would be meaningless
@@ -98,4 +99,7 @@ class MergeMethod:
             if n < lo or (hi is not None and n > hi):
                 want = f"exactly {lo}" if lo == hi else (f"{lo} to {hi}" if hi is not None else f"at least {lo}")
                 problems.append(f"{where}: merge method '{self.name}' needs {want} {what}, got {n}")
+        if self.inner and not problems:  # it merges the same inputs, less the base where it takes none (without_base)
+            inputs = [m for m in models if m != base] if self.inner.base == "ignored" else models
+            problems += self.inner.input_problems(inputs, base, f"{where} ({self.notes})")
         return problems

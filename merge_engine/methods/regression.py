@@ -111,7 +111,7 @@ def wrap(outer: MergeMethod, inner: MergeMethod, prefix: str, merge) -> MergeMet
                                                per_model=[back(m) for m in group.per_model]))
 
     return dataclasses.replace(outer, params=tuple(params), merge=lambda group: merge(group, inner_merge),
-                               wrapped=inner_merge,
+                               wrapped=inner_merge, inner=inner,
                                side_inputs=tuple(dict.fromkeys(outer.side_inputs + inner.side_inputs)),
                                notes=f"{outer.name} wrapping {inner.name}")
 

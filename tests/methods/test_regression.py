@@ -220,6 +220,37 @@ def test_bad_parameters_are_refused(setup, method, params, message):
         parse_config(config(method, paths, grams, **{"anchor": "ties", **params}))
 
 
+def wrapping(method, models, base=None, **params):
+    """A config of folder names alone (parse_config reads no folder); bmm data-free, regmean with Grams."""
+    if method == "bmm":
+        return {"merge_method": method, "base_model": base, "models": [{"model": m} for m in models],
+                "parameters": {"data_free": True, **params}}
+    cfg = {"merge_method": method, "models": [{"model": m, "grams": f"{m}-grams"} for m in models], "parameters": params}
+    return {**cfg, "base_model": base} if base else cfg
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (wrapping("regmean", ["e1", "e2"], fallback="ties"), r"\(regmean wrapping ties\): merge method 'ties' requires a "
+                                                         "base_model"),
+    (wrapping("bmm", ["e1", "e2"], "base", anchor="slerp", t=0.5), "merge method 'slerp' needs exactly 2 inputs, got 3"),
+    (wrapping("bmm", ["e1", "e2", "e3"], "base", anchor="nuslerp"), "'nuslerp' needs exactly 2 non-base inputs, got 3"),
+])
+def test_the_wrapped_methods_inputs_are_checked_with_the_config(cfg, message):
+    """The fallback or anchor merges the same inputs (less the base where it takes none): a config it cannot merge
+    is refused when read, not mid-merge (ties without a base) or merged wrong (slerp leaving out an expert)."""
+    with pytest.raises(ConfigError, match=message):
+        parse_config(cfg)
+
+
+@pytest.mark.parametrize("cfg", [
+    wrapping("regmean", ["e1", "e2", "e3"], "base", fallback="linear"),  # linear averages the experts alone
+    wrapping("regmean", ["e1", "e2"], fallback="linear"),
+    wrapping("bmm", ["e1"], "base", anchor="slerp", t=0.5),
+])
+def test_the_wrapped_methods_inputs_it_can_merge_are_taken(cfg):
+    parse_config(cfg)
+
+
 def test_missing_or_mismatched_grams_are_refused_before_any_output(setup, tmp_path):
     paths, grams = setup("llama")
     cfg = config("regmean", paths, grams)
