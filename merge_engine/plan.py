@@ -188,15 +188,17 @@ def build_plan(cfg: MergeConfig, allow_crimes: bool = False, truncate_vocabulary
                         + "), so none can be aligned to the output's tokens: does config.json's vocab_size "
                         "match the embeddings?")
     warn_unmatched_filters(cfg, plan.jobs)
-    for path, kinds in _side_kinds(cfg).items():  # a folder matching no tensor was made for another model
+    refused = set()  # folders matching no tensor (made for another model): no warning that tensors go without them
+    for path, kinds in _side_kinds(cfg).items():
         if path not in plan.side_used:
             what = "the Gram of no weight" if "grams" in kinds else f"the {'/'.join(sorted(kinds)).title()} of no tensor"
             problems.append(f"{path}: holds {what} of this merge (collected from another model?)")
-    for folder, names in plan.missing_grams.items():
+            refused.add(plan.side[path].path)
+    for folder, names in ((f, n) for f, n in plan.missing_grams.items() if f not in refused):
         log.warning("%s has no Gram for %d weight(s) that other models' Grams cover (%s%s); those are merged by the "
                     "wrapped method (fallback or anchor), without the regression", folder, len(names),
                     ", ".join(names[:3]), ", ..." if len(names) > 3 else "")
-    for folder, names in plan.missing_side.items():
+    for folder, names in ((f, n) for f, n in plan.missing_side.items() if f not in refused):
         log.warning("%s lacks %d tensor(s) (%s%s); they are merged without it (see the method's missing_* "
                     "parameter)", folder, len(names), ", ".join(names[:3]), ", ..." if len(names) > 3 else "")
     if problems:

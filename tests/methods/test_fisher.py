@@ -148,9 +148,10 @@ def test_missing_fisher_tensor_falls_back_to_the_average_or_is_refused(llama, tm
     assert not os.path.exists(tmp_path / "refused")
 
 
-def test_a_fisher_folder_of_another_model_is_refused(llama, tmp_path):
+def test_a_fisher_folder_of_another_model_is_refused(llama, tmp_path, caplog):
     """A Fisher folder sharing no tensor name with its model (computed for another architecture) is refused, as
-    a Grams folder of another model is, rather than every tensor falling back to the plain average."""
+    a Grams folder of another model is, rather than every tensor falling back to the plain average; no warning
+    says its tensors are merged without it."""
     paths, tensors, fishers = llama
     f = fishers()
     other = str(tmp_path / "other-fisher")
@@ -160,6 +161,7 @@ def test_a_fisher_folder_of_another_model_is_refused(llama, tmp_path):
     with pytest.raises(ConfigError, match=f"{other}: holds the Fisher of no tensor of this merge"):
         run({"merge_method": "fisher", "models": models}, tmp_path / "out")
     assert not os.path.exists(tmp_path / "out")
+    assert "merged without it" not in caplog.text
 
 
 def test_config_problems_are_reported_before_reading(llama, tmp_path):
