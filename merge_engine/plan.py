@@ -432,7 +432,10 @@ def resolve_parameters(cfg: MergeConfig, s: Slice, names: list[str], out_name: s
         scopes = [other.parameters for other in s.sources if other.model == src.model] + [s.parameters, cfg.parameters]
         per_model.append({p.name: resolve(p, scopes, name, t, f"{src.model}: '{name}'")
                           for p in method.model_params if src.model != base or p.scope == Scope.INPUT})
-    problem = compute is not None and method.tensor_problem and method.tensor_problem(shared, per_model, compute)
+    checked = per_model
+    if method.inner and method.inner.base == "ignored":  # a wrapped method merges the inputs less the base
+        checked = [m for src, m in zip(s.sources, per_model) if src.model != base]
+    problem = compute is not None and method.tensor_problem and method.tensor_problem(shared, checked, compute)
     if problem:
         raise ValueError(f"merge method '{method.name}': {problem}")
     return shared, per_model

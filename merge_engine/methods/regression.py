@@ -102,16 +102,22 @@ def wrap(outer: MergeMethod, inner: MergeMethod, prefix: str, merge) -> MergeMet
             p = dataclasses.replace(p, default=1.0)
         params.append(dataclasses.replace(p, name=name))
 
+    def back(values: dict) -> dict:
+        return {renamed[k]: v for k, v in values.items() if k in renamed}
+
     def inner_merge(group: TensorGroup) -> torch.Tensor:
-        def back(values: dict) -> dict:
-            return {renamed[k]: v for k, v in values.items() if k in renamed}
         if inner.base == "ignored":
             group = without_base(group)  # a base-less method (linear...) merges the regressed models only
         return inner.merge(dataclasses.replace(group, shared=back(group.shared),
                                                per_model=[back(m) for m in group.per_model]))
 
+    def inner_problem(shared: dict, per_model: list[dict], compute: torch.dtype) -> str | None:
+        """inner's tensor_problem (per_model as inner merges them: the plan leaves out the base where it takes none)."""
+        return inner.tensor_problem(back(shared), [back(m) for m in per_model], compute)
+
     return dataclasses.replace(outer, params=tuple(params), merge=lambda group: merge(group, inner_merge),
                                wrapped=inner_merge, inner=inner,
+                               tensor_problem=inner_problem if inner.tensor_problem else None,  # (outer has none)
                                side_inputs=tuple(dict.fromkeys(outer.side_inputs + inner.side_inputs)),
                                notes=f"{outer.name} wrapping {inner.name}")
 

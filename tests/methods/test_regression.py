@@ -251,6 +251,23 @@ def test_the_wrapped_methods_inputs_it_can_merge_are_taken(cfg):
     parse_config(cfg)
 
 
+def test_the_wrapped_methods_tensor_problems_are_found_when_planning(setup, tmp_path):
+    """Parameters that would make the fallback or anchor fail on a tensor are refused before any output, as for the
+    method on its own; the weights a linear fallback averages are the experts' alone (its input, less the base)."""
+    paths, grams = setup("llama")
+    della = {"merge_method": "bmm", "base_model": paths[0], "models": [{"model": p} for p in paths[1:]],
+             "parameters": {"data_free": True, "anchor": "della", "density": 0.9}}
+    cancelling = config("regmean", paths[:3], grams[:2], fallback="linear")
+    cancelling["models"][1]["parameters"] = {"weight": -1.0}
+    for cfg, message in ((della, "della needs 0 < density - epsilon"), (cancelling, r"the weights \[1.0, -1.0\] sum to 0")):
+        with pytest.raises(ConfigError, match=message):
+            merge(parse_config(cfg), str(tmp_path / "out"), OPTIONS)
+        assert not (tmp_path / "out").exists()
+    cancelling["models"].append({"model": paths[0], "parameters": {"weight": -2.0}})  # the base's: not averaged
+    cancelling["models"][0]["parameters"] = {"weight": 3.0}
+    run(cancelling, tmp_path / "out")
+
+
 def test_missing_or_mismatched_grams_are_refused_before_any_output(setup, tmp_path):
     paths, grams = setup("llama")
     cfg = config("regmean", paths, grams)
