@@ -67,6 +67,7 @@ def position_divergence(public_logits: torch.Tensor, keyed_logits: torch.Tensor)
     log_public = F.log_softmax(public_logits.to(dtype), dim=-1)
     log_keyed = F.log_softmax(keyed_logits.to(dtype), dim=-1)
     kl = F.kl_div(log_public, log_keyed, reduction="none", log_target=True).sum(-1)
+    kl.clamp_(min=0)  # a KL is never negative; rounding of nearly equal distributions can make the sum so
     return kl, public_logits.argmax(-1) == keyed_logits.argmax(-1)
 
 

@@ -36,6 +36,17 @@ def test_position_divergence_known_values():
     assert agree.tolist() == [False, True]
 
 
+def test_position_divergence_is_never_negative():
+    """Nearly equal distributions: float32 rounding of the sum can go below 0 (-2.5e-7 here), which a KL cannot."""
+    g = torch.Generator().manual_seed(0)
+    public = torch.randn(64, 1000, generator=g) * 3
+    keyed = public + torch.randn(64, 1000, generator=g) * 1e-4
+    kl, _ = position_divergence(public, keyed)
+    assert (kl >= 0).all()
+    exact, _ = position_divergence(public.double(), keyed.double())
+    torch.testing.assert_close(kl.double(), exact.clamp(min=0), rtol=0, atol=1e-6)
+
+
 def test_identity_key_changes_nothing(lm):
     model, _, _, prompts = lm
     comparison = compare_prompts(model, TierKey(), prompts, batch_size=4)
