@@ -115,7 +115,7 @@ class _Declared:
             _LIBRARY.define(f"{name}.out(Tensor(a!) out{', ' if arguments else ''}{arguments}) -> ()")
             self.out_overload = getattr(torch.ops.merge_engine, name).out
             _declare_implementation(self.out_overload, _into_out(reference, name))
-            torch.library.register_fake(self.out_overload, _real_devices_only(name, _returns_nothing), lib=_LIBRARY)
+            torch.library.register_fake(self.out_overload, _real_devices_only(name, self._out_checked), lib=_LIBRARY)
 
     def __call__(self, *args, out: Optional[torch.Tensor] = None, **kwargs):
         if out is None:
@@ -124,6 +124,10 @@ class _Declared:
             raise TypeError(f"{NAMESPACE}::{self.name}() got an unexpected keyword argument 'out'")
         self.out_overload(out, *args, **kwargs)
         return out
+
+    def _out_checked(self, out: torch.Tensor, *args, **kwargs) -> None:
+        """The out overload's fake: out must be like the functional op's (fake) result, as every real kernel checks."""
+        check_out(self.name, out, self.functional(*args, **kwargs))
 
     def register_kernel(self, device_type: str) -> Callable:
         """Register fn as the kernel for a device type, of the out overload too when there is one (fn

@@ -5,6 +5,7 @@ between what an op reads and writes, empty tensors) give every backend the refer
 hands back a gradient it did not compute."""
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from merge_engine import ops
 from merge_engine.ops import backends
@@ -209,3 +210,42 @@ def test_meta_tensors_give_results_of_the_right_shape_and_dtype():
     assert merged.is_meta and merged.shape == x.shape and merged.dtype == x.dtype
     for result in (ops.slerp(0.3, x, x), ops.weighted_sum([x, x], [0.5, 0.5]), ops.trim_by_magnitude(x, 0.5)):
         assert result.is_meta and result.shape == x.shape and result.dtype == x.dtype
+
+
+WRITTEN = 9  # the seed make() is given for the tensor a call writes (and 8 for a second one)
+
+
+def writing_calls(make):
+    """Every out overload and in-place op as a call of no arguments; make(shape, seed) makes its tensors, the
+    ones it writes with seed WRITTEN or WRITTEN - 1."""
+    base, e1, g, f1, f2 = (make((4, 3), seed) for seed in range(5))
+    return {
+        "merge_task_vectors": lambda: ops.merge_task_vectors(base, [e1, g], [0.5, 0.5], [0.5, 0.5], "magnitude",
+                                                             out=make((4, 3), WRITTEN)),
+        "fisher_merge": lambda: ops.fisher_merge([base, e1], [f1.abs(), f2.abs()], [1.0, 1.0], [0.0, 0.0],
+                                                 out=make((4, 3), WRITTEN)),
+        "weighted_sum": lambda: ops.weighted_sum([base, e1], [0.5, 0.5], out=make((4, 3), WRITTEN)),
+        "slerp": lambda: ops.slerp(0.3, base, e1, out=make((4, 3), WRITTEN)),
+        "accumulate_fisher": lambda: ops.accumulate_fisher(make((4, 3), WRITTEN), g, 0.5),
+        "accumulate_gram": lambda: ops.accumulate_gram(make((3, 3), WRITTEN), g),
+        "scatter_add_blocks_": lambda: ops.scatter_add_blocks_([make((4, 3), WRITTEN), make((4, 3), WRITTEN - 1)], 0,
+                                                               g, torch.tensor([1, 0]), torch.tensor([0, 1]), 0, 2),
+    }
+
+
+WRITING = ["merge_task_vectors", "fisher_merge", "weighted_sum", "slerp", "accumulate_fisher", "accumulate_gram",
+           "scatter_add_blocks_"]
+
+
+@pytest.mark.parametrize("name", WRITING[:4])
+def test_meta_and_fake_outs_unlike_the_result_are_refused(name):
+    """The out overloads' fakes check out as the real kernels do: shape propagation refuses what a run refuses."""
+    for shape, dtype in (((3, 4), torch.float32), ((4, 3), torch.float64)):
+        def make(s, seed, device):
+            return torch.empty(shape if seed == WRITTEN else s, dtype=dtype if seed == WRITTEN else torch.float32,
+                               device=device)
+        with pytest.raises(ValueError, match=rf"{name}: out must be a torch.float32 tensor of shape \[4, 3\]"):
+            writing_calls(lambda s, seed: make(s, seed, "meta"))[name]()
+        with FakeTensorMode(), pytest.raises(ValueError, match=rf"{name}: out must be a torch.float32 tensor"):
+            writing_calls(lambda s, seed: make(s, seed, "cpu"))[name]()
+    writing_calls(lambda s, seed: torch.empty(s, device="meta"))[name]()  # an out like the result
