@@ -263,19 +263,33 @@ def _qualified_name(overload: torch._ops.OpOverload) -> str:
 
 
 def _bump_versions(overload: torch._ops.OpOverload, mutated: list[int]) -> Callable:
-    names = [overload._schema.arguments[i].name for i in mutated]
+    names = [a.name for a in overload._schema.arguments]
+    written = [names[i] for i in mutated]
 
     def kernel(keyset, *args, **kwargs):
-        for i, name in zip(mutated, names):
-            value = args[i] if i < len(args) else kwargs[name]
-            for t in value if isinstance(value, (list, tuple)) else [value]:
-                if t.requires_grad and torch.is_grad_enabled():  # autograd could not follow the write
-                    raise RuntimeError(f"{overload._schema.name}: {name} requires grad, and this op writes into it "
-                                       "without a derivative (pass a tensor that does not require grad, or call "
-                                       "it under torch.no_grad())")
+        values = dict(zip(names, args)) | kwargs
+        if torch.is_grad_enabled():
+            _refuse_grad(overload._schema.name, written, values)
+        for name in written:
+            for t in _tensors_in(values[name]):
                 torch.autograd.graph.increment_version(t)
         return overload.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args, **kwargs)
     return kernel
+
+
+def _refuse_grad(op_name: str, written: list[str], values: dict) -> None:
+    """RuntimeError where autograd could not follow a write: into a tensor that requires grad, or (as ATen's out=
+    variants refuse) from an input that does, whose derivative what is written would silently lack (the references'
+    arithmetic would record one nobody computed, the compiled kernels none)."""
+    for name in written:
+        if any(t.requires_grad for t in _tensors_in(values[name])):
+            raise RuntimeError(f"{op_name}: {name} requires grad, and this op writes into it without a derivative "
+                               "(pass a tensor that does not require grad, or call it under torch.no_grad())")
+    for name, value in values.items():
+        if any(t.requires_grad for t in _tensors_in(value)):
+            raise RuntimeError(f"{op_name}: {name} requires grad, and this op has no derivative for what it writes into "
+                               f"{', '.join(written)} (pass tensors that do not require grad, or call it under "
+                               "torch.no_grad())")
 
 
 def _into_out(fn: Callable, name: str) -> Callable:

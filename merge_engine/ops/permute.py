@@ -267,11 +267,12 @@ def _gather_backward(ctx, grad):
     rounds = int(occurrence.max()) + 1 if occurrence.numel() else 1
     targets = grads + [grad.new_zeros(grad.shape)] * (rounds > 1)
     grad = grad.contiguous()
-    for r in range(rounds):
-        now = occurrence == r
-        scatter_add_blocks_(targets, own, grad, torch.where(now, target, len(grads)),
-                            torch.where(now, src_block, torch.arange(src_block.numel(), device=src_block.device)),
-                            ctx.dim, ctx.block_size)
+    with torch.no_grad():  # first-order: under create_graph too, a gradient without a graph of its own
+        for r in range(rounds):
+            now = occurrence == r
+            scatter_add_blocks_(targets, own, grad, torch.where(now, target, len(grads)),
+                                torch.where(now, src_block, torch.arange(src_block.numel(), device=src_block.device)),
+                                ctx.dim, ctx.block_size)
     used = set(src_layer.tolist())
     by_layer = {layer: g for layer, g in zip(layers.tolist(), grads) if layer in used}
     return [by_layer.get(layer) for layer in range(ctx.num_layers)], None, None, None, None, None

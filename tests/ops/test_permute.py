@@ -9,7 +9,7 @@ assertion message names the seed.
 import pytest
 import torch
 
-from merge_engine.ops import gather_blocks, scatter_add_blocks_, swap_blocks_
+from merge_engine.ops import backends, gather_blocks, scatter_add_blocks_, swap_blocks_
 from merge_engine.ops.permute import gather_blocks_reference, scatter_add_blocks_reference, swap_blocks_reference
 from merge_engine.tiers.permutation import BlockPermutation
 from tests.conftest import DTYPES as KERNEL_DTYPES
@@ -158,6 +158,21 @@ def test_tensors_no_block_comes_from_get_no_gradient():
     assert torch.equal(tensors[0].grad[:, 0:2], weights[:, 2:4])
     assert torch.equal(tensors[0].grad[:, 2:4], torch.zeros(4, 2))
     assert torch.equal(tensors[2].grad[:, 2:4], weights[:, 4:6])
+
+
+@pytest.mark.parametrize("kernels", ["compiled", "reference"])
+def test_gradient_with_create_graph_is_the_first_order_one_on_every_backend(kernels, monkeypatch):
+    """A backward with create_graph=True (a gradient penalty's) gets the same gradients: the backward's scatter adds
+    a gradient that requires grad without recording a graph of it, as the compiled kernels always did."""
+    if kernels == "reference":
+        monkeypatch.setattr(backends, "cpu_extension", lambda: None)
+    tensors = [torch.randn(4, 6, requires_grad=True) for _ in range(3)]
+
+    def loss():
+        return (gather_blocks(tensors, 1, torch.tensor([0, 0, 2]), torch.tensor([2, 0, 0]), 1, 2) ** 2).sum()
+    want = torch.autograd.grad(loss(), [tensors[0], tensors[2]])
+    got = torch.autograd.grad(loss(), [tensors[0], tensors[2]], create_graph=True)
+    assert all(torch.equal(g, w) and not g.requires_grad for g, w in zip(got, want))
 
 
 def test_opcheck():

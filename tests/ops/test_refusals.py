@@ -237,6 +237,19 @@ WRITING = ["merge_task_vectors", "fisher_merge", "weighted_sum", "slerp", "accum
            "scatter_add_blocks_"]
 
 
+@pytest.mark.parametrize("name", WRITING)
+def test_ops_that_write_refuse_inputs_that_require_grad_alike(kernels, name):
+    """As ATen's out= variants: what they write carries no derivative, so an input that requires grad is refused
+    outside torch.no_grad() (the references' arithmetic would otherwise leave out a gradient nobody computed, or an
+    autograd history growing with each accumulation, where the compiled kernels leave none)."""
+    def make(shape, seed):  # the inputs require grad, the tensors written do not
+        return rand(*shape, seed=seed).requires_grad_(seed < WRITTEN - 1)
+    with pytest.raises(RuntimeError, match=f"{name}: .* requires grad, and this op has no derivative"):
+        writing_calls(make)[name]()
+    with torch.no_grad():
+        writing_calls(make)[name]()
+
+
 @pytest.mark.parametrize("name", WRITING[:4])
 def test_meta_and_fake_outs_unlike_the_result_are_refused(name):
     """The out overloads' fakes check out as the real kernels do: shape propagation refuses what a run refuses."""
