@@ -134,10 +134,9 @@ class _Declared:
         then takes `out` and returns `out` or a fresh result)."""
         def register(fn: Callable) -> Callable:
             kernel = self._floating_only(fn, inspect.signature(fn))
-            _LIBRARY.impl(self.name, _dynamo_off_when_compiling(self._without_out(kernel)), _DISPATCH_KEYS[device_type])
+            _impl(self.functional, self._without_out(kernel), _DISPATCH_KEYS[device_type])
             if self.out_overload is not None:
-                _LIBRARY.impl(f"{self.name}.out", _dynamo_off_when_compiling(_into_out(kernel, self.name)),
-                              _DISPATCH_KEYS[device_type])
+                _impl(self.out_overload, _into_out(kernel, self.name), _DISPATCH_KEYS[device_type])
             return fn
         return register
 
@@ -249,11 +248,37 @@ def _dynamo_off_when_compiling(fn: Callable) -> Callable:
 def _declare_implementation(overload: torch._ops.OpOverload, fn: Callable) -> None:
     """fn as the overload's default kernel on every device; mutated arguments get their version bumped
     (autograd then knows that tensors it saved have changed)."""
-    name = _qualified_name(overload)
-    _LIBRARY.impl(name, _dynamo_off_when_compiling(fn), "CompositeExplicitAutograd")
+    _impl(overload, fn, "CompositeExplicitAutograd")
     mutated = [i for i, a in enumerate(overload._schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
     if mutated:
-        _LIBRARY.impl(name, _bump_versions(overload, mutated), "ADInplaceOrView", with_keyset=True)
+        _LIBRARY.impl(_qualified_name(overload), _bump_versions(overload, mutated), "ADInplaceOrView", with_keyset=True)
+
+
+def _impl(overload: torch._ops.OpOverload, fn: Callable, dispatch_key: str) -> None:
+    """fn as the overload's kernel for dispatch_key."""
+    _LIBRARY.impl(_qualified_name(overload), _dynamo_off_when_compiling(_refusing_inference_writes(overload, fn)),
+                  dispatch_key)
+
+
+def _refusing_inference_writes(overload: torch._ops.OpOverload, fn: Callable) -> Callable:
+    """fn, refusing to write into an inference tensor outside torch.inference_mode(), as torch's in-place ops do:
+    a compiled kernel writes through a data pointer, where torch's own check never runs."""
+    names = [a.name for a in overload._schema.arguments]
+    written = [a.name for a in overload._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    if not written:
+        return fn
+
+    @functools.wraps(fn)
+    def kernel(*args, **kwargs):
+        if not torch.is_inference_mode_enabled():
+            values = dict(zip(names, args)) | kwargs
+            for name in written:
+                if any(t.is_inference() for t in _tensors_in(values[name])):
+                    raise RuntimeError(f"{overload._schema.name}: {name} is an inference tensor, which cannot be "
+                                       "written outside torch.inference_mode() (clone it first, or call this op "
+                                       "under torch.inference_mode())")
+        return fn(*args, **kwargs)
+    return kernel
 
 
 def _qualified_name(overload: torch._ops.OpOverload) -> str:

@@ -250,6 +250,19 @@ def test_ops_that_write_refuse_inputs_that_require_grad_alike(kernels, name):
         writing_calls(make)[name]()
 
 
+@pytest.mark.parametrize("name", WRITING)
+def test_ops_that_write_refuse_inference_tensors_outside_inference_mode_alike(kernels, name):
+    """As torch's in-place ops: an inference tensor is not written outside torch.inference_mode(), by the compiled
+    kernels (which write through a data pointer torch cannot check) as by the references."""
+    def inference_rand(shape, seed):
+        with torch.inference_mode():
+            return rand(*shape, seed=seed)
+    with pytest.raises(RuntimeError, match=f"{name}: .* is an inference tensor"):
+        writing_calls(inference_rand)[name]()
+    with torch.inference_mode():
+        writing_calls(inference_rand)[name]()
+
+
 @pytest.mark.parametrize("name", WRITING[:4])
 def test_meta_and_fake_outs_unlike_the_result_are_refused(name):
     """The out overloads' fakes check out as the real kernels do: shape propagation refuses what a run refuses."""
