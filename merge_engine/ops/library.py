@@ -22,10 +22,10 @@ Mutating ops bump the versions of what they mutate, as custom_op's do.
 
 With `out=True` the op also gets an out overload, merge_engine::<name>.out, that writes its result
 into a caller's tensor (mutated, returns nothing; its first argument, since torch.library takes no
-keyword-only tensors), as ATen's out= variants do: the function then takes `out=None` and returns `out`
-when given. The reference and every device kernel of
-such an op take `out` themselves and may return either `out` (written in place) or a fresh result
-(copied into `out`), so each backend chooses how it fills a caller's buffer under one contract.
+keyword-only tensors), as ATen's out= variants do: the function then takes `out=None`, by keyword only, and
+returns `out` when given. The reference and every device kernel of such an op take `out` themselves and may
+return either `out` (written in place) or a fresh result (copied into `out`), so each backend chooses how it
+fills a caller's buffer under one contract.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def op(name: str, *, mutates_args=(), fake: str | promoted | contiguous | Callab
         @functools.wraps(reference)
         def call(*args, **kwargs):
             return declared(*args, **kwargs)
-        call.__signature__ = inspect.signature(reference)  # out=None included where the op has one
+        call.__signature__ = _out_keyword_only(inspect.signature(reference))
         call.register_kernel = declared.register_kernel
         call.register_fake = declared.register_fake
         call.register_autograd = declared.register_autograd
@@ -84,6 +84,12 @@ def op(name: str, *, mutates_args=(), fake: str | promoted | contiguous | Callab
         call.floating = floating
         return call
     return declare
+
+
+def _out_keyword_only(signature: inspect.Signature) -> inspect.Signature:
+    """The reference's signature as the function takes it: out (where the op has one) only by keyword, as ATen's."""
+    return signature.replace(parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.name == "out" else p
+                                         for p in signature.parameters.values()])
 
 
 class _Declared:

@@ -201,6 +201,20 @@ def test_weighted_sum_into_an_out_overlapping_an_input_past_its_chunk():
     assert torch.equal(memory[1:], want)
 
 
+@pytest.mark.parametrize("name", OUT_OPS)
+def test_out_is_shown_keyword_only_as_it_is_taken(name):
+    """help() and inspect.signature show the calls the function takes: out only by keyword, as ATen's out=."""
+    args, kwargs = samples()[name]
+    function, out = getattr(ops, name), torch.empty_like(getattr(ops, name)(*args, **kwargs))
+    bound = inspect.signature(function).bind(*args, **kwargs)
+    bound.apply_defaults()
+    positional = (*(value for argument, value in bound.arguments.items() if argument != "out"), out)
+    with pytest.raises(TypeError):
+        inspect.signature(function).bind(*positional)
+    with pytest.raises(RuntimeError, match="expected at most"):
+        function(*positional)
+
+
 def test_ops_without_an_out_overload_refuse_out():
     args, kwargs = samples()["trim_by_magnitude"]
     with pytest.raises(TypeError, match="out"):
