@@ -66,12 +66,13 @@ def op(name: str, *, mutates_args=(), fake: str | promoted | contiguous | Callab
     result's dtype is promoted (`promoted`), or is a fake implementation; ops that return nothing need none.
     An op that is not `differentiable` (one that registers its own autograd formula is) gets a backward that
     raises: an output computed from tensors that require grad then says so when a gradient reaches it, on
-    every backend alike (without one, torch's fallback gives None gradients, or the reference's own).
+    every backend alike and under torch.compile (without one, torch's fallback gives None gradients, or the
+    reference's own).
     `floating` names the arguments whose tensors every backend refuses unless they are floating point."""
     def declare(reference: Callable) -> Callable:
         declared = _Declared(name, reference, mutates_args, fake, out, floating)
         if not differentiable and declared.functional._schema.returns and not mutates_args:
-            declared.register_autograd(_no_derivative(name))
+            declared.register_autograd(_no_derivative(name), setup_context=_save_input_likes)
 
         @functools.wraps(reference)
         def call(*args, **kwargs):
@@ -229,10 +230,45 @@ def _tensors_in(value) -> list[torch.Tensor]:
 
 
 def _no_derivative(name: str) -> Callable:
+    """The backward of an op without a derivative: one gradient per floating input from the refusing op below,
+    which raises when it runs (in eager, at once) and not while AOTAutograd traces the backward of a compiled
+    forward (raising there would fail the whole compile, though no backward may ever run)."""
     def backward(ctx, *grads):
-        raise RuntimeError(f"{NAMESPACE}::{name} has no derivative: its output cannot be backpropagated through "
-                           "(compute it from detached tensors, or under torch.no_grad())")
+        grad = next(g for g in grads if g is not None)
+        passed = ctx.input_likes[:len(ctx.needs_input_grad)]  # setup_context also saw the defaults not passed
+        return tuple(_refused_gradient(grad, name, like) for like in passed)
     return backward
+
+
+def _save_input_likes(ctx, inputs, output) -> None:
+    ctx.input_likes = [_like(value) for value in inputs]
+
+
+def _like(value):
+    """(shape, dtype) of a floating tensor, a list of _like for a list of tensors, else None (no gradient)."""
+    if isinstance(value, (list, tuple)) and all(torch.is_tensor(v) for v in value):
+        return [_like(v) for v in value]
+    return (value.shape, value.dtype) if torch.is_tensor(value) and value.is_floating_point() else None
+
+
+def _refused_gradient(grad: torch.Tensor, name: str, like):
+    if isinstance(like, list):
+        return [_refused_gradient(grad, name, v) for v in like]
+    return None if like is None else torch.ops.merge_engine._no_derivative(grad, name, like[0], like[1])
+
+
+def _raise_no_derivative(grad: torch.Tensor, name: str, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    raise RuntimeError(f"{NAMESPACE}::{name} has no derivative: its output cannot be backpropagated through "
+                       "(compute it from detached tensors, or under torch.no_grad())")
+
+
+def _no_derivative_shape(grad: torch.Tensor, name: str, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    return grad.new_empty(shape, dtype=dtype)
+
+
+_LIBRARY.define("_no_derivative(Tensor grad, str name, SymInt[] shape, ScalarType dtype) -> Tensor")
+_LIBRARY.impl("_no_derivative", _raise_no_derivative, "CompositeExplicitAutograd")
+torch.library.register_fake(f"{NAMESPACE}::_no_derivative", _no_derivative_shape, lib=_LIBRARY)
 
 
 def _dynamo_off_when_compiling(fn: Callable) -> Callable:

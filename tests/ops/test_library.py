@@ -61,7 +61,8 @@ OUT_OPS = ("merge_task_vectors", "fisher_merge", "weighted_sum", "slerp")
 
 
 def test_every_op_has_a_sample_and_every_declared_op_is_public():
-    declared = {name for name in dir(torch.ops.merge_engine) if hasattr(getattr(torch.ops.merge_engine, name), "overloads")}
+    declared = {name for name in dir(torch.ops.merge_engine) if hasattr(getattr(torch.ops.merge_engine, name), "overloads")
+                and not name.startswith("_")}  # _no_derivative: the library's own, in the backward of the others
     assert declared == set(samples()), declared ^ set(samples())
     assert all(hasattr(ops, name) for name in declared)
     # the plain helpers docs/kernels.md and the package docstring name: the rest of the public functions
@@ -248,6 +249,29 @@ def test_ops_trace_whole_under_torch_compile_and_export():
     assert torch.equal(program.module()(base, e1, e2), merged(base, e1, e2))
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert {"merge_engine.merge_task_vectors.default", "merge_engine.trim_by_magnitude.default"} <= targets
+
+
+def requiring_grad(value):
+    """The floating tensors in value (a tensor or a list of them) as leaves that require grad."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(requiring_grad(v) for v in value)
+    return value.detach().requires_grad_() if torch.is_tensor(value) and value.is_floating_point() else value
+
+
+@pytest.mark.parametrize("name", ["trim_by_magnitude", "merge_task_vectors", "weighted_sum", "slerp", "fisher_merge"])
+def test_ops_on_inputs_that_require_grad_compile_and_refuse_backward_as_in_eager(name):
+    """Under torch.compile (AOTAutograd traces the backward ahead of any call) the forward runs as in eager, and
+    the backward raises when it runs, naming the op, as in eager."""
+    args, kwargs = samples()[name]
+    args = requiring_grad(args)
+
+    def merged(*args):
+        return getattr(ops, name)(*args, **kwargs) * 2
+    torch._dynamo.reset()
+    got = torch.compile(merged, fullgraph=True, backend="aot_eager")(*args)
+    assert got.requires_grad and torch.equal(got, merged(*args))
+    with pytest.raises(RuntimeError, match=f"merge_engine::{name} has no derivative"):
+        got.sum().backward()
 
 
 def test_meta_tensors_mixed_with_real_ones_are_refused():
