@@ -211,7 +211,7 @@ def gather_blocks(tensors: list[torch.Tensor], layer: int, src_layer: torch.Tens
     tensors[src_layer[b]] (src_layer, src_block: int64, one entry per block; an unmoved block b has
     (layer, b); a block may be read more than once). Differentiable: each source tensor's gradient is
     the scatter-add of grad_out's blocks to the places they came from (None for tensors no block came
-    from)."""
+    from; zeros under torch.compile, whose graph cannot depend on the tables)."""
     return gather_blocks_reference(tensors, layer, src_layer, src_block, dim, block_size)
 
 
@@ -254,14 +254,23 @@ def _occurrence(keys: torch.Tensor) -> torch.Tensor:
 
 
 def _gather_backward(ctx, grad):
+    src_layer, src_block = ctx.saved_tensors
+    tables = (src_layer, src_block, ctx.num_layers, ctx.layer, ctx.dim, ctx.block_size)
+    if torch.compiler.is_compiling():  # traced before the tables are known: one op, a gradient for every layer
+        return list(_gather_blocks_backward(grad, *tables)), None, None, None, None, None
+    return _gradients_by_layer(grad, *tables), None, None, None, None, None
+
+
+def _gradients_by_layer(grad: torch.Tensor, src_layer: torch.Tensor, src_block: torch.Tensor, num_layers: int,
+                        layer: int, dim: int, block_size: int) -> list[torch.Tensor | None]:
     """Scatters grad into zero gradients of the source layers (and of `layer`, the call's own), which
     are the scatter's targets, indexed by their rank among those layers. Tables that read a block more
     than once take one scatter per repeat (a scatter adds to each block once): in round r, the r-th
-    reads of blocks go to their sources, the rest to a scratch tensor at their own distinct places."""
-    src_layer, src_block = ctx.saved_tensors
-    layers = torch.cat([src_layer, src_layer.new_tensor([ctx.layer])]).unique()
+    reads of blocks go to their sources, the rest to a scratch tensor at their own distinct places.
+    None for the layers no block came from."""
+    layers = torch.cat([src_layer, src_layer.new_tensor([layer])]).unique()
     target = torch.searchsorted(layers, src_layer)
-    own = int(torch.searchsorted(layers, ctx.layer))
+    own = int(torch.searchsorted(layers, layer))
     grads = [grad.new_zeros(grad.shape) for _ in range(layers.numel())]
     occurrence = _occurrence(target * src_block.numel() + src_block)
     rounds = int(occurrence.max()) + 1 if occurrence.numel() else 1
@@ -272,10 +281,23 @@ def _gather_backward(ctx, grad):
             now = occurrence == r
             scatter_add_blocks_(targets, own, grad, torch.where(now, target, len(grads)),
                                 torch.where(now, src_block, torch.arange(src_block.numel(), device=src_block.device)),
-                                ctx.dim, ctx.block_size)
+                                dim, block_size)
     used = set(src_layer.tolist())
-    by_layer = {layer: g for layer, g in zip(layers.tolist(), grads) if layer in used}
-    return [by_layer.get(layer) for layer in range(ctx.num_layers)], None, None, None, None, None
+    by_layer = {i: g for i, g in zip(layers.tolist(), grads) if i in used}
+    return [by_layer.get(i) for i in range(num_layers)]
+
+
+def _every_layer_like_grad(grad, src_layer, src_block, num_layers, layer, dim, block_size):
+    return [torch.empty_like(grad, memory_format=torch.contiguous_format) for _ in range(num_layers)]
+
+
+@op("_gather_blocks_backward", fake=_every_layer_like_grad)
+def _gather_blocks_backward(grad: torch.Tensor, src_layer: torch.Tensor, src_block: torch.Tensor, num_layers: int,
+                            layer: int, dim: int, block_size: int) -> list[torch.Tensor]:
+    """gather_blocks' gradient of each of the num_layers tensors, zeros where no block came from: the backward a
+    compiled graph runs, whose outputs cannot depend on the tables."""
+    return [grad.new_zeros(grad.shape) if g is None else g
+            for g in _gradients_by_layer(grad, src_layer, src_block, num_layers, layer, dim, block_size)]
 
 
 gather_blocks.register_autograd(_gather_backward, setup_context=_gather_setup_context)

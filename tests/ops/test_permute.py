@@ -160,6 +160,25 @@ def test_tensors_no_block_comes_from_get_no_gradient():
     assert torch.equal(tensors[2].grad[:, 2:4], weights[:, 4:6])
 
 
+def test_gradient_under_torch_compile():
+    """A compiled function differentiates through gather_blocks (AOTAutograd traces the backward before the
+    tables are known): the eager gradients, and zeros for the tensors no block came from (None in eager)."""
+    tensors = [torch.randn(4, 6, requires_grad=True) for _ in range(3)]
+    weights = torch.arange(24.0).view(4, 6)
+
+    def loss(tensors, src_layer, src_block):
+        return (gather_blocks(tensors, 1, src_layer, src_block, 1, 2) * weights).sum()
+    tables = torch.tensor([0, 0, 2]), torch.tensor([2, 0, 0])  # block 0 of layer 0 read twice
+    loss(tensors, *tables).backward()
+    eager = [t.grad for t in tensors]
+    for t in tensors:
+        t.grad = None
+    torch._dynamo.reset()
+    torch.compile(loss, fullgraph=True, backend="aot_eager")(tensors, *tables).backward()
+    assert torch.equal(tensors[0].grad, eager[0]) and torch.equal(tensors[2].grad, eager[2])
+    assert eager[1] is None and torch.equal(tensors[1].grad, torch.zeros(4, 6))
+
+
 @pytest.mark.parametrize("kernels", ["compiled", "reference"])
 def test_gradient_with_create_graph_is_the_first_order_one_on_every_backend(kernels, monkeypatch):
     """A backward with create_graph=True (a gradient penalty's) gets the same gradients: the backward's scatter adds
