@@ -447,8 +447,8 @@ class _Pipeline:
                 advance(job.bytes_in)
             if staged:
                 self.compute_and_write(*staged, write_pool, writes)
-            for w in writes:
-                w.result()
+            while writes:  # (a loop variable holding a failed write's future would keep its error's frames alive)
+                writes.popleft().result()
         return sum(j.bytes_in for j in jobs)
 
     def read(self, job: TensorJob) -> list[torch.Tensor]:
@@ -564,7 +564,8 @@ def compute(job: TensorJob, tensors: list[torch.Tensor], method: MergeMethod, se
         memory = out_of_memory(e)
         if memory:  # (searching the inputs for NaN would allocate again)
             raise MergeEngineError(f"merging tensor '{job.out_name}' failed: out of memory ({memory})") from e
-        reason = e if isinstance(e, (ValueError, RuntimeError)) else f"{type(e).__name__}: {e}"
+        # its text, not e: a local holding e would keep e's frames (the pipeline's buffers, open inputs) in a cycle
+        reason = str(e) if isinstance(e, (ValueError, RuntimeError)) else f"{type(e).__name__}: {e}"
         raise MergeEngineError(f"merging tensor '{job.out_name}' failed: {non_finite_inputs(job, tensors) or reason}") from e
     return result.to(job.out_dtype).contiguous()
 
