@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import sys
+import threading
 from types import ModuleType
 
 from merge_engine.errors import MergeEngineError
@@ -22,6 +24,22 @@ def require(module: str, extra: str, what: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as e:
         raise MissingExtraError(f'{what} needs {package}: pip install "merge_engine[{extra}]"') from e
+
+
+def require_isolated(module: str, extra: str, what: str) -> ModuleType:
+    """require(), the module imported the first time in a thread of its own: a package that keeps the traceback of
+    an optional import that failed (optuna: its redis backend, for the life of the process) keeps every frame on the
+    stack at that import, and with them the callers' locals (a search's session, its inputs and live model)."""
+    if module not in sys.modules:
+        importer = threading.Thread(target=_import_quietly, args=(module,), name="me-import")
+        importer.start()
+        importer.join()
+    return require(module, extra, what)
+
+
+def _import_quietly(module: str) -> None:
+    with contextlib.suppress(Exception):  # (require imports it again, in the caller's thread, to report a failure)
+        importlib.import_module(module)
 
 
 @contextlib.contextmanager

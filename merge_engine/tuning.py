@@ -35,7 +35,7 @@ import torch
 from merge_engine.config import MergeConfig, parse_config
 from merge_engine.engine import tensor_group
 from merge_engine.errors import ConfigError
-from merge_engine.extras import optuna_log_level, require
+from merge_engine.extras import optuna_log_level, require, require_isolated
 from merge_engine.io.checkpoint import split_layer_name
 from merge_engine.io.untrusted import is_int
 from merge_engine.methods.regression import bmm_terms
@@ -162,7 +162,7 @@ def tune_bmm(problem: BMMProblem, evaluate: Callable[[dict[str, torch.Tensor]], 
              timeout: float | None = None, granularity: str = "block", lambda_range: tuple[float, float] = (1e-3, 1e3),
              seed: int = 0, gp_max_dims: int = 16, progress: bool = True) -> TuneResult:
     """Maximise evaluate(merged state) over per-group lambdas, within n_trials and timeout seconds."""
-    optuna = require("optuna", "tune", "BMM's lambda tuning")
+    optuna = require_isolated("optuna", "tune", "BMM's lambda tuning")
     require("scipy", "tune", "BMM's lambda tuning")  # optuna's GP sampler imports it only when it first samples
     lo, hi = lambda_range
     if not 0 < lo < hi < math.inf:

@@ -3,11 +3,12 @@ import os
 import pathlib
 import re
 import sys
+import weakref
 
 import pytest
 
 from merge_engine.errors import MergeEngineError
-from merge_engine.extras import MissingExtraError, require
+from merge_engine.extras import MissingExtraError, require, require_isolated
 
 
 def test_an_installed_module_is_returned():
@@ -67,3 +68,41 @@ def test_the_tune_extra_is_enough_for_bmm_tuning(monkeypatch, tmp_path):
     problem = BMMProblem(config, device="cpu", progress=False)
     result = tune_bmm(problem, lambda state: -float(state["model.layers.0.mlp.up_proj.weight"].norm()), n_trials=2)
     assert result.config["merge_method"] == "bmm"
+
+
+# a package that keeps the ImportError of an optional dependency, as optuna keeps redis's for the life of the process
+KEEPS_ITS_IMPORT_ERROR = """
+try:
+    import merge_engine_no_such_module
+except ImportError as e:
+    kept = e
+"""
+
+
+class Held:
+    """Stands for what a caller holds while it first imports an optional package (a search's session)."""
+
+
+def import_holding(importer, name: str) -> weakref.ref:
+    held = Held()
+    importer(name, "tune", "x")
+    return weakref.ref(held)
+
+
+@pytest.mark.parametrize("importer, freed", [(require, False), (require_isolated, True)])
+def test_an_isolated_import_keeps_no_frame_of_its_callers(tmp_path, monkeypatch, importer, freed):
+    """The traceback such a package keeps holds every frame on the stack at its first import: require_isolated
+    imports it on a thread of its own, so the caller's locals are freed when it returns (require: kept for ever)."""
+    name = f"keeps_import_error_{importer.__name__}"
+    (tmp_path / f"{name}.py").write_text(KEEPS_ITS_IMPORT_ERROR)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    assert (import_holding(importer, name)() is None) == freed
+
+
+def test_an_isolated_import_that_fails_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    with pytest.raises(MissingExtraError, match=r'^x needs optuna: pip install "merge_engine\[tune\]"$'):
+        require_isolated("optuna", "tune", "x")
+    with pytest.raises(MissingExtraError, match="x needs merge_engine_no_such_module"):
+        require_isolated("merge_engine_no_such_module", "tune", "x")

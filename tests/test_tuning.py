@@ -10,6 +10,11 @@ still catches any wrong term (O(1) relative).
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -173,3 +178,28 @@ def test_the_problem_writes_into_its_sessions_live_model(problem, bmm_config):
     assert problem.session.merge().tensors == len(problem.systems)  # written outside the session: merged again
     reused = BMMProblem(problem.session, progress=False)  # a session opened elsewhere: nothing read again
     assert reused.session is problem.session and set(reused.systems) == set(problem.systems)
+
+
+FIRST_TUNING = """
+import gc, json, os, sys
+assert "optuna" not in sys.modules  # this tuning imports it
+from merge_engine.session import MergeSession
+from merge_engine.tuning import BMMProblem, tune_bmm
+descriptors = lambda: len(os.listdir("/proc/self/fd"))
+before = descriptors()
+tune_bmm(BMMProblem(json.loads(sys.argv[1]), device="cpu", progress=False),
+         lambda state: float(state["lm_head.weight"].mean()), n_trials=2, progress=False)
+gc.collect()
+print(json.dumps([before, descriptors(), sum(isinstance(o, MergeSession) for o in gc.get_objects())]))
+"""
+
+
+def test_the_first_tuning_of_a_process_leaves_nothing_held_once_it_returns(bmm_config):
+    """optuna keeps the traceback of its optional imports that fail (redis) for the life of the process, and with it
+    every frame on the stack at its first import: the problem's session (inputs, live model, open input files), which
+    the caller dropped, must not be among them."""
+    ran = subprocess.run([sys.executable, "-c", FIRST_TUNING, json.dumps(bmm_config)], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert ran.returncode == 0, ran.stderr
+    before, after, sessions = json.loads(ran.stdout.splitlines()[-1])
+    assert (after, sessions) == (before, 0)

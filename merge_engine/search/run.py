@@ -35,7 +35,7 @@ from merge_engine.engine import MergeOptions, check_seed_and_lora_dtype, input_f
 from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.evaluation import evaluator_from_spec
 from merge_engine.evaluation.spec import PATH_KEYS, SCHEMAS, spec_path, spec_problems
-from merge_engine.extras import optuna_log_level, require
+from merge_engine.extras import optuna_log_level, require, require_isolated
 from merge_engine.io.untrusted import is_file_name, is_int, not_regular
 from merge_engine.io.writer import check_output_apart, check_output_dir
 from merge_engine.plan import build_plan
@@ -112,7 +112,7 @@ def load_search_config(path: str) -> SearchConfig:
 def search(config: SearchConfig | dict | str | os.PathLike, out_dir: str | os.PathLike, options: SearchOptions
            ) -> SearchResult:
     budget = Budget(parse_duration(options.budget), options.clock, options.started)  # checked: finite, positive
-    optuna = require("optuna", "tune", "merge-engine search")
+    optuna = require_isolated("optuna", "tune", "merge-engine search")
     config = os.fspath(config) if isinstance(config, os.PathLike) else config
     out_dir = os.fspath(out_dir)
     cfg = load_search_config(config) if isinstance(config, str) else (

@@ -10,6 +10,8 @@ import os
 import pathlib
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -637,3 +639,30 @@ def test_a_space_whose_filter_takes_no_tensor_is_refused_before_reading(density,
     with pytest.raises(ConfigError, match=rf"models\[0\].density\[filter={name}\]: no tensor of the merge takes this "
                                           "setting"):
         search(config, str(tmp_path / "out"), SearchOptions(budget=100, device="cpu", progress=False))
+
+
+FIRST_SEARCH = """
+import gc, json, os, sys
+assert "optuna" not in sys.modules  # this search imports it
+from merge_engine.search import SearchOptions, search
+from merge_engine.session import MergeSession
+config, out = json.loads(sys.argv[1]), sys.argv[2]
+descriptors = lambda: len(os.listdir("/proc/self/fd"))
+before = descriptors()
+search(config, out, SearchOptions(budget=1000, device="cpu", progress=False, trials=2))
+gc.collect()
+print(json.dumps([before, descriptors(), sum(isinstance(o, MergeSession) for o in gc.get_objects())]))
+"""
+
+
+def test_the_first_search_of_a_process_leaves_nothing_held_once_it_returns(search_models, tmp_path):
+    """optuna keeps the traceback of its optional imports that fail (redis) for the life of the process, and with it
+    every frame that was on the stack when it was first imported: the search's session (inputs, live model) and its
+    open input files must not be among them."""
+    paths, val, _ = search_models
+    ran = subprocess.run([sys.executable, "-c", FIRST_SEARCH, json.dumps(search_config(paths, val)),
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert ran.returncode == 0, ran.stderr
+    before, after, sessions = json.loads(ran.stdout.splitlines()[-1])
+    assert (after, sessions) == (before, 0)
