@@ -88,11 +88,12 @@ def in_order(work: Callable[[str], T], names: list[str], ahead: int = 2) -> Iter
         queued = iter(names)
         pending = deque((name, pool.submit(work, name)) for name in itertools.islice(queued, ahead))
         while pending:
-            name, result = pending.popleft()
             following = next(queued, None)
             if following is not None:
                 pending.append((following, pool.submit(work, following)))
-            yield name, result.result()
+            name = pending[0][0]
+            # no local holds the future: a failed one's error would keep this frame, and what work holds, in a cycle
+            yield name, pending.popleft()[1].result()
 
 
 def read_pairs(base: Checkpoint, tuned: Checkpoint, names: list[str]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
