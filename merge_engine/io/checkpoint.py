@@ -89,9 +89,10 @@ def _config_problem(config: dict) -> str | None:
 
 
 def read_buffer(name: str, info: TensorInfo, out: torch.Tensor | None) -> torch.Tensor:
-    """out, checked to be a contiguous tensor of info's shape and dtype, or a fresh one."""
+    """out, checked to be a contiguous tensor of info's shape and dtype, or a fresh one (viewed in that shape:
+    torch.empty cannot stride an empty shape such as [0, 2**62, 2**62], which the format allows)."""
     if out is None:
-        return torch.empty(info.shape, dtype=info.dtype)
+        return torch.empty(info.numel, dtype=info.dtype).view(info.shape)
     if out.dtype != info.dtype or tuple(out.shape) != info.shape or not out.is_contiguous():
         raise ValueError(f"buffer for '{name}' must be a contiguous {info.dtype} {list(info.shape)} tensor")
     return out

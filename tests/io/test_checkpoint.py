@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint, split_layer_name
@@ -130,6 +131,18 @@ def test_direct_read_of_a_tensor_at_an_odd_offset(tmp_path):
     assert ckpt.tensors["a"].data_start % 2 == 1
     got = _direct_read_all(ckpt)
     assert torch.equal(got["a"][0], a) and torch.equal(got["b"][0], b)
+
+
+@pytest.mark.parametrize("shape", [[0, 2**62, 2**62], [3, 0, 2**40, 2**40]])
+def test_an_empty_tensor_whose_strides_overflow_is_read_as_the_library_reads_it(tmp_path, shape):
+    """The header allows it (its element count, 0, never overflows), but torch.empty(shape) cannot stride it."""
+    header = json.dumps({"z": {"dtype": "BF16", "shape": shape, "data_offsets": [0, 0]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        want = f.get_tensor("z")
+    ckpt = Checkpoint(str(tmp_path))
+    for got in (ckpt.read("z"), *(t for t, _ in _direct_read_all(ckpt).values())):
+        assert got.dtype == want.dtype and got.shape == want.shape
 
 
 @pytest.mark.parametrize("change", ["replaced", "rewritten", "fifo"])
