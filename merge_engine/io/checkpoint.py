@@ -64,7 +64,7 @@ def pread_into(fd: int, view: memoryview, offset: int, need: int, file: str, nam
     while done < need:
         n = os.preadv(fd, [view[done:done + _READ_CHUNK]], offset + done)
         if n <= 0:
-            raise CheckpointError(f"{file}: tensor '{name}': file ended early (truncated while reading?)")
+            raise CheckpointError(f"{file}: tensor {name!r}: file ended early (truncated while reading?)")
         done += n
 
 
@@ -142,7 +142,7 @@ class Checkpoint:
         for f in files:
             for name, info in self._read_header(inside_folder(self.path, f, self.path)).items():
                 if name in tensors:
-                    raise CheckpointError(f"{info.file}: tensor '{name}' also appears in {tensors[name].file}")
+                    raise CheckpointError(f"{info.file}: tensor {name!r} also appears in {tensors[name].file}")
                 tensors[name] = info
         return tensors
 
@@ -158,10 +158,10 @@ class Checkpoint:
             shard_path = inside_folder(self.path, shard, index_path)
             if shard not in headers:
                 if not os.path.exists(shard_path):
-                    raise CheckpointError(f"{index_path}: shard '{shard}' (holding '{name}') is missing")
+                    raise CheckpointError(f"{index_path}: shard '{shard}' (holding {name!r}) is missing")
                 headers[shard] = self._read_header(shard_path)
             if name not in headers[shard]:
-                raise CheckpointError(f"{shard_path}: tensor '{name}' is listed in {INDEX_FILE} but absent "
+                raise CheckpointError(f"{shard_path}: tensor {name!r} is listed in {INDEX_FILE} but absent "
                                       "from the shard")
             tensors[name] = headers[shard][name]
         return tensors
@@ -224,7 +224,7 @@ class Checkpoint:
         try:
             pread_into(self._fd(info.file), view, info.data_start, info.nbytes, info.file, name)
         except OSError as e:
-            raise CheckpointError(f"{info.file}: tensor '{name}': cannot read ({e.strerror or e})") from None
+            raise CheckpointError(f"{info.file}: tensor {name!r}: cannot read ({e.strerror or e})") from None
 
     def read_pooled(self, name: str, take_bytes: Callable[[int], torch.Tensor], direct_io: str = "auto") -> torch.Tensor:
         """Read one tensor into a buffer from take_bytes(n) (a flat uint8 CPU tensor of n bytes) and

@@ -142,31 +142,31 @@ def _tensor_info(path: str, name: str, entry, data_base: int, file_size: int) ->
                               "\\ud800-\\udfff): corrupt header")
     constant = _not_json_in(entry)
     if constant:
-        raise CheckpointError(f"{path}: tensor '{name}': its header entry holds {constant}, which is not JSON "
+        raise CheckpointError(f"{path}: tensor {name!r}: its header entry holds {constant}, which is not JSON "
                               "(corrupt header)")
     if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
             and entry["dtype"] in (*SAFETENSORS_DTYPES, *UNREAD_DTYPES) and isinstance(entry.get("shape"), list)
             and all(_is_count(d) for d in entry["shape"])
             and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
             and all(_is_count(o) for o in entry["data_offsets"])):
-        raise CheckpointError(f"{path}: tensor '{name}': malformed header entry {str(entry)[:200]}")
+        raise CheckpointError(f"{path}: tensor {name!r}: malformed header entry {str(entry)[:200]}")
     if entry["dtype"] in UNREAD_DTYPES:
-        raise CheckpointError(f"{path}: tensor '{name}': unsupported dtype {entry['dtype']} (merge_engine reads "
+        raise CheckpointError(f"{path}: tensor {name!r}: unsupported dtype {entry['dtype']} (merge_engine reads "
                               f"{', '.join(SAFETENSORS_DTYPES)})")
     dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
     numel = _element_count(shape)
     if numel is None:
-        raise CheckpointError(f"{path}: tensor '{name}': shape {list(shape)} overflows computing its size "
+        raise CheckpointError(f"{path}: tensor {name!r}: shape {list(shape)} overflows computing its size "
                               "(a product of its sizes passes 2**63)")
     begin, end = entry["data_offsets"]
     nbytes = numel * dtype.itemsize
     if end - begin != nbytes:
         raise CheckpointError(
-            f"{path}: tensor '{name}': header says shape {list(shape)} {entry['dtype']} "
+            f"{path}: tensor {name!r}: header says shape {list(shape)} {entry['dtype']} "
             f"({nbytes} bytes) but its data range holds {end - begin} bytes")
     if data_base + end > file_size:
         raise CheckpointError(
-            f"{path}: tensor '{name}': data range [{begin}, {end}) runs past the end of the file "
+            f"{path}: tensor {name!r}: data range [{begin}, {end}) runs past the end of the file "
             f"(truncated file?)")
     return TensorInfo(name, path, dtype, shape, data_base + begin, nbytes)
 
@@ -190,7 +190,7 @@ def _check_layout(path: str, infos: dict[str, TensorInfo], data_base: int, file_
     for info in sorted(infos.values(), key=lambda i: (i.data_start, i.nbytes)):
         if info.data_start != offset:
             problem = "overlaps the tensor before it" if info.data_start < offset else "leaves a gap before it"
-            raise CheckpointError(f"{path}: tensor '{info.name}': data range {problem} (corrupt header)")
+            raise CheckpointError(f"{path}: tensor {info.name!r}: data range {problem} (corrupt header)")
         offset += info.nbytes
     if offset != file_size:
         raise CheckpointError(f"{path}: {file_size - offset} bytes after the last tensor's data (corrupt header)")

@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint, split_layer_name
+from merge_engine.io.safetensors_format import save_tensors
 from tests.conftest import rewrite_in_place
 
 
@@ -271,6 +272,16 @@ def test_config_json_values_of_the_wrong_type_are_refused_at_open(model_sets, tm
     assert str(err.value) == f"{folder / 'config.json'}: '{key}' {expected}"
     (folder / "config.json").write_text(json.dumps({**config, "text_config": None}))
     assert Checkpoint(str(folder)).num_layers == config["num_hidden_layers"]  # null: no nested config
+
+
+def test_a_tensor_listed_in_the_index_but_absent_from_its_shard_is_named_on_one_line(tmp_path):
+    save_tensors({"a": torch.ones(2)}, str(tmp_path / "s1.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "s1.safetensors", "line\nbreak": "s1.safetensors"}}))
+    with pytest.raises(CheckpointError) as err:
+        Checkpoint(str(tmp_path))
+    assert str(err.value) == (f"{tmp_path / 's1.safetensors'}: tensor 'line\\nbreak' is listed in "
+                              "model.safetensors.index.json but absent from the shard")
 
 
 def test_split_layer_name():

@@ -162,3 +162,17 @@ def test_a_git_lfs_pointer_is_named_as_one(tmp_path):
     path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 4976698672\n")
     with pytest.raises(CheckpointError, match=r"model\.safetensors: is a Git LFS pointer, not the weights .*git lfs pull"):
         read_header(str(path))
+
+
+@pytest.mark.parametrize("name", ["line\nbreak", "nul\x00", "carriage\rreturn"])
+@pytest.mark.parametrize("entry,data", [({"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}, 8),
+                                        ({"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}, 8),
+                                        ({"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, 4),
+                                        ({"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}, 12)])
+def test_a_tensor_name_with_control_characters_is_named_on_one_line(tmp_path, name, entry, data):
+    """The format allows any text as a name: the error quotes it escaped, so the message stays one line."""
+    path = write_raw(tmp_path / "c.safetensors", {name: entry}, bytes(data))
+    with pytest.raises(CheckpointError) as err:
+        read_header(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: tensor {name!r}") and message.isprintable(), message
