@@ -112,14 +112,14 @@ class _NotJson:
         return self.text
 
 
-def _not_json_in(entry) -> str | None:
-    """The first NaN or Infinity anywhere in a header entry, or None."""
+def _first_in(entry, wanted) -> object | None:
+    """The first key or value anywhere in a header entry for which wanted(it) holds, or None."""
     pending = [entry]
     while pending:
         value = pending.pop()
-        if isinstance(value, _NotJson):
-            return value.text
-        pending += value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+        if wanted(value):
+            return value
+        pending += [*value.keys(), *value.values()] if isinstance(value, dict) else value if isinstance(value, list) else []
     return None
 
 
@@ -140,10 +140,14 @@ def _tensor_info(path: str, name: str, entry, data_base: int, file_size: int) ->
     if not is_text(name):
         raise CheckpointError(f"{path}: tensor {name!r}: the name is not text (a lone surrogate escape, "
                               "\\ud800-\\udfff): corrupt header")
-    constant = _not_json_in(entry)
+    constant = _first_in(entry, lambda v: isinstance(v, _NotJson))
     if constant:
         raise CheckpointError(f"{path}: tensor {name!r}: its header entry holds {constant}, which is not JSON "
                               "(corrupt header)")
+    untext = _first_in(entry, lambda v: isinstance(v, str) and not is_text(v))  # in fields the format does not define
+    if untext is not None:
+        raise CheckpointError(f"{path}: tensor {name!r}: its header entry holds {untext!r}, which is not text "
+                              "(a lone surrogate escape): corrupt header")
     if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
             and entry["dtype"] in (*SAFETENSORS_DTYPES, *UNREAD_DTYPES) and isinstance(entry.get("shape"), list)
             and all(_is_count(d) for d in entry["shape"])

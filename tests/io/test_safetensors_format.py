@@ -176,3 +176,15 @@ def test_a_tensor_name_with_control_characters_is_named_on_one_line(tmp_path, na
         read_header(path)
     message = str(err.value)
     assert message.startswith(f"{path}: tensor {name!r}") and message.isprintable(), message
+
+
+@pytest.mark.parametrize("extra", [b'"\\ud800": 1', b'"note": "\\udfff"', b'"note": {"a": ["x\\ud83d"]}'])
+def test_a_lone_surrogate_anywhere_in_a_tensor_entry_is_refused_as_the_library_refuses_it(tmp_path, extra):
+    """Fields the format does not define are passed over, but their text must still be text."""
+    path = write_raw(tmp_path / "u.safetensors", b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], '
+                     + extra + b"}}", bytes(8))
+    with pytest.raises(Exception, match="escape"):
+        safe_open(path, "pt")
+    with pytest.raises(CheckpointError, match=r"u\.safetensors: tensor 'w': its header entry holds '.*', which is not "
+                                              r"text \(a lone surrogate escape\)"):
+        read_header(path)
