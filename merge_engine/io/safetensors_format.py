@@ -162,6 +162,9 @@ def _tensor_info(path: str, name: str, entry, data_base: int, file_size: int) ->
     if numel is None:
         raise CheckpointError(f"{path}: tensor {name!r}: shape {list(shape)} overflows computing its size "
                               "(a product of its sizes passes 2**63)")
+    if numel == 0 and not _torch_can_lay_out(dtype, shape):
+        raise CheckpointError(f"{path}: tensor {name!r}: shape {list(shape)} has no elements, but torch cannot lay it "
+                              "out (its strides overflow int64)")
     begin, end = entry["data_offsets"]
     nbytes = numel * dtype.itemsize
     if end - begin != nbytes:
@@ -185,6 +188,16 @@ def _element_count(shape: tuple[int, ...]) -> int | None:
         if count >= 2**63:
             return None
     return count
+
+
+def _torch_can_lay_out(dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
+    """Whether an empty tensor can be viewed in this shape, as reading it does: torch strides an empty shape
+    with wrapping products, and refuses a stride that wraps negative ([0, 3, 2**62]; [0, 4, 2**62] passes)."""
+    try:
+        torch.empty(0, dtype=dtype).view(shape)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _check_layout(path: str, infos: dict[str, TensorInfo], data_base: int, file_size: int) -> None:

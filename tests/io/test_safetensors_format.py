@@ -188,3 +188,15 @@ def test_a_lone_surrogate_anywhere_in_a_tensor_entry_is_refused_as_the_library_r
     with pytest.raises(CheckpointError, match=r"u\.safetensors: tensor 'w': its header entry holds '.*', which is not "
                                               r"text \(a lone surrogate escape\)"):
         read_header(path)
+
+
+@pytest.mark.parametrize("shape", [[0, 3, 2**62], [0, 3, 2**61, 2], [2**62, 0, 2**63 - 1, 2]])
+def test_an_empty_shape_torch_cannot_stride_is_refused_with_the_header(tmp_path, shape):
+    """Its element count is 0, but its strides overflow int64 so that no torch tensor has it: the library opens
+    the file and fails reading the tensor; the engine would fail mid-merge."""
+    path = write_raw(tmp_path / "e.safetensors", {"e": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}})
+    with safe_open(path, "pt") as f, pytest.raises(RuntimeError, match="Stride calculation overflowed"):
+        f.get_tensor("e")
+    with pytest.raises(CheckpointError, match=r"e\.safetensors: tensor 'e': shape .* has no elements, but torch cannot "
+                                              "lay it out"):
+        read_header(path)
