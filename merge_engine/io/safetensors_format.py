@@ -22,7 +22,8 @@ from merge_engine.io.untrusted import is_int, is_text, open_regular, parse_json
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces (MAX_HEADER_SIZE)
 GIT_LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # what a clone without git-lfs holds instead
-UNREAD_DTYPES = ("U16", "U32", "U64", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64")  # valid in the format, not merged
+UNREAD_DTYPES = ("U16", "U32", "U64", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F4", "F6_E2M3", "F6_E3M2",
+                 "C64")  # valid in the format, not merged
 
 
 @dataclass(frozen=True)

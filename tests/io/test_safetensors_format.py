@@ -107,7 +107,8 @@ def test_a_shape_whose_running_product_overflows_is_refused_as_the_library_refus
 
 
 @pytest.mark.parametrize("dtype,bits", [("U16", 16), ("U32", 32), ("U64", 64), ("F8_E8M0", 8), ("F4", 4),
-                                        ("F6_E2M3", 6), ("F6_E3M2", 6), ("C64", 64)])
+                                        ("F6_E2M3", 6), ("F6_E3M2", 6), ("C64", 64), ("F8_E4M3FNUZ", 8),
+                                        ("F8_E5M2FNUZ", 8)])
 def test_a_dtype_of_the_format_that_is_not_merged_is_named(tmp_path, dtype, bits):
     """The library reads these: the header is not malformed, merge_engine does not merge them."""
     path = write_raw(tmp_path / "d.safetensors", {"t": {"dtype": dtype, "shape": [8], "data_offsets": [0, bits]}},
