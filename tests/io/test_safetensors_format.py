@@ -201,3 +201,15 @@ def test_an_empty_shape_torch_cannot_stride_is_refused_with_the_header(tmp_path,
     with pytest.raises(CheckpointError, match=r"e\.safetensors: tensor 'e': shape .* has no elements, but torch cannot "
                                               "lay it out"):
         read_header(path)
+
+
+def test_a_tensor_named_twice_is_refused_even_where_the_library_takes_it(tmp_path):
+    """The library keeps the later entry, so one repeated exactly passes its layout check; the engine refuses
+    any repeated key (docs/methods.md)."""
+    entry = b'"w": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}'
+    path = write_raw(tmp_path / "t.safetensors", b"{" + entry + b", " + entry + b"}", b"\x01\x02")
+    with safe_open(path, "pt") as f:
+        assert f.keys() == ["w"]
+    with pytest.raises(CheckpointError, match=r"t\.safetensors: corrupt safetensors header: invalid JSON \(the key 'w' "
+                                              r"appears twice\)"):
+        read_header(path)
