@@ -20,6 +20,7 @@ from merge_engine.errors import CheckpointError
 from merge_engine.io.raw import tensor_bytes
 from merge_engine.io.untrusted import is_int, is_text, open_regular, parse_json
 
+MAX_NESTING = 127  # arrays and objects nested in a header (counting its own object): serde_json's, the library's parser
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces (MAX_HEADER_SIZE)
 GIT_LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # what a clone without git-lfs holds instead
 UNREAD_DTYPES = ("U16", "U32", "U64", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F4", "F6_E2M3", "F6_E3M2",
@@ -124,6 +125,17 @@ def _first_in(entry, wanted) -> object | None:
     return None
 
 
+def _nesting(value) -> int:
+    """How many arrays and objects are nested at value's deepest point (0 for a number or a string)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        value, level = pending.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, level)
+            pending += [(child, level + 1) for child in (value.values() if isinstance(value, dict) else value)]
+    return deepest
+
+
 def _integer_or_minus_zero(text: str) -> int | float:
     """A JSON integer as the safetensors library reads it: -0 is a float to it, so not a size or an offset."""
     return -0.0 if text == "-0" else int(text)
@@ -141,6 +153,9 @@ def _tensor_info(path: str, name: str, entry, data_base: int, file_size: int) ->
     if not is_text(name):
         raise CheckpointError(f"{path}: tensor {name!r}: the name is not text (a lone surrogate escape, "
                               "\\ud800-\\udfff): corrupt header")
+    if 1 + _nesting(entry) > MAX_NESTING:
+        raise CheckpointError(f"{path}: tensor {name!r}: its header entry is nested deeper than the safetensors "
+                              f"library parses ({MAX_NESTING} levels of arrays and objects in all): corrupt header")
     constant = _first_in(entry, lambda v: isinstance(v, _NotJson))
     if constant:
         raise CheckpointError(f"{path}: tensor {name!r}: its header entry holds {constant}, which is not JSON "

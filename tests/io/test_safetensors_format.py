@@ -213,3 +213,26 @@ def test_a_tensor_named_twice_is_refused_even_where_the_library_takes_it(tmp_pat
     with pytest.raises(CheckpointError, match=r"t\.safetensors: corrupt safetensors header: invalid JSON \(the key 'w' "
                                               r"appears twice\)"):
         read_header(path)
+
+
+@pytest.mark.parametrize("depth", [125, 126])
+@pytest.mark.parametrize("opener,closer", [(b"[", b"]"), (b'{"a": ', b"}")])
+def test_a_header_is_nested_at_most_as_deep_as_the_library_parses(tmp_path, depth, opener, closer):
+    """serde_json, the library's parser, takes 127 levels of arrays and objects: the header's object, a tensor's
+    entry, and 125 more in a field the format does not define."""
+    extra = opener * depth + (b"1" if opener != b"[" else b"") + closer * depth
+    path = write_raw(tmp_path / "n.safetensors", b'{"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1], "x": '
+                     + extra + b"}}", b"\x01")
+    refused = depth > 125
+    try:
+        with safe_open(path, "pt"):
+            pass
+    except Exception as e:
+        assert refused and "recursion limit" in str(e)
+    else:
+        assert not refused
+    if refused:
+        with pytest.raises(CheckpointError, match=r"n\.safetensors: tensor 'w': its header entry is nested deeper than"):
+            read_header(path)
+    else:
+        assert list(read_header(path)) == ["w"]
