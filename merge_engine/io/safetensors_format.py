@@ -18,7 +18,7 @@ import torch
 from merge_engine.dtypes import SAFETENSORS_CODES, SAFETENSORS_DTYPES
 from merge_engine.errors import CheckpointError
 from merge_engine.io.raw import tensor_bytes
-from merge_engine.io.untrusted import is_int, is_text, open_regular, parse_json
+from merge_engine.io.untrusted import is_finite_number, is_int, is_text, open_regular, parse_json
 
 MAX_NESTING = 127  # arrays and objects nested in a header (counting its own object): serde_json's, the library's parser
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces (MAX_HEADER_SIZE)
@@ -170,6 +170,9 @@ def _tensor_info(path: str, name: str, entry, data_base: int, file_size: int) ->
             and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
             and all(_is_count(o) for o in entry["data_offsets"])):
         raise CheckpointError(f"{path}: tensor {name!r}: malformed header entry {str(entry)[:200]}")
+    if _first_in(entry, lambda v: (is_int(v) or isinstance(v, float)) and not is_finite_number(v)) is not None:
+        raise CheckpointError(f"{path}: tensor {name!r}: its header entry holds a number beyond a double's range, "
+                              "which the safetensors library refuses (corrupt header)")
     if entry["dtype"] in UNREAD_DTYPES:
         raise CheckpointError(f"{path}: tensor {name!r}: unsupported dtype {entry['dtype']} (merge_engine reads "
                               f"{', '.join(SAFETENSORS_DTYPES)})")

@@ -236,3 +236,25 @@ def test_a_header_is_nested_at_most_as_deep_as_the_library_parses(tmp_path, dept
             read_header(path)
     else:
         assert list(read_header(path)) == ["w"]
+
+
+@pytest.mark.parametrize("number,refused", [(b"1e400", True), (b"-1e400", True), (b"9" * 400, True), (b"1e308", False),
+                                            (b"9" * 300, False), (b"true", False)])
+def test_a_number_beyond_a_double_is_refused_where_the_library_refuses_it(tmp_path, number, refused):
+    """serde_json reads a number that no integer type holds as a double, and refuses one beyond its range;
+    Python's json reads it as infinity or as an integer of any size."""
+    path = write_raw(tmp_path / "r.safetensors", b'{"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1], '
+                     b'"note": [' + number + b"]}}", b"\x01")
+    try:
+        with safe_open(path, "pt"):
+            pass
+    except Exception as e:
+        assert refused and "number out of range" in str(e)
+    else:
+        assert not refused
+    if refused:
+        with pytest.raises(CheckpointError, match=r"r\.safetensors: tensor 'w': its header entry holds a number beyond "
+                                                  "a double's range"):
+            read_header(path)
+    else:
+        assert list(read_header(path)) == ["w"]
