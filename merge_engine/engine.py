@@ -588,7 +588,7 @@ def output_model_config(plan: MergePlan) -> dict:
     model_config = dict(plan.donor.config)
     if not model_config:
         return model_config
-    out_dtype = plan.jobs[0].out_dtype if plan.jobs else None
+    out_dtype = written_dtype(plan)
     if out_dtype is not None:
         name = dtype_name(out_dtype)
         for key in ("torch_dtype", "dtype"):  # transformers 5 writes "dtype" (as mergekit's output has it)
@@ -607,6 +607,17 @@ def output_model_config(plan: MergePlan) -> dict:
     if plan.vocabulary or plan.truncated_rows:  # (mergekit leaves a truncation's vocab_size as the donor's)
         set_vocab_size(model_config, plan.vocabulary.rows if plan.vocabulary else plan.truncated_rows)
     return model_config
+
+
+def written_dtype(plan: MergePlan) -> torch.dtype | None:
+    """The dtype most of the output's floating-point elements are written in (None: it has none). A checkpoint can
+    store tensors in several dtypes (fp32 norms beside bf16 weights, say), each merged and written in its own: the
+    first tensor's dtype need not be the model's."""
+    elements: dict[torch.dtype, int] = {}
+    for job in plan.jobs:
+        if job.out_dtype.is_floating_point:
+            elements[job.out_dtype] = elements.get(job.out_dtype, 0) + math.prod(job.shape)
+    return max(elements, key=elements.get) if elements else None
 
 
 PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers", "layers_block_type", "block_types", "attn_type_list",

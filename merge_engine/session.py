@@ -58,6 +58,7 @@ from merge_engine.engine import (
     load_kernels,
     output_model_config,
     write_side_files,
+    written_dtype,
 )
 from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.extras import require
@@ -599,8 +600,8 @@ def output_config(plan: MergePlan):
 
 
 def output_dtype(plan: MergePlan) -> torch.dtype:
-    """The live model's dtype: its tensors' (the merge's dtype)."""
-    return plan.jobs[0].out_dtype if plan.jobs else torch.float32
+    """The live model's dtype: the one config.json says, most of its tensors' (the merge's dtype)."""
+    return written_dtype(plan) or torch.float32
 
 
 def live_model(plan: MergePlan, device: torch.device) -> torch.nn.Module:

@@ -624,3 +624,38 @@ def test_a_last_slice_of_tied_heads_under_an_untied_donor_gets_its_head(model_se
     assert all(torch.equal(a[n], b[n]) for n in b)
     assert torch.equal(a["lm_head.weight"], folder_tensors(tied)["model.embed_tokens.weight"])
     assert json.loads((theirs / "config.json").read_text()).get("tie_word_embeddings") is False
+
+
+def mixed_dtype_copy(folder, out) -> str:
+    """A copy of a Llama folder stored in several dtypes, as some checkpoints are: fp16 embeddings (the first tensor),
+    fp32 norms, bf16 for the rest; its config.json says bfloat16."""
+    from safetensors.torch import save_file
+
+    from tests.conftest import _folder_tensors
+    os.makedirs(out)
+    tensors = {n: t.half() if "embed" in n else t.float() if "norm" in n else t.bfloat16()
+               for n, t in _folder_tensors(folder).items()}
+    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    config = json.load(open(os.path.join(folder, "config.json")))
+    json.dump({**config, "dtype": "bfloat16"}, open(os.path.join(out, "config.json"), "w"))
+    return out
+
+
+@pytest.mark.parametrize("method", ["passthrough", "linear"])
+def test_a_checkpoint_of_several_dtypes_keeps_the_dtype_most_of_it_has(method, model_sets, mergekit, write_yaml,
+                                                                         folder_tensors, tmp_path):
+    # each tensor merges in its own dtype, as in mergekit; config.json says the dtype most of the output is
+    # written in (the donor's here, as mergekit keeps it), not the first tensor's (the embeddings' fp16)
+    base, expert = model_sets("llama")[:2]
+    mixed = [mixed_dtype_copy(m, str(tmp_path / f"mixed{i}")) for i, m in enumerate((base, expert))]
+    config = {"merge_method": method, "models": [{"model": m, "parameters": {"weight": 0.5}} for m in mixed]}
+    if method == "passthrough":
+        config["models"] = [{"model": mixed[0]}]
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    merge(parse_config(config), str(ours), MergeOptions(quiet=True, copy_tokenizer=False))
+    run_mergekit(mergekit, write_yaml(config), str(theirs))
+    a, b = folder_tensors(ours), folder_tensors(theirs)
+    assert a["model.embed_tokens.weight"].dtype == torch.float16 and set(a) == set(b)
+    assert all(a[n].dtype == b[n].dtype and torch.equal(a[n], b[n]) for n in a)
+    assert json.loads((ours / "config.json").read_text())["dtype"] == \
+        json.loads((theirs / "config.json").read_text())["dtype"] == "bfloat16"
