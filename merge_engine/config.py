@@ -297,7 +297,7 @@ def _is_path(text: str, where: str, problems: list[str]) -> bool:
 
 def _dtype(raw: dict, key: str, problems: list[str]) -> torch.dtype | None:
     name = raw.get(key)
-    if name is None:
+    if name is None or name == "":  # mergekit's dtype_from_name takes an empty name as none
         return None
     name = str(name).removeprefix("torch.")
     if name not in DTYPES:

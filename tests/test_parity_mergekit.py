@@ -99,6 +99,10 @@ CASES = {
                    {"model": e[0], "parameters": {"weight": [{"filter": "self_attn", "value": 0.4, "note": "x"},
                                                                 {"value": 0.6}]}},
                    {"model": e[1], "parameters": {"weight": 0.5}}]}),
+    # an empty dtype is no dtype to mergekit (its dtype_from_name returns None for any false name)
+    "linear_empty_dtypes": ("llama_bf16_sharded", lambda b, e: {
+        "merge_method": "linear", "dtype": "", "out_dtype": "",
+        "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(e, (0.2, 0.3, 0.5))]}),
     # layer numbers as mergekit's schema takes them (whole floats, integer strings)
     "passthrough_lax_layer_range": ("llama", lambda b, e: {
         "merge_method": "passthrough", "dtype": "float32",
