@@ -272,8 +272,11 @@ def method_of(raw: dict, problems: list[str]) -> MergeMethod | None:
 def _model_ref(ref: Any, where: str, problems: list[str], optional: bool = False) -> str | None:
     if ref is None and optional:
         return None
-    if isinstance(ref, dict) and "model" in ref:  # mergekit also accepts {model: path}
-        ref = ref["model"]
+    if isinstance(ref, dict) and "model" in ref:
+        if ref.get("override_architecture") is not None:
+            problems.append(f"{where}: override_architecture is not supported")
+            return None
+        ref = _reference_text(ref)
     if not isinstance(ref, str) or not ref:
         problems.append(f"{where}: expected a model path, got {ref!r}")
         return None
@@ -285,6 +288,19 @@ def _model_ref(ref: Any, where: str, problems: list[str], optional: bool = False
     elif "@" in ref:
         problems.append(f"{where}: '{ref}': revisions (model@rev) are not supported; pass a local folder")
     return ref
+
+
+def _reference_text(ref: dict) -> Any:
+    """mergekit's mapping form of a reference, {model: PATH, lora: PATH} (each PATH also {path, revision}), as the
+    text it stands for, PATH[@REVISION][+LORA]; a part that is neither is returned as given, to be refused."""
+    def text(path: Any) -> Any:
+        if isinstance(path, dict) and "path" in path:
+            return path["path"] if path.get("revision") is None else f"{path['path']}@{path['revision']}"
+        return path
+    model, lora = text(ref["model"]), text(ref.get("lora"))
+    if lora is None:
+        return model
+    return f"{model}+{lora}" if isinstance(model, str) and isinstance(lora, str) else ref
 
 
 def _is_path(text: str, where: str, problems: list[str]) -> bool:

@@ -147,6 +147,11 @@ def test_an_unknown_merge_method_suggests_the_closest_name(name, hint):
      r"parameters\.weight: a list entry that is neither a scalar nor a \{filter, value\} entry: \{'filter': 'mlp'\}"),
     (ties_with(0, {"weight": [[0.1, 0.2]]}), r"neither a scalar nor a \{filter, value\} entry: \[0\.1, 0\.2\]"),
     (ties_with(0, {"weight": [0.1, {"value": 0.5}]}), r"a list mixing scalars and \{filter, value\} entries"),
+    # mergekit's mapping form of a reference: a revision and an architecture override are refused, not dropped
+    ({"merge_method": "linear", "models": [{"model": {"model": {"path": "/a", "revision": "v2"}}}]},
+     r"models\[0\]\.model: '/a@v2': revisions \(model@rev\) are not supported"),
+    ({"merge_method": "linear", "models": [{"model": {"model": "/a", "override_architecture": "MistralForCausalLM"}}]},
+     r"models\[0\]\.model: override_architecture is not supported"),
 ])
 def test_invalid_configs(raw, match):
     with pytest.raises(ConfigError, match=match):
@@ -175,6 +180,12 @@ def test_a_token_that_is_not_text_is_a_problem_naming_it():
            "tokenizer": {"source": "base", "tokens": {"a\ud800": {"source": {"kind": "zero"}}, "ok": {}}}}
     with pytest.raises(ConfigError, match=re.escape("tokenizer.tokens: 'a\\ud800' is not text")):
         parse_config(raw)
+
+
+def test_mergekits_mapping_form_of_a_reference_is_its_text():
+    cfg = parse_config({"merge_method": "task_arithmetic", "base_model": {"model": {"path": "/a"}, "lora": "/l"},
+                        "models": [{"model": {"model": "/b", "lora": {"path": "/m"}}, "parameters": {"weight": 1.0}}]})
+    assert cfg.base_model == "/a+/l" and [src.model for src in cfg.slices[0].sources] == ["/b+/m", "/a+/l"]
 
 
 def test_slices_form():

@@ -352,6 +352,24 @@ def test_lora_references_identical_to_mergekit(case, model_sets, mergekit, write
     assert [n for n in a if a[n].dtype != b[n].dtype or not torch.equal(a[n], b[n])] == []
 
 
+def test_model_references_in_mergekits_mapping_form_identical_to_mergekit(model_sets, mergekit, write_yaml,
+                                                                          folder_tensors, tmp_path):
+    # mergekit's schema also takes a reference as {model: PATH, lora: PATH}, each PATH a string or {path: ...}
+    from tests.lora_adapters import write_adapter
+    base, e1, e2, _ = model_sets("llama")
+    write_adapter(str(tmp_path / "a1"), base, seed=1)
+    write_adapter(str(tmp_path / "a2"), e1, seed=2)
+    config = {"merge_method": "task_arithmetic", "dtype": "float32",
+              "base_model": {"model": base, "lora": str(tmp_path / "a1")}, "models": [
+                  {"model": {"model": {"path": e1}, "lora": {"path": str(tmp_path / "a2")}}, "parameters": {"weight": 0.6}},
+                  {"model": {"model": {"path": e2}}, "parameters": {"weight": 0.3}}]}
+    merge(parse_config(config), str(tmp_path / "ours"), MergeOptions(quiet=True, copy_tokenizer=False))
+    run_mergekit(mergekit, write_yaml(config), str(tmp_path / "theirs"), "--lora-merge-cache", str(tmp_path / "cache"))
+    a, b = folder_tensors(tmp_path / "ours"), folder_tensors(tmp_path / "theirs")
+    assert set(a) == set(b)
+    assert [n for n in a if a[n].dtype != b[n].dtype or not torch.equal(a[n], b[n])] == []
+
+
 # Models with several layer stacks, each stack with its own gradient t: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Mistral 3
 # (mergekit's multi-module architectures) and T5 (3 encoder, 2 decoder blocks). Qwen2-VL's and Qwen2.5-VL's projector MLP differs:
 # mergekit's architecture file makes it a two-layer module without layer numbers, so each of those
