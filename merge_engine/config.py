@@ -399,8 +399,8 @@ def _token_source(value: Any, where: str, problems: list[str]) -> TokenSource | 
     """A model path, {kind: zero}, or {kind: model_token, model, token_id | token}."""
     if value is None:
         return None
-    if isinstance(value, str):
-        model = _model_ref(value, where, problems)
+    if isinstance(value, str) or isinstance(value, dict) and "kind" not in value and "model" in value:
+        model = _model_ref(value, where, problems)  # (a dict: a reference in mergekit's mapping form)
         return TokenSource("model", model) if model else None
     kind = value.get("kind") if isinstance(value, dict) else None
     if kind == "zero":

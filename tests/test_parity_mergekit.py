@@ -239,6 +239,13 @@ VOCAB_CASES = {
             "brand_new": {"source": {"kind": "model_token", "model": m["other"], "token_id": 3.0}, "force": 1},
             "w9": {"source": {"kind": "zero", "note": "unknown keys are ignored"}, "forced": True}}, "note": 1},
         "models": [{"model": m[k], "parameters": {"weight": 0.5}} for k in ("extra", "other")]},
+    # references in mergekit's mapping form: a token's source, the tokenizer's
+    "tokens_mapping_form_sources": lambda m: {
+        "merge_method": "task_arithmetic", "base_model": {"model": m["base"]}, "dtype": "float32",
+        "tokenizer": {"source": {"model": {"path": m["other"]}}, "tokens": {
+            "w9": {"source": {"model": m["extra"]}, "force": True},
+            "w10": {"source": {"kind": "model_token", "model": {"model": m["base"]}, "token": "w11"}, "force": True}}},
+        "models": [{"model": m[k], "parameters": {"weight": 0.5}} for k in ("extra", "other")]},
     # byte-level BPE tokenizers learnt from different text; the base's 2 tokens past its rows are trimmed
     "bpe_union_trimmed_base": lambda m: {"merge_method": "linear", "base_model": m["bpe_base"],
                                          "tokenizer_source": "union", "models": [
