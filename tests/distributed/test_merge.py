@@ -44,6 +44,11 @@ CASES = {
         "slices": [{"sources": [{"model": b, "layer_range": [0, 2]}, {"model": e[0], "layer_range": [0, 2]}]},
                    {"sources": [{"model": b, "layer_range": [2, 4]}, {"model": e[1], "layer_range": [2, 4]}]}]},
         80_000),
+    # BLAS and LAPACK round these by the thread count, which the ranks share with the one process here
+    "karcher": ("llama", lambda b, e: {"merge_method": "karcher", "dtype": "float32",
+                                       "models": [{"model": m} for m in e]}, 80_000),
+    "tsv": ("llama", lambda b, e: {"merge_method": "tsv", "base_model": b, "dtype": "float32",
+                                   "models": [{"model": m} for m in e]}, 80_000),
     "one_shard": ("qwen2", lambda b, e: {"merge_method": "ties", "dtype": "float32",
                                          **models(b, e, [{"weight": 0.5, "density": 0.5}] * 3)}, 10**9),
 }
