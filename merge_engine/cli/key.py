@@ -96,7 +96,15 @@ def run(argv: list[str]) -> int:
     return run_subcommand(build_parser(), COMMANDS, argv)
 
 
+def _one_process(args) -> None:
+    """Refuse a command that would run whole on every rank under torchrun: each would write the same key file
+    (all but the first then failing on it) or roll back the same in-place operation."""
+    if launched_by_torchrun():
+        raise MergeEngineError(f"key {args.command} runs in one process, not under torchrun")
+
+
 def _generate(args, parser) -> int:
+    _one_process(args)
     path = os.path.join(args.config, "config.json") if os.path.isdir(args.config) else args.config
     for given in [path] + ([args.secret_file] if args.secret_file else []):  # even with --overwrite
         if os.path.exists(args.out) and os.path.exists(given) and os.path.samefile(args.out, given):
@@ -165,6 +173,7 @@ def _apply_or_remove(args, parser) -> int:
 
 
 def _recover(args, parser) -> int:
+    _one_process(args)
     return print_recovery(args.model, "key operation", recover(args.model))
 
 

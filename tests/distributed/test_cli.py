@@ -87,3 +87,20 @@ def test_the_torchrun_refusal_is_one_line_with_verbose():
                          text=True, timeout=120, env=env)
     assert run.returncode == 2
     assert run.stderr == "merge-engine: error: merge-engine patch runs in one process, not under torchrun\n"
+
+
+def test_key_commands_without_a_distributed_form_are_refused_under_torchrun(tier_model, tmp_path, monkeypatch,
+                                                                            capsys):
+    # every rank would write the same key file (all but the first failing on it) or roll back the same folder
+    from merge_engine.cli import main
+    model = tier_model("llama")
+    (tmp_path / "secret").write_bytes(b"a secret")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    capsys.readouterr()  # what making the model printed
+    for command in (["generate", model, str(tmp_path / "key.json"), "--secret-file", str(tmp_path / "secret")],
+                    ["recover", model]):
+        assert main(["key", *command]) == 2
+        assert capsys.readouterr().err == (f"merge-engine: error: key {command[0]} runs in one process, not under "
+                                           "torchrun\n")
+    assert sorted(os.listdir(tmp_path)) == ["secret"]
