@@ -193,7 +193,9 @@ def compute_fisher(model: torch.nn.Module, batches, variant: str = "empirical", 
     with _FisherAccumulator(model, fisher_dtype) as acc, _fisher_mode(model, gradient_checkpointing):
         examples = tokens = steps = 0
         total = sum(len(b["input_ids"]) for b in batches) if hasattr(batches, "__len__") else None
-        with progress_bar(total=total, unit="ex", desc="fisher", disable=not progress) as bar:
+        # a step: a rank that fails on its batches stops the others here, not in the sums' collectives
+        with progress_bar(total=total, unit="ex", desc="fisher", disable=not progress) as bar, \
+                every_rank(ranks, "computing the Fisher"):
             for i, batch in enumerate(batches):
                 if generator is not None:
                     generator.manual_seed(batch_seed(seed, first + i * stride))
@@ -327,7 +329,6 @@ def collect_fisher(model_dir: str, data_path: str, out_dir: str, options: Fisher
         model = load_model(model_dir, options.dtype, device)
     if ranks:  # the digest costs a pass over the data
         check_same_plan(ranks, data_digest(model_dir, data.sequences, options, out_dir))
-    # no step here: a rank that fails in the collective sums ends its process (torchrun then stops the others)
     result = compute_fisher(model, own_items(data.batches(options.batch_size), ranks), options.variant,
                             options.per_example, options.seed, options.fisher_dtype, not options.quiet,
                             options.gradient_checkpointing, ranks)

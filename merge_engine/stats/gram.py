@@ -239,14 +239,22 @@ def compute_grams(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]
     model.eval()
     groups = group_by_input(model, linear_modules(model, options.exclude, stored_name), first)
     passes = split_into_passes(groups, options.max_gram_bytes)
-    writer = writer_factory(groups)
+    # steps: a rank that fails (rank 0 writing) stops the others at the step's end, not in the sums' collectives
+    with every_rank(ranks, "opening the output"):
+        writer = writer_factory(groups)
     batches = own_items(batches, ranks)
     local_rows: dict[str, int] = {}
     with progress_bar(total=sum(len(b["input_ids"]) for b in batches) * len(passes), unit="ex",
                       desc=f"grams ({len(passes)} pass(es))", disable=options.quiet) as bar:
         for groups_of_pass in passes:
-            for name, gram in accumulate_pass(model, groups_of_pass, batches, bar, local_rows).items():
-                writer(name, sum_over_ranks(ranks, gram))
+            with every_rank(ranks, "collecting the Grams"):
+                grams = accumulate_pass(model, groups_of_pass, batches, bar, local_rows)
+            for gram in grams.values():
+                gram.copy_(sum_over_ranks(ranks, gram))
+            with every_rank(ranks, "writing the Grams"):
+                for name, gram in grams.items():
+                    writer(name, gram)
+            del grams  # the next pass' Grams take their place in memory
     rows = sum_counts(ranks, local_rows)
     counts = sum_counts(ranks, {"examples": sum(len(b["input_ids"]) for b in batches),
                                 "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches))})
@@ -304,7 +312,6 @@ def collect_grams(model_dir: str, data_path: str, out_dir: str, options: GramOpt
         return write
 
     try:
-        # no step here: a rank that fails in the collective sums ends its process (torchrun then stops the others)
         summary = compute_grams(model, data.batches(options.batch_size), open_writer, options, ranks,
                                 checkpoint_naming(model, model_dir))
         manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "model": os.path.abspath(model_dir),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 import pytest
 import torch
@@ -87,3 +88,38 @@ def test_ranks_that_read_different_data_are_refused(tiny_lm, text_file, tmp_path
     assert [r["error"] for r in results] == [None, None], [r.get("traceback") for r in results]
     assert all("rank(s) 1 planned a different job from rank 0's" in (r["value"] or "") for r in results)
     assert not os.path.exists(tmp_path / "grams")
+
+
+def failing_rank_1(rank: int, model: str, data: str, root: str) -> dict:
+    """Grams then a Fisher, rank 1 failing on its batches in each (as out of memory would); what each rank
+    raised, and what the output folder's parent holds after each run (every rank has cleaned up)."""
+    import torch.distributed as dist
+
+    import merge_engine.stats.fisher as fisher
+    import merge_engine.stats.gram as gram
+    if rank == 1:
+        def out_of_memory(*args, **kwargs):
+            raise RuntimeError("out of memory (injected)")
+        gram.accumulate_pass = fisher._backward_step = out_of_memory
+    failures = {}
+    for name, collect_stats, options in [("grams", collect_grams, GramOptions), ("fisher", collect_fisher, FisherOptions)]:
+        try:
+            collect_stats(model, data, os.path.join(root, name), options(batch_size=BATCH, device="cpu", quiet=True))
+        except Exception as e:  # noqa: BLE001 (each rank's error, for the test to check)
+            failures[name] = f"{type(e).__name__}: {e}"
+        dist.barrier()  # as a caller goes on: the ranks agree where they are, none waits in a sum for rank 1
+        failures[name + " left"] = os.listdir(root)
+    return failures
+
+
+def test_a_rank_failing_on_its_batches_stops_every_rank_and_writes_nothing(tiny_lm, text_file, tmp_path):
+    root = tmp_path / "out"
+    root.mkdir()
+    results = run_ranks(failing_rank_1, 2, str(tmp_path / "results"), tiny_lm("llama"), text_file, str(root))
+    assert [r["error"] for r in results] == [None, None], [r.get("traceback") for r in results]
+    rank0, rank1 = (r["value"] for r in results)
+    for name, doing in [("grams", "collecting the Grams"), ("fisher", "computing the Fisher")]:
+        assert rank1[name] == "RuntimeError: out of memory (injected)"
+        assert rank0[name].startswith(f"RankFailed: rank 1 ({socket.gethostname()}) failed while {doing}: "
+                                      "RuntimeError: out of memory (injected)"), rank0[name]
+        assert rank0[name + " left"] == [] == rank1[name + " left"]
