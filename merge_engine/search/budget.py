@@ -23,11 +23,12 @@ from typing import Callable
 
 import torch
 
-from merge_engine.errors import ConfigError
+from merge_engine.errors import ConfigError, OutputError
 
 READ_CEILING = 25e9  # bytes/s: above any NVMe array or page-cache copy of today; a lower bound of read time
 MARGIN = 1.5  # the reserve for the end is this many times its estimate, plus SLACK seconds
 SLACK = 2.0
+PROBE_BYTES = 64 << 20  # the most the output disk's write rate is measured with
 _UNITS = {"s": 1, "m": 60, "h": 3600}
 
 
@@ -64,16 +65,24 @@ class Budget:
         return self.seconds - self.elapsed()
 
 
-def write_rate(folder: str, probe_bytes: int = 64 << 20) -> float:
-    """Bytes/s of a flushed write of probe_bytes into folder (the output disk), measured now."""
-    os.makedirs(folder, exist_ok=True)
-    data = os.urandom(1 << 20) * (probe_bytes >> 20)
-    with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-") as f:
-        began = time.perf_counter()
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-        return probe_bytes / max(time.perf_counter() - began, 1e-6)
+def write_rate(folder: str, probe_bytes: int = PROBE_BYTES) -> float:
+    """Bytes/s of a flushed write of probe_bytes into folder (the output disk; where it does not exist yet, its
+    nearest existing parent: none is made before the search is known to run), measured now. The probe file has no
+    name (O_TMPFILE, or unlinked at once), so a search killed while writing it leaves nothing behind."""
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    chunk = os.urandom(min(probe_bytes, 1 << 20))
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".write-probe-") as f:
+            began = time.perf_counter()
+            for done in range(0, probe_bytes, len(chunk)):
+                f.write(chunk[:probe_bytes - done])
+            f.flush()
+            os.fsync(f.fileno())
+            return probe_bytes / max(time.perf_counter() - began, 1e-6)
+    except OSError as e:  # a probe no larger than the output: the output would not fit either
+        raise OutputError(f"{folder}: cannot write {probe_bytes:,} bytes there, where the output goes "
+                          f"({e.strerror or e})") from None
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:

@@ -41,6 +41,7 @@ from merge_engine.io.writer import check_output_apart, check_output_dir
 from merge_engine.plan import build_plan
 from merge_engine.progress import progress_bar
 from merge_engine.search.budget import (
+    PROBE_BYTES,
     READ_CEILING,
     Budget,
     matmul_rate,
@@ -225,11 +226,13 @@ class Estimate:
 
 def estimate_seconds(plan, memory, objective, device, out_dir: str) -> Estimate:
     params = sum(math.prod(shape) for _, _, shape in plan.entries())
+    out_bytes = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in plan.entries())
     dtype = output_dtype(plan)
     # the faster of fp32 and the model's dtype: a CPU's bare bf16 matmul can be 10x slower than the model's layers
     per_token = 2 * params / max(matmul_rate(device, torch.float32), matmul_rate(device, dtype))
     return Estimate(input_bytes(plan.jobs) / READ_CEILING, objective.tokens() * per_token, per_token,
-                    memory.model_bytes / write_rate(os.path.dirname(os.path.abspath(out_dir))))
+                    memory.model_bytes / write_rate(os.path.dirname(os.path.abspath(out_dir)),
+                                                    min(PROBE_BYTES, out_bytes)))
 
 
 def check_budget_fits(budget: Budget, estimate: Estimate, objective, test, in_bytes: int) -> None:

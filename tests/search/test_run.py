@@ -72,7 +72,7 @@ def fake_rates(monkeypatch):
         model_bytes = {}
         monkeypatch.setattr(run_module, "matmul_rate", lambda device, dtype: 1e30)
 
-        def rate(folder):
+        def rate(folder, probe_bytes):
             return model_bytes["n"] / write_seconds
         original_estimate = run_module.estimate_seconds
 
