@@ -258,7 +258,12 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str
     its numpy dependency)."""
     contiguous = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     prefix, _ = build_header([(name, t.dtype, tuple(t.shape)) for name, t in contiguous.items()], metadata)
-    with open(path, "wb") as f:
-        f.write(prefix)
-        for t in contiguous.values():
-            f.write(tensor_bytes(t))
+    try:
+        with open(path, "wb") as f:
+            f.write(prefix)
+            for t in contiguous.values():
+                f.write(tensor_bytes(t))
+    except OSError as e:
+        if e.filename is None:  # a write's error (a full disk) names no file
+            raise OSError(e.errno, e.strerror, path) from e
+        raise

@@ -7,6 +7,7 @@ with spaces as the safetensors format allows: memory holds one tensor, the input
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -43,7 +44,8 @@ class AppendedShards:
             self._open_shard()
         t = tensor.detach().cpu().contiguous()
         data = tensor_bytes(t)
-        pwrite_all(self._fd, data, 8 + self.room + self._end)
+        with self._naming():
+            pwrite_all(self._fd, data, 8 + self.room + self._end)
         self._header[name] = {"dtype": SAFETENSORS_CODES[t.dtype], "shape": list(t.shape),
                               "data_offsets": [self._end, self._end + len(data)]}
         self._end += len(data)
@@ -65,10 +67,21 @@ class AppendedShards:
         raw = json.dumps(self._header, separators=(",", ":")).encode()
         if len(raw) > self.room:
             raise RuntimeError(f"{self.files[-1]}: header of {len(raw)} bytes exceeds the {self.room} reserved")
-        pwrite_all(self._fd, memoryview(struct.pack("<Q", self.room) + raw + b" " * (self.room - len(raw))), 0)
-        os.fsync(self._fd)
+        with self._naming():
+            pwrite_all(self._fd, memoryview(struct.pack("<Q", self.room) + raw + b" " * (self.room - len(raw))), 0)
+            os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
+
+    @contextlib.contextmanager
+    def _naming(self):
+        """An OSError of a write to the open shard (a full disk, a quota) names it: pwrite's and fsync's do not."""
+        try:
+            yield
+        except OSError as e:
+            if e.filename is None:
+                raise OSError(e.errno, e.strerror, os.path.join(self.folder, self.files[-1])) from e
+            raise
 
     def abort(self) -> None:
         if self._fd >= 0:

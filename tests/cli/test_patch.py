@@ -1,5 +1,8 @@
 """`merge-engine patch ...`: the happy paths, and errors that exit 2 with one line naming what is at fault."""
 import os
+import resource
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -81,3 +84,20 @@ def test_inputs_and_the_output_are_kept_apart(models, tmp_path, capsys):
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert sorted(os.listdir(p)) == before and not os.path.exists(os.path.join(m["tuned"], "pp"))
     shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("storage", ["int8", "lora"])
+def test_a_full_disk_during_extract_names_the_patch_file_and_leaves_nothing(models, tmp_path, storage):
+    # the patch shards' (pwrite) and the LoRA adapter's (a buffered write) errors named no file: "[Errno 27] File too
+    # large" alone
+    m = models(torch.bfloat16)
+
+    def small_disk():  # a file size limit: writes past it fail as a full disk's do
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    run = subprocess.run([sys.executable, "-m", "merge_engine", "patch", "extract", m["base"], m["tuned"],
+                          str(tmp_path / "p"), "--storage", storage, "-q"],
+                         capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
+    said = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(said) == 1 and "File too large" in said[0], run.stderr
+    written = "adapter_model.safetensors" if storage == "lora" else "patch-00001.safetensors"
+    assert said[0].endswith(f"{written}'") and os.listdir(tmp_path) == []
