@@ -71,6 +71,15 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += os.pwrite(fd, data[done:done + _WRITE_CHUNK], offset + done)
 
 
+def _fsync_path(path: str) -> None:
+    """fsync a file or a folder (its entries) by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _joined_lock_name() -> str:
     return f"{_JOINED_LOCK}{socket.gethostname()}-{os.getpid()}"
 
@@ -403,8 +412,20 @@ class ShardedWriter:
         for shard in self._shards:
             with self._naming(shard.filename):
                 os.fsync(shard.fd)
+        if self.maker:
+            self._sync_side_files()
         self._close()
         self._flushed = True
+
+    def _sync_side_files(self) -> None:
+        """The files beside the shards (config, index, tokenizer, written through the page cache) and the folder's
+        entries on disk before it is renamed into place: after a system crash, the renamed output (which may have
+        replaced the previous one) could otherwise hold them empty (ext4's delayed allocation)."""
+        skip = {s.filename for s in self._all_shards} | set(_lock_files(self.tmp_dir))  # shards: fsynced above
+        for name in sorted(set(os.listdir(self.tmp_dir)) - skip):
+            with self._naming(name):
+                _fsync_path(os.path.join(self.tmp_dir, name))
+        _fsync_path(self.tmp_dir)
 
     @contextlib.contextmanager
     def _naming(self, filename: str):
@@ -445,6 +466,7 @@ class ShardedWriter:
         # replaced one, hidden beside it, for good
         with signals_deferred():
             self._swap_in(old)
+            _fsync_path(os.path.dirname(self.out_dir))  # the rename on disk before the replaced output is deleted
             self._release_lock()
             if old:
                 self._remove_replaced(old)

@@ -532,3 +532,33 @@ def test_a_full_disk_is_named_by_the_copied_file_it_stopped(tmp_path, monkeypatc
         w.copy_file(str(source))
     assert error.value.errno == errno.ENOSPC and error.value.filename == os.path.join(w.tmp_dir, "tokenizer.json")
     w.abort()
+
+
+def test_every_file_and_the_folder_are_on_disk_before_the_rename_and_the_rename_before_the_old_output_goes(
+        tmp_path, monkeypatch):
+    # only the shards were fsynced: after a system crash the renamed output (which had replaced the old one, deleted
+    # by then) could hold an empty config or index, and the rename itself could be undone
+    out, w = _old_output_and_writer(tmp_path)
+    w.add_file("config.json", "{}")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    w.copy_file(str(tmp_path / "tokenizer.json"))
+    events = []
+    fsync, rename = os.fsync, os.rename
+
+    def recording_fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        events.append(("fsync", path, os.path.exists(f"{w.tmp_dir}.old")))
+        fsync(fd)
+
+    def recording_rename(src, dst):
+        events.append(("rename", str(src), str(dst)))
+        rename(src, dst)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "rename", recording_rename)
+    tmp_dir = w.tmp_dir
+    w.commit()
+    move_in = events.index(("rename", tmp_dir, str(out)))
+    synced = {path for kind, path, *_ in events[:move_in] if kind == "fsync"}
+    assert {os.path.join(tmp_dir, name) for name in os.listdir(out)} | {tmp_dir} <= synced
+    assert ("fsync", str(tmp_path), True) in events[move_in:]  # the old output still there to fall back on
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.json"]
