@@ -119,6 +119,7 @@ def check_output_dir(out_dir: str, overwrite: bool) -> None:
             raise OutputError(f"{out_dir}: output folder exists and is not empty; pass --overwrite (overwrite=True) to replace it")
     else:
         _check_can_be_made(out_dir, folder)
+    _check_writable(out_dir, folder)
 
 
 def _check_named(out_dir: str) -> None:
@@ -133,6 +134,17 @@ def _check_can_be_made(out_dir: str, folder: str) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise OutputError(f"{out_dir}: {parent} is not a folder, so the output folder cannot be made in it")
+
+
+def _check_writable(out_dir: str, folder: str) -> None:
+    """The folder the output is made in (its temporary folder, renamed into place) can be written: said before a
+    command computes (fisher writes only once its whole computation is done), not after."""
+    parent = os.path.dirname(folder)
+    while not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        why = "a read-only file system" if os.statvfs(parent).f_flag & os.ST_RDONLY else "no permission to write there"
+        raise OutputError(f"{out_dir}: the output cannot be made in {parent} ({why})")
 
 
 def _is_mount_point(folder: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -80,3 +81,20 @@ def test_fifo_data_file_is_not_a_regular_file(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(DataError, match=f"{fifo}: data file is not a regular file"):
         read_texts(str(fifo))
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_an_output_on_a_read_only_file_system_is_refused_before_the_computation(command, tiny_lm, text_file,
+                                                                                tmp_path):
+    # fisher made its output folder only once its whole computation (hours on a large model) was done, and failed
+    # then; the computation here ends the command to say it was reached
+    from tests.cli.test_failures import in_own_mount_namespace
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    code = ("import sys; from merge_engine.stats import fisher, gram; from merge_engine.cli import main\n"
+            "fisher.compute_fisher = gram.compute_grams = lambda *a, **k: sys.exit('computed')\n"
+            "sys.exit(main(sys.argv[1:]))")
+    done = in_own_mount_namespace('mount -t tmpfs -o ro tmpfs "$1" && exec "$2" -c "$3" "$4" "$5" "$6" "$1/out" -q',
+                                  ro, sys.executable, code, command, tiny_lm("llama"), text_file)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"merge-engine: error: {ro}/out: the output cannot be made in {ro} (a read-only file system)\n"
