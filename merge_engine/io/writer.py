@@ -172,6 +172,8 @@ def check_output_apart(out_dir: str, inputs: Iterable[str]) -> None:
         real = os.path.realpath(path)
         if os.path.isdir(real) and os.path.commonpath([out, real]) == real:
             raise OutputError(f"output folder {out_dir} is inside the input folder {path}; write it elsewhere")
+        if real == out and os.path.isfile(real):  # nothing is inside a file: it is the input itself
+            raise OutputError(f"the output path {out_dir} is the input {path}, a file; name a folder to write")
         if os.path.commonpath([out, real]) == out:
             kind = "input folder" if os.path.isdir(real) else "input"
             raise OutputError(f"the {kind} {path} is inside the output folder {out_dir}, which the output would "

@@ -304,6 +304,16 @@ def test_an_output_inside_an_input_folder_is_refused(config, capsys):
     assert sorted(os.listdir(os.path.dirname(inside))) == before
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_the_config_given_as_the_output_is_named_as_such(config, capsys, overwrite):
+    # it was "the input C is inside the output folder C, which the output would replace": no folder, nothing inside
+    # it, and a file is never replaced
+    before = open(config).read()
+    assert cli.main([config, config, "-q", *overwrite]) == 2
+    assert f"the output path {config} is the input {config}, a file" in one_line(capsys)
+    assert open(config).read() == before
+
+
 def test_a_config_inside_the_output_folder_is_kept_even_with_overwrite(config, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
