@@ -202,7 +202,7 @@ def remove_stale_partials(out_dir: str) -> list[str]:
     """Remove the temporary folders that killed runs writing out_dir left beside it (a merge killed by
     the OOM killer or SIGKILL cannot clean up, and its folder may hold a whole model). A folder is stale
     when its writer's lock is free (a kernel lock, released when the process ends, so one on another
-    host that shares the disk keeps its folder) and its process id is not running here. Returns the
+    host that shares the disk keeps its folder) and its process id is not running here (or is this process's). Returns the
     removed paths."""
     parent, prefix = _partial_prefix(out_dir)
     removed = []
@@ -211,7 +211,9 @@ def remove_stale_partials(out_dir: str) -> list[str]:
         pid = name[len(prefix):].split(".")[0]
         if not name.startswith(prefix) or not pid.isdigit() or not os.path.isdir(path):
             continue
-        if _process_running(int(pid)):
+        # this process' own id names no other writer: a killed run that had it (a container's runs all get the same
+        # id) left the folder, and this process' own writers hold their locks
+        if int(pid) != os.getpid() and _process_running(int(pid)):
             continue
         if not _lock_files(path):
             _warn_moved_aside(path, out_dir)

@@ -562,3 +562,20 @@ def test_every_file_and_the_folder_are_on_disk_before_the_rename_and_the_rename_
     assert {os.path.join(tmp_dir, name) for name in os.listdir(out)} | {tmp_dir} <= synced
     assert ("fsync", str(tmp_path), True) in events[move_in:]  # the old output still there to fall back on
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+def test_a_killed_run_that_had_this_process_id_is_cleaned_up_too(tmp_path, caplog):
+    # a container's runs all get the same process id (1, or the one after its init): the killed run's id was taken
+    # for running, this process' own, so its folders were kept forever without a word
+    out = tmp_path / "out"
+    killed = tmp_path / f".out.partial-{os.getpid()}.0badf00d"
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"unfinished")
+    (killed / ".lock").write_bytes(b"")  # its lock, free
+    moved_aside = tmp_path / f".out.partial-{os.getpid()}.0badcafe.old"
+    moved_aside.mkdir()
+    with caplog.at_level("WARNING", logger="merge_engine"):
+        w = ShardedWriter(str(out), entries(tensors()), 10**9)
+    assert not killed.exists() and f"removed {killed}" in caplog.text
+    assert moved_aside.exists() and f"{moved_aside} is the folder a killed or failed run moved aside" in caplog.text
+    w.abort()
