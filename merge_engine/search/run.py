@@ -440,7 +440,18 @@ def remove_stale_optuna_lock(path: str) -> None:
 
 
 def journal_storage(optuna, path: str):
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
+    backend = optuna.storages.journal.JournalFileBackend(path)
+    append = backend.append_logs
+
+    def append_naming_the_journal(logs: list[dict]) -> None:  # a full disk's OSError (a buffered write's) names no file
+        try:
+            append(logs)
+        except OSError as e:
+            if e.filename is None:
+                raise OSError(e.errno, e.strerror, path) from e
+            raise
+    backend.append_logs = append_naming_the_journal
+    return optuna.storages.JournalStorage(backend)
 
 
 def load_study(optuna, storage, path: str, source: str | None):

@@ -666,3 +666,24 @@ def test_the_first_search_of_a_process_leaves_nothing_held_once_it_returns(searc
     assert ran.returncode == 0, ran.stderr
     before, after, sessions = json.loads(ran.stdout.splitlines()[-1])
     assert (after, sessions) == (before, 0)
+
+
+FULL_JOURNAL = """
+import resource, sys, optuna
+from merge_engine.search.run import journal_storage
+study = optuna.create_study(storage=journal_storage(optuna, sys.argv[1]))
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # writes past it fail as a full disk's do
+try:
+    for _ in range(100):
+        study.enqueue_trial({"x": 1.0})
+except OSError as e:
+    print(e.filename)
+"""
+
+
+def test_a_full_disk_under_the_journal_names_it(tmp_path):
+    # the search ended in "merge-engine: error: No space left on device", naming no file
+    journal = tmp_path / "journal.log"
+    run = subprocess.run([sys.executable, "-c", FULL_JOURNAL, str(journal)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout == f"{journal}\n", run.stderr
