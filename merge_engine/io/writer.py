@@ -511,16 +511,18 @@ class ShardedWriter:
                         "in %s", self.out_dir, e.strerror, old)  # e.filename: relative to a folder rmtree had open
 
     def abort(self) -> None:
-        """Remove the temporary folder (its maker; a joiner closes its files); the output path is left as it was."""
-        self._close()
-        if self.maker:
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
-            for folder in self._made_parents:  # deepest first; one another process filled stays
-                try:
-                    os.rmdir(folder)
-                except OSError:
-                    break
-        self._release_lock()
+        """Remove the temporary folder (its maker; a joiner closes its files); the output path is left as it was.
+        A second Ctrl-C (the first one's clean-up under way) takes effect once it is done, not halfway through."""
+        with signals_deferred():
+            self._close()
+            if self.maker:
+                shutil.rmtree(self.tmp_dir, ignore_errors=True)
+                for folder in self._made_parents:  # deepest first; one another process filled stays
+                    try:
+                        os.rmdir(folder)
+                    except OSError:
+                        break
+            self._release_lock()
 
     def release(self) -> None:
         """A joiner's end, once the maker has committed: its lock (which the maker removed) is let go."""

@@ -257,6 +257,22 @@ def test_a_second_sigterm_does_not_interrupt_the_clean_up(config, tmp_path, caps
     assert "terminated" in one_line(capsys) and os.listdir(tmp_path) == []
 
 
+def test_a_second_ctrl_c_does_not_interrupt_the_clean_up(config, tmp_path, capsys, monkeypatch):
+    # an impatient user's second Ctrl-C, while the first one's clean-up ran, left the temporary folder behind
+    import signal
+
+    from merge_engine.io import writer
+    rmtree = shutil.rmtree
+
+    def rmtree_under_a_second_ctrl_c(path, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        rmtree(path, *args, **kwargs)
+    monkeypatch.setattr(writer.ShardedWriter, "write", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(writer.shutil, "rmtree", rmtree_under_a_second_ctrl_c)
+    assert cli.main([config, str(tmp_path / "out"), "-q"]) == 130
+    assert "interrupted" in one_line(capsys) and os.listdir(tmp_path) == []
+
+
 def test_an_input_rewritten_during_the_merge_is_named_and_nothing_is_published(config, tmp_path, capsys, monkeypatch):
     # before, the merge mixed the file's two versions into an output it published, with exit status 0
     from merge_engine.io import writer
