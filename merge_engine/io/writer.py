@@ -218,10 +218,25 @@ def remove_stale_partials(out_dir: str) -> list[str]:
         if not _lock_files(path):
             _warn_moved_aside(path, out_dir)
         elif _locks_are_free(path):
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_partial(path)
             log.warning("removed %s, the unfinished output of an earlier run that was killed", path)
             removed.append(path)
     return removed
+
+
+def _remove_partial(path: str) -> None:
+    """Delete a partial folder, its lock files last: a deletion cut short (a kill) leaves a folder that still reads
+    as unfinished, not one without locks, which the next run takes for a finished output (_warn_moved_aside)."""
+    with contextlib.suppress(OSError), os.scandir(path) as entries:
+        locks = set(_lock_files(path))
+        for entry in entries:
+            if entry.name in locks:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _warn_moved_aside(path: str, out_dir: str) -> None:
@@ -516,7 +531,7 @@ class ShardedWriter:
         with signals_deferred():
             self._close()
             if self.maker:
-                shutil.rmtree(self.tmp_dir, ignore_errors=True)
+                _remove_partial(self.tmp_dir)
                 for folder in self._made_parents:  # deepest first; one another process filled stays
                     try:
                         os.rmdir(folder)

@@ -579,3 +579,28 @@ def test_a_killed_run_that_had_this_process_id_is_cleaned_up_too(tmp_path, caplo
     assert not killed.exists() and f"removed {killed}" in caplog.text
     assert moved_aside.exists() and f"{moved_aside} is the folder a killed or failed run moved aside" in caplog.text
     w.abort()
+
+
+@pytest.mark.parametrize("who", ["the next run", "abort"])
+def test_a_partial_folder_loses_its_lock_last(tmp_path, monkeypatch, who):
+    # rmtree removed the lock when the directory listed it first: a deletion cut short there (a kill) left a folder
+    # without a lock, which the next run names as a finished output to move into place
+    out = tmp_path / "out"
+    if who == "the next run":
+        assert subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out)]).returncode == -9
+    else:
+        w = ShardedWriter(str(out), entries(tensors()), 10**9)
+    (tmp_path / partials(out)[0] / "config.json").write_text("{}")
+    removed = []
+    unlink = os.unlink
+
+    def recording_unlink(path, *args, **kwargs):
+        removed.append(os.path.basename(path))
+        unlink(path, *args, **kwargs)
+    monkeypatch.setattr(os, "unlink", recording_unlink)
+    if who == "the next run":
+        w = ShardedWriter(str(out), entries(tensors()), 10**9)
+        monkeypatch.undo()
+    w.abort()
+    assert sorted(removed) == [".lock", "config.json", "model.safetensors"] and removed[-1] == ".lock"
+    assert partials(out) == []
