@@ -11,13 +11,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 
 import torch
 
 from merge_engine.dtypes import dtype_name
-from merge_engine.extras import MissingExtraError, require
+from merge_engine.errors import MergeEngineError, OutputError
+from merge_engine.extras import require
 
 ARCHS = ("llama", "qwen2", "gpt2")
+WORK_PREFIX = "merge_engine_demo_"  # the demo's temporary folder, where its models are made
 
 
 def tiny_config(arch: str, layers: int = 4):
@@ -154,19 +157,33 @@ def demo(out_dir: str) -> None:
 
     from merge_engine import MergeOptions, merge, parse_config
     tf = require("transformers", "hf", "the demo")
-    with tempfile.TemporaryDirectory(prefix="merge_engine_demo_") as work:
+    replace = _earlier_demo_output(out_dir)
+    if not replace and os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise OutputError(f"{out_dir}: the folder holds other files than an earlier demo's output; name a new or "
+                          "empty folder")
+    with tempfile.TemporaryDirectory(prefix=WORK_PREFIX) as work:
         base, *experts = make_models(work, "llama", 3, torch.bfloat16, shard_size="100KB")
         config = {"merge_method": "ties", "base_model": base, "dtype": "bfloat16",
                   "parameters": {"normalize": True},
                   "models": [{"model": e, "parameters": {"weight": w, "density": d}}
                              for e, w, d in zip(experts, (0.5, 0.3, [0.1, 0.4]), (0.5, 0.6, 0.7))]}
         print(yaml.safe_dump(config, sort_keys=False))
-        report = merge(parse_config(config), out_dir, MergeOptions(out_shard_size=200_000, overwrite=True))
+        report = merge(parse_config(config), out_dir, MergeOptions(out_shard_size=200_000, overwrite=replace))
     print(report.summary())
     model = tf.AutoModelForCausalLM.from_pretrained(out_dir)
     logits = model(torch.arange(16)[None]).logits
     print(f"loaded the merged model with transformers: logits {tuple(logits.shape)}, "
           f"finite={bool(torch.isfinite(logits).all())}")
+
+
+def _earlier_demo_output(out_dir: str) -> bool:
+    """Whether out_dir holds an earlier demo's output (its merge config names models in the demo's temporary
+    folder), which a rerun replaces; any other folder is the user's, and refused unless empty."""
+    try:
+        with open(os.path.join(out_dir, "mergekit_config.yml")) as f:
+            return os.path.join(tempfile.gettempdir(), WORK_PREFIX) in f.read()
+    except OSError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = p.parse_args(argv).out_dir
     try:
         demo(out_dir)
-    except MissingExtraError as e:
+    except MergeEngineError as e:  # a missing extra, an output folder holding the user's files
         print(f"merge_engine.demo: error: {e}", file=sys.stderr)
         return 2
     return 0
