@@ -37,6 +37,7 @@ log = logging.getLogger("merge_engine")
 LOCK_FILE = ".lock"  # inside a partial folder, flock-ed by the process writing it until it ends
 _JOINED_LOCK = ".lock-"  # + host and process id: flock-ed by each other process writing shards into it
 _MOVING = threading.Lock()  # moving outputs into place, in this process
+_MADE_HERE: set[str] = set()  # the partial folders this process made (remove_stale_partials)
 _OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")  # how /proc/self/mountinfo writes a space, a tab, a newline, a backslash
 
 _WRITE_CHUNK = 1 << 30
@@ -202,8 +203,8 @@ def remove_stale_partials(out_dir: str) -> list[str]:
     """Remove the temporary folders that killed runs writing out_dir left beside it (a merge killed by
     the OOM killer or SIGKILL cannot clean up, and its folder may hold a whole model). A folder is stale
     when its writer's lock is free (a kernel lock, released when the process ends, so one on another
-    host that shares the disk keeps its folder) and its process id is not running here (or is this process's). Returns the
-    removed paths."""
+    host that shares the disk keeps its folder) and its process id is not running here (or is this process', which
+    did not make it). Returns the removed paths."""
     parent, prefix = _partial_prefix(out_dir)
     removed = []
     for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
@@ -211,9 +212,10 @@ def remove_stale_partials(out_dir: str) -> list[str]:
         pid = name[len(prefix):].split(".")[0]
         if not name.startswith(prefix) or not pid.isdigit() or not os.path.isdir(path):
             continue
-        # this process' own id names no other writer: a killed run that had it (a container's runs all get the same
-        # id) left the folder, and this process' own writers hold their locks
-        if int(pid) != os.getpid() and _process_running(int(pid)):
+        # a folder named with this process' id and not made by it is a killed run's that had the same id (a
+        # container's runs all get the same one)
+        running = path in _MADE_HERE if int(pid) == os.getpid() else _process_running(int(pid))
+        if running:
             continue
         if not _lock_files(path):
             _warn_moved_aside(path, out_dir)
@@ -372,6 +374,7 @@ class ShardedWriter:
         # the process id names the folder's owner (remove_stale_partials); the rest makes it this writer's alone
         while True:  # os.mkdir, not mkdtemp (0700): the output folder keeps the mode the umask gives
             tmp_dir = os.path.join(parent, f"{prefix}{os.getpid()}.{secrets.token_hex(4)}")
+            _MADE_HERE.add(tmp_dir)  # before it exists: another thread's writer must not take it for a killed run's
             try:
                 os.mkdir(tmp_dir)
                 return tmp_dir, os.path.join(tmp_dir, LOCK_FILE)

@@ -604,3 +604,15 @@ def test_a_partial_folder_loses_its_lock_last(tmp_path, monkeypatch, who):
     w.abort()
     assert sorted(removed) == [".lock", "config.json", "model.safetensors"] and removed[-1] == ".lock"
     assert partials(out) == []
+
+
+def test_a_folder_another_writer_of_this_process_is_setting_up_is_kept(tmp_path):
+    # its lock not taken yet (another thread's writer between making its folder and locking it): this process' id,
+    # which no longer marks a running writer (a killed run's in a container has it too), must not make it stale
+    out = tmp_path / "out"
+    first = ShardedWriter(str(out), entries(tensors()), 10**9)
+    os.close(first._lock_fd)  # as before flock
+    first._lock_fd = -1
+    ShardedWriter(str(out), entries(tensors()), 10**9).abort()
+    assert os.path.isdir(first.tmp_dir)
+    first.abort()
