@@ -135,6 +135,18 @@ def _check_can_be_made(out_dir: str, folder: str) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise OutputError(f"{out_dir}: {parent} is not a folder, so the output folder cannot be made in it")
+    # the temporary folder's name is cut to fit (_within_name_limit): a longer name would fail the final rename
+    name, limit = os.fsencode(os.path.basename(folder)), _name_limit(parent)
+    if len(name) > limit:
+        raise OutputError(f"{out_dir}: the output folder's name is {len(name)} bytes long, more than the {limit} its "
+                          "file system allows")
+
+
+def _name_limit(folder: str) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):  # not reported
+        return _NAME_MAX
 
 
 def _check_writable(out_dir: str, folder: str) -> None:

@@ -616,3 +616,11 @@ def test_a_folder_another_writer_of_this_process_is_setting_up_is_kept(tmp_path)
     ShardedWriter(str(out), entries(tensors()), 10**9).abort()
     assert os.path.isdir(first.tmp_dir)
     first.abort()
+
+
+def test_an_output_name_longer_than_the_file_system_allows_is_refused_up_front(tmp_path):
+    # the temporary folder's name is cut to fit: the merge ran to its end and failed at the final rename, naming
+    # that folder ("File name too long: .../.yyy~digest.partial-...")
+    with pytest.raises(OutputError, match=r"the output folder's name is 256 bytes long, more than the 255 its file"):
+        ShardedWriter(str(tmp_path / ("y" * 256)), entries(tensors()), 10**9)
+    assert os.listdir(tmp_path) == []
