@@ -118,6 +118,19 @@ def test_regmean_fallback_method_and_its_parameters(setup, tmp_path):
     assert close(out.read(name), expected)
 
 
+def test_regmean_weights_reach_the_fallback_only(setup, tmp_path):
+    """As docs/data-aware.md says (unlike the authors' code, which scales each Gram by its model's
+    coefficient): a model's weight changes the fallback's tensors and leaves the regressed ones as they are."""
+    paths, grams = setup("llama")
+    weighted = config("regmean", paths, grams)
+    weighted["models"][0]["parameters"] = {"weight": 5.0}
+    plain, heavy = run(config("regmean", paths, grams), tmp_path / "plain"), run(weighted, tmp_path / "weighted")
+    regressed = load_gram_folder(grams[0])
+    for name in plain.tensors:
+        same = torch.equal(plain.read(name), heavy.read(name))
+        assert same == (regressed.module_of(name) is not None), name
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_regmean_with_slices_that_renumber_layers_takes_each_input_layers_gram(setup, tmp_path, arch):
     """Two slices of every layer: output layer L + layers comes from input layer L, so its Grams are
