@@ -328,6 +328,20 @@ def check_same_plan(ranks: Ranks | None, fingerprint: str) -> None:
             "options")
 
 
+def check_same_device_type(ranks: Ranks | None, device: torch.device) -> None:
+    """Refuse ranks that would compute on different device types (`--device auto` on a mix of GPU and CPU
+    machines): CPU and GPU kernels may round differently, and one output would hold both's bits."""
+    if ranks is None:
+        return
+    types = gather(ranks, device.type)
+    differ = [rank for rank, kind in enumerate(types) if kind != types[0]]
+    if differ:
+        raise MergeEngineError(
+            f"rank(s) {', '.join(map(str, differ))} would merge on another device type than rank 0's "
+            f"({', '.join(f'rank {r}: {types[r]}' for r in [0, *differ])}): every rank must merge on the same kind "
+            "of device (pass --device cpu, or run every rank on a GPU machine)")
+
+
 def open_shared_writer(ranks: Ranks | None, make: Callable[[str | None], ShardedWriter]) -> ShardedWriter:
     """This rank's writer of one output: make(None) makes the temporary folder (rank 0, or a process
     alone), make(folder) joins it (the other ranks, once they have checked that they see it)."""

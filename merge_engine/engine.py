@@ -46,6 +46,7 @@ from merge_engine.devices import resolve_device
 from merge_engine.distributed import (
     JobProgress,
     Ranks,
+    check_same_device_type,
     check_same_plan,
     commit_shared_writer,
     current_ranks,
@@ -165,6 +166,7 @@ def merge(config: MergeConfig | dict | str | os.PathLike, out_dir: str | os.Path
         check_chat_template_extra(plan, options)
     check_same_plan(ranks, digest(plan.jobs, plan.entries(), options.out_shard_size, options.random_seed,
                                   options.lora_merge_dtype, options.overwrite, os.path.realpath(out_dir)))
+    check_same_device_type(ranks, device)
     own_shards, jobs = rank_share(plan, options.out_shard_size, ranks)
     writer = open_output(out_dir, plan, own_shards, options, ranks)
     lap("plan")

@@ -9,6 +9,7 @@ import socket
 from contextlib import contextmanager
 
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -112,11 +113,11 @@ def sabotage(rank: int, how: str, config: dict):
     """What goes wrong on FAILING_RANK in a run: "error": merging its first tensor raises (as out of memory
     would); "plan": it plans another merge (a weight differs); "folder": it is told a temporary folder it
     cannot see (as on a disk the other ranks do not share); "kill": every rank dies merging its first tensor
-    (as when the job is killed)."""
+    (as when the job is killed); "device": it would merge on a GPU, the others on the CPU."""
     if rank != FAILING_RANK and how != "kill":
         yield config
         return
-    saved = engine.tensor_group, distributed.broadcast, engine.load_kernels
+    saved = engine.tensor_group, distributed.broadcast, engine.load_kernels, engine.rank_device
 
     def failing_group(*args, **kwargs):
         if how == "kill":
@@ -135,13 +136,15 @@ def sabotage(rank: int, how: str, config: dict):
         def no_kernels(device):
             raise RuntimeError("CUDA error: out of memory making a stream (injected)")
         engine.load_kernels = no_kernels
+    if how == "device":  # --device auto on a GPU machine beside CPU ones (nothing runs on it: refused first)
+        engine.rank_device = lambda device, ranks: torch.device("cuda", 0)
     if how == "plan":
         config = copy.deepcopy(config)
         config["models"][0]["parameters"]["weight"] = 0.25
     try:
         yield config
     finally:
-        engine.tensor_group, distributed.broadcast, engine.load_kernels = saved
+        engine.tensor_group, distributed.broadcast, engine.load_kernels, engine.rank_device = saved
 
 
 def fail_then_merge(rank: int, config: dict, out: str, how: str) -> dict:
@@ -170,6 +173,7 @@ def dare_ties(model_sets) -> dict:
     ("plan", "rank(s) 1 planned a different job from rank 0's"),
     ("outdir", "rank(s) 1 planned a different job from rank 0's"),
     ("kernels", "failed while merging: RuntimeError: CUDA error: out of memory making a stream (injected)"),
+    ("device", "rank(s) 1 would merge on another device type than rank 0's (rank 0: cpu, rank 1: cuda)"),
 ])
 def test_a_failing_rank_stops_every_rank_and_leaves_nothing(model_sets, tmp_path, how, message):
     config = dare_ties(model_sets)
@@ -181,7 +185,7 @@ def test_a_failing_rank_stops_every_rank_and_leaves_nothing(model_sets, tmp_path
     assert [r["error"] for r in results] == [None, None], [r.get("traceback") for r in results]
     failures = [r["value"]["failure"] for r in results]
     assert all(failures), "every rank must stop"
-    assert all(message in f for f in failures) if how in ("plan", "outdir") else message in failures[0]
+    assert all(message in f for f in failures) if how in ("plan", "outdir", "device") else message in failures[0]
     if how == "error":  # the others name the failing rank, its host and its error, tensor included
         own = failures[FAILING_RANK]
         assert own.startswith("merging tensor '") and "out of memory (injected)" in own
