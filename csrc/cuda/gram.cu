@@ -156,16 +156,20 @@ __global__ void __launch_bounds__(kWmmaThreads)
   for (int i = threadIdx.x; i < kTile * kTile; i += kWmmaThreads)
     add_to_gram(gram, d, r0, c0, i / kTile, i % kTile, out[(i / kTile) * kLdOut + i % kTile]);
 #else
-  __trap();  // never launched: the host takes the CUDA-core kernel below sm_80
+  __trap();  // never launched: the host takes the CUDA-core kernel for code below sm_80 (has_tensor_cores)
 #endif
 }
 
 // ---- host ----
 
-bool has_tensor_cores(const at::Tensor& t) {
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.get_device()));
-  return major >= 8;  // bf16 wmma needs sm_80
+// Whether the current device runs gram_wmma_kernel<T>'s tensor-core body: the code it loads for the kernel
+// (a cubin, or PTX compiled at load time) was compiled for compute_80 or later. Not the device's own
+// capability: a build for older architectures only (TORCH_CUDA_ARCH_LIST=7.5+PTX, say) runs on an sm_80
+// device through its compute_75 PTX, whose body is the __trap().
+template <typename T> bool has_tensor_cores() {
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, gram_wmma_kernel<T>));
+  return attributes.ptxVersion >= 80;  // bf16 wmma needs sm_80
 }
 
 }  // namespace
@@ -185,7 +189,7 @@ void accumulate_gram_cuda(const at::Tensor& gram, const at::Tensor& x, const std
     auto simt = [&] { gram_simt_kernel<T><<<tiles, kSimtThreads, 0, stream>>>(g, xs, keep, tokens, d, nb); };
     if constexpr (std::is_same_v<T, float>)
       simt();
-    else if (has_tensor_cores(x))  // (no wmma instantiation for float: there is no fp32 wmma fragment)
+    else if (has_tensor_cores<T>())  // (no wmma instantiation for float: there is no fp32 wmma fragment)
       gram_wmma_kernel<T><<<tiles, kWmmaThreads, 0, stream>>>(g, xs, keep, tokens, d, nb);
     else
       simt();

@@ -181,3 +181,29 @@ def test_cuda_sources_compile_for_sm80_and_sm90(tmp_path):
     for stem in stems:
         check_device_code(keep[stem])
     check_gram_tensor_cores(keep["gram"])
+
+
+@pytest.mark.slow
+def test_gram_tensor_core_choice_follows_the_code_the_device_runs(tmp_path):
+    """A build for architectures below sm_80 only (TORCH_CUDA_ARCH_LIST=7.5+PTX) runs on an sm_80+ device through
+    its compute_75 PTX, where gram_wmma_kernel's body is __trap(): the host must choose the kernel by the PTX
+    version of the code the device loads (cudaFuncGetAttributes), not by the device's compute capability."""
+    nvcc, nm = shutil.which("nvcc"), shutil.which("nm")
+    if nvcc is None or nm is None:
+        pytest.skip("nvcc or nm is not on PATH: the CUDA sources cannot be compiled and inspected here")
+    torch_include = cpp_extension.include_paths()[0]
+    if not os.path.exists(os.path.join(torch_include, "c10", "cuda", "CUDAGuard.h")):
+        pytest.skip("this torch install ships no c10/cuda headers")
+    kwargs = build_arguments()
+    (gram,) = [s for s in kwargs["sources"] if os.path.basename(s) == "gram.cu"]
+    defines = [f"-DTORCH_EXTENSION_NAME={kwargs['name']}", "-DTORCH_API_INCLUDE_EXTENSION_H"]
+    if not os.path.exists(os.path.join(torch_include, "c10", "cuda", "impl", "cuda_cmake_macros.h")):
+        defines.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
+    run_concurrently({"nvcc gram.cu (compute_75 PTX)": (
+        [nvcc, "-c", gram, "-o", str(tmp_path / "gram.o"), "-std=c++17", "--compiler-options", "-fPIC", "--keep",
+         f"--keep-dir={tmp_path}", "-gencode", "arch=compute_75,code=compute_75"]
+        + defines + cpp_extension.COMMON_NVCC_FLAGS + kwargs["extra_cuda_cflags"] + torch_include_flags())}, tmp_path)
+    (ptx,) = tmp_path.glob("*.ptx")
+    assert "trap;" in ptx.read_text() and "wmma.mma" not in ptx.read_text(), "compute_75 PTX: the wmma kernel traps"
+    calls = subprocess.run([nm, "-u", str(tmp_path / "gram.o")], capture_output=True, text=True, check=True).stdout
+    assert re.search(r"\bcudaFuncGetAttributes\b", calls), "gram.cu does not ask which code its wmma kernel runs"
