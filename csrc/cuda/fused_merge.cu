@@ -6,10 +6,9 @@
 // (merge_engine/ops/consensus.py: merge_task_vectors_reference) rounds, and sums over experts run
 // in fp32 in expert order, as in the CPU kernels; so outputs are bit-identical to the CPU kernels
 // except for the L1 rescale factor, whose whole-tensor sums are taken in a different order (here:
-// fp64, per-block partials combined in a fixed tree, so the result is deterministic run to run),
-// and DELLA's offset density - epsilon, formed in fp64 from the given values and rounded once to
-// fp32 as the reference does (the CPU kernels subtract the fp32-rounded values: this can move p by
-// one fp32 ulp, which changes a draw with probability ~2^-26 per element).
+// fp64, per-block partials combined in a fixed tree, so the result is deterministic run to run).
+// DELLA's offset density - epsilon is formed in fp64 and rounded once to fp32, as the reference and
+// the CPU kernels (csrc/cpu/row_ranks.cpp) form it, so its draws are theirs.
 // Built with -fmad=false: a fused multiply-add would round differently from torch and from the CPU
 // build (-ffp-contract=off). Division and conversions are IEEE round-to-nearest-even (no fast math).
 #include <c10/cuda/CUDAException.h>
