@@ -10,7 +10,9 @@ import torch
 from merge_engine.errors import CheckpointError, MergeEngineError
 from merge_engine.extras import require
 from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.experts import with_expert_layout
 from merge_engine.io.writer import check_output_apart
+from merge_engine.session import loaded_names
 
 DEFAULT_MAX_LENGTH = 512
 _POSITION_FIELDS = ("max_position_embeddings", "n_positions")  # Llama-like; GPT-2
@@ -89,17 +91,22 @@ def auto_class_of(model_dir: str) -> str:
 
 
 def checkpoint_naming(model: torch.nn.Module, model_dir: str) -> Callable[[str], str]:
-    """A function giving a model's parameter name as the folder's checkpoint spells it, so that a merge of that
-    folder finds the statistics: transformers loads a checkpoint saved without the model's base_model_prefix
-    (the published GPT-2's `h.0.attn...` into `transformer.h.0.attn...`), and one saved with it into a bare model."""
+    """A function giving a model's parameter name as a merge of the folder reads it (the checkpoint's name, its
+    MoE experts fused as io/experts.py does), so that the merge finds the statistics: transformers 5 renames some
+    checkpoints' tensors as it loads them (session.loaded_names: GPT-NeoX's embed_out is lm_head), loads a
+    checkpoint saved without the model's base_model_prefix (the published GPT-2's `h.0.attn...` into
+    `transformer.h.0.attn...`), and one saved with it into a bare model."""
     ckpt = Checkpoint(model_dir)
     try:
-        stored = set(ckpt.tensors)
+        stored = set(with_expert_layout(ckpt, "fused").tensors)
     finally:
         ckpt.close()
+    unrenamed = {loaded: name for name, loaded in loaded_names(model, sorted(stored), model.state_dict()).items()}
     prefix = f"{getattr(model, 'base_model_prefix', '')}."
 
     def stored_name(name: str) -> str:
+        if name in unrenamed:
+            return unrenamed[name]
         if name in stored or prefix == ".":
             return name
         if name.startswith(prefix) and name[len(prefix):] in stored:

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from merge_engine.cli import main
 from merge_engine.errors import MergeEngineError
 from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.experts import with_expert_layout
 from merge_engine.io.fishers import load_fisher_manifest
 from merge_engine.stats import DataError, compute_fisher, load_data, make_batch, read_texts, save_fisher
 from merge_engine.stats.fisher import FisherOptions, collect_fisher, sequence_log_likelihoods, warn_if_swamped
@@ -332,6 +333,17 @@ def test_fisher_tensors_are_named_as_the_checkpoint_names_them(gpt2_without_pref
     names = set(Checkpoint(str(tmp_path / "fisher")).tensors)
     assert len(names) == manifest["tensors"] and names <= set(Checkpoint(gpt2_without_prefix).tensors)
     assert "wte.weight" in names
+
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "mixtral"])
+def test_fisher_tensors_are_named_as_a_merge_reads_the_checkpoint(renamed_on_load, model_type, text_file, tmp_path):
+    """transformers 5 renames these checkpoints' tensors as it loads them: GPT-NeoX's embed_out is lm_head (a merge
+    reads embed_out), Mixtral's experts are fused into mlp.experts (as a merge reads them, io/experts.py)."""
+    path = renamed_on_load(model_type)
+    options = FisherOptions(batch_size=2, max_length=MAX_LENGTH, quiet=True, device="cpu", tokenizer=tiny_tokenizer())
+    collect_fisher(path, text_file, str(tmp_path / "fisher"), options)
+    assert set(Checkpoint(str(tmp_path / "fisher")).tensors) == set(with_expert_layout(Checkpoint(path), "fused").tensors)
 
 
 # ---- the saved folder ----

@@ -213,3 +213,15 @@ def test_grams_are_named_as_the_checkpoint_names_its_weights(gpt2_without_prefix
     prefixed = collect(tiny_lm("gpt2"), text_file, tmp_path / "prefixed")
     assert {f"transformer.{m}": e["in_features"] for m, e in manifest["modules"].items()} == \
         {m: e["in_features"] for m, e in prefixed["modules"].items()}
+
+
+@pytest.mark.parametrize(("model_type", "renamed"), [("gpt_neox", "embed_out"),
+                                                     ("qwen2_vl", "model.layers.0.self_attn.q_proj")])
+def test_grams_are_named_as_the_checkpoint_names_the_weights_transformers_renames(renamed_on_load, model_type,
+                                                                                 renamed, text_file, tmp_path):
+    """transformers 5 renames these checkpoints' tensors as it loads them (GPT-NeoX's embed_out is lm_head,
+    Qwen2-VL's model.layers are model.language_model.layers); a merge looks the Grams up by the stored names."""
+    path = renamed_on_load(model_type)
+    manifest = collect(path, text_file, tmp_path / "grams", exclude="visual")  # the vision tower reads no text
+    stored = Checkpoint(path).tensors
+    assert renamed in manifest["modules"] and all(f"{module}.weight" in stored for module in manifest["modules"])
