@@ -31,6 +31,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+PATCH_CONFIG = "patch_config.json"  # a merge_engine weight patch folder (patches/format.py)
 IN_PLACE_JOURNAL = ".merge_engine-key-journal"  # an in-place key or patch rewrite's undo log (tiers/journal.py)
 # "model.layers.12.mlp.up_proj.weight" -> ("model.layers", 12, "mlp.up_proj.weight"); GPT-2 uses "h", others
 # "blocks" or "block", Qwen3-VL's projector "deepstack_merger_list" (a merger per tapped vision layer: a stack of its
@@ -101,6 +102,8 @@ def read_buffer(name: str, info: TensorInfo, out: torch.Tensor | None) -> torch.
 class Checkpoint:
     """A model folder: its config.json and the headers of its safetensors files."""
 
+    holds_patch = False  # a dense patch folder's shards are read as a Checkpoint too (patches/format.py)
+
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
         self._no_files_open()
@@ -126,6 +129,10 @@ class Checkpoint:
         if any(os.path.exists(os.path.join(p, f)) for f in ADAPTER_FILES):
             raise CheckpointError(f"{p}: this is a LoRA/PEFT adapter folder; name it with its base model, as "
                                   "BASE_FOLDER+ADAPTER_FOLDER")
+        if not self.holds_patch and os.path.exists(os.path.join(p, PATCH_CONFIG)):
+            raise CheckpointError(f"{p}: this is a merge_engine patch folder ({PATCH_CONFIG}), not a model; name it "
+                                  "with its base model, as BASE_FOLDER+PATCH_FOLDER, or apply it to its base with "
+                                  "`merge-engine patch apply`")
         refuse_pending_journal(p)
 
     def _read_headers(self) -> dict[str, TensorInfo]:

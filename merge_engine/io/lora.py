@@ -80,8 +80,11 @@ def open_model(ref: str, lora_merge_dtype: torch.dtype | None = None) -> Checkpo
         return Checkpoint(base)
     if not os.path.exists(os.path.join(adapter, CONFIG_FILE)):
         from merge_engine.patches.checkpoint import PatchedCheckpoint, is_patch
+        from merge_engine.patches.format import not_a_patch
         if is_patch(adapter):
             return PatchedCheckpoint(base, adapter)
+        if os.path.isdir(adapter):
+            raise not_a_patch(adapter)
     return LoraCheckpoint(base, adapter, merge_dtype=lora_merge_dtype)
 
 

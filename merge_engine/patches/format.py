@@ -23,7 +23,7 @@ import torch
 
 from merge_engine.dtypes import DTYPES, dtype_name
 from merge_engine.errors import CheckpointError
-from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.checkpoint import PATCH_CONFIG, Checkpoint
 from merge_engine.io.experts import layout_hint
 from merge_engine.io.lora import CONFIG_FILE as ADAPTER_CONFIG
 from merge_engine.io.lora import LoraCheckpoint
@@ -39,7 +39,6 @@ from merge_engine.patches.arithmetic import (
     unpack_int4,
 )
 
-PATCH_CONFIG = "patch_config.json"
 FORMAT = "merge_engine-patch"
 VERSION = 1
 SHARD_STEM = "patch"
@@ -97,8 +96,22 @@ def open_patch(path: str, model: Checkpoint) -> Patch:
     if os.path.exists(os.path.join(path, ADAPTER_CONFIG)):
         return LowRankPatch(path, model, read_patch_config(path) if has_config else None)
     if not has_config:
-        raise CheckpointError(f"{path}: no {PATCH_CONFIG} (not a merge_engine patch) and no {ADAPTER_CONFIG}")
+        raise not_a_patch(path)
     return DensePatch(path, model, read_patch_config(path))
+
+
+def not_a_patch(path: str) -> CheckpointError:
+    """The error for a folder given as a patch that holds neither a patch nor an adapter (a model folder, often)."""
+    found = "a model folder (config.json)" if os.path.exists(os.path.join(path, "config.json")) else "no patch"
+    return CheckpointError(f"{path}: {found}, where a patch is expected: a merge_engine patch has {PATCH_CONFIG}, a "
+                           f"PEFT LoRA adapter {ADAPTER_CONFIG} (`merge-engine patch extract BASE TUNED OUT` makes a "
+                           "patch of a fine-tuned model)")
+
+
+class PatchShards(Checkpoint):
+    """A dense patch folder's shards, read as a checkpoint's (by its index where there are several)."""
+
+    holds_patch = True
 
 
 def read_patch_config(path: str) -> tuple[str, dict[str, PatchedTensor]]:
@@ -163,7 +176,7 @@ class DensePatch(Patch):
         if self.storage == "lora":  # a low-rank patch is its adapter: without it there is nothing to read
             raise CheckpointError(f"{path}: {PATCH_CONFIG} says storage 'lora' but the folder has no {ADAPTER_CONFIG}")
         check_against_model(path, self.tensors, model)
-        self._files = Checkpoint(path)
+        self._files = PatchShards(path)
         self._check_stored()
 
     def _expected(self, t: PatchedTensor) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:

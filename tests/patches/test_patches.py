@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from merge_engine import MergeOptions, merge, parse_config
@@ -255,6 +256,35 @@ def test_damaged_patch_folders_are_refused_before_reading_weights(bf16, tmp_path
     (patch / "patch_config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=match):
         apply_patches(bf16["base"], [str(patch)], str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_patch_folder_given_as_a_model_is_named_a_patch(bf16, tmp_path):
+    """A patch folder reads like a model's weights (with a model.safetensors.index.json of its shards too): where a
+    model is expected, it is refused as the patch it is, not for the tensor names it holds."""
+    patch = str(tmp_path / "sharded")
+    extract_patch(bf16["base"], bf16["tuned"], patch, shard_size=4096)
+    weight_map = {key: shard for shard in sorted(os.listdir(patch)) if shard.endswith(".safetensors")
+                  for key in safe_open(os.path.join(patch, shard), "pt").keys()}
+    assert len(set(weight_map.values())) > 1
+    with open(os.path.join(patch, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    apply_patches(bf16["base"], [patch], str(tmp_path / "applied"))
+    assert same_bits(read_all(str(tmp_path / "applied")), read_all(bf16["tuned"]))
+    as_patch = "merge_engine patch folder \\(patch_config.json\\), not a model"
+    with pytest.raises(CheckpointError, match=as_patch):
+        apply_patches(patch, [bf16["p_tuned"]], str(tmp_path / "out"))
+    with pytest.raises(CheckpointError, match=as_patch):
+        extract_patch(patch, bf16["tuned"], str(tmp_path / "out"))
+
+
+def test_a_model_folder_given_as_a_patch_is_named_a_model(bf16, tmp_path):
+    from merge_engine.io.lora import open_model
+    as_model = f"{bf16['tuned']}: a model folder \\(config.json\\), where a patch is expected"
+    with pytest.raises(CheckpointError, match=as_model):
+        apply_patches(bf16["base"], [bf16["tuned"]], str(tmp_path / "out"))
+    with pytest.raises(CheckpointError, match=as_model):
+        open_model(f"{bf16['base']}+{bf16['tuned']}")
     assert not os.path.exists(tmp_path / "out")
 
 
