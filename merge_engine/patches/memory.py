@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from merge_engine.errors import CheckpointError
 from merge_engine.io.safetensors_format import TensorInfo
 from merge_engine.patches.apply import PatchArg, PatchSet
 
@@ -42,8 +43,22 @@ def _update(model, patches: Sequence[PatchArg], sign: int, check: bool) -> int:
     try:
         # every tensor computed before any is written, so a refusal (a base check) leaves the model as it was
         updated = {name: patch_set.values(name, tensors[name].detach()) for name in patch_set.changed}
+        check_tied_alike(tensors, updated)
         for name, values in updated.items():
             tensors[name].data.copy_(values)
     finally:
         patch_set.close()
     return len(updated)
+
+
+def check_tied_alike(tensors: Mapping[str, torch.Tensor], updated: Mapping[str, torch.Tensor]) -> None:
+    """Tensors of one storage (tied weights: a model's lm_head and its embeddings) hold one value: patches that
+    change them differently (made from a model whose copies were untied) are refused, as writing both would keep
+    the last one's change only."""
+    first: dict[int, str] = {}
+    for name, values in updated.items():
+        tied = first.setdefault(tensors[name].data_ptr(), name)
+        if tied != name and not torch.equal(updated[tied], values):
+            raise CheckpointError(f"'{tied}' and '{name}' are tied in the model (one storage), but the patches change "
+                                  "them differently (they were made from a model with the two untied): apply them to "
+                                  "a model with its own copy of each")

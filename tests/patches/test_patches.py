@@ -236,6 +236,33 @@ def test_patches_on_a_live_transformers_model(bf16):
     assert all(torch.equal(state[n].view(torch.int16), tuned[n].view(torch.int16)) for n in tuned)
 
 
+def untied_pair(folder, embed: torch.Tensor, head: torch.Tensor) -> str:
+    """A folder holding an embedding and an output head of their own (untied)."""
+    os.makedirs(folder)
+    save_file({"model.embed_tokens.weight": embed.clone(), "lm_head.weight": head.clone()},
+              os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    return str(folder)
+
+
+@pytest.mark.parametrize("head_change", [0.01, -0.02])
+def test_tied_tensors_in_memory_take_a_patch_only_if_it_changes_them_alike(tmp_path, head_change):
+    """A tied model's embeddings and head are one storage: a patch from an untied model that changes them
+    differently is refused (writing both would keep the head's change only); one that changes them alike applies."""
+    weights = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    base = untied_pair(tmp_path / "base", weights, weights)
+    tuned = untied_pair(tmp_path / "tuned", weights + 0.01, weights + head_change)
+    extract_patch(base, tuned, str(tmp_path / "patch"))
+    shared = weights.clone()
+    live = {"model.embed_tokens.weight": shared, "lm_head.weight": shared}  # as a tied module's state_dict has them
+    if head_change != 0.01:
+        with pytest.raises(CheckpointError, match="'model.embed_tokens.weight' and 'lm_head.weight' are tied"):
+            apply_patches_in_memory(live, [str(tmp_path / "patch")])
+        assert torch.equal(shared, weights)
+    else:
+        apply_patches_in_memory(live, [str(tmp_path / "patch")])
+        assert torch.equal(shared, read_all(tuned)["lm_head.weight"])
+
+
 @pytest.mark.parametrize("damage,match", [
     (lambda c: c.update(format="x"), "not a merge_engine patch config"),
     (lambda c: c.update(version=2), "version 2"),
