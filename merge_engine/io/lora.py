@@ -193,6 +193,9 @@ class LoraCheckpoint(Checkpoint):
         """Base tensor name -> its change; every adapter tensor is matched to a base tensor of its shape."""
         targets: dict[str, _Target] = {}
         problems, untargeted = [], []
+        for key in self._weights:
+            if key.startswith(_PREFIX) and ".lora_" not in key and ".base_layer." not in key:
+                self._untie(key[len(_PREFIX):])
         for key, info in self._weights.items():
             m = _LORA_KEY.match(key.removeprefix(_PREFIX)) if key.startswith(_PREFIX) else None
             if m and not _targets(config, m["module"], embedding=m["eab"] is not None):
@@ -230,6 +233,19 @@ class LoraCheckpoint(Checkpoint):
                         "does merge_engine", self._file, len(untargeted), ", ".join(untargeted[:3]),
                         ", ..." if len(untargeted) > 3 else "")
         return targets
+
+    def _untie(self, name: str) -> None:
+        """peft replaces a modules_to_save module with a copy of its own: when it is an output head the base ties to
+        its embeddings, or those embeddings, the two no longer share a matrix (peft's merged model unties them, and
+        its config says so). The head the base has no tensor of is then read as a tensor of its own, the base's
+        embeddings, which replacing either leaves as they are."""
+        from merge_engine.plan import TIED_HEADS
+        for head in TIED_HEADS:
+            tied = self._tied_name(head)
+            if head not in self.tensors and tied != head and name in (head, tied):
+                self.tensors, self._stored = {**self.tensors, head: self.tensors[tied]}, {**self._stored,
+                                                                                         head: self._stored[tied]}
+                self.config = {**self.config, "tie_word_embeddings": False}
 
     def _tied_name(self, name: str) -> str:
         """The base tensor peft's update to weight `name` lands in: for an output head the base has no tensor of (its

@@ -501,3 +501,22 @@ def test_updates_to_both_a_tied_head_and_its_embeddings_are_refused(model_sets, 
         **tensors, "base_model.model.lm_head.lora_A.weight": torch.zeros(4, embed.shape[1]),
         "base_model.model.lm_head.lora_B.weight": torch.zeros(embed.shape[0], 4)})
     assert "both change 'model.embed_tokens.weight' (an output head tied to the embeddings)" in refusal(base, folder)
+
+
+@pytest.mark.parametrize("saved", ["lm_head", "model.embed_tokens"])
+def test_a_saved_copy_of_a_tied_head_or_its_embeddings_unties_them(model_sets, tmp_path, folder_tensors, saved):
+    """modules_to_save gives the module a matrix of its own: peft's merged Qwen2 (whose head is its embedding matrix)
+    has the saved copy in that module and the base's embeddings in the other, and its config unties them."""
+    base, folder = model_sets("qwen2")[0], str(tmp_path / "a")
+    tensors = write_adapter(folder, base, targets=("q_proj",), r=2, alpha=3)
+    embed = model_tensors(base)["model.embed_tokens.weight"]
+    copy = embed + 0.01 * torch.randn(embed.shape, generator=torch.Generator().manual_seed(3))
+    corrupt(folder, config={"modules_to_save": [saved.rsplit(".", 1)[-1]]},
+            tensors={**tensors, f"base_model.model.{saved}.weight": copy})
+    cfg = {"merge_method": "linear", "models": [{"model": f"{base}+{folder}", "parameters": {"weight": 1.0}}]}
+    merge(parse_config(cfg), str(tmp_path / "out"), MergeOptions(quiet=True, device="cpu"))
+    got = folder_tensors(tmp_path / "out")
+    other = "model.embed_tokens.weight" if saved == "lm_head" else "lm_head.weight"
+    assert torch.equal(got[f"{saved}.weight"], copy) and torch.equal(got[other], embed)
+    with open(tmp_path / "out" / "config.json") as f:
+        assert json.load(f)["tie_word_embeddings"] is False
