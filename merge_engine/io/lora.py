@@ -59,10 +59,12 @@ MAX_PATTERN_REPEATS = 2
 # a target_modules / exclude_modules expression may hold one more: peft's documented
 # ".*decoder.*(self_attn|encoder_attn).*(q_proj|v_proj)$" has three
 MAX_TARGET_REPEATS = 3
-# adapter_config.json settings that change what merging means; refused rather than ignored
+# adapter_config.json settings that change what merging means, or that peft cannot merge (aLoRA, Arrow); refused
+# rather than ignored
 _UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "layer_replication": "layer replication",
                 "target_parameters": "target_parameters", "trainable_token_indices": "trainable tokens",
-                "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA"}
+                "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA", "alora_invocation_tokens": "aLoRA",
+                "arrow_config": "Arrow routing"}
 # init_lora_weights whose initialisation peft reruns on the base weight when it loads the adapter, changing the
 # weight the update is added to (PiSSA and OLoRA subtract their initial factors; LoftQ quantises it; CorDA and
 # LoRA-GA need data peft does not have then): refused rather than merged onto the unchanged base

@@ -153,6 +153,8 @@ def corrupt(folder, config=None, tensors=None):
 
 @pytest.mark.parametrize("case,match", [
     ("dora", "uses DoRA"),
+    ("alora", "uses aLoRA"),
+    ("arrow", "uses Arrow routing"),
     ("not_lora", "only LORA adapters"),
     ("no_rank", "positive integer 'r'"),
     ("missing_tensor", "which .* does not have"),
@@ -167,8 +169,9 @@ def test_malformed_adapters_are_refused_naming_the_file(model_sets, tmp_path, ca
     folder = str(tmp_path / "a")
     tensors = write_adapter(folder, base, modules_to_save=("lm_head",))
     q = "base_model.model.model.layers.0.self_attn.q_proj"
-    if case in ("dora", "not_lora", "no_rank"):
-        corrupt(folder, config={"dora": {"use_dora": True}, "not_lora": {"peft_type": "IA3"},
+    if case in ("dora", "alora", "arrow", "not_lora", "no_rank"):  # (peft cannot merge aLoRA nor Arrow adapters)
+        corrupt(folder, config={"dora": {"use_dora": True}, "alora": {"alora_invocation_tokens": [1, 2]},
+                                "arrow": {"arrow_config": {"top_k": 3}}, "not_lora": {"peft_type": "IA3"},
                                 "no_rank": {"r": 0}}[case])
     elif case == "missing_tensor":
         corrupt(folder, tensors={**tensors, "base_model.model.model.layers.9.mlp.down_proj.lora_A.weight":
