@@ -11,7 +11,7 @@ with s = alpha / r (alpha / sqrt(r) with use_rslora; rank_pattern / alpha_patter
 peft adapts get the low-rank update (target_modules, exclude_modules, modules_to_save, layers_to_transform, as
 its check_target_module_exists reads them); the others' LoRA tensors are left out, as peft never loads them. The
 update is formed in fp32 (peft keeps adapter weights in fp32 whatever the base's dtype); the add
-rounds it to the base tensor's dtype, once (an embedding's update is rounded before the add).
+rounds it to the base tensor's dtype, once (an embedding's update, and MiCA's, is rounded before the add).
 
 The adapter is checked whole before any tensor data is read: adapter_config.json's settings, the
 header of adapter_model.safetensors (safetensors_format.read_header: offsets, dtypes, ...), and every
@@ -69,6 +69,7 @@ _UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "layer_replicati
 # weight the update is added to (PiSSA and OLoRA subtract their initial factors; LoftQ quantises it; CorDA and
 # LoRA-GA need data peft does not have then): refused rather than merged onto the unchanged base
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+MICA = "mica"  # peft's MiCA variant: a plain LoRA whose update peft rounds to the weight's dtype before adding it
 ALL_LINEAR = "all-linear"
 OUTPUT_EMBEDDING = "lm_head"  # the layer peft leaves out of "all-linear" (the causal LM families' output head)
 
@@ -102,6 +103,7 @@ class _Target:
     rank: int = 0  # the rank adapter_config.json gives the module (rank_pattern, else r)
     rank_from: str = "r"  # which setting gave it
     transposed: bool = False  # the update is (B @ A)^T: an embedding, or a weight stored [in, out] (Conv1D)
+    rounded: bool = False  # peft rounds the update to the weight's dtype before adding it (an embedding's, MiCA's)
 
 
 _NO_CHANGE = _Target()
@@ -216,6 +218,7 @@ class LoraCheckpoint(Checkpoint):
                     problems.append(f"'{key}' and '{t.a or t.b}' both change '{self._tied_name(f'{module}.weight')}' "
                                     "(an output head tied to the embeddings), which merge_engine does not merge")
                 t.embedding = m["eab"] is not None
+                t.rounded = t.embedding or config.get("init_lora_weights") == MICA
                 setattr(t, (m["ab"] or m["eab"]).lower(), key)
                 t.scaling = _scaling(config, module)
                 t.rank, t.rank_from = _rank(config, module)
@@ -342,7 +345,7 @@ class LoraCheckpoint(Checkpoint):
         if not t.a:
             return out if out is weight else out.copy_(weight)
         delta = self._delta(t, weight.dtype)
-        if t.embedding or delta.dtype == weight.dtype:
+        if t.rounded or delta.dtype == weight.dtype:
             torch.add(weight, delta, out=out)
         else:  # peft's bf16/fp16 weight += fp32 update: the sum in fp32, rounded once. (A mixed-dtype add would
             # copy the weight to fp32 in fresh memory first, every tensor.)
@@ -352,14 +355,14 @@ class LoraCheckpoint(Checkpoint):
 
     def delta(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """The low-rank update of tensor `name` (a base weight of `dtype`) as peft adds it: in fp32 (fp64 for an
-        fp64 weight), or rounded to `dtype` for an embedding. A fresh tensor."""
+        fp64 weight), or rounded to `dtype` for an embedding (and with MiCA). A fresh tensor."""
         return self._delta(self.targets[name], dtype, scratch=False)
 
     def _delta(self, t: _Target, dtype: torch.dtype, scratch: bool = True) -> torch.Tensor:
         a, b = self._adapter_tensor(t.a), self._adapter_tensor(t.b)
         out = self._scratch_buffer("product", (b.shape[0], a.shape[1]), dtype) if scratch else None
         delta = lora_delta(a, b, dtype, t.scaling, t.transposed, out)
-        return delta.to(dtype) if t.embedding else delta  # peft rounds an embedding's update before adding it
+        return delta.to(dtype) if t.rounded else delta
 
     def _adapter_tensor(self, key: str) -> torch.Tensor:
         held = self._held.get(key) if self._held else None

@@ -523,3 +523,16 @@ def test_a_saved_copy_of_a_tied_head_or_its_embeddings_unties_them(model_sets, t
     assert torch.equal(got[f"{saved}.weight"], copy) and torch.equal(got[other], embed)
     with open(tmp_path / "out" / "config.json") as f:
         assert json.load(f)["tie_word_embeddings"] is False
+
+
+def test_a_mica_update_is_rounded_to_the_weights_dtype_before_the_add(model_sets, tmp_path):
+    """peft merges a MiCA adapter (init_lora_weights "mica") as weight += update.to(weight's dtype): in bf16 the
+    update is rounded, then the sum, where a plain LoRA's fp32 sum is rounded once."""
+    base = model_sets("llama_bf16_sharded")[0]
+    adapter = write_adapter(str(tmp_path / "a"), base, r=4, alpha=8, init_lora_weights="mica")
+    ckpt, plain = open_model(f"{base}+{tmp_path / 'a'}"), model_tensors(base)
+    assert len(ckpt.targets) == 4 * 3
+    for name in ckpt.targets:
+        module = f"base_model.model.{name.removesuffix('.weight')}"
+        update = adapter[f"{module}.lora_B.weight"] @ adapter[f"{module}.lora_A.weight"] * 2
+        assert torch.equal(ckpt.read(name), plain[name] + update.to(torch.bfloat16)), name
