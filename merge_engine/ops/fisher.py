@@ -91,6 +91,9 @@ def check_merge_args(params: list[torch.Tensor], fishers: list[torch.Tensor], co
                              f"have the shape of model 0's param {list(params[0].shape)}")
         if p.dtype != params[0].dtype or f.dtype != fishers[0].dtype:
             raise ValueError(f"fisher_merge: model {j}: params must share one dtype and Fishers another")
+        if p.device != params[0].device or f.device != params[0].device:
+            raise ValueError(f"fisher_merge: model {j}: param on {p.device} and Fisher on {f.device}; every param "
+                             f"and Fisher must be on model 0's param's device ({params[0].device})")
     bad = [(j, v) for j, v in enumerate(list(coefficients) + list(floors)) if not v >= 0 or v == float("inf")]
     if bad:
         raise ValueError("fisher_merge: coefficients and floors must be finite and >= 0, got "

@@ -8,12 +8,15 @@ K u sum_j d_j of their exact values; the quotient then differs from the exact me
 (2K + 2) u M with M = sum_j d_j |theta_j| / sum_j d_j, plus its own rounding (u M) and the rounding
 to the output dtype (half an ulp there). Tests use (2K + 3) u M + 1 ulp of the output dtype.
 """
+from functools import partial
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from merge_engine import ops
 from merge_engine.ops import backends
-from merge_engine.ops.fisher import accumulate_fisher_reference, fisher_merge_reference
+from merge_engine.ops.fisher import _merge_with, accumulate_fisher_reference, fisher_merge_reference
 from tests.conftest import DTYPES, MANTISSA, ulp
 
 U = 2.0 ** -24
@@ -150,6 +153,22 @@ def test_bad_arguments_are_rejected(change):
         floors[0] = float("nan")
     with pytest.raises(ValueError):
         fisher_merge_reference(params, fishers, coefficients, floors)
+
+
+@pytest.mark.parametrize("moved", ["param", "fisher"])
+def test_tensors_on_another_device_are_rejected_before_any_kernel(moved):
+    """One ValueError naming the model and both devices, from the reference and from the kernels' entry before
+    a kernel runs (the CUDA kernel and the reference raised RuntimeError there, the Triton kernel ValueError)."""
+    params, fishers = make_models(2, (7,), torch.float32, torch.float32, seed=16)
+    moved_list = params if moved == "param" else fishers
+    moved_list[1] = moved_list[1].to("meta")
+    kernel_calls = []
+    backend = SimpleNamespace(fisher_merge=lambda *args: kernel_calls.append(args))
+    for merge in (fisher_merge_reference, partial(_merge_with, backend)):
+        with pytest.raises(ValueError, match=f"model 1: param on {params[1].device} and Fisher on "
+                                             f"{fishers[1].device}; .* device \\(cpu\\)"):
+            merge(params, fishers, [1.0, 1.0], [1e-6, 0.0])
+    assert not kernel_calls
 
 
 @pytest.mark.parametrize("fisher_dtype", DTYPES)
