@@ -393,6 +393,8 @@ def merge_task_vectors(base: torch.Tensor, experts: list[torch.Tensor], weights:
         factors = _rescale_factors(base, pointers, cut_lanes, probs, mode, key0, key1)
     else:
         factors = _cutoff_rescale_factors(base, experts, cuts, mode == MAGNITUDE)
+    unscaled = torch.tensor([not _rescaled(mode, d) for d in densities], device=device)
+    factors = factors.masked_fill(unscaled, 1.0)
     # plain mean's divisor: the rounded weights summed in fp32 in order, rounded to the dtype; 1 where |d| < 1e-8
     # compared in the dtype, as torch compares the reference's (fp16's 1e-8 is 0: a zero sum stays)
     divisor = torch.zeros((), dtype=torch.float32)
@@ -404,4 +406,12 @@ def merge_task_vectors(base: torch.Tensor, experts: list[torch.Tensor], weights:
     _merge_kernel[(triton.cdiv(n, BLOCK),)](
         base, pointers, out, rounded.to(device), cut_lanes, probs, factors, n, k, divisor, lam, key0, key1,
         MODE=mode, CONSENSUS=consensus, NORMALIZE=normalize, BLOCK=BLOCK, **_IEEE)
-    return out
+    # the reference's NaN factor (Inf / Inf: a kept delta that overflowed the dtype) makes all of that expert's
+    # deltas NaN, and every merged value with them (a sign election would drop them here)
+    return out.masked_fill_(factors.isnan().any(), float("nan"))
+
+
+def _rescaled(mode: int, density: float) -> bool:
+    """Whether the reference rescales an expert: not where it returns the delta whole (density >= 1) or zeros
+    (TIES's density <= 0), where an overflowed delta must not make the factor NaN (csrc/cpu/rescale.cpp)."""
+    return density < 1 and (density > 0 or mode in (RANDOM, OUTLIERS))

@@ -93,7 +93,7 @@ bool merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
     const auto& c = P.cuts[i];
     x[i] = {iset(float_key<T>(c[0])), iset(rel32(c[1])), iset(float_key<T>(c[2])), iset(rel32(c[3])),
             threshold(c[0], c[1]), threshold(c[2], c[3]), fset(P.factors[i]), fset(P.weights[i]),
-            !std::isnan(P.factors[i])};
+            P.factors[i] != 1.f};
   }
   const I abs_bits = iset(0x7FFFFFFF);
   float* const wd = scratch.wd.data();
@@ -232,6 +232,12 @@ bool merge_block(const Params& P, const T* base, const std::vector<const T*>& ex
   return P.consensus ? with_rule(std::true_type{}) : with_rule(std::false_type{});
 }
 
+// ValueError naming the first input that holds NaN or Inf.
+template <typename T> void check_inputs_finite(const T* base, const std::vector<const T*>& experts, int64_t n) {
+  check_finite<T>(base, n, "the base");
+  for (size_t i = 0; i < experts.size(); ++i) check_finite<T>(experts[i], n, ("expert " + std::to_string(i)).c_str());
+}
+
 }  // namespace
 
 template <typename T>
@@ -248,6 +254,12 @@ void merge_typed(Params& P, const torch::Tensor& base, const std::vector<torch::
   const bool by_cutoffs = P.mode == kMagnitude || P.mode == kOutliers;
   P.factors = P.rescale && by_cutoffs ? cutoff_rescale_factors<T>(P, base, experts, items, cols)
                                       : rescale_factors<T>(P, b, e, n, items, cols, kept_bits);
+  if (std::any_of(P.factors.begin(), P.factors.end(), [](float f) { return std::isnan(f); })) {
+    // the reference's NaN factor makes all of that expert's deltas NaN, and every merged value with them
+    check_inputs_finite<T>(b, e, n);
+    out.fill_(NAN);
+    return;
+  }
   float weight_sum = 0.f;
   for (float w : P.weights) weight_sum += w;
   P.divisor = rnd<T>(weight_sum);
@@ -277,10 +289,7 @@ void merge_typed(Params& P, const torch::Tensor& base, const std::vector<torch::
       if (merge_block<T>(P, b, e, o, start, len, drawn ? keeps.data() : nullptr, scratch)) non_finite = true;
     }
   });
-  if (non_finite) {  // name the first input at fault (none: a delta overflowed from finite inputs)
-    check_finite<T>(b, n, "the base");
-    for (int i = 0; i < K; ++i) check_finite<T>(e[i], n, ("expert " + std::to_string(i)).c_str());
-  }
+  if (non_finite) check_inputs_finite<T>(b, e, n);  // none at fault: a delta overflowed from finite inputs
 }
 
 #define INSTANTIATE(T) \

@@ -24,7 +24,7 @@ struct Params {
   std::vector<std::array<int64_t, 4>> cuts;  // magnitude / outliers
   std::vector<double> densities;        // random, rank (kept in double: DELLA offsets round once)
   std::vector<double> epsilons;         // rank
-  std::vector<float> factors;           // L1 rescale per expert (NaN: none)
+  std::vector<float> factors;           // L1 rescale per expert (1: none)
   float divisor;                        // normalize without consensus: sum of weights in T (tiny -> 1)
 };
 

@@ -54,9 +54,18 @@ struct L1Sums {
 template <typename T> constexpr bool kHalf = std::is_same_v<T, c10::Half>;
 
 // The factor from the two norms, each already rounded to T (as torch's sum of a tensor of T returns), and
-// itself rounded to T; U = float: the norms and the factor in fp32.
+// itself rounded to T; U = float: the norms and the factor in fp32. 1 (none, an exact no-op) where either
+// norm is < 1e-7, as the reference's None; NaN where the reference's is (Inf / Inf: a kept delta that
+// overflowed T), which makes every merged value NaN (fused_merge.cpp).
 template <typename U> float factor_of(float before, float after) {
-  return before >= 1e-7f && after >= 1e-7f ? rnd<U>(before / after) : NAN;
+  return before < 1e-7f || after < 1e-7f ? 1.f : rnd<U>(before / after);
+}
+
+// Whether the reference rescales expert i: not where it returns the delta whole (density >= 1) or zeros
+// (TIES's and DELLA's density <= 0), where an overflowed delta must not make the factor NaN.
+bool rescaled(const Params& P, int i) {
+  const double density = P.densities[i];
+  return density < 1 && (density > 0 || P.mode == kRandom || P.mode == kOutliers);
 }
 
 // The cut-off modes' factors (TIES's and breadcrumbs' `rescale: true`), whose keep rule is no draw but
@@ -68,9 +77,10 @@ template <typename T>
 std::vector<float> cutoff_rescale_factors(const Params& P, const torch::Tensor& base,
                                           const std::vector<torch::Tensor>& experts, WorkItems items, int64_t cols) {
   const int K = static_cast<int>(experts.size());
-  std::vector<float> factors(K, NAN);
+  std::vector<float> factors(K, 1.f);
   const int64_t n = base.numel(), span = items.span;
   for (int i = 0; i < K; ++i) {
+    if (!rescaled(P, i)) continue;
     const torch::Tensor magnitude = at::sub(experts[i], base).abs_();  // |delta| in T, as the reference
     torch::Tensor keep = at::empty({n}, base.options().dtype(at::kByte));
     const T* d = magnitude.data_ptr<T>();  // a magnitude's key is its delta's
@@ -101,7 +111,7 @@ std::vector<float> rescale_factors(const Params& P, const T* base, const std::ve
                                    int64_t n, WorkItems items, int64_t cols,
                                    std::vector<std::vector<uint8_t>>& kept_bits) {
   const int K = static_cast<int>(experts.size());
-  std::vector<float> factors(K, NAN);
+  std::vector<float> factors(K, 1.f);
   if (!P.rescale || P.mode == kNone) return factors;
   const bool keep_bits = draws_keep_flags(P.mode);
   if (keep_bits) kept_bits.assign(K, std::vector<uint8_t>(items.count * bytes_per_item(items.span)));
@@ -127,7 +137,8 @@ std::vector<float> rescale_factors(const Params& P, const T* base, const std::ve
     });
     const float b = static_cast<float>(std::accumulate(before.begin(), before.end(), 0.0));
     const float a = static_cast<float>(std::accumulate(after.begin(), after.end(), 0.0));
-    factors[i] = kHalf<T> ? factor_of<float>(b, a) : factor_of<T>(rnd<T>(b), rnd<T>(a));  // drawn masks
+    if (rescaled(P, i))  // (the flags above are drawn regardless: the merge pass unpacks them)
+      factors[i] = kHalf<T> ? factor_of<float>(b, a) : factor_of<T>(rnd<T>(b), rnd<T>(a));  // drawn masks
   }
   return factors;
 }

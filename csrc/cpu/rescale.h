@@ -8,7 +8,7 @@
 
 namespace merge_engine::task_vectors {
 
-// mergekit's L1 rescale factor per expert: |delta|_1 / |kept|_1 in T, none (NaN) when either is < 1e-7.
+// mergekit's L1 rescale factor per expert: |delta|_1 / |kept|_1 in T, none (1) when either is < 1e-7.
 // The random and rank modes' norms are sums in double lanes (their draws differ from mergekit's anyway);
 // the keep flags this pass draws (DARE's Philox numbers, DELLA's row ranks too) are kept as bits,
 // kept_bits[i][item * bytes_per_item(span)..], for the merge pass to unpack instead of drawing again.

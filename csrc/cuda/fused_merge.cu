@@ -31,9 +31,13 @@ template <typename D>
 __global__ void merge_kernel(const MergeArgs<D> a) {
   __shared__ float factors[kMaxExperts];
   if (threadIdx.x < kMaxExperts)
-    factors[threadIdx.x] = a.factors != nullptr && static_cast<int>(threadIdx.x) < a.K ? a.factors[threadIdx.x] : NAN;
+    factors[threadIdx.x] = a.factors != nullptr && static_cast<int>(threadIdx.x) < a.K ? a.factors[threadIdx.x] : 1.f;
   __syncthreads();
   const int K = a.K;
+  // the reference's NaN factor (Inf / Inf: a kept delta that overflowed T) makes all of that expert's deltas
+  // NaN, and every merged value with them (the sign election below would drop them)
+  bool nan_factor = false;
+  for (int i = 0; i < K; ++i) nan_factor |= isnan(factors[i]);
   const int64_t groups = (a.n + 3) / 4;
   for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < groups;
        q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -57,7 +61,7 @@ __global__ void merge_kernel(const MergeArgs<D> a) {
             // d or +0 where the reference has d * 0, as the CPU kernel: the sign of a zero term changes no sum
             // and no agreement, and an overflowed (Inf) delta that is dropped adds nothing, not NaN
             float kept = keep_of<D>(a, i, g, d, u[j]) ? d : 0.f;
-            if (!isnan(f)) kept = round_f<D>(kept * f);
+            if (f != 1.f) kept = round_f<D>(kept * f);
             wd[i][j] = round_f<D>(kept * w);
           }
         }
@@ -98,7 +102,7 @@ __global__ void merge_kernel(const MergeArgs<D> a) {
         const int64_t g = g0 + j;
         const float b = to_f(a.base[g]);
         if (!isfinite(b)) atomicAdd(a.non_finite, 1ull);
-        a.out[g] = from_f<D>(b + mixed);
+        a.out[g] = from_f<D>(b + (nan_factor ? NAN : mixed));
       }
     }
   }

@@ -28,7 +28,7 @@ struct MergeArgs {
   float weights[kMaxExperts];        // already rounded to T, as torch.tensor(weights, dtype=T)
   float probs[kMaxExperts];          // random, rank: density
   int64_t cuts[kMaxExperts][4];      // magnitude / outliers: {lo_T, lo_c, hi_T, hi_c}
-  const float* factors;              // L1 rescale per expert (NaN: none), or null
+  const float* factors;              // L1 rescale per expert (1: none), or null
   const uint8_t* rank_keep;          // rank: [K][n] keep flags of DELLA's draws, or null
   unsigned long long* non_finite;    // [K + 1]: NaN/Inf counts of the base, then of each expert
 };
@@ -43,6 +43,12 @@ __device__ __forceinline__ bool keep_of(const MergeArgs<D>& a, int i, int64_t g,
     case kRank: return a.probs[i] >= 1.f || (a.probs[i] > 0.f && a.rank_keep[i * a.n + g] != 0);
     default: return true;
   }
+}
+
+// Whether the reference rescales expert i: not where it returns the delta whole (density >= 1) or zeros
+// (TIES's and DELLA's density <= 0), where an overflowed delta must not make the factor NaN.
+template <typename D> __host__ __device__ inline bool rescaled(const MergeArgs<D>& a, int i) {
+  return a.probs[i] < 1.f && (a.probs[i] > 0.f || a.mode == kRandom || a.mode == kOutliers);
 }
 
 // Launches the merge on stream: a.out = the merge, and the NaN/Inf counts into a.non_finite.

@@ -63,7 +63,7 @@ __global__ void l1_partials_kernel(const MergeArgs<D> a, double* partials) {
 
 // Pass 2: one block per expert combines its partials (fixed order) and forms the factor.
 template <typename D>
-__global__ void l1_factors_kernel(const double* partials, int blocks, float* factors) {
+__global__ void l1_factors_kernel(const MergeArgs<D> a, const double* partials, int blocks, float* factors) {
   const int i = blockIdx.x;
   double before = 0.0, after = 0.0;
   for (int k = threadIdx.x; k < blocks; k += blockDim.x) {
@@ -79,7 +79,7 @@ __global__ void l1_factors_kernel(const double* partials, int blocks, float* fac
     using U = std::conditional_t<std::is_same_v<D, __half>, float, D>;
     const float bt = round_f<U>(static_cast<float>(b));
     const float at = round_f<U>(static_cast<float>(s));
-    factors[i] = bt >= 1e-7f && at >= 1e-7f ? round_f<U>(bt / at) : NAN;
+    factors[i] = !rescaled(a, i) || bt < 1e-7f || at < 1e-7f ? 1.f : round_f<U>(bt / at);
   }
 }
 
@@ -96,8 +96,9 @@ __global__ void cutoff_keep_kernel(const MergeArgs<D> a, int i, uint8_t* keep) {
 template <typename D>
 at::Tensor cutoff_rescale_factors(const MergeArgs<D>& a, const at::Tensor& base,
                                   const std::vector<at::Tensor>& experts, cudaStream_t stream) {
-  std::vector<float> factors(a.K, NAN);
+  std::vector<float> factors(a.K, 1.f);  // none where a norm is < 1e-7 (a NaN norm is not: the factor is NaN)
   for (int i = 0; i < a.K; ++i) {
+    if (!rescaled(a, i)) continue;
     const at::Tensor magnitude = at::sub(experts[i], base).abs_();  // |delta| in T, as the reference
     at::Tensor keep = at::empty({a.n}, base.options().dtype(at::kByte));
     cutoff_keep_kernel<D><<<grid_for(a.n, kThreads), kThreads, 0, stream>>>(a, i, keep.data_ptr<uint8_t>());
@@ -108,13 +109,13 @@ at::Tensor cutoff_rescale_factors(const MergeArgs<D>& a, const at::Tensor& base,
       after = kept.sum().item<float>();
       if (!(std::isfinite(before) && std::isfinite(after))) {
         before = magnitude.to(at::kFloat).sum().item<float>(), after = kept.to(at::kFloat).sum().item<float>();
-        if (before >= 1e-7f && after >= 1e-7f) factors[i] = before / after;  // in fp32 (csrc/cpu/rescale.cpp)
+        if (!(before < 1e-7f || after < 1e-7f)) factors[i] = before / after;  // in fp32 (csrc/cpu/rescale.cpp)
         continue;
       }
     } else {
       after = magnitude.mul_(keep.view(magnitude.sizes())).sum().item<float>();  // |delta| * keep
     }
-    if (before >= 1e-7f && after >= 1e-7f) factors[i] = host_round<D>(before / after);
+    if (!(before < 1e-7f || after < 1e-7f)) factors[i] = host_round<D>(before / after);
   }
   return at::tensor(factors, at::TensorOptions().dtype(at::kFloat)).to(base.device());
 }
@@ -128,8 +129,8 @@ at::Tensor l1_rescale_factors(const MergeArgs<D>& a, const at::TensorOptions& op
   l1_partials_kernel<D><<<dim3(blocks, static_cast<unsigned>(K)), kThreads, 0, stream>>>(
       a, partials.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  l1_factors_kernel<D><<<static_cast<unsigned>(K), kThreads, 0, stream>>>(partials.data_ptr<double>(), blocks,
-                                                                           factors.data_ptr<float>());
+  l1_factors_kernel<D><<<static_cast<unsigned>(K), kThreads, 0, stream>>>(a, partials.data_ptr<double>(),
+                                                                           blocks, factors.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return factors;
 }

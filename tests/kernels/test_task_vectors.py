@@ -185,3 +185,25 @@ def test_a_dropped_overflowed_delta_adds_nothing(backend, consensus):
     zero_delta = experts[0].clone()
     zero_delta[3] = base[3]
     assert torch.equal(got[3], merge_task_vectors_reference(base, [zero_delta, experts[1]], **kw)[3])
+
+
+OVERFLOW_CASES = [(torch.bfloat16, "magnitude", False), (torch.bfloat16, "outliers", True),
+                  (torch.float16, "magnitude", True), (torch.float16, "outliers", False)]
+
+
+@per_backend("dtype, sparsify, consensus", {name: OVERFLOW_CASES for name in MODES})
+def test_a_kept_overflowed_delta_makes_the_rescaled_merge_nan(backend, dtype, sparsify, consensus):
+    # 3e38 - (-3e38) overflows bfloat16 (60000 - (-60000) float16), and both TIES and breadcrumbs with gamma 0 keep
+    # the largest magnitude: both L1 norms are Inf, the reference's (mergekit's) factor Inf / Inf is NaN, and so
+    # is every merged value, sign election or not. An expert at density 1 is not rescaled: its Inf stays one Inf.
+    big = 3e38 if dtype == torch.bfloat16 else 60000.0
+    base, experts = make_inputs((100,), dtype, 2, 6)
+    base[3], experts[0][3] = -big, big
+    for densities in ([0.5, 0.5], [1.0, 0.5]):
+        kw = dict(weights=[1.0, 0.5], densities=densities, sparsify=sparsify, consensus=consensus, normalize=True,
+                  rescale=True, gammas=[0.0, 0.0])
+        got = _merge_with(backend.module, backend.put(base), backend.put(experts), **kw).cpu()
+        want = merge_task_vectors_reference(base, experts, **kw)
+        assert want.isnan().all() if densities[0] < 1 else want.isinf().nonzero().flatten().tolist() == [3]
+        nan = want.isnan()
+        assert torch.equal(got.isnan(), nan) and torch.equal(got[~nan], want[~nan]), f"densities {densities}"
