@@ -208,6 +208,11 @@ def test_nan_parameters_merge_to_nan(backend, dtype):
     params[1][:4] = float("nan")
     got = check_merge(backend, params, fishers, [1.0, 1.0], [1e-3, 1e-3], "NaN parameters")
     assert got[:4].isnan().all()
+    # where no model weighs anything, the first model's NaN (either sign) is returned as a NaN, of unspecified bits
+    params[0][:2], params[0][2:4] = float("nan"), -float("nan")
+    zeros = [torch.zeros_like(f) for f in fishers]
+    got = check_merge(backend, params, zeros, [1.0, 1.0], [0.0, 0.0], "NaN first model, no weight")
+    assert got[:4].isnan().all() and torch.equal(got[4:], params[0][4:])
 
 
 @on()
