@@ -23,6 +23,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -69,6 +71,7 @@ SEED_LIMIT = 2**32  # the samplers' numpy seeds are in [0, 2**32)
 STUDY_NAME = "merge_engine_search"
 FINGERPRINT = "merge_engine_search_fingerprint"
 JOURNAL_COPY = "search_journal.log"
+ALARM_LIMIT = 1e8  # seconds (3 years): setitimer overflows near 1e12, which a budget may exceed
 
 
 class SearchError(MergeEngineError):
@@ -499,7 +502,14 @@ def run_trials(optuna, study, cfg: SearchConfig, session: MergeSession, objectiv
             asked = budget.clock()
             step = session.merge(cfg.merge_config(trial.params))
             merged = budget.clock()
-            score = float(objective(session.model))
+            try:  # the first trial's evaluation is known only by a lower bound, and any can slow down
+                with stopped_after(budget.left() - reserve):
+                    score = float(objective(session.model))
+            except BudgetSpent:
+                log.warning("trial %d stopped: its evaluation ran into the time kept for the end of the search",
+                            trial.number)
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                break
             scored = budget.clock()
             for key, value in (("merge_seconds", merged - asked), ("eval_seconds", scored - merged),
                                ("tensors_merged", step.tensors)):
@@ -514,6 +524,30 @@ def run_trials(optuna, study, cfg: SearchConfig, session: MergeSession, objectiv
             bar.n = min(round(budget.elapsed()), bar.total)
             bar.set_postfix_str(f"trials {done}, best {best_value(study):.4g}, {max(budget.left(), 0):.0f} s left")
     return done
+
+
+class BudgetSpent(BaseException):
+    """An evaluation stopped by stopped_after (a BaseException, so that no evaluator's `except Exception` takes it)."""
+
+
+@contextlib.contextmanager
+def stopped_after(seconds: float):
+    """Raise BudgetSpent in the block once `seconds` of wall clock have passed (SIGALRM: in the main thread, where
+    Python delivers signals; elsewhere the block runs unbounded). The model is only read meanwhile, so stopping it
+    leaves the session as it was."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def spent(signum, frame):
+        raise BudgetSpent
+    previous = signal.signal(signal.SIGALRM, spent)
+    signal.setitimer(signal.ITIMER_REAL, min(max(seconds, 1e-3), ALARM_LIMIT))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
 
 
 def best_value(study) -> float:

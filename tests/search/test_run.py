@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -129,6 +130,49 @@ def test_the_reserve_covers_the_test_evaluation(search_models, fake_rates, tmp_p
     assert clock.now - 1000.0 <= 200
     # a trial starts while 10 + 1.5 * (5 + 20) + 2 = 49.5 s are left: at 0, 10, ..., 150
     assert result.trials_this_run == 16
+
+
+class SleepingEvaluator(TimedEvaluator):
+    """An objective that takes `seconds` of the real clock per call, and `slow_seconds` on call `slow_call`."""
+
+    def __init__(self, seconds: float, slow_call: int, slow_seconds: float):
+        super().__init__(FakeClock(), seconds)
+        self.slow_call, self.slow_seconds = slow_call, slow_seconds
+
+    def __call__(self, model) -> float:
+        self.calls += 1
+        time.sleep(self.slow_seconds if self.calls == self.slow_call else self.seconds)
+        return float(sum(p.double().sum() for p in model.parameters()))
+
+
+@pytest.mark.parametrize("slow_call", [1, 3])
+def test_an_evaluation_that_runs_past_the_budget_is_stopped(slow_call, search_models, monkeypatch, tmp_path):
+    # the real clock: the first trial's evaluation is known only by a lower bound, and any can slow down; one that
+    # would run 60 s is stopped when only the reserve for the end is left, failed, and the best finished one saved
+    paths, val, _ = search_models
+    objective = SleepingEvaluator(0.05, slow_call, 60.0)
+    monkeypatch.setattr(run_module, "evaluator_from_spec", lambda spec, tok, where, base_dir: objective)
+    began = time.monotonic()
+    if slow_call == 1:  # nothing finished: no result, but in time
+        with pytest.raises(SearchError, match="no trial finished"):
+            search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(budget=8, device="cpu",
+                                                                                progress=False))
+    else:
+        result = search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(budget=8, device="cpu",
+                                                                                         progress=False))
+        states = [t.state.name for t in result.history]
+        assert states == ["COMPLETE", "COMPLETE", "FAIL"] and result.trials == 2
+        assert os.path.exists(tmp_path / "out" / "model.safetensors")
+    assert time.monotonic() - began <= 8
+
+
+def test_a_budget_beyond_the_alarm_clock_runs(search_models, fake_rates, tmp_path):
+    paths, val, _ = search_models
+    clock = FakeClock()
+    fake_rates(clock, write_seconds=1.0, objective=TimedEvaluator(clock, 1.0))
+    result = search(search_config(paths, val), str(tmp_path / "out"), SearchOptions(
+        budget="300000000h", device="cpu", progress=False, clock=clock, trials=2))
+    assert result.trials_this_run == 2
 
 
 def test_a_budget_too_small_for_one_trial_is_refused_before_reading(search_models, fake_rates, monkeypatch, tmp_path):
