@@ -235,6 +235,11 @@ def _choice(name, path, spec, choices, where, problems) -> Space | None:
         return None
     if _cautioned(spec, values, f"{where}.choice", problems):
         return None
+    repeated = [v for k, v in enumerate(values) if v in values[:k]]  # as the parameter reads them: "yes" is true
+    if repeated:
+        problems.append(f"{where}.choice: {repeated[0]!r} is given twice (as '{spec.name}' reads the values "
+                        f"{choices!r}): its trials would merge alike")
+        return None
     return Space(name, path, spec, choices=values)
 
 
