@@ -152,7 +152,8 @@ def search(config: SearchConfig | dict | str | os.PathLike, out_dir: str | os.Pa
                                random_seed=options.random_seed, progress=options.progress, plan=plan,
                                evaluation_bytes=evaluation)
         ran = run_trials(optuna, study, cfg, session, objective, test, settings["trials"], budget, estimate, options)
-        return finish(optuna, study, cfg, session, objective, test, out_dir, storage_path, settings, budget, options, ran)
+        return finish(optuna, study, cfg, session, objective, test, out_dir, storage_path, settings, budget, options, ran,
+                      estimate)
 
 
 def check_spaces_reach(cfg: SearchConfig, plan) -> None:
@@ -560,7 +561,7 @@ def best_value(study) -> float:
 # ---- the end ----
 
 def finish(optuna, study, cfg: SearchConfig, session: MergeSession, objective, test, out_dir: str, storage_path: str,
-           settings: dict, budget: Budget, options: SearchOptions, ran: int) -> SearchResult:
+           settings: dict, budget: Budget, options: SearchOptions, ran: int, estimate: Estimate) -> SearchResult:
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise SearchError(f"no trial finished within the budget of {budget.seconds:.0f} s (the journal {storage_path} "
@@ -568,7 +569,7 @@ def finish(optuna, study, cfg: SearchConfig, session: MergeSession, objective, t
     best = study.best_trial
     best_config = cfg.concrete(best.params)
     session.merge(best_config)
-    test_score = float(test(session.model)) if test else None
+    test_score = test_in_time(test, session, budget, estimate) if test else None
     summary = {"objective": objective.name, "direction": objective.direction, "score": best.value,
                "test": test.name if test else None, "test_score": test_score, "best_trial": best.number,
                "params": best.params, "trials": len(complete), "budget_seconds": budget.seconds,
@@ -583,6 +584,18 @@ def finish(optuna, study, cfg: SearchConfig, session: MergeSession, objective, t
         shutil.rmtree(work_folder(out_dir), ignore_errors=True)  # the journal lives on in the output
     return SearchResult(os.path.abspath(out_dir), best.params, best_config, best.value, test_score, len(complete),
                         ran, budget.elapsed(), history)
+
+
+def test_in_time(test, session: MergeSession, budget: Budget, estimate: Estimate) -> float | None:
+    """The best merge's test score; None where its evaluation runs into the time kept for the write (the reserve
+    counted it at the objective's rate per token, or, after one trial, at a lower bound)."""
+    try:
+        with stopped_after(budget.left() - reserve_seconds(estimate.write, 0.0)):
+            return float(test(session.model))
+    except BudgetSpent:
+        log.warning("the test evaluation stopped: it ran into the time kept for writing the best merge (search.json "
+                    "has no test score)")
+        return None
 
 
 def trials_table(study, cfg: SearchConfig) -> str:

@@ -166,6 +166,20 @@ def test_an_evaluation_that_runs_past_the_budget_is_stopped(slow_call, search_mo
     assert time.monotonic() - began <= 8
 
 
+def test_a_test_evaluation_that_runs_past_the_budget_is_stopped(search_models, monkeypatch, tmp_path):
+    # the reserve counts the test at the objective's measured rate: a test slower per token is stopped when only
+    # the write's reserve is left, and the best merge saved without a test score
+    paths, val, test = search_models
+    evaluators = iter([SleepingEvaluator(0.05, 0, 0.0), SleepingEvaluator(60.0, 0, 0.0)])
+    monkeypatch.setattr(run_module, "evaluator_from_spec", lambda spec, tok, where, base_dir: next(evaluators))
+    began = time.monotonic()
+    result = search(search_config(paths, val, test={"kind": "multiple_choice", "data": test}), str(tmp_path / "out"),
+                    SearchOptions(budget=8, device="cpu", progress=False))
+    assert time.monotonic() - began <= 8
+    assert result.test_score is None and os.path.exists(tmp_path / "out" / "model.safetensors")
+    assert json.loads((tmp_path / "out" / "search.json").read_text())["test_score"] is None
+
+
 def test_a_budget_beyond_the_alarm_clock_runs(search_models, fake_rates, tmp_path):
     paths, val, _ = search_models
     clock = FakeClock()
