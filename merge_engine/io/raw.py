@@ -1,7 +1,9 @@
-"""The bytes of a tensor in host memory, as a buffer that os.preadv / os.pwrite read and write in place."""
+"""The bytes of a tensor in host memory, as a buffer that os.preadv / os.pwrite read and write in place; and
+fsync by path."""
 from __future__ import annotations
 
 import ctypes
+import os
 
 import torch
 
@@ -19,3 +21,12 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     array = (ctypes.c_ubyte * nbytes).from_address(t.data_ptr())
     array.owner = t  # the memory is the tensor's: hold it as long as the view exists
     return memoryview(array).cast("B")
+
+
+def fsync_path(path: str) -> None:
+    """fsync a file or a folder (its entries) by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -30,7 +30,7 @@ import torch
 
 from merge_engine.errors import OutputError
 from merge_engine.interrupts import signals_deferred
-from merge_engine.io.raw import DIRECT_ALIGN, tensor_bytes
+from merge_engine.io.raw import DIRECT_ALIGN, fsync_path, tensor_bytes
 from merge_engine.io.safetensors_format import build_header
 
 log = logging.getLogger("merge_engine")
@@ -70,15 +70,6 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     done = 0
     while done < len(data):
         done += os.pwrite(fd, data[done:done + _WRITE_CHUNK], offset + done)
-
-
-def _fsync_path(path: str) -> None:
-    """fsync a file or a folder (its entries) by path."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _joined_lock_name() -> str:
@@ -470,8 +461,8 @@ class ShardedWriter:
         skip = {s.filename for s in self._all_shards} | set(_lock_files(self.tmp_dir))  # shards: fsynced above
         for name in sorted(set(os.listdir(self.tmp_dir)) - skip):
             with self._naming(name):
-                _fsync_path(os.path.join(self.tmp_dir, name))
-        _fsync_path(self.tmp_dir)
+                fsync_path(os.path.join(self.tmp_dir, name))
+        fsync_path(self.tmp_dir)
 
     @contextlib.contextmanager
     def _naming(self, filename: str):
@@ -512,7 +503,7 @@ class ShardedWriter:
         # replaced one, hidden beside it, for good
         with signals_deferred():
             self._swap_in(old)
-            _fsync_path(os.path.dirname(self.out_dir))  # the rename on disk before the replaced output is deleted
+            fsync_path(os.path.dirname(self.out_dir))  # the rename on disk before the replaced output is deleted
             self._release_lock()
             if old:
                 self._remove_replaced(old)

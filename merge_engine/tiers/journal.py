@@ -24,7 +24,7 @@ import torch
 
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import IN_PLACE_JOURNAL
-from merge_engine.io.raw import tensor_bytes
+from merge_engine.io.raw import fsync_path, tensor_bytes
 from merge_engine.io.untrusted import inside_folder, is_int, open_regular, parse_json
 from merge_engine.tiers.slices import (
     BITS_DTYPES,
@@ -121,14 +121,6 @@ def _check_payload(entries: list[Entry], payload_bytes: int) -> None:
                              f"the {payload_bytes}-byte payload")
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Journal:
     """A journal in a model folder: its entries by tensor name, and where its payload starts."""
 
@@ -161,7 +153,7 @@ class Journal:
             raise
         os.close(fd)
         os.replace(partial, journal.path)
-        _fsync_dir(model_dir)
+        fsync_path(model_dir)
         return journal
 
     @classmethod
@@ -212,4 +204,4 @@ class Journal:
 
     def discard(self) -> None:
         os.unlink(self.path)
-        _fsync_dir(self.model_dir)
+        fsync_path(self.model_dir)
