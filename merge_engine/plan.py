@@ -67,6 +67,7 @@ class TensorJob:
     slice_index: int = 0  # the config slice it comes from, and its layer position t there: enough to resolve
     t: float = 0.0  # its parameters again under another config of the same models (session.py)
     in_out: bool = False  # a 2-D weight stored [in, out] (transformers' Conv1D, in the GPT-2 family), not [out, in]
+    outside_layers: bool = False  # embeddings, final norm, head: filters match the output's name (filter_names)
 
     def side_reads(self) -> list[tuple[Checkpoint, str]]:
         return [ref for refs in self.side.values() for ref in refs if ref is not None]
@@ -384,9 +385,8 @@ def _plan_tensor(plan: MergePlan, s: Slice, out_name: str, names: list[str], t: 
         return
     compute = cfg.dtype or _promote(dtypes)
     try:
-        # outside the layers a filter matches the output's name, also for an input whose tied embeddings stand in
-        shared, per_model = resolve_parameters(cfg, s, [out_name] * len(names) if outside_layers else names, out_name,
-                                               t, compute if floating else None)
+        shared, per_model = resolve_parameters(cfg, s, filter_names(out_name, names, outside_layers), out_name, t,
+                                               compute if floating else None)
     except ValueError as e:
         problems.append(f"{e} (tensor '{out_name}')")
         return
@@ -403,7 +403,14 @@ def _plan_tensor(plan: MergePlan, s: Slice, out_name: str, names: list[str], t: 
         models.index(base) if base in models else None, shared, per_model,
         compute if floating else dtypes[0], out if floating else dtypes[0],
         (rows.rows, *ref.shape[1:]) if rows else ref.shape, copy_only=not floating, side=side, rows=rows,
-        slice_index=next(i for i, x in enumerate(cfg.slices) if x is s), t=t, in_out=in_out))
+        slice_index=next(i for i, x in enumerate(cfg.slices) if x is s), t=t, in_out=in_out,
+        outside_layers=outside_layers))
+
+
+def filter_names(out_name: str, names: list[str], outside_layers: bool) -> list[str]:
+    """The names a parameter's filter matches for a tensor's inputs: outside the layers the output's name, also for
+    an input whose tied embeddings stand in (as mergekit matches it); in the layers each input's own."""
+    return [out_name] * len(names) if outside_layers else list(names)
 
 
 def warn_unmatched_filters(cfg: MergeConfig, jobs: list[TensorJob]) -> None:

@@ -66,7 +66,7 @@ from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.experts import FusedExperts
 from merge_engine.io.lora import LoraCheckpoint, update_dtype
 from merge_engine.io.writer import ShardedWriter, check_output_dir
-from merge_engine.plan import MergePlan, TensorJob, build_plan, resolve_parameters
+from merge_engine.plan import MergePlan, TensorJob, build_plan, filter_names, resolve_parameters
 from merge_engine.progress import progress_bar
 from merge_engine.vocabulary import load_tokenizer, one_line
 
@@ -498,8 +498,8 @@ def job_parameters(cfg: MergeConfig, job: TensorJob, source: str = "session.merg
     if job.copy_only:
         return None
     try:
-        return resolve_parameters(cfg, cfg.slices[job.slice_index], [n for _, n in job.inputs], job.out_name, job.t,
-                                  job.compute_dtype)
+        names = filter_names(job.out_name, [n for _, n in job.inputs], job.outside_layers)
+        return resolve_parameters(cfg, cfg.slices[job.slice_index], names, job.out_name, job.t, job.compute_dtype)
     except ValueError as e:
         raise ConfigError([f"{e} (tensor '{job.out_name}')"], source) from None
 

@@ -325,6 +325,24 @@ def test_tied_embeddings_model(model_sets, folder_tensors, tmp_path):
     assert session.model.lm_head.weight.data_ptr() == session.model.model.embed_tokens.weight.data_ptr()
 
 
+def test_a_filter_on_the_head_matches_it_for_an_input_whose_tied_embeddings_stand_in(model_sets, folder_tensors,
+                                                                                      tmp_path):
+    # outside the layers a filter matches the output's name (lm_head), not the tied input's (its embeddings), as the
+    # engine resolves it: opened on a config, and merged again into it from another
+    from tests.test_parity_mergekit import tied_copy
+    base, expert = model_sets("llama")[:2]
+    tied = tied_copy(base, str(tmp_path / "tied"))
+
+    def config(head: float) -> dict:
+        return {"merge_method": "linear", "dtype": "float32", "models": [
+            {"model": tied, "parameters": {"weight": [{"filter": "lm_head", "value": head}, {"value": 0.5}]}},
+            {"model": expert, "parameters": {"weight": 0.5}}]}
+    session = MergeSession(config(0.2), "cpu", progress=False)
+    assert not differing(session.state_dict(), engine_tensors(config(0.2), tmp_path / "a", folder_tensors))
+    session.merge(config(0.9))
+    assert not differing(session.state_dict(), engine_tensors(config(0.9), tmp_path / "b", folder_tensors))
+
+
 def test_configs_with_other_models_are_refused(model_sets):
     base, *experts = model_sets("llama")
     config = {"merge_method": "linear", "dtype": "float32", "models": [{"model": e, "parameters": {"weight": 1.0}}
