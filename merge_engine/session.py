@@ -249,12 +249,14 @@ def plan_memory(plan: MergePlan, device: torch.device, placement: str = "auto",
 
 def live_model_bytes(plan: MergePlan, shape: torch.nn.Module) -> int:
     """The live model's bytes: every output tensor in the merge's dtype but those the model holds in float32
-    (kept_in_fp32), tied ones once more (merge_targets gives them a tensor of their own). shape: the live model
-    on the meta device."""
+    (kept_in_fp32), tied ones once more (merge_targets gives them a tensor of their own), and those in another dtype
+    than the model's both ways. shape: the live model on the meta device."""
     held = shape.state_dict(keep_vars=True)
     upcast = kept_in_fp32(shape, output_dtype(plan))
     loaded_as = loaded_names(shape, [name for name, _, _ in plan.entries()], held)
-    return sum(math.prod(dims) * (4 if loaded_as[name] in upcast else dtype.itemsize)
+    model_dtype = output_dtype(plan)
+    return sum(math.prod(dims) * (4 if loaded_as[name] in upcast else dtype.itemsize
+                                  + (model_dtype.itemsize if dtype != model_dtype else 0))  # (cast into the model)
                for name, dtype, dims in plan.entries())
 
 
@@ -309,7 +311,7 @@ class MergeSession:
         self.memory = plan_memory(self.plan, self.device, placement, lora=lora, evaluation=evaluation_bytes)
         load_kernels(self.device)
         self.model = live_model(self.plan, self.device)
-        self._targets = merge_targets(self.model, self.plan)
+        self._targets, self._cast = merge_targets(self.model, self.plan)
         self._scratch: dict[int, torch.Tensor] = {}  # factored inputs' tensors, per input slot (_inputs_of)
         self._inputs = self._read_inputs(progress)
         self._merged_with: list[Any] = [None] * len(self.plan.jobs)  # the parameters each tensor holds now
@@ -420,6 +422,13 @@ class MergeSession:
                          into(target) if self.device.type == "cpu" else None)
         if result.data_ptr() != target.data_ptr():
             target.copy_(result)
+        self.cast_into_model([job.out_name])
+
+    def cast_into_model(self, names) -> None:
+        """Copy these output tensors into the live model where it holds them in another dtype (merge_targets)."""
+        for name in names:
+            if name in self._cast:
+                self._cast[name].copy_(self._targets[name])
 
     def _same_models(self, cfg: MergeConfig) -> MergeConfig:
         if without_parameters(cfg.raw) != without_parameters(self.config.raw):
@@ -640,33 +649,40 @@ def _no_init_weights(transformers):
     raise MergeEngineError(f"transformers {transformers.__version__} lacks no_init_weights")
 
 
-def merge_targets(model: torch.nn.Module, plan: MergePlan) -> dict[str, torch.Tensor]:
-    """Output tensor name -> where its merge goes: the live model's parameter or buffer of that name. A
-    name the model ties to an earlier one (lm_head to the embeddings) gets a tensor of its own, for save():
-    the model uses the first, as transformers does when it loads a tied model."""
+def merge_targets(model: torch.nn.Module, plan: MergePlan) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(output tensor name -> where its merge goes, name -> the model's tensor its merge is cast into). The merge
+    goes to the live model's parameter or buffer of that name. A name the model ties to an earlier one (lm_head to
+    the embeddings) gets a tensor of its own, for save(): the model uses the first, as transformers does when it
+    loads a tied model. A tensor the output stores in another dtype than the model's (an output of several dtypes)
+    gets a tensor of its own too, and the model's holds it cast, as from_pretrained casts it."""
     held = model.state_dict(keep_vars=True)
     upcast = kept_in_fp32(model, output_dtype(plan))
-    problems, targets, storages = [], {}, set()
+    problems, targets, cast, storages = [], {}, {}, set()
     loaded_as = loaded_names(model, [name for name, _, _ in plan.entries()], held)
     for name, dtype, shape in plan.entries():
         tensor = held.get(loaded_as[name])
+        kept = torch.float32 if loaded_as[name] in upcast else dtype
         if tensor is None:
             problems.append(f"'{name}' is an output of the merge but not a tensor of {type(model).__name__}")
-        elif tuple(tensor.shape) != tuple(shape) or tensor.dtype != (torch.float32 if loaded_as[name] in upcast else dtype):
+        elif tuple(tensor.shape) != tuple(shape) or (tensor.dtype != kept and not (tensor.is_floating_point()
+                                                                                   and kept.is_floating_point)):
             problems.append(f"'{name}': the merge gives {dtype} {list(shape)}, {type(model).__name__} has "
                             f"{tensor.dtype} {list(tensor.shape)}")
-        elif tensor.data_ptr() in storages:
-            targets[name] = torch.empty_like(tensor)
+        elif tensor.data_ptr() in storages or tensor.dtype != kept:
+            targets[name] = torch.empty(tuple(shape), dtype=kept, device=tensor.device)
+            if tensor.data_ptr() not in storages:
+                cast[name] = tensor.data
+                storages.add(tensor.data_ptr())
         else:
             targets[name] = tensor.data
             storages.add(tensor.data_ptr())
-    covered = {t.data_ptr() for t in targets.values()}
+    covered = {t.data_ptr() for t in [*targets.values(), *cast.values()]}
     problems += [f"'{name}' of {type(model).__name__} is not an output of the merge" for name, p in
                  model.named_parameters(remove_duplicate=False) if p.data_ptr() not in covered]
     if problems:
         raise MergeEngineError(f"the live model and the merge's outputs differ: {'; '.join(problems[:10])}"
                                + (f"; ... and {len(problems) - 10} more" if len(problems) > 10 else ""))
-    return targets
+    return targets, cast
 
 
 def loaded_names(model: torch.nn.Module, names: list[str], held: dict[str, torch.Tensor]) -> dict[str, str]:

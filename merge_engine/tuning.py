@@ -113,6 +113,7 @@ class BMMProblem:
         with torch.no_grad():
             for name, system in self.systems.items():
                 state[name].copy_(system.solve(lambdas.get(name, self.default_lambda[name])))
+            self.session.cast_into_model(self.systems)
         return state
 
     def groups(self, granularity: str) -> dict[str, list[str]]:

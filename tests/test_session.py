@@ -530,6 +530,25 @@ def loaded_state(folder) -> dict[str, torch.Tensor]:
     return getattr(transformers, arch).from_pretrained(str(folder)).state_dict()
 
 
+def test_an_output_of_several_dtypes_is_held_as_written_and_loaded(model_sets, folder_tensors, tmp_path):
+    # inputs storing fp16 embeddings and fp32 norms beside bf16: the output keeps each tensor's dtype, config.json
+    # says bfloat16; state_dict() holds the written tensors, the live model them cast, as from_pretrained loads them
+    from tests.test_parity_mergekit import mixed_dtype_copy
+    experts = [mixed_dtype_copy(e, str(tmp_path / f"mixed{i}")) for i, e in enumerate(model_sets("llama")[1:3])]
+
+    def config(weight: float) -> dict:
+        return {"merge_method": "linear", "models": [{"model": experts[0], "parameters": {"weight": weight}},
+                                                     {"model": experts[1], "parameters": {"weight": 0.5}}]}
+    session = MergeSession(config(0.3), "cpu", progress=False)
+    ref = engine_tensors(config(0.3), tmp_path / "a", folder_tensors)
+    assert {t.dtype for t in ref.values()} == {torch.float16, torch.float32, torch.bfloat16}
+    assert not differing(session.state_dict(), ref)
+    assert not differing(session.model.state_dict(), loaded_state(tmp_path / "a"))
+    session.merge(config(0.8))
+    assert not differing(session.state_dict(), engine_tensors(config(0.8), tmp_path / "b", folder_tensors))
+    assert not differing(session.model.state_dict(), loaded_state(tmp_path / "b"))
+
+
 @pytest.mark.parametrize("maker", ["make_qwen2_vl", "make_mistral3"])
 def test_checkpoint_names_that_transformers_renames_when_loading(maker, folder_tensors, tmp_path):
     """transformers 5 loads Qwen2-VL's model.layers as model.language_model.layers and Mistral 3's
