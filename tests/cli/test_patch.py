@@ -47,7 +47,7 @@ def test_extract_apply_remove_norms(models, tmp_path, capsys):
     (["extract", "{base}", "{tuned}", "{out}", "--rank", "4"], "use them with --storage lora"),
     (["extract", "{base}", "{tuned}", "{out}", "--top-norm", "1.5"], "expected a share in (0, 1]"),
     (["apply", "{other}", "{p}", "{out}"], "differs from the base this patch was made for"),
-    (["apply", "{base}", "{base}", "{out}"], "no patch_config.json"),
+    (["apply", "{base}", "{base}", "{out}"], "a model folder (config.json), where a patch is expected"),
     (["apply", "{base}", "{p}", "{out}", "--scale", "nan"], "expected a finite number of at most 3.4e+38 in magnitude, got nan"),
     (["remove", "{base}", "{p}", "{out}", "--scale", "inf"], "expected a finite number of at most 3.4e+38 in magnitude, got inf"),
     (["apply", "{base}", "{p}", "{out}", "--scale", "1e300"], "expected a finite number of at most 3.4e+38 in magnitude, got 1e300"),
