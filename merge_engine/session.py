@@ -546,12 +546,28 @@ def own_config(config: MergeConfig | dict | str | os.PathLike) -> MergeConfig:
 
 
 def without_parameters(raw: Any) -> Any:
-    """A raw config with every `parameters` mapping removed: what a session's configs must share."""
-    if isinstance(raw, dict):
-        return {k: without_parameters(v) for k, v in raw.items() if k != "parameters"}
-    if isinstance(raw, list):
-        return [without_parameters(v) for v in raw]
-    return raw
+    """A raw config less its `parameters` mappings, where mergekit's schema has them (the top level, each model,
+    each slice and each slice's source): what a session's configs must share. Elsewhere (a token named
+    "parameters" in tokenizer.tokens) the key is the config's own."""
+    if not isinstance(raw, dict):
+        return raw
+    kept = _less_parameters(raw)
+    if isinstance(kept.get("models"), list):
+        kept["models"] = [_less_parameters(m) for m in kept["models"]]
+    if isinstance(kept.get("slices"), list):
+        kept["slices"] = [_slice_less_parameters(s) for s in kept["slices"]]
+    return kept
+
+
+def _slice_less_parameters(raw: Any) -> Any:
+    kept = _less_parameters(raw)
+    if isinstance(kept, dict) and isinstance(kept.get("sources"), list):
+        kept["sources"] = [_less_parameters(source) for source in kept["sources"]]
+    return kept
+
+
+def _less_parameters(raw: Any) -> Any:
+    return {k: v for k, v in raw.items() if k != "parameters"} if isinstance(raw, dict) else raw
 
 
 def method_key(cfg: MergeConfig) -> tuple:

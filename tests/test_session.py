@@ -15,7 +15,7 @@ from merge_engine.config import parse_config
 from merge_engine.engine import MergeOptions, merge
 from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.plan import build_plan
-from merge_engine.session import MemoryPlanError, MergeSession, plan_memory
+from merge_engine.session import MemoryPlanError, MergeSession, plan_memory, without_parameters
 from tests.methods.test_fisher import write_fisher
 from tests.test_parity_mergekit import CASES, FILTERED, GRADIENT, models
 
@@ -706,3 +706,16 @@ def test_session_arguments_are_refused_by_name_before_anything_is_read(model_set
     monkeypatch.setattr("merge_engine.session.build_plan", lambda *a, **k: pytest.fail("read the inputs"))
     with pytest.raises(MergeEngineError, match=message):
         MergeSession(config, "cpu", **{argument: value})
+
+
+def test_what_configs_must_share_drops_parameters_only_where_the_schema_has_them():
+    """session.merge takes configs that differ only in parameters: the top level's, each model's, each slice's
+    and each source's. A token named "parameters" in tokenizer.tokens is a token, whose source must not change."""
+    def config(p, source):
+        return {"merge_method": "ties", "parameters": {"normalize": p}, "models": [{"model": "a", "parameters": {"w": p}}],
+                "slices": [{"parameters": {"w": p}, "sources": [{"model": "a", "layer_range": [0, 2],
+                                                                   "parameters": {"w": p}}]}],
+                "tokenizer": {"source": "union", "tokens": {"parameters": {"source": source}}}}
+    assert without_parameters(config(1, "a")) == without_parameters(config(2, "a"))
+    assert without_parameters(config(1, "a")) != without_parameters(config(1, "b"))
+
