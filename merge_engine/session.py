@@ -252,9 +252,9 @@ def live_model_bytes(plan: MergePlan, shape: torch.nn.Module) -> int:
     (kept_in_fp32), tied ones once more (merge_targets gives them a tensor of their own), and those in another dtype
     than the model's both ways. shape: the live model on the meta device."""
     held = shape.state_dict(keep_vars=True)
-    upcast = kept_in_fp32(shape, output_dtype(plan))
-    loaded_as = loaded_names(shape, [name for name, _, _ in plan.entries()], held)
     model_dtype = output_dtype(plan)
+    upcast = kept_in_fp32(shape, model_dtype)
+    loaded_as = loaded_names(shape, [name for name, _, _ in plan.entries()], held)
     return sum(math.prod(dims) * (4 if loaded_as[name] in upcast else dtype.itemsize
                                   + (model_dtype.itemsize if dtype != model_dtype else 0))  # (cast into the model)
                for name, dtype, dims in plan.entries())

@@ -121,9 +121,7 @@ def _check_named(out_dir: str) -> None:
 
 def _check_can_be_made(out_dir: str, folder: str) -> None:
     """A folder that does not exist yet can be made: its nearest existing parent is a folder."""
-    parent = os.path.dirname(folder)
-    while not os.path.lexists(parent):
-        parent = os.path.dirname(parent)
+    parent = _nearest_existing_parent(folder)
     if not os.path.isdir(parent):
         raise OutputError(f"{out_dir}: {parent} is not a folder, so the output folder cannot be made in it")
     # the temporary folder's name is cut to fit (_within_name_limit): a longer name would fail the final rename
@@ -131,6 +129,13 @@ def _check_can_be_made(out_dir: str, folder: str) -> None:
     if len(name) > limit:
         raise OutputError(f"{out_dir}: the output folder's name is {len(name)} bytes long, more than the {limit} its "
                           "file system allows")
+
+
+def _nearest_existing_parent(folder: str) -> str:
+    parent = os.path.dirname(folder)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    return parent
 
 
 def _name_limit(folder: str) -> int:
@@ -143,9 +148,7 @@ def _name_limit(folder: str) -> int:
 def _check_writable(out_dir: str, folder: str) -> None:
     """The folder the output is made in (its temporary folder, renamed into place) can be written: said before a
     command computes (fisher writes only once its whole computation is done), not after."""
-    parent = os.path.dirname(folder)
-    while not os.path.isdir(parent):
-        parent = os.path.dirname(parent)
+    parent = _nearest_existing_parent(folder)  # a folder: check_output_dir's earlier checks
     if not os.access(parent, os.W_OK | os.X_OK):
         why = "a read-only file system" if os.statvfs(parent).f_flag & os.ST_RDONLY else "no permission to write there"
         raise OutputError(f"{out_dir}: the output cannot be made in {parent} ({why})")
