@@ -291,9 +291,8 @@ def _declare_implementation(overload: torch._ops.OpOverload, fn: Callable) -> No
     """fn as the overload's default kernel on every device; mutated arguments get their version bumped
     (autograd then knows that tensors it saved have changed)."""
     _impl(overload, fn, "CompositeExplicitAutograd")
-    mutated = [i for i, a in enumerate(overload._schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
-    if mutated:
-        _LIBRARY.impl(_qualified_name(overload), _bump_versions(overload, mutated), "ADInplaceOrView", with_keyset=True)
+    if _argument_names(overload)[1]:  # it mutates some
+        _LIBRARY.impl(_qualified_name(overload), _bump_versions(overload), "ADInplaceOrView", with_keyset=True)
 
 
 def _impl(overload: torch._ops.OpOverload, fn: Callable, dispatch_key: str) -> None:
@@ -305,8 +304,7 @@ def _impl(overload: torch._ops.OpOverload, fn: Callable, dispatch_key: str) -> N
 def _refusing_inference_writes(overload: torch._ops.OpOverload, fn: Callable) -> Callable:
     """fn, refusing to write into an inference tensor outside torch.inference_mode(), as torch's in-place ops do:
     a compiled kernel writes through a data pointer, where torch's own check never runs."""
-    names = [a.name for a in overload._schema.arguments]
-    written = [a.name for a in overload._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    names, written = _argument_names(overload)
     if not written:
         return fn
 
@@ -323,15 +321,20 @@ def _refusing_inference_writes(overload: torch._ops.OpOverload, fn: Callable) ->
     return kernel
 
 
+def _argument_names(overload: torch._ops.OpOverload) -> tuple[list[str], list[str]]:
+    """The names of the overload's arguments, and of those it writes into."""
+    arguments = overload._schema.arguments
+    return [a.name for a in arguments], [a.name for a in arguments if a.alias_info is not None and a.alias_info.is_write]
+
+
 def _qualified_name(overload: torch._ops.OpOverload) -> str:
     """'name' or 'name.overload', as Library.impl takes it."""
     name = overload._schema.name.split("::", 1)[1]
     return name if overload._overloadname == "default" else f"{name}.{overload._overloadname}"
 
 
-def _bump_versions(overload: torch._ops.OpOverload, mutated: list[int]) -> Callable:
-    names = [a.name for a in overload._schema.arguments]
-    written = [names[i] for i in mutated]
+def _bump_versions(overload: torch._ops.OpOverload) -> Callable:
+    names, written = _argument_names(overload)
 
     def kernel(keyset, *args, **kwargs):
         values = dict(zip(names, args)) | kwargs
