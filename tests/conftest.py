@@ -233,6 +233,32 @@ def mergekit(mergekit_yaml, tmp_path_factory):
     replies.close()
 
 
+def pickled_copy(folder, out, shards: int = 1, tie: tuple[str, str] | None = None) -> str:
+    """A copy of a safetensors model folder whose weights are torch.save files, as transformers 4 saved them:
+    pytorch_model.bin, or `shards` files and pytorch_model.bin.index.json. tie=(head, embedding): the head stored
+    as a second name of the embedding's storage, as a tied model's state dict holds it."""
+    tensors = _folder_tensors(folder)
+    if tie:
+        tensors[tie[0]] = tensors[tie[1]]
+    os.makedirs(out)
+    for f in os.listdir(folder):
+        if not f.endswith((".safetensors", ".safetensors.index.json")):
+            shutil.copy(os.path.join(folder, f), os.path.join(out, f))
+    names = list(tensors)
+    if shards == 1:
+        torch.save(tensors, os.path.join(out, "pytorch_model.bin"))
+        return str(out)
+    weight_map = {}
+    for i in range(shards):
+        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = {name: tensors[name] for name in names[i::shards]}
+        torch.save(part, os.path.join(out, file))
+        weight_map.update(dict.fromkeys(part, file))
+    with open(os.path.join(out, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return str(out)
+
+
 def refuse_to_unlink(monkeypatch, name: str) -> None:
     """os.unlink raises PermissionError for the file `name`, as shutil.rmtree names it (relative to its folder's
     descriptor): a file that cannot be deleted (read-only, busy)."""

@@ -8,10 +8,12 @@ import shutil
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 
 from merge_engine import MergeOptions, merge, parse_config
 from merge_engine.dtypes import DTYPES
 from tests.arch_models import ARCHITECTURES, make_architecture
+from tests.conftest import pickled_copy
 
 pytestmark = [pytest.mark.mergekit, pytest.mark.slow]
 
@@ -688,3 +690,50 @@ def test_a_checkpoint_of_several_dtypes_keeps_the_dtype_most_of_it_has(method, m
     assert all(a[n].dtype == b[n].dtype and torch.equal(a[n], b[n]) for n in a)
     assert json.loads((ours / "config.json").read_text())["dtype"] == \
         json.loads((theirs / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+# Pickled checkpoints (pytorch_model.bin, its shards with their index; tied heads stored as a second name of the
+# embedding's storage, as transformers 4 saved them) and a pickled LoRA adapter (adapter_model.bin, peft's older
+# format), beside safetensors ones: mergekit unpickles them with torch.load, merge_engine reads them in place.
+PICKLED_CASES = {
+    "task_arithmetic_bf16": ("llama_bf16_sharded", lambda b, e: {  # (TIES differs at tied cut-offs: README)
+        "merge_method": "task_arithmetic", "dtype": "bfloat16", "base_model": b,
+        **models(b, e, [{"weight": 0.5}, {"weight": 0.3}, {"weight": [0.2, 0.9]}])}),
+    "slerp_gpt2": ("gpt2", lambda b, e: {"merge_method": "slerp", "base_model": b, "dtype": "float32",
+                                         "parameters": {"t": [0.1, 0.8]}, "models": [{"model": b}, {"model": e[0]}]}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PICKLED_CASES))
+def test_pickled_checkpoints_identical_to_mergekit(case, model_sets, mergekit, write_yaml, folder_tensors, tmp_path):
+    key, build = PICKLED_CASES[case]
+    base, *experts = model_sets(key)
+    pickled = [pickled_copy(base, tmp_path / "base"), pickled_copy(experts[0], tmp_path / "e0", shards=3)]
+    config = build(pickled[0], pickled[1:] + experts[1:])
+    merge(parse_config(config), str(tmp_path / "ours"), MergeOptions(quiet=True, copy_tokenizer=False))
+    run_mergekit(mergekit, write_yaml(config), str(tmp_path / "theirs"))
+    identical_outputs(tmp_path / "ours", tmp_path / "theirs", folder_tensors)
+    # the same merge of the safetensors folders writes the same tensors
+    merge(parse_config(build(base, experts)), str(tmp_path / "safetensors"), MergeOptions(quiet=True, copy_tokenizer=False))
+    identical_outputs(tmp_path / "ours", tmp_path / "safetensors", folder_tensors)
+
+
+def test_pickled_tied_heads_and_adapters_identical_to_mergekit(model_sets, mergekit, write_yaml, folder_tensors,
+                                                               tmp_path):
+    from tests.lora_adapters import write_adapter
+    base, e1, e2, _ = model_sets("llama")
+    tie = ("lm_head.weight", "model.embed_tokens.weight")
+    tied = [pickled_copy(tied_copy(m, str(tmp_path / f"t{i}")), tmp_path / f"tied{i}", tie=tie)
+            for i, m in enumerate([base, e1])]
+    write_adapter(str(tmp_path / "adapter"), e2, seed=3, embedding="model.embed_tokens")
+    adapter = tmp_path / "adapter"
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_model.safetensors").unlink()
+    torch.save(weights, adapter / "adapter_model.bin")
+    config = {"merge_method": "task_arithmetic", "base_model": tied[0], "dtype": "float32", "models": [
+        {"model": tied[1], "parameters": {"weight": 0.6}}, {"model": f"{e2}+{adapter}", "parameters": {"weight": 0.3}}]}
+    merge(parse_config(config), str(tmp_path / "ours"), MergeOptions(quiet=True, copy_tokenizer=False))
+    run_mergekit(mergekit, write_yaml(config), str(tmp_path / "theirs"), "--lora-merge-cache", str(tmp_path / "cache"))
+    a, b = folder_tensors(tmp_path / "ours"), folder_tensors(tmp_path / "theirs")
+    assert "lm_head.weight" in a and set(a) == set(b)
+    assert [n for n in a if a[n].dtype != b[n].dtype or not torch.equal(a[n], b[n])] == []

@@ -16,6 +16,7 @@ from merge_engine.engine import MergeOptions, merge
 from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.plan import build_plan
 from merge_engine.session import MemoryPlanError, MergeSession, plan_memory, without_parameters
+from tests.conftest import pickled_copy
 from tests.methods.test_fisher import write_fisher
 from tests.test_parity_mergekit import CASES, FILTERED, GRADIENT, models
 
@@ -323,6 +324,17 @@ def test_tied_embeddings_model(model_sets, folder_tensors, tmp_path):
     session = MergeSession(config, "cpu", progress=False)
     assert not differing(session.state_dict(), engine_tensors(config, tmp_path / "a", folder_tensors))
     assert session.model.lm_head.weight.data_ptr() == session.model.model.embed_tokens.weight.data_ptr()
+
+
+def test_pickled_inputs_with_tied_heads_equal_the_engine(model_sets, folder_tensors, tmp_path):
+    """pytorch_model.bin inputs whose state dicts store the tied head as a second name of the embedding."""
+    tie = ("lm_head.weight", "model.embed_tokens.weight")
+    base, *experts = [pickled_copy(m, tmp_path / f"m{i}", shards=1 + i % 2, tie=tie)
+                      for i, m in enumerate(model_sets("qwen2"))]
+    config = {"merge_method": "ties", "base_model": base, "dtype": "float32", "models": [
+        {"model": e, "parameters": {"weight": 0.5, "density": 0.6}} for e in experts]}
+    session = MergeSession(config, "cpu", progress=False)
+    assert not differing(session.state_dict(), engine_tensors(config, tmp_path / "a", folder_tensors))
 
 
 def test_a_filter_on_the_head_matches_it_for_an_input_whose_tied_embeddings_stand_in(model_sets, folder_tensors,

@@ -1,6 +1,6 @@
-"""Read-only access to a Hugging Face model folder of safetensors files.
+"""Read-only access to a Hugging Face model folder of safetensors (or torch.save pickle) files.
 
-Opening a checkpoint reads only headers (validated, see safetensors_format); tensor bytes are read
+Opening a checkpoint reads only headers (validated, see safetensors_format and torch_pickle); tensor bytes are read
 one tensor at a time with positional reads straight into a caller-chosen buffer (pinned host memory
 when the merge runs on CUDA), so a model is never held in RAM and the engine's prefetch threads, not
 the compute thread, wait on the disk. The engine reads with O_DIRECT where the filesystem allows and
@@ -25,11 +25,14 @@ from merge_engine.errors import CheckpointError
 from merge_engine.io.page_cache import ResidencyMaps
 from merge_engine.io.raw import DIRECT_ALIGN, tensor_bytes
 from merge_engine.io.safetensors_format import TensorInfo, file_identity, read_header_and_identity
+from merge_engine.io.torch_pickle import read_pickle_header_and_identity
 from merge_engine.io.untrusted import inside_folder, is_int, read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+PICKLE_INDEX_FILE = "pytorch_model.bin.index.json"  # read where there is no model.safetensors[.index.json], as mergekit
+PICKLE_FILE = "pytorch_model.bin"
+OTHER_PICKLE_FILES = ("model.pt", "model.ckpt")  # not Hugging Face layouts, not read (nor by mergekit)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 PATCH_CONFIG = "patch_config.json"  # a merge_engine weight patch folder (patches/format.py)
 IN_PLACE_JOURNAL = ".merge_engine-key-journal"  # an in-place key or patch rewrite's undo log (tiers/journal.py)
@@ -57,6 +60,24 @@ def split_layer_name(name: str) -> tuple[str, int, str] | None:
     """Split a per-layer tensor name into (prefix, layer index, suffix); None for embeddings, norms, heads."""
     m = _LAYER_RE.match(name)
     return (m["prefix"], int(m["index"]), m["rest"]) if m else None
+
+
+def read_weight_header(path: str) -> tuple[dict[str, TensorInfo], tuple[int, ...]]:
+    """A weight file's tensors and identity: a .safetensors file by its header, any other by torch.save's zip
+    format (as mergekit tells them apart: by the name's suffix)."""
+    if path.lower().endswith(".safetensors"):
+        return read_header_and_identity(path)
+    return read_pickle_header_and_identity(path)
+
+
+def require_safetensors(ckpt: "Checkpoint", rewrite: str) -> None:
+    """CheckpointError where the checkpoint's weights are torch.save pickle files, which `rewrite` (an operation that
+    keeps the model's own files and offsets) cannot write."""
+    pickled = sorted({info.file for info in ckpt.tensors.values() if not info.file.lower().endswith(".safetensors")})
+    if pickled:
+        raise CheckpointError(f"{pickled[0]}: a torch.save pickle file; {rewrite} keeps a model's own safetensors "
+                              "files and cannot rewrite it. Merge it once into safetensors (a passthrough merge "
+                              "of this model) and use that folder")
 
 
 def pread_into(fd: int, view: memoryview, offset: int, need: int, file: str, name: str) -> None:
@@ -136,15 +157,20 @@ class Checkpoint:
         refuse_pending_journal(p)
 
     def _read_headers(self) -> dict[str, TensorInfo]:
-        if os.path.lexists(os.path.join(self.path, INDEX_FILE)):  # a dangling link too: refused, not passed over
-            return self._read_sharded(inside_folder(self.path, INDEX_FILE, self.path))
+        """The tensors of the folder's weight files, chosen as mergekit chooses: model.safetensors's index or the
+        file, else pytorch_model.bin's, else (where mergekit refuses) every .safetensors file."""
+        for index in (INDEX_FILE, PICKLE_INDEX_FILE):
+            if index == PICKLE_INDEX_FILE and os.path.exists(os.path.join(self.path, SINGLE_FILE)):
+                break
+            if os.path.lexists(os.path.join(self.path, index)):  # a dangling link too: refused, not passed over
+                return self._read_sharded(inside_folder(self.path, index, self.path))
         files = _weight_files(self.path)
         if not files:
-            pickled = [f for f in PICKLE_FILES if os.path.exists(os.path.join(self.path, f))]
-            hint = (f" It holds {pickled[0]}, a pickle checkpoint, which is not read because unpickling can run "
-                    "arbitrary code; convert it once with transformers (from_pretrained(...)."
-                    "save_pretrained(..., safe_serialization=True)).") if pickled else ""
-            raise CheckpointError(f"{self.path}: no .safetensors weights found.{hint}")
+            other = [f for f in OTHER_PICKLE_FILES if os.path.exists(os.path.join(self.path, f))]
+            hint = (f" It holds {other[0]}, which is not a Hugging Face weights file name (pytorch_model.bin "
+                    "and model.safetensors are)." if other else "")
+            raise CheckpointError(f"{self.path}: no weights found (model.safetensors, its shards with "
+                                  f"{INDEX_FILE}, {PICKLE_FILE} or its shards with {PICKLE_INDEX_FILE}).{hint}")
         tensors: dict[str, TensorInfo] = {}
         for f in files:
             for name, info in self._read_header(inside_folder(self.path, f, self.path)).items():
@@ -168,13 +194,13 @@ class Checkpoint:
                     raise CheckpointError(f"{index_path}: shard '{shard}' (holding {name!r}) is missing")
                 headers[shard] = self._read_header(shard_path)
             if name not in headers[shard]:
-                raise CheckpointError(f"{shard_path}: tensor {name!r} is listed in {INDEX_FILE} but absent "
-                                      "from the shard")
+                raise CheckpointError(f"{shard_path}: tensor {name!r} is listed in {os.path.basename(index_path)} "
+                                      "but absent from the shard")
             tensors[name] = headers[shard][name]
         return tensors
 
     def _read_header(self, path: str) -> dict[str, TensorInfo]:
-        infos, self._identities[path] = read_header_and_identity(path)
+        infos, self._identities[path] = read_weight_header(path)
         return infos
 
     @cached_property
@@ -332,13 +358,14 @@ class Checkpoint:
 
 
 def _weight_files(folder: str) -> list[str]:
-    """The .safetensors files of a folder without an index: model.safetensors where it is there, as mergekit reads
-    (a Mistral folder's consolidated.safetensors beside it holds the same weights under other names), else every
-    one (shards whose index is missing; mergekit refuses such a folder)."""
+    """The weight files of a folder without an index: model.safetensors where it is there, else pytorch_model.bin,
+    as mergekit reads (a Mistral folder's consolidated.safetensors beside them holds the same weights under other
+    names), else every .safetensors file (shards whose index is missing; mergekit refuses such a folder)."""
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-    if SINGLE_FILE not in files:
+    chosen = next((f for f in (SINGLE_FILE, PICKLE_FILE) if os.path.exists(os.path.join(folder, f))), None)
+    if chosen is None:
         return files
-    if len(files) > 1:
-        warnings.warn(f"{folder}: reading {SINGLE_FILE} only, as mergekit does; not "
-                      f"{', '.join(f for f in files if f != SINGLE_FILE)}", stacklevel=3)
-    return [SINGLE_FILE]
+    passed_over = [f for f in files if f != chosen]
+    if passed_over:
+        warnings.warn(f"{folder}: reading {chosen} only, as mergekit does; not {', '.join(passed_over)}", stacklevel=3)
+    return [chosen]

@@ -14,7 +14,8 @@ update is formed in fp32 (peft keeps adapter weights in fp32 whatever the base's
 rounds it to the base tensor's dtype, once (an embedding's update, and MiCA's, is rounded before the add).
 
 The adapter is checked whole before any tensor data is read: adapter_config.json's settings, the
-header of adapter_model.safetensors (safetensors_format.read_header: offsets, dtypes, ...), and every
+header of adapter_model.safetensors (safetensors_format.read_header: offsets, dtypes, ...; or of a pickled
+adapter_model.bin, read as io/torch_pickle.py reads a torch.save file), and every
 adapter tensor against the base tensor it changes (name, floating-point dtype, 2-D A and B whose
 shapes and rank match the base tensor and the configured rank, as peft requires to load them).
 Adapter tensors are then read with positional reads, not through a memory map, so an adapter file
@@ -35,14 +36,15 @@ import torch
 
 from merge_engine.dtypes import dtype_name
 from merge_engine.errors import CheckpointError
-from merge_engine.io.checkpoint import Checkpoint, read_buffer
+from merge_engine.io.checkpoint import Checkpoint, read_buffer, read_weight_header
 from merge_engine.io.experts import layout_hint
 from merge_engine.io.raw import tensor_bytes
-from merge_engine.io.safetensors_format import TensorInfo, read_header_and_identity
+from merge_engine.io.safetensors_format import TensorInfo
 from merge_engine.io.untrusted import inside_folder, is_finite_number, is_int, read_json
 
 CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+WEIGHTS_FILE = "adapter_model.safetensors"  # what a patch's adapter is written as
+PICKLE_WEIGHTS_FILE = "adapter_model.bin"  # read where there is no WEIGHTS_FILE, as peft does
 _PREFIX = "base_model.model."
 # peft sets fan_in_fan_out per layer, from its type, whatever adapter_config.json says: on for transformers' Conv1D
 # (weights stored [in, out]: these models' layers), off for nn.Linear ([out, in]: these families'). A non-square
@@ -134,14 +136,18 @@ class LoraCheckpoint(Checkpoint):
         config = self._read_config()
         self._stated_layout = config.get("fan_in_fan_out", False)
         self._square_layout = self._layout_of_square_weights()
-        self._file = inside_folder(self.adapter, WEIGHTS_FILE, self.adapter)
-        if not os.path.exists(self._file):
-            raise CheckpointError(f"{self.adapter}: no {WEIGHTS_FILE} (only safetensors adapters are read)")
+        self._file = self._weights_file()
         # adapter key -> where its tensor lies (validated); the file's identity, checked when its data is read
-        self._weights, self._identities[self._file] = read_header_and_identity(self._file)
+        self._weights, self._identities[self._file] = read_weight_header(self._file)
         self.targets = self._plan_targets(config)
         self._scratch = threading.local()  # per read thread: fp32 buffers for B @ A and the widened weight
         self._held: dict[str, torch.Tensor] | None = None  # the adapter's tensors, once hold_adapter() read them
+
+    def _weights_file(self) -> str:
+        for name in (WEIGHTS_FILE, PICKLE_WEIGHTS_FILE):
+            if os.path.lexists(os.path.join(self.adapter, name)):  # a dangling link too: refused, not passed over
+                return inside_folder(self.adapter, name, self.adapter)
+        raise CheckpointError(f"{self.adapter}: no {WEIGHTS_FILE} or {PICKLE_WEIGHTS_FILE}")
 
     def _layout_of_square_weights(self) -> bool:
         """Whether a square adapted weight is stored [in, out] (its shape cannot tell): from the model's layer

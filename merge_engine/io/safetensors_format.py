@@ -141,7 +141,7 @@ def _integer_or_minus_zero(text: str) -> int | float:
     return -0.0 if text == "-0" else int(text)
 
 
-def _is_count(value) -> bool:
+def is_count(value) -> bool:
     """A size or offset the format allows: a non-negative integer that int64 (torch's sizes) holds."""
     return is_int(value) and 0 <= value < 2**63
 
@@ -166,9 +166,9 @@ def _tensor_info(path: str, name: str, entry, data_base: int, file_size: int) ->
                               "(a lone surrogate escape): corrupt header")
     if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
             and entry["dtype"] in (*SAFETENSORS_DTYPES, *UNREAD_DTYPES) and isinstance(entry.get("shape"), list)
-            and all(_is_count(d) for d in entry["shape"])
+            and all(is_count(d) for d in entry["shape"])
             and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
-            and all(_is_count(o) for o in entry["data_offsets"])):
+            and all(is_count(o) for o in entry["data_offsets"])):
         raise CheckpointError(f"{path}: tensor {name!r}: malformed header entry {str(entry)[:200]}")
     if _first_in(entry, lambda v: (is_int(v) or isinstance(v, float)) and not is_finite_number(v)) is not None:
         raise CheckpointError(f"{path}: tensor {name!r}: its header entry holds a number beyond a double's range, "
@@ -177,11 +177,11 @@ def _tensor_info(path: str, name: str, entry, data_base: int, file_size: int) ->
         raise CheckpointError(f"{path}: tensor {name!r}: unsupported dtype {entry['dtype']} (merge_engine reads "
                               f"{', '.join(SAFETENSORS_DTYPES)})")
     dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
-    numel = _element_count(shape)
+    numel = element_count(shape)
     if numel is None:
         raise CheckpointError(f"{path}: tensor {name!r}: shape {list(shape)} overflows computing its size "
                               "(a product of its sizes passes 2**63)")
-    if numel == 0 and not _torch_can_lay_out(dtype, shape):
+    if numel == 0 and not torch_can_lay_out(dtype, shape):
         raise CheckpointError(f"{path}: tensor {name!r}: shape {list(shape)} has no elements, but torch cannot lay it "
                               "out (its strides overflow int64)")
     begin, end = entry["data_offsets"]
@@ -197,7 +197,7 @@ def _tensor_info(path: str, name: str, entry, data_base: int, file_size: int) ->
     return TensorInfo(name, path, dtype, shape, data_base + begin, nbytes)
 
 
-def _element_count(shape: tuple[int, ...]) -> int | None:
+def element_count(shape: tuple[int, ...]) -> int | None:
     """The shape's element count, or None when a running product passes int64, as the safetensors library
     refuses it (its checked product, in usize): a later 0 makes the count 0, but torch's, computed the same
     way, overflows."""
@@ -209,7 +209,7 @@ def _element_count(shape: tuple[int, ...]) -> int | None:
     return count
 
 
-def _torch_can_lay_out(dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
+def torch_can_lay_out(dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
     """Whether an empty tensor can be viewed in this shape, as reading it does: torch strides an empty shape
     with wrapping products, and refuses a stride that wraps negative ([0, 3, 2**62]; [0, 4, 2**62] passes)."""
     try:

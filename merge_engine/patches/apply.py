@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from merge_engine.errors import CheckpointError
-from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.checkpoint import Checkpoint, require_safetensors
 from merge_engine.io.raw import tensor_bytes
 from merge_engine.patches import arithmetic as ar
 from merge_engine.patches.format import Patch, open_patch
@@ -182,6 +182,7 @@ def _in_place(model_dir: str, patches: Sequence[PatchArg], sign: int, check: boo
         roll_back_pending(model_dir)
         ckpt = Checkpoint(model_dir)
         try:
+            require_safetensors(ckpt, "patching in place")
             patch_set = PatchSet(ckpt, patches, sign, check)
             try:
                 _rewrite(ckpt, patch_set)

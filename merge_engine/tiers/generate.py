@@ -119,12 +119,14 @@ def generate_key(config: dict, secret: bytes | str, fraction: float = 0.05, atte
 
 
 def parameter_count(model: str, config: dict) -> int:
-    """All parameters of a model, tied weights once: from a model folder's safetensors headers, or for a config
-    alone by building the model on the meta device (transformers, the [hf] extra; no memory is allocated)."""
-    if os.path.isdir(model) and any(name.endswith(".safetensors") for name in os.listdir(model)):
+    """All parameters of a model, tied weights once: from a model folder's weight file headers (a pickled tied head
+    shares its embedding's bytes), or for a config alone by building the model on the meta device (transformers,
+    the [hf] extra; no memory is allocated)."""
+    if os.path.isdir(model) and any(name.endswith((".safetensors", ".bin")) for name in os.listdir(model)):
         ckpt = Checkpoint(model)
         try:
-            return sum(info.numel for info in ckpt.tensors.values())
+            stored = {(info.file, info.data_start, info.nbytes): info.numel for info in ckpt.tensors.values()}
+            return sum(stored.values())
         finally:
             ckpt.close()
     transformers = require("transformers", "hf", "a key sized as a fraction of the model from a config.json alone")

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from merge_engine.errors import OutputError
-from merge_engine.io.checkpoint import Checkpoint
+from merge_engine.io.checkpoint import Checkpoint, require_safetensors
 from merge_engine.tiers.apply import KeyedRun, Keys, params_moved, resolve
 from merge_engine.tiers.journal import JOURNAL_FILE, PARTIAL_SUFFIX, Journal
 from merge_engine.tiers.moves import TensorMove, plan_moves, stored
@@ -84,6 +84,7 @@ def _in_place(model_dir: str, keys: Keys, invert: bool) -> KeyedRun:
         roll_back_pending(model_dir)
         ckpt = Checkpoint(model_dir)
         try:
+            require_safetensors(ckpt, "keying in place")
             blocks, perm = resolve(keys, ckpt)
             moves = plan_moves(ckpt, blocks, perm.inverse() if invert else perm)
             _rewrite(ckpt, moves)

@@ -11,12 +11,13 @@ import os
 import struct
 
 from merge_engine.errors import CheckpointError
-from merge_engine.io.checkpoint import INDEX_FILE, Checkpoint
+from merge_engine.io.checkpoint import INDEX_FILE, Checkpoint, require_safetensors
 from merge_engine.io.writer import ShardedWriter, ShardLayout
 
 
 def input_layout(ckpt: Checkpoint) -> list[ShardLayout]:
     """The checkpoint's own files as an output layout: header bytes, sizes and tensor offsets copied."""
+    require_safetensors(ckpt, "writing a keyed or patched copy")
     by_file: dict[str, list[str]] = {}
     for name, info in sorted(ckpt.tensors.items(), key=lambda item: (item[1].file, item[1].data_start)):
         by_file.setdefault(info.file, []).append(name)

@@ -2,6 +2,7 @@
 import fcntl
 import json
 import os
+import shutil
 import struct
 import threading
 import time
@@ -13,7 +14,7 @@ from safetensors import safe_open
 from merge_engine.errors import CheckpointError
 from merge_engine.io.checkpoint import Checkpoint, split_layer_name
 from merge_engine.io.safetensors_format import save_tensors
-from tests.conftest import rewrite_in_place
+from tests.conftest import pickled_copy, rewrite_in_place
 
 
 @pytest.mark.parametrize("key", ["llama", "llama_bf16_sharded", "qwen2", "gpt2"])
@@ -218,9 +219,38 @@ def test_refuses_missing_path_lora_and_pickles(tmp_path):
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text("{}")
-    torch.save({"w": torch.zeros(2)}, pickled / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match=r"\.bin"):
+    torch.save({"w": torch.zeros(2)}, pickled / "model.pt")  # not a file name mergekit or transformers reads
+    with pytest.raises(CheckpointError, match=r"no weights found .* It holds model\.pt"):
         Checkpoint(str(pickled))
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+@pytest.mark.parametrize("direct_io", ["on", "auto", "off"])
+def test_reads_pickled_checkpoints_exactly(folder_tensors, model_sets, tmp_path, shards, direct_io):
+    """pytorch_model.bin, or its shards with their index, as transformers 4 saved them: every tensor read in place."""
+    folder = model_sets("llama_bf16_sharded")[1]
+    pickled = pickled_copy(folder, tmp_path / "pickled", shards)
+    ckpt = Checkpoint(pickled)
+    want = folder_tensors(folder)
+    assert set(ckpt.tensors) == set(want) and len({i.file for i in ckpt.tensors.values()}) == shards
+    assert all(i.file.endswith(".bin") for i in ckpt.tensors.values())
+    for name, (t, _) in _direct_read_all(ckpt, direct_io).items():
+        assert torch.equal(t, want[name]), name
+    assert ckpt.num_layers == 4
+
+
+def test_weight_files_chosen_as_mergekit_chooses(model_sets, tmp_path):
+    """model.safetensors (or its index) over pytorch_model.bin (or its index); pytorch_model.bin over shards without
+    an index, which are named as passed over."""
+    folder = model_sets("llama")[1]
+    both = pickled_copy(folder, tmp_path / "both")
+    shutil.copy(os.path.join(folder, "model.safetensors"), both)
+    assert {os.path.basename(i.file) for i in Checkpoint(both).tensors.values()} == {"model.safetensors"}
+    beside = pickled_copy(folder, tmp_path / "beside")
+    shutil.copy(os.path.join(folder, "model.safetensors"), os.path.join(beside, "model-00001-of-00001.safetensors"))
+    with pytest.warns(UserWarning, match=r"reading pytorch_model\.bin only, as mergekit does; not model-00001"):
+        files = {os.path.basename(i.file) for i in Checkpoint(beside).tensors.values()}
+    assert files == {"pytorch_model.bin"}
 
 
 def test_missing_shard_is_reported(model_sets, tmp_path):

@@ -536,3 +536,19 @@ def test_a_mica_update_is_rounded_to_the_weights_dtype_before_the_add(model_sets
         module = f"base_model.model.{name.removesuffix('.weight')}"
         update = adapter[f"{module}.lora_B.weight"] @ adapter[f"{module}.lora_A.weight"] * 2
         assert torch.equal(ckpt.read(name), plain[name] + update.to(torch.bfloat16)), name
+
+
+def test_a_pickled_adapter_reads_as_its_safetensors_copy(model_sets, tmp_path):
+    """adapter_model.bin (peft's older format), read where there is no adapter_model.safetensors, as peft does."""
+    base = model_sets("llama_bf16_sharded")[0]
+    weights = write_adapter(str(tmp_path / "a"), base, embedding="model.embed_tokens", modules_to_save=("lm_head",))
+    want = read_all(open_model(f"{base}+{tmp_path / 'a'}"), True)
+    os.remove(tmp_path / "a" / "adapter_model.safetensors")
+    torch.save(weights, tmp_path / "a" / "adapter_model.bin")
+    pickled = open_model(f"{base}+{tmp_path / 'a'}")
+    assert pickled._file.endswith("adapter_model.bin")
+    got = read_all(pickled, True)
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    os.remove(tmp_path / "a" / "adapter_model.bin")
+    with pytest.raises(CheckpointError, match="no adapter_model.safetensors or adapter_model.bin"):
+        open_model(f"{base}+{tmp_path / 'a'}")

@@ -17,6 +17,7 @@ from merge_engine.tiers import (
     remove_key,
     remove_key_in_place,
 )
+from tests.conftest import folder_digest, pickled_copy
 from tests.tiers.conftest import bits, read_config, same_files, swap_by_hand
 
 ARCHS = ("llama", "qwen2", "gpt2")  # round trips; GPT-Neo joins the by-hand and symmetry checks
@@ -170,3 +171,23 @@ def test_a_layer_in_another_dtype_is_refused_by_name_before_anything_is_written(
                                               r"'model.layers.0.mlp.down_proj.weight' \(.*\) is bfloat16"):
         apply_key(str(model), key, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_pickled_models_are_refused_by_the_rewrites_that_keep_a_models_files(tier_model, tmp_path):
+    """Keys (streamed or in place) and patches in place keep the input's own safetensors files and offsets: a
+    pickled model (read by merges) is refused by name, before any change, with nothing left behind."""
+    from merge_engine.patches import apply_patches_in_place, extract_patch
+    model = tier_model("llama")
+    pickled = pickled_copy(model, tmp_path / "pickled")
+    before = folder_digest(pickled)
+    k1, _ = tier_keys(read_config(model))
+    match = r"pytorch_model\.bin: a torch\.save pickle file; {} keeps"
+    with pytest.raises(CheckpointError, match=match.format("writing a keyed or patched copy")):
+        apply_key(pickled, k1, str(tmp_path / "keyed"))
+    with pytest.raises(CheckpointError, match=match.format("keying in place")):
+        apply_key_in_place(pickled, k1)
+    apply_key(model, k1, str(tmp_path / "tuned"))
+    extract_patch(model, str(tmp_path / "tuned"), str(tmp_path / "patch"))
+    with pytest.raises(CheckpointError, match=match.format("patching in place")):
+        apply_patches_in_place(pickled, [str(tmp_path / "patch")], check_base=False)
+    assert folder_digest(pickled) == before and sorted(os.listdir(tmp_path)) == ["patch", "pickled", "tuned"]

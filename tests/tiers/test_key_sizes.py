@@ -8,6 +8,7 @@ import pytest
 
 from merge_engine.tiers import generate_key, key_report, model_blocks
 from merge_engine.tiers.generate import parameter_count, swap_counts
+from tests.conftest import pickled_copy
 from tests.tiers.conftest import read_config
 
 # (layers, heads, hidden, mlp) of the published 180M model, with its vocabulary and context (generate_key.sh,
@@ -102,7 +103,7 @@ def test_qwen3_with_its_own_head_dim_counts_its_real_heads():
     assert published_qwen_counts(layers, hidden, heads, kv, inter, 0.05, 0.25) == (5, 2150)
 
 
-def test_parameter_count_from_headers_and_from_config(tier_model):
+def test_parameter_count_from_headers_and_from_config(tier_model, tmp_path):
     pytest.importorskip("transformers")
     folder = tier_model("qwen2")
     import json
@@ -113,6 +114,9 @@ def test_parameter_count_from_headers_and_from_config(tier_model):
     model = transformers.AutoModelForCausalLM.from_pretrained(folder)
     params = sum(p.numel() for p in model.parameters())  # tied embeddings once
     assert parameter_count(folder, cfg) == parameter_count(os.path.join(folder, "config.json"), cfg) == params
+    assert cfg["tie_word_embeddings"]  # a pickled state dict stores the head as a second name of the embedding
+    pickled = pickled_copy(folder, tmp_path / "pickled", tie=("lm_head.weight", "model.embed_tokens.weight"))
+    assert parameter_count(pickled, cfg) == params
     # the published 180M formula counts an lm_head bias its custom class adds; transformers' GPT-Neo has none
     neo = neo_config(**NEO_180M)
     assert parameter_count("config.json", neo) == published_neo_total(12, 12, 768, 6144, positions=2048) - 50257

@@ -1,0 +1,210 @@
+"""torch.save zip files read in place: layouts against torch.load's tensors, and the files refused without running
+any of their code."""
+import io
+import os
+import pickletools
+import random
+import warnings
+import zipfile
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from merge_engine.errors import CheckpointError
+from merge_engine.io.torch_pickle import read_pickle_header_and_identity
+
+
+def read_all(path) -> dict[str, torch.Tensor]:
+    """Every tensor as the engine reads it: the bytes where its TensorInfo says."""
+    infos, _ = read_pickle_header_and_identity(str(path))
+    out = {}
+    with open(path, "rb") as f:
+        for name, info in infos.items():
+            f.seek(info.data_start)
+            raw = bytearray(f.read(info.nbytes))
+            out[name] = torch.frombuffer(raw, dtype=info.dtype).view(info.shape) if raw else \
+                torch.empty(info.shape, dtype=info.dtype)
+    return out
+
+
+def assert_reads_as_torch_load(path) -> None:
+    want = torch.load(path, weights_only=True)
+    got = read_all(path)
+    assert list(got) == list(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape and torch.equal(got[name], t), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64,
+                                   torch.int32, torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn,
+                                   torch.float8_e5m2])
+def test_reads_every_dtype_as_torch_load(tmp_path, dtype):
+    g = torch.Generator().manual_seed(5)
+    values = torch.randn(7, 13, generator=g) * 3
+    state = {"w": values.to(dtype), "b": values[0].to(dtype), "empty": torch.zeros(0, 3, dtype=dtype),
+             "scalar": values[1, 2].to(dtype)}
+    torch.save(state, tmp_path / "p.bin")
+    assert_reads_as_torch_load(tmp_path / "p.bin")
+
+
+def test_state_dicts_with_tied_views_offsets_and_parameters(tmp_path):
+    """A real module's state dict (an OrderedDict with _metadata), a head sharing its embedding's storage, slices of
+    one storage at offsets, and nn.Parameter values: each tensor at its own bytes."""
+    module = torch.nn.Sequential(torch.nn.Embedding(11, 6), torch.nn.Linear(6, 11, bias=True)).to(torch.bfloat16)
+    module[1].weight = module[0].weight
+    state = module.state_dict()
+    assert isinstance(state, OrderedDict) and hasattr(state, "_metadata")
+    whole = torch.arange(60, dtype=torch.float32)
+    state.update({"rows": whole.view(6, 10)[2:5], "tail": whole[37:], "param": torch.nn.Parameter(torch.randn(3, 2))})
+    torch.save(state, tmp_path / "p.bin")
+    infos, _ = read_pickle_header_and_identity(str(tmp_path / "p.bin"))
+    assert infos["0.weight"].data_start == infos["1.weight"].data_start
+    assert infos["tail"].data_start == infos["rows"].data_start - 20 * 4 + 37 * 4
+    assert_reads_as_torch_load(tmp_path / "p.bin")
+
+
+def test_identity_is_the_files(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "p.bin")
+    st = os.stat(tmp_path / "p.bin")
+    assert read_pickle_header_and_identity(str(tmp_path / "p.bin"))[1] == (st.st_dev, st.st_ino, st.st_size,
+                                                                             st.st_mtime_ns)
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_code_in_the_pickle_is_refused_by_name_and_never_run(tmp_path):
+    marker = str(tmp_path / "ran")
+    torch.save({"w": torch.ones(2), "x": RunsCode(marker)}, tmp_path / "p.bin")
+    with pytest.raises(CheckpointError, match=r"p\.bin: its pickle refers to posix\.mkdir"):
+        read_pickle_header_and_identity(str(tmp_path / "p.bin"))
+    assert not os.path.exists(marker)
+
+
+def replace_pickle(path, data: bytes, *, compress=False, byteorder=None, drop=None) -> None:
+    """Rewrite a torch.save archive with another data.pkl (and other changes to its records)."""
+    with zipfile.ZipFile(path) as old:
+        records = [(info, old.read(info)) for info in old.infolist()]
+    with zipfile.ZipFile(path, "w") as new:
+        for info, raw in records:
+            if drop and info.filename.endswith(drop):
+                continue
+            raw = data if info.filename.endswith("/data.pkl") else \
+                byteorder if byteorder and info.filename.endswith("/byteorder") else raw
+            new.writestr(info.filename, raw, zipfile.ZIP_DEFLATED if compress and "/data/" in info.filename
+                         else zipfile.ZIP_STORED)
+
+
+def pickle_of(path) -> bytes:
+    with zipfile.ZipFile(path) as z:
+        return z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+
+
+def test_state_set_on_a_shared_layout_object_is_refused_and_changes_nothing(tmp_path):
+    """BUILD on the storage type object: a hostile pickle must not change how later files are read."""
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "good.bin")
+    hostile = (b"\x80\x02ctorch\nFloatStorage\nq\x00}q\x01X\x05\x00\x00\x00dtypeq\x02ctorch\nint8\nq\x03s"
+               b"b.")
+    pickletools.dis(hostile, out=io.StringIO())  # a well-formed pickle: only its meaning is hostile
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "bad.bin")
+    replace_pickle(tmp_path / "bad.bin", hostile)
+    with pytest.raises(CheckpointError, match="state set on a tensor's layout"):
+        read_pickle_header_and_identity(str(tmp_path / "bad.bin"))
+    assert_reads_as_torch_load(tmp_path / "good.bin")
+
+
+@pytest.mark.parametrize("case,match", [
+    ("legacy", "legacy"),
+    ("truncated", "not a torch.save zip archive"),
+    ("lfs", "Git LFS pointer"),
+    ("compressed", "'w': its storage record is compressed"),
+    ("big_endian", "big-endian"),
+    ("missing_storage", r"'w': its storage record data/0 is missing"),
+    ("strided", r"'w' is a strided view"),
+    ("not_tensor", r"'step' holds a int, not a tensor"),
+    ("not_dict", "holds a pickled list, not a state dict"),
+    ("wrapped", r"'state_dict' holds a dict, not a tensor"),
+    ("short_storage", r"'w': its bytes \[0, 28\) do not lie in its storage record of 24 bytes"),
+    ("script", "refers to __torch__"),
+    ("no_pickle", "no data.pkl record"),
+    ("garbage_pickle", "data.pkl cannot be read"),
+])
+def test_files_refused_name_file_and_tensor(tmp_path, case, match):
+    path = tmp_path / "p.bin"
+    state = {"w": torch.arange(6.0)}
+    if case == "legacy":
+        torch.save(state, path, _use_new_zipfile_serialization=False)
+    elif case == "strided":
+        torch.save({"w": torch.arange(6.0).view(2, 3).t()}, path)
+    elif case == "not_tensor":
+        torch.save({**state, "step": 3}, path)
+    elif case == "not_dict":
+        torch.save([torch.ones(1)], path)
+    elif case == "wrapped":
+        torch.save({"state_dict": state}, path)
+    elif case == "script":
+        with warnings.catch_warnings():  # (torch.jit is deprecated; such archives still exist)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    else:
+        torch.save(state, path)
+    if case == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif case == "lfs":
+        path.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n")
+    elif case == "compressed":
+        replace_pickle(path, pickle_of(path), compress=True)
+    elif case == "big_endian":
+        replace_pickle(path, pickle_of(path), byteorder=b"big")
+    elif case == "missing_storage":
+        replace_pickle(path, pickle_of(path), drop="/data/0")
+    elif case == "short_storage":  # the storage record declares 6 elements and holds them; the view asks for 7
+        replace_pickle(path, pickle_of(path).replace(b"K\x06\x85", b"K\x07\x85"))
+    elif case == "no_pickle":
+        replace_pickle(path, b"", drop="/data.pkl")
+    elif case == "garbage_pickle":
+        replace_pickle(path, b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n)R.")
+    with pytest.raises(CheckpointError, match=match) as e:
+        read_pickle_header_and_identity(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_mutated_files_are_read_exactly_or_refused(tmp_path):
+    """Seeded byte mutations of a whole file and of its pickle: each is refused with a CheckpointError, or read, and
+    then every tensor it lists lies within the file (nothing else escapes, nothing runs)."""
+    module = torch.nn.Linear(5, 3)
+    source = tmp_path / "source.bin"
+    torch.save(module.state_dict(), source)
+    raw, pkl = source.read_bytes(), pickle_of(source)
+    rng = random.Random(11)
+    outcomes = {"read": 0, "refused": 0}
+    for i in range(160):
+        path = tmp_path / f"m{i}.bin"
+        if i % 2:
+            mutant = bytearray(pkl)
+            for _ in range(rng.randint(1, 3)):
+                mutant[rng.randrange(len(mutant))] = rng.randrange(256)
+            path.write_bytes(raw)
+            replace_pickle(path, bytes(mutant))
+        else:
+            mutant = bytearray(raw)
+            for _ in range(rng.randint(1, 4)):
+                mutant[rng.randrange(len(mutant))] = rng.randrange(256)
+            path.write_bytes(bytes(mutant))
+        try:
+            infos, _ = read_pickle_header_and_identity(str(path))
+        except CheckpointError as e:
+            assert str(path) in str(e)
+            outcomes["refused"] += 1
+            continue
+        size = os.path.getsize(path)
+        assert all(0 <= info.data_start and info.data_start + info.nbytes <= size for info in infos.values())
+        outcomes["read"] += 1
+    assert outcomes["read"] and outcomes["refused"]  # both kinds of mutant were met
+
