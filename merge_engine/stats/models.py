@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 
@@ -71,8 +72,10 @@ def load_model(model_dir: str, dtype: torch.dtype | None, device: torch.device,
     (they would be random)."""
     transformers = require("transformers", "hf", "loading a model folder")
     try:
-        model, info = getattr(transformers, auto_class).from_pretrained(
-            model_dir, dtype=dtype or "auto", local_files_only=True, output_loading_info=True, trust_remote_code=False)
+        with _no_loading_bar(transformers):
+            model, info = getattr(transformers, auto_class).from_pretrained(
+                model_dir, dtype=dtype or "auto", local_files_only=True, output_loading_info=True,
+                trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{model_dir}: cannot load the model ({e})") from e
     missing = sorted(info["missing_keys"])
@@ -80,6 +83,21 @@ def load_model(model_dir: str, dtype: torch.dtype | None, device: torch.device,
         raise CheckpointError(f"{model_dir}: the checkpoint lacks {len(missing)} weight(s) of the model, "
                               f"e.g. {missing[:3]}")
     return model.to(device)
+
+
+@contextmanager
+def _no_loading_bar(transformers):
+    """Without transformers' "Loading weights" bar: noise beside the command's own progress (and shown under -q),
+    and its tqdm starts a monitor thread that stays in the caller's process. The caller's setting is restored."""
+    logging = transformers.utils.logging
+    if not logging.is_progress_bar_enabled():
+        yield
+        return
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.enable_progress_bar()
 
 
 def auto_class_of(model_dir: str) -> str:
