@@ -355,6 +355,8 @@ class MergeSession:
                         tensors.append(held[key])
                 out.append(tensors)
         check_inputs_unchanged(self.plan)  # what was read is all the session ever merges
+        for ckpt in (*self.plan.models.values(), *self.plan.side.values()):
+            ckpt.close()  # nothing is read again: the files may be deleted (their space freed) or their disk unmounted
         refuse_nan_inputs(held, sums)
         return out
 

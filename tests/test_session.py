@@ -731,3 +731,24 @@ def test_what_configs_must_share_drops_parameters_only_where_the_schema_has_them
     assert without_parameters(config(1, "a")) == without_parameters(config(2, "a"))
     assert without_parameters(config(1, "a")) != without_parameters(config(1, "b"))
 
+
+
+def test_a_session_keeps_no_input_file_open(model_sets, tmp_path):
+    """Every input is held once read, so none of their files stays open for the session's life (a deleted input's
+    space would not be freed until the session ended)."""
+    from tests.lora_adapters import write_adapter
+    base, e1, e2, _ = model_sets("llama")
+    write_adapter(str(tmp_path / "a1"), e1, seed=1)
+    config = {"merge_method": "ties", "base_model": base, "dtype": "float32", "models": [
+        {"model": f"{e1}+{tmp_path / 'a1'}", "parameters": {"weight": 0.6, "density": 0.5}},
+        {"model": e2, "parameters": {"weight": 0.4, "density": 0.7}}]}
+    folders = tuple(os.path.realpath(p) for p in (base, e1, e2, tmp_path / "a1"))
+
+    def open_inputs() -> list[str]:
+        fds = [os.path.join("/proc/self/fd", fd) for fd in os.listdir("/proc/self/fd")]
+        return [t for t in (os.path.realpath(fd) for fd in fds if os.path.islink(fd)) if t.startswith(folders)]
+    for lora in ("applied", "factored"):
+        session = MergeSession(config, "cpu", lora=lora, progress=False)
+        assert open_inputs() == [], lora
+        session.merge()
+        assert open_inputs() == [], lora
