@@ -285,8 +285,8 @@ def _model_ref(ref: Any, where: str, problems: list[str], optional: bool = False
     if "+" in ref and not all(ref.split("+")) or ref.count("+") > 1:
         problems.append(f"{where}: '{ref}': expected a model folder or BASE+ADAPTER (a LoRA adapter or "
                         "merge_engine patch folder)")
-    elif "@" in ref:
-        problems.append(f"{where}: '{ref}': revisions (model@rev) are not supported; pass a local folder")
+    elif any(part.count("@") > 1 for part in ref.split("+")):  # (mergekit refuses them too)
+        problems.append(f"{where}: '{ref}': expected at most one @ (MODEL@REVISION) in each part")
     return ref
 
 

@@ -63,6 +63,7 @@ from merge_engine.extras import require
 from merge_engine.io.buffers import BufferPool
 from merge_engine.io.checkpoint import DIRECT_IO_MODES, LAYER_COUNT_KEYS
 from merge_engine.io.experts import EXPERT_LAYOUTS
+from merge_engine.io.hub_cache import local_reference
 from merge_engine.io.lora import open_model
 from merge_engine.io.untrusted import inside_folder, is_file_name, is_int, open_regular
 from merge_engine.io.writer import ShardedWriter, check_output_apart, check_output_dir, plan_shards
@@ -112,6 +113,9 @@ class MergeOptions:
     # how MoE experts are merged and written: "fused" as transformers 5 holds them and mergekit 0.1.5 writes
     # them (one gate_up_proj and one down_proj per layer, io/experts.py); "checkpoint": one tensor per expert
     expert_layout: str = "fused"
+    # the Hugging Face cache that Hub references (org/name[@revision]) are found in (io/hub_cache.py); None:
+    # huggingface_hub's (HF_HUB_CACHE). mergekit's --transformers-cache
+    hub_cache: str | None = None
 
 
 @dataclass
@@ -160,7 +164,7 @@ def merge(config: MergeConfig | dict | str | os.PathLike, out_dir: str | os.Path
         lap("config")
         device = rank_device(check_options(out_dir, options), ranks)
         plan = build_plan(cfg, options.allow_crimes, options.unsafe_truncate_embeddings, options.lora_merge_dtype,
-                          options.expert_layout)
+                          options.expert_layout, options.hub_cache)
         check_output_outside_inputs(out_dir, plan)
         check_donor_files(plan)
         check_chat_template_extra(plan, options)
@@ -369,7 +373,7 @@ def folder_problems(raw: object) -> list[str]:
     problems = []
     for ref in dict.fromkeys(r for r in refs if isinstance(r, str) and r and is_file_name(r)):
         try:
-            open_model(ref).close()
+            open_model(local_reference(ref)).close()
         except MergeEngineError as e:
             problems.append(str(e))
     return problems

@@ -19,6 +19,7 @@ from merge_engine.io import fishers
 from merge_engine.io.checkpoint import Checkpoint, split_layer_name
 from merge_engine.io.experts import with_expert_layout
 from merge_engine.io.grams import gram_folder
+from merge_engine.io.hub_cache import resolve_references
 from merge_engine.io.lora import CONV1D_MODEL_TYPES, open_model
 from merge_engine.parameters import Scope, resolve
 from merge_engine.vocabulary import RowRecipe, Vocabulary, build_vocabulary, truncated_rows
@@ -149,7 +150,11 @@ def _no_architecture(ckpt) -> str:
 
 
 def build_plan(cfg: MergeConfig, allow_crimes: bool = False, truncate_vocabulary: bool = False,
-               lora_merge_dtype: torch.dtype | None = None, expert_layout: str = "fused") -> MergePlan:
+               lora_merge_dtype: torch.dtype | None = None, expert_layout: str = "fused",
+               hub_cache: str | None = None) -> MergePlan:
+    """The merge's jobs, from cfg (its Hub references taken from the Hugging Face cache, or hub_cache: plan.config
+    names local folders) and its inputs' headers."""
+    cfg = resolve_references(cfg, hub_cache)
     plan = MergePlan(cfg, *open_models(cfg, lora_merge_dtype, expert_layout), truncate_vocabulary=truncate_vocabulary)
     if cfg.tokenizer:
         plan.vocabulary = build_vocabulary(cfg.tokenizer, plan.models, cfg.referenced_models()[0])

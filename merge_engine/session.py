@@ -64,6 +64,7 @@ from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.extras import require
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.experts import FusedExperts
+from merge_engine.io.hub_cache import resolve_references
 from merge_engine.io.lora import LoraCheckpoint, update_dtype
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.plan import MergePlan, TensorJob, build_plan, filter_names, resolve_parameters
@@ -302,7 +303,7 @@ class MergeSession:
         random_seed, evaluation_bytes = as_int(random_seed), as_int(evaluation_bytes)
         check_seed_and_lora_dtype(random_seed, lora_merge_dtype)
         check_session_arguments(allow_crimes=allow_crimes, progress=progress, evaluation_bytes=evaluation_bytes)
-        self.config = own_config(config)
+        self.config = resolve_references(own_config(config))  # (build_plan's references: Hub ids made local)
         self.device = resolve_device(device)
         if self.device.type == "cuda" and self.device.index is None:  # the GPU current now, not at each merge
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -389,7 +390,7 @@ class MergeSession:
         current config), merging again only the tensors whose parameters changed. Calls from several threads
         run one at a time. A call that fails part way (or is interrupted) leaves the config as it was and each
         tensor recorded as what it holds: the next merge() merges again whatever differs."""
-        cfg = None if config is None else self._same_models(own_config(config))
+        cfg = None if config is None else resolve_references(self._same_models(own_config(config)))
         with self._lock:
             cfg = self.config if cfg is None else cfg  # the config when this call's turn comes
             key = method_key(cfg)

@@ -147,9 +147,9 @@ def test_an_unknown_merge_method_suggests_the_closest_name(name, hint):
      r"parameters\.weight: a list entry that is neither a scalar nor a \{filter, value\} entry: \{'filter': 'mlp'\}"),
     (ties_with(0, {"weight": [[0.1, 0.2]]}), r"neither a scalar nor a \{filter, value\} entry: \[0\.1, 0\.2\]"),
     (ties_with(0, {"weight": [0.1, {"value": 0.5}]}), r"a list mixing scalars and \{filter, value\} entries"),
-    # mergekit's mapping form of a reference: a revision and an architecture override are refused, not dropped
-    ({"merge_method": "linear", "models": [{"model": {"model": {"path": "/a", "revision": "v2"}}}]},
-     r"models\[0\]\.model: '/a@v2': revisions \(model@rev\) are not supported"),
+    # mergekit's mapping form of a reference: a revision is kept (two are refused), an architecture override refused
+    ({"merge_method": "linear", "models": [{"model": {"model": {"path": "/a@v1", "revision": "v2"}}}]},
+     r"models\[0\]\.model: '/a@v1@v2': expected at most one @"),
     ({"merge_method": "linear", "models": [{"model": {"model": "/a", "override_architecture": "MistralForCausalLM"}}]},
      r"models\[0\]\.model: override_architecture is not supported"),
 ])

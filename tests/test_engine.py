@@ -251,16 +251,17 @@ def test_inputs_inside_the_output_folder_are_refused_even_with_overwrite(small_m
     assert sorted(os.listdir(expert)) == before
 
 
-def test_a_tokenizer_source_that_is_not_a_folder_is_refused_without_asking_the_hub(small_models, tmp_path,
-                                                                                  monkeypatch):
+def test_a_tokenizer_source_that_is_not_a_folder_nor_cached_is_refused_without_asking_the_hub(small_models, tmp_path,
+                                                                                             monkeypatch):
     from merge_engine.errors import ConfigError
     base, expert = small_models
     asked, load = [], transformers.AutoTokenizer.from_pretrained
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: asked.append(a) or load(*a, **k))
     config = {"merge_method": "linear", "tokenizer_source": "gpt2",
               "models": [{"model": m, "parameters": {"weight": 1.0}} for m in (base, expert)]}
-    with pytest.raises(ConfigError, match="gpt2: the tokenizer source is not a local folder"):
-        merge(parse_config(config), str(tmp_path / "out"), MergeOptions(device="cpu", quiet=True))
+    with pytest.raises(ConfigError, match="gpt2: not a local folder, and gpt2 is not in the Hugging Face cache"):
+        merge(parse_config(config), str(tmp_path / "out"), MergeOptions(device="cpu", quiet=True,
+                                                                        hub_cache=str(tmp_path / "cache")))
     assert [a[0] for a in asked if "gpt2" in str(a[0])] == []
 
 

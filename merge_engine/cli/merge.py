@@ -104,8 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       if flag == "--safe-serialization" else ""))
     p.add_argument("--gpu-rich", action="store_true", help=compat)
     p.add_argument("--write-threads", type=int, help=compat)
-    for flag in ("--lora-merge-cache", "--transformers-cache"):  # adapters are applied while reading: no copies
-        p.add_argument(flag, metavar="PATH", help=compat)
+    p.add_argument("--lora-merge-cache", metavar="PATH", help=compat)  # adapters are applied while reading: no copies
+    p.add_argument("--transformers-cache", metavar="PATH",
+                   help="the Hugging Face cache that models named by Hub id (org/name[@revision]) are found in "
+                        "(default: huggingface_hub's, HF_HUB_CACHE); nothing is downloaded")
     p.add_argument("--unsafe-truncate-embeddings", action=argparse.BooleanOptionalAction, default=False,
                    help="without a tokenizer setting, embeddings and LM heads whose vocab_size differs keep the rows "
                         "every input has, token ids assumed to mean the same (as mergekit's; unsafe)")
@@ -135,7 +137,8 @@ def run(argv: list[str]) -> int:
                            overwrite=args.overwrite, prefetch=args.prefetch, direct_io=args.direct_io,
                            quiet=args.quiet, allow_crimes=args.allow_crimes,
                            unsafe_truncate_embeddings=args.unsafe_truncate_embeddings,
-                           lora_merge_dtype=args.lora_merge_dtype, expert_layout=args.expert_layout)
+                           lora_merge_dtype=args.lora_merge_dtype, expert_layout=args.expert_layout,
+                           hub_cache=args.transformers_cache)
     with torchrun_group() as leader:
         started = time.perf_counter()
         # a step: under torchrun, a rank that refuses its config tells the others, who would otherwise wait for it
