@@ -44,6 +44,7 @@ _WRITE_CHUNK = 1 << 30
 _BOUNCE = 16 << 20  # bytes staged per direct write
 _MIN_DIRECT = 1 << 20  # smaller tensors are written plainly
 _NAME_MAX = 255  # bytes in one file name (Linux's filesystems)
+_PATH_MAX = 4096  # bytes in a path given to the kernel, its ending NUL included (Linux)
 _PID_DIGITS = 7  # Linux's largest process id, 2**22
 
 
@@ -111,6 +112,7 @@ def check_output_dir(out_dir: str, overwrite: bool) -> None:
             raise OutputError(f"{out_dir}: output folder exists and is not empty; pass --overwrite (overwrite=True) to replace it")
     else:
         _check_can_be_made(out_dir, folder)
+    _check_path_length(out_dir, folder)
     _check_writable(out_dir, folder)
 
 
@@ -136,6 +138,25 @@ def _nearest_existing_parent(folder: str) -> str:
     while not os.path.lexists(parent):
         parent = os.path.dirname(parent)
     return parent
+
+
+def _check_path_length(out_dir: str, folder: str) -> None:
+    """The longest folder path the writer makes (the old output moved aside, beside the temporary folder) is one the
+    kernel takes: a longer one failed the merge (ENAMETOOLONG) once its folders were made, or at its end."""
+    parent, prefix = _partial_prefix(folder)
+    longest = len(os.fsencode(os.path.join(parent, prefix))) + _PID_DIGITS + len(".xxxxxxxx.old")
+    limit = _path_limit(_nearest_existing_parent(folder)) - 1  # less the ending NUL
+    if longest > limit:
+        raise OutputError(f"{out_dir}: the output path is {len(os.fsencode(folder))} bytes long: the temporary "
+                          f"folder beside it ({longest} bytes) would pass the {limit} its file system allows in a "
+                          "path; name a shorter one")
+
+
+def _path_limit(folder: str) -> int:
+    try:
+        return os.pathconf(folder, "PC_PATH_MAX")
+    except (OSError, ValueError):  # not reported
+        return _PATH_MAX
 
 
 def _name_limit(folder: str) -> int:
@@ -375,7 +396,9 @@ class ShardedWriter:
         while not os.path.isdir(missing):
             self._made_parents.append(missing)
             missing = os.path.dirname(missing)
-        os.makedirs(parent, exist_ok=True)
+        for folder in reversed(self._made_parents):  # not os.makedirs: it recurses once per missing folder
+            with contextlib.suppress(FileExistsError):  # made by another process meanwhile
+                os.mkdir(folder)
         remove_stale_partials(self.out_dir)
         # the process id names the folder's owner (remove_stale_partials); the rest makes it this writer's alone
         while True:  # os.mkdir, not mkdtemp (0700): the output folder keeps the mode the umask gives

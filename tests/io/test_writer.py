@@ -624,3 +624,24 @@ def test_an_output_name_longer_than_the_file_system_allows_is_refused_up_front(t
     with pytest.raises(OutputError, match=r"the output folder's name is 256 bytes long, more than the 255 its file"):
         ShardedWriter(str(tmp_path / ("y" * 256)), entries(tensors()), 10**9)
     assert os.listdir(tmp_path) == []
+
+
+def test_an_output_below_more_missing_folders_than_the_recursion_limit_is_written(tmp_path):
+    # os.makedirs recursed once per missing folder: RecursionError
+    depth = sys.getrecursionlimit() + 100
+    out = tmp_path.joinpath(*["d"] * depth, "out")
+    ts = tensors()
+    w = ShardedWriter(str(out), entries(ts), 10**9)
+    for n, t in ts.items():
+        w.write(n, t)
+    w.commit()
+    assert sorted(os.listdir(out)) == ["model.safetensors"]
+
+
+def test_an_output_path_longer_than_the_kernel_takes_is_refused_up_front(tmp_path):
+    # the folders above it were made, then mkdir failed with ENAMETOOLONG ("File name too long")
+    out = tmp_path.joinpath(*["d" * 200] * 21, "out")
+    with pytest.raises(OutputError, match=r"the output path is \d+ bytes long: the temporary folder beside it \(\d+ "
+                                          r"bytes\) would pass the 4095 its file system allows in a path"):
+        ShardedWriter(str(out), entries(tensors()), 10**9)
+    assert os.listdir(tmp_path) == []
