@@ -241,7 +241,7 @@ def remove_stale_partials(out_dir: str) -> list[str]:
             continue
         # a folder named with this process' id and not made by it is a killed run's that had the same id (a
         # container's runs all get the same one)
-        running = path in _MADE_HERE if int(pid) == os.getpid() else _process_running(int(pid))
+        running = path in _MADE_HERE if int(pid) == os.getpid() else process_running(int(pid))
         if running:
             continue
         if not _lock_files(path):
@@ -279,7 +279,7 @@ def _warn_moved_aside(path: str, out_dir: str) -> None:
                     "delete it", path, out_dir)
 
 
-def _process_running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -293,14 +293,14 @@ def _locks_are_free(folder: str) -> bool:
     """Whether no process holds the folder's locks: its maker's and those of the processes that joined it
     (the ranks of a distributed merge, on this host or another that shares the disk)."""
     locks = _lock_files(folder)
-    return LOCK_FILE in locks and all(_lock_is_free(os.path.join(folder, f)) for f in locks)
+    return LOCK_FILE in locks and all(lock_is_free(os.path.join(folder, f)) for f in locks)
 
 
 def _lock_files(folder: str) -> list[str]:
     return [f for f in os.listdir(folder) if f == LOCK_FILE or f.startswith(_JOINED_LOCK)]
 
 
-def _lock_is_free(path: str) -> bool:
+def lock_is_free(path: str) -> bool:
     try:
         fd = os.open(path, os.O_RDWR)
     except OSError:  # no lock file: not a folder this writer made, or one still being set up

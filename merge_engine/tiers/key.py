@@ -19,22 +19,31 @@ a KV group (see blocks.py); on multi-head models, the reference's models include
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
+import fcntl
 import json
+import logging
 import os
+import re
 import reprlib
-import tempfile
+import secrets
 import warnings
 from dataclasses import dataclass, field
 
 from merge_engine.errors import CheckpointError, MergeEngineError
 from merge_engine.io.untrusted import open_regular, parse_json
+from merge_engine.io.writer import lock_is_free, process_running
 from merge_engine.tiers.blocks import ATTENTION_KINDS, BLOCK_KINDS, KEY_KINDS, WHOLE_KINDS, ModelBlocks
 from merge_engine.tiers.permutation import Block, BlockPermutation
 
 FORMAT = "merge_engine.tier_key"
 VERSION = 1
 MAX_KEY_BYTES = 256 * 2**20
+# a save's temporary file beside the key: the process id names its owner (_remove_stale_partials)
+_PARTIAL = re.compile(r"\.key-(\d+)\.[0-9a-f]{8}\.partial")
+_MADE_HERE: set[str] = set()  # the temporary files this process' saves made
+log = logging.getLogger("merge_engine")
 META_FIELDS = ("model_type", "architecture", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
 # Not "architecture": a ...ForCausalLM and a ...ForSequenceClassification share their layers.
 _CHECKED_META = ("model_type", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
@@ -136,9 +145,10 @@ class TierKey:
         """Write atomically, readable by the owner only: the key is the secret."""
         if os.path.exists(path) and not overwrite:
             raise TierKeyError(f"{path}: key file exists; pass --overwrite (overwrite=True) to replace it")
-        tmp = None
-        try:  # a short name beside it (mkstemp: owner-only): PATH.partial-PID passes 255 bytes for a long PATH
-            fd, tmp = tempfile.mkstemp(prefix=".key-", suffix=".partial", dir=os.path.dirname(path) or ".")
+        folder, tmp = os.path.dirname(path) or ".", None
+        try:
+            _remove_stale_partials(folder)
+            fd, tmp = _make_partial(folder)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(self.to_json())
                 f.flush()
@@ -149,6 +159,39 @@ class TierKey:
         finally:
             if tmp and os.path.exists(tmp):
                 os.unlink(tmp)
+            _MADE_HERE.discard(tmp)
+
+
+def _make_partial(folder: str) -> tuple[int, str]:
+    """A new owner-only temporary file in folder and its path: a short name (PATH.partial passes 255 bytes for a
+    long PATH) with this process' id, flock-ed until written (the lock keeps it from a process on another host that
+    shares the disk, where the id means nothing)."""
+    while True:
+        tmp = os.path.join(folder, f".key-{os.getpid()}.{secrets.token_hex(4)}.partial")
+        _MADE_HERE.add(tmp)  # before it exists: another thread's save must not take it for a killed one's
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd, tmp
+
+
+def _remove_stale_partials(folder: str) -> None:
+    """Remove the temporary files that saves killed while writing (SIGKILL, the OOM killer) left in folder: a
+    file is stale when its process id is not running here (or is this process', which did not make it: a
+    container's runs all get the same one) and no process holds its lock, as the merge's partial folders are."""
+    for name in sorted(os.listdir(folder)):
+        match = _PARTIAL.fullmatch(name)
+        path = os.path.join(folder, name)
+        if not match or os.path.islink(path) or not os.path.isfile(path):
+            continue
+        pid = int(match[1])
+        running = path in _MADE_HERE if pid == os.getpid() else process_running(pid)
+        if not running and lock_is_free(path):
+            with contextlib.suppress(FileNotFoundError):  # another save removed it meanwhile
+                os.unlink(path)
+                log.warning("removed %s, the unfinished key file of an earlier run that was killed", path)
 
 
 def _too_large(path: str) -> TierKeyError:

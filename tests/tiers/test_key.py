@@ -245,3 +245,25 @@ def test_a_key_file_named_up_to_255_bytes_is_written_owner_only(configs, tmp_pat
     assert TierKey.load(str(path)).mlp_cols == key.mlp_cols
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert os.listdir(tmp_path) == [path.name]  # no partial file left
+
+
+KILLED_SAVE = """
+import os, signal, sys
+from merge_engine.tiers import TierKey
+os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # killed while writing, as by the OOM killer
+TierKey.from_json('{"attn_heads": [[[0, 0], [1, 0]]]}').save(sys.argv[1])
+"""
+
+
+def test_a_killed_saves_partial_file_is_removed_by_the_next_save_and_others_kept(tmp_path):
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(tmp_path / "a.json")], capture_output=True, text=True)
+    assert res.returncode == -9, res.stderr
+    [left] = os.listdir(tmp_path)
+    assert left.startswith(".key-") and left.endswith(".partial")
+    kept = [f".key-{os.getppid()}.0123abcd.partial", ".key-abc123xy.partial"]  # a running process'; not ours
+    for name in kept:
+        (tmp_path / name).write_text("{}")
+    TierKey.from_json('{"attn_heads": [[[0, 1], [1, 1]]]}').save(str(tmp_path / "b.json"))
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["b.json"])
