@@ -55,7 +55,12 @@ LINEAR_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen
                       "starcoder2", "gpt_bigcode", "olmo", "olmo2", "cohere", "granite", "deepseek_v2",
                       "deepseek_v3", "opt", "bloom", "mpt", "t5", "bart", "bert", "roberta", "qwen2_vl")
 log = logging.getLogger("merge_engine")
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<ab>[AB])\.weight|lora_embedding_(?P<eab>[AB]))$")
+# with or without the adapter name "default": some tools save peft's in-model names (lora_A.default.weight), which
+# peft, loading a file as its default adapter (PeftModel.from_pretrained, mergekit's load), takes as they are
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<ab>[AB])(?:\.default)?\.weight"
+                       r"|lora_embedding_(?P<eab>[AB])(?:\.default)?)$")
+# a LoRA tensor named for another adapter, which peft's default adapter leaves unloaded
+_OTHER_ADAPTER_KEY = re.compile(r"\.lora_(?:[AB]\.(?P<name>[^.]+)\.weight|embedding_[AB]\.(?P<ename>[^.]+))$")
 # repeats one rank_pattern / alpha_pattern key may hold: "layers.*.q_proj" has one, "^(?!.*lm_head).*" two
 MAX_PATTERN_REPEATS = 2
 # a target_modules / exclude_modules expression may hold one more: peft's documented
@@ -225,9 +230,18 @@ class LoraCheckpoint(Checkpoint):
                                     "(an output head tied to the embeddings), which merge_engine does not merge")
                 t.embedding = m["eab"] is not None
                 t.rounded = t.embedding or config.get("init_lora_weights") == MICA
-                setattr(t, (m["ab"] or m["eab"]).lower(), key)
+                side = (m["ab"] or m["eab"]).lower()
+                if getattr(t, side):  # peft would load whichever of the two comes last
+                    problems.append(f"'{key}' and '{getattr(t, side)}' are both lora_{side.upper()} of '{module}' "
+                                    "(with and without the adapter name 'default'); keep one")
+                setattr(t, side, key)
                 t.scaling = _scaling(config, module)
                 t.rank, t.rank_from = _rank(config, module)
+            elif other := _OTHER_ADAPTER_KEY.search(name):
+                adapter = other["name"] or other["ename"]
+                problems.append(f"'{key}' is named for the adapter '{adapter}': peft loads a file as its adapter "
+                                "'default' (as mergekit does) and would leave this tensor out; rename the tensors "
+                                f"without '.{adapter}' (or with '.default')")
             elif ".lora_" in name:
                 problems.append(f"'{key}' is a LoRA tensor of a kind merge_engine does not merge")
             else:  # a whole tensor saved with the adapter (modules_to_save, an embedding's base layer)

@@ -192,6 +192,40 @@ def test_malformed_adapters_are_refused_naming_the_file(model_sets, tmp_path, ca
     assert folder in str(err.value)
 
 
+def with_adapter_name(key, name="default"):
+    return re.sub(r"\.(lora_[AB]|lora_embedding_[AB])(?=\.weight$|$)", rf".\1.{name}", key)
+
+
+def test_tensors_named_for_the_default_adapter_are_read_as_peft_loads_them(model_sets, tmp_path):
+    """Some tools save peft's in-model names (q_proj.lora_A.default.weight); peft, loading the file as its adapter
+    'default' (as mergekit does), takes them as they are: the same weights as the usual names give."""
+    base = model_sets("llama")[0]
+    tensors = write_adapter(str(tmp_path / "plain"), base, embedding="model.embed_tokens", modules_to_save=("lm_head",))
+    named = str(tmp_path / "named")
+    write_adapter(named, base, embedding="model.embed_tokens", modules_to_save=("lm_head",))
+    corrupt(named, tensors={with_adapter_name(k): v for k, v in tensors.items()})
+    plain, got = read_all(open_model(f"{base}+{tmp_path / 'plain'}"), False), read_all(open_model(f"{base}+{named}"), False)
+    assert got.keys() == plain.keys() and all(torch.equal(got[n], plain[n]) for n in plain)
+
+
+@pytest.mark.parametrize("rename,match", [
+    (lambda k: with_adapter_name(k, "mine"), r"'base_model\.model\..*\.lora_[AB]\.mine\.weight' is named for the "
+                                              r"adapter 'mine': peft loads a file as its adapter 'default'"),
+    (None, r"'.*q_proj\.lora_A(\.default)?\.weight' and '.*q_proj\.lora_A(\.default)?\.weight' are both lora_A of "
+           r"'model\.layers\.0\.self_attn\.q_proj' \(with and without the adapter name 'default'\); keep one"),
+])
+def test_tensors_named_for_another_adapter_or_twice_are_refused(model_sets, tmp_path, rename, match):
+    base = model_sets("llama")[0]
+    folder = str(tmp_path / "a")
+    tensors = write_adapter(folder, base)
+    q_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    corrupt(folder, tensors={rename(k): v for k, v in tensors.items()} if rename else
+            {**tensors, with_adapter_name(q_a): tensors[q_a].clone()})
+    with pytest.raises(CheckpointError, match=match) as err:
+        open_model(f"{base}+{folder}")
+    assert folder in str(err.value)
+
+
 def test_reference_forms(model_sets, tmp_path):
     base = model_sets("llama")[0]
     folder = str(tmp_path / "a")
