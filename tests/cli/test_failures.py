@@ -93,7 +93,7 @@ def test_a_read_only_parent_is_one_line(config, tmp_path, capsys, monkeypatch):
 
     def read_only(path, *args, **kwargs):
         raise OSError(30, "Read-only file system", path)
-    monkeypatch.setattr(writer.os, "makedirs", read_only)
+    monkeypatch.setattr(writer.os, "mkdir", read_only)
     assert cli.main([config, str(tmp_path / "ro" / "out"), "-q"]) == 2
     assert f"Read-only file system: {tmp_path / 'ro'}" in one_line(capsys)
 
