@@ -33,6 +33,7 @@ STEP_TIMEOUT = timedelta(minutes=30)
 
 # Seconds between the ranks' exchanges of progress (rank 0's bar) and failures (the others stop early).
 PROGRESS_PERIOD = 1.0
+RUNNING, FAILED, TERMINATED = 0, 1, 2  # a rank's state in the progress exchange
 
 
 class RankFailed(MergeEngineError):
@@ -52,6 +53,7 @@ class Ranks:
     group: object  # the gloo ProcessGroup of control messages
     progress_group: object  # the gloo ProcessGroup of JobProgress' thread
     machines: tuple[int, ...]  # each rank's machine (hosts numbered in the order of their first rank)
+    hosts: tuple[str, ...]  # each rank's host name
 
     @property
     def leader(self) -> bool:
@@ -97,9 +99,11 @@ def current_ranks() -> Ranks | None:
                        progress=dist.new_group(backend="gloo", timeout=STEP_TIMEOUT))
         hosts: list = [None] * dist.get_world_size()
         dist.all_gather_object(hosts, socket.gethostname(), group=_groups["control"])
+        _groups["hosts"] = tuple(hosts)
         _groups["machines"] = tuple(list(dict.fromkeys(hosts)).index(h) for h in hosts)
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
-                 socket.gethostname(), _groups["control"], _groups["progress"], _groups["machines"])
+                 socket.gethostname(), _groups["control"], _groups["progress"], _groups["machines"],
+                 _groups["hosts"])
 
 
 def rank_device(device: torch.device, ranks: Ranks | None) -> torch.device:
@@ -169,14 +173,17 @@ class JobProgress:
     """The job's bytes done over all ranks, and whether any rank has failed: a thread on every rank sums
     them (an all_reduce on a group of its own) every PROGRESS_PERIOD until every rank has ended. show(n)
     gets the job's bytes done (rank 0's progress bar); add() raises StoppedEarly once another rank has
-    failed, or lost contact (killed), so that no rank merges on for nothing."""
+    failed or was terminated (SIGTERM), naming it, or contact is lost (killed), so that no rank merges on for
+    nothing; end() raises it where this rank's part was done by then. A terminated rank does not join the step's
+    status exchange (every_rank), so this is where the others learn which it was."""
 
     def __init__(self, ranks: Ranks, show: Callable[[int], None]):
         self._ranks, self._show = ranks, show
         self._done = 0
-        self._failed = False
+        self._state = RUNNING
         self._ended = threading.Event()
         self._stop: str | None = None  # why this rank must stop
+        self._stopped_by: str | None = None  # the rank that failed or was terminated, when one did
         self._thread = threading.Thread(target=self._exchange, name="me-progress", daemon=True)
         self._thread.start()
 
@@ -185,22 +192,30 @@ class JobProgress:
         if self._stop:
             raise StoppedEarly(self._stop)
 
-    def end(self, failed: bool) -> None:
-        """This rank's part is over; returns once every rank's is (or contact is lost)."""
-        self._failed = failed
+    def end(self, failed: bool, terminated: bool = False) -> None:
+        """This rank's part is over (failed, or terminated by SIGTERM); returns once every rank's is (or contact
+        is lost)."""
+        self._state = TERMINATED if terminated else FAILED if failed else RUNNING
         self._ended.set()
         self._thread.join()
+        if self._stopped_by and not failed:  # this rank's part is done, but the job is not
+            raise StoppedEarly(self._stopped_by)
 
     def _exchange(self) -> None:
+        ranks = self._ranks
         try:
             while True:
                 self._ended.wait(PROGRESS_PERIOD)
-                state = torch.tensor([self._done, self._failed, self._ended.is_set()], dtype=torch.int64)
-                dist.all_reduce(state, group=self._ranks.progress_group)
+                state = torch.zeros(2 + ranks.size, dtype=torch.int64)  # bytes done, ranks ended, each one's state
+                state[0], state[1], state[2 + ranks.rank] = self._done, self._ended.is_set(), self._state
+                dist.all_reduce(state, group=ranks.progress_group)
                 self._show(int(state[0]))
-                if state[1] and not self._failed:
-                    self._stop = "another rank failed"
-                if state[2] == self._ranks.size:
+                stopped = [r for r in range(ranks.size) if state[2 + r] != RUNNING]
+                if stopped and self._state == RUNNING:
+                    r = stopped[0]
+                    what = "was terminated (SIGTERM)" if state[2 + r] == TERMINATED else "failed"
+                    self._stop = self._stopped_by = f"rank {r} ({ranks.hosts[r]}) {what}"
+                if state[1] == ranks.size:
                     return
         except Exception as e:  # noqa: BLE001 (a rank died: this one stops; the step's end says more)
             self._stop = f"lost contact with the other ranks ({e})"

@@ -60,6 +60,7 @@ from merge_engine.distributed import (
 from merge_engine.dtypes import DTYPES, dtype_name
 from merge_engine.errors import ConfigError, MergeEngineError, out_of_memory
 from merge_engine.extras import require
+from merge_engine.interrupts import Terminated
 from merge_engine.io.buffers import BufferPool
 from merge_engine.io.checkpoint import DIRECT_IO_MODES, LAYER_COUNT_KEYS
 from merge_engine.io.experts import EXPERT_LAYOUTS
@@ -414,8 +415,8 @@ def job_progress(bar: tqdm, ranks: Ranks | None) -> Iterator[Callable[[int], Non
     progress = JobProgress(ranks, lambda done: bar.update(done - bar.n))
     try:
         yield progress.add
-    except BaseException:
-        progress.end(failed=True)
+    except BaseException as e:
+        progress.end(failed=True, terminated=isinstance(e, Terminated))
         raise
     progress.end(failed=False)
 

@@ -7,6 +7,11 @@ import signal
 import threading
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a `kill`, a job scheduler, docker stop), raised in the command's thread like Ctrl-C's
+    KeyboardInterrupt, so that the same clean-up runs (the command line's handler raises it)."""
+
+
 @contextlib.contextmanager
 def signals_deferred():
     """SIGINT and SIGTERM arriving inside the block take effect (their handlers run) at its end, not in the middle:

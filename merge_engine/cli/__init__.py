@@ -17,6 +17,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -25,7 +26,7 @@ import traceback
 from merge_engine import __version__
 from merge_engine.cli.timing import EXECUTABLE, STARTUP, process_age
 from merge_engine.errors import MergeEngineError, out_of_memory, printable
-from merge_engine.interrupts import signals_deferred
+from merge_engine.interrupts import Terminated, signals_deferred
 from merge_engine.runtime import launched_by_torchrun, tune_process_for_merging
 
 SUBCOMMANDS = ("fisher", "key", "patch", "search", "stats")  # modules merge_engine.cli.NAME, each with run(argv); else cli.merge
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # disk full, read-only folder, a file where a folder should be...
         return _failed(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", 2, argv)
     except Terminated:
-        return _failed("terminated", 143, argv)
+        return _failed(f"terminated{_which_rank()}", 143, argv)
     except KeyboardInterrupt:
         return _failed("interrupted", 130, argv)
     except Exception as e:  # an allocation failure outside a merge's reads and computes: one line too
@@ -74,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         return _failed(f"error: out of memory ({reason})", 2, argv)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a `kill`, a job scheduler, docker stop), raised in the command's thread like Ctrl-C's
-    KeyboardInterrupt, so that the same clean-up runs."""
+def _which_rank() -> str:
+    """Under torchrun, which rank this process is: a SIGTERM sent to one rank is then named where it landed."""
+    return f" (rank {os.environ['RANK']} on {socket.gethostname()})" if launched_by_torchrun() else ""
 
 
 @contextlib.contextmanager

@@ -104,3 +104,40 @@ def test_key_commands_without_a_distributed_form_are_refused_under_torchrun(tier
         assert capsys.readouterr().err == (f"merge-engine: error: key {command[0]} runs in one process, not under "
                                            "torchrun\n")
     assert sorted(os.listdir(tmp_path)) == ["secret"]
+
+
+def merge_command_one_rank_terminated(rank: int, config: str, out: str) -> dict:
+    """The merge command on every rank as torchrun starts it, rank 1 sent SIGTERM (alone) at its first write."""
+    import contextlib
+    import io
+    import signal
+
+    from merge_engine.cli import main
+    from merge_engine.io import writer
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2")
+    if rank == 1:
+        writer.ShardedWriter.write = lambda *a: os.kill(os.getpid(), signal.SIGTERM)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main([config, out, "--device", "cpu", "-q", "--out-shard-size", "100K"])
+    return {"status": status, "stderr": err.getvalue()}
+
+
+def test_the_rank_that_was_terminated_is_named_by_itself_and_the_others(model_sets, tmp_path, write_yaml):
+    # the terminated rank said "terminated", the others "another rank failed" (torchrun then named rank 0, the
+    # first to exit with an error, as the root cause)
+    import socket
+
+    from tests.distributed.ranks import run_ranks
+    base, expert, *_ = model_sets("llama")
+    config = write_yaml({"merge_method": "linear", "models": [{"model": base, "parameters": {"weight": 0.5}},
+                                                              {"model": expert, "parameters": {"weight": 0.5}}]})
+    out = tmp_path / "runs" / "out"
+    out.parent.mkdir()
+    results = run_ranks(merge_command_one_rank_terminated, 2, str(tmp_path / "results"), config, str(out))
+    assert [r["error"] for r in results] == [None, None], [r.get("traceback") for r in results]
+    said = [r["value"] for r in results]
+    assert said[1] == {"status": 143, "stderr": f"merge-engine: terminated (rank 1 on {socket.gethostname()})\n"}
+    assert said[0]["status"] == 2 and f"rank 1 ({socket.gethostname()}) was terminated (SIGTERM)" in \
+        said[0]["stderr"], said[0]["stderr"]
+    assert os.listdir(out.parent) == []
