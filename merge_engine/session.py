@@ -678,6 +678,7 @@ def merge_targets(model: torch.nn.Module, plan: MergePlan) -> tuple[dict[str, to
     upcast = kept_in_fp32(model, output_dtype(plan))
     problems, targets, cast, storages = [], {}, {}, set()
     loaded_as = loaded_names(model, [name for name, _, _ in plan.entries()], held)
+    sources = {job.out_name: job.inputs for job in plan.jobs}
     for name, dtype, shape in plan.entries():
         tensor = held.get(loaded_as[name])
         kept = torch.float32 if loaded_as[name] in upcast else dtype
@@ -685,8 +686,8 @@ def merge_targets(model: torch.nn.Module, plan: MergePlan) -> tuple[dict[str, to
             problems.append(f"'{name}' is an output of the merge but not a tensor of {type(model).__name__}")
         elif tuple(tensor.shape) != tuple(shape) or (tensor.dtype != kept and not (tensor.is_floating_point()
                                                                                    and kept.is_floating_point)):
-            problems.append(f"'{name}': the merge gives {dtype} {list(shape)}, {type(model).__name__} has "
-                            f"{tensor.dtype} {list(tensor.shape)}")
+            problems.append(f"'{name}': the merge gives {dtype} {list(shape)}{_taken_from(sources.get(name))}, "
+                            f"{type(model).__name__} has {tensor.dtype} {list(tensor.shape)}")
         elif tensor.data_ptr() in storages or tensor.dtype != kept:
             targets[name] = torch.empty(tuple(shape), dtype=kept, device=tensor.device)
             if tensor.data_ptr() not in storages:
@@ -700,8 +701,25 @@ def merge_targets(model: torch.nn.Module, plan: MergePlan) -> tuple[dict[str, to
                  model.named_parameters(remove_duplicate=False) if p.data_ptr() not in covered]
     if problems:
         raise MergeEngineError(f"the live model and the merge's outputs differ: {'; '.join(problems[:10])}"
-                               + (f"; ... and {len(problems) - 10} more" if len(problems) > 10 else ""))
+                               + (f"; ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+                               + (_UNLOADABLE.format(donor=plan.donor.path) if any("the merge gives" in p
+                                                                                   for p in problems) else ""))
     return targets, cast
+
+
+# a merge whose tensors do not fit its own config.json: `merge-engine` writes it as mergekit does (a passthrough of
+# slices from models whose vocabularies differ in size takes the embeddings from the first slice's model, the
+# head from the last's), but from_pretrained refuses it (a size mismatch), and the live model is what it would load
+_UNLOADABLE = ("; the live model is built from the output's config.json (from {donor}), which these tensors do not "
+               "fit: transformers cannot load the output `merge-engine CONFIG OUT` writes for this config either (as "
+               "when the inputs' vocabularies differ in size: take the embeddings and the output head from models of "
+               "one vocabulary size, or give a tokenizer setting, e.g. `tokenizer: {{source: base}}`, which aligns "
+               "them to one vocabulary)")
+
+
+def _taken_from(inputs: list | None) -> str:
+    models = list(dict.fromkeys(ckpt.path for ckpt, _ in inputs or []))
+    return f" (from {', '.join(models)})" if models else ""
 
 
 def loaded_names(model: torch.nn.Module, names: list[str], held: dict[str, torch.Tensor]) -> dict[str, str]:

@@ -505,6 +505,27 @@ def test_an_input_holding_nan_is_refused_when_the_session_opens(tmp_path):
             MergeSession(config, "cpu", progress=False)
 
 
+def test_slices_from_models_of_other_vocabulary_sizes_are_refused_naming_why(tmp_path, folder_tensors):
+    """A passthrough takes the embeddings from its first slice's model and the head from its last's: of 256 and
+    264 rows, which the output's config.json (256) does not fit. `merge-engine` writes it, as mergekit does, but
+    from_pretrained cannot load it, and the live model is that model; a tokenizer setting aligns the rows."""
+    from tests.vocab_models import make_vocab_models
+    vocab = make_vocab_models(str(tmp_path / "models"))
+    config = {"merge_method": "passthrough", "dtype": "float32",
+              "slices": [{"sources": [{"model": vocab["base"], "layer_range": [0, 1]}]},
+                         {"sources": [{"model": vocab["padded"], "layer_range": [1, 4]}]}]}
+    merge(parse_config(config), str(tmp_path / "out"), MergeOptions(device="cpu", quiet=True))
+    with pytest.raises(MergeEngineError, match=rf"'lm_head.weight': the merge gives torch.float32 \[264, 64\] \(from "
+                                               rf"{vocab['padded']}\), LlamaForCausalLM has torch.float32 \[256, 64\].*"
+                                               rf"built from the output's config.json \(from {vocab['base']}\), which "
+                                               r"these tensors do not fit: transformers cannot load the output"):
+        MergeSession(config, "cpu", progress=False)
+    aligned = {**config, "tokenizer": {"source": "base"}}
+    merge(parse_config(aligned), str(tmp_path / "aligned"), MergeOptions(device="cpu", quiet=True))
+    live = MergeSession(aligned, "cpu", progress=False).state_dict()
+    assert not differing({n: t.cpu() for n, t in live.items()}, folder_tensors(tmp_path / "aligned"))
+
+
 def test_the_work_space_counts_a_compute_dtype_wider_than_the_inputs(model_sets):
     # bf16 inputs merged in fp32 (dtype: float32) and written as bf16: the fp32 copies of every input, one more
     # for the method's intermediates, and the result in both dtypes, beside the inputs as stored
