@@ -631,11 +631,19 @@ def test_an_output_below_more_missing_folders_than_the_recursion_limit_is_writte
     depth = sys.getrecursionlimit() + 100
     out = tmp_path.joinpath(*["d"] * depth, "out")
     ts = tensors()
-    w = ShardedWriter(str(out), entries(ts), 10**9)
-    for n, t in ts.items():
-        w.write(n, t)
-    w.commit()
-    assert sorted(os.listdir(out)) == ["model.safetensors"]
+    try:
+        w = ShardedWriter(str(out), entries(ts), 10**9)
+        for n, t in ts.items():
+            w.write(n, t)
+        w.commit()
+        assert sorted(os.listdir(out)) == ["model.safetensors"]
+    finally:  # removed level by level: pytest's own clean-up (shutil.rmtree) recurses once per folder too
+        for folder in [out, *out.parents][:depth + 1]:
+            for name in os.listdir(folder) if folder.exists() else ():
+                if not (folder / name).is_dir():
+                    os.unlink(folder / name)
+            if folder.exists():
+                os.rmdir(folder)
 
 
 def test_an_output_path_longer_than_the_kernel_takes_is_refused_up_front(tmp_path):
