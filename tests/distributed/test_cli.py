@@ -47,8 +47,11 @@ def test_commands_without_a_distributed_form_are_refused_under_torchrun(model_se
                     ["search", str(tmp_path / "search.yml"), str(tmp_path / "out"), "--budget", "60"]):
         run = torchrun(*command)
         assert run.returncode != 0
-        assert run.stderr.count(f"merge-engine: error: merge-engine {command[0]} runs in one process, not under "
-                                "torchrun") == 2, run.stderr[-2000:]
+        # each rank refuses; torchrun stops the other one as soon as the first exits, so on a loaded machine the
+        # slower rank may be stopped before it says so (each rank's refusal is the same code path)
+        refusals = run.stderr.count(f"merge-engine: error: merge-engine {command[0]} runs in one process, not under "
+                                    "torchrun")
+        assert refusals in (1, 2) and "/merge_engine/" not in run.stderr, run.stderr[-2000:]  # (no traceback of ours)
     assert sorted(os.listdir(tmp_path)) == []
 
 
