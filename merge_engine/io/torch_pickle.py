@@ -155,7 +155,7 @@ def read_pickle_header_and_identity(path: str) -> tuple[dict[str, TensorInfo], t
                 records = _records(archive, path)
                 prefix = _archive_prefix(records, path)
                 _refuse_big_endian(archive, records, prefix, path)
-                state = _unpickle(archive.read(records[prefix + "data.pkl"]), path)
+                state = _unpickle(_read_record(archive, records[prefix + "data.pkl"], path), path)
                 starts: dict[str, int] = {}
                 infos = {name: _tensor_info(path, name, view, records, prefix, starts, f, st.st_size)
                          for name, view in _tensors(state, path).items()}
@@ -205,9 +205,18 @@ def _archive_prefix(records: dict[str, zipfile.ZipInfo], path: str) -> str:
 
 def _refuse_big_endian(archive: zipfile.ZipFile, records: dict[str, zipfile.ZipInfo], prefix: str, path: str) -> None:
     record = records.get(prefix + "byteorder")  # absent in files of torch < 2.1: little-endian
-    if record is not None and (record.file_size > 16 or archive.read(record) != b"little"):
+    if record is not None and (record.file_size > 16 or _read_record(archive, record, path) != b"little"):
         raise CheckpointError(f"{path}: tensors stored big-endian (or an unreadable byteorder record); only "
                               "little-endian checkpoints are read")
+
+
+def _read_record(archive: zipfile.ZipFile, record: zipfile.ZipInfo, path: str) -> bytes:
+    """A record zipfile reads whole: stored plainly, as torch.save writes it (zipfile raises RuntimeError for an
+    encrypted record, and inflates a bzip2 or lzma one whole, whatever size it declares)."""
+    if record.compress_type != zipfile.ZIP_STORED or record.flag_bits & 0x1:
+        raise CheckpointError(f"{path}: record {record.filename!r} is compressed or encrypted (torch.save stores "
+                              "its records plainly; was the file re-zipped?)")
+    return archive.read(record)
 
 
 def _unpickle(raw: bytes, path: str):

@@ -208,3 +208,37 @@ def test_mutated_files_are_read_exactly_or_refused(tmp_path):
         outcomes["read"] += 1
     assert outcomes["read"] and outcomes["refused"]  # both kinds of mutant were met
 
+
+
+
+def rezip(path, *, method=None, encrypt=None) -> None:
+    """Rewrite a torch.save archive with the record ending in `method[0]` compressed by method[1], or with the
+    record ending in `encrypt` flagged encrypted (its bytes left as they are)."""
+    with zipfile.ZipFile(path) as old:
+        records = [(info, old.read(info)) for info in old.infolist()]
+    with zipfile.ZipFile(path, "w") as new:
+        for info, raw in records:
+            compress = method[1] if method and info.filename.endswith(method[0]) else zipfile.ZIP_STORED
+            new.writestr(info.filename, raw, compress)
+    if encrypt:
+        raw = bytearray(path.read_bytes())
+        for at in range(len(raw) - 46):  # central directory entries: the flag bits at +8, the name at +46
+            if raw[at:at + 4] == b"PK\x01\x02":
+                name_length = int.from_bytes(raw[at + 28:at + 30], "little")
+                if raw[at + 46:at + 46 + name_length].endswith(encrypt.encode()):
+                    raw[at + 8] |= 1
+        path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("change", [{"encrypt": "/data.pkl"}, {"encrypt": "/byteorder"},
+                                    {"method": ("/data.pkl", zipfile.ZIP_BZIP2)},
+                                    {"method": ("/byteorder", zipfile.ZIP_LZMA)},
+                                    {"method": ("/data.pkl", zipfile.ZIP_DEFLATED)}])
+def test_pickle_and_byteorder_records_compressed_or_encrypted_are_refused_unread(tmp_path, change):
+    """zipfile raises RuntimeError for an encrypted record, and inflates a bzip2 or lzma one whole whatever size it
+    declares (a few kilobytes of bzip2 inflate to gigabytes): such records are refused before they are read."""
+    path = tmp_path / "p.bin"
+    torch.save({"w": torch.arange(6.0)}, path)
+    rezip(path, **change)
+    with pytest.raises(CheckpointError, match=r"p\.bin: record '.*(data\.pkl|byteorder)' is compressed or encrypted"):
+        read_pickle_header_and_identity(str(path))
