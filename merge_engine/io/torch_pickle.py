@@ -17,6 +17,7 @@ import collections
 import io
 import os
 import pickle
+import reprlib
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -128,6 +129,7 @@ class _LayoutUnpickler(pickle.Unpickler):
     def __init__(self, raw: bytes, path: str):
         super().__init__(io.BytesIO(raw))
         self._path = path
+        self._storages: dict[str, _Storage] = {}
 
     def find_class(self, module: str, name: str):
         found = _GLOBALS.get((module, name))
@@ -140,8 +142,11 @@ class _LayoutUnpickler(pickle.Unpickler):
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)
                 and isinstance(pid[2], str) and is_count(pid[4])):
-            raise _Malformed(f"a storage reference {str(pid)[:100]}")
-        return _Storage(pid[2], pid[1].dtype, pid[4])
+            raise _Malformed(f"a storage reference {reprlib.repr(pid)}")
+        storage = self._storages.setdefault(pid[2], _Storage(pid[2], pid[1].dtype, pid[4]))
+        if storage.dtype != pid[1].dtype:  # torch.load reads it as the first reference's dtype
+            raise _Malformed(f"storage {reprlib.repr(pid[2])} named as {storage.dtype} and {pid[1].dtype}")
+        return storage
 
 
 def read_pickle_header_and_identity(path: str) -> tuple[dict[str, TensorInfo], tuple[int, ...]]:
@@ -237,7 +242,7 @@ def _tensors(state, path: str) -> dict[str, _TensorView]:
                               "tensor names to tensors)")
     for name, value in state.items():
         if not (isinstance(name, str) and is_text(name)):
-            raise CheckpointError(f"{path}: its state dict has a key {name!r} that is not a tensor name")
+            raise CheckpointError(f"{path}: its state dict has a key {reprlib.repr(name)} that is not a tensor name")
         if not isinstance(value, _TensorView):
             raise CheckpointError(f"{path}: {name!r} holds a {type(value).__name__}, not a tensor (only state "
                                   "dicts of tensors are read, as mergekit does)")

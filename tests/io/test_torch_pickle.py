@@ -4,6 +4,7 @@ import io
 import os
 import pickletools
 import random
+import tracemalloc
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -242,3 +243,35 @@ def test_pickle_and_byteorder_records_compressed_or_encrypted_are_refused_unread
     rezip(path, **change)
     with pytest.raises(CheckpointError, match=r"p\.bin: record '.*(data\.pkl|byteorder)' is compressed or encrypted"):
         read_pickle_header_and_identity(str(path))
+
+
+def test_one_storage_named_with_two_dtypes_is_refused(tmp_path):
+    """torch.load reads every reference to a storage as the dtype its first one names (torch.save never writes two):
+    the second tensor is refused, not read as other bytes than torch.load's."""
+    path = tmp_path / "p.bin"
+    torch.save({"a": torch.arange(4.0), "b": torch.arange(4, dtype=torch.int32)}, path)
+    replace_pickle(path, pickle_of(path).replace(b"X\x01\x00\x00\x001", b"X\x01\x00\x00\x000"))  # b's storage: a's
+    assert torch.load(path, weights_only=True)["b"].dtype == torch.float32
+    with pytest.raises(CheckpointError, match=r"p\.bin: data\.pkl holds storage '0' named as torch\.float32 and "
+                                              r"torch\.int32"):
+        read_pickle_header_and_identity(str(path))
+
+
+@pytest.mark.parametrize("where", ["storage reference", "key"])
+def test_hostile_values_are_named_in_a_few_characters(tmp_path, where):
+    """A 100 kB string referenced 2000 times (4 kB of pickle) is 200 MB when printed whole: the error shows its
+    start only, and building it takes no more memory than the file's."""
+    path = tmp_path / "p.bin"
+    torch.save({"w": torch.ones(2)}, path)
+    big = b"X" + (100_000).to_bytes(4, "little") + b"a" * 100_000 + b"q\x00"
+    many = b"(" + b"h\x00" * 2000 + b"t"
+    replace_pickle(path, b"\x80\x02}X\x01\x00\x00\x00w" + big + many + b"Qs." if where == "storage reference" else
+                   b"\x80\x02}" + big + b"0" + many + b"K\x01s.")
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match=r"p\.bin: ") as e:
+            read_pickle_header_and_identity(str(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(str(e.value)) < 1000 and peak < 20_000_000
