@@ -5,8 +5,10 @@ torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...) whose storag
 uncompressed record `<archive>/data/<key>`. data.pkl is read here by an unpickler that knows only the globals
 a state dict of tensors needs (its dict type, the tensor and parameter rebuild functions, storage types, dtypes),
 each standing for a layout, not the real function: any other global, the code a hostile pickle would run, is
-refused by name before it is looked up. Each tensor becomes a TensorInfo (file, byte offset, dtype, shape) as a
-safetensors entry does, so the engine reads its bytes with the same positional reads; opening reads no tensor data.
+refused by name before it is looked up, and what that check cannot see (copyreg extension codes, objects nested
+deep enough to overflow the C stack) is refused before unpickling. Each tensor becomes a TensorInfo (file, byte
+offset, dtype, shape) as a safetensors entry does, so the engine reads its bytes with the same positional reads;
+opening reads no tensor data.
 
 Not read (refused by name): torch's legacy pre-1.6 format (not a zip), big-endian files, compressed records,
 tensors that are not contiguous views of their storage, and values that are not tensors.
@@ -17,6 +19,7 @@ import collections
 import io
 import os
 import pickle
+import pickletools
 import reprlib
 import struct
 import zipfile
@@ -37,6 +40,12 @@ from merge_engine.io.safetensors_format import (
 from merge_engine.io.untrusted import is_text, open_regular
 
 MAX_PICKLE_BYTES = 100_000_000  # data.pkl of a state dict holds ~150 bytes a tensor
+MAX_NESTING = 100  # a state dict's objects nest ~10 deep; hashing a dict key nested ~10**5 deep overflows the C stack
+# EXT1/2/4 take an object from copyreg's process-wide extension cache without asking find_class, and cache what
+# find_class gives for every later unpickle in the process; torch.save never writes them
+_EXTENSION_OPCODES = ("EXT1", "EXT2", "EXT4")
+_MEMO_PUTS, _MEMO_GETS = ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"), ("GET", "BINGET", "LONG_BINGET")
+_IN_PLACE_OPCODES = ("SETITEM", "SETITEMS", "APPEND", "APPENDS", "ADDITEMS", "BUILD")  # add to the object below
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # zip local file header: signature, ..., name length, extra length
 _LOCAL_SIGNATURE = b"PK\x03\x04"
 # the legacy storage type names torch pickles (TypedStorage), and UntypedStorage (bytes) for dtypes added since
@@ -226,6 +235,7 @@ def _read_record(archive: zipfile.ZipFile, record: zipfile.ZipInfo, path: str) -
 
 def _unpickle(raw: bytes, path: str):
     try:
+        _refuse_unguarded_opcodes(raw)
         return _LayoutUnpickler(raw, path).load()
     except CheckpointError:
         raise
@@ -234,6 +244,49 @@ def _unpickle(raw: bytes, path: str):
     except Exception as e:  # a hostile pickle's wrong arguments, opcodes, memo references, depth
         raise CheckpointError(f"{path}: data.pkl cannot be read as a state dict ({type(e).__name__}: "
                               f"{str(e)[:200]})") from None
+
+
+def _refuse_unguarded_opcodes(raw: bytes) -> None:
+    """What find_class cannot guard, refused before the unpickler meets it: EXT opcodes, and objects nested past
+    MAX_NESTING. Each object's depth is followed as the pickle's stack machine runs: one more than the deepest
+    object it is built from (an object added to in place: at least that)."""
+    stack: list[int] = []
+    marks: list[int] = []
+    memo: dict = {}
+    for op, arg, _ in pickletools.genops(raw):
+        if op.name in _EXTENSION_OPCODES:
+            raise _Malformed(f"an {op.name} opcode (copyreg's extension registry), which torch.save never writes")
+        if op.name in _MEMO_PUTS:
+            memo[len(memo) if op.name == "MEMOIZE" else arg] = stack[-1] if stack else 0
+        elif op.name in _MEMO_GETS or op.name == "DUP":
+            stack.append(memo.get(arg, 0) if op.name != "DUP" else stack[-1] if stack else 0)
+        elif op.name == "POP" and marks and marks[-1] == len(stack):
+            marks.pop()
+        else:
+            _run_on_depths(op, stack, marks)
+
+
+def _run_on_depths(op: pickletools.OpcodeInfo, stack: list[int], marks: list[int]) -> None:
+    """One opcode's effect on the depths of the objects on the stack (a malformed pickle's underflow is left for
+    the unpickler to refuse)."""
+    before = op.stack_before
+    if pickletools.markobject in before:
+        mark = marks.pop() if marks else len(stack)
+        used, below = stack[mark:], before.index(pickletools.markobject)
+        del stack[mark:]
+    else:
+        used, below = [], len(before)
+    used = [stack.pop() if stack else 0 for _ in range(below)][::-1] + used
+    depth = 1 + max(used, default=-1)
+    if op.name in _IN_PLACE_OPCODES and used:
+        depth = max(used[0], 1 + max(used[1:], default=-1))
+    if depth > MAX_NESTING:
+        raise _Malformed(f"objects nested more than {MAX_NESTING} deep")
+    for pushed in op.stack_after:
+        if pushed is pickletools.markobject:
+            marks.append(len(stack))
+        else:
+            stack.append(depth)
 
 
 def _tensors(state, path: str) -> dict[str, _TensorView]:

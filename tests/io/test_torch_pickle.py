@@ -1,5 +1,6 @@
 """torch.save zip files read in place: layouts against torch.load's tensors, and the files refused without running
 any of their code."""
+import copyreg
 import io
 import os
 import pickletools
@@ -275,3 +276,35 @@ def test_hostile_values_are_named_in_a_few_characters(tmp_path, where):
     finally:
         tracemalloc.stop()
     assert len(str(e.value)) < 1000 and peak < 20_000_000
+
+
+def test_extension_opcodes_are_refused_whatever_copyreg_holds(tmp_path, monkeypatch):
+    """EXT1/2/4 look an object up in copyreg's process-wide extension cache before find_class: where another
+    unpickle in the process cached a real function under a code, a hostile pickle would call it (and a code first
+    seen here would cache a layout stand-in for every later unpickle)."""
+    marker = str(tmp_path / "ran")
+    monkeypatch.setitem(copyreg._extension_registry, ("posix", "mkdir"), 240)
+    monkeypatch.setitem(copyreg._inverted_registry, 240, ("posix", "mkdir"))
+    monkeypatch.setitem(copyreg._extension_cache, 240, os.mkdir)  # as an earlier pickle.loads leaves it
+    monkeypatch.setitem(copyreg._extension_registry, ("torch._utils", "_rebuild_tensor_v2"), 241)
+    monkeypatch.setitem(copyreg._inverted_registry, 241, ("torch._utils", "_rebuild_tensor_v2"))
+    path = tmp_path / "p.bin"
+    torch.save({"w": torch.ones(2)}, path)
+    arg = marker.encode()
+    for hostile in (b"\x80\x02}X\x01\x00\x00\x00w\x82\xf0X" + len(arg).to_bytes(4, "little") + arg + b"\x85Rs.",
+                    b"\x80\x02}X\x01\x00\x00\x00w\x82\xf1s."):
+        replace_pickle(path, hostile)
+        with pytest.raises(CheckpointError, match=r"p\.bin: data\.pkl holds an EXT1 opcode"):
+            read_pickle_header_and_identity(str(path))
+    assert not os.path.exists(marker) and 241 not in copyreg._extension_cache
+
+
+@pytest.mark.parametrize("nested", [b")" + b"\x85" * 1_000_000 + b"K\x01s.",  # a dict key: hashing it recurses
+                                    b"X\x01\x00\x00\x00w" + b"]" * 300 + b"a" * 299 + b"s."])
+def test_objects_nested_past_a_state_dicts_depth_are_refused(tmp_path, nested):
+    """A key of tuples nested a million deep (1 MB of pickle) overflowed the C stack when the dict hashed it."""
+    path = tmp_path / "p.bin"
+    torch.save({"w": torch.ones(2)}, path)
+    replace_pickle(path, b"\x80\x02}" + nested)
+    with pytest.raises(CheckpointError, match=r"p\.bin: data\.pkl holds objects nested more than 100 deep"):
+        read_pickle_header_and_identity(str(path))
