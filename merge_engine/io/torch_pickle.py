@@ -309,7 +309,7 @@ def _tensor_info(path: str, name: str, view: _TensorView, records: dict[str, zip
     if (view.dtype not in SAFETENSORS_DTYPES.values() or numel is None
             or (numel == 0 and not torch_can_lay_out(view.dtype, view.shape))):
         raise CheckpointError(f"{path}: tensor {name!r}: unsupported dtype or shape ({view.dtype}, {list(view.shape)})")
-    if not _is_contiguous(view.shape, view.stride):
+    if numel and not _is_contiguous(view.shape, view.stride):  # torch lays an empty tensor over any strides
         raise CheckpointError(f"{path}: tensor {name!r} is a strided view of its storage (shape {list(view.shape)}, "
                               f"stride {list(view.stride)}), which cannot be read in place; save it contiguous")
     record = records.get(f"{prefix}data/{view.storage.key}")
@@ -319,7 +319,8 @@ def _tensor_info(path: str, name: str, view: _TensorView, records: dict[str, zip
         raise CheckpointError(f"{path}: tensor {name!r}: its storage record is compressed or encrypted (torch.save "
                               "stores them plainly; was the file re-zipped?)")
     storage_bytes = view.storage.numel * view.storage.dtype.itemsize
-    first, nbytes = view.offset * view.dtype.itemsize, numel * view.dtype.itemsize
+    # an empty tensor's offset is any count (torch.load reads it): it has no bytes to place
+    first, nbytes = view.offset * view.dtype.itemsize if numel else 0, numel * view.dtype.itemsize
     if record.file_size != storage_bytes or (numel and first + nbytes > storage_bytes):
         raise CheckpointError(f"{path}: tensor {name!r}: its bytes [{first}, {first + nbytes}) do not lie in its "
                               f"storage record of {record.file_size} bytes ({storage_bytes} declared): corrupt file")

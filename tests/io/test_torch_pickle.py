@@ -308,3 +308,17 @@ def test_objects_nested_past_a_state_dicts_depth_are_refused(tmp_path, nested):
     replace_pickle(path, b"\x80\x02}" + nested)
     with pytest.raises(CheckpointError, match=r"p\.bin: data\.pkl holds objects nested more than 100 deep"):
         read_pickle_header_and_identity(str(path))
+
+
+def test_empty_tensors_read_whatever_their_strides_and_offsets(tmp_path):
+    """torch lays an empty tensor over any strides and storage offset: read as torch.load reads it, its (absent)
+    bytes placed at its storage record, inside the file."""
+    path = tmp_path / "p.bin"
+    x = torch.arange(12.0).view(3, 4)
+    torch.save({"cols": x[:, :0], "rows": x[3:], "expanded": torch.ones(3).expand(2, 3)[:0], "w": x}, path)
+    assert_reads_as_torch_load(path)
+    torch.save({"z": torch.zeros(0)}, path)
+    replace_pickle(path, pickle_of(path).replace(b"K\x00K\x00\x85", b"\x8a\x08" + b"\xff" * 7 + b"\x7fK\x00\x85"))
+    assert_reads_as_torch_load(path)
+    infos, _ = read_pickle_header_and_identity(str(path))
+    assert infos["z"].data_start <= os.path.getsize(path)
