@@ -11,7 +11,8 @@ offset, dtype, shape) as a safetensors entry does, so the engine reads its bytes
 opening reads no tensor data.
 
 Not read (refused by name): torch's legacy pre-1.6 format (not a zip), big-endian files, compressed records,
-tensors that are not contiguous views of their storage, and values that are not tensors.
+tensors of dtypes merge_engine does not read (uint16, complex64, ...), tensors that are not
+contiguous views of their storage, and values that are not tensors.
 """
 from __future__ import annotations
 
@@ -131,6 +132,13 @@ _GLOBALS = {("collections", "OrderedDict"): collections.OrderedDict,
             ("torch.storage", "UntypedStorage"): _StorageType(torch.uint8),  # where torch >= 2.0 pickles it from
             **{("torch", dtype_name(dtype)): dtype for dtype in SAFETENSORS_DTYPES.values()}}
 
+# the globals naming a tensor dtype merge_engine does not read, refused as such
+_UNREAD_DTYPES = {**{("torch", f"{kind}Storage"): name for kind, name in (
+                      ("ComplexDouble", "complex128"), ("ComplexFloat", "complex64"), ("QUInt8", "quint8"),
+                      ("QInt8", "qint8"), ("QInt32", "qint32"), ("QUInt4x2", "quint4x2"), ("QUInt2x4", "quint2x4"))},
+                  **{("torch", name): dtype_name(dtype) for name, dtype in vars(torch).items()
+                     if isinstance(dtype, torch.dtype) and dtype not in SAFETENSORS_DTYPES.values()}}
+
 
 class _LayoutUnpickler(pickle.Unpickler):
     """Unpickles a state dict's structure: tensors become _TensorView, storages _Storage; nothing else runs."""
@@ -141,6 +149,10 @@ class _LayoutUnpickler(pickle.Unpickler):
         self._storages: dict[str, _Storage] = {}
 
     def find_class(self, module: str, name: str):
+        if (module, name) in _UNREAD_DTYPES:
+            raise CheckpointError(f"{self._path}: holds tensors of dtype {_UNREAD_DTYPES[module, name]}, which "
+                                  "merge_engine does not read (it reads "
+                                  f"{', '.join(map(dtype_name, SAFETENSORS_DTYPES.values()))})")
         found = _GLOBALS.get((module, name))
         if found is None:
             raise CheckpointError(f"{self._path}: its pickle refers to {module}.{name}, which a checkpoint of tensors "

@@ -212,7 +212,6 @@ def test_mutated_files_are_read_exactly_or_refused(tmp_path):
 
 
 
-
 def rezip(path, *, method=None, encrypt=None) -> None:
     """Rewrite a torch.save archive with the record ending in `method[0]` compressed by method[1], or with the
     record ending in `encrypt` flagged encrypted (its bytes left as they are)."""
@@ -322,3 +321,12 @@ def test_empty_tensors_read_whatever_their_strides_and_offsets(tmp_path):
     assert_reads_as_torch_load(path)
     infos, _ = read_pickle_header_and_identity(str(path))
     assert infos["z"].data_start <= os.path.getsize(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.complex64, torch.float8_e4m3fnuz])
+def test_tensors_of_dtypes_not_read_are_refused_as_such(tmp_path, dtype):
+    path = tmp_path / "p.bin"
+    torch.save({"w": torch.zeros(2, dtype=dtype)}, path)
+    with pytest.raises(CheckpointError, match=rf"p\.bin: holds tensors of dtype {str(dtype)[6:]}, which merge_engine"
+                                              " does not read"):
+        read_pickle_header_and_identity(str(path))
