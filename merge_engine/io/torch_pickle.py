@@ -49,6 +49,7 @@ _MEMO_PUTS, _MEMO_GETS = ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"), ("GET", "B
 _IN_PLACE_OPCODES = ("SETITEM", "SETITEMS", "APPEND", "APPENDS", "ADDITEMS", "BUILD")  # add to the object below
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # zip local file header: signature, ..., name length, extra length
 _LOCAL_SIGNATURE = b"PK\x03\x04"
+_DOS_DIRECTORY = 0x10  # an external attribute bit; torch's zip reader (miniz) skips such a record's bytes
 # the legacy storage type names torch pickles (TypedStorage), and UntypedStorage (bytes) for dtypes added since
 _STORAGE_DTYPES = {"DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
                    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
@@ -327,6 +328,9 @@ def _tensor_info(path: str, name: str, view: _TensorView, records: dict[str, zip
     record = records.get(f"{prefix}data/{view.storage.key}")
     if record is None:
         raise CheckpointError(f"{path}: tensor {name!r}: its storage record data/{view.storage.key} is missing")
+    if record.external_attr & _DOS_DIRECTORY or record.is_dir():
+        raise CheckpointError(f"{path}: tensor {name!r}: its storage record is marked a directory, whose bytes "
+                              "torch.load does not read (it gives uninitialized memory): corrupt file")
     if record.compress_type != zipfile.ZIP_STORED or record.flag_bits & 0x1:
         raise CheckpointError(f"{path}: tensor {name!r}: its storage record is compressed or encrypted (torch.save "
                               "stores them plainly; was the file re-zipped?)")

@@ -330,3 +330,20 @@ def test_tensors_of_dtypes_not_read_are_refused_as_such(tmp_path, dtype):
     with pytest.raises(CheckpointError, match=rf"p\.bin: holds tensors of dtype {str(dtype)[6:]}, which merge_engine"
                                               " does not read"):
         read_pickle_header_and_identity(str(path))
+
+
+@pytest.mark.parametrize("external_attributes", [0x10, 0xFFFF])
+def test_a_storage_record_marked_a_directory_is_refused(tmp_path, external_attributes):
+    """torch.load's zip reader (miniz) reads nothing into a record whose DOS attributes mark it a directory: the
+    tensor it gives is uninitialized memory, not the record's bytes merge_engine would read."""
+    path = tmp_path / "p.bin"
+    torch.save({"w": torch.arange(6.0)}, path)
+    with zipfile.ZipFile(path) as z:
+        entries = [(info, z.read(info)) for info in z.infolist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for info, raw in entries:
+            if info.filename.endswith("/data/0"):
+                info.external_attr = external_attributes
+            z.writestr(info, raw)
+    with pytest.raises(CheckpointError, match=r"p\.bin: tensor 'w': its storage record is marked a directory"):
+        read_pickle_header_and_identity(str(path))
