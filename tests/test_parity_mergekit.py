@@ -737,3 +737,18 @@ def test_pickled_tied_heads_and_adapters_identical_to_mergekit(model_sets, merge
     a, b = folder_tensors(tmp_path / "ours"), folder_tensors(tmp_path / "theirs")
     assert "lm_head.weight" in a and set(a) == set(b)
     assert [n for n in a if a[n].dtype != b[n].dtype or not torch.equal(a[n], b[n])] == []
+
+
+def test_pickled_checkpoints_with_entries_that_are_not_tensors_identical_to_mergekit(model_sets, mergekit, write_yaml,
+                                                                                    folder_tensors, tmp_path):
+    """A training step and a config dict saved beside the weights: mergekit never asks for them and merges."""
+    base, expert, *_ = model_sets("llama")
+    pickled = pickled_copy(base, tmp_path / "base")
+    weights = torch.load(os.path.join(pickled, "pytorch_model.bin"), weights_only=True)
+    torch.save({**weights, "step": 3, "config": {"lr": 0.1}}, os.path.join(pickled, "pytorch_model.bin"))
+    config = {"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": pickled, "parameters": {"weight": 0.4}}, {"model": expert, "parameters": {"weight": 0.6}}]}
+    with pytest.warns(UserWarning, match="passes over 2 entries that are not tensors"):
+        merge(parse_config(config), str(tmp_path / "ours"), MergeOptions(quiet=True, copy_tokenizer=False))
+    run_mergekit(mergekit, write_yaml(config), str(tmp_path / "theirs"))
+    identical_outputs(tmp_path / "ours", tmp_path / "theirs", folder_tensors)

@@ -11,8 +11,8 @@ offset, dtype, shape) as a safetensors entry does, so the engine reads its bytes
 opening reads no tensor data.
 
 Not read (refused by name): torch's legacy pre-1.6 format (not a zip), big-endian files, compressed records,
-tensors of dtypes merge_engine does not read (uint16, complex64, ...), tensors that are not
-contiguous views of their storage, and values that are not tensors.
+tensors of dtypes merge_engine does not read (uint16, complex64, ...), and tensors that are not
+contiguous views of their storage. Entries that are not tensors are passed over, as mergekit passes them over.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import pickle
 import pickletools
 import reprlib
 import struct
+import warnings
 import zipfile
 from dataclasses import dataclass
 
@@ -303,16 +304,27 @@ def _run_on_depths(op: pickletools.OpcodeInfo, stack: list[int], marks: list[int
 
 
 def _tensors(state, path: str) -> dict[str, _TensorView]:
+    """The state dict's tensors by name. Entries that are not a tensor under a name (a training step, a config
+    dict) are passed over with a warning, as mergekit passes them over (it reads only the names a merge asks for);
+    a dict with no tensor is refused (a state dict nested under 'state_dict' or 'model': mergekit fails on it)."""
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds a pickled {type(state).__name__}, not a state dict (a dict of "
                               "tensor names to tensors)")
+    tensors, others = {}, []
     for name, value in state.items():
-        if not (isinstance(name, str) and is_text(name)):
-            raise CheckpointError(f"{path}: its state dict has a key {reprlib.repr(name)} that is not a tensor name")
-        if not isinstance(value, _TensorView):
-            raise CheckpointError(f"{path}: {name!r} holds a {type(value).__name__}, not a tensor (only state "
-                                  "dicts of tensors are read, as mergekit does)")
-    return state
+        if isinstance(name, str) and is_text(name) and isinstance(value, _TensorView):
+            tensors[name] = value
+        else:
+            others.append(name)
+    if others and not tensors:
+        raise CheckpointError(f"{path}: {reprlib.repr(others[0])} holds a {type(state[others[0]]).__name__}, not a "
+                              "tensor, and no entry is one (a state dict nested in a training checkpoint? mergekit "
+                              "does not read it either)")
+    if others:
+        shown = ", ".join(map(reprlib.repr, others[:3])) + (", ..." if len(others) > 3 else "")
+        warnings.warn(f"{path}: passes over {len(others)} entries that are not tensors under a name ({shown}), as "
+                      "mergekit does", stacklevel=2)
+    return tensors
 
 
 def _tensor_info(path: str, name: str, view: _TensorView, records: dict[str, zipfile.ZipInfo], prefix: str,

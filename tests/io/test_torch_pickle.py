@@ -129,9 +129,8 @@ def test_state_set_on_a_shared_layout_object_is_refused_and_changes_nothing(tmp_
     ("big_endian", "big-endian"),
     ("missing_storage", r"'w': its storage record data/0 is missing"),
     ("strided", r"'w' is a strided view"),
-    ("not_tensor", r"'step' holds a int, not a tensor"),
     ("not_dict", "holds a pickled list, not a state dict"),
-    ("wrapped", r"'state_dict' holds a dict, not a tensor"),
+    ("wrapped", r"'state_dict' holds a dict, not a tensor, and no entry is one"),
     ("short_storage", r"'w': its bytes \[0, 28\) do not lie in its storage record of 24 bytes"),
     ("script", "refers to __torch__"),
     ("no_pickle", "no data.pkl record"),
@@ -144,8 +143,6 @@ def test_files_refused_name_file_and_tensor(tmp_path, case, match):
         torch.save(state, path, _use_new_zipfile_serialization=False)
     elif case == "strided":
         torch.save({"w": torch.arange(6.0).view(2, 3).t()}, path)
-    elif case == "not_tensor":
-        torch.save({**state, "step": 3}, path)
     elif case == "not_dict":
         torch.save([torch.ones(1)], path)
     elif case == "wrapped":
@@ -347,3 +344,14 @@ def test_a_storage_record_marked_a_directory_is_refused(tmp_path, external_attri
             z.writestr(info, raw)
     with pytest.raises(CheckpointError, match=r"p\.bin: tensor 'w': its storage record is marked a directory"):
         read_pickle_header_and_identity(str(path))
+
+
+def test_entries_that_are_not_tensors_are_passed_over_as_mergekit_does(tmp_path):
+    """mergekit reads only the names a merge asks for, so a training step, a config dict or a tensor under a key
+    that is not a name beside the weights merge as if absent: passed over, with a warning naming them."""
+    path = tmp_path / "p.bin"
+    torch.save({"w": torch.arange(6.0), "step": 3, "config": {"lr": 0.1}, 7: torch.ones(2)}, path)
+    with pytest.warns(UserWarning, match=r"p\.bin: passes over 3 entries that are not tensors under a name "
+                                         r"\('step', 'config', 7\)"):
+        tensors = read_all(path)
+    assert list(tensors) == ["w"] and torch.equal(tensors["w"], torch.arange(6.0))
