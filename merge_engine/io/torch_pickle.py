@@ -214,6 +214,10 @@ def _records(archive: zipfile.ZipFile, path: str) -> dict[str, zipfile.ZipInfo]:
     for info in archive.infolist():
         if info.filename in records:  # which one a reader takes is the reader's choice: refused
             raise CheckpointError(f"{path}: the archive holds two records named {info.filename!r} (corrupt file)")
+        if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
+            # zipfile would read the compressed size before cutting it to the size; torch refuses the archive
+            raise CheckpointError(f"{path}: record {info.filename!r} declares {info.file_size} bytes stored in "
+                                  f"{info.compress_size} (corrupt file)")
         records[info.filename] = info
     return records
 

@@ -355,3 +355,28 @@ def test_entries_that_are_not_tensors_are_passed_over_as_mergekit_does(tmp_path)
                                          r"\('step', 'config', 7\)"):
         tensors = read_all(path)
     assert list(tensors) == ["w"] and torch.equal(tensors["w"], torch.arange(6.0))
+
+
+def set_compressed_size(path, suffix: str, size: int) -> None:
+    """Rewrite the compressed size the central directory and the local header give the record ending in suffix."""
+    raw = bytearray(path.read_bytes())
+    for signature, name_at, size_at in ((b"PK\x01\x02", 46, 20), (b"PK\x03\x04", 30, 18)):
+        at = raw.find(signature)
+        while at >= 0:
+            name_length = int.from_bytes(raw[at + name_at - 18:at + name_at - 16], "little")
+            if raw[at + name_at:at + name_at + name_length].endswith(suffix.encode()):
+                raw[at + size_at:at + size_at + 4] = size.to_bytes(4, "little")
+            at = raw.find(signature, at + 4)
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("suffix", ["/data.pkl", "/data/0"])
+def test_a_stored_record_whose_compressed_size_is_not_its_size_is_refused(tmp_path, suffix):
+    """zipfile reads a stored record's compressed size from the file before cutting it to its size: a data.pkl of
+    300 bytes that claims 1 MB compressed read 1 MB (2 GB in a large checkpoint); torch's reader refuses such an
+    archive whole."""
+    path = tmp_path / "p.bin"
+    torch.save({"w": torch.zeros(1_000_000, dtype=torch.uint8)}, path)
+    set_compressed_size(path, suffix, 1_000_000 - 1)
+    with pytest.raises(CheckpointError, match=rf"p\.bin: record '.*{suffix}' declares \d+ bytes stored in \d+"):
+        read_pickle_header_and_identity(str(path))
