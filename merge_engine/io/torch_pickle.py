@@ -42,6 +42,9 @@ from merge_engine.io.safetensors_format import (
 from merge_engine.io.untrusted import is_text, open_regular
 
 MAX_PICKLE_BYTES = 100_000_000  # data.pkl of a state dict holds ~150 bytes a tensor
+# torch.save's central directory takes ~60 bytes a record, MAX_PICKLE_BYTES of pickle names ~700k storages;
+# zipfile makes a ~450-byte object of each entry, so a larger directory is refused before it is parsed
+MAX_DIRECTORY_BYTES = 48 * 1024 * 1024
 MAX_NESTING = 100  # a state dict's objects nest ~10 deep; hashing a dict key nested ~10**5 deep overflows the C stack
 # EXT1/2/4 take an object from copyreg's process-wide extension cache without asking find_class, and cache what
 # find_class gives for every later unpickle in the process; torch.save never writes them
@@ -179,6 +182,7 @@ def read_pickle_header_and_identity(path: str) -> tuple[dict[str, TensorInfo], t
         with open_regular(path) as f:
             st = os.fstat(f.fileno())
             _refuse_not_zip(f, path)
+            _refuse_huge_directory(f, path)
             with zipfile.ZipFile(f) as archive:
                 records = _records(archive, path)
                 prefix = _archive_prefix(records, path)
@@ -206,6 +210,14 @@ def _refuse_not_zip(f, path: str) -> None:
         raise CheckpointError(f"{path}: not a torch.save zip archive (truncated or corrupt?).{legacy} Convert it "
                               "once to safetensors: load it with torch.load(..., weights_only=True) and save with "
                               "safetensors.torch.save_file")
+    f.seek(0)
+
+
+def _refuse_huge_directory(f, path: str) -> None:
+    end = zipfile._EndRecData(f)  # the end record zipfile itself reads (zip64's where there is one)
+    if end is not None and end[zipfile._ECD_SIZE] > MAX_DIRECTORY_BYTES:
+        raise CheckpointError(f"{path}: its zip directory holds {end[zipfile._ECD_SIZE]} bytes, more than a state "
+                              f"dict's records take (at most {MAX_DIRECTORY_BYTES}): corrupt file?")
     f.seek(0)
 
 

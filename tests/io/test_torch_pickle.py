@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from merge_engine.errors import CheckpointError
-from merge_engine.io.torch_pickle import read_pickle_header_and_identity
+from merge_engine.io.torch_pickle import MAX_DIRECTORY_BYTES, read_pickle_header_and_identity
 
 
 def read_all(path) -> dict[str, torch.Tensor]:
@@ -379,4 +379,17 @@ def test_a_stored_record_whose_compressed_size_is_not_its_size_is_refused(tmp_pa
     torch.save({"w": torch.zeros(1_000_000, dtype=torch.uint8)}, path)
     set_compressed_size(path, suffix, 1_000_000 - 1)
     with pytest.raises(CheckpointError, match=rf"p\.bin: record '.*{suffix}' declares \d+ bytes stored in \d+"):
+        read_pickle_header_and_identity(str(path))
+
+
+def test_a_central_directory_larger_than_a_state_dicts_is_refused_unparsed(tmp_path):
+    """zipfile builds an object of ~450 bytes for each central directory entry of ~50: a 110 MB file of entries
+    took 1 GB of memory to open. A directory past what MAX_PICKLE_BYTES of pickle can name is refused unread."""
+    path = tmp_path / "p.bin"
+    torch.save({"w": torch.ones(2)}, path)
+    raw = path.read_bytes()
+    end = raw.rindex(b"PK\x06\x06") + 40  # torch writes zip64's end record, whose directory size zipfile reads
+    assert int.from_bytes(raw[end:end + 8], "little") < MAX_DIRECTORY_BYTES
+    path.write_bytes(raw[:end] + (MAX_DIRECTORY_BYTES + 1).to_bytes(8, "little") + raw[end + 8:])
+    with pytest.raises(CheckpointError, match=rf"p\.bin: its zip directory holds {MAX_DIRECTORY_BYTES + 1} bytes"):
         read_pickle_header_and_identity(str(path))
