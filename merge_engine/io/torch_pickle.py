@@ -106,6 +106,11 @@ class _Rebuild(_Sealed):
         return self.build(*args)
 
 
+@dataclass(frozen=True)
+class _TensorType(_Sealed):
+    """torch.Tensor, the type _rebuild_from_type_v2 names for a tensor saved with Python attributes (nn.Buffer)."""
+
+
 def _view(storage, offset, size, stride, dtype) -> _TensorView:
     if not (isinstance(storage, _Storage) and is_count(offset) and isinstance(size, tuple)
             and isinstance(stride, tuple) and len(size) == len(stride) and all(is_count(s) for s in size + stride)):
@@ -127,12 +132,21 @@ def _parameter(data, requires_grad, backward_hooks, state=None):
     return data
 
 
+def _from_type(rebuild, new_type, args, state):
+    """A tensor with Python attributes (state): the tensor `rebuild` lays out; the attributes hold no weights."""
+    if not (isinstance(rebuild, _Rebuild) and isinstance(new_type, _TensorType) and isinstance(args, tuple)):
+        raise _Malformed("a tensor rebuilt with Python attributes from other than a tensor's layout")
+    return rebuild(*args)
+
+
 # everything data.pkl may name; a dtype and the OrderedDict type take no state (BUILD on them fails)
 _GLOBALS = {("collections", "OrderedDict"): collections.OrderedDict,
             ("torch._utils", "_rebuild_tensor_v2"): _Rebuild(_tensor_v2),
             ("torch._utils", "_rebuild_tensor_v3"): _Rebuild(_tensor_v3),
             ("torch._utils", "_rebuild_parameter"): _Rebuild(_parameter),
             ("torch._utils", "_rebuild_parameter_with_state"): _Rebuild(_parameter),
+            ("torch._tensor", "_rebuild_from_type_v2"): _Rebuild(_from_type),
+            ("torch", "Tensor"): _TensorType(),
             **{("torch", name): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
             ("torch.storage", "UntypedStorage"): _StorageType(torch.uint8),  # where torch >= 2.0 pickles it from
             **{("torch", dtype_name(dtype)): dtype for dtype in SAFETENSORS_DTYPES.values()}}

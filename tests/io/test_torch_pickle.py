@@ -393,3 +393,13 @@ def test_a_central_directory_larger_than_a_state_dicts_is_refused_unparsed(tmp_p
     path.write_bytes(raw[:end] + (MAX_DIRECTORY_BYTES + 1).to_bytes(8, "little") + raw[end + 8:])
     with pytest.raises(CheckpointError, match=rf"p\.bin: its zip directory holds {MAX_DIRECTORY_BYTES + 1} bytes"):
         read_pickle_header_and_identity(str(path))
+
+
+def test_buffers_and_tensors_with_python_attributes_read_as_torch_load(tmp_path):
+    """torch.save pickles an nn.Buffer, or a tensor given Python attributes, through
+    torch._tensor._rebuild_from_type_v2(rebuild, torch.Tensor, args, attributes): torch.load reads it."""
+    path = tmp_path / "p.bin"
+    tagged = torch.arange(4.0)
+    tagged.note = "kept by torch.load, not read here"
+    torch.save({"buffer": torch.nn.Buffer(torch.arange(6, dtype=torch.int32)), "tagged": tagged}, path)
+    assert_reads_as_torch_load(path)
