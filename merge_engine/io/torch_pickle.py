@@ -341,7 +341,7 @@ def _tensors(state, path: str) -> dict[str, _TensorView]:
         raise CheckpointError(f"{path}: holds a pickled {type(state).__name__}, not a state dict (a dict of "
                               "tensor names to tensors)")
     tensors, others = {}, []
-    for name, value in state.items():
+    for name, value in dict.items(state):  # not state.items: BUILD may have set an attribute of that name
         if isinstance(name, str) and is_text(name) and isinstance(value, _TensorView):
             tensors[name] = value
         else:

@@ -403,3 +403,15 @@ def test_buffers_and_tensors_with_python_attributes_read_as_torch_load(tmp_path)
     tagged.note = "kept by torch.load, not read here"
     torch.save({"buffer": torch.nn.Buffer(torch.arange(6, dtype=torch.int32)), "tagged": tagged}, path)
     assert_reads_as_torch_load(path)
+
+
+def test_attributes_set_on_the_state_dict_do_not_change_what_it_holds(tmp_path):
+    """BUILD sets attributes on the state dict (torch.save's _metadata; torch.load sets any): one named `items`
+    shadowed the method, and the dict read as empty. Its entries are read as the dict holds them."""
+    path = tmp_path / "p.bin"
+    torch.save(OrderedDict(w=torch.arange(6.0)), path)
+    ordered_dict_at_memo_0 = pickle_of(path)
+    assert ordered_dict_at_memo_0.startswith(b"\x80\x02ccollections\nOrderedDict\nq\x00")
+    replace_pickle(path, ordered_dict_at_memo_0[:-1] + b"}X\x05\x00\x00\x00itemsh\x00sb.")
+    want = dict(dict.items(torch.load(path, weights_only=True)))
+    assert list(want) == ["w"] and torch.equal(read_all(path)["w"], want["w"])
