@@ -37,7 +37,7 @@ log = logging.getLogger("merge_engine")
 LOCK_FILE = ".lock"  # inside a partial folder, flock-ed by the process writing it until it ends
 _JOINED_LOCK = ".lock-"  # + host and process id: flock-ed by each other process writing shards into it
 _MOVING = threading.Lock()  # moving outputs into place, in this process
-_MADE_HERE: set[str] = set()  # the partial folders this process made (remove_stale_partials)
+_MADE_HERE: set[str] = set()  # the partial folders (and replaced outputs) this process made (remove_stale_partials)
 _OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")  # how /proc/self/mountinfo writes a space, a tab, a newline, a backslash
 
 _WRITE_CHUNK = 1 << 30
@@ -516,11 +516,19 @@ class ShardedWriter:
 
     def _move_into_place(self) -> None:
         with _MOVING:  # two writers of one output in this process: one after the other, each output whole
-            self._rename_into_place()
+            check_output_dir(self.out_dir, self.overwrite)  # it may have appeared while we merged
+            old = f"{self.tmp_dir}.old" if os.path.exists(self.out_dir) else None
+            # while it exists, the replaced output is this process' own: another thread's writer, removing the
+            # partial folders of killed runs, must not take it for one that a killed run moved aside
+            if old:
+                _MADE_HERE.add(old)
+            try:
+                self._rename_into_place(old)
+            finally:
+                _MADE_HERE.discard(old)  # what is left of it (a deletion that failed) is named as before
 
-    def _rename_into_place(self) -> None:
-        check_output_dir(self.out_dir, self.overwrite)  # it may have appeared while we merged
-        old = f"{self.tmp_dir}.old" if os.path.exists(self.out_dir) else None
+    def _rename_into_place(self, old: str | None) -> None:
+        """The output moved aside to old (None: there is none), this folder renamed into its place, old deleted."""
         for lock in _lock_files(self.tmp_dir):  # not part of the output (held until the rename, or by the joiners)
             os.unlink(os.path.join(self.tmp_dir, lock))
         if old:  # the user's folder may be shared (a group's access, setgid): its replacement keeps its permissions

@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -360,6 +361,42 @@ def test_a_partial_folder_without_a_lock_is_left_alone(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="merge_engine"):
         ShardedWriter(str(out), entries(tensors()), 10**9).abort()
     assert kept.exists() and f"{kept} is the folder a killed or failed run moved aside to replace {out}" in caplog.text
+
+
+def test_an_output_replaced_while_another_thread_starts_a_writer_is_not_named_as_a_killed_runs(tmp_path, caplog,
+                                                                                                 monkeypatch):
+    # before, the other thread's writer took the replaced output, moved aside for a moment, for one a killed run left,
+    # and warned the user to move it back (two threads merging into one output with overwrite=True)
+    out = tmp_path / "out"
+    write_whole(ShardedWriter(str(out), entries(tensors()), 10**9))
+    others = []
+    remove_replaced = ShardedWriter._remove_replaced
+
+    def another_thread_starts_a_writer(self, old):
+        others.append(threading_writer(out))
+        remove_replaced(self, old)
+    monkeypatch.setattr(ShardedWriter, "_remove_replaced", another_thread_starts_a_writer)
+    with caplog.at_level("WARNING", logger="merge_engine"):
+        write_whole(ShardedWriter(str(out), entries(tensors()), 10**9, overwrite=True))
+    assert len(others) == 1 and "moved aside" not in caplog.text and "killed" not in caplog.text
+    others[0].abort()
+    assert partials(out) == [] and sorted(load_file(out / "model.safetensors")) == sorted(tensors())
+
+
+def write_whole(writer: ShardedWriter) -> None:
+    for name, t in tensors().items():
+        writer.write(name, t)
+    writer.commit()
+
+
+def threading_writer(out) -> ShardedWriter:
+    """A writer of out made in another thread (which removes the partial folders of killed runs beside out)."""
+    made = []
+    thread = threading.Thread(target=lambda: made.append(ShardedWriter(str(out), entries(tensors()), 10**9,
+                                                                      overwrite=True)))
+    thread.start()
+    thread.join()
+    return made[0]
 
 
 KILLED_BETWEEN_THE_RENAMES = """
