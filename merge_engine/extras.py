@@ -10,6 +10,12 @@ from types import ModuleType
 
 from merge_engine.errors import MergeEngineError
 
+# transformers builds a model with process-wide settings changed, putting back what it found once done: torch's
+# default dtype (set to the model's) and torch.nn.init's functions (no-ops where the weights are filled afterwards).
+# Two models built at once in two threads put back each other's settings: the process keeps the model's dtype as
+# its default and no weight initialisation. Held wherever merge_engine builds one.
+BUILDING_TRANSFORMERS_MODEL = threading.Lock()
+
 
 class MissingExtraError(MergeEngineError):
     """An optional package a feature needs is not installed."""

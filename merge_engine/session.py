@@ -61,7 +61,7 @@ from merge_engine.engine import (
     written_dtype,
 )
 from merge_engine.errors import ConfigError, MergeEngineError
-from merge_engine.extras import require
+from merge_engine.extras import BUILDING_TRANSFORMERS_MODEL, require
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.experts import FusedExperts
 from merge_engine.io.hub_cache import resolve_references
@@ -640,7 +640,7 @@ def live_model(plan: MergePlan, device: torch.device) -> torch.nn.Module:
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     cls = cls if isinstance(cls, type) else transformers.AutoModelForCausalLM
-    with _no_init_weights(transformers), torch.device(device):
+    with BUILDING_TRANSFORMERS_MODEL, _no_init_weights(transformers), torch.device(device):
         model = cls._from_config(config, dtype=output_dtype(plan)) if hasattr(cls, "_from_config") else cls.from_config(config)
     model.tie_weights()  # as from_pretrained does (the tied tensors share one storage)
     for tensor in kept_in_fp32(model, output_dtype(plan)).values():

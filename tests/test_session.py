@@ -3,10 +3,14 @@ method (opened on the config, and merged again into it from another config), re-
 tensors whose parameters changed, the memory plan refuses what cannot fit, and save() writes the engine's files."""
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import copy
 import math
 import os
 import pathlib
+import sys
+import threading
 
 import pytest
 import torch
@@ -773,3 +777,54 @@ def test_a_session_keeps_no_input_file_open(model_sets, tmp_path):
         assert open_inputs() == [], lora
         session.merge()
         assert open_inputs() == [], lora
+
+
+def test_sessions_opened_at_once_in_two_threads_leave_torch_as_it_was(model_sets, monkeypatch):
+    # before, the two threads built their live models at once: transformers sets torch's default dtype to the model's
+    # and replaces torch.nn.init's functions by no-ops for the time it builds one, then puts back what it found, so the
+    # thread that entered second put back what the first had set: a bfloat16 default dtype and no weight
+    # initialisation, for the rest of the process
+    import merge_engine.session as session_module
+    base, *experts = model_sets("llama")
+    config = {"merge_method": "task_arithmetic", "dtype": "bfloat16", **models(base, experts, [{"weight": 0.5}] * 3)}
+    real_no_init, real_init = session_module._no_init_weights, torch.nn.init.kaiming_uniform_
+    both_inside, first_out, count = threading.Barrier(2), threading.Event(), threading.Lock()
+    entered, inside, most = [0], [0], [0]
+
+    @contextlib.contextmanager
+    def overlapping(transformers):
+        """transformers' no_init_weights, each thread waiting (a while) for the other to enter, the first out first."""
+        with real_no_init(transformers):
+            with count:
+                order, entered[0], inside[0] = entered[0], entered[0] + 1, inside[0] + 1
+                most[0] = max(most[0], inside[0])
+            with contextlib.suppress(threading.BrokenBarrierError):
+                both_inside.wait(timeout=2)
+            if order:
+                first_out.wait(timeout=2)
+            yield
+            with count:
+                inside[0] -= 1
+        first_out.set()
+    monkeypatch.setattr(session_module, "_no_init_weights", overlapping)
+    with torch_modules_restored(), concurrent.futures.ThreadPoolExecutor(2) as pool:
+        sessions = list(pool.map(lambda _: MergeSession(config, device="cpu", progress=False), range(2)))
+        assert torch.get_default_dtype() == torch.float32 and torch.nn.init.kaiming_uniform_ is real_init
+    assert most[0] == 1  # one model built at a time
+    assert not differing(sessions[0].state_dict(), sessions[1].state_dict())
+
+
+@contextlib.contextmanager
+def torch_modules_restored():
+    """torch's default dtype, the functions of torch.nn's modules and transformers' init_weights put back as they were
+    after the block (a failing test must not leave the rest of the run without weight initialisation)."""
+    from transformers.modeling_utils import PreTrainedModel
+    modules = {name: dict(vars(module)) for name, module in list(sys.modules.items()) if name.startswith("torch.nn")}
+    init_weights = PreTrainedModel.init_weights
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(torch.float32)
+        for name, attributes in modules.items():
+            vars(sys.modules[name]).update(attributes)
+        PreTrainedModel.init_weights = init_weights

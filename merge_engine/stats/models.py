@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 
 from merge_engine.errors import CheckpointError, MergeEngineError
-from merge_engine.extras import require
+from merge_engine.extras import BUILDING_TRANSFORMERS_MODEL, require
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.experts import with_expert_layout
 from merge_engine.io.writer import check_output_apart
@@ -72,7 +72,7 @@ def load_model(model_dir: str, dtype: torch.dtype | None, device: torch.device,
     (they would be random)."""
     transformers = require("transformers", "hf", "loading a model folder")
     try:
-        with _no_loading_bar(transformers):
+        with BUILDING_TRANSFORMERS_MODEL, _no_loading_bar(transformers):
             model, info = getattr(transformers, auto_class).from_pretrained(
                 model_dir, dtype=dtype or "auto", local_files_only=True, output_loading_info=True,
                 trust_remote_code=False)

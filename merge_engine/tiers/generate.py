@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from merge_engine.extras import require
+from merge_engine.extras import BUILDING_TRANSFORMERS_MODEL, require
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.tiers.blocks import (
     ATTN_HEADS,
@@ -132,7 +132,7 @@ def parameter_count(model: str, config: dict) -> int:
     transformers = require("transformers", "hf", "a key sized as a fraction of the model from a config.json alone")
     try:
         cfg = transformers.AutoConfig.for_model(**config)
-        with torch.device("meta"):
+        with BUILDING_TRANSFORMERS_MODEL, torch.device("meta"):
             built = transformers.AutoModelForCausalLM.from_config(cfg)
     except (ValueError, KeyError, TypeError) as e:
         raise TierKeyError(f"{model}: cannot build the model to count its parameters ({e})") from e
