@@ -48,13 +48,37 @@ def _import_quietly(module: str) -> None:
         importlib.import_module(module)
 
 
-@contextlib.contextmanager
+class _SharedSetting:
+    """A process-wide setting that blocks in several threads set at once (two searches), ending in any order: the
+    value the first block found is put back when the last one ends (each putting back what it found would leave the
+    value of the block that ended first, for good)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._blocks = 0
+        self._found = None
+
+    @contextlib.contextmanager
+    def set_to(self, value, get, put):
+        with self._lock:
+            if not self._blocks:
+                self._found = get()
+            self._blocks += 1
+            put(value)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._blocks -= 1
+                if not self._blocks:
+                    put(self._found)
+
+
+_OPTUNA_LOG_LEVEL = _SharedSetting()
+
+
 def optuna_log_level(optuna: ModuleType, level: int | None):
     """optuna's log level (process-wide) set to level for a block, then restored (None: left as it is)."""
-    previous = optuna.logging.get_verbosity()
-    if level is not None:
-        optuna.logging.set_verbosity(level)
-    try:
-        yield
-    finally:
-        optuna.logging.set_verbosity(previous)
+    if level is None:
+        return contextlib.nullcontext()
+    return _OPTUNA_LOG_LEVEL.set_to(level, optuna.logging.get_verbosity, optuna.logging.set_verbosity)

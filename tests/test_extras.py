@@ -8,7 +8,7 @@ import weakref
 import pytest
 
 from merge_engine.errors import MergeEngineError
-from merge_engine.extras import MissingExtraError, require, require_isolated
+from merge_engine.extras import MissingExtraError, optuna_log_level, require, require_isolated
 
 
 def test_an_installed_module_is_returned():
@@ -106,3 +106,20 @@ def test_an_isolated_import_that_fails_names_the_extra(monkeypatch):
         require_isolated("optuna", "tune", "x")
     with pytest.raises(MissingExtraError, match="x needs merge_engine_no_such_module"):
         require_isolated("merge_engine_no_such_module", "tune", "x")
+
+
+def test_optuna_log_level_blocks_ending_out_of_order_restore_the_level_found():
+    # before, each block put back the level it found: two searches in two threads, the first to start ending first,
+    # left optuna at the second's level (WARNING) for good
+    optuna = pytest.importorskip("optuna")
+    found = optuna.logging.get_verbosity()
+    first, second = optuna_log_level(optuna, optuna.logging.WARNING), optuna_log_level(optuna, optuna.logging.ERROR)
+    try:
+        first.__enter__()
+        second.__enter__()
+        assert optuna.logging.get_verbosity() == optuna.logging.ERROR
+        first.__exit__(None, None, None)
+        second.__exit__(None, None, None)
+        assert optuna.logging.get_verbosity() == found
+    finally:
+        optuna.logging.set_verbosity(found)
