@@ -543,12 +543,17 @@ def stopped_after(seconds: float):
     def spent(signum, frame):
         raise BudgetSpent
     previous = signal.signal(signal.SIGALRM, spent)
-    signal.setitimer(signal.ITIMER_REAL, min(max(seconds, 1e-3), ALARM_LIMIT))
+    began = time.monotonic()
+    callers_delay, callers_interval = signal.setitimer(signal.ITIMER_REAL, min(max(seconds, 1e-3), ALARM_LIMIT))
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
+        if callers_delay:  # the caller's own timer (an alarm() watchdog), with the time it had left: due now if it
+            # came due in the block, where it could not run
+            left = callers_delay - (time.monotonic() - began)
+            signal.setitimer(signal.ITIMER_REAL, max(left, 1e-6), callers_interval)
 
 
 def best_value(study) -> float:

@@ -10,6 +10,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -745,3 +746,25 @@ def test_a_full_disk_under_the_journal_names_it(tmp_path):
     run = subprocess.run([sys.executable, "-c", FULL_JOURNAL, str(journal)], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0 and run.stdout == f"{journal}\n", run.stderr
+
+
+def test_an_evaluation_deadline_puts_back_the_callers_timer():
+    # before, the caller's own timer (a signal.alarm() watchdog around a search) was cancelled for good
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda signum, frame: fired.append(signum))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 1000)
+        with run_module.stopped_after(500):
+            pass
+        assert 900 < signal.getitimer(signal.ITIMER_REAL)[0] <= 1000
+        signal.setitimer(signal.ITIMER_REAL, 0.01)  # due within the block: it runs once the block ends
+        with run_module.stopped_after(500):
+            time.sleep(0.05)
+        for _ in range(500):  # (it is due: the wait ends at once but on a stalled machine)
+            if fired:
+                break
+            time.sleep(0.01)
+        assert fired == [signal.SIGALRM]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
