@@ -28,6 +28,7 @@ import importlib.util
 import logging
 import os
 import sysconfig
+import threading
 import warnings
 
 import torch
@@ -39,6 +40,21 @@ log = logging.getLogger("merge_engine")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REINSTALL = "reinstall with `pip install --no-build-isolation --force-reinstall <merge_engine source>` after installing torch"
+
+
+def loaded_once(load):
+    """functools.cache for a backend's loader, whose first calls from several threads at once run it once, the others
+    waiting for its result: torch's loader, building the kernels in a source checkout, builds one more copy (minutes)
+    for each call made meanwhile."""
+    cached = functools.cache(load)
+    lock = threading.Lock()
+
+    @functools.wraps(load)
+    def loaded(*args):
+        with lock:
+            return cached(*args)
+    loaded.cache_clear = cached.cache_clear
+    return loaded
 
 
 def kernels_enabled() -> bool:
@@ -59,7 +75,7 @@ def csrc_dir() -> str:
     raise FileNotFoundError("merge_engine's csrc/ sources are not installed")
 
 
-@functools.cache
+@loaded_once
 def cpu_extension():
     """The compiled CPU module, or None (with one warning) when it is unavailable."""
     if not kernels_enabled():
@@ -70,7 +86,7 @@ def cpu_extension():
     return module
 
 
-@functools.cache
+@loaded_once
 def cuda_extension():
     """The compiled CUDA module, or None with one warning (None, silently, without a GPU)."""
     if not kernels_enabled() or not torch.cuda.is_available():
@@ -178,7 +194,7 @@ def gpu_backend_choice() -> str:
     return choice
 
 
-@functools.cache
+@loaded_once
 def triton_backend(family: str = "task_vectors"):
     """The Triton module of an op family (merge_engine.triton_kernels.<family>: the compiled modules'
     functions of that family, with its declared limits), or None: kernels turned off, or Triton

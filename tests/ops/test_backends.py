@@ -1,12 +1,15 @@
 """Which compiled backend runs: the installed build when its key matches and this CPU has the features it
 was built for, a development build only in a source checkout (per key and -march, never waiting on a
 killed build's lock), never a compile in an installed package; and the explicit GPU backend choice."""
+import concurrent.futures
+import contextlib
 import importlib
 import importlib.machinery
 import json
 import platform
 import shutil
 import sysconfig
+import threading
 import types
 
 import pytest
@@ -191,3 +194,20 @@ def test_an_unknown_gpu_backend_is_refused_before_a_merge(monkeypatch):
 def test_the_kernel_switch_reads_any_case(monkeypatch, value, enabled):
     monkeypatch.setenv("MERGE_ENGINE_KERNELS", value)
     assert backends.kernels_enabled() is enabled
+
+
+def test_first_uses_from_several_threads_at_once_load_the_module_once(fresh_cache, monkeypatch):
+    # before, each thread that called before the first load ended loaded the module again: in a source checkout,
+    # torch's loader built another copy of the kernels for each (minutes each), and threads got different modules
+    loads, all_inside = [], threading.Barrier(3)
+
+    def slow_load(kind, recipe):
+        loads.append(kind)
+        with contextlib.suppress(threading.BrokenBarrierError):  # (only one gets this far at a time: none waits long)
+            all_inside.wait(timeout=1)
+        return types.SimpleNamespace(set_huge_page_outputs=lambda on: None)
+    monkeypatch.setattr(backends, "kernels_enabled", lambda: True)
+    monkeypatch.setattr(backends, "_compiled", slow_load)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        modules = list(pool.map(lambda _: backends.cpu_extension(), range(3)))
+    assert loads == ["CPU"] and modules[0] is modules[1] is modules[2]
