@@ -2,6 +2,7 @@
 seeds), a YAML writer, and the location of a mergekit install for the parity tests."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -37,6 +38,18 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """An upper bound of the ulp of the dtype at |x| (fp64): 2^-(p-1) |x|, at least that of the
     smallest normal, so subnormal results get the normal spacing, never a zero bound."""
     return 2.0 ** -(MANTISSA[dtype] - 1) * x.double().abs().clamp(min=float(torch.finfo(dtype).tiny))
+
+
+@contextlib.contextmanager
+def torch_default_dtype(dtype: torch.dtype):
+    """torch's default dtype (process-wide) set for a block, as a caller's torch.set_default_dtype, or transformers
+    building a model in another thread, sets it."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def rewrite_in_place(path) -> None:

@@ -33,7 +33,7 @@ def sce_select_mask(task_vectors: torch.Tensor, fraction: float) -> torch.Tensor
     if fraction >= 1:
         return torch.ones_like(task_vectors[0])
     var = torch.var(task_vectors, dim=0, unbiased=False)
-    k = int(torch.count_nonzero(var) * fraction)
+    k = int(torch.count_nonzero(var).float() * fraction)  # in fp32 as mergekit's (torch's default dtype: not the caller's)
     mask = torch.zeros_like(var)
     if k:
         mask.view(-1)[torch.topk(var.abs().view(-1), k=k, largest=True, sorted=False).indices] = 1
@@ -138,7 +138,7 @@ def fusion_threshold(importance: torch.Tensor) -> torch.Tensor:
     if n == 0:  # no scores, no quantiles: a threshold nothing is compared with
         return flat.new_zeros(())
     if n <= QUANTILE_SAMPLE_SIZE:
-        ranks = (torch.tensor([0.25, 0.5, 0.75]) * (n - 1)).long().tolist()
+        ranks = (torch.tensor([0.25, 0.5, 0.75], dtype=torch.float32) * (n - 1)).long().tolist()  # (as above)
         ordered = torch.sort(flat).values
         q1, median, q3 = (ordered[i] for i in ranks)
     else:

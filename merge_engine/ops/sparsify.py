@@ -135,7 +135,7 @@ def della_keep_probability(x: torch.Tensor, density: float, epsilon: float) -> t
     rank = torch.empty_like(order).scatter_(1, order, positions)
     # over a 0-d tensor on x's device: CUDA divides by a Python number as a multiply by its reciprocal, which
     # differs from the CPU's (and the kernels') true division in the last bit
-    rank_norm = rank.to(torch.float32) / torch.tensor(float(max(ncols - 1, 1)), device=x.device)
+    rank_norm = rank.to(torch.float32) / torch.tensor(float(max(ncols - 1, 1)), dtype=torch.float32, device=x.device)
     return ((density - epsilon) + rank_norm * (2 * epsilon)).reshape(x.shape)
 
 

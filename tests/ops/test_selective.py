@@ -4,6 +4,7 @@ import torch
 
 from merge_engine import ops
 from merge_engine.ops.selective import QUANTILE_SAMPLE_SIZE, fusion_importance, fusion_threshold, sce_select_mask
+from tests.conftest import torch_default_dtype
 
 
 def experts(base, *deltas):
@@ -176,3 +177,17 @@ def test_arcee_fusion_mask_is_fp32_like_mergekit():
     assert ops.arcee_fusion(base.double(), base.double() + 1).dtype == torch.float64
     with pytest.raises(ValueError, match="differ"):
         ops.arcee_fusion(base, base[:2])
+
+
+@pytest.mark.parametrize("default", [torch.bfloat16, torch.float16])
+def test_sce_and_arcee_fusion_do_not_depend_on_torchs_default_dtype(default):
+    # before, SCE's count of positions to keep and Arcee Fusion's quantile ranks were computed in the default dtype: a
+    # caller's torch.set_default_dtype(torch.bfloat16), or transformers building a bf16 model in another thread,
+    # changed which positions SCE kept and the fusion threshold (fp16: an error)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(257, 1031, generator=g)
+    others = [base + 0.01 * torch.randn(257, 1031, generator=g) for _ in range(3)]
+    want = ops.sce_merge(base, others, 0.5), ops.arcee_fusion(base, others[0])
+    with torch_default_dtype(default):
+        got = ops.sce_merge(base, others, 0.5), ops.arcee_fusion(base, others[0])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -10,7 +10,7 @@ from merge_engine import ops
 from merge_engine.ops.consensus import merge_task_vectors_reference
 from merge_engine.ops.select import NOTHING_LARGEST, NOTHING_SMALLEST
 from merge_engine.ops.sparsify import SPARSIFY_CODES, topk_count
-from tests.conftest import DTYPES, pairwise
+from tests.conftest import DTYPES, pairwise, torch_default_dtype
 
 SIZES = [(1,), (7,), (1023,), (13, 17), (4, 5, 3)]  # odd sizes, and 2-D and 3-D shapes (the ops flatten)
 
@@ -200,3 +200,12 @@ def test_della_ranks_along_dim_1_as_mergekit(shape):
     merged = ops.merge_task_vectors(torch.zeros(shape), [x], [1.0], [0.4], "rank", epsilons=[0.1], seed=2)
     assert torch.equal(merged, merge_task_vectors_reference(torch.zeros(shape), [x], [1.0], [0.4], "rank",
                                                             epsilons=[0.1], seed=2))
+
+
+def test_della_keep_probabilities_do_not_depend_on_torchs_default_dtype():
+    # before, the rank divisor (ncols - 1) was a tensor of the default dtype: under a bf16 default (a caller's
+    # torch.set_default_dtype, or transformers building a bf16 model in another thread) 1030 became 1032
+    x = torch.randn(4, 1031, generator=torch.Generator().manual_seed(0))
+    want = ops.della_keep_probability(x, 0.5, 0.1)
+    with torch_default_dtype(torch.bfloat16):
+        assert torch.equal(ops.della_keep_probability(x, 0.5, 0.1), want)
