@@ -3,6 +3,7 @@ merge), resuming a killed search from its journal, the written config reproducin
 each sampler, and bad input refused before any tensor is read."""
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import io
 import json
@@ -13,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -768,3 +770,20 @@ def test_an_evaluation_deadline_puts_back_the_callers_timer():
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_searches_in_threads_at_once_find_the_main_threads_best_merge(search_models, tmp_path):
+    """Outside the main thread an evaluation has no deadline (SIGALRM), and nothing else changes: two searches at once
+    find what one in the main thread finds, and leave optuna's log level, signal handlers and threads as they were."""
+    paths, val, _ = search_models
+    optuna = pytest.importorskip("optuna")
+    before = optuna.logging.get_verbosity(), signal.getsignal(signal.SIGALRM), set(threading.enumerate())
+
+    def run(name: str):
+        return search(search_config(paths, val), str(tmp_path / name),
+                      SearchOptions(budget=600, device="cpu", progress=False, trials=3))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        found = list(pool.map(run, ["a", "b"])) + [run("main")]
+    assert [(r.trials, r.params, r.score) for r in found] == [(3, found[2].params, found[2].score)] * 3
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "main" / "model.safetensors").read_bytes()
+    assert (optuna.logging.get_verbosity(), signal.getsignal(signal.SIGALRM), set(threading.enumerate())) == before
