@@ -18,6 +18,7 @@ import torch
 
 from merge_engine import MergeOptions, merge, ops
 from merge_engine.demo import make_synthetic_llama
+from tests.lora_adapters import write_adapter
 
 SHAPE = dict(layers=2, hidden=64, intermediate=128, vocab=256, heads=4, kv_heads=4)
 
@@ -100,3 +101,30 @@ def test_ops_called_from_threads_at_once_give_the_serial_results():
         results = list(pool.map(all_calls, [False, True, False, True]))
     for got in results:
         assert all(torch.equal(got[i], want) for i, want in enumerate(serial))
+
+
+def folder_digest_of_merge(config: dict, out_dir) -> str:
+    """Every file of the merge's output (tokenizer and side files too)."""
+    merge(config, str(out_dir), MergeOptions(device="cpu", quiet=True))
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(out_dir)):
+        digest.update(name.encode() + open(os.path.join(out_dir, name), "rb").read())
+    return digest.hexdigest()
+
+
+def test_merges_with_tokenizers_and_adapters_in_threads_at_once_give_a_merge_alone(vocab_models, model_sets, tmp_path):
+    """A union vocabulary with a chat template (transformers' tokenizers, loaded and saved in each thread) and
+    BASE+ADAPTER inputs (each read thread's scratch buffers) beside each other."""
+    union = {"merge_method": "linear", "tokenizer": {"source": "union"}, "chat_template": "chatml",
+             "models": [{"model": vocab_models[n], "parameters": {"weight": 1.0}} for n in ("base", "extra", "other")]}
+    base = model_sets("llama")[0]
+    for seed in (1, 2):
+        write_adapter(str(tmp_path / f"adapter{seed}"), base, seed=seed)
+    adapters = {"merge_method": "ties", "base_model": base, "dtype": "bfloat16",
+                "models": [{"model": f"{base}+{tmp_path / f'adapter{seed}'}", "parameters": {"weight": 0.5, "density": 0.5}}
+                           for seed in (1, 2)]}
+    alone = [folder_digest_of_merge(union, tmp_path / "union"), folder_digest_of_merge(adapters, tmp_path / "adapters")]
+    runs = [(union, "u1"), (adapters, "a1"), (union, "u2"), (adapters, "a2")]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda run: folder_digest_of_merge(run[0], tmp_path / run[1]), runs))
+    assert got == alone * 2
