@@ -1,4 +1,8 @@
 """Inputs and error terms shared by the kernel tests of every backend (CPU, CUDA, Triton)."""
+import sys
+import threading
+import time
+
 import torch
 
 from merge_engine.ops.consensus import _sparsify
@@ -128,3 +132,38 @@ def assert_gram(got, start, want, bound, context):
         f"{context}: {int((excess > 0).sum())} upper entries exceed the bound, by up to {float(excess.max())}")
     changed = (got.view(torch.int32) != start.view(torch.int32)) & ~upper
     assert not changed.any(), f"{context}: {int(changed.sum())} entries of the strictly lower triangle changed"
+
+
+def another_thread_ran_during(call, attempts: int = 10) -> bool:
+    """Whether a Python thread waiting for the GIL ran while call() ran, in any of a few attempts (a short call can
+    end before the thread wakes)."""
+    return any(_ran_during(call) for _ in range(attempts))
+
+
+def _ran_during(call) -> bool:
+    """The switch interval is set past the test's length, so the waiting thread gets the GIL only where the caller
+    lets it go: the GIL-holding caller sets the flag, wakes the thread, gives it a moment to wait for the GIL, and
+    calls; the thread reads the flag set only if the call released the GIL. The result is kept until the flag is
+    cleared: freeing a tensor can let the GIL go."""
+    inside, seen, woken = [False], [], threading.Event()
+
+    def waiting():
+        woken.wait()
+        seen.append(inside[0])
+    thread = threading.Thread(target=waiting)
+    thread.start()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1000)
+    try:
+        inside[0] = True
+        woken.set()
+        awake = time.monotonic() + 0.02
+        while time.monotonic() < awake:  # (holding the GIL)
+            pass
+        result = call()
+        inside[0] = False
+        thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    del result
+    return seen[0]

@@ -1,12 +1,9 @@
 """The Python bindings of the C++ CPU kernels (csrc/cpu/bindings.cpp): each kernel runs without the GIL."""
-import sys
-import threading
-import time
-
 import pytest
 import torch
 
 from merge_engine.ops import backends
+from tests.csrc.kernel_checks import another_thread_ran_during
 
 if not backends.kernels_enabled():
     pytest.skip("compiled kernels disabled by MERGE_ENGINE_KERNELS=0", allow_module_level=True)
@@ -14,41 +11,6 @@ if not backends.kernels_enabled():
 pytestmark = pytest.mark.cpu_kernels
 
 N = 1 << 22  # elements: a kernel call long enough for a waiting thread to wake while it runs
-
-
-def another_thread_ran_during(call, attempts: int = 10) -> bool:
-    """Whether a Python thread waiting for the GIL ran while call() ran, in any of a few attempts (a short call can
-    end before the thread wakes)."""
-    return any(_ran_during(call) for _ in range(attempts))
-
-
-def _ran_during(call) -> bool:
-    """The switch interval is set past the test's length, so the waiting thread gets the GIL only where the caller
-    lets it go: the GIL-holding caller sets the flag, wakes the thread, gives it a moment to wait for the GIL, and
-    calls; the thread reads the flag set only if the call released the GIL. The result is kept until the flag is
-    cleared: freeing a tensor can let the GIL go."""
-    inside, seen, woken = [False], [], threading.Event()
-
-    def waiting():
-        woken.wait()
-        seen.append(inside[0])
-    thread = threading.Thread(target=waiting)
-    thread.start()
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1000)
-    try:
-        inside[0] = True
-        woken.set()
-        awake = time.monotonic() + 0.02
-        while time.monotonic() < awake:  # (holding the GIL)
-            pass
-        result = call()
-        inside[0] = False
-        thread.join()
-    finally:
-        sys.setswitchinterval(interval)
-    del result
-    return seen[0]
 
 
 def kernel_calls(ext):

@@ -47,6 +47,7 @@ from merge_engine.ops.sparsify import SPARSIFY_CODES
 from tests.conftest import DTYPES, MANTISSA, SIZES, pairwise, ulp
 from tests.csrc import kernel_checks
 from tests.csrc.kernel_checks import (
+    another_thread_ran_during,
     random_bits,
     weighted_contributions,
 )
@@ -380,3 +381,12 @@ def test_accumulate_gram_bad_inputs_are_rejected(ext):
     ]:
         with pytest.raises(RuntimeError, match=message):
             ext.accumulate_gram(*args)
+
+
+def test_kernels_let_other_python_threads_run_while_they_wait_for_the_gpu(ext):
+    # as the CPU kernels (tests/csrc/test_cpu_bindings.py): before, they held the GIL throughout, through their waits
+    # for the GPU too (delta_cutoffs reads its counts back)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, y = (torch.randn(1 << 26, device="cuda", generator=g).bfloat16() for _ in range(2))
+    ext.delta_cutoffs(x, y, [1 << 24], True)
+    assert another_thread_ran_during(lambda: ext.delta_cutoffs(x, y, [1 << 24], True))
