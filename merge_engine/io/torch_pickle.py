@@ -228,7 +228,8 @@ def _refuse_not_zip(f, path: str) -> None:
 
 
 def _refuse_huge_directory(f, path: str) -> None:
-    end = zipfile._EndRecData(f)  # the end record zipfile itself reads (zip64's where there is one)
+    end_record = getattr(zipfile, "_EndRecData", None)  # the end record zipfile itself reads (zip64's where there
+    end = end_record(f) if end_record else None  # is one): private, so a Python without it goes unchecked
     if end is not None and end[zipfile._ECD_SIZE] > MAX_DIRECTORY_BYTES:
         raise CheckpointError(f"{path}: its zip directory holds {end[zipfile._ECD_SIZE]} bytes, more than a state "
                               f"dict's records take (at most {MAX_DIRECTORY_BYTES}): corrupt file?")
