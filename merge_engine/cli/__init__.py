@@ -35,8 +35,21 @@ SINGLE_PROCESS = ("patch", "search")  # commands without a distributed form (doc
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every expected failure ends in one line on stderr (the traceback too with -v):
-    exit 2 for an error, 130 for Ctrl-C, 143 for SIGTERM. Clean-up (temporary folders, in-place rewrites rolled
-    back) happens on the way out, for SIGTERM as for Ctrl-C."""
+    exit 2 for an error, 130 for Ctrl-C, 143 for SIGTERM, 141 when standard output's reader went away (`... |
+    head`). Clean-up (temporary folders, in-place rewrites rolled back) happens on the way out, for SIGTERM as for
+    Ctrl-C."""
+    try:
+        try:
+            return _command(argv)
+        finally:  # here, not at the interpreter's exit: a closed pipe would get a traceback and status 120 there
+            if sys.stdout is not None:  # None: started with standard output closed (`>&-`)
+                sys.stdout.flush()
+    except BrokenPipeError:  # as a shell's SIGPIPE; --help and usage errors (SystemExit) included
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush into the pipe
+        return 128 + signal.SIGPIPE
+
+
+def _command(argv: list[str] | None) -> int:
     STARTUP["process start"] = process_age()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv in (["--version"], ["-V"]):
@@ -59,9 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             return command.run(argv)
     except MergeEngineError as e:
         return _failed(f"error: {e}", 2, argv)
-    except BrokenPipeError:  # the reader of standard output went away (`... --table | head`): as a shell's SIGPIPE
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush into the pipe
-        return 128 + signal.SIGPIPE
+    except BrokenPipeError:  # the reader of standard output went away (`... --table | head`): main() reports it
+        raise
     except OSError as e:  # disk full, read-only folder, a file where a folder should be...
         return _failed(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", 2, argv)
     except Terminated:

@@ -97,6 +97,8 @@ def run_subcommand(parser: argparse.ArgumentParser, commands: dict, argv: list[s
     setup_logging(getattr(args, "quiet", False))  # warnings on one line, as every command's
     try:
         return commands[args.command](args, parser)
+    except BrokenPipeError:  # standard output's reader went away (`key report ... | head`): main() ends quietly
+        raise
     except OSError as e:
         raise MergeEngineError(str(e)) from e
 

@@ -404,3 +404,42 @@ def test_a_closed_standard_output_ends_the_command_quietly(monkeypatch, capfd):
         os.dup2(saved, 1)
         os.close(saved)
     assert capfd.readouterr().err == ""
+
+
+@pytest.fixture(scope="module")
+def key_file(config, tmp_path_factory):
+    base = yaml.safe_load(open(config))["models"][0]["model"]
+    path = tmp_path_factory.mktemp("key") / "k.json"
+    subprocess.run([sys.executable, "-m", "merge_engine", "key", "generate", base, str(path), "--passphrase-env",
+                    "SECRET"], env={**os.environ, "SECRET": "s"}, check=True, capture_output=True)
+    return base, str(path)
+
+
+def run_into_closed_pipe(argv: list[str], buffered: bool = True) -> subprocess.CompletedProcess:
+    """`merge-engine ARGV | head -1` where head has gone before the command prints: its standard output a pipe
+    nobody reads. Buffered as a command's output into a pipe is (PYTHONUNBUFFERED unset): the failed write comes
+    at the last flush."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    try:
+        return subprocess.run([sys.executable, "-m", "merge_engine", *argv], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, env=env)
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize("command", ["--version", "--help", "key --help", "key report", "merge"])
+def test_a_reader_gone_before_the_output_is_printed_ends_the_command_quietly(command, config, key_file, tmp_path):
+    """`merge-engine key report ... | head -1`: status 141, as a shell reports a command SIGPIPE ended, and nothing
+    on standard error, where the buffered output's flush at the interpreter's exit printed 'Exception ignored ...
+    BrokenPipeError' (status 120; a merge, a traceback too) and a subcommand's unbuffered print 'error: [Errno 32]
+    Broken pipe' (status 2)."""
+    argv = {"key report": ["key", "report", *key_file], "merge": [config, str(tmp_path / "out")]}.get(
+        command, command.split())
+    for buffered in (True, False) if command == "key report" else (True,):
+        run = run_into_closed_pipe(argv, buffered)
+        # (standard error: a merge's progress bar, nothing else)
+        assert run.returncode == 141 and "Error" not in run.stderr and "merge-engine:" not in run.stderr, run.stderr
