@@ -1,5 +1,5 @@
 """The merge command's performance options, as users run it (`python -m merge_engine`, a process of its own):
---direct-io, and -v's account of where the time went."""
+--direct-io, -v's account of where the time went, and what it writes to a log."""
 import re
 import subprocess
 import sys
@@ -74,3 +74,15 @@ def test_a_thread_count_no_machine_has_is_refused(threads, accepted, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["c.yml", "out", "-j", threads])
     assert f"-j/--num-threads: expected at most 4096 threads, got {threads}" in capsys.readouterr().err
+
+
+def test_a_merge_into_a_log_writes_its_progress_as_lines_and_its_summary_on_standard_output(model_sets, write_yaml,
+                                                                                            tmp_path):
+    """Standard error a pipe (CI, nohup, a job scheduler's file): the progress bar's start and end as two lines,
+    where tqdm's redraws, carriage-return-separated, made one line growing through the merge."""
+    base, *experts = model_sets("llama_bf16_sharded")
+    done = run(write_yaml(ties(base, experts)), tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr and [line[:13] for line in done.stderr.splitlines()] == [
+        "merging:   0%", "merging: 100%"], done.stderr
+    assert re.fullmatch(r"merged \d+ tensors: .*\n", done.stdout), done.stdout
