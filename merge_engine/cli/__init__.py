@@ -114,6 +114,8 @@ def entry() -> None:
     interpreter's teardown (0.6 s of torch's module clean-up on this machine, for a merge of a few
     seconds). The output is complete by then: written, fsynced, renamed; streams are flushed here."""
     EXECUTABLE[0] = True
+    if getattr(sys.stdout, "errors", None) == "strict":  # as standard error's: a path or a tensor name that the
+        sys.stdout.reconfigure(errors="backslashreplace")  # locale's encoding lacks is escaped, not a crash
     status = main()
     if status == 0 and _skips_teardown(sys.argv[1:]):
         logging.shutdown()

@@ -443,3 +443,15 @@ def test_a_reader_gone_before_the_output_is_printed_ends_the_command_quietly(com
         run = run_into_closed_pipe(argv, buffered)
         # (standard error: a merge's progress bar, nothing else)
         assert run.returncode == 141 and "Error" not in run.stderr and "merge-engine:" not in run.stderr, run.stderr
+
+
+def test_names_the_locale_cannot_encode_are_escaped_on_standard_output(key_file, tmp_path):
+    """A non-UTF-8 locale (here PYTHONIOENCODING=ascii) and a model folder named in another script: `key report`
+    printed its table's title with a UnicodeEncodeError traceback (status 1; a merge, after writing its output)."""
+    base, key = key_file
+    model = tmp_path / "mod\u00e8le"
+    shutil.copytree(base, model)
+    run = subprocess.run([sys.executable, "-m", "merge_engine", "key", "report", str(model), key], capture_output=True,
+                         env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert (run.returncode, run.stderr) == (0, b""), run.stderr
+    assert f"{tmp_path}/mod\\xe8le (llama)".encode() in run.stdout
