@@ -67,5 +67,7 @@ def progress_bar(*args, disable: bool, **kwargs) -> tqdm:
     where the output is no terminal (nor a notebook)."""
     in_notebook = notebook_tqdm is not std_tqdm
     if disable or in_notebook or _is_terminal(kwargs.get("file") or sys.stderr):
-        return _Bar(*args, disable=disable, **kwargs)
+        # rows as tqdm counts them where it cannot tell: a terminal's own count, 0 in a pseudo-terminal nobody
+        # sized (`script` in CI, `docker run -t`), hid the bar (tqdm shows none at a position past the last row)
+        return _Bar(*args, disable=disable, **{"nrows": 20, **kwargs})
     return _LogBar(*args, disable=disable, **kwargs)

@@ -1,5 +1,11 @@
 """Progress bars on a terminal and in a log (standard error redirected to a file or a pipe)."""
+import fcntl
 import io
+import os
+import pty
+import struct
+import sys
+import termios
 
 from merge_engine.progress import LOG_INTERVAL, progress_bar
 
@@ -55,3 +61,18 @@ def test_a_disabled_bar_writes_nothing():
     with progress_bar(total=10, disable=True, file=log) as bar:
         bar.update(10)
     assert log.getvalue() == ""
+
+
+def test_a_terminal_of_no_rows_shows_the_bar(monkeypatch):
+    """A pseudo-terminal nobody sized (`script` in CI, `docker run -t`) reports 0 rows: tqdm took the bar's row 0
+    for one past the screen's and showed nothing."""
+    main_end, terminal_end = pty.openpty()
+    fcntl.ioctl(terminal_end, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 80, 0, 0))
+    with os.fdopen(terminal_end, "w") as terminal:
+        monkeypatch.setattr(sys, "stderr", terminal)  # (tqdm asks only sys.stderr's size)
+        with progress_bar(total=3, desc="merging", disable=False) as bar:
+            bar.update(3)
+        monkeypatch.undo()
+    shown = os.read(main_end, 4096)
+    os.close(main_end)
+    assert b"merging: 100%" in shown, shown
