@@ -79,22 +79,30 @@ def add_model_arguments(p: argparse.ArgumentParser, dtypes: tuple[str, ...] = ST
 def add_output_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     add_quiet_argument(p)
+    add_verbose_argument(p)
 
 
 def add_quiet_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
 
+def add_verbose_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and the traceback of a failure")
+
+
 def subcommand(sub, name: str, what: str, usage: str | None = None) -> argparse.ArgumentParser:
-    """A subcommand whose own --help says what it does, as the list of its command's --help does."""
-    return sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".", usage=usage)
+    """A subcommand whose own --help says what it does, as the list of its command's --help does; -v as every
+    command's."""
+    p = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".", usage=usage)
+    add_verbose_argument(p)
+    return p
 
 
 def run_subcommand(parser: argparse.ArgumentParser, commands: dict, argv: list[str]) -> int:
     """Parse argv and run commands[args.command](args, parser); an OSError on a file the command reads or
     writes is reported like the engine's own errors (one line, exit 2)."""
     args = parser.parse_args(argv)
-    setup_logging(getattr(args, "quiet", False))  # warnings on one line, as every command's
+    setup_logging(getattr(args, "quiet", False), args.verbose)  # warnings on one line, as every command's
     try:
         return commands[args.command](args, parser)
     except BrokenPipeError:  # standard output's reader went away (`key report ... | head`): main() ends quietly

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.quiet)
+    setup_logging(args.quiet, args.verbose)
     transformers = require("transformers", "hf", "merge-engine fisher")
     if args.quiet:
         transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-q", "--quiet", action="store_true", help="no summary of the key written")
     for name, what in (("apply", "key a model: apply keys, in the order given (tiers)"),
                        ("remove", "unkey a model: remove keys, listed in the order they were applied")):
-        a = subcommand(sub, name, what, usage="%(prog)s [-h] [--in-place] [--overwrite] [-q] "
+        a = subcommand(sub, name, what, usage="%(prog)s [-h] [-v] [--in-place] [--overwrite] [-q] "
                                                  "MODEL KEY [KEY2 ...] (OUT | --in-place)")
         a.add_argument("paths", nargs="+", metavar="MODEL KEY [KEY2 ...] OUT",
                        help="model folder, key files, and the output folder (left out with --in-place)")

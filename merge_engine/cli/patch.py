@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_filters(n)
     for name, what in (("apply", "add patches to a model, each times its scale, in one pass"),
                        ("remove", "subtract patches from a model, each times the scale it was applied with")):
-        a = subcommand(sub, name, what, usage="%(prog)s [-h] [--scale S ...] [--any-base] [--in-place] "
+        a = subcommand(sub, name, what, usage="%(prog)s [-h] [-v] [--scale S ...] [--any-base] [--in-place] "
                                                  "[--overwrite] [-q] MODEL PATCH [PATCH2 ...] (OUT | --in-place)")
         a.add_argument("paths", nargs="+", metavar="MODEL PATCH [PATCH2 ...] OUT",
                        help="model folder, patch folders (merge_engine patches or PEFT LoRA adapters), and the "

@@ -39,7 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "factored (the base once and each adapter; updates applied at every merge; least memory) "
                         "(default: applied when it fits)")
     p.add_argument("--random-seed", type=int, default=0, help="seed of the random methods' drops (as merge-engine's)")
-    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks with errors")
     add_output_arguments(p)
     return p
 

@@ -24,3 +24,19 @@ def test_shard_size():
     for text in ("0.1", "0.0001K"):  # a fraction of a byte would round down to that 0
         with pytest.raises(argparse.ArgumentTypeError, match=f"or a size of at least 1 byte, got {text}"):
             shard_size(text)
+
+
+@pytest.mark.parametrize("command", ["stats", "fisher", "key report", "key apply", "patch norms", "patch extract",
+                                     "patch recover"])
+def test_every_command_takes_verbose_for_the_traceback_of_a_failure(command, tmp_path, capsys):
+    """-v, which merge and search took, was refused by the other commands ('unrecognized arguments: -v'): their
+    failures could not be shown with a traceback, as the one-line error says it is."""
+    from merge_engine import cli
+    missing = [str(tmp_path / name) for name in ("model", "data", "out")]
+    argv = [*command.split(), "-v", *missing[:{"patch recover": 1, "patch norms": 2}.get(command, 3)]]
+    try:
+        status = cli.main(argv)
+    except SystemExit as e:  # argparse refusing the arguments
+        status = e.code
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" in err and err.splitlines()[-1].startswith("merge-engine: error: "), err
