@@ -55,6 +55,12 @@ class _LogBar(_Bar):
         return True
 
 
+def write_above_bars(text: str, file) -> None:
+    """text as a line of file's, above the bars shown there: on a terminal, written after a bar's text it joined
+    the bar's line (which the bar's next redraw then wrote over); the bars are cleared, and drawn again after."""
+    _Bar.write(text, file=file)
+
+
 def _is_terminal(file) -> bool:
     try:
         return file.isatty()

@@ -9,6 +9,7 @@ import warnings
 
 from merge_engine.dtypes import STATS_DTYPES
 from merge_engine.errors import MergeEngineError, printable
+from merge_engine.progress import write_above_bars
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMbBgGtT]?)\s*$")
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
@@ -125,7 +126,7 @@ def print_recovery(model: str, what: str, recovered: bool) -> int:
 
 
 def setup_logging(quiet: bool, verbose: bool = False) -> None:
-    handler = logging.StreamHandler()
+    handler = LineHandler()
     handler.setFormatter(_PrintableFormatter("%(message)s"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])  # (none if set up)
     if quiet:
@@ -135,7 +136,20 @@ def setup_logging(quiet: bool, verbose: bool = False) -> None:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"merge-engine: warning: {printable(str(message))}", file=file or sys.stderr)
+    write_above_bars(f"merge-engine: warning: {printable(str(message))}", file or sys.stderr)
+
+
+class LineHandler(logging.StreamHandler):
+    """Standard error's log lines, each on a line of its own above a progress bar shown there (a merge's warning
+    about a tensor comes while its bar is shown)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            write_above_bars(self.format(record), self.stream)
+        except RecursionError:  # as logging.StreamHandler
+            raise
+        except Exception:
+            self.handleError(record)
 
 
 class _PrintableFormatter(logging.Formatter):

@@ -1,9 +1,13 @@
-"""Argument types the subcommands share."""
+"""Argument types, options and log lines the subcommands share."""
 import argparse
+import io
+import logging
+import re
 
 import pytest
 
-from merge_engine.cli.args import parse_size, positive_int, shard_size
+from merge_engine.cli.args import LineHandler, parse_size, positive_int, shard_size
+from merge_engine.progress import progress_bar
 
 
 def test_parse_size():
@@ -40,3 +44,23 @@ def test_every_command_takes_verbose_for_the_traceback_of_a_failure(command, tmp
         status = e.code
     err = capsys.readouterr().err
     assert status == 2 and "Traceback" in err and err.splitlines()[-1].startswith("merge-engine: error: "), err
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_warning_during_a_progress_bar_on_a_terminal_is_a_line_of_its_own():
+    """A merge's warning about a tensor, logged while its progress bar is shown, was written after the bar's text,
+    on the bar's line."""
+    terminal = Terminal()
+    handler = LineHandler(terminal)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    with progress_bar(total=2, desc="merging", disable=False, file=terminal, mininterval=0) as bar:
+        bar.update(1)
+        handler.emit(logging.makeLogRecord({"msg": "tensor 'x': 1 merged value(s) are NaN or Inf"}))
+        bar.update(1)
+    lines = re.split("[\r\n]", terminal.getvalue())
+    assert "warning: tensor 'x': 1 merged value(s) are NaN or Inf" in lines, lines
+    assert lines[-2].startswith("merging: 100%"), lines  # the bar drawn again below it
