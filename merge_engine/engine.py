@@ -89,6 +89,7 @@ log = logging.getLogger("merge_engine")
 SIDE_FILES_FROM_BASE = ("generation_config.json", "preprocessor_config.json", "processor_config.json",
                         "video_preprocessor_config.json")
 CONFIG_COPY_NAME = "mergekit_config.yml"  # the name model cards and hubs look for
+NON_FINITE_WARNINGS = 3  # tensors written with NaN or Inf warned of one by one; the rest counted in one line
 
 
 @dataclass
@@ -433,6 +434,7 @@ class _Pipeline:
         # room for two of the largest jobs' buffers (inputs and result) waiting to be reused
         largest = max(map(job_bytes, jobs), default=0)
         self.buffers = BufferPool(2 * largest, pin_memory=self.cuda)
+        self.non_finite: list[str] = []  # the tensors written with NaN or Inf values (warn_non_finite)
 
     def run(self, advance: Callable[[int], None]) -> int:
         """The jobs' bytes read; advance(nbytes) after each job (job_progress)."""
@@ -456,6 +458,10 @@ class _Pipeline:
                 self.compute_and_write(*staged, write_pool, writes)
             while writes:  # (a loop variable holding a failed write's future would keep its error's frames alive)
                 writes.popleft().result()
+        unwarned = self.non_finite[NON_FINITE_WARNINGS:]
+        if unwarned:
+            log.warning("%d more tensor(s) hold NaN or Inf merged values (%s%s)", len(unwarned),
+                        ", ".join(unwarned[:3]), ", ..." if len(unwarned) > 3 else "")
         return sum(j.bytes_in for j in jobs)
 
     def read(self, job: TensorJob) -> list[torch.Tensor]:
@@ -512,7 +518,11 @@ class _Pipeline:
         if isinstance(result, tuple):  # CUDA: the copy to host (and so the job's compute) is done after this
             result[1].synchronize()
             result = result[0]
-        check_merged_values(job, result, host)
+        warning = check_merged_values(job, result, host)
+        if warning:  # the first few, then their count at the end: not a line per tensor of a merge that overflows
+            if len(self.non_finite) < NON_FINITE_WARNINGS:
+                log.warning("%s", warning)
+            self.non_finite.append(job.out_name)
         self.writer.write(job.out_name, result)
         self.buffers.give(host + [result])  # nothing reads the inputs or the result any more
 
@@ -540,23 +550,23 @@ def non_finite_inputs(job: TensorJob, tensors: list[torch.Tensor]) -> str:
     return "; ".join(ckpt.non_finite(name, n) for ckpt, name, n in bad)
 
 
-def check_merged_values(job: TensorJob, result: torch.Tensor, inputs: list[torch.Tensor]) -> None:
+def check_merged_values(job: TensorJob, result: torch.Tensor, inputs: list[torch.Tensor]) -> str | None:
     """Refuse a merged tensor holding NaN where an input held NaN or Inf (a corrupt checkpoint, named; the methods
     that order magnitudes refuse such inputs themselves). One sum of the host result finds non-finite values, in
     the write thread (17 ms per 100M bf16 values on the 2-core VM); the inputs are searched only then (an fp16
     sum that overflows costs that search and nothing else). Other non-finite values (an Inf buffer averaged, an
-    overflow) are written, as mergekit writes them, with a warning."""
+    overflow) are written, as mergekit writes them, with a warning: returned."""
     if not result.is_floating_point() or job.copy_only:
-        return
+        return None
     if math.isfinite(float(result.sum())):  # in its own dtype: 20x faster than asking for an fp32 result
-        return
+        return None
     culprits = non_finite_inputs(job, inputs)
     if culprits and bool(torch.isnan(result).any()):
         raise MergeEngineError(f"merging tensor '{job.out_name}' failed: {culprits}")
     bad = int((~torch.isfinite(result)).sum())
-    if bad:  # (else only the sum overflowed)
-        log.warning("tensor '%s': %d merged value(s) are NaN or Inf%s", job.out_name, bad,
-                    f" ({culprits})" if culprits else "")
+    if not bad:  # only the sum overflowed
+        return None
+    return f"tensor '{job.out_name}': {bad} merged value(s) are NaN or Inf" + (f" ({culprits})" if culprits else "")
 
 
 def compute(job: TensorJob, tensors: list[torch.Tensor], method: MergeMethod, seed: int = 0,

@@ -407,3 +407,18 @@ def test_a_failed_merge_frees_what_it_held_without_the_garbage_collector(small_m
         assert open_descriptors() == before
     finally:
         gc.enable()
+
+
+def test_tensors_written_with_inf_are_warned_of_a_few_one_by_one_then_counted(small_models, tmp_path, caplog):
+    """An expert whose every floating-point tensor holds an Inf (as a merge that overflows them all): a line per
+    tensor, hundreds in a real model's log, is now the first NON_FINITE_WARNINGS and one line counting the rest."""
+    from merge_engine.engine import NON_FINITE_WARNINGS
+    base, expert = small_models
+    names = list(Checkpoint(expert).tensors)
+    for name in names:
+        poison(expert, name, b"\x80\x7f")  # bf16 +Inf
+    config = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in (base, expert)]}
+    merge(parse_config(config), str(tmp_path / "out"), MergeOptions(device="cpu", quiet=True))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == NON_FINITE_WARNINGS + 1, warnings
+    assert warnings[-1].startswith(f"{len(names) - NON_FINITE_WARNINGS} more tensor(s) hold NaN or Inf merged values (")
