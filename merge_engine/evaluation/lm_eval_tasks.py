@@ -3,12 +3,13 @@ lm_eval's HFLM, which takes a model instance, its log-likelihood requests scored
 scores them (loglikelihood.scored_tokens: shared rows and prompts). lm_eval is the optional extra "eval"."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -57,7 +58,8 @@ class LmEvalTasks:
         self.name = f"{metric} on {', '.join(tasks)}"
         loaded = self.manager.load(self.task_names)["tasks"].values()
         self.direction = metric_direction(loaded, metric, source)
-        self.requests = read_requests(loaded, tokenizer, limit)
+        with quiet_lm_eval():  # (the tasks' warnings, from load, are shown: once)
+            self.requests = read_requests(loaded, tokenizer, limit)
 
     def tokens(self) -> int:
         """About how many tokens one evaluation feeds the model: every request's text, plus max_gen_toks for a
@@ -86,14 +88,15 @@ class LmEvalTasks:
 
     def __call__(self, model: torch.nn.Module) -> float:
         import lm_eval
-        lm = shared_rows_lm()(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size)
         # no seeding (it would reset the caller's random generators), no bootstrap of standard errors (slow),
         # no per-sample logs (memory)
         state = random.getstate()  # lm_eval draws from Python's generator (task ids): the caller's is kept
         try:
-            results = lm_eval.simple_evaluate(model=lm, tasks=self.task_names, task_manager=self.manager,
-                                              limit=self.limit, bootstrap_iters=0, log_samples=False,
-                                              random_seed=None, numpy_random_seed=None, torch_random_seed=None)
+            with quiet_lm_eval():
+                lm = shared_rows_lm()(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size)
+                results = lm_eval.simple_evaluate(model=lm, tasks=self.task_names, task_manager=self.manager,
+                                                  limit=self.limit, bootstrap_iters=0, log_samples=False,
+                                                  random_seed=None, numpy_random_seed=None, torch_random_seed=None)
         finally:
             random.setstate(state)
         if lm.nan_requests:  # lm_eval's argmax would predict each question's first choice: no score to compare
@@ -109,6 +112,33 @@ class LmEvalTasks:
         return float(results[task][key])
 
 
+@contextlib.contextmanager
+def quiet_lm_eval() -> Iterator[None]:
+    """simple_evaluate as one trial of many: without its log lines (a dozen per call, its warnings about the
+    task's metrics among them) and the progress bar it draws building the task's prompts, and without the
+    environment report it adds to its results (a `git describe` that prints 'fatal: not a git repository' outside
+    one, and torch's collect_env: 0.7 to 3.6 s per call, spent in subprocesses) that the score does not use.
+    Errors are still logged; lm_eval's own settings come back after."""
+    import lm_eval.api.task
+    import lm_eval.evaluator
+    from tqdm import tqdm
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    saved = {(lm_eval.evaluator, name): getattr(lm_eval.evaluator, name)
+             for name in ("get_git_commit_hash", "add_env_info")}
+    saved[lm_eval.api.task, "tqdm"] = lm_eval.api.task.tqdm
+    logger.setLevel(logging.ERROR)
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
+    lm_eval.evaluator.add_env_info = lambda results: None
+    lm_eval.api.task.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        for (module, name), value in saved.items():
+            setattr(module, name, value)
+
+
 @functools.cache
 def shared_rows_lm():
     """lm_eval's HFLM with its log-likelihood requests (multiple choice, and the windows of rolling
@@ -119,6 +149,16 @@ def shared_rows_lm():
 
     class SharedRowsLM(HFLM):
         nan_requests = 0  # log-likelihood requests scored NaN (a merge that overflows)
+
+        # no progress bars: one evaluation is one trial of a search, which has its own
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
             batch_size = override_bs or self.batch_size

@@ -3,6 +3,7 @@ refused at construction; without lm_eval, a one-line error names the extra."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import sys
@@ -245,3 +246,22 @@ def test_multiple_choice_scores_equal_lm_evals_hflm_with_a_byte_level_tokenizer(
 
 def argmax(row: list[float]) -> int:
     return max(range(len(row)), key=row.__getitem__)
+
+
+def test_an_evaluation_prints_nothing_and_leaves_lm_evals_settings(causal_lm, tokenizer, task_dir, tmp_path,
+                                                                   monkeypatch, capfd, caplog):
+    """A search evaluates once per trial: lm_eval's dozen log lines, its prompt-building bar and its environment
+    report (a `git describe` printing 'fatal: not a git repository' outside one, and torch's collect_env, seconds
+    in subprocesses) came with every trial."""
+    import lm_eval.api.task
+    import lm_eval.evaluator
+    monkeypatch.chdir(tmp_path)  # outside any git repository
+    before = (lm_eval.evaluator.add_env_info, lm_eval.api.task.tqdm, logging.getLogger("lm_eval").level)
+    evaluator = LmEvalTasks(["tiny_mc"], tokenizer, include_path=task_dir, batch_size=3)
+    capfd.readouterr()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        for _ in range(2):
+            evaluator(causal_lm)
+    assert capfd.readouterr() == ("", "") and caplog.records == []
+    assert (lm_eval.evaluator.add_env_info, lm_eval.api.task.tqdm, logging.getLogger("lm_eval").level) == before
