@@ -38,9 +38,11 @@ class _LogBar(_Bar):
     """A bar in a log: each display a line of its own (in ASCII), the first, then one per LOG_INTERVAL seconds
     (set_postfix_str's redraws included), and the last, which close() displays, unless it repeats the line before."""
 
-    def __init__(self, *args, file=None, **kwargs):
+    def __init__(self, *args, file=None, bar_format=None, **kwargs):
         self._log = file or sys.stderr
         self._line_at, self._line = None, None  # when the last line was written, and what it said
+        if bar_format:  # a bar without a percentage beside it (search's seconds) reads as noise in a line: "5   6/120"
+            kwargs["bar_format"] = bar_format.replace("{bar} ", "").replace("{bar}", "")
         super().__init__(*args, file=_Discarded(), mininterval=LOG_INTERVAL, ascii=True, **kwargs)
 
     def display(self, msg=None, pos=None) -> bool:

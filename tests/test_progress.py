@@ -76,3 +76,13 @@ def test_a_terminal_of_no_rows_shows_the_bar(monkeypatch):
     shown = os.read(main_end, 4096)
     os.close(main_end)
     assert b"merging: 100%" in shown, shown
+
+
+def test_a_bar_in_a_log_drops_the_bar_of_a_custom_format():
+    """search's format, the bar beside no percentage: its ASCII fill at 5% read '5' before the seconds."""
+    log = io.StringIO()
+    with progress_bar(total=120, desc="search", disable=False, file=log,
+                      bar_format="{desc}: {bar} {n_fmt}/{total_fmt} s {postfix}") as bar:
+        bar.n = 6
+        bar.set_postfix_str("trials 4")
+    assert log.getvalue().splitlines() == ["search: 0/120 s", "search: 6/120 s , trials 4"]
