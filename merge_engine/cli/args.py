@@ -128,9 +128,10 @@ def print_recovery(model: str, what: str, recovered: bool) -> int:
 def setup_logging(quiet: bool, verbose: bool = False) -> None:
     handler = LineHandler()
     handler.setFormatter(_PrintableFormatter("%(message)s"))
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])  # (none if set up)
-    if quiet:
-        logging.getLogger("merge_engine").setLevel(logging.WARNING)
+    # other libraries' loggers (datasets, filelock, lm_eval...) say their warnings and errors only: with -v their
+    # debug lines came by the hundred per search trial, burying the command's own
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])  # (none if set up)
+    logging.getLogger("merge_engine").setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     warnings.simplefilter("default")
     warnings.showwarning = _one_line_warning  # the command's own process: no source lines in warnings
 

@@ -64,3 +64,15 @@ def test_a_warning_during_a_progress_bar_on_a_terminal_is_a_line_of_its_own():
     lines = re.split("[\r\n]", terminal.getvalue())
     assert "warning: tensor 'x': 1 merged value(s) are NaN or Inf" in lines, lines
     assert lines[-2].startswith("merging: 100%"), lines  # the bar drawn again below it
+
+
+def test_verbose_logs_the_commands_debug_lines_not_other_libraries():
+    """-v set every logger to debug: a search with an lm_eval objective logged hundreds of filelock and datasets
+    lines per trial. Other libraries' warnings still show."""
+    import subprocess
+    import sys
+    code = ("import logging; from merge_engine.cli.args import setup_logging; setup_logging(False, True); "
+            "logging.getLogger('filelock').debug('lock acquired'); logging.getLogger('datasets').info('torch found'); "
+            "logging.getLogger('merge_engine.plan').debug('own debug'); logging.getLogger('lm_eval').warning('theirs')")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert err.splitlines() == ["own debug", "merge-engine: warning: theirs"], err
