@@ -154,8 +154,12 @@ class LineHandler(logging.StreamHandler):
 
 
 class _PrintableFormatter(logging.Formatter):
-    """Log lines as the command's other output: warnings prefixed as Python's are, control characters escaped."""
+    """Log lines as the command's other output: warnings prefixed as Python's are, another library's named (its
+    warning is not merge-engine's), control characters escaped."""
 
     def format(self, record: logging.LogRecord) -> str:
         prefix = "merge-engine: warning: " if record.levelno == logging.WARNING else ""
+        library = record.name.partition(".")[0]
+        if library not in ("merge_engine", "root"):
+            prefix += f"{library}: "
         return printable(prefix + super().format(record))

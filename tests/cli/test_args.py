@@ -68,11 +68,11 @@ def test_a_warning_during_a_progress_bar_on_a_terminal_is_a_line_of_its_own():
 
 def test_verbose_logs_the_commands_debug_lines_not_other_libraries():
     """-v set every logger to debug: a search with an lm_eval objective logged hundreds of filelock and datasets
-    lines per trial. Other libraries' warnings still show."""
+    lines per trial. Other libraries' warnings still show, named (they read as merge_engine's)."""
     import subprocess
     import sys
     code = ("import logging; from merge_engine.cli.args import setup_logging; setup_logging(False, True); "
             "logging.getLogger('filelock').debug('lock acquired'); logging.getLogger('datasets').info('torch found'); "
             "logging.getLogger('merge_engine.plan').debug('own debug'); logging.getLogger('lm_eval').warning('theirs')")
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
-    assert err.splitlines() == ["own debug", "merge-engine: warning: theirs"], err
+    assert err.splitlines() == ["own debug", "merge-engine: warning: lm_eval: theirs"], err
