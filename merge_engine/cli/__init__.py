@@ -44,9 +44,20 @@ def main(argv: list[str] | None = None) -> int:
         finally:  # here, not at the interpreter's exit: a closed pipe would get a traceback and status 120 there
             if sys.stdout is not None:  # None: started with standard output closed (`>&-`)
                 sys.stdout.flush()
-    except BrokenPipeError:  # as a shell's SIGPIPE; --help and usage errors (SystemExit) included
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush into the pipe
+    except BrokenPipeError:  # as a shell's SIGPIPE (`| head`, `2>&1 | head`); --help and usage errors included
+        _discard_closed_pipes()
         return 128 + signal.SIGPIPE
+
+
+def _discard_closed_pipes() -> None:
+    """Standard output and error, where their reader went away, write to /dev/null from here on: what they
+    still hold would fail again at the interpreter's exit ('Exception ignored ... BrokenPipeError', status 120)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 def _command(argv: list[str] | None) -> int:

@@ -415,18 +415,18 @@ def key_file(config, tmp_path_factory):
     return base, str(path)
 
 
-def run_into_closed_pipe(argv: list[str], buffered: bool = True) -> subprocess.CompletedProcess:
-    """`merge-engine ARGV | head -1` where head has gone before the command prints: its standard output a pipe
-    nobody reads. Buffered as a command's output into a pipe is (PYTHONUNBUFFERED unset): the failed write comes
-    at the last flush."""
+def run_into_closed_pipe(argv: list[str], buffered: bool = True, errors_too: bool = False) -> subprocess.CompletedProcess:
+    """`merge-engine ARGV | head -1` (errors_too: `2>&1 | head -1`) where head has gone before the command prints:
+    its standard output a pipe nobody reads. Buffered as a command's output into a pipe is (PYTHONUNBUFFERED
+    unset): the failed write comes at the last flush."""
     read_end, write_end = os.pipe()
     os.close(read_end)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     if not buffered:
         env["PYTHONUNBUFFERED"] = "1"
     try:
-        return subprocess.run([sys.executable, "-m", "merge_engine", *argv], stdout=write_end, stderr=subprocess.PIPE,
-                              text=True, env=env)
+        return subprocess.run([sys.executable, "-m", "merge_engine", *argv], stdout=write_end, text=True, env=env,
+                              stderr=write_end if errors_too else subprocess.PIPE)
     finally:
         os.close(write_end)
 
@@ -455,3 +455,11 @@ def test_names_the_locale_cannot_encode_are_escaped_on_standard_output(key_file,
                          env={**os.environ, "PYTHONIOENCODING": "ascii"})
     assert (run.returncode, run.stderr) == (0, b""), run.stderr
     assert f"{tmp_path}/mod\\xe8le (llama)".encode() in run.stdout
+
+
+def test_a_reader_of_both_outputs_gone_ends_the_command_with_the_pipes_status(config, tmp_path):
+    """`merge-engine CONFIG OUT 2>&1 | head -1` with head gone: the config's first warning met the closed pipe, and
+    standard error's unwritten line failed again at the interpreter's exit (status 120)."""
+    warned = tmp_path / "warned.yml"
+    warned.write_text(open(config).read() + "unknown_key: 1\n")
+    assert run_into_closed_pipe([str(warned), str(tmp_path / "out")], errors_too=True).returncode == 141
