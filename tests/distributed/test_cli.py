@@ -55,16 +55,21 @@ def test_commands_without_a_distributed_form_are_refused_under_torchrun(model_se
     assert sorted(os.listdir(tmp_path)) == []
 
 
-def merge_command(rank: int, config: str, out: str) -> dict:
-    """The merge command on every rank, rank 1 given a config that does not exist; what each printed."""
+def run_main(argv: list[str]) -> dict:
+    """merge-engine ARGV in this process: its status and what it printed on stderr."""
     import contextlib
     import io
 
     from merge_engine.cli import main
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        status = main([config if rank == 0 else config + ".missing", out, "--device", "cpu", "-q"])
+        status = main(argv)
     return {"status": status, "stderr": err.getvalue()}
+
+
+def merge_command(rank: int, config: str, out: str) -> dict:
+    """The merge command on every rank, rank 1 given a config that does not exist; what each printed."""
+    return run_main([config if rank == 0 else config + ".missing", out, "--device", "cpu", "-q"])
 
 
 def test_a_config_one_rank_cannot_read_stops_every_rank_at_once(model_sets, tmp_path, write_yaml):
@@ -111,19 +116,13 @@ def test_key_commands_without_a_distributed_form_are_refused_under_torchrun(tier
 
 def merge_command_one_rank_terminated(rank: int, config: str, out: str) -> dict:
     """The merge command on every rank as torchrun starts it, rank 1 sent SIGTERM (alone) at its first write."""
-    import contextlib
-    import io
     import signal
 
-    from merge_engine.cli import main
     from merge_engine.io import writer
     os.environ.update(RANK=str(rank), WORLD_SIZE="2")
     if rank == 1:
         writer.ShardedWriter.write = lambda *a: os.kill(os.getpid(), signal.SIGTERM)
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        status = main([config, out, "--device", "cpu", "-q", "--out-shard-size", "100K"])
-    return {"status": status, "stderr": err.getvalue()}
+    return run_main([config, out, "--device", "cpu", "-q", "--out-shard-size", "100K"])
 
 
 def test_the_rank_that_was_terminated_is_named_by_itself_and_the_others(model_sets, tmp_path, write_yaml):
