@@ -67,6 +67,19 @@ def run_main(argv: list[str]) -> dict:
     return {"status": status, "stderr": err.getvalue()}
 
 
+def linear_merge_on_two_ranks(command, model_sets, tmp_path, write_yaml):
+    """command(rank, config, out) run on two ranks for a linear merge of two models: (each rank's result, out)."""
+    from tests.distributed.ranks import run_ranks
+    base, expert, *_ = model_sets("llama")
+    config = write_yaml({"merge_method": "linear", "models": [{"model": base, "parameters": {"weight": 0.5}},
+                                                              {"model": expert, "parameters": {"weight": 0.5}}]})
+    out = tmp_path / "runs" / "out"
+    out.parent.mkdir()
+    results = run_ranks(command, 2, str(tmp_path / "results"), config, str(out))
+    assert [r["error"] for r in results] == [None, None], [r.get("traceback") for r in results]
+    return results, out
+
+
 def merge_command(rank: int, config: str, out: str) -> dict:
     """The merge command on every rank, rank 1 given a config that does not exist; what each printed."""
     return run_main([config if rank == 0 else config + ".missing", out, "--device", "cpu", "-q"])
@@ -75,14 +88,7 @@ def merge_command(rank: int, config: str, out: str) -> dict:
 def test_a_config_one_rank_cannot_read_stops_every_rank_at_once(model_sets, tmp_path, write_yaml):
     # the config is read in a step: rank 0 hears of rank 1's refusal there, not by waiting in merge()'s first
     # collective until the group's timeout (torchrun would kill it after 30 s, its clean-up undone)
-    from tests.distributed.ranks import run_ranks
-    base, expert, *_ = model_sets("llama")
-    config = write_yaml({"merge_method": "linear", "models": [{"model": base, "parameters": {"weight": 0.5}},
-                                                              {"model": expert, "parameters": {"weight": 0.5}}]})
-    out = tmp_path / "runs" / "out"
-    out.parent.mkdir()
-    results = run_ranks(merge_command, 2, str(tmp_path / "results"), config, str(out))
-    assert [r["error"] for r in results] == [None, None], [r.get("traceback") for r in results]
+    results, out = linear_merge_on_two_ranks(merge_command, model_sets, tmp_path, write_yaml)
     assert [r["value"]["status"] for r in results] == [2, 2]
     assert "rank 1 (" in results[0]["value"]["stderr"] and "failed while reading the config" in \
         results[0]["value"]["stderr"], results[0]["value"]["stderr"]
@@ -130,14 +136,7 @@ def test_the_rank_that_was_terminated_is_named_by_itself_and_the_others(model_se
     # first to exit with an error, as the root cause)
     import socket
 
-    from tests.distributed.ranks import run_ranks
-    base, expert, *_ = model_sets("llama")
-    config = write_yaml({"merge_method": "linear", "models": [{"model": base, "parameters": {"weight": 0.5}},
-                                                              {"model": expert, "parameters": {"weight": 0.5}}]})
-    out = tmp_path / "runs" / "out"
-    out.parent.mkdir()
-    results = run_ranks(merge_command_one_rank_terminated, 2, str(tmp_path / "results"), config, str(out))
-    assert [r["error"] for r in results] == [None, None], [r.get("traceback") for r in results]
+    results, out = linear_merge_on_two_ranks(merge_command_one_rank_terminated, model_sets, tmp_path, write_yaml)
     said = [r["value"] for r in results]
     assert said[1] == {"status": 143, "stderr": f"merge-engine: terminated (rank 1 on {socket.gethostname()})\n"}
     assert said[0]["status"] == 2 and f"rank 1 ({socket.gethostname()}) was terminated (SIGTERM)" in \
