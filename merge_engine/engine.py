@@ -64,7 +64,7 @@ from merge_engine.interrupts import Terminated
 from merge_engine.io.buffers import BufferPool
 from merge_engine.io.checkpoint import DIRECT_IO_MODES, LAYER_COUNT_KEYS
 from merge_engine.io.experts import EXPERT_LAYOUTS
-from merge_engine.io.hub_cache import local_reference
+from merge_engine.io.hub_cache import cache_folder, local_reference
 from merge_engine.io.lora import open_model
 from merge_engine.io.untrusted import inside_folder, is_file_name, is_int, open_regular
 from merge_engine.io.writer import ShardedWriter, check_output_apart, check_output_dir, plan_shards
@@ -115,9 +115,9 @@ class MergeOptions:
     # how MoE experts are merged and written: "fused" as transformers 5 holds them and mergekit 0.1.5 writes
     # them (one gate_up_proj and one down_proj per layer, io/experts.py); "checkpoint": one tensor per expert
     expert_layout: str = "fused"
-    # the Hugging Face cache that Hub references (org/name[@revision]) are found in (io/hub_cache.py); None:
+    # the Hugging Face cache that Hub references (org/name[@revision]) are found in (io/hub_cache.py), a path; None:
     # huggingface_hub's (HF_HUB_CACHE). mergekit's --transformers-cache
-    hub_cache: str | None = None
+    hub_cache: str | os.PathLike | None = None
 
 
 @dataclass
@@ -166,7 +166,7 @@ def merge(config: MergeConfig | dict | str | os.PathLike, out_dir: str | os.Path
         lap("config")
         device = rank_device(check_options(out_dir, options), ranks)
         plan = build_plan(cfg, options.allow_crimes, options.unsafe_truncate_embeddings, options.lora_merge_dtype,
-                          options.expert_layout, options.hub_cache)
+                          options.expert_layout, cache_folder(options.hub_cache))
         check_output_outside_inputs(out_dir, plan)
         check_donor_files(plan)
         check_chat_template_extra(plan, options)
@@ -289,6 +289,7 @@ def check_options(out_dir: str, options: MergeOptions) -> torch.device:
         raise MergeEngineError(f"direct_io must be one of {', '.join(DIRECT_IO_MODES)}, not {options.direct_io!r}")
     check_expert_layout(options.expert_layout)
     check_seed_and_lora_dtype(options.random_seed, options.lora_merge_dtype)
+    cache_folder(options.hub_cache)
     device = resolve_device(options.device)
     if device.type == "cuda":
         check_gpu_backend_choice()

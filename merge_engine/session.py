@@ -64,7 +64,7 @@ from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.extras import BUILDING_TRANSFORMERS_MODEL, require
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.experts import FusedExperts
-from merge_engine.io.hub_cache import resolve_references
+from merge_engine.io.hub_cache import cache_folder, resolve_references
 from merge_engine.io.lora import LoraCheckpoint, update_dtype
 from merge_engine.io.writer import ShardedWriter, check_output_dir
 from merge_engine.plan import MergePlan, TensorJob, build_plan, filter_names, resolve_parameters
@@ -295,20 +295,22 @@ class MergeSession:
     def __init__(self, config: MergeConfig | dict | str | os.PathLike, device: str = "auto", *, placement: str = "auto",
                  lora: str = "auto", random_seed: int = 0, allow_crimes: bool = False,
                  lora_merge_dtype: torch.dtype | None = None, progress: bool = True, plan: MergePlan | None = None,
-                 evaluation_bytes: int = 0):
+                 evaluation_bytes: int = 0, hub_cache: str | os.PathLike | None = None):
         """placement, lora: see plan_memory (auto: the first that fits). random_seed, allow_crimes,
-        lora_merge_dtype: as MergeOptions's. plan: build_plan(config, ...) when the caller has it already (its
+        lora_merge_dtype, hub_cache: as MergeOptions's. plan: build_plan(config, ...) when the caller has it already (its
         headers are not read again). evaluation_bytes: memory kept free beside the live model for evaluating it
         (an evaluator's memory_bytes(live_model(plan, torch.device("meta"))))."""
         random_seed, evaluation_bytes = as_int(random_seed), as_int(evaluation_bytes)
         check_seed_and_lora_dtype(random_seed, lora_merge_dtype)
         check_session_arguments(allow_crimes=allow_crimes, progress=progress, evaluation_bytes=evaluation_bytes)
-        self.config = resolve_references(own_config(config))  # (build_plan's references: Hub ids made local)
+        self._hub_cache = cache_folder(hub_cache)
+        self.config = resolve_references(own_config(config), self._hub_cache)  # (as build_plan's: Hub ids made local)
         self.device = resolve_device(device)
         if self.device.type == "cuda" and self.device.index is None:  # the GPU current now, not at each merge
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.random_seed = random_seed
-        self.plan = plan or build_plan(self.config, allow_crimes, lora_merge_dtype=lora_merge_dtype)
+        self.plan = plan or build_plan(self.config, allow_crimes, lora_merge_dtype=lora_merge_dtype,
+                                       hub_cache=self._hub_cache)
         self.memory = plan_memory(self.plan, self.device, placement, lora=lora, evaluation=evaluation_bytes)
         load_kernels(self.device)
         self.model = live_model(self.plan, self.device)
@@ -390,7 +392,7 @@ class MergeSession:
         current config), merging again only the tensors whose parameters changed. Calls from several threads
         run one at a time. A call that fails part way (or is interrupted) leaves the config as it was and each
         tensor recorded as what it holds: the next merge() merges again whatever differs."""
-        cfg = None if config is None else resolve_references(self._same_models(own_config(config)))
+        cfg = None if config is None else resolve_references(self._same_models(own_config(config)), self._hub_cache)
         with self._lock:
             cfg = self.config if cfg is None else cfg  # the config when this call's turn comes
             key = method_key(cfg)

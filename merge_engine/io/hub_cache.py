@@ -15,11 +15,18 @@ import os
 import re
 
 from merge_engine.config import MergeConfig
-from merge_engine.errors import CheckpointError, ConfigError
+from merge_engine.errors import CheckpointError, ConfigError, MergeEngineError
 from merge_engine.extras import require
 
 # huggingface_hub's repository id rule (validate_repo_id): an optional namespace, a name of at most 96 characters
 _REPO_ID = re.compile(r"(?:\b[\w.-]+\b/)?\b[\w.-]{1,96}\b")
+
+
+def cache_folder(hub_cache) -> str | None:
+    """MergeOptions.hub_cache (or a session's) as a path, or MergeEngineError before anything is read."""
+    if hub_cache is not None and not isinstance(hub_cache, (str, os.PathLike)):
+        raise MergeEngineError(f"hub_cache must be a folder path (a string or os.PathLike) or None, got {hub_cache!r}")
+    return None if hub_cache is None else os.fspath(hub_cache)
 
 
 def local_reference(ref: str, cache_dir: str | None = None) -> str:

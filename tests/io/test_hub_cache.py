@@ -78,6 +78,17 @@ def test_tokenizer_sources_are_found_too(hub):
     assert config.tokenizer.source == "org/e1"  # the config given is left as it is
 
 
+def test_a_hub_cache_that_is_not_a_path_is_refused_before_anything_is_read(model_sets, tmp_path):
+    from merge_engine.errors import MergeEngineError
+    base, e1, e2, _ = model_sets("llama")
+    for bad in (3, b"/cache", ["/cache"]):
+        with pytest.raises(MergeEngineError, match=r"hub_cache must be a folder path .* got "):
+            merge(parse_config(ties(base, e1, e2)), str(tmp_path / "out"), MergeOptions(quiet=True, hub_cache=bad))
+        with pytest.raises(MergeEngineError, match=r"hub_cache must be a folder path"):
+            MergeSession(ties(base, e1, e2), "cpu", progress=False, hub_cache=bad)
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_what_the_cache_lacks_is_refused_by_reference_before_anything_is_read(hub, tmp_path):
     cache, _ = hub
     config = ties("org/base", "org/missing", "org/e1@v2")
@@ -115,9 +126,11 @@ def test_the_command_line_and_a_session_find_them_too(hub, folder_tensors, tmp_p
     path = tmp_path / "merge.yml"
     path.write_text(yaml.safe_dump(config))
     assert cli.main([str(path), str(tmp_path / "cli"), "--transformers-cache", cache, "-q"]) == 0
+    want = folder_tensors(tmp_path / "cli")
+    session = MergeSession(config, "cpu", progress=False, hub_cache=tmp_path / "cache")
+    assert all(t.equal(want[n]) for n, t in session.state_dict().items())
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", cache)  # the default cache (HF_HUB_CACHE)
     session = MergeSession(config, "cpu", progress=False)
-    want = folder_tensors(tmp_path / "cli")
     assert all(t.equal(want[n]) for n, t in session.state_dict().items())
     step = session.merge(ties("org/base", "org/e1", "org/e2@" + "f" * 40) | {"parameters": {"normalize": False}})
     assert step.tensors > 0  # a config of other parameters names the same cached models
