@@ -89,6 +89,23 @@ def test_a_hub_cache_that_is_not_a_path_is_refused_before_anything_is_read(model
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_a_tokenizer_source_named_by_hub_id_merges_as_its_cached_folder(vocab_models, tmp_path):
+    # docs/methods.md: a tokenizer_source is refused only where it is neither a local folder nor cached
+    cache = str(tmp_path / "cache")
+    cache_repo(cache, "org/extra", vocab_models["extra"])
+    outputs = {}
+    for source in ("org/extra", vocab_models["extra"]):
+        config = {"merge_method": "linear", "dtype": "float32", "tokenizer_source": source,
+                  "models": [{"model": vocab_models[m], "parameters": {"weight": 0.5}} for m in ("base", "extra")]}
+        outputs[source] = tmp_path / source.replace("/", "_")
+        merge(parse_config(config), str(outputs[source]), MergeOptions(quiet=True, hub_cache=cache))
+    by_id, by_path = outputs.values()
+    files = sorted(os.listdir(by_path))
+    assert "tokenizer.json" in files and sorted(os.listdir(by_id)) == files
+    for name in set(files) - {"mergekit_config.yml"}:  # which holds the reference as given
+        assert (by_id / name).read_bytes() == (by_path / name).read_bytes(), name
+
+
 def test_what_the_cache_lacks_is_refused_by_reference_before_anything_is_read(hub, tmp_path):
     cache, _ = hub
     config = ties("org/base", "org/missing", "org/e1@v2")
