@@ -162,7 +162,7 @@ def merge(config: MergeConfig | dict | str | os.PathLike, out_dir: str | os.Path
     ranks = current_ranks()
     lap = _Laps()
     with every_rank(ranks, "planning"):
-        cfg = as_merge_config(config)
+        cfg = as_merge_config(config, options.hub_cache)
         lap("config")
         device = rank_device(check_options(out_dir, options), ranks)
         plan = build_plan(cfg, options.allow_crimes, options.unsafe_truncate_embeddings, options.lora_merge_dtype,
@@ -209,11 +209,11 @@ def whole_job_report(figures: RankFigures, ranks: Ranks | None, out_dir: str, la
                        sum(f.bytes_written for f in every), lap.total(), out_dir, lap.seconds, every if ranks else [])
 
 
-def as_merge_config(config) -> MergeConfig:
-    """A MergeConfig from one, a config mapping or a YAML path (its problems and its model folders' listed), whose
-    copy in the output can be written."""
+def as_merge_config(config, hub_cache: str | None = None) -> MergeConfig:
+    """A MergeConfig from one, a config mapping or a YAML path (its problems and its model folders' listed, Hub
+    references looked up in hub_cache), whose copy in the output can be written."""
     if isinstance(config, (str, os.PathLike)):
-        return load_checked_config(os.fspath(config))
+        return load_checked_config(os.fspath(config), hub_cache=hub_cache)
     if isinstance(config, dict):
         config = parse_config(config)
     if not isinstance(config, MergeConfig):
@@ -356,16 +356,17 @@ def load_kernels(device: torch.device) -> None:
         backends.cpu_extension()
 
 
-def load_checked_config(path: str, strict: bool = False) -> MergeConfig:
+def load_checked_config(path: str, strict: bool = False, hub_cache: str | None = None) -> MergeConfig:
     """load_config; when the config has problems, the problems of the model folders it names (missing,
-    unreadable headers) are listed with them, so that one run reports everything."""
+    unreadable headers; Hub references looked up in hub_cache, as the merge would) are listed with them, so that
+    one run reports everything."""
     try:
         return load_config(path, strict)
     except ConfigError as e:
-        raise ConfigError(e.problems + folder_problems(e.raw), e.source) from None
+        raise ConfigError(e.problems + folder_problems(e.raw, hub_cache), e.source) from None
 
 
-def folder_problems(raw: object) -> list[str]:
+def folder_problems(raw: object, hub_cache: str | None = None) -> list[str]:
     """What is wrong with the model folders a (possibly invalid) config mapping names, read from headers."""
     sections = [raw] + (raw.get("slices") if isinstance(raw, dict) and isinstance(raw.get("slices"), list) else [])
     refs = []
@@ -376,7 +377,7 @@ def folder_problems(raw: object) -> list[str]:
     problems = []
     for ref in dict.fromkeys(r for r in refs if isinstance(r, str) and r and is_file_name(r)):
         try:
-            open_model(local_reference(ref)).close()
+            open_model(local_reference(ref, hub_cache)).close()
         except MergeEngineError as e:
             problems.append(str(e))
     return problems

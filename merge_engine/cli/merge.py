@@ -145,7 +145,7 @@ def run(argv: list[str]) -> int:
         # in merge()'s first collective until torchrun kills them
         with every_rank(current_ranks(), "reading the config"):
             # the config first, so that a folder given as the config is named as such
-            config = load_checked_config(args.config, strict=args.strict)
+            config = load_checked_config(args.config, strict=args.strict, hub_cache=args.transformers_cache)
             check_output_apart(args.out_dir, [args.config])  # --overwrite would delete a config kept in OUT
         config_seconds = time.perf_counter() - started
         options.quiet = args.quiet or not leader  # one progress bar and summary: rank 0's

@@ -153,6 +153,22 @@ def test_the_command_line_and_a_session_find_them_too(hub, folder_tensors, tmp_p
     assert step.tensors > 0  # a config of other parameters names the same cached models
 
 
+def test_a_bad_config_lists_only_its_own_problems_beside_models_cached_in_the_cache_given(hub, tmp_path, capsys):
+    # the model folders of a config with problems are checked in the --transformers-cache too, not the default one
+    cache, _ = hub
+    path = tmp_path / "merge.yml"
+    path.write_text(yaml.safe_dump(ties("org/base", "org/e1", "org/missing") | {"merge_method": "no_such_method"}))
+    for call in (lambda: cli.main([str(path), str(tmp_path / "cli"), "--transformers-cache", cache]),
+                 lambda: merge(str(path), str(tmp_path / "api"), MergeOptions(quiet=True, hub_cache=cache))):
+        try:
+            assert call() == 2
+            said = capsys.readouterr().err
+        except ConfigError as e:
+            said = str(e)
+        assert "no_such_method" in said and "`hf download org/missing`" in said
+        assert "org/base:" not in said and "org/e1:" not in said and said.count(cache) == 1, said
+
+
 def test_without_huggingface_hub_a_hub_reference_names_the_extra(monkeypatch, model_sets, tmp_path):
     import sys
 
