@@ -60,7 +60,7 @@ def _local_part(part: str, cache_dir: str | None) -> str:
         return name
     if "@" in revision or not _REPO_ID.fullmatch(name) or "--" in name or ".." in name:
         return part  # not a repository id: a path that does not exist
-    hub = require("huggingface_hub", "hf", "models named by their Hugging Face Hub id")
+    hub = require("huggingface_hub", "hf", "a model named by its Hugging Face Hub id")
     try:
         return hub.snapshot_download(name, revision=revision or None, cache_dir=cache_dir, local_files_only=True)
     except Exception as e:  # huggingface_hub: LocalEntryNotFoundError (not cached), HFValidationError, OSError

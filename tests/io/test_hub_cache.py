@@ -176,5 +176,6 @@ def test_without_huggingface_hub_a_hub_reference_names_the_extra(monkeypatch, mo
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     base, e1, e2, _ = model_sets("llama")
     merge(parse_config(ties(base, e1, e2)), str(tmp_path / "local"), MergeOptions(quiet=True))  # local: not needed
-    with pytest.raises(MissingExtraError, match=r'needs huggingface_hub: pip install "merge_engine\[hf\]"'):
+    with pytest.raises(MissingExtraError, match=r'^a model named by its Hugging Face Hub id needs huggingface_hub: '
+                                                r'pip install "merge_engine\[hf\]"$'):
         merge(parse_config(ties(base, "org/e1", e2)), str(tmp_path / "out"), MergeOptions(quiet=True))
