@@ -162,11 +162,12 @@ def merge(config: MergeConfig | dict | str | os.PathLike, out_dir: str | os.Path
     ranks = current_ranks()
     lap = _Laps()
     with every_rank(ranks, "planning"):
-        cfg = as_merge_config(config, options.hub_cache)
+        hub_cache = cache_folder(options.hub_cache)
+        cfg = as_merge_config(config, hub_cache)
         lap("config")
         device = rank_device(check_options(out_dir, options), ranks)
         plan = build_plan(cfg, options.allow_crimes, options.unsafe_truncate_embeddings, options.lora_merge_dtype,
-                          options.expert_layout, cache_folder(options.hub_cache))
+                          options.expert_layout, hub_cache)
         check_output_outside_inputs(out_dir, plan)
         check_donor_files(plan)
         check_chat_template_extra(plan, options)
@@ -289,7 +290,6 @@ def check_options(out_dir: str, options: MergeOptions) -> torch.device:
         raise MergeEngineError(f"direct_io must be one of {', '.join(DIRECT_IO_MODES)}, not {options.direct_io!r}")
     check_expert_layout(options.expert_layout)
     check_seed_and_lora_dtype(options.random_seed, options.lora_merge_dtype)
-    cache_folder(options.hub_cache)
     device = resolve_device(options.device)
     if device.type == "cuda":
         check_gpu_backend_choice()

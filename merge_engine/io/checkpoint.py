@@ -65,15 +65,17 @@ def split_layer_name(name: str) -> tuple[str, int, str] | None:
 def read_weight_header(path: str) -> tuple[dict[str, TensorInfo], tuple[int, ...]]:
     """A weight file's tensors and identity: a .safetensors file by its header, any other by torch.save's zip
     format (as mergekit tells them apart: by the name's suffix)."""
-    if path.lower().endswith(".safetensors"):
-        return read_header_and_identity(path)
-    return read_pickle_header_and_identity(path)
+    return read_header_and_identity(path) if _is_safetensors(path) else read_pickle_header_and_identity(path)
+
+
+def _is_safetensors(path: str) -> bool:
+    return path.lower().endswith(".safetensors")
 
 
 def require_safetensors(ckpt: "Checkpoint", rewrite: str) -> None:
     """CheckpointError where the checkpoint's weights are torch.save pickle files, which `rewrite` (an operation that
     keeps the model's own files and offsets) cannot write."""
-    pickled = sorted({info.file for info in ckpt.tensors.values() if not info.file.lower().endswith(".safetensors")})
+    pickled = sorted({info.file for info in ckpt.tensors.values() if not _is_safetensors(info.file)})
     if pickled:
         raise CheckpointError(f"{pickled[0]}: a torch.save pickle file; {rewrite} keeps a model's own safetensors "
                               "files and cannot rewrite it. Merge it once into safetensors (a passthrough merge "
@@ -159,9 +161,8 @@ class Checkpoint:
     def _read_headers(self) -> dict[str, TensorInfo]:
         """The tensors of the folder's weight files, chosen as mergekit chooses: model.safetensors's index or the
         file, else pytorch_model.bin's, else (where mergekit refuses) every .safetensors file."""
-        for index in (INDEX_FILE, PICKLE_INDEX_FILE):
-            if index == PICKLE_INDEX_FILE and os.path.exists(os.path.join(self.path, SINGLE_FILE)):
-                break
+        pickle_index = () if os.path.exists(os.path.join(self.path, SINGLE_FILE)) else (PICKLE_INDEX_FILE,)
+        for index in (INDEX_FILE, *pickle_index):
             if os.path.lexists(os.path.join(self.path, index)):  # a dangling link too: refused, not passed over
                 return self._read_sharded(inside_folder(self.path, index, self.path))
         files = _weight_files(self.path)
