@@ -1,12 +1,14 @@
 """mergekit 0.1.x YAML configs: parsing and whole-config validation (every problem reported at once).
 
 A `models:` config is normalised the way mergekit does it: one slice spanning every layer, with the
-base model appended as an input when it is not listed.
+base model appended as an input when it is not listed. A `modules:` config is each module's slices (its
+`models:` normalised so) one after the other, each slice naming its module.
 """
 from __future__ import annotations
 
 import difflib
 import io
+import reprlib
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +56,9 @@ class Slice:
     sources: list[Source]
     base_model: str | None = None
     parameters: dict[str, Any] | None = None
+    where: str = "models"  # how messages name it: "models", "slices[2]", "modules.vision_tower.models"
+    module: str | None = None  # the module of a `modules:` config it belongs to
+    module_parameters: dict[str, Any] | None = None  # that module's parameters (between the slice's and the config's)
 
 
 @dataclass
@@ -92,6 +97,7 @@ class MergeConfig:
     tokenizer: TokenizerSpec | None = None
     chat_template: str | None = None  # "auto", a built-in name or a Jinja template
     parameters: dict[str, Any] | None = None
+    modules: list[str] = field(default_factory=list)  # a `modules:` config's modules, in its order
     raw: dict = field(default_factory=dict)  # the config as the user wrote it
     # the YAML file's text, when the config was read from one: saved beside the output as it is, as mergekit saves it
     # (else the output gets raw as YAML)
@@ -99,6 +105,11 @@ class MergeConfig:
 
     def slice_base(self, s: Slice) -> str | None:
         return s.base_model or self.base_model
+
+    def scopes(self, s: Slice) -> list[dict[str, Any] | None]:
+        """The parameter scopes above a slice's sources, most specific first: the slice's, its module's, the
+        config's (as mergekit's ConfigReader yields them)."""
+        return [s.parameters, s.module_parameters, self.parameters]
 
     def referenced_models(self) -> list[str]:
         seen = dict.fromkeys([self.base_model] if self.base_model else [])
@@ -224,23 +235,22 @@ def parse_config(raw: Any, source: str | None = None, strict: bool = False) -> M
     cfg.out_dtype = _dtype(raw, "out_dtype", problems)
     cfg.tokenizer = _tokenizer(raw, problems)
     cfg.chat_template = _chat_template(raw, problems)
-    if raw.get("modules") is not None:
-        problems.append("'modules' is not supported by merge_engine yet (remove it, or use mergekit for this config)")
     forms = [k for k in ("models", "slices", "modules") if raw.get(k)]
     if len(forms) != 1:
-        problems.append("exactly one of 'models' or 'slices' must be given"
+        problems.append("exactly one of 'models', 'slices' or 'modules' must be given"
                         + (f" (found {forms})" if forms else ""))
     elif forms[0] == "models":
         cfg.slices = [_models_slice(raw["models"], cfg.base_model, problems)]
     elif forms[0] == "slices":
         cfg.slices = _slices(raw["slices"], problems)
+    else:
+        cfg.modules, cfg.slices = _modules(raw["modules"], cfg.base_model, problems)
     _check_parameters(cfg, problems, strict)
     _check_side_inputs(cfg, problems)
     _warn_repeated_models(cfg)
     if method:
-        for i, s in enumerate(cfg.slices):
-            where = "models" if "models" in raw else f"slices[{i}]"
-            problems += method.input_problems([src.model for src in s.sources], cfg.slice_base(s), where)
+        for s in cfg.slices:
+            problems += method.input_problems([src.model for src in s.sources], cfg.slice_base(s), s.where)
     if problems:
         raise ConfigError(problems, source, raw)
     return cfg
@@ -360,9 +370,14 @@ def _vocabulary_source(value: Any, where: str, problems: list[str]) -> str | Non
 
 
 def _unknown_keys(raw: dict, top: str) -> list[tuple[str, list]]:
-    """(where, keys) for the keys mergekit's schema drops, at the top level and in `tokenizer:` (its tokens and
-    their sources): ignored with a warning, as mergekit ignores them, or refused by --strict."""
+    """(where, keys) for the keys mergekit's schema drops, at the top level, in each module of `modules:` and in
+    `tokenizer:` (its tokens and their sources): ignored with a warning, as mergekit ignores them, or refused by
+    --strict."""
     found = [(top, set(raw) - _KNOWN_KEYS)]
+    modules = raw.get("modules")
+    for name, module in modules.items() if isinstance(modules, dict) else ():
+        if isinstance(module, dict):
+            found.append((f"modules.{name}", set(module) - {"models", "slices", "parameters"}))
     full = raw.get("tokenizer")
     if isinstance(full, dict):
         found.append(("tokenizer", set(full) - {"source", "tokens", "pad_to_multiple_of"}))
@@ -432,30 +447,30 @@ def _chat_template(raw: dict, problems: list[str]) -> str | None:
     return template
 
 
-def _models_slice(models: Any, base: str | None, problems: list[str]) -> Slice:
+def _models_slice(models: Any, base: str | None, problems: list[str], key: str = "models") -> Slice:
     sources = []
     for i, entry in enumerate(models if isinstance(models, list) else []):
         if not isinstance(entry, dict) or "model" not in entry:
-            problems.append(f"models[{i}]: expected {{model: PATH, parameters: {{...}}}}, got {entry!r}")
+            problems.append(f"{key}[{i}]: expected {{model: PATH, parameters: {{...}}}}, got {entry!r}")
             continue
-        model = _model_ref(entry["model"], f"models[{i}].model", problems)
+        model = _model_ref(entry["model"], f"{key}[{i}].model", problems)
         if model:
-            sources.append(Source(model, None, _params_dict(entry, f"models[{i}]", problems),
-                                  _side_paths(entry, f"models[{i}]", problems)))
+            sources.append(Source(model, None, _params_dict(entry, f"{key}[{i}]", problems),
+                                  _side_paths(entry, f"{key}[{i}]", problems)))
     if not isinstance(models, list):
-        problems.append(f"models: expected a list, got {models!r}")
+        problems.append(f"{key}: expected a list, got {models!r}")
     if base and base not in [s.model for s in sources]:
         sources.append(Source(base, None, None))
-    return Slice(sources)
+    return Slice(sources, where=key)
 
 
-def _slices(slices: Any, problems: list[str]) -> list[Slice]:
+def _slices(slices: Any, problems: list[str], key: str = "slices") -> list[Slice]:
     if not isinstance(slices, list):
-        problems.append(f"slices: expected a list, got {slices!r}")
+        problems.append(f"{key}: expected a list, got {slices!r}")
         return []
     out = []
     for i, s in enumerate(slices):
-        where = f"slices[{i}]"
+        where = f"{key}[{i}]"
         if not isinstance(s, dict) or not isinstance(s.get("sources"), list) or not s["sources"]:
             problems.append(f"{where}: expected {{sources: [{{model, layer_range}}, ...]}}")
             continue
@@ -476,8 +491,33 @@ def _slices(slices: Any, problems: list[str]) -> list[Slice]:
         if len(lengths) > 1:
             problems.append(f"{where}: all sources of a slice must span the same number of layers, got {sorted(lengths)}")
         base = _model_ref(s.get("base_model"), f"{where}.base_model", problems, optional=True)
-        out.append(Slice(sources, base, _params_dict(s, where, problems)))
+        out.append(Slice(sources, base, _params_dict(s, where, problems), where))
     return out
+
+
+def _modules(modules: Any, base: str | None, problems: list[str]) -> tuple[list[str], list[Slice]]:
+    """`modules: {NAME: {models | slices, parameters}}`: the module names, and every module's slices in order."""
+    if not isinstance(modules, dict):
+        problems.append(f"modules: expected a mapping of module name -> {{models | slices, parameters}}, got "
+                        f"{reprlib.repr(modules)}")
+        return [], []
+    names, slices = [], []
+    for name, module in modules.items():
+        key = f"modules.{name}"
+        if not isinstance(name, str) or not name:
+            problems.append(f"modules: module names are strings (text_decoder, vision_tower, ...), got {name!r}")
+            continue
+        if not isinstance(module, dict) or bool(module.get("models")) == bool(module.get("slices")):
+            problems.append(f"{key}: expected exactly one of 'models' or 'slices' (and optionally 'parameters')")
+            continue
+        parameters = _params_dict(module, key, problems)
+        own = ([_models_slice(module["models"], base, problems, f"{key}.models")] if module.get("models")
+               else _slices(module["slices"], problems, f"{key}.slices"))
+        for s in own:
+            s.module, s.module_parameters = name, parameters
+        names.append(name)
+        slices += own
+    return names, slices
 
 
 def _params_dict(entry: dict, where: str, problems: list[str]) -> dict | None:
@@ -512,27 +552,28 @@ def _check_side_inputs(cfg: MergeConfig, problems: list[str]) -> None:
     if not cfg.method:
         return
     needed, unused = cfg.method.side_inputs, set()
-    for i, s in enumerate(cfg.slices):
-        where = "models" if "models" in cfg.raw else f"slices[{i}]"
+    for s in cfg.slices:
         for src in s.sources:
             unused.update(k for k in src.side if k not in needed)
             if cfg.method.base != "ignored" and src.model == cfg.slice_base(s):
                 continue
             for kind in needed:
                 if kind not in src.side:
-                    problems.append(f"{where}[{src.model}]: merge method '{cfg.method.name}' needs '{kind}: PATH' "
+                    problems.append(f"{s.where}[{src.model}]: merge method '{cfg.method.name}' needs '{kind}: PATH' "
                                     f"for this model (the folder written by `{WRITTEN_BY[kind]}`)")
     if unused:
         warnings.warn(f"{sorted(unused)} given but not used by merge method '{cfg.method.name}'; ignored")
 
 
 def parameter_scopes(cfg: MergeConfig) -> list[tuple[str, dict | None]]:
-    """(where, parameters) of every scope of the config: its own, each slice's and each slice source's."""
+    """(where, parameters) of every scope of the config: its own, each module's, each slice's and each slice
+    source's."""
     scopes = [("parameters", cfg.parameters)]
-    for i, s in enumerate(cfg.slices):
-        prefix = "models" if "models" in cfg.raw else f"slices[{i}]"
-        scopes.append((f"{prefix}.parameters", s.parameters))
-        scopes += [(f"{prefix}[{src.model}].parameters", src.parameters) for src in s.sources]
+    modules = {s.module: s.module_parameters for s in cfg.slices if s.module is not None}
+    scopes += [(f"modules.{name}.parameters", parameters) for name, parameters in modules.items()]
+    for s in cfg.slices:
+        scopes.append((f"{s.where}.parameters", s.parameters))
+        scopes += [(f"{s.where}[{src.model}].parameters", src.parameters) for src in s.sources]
     return scopes
 
 
@@ -590,12 +631,11 @@ def _check_parameters(cfg: MergeConfig, problems: list[str], strict: bool = Fals
 
 
 def _warn_repeated_models(cfg: MergeConfig) -> None:
-    for i, s in enumerate(cfg.slices):
+    for s in cfg.slices:
         models = [src.model for src in s.sources]
         repeated = sorted({m for m in models if models.count(m) > 1})
         if repeated:
-            where = "models" if "models" in cfg.raw else f"slices[{i}]"
-            warnings.warn(f"{where}: {', '.join(repeated)} listed more than once: each listing counts as a model "
+            warnings.warn(f"{s.where}: {', '.join(repeated)} listed more than once: each listing counts as a model "
                           "(mergekit 0.1.5 refuses this: Duplicate merge inputs)")
 
 
@@ -610,9 +650,9 @@ def _check_required(cfg: MergeConfig, problems: list[str]) -> None:
     """Required parameters given nowhere in a tensor's scope chain (filters are checked per tensor later)."""
     if not cfg.method:
         return
-    for i, s in enumerate(cfg.slices):
-        where = "models" if "models" in cfg.raw else f"slices[{i}]"
-        chain = [s.parameters or {}, cfg.parameters or {}]
+    for s in cfg.slices:
+        where = s.where
+        chain = [scope or {} for scope in cfg.scopes(s)]
         for spec in (p for p in cfg.method.params if p.required):
             if spec.scope == Scope.SHARED:
                 if not any(gives(scope, spec.name) for scope in chain):

@@ -69,6 +69,7 @@ from merge_engine.io.lora import open_model
 from merge_engine.io.untrusted import inside_folder, is_file_name, is_int, open_regular
 from merge_engine.io.writer import ShardedWriter, check_output_apart, check_output_dir, plan_shards
 from merge_engine.methods import MergeMethod, TensorGroup
+from merge_engine.model_modules import config_scope, module_layouts, with_config_value
 from merge_engine.ops import backends
 from merge_engine.plan import TIED_HEADS, MergePlan, TensorJob, build_plan
 from merge_engine.progress import progress_bar
@@ -368,7 +369,10 @@ def load_checked_config(path: str, strict: bool = False, hub_cache: str | None =
 
 def folder_problems(raw: object, hub_cache: str | None = None) -> list[str]:
     """What is wrong with the model folders a (possibly invalid) config mapping names, read from headers."""
-    sections = [raw] + (raw.get("slices") if isinstance(raw, dict) and isinstance(raw.get("slices"), list) else [])
+    modules = raw.get("modules") if isinstance(raw, dict) else None
+    containers = [raw] + [m for m in modules.values() if isinstance(m, dict)] if isinstance(modules, dict) else [raw]
+    sections = [section for c in containers if isinstance(c, dict)
+                for section in [c] + (c["slices"] if isinstance(c.get("slices"), list) else [])]
     refs = []
     for section in (s for s in sections if isinstance(s, dict)):
         refs.append(section.get("base_model"))
@@ -617,7 +621,8 @@ def output_model_config(plan: MergePlan) -> dict:
         if key in model_config:
             model_config[key] = plan.num_layers
     if plan.num_layers is not None:
-        model_config.update(per_layer_entries(plan))
+        model_config.update(per_layer_entries(plan, "", plan.layer_sources))
+    model_config = with_module_layer_counts(plan, model_config)
     planned = {job.out_name for job in plan.jobs}
     if model_config.get("tie_word_embeddings") and any(h in planned and h not in plan.donor.tensors for h in TIED_HEADS):
         # a head merged from inputs that have one, where the donor ties its head to the embeddings: the output has a
@@ -643,24 +648,41 @@ PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers", "layers_block_type", "
                          "attention_layers")
 
 
-def per_layer_entries(plan: MergePlan) -> dict:
+def with_module_layer_counts(plan: MergePlan, model_config: dict) -> dict:
+    """model_config with each sliced module's layer count (a modules: config), in every config.json key that counts
+    that module's layers (Qwen2-VL's language model: num_hidden_layers and text_config.num_hidden_layers), and the
+    per-layer lists beside them rebuilt. mergekit sets one key per module, and transformers then loads a Qwen2-VL
+    merge of other depth with the layers beyond text_config's count dropped."""
+    layouts = module_layouts(model_config) or {}
+    for module, layer_sources in plan.module_layers.items():
+        for key in layouts[module].layer_keys:
+            model_config = with_config_value(model_config, key, len(layer_sources))
+            scope = key.rpartition(".")[0]
+            if config_scope(model_config, scope) is not None:
+                rebuilt = per_layer_entries(plan, scope, layer_sources)
+                for name, entries in rebuilt.items():
+                    model_config = with_config_value(model_config, f"{scope}.{name}".lstrip("."), entries)
+    return model_config
+
+
+def per_layer_entries(plan: MergePlan, scope: str, layer_sources: list[tuple[str, int]]) -> dict:
     """The donor config's lists of one entry per layer (PER_LAYER_CONFIG_KEYS: layer_types, each layer's
-    attention; SmolLM3's no_rope_layers...), rebuilt for the output's layers: each takes the entry of the layer it
-    was merged from (its slice's first source), in that model's config; a list that comes out as the donor's is left
-    as written. mergekit keeps the donor's lists, which transformers refuses to load once the layer count has
-    changed. Other lists (token ids, lists of layer indices such as moe_layers) are left as they are, whatever their
-    length."""
+    attention; SmolLM3's no_rope_layers...) in its sub-config `scope` ("": the config itself; "text_config"), rebuilt
+    for the output's layers (layer_sources): each takes the entry of the layer it was merged from (its slice's first
+    source), in that model's config; a list that comes out as the donor's is left as written. mergekit keeps the
+    donor's lists, which transformers refuses to load once the layer count has changed. Other lists (token ids,
+    lists of layer indices such as moe_layers) are left as they are, whatever their length."""
     def layer_count(config: dict):
         return next((config[k] for k in LAYER_COUNT_KEYS if isinstance(config.get(k), int)), None)
 
-    donor = plan.donor.config
+    donor = config_scope(plan.donor.config, scope) or {}
     rebuilt = {}
     for key, entries in donor.items():
         if key not in PER_LAYER_CONFIG_KEYS or not isinstance(entries, list) or len(entries) != layer_count(donor):
             continue
         sources = []
-        for ref, layer in plan.layer_sources:
-            theirs = plan.models[ref].config
+        for ref, layer in layer_sources:
+            theirs = config_scope(plan.models[ref].config, scope) or {}
             sources.append((theirs[key] if layer_count(theirs) == len(theirs.get(key) or ()) else entries, layer))
         if all(layer < len(source) for source, layer in sources):
             output_entries = [source[layer] for source, layer in sources]

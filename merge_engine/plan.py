@@ -21,14 +21,17 @@ from merge_engine.io.experts import with_expert_layout
 from merge_engine.io.grams import gram_folder
 from merge_engine.io.hub_cache import resolve_references
 from merge_engine.io.lora import CONV1D_MODEL_TYPES, open_model
+from merge_engine.model_modules import DEFAULT_MODULE, MODULES, ModuleLayout, module_layouts, module_of
 from merge_engine.parameters import Scope, resolve
 from merge_engine.vocabulary import RowRecipe, Vocabulary, build_vocabulary, truncated_rows
 
 log = logging.getLogger("merge_engine")
 # Outside the layers, embeddings and position encodings come before them (the first slice's sources and
 # parameters merge them), norms and heads after (the last slice's), as mergekit's architectures list them
-# (GPT-NeoX's output head is embed_out; ChatGLM's rotary inverse frequencies and Jais's ALiBi slopes come first).
-_PRE_LAYER_MARKERS = ("embed", "wte", "wpe", "rotary_pos_emb", "relative_pe")
+# (GPT-NeoX's output head is embed_out; ChatGLM's rotary inverse frequencies and Jais's ALiBi slopes come first;
+# so do a vision tower's patch convolution and the norm after it, and Whisper's audio convolutions).
+_PRE_LAYER_MARKERS = ("embed", "wte", "wpe", "rotary_pos_emb", "relative_pe", "patch_conv", "ln_pre", "layernorm_pre",
+                      ".conv1.", ".conv2.")
 _POST_LAYER_MARKERS = ("embed_out",)
 
 
@@ -87,6 +90,8 @@ class MergePlan:
     num_layers: int | None = 0  # layers of the output model (None: several stacks, each kept as it is)
     layer_sources: list[tuple[str, int]] = field(default_factory=list)  # per output layer: its slice's first
     # source (model, layer), whose per-layer config entries (layer_types...) it takes
+    module_layers: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # a modules: config's: per module
+    # with one layer stack, its layer_sources
     missing_side: dict[str, list[str]] = field(default_factory=dict)  # side folder -> tensors it lacks
     side_used: set[str] = field(default_factory=set)  # side folders (as the config names them) holding some tensor's statistics
     missing_grams: dict[str, list[str]] = field(default_factory=dict)  # Gram folder -> weights others' Grams cover
@@ -165,29 +170,14 @@ def build_plan(cfg: MergeConfig, allow_crimes: bool = False, truncate_vocabulary
             f"{ref}: {'/'.join(a) or _no_architecture(plan.models[ref])}" for ref, a in architectures.items())
             + "); pass --allow-crimes to merge anyway")
     layer_index = {ref: _layer_index(ckpt) for ref, ckpt in plan.models.items()}
-    first, last = cfg.slices[0], cfg.slices[-1]
-    template = plan.models[first.sources[0].model]
-    stacks = layer_index[first.sources[0].model]
-    one_stack = len(stacks) <= 1  # (several: _plan_stacks compares them, and slices are refused)
-    if one_stack:
-        problems += _layer_count_problems(plan, layer_index)
-    ranges = [_layer_ranges(s, plan.models, problems) for s in cfg.slices] if one_stack and not problems else []
-    if problems:
+    known = len(problems)
+    layouts = _module_layouts(plan, problems)
+    if len(problems) > known:
         raise ConfigError(problems, "inputs")
-    outside = [n for n in template.tensors if split_layer_name(n) is None]
-    outside += [n for n in TIED_HEADS if n not in outside and any(n in plan.models[src.model].tensors
-                                                                  for src in last.sources)]
-    pre = [n for n in outside if before_layers(n)]
-    post = [n for n in outside if n not in pre]
-    for name in pre:
-        _plan_tensor(plan, first, name, _input_names(plan, first, name), 0.0, problems, outside_layers=True)
-    if len(stacks) > 1:
-        _plan_stacks(plan, layer_index, problems)
+    if layouts is None:
+        _plan_whole_model(plan, layer_index, problems)
     else:
-        _plan_slices(plan, next(iter(stacks), "model.layers"), layer_index, ranges, problems)
-    for name in post:
-        _plan_tensor(plan, last, name, _input_names(plan, last, name), 0.0, problems, outside_layers=True)
-    _check_unplanned_outside(plan, set(outside), problems)
+        _plan_modules(plan, layouts, layer_index, problems)
     if plan.vocabulary and plan.jobs and not plan.unaligned and not any(job.rows for job in plan.jobs):
         problems.append("the config sets a tokenizer, but no tensor has as many rows as its model's vocab_size ("
                         + ", ".join(f"{ref}: {n}" for ref, n in plan.vocabulary.vocab_size.items())
@@ -215,10 +205,140 @@ def build_plan(cfg: MergeConfig, allow_crimes: bool = False, truncate_vocabulary
     return plan
 
 
-def _plan_slices(plan: MergePlan, prefix: str, layer_index: dict, ranges: list[list[tuple[int, int]]],
-                 problems: list[str]) -> None:
-    """The layers of a one-stack model, slice by slice: output layers numbered in order, t over each slice."""
-    for s, lr in zip(plan.config.slices, ranges):
+def _plan_whole_model(plan: MergePlan, layer_index: dict, problems: list[str]) -> None:
+    """Every tensor of the first model: outside the layers with the first or last slice, the layers slice by slice
+    (several stacks: each in place, _plan_stacks)."""
+    cfg = plan.config
+    first, last = cfg.slices[0], cfg.slices[-1]
+    template = plan.models[first.sources[0].model]
+    stacks = layer_index[first.sources[0].model]
+    one_stack = len(stacks) <= 1  # (several: _plan_stacks compares them, and slices are refused)
+    if one_stack:
+        problems += _layer_count_problems(plan, layer_index)
+    ranges = [_layer_ranges(s, plan.models, problems) for s in cfg.slices] if one_stack and not problems else []
+    if problems:
+        raise ConfigError(problems, "inputs")
+    outside = [n for n in template.tensors if split_layer_name(n) is None]
+    outside += [n for n in TIED_HEADS if n not in outside and any(n in plan.models[src.model].tensors
+                                                                  for src in last.sources)]
+    pre = [n for n in outside if before_layers(n)]
+    for name in pre:
+        _plan_tensor(plan, first, name, _input_names(plan, first, name), 0.0, problems, outside_layers=True)
+    if len(stacks) > 1 and (len(cfg.slices) > 1 or any(src.layer_range for src in first.sources)):
+        modules = module_layouts(template.config)
+        sizes = ", ".join(f"{prefix}: {len(layers)}" for prefix, layers in stacks.items())
+        problems.append(f"{first.sources[0].model} has {len(stacks)} layer stacks ({sizes}), so layer slices are "
+                        "ambiguous; merge it with a models: config" + (
+                            f", or a modules: config with slices in its modules ({', '.join(modules)})"
+                            if modules else ""))
+    elif len(stacks) > 1:
+        plan.num_layers = None
+        _plan_stacks(plan, first, list(stacks), layer_index, problems)
+    else:
+        plan.layer_sources = _plan_slices(plan, cfg.slices, next(iter(stacks), "model.layers"), layer_index, ranges,
+                                          problems)
+        plan.num_layers = len(plan.layer_sources)
+    for name in (n for n in outside if n not in pre):
+        _plan_tensor(plan, last, name, _input_names(plan, last, name), 0.0, problems, outside_layers=True)
+    _check_unplanned_outside(plan, set(outside), problems)
+
+
+def _module_layouts(plan: MergePlan, problems: list[str]) -> dict[str, ModuleLayout] | None:
+    """The modules of a `modules:` config's architecture (None: not such a config, or its only module is
+    `default`, the whole model)."""
+    cfg = plan.config
+    if not cfg.modules:
+        return None
+    ref = cfg.slices[0].sources[0].model
+    layouts = module_layouts(plan.models[ref].config)
+    architecture = "/".join(plan.models[ref].config.get("architectures") or ()) or _no_architecture(plan.models[ref])
+    known = list(layouts or [DEFAULT_MODULE])
+    unknown = [m for m in cfg.modules if m not in known]
+    if unknown:
+        several = f"the architectures with several: {', '.join(sorted(MODULES))}"
+        problems.append(f"modules: {', '.join(map(repr, unknown))} is not a module of {ref} ({architecture}), whose "
+                        f"modules are {', '.join(known)}" + ("" if layouts else f" ({several})"))
+    return layouts
+
+
+def _plan_modules(plan: MergePlan, layouts: dict[str, ModuleLayout], layer_index: dict, problems: list[str]) -> None:
+    """A `modules:` config: each module's tensors from its own slices, its layers numbered from 0, as mergekit plans
+    them. Tensors of modules the config leaves out (and of none) are not written, as in mergekit."""
+    cfg = plan.config
+    plan.num_layers = None
+    template = plan.models[cfg.slices[0].sources[0].model]
+    left_out: dict[str, int] = {}
+    for name in template.tensors:
+        module = module_of(layouts, name)
+        if module not in cfg.modules:
+            left_out[module or "(no module)"] = left_out.get(module or "(no module)", 0) + 1
+    if left_out:
+        log.warning("%s: the config's modules: leaves out %s; their tensors are not written (mergekit writes only the "
+                    "modules a modules: config names), and the output loads with them missing", template.path,
+                    " and ".join(f"{module} ({n} tensor{'s' if n > 1 else ''})" for module, n in left_out.items()))
+    for module in cfg.modules:
+        slices = [s for s in cfg.slices if s.module == module]
+        layer_sources = _plan_module(plan, module, slices, layouts, layer_index, problems)
+        if layer_sources is not None:
+            plan.module_layers[module] = layer_sources
+
+
+def _plan_module(plan: MergePlan, module: str, slices: list[Slice], layouts: dict[str, ModuleLayout],
+                 layer_index: dict, problems: list[str]) -> list[tuple[str, int]] | None:
+    """One module, as a one-stack model is planned: its tensors outside the layers with its first or last slice,
+    its layers slice by slice. The output layers' sources (None: the module has no stack, or several)."""
+    first, last = slices[0], slices[-1]
+    template = plan.models[first.sources[0].model]
+    names = [n for n in template.tensors if module_of(layouts, n) == module]
+    outside = [n for n in names if split_layer_name(n) is None]
+    outside += [n for n in TIED_HEADS if module_of(layouts, n) == module and n not in outside
+                and any(n in plan.models[src.model].tensors for src in last.sources)]
+    stacks = list(dict.fromkeys(parts[0] for parts in map(split_layer_name, names) if parts))
+    pre = [n for n in outside if before_layers(n)]
+    for name in pre:
+        _plan_tensor(plan, first, name, _input_names(plan, first, name), 0.0, problems, outside_layers=True)
+    layer_sources = None
+    if len(stacks) == 1:
+        ranges = [_module_layer_ranges(s, stacks[0], layer_index, problems) for s in slices]
+        if all(ranges):
+            layer_sources = _plan_slices(plan, slices, stacks[0], layer_index, ranges, problems)
+    elif len(slices) > 1 or any(src.layer_range for s in slices for src in s.sources):
+        problems.append(f"{first.where}: module '{module}' has " + (f"{len(stacks)} layer stacks ({', '.join(stacks)})"
+                        if stacks else "no layers") + ", so it takes one models: entry, not layer slices")
+    elif stacks:
+        _plan_stacks(plan, first, stacks, layer_index, problems)
+    for name in (n for n in outside if n not in pre):
+        _plan_tensor(plan, last, name, _input_names(plan, last, name), 0.0, problems, outside_layers=True)
+    return layer_sources
+
+
+def _module_layer_ranges(s: Slice, prefix: str, layer_index: dict, problems: list[str]
+                         ) -> list[tuple[int, int]] | None:
+    """Each source's layer range in a module's stack (a models: entry: all its layers), checked against the layers
+    its tensors hold; None with the problems appended."""
+    ranges, known = [], len(problems)
+    for src in s.sources:
+        held = sorted(layer_index[src.model].get(prefix, {}))
+        if held != list(range(len(held))):
+            problems.append(f"{src.model}: the layers of '{prefix}' are not numbered 0 to {len(held) - 1} (missing "
+                            f"tensors?)")
+        a, b = src.layer_range or (0, len(held))
+        if b > len(held):
+            problems.append(f"{s.where}[{src.model}]: layer_range [{a}, {b}) is outside the {len(held)} layers of "
+                            f"'{prefix}'")
+        ranges.append((a, b))
+    if len({b - a for a, b in ranges}) > 1:
+        problems.append(f"{s.where}: models with different layer counts in '{prefix}' cannot be merged layer by layer: "
+                        + ", ".join(f"{src.model} ({b - a})" for src, (a, b) in zip(s.sources, ranges)))
+    return ranges if len(problems) == known else None
+
+
+def _plan_slices(plan: MergePlan, slices: list[Slice], prefix: str, layer_index: dict,
+                 ranges: list[list[tuple[int, int]]], problems: list[str]) -> list[tuple[str, int]]:
+    """The layers of one stack, slice by slice: output layers numbered in order from 0, t over each slice. Per
+    output layer, its slice's first source (model, layer), whose per-layer config entries it takes."""
+    layer_sources: list[tuple[str, int]] = []
+    for s, lr in zip(slices, ranges):
         n = lr[0][1] - lr[0][0]
         for offset in range(n):
             t = offset / (n - 1) if n > 1 else 1.0
@@ -228,9 +348,9 @@ def _plan_slices(plan: MergePlan, prefix: str, layer_index: dict, ranges: list[l
             for suffix in suffixes:
                 names = [layer_index[src.model].get(prefix, {}).get(layer, {}).get(suffix, f"<layer {layer}>.{suffix}")
                          for src, layer in zip(s.sources, src_layers)]
-                _plan_tensor(plan, s, f"{prefix}.{plan.num_layers}.{suffix}", names, t, problems)
-            plan.layer_sources.append((s.sources[0].model, src_layers[0]))
-            plan.num_layers += 1
+                _plan_tensor(plan, s, f"{prefix}.{len(layer_sources)}.{suffix}", names, t, problems)
+            layer_sources.append((s.sources[0].model, src_layers[0]))
+    return layer_sources
 
 
 def _lacking_in_template(s: Slice, prefix: str, src_layers: list[int], layer_index: dict) -> list[str]:
@@ -245,24 +365,18 @@ def _lacking_in_template(s: Slice, prefix: str, src_layers: list[int], layer_ind
             "inputs have it)" for x in sorted(lacking)]
 
 
-def _plan_stacks(plan: MergePlan, layer_index: dict, problems: list[str]) -> None:
-    """The layers of a model with several stacks (a vision tower beside a language model, an encoder and a
-    decoder), as mergekit does for multi-module architectures: `models:` only, each stack merged layer by
-    layer in place, t over that stack's layers."""
-    s = plan.config.slices[0]
-    template = layer_index[s.sources[0].model]
+def _plan_stacks(plan: MergePlan, s: Slice, prefixes: list[str], layer_index: dict, problems: list[str]) -> None:
+    """The layers of several stacks (a vision tower beside a language model, an encoder and a decoder), as mergekit
+    does for multi-module architectures: one models: slice s, each stack merged layer by layer in place, t over that
+    stack's layers."""
+    template = {prefix: layer_index[s.sources[0].model][prefix] for prefix in prefixes}
     sizes = ", ".join(f"{prefix}: {len(layers)}" for prefix, layers in template.items())
-    if len(plan.config.slices) > 1 or any(src.layer_range for src in s.sources):
-        problems.append(f"{s.sources[0].model} has {len(template)} layer stacks ({sizes}), so layer slices are "
-                        "ambiguous; merge it with a models: config")
-        return
     for src in s.sources:
-        theirs = {prefix: len(layers) for prefix, layers in layer_index[src.model].items()}
+        theirs = {prefix: len(layer_index[src.model].get(prefix, {})) for prefix in prefixes}
         if theirs != {prefix: len(layers) for prefix, layers in template.items()}:
             problems.append(f"{src.model}: layer stacks {theirs} differ from {s.sources[0].model}'s ({sizes})")
     if problems:
         return
-    plan.num_layers = None
     for prefix, layers in template.items():
         n = len(layers)
         for position, i in enumerate(sorted(layers)):
@@ -438,10 +552,10 @@ def resolve_parameters(cfg: MergeConfig, s: Slice, names: list[str], out_name: s
     one is missing or invalid, or when together they make the merge in `compute` meaningless (None: a
     tensor that is copied, not merged)."""
     method, base = cfg.method, cfg.slice_base(s)
-    shared = {p.name: resolve(p, [s.parameters, cfg.parameters], out_name, t, out_name) for p in method.shared_params}
+    shared = {p.name: resolve(p, cfg.scopes(s), out_name, t, out_name) for p in method.shared_params}
     per_model = []
     for src, name in zip(s.sources, names):
-        scopes = [other.parameters for other in s.sources if other.model == src.model] + [s.parameters, cfg.parameters]
+        scopes = [other.parameters for other in s.sources if other.model == src.model] + cfg.scopes(s)
         per_model.append({p.name: resolve(p, scopes, name, t, f"{src.model}: '{name}'")
                           for p in method.model_params if src.model != base or p.scope == Scope.INPUT})
     checked = per_model

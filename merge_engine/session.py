@@ -551,8 +551,8 @@ def own_config(config: MergeConfig | dict | str | os.PathLike) -> MergeConfig:
 
 
 def without_parameters(raw: Any) -> Any:
-    """A raw config less its `parameters` mappings, where mergekit's schema has them (the top level, each model,
-    each slice and each slice's source): what a session's configs must share. Elsewhere (a token named
+    """A raw config less its `parameters` mappings, where mergekit's schema has them (the top level, each module,
+    each model, each slice and each slice's source): what a session's configs must share. Elsewhere (a token named
     "parameters" in tokenizer.tokens) the key is the config's own."""
     if not isinstance(raw, dict):
         return raw
@@ -561,6 +561,8 @@ def without_parameters(raw: Any) -> Any:
         kept["models"] = [_less_parameters(m) for m in kept["models"]]
     if isinstance(kept.get("slices"), list):
         kept["slices"] = [_slice_less_parameters(s) for s in kept["slices"]]
+    if isinstance(kept.get("modules"), dict):
+        kept["modules"] = {name: without_parameters(module) for name, module in kept["modules"].items()}
     return kept
 
 
@@ -705,6 +707,8 @@ def merge_targets(model: torch.nn.Module, plan: MergePlan) -> tuple[dict[str, to
         raise MergeEngineError(f"the live model and the merge's outputs differ: {'; '.join(problems[:10])}"
                                + (f"; ... and {len(problems) - 10} more" if len(problems) > 10 else "")
                                + (_UNLOADABLE.format(donor=plan.donor.path) if any("the merge gives" in p
+                                                                                   for p in problems) else "")
+                               + (_MODULES_LEFT_OUT if plan.config.modules and any("not an output" in p
                                                                                    for p in problems) else ""))
     return targets, cast
 
@@ -717,6 +721,9 @@ _UNLOADABLE = ("; the live model is built from the output's config.json (from {d
                "when the inputs' vocabularies differ in size: take the embeddings and the output head from models of "
                "one vocabulary size, or give a tokenizer setting, e.g. `tokenizer: {{source: base}}`, which aligns "
                "them to one vocabulary)")
+_MODULES_LEFT_OUT = (" (the config's modules: leaves out some of the model's modules, which the engine's output "
+                     "lacks; a session holds the whole model: give every module)")
+
 
 
 def _taken_from(inputs: list | None) -> str:

@@ -148,12 +148,13 @@ class TuneResult:
 
 def tuned_config(raw: dict, lambdas: dict[str, float], default: float) -> dict:
     """The config with `lambda` set per tensor: full tensor names as filters, the old value for the rest. A slice's
-    own `lambda` would outrank these global ones, so it is removed (lambda acts only on the
+    or a module's own `lambda` would outrank these global ones, so it is removed (lambda acts only on the
     regressed tensors, all named here)."""
     out = copy.deepcopy(raw)
-    for s in out.get("slices") or []:
-        if isinstance(s.get("parameters"), dict):
-            s["parameters"].pop("lambda", None)
+    modules = list((out.get("modules") or {}).values())
+    for scope in [*(out.get("slices") or []), *modules, *(s for m in modules for s in m.get("slices") or [])]:
+        if isinstance(scope.get("parameters"), dict):
+            scope["parameters"].pop("lambda", None)
     out.setdefault("parameters", {})
     out["parameters"]["lambda"] = [{"filter": name, "value": lam} for name, lam in lambdas.items()] + [{"value": default}]
     return out

@@ -403,6 +403,96 @@ def test_layer_stacks_identical_to_mergekit(arch, mergekit, write_yaml, folder_t
     assert sorted(n for n in a if not torch.equal(a[n], b[n])) == expected_differences
 
 
+
+def module_slices(*slices, parameters=None) -> dict:
+    """A module of a modules: config: slices given as [(model, (start, end), parameters), ...] per slice."""
+    out = {"slices": [{"sources": [{"model": m, "layer_range": list(r), **({"parameters": p} if p else {})}
+                                   for m, r, p in sources]} for sources in slices]}
+    return {**out, "parameters": parameters} if parameters else out
+
+
+def module_models(*entries, parameters=None) -> dict:
+    out = {"models": [{"model": m, **({"parameters": p} if p else {})} for m, p in entries]}
+    return {**out, "parameters": parameters} if parameters else out
+
+
+# modules: configs (mergekit's syntax for multi-module architectures): each module from its own models or slices, with
+# its own parameters between the slices' and the config's. -> (maker, config builder(base, e1, e2), the config.json
+# keys that differ from mergekit's: a sliced Qwen2-VL language model's count is set in text_config too, where
+# transformers reads it, and its layer_types rebuilt; mergekit sets only the top-level count, and transformers then
+# loads the merge with the layers beyond text_config's count dropped)
+MODULE_CASES = {
+    "qwen2_vl_sliced_text": ("make_qwen2_vl", lambda b, e1, e2: {
+        "merge_method": "task_arithmetic", "base_model": b, "dtype": "float32", "modules": {
+            "text_decoder": module_slices([(b, (0, 2), None), (e1, (1, 3), {"weight": 0.7})],
+                                          [(b, (1, 3), None), (e2, (0, 2), {"weight": [0.2, 0.8]})],
+                                          parameters={"weight": 0.3}),
+            "vision_tower": module_models((e1, {"weight": [0.5, 1.0]})),
+            "multi_modal_projector": module_models((e2, None), parameters={"weight": 0.25})}},
+        ["text_config.layer_types", "text_config.num_hidden_layers"]),
+    "mistral3_ties_sliced_vision": ("make_mistral3", lambda b, e1, e2: {
+        "merge_method": "ties", "base_model": b, "dtype": "float32", "parameters": {"density": 0.6}, "modules": {
+            "text_decoder": module_slices([(b, (0, 3), None), (e1, (0, 3), {"weight": [0.2, 0.9], "density": 0.4}),
+                                           (e2, (0, 3), {"weight": 0.5})]),
+            "vision_tower": module_slices([(b, (0, 2), None), (e1, (0, 2), {"weight": 1.0})],
+                                          [(b, (1, 2), None), (e2, (0, 1), {"weight": 1.0})]),
+            "multi_modal_projector": module_models((e2, {"weight": 0.5}), parameters={"density": 0.9})}}, []),
+    "qwen3_vl_deepstack_gradient": ("make_qwen3_vl", lambda b, e1, e2: {
+        "merge_method": "task_arithmetic", "base_model": b, "dtype": "float32", "modules": {
+            "text_decoder": module_slices([(b, (0, 2), None), (e1, (1, 3), {"weight": [0.1, 0.9]})]),
+            "vision_tower": module_models((e1, {"weight": 0.5}), (e2, {"weight": 0.2})),
+            "multi_modal_projector": module_models((e1, {"weight": [0, 1]}))}}, []),
+    "t5_slerp": ("make_t5", lambda b, e1, e2: {
+        "merge_method": "slerp", "base_model": b, "dtype": "float32", "parameters": {"t": 0.3}, "modules": {
+            "encoder": {"slices": [{"sources": [{"model": b, "layer_range": [0, 2]}, {"model": e1, "layer_range": [0, 2]}],
+                                    "parameters": {"t": [0, 1]}},
+                                   {"sources": [{"model": b, "layer_range": [2, 3]}, {"model": e1, "layer_range": [2, 3]}]}]},
+            "decoder": module_models((b, None), (e2, None), parameters={"t": 0.8}),
+            "shared": module_models((b, None), (e1, None))}}, []),
+    # a module left out is not written, as mergekit writes only the modules a modules: config names
+    "qwen2_vl_text_only": ("make_qwen2_vl", lambda b, e1, e2: {
+        "merge_method": "linear", "dtype": "float32", "modules": {
+            "text_decoder": module_models((b, {"weight": 0.5}), (e1, {"weight": 0.5}))}}, []),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MODULE_CASES))
+def test_modules_configs_identical_to_mergekit(case, mergekit, write_yaml, folder_tensors, tmp_path):
+    import tests.stacked_models
+    maker, build, config_differences = MODULE_CASES[case]
+    config = build(*getattr(tests.stacked_models, maker)(str(tmp_path / "models")))
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    merge(parse_config(config), str(ours), MergeOptions(quiet=True, copy_tokenizer=False))
+    run_mergekit(mergekit, write_yaml(config), str(theirs))
+    a, b = folder_tensors(ours), folder_tensors(theirs)
+    assert set(a) == set(b)
+    assert [n for n in a if a[n].dtype != b[n].dtype or not torch.equal(a[n], b[n])] == []
+    ours_config, theirs_config = (json.loads((d / "config.json").read_text()) for d in (ours, theirs))
+    assert sorted(differing_keys(ours_config, theirs_config)) == config_differences
+
+
+def differing_keys(a: dict, b: dict, at: str = "") -> list[str]:
+    """The dotted keys whose values differ between two config.json mappings."""
+    keys = []
+    for key in {**a, **b}:
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            keys += differing_keys(a[key], b[key], f"{at}{key}.")
+        elif a.get(key) != b.get(key):
+            keys.append(f"{at}{key}")
+    return keys
+
+
+def test_a_modules_config_of_a_one_module_architecture_names_it_default_as_mergekit(model_sets, mergekit, write_yaml,
+                                                                                  folder_tensors, tmp_path):
+    base, e1, e2, _ = model_sets("llama")
+    config = {"merge_method": "linear", "dtype": "float32", "modules": {"default": module_slices(
+        [(base, (0, 2), {"weight": 0.3}), (e1, (1, 3), {"weight": 0.7})], [(e2, (0, 3), None)],
+        parameters={"weight": [1, 2]})}}
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    merge(parse_config(config), str(ours), MergeOptions(quiet=True, copy_tokenizer=False))
+    run_mergekit(mergekit, write_yaml(config), str(theirs))
+    identical_outputs(ours, theirs, folder_tensors)
+
 def test_the_config_file_is_kept_as_written_as_mergekit_keeps_it(model_sets, mergekit, tmp_path):
     # mergekit_config.yml is the config file's text (comments, layout), which model cards and hubs show
     base, e1, _, _ = model_sets("llama")

@@ -126,6 +126,26 @@ def test_a_tuned_config_with_a_slices_own_lambda_reproduces_the_tuned_merge(bmm_
         assert close(tuned[name], out.read(name)), name
 
 
+def test_a_tuned_config_with_a_modules_own_lambda_reproduces_the_tuned_merge(tmp_path):
+    """A module's own lambda (a modules: config) outranks the global one too."""
+    base, e1 = make_qwen2_vl(str(tmp_path / "models"), n=2)
+    every = {"models": [{"model": e1, "parameters": {"weight": 0.5}}]}
+    cfg = {"merge_method": "bmm", "base_model": base, "dtype": "float32", "parameters": {"data_free": True},
+           "modules": {"text_decoder": {**every, "parameters": {"lambda": 0.5}}, "vision_tower": every,
+                       "multi_modal_projector": every}}
+    problem = BMMProblem(cfg, device="cpu", progress=False)
+    wanted = {name: Checkpoint(e1).read(name) for name in problem.systems}
+
+    def evaluate(state):
+        return -sum(float((state[n] - w).square().sum()) for n, w in wanted.items())
+    result = tune_bmm(problem, evaluate, n_trials=4, granularity="model", seed=3, progress=False)
+    assert result.score > result.default_score
+    assert "lambda" not in result.config["modules"]["text_decoder"]["parameters"]
+    out = engine_merge(result.config, tmp_path / "tuned")
+    tuned = problem.merged(result.lambdas)
+    for name in problem.systems:
+        assert close(tuned[name], out.read(name)), name
+
 @pytest.mark.parametrize("own", [[{"filter": "self_attn", "value": 0.01}, {"value": 50.0}], 5000.0],
                          ids=["per-tensor", "outside the range"])
 def test_the_result_never_scores_below_the_configs_own_lambdas(bmm_config, own):

@@ -256,7 +256,7 @@ def test_a_tokenizer_is_written_even_with_no_copy_tokenizer(vm, tmp_path):
                                                                     "token": "nope"}, "force": True}}}),
      "has no token 'nope'"),
     (lambda vm, c: c.update(tokenizer={"tokens": {"w260": {"source": vm["base"]}}}), "which lacks it"),
-    (lambda vm, c: c.update(modules={"text": {}}), "'modules' is not supported"),
+    (lambda vm, c: c.update(modules={"text": {}}), "exactly one of 'models', 'slices' or 'modules'"),
 ])
 def test_bad_tokenizer_settings_are_refused_before_any_write(vm, tmp_path, change, match):
     cfg = linear(vm)

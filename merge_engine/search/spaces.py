@@ -7,7 +7,7 @@ A parameter setting may be a space wherever it may be a value (global, per slice
     {search: [low, high], knots: K}        a per-layer gradient: K values in [low, high], the setting's list
     {choice: [a, b, ...]}                  one of these values
 Each space gets a name from where it is (`density`, `models[1].weight`, `slices[0].sources[2].t`,
-`t[filter=self_attn]`); a gradient's knots are NAME[0], NAME[1], ... in the sampler's parameters.
+`modules.vision_tower.models[0].weight`, `t[filter=self_attn]`); a gradient's knots are NAME[0], NAME[1], ... in the sampler's parameters.
 """
 from __future__ import annotations
 
@@ -152,16 +152,11 @@ def parse_search_config(raw: Any, source: str | None = None) -> SearchConfig:
 
 def _settings(raw: dict):
     """(path, name, setting) of every parameter setting of a config, and of each {filter, value} entry's value."""
-    scopes = [(("parameters",), "")]
-    for key in ("models", "slices"):
-        entries = raw.get(key)
-        for i, entry in enumerate(entries if isinstance(entries, list) else []):
-            if not isinstance(entry, dict):
-                continue
-            scopes.append(((key, i, "parameters"), f"{key}[{i}]."))
-            sources = entry.get("sources")
-            scopes += [((key, i, "sources", j, "parameters"), f"{key}[{i}].sources[{j}].")
-                       for j in range(len(sources if isinstance(sources, list) else []))]
+    scopes = [(("parameters",), ""), *_entry_scopes(raw, ())]
+    modules = raw.get("modules")
+    for module, entry in modules.items() if isinstance(modules, dict) else ():
+        if isinstance(entry, dict):
+            scopes += [(("modules", module, "parameters"), f"modules.{module}."), *_entry_scopes(entry, ("modules", module))]
     for scope, prefix in scopes:
         params = _at(raw, scope)
         for param, setting in (params.items() if isinstance(params, dict) else ()):
@@ -169,6 +164,23 @@ def _settings(raw: dict):
             for k, entry in enumerate(setting if isinstance(setting, list) else []):
                 if isinstance(entry, dict) and "value" in entry:
                     yield (*scope, param, k, "value"), f"{prefix}{param}[filter={entry.get('filter') or '*'}]", entry["value"]
+
+
+def _entry_scopes(raw: dict, at: tuple) -> list[tuple[tuple, str]]:
+    """(path, name prefix) of the parameters of each models: entry, slice and slice source of raw (the config, or a
+    module of its modules: at `at`)."""
+    scopes = []
+    for key in ("models", "slices"):
+        entries = raw.get(key)
+        for i, entry in enumerate(entries if isinstance(entries, list) else []):
+            if not isinstance(entry, dict):
+                continue
+            where = _where((*at, key, i))
+            scopes.append(((*at, key, i, "parameters"), f"{where}."))
+            sources = entry.get("sources")
+            scopes += [((*at, key, i, "sources", j, "parameters"), f"{where}.sources[{j}].")
+                       for j in range(len(sources if isinstance(sources, list) else []))]
+    return scopes
 
 
 def _at(raw: Any, path: tuple) -> Any:
@@ -204,13 +216,14 @@ def _space(name: str, path: tuple, setting: dict, specs: dict[str, ParamSpec], m
 def _changes_nothing(raw: dict, path: tuple, spec: ParamSpec, method: str) -> str | None:
     """Why a space at path would change no tensor, if it would not: a parameter the method reads once for the
     whole merge, set for one model; a parameter of the other models, set for the base (mergekit ignores both)."""
-    per_model = (path[0] == "models" and path[2] == "parameters") or (path[0] == "slices" and path[2] == "sources")
-    if not per_model:
+    entry = next((path[:k + 2] for k in range(len(path) - 2) if path[k] in ("models", "sources")
+                  and isinstance(path[k + 1], int) and path[k + 2] == "parameters"), None)  # a model's own settings
+    if entry is None:
         return None
     if spec.scope == Scope.SHARED:
-        return (f"{_where(path)}: merge method '{method}' reads '{spec.name}' once for the whole merge (a config's or "
-                f"a slice's parameters), not per model: this space would change nothing")
-    model = _at(raw, path[:2] if path[0] == "models" else path[:4])
+        return (f"{_where(path)}: merge method '{method}' reads '{spec.name}' once for the whole merge (a config's, "
+                f"a module's or a slice's parameters), not per model: this space would change nothing")
+    model = _at(raw, entry)
     if spec.scope == Scope.NON_BASE and isinstance(model, dict) and model.get("model") == raw.get("base_model"):
         return (f"{_where(path)}: merge method '{method}' reads '{spec.name}' for the models other than the base: "
                 "this space would change nothing")

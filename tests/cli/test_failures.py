@@ -377,6 +377,18 @@ def test_config_and_input_problems_are_reported_in_one_round(config, tmp_path, c
     assert "density" in err and "missing: model path does not exist" in err and "2 problem(s)" in err
 
 
+
+def test_the_folders_of_a_modules_config_are_reported_with_its_problems(config, tmp_path, capsys):
+    bad = tmp_path / "bad.yml"
+    models = yaml.safe_load(open(config))["models"]
+    bad.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": models[0]["model"], "modules": {
+        "default": {"slices": [{"sources": [
+            {"model": models[1]["model"], "layer_range": [0, 1], "parameters": {"weight": 1.0, "density": "dense"}},
+            {"model": str(tmp_path / "missing"), "layer_range": [0, 1]}]}]}}}))
+    assert cli.main([str(bad), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "density" in err and "missing: model path does not exist" in err
+
 def test_a_malformed_config_json_is_reported_with_the_config_problems(config, tmp_path, capsys):
     base, expert = (m["model"] for m in yaml.safe_load(open(config))["models"])
     shutil.copytree(expert, tmp_path / "expert")
