@@ -646,6 +646,8 @@ def written_dtype(plan: MergePlan) -> torch.dtype | None:
 
 PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers", "layers_block_type", "block_types", "attn_type_list",
                          "attention_layers")
+# lists of layer indices: the layers that are MoE (Llama 4) or dense among MoE layers (Qwen2/3-MoE)
+LAYER_INDEX_CONFIG_KEYS = ("moe_layers", "mlp_only_layers")
 
 
 def with_module_layer_counts(plan: MergePlan, model_config: dict) -> dict:
@@ -670,8 +672,9 @@ def per_layer_entries(plan: MergePlan, scope: str, layer_sources: list[tuple[str
     attention; SmolLM3's no_rope_layers...) in its sub-config `scope` ("": the config itself; "text_config"), rebuilt
     for the output's layers (layer_sources): each takes the entry of the layer it was merged from (its slice's first
     source), in that model's config; a list that comes out as the donor's is left as written. mergekit keeps the
-    donor's lists, which transformers refuses to load once the layer count has changed. Other lists (token ids,
-    lists of layer indices such as moe_layers) are left as they are, whatever their length."""
+    donor's lists, which transformers refuses to load once the layer count has changed. Lists of layer indices
+    (LAYER_INDEX_CONFIG_KEYS: moe_layers) are rebuilt the same way: an output layer is listed where the layer it
+    was merged from is listed in its model's config. Other lists (token ids) are left as they are."""
     def layer_count(config: dict):
         return next((config[k] for k in LAYER_COUNT_KEYS if isinstance(config.get(k), int)), None)
 
@@ -688,6 +691,13 @@ def per_layer_entries(plan: MergePlan, scope: str, layer_sources: list[tuple[str
             output_entries = [source[layer] for source, layer in sources]
             if output_entries != entries:
                 rebuilt[key] = output_entries
+    for key, listed in donor.items():
+        if key in LAYER_INDEX_CONFIG_KEYS and isinstance(listed, list) and all(is_int(i) for i in listed):
+            theirs = [config_scope(plan.models[ref].config, scope) or {} for ref, _ in layer_sources]
+            output_listed = [i for i, ((_, layer), their) in enumerate(zip(layer_sources, theirs))
+                             if layer in (their.get(key) if isinstance(their.get(key), list) else listed)]
+            if output_listed != listed:
+                rebuilt[key] = output_listed
     # GPT-Neo derives attention_layers from these runs: written again only for other layers, since other runs can
     # mean the same layers
     if "attention_layers" in rebuilt and "attention_types" in donor:

@@ -81,3 +81,34 @@ def make_t5(root: str, n: int = 3) -> list[str]:
         paths.append(os.path.join(root, f"t5-{i}"))
         tf.T5ForConditionalGeneration(cfg).save_pretrained(paths[-1])
     return paths
+
+
+def make_gemma3(root: str, n: int = 1) -> list[str]:
+    import transformers as tf
+    cfg = tf.Gemma3Config(
+        text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16),
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=14), mm_tokens_per_image=4)
+    return _save_variants(root, "gemma3", tf.Gemma3ForConditionalGeneration, cfg, n)
+
+
+def make_llama4(root: str, n: int = 1) -> list[str]:
+    import transformers as tf
+    cfg = tf.Llama4Config(
+        text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=48, intermediate_size_mlp=48,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         num_local_experts=2),
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32,
+                           projector_output_dim=32))
+    return _save_variants(root, "llama4", tf.Llama4ForConditionalGeneration, cfg, n)
+
+
+def make_whisper(root: str, n: int = 1) -> list[str]:
+    import transformers as tf
+    cfg = tf.WhisperConfig(vocab_size=64, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, num_mel_bins=8,
+                           max_source_positions=16, max_target_positions=16, pad_token_id=1, bos_token_id=2,
+                           eos_token_id=3, decoder_start_token_id=2)
+    return _save_variants(root, "whisper", tf.WhisperForConditionalGeneration, cfg, n)

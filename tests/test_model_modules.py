@@ -232,3 +232,44 @@ def test_a_session_refuses_a_modules_config_that_leaves_modules_out(qwen2_vl):
                                                r"is not an output of the merge.*the config's modules: leaves out some "
                                                r"of the model's modules"):
         MergeSession(sliced_text(*qwen2_vl), "cpu", progress=False)
+
+
+DEEPENED = {  # maker -> the modules whose one layer stack gets a layer more, and the loaded model's stacks
+    "make_qwen2_vl": (("text_decoder", "vision_tower"), lambda m: (m.model.language_model.layers, m.model.visual.blocks)),
+    "make_mistral3": (("text_decoder", "vision_tower"),
+                      lambda m: (m.model.language_model.layers, m.model.vision_tower.transformer.layers)),
+    "make_gemma3": (("text_decoder", "vision_tower"),
+                    lambda m: (m.model.language_model.layers, m.model.vision_tower.encoder.layers)),
+    "make_llama4": (("text_decoder", "vision_model"),
+                    lambda m: (m.language_model.model.layers, m.vision_model.model.layers)),
+    "make_t5": (("encoder", "decoder"), lambda m: (m.encoder.block, m.decoder.block)),
+    "make_whisper": (("encoder", "decoder"), lambda m: (m.model.encoder.layers, m.model.decoder.layers)),
+}
+
+
+@pytest.mark.parametrize("maker", sorted(DEEPENED))
+def test_modules_sliced_deeper_load_with_every_layer(maker, folder_tensors, tmp_path):
+    """Every architecture with several modules: a stack given a layer more loads in transformers with it (each
+    count written where transformers reads it), every written tensor loaded and none missing."""
+    import tests.stacked_models
+    transformers = pytest.importorskip("transformers")
+    base = getattr(tests.stacked_models, maker)(str(tmp_path / "models"), n=1)[0]
+    architecture = json.loads(open(f"{base}/config.json").read())["architectures"][0]
+    deepened, stacks = DEEPENED[maker]
+    modules = {module: {"models": [{"model": base}]} for module in MODULES[architecture]}
+    depths = [stack_depth(folder_tensors(base), MODULES[architecture], module) for module in deepened]
+    for module, depth in zip(deepened, depths):
+        modules[module] = {"slices": [{"sources": [{"model": base, "layer_range": [0, depth]}]},
+                                      {"sources": [{"model": base, "layer_range": [depth - 1, depth]}]}]}
+    merge(parse_config({"merge_method": "passthrough", "modules": modules}), str(tmp_path / "out"), OPTIONS)
+    loaded, info = getattr(transformers, architecture).from_pretrained(str(tmp_path / "out"), output_loading_info=True)
+    deeper = [depth + 1 for depth in depths]
+    assert [len(stack) for stack in stacks(loaded)] == deeper
+    assert [stack_depth(folder_tensors(tmp_path / "out"), MODULES[architecture], m) for m in deepened] == deeper
+    assert [set(info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")] == [set(), set(), set()]
+
+
+def stack_depth(tensors: dict, layouts: dict, module: str) -> int:
+    """The layers of a module's one layer stack, from the tensor names."""
+    from merge_engine.io.checkpoint import split_layer_name
+    return len({split_layer_name(n)[:2] for n in tensors if module_of(layouts, n) == module and split_layer_name(n)})
