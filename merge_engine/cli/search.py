@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "factored (the base once and each adapter; updates applied at every merge; least memory) "
                         "(default: applied when it fits)")
     p.add_argument("--random-seed", type=int, default=0, help="seed of the random methods' drops (as merge-engine's)")
+    p.add_argument("--transformers-cache", metavar="PATH",
+                   help="the Hugging Face cache that models named by Hub id (org/name[@revision]) are found in "
+                        "(default: huggingface_hub's, HF_HUB_CACHE); nothing is downloaded")
     add_output_arguments(p)
     return p
 
@@ -72,7 +75,7 @@ def run(argv: list[str]) -> int:
     result = search(args.config, args.out_dir, SearchOptions(
         budget=args.budget, device=args.device, placement=args.placement, lora=args.lora, sampler=args.sampler,
         seed=args.seed, trials=args.trials, storage=args.storage, test=args.test, overwrite=args.overwrite,
-        random_seed=args.random_seed, progress=not args.quiet,
+        random_seed=args.random_seed, hub_cache=args.transformers_cache, progress=not args.quiet,
         started=None if age is None else time.monotonic() - age))
     if not args.quiet:
         test = f", test {result.test_score:.4g}" if result.test_score is not None else ""

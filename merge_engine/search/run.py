@@ -38,6 +38,7 @@ from merge_engine.errors import ConfigError, MergeEngineError
 from merge_engine.evaluation import evaluator_from_spec
 from merge_engine.evaluation.spec import PATH_KEYS, SCHEMAS, spec_path, spec_problems
 from merge_engine.extras import optuna_log_level, require, require_isolated
+from merge_engine.io.hub_cache import cache_folder
 from merge_engine.io.untrusted import is_file_name, is_int, not_regular
 from merge_engine.io.writer import check_output_apart, check_output_dir
 from merge_engine.plan import build_plan
@@ -91,6 +92,7 @@ class SearchOptions:
     test: str | None = None  # a test data file scored like the objective; overrides search.test's data
     overwrite: bool = False
     random_seed: int = 0  # the merge's (DARE's drops)
+    hub_cache: str | os.PathLike | None = None  # where Hub references are looked up (as MergeOptions.hub_cache)
     progress: bool = True
     clock: Callable[[], float] = time.monotonic
     started: float | None = None  # clock reading at which the budget began (the command: its process' start)
@@ -125,7 +127,7 @@ def search(config: SearchConfig | dict | str | os.PathLike, out_dir: str | os.Pa
     check_seed_and_lora_dtype(options.random_seed, None)
     check_output_dir(out_dir, options.overwrite)
     start_config = cfg.merge_config(cfg.start())
-    plan = build_plan(start_config)
+    plan = build_plan(start_config, hub_cache=cache_folder(options.hub_cache))
     check_spaces_reach(cfg, plan)
     base_dir = os.path.dirname(os.path.abspath(cfg.source)) if cfg.source else os.getcwd()
     inputs = search_inputs(cfg, settings, plan, base_dir)
@@ -150,7 +152,7 @@ def search(config: SearchConfig | dict | str | os.PathLike, out_dir: str | os.Pa
                                          storage_key(options) if settings["storage"] else "the search's journal", held)
         session = MergeSession(start_config, str(device), placement=memory.placement, lora=memory.lora,
                                random_seed=options.random_seed, progress=options.progress, plan=plan,
-                               evaluation_bytes=evaluation)
+                               evaluation_bytes=evaluation, hub_cache=options.hub_cache)
         ran = run_trials(optuna, study, cfg, session, objective, test, settings["trials"], budget, estimate, options)
         return finish(optuna, study, cfg, session, objective, test, out_dir, storage_path, settings, budget, options, ran,
                       estimate)

@@ -27,6 +27,27 @@ def test_a_search_from_the_command_line(search_models, write_search, tmp_path, c
     assert not (tmp_path / ".out.search").exists()
 
 
+def test_a_search_over_hub_references_in_a_cache(search_models, write_search, tmp_path, capsys):
+    """--transformers-cache: the experts named by Hub id, found in that cache (nothing downloaded), as merge-engine
+    finds them; the best config names them so, and merge-engine with the same cache reproduces the best model."""
+    from tests.io.test_hub_cache import cache_repo
+    paths, val, _ = search_models
+    cache = tmp_path / "cache"
+    ids = [f"org/model-{i}" for i in range(len(paths))]
+    for repo_id, folder in zip(ids, paths):
+        cache_repo(str(cache), repo_id, folder)
+    config = write_search(search_config(ids, val))
+    out = tmp_path / "out"
+    assert main(["search", config, str(out), "--budget", "10m", "--trials", "2", "--device", "cpu",
+                 "--transformers-cache", str(cache), "-q"]) == 0
+    assert "org/model-1" in (out / "mergekit_config.yml").read_text()
+    assert main([str(out / "mergekit_config.yml"), str(tmp_path / "again"), "--transformers-cache", str(cache),
+                 "-q"]) == 0
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
+    assert main(["search", config, str(tmp_path / "uncached"), "--budget", "10m", "--device", "cpu",
+                 "--transformers-cache", str(tmp_path / "empty")]) == 2
+    assert "hf download org/model-0" in capsys.readouterr().err
+
 @pytest.mark.parametrize("budget, problem", [
     ("soon", "a duration such as 50m"), ("0", "must be more than 0 seconds"), ("-5m", "a duration such as 50m"),
     ("9" * 400 + "s", "--budget")])
