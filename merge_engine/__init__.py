@@ -3,7 +3,8 @@
     from merge_engine import merge, MergeOptions
     merge("config.yml", "out/", MergeOptions(device="cuda"))
 
-Low-level tensor ops (TIES, DARE, sign election, slerp, ...) live in `merge_engine.ops`.
+Models and tensors already in memory merge with `merge_state_dicts` and `merge_tensors` (mergekit 0.1.5's Python
+API). Low-level tensor ops (TIES, DARE, sign election, slerp, ...) live in `merge_engine.ops`.
 
 Importing the package changes nothing process-wide. Processes that exist to merge can opt into two
 process-wide memory settings with `tune_process_for_merging()` (the `merge-engine` command does). The
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {"MergeConfig": "config", "load_config": "config", "parse_config": "config",
             "MergeOptions": "engine", "MergeReport": "engine", "merge": "engine", "MergeSession": "session",
             "CheckpointError": "errors", "ConfigError": "errors", "MergeEngineError": "errors", "OutputError": "errors",
+            "merge_state_dicts": "in_memory", "merge_tensors": "in_memory", "PerGroupValues": "in_memory",
             "tune_process_for_merging": "runtime"}
 __all__ = sorted([*_EXPORTS, "ops"])
 

@@ -49,7 +49,7 @@ export PATH="$work/venv/bin:$PATH"
 python - <<'EOF'
 import importlib.util, multiprocessing, os, subprocess, sys, threading, torch, yaml
 import merge_engine
-from merge_engine import MergeOptions, merge, ops, parse_config
+from merge_engine import MergeOptions, merge, merge_state_dicts, ops, parse_config
 from merge_engine.demo import make_synthetic_llama
 from merge_engine.ops import backends
 
@@ -80,6 +80,13 @@ assert int((ops.trim_by_magnitude(x, 0.3) != 0).sum()) == 300
 merged = ops.merge_task_vectors(x, [x + 1, x - 2], [0.5, 0.5], [0.5, 0.5], "magnitude", True, True)
 assert merged.shape == x.shape and torch.isfinite(merged).all()
 print("ops calls: ok")
+
+calls.clear()
+state_dicts = [{"w": torch.randn(64, 64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(i))}
+               for i in range(3)]
+merged = merge_state_dicts(state_dicts, "ties", base=0, parameters={"weight": 0.5, "density": 0.5})
+assert merged["w"].dtype == torch.bfloat16 and calls, "merge_state_dicts did not run the compiled kernel"
+print("merge_state_dicts: ok")
 
 with open("linear.yml", "w") as f:
     yaml.safe_dump({"merge_method": "linear", "dtype": "float32",
