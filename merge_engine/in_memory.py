@@ -104,7 +104,7 @@ def _method(method: str | MergeMethod, parameters: Mapping[str, Any] | None) -> 
 def _check_inputs(method: MergeMethod, ids: Sequence[Hashable], base: Hashable | None, name: str | None) -> None:
     if len(set(ids)) != len(ids) or None in ids:
         raise ValueError(f"input ids must be distinct and not None, got {list(ids)!r}")
-    problems = method.input_problems(list(ids), base, f"tensor {name!r}" if name else "inputs")
+    problems = method.input_problems(list(ids), base, _label(name or ""))
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -140,26 +140,38 @@ def _merge_group(method: MergeMethod, name: str, tensors: list[torch.Tensor], id
     checked = [per_model[i] for i in non_base] if method.inner and method.inner.base == "ignored" else per_model
     problem = method.tensor_problem and method.tensor_problem(shared, checked, compute)
     if problem:
-        raise ValueError(f"tensor {name!r}: merge method '{method.name}': {problem}")
+        raise ValueError(f"{_label(name)}: merge method '{method.name}': {problem}")
     with torch.no_grad():
         group = TensorGroup(name, [t.to(compute) for t in tensors], base_index, shared, per_model, seed,
                             input_names=[name] * len(tensors))
-        result = method.merge(group).to(out_dtype or method.output_dtype(compute))
+        try:
+            result = method.merge(group).to(out_dtype or method.output_dtype(compute))
+        except ValueError as e:  # the ops know their inputs by position only
+            raise ValueError(f"merging {_label(name)} failed: {e}") from e
     if any(result.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in tensors):
         result = result.clone()  # (passthrough's input itself): the caller's tensor is not theirs to change through it
     return result
 
 
+def _label(name: str) -> str:
+    """How messages name a tensor group (merge_tensors' may have no name)."""
+    return f"tensor {name!r}" if name else "the tensors"
+
+
 def _check_alike(name: str, tensors: list[torch.Tensor]) -> None:
     if not all(isinstance(t, torch.Tensor) for t in tensors):
-        raise TypeError(f"tensor {name!r}: the inputs must be tensors, got "
+        raise TypeError(f"{_label(name)}: the inputs must be tensors, got "
                         f"{', '.join(sorted({type(t).__name__ for t in tensors}))}")
+    if not all(t.is_floating_point() for t in tensors):
+        raise ValueError(f"{_label(name)}: only floating-point tensors merge, got "
+                         f"{', '.join(sorted({str(t.dtype) for t in tensors}))} (merge_state_dicts copies other tensors "
+                         "where every model holds the same)")
     shapes = [tuple(t.shape) for t in tensors]
     if len(set(shapes)) > 1:
-        raise ValueError(f"tensor {name!r}: the inputs' shapes differ: {shapes}")
+        raise ValueError(f"{_label(name)}: the inputs' shapes differ: {shapes}")
     devices = [t.device for t in tensors]
     if len(set(devices)) > 1:
-        raise ValueError(f"tensor {name!r}: the inputs are on different devices: {[str(d) for d in devices]}")
+        raise ValueError(f"{_label(name)}: the inputs are on different devices: {[str(d) for d in devices]}")
 
 
 def _promoted(name: str, tensors: list[torch.Tensor]) -> torch.dtype:
@@ -168,7 +180,7 @@ def _promoted(name: str, tensors: list[torch.Tensor]) -> torch.dtype:
     for t in tensors[1:]:
         out = torch.promote_types(out, t.dtype)
     if out.itemsize == 1:  # 8-bit floats: torch neither promotes nor computes with them
-        raise ValueError(f"tensor {name!r}: {out} inputs need a dtype to merge in (dtype=torch.bfloat16, ...)")
+        raise ValueError(f"{_label(name)}: {out} inputs need a dtype to merge in (dtype=torch.bfloat16, ...)")
     return out
 
 
@@ -180,7 +192,7 @@ def _value(spec: ParamSpec, supplied: dict[str, Any], name: str) -> Any:
     try:
         return spec.validate(supplied[spec.name])
     except ValueError as e:
-        raise ValueError(f"tensor {name!r}: {e}") from None
+        raise ValueError(f"{_label(name)}: {e}") from None
 
 
 def _per_input(spec: ParamSpec, supplied: dict[str, Any], ids: list[Hashable], name: str) -> list[Any]:

@@ -256,8 +256,9 @@ def _module_layouts(plan: MergePlan, problems: list[str]) -> dict[str, ModuleLay
     unknown = [m for m in cfg.modules if m not in known]
     if unknown:
         several = f"the architectures with several: {', '.join(sorted(MODULES))}"
-        problems.append(f"modules: {', '.join(map(repr, unknown))} is not a module of {ref} ({architecture}), whose "
-                        f"modules are {', '.join(known)}" + ("" if layouts else f" ({several})"))
+        named = ", ".join(map(repr, unknown[:5])) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        problems.append(f"modules: {named} {'is not a module' if len(unknown) == 1 else 'are not modules'} of {ref} "
+                        f"({architecture}), whose modules are {', '.join(known)}" + ("" if layouts else f" ({several})"))
     return layouts
 
 

@@ -239,3 +239,15 @@ def test_merge_tensors_checks_its_own_arguments():
         merge_tensors([x, x], "task_arithmetic", base_index=2, parameters={"weight": 1.0})
     with pytest.raises(ValueError, match="merge method 'task_arithmetic' requires a base_model"):
         merge_tensors([x, x], "task_arithmetic", parameters={"weight": 1.0})
+    with pytest.raises(ValueError, match=r"the tensors: only floating-point tensors merge, got torch.int64"):
+        merge_tensors([torch.arange(3), torch.arange(3)], "linear", parameters={"weight": 1.0})
+    with pytest.raises(ValueError, match=r"merging tensor 'x.weight' failed: expert 0 has 1 NaN or Inf value"):
+        merge_tensors([torch.ones(2), torch.tensor([1.0, float("nan")])], "ties", base_index=0, name="x.weight",
+                      parameters={"weight": 1.0, "density": 0.5})
+
+
+def test_strided_inputs_merge_as_their_contiguous_copies():
+    x, y = (MODELS[m]["a.weight"].float() for m in IDS[:2])
+    def ties(*tensors):
+        return merge_tensors(list(tensors), "ties", base_index=0, parameters={"weight": 1.0, "density": 0.5})
+    assert torch.equal(ties(x.t(), y.t()), ties(x.t().contiguous(), y.t().contiguous()))

@@ -273,3 +273,12 @@ def stack_depth(tensors: dict, layouts: dict, module: str) -> int:
     """The layers of a module's one layer stack, from the tensor names."""
     from merge_engine.io.checkpoint import split_layer_name
     return len({split_layer_name(n)[:2] for n in tensors if module_of(layouts, n) == module and split_layer_name(n)})
+
+
+def test_many_unknown_modules_are_named_in_one_short_problem(qwen2_vl, tmp_path):
+    base, e1, e2 = qwen2_vl
+    config = sliced_text(base, e1, e2, **{f"tower_{i}": {"models": [{"model": e1}]} for i in range(1000)})
+    with pytest.raises(ConfigError, match=r"modules: 'tower_0', 'tower_1', 'tower_2', 'tower_3', 'tower_4' and 995 more "
+                                          r"are not modules of .*qwen2vl-0") as e:
+        merge(parse_config(config), str(tmp_path / "out"), OPTIONS)
+    assert len(str(e.value)) < 1000
