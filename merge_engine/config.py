@@ -140,12 +140,21 @@ def read_yaml(path: str, strict: bool = False):
 
 def read_yaml_and_text(path: str, strict: bool = False) -> tuple[Any, str]:
     """read_yaml, and the file's text."""
+    return _read_yaml(path, strict, every_document=False)
+
+
+def read_yaml_documents(path: str, strict: bool = False) -> list[Any]:
+    """Every document of a YAML file (`---` between them), as read_yaml reads one."""
+    return _read_yaml(path, strict, every_document=True)[0]
+
+
+def _read_yaml(path: str, strict: bool, every_document: bool) -> tuple[Any, str]:
     try:
         with io.TextIOWrapper(open_regular(path), encoding="utf-8") as f:  # a FIFO would block: refused
             text = f.read()
             loader = _RepeatedKeysLoader(text)
             try:
-                content = loader.get_single_data()
+                content = _documents(loader) if every_document else loader.get_single_data()
             finally:
                 loader.dispose()
         if expands_beyond(content, MAX_YAML_VALUES):  # nested aliases ("billion laughs"): every walk of the
@@ -168,6 +177,13 @@ def read_yaml_and_text(path: str, strict: bool = False) -> tuple[Any, str]:
     for r in repeated:
         warnings.warn(f"{path}: {r}, as mergekit reads it", stacklevel=3)
     return content, text
+
+
+def _documents(loader: yaml.SafeLoader) -> list[Any]:
+    documents = []
+    while loader.check_data():
+        documents.append(loader.get_data())
+    return documents
 
 
 class _RepeatedKeysLoader(yaml.SafeLoader):

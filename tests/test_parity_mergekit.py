@@ -842,3 +842,30 @@ def test_pickled_checkpoints_with_entries_that_are_not_tensors_identical_to_merg
         merge(parse_config(config), str(tmp_path / "ours"), MergeOptions(quiet=True, copy_tokenizer=False))
     run_mergekit(mergekit, write_yaml(config), str(tmp_path / "theirs"))
     identical_outputs(tmp_path / "ours", tmp_path / "theirs", folder_tensors)
+
+
+def test_multi_stage_merges_identical_to_mergekit_multi(model_sets, mergekit_yaml, folder_tensors, tmp_path):
+    """mergekit-multi's YAML: a named linear merge read by the final slerp (a plain reference) and by another named
+    merge (mergekit's mapping form); every output identical."""
+    import subprocess
+
+    import yaml
+    base, e1, e2, _ = model_sets("llama")
+    documents = [
+        {"name": "blend", "merge_method": "linear", "dtype": "float32",
+         "models": [{"model": e1, "parameters": {"weight": 0.6}}, {"model": e2, "parameters": {"weight": 0.4}}]},
+        {"merge_method": "slerp", "base_model": base, "dtype": "float32", "parameters": {"t": [0.2, 0.8]},
+         "models": [{"model": base}, {"model": "blend"}]},
+        {"name": "ta", "merge_method": "task_arithmetic", "base_model": base, "dtype": "float32",
+         "models": [{"model": {"model": {"path": "blend"}}, "parameters": {"weight": 0.5}}]}]
+    config = tmp_path / "multi.yml"
+    config.write_text(yaml.safe_dump_all(documents, sort_keys=False))
+    multi = os.path.join(os.path.dirname(mergekit_yaml), "mergekit-multi")
+    subprocess.run([multi, str(config), "-I", str(tmp_path / "theirs"), "--out-path", str(tmp_path / "theirs-final"),
+                    "--no-copy-tokenizer"], check=True, capture_output=True,
+                   env=dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES=""))
+    from merge_engine.cli import main
+    assert main(["multi", str(config), "-I", str(tmp_path / "ours"), "--out-path", str(tmp_path / "ours-final"),
+                 "--no-copy-tokenizer", "-q"]) == 0
+    for ours, theirs in (("ours/blend", "theirs/blend"), ("ours/ta", "theirs/ta"), ("ours-final", "theirs-final")):
+        identical_outputs(tmp_path / ours, tmp_path / theirs, folder_tensors)

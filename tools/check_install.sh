@@ -105,7 +105,7 @@ print("merge-engine patch extract / apply: ok")
 
 for command in ([], ["fisher"], ["stats"], ["key"], ["key", "generate"], ["key", "apply"], ["key", "remove"],
                 ["key", "recover"], ["key", "report"], ["key", "compare"], ["patch"], ["patch", "extract"],
-                ["patch", "norms"], ["patch", "apply"], ["patch", "remove"], ["patch", "recover"], ["search"]):
+                ["patch", "norms"], ["patch", "apply"], ["patch", "remove"], ["patch", "recover"], ["search"], ["multi"]):
     run = subprocess.run(["merge-engine", *command, "--help"], capture_output=True, text=True)
     assert run.returncode == 0 and "usage:" in run.stdout and not run.stderr, (command, run.stderr)
 print("every command's --help: ok")

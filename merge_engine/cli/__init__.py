@@ -1,6 +1,7 @@
 """Command line: main() is the one entry of every subcommand.
 
     merge-engine CONFIG.yml OUTPUT_DIR [options]         merge (mergekit-yaml compatible)
+    merge-engine multi CONFIG.yml -I DIR [--out-path OUT]  merges that read each other (mergekit-multi compatible)
     merge-engine fisher MODEL DATA OUT [options]         diagonal Fisher of a model over a data set
     merge-engine stats MODEL DATA OUT [options]          input Gram matrices of its linear layers (RegMean, BMM)
     merge-engine key generate|apply|remove|recover|report|compare ...   tier keys
@@ -29,8 +30,8 @@ from merge_engine.errors import MergeEngineError, out_of_memory, printable
 from merge_engine.interrupts import Terminated, signals_deferred
 from merge_engine.runtime import launched_by_torchrun, tune_process_for_merging
 
-SUBCOMMANDS = ("fisher", "key", "patch", "search", "stats")  # modules merge_engine.cli.NAME, each with run(argv); else cli.merge
-SINGLE_PROCESS = ("patch", "search")  # commands without a distributed form (docs/distributed.md)
+SUBCOMMANDS = ("fisher", "key", "multi", "patch", "search", "stats")  # modules merge_engine.cli.NAME, each with run(argv); else cli.merge
+SINGLE_PROCESS = ("multi", "patch", "search")  # commands without a distributed form (docs/distributed.md)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,8 +149,9 @@ def _verbose(argv: list[str]) -> bool:
 
 
 def _skips_teardown(argv: list[str]) -> bool:
-    """A merge, or a search (whose budget covers the process until it ends), that succeeded."""
-    return (not (argv and argv[0] in SUBCOMMANDS) and argv not in (["--version"], ["-V"])) or argv[:1] == ["search"]
+    """A merge (or several: multi), or a search (whose budget covers the process until it ends), that succeeded."""
+    return (not (argv and argv[0] in SUBCOMMANDS) and argv not in (["--version"], ["-V"])) or argv[:1] in (
+        ["search"], ["multi"])
 
 
 def _failed(message: str, status: int, argv: list[str]) -> int:

@@ -63,10 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="merge-engine",
         description="Merge model checkpoints described by a mergekit YAML config, streaming tensor by tensor.",
         epilog=f"Methods: {', '.join(REGISTRY)}. See README.md. "
-               "Other commands: merge-engine fisher --help, merge-engine stats --help, merge-engine key --help, "
-               "merge-engine patch --help, merge-engine search --help.")
+               "Other commands: merge-engine multi --help, merge-engine fisher --help, merge-engine stats --help, "
+               "merge-engine key --help, merge-engine patch --help, merge-engine search --help.")
     p.add_argument("config", help="merge config (mergekit YAML schema)")
     p.add_argument("out_dir", help="output folder (must not exist or be empty, unless --overwrite)")
+    add_merge_options(p)
+    return p
+
+
+def add_merge_options(p: argparse.ArgumentParser) -> None:
+    """A merge's options (mergekit-yaml's, and merge_engine's own): every merge command's."""
     p.add_argument("--device", default="auto", help="where the math runs: cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--cuda", action="store_const", const="cuda", dest="device", help="same as --device cuda")
     p.add_argument("--no-cuda", action="store_const", const="cpu", dest="device", help="same as --device cpu")
@@ -118,27 +124,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MoE experts: fused (default) merged and written as transformers 5 holds them and mergekit "
                         "writes them, one gate_up_proj and one down_proj per layer; checkpoint: one tensor per expert "
                         "and projection, as the checkpoints store them")
-    return p
 
 
-def run(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.quiet, args.verbose)
+def merge_options(args: argparse.Namespace):
+    """The MergeOptions of add_merge_options' arguments (with the notes on mergekit's flags that change nothing
+    here logged, and the thread count set)."""
+    from merge_engine.engine import MergeOptions
     for (dest, value), note in FLAG_NOTES.items():
         if getattr(args, dest) is value:
             log.warning(note)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    return MergeOptions(device=args.device or "auto", out_shard_size=args.out_shard_size,
+                        random_seed=args.random_seed, copy_tokenizer=args.copy_tokenizer,
+                        overwrite=args.overwrite, prefetch=args.prefetch, direct_io=args.direct_io,
+                        quiet=args.quiet, allow_crimes=args.allow_crimes,
+                        unsafe_truncate_embeddings=args.unsafe_truncate_embeddings,
+                        lora_merge_dtype=args.lora_merge_dtype, expert_layout=args.expert_layout,
+                        hub_cache=args.transformers_cache)
+
+
+def run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.quiet, args.verbose)
+    options = merge_options(args)
     from merge_engine.distributed import current_ranks, every_rank, torchrun_group
-    from merge_engine.engine import MergeOptions, load_checked_config, merge
+    from merge_engine.engine import load_checked_config, merge
     from merge_engine.io.writer import check_output_apart
-    options = MergeOptions(device=args.device or "auto", out_shard_size=args.out_shard_size,
-                           random_seed=args.random_seed, copy_tokenizer=args.copy_tokenizer,
-                           overwrite=args.overwrite, prefetch=args.prefetch, direct_io=args.direct_io,
-                           quiet=args.quiet, allow_crimes=args.allow_crimes,
-                           unsafe_truncate_embeddings=args.unsafe_truncate_embeddings,
-                           lora_merge_dtype=args.lora_merge_dtype, expert_layout=args.expert_layout,
-                           hub_cache=args.transformers_cache)
     with torchrun_group() as leader:
         started = time.perf_counter()
         # a step: under torchrun, a rank that refuses its config tells the others, who would otherwise wait for it
