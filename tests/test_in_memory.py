@@ -54,6 +54,8 @@ CASES = {
     "nearswap": ("nearswap", IDS[:2], "m0", {"t": 0.5}, None, None),
     "arcee_fusion": ("arcee_fusion", IDS[:2], "m0", {}, None, None),
     "ram": ("ram", IDS[:3], "m0", {}, None, None),
+    "ramplus_tl": ("ramplus_tl", IDS[:3], "m0", {"r": 0.2, "alpha": 0.3}, None, None),
+    "breadcrumbs": ("breadcrumbs", IDS[:3], "m0", {"weight": [0.5, 0.7], "density": 0.7, "gamma": 0.1}, None, None),
     "passthrough": ("passthrough", IDS[1:2], None, {"scale": 2.0}, "float32", None),
 }
 
