@@ -132,7 +132,8 @@ def setup_logging(quiet: bool, verbose: bool = False) -> None:
     # debug lines came by the hundred per search trial, burying the command's own
     logging.basicConfig(level=logging.WARNING, handlers=[handler])  # (none if set up)
     logging.getLogger("merge_engine").setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
-    warnings.simplefilter("default")
+    if not sys.warnoptions:  # every warning once per place, unless the user chose (-W, PYTHONWARNINGS)
+        warnings.simplefilter("default")
     warnings.showwarning = _one_line_warning  # the command's own process: no source lines in warnings
 
 

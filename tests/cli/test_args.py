@@ -76,3 +76,18 @@ def test_verbose_logs_the_commands_debug_lines_not_other_libraries():
             "logging.getLogger('merge_engine.plan').debug('own debug'); logging.getLogger('lm_eval').warning('theirs')")
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
     assert err.splitlines() == ["own debug", "merge-engine: warning: lm_eval: theirs"], err
+
+
+@pytest.mark.parametrize("choice, shown", [(None, 2), ("ignore", 0), ("always", 3)])
+def test_the_users_warning_filters_are_kept(choice, shown):
+    """The command shows each warning once per place, unless the user chose with -W or PYTHONWARNINGS (which
+    setting up the command's logging overrode)."""
+    import os
+    import subprocess
+    import sys
+    code = ("import warnings; from merge_engine.cli.args import setup_logging; setup_logging(False)\n"
+            "for text in ('a', 'a', 'b'): warnings.warn(text)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    err = subprocess.run([sys.executable, *(["-W", choice] if choice else []), "-c", code], capture_output=True,
+                         text=True, check=True, env=env).stderr
+    assert err.count("merge-engine: warning:") == shown, err
