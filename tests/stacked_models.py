@@ -83,7 +83,7 @@ def make_t5(root: str, n: int = 3) -> list[str]:
     return paths
 
 
-def make_gemma3(root: str, n: int = 1) -> list[str]:
+def make_gemma3(root: str, n: int = 3) -> list[str]:
     import transformers as tf
     cfg = tf.Gemma3Config(
         text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
@@ -93,7 +93,7 @@ def make_gemma3(root: str, n: int = 1) -> list[str]:
     return _save_variants(root, "gemma3", tf.Gemma3ForConditionalGeneration, cfg, n)
 
 
-def make_llama4(root: str, n: int = 1) -> list[str]:
+def make_llama4(root: str, n: int = 3) -> list[str]:
     import transformers as tf
     cfg = tf.Llama4Config(
         text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=48, intermediate_size_mlp=48,
@@ -105,7 +105,7 @@ def make_llama4(root: str, n: int = 1) -> list[str]:
     return _save_variants(root, "llama4", tf.Llama4ForConditionalGeneration, cfg, n)
 
 
-def make_whisper(root: str, n: int = 1) -> list[str]:
+def make_whisper(root: str, n: int = 3) -> list[str]:
     import transformers as tf
     cfg = tf.WhisperConfig(vocab_size=64, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
                            decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, num_mel_bins=8,

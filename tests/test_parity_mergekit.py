@@ -449,6 +449,20 @@ MODULE_CASES = {
                                    {"sources": [{"model": b, "layer_range": [2, 3]}, {"model": e1, "layer_range": [2, 3]}]}]},
             "decoder": module_models((b, None), (e2, None), parameters={"t": 0.8}),
             "shared": module_models((b, None), (e1, None))}}, []),
+    "gemma3_sliced_text": ("make_gemma3", lambda b, e1, e2: {
+        "merge_method": "linear", "dtype": "float32", "modules": {
+            "text_decoder": module_slices([(b, (0, 2), {"weight": 1.0}), (e1, (0, 2), {"weight": 2.0})],
+                                          [(e2, (1, 2), {"weight": 1.0})]),
+            "multi_modal_projector": module_models((e1, {"weight": 1.0}), (e2, {"weight": 3.0}))}},
+        ["text_config.layer_types"]),  # (mergekit 0.1.5 fails on Gemma 3's vision tower as transformers 5 saves it)
+    "llama4_every_module": ("make_llama4", lambda b, e1, e2: {
+        "merge_method": "ties", "base_model": b, "dtype": "float32", "parameters": {"weight": 0.5}, "modules": {
+            "text_decoder": module_models((e1, {"density": 0.4}), (e2, {"density": 0.8})),
+            "vision_model": module_models((e1, None), parameters={"density": 0.6}),
+            "multi_modal_projector": module_models((e2, None))}}, []),
+    "whisper_encoder": ("make_whisper", lambda b, e1, e2: {  # (mergekit 0.1.5's decoder definition lacks a '.')
+        "merge_method": "slerp", "base_model": b, "dtype": "float32", "parameters": {"t": [0.2, 0.7]},
+        "modules": {"encoder": module_models((b, None), (e1, None))}}, []),
     # a module left out is not written, as mergekit writes only the modules a modules: config names
     "qwen2_vl_text_only": ("make_qwen2_vl", lambda b, e1, e2: {
         "merge_method": "linear", "dtype": "float32", "modules": {
