@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--in-place", action="store_true", help="rewrite MODEL's files (crash-safe journal) "
                        "instead of writing OUT")
         a.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
-        a.add_argument("-q", "--quiet", action="store_true", help="no summary of the tensors rewritten")
+        a.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary of the tensors rewritten")
     r = subcommand(sub, "recover", "roll back an interrupted --in-place apply or remove")
     r.add_argument("model", help="model folder an interrupted --in-place command left a journal in")
     rep = subcommand(sub, "report", "parameters a key moves, per layer")
@@ -166,7 +166,8 @@ def _apply_or_remove(args, parser) -> int:
             with every_rank(current_ranks(), "reading the keys"):
                 check_streamed_output(model, out, key_paths)  # before anything is read: --overwrite replaces OUT
                 keys = [TierKey.load(p) for p in key_paths]
-            run = (apply_key if args.command == "apply" else remove_key)(model, keys, out, args.overwrite)
+            run = (apply_key if args.command == "apply" else remove_key)(model, keys, out, args.overwrite,
+                                                                          progress=not args.quiet)
     if not args.quiet and leader:
         print(run.summary())
     return 0

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--in-place", action="store_true", help="rewrite MODEL's files (crash-safe journal) "
                        "instead of writing OUT")
         a.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
-        a.add_argument("-q", "--quiet", action="store_true", help="no summary")
+        a.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     r = subcommand(sub, "recover", "roll back an interrupted --in-place apply or remove")
     r.add_argument("model", help="model folder an interrupted --in-place command left a journal in")
     return p
@@ -140,7 +140,7 @@ def _apply_or_remove(args, parser) -> int:
         run = (apply_patches_in_place if args.command == "apply" else remove_patches_in_place)(model, patches, check)
     else:
         run = (apply_patches if args.command == "apply" else remove_patches)(model, patches, out, check,
-                                                                             args.overwrite)
+                                                                             args.overwrite, progress=not args.quiet)
     if not args.quiet:
         print(run.summary())
     return 0

@@ -131,15 +131,15 @@ def _check_finite(name: str, weight: torch.Tensor, out: torch.Tensor, uses: list
 
 
 def apply_patches(model_dir: str, patches: Sequence[PatchArg], out_dir: str, check_base: bool = True,
-                  overwrite: bool = False) -> PatchRun:
-    """Write the model with the patches added (each times its scale) to out_dir."""
-    return _stream(model_dir, patches, out_dir, 1, check_base, overwrite)
+                  overwrite: bool = False, progress: bool = False) -> PatchRun:
+    """Write the model with the patches added (each times its scale) to out_dir (progress: a progress bar)."""
+    return _stream(model_dir, patches, out_dir, 1, check_base, overwrite, progress)
 
 
 def remove_patches(model_dir: str, patches: Sequence[PatchArg], out_dir: str, check_base: bool = True,
-                   overwrite: bool = False) -> PatchRun:
-    """Write the model with the patches subtracted (each times its scale) to out_dir."""
-    return _stream(model_dir, patches, out_dir, -1, check_base, overwrite)
+                   overwrite: bool = False, progress: bool = False) -> PatchRun:
+    """Write the model with the patches subtracted (each times its scale) to out_dir (progress: a progress bar)."""
+    return _stream(model_dir, patches, out_dir, -1, check_base, overwrite, progress)
 
 
 def apply_patches_in_place(model_dir: str, patches: Sequence[PatchArg], check_base: bool = True) -> PatchRun:
@@ -153,7 +153,7 @@ def remove_patches_in_place(model_dir: str, patches: Sequence[PatchArg], check_b
 
 
 def _stream(model_dir: str, patches: Sequence[PatchArg], out_dir: str, sign: int, check: bool,
-            overwrite: bool) -> PatchRun:
+            overwrite: bool, progress: bool) -> PatchRun:
     start = time.perf_counter()
     check_streamed_output(model_dir, out_dir, [p if isinstance(p, str) else p[0] for p in patches])
     ckpt = Checkpoint(model_dir)
@@ -168,7 +168,8 @@ def _stream(model_dir: str, patches: Sequence[PatchArg], out_dir: str, sign: int
                 for name, tensor in in_order(patched, in_file_order(ckpt)):
                     writer.write(name, tensor)
 
-            out = stream_rewrite(ckpt, out_dir, overwrite, write_tensors)
+            out = stream_rewrite(ckpt, out_dir, overwrite, write_tensors, progress=(
+                ("applying patches" if sign > 0 else "removing patches") if progress else None))
         finally:
             patch_set.close()
     finally:

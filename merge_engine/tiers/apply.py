@@ -28,6 +28,7 @@ from merge_engine.distributed import (
 from merge_engine.errors import OutputError
 from merge_engine.io.checkpoint import INDEX_FILE, Checkpoint, refuse_pending_journal
 from merge_engine.io.writer import ShardedWriter, check_output_apart
+from merge_engine.progress import progress_bar
 from merge_engine.tiers.blocks import (
     ATTENTION_KINDS,
     ATTN_OUT,
@@ -138,16 +139,19 @@ def check_streamed_output(model_dir: str, out_dir: str, inputs: Sequence[str] = 
     check_output_apart(out_dir, [model_dir, *inputs])
 
 
-def stream_rewrite(ckpt: Checkpoint, out_dir: str, overwrite: bool, write_tensors, ranks: Ranks | None = None) -> str:
+def stream_rewrite(ckpt: Checkpoint, out_dir: str, overwrite: bool, write_tensors, ranks: Ranks | None = None,
+                   progress: str | None = None) -> str:
     """Write a rewritten copy of the model folder: write_tensors(writer) writes the writer's tensors
     (writer.tensor_names: every tensor, or with ranks those of this rank's shards, each shard written by one
     rank) into the input's own layout, the side files follow, and the folder appears only when complete.
-    Returns the output folder."""
+    progress: a progress bar's label (bytes written), in one process. Returns the output folder."""
     own = own_shards(ranks, [2 * shard.size for shard in input_layout(ckpt)])  # read once, written once
     writer = open_shared_writer(ranks, lambda join: layout_writer(out_dir, ckpt, overwrite, own, join))
     try:
-        with every_rank(ranks, "writing"):
-            write_tensors(writer)
+        with every_rank(ranks, "writing"), progress_bar(
+                total=sum(ckpt.tensors[n].nbytes for n in writer.tensor_names), unit="B", unit_scale=True,
+                desc=progress, disable=progress is None or ranks is not None) as bar:
+            write_tensors(_Counted(writer, bar))
             ckpt.check_unchanged()
             if writer.maker:
                 copy_side_files(ckpt.path, writer)
@@ -159,23 +163,37 @@ def stream_rewrite(ckpt: Checkpoint, out_dir: str, overwrite: bool, write_tensor
     return writer.out_dir
 
 
+class _Counted:
+    """A writer whose writes advance a progress bar by their bytes."""
+
+    def __init__(self, writer: ShardedWriter, bar):
+        self._writer, self._bar = writer, bar
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._writer.write(name, tensor)
+        self._bar.update(tensor.nbytes)
+
+    def __getattr__(self, name: str):
+        return getattr(self._writer, name)
+
+
 def in_file_order(ckpt: Checkpoint, names=None) -> list[str]:
     """Tensor names (all, or the given ones) in the order their bytes lie in the files."""
     return sorted(ckpt.tensors if names is None else names,
                   key=lambda n: (ckpt.tensors[n].file, ckpt.tensors[n].data_start))
 
 
-def apply_key(model_dir: str, keys: Keys, out_dir: str, overwrite: bool = False) -> KeyedRun:
-    """Write the keyed model (keys applied in order) to out_dir."""
-    return _stream(model_dir, keys, out_dir, overwrite, invert=False)
+def apply_key(model_dir: str, keys: Keys, out_dir: str, overwrite: bool = False, progress: bool = False) -> KeyedRun:
+    """Write the keyed model (keys applied in order) to out_dir (progress: a progress bar, in one process)."""
+    return _stream(model_dir, keys, out_dir, overwrite, invert=False, progress=progress)
 
 
-def remove_key(model_dir: str, keys: Keys, out_dir: str, overwrite: bool = False) -> KeyedRun:
+def remove_key(model_dir: str, keys: Keys, out_dir: str, overwrite: bool = False, progress: bool = False) -> KeyedRun:
     """Write the public model of a model keyed with these keys (given in the order they were applied)."""
-    return _stream(model_dir, keys, out_dir, overwrite, invert=True)
+    return _stream(model_dir, keys, out_dir, overwrite, invert=True, progress=progress)
 
 
-def _stream(model_dir: str, keys: Keys, out_dir: str, overwrite: bool, invert: bool) -> KeyedRun:
+def _stream(model_dir: str, keys: Keys, out_dir: str, overwrite: bool, invert: bool, progress: bool) -> KeyedRun:
     """Called on every rank of an initialised torch.distributed process group, the ranks share the output's
     shards (distributed.py); the result is the same, byte for byte."""
     start = time.perf_counter()
@@ -188,7 +206,8 @@ def _stream(model_dir: str, keys: Keys, out_dir: str, overwrite: bool, invert: b
             blocks, perm = resolve(keys, ckpt)
             moves = plan_moves(ckpt, blocks, perm.inverse() if invert else perm)
         check_same_plan(ranks, digest(ckpt.path, moves, input_layout(ckpt), os.path.realpath(out_dir), overwrite))
-        out = stream_rewrite(ckpt, out_dir, overwrite, lambda writer: _write_tensors(ckpt, moves, writer), ranks)
+        out = stream_rewrite(ckpt, out_dir, overwrite, lambda writer: _write_tensors(ckpt, moves, writer), ranks,
+                             ("removing the key" if invert else "applying the key") if progress else None)
     finally:
         ckpt.close()
     return KeyedRun(ckpt.path, out, len(moves), params_moved(ckpt, moves), time.perf_counter() - start)

@@ -34,8 +34,10 @@ def test_generate_apply_remove_report(tier_model, tmp_path, capsys, monkeypatch)
 
     keyed, public = str(tmp_path / "keyed"), str(tmp_path / "public")
     assert key_command(["apply", model, k1, k2, keyed, "-q"]) == 0
+    assert "applying the key" not in capsys.readouterr().err
     assert key_command(["remove", keyed, k1, k2, public]) == 0
-    assert "parameters moved" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "parameters moved" in printed.out and "removing the key" in printed.err and "100%" in printed.err
     same_files(model, public)
     assert key_command(["apply", public, k1, k2, "--in-place", "-q"]) == 0
     same_files(keyed, public)

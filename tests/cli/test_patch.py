@@ -30,9 +30,11 @@ def test_extract_apply_remove_norms(models, tmp_path, capsys):
 
     applied = str(tmp_path / "applied")
     assert patch_command(["apply", m["base"], p, applied]) == 0
-    assert "tensors changed" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "tensors changed" in printed.out and "applying patches" in printed.err and "100%" in printed.err
     assert same_bits(read_all(applied), read_all(m["tuned"]))
     assert patch_command(["remove", applied, p, str(tmp_path / "removed"), "-q"]) == 0
+    assert "removing patches" not in capsys.readouterr().err
     same_files(m["base"], str(tmp_path / "removed"))
     both = str(tmp_path / "both")
     assert patch_command(["apply", m["base"], p, p8, both, "--scale", "0.5", "2", "-q"]) == 0
