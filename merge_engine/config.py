@@ -98,6 +98,7 @@ class MergeConfig:
     chat_template: str | None = None  # "auto", a built-in name or a Jinja template
     parameters: dict[str, Any] | None = None
     modules: list[str] = field(default_factory=list)  # a `modules:` config's modules, in its order
+    hub_ids: dict[str, str] = field(default_factory=dict)  # local folder -> the Hub id it was found by (hub_cache.py)
     raw: dict = field(default_factory=dict)  # the config as the user wrote it
     # the YAML file's text, when the config was read from one: saved beside the output as it is, as mergekit saves it
     # (else the output gets raw as YAML)

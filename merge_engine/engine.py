@@ -40,6 +40,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from merge_engine.card import model_card
 from merge_engine.chat_templates import resolve_chat_template
 from merge_engine.config import WEIGHT_SHAPED_SIDE_INPUTS, MergeConfig, load_config, parse_config
 from merge_engine.devices import resolve_device
@@ -119,6 +120,7 @@ class MergeOptions:
     # the Hugging Face cache that Hub references (org/name[@revision]) are found in (io/hub_cache.py), a path; None:
     # huggingface_hub's (HF_HUB_CACHE). mergekit's --transformers-cache
     hub_cache: str | os.PathLike | None = None
+    write_model_card: bool = True  # a README.md model card in the output (merge_engine/card.py), as mergekit's default
 
 
 @dataclass
@@ -275,7 +277,7 @@ def as_int(value, floats: bool = False):
 
 def check_options(out_dir: str, options: MergeOptions) -> torch.device:
     """What can be refused before planning; the device the merge runs on."""
-    for name in ("copy_tokenizer", "overwrite", "quiet", "allow_crimes", "unsafe_truncate_embeddings"):
+    for name in ("copy_tokenizer", "overwrite", "quiet", "allow_crimes", "unsafe_truncate_embeddings", "write_model_card"):
         if not isinstance(getattr(options, name), bool):
             raise MergeEngineError(f"MergeOptions.{name} must be True or False, got {getattr(options, name)!r}")
     if not is_int(options.out_shard_size) or options.out_shard_size < 0:
@@ -594,15 +596,19 @@ def compute(job: TensorJob, tensors: list[torch.Tensor], method: MergeMethod, se
 
 
 def write_side_files(plan: MergePlan, writer: ShardedWriter, options: MergeOptions) -> None:
-    """config.json (dtype, layer count and vocabulary size updated), generation and processor configs, tokenizer
-    and the merge config."""
+    """config.json (dtype, layer count and vocabulary size updated), generation and processor configs, tokenizer,
+    the merge config and the model card."""
     model_config = output_model_config(plan)
     if model_config:
         writer.add_file("config.json", json.dumps(model_config, indent=2) + "\n")
     for f in SIDE_FILES_FROM_BASE:
         _copy_if_present(plan.donor.path, f, writer)
     write_tokenizer(plan, writer, options)
-    writer.add_file(CONFIG_COPY_NAME, config_copy_text(plan.config))
+    config_text = config_copy_text(plan.config)
+    writer.add_file(CONFIG_COPY_NAME, config_text)
+    if options.write_model_card:
+        writer.add_file("README.md", model_card(plan.config, os.path.basename(os.path.normpath(writer.out_dir)),
+                                                config_text))
 
 
 def output_model_config(plan: MergePlan) -> dict:

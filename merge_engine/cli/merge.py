@@ -24,7 +24,7 @@ from merge_engine.methods import REGISTRY
 # mergekit-yaml's flags that only tune its own executor or output (each with its --no- form, as click
 # gives them); merge_engine always streams, so they change nothing.
 _COMPAT_FLAGS = ("--low-cpu-memory", "--read-to-gpu", "--async-write", "--lazy-unpickle", "--clone-tensors",
-                 "--safe-serialization", "--trust-remote-code", "--write-model-card", "--multi-gpu")
+                 "--safe-serialization", "--trust-remote-code", "--multi-gpu")
 
 
 log = logging.getLogger("merge_engine")
@@ -81,6 +81,9 @@ def add_merge_options(p: argparse.ArgumentParser) -> None:
                         "bytes; 0: no limit, one shard, as mergekit)")
     p.add_argument("--random-seed", type=seed, default=0,
                    help="seed of the counter-based generator used by DARE and DELLA (default 0)")
+    p.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
+                   help="write a README.md model card: the method, the models and the config (default on, as "
+                        "mergekit's)")
     p.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
                    help="copy the base model's tokenizer files (default on); a tokenizer built from "
                         "tokenizer_source or tokenizer: is written either way")
@@ -141,7 +144,7 @@ def merge_options(args: argparse.Namespace):
                         quiet=args.quiet, allow_crimes=args.allow_crimes,
                         unsafe_truncate_embeddings=args.unsafe_truncate_embeddings,
                         lora_merge_dtype=args.lora_merge_dtype, expert_layout=args.expert_layout,
-                        hub_cache=args.transformers_cache)
+                        hub_cache=args.transformers_cache, write_model_card=args.write_model_card)
 
 
 def run(argv: list[str]) -> int:

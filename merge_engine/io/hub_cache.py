@@ -49,7 +49,10 @@ def resolve_references(cfg: MergeConfig, cache_dir: str | None = None) -> MergeC
         raise ConfigError(problems, "inputs")
     if all(ref == path for ref, path in local.items()):
         return cfg
-    return _with_references(cfg, lambda ref: local.get(ref, ref))
+    hub_ids = dict(cfg.hub_ids)  # each part (BASE, ADAPTER) found in the cache, by its snapshot folder
+    for ref, path in local.items():
+        hub_ids.update((local_part, part) for part, local_part in zip(ref.split("+"), path.split("+")) if part != local_part)
+    return dataclasses.replace(_with_references(cfg, lambda ref: local.get(ref, ref)), hub_ids=hub_ids)
 
 
 def _local_part(part: str, cache_dir: str | None) -> str:

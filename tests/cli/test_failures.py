@@ -76,7 +76,7 @@ def test_a_shard_size_of_0_is_no_limit_as_in_mergekit(config, tmp_path):
     """mergekit-yaml --out-shard-size 0 writes every tensor into one shard (its writer starts a new shard only
     under a limit above 0); merge_engine refused 0."""
     assert cli.main([config, str(tmp_path / "out"), "--out-shard-size", "0", "-q"]) == 0
-    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "mergekit_config.yml", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["README.md", "config.json", "mergekit_config.yml", "model.safetensors"]
 
 
 def test_a_config_that_is_not_utf8_names_the_file(tmp_path, capsys):

@@ -1,0 +1,55 @@
+"""The output's model card (README.md, as mergekit writes one): what was merged and how, the config that makes it,
+and the metadata Hugging Face model pages read (the models named by Hub id as base_model)."""
+from __future__ import annotations
+
+import yaml
+
+from merge_engine.config import MergeConfig
+
+CARD = """---
+{metadata}---
+# {name}
+
+This is a merge of pre-trained language models made with merge_engine.
+
+## Merge method
+
+This model was merged with the {method} merge method{base}.
+
+## Models merged
+
+{models}
+
+## Configuration
+
+This configuration makes this model (`merge-engine CONFIG.yml OUT`; mergekit's `mergekit-yaml` reads it too):
+
+```yaml
+{config}
+```
+"""
+
+
+def model_card(config: MergeConfig, name: str, config_text: str) -> str:
+    """The card of a merge of config written to a folder called name (config_text: the config as the output's
+    mergekit_config.yml holds it)."""
+    shown = {ref: _shown(ref, config.hub_ids) for ref in config.referenced_models()}
+    base = None if config.method.name == "slerp" else config.base_model  # (slerp's base is one of its two models)
+    hub = list(dict.fromkeys(hub_id for ref in shown for hub_id in _hub_ids(ref, config.hub_ids)))
+    metadata = yaml.safe_dump({"base_model": hub, "library_name": "transformers", "tags": ["merge", "merge_engine"]},
+                              sort_keys=False)
+    method = f"[{config.method.name}]({config.method.reference})" if config.method.reference else config.method.name
+    return CARD.format(metadata=metadata, name=name, method=method,
+                       base=f" using {shown[base]} as a base" if base else "",
+                       models="\n".join(f"* {text}" for ref, text in shown.items() if ref != base),
+                       config=config_text.rstrip("\n"))
+
+
+def _shown(ref: str, hub_ids: dict[str, str]) -> str:
+    """A model reference as the card names it: each part (BASE, ADAPTER) by the Hub id it was found by, linked."""
+    return " + ".join(f"[{hub_ids[part]}](https://huggingface.co/{hub_ids[part].partition('@')[0]})"
+                      if part in hub_ids else part for part in ref.split("+"))
+
+
+def _hub_ids(ref: str, hub_ids: dict[str, str]) -> list[str]:
+    return [hub_ids[part].partition("@")[0] for part in ref.split("+") if part in hub_ids]
