@@ -30,15 +30,17 @@ This configuration makes this model (`merge-engine CONFIG.yml OUT`; mergekit's `
 """
 
 
-def model_card(config: MergeConfig, name: str, config_text: str) -> str:
-    """The card of a merge of config written to a folder called name (config_text: the config as the output's
-    mergekit_config.yml holds it)."""
+def model_card(config: MergeConfig, config_text: str) -> str:
+    """The card of a merge of config (config_text: the config as the output's mergekit_config.yml holds it). Its
+    title says what was merged, not where (mergekit's is the output folder's name): the same merge written to two
+    folders is the same bytes, which is how a distributed merge is checked against one process (docs/distributed.md)."""
     shown = {ref: _shown(ref, config.hub_ids) for ref in config.referenced_models()}
     base = None if config.method.name == "slerp" else config.base_model  # (slerp's base is one of its two models)
     hub = list(dict.fromkeys(hub_id for ref in shown for hub_id in _hub_ids(ref, config.hub_ids)))
     metadata = yaml.safe_dump({"base_model": hub, "library_name": "transformers", "tags": ["merge", "merge_engine"]},
                               sort_keys=False)
     method = f"[{config.method.name}]({config.method.reference})" if config.method.reference else config.method.name
+    name = f"A {config.method.name} merge of {len(shown)} model{'s' if len(shown) > 1 else ''}"
     return CARD.format(metadata=metadata, name=name, method=method,
                        base=f" using {shown[base]} as a base" if base else "",
                        models="\n".join(f"* {text}" for ref, text in shown.items() if ref != base),

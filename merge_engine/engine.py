@@ -607,8 +607,7 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, options: MergeOptio
     config_text = config_copy_text(plan.config)
     writer.add_file(CONFIG_COPY_NAME, config_text)
     if options.write_model_card:
-        writer.add_file("README.md", model_card(plan.config, os.path.basename(os.path.normpath(writer.out_dir)),
-                                                config_text))
+        writer.add_file("README.md", model_card(plan.config, config_text))
 
 
 def output_model_config(plan: MergePlan) -> dict:

@@ -25,12 +25,14 @@ def card(folder) -> tuple[dict, str]:
 def test_a_merge_writes_a_card_of_its_method_models_and_config(model_sets, tmp_path):
     base, e1, e2, _ = model_sets("llama")
     merge(parse_config(ties(base, e1, e2)), str(tmp_path / "my-merge"), OPTIONS)
+    merge(parse_config(ties(base, e1, e2)), str(tmp_path / "elsewhere"), OPTIONS)
     metadata, body = card(tmp_path / "my-merge")
+    assert (tmp_path / "elsewhere" / "README.md").read_bytes() == (tmp_path / "my-merge" / "README.md").read_bytes()
     assert metadata == {"base_model": [], "library_name": "transformers", "tags": ["merge", "merge_engine"]}
-    assert body.startswith("# my-merge\n")
+    assert body.startswith("# A ties merge of 3 models\n")
     assert f"merged with the [ties]({REGISTRY['ties'].reference}) merge method using {base} as a base." in body
     assert f"* {e1}\n* {e2}\n" in body and f"* {base}" not in body
-    config = (tmp_path / "my-merge" / "mergekit_config.yml").read_text()
+    config = (tmp_path / "my-merge" / "mergekit_config.yml").read_text()  # (a mapping given: as YAML)
     assert f"```yaml\n{config.rstrip()}\n```\n" in body
 
 
