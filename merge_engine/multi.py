@@ -37,22 +37,8 @@ def plan_stages(path: str, intermediate_dir: str, out_path: str | None = None, s
     """The merges of a multi-stage YAML file, each checked, in an order where every merge follows those it reads;
     ConfigError listing every problem of every document, and of the model folders they read that exist before the
     first merge (hub_cache: where Hub references are looked up, as MergeOptions.hub_cache)."""
-    documents = read_yaml_documents(path, strict)
     problems: list[str] = []
-    named: dict[str | None, dict] = {}
-    for i, document in enumerate(documents):
-        if not isinstance(document, dict):
-            problems.append(f"document {i + 1}: expected a merge config (a mapping), got {type(document).__name__}")
-            continue
-        name = document.get("name")
-        if name is not None and not _is_stage_name(name):
-            problems.append(f"document {i + 1}: name {name!r} is not a folder name (one path component: no '/', "
-                            "not '.' or '..')")
-        elif name in named:
-            problems.append(f"document {i + 1}: " + (f"the name {name!r} is given twice" if name is not None else
-                                                     "a second merge without a name (only the final merge has none)"))
-        else:
-            named[name] = {k: v for k, v in document.items() if k != "name"}
+    named = _named_documents(read_yaml_documents(path, strict), problems)
     if not named and not problems:
         problems.append("no merge config in the file")
     if None in named and out_path is None:
@@ -77,6 +63,25 @@ def plan_stages(path: str, intermediate_dir: str, out_path: str | None = None, s
     if problems:
         raise ConfigError(problems, path)
     return _in_dependency_order(stages, path)
+
+
+def _named_documents(documents: list[Any], problems: list[str]) -> dict[str | None, dict]:
+    """Each document's config (less its `name:`) by its name (None: the final merge); problems appended."""
+    named: dict[str | None, dict] = {}
+    for i, document in enumerate(documents):
+        if not isinstance(document, dict):
+            problems.append(f"document {i + 1}: expected a merge config (a mapping), got {type(document).__name__}")
+            continue
+        name = document.get("name")
+        if name is not None and not _is_stage_name(name):
+            problems.append(f"document {i + 1}: name {name!r} is not a folder name (one path component: no '/', "
+                            "not '.' or '..')")
+        elif name in named:
+            problems.append(f"document {i + 1}: " + (f"the name {name!r} is given twice" if name is not None else
+                                                     "a second merge without a name (only the final merge has none)"))
+        else:
+            named[name] = {k: v for k, v in document.items() if k != "name"}
+    return named
 
 
 def run_stages(stages: list[Stage], options: MergeOptions, lazy: bool = True) -> list[MergeReport | None]:
