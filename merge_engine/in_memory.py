@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from merge_engine.io.untrusted import is_int
 from merge_engine.methods import REGISTRY, MergeMethod, TensorGroup
 from merge_engine.parameters import ParamSpec, Scope
 
@@ -128,15 +129,12 @@ def _merge_group(method: MergeMethod, name: str, tensors: list[torch.Tensor], id
     for what, value in (("dtype", dtype), ("out_dtype", out_dtype)):
         if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
             raise ValueError(f"{what} must be a floating-point torch.dtype or None, got {value!r}")
+    if not is_int(seed) or not -2**63 <= seed < 2**63:  # the keyed generator's 64-bit seed
+        raise ValueError(f"random_seed must be an integer in [-2**63, 2**63), got {seed!r}")
     _check_alike(name, tensors)
     compute = dtype or _promoted(name, tensors)
+    shared, per_model = _parameters(method, supplied, ids, base_index, name)
     non_base = [i for i in range(len(tensors)) if i != base_index]
-    shared = {p.name: _value(p, supplied, name) for p in method.shared_params}
-    per_model = [{} for _ in tensors]
-    for p in method.model_params:
-        entries = non_base if p.scope == Scope.NON_BASE else list(range(len(tensors)))
-        for i, value in zip(entries, _per_input(p, supplied, [ids[i] for i in entries], name)):
-            per_model[i][p.name] = value
     checked = [per_model[i] for i in non_base] if method.inner and method.inner.base == "ignored" else per_model
     problem = method.tensor_problem and method.tensor_problem(shared, checked, compute)
     if problem:
@@ -151,6 +149,20 @@ def _merge_group(method: MergeMethod, name: str, tensors: list[torch.Tensor], id
     if any(result.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in tensors):
         result = result.clone()  # (passthrough's input itself): the caller's tensor is not theirs to change through it
     return result
+
+
+def _parameters(method: MergeMethod, supplied: dict[str, Any], ids: Sequence[Hashable], base_index: int | None,
+                name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The group's shared parameters, and each input's (the base's: only those of every input), as a config merge
+    resolves them."""
+    non_base = [i for i in range(len(ids)) if i != base_index]
+    shared = {p.name: _value(p, supplied, name) for p in method.shared_params}
+    per_model: list[dict[str, Any]] = [{} for _ in ids]
+    for p in method.model_params:
+        entries = non_base if p.scope == Scope.NON_BASE else list(range(len(ids)))
+        for i, value in zip(entries, _per_input(p, supplied, [ids[i] for i in entries], name)):
+            per_model[i][p.name] = value
+    return shared, per_model
 
 
 def _label(name: str) -> str:

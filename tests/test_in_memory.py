@@ -222,6 +222,8 @@ BAD = [  # (arguments of merge_state_dicts, the error, its message)
     (dict(models=[MODELS["m0"], {"a.weight": [1.0]}], method="linear", parameters={"weight": 1.0}), TypeError,
      r"model 1: a state dict maps names \(strings\) to tensors; 'a.weight' does not"),
     (dict(models=[], method="linear"), ValueError, "needs at least one model"),
+    (dict(models=[MODELS["m0"], MODELS["m1"]], method="linear", parameters={"weight": 1.0}, random_seed="7"),
+     ValueError, r"random_seed must be an integer in \[-2\*\*63, 2\*\*63\), got '7'"),
 ]
 
 
