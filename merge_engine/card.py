@@ -22,7 +22,7 @@ This model was merged with the {method} merge method{base}.
 
 ## Configuration
 
-This configuration makes this model (`merge-engine CONFIG.yml OUT`; mergekit's `mergekit-yaml` reads it too):
+This configuration makes this model (`merge-engine CONFIG.yml OUT`):
 
 ```yaml
 {config}
