@@ -60,6 +60,7 @@ def plan_stages(path: str, intermediate_dir: str, out_path: str | None = None, s
             continue
         stages[name] = Stage(name, config, folders.get(name, out_path), sorted(needs))
         problems += [f"{_stage(name)}: {p}" for p in _folder_problems(config, set(folders.values()), hub_cache)]
+    problems += _output_overlaps(stages)
     if problems:
         raise ConfigError(problems, path)
     return _in_dependency_order(stages, path)
@@ -108,6 +109,19 @@ def _folder_problems(config: MergeConfig, stage_folders: set[str], hub_cache: st
             open_model(local_reference(ref, hub_cache)).close()
         except MergeEngineError as e:
             problems.append(str(e))
+    return problems
+
+
+def _output_overlaps(stages: dict[str | None, Stage]) -> list[str]:
+    """Two merges whose output folders are one or one inside the other: the later would replace the earlier's output
+    (or, lazy, take it for its own and not run), or an --overwrite delete it with the folder it replaces."""
+    problems = []
+    outputs = [(name, os.path.realpath(stage.out_dir)) for name, stage in stages.items()]
+    for i, (name, out) in enumerate(outputs):
+        for other, other_out in outputs[i + 1:]:
+            if os.path.commonpath([out, other_out]) in (out, other_out):
+                problems.append(f"{_stage(name)} and {_stage(other)} write to {stages[name].out_dir} and "
+                                f"{stages[other].out_dir}, one the other or inside it: give them folders apart")
     return problems
 
 

@@ -139,3 +139,23 @@ def test_an_out_path_no_merge_writes_is_named(model_sets, tmp_path, caplog):
     config = write_documents(tmp_path / "multi.yml", linear(base, e1, name="a"))
     plan_stages(config, str(tmp_path / "inter"), str(tmp_path / "out"))
     assert "every merge has a name" in caplog.text and "is not written" in caplog.text
+
+
+@pytest.mark.parametrize("out", ["inter", "inter/a", "inter/a/final"])
+def test_an_out_path_that_is_or_holds_or_lies_in_a_merges_folder_is_refused_before_any_merge(model_sets, tmp_path,
+                                                                                             out):
+    # --out-path inter/a: the final merge found a's output complete and was silently not run (lazy), or replaced it
+    base, e1, e2, _ = model_sets("llama")
+    config = write_documents(tmp_path / "multi.yml", linear(base, e1, name="a"), linear(base, e2))
+    with pytest.raises(ConfigError, match=r"merge 'a' and the final merge write to .*give them folders apart"):
+        plan_stages(config, str(tmp_path / "inter"), str(tmp_path / out))
+    assert main(["multi", config, "-I", str(tmp_path / "inter"), "--out-path", str(tmp_path / out), "-q"]) == 2
+    assert not (tmp_path / "inter").exists()
+
+
+def test_an_intermediate_dir_inside_the_out_path_is_refused(model_sets, tmp_path):
+    # --overwrite on the final merge would delete the named merges' outputs with the folder it replaces
+    base, e1, e2, _ = model_sets("llama")
+    config = write_documents(tmp_path / "multi.yml", linear(base, e1, name="a"), linear(base, e2))
+    with pytest.raises(ConfigError, match="give them folders apart"):
+        plan_stages(config, str(tmp_path / "out" / "inter"), str(tmp_path / "out"))
