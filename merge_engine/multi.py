@@ -58,6 +58,7 @@ def plan_stages(path: str, intermediate_dir: str, out_path: str | None = None, s
         except ConfigError as e:
             problems += [f"{_stage(name)}: {p}" for p in e.problems]
             continue
+        needs.update(_read_by_path(config, folders))
         stages[name] = Stage(name, config, folders.get(name, out_path), sorted(needs))
         problems += [f"{_stage(name)}: {p}" for p in _folder_problems(config, set(folders.values()), hub_cache)]
     problems += _output_overlaps(stages)
@@ -96,6 +97,13 @@ def run_stages(stages: list[Stage], options: MergeOptions, lazy: bool = True) ->
         log.info("%s -> %s", _stage(stage.name), stage.out_dir)
         reports.append(merge(stage.config, stage.out_dir, options))
     return reports
+
+
+def _read_by_path(config: MergeConfig, folders: dict[str, str]) -> set[str]:
+    """The merges whose output folder config names by its path rather than the merge's name: it reads them too (and
+    is not checked for them before they are written, _folder_problems), so it runs after them."""
+    paths = {ref.partition("+")[0].partition("@")[0] for ref in config.referenced_models()}
+    return {name for name, folder in folders.items() if folder in paths}
 
 
 def _folder_problems(config: MergeConfig, stage_folders: set[str], hub_cache: str | None) -> list[str]:

@@ -159,3 +159,14 @@ def test_an_intermediate_dir_inside_the_out_path_is_refused(model_sets, tmp_path
     config = write_documents(tmp_path / "multi.yml", linear(base, e1, name="a"), linear(base, e2))
     with pytest.raises(ConfigError, match="give them folders apart"):
         plan_stages(config, str(tmp_path / "out" / "inter"), str(tmp_path / "out"))
+
+
+def test_a_merge_reading_another_ones_folder_by_its_path_runs_after_it(model_sets, tmp_path):
+    # a path to -I/NAME is not checked before the run (it is a merge's output); it was run first, and failed there
+    base, e1, e2, _ = model_sets("llama")
+    config = write_documents(tmp_path / "multi.yml", linear(str(tmp_path / "inter" / "a"), e2),
+                             linear(base, e1, name="a"))
+    stages = plan_stages(config, str(tmp_path / "inter"), str(tmp_path / "out"))
+    assert [(s.name, s.needs) for s in stages] == [("a", []), (None, ["a"])]
+    run_stages(stages, OPTIONS)
+    assert os.path.isfile(tmp_path / "out" / "model.safetensors")
