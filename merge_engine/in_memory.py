@@ -43,6 +43,8 @@ def merge_tensors(tensors: Sequence[torch.Tensor], method: str | MergeMethod, *,
         raise ValueError(f"ids and tensors must have the same length, got {len(ids)} and {len(tensors)}")
     if base_index is not None and not (isinstance(base_index, int) and 0 <= base_index < len(tensors)):
         raise ValueError(f"base_index is out of range for {len(tensors)} tensors, got {base_index!r}")
+    if name is not None and not isinstance(name, str):  # (the kernels' ops take a str, and say so in TorchScript)
+        raise TypeError(f"name must be a tensor name (a string) or None, got {name!r}")
     method, parameters = _method(method, parameters)
     base = None if base_index is None else ids[base_index]
     _check_inputs(method, ids, base, name)
@@ -103,7 +105,11 @@ def _method(method: str | MergeMethod, parameters: Mapping[str, Any] | None) -> 
 
 
 def _check_inputs(method: MergeMethod, ids: Sequence[Hashable], base: Hashable | None, name: str | None) -> None:
-    if len(set(ids)) != len(ids) or None in ids:
+    try:
+        distinct = set(ids)
+    except TypeError:
+        raise TypeError(f"input ids must be hashable (they key the per-input parameters), got {list(ids)!r}") from None
+    if len(distinct) != len(ids) or None in ids:
         raise ValueError(f"input ids must be distinct and not None, got {list(ids)!r}")
     problems = method.input_problems(list(ids), base, _label(name or ""))
     if problems:
@@ -253,6 +259,9 @@ def _agreed_buffer(name: str, tensors: list[torch.Tensor], ids: list[Hashable]) 
     """A tensor that is not floating point somewhere (a buffer of positions, a step count): copied where every model
     holds the same."""
     first = tensors[0]
+    devices = [t.device for t in tensors]
+    if len(set(devices)) > 1:  # (torch.equal refuses to compare them)
+        raise ValueError(f"tensor {name!r}: the models' tensors are on different devices: {[str(d) for d in devices]}")
     differing = [key for key, t in zip(ids[1:], tensors[1:]) if t.dtype != first.dtype or not torch.equal(t, first)]
     if differing:
         raise ValueError(f"tensor {name!r} is not floating point and differs between models {ids[0]!r} and "

@@ -222,6 +222,9 @@ BAD = [  # (arguments of merge_state_dicts, the error, its message)
     (dict(models=[MODELS["m0"], {"a.weight": [1.0]}], method="linear", parameters={"weight": 1.0}), TypeError,
      r"model 1: a state dict maps names \(strings\) to tensors; 'a.weight' does not"),
     (dict(models=[], method="linear"), ValueError, "needs at least one model"),
+    (dict(models=[{"n": torch.arange(3)}, {"n": torch.arange(3, device="meta")}], method="linear",
+          parameters={"weight": 1.0}), ValueError, r"tensor 'n': the models' tensors are on different devices: "
+                                                   r"\['cpu', 'meta'\]"),
     (dict(models=[MODELS["m0"], MODELS["m1"]], method="linear", parameters={"weight": 1.0}, random_seed="7"),
      ValueError, r"random_seed must be an integer in \[-2\*\*63, 2\*\*63\), got '7'"),
 ]
@@ -237,6 +240,11 @@ def test_merge_tensors_checks_its_own_arguments():
     x = MODELS["m0"]["a.weight"]
     with pytest.raises(ValueError, match=r"input ids must be distinct and not None, got \['a', 'a'\]"):
         merge_tensors([x, x], "linear", ids=["a", "a"], parameters={"weight": {"a": 1.0}})
+    with pytest.raises(TypeError, match=r"input ids must be hashable \(they key the per-input parameters\), got "
+                                        r"\[\['a'\], \['b'\]\]"):
+        merge_tensors([x, x], "linear", ids=[["a"], ["b"]], parameters={"weight": 1.0})
+    with pytest.raises(TypeError, match=r"name must be a tensor name \(a string\) or None, got 5"):
+        merge_tensors([x, x], "ties", base_index=0, name=5, parameters={"weight": 1.0, "density": 0.5})
     with pytest.raises(ValueError, match="ids and tensors must have the same length, got 1 and 2"):
         merge_tensors([x, x], "linear", ids=["a"], parameters={"weight": 1.0})
     with pytest.raises(ValueError, match="base_index is out of range for 2 tensors, got 2"):
