@@ -2,6 +2,8 @@
 and the metadata Hugging Face model pages read (the models named by Hub id as base_model)."""
 from __future__ import annotations
 
+import re
+
 import yaml
 
 from merge_engine.config import MergeConfig
@@ -24,9 +26,9 @@ This model was merged with the {method} merge method{base}.
 
 This configuration makes this model (`merge-engine CONFIG.yml OUT`):
 
-```yaml
+{fence}yaml
 {config}
-```
+{fence}
 """
 
 
@@ -44,7 +46,13 @@ def model_card(config: MergeConfig, config_text: str) -> str:
     return CARD.format(metadata=metadata, name=name, method=method,
                        base=f" using {shown[base]} as a base" if base else "",
                        models="\n".join(f"* {text}" for ref, text in shown.items() if ref != base),
-                       config=config_text.rstrip("\n"))
+                       config=config_text.rstrip("\n"), fence=_fence(config_text))
+
+
+def _fence(text: str) -> str:
+    """A code fence longer than every run of backticks in text: a line of ``` in the config (a chat template's code
+    block) would otherwise end the block there, and the rest of the config show as the card's Markdown."""
+    return "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
 
 
 def _shown(ref: str, hub_ids: dict[str, str]) -> str:

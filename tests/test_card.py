@@ -64,3 +64,13 @@ def test_no_card_when_asked(model_sets, write_yaml, tmp_path):
     assert not (tmp_path / "b" / "README.md").exists() and (tmp_path / "b" / "mergekit_config.yml").exists()
     with pytest.raises(MergeEngineError, match="write_model_card"):
         merge(parse_config(ties(base, e1, e2)), str(tmp_path / "c"), MergeOptions(write_model_card="no"))
+
+
+def test_backticks_in_the_config_do_not_end_its_code_block(model_sets, tmp_path):
+    base, e1, _, _ = model_sets("llama")
+    text = (f"merge_method: linear\ndtype: float32\nchat_template: |\n  ```\n  {{{{ messages }}}}\n  ````\n"
+            f"models:\n- model: {base}\n  parameters: {{weight: 1.0}}\n- model: {e1}\n  parameters: {{weight: 1.0}}\n")
+    (tmp_path / "merge.yml").write_text(text)
+    assert main([str(tmp_path / "merge.yml"), str(tmp_path / "out"), "--no-copy-tokenizer", "-q"]) == 0
+    _, body = card(tmp_path / "out")
+    assert body.endswith(f"`````yaml\n{text}`````\n")  # (a fence of 3 closed the block at the template's first line)
