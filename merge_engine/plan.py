@@ -7,6 +7,7 @@ shape mismatches, and every parameter resolved for every tensor.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -240,7 +241,9 @@ def _plan_whole_model(plan: MergePlan, layer_index: dict, problems: list[str]) -
         plan.num_layers = len(plan.layer_sources)
     for name in (n for n in outside if n not in pre):
         _plan_tensor(plan, last, name, _input_names(plan, last, name), 0.0, problems, outside_layers=True)
-    _check_unplanned_outside(plan, set(outside), problems)
+    first_model = first.sources[0].model
+    _check_unplanned_outside(plan, first_model, [ref for ref in plan.models if ref != first_model], set(outside),
+                             problems)
 
 
 def _module_layouts(plan: MergePlan, problems: list[str]) -> dict[str, ModuleLayout] | None:
@@ -291,6 +294,10 @@ def _plan_module(plan: MergePlan, module: str, slices: list[Slice], layouts: dic
     first, last = slices[0], slices[-1]
     template = plan.models[first.sources[0].model]
     names = [n for n in template.tensors if module_of(layouts, n) == module]
+    if not names:  # (else the module would be left out of the output without a word)
+        problems.append(f"{first.where}: {first.sources[0].model} holds no tensor of module '{module}' (named "
+                        f"{' or '.join(p + '*' for p in layouts[module].prefixes)})")
+        return None
     outside = [n for n in names if split_layer_name(n) is None]
     outside += [n for n in TIED_HEADS if module_of(layouts, n) == module and n not in outside
                 and any(n in plan.models[src.model].tensors for src in last.sources)]
@@ -310,6 +317,10 @@ def _plan_module(plan: MergePlan, module: str, slices: list[Slice], layouts: dic
         _plan_stacks(plan, first, stacks, layer_index, problems)
     for name in (n for n in outside if n not in pre):
         _plan_tensor(plan, last, name, _input_names(plan, last, name), 0.0, problems, outside_layers=True)
+    others = [ref for ref in dict.fromkeys(src.model for s in slices for src in s.sources)
+              if ref != first.sources[0].model]
+    _check_unplanned_outside(plan, first.sources[0].model, others, set(outside), problems,
+                             lambda name: module_of(layouts, name) == module)
     return layer_sources
 
 
@@ -440,20 +451,20 @@ def _layer_count_problems(plan: MergePlan, layer_index: dict) -> list[str]:
     return problems
 
 
-def _check_unplanned_outside(plan: MergePlan, planned: set[str], problems: list[str]) -> None:
-    """The first model's tensors outside the layers decide the output's; another input's that it lacks are not
-    merged (mergekit also merges only its architecture's weights): named, in case the first model is the one
-    missing them. A weight that two or more other inputs all have is refused: the first model lacks part of
-    the architecture (a truncated index, say), and the output would load with it randomly initialised."""
-    first = plan.config.slices[0].sources[0].model
-    others = [ref for ref in plan.models if ref != first]
+def _check_unplanned_outside(plan: MergePlan, first: str, others: list[str], planned: set[str], problems: list[str],
+                             belongs: Callable[[str], bool] = lambda name: True) -> None:
+    """The first model's tensors outside the layers decide the output's (of a module's, with belongs: its tensors);
+    another input's that it lacks are not merged (mergekit also merges only its architecture's weights): named, in
+    case the first model is the one missing them. A weight that two or more other inputs all have is refused: the
+    first model lacks part of the architecture (a truncated index, say), and the output would load with it
+    randomly initialised."""
     held_by_all = set.intersection(*(set(plan.models[o].tensors) for o in others)) if len(others) > 1 else set()
     missing = {n for n in held_by_all if n not in planned and split_layer_name(n) is None
-               and n.endswith((".weight", ".bias"))}
+               and n.endswith((".weight", ".bias")) and belongs(n)}
     problems += [f"{first}: tensor '{n}' is missing (every other input has it)" for n in sorted(missing)]
     for ref in others:
         unplanned = sorted(n for n in plan.models[ref].tensors
-                           if split_layer_name(n) is None and n not in planned and n not in missing)
+                           if split_layer_name(n) is None and n not in planned and n not in missing and belongs(n))
         if unplanned:
             log.warning("%s: %d tensor(s) that the first model lacks are not merged (%s%s)", ref, len(unplanned),
                         ", ".join(unplanned[:3]), ", ..." if len(unplanned) > 3 else "")

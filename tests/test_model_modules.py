@@ -4,9 +4,12 @@ search on such configs. Parity with mergekit: tests/test_parity_mergekit.py (MOD
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from merge_engine import MergeOptions, merge, parse_config
 from merge_engine.errors import ConfigError
@@ -282,3 +285,37 @@ def test_many_unknown_modules_are_named_in_one_short_problem(qwen2_vl, tmp_path)
                                           r"are not modules of .*qwen2vl-0") as e:
         merge(parse_config(config), str(tmp_path / "out"), OPTIONS)
     assert len(str(e.value)) < 1000
+
+
+def without_tensors(folder: str, out: str, drop) -> str:
+    """A copy of a one-file model folder without the tensors drop(name) picks."""
+    shutil.copytree(folder, out)
+    tensors = load_file(os.path.join(out, "model.safetensors"))
+    save_file({n: t for n, t in tensors.items() if not drop(n)}, os.path.join(out, "model.safetensors"),
+              metadata={"format": "pt"})
+    return out
+
+
+def test_a_module_its_first_model_lacks_is_refused_not_left_out(qwen2_vl, tmp_path):
+    # the module was planned from its first model's tensors: none, and the output silently had no vision tower
+    base, e1, _ = qwen2_vl
+    text_only = without_tensors(base, str(tmp_path / "text-only"),
+                                lambda n: n.startswith("visual.") and not n.startswith("visual.merger."))
+    config = {"merge_method": "linear", "dtype": "float32", "parameters": {"weight": 1.0},
+              "modules": {"vision_tower": {"models": [{"model": text_only}, {"model": e1}]}}}
+    with pytest.raises(ConfigError, match=r"modules.vision_tower.models: .*text-only holds no tensor of module "
+                                          r"'vision_tower' \(named visual.\* or model.visual.\*\)"):
+        merge(parse_config(config), str(tmp_path / "out"), OPTIONS)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_modules_weight_its_first_model_lacks_and_the_others_hold_is_refused(qwen2_vl, tmp_path):
+    # as a models: config refuses it; the modules: config left the weight out of the output without a word
+    base, e1, e2 = qwen2_vl
+    lacking = without_tensors(base, str(tmp_path / "lacking"), lambda n: n == "visual.patch_embed.proj.weight")
+    config = {"merge_method": "linear", "dtype": "float32", "parameters": {"weight": 1.0},
+              "modules": {"vision_tower": {"models": [{"model": lacking}, {"model": e1}, {"model": e2}]}}}
+    with pytest.raises(ConfigError, match=r"lacking: tensor 'visual.patch_embed.proj.weight' is missing \(every other "
+                                          r"input has it\)"):
+        merge(parse_config(config), str(tmp_path / "out"), OPTIONS)
+    assert not (tmp_path / "out").exists()
