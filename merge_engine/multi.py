@@ -15,9 +15,10 @@ from typing import Any
 
 from merge_engine.config import MergeConfig, parse_config, read_yaml_documents
 from merge_engine.engine import MergeOptions, MergeReport, merge
-from merge_engine.errors import ConfigError, MergeEngineError
+from merge_engine.errors import ConfigError, MergeEngineError, OutputError
 from merge_engine.io.hub_cache import local_reference
 from merge_engine.io.lora import open_model
+from merge_engine.io.writer import check_output_apart
 
 log = logging.getLogger("merge_engine")
 # what says a merge's output is complete, as mergekit-multi checks it: config.json and one of these
@@ -60,7 +61,8 @@ def plan_stages(path: str, intermediate_dir: str, out_path: str | None = None, s
             continue
         needs.update(_read_by_path(config, folders))
         stages[name] = Stage(name, config, folders.get(name, out_path), sorted(needs))
-        problems += [f"{_stage(name)}: {p}" for p in _folder_problems(config, set(folders.values()), hub_cache)]
+        problems += [f"{_stage(name)}: {p}" for p in _folder_problems(config, set(folders.values()), hub_cache,
+                                                                       stages[name].out_dir)]
     problems += _output_overlaps(stages)
     if problems:
         raise ConfigError(problems, path)
@@ -106,17 +108,23 @@ def _read_by_path(config: MergeConfig, folders: dict[str, str]) -> set[str]:
     return {name for name, folder in folders.items() if folder in paths}
 
 
-def _folder_problems(config: MergeConfig, stage_folders: set[str], hub_cache: str | None) -> list[str]:
+def _folder_problems(config: MergeConfig, stage_folders: set[str], hub_cache: str | None, out_dir: str) -> list[str]:
     """What is wrong with the model folders a stage reads that are no stage's output (missing, unreadable
-    headers), found before any merge runs."""
-    problems = []
+    headers, its output folder inside one or holding one), found before any merge runs."""
+    problems, read = [], []
     for ref in config.referenced_models():
         if ref.partition("+")[0].partition("@")[0] in stage_folders:
             continue
         try:
-            open_model(local_reference(ref, hub_cache)).close()
+            local = local_reference(ref, hub_cache)
+            read += local.split("+")
+            open_model(local).close()
         except MergeEngineError as e:
             problems.append(str(e))
+    try:  # (the merge checks it too, but only once the stages before it have run)
+        check_output_apart(out_dir, read)
+    except OutputError as e:
+        problems.append(str(e))
     return problems
 
 

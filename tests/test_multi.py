@@ -170,3 +170,13 @@ def test_a_merge_reading_another_ones_folder_by_its_path_runs_after_it(model_set
     assert [(s.name, s.needs) for s in stages] == [("a", []), (None, ["a"])]
     run_stages(stages, OPTIONS)
     assert os.path.isfile(tmp_path / "out" / "model.safetensors")
+
+
+def test_a_merge_writing_inside_a_folder_a_later_merge_reads_is_refused_before_any_merge(model_sets, tmp_path):
+    # -I inside a model folder: merge 'a' ran, then merge 'b' (writing into the model it reads) was refused
+    base, e1, e2, _ = model_sets("llama")
+    config = write_documents(tmp_path / "multi.yml", linear(base, e1, name="a"), linear(e2, "a", name="b"))
+    with pytest.raises(ConfigError, match=r"merge 'b': output folder .*inter/b is inside the input folder .*"):
+        plan_stages(config, os.path.join(e2, "inter"))
+    assert main(["multi", config, "-I", os.path.join(e2, "inter"), "-q"]) == 2
+    assert not os.path.exists(os.path.join(e2, "inter"))
