@@ -662,6 +662,8 @@ def with_module_layer_counts(plan: MergePlan, model_config: dict) -> dict:
     merge of other depth with the layers beyond text_config's count dropped."""
     layouts = module_layouts(model_config) or {}
     for module, layer_sources in plan.module_layers.items():
+        if module not in layouts:  # a donor of another architecture (--allow-crimes): its config.json does not count it
+            continue
         for key in layouts[module].layer_keys:
             model_config = with_config_value(model_config, key, len(layer_sources))
             scope = key.rpartition(".")[0]

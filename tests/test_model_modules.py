@@ -319,3 +319,18 @@ def test_a_modules_weight_its_first_model_lacks_and_the_others_hold_is_refused(q
                                           r"input has it\)"):
         merge(parse_config(config), str(tmp_path / "out"), OPTIONS)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_base_model_of_another_architecture_with_allow_crimes_gives_its_config(qwen2_vl, model_sets, folder_tensors,
+                                                                                 tmp_path):
+    # the output's config.json is the base's, which has no such module: KeyError after every tensor was merged
+    base, e1, _ = qwen2_vl
+    llama = model_sets("llama")[0]
+    config = {"merge_method": "linear", "base_model": llama, "dtype": "float32", "parameters": {"weight": 1.0},
+              "modules": {"text_decoder": {"slices": [{"sources": [{"model": base, "layer_range": [0, 2]},
+                                                                   {"model": e1, "layer_range": [1, 3]}]}]}}}
+    merge(parse_config(config), str(tmp_path / "out"), MergeOptions(quiet=True, copy_tokenizer=False,
+                                                                    allow_crimes=True))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert stack_depth(folder_tensors(tmp_path / "out"), MODULES["Qwen2VLForConditionalGeneration"],
+                       "text_decoder") == 2
