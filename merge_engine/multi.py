@@ -18,7 +18,7 @@ from merge_engine.engine import MergeOptions, MergeReport, merge
 from merge_engine.errors import ConfigError, MergeEngineError, OutputError
 from merge_engine.io.hub_cache import local_reference
 from merge_engine.io.lora import open_model
-from merge_engine.io.writer import check_output_apart
+from merge_engine.io.writer import check_output_apart, check_output_dir
 
 log = logging.getLogger("merge_engine")
 # what says a merge's output is complete, as mergekit-multi checks it: config.json and one of these
@@ -89,7 +89,12 @@ def _named_documents(documents: list[Any], problems: list[str]) -> dict[str | No
 
 
 def run_stages(stages: list[Stage], options: MergeOptions, lazy: bool = True) -> list[MergeReport | None]:
-    """Merge each stage in order (None for one skipped: lazy, and its output complete)."""
+    """Merge each stage in order (None for one skipped: lazy, and its output complete); the output folders of
+    those to merge are checked first, so that one refused (not empty, no --overwrite) does not stop the run after
+    the merges before it have written theirs."""
+    for stage in stages:
+        if not (lazy and is_complete(stage.out_dir)):
+            check_output_dir(stage.out_dir, options.overwrite)
     reports = []
     for stage in stages:
         if lazy and is_complete(stage.out_dir):

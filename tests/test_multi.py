@@ -180,3 +180,13 @@ def test_a_merge_writing_inside_a_folder_a_later_merge_reads_is_refused_before_a
         plan_stages(config, os.path.join(e2, "inter"))
     assert main(["multi", config, "-I", os.path.join(e2, "inter"), "-q"]) == 2
     assert not os.path.exists(os.path.join(e2, "inter"))
+
+
+def test_an_out_path_that_cannot_be_written_stops_the_run_before_the_first_merge(model_sets, tmp_path, capsys):
+    base, e1, e2, _ = model_sets("llama")
+    config = write_documents(tmp_path / "multi.yml", linear(base, e1, name="a"), linear("a", e2))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert main(["multi", config, "-I", str(tmp_path / "inter"), "--out-path", str(tmp_path / "out"), "-q"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert not (tmp_path / "inter").exists() and (tmp_path / "out" / "notes.txt").read_text() == "mine"
