@@ -92,8 +92,7 @@ def _method(method: str | MergeMethod, parameters: Mapping[str, Any] | None) -> 
     if not isinstance(method, MergeMethod):
         raise TypeError(f"method must be a method name or a merge_engine MergeMethod, got {type(method).__name__}")
     if method.specialize is not None:
-        method = method.specialize({k: v for k, v in parameters.items() if not isinstance(v, PerGroupValues)},
-                                   REGISTRY)
+        method = _specialized(method, parameters)
     if method.side_inputs:
         raise ValueError(f"merge method '{method.name}' reads per-model statistics ({', '.join(method.side_inputs)}) "
                          "from folders: merge with a config instead (merge-engine CONFIG OUT, or MergeSession)")
@@ -102,6 +101,26 @@ def _method(method: str | MergeMethod, parameters: Mapping[str, Any] | None) -> 
         raise TypeError(f"unknown parameter(s) for merge method '{method.name}': {', '.join(map(str, unknown))} "
                         f"(it takes: {', '.join(p.name for p in method.params) or 'none'})")
     return method, parameters
+
+
+def _specialized(method: MergeMethod, parameters: dict[str, Any]) -> MergeMethod:
+    """A wrapping method bound to its inner method by its global parameters; ValueError for one of those given per
+    tensor group (PerGroupValues), which the binding cannot follow: it would be left out without a word."""
+    fixed = {k: v for k, v in parameters.items() if not isinstance(v, PerGroupValues)}
+    specialized = method.specialize(fixed, REGISTRY)
+    def binding(m: MergeMethod) -> tuple:
+        return m.inner.name if m.inner else None, m.side_inputs
+    for key, value in parameters.items():
+        if not isinstance(value, PerGroupValues):
+            continue
+        distinct: list[Any] = []
+        for v in value.values:
+            if v not in distinct:
+                distinct.append(v)
+        if any(binding(method.specialize({**fixed, key: v}, REGISTRY)) != binding(specialized) for v in distinct):
+            raise ValueError(f"parameter '{key}' chooses how merge method '{method.name}' merges: give it one "
+                             "value, not PerGroupValues")
+    return specialized
 
 
 def _check_inputs(method: MergeMethod, ids: Sequence[Hashable], base: Hashable | None, name: str | None) -> None:

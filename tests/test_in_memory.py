@@ -222,6 +222,9 @@ BAD = [  # (arguments of merge_state_dicts, the error, its message)
     (dict(models=[MODELS["m0"], {"a.weight": [1.0]}], method="linear", parameters={"weight": 1.0}), TypeError,
      r"model 1: a state dict maps names \(strings\) to tensors; 'a.weight' does not"),
     (dict(models=[], method="linear"), ValueError, "needs at least one model"),
+    (dict(models=[MODELS["m0"], MODELS["m1"]], method="bmm", base=0,  # (the default anchor merged, without a word)
+          parameters={"data_free": True, "weight": 1.0, "anchor": PerGroupValues(["linear"] * 4)}), ValueError,
+     r"parameter 'anchor' chooses how merge method 'bmm' merges: give it one value, not PerGroupValues"),
     (dict(models=[{"n": torch.arange(3)}, {"n": torch.arange(3, device="meta")}], method="linear",
           parameters={"weight": 1.0}), ValueError, r"tensor 'n': the models' tensors are on different devices: "
                                                    r"\['cpu', 'meta'\]"),
