@@ -43,10 +43,11 @@ def model_card(config: MergeConfig, config_text: str) -> str:
                               sort_keys=False)
     method = f"[{config.method.name}]({config.method.reference})" if config.method.reference else config.method.name
     name = f"A {config.method.name} merge of {len(shown)} model{'s' if len(shown) > 1 else ''}"
-    return CARD.format(metadata=metadata, name=name, method=method,
+    card = CARD.format(metadata=metadata, name=name, method=method,
                        base=f" using {shown[base]} as a base" if base else "",
                        models="\n".join(f"* {text}" for ref, text in shown.items() if ref != base),
                        config=config_text.rstrip("\n"), fence=_fence(config_text))
+    return card.encode("utf-8", "backslashreplace").decode("utf-8")  # a path's undecodable bytes, as \xNN escapes
 
 
 def _fence(text: str) -> str:

@@ -302,15 +302,19 @@ def digest(*parts: object) -> str:
     return h.hexdigest()
 
 
+def _bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")  # a path's undecodable bytes, as the file system holds them
+
+
 def _feed(h, x: object) -> None:
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        h.update(type(x).__name__.encode())
+        h.update(_bytes(type(x).__name__))
         for f in dataclasses.fields(x):
             if f.repr:  # caches are not compared (repr=False)
                 _feed(h, (f.name, getattr(x, f.name)))
     elif isinstance(x, torch.Tensor):
         t = x.detach().cpu().contiguous()
-        h.update(f"tensor {t.dtype} {list(t.shape)}".encode())
+        h.update(_bytes(f"tensor {t.dtype} {list(t.shape)}"))
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     elif isinstance(x, dict):
         h.update(b"{")
@@ -323,10 +327,10 @@ def _feed(h, x: object) -> None:
             _feed(h, v)
         h.update(b")")
     elif hasattr(x, "path") and hasattr(x, "tensors"):  # a Checkpoint: the folder it reads (a LoRA one: and its adapter)
-        h.update(f"checkpoint {type(x).__name__} {getattr(x, 'reference', x.path)}".encode())
+        h.update(_bytes(f"checkpoint {type(x).__name__} {getattr(x, 'reference', x.path)}"))
     else:  # numbers, strings, dtypes, None, enums; an object printed with its address is known by its type only
         text = repr(x)
-        h.update((type(x).__qualname__ if " at 0x" in text else text).encode() + b";")
+        h.update(_bytes(type(x).__qualname__ if " at 0x" in text else text) + b";")
 
 
 def check_same_plan(ranks: Ranks | None, fingerprint: str) -> None:

@@ -452,10 +452,10 @@ class ShardedWriter:
         return True
 
     def add_file(self, filename: str, content: str | bytes) -> None:
-        """Add a side file (config.json, the merge config...) to the output."""
-        mode = "wb" if isinstance(content, bytes) else "w"
-        with self._naming(filename), open(os.path.join(self.tmp_dir, filename), mode) as f:
-            f.write(content)
+        """Add a side file (config.json, the merge config...) to the output; text as UTF-8, whatever the locale."""
+        data = content if isinstance(content, bytes) else content.encode("utf-8")
+        with self._naming(filename), open(os.path.join(self.tmp_dir, filename), "wb") as f:
+            f.write(data)
 
     def copy_file(self, src: str, filename: str | None = None) -> None:
         name = filename or os.path.basename(src)

@@ -475,3 +475,29 @@ def test_a_reader_of_both_outputs_gone_ends_the_command_with_the_pipes_status(co
     warned = tmp_path / "warned.yml"
     warned.write_text(open(config).read() + "unknown_key: 1\n")
     assert run_into_closed_pipe([str(warned), str(tmp_path / "out")], errors_too=True).returncode == 141
+
+
+def test_side_files_are_utf8_whatever_the_locale(config, tmp_path):
+    """The output's text files (the merge config, the model card) were written in the locale's encoding: in an ASCII
+    locale a config holding text in another script (a comment here; a chat template, a token) failed the merge with
+    UnicodeEncodeError once every tensor was written."""
+    commented = tmp_path / "c.yml"
+    commented.write_bytes("# m\u00e9lange de deux mod\u00e8les\n".encode() + open(config, "rb").read())
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    run = subprocess.run([sys.executable, "-m", "merge_engine", str(commented), str(tmp_path / "out"), "-q"],
+                         capture_output=True, env=env)
+    assert (run.returncode, run.stderr) == (0, b""), run.stderr
+    assert (tmp_path / "out" / "mergekit_config.yml").read_bytes() == commented.read_bytes()
+    assert "m\u00e9lange" in (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+
+
+def test_a_model_folder_whose_name_is_not_utf8_merges(config, tmp_path):
+    """A folder name with bytes that are not UTF-8 (a str with surrogate escapes, as os.listdir gives it): the plan's
+    fingerprint failed every merge with UnicodeEncodeError; the card shows the bytes escaped."""
+    from merge_engine import MergeOptions, merge
+    models = yaml.safe_load(open(config))["models"]
+    odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/model-\xff")
+    shutil.copytree(models[0]["model"], odd)
+    merge({**yaml.safe_load(open(config)), "models": [{**models[0], "model": odd}, *models[1:]]},
+          str(tmp_path / "out"), MergeOptions(quiet=True))
+    assert "model-\\udcff" in (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
