@@ -9,12 +9,12 @@ the method's dtype, or `out_dtype`.
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from merge_engine.io.untrusted import is_int
 from merge_engine.methods import REGISTRY, MergeMethod, TensorGroup
 from merge_engine.parameters import ParamSpec, Scope
 
@@ -41,7 +41,8 @@ def merge_tensors(tensors: Sequence[torch.Tensor], method: str | MergeMethod, *,
     ids = tuple(range(len(tensors))) if ids is None else tuple(ids)
     if len(ids) != len(tensors):
         raise ValueError(f"ids and tensors must have the same length, got {len(ids)} and {len(tensors)}")
-    if base_index is not None and not (isinstance(base_index, int) and 0 <= base_index < len(tensors)):
+    base_index = _integer("base_index", base_index)
+    if base_index is not None and not 0 <= base_index < len(tensors):
         raise ValueError(f"base_index is out of range for {len(tensors)} tensors, got {base_index!r}")
     if name is not None and not isinstance(name, str):  # (the kernels' ops take a str, and say so in TorchScript)
         raise TypeError(f"name must be a tensor name (a string) or None, got {name!r}")
@@ -154,7 +155,8 @@ def _merge_group(method: MergeMethod, name: str, tensors: list[torch.Tensor], id
     for what, value in (("dtype", dtype), ("out_dtype", out_dtype)):
         if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
             raise ValueError(f"{what} must be a floating-point torch.dtype or None, got {value!r}")
-    if not is_int(seed) or not -2**63 <= seed < 2**63:  # the keyed generator's 64-bit seed
+    seed = _integer("random_seed", seed)
+    if seed is None or not -2**63 <= seed < 2**63:  # the keyed generator's 64-bit seed
         raise ValueError(f"random_seed must be an integer in [-2**63, 2**63), got {seed!r}")
     _check_alike(name, tensors)
     compute = dtype or _promoted(name, tensors)
@@ -188,6 +190,18 @@ def _parameters(method: MergeMethod, supplied: dict[str, Any], ids: Sequence[Has
         for i, value in zip(entries, _per_input(p, supplied, [ids[i] for i in entries], name)):
             per_model[i][p.name] = value
     return shared, per_model
+
+
+def _integer(what: str, value: Any) -> int | None:
+    """value as an int where it is an integer of any kind (numpy's, torch's 0-d), not a bool; None stays None."""
+    if value is None:
+        return None
+    try:
+        if not isinstance(value, bool):
+            return operator.index(value)
+    except TypeError:
+        pass
+    raise TypeError(f"{what} must be an integer, got {value!r}")
 
 
 def _label(name: str) -> str:

@@ -229,7 +229,9 @@ BAD = [  # (arguments of merge_state_dicts, the error, its message)
           parameters={"weight": 1.0}), ValueError, r"tensor 'n': the models' tensors are on different devices: "
                                                    r"\['cpu', 'meta'\]"),
     (dict(models=[MODELS["m0"], MODELS["m1"]], method="linear", parameters={"weight": 1.0}, random_seed="7"),
-     ValueError, r"random_seed must be an integer in \[-2\*\*63, 2\*\*63\), got '7'"),
+     TypeError, r"random_seed must be an integer, got '7'"),
+    (dict(models=[MODELS["m0"], MODELS["m1"]], method="linear", parameters={"weight": 1.0}, random_seed=2**63),
+     ValueError, r"random_seed must be an integer in \[-2\*\*63, 2\*\*63\), got 9223372036854775808"),
 ]
 
 
@@ -266,3 +268,14 @@ def test_strided_inputs_merge_as_their_contiguous_copies():
     def ties(*tensors):
         return merge_tensors(list(tensors), "ties", base_index=0, parameters={"weight": 1.0, "density": 0.5})
     assert torch.equal(ties(x.t(), y.t()), ties(x.t().contiguous(), y.t().contiguous()))
+
+
+def test_integers_of_other_kinds_are_taken_as_integers():
+    """numpy's and torch's integers for base_index and random_seed (np.int64(0) was 'out of range')."""
+    import numpy as np
+    tensors = [MODELS[m]["a.weight"] for m in IDS[:3]]
+    def dare(**kw):
+        return merge_tensors(tensors, "dare_linear", name="a", parameters={"weight": 1.0, "density": 0.5}, **kw)
+    assert torch.equal(dare(base_index=np.int64(0), random_seed=torch.tensor(3)), dare(base_index=0, random_seed=3))
+    with pytest.raises(TypeError, match="base_index must be an integer, got True"):
+        dare(base_index=True)
