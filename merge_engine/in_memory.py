@@ -17,6 +17,7 @@ import torch
 
 from merge_engine.methods import REGISTRY, MergeMethod, TensorGroup
 from merge_engine.parameters import ParamSpec, Scope
+from merge_engine.plan import promoted_dtype
 
 StateDictLike = Mapping[str, torch.Tensor] | torch.nn.Module
 
@@ -226,10 +227,8 @@ def _check_alike(name: str, tensors: list[torch.Tensor]) -> None:
 
 
 def _promoted(name: str, tensors: list[torch.Tensor]) -> torch.dtype:
-    """The inputs' promoted dtype (as torch.promote_types), which must be one torch computes in."""
-    out = tensors[0].dtype
-    for t in tensors[1:]:
-        out = torch.promote_types(out, t.dtype)
+    """The inputs' promoted dtype (as a config merge's), which must be one torch computes in."""
+    out = promoted_dtype([t.dtype for t in tensors])
     if out.itemsize == 1:  # 8-bit floats: torch neither promotes nor computes with them
         raise ValueError(f"{_label(name)}: {out} inputs need a dtype to merge in (dtype=torch.bfloat16, ...)")
     return out

@@ -52,15 +52,13 @@ def plan_stages(path: str, intermediate_dir: str, out_path: str | None = None, s
     folders = {name: os.path.join(intermediate_dir, name) for name in named if name is not None}
     stages = {}
     for name, raw in named.items():
-        needs: set[str] = set()
-        resolved = _with_stage_folders(raw, folders, needs)
+        resolved = _with_stage_folders(raw, folders)
         try:
             config = parse_config(resolved, source=f"{path} ({_stage(name)})", strict=strict)
         except ConfigError as e:
             problems += [f"{_stage(name)}: {p}" for p in e.problems]
             continue
-        needs.update(_read_by_path(config, folders))
-        stages[name] = Stage(name, config, folders.get(name, out_path), sorted(needs))
+        stages[name] = Stage(name, config, folders.get(name, out_path), _stages_read(config, folders))
         problems += [f"{_stage(name)}: {p}" for p in _folder_problems(config, set(folders.values()), hub_cache,
                                                                        stages[name].out_dir)]
     problems += _output_overlaps(stages)
@@ -106,11 +104,12 @@ def run_stages(stages: list[Stage], options: MergeOptions, lazy: bool = True) ->
     return reports
 
 
-def _read_by_path(config: MergeConfig, folders: dict[str, str]) -> set[str]:
-    """The merges whose output folder config names by its path rather than the merge's name: it reads them too (and
-    is not checked for them before they are written, _folder_problems), so it runs after them."""
-    paths = {ref.partition("+")[0].partition("@")[0] for ref in config.referenced_models()}
-    return {name for name, folder in folders.items() if folder in paths}
+def _stages_read(config: MergeConfig, folders: dict[str, str]) -> list[str]:
+    """The merges whose output folders config reads (a model or the tokenizer source, named by the merge's name,
+    now that folder, or by the folder's path): it runs after them."""
+    tokenizer = [config.tokenizer.source] if config.tokenizer else []
+    paths = {ref.partition("+")[0].partition("@")[0] for ref in config.referenced_models() + tokenizer}
+    return sorted(name for name, folder in folders.items() if folder in paths)
 
 
 def _folder_problems(config: MergeConfig, stage_folders: set[str], hub_cache: str | None, out_dir: str) -> list[str]:
@@ -159,18 +158,14 @@ def _is_stage_name(name: Any) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name
 
 
-def _with_stage_folders(raw: Any, folders: dict[str, str], used: set[str]) -> Any:
-    """raw with every model reference whose path is a stage's name made that stage's output folder (the names
-    noted in used). References are where mergekit's schema has them: base models, models and slice sources (in
+def _with_stage_folders(raw: Any, folders: dict[str, str]) -> Any:
+    """raw with every model reference whose path is a stage's name made that stage's output folder. References are where mergekit's schema has them: base models, models and slice sources (in
     modules too), tokenizer sources."""
     def reference(value: Any) -> Any:
         if isinstance(value, str):  # PATH[@REVISION][+ADAPTER]: the model's path, as mergekit-multi renames it
             model, plus, adapter = value.partition("+")
             path, at, revision = model.partition("@")
-            if path not in folders:
-                return value
-            used.add(path)
-            return folders[path] + at + revision + plus + adapter
+            return folders[path] + at + revision + plus + adapter if path in folders else value
         if isinstance(value, dict) and "model" in value:  # mergekit's mapping form: {model: PATH | {path, revision}}
             model = value["model"]
             if isinstance(model, dict) and model.get("path") in folders:

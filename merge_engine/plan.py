@@ -219,12 +219,9 @@ def _plan_whole_model(plan: MergePlan, layer_index: dict, problems: list[str]) -
     ranges = [_layer_ranges(s, plan.models, problems) for s in cfg.slices] if one_stack and not problems else []
     if problems:
         raise ConfigError(problems, "inputs")
-    outside = [n for n in template.tensors if split_layer_name(n) is None]
-    outside += [n for n in TIED_HEADS if n not in outside and any(n in plan.models[src.model].tensors
-                                                                  for src in last.sources)]
+    outside = _outside_names(plan, template.tensors, last)
     pre = [n for n in outside if before_layers(n)]
-    for name in pre:
-        _plan_tensor(plan, first, name, _input_names(plan, first, name), 0.0, problems, outside_layers=True)
+    _plan_outside(plan, first, pre, problems)
     if len(stacks) > 1 and (len(cfg.slices) > 1 or any(src.layer_range for src in first.sources)):
         modules = module_layouts(template.config)
         sizes = ", ".join(f"{prefix}: {len(layers)}" for prefix, layers in stacks.items())
@@ -239,11 +236,24 @@ def _plan_whole_model(plan: MergePlan, layer_index: dict, problems: list[str]) -
         plan.layer_sources = _plan_slices(plan, cfg.slices, next(iter(stacks), "model.layers"), layer_index, ranges,
                                           problems)
         plan.num_layers = len(plan.layer_sources)
-    for name in (n for n in outside if n not in pre):
-        _plan_tensor(plan, last, name, _input_names(plan, last, name), 0.0, problems, outside_layers=True)
+    _plan_outside(plan, last, [n for n in outside if n not in pre], problems)
     first_model = first.sources[0].model
     _check_unplanned_outside(plan, first_model, [ref for ref in plan.models if ref != first_model], set(outside),
                              problems)
+
+
+def _outside_names(plan: MergePlan, names, last: Slice, belongs=lambda name: True) -> list[str]:
+    """The tensors among names that lie outside the layers, and the output heads (TIED_HEADS, those that belong)
+    that the last slice's sources hold though the template lacks them."""
+    outside = [n for n in names if split_layer_name(n) is None]
+    return outside + [n for n in TIED_HEADS if belongs(n) and n not in outside
+                      and any(n in plan.models[src.model].tensors for src in last.sources)]
+
+
+def _plan_outside(plan: MergePlan, s: Slice, names: list[str], problems: list[str]) -> None:
+    """Tensors outside the layers, merged from slice s's sources at t = 0."""
+    for name in names:
+        _plan_tensor(plan, s, name, _input_names(plan, s, name), 0.0, problems, outside_layers=True)
 
 
 def _module_layouts(plan: MergePlan, problems: list[str]) -> dict[str, ModuleLayout] | None:
@@ -298,13 +308,10 @@ def _plan_module(plan: MergePlan, module: str, slices: list[Slice], layouts: dic
         problems.append(f"{first.where}: {first.sources[0].model} holds no tensor of module '{module}' (named "
                         f"{' or '.join(p + '*' for p in layouts[module].prefixes)})")
         return None
-    outside = [n for n in names if split_layer_name(n) is None]
-    outside += [n for n in TIED_HEADS if module_of(layouts, n) == module and n not in outside
-                and any(n in plan.models[src.model].tensors for src in last.sources)]
+    outside = _outside_names(plan, names, last, lambda name: module_of(layouts, name) == module)
     stacks = list(dict.fromkeys(parts[0] for parts in map(split_layer_name, names) if parts))
     pre = [n for n in outside if before_layers(n)]
-    for name in pre:
-        _plan_tensor(plan, first, name, _input_names(plan, first, name), 0.0, problems, outside_layers=True)
+    _plan_outside(plan, first, pre, problems)
     layer_sources = None
     if len(stacks) == 1:
         ranges = [_module_layer_ranges(s, stacks[0], layer_index, problems) for s in slices]
@@ -315,8 +322,7 @@ def _plan_module(plan: MergePlan, module: str, slices: list[Slice], layouts: dic
                         if stacks else "no layers") + ", so it takes one models: entry, not layer slices")
     elif stacks:
         _plan_stacks(plan, first, stacks, layer_index, problems)
-    for name in (n for n in outside if n not in pre):
-        _plan_tensor(plan, last, name, _input_names(plan, last, name), 0.0, problems, outside_layers=True)
+    _plan_outside(plan, last, [n for n in outside if n not in pre], problems)
     others = [ref for ref in dict.fromkeys(src.model for s in slices for src in s.sources)
               if ref != first.sources[0].model]
     _check_unplanned_outside(plan, first.sources[0].model, others, set(outside), problems,
@@ -514,7 +520,7 @@ def _plan_tensor(plan: MergePlan, s: Slice, out_name: str, names: list[str], t: 
     if problem:
         problems.append(f"{problem} (needed for '{out_name}')")
         return
-    compute = cfg.dtype or _promote(dtypes)
+    compute = cfg.dtype or promoted_dtype(dtypes)
     try:
         shared, per_model = resolve_parameters(cfg, s, filter_names(out_name, names, outside_layers), out_name, t,
                                                compute if floating else None)
@@ -674,7 +680,8 @@ def _dtype_problem(infos: list, load_dtype: torch.dtype | None) -> str | None:
     return None
 
 
-def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
+def promoted_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
+    """The dtype torch promotes these to (a merge's compute dtype where the config sets none)."""
     out = dtypes[0]
     for d in dtypes[1:]:
         out = torch.promote_types(out, d)
