@@ -12,7 +12,9 @@ def test_loading_a_model_shows_no_bar_and_leaves_no_thread(tiny_lm):
         from merge_engine.stats.models import load_model
         before = {{t.name for t in threading.enumerate()}}
         load_model({tiny_lm("llama")!r}, None, torch.device("cpu"))
-        print(sorted({{t.name for t in threading.enumerate()}} - before),
+        # (transformers' weight-loading pool may still be winding down its workers: not ours, and not tqdm's)
+        print(sorted(n for n in {{t.name for t in threading.enumerate()}} - before
+                     if not n.startswith("ThreadPoolExecutor-")),
               transformers.utils.logging.is_progress_bar_enabled())
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
