@@ -602,7 +602,7 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, options: MergeOptio
     if model_config:
         writer.add_file("config.json", json.dumps(model_config, indent=2) + "\n")
     for f in SIDE_FILES_FROM_BASE:
-        _copy_if_present(plan.donor.path, f, writer)
+        copy_if_present(plan.donor.path, f, writer)
     write_tokenizer(plan, writer, options)
     config_text = config_copy_text(plan.config)
     writer.add_file(CONFIG_COPY_NAME, config_text)
@@ -731,7 +731,7 @@ def write_tokenizer(plan: MergePlan, writer: ShardedWriter, options: MergeOption
             template = None
     if tokenizer is None:
         for f in TOKENIZER_FILES:
-            _copy_if_present(plan.donor.path, f, writer)
+            copy_if_present(plan.donor.path, f, writer)
         return
     if template:
         template = resolve_chat_template(template, _model_chat_templates(plan))
@@ -773,7 +773,7 @@ def check_donor_files(plan: MergePlan) -> None:
             open_regular(path).close()
 
 
-def _copy_if_present(folder: str, filename: str, writer: ShardedWriter) -> None:
+def copy_if_present(folder: str, filename: str, writer: ShardedWriter) -> None:
     path = inside_folder(folder, filename, folder)  # never copy a file a symlink brings from elsewhere
     if os.path.lexists(path):
         with open_regular(path) as f:  # checked again: the file may have changed since planning

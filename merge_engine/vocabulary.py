@@ -355,6 +355,7 @@ def save_tokenizer(tokenizer, chat_template: str | None, folder: str) -> list[st
     """Save a tokenizer (with its chat template set) into folder; the files written."""
     if chat_template is not None:
         tokenizer.chat_template = chat_template
+    tokenizer.init_kwargs.pop("local_files_only", None)  # how load_tokenizer loaded it (offline), not a setting
     tokenizer.save_pretrained(folder)
     return sorted(os.listdir(folder))
 

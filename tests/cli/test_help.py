@@ -5,12 +5,13 @@ import sys
 
 import pytest
 
-from merge_engine.cli import fisher, key, merge, multi, patch, search, stats
+from merge_engine.cli import fisher, key, merge, moe, multi, patch, search, stats
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
     found = {"merge": merge.build_parser(), "stats": stats.build_parser(), "fisher": fisher.build_parser(),
-             "search": search.build_parser(), "multi": multi.build_parser()}
+             "search": search.build_parser(), "multi": multi.build_parser(),
+             "moe": moe.build_parser()}
     for command, module in (("key", key), ("patch", patch)):
         parser = found[command] = module.build_parser()
         for action in parser._subparsers._group_actions:
@@ -51,4 +52,4 @@ def test_subcommand_dispatch_from_the_command_line():
     merge_help = subprocess.run([sys.executable, "-m", "merge_engine", "--help"], capture_output=True, text=True,
                                 check=True).stdout
     assert "merge-engine fisher --help" in " ".join(merge_help.split()) and "merge-engine multi --help" in " ".join(
-        merge_help.split())
+        merge_help.split()) and "merge-engine moe --help" in " ".join(merge_help.split())

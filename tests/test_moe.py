@@ -1,0 +1,333 @@
+"""merge_engine/moe.py: mixture-of-experts models from dense ones (mergekit-moe's configs).
+
+Parity: every output architecture and gate mode against mergekit-moe itself (same seed: bit-identical tensors and
+config.json). Semantics, independent of mergekit: a MoE whose experts are all the base computes the base's logits
+(so the experts' projections are stacked in the layout transformers reads), cheap_embed gates against an fp64
+formula, residual_scale on down projections only, seeded randomness. Refusals: every config problem named before
+anything is written."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from merge_engine import MergeOptions
+from merge_engine.errors import CheckpointError, ConfigError, MergeEngineError
+from merge_engine.moe import build_moe, parse_moe_config
+from tests.conftest import find_mergekit
+
+PROMPTS = (["w1 w2 w3", "w4 w5"], ["w10 w11 w12 w13"], ["w20 w21"], ["w30"])
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    """{llama, qwen2, qwen3, mistral}: a base and three experts each (bf16 llama; float32 others), with
+    word-level tokenizers."""
+    from merge_engine.demo import make_models
+    from tests.arch_models import make_architecture
+    from tests.vocab_models import BASE_TOKENS, save_tokenizer
+    root = tmp_path_factory.mktemp("moe")
+    sets = {"llama": make_models(str(root / "llama"), "llama", 3, torch.bfloat16, seed=3),
+            "qwen2": make_models(str(root / "qwen2"), "qwen2", 3, seed=4),
+            "qwen3": make_architecture(str(root / "qwen3"), "qwen3", 4),
+            "mistral": make_architecture(str(root / "mistral"), "mistral", 4)}
+    for name, paths in sets.items():
+        for p in paths:
+            save_tokenizer(p, BASE_TOKENS if name in ("llama", "qwen2") else BASE_TOKENS[:128])
+    return sets
+
+
+def moe_config(paths: list[str], gate_mode: str = "hidden", **extra) -> dict:
+    """The base and its experts, each with its own prompts; the second expert noised and its residual scaled."""
+    experts = [{"source_model": p, "positive_prompts": PROMPTS[i]} for i, p in enumerate(paths[1:])]
+    experts[1].update(noise_scale=0.02, residual_scale=0.7, negative_prompts=["w1"])
+    return {"base_model": paths[0], "gate_mode": gate_mode, "experts": experts, **extra}
+
+
+def tensors_of(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, f)))
+    return out
+
+
+def build(config: dict, out, **options) -> None:
+    build_moe(config, str(out), MergeOptions(quiet=True, device="cpu", **options))
+
+
+# ------------------------------------------------------------------------------------------- parity
+
+@pytest.fixture(scope="module")
+def mergekit_moe():
+    path = find_mergekit()
+    if path is None:
+        pytest.skip("mergekit is not installed (set MERGEKIT_YAML or run tools/test.sh with MERGEKIT=1)")
+    return os.path.join(os.path.dirname(path), "mergekit-moe")
+
+
+def _parity_cases():
+    # (model set, gate mode, extra config keys, shared expert: None, "base" or "first" expert, with prompts?)
+    return {
+        "mixtral-hidden": ("llama", "hidden", {"dtype": "bfloat16"}, None),
+        "mixtral-cheap_embed-mistral": ("mistral", "cheap_embed", {"experts_per_token": 3}, None),
+        "mixtral-random": ("llama", "random", {}, None),
+        "deepseek-shared": ("llama", "cheap_embed", {"architecture": "deepseek"}, ("base", False)),
+        "deepseek-hidden_avg": ("llama", "hidden_avg", {"architecture": "DeepSeek", "dtype": "float32",
+                                                         "experts_per_token": 1}, None),
+        "qwen-from-llama": ("llama", "hidden", {}, ("first", True)),
+        "qwen-from-qwen2": ("qwen2", "uniform_random", {"dtype": "bfloat16"}, ("base", True)),
+        "qwen3-random-fp16": ("qwen3", "random", {"dtype": "float16"}, None),
+    }
+
+
+@pytest.mark.parametrize("case", _parity_cases())
+def test_identical_to_mergekit_moe(case, moe_models, mergekit_moe, tmp_path):
+    """The same tensors (bit for bit, noise and random gates included: the same seed) and the same config.json as
+    mergekit-moe's. (A shared expert is the base or an expert model: mergekit-moe fails on one that is neither.)"""
+    models, gate_mode, extra, shared = _parity_cases()[case]
+    paths = moe_models[models]
+    config = moe_config(paths, gate_mode, **extra)
+    if shared:
+        which, prompted = shared
+        config["shared_experts"] = [{"source_model": paths[0] if which == "base" else paths[1], "residual_scale": 0.5,
+                                     **({"positive_prompts": ["w7 w8"]} if prompted else {})}]
+    path = tmp_path / "moe.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    subprocess.run([mergekit_moe, str(path), str(tmp_path / "theirs"), "--random-seed", "5"], check=True,
+                   capture_output=True, env=dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES=""))
+    from merge_engine.cli import main
+    assert main(["moe", str(path), str(tmp_path / "ours"), "--random-seed", "5", "--device", "cpu", "-q"]) == 0
+    ours, theirs = tensors_of(tmp_path / "ours"), tensors_of(tmp_path / "theirs")
+    assert sorted(ours) == sorted(theirs)
+    for name, t in theirs.items():
+        assert ours[name].dtype == t.dtype and torch.equal(ours[name], t), name
+    configs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("ours", "theirs")]
+    for c in configs:
+        c.pop("transformers_version", None)
+    assert configs[0] == configs[1]
+    assert (tmp_path / "ours" / "mergekit_moe_config.yml").read_text() == path.read_text()
+    tokenizer = [json.loads((tmp_path / d / "tokenizer_config.json").read_text()) for d in ("ours", "theirs")]
+    tokenizer[1].pop("local_files_only")  # (how mergekit loaded it; ours is saved without that load setting)
+    assert tokenizer[0] == tokenizer[1]
+
+
+# -------------------------------------------------------------------------------------------- semantics
+
+@pytest.mark.parametrize("models, architecture", [("llama", "mixtral"), ("qwen3", "qwen3")])
+def test_a_moe_of_copies_of_the_base_computes_the_base(models, architecture, moe_models, tmp_path):
+    """Experts that are all the base, routed top-k with renormalised weights, compute the base's MLP: the MoE's
+    logits are the base's (to float32 rounding). Swapping gate and up rows, or misordering experts' blocks, would
+    not."""
+    import transformers
+    base = moe_models[models][0]
+    config = {"base_model": base, "gate_mode": "random", "architecture": architecture, "dtype": "float32",
+              "experts": [{"source_model": base} for _ in range(3)]}
+    build_moe(config, str(tmp_path / "moe"), MergeOptions(quiet=True, device="cpu"), allow_all_same=True)
+    ids = torch.tensor([[1, 5, 9, 20, 7, 3]])
+    with torch.no_grad():
+        moe, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "moe"), output_loading_info=True)
+        dense = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+        assert type(moe).__name__ == {"mixtral": "MixtralForCausalLM", "qwen3": "Qwen3MoeForCausalLM"}[architecture]
+        got, want = moe(ids).logits, dense(ids).logits
+    # float32 through a few layers: the MoE sums 2 weighted copies of each MLP output (weights summing to 1 in
+    # float32), an error of a few float32 ulps per layer, far below the logits' differences between experts
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
+
+
+def test_every_output_architecture_loads_in_transformers(moe_models, tmp_path):
+    """Mixtral, Qwen MoE (from Llama and from Qwen2) and Qwen3 MoE outputs load with every weight and no other,
+    and run. (DeepSeek MoE is a remote-code model: not loadable here.)"""
+    import transformers
+    cases = {"mixtral": moe_config(moe_models["llama"]),
+             "qwen_llama": {**moe_config(moe_models["llama"]), "shared_experts": [
+                 {"source_model": moe_models["llama"][0], "positive_prompts": ["w9"]}]},
+             "qwen_qwen2": {**moe_config(moe_models["qwen2"], "cheap_embed"), "shared_experts": [
+                 {"source_model": moe_models["qwen2"][1], "positive_prompts": ["w9"]}]},
+             "qwen3": moe_config(moe_models["qwen3"], "cheap_embed")}
+    for name, config in cases.items():
+        build(config, tmp_path / name)
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / name), output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], name
+        with torch.no_grad():
+            assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).logits).all(), name
+
+
+def test_cheap_embed_gates_are_the_normalised_sum_of_the_prompt_embeddings(moe_models, tmp_path):
+    """Each expert's router row, in every layer: the sum of its positive prompts' token embeddings (BOS first where
+    the tokenizer has one) minus its negative prompts', normalised; checked in fp64 from the tokenizer's ids."""
+    import transformers
+    paths = moe_models["mistral"]
+    config = moe_config(paths, "cheap_embed", dtype="float32")
+    build(config, tmp_path / "moe")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(paths[0])
+    embeddings = load_file(os.path.join(paths[0], "model.safetensors"))["model.embed_tokens.weight"].double()
+
+    def summed(prompts):
+        ids = [i for p in prompts for i in tokenizer((tokenizer.bos_token or "") + p, add_special_tokens=False)["input_ids"]]
+        v = embeddings[ids].sum(0)
+        return v / v.norm()
+    rows = []
+    for e in config["experts"]:
+        v = summed(e["positive_prompts"])
+        if e.get("negative_prompts"):
+            v = v - summed(e["negative_prompts"])
+        rows.append(v / v.norm())
+    want = torch.stack(rows)
+    out = tensors_of(tmp_path / "moe")
+    for layer in range(3):
+        got = out[f"model.layers.{layer}.mlp.gate.weight"].double()
+        # float32 sums of a few dozen rows, normalised twice: within 1e-6 of the fp64 value
+        assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+
+
+def test_residual_scale_applies_to_down_projections_only(moe_models, tmp_path):
+    paths = moe_models["qwen3"]
+    config = moe_config(paths, "random", dtype="float32")
+    for e in config["experts"]:
+        e.pop("noise_scale", None)
+    build(config, tmp_path / "moe")
+    out = tensors_of(tmp_path / "moe")
+    expert = load_file(os.path.join(paths[2], "model.safetensors"))  # the second expert: residual_scale 0.7
+    fused = out["model.layers.1.mlp.experts.down_proj"][1]
+    assert torch.equal(fused, expert["model.layers.1.mlp.down_proj.weight"] * 0.7)
+    gate_up = out["model.layers.1.mlp.experts.gate_up_proj"][1]
+    assert torch.equal(gate_up, torch.cat([expert["model.layers.1.mlp.gate_proj.weight"],
+                                           expert["model.layers.1.mlp.up_proj.weight"]]))
+    base = load_file(os.path.join(paths[0], "model.safetensors"))
+    assert torch.equal(out["model.layers.1.self_attn.q_proj.weight"], base["model.layers.1.self_attn.q_proj.weight"])
+
+
+def test_random_gates_and_noise_follow_the_seed(moe_models, tmp_path):
+    config = moe_config(moe_models["llama"], "random")
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        build(config, tmp_path / name, random_seed=seed)
+    a, b, c = (tensors_of(tmp_path / n) for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.layers.0.mlp.gate.weight"], c["model.layers.0.mlp.gate.weight"])
+    noised = "model.layers.0.mlp.experts.gate_up_proj"  # expert 2 has noise_scale
+    assert not torch.equal(a[noised][1], c[noised][1]) and torch.equal(a[noised][0], c[noised][0])
+
+
+# --------------------------------------------------------------------------------------------- refusals
+
+@pytest.mark.parametrize("change, match", [
+    ({"gate_mode": "hiddne"}, "gate_mode: expected one of"),
+    ({"architecture": "switch"}, "no output architecture is named 'switch'"),
+    ({"experts_per_token": 0}, "experts_per_token must be at least 1"),
+    ({"experts_per_token": 4}, "experts_per_token is 4 but only 3 expert"),
+    ({"experts_per_token": "two"}, "experts_per_token: expected a whole number"),
+    ({"experts": []}, "experts: expected a list of experts"),
+    ({"dtype": "float8"}, "dtype"),
+])
+def test_config_problems_are_named(change, match):
+    config = {**moe_config(["b", "e1", "e2", "e3"]), **change}
+    with pytest.raises(ConfigError, match=match):
+        parse_moe_config(config)
+
+
+def test_configs_that_cannot_route_are_refused_as_mergekit_refuses_them():
+    config = moe_config(["b", "e1", "e2", "e3"])
+    config["experts"][2].pop("positive_prompts")
+    with pytest.raises(ConfigError, match=r"experts\[2\]: positive_prompts are needed"):
+        parse_moe_config(config)
+    parse_moe_config({**config, "gate_mode": "random"})  # random gates need no prompts
+    same = {"base_model": "b", "experts": [{"source_model": "e", "positive_prompts": ["x"]}] * 2}
+    with pytest.raises(ConfigError, match="same positive and negative prompts") as refused:
+        parse_moe_config(same)
+    assert "same model" in str(refused.value)  # every problem at once
+    different = {**same, "experts": [{"source_model": "e", "positive_prompts": [p]} for p in "xy"]}
+    with pytest.raises(ConfigError, match="i-understand-this-is-not-useful-without-training"):
+        parse_moe_config(different)
+    parse_moe_config(different, allow_all_same=True)
+    with pytest.raises(ConfigError, match="every shared expert or to none"):
+        parse_moe_config({**config, "gate_mode": "random", "shared_experts": [
+            {"source_model": "s", "positive_prompts": ["x"]}, {"source_model": "t"}]})
+
+
+def test_unknown_keys_warn_or_are_refused_with_strict(caplog):
+    config = {**moe_config(["b", "e1", "e2", "e3"]), "gate_mod": "random"}
+    config["experts"][0]["prompt"] = ["x"]
+    parse_moe_config(config)
+    assert "gate_mod" in caplog.text and "prompt" in caplog.text
+    with pytest.raises(ConfigError, match=r"(?s)unknown key\(s\) \['gate_mod'\].*experts\[0\]: unknown key"):
+        parse_moe_config(config, strict=True)
+
+
+def test_an_architecture_that_cannot_take_the_models_is_refused_with_every_reason(moe_models, tmp_path):
+    qwen2 = moe_models["qwen2"]
+    with pytest.raises(ConfigError, match=r"(?s)Mixtral needs every model to be one of llama/mistral.*"
+                                          r"Qwen MoE needs exactly one shared expert"):
+        build(moe_config(qwen2, "random"), tmp_path / "out")
+    mixed = moe_config([moe_models["llama"][0], *moe_models["llama"][1:3], moe_models["mistral"][1]], "random")
+    with pytest.raises(ConfigError, match="all the same"):
+        build(mixed, tmp_path / "out")
+    with pytest.raises(ConfigError, match="Qwen3 MoE needs every model to be one of qwen3"):
+        build({**moe_config(moe_models["llama"], "random"), "architecture": "qwen3"}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_and_mismatched_expert_tensors_are_named_before_anything_is_written(moe_models, tmp_path):
+    from safetensors.torch import save_file
+    import shutil
+    paths = moe_models["llama"]
+    broken = shutil.copytree(paths[2], tmp_path / "broken")
+    tensors = load_file(str(broken / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    tensors["model.layers.2.mlp.down_proj.weight"] = tensors["model.layers.2.mlp.down_proj.weight"][:, :100].clone()
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    config = moe_config([paths[0], paths[1], str(broken), paths[3]], "random")
+    with pytest.raises(ConfigError) as refused:
+        build(config, tmp_path / "out")
+    text = str(refused.value)
+    assert f"{broken}: expert model lacks tensor 'model.layers.1.mlp.up_proj.weight'" in text
+    assert "'model.layers.2.mlp.down_proj.weight' is [64, 100]" in text and "do not stack" in text
+    assert not (tmp_path / "out").exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_a_missing_model_or_tokenizer_is_named(moe_models, tmp_path):
+    import shutil
+    paths = moe_models["llama"]
+    with pytest.raises(ConfigError, match=str(tmp_path / "nowhere")):
+        build(moe_config([paths[0], paths[1], str(tmp_path / "nowhere"), paths[3]]), tmp_path / "out")
+    bare = shutil.copytree(paths[0], tmp_path / "bare", ignore=shutil.ignore_patterns("tokenizer*"))
+    with pytest.raises(CheckpointError, match="cannot load the base model's tokenizer"):
+        build(moe_config([str(bare), *paths[1:]], "cheap_embed"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    build(moe_config([str(bare), *paths[1:]], "random"), tmp_path / "out")  # random gates: no tokenizer needed
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def test_an_existing_output_is_kept_unless_overwrite(moe_models, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    config = moe_config(moe_models["llama"], "random")
+    with pytest.raises(MergeEngineError, match="not empty"):
+        build(config, out)
+    assert (out / "mine.txt").read_text() == "keep"
+    build(config, out, overwrite=True)
+    assert not (out / "mine.txt").exists() and (out / "config.json").exists()
+
+
+def test_command_line(moe_models, tmp_path, capsys):
+    from merge_engine.cli import main
+    path = tmp_path / "moe.yml"
+    path.write_text(yaml.safe_dump(moe_config(moe_models["llama"], "random")))
+    assert main(["moe", str(path), str(tmp_path / "out"), "--device", "cpu", "--no-copy-tokenizer"]) == 0
+    assert "built a Mixtral model of 3 experts" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
+    assert main(["moe", str(path), str(tmp_path / "out2"), "--load-in-4bit"]) == 2
+    assert "--load-in-4bit/--load-in-8bit are not supported" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()
+    same = tmp_path / "same.yml"
+    same.write_text(yaml.safe_dump({"base_model": moe_models["llama"][0], "gate_mode": "cheap_embed", "experts": [
+        {"source_model": moe_models["llama"][1], "positive_prompts": [p]} for p in ("w1", "w2")]}))
+    assert main(["moe", str(same), str(tmp_path / "out3"), "-q"]) == 2
+    assert main(["moe", str(same), str(tmp_path / "out3"), "-q", "--i-understand-this-is-not-useful-without-training"]) == 0
