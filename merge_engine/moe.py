@@ -23,7 +23,6 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +33,7 @@ from merge_engine.config import _dtype, _model_ref, read_yaml_and_text
 from merge_engine.engine import check_options, copy_if_present, given_options
 from merge_engine.errors import CheckpointError, ConfigError, MergeEngineError
 from merge_engine.extras import require
+from merge_engine.io.buffers import BufferPool
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.hub_cache import cache_folder, local_reference
 from merge_engine.io.lora import open_model
@@ -263,7 +263,8 @@ DENSE_LAYER_TENSORS = {
               "self_attn.v_proj.weight"),
     "qwen3": ("input_layernorm.weight", "mlp.down_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
               "post_attention_layernorm.weight", "self_attn.k_norm.weight", "self_attn.k_proj.weight",
-              "self_attn.q_norm.weight", "self_attn.q_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight"),
+              "self_attn.q_norm.weight", "self_attn.q_proj.weight", "self_attn.v_proj.weight",
+              "self_attn.o_proj.weight"),
 }
 DENSE_LAYER_TENSORS["mistral"] = DENSE_LAYER_TENSORS["llama"]
 _ZERO_IF_MISSING = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")  # Qwen MoE's biases
@@ -365,7 +366,8 @@ def plan_moe(cfg: MoEConfig, models: dict[str, Checkpoint]) -> MoEPlan:
     out_dtype = cfg.dtype or _config_dtype(model_config)
     template = DENSE_LAYER_TENSORS[arch.template or model_types[cfg.base_model]]
     problems: list[str] = []
-    units = [Unit([t], []) for t in _dense_tensors(cfg, arch, base, template, layers, model_config, out_dtype, problems)]
+    dense = _dense_tensors(cfg, arch, base, template, layers, model_config, out_dtype, problems)
+    units = [Unit([t], []) for t in dense]
     for layer in range(layers):
         units += _expert_units(cfg, arch, models, template, layer, out_dtype, problems)
     if problems:
@@ -650,32 +652,36 @@ DEEPSEEK_AUTO_MAP = {
 }
 
 
-def unit_tensors(unit: Unit, sources: list[list[torch.Tensor]], generator: torch.Generator
-                 ) -> Iterator[tuple[str, torch.Tensor]]:
+def unit_tensors(unit: Unit, sources: list[list[torch.Tensor]], generator: torch.Generator, pool: BufferPool
+                 ) -> list[tuple[str, torch.Tensor]]:
     """A unit's output tensors from its sources as read: noise and residual scale applied part by part in the
-    unit's draw order (in the stored dtype, as mergekit), then parts cast and concatenated."""
+    unit's draw order, in place in the stored dtype (the bits of mergekit's `tensor + noise`, `tensor * scale`), then
+    each output's parts cast into their places in one pooled buffer (a single part already in the output dtype is
+    written as read)."""
     for t, p in unit.draws:
-        part = unit.tensors[t].parts[p]
-        if part.expert is None:
-            continue
-        x = sources[t][p]
-        if part.expert.noise_scale is not None:
-            x = x + torch.randn(x.shape, dtype=x.dtype, generator=generator) * part.expert.noise_scale
+        part, x = unit.tensors[t].parts[p], sources[t][p]
+        if part.expert is not None and part.expert.noise_scale is not None:
+            x.add_(torch.randn(x.shape, dtype=x.dtype, generator=generator) * part.expert.noise_scale)
         if part.residual and part.expert.residual_scale is not None:
-            x = x * part.expert.residual_scale
-        sources[t][p] = x
+            x.mul_(part.expert.residual_scale)
+    out = []
     for tensor, parts in zip(unit.tensors, sources):
-        if len(parts) == 1:
-            yield tensor.name, parts[0].to(tensor.dtype).view(tensor.shape)
-        else:
-            yield tensor.name, torch.cat([x.to(tensor.dtype).reshape(-1) for x in parts]).view(tensor.shape)
+        if len(parts) == 1 and parts[0].dtype == tensor.dtype:
+            out.append((tensor.name, parts[0].view(tensor.shape)))
+            continue
+        result, at = pool.take(tensor.shape, tensor.dtype), 0
+        flat = result.view(-1)
+        for x in parts:
+            flat[at:at + x.numel()].copy_(x.reshape(-1))
+            at += x.numel()
+        out.append((tensor.name, result))
+    return out
 
 
-def _read_unit(unit: Unit, direct_io: str) -> list[list[torch.Tensor]]:
-    def take(n: int) -> torch.Tensor:
-        return torch.empty(n, dtype=torch.uint8)
-    return [[p.value if p.ckpt is None else p.ckpt.read_pooled(p.name, take, direct_io) for p in t.parts]
-            for t in unit.tensors]
+def _read_unit(unit: Unit, direct_io: str, pool: BufferPool) -> list[list[torch.Tensor]]:
+    """Each part of each tensor of a unit, read into pooled buffers (a given value copied: it is changed in place)."""
+    return [[p.value.clone() if p.ckpt is None else p.ckpt.read_pooled(p.name, pool.take_bytes, direct_io)
+             for p in t.parts] for t in unit.tensors]
 
 
 @dataclass
@@ -767,26 +773,40 @@ def _tokenizer(base_path: str, needed: bool, copied: bool):
 
 def _copy(plan: MoEPlan, writer: ShardedWriter, generator: torch.Generator, options) -> int:
     """Every unit read (one ahead, in a thread), built in order (the noise is drawn in mergekit's order) and
-    written (in a thread) while the next is read."""
+    written (in a thread) while the next is read. Buffers are reused once a unit is on disk: fresh memory costs its
+    page faults (io/buffers.py)."""
     units = plan.units
+    pool = BufferPool(4 * max((_unit_bytes(u) for u in units), default=0))
     with ThreadPoolExecutor(1, thread_name_prefix="me-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="me-write") as write_pool, \
             progress_bar(total=sum(u.bytes_in for u in units), unit="B", unit_scale=True, desc="building",
                          disable=options.quiet) as bar:
-        pending = reader.submit(_read_unit, units[0], options.direct_io) if units else None
+        pending = reader.submit(_read_unit, units[0], options.direct_io, pool) if units else None
         written = None
         for i, unit in enumerate(units):
             sources = pending.result()
             if i + 1 < len(units):
-                pending = reader.submit(_read_unit, units[i + 1], options.direct_io)
-            tensors = list(unit_tensors(unit, sources, generator))
+                pending = reader.submit(_read_unit, units[i + 1], options.direct_io, pool)
+            tensors = unit_tensors(unit, sources, generator, pool)
             if written is not None:
                 written.result()
-            written = write_pool.submit(lambda ts: [writer.write(n, t) for n, t in ts], tensors)
+            written = write_pool.submit(_write_unit, writer, tensors, [x for parts in sources for x in parts], pool)
             bar.update(unit.bytes_in)
         if written is not None:
             written.result()
     return sum(u.bytes_in for u in units)
+
+
+def _unit_bytes(unit: Unit) -> int:
+    """A unit's buffers: its sources and its outputs."""
+    return unit.bytes_in + sum(math.prod(t.shape) * t.dtype.itemsize for t in unit.tensors)
+
+
+def _write_unit(writer: ShardedWriter, tensors: list[tuple[str, torch.Tensor]], sources: list[torch.Tensor],
+                pool: BufferPool) -> None:
+    for name, tensor in tensors:
+        writer.write(name, tensor)
+    pool.give(sources + [t for _, t in tensors])
 
 
 def _write_side_files(plan: MoEPlan, writer: ShardedWriter, tokenizer, options) -> None:

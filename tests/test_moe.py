@@ -170,7 +170,8 @@ def test_cheap_embed_gates_are_the_normalised_sum_of_the_prompt_embeddings(moe_m
     embeddings = load_file(os.path.join(paths[0], "model.safetensors"))["model.embed_tokens.weight"].double()
 
     def summed(prompts):
-        ids = [i for p in prompts for i in tokenizer((tokenizer.bos_token or "") + p, add_special_tokens=False)["input_ids"]]
+        texts = [(tokenizer.bos_token or "") + p for p in prompts]
+        ids = [i for t in texts for i in tokenizer(t, add_special_tokens=False)["input_ids"]]
         v = embeddings[ids].sum(0)
         return v / v.norm()
     rows = []
@@ -274,8 +275,9 @@ def test_an_architecture_that_cannot_take_the_models_is_refused_with_every_reaso
 
 
 def test_missing_and_mismatched_expert_tensors_are_named_before_anything_is_written(moe_models, tmp_path):
-    from safetensors.torch import save_file
     import shutil
+
+    from safetensors.torch import save_file
     paths = moe_models["llama"]
     broken = shutil.copytree(paths[2], tmp_path / "broken")
     tensors = load_file(str(broken / "model.safetensors"))
@@ -330,4 +332,5 @@ def test_command_line(moe_models, tmp_path, capsys):
     same.write_text(yaml.safe_dump({"base_model": moe_models["llama"][0], "gate_mode": "cheap_embed", "experts": [
         {"source_model": moe_models["llama"][1], "positive_prompts": [p]} for p in ("w1", "w2")]}))
     assert main(["moe", str(same), str(tmp_path / "out3"), "-q"]) == 2
-    assert main(["moe", str(same), str(tmp_path / "out3"), "-q", "--i-understand-this-is-not-useful-without-training"]) == 0
+    flag = "--i-understand-this-is-not-useful-without-training"
+    assert main(["moe", str(same), str(tmp_path / "out3"), "-q", flag]) == 0
