@@ -3,6 +3,7 @@
     merge-engine CONFIG.yml OUTPUT_DIR [options]         merge (mergekit-yaml compatible)
     merge-engine multi CONFIG.yml -I DIR [--out-path OUT]  merges that read each other (mergekit-multi compatible)
     merge-engine moe CONFIG.yml OUTPUT_DIR [options]     a mixture of experts from dense models (mergekit-moe compatible)
+    merge-engine pytorch CONFIG.yml OUTPUT_DIR [-i|-u]   merge raw weight files (mergekit-pytorch compatible)
     merge-engine fisher MODEL DATA OUT [options]         diagonal Fisher of a model over a data set
     merge-engine stats MODEL DATA OUT [options]          input Gram matrices of its linear layers (RegMean, BMM)
     merge-engine key generate|apply|remove|recover|report|compare ...   tier keys
@@ -31,8 +32,8 @@ from merge_engine.errors import MergeEngineError, out_of_memory, printable
 from merge_engine.interrupts import Terminated, signals_deferred
 from merge_engine.runtime import launched_by_torchrun, tune_process_for_merging
 
-SUBCOMMANDS = ("fisher", "key", "moe", "multi", "patch", "search", "stats")  # modules merge_engine.cli.NAME, each with run(argv); else cli.merge
-SINGLE_PROCESS = ("moe", "multi", "patch", "search")  # commands without a distributed form (docs/distributed.md)
+SUBCOMMANDS = ("fisher", "key", "moe", "multi", "patch", "pytorch", "search", "stats")  # modules merge_engine.cli.NAME, each with run(argv); else cli.merge
+SINGLE_PROCESS = ("moe", "multi", "patch", "pytorch", "search")  # commands without a distributed form (docs/distributed.md)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,122 @@
+"""merge_engine/flat.py: merges of raw weight files (mergekit-pytorch's configs): parity with mergekit-pytorch,
+what a tensor some files lack gets, and refusals before anything is written."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from merge_engine import MergeOptions
+from merge_engine.errors import CheckpointError, ConfigError
+from merge_engine.flat import flat_merge, parse_flat_config
+from tests.conftest import find_mergekit
+
+
+@pytest.fixture(scope="module")
+def weight_files(tmp_path_factory):
+    """base.safetensors and three fine-tunes of it (base + noise): m0 a torch.save file, m2 with one tensor more.
+    Shapes of a diffusion model's (a 4-D convolution) and a counter that is not floating point."""
+    root = tmp_path_factory.mktemp("flat")
+    g = torch.Generator().manual_seed(0)
+    base = {"down.0.weight": torch.randn(17, 9, generator=g), "down.0.bias": torch.randn(17, generator=g),
+            "unet.conv.weight": torch.randn(4, 3, 3, 3, generator=g), "steps": torch.tensor([3, 4])}
+    save_file(base, str(root / "base.safetensors"))
+    paths = {"base": str(root / "base.safetensors")}
+    for i in range(3):
+        tuned = {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                 for k, v in base.items()}
+        if i == 2:
+            tuned["extra.weight"] = torch.randn(3, 5, generator=g)
+        paths[f"m{i}"] = str(root / (f"m{i}.bin" if i == 0 else f"m{i}.safetensors"))
+        torch.save(tuned, paths[f"m{i}"]) if i == 0 else save_file(tuned, paths[f"m{i}"])
+    return paths
+
+
+def ties_config(files, models=("m0", "m1", "m2")) -> dict:
+    return {"merge_method": "ties", "base_model": files["base"], "dtype": "float32",
+            "parameters": {"density": [0.5, 0.9], "weight": 0.5},
+            "models": [{"model": files[m], "parameters": {"weight": [0.3 + 0.1 * i, 1.0]}}
+                       for i, m in enumerate(models)]}
+
+
+def linear_config(files) -> dict:
+    return {"merge_method": "linear", "dtype": "bfloat16",
+            "models": [{"model": files["m1"], "parameters": {"weight": 1}},
+                       {"model": files["m2"], "parameters": {"weight": [0.5, 0.2]}}]}
+
+
+@pytest.mark.parametrize("config, flag", [(ties_config, "-i"), (linear_config, "-i"), (linear_config, "-u")])
+def test_identical_to_mergekit_pytorch(config, flag, weight_files, tmp_path):
+    """The same tensors as mergekit-pytorch's (parameters at t = 0: each gradient's first value), for a pickled and
+    safetensors inputs, with the tensor one file alone holds skipped (-i) or merged from it alone (-u)."""
+    mergekit = find_mergekit()
+    if mergekit is None:
+        pytest.skip("mergekit is not installed (set MERGEKIT_YAML or run tools/test.sh with MERGEKIT=1)")
+    path = tmp_path / "flat.yml"
+    path.write_text(yaml.safe_dump(config(weight_files)))
+    subprocess.run([os.path.join(os.path.dirname(mergekit), "mergekit-pytorch"), str(path), str(tmp_path / "theirs"),
+                    flag], check=True, capture_output=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    from merge_engine.cli import main
+    assert main(["pytorch", str(path), str(tmp_path / "ours"), flag, "-q"]) == 0
+    ours, theirs = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("ours", "theirs"))
+    assert sorted(ours) == sorted(theirs) and ("extra.weight" in ours) == (flag == "-u")
+    for name, t in theirs.items():
+        assert ours[name].dtype == t.dtype and torch.equal(ours[name], t), name
+
+
+def test_union_merges_a_tensor_from_the_files_that_hold_it(weight_files, tmp_path):
+    flat_merge(linear_config(weight_files), tmp_path / "out", MergeOptions(quiet=True), missing="union")
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    m1, m2 = load_file(weight_files["m1"]), load_file(weight_files["m2"])
+    assert torch.equal(out["extra.weight"], m2["extra.weight"].bfloat16())  # one input: itself
+    # weights at t = 0: 1 and 0.5, normalised (linear's default)
+    want = ((m1["down.0.weight"].bfloat16().float() + 0.5 * m2["down.0.weight"].bfloat16().float()) / 1.5)
+    assert torch.allclose(out["down.0.weight"].float(), want, atol=1e-2)
+    assert torch.equal(out["steps"], m1["steps"])
+
+
+def test_a_tensor_some_files_lack_is_refused_by_default_naming_them(weight_files, tmp_path):
+    with pytest.raises(ConfigError, match=r"tensor 'extra.weight' is missing from .*m1.safetensors"):
+        flat_merge(linear_config(weight_files), tmp_path / "out", MergeOptions(quiet=True))
+    with pytest.raises(ConfigError, match="lacks tensors that .*ties needs the base's"):
+        flat_merge(ties_config(weight_files), tmp_path / "out", MergeOptions(quiet=True), missing="union")
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_and_file_problems_are_named(weight_files, tmp_path):
+    with pytest.raises(ConfigError, match="slices: not a key of mergekit-pytorch's configs"):
+        parse_flat_config({**linear_config(weight_files), "slices": []})
+    with pytest.raises(ConfigError, match="models: expected a list"):
+        parse_flat_config({"merge_method": "linear"})
+    def two(first: str) -> dict:
+        return {**linear_config(weight_files), "parameters": {"weight": 1.0},
+                "models": [{"model": first}, {"model": weight_files["m1"]}]}
+    folder = two(str(tmp_path))
+    with pytest.raises(ConfigError, match="expected a weight file"):
+        flat_merge(folder, tmp_path / "out", MergeOptions(quiet=True))
+    shapes = tmp_path / "other.safetensors"
+    save_file({"down.0.weight": torch.zeros(3, 3)}, str(shapes))
+    mismatch = r"m1.safetensors: tensor 'down.0.weight' has shape \[17, 9\] but .*other.safetensors has \[3, 3\]"
+    with pytest.raises(ConfigError, match=mismatch):
+        flat_merge(two(str(shapes)), tmp_path / "out", MergeOptions(quiet=True), missing="intersection")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    with pytest.raises((ConfigError, CheckpointError), match="broken.safetensors"):
+        flat_merge(two(str(broken)), tmp_path / "out", MergeOptions(quiet=True))
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_refuses_both_missing_flags(weight_files, tmp_path, capsys):
+    from merge_engine.cli import main
+    path = tmp_path / "flat.yml"
+    path.write_text(yaml.safe_dump(linear_config(weight_files)))
+    with pytest.raises(SystemExit):
+        main(["pytorch", str(path), str(tmp_path / "out"), "-i", "-u"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert main(["pytorch", str(path), str(tmp_path / "out"), "-i", "--out-shard-size", "100"]) == 0
+    assert "merged 4 tensors" in capsys.readouterr().out
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
