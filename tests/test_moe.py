@@ -80,7 +80,7 @@ def _parity_cases():
         "deepseek-shared": ("llama", "cheap_embed", {"architecture": "deepseek"}, ("base", False)),
         "deepseek-hidden_avg": ("llama", "hidden_avg", {"architecture": "DeepSeek", "dtype": "float32",
                                                          "experts_per_token": 1}, None),
-        "qwen-from-llama": ("llama", "hidden", {}, ("first", True)),
+        "qwen-from-llama": ("llama", "hidden_last", {}, ("first", True)),
         "qwen-from-qwen2": ("qwen2", "uniform_random", {"dtype": "bfloat16"}, ("base", True)),
         "qwen3-random-fp16": ("qwen3", "random", {"dtype": "float16"}, None),
     }
