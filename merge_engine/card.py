@@ -64,3 +64,43 @@ def _shown(ref: str, hub_ids: dict[str, str]) -> str:
 
 def _hub_ids(ref: str, hub_ids: dict[str, str]) -> list[str]:
     return [hub_ids[part].partition("@")[0] for part in ref.split("+") if part in hub_ids]
+
+
+MOE_CARD = """---
+{metadata}---
+# A {architecture} mixture of {count} experts
+
+This is a mixture-of-experts model made from pre-trained dense models with merge_engine (`merge-engine moe`).
+
+## Models
+
+Attention, norms and embeddings: {base}. Each layer's experts, and what routes tokens to them
+(gate mode `{gate_mode}`, {per_token} expert{s} per token):
+
+{experts}
+
+## Configuration
+
+This configuration makes this model (`merge-engine moe CONFIG.yml OUT`):
+
+{fence}yaml
+{config}
+{fence}
+"""
+
+
+def moe_card(config, architecture: str) -> str:
+    """The card of a mixture of experts built from config (a moe.MoEConfig, its text set), as `architecture`."""
+    def expert(e, shared: bool) -> str:
+        prompts = "; ".join(repr(p) for p in e.positive_prompts) or "no prompts"
+        negative = f" (not {'; '.join(repr(p) for p in e.negative_prompts)})" if e.negative_prompts else ""
+        return f"* {e.model}{' (shared expert)' if shared else ''}: {prompts}{negative}"
+    lines = [expert(e, False) for e in config.experts] + [expert(e, True) for e in config.shared_experts]
+    text = config.text or ""
+    card = MOE_CARD.format(metadata=yaml.safe_dump({"library_name": "transformers",
+                                                    "tags": ["merge", "merge_engine", "moe"]}, sort_keys=False),
+                           architecture=architecture, count=len(config.experts), base=config.base_model,
+                           gate_mode=config.gate_mode, per_token=config.experts_per_token,
+                           s="s" if config.experts_per_token > 1 else "", experts="\n".join(lines),
+                           config=text.rstrip("\n"), fence=_fence(text))
+    return card.encode("utf-8", "backslashreplace").decode("utf-8")

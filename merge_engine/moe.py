@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import yaml
 
+from merge_engine.card import moe_card
 from merge_engine.config import _dtype, _model_ref, read_yaml_and_text
 from merge_engine.engine import check_options, copy_if_present, given_options
 from merge_engine.errors import CheckpointError, ConfigError, MergeEngineError
@@ -71,7 +73,7 @@ class MoEConfig:
     experts_per_token: int = 2
     shared_experts: list[Expert] = field(default_factory=list)
     architecture: str | None = None  # an output architecture's name, or its start ("qwen3"); None: chosen
-    text: str | None = None  # the YAML it was read from (kept in the output as mergekit_moe_config.yml)
+    text: str = ""  # the YAML it was read from, or its mapping as YAML (kept as mergekit_moe_config.yml)
 
     def models(self) -> list[str]:
         """Every model reference, the base first, each once."""
@@ -121,7 +123,7 @@ def parse_moe_config(raw: Any, source: str | None = None, strict: bool = False,
         problems.append(f"architecture: no output architecture is named {architecture!r} (supported: "
                         f"{', '.join(a.name for a in ARCHITECTURES)})")
     cfg = MoEConfig(base or "", experts, gate_mode, _dtype(raw, "dtype", problems), per_token, shared,
-                    architecture or None)
+                    architecture or None, yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
     if not problems:
         problems += routing_problems(cfg, allow_all_same)
     if problems:
@@ -811,7 +813,7 @@ def _write_unit(writer: ShardedWriter, tensors: list[tuple[str, torch.Tensor]], 
 
 def _write_side_files(plan: MoEPlan, writer: ShardedWriter, tokenizer, options) -> None:
     """config.json, the base's generation config, the tokenizer (re-saved with its padding, as mergekit's), and
-    the config as mergekit_moe_config.yml."""
+    with write_model_card the config as mergekit_moe_config.yml (as mergekit-moe) and a README.md model card."""
     writer.add_file("config.json", output_model_config(plan))
     base = plan.models[plan.config.base_model]
     copy_if_present(base.path, "generation_config.json", writer)
@@ -819,5 +821,6 @@ def _write_side_files(plan: MoEPlan, writer: ShardedWriter, tokenizer, options) 
         with tempfile.TemporaryDirectory() as tmp:
             for f in save_tokenizer(tokenizer, None, tmp):
                 writer.copy_file(os.path.join(tmp, f))
-    if options.write_model_card and plan.config.text is not None:
+    if options.write_model_card:
         writer.add_file(CONFIG_COPY_NAME, plan.config.text)
+        writer.add_file("README.md", moe_card(plan.config, plan.architecture.name))

@@ -334,3 +334,15 @@ def test_command_line(moe_models, tmp_path, capsys):
     assert main(["moe", str(same), str(tmp_path / "out3"), "-q"]) == 2
     flag = "--i-understand-this-is-not-useful-without-training"
     assert main(["moe", str(same), str(tmp_path / "out3"), "-q", flag]) == 0
+
+
+def test_the_model_card_names_the_experts_and_their_prompts(moe_models, tmp_path):
+    config = moe_config(moe_models["llama"], "cheap_embed")
+    build(config, tmp_path / "moe")
+    card = (tmp_path / "moe" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n") and "# A Mixtral mixture of 3 experts" in card
+    assert f"* {moe_models['llama'][2]}: 'w10 w11 w12 w13' (not 'w1')" in card
+    assert yaml.safe_load(card.split("```yaml\n")[1].split("```")[0]) == config  # the config that makes it
+    assert yaml.safe_load((tmp_path / "moe" / "mergekit_moe_config.yml").read_text()) == config
+    build(config, tmp_path / "bare", write_model_card=False)
+    assert not {"README.md", "mergekit_moe_config.yml"} & set(os.listdir(tmp_path / "bare"))
