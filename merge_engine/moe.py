@@ -359,7 +359,7 @@ def open_moe_models(cfg: MoEConfig, hub_cache: str | None = None, lora_merge_dty
 def plan_moe(cfg: MoEConfig, models: dict[str, Checkpoint]) -> MoEPlan:
     """Every output tensor from its sources, checked: each source present, the experts' projections the base's
     shapes (so they stack), every problem listed in one ConfigError."""
-    transformers = require("transformers", "hf", "merge-engine moe (output model configs)")
+    transformers = require("transformers", "hf", "merge-engine moe")
     model_types = {ref: str(models[ref].config.get("model_type")) for ref in cfg.models()}
     arch = select_architecture(cfg, model_types)
     base = models[cfg.base_model]
@@ -604,7 +604,7 @@ def add_routers(plan: MoEPlan, vectors: torch.Tensor) -> None:
 
 def output_model_config(plan: MoEPlan) -> str:
     """config.json of the output, as mergekit-moe writes it for the architecture."""
-    transformers = require("transformers", "hf", "merge-engine moe (output model configs)")
+    transformers = require("transformers", "hf", "merge-engine moe")
     base, cfg, arch = plan.model_config, plan.config, plan.architecture
     experts = len(cfg.experts)
     if arch.model_type == "deepseek":  # a remote-code model: a plain dict, as mergekit writes it
@@ -710,6 +710,7 @@ def build_moe(config: MoEConfig | dict | str | os.PathLike, out_dir: str | os.Pa
     direct_io, quiet, hub_cache, lora_merge_dtype apply). allow_all_same: mergekit's
     --i-understand-this-is-not-useful-without-training."""
     started = time.perf_counter()
+    require("transformers", "hf", "merge-engine moe")  # (its configs, tokenizer and gate models)
     options = given_options(options)
     out_dir = os.fspath(out_dir)
     cfg = _as_config(config, allow_all_same)

@@ -42,3 +42,12 @@ def test_a_merge_with_tokenizer_settings(model_sets, write_yaml, tmp_path, setti
     proc = run_without("transformers", config, str(tmp_path / "out"), "-q", "--device", "cpu")
     assert_one_line(proc, "a merge that sets tokenizer_source, tokenizer or chat_template")
     assert not (tmp_path / "out").exists()
+
+
+def test_moe(model_sets, tmp_path):
+    base, *experts = model_sets("llama")
+    config = tmp_path / "moe.yml"
+    config.write_text(f"base_model: {base}\ngate_mode: random\nexperts:\n"
+                      + "".join(f"  - source_model: {e}\n" for e in experts))
+    assert_one_line(run_without("transformers", "moe", str(config), str(tmp_path / "out")), "merge-engine moe")
+    assert not (tmp_path / "out").exists()
