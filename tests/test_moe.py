@@ -346,3 +346,22 @@ def test_the_model_card_names_the_experts_and_their_prompts(moe_models, tmp_path
     assert yaml.safe_load((tmp_path / "moe" / "mergekit_moe_config.yml").read_text()) == config
     build(config, tmp_path / "bare", write_model_card=False)
     assert not {"README.md", "mergekit_moe_config.yml"} & set(os.listdir(tmp_path / "bare"))
+
+
+def test_an_expert_given_as_base_plus_adapter_brings_its_adapted_weights(moe_models, tmp_path):
+    """BASE+ADAPTER experts read with the adapter merged (mergekit-moe refuses them: its loaders need merged
+    references): the expert's down projections are the adapted ones, as a merge engine read gives them."""
+    from merge_engine.io.lora import open_model
+    from tests.lora_adapters import write_adapter
+    paths = moe_models["qwen3"]
+    adapter = str(tmp_path / "adapter")
+    write_adapter(adapter, paths[1], targets=("down_proj",))
+    config = moe_config([paths[0], f"{paths[1]}+{adapter}", paths[2], paths[3]], "random", dtype="float32")
+    config["experts"][1].pop("noise_scale")
+    build(config, tmp_path / "moe")
+    out = tensors_of(tmp_path / "moe")
+    adapted = open_model(f"{paths[1]}+{adapter}")
+    want = adapted.read("model.layers.2.mlp.down_proj.weight")
+    plain = load_file(os.path.join(paths[1], "model.safetensors"))["model.layers.2.mlp.down_proj.weight"]
+    assert not torch.equal(want, plain)
+    assert torch.equal(out["model.layers.2.mlp.experts.down_proj"][0], want)
