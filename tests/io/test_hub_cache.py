@@ -179,3 +179,16 @@ def test_without_huggingface_hub_a_hub_reference_names_the_extra(monkeypatch, mo
     with pytest.raises(MissingExtraError, match=r'^a model named by its Hugging Face Hub id needs huggingface_hub: '
                                                 r'pip install "merge_engine\[hf\]"$'):
         merge(parse_config(ties(base, "org/e1", e2)), str(tmp_path / "out"), MergeOptions(quiet=True))
+
+
+def test_a_moe_of_hub_references_is_the_moe_of_their_cached_folders(hub, folder_tensors, tmp_path):
+    from merge_engine.moe import build_moe
+    cache, local = hub
+
+    def moe(base, e1, e2):
+        return {"base_model": base, "gate_mode": "random", "experts": [{"source_model": e1}, {"source_model": e2}]}
+    options = MergeOptions(quiet=True, device="cpu", hub_cache=cache)
+    build_moe(moe("org/base", "org/e1@v1", f"org/e2@{'f' * 40}"), tmp_path / "hub", options)
+    build_moe(moe(local["base"], local["e1"], local["e2"]), tmp_path / "local", options)
+    hubbed, plain = folder_tensors(tmp_path / "hub"), folder_tensors(tmp_path / "local")
+    assert hubbed.keys() == plain.keys() and all(t.equal(plain[n]) for n, t in hubbed.items())
