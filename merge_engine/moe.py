@@ -123,11 +123,12 @@ def parse_moe_config(raw: Any, source: str | None = None, strict: bool = False,
         problems.append(f"architecture: no output architecture is named {architecture!r} (supported: "
                         f"{', '.join(a.name for a in ARCHITECTURES)})")
     cfg = MoEConfig(base or "", experts, gate_mode, _dtype(raw, "dtype", problems), per_token, shared,
-                    architecture or None, yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
+                    architecture or None)
     if not problems:
         problems += routing_problems(cfg, allow_all_same)
     if problems:
         raise ConfigError(problems, source, raw)
+    cfg.text = yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)  # (load_moe_config keeps the file's text)
     return cfg
 
 

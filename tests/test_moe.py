@@ -365,3 +365,10 @@ def test_an_expert_given_as_base_plus_adapter_brings_its_adapted_weights(moe_mod
     plain = load_file(os.path.join(paths[1], "model.safetensors"))["model.layers.2.mlp.down_proj.weight"]
     assert not torch.equal(want, plain)
     assert torch.equal(out["model.layers.2.mlp.experts.down_proj"][0], want)
+
+
+def test_a_config_mapping_with_values_yaml_cannot_hold_is_refused_by_name():
+    config = moe_config(["b", "e1", "e2", "e3"])
+    config["experts"][0]["source_model"] = __import__("pathlib").Path("e1")
+    with pytest.raises(ConfigError, match=r"experts\[0\].source_model: expected a model path"):
+        parse_moe_config(config)
