@@ -86,8 +86,8 @@ def plan_flat_merge(cfg: MergeConfig, missing: str = "refuse") -> MergePlan:
     models = _open(cfg)
     plan = MergePlan(cfg, models)
     whole = cfg.slices[0]
-    listed = [src.model for src in whole.sources if src.model != cfg.base_model or _listed(cfg, src.model)]
-    names = list(dict.fromkeys(n for ref in listed for n in models[ref].tensors))
+    listed = whole.sources[:len(cfg.raw["models"])]  # (parse_config appends the base after them when unlisted)
+    names = list(dict.fromkeys(n for src in listed for n in models[src.model].tensors))
     problems: list[str] = []
     subsets: dict[tuple[str, ...], Slice] = {}
     for name in names:
@@ -107,10 +107,6 @@ def plan_flat_merge(cfg: MergeConfig, missing: str = "refuse") -> MergePlan:
         raise ConfigError(problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else []),
                           "inputs")
     return plan
-
-
-def _listed(cfg: MergeConfig, ref: str) -> bool:
-    return any(isinstance(m, dict) and m.get("model") == ref for m in cfg.raw.get("models", []))
 
 
 def _open(cfg: MergeConfig) -> dict[str, Checkpoint]:

@@ -120,3 +120,17 @@ def test_command_line_refuses_both_missing_flags(weight_files, tmp_path, capsys)
     assert main(["pytorch", str(path), str(tmp_path / "out"), "-i", "--out-shard-size", "100"]) == 0
     assert "merged 4 tensors" in capsys.readouterr().out
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_tensors_only_an_unlisted_base_holds_are_not_merged_as_in_mergekit(weight_files, tmp_path):
+    """The tensor names come from the listed models; an unlisted base_model is one more input of each."""
+    base = load_file(weight_files["base"])
+    save_file({**base, "base_only.weight": torch.ones(2, 2)}, str(tmp_path / "base.safetensors"))
+    config = {**ties_config(weight_files, models=("m1", "m2")), "base_model": str(tmp_path / "base.safetensors")}
+    flat_merge(config, tmp_path / "out", MergeOptions(quiet=True), missing="intersection")
+    assert "base_only.weight" not in load_file(str(tmp_path / "out" / "model.safetensors"))
+    listed = {**config, "models": [*config["models"], {"model": config["base_model"]}]}
+    flat_merge(listed, tmp_path / "listed", MergeOptions(quiet=True), missing="intersection")
+    assert "base_only.weight" not in load_file(str(tmp_path / "listed" / "model.safetensors"))  # others lack it
+    with pytest.raises(ConfigError, match="tensor 'base_only.weight' is missing from"):
+        flat_merge(listed, tmp_path / "refused", MergeOptions(quiet=True))
