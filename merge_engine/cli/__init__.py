@@ -2,8 +2,9 @@
 
     merge-engine CONFIG.yml OUTPUT_DIR [options]         merge (mergekit-yaml compatible)
     merge-engine multi CONFIG.yml -I DIR [--out-path OUT]  merges that read each other (mergekit-multi compatible)
-    merge-engine moe CONFIG.yml OUTPUT_DIR [options]     a mixture of experts from dense models (mergekit-moe compatible)
-    merge-engine pytorch CONFIG.yml OUTPUT_DIR [-i|-u]   merge raw weight files (mergekit-pytorch compatible)
+    merge-engine moe CONFIG.yml OUTPUT_DIR [options]     a mixture of experts of dense models (as mergekit-moe)
+    merge-engine pytorch CONFIG.yml OUTPUT_DIR [-i|-u]   merge raw weight files (as mergekit-pytorch)
+    merge-engine extract-lora --model M --base-model B --out-path OUT   a LoRA adapter (as mergekit-extract-lora)
     merge-engine fisher MODEL DATA OUT [options]         diagonal Fisher of a model over a data set
     merge-engine stats MODEL DATA OUT [options]          input Gram matrices of its linear layers (RegMean, BMM)
     merge-engine key generate|apply|remove|recover|report|compare ...   tier keys
@@ -32,8 +33,10 @@ from merge_engine.errors import MergeEngineError, out_of_memory, printable
 from merge_engine.interrupts import Terminated, signals_deferred
 from merge_engine.runtime import launched_by_torchrun, tune_process_for_merging
 
-SUBCOMMANDS = ("fisher", "key", "moe", "multi", "patch", "pytorch", "search", "stats")  # modules merge_engine.cli.NAME, each with run(argv); else cli.merge
-SINGLE_PROCESS = ("moe", "multi", "patch", "pytorch", "search")  # commands without a distributed form (docs/distributed.md)
+# each the module merge_engine.cli.NAME (extract-lora: extract_lora) with run(argv); anything else is cli.merge
+SUBCOMMANDS = ("extract-lora", "fisher", "key", "moe", "multi", "patch", "pytorch", "search", "stats")
+# commands without a distributed form (docs/distributed.md)
+SINGLE_PROCESS = ("extract-lora", "moe", "multi", "patch", "pytorch", "search")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +84,7 @@ def _command(argv: list[str] | None) -> int:
         with _terminate_as_interrupt():
             imported = time.perf_counter()
             with signals_deferred():  # Ctrl-C inside torch's import can be lost (the command runs on) or break it
-                command = importlib.import_module(f"merge_engine.cli.{name}")
+                command = importlib.import_module(f"merge_engine.cli.{name.replace('-', '_')}")
             STARTUP["imports"] = time.perf_counter() - imported
             return command.run(argv)
     except MergeEngineError as e:

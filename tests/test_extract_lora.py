@@ -1,0 +1,135 @@
+"""merge_engine/extract_lora.py: a fine-tune's difference as a PEFT LoRA adapter, as mergekit-extract-lora extracts
+it: parity with mergekit-extract-lora (tensors and adapter_config.json), the adapter read back onto its base gives
+the fine-tune (full rank), and refusals before anything is written."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from merge_engine.errors import ConfigError, MergeEngineError
+from merge_engine.extract_lora import ExtractOptions, extract_lora
+from tests.conftest import find_mergekit
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """{llama, qwen2, qwen3}: (base, fine-tune) folders (bf16 Llama; float32 Qwen2 with tied embeddings and
+    attention biases; Qwen3 with q/k norms)."""
+    from merge_engine.demo import make_models
+    from tests.arch_models import make_architecture
+    root = tmp_path_factory.mktemp("extract")
+    llama = make_models(str(root / "llama"), "llama", 1, torch.bfloat16, seed=3)
+    qwen2 = make_models(str(root / "qwen2"), "qwen2", 1, seed=4)
+    qwen3 = make_architecture(str(root / "qwen3"), "qwen3", 2)
+    return {"llama": llama, "qwen2": qwen2, "qwen3": qwen3}
+
+
+CASES = {
+    "llama-rank8": ("llama", ["--max-rank", "8"]),
+    "qwen2-undistributed": ("qwen2", ["--max-rank", "4", "--no-distribute-scale"]),
+    "llama-embed-lora-excluded": ("llama", ["--max-rank", "16", "--embed-lora", "-e", "down_proj"]),
+    # (mergekit-extract-lora fails on --save-module unless nothing is added to modules_to_save: hence --embed-lora
+    # and --skip-undecomposable here; merge_engine takes it with any other option)
+    "qwen3-epsilon-skip-save": ("qwen3", ["--max-rank", "200", "--sv-epsilon", "0.01", "--skip-undecomposable",
+                                          "--embed-lora", "--save-module", "o_proj"]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_identical_to_mergekit_extract_lora(case, pairs, tmp_path):
+    mergekit = find_mergekit()
+    if mergekit is None:
+        pytest.skip("mergekit is not installed (set MERGEKIT_YAML or run tools/test.sh with MERGEKIT=1)")
+    models, flags = CASES[case]
+    base, tuned = pairs[models]
+    argv = ["--model", tuned, "--base-model", base, *flags]
+    subprocess.run([os.path.join(os.path.dirname(mergekit), "mergekit-extract-lora"), *argv, "--out-path",
+                    str(tmp_path / "theirs")], check=True, capture_output=True,
+                   env=dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES=""))
+    from merge_engine.cli import main
+    assert main(["extract-lora", *argv, "--out-path", str(tmp_path / "ours"), "-q"]) == 0
+    ours, theirs = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("ours", "theirs"))
+    assert sorted(ours) == sorted(theirs)
+    for name, t in theirs.items():
+        assert ours[name].dtype == t.dtype and torch.equal(ours[name], t), name
+    configs = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("ours", "theirs")]
+    configs[1]["target_modules"] = sorted(configs[1]["target_modules"])  # (mergekit's: a set's order)
+    assert configs[0] == configs[1]
+
+
+def test_a_full_rank_adapter_read_onto_its_base_gives_the_fine_tune(pairs, tmp_path):
+    """Rank 64 is full for every weight of these 64-wide models, so base + B @ A is the fine-tune up to roundings:
+    A and B rounded to bf16 (relative 2^-9 each) make each element of B @ A off by at most
+    2 * 2^-9 * sum_k |B_ik| |A_kj| = 2^-8 (|B| @ |A|)_ij (fp32 products and sums add far less), and the sum is
+    rounded once to bf16 (one ulp of the fine-tune's weight). Modules saved whole come back exactly."""
+    from merge_engine.io.checkpoint import Checkpoint
+    from merge_engine.io.lora import open_model
+    from tests.conftest import ulp
+    base, tuned = pairs["llama"]
+    extract_lora(tuned, base, str(tmp_path / "adapter"), ExtractOptions(max_rank=64, embed_lora=True))
+    adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    adapted, want = open_model(f"{base}+{tmp_path / 'adapter'}"), Checkpoint(tuned)
+    factored = 0
+    for name in want.tensors:
+        got, expected = adapted.read(name).float(), want.read(name).float()
+        module = "base_model.model." + name.removesuffix(".weight")
+        if f"{module}.lora_A.weight" in adapter:
+            a, b = adapter[f"{module}.lora_A.weight"].float(), adapter[f"{module}.lora_B.weight"].float()
+            bound = 2 ** -8 * (b.abs() @ a.abs())
+        elif f"{module}.lora_embedding_A" in adapter:
+            a, b = adapter[f"{module}.lora_embedding_A"].float(), adapter[f"{module}.lora_embedding_B"].float()
+            bound = 2 ** -8 * (b.abs() @ a.abs()).T
+        else:
+            assert torch.equal(got, expected), name
+            continue
+        factored += 1
+        assert ((got - expected).abs() <= bound + ulp(expected, torch.bfloat16)).all(), name
+    assert factored == 4 * 7 + 2  # every layer's 7 linear weights, the embeddings and the head
+
+
+def test_what_each_module_becomes(pairs, tmp_path):
+    base, tuned = pairs["qwen2"]
+    options = ExtractOptions(max_rank=4, include_regexes=["layers\\.1\\."])
+    report = extract_lora(tuned, base, str(tmp_path / "a"), options)
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    # embeddings (tied head too) and norms whole; only layer 1's linear weights factored, biases as lora_B.bias
+    assert config["modules_to_save"] == ["embed_tokens", "input_layernorm", "post_attention_layernorm", "lm_head"]
+    assert set(report.ranks) == {f"model.layers.1.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj",
+                                                                "self_attn.v_proj", "self_attn.o_proj",
+                                                                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert "base_model.model.model.layers.1.self_attn.q_proj.lora_B.bias" in tensors
+    tied = load_file(os.path.join(tuned, "model.safetensors"))["model.embed_tokens.weight"]
+    assert torch.equal(tensors["base_model.model.lm_head.weight"], tied)
+    assert config["r"] == config["lora_alpha"] == 4 and config["rank_pattern"] == {}
+
+
+def test_bad_input_is_refused_before_anything_is_written(pairs, tmp_path):
+    base, tuned = pairs["llama"]
+    with pytest.raises(MergeEngineError, match="max_rank must be a whole number of at least 1"):
+        extract_lora(tuned, base, str(tmp_path / "out"), ExtractOptions(max_rank=0))
+    with pytest.raises(MergeEngineError, match="is not a regular expression"):
+        extract_lora(tuned, base, str(tmp_path / "out"), ExtractOptions(exclude_regexes=["("]))
+    broken = shutil.copytree(base, tmp_path / "broken")
+    tensors = load_file(str(broken / "model.safetensors"))
+    del tensors["model.layers.1.self_attn.q_proj.weight"]
+    tensors["model.layers.2.mlp.up_proj.weight"] = tensors["model.layers.2.mlp.up_proj.weight"][:100].clone()
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConfigError) as refused:
+        extract_lora(tuned, str(broken), str(tmp_path / "out"))
+    assert f"{broken}: tensor 'model.layers.1.self_attn.q_proj.weight' is missing" in str(refused.value)
+    assert "'model.layers.2.mlp.up_proj.weight' is [112, 64]" in str(refused.value)
+    with pytest.raises(ConfigError, match="no module is left to factor"):
+        extract_lora(tuned, base, str(tmp_path / "out"), ExtractOptions(include_regexes=["nothing"]))
+    assert not os.path.exists(tmp_path / "out")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("keep")
+    with pytest.raises(MergeEngineError, match="not empty"):
+        extract_lora(tuned, base, str(tmp_path / "taken"))
+    assert (tmp_path / "taken" / "mine.txt").read_text() == "keep"
