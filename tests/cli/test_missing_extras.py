@@ -51,3 +51,11 @@ def test_moe(model_sets, tmp_path):
                       + "".join(f"  - source_model: {e}\n" for e in experts))
     assert_one_line(run_without("transformers", "moe", str(config), str(tmp_path / "out")), "merge-engine moe")
     assert not (tmp_path / "out").exists()
+
+
+def test_extract_lora(model_sets, tmp_path):
+    base, expert, *_ = model_sets("llama")
+    proc = run_without("transformers", "extract-lora", "--model", expert, "--base-model", base, "--out-path",
+                       str(tmp_path / "out"))
+    assert_one_line(proc, "merge-engine extract-lora")
+    assert not (tmp_path / "out").exists()
