@@ -5,11 +5,14 @@ The modules are the fine-tuned model's, as transformers builds it (on the meta d
 module with a weight is
 - saved whole (`modules_to_save`) when it is an embedding or the output head (unless --embed-lora), or named by
   --save-module, or of a kind LoRA cannot hold (norms; unless --skip-undecomposable);
-- else, where the --include-regex/--exclude-regex filters keep it, a Linear, Conv1d, Conv2d or Embedding weight's
-  difference d = TUNED - BASE factored by SVD (in fp32): d = U S Vh, rank r = min(--max-rank, its singular values
+- else, where the --include-regex/--exclude-regex filters keep it, a Linear or Embedding weight's difference
+  d = TUNED - BASE factored by SVD (in fp32): d = U S Vh, rank r = min(--max-rank, its singular values
   above --sv-epsilon), lora_A = sqrt(S_r) Vh_r and lora_B = U_r sqrt(S_r) (--distribute-scale, the default; else
   lora_A = S_r Vh_r, lora_B = U_r), in the weight's dtype; an Embedding's transposed, as peft's lora_embedding_A/B;
-  a bias's difference as lora_B.bias.
+  a bias's difference as lora_B.bias, as mergekit stores it (peft loads no such tensor without lora_bias, which it
+  cannot merge into the target layers that lack a bias: a fine-tune's bias changes are not carried). (mergekit
+  factors Conv1d and Conv2d weights too, as batches of kernel matrices, into tensors peft cannot load: here they
+  are saved whole, as norms are.)
 adapter_config.json gives r and lora_alpha as the largest rank kept (scaling 1) and the others in rank_pattern and
 alpha_pattern; README.md is a model card. merge_engine's `patch extract --storage lora` is the other LoRA extractor
 here (linear weights only, lora_B = U_r S_r, --energy), made for its patch workflow.
@@ -36,11 +39,10 @@ from merge_engine.io.hub_cache import local_reference
 from merge_engine.io.lora import open_model
 from merge_engine.io.safetensors_format import save_tensors
 from merge_engine.io.writer import ShardedWriter, check_output_apart
+from merge_engine.plan import TIED_HEADS
 
 log = logging.getLogger("merge_engine")
 _PREFIX = "base_model.model."
-# mergekit's architecture definitions tie these heads to the embeddings: a model without one reads them in its place
-_TIED = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight")}
 
 
 @dataclass
@@ -137,9 +139,9 @@ def plan_modules(transformers, tuned: Checkpoint, base: Checkpoint, options: Ext
             kind = "whole"
         elif not _extracted(name, options):
             continue
-        elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)):
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
             kind = "embedding" if isinstance(module, nn.Embedding) else "lora"
-        else:
+        else:  # norms; and convolutions, which mergekit factors as batches of kernels, a shape peft cannot load
             if last not in warned:  # (once per name, not per layer)
                 log.warning("%s: a %s, which LoRA cannot hold: %s", last, type(module).__name__,
                             "left out (--skip-undecomposable)" if options.skip_undecomposable else
@@ -207,7 +209,8 @@ def _module(name: str, kind: str, module, tuned: Checkpoint, base: Checkpoint, p
 
 
 def _present(name: str, ckpt: Checkpoint) -> str:
-    return next((t for t in (name, *_TIED.get(name, ())) if t in ckpt.tensors), name)
+    """name, or for a head tied to the embeddings (absent from the checkpoint) the embeddings it reads."""
+    return next((t for t in (name, *TIED_HEADS.get(name, ())) if t in ckpt.tensors), name)
 
 
 def _extract(modules: list[Module], tuned: Checkpoint, base: Checkpoint, options: ExtractOptions,
@@ -245,6 +248,8 @@ def factor(d: torch.Tensor, options: ExtractOptions, transpose: bool = False) ->
 
 
 def adapter_config(base_model: str, ranks: dict[str, int], to_save: list[str]) -> dict:
+    """mergekit-extract-lora's adapter_config.json. (No lora_bias: peft cannot merge it into the target layers that
+    have no bias, so peft drops the stored lora_B.bias tensors, as it does mergekit's.)"""
     top = max(ranks.values())
     other = {m: r for m, r in ranks.items() if r != top}
     return {"base_model_name_or_path": base_model, "peft_type": "LORA", "use_rslora": False,

@@ -133,3 +133,39 @@ def test_bad_input_is_refused_before_anything_is_written(pairs, tmp_path):
     with pytest.raises(MergeEngineError, match="not empty"):
         extract_lora(tuned, base, str(tmp_path / "taken"))
     assert (tmp_path / "taken" / "mine.txt").read_text() == "keep"
+
+
+def test_peft_loads_the_adapter_and_merging_it_gives_the_fine_tune(pairs, tmp_path):
+    """peft, the adapter's consumer, loads it onto the base (modules_to_save included) and merge_and_unload gives
+    the fine-tune's weights (float32 models, full rank). Biases keep the base's values: peft loads no lora_B.bias
+    without lora_bias, which it cannot merge into the layers that have none (as with mergekit's adapters)."""
+    peft = pytest.importorskip("peft", reason="peft (installed with lm_eval[hf], the test extra) checks the adapter")
+    import transformers
+    base, tuned = pairs["qwen2"]
+    extract_lora(tuned, base, str(tmp_path / "adapter"), ExtractOptions(max_rank=64))
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = peft.PeftModel.from_pretrained(model, str(tmp_path / "adapter")).merge_and_unload()
+    want = transformers.AutoModelForCausalLM.from_pretrained(tuned, dtype=torch.float32).state_dict()
+    got = merged.state_dict()
+    assert got.keys() == want.keys()
+    base_weights = model.state_dict()
+    for name, w in want.items():
+        if name.endswith(".bias"):
+            assert torch.equal(got[name], base_weights[name]) and not torch.equal(w, base_weights[name]), name
+            continue
+        # full rank in fp32: SVD and product errors of a few fp32 ulps of the weights' differences (~0.02)
+        assert torch.allclose(got[name], w, atol=1e-5, rtol=0), (name, (got[name] - w).abs().max())
+
+
+def test_convolutions_are_saved_whole(tmp_path):
+    """Mamba's depthwise Conv1d: whole in modules_to_save (mergekit factors its [out, 1, k] kernels as a batch of
+    1 x k matrices, tensors peft cannot load); its Linear projections factored."""
+    from tests.arch_models import make_architecture
+    base, tuned = make_architecture(str(tmp_path / "mamba"), "mamba", 2)
+    report = extract_lora(tuned, base, str(tmp_path / "adapter"), ExtractOptions(max_rank=4))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert "conv1d" in config["modules_to_save"] and "backbone.layers.0.mixer.conv1d" in report.whole
+    assert torch.equal(tensors["base_model.model.backbone.layers.0.mixer.conv1d.weight"],
+                       load_file(os.path.join(tuned, "model.safetensors"))["backbone.layers.0.mixer.conv1d.weight"])
+    assert "backbone.layers.0.mixer.in_proj" in report.ranks
