@@ -90,18 +90,12 @@ def extract_lora(model: str, base_model: str, out_dir: str, options: ExtractOpti
         check_output_apart(out_dir, tuned.folders + base.folders)
         modules, to_save = plan_modules(transformers, tuned, base, options)
         device = resolve_device(options.device)
-        writer = ShardedWriter(out_dir, [], layout=[], overwrite=options.overwrite)
-        try:
+        with ShardedWriter(out_dir, [], layout=[], overwrite=options.overwrite).completing() as writer:
             tensors, ranks = _extract(modules, tuned, base, options, device)
             save_tensors(tensors, os.path.join(writer.tmp_dir, "adapter_model.safetensors"))
             config = adapter_config(base_model.partition("+")[0], ranks, to_save)  # (mergekit names the base's path)
             writer.add_file("adapter_config.json", json.dumps(config, indent=4))
             writer.add_file("README.md", _card(model, base_model, tuned, base))
-            writer.flush()
-            writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
     finally:
         tuned.close()
         base.close()

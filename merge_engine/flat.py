@@ -153,16 +153,12 @@ def flat_merge(config: MergeConfig | dict | str | os.PathLike, out_dir: str | os
     writer = ShardedWriter(out_dir, plan.entries(), options.out_shard_size, options.overwrite,
                            direct=options.direct_io != "off")
     try:
-        with progress_bar(total=sum(j.bytes_in for j in plan.jobs), unit="B", unit_scale=True, desc="merging",
-                          disable=options.quiet) as bar:
-            load_kernels(device)
-            bytes_read = _Pipeline(plan, plan.jobs, writer, device, options).run(bar.update)
-        check_inputs_unchanged(plan)
-        writer.flush()
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
+        with writer.completing():
+            with progress_bar(total=sum(j.bytes_in for j in plan.jobs), unit="B", unit_scale=True, desc="merging",
+                              disable=options.quiet) as bar:
+                load_kernels(device)
+                bytes_read = _Pipeline(plan, plan.jobs, writer, device, options).run(bar.update)
+            check_inputs_unchanged(plan)
     finally:
         for ckpt in plan.models.values():
             ckpt.close()

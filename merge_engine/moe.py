@@ -730,16 +730,11 @@ def build_moe(config: MoEConfig | dict | str | os.PathLike, out_dir: str | os.Pa
         add_routers(plan, vectors)
         writer = ShardedWriter(out_dir, plan.entries(), options.out_shard_size, options.overwrite,
                                direct=options.direct_io != "off")
-        try:
+        with writer.completing():
             bytes_read = _copy(plan, writer, generator, options)
             for ckpt in models.values():
                 ckpt.check_unchanged()
             _write_side_files(plan, writer, tokenizer, options)
-            writer.flush()
-            writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
     finally:
         for ckpt in models.values():
             ckpt.close()

@@ -23,7 +23,7 @@ import shutil
 import socket
 import stat
 import threading
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -513,6 +513,16 @@ class ShardedWriter:
         """flush, then move the folder into place."""
         self.flush()
         self._move_into_place()
+
+    @contextlib.contextmanager
+    def completing(self) -> Iterator[ShardedWriter]:
+        """A block that writes the output: then committed, or on any exception (Ctrl-C too) aborted, leaving nothing."""
+        try:
+            yield self
+            self.commit()
+        except BaseException:
+            self.abort()
+            raise
 
     def _move_into_place(self) -> None:
         with _MOVING:  # two writers of one output in this process: one after the other, each output whole

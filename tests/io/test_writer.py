@@ -690,3 +690,15 @@ def test_an_output_path_longer_than_the_kernel_takes_is_refused_up_front(tmp_pat
                                           r"bytes\) would pass the 4095 its file system allows in a path"):
         ShardedWriter(str(out), entries(tensors()), 10**9)
     assert os.listdir(tmp_path) == []
+
+
+def test_completing_commits_the_block_or_leaves_nothing(tmp_path):
+    entries = [("w", torch.float32, (2, 3))]
+    with ShardedWriter(str(tmp_path / "out"), entries).completing() as writer:
+        writer.write("w", torch.ones(2, 3))
+    assert os.listdir(tmp_path / "out") == ["model.safetensors"]
+    with pytest.raises(KeyboardInterrupt):
+        with ShardedWriter(str(tmp_path / "broken"), entries).completing() as writer:
+            writer.write("w", torch.ones(2, 3))
+            raise KeyboardInterrupt
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # neither the output nor its temporary folder
