@@ -19,11 +19,13 @@ from tests.conftest import find_mergekit
 @pytest.fixture(scope="module")
 def weight_files(tmp_path_factory):
     """base.safetensors and three fine-tunes of it (base + noise): m0 a torch.save file, m2 with one tensor more.
-    Shapes of a diffusion model's (a 4-D convolution) and a counter that is not floating point."""
+    Shapes of a diffusion model's (a 4-D convolution), a counter that is not floating point, a 0-d scale and a
+    tensor of 0 elements."""
     root = tmp_path_factory.mktemp("flat")
     g = torch.Generator().manual_seed(0)
     base = {"down.0.weight": torch.randn(17, 9, generator=g), "down.0.bias": torch.randn(17, generator=g),
-            "unet.conv.weight": torch.randn(4, 3, 3, 3, generator=g), "steps": torch.tensor([3, 4])}
+            "unet.conv.weight": torch.randn(4, 3, 3, 3, generator=g), "steps": torch.tensor([3, 4]),
+            "scale": torch.tensor(0.5), "empty": torch.zeros(0, 4)}
     save_file(base, str(root / "base.safetensors"))
     paths = {"base": str(root / "base.safetensors")}
     for i in range(3):
@@ -49,7 +51,13 @@ def linear_config(files) -> dict:
                        {"model": files["m2"], "parameters": {"weight": [0.5, 0.2]}}]}
 
 
-@pytest.mark.parametrize("config, flag", [(ties_config, "-i"), (linear_config, "-i"), (linear_config, "-u")])
+def model_stock_config(files) -> dict:
+    return {"merge_method": "model_stock", "base_model": files["base"], "parameters": {"filter_wise": True},
+            "models": [{"model": files[m]} for m in ("m0", "m1")]}
+
+
+@pytest.mark.parametrize("config, flag", [(ties_config, "-i"), (linear_config, "-i"), (linear_config, "-u"),
+                                          (model_stock_config, "-i")])
 def test_identical_to_mergekit_pytorch(config, flag, weight_files, tmp_path):
     """The same tensors as mergekit-pytorch's (parameters at t = 0: each gradient's first value), for a pickled and
     safetensors inputs, with the tensor one file alone holds skipped (-i) or merged from it alone (-u)."""
@@ -66,6 +74,16 @@ def test_identical_to_mergekit_pytorch(config, flag, weight_files, tmp_path):
     assert sorted(ours) == sorted(theirs) and ("extra.weight" in ours) == (flag == "-u")
     for name, t in theirs.items():
         assert ours[name].dtype == t.dtype and torch.equal(ours[name], t), name
+
+
+def test_model_stock_filter_wise_merges_a_0d_tensor_as_one_row(weight_files, tmp_path):
+    """A 0-d tensor is one filter: filter_wise gives what the whole-tensor cosine gives (it failed mid-merge)."""
+    rows = flat_merge(model_stock_config(weight_files), tmp_path / "rows", MergeOptions(quiet=True), "intersection")
+    whole = model_stock_config(weight_files)
+    whole["parameters"]["filter_wise"] = False
+    flat_merge(whole, tmp_path / "whole", MergeOptions(quiet=True), "intersection")
+    by_row, by_whole = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("rows", "whole"))
+    assert rows.tensors == 6 and by_row["scale"].shape == () and torch.equal(by_row["scale"], by_whole["scale"])
 
 
 def test_union_merges_a_tensor_from_the_files_that_hold_it(weight_files, tmp_path):
@@ -118,7 +136,7 @@ def test_command_line_refuses_both_missing_flags(weight_files, tmp_path, capsys)
         main(["pytorch", str(path), str(tmp_path / "out"), "-i", "-u"])
     assert "not allowed with argument" in capsys.readouterr().err
     assert main(["pytorch", str(path), str(tmp_path / "out"), "-i", "--out-shard-size", "100"]) == 0
-    assert "merged 4 tensors" in capsys.readouterr().out
+    assert "merged 6 tensors" in capsys.readouterr().out
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
 
 

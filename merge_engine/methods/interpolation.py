@@ -109,8 +109,11 @@ def _model_stock(group: TensorGroup) -> torch.Tensor:
 _CHUNK = 1 << 20  # elements per step of model_stock's elementwise pass
 
 
-def _leading_slices(x: torch.Tensor) -> list[slice]:
-    """Slices of x's first dim that cover it about _CHUNK elements at a time."""
+def _leading_slices(x: torch.Tensor) -> list:
+    """Slices of x's first dim that cover it about _CHUNK elements at a time; a 0-d x (a filter_wise model_stock
+    of a scalar, which has no rows to slice) in one step, `...`."""
+    if x.dim() == 0:
+        return [...]
     per_index = max(1, x.numel() // max(1, x.shape[0]))
     step = max(1, _CHUNK // per_index)
     return [slice(start, start + step) for start in range(0, x.shape[0], step)]
