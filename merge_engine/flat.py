@@ -13,7 +13,9 @@ read) and so is the rest (engine.py: streamed reads, the kernels, a temporary ou
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
+import stat
 import time
 from typing import Any
 
@@ -41,11 +43,16 @@ class WeightFile(Checkpoint):
     """One weight file as a checkpoint (mergekit-pytorch's inputs): its tensors, no config.json."""
 
     def _check_folder(self) -> None:
-        if not os.path.exists(self.path):
-            raise CheckpointError(f"{self.path}: weight file does not exist")
-        if not os.path.isfile(self.path):
+        try:
+            mode = os.stat(self.path).st_mode
+        except OSError as e:  # ELOOP: links that lead back to themselves, which os.path.exists calls missing
+            why = {errno.ENOENT: "does not exist", errno.ELOOP: "is a symbolic link loop"}.get(
+                e.errno, f"cannot be read ({e.strerror})")
+            raise CheckpointError(f"{self.path}: weight file {why}") from None
+        if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end: never opened
+            got = "a folder" if stat.S_ISDIR(mode) else "a FIFO, socket or device (not a regular file)"
             raise CheckpointError(f"{self.path}: expected a weight file (.safetensors, or a torch.save file), "
-                                  "got a folder")
+                                  f"got {got}")
 
     def _read_headers(self) -> dict:
         infos, self._identities[self.path] = read_weight_header(self.path)

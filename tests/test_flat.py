@@ -128,6 +128,18 @@ def test_config_and_file_problems_are_named(weight_files, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_fifo_or_a_symlink_loop_is_named_for_what_it_is(weight_files, tmp_path):
+    """Neither is opened (a FIFO would block the read) and neither is called a folder or a missing file."""
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    os.symlink(tmp_path / "loop.bin", tmp_path / "loop.bin")
+    for path, why in (("fifo.safetensors", "not a regular file"), ("loop.bin", "symbolic link loop")):
+        config = {**linear_config(weight_files), "parameters": {"weight": 1.0},
+                  "models": [{"model": str(tmp_path / path)}, {"model": weight_files["m1"]}]}
+        with pytest.raises(ConfigError, match=f"{path}: .*{why}"):
+            flat_merge(config, tmp_path / "out", MergeOptions(quiet=True))
+    assert not (tmp_path / "out").exists()
+
+
 def test_command_line_refuses_both_missing_flags(weight_files, tmp_path, capsys):
     from merge_engine.cli import main
     path = tmp_path / "flat.yml"
