@@ -140,6 +140,14 @@ def test_a_fifo_or_a_symlink_loop_is_named_for_what_it_is(weight_files, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_a_pickle_of_one_tensor_is_refused_as_a_tensor(weight_files, tmp_path):
+    torch.save(torch.ones(17, 9), tmp_path / "one.bin")  # torch.save(model.weight, ...) for (model.state_dict(), ...)
+    config = {**linear_config(weight_files), "parameters": {"weight": 1.0},
+              "models": [{"model": str(tmp_path / "one.bin")}, {"model": weight_files["m1"]}]}
+    with pytest.raises(ConfigError, match=r"one.bin: holds a tensor, not a state dict"):
+        flat_merge(config, tmp_path / "out", MergeOptions(quiet=True))
+
+
 def test_command_line_refuses_both_missing_flags(weight_files, tmp_path, capsys):
     from merge_engine.cli import main
     path = tmp_path / "flat.yml"

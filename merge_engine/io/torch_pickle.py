@@ -339,8 +339,8 @@ def _tensors(state, path: str) -> dict[str, _TensorView]:
     dict) are passed over with a warning, as mergekit passes them over (it reads only the names a merge asks for);
     a dict with no tensor is refused (a state dict nested under 'state_dict' or 'model': mergekit fails on it)."""
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: holds a pickled {type(state).__name__}, not a state dict (a dict of "
-                              "tensor names to tensors)")
+        what = "a tensor" if isinstance(state, _TensorView) else f"a pickled {type(state).__name__}"
+        raise CheckpointError(f"{path}: holds {what}, not a state dict (a dict of tensor names to tensors)")
     tensors, others = {}, []
     for name, value in dict.items(state):  # not state.items: BUILD may have set an attribute of that name
         if isinstance(name, str) and is_text(name) and isinstance(value, _TensorView):
