@@ -107,7 +107,7 @@ def plan_flat_merge(cfg: MergeConfig, missing: str = "refuse") -> MergePlan:
                 problems.append(f"tensor '{name}' is missing from {', '.join(lacking)} (--tensor-intersection "
                                 "skips such tensors, --tensor-union merges them from the models that hold them)")
                 continue
-        s = subsets.get(holders) or subsets.setdefault(holders, _subset(cfg, holders, problems))
+        s = subsets.get(holders) or subsets.setdefault(holders, _subset(cfg, holders, name, problems))
         _plan_tensor(plan, s, name, [name] * len(holders), 0.0, problems)
     warn_unmatched_filters(cfg, plan.jobs)
     if problems:
@@ -128,20 +128,22 @@ def _open(cfg: MergeConfig) -> dict[str, Checkpoint]:
     return models
 
 
-def _subset(cfg: MergeConfig, holders: tuple[str, ...], problems: list[str]) -> Slice:
-    """The slice of the models holding some tensor (added to cfg.slices, where the planner finds it); the method's
-    input problems for it (a base it needs but lacks, too few inputs) appended."""
+def _subset(cfg: MergeConfig, holders: tuple[str, ...], first: str, problems: list[str]) -> Slice:
+    """The slice of the models holding some tensors, `first` the first of them (added to cfg.slices, where the
+    planner finds it); the method's input problems for it (a base it needs but lacks, too few inputs) appended."""
     whole = cfg.slices[0]
     if len(holders) == len(whole.sources):
         return whole
     s = dataclasses.replace(whole, sources=[src for src in whole.sources if src.model in holders])
     cfg.slices.append(s)
     base = cfg.base_model if cfg.base_model in holders else None
+    held = f"{', '.join(holders)} hold ('{first}' first)"
     if cfg.method.base == "required" and base is None:
-        problems.append(f"the base model {cfg.base_model} lacks tensors that {', '.join(holders)} hold, and "
-                        f"{cfg.method.name} needs the base's (--tensor-intersection skips them)")
+        problems.append(f"the base model {cfg.base_model} lacks tensors that {held}, and {cfg.method.name} needs "
+                        "the base's (--tensor-intersection skips them)")
     else:
-        problems += cfg.method.input_problems(list(holders), base, f"tensors only {', '.join(holders)} hold")
+        problems += [f"{p} (--tensor-intersection skips them)"
+                     for p in cfg.method.input_problems(list(holders), base, f"tensors only {held}")]
     return s
 
 

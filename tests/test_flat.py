@@ -100,8 +100,13 @@ def test_union_merges_a_tensor_from_the_files_that_hold_it(weight_files, tmp_pat
 def test_a_tensor_some_files_lack_is_refused_by_default_naming_them(weight_files, tmp_path):
     with pytest.raises(ConfigError, match=r"tensor 'extra.weight' is missing from .*m1.safetensors"):
         flat_merge(linear_config(weight_files), tmp_path / "out", MergeOptions(quiet=True))
-    with pytest.raises(ConfigError, match="lacks tensors that .*ties needs the base's"):
+    with pytest.raises(ConfigError, match="lacks tensors that .*hold \\('extra.weight' first.*ties needs the base's"):
         flat_merge(ties_config(weight_files), tmp_path / "out", MergeOptions(quiet=True), missing="union")
+    nuslerp = {"merge_method": "nuslerp", "parameters": {"weight": 0.5},
+               "models": [{"model": weight_files["m1"]}, {"model": weight_files["m2"]}]}
+    with pytest.raises(ConfigError, match=r"tensors only .*m2.safetensors hold \('extra.weight' first\): .*needs "
+                                          r"exactly 2 .*got 1 \(--tensor-intersection skips them\)"):
+        flat_merge(nuslerp, tmp_path / "out", MergeOptions(quiet=True), missing="union")
     assert not (tmp_path / "out").exists()
 
 
