@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import os
 import stat
 import time
@@ -36,6 +37,7 @@ from merge_engine.plan import MergePlan, _plan_tensor, warn_unmatched_filters
 from merge_engine.progress import progress_bar
 
 _KEYS = {"merge_method", "models", "parameters", "dtype", "base_model", "out_dtype"}
+log = logging.getLogger("merge_engine")
 MISSING = ("refuse", "intersection", "union")  # what a tensor some models lack gets
 
 
@@ -110,6 +112,9 @@ def plan_flat_merge(cfg: MergeConfig, missing: str = "refuse") -> MergePlan:
         s = subsets.get(holders) or subsets.setdefault(holders, _subset(cfg, holders, name, problems))
         _plan_tensor(plan, s, name, [name] * len(holders), 0.0, problems)
     warn_unmatched_filters(cfg, plan.jobs)
+    if not plan.jobs and not problems:  # the wrong files (mergekit-pytorch writes an empty folder, unsaid)
+        why = "no tensor name is in every file (-i skips the others)" if names else "the files hold no tensors"
+        log.warning("%s: %s, so the output holds none", ", ".join(models[ref].path for ref in listed), why)
     if problems:
         raise ConfigError(problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else []),
                           "inputs")

@@ -153,6 +153,16 @@ def test_a_pickle_of_one_tensor_is_refused_as_a_tensor(weight_files, tmp_path):
         flat_merge(config, tmp_path / "out", MergeOptions(quiet=True))
 
 
+def test_an_intersection_of_nothing_is_reported(weight_files, tmp_path, caplog):
+    """Files with no tensor name in common (the wrong files, or torch.save files of something else) merge nothing
+    under -i: said, not a silent empty model.safetensors."""
+    save_file({"other.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    config = {**linear_config(weight_files), "parameters": {"weight": 1.0},
+              "models": [{"model": str(tmp_path / "other.safetensors")}, {"model": weight_files["m1"]}]}
+    flat_merge(config, tmp_path / "out", MergeOptions(quiet=True), missing="intersection")
+    assert "no tensor name is in every file" in caplog.text and "other.safetensors" in caplog.text
+
+
 def test_command_line_refuses_both_missing_flags(weight_files, tmp_path, capsys):
     from merge_engine.cli import main
     path = tmp_path / "flat.yml"
