@@ -97,6 +97,15 @@ def test_union_merges_a_tensor_from_the_files_that_hold_it(weight_files, tmp_pat
     assert torch.equal(out["steps"], m1["steps"])
 
 
+def test_multislerp_of_three_merges_a_tensor_of_0_elements(weight_files, tmp_path):
+    """Nothing to interpolate is not antipodal inputs (mergekit 0.1.5 fails on it, saying so): an empty result."""
+    config = {"merge_method": "multislerp", "parameters": {"weight": 1.0},
+              "models": [{"model": weight_files[m]} for m in ("m0", "m1", "m2")]}
+    flat_merge(config, tmp_path / "out", MergeOptions(quiet=True), missing="intersection")
+    empty = load_file(str(tmp_path / "out" / "model.safetensors"))["empty"]
+    assert empty.shape == (0, 4) and empty.dtype == torch.float32
+
+
 def test_a_tensor_some_files_lack_is_refused_by_default_naming_them(weight_files, tmp_path):
     with pytest.raises(ConfigError, match=r"tensor 'extra.weight' is missing from .*m1.safetensors"):
         flat_merge(linear_config(weight_files), tmp_path / "out", MergeOptions(quiet=True))

@@ -183,7 +183,8 @@ def multislerp(tensors: list[torch.Tensor], weights: list[float], base: Optional
     the weighted mean direction; the weighted tangent mean goes back through the exponential map and is
     scaled by the weighted mean of the norms. Weights are divided by their sum if normalize_weights.
     One input is returned as is (the base is then unused). A zero weighted mean direction falls back to
-    the weighted sum for two inputs and raises ValueError for more. Input dtype throughout."""
+    the weighted sum for two inputs and raises ValueError for more (a tensor of 0 elements, which has no direction,
+    gives an empty one). Input dtype throughout."""
     if not tensors:
         raise ValueError("multislerp needs at least one tensor")
     if len(tensors) != len(weights):
@@ -204,6 +205,8 @@ def multislerp(tensors: list[torch.Tensor], weights: list[float], base: Optional
     units = flat / (norms + eps)
     mean = (units * w.view(-1, 1)).sum(0)
     mean_norm = torch.norm(mean)
+    if flat.shape[1] == 0:  # a tensor of 0 elements: nothing to interpolate (its mean is not antipodal inputs)
+        return torch.empty_like(stacked[0])
     if mean_norm < eps:
         if stacked.shape[0] != 2:
             raise ValueError("multislerp: the weighted mean of the normalized inputs is zero (antipodal inputs "
