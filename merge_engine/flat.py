@@ -33,7 +33,7 @@ from merge_engine.engine import (
 from merge_engine.errors import CheckpointError, ConfigError, MergeEngineError
 from merge_engine.io.checkpoint import Checkpoint, read_weight_header
 from merge_engine.io.writer import ShardedWriter, check_output_apart
-from merge_engine.plan import MergePlan, _plan_tensor, warn_unmatched_filters
+from merge_engine.plan import MergePlan, _plan_tensor, check_side_folders, open_side_folders, warn_unmatched_filters
 from merge_engine.progress import progress_bar
 
 _KEYS = {"merge_method", "models", "parameters", "dtype", "base_model", "out_dtype"}
@@ -92,8 +92,8 @@ def plan_flat_merge(cfg: MergeConfig, missing: str = "refuse") -> MergePlan:
     method at t = 0; a tensor some inputs lack as `missing` says. Every problem in one ConfigError."""
     if missing not in MISSING:
         raise MergeEngineError(f"missing must be one of {', '.join(MISSING)}, not {missing!r}")
-    models = _open(cfg)
-    plan = MergePlan(cfg, models)
+    models, side = _open(cfg)
+    plan = MergePlan(cfg, models, side)
     whole = cfg.slices[0]
     listed = whole.sources[:len(cfg.raw["models"])]  # (parse_config appends the base after them when unlisted)
     names = list(dict.fromkeys(n for src in listed for n in models[src.model].tensors))
@@ -112,6 +112,7 @@ def plan_flat_merge(cfg: MergeConfig, missing: str = "refuse") -> MergePlan:
         s = subsets.get(holders) or subsets.setdefault(holders, _subset(cfg, holders, name, problems))
         _plan_tensor(plan, s, name, [name] * len(holders), 0.0, problems)
     warn_unmatched_filters(cfg, plan.jobs)
+    check_side_folders(plan, problems)
     if not plan.jobs and not problems:  # the wrong files (mergekit-pytorch writes an empty folder, unsaid)
         why = "no tensor name is in every file (-i skips the others)" if names else "the files hold no tensors"
         log.warning("%s: %s, so the output holds none", ", ".join(models[ref].path for ref in listed), why)
@@ -121,16 +122,19 @@ def plan_flat_merge(cfg: MergeConfig, missing: str = "refuse") -> MergePlan:
     return plan
 
 
-def _open(cfg: MergeConfig) -> dict[str, Checkpoint]:
+def _open(cfg: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, Checkpoint]]:
+    """The weight files and the side-input folders (a fisher method's `fisher: FOLDER`...), every unreadable one
+    in one ConfigError."""
     models, problems = {}, []
     for ref in cfg.referenced_models():
         try:
             models[ref] = WeightFile(ref)
         except CheckpointError as e:
             problems.append(str(e))
+    side = open_side_folders(cfg, problems)
     if problems:
         raise ConfigError(problems, "inputs")
-    return models
+    return models, side
 
 
 def _subset(cfg: MergeConfig, holders: tuple[str, ...], first: str, problems: list[str]) -> Slice:

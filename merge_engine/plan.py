@@ -118,24 +118,35 @@ def open_models(cfg: MergeConfig, lora_merge_dtype: torch.dtype | None = None, e
     """Open every referenced model and side-input folder (headers only); report all unreadable ones together.
     lora_merge_dtype: what BASE+ADAPTER models are read in (io/lora.py: LoraCheckpoint). expert_layout: how MoE
     experts are read (io/experts.py)."""
-    models, side, problems = {}, {}, []
-    side_kinds = _side_kinds(cfg)
-    for ref, table in [(ref, models) for ref in cfg.referenced_models()] + [(p, side) for p in side_kinds]:
+    models, problems = {}, []
+    for ref in cfg.referenced_models():
         try:
-            table[ref] = (with_expert_layout(open_model(ref, lora_merge_dtype), expert_layout) if table is models
-                          else Checkpoint(ref))
-            if table is side and "grams" in side_kinds[ref]:
-                gram_folder(ref)  # its manifest, checked against the stored Grams
-            if table is side and "fisher" in side_kinds[ref]:
-                fishers.check_fisher_folder(table[ref])
+            models[ref] = with_expert_layout(open_model(ref, lora_merge_dtype), expert_layout)
         except CheckpointError as e:
             problems.append(str(e))
+    side = open_side_folders(cfg, problems)
     for token, setting in (cfg.tokenizer.tokens.items() if cfg.tokenizer else ()):
         if setting.source is not None and setting.source.model not in (None, *models):
             problems.append(f"tokenizer.tokens[{token!r}]: {setting.source.model} is not a model of this merge")
     if problems:
         raise ConfigError(problems, "inputs")
     return models, side
+
+
+def open_side_folders(cfg: MergeConfig, problems: list[str]) -> dict[str, Checkpoint]:
+    """Every side-input folder the config names (Fishers, Grams...), by path, headers and manifests checked; the
+    unreadable ones appended to problems."""
+    side = {}
+    for path, kinds in _side_kinds(cfg).items():
+        try:
+            side[path] = Checkpoint(path)
+            if "grams" in kinds:
+                gram_folder(path)  # its manifest, checked against the stored Grams
+            if "fisher" in kinds:
+                fishers.check_fisher_folder(side[path])
+        except CheckpointError as e:
+            problems.append(str(e))
+    return side
 
 
 def _side_kinds(cfg: MergeConfig) -> dict[str, set[str]]:
@@ -185,8 +196,20 @@ def build_plan(cfg: MergeConfig, allow_crimes: bool = False, truncate_vocabulary
                         + "), so none can be aligned to the output's tokens: does config.json's vocab_size "
                         "match the embeddings?")
     warn_unmatched_filters(cfg, plan.jobs)
+    check_side_folders(plan, problems)
+    if problems:
+        shown = problems[:_MAX_LISTED_PROBLEMS]
+        if len(problems) > len(shown):
+            shown.append(f"... and {len(problems) - len(shown)} more")
+        raise ConfigError(shown, "inputs")
+    return plan
+
+
+def check_side_folders(plan: MergePlan, problems: list[str]) -> None:
+    """Once every tensor is planned: a side folder (Fishers, Grams...) holding statistics of no tensor of the merge
+    is a problem (made for another model); tensors the others lack are merged without them, with a warning."""
     refused = set()  # folders matching no tensor (made for another model): no warning that tensors go without them
-    for path, kinds in _side_kinds(cfg).items():
+    for path, kinds in _side_kinds(plan.config).items():
         if path not in plan.side_used:
             what = "the Gram of no weight" if "grams" in kinds else f"the {'/'.join(sorted(kinds)).title()} of no tensor"
             problems.append(f"{path}: holds {what} of this merge (collected from another model?)")
@@ -198,12 +221,6 @@ def build_plan(cfg: MergeConfig, allow_crimes: bool = False, truncate_vocabulary
     for folder, names in ((f, n) for f, n in plan.missing_side.items() if f not in refused):
         log.warning("%s lacks %d tensor(s) (%s%s); they are merged without it (see the method's missing_* "
                     "parameter)", folder, len(names), ", ".join(names[:3]), ", ..." if len(names) > 3 else "")
-    if problems:
-        shown = problems[:_MAX_LISTED_PROBLEMS]
-        if len(problems) > len(shown):
-            shown.append(f"... and {len(problems) - len(shown)} more")
-        raise ConfigError(shown, "inputs")
-    return plan
 
 
 def _plan_whole_model(plan: MergePlan, layer_index: dict, problems: list[str]) -> None:

@@ -172,6 +172,32 @@ def test_an_intersection_of_nothing_is_reported(weight_files, tmp_path, caplog):
     assert "no tensor name is in every file" in caplog.text and "other.safetensors" in caplog.text
 
 
+def test_a_fisher_folder_of_no_tensor_of_the_files_is_refused(weight_files, tmp_path):
+    """Statistics collected from another model would leave every tensor merged without them (a plain average),
+    unsaid: refused, as the config merges refuse them."""
+    (tmp_path / "fisher").mkdir()
+    save_file({"other.weight": torch.ones(2)}, str(tmp_path / "fisher" / "model.safetensors"))
+    config = {"merge_method": "fisher", "models": [{"model": weight_files[m], "fisher": str(tmp_path / "fisher")}
+                                                   for m in ("m0", "m1")]}
+    with pytest.raises(ConfigError, match=r"fisher: holds the Fisher of no tensor of this merge"):
+        flat_merge(config, tmp_path / "out", MergeOptions(quiet=True))
+    assert not (tmp_path / "out").exists()
+
+
+def test_fisher_folders_weigh_the_tensors_they_hold(weight_files, tmp_path):
+    """A fisher method's `fisher: FOLDER` is read (it was never opened, every tensor averaged plainly)."""
+    for m, importance in (("m0", 1000.0), ("m1", 1.0)):
+        (tmp_path / m).mkdir()
+        save_file({"down.0.weight": torch.full((17, 9), importance)}, str(tmp_path / m / "model.safetensors"))
+    config = {"merge_method": "fisher", "models": [{"model": weight_files[m], "fisher": str(tmp_path / m)}
+                                                   for m in ("m0", "m1")]}
+    flat_merge(config, tmp_path / "out", MergeOptions(quiet=True))
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    m0, m1 = torch.load(weight_files["m0"]), load_file(weight_files["m1"])
+    assert torch.allclose(out["down.0.weight"], (1000 * m0["down.0.weight"] + m1["down.0.weight"]) / 1001)
+    assert torch.allclose(out["down.0.bias"], (m0["down.0.bias"] + m1["down.0.bias"]) / 2)  # no Fisher: averaged
+
+
 def test_command_line_refuses_both_missing_flags(weight_files, tmp_path, capsys):
     from merge_engine.cli import main
     path = tmp_path / "flat.yml"
