@@ -167,7 +167,7 @@ def flat_merge(config: MergeConfig | dict | str | os.PathLike, out_dir: str | os
         parse_flat_config(config) if isinstance(config, dict) else load_flat_config(os.fspath(config)))
     device = check_options(out_dir, options)
     plan = plan_flat_merge(cfg, missing)
-    check_output_apart(out_dir, [ckpt.path for ckpt in plan.models.values()])
+    check_output_apart(out_dir, [ckpt.path for ckpt in (*plan.models.values(), *plan.side.values())])
     writer = ShardedWriter(out_dir, plan.entries(), options.out_shard_size, options.overwrite,
                            direct=options.direct_io != "off")
     try:

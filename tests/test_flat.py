@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from merge_engine import MergeOptions
-from merge_engine.errors import CheckpointError, ConfigError
+from merge_engine.errors import CheckpointError, ConfigError, OutputError
 from merge_engine.flat import flat_merge, parse_flat_config
 from tests.conftest import find_mergekit
 
@@ -196,6 +196,9 @@ def test_fisher_folders_weigh_the_tensors_they_hold(weight_files, tmp_path):
     m0, m1 = torch.load(weight_files["m0"]), load_file(weight_files["m1"])
     assert torch.allclose(out["down.0.weight"], (1000 * m0["down.0.weight"] + m1["down.0.weight"]) / 1001)
     assert torch.allclose(out["down.0.bias"], (m0["down.0.bias"] + m1["down.0.bias"]) / 2)  # no Fisher: averaged
+    with pytest.raises(OutputError, match="m0 is inside the input folder .*m0"):  # --overwrite: m0's Fisher gone
+        flat_merge(config, tmp_path / "m0", MergeOptions(quiet=True, overwrite=True))
+    assert (tmp_path / "m0" / "model.safetensors").exists()
 
 
 def test_command_line_refuses_both_missing_flags(weight_files, tmp_path, capsys):
