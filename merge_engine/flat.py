@@ -115,7 +115,7 @@ def plan_flat_merge(cfg: MergeConfig, missing: str = "refuse") -> MergePlan:
     check_side_folders(plan, problems)
     if not plan.jobs and not problems:  # the wrong files (mergekit-pytorch writes an empty folder, unsaid)
         why = "no tensor name is in every file (-i skips the others)" if names else "the files hold no tensors"
-        log.warning("%s: %s, so the output holds none", ", ".join(models[ref].path for ref in listed), why)
+        log.warning("%s: %s, so the output holds none", ", ".join(models[src.model].path for src in listed), why)
     if problems:
         raise ConfigError(problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else []),
                           "inputs")
