@@ -40,6 +40,7 @@ from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.hub_cache import cache_folder, local_reference
 from merge_engine.io.lora import open_model
 from merge_engine.io.writer import ShardedWriter, check_output_apart
+from merge_engine.parameters import lax_int
 from merge_engine.progress import progress_bar
 from merge_engine.vocabulary import load_tokenizer, one_line, save_tokenizer
 
@@ -109,11 +110,10 @@ def parse_moe_config(raw: Any, source: str | None = None, strict: bool = False,
     gate_mode = raw.get("gate_mode", "hidden")
     if gate_mode not in GATE_MODES:
         problems.append(f"gate_mode: expected one of {', '.join(GATE_MODES)}, got {gate_mode!r}")
-    per_token = raw.get("experts_per_token", 2)
-    if isinstance(per_token, str) and per_token.strip().lstrip("+-").isdigit():  # (pydantic's lax int)
-        per_token = int(per_token)
-    if type(per_token) is not int:
-        problems.append(f"experts_per_token: expected a whole number, got {per_token!r}")
+    given = raw.get("experts_per_token", 2)
+    per_token = lax_int(given)  # as mergekit's schema reads it: 2, 2.0, "2", "2.0"
+    if per_token is None:
+        problems.append(f"experts_per_token: expected a whole number, got {given!r}")
         per_token = 1
     architecture = raw.get("architecture")
     if architecture is not None and not isinstance(architecture, str):

@@ -372,3 +372,9 @@ def test_a_config_mapping_with_values_yaml_cannot_hold_is_refused_by_name():
     config["experts"][0]["source_model"] = __import__("pathlib").Path("e1")
     with pytest.raises(ConfigError, match=r"experts\[0\].source_model: expected a model path"):
         parse_moe_config(config)
+
+
+@pytest.mark.parametrize("given, taken", [(2.0, 2), ("3.0", 3), (" 2 ", 2)])
+def test_experts_per_token_is_read_as_mergekit_reads_it(given, taken):
+    """mergekit's schema takes a whole number written as a float or text (2.0, "3.0"): so does this one."""
+    assert parse_moe_config({**moe_config(["b", "e1", "e2", "e3"]), "experts_per_token": given}).experts_per_token == taken
