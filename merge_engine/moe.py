@@ -528,14 +528,32 @@ def gate_vectors(plan: MoEPlan, tokenizer, generator: torch.Generator, device: t
         return torch.rand(shape, generator=generator) * 2 * scale - scale
     represent = (_embedding_representation(plan) if cfg.gate_mode == "cheap_embed"
                  else _hidden_representation(plan, device))
+    names = [f"experts[{i}]" for i in range(len(cfg.experts))] + [f"shared_experts[{i}]"
+                                                                 for i in range(len(cfg.shared_experts))]
     vectors = []
-    for expert in cfg.gated():
-        v = represent(tokenize_prompts(tokenizer, expert.positive_prompts))
+    for where, expert in zip(names, cfg.gated()):
+        v = represent(_checked_tokens(plan, tokenizer, expert.positive_prompts, f"{where}.positive_prompts"))
         if expert.negative_prompts:
-            v -= represent(tokenize_prompts(tokenizer, expert.negative_prompts))
+            v -= represent(_checked_tokens(plan, tokenizer, expert.negative_prompts, f"{where}.negative_prompts"))
         v /= v.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
         vectors.append(v)
     return torch.stack(vectors, dim=1).cpu()
+
+
+def _checked_tokens(plan: MoEPlan, tokenizer, prompts: tuple[str, ...], where: str):
+    """The prompts tokenized, checked: each token id a row of the base's embeddings, and (where the base runs on
+    them) some token to run: a prompt of no tokens, from a tokenizer without BOS, is an empty batch."""
+    tokens = tokenize_prompts(tokenizer, prompts)
+    ids = tokens["input_ids"]
+    if ids.numel() == 0 and plan.config.gate_mode != "cheap_embed":  # (cheap_embed sums no rows, as mergekit)
+        raise MergeEngineError(f"{where}: {list(prompts)} tokenize to no tokens (the base's tokenizer adds no BOS), "
+                               f"and gate_mode {plan.config.gate_mode} runs the base model on them: give some text")
+    base = plan.models[plan.config.base_model]
+    rows = base.tensors[EMBEDDINGS].shape[0]
+    if ids.numel() and int(ids.max()) >= rows:
+        raise MergeEngineError(f"{where}: the tokenizer of {base.path} gives token id {int(ids.max())} but its "
+                               f"'{EMBEDDINGS}' has {rows} rows (is the tokenizer the model's own?)")
+    return tokens
 
 
 def _embedding_representation(plan: MoEPlan):
@@ -546,11 +564,7 @@ def _embedding_representation(plan: MoEPlan):
     embeddings = base.read(EMBEDDINGS).float()
 
     def represent(tokens) -> torch.Tensor:
-        ids = tokens["input_ids"]
-        if ids.numel() and int(ids.max()) >= embeddings.shape[0]:
-            raise MergeEngineError(f"{base.path}: the tokenizer gives token id {int(ids.max())} but "
-                                   f"'{EMBEDDINGS}' has {embeddings.shape[0]} rows")
-        summed = (embeddings[ids] * tokens["attention_mask"].unsqueeze(-1)).sum(dim=1).sum(dim=0, keepdim=True)
+        summed = (embeddings[tokens["input_ids"]] * tokens["attention_mask"].unsqueeze(-1)).sum(dim=1).sum(dim=0, keepdim=True)
         return (summed / summed.norm(dim=-1, keepdim=True).clamp(min=1e-8)).repeat(plan.layers, 1)
     return represent
 

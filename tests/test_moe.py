@@ -378,3 +378,23 @@ def test_a_config_mapping_with_values_yaml_cannot_hold_is_refused_by_name():
 def test_experts_per_token_is_read_as_mergekit_reads_it(given, taken):
     """mergekit's schema takes a whole number written as a float or text (2.0, "3.0"): so does this one."""
     assert parse_moe_config({**moe_config(["b", "e1", "e2", "e3"]), "experts_per_token": given}).experts_per_token == taken
+
+
+def test_prompts_the_base_cannot_run_are_named_before_anything_is_written(moe_models, tmp_path):
+    """gate_mode hidden runs the base on each expert's prompts: a prompt of no tokens (this tokenizer adds no BOS) or
+    with a token id past the embeddings' rows is named, not a traceback from inside the model."""
+    from tests.vocab_models import BASE_TOKENS, save_tokenizer
+    import shutil
+    paths = moe_models["llama"]
+    config = moe_config(paths, "hidden")
+    config["experts"][1]["positive_prompts"] = [""]
+    with pytest.raises(MergeEngineError, match=r"experts\[1\]\.positive_prompts: \[''\] tokenize to no tokens"):
+        build(config, tmp_path / "out")
+    big = shutil.copytree(paths[0], tmp_path / "big")
+    save_tokenizer(str(big), BASE_TOKENS + ["extra"])
+    config = moe_config([str(big), *paths[1:]], "hidden")
+    config["experts"][0]["negative_prompts"] = ["extra w1"]
+    with pytest.raises(MergeEngineError, match=rf"experts\[0\]\.negative_prompts: the tokenizer of {big} gives token id 256 "
+                                                r"but its 'model.embed_tokens.weight' has 256 rows"):
+        build(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
