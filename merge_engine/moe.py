@@ -373,6 +373,7 @@ def plan_moe(cfg: MoEConfig, models: dict[str, Checkpoint]) -> MoEPlan:
     units = [Unit([t], []) for t in dense]
     for layer in range(layers):
         units += _expert_units(cfg, arch, models, template, layer, out_dtype, problems)
+    problems += _mlp_size_problems(units, model_config)
     if problems:
         raise ConfigError(problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else []),
                           "inputs")
@@ -444,6 +445,23 @@ def _expert_part(models: dict[str, Checkpoint], expert: Expert, name: str, probl
         problems.append(f"{ckpt.path}: expert model lacks tensor '{name}'")
         return None
     return Part(ckpt, name, expert, residual=name.endswith("down_proj.weight"))
+
+
+def _mlp_size_problems(units: list[Unit], model_config) -> list[str]:
+    """Each expert's projections against the sizes the output's config.json takes from the base's: experts that
+    stack with each other but not with those sizes (or one expert per tensor, which nothing stacks) would not load."""
+    hidden, inner = getattr(model_config, "hidden_size", None), getattr(model_config, "intermediate_size", None)
+    if not (isinstance(hidden, int) and isinstance(inner, int)):
+        return []
+    want = {"gate_proj.weight": [inner, hidden], "up_proj.weight": [inner, hidden], "down_proj.weight": [hidden, inner]}
+    problems = []
+    for part in (p for unit in units for t in unit.tensors for p in t.parts if p.expert is not None):
+        shape, expected = list(part.ckpt.tensors[part.name].shape), want[part.name.rsplit(".mlp.", 1)[1]]
+        if shape != expected:
+            problems.append(f"{part.ckpt.path}: tensor '{part.name}' is {shape} but the base's config.json (hidden_size "
+                            f"{hidden}, intermediate_size {inner}) makes it {expected}: an expert's MLP must have the "
+                            "base's sizes")
+    return problems
 
 
 def _fused_unit(cfg: MoEConfig, arch: Architecture, models: dict[str, Checkpoint], prefix: str,

@@ -383,8 +383,9 @@ def test_experts_per_token_is_read_as_mergekit_reads_it(given, taken):
 def test_prompts_the_base_cannot_run_are_named_before_anything_is_written(moe_models, tmp_path):
     """gate_mode hidden runs the base on each expert's prompts: a prompt of no tokens (this tokenizer adds no BOS) or
     with a token id past the embeddings' rows is named, not a traceback from inside the model."""
-    from tests.vocab_models import BASE_TOKENS, save_tokenizer
     import shutil
+
+    from tests.vocab_models import BASE_TOKENS, save_tokenizer
     paths = moe_models["llama"]
     config = moe_config(paths, "hidden")
     config["experts"][1]["positive_prompts"] = [""]
@@ -398,3 +399,36 @@ def test_prompts_the_base_cannot_run_are_named_before_anything_is_written(moe_mo
                                                 r"but its 'model.embed_tokens.weight' has 256 rows"):
         build(config, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def _half_mlp_copy(src: str, dst) -> str:
+    """A copy of a dense model with half its MLP width (a consistent model of another intermediate_size)."""
+    import shutil
+
+    from safetensors.torch import save_file
+    shutil.copytree(src, dst)
+    tensors = load_file(os.path.join(dst, "model.safetensors"))
+    for name, t in tensors.items():
+        if ".mlp." in name:
+            tensors[name] = (t[:, : t.shape[1] // 2] if "down_proj" in name else t[: t.shape[0] // 2]).clone()
+    save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] // 2}))
+    return str(dst)
+
+
+def test_experts_whose_mlp_is_not_the_bases_size_are_refused(moe_models, tmp_path):
+    """The output's config.json takes the base's hidden and intermediate sizes: an expert's MLP of other sizes would
+    not load (or, one expert per tensor as DeepSeek MoE and Qwen MoE store them, load as another model), even where
+    every expert has the same sizes and so stacks. (mergekit writes both.)"""
+    paths = moe_models["llama"]
+    half = [_half_mlp_copy(p, tmp_path / f"half{i}") for i, p in enumerate(paths[1:3])]
+    one_half = {**moe_config([paths[0], paths[1], half[1], paths[3]], "random"), "architecture": "deepseek"}
+    with pytest.raises(ConfigError) as refused:
+        build(one_half, tmp_path / "out")
+    assert (f"{half[1]}: tensor 'model.layers.0.mlp.down_proj.weight' is [64, 56] but the base's config.json "
+            "(hidden_size 64, intermediate_size 112) makes it [64, 112]") in str(refused.value)
+    all_half = {**moe_config([paths[0], *half], "random"), "experts_per_token": 1}
+    with pytest.raises(ConfigError, match=rf"{half[0]}: tensor 'model.layers.3.mlp.gate_proj.weight' is \[56, 64\]"):
+        build(all_half, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
