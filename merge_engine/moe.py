@@ -369,7 +369,7 @@ def plan_moe(cfg: MoEConfig, models: dict[str, Checkpoint]) -> MoEPlan:
     out_dtype = cfg.dtype or _config_dtype(model_config)
     template = DENSE_LAYER_TENSORS[arch.template or model_types[cfg.base_model]]
     problems: list[str] = []
-    dense = _dense_tensors(cfg, arch, base, template, layers, model_config, out_dtype, problems)
+    dense = _dense_tensors(cfg, arch, base, template, layers, out_dtype, problems)
     units = [Unit([t], []) for t in dense]
     for layer in range(layers):
         units += _expert_units(cfg, arch, models, template, layer, out_dtype, problems)
@@ -396,7 +396,7 @@ def _config_dtype(model_config) -> torch.dtype | None:
 
 
 def _dense_tensors(cfg: MoEConfig, arch: Architecture, base: Checkpoint, template: tuple[str, ...], layers: int,
-                   model_config, out_dtype: torch.dtype | None, problems: list[str]) -> list[OutTensor]:
+                   out_dtype: torch.dtype | None, problems: list[str]) -> list[OutTensor]:
     """The base's tensors outside the MLPs: its embeddings, each layer's attention and norms, final norm and head
     (the head only where the base has one: a tied head stays tied)."""
     names = [EMBEDDINGS] + [f"model.layers.{i}.{t}" for i in range(layers) for t in template if ".mlp." not in f".{t}"]
@@ -407,17 +407,17 @@ def _dense_tensors(cfg: MoEConfig, arch: Architecture, base: Checkpoint, templat
             info = base.tensors[name]
             out.append(OutTensor(name, [Part(base, name)], tuple(info.shape), out_dtype or info.dtype))
         elif name.endswith(_ZERO_IF_MISSING) and arch.template == "qwen2":
-            out.append(_zero_bias(name, model_config, out_dtype))
+            out.append(_zero_bias(name, base, out_dtype))
         else:
             problems.append(f"{base.path}: the base model lacks tensor '{name}', which a {arch.name} output keeps")
     return out
 
 
-def _zero_bias(name: str, model_config, out_dtype: torch.dtype | None) -> OutTensor:
-    """Qwen MoE's attention has biases; a Llama or Mistral base has none: zeros (mergekit's choice)."""
-    heads = model_config.num_attention_heads
-    kv = model_config.num_key_value_heads if name.endswith(("k_proj.bias", "v_proj.bias")) else heads
-    value = torch.zeros(kv * (model_config.hidden_size // heads), dtype=out_dtype or torch.float32)
+def _zero_bias(name: str, base: Checkpoint, out_dtype: torch.dtype | None) -> OutTensor:
+    """Qwen MoE's attention has biases; a Llama or Mistral base has none: zeros (mergekit's choice), one per row of
+    the projection (mergekit counts hidden_size / heads per head: too few where the base's head_dim differs)."""
+    weight = base.tensors.get(name.removesuffix("bias") + "weight")  # (a missing one is named with the rest)
+    value = torch.zeros(weight.shape[0] if weight is not None else 0, dtype=out_dtype or torch.float32)
     return OutTensor(name, [Part(None, name, value=value)], tuple(value.shape), value.dtype)
 
 

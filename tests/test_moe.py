@@ -432,3 +432,22 @@ def test_experts_whose_mlp_is_not_the_bases_size_are_refused(moe_models, tmp_pat
     with pytest.raises(ConfigError, match=rf"{half[0]}: tensor 'model.layers.3.mlp.gate_proj.weight' is \[56, 64\]"):
         build(all_half, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_qwen_moe_zero_biases_take_the_projections_sizes(tmp_path):
+    """A Mistral base whose head_dim is not hidden_size / heads: Qwen MoE's zero attention biases have its
+    projections' rows (mergekit sizes them hidden_size / heads per head: a model that does not load)."""
+    import transformers
+
+    from tests.arch_models import DECODER
+    base = str(tmp_path / "base")
+    torch.manual_seed(0)
+    transformers.MistralForCausalLM(transformers.MistralConfig(**{**DECODER, "head_dim": 16})).save_pretrained(base)
+    config = {"base_model": base, "gate_mode": "random", "experts": [{"source_model": base}] * 2,
+              "shared_experts": [{"source_model": base}], "architecture": "qwen"}
+    build_moe(config, str(tmp_path / "moe"), MergeOptions(quiet=True, device="cpu"), allow_all_same=True)
+    out = tensors_of(tmp_path / "moe")
+    assert out["model.layers.0.self_attn.q_proj.bias"].shape == (64,)  # 4 heads of 16
+    assert out["model.layers.0.self_attn.k_proj.bias"].shape == (32,)  # 2 key-value heads of 16
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "moe"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
