@@ -369,7 +369,8 @@ def plan_moe(cfg: MoEConfig, models: dict[str, Checkpoint]) -> MoEPlan:
     out_dtype = cfg.dtype or _config_dtype(model_config)
     template = DENSE_LAYER_TENSORS[arch.template or model_types[cfg.base_model]]
     problems: list[str] = []
-    dense = _dense_tensors(cfg, arch, base, template, layers, out_dtype, problems)
+    tied = getattr(model_config, "tie_word_embeddings", True)  # (the output's config.json keeps the base's)
+    dense = _dense_tensors(cfg, arch, base, template, layers, tied, out_dtype, problems)
     units = [Unit([t], []) for t in dense]
     for layer in range(layers):
         units += _expert_units(cfg, arch, models, template, layer, out_dtype, problems)
@@ -396,11 +397,11 @@ def _config_dtype(model_config) -> torch.dtype | None:
 
 
 def _dense_tensors(cfg: MoEConfig, arch: Architecture, base: Checkpoint, template: tuple[str, ...], layers: int,
-                   out_dtype: torch.dtype | None, problems: list[str]) -> list[OutTensor]:
+                   tied: bool, out_dtype: torch.dtype | None, problems: list[str]) -> list[OutTensor]:
     """The base's tensors outside the MLPs: its embeddings, each layer's attention and norms, final norm and head
-    (the head only where the base has one: a tied head stays tied)."""
+    (the head only where the base has one or its config does not tie it: a tied head stays tied)."""
     names = [EMBEDDINGS] + [f"model.layers.{i}.{t}" for i in range(layers) for t in template if ".mlp." not in f".{t}"]
-    names += ["model.norm.weight"] + ([HEAD] if HEAD in base.tensors else [])
+    names += ["model.norm.weight"] + ([HEAD] if HEAD in base.tensors or not tied else [])
     out = []
     for name in names:
         if name in base.tensors:

@@ -451,3 +451,21 @@ def test_qwen_moe_zero_biases_take_the_projections_sizes(tmp_path):
     assert out["model.layers.0.self_attn.k_proj.bias"].shape == (32,)  # 2 key-value heads of 16
     model, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "moe"), output_loading_info=True)
     assert not info["missing_keys"] and not info["mismatched_keys"]
+
+
+def test_a_base_without_the_head_its_config_does_not_tie_is_refused(moe_models, tmp_path):
+    """A base whose config.json keeps its head apart from the embeddings (tie_word_embeddings false) but lacks
+    lm_head.weight: the output would load with a random head (mergekit writes it). A tied base has none to lack."""
+    import shutil
+
+    from safetensors.torch import save_file
+    headless = shutil.copytree(moe_models["llama"][0], tmp_path / "headless")
+    tensors = load_file(str(headless / "model.safetensors"))
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(headless / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=f"{headless}: the base model lacks tensor 'lm_head.weight'"):
+        build(moe_config([str(headless), *moe_models["llama"][1:]], "random"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    tied = moe_models["qwen2"]  # (tie_word_embeddings true, no lm_head.weight)
+    build({**moe_config(tied, "random"), "shared_experts": [{"source_model": tied[0]}]}, tmp_path / "out")
+    assert "lm_head.weight" not in tensors_of(tmp_path / "out")
