@@ -365,6 +365,8 @@ def plan_moe(cfg: MoEConfig, models: dict[str, Checkpoint]) -> MoEPlan:
     arch = select_architecture(cfg, model_types)
     base = models[cfg.base_model]
     model_config = _base_config(transformers, base)
+    if base.config.get("tie_word_embeddings") is False:  # BASE+ADAPTER whose adapter has a head of its own
+        model_config.tie_word_embeddings = False
     layers = model_config.num_hidden_layers
     out_dtype = cfg.dtype or _config_dtype(model_config)
     template = DENSE_LAYER_TENSORS[arch.template or model_types[cfg.base_model]]

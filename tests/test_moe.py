@@ -469,3 +469,22 @@ def test_a_base_without_the_head_its_config_does_not_tie_is_refused(moe_models, 
     tied = moe_models["qwen2"]  # (tie_word_embeddings true, no lm_head.weight)
     build({**moe_config(tied, "random"), "shared_experts": [{"source_model": tied[0]}]}, tmp_path / "out")
     assert "lm_head.weight" not in tensors_of(tmp_path / "out")
+
+
+def test_a_base_adapter_that_replaces_a_tied_head_unties_it_in_the_output(moe_models, tmp_path):
+    """BASE+ADAPTER whose adapter saves an output head of its own (modules_to_save) for a base that ties it: the output
+    keeps that head, and its config.json says it is not tied (else loaders tie it to the embeddings and drop it)."""
+    import transformers
+    from safetensors.torch import save_file
+
+    from tests.lora_adapters import write_adapter
+    paths = moe_models["qwen2"]
+    adapter = tmp_path / "adapter"
+    tensors = write_adapter(str(adapter), paths[0], modules_to_save=("lm_head",))
+    head = load_file(os.path.join(paths[0], "model.safetensors"))["model.embed_tokens.weight"] + 0.5
+    save_file({**tensors, "base_model.model.lm_head.weight": head}, str(adapter / "adapter_model.safetensors"))
+    config = {**moe_config([f"{paths[0]}+{adapter}", *paths[1:]], "random"), "shared_experts": [
+        {"source_model": paths[1]}]}
+    build(config, tmp_path / "out")
+    assert torch.equal(tensors_of(tmp_path / "out")["lm_head.weight"], head)
+    assert transformers.AutoConfig.from_pretrained(str(tmp_path / "out")).tie_word_embeddings is False
