@@ -488,3 +488,14 @@ def test_a_base_adapter_that_replaces_a_tied_head_unties_it_in_the_output(moe_mo
     build(config, tmp_path / "out")
     assert torch.equal(tensors_of(tmp_path / "out")["lm_head.weight"], head)
     assert transformers.AutoConfig.from_pretrained(str(tmp_path / "out")).tie_word_embeddings is False
+
+
+def test_an_expert_layout_the_command_does_not_write_is_refused(moe_models, tmp_path, capsys):
+    """--expert-layout checkpoint (one tensor per expert) asks for a layout merge-engine moe does not write: refused,
+    not a fused output."""
+    from merge_engine.cli import main
+    path = tmp_path / "moe.yml"
+    path.write_text(yaml.safe_dump(moe_config(moe_models["llama"], "random")))
+    assert main(["moe", str(path), str(tmp_path / "out"), "--device", "cpu", "--expert-layout", "checkpoint"]) == 2
+    assert "--expert-layout checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
