@@ -751,6 +751,8 @@ def build_moe(config: MoEConfig | dict | str | os.PathLike, out_dir: str | os.Pa
     out_dir = os.fspath(out_dir)
     cfg = _as_config(config, allow_all_same)
     device = check_options(out_dir, options)
+    if isinstance(config, (str, os.PathLike)):  # --overwrite would delete a config kept in the output folder
+        check_output_apart(out_dir, [os.fspath(config)])
     if options.expert_layout != "fused":  # (Mixtral and Qwen3 MoE experts are written fused, as mergekit-moe's)
         raise MergeEngineError(f"--expert-layout {options.expert_layout} is not supported by merge-engine moe: it "
                                "writes experts as mergekit-moe does (leave --expert-layout out)")

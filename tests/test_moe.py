@@ -499,3 +499,15 @@ def test_an_expert_layout_the_command_does_not_write_is_refused(moe_models, tmp_
     assert main(["moe", str(path), str(tmp_path / "out"), "--device", "cpu", "--expert-layout", "checkpoint"]) == 2
     assert "--expert-layout checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_config_file_inside_the_output_folder_is_kept(moe_models, tmp_path):
+    """build_moe given the path of a YAML inside the output folder: refused even with overwrite, as the command refuses
+    it (replacing the folder would delete the user's config)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    path = out / "moe.yml"
+    path.write_text(yaml.safe_dump(moe_config(moe_models["llama"], "random")))
+    with pytest.raises(MergeEngineError, match=f"the input {path} is inside the output folder"):
+        build_moe(str(path), str(out), MergeOptions(quiet=True, device="cpu", overwrite=True))
+    assert os.listdir(out) == ["moe.yml"]
