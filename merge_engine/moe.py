@@ -373,6 +373,7 @@ def plan_moe(cfg: MoEConfig, models: dict[str, Checkpoint]) -> MoEPlan:
     problems: list[str] = []
     tied = getattr(model_config, "tie_word_embeddings", True)  # (the output's config.json keeps the base's)
     dense = _dense_tensors(cfg, arch, base, template, layers, tied, out_dtype, problems)
+    _warn_left_out(base, arch, {t.name for t in dense})
     units = [Unit([t], []) for t in dense]
     for layer in range(layers):
         units += _expert_units(cfg, arch, models, template, layer, out_dtype, problems)
@@ -414,6 +415,17 @@ def _dense_tensors(cfg: MoEConfig, arch: Architecture, base: Checkpoint, templat
         else:
             problems.append(f"{base.path}: the base model lacks tensor '{name}', which a {arch.name} output keeps")
     return out
+
+
+def _warn_left_out(base: Checkpoint, arch: Architecture, kept: set[str]) -> None:
+    """A warning naming the base's tensors that the output has no place for (a Llama base's attention or MLP biases
+    in a Mixtral output; its MLP weights are the experts'): left out, as mergekit leaves them, so the output no
+    longer computes them."""
+    projections = tuple(f".mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj"))
+    left = [n for n in base.tensors if n not in kept and not n.endswith((*projections, "rotary_emb.inv_freq"))]
+    if left:
+        log.warning("%s: %d of the base's tensors have no place in a %s output and are left out (%s%s)", base.path,
+                    len(left), arch.name, ", ".join(f"'{n}'" for n in left[:3]), ", ..." if len(left) > 3 else "")
 
 
 def _zero_bias(name: str, base: Checkpoint, out_dtype: torch.dtype | None) -> OutTensor:

@@ -511,3 +511,27 @@ def test_a_config_file_inside_the_output_folder_is_kept(moe_models, tmp_path):
     with pytest.raises(MergeEngineError, match=f"the input {path} is inside the output folder"):
         build_moe(str(path), str(out), MergeOptions(quiet=True, device="cpu", overwrite=True))
     assert os.listdir(out) == ["moe.yml"]
+
+
+def test_base_tensors_the_output_has_no_place_for_are_named_in_a_warning(tmp_path, caplog):
+    """A Llama base with attention and MLP biases: a Mixtral output has none, so they are left out, as mergekit
+    leaves them out (its output is the same), with a warning naming them; a Qwen MoE output keeps q, k and v's."""
+    import transformers
+
+    from tests.arch_models import DECODER
+    base = str(tmp_path / "base")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER, attention_bias=True,
+                                                                 mlp_bias=True)).save_pretrained(base)
+    experts = [{"source_model": base}] * 2
+    build_moe({"base_model": base, "gate_mode": "random", "experts": experts}, str(tmp_path / "mixtral"),
+              MergeOptions(quiet=True, device="cpu"), allow_all_same=True)
+    assert "model.layers.0.self_attn.q_proj.bias" not in tensors_of(tmp_path / "mixtral")
+    assert "21 of the base's tensors have no place in a Mixtral output" in caplog.text  # 3 layers of 7
+    assert "'model.layers.0.mlp.down_proj.bias'" in caplog.text
+    caplog.clear()
+    build_moe({"base_model": base, "gate_mode": "random", "experts": experts, "architecture": "qwen",
+               "shared_experts": [{"source_model": base}]}, str(tmp_path / "qwen"),
+              MergeOptions(quiet=True, device="cpu"), allow_all_same=True)
+    assert "12 of the base's tensors have no place in a Qwen MoE output" in caplog.text  # 3 layers of 4
+    assert "model.layers.0.self_attn.q_proj.bias" in tensors_of(tmp_path / "qwen")
