@@ -56,13 +56,17 @@ class BufferPool:
 
     def give(self, tensors: list[torch.Tensor]) -> None:
         """Take back host tensors that nothing will read or write again (each storage once); beyond
-        capacity, release the buffers given back longest ago."""
+        capacity, release the buffers given back longest ago. All at once, under the lock: added one by one, a
+        storage given twice (a tensor and a view of it) could be taken by another thread between the two and then
+        pooled again while in use."""
+        buffers = {}
         for t in tensors:
             buffer = _whole_storage(t)
-            if buffer is None or buffer.numel() > self.capacity:
-                continue
-            with self._lock:
-                if any(b.data_ptr() == buffer.data_ptr() for b in self._free):
+            if buffer is not None and buffer.numel() <= self.capacity:
+                buffers.setdefault(buffer.data_ptr(), buffer)
+        with self._lock:
+            for ptr, buffer in buffers.items():
+                if any(b.data_ptr() == ptr for b in self._free):
                     continue
                 self._free.append(buffer)
                 self._free_bytes += buffer.numel()
