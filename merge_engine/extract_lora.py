@@ -91,9 +91,10 @@ def extract_lora(model: str, base_model: str, out_dir: str, options: ExtractOpti
         modules, to_save = plan_modules(transformers, tuned, base, options)
         device = resolve_device(options.device)
         with ShardedWriter(out_dir, [], layout=[], overwrite=options.overwrite).completing() as writer:
-            tensors, ranks = _extract(modules, tuned, base, options, device)
+            tensors, ranks, dropped = _extract(modules, tuned, base, options, device)
             save_tensors(tensors, os.path.join(writer.tmp_dir, "adapter_model.safetensors"))
-            config = adapter_config(base_model.partition("+")[0], ranks, to_save)  # (mergekit names the base's path)
+            config = adapter_config(base_model.partition("+")[0], ranks, to_save,  # (mergekit names the base's path)
+                                    dropped)
             writer.add_file("adapter_config.json", json.dumps(config, indent=4))
             writer.add_file("README.md", _card(model, base_model, tuned, base))
     finally:
@@ -208,8 +209,10 @@ def _present(name: str, ckpt: Checkpoint) -> str:
 
 
 def _extract(modules: list[Module], tuned: Checkpoint, base: Checkpoint, options: ExtractOptions,
-             device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    tensors, ranks = {}, {}
+             device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, int], list[str]]:
+    """The adapter's tensors, each factored module's rank, and the modules left out: those with no singular value
+    above --sv-epsilon (rank 0, which peft refuses; mergekit writes them anyway)."""
+    tensors, ranks, dropped = {}, {}, []
     for m in modules:
         if m.kind == "whole":
             tensors[f"{_PREFIX}{m.name}.weight"] = tuned.read(m.weight)
@@ -218,13 +221,20 @@ def _extract(modules: list[Module], tuned: Checkpoint, base: Checkpoint, options
             continue
         a, b = factor(tuned.read(m.weight).to(device) - base.read(m.weight).to(device), options,
                       transpose=m.kind == "embedding")
+        if a.shape[0] == 0:
+            log.info("%s: no singular value above --sv-epsilon: left out", m.name)
+            dropped.append(m.name)
+            continue
         names = ("lora_embedding_A", "lora_embedding_B") if m.kind == "embedding" else ("lora_A.weight",
                                                                                         "lora_B.weight")
         tensors[f"{_PREFIX}{m.name}.{names[0]}"], tensors[f"{_PREFIX}{m.name}.{names[1]}"] = a.cpu(), b.cpu()
         ranks[m.name] = a.shape[0]
         if m.bias:
             tensors[f"{_PREFIX}{m.name}.lora_B.bias"] = tuned.read(m.bias) - base.read(m.bias)
-    return tensors, ranks
+    if not ranks:
+        raise ConfigError([f"no module's difference has a singular value above --sv-epsilon {options.sv_epsilon}: "
+                           "there is nothing to adapt (lower --sv-epsilon)"], "inputs")
+    return tensors, ranks, dropped
 
 
 def factor(d: torch.Tensor, options: ExtractOptions, transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,15 +251,19 @@ def factor(d: torch.Tensor, options: ExtractOptions, transpose: bool = False) ->
     return (scale_a @ vh[:rank]).to(out_dtype), (u[:, :rank] @ scale_b).to(out_dtype)
 
 
-def adapter_config(base_model: str, ranks: dict[str, int], to_save: list[str]) -> dict:
+def adapter_config(base_model: str, ranks: dict[str, int], to_save: list[str], dropped: list[str] = ()) -> dict:
     """mergekit-extract-lora's adapter_config.json. (No lora_bias: peft cannot merge it into the target layers that
-    have no bias, so peft drops the stored lora_B.bias tensors, as it does mergekit's.)"""
+    have no bias, so peft drops the stored lora_B.bias tensors, as it does mergekit's.) Modules left out at rank 0
+    whose last name component is a target are named in exclude_modules, so that peft adds no LoRA to them."""
     top = max(ranks.values())
     other = {m: r for m, r in ranks.items() if r != top}
+    targets = sorted({m.split(".")[-1] for m in ranks})
+    excluded = [m for m in dropped if m.split(".")[-1] in targets]
     return {"base_model_name_or_path": base_model, "peft_type": "LORA", "use_rslora": False,
-            "target_modules": sorted({m.split(".")[-1] for m in ranks}), "modules_to_save": to_save,
+            "target_modules": targets, "modules_to_save": to_save,
             "task_type": "CAUSAL_LM", "r": top, "lora_alpha": top, "rank_pattern": other, "alpha_pattern": dict(other),
-            "lora_dropout": 0.0, "fan_in_fan_out": False, "inference_mode": True}
+            "lora_dropout": 0.0, "fan_in_fan_out": False, "inference_mode": True,
+            **({"exclude_modules": excluded} if excluded else {})}
 
 
 def _card(model: str, base_model: str, tuned: Checkpoint, base: Checkpoint) -> str:

@@ -169,3 +169,35 @@ def test_convolutions_are_saved_whole(tmp_path):
     assert torch.equal(tensors["base_model.model.backbone.layers.0.mixer.conv1d.weight"],
                        load_file(os.path.join(tuned, "model.safetensors"))["backbone.layers.0.mixer.conv1d.weight"])
     assert "backbone.layers.0.mixer.in_proj" in report.ranks
+
+
+def test_modules_within_sv_epsilon_are_left_out_and_peft_loads_the_rest(pairs, tmp_path):
+    """A module whose singular values are all at or below --sv-epsilon has rank 0: mergekit writes [0, n] factors
+    and rank_pattern 0, which peft refuses (`r` should be a positive integer). Here it is left out of the adapter
+    (exclude_modules), and with no module left the run is refused, writing nothing."""
+    peft = pytest.importorskip("peft", reason="peft (installed with lm_eval[hf], the test extra) checks the adapter")
+    import transformers
+    base, tuned = pairs["qwen2"]
+    probe = extract_lora(tuned, base, str(tmp_path / "probe"), ExtractOptions(max_rank=1))
+    sv = {m: float(torch.linalg.matrix_norm(  # the largest singular value of each module's difference
+        (load_file(f"{tmp_path}/probe/adapter_model.safetensors")[f"base_model.model.{m}.lora_B.weight"]), 2)) ** 2
+        for m in probe.ranks}
+    epsilon = sorted(sv.values())[len(sv) // 2]  # half the modules have nothing above it
+    report = extract_lora(tuned, base, str(tmp_path / "a"), ExtractOptions(max_rank=64, sv_epsilon=epsilon))
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    dropped = sorted(m for m, s in sv.items() if s <= epsilon)
+    assert dropped and not set(dropped) & set(report.ranks)
+    # (those whose last name component is still a target are excluded, so that peft adds no LoRA to them)
+    assert sorted(config["exclude_modules"]) == [m for m in dropped if m.split(".")[-1] in config["target_modules"]] != []
+    assert not [n for n in tensors if any(n.startswith(f"base_model.model.{m}.") for m in dropped)]
+    assert 0 not in config["rank_pattern"].values() and all(t.numel() for t in tensors.values())
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = peft.PeftModel.from_pretrained(model, str(tmp_path / "a")).merge_and_unload().state_dict()
+    base_weights = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).state_dict()
+    for m in dropped:
+        assert torch.equal(merged[f"{m}.weight"], base_weights[f"{m}.weight"]), m
+    with pytest.raises(ConfigError, match="no module's difference has a singular value above --sv-epsilon 1000"):
+        extract_lora(tuned, base, str(tmp_path / "none"), ExtractOptions(sv_epsilon=1000))
+    assert not os.path.exists(tmp_path / "none")
+
