@@ -147,6 +147,9 @@ def plan_modules(transformers, tuned: Checkpoint, base: Checkpoint, options: Ext
             to_save += [last] if last not in to_save else []
             kind = "whole"
         modules.append(_module(name, kind, module, tuned, base, problems))
+    problems += [f"--save-module '{s}': no module of {tuned.path} with a weight has that name or last name component "
+                 "(a module holding others, such as 'mlp', cannot be saved whole: name the modules it holds)"
+                 for s in options.modules_to_save if not any(s in (m.name, m.name.split(".")[-1]) for m in modules)]
     if problems:
         raise ConfigError(problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else []),
                           "inputs")

@@ -201,3 +201,17 @@ def test_modules_within_sv_epsilon_are_left_out_and_peft_loads_the_rest(pairs, t
         extract_lora(tuned, base, str(tmp_path / "none"), ExtractOptions(sv_epsilon=1000))
     assert not os.path.exists(tmp_path / "none")
 
+
+def test_a_save_module_that_names_no_module_with_a_weight_is_refused(pairs, tmp_path):
+    """--save-module mlp (a module holding others) or a misspelt name: mergekit lists it in modules_to_save with no
+    tensor saved for it, an adapter peft fails to load (KeyError) or that saves nothing; refused here."""
+    base, tuned = pairs["qwen2"]
+    for name in ("mlp", "q_prjo"):
+        with pytest.raises(ConfigError, match=f"--save-module '{name}': no module of {tuned} with a weight"):
+            extract_lora(tuned, base, str(tmp_path / "out"), ExtractOptions(modules_to_save=[name]))
+    assert not os.path.exists(tmp_path / "out")
+    extract_lora(tuned, base, str(tmp_path / "full"), ExtractOptions(
+        max_rank=4, modules_to_save=["model.layers.0.self_attn.q_proj", "o_proj"]))
+    tensors = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.weight" in tensors
+    assert "base_model.model.model.layers.1.self_attn.o_proj.weight" in tensors
