@@ -88,7 +88,7 @@ def extract_lora(model: str, base_model: str, out_dir: str, options: ExtractOpti
     tuned, base = (open_model(local_reference(ref, options.hub_cache)) for ref in (model, base_model))
     try:
         check_output_apart(out_dir, tuned.folders + base.folders)
-        modules, to_save = plan_modules(transformers, tuned, base, options)
+        modules, to_save, vocab = plan_modules(transformers, tuned, base, options)
         device = resolve_device(options.device)
         with ShardedWriter(out_dir, [], layout=[], overwrite=options.overwrite).completing() as writer:
             tensors, ranks, dropped = _extract(modules, tuned, base, options, device)
@@ -96,7 +96,7 @@ def extract_lora(model: str, base_model: str, out_dir: str, options: ExtractOpti
             config = adapter_config(base_model.partition("+")[0], ranks, to_save,  # (mergekit names the base's path)
                                     dropped)
             writer.add_file("adapter_config.json", json.dumps(config, indent=4))
-            writer.add_file("README.md", _card(model, base_model, tuned, base))
+            writer.add_file("README.md", _card(model, base_model, vocab))
     finally:
         tuned.close()
         base.close()
@@ -114,13 +114,14 @@ def _check_options(options: ExtractOptions) -> None:
 
 
 def plan_modules(transformers, tuned: Checkpoint, base: Checkpoint, options: ExtractOptions
-                 ) -> tuple[list[Module], list[str]]:
-    """What each module of the fine-tuned model becomes, and modules_to_save (given ones, then those added);
-    ConfigError naming every tensor a module needs that a model lacks or whose shapes differ."""
+                 ) -> tuple[list[Module], list[str], dict[str, int | None]]:
+    """What each module of the fine-tuned model becomes, modules_to_save (given ones, then those added) and the
+    vocabulary sizes {"base": ..., "fine-tuned": ...}; ConfigError naming every tensor a module needs that a model lacks or whose shapes differ."""
     model = _meta_model(transformers, tuned)
     embed_in, embed_out = model.get_input_embeddings(), model.get_output_embeddings()
     nn = torch.nn
-    embed_lora = options.embed_lora and _vocabulary_agrees(embed_in, base, tuned)
+    vocab = _vocab_sizes(next(n for n, m in model.named_modules() if m is embed_in), tuned, base)
+    embed_lora = options.embed_lora and _vocabulary_agrees(vocab)
     to_save, modules, problems, warned = list(options.modules_to_save), [], [], set()
     for name, module in model.named_modules():
         if not name or not isinstance(getattr(module, "weight", None), torch.Tensor):
@@ -155,7 +156,7 @@ def plan_modules(transformers, tuned: Checkpoint, base: Checkpoint, options: Ext
                           "inputs")
     if not any(m.kind != "whole" for m in modules):
         raise ConfigError(["no module is left to factor (every one is saved whole or filtered out)"], "inputs")
-    return modules, to_save
+    return modules, to_save, vocab
 
 
 def _meta_model(transformers, ckpt: Checkpoint):
@@ -171,10 +172,17 @@ def _meta_model(transformers, ckpt: Checkpoint):
         raise CheckpointError(f"{ckpt.path}: cannot build its model from config.json ({e})") from e
 
 
-def _vocabulary_agrees(embed_in, base: Checkpoint, tuned: Checkpoint) -> bool:
-    rows = {ckpt.path: ckpt.config.get("vocab_size") for ckpt in (base, tuned)}
-    if len(set(rows.values())) > 1:
-        log.warning("the vocabularies differ (%s): the embeddings are saved whole, not factored", rows)
+def _vocab_sizes(embed_name: str, tuned: Checkpoint, base: Checkpoint) -> dict[str, int | None]:
+    """Each model's vocabulary: its input embeddings' rows (config.json's vocab_size where they are missing, the
+    module check then naming them; a base needs no config.json, only its tensors are read)."""
+    weight = f"{embed_name}.weight"
+    return {role: ckpt.tensors[weight].shape[0] if weight in ckpt.tensors else ckpt.config.get("vocab_size")
+            for role, ckpt in (("base", base), ("fine-tuned", tuned))}
+
+
+def _vocabulary_agrees(vocab: dict[str, int | None]) -> bool:
+    if len(set(vocab.values())) > 1:
+        log.warning("the vocabularies differ (%s): the embeddings are saved whole, not factored", vocab)
         return False
     return True
 
@@ -269,12 +277,11 @@ def adapter_config(base_model: str, ranks: dict[str, int], to_save: list[str], d
             **({"exclude_modules": excluded} if excluded else {})}
 
 
-def _card(model: str, base_model: str, tuned: Checkpoint, base: Checkpoint) -> str:
-    rows = {c.config.get("vocab_size") for c in (base, tuned)}
+def _card(model: str, base_model: str, vocab: dict[str, int | None]) -> str:
     warning = ("\n\n> [!WARNING]\n> The vocabulary sizes differ (base "
-               f"{base.config.get('vocab_size')}, fine-tuned {tuned.config.get('vocab_size')}): call "
-               f"`model.resize_token_embeddings({tuned.config.get('vocab_size')})` before loading this adapter."
-               if len(rows) > 1 else "")
+               f"{vocab['base']}, fine-tuned {vocab['fine-tuned']}): call "
+               f"`model.resize_token_embeddings({vocab['fine-tuned']})` before loading this adapter."
+               if len(set(vocab.values())) > 1 else "")
     metadata = yaml.safe_dump({"tags": ["merge_engine", "peft"], "library_name": "peft"}, sort_keys=False)
     return (f"---\n{metadata}---\n# A LoRA adapter extracted from {model}\n\nThis LoRA adapter was extracted from "
             f"{model} with {base_model} as its base, by merge_engine (`merge-engine extract-lora`).{warning}\n")

@@ -215,3 +215,16 @@ def test_a_save_module_that_names_no_module_with_a_weight_is_refused(pairs, tmp_
     tensors = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.0.self_attn.q_proj.weight" in tensors
     assert "base_model.model.model.layers.1.self_attn.o_proj.weight" in tensors
+
+
+def test_a_base_without_config_json_has_the_vocabulary_of_its_embeddings(pairs, tmp_path):
+    """The base's vocabulary is its embedding tensor's rows: a base folder without config.json (only its tensors are
+    read) was taken for one of another vocabulary (None), its embeddings saved whole despite --embed-lora and the
+    card telling to resize the embeddings."""
+    base, tuned = pairs["qwen2"]
+    bare = shutil.copytree(base, tmp_path / "bare")
+    os.remove(bare / "config.json")
+    extract_lora(tuned, str(bare), str(tmp_path / "a"), ExtractOptions(max_rank=4, embed_lora=True))
+    tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert "base_model.model.model.embed_tokens.lora_embedding_A" in tensors
+    assert "vocabulary sizes differ" not in (tmp_path / "a" / "README.md").read_text()
