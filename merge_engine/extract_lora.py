@@ -18,7 +18,9 @@ alpha_pattern; README.md is a model card. merge_engine's `patch extract --storag
 here (linear weights only, lora_B = U_r S_r, --energy), made for its patch workflow.
 
 Unlike mergekit, every tensor each module needs is checked (present in both models, shapes equal) before any is
-read, and the adapter is written to a temporary folder moved into place when complete.
+read, a --save-module must name a module with a weight, a module of rank 0 (no singular value above --sv-epsilon,
+a rank peft refuses) is left out of the adapter (exclude_modules), and the adapter is written to a temporary folder
+moved into place when complete.
 """
 from __future__ import annotations
 
