@@ -124,6 +124,10 @@ def plan_modules(transformers, tuned: Checkpoint, base: Checkpoint, options: Ext
     nn = torch.nn
     vocab = _vocab_sizes(next(n for n, m in model.named_modules() if m is embed_in), tuned, base)
     embed_lora = options.embed_lora and _vocabulary_agrees(vocab)
+    if embed_lora and embed_out is not None and getattr(model.config, "tie_word_embeddings", False) \
+            and not _matches(options.exclude_regexes, _module_name(model, embed_out)):
+        log.warning("the head is tied to the embeddings: both are factored, and peft's merge_and_unload adds the "
+                    "embeddings' update twice (once through each); to merge the adapter, extract with -e lm_head")
     to_save, modules, problems, warned = list(options.modules_to_save), [], [], set()
     for name, module in model.named_modules():
         if not name or not isinstance(getattr(module, "weight", None), torch.Tensor):
@@ -180,6 +184,10 @@ def _vocab_sizes(embed_name: str, tuned: Checkpoint, base: Checkpoint) -> dict[s
     weight = f"{embed_name}.weight"
     return {role: ckpt.tensors[weight].shape[0] if weight in ckpt.tensors else ckpt.config.get("vocab_size")
             for role, ckpt in (("base", base), ("fine-tuned", tuned))}
+
+
+def _module_name(model, module) -> str:
+    return next((name for name, m in model.named_modules() if m is module), "")
 
 
 def _vocabulary_agrees(vocab: dict[str, int | None]) -> bool:

@@ -228,3 +228,13 @@ def test_a_base_without_config_json_has_the_vocabulary_of_its_embeddings(pairs, 
     tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     assert "base_model.model.model.embed_tokens.lora_embedding_A" in tensors
     assert "vocabulary sizes differ" not in (tmp_path / "a" / "README.md").read_text()
+
+
+def test_factoring_tied_embeddings_warns_that_peft_merges_their_update_twice(pairs, tmp_path, caplog):
+    base, tuned = pairs["qwen2"]  # (tie_word_embeddings)
+    extract_lora(tuned, base, str(tmp_path / "a"), ExtractOptions(max_rank=4, embed_lora=True))
+    assert "adds the embeddings' update twice" in caplog.text
+    caplog.clear()
+    extract_lora(tuned, base, str(tmp_path / "b"), ExtractOptions(max_rank=4, embed_lora=True,
+                                                                   exclude_regexes=["lm_head"]))
+    assert "twice" not in caplog.text
