@@ -118,11 +118,12 @@ def _check_options(options: ExtractOptions) -> None:
 def plan_modules(transformers, tuned: Checkpoint, base: Checkpoint, options: ExtractOptions
                  ) -> tuple[list[Module], list[str], dict[str, int | None]]:
     """What each module of the fine-tuned model becomes, modules_to_save (given ones, then those added) and the
-    vocabulary sizes {"base": ..., "fine-tuned": ...}; ConfigError naming every tensor a module needs that a model lacks or whose shapes differ."""
+    vocabulary sizes {"base": ..., "fine-tuned": ...}; ConfigError naming every tensor a module needs that a model
+    lacks or whose shapes differ."""
     model = _meta_model(transformers, tuned)
     embed_in, embed_out = model.get_input_embeddings(), model.get_output_embeddings()
     nn = torch.nn
-    vocab = _vocab_sizes(next(n for n, m in model.named_modules() if m is embed_in), tuned, base)
+    vocab = _vocab_sizes(_module_name(model, embed_in), tuned, base)
     embed_lora = options.embed_lora and _vocabulary_agrees(vocab)
     if embed_lora and embed_out is not None and getattr(model.config, "tie_word_embeddings", False) \
             and not _matches(options.exclude_regexes, _module_name(model, embed_out)):
