@@ -354,7 +354,7 @@ def _tensors(state, path: str) -> dict[str, _TensorView]:
     if others:
         shown = ", ".join(map(reprlib.repr, others[:3])) + (", ..." if len(others) > 3 else "")
         warnings.warn(f"{path}: passes over {len(others)} entries that are not tensors under a name ({shown}), as "
-                      "mergekit does", stacklevel=2)
+                      "mergekit-yaml does", stacklevel=2)
     return tensors
 
 
