@@ -238,3 +238,18 @@ def test_factoring_tied_embeddings_warns_that_peft_merges_their_update_twice(pai
     extract_lora(tuned, base, str(tmp_path / "b"), ExtractOptions(max_rank=4, embed_lora=True,
                                                                    exclude_regexes=["lm_head"]))
     assert "twice" not in caplog.text
+
+
+def test_an_adapter_with_bias_changes_merges_as_peft_loads_it(pairs, tmp_path, caplog):
+    """merge_engine reads an extracted adapter of a model with biases as BASE+ADAPTER as peft loads it: the
+    lora_B.bias tensors passed over (peft has no lora_B bias without lora_bias), with a warning naming them."""
+    from merge_engine.io.checkpoint import Checkpoint
+    from merge_engine.io.lora import open_model
+    base, tuned = pairs["qwen2"]
+    extract_lora(tuned, base, str(tmp_path / "adapter"), ExtractOptions(max_rank=64))
+    adapted, plain = open_model(f"{base}+{tmp_path / 'adapter'}"), Checkpoint(base)
+    bias = "model.layers.0.self_attn.q_proj.bias"
+    assert torch.equal(adapted.read(bias), plain.read(bias))
+    assert "lora_B biases without lora_bias" in caplog.text and "q_proj.lora_B.bias" in caplog.text
+    weight = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.allclose(adapted.read(weight), Checkpoint(tuned).read(weight), atol=1e-5, rtol=0)

@@ -242,6 +242,9 @@ class LoraCheckpoint(Checkpoint):
                 problems.append(f"'{key}' is named for the adapter '{adapter}': peft loads a file as its adapter "
                                 "'default' (as mergekit does) and would leave this tensor out; rename the tensors "
                                 f"without '.{adapter}' (or with '.default')")
+            elif name.endswith(".lora_B.bias"):  # (lora_bias, with which peft loads them, is refused above)
+                untargeted.append(key)  # peft builds lora_B without a bias, so it never loads these (mergekit's
+                # extract-lora writes a bias's change so)
             elif ".lora_" in name:
                 problems.append(f"'{key}' is a LoRA tensor of a kind merge_engine does not merge")
             else:  # a whole tensor saved with the adapter (modules_to_save, an embedding's base layer)
@@ -254,9 +257,9 @@ class LoraCheckpoint(Checkpoint):
         self._warn_layout(targets)
         if untargeted:
             log.warning("%s: %d LoRA tensor(s) (%s%s) belong to modules adapter_config.json's target_modules, "
-                        "exclude_modules, layers_to_transform or modules_to_save leave out; peft ignores them, and so "
-                        "does merge_engine", self._file, len(untargeted), ", ".join(untargeted[:3]),
-                        ", ..." if len(untargeted) > 3 else "")
+                        "exclude_modules, layers_to_transform or modules_to_save leave out, or are lora_B biases "
+                        "without lora_bias; peft ignores them, and so does merge_engine", self._file, len(untargeted),
+                        ", ".join(untargeted[:3]), ", ..." if len(untargeted) > 3 else "")
         return targets
 
     def _untie(self, name: str) -> None:
