@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {"MergeConfig": "config", "load_config": "config", "parse_config": "config",
             "MergeOptions": "engine", "MergeReport": "engine", "merge": "engine", "MergeSession": "session",
             "CheckpointError": "errors", "ConfigError": "errors", "MergeEngineError": "errors", "OutputError": "errors",
-            "build_moe": "moe",
+            "build_moe": "moe", "transplant_tokenizer": "tokensurgeon",
             "merge_state_dicts": "in_memory", "merge_tensors": "in_memory", "PerGroupValues": "in_memory",
             "tune_process_for_merging": "runtime"}
 __all__ = sorted([*_EXPORTS, "ops"])
