@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--k", type=int, default=64, help="shared tokens per approximation (default 64)")
     p.add_argument("-c", "--cosine-similarity", action=argparse.BooleanOptionalAction, default=False,
                    help="common_interpolation: nearest by cosine rather than euclidean distance")
-    p.add_argument("-nc", dest="cosine_similarity", action="store_false", help=argparse.SUPPRESS)
+    p.add_argument("-nc", dest="cosine_similarity", action="store_false", help="--no-cosine-similarity")
     p.add_argument("-a", "--approximation-method", choices=METHODS, default="omp",
                    help="how rows of tokens the model lacks are made (default omp)")
     p.add_argument("-w", "--weight-scheme", choices=WEIGHT_SCHEMES, default="distance_proportional",

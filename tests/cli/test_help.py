@@ -5,13 +5,14 @@ import sys
 
 import pytest
 
-from merge_engine.cli import extract_lora, fisher, key, merge, moe, multi, patch, pytorch, search, stats
+from merge_engine.cli import extract_lora, fisher, key, merge, moe, multi, patch, pytorch, search, stats, tokensurgeon
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
     found = {"merge": merge.build_parser(), "stats": stats.build_parser(), "fisher": fisher.build_parser(),
              "search": search.build_parser(), "multi": multi.build_parser(),
-             "moe": moe.build_parser(), "pytorch": pytorch.build_parser(), "extract-lora": extract_lora.build_parser()}
+             "moe": moe.build_parser(), "pytorch": pytorch.build_parser(), "extract-lora": extract_lora.build_parser(),
+             "tokensurgeon": tokensurgeon.build_parser()}
     for command, module in (("key", key), ("patch", patch)):
         parser = found[command] = module.build_parser()
         for action in parser._subparsers._group_actions:

@@ -59,3 +59,10 @@ def test_extract_lora(model_sets, tmp_path):
                        str(tmp_path / "out"))
     assert_one_line(proc, "merge-engine extract-lora")
     assert not (tmp_path / "out").exists()
+
+
+def test_tokensurgeon(model_sets, tmp_path):
+    base, expert, *_ = model_sets("llama")
+    assert_one_line(run_without("transformers", "tokensurgeon", base, expert, str(tmp_path / "out")),
+                    "merge-engine tokensurgeon")
+    assert not (tmp_path / "out").exists()
