@@ -179,24 +179,33 @@ def _linear_pair(root, transform: torch.Tensor, hidden: int = 64) -> tuple[str, 
     return model, donor, {t: truth[t] for t in new}
 
 
-@pytest.mark.parametrize("method, transform", [("omp", "invertible"), ("landmark_pca", "orthogonal")])
+@pytest.mark.parametrize("method, transform", [("omp", "invertible"), ("landmark_pca", "orthogonal"),
+                                               ("stb", "invertible"), ("mp_rope", "identity")])
 def test_rows_are_recovered_where_the_donor_space_is_a_map_of_the_models(method, transform, tmp_path):
-    """Donor rows = true rows @ T. With T invertible and k = the width, OMP's least-squares coefficients over k
-    shared donor rows represent a new token's donor row exactly, and the same coefficients on the model's rows give
-    its true row. With T orthogonal, landmark PCA's Procrustes rotation between the two spaces' principal axes is T
-    itself, so it carries a new token's donor row to its true row. Bound: the fp32 solve of a k x k system loses
-    about cond * 2^-24 relative; these random systems' condition numbers stay below 1e3, so 1e-3 of the row's norm
-    (the errors of a wrong method are of the order of the row itself)."""
+    """Donor rows = true rows @ T. omp, T invertible, k = the width: the least-squares coefficients over k shared
+    donor rows represent a new token's donor row exactly, and on the model's rows give its true row. landmark_pca,
+    T orthogonal: the Procrustes rotation between the spaces' principal axes is T. stb, T invertible: the new row's
+    coordinates about the donor's mean row in a basis of shared rows, applied to the same rows of the model about
+    its mean row, give true row + model mean - donor mean T^-1 (the donor's mean covers its new tokens too).
+    mp_rope, T = I: the rotated atoms are the same in both spaces, so the refitted combination is the row itself.
+    Bound: the fp32 solve of a k x k system loses about cond * 2^-24 relative; these random systems' condition
+    numbers stay below 1e3, so 1e-3 of the row's norm (a wrong method errs by the order of the row itself)."""
     gen = torch.Generator().manual_seed(23)
     matrix = torch.randn(64, 64, generator=gen, dtype=torch.float64)
-    matrix = torch.linalg.qr(matrix).Q if transform == "orthogonal" else matrix / 8 + torch.eye(64, dtype=torch.float64)
+    matrix = {"orthogonal": torch.linalg.qr(matrix).Q, "identity": torch.eye(64, dtype=torch.float64),
+              "invertible": matrix / 8 + torch.eye(64, dtype=torch.float64)}[transform]
     model, donor, truth = _linear_pair(tmp_path, matrix)
     transplant_tokenizer(model, donor, str(tmp_path / "out"), SurgeryOptions(method=method, k=64, random_seed=1))
     out, vocab = load_file(str(tmp_path / "out" / "model.safetensors")), _vocab(donor)
+    inputs = [load_file(os.path.join(p, "model.safetensors")) for p in (model, donor)]
     for name in (EMBED, HEAD):
+        offset = 0
+        if method == "stb":
+            means = [x[name].double().mean(dim=0) for x in inputs]
+            offset = means[0] - means[1] @ torch.linalg.inv(matrix)
         for token, row in truth.items():
-            got = out[name][vocab[token]].double()
-            assert (got - row).norm() <= 1e-3 * row.norm(), (name, token, (got - row).norm() / row.norm())
+            got, want = out[name][vocab[token]].double(), row + offset
+            assert (got - want).norm() <= 1e-3 * want.norm(), (name, token, (got - want).norm() / want.norm())
 
 
 def test_prefix_and_byte_matching_take_the_rows_they_name(pairs, tmp_path):
