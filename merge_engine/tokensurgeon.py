@@ -41,6 +41,7 @@ from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.hub_cache import local_reference
 from merge_engine.io.lora import open_model
 from merge_engine.io.writer import ShardedWriter, check_output_apart
+from merge_engine.progress import progress_bar
 from merge_engine.vocabulary import load_tokenizer, one_line, save_tokenizer
 
 log = logging.getLogger("merge_engine")
@@ -71,6 +72,7 @@ class SurgeryOptions:
     out_shard_size: int = 5 * 10**9
     overwrite: bool = False
     hub_cache: str | None = None
+    quiet: bool = False  # no progress bar
 
 
 @dataclass
@@ -327,7 +329,7 @@ def _build(matrices: list[Matrix], donor_head: str | None, orig: Checkpoint, giv
     for m in matrices:
         rows = RowSources(m, *tensors[m.name], orig_vocab, donor_vocab, junk, options, rope)
         built[m.name], counts[m.name] = rows.build(out_vocab, orig_tokenizer, options, generator)
-        log.info("%s: %s", m.name, counts[m.name])
+        log.debug("%s: %s", m.name, counts[m.name])
     bias = _head_bias(matrices, orig, heads)
     if bias is not None:
         built[bias] = remap_rows(orig.read(bias), orig_vocab, donor_vocab, out_vocab)
@@ -451,16 +453,19 @@ class RowSources:
         size = options.batch_size if options.batch_size and options.batch_size > 0 else len(tokens)
         shared = _shared_tokens(self.orig_vocab, self.donor_vocab)
         basis = self._token_basis(options.k) if options.method == "stb" else None
-        for start in range(0, len(tokens), size):
-            batch = tokens[start:start + size]
-            rows = self._rows(batch, shared, basis, orig_tokenizer, options, generator)
-            if options.new_vocab_noise:
-                rows = rows + torch.randn(rows.shape, dtype=rows.dtype, device=rows.device,
-                                          generator=generator) * options.new_vocab_noise
-            if options.new_vocab_scale:
-                rows = rows * options.new_vocab_scale
-            for i, token in enumerate(batch):
-                out[self.donor_vocab[token]] = rows[i]
+        with progress_bar(total=len(tokens), unit="token", desc=f"approximating {self.m.name}",
+                          disable=options.quiet) as bar:
+            for start in range(0, len(tokens), size):
+                batch = tokens[start:start + size]
+                rows = self._rows(batch, shared, basis, orig_tokenizer, options, generator)
+                if options.new_vocab_noise:
+                    rows = rows + torch.randn(rows.shape, dtype=rows.dtype, device=rows.device,
+                                              generator=generator) * options.new_vocab_noise
+                if options.new_vocab_scale:
+                    rows = rows * options.new_vocab_scale
+                for i, token in enumerate(batch):
+                    out[self.donor_vocab[token]] = rows[i]
+                bar.update(len(batch))
 
     def _rows(self, batch: list, shared: list, basis, orig_tokenizer, options: SurgeryOptions,
               generator: torch.Generator) -> torch.Tensor:

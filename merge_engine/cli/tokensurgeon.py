@@ -56,7 +56,7 @@ def run(argv: list[str]) -> int:
         prefix_match=args.prefix_match, byte_match=args.byte_match, magikarp=args.magikarp,
         new_vocab_noise=args.new_vocab_noise, new_vocab_scale=args.new_vocab_scale,
         random_seed=options.random_seed, device=options.device, out_shard_size=options.out_shard_size,
-        overwrite=options.overwrite, hub_cache=options.hub_cache))
+        overwrite=options.overwrite, hub_cache=options.hub_cache, quiet=options.quiet))
     if not options.quiet:
         print(report.summary())
     return 0
