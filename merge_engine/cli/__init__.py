@@ -34,9 +34,11 @@ from merge_engine.interrupts import Terminated, signals_deferred
 from merge_engine.runtime import launched_by_torchrun, tune_process_for_merging
 
 # each the module merge_engine.cli.NAME (extract-lora: extract_lora) with run(argv); anything else is cli.merge
-SUBCOMMANDS = ("extract-lora", "fisher", "key", "moe", "multi", "patch", "pytorch", "search", "stats", "tokensurgeon")
+SUBCOMMANDS = ("bakllama", "extract-lora", "fisher", "key", "layershuffle", "legacy", "moe", "multi", "patch", "pytorch",
+               "search", "stats", "tokensurgeon")
 # commands without a distributed form (docs/distributed.md)
-SINGLE_PROCESS = ("extract-lora", "moe", "multi", "patch", "pytorch", "search", "tokensurgeon")
+SINGLE_PROCESS = ("bakllama", "extract-lora", "layershuffle", "legacy", "moe", "multi", "patch", "pytorch", "search",
+                  "tokensurgeon")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge model checkpoints described by a mergekit YAML config, streaming tensor by tensor.",
         epilog=f"Methods: {', '.join(REGISTRY)}. See README.md. "
                "Other commands: merge-engine multi --help, merge-engine moe --help, merge-engine pytorch --help, "
-               "merge-engine extract-lora --help, merge-engine fisher --help, merge-engine stats --help, "
+               "merge-engine extract-lora --help, merge-engine tokensurgeon --help, merge-engine legacy --help, "
+               "merge-engine layershuffle --help, merge-engine bakllama --help, merge-engine fisher --help, merge-engine stats --help, "
                "merge-engine key --help, merge-engine patch --help, merge-engine search --help.")
     p.add_argument("config", help="merge config (mergekit YAML schema)")
     p.add_argument("out_dir", help="output folder (must not exist or be empty, unless --overwrite)")

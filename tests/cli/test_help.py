@@ -5,14 +5,30 @@ import sys
 
 import pytest
 
-from merge_engine.cli import extract_lora, fisher, key, merge, moe, multi, patch, pytorch, search, stats, tokensurgeon
+from merge_engine.cli import (
+    bakllama,
+    extract_lora,
+    fisher,
+    key,
+    layershuffle,
+    legacy,
+    merge,
+    moe,
+    multi,
+    patch,
+    pytorch,
+    search,
+    stats,
+    tokensurgeon,
+)
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
     found = {"merge": merge.build_parser(), "stats": stats.build_parser(), "fisher": fisher.build_parser(),
              "search": search.build_parser(), "multi": multi.build_parser(),
              "moe": moe.build_parser(), "pytorch": pytorch.build_parser(), "extract-lora": extract_lora.build_parser(),
-             "tokensurgeon": tokensurgeon.build_parser()}
+             "tokensurgeon": tokensurgeon.build_parser(), "legacy": legacy.build_parser(),
+             "layershuffle": layershuffle.build_parser(), "bakllama": bakllama.build_parser()}
     for command, module in (("key", key), ("patch", patch)):
         parser = found[command] = module.build_parser()
         for action in parser._subparsers._group_actions:
