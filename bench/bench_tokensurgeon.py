@@ -101,13 +101,17 @@ def main() -> None:
         engine = run_merge([sys.executable, "-m", "merge_engine", "tokensurgeon", *argv, ours, *METHODS[method], "-q"],
                            ours, os.path.join(root, f"surgery-{method}-ours.log"), warm=True)
         read_files(inputs)
-        mergekit = run_merge([a.mergekit, *argv, theirs, *METHODS[method]], theirs,
-                             os.path.join(root, f"surgery-{method}-theirs.log"), warm=True)
+        try:
+            mergekit = run_merge([a.mergekit, *argv, theirs, *METHODS[method]], theirs,
+                                 os.path.join(root, f"surgery-{method}-theirs.log"), warm=True)
+        except SystemExit as e:  # (mergekit fails on some methods: common_interpolation on bf16 models)
+            print(e, file=sys.stderr)
+            mergekit = None
         read_files(inputs)
         floor = io_floor(inputs, folder_bytes(ours), os.path.join(root, "scratch.bin"), direct=False)
         rows.append([method, floor, engine, mergekit, (ours, theirs)])
     for row in rows:  # after every timed run: a child inherits its parent's peak RSS
-        row[-1] = compare(*row[-1])
+        row[-1] = compare(*row[-1]) if row[-2] is not None else ("mergekit fails", float("nan"))
     with open(os.path.join(model, "config.json")) as f:
         config = json.load(f)
     dtype = config.get("dtype") or config.get("torch_dtype")
@@ -116,9 +120,11 @@ def main() -> None:
     print("| method | warm floor s | merge-engine s | x floor | CPU s | peak RSS GB | mergekit-tokensurgeon s | CPU s | "
           "peak RSS GB | x merge-engine | other tensors | vocabulary rows: largest difference |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
-    for method, floor, (wall, rss, cpu, _), (mk_wall, mk_rss, mk_cpu, _), (same, worst) in rows:
-        print(f"| {method} | {floor:.2f} | {wall:.2f} | {wall / floor:.2f} | {cpu:.1f} | {rss / 1e9:.2f} | "
-              f"{mk_wall:.2f} | {mk_cpu:.1f} | {mk_rss / 1e9:.2f} | {mk_wall / wall:.1f} | {same} | {worst:.1e} |")
+    for method, floor, (wall, rss, cpu, _), theirs, (same, worst) in rows:
+        mk = (f"{theirs[0]:.2f} | {theirs[2]:.1f} | {theirs[1] / 1e9:.2f} | {theirs[0] / wall:.1f}" if theirs
+              else "fails | | |")
+        print(f"| {method} | {floor:.2f} | {wall:.2f} | {wall / floor:.2f} | {cpu:.1f} | {rss / 1e9:.2f} | {mk} | "
+              f"{same} | {worst:.1e} |")
 
 
 if __name__ == "__main__":

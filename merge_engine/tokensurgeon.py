@@ -41,6 +41,7 @@ from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.hub_cache import local_reference
 from merge_engine.io.lora import open_model
 from merge_engine.io.writer import ShardedWriter, check_output_apart
+from merge_engine.plan import TIED_HEADS
 from merge_engine.progress import progress_bar
 from merge_engine.vocabulary import load_tokenizer, one_line, save_tokenizer
 
@@ -189,8 +190,13 @@ def plan_matrices(transformers, orig: Checkpoint, giver: Checkpoint) -> tuple[li
 
 
 def _vocabulary_modules(transformers, ckpt: Checkpoint) -> tuple[str, str | None]:
-    """The weights of the input embeddings and output head of the model transformers builds from config.json (on
-    the meta device)."""
+    """The weights of the input embeddings and output head: the common names (plan.TIED_HEADS) where the checkpoint
+    has such embeddings, else those of the model transformers builds from config.json (on the meta device: seconds
+    of imports for one architecture's code)."""
+    for head, embeddings in TIED_HEADS.items():
+        known = next((e for e in embeddings if e in ckpt.tensors), None)
+        if known is not None:
+            return known, head
     try:
         config = transformers.AutoConfig.from_pretrained(ckpt.path, local_files_only=True, trust_remote_code=False)
         with BUILDING_TRANSFORMERS_MODEL, torch.device("meta"):
