@@ -25,6 +25,13 @@ import torch
 log = logging.getLogger("merge_engine")
 
 
+def standard_normal(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                    generator: torch.Generator) -> torch.Tensor:
+    """Standard normal draws from generator, on its device (the CPU's: the same draws whatever --device), then moved
+    to device."""
+    return torch.randn(shape, dtype=dtype, device=generator.device, generator=generator).to(device)
+
+
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -198,8 +205,7 @@ def _principal_axes(x: torch.Tensor, q: int, generator: torch.Generator, niter: 
     a = x - x.mean(dim=(-2,), keepdim=True)
     wide = a.shape[0] < a.shape[1]
     tall = a.mH if wide else a
-    basis = torch.linalg.qr(tall @ torch.randn(tall.shape[-1], q, dtype=tall.dtype, device=tall.device,
-                                               generator=generator)).Q
+    basis = torch.linalg.qr(tall @ standard_normal((tall.shape[-1], q), tall.dtype, tall.device, generator)).Q
     for _ in range(niter):
         basis = torch.linalg.qr(tall.mH @ basis).Q
         basis = torch.linalg.qr(tall @ basis).Q
@@ -290,9 +296,8 @@ def john_hewitt_rows(orig_embed: torch.Tensor, count: int, generator: torch.Gene
     covariance = centred.T @ centred / x.shape[0]
     if not torch.distributions.constraints.positive_definite.check(covariance).all():
         log.warning("the embeddings' covariance is not positive definite: new rows are small normal draws")
-        return torch.randn(count, orig_embed.shape[1], device=orig_embed.device, dtype=orig_embed.dtype,
-                           generator=generator) * 0.02
-    draws = torch.empty((count, x.shape[1]), dtype=mean.dtype, device=mean.device).normal_(generator=generator)
+        return standard_normal((count, orig_embed.shape[1]), orig_embed.dtype, orig_embed.device, generator) * 0.02
+    draws = standard_normal((count, x.shape[1]), mean.dtype, mean.device, generator)  # (torch's MultivariateNormal)
     return (mean + torch.matmul(torch.linalg.cholesky(covariance), draws.unsqueeze(-1)).squeeze(-1)
             ).to(orig_embed.dtype)
 

@@ -465,8 +465,8 @@ class RowSources:
                 batch = tokens[start:start + size]
                 rows = self._rows(batch, shared, basis, orig_tokenizer, options, generator)
                 if options.new_vocab_noise:
-                    rows = rows + torch.randn(rows.shape, dtype=rows.dtype, device=rows.device,
-                                              generator=generator) * options.new_vocab_noise
+                    rows = rows + approx.standard_normal(rows.shape, rows.dtype, rows.device,
+                                                         generator) * options.new_vocab_noise
                 if options.new_vocab_scale:
                     rows = rows * options.new_vocab_scale
                 for i, token in enumerate(batch):
@@ -482,8 +482,7 @@ class RowSources:
         if method == "zero":
             return torch.zeros(len(batch), orig_t.shape[1], device=orig_t.device, dtype=orig_t.dtype)
         if method == "randn":
-            return torch.randn(len(batch), orig_t.shape[1], device=orig_t.device, dtype=orig_t.dtype,
-                               generator=generator)
+            return approx.standard_normal((len(batch), orig_t.shape[1]), orig_t.dtype, orig_t.device, generator)
         if method == "john_hewitt":
             return approx.john_hewitt_rows(orig_t, len(batch), generator)
         if method == "subword":
