@@ -19,7 +19,8 @@ Differences from mergekit, each where mergekit fails or misreads: `stb` uses --k
 object and fails); `mp_rope` reads the RoPE base from `rope_parameters` too (transformers 5's configs, where
 mergekit fails); `--prefix-match/--byte-match embed` and `lm_head` apply to the matrix they name (mergekit 0.1.5
 applies `embed` to the head and `lm_head` to the embeddings); `mean` with --new-vocab-noise adds the noise (mergekit
-fails writing into a broadcast row); a model token's pieces past the model's rows are passed over (mergekit fails);
+fails writing into a broadcast row); common_interpolation's weights meet the rows in fp32 (mergekit fails on bf16
+and fp16 models); random draws come from a CPU generator on every --device; a model token's pieces past the model's rows are passed over (mergekit fails);
 john_hewitt's fallback draws the right number of rows. Tokenizers load from local files without their own code.
 Everything is checked (tensors present and 2-D, enough shared tokens for k, options) before any tensor is read, and
 the output is written to a temporary folder moved into place when complete.
