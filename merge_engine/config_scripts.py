@@ -73,8 +73,11 @@ def layershuffle_config(models: list[str], layers: dict[str, int], weight: list[
     weights = list(weight) or None
     if weights is not None and len(weights) != len(models):
         raise ConfigError([f"{len(weights)} --weight values for {len(models)} models: give one per model"])
-    if full_random and weights is None:
-        raise ConfigError(["--full-random takes one --weight per model: the fraction of its layers it gives"])
+    if full_random and (weights is None or not all(0 <= w <= 1 for w in weights)):
+        raise ConfigError(["--full-random takes one --weight per model between 0 and 1: the fraction of its layers "
+                           "it gives"])
+    if weights is not None and (any(w < 0 for w in weights) or not sum(weights) > 0):
+        raise ConfigError([f"--weight values {weights}: none may be negative, and their sum must be positive"])
     slices: list[list] = []  # [model, start, end]
     if full_random:
         for model, fraction in zip(models, weights):

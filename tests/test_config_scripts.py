@@ -87,6 +87,14 @@ def test_layershuffle_draws_follow_the_seed_and_cover_the_stack(full_random):
         assert all(x["model"] != y["model"] for x, y in zip(sources, sources[1:]))
 
 
+@pytest.mark.parametrize("weights, full_random, match", [([0, 0], False, "sum must be positive"),
+                                                        ([1, -1], False, "negative"), ([1.5, 1], True, "between 0 and 1"),
+                                                        ([1], False, "1 --weight values for 2 models")])
+def test_layershuffle_refuses_weights_it_cannot_draw_by(weights, full_random, match):
+    with pytest.raises(ConfigError, match=match):
+        layershuffle_config(["a", "b"], {"a": 4, "b": 4}, weights, full_random)
+
+
 def test_layershuffle_dry_run_writes_the_config_only(model_sets, tmp_path):
     _, e1, e2, _ = model_sets("llama")
     config = tmp_path / "shuffle.yml"
