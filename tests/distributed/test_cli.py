@@ -47,7 +47,11 @@ def test_commands_without_a_distributed_form_are_refused_under_torchrun(model_se
                     ["search", str(tmp_path / "search.yml"), str(tmp_path / "out"), "--budget", "60"],
                     ["moe", str(tmp_path / "moe.yml"), str(tmp_path / "out")],
                     ["pytorch", str(tmp_path / "flat.yml"), str(tmp_path / "out")],
-                    ["extract-lora", "--model", expert, "--base-model", base, "--out-path", str(tmp_path / "out")]):
+                    ["extract-lora", "--model", expert, "--base-model", base, "--out-path", str(tmp_path / "out")],
+                    ["tokensurgeon", base, expert, str(tmp_path / "out")],
+                    ["legacy", str(tmp_path / "out"), "--merge", expert, "--base-model", base],
+                    ["layershuffle", str(tmp_path / "out"), "-m", base, "-m", expert],
+                    ["bakllama", str(tmp_path / "bak.yml"), str(tmp_path / "out")]):
         run = torchrun(*command)
         assert run.returncode != 0
         # each rank refuses; torchrun stops the other one as soon as the first exits, so on a loaded machine the
