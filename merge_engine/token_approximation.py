@@ -1,6 +1,9 @@
 """Embedding rows for tokens a model lacks, from a donor model that has them: the approximation methods of
 mergekit-tokensurgeon 0.1.5 (mergekit/tokensurgeon/), computed with the same operations in the same order so that
 the rows agree bit for bit, with their random draws taken from a given generator rather than torch's global one.
+Least-squares solutions (stb, mp_rope, the barycentric and least_squares weights) are the exception: on the CPU they
+come from LAPACK's gelsd rather than torch's default gelsy, whose last bits change from run to run (mergekit's
+rows change with them), and so differ from mergekit's in their last bits (about 1e-6 relative on the test models).
 
 Every method gets the rows to approximate as `targets` (donor embeddings, [B, D_donor]) and the tokens both
 vocabularies share as `donor_shared` [N, D_donor] and `orig_shared` [N, D_orig] (row i: the same token):
@@ -34,6 +37,13 @@ def standard_normal(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def least_squares(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.linalg.lstsq(a, b).solution, the same from run to run: on the CPU by the SVD (gelsd), as rank-revealing
+    as torch's default gelsy, whose MKL build gives other last bits with the inputs' alignment and from call to call;
+    elsewhere by the only driver CUDA has."""
+    return torch.linalg.lstsq(a, b, driver="gelsd" if a.device.type == "cpu" else None).solution
 
 
 def orthogonal_matching_pursuit(targets: torch.Tensor, atoms: torch.Tensor, k: int, eps: float = 1e-8,
@@ -152,7 +162,7 @@ def matching_pursuit_rope(targets: torch.Tensor, donor_shared: torch.Tensor, ori
         coefficients[:, t] = coefficient
         residual = residual - coefficient.unsqueeze(1) * atom
     rotated = apply_rope(a[chosen], positions.unsqueeze(-1), donor_heads, donor_base)
-    coefficients = torch.linalg.lstsq(rotated.transpose(1, 2), y.unsqueeze(-1)).solution.squeeze(-1)
+    coefficients = least_squares(rotated.transpose(1, 2), y.unsqueeze(-1)).squeeze(-1)
     atoms = apply_rope(b[chosen], positions.unsqueeze(-1), orig_heads, orig_base)
     return (atoms * coefficients.unsqueeze(-1)).sum(dim=1).to(out_dtype)
 
@@ -179,8 +189,7 @@ def interpolation_weights(targets: torch.Tensor, points: torch.Tensor, k: int, c
     if scheme == "barycentric":
         return indices, _barycentric_weights(targets, neighbours)
     if scheme == "least_squares":
-        return indices, torch.linalg.lstsq(neighbours.transpose(1, 2).float(),
-                                           targets.unsqueeze(-1).float()).solution.squeeze(-1)
+        return indices, least_squares(neighbours.transpose(1, 2).float(), targets.unsqueeze(-1).float()).squeeze(-1)
     raise ValueError(f"unknown weight scheme {scheme!r} (one of {', '.join(WEIGHT_SCHEMES)})")
 
 
@@ -194,7 +203,7 @@ def _barycentric_weights(targets: torch.Tensor, points: torch.Tensor) -> torch.T
                                    torch.zeros((batch, 1, 1), device=device)], dim=2)], dim=1)
     rhs = torch.cat([torch.bmm(targets.unsqueeze(1), points.transpose(1, 2)).squeeze(1),
                      torch.ones((batch, 1), device=device)], dim=1)
-    return torch.linalg.lstsq(system, rhs.unsqueeze(-1)).solution.squeeze(-1)[..., :count]
+    return least_squares(system, rhs.unsqueeze(-1)).squeeze(-1)[..., :count]
 
 
 # ------------------------------------------------------------------------------------------------- landmark PCA
@@ -252,7 +261,7 @@ def from_token_basis(targets: torch.Tensor, donor_embed: torch.Tensor, orig_embe
     basis about the model's mean row [B, D_orig] (fp32)."""
     donor_basis, orig_basis = (x.to(torch.float32) for x in basis)
     centred = targets.to(torch.float32) - donor_embed.mean(dim=0)
-    coordinates = torch.linalg.lstsq(donor_basis.T, centred.T).solution.T
+    coordinates = least_squares(donor_basis.T, centred.T).T
     return coordinates @ orig_basis + orig_embed.mean(dim=0)
 
 

@@ -13,21 +13,24 @@ Each row of a donor token is
 A bias of the head takes its rows by token too (zeros for new tokens); every other tensor is copied.
 
 Random draws (--approximation-method randn and john_hewitt, landmark_pca's randomized PCA, --new-vocab-noise)
-come from one generator seeded by --random-seed, in mergekit's order: the same seed gives mergekit's rows.
+come from one generator seeded by --random-seed, drawn as mergekit draws them: the same seed gives mergekit's draws
+(assigned to the new tokens in id order: mergekit's order changes from run to run) and the same files every run.
 
 Differences from mergekit, each where mergekit fails or misreads: `stb` uses --k (mergekit passes its options
 object and fails); `mp_rope` reads the RoPE base from `rope_parameters` too (transformers 5's configs, where
 mergekit fails); `--prefix-match/--byte-match embed` and `lm_head` apply to the matrix they name (mergekit 0.1.5
 applies `embed` to the head and `lm_head` to the embeddings); `mean` with --new-vocab-noise adds the noise (mergekit
 fails writing into a broadcast row); common_interpolation's weights meet the rows in fp32 (mergekit fails on bf16
-and fp16 models); random draws come from a CPU generator on every --device; a model token's pieces past the model's rows are passed over (mergekit fails);
-john_hewitt's fallback draws the right number of rows. Tokenizers load from local files without their own code.
-Everything is checked (tensors present and 2-D, enough shared tokens for k, options) before any tensor is read, and
-the output is written to a temporary folder moved into place when complete.
+and fp16 models); random draws come from a CPU generator on every --device; a model token's pieces past the model's
+rows are passed over (mergekit fails); john_hewitt's fallback draws the right number of rows; least-squares solves
+are the same from run to run (token_approximation.py). Tokenizers load from local files without their own code.
+Everything is checked (tensors present and 2-D, enough shared tokens for k, options, the output folder) before any
+tensor is read, and the output is written to a temporary folder moved into place when complete.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -41,7 +44,7 @@ from merge_engine.extras import BUILDING_TRANSFORMERS_MODEL, require
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.hub_cache import local_reference
 from merge_engine.io.lora import open_model
-from merge_engine.io.writer import ShardedWriter, check_output_apart
+from merge_engine.io.writer import ShardedWriter, check_output_apart, check_output_dir
 from merge_engine.plan import TIED_HEADS
 from merge_engine.progress import progress_bar
 from merge_engine.vocabulary import load_tokenizer, one_line, save_tokenizer
@@ -121,6 +124,7 @@ def transplant_tokenizer(model: str, donor: str, out_dir: str, options: SurgeryO
     orig, giver = (open_model(local_reference(ref, options.hub_cache)) for ref in (model, donor))
     try:
         check_output_apart(out_dir, orig.folders + giver.folders)
+        check_output_dir(out_dir, options.overwrite)  # (now, not after every row is computed)
         matrices, donor_head = plan_matrices(transformers, orig, giver)
         tokenizers = [_tokenizer(ckpt) for ckpt in (orig, giver)]
         vocabs = [normalized_vocabulary(transformers, t) for t in tokenizers]
@@ -162,6 +166,10 @@ def check_options(options: SurgeryOptions) -> None:
     for key in ("prefix_match", "byte_match"):
         if getattr(options, key) not in MATCH_CHOICES:
             problems.append(f"{key} {getattr(options, key)!r} is not one of {', '.join(MATCH_CHOICES)}")
+    for key in ("new_vocab_noise", "new_vocab_scale"):  # (NaN or infinity would fill the new rows with it)
+        value = getattr(options, key)
+        if value is not None and (type(value) not in (int, float) or not math.isfinite(value)):
+            problems.append(f"{key} must be a finite number, got {value!r}")
     if problems:
         raise MergeEngineError("; ".join(problems))
 
@@ -202,12 +210,19 @@ def _vocabulary_modules(transformers, ckpt: Checkpoint) -> tuple[str, str | None
         config = transformers.AutoConfig.from_pretrained(ckpt.path, local_files_only=True, trust_remote_code=False)
         with BUILDING_TRANSFORMERS_MODEL, torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(config)
-    except (OSError, ValueError, KeyError) as e:
+    except _config_errors() as e:
         raise CheckpointError(f"{ckpt.path}: cannot build its model from config.json ({one_line(e)})") from e
     names = {id(m): n for n, m in model.named_modules()}
     head = model.get_output_embeddings()
     return f"{names[id(model.get_input_embeddings())]}.weight", (f"{names[id(head)]}.weight" if head is not None
                                                                  else None)
+
+
+def _config_errors() -> tuple[type[Exception], ...]:
+    """What transformers raises on a config.json it cannot take (huggingface_hub's validation of a config's
+    values, a head count not dividing the width for one, raises an error that is no ValueError; older ones: none)."""
+    import huggingface_hub.errors
+    return OSError, ValueError, KeyError, getattr(huggingface_hub.errors, "StrictDataclassError", ValueError)
 
 
 def _tokenizer(ckpt: Checkpoint):

@@ -144,13 +144,17 @@ def entry() -> None:
     sys.exit(status)
 
 
+SINGLE_DASH_NAMES = ("-nvn", "-nvs")  # tokensurgeon's options (mergekit's names), not short flags run together
+
+
 def _verbose(argv: list[str]) -> bool:
     """Whether the command line asks for -v: alone, repeated (-vv, as mergekit counts it) or among other
     short flags (-qv); not after `--`."""
     for arg in argv:
         if arg == "--":
             return False
-        if arg == "--verbose" or (arg[:1] == "-" and arg[1:2] != "-" and arg[1:].isalpha() and "v" in arg[1:]):
+        if arg == "--verbose" or (arg[:1] == "-" and arg[1:2] != "-" and arg[1:].isalpha() and "v" in arg[1:]
+                                  and arg not in SINGLE_DASH_NAMES):
             return True
     return False
 
