@@ -220,9 +220,11 @@ def _vocabulary_modules(transformers, ckpt: Checkpoint) -> tuple[str, str | None
 
 def _config_errors() -> tuple[type[Exception], ...]:
     """What transformers raises on a config.json it cannot take (huggingface_hub's validation of a config's
-    values, a head count not dividing the width for one, raises an error that is no ValueError; older ones: none)."""
+    values, a head count not dividing the width for one, raises an error that is no ValueError; older ones: none).
+    A value of the wrong type, or 0 heads, fails in transformers' own arithmetic."""
     import huggingface_hub.errors
-    return OSError, ValueError, KeyError, getattr(huggingface_hub.errors, "StrictDataclassError", ValueError)
+    return (OSError, ValueError, KeyError, TypeError, ZeroDivisionError,
+            getattr(huggingface_hub.errors, "StrictDataclassError", ValueError))
 
 
 def _tokenizer(ckpt: Checkpoint):
@@ -378,7 +380,7 @@ def _check_shared(shapes: dict, orig_vocab: dict, donor_vocab: dict, options: Su
 def rope_settings(giver: Checkpoint, orig: Checkpoint, options: SurgeryOptions) -> tuple:
     """mp_rope's (donor heads, model heads, donor RoPE base, model RoPE base) from config.json (the base from
     rope_theta or transformers 5's rope_parameters; 10000 where neither is given); () for other methods.
-    ConfigError where a width is not a whole number of even-sized heads."""
+    ConfigError where a width is not a whole number of even-sized heads, or layer types have different bases."""
     if options.method != "mp_rope":
         return ()
     heads, bases, problems = [], [], []
@@ -389,12 +391,29 @@ def rope_settings(giver: Checkpoint, orig: Checkpoint, options: SurgeryOptions) 
         if type(n) is not int or n < 1 or type(width) is not int or width % n or (width // n) % 2:
             problems.append(f"{ckpt.path}: mp_rope needs num_attention_heads dividing hidden_size into heads of even "
                             f"size, config.json gives {n} and {width}")
-        parameters = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
+        base = _rope_base(config)
+        if isinstance(base, dict):
+            problems.append(f"{ckpt.path}: mp_rope needs one RoPE base, config.json's rope_parameters gives one per "
+                            f"layer type ({', '.join(f'{kind}: {theta}' for kind, theta in base.items())}): use "
+                            f"another --approximation-method")
+        elif type(base) not in (int, float) or not base > 0:
+            problems.append(f"{ckpt.path}: mp_rope needs a positive RoPE base, config.json gives {base!r}")
         heads.append(n)
-        bases.append(float(config.get("rope_theta") or parameters.get("rope_theta") or 10000.0))
+        bases.append(base)
     if problems:
         raise ConfigError(problems, "inputs")
-    return heads[0], heads[1], bases[0], bases[1]
+    return heads[0], heads[1], float(bases[0]), float(bases[1])
+
+
+def _rope_base(config: dict):
+    """config.json's RoPE base (as given: checked by the caller); where rope_parameters holds one per layer type
+    (Gemma 3's), the one they share, or {layer type: base} where they differ."""
+    parameters = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
+    base = config.get("rope_theta") or parameters.get("rope_theta")
+    by_kind = {kind: p.get("rope_theta") for kind, p in parameters.items() if isinstance(p, dict) and "rope_theta" in p}
+    if base is None and len(set(by_kind.values())) > 1:
+        return by_kind
+    return base or next(iter(by_kind.values()), None) or 10000.0
 
 
 def _within(vocab: dict, rows: int) -> dict:

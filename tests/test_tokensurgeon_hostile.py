@@ -61,7 +61,7 @@ def shuffled_tokens(seed: int, first: int) -> list[str]:
 @pytest.fixture(scope="module")
 def odd_models(tmp_path_factory, vocab_models):
     """Models unlike the Llama pairs: a GPT-2 with a tied head (another architecture, other names), one 32 wide, a
-    Qwen2 with a tied head, bf16 and fp16 copies of the vocab models, the base with a LoRA adapter."""
+    Qwen2 with a tied head, a Gemma 3, bf16 and fp16 copies of the vocab models, the base with a LoRA adapter."""
     import transformers as tf
 
     from merge_engine.demo import make_models
@@ -76,6 +76,12 @@ def odd_models(tmp_path_factory, vocab_models):
         out[name] = str(work / name)
     out["qwen2"] = make_models(str(work / "qwen2"), "qwen2", 0)[0]
     save_tokenizer(out["qwen2"], BASE_TOKENS)
+    torch.manual_seed(0)  # (RoPE bases by layer type: 10000 for sliding-window layers, 1000000 for the others)
+    tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                             max_position_embeddings=32)).save_pretrained(str(work / "gemma3"))
+    save_tokenizer(str(work / "gemma3"), BASE_TOKENS)
+    out["gemma3"] = str(work / "gemma3")
     for name, dtype, src in (("base_bf16", torch.bfloat16, "base"), ("other_bf16", torch.bfloat16, "other"),
                              ("base_fp16", torch.float16, "base")):
         out[name] = copy_model(vocab_models[src], work / name, tensors=in_dtype(dtype),
@@ -149,8 +155,29 @@ def heads_not_dividing_the_width(vocab_models, tmp):
     return vocab_models["base"], donor, ["-a", "mp_rope", "-k", "8"], "donor: cannot build its model from config.json"
 
 
+def no_heads(vocab_models, tmp):
+    """(transformers' check of the config divides by it: a ZeroDivisionError and a traceback.)"""
+    donor = copy_model(vocab_models["other"], tmp / "donor", config=lambda c: {**c, "num_attention_heads": 0})
+    return vocab_models["base"], donor, ["-k", "8"], "donor: cannot build its model from config.json"
+
+
+def rope_parameters_base_not_a_number(vocab_models, tmp):
+    """(transformers builds the model with it and fails with a TypeError: a traceback.)"""
+    donor = copy_model(vocab_models["other"], tmp / "donor",
+                       config=lambda c: {**c, "rope_parameters": {"rope_theta": "abc", "rope_type": "default"}})
+    return vocab_models["base"], donor, ["-k", "8"], "donor: cannot build its model from config.json"
+
+
+def rope_theta_not_a_number(vocab_models, tmp):
+    """(transformers 5 reads rope_parameters and builds the model; mp_rope read rope_theta: a ValueError.)"""
+    donor = copy_model(vocab_models["other"], tmp / "donor", config=lambda c: {**c, "rope_theta": "abc"})
+    return vocab_models["base"], donor, ["-k", "8", "-a", "mp_rope"], "mp_rope needs a positive RoPE base, " \
+                                                                      "config.json gives 'abc'"
+
+
 REFUSED = [no_tokenizer, no_config, no_embeddings, flat_embeddings, cubic_donor_head, nothing_shared,
-           k_beyond_shared, k_zero, k_zero_with_noise_and_scale, nan_noise, infinite_scale, heads_not_dividing_the_width]
+           k_beyond_shared, k_zero, k_zero_with_noise_and_scale, nan_noise, infinite_scale, heads_not_dividing_the_width,
+           no_heads, rope_parameters_base_not_a_number, rope_theta_not_a_number]
 
 
 @pytest.mark.parametrize("case", REFUSED, ids=lambda c: c.__name__)
@@ -251,6 +278,17 @@ def test_an_unusual_pair_gives_a_right_output(pair, vocab_models, odd_models, tm
     assert surgeon(capsys, model, donor, tmp_path / "out", *flags)[0] == 0
     assert_right_output(_folder_tensors(model), model, donor, str(tmp_path / "out"))
     assert [folder_digest(f) for f in (model, donor)] == digests
+
+
+def test_mp_rope_refuses_a_model_with_a_rope_base_per_layer_type(vocab_models, odd_models, tmp_path, capsys):
+    """(It took 10000 for Gemma 3, whose config.json gives 1000000 for its global layers and 10000 for the
+    others; mergekit fails on it.) Other methods take it."""
+    model, donor = odd_models["gemma3"], vocab_models["other"]
+    status, err = surgeon(capsys, model, donor, tmp_path / "out", "-k", "8", "-a", "mp_rope")
+    assert status == 2 and "Traceback" not in err and "one RoPE base" in err and "full_attention" in err, err
+    assert not os.path.exists(tmp_path / "out")
+    assert surgeon(capsys, model, donor, tmp_path / "out", "-k", "8")[0] == 0
+    assert_right_output(_folder_tensors(model), model, donor, str(tmp_path / "out"))
 
 
 @pytest.mark.parametrize("method", METHODS)
