@@ -125,7 +125,8 @@ def transplant_tokenizer(model: str, donor: str, out_dir: str, options: SurgeryO
     try:
         check_output_apart(out_dir, orig.folders + giver.folders)
         check_output_dir(out_dir, options.overwrite)  # (now, not after every row is computed)
-        matrices, donor_head = plan_matrices(transformers, orig, giver)
+        configs = [model_config(transformers, ckpt) for ckpt in (orig, giver)]
+        matrices, donor_head = plan_matrices(transformers, orig, giver, configs)
         tokenizers = [_tokenizer(ckpt) for ckpt in (orig, giver)]
         vocabs = [normalized_vocabulary(transformers, t) for t in tokenizers]
         device = resolve_device(options.device)
@@ -142,7 +143,7 @@ def transplant_tokenizer(model: str, donor: str, out_dir: str, options: SurgeryO
                 writer.write(name, built[name].cpu() if name in built else orig.read(name))
             orig.check_unchanged()
             giver.check_unchanged()
-            writer.add_file("config.json", output_config(transformers, orig, giver, out_vocab))
+            writer.add_file("config.json", output_config(*configs, out_vocab))
             with tempfile.TemporaryDirectory() as tmp:
                 for f in save_tokenizer(tokenizers[1], None, tmp):
                     writer.copy_file(os.path.join(tmp, f))
@@ -174,12 +175,21 @@ def check_options(options: SurgeryOptions) -> None:
         raise MergeEngineError("; ".join(problems))
 
 
-def plan_matrices(transformers, orig: Checkpoint, giver: Checkpoint) -> tuple[list[Matrix], str | None]:
+def model_config(transformers, ckpt: Checkpoint):
+    """config.json as transformers reads it (without code the folder ships); one line where it cannot."""
+    try:
+        return transformers.AutoConfig.from_pretrained(ckpt.path, local_files_only=True, trust_remote_code=False)
+    except _config_errors() as e:
+        raise CheckpointError(f"{ckpt.path}: transformers cannot read its config.json ({one_line(e)})") from e
+
+
+def plan_matrices(transformers, orig: Checkpoint, giver: Checkpoint, configs: list
+                  ) -> tuple[list[Matrix], str | None]:
     """The model's input embeddings and (when it stores one) output head, where the donor keeps each, and the
     donor's head (a donor whose head is tied: its embeddings); ConfigError naming every tensor missing or not a
     matrix."""
-    embed, head = _vocabulary_modules(transformers, orig)
-    donor_embed, donor_head = _vocabulary_modules(transformers, giver)
+    embed, head = _vocabulary_modules(transformers, orig, configs[0])
+    donor_embed, donor_head = _vocabulary_modules(transformers, giver, configs[1])
     problems = []
     if embed not in orig.tensors:
         problems.append(f"{orig.path}: tensor '{embed}' (its input embeddings) is missing")
@@ -198,7 +208,7 @@ def plan_matrices(transformers, orig: Checkpoint, giver: Checkpoint) -> tuple[li
     return matrices, donor_head
 
 
-def _vocabulary_modules(transformers, ckpt: Checkpoint) -> tuple[str, str | None]:
+def _vocabulary_modules(transformers, ckpt: Checkpoint, config) -> tuple[str, str | None]:
     """The weights of the input embeddings and output head: the common names (plan.TIED_HEADS) where the checkpoint
     has such embeddings, else those of the model transformers builds from config.json (on the meta device: seconds
     of imports for one architecture's code)."""
@@ -207,7 +217,6 @@ def _vocabulary_modules(transformers, ckpt: Checkpoint) -> tuple[str, str | None
         if known is not None:
             return known, head
     try:
-        config = transformers.AutoConfig.from_pretrained(ckpt.path, local_files_only=True, trust_remote_code=False)
         with BUILDING_TRANSFORMERS_MODEL, torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(config)
     except _config_errors() as e:
@@ -552,11 +561,9 @@ class RowSources:
 
 # ------------------------------------------------------------------------------------------------ the output
 
-def output_config(transformers, orig: Checkpoint, giver: Checkpoint, vocab_size: int) -> str:
-    """The model's config.json with the donor's vocabulary size and special token ids, as mergekit writes it."""
-    configs = [transformers.AutoConfig.from_pretrained(c.path, local_files_only=True, trust_remote_code=False)
-               for c in (orig, giver)]
-    out, donor = configs
+def output_config(out, donor, vocab_size: int) -> str:
+    """The model's config.json (its transformers config, changed here) with the donor's vocabulary size and special
+    token ids, as mergekit writes it."""
     out.vocab_size = vocab_size
     for key in DONOR_CONFIG_KEYS:
         if hasattr(donor, key):

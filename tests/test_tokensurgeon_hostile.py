@@ -152,20 +152,20 @@ def heads_not_dividing_the_width(vocab_models, tmp):
     """(transformers refuses it with huggingface_hub's StrictDataclassClassValidationError, not a ValueError: it
     ended in a traceback.)"""
     donor = copy_model(vocab_models["other"], tmp / "donor", config=lambda c: {**c, "num_attention_heads": 5})
-    return vocab_models["base"], donor, ["-a", "mp_rope", "-k", "8"], "donor: cannot build its model from config.json"
+    return vocab_models["base"], donor, ["-a", "mp_rope", "-k", "8"], "donor: transformers cannot read its config.json"
 
 
 def no_heads(vocab_models, tmp):
     """(transformers' check of the config divides by it: a ZeroDivisionError and a traceback.)"""
     donor = copy_model(vocab_models["other"], tmp / "donor", config=lambda c: {**c, "num_attention_heads": 0})
-    return vocab_models["base"], donor, ["-k", "8"], "donor: cannot build its model from config.json"
+    return vocab_models["base"], donor, ["-k", "8"], "donor: transformers cannot read its config.json"
 
 
 def rope_parameters_base_not_a_number(vocab_models, tmp):
-    """(transformers builds the model with it and fails with a TypeError: a traceback.)"""
+    """(Only mp_rope reads the donor's RoPE base; it ended in a TypeError, a traceback.)"""
     donor = copy_model(vocab_models["other"], tmp / "donor",
                        config=lambda c: {**c, "rope_parameters": {"rope_theta": "abc", "rope_type": "default"}})
-    return vocab_models["base"], donor, ["-k", "8"], "donor: cannot build its model from config.json"
+    return vocab_models["base"], donor, ["-k", "8", "-a", "mp_rope"], "mp_rope needs a positive RoPE base"
 
 
 def rope_theta_not_a_number(vocab_models, tmp):
