@@ -35,13 +35,14 @@ import yaml
 
 from merge_engine.devices import resolve_device
 from merge_engine.errors import CheckpointError, ConfigError, MergeEngineError
-from merge_engine.extras import BUILDING_TRANSFORMERS_MODEL, require
+from merge_engine.extras import BUILDING_TRANSFORMERS_MODEL, require, transformers_config_errors
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.hub_cache import local_reference
 from merge_engine.io.lora import open_model
 from merge_engine.io.safetensors_format import save_tensors
 from merge_engine.io.writer import ShardedWriter, check_output_apart
 from merge_engine.plan import TIED_HEADS
+from merge_engine.vocabulary import one_line
 
 log = logging.getLogger("merge_engine")
 _PREFIX = "base_model.model."
@@ -175,8 +176,8 @@ def _meta_model(transformers, ckpt: Checkpoint):
         config = transformers.AutoConfig.from_pretrained(ckpt.path, local_files_only=True, trust_remote_code=False)
         with BUILDING_TRANSFORMERS_MODEL, torch.device("meta"):
             return getattr(transformers, f"AutoModel{kind}").from_config(config)
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{ckpt.path}: cannot build its model from config.json ({e})") from e
+    except transformers_config_errors() as e:
+        raise CheckpointError(f"{ckpt.path}: cannot build its model from config.json ({one_line(e)})") from e
 
 
 def _vocab_sizes(embed_name: str, tuned: Checkpoint, base: Checkpoint) -> dict[str, int | None]:

@@ -17,6 +17,15 @@ from merge_engine.errors import MergeEngineError
 BUILDING_TRANSFORMERS_MODEL = threading.Lock()
 
 
+def transformers_config_errors() -> tuple[type[Exception], ...]:
+    """What transformers raises on a config.json it cannot take, read or built into a model: huggingface_hub's
+    validation of a config's values (a head count not dividing the width, for one) raises an error that is no
+    ValueError; a value of the wrong type, or 0 heads, fails in transformers' own arithmetic."""
+    import huggingface_hub.errors
+    return (OSError, ValueError, KeyError, TypeError, ZeroDivisionError,
+            getattr(huggingface_hub.errors, "StrictDataclassError", ValueError))
+
+
 class MissingExtraError(MergeEngineError):
     """An optional package a feature needs is not installed."""
 

@@ -34,7 +34,7 @@ from merge_engine.card import moe_card
 from merge_engine.config import _dtype, _model_ref, read_yaml_and_text
 from merge_engine.engine import check_options, copy_if_present, given_options
 from merge_engine.errors import CheckpointError, ConfigError, MergeEngineError
-from merge_engine.extras import require
+from merge_engine.extras import require, transformers_config_errors
 from merge_engine.io.buffers import BufferPool
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.hub_cache import cache_folder, local_reference
@@ -388,8 +388,9 @@ def plan_moe(cfg: MoEConfig, models: dict[str, Checkpoint]) -> MoEPlan:
 def _base_config(transformers, base: Checkpoint):
     try:
         return transformers.AutoConfig.from_pretrained(base.path, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{base.path}: cannot read its config.json as a transformers config ({e})") from e
+    except transformers_config_errors() as e:
+        raise CheckpointError(f"{base.path}: cannot read its config.json as a transformers config ({one_line(e)})"
+                              ) from e
 
 
 def _config_dtype(model_config) -> torch.dtype | None:

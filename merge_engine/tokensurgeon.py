@@ -40,7 +40,7 @@ import torch
 from merge_engine import token_approximation as approx
 from merge_engine.devices import resolve_device
 from merge_engine.errors import CheckpointError, ConfigError, MergeEngineError
-from merge_engine.extras import BUILDING_TRANSFORMERS_MODEL, require
+from merge_engine.extras import BUILDING_TRANSFORMERS_MODEL, require, transformers_config_errors
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.io.hub_cache import local_reference
 from merge_engine.io.lora import open_model
@@ -179,7 +179,7 @@ def model_config(transformers, ckpt: Checkpoint):
     """config.json as transformers reads it (without code the folder ships); one line where it cannot."""
     try:
         return transformers.AutoConfig.from_pretrained(ckpt.path, local_files_only=True, trust_remote_code=False)
-    except _config_errors() as e:
+    except transformers_config_errors() as e:
         raise CheckpointError(f"{ckpt.path}: transformers cannot read its config.json ({one_line(e)})") from e
 
 
@@ -219,21 +219,12 @@ def _vocabulary_modules(transformers, ckpt: Checkpoint, config) -> tuple[str, st
     try:
         with BUILDING_TRANSFORMERS_MODEL, torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(config)
-    except _config_errors() as e:
+    except transformers_config_errors() as e:
         raise CheckpointError(f"{ckpt.path}: cannot build its model from config.json ({one_line(e)})") from e
     names = {id(m): n for n, m in model.named_modules()}
     head = model.get_output_embeddings()
     return f"{names[id(model.get_input_embeddings())]}.weight", (f"{names[id(head)]}.weight" if head is not None
                                                                  else None)
-
-
-def _config_errors() -> tuple[type[Exception], ...]:
-    """What transformers raises on a config.json it cannot take (huggingface_hub's validation of a config's
-    values, a head count not dividing the width for one, raises an error that is no ValueError; older ones: none).
-    A value of the wrong type, or 0 heads, fails in transformers' own arithmetic."""
-    import huggingface_hub.errors
-    return (OSError, ValueError, KeyError, TypeError, ZeroDivisionError,
-            getattr(huggingface_hub.errors, "StrictDataclassError", ValueError))
 
 
 def _tokenizer(ckpt: Checkpoint):

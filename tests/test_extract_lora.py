@@ -253,3 +253,16 @@ def test_an_adapter_with_bias_changes_merges_as_peft_loads_it(pairs, tmp_path, c
     assert "lora_B biases without lora_bias" in caplog.text and "q_proj.lora_B.bias" in caplog.text
     weight = "model.layers.0.self_attn.q_proj.weight"
     assert torch.allclose(adapted.read(weight), Checkpoint(tuned).read(weight), atol=1e-5, rtol=0)
+
+
+def test_a_config_transformers_refuses_is_one_line(pairs, tmp_path):
+    """(A head count not dividing the width fails huggingface_hub's config validation with an error that is no
+    ValueError: it ended in a traceback.)"""
+    from merge_engine.errors import CheckpointError
+    base, tuned = pairs["llama"]
+    bad = shutil.copytree(tuned, tmp_path / "bad")
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "num_attention_heads": 5}))
+    with pytest.raises(CheckpointError, match="cannot build its model from config.json.*multiple"):
+        extract_lora(str(bad), base, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -535,3 +535,17 @@ def test_base_tensors_the_output_has_no_place_for_are_named_in_a_warning(tmp_pat
               MergeOptions(quiet=True, device="cpu"), allow_all_same=True)
     assert "12 of the base's tensors have no place in a Qwen MoE output" in caplog.text  # 3 layers of 4
     assert "model.layers.0.self_attn.q_proj.bias" in tensors_of(tmp_path / "qwen")
+
+
+def test_a_base_config_transformers_refuses_is_one_line(moe_models, tmp_path):
+    """(A head count not dividing the width fails huggingface_hub's config validation with an error that is no
+    ValueError: it ended in a traceback.)"""
+    import json
+    import shutil
+    paths = moe_models["llama"]
+    bad = shutil.copytree(paths[0], tmp_path / "bad")
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "num_attention_heads": 5}))
+    with pytest.raises(CheckpointError, match="cannot read its config.json as a transformers config.*multiple"):
+        build(moe_config([str(bad), *paths[1:]], "random"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from merge_engine.extras import BUILDING_TRANSFORMERS_MODEL, require
+from merge_engine.extras import BUILDING_TRANSFORMERS_MODEL, require, transformers_config_errors
 from merge_engine.io.checkpoint import Checkpoint
 from merge_engine.tiers.blocks import (
     ATTN_HEADS,
@@ -134,7 +134,7 @@ def parameter_count(model: str, config: dict) -> int:
         cfg = transformers.AutoConfig.for_model(**config)
         with BUILDING_TRANSFORMERS_MODEL, torch.device("meta"):
             built = transformers.AutoModelForCausalLM.from_config(cfg)
-    except (ValueError, KeyError, TypeError) as e:
+    except transformers_config_errors() as e:
         raise TierKeyError(f"{model}: cannot build the model to count its parameters ({e})") from e
     return sum(p.numel() for p in built.parameters())
 
