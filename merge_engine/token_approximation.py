@@ -60,15 +60,9 @@ def orthogonal_matching_pursuit(targets: torch.Tensor, atoms: torch.Tensor, k: i
     r = torch.zeros((batch, k, k), dtype=work, device=y.device)
     chosen = torch.zeros((batch, k), dtype=torch.long, device=y.device)
     taken = torch.zeros((batch, a.shape[0]), dtype=torch.bool, device=y.device)
-    rows = torch.arange(batch, device=y.device)
     residual = y.clone()
     for t in range(k):
-        score = (residual @ a.T).abs()
-        score.masked_fill_(taken, -float("inf"))
-        new = torch.max(score, dim=1).indices
-        chosen[:, t] = new
-        taken[rows, new] = True
-        atom = a[new]
+        atom = a[_choose(residual, a, taken, chosen, t)]
         if t == 0:
             r[:, 0, 0] = atom.norm(dim=1)
             q[:, :, 0] = atom / r[:, 0, 0].clamp(min=eps).unsqueeze(1)
@@ -88,6 +82,18 @@ def orthogonal_matching_pursuit(targets: torch.Tensor, atoms: torch.Tensor, k: i
     coefficients = torch.linalg.solve_triangular(r[:, :k, :k], torch.bmm(q[:, :, :k].transpose(1, 2),
                                                                          y.unsqueeze(-1)), upper=True).squeeze(-1)
     return chosen, coefficients
+
+
+def _choose(residual: torch.Tensor, atoms: torch.Tensor, taken: torch.Tensor, chosen: torch.Tensor, t: int
+            ) -> torch.Tensor:
+    """Each row's next atom: the one not yet taken most correlated (in absolute value) with its residual; recorded
+    in chosen[:, t] and taken."""
+    score = (residual @ atoms.T).abs()
+    score.masked_fill_(taken, -float("inf"))
+    new = torch.max(score, dim=1).indices
+    chosen[:, t] = new
+    taken[torch.arange(residual.shape[0], device=residual.device), new] = True
+    return new
 
 
 def combine_rows(indices: torch.Tensor, coefficients: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -144,15 +150,9 @@ def matching_pursuit_rope(targets: torch.Tensor, donor_shared: torch.Tensor, ori
     coefficients = torch.zeros((batch, k), dtype=work, device=y.device)
     positions = torch.zeros((batch, k), dtype=work, device=y.device)
     taken = torch.zeros((batch, a.shape[0]), dtype=torch.bool, device=y.device)
-    rows = torch.arange(batch, device=y.device)
     residual = y.clone()
     for t in range(k):
-        score = (residual @ a.T).abs()
-        score.masked_fill_(taken, -float("inf"))
-        new = torch.max(score, dim=1).indices
-        chosen[:, t] = new
-        taken[rows, new] = True
-        atom = a[new]
+        atom = a[_choose(residual, a, taken, chosen, t)]
         forward = estimate_rope_position(atom, residual, donor_heads, donor_base).squeeze(-1)
         backward = estimate_rope_position(atom, -residual, donor_heads, donor_base).squeeze(-1)
         position = torch.where(torch.abs(forward) < torch.abs(backward), forward, backward)
