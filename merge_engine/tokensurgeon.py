@@ -474,8 +474,7 @@ class RowSources:
             setattr(counts, kind, getattr(counts, kind) + 1)
         if new:
             self._approximate(out, new, orig_tokenizer, options, generator)
-        for row in self.junk:
-            out[row] = torch.zeros(self.orig_t.shape[1], device=out.device, dtype=out.dtype)
+        out[self.junk] = 0
         counts.junk = len(self.junk)
         return out, counts
 
@@ -493,12 +492,15 @@ class RowSources:
         """The new tokens' rows, batch by batch (mergekit's batches: the same rows, the same draws)."""
         size = options.batch_size if options.batch_size and options.batch_size > 0 else len(tokens)
         shared = _shared_tokens(self.orig_vocab, self.donor_vocab)
-        basis = self._token_basis(options.k) if options.method == "stb" else None
+        # the shared tokens' rows, gathered once for every batch
+        landmarks = self._rows_of(shared) if options.method in SHARED_TOKEN_METHODS and options.method != "stb" \
+            else None
+        basis = self._token_basis(shared, options.k) if options.method == "stb" else None
         with progress_bar(total=len(tokens), unit="token", desc=f"approximating {self.m.name}",
                           disable=options.quiet) as bar:
             for start in range(0, len(tokens), size):
                 batch = tokens[start:start + size]
-                rows = self._rows(batch, shared, basis, orig_tokenizer, options, generator)
+                rows = self._rows(batch, landmarks, basis, orig_tokenizer, options, generator)
                 if options.new_vocab_noise:
                     rows = rows + approx.standard_normal(rows.shape, rows.dtype, rows.device,
                                                          generator) * options.new_vocab_noise
@@ -508,7 +510,7 @@ class RowSources:
                     out[self.donor_vocab[token]] = rows[i]
                 bar.update(len(batch))
 
-    def _rows(self, batch: list, shared: list, basis, orig_tokenizer, options: SurgeryOptions,
+    def _rows(self, batch: list, landmarks: tuple | None, basis, orig_tokenizer, options: SurgeryOptions,
               generator: torch.Generator) -> torch.Tensor:
         method, orig_t = options.method, self.orig_t
         targets = self.donor_t[torch.tensor([self.donor_vocab[t] for t in batch])]
@@ -525,8 +527,7 @@ class RowSources:
                                        options.subword_method)
         if method == "stb":
             return approx.from_token_basis(targets, self.donor_t, orig_t, basis)
-        donor_shared = self.donor_t[torch.tensor([self.donor_vocab[t] for t in shared])]
-        orig_shared = orig_t[torch.tensor([self.orig_vocab[t] for t in shared])]
+        donor_shared, orig_shared = landmarks
         if method == "landmark_pca":
             return approx.landmark_pca(targets, donor_shared, orig_shared, generator)
         if method == "mp_rope":
@@ -543,11 +544,14 @@ class RowSources:
         pieces = [orig_tokenizer(token_text(t), add_special_tokens=False)["input_ids"] for t in batch]
         return [[i for i in ids if i < self.orig_t.shape[0]] for ids in pieces]
 
-    def _token_basis(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rows_of(self, tokens: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the donor's rows, the model's rows) of tokens both have."""
+        return (self.donor_t[torch.tensor([self.donor_vocab[t] for t in tokens])],
+                self.orig_t[torch.tensor([self.orig_vocab[t] for t in tokens])])
+
+    def _token_basis(self, shared: list, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         junk = set(self.junk)
-        common = [t for t in _shared_tokens(self.orig_vocab, self.donor_vocab) if self.donor_vocab[t] not in junk]
-        return approx.token_basis(self.donor_t[torch.tensor([self.donor_vocab[t] for t in common])],
-                                  self.orig_t[torch.tensor([self.orig_vocab[t] for t in common])], k)
+        return approx.token_basis(*self._rows_of([t for t in shared if self.donor_vocab[t] not in junk]), k)
 
 
 # ------------------------------------------------------------------------------------------------ the output
