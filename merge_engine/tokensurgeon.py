@@ -367,7 +367,10 @@ def _check_shared(shapes: dict, orig_vocab: dict, donor_vocab: dict, options: Su
         return
     problems = []
     for name, (orig_shape, donor_shape) in shapes.items():
-        shared = len(_shared_tokens(_within(orig_vocab, orig_shape[0]), _within(donor_vocab, donor_shape[0])))
+        orig_rows, donor_rows = _within(orig_vocab, orig_shape[0]), _within(donor_vocab, donor_shape[0])
+        if donor_rows.keys() <= orig_rows.keys():  # nothing to approximate: k is never used (nor by mergekit)
+            continue
+        shared = len(_shared_tokens(orig_rows, donor_rows))
         pca = options.method == "landmark_pca"
         need = min(orig_shape[1], donor_shape[1]) if pca else options.k
         if shared < need:
@@ -388,7 +391,11 @@ def rope_settings(giver: Checkpoint, orig: Checkpoint, options: SurgeryOptions) 
         config = ckpt.config
         n = config.get("num_attention_heads")
         width = config.get("hidden_size")
-        if type(n) is not int or n < 1 or type(width) is not int or width % n or (width // n) % 2:
+        if n is None and width is None:  # (mergekit fails on such models too: it reads config.rope_theta)
+            problems.append(f"{ckpt.path}: mp_rope needs a RoPE model's num_attention_heads and hidden_size, "
+                            f"config.json (model_type {config.get('model_type')!r}) has neither: use another "
+                            "--approximation-method")
+        elif type(n) is not int or n < 1 or type(width) is not int or width % n or (width // n) % 2:
             problems.append(f"{ckpt.path}: mp_rope needs num_attention_heads dividing hidden_size into heads of even "
                             f"size, config.json gives {n} and {width}")
         base = _rope_base(config)

@@ -175,9 +175,20 @@ def rope_theta_not_a_number(vocab_models, tmp):
                                                                       "config.json gives 'abc'"
 
 
+def mp_rope_without_rope(vocab_models, tmp):
+    """(A GPT-2 config names its heads n_head: the message read "gives None and None".)"""
+    import transformers as tf
+    torch.manual_seed(0)
+    tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=256, n_embd=64, n_layer=1, n_head=4, n_positions=32)).save_pretrained(
+        str(tmp / "donor"))
+    save_tokenizer(str(tmp / "donor"), shuffled_tokens(2, 20))
+    return vocab_models["base"], str(tmp / "donor"), ["-k", "8", "-a", "mp_rope"], "model_type 'gpt2') has neither"
+
+
 REFUSED = [no_tokenizer, no_config, no_embeddings, flat_embeddings, cubic_donor_head, nothing_shared,
            k_beyond_shared, k_zero, k_zero_with_noise_and_scale, nan_noise, infinite_scale, heads_not_dividing_the_width,
-           no_heads, rope_parameters_base_not_a_number, rope_theta_not_a_number]
+           no_heads, rope_parameters_base_not_a_number, rope_theta_not_a_number,
+           mp_rope_without_rope]
 
 
 @pytest.mark.parametrize("case", REFUSED, ids=lambda c: c.__name__)
@@ -266,6 +277,7 @@ PAIRS = {  # name: (model, donor, flags)
     "model's rows past its tokens": ("padded", "other", ["-k", "8", "-a", "common_interpolation"]),
     "fp16 model, bf16 donor": ("base_fp16", "other_bf16", ["-k", "8", "-a", "mp_rope"]),
     "batch of one": ("base", "other", ["-k", "8", "--batch-size", "1", "-nvn", "0.01"]),
+    "nothing to approximate, k past the vocabulary": ("base", "base_bf16", ["-k", "1000"]),  # (was refused)
     "batch size 0": ("base", "other", ["-k", "8", "--batch-size", "0", "-pm", "yes", "-bm", "yes"]),
 }
 
