@@ -150,6 +150,10 @@ def swap_counts(blocks: ModelBlocks, kinds: tuple[str, str], pct: float, attenti
     if blocks.model_type not in ("gpt2", "gpt_neo") and attn_swaps == 0 and attn_target > 0:
         mlp_target = target  # qwen.py's _allocate_qwen_swap_counts
     if not blocks.supports(mlp):
+        if attn_target == target > 0 and attn_swaps == 0:  # the share is all attention: only the fraction can help
+            raise TierKeyError(f"{source}: a fraction of {pct:g} of the {blocks.swappable(kinds):,} swappable "
+                               f"parameters buys no {attn} swap (one moves {2 * blocks.counted_per_block(attn):,}); "
+                               "raise the fraction")
         if mlp_target > 0:
             raise TierKeyError(f"{source}: {blocks.model_type} has no {mlp} blocks (its MLP is a mixture of experts); "
                                "use an attention share of 1")

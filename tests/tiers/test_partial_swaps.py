@@ -164,6 +164,15 @@ def test_qwen3_moe_keys_its_attention_and_refuses_mlp_swaps_by_name(tier_model, 
             apply_key(model, TierKey(**{kind: [((0, 1), (1, 1))]}), str(tmp_path / "refused"))
 
 
+def test_qwen3_moe_key_too_small_for_one_attention_swap_says_to_raise_the_fraction():
+    """With an attention share of 1 (what the MLP refusal asks for), a fraction that buys no KV-group swap must not
+    fall back to MLP swaps and be told to use an attention share of 1 again."""
+    cfg = tier_config("qwen3_moe").to_dict()
+    with pytest.raises(TierKeyError, match=r"buys no attn_heads swap.*raise the fraction") as refused:
+        generate_key(cfg, "moe secret", 0.01, 1.0)
+    assert "attention share" not in str(refused.value)
+
+
 def test_published_keys_with_partial_lists_are_read_and_ours_write_them_only_when_used():
     published = {"attn_heads": [[[1, 0], [2, 2]]], "attn_out_heads": [[[0, 1], [0, 3]]],
                  "mlp_cols": [[[0, 5], [3, 10]]], "mlp_up_cols": [[[0, 1], [0, 2]]], "mlp_down_cols": [[[1, 3], [1, 7]]]}
