@@ -103,9 +103,10 @@ for storage in ("auto", "int4", "lora"):
         assert run.returncode == 0 and not run.stderr, (argv, run.stderr)
 print("merge-engine patch extract / apply: ok")
 
-for command in ([], ["fisher"], ["stats"], ["key"], ["key", "generate"], ["key", "apply"], ["key", "remove"],
-                ["key", "recover"], ["key", "report"], ["key", "compare"], ["patch"], ["patch", "extract"],
-                ["patch", "norms"], ["patch", "apply"], ["patch", "remove"], ["patch", "recover"], ["search"], ["multi"]):
+from merge_engine.cli import SUBCOMMANDS, key as key_cli, patch as patch_cli  # every command, as the CLI knows them
+nested = [[group, name] for group, cli in (("key", key_cli), ("patch", patch_cli))
+          for action in cli.build_parser()._subparsers._group_actions for name in action.choices]
+for command in ([], *[[name] for name in SUBCOMMANDS], *nested):
     run = subprocess.run(["merge-engine", *command, "--help"], capture_output=True, text=True)
     assert run.returncode == 0 and "usage:" in run.stdout and not run.stderr, (command, run.stderr)
 print("every command's --help: ok")
