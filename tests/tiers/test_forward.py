@@ -83,11 +83,13 @@ def test_keyed_logits_equal_the_permuted_model(arch, tier):
     assert not torch.equal(keyed_logits, plain)
 
 
-@pytest.mark.parametrize("arch", ("llama", "qwen2", "gpt2", "gpt_neo"))
+@pytest.mark.parametrize("arch", ("llama", "qwen2", "gpt2", "gpt_neo", "qwen3", "qwen3_moe"))
 def test_keyed_logits_equal_the_key_applied_on_disk(arch, tier_model, tmp_path):
-    """Against apply_key's output folder, reloaded (llama: bf16; gpt_neo: the reference code's layout)."""
+    """Against apply_key's output folder, reloaded (llama: bf16; gpt_neo: the reference code's layout; qwen3_moe: its
+    attention alone, as its MLP is a mixture of experts)."""
     model_dir = tier_model(arch)
-    keys = [generate_key(read_config(model_dir), secret, 0.3, 0.6) for secret in ("first secret", "second secret")]
+    share = 1.0 if arch == "qwen3_moe" else 0.6
+    keys = [generate_key(read_config(model_dir), secret, 0.3, share) for secret in ("first secret", "second secret")]
     apply_key(model_dir, keys, str(tmp_path / "keyed"))
     ids = tokens()
     with torch.no_grad():
