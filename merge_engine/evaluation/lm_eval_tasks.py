@@ -117,7 +117,7 @@ def quiet_lm_eval() -> Iterator[None]:
     """simple_evaluate as one trial of many: without its log lines (a dozen per call, its warnings about the
     task's metrics among them) and the progress bar it draws building the task's prompts, and without the
     environment report it adds to its results (a `git describe` that prints 'fatal: not a git repository' outside
-    one, and torch's collect_env: 0.7 to 3.6 s per call, spent in subprocesses) that the score does not use.
+    one, and torch's collect_env, seconds per call spent in subprocesses) that the score does not use.
     Errors are still logged; lm_eval's own settings come back after."""
     import lm_eval.api.task
     import lm_eval.evaluator

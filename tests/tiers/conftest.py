@@ -19,9 +19,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # arch -> dtype: Llama (MHA, bf16), Qwen2 (GQA: 4 heads, 2 kv heads; q/k/v biases), GPT-2 (Conv1D, fused qkv),
 # GPT-Neo (the reference code's layout); made by tier_config: Llama with GQA, Qwen3 (GQA, q/k norms, head_dim 32 set
-# explicitly: heads * head_dim = 128 is not hidden_size 64), Qwen3-MoE (its attention)
+# explicitly: heads * head_dim = 128 is not hidden_size 64), Qwen3-MoE (its attention), Mistral (GQA, a sliding window)
 ARCHS = {"llama": torch.bfloat16, "qwen2": torch.float32, "gpt2": torch.float32, "gpt_neo": torch.float32}
-MORE_ARCHS = {"llama_gqa": torch.bfloat16, "qwen3": torch.bfloat16, "qwen3_moe": torch.float32}
+MORE_ARCHS = {"llama_gqa": torch.bfloat16, "qwen3": torch.bfloat16, "qwen3_moe": torch.float32,
+              "mistral": torch.float32}
 
 
 def tier_config(arch: str):
@@ -34,6 +35,8 @@ def tier_config(arch: str):
                                attention_types=[[["global", "local"], 2]], window_size=8)
     if arch == "llama_gqa":
         return tf.LlamaConfig(intermediate_size=112, tie_word_embeddings=False, **small)
+    if arch == "mistral":
+        return tf.MistralConfig(intermediate_size=112, sliding_window=8, **small)
     if arch == "qwen3":
         return tf.Qwen3Config(intermediate_size=96, head_dim=32, tie_word_embeddings=True, **small)
     if arch == "qwen3_moe":

@@ -83,7 +83,7 @@ def test_keyed_logits_equal_the_permuted_model(arch, tier):
     assert not torch.equal(keyed_logits, plain)
 
 
-@pytest.mark.parametrize("arch", ("llama", "qwen2", "gpt2", "gpt_neo", "qwen3", "qwen3_moe"))
+@pytest.mark.parametrize("arch", ("llama", "qwen2", "gpt2", "gpt_neo", "qwen3", "qwen3_moe", "mistral"))
 def test_keyed_logits_equal_the_key_applied_on_disk(arch, tier_model, tmp_path):
     """Against apply_key's output folder, reloaded (llama: bf16; gpt_neo: the reference code's layout; qwen3_moe: its
     attention alone, as its MLP is a mixture of experts)."""
