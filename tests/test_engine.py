@@ -383,6 +383,20 @@ def test_a_config_mapping_holding_torch_dtypes_and_numpy_numbers_is_copied_as_ya
     assert not (tmp_path / "refused").exists()
 
 
+def test_torch_prefixed_dtype_names_give_a_config_json_transformers_loads(small_models, tmp_path):
+    # README, Differences: mergekit writes "torch.float16" into config.json as given, which transformers 5 refuses
+    base, expert = small_models
+    config = {"merge_method": "linear", "dtype": "torch.float32", "out_dtype": "torch.float16",
+              "models": [{"model": base, "parameters": {"weight": 0.5}}, {"model": expert, "parameters": {"weight": 0.5}}]}
+    merge(config, tmp_path / "out", MergeOptions(quiet=True))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float16"
+    assert transformers.AutoConfig.from_pretrained(str(tmp_path / "out")).dtype == torch.float16
+    # int64, which mergekit takes (every weight cast to an integer), is refused by name
+    with pytest.raises(MergeEngineError, match="out_dtype: unknown dtype 'int64'"):
+        merge({**config, "out_dtype": "int64"}, tmp_path / "int", MergeOptions(quiet=True))
+    assert not (tmp_path / "int").exists()
+
+
 def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
