@@ -84,6 +84,19 @@ CASES = {
                                                                  {"value": 0.5}]},
                                             "slices": [{"sources": [{"model": b, "layer_range": [0, 4]},
                                                                     {"model": e[0], "layer_range": [0, 4]}]}]}),
+    # the sources of one slice from different layers of their models: a filter matches each input's own tensor names
+    # (layers.1. of that source), a per-model filter without a fallback falls through to the global weight, and a
+    # boolean gradient picks by layer position (from a differential fuzz against mergekit)
+    "ties_sources_from_other_layers": ("llama", lambda b, e: {
+        "merge_method": "ties", "base_model": b, "dtype": "float32",
+        "parameters": {"weight": 0.4, "normalize": [True, False, True],
+                       "density": [{"filter": "layers.1.", "value": 0.3}, {"value": [0.5, 0.9]}]},
+        "slices": [{"sources": [{"model": b, "layer_range": [0, 2]},
+                                {"model": e[0], "layer_range": [2, 4],
+                                 "parameters": {"weight": [{"filter": "mlp", "value": 0.8}]}},
+                                {"model": e[1], "layer_range": [1, 3]}]},
+                   {"sources": [{"model": b, "layer_range": [3, 4]}, {"model": e[0], "layer_range": [0, 1]},
+                                {"model": e[1], "layer_range": [3, 4]}], "parameters": {"lambda": 1.3}}]}),
     "nuslerp": ("llama", lambda b, e: {"merge_method": "nuslerp", "dtype": "float32",
                                        "parameters": {"nuslerp_row_wise": True, "nuslerp_flatten": False},
                                        **models(b, e[:2], [{"weight": 0.3}, {"weight": 0.7}])}),
