@@ -625,8 +625,12 @@ def _hidden_representation(plan: MoEPlan, device: torch.device):
 
 def warn_degenerate_gates(vectors: torch.Tensor, threshold: float = 5.0) -> None:
     """A warning naming the layers whose gate vectors are nearly dependent (condition number above threshold):
-    their router cannot tell some experts apart."""
-    bad = [i for i in range(vectors.shape[0]) if torch.linalg.cond(vectors[i].float()) > threshold]
+    their router cannot tell some experts apart. Rows all zero (cheap_embed prompts of no tokens) have no condition
+    number (NaN), and SVD fails on non-finite rows: both count as degenerate."""
+    def degenerate(layer: torch.Tensor) -> bool:
+        layer = layer.float()
+        return not (torch.isfinite(layer).all() and torch.linalg.cond(layer) <= threshold)
+    bad = [i for i in range(vectors.shape[0]) if degenerate(vectors[i])]
     if bad:
         where = "every layer" if len(bad) == vectors.shape[0] else f"layer(s) {', '.join(map(str, bad))}"
         log.warning("the gate vectors of %s are nearly dependent (condition number above %g): the prompts may be "

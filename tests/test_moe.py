@@ -188,6 +188,25 @@ def test_cheap_embed_gates_are_the_normalised_sum_of_the_prompt_embeddings(moe_m
         assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
 
 
+def test_gates_of_prompts_without_tokens_are_warned_of(moe_models, tmp_path, caplog):
+    """cheap_embed prompts that tokenize to nothing (a tokenizer without BOS) sum no embeddings: zero router rows, as
+    mergekit writes them. Every row zero has no condition number (NaN, not above the threshold): the warning that a
+    router cannot tell its experts apart must still name it."""
+    paths = moe_models["mistral"]
+    config = {"base_model": paths[0], "gate_mode": "cheap_embed",
+              "experts": [{"source_model": paths[1], "positive_prompts": [""]},
+                          {"source_model": paths[2], "positive_prompts": [" "]}]}
+    build(config, tmp_path / "moe")
+    assert not tensors_of(tmp_path / "moe")["model.layers.0.mlp.gate.weight"].any()
+    assert "the gate vectors of every layer are nearly dependent" in caplog.text
+    caplog.clear()  # non-finite rows (a base whose hidden states overflow) fail SVD: named, not a traceback
+    from merge_engine.moe import warn_degenerate_gates
+    vectors = torch.randn(3, 2, 64)
+    vectors[1, 0, 5] = float("nan")
+    warn_degenerate_gates(vectors)
+    assert "the gate vectors of layer(s) 1 are nearly dependent" in caplog.text
+
+
 def test_residual_scale_applies_to_down_projections_only(moe_models, tmp_path):
     paths = moe_models["qwen3"]
     config = moe_config(paths, "random", dtype="float32")
