@@ -73,7 +73,9 @@ def orthogonal_matching_pursuit(targets: torch.Tensor, atoms: torch.Tensor, k: i
             r[:, :t, t] = projection
             r[:, t, t] = norm
             q[:, :, t] = rest / norm.unsqueeze(-1)
-        if t > 0 and t % reorthogonalize_every == 0:  # Gram-Schmidt drifts from orthogonal over hundreds of steps
+        # Gram-Schmidt drifts from orthogonal over hundreds of steps; past the width there is no room for more
+        # orthonormal columns (the residual is already zero), so no QR of them
+        if t > 0 and t % reorthogonalize_every == 0 and t < dim:
             q_new, r_new = torch.linalg.qr(q[:, :, :t + 1], mode="reduced")
             r[:, :t + 1, :t + 1] = torch.bmm(r_new, r[:, :t + 1, :t + 1])
             q[:, :, :t + 1] = q_new

@@ -402,3 +402,25 @@ def test_mergekit_rows_for_unusual_pairs(pair, vocab_models, odd_models, tmp_pat
         assert ours[name].dtype == t.dtype and torch.equal(ours[name], t), name
     configs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("ours", "theirs")]
     assert configs[0] == configs[1]
+
+
+@pytest.mark.parametrize("method", ["omp", "stb"])
+def test_k_past_the_width_and_past_256(method, bpe_models, tmp_path, capsys):
+    """(With k above 256 on a model narrower than k, orthogonal matching pursuit's re-orthogonalisation every 256
+    steps took the QR of more columns than the width, which has only the width's: a RuntimeError and a traceback.
+    mergekit-tokensurgeon fails alike; k from the width to 256 gives mergekit's rows.)"""
+    model, donor = bpe_models["bpe_base"], bpe_models["bpe_other"]  # (64 wide, 267 tokens shared)
+    status, err = surgeon(capsys, model, donor, tmp_path / "out", "-k", "260", "-a", method)
+    assert status == 0, err
+    assert_right_output(_folder_tensors(model), model, donor, str(tmp_path / "out"))
+
+
+def test_matching_pursuit_re_orthogonalises_only_within_the_width():
+    """Past the width the residual is zero and Q has no room for more orthonormal columns: the re-orthogonalisation
+    stops there, and the k atoms chosen are still k distinct ones, with finite coefficients, the same as without it."""
+    gen = torch.Generator().manual_seed(0)
+    targets, atoms = torch.randn(5, 16, generator=gen), torch.randn(300, 16, generator=gen)
+    indices, coefficients = approx.orthogonal_matching_pursuit(targets, atoms, 40, reorthogonalize_every=20)
+    assert all(len(set(row.tolist())) == 40 for row in indices) and torch.isfinite(coefficients).all()
+    plain = approx.orthogonal_matching_pursuit(targets, atoms, 40)
+    assert torch.equal(indices, plain[0]) and torch.equal(coefficients, plain[1])
