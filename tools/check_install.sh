@@ -104,8 +104,7 @@ for storage in ("auto", "int4", "lora"):
 print("merge-engine patch extract / apply: ok")
 
 from merge_engine.cli import SUBCOMMANDS, key as key_cli, patch as patch_cli  # every command, as the CLI knows them
-nested = [[group, name] for group, cli in (("key", key_cli), ("patch", patch_cli))
-          for action in cli.build_parser()._subparsers._group_actions for name in action.choices]
+nested = [[group, name] for group, cli in (("key", key_cli), ("patch", patch_cli)) for name in cli.COMMANDS]
 for command in ([], *[[name] for name in SUBCOMMANDS], *nested):
     run = subprocess.run(["merge-engine", *command, "--help"], capture_output=True, text=True)
     assert run.returncode == 0 and "usage:" in run.stdout and not run.stderr, (command, run.stderr)
