@@ -58,6 +58,16 @@ def shuffled_tokens(seed: int, first: int) -> list[str]:
     return tokens
 
 
+def make_gpt2(folder, width: int) -> str:
+    """A one-layer GPT-2 (tied head, 4 heads) of this width with a word-level tokenizer."""
+    import transformers as tf
+    torch.manual_seed(0)
+    tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=256, n_embd=width, n_layer=1, n_head=4, n_positions=32)
+                       ).save_pretrained(str(folder))
+    save_tokenizer(str(folder), shuffled_tokens(2, 20))
+    return str(folder)
+
+
 @pytest.fixture(scope="module")
 def odd_models(tmp_path_factory, vocab_models):
     """Models unlike the Llama pairs: a GPT-2 with a tied head (another architecture, other names), one 32 wide, a
@@ -69,11 +79,7 @@ def odd_models(tmp_path_factory, vocab_models):
     work = tmp_path_factory.mktemp("odd")
     out = {}
     for name, width in (("gpt2", 64), ("gpt2_narrow", 32)):
-        torch.manual_seed(0)
-        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=256, n_embd=width, n_layer=1, n_head=4, n_positions=32))
-        model.save_pretrained(str(work / name))
-        save_tokenizer(str(work / name), shuffled_tokens(2, 20))
-        out[name] = str(work / name)
+        out[name] = make_gpt2(work / name, width)
     out["qwen2"] = make_models(str(work / "qwen2"), "qwen2", 0)[0]
     save_tokenizer(out["qwen2"], BASE_TOKENS)
     torch.manual_seed(0)  # (RoPE bases by layer type: 10000 for sliding-window layers, 1000000 for the others)
@@ -177,12 +183,8 @@ def rope_theta_not_a_number(vocab_models, tmp):
 
 def mp_rope_without_rope(vocab_models, tmp):
     """(A GPT-2 config names its heads n_head: the message read "gives None and None".)"""
-    import transformers as tf
-    torch.manual_seed(0)
-    tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=256, n_embd=64, n_layer=1, n_head=4, n_positions=32)).save_pretrained(
-        str(tmp / "donor"))
-    save_tokenizer(str(tmp / "donor"), shuffled_tokens(2, 20))
-    return vocab_models["base"], str(tmp / "donor"), ["-k", "8", "-a", "mp_rope"], "model_type 'gpt2') has neither"
+    return vocab_models["base"], make_gpt2(tmp / "donor", 64), ["-k", "8", "-a", "mp_rope"], \
+        "model_type 'gpt2') has neither"
 
 
 REFUSED = [no_tokenizer, no_config, no_embeddings, flat_embeddings, cubic_donor_head, nothing_shared,
